@@ -1,0 +1,121 @@
+"""trafficthreshold: count page views across worker processes, at C speed.
+
+The worker API::
+
+    import trafficthreshold
+    trafficthreshold.hit("example.com")          # a page view of an account
+    trafficthreshold.hit(event="signup")         # another event, total only
+    if trafficthreshold.throttle_status() >= 2:  # Drupal's throttle level
+        skip_optional_blocks()
+
+``hit()`` and ``throttle_status()`` are C functions (``_counter.c``): a
+lock-free atomic add into a shared-memory segment, no system call.  They
+attach lazily, once per process, to the segment found by
+``TRAFFICTHRESHOLD_KEY`` / ``TRAFFICTHRESHOLD_BACKEND`` (or
+:func:`configure`).  They fail open: with no segment installed a warning is
+logged once and nothing is counted; only bad arguments raise.  Strict mode
+(``TRAFFICTHRESHOLD_STRICT=1`` or ``configure(strict=True)``) raises instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from . import names
+from .errors import (ConfigError, LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse,
+                     SegmentNotFound, TrafficThresholdError)
+from . import _counter
+from ._counter import Counter, hit, throttle_status
+
+__all__ = ["hit", "throttle_status", "count", "configure", "Counter", "TrafficThresholdError",
+           "ConfigError", "SegmentError", "SegmentNotFound", "LayoutMismatch", "SegmentBusy",
+           "SegmentInUse"]
+__version__ = "0.1.0"
+
+log = logging.getLogger("trafficthreshold")
+
+_settings: dict[str, object] = {}
+_warned: set[str] = set()
+
+
+def _env_key() -> int:
+    from .segment import DEFAULT_KEY
+    raw = os.environ.get("TRAFFICTHRESHOLD_KEY", "").strip()
+    if not raw:
+        return DEFAULT_KEY
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise ConfigError(f"TRAFFICTHRESHOLD_KEY={raw!r} is not an integer; use decimal "
+                          "or 0x hex, e.g. 0x54546831") from None
+
+
+def _attach_default() -> Counter:
+    """Called by the C code on a process's first hit (and every 10 s while
+    no segment is found)."""
+    key = _settings.get("key")
+    key = _env_key() if key is None else key
+    backend = _settings.get("backend") or os.environ.get("TRAFFICTHRESHOLD_BACKEND") or None
+    if backend is not None:
+        return Counter(str(backend), int(key))
+    try:
+        return Counter("sysv", int(key))
+    except SegmentNotFound as sysv_missing:
+        try:
+            return Counter("posix", int(key))
+        except SegmentNotFound:
+            raise sysv_missing from None
+
+
+def _warn(message: str, exc: BaseException | None) -> None:
+    """Log a fail-open problem: once at WARNING, then at DEBUG."""
+    text = f"{message}: {exc}" if exc is not None else message
+    if text in _warned:
+        log.debug("%s", text)
+        return
+    _warned.add(text)
+    log.warning("%s (this warning is shown once per process)", text)
+
+
+def _strict_from_env() -> bool:
+    return os.environ.get("TRAFFICTHRESHOLD_STRICT", "").lower() in ("1", "true", "yes")
+
+
+def configure(key: int | None = None, backend: str | None = None,
+              strict: bool | None = None) -> None:
+    """Choose the segment for this process (instead of the environment) and
+    whether problems raise (strict) or are logged once (fail open, the
+    default).  Takes effect at the next hit()."""
+    if backend is not None and backend not in ("sysv", "posix"):
+        raise ValueError(f"backend {backend!r} is not valid; use 'sysv' or 'posix'")
+    if key is not None:
+        _settings["key"] = int(key)
+    if backend is not None:
+        _settings["backend"] = backend
+    if strict is not None:
+        _settings["strict"] = bool(strict)
+    _counter._setup(names.validate, _attach_default, _warn,
+                    bool(_settings.get("strict", _strict_from_env())))
+    _counter._reset()
+
+
+def count(account: str | None = None, event: str = names.DEFAULT_EVENT,
+          window: str = "minute", now: float | None = None) -> int:
+    """Hits of ``account`` (None or "all": every account) for ``event`` in the
+    current clock minute (``window="minute"``) or the sliding 60 s
+    (``"60s"``).  0 when nothing was counted or no segment is installed."""
+    if window not in ("minute", "60s"):
+        raise ValueError(f"window {window!r} is not valid; use 'minute' or '60s'")
+    if account == names.ALL:
+        account = None
+    names.validate(account, event)
+    counter = _counter._ensure()
+    if counter is None:
+        return 0
+    slot = counter.find(account, event)
+    if slot is None:
+        return 0
+    return counter.count(slot, 1 if window == "minute" else 0, now)
+
+
+configure()

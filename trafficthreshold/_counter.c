@@ -1,0 +1,1420 @@
+/*
+ * _counter.c -- the hot path of trafficthreshold, and nothing else.
+ *
+ * What lives here: attaching to the segment, the lock-free atomic add of
+ * hit(), the reads of count()/throttle_status(), and the snapshot read the
+ * supervisor rolls up.  Everything structural that is not on a worker's path
+ * (creating the segment, writing the header, uninstalling) is Python, in
+ * segment.py.
+ *
+ * THE SEGMENT LAYOUT (layout version 1).  docs/segment.rst says the same for
+ * writers in other languages; tests/test_segment.py checks that segment.py
+ * and the LAYOUT dict this module exports agree.  All integers are in the
+ * host's native byte order (the segment never leaves the host).
+ *
+ * The segment starts with a 4096-byte header:
+ *
+ *   line 0, geometry, written once at install, never changed:
+ *     0  u64 magic            "TRFTHRSH" (bytes in this order)
+ *     8  u32 layout_version   1
+ *    12  u32 header_size      4096
+ *    16  u32 key_capacity     counter slots, reserved ones included
+ *    20  u32 index_size       entries of the key index, a power of two
+ *    24  u32 minute_buckets   M, ring of per-minute buckets per stripe
+ *    28  u32 second_buckets   S >= 64, ring of per-second buckets
+ *    32  u32 stripes          P, copies of every ring (see "stripes" below)
+ *    36  u32 stripe_size      (M + S) * 16 rounded up to 64
+ *    40  u32 slot_size        P * stripe_size
+ *    44  u32 (reserved)
+ *    48  u64 index_offset     4096
+ *    56  u64 slots_offset     index_offset + index_size * 128, 4096-aligned
+ *   line 1, settings and supervisor state:
+ *    64  u64 total_size
+ *    72  u64 created_at       Unix seconds
+ *    80  u32 throttle_multiplier
+ *    84  u32 throttle_window  0 = sliding 60 s, 1 = the clock minute
+ *    88  u32 throttle_level   the supervisor's level (0..5)
+ *    92  u32 state            0 = being installed, 1 = live, 2 = retired
+ *    96  u64 heartbeat_ms     the supervisor's last tick, Unix milliseconds
+ *   104  u32 supervisor_pid
+ *   108  u32 throttle_slot    the slot of ("all", "pageview")
+ *   112  u32 lock_owner_pid   who holds the semaphore (0: nobody)
+ *   116..127 reserved
+ *   line 2, counters the workers change:
+ *   128  u32 keys_used        slots handed out (slots 0..keys_used-1)
+ *   132  u32 next_stripe      round-robin stripe assignment
+ *   136  u64 overflow_hits    hits that went to the overflow key
+ *   144  u64 dropped_hits     hits dropped (semaphore timeout, stale time)
+ *   152  u64 attaches         processes that attached, ever
+ *   160..4095 reserved, zero
+ *
+ * The key index, index_size entries of 128 bytes at index_offset, an
+ * open-addressing hash table with linear probing, append-only:
+ *     0  u32 state    0 = empty, 1 = ready (stored last, with release order)
+ *     4  u32 slot     the counter slot of this key
+ *     8  u32 hash     FNV-1a 32 of account, a 0 byte, event
+ *    12  u8  account_len, 13 u8 event_len, 14 u16 reserved
+ *    16  char account[64]   UTF-8, not terminated
+ *    80  char event[32]
+ *   112..127 reserved
+ *
+ * The counter slots, key_capacity slots of slot_size bytes at slots_offset.
+ * A slot is P stripes; a stripe is M minute buckets then S second buckets;
+ * a bucket is 16 bytes: u64 tag (the epoch minute or epoch second it
+ * counts; 0 = never used), u64 count.  Minute m lives in bucket m % M,
+ * second s in bucket M + s % S.  A key's count for minute m is the sum over
+ * its stripes of the buckets whose tag is m.
+ *
+ * Stripes: one cache line that every worker adds to does not scale (two
+ * processes on one counter gave less throughput than one).  Each process
+ * takes its own stripe (round robin through next_stripe) so the `all` key,
+ * which every request hits, is spread over P cache lines; readers sum.
+ *
+ * Reserved slots: slot 0 is ("~overflow", "~any"), where hits go when the
+ * table is full; slot 1 is ("all", "pageview").  Account keys may fill the
+ * table only up to key_capacity - EVENT_RESERVE so the `all` total of a new
+ * event still finds a slot.
+ *
+ * Locking: the hot path takes no lock.  The semaphore (SysV with SEM_UNDO,
+ * or a POSIX named semaphore) is taken only to add a key and to roll a
+ * bucket over to a new epoch, always with a timeout.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ipc.h>
+#include <sys/mman.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAGIC_BYTES "TRFTHRSH"
+#define LAYOUT_VERSION 1u
+#define HEADER_SIZE 4096u
+#define INDEX_ENTRY_SIZE 128u
+#define BUCKET_SIZE 16u
+#define ACCOUNT_MAX 64u
+#define EVENT_MAX 32u
+#define OVERFLOW_SLOT 0u
+#define EVENT_RESERVE 16u
+/* Why 50 ms: the semaphore is held for microseconds (a bucket reset, a key
+ * insert).  A request must never wait long because of us; after this the
+ * hit is counted as dropped and the request goes on. */
+#define HOT_LOCK_TIMEOUT_MS 50
+/* A supervisor level older than this is ignored by throttle_status(). */
+#define HEARTBEAT_STALE_MS 10000
+/* How often a process without a segment tries again to attach. */
+#define ATTACH_RETRY_S 10
+
+/* Header offsets. */
+#define H_MAGIC 0
+#define H_VERSION 8
+#define H_HEADER_SIZE 12
+#define H_KEY_CAPACITY 16
+#define H_INDEX_SIZE 20
+#define H_MINUTE_BUCKETS 24
+#define H_SECOND_BUCKETS 28
+#define H_STRIPES 32
+#define H_STRIPE_SIZE 36
+#define H_SLOT_SIZE 40
+#define H_INDEX_OFFSET 48
+#define H_SLOTS_OFFSET 56
+#define H_TOTAL_SIZE 64
+#define H_CREATED_AT 72
+#define H_THROTTLE_MULTIPLIER 80
+#define H_THROTTLE_WINDOW 84
+#define H_THROTTLE_LEVEL 88
+#define H_STATE 92
+#define H_HEARTBEAT_MS 96
+#define H_SUPERVISOR_PID 104
+#define H_THROTTLE_SLOT 108
+#define H_LOCK_OWNER_PID 112
+#define H_KEYS_USED 128
+#define H_NEXT_STRIPE 132
+#define H_OVERFLOW_HITS 136
+#define H_DROPPED_HITS 144
+#define H_ATTACHES 152
+
+/* Index entry offsets. */
+#define E_STATE 0
+#define E_SLOT 4
+#define E_HASH 8
+#define E_ACCOUNT_LEN 12
+#define E_EVENT_LEN 13
+#define E_ACCOUNT 16
+#define E_EVENT 80
+
+#define STATE_INSTALLING 0u
+#define STATE_LIVE 1u
+#define STATE_RETIRED 2u
+
+#define U32(base, off) ((uint32_t *)((char *)(base) + (off)))
+#define U64(base, off) ((uint64_t *)((char *)(base) + (off)))
+
+typedef struct {
+    uint64_t tag;
+    uint64_t count;
+} bucket_t;
+
+enum backend { BACKEND_SYSV = 0, BACKEND_POSIX = 1 };
+
+typedef struct {
+    PyObject_HEAD
+    char *base;               /* the mapping; NULL once detached */
+    size_t size;
+    int backend;
+    long key;
+    int semid;                /* SysV */
+    sem_t *psem;              /* POSIX */
+    /* geometry, copied from the header at attach */
+    uint32_t key_capacity, index_size, minutes, seconds, stripes;
+    uint32_t stripe_size, slot_size;
+    uint64_t index_offset, slots_offset;
+    uint32_t stripe;          /* this process's stripe */
+    unsigned long fork_gen;   /* fork generation the stripe was chosen in */
+    int fixed_stripe;         /* stripe given by the caller: keep it */
+    PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
+    int level_sec_valid;
+    int64_t level_sec;        /* second of the cached throttle level */
+    int level_cached;
+} Counter;
+
+static PyTypeObject CounterType;
+
+/* Errors come from trafficthreshold.errors so Python and C raise the same
+ * classes. */
+static PyObject *SegmentNotFound, *LayoutMismatch, *SegmentBusy, *SegmentError;
+static PyObject *validate_cb;  /* names.validate(account, event) */
+static PyObject *attach_cb;    /* trafficthreshold._attach_default() */
+static PyObject *warn_cb;      /* trafficthreshold._warn(message) */
+static PyObject *str_pageview;
+
+/* The default counter used by the module-level hit() and friends. */
+static Counter *default_counter;
+static int64_t next_attach_try = 0;  /* second before which we do not retry */
+static int strict_mode = 0;
+static volatile unsigned long fork_generation = 0;
+
+static void after_fork_child(void) { fork_generation++; }
+
+/* ------------------------------------------------------------------ time */
+
+/* Wall-clock seconds.  clock_gettime(CLOCK_REALTIME) is served by the vDSO
+ * on Linux: no system call. */
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Converts an optional `now` argument; returns -1.0 with an exception set. */
+static double parse_now(PyObject *obj)
+{
+    double t;
+    if (obj == NULL || obj == Py_None)
+        return now_seconds();
+    t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1.0;
+    /* Why 60: tag 0 marks an unused bucket, so minute 0 cannot be counted. */
+    if (!(t >= 60.0 && t < 1.8e19)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "now must be Unix seconds after 1970-01-01 00:01");
+        return -1.0;
+    }
+    return t;
+}
+
+/* ------------------------------------------------------------- semaphore */
+
+/* Takes the segment semaphore, waiting at most timeout_ms.
+ * Returns 0 when held, -1 with errno EAGAIN/ETIMEDOUT on timeout or another
+ * errno on failure.  SysV: SEM_UNDO, so a holder killed by SIGKILL releases
+ * it.  POSIX has no undo: the holder's pid is kept in the header, and a
+ * waiter that times out while the holder is dead releases the lock for it
+ * (exactly one waiter wins the compare-and-swap on the pid). */
+static int sem_lock(Counter *c, int timeout_ms)
+{
+    struct timespec ts;
+    int rc;
+    uint32_t owner;
+
+    if (c->backend == BACKEND_SYSV) {
+        struct sembuf op = {0, -1, SEM_UNDO};
+        ts.tv_sec = timeout_ms / 1000;
+        ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+        do {
+            Py_BEGIN_ALLOW_THREADS
+            rc = semtimedop(c->semid, &op, 1, &ts);
+            Py_END_ALLOW_THREADS
+        } while (-1 == rc && errno == EINTR);
+        if (-1 == rc)
+            return -1;
+    } else {
+        for (int attempt = 0; attempt < 2; attempt++) {
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+            ts.tv_sec += timeout_ms / 1000 + ts.tv_nsec / 1000000000L;
+            ts.tv_nsec %= 1000000000L;
+            do {
+                Py_BEGIN_ALLOW_THREADS
+                rc = sem_timedwait(c->psem, &ts);
+                Py_END_ALLOW_THREADS
+            } while (-1 == rc && errno == EINTR);
+            if (0 == rc)
+                break;
+            if (errno != ETIMEDOUT)
+                return -1;
+            owner = __atomic_load_n(U32(c->base, H_LOCK_OWNER_PID), __ATOMIC_ACQUIRE);
+            if (owner == 0 || attempt == 1)
+                return -1;
+            if (-1 == kill((pid_t)owner, 0) && errno == ESRCH) {
+                /* The holder died with the lock: release it on its behalf. */
+                if (__atomic_compare_exchange_n(U32(c->base, H_LOCK_OWNER_PID), &owner, 0,
+                                                0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                    sem_post(c->psem);
+                continue;
+            }
+            errno = ETIMEDOUT;
+            return -1;
+        }
+    }
+    __atomic_store_n(U32(c->base, H_LOCK_OWNER_PID), (uint32_t)getpid(), __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Releases the semaphore.  Caller holds it. */
+static void sem_unlock(Counter *c)
+{
+    __atomic_store_n(U32(c->base, H_LOCK_OWNER_PID), 0u, __ATOMIC_RELEASE);
+    if (c->backend == BACKEND_SYSV) {
+        struct sembuf op = {0, 1, SEM_UNDO};
+        semop(c->semid, &op, 1);
+    } else {
+        sem_post(c->psem);
+    }
+}
+
+/* ---------------------------------------------------------------- layout */
+
+static inline bucket_t *minute_bucket(Counter *c, uint32_t slot, uint32_t stripe, uint64_t minute)
+{
+    char *p = c->base + c->slots_offset + (uint64_t)slot * c->slot_size
+              + (uint64_t)stripe * c->stripe_size;
+    return (bucket_t *)p + (minute % c->minutes);
+}
+
+static inline bucket_t *second_bucket(Counter *c, uint32_t slot, uint32_t stripe, uint64_t second)
+{
+    char *p = c->base + c->slots_offset + (uint64_t)slot * c->slot_size
+              + (uint64_t)stripe * c->stripe_size;
+    return (bucket_t *)p + c->minutes + (second % c->seconds);
+}
+
+static inline char *index_entry(Counter *c, uint32_t i)
+{
+    return c->base + c->index_offset + (uint64_t)i * INDEX_ENTRY_SIZE;
+}
+
+static uint32_t fnv1a(const char *account, size_t alen, const char *event, size_t elen)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < alen; i++) h = (h ^ (uint8_t)account[i]) * 16777619u;
+    h = (h ^ 0u) * 16777619u;
+    for (size_t i = 0; i < elen; i++) h = (h ^ (uint8_t)event[i]) * 16777619u;
+    return h;
+}
+
+static inline uint32_t header_u32(Counter *c, size_t off)
+{
+    return __atomic_load_n(U32(c->base, off), __ATOMIC_ACQUIRE);
+}
+
+/* ---------------------------------------------------------------- attach */
+
+static int validate_header(Counter *c, int retired_ok)
+{
+    char *h = c->base;
+    if (c->size < HEADER_SIZE || memcmp(h, MAGIC_BYTES, 8) != 0) {
+        PyErr_Format(LayoutMismatch,
+                     "IPC key 0x%lx holds a segment that is not trafficthreshold's "
+                     "(bad magic); remove it with `ipcrm -M 0x%lx` or choose another --key",
+                     c->key, c->key);
+        return -1;
+    }
+    if (*U32(h, H_VERSION) != LAYOUT_VERSION || *U32(h, H_HEADER_SIZE) != HEADER_SIZE) {
+        PyErr_Format(LayoutMismatch,
+                     "the segment at IPC key 0x%lx has layout version %u, this "
+                     "trafficthreshold reads version %u; run `trafficthreshold uninstall "
+                     "--force` then `trafficthreshold install` with this version",
+                     c->key, *U32(h, H_VERSION), LAYOUT_VERSION);
+        return -1;
+    }
+    c->key_capacity = *U32(h, H_KEY_CAPACITY);
+    c->index_size = *U32(h, H_INDEX_SIZE);
+    c->minutes = *U32(h, H_MINUTE_BUCKETS);
+    c->seconds = *U32(h, H_SECOND_BUCKETS);
+    c->stripes = *U32(h, H_STRIPES);
+    c->stripe_size = *U32(h, H_STRIPE_SIZE);
+    c->slot_size = *U32(h, H_SLOT_SIZE);
+    c->index_offset = *U64(h, H_INDEX_OFFSET);
+    c->slots_offset = *U64(h, H_SLOTS_OFFSET);
+    /* Why these bounds: every offset the hot path computes must stay inside
+     * the mapping even if the header was corrupted. */
+    if (c->minutes < 2 || c->seconds < 64 || c->stripes < 1 || c->stripes > 64
+        || c->key_capacity < EVENT_RESERVE + 2 || c->index_size < c->key_capacity
+        || (c->index_size & (c->index_size - 1)) != 0
+        || c->stripe_size < (uint64_t)(c->minutes + c->seconds) * BUCKET_SIZE
+        || c->slot_size != c->stripe_size * c->stripes
+        || c->index_offset < HEADER_SIZE
+        || c->index_offset + (uint64_t)c->index_size * INDEX_ENTRY_SIZE > c->slots_offset
+        || c->slots_offset + (uint64_t)c->key_capacity * c->slot_size > c->size) {
+        PyErr_Format(LayoutMismatch,
+                     "the segment at IPC key 0x%lx has a corrupt header; run "
+                     "`trafficthreshold uninstall --force` and install again", c->key);
+        return -1;
+    }
+    if (header_u32(c, H_STATE) != STATE_LIVE
+        && !(retired_ok && header_u32(c, H_STATE) == STATE_RETIRED)) {
+        PyErr_Format(SegmentNotFound,
+                     "the segment at IPC key 0x%lx is %s; run `trafficthreshold install`",
+                     c->key, header_u32(c, H_STATE) == STATE_RETIRED
+                     ? "being uninstalled" : "not fully installed");
+        return -1;
+    }
+    return 0;
+}
+
+static void choose_stripe(Counter *c)
+{
+    uint32_t n = __atomic_fetch_add(U32(c->base, H_NEXT_STRIPE), 1u, __ATOMIC_RELAXED);
+    c->stripe = n % c->stripes;
+    c->fork_gen = fork_generation;
+}
+
+static int attach_sysv(Counter *c)
+{
+    struct shmid_ds ds;
+    int shmid = shmget((key_t)c->key, 0, 0);
+    if (-1 == shmid) {
+        if (errno == ENOENT)
+            PyErr_Format(SegmentNotFound,
+                         "no trafficthreshold segment at SysV IPC key 0x%lx; "
+                         "run `trafficthreshold install`", c->key);
+        else if (errno == EACCES)
+            PyErr_Format(SegmentError,
+                         "permission denied on the segment at IPC key 0x%lx; add this "
+                         "user to the segment's group (see `trafficthreshold status`)", c->key);
+        else
+            PyErr_SetFromErrno(SegmentError);
+        return -1;
+    }
+    if (-1 == shmctl(shmid, IPC_STAT, &ds)) {
+        PyErr_SetFromErrno(SegmentError);
+        return -1;
+    }
+    c->size = ds.shm_segsz;
+    c->base = shmat(shmid, NULL, 0);
+    if (c->base == (void *)-1) {
+        c->base = NULL;
+        if (errno == EACCES)
+            PyErr_Format(SegmentError,
+                         "permission denied attaching the segment at IPC key 0x%lx; add "
+                         "this user to the segment's group", c->key);
+        else
+            PyErr_SetFromErrno(SegmentError);
+        return -1;
+    }
+    c->semid = semget((key_t)c->key, 1, 0);
+    if (-1 == c->semid) {
+        PyErr_Format(SegmentNotFound,
+                     "the segment at IPC key 0x%lx has no semaphore; run "
+                     "`trafficthreshold uninstall --force` and install again", c->key);
+        return -1;
+    }
+    return 0;
+}
+
+static int attach_posix(Counter *c)
+{
+    char name[64];
+    struct stat st;
+    int fd;
+    snprintf(name, sizeof name, "/trafficthreshold-%lx", c->key);
+    fd = shm_open(name, O_RDWR, 0);
+    if (-1 == fd) {
+        if (errno == ENOENT)
+            PyErr_Format(SegmentNotFound,
+                         "no trafficthreshold segment at POSIX name %s; run "
+                         "`trafficthreshold install --backend posix`", name);
+        else
+            PyErr_SetFromErrnoWithFilename(SegmentError, name);
+        return -1;
+    }
+    if (-1 == fstat(fd, &st)) {
+        PyErr_SetFromErrno(SegmentError);
+        close(fd);
+        return -1;
+    }
+    c->size = (size_t)st.st_size;
+    c->base = mmap(NULL, c->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (c->base == MAP_FAILED) {
+        c->base = NULL;
+        PyErr_SetFromErrno(SegmentError);
+        return -1;
+    }
+    c->psem = sem_open(name, 0);
+    if (c->psem == SEM_FAILED) {
+        c->psem = NULL;
+        PyErr_Format(SegmentNotFound,
+                     "the segment %s has no semaphore; run `trafficthreshold uninstall "
+                     "--force` and install again", name);
+        return -1;
+    }
+    return 0;
+}
+
+static void detach(Counter *c)
+{
+    if (c->base != NULL) {
+        if (c->backend == BACKEND_SYSV)
+            shmdt(c->base);
+        else
+            munmap(c->base, c->size);
+        c->base = NULL;
+    }
+    if (c->psem != NULL) {
+        sem_close(c->psem);
+        c->psem = NULL;
+    }
+    if (c->cache != NULL)
+        PyDict_Clear(c->cache);
+}
+
+/* Counter(backend, key, stripe=None, retired_ok=False): attaches; raises
+ * SegmentNotFound, LayoutMismatch or SegmentError.  retired_ok lets the
+ * uninstaller read a segment it has already retired (its final roll-up). */
+static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"backend", "key", "stripe", "retired_ok", NULL};
+    const char *backend;
+    long key;
+    PyObject *stripe = Py_None;
+    int retired_ok = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sl|Op", kwlist, &backend, &key, &stripe,
+                                     &retired_ok))
+        return -1;
+    detach(c);
+    if (strcmp(backend, "sysv") == 0)
+        c->backend = BACKEND_SYSV;
+    else if (strcmp(backend, "posix") == 0)
+        c->backend = BACKEND_POSIX;
+    else {
+        PyErr_Format(PyExc_ValueError, "backend %R is not valid; use 'sysv' or 'posix'",
+                     PyTuple_GET_ITEM(args, 0));
+        return -1;
+    }
+    c->key = key;
+    if (c->cache == NULL && (c->cache = PyDict_New()) == NULL)
+        return -1;
+    if ((c->backend == BACKEND_SYSV ? attach_sysv(c) : attach_posix(c)) < 0
+        || validate_header(c, retired_ok) < 0) {
+        detach(c);
+        return -1;
+    }
+    __atomic_fetch_add(U64(c->base, H_ATTACHES), 1u, __ATOMIC_RELAXED);
+    if (stripe != Py_None) {
+        long s = PyLong_AsLong(stripe);
+        if (s == -1 && PyErr_Occurred()) { detach(c); return -1; }
+        c->stripe = (uint32_t)((unsigned long)s % c->stripes);
+        c->fixed_stripe = 1;
+    } else {
+        choose_stripe(c);
+    }
+    c->level_sec_valid = 0;
+    return 0;
+}
+
+static void Counter_dealloc(Counter *c)
+{
+    detach(c);
+    Py_CLEAR(c->cache);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+/* ------------------------------------------------------------------ keys */
+
+/* Looks a key up in the index without locking.  Returns the slot, or -1 if
+ * absent.  Lock-free: an entry is visible only once its state is stored
+ * with release order, after its name and slot. */
+static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
+                  uint32_t hash, uint32_t *free_pos)
+{
+    uint32_t mask = c->index_size - 1;
+    for (uint32_t n = 0, i = hash & mask; n < c->index_size; n++, i = (i + 1) & mask) {
+        char *ent = index_entry(c, i);
+        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) == 0) {
+            if (free_pos) *free_pos = i;
+            return -1;
+        }
+        if (*U32(ent, E_HASH) == hash && *(uint8_t *)(ent + E_ACCOUNT_LEN) == alen
+            && *(uint8_t *)(ent + E_EVENT_LEN) == elen
+            && memcmp(ent + E_ACCOUNT, a, alen) == 0 && memcmp(ent + E_EVENT, e, elen) == 0)
+            return (long)*U32(ent, E_SLOT);
+    }
+    if (free_pos) *free_pos = UINT32_MAX;
+    return -1;
+}
+
+/* Finds or creates the key; returns its slot, OVERFLOW_SLOT when the table
+ * is full, or -1 with an exception set (lock timeout: SegmentBusy).
+ * Takes the semaphore only to insert.  Names are already validated. */
+static long find_or_create(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
+                           int is_all)
+{
+    uint32_t hash = fnv1a(a, alen, e, elen), pos;
+    uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
+    long slot = probe(c, a, alen, e, elen, hash, NULL);
+    if (slot >= 0)
+        return slot;
+    /* Full: answer without the lock, so a flood of new names costs no
+     * system call. */
+    if (__atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE) >= limit)
+        return OVERFLOW_SLOT;
+    if (sem_lock(c, HOT_LOCK_TIMEOUT_MS) < 0) {
+        PyErr_SetString(SegmentBusy, "timed out waiting for the segment semaphore "
+                                     "to add a key");
+        return -1;
+    }
+    /* Re-probe under the lock: another process may have added it. */
+    slot = probe(c, a, alen, e, elen, hash, &pos);
+    if (slot < 0) {
+        uint32_t used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
+        if (used >= limit || pos == UINT32_MAX) {
+            slot = OVERFLOW_SLOT;
+        } else {
+            char *ent = index_entry(c, pos);
+            memcpy(ent + E_ACCOUNT, a, alen);
+            memcpy(ent + E_EVENT, e, elen);
+            *(uint8_t *)(ent + E_ACCOUNT_LEN) = (uint8_t)alen;
+            *(uint8_t *)(ent + E_EVENT_LEN) = (uint8_t)elen;
+            *U32(ent, E_HASH) = hash;
+            *U32(ent, E_SLOT) = used;
+            /* The slot's buckets are zero since the segment was created:
+             * slots are never reused. */
+            __atomic_store_n(U32(c->base, H_KEYS_USED), used + 1, __ATOMIC_RELEASE);
+            __atomic_store_n(U32(ent, E_STATE), 1u, __ATOMIC_RELEASE);
+            slot = used;
+        }
+    }
+    sem_unlock(c);
+    return slot;
+}
+
+/* Encodes and validates a name pair on a cache miss.  Calls names.validate
+ * (Python) so there is one source of truth for the rules. */
+static int encode_names(PyObject *account, PyObject *event, const char **a, Py_ssize_t *alen,
+                        const char **e, Py_ssize_t *elen)
+{
+    PyObject *r = PyObject_CallFunctionObjArgs(validate_cb, account, event, NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    if (account == Py_None) {
+        *a = "all";
+        *alen = 3;
+    } else if ((*a = PyUnicode_AsUTF8AndSize(account, alen)) == NULL) {
+        return -1;
+    }
+    if ((*e = PyUnicode_AsUTF8AndSize(event, elen)) == NULL)
+        return -1;
+    return 0;
+}
+
+/* Returns the slot for (account or None = all, event): from the process
+ * cache, or from the index (creating the key).  -1 with an exception set on
+ * bad names or a lock timeout.  Overflow results are not cached, so the
+ * cache stays bounded by the table's capacity. */
+static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
+{
+    PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
+    const char *a, *e;
+    Py_ssize_t alen, elen;
+    long slot;
+    if (accounts != NULL) {
+        v = PyDict_GetItemWithError(accounts, account);
+        if (v != NULL)
+            return PyLong_AsLong(v);
+    }
+    if (PyErr_Occurred())
+        return -1;
+    if (encode_names(account, event, &a, &alen, &e, &elen) < 0)
+        return -1;
+    if (create) {
+        slot = find_or_create(c, a, (size_t)alen, e, (size_t)elen, account == Py_None);
+    } else {
+        slot = probe(c, a, (size_t)alen, e, (size_t)elen, fnv1a(a, alen, e, elen), NULL);
+        if (slot < 0)
+            return -2;  /* absent */
+    }
+    if (slot <= (long)OVERFLOW_SLOT)
+        return slot;
+    if (accounts == NULL) {
+        if ((accounts = PyDict_New()) == NULL)
+            return -1;
+        if (PyDict_SetItem(c->cache, event, accounts) < 0) {
+            Py_DECREF(accounts);
+            return -1;
+        }
+        Py_DECREF(accounts);  /* the cache holds it */
+    }
+    if ((v = PyLong_FromLong(slot)) == NULL)
+        return -1;
+    if (PyDict_SetItem(accounts, account, v) < 0)
+        slot = -1;
+    Py_DECREF(v);
+    return slot;
+}
+
+/* ------------------------------------------------------------------- add */
+
+/* Makes `b` count epoch `tag`, resetting it if it holds an older epoch.
+ * Returns 0 when b counts tag, 1 when b holds a newer epoch (our time is
+ * stale by more than the ring), -1 on a lock timeout.
+ * Hazard: two processes may see the old tag at once; the check is repeated
+ * under the semaphore so only one resets, and the reset stores the count
+ * before the tag (release) so nobody adds to the new epoch before the zero. */
+static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag)
+{
+    int rc = 0;
+    if (sem_lock(c, HOT_LOCK_TIMEOUT_MS) < 0)
+        return -1;
+    uint64_t cur = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
+    if (cur < tag) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+    } else if (cur > tag) {
+        rc = 1;
+    }
+    sem_unlock(c);
+    return rc;
+}
+
+/* Adds n to one bucket.  Lock-free unless the bucket rolls over. */
+static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t n)
+{
+    if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag) {
+        int rc = roll_bucket(c, b, tag);
+        if (rc != 0) {
+            __atomic_fetch_add(U64(c->base, H_DROPPED_HITS), n, __ATOMIC_RELAXED);
+            return rc;
+        }
+    }
+    __atomic_fetch_add(&b->count, n, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static void add_slot(Counter *c, uint32_t slot, uint64_t minute, uint64_t second, uint64_t n)
+{
+    if (!c->fixed_stripe && c->fork_gen != fork_generation)
+        choose_stripe(c);  /* a forked child takes its own stripe */
+    add_bucket(c, minute_bucket(c, slot, c->stripe, minute), minute, n);
+    add_bucket(c, second_bucket(c, slot, c->stripe, second), second, n);
+}
+
+/* Parses hit()'s arguments: (account=None, event="pageview", n=1, now=None). */
+static int parse_hit_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                          PyObject **argv)
+{
+    static const char *names[4] = {"account", "event", "n", "now"};
+    argv[0] = Py_None; argv[1] = str_pageview; argv[2] = NULL; argv[3] = Py_None;
+    if (nargs > 4) {
+        PyErr_SetString(PyExc_TypeError, "hit() takes at most 4 arguments");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        argv[i] = args[i];
+    if (kwnames != NULL) {
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+            PyObject *kn = PyTuple_GET_ITEM(kwnames, k);
+            int found = 0;
+            for (int j = 0; j < 4; j++) {
+                if (PyUnicode_CompareWithASCIIString(kn, names[j]) == 0) {
+                    argv[j] = args[nargs + k];
+                    found = 1;
+                    break;
+                }
+            }
+            if (!found) {
+                PyErr_Format(PyExc_TypeError, "hit() got an unexpected keyword argument %R", kn);
+                return -1;
+            }
+        }
+    }
+    if (argv[0] != Py_None && !PyUnicode_Check(argv[0])) {
+        PyErr_Format(PyExc_TypeError, "account must be a str or None, not %.100s",
+                     Py_TYPE(argv[0])->tp_name);
+        return -1;
+    }
+    if (!PyUnicode_Check(argv[1])) {
+        PyErr_Format(PyExc_TypeError, "event must be a str, not %.100s",
+                     Py_TYPE(argv[1])->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static long long parse_n(PyObject *obj)
+{
+    long long n;
+    if (obj == NULL)
+        return 1;
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "n must be an int, not %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    n = PyLong_AsLongLong(obj);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n < 1) {
+        PyErr_Format(PyExc_ValueError, "n must be >= 1, got %lld", n);
+        return -1;
+    }
+    return n;
+}
+
+/* The core of hit(): the `all` key of the event, then the account's key.
+ * Returns 0, or -1 with an exception set (bad input or lock timeout). */
+static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, double t)
+{
+    uint64_t second = (uint64_t)t, minute = second / 60;
+    long all_slot, slot;
+    if (__atomic_load_n(U32(c->base, H_STATE), __ATOMIC_ACQUIRE) != STATE_LIVE) {
+        PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
+        return -1;
+    }
+    /* Validate and resolve both names before adding anything, so bad input
+     * never leaves half a hit behind. */
+    if ((all_slot = slot_for(c, Py_None, event, 1)) < 0)
+        return -1;
+    slot = -1;
+    if (account != Py_None && (slot = slot_for(c, account, event, 1)) < 0)
+        return -1;
+    add_slot(c, (uint32_t)all_slot, minute, second, n);
+    if (account != Py_None) {
+        if (slot == OVERFLOW_SLOT)
+            __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
+        add_slot(c, (uint32_t)slot, minute, second, n);
+    } else if (all_slot == OVERFLOW_SLOT) {
+        __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+/* Counter.hit(account=None, event="pageview", n=1, now=None): strict, raises. */
+static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    PyObject *argv[4];
+    long long n;
+    double t;
+    if (c->base == NULL) {
+        PyErr_SetString(SegmentNotFound, "this Counter is detached");
+        return NULL;
+    }
+    if (parse_hit_args(args, nargs, kwnames, argv) < 0 || (n = parse_n(argv[2])) < 0
+        || (t = parse_now(argv[3])) < 0)
+        return NULL;
+    if (do_hit(c, argv[0], argv[1], (uint64_t)n, t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ----------------------------------------------------- the default path */
+
+/* Hands the pending exception (if any) and a message to Python's
+ * trafficthreshold._warn, which logs it once; clears the exception. */
+static void warn(const char *msg)
+{
+    PyObject *type, *value, *tb, *r;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (warn_cb != NULL) {
+        r = PyObject_CallFunction(warn_cb, "sO", msg, value ? value : Py_None);
+        if (r == NULL)
+            PyErr_Clear();
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
+/* Returns the default counter, attaching it if needed (at most once every
+ * ATTACH_RETRY_S seconds).  NULL means "no segment": in strict mode an
+ * exception is set, otherwise not (fail open). */
+static Counter *get_default(double t)
+{
+    PyObject *r;
+    if (default_counter != NULL) {
+        if (default_counter->base != NULL
+            && __atomic_load_n(U32(default_counter->base, H_STATE), __ATOMIC_ACQUIRE) == STATE_LIVE)
+            return default_counter;
+        /* Uninstalled under us: let go, and look for a new one below. */
+        Py_CLEAR(default_counter);
+    }
+    if (!strict_mode && (int64_t)t < next_attach_try)
+        return NULL;
+    next_attach_try = (int64_t)t + ATTACH_RETRY_S;
+    r = PyObject_CallNoArgs(attach_cb);
+    if (r == NULL) {
+        if (strict_mode)
+            return NULL;
+        warn("trafficthreshold: not counting");
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(r, &CounterType)) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_TypeError, "_attach_default() must return a Counter");
+        if (!strict_mode) warn("trafficthreshold: not counting");
+        return NULL;
+    }
+    default_counter = (Counter *)r;
+    return default_counter;
+}
+
+/* hit(account=None, event="pageview", n=1, now=None) -> None.
+ * Bad input raises ValueError/TypeError.  Anything wrong with the segment
+ * is logged once and ignored (fail open), unless strict mode is on. */
+static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *kwnames)
+{
+    PyObject *argv[4];
+    long long n;
+    double t;
+    Counter *c;
+    if (parse_hit_args(args, nargs, kwnames, argv) < 0 || (n = parse_n(argv[2])) < 0
+        || (t = parse_now(argv[3])) < 0)
+        return NULL;
+    if ((c = get_default(t)) == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (do_hit(c, argv[0], argv[1], (uint64_t)n, t) < 0) {
+        if (strict_mode || PyErr_ExceptionMatches(PyExc_ValueError)
+            || PyErr_ExceptionMatches(PyExc_TypeError))
+            return NULL;
+        warn("trafficthreshold: a hit was not counted");
+    }
+    Py_RETURN_NONE;
+}
+
+/* ----------------------------------------------------------------- reads */
+
+/* Count of `slot` in clock minute `minute` (sum over stripes). */
+static uint64_t minute_count(Counter *c, uint32_t slot, uint64_t minute)
+{
+    uint64_t total = 0;
+    for (uint32_t p = 0; p < c->stripes; p++) {
+        bucket_t *b = minute_bucket(c, slot, p, minute);
+        if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) == minute)
+            total += __atomic_load_n(&b->count, __ATOMIC_RELAXED);
+    }
+    return total;
+}
+
+/* Count of `slot` over the 60 seconds ending with `second` (inclusive). */
+static uint64_t sliding_count(Counter *c, uint32_t slot, uint64_t second)
+{
+    uint64_t total = 0;
+    for (uint32_t p = 0; p < c->stripes; p++) {
+        for (uint64_t s = second - 59; s <= second; s++) {
+            bucket_t *b = second_bucket(c, slot, p, s);
+            if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) == s)
+                total += __atomic_load_n(&b->count, __ATOMIC_RELAXED);
+        }
+    }
+    return total;
+}
+
+static uint64_t window_count(Counter *c, uint32_t slot, int window, double t)
+{
+    uint64_t second = (uint64_t)t;
+    return window == 1 ? minute_count(c, slot, second / 60) : sliding_count(c, slot, second);
+}
+
+/* The throttle level: the supervisor's (if its heartbeat is fresh) or the
+ * live level of the window, whichever is higher, so workers see a rise at
+ * once.  Cached per second: a second call in the same second costs two
+ * loads. */
+static int level_of(Counter *c, double t)
+{
+    int64_t second = (int64_t)t;
+    uint32_t mult, lvl = 0;
+    uint64_t hb, hits;
+    if (c->level_sec_valid && c->level_sec == second)
+        return c->level_cached;
+    mult = header_u32(c, H_THROTTLE_MULTIPLIER);
+    hb = __atomic_load_n(U64(c->base, H_HEARTBEAT_MS), __ATOMIC_ACQUIRE);
+    if (hb + HEARTBEAT_STALE_MS >= (uint64_t)(t * 1000.0))
+        lvl = header_u32(c, H_THROTTLE_LEVEL);
+    hits = window_count(c, header_u32(c, H_THROTTLE_SLOT),
+                        (int)header_u32(c, H_THROTTLE_WINDOW), t);
+    if (mult > 0 && hits / mult > lvl)
+        lvl = hits / mult > 5 ? 5 : (uint32_t)(hits / mult);
+    if (lvl > 5)
+        lvl = 5;
+    c->level_sec = second;
+    c->level_sec_valid = 1;
+    c->level_cached = (int)lvl;
+    return (int)lvl;
+}
+
+static int check_attached(Counter *c)
+{
+    if (c->base == NULL) {
+        PyErr_SetString(SegmentNotFound, "this Counter is detached");
+        return -1;
+    }
+    return 0;
+}
+
+/* Counter.level(now=None) -> int 0..5 */
+static PyObject *Counter_level(Counter *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    double t;
+    if (check_attached(c) < 0)
+        return NULL;
+    if ((t = parse_now(nargs > 0 ? args[0] : NULL)) < 0)
+        return NULL;
+    c->level_sec_valid = 0;
+    return PyLong_FromLong(level_of(c, t));
+}
+
+/* throttle_status(now=None) -> int 0..5; 0 when no segment is installed. */
+static PyObject *mod_throttle_status(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    double t;
+    Counter *c;
+    if ((t = parse_now(nargs > 0 ? args[0] : NULL)) < 0)
+        return NULL;
+    if ((c = get_default(t)) == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        return PyLong_FromLong(0);
+    }
+    if (nargs > 0 && args[0] != Py_None)
+        c->level_sec_valid = 0;  /* a driven clock: do not trust the cache */
+    return PyLong_FromLong(level_of(c, t));
+}
+
+/* Counter.find(account, event) -> slot or None.  Never creates a key.
+ * account None means the `all` key. */
+static PyObject *Counter_find(Counter *c, PyObject *args)
+{
+    PyObject *account, *event;
+    long slot;
+    if (!PyArg_ParseTuple(args, "OU", &account, &event) || check_attached(c) < 0)
+        return NULL;
+    if (account != Py_None && !PyUnicode_Check(account)) {
+        PyErr_SetString(PyExc_TypeError, "account must be a str or None");
+        return NULL;
+    }
+    slot = slot_for(c, account, event, 0);
+    if (slot == -2)
+        Py_RETURN_NONE;
+    if (slot < 0)
+        return NULL;
+    return PyLong_FromLong(slot);
+}
+
+static int check_slot(Counter *c, unsigned long slot)
+{
+    if (slot >= c->key_capacity) {
+        PyErr_Format(PyExc_ValueError, "slot %lu is out of range", slot);
+        return -1;
+    }
+    return 0;
+}
+
+/* Counter.count(slot, window, now=None) -> int; window 0 = sliding 60 s,
+ * 1 = clock minute. */
+static PyObject *Counter_count(Counter *c, PyObject *args)
+{
+    unsigned long slot;
+    int window;
+    PyObject *now = Py_None;
+    double t;
+    if (!PyArg_ParseTuple(args, "ki|O", &slot, &window, &now) || check_attached(c) < 0
+        || check_slot(c, slot) < 0 || (t = parse_now(now)) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(window_count(c, (uint32_t)slot, window, t));
+}
+
+/* Counter.minutes(first, last) -> list of (slot, epoch_minute, count) for
+ * every used slot and minute in [first, last] with a count > 0.  Lock-free:
+ * a bucket being rolled over reads as 0 or as its new epoch's count, never
+ * as a mix (the tag is checked).  Minutes older than the ring read as 0. */
+static PyObject *Counter_minutes(Counter *c, PyObject *args)
+{
+    unsigned long long first, last;
+    PyObject *out, *item;
+    uint32_t used;
+    if (!PyArg_ParseTuple(args, "KK", &first, &last) || check_attached(c) < 0)
+        return NULL;
+    if (last >= first && last - first >= c->minutes) {
+        PyErr_Format(PyExc_ValueError, "at most %u minutes can be read at once", c->minutes);
+        return NULL;
+    }
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
+    for (uint32_t slot = 0; slot < used && slot < c->key_capacity; slot++) {
+        for (uint64_t m = first; m <= last; m++) {
+            uint64_t n = minute_count(c, slot, m);
+            if (n == 0)
+                continue;
+            item = Py_BuildValue("(IKK)", slot, (unsigned long long)m, (unsigned long long)n);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+    }
+    return out;
+}
+
+/* Counter.keys() -> list of (slot, account, event) of every ready key. */
+static PyObject *Counter_keys(Counter *c, PyObject *unused)
+{
+    PyObject *out, *item;
+    if (check_attached(c) < 0 || (out = PyList_New(0)) == NULL)
+        return NULL;
+    for (uint32_t i = 0; i < c->index_size; i++) {
+        char *ent = index_entry(c, i);
+        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != 1)
+            continue;
+        item = Py_BuildValue("(Is#s#)", *U32(ent, E_SLOT), ent + E_ACCOUNT,
+                             (Py_ssize_t)*(uint8_t *)(ent + E_ACCOUNT_LEN), ent + E_EVENT,
+                             (Py_ssize_t)*(uint8_t *)(ent + E_EVENT_LEN));
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+/* Counter.load(offset, width) -> int: an atomic header read (width 4 or 8). */
+static PyObject *Counter_load(Counter *c, PyObject *args)
+{
+    unsigned long off;
+    int width;
+    if (!PyArg_ParseTuple(args, "ki", &off, &width) || check_attached(c) < 0)
+        return NULL;
+    if (off + width > HEADER_SIZE || off % width || (width != 4 && width != 8)) {
+        PyErr_SetString(PyExc_ValueError, "bad header offset or width");
+        return NULL;
+    }
+    if (width == 4)
+        return PyLong_FromUnsignedLong(__atomic_load_n(U32(c->base, off), __ATOMIC_ACQUIRE));
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(U64(c->base, off), __ATOMIC_ACQUIRE));
+}
+
+/* Counter.store(offset, width, value): an atomic header write, for the
+ * supervisor's fields (level, heartbeat, pid) and the settings. */
+static PyObject *Counter_store(Counter *c, PyObject *args)
+{
+    unsigned long off;
+    int width;
+    unsigned long long v;
+    if (!PyArg_ParseTuple(args, "kiK", &off, &width, &v) || check_attached(c) < 0)
+        return NULL;
+    if (off + width > HEADER_SIZE || off % width || (width != 4 && width != 8)
+        || off < H_TOTAL_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "bad header offset or width (geometry is read-only)");
+        return NULL;
+    }
+    if (width == 4)
+        __atomic_store_n(U32(c->base, off), (uint32_t)v, __ATOMIC_RELEASE);
+    else
+        __atomic_store_n(U64(c->base, off), (uint64_t)v, __ATOMIC_RELEASE);
+    c->level_sec_valid = 0;
+    Py_RETURN_NONE;
+}
+
+/* Counter.lock(timeout_ms) -> None; raises SegmentBusy on timeout.
+ * For structural work done from Python (uninstall). */
+static PyObject *Counter_lock(Counter *c, PyObject *args)
+{
+    int timeout_ms;
+    if (!PyArg_ParseTuple(args, "i", &timeout_ms) || check_attached(c) < 0)
+        return NULL;
+    if (sem_lock(c, timeout_ms) < 0) {
+        if (errno == EAGAIN || errno == ETIMEDOUT)
+            PyErr_Format(SegmentBusy,
+                         "the segment semaphore is held by pid %u for more than %d ms",
+                         header_u32(c, H_LOCK_OWNER_PID), timeout_ms);
+        else
+            PyErr_SetFromErrno(SegmentError);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Counter_unlock(Counter *c, PyObject *unused)
+{
+    if (check_attached(c) < 0)
+        return NULL;
+    sem_unlock(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Counter_detach(Counter *c, PyObject *unused)
+{
+    detach(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Counter_get_stripe(Counter *c, void *closure)
+{
+    if (!c->fixed_stripe && c->fork_gen != fork_generation && c->base != NULL)
+        choose_stripe(c);
+    return PyLong_FromUnsignedLong(c->stripe);
+}
+
+static PyObject *Counter_get_attached(Counter *c, void *closure)
+{
+    return PyBool_FromLong(c->base != NULL);
+}
+
+static PyObject *Counter_get_size(Counter *c, void *closure)
+{
+    return PyLong_FromSize_t(c->size);
+}
+
+static PyMethodDef Counter_methods[] = {
+    {"hit", (PyCFunction)(void (*)(void))Counter_hit, METH_FASTCALL | METH_KEYWORDS,
+     "hit(account=None, event='pageview', n=1, now=None): count; raises on any problem."},
+    {"level", (PyCFunction)(void (*)(void))Counter_level, METH_FASTCALL,
+     "level(now=None) -> the throttle level 0..5."},
+    {"find", (PyCFunction)Counter_find, METH_VARARGS,
+     "find(account_or_None, event) -> slot or None; never creates a key."},
+    {"count", (PyCFunction)Counter_count, METH_VARARGS,
+     "count(slot, window, now=None): window 0 = sliding 60 s, 1 = clock minute."},
+    {"minutes", (PyCFunction)Counter_minutes, METH_VARARGS,
+     "minutes(first, last) -> [(slot, epoch_minute, count)] with count > 0."},
+    {"keys", (PyCFunction)Counter_keys, METH_NOARGS, "keys() -> [(slot, account, event)]."},
+    {"load", (PyCFunction)Counter_load, METH_VARARGS, "load(offset, width) -> int."},
+    {"store", (PyCFunction)Counter_store, METH_VARARGS, "store(offset, width, value)."},
+    {"lock", (PyCFunction)Counter_lock, METH_VARARGS, "lock(timeout_ms): take the semaphore."},
+    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS, "unlock(): release the semaphore."},
+    {"detach", (PyCFunction)Counter_detach, METH_NOARGS, "detach(): unmap the segment."},
+    {NULL}
+};
+
+static PyGetSetDef Counter_getset[] = {
+    {"stripe", (getter)Counter_get_stripe, NULL, "this process's stripe", NULL},
+    {"attached", (getter)Counter_get_attached, NULL, "whether the segment is mapped", NULL},
+    {"size", (getter)Counter_get_size, NULL, "the mapping's size in bytes", NULL},
+    {NULL}
+};
+
+static PyTypeObject CounterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "trafficthreshold._counter.Counter",
+    .tp_basicsize = sizeof(Counter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Counter(backend, key, stripe=None): an attachment to the segment.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Counter_init,
+    .tp_dealloc = (destructor)Counter_dealloc,
+    .tp_methods = Counter_methods,
+    .tp_getset = Counter_getset,
+};
+
+/* ------------------------------------------------------------ the module */
+
+/* _setup(validate, attach, warn, strict): wires the Python callbacks. */
+static PyObject *mod_setup(PyObject *self, PyObject *args)
+{
+    PyObject *v, *a, *w;
+    int strict;
+    if (!PyArg_ParseTuple(args, "OOOp", &v, &a, &w, &strict))
+        return NULL;
+    Py_XSETREF(validate_cb, Py_NewRef(v));
+    Py_XSETREF(attach_cb, Py_NewRef(a));
+    Py_XSETREF(warn_cb, Py_NewRef(w));
+    strict_mode = strict;
+    Py_RETURN_NONE;
+}
+
+/* _reset(): forget the default counter so the next hit() attaches anew
+ * (after configure()). */
+static PyObject *mod_reset(PyObject *self, PyObject *unused)
+{
+    Py_CLEAR(default_counter);
+    next_attach_try = 0;
+    Py_RETURN_NONE;
+}
+
+/* _ensure() -> the default Counter, attaching it if due, or None (fail
+ * open; in strict mode the attach error is raised). */
+static PyObject *mod_ensure(PyObject *self, PyObject *unused)
+{
+    Counter *c = get_default(now_seconds());
+    if (c == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef((PyObject *)c);
+}
+
+/* _sysv_semop(semid, delta, timeout_ms) -> None: one SEM_UNDO operation on
+ * a SysV semaphore with a timeout, for segment.py's structural locking
+ * (sysv_ipc's acquire() has no timeout where it was built without
+ * semtimedop).  Raises SegmentBusy on timeout. */
+static PyObject *mod_sysv_semop(PyObject *self, PyObject *args)
+{
+    int semid, delta, timeout_ms, rc;
+    struct sembuf op;
+    struct timespec ts;
+    if (!PyArg_ParseTuple(args, "iii", &semid, &delta, &timeout_ms))
+        return NULL;
+    op.sem_num = 0;
+    op.sem_op = (short)delta;
+    op.sem_flg = SEM_UNDO;
+    ts.tv_sec = timeout_ms / 1000;
+    ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+    do {
+        Py_BEGIN_ALLOW_THREADS
+        rc = semtimedop(semid, &op, 1, &ts);
+        Py_END_ALLOW_THREADS
+    } while (-1 == rc && errno == EINTR && !PyErr_CheckSignals());
+    if (-1 == rc) {
+        if (PyErr_Occurred())
+            return NULL;
+        if (errno == EAGAIN)
+            PyErr_Format(SegmentBusy, "the segment semaphore stayed busy for %d ms", timeout_ms);
+        else
+            PyErr_SetFromErrno(SegmentError);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* _default() -> the attached default Counter or None. */
+static PyObject *mod_default(PyObject *self, PyObject *unused)
+{
+    if (default_counter == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef((PyObject *)default_counter);
+}
+
+static PyMethodDef module_methods[] = {
+    {"hit", (PyCFunction)(void (*)(void))mod_hit, METH_FASTCALL | METH_KEYWORDS,
+     "hit(account=None, event='pageview', n=1, now=None): count a page view."},
+    {"throttle_status", (PyCFunction)(void (*)(void))mod_throttle_status, METH_FASTCALL,
+     "throttle_status(now=None) -> int 0..5."},
+    {"_setup", mod_setup, METH_VARARGS, NULL},
+    {"_reset", mod_reset, METH_NOARGS, NULL},
+    {"_default", mod_default, METH_NOARGS, NULL},
+    {"_ensure", mod_ensure, METH_NOARGS, NULL},
+    {"_sysv_semop", mod_sysv_semop, METH_VARARGS, NULL},
+    {NULL}
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "trafficthreshold._counter",
+    "The hot path of trafficthreshold (see the comment at the top of _counter.c).",
+    -1, module_methods,
+};
+
+static int set_int(PyObject *d, const char *name, long value)
+{
+    PyObject *v = PyLong_FromLong(value);
+    int rc = v == NULL ? -1 : PyDict_SetItemString(d, name, v);
+    Py_XDECREF(v);
+    return rc;
+}
+
+static int add_layout(PyObject *m)
+{
+    PyObject *d = PyDict_New();
+    int rc = 0;
+    if (d == NULL)
+        return -1;
+#define L(name, value) rc |= set_int(d, name, value)
+    L("LAYOUT_VERSION", LAYOUT_VERSION); L("HEADER_SIZE", HEADER_SIZE);
+    L("INDEX_ENTRY_SIZE", INDEX_ENTRY_SIZE); L("BUCKET_SIZE", BUCKET_SIZE);
+    L("ACCOUNT_MAX", ACCOUNT_MAX); L("EVENT_MAX", EVENT_MAX);
+    L("OVERFLOW_SLOT", OVERFLOW_SLOT); L("EVENT_RESERVE", EVENT_RESERVE);
+    L("H_VERSION", H_VERSION); L("H_HEADER_SIZE", H_HEADER_SIZE);
+    L("H_KEY_CAPACITY", H_KEY_CAPACITY); L("H_INDEX_SIZE", H_INDEX_SIZE);
+    L("H_MINUTE_BUCKETS", H_MINUTE_BUCKETS); L("H_SECOND_BUCKETS", H_SECOND_BUCKETS);
+    L("H_STRIPES", H_STRIPES); L("H_STRIPE_SIZE", H_STRIPE_SIZE); L("H_SLOT_SIZE", H_SLOT_SIZE);
+    L("H_INDEX_OFFSET", H_INDEX_OFFSET); L("H_SLOTS_OFFSET", H_SLOTS_OFFSET);
+    L("H_TOTAL_SIZE", H_TOTAL_SIZE); L("H_CREATED_AT", H_CREATED_AT);
+    L("H_THROTTLE_MULTIPLIER", H_THROTTLE_MULTIPLIER); L("H_THROTTLE_WINDOW", H_THROTTLE_WINDOW);
+    L("H_THROTTLE_LEVEL", H_THROTTLE_LEVEL); L("H_STATE", H_STATE);
+    L("H_HEARTBEAT_MS", H_HEARTBEAT_MS); L("H_SUPERVISOR_PID", H_SUPERVISOR_PID);
+    L("H_THROTTLE_SLOT", H_THROTTLE_SLOT); L("H_LOCK_OWNER_PID", H_LOCK_OWNER_PID);
+    L("H_KEYS_USED", H_KEYS_USED); L("H_NEXT_STRIPE", H_NEXT_STRIPE);
+    L("H_OVERFLOW_HITS", H_OVERFLOW_HITS); L("H_DROPPED_HITS", H_DROPPED_HITS);
+    L("H_ATTACHES", H_ATTACHES);
+    L("E_STATE", E_STATE); L("E_SLOT", E_SLOT); L("E_HASH", E_HASH);
+    L("E_ACCOUNT_LEN", E_ACCOUNT_LEN); L("E_EVENT_LEN", E_EVENT_LEN);
+    L("E_ACCOUNT", E_ACCOUNT); L("E_EVENT", E_EVENT);
+    L("HOT_LOCK_TIMEOUT_MS", HOT_LOCK_TIMEOUT_MS); L("HEARTBEAT_STALE_MS", HEARTBEAT_STALE_MS);
+    L("ATTACH_RETRY_S", ATTACH_RETRY_S);
+#undef L
+    if (rc != 0 || PyModule_AddObject(m, "LAYOUT", d) < 0) {
+        Py_DECREF(d);
+        return -1;
+    }
+    return PyModule_AddStringConstant(m, "MAGIC", MAGIC_BYTES);
+}
+
+PyMODINIT_FUNC PyInit__counter(void)
+{
+    PyObject *m, *errors;
+    if (PyType_Ready(&CounterType) < 0)
+        return NULL;
+    if ((errors = PyImport_ImportModule("trafficthreshold.errors")) == NULL)
+        return NULL;
+    SegmentNotFound = PyObject_GetAttrString(errors, "SegmentNotFound");
+    LayoutMismatch = PyObject_GetAttrString(errors, "LayoutMismatch");
+    SegmentBusy = PyObject_GetAttrString(errors, "SegmentBusy");
+    SegmentError = PyObject_GetAttrString(errors, "SegmentError");
+    Py_DECREF(errors);
+    if (!SegmentNotFound || !LayoutMismatch || !SegmentBusy || !SegmentError)
+        return NULL;
+    if ((str_pageview = PyUnicode_InternFromString("pageview")) == NULL)
+        return NULL;
+    if ((m = PyModule_Create(&moduledef)) == NULL)
+        return NULL;
+    Py_INCREF(&CounterType);
+    if (PyModule_AddObject(m, "Counter", (PyObject *)&CounterType) < 0 || add_layout(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    pthread_atfork(NULL, NULL, after_fork_child);
+    return m;
+}
