@@ -1,0 +1,569 @@
+"""The SQLite period store: minute, hour, day and month rows per key.
+
+The supervisor rolls the closed minutes of the shared-memory ring into this
+store, exactly once through crashes and restarts; the stats API reads it.
+A *key* is an ``(account, event)`` pair; the account ``all`` is written by
+the supervisor like any other account (the store never sums accounts).
+
+Exactly once
+------------
+The ring holds a *cumulative* count per key-minute. For every key-minute the
+store keeps a *watermark*: the cumulative count it has already rolled. A roll
+adds only ``observed - watermark`` and moves the watermark to ``observed``,
+and the counts and the watermark commit in the same transaction. So:
+
+* rolling the same snapshot twice adds nothing (delta 0);
+* a late increment to a minute already rolled adds only the increment;
+* a crash before the commit loses nothing: neither the counts nor the
+  watermark were written, and the next roll of the ring adds the lot.
+
+Watermarks are needed only while a minute can still be in the ring (a few
+hours), so :meth:`Store.prune` drops those a day older than the newest one
+and records that *floor*; :meth:`Store.roll` ignores minutes below the floor
+instead of counting them a second time.
+
+Other backends
+--------------
+Everything the supervisor and the API need is the handful of public methods
+of :class:`Store`. A Redis backend (Bootic's key layout: one hash per key and
+period, a field per segment) could implement the same methods and share the
+same test module.
+
+Threads: a Store (its sqlite3 connection) belongs to the thread that made
+it. Readers in other threads or processes open their own Store on the same
+file; WAL lets them read while the supervisor writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from trafficthreshold.errors import TrafficThresholdError
+from trafficthreshold.periods import local_parts, resolve_timezone, segments
+
+log = logging.getLogger("trafficthreshold.store")
+
+#: An item of a roll: (account, event, epoch_minute, observed cumulative count).
+RollItem = tuple[str, str, int, int]
+#: A key-minute: (account, event, epoch_minute).
+KeyMinute = tuple[str, str, int]
+
+#: Calendar parts, coarse to fine; a period row is keyed by a prefix of them.
+PARTS = ("year", "month", "day", "hour", "minute")
+
+#: Period tables, coarse to fine, with the number of PARTS in their key.
+#: A period with N parts given (year=1 .. hour=4) reads LEVELS[N - 1]: its
+#: child segments are that table's last key column.
+LEVELS: tuple[tuple[str, int], ...] = (("months", 2), ("days", 3), ("hours", 4), ("minutes", 5))
+
+#: How far below the newest watermark older watermarks are kept (minutes).
+#: The ring holds a few hours; a day leaves a wide margin.
+WATERMARK_KEEP_MINUTES = 24 * 60
+
+# The schema. Every period table is WITHOUT ROWID with the key columns as
+# primary key: reading one period is one range scan on the key prefix
+# (account, event, year[, month[, day[, hour]]]), and there is no second copy
+# of the key in a rowid b-tree.
+DDL = [
+    """CREATE TABLE IF NOT EXISTS months (
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        year INTEGER NOT NULL, month INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (account, event, year, month)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS days (
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        year INTEGER NOT NULL, month INTEGER NOT NULL, day INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (account, event, year, month, day)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS hours (
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        year INTEGER NOT NULL, month INTEGER NOT NULL, day INTEGER NOT NULL,
+        hour INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (account, event, year, month, day, hour)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS minutes (
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        year INTEGER NOT NULL, month INTEGER NOT NULL, day INTEGER NOT NULL,
+        hour INTEGER NOT NULL, minute INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (account, event, year, month, day, hour, minute)
+    ) WITHOUT ROWID""",
+    # The cumulative count of a key-minute rolled so far. epoch_minute leads
+    # the key: pruning, "since" reads and MAX() are range scans on it.
+    """CREATE TABLE IF NOT EXISTS watermarks (
+        epoch_minute INTEGER NOT NULL,
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (epoch_minute, account, event)
+    ) WITHOUT ROWID""",
+    # Every key ever rolled (until pruning empties it): accounts(), events()
+    # and per-key pruning read this small table instead of scanning minutes.
+    """CREATE TABLE IF NOT EXISTS keys (
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        PRIMARY KEY (account, event)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS gaps (
+        id INTEGER PRIMARY KEY,
+        first_minute INTEGER NOT NULL, last_minute INTEGER NOT NULL,
+        reason TEXT NOT NULL, recorded_at REAL NOT NULL
+    )""",
+    # Small named values: closed_through, watermark_floor, last_roll_at.
+    """CREATE TABLE IF NOT EXISTS meta (
+        name TEXT PRIMARY KEY, value NOT NULL
+    ) WITHOUT ROWID""",
+]
+
+#: MIGRATIONS[i] takes the schema from version i to i + 1 (PRAGMA
+#: user_version). Append a list of statements for each schema change.
+MIGRATIONS: list[list[str]] = [DDL]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(TrafficThresholdError):
+    """The database cannot be opened, created or migrated."""
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open ``path`` with the store's pragmas.
+
+    Autocommit mode (``isolation_level=None``): transactions are explicit,
+    see :meth:`Store.transaction`. WAL lets readers read while the writer
+    writes; synchronous=NORMAL is durable across process crashes (a power
+    loss may lose the last commits, never corrupt); busy_timeout waits up
+    to 5 s for another writer instead of failing at once.
+    """
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"cannot open the database {path!r}: {exc}; check that the file is "
+            "a SQLite database this user may read and write (config key `database`)"
+        ) from exc
+    return conn
+
+
+def _make_parent_dir(path: str) -> None:
+    """Create the directory of a database file if it is missing."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the directory {parent!r} for the database {path!r}: "
+            f"{exc.strerror}; create it (writable by this user) or set `database` "
+            "to a path in a writable directory"
+        ) from exc
+
+
+class Store:
+    """Minute/hour/day/month counts per (account, event), in local time.
+
+    ``Store(path, timezone=None)``: ``path`` is a file (its directory is
+    created if missing) or ``":memory:"``; ``timezone`` is an IANA name,
+    ``None`` for the system's zone. Periods are wall-clock periods in that
+    zone (see :mod:`trafficthreshold.periods` for the DST rule).
+    """
+
+    def __init__(self, path: str, timezone: str | None = None) -> None:
+        self.path = path
+        self.tz = resolve_timezone(timezone)
+        _make_parent_dir(path)
+        self._conn = connect(path)
+        try:
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection; the Store cannot be used afterwards."""
+        self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------
+    # transactions and schema
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: everything inside commits, or nothing.
+
+        BEGIN IMMEDIATE takes the write lock up front, so a second writer
+        waits (busy_timeout) at BEGIN instead of failing halfway. A nested
+        call joins the outer transaction.
+        """
+        if self._conn.in_transaction:
+            yield self._conn
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except BaseException:
+            # Also when COMMIT itself failed: never leave a transaction open.
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION, in one transaction."""
+        with self.transaction() as conn:
+            # Read inside the write lock: two processes opening a fresh file
+            # at once must not both run the migrations.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database {self.path!r} has schema version {version}, newer "
+                    f"than this trafficthreshold knows ({SCHEMA_VERSION}); upgrade "
+                    "trafficthreshold or point `database` at another file"
+                )
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+                log.info("database %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
+
+    # ------------------------------------------------------------------
+    # meta values
+
+    def _get_meta(self, name: str) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, name: str, value: Any) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    def set_closed_through(self, minute: int) -> None:
+        """Record that every minute up to ``minute`` is closed and rolled.
+
+        Never moves backwards: a smaller value than the stored one is ignored.
+        """
+        with self.transaction():
+            current = self._get_meta("closed_through")
+            if current is None or minute > current:
+                self._set_meta("closed_through", int(minute))
+
+    def closed_through(self) -> int | None:
+        """The last minute recorded by :meth:`set_closed_through`, or None."""
+        value = self._get_meta("closed_through")
+        return None if value is None else int(value)
+
+    def last_rolled_minute(self) -> int | None:
+        """The newest minute known rolled: the newest watermark, or
+        :meth:`closed_through` if that is later (or the watermarks were
+        pruned). None for a store that never rolled anything."""
+        row = self._conn.execute("SELECT MAX(epoch_minute) FROM watermarks").fetchone()
+        known = [m for m in (row[0], self.closed_through()) if m is not None]
+        return max(known) if known else None
+
+    def last_roll_at(self) -> float | None:
+        """The ``now`` of the last :meth:`roll`, or None."""
+        value = self._get_meta("last_roll_at")
+        return None if value is None else float(value)
+
+    # ------------------------------------------------------------------
+    # rolling
+
+    def roll(
+        self,
+        items: Iterable[RollItem],
+        now: float,
+        *,
+        closed_through: int | None = None,
+    ) -> int:
+        """Add what is new in a snapshot of cumulative counts; return the
+        total added.
+
+        ``items`` holds ``(account, event, epoch_minute, observed)`` where
+        ``observed`` is the *current cumulative* count of that key-minute.
+        In one transaction: each item adds ``observed - watermark`` to its
+        minute, hour, day and month rows (wall clock in the store's zone)
+        and moves the watermark to ``observed``; ``closed_through``, if
+        given, is recorded as by :meth:`set_closed_through`. A count below
+        the watermark (a ring bucket reused) and a minute below the
+        watermark floor (see :meth:`prune`) add nothing and log a warning.
+        """
+        with self.transaction():
+            floor = self._get_meta("watermark_floor")
+            deltas, watermarks = self._deltas(items, floor)
+            self._add_to_periods(deltas)
+            self._save_watermarks(watermarks)
+            self._set_meta("last_roll_at", float(now))
+            if closed_through is not None:
+                self.set_closed_through(closed_through)
+        total = sum(deltas.values())
+        log.debug("rolled %d key-minutes, %d new hits", len(deltas), total)
+        return total
+
+    def _deltas(
+        self, items: Iterable[RollItem], floor: int | None
+    ) -> tuple[dict[KeyMinute, int], dict[KeyMinute, int]]:
+        """Compare items with the stored watermarks.
+
+        Returns (delta per key-minute, new watermark per key-minute), only
+        for key-minutes that grew. An item repeated in ``items`` is compared
+        with the watermark its earlier copy set. Caller holds the transaction.
+        """
+        stored: dict[int, dict[tuple[str, str], int]] = {}
+        deltas: dict[KeyMinute, int] = defaultdict(int)
+        watermarks: dict[KeyMinute, int] = {}
+        for account, event, minute, observed in items:
+            if floor is not None and minute < floor:
+                log.warning(
+                    "minute %d of %s/%s is below the watermark floor %d (rolled and "
+                    "pruned long ago); ignored to avoid counting it twice",
+                    minute, account, event, floor,
+                )
+                continue
+            if minute not in stored:
+                stored[minute] = self._watermarks_of(minute)
+            seen = stored[minute].get((account, event), 0)
+            if observed > seen:
+                deltas[account, event, minute] += observed - seen
+                watermarks[account, event, minute] = observed
+                stored[minute][account, event] = observed
+            elif observed < seen:
+                log.warning(
+                    "count of %s/%s at minute %d went down from %d to %d (ring "
+                    "bucket reused?); nothing added",
+                    account, event, minute, seen, observed,
+                )
+        return deltas, watermarks
+
+    def _watermarks_of(self, minute: int) -> dict[tuple[str, str], int]:
+        """All watermarks of one epoch minute: one range scan."""
+        rows = self._conn.execute(
+            "SELECT account, event, count FROM watermarks WHERE epoch_minute = ?", (minute,)
+        )
+        return {(account, event): count for account, event, count in rows}
+
+    def _add_to_periods(self, deltas: Mapping[KeyMinute, int]) -> None:
+        """Add deltas to the minute, hour, day and month rows (and register
+        their keys). Caller holds the transaction."""
+        sums: dict[str, dict[tuple[Any, ...], int]] = {t: defaultdict(int) for t, _ in LEVELS}
+        for (account, event, minute), delta in deltas.items():
+            parts = local_parts(minute, self.tz)
+            for table, width in LEVELS:
+                sums[table][(account, event, *parts[:width])] += delta
+        for table, width in LEVELS:
+            self._conn.executemany(_upsert_sql(table, width), _rows(sums[table]))
+        keys = {(account, event) for account, event, _ in deltas}
+        self._conn.executemany("INSERT OR IGNORE INTO keys (account, event) VALUES (?, ?)", keys)
+
+    def _save_watermarks(self, watermarks: Mapping[KeyMinute, int]) -> None:
+        """Store new watermarks. Caller holds the transaction."""
+        self._conn.executemany(
+            "INSERT INTO watermarks (account, event, epoch_minute, count) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (epoch_minute, account, event) DO UPDATE SET count = excluded.count",
+            ((a, e, m, count) for (a, e, m), count in watermarks.items()),
+        )
+
+    def watermark_minutes(self, since_minute: int) -> dict[KeyMinute, int]:
+        """Watermarks of the minutes >= ``since_minute``:
+        ``{(account, event, epoch_minute): count rolled}``."""
+        rows = self._conn.execute(
+            "SELECT account, event, epoch_minute, count FROM watermarks WHERE epoch_minute >= ?",
+            (since_minute,),
+        )
+        return {(a, e, m): count for a, e, m, count in rows}
+
+    # ------------------------------------------------------------------
+    # gaps
+
+    def record_gap(self, first_minute: int, last_minute: int, reason: str, now: float) -> None:
+        """Record that the minutes first..last (inclusive) were not counted."""
+        if first_minute > last_minute:
+            raise ValueError(f"gap from minute {first_minute} to {last_minute}: first > last")
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO gaps (first_minute, last_minute, reason, recorded_at)"
+                " VALUES (?, ?, ?, ?)",
+                (first_minute, last_minute, reason, now),
+            )
+
+    def gaps(self) -> list[dict[str, Any]]:
+        """Every recorded gap, oldest first, as dicts with the column names."""
+        rows = self._conn.execute(
+            "SELECT first_minute, last_minute, reason, recorded_at FROM gaps"
+            " ORDER BY first_minute, id"
+        )
+        names = ("first_minute", "last_minute", "reason", "recorded_at")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    # ------------------------------------------------------------------
+    # reading
+
+    def period(
+        self,
+        account: str,
+        event: str,
+        year: int,
+        month: int | None = None,
+        day: int | None = None,
+        hour: int | None = None,
+    ) -> dict[str, Any]:
+        """Counts of a period by child segment: year -> months, month ->
+        days, day -> hours, hour -> minutes.
+
+        Returns ``{"data": {segment: count}, "total": count}``; ``data`` has
+        every segment, zero-filled, in numeric order. An impossible date
+        raises :class:`~trafficthreshold.periods.ImpossiblePeriod` (a
+        ValueError). One indexed range query.
+        """
+        segs = segments(year, month, day, hour)
+        given = [p for p in (year, month, day, hour) if p is not None]
+        table, width = LEVELS[len(given) - 1]
+        where = " AND ".join(f"{col} = ?" for col in PARTS[: len(given)])
+        rows = self._conn.execute(
+            f"SELECT {PARTS[width - 1]}, count FROM {table}"
+            f" WHERE account = ? AND event = ? AND {where}",
+            (account, event, *given),
+        )
+        data = dict.fromkeys(segs, 0)
+        for segment, count in rows:
+            if segment in data:
+                data[segment] = count
+        return {"data": data, "total": sum(data.values())}
+
+    def accounts(self, event: str | None = None) -> list[str]:
+        """Accounts with rows (for ``event`` if given), sorted; includes
+        ``all`` and internal accounts such as ``~overflow``."""
+        if event is None:
+            rows = self._conn.execute("SELECT DISTINCT account FROM keys ORDER BY account")
+        else:
+            rows = self._conn.execute(
+                "SELECT account FROM keys WHERE event = ? ORDER BY account", (event,)
+            )
+        return [account for (account,) in rows]
+
+    def events(self) -> list[str]:
+        """Events with rows, sorted."""
+        return [e for (e,) in self._conn.execute("SELECT DISTINCT event FROM keys ORDER BY event")]
+
+    def top_accounts(self, event: str, since_minute: int, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` accounts with the most ``event`` hits in the minute
+        rows from ``since_minute`` (its local wall-clock minute) on, biggest
+        first; ``all`` is left out. One index range scan per account.
+        """
+        since = local_parts(since_minute, self.tz)
+        rows = self._conn.execute(
+            "SELECT k.account, SUM(m.count) AS total FROM keys AS k"
+            " JOIN minutes AS m ON m.account = k.account AND m.event = k.event"
+            " WHERE k.event = ? AND k.account != 'all'"
+            " AND (m.year, m.month, m.day, m.hour, m.minute) >= (?, ?, ?, ?, ?)"
+            " GROUP BY k.account ORDER BY total DESC, k.account LIMIT ?",
+            (event, *since, limit),
+        )
+        return [(account, total) for account, total in rows]
+
+    # ------------------------------------------------------------------
+    # retention
+
+    def prune(self, now: float, retention: Mapping[str, float]) -> dict[str, int]:
+        """Delete rows past their retention; return rows deleted per table.
+
+        ``retention`` maps ``minutes``/``hours``/``days``/``months`` to days
+        to keep (0 or missing = forever). The cutoff is the local wall-clock
+        time ``now - days``; a row goes once its whole period lies before
+        the cutoff's period (a month row only when the cutoff is in a later
+        month). Watermarks more than WATERMARK_KEEP_MINUTES below the newest
+        one (or below ``now``) go too, and that floor is recorded so that
+        :meth:`roll` never counts those minutes again.
+        """
+        unknown = set(retention) - {table for table, _ in LEVELS}
+        if unknown:
+            raise ValueError(
+                f"unknown retention level(s) {sorted(unknown)}: use minutes, hours, days, months"
+            )
+        now_minute = int(now // 60)
+        deleted: dict[str, int] = {}
+        with self.transaction():
+            keys = self._conn.execute("SELECT account, event FROM keys").fetchall()
+            for table, width in LEVELS:
+                days = retention.get(table, 0)
+                if days < 0:
+                    raise ValueError(f"retention.{table} = {days}: days must be >= 0")
+                if days:
+                    cutoff = local_parts(now_minute - int(days * 1440), self.tz)[:width]
+                    deleted[table] = self._prune_level(table, width, cutoff, keys)
+            deleted["watermarks"] = self._prune_watermarks(now_minute)
+            deleted["keys"] = self._forget_empty_keys(keys)
+        log.info("pruned %s", deleted)
+        return deleted
+
+    def _prune_level(
+        self, table: str, width: int, cutoff: tuple[int, ...], keys: list[tuple[str, str]]
+    ) -> int:
+        """Delete the rows of ``table`` before ``cutoff``, key by key (an
+        index range each, instead of a scan of the whole table)."""
+        columns = ", ".join(PARTS[:width])
+        marks = ", ".join("?" * width)
+        sql = f"DELETE FROM {table} WHERE account = ? AND event = ? AND ({columns}) < ({marks})"
+        before = self._conn.total_changes
+        self._conn.executemany(sql, ((a, e, *cutoff) for a, e in keys))
+        return self._conn.total_changes - before
+
+    def _prune_watermarks(self, now_minute: int) -> int:
+        """Drop old watermarks and raise the floor below which roll() ignores
+        minutes. Relative to the newest watermark too, so that a clock
+        jumping ahead cannot drop watermarks still in use."""
+        newest = self._conn.execute("SELECT MAX(epoch_minute) FROM watermarks").fetchone()[0]
+        floor = min(now_minute, now_minute if newest is None else newest) - WATERMARK_KEEP_MINUTES
+        old_floor = self._get_meta("watermark_floor")
+        if old_floor is not None and old_floor >= floor:
+            return 0
+        self._set_meta("watermark_floor", floor)
+        deleted = self._conn.execute("DELETE FROM watermarks WHERE epoch_minute < ?", (floor,))
+        return deleted.rowcount
+
+    def _forget_empty_keys(self, keys: list[tuple[str, str]]) -> int:
+        """Remove keys that have no period rows left."""
+        exists = " OR ".join(
+            f"EXISTS (SELECT 1 FROM {table} WHERE account = ? AND event = ?)"
+            for table, _ in LEVELS
+        )
+        empty = [
+            (a, e)
+            for a, e in keys
+            if not self._conn.execute(f"SELECT {exists}", (a, e) * len(LEVELS)).fetchone()[0]
+        ]
+        self._conn.executemany("DELETE FROM keys WHERE account = ? AND event = ?", empty)
+        return len(empty)
+
+
+def _upsert_sql(table: str, width: int) -> str:
+    """INSERT a row of ``table`` or add to its count."""
+    key = ("account", "event", *PARTS[:width])
+    return (
+        f"INSERT INTO {table} ({', '.join(key)}, count)"
+        f" VALUES ({', '.join('?' * (len(key) + 1))})"
+        f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET count = count + excluded.count"
+    )
+
+
+def _rows(sums: Mapping[tuple[Any, ...], int]) -> Iterator[tuple[Any, ...]]:
+    """(key..., count) rows for executemany."""
+    return ((*key, count) for key, count in sums.items())
