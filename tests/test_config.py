@@ -1,0 +1,868 @@
+"""Tests of trafficthreshold.config: defaults, every kind of error, load, dump."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from trafficthreshold import config
+from trafficthreshold.config import (
+    DEFAULT_KEY,
+    AlertRule,
+    Config,
+    HttpConfig,
+    MailConfig,
+    RetentionConfig,
+    ThrottleConfig,
+)
+from trafficthreshold.errors import ConfigError, TrafficThresholdError
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"HOME": "/home/alice"}  # a fixed environment for the database default
+
+
+def parse(text: str) -> Config:
+    return config.parse(textwrap.dedent(text), "config.toml", env=ENV)
+
+
+def errors(text: str) -> list[str]:
+    """The lines of the ConfigError that parsing ``text`` raises."""
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    return str(info.value).splitlines()
+
+
+def single_error(text: str) -> str:
+    lines = errors(text)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# -- defaults ----------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    cfg = config.default(env={"STATE_DIRECTORY": "/var/lib/trafficthreshold"})
+    assert cfg.key == DEFAULT_KEY == 0x54546831
+    assert cfg.backend == "sysv"
+    assert cfg.database == "/var/lib/trafficthreshold/stats.sqlite3"
+    assert cfg.timezone is None
+    assert cfg.throttle == ThrottleConfig(
+        multiplier=60, window="60s", policy="hysteresis", cooldown=300, cron_test=10800
+    )
+    assert cfg.retention == RetentionConfig(minutes=7, hours=0, days=0, months=0)
+    assert cfg.http == HttpConfig(enabled=True, listen="127.0.0.1:8787", token="")
+    assert cfg.mail.transport == "sendmail" and cfg.mail.sendmail == "/usr/sbin/sendmail"
+    assert cfg.mail.smtp_port == 25 and cfg.mail.timeout == 30 and cfg.mail.max_per_hour == 20
+    assert re.fullmatch(r"trafficthreshold@\S+", cfg.mail.sender)
+    assert cfg.alerts == ()
+
+
+def test_an_empty_file_is_the_defaults() -> None:
+    assert parse("") == config.default(env=ENV)
+
+
+def test_alert_rule_defaults() -> None:
+    cfg = parse("""
+        [[alert]]
+        name = "burst"
+        to = ["ops@example.com"]
+    """)
+    assert cfg.alerts == (
+        AlertRule(
+            name="burst",
+            account="all",
+            event="pageview",
+            threshold=10,
+            window="minute",
+            to=("ops@example.com",),
+            sender="",
+            repeat=3600,
+            resolved=True,
+            clear_minutes=5,
+        ),
+    )
+    assert cfg.sender_for(cfg.alerts[0]) == cfg.mail.sender
+
+
+@pytest.mark.parametrize(
+    "env, euid, expected",
+    [
+        ({"STATE_DIRECTORY": "/var/lib/tt"}, 1000, "/var/lib/tt/stats.sqlite3"),
+        ({"STATE_DIRECTORY": "/var/lib/tt:/var/lib/other"}, 0, "/var/lib/tt/stats.sqlite3"),
+        ({"HOME": "/root"}, 0, "/var/lib/trafficthreshold/stats.sqlite3"),
+        ({"HOME": "/home/alice"}, 1000, "/home/alice/.local/state/trafficthreshold/stats.sqlite3"),
+        (
+            {"HOME": "/home/alice", "XDG_STATE_HOME": "/x/state"},
+            1000,
+            "/x/state/trafficthreshold/stats.sqlite3",
+        ),
+        # A relative XDG_STATE_HOME is invalid by the XDG spec: ignored.
+        (
+            {"HOME": "/home/alice", "XDG_STATE_HOME": "state"},
+            1000,
+            "/home/alice/.local/state/trafficthreshold/stats.sqlite3",
+        ),
+    ],
+)
+def test_default_database(env: dict[str, str], euid: int, expected: str) -> None:
+    assert config.default_database(env, euid=euid) == expected
+
+
+# -- a complete file ---------------------------------------------------------
+
+FULL = """
+    key = 0x1234
+    backend = "posix"
+    database = "/srv/tt/stats.sqlite3"
+    timezone = "Europe/Zurich"
+
+    [throttle]
+    multiplier = 20
+    window = "minute"
+    policy = "drupal"
+    cooldown = 600
+    cron_test = 3600
+
+    [retention]
+    minutes = 3
+    hours = 30
+    days = 400
+    months = 0
+
+    [http]
+    enabled = true
+    listen = "[::]:8787"
+    token = "s3cret-s3cret-s3cret"
+
+    [mail]
+    transport = "smtp"
+    sendmail = "/usr/lib/sendmail"
+    smtp_host = "mail.example.com"
+    smtp_port = 587
+    starttls = true
+    username = "tt"
+    password_env = "TT_SMTP_PASSWORD"
+    timeout = 12.5
+    from = "Traffic <tt@example.com>"
+    max_per_hour = 5
+    templates = "/etc/trafficthreshold/templates"
+    dashboard_url = "https://stats.example.com/"
+
+    [[alert]]
+    name = "burst"
+    to = ["ops@example.com", "Web Team <web@example.com>"]
+    threshold = 300
+
+    [[alert]]
+    name = "signups"
+    account = "shop"
+    event = "signup"
+    threshold = 50
+    window = "60s"
+    to = "sales@example.com"
+    from = "shop@example.com"
+    repeat = 60
+    resolved = false
+    clear_minutes = 15
+"""
+
+
+def test_a_complete_file() -> None:
+    cfg = parse(FULL)
+    assert (cfg.key, cfg.backend, cfg.database, cfg.timezone) == (
+        0x1234,
+        "posix",
+        "/srv/tt/stats.sqlite3",
+        "Europe/Zurich",
+    )
+    assert cfg.throttle == ThrottleConfig(20, "minute", "drupal", 600, 3600)
+    assert cfg.retention == RetentionConfig(3, 30, 400, 0)
+    assert cfg.http.address == ("::", 8787)
+    assert cfg.mail == MailConfig(
+        transport="smtp",
+        sendmail="/usr/lib/sendmail",
+        smtp_host="mail.example.com",
+        smtp_port=587,
+        starttls=True,
+        username="tt",
+        password_file="",
+        password_env="TT_SMTP_PASSWORD",
+        timeout=12.5,
+        sender="Traffic <tt@example.com>",
+        max_per_hour=5,
+        templates="/etc/trafficthreshold/templates",
+        dashboard_url="https://stats.example.com/",
+    )
+    burst, signups = cfg.alerts
+    assert burst.to == ("ops@example.com", "Web Team <web@example.com>")
+    assert signups == AlertRule(
+        "signups",
+        "shop",
+        "signup",
+        50,
+        "60s",
+        ("sales@example.com",),
+        "shop@example.com",
+        60,
+        False,
+        15,
+    )
+    assert cfg.sender_for(signups) == "shop@example.com"
+    assert cfg.source == "config.toml"
+
+
+def test_the_examples_in_the_docs_are_valid() -> None:
+    """Every ``code-block:: toml`` in docs/configuration.rst parses."""
+    text = (ROOT / "docs" / "configuration.rst").read_text()
+    blocks = re.findall(r"\.\. code-block:: toml\n\n((?:  .*\n|\n)+)", text)
+    assert blocks
+    for block in blocks:
+        config.parse(textwrap.dedent(block), "docs/configuration.rst", env=ENV)
+
+
+def test_tilde_is_expanded_in_paths() -> None:
+    cfg = config.parse('database = "~/tt.sqlite3"', "c.toml", env=ENV)
+    assert cfg.database == os.path.expanduser("~/tt.sqlite3")
+
+
+# -- errors: one kind at a time ----------------------------------------------
+
+
+def test_message_names_file_key_value_and_fix() -> None:
+    assert (
+        single_error("""
+        [throttle]
+        window = "hour"
+    """)
+        == 'config.toml: throttle.window = \'hour\' is not valid; use "60s" or "minute"'
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "[throttle]\nmultipler = 60",
+            'throttle.multipler = 60 is not a known key; did you mean "multiplier"?',
+        ),
+        ("timzone = 'UTC'", 'timezone"?'),
+        (
+            "[[alert]]\nname='a'\nto=['a@b.c']\ntreshold = 5",
+            'alert[0].treshold = 5 is not a known key; did you mean "threshold"?',
+        ),
+        ("[alerts]\nx = 1", 'alerts = {...} is not a known key; did you mean "alert"?'),
+        ("multiplier = 60", "it belongs in the [throttle] table"),
+        ("[mail]\ntimezone = 'UTC'", "top-level keys must come before the first [table] header"),
+        ("[retention]\nweeks = 2", "valid keys here: minutes, hours, days, months"),
+    ],
+)
+def test_unknown_keys_get_a_suggestion(text: str, expected: str) -> None:
+    assert expected in single_error(text)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            '[throttle]\nmultiplier = "60"',
+            "throttle.multiplier = '60' is a string; use a whole number without quotes",
+        ),
+        (
+            "[throttle]\nmultiplier = 1.5",
+            "throttle.multiplier = 1.5 is a float; use a whole number",
+        ),
+        ("[throttle]\nmultiplier = true", "throttle.multiplier = true is a boolean"),
+        (
+            '[http]\nenabled = "yes"',
+            "http.enabled = 'yes' is a string; use true or false without quotes",
+        ),
+        ("[mail]\ntimeout = 'long'", "mail.timeout = 'long' is a string; use a number of seconds"),
+        (
+            "key = '0x1234'",
+            "key = '0x1234' is a string; use a whole number without quotes, e.g. 0x54546831",
+        ),
+        ("throttle = 5", "throttle = 5 is not a table; write a [throttle] header"),
+        ("[[alert]]\nname = 5\nto = ['a@b.c']", "alert[0].name = 5 is an integer"),
+        ("database = 5", "database = 5 is an integer; use a string"),
+    ],
+)
+def test_wrong_types(text: str, expected: str) -> None:
+    assert expected in single_error(text)
+
+
+@pytest.mark.parametrize(
+    "key, table",
+    [
+        ("multiplier", "throttle"),
+        ("cooldown", "throttle"),
+        ("cron_test", "throttle"),
+        ("smtp_port", "mail"),
+        ("max_per_hour", "mail"),
+    ],
+)
+def test_numbers_that_must_be_at_least_1(key: str, table: str) -> None:
+    for bad in (0, -5):
+        assert single_error(f"[{table}]\n{key} = {bad}") == (
+            f"config.toml: {table}.{key} = {bad} is too small; use a whole number >= 1"
+        )
+
+
+@pytest.mark.parametrize("key", ["threshold", "repeat", "clear_minutes"])
+def test_alert_numbers_that_must_be_at_least_1(key: str) -> None:
+    text = "[[alert]]\nname = 'a'\nto = ['a@b.c']\n[[alert]]\nname = 'b'\nto = ['a@b.c']\n"
+    text += "[[alert]]\nname = 'c'\nto = ['a@b.c']\n" + f"{key} = 0\n"
+    assert (
+        single_error(text)
+        == f"config.toml: alert[2].{key} = 0 is too small; use a whole number >= 1"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[retention]\ndays = -1", "retention.days = -1 is too small; use a whole number >= 0"),
+        (
+            "[mail]\nsmtp_port = 70000",
+            "mail.smtp_port = 70000 is too large; use a whole number <= 65535",
+        ),
+        ("key = 0", "key = 0 is too small"),
+        ("key = 0x80000000", "key = 2147483648 is too large"),
+        ("[mail]\ntimeout = 0", "mail.timeout = 0 is not a positive number"),
+        ("[mail]\ntimeout = nan", "mail.timeout = nan is not a positive number"),
+    ],
+)
+def test_number_bounds(text: str, expected: str) -> None:
+    assert expected in single_error(text)
+
+
+def test_retention_zero_means_forever_and_is_valid() -> None:
+    assert parse("[retention]\nminutes = 0").retention.minutes == 0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("backend = 'shm'", 'backend = \'shm\' is not valid; use "sysv" or "posix"'),
+        (
+            "[throttle]\npolicy = 'fast'",
+            'throttle.policy = \'fast\' is not valid; use "hysteresis" or "drupal"',
+        ),
+        (
+            "[mail]\ntransport = 'SMTP'",
+            'mail.transport = \'SMTP\' is not valid; use "sendmail" or "smtp"',
+        ),
+        (
+            "[[alert]]\nname='a'\nto=['a@b.c']\nwindow = 'hour'",
+            "alert[0].window = 'hour' is not valid",
+        ),
+    ],
+)
+def test_invalid_choices(text: str, expected: str) -> None:
+    assert expected in single_error(text)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ops",
+        "ops@",
+        "@example.com",
+        "ops@@example.com",
+        "ops@exa mple.com",
+        "ops@-example.com",
+        "ops..x@example.com",
+        "a@b.c, d@e.f",
+        "Ops <ops@example.com",
+        "<>",
+        "",
+        "ops@example.com>",
+        "ops@example.com\nBcc: victim@example.com",
+        "Ops\r\n <ops@example.com>",
+        "ops@exämple.com",
+    ],
+)
+def test_invalid_addresses(address: str) -> None:
+    assert not config.is_valid_address(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "ops@example.com",
+        "root@localhost",
+        "o.p+s@mail.example.co.uk",
+        "Ops <ops@example.com>",
+        '"Ops, Web" <ops@example.com>',
+        "Zürich Ops <ops@example.com>",
+        "  ops@example.com  ",
+    ],
+)
+def test_valid_addresses(address: str) -> None:
+    assert config.is_valid_address(address)
+
+
+def test_address_errors_in_mail_and_alerts() -> None:
+    lines = errors("""
+        [mail]
+        from = "trafficthreshold"
+        [[alert]]
+        name = "burst"
+        to = ["ops@example.com", "nobody"]
+        from = "x@y.z\\r\\nBcc: victim@example.com"
+    """)
+    assert lines[0].startswith(
+        "config.toml: mail.from = 'trafficthreshold' is not a valid e-mail address; use "
+    )
+    assert lines[1].startswith(
+        "config.toml: alert[0].to = ['ops@example.com', 'nobody'] contains an invalid "
+        "e-mail address ('nobody'); use one address per string"
+    )
+    assert "alert[0].from = 'x@y.z\\r\\nBcc: victim@example.com' contains a line break" in lines[2]
+    assert len(lines) == 3
+
+
+def test_alerts_need_a_unique_name_and_recipients() -> None:
+    lines = errors("""
+        [[alert]]
+        name = "burst"
+        to = ["ops@example.com"]
+        [[alert]]
+        name = "burst"
+        to = ["ops@example.com"]
+        [[alert]]
+        threshold = 5
+        [[alert]]
+        name = "empty"
+        to = []
+    """)
+    assert lines == [
+        "config.toml: alert[1].name = 'burst' is already used by alert[0]; "
+        "give every alert a unique name",
+        'config.toml: alert[2].name is missing; add a unique name, e.g. name = "burst"',
+        'config.toml: alert[2].to is missing; add the recipients, e.g. to = ["ops@example.com"]',
+        "config.toml: alert[3].to = [] is empty; "
+        'add at least one address, e.g. to = ["ops@example.com"]',
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "[alert]\nname = 'x'",
+            "alert = {...} is a single table; write [[alert]] (double brackets)",
+        ),
+        ("alert = 5", "alert = 5 is an integer; write each alert as an [[alert]] table"),
+        ("alert = ['x']", "alert[0] = 'x' is a string"),
+    ],
+)
+def test_alert_must_be_an_array_of_tables(text: str, expected: str) -> None:
+    assert expected in single_error(text)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("account", "a/b", "is not a valid account name; account name 'a/b' contains '/'"),
+        ("account", "~mine", "starts with '~', which is reserved"),
+        ("account", "x" * 65, "the limit is 64 UTF-8 bytes"),
+        ("event", "é" * 17, "the limit is 32 UTF-8 bytes"),  # 34 bytes
+        ("event", "", "event name is empty"),
+        ("event", 5, "is an integer; use an event name"),
+        ("name", "a\tb", "is not a valid alert name; use 1 to 64 bytes without control characters"),
+        ("name", "x" * 65, "is not a valid alert name"),
+    ],
+)
+def test_invalid_names(field: str, value: object, expected: str) -> None:
+    text = f"[[alert]]\nname = 'n'\nto = ['a@b.c']\n{field} = {json.dumps(value)}"
+    text = text.replace("name = 'n'\nto = ['a@b.c']\nname", "to = ['a@b.c']\nname")
+    line = single_error(text)
+    assert f"alert[0].{field} = " in line and expected in line
+
+
+def test_reserved_names_an_alert_may_watch() -> None:
+    cfg = parse(
+        "[[alert]]\nname = 'overflow'\naccount = '~overflow'\nevent = '~any'\nto = ['a@b.c']"
+    )
+    assert (cfg.alerts[0].account, cfg.alerts[0].event) == ("~overflow", "~any")
+
+
+def test_invalid_timezone_suggests_the_closest() -> None:
+    assert single_error("timezone = 'Europe/Zurik'") == (
+        "config.toml: timezone = 'Europe/Zurik' is not a known time zone; "
+        'did you mean "Europe/Zurich"?'
+    )
+    assert "use an IANA name" in single_error("timezone = 'Nowhere'")
+    assert "is not a known time zone" in single_error("timezone = '../../etc/passwd'")
+    assert "is not a known time zone" in single_error("timezone = ''")
+
+
+@pytest.mark.parametrize(
+    "listen, expected",
+    [
+        ("127.0.0.1:8787", ("127.0.0.1", 8787)),
+        ("localhost:80", ("localhost", 80)),
+        ("[::1]:8787", ("::1", 8787)),
+        ("[fe80::1%eth0]:8787", ("fe80::1%eth0", 8787)),
+        ("stats.example.com:443", ("stats.example.com", 443)),
+    ],
+)
+def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
+    assert config.parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize(
+    "listen, fix",
+    [
+        ("8787", 'use "host:port"'),
+        (":8787", 'use "host:port"'),
+        ("127.0.0.1", 'use "host:port"'),
+        ("127.0.0.1:0", "the port must be a number from 1 to 65535"),
+        ("127.0.0.1:http", "the port must be a number"),
+        ("::1:8787", 'write IPv6 addresses in brackets: "[::1]:8787"'),
+        ("[::g]:8787", "is not an IPv6 address"),
+        ("300.1.1.1:80", "is not an IPv4 address"),
+        ("exa_mple:80", "is not a host name"),
+    ],
+)
+def test_listen_must_be_host_port(listen: str, fix: str) -> None:
+    line = single_error(f"[http]\nlisten = {listen!r}")
+    assert line.startswith(f"config.toml: http.listen = {listen!r} is not host:port; ")
+    assert fix in line
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:8787", "[::]:8787", "192.0.2.7:80", "stats.example.com:80"]
+)
+def test_non_loopback_listen_needs_a_token(listen: str) -> None:
+    line = single_error(f"[http]\nlisten = {listen!r}")
+    assert "is not a loopback address and http.token is empty; set http.token" in line
+    assert (
+        parse(f"[http]\nlisten = {listen!r}\ntoken = 'abcdefghijklmnopqrstuvwxyz'").http.listen
+        == listen
+    )
+    assert parse(f"[http]\nlisten = {listen!r}\nenabled = false").http.enabled is False
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:8787", "127.1.2.3:80", "[::1]:8787", "localhost:8787"]
+)
+def test_loopback_listen_needs_no_token(listen: str) -> None:
+    assert parse(f"[http]\nlisten = {listen!r}").http.token == ""
+
+
+def test_a_bad_token_is_not_shown() -> None:
+    line = single_error("[http]\ntoken = 'my secret'")
+    assert "http.token = (hidden) contains spaces" in line and "my secret" not in line
+
+
+def test_only_one_password_source() -> None:
+    assert (
+        "mail.password_env = 'P' is set as well as mail.password_file; keep only one"
+        in single_error("[mail]\npassword_file = '/etc/tt/pw'\npassword_env = 'P'")
+    )
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "database = 'stats.sqlite3'",
+            "database = 'stats.sqlite3' is a relative path; use an absolute path such as",
+        ),
+        ("[mail]\nsendmail = 'sendmail'", "mail.sendmail = 'sendmail' is a relative path"),
+        ("database = ''", "database = '' is empty"),
+        ("[mail]\ndashboard_url = 'stats.example.com'", "is not an http(s) URL"),
+        ('[mail]\nusername = "a\\nb"', "contains control characters"),
+    ],
+)
+def test_paths_and_strings(text: str, expected: str) -> None:
+    assert expected in single_error(text)
+
+
+def test_toml_syntax_error_names_the_line() -> None:
+    line = single_error("""
+        [throttle]
+        multiplier = 60
+        window = minute
+    """)
+    assert line.startswith("config.toml: TOML syntax error: ")
+    assert "line 4" in line and "strings need quotes" in line
+
+
+def test_all_errors_are_collected() -> None:
+    lines = errors("""
+        backend = "shm"
+        [throttle]
+        multiplier = 0
+        window = "hour"
+        [mail]
+        from = "nobody"
+        [[alert]]
+        name = "burst"
+        to = ["ops@example.com"]
+        threshold = -1
+    """)
+    assert [line.split(" = ")[0] for line in lines] == [
+        "config.toml: backend",
+        "config.toml: throttle.multiplier",
+        "config.toml: throttle.window",
+        "config.toml: mail.from",
+        "config.toml: alert[0].threshold",
+    ]
+
+
+def test_config_error_is_a_trafficthreshold_error() -> None:
+    with pytest.raises(TrafficThresholdError):
+        parse("backend = 1")
+
+
+# -- load: where the file comes from -----------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text("[throttle]\nmultiplier = 7\n")
+    return path
+
+
+def test_load_an_explicit_path(config_file: Path) -> None:
+    cfg = config.load(str(config_file), env=ENV)
+    assert cfg.throttle.multiplier == 7 and cfg.source == str(config_file)
+
+
+def test_load_from_the_environment(config_file: Path, tmp_path: Path) -> None:
+    env = {**ENV, "TRAFFICTHRESHOLD_CONFIG": str(config_file)}
+    assert (
+        config.load(None, env, default_path=str(tmp_path / "missing.toml")).throttle.multiplier == 7
+    )
+
+
+def test_load_the_default_path_if_it_exists(config_file: Path) -> None:
+    assert config.load(None, ENV, default_path=str(config_file)).throttle.multiplier == 7
+
+
+def test_load_without_any_file_gives_the_defaults(tmp_path: Path) -> None:
+    cfg = config.load(None, ENV, default_path=str(tmp_path / "missing.toml"))
+    assert cfg == config.default(ENV) and cfg.source == "<defaults>"
+
+
+def test_a_named_file_must_exist(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.toml")
+    for path, env in ((missing, ENV), (None, {**ENV, "TRAFFICTHRESHOLD_CONFIG": missing})):
+        with pytest.raises(ConfigError, match=r"nope.toml: no such file; create it"):
+            config.load(path, env, default_path=str(tmp_path / "missing.toml"))
+
+
+def test_unreadable_and_odd_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load(str(tmp_path), ENV)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('timezone = "Zürich"'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        config.load(str(latin1), ENV)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbfbackend = 'posix'\n")
+    assert config.load(str(bom), ENV).backend == "posix"
+
+
+def test_permission_denied(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_file.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: make open() refuse as it would
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(config, "open", refuse, raising=False)
+    with pytest.raises(ConfigError, match="permission denied; make it readable"):
+        config.load(str(config_file), ENV)
+
+
+@pytest.mark.parametrize("value, key", [("0x1234", 0x1234), ("4660", 4660), (" 0X10 ", 16)])
+def test_key_from_the_environment(config_file: Path, value: str, key: int) -> None:
+    assert config.load(str(config_file), {**ENV, "TRAFFICTHRESHOLD_KEY": value}).key == key
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [("abc", "is not an integer"), ("0", "must be from 1"), ("010x", "is not an integer")],
+)
+def test_bad_key_in_the_environment(tmp_path: Path, value: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=f"TRAFFICTHRESHOLD_KEY = '{value}' {problem}"):
+        config.load(None, {**ENV, "TRAFFICTHRESHOLD_KEY": value}, default_path=str(tmp_path / "x"))
+
+
+# -- dump --------------------------------------------------------------------
+
+
+def test_dump_round_trips() -> None:
+    cfg = parse(FULL)
+    text = config.dump(cfg, redact=False)
+    assert config.parse(text, "dumped", env=ENV) == cfg
+    assert "key = 0x1234" in text
+
+
+def test_dump_round_trips_the_defaults_and_odd_strings() -> None:
+    cfg = config.default(ENV)
+    assert config.parse(config.dump(cfg), "dumped", env=ENV) == cfg
+    odd = parse(
+        '[[alert]]\nname = "a \\"quoted\\" \\\\ name ✓"\nto = [\'"Ops, Web" <ops@example.com>\']'
+    )
+    assert config.parse(config.dump(odd), "dumped", env=ENV) == odd
+
+
+def test_dump_redacts_the_token_by_default() -> None:
+    cfg = parse(FULL)
+    text = config.dump(cfg)
+    assert "s3cret" not in text and 'token = "<redacted>"' in text
+
+
+def test_dump_explains_defaults_that_toml_cannot_spell() -> None:
+    text = config.dump(config.default(ENV))
+    assert "# timezone: not set" in text
+    assert 'dashboard_url = ""  # default: http://127.0.0.1:8787/' in text
+
+
+def test_dashboard_link() -> None:
+    assert parse("[http]\nlisten = '[::1]:9000'").dashboard_link == "http://[::1]:9000/"
+    assert parse("[http]\nenabled = false").dashboard_link == ""
+    assert (
+        parse("[mail]\ndashboard_url = 'https://x.example/'").dashboard_link == "https://x.example/"
+    )
+
+
+# -- check: warnings ---------------------------------------------------------
+
+
+def test_check_of_a_good_setup_has_no_warnings(tmp_path: Path) -> None:
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text("#!/bin/sh\n")
+    sendmail.chmod(0o755)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"database = '{tmp_path}/stats.sqlite3'\n[mail]\nsendmail = '{sendmail}'\n"
+        "[[alert]]\nname = 'a'\nto = ['a@b.c']\n"
+    )
+    assert config.check(str(path), ENV) == []
+
+
+def test_check_warns_about_what_will_not_work(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("pw\n")
+    secret.chmod(0o644)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        textwrap.dedent(f"""
+        database = "{tmp_path}/missing/stats.sqlite3"
+        [retention]
+        minutes = 0
+        [http]
+        token = "short"
+        [mail]
+        sendmail = "{tmp_path}/no-sendmail"
+        username = "tt"
+        templates = "{tmp_path}/no-templates"
+        [[alert]]
+        name = "a"
+        to = ["a@b.c"]
+    """)
+    )
+    path.chmod(0o644)
+    warnings = config.check(str(path), ENV)
+    expected = [
+        "mail.sendmail",
+        "mail.username is set but no password",
+        "mail.templates",
+        "http.token is shorter than 16",
+        "http.token is set and the file is readable by everyone",
+        "database = ",
+        "retention.minutes = 0",
+    ]
+    assert len(warnings) == len(expected)
+    for line, start in zip(warnings, expected, strict=True):
+        assert line.startswith(f"{path}: {start}"), line
+
+    path.write_text(f"[mail]\npassword_file = '{secret}'\n")
+    assert any("is readable by everyone; chmod o-rwx" in w for w in config.check(str(path), ENV))
+    path.write_text("[mail]\npassword_env = 'TT_PW'\n")
+    assert any("'TT_PW' is not set" in w for w in config.check(str(path), ENV))
+    assert not any("TT_PW" in w for w in config.check(str(path), {**ENV, "TT_PW": "x"}))
+
+
+def test_check_raises_on_errors(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("backend = 'x'\n")
+    with pytest.raises(ConfigError):
+        config.check(str(path), ENV)
+
+
+# -- the shape other modules rely on, and the docs ---------------------------
+
+
+def test_dataclass_fields() -> None:
+    def names(cls: type) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    assert names(AlertRule) == [
+        "name",
+        "account",
+        "event",
+        "threshold",
+        "window",
+        "to",
+        "sender",
+        "repeat",
+        "resolved",
+        "clear_minutes",
+    ]
+    assert names(Config) == [
+        "key",
+        "backend",
+        "database",
+        "timezone",
+        "throttle",
+        "retention",
+        "http",
+        "mail",
+        "alerts",
+        "source",
+    ]
+    assert names(MailConfig) == [
+        "transport",
+        "sendmail",
+        "smtp_host",
+        "smtp_port",
+        "starttls",
+        "username",
+        "password_file",
+        "password_env",
+        "timeout",
+        "sender",
+        "max_per_hour",
+        "templates",
+        "dashboard_url",
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.default(ENV).key = 1  # type: ignore[misc]
+
+
+def test_every_key_is_documented() -> None:
+    """Each key that dump() writes has an entry in docs/configuration.rst."""
+    docs = (ROOT / "docs" / "configuration.rst").read_text()
+    cfg = parse("timezone = 'UTC'\n[[alert]]\nname = 'a'\nto = ['a@b.c']")
+    table = ""
+    for line in config.dump(cfg).splitlines():
+        if line.startswith("["):
+            table = line
+            assert f"``{line}``" in docs, line
+        elif " = " in line:
+            key = line.split(" = ")[0]
+            assert re.search(rf"^``{key}`` \(", docs, re.M), f"{table} {key}"

@@ -1,0 +1,160 @@
+"""Tests of the systemd unit (systemd/ and its package-data copy) and render_unit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trafficthreshold import systemd
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "systemd" / systemd.UNIT_NAME
+PACKAGE_DATA = ROOT / "trafficthreshold" / "data" / systemd.UNIT_NAME
+
+
+def _directives(text: str) -> dict[str, list[str]]:
+    """Directive name -> values, in file order."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            name, _, value = line.partition("=")
+            found.setdefault(name, []).append(value)
+    return found
+
+
+def _fake_program(tmp_path: Path, name: str = "trafficthreshold") -> str:
+    program = tmp_path / "venv bin" / name
+    program.parent.mkdir(parents=True, exist_ok=True)
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(program.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return str(program)
+
+
+def test_package_data_is_a_copy_of_the_shipped_unit() -> None:
+    assert PACKAGE_DATA.read_bytes() == SHIPPED.read_bytes(), (
+        "cp systemd/trafficthreshold.service trafficthreshold/data/"
+    )
+    assert systemd.shipped_unit() == SHIPPED.read_text()
+
+
+def test_the_unit_has_the_settings_the_deployment_needs() -> None:
+    unit = _directives(SHIPPED.read_text())
+    expected = {
+        "Type": ["notify"],
+        "NotifyAccess": ["main"],
+        "ExecStartPre": ["/usr/local/bin/trafficthreshold install"],
+        "ExecStart": ["/usr/local/bin/trafficthreshold run"],
+        "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "WatchdogSec": ["30"],
+        "Restart": ["on-failure"],
+        "RestartSec": ["2"],
+        "User": ["trafficthreshold"],
+        "Group": ["www-data"],
+        "StateDirectory": ["trafficthreshold"],
+        "RemoveIPC": ["no"],
+    }
+    assert {name: unit.get(name) for name in expected} == expected
+    # Each of these would break the shared segment or setgid postdrop.
+    for forbidden in (
+        "DynamicUser",
+        "PrivateIPC",
+        "NoNewPrivileges",
+        "PrivateDevices",
+        "SystemCallFilter",
+        "RestrictNamespaces",
+    ):
+        assert forbidden not in unit
+
+
+def test_every_directive_is_commented() -> None:
+    """ "Commented line by line": a comment above every setting."""
+    lines = SHIPPED.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line and not line.startswith(("#", "[")):
+            assert lines[number - 1].startswith("#"), (
+                f"line {number + 1} ({line}) has no comment above it"
+            )
+
+
+def test_the_comments_explain_what_is_left_out() -> None:
+    text = SHIPPED.read_text()
+    for word in ("DynamicUser=", "PrivateIPC=", "NoNewPrivileges=", "postdrop", "RemoveIPC=yes"):
+        assert word in text
+
+
+def test_render_unit_writes_the_real_paths(tmp_path: Path) -> None:
+    program = _fake_program(tmp_path)
+    unit = systemd.render_unit(program, "/srv/tt/config.toml")
+    directives = _directives(unit)
+    quoted = '"' + program + '"'  # the path has a space
+    assert directives["ExecStartPre"] == [f"{quoted} install"]
+    assert directives["ExecStart"] == [f"{quoted} run"]
+    assert directives["Environment"] == ["TRAFFICTHRESHOLD_CONFIG=/srv/tt/config.toml"]
+    assert "/usr/local/bin/trafficthreshold install" not in unit
+
+
+def test_render_unit_escapes_specifiers_and_dollars() -> None:
+    unit = systemd.render_unit("/opt/100%/$x/trafficthreshold", "/etc/a b/config.toml")
+    directives = _directives(unit)
+    assert directives["ExecStart"] == ["/opt/100%%/$$x/trafficthreshold run"]
+    assert directives["Environment"] == ['"TRAFFICTHRESHOLD_CONFIG=/etc/a b/config.toml"']
+
+
+def test_render_unit_defaults_to_this_installation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    program = _fake_program(tmp_path)
+    monkeypatch.setenv("PATH", os.path.dirname(program))
+    assert systemd.installed_bin() == program
+    unit = systemd.render_unit()
+    assert _directives(unit)["Environment"] == [
+        "TRAFFICTHRESHOLD_CONFIG=/etc/trafficthreshold/config.toml"
+    ]
+    assert program in unit
+
+
+def test_render_unit_keeps_a_home_directory_readable() -> None:
+    assert _directives(systemd.render_unit("/usr/bin/tt"))["ProtectHome"] == ["yes"]
+    unit = systemd.render_unit("/home/alice/venv/bin/trafficthreshold")
+    assert _directives(unit)["ProtectHome"] == ["read-only"]
+    unit = systemd.render_unit("/usr/bin/tt", "/root/tt.toml")
+    assert _directives(unit)["ProtectHome"] == ["read-only"]
+
+
+@pytest.mark.parametrize("path", ["relative/trafficthreshold", "/usr/bin/tt\nExecStart=/bin/sh"])
+def test_render_unit_refuses_paths_systemd_cannot_take(path: str) -> None:
+    with pytest.raises(ValueError, match="absolute path"):
+        systemd.render_unit(path)
+
+
+def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> None:
+    """systemd-analyze verify; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("REQUIRE_SYSTEMD_ANALYZE"):
+            pytest.fail("systemd-analyze is required (REQUIRE_SYSTEMD_ANALYZE) but not installed")
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    unit_file = unit_dir / systemd.UNIT_NAME
+    unit_file.write_text(
+        systemd.render_unit(_fake_program(tmp_path), "/etc/trafficthreshold/config.toml")
+    )
+    result = subprocess.run(
+        [analyze, "verify", str(unit_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
+    )
+    # Unknown or misspelt settings are only warnings ("ignoring"): fail on
+    # any line about our file, not just on the exit status.
+    ours = [
+        line for line in (result.stdout + result.stderr).splitlines() if systemd.UNIT_NAME in line
+    ]
+    assert result.returncode == 0 and not ours, result.stdout + result.stderr

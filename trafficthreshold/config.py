@@ -1,0 +1,940 @@
+"""The TOML configuration: defaults, validation, frozen dataclasses.
+
+The file (default ``/etc/trafficthreshold/config.toml``) is described key by
+key in ``docs/configuration.rst``; every key is optional.  :func:`load` finds
+and reads it, :func:`parse` validates a text, :func:`default` is the
+configuration without a file, :func:`check` adds warnings about the
+environment (missing sendmail, readable secrets ...) and :func:`dump` renders
+a configuration back to TOML for ``trafficthreshold config show``.
+
+Validation is the point of this module.  Every problem becomes one line of a
+:class:`~trafficthreshold.errors.ConfigError` naming the file, the key
+(``alert[2].threshold``: alerts are numbered from 0 in file order), the bad
+value and the fix; all problems are collected, not just the first::
+
+    config.toml: throttle.window = 'hour' is not valid; use "60s" or "minute"
+    config.toml: throttle.multipler = 60 is not a known key; did you mean "multiplier"?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import stat
+import tomllib
+import urllib.parse
+import zoneinfo
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+from trafficthreshold import names
+from trafficthreshold.errors import ConfigError
+from trafficthreshold.throttle import POLICIES
+
+#: SysV IPC key of the segment ("TTh1"); the segment code uses it too.
+DEFAULT_KEY = 0x54546831
+#: The largest key: key_t is a signed 32-bit int, and 0 is IPC_PRIVATE.
+MAX_KEY = 0x7FFFFFFF
+#: Where :func:`load` looks when neither a path nor the environment names one.
+DEFAULT_PATH = "/etc/trafficthreshold/config.toml"
+#: The database directory of a daemon running as root.
+SYSTEM_STATE_DIR = "/var/lib/trafficthreshold"
+DATABASE_NAME = "stats.sqlite3"
+
+BACKENDS = ("sysv", "posix")
+WINDOWS = ("60s", "minute")
+TRANSPORTS = ("sendmail", "smtp")
+
+
+# --------------------------------------------------------------------------
+# Environment-dependent defaults
+
+
+@lru_cache(maxsize=1)
+def default_sender() -> str:
+    """``trafficthreshold@<fully qualified host name>`` (looked up once)."""
+    return "trafficthreshold@" + socket.getfqdn()
+
+
+def default_database(env: Mapping[str, str] = os.environ, euid: int | None = None) -> str:
+    """Return the default database path.
+
+    ``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``; the first of a
+    colon-separated list) if set; else ``/var/lib/trafficthreshold`` for root
+    (``euid`` 0, default: this process); else ``$XDG_STATE_HOME`` (if
+    absolute) or ``~/.local/state``, plus ``/trafficthreshold``.
+    """
+    state_directory = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        directory = state_directory
+    elif (os.geteuid() if euid is None else euid) == 0:
+        directory = SYSTEM_STATE_DIR
+    else:
+        xdg = env.get("XDG_STATE_HOME", "")
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "state")
+        directory = os.path.join(base, "trafficthreshold")
+    return os.path.join(directory, DATABASE_NAME)
+
+
+# --------------------------------------------------------------------------
+# The dataclasses, one per table
+
+
+@dataclasses.dataclass(frozen=True)
+class ThrottleConfig:
+    """``[throttle]``: how the window count becomes a level 0..5."""
+
+    multiplier: int = 60
+    window: str = "60s"
+    policy: str = "hysteresis"
+    cooldown: int = 300
+    cron_test: int = 10800
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: days to keep each period level; 0 = forever."""
+
+    minutes: int = 7
+    hours: int = 0
+    days: int = 0
+    months: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: the JSON API, /metrics and the dashboard."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8787"
+    token: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``listen`` as ``(host, port)``; IPv6 hosts without brackets."""
+        return parse_listen(self.listen)
+
+
+@dataclasses.dataclass(frozen=True)
+class MailConfig:
+    """``[mail]``: how alert mails leave the machine."""
+
+    transport: str = "sendmail"
+    sendmail: str = "/usr/sbin/sendmail"
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    timeout: float = 30
+    sender: str = dataclasses.field(default_factory=default_sender)  # TOML: from
+    max_per_hour: int = 20
+    templates: str = ""
+    dashboard_url: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertRule:
+    """One ``[[alert]]`` table."""
+
+    name: str
+    account: str = names.ALL
+    event: str = names.DEFAULT_EVENT
+    threshold: int = 10
+    window: str = "minute"
+    to: tuple[str, ...] = ()
+    sender: str = ""  # TOML: from; "" means mail.from
+    repeat: int = 3600
+    resolved: bool = True
+    clear_minutes: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``source`` is the file it came from."""
+
+    key: int = DEFAULT_KEY
+    backend: str = "sysv"
+    database: str = dataclasses.field(default_factory=default_database)
+    timezone: str | None = None
+    throttle: ThrottleConfig = dataclasses.field(default_factory=ThrottleConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+    http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+    mail: MailConfig = dataclasses.field(default_factory=MailConfig)
+    alerts: tuple[AlertRule, ...] = ()
+    source: str = dataclasses.field(default="<defaults>", compare=False)
+
+    def sender_for(self, rule: AlertRule) -> str:
+        """The From address of ``rule``'s mails: its own, else ``mail.from``."""
+        return rule.sender or self.mail.sender
+
+    @property
+    def dashboard_link(self) -> str:
+        """``mail.dashboard_url``, else ``http://<listen>/`` ("" if HTTP is off)."""
+        if self.mail.dashboard_url or not self.http.enabled:
+            return self.mail.dashboard_url
+        host, port = self.http.address
+        if host in ("0.0.0.0", "::"):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}/"
+
+
+# --------------------------------------------------------------------------
+# Public value checks (also used by other modules)
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ADDRESS_RE = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
+# "Display Name <addr>": a quoted name, or one without address specials.
+_NAMED_RE = re.compile(r'(?P<name>"[^"\\]*"|[^<>",;:@\[\]()\\]*?)\s*<(?P<addr>[^<>]*)>')
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def is_valid_address(value: str) -> bool:
+    """True for ``ops@example.com`` or ``Ops Team <ops@example.com>``.
+
+    ASCII addresses only (write international domains in punycode); no
+    control characters anywhere, so no header injection through CR/LF.
+    """
+    if _has_control(value):
+        return False
+    value = value.strip()
+    named = _NAMED_RE.fullmatch(value)
+    address = named.group("addr") if named else value
+    return len(address) <= 254 and _ADDRESS_RE.fullmatch(address) is not None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``"host:port"`` or ``"[v6]:port"``; raise ValueError with a fix."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError('use "host:port", e.g. "127.0.0.1:8787" or "[::1]:8787"')
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f'write IPv6 addresses in brackets: "[{host}]:{port}"')
+    elif re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+    elif not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"{host!r} is not a host name or IP address")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_key(text: str) -> int:
+    """Parse a segment key written in decimal or ``0x`` hex; ValueError if bad."""
+    text = text.strip()
+    key = int(text[2:], 16) if text[:2].lower() == "0x" else int(text, 10)
+    if not 1 <= key <= MAX_KEY:
+        raise ValueError(f"must be from 1 to {MAX_KEY:#x}")
+    return key
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+
+
+# --------------------------------------------------------------------------
+# Checks for the schema: each returns the (converted) value or raises _Bad
+
+
+class _Bad(Exception):
+    """A value is invalid: ``problem`` ("is too small") and ``fix``."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+Check = Callable[[Any], Any]
+
+
+def _kind(value: Any) -> str:
+    """Name the TOML type of ``value`` for a message."""
+    kinds = (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    )
+    for cls, name in kinds:
+        if isinstance(value, cls):
+            return name
+    return "a date/time"
+
+
+def _wrong_type(value: Any, wanted: str, example: str) -> _Bad:
+    unquote = " without quotes" if isinstance(value, str) else ""
+    return _Bad(f"is {_kind(value)}", f"use {wanted}{unquote}, e.g. {example}")
+
+
+def _integer(minimum: int, maximum: int | None = None, example: str = "60") -> Check:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type(value, "a whole number", example)
+        if value < minimum:
+            raise _Bad("is too small", f"use a whole number >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise _Bad("is too large", f"use a whole number <= {maximum}")
+        return value
+
+    return check
+
+
+def _seconds(value: Any) -> float:
+    """A positive, finite number of seconds (int or float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong_type(value, "a number of seconds", "30")
+    if not math.isfinite(value) or value <= 0:
+        raise _Bad("is not a positive number", "use a number of seconds > 0, e.g. 30")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _wrong_type(value, "true or false", "true")
+    return value
+
+
+def _choice(*choices: str) -> Check:
+    listed = (
+        " or ".join(f'"{c}"' for c in choices)
+        if len(choices) == 2
+        else ", ".join(f'"{c}"' for c in choices)
+    )
+
+    def check(value: Any) -> str:
+        if value not in choices or not isinstance(value, str):
+            raise _Bad("is not valid", f"use {listed}")
+        return value
+
+    return check
+
+
+def _single_line(value: Any, empty_ok: bool = True) -> str:
+    """A string without control characters ("" only if ``empty_ok``)."""
+    if not isinstance(value, str):
+        raise _wrong_type(value, "a string", '"text"')
+    if _has_control(value):
+        raise _Bad("contains control characters", "remove line breaks, tabs and NULs")
+    if not value and not empty_ok:
+        raise _Bad("is empty", "give a value or remove the key")
+    return value
+
+
+def _text(empty_ok: bool = True) -> Check:
+    """The check of a single-line string key."""
+    return lambda value: _single_line(value, empty_ok)
+
+
+def _path(empty_ok: bool = True, example: str = "/etc/trafficthreshold/secret") -> Check:
+    """An absolute path after ``~`` expansion ("" allowed if ``empty_ok``)."""
+
+    def check(value: Any) -> str:
+        text = _single_line(value, empty_ok)
+        if not text:
+            return text
+        expanded = os.path.expanduser(text)
+        if not os.path.isabs(expanded):
+            raise _Bad("is a relative path", f'use an absolute path such as "{example}"')
+        return expanded
+
+    return check
+
+
+def _address(empty_ok: bool = False) -> Check:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _wrong_type(value, "a string", '"ops@example.com"')
+        if _has_control(value):
+            raise _Bad(
+                "contains a line break or control character",
+                "remove it: it would let the value add mail headers",
+            )
+        if (value or not empty_ok) and not is_valid_address(value):
+            raise _Bad(
+                "is not a valid e-mail address",
+                'use one address such as "ops@example.com" or "Ops <ops@example.com>"',
+            )
+        return value.strip()
+
+    return check
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """A list of addresses; a single string is taken as a list of one."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _wrong_type(value, "an array of addresses", '["ops@example.com"]')
+    bad = [item for item in value if not isinstance(item, str) or not is_valid_address(item)]
+    if bad:
+        # is_valid_address refuses CR/LF, so nothing here can add mail headers.
+        raise _Bad(
+            f"contains an invalid e-mail address ({_show(bad[0])})",
+            'use one address per string: ["ops@example.com", "Dev <dev@example.com>"]',
+        )
+    return tuple(item.strip() for item in value)
+
+
+def _timezone(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type(value, "an IANA time zone name", '"Europe/Zurich"')
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        close = difflib.get_close_matches(value, zoneinfo.available_timezones(), n=1)
+        hint = (
+            f'did you mean "{close[0]}"?'
+            if close
+            else 'use an IANA name such as "Europe/Zurich", or remove the key for the system zone'
+        )
+        raise _Bad("is not a known time zone", hint) from None
+    return value
+
+
+def _listen(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type(value, '"host:port"', '"127.0.0.1:8787"')
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise _Bad("is not host:port", str(exc)) from None
+    return value
+
+
+def _token(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type(value, "a string", '"<output of openssl rand -hex 32>"')
+    if not re.fullmatch(r"[\x21-\x7e]*", value):
+        raise _Bad(
+            "contains spaces or non-ASCII characters",
+            "use printable ASCII only, e.g. the output of `openssl rand -hex 32`",
+        )
+    return value
+
+
+def _url(value: Any) -> str:
+    url = _single_line(value)
+    parts = urllib.parse.urlsplit(url)
+    if url and (parts.scheme not in ("http", "https") or not parts.netloc):
+        raise _Bad(
+            "is not an http(s) URL", 'use e.g. "https://stats.example.com/", or "" for the default'
+        )
+    return url
+
+
+def _alert_name(value: Any) -> str:
+    """An alert's name: 1..64 UTF-8 bytes without control characters."""
+    if not isinstance(value, str):
+        raise _wrong_type(value, "a name", '"burst"')
+    if not 1 <= len(value.encode("utf-8")) <= 64 or _has_control(value):
+        raise _Bad("is not a valid alert name", "use 1 to 64 bytes without control characters")
+    return value
+
+
+def _counter_name(kind: str, max_bytes: int, reserved: str) -> Check:
+    """An account or event name by the rules of :mod:`trafficthreshold.names`;
+    ``reserved`` (the overflow key) is allowed too: an alert may watch it."""
+
+    def check(value: Any) -> str:
+        if value == reserved:
+            return reserved
+        try:
+            return names.check_name(kind, value, max_bytes)
+        except TypeError:
+            raise _wrong_type(value, f"an {kind} name", f'"{reserved}"') from None
+        except ValueError as exc:
+            raise _Bad(f"is not a valid {kind} name", str(exc)) from None
+
+    return check
+
+
+# --------------------------------------------------------------------------
+# The schema: TOML key -> (dataclass attribute, check)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    attr: str
+    check: Check
+    secret: bool = False
+
+
+_TOP: dict[str, _Key] = {
+    "key": _Key("key", _integer(1, MAX_KEY, example=f"{DEFAULT_KEY:#x}")),
+    "backend": _Key("backend", _choice(*BACKENDS)),
+    "database": _Key("database", _path(False, SYSTEM_STATE_DIR + "/" + DATABASE_NAME)),
+    "timezone": _Key("timezone", _timezone),
+}
+_THROTTLE: dict[str, _Key] = {
+    "multiplier": _Key("multiplier", _integer(1)),
+    "window": _Key("window", _choice(*WINDOWS)),
+    "policy": _Key("policy", _choice(*POLICIES)),
+    "cooldown": _Key("cooldown", _integer(1, example="300")),
+    "cron_test": _Key("cron_test", _integer(1, example="10800")),
+}
+_RETENTION: dict[str, _Key] = {
+    name: _Key(name, _integer(0, example="7")) for name in ("minutes", "hours", "days", "months")
+}
+_HTTP: dict[str, _Key] = {
+    "enabled": _Key("enabled", _boolean),
+    "listen": _Key("listen", _listen),
+    "token": _Key("token", _token, secret=True),
+}
+_MAIL: dict[str, _Key] = {
+    "transport": _Key("transport", _choice(*TRANSPORTS)),
+    "sendmail": _Key("sendmail", _path(False, "/usr/sbin/sendmail")),
+    "smtp_host": _Key("smtp_host", _text(False)),
+    "smtp_port": _Key("smtp_port", _integer(1, 65535, example="25")),
+    "starttls": _Key("starttls", _boolean),
+    "username": _Key("username", _text()),
+    "password_file": _Key("password_file", _path()),
+    "password_env": _Key("password_env", _text()),
+    "timeout": _Key("timeout", _seconds),
+    "from": _Key("sender", _address()),
+    "max_per_hour": _Key("max_per_hour", _integer(1, example="20")),
+    "templates": _Key("templates", _path(example="/etc/trafficthreshold/templates")),
+    "dashboard_url": _Key("dashboard_url", _url),
+}
+_ALERT: dict[str, _Key] = {
+    "name": _Key("name", _alert_name),
+    "account": _Key("account", _counter_name("account", names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)),
+    "event": _Key("event", _counter_name("event", names.EVENT_MAX, names.OVERFLOW_EVENT)),
+    "threshold": _Key("threshold", _integer(1, example="10")),
+    "window": _Key("window", _choice(*WINDOWS)),
+    "to": _Key("to", _addresses),
+    "from": _Key("sender", _address(empty_ok=True)),
+    "repeat": _Key("repeat", _integer(1, example="3600")),
+    "resolved": _Key("resolved", _boolean),
+    "clear_minutes": _Key("clear_minutes", _integer(1, example="5")),
+}
+#: The tables of the file: name -> (schema, dataclass).
+_TABLES: dict[str, tuple[dict[str, _Key], type]] = {
+    "throttle": (_THROTTLE, ThrottleConfig),
+    "retention": (_RETENTION, RetentionConfig),
+    "http": (_HTTP, HttpConfig),
+    "mail": (_MAIL, MailConfig),
+}
+
+
+# --------------------------------------------------------------------------
+# Collecting errors
+
+
+def _show(value: Any) -> str:
+    """Render a value for a message: strings quoted, booleans as in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, str) and len(value) > 60:
+        value = value[:57] + "..."
+    return repr(value)
+
+
+class _Errors:
+    """The problems found in one file, each a line of the ConfigError."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def bad(self, key: str, value: Any, problem: str, fix: str, secret: bool = False) -> None:
+        shown = "(hidden)" if secret else _show(value)
+        self.lines.append(f"{self.source}: {key} = {shown} {problem}; {fix}")
+
+    def missing(self, key: str, fix: str) -> None:
+        self.lines.append(f"{self.source}: {key} is missing; {fix}")
+
+    def unknown(
+        self, key: str, value: Any, name: str, known: Sequence[str], in_table: bool
+    ) -> None:
+        self.bad(key, value, "is not a known key", _suggest(name, known, in_table))
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+def _suggest(name: str, known: Sequence[str], in_table: bool) -> str:
+    """The fix for an unknown key: a close name, or where the key belongs."""
+    if in_table and name in _TOP:
+        return "top-level keys must come before the first [table] header; move it up"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f'did you mean "{close[0]}"?'
+    for table, (schema, _cls) in _TABLES.items():
+        if name in schema:
+            return f"it belongs in the [{table}] table"
+    return "valid keys here: " + ", ".join(known)
+
+
+def _read_table(
+    raw: Mapping[str, Any],
+    path: str,
+    schema: Mapping[str, _Key],
+    errors: _Errors,
+    skip: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Check every key of ``raw`` against ``schema``; return the good ones by attr."""
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{path}.{name}" if path else name
+        if name in skip:
+            continue
+        entry = schema.get(name)
+        if entry is None:
+            errors.unknown(key, value, name, [*schema, *skip], in_table=bool(path))
+            continue
+        try:
+            values[entry.attr] = entry.check(value)
+        except _Bad as bad:
+            errors.bad(key, value, bad.problem, bad.fix, entry.secret)
+    return values
+
+
+def _sub_table(raw: Mapping[str, Any], name: str, errors: _Errors) -> Mapping[str, Any]:
+    """``raw[name]`` if it is a table (absent: empty); else report it."""
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        errors.bad(
+            name, value, "is not a table", f"write a [{name}] header followed by key = value lines"
+        )
+        return {}
+    return value
+
+
+# --------------------------------------------------------------------------
+# Building the Config
+
+
+def parse(text: str, source: str = "<string>", *, env: Mapping[str, str] = os.environ) -> Config:
+    """Validate TOML ``text`` (read from ``source``) and return the Config.
+
+    ``env`` only supplies the default database path (see
+    :func:`default_database`).  Raises ConfigError listing every problem.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"{source}: TOML syntax error: {exc}; fix that line "
+            "(strings need quotes, tables are [name], alerts [[alert]])"
+        ) from None
+    errors = _Errors(source)
+    values = _read_table(raw, "", _TOP, errors, skip=[*_TABLES, "alert"])
+    tables = {
+        name: cls(**_read_table(_sub_table(raw, name, errors), name, schema, errors))
+        for name, (schema, cls) in _TABLES.items()
+    }
+    values.setdefault("database", default_database(env))
+    config = Config(**values, **tables, alerts=_alerts(raw.get("alert", []), errors), source=source)
+    _cross_check(config, errors)
+    errors.raise_if_any()
+    return config
+
+
+def _alerts(raw: Any, errors: _Errors) -> tuple[AlertRule, ...]:
+    """Read the ``[[alert]]`` array; names must be unique, ``to`` non-empty."""
+    if isinstance(raw, dict):
+        errors.bad(
+            "alert", raw, "is a single table", "write [[alert]] (double brackets) above each alert"
+        )
+        return ()
+    if not isinstance(raw, list):
+        errors.bad("alert", raw, f"is {_kind(raw)}", "write each alert as an [[alert]] table")
+        return ()
+    rules: list[AlertRule] = []
+    first_use: dict[str, str] = {}
+    for index, item in enumerate(raw):
+        path = f"alert[{index}]"
+        if not isinstance(item, dict):
+            errors.bad(path, item, f"is {_kind(item)}", "write each alert as an [[alert]] table")
+            continue
+        values = _read_table(item, path, _ALERT, errors)
+        if "name" not in item:
+            errors.missing(f"{path}.name", 'add a unique name, e.g. name = "burst"')
+        if "to" not in item:
+            errors.missing(f"{path}.to", 'add the recipients, e.g. to = ["ops@example.com"]')
+        elif values.get("to") == ():
+            errors.bad(
+                f"{path}.to",
+                [],
+                "is empty",
+                'add at least one address, e.g. to = ["ops@example.com"]',
+            )
+        name = values.get("name")
+        if name is not None and name in first_use:
+            errors.bad(
+                f"{path}.name",
+                name,
+                f"is already used by {first_use[name]}",
+                "give every alert a unique name",
+            )
+        elif name is not None:
+            first_use[name] = path
+            rules.append(AlertRule(**values))
+    return tuple(rules)
+
+
+def _cross_check(config: Config, errors: _Errors) -> None:
+    """Checks that involve more than one key (invalid values are defaults here)."""
+    http = config.http
+    if http.enabled and not http.token:
+        host, _port = http.address
+        if not is_loopback(host):
+            errors.bad(
+                "http.listen",
+                http.listen,
+                "is not a loopback address and http.token is empty",
+                'set http.token = "<output of openssl rand -hex 32>" or listen on "127.0.0.1:8787"',
+            )
+    mail = config.mail
+    if mail.password_file and mail.password_env:
+        errors.bad(
+            "mail.password_env",
+            mail.password_env,
+            "is set as well as mail.password_file",
+            "keep only one of the two",
+        )
+
+
+def default(env: Mapping[str, str] = os.environ) -> Config:
+    """The configuration used when there is no file."""
+    return Config(database=default_database(env))
+
+
+def resolve_path(
+    path: str | None = None, env: Mapping[str, str] = os.environ, default_path: str = DEFAULT_PATH
+) -> str | None:
+    """The file to read: ``path``, ``$TRAFFICTHRESHOLD_CONFIG``, ``default_path``
+    if it exists, else None (embedded defaults)."""
+    if path:
+        return path
+    if env.get("TRAFFICTHRESHOLD_CONFIG"):
+        return env["TRAFFICTHRESHOLD_CONFIG"]
+    return default_path if os.path.exists(default_path) else None
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] = os.environ,
+    *,
+    default_path: str = DEFAULT_PATH,
+) -> Config:
+    """Find, read and validate the configuration; apply ``$TRAFFICTHRESHOLD_KEY``.
+
+    See :func:`resolve_path` for where it looks.  A file that was named (by
+    ``path`` or the environment) must exist.  Raises ConfigError.
+    """
+    resolved = resolve_path(path, env, default_path)
+    config = default(env) if resolved is None else parse(_read(resolved), resolved, env=env)
+    override = env.get("TRAFFICTHRESHOLD_KEY", "")
+    if override:
+        try:
+            key = parse_key(override)
+        except ValueError as exc:
+            problem = str(exc) if "must be" in str(exc) else "is not an integer"
+            raise ConfigError(
+                f"environment: TRAFFICTHRESHOLD_KEY = {override!r} {problem}; "
+                "use decimal or 0x hex, e.g. 0x54546831"
+            ) from None
+        config = dataclasses.replace(config, key=key)
+    return config
+
+
+def _read(path: str) -> str:
+    """Read the file as UTF-8 text; every failure is a ConfigError with a fix."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; create it (see docs/configuration.rst) "
+            "or name another one with --config / TRAFFICTHRESHOLD_CONFIG"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; name the config.toml file inside it") from None
+    except PermissionError:
+        raise ConfigError(
+            f"{path}: permission denied; make it readable by the daemon's user, "
+            f"e.g. chgrp www-data {path} && chmod 640 {path}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); check the path") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: is not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+
+
+# --------------------------------------------------------------------------
+# Warnings about the environment
+
+
+def check(path: str | None = None, env: Mapping[str, str] = os.environ) -> list[str]:
+    """Load the configuration (ConfigError if invalid) and return warnings:
+    things that are valid but will probably not work on this machine."""
+    return warnings(load(path, env), env)
+
+
+def warnings(config: Config, env: Mapping[str, str] = os.environ) -> list[str]:
+    """Return one line per suspicious setting, prefixed like the errors."""
+    found: list[str] = []
+    for check_one in _WARNINGS:
+        found.extend(f"{config.source}: {line}" for line in check_one(config, env))
+    return found
+
+
+def _warn_mail(config: Config, env: Mapping[str, str]) -> list[str]:
+    mail, lines = config.mail, []
+    if config.alerts and mail.transport == "sendmail" and not os.access(mail.sendmail, os.X_OK):
+        lines.append(
+            f"mail.sendmail = {mail.sendmail!r} is not executable; install an MTA "
+            '(apt install postfix) or set mail.transport = "smtp"'
+        )
+    if mail.password_file:
+        lines.extend(_secret_file_warnings("mail.password_file", mail.password_file))
+    if mail.password_env and mail.password_env not in env:
+        lines.append(
+            f"mail.password_env = {mail.password_env!r} is not set in this environment; "
+            "set it where the daemon runs (systemd: Environment= or EnvironmentFile=)"
+        )
+    if mail.username and not (mail.password_file or mail.password_env):
+        lines.append(
+            "mail.username is set but no password is; set mail.password_file or mail.password_env"
+        )
+    if mail.templates and not os.path.isdir(mail.templates):
+        lines.append(
+            f"mail.templates = {mail.templates!r} is not a directory; create it or remove the key"
+        )
+    return lines
+
+
+def _secret_file_warnings(key: str, path: str) -> list[str]:
+    if not os.access(path, os.R_OK):
+        return [f"{key} = {path!r} is not readable; create it readable by the daemon's user"]
+    if os.stat(path).st_mode & stat.S_IROTH:
+        return [f"{key} = {path!r} is readable by everyone; chmod o-rwx {path}"]
+    return []
+
+
+def _warn_http(config: Config, env: Mapping[str, str]) -> list[str]:
+    token, lines = config.http.token, []
+    if token and len(token) < 16:
+        lines.append("http.token is shorter than 16 characters; use `openssl rand -hex 32`")
+    if token and os.path.isfile(config.source) and os.stat(config.source).st_mode & stat.S_IROTH:
+        lines.append(
+            f"http.token is set and the file is readable by everyone; chmod o-rwx {config.source}"
+        )
+    return lines
+
+
+def _warn_storage(config: Config, env: Mapping[str, str]) -> list[str]:
+    lines = []
+    directory = os.path.dirname(config.database)
+    if not os.path.isdir(directory):
+        lines.append(
+            f"database = {config.database!r}: the directory does not exist yet; "
+            "create it writable by the daemon (systemd's StateDirectory= does)"
+        )
+    if config.retention.minutes == 0:
+        lines.append(
+            "retention.minutes = 0 keeps minute rows forever (1440 a day per account "
+            "and event); keep a few days, e.g. 7"
+        )
+    return lines
+
+
+_WARNINGS: tuple[Callable[[Config, Mapping[str, str]], list[str]], ...] = (
+    _warn_mail,
+    _warn_http,
+    _warn_storage,
+)
+
+
+# --------------------------------------------------------------------------
+# Rendering back to TOML
+
+
+def dump(config: Config, *, redact: bool = True) -> str:
+    """Render ``config`` as TOML that :func:`parse` reads back to an equal Config.
+
+    With ``redact`` (the default) ``http.token`` is shown as ``"<redacted>"``.
+    """
+    lines = [f"# effective configuration (source: {config.source})", f"key = {config.key:#x}"]
+    lines += [f"backend = {_toml(config.backend)}", f"database = {_toml(config.database)}"]
+    if config.timezone is None:
+        lines.append("# timezone: not set, the system's zone is used")
+    else:
+        lines.append(f"timezone = {_toml(config.timezone)}")
+    for name, (schema, _cls) in _TABLES.items():
+        lines += ["", f"[{name}]"] + _dump_table(getattr(config, name), schema, redact)
+    if not config.mail.dashboard_url and config.http.enabled:
+        # The last line written is mail.dashboard_url: say what "" means.
+        lines[-1] += f"  # default: {config.dashboard_link}"
+    for rule in config.alerts:
+        lines += ["", "[[alert]]"] + _dump_table(rule, _ALERT, redact)
+    return "\n".join(lines) + "\n"
+
+
+def _dump_table(obj: object, schema: Mapping[str, _Key], redact: bool) -> list[str]:
+    lines = []
+    for name, entry in schema.items():
+        value = getattr(obj, entry.attr)
+        if entry.secret and redact and value:
+            value = "<redacted>"
+        lines.append(f"{name} = {_toml(value)}")
+    return lines
+
+
+def _toml(value: Any) -> str:
+    """A TOML literal for a bool, int, float, str or sequence of str."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return '"' + "".join(_toml_char(ch) for ch in str(value)) + '"'
+
+
+def _toml_char(ch: str) -> str:
+    """Escape one character of a TOML basic string."""
+    if ch in '"\\':
+        return "\\" + ch
+    if ord(ch) < 32 or ord(ch) == 127:
+        return f"\\u{ord(ch):04x}"
+    return ch

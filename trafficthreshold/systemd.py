@@ -1,0 +1,95 @@
+"""The shipped systemd unit, with the paths of this installation written in.
+
+``systemd/trafficthreshold.service`` is shipped as package data
+(``trafficthreshold/data/trafficthreshold.service``, a copy; a test keeps the
+two identical).  It names ``/usr/local/bin/trafficthreshold`` (where pip puts
+the program system-wide) and ``/etc/trafficthreshold/config.toml``;
+:func:`render_unit` replaces both with the paths at hand, so a virtualenv
+install gets a unit that runs *its* program.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from trafficthreshold.config import DEFAULT_PATH
+
+UNIT_NAME = "trafficthreshold.service"
+#: The program path written in the shipped unit.
+SHIPPED_BIN = "/usr/local/bin/trafficthreshold"
+#: The configuration path written in the shipped unit.
+SHIPPED_CONFIG = DEFAULT_PATH
+
+
+def shipped_unit() -> str:
+    """Return the text of the shipped unit file."""
+    return (Path(__file__).parent / "data" / UNIT_NAME).read_text(encoding="utf-8")
+
+
+def installed_bin() -> str:
+    """The absolute path of this installation's ``trafficthreshold`` program.
+
+    ``shutil.which`` on ``$PATH``, else the running script (``sys.argv[0]``).
+    """
+    found = shutil.which("trafficthreshold")
+    return os.path.abspath(found or sys.argv[0])
+
+
+def render_unit(bin_path: str | None = None, config_path: str | None = None) -> str:
+    """Return the shipped unit with ``bin_path`` and ``config_path`` written in.
+
+    Defaults: :func:`installed_bin` and the shipped ``/etc`` path.  If either
+    is in a home directory, ``ProtectHome=yes`` becomes ``read-only``.  Both must
+    be absolute; they are escaped for unit files (``%`` specifiers, ``$``
+    expansion, quoting of spaces).  Raises ValueError for a path systemd
+    cannot take (relative, or with a control character).
+    """
+    bin_path = _checked(bin_path or installed_bin())
+    config_path = _checked(config_path or SHIPPED_CONFIG)
+    lines = []
+    for line in shipped_unit().splitlines(keepends=True):
+        if line.startswith(("ExecStart=", "ExecStartPre=")):
+            line = line.replace(SHIPPED_BIN, _exec_word(bin_path))
+        elif line.startswith("Environment="):
+            line = _environment_line(line, config_path)
+        elif line.startswith("ProtectHome=") and _under_home(bin_path, config_path):
+            # ProtectHome=yes would hide a virtualenv or config in a home.
+            line = "ProtectHome=read-only\n"
+        lines.append(line)
+    return "".join(lines)
+
+
+def _under_home(*paths: str) -> bool:
+    """True if a path is in the directories ``ProtectHome=yes`` hides."""
+    return any(path.startswith(("/home/", "/root/", "/run/user/")) for path in paths)
+
+
+def _checked(path: str) -> str:
+    if not os.path.isabs(path) or re.search(r"[\x00-\x1f\x7f]", path):
+        raise ValueError(
+            f"{path!r} cannot go into a unit file; use an absolute path without control characters"
+        )
+    return path
+
+
+def _exec_word(path: str) -> str:
+    """Escape ``path`` as the program of an ``Exec*=`` line."""
+    word = path.replace("%", "%%").replace("$", "$$")
+    if re.search(r'[\s"\'\\]', word):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
+def _environment_line(line: str, config_path: str) -> str:
+    """Rewrite ``Environment=TRAFFICTHRESHOLD_CONFIG=...`` for ``config_path``."""
+    if "TRAFFICTHRESHOLD_CONFIG=" not in line:
+        return line
+    value = config_path.replace("%", "%%")
+    assignment = f"TRAFFICTHRESHOLD_CONFIG={value}"
+    if re.search(r'[\s"\'\\]', value):
+        assignment = '"' + assignment.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"Environment={assignment}\n"
