@@ -1,0 +1,218 @@
+"""Tests of trafficthreshold.alertstore: alert state + mail queue in SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from trafficthreshold import alerts
+from trafficthreshold.alerts import AlertState, MailContext
+from trafficthreshold.alertstore import SCHEMA_VERSION, AlertEngine, AlertStore, AlertStoreError
+from trafficthreshold.errors import TrafficThresholdError
+
+T0 = 1_700_000_040.0
+
+
+def make_rule(**overrides: Any) -> SimpleNamespace:
+    values: dict[str, Any] = dict(
+        name="burst", account="all", event="pageview", threshold=10, window="minute",
+        to=("ops@example.com",), sender="", repeat=300, resolved=True, clear_minutes=2,
+    )
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+MAIL = SimpleNamespace(sender="tt@localhost", max_per_hour=20, dashboard_url="http://d/")
+COUNT_KEY = ("all", "pageview", "minute")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "stats.sqlite3")
+
+
+def queue_one(store: AlertStore, now: float = T0) -> int:
+    """Save a state with one open episode and queue its alert mail."""
+    state, mails = alerts.step([make_rule()], {COUNT_KEY: 10}, now, AlertState(),
+                               max_per_hour=20, default_sender="tt@localhost")
+    (mail_id,) = store.save(state, [(m, MailContext(host="h")) for m in mails], now=now)
+    return mail_id
+
+
+# -- schema ------------------------------------------------------------------
+
+
+def test_schema_lives_in_alert_tables_and_leaves_user_version_alone(db: str) -> None:
+    # The period store's tables and its user_version are there first.
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE minute (m INTEGER PRIMARY KEY, n INTEGER)")
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    with AlertStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+    conn = sqlite3.connect(db)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
+    assert {"alert_meta", "alert_state", "alert_outbox", "minute"} <= tables
+    assert all(t.startswith("alert_") or t in ("minute", "sqlite_sequence") for t in tables)
+    conn.close()
+
+
+def test_reopening_is_idempotent(db: str) -> None:
+    for _ in range(3):
+        AlertStore(db).close()
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT key, value FROM alert_meta").fetchall()
+    assert rows == [("schema_version", str(SCHEMA_VERSION))]
+
+
+def test_newer_schema_is_refused_with_advice(db: str) -> None:
+    AlertStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE alert_meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(AlertStoreError, match="upgrade trafficthreshold") as info:
+        AlertStore(db)
+    assert isinstance(info.value, TrafficThresholdError)
+
+
+def test_wal_and_busy_timeout(db: str) -> None:
+    with AlertStore(db) as store:
+        conn = store._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+# -- state + queue -------------------------------------------------------------
+
+
+def test_state_and_mail_are_saved_together_and_survive_reopening(db: str) -> None:
+    with AlertStore(db) as store:
+        mail_id = queue_one(store)
+    with AlertStore(db) as store:
+        state = store.load_state()
+        assert state.episodes["burst"].started == T0
+        item = store.get(mail_id)
+    assert item is not None
+    assert item.status == "pending" and item.attempts == 0 and item.kind == "alert"
+    assert item.rules == ("burst",) and item.recipients == ("ops@example.com",)
+    assert item.message_id.startswith("<") and item.message_id.endswith("@h>")
+    assert item.mail.notices[0].count == 10 and item.context.host == "h"
+
+
+def test_a_failed_transaction_keeps_neither_state_nor_mail(db: str) -> None:
+    with AlertStore(db) as store:
+        state, mails = alerts.step([make_rule()], {COUNT_KEY: 10}, T0, AlertState(),
+                                   max_per_hour=20, default_sender="tt@localhost")
+
+        def broken_id(host: str) -> str:
+            raise RuntimeError("disk on fire")
+
+        with pytest.raises(RuntimeError):
+            store.save(state, [(mails[0], MailContext())], now=T0, message_id=broken_id)
+        assert store.load_state() == AlertState()
+        assert store.list() == []
+
+
+def test_next_due_mark_sent_mark_failed_and_attempts(db: str) -> None:
+    with AlertStore(db) as store:
+        first, second = queue_one(store, T0), queue_one(store, T0 + 1)
+        assert store.next_due(T0 - 1) is None
+        assert store.next_due(T0 + 5).id == first  # oldest first
+        store.mark_failed(first, T0 + 5, "exit 75", retry_at=T0 + 65)
+        assert store.next_due(T0 + 6).id == second
+        store.mark_sent(second, T0 + 6)
+        assert store.next_due(T0 + 7) is None
+        assert store.next_wakeup() == T0 + 65
+        item = store.next_due(T0 + 65)
+        assert item.id == first and item.attempts == 1 and item.last_error == "exit 75"
+        store.mark_failed(first, T0 + 65, "exit 1: boom", retry_at=None)  # given up
+        assert store.next_due(T0 + 10_000) is None and store.next_wakeup() is None
+        listed = {m.id: m for m in store.list()}
+        assert listed[first].status == "failed" and listed[first].attempts == 2
+        assert listed[first].last_error == "exit 1: boom"
+        assert listed[second].status == "sent" and listed[second].sent_at == T0 + 6
+        assert [m.id for m in store.list()] == [second, first]  # newest first
+        assert [m.id for m in store.list(status="failed")] == [first]
+        with pytest.raises(ValueError):
+            store.list(status="bogus")
+        assert store.prune(before=T0 + 2) == 2
+        assert store.list() == []
+
+
+# -- the engine ------------------------------------------------------------------
+
+
+def test_engine_queues_once_and_a_restart_continues_the_episode(db: str) -> None:
+    woken: list[int] = []
+    rule = make_rule(repeat=300, clear_minutes=2)
+    store = AlertStore(db)
+    engine = AlertEngine(store, [rule], MAIL, host="h", on_queued=lambda: woken.append(1))
+    assert engine.tick(T0, {COUNT_KEY: 10}) != []
+    assert all(engine.tick(T0 + s, {COUNT_KEY: 10 + s}) == [] for s in range(1, 30))
+    store.close()
+    # Restart mid-episode: a new store and engine on the same file.
+    store = AlertStore(db)
+    engine = AlertEngine(store, [rule], MAIL, host="h")
+    assert engine.state.episodes["burst"].peak == 39
+    assert all(engine.tick(T0 + s, {COUNT_KEY: 50}) == [] for s in range(30, 300))
+    assert engine.tick(T0 + 300, {COUNT_KEY: 50}) != []  # the reminder, on time
+    assert engine.tick(T0 + 301, {COUNT_KEY: 0}) == []
+    resolved = engine.tick(T0 + 8 * 60, {COUNT_KEY: 0})
+    kinds = [m.kind for m in reversed(store.list())]
+    assert kinds == ["alert", "alert", "resolved"]  # alert, reminder, resolved
+    assert [n.kind for m in reversed(store.list()) for n in m.mail.notices] == [
+        "alert", "reminder", "resolved"]
+    assert resolved and woken == [1]
+    assert store.list()[0].context.dashboard_url == "http://d/"
+    store.close()
+
+
+def test_engine_writes_only_when_something_changed(db: str) -> None:
+    store = AlertStore(db)
+    engine = AlertEngine(store, [make_rule()], MAIL, host="h")
+    calls: list[int] = []
+    real_save = store.save
+    store.save = lambda *a, **k: calls.append(1) or real_save(*a, **k)  # type: ignore
+    for s in range(100):
+        engine.tick(T0 + s, {COUNT_KEY: 3})
+    assert calls == []
+    engine.tick(T0 + 100, {COUNT_KEY: 10})
+    assert calls == [1]
+    store.close()
+
+
+def test_engine_keeps_old_state_when_saving_fails(db: str, caplog: pytest.LogCaptureFixture
+                                                  ) -> None:
+    store = AlertStore(db)
+    engine = AlertEngine(store, [make_rule()], MAIL, host="h")
+
+    def failing_save(*args: Any, **kwargs: Any) -> list[int]:
+        raise sqlite3.OperationalError("database is locked")
+
+    real_save, store.save = store.save, failing_save  # type: ignore
+    assert engine.tick(T0, {COUNT_KEY: 10}) == []  # logged, not raised
+    store.save = real_save  # type: ignore
+    assert engine.state == AlertState()
+    assert "database is locked; retrying next tick" in caplog.text
+    assert engine.tick(T0 + 1, {COUNT_KEY: 10}) != []  # fires on the next tick
+    store.close()
+
+
+def test_engine_reload_keeps_open_episodes(db: str) -> None:
+    store = AlertStore(db)
+    engine = AlertEngine(store, [make_rule(threshold=10)], MAIL, host="h")
+    engine.tick(T0, {COUNT_KEY: 10})
+    engine.reload([make_rule(threshold=5, repeat=3600)], MAIL)
+    assert engine.tick(T0 + 1, {COUNT_KEY: 20}) == []
+    assert "burst" in engine.state.episodes
+    engine.reload([make_rule(name="second")], MAIL, dashboard_url="http://127.0.0.1:8787/")
+    (mail_id,) = engine.tick(T0 + 2, {COUNT_KEY: 20})
+    assert store.get(mail_id).context.dashboard_url == "http://127.0.0.1:8787/"
+    store.close()

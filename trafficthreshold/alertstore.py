@@ -1,0 +1,404 @@
+"""Alert state and the outgoing mail queue, in SQLite.
+
+The tables live in the same database file as the period store
+(:mod:`trafficthreshold.store`) and all start with ``alert_``.  The period
+store owns ``PRAGMA user_version``; the alert tables keep their own schema
+version in ``alert_meta(key, value)`` under the key ``schema_version``.
+
+Tables::
+
+  alert_meta    (key TEXT PRIMARY KEY, value TEXT)       schema_version, ...
+  alert_state   (key TEXT PRIMARY KEY, value TEXT)       'engine' -> AlertState as JSON
+  alert_outbox  one row per mail: payload (JSON of the Mail and its
+                MailContext), status pending/sent/failed, attempts,
+                next_attempt, sent_at, last_error
+
+Exactly-once rules:
+
+* The state change that produces a mail and the mail's row are written in
+  **one transaction** (:meth:`AlertStore.save`).  A crash either loses both
+  (the next tick sees the same counts and fires again) or keeps both (the
+  restarted daemon knows the episode and the queued mail goes out once).
+* The delivery worker marks a row sent right after the MTA accepted it.  A
+  crash between the two re-sends that one mail after restart (at-least-once
+  at that single point); the Message-ID is stored with the row, so the copy
+  carries the same Message-ID.
+
+Connections are per thread (sqlite3 objects must not be shared): the tick
+loop uses one :class:`AlertStore`, the delivery worker opens its own on the
+same path.  WAL lets the two work side by side; ``busy_timeout`` covers the
+brief moments they both write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.utils import make_msgid
+from typing import Any, Callable, Iterator, Sequence
+
+from trafficthreshold import alerts
+from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
+from trafficthreshold.errors import TrafficThresholdError
+
+log = logging.getLogger("trafficthreshold.alertstore")
+
+#: Version of the alert_* tables written by this code.
+SCHEMA_VERSION = 1
+
+#: DDL of version 1, applied in one transaction to a database without it.
+SCHEMA_V1 = [
+    """CREATE TABLE IF NOT EXISTS alert_state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS alert_outbox (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        created      REAL    NOT NULL,
+        kind         TEXT    NOT NULL,             -- alert / resolved / suppressed
+        rules        TEXT    NOT NULL,             -- comma-separated rule names
+        sender       TEXT    NOT NULL,
+        recipients   TEXT    NOT NULL,             -- JSON list
+        message_id   TEXT    NOT NULL,
+        payload      TEXT    NOT NULL,             -- JSON: mail + context
+        status       TEXT    NOT NULL DEFAULT 'pending',  -- pending / sent / failed
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL    NOT NULL,
+        sent_at      REAL,
+        last_error   TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (status, next_attempt)",
+]
+
+#: Migrations: MIGRATIONS[n] lifts the alert tables from version n to n + 1.
+MIGRATIONS: dict[int, list[str]] = {}
+
+BUSY_TIMEOUT_MS = 5000
+STATUSES = ("pending", "sent", "failed")
+
+
+class AlertStoreError(TrafficThresholdError):
+    """The alert tables cannot be used (e.g. written by a newer version)."""
+
+
+@dataclass(frozen=True)
+class QueuedMail:
+    """One row of the outbox."""
+
+    id: int
+    created: float
+    kind: str
+    rules: tuple[str, ...]
+    sender: str
+    recipients: tuple[str, ...]
+    message_id: str
+    status: str
+    attempts: int
+    next_attempt: float
+    sent_at: float | None
+    last_error: str | None
+    mail: Mail
+    context: MailContext
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open ``path`` with the pragmas every alert connection uses.
+
+    Autocommit mode (``isolation_level=None``): transactions are explicit,
+    see :meth:`AlertStore.transaction`.
+    """
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    # FULL: a committed alert state / queued mail survives a power cut too.
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+class AlertStore:
+    """The alert_* tables of one database file.  One instance per thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn = connect(path)
+        self._migrate()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> AlertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- schema --------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS alert_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            row = db.execute("SELECT value FROM alert_meta WHERE key = 'schema_version'").fetchone()
+            version = int(row["value"]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise AlertStoreError(
+                    f"{self.path}: alert tables have schema version {version}, this "
+                    f"trafficthreshold knows up to {SCHEMA_VERSION}: upgrade trafficthreshold"
+                )
+            if version == 0:
+                statements = list(SCHEMA_V1)
+            else:
+                statements = [s for v in range(version, SCHEMA_VERSION) for s in MIGRATIONS[v]]
+            for statement in statements:
+                db.execute(statement)
+            if version != SCHEMA_VERSION:
+                log.info("alert tables: schema version %d -> %d", version, SCHEMA_VERSION)
+                db.execute(
+                    "INSERT OR REPLACE INTO alert_meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+
+    def schema_version(self) -> int:
+        row = self._conn.execute(
+            "SELECT value FROM alert_meta WHERE key = 'schema_version'"
+        ).fetchone()
+        return int(row["value"])
+
+    # -- state ---------------------------------------------------------------
+
+    def load_state(self) -> AlertState:
+        """The last saved :class:`AlertState` (an empty one the first time)."""
+        row = self._conn.execute("SELECT value FROM alert_state WHERE key = 'engine'").fetchone()
+        return alerts.state_from_json(json.loads(row["value"])) if row else AlertState()
+
+    def save(
+        self,
+        state: AlertState,
+        mails: Sequence[tuple[Mail, MailContext]] = (),
+        *,
+        now: float,
+        message_id: Callable[[str], str] | None = None,
+    ) -> list[int]:
+        """Save ``state`` and queue ``mails`` in one transaction; return the ids.
+
+        ``message_id(host)`` makes each mail's Message-ID (stored so that a
+        retry re-sends the same one); default :func:`email.utils.make_msgid`.
+        """
+        make_id = message_id or new_message_id
+        ids: list[int] = []
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO alert_state (key, value) VALUES ('engine', ?)",
+                (json.dumps(alerts.state_to_json(state)),),
+            )
+            for mail, context in mails:
+                ids.append(self._insert_mail(db, mail, context, make_id(context.host), now))
+        return ids
+
+    @staticmethod
+    def _insert_mail(
+        db: sqlite3.Connection, mail: Mail, context: MailContext, message_id: str, now: float
+    ) -> int:
+        payload = {"mail": alerts.mail_to_json(mail), "context": alerts.context_to_json(context)}
+        rules = ",".join(dict.fromkeys(n.rule for n in mail.notices))
+        cursor = db.execute(
+            """INSERT INTO alert_outbox
+               (created, kind, rules, sender, recipients, message_id, payload, next_attempt)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+            (now, mail.kind, rules, mail.sender, json.dumps(list(mail.to)), message_id,
+             json.dumps(payload), now),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    # -- queue ---------------------------------------------------------------
+
+    def next_due(self, now: float) -> QueuedMail | None:
+        """The oldest pending mail whose next attempt is due at ``now``."""
+        row = self._conn.execute(
+            """SELECT * FROM alert_outbox WHERE status = 'pending' AND next_attempt <= ?
+               ORDER BY next_attempt, id LIMIT 1""",
+            (now,),
+        ).fetchone()
+        return _queued(row) if row else None
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest pending mail becomes due (None: queue empty)."""
+        row = self._conn.execute(
+            "SELECT MIN(next_attempt) AS t FROM alert_outbox WHERE status = 'pending'"
+        ).fetchone()
+        return None if row["t"] is None else float(row["t"])
+
+    def mark_sent(self, id: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE alert_outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1,
+                   last_error = NULL WHERE id = ?""",
+                (now, id),
+            )
+
+    def mark_failed(self, id: int, now: float, error: str, retry_at: float | None) -> None:
+        """Record a failed attempt; retry at ``retry_at``, or never if None."""
+        with self.transaction() as db:
+            db.execute(
+                """UPDATE alert_outbox SET attempts = attempts + 1, last_error = ?,
+                   status = ?, next_attempt = ? WHERE id = ?""",
+                (error, "failed" if retry_at is None else "pending",
+                 now if retry_at is None else retry_at, id),
+            )
+
+    def get(self, id: int) -> QueuedMail | None:
+        row = self._conn.execute("SELECT * FROM alert_outbox WHERE id = ?", (id,)).fetchone()
+        return _queued(row) if row else None
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[QueuedMail]:
+        """Newest mails first, optionally only one status (for the CLI)."""
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        rows = self._conn.execute(
+            f"SELECT * FROM alert_outbox {where} ORDER BY id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [_queued(row) for row in rows]
+
+    def prune(self, before: float) -> int:
+        """Delete sent and failed mails created before ``before``; return how many."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM alert_outbox WHERE status != 'pending' AND created < ?", (before,)
+            )
+        return cursor.rowcount
+
+
+def new_message_id(host: str, idstring: str = "trafficthreshold") -> str:
+    """A fresh ``<...@host>`` Message-ID; odd characters dropped from ``host``."""
+    domain = "".join(ch for ch in host if ch.isalnum() or ch in ".-") or "localhost"
+    return make_msgid(idstring, domain=domain)
+
+
+def _queued(row: sqlite3.Row) -> QueuedMail:
+    payload: dict[str, Any] = json.loads(row["payload"])
+    return QueuedMail(
+        id=row["id"],
+        created=row["created"],
+        kind=row["kind"],
+        rules=tuple(r for r in row["rules"].split(",") if r),
+        sender=row["sender"],
+        recipients=tuple(json.loads(row["recipients"])),
+        message_id=row["message_id"],
+        status=row["status"],
+        attempts=row["attempts"],
+        next_attempt=row["next_attempt"],
+        sent_at=row["sent_at"],
+        last_error=row["last_error"],
+        mail=alerts.mail_from_json(payload["mail"]),
+        context=alerts.context_from_json(payload["context"]),
+    )
+
+
+class AlertEngine:
+    """Runs the rules each tick and persists what changed.
+
+    The supervisor makes one at start-up (it loads the saved state, so a
+    restart continues open episodes), calls :meth:`tick` every second, and
+    :meth:`reload` on SIGHUP.  Delivery is not done here: ``on_queued`` (e.g.
+    :meth:`trafficthreshold.mailer.Outbox.wake`) is called after mails were
+    queued, and the outbox's worker thread sends them.
+    """
+
+    def __init__(
+        self,
+        store: AlertStore,
+        rules: Sequence[Rule],
+        mail_config: Any,
+        *,
+        host: str | None = None,
+        dashboard_url: str | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.host = host or socket.gethostname()
+        self.on_queued = on_queued
+        self.rules: Sequence[Rule] = ()
+        self.mail_config: Any = None
+        self.dashboard_url = ""
+        self.reload(rules, mail_config, dashboard_url)
+        self.state = store.load_state()
+
+    def reload(self, rules: Sequence[Rule], mail_config: Any,
+               dashboard_url: str | None = None) -> None:
+        """New configuration (SIGHUP).  Open episodes of kept rules go on.
+
+        ``dashboard_url``: the link for the mails (the supervisor passes
+        ``config.dashboard_link``); default ``mail_config.dashboard_url``.
+        """
+        self.rules = tuple(rules)
+        self.mail_config = mail_config
+        if dashboard_url is None:
+            dashboard_url = getattr(mail_config, "dashboard_url", "") or ""
+        self.dashboard_url = dashboard_url
+
+    def tick(
+        self,
+        now: float,
+        counts: Counts,
+        *,
+        closed: Closed | None = None,
+        top_accounts: Sequence[tuple[str, int]] = (),
+        throttle_level: int | None = None,
+    ) -> list[int]:
+        """Evaluate every rule at ``now``; return the ids of mails queued.
+
+        Never blocks on the MTA.  Writes to SQLite only when the state
+        changed (an alert, a reminder, a new peak or hot minute, a resolution).
+        A database error is logged and the tick retried on the next call.
+        """
+        if not self.rules and not self.state.episodes:
+            return []
+        mail = self.mail_config
+        new_state, mails = alerts.step(
+            self.rules, counts, now, self.state,
+            max_per_hour=int(getattr(mail, "max_per_hour", 20)),
+            default_sender=getattr(mail, "sender", "") or f"trafficthreshold@{self.host}",
+            closed=closed,
+        )
+        if new_state == self.state and not mails:
+            return []
+        context = MailContext(
+            host=self.host,
+            top_accounts=tuple((str(a), int(c)) for a, c in top_accounts),
+            throttle_level=throttle_level,
+            dashboard_url=self.dashboard_url,
+            max_per_hour=int(getattr(mail, "max_per_hour", 20)),
+        )
+        try:
+            ids = self.store.save(new_state, [(m, context) for m in mails], now=now)
+        except sqlite3.Error as exc:
+            # Keep the old state in memory: the next tick evaluates the same
+            # counts again and retries the save, so nothing is lost or doubled.
+            log.error("cannot save alert state to %s: %s; retrying next tick",
+                      self.store.path, exc)
+            return []
+        self.state = new_state
+        if ids:
+            log.info("queued %d alert mail(s): ids %s", len(ids), ids)
+            if self.on_queued is not None:
+                self.on_queued()
+        return ids
