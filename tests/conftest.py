@@ -1,0 +1,99 @@
+"""Shared fixtures: every test gets its own segment key and removes what it
+created, on both backends."""
+from __future__ import annotations
+
+import os
+import random
+
+import posix_ipc
+import pytest
+import sysv_ipc
+
+import trafficthreshold
+from trafficthreshold import segment
+
+
+def fresh_key() -> int:
+    """An IPC key no other test (or other run) is using right now."""
+    while True:
+        # Keep clear of the default key and of small keys other software uses.
+        key = random.randrange(0x20000000, 0x3FFFFFFF)
+        try:
+            sysv_ipc.SharedMemory(key).detach()
+        except sysv_ipc.ExistentialError:
+            pass
+        else:
+            continue
+        if not os.path.exists("/dev/shm" + segment.posix_name(key)):
+            return key
+
+
+def remove_everything(key: int) -> None:
+    """Remove whatever a test left at `key`, on both backends."""
+    for make, remove in ((lambda: sysv_ipc.SharedMemory(key), "remove"),
+                         (lambda: sysv_ipc.Semaphore(key), "remove"),
+                         (lambda: posix_ipc.SharedMemory(segment.posix_name(key)), "unlink"),
+                         (lambda: posix_ipc.Semaphore(segment.posix_name(key)), "unlink")):
+        try:
+            obj = make()
+        except (sysv_ipc.ExistentialError, posix_ipc.ExistentialError):
+            continue
+        getattr(obj, remove)()
+        if hasattr(obj, "detach"):
+            obj.detach()
+        if hasattr(obj, "close_fd"):
+            obj.close_fd()
+
+
+@pytest.fixture
+def key():
+    """A fresh IPC key; anything at it is removed afterwards."""
+    k = fresh_key()
+    yield k
+    trafficthreshold._counter._reset()
+    remove_everything(k)
+
+
+@pytest.fixture(params=segment.BACKENDS)
+def backend(request):
+    """Runs the test once per backend."""
+    return request.param
+
+
+@pytest.fixture
+def installed(key, backend):
+    """An installed segment: (key, backend)."""
+    segment.install(key, backend, now=1_800_000_000)
+    return key, backend
+
+
+@pytest.fixture
+def counter(installed):
+    """A Counter attached to the test's own segment (stripe 0)."""
+    c = segment.attach(*installed, stripe=0)
+    yield c
+    c.detach()
+
+
+@pytest.fixture
+def worker_api(installed, monkeypatch):
+    """The module-level API (hit, count, throttle_status) pointed at the
+    test's own segment, in strict mode."""
+    key, backend = installed
+    trafficthreshold.configure(key=key, backend=backend, strict=True)
+    yield installed
+    trafficthreshold._settings.clear()
+    trafficthreshold.configure()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With TRAFFICTHRESHOLD_NO_SKIPS=1 (CI), a skipped test fails: a test
+    that needs Postfix or Chromium and did not run proves nothing."""
+    outcome = yield
+    report = outcome.get_result()
+    if (os.environ.get("TRAFFICTHRESHOLD_NO_SKIPS") == "1" and report.skipped
+            and not hasattr(report, "wasxfail")):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped in CI, which must run everything: {reason}"

@@ -1,0 +1,278 @@
+"""The daemon: driven-clock ticks in-process, and real processes for
+signals, sd_notify and the SIGKILL crash loop."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from trafficthreshold import config as configuration, segment
+from trafficthreshold.store import Store
+from trafficthreshold.supervisor import Supervisor
+
+T0 = 1_800_000_000
+
+
+def make_config(tmp_path, key, backend, extra=""):
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+key = {key}
+backend = "{backend}"
+database = "{tmp_path / 'stats.sqlite3'}"
+timezone = "UTC"
+{extra}
+[http]
+enabled = false
+""")
+    return configuration.load(str(path), env={}), str(path)
+
+
+@pytest.fixture
+def sup(tmp_path, installed):
+    cfg, path = make_config(tmp_path, *installed)
+    s = Supervisor(cfg, config_path=path, env={}, pid=4242)
+    yield s
+    s.shutdown(T0 + 10**6)
+
+
+def level(sup):
+    return sup.counter.load(segment.H_THROTTLE_LEVEL, 4)
+
+
+def test_initialize_writes_settings_and_heartbeat(sup):
+    sup.initialize(T0 + 5)
+    assert sup.counter.load(segment.H_SUPERVISOR_PID, 4) == 4242
+    assert sup.counter.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 5) * 1000
+    assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 60
+    sup.tick(T0 + 6.5)
+    assert sup.counter.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 6.5) * 1000
+
+
+def test_tick_rolls_when_the_minute_changes(sup):
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 7, T0 + 30)
+    sup.tick(T0 + 31)
+    assert sup.store.period("acme", "pageview", 2027, 1, 15)["total"] == 0
+    sup.tick(T0 + 61)
+    assert sup.store.period("acme", "pageview", 2027, 1, 15)["total"] == 7
+
+
+def test_shutdown_rolls_the_open_minute(sup, tmp_path):
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 3, T0 + 10)
+    sup.shutdown(T0 + 11)
+    with Store(str(tmp_path / "stats.sqlite3"), "UTC") as store:
+        assert store.period("acme", "pageview", 2027)["total"] == 3
+
+
+def test_restart_catches_up_without_double_counting(tmp_path, installed):
+    cfg, path = make_config(tmp_path, *installed)
+    counter = segment.attach(*installed)
+    for restart in range(3):
+        s = Supervisor(cfg, config_path=path, env={})
+        s.initialize(T0 + 200 * restart)
+        counter.hit("acme", "pageview", 5, T0 + 200 * restart + 1)
+        s.tick(T0 + 200 * restart + 100)
+        s.shutdown(T0 + 200 * restart + 150)
+    with Store(cfg.database, "UTC") as store:
+        assert store.period("acme", "pageview", 2027)["total"] == 15
+        assert store.gaps() == []
+    counter.detach()
+
+
+def test_gap_recorded_when_down_longer_than_ring(tmp_path, installed):
+    cfg, path = make_config(tmp_path, *installed)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    s.shutdown(T0 + 30)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0 + 60 * 300)          # 300 minutes later, the ring holds 120
+    gaps = s.store.gaps()
+    s.shutdown(T0 + 60 * 300 + 1)
+    assert len(gaps) == 1 and gaps[0]["last_minute"] - gaps[0]["first_minute"] + 1 >= 179
+
+
+def drive(sup, start, per_minute, seconds=60):
+    """Spread per_minute hits of the all key evenly over a minute, ticking
+    every second; return the level after each second."""
+    levels = []
+    for s in range(seconds):
+        now = start + s
+        quota = per_minute * (s + 1) // 60 - per_minute * s // 60
+        if quota:
+            sup.counter.hit(None, "pageview", quota, now)
+        sup.tick(now + 0.5)
+        levels.append(level(sup))
+    return levels
+
+
+def test_drupal_worked_example(tmp_path, installed):
+    """Multiplier 20: 45 hits -> level 2; a later minute of 35 hits keeps 2;
+    back to 0 only through the policy's step-down (cron_test)."""
+    cfg, path = make_config(tmp_path, *installed, """
+[throttle]
+multiplier = 20
+window = "minute"
+policy = "drupal"
+cron_test = 600
+""")
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    assert drive(s, T0, 45)[-1] == 2
+    assert drive(s, T0 + 60, 35)[-1] == 2           # 35 // 20 = 1, kept at 2
+    assert set(drive(s, T0 + 120, 0)) == {2}        # quiet, but no test due yet
+    t = T0 + 180
+    while level(s) > 0 and t < T0 + 3 * 3600:
+        s.tick(t)
+        t += 60
+    assert level(s) == 0 and t - T0 >= 2 * 600       # two step-down tests
+    s.shutdown(t)
+
+
+def test_hysteresis_rises_at_once_and_never_flaps(tmp_path, installed):
+    cfg, path = make_config(tmp_path, *installed, """
+[throttle]
+multiplier = 20
+window = "minute"
+cooldown = 300
+""")
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    levels = drive(s, T0, 45)
+    assert levels[-1] == 2 and levels.index(2) < 59   # rose inside the minute
+    changes = []
+    for m in range(1, 10):                             # oscillate around the floor
+        lv = drive(s, T0 + 60 * m, 35 if m % 2 else 45)
+        changes.append(lv[-1])
+    assert changes.count(1) <= 1 and all(x >= 1 for x in changes)
+    s.shutdown(T0 + 600)
+
+
+def test_worker_sees_the_supervisor_level(sup):
+    import trafficthreshold
+    sup.initialize(T0)
+    sup.counter.store(segment.H_THROTTLE_LEVEL, 4, 3)
+    assert sup.counter.level(T0 + 1) == 3
+    assert sup.counter.level(T0 + 60) == 0              # heartbeat stale: ignored
+    del trafficthreshold
+
+
+def test_reload_applies_settings_and_keeps_config_on_error(sup, tmp_path, caplog):
+    sup.initialize(T0)
+    path = tmp_path / "config.toml"
+    path.write_text(path.read_text() + "\n[throttle]\nmultiplier = 7\n")
+    sup.reload()
+    assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 7
+    path.write_text(path.read_text().replace("multiplier = 7", "multiplier = 0"))
+    sup.reload()
+    assert "reload refused" in caplog.text
+    assert sup.config.throttle.multiplier == 7
+
+
+def test_tick_survives_a_broken_store(sup, caplog):
+    sup.initialize(T0)
+    sup.store._conn.close()
+    sup.tick(T0 + 61)                       # roll-up fails, logged, no raise
+    assert "roll-up failed" in caplog.text
+
+
+# ------------------------------------------------------------ real processes
+
+def run_daemon(cfg_path, env_extra=None):
+    env = dict(os.environ, TRAFFICTHRESHOLD_CONFIG=cfg_path, **(env_extra or {}))
+    env.pop("NOTIFY_SOCKET", None) if not env_extra or "NOTIFY_SOCKET" not in env_extra else None
+    return subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "run", "--no-http"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_daemon_speaks_sd_notify_and_stops_on_sigterm(tmp_path, installed):
+    cfg, path = make_config(tmp_path, *installed)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(15)
+    proc = run_daemon(path, {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "2000000"})
+    try:
+        seen = []
+        while not (any("WATCHDOG=1" in m for m in seen)
+                   and any(m.startswith("STATUS=") for m in seen)):
+            seen.append(sock.recv(4096).decode())
+        assert seen[0].startswith("READY=1") or "READY=1" in seen
+        assert any(m.startswith("STATUS=level 0") for m in seen)
+        counter = segment.attach(*installed)
+        counter.hit("acme", "pageview", 9)
+        proc.send_signal(signal.SIGHUP)
+        while "RELOADING=1" not in "".join(seen):
+            seen.append(sock.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen.append(sock.recv(4096).decode())
+        assert proc.wait(15) == 0
+        counter.detach()
+    finally:
+        proc.kill()
+        sock.close()
+    with Store(cfg.database, "UTC") as store:
+        assert store.period("acme", "pageview", time.gmtime().tm_year)["total"] == 9
+
+
+def _worker(key, backend, stop_path, result_path):
+    """Hit as fast as a web worker would, until told to stop; write the
+    ground truth."""
+    counter = segment.attach(key, backend)
+    made = 0
+    while not os.path.exists(stop_path):
+        for _ in range(200):
+            counter.hit("acme" if made % 3 else "beta", "pageview", 1)
+            made += 1
+        time.sleep(0.001)
+    with open(result_path, "w") as f:
+        f.write(str(made))
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_crash_loop_loses_and_doubles_nothing(tmp_path, installed):
+    """Workers hit continuously while the supervisor is SIGKILLed and
+    restarted 20+ times at random instants; the store then equals the
+    workers' ground truth exactly."""
+    import multiprocessing
+    cfg, path = make_config(tmp_path, *installed)
+    stop = str(tmp_path / "stop")
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_worker, args=(*installed, stop, str(tmp_path / f"w{i}")))
+               for i in range(2)]
+    for w in workers:
+        w.start()
+    rng = random.Random(1234)
+    kills = 0
+    try:
+        while kills < 22:
+            proc = run_daemon(path)
+            time.sleep(rng.uniform(0.05, 0.9))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    finally:
+        open(stop, "w").close()
+        for w in workers:
+            w.join(30)
+    truth = sum(int(open(tmp_path / f"w{i}").read()) for i in range(2))
+    final = run_daemon(path)
+    time.sleep(1.5)
+    final.send_signal(signal.SIGTERM)
+    assert final.wait(20) == 0, final.stdout.read().decode()
+    year = time.gmtime().tm_year
+    with Store(cfg.database, "UTC") as store:
+        all_total = store.period("all", "pageview", year)["total"]
+        parts = sum(store.period(a, "pageview", year)["total"] for a in ("acme", "beta"))
+        assert store.gaps() == []
+    assert truth > 10_000
+    assert all_total == truth
+    assert parts == truth

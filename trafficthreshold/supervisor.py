@@ -1,0 +1,294 @@
+"""The daemon: ``trafficthreshold run``.
+
+An object with initialize / tick / shutdown (huey's consumer is the model).
+``tick(now)`` is called once a second with the wall-clock time; tests call
+it directly with a driven clock.  Each tick:
+
+1. writes the heartbeat (and the pid) into the segment header;
+2. steps the throttle level (policy "hysteresis" or "drupal") and writes
+   it into the header, where throttle_status() reads it;
+3. evaluates the alert rules (mail goes out from the outbox thread, never
+   from the tick);
+4. when the clock minute changed, rolls the ring into the store
+   (:mod:`trafficthreshold.rollup`), and once an hour prunes the store.
+
+Only :meth:`Supervisor.run` reads the clock and sleeps (on the monotonic
+clock).  Signal handlers only set flags: SIGTERM/SIGINT stop after a final
+roll-up of everything pending, SIGHUP reloads the configuration.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, Mapping
+
+from . import alerts, config as configuration, notify, segment, throttle
+from .alertstore import AlertEngine, AlertStore
+from .config import Config
+from .errors import ConfigError, SegmentNotFound
+from .mailer import Outbox
+from .rollup import Roller
+from .store import Store
+
+log = logging.getLogger("trafficthreshold.supervisor")
+
+PRUNE_EVERY = 3600.0
+TOP_ACCOUNTS = 5
+
+
+def _slot_window(window: str) -> int:
+    return segment.WINDOWS[window]
+
+
+class Supervisor:
+    """The daemon's state; see the module docstring."""
+
+    def __init__(self, config: Config, *, config_path: str | None = None, http: bool = True,
+                 env: Mapping[str, str] = os.environ, pid: int | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.http_enabled = http and config.http.enabled
+        self.env = env
+        self.pid = os.getpid() if pid is None else pid
+        self.counter: Any = None
+        self.store: Store | None = None
+        self.roller: Roller | None = None
+        self.engine: AlertEngine | None = None
+        self.outbox: Outbox | None = None
+        self.server: Any = None
+        self.throttle_state = throttle.ThrottleState()
+        self.last_minute: int | None = None
+        self.last_prune = 0.0
+        self.closed_cache: tuple[int, dict] | None = None
+        self.stop_requested = False
+        self.reload_requested = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def initialize(self, now: float) -> None:
+        """Attach (installing the segment if there is none), open the store,
+        catch up on what the ring still holds, start mail and HTTP."""
+        self.counter = self._attach()
+        self._write_settings()
+        self.throttle_state = throttle.ThrottleState(
+            level=self.counter.load(segment.H_THROTTLE_LEVEL, 4))
+        self.store = Store(self.config.database, self.config.timezone)
+        self.roller = Roller(self.counter, self.store)
+        caught_up = self.roller.roll(now)
+        log.info("started: segment %#x (%s), store %s, %d hits caught up",
+                 self.config.key, self.config.backend, self.config.database, caught_up)
+        self.last_minute = int(now // 60)
+        self.outbox = Outbox(self.config.database, self.config.mail)
+        self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
+                                  self.config.mail, dashboard_url=self.config.dashboard_link,
+                                  on_queued=self.outbox.wake)
+        self.outbox.start()
+        if self.http_enabled:
+            self._start_http()
+        self._heartbeat(now)
+        notify.ready(self.env)
+
+    def _attach(self) -> Any:
+        cfg = self.config
+        try:
+            return segment.attach(cfg.key, cfg.backend)
+        except SegmentNotFound:
+            log.warning("no segment at key %#x: installing one with the defaults", cfg.key)
+            segment.install(cfg.key, cfg.backend, multiplier=cfg.throttle.multiplier,
+                            window=cfg.throttle.window)
+            return segment.attach(cfg.key, cfg.backend)
+
+    def _write_settings(self) -> None:
+        """The settings workers need live in the header."""
+        t = self.config.throttle
+        self.counter.store(segment.H_THROTTLE_MULTIPLIER, 4, t.multiplier)
+        self.counter.store(segment.H_THROTTLE_WINDOW, 4, segment.WINDOWS[t.window])
+        self.counter.store(segment.H_SUPERVISOR_PID, 4, self.pid)
+
+    def _start_http(self) -> None:
+        from . import api, webserver  # only the daemon serves HTTP
+        self.server = webserver.start(api.make_app(self.config), self.config.http.listen)
+        log.info("serving the stats API and dashboard on %s", self.server.url)
+
+    def shutdown(self, now: float) -> None:
+        """The final roll-up of everything pending (the open minute too),
+        then stop HTTP and mail.  Idempotent: each resource is let go once."""
+        notify.stopping(self.env)
+        if self.roller is not None and self._segment_live():
+            added = self._guard("final roll-up", self.roller.roll, now, True)
+            if added is not None:
+                log.info("stopping: final roll-up added %d counts (all keys)", added)
+            self.counter.store(segment.H_SUPERVISOR_PID, 4, 0)
+        self.roller = None
+        for name, close in (("server", lambda s: s.stop()),
+                            ("outbox", lambda o: o.stop(timeout=5)),
+                            ("engine", lambda e: e.store.close()),
+                            ("store", lambda s: s.close())):
+            obj, _ = getattr(self, name), setattr(self, name, None)
+            if obj is not None:
+                close(obj)
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again; keep the old one on errors."""
+        try:
+            new = configuration.load(self.config_path, env=self.env)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        for name in ("key", "backend", "database", "timezone"):
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("%s changed in the configuration: restart the daemon to apply it",
+                            name)
+        self.config = new
+        self._write_settings()
+        if self.engine is not None:
+            self.engine.reload(new.alerts, new.mail, new.dashboard_link)
+        if self.outbox is not None:
+            self.outbox.reload(new.mail)
+        log.info("configuration reloaded from %s", new.source)
+
+    # ----------------------------------------------------------------- tick
+
+    def tick(self, now: float) -> None:
+        """One second of work; see the module docstring.  Never raises for a
+        passing problem: it is logged and retried on the next tick."""
+        if not self._segment_live() and not self._reattach():
+            return
+        self._heartbeat(now)
+        hits = self._throttle(now)
+        minute = int(now // 60)
+        if minute != self.last_minute:
+            self._guard("roll-up", self.roller.roll, now)
+            self.last_minute = minute
+            self.closed_cache = None
+        self._guard("alerts", self._alerts, now)
+        if now - self.last_prune >= PRUNE_EVERY:
+            self._guard("prune", self._prune, now)
+            self.last_prune = now
+        notify.watchdog(self.env)
+        notify.status(f"level {self.throttle_state.level}, {hits} hits in the window",
+                      self.env)
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 - the daemon must keep counting
+            log.exception("%s failed; retrying on the next tick", what)
+            return None
+
+    def _segment_live(self) -> bool:
+        return (self.counter is not None and self.counter.attached
+                and self.counter.load(segment.H_STATE, 4) == segment.STATE_LIVE)
+
+    def _reattach(self) -> bool:
+        """The segment was uninstalled under us: wait for a new one."""
+        if self.counter is not None and self.counter.attached:
+            log.warning("the segment was uninstalled; waiting for `trafficthreshold install`")
+            self.counter.detach()
+        try:
+            self.counter = segment.attach(self.config.key, self.config.backend)
+        except SegmentNotFound:
+            return False
+        self._write_settings()
+        self.roller = Roller(self.counter, self.store)
+        log.info("attached to the new segment at key %#x", self.config.key)
+        return True
+
+    def _heartbeat(self, now: float) -> None:
+        self.counter.store(segment.H_HEARTBEAT_MS, 8, int(now * 1000))
+
+    def _throttle(self, now: float) -> int:
+        """Step the level; return the window count."""
+        t = self.config.throttle
+        slot = self.counter.load(segment.H_THROTTLE_SLOT, 4)
+        hits = self.counter.count(slot, _slot_window(t.window), now)
+        state, message = throttle.step(self.throttle_state, hits, now, t.policy, t.multiplier,
+                                       t.cooldown, t.cron_test)
+        if message:
+            log.warning("%s", message)
+        if state.level != self.throttle_state.level:
+            self.counter.store(segment.H_THROTTLE_LEVEL, 4, state.level)
+        self.throttle_state = state
+        return hits
+
+    # --------------------------------------------------------------- alerts
+
+    def _count(self, account: str, event: str, window: str, now: float) -> int:
+        slot = self.counter.find(None if account == "all" else account, event)
+        return 0 if slot is None else self.counter.count(slot, _slot_window(window), now)
+
+    def _alerts(self, now: float) -> None:
+        rules = self.config.alerts
+        if not rules and not self.engine.state.episodes:
+            return
+        counts = {k: self._count(*k, now) for k in alerts.count_keys(rules)}
+        hot = any(counts[(r.account, r.event, r.window)] >= r.threshold for r in rules)
+        self.engine.tick(now, counts, closed=self._closed(now),
+                         top_accounts=self.top_accounts(now) if hot else (),
+                         throttle_level=self.throttle_state.level)
+
+    def _closed(self, now: float) -> dict:
+        """(account, event) -> {minute: count} of the last closed minutes the
+        rules need, computed once a minute."""
+        minute = int(now // 60)
+        if self.closed_cache is not None and self.closed_cache[0] == minute:
+            return self.closed_cache[1]
+        keys = {(r.account, r.event) for r in self.config.alerts}
+        span = max((r.clear_minutes for r in self.config.alerts), default=1) + 1
+        closed: dict = {k: {} for k in keys}
+        for account, event, m, count in self.roller.snapshot(minute - span, minute - 1):
+            if (account, event) in closed:
+                closed[(account, event)][m] = count
+        self.closed_cache = (minute, closed)
+        return closed
+
+    def top_accounts(self, now: float, event: str = "pageview") -> list[tuple[str, int]]:
+        """The busiest accounts of the current minute."""
+        minute = int(now // 60)
+        rows = [(a, c) for a, e, _, c in self.roller.snapshot(minute, minute)
+                if e == event and a != "all" and not a.startswith("~")]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))[:TOP_ACCOUNTS]
+
+    def _prune(self, now: float) -> None:
+        r = self.config.retention
+        removed = self.store.prune(now, {"minutes": r.minutes, "hours": r.hours,
+                                         "days": r.days, "months": r.months})
+        log.debug("pruned %s", removed)
+
+    # ------------------------------------------------------------------ run
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self.reload_requested = True
+
+    def run(self) -> int:
+        """The loop: a tick every second on the monotonic clock, until
+        SIGTERM/SIGINT.  Returns the exit status."""
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self.initialize(time.time())
+        next_tick = time.monotonic()
+        try:
+            while not self.stop_requested:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    notify.reloading(time.monotonic_ns() // 1000, self.env)
+                    self.reload()
+                    notify.ready(self.env)
+                self.tick(time.time())
+                next_tick += 1.0
+                delay = next_tick - time.monotonic()
+                if delay < 0:
+                    # A stall: the next roll catches up on what the ring holds.
+                    log.warning("the loop stalled for %.1f s", -delay)
+                    next_tick = time.monotonic()
+                    delay = 0
+                time.sleep(delay)
+        finally:
+            self.shutdown(time.time())
+        return 0
