@@ -30,7 +30,7 @@ def test_closed_minutes_roll_once(counter, store):
     for i in range(5):
         counter.hit("acme", "pageview", i + 1, T0 + 60 * i + 1)
     roller = Roller(counter, store)
-    assert roller.roll(T0 + 5 * 60) == 2 * (1 + 2 + 3 + 4 + 5)  # acme and all
+    assert roller.roll(T0 + 5 * 60) == 1 + 2 + 3 + 4 + 5
     assert roller.roll(T0 + 5 * 60 + 30) == 0                    # same minute again
     assert store.closed_through() == M0 + 4
     for i in range(5):
@@ -42,19 +42,19 @@ def test_open_minute_only_in_final_roll(counter, store):
     counter.hit("acme", "pageview", 3, T0 + 10)
     roller = Roller(counter, store)
     assert roller.roll(T0 + 20) == 0
-    assert roller.roll(T0 + 20, include_current=True) == 6
+    assert roller.roll(T0 + 20, include_current=True) == 3
     counter.hit("acme", "pageview", 4, T0 + 30)   # the rest of that minute
-    assert roller.roll(T0 + 61) == 8                # only the rest is added
+    assert roller.roll(T0 + 61) == 4                # only the rest is added
     assert minute_total(store, "acme", T0) == 7
 
 
 def test_late_write_into_closed_minute_is_picked_up(counter, store):
     roller = Roller(counter, store)
     counter.hit("acme", "pageview", 1, T0 + 59)
-    assert roller.roll(T0 + 60) == 2
+    assert roller.roll(T0 + 60) == 1
     # A worker read the clock at T0+59.9 but added after the roll:
     counter.hit("acme", "pageview", 1, T0 + 59.9)
-    assert roller.roll(T0 + 120) == 2
+    assert roller.roll(T0 + 120) == 1
     assert minute_total(store, "acme", T0) == 2
 
 
@@ -82,7 +82,7 @@ def test_down_longer_than_ring_records_gap(counter, store):
     ring = counter.load(segment.H_MINUTE_BUCKETS, 4)
     later = T0 + 60 * (ring + 50)
     counter.hit("acme", "pageview", 2, later - 60)     # still inside the ring
-    assert roller.roll(later) == 4
+    assert roller.roll(later) == 2
     (gap,) = store.gaps()
     assert gap["first_minute"] == M0 + 1
     assert gap["last_minute"] == later // 60 - ring
@@ -99,4 +99,4 @@ def test_no_gap_before_the_segment_existed(counter, store):
 def test_first_roll_of_fresh_store_covers_the_ring(counter, store):
     counter.hit("acme", "pageview", 1, T0 + 1)
     counter.hit("acme", "pageview", 1, T0 + 3000)
-    assert Roller(counter, store).roll(T0 + 3600) == 4
+    assert Roller(counter, store).roll(T0 + 3600) == 2

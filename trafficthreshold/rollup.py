@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from . import segment
+from . import names, segment
 from ._counter import Counter
 from .store import Store
 
@@ -89,7 +89,8 @@ class Roller:
             self.store.set_closed_through(last)
 
     def roll(self, now: float, include_current: bool = False) -> int:
-        """Roll what is new; return the hits added to the store.
+        """Roll what is new; return the new hits (the growth of the `all`
+        keys; every hit counts there once, whatever its account).
 
         ``include_current`` also reads the open minute (the final roll)."""
         span = self.window(now, include_current)
@@ -97,7 +98,11 @@ class Roller:
             return 0
         first, last = span
         items = self.snapshot(first, last)
-        added = self.store.roll(items, now, closed_through=int(now // 60) - 1)
+        totals = [item for item in items if item[0] == names.ALL]
+        accounts = [item for item in items if item[0] != names.ALL]
+        with self.store.transaction():  # both halves, and the mark, or nothing
+            added = self.store.roll(totals, now)
+            self.store.roll(accounts, now, closed_through=int(now // 60) - 1)
         if added:
             log.debug("rolled minutes %d..%d: %d hits", first, last, added)
         return added

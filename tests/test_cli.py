@@ -1,0 +1,154 @@
+"""The CLI over real segments and stores (click's CliRunner, in-process)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from trafficthreshold import segment
+from trafficthreshold.cli import main
+
+
+@pytest.fixture
+def cfg(tmp_path, key):
+    path = tmp_path / "config.toml"
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path / "s.sqlite3"}"\n'
+                    'timezone = "UTC"\n[http]\nenabled = false\n')
+    return str(path)
+
+
+def run(cfg, *args, ok=True):
+    result = CliRunner().invoke(main, ["--config", cfg, *args], catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("backend", segment.BACKENDS)
+def test_install_hit_status_uninstall(cfg, backend, key):
+    out = run(cfg, "install", "--backend", backend, "--keys", "64", "--minutes", "30")
+    assert f"installed: {backend} segment at key {key:#x}" in out
+    assert "already installed" in run(cfg, "install", "--backend", backend, "--keys", "64",
+                                      "--minutes", "30")
+    run(cfg, "hit", "--backend", backend, "example.com", "-n", "3")
+    run(cfg, "hit", "--backend", backend)
+    info = json.loads(run(cfg, "status", "--backend", backend, "--json"))
+    counts = {(k["account"], k["event"]): k["minute"] for k in info["keys"]}
+    assert counts[("example.com", "pageview")] == 3
+    assert counts[("all", "pageview")] == 4
+    assert info["capacity"] == 64 and info["minutes"] == 30
+    text = run(cfg, "status", "--backend", backend)
+    assert "level 0 (0 - 59)" in text and "example.com" in text
+    out = run(cfg, "uninstall", "--backend", backend)
+    assert "rolled 4 pending hits" in out and "removed the" in out
+    out = run(cfg, "stats", "example.com", "pageview", str(time.gmtime().tm_year))
+    assert out.strip().endswith("3")
+    assert "run `trafficthreshold install" in run(cfg, "status", "--backend", backend, ok=False)
+
+
+def test_install_with_other_geometry_names_the_fix(cfg):
+    run(cfg, "install", "--keys", "64")
+    out = run(cfg, "install", "--keys", "128", ok=False)
+    assert "--keys 64" in out and "uninstall" in out
+
+
+def test_install_unknown_group(cfg):
+    out = run(cfg, "install", "--group", "no-such-group-xyz", ok=False)
+    assert "group 'no-such-group-xyz' does not exist" in out
+
+
+def test_hit_rejects_bad_names(cfg):
+    run(cfg, "install")
+    assert "contains '/'" in run(cfg, "hit", "a/b", ok=False)
+    assert "reserved" in run(cfg, "hit", "~x", ok=False)
+
+
+def test_hit_without_segment_says_what_to_do(cfg):
+    assert "trafficthreshold install" in run(cfg, "hit", "acme", ok=False)
+
+
+def test_uninstall_refuses_while_attached(cfg, key):
+    import subprocess
+    import sys
+    run(cfg, "install")
+    worker = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from trafficthreshold import segment
+c = segment.attach({key})
+print("attached", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "attached"
+        out = run(cfg, "uninstall", ok=False)
+        assert "1 process(es) still attached" in out and str(worker.pid) in out
+        assert "--force" in out
+        assert "removed" in run(cfg, "uninstall", "--force")
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_config_check_names_key_value_and_fix(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[throttle]\nwindow = "hour"\nmultipler = 3\n')
+    out = run(str(bad), "config", "check", ok=False)
+    assert "throttle.window = 'hour'" in out and '"60s"' in out
+    assert "multiplier" in out                       # the typo gets a suggestion
+
+
+def test_config_check_and_show(cfg):
+    assert "OK" in run(cfg, "config", "check")
+    assert "[throttle]" in run(cfg, "config", "show")
+
+
+def test_stats_before_any_rollup(cfg):
+    assert "trafficthreshold run" in run(cfg, "stats", "acme", "pageview", "2026", ok=False)
+
+
+def test_stats_impossible_date(cfg, tmp_path):
+    from trafficthreshold.store import Store
+    Store(str(tmp_path / "s.sqlite3"), "UTC").close()
+    out = run(cfg, "stats", "acme", "pageview", "2026", "2", "30", ok=False)
+    assert "30" in out
+
+
+def test_stats_json_zero_filled(cfg, tmp_path):
+    from trafficthreshold.store import Store
+    with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    data = json.loads(run(cfg, "stats", "acme", "pageview", "2027", "1", "--json"))
+    assert data["total"] == 5 and len(data["data"]) == 31
+
+
+def test_systemd_unit_has_real_paths(cfg):
+    out = run(cfg, "systemd-unit")
+    assert "ExecStart=" in out and cfg in out
+
+
+def test_test_mail_without_rules_or_recipients(cfg):
+    assert "--to" in run(cfg, "test-mail", ok=False)
+
+
+def test_test_mail_missing_sendmail(tmp_path, key):
+    path = tmp_path / "c.toml"
+    path.write_text(f'key = {key}\n[mail]\nsendmail = "{tmp_path}/nope"\n')
+    out = run(str(path), "test-mail", "--to", "ops@example.com", ok=False)
+    assert "install an MTA" in out
+
+
+def test_alerts_lists_rules(tmp_path, key):
+    path = tmp_path / "c.toml"
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path}/s.sqlite3"\n'
+                    '[[alert]]\nname = "burst"\nthreshold = 5\nto = ["ops@example.com"]\n')
+    out = run(str(path), "alerts")
+    assert "burst" in out and "ok" in out
+    assert json.loads(run(str(path), "alerts", "--json"))["rules"][0]["firing"] is False
+
+
+def test_every_command_has_help_with_an_example():
+    for name, command in main.commands.items():
+        commands = getattr(command, "commands", {name: command})
+        for sub in commands.values():
+            assert sub.help and "Example:" in sub.help, name

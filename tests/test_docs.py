@@ -1,0 +1,59 @@
+"""The docs are checked: the README opens with the two set-up commands, CI
+runs exactly the README's test command, every CLI command is documented, and
+every reStructuredText file parses without warnings."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+
+from trafficthreshold.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def readme_commands():
+    text = (ROOT / "README.rst").read_text()
+    block = text.split("::", 1)[1]
+    return [line.strip() for line in block.splitlines() if line.startswith("    ")][:2]
+
+
+def test_readme_opens_with_install_and_test_commands():
+    install, tests = readme_commands()
+    assert install.startswith("pip install .") and "trafficthreshold run" in install
+    assert "pytest" in tests
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    _, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci
+
+
+def test_every_cli_command_is_in_the_readme():
+    readme = (ROOT / "README.rst").read_text()
+    for name, command in main.commands.items():
+        subs = getattr(command, "commands", None)
+        for full in ([f"{name} {s}" for s in subs] if subs else [name]):
+            assert f"trafficthreshold {full}" in readme, full
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in
+                                        [ROOT / "README.rst", *(ROOT / "docs").glob("*.rst")]))
+def test_rst_parses_cleanly(path):
+    import docutils.core
+    import docutils.utils
+    source = (ROOT / path).read_text()
+    settings = {"report_level": docutils.utils.Reporter.WARNING_LEVEL,
+                "halt_level": docutils.utils.Reporter.WARNING_LEVEL}
+    docutils.core.publish_doctree(source, source_path=str(ROOT / path),
+                                  settings_overrides=settings)
+
+
+def test_readme_names_each_runtime_dependency():
+    setup = (ROOT / "setup.cfg").read_text()
+    deps = re.search(r"install_requires =\n((?:    .*\n)+)", setup).group(1).split()
+    readme = (ROOT / "README.rst").read_text().lower()
+    for dep in deps:
+        assert re.split(r"[<>=]", dep)[0].lower() in readme, dep
