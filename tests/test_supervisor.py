@@ -276,3 +276,51 @@ def test_crash_loop_loses_and_doubles_nothing(tmp_path, installed):
     assert truth > 10_000
     assert all_total == truth
     assert parts == truth
+
+
+# ------------------------------------------------------- alerts, end to end
+
+from tt_postfix import MAILBOX, SENDMAIL, requires_postfix, wait_for_mail  # noqa: E402
+
+
+@pytest.mark.postfix
+@pytest.mark.skipif(bool(requires_postfix[1].args[0]), reason=requires_postfix[1].kwargs["reason"])
+def test_burst_mails_once_through_postfix_and_restart_sends_no_duplicate(tmp_path, installed):
+    """Hits past the threshold: one mail in the real mailbox within the
+    second the count crossed, with the burst's numbers; a daemon restarted
+    mid-episode does not mail again."""
+    import uuid
+    token = f"tt{uuid.uuid4().hex[:10]}"
+    cfg, path = make_config(tmp_path, *installed, f"""
+[mail]
+sendmail = "{SENDMAIL}"
+from = "tt-daemon@localhost"
+
+[[alert]]
+name = "burst-{token}"
+threshold = 10
+to = ["{MAILBOX}"]
+repeat = 3600
+""")
+    start = (time.time() // 60) * 60
+    counter = segment.attach(*installed)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(start)
+    for second in range(20):
+        counter.hit("shop.example", "pageview", 1, start + second)
+        s.tick(start + second + 0.5)
+    s.shutdown(start + 20.5)
+    s = Supervisor(cfg, config_path=path, env={})          # restart mid-episode
+    s.initialize(start + 21)
+    for second in range(21, 40):
+        counter.hit("shop.example", "pageview", 1, start + second)
+        s.tick(start + second + 0.5)
+    s.shutdown(start + 40.5)
+    counter.detach()
+    (mail,) = wait_for_mail(token, 1)
+    assert mail["Subject"].startswith(f"[trafficthreshold] burst-{token}: 10 pageview/min")
+    assert mail["From"] == "tt-daemon@localhost"
+    assert mail["Date"].datetime.timestamp() == start + 9     # the 10th hit's tick
+    assert "shop.example" in mail.get_content()
+    time.sleep(1)
+    assert wait_for_mail(token, 1, deadline=2) == []            # nothing more came
