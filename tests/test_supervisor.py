@@ -324,3 +324,30 @@ repeat = 3600
     assert "shop.example" in mail.get_content()
     time.sleep(1)
     assert wait_for_mail(token, 1, deadline=2) == []            # nothing more came
+
+
+def test_configured_timezone_splits_days_at_local_midnight_and_merges_dst(tmp_path, installed):
+    """Europe/Zurich: a hit at 23:59:30 and one at 00:00:30 local land on two
+    days; on 2026-10-25 the repeated 02:00 hour holds both real hours."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+    cfg, path = make_config(tmp_path, *installed)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, timezone="Europe/Zurich")
+    zurich = ZoneInfo("Europe/Zurich")
+    before = dt.datetime(2026, 10, 23, 23, 59, 30, tzinfo=zurich).timestamp()
+    first_2am = dt.datetime(2026, 10, 25, 2, 30, tzinfo=zurich, fold=0).timestamp()
+    second_2am = dt.datetime(2026, 10, 25, 2, 30, tzinfo=zurich, fold=1).timestamp()
+    assert second_2am - first_2am == 3600
+    counter = segment.attach(*installed)
+    for t, n in ((before, 1), (before + 60, 2), (first_2am, 3), (second_2am, 4)):
+        s = Supervisor(cfg, config_path=path, env={})
+        s.initialize(t - 1)
+        counter.hit("acme", "pageview", n, t)
+        s.shutdown(t + 1)
+    counter.detach()
+    with Store(cfg.database, "Europe/Zurich") as store:
+        days = store.period("acme", "pageview", 2026, 10)["data"]
+        assert days[23] == 1 and days[24] == 2 and days[25] == 7
+        hours = store.period("acme", "pageview", 2026, 10, 25)["data"]
+        assert hours[2] == 7 and len(hours) == 24
