@@ -1,0 +1,290 @@
+"""Tests for trafficthreshold.asgi: http counted at http.response.start,
+lifespan and websocket untouched, messages passed on unchanged, no error
+reaching the request; and the same application under a real uvicorn with
+two worker processes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+import trafficthreshold
+from trafficthreshold import asgi, pageviews
+from trafficthreshold.asgi import TrafficThreshold
+
+from apps import harness
+from apps.asgi_app import raw_app
+
+HTML = [(b"content-type", b"text/html; charset=utf-8")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(pageviews, "_warned", set())
+
+
+def total(event: str = "pageview") -> int:
+    return trafficthreshold.count(None, event, window="60s")
+
+
+def of(account: str) -> int:
+    return trafficthreshold.count(account, window="60s")
+
+
+def http_scope(path: str = "/", method: str = "GET", host: bytes | None = b"Site-A.example:8000",
+               **extra) -> dict:
+    headers = [(b"accept", b"text/html")] + ([(b"host", host)] if host is not None else [])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    scope.update(extra)
+    return scope
+
+
+def call(app, scope) -> list[dict]:
+    """Run one request; returns the messages the server was sent."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def answering(status: int = 200, headers=HTML, bodies=(b"<p>hi</p>",)):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, body in enumerate(bodies):
+            await send({"type": "http.response.body", "body": body,
+                        "more_body": i < len(bodies) - 1})
+    return app
+
+
+def test_counts_an_html_page_by_host(worker_api):
+    sent = call(TrafficThreshold(answering(), account="host"), http_scope())
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert (of("site-a.example"), total()) == (1, 1)
+
+
+@pytest.mark.parametrize("scope, status, headers", [
+    ({"method": "POST"}, 200, HTML),
+    ({}, 404, HTML),
+    ({}, 500, HTML),
+    ({}, 200, [(b"content-type", b"application/json")]),
+    ({}, 200, []),
+    ({"path": "/static/page.html"}, 200, HTML),
+    ({"path": "/app.css"}, 200, HTML),
+    ({"path": "/healthz"}, 200, HTML),
+])
+def test_not_page_views(worker_api, scope, status, headers):
+    call(TrafficThreshold(answering(status, headers)), http_scope(**scope))
+    assert total() == 0
+
+
+@pytest.mark.parametrize("scope, status, headers", [
+    ({"method": "HEAD"}, 200, HTML),
+    ({}, 301, HTML),
+    ({}, 200, [(b"Content-Type", b"application/xhtml+xml")]),
+])
+def test_page_views(worker_api, scope, status, headers):
+    call(TrafficThreshold(answering(status, headers)), http_scope(**scope))
+    assert total() == 1
+
+
+def test_messages_pass_unchanged_and_count_precedes_the_start(worker_api):
+    """Every message reaches the server as the same object, in order; the
+    hit is counted before http.response.start is passed on."""
+    messages = [{"type": "http.response.start", "status": 200, "headers": HTML},
+                {"type": "http.response.body", "body": b"a", "more_body": True},
+                {"type": "http.response.body", "body": b"b", "more_body": False}]
+    at_start = []
+
+    async def app(scope, receive, send):
+        for message in messages:
+            await send(message)
+
+    async def server_send(message):
+        if message["type"] == "http.response.start":
+            at_start.append(total())
+        received.append(message)
+
+    received: list = []
+
+    async def receive():
+        return {"type": "http.request"}
+
+    asyncio.run(TrafficThreshold(app)(http_scope(), receive, server_send))
+    assert len(received) == 3 and all(a is b for a, b in zip(received, messages))
+    assert at_start == [1] and total() == 1
+
+
+def test_streaming_counts_once(worker_api):
+    sent = call(TrafficThreshold(answering(bodies=[b"1", b"2", b"3"])), http_scope())
+    assert [m.get("body") for m in sent[1:]] == [b"1", b"2", b"3"]
+    assert total() == 1
+
+
+@pytest.mark.parametrize("kind", ["lifespan", "websocket"])
+def test_other_scopes_pass_through_untouched(worker_api, kind):
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope, receive, send))
+
+    async def receive():
+        return {}
+
+    async def send(message):
+        pass
+
+    scope = {"type": kind, "asgi": {"version": "3.0"}}
+    before = dict(scope)
+    asyncio.run(TrafficThreshold(app)(scope, receive, send))
+    assert seen == [(scope, receive, send)]
+    assert seen[0][0] is scope and scope == before
+
+
+def test_excluded_requests_get_the_servers_send(worker_api):
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(send)
+
+    async def receive():
+        return {}
+
+    async def send(message):
+        pass
+
+    asyncio.run(TrafficThreshold(app)(http_scope("/static/a.css"), receive, send))
+    assert seen == [send]
+
+
+def test_level_in_scope_and_state(worker_api):
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["trafficthreshold.level"], dict(scope["state"])))
+        await answering()(scope, receive, send)
+
+    trafficthreshold.hit(n=250)  # level 4
+    mw = TrafficThreshold(app)
+    call(mw, http_scope())
+    lifespan_state = {"db": "pool"}
+    call(mw, http_scope(state=lifespan_state))
+    assert seen == [(4, {"trafficthreshold_level": 4}),
+                    (4, {"db": "pool", "trafficthreshold_level": 4})]
+
+
+def test_level_keys_are_configurable(worker_api):
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(sorted(k for k in scope if "level" in k or k == "state"))
+        seen.append(scope.get("my.level"))
+
+    call(TrafficThreshold(app, scope_key=None, state_key=None), http_scope())
+    call(TrafficThreshold(app, scope_key="my.level", state_key=None), http_scope())
+    assert seen == [[], None, ["my.level"], 0]
+
+
+def test_the_app_reads_the_level_from_state(worker_api):
+    sent = call(TrafficThreshold(raw_app), http_scope("/level"))
+    assert sent[1]["body"] == b"<p>level 0</p>\n"
+
+
+def test_app_errors_propagate_and_are_not_counted(worker_api):
+    async def app(scope, receive, send):
+        raise LookupError("the app's own bug")
+
+    with pytest.raises(LookupError):
+        call(TrafficThreshold(app), http_scope())
+    assert total() == 0
+
+
+def test_account_callable_receives_the_scope(worker_api):
+    mw = TrafficThreshold(answering(), account=lambda scope: scope["path"].split("/")[1])
+    call(mw, http_scope("/shop/x"))
+    assert (of("shop"), total()) == (1, 1)
+
+
+def test_invalid_or_missing_host_counts_in_the_total(worker_api, caplog):
+    mw = TrafficThreshold(answering(), account="host")
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        call(mw, http_scope(host=b"a/b"))
+        call(mw, http_scope(host=b"a/b"))
+        call(mw, http_scope(host=None))
+    assert total() == 3
+    assert len(caplog.records) == 1 and caplog.records[0].name == "trafficthreshold.asgi"
+
+
+def test_count_if(worker_api):
+    seen = []
+
+    def only_json(info):
+        seen.append(info)
+        return info.content_type == "application/json"
+
+    call(TrafficThreshold(answering(headers=[(b"content-type", b"application/json")]),
+                          count_if=only_json), http_scope("/api", method="POST"))
+    call(TrafficThreshold(answering(), count_if=only_json), http_scope())
+    assert total() == 1
+    info = seen[0]
+    assert (info.method, info.path, info.status, info.headers) == (
+        "POST", "/api", 200, [("content-type", "application/json")])
+    assert info.request["type"] == "http"
+
+
+def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog):
+    def explode(*args):
+        raise RuntimeError("segment on fire")
+
+    mw = TrafficThreshold(answering(), account="host")
+    monkeypatch.setattr(pageviews, "_hit", explode)
+    monkeypatch.setattr(pageviews, "_throttle_status", explode)
+    monkeypatch.setattr(asgi, "_throttle_status", explode)
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        sent = call(mw, http_scope())
+        call(mw, http_scope())
+    assert sent[1]["body"] == b"<p>hi</p>"
+    assert len(caplog.records) == 2
+
+
+def test_bad_options_raise_at_start_up():
+    with pytest.raises(ValueError):
+        TrafficThreshold(answering(), event="~x")
+    with pytest.raises(TypeError):
+        TrafficThreshold(answering(), count_if=1)
+
+
+# ------------------------------------------------------- a real uvicorn
+
+def test_exact_under_uvicorn(installed, tmp_path):
+    """Two uvicorn worker processes (each imports the application anew),
+    500 requests: the segment's total equals the HTML 2xx responses
+    received, under the Host account too.  (A connection per request: see
+    harness.run_load for why not keep-alive with uvicorn.)"""
+    key, backend = installed
+    env = harness.server_env(key, backend, TT_TEST_ACCOUNT="host")
+    server = harness.uvicorn("apps.asgi_app:app", env, tmp_path / "uvicorn.log",
+                             port=harness.free_port(), workers=2)
+    try:
+        server.wait_ready(workers=2)
+        first = harness.epoch_minute()
+        result = harness.run_load(server.port, 500, threads=4, time_limit=30,
+                                   keep_alive=False)
+        last = harness.epoch_minute()
+        assert result.failed == 0, result
+        assert result.sent == 500 and result.pages == 425
+        assert harness.segment_count(key, backend, first, last) == result.pages
+        assert harness.segment_count(key, backend, first, last, "site-a.example") == result.pages
+        status, _, body = harness.get(server.port, "/stream")
+        assert (status, body) == (200, b"<p>0</p><p>1</p><p>2</p>")
+    finally:
+        server.stop()

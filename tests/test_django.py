@@ -1,0 +1,176 @@
+"""Tests for trafficthreshold.django: the middleware under Django's test
+client (sync and async stacks, settings variants), and a real request
+through gunicorn serving the Django project of tests/apps/django_app.py."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+django = pytest.importorskip("django")
+
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
+
+import trafficthreshold  # noqa: E402
+from trafficthreshold import pageviews  # noqa: E402
+from trafficthreshold.django import TrafficThresholdMiddleware  # noqa: E402
+
+from apps import django_app, harness  # noqa: E402,F401  # importing it configures Django
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(pageviews, "_warned", set())
+
+
+def total(event: str = "pageview") -> int:
+    return trafficthreshold.count(None, event, window="60s")
+
+
+def of(account: str) -> int:
+    return trafficthreshold.count(account, window="60s")
+
+
+def test_pages_are_counted_by_host(worker_api):
+    client = Client()
+    home = client.get("/", HTTP_HOST="Site-A.example:8000")
+    assert home.status_code == 200
+    assert b"level 0" in home.content and b"optional" in home.content
+    assert home["X-Level"] == "0"
+    assert client.get("/api").json() == {"hello": "world"}
+    assert client.get("/go", HTTP_HOST="site-b.example").status_code == 302   # counted
+    assert client.get("/assets/app.html").status_code == 200     # under STATIC_URL
+    assert client.get("/nothing").status_code == 404
+    assert client.post("/").status_code == 200                     # POST: not counted
+    assert client.head("/").status_code == 200                     # HEAD: counted
+    stream = client.get("/stream")
+    assert b"".join(stream.streaming_content) == b"<p>0</p><p>1</p><p>2</p>"
+    assert (of("site-a.example"), of("site-b.example"), of("testserver"), total()) == (
+        1, 1, 2, 4)
+
+
+def test_errors_are_not_counted_and_not_changed(worker_api):
+    client = Client(raise_request_exception=False)
+    assert client.get("/boom").status_code == 500
+    assert total() == 0
+
+
+def test_disallowed_host_is_not_an_account(worker_api):
+    """CommonMiddleware answers 400 for a host outside ALLOWED_HOSTS: not
+    a page view.  Without it, the page counts in the total only."""
+    assert Client().get("/", HTTP_HOST="evil.example").status_code == 400
+    with override_settings(MIDDLEWARE=["trafficthreshold.django.TrafficThresholdMiddleware"]):
+        assert Client().get("/", HTTP_HOST="evil.example").status_code == 200
+    assert total() == 1
+    assert trafficthreshold._counter._ensure().find("evil.example", "pageview") is None
+
+
+def test_the_level_reaches_views_and_templates(worker_api):
+    trafficthreshold.hit(n=200)  # multiplier 60: level 3
+    home = Client().get("/")
+    assert home["X-Level"] == "3"
+    assert b"level 3" in home.content and b"optional" not in home.content
+
+
+def test_async_stack(worker_api):
+    import asyncio
+
+    async def requests():
+        client = AsyncClient()
+        page = await client.get("/async")
+        api = await client.get("/api")
+        return page, api
+
+    page, api = asyncio.run(requests())
+    assert page.status_code == 200 and b"async level 0" in page.content
+    assert api.status_code == 200
+    assert (of("testserver"), total()) == (1, 1)
+
+
+def test_middleware_follows_the_stack_kind():
+    def sync_view(request):
+        return None
+
+    async def async_view(request):
+        return None
+
+    from asgiref.sync import iscoroutinefunction
+    assert not iscoroutinefunction(TrafficThresholdMiddleware(sync_view))
+    assert iscoroutinefunction(TrafficThresholdMiddleware(async_view))
+
+
+@override_settings(TRAFFICTHRESHOLD={"account": "apps.django_app.section_account",
+                                     "event": "view",
+                                     "count_if": "apps.django_app.count_api_only"})
+def test_settings_by_dotted_path(worker_api):
+    client = Client()
+    client.get("/")
+    client.get("/api")
+    assert (trafficthreshold.count("api", "view", "60s"), total("view"), total()) == (1, 1, 0)
+
+
+@override_settings(TRAFFICTHRESHOLD={"account": lambda request: "x/y"})
+def test_invalid_account_counts_in_the_total(worker_api, caplog):
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        Client().get("/")
+        Client().get("/")
+    assert total() == 2
+    assert len(caplog.records) == 1 and caplog.records[0].name == "trafficthreshold.django"
+
+
+@override_settings(TRAFFICTHRESHOLD=None)
+def test_no_setting_counts_the_total(worker_api):
+    Client().get("/", HTTP_HOST="site-a.example")
+    assert (total(), of("site-a.example")) == (1, 0)
+
+
+def test_never_raises(worker_api, monkeypatch, caplog):
+    def explode(*args):
+        raise RuntimeError("segment on fire")
+
+    monkeypatch.setattr(pageviews, "_hit", explode)
+    monkeypatch.setattr(pageviews, "_throttle_status", explode)
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        home = Client().get("/")
+    assert home.status_code == 200 and home["X-Level"] == "0"
+    assert len(caplog.records) == 2
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"acount": "host"}, "unknown keys"),
+    ({"account": "no.such.module.func"}, "cannot be imported"),
+    ({"account": "example.com"}, "cannot be imported"),
+    ({"event": "a/b"}, "'/'"),
+    ({"count_if": 3}, "callable"),
+    (["host"], "must be a dict"),
+])
+def test_bad_settings_are_improperly_configured(setting, message):
+    with override_settings(TRAFFICTHRESHOLD=setting):
+        with pytest.raises(ImproperlyConfigured, match=message):
+            TrafficThresholdMiddleware(lambda request: None)
+
+
+def test_real_requests_through_gunicorn(installed, tmp_path):
+    """The Django project under gunicorn (2 sync workers), configured only
+    by the environment: pages count under their host, the rest does not."""
+    key, backend = installed
+    server = harness.gunicorn("apps.django_app:application", harness.server_env(key, backend),
+                              tmp_path / "gunicorn.log", workers=2)
+    try:
+        server.wait_ready(path="/api", workers=2)
+        first = harness.epoch_minute()
+        answers = [harness.get(server.port, path, method, host) for path, method, host in [
+            ("/", "GET", "site-a.example"), ("/", "GET", "Site-A.example:80"),
+            ("/", "HEAD", "site-b.example"), ("/stream", "GET", "site-b.example"),
+            ("/api", "GET", "site-a.example"), ("/assets/app.html", "GET", "site-a.example"),
+            ("/", "GET", "evil.example"), ("/", "POST", "site-a.example")]]
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 200, 400, 200]
+    assert answers[0][1]["x-level"] == "0"
+    assert answers[3][2] == b"<p>0</p><p>1</p><p>2</p>"
+    assert harness.segment_count(key, backend, first, last) == 4
+    assert harness.segment_count(key, backend, first, last, "site-a.example") == 2
+    assert harness.segment_count(key, backend, first, last, "site-b.example") == 2

@@ -1,0 +1,426 @@
+"""Tests for trafficthreshold.wsgi: what is counted, when, and that the
+response is never changed and no error ever reaches the request.
+
+In process, against the test's own segment (``worker_api``); the same
+middleware under a real gunicorn is tests/test_gunicorn.py.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import wsgiref.util
+import wsgiref.validate
+
+import pytest
+
+import trafficthreshold
+from trafficthreshold import pageviews, wsgi
+from trafficthreshold.wsgi import TrafficThreshold
+
+from apps import flask_app  # imported (its middleware created) before any test's segment
+
+HTML = [("Content-Type", "text/html; charset=utf-8")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(pageviews, "_warned", set())
+
+
+def total(event: str = "pageview") -> int:
+    return trafficthreshold.count(None, event, window="60s")
+
+
+def of(account: str) -> int:
+    return trafficthreshold.count(account, window="60s")
+
+
+def environ(path: str = "/", method: str = "GET", host: str = "Site-A.example:8000",
+            **extra) -> dict:
+    env = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path,
+           "QUERY_STRING": "", "HTTP_HOST": host}
+    wsgiref.util.setup_testing_defaults(env)
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A recording start_response, as a server provides it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def start_response(self, status, headers, exc_info=None):
+        self.calls.append((status, headers, exc_info))
+        return self.write
+
+
+def app_answering(status: str = "200 OK", headers=HTML, body=(b"<p>hi</p>",)):
+    def app(environ, start_response):
+        start_response(status, headers)
+        return list(body)
+    return app
+
+
+def serve(middleware, env=None):
+    server = Server()
+    result = middleware(env or environ(), server.start_response)
+    body = b"".join(result)
+    if hasattr(result, "close"):
+        result.close()
+    return server, body
+
+
+def test_counts_an_html_page_by_host(worker_api):
+    mw = TrafficThreshold(app_answering(), account="host")
+    server, body = serve(mw)
+    assert body == b"<p>hi</p>"
+    assert server.calls == [("200 OK", HTML, None)]
+    assert (of("site-a.example"), total()) == (1, 1)
+
+
+def test_total_only_by_default(worker_api):
+    serve(TrafficThreshold(app_answering()))
+    assert total() == 1
+    assert trafficthreshold._counter._ensure().keys() == [
+        (0, "~overflow", "~any"), (1, "all", "pageview")]
+
+
+@pytest.mark.parametrize("env, status, headers", [
+    ({"method": "POST"}, "200 OK", HTML),
+    ({"method": "DELETE"}, "200 OK", HTML),
+    ({}, "404 Not Found", HTML),
+    ({}, "500 Internal Server Error", HTML),
+    ({}, "200 OK", [("Content-Type", "application/json")]),
+    ({}, "200 OK", [("Content-Type", "text/plain")]),
+    ({}, "200 OK", []),
+    ({"path": "/static/page.html"}, "200 OK", HTML),
+    ({"path": "/media/a.png"}, "200 OK", HTML),
+    ({"path": "/bundle.JS"}, "200 OK", HTML),
+    ({"path": "/healthz"}, "200 OK", HTML),
+    ({"path": "/favicon.ico"}, "200 OK", HTML),
+    ({"path": "/robots.txt"}, "200 OK", HTML),
+])
+def test_not_page_views(worker_api, env, status, headers):
+    serve(TrafficThreshold(app_answering(status, headers)), environ(**env))
+    assert total() == 0
+
+
+@pytest.mark.parametrize("env, status, headers", [
+    ({"method": "HEAD"}, "200 OK", HTML),
+    ({}, "302 Found", HTML),
+    ({}, "204 No Content", [("content-type", "TEXT/HTML")]),
+    ({}, "200 OK", [("X-Other", "1"), ("Content-Type", "application/xhtml+xml")]),
+])
+def test_page_views(worker_api, env, status, headers):
+    serve(TrafficThreshold(app_answering(status, headers)), environ(**env))
+    assert total() == 1
+
+
+def test_response_passes_unchanged(worker_api):
+    """The body iterable is the application's own object (its close() and
+    any file_wrapper stay the server's business), start_response gets the
+    same arguments and its write callable is returned."""
+    class Body:
+        closed = False
+
+        def __iter__(self):
+            return iter([b"a", b"b"])
+
+        def close(self):
+            self.closed = True
+
+    body, seen = Body(), {}
+
+    def app(environ, start_response):
+        seen["write"] = start_response("200 OK", HTML)
+        return body
+
+    server = Server()
+    result = TrafficThreshold(app)(environ(), server.start_response)
+    assert result is body
+    assert seen["write"] == server.write
+    assert server.calls == [("200 OK", HTML, None)]
+    assert server.calls[0][1] is HTML
+    result.close()
+    assert body.closed
+
+
+def test_excluded_requests_get_the_servers_start_response(worker_api):
+    server, seen = Server(), {}
+
+    def app(environ, start_response):
+        seen["start_response"] = start_response
+        start_response("200 OK", HTML)
+        return []
+
+    TrafficThreshold(app)(environ("/static/x.css"), server.start_response)
+    assert seen["start_response"] == server.start_response
+
+
+def test_counted_when_the_status_is_known(worker_api):
+    """A generator application starts its response at the first next():
+    the count follows, not the middleware call."""
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        yield b"<p>one</p>"
+        yield b"<p>two</p>"
+
+    server = Server()
+    result = TrafficThreshold(app)(environ(), server.start_response)
+    assert total() == 0
+    assert next(iter(result)) == b"<p>one</p>"
+    assert total() == 1
+    assert list(result) == [b"<p>two</p>"]
+    result.close()
+    assert total() == 1
+
+
+def test_exc_info_recall_counts_once(worker_api):
+    """An application that fails after starting its response calls
+    start_response again with exc_info: passed on, counted once."""
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        try:
+            raise RuntimeError("template failed")
+        except RuntimeError:
+            start_response("500 Internal Server Error", HTML, sys.exc_info())
+        return [b"<p>error</p>"]
+
+    server = Server()
+    serve_body = b"".join(TrafficThreshold(app)(environ(), server.start_response))
+    assert serve_body == b"<p>error</p>"
+    assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
+    assert server.calls[1][2][0] is RuntimeError
+    assert total() == 1
+
+
+def test_exc_info_recall_of_a_json_response_is_not_counted(worker_api):
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        try:
+            raise RuntimeError
+        except RuntimeError:
+            start_response("500 Internal Server Error", HTML, sys.exc_info())
+        return [b""]
+
+    serve(TrafficThreshold(app))
+    assert total() == 0
+
+
+def test_refused_start_response_is_not_counted(worker_api):
+    """If the server raises in start_response (here: an exc_info re-call
+    after the headers were sent), the exception reaches the application as
+    it would without the middleware, and nothing more is counted."""
+    def refuse(status, headers, exc_info=None):
+        raise exc_info[1] if exc_info else ValueError("hop-by-hop header")
+
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        return []
+
+    with pytest.raises(ValueError, match="hop-by-hop"):
+        TrafficThreshold(app)(environ(), refuse)
+    assert total() == 0
+
+
+def test_app_errors_propagate_and_are_not_counted(worker_api):
+    def app(environ, start_response):
+        raise LookupError("the app's own bug")
+
+    with pytest.raises(LookupError):
+        TrafficThreshold(app)(environ(), Server().start_response)
+    assert total() == 0
+
+
+def test_level_in_environ(worker_api):
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(environ["trafficthreshold.level"])
+        return app_answering()(environ, start_response)
+
+    trafficthreshold.hit(n=130)  # 130 in the last 60 s, multiplier 60: level 2
+    mw = TrafficThreshold(app)
+    serve(mw)
+    serve(mw, environ("/static/app.css"))
+    assert seen == [2, 2]
+
+
+def test_level_key_is_configurable(worker_api):
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(sorted(k for k in environ if "level" in k))
+        return app_answering()(environ, start_response)
+
+    serve(TrafficThreshold(app, environ_key="myapp.throttle_level"))
+    serve(TrafficThreshold(app, environ_key=None))
+    assert seen == [["myapp.throttle_level"], []]
+
+
+def test_event_option(worker_api):
+    serve(TrafficThreshold(app_answering(), event="landing"))
+    assert (total("landing"), total()) == (1, 0)
+
+
+def test_account_callable_receives_the_environ(worker_api):
+    mw = TrafficThreshold(app_answering(), account=lambda env: env["PATH_INFO"].split("/")[1])
+    serve(mw, environ("/shop/cart"))
+    serve(mw, environ("/blog/post"))
+    assert (of("shop"), of("blog"), total()) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("host", ["a/b.example", "ev\x01l", "x" * 80 + ".example"])
+def test_invalid_host_counts_in_the_total_with_one_warning(worker_api, caplog, host):
+    mw = TrafficThreshold(app_answering(), account="host")
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        for _ in range(3):
+            server, _ = serve(mw, environ(host=host))
+            assert server.calls == [("200 OK", HTML, None)]
+    assert total() == 3
+    assert len(caplog.records) == 1
+    assert caplog.records[0].name == "trafficthreshold.wsgi"
+
+
+def test_missing_host_counts_in_the_total(worker_api, caplog):
+    env = environ()
+    del env["HTTP_HOST"]
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        serve(TrafficThreshold(app_answering(), account="host"), env)
+    assert total() == 1
+    assert not caplog.records
+
+
+def test_count_if_replaces_the_rule(worker_api):
+    seen = []
+
+    def only_api(info):
+        seen.append(info)
+        return info.path.startswith("/api/")
+
+    api = TrafficThreshold(app_answering(headers=[("Content-Type", "application/json")]),
+                           count_if=only_api)
+    serve(api, environ("/api/items", method="POST"))
+    serve(TrafficThreshold(app_answering(), count_if=only_api), environ("/"))
+    assert total() == 1
+    first = seen[0]
+    assert (first.method, first.path, first.status, first.content_type) == (
+        "POST", "/api/items", 200, "application/json")
+    assert first.headers == [("Content-Type", "application/json")]
+    assert first.request["PATH_INFO"] == "/api/items"
+
+
+def test_count_if_can_extend_the_default(worker_api):
+    def also_static_html(info):
+        return pageviews.is_page_view(info) or info.path == "/static/landing.html"
+
+    mw = TrafficThreshold(app_answering(), count_if=also_static_html)
+    serve(mw, environ("/static/landing.html"))
+    serve(mw, environ("/"))
+    serve(mw, environ("/static/other.html"))
+    assert total() == 2
+
+
+def test_count_if_raising_is_logged_not_raised(worker_api, caplog):
+    def broken(info):
+        raise ZeroDivisionError
+
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        server, body = serve(TrafficThreshold(app_answering(), count_if=broken))
+    assert body == b"<p>hi</p>"
+    assert total() == 0
+    assert "could not decide" in caplog.text
+
+
+def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog):
+    def explode(*args):
+        raise RuntimeError("segment on fire")
+
+    mw = TrafficThreshold(app_answering(), account="host")
+    monkeypatch.setattr(pageviews, "_hit", explode)
+    monkeypatch.setattr(pageviews, "_throttle_status", explode)
+    monkeypatch.setattr(wsgi, "_throttle_status", explode)
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(environ["trafficthreshold.level"])
+        return app_answering()(environ, start_response)
+
+    mw.app = app
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        server, body = serve(mw)
+        serve(mw)
+    assert body == b"<p>hi</p>" and seen == [0, 0]
+    assert len(caplog.records) == 2  # the level once, the hit once
+
+
+def test_strict_mode_without_segment_does_not_raise(key, caplog):
+    trafficthreshold.configure(key=key, backend="sysv", strict=True)
+    try:
+        with caplog.at_level(logging.WARNING, "trafficthreshold"):
+            mw = TrafficThreshold(app_answering())
+            server, body = serve(mw)
+            serve(mw)
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+    assert body == b"<p>hi</p>"
+    assert "SegmentNotFound" in caplog.text or "no trafficthreshold segment" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"event": "a/b"}, ValueError), ({"event": ""}, ValueError),
+    ({"account": "example.com"}, TypeError), ({"count_if": "yes"}, TypeError),
+])
+def test_bad_options_raise_at_start_up(kwargs, error):
+    with pytest.raises(error):
+        TrafficThreshold(app_answering(), **kwargs)
+
+
+@pytest.mark.parametrize("path, method", [("/", "GET"), ("/", "HEAD"), ("/static/a.css", "GET"),
+                                          ("/", "POST")])
+def test_wsgiref_validator_is_satisfied(worker_api, path, method):
+    """wsgiref.validate checks both sides: the middleware as an application
+    (inner validator) and as a server of the application (outer)."""
+    inner = wsgiref.validate.validator(app_answering())
+    app = wsgiref.validate.validator(TrafficThreshold(inner))
+    env = environ(path, method)
+    env.pop("HTTP_HOST")
+    server = Server()
+    result = app(env, server.start_response)
+    list(result)
+    result.close()
+    assert server.calls[0][0] == "200 OK"
+
+
+# ------------------------------------------------------------------ Flask
+
+@pytest.fixture
+def flask_client(worker_api):
+    return flask_app.app.test_client()
+
+
+def test_flask_pages_and_the_rest(flask_client):
+    home = flask_client.get("/", headers={"Host": "Shop.Example"})
+    assert home.status_code == 200 and b"level 0" in home.data
+    assert b"optional block" in home.data
+    assert flask_client.get("/static/app.css").status_code == 200
+    assert flask_client.get("/api/data").json == {"hello": "world"}
+    assert flask_client.get("/go").status_code == 302           # a redirect page: counted
+    assert flask_client.get("/missing").status_code == 404
+    assert flask_client.get("/boom").status_code == 500
+    assert flask_client.head("/").status_code == 200
+    stream = flask_client.get("/stream")
+    assert stream.data == b"<p>chunk 0</p><p>chunk 1</p><p>chunk 2</p>"
+    assert flask_client.post("/").status_code == 405
+    assert (of("shop.example"), of("localhost"), total()) == (1, 3, 4)
+
+
+def test_flask_reads_the_level(flask_client):
+    trafficthreshold.hit(n=200)
+    page = flask_client.get("/")
+    assert b"level 3" in page.data and b"optional block" not in page.data

@@ -1,0 +1,136 @@
+"""ASGI middleware: count page views, and hand the throttle level to the app.
+
+::
+
+    from trafficthreshold.asgi import TrafficThreshold
+    app = TrafficThreshold(app, account="host")
+
+    # Starlette / FastAPI:   request.state.trafficthreshold_level
+    # any ASGI application:  scope["trafficthreshold.level"]
+
+Only ``http`` scopes are looked at.  ``lifespan`` and ``websocket`` scopes
+are passed to the application untouched (the same scope, receive and send
+objects).
+
+For an ``http`` request the throttle level (0..5) is stored, before the
+application is called, in ``scope["trafficthreshold.level"]`` and in the
+request state ``scope["state"]["trafficthreshold_level"]`` (the dict behind
+Starlette's ``request.state``; created if the server provides none).  The
+request is counted when the application sends ``http.response.start`` (the
+status and headers are known, no body has been sent), before that message
+is passed on; at most once.  Messages are passed on unchanged, in order,
+and ``receive`` is not wrapped.  Counting errors are logged once per process
+(``trafficthreshold.asgi`` logger), never raised into the request.  A hit
+does not await anything: it is an atomic add in shared memory.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, MutableMapping, Optional
+
+from . import pageviews
+from .pageviews import COUNTED_METHODS, HTML_TYPES, RequestInfo, is_excluded_path, warn_once
+
+log = logging.getLogger("trafficthreshold.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+CountIf = Callable[[RequestInfo], bool]
+
+_throttle_status = pageviews._throttle_status
+
+#: The request-state attribute holding the level (``request.state.<this>``).
+STATE_KEY = "trafficthreshold_level"
+
+
+def scope_host(scope: Scope) -> Optional[bytes]:
+    """The Host header of an ASGI request (None if the client sent none)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"host":
+            return value
+    return None
+
+
+def _content_type(headers: Any) -> str:
+    for name, value in headers or ():
+        if name.lower() == b"content-type":
+            return value.decode("latin-1").partition(";")[0].strip().lower()
+    return ""
+
+
+class TrafficThreshold:
+    """Wrap an ASGI application.
+
+    The options are those of :class:`trafficthreshold.wsgi.TrafficThreshold`;
+    an ``account`` callable receives the ASGI scope.  ``scope_key``: where
+    the level goes in the scope (None: nowhere); ``state_key``: its name in
+    the request state (None: not put there).
+    """
+
+    def __init__(self, app: ASGIApp, *, account: object = None, event: str = "pageview",
+                 count_if: Optional[CountIf] = None,
+                 scope_key: Optional[str] = "trafficthreshold.level",
+                 state_key: Optional[str] = STATE_KEY) -> None:
+        if count_if is not None and not callable(count_if):
+            raise TypeError(f"count_if={count_if!r} is not callable; give a function "
+                            "count_if(info) -> bool, or None for the default rule")
+        self.app = app
+        self.count_if = count_if
+        self.scope_key = scope_key
+        self.state_key = state_key
+        self.record = pageviews.make_recorder(pageviews.account_resolver(account, scope_host),
+                                              event, log)
+        pageviews.warm_up(log)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            return await self.app(scope, receive, send)
+        self._put_level(scope)
+        if self.count_if is None and (scope.get("method") not in COUNTED_METHODS
+                                      or is_excluded_path(scope.get("path") or "")):
+            return await self.app(scope, receive, send)
+        counted = False
+
+        async def counting_send(message: Message) -> None:
+            nonlocal counted
+            if not counted and message.get("type") == "http.response.start":
+                counted = True
+                try:
+                    if self._is_page_view(scope, message):
+                        self.record(scope)
+                except Exception:
+                    warn_once(log, "asgi-decide", "trafficthreshold: could not decide "
+                              "whether a response is a page view", exc_info=True)
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
+
+    def _put_level(self, scope: Scope) -> None:
+        try:
+            value = _throttle_status()
+        except Exception:
+            value = pageviews.level(log)
+        if self.scope_key is not None:
+            scope[self.scope_key] = value
+        if self.state_key is not None:
+            try:
+                state = scope.get("state")
+                if state is None:
+                    state = scope["state"] = {}
+                state[self.state_key] = value
+            except Exception:
+                warn_once(log, "asgi-state", "trafficthreshold: cannot store the level in "
+                          "scope['state']; read scope[%r] instead", self.scope_key)
+
+    def _is_page_view(self, scope: Scope, message: Message) -> bool:
+        status = int(message.get("status", 0))
+        if self.count_if is None:
+            return 200 <= status < 400 and _content_type(message.get("headers")) in HTML_TYPES
+        headers = [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
+                   for n, v in message.get("headers") or ()]
+        info = RequestInfo(scope.get("method", ""), scope.get("path", ""), status,
+                           _content_type(message.get("headers")), headers, scope)
+        return bool(self.count_if(info))
