@@ -351,3 +351,34 @@ def test_configured_timezone_splits_days_at_local_midnight_and_merges_dst(tmp_pa
         assert days[23] == 1 and days[24] == 2 and days[25] == 7
         hours = store.period("acme", "pageview", 2026, 10, 25)["data"]
         assert hours[2] == 7 and len(hours) == 24
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_served_and_reload_reaches_the_app(tmp_path, installed):
+    """The daemon serves the API on its listen address; a reload's new alert
+    rules reach the running app."""
+    import json
+    import urllib.request
+    port = _free_port()
+    cfg, path = make_config(tmp_path, *installed)
+    text = open(path).read().replace("enabled = false", f'listen = "127.0.0.1:{port}"')
+    open(path, "w").write(text)
+    cfg = configuration.load(path, env={})
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(time.time())
+    try:
+        s.counter.hit("acme", "pageview", 4)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stats/live") as r:
+            live = json.load(r)
+        assert r.status == 200 and "throttle" in live
+        open(path, "a").write('[[alert]]\nname = "newrule"\nto = ["ops@example.com"]\n')
+        s.reload()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as r:
+            assert "newrule" in r.read().decode()
+    finally:
+        s.shutdown(time.time())

@@ -58,6 +58,7 @@ class Supervisor:
         self.engine: AlertEngine | None = None
         self.outbox: Outbox | None = None
         self.server: Any = None
+        self.app: Any = None
         self.throttle_state = throttle.ThrottleState()
         self.last_minute: int | None = None
         self.last_prune = 0.0
@@ -109,7 +110,8 @@ class Supervisor:
 
     def _start_http(self) -> None:
         from . import api, webserver  # only the daemon serves HTTP
-        self.server = webserver.start(api.make_app(self.config), self.config.http.listen)
+        self.app = api.make_app(self.config)
+        self.server = webserver.start(self.app, self.config.http.listen)
         log.info("serving the stats API and dashboard on %s", self.server.url)
 
     def shutdown(self, now: float) -> None:
@@ -147,6 +149,8 @@ class Supervisor:
             self.engine.reload(new.alerts, new.mail, new.dashboard_link)
         if self.outbox is not None:
             self.outbox.reload(new.mail)
+        if self.app is not None:
+            self.app.reload(new)
         log.info("configuration reloaded from %s", new.source)
 
     # ----------------------------------------------------------------- tick

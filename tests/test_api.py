@@ -1,0 +1,596 @@
+"""Tests of trafficthreshold.api: the WSGI app through a real waitress server.
+
+Real SQLite store files filled with Store.roll, real segments (the conftest
+``installed`` fixture, both backends), requests with urllib on loopback.
+The nasty cases on purpose: impossible dates, garbage paths, percent-encoded
+slashes, bodies, long URLs, wrong tokens, an account named like an HTML tag,
+a segment uninstalled and installed again under the running app, an app
+that raises.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import logging
+import re
+import textwrap
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from trafficthreshold import alerts, api, openapi, segment, webserver
+from trafficthreshold.alertstore import AlertStore
+from trafficthreshold.config import AlertRule, Config, HttpConfig
+from trafficthreshold.errors import SegmentNotFound
+from trafficthreshold.store import Store
+
+ZONE = "Europe/Zurich"
+#: 2027-01-15 09:00:30 in Zurich; the conftest installs segments at 09:00:00.
+NOW = 1_800_000_030.0
+MINUTE = int(NOW // 60)
+XSS = "<img src=x onerror=alert(1)>"
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def minute_at(*parts: int) -> int:
+    """Epoch minute of a Zurich wall-clock time (year, month, day, hour, minute)."""
+    return int(datetime.datetime(*parts, tzinfo=ZoneInfo(ZONE)).timestamp() // 60)
+
+
+def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None,
+          data: bytes | None = None) -> tuple[int, Any, bytes]:
+    """(status, headers, body) of one request; HTTP errors are answers too."""
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def fetch_json(url: str, **kwargs: Any) -> tuple[int, Any]:
+    status, headers, body = fetch(url, **kwargs)
+    assert headers["Content-Type"] == "application/json", body
+    return status, json.loads(body)
+
+
+def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int, bytes]:
+    """Send a request line exactly as given (no client-side quoting)."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.putrequest("GET", target, skip_accept_encoding=True)
+        for line in filter(None, extra.split("\n")):
+            name, _, value = line.partition(": ")
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """A store file with counts on 2026-02-03 (hours 9 and 14) and 2026-05-01."""
+    path = str(tmp_path / "stats.sqlite3")
+    items = [
+        ("all", "pageview", minute_at(2026, 2, 3, 9, 5), 7),
+        ("acme", "pageview", minute_at(2026, 2, 3, 9, 5), 7),
+        ("all", "pageview", minute_at(2026, 2, 3, 14, 59), 3),
+        ("acme", "pageview", minute_at(2026, 2, 3, 14, 59), 3),
+        ("all", "pageview", minute_at(2026, 5, 1, 0, 0), 11),
+        ("shop", "pageview", minute_at(2026, 5, 1, 0, 0), 11),
+        ("all", "signup", minute_at(2026, 5, 1, 0, 0), 1),
+        ("shop", "signup", minute_at(2026, 5, 1, 0, 0), 1),
+        (XSS, "pageview", minute_at(2026, 5, 1, 0, 0), 4),
+    ]
+    with Store(path, ZONE) as store:
+        store.roll(items, now=NOW, closed_through=minute_at(2026, 5, 1, 0, 0))
+    return path
+
+
+def make_config(db: str, key: int = 0x2ABCDEF0, backend: str = "sysv", **kwargs: Any) -> Config:
+    return Config(key=key, backend=backend, database=db, timezone=ZONE, **kwargs)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., webserver.Server]]:
+    """serve(app) -> a started server on a free loopback port; all stopped after."""
+    servers: list[webserver.Server] = []
+
+    def start(app: Any, listen: str = "127.0.0.1:0") -> webserver.Server:
+        server = webserver.start(app, listen)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def no_segment(db: str, serve: Callable[..., webserver.Server]) -> webserver.Server:
+    """A server over the store, with no segment installed."""
+    def missing() -> Any:
+        raise SegmentNotFound("no segment here; run `trafficthreshold install`")
+
+    return serve(api.make_app(make_config(db), counter_factory=missing, now=lambda: NOW))
+
+
+# --------------------------------------------------------------------- track
+
+
+def test_year_month_day_hour_have_bootics_shape(no_segment: webserver.Server) -> None:
+    base = no_segment.url + "api/stats/track/acme/pageview/2026"
+    status, year = fetch_json(base)
+    assert status == 200
+    assert year == {
+        "type": "track", "account": "acme", "event": "pageview",
+        "year": 2026, "month": None, "day": None, "hour": None,
+        "data": {str(m): (10 if m == 2 else 0) for m in range(1, 13)},
+        "total": 10,
+        "links": [base + "/2"],
+    }
+    assert list(year["data"]) == [str(m) for m in range(1, 13)]  # numeric order
+
+    status, month = fetch_json(base + "/2")
+    assert (status, month["month"], month["day"], month["total"]) == (200, 2, None, 10)
+    assert list(month["data"]) == [str(d) for d in range(1, 29)]  # 2026 is not a leap year
+    assert month["data"]["3"] == 10 and month["links"] == [base + "/2/3"]
+
+    status, day = fetch_json(base + "/2/3")
+    assert list(day["data"]) == [str(h) for h in range(24)]
+    assert (day["data"]["9"], day["data"]["14"], day["total"]) == (7, 3, 10)
+    assert day["links"] == [base + "/2/3/9", base + "/2/3/14"]
+
+    status, hour = fetch_json(base + "/2/3/14")
+    assert list(hour["data"]) == [str(m) for m in range(60)]
+    assert (hour["hour"], hour["data"]["59"], hour["total"], hour["links"]) == (14, 3, 3, [])
+
+
+def test_numbers_are_json_numbers_and_leading_zeros_mean_the_same(
+        no_segment: webserver.Server) -> None:
+    _, padded = fetch_json(no_segment.url + "api/stats/track/acme/pageview/2026/02/03/09")
+    _, plain = fetch_json(no_segment.url + "api/stats/track/acme/pageview/2026/2/3/9")
+    assert padded == plain
+    assert padded["month"] == 2 and isinstance(padded["total"], int)
+    assert padded["data"]["5"] == 7
+
+
+def test_all_is_the_total_and_unknown_keys_are_zero(no_segment: webserver.Server) -> None:
+    _, total = fetch_json(no_segment.url + "api/stats/track/all/pageview/2026")
+    assert total["data"]["2"] == 10 and total["data"]["5"] == 11 and total["total"] == 21
+    _, nobody = fetch_json(no_segment.url + "api/stats/track/nobody/pageview/2026")
+    assert nobody["total"] == 0 and set(nobody["data"].values()) == {0}
+    assert nobody["links"] == []
+
+
+def test_names_are_percent_decoded_and_links_percent_encoded(
+        no_segment: webserver.Server) -> None:
+    quoted = urllib.request.quote(XSS, safe="")
+    status, body = fetch_json(no_segment.url + f"api/stats/track/{quoted}/pageview/2026/5")
+    assert status == 200 and body["account"] == XSS and body["total"] == 4
+    assert body["links"] == [no_segment.url + f"api/stats/track/{quoted}/pageview/2026/5/1"]
+
+
+def test_data_is_never_cached(no_segment: webserver.Server) -> None:
+    status, headers, _ = fetch(no_segment.url + "api/stats/track/acme/pageview/2026")
+    assert status == 200
+    assert headers["Cache-Control"] == "no-cache, no-store, must-revalidate"
+    assert headers["Pragma"] == "no-cache"
+    assert headers["Expires"] == "0"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("period", ["2026/2/30", "2026/13", "2026/0", "0", "10000",
+                                    "2026/1/1/24", "2026/4/31", "2026/1/0"])
+def test_impossible_dates_are_400_with_a_message(no_segment: webserver.Server,
+                                                  period: str) -> None:
+    status, body = fetch_json(no_segment.url + "api/stats/track/acme/pageview/" + period)
+    assert status == 400
+    assert body["status"] == 400 and body["error"] == "Bad Request"
+    assert "impossible" in body["message"] or "must be in" in body["message"]
+
+
+@pytest.mark.parametrize("path", [
+    "nope", "api", "api/stats", "api/stats/track/acme/pageview",
+    "api/stats/track/acme/pageview/twenty", "api/stats/track/acme/pageview/2026/2/3/9/5",
+    "api/stats/track/acme/pageview/2026/-1", "api/stats/track/~overflowx/pageview/2026",
+    "api/stats/track/../pageview/2026", "api/stats/track/./pageview/2026",
+    "api/stats/track/" + "a" * 65 + "/pageview/2026", "api/stats/track/acme/%00/2026",
+    "api/stats/track/acme/page%0Aview/2026", "api/stats/track/acme/%FF/2026",
+    "api/stats/track/acme/pageview/2026/%D9%A3", "favicon.ico", "metrics/x",
+])
+def test_unknown_routes_and_garbage_are_404(no_segment: webserver.Server, path: str) -> None:
+    status, body = raw_get(no_segment, "/" + path)
+    assert status == 404
+    assert json.loads(body)["status"] == 404
+
+
+def test_reserved_overflow_key_can_be_read(no_segment: webserver.Server) -> None:
+    status, body = fetch_json(no_segment.url + "api/stats/track/~overflow/~any/2026")
+    assert status == 200 and body["total"] == 0
+
+
+@pytest.mark.parametrize("target", ["/api/stats/track/a%2Fb/pageview/2026",
+                                    "/api/stats/track/a%2fb/pageview/2026",
+                                    "/api/stats/track/acme%5C..%5C/pageview/2026"])
+def test_percent_encoded_slashes_are_refused(no_segment: webserver.Server, target: str) -> None:
+    status, body = raw_get(no_segment, target)
+    assert status == 404
+    assert "slash" in json.loads(body)["message"]
+
+
+def test_trailing_slash_is_accepted(no_segment: webserver.Server) -> None:
+    status, body = fetch_json(no_segment.url + "api/stats/track/acme/pageview/2026/")
+    assert status == 200 and body["total"] == 10
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_other_methods_are_405(no_segment: webserver.Server, method: str) -> None:
+    status, headers, body = fetch(no_segment.url + "api/stats/track/acme/pageview/2026",
+                                  method=method)
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD"
+    assert "read-only" in json.loads(body)["message"]
+
+
+def test_head_has_the_headers_of_get_and_no_body(no_segment: webserver.Server) -> None:
+    url = no_segment.url + "api/stats/track/acme/pageview/2026"
+    _, get_headers, get_body = fetch(url)
+    status, head_headers, head_body = fetch(url, method="HEAD")
+    assert status == 200 and head_body == b""
+    assert head_headers["Content-Length"] == str(len(get_body))
+    assert head_headers["Content-Type"] == get_headers["Content-Type"]
+
+
+def test_bodies_and_long_urls_are_refused(no_segment: webserver.Server) -> None:
+    url = no_segment.url + "api/stats/track/acme/pageview/2026"
+    status, _, body = fetch(url, data=b"x=1", method="GET")
+    assert status == 413 and "no request body" in json.loads(body)["message"]
+    # Larger bodies never reach the app: waitress refuses them.
+    status, _, _ = fetch(url, data=b"x" * 4096, method="GET")
+    assert status == 413
+    status, _, body = fetch(url + "?" + "q" * 2100)
+    assert status == 414 and json.loads(body)["status"] == 414
+    status, _ = raw_get(no_segment, "/api/stats/track/acme/pageview/2026?" + "q" * 1900)
+    assert status == 200
+
+
+def test_a_store_that_does_not_exist_is_503_and_not_created(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    missing = tmp_path / "nowhere" / "stats.sqlite3"
+    server = serve(api.make_app(make_config(str(missing)), now=lambda: NOW))
+    status, body = fetch_json(server.url + "api/stats/track/all/pageview/2026")
+    assert status == 503 and "does not exist" in body["message"]
+    assert not missing.parent.exists()
+
+
+def test_a_file_that_is_not_a_database_is_503(tmp_path: Path,
+                                              serve: Callable[..., webserver.Server]) -> None:
+    garbage = tmp_path / "stats.sqlite3"
+    garbage.write_bytes(b"this is not a database, " * 100)
+    server = serve(api.make_app(make_config(str(garbage)), now=lambda: NOW))
+    status, body = fetch_json(server.url + "api/stats/track/all/pageview/2026")
+    assert status == 503 and "cannot open the database" in body["message"]
+
+
+# ---------------------------------------------------------------------- auth
+
+
+@pytest.fixture
+def with_token(db: str, serve: Callable[..., webserver.Server]) -> webserver.Server:
+    config = make_config(db, http=HttpConfig(listen="127.0.0.1:0", token=TOKEN))
+    return serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+
+
+@pytest.mark.parametrize("path", ["", "api/stats/track/acme/pageview/2026", "api/stats/live",
+                                  "metrics", "api/openapi.json", "nope"])
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Bearer " + TOKEN[:-1],
+                                    "Basic " + TOKEN, TOKEN, "Bearer"])
+def test_every_route_needs_the_token(with_token: webserver.Server, path: str,
+                                     header: str | None) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    status, response_headers, body = fetch(with_token.url + path, headers=headers)
+    assert status == 401
+    assert response_headers["WWW-Authenticate"] == 'Bearer realm="trafficthreshold"'
+    assert "Bearer" in json.loads(body)["message"]
+
+
+def test_the_right_token_opens_every_route(with_token: webserver.Server) -> None:
+    auth = {"Authorization": "Bearer " + TOKEN}
+    for path, expected in [("", 200), ("api/stats/track/acme/pageview/2026", 200),
+                           ("metrics", 200), ("api/openapi.json", 200),
+                           ("api/stats/live", 503), ("nope", 404)]:
+        status, _, _ = fetch(with_token.url + path, headers=auth)
+        assert status == expected, path
+    status, _, _ = fetch(with_token.url + "metrics", headers={"Authorization": "bearer " + TOKEN})
+    assert status == 200  # the scheme is case-insensitive (RFC 7235)
+
+
+def test_non_loopback_needs_the_token(db: str) -> None:
+    app = api.make_app(make_config(db), now=lambda: NOW)
+    with pytest.raises(ValueError, match="loopback"):
+        webserver.start(app, "0.0.0.0:0")
+
+
+# ---------------------------------------------------------------------- live
+
+
+def start_live(key: int, backend: str, db: str,
+               serve: Callable[..., webserver.Server]) -> tuple[webserver.Server, Any]:
+    """A server over an installed segment, with hits in the last two hours."""
+    counter = segment.attach(key, backend, stripe=0)
+    counter.hit("acme", "pageview", 70, NOW - 10)           # current minute, 60 s
+    counter.hit("acme", "pageview", 5, NOW - 45)            # previous minute, in 60 s
+    counter.hit("shop", "pageview", 2, NOW - 60 * 60)       # 60 minutes ago: first bar
+    counter.hit("shop", "pageview", 9, NOW - 61 * 60)       # 61 minutes ago: not shown
+    counter.hit(XSS, "pageview", 4, NOW - 120)
+    counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 1.5) * 1000))
+    counter.store(segment.H_SUPERVISOR_PID, 4, 4321)
+    config = make_config(db, key=key, backend=backend)
+    return serve(api.make_app(config, now=lambda: NOW)), counter
+
+
+@pytest.fixture
+def live_server(installed: tuple[int, str], db: str,
+                serve: Callable[..., webserver.Server]) -> tuple[webserver.Server, Any]:
+    """start_live() on each backend."""
+    return start_live(*installed, db, serve)
+
+
+def test_live_shows_minute_60s_ring_throttle_and_heartbeat(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    status, body = fetch_json(server.url + "api/stats/live")
+    assert status == 200
+    assert (body["type"], body["minute"], body["first_minute"]) == ("live", MINUTE, MINUTE - 60)
+    keys = {(k["account"], k["event"]): k for k in body["keys"]}
+    assert [(k["account"], k["event"]) for k in body["keys"]][:1] == [("all", "pageview")]
+    acme, total, shop = keys["acme", "pageview"], keys["all", "pageview"], keys["shop", "pageview"]
+    assert (acme["current_minute"], acme["last_60s"]) == (70, 75)
+    assert acme["minutes"][-1] == 5 and sum(acme["minutes"]) == 5
+    assert len(shop["minutes"]) == 60 and shop["minutes"][0] == 2 and sum(shop["minutes"]) == 2
+    assert total["current_minute"] == 70 and sum(total["minutes"]) == 5 + 2 + 4
+    assert body["throttle"] == {
+        "level": 1, "supervisor_level": 0, "min": 60, "max": 119,
+        "text": "Current Level: 1 (60 - 119)", "multiplier": 60, "window": "60s",
+        "pages_past_minute": 75,
+    }
+    assert body["supervisor"] == {"pid": 4321, "heartbeat_age_seconds": 1.5, "alive": True}
+    assert body["segment"]["keys_used"] >= 5 and body["segment"]["key_capacity"] == 1024
+
+
+def test_live_filters_and_level_five(live_server: tuple[webserver.Server, Any]) -> None:
+    server, counter = live_server
+    counter.hit("acme", "pageview", 1000, NOW - 1)
+    _, body = fetch_json(server.url + "api/stats/live?account=acme&event=pageview")
+    assert [(k["account"], k["event"]) for k in body["keys"]] == [("acme", "pageview")]
+    assert body["throttle"]["text"] == "Current Level: 5 (300 and more)"
+    assert body["throttle"]["max"] is None
+    status, body = fetch_json(server.url + "api/stats/live?account=~bad")
+    assert status == 404 and "reserved" in body["message"]
+    status, body = fetch_json(server.url + "api/stats/live?event=")
+    assert status == 404 and "empty" in body["message"]
+
+
+def test_live_without_a_segment_is_503(no_segment: webserver.Server) -> None:
+    status, body = fetch_json(no_segment.url + "api/stats/live")
+    assert status == 503
+    assert "run `trafficthreshold install`" in body["message"]
+
+
+def test_live_follows_a_segment_installed_again(key: int, db: str,
+                                                serve: Callable[..., webserver.Server]) -> None:
+    server = serve(api.make_app(make_config(db, key=key, backend="sysv"), now=lambda: NOW))
+    assert fetch_json(server.url + "api/stats/live")[0] == 503  # not installed yet
+    segment.install(key, "sysv", now=NOW)
+    first = segment.attach(key, "sysv")
+    first.hit("acme", "pageview", 3, NOW)
+    assert fetch_json(server.url + "api/stats/live?account=acme")[1]["keys"][0]["last_60s"] == 3
+    first.detach()
+    segment.uninstall(key, "sysv", force=True)
+    segment.install(key, "sysv", now=NOW)
+    second = segment.attach(key, "sysv")
+    second.hit("acme", "pageview", 8, NOW)
+    _, body = fetch_json(server.url + "api/stats/live?account=acme")
+    assert body["keys"][0]["last_60s"] == 8
+    second.detach()
+
+
+# ------------------------------------------------------------ errors and 500s
+
+
+def test_an_exception_is_a_500_json_without_traceback(
+        db: str, serve: Callable[..., webserver.Server], caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> Any:
+        raise RuntimeError("kaboom in the segment code")
+
+    server = serve(api.make_app(make_config(db), counter_factory=broken, now=lambda: NOW))
+    with caplog.at_level(logging.ERROR, logger="trafficthreshold.api"):
+        status, body = fetch_json(server.url + "api/stats/live")
+    assert status == 500
+    assert body == {"status": 500, "error": "Internal Server Error",
+                    "message": "internal error; the server log has the details"}
+    assert "kaboom" in caplog.text and "Traceback" in caplog.text
+
+
+def test_stores_are_per_thread_under_concurrent_requests(no_segment: webserver.Server) -> None:
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(15):
+            _, body = fetch_json(no_segment.url + "api/stats/track/all/pageview/2026/5/1")
+            with lock:
+                results.append(body["total"])
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [11] * 90
+
+
+# ----------------------------------------------------------------- dashboard
+
+
+def test_dashboard_escapes_names_and_sets_a_strict_csp(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    status, headers, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
+    nonce = csp.split("'nonce-")[1].split("'")[0]
+    assert html.count("<script") == 1 and f'<script nonce="{nonce}">' in html
+    assert "https://" not in html and "http://" not in html  # no CDN, nothing external
+
+
+def test_dashboard_shows_counts_throttle_chart_and_top_accounts(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    html = fetch(server.url)[2].decode()
+    assert 'id="current-minute">70<' in html
+    assert 'id="last-60s">75<' in html
+    assert "Current Level: 1 (60 - 119)" in html
+    assert "This site has served <b>75</b>" in html
+    assert html.count('<rect class="bar') == 61
+    assert 'data-count="70"' in html and 'data-count="2"' in html
+    top = html.split("Top accounts")[1]
+    assert top.index("acme") < top.index("&lt;img") < top.index("shop")
+    assert "pid 4321" in html
+
+
+def test_dashboard_alert_rules_with_their_states(installed: tuple[int, str], db: str,
+                                                  serve: Callable[..., webserver.Server]) -> None:
+    key, backend = installed
+    rules = (AlertRule(name="burst", threshold=5), AlertRule(name="quiet <b>", account="shop"))
+    episode = alerts.Episode(started=NOW - 300, start_minute=minute_at(2027, 1, 15, 8, 55),
+                             last_hot_minute=MINUTE, peak=1234, peak_minute=MINUTE,
+                             last_notice=NOW - 300)
+    with AlertStore(db) as store:
+        store.save(alerts.AlertState(episodes={"burst": episode}), now=NOW)
+    config = make_config(db, key=key, backend=backend, alerts=rules)
+    server = serve(api.make_app(config, now=lambda: NOW))
+    html = fetch(server.url)[2].decode()
+    table = html.split("Alert rules")[1]
+    assert "burst" in table and "firing" in table and "since 08:55" in table
+    assert "1,234" in table
+    assert "quiet &lt;b&gt;" in table and table.count('class="pill ok"') == 1
+
+
+def test_dashboard_event_switch_and_bad_event(live_server: tuple[webserver.Server, Any]) -> None:
+    server, counter = live_server
+    counter.hit("acme", "signup", 2, NOW)
+    html = fetch(server.url + "?event=signup")[2].decode()
+    assert 'aria-current="page">signup<' in html and 'id="current-minute">2<' in html
+    status, _, body = fetch(server.url + "?event=~nope")
+    assert status == 404 and json.loads(body)["status"] == 404
+
+
+def test_dashboard_without_a_segment_reads_the_store(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    path = str(tmp_path / "stats.sqlite3")
+    with Store(path, ZONE) as store:
+        store.roll([("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17)],
+                   now=NOW, closed_through=MINUTE - 1)
+
+    def missing() -> Any:
+        raise SegmentNotFound("none")
+
+    server = serve(api.make_app(make_config(path), counter_factory=missing, now=lambda: NOW))
+    status, _, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and "No segment is installed" in html
+    assert 'data-count="17"' in html and "acme" in html.split("Top accounts")[1]
+
+
+# ------------------------------------------------------------ entry points
+
+
+def test_openapi_document_describes_every_route(no_segment: webserver.Server) -> None:
+    status, doc = fetch_json(no_segment.url + "api/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {
+        "/api/stats/track/{account}/{event}/{year}",
+        "/api/stats/track/{account}/{event}/{year}/{month}",
+        "/api/stats/track/{account}/{event}/{year}/{month}/{day}",
+        "/api/stats/track/{account}/{event}/{year}/{month}/{day}/{hour}",
+        "/api/stats/live", "/metrics", "/api/openapi.json", "/",
+    }
+
+
+def test_application_is_built_from_the_config_file(
+        tmp_path: Path, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'database = "{db}"\ntimezone = "{ZONE}"\n', encoding="utf-8")
+    monkeypatch.setenv("TRAFFICTHRESHOLD_CONFIG", str(config_file))
+    monkeypatch.setattr(api, "_application", None)
+    app = api.application
+    assert isinstance(app, api.StatsApp) and app.store_path == db
+    assert api.application is app  # built once
+    # A plain WSGI callable: call it the way any server would.
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/all/pageview/2026",
+               "QUERY_STRING": "", "SERVER_NAME": "example.org", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http", "SCRIPT_NAME": "/stats"}
+    started: list[Any] = []
+    body = b"".join(app(environ, lambda status, headers: started.append((status, headers))))
+    assert started[0][0] == "200 OK"
+    links = json.loads(body)["links"]
+    assert links[0] == "http://example.org/stats/api/stats/track/all/pageview/2026/2"
+
+
+# --------------------------------------------------------------- schemathesis
+
+
+@pytest.fixture
+def api_schema(key: int, db: str, serve: Callable[..., webserver.Server]) -> Any:
+    """The schema of a live server (one backend: the HTTP layer is the same)."""
+    import schemathesis
+
+    segment.install(key, "sysv", now=NOW)
+    server, _ = start_live(key, "sysv", db, serve)
+    return schemathesis.openapi.from_url(server.url + "api/openapi.json")
+
+
+def _schema() -> Any:
+    import schemathesis
+
+    return schemathesis.pytest.from_fixture("api_schema")
+
+
+schema = _schema()
+
+
+@schema.parametrize()
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_schemathesis_finds_no_500s_and_responses_conform(case: Any) -> None:
+    case.call_and_validate()
+
+
+def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:
+    """Every ``code-block:: json`` in docs/api.rst parses, and the shapes are
+    the ones the OpenAPI document promises."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.rst").read_text()
+    blocks = re.findall(r"\.\. code-block:: json\n\n((?:  .*\n|\n)+)", text)
+    assert len(blocks) >= 4
+    documents = [json.loads(textwrap.dedent(block)) for block in blocks]
+    schemas = openapi.openapi_document()["components"]["schemas"]
+    for document in documents:
+        name = {"track": "Track", "live": "Live"}.get(document.get("type"), "Error")
+        assert set(schemas[name]["required"]) <= set(document), name

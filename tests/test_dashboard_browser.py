@@ -1,0 +1,149 @@
+"""The dashboard in a real browser: Debian's headless Chromium.
+
+A waitress server on loopback serves the dashboard over a real segment and
+store; Chromium renders it, takes screenshots (saved under test-artifacts/
+for a person to look at) and dumps the DOM after the scripts ran, which
+shows that the chart, the numbers and the refresh work, and that an
+account named like an HTML tag stays text.
+
+Needs /usr/bin/chromium (``sh .ci/chromium.sh`` installs it); skipped
+without it, which CI treats as a failure.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trafficthreshold import alerts, api, segment, webserver
+from trafficthreshold.dashboard import REFRESH_S
+from trafficthreshold.alertstore import AlertStore
+from trafficthreshold.config import AlertRule, Config
+from trafficthreshold.store import Store
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ZONE = "Europe/Zurich"
+NOW = 1_800_000_030.0
+MINUTE = int(NOW // 60)
+XSS = "<img src=x onerror=alert(1)>"
+ACCOUNTS = ["example.com", "shop-00042", "blog.example.org", XSS, "zurich-bakery",
+            "a-rather-long-account-name.example.com"]
+
+pytestmark = [
+    pytest.mark.chromium,
+    pytest.mark.skipif(not CHROMIUM.exists(),
+                       reason="needs Debian's chromium at /usr/bin/chromium: sh .ci/chromium.sh"),
+]
+
+
+def chromium(url: str, profile: Path, *args: str, size: str = "1280,900",
+             budget: int = 2000) -> str:
+    """Run headless Chromium on ``url``; return its stdout."""
+    command = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", f"--window-size={size}",
+        f"--virtual-time-budget={budget}", *args, url,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture
+def dashboard(key: int, tmp_path: Path) -> Iterator[tuple[webserver.Server, Any]]:
+    """A server with an hour of traffic, one firing rule, and a counter that
+    adds 1000 hits to "example.com" each time the dashboard is rendered (so
+    a refresh shows a new number)."""
+    segment.install(key, "sysv", now=NOW)
+    counter = segment.attach(key, "sysv", stripe=0)
+    for minutes_ago in range(60, -1, -1):  # oldest first, as time goes
+        base = 120 + (minutes_ago * 37) % 90
+        for rank, account in enumerate(ACCOUNTS, start=1):
+            counter.hit(account, "pageview", base // rank, NOW - 60 * minutes_ago)
+    counter.hit("example.com", "signup", 3, NOW)
+    counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 0.8) * 1000))
+    counter.store(segment.H_SUPERVISOR_PID, 4, 31337)
+    db = str(tmp_path / "stats.sqlite3")
+    with Store(db, ZONE) as store:
+        store.roll([("all", "pageview", MINUTE - 300, 5000)], now=NOW - 30,
+                   closed_through=MINUTE - 1)
+    episode = alerts.Episode(started=NOW - 600, start_minute=MINUTE - 10,
+                             last_hot_minute=MINUTE, peak=420, peak_minute=MINUTE - 3,
+                             last_notice=NOW - 600)
+    with AlertStore(db) as alert_store:
+        alert_store.save(alerts.AlertState(episodes={"burst": episode}), now=NOW)
+    rules = (AlertRule(name="burst", threshold=300),
+             AlertRule(name="shop spike", account="shop-00042", threshold=500, window="60s"))
+    app = api.make_app(Config(key=key, backend="sysv", database=db, timezone=ZONE,
+                              alerts=rules), now=lambda: NOW)
+
+    def counting(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/":
+            counter.hit("example.com", "pageview", 1000, NOW)
+        return app(environ, start_response)
+
+    server = webserver.start(counting, "127.0.0.1:0")
+    yield server, counter
+    server.stop()
+    counter.detach()
+
+
+def current_minute(dom: str) -> int:
+    match = re.search(r'id="current-minute">([\d,]+)<', dom)
+    assert match, "the current-minute card is missing"
+    return int(match.group(1).replace(",", ""))
+
+
+def test_screenshots_for_laptop_and_phone(dashboard: tuple[webserver.Server, Any],
+                                          tmp_path: Path) -> None:
+    server, _ = dashboard
+    ARTIFACTS.mkdir(exist_ok=True)
+    for name, size in (("dashboard.png", "1280,900"), ("dashboard-phone.png", "390,1500")):
+        shot = ARTIFACTS / name
+        shot.unlink(missing_ok=True)
+        chromium(server.url, tmp_path / "profile", f"--screenshot={shot}", size=size)
+        assert shot.exists() and shot.stat().st_size > 20_000  # not a blank page
+        assert png_size(shot) == tuple(int(n) for n in size.split(","))
+
+
+def test_rendered_dom_has_the_chart_numbers_and_escaped_names(
+        dashboard: tuple[webserver.Server, Any], tmp_path: Path) -> None:
+    server, _ = dashboard
+    dom = chromium(server.url, tmp_path / "profile", "--dump-dom")
+    assert len(re.findall(r'<rect class="bar[^"]*"', dom)) == 61
+    assert len(re.findall(r'<rect class="bar current"', dom)) == 1
+    assert current_minute(dom) >= 1000
+    assert re.search(r"Current Level: \d \((\d+ - \d+|\d+ and more)\)", dom)
+    assert "This site has served" in dom
+    # The account is text in the DOM: no <img> element was made of it.
+    assert "&lt;img src=x onerror=alert(1)&gt;" in dom
+    assert "<img" not in dom
+    assert "firing" in dom and "shop spike" in dom and "pid 31337" in dom
+    (ARTIFACTS / "dashboard-dom.html").parent.mkdir(exist_ok=True)
+    (ARTIFACTS / "dashboard-dom.html").write_text(dom, encoding="utf-8")
+
+
+def test_the_page_refreshes_itself(dashboard: tuple[webserver.Server, Any],
+                                   tmp_path: Path) -> None:
+    server, _ = dashboard
+    # Virtual time runs past the first refresh (every REFRESH_S seconds):
+    # the script fetched the page again, which added another 1000 hits.
+    before = current_minute(chromium(server.url, tmp_path / "p1", "--dump-dom"))
+    after = current_minute(chromium(server.url, tmp_path / "p2", "--dump-dom",
+                                    budget=REFRESH_S * 1000 + 1500))
+    assert after == before + 2000  # this load's render, then its refresh

@@ -1,0 +1,213 @@
+"""Tests of trafficthreshold.metrics and GET /metrics.
+
+Everything is parsed back with prometheus_client's own parser.  The nasty
+cases on purpose: label values with quotes, backslashes and non-ASCII, and
+the counter's semantics across a roll (stored + pending must not count a
+hit twice, nor lose one, when the supervisor rolls the ring in between).
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trafficthreshold import alerts, api, metrics, segment, webserver
+from trafficthreshold.alertstore import AlertStore
+from trafficthreshold.config import AlertRule, Config
+from trafficthreshold.errors import SegmentNotFound
+from trafficthreshold.store import Store
+
+ZONE = "Europe/Zurich"
+NOW = 1_800_000_030.0
+MINUTE = int(NOW // 60)
+WEIRD = 'we"ird\\name ünïcode'
+#: A minute of 2026: rolled long ago, only in the month/day/hour rows now.
+OLD_MINUTE = MINUTE - 400 * 1440
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> tuple[dict[str, str], Samples]:
+    """(family name -> type, (sample name, labels) -> value)."""
+    types: dict[str, str] = {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[sample.name, frozenset(sample.labels.items())] = sample.value
+    return types, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+def scrape(server: webserver.Server) -> tuple[dict[str, str], Samples]:
+    with urllib.request.urlopen(server.url + "metrics", timeout=10) as response:
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return parse(response.read().decode("utf-8"))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    path = str(tmp_path / "stats.sqlite3")
+    with Store(path, ZONE) as store:
+        store.roll([("all", "pageview", OLD_MINUTE, 100), ("acme", "pageview", OLD_MINUTE, 60),
+                    ("shop", "pageview", OLD_MINUTE, 40)], now=NOW, closed_through=OLD_MINUTE)
+    return path
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., webserver.Server]]:
+    servers: list[webserver.Server] = []
+
+    def start(config: Config, **kwargs: Any) -> webserver.Server:
+        server = webserver.start(api.make_app(config, now=lambda: NOW, **kwargs), "127.0.0.1:0")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def config_for(db: str, key: int = 0x2ABCDEF0, backend: str = "sysv", **kwargs: Any) -> Config:
+    return Config(key=key, backend=backend, database=db, timezone=ZONE, **kwargs)
+
+
+# ------------------------------------------------------------- the format
+
+
+@pytest.mark.parametrize("raw, escaped", [
+    ("plain", "plain"), ('a"b', 'a\\"b'), ("a\\b", "a\\\\b"), ("a\nb", "a\\nb"),
+    ("ünï", "ünï"), ('\\"\n', '\\\\\\"\\n'),
+])
+def test_label_values_are_escaped(raw: str, escaped: str) -> None:
+    assert metrics.escape_label(raw) == escaped
+
+
+def test_render_round_trips_through_prometheus_parser() -> None:
+    family = metrics.Family("x_hits_total", "counter", 'help with "quotes"\\ and\nnewline')
+    for raw in ('a"b', "a\\b", "a\nb", "ünï", WEIRD, "{}=,"):
+        family.add(3, account=raw, event="pageview")
+    gauge = metrics.Family("x_age_seconds", "gauge", "age").add(math.inf)
+    text = metrics.render([family, gauge])
+    types, samples = parse(text)
+    assert types == {"x_hits": "counter", "x_age_seconds": "gauge"}
+    for raw in ('a"b', "a\\b", "a\nb", "ünï", WEIRD, "{}=,"):
+        assert value(samples, "x_hits_total", account=raw, event="pageview") == 3
+    assert value(samples, "x_age_seconds") == math.inf
+    assert text.endswith("\n") and "+Inf" in text
+
+
+@pytest.mark.parametrize("number, text", [(3, "3"), (True, "1"), (0.25, "0.25"),
+                                          (math.nan, "NaN"), (-math.inf, "-Inf")])
+def test_values(number: float, text: str) -> None:
+    assert metrics.format_value(number) == text
+
+
+# ------------------------------------------------------------ end to end
+
+
+def test_every_metric_from_store_segment_and_alerts(installed: tuple[int, str], db: str,
+                                                    serve: Callable[..., webserver.Server]
+                                                    ) -> None:
+    key, backend = installed
+    counter = segment.attach(key, backend, stripe=0)
+    counter.hit("acme", "pageview", 5, NOW - 5)
+    counter.hit(WEIRD, "pageview", 2, NOW - 70)
+    counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 2.5) * 1000))
+    counter.store(segment.H_OVERFLOW_HITS, 8, 11)
+    counter.store(segment.H_DROPPED_HITS, 8, 4)
+    counter.store(segment.H_THROTTLE_LEVEL, 4, 2)
+    rules = (AlertRule(name="burst"), AlertRule(name="calm", account="shop"))
+    episode = alerts.Episode(started=NOW - 60, start_minute=MINUTE - 1, last_hot_minute=MINUTE,
+                             peak=50, peak_minute=MINUTE, last_notice=NOW - 60)
+    with AlertStore(db) as alert_store:
+        alert_store.save(alerts.AlertState(episodes={"burst": episode}), now=NOW)
+
+    types, samples = scrape(serve(config_for(db, key, backend, alerts=rules)))
+
+    assert types["trafficthreshold_hits"] == "counter"
+    assert value(samples, "trafficthreshold_hits_total", account="acme", event="pageview") == 65
+    assert value(samples, "trafficthreshold_hits_total", account="shop", event="pageview") == 40
+    assert value(samples, "trafficthreshold_hits_total", account="all", event="pageview") == 107
+    assert value(samples, "trafficthreshold_hits_total", account=WEIRD, event="pageview") == 2
+    assert value(samples, "trafficthreshold_hits_current_minute", account="acme",
+                 event="pageview") == 5
+    assert value(samples, "trafficthreshold_hits_current_minute", account=WEIRD,
+                 event="pageview") == 0
+    assert value(samples, "trafficthreshold_hits_last_60s", account="all", event="pageview") == 5
+    assert value(samples, "trafficthreshold_throttle_level") == 2  # the supervisor's, fresh
+    assert value(samples, "trafficthreshold_supervisor_heartbeat_age_seconds") == 2.5
+    assert value(samples, "trafficthreshold_overflow_hits_total") == 11
+    assert value(samples, "trafficthreshold_dropped_hits_total") == 4
+    assert value(samples, "trafficthreshold_segment_keys_capacity") == 1024
+    assert value(samples, "trafficthreshold_segment_keys_used") == 4  # ~overflow, all, 2
+    assert value(samples, "trafficthreshold_segment_up") == 1
+    assert value(samples, "trafficthreshold_alerts_firing", rule="burst") == 1
+    assert value(samples, "trafficthreshold_alerts_firing", rule="calm") == 0
+    assert value(samples, "trafficthreshold_store_last_roll_timestamp_seconds") == NOW
+    assert value(samples, "trafficthreshold_store_gaps") == 0
+    counter.detach()
+
+
+def test_hits_total_counts_each_hit_once_across_rolls(installed: tuple[int, str], db: str,
+                                                      serve: Callable[..., webserver.Server]
+                                                      ) -> None:
+    key, backend = installed
+    counter = segment.attach(key, backend, stripe=0)
+    server = serve(config_for(db, key, backend))
+    slots = {slot: (a, e) for slot, a, e in counter.keys()}
+
+    def total(account: str = "acme") -> float:
+        return value(scrape(server)[1], "trafficthreshold_hits_total", account=account,
+                     event="pageview")
+
+    def roll(closed_through: int) -> None:
+        """What the supervisor does: roll the ring's snapshot into the store."""
+        nonlocal slots
+        slots = {slot: (a, e) for slot, a, e in counter.keys()}
+        items = [(*slots[slot], m, n) for slot, m, n in counter.minutes(MINUTE - 100, MINUTE)]
+        with Store(db, ZONE) as store:
+            store.roll(items, now=NOW, closed_through=closed_through)
+
+    assert total() == 60
+    counter.hit("acme", "pageview", 3, NOW - 120)          # two minutes ago
+    counter.hit("acme", "pageview", 4, NOW)                # the current minute
+    assert total() == 67
+    roll(closed_through=MINUTE - 1)                        # current minute rolled partly too
+    assert total() == 67
+    counter.hit("acme", "pageview", 2, NOW - 120)          # a late hit to a closed minute
+    counter.hit("acme", "pageview", 1, NOW)
+    assert total() == 70
+    roll(closed_through=MINUTE - 1)
+    assert total() == 70 and total("all") == 110
+    counter.detach()
+
+
+def test_without_a_segment_or_alert_tables(db: str,
+                                           serve: Callable[..., webserver.Server]) -> None:
+    def missing() -> Any:
+        raise SegmentNotFound("none")
+
+    types, samples = scrape(serve(config_for(db, alerts=(AlertRule(name="burst"),)),
+                                  counter_factory=missing))
+    assert value(samples, "trafficthreshold_segment_up") == 0
+    assert value(samples, "trafficthreshold_hits_total", account="acme", event="pageview") == 60
+    assert "trafficthreshold_hits_current_minute" not in types
+    assert "trafficthreshold_throttle_level" not in types
+    assert "trafficthreshold_alerts_firing" not in types  # the daemon never ran alerts
+
+
+def test_a_supervisor_that_never_ticked_is_infinitely_old(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    _, samples = scrape(serve(config_for(db, *installed)))
+    assert value(samples, "trafficthreshold_supervisor_heartbeat_age_seconds") == math.inf
+    assert value(samples, "trafficthreshold_throttle_level") == 0

@@ -1,0 +1,614 @@
+"""The WSGI app: the Bootic-compatible JSON stats API, /metrics, the dashboard.
+
+A plain WSGI callable, so it runs under the daemon's own server
+(:mod:`trafficthreshold.webserver`, waitress) or under any WSGI server::
+
+    from trafficthreshold import api, config
+    app = api.make_app(config.load())           # your own server, mounted anywhere
+    gunicorn 'trafficthreshold.api:application' # built from config.load() on import
+
+Routes (docs/api.rst has the JSON shapes)::
+
+  GET /api/stats/track/<account>/<event>/<year>[/<month>[/<day>[/<hour>]]]
+  GET /api/stats/live          the segment now: current minute, 60 s, 60 minutes
+  GET /metrics                 Prometheus text format 0.0.4
+  GET /api/openapi.json        OpenAPI 3 description of the above
+  GET /                        the dashboard (HTML)
+
+Read-only: GET and HEAD only, no request bodies, URLs up to 2 KiB.  When
+``http.token`` is set every route needs ``Authorization: Bearer <token>``.
+Errors are JSON ``{"status": 404, "error": "Not Found", "message": ...}``;
+an unexpected exception is logged and answered 500, never with a traceback.
+
+Threads: the app is shared by the server's threads.  Each thread opens its
+own :class:`~trafficthreshold.store.Store` (a sqlite3 connection belongs to
+the thread that made it) on first use.  The segment attachment is shared:
+its reads are lock-free and run under the GIL.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import http
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import urllib.parse
+import wsgiref.util
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import jinja2
+
+from trafficthreshold import alerts, metrics, names, segment
+from trafficthreshold.config import Config
+from trafficthreshold.errors import SegmentError, TrafficThresholdError
+from trafficthreshold.periods import ImpossiblePeriod, resolve_timezone
+from trafficthreshold.store import Store
+from trafficthreshold.throttle import MAX_LEVEL, level_range
+
+log = logging.getLogger("trafficthreshold.api")
+
+#: Longest request target accepted (path and query, as sent).
+MAX_URL_BYTES = 2048
+#: Closed minutes shown by /api/stats/live and the dashboard.
+LIVE_MINUTES = 60
+#: A supervisor heartbeat older than this counts as stale (the C hot path
+#: ignores the supervisor's level after the same 10 s).
+HEARTBEAT_STALE_S = 10.0
+
+JSON_TYPE = "application/json"
+HTML_TYPE = "text/html; charset=utf-8"
+#: Bootic's headers: stats change every minute, nothing may cache them.
+NO_CACHE = (
+    ("Cache-Control", "no-cache, no-store, must-revalidate"),
+    ("Pragma", "no-cache"),
+    ("Expires", "0"),
+)
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+ALLOWED_METHODS = ("GET", "HEAD")
+
+_TRACK = re.compile(
+    r"/api/stats/track/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
+    r"(?:/(?P<month>[0-9]{1,9})(?:/(?P<day>[0-9]{1,9})(?:/(?P<hour>[0-9]{1,9}))?)?)?"
+)
+
+CounterFactory = Callable[[], Any]
+
+
+class HttpError(Exception):
+    """Answer the request with ``status`` and a JSON message."""
+
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = tuple(headers)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = JSON_TYPE
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(status, body.encode("utf-8"), JSON_TYPE, tuple(headers))
+
+
+def error_response(status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    reason = http.HTTPStatus(status).phrase
+    payload = {"status": status, "error": reason, "message": message}
+    return json_response(status, payload, (*NO_CACHE, *headers))
+
+
+@dataclass
+class Request:
+    """What a handler needs of the WSGI environ."""
+
+    environ: Mapping[str, Any]
+    path: str
+    query: dict[str, list[str]] = field(default_factory=dict)
+
+    def param(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/<SCRIPT_NAME>`` without a trailing slash."""
+        return wsgiref.util.application_uri(dict(self.environ)).rstrip("/")
+
+
+# --------------------------------------------------------------------------
+# the app
+
+
+class StatsApp:
+    """The WSGI application; make it with :func:`make_app`."""
+
+    def __init__(
+        self,
+        config: Config,
+        store_path: str | None,
+        counter_factory: CounterFactory | None,
+        now: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store_path = store_path or config.database
+        self.tz: ZoneInfo = resolve_timezone(config.timezone)
+        self.now = now
+        self._token = config.http.token.encode("ascii")
+        self._counter_factory = counter_factory or functools.partial(
+            segment.attach, config.key, config.backend
+        )
+        self._counter: Any = None
+        self._counter_lock = threading.Lock()
+        self._local = threading.local()
+        self._templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("trafficthreshold", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        from trafficthreshold.dashboard import num
+        from trafficthreshold.openapi import openapi_document
+        self._templates.filters["num"] = num
+        self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
+        self._routes: dict[str, Callable[[Request], Response]] = {
+            "/": self.dashboard,
+            "/api/stats/live": self.live,
+            "/api/openapi.json": self.openapi,
+            "/metrics": self.metrics,
+        }
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new alert rules, token and time zone from the next request
+        on.  The segment and the database stay: changing those needs a
+        restart (the supervisor says so)."""
+        self.config = config
+        self.tz = resolve_timezone(config.timezone)
+        self._token = config.http.token.encode("ascii")
+
+    @property
+    def requires_token(self) -> bool:
+        """Whether every request must carry the bearer token."""
+        return bool(self._token)
+
+    # ------------------------------------------------------------------ WSGI
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            response = self._handle(environ, method)
+        except HttpError as exc:
+            response = error_response(exc.status, exc.message, exc.headers)
+        except sqlite3.OperationalError as exc:
+            # "database is locked" past busy_timeout, a disk error...: the
+            # client may retry; the log says which.
+            log.warning("database error answering %s %r: %s", method,
+                        environ.get("PATH_INFO"), exc)
+            response = error_response(503, f"the database is not available right now ({exc}); "
+                                           "try again")
+        except Exception:
+            log.exception("internal error answering %s %r", method, environ.get("PATH_INFO"))
+            response = error_response(500, "internal error; the server log has the details")
+        status = f"{response.status} {http.HTTPStatus(response.status).phrase}"
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            *SECURITY_HEADERS,
+            *response.headers,
+        ]
+        start_response(status, headers)
+        # HEAD: the headers of GET (Content-Length included), no body.
+        return [b""] if method == "HEAD" else [response.body]
+
+    def _handle(self, environ: Mapping[str, Any], method: str) -> Response:
+        """Check limits, auth and method, then route.  Raises HttpError."""
+        raw = environ.get("REQUEST_URI") or environ.get("RAW_URI") or ""
+        target = raw or environ.get("PATH_INFO", "") + "?" + environ.get("QUERY_STRING", "")
+        if len(target) > MAX_URL_BYTES:
+            raise HttpError(414, f"the URL is longer than {MAX_URL_BYTES} bytes")
+        if _has_body(environ):
+            raise HttpError(413, "this API is read-only and takes no request body")
+        self._authorize(environ)
+        if method not in ALLOWED_METHODS:
+            raise HttpError(405, f"{method} is not allowed; this API is read-only (GET, HEAD)",
+                            [("Allow", ", ".join(ALLOWED_METHODS))])
+        request = Request(environ, _decode_path(environ, raw), _parse_query(environ))
+        handler = self._routes.get(request.path)
+        if handler is not None:
+            return handler(request)
+        match = _TRACK.fullmatch(request.path)
+        if match is not None:
+            return self.track(request, **match.groupdict())
+        raise HttpError(404, f"no such page: {request.path}; see /api/openapi.json")
+
+    def _authorize(self, environ: Mapping[str, Any]) -> None:
+        """Raise 401 unless the bearer token matches (when one is set)."""
+        if not self._token:
+            return
+        scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        given = credentials.strip().encode("latin-1", "replace")
+        # compare_digest: the time taken does not tell how much matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
+            raise HttpError(401, "send the token of http.token as 'Authorization: Bearer <token>'",
+                            [("WWW-Authenticate", 'Bearer realm="trafficthreshold"')])
+
+    # ------------------------------------------------------------ resources
+
+    def _store(self) -> Store:
+        """This thread's Store, opened on first use."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            if self.store_path != ":memory:" and not os.path.exists(self.store_path):
+                raise HttpError(503, f"the database {self.store_path} does not exist yet; "
+                                     "start the daemon (`trafficthreshold run`)")
+            try:
+                store = Store(self.store_path, self.config.timezone)
+            except TrafficThresholdError as exc:
+                raise HttpError(503, str(exc)) from None
+            self._local.store = store
+        return store
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection, for reads the Store has no
+        method for (all-time totals, the alert state)."""
+        conn = getattr(self._local, "reader", None)
+        if conn is None:
+            self._store()  # the file exists and has the period tables
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.store_path)) + "?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+            self._local.reader = conn
+        return conn
+
+    def _attach(self) -> Any:
+        """The shared segment attachment, or None if no segment is live.
+
+        A retired or removed segment is let go and attached afresh.  The old
+        Counter is never detached here: another thread may still be reading
+        it, and it unmaps itself when the last reference goes.
+        """
+        with self._counter_lock:
+            counter = self._counter
+            if counter is not None and counter.attached \
+                    and counter.load(segment.H_STATE, 4) == segment.STATE_LIVE:
+                return counter
+            self._counter = None
+            try:
+                self._counter = self._counter_factory()
+            except SegmentError as exc:
+                log.debug("no segment: %s", exc)
+            return self._counter
+
+    def alert_state(self) -> alerts.AlertState | None:
+        """The saved alert state, or None if the alert tables do not exist."""
+        conn = self._reader()
+        try:
+            row = conn.execute("SELECT value FROM alert_state WHERE key = 'engine'").fetchone()
+        except sqlite3.OperationalError:
+            return None  # no such table: the daemon never ran alerts
+        return alerts.AlertState() if row is None else alerts.state_from_json(json.loads(row[0]))
+
+    # ----------------------------------------------------------------- track
+
+    def track(self, request: Request, account: str, event: str, year: str,
+              month: str | None = None, day: str | None = None,
+              hour: str | None = None) -> Response:
+        """One period of one key, Bootic's shape; segments zero-filled."""
+        account = _url_name("account", account, names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
+        event = _url_name("event", event, names.EVENT_MAX, names.OVERFLOW_EVENT)
+        month_, day_, hour_ = (None if p is None else int(p) for p in (month, day, hour))
+        parts = (int(year), month_, day_, hour_)
+        try:
+            period = self._store().period(account, event, parts[0], month_, day_, hour_)
+        except ImpossiblePeriod as exc:
+            raise HttpError(400, str(exc)) from None
+        base = "/".join([request.base_url, "api/stats/track", _quote(account), _quote(event),
+                         *(str(p) for p in parts if p is not None)])
+        # Bootic lists the child periods that hold data; an hour's minutes
+        # are leaves.
+        links = [] if hour is not None else [
+            f"{base}/{segment_}" for segment_, count in period["data"].items() if count
+        ]
+        payload = {
+            "type": "track", "account": account, "event": event,
+            "year": parts[0], "month": parts[1], "day": parts[2], "hour": parts[3],
+            "data": {str(k): v for k, v in period["data"].items()},
+            "total": period["total"],
+            "links": links,
+        }
+        return json_response(200, payload, NO_CACHE)
+
+    # ------------------------------------------------------------------ live
+
+    def live(self, request: Request) -> Response:
+        """The segment now; 503 when no segment is installed."""
+        account = _query_name(request, "account", names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
+        event = _query_name(request, "event", names.EVENT_MAX, names.OVERFLOW_EVENT)
+        counter = self._attach()
+        if counter is None:
+            raise HttpError(503, "no trafficthreshold segment is installed at key "
+                                 f"{self.config.key:#x} ({self.config.backend}); "
+                                 "run `trafficthreshold install`")
+        now = self.now()
+        snap = snapshot(counter, now)
+        keys = [
+            {k: entry[k] for k in ("account", "event", "current_minute", "last_60s", "minutes")}
+            for entry in snap.keys
+            if (account is None or entry["account"] == account)
+            and (event is None or entry["event"] == event)
+        ]
+        payload = {
+            "type": "live",
+            "now": now,
+            "minute": snap.minute,
+            "first_minute": snap.minute - LIVE_MINUTES,
+            "keys": keys,
+            "throttle": snap.throttle,
+            "supervisor": snap.supervisor,
+            "segment": snap.segment,
+        }
+        return json_response(200, payload, NO_CACHE)
+
+    # --------------------------------------------------------------- metrics
+
+    def metrics(self, request: Request) -> Response:
+        store = self._store()
+        now = self.now()
+        totals = metrics.stored_totals(self._reader())
+        counter = self._attach()
+        snap = None if counter is None else snapshot(counter, now)
+        if snap is not None:
+            slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
+            for key, n in metrics.pending_hits(store, counter, slots, now,
+                                               snap.header["minute_buckets"]).items():
+                totals[key] = totals.get(key, 0) + n
+        state = self.alert_state()
+        firing = None
+        if state is not None:
+            firing = {rule.name: rule.name in state.episodes for rule in self.config.alerts}
+            firing.update({name: True for name in state.episodes if name not in firing})
+        families = metrics.collect(
+            totals=totals,
+            live=None if snap is None else snap.keys,
+            header=None if snap is None else snap.header,
+            throttle_level=None if snap is None else snap.throttle["level"],
+            heartbeat_age=None if snap is None else snap.supervisor["heartbeat_age_seconds"],
+            firing=firing,
+            last_roll_at=store.last_roll_at(),
+            gaps=len(store.gaps()),
+        )
+        body = metrics.render(families).encode("utf-8")
+        return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)
+
+    # --------------------------------------------------------------- openapi
+
+    def openapi(self, request: Request) -> Response:
+        return Response(200, self._openapi, JSON_TYPE)
+
+    # ------------------------------------------------------------- dashboard
+
+    def dashboard(self, request: Request) -> Response:
+        event = _query_name(request, "event", names.EVENT_MAX, names.OVERFLOW_EVENT)
+        event = event or names.DEFAULT_EVENT
+        store = self._store()
+        now = self.now()
+        counter = self._attach()
+        snap = None if counter is None else snapshot(counter, now)
+        from trafficthreshold.dashboard import dashboard_context
+        context = dashboard_context(self, store, snap, event, now)
+        nonce = secrets.token_urlsafe(16)
+        html = self._templates.get_template("dashboard.html").render(**context, nonce=nonce)
+        csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+               f"script-src 'nonce-{nonce}'; connect-src 'self'; base-uri 'none'; "
+               "form-action 'none'; frame-ancestors 'none'")
+        return Response(200, html.encode("utf-8"), HTML_TYPE,
+                        (*NO_CACHE, ("Content-Security-Policy", csp)))
+
+
+def make_app(
+    config: Config,
+    *,
+    store_path: str | None = None,
+    counter_factory: CounterFactory | None = None,
+    now: Callable[[], float] = time.time,
+) -> StatsApp:
+    """The WSGI app for ``config``.
+
+    ``store_path`` overrides ``config.database``; ``counter_factory()``
+    attaches to the segment (default: ``segment.attach(config.key,
+    config.backend)``, and it may raise SegmentNotFound); ``now()`` is the
+    clock (float Unix seconds), a parameter for tests.
+    """
+    return StatsApp(config, store_path, counter_factory, now)
+
+
+def make_app_from_env(env: Mapping[str, str] = os.environ) -> StatsApp:
+    """The app for the configuration :func:`trafficthreshold.config.load`
+    finds (``$TRAFFICTHRESHOLD_CONFIG``, else /etc/trafficthreshold/config.toml)."""
+    from trafficthreshold import config as config_module
+
+    return make_app(config_module.load(env=env))
+
+
+_application: StatsApp | None = None
+_application_lock = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """``trafficthreshold.api:application``, built on first access (so that
+    importing this module never reads the configuration)."""
+    global _application
+    if name != "application":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _application_lock:
+        if _application is None:
+            _application = make_app_from_env()
+    return _application
+
+
+# --------------------------------------------------------------------------
+# request parsing
+
+
+def _has_body(environ: Mapping[str, Any]) -> bool:
+    length = environ.get("CONTENT_LENGTH") or "0"
+    try:
+        has_length = int(length) > 0
+    except ValueError:
+        has_length = True
+    return has_length or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def _decode_path(environ: Mapping[str, Any], raw_uri: str) -> str:
+    """PATH_INFO as text (WSGI hands over bytes as latin-1); 404 for bytes
+    that are not UTF-8 and for a percent-encoded slash, which would let a
+    name span two path segments."""
+    raw_path = raw_uri.partition("?")[0]
+    if "%2f" in raw_path.lower() or "%5c" in raw_path.lower():
+        raise HttpError(404, "percent-encoded slashes are not allowed in stats URLs")
+    try:
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise HttpError(404, "the URL path is not valid UTF-8") from None
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    return path or "/"
+
+
+def _parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:
+    try:
+        return urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                     max_num_fields=20,
+                                     errors="strict")
+    except (ValueError, UnicodeError):
+        raise HttpError(400, "the query string is malformed or has too many fields") from None
+
+
+def _url_name(kind: str, value: str, max_bytes: int, reserved: str) -> str:
+    """A name from the path, by the rules of :mod:`trafficthreshold.names`
+    (plus the reserved overflow key); 404 otherwise, and for ``.``/``..``."""
+    if value == reserved:
+        return value
+    if value in (".", ".."):
+        raise HttpError(404, f"{kind} name {value!r} is not allowed")
+    try:
+        return names.check_name(kind, value, max_bytes)
+    except (TypeError, ValueError) as exc:
+        raise HttpError(404, str(exc)) from None
+
+
+def _query_name(request: Request, kind: str, max_bytes: int, reserved: str) -> str | None:
+    """An optional name from the query string; 404 if it is not valid (no
+    key can have that name), like a name in the path."""
+    value = request.param(kind)
+    return None if value is None else _url_name(kind, value, max_bytes, reserved)
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+# --------------------------------------------------------------------------
+# the segment now
+
+
+@dataclass
+class Snapshot:
+    """What the segment says at ``now``: one read of every key."""
+
+    minute: int
+    keys: list[dict[str, Any]]
+    header: dict[str, int]
+    throttle: dict[str, Any]
+    supervisor: dict[str, Any]
+    segment: dict[str, int]
+
+
+def snapshot(counter: Any, now: float) -> Snapshot:
+    """Read every key's current minute, sliding 60 s and last closed
+    minutes, and the header.  Lock-free reads; no lock is held."""
+    header = segment.header(counter)
+    minute = int(now // 60)
+    # The ring holds the current minute and minute_buckets - 1 closed ones.
+    span = max(1, min(LIVE_MINUTES, header["minute_buckets"] - 1))
+    first = minute - LIVE_MINUTES
+    ring: dict[int, list[int]] = defaultdict(lambda: [0] * LIVE_MINUTES)
+    for slot, epoch_minute, count in counter.minutes(minute - span, minute - 1):
+        ring[slot][epoch_minute - first] = count
+    keys = [
+        {
+            "slot": slot, "account": account, "event": event,
+            "current_minute": counter.count(slot, 1, now),
+            "last_60s": counter.count(slot, 0, now),
+            "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
+        }
+        for slot, account, event in counter.keys()
+    ]
+    keys.sort(key=_key_order)
+    return Snapshot(minute, keys, header, _throttle(counter, header, now),
+                    _supervisor(header, now), _segment_info(header))
+
+
+def _key_order(entry: Mapping[str, Any]) -> tuple[int, str, int, str]:
+    """Events by name, the total first, internal keys last, then by name."""
+    account = entry["account"]
+    rank = 0 if account == names.ALL else 2 if account.startswith("~") else 1
+    return (entry["event"].startswith("~"), entry["event"], rank, account)
+
+
+def _throttle(counter: Any, header: Mapping[str, int], now: float) -> dict[str, Any]:
+    """Drupal's throttle block: level, its range, pages in the past minute."""
+    multiplier = max(1, header["throttle_multiplier"])
+    window = header["throttle_window"]
+    level = min(MAX_LEVEL, counter.level(now))
+    low, high = level_range(level, multiplier)
+    text = f"Current Level: {level} ({low} - {high})" if high is not None \
+        else f"Current Level: {level} ({low} and more)"
+    return {
+        "level": level,
+        "supervisor_level": header["throttle_level"],
+        "min": low,
+        "max": high,
+        "text": text,
+        "multiplier": multiplier,
+        "window": "60s" if window == 0 else "minute",
+        "pages_past_minute": counter.count(header["throttle_slot"], window, now),
+    }
+
+
+def _supervisor(header: Mapping[str, int], now: float) -> dict[str, Any]:
+    beat = header["heartbeat_ms"]
+    age = None if beat == 0 else round(max(0.0, now - beat / 1000), 3)
+    return {
+        "pid": header["supervisor_pid"] or None,
+        "heartbeat_age_seconds": age,
+        "alive": age is not None and age <= HEARTBEAT_STALE_S,
+    }
+
+
+def _segment_info(header: Mapping[str, int]) -> dict[str, int]:
+    return {name: header[name] for name in (
+        "key_capacity", "keys_used", "minute_buckets", "overflow_hits", "dropped_hits")}
+
+
+# --------------------------------------------------------------------------

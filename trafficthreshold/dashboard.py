@@ -1,0 +1,210 @@
+"""The dashboard page: its context for templates/dashboard.html and the
+server-rendered SVG bar chart (no CDN, no build step).  Served by
+:class:`trafficthreshold.api.StatsApp` at ``/``."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import socket
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from trafficthreshold import names
+from trafficthreshold.periods import local_parts
+from trafficthreshold.store import Store
+from trafficthreshold.throttle import MAX_LEVEL
+
+log = logging.getLogger("trafficthreshold.dashboard")
+
+from trafficthreshold.api import LIVE_MINUTES, Snapshot, StatsApp  # noqa: E402  (api imports us lazily)
+
+#: Accounts shown in the dashboard's top list.
+TOP_ACCOUNTS = 10
+#: Seconds between two refreshes of the dashboard.
+REFRESH_S = 5
+#: Closest two throttle-level labels of the chart may be, in % of its height.
+LEVEL_LABEL_GAP = 8
+
+
+def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event: str,
+                      now: float) -> dict[str, Any]:
+    """Everything dashboard.html shows, as plain values (it escapes them)."""
+    minute = int(now // 60)
+    first = minute - LIVE_MINUTES
+    total_key = None
+    if snap is not None:
+        total_key = next((e for e in snap.keys
+                          if e["account"] == names.ALL and e["event"] == event), None)
+        minutes = list(total_key["minutes"]) if total_key else [0] * LIVE_MINUTES
+        top = _top_from_ring(snap, event)
+    else:
+        minutes = _minutes_from_store(store, event, first, minute - 1)
+        top = store.top_accounts(event, first, TOP_ACCOUNTS)
+    current = total_key["current_minute"] if total_key else 0
+    throttle = snap.throttle if snap else None
+    labels = [_hhmm(m, app.tz) for m in range(first, minute + 1)]
+    known = {e["event"] for e in snap.keys} if snap else set(store.events())
+    # The overflow key's event (~any) is internal: listed only when chosen.
+    events = sorted({e for e in known if not e.startswith("~")} | {event},
+                    key=lambda e: (e.startswith("~"), e))
+    return {
+        "host": socket.gethostname(),
+        "event": event,
+        "events": events,
+        "installed": snap is not None,
+        "key": f"{app.config.key:#x}",
+        "backend": app.config.backend,
+        "now_text": _local(now, app.tz).strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "current_minute": current,
+        "last_60s": total_key["last_60s"] if total_key else 0,
+        "last_hour": sum(minutes) + current,
+        "throttle": throttle,
+        "level_class": _level_class(throttle["level"] if throttle else 0),
+        "chart": bar_chart(minutes, current, labels, throttle["multiplier"] if throttle else None),
+        "top": _top_rows(top),
+        "alerts": _alert_rows(app, snap),
+        "supervisor": snap.supervisor if snap else None,
+        "segment": snap.segment if snap else None,
+        "last_roll": _ago(store.last_roll_at(), now),
+        "closed_through": (_hhmm(c, app.tz) if (c := store.closed_through()) is not None
+                           else None),
+        "gaps": len(store.gaps()),
+        "refresh": REFRESH_S,
+    }
+
+
+def _local(now: float, tz: ZoneInfo) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(now, tz)
+
+
+def _hhmm(minute: int, tz: ZoneInfo) -> str:
+    parts = local_parts(minute, tz)
+    return f"{parts[3]:02d}:{parts[4]:02d}"
+
+
+def _ago(moment: float | None, now: float) -> str | None:
+    if moment is None:
+        return None
+    seconds = max(0, int(now - moment))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
+def num(value: int | float | None) -> str:
+    """12345 -> "12,345"; None -> an en dash."""
+    if value is None:
+        return "\u2013"
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"
+
+
+def _level_class(level: int) -> str:
+    return "ok" if level == 0 else "warn" if level <= 2 else "hot"
+
+
+def _top_from_ring(snap: Snapshot, event: str) -> list[tuple[str, int]]:
+    """The busiest accounts of ``event`` over the ring's last hour."""
+    totals = [
+        (e["account"], sum(e["minutes"]) + e["current_minute"])
+        for e in snap.keys
+        if e["event"] == event and e["account"] != names.ALL and not e["account"].startswith("~")
+    ]
+    totals = [t for t in totals if t[1] > 0]
+    totals.sort(key=lambda t: (-t[1], t[0]))
+    return totals[:TOP_ACCOUNTS]
+
+
+def _top_rows(top: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    biggest = max((count for _, count in top), default=0) or 1
+    return [{"account": a, "count": c, "percent": round(100 * c / biggest, 1)} for a, c in top]
+
+
+def _minutes_from_store(store: Store, event: str, first: int, last: int) -> list[int]:
+    """The total's minute rows ``first..last`` from the store, when there is
+    no segment to read them from: one period query per local hour."""
+    hours: dict[tuple[int, ...], dict[int, int]] = {}
+    counts = []
+    for minute in range(first, last + 1):
+        parts = local_parts(minute, store.tz)
+        if parts[:4] not in hours:
+            hours[parts[:4]] = store.period(names.ALL, event, *parts[:4])["data"]
+        counts.append(hours[parts[:4]].get(parts[4], 0))
+    return counts
+
+
+def _alert_rows(app: StatsApp, snap: Snapshot | None) -> list[dict[str, Any]]:
+    state = app.alert_state()
+    episodes = state.episodes if state is not None else {}
+    live = {(e["account"], e["event"]): e for e in snap.keys} if snap else {}
+    rows = []
+    for rule in app.config.alerts:
+        entry = live.get((rule.account, rule.event))
+        count = None
+        if entry is not None:
+            count = entry["current_minute"] if rule.window == "minute" else entry["last_60s"]
+        episode = episodes.get(rule.name)
+        rows.append({
+            "name": rule.name, "account": rule.account, "event": rule.event,
+            "window": rule.window, "threshold": rule.threshold, "count": count,
+            "firing": episode is not None,
+            "since": _hhmm(episode.start_minute, app.tz) if episode else None,
+            "peak": episode.peak if episode else None,
+        })
+    return rows
+
+
+def bar_chart(counts: list[int], current: int, labels: list[str],
+              multiplier: int | None) -> dict[str, Any]:
+    """The geometry of the dashboard's bar chart, in a 600 x 200 viewBox.
+
+    ``counts`` are the closed minutes, oldest first, ``current`` the open
+    minute (drawn last, lighter); ``labels`` the local HH:MM of every bar.
+    The scale is a "nice" maximum (1, 2 or 5 times a power of ten) with four
+    grid lines; ``multiplier`` adds the throttle levels' floors that fit.
+    """
+    values = [*counts, current]
+    top = _nice_ceiling(max(values + [multiplier or 0, 4]))
+    width, height = 600.0, 200.0
+    step = width / len(values)
+    gap = min(2.0, step * 0.2)
+    bars = []
+    for i, value in enumerate(values):
+        bar_height = height * value / top
+        bars.append({
+            "x": round(i * step + gap / 2, 2), "width": round(step - gap, 2),
+            "y": round(height - bar_height, 2), "height": round(bar_height, 2),
+            "value": value, "label": labels[i], "current": i == len(values) - 1,
+        })
+    grid = [{"value": top * k // 4, "y": round(height - height * k / 4, 2),
+             "percent": 100 - 25 * k} for k in range(5)]
+    levels = []
+    labelled: float | None = None
+    for level in range(MAX_LEVEL, 0, -1):
+        floor = level * (multiplier or 0)
+        if not floor:
+            break
+        if floor > top:
+            continue
+        percent = round(100 - 100 * floor / top, 2)
+        # Label a floor only if it is clear of the one labelled above it.
+        label = labelled is None or percent - labelled >= LEVEL_LABEL_GAP
+        labelled = percent if label else labelled
+        levels.append({"level": level, "value": floor, "label": label, "percent": percent,
+                       "y": round(height - height * floor / top, 2)})
+    ticks = [{"label": labels[i], "percent": round(100 * (i + 0.5) / len(values), 2)}
+             for i in range(0, len(values), 15)]
+    return {"bars": bars, "grid": grid, "levels": levels, "ticks": ticks,
+            "width": width, "height": height, "max": top}
+
+
+def _nice_ceiling(value: int) -> int:
+    """The smallest 1, 2 or 5 times a power of ten that is >= value (>= 4)."""
+    power = 10 ** max(0, int(math.log10(max(value, 1))))
+    for factor in (1, 2, 4, 5, 10):
+        if factor * power >= value:
+            return factor * power
+    return 10 * power

@@ -1,0 +1,227 @@
+"""Prometheus metrics: the text exposition format 0.0.4, written by hand.
+
+No client library: the numbers come from the period store, the segment
+header and the alert state at scrape time, so there is nothing to register
+and no process-local state.  :func:`collect` turns those sources into
+:class:`Family` objects, :func:`render` writes them out.
+
+The metrics (``/metrics``; docs/api.rst explains each)::
+
+  trafficthreshold_hits_total{account,event}             counter
+  trafficthreshold_hits_current_minute{account,event}    gauge
+  trafficthreshold_hits_last_60s{account,event}          gauge
+  trafficthreshold_throttle_level                        gauge
+  trafficthreshold_alerts_firing{rule}                   gauge (0/1)
+  trafficthreshold_supervisor_heartbeat_age_seconds      gauge
+  trafficthreshold_overflow_hits_total                   counter
+  trafficthreshold_dropped_hits_total                    counter
+  trafficthreshold_segment_keys_capacity / _keys_used    gauge
+  trafficthreshold_segment_up                            gauge (0/1)
+  trafficthreshold_store_last_roll_timestamp_seconds     gauge
+  trafficthreshold_store_gaps                            gauge
+
+``hits_total`` is *all hits ever counted*: the sum of the store's month rows
+(every hit the supervisor rolled) plus what the segment ring holds that the
+next roll would add (``observed - watermark`` of each ring minute, see
+:func:`pending_hits`).  It only goes down when the ring loses minutes that
+were never rolled (the supervisor was down for longer than the ring) or when
+``retention.months`` prunes month rows; Prometheus takes either as a counter
+reset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from trafficthreshold.store import WATERMARK_KEEP_MINUTES, Store
+
+#: The Content-Type of the text format.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Key = tuple[str, str]
+Labels = Mapping[str, str]
+
+
+@dataclasses.dataclass
+class Family:
+    """One metric: its name, TYPE, HELP and samples ``(labels, value)``."""
+
+    name: str
+    type: str
+    help: str
+    samples: list[tuple[Labels, float]] = dataclasses.field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> Family:
+        self.samples.append((labels, value))
+        return self
+
+
+# --------------------------------------------------------------------------
+# the text format
+
+
+def escape_label(value: str) -> str:
+    """A label value for the text format: backslash, double quote and line
+    feed are escaped (``\\\\``, ``\\"``, ``\\n``); everything else is UTF-8."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """A HELP text: backslash and line feed escaped (quotes are allowed)."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    """An integer without a fraction, a float with repr, NaN and infinities
+    the way the format spells them."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render(families: Iterable[Family]) -> str:
+    """The exposition text of ``families``: HELP, TYPE, then the samples."""
+    lines: list[str] = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {escape_help(family.help)}")
+        lines.append(f"# TYPE {family.name} {family.type}")
+        for labels, value in family.samples:
+            if labels:
+                pairs = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+                lines.append(f"{family.name}{{{pairs}}} {format_value(value)}")
+            else:
+                lines.append(f"{family.name} {format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# the numbers
+
+
+def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
+    """All-time hits per key as rolled into the store: the sum of its month
+    rows.  ``conn`` is any connection to the store's file (read-only is
+    enough); one scan of the small months table."""
+    rows = conn.execute("SELECT account, event, SUM(count) FROM months GROUP BY account, event")
+    return {(account, event): int(total) for account, event, total in rows}
+
+
+def pending_hits(
+    store: Store, counter: Any, slots: Mapping[int, Key], now: float, ring_minutes: int
+) -> dict[Key, int]:
+    """Hits in the segment ring that the store has not rolled yet, per key.
+
+    For every ring minute that is still readable (the current one and up to
+    ``ring_minutes - 1`` closed ones) this is ``observed - watermark``: what
+    the supervisor's next roll would add.  Minutes at or before
+    :meth:`Store.closed_through` are normally fully rolled (delta 0); a late
+    increment to one of them shows here until the next roll.  Lock-free read
+    (``Counter.minutes``); no lock is held.
+    """
+    minute = int(now // 60)
+    # Watermarks are kept for WATERMARK_KEEP_MINUTES: older ring minutes
+    # (only with a huge ring) cannot be compared and are left out.
+    span = max(1, min(ring_minutes, WATERMARK_KEEP_MINUTES))
+    first = minute - span + 1
+    marks = store.watermark_minutes(first)
+    pending: dict[Key, int] = defaultdict(int)
+    for slot, epoch_minute, observed in counter.minutes(first, minute):
+        key = slots.get(slot)
+        if key is None:
+            continue
+        delta = observed - marks.get((key[0], key[1], epoch_minute), 0)
+        if delta > 0:
+            pending[key] += delta
+    return dict(pending)
+
+
+def collect(
+    *,
+    totals: Mapping[Key, int],
+    live: Sequence[Mapping[str, Any]] | None,
+    header: Mapping[str, int] | None,
+    throttle_level: int | None,
+    heartbeat_age: float | None,
+    firing: Mapping[str, bool] | None,
+    last_roll_at: float | None,
+    gaps: int,
+) -> list[Family]:
+    """The metric families from plain numbers (see the module docstring).
+
+    ``totals``: all-time hits per key (stored + pending); ``live``: one dict
+    per segment key with ``account``, ``event``, ``current_minute`` and
+    ``last_60s`` (None: no segment); ``header``: :func:`segment.header`;
+    ``firing``: rule name -> open episode (None: no alert tables).
+    """
+    fams: list[Family] = []
+    hits = Family("trafficthreshold_hits_total", "counter",
+                  "Hits counted per account and event since the store was created "
+                  "(rolled into the store, plus what the segment holds that is not rolled yet).")
+    for (account, event), total in sorted(totals.items()):
+        hits.add(total, account=account, event=event)
+    fams.append(hits)
+    segment_up = Family("trafficthreshold_segment_up", "gauge",
+                        "1 if the shared-memory segment is installed and live, else 0.")
+    fams.append(segment_up.add(0 if header is None else 1))
+    if live is not None:
+        current = Family("trafficthreshold_hits_current_minute", "gauge",
+                         "Hits in the current clock minute, per account and event.")
+        sliding = Family("trafficthreshold_hits_last_60s", "gauge",
+                         "Hits in the sliding last 60 seconds, per account and event.")
+        for entry in live:
+            labels = {"account": entry["account"], "event": entry["event"]}
+            current.add(entry["current_minute"], **labels)
+            sliding.add(entry["last_60s"], **labels)
+        fams += [current, sliding]
+    if header is not None:
+        fams += _segment_families(header, throttle_level, heartbeat_age)
+    if firing is not None:
+        alerts = Family("trafficthreshold_alerts_firing", "gauge",
+                        "1 while an alert rule has an open episode, else 0.")
+        for name, is_firing in sorted(firing.items()):
+            alerts.add(1 if is_firing else 0, rule=name)
+        fams.append(alerts)
+    if last_roll_at is not None:
+        fams.append(Family("trafficthreshold_store_last_roll_timestamp_seconds", "gauge",
+                           "Unix time of the supervisor's last roll into the store.")
+                    .add(last_roll_at))
+    fams.append(Family("trafficthreshold_store_gaps", "gauge",
+                       "Recorded gaps: stretches of minutes that were not counted.").add(gaps))
+    return fams
+
+
+def _segment_families(
+    header: Mapping[str, int], level: int | None, heartbeat_age: float | None
+) -> list[Family]:
+    """The families read from the segment header."""
+    fams = [
+        Family("trafficthreshold_throttle_level", "gauge",
+               "The throttle level 0..5 the workers see.").add(level or 0),
+        Family("trafficthreshold_overflow_hits_total", "counter",
+               "Hits counted under ~overflow because the key table was full.")
+        .add(header["overflow_hits"]),
+        Family("trafficthreshold_dropped_hits_total", "counter",
+               "Hits dropped (segment semaphore timeout, clock out of range).")
+        .add(header["dropped_hits"]),
+        Family("trafficthreshold_segment_keys_capacity", "gauge",
+               "Counter slots of the segment (reserved slots included).")
+        .add(header["key_capacity"]),
+        Family("trafficthreshold_segment_keys_used", "gauge",
+               "Counter slots in use.").add(header["keys_used"]),
+    ]
+    # +Inf before the first tick: an alert on "age > 30" fires at once.
+    age = math.inf if heartbeat_age is None else heartbeat_age
+    fams.append(Family("trafficthreshold_supervisor_heartbeat_age_seconds", "gauge",
+                       "Seconds since the supervisor's last tick (+Inf: never ticked).").add(age))
+    return fams

@@ -1,0 +1,153 @@
+"""The OpenAPI 3 document of the stats API, generated in code (served at
+``/api/openapi.json``; schemathesis checks the app against it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trafficthreshold import names
+
+from trafficthreshold.api import JSON_TYPE, LIVE_MINUTES  # noqa: E402  (api imports us lazily)
+
+
+def _error_ref(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+NAME_RULES = ("at most {0} UTF-8 bytes, no control characters, no '/', no leading '~' "
+              "(except the overflow key ~overflow/~any); other names are 404")
+
+
+def _name_param(name: str, max_bytes: int, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True,
+            "description": f"{description}: {NAME_RULES.format(max_bytes)}",
+            "schema": {"type": "string", "minLength": 1, "maxLength": max_bytes}}
+
+
+def _int_param(name: str, low: int, high: int) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "integer", "minimum": low, "maximum": high}}
+
+
+def _track_operation(depth: int) -> dict[str, Any]:
+    params = [
+        _name_param("account", names.ACCOUNT_MAX, "an account, or `all` for the total"),
+        _name_param("event", names.EVENT_MAX, "an event such as `pageview`"),
+        _int_param("year", 1, 9999),
+        _int_param("month", 1, 12), _int_param("day", 1, 31), _int_param("hour", 0, 23),
+    ][: 3 + depth]
+    children = ("months", "days", "hours", "minutes")[depth]
+    return {"get": {
+        "summary": f"Counts of one period by its {children}",
+        "operationId": "track" + ("Year", "Month", "Day", "Hour")[depth],
+        "parameters": params,
+        "responses": {
+            "200": {"description": f"the period's {children}, zero-filled",
+                    "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Track"}}}},
+            "400": _error_ref("the date does not exist (February 30, month 13)"),
+            "404": _error_ref("the account or event name is not valid"),
+            "default": _error_ref("an error"),
+        },
+    }}
+
+
+def _plain_operation(summary: str, op_id: str, content_type: str, schema: dict[str, Any],
+                     params: list[dict[str, Any]] | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    responses = {"200": {"description": summary, "content": {content_type: {"schema": schema}}},
+                 **(extra or {}), "default": _error_ref("an error")}
+    return {"get": {"summary": summary, "operationId": op_id, "parameters": params or [],
+                    "responses": responses}}
+
+
+def _query_param(name: str, max_bytes: int, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False,
+            "description": f"{description}: {NAME_RULES.format(max_bytes)}",
+            "schema": {"type": "string", "minLength": 1, "maxLength": max_bytes}}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.0 description served at /api/openapi.json."""
+    from trafficthreshold import __version__
+
+    count = {"type": "integer", "minimum": 0}
+    nullable_int = {"type": "integer", "nullable": True}
+    schemas = {
+        "Error": {"type": "object", "required": ["status", "error", "message"], "properties": {
+            "status": {"type": "integer"}, "error": {"type": "string"},
+            "message": {"type": "string"}}},
+        "Track": {"type": "object", "required": [
+            "type", "account", "event", "year", "month", "day", "hour", "data", "total", "links"],
+            "properties": {
+                "type": {"type": "string", "enum": ["track"]},
+                "account": {"type": "string"}, "event": {"type": "string"},
+                "year": {"type": "integer"}, "month": nullable_int, "day": nullable_int,
+                "hour": nullable_int,
+                "data": {"type": "object", "additionalProperties": count,
+                         "description": "segment (month, day, hour or minute) -> count, "
+                                        "every segment, in numeric order"},
+                "total": count,
+                "links": {"type": "array", "items": {"type": "string"},
+                          "description": "URLs of the child periods that hold counts"}}},
+        "LiveKey": {"type": "object", "required": [
+            "account", "event", "current_minute", "last_60s", "minutes"], "properties": {
+                "account": {"type": "string"}, "event": {"type": "string"},
+                "current_minute": count, "last_60s": count,
+                "minutes": {"type": "array", "items": count, "minItems": LIVE_MINUTES,
+                            "maxItems": LIVE_MINUTES,
+                            "description": "closed minutes, oldest first: first_minute .. "
+                                           "minute - 1"}}},
+        "Live": {"type": "object", "required": [
+            "type", "now", "minute", "first_minute", "keys", "throttle", "supervisor",
+            "segment"], "properties": {
+                "type": {"type": "string", "enum": ["live"]},
+                "now": {"type": "number"}, "minute": {"type": "integer"},
+                "first_minute": {"type": "integer"},
+                "keys": {"type": "array", "items": {"$ref": "#/components/schemas/LiveKey"}},
+                "throttle": {"type": "object", "required": ["level", "min", "max", "text"],
+                             "properties": {
+                                 "level": {"type": "integer", "minimum": 0, "maximum": 5},
+                                 "supervisor_level": {"type": "integer"},
+                                 "min": count, "max": nullable_int, "text": {"type": "string"},
+                                 "multiplier": {"type": "integer"},
+                                 "window": {"type": "string", "enum": ["60s", "minute"]},
+                                 "pages_past_minute": count}},
+                "supervisor": {"type": "object", "required": ["pid", "heartbeat_age_seconds",
+                                                              "alive"], "properties": {
+                    "pid": nullable_int,
+                    "heartbeat_age_seconds": {"type": "number", "nullable": True},
+                    "alive": {"type": "boolean"}}},
+                "segment": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+    }
+    paths: dict[str, Any] = {}
+    track = "/api/stats/track/{account}/{event}/{year}"
+    for depth, part in enumerate(("", "/{month}", "/{day}", "/{hour}")):
+        track += part
+        paths[track] = _track_operation(depth)
+    paths["/api/stats/live"] = _plain_operation(
+        "The segment now: current minute, sliding 60 s, last 60 minutes per key",
+        "live", JSON_TYPE, {"$ref": "#/components/schemas/Live"},
+        [_query_param("account", names.ACCOUNT_MAX, "only this account"),
+         _query_param("event", names.EVENT_MAX, "only this event")],
+        {"404": _error_ref("a name is not valid (no key can have it)"),
+         "503": _error_ref("no segment is installed: run `trafficthreshold install`")})
+    paths["/metrics"] = _plain_operation("Prometheus metrics (text format 0.0.4)", "metrics",
+                                         "text/plain", {"type": "string"})
+    paths["/api/openapi.json"] = _plain_operation("This document", "openapi", JSON_TYPE,
+                                                  {"type": "object"})
+    paths["/"] = _plain_operation(
+        "The dashboard", "dashboard", "text/html", {"type": "string"},
+        [_query_param("event", names.EVENT_MAX, "the event to show (default pageview)")],
+        {"404": _error_ref("the event name is not valid")})
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "trafficthreshold stats API", "version": __version__,
+                 "description": "Bootic-compatible page-view statistics, the live segment, "
+                                "Prometheus metrics and a dashboard. Read-only."},
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "required on every route when http.token is set"}}},
+        "security": [{}, {"bearer": []}],
+    }

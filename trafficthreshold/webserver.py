@@ -1,0 +1,179 @@
+"""Serve a WSGI app with waitress in a background thread.
+
+The daemon calls ``start(make_app(config), config.http.listen)`` (unless
+``--no-http``) and ``stop()`` at shutdown::
+
+    server = webserver.start(app, "127.0.0.1:8787")
+    server.url    # "http://127.0.0.1:8787/"
+    server.stop()
+
+waitress (pure Python, no C extension) runs one event-loop thread that reads
+requests and a few worker threads that call the app.  The limits that make
+it safe to leave running: small request headers, bodies of at most 1 KiB
+reach the app (which refuses any body), idle or slow connections are closed
+after CHANNEL_TIMEOUT seconds, at most CONNECTION_LIMIT connections.
+
+Listening anywhere but loopback needs a bearer token (the config check
+refuses it otherwise); :func:`start` checks the same once more, so that a
+mistake elsewhere cannot expose the stats without one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import waitress.server
+import waitress.trigger
+from waitress import wasyncore
+
+from trafficthreshold.config import is_loopback, parse_listen
+
+log = logging.getLogger("trafficthreshold.webserver")
+
+#: Worker threads calling the app (the machine this runs on is small).
+THREADS = 4
+#: Seconds an idle connection is kept open; also bounds a slow client.
+CHANNEL_TIMEOUT = 30
+CONNECTION_LIMIT = 100
+#: Request line plus headers; URLs longer than 2 KiB are refused by the app.
+MAX_REQUEST_HEADER_SIZE = 16 * 1024
+#: Bodies larger than this are refused by waitress, smaller ones by the app
+#: (with a JSON message).
+MAX_REQUEST_BODY_SIZE = 1024
+#: Seconds stop() waits for requests in progress.
+STOP_TIMEOUT = 5.0
+
+
+class Server:
+    """A running waitress server; make it with :func:`start`."""
+
+    def __init__(self, server: Any, listen: str) -> None:
+        self._server = server
+        self.listen = listen
+        if hasattr(server, "effective_listen"):  # a host name with several addresses
+            host, port = server.effective_listen[0][:2]
+        else:
+            host, port = server.effective_host, server.effective_port
+        self.host: str = str(host)
+        self.port: int = int(port)  # waitress gives a str (getnameinfo)
+        self._thread = threading.Thread(target=self._run, name="trafficthreshold-http",
+                                        daemon=True)
+        self._stopped = threading.Event()
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/``, IPv6 hosts in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except Exception:
+            log.exception("the HTTP server stopped on an error")
+        finally:
+            self._stopped.set()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Close the listening sockets and connections, wait for the loop
+        and the worker threads (at most ``timeout`` seconds each)."""
+        if self._stopped.is_set() and not self._thread.is_alive():
+            return
+        socket_map = self._socket_map()
+        triggers = [d for d in socket_map.values() if isinstance(d, waitress.trigger.trigger)]
+        # The event loop owns its sockets: close them from inside the loop,
+        # through its trigger, instead of racing it from this thread.  The
+        # trigger pipes stay open until the worker threads are gone: a pull
+        # racing the close would write to a closed (or reused!) fd number.
+        triggers[0].pull_trigger(functools.partial(_close_all_but, socket_map, triggers))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("the HTTP server loop did not stop within %.0f s", timeout)
+        elif socket_map:
+            # The loop had already died (and logged why): close from here.
+            _close_all_but(socket_map, triggers)
+        self._server.task_dispatcher.shutdown(timeout=timeout)
+        for trigger in triggers:
+            trigger.close()
+        log.info("HTTP server on %s stopped", self.url)
+
+    def _socket_map(self) -> dict[int, Any]:
+        # A MultiSocketServer (a host name with several addresses) has .map;
+        # a single TcpWSGIServer keeps it in wasyncore's ._map.
+        return self._server.map if isinstance(self._server, waitress.server.MultiSocketServer) \
+            else self._server._map
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _close_all_but(socket_map: dict[int, Any], triggers: list[Any]) -> None:
+    """Close every listening socket and connection of ``socket_map``; take
+    the triggers out of the map without closing them.  The map is empty
+    afterwards, so the event loop returns.  Runs in the event-loop thread."""
+    for dispatcher in list(socket_map.values()):
+        try:
+            if dispatcher in triggers:
+                dispatcher.del_channel()
+            elif isinstance(dispatcher, waitress.server.BaseWSGIServer):
+                # Not dispatcher.close(): BaseWSGIServer.close() closes its
+                # trigger too.
+                wasyncore.dispatcher.close(dispatcher)
+            else:
+                dispatcher.close()
+        except OSError as exc:
+            log.debug("closing %r: %s", dispatcher, exc)
+    socket_map.clear()
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    """:func:`~trafficthreshold.config.parse_listen`, plus port 0 (any free
+    port, for tests and benchmarks)."""
+    base, _, port = listen.rpartition(":")
+    if port == "0":
+        return parse_listen(base + ":1")[0], 0
+    return parse_listen(listen)
+
+
+def start(app: Callable[..., Any], listen: str, *, threads: int = THREADS,
+          public_ok: bool | None = None) -> Server:
+    """Serve ``app`` on ``listen`` (``"127.0.0.1:8787"``, ``"[::1]:8787"``,
+    port 0 for any free port) in a background thread; return the Server.
+
+    Refuses a non-loopback address unless the app requires a bearer token
+    (``app.requires_token``, see :class:`trafficthreshold.api.StatsApp`) or
+    ``public_ok=True`` says another layer takes care of it.  Raises
+    ValueError for a bad ``listen`` and OSError if the address is taken.
+    """
+    host, port = _split_listen(listen)
+    if public_ok is None:
+        public_ok = bool(getattr(app, "requires_token", False))
+    if not is_loopback(host) and not public_ok:
+        raise ValueError(
+            f"refusing to serve the stats on {listen}, which is not a loopback address, "
+            "without a token: set http.token (openssl rand -hex 32) or listen on 127.0.0.1")
+    # "[::1]:8787" is how waitress spells an IPv6 listen address as well.
+    waitress_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server = waitress.server.create_server(
+        app,
+        listen=waitress_listen,
+        threads=threads,
+        channel_timeout=CHANNEL_TIMEOUT,
+        connection_limit=CONNECTION_LIMIT,
+        max_request_header_size=MAX_REQUEST_HEADER_SIZE,
+        max_request_body_size=MAX_REQUEST_BODY_SIZE,
+        expose_tracebacks=False,
+        ident="trafficthreshold",
+        clear_untrusted_proxy_headers=True,
+    )
+    running = Server(server, listen)
+    running._thread.start()
+    log.info("HTTP server listening on %s", running.url)
+    return running
