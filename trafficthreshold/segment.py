@@ -93,6 +93,12 @@ STATE_INSTALLING = 0
 STATE_LIVE = 1
 STATE_RETIRED = 2
 
+# Timings of the hot path, fixed in _counter.c (not part of the bytes, but a
+# writer in another language should behave the same way).
+HOT_LOCK_TIMEOUT_MS = 50   # semaphore wait of hit(); then the hit is dropped
+HEARTBEAT_STALE_MS = 10000  # supervisor level older than this is ignored
+ATTACH_RETRY_S = 10        # a process without a segment retries this often
+
 WINDOWS = {"60s": 0, "minute": 1}
 STRUCTURAL_LOCK_MS = 5000
 
@@ -191,17 +197,22 @@ class _Raw:
 
     def _open_sysv(self, create_size: int, mode: int) -> None:
         if create_size:
+            sem = None
             try:
                 # The semaphore first, at 0: whoever creates it holds the
                 # segment until the header is written.
-                self.sem = sysv_ipc.Semaphore(self.key, sysv_ipc.IPC_CREX, mode, 0)
+                sem = sysv_ipc.Semaphore(self.key, sysv_ipc.IPC_CREX, mode, 0)
                 # init_character: sysv_ipc fills a new segment with
                 # spaces by default; the layout needs zeros.
                 self.shm = sysv_ipc.SharedMemory(self.key, sysv_ipc.IPC_CREX, mode,
                                                  create_size, init_character=b"\0")
-                self.created = True
+                self.sem, self.created = sem, True
             except sysv_ipc.ExistentialError:
-                pass
+                # A segment exists without a semaphore (a foreign one, or
+                # ours after `ipcrm -s`): a semaphore made here, at 0, would
+                # lock it for good.  Take it back.
+                if sem is not None:
+                    sem.remove()
         if not self.created:
             try:
                 self.shm = sysv_ipc.SharedMemory(self.key)
@@ -219,12 +230,15 @@ class _Raw:
     def _open_posix(self, create_size: int, mode: int) -> None:
         name = posix_name(self.key)
         if create_size:
+            sem = None
             try:
-                self.sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 0)
+                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 0)
                 self.shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode, create_size)
-                self.created = True
+                self.sem, self.created = sem, True
             except posix_ipc.ExistentialError:
-                pass
+                if sem is not None:  # see _open_sysv
+                    sem.unlink()
+                    sem.close()
         if not self.created:
             try:
                 self.shm = posix_ipc.SharedMemory(name)
@@ -443,6 +457,8 @@ def _adopt_existing(raw: _Raw, geometry: Geometry, multiplier: int, window: str,
                     now: float) -> None:
     """Check an existing segment; finish it if an install died half-way."""
     if raw.sem is None:
+        if bytes(raw.buf[0:8]) != MAGIC:
+            _check_layout(raw)  # someone else's segment: say so
         raise LayoutMismatch(f"the segment at key {raw.key:#x} has no semaphore; run "
                              f"`trafficthreshold uninstall --force --key {raw.key:#x}` "
                              "and install again")

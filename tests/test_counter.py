@@ -1,0 +1,689 @@
+"""_counter.c and the worker API: exact counts under concurrency, time
+driven across minutes and around the rings, a worker killed holding the
+semaphore, fork, fail-open, bad input, a full key table, retirement, and
+the throttle level.
+
+Real segments on both backends and real processes (fork); time is always a
+parameter (``now=``) except where the real clock itself is the subject.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import platform
+import signal
+import time
+
+import pytest
+
+import trafficthreshold
+from trafficthreshold import _counter, segment
+from trafficthreshold.errors import SegmentBusy, SegmentNotFound
+
+from test_segment import RawReader, in_child, raw_view
+
+NOW = 1_800_000_000.0  # a minute boundary (1_800_000_000 = 30_000_000 * 60)
+MINUTE = int(NOW) // 60
+FORK = multiprocessing.get_context("fork")
+
+
+def all_slot(counter: trafficthreshold.Counter, event: str = "pageview") -> int:
+    return counter.find(None, event)
+
+
+def minute_total(counter: trafficthreshold.Counter, slot: int, first: int, last: int) -> int:
+    return sum(n for s, _m, n in counter.minutes(first, last) if s == slot)
+
+
+@pytest.fixture
+def fail_open_api(key, backend):
+    """The module-level API pointed at the test's key, NOT strict."""
+    trafficthreshold.configure(key=key, backend=backend, strict=False)
+    yield key, backend
+    trafficthreshold._settings.clear()
+    trafficthreshold.configure()
+
+
+# -------------------------------------------------------------- exactness
+
+ACCOUNTS = [f"account-{i}.example" for i in range(6)]
+WRITERS, HITS = 4, 250_000
+
+
+def _writer(key, backend, index, hits, clock, stripe, go, results):
+    """Counter.hit in a tight loop over the accounts, starting at account
+    `index`.  clock: "fixed" (every hit at NOW) or "driven" (0.7 ms of
+    driven time per hit: ~3 minutes and many second-ring wraps)."""
+    counter = segment.attach(key, backend, stripe=stripe)
+    hit = counter.hit
+    accounts = itertools.islice(itertools.cycle(ACCOUNTS), index, index + hits)
+    go.wait()
+    if clock == "fixed":
+        for account in accounts:
+            hit(account, "pageview", 1, NOW)
+    else:
+        for i, account in enumerate(accounts):
+            hit(account, "pageview", 1, NOW + i * 0.0007)
+    results.put(("writer", index, counter.stripe))
+
+
+def _reader(key, backend, go, stop, results):
+    """Reads the counts of NOW's minute for as long as the writers run:
+    counts never go down, and (x86: stores are seen in order) the total
+    read after the accounts is never below their sum, since hit() adds to
+    `all` first."""
+    counter = segment.attach(key, backend)
+    total_slot = all_slot(counter)
+    last = [0] * (len(ACCOUNTS) + 1)
+    reads, problems = 0, []
+    ordered = platform.machine() in ("x86_64", "AMD64", "i686")
+    go.wait()
+    while not stop.is_set() or reads == 0:
+        slots = [counter.find(a, "pageview") for a in ACCOUNTS]
+        now = [counter.count(s, 1, NOW) if s is not None else 0 for s in slots]
+        now.append(counter.count(total_slot, 1, NOW))
+        if any(n < before for n, before in zip(now, last)):
+            problems.append(("went down", last, now))
+        if ordered and now[-1] < sum(now[:-1]):
+            problems.append(("all below the sum of accounts", now))
+        last = now
+        reads += 1
+    results.put(("reader", reads, problems[:5]))
+
+
+def _run_writers(key, backend, clock, stripes):
+    go, stop, results = FORK.Event(), FORK.Event(), FORK.Queue()
+    writers = [FORK.Process(target=_writer, args=(key, backend, i, HITS, clock, stripes[i], go,
+                                                  results))
+               for i in range(WRITERS)]
+    reader = FORK.Process(target=_reader, args=(key, backend, go, stop, results))
+    for p in writers + [reader]:
+        p.start()
+    go.set()
+    for p in writers:
+        p.join(60)
+        assert p.exitcode == 0
+    stop.set()
+    reader.join(60)
+    assert reader.exitcode == 0
+    out = [results.get(timeout=10) for _ in range(WRITERS + 1)]
+    return ([o for o in out if o[0] == "writer"], [o for o in out if o[0] == "reader"][0])
+
+
+def _expected() -> dict[str, int]:
+    expected = dict.fromkeys(ACCOUNTS, 0)
+    for index in range(WRITERS):
+        for account in itertools.islice(itertools.cycle(ACCOUNTS), index, index + HITS):
+            expected[account] += 1
+    return expected
+
+
+@pytest.mark.parametrize("stripes", ["own stripes", "one shared stripe"])
+def test_exact_counts_with_four_writers_and_a_reader(key, backend, stripes):
+    """4 processes x 250,000 hits over 6 accounts in one known minute, a
+    fifth process reading all the while: every total exact.  Each writer
+    on its own stripe, and all four on one (the worst case for the atomic
+    add: every writer on the same cache lines)."""
+    segment.install(key, backend, now=NOW)
+    own = stripes == "own stripes"
+    writers, reader = _run_writers(key, backend, "fixed",
+                                   list(range(WRITERS)) if own else [0] * WRITERS)
+    counter = segment.attach(key, backend)
+    try:
+        expected = _expected()
+        for account, n in expected.items():
+            slot = counter.find(account, "pageview")
+            assert counter.count(slot, 1, NOW) == n, account
+        assert counter.count(all_slot(counter), 1, NOW) == WRITERS * HITS == sum(expected.values())
+        assert counter.count(all_slot(counter), 0, NOW) == WRITERS * HITS  # the 60 s window
+        head = segment.header(counter)
+        assert head["dropped_hits"] == 0 and head["overflow_hits"] == 0
+        assert head["lock_owner_pid"] == 0
+        assert len({stripe for _w, _i, stripe in writers}) == (WRITERS if own else 1)
+        _, reads, problems = reader
+        assert reads > 0 and problems == []
+    finally:
+        counter.detach()
+
+
+@pytest.mark.parametrize("stripes", ["own stripes", "one shared stripe"])
+def test_exact_counts_across_roll_overs_on_a_driven_clock(key, backend, stripes):
+    """The same load with the clock advancing 0.7 ms per hit: every writer
+    rolls minute and second buckets over concurrently (with one shared
+    stripe, the very same buckets), and the minute snapshots still sum to
+    exactly what was hit."""
+    segment.install(key, backend, now=NOW)
+    own = stripes == "own stripes"
+    _run_writers(key, backend, "driven", list(range(WRITERS)) if own else [0] * WRITERS)
+    counter = segment.attach(key, backend)
+    try:
+        last_minute = int(NOW + HITS * 0.0007) // 60
+        assert last_minute - MINUTE >= 2
+        expected = _expected()
+        for account, n in expected.items():
+            assert minute_total(counter, counter.find(account, "pageview"), MINUTE,
+                                last_minute) == n
+        assert minute_total(counter, all_slot(counter), MINUTE, last_minute) == WRITERS * HITS
+        if own:
+            # Nobody's time ran behind a ring on their own stripe.
+            assert segment.header(counter)["dropped_hits"] == 0
+    finally:
+        counter.detach()
+
+
+def _lockstep_writer(key, backend, rounds, step, barrier):
+    counter = segment.attach(key, backend, stripe=0)
+    for r in range(rounds):
+        barrier.wait()
+        counter.hit("example.com", now=NOW + r * step)
+        barrier.wait()
+
+
+def test_writers_rolling_the_same_bucket_at_once_reset_it_only_once(key, backend):
+    """The roll-over hazard itself.  4 writers on ONE stripe step together
+    into a new minute and second while the test holds the semaphore, so all
+    of them find the old tag and queue on the lock.  Only the first may
+    reset the buckets (the tag check is repeated under the semaphore); a
+    second reset would wipe the hits added before it."""
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    rounds, step = 30, 61
+    barrier = FORK.Barrier(WRITERS + 1)
+    procs = [FORK.Process(target=_lockstep_writer, args=(key, backend, rounds, step, barrier))
+             for _ in range(WRITERS)]
+    for p in procs:
+        p.start()
+    checked = 0
+    try:
+        slot, total = None, all_slot(counter)
+        for r in range(rounds):
+            dropped = segment.header(counter)["dropped_hits"]
+            counter.lock(1000)
+            barrier.wait()
+            time.sleep(0.005)  # let them queue (they give up after 50 ms)
+            counter.unlock()
+            barrier.wait()
+            slot = slot or counter.find("example.com", "pageview")
+            if segment.header(counter)["dropped_hits"] != dropped:
+                continue  # a writer was starved past its timeout: no verdict
+            t = NOW + r * step
+            assert [counter.count(s, w, t) for s in (slot, total) for w in (1, 0)] == \
+                [WRITERS] * 4, r
+            checked += 1
+    except BaseException:
+        barrier.abort()  # release the writers (BrokenBarrierError) before joining
+        raise
+    finally:
+        for p in procs:
+            p.join(60)
+        counter.detach()
+    assert all(p.exitcode == 0 for p in procs)
+    assert checked >= rounds // 2
+
+
+# ------------------------------------------------------------- the clock
+
+@pytest.fixture
+def small_rings(key, backend):
+    """A segment with a 5-minute ring, so a full wrap is quick to drive."""
+    segment.install(key, backend, geometry=segment.Geometry(keys=64, minutes=5, seconds=64),
+                    now=NOW)
+    counter = segment.attach(key, backend)
+    yield counter
+    counter.detach()
+
+
+def test_minute_boundaries_and_a_full_ring_wrap(small_rings):
+    counter = small_rings
+    ring = 5
+    hits = {}
+    # Minutes 0..2*ring+1: k+1 hits in minute k, the last one at :59.999.
+    for k in range(2 * ring + 2):
+        for i in range(k + 1):
+            counter.hit("example.com", now=NOW + k * 60 + (59.999 if i == k else i))
+        hits[MINUTE + k] = k + 1
+        slot = counter.find("example.com", "pageview")
+        for t in (NOW + k * 60, NOW + k * 60 + 59.999):
+            # The current minute holds exactly its own hits: nothing leaked
+            # from the minute `ring` earlier that used the same bucket.
+            assert counter.count(slot, 1, t) == k + 1
+            assert counter.count(all_slot(counter), 1, t) == k + 1
+        # Minutes still in the ring read back; older ones read 0.
+        for m in range(MINUTE, MINUTE + k + 1):
+            expected = hits[m] if m > MINUTE + k - ring else 0
+            assert counter.count(slot, 1, m * 60 + 30) == expected, (k, m)
+        window = counter.minutes(MINUTE + k - ring + 1, MINUTE + k)
+        assert sorted((m, n) for s, m, n in window if s == slot) == \
+            [(m, hits[m]) for m in range(max(MINUTE, MINUTE + k - ring + 1), MINUTE + k + 1)]
+
+
+def test_a_jump_of_many_rings_resets_the_bucket(small_rings):
+    counter = small_rings
+    counter.hit("example.com", n=7, now=NOW)
+    later = NOW + 60 * 5 * 1000  # a thousand rings later, same bucket
+    counter.hit("example.com", n=2, now=later)
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 1, later) == 2
+    assert counter.count(slot, 1, NOW) == 0
+    assert counter.count(slot, 0, later) == 2
+
+
+def test_the_sliding_60s_window_is_exact_to_the_second(small_rings):
+    """Time moves forward second by second (as it does: the second ring
+    holds 64 s, the window reads the last 60): i % 7 + 1 hits in second
+    t0 + i for 70 s; at every second boundary the window is exact."""
+    counter = small_rings
+    t0 = int(NOW) + 17  # not on a minute boundary
+    per_second = {t0 + i: (i % 7) + 1 for i in range(70)}
+    counter.hit("example.com", now=t0 - 100)  # long gone by t0
+    slot = counter.find("example.com", "pageview")
+    for s in range(t0 - 1, t0 + 140):
+        if s in per_second:
+            assert counter.count(slot, 0, s) == sum(  # before this second's hits
+                n for second, n in per_second.items() if s - 59 <= second < s)
+            counter.hit("example.com", n=per_second[s], now=s + 0.5)
+        expected = sum(n for second, n in per_second.items() if s - 59 <= second <= s)
+        for t in (s, s + 0.5, s + 0.999):
+            assert counter.count(slot, 0, t) == expected, s
+        if s == t0 + 59:
+            assert expected == sum(per_second[t0 + i] for i in range(60))
+        if s == t0 + 60:  # the first second has just left the window
+            assert expected == sum(per_second[t0 + i] for i in range(1, 61))
+
+
+def test_the_second_ring_wraps_without_leaking(small_rings):
+    counter = small_rings
+    counter.hit("example.com", n=5, now=NOW)
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 0, NOW + 59) == 5
+    assert counter.count(slot, 0, NOW + 60) == 0
+    counter.hit("example.com", n=1, now=NOW + 64)  # the same second bucket
+    assert counter.count(slot, 0, NOW + 64) == 1
+    # The bucket now holds second NOW + 64: asking about NOW's window
+    # afterwards gets 0 for it, never the newer count.
+    assert counter.count(slot, 0, NOW + 59) == 0
+
+
+def test_a_hit_older_than_the_ring_is_dropped_not_miscounted(small_rings):
+    counter = small_rings
+    counter.hit("example.com", n=3, now=NOW + 5 * 60)  # minute MINUTE+5 uses bucket 0
+    counter.hit("example.com", n=100, now=NOW)          # minute MINUTE: too old
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 1, NOW + 5 * 60) == 3
+    assert counter.count(slot, 1, NOW) == 0
+    assert segment.header(counter)["dropped_hits"] == 100
+
+
+def test_minutes_reads_at_most_one_ring(small_rings):
+    counter = small_rings
+    with pytest.raises(ValueError, match="at most 5 minutes"):
+        counter.minutes(MINUTE, MINUTE + 5)
+    assert counter.minutes(2**64 - 2, 2**64 - 1) == []  # ends (no wrap-around loop)
+    assert counter.minutes(MINUTE + 1, MINUTE) == []
+
+
+def test_the_real_clock_is_used_when_now_is_not_given(worker_api):
+    for _ in range(10):
+        before = time.time()
+        trafficthreshold.hit("example.com")
+        trafficthreshold.hit("example.com", n=2)
+        counted = trafficthreshold.count("example.com")
+        # Away from the minute's ends: the default clock is the coarse one,
+        # up to a tick (<= 10 ms) behind time.time().
+        if int(before // 60) == int(time.time() // 60) and 1 <= int(before) % 60 < 59:
+            assert counted % 3 == 0 and counted >= 3
+            assert trafficthreshold.count("example.com", window="60s") >= 3
+            return
+        time.sleep(1.1)  # a minute boundary fell in between: try again
+    pytest.fail("never had a quiet second")
+
+
+# -------------------------------------------------- killed with the lock
+
+def test_a_worker_killed_holding_the_semaphore_does_not_stop_the_others(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("before.example", n=3, now=NOW)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            segment.attach(key, backend).lock(1000)
+            os.write(w, b"held")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(w)
+    assert os.read(r, 4) == b"held"
+    os.close(r)
+    try:
+        assert segment.header(counter)["lock_owner_pid"] == pid
+        # While it is held (the holder alive): a new key times out after
+        # HOT_LOCK_TIMEOUT_MS, a roll-over drops the hit and says so.
+        with pytest.raises(SegmentBusy, match="add a key"):
+            counter.hit("new-while-held.example", now=NOW)
+        assert counter.find("new-while-held.example", "pageview") is None
+        counter.hit("before.example", n=2, now=NOW + 60)
+        assert segment.header(counter)["dropped_hits"] == 2  # the hit, counted once
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        # Reaped: a zombie still "exists" for kill(pid, 0), see docs/segment.rst.
+        os.waitpid(pid, 0)
+    # SysV undid the holder's operation; POSIX: the next waiter finds the
+    # holder dead and releases the lock for it.
+    counter.hit("after.example", now=NOW + 1)            # a new key: needs the lock
+    counter.hit("before.example", n=2, now=NOW + 120)    # a new minute: needs the lock
+    counter.hit("before.example", now=NOW + 120.5)
+    slot = counter.find("before.example", "pageview")
+    assert counter.count(slot, 1, NOW) == 3              # nothing made before was lost
+    assert counter.count(slot, 1, NOW + 120) == 3
+    assert counter.count(counter.find("after.example", "pageview"), 1, NOW) == 1
+    assert counter.count(all_slot(counter), 1, NOW) == 4
+    head = segment.header(counter)
+    assert head["dropped_hits"] == 2 and head["lock_owner_pid"] == 0
+    with segment.locked(counter, 100):
+        assert segment.header(counter)["lock_owner_pid"] == os.getpid()
+    counter.detach()
+
+
+# ------------------------------------------------------------------ fork
+
+def test_fork_after_attach_takes_its_own_stripe(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    mine = counter.stripe
+    stripes = segment.header(counter)["stripes"]
+    next_stripe = counter.load(segment.H_NEXT_STRIPE, 4)
+
+    def child():
+        theirs = counter.stripe
+        for _ in range(1000):
+            counter.hit("example.com", now=NOW)
+        status, grandchild = in_child(lambda: (counter.hit("example.com", now=NOW),
+                                               counter.stripe)[1])
+        return theirs, grandchild[1]
+
+    status, (how, result) = in_child(child)
+    assert how == "returned", result
+    theirs, grandchilds = result
+    assert theirs == next_stripe % stripes != mine          # round robin
+    assert grandchilds == (next_stripe + 1) % stripes
+    for _ in range(500):
+        counter.hit("example.com", now=NOW)
+    assert counter.stripe == mine
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 1, NOW) == 1501
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        assert raw.minute_count(slot, MINUTE, stripe=mine) == 500
+        assert raw.minute_count(slot, MINUTE, stripe=theirs) == 1000
+        assert raw.minute_count(slot, MINUTE, stripe=grandchilds) == 1
+    counter.detach()
+
+
+def test_a_fixed_stripe_is_kept_across_fork(counter):
+    status, result = in_child(lambda: (counter.hit("example.com", now=NOW), counter.stripe)[1])
+    assert result == ("returned", 0) == ("returned", counter.stripe)
+
+
+def test_the_module_api_works_in_a_forked_child(worker_api):
+    trafficthreshold.hit("example.com", now=NOW)
+    parent = _counter._default().stripe
+
+    def child():
+        trafficthreshold.hit("example.com", now=NOW)
+        return _counter._default().stripe
+
+    status, result = in_child(child)
+    assert result[0] == "returned" and result[1] != parent
+    assert trafficthreshold.count("example.com", now=NOW) == 2
+
+
+# ---------------------------------------------------------- fail open
+
+def test_a_missing_segment_fails_open_and_warns_once(fail_open_api, caplog):
+    caplog.set_level(logging.DEBUG, logger="trafficthreshold")
+    assert trafficthreshold.hit("example.com", now=NOW) is None
+    assert trafficthreshold.hit("example.com", now=NOW + 1) is None     # no retry yet
+    assert trafficthreshold.hit("example.com", now=NOW + 10) is None    # retried
+    assert trafficthreshold.throttle_status(NOW + 30) == 0              # retried
+    assert trafficthreshold.count("example.com", now=NOW) == 0
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert warnings[0].name == "trafficthreshold"
+    assert "not counting" in message and "trafficthreshold install" in message
+    assert "shown once" in message
+    # Bad input still raises when failing open.
+    with pytest.raises(ValueError):
+        trafficthreshold.hit("a/b", now=NOW + 40)
+
+
+def test_a_missing_segment_raises_in_strict_mode(key, backend):
+    trafficthreshold.configure(key=key, backend=backend, strict=True)
+    try:
+        with pytest.raises(SegmentNotFound, match="install"):
+            trafficthreshold.hit("example.com", now=NOW)
+        with pytest.raises(SegmentNotFound):
+            trafficthreshold.throttle_status(NOW)
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
+def test_uninstall_retires_workers_fail_open_then_reattach(fail_open_api, caplog):
+    key, backend = fail_open_api
+    segment.install(key, backend, now=NOW)
+    trafficthreshold.hit("example.com", now=NOW)              # attaches
+    assert _counter._default() is not None
+    segment.uninstall(key, backend)                          # only we are attached
+    assert trafficthreshold.hit("example.com", now=NOW + 1) is None   # retired: let go
+    assert _counter._default() is None
+    segment.install(key, backend, now=NOW)
+    trafficthreshold.hit("example.com", now=NOW + 5)          # before the retry: not counted
+    assert _counter._default() is None
+    trafficthreshold.hit("example.com", now=NOW + 10)         # ATTACH_RETRY_S later
+    assert _counter._default() is not None
+    counter = segment.attach(key, backend)
+    assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 1
+    counter.detach()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ------------------------------------------------------------ bad input
+
+BAD_CALLS = [
+    (("",), {}, ValueError), (("x" * 65,), {}, ValueError), (("é" * 33,), {}, ValueError),
+    (("a\nb",), {}, ValueError), (("a\x00b",), {}, ValueError), (("a/b",), {}, ValueError),
+    (("~overflow",), {}, ValueError), (("all",), {}, ValueError),
+    ((42,), {}, TypeError), ((b"example.com",), {}, TypeError),
+    (("example.com", ""), {}, ValueError), (("example.com", "e" * 33), {}, ValueError),
+    (("example.com", "é" * 17), {}, ValueError), (("example.com", "~any"), {}, ValueError),
+    (("example.com", None), {}, TypeError),
+    (("example.com",), {"n": 0}, ValueError), (("example.com",), {"n": -3}, ValueError),
+    (("example.com",), {"n": 1.0}, TypeError), (("example.com",), {"n": True}, TypeError),
+    (("example.com",), {"n": "1"}, TypeError), (("example.com",), {"n": 2**64}, OverflowError),
+    (("example.com",), {"now": 0}, ValueError), (("example.com",), {"now": float("nan")},
+                                                  ValueError),
+    (("example.com",), {"now": "soon"}, TypeError), (("example.com",), {"when": 1}, TypeError),
+    (("example.com", "pageview", 1, NOW, 5), {}, TypeError),
+    # A good account with a bad new event, a bad account with a good new event.
+    (("example.com", "new/event"), {}, ValueError), (("a/b", "newevent"), {}, ValueError),
+]
+
+
+def _ids(call):
+    return repr(call)[:40]
+
+
+@pytest.mark.parametrize("args, kwargs, exc", BAD_CALLS, ids=[_ids(c) for c in BAD_CALLS])
+def test_bad_input_raises_and_adds_nothing(fail_open_api, args, kwargs, exc):
+    """Bad names and arguments raise (even failing open) and leave no count
+    and no key behind, through Counter.hit and the module's hit()."""
+    key, backend = fail_open_api
+    segment.install(key, backend, now=NOW)
+    trafficthreshold.hit("example.com", now=NOW)  # attach the module API
+    counter = segment.attach(key, backend)
+    before = segment.header(counter)
+    for hit in (counter.hit, trafficthreshold.hit):
+        kwargs = dict(kwargs)
+        if "now" not in kwargs and len(args) < 4:
+            kwargs["now"] = NOW
+        with pytest.raises(exc):
+            hit(*args, **kwargs)
+    after = segment.header(counter)
+    assert after["keys_used"] == before["keys_used"]
+    assert after["overflow_hits"] == after["dropped_hits"] == 0
+    assert counter.count(all_slot(counter), 1, NOW) == 1
+    counter.detach()
+
+
+def test_n_adds_n(counter):
+    counter.hit("example.com", n=5, now=NOW)
+    counter.hit("example.com", "pageview", 2**40, NOW)
+    assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 5 + 2**40
+
+
+# ------------------------------------------------------- full key table
+
+def test_a_full_key_table_overflows_and_keeps_the_total_exact(key, backend):
+    keys, reserve = 24, segment.EVENT_RESERVE
+    segment.install(key, backend, geometry=segment.Geometry(keys=keys), now=NOW)
+    counter = segment.attach(key, backend)
+    account_slots = keys - reserve - 2            # slots 2..7: overflow and all are 0 and 1
+    for i in range(account_slots + 4):
+        counter.hit(f"acct-{i}", n=i + 1, now=NOW)
+    head = segment.header(counter)
+    assert head["keys_used"] == keys - reserve
+    overflowed = sum(i + 1 for i in range(account_slots, account_slots + 4))
+    assert head["overflow_hits"] == overflowed
+    assert counter.count(segment.OVERFLOW_SLOT, 1, NOW) == overflowed
+    assert counter.find(f"acct-{account_slots}", "pageview") is None
+    assert counter.count(all_slot(counter), 1, NOW) == sum(range(1, account_slots + 5))
+    # Overflowed accounts keep counting into the total.
+    counter.hit(f"acct-{account_slots + 1}", now=NOW)
+    assert counter.count(all_slot(counter), 1, NOW) == sum(range(1, account_slots + 5)) + 1
+    # The reserve: a new event still gets its `all` key (its account does not).
+    counter.hit("acct-0", "signup", n=3, now=NOW)
+    assert counter.count(all_slot(counter, "signup"), 1, NOW) == 3
+    assert counter.find("acct-0", "signup") is None
+    # Fill the reserve; then even an event's total overflows.
+    for j in range(reserve - 1):
+        counter.hit(event=f"event-{j}", now=NOW)
+    assert segment.header(counter)["keys_used"] == keys
+    before = segment.header(counter)["overflow_hits"]
+    counter.hit(event="one-too-many", n=2, now=NOW)
+    assert counter.find(None, "one-too-many") is None
+    assert segment.header(counter)["overflow_hits"] == before + 2
+    # The module API overflows the same way (it is not cached).
+    trafficthreshold.configure(key=key, backend=backend, strict=True)
+    try:
+        for _ in range(3):
+            trafficthreshold.hit("yet-another", now=NOW)
+        assert trafficthreshold.count(None, now=NOW) == sum(range(1, account_slots + 5)) + 4
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+    counter.detach()
+
+
+# ------------------------------------------------------------- corruption
+
+def test_a_corrupt_throttle_slot_or_index_entry_does_not_crash(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", now=NOW)
+    counter.detach()
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        slot = raw.find("example.com", "pageview")
+        for i in range(raw.index_size):  # point the entry past the table
+            off = raw.index_offset + i * 128
+            if raw.u32(off) == 1 and raw.u32(off + 4) == slot:
+                view[off + 4:off + 8] = (0xFFFF0000).to_bytes(4, "little")
+
+    def use():
+        fresh = segment.attach(key, backend)
+        fresh.store(segment.H_THROTTLE_SLOT, 4, 0xFFFFFFFF)
+        level = fresh.level(NOW)
+        fresh.hit("example.com", now=NOW)  # lands in the overflow slot
+        return level, fresh.count(segment.OVERFLOW_SLOT, 1, NOW)
+
+    status, result = in_child(use)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result == ("returned", (0, 1))
+
+
+# --------------------------------------------------------------- throttle
+
+@pytest.mark.parametrize("window", ["60s", "minute"])
+def test_throttle_status_is_the_live_level(key, backend, window):
+    multiplier = 10
+    segment.install(key, backend, multiplier=multiplier, window=window, now=NOW)
+    trafficthreshold.configure(key=key, backend=backend, strict=True)
+    try:
+        counter = segment.attach(key, backend)
+        t0 = int(NOW) + 20
+        hits = {t0 + i: 1 + (i % 4) for i in range(50)}
+        for s in range(t0 - 1, t0 + 120):  # time moves forward
+            if s in hits:
+                trafficthreshold.hit("example.com", n=hits[s], now=s + 0.25)
+            if window == "60s":
+                in_window = sum(n for t, n in hits.items() if s - 59 <= t <= s)
+            else:
+                in_window = sum(n for t, n in hits.items() if t // 60 == s // 60 and t <= s)
+            expected = min(5, in_window // multiplier)
+            assert trafficthreshold.throttle_status(s + 0.5) == expected, s
+            assert counter.level(s + 0.5) == expected
+        assert max(min(5, n // multiplier) for n in [sum(hits.values())]) == 5  # it saturated
+        counter.detach()
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
+def test_the_supervisors_level_is_honoured_while_fresh(worker_api):
+    key, backend = worker_api
+    counter = segment.attach(key, backend)
+    counter.store(segment.H_THROTTLE_LEVEL, 4, 3)
+    counter.store(segment.H_HEARTBEAT_MS, 8, int(NOW * 1000))
+    stale_after = segment.HEARTBEAT_STALE_MS / 1000
+    assert trafficthreshold.throttle_status(NOW) == 3
+    assert trafficthreshold.throttle_status(NOW + stale_after - 0.1) == 3
+    assert trafficthreshold.throttle_status(NOW + stale_after + 0.5) == 0   # stale: ignored
+    assert counter.level(NOW + stale_after + 0.5) == 0
+    # A fresh heartbeat makes it count again; a live level above it wins.
+    counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW + 100) * 1000))
+    assert trafficthreshold.throttle_status(NOW + 101) == 3
+    trafficthreshold.hit("example.com", n=4 * 60, now=NOW + 101)           # multiplier 60
+    assert trafficthreshold.throttle_status(NOW + 101) == 4
+    counter.store(segment.H_THROTTLE_LEVEL, 4, 9)                          # out of range
+    assert trafficthreshold.throttle_status(NOW + 101) == 5
+    counter.detach()
+
+
+def test_throttle_status_without_a_segment_is_0(fail_open_api):
+    assert trafficthreshold.throttle_status(NOW) == 0
+
+
+# -------------------------------------------------------------- count()
+
+def test_count_reads_accounts_and_the_total(worker_api):
+    trafficthreshold.hit("a.example", n=2, now=NOW)
+    trafficthreshold.hit("b.example", now=NOW + 30)
+    trafficthreshold.hit("b.example", event="signup", now=NOW + 30)
+    trafficthreshold.hit(event="signup", now=NOW + 61)
+    count = trafficthreshold.count
+    assert count("a.example", now=NOW) == 2
+    assert count(None, now=NOW + 59) == count("all", now=NOW + 59) == 3
+    assert count(None, "signup", now=NOW + 30) == 1
+    assert count(None, "signup", window="60s", now=NOW + 61) == 2
+    assert count(None, "signup", window="minute", now=NOW + 61) == 1
+    assert count("never.example", now=NOW) == 0
+    with pytest.raises(ValueError, match="'minute' or '60s'"):
+        count("a.example", window="hour")
+    with pytest.raises(ValueError):
+        count("a/b")

@@ -1,0 +1,122 @@
+"""names.py: the rules for account and event names, and that they fit the
+segment's index entry.  (That hit() applies them and adds nothing on a bad
+name, with a real segment, is in test_counter.py.)"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from trafficthreshold import _counter, names, segment
+
+GOOD_ACCOUNTS = [
+    "example.com", "a", "x" * 64, "é" * 32, "日本語.example", "user@host:8080", "a~b", "ALL",
+    "all.example.com", "with space", "tab-free",
+]
+# (value, exception, a word the message must contain)
+BAD_ACCOUNTS = [
+    ("", ValueError, "empty"),
+    ("x" * 65, ValueError, "65 bytes"),
+    ("é" * 33, ValueError, "66 bytes"),       # 33 characters, 66 UTF-8 bytes
+    ("日" * 22, ValueError, "66 bytes"),      # 22 characters, 66 UTF-8 bytes
+    ("a\nb", ValueError, "control character"),
+    ("a\x00b", ValueError, "control character"),
+    ("a\x7fb", ValueError, "control character"),
+    ("a\x85b", ValueError, "control character"),   # C1 NEL
+    ("a\u2028b", ValueError, "control character"),  # line separator
+    ("a\ud800b", ValueError, "control character"),  # a lone surrogate
+    ("a/b", ValueError, "'/'"),
+    ("/", ValueError, "'/'"),
+    ("~overflow", ValueError, "reserved"),
+    ("~", ValueError, "reserved"),
+    ("all", ValueError, "account=None"),
+    (b"example.com", TypeError, "str"),
+    (42, TypeError, "str"),
+    (["a"], TypeError, "str"),
+]
+
+
+@pytest.mark.parametrize("account", GOOD_ACCOUNTS)
+def test_good_accounts_pass(account):
+    names.validate(account, "pageview")
+    assert names.check_name("account", account, names.ACCOUNT_MAX) is account
+
+
+@pytest.mark.parametrize("account, exc, word", BAD_ACCOUNTS)
+def test_bad_accounts_are_refused_with_a_reason(account, exc, word):
+    with pytest.raises(exc) as info:
+        names.validate(account, "pageview")
+    assert word in str(info.value)
+
+
+def test_account_none_is_the_total():
+    names.validate(None, "pageview")
+
+
+@pytest.mark.parametrize("event, exc, word", [
+    ("", ValueError, "empty"),
+    ("e" * 33, ValueError, "33 bytes"),
+    ("é" * 17, ValueError, "34 bytes"),
+    ("sign\tup", ValueError, "control character"),
+    ("a/b", ValueError, "'/'"),
+    ("~any", ValueError, "reserved"),
+    (None, TypeError, "str"),
+    (b"pageview", TypeError, "str"),
+])
+def test_bad_events_are_refused_with_a_reason(event, exc, word):
+    with pytest.raises(exc) as info:
+        names.validate(None, event)
+    assert word in str(info.value)
+    with pytest.raises(exc):
+        names.validate("example.com", event)
+
+
+@pytest.mark.parametrize("event", ["pageview", "e" * 32, "é" * 16, "all", "sign-up"])
+def test_good_events_pass(event):
+    names.validate("example.com", event)
+    names.validate(None, event)
+
+
+def test_messages_say_what_to_do():
+    with pytest.raises(ValueError, match="shorten it or hash it"):
+        names.validate("x" * 65, "pageview")
+    with pytest.raises(ValueError, match="replace it"):
+        names.validate("a/b", "pageview")
+    with pytest.raises(ValueError, match="strip control characters"):
+        names.validate("a\rb", "pageview")
+
+
+def test_limits_agree_with_the_c_module_and_fit_the_index_entry():
+    assert names.ACCOUNT_MAX == _counter.LAYOUT["ACCOUNT_MAX"] == 64
+    assert names.EVENT_MAX == _counter.LAYOUT["EVENT_MAX"] == 32
+    # account[64] at 16, event[32] at 80, then 16 reserved bytes of 128;
+    # the lengths are u8 fields.
+    assert segment.E_EVENT - segment.E_ACCOUNT == names.ACCOUNT_MAX
+    assert segment.E_EVENT + names.EVENT_MAX <= segment.INDEX_ENTRY_SIZE
+    assert names.ACCOUNT_MAX < 256 and names.EVENT_MAX < 256
+
+
+def test_internal_names_cannot_be_given_by_users():
+    # The reserved keys are written by install, never through validate().
+    for account, event in ((names.OVERFLOW_ACCOUNT, names.OVERFLOW_EVENT),
+                           (names.ALL, names.DEFAULT_EVENT)):
+        with pytest.raises(ValueError):
+            names.validate(account, event)
+
+
+def _expected_ok(value: str, limit: int) -> bool:
+    import unicodedata
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return (0 < size <= limit and "/" not in value and not value.startswith("~")
+            and not any(unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029"
+                        for c in value))
+
+
+@given(st.text(max_size=40))
+def test_rules_hold_for_any_text(value):
+    try:
+        names.check_name("event", value, names.EVENT_MAX)
+    except ValueError:
+        assert not _expected_ok(value, names.EVENT_MAX)
+    else:
+        assert _expected_ok(value, names.EVENT_MAX)
+        assert len(value.encode("utf-8")) <= names.EVENT_MAX  # the C code can store it

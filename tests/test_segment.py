@@ -1,0 +1,651 @@
+"""segment.py and the layout: install, attach, uninstall, permissions, and
+the nasty cases (another layout, a foreign segment, a corrupt header).
+
+Real segments on both backends (the ``backend`` fixture), no mocks.
+``RawReader`` reads a segment from its bytes alone, following
+docs/segment.rst; that it agrees with the C module is the proof that the
+document is enough for a writer in another language.  test_counter.py uses
+it too.
+"""
+from __future__ import annotations
+
+import contextlib
+import grp
+import mmap
+import os
+import pickle
+import re
+import signal
+import struct
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Iterator
+
+import posix_ipc
+import pytest
+import sysv_ipc
+
+from trafficthreshold import _counter, names, segment
+from trafficthreshold.errors import (LayoutMismatch, SegmentError, SegmentInUse,
+                                     SegmentNotFound)
+
+NOW = 1_800_000_000.0  # 2027-01-15 08:00 UTC, a minute boundary
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "segment.rst"
+
+
+# ------------------------------------------------------------------ helpers
+
+@contextlib.contextmanager
+def raw_view(key: int, backend: str) -> Iterator[memoryview]:
+    """A writable view of the segment's bytes, without the C module."""
+    if backend == "sysv":
+        shm = sysv_ipc.SharedMemory(key)
+        view = memoryview(shm)
+        try:
+            yield view
+        finally:
+            view.release()
+            shm.detach()
+    else:
+        shm = posix_ipc.SharedMemory(segment.posix_name(key))
+        mapped = mmap.mmap(shm.fd, shm.size)
+        shm.close_fd()
+        view = memoryview(mapped)
+        try:
+            yield view
+        finally:
+            view.release()
+            mapped.close()
+
+
+class RawReader:
+    """Reads counts from the raw bytes, as docs/segment.rst describes them.
+
+    Deliberately independent of segment.py's constants: the offsets below
+    are copied from the document.
+    """
+
+    def __init__(self, buf: memoryview):
+        self.buf = buf
+        (magic, self.version, self.header_size, self.key_capacity, self.index_size,
+         self.minutes, self.seconds, self.stripes, self.stripe_size,
+         self.slot_size) = struct.unpack_from("=8s9I", buf, 0)
+        assert magic == b"TRFTHRSH"
+        self.index_offset, self.slots_offset = struct.unpack_from("=QQ", buf, 48)
+
+    def u32(self, off: int) -> int:
+        return struct.unpack_from("=I", self.buf, off)[0]
+
+    def u64(self, off: int) -> int:
+        return struct.unpack_from("=Q", self.buf, off)[0]
+
+    @staticmethod
+    def fnv1a(data: bytes) -> int:
+        h = 2166136261
+        for byte in data:
+            h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+        return h
+
+    def find(self, account: str, event: str) -> int | None:
+        """The slot of a key: linear probing from hash & (index_size - 1)."""
+        a, e = account.encode(), event.encode()
+        h = self.fnv1a(a + b"\0" + e)
+        i = h & (self.index_size - 1)
+        for _ in range(self.index_size):
+            off = self.index_offset + i * 128
+            state, slot, ehash, alen, elen = struct.unpack_from("=IIIBB", self.buf, off)
+            if state == 0:
+                return None
+            if (ehash == h and bytes(self.buf[off + 16:off + 16 + alen]) == a
+                    and bytes(self.buf[off + 80:off + 80 + elen]) == e):
+                return slot
+            i = (i + 1) & (self.index_size - 1)
+        return None
+
+    def keys(self) -> list[tuple[int, str, str]]:
+        out = []
+        for i in range(self.index_size):
+            off = self.index_offset + i * 128
+            state, slot, _h, alen, elen = struct.unpack_from("=IIIBB", self.buf, off)
+            if state == 1:
+                out.append((slot, bytes(self.buf[off + 16:off + 16 + alen]).decode(),
+                            bytes(self.buf[off + 80:off + 80 + elen]).decode()))
+        return sorted(out)
+
+    def bucket(self, slot: int, stripe: int, index: int) -> tuple[int, int]:
+        off = (self.slots_offset + slot * self.slot_size + stripe * self.stripe_size
+               + index * 16)
+        return struct.unpack_from("=QQ", self.buf, off)
+
+    def minute_count(self, slot: int, minute: int, stripe: int | None = None) -> int:
+        stripes = range(self.stripes) if stripe is None else [stripe]
+        total = 0
+        for p in stripes:
+            tag, count = self.bucket(slot, p, minute % self.minutes)
+            total += count if tag == minute else 0
+        return total
+
+    def sliding_count(self, slot: int, second: int) -> int:
+        total = 0
+        for p in range(self.stripes):
+            for s in range(second - 59, second + 1):
+                tag, count = self.bucket(slot, p, self.minutes + s % self.seconds)
+                total += count if tag == s else 0
+        return total
+
+
+def in_child(fn: Callable[[], object]) -> tuple[int, object]:
+    """Run fn() in a forked child; return (exit status, its result).  A
+    crash (a signal) shows in the status instead of killing the test run;
+    an exception comes back as ("raised", class name, message)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.close(r)
+            try:
+                result = ("returned", fn())
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                result = ("raised", type(exc).__name__, str(exc), traceback.format_exc())
+            with os.fdopen(w, "wb") as pipe:
+                pipe.write(pickle.dumps(result))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return status, pickle.loads(data) if data else None
+
+
+def put(key: int, backend: str, fmt: str, offset: int, *values: object) -> None:
+    with raw_view(key, backend) as view:
+        struct.pack_into(fmt, view, offset, *values)
+
+
+# ------------------------------------------------------------ the layout
+
+def test_layout_constants_agree_with_the_c_module():
+    layout = _counter.LAYOUT
+    for name, value in layout.items():
+        owner = segment if hasattr(segment, name) else names
+        assert getattr(owner, name) == value, name
+    # ... and every offset or state segment.py defines is known to the C side.
+    for name in dir(segment):
+        if re.fullmatch(r"(H|E|STATE)_[A-Z_]+", name):
+            assert layout[name] == getattr(segment, name), name
+    assert _counter.MAGIC.encode() == segment.MAGIC == b"TRFTHRSH"
+
+
+def _doc_section(title: str) -> str:
+    text = DOCS.read_text()
+    start = text.index(title + "\n")
+    end = text.find("\n----", start + len(title) + 1 + len(title) + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_docs_list_every_header_and_index_field_at_its_offset():
+    """docs/segment.rst gives each field as `offset type name`; the offsets
+    must be the ones the code uses."""
+    renamed = {"VERSION": "layout_version"}
+    header = _doc_section("The header")
+    for name in dir(segment):
+        if name.startswith("H_"):
+            field = renamed.get(name[2:], name[2:].lower())
+            offset = getattr(segment, name)
+            assert re.search(rf"^\s*{offset}\s+(u32|u64|u8\[8\])\s+{field}\b", header, re.M), \
+                (name, offset, field)
+    index = _doc_section("The key index")
+    for name in dir(segment):
+        if name.startswith("E_"):
+            field = name[2:].lower()
+            offset = getattr(segment, name)
+            assert re.search(rf"^\s*{offset}\s+\S+\s+{field}\b", index, re.M), (name, offset)
+
+
+def test_install_writes_the_geometry_it_was_given(key, backend):
+    geo = segment.Geometry(keys=40, minutes=7, seconds=70, stripes=3)
+    result = segment.install(key, backend, geometry=geo, multiplier=9, window="minute", now=NOW)
+    assert result.created and result.size == geo.total_size
+    with raw_view(key, backend) as view:
+        assert view.nbytes >= geo.total_size
+        raw = RawReader(view)
+        assert (raw.version, raw.header_size, raw.key_capacity, raw.index_size, raw.minutes,
+                raw.seconds, raw.stripes) == (1, 4096, 40, 128, 7, 70, 3)
+        # Why these sizes: (7 + 70) * 16 = 1232 rounded up to a cache line.
+        assert raw.stripe_size == 1280 and raw.slot_size == 3 * 1280
+        assert raw.index_offset == 4096
+        assert raw.slots_offset == 4096 + 128 * 128 and raw.slots_offset % 4096 == 0
+        assert raw.u64(64) == geo.total_size == raw.slots_offset + 40 * raw.slot_size
+        assert raw.u64(72) == int(NOW)
+        assert (raw.u32(80), raw.u32(84), raw.u32(92)) == (9, 1, segment.STATE_LIVE)
+        assert raw.keys() == [(0, "~overflow", "~any"), (1, "all", "pageview")]
+        assert raw.u32(108) == 1 and raw.u32(128) == 2
+
+
+def test_a_python_reader_of_the_raw_bytes_agrees_with_the_c_module(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        plan = {("example.com", "pageview"): 7, ("été.example", "pageview"): 3,
+                ("example.com", "signup"): 2, ("b" * 64, "e" * 32): 5}
+        for offset, ((account, event), n) in enumerate(plan.items()):
+            for i in range(n):
+                counter.hit(account, event, now=NOW + offset * 61 + i)
+        with raw_view(key, backend) as view:
+            raw = RawReader(view)
+            assert raw.keys() == sorted(counter.keys())
+            for slot, account, event in counter.keys():
+                if account.startswith("~"):
+                    continue
+                found = raw.find(account, event)
+                assert found == slot == counter.find(None if account == "all" else account,
+                                                     event)
+            for t in (NOW, NOW + 30, NOW + 61, NOW + 70, NOW + 122, NOW + 190, NOW + 250):
+                second, minute = int(t), int(t) // 60
+                for slot, _a, _e in counter.keys():
+                    assert raw.minute_count(slot, minute) == counter.count(slot, 1, t)
+                    assert raw.sliding_count(slot, second) == counter.count(slot, 0, t)
+            # The totals: `all` of each event is the sum of its accounts.
+            first, last = int(NOW) // 60, int(NOW) // 60 + 5
+            by_slot = {s: 0 for s, _a, _e in counter.keys()}
+            for slot, _minute, n in counter.minutes(first, last):
+                by_slot[slot] += n
+            assert by_slot[raw.find("all", "pageview")] == 7 + 3 + 5 * 0
+            assert by_slot[raw.find("example.com", "pageview")] == 7
+            assert by_slot[raw.find("all", "e" * 32)] == 5
+            assert sum(raw.minute_count(raw.find("all", "signup"), m)
+                       for m in range(first, last + 1)) == 2
+    finally:
+        counter.detach()
+
+
+def test_the_hash_is_fnv1a_of_account_zero_event(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", now=NOW)
+    counter.detach()
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        for i in range(raw.index_size):
+            off = raw.index_offset + i * 128
+            state, _slot, h, alen, elen = struct.unpack_from("=IIIBB", view, off)
+            if state:
+                a = bytes(view[off + 16:off + 16 + alen])
+                e = bytes(view[off + 80:off + 80 + elen])
+                assert h == segment.fnv1a(a, e) == RawReader.fnv1a(a + b"\0" + e)
+    assert segment.fnv1a(b"", b"") == 0x050C5D1F  # FNV-1a 32 of one zero byte
+
+
+# --------------------------------------------------------- install twice
+
+def test_install_twice_is_idempotent_and_keeps_counts(key, backend):
+    first = segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", n=5, now=NOW)
+    again = segment.install(key, backend, now=NOW + 100)
+    assert first.created and not again.created and again.size == first.size
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 1, NOW) == 5
+    assert segment.header(counter)["created_at"] == int(NOW)
+    # A second Counter sees the same bytes.
+    other = segment.attach(key, backend)
+    assert other.count(other.find(None, "pageview"), 1, NOW) == 5
+    other.detach()
+    counter.detach()
+
+
+def test_install_with_other_geometry_names_the_fix(key, backend):
+    segment.install(key, backend, geometry=segment.Geometry(keys=64), now=NOW)
+    with pytest.raises(LayoutMismatch) as info:
+        segment.install(key, backend, geometry=segment.Geometry(keys=128), now=NOW)
+    message = str(info.value)
+    assert "--keys 64" in message and "trafficthreshold uninstall" in message
+    # Nothing changed: the old segment is still there and live.
+    counter = segment.attach(key, backend)
+    assert segment.header(counter)["key_capacity"] == 64
+    counter.detach()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(keys=2), "--keys 2"), (dict(minutes=1), "--minutes 1"),
+    (dict(seconds=60), "--seconds 60"), (dict(stripes=0), "--stripes 0"),
+    (dict(stripes=65), "--stripes 65"),
+])
+def test_install_refuses_bad_geometry_before_creating_anything(key, backend, bad, message):
+    with pytest.raises(ValueError, match=message):
+        segment.install(key, backend, geometry=segment.Geometry(**bad))
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+
+
+# ---------------------------------------------------- not our segment
+
+def test_wrong_layout_version_is_refused(key, backend):
+    segment.install(key, backend, now=NOW)
+    put(key, backend, "=I", segment.H_VERSION, 2)
+    with pytest.raises(LayoutMismatch, match="layout version 2.*reads version 1.*uninstall"):
+        segment.attach(key, backend)
+    with pytest.raises(LayoutMismatch, match="layout version 2.*uninstall --force"):
+        segment.install(key, backend, now=NOW)
+
+
+def test_bad_magic_is_refused(key, backend):
+    segment.install(key, backend, now=NOW)
+    put(key, backend, "=8s", 0, b"NOTOURS!")
+    with pytest.raises(LayoutMismatch, match="not trafficthreshold's"):
+        segment.attach(key, backend)
+    with pytest.raises(LayoutMismatch, match="not trafficthreshold's"):
+        segment.install(key, backend, now=NOW)
+
+
+@pytest.mark.parametrize("size", [100, 8192])
+def test_a_foreign_segment_at_the_key_is_named_as_such(key, backend, size):
+    """Someone else's segment (no semaphore, other bytes) is reported as not
+    ours, not as one of ours that lost its semaphore."""
+    if backend == "sysv":
+        shm = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, 0o600, size)
+        shm.write(b"something else entirely")
+        shm.detach()
+    else:
+        shm = posix_ipc.SharedMemory(segment.posix_name(key), posix_ipc.O_CREX, 0o600, size)
+        os.write(shm.fd, b"something else entirely")
+        shm.close_fd()
+    with pytest.raises(LayoutMismatch,
+                       match="not trafficthreshold's|too small to be a trafficthreshold segment"):
+        segment.attach(key, backend)
+    with pytest.raises(LayoutMismatch, match="not trafficthreshold's|no semaphore"):
+        segment.install(key, backend, now=NOW)
+
+
+CORRUPTIONS = {
+    "huge key_capacity": [("=I", segment.H_KEY_CAPACITY, 0xFFFFFFFF)],
+    "key_capacity below the reserve": [("=I", segment.H_KEY_CAPACITY, 3)],
+    "index_size not a power of two": [("=I", segment.H_INDEX_SIZE, 3000)],
+    "index_size below key_capacity": [("=I", segment.H_INDEX_SIZE, 512)],
+    "no stripes": [("=I", segment.H_STRIPES, 0)],
+    "too many stripes": [("=I", segment.H_STRIPES, 1000)],
+    "one minute bucket": [("=I", segment.H_MINUTE_BUCKETS, 1)],
+    "huge minute ring": [("=I", segment.H_MINUTE_BUCKETS, 1 << 30)],
+    # (minutes + seconds) * 16 wraps in 32 bits: must be computed in 64.
+    "minutes + seconds wrap": [("=I", segment.H_MINUTE_BUCKETS, 0xFFFFFFC0)],
+    # stripe_size * stripes wraps to 0 in 32 bits.
+    "slot size wraps": [("=I", segment.H_STRIPE_SIZE, 0x80000000), ("=I", segment.H_STRIPES, 2),
+                        ("=I", segment.H_SLOT_SIZE, 0)],
+    "slot_size not stripes x stripe_size": [("=I", segment.H_SLOT_SIZE, 64)],
+    # slots_offset + key_capacity * slot_size wraps past 2**64.
+    "slots_offset wraps": [("=Q", segment.H_SLOTS_OFFSET, (1 << 64) - 4096)],
+    "index_offset wraps": [("=Q", segment.H_INDEX_OFFSET, (1 << 64) - 4096)],
+    "index inside the header": [("=Q", segment.H_INDEX_OFFSET, 0)],
+    "header_size": [("=I", segment.H_HEADER_SIZE, 0)],
+}
+
+
+@pytest.mark.parametrize("what", sorted(CORRUPTIONS))
+def test_a_corrupt_header_is_refused_and_never_crashes(key, backend, what):
+    segment.install(key, backend, now=NOW)
+    for fmt, offset, value in CORRUPTIONS[what]:
+        put(key, backend, fmt, offset, value)
+
+    def attach_and_use() -> str:
+        counter = segment.attach(key, backend)
+        # Attached in spite of the corruption: exercise everything.
+        counter.hit("example.com", now=NOW)
+        counter.count(1, 0, NOW)
+        counter.minutes(int(NOW) // 60 - 1, int(NOW) // 60)
+        counter.level(NOW)
+        return "attached"
+
+    status, result = in_child(attach_and_use)
+    assert os.WIFEXITED(status), f"the child died of signal {os.WTERMSIG(status)}"
+    assert result[:2] == ("raised", "LayoutMismatch"), result
+    assert "corrupt header" in result[2] or "layout version" in result[2]
+    assert "uninstall --force" in result[2]
+
+
+def test_missing_segment(key, backend):
+    with pytest.raises(SegmentNotFound, match="trafficthreshold install"):
+        segment.attach(key, backend)
+    with pytest.raises(SegmentNotFound, match="install"):
+        _counter.Counter(backend, key)
+    with pytest.raises(SegmentNotFound):
+        segment.uninstall(key, backend)
+
+
+def test_unknown_backend(key):
+    with pytest.raises(ValueError, match="'sysv' or 'posix'"):
+        segment.install(key, "mmap")
+    with pytest.raises(ValueError, match="'sysv' or 'posix'"):
+        _counter.Counter("mmap", key)
+
+
+def test_a_segment_without_its_semaphore(key, backend):
+    segment.install(key, backend, now=NOW)
+    if backend == "sysv":
+        sysv_ipc.Semaphore(key).remove()
+    else:
+        posix_ipc.unlink_semaphore(segment.posix_name(key))
+    with pytest.raises(SegmentNotFound, match="no semaphore.*uninstall --force"):
+        segment.attach(key, backend)
+    with pytest.raises(LayoutMismatch, match="no semaphore"):
+        segment.install(key, backend, now=NOW)
+
+
+# ------------------------------------------------------------ permissions
+
+def _groups() -> list[grp.struct_group]:
+    """Groups install may give the segment to: any (root), else our own."""
+    if os.geteuid() == 0:
+        return grp.getgrall()
+    return [grp.getgrgid(gid) for gid in sorted(set(os.getgroups()) | {os.getegid()})]
+
+
+def _some_group() -> grp.struct_group:
+    """A group we may use that uid 65534 (nobody) is not a member of."""
+    for group in _groups():
+        if group.gr_gid not in (0, 65534) and "nobody" not in group.gr_mem:
+            return group
+    return _groups()[0]
+
+
+def _modes(key: int, backend: str) -> list[tuple[int, int]]:
+    """(mode bits, gid) of the segment and of its semaphore."""
+    if backend == "sysv":
+        objs = [sysv_ipc.SharedMemory(key), sysv_ipc.Semaphore(key)]
+        out = [(obj.mode & 0o777, obj.gid) for obj in objs]
+        objs[0].detach()
+        return out
+    paths = ["/dev/shm" + segment.posix_name(key),
+             "/dev/shm/sem." + segment.posix_name(key)[1:]]
+    return [(os.stat(p).st_mode & 0o777, os.stat(p).st_gid) for p in paths]
+
+
+@pytest.mark.parametrize("mode", [0o660, 0o600])
+def test_mode_and_group_are_applied(key, backend, mode):
+    group = _some_group()
+    segment.install(key, backend, mode=mode, group=group.gr_name, now=NOW)
+    assert _modes(key, backend) == [(mode, group.gr_gid)] * 2
+    # Installing again applies them again (a changed --group takes effect).
+    other = ([g for g in _groups() if g.gr_gid != group.gr_gid] or [group])[0]
+    segment.install(key, backend, mode=0o660, group=other.gr_gid, now=NOW)
+    assert _modes(key, backend) == [(0o660, other.gr_gid)] * 2
+
+
+def test_an_unknown_group_is_a_clear_error_and_creates_nothing(key, backend):
+    with pytest.raises(SegmentError, match="group 'no-such-group-tt' does not exist.*groupadd"):
+        segment.install(key, backend, group="no-such-group-tt")
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+
+
+def _drop_to_nobody(groups: list[int]) -> None:
+    os.setgroups(groups)
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def test_a_user_outside_the_group_cannot_attach_and_is_told_why(key, backend):
+    group = _some_group()
+    segment.install(key, backend, mode=0o660,
+                    group=group.gr_name if os.geteuid() == 0 else None, now=NOW)
+    if os.geteuid() == 0:
+        def outsider():
+            _drop_to_nobody([])
+            return segment.attach(key, backend).attached
+
+        def member():
+            _drop_to_nobody([group.gr_gid])
+            counter = segment.attach(key, backend)
+            counter.hit("example.com", now=NOW)
+            return counter.count(counter.find("example.com", "pageview"), 1, NOW)
+
+        status, result = in_child(outsider)
+        assert result[:2] == ("raised", "SegmentError"), result
+        assert "permission denied" in result[2] and "group" in result[2]
+        # The same user in the group may attach and count.
+        status, result = in_child(member)
+        assert result == ("returned", 1), result
+    else:
+        # Not root: take the owner's own rights away instead.
+        if backend == "sysv":
+            shm = sysv_ipc.SharedMemory(key)
+            shm.mode = 0
+            shm.detach()
+        else:
+            os.chmod("/dev/shm" + segment.posix_name(key), 0)
+        with pytest.raises(SegmentError, match="permission denied.*group"):
+            segment.attach(key, backend)
+
+
+# -------------------------------------------------------------- uninstall
+
+def _attached_child(key: int, backend: str):
+    """A child that attaches, says so, and then waits for a line on its
+    stdin-like pipe: 'hit' (reports what Counter.hit does) or 'exit'."""
+    to_child_r, to_child_w = os.pipe()
+    from_child_r, from_child_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            counter = segment.attach(key, backend)
+            os.write(from_child_w, b"attached\n")
+            with os.fdopen(to_child_r) as commands:
+                for line in commands:
+                    if line.strip() == "hit":
+                        try:
+                            counter.hit("example.com", now=NOW)
+                            answer = "counted"
+                        except Exception as exc:  # noqa: BLE001
+                            answer = type(exc).__name__
+                        os.write(from_child_w, answer.encode() + b"\n")
+                    else:
+                        break
+        finally:
+            os._exit(0)
+    os.close(to_child_r)
+    os.close(from_child_w)
+    reader = os.fdopen(from_child_r)
+    assert reader.readline().strip() == "attached"
+
+    def ask(command: str) -> str:
+        os.write(to_child_w, command.encode() + b"\n")
+        return reader.readline().strip() if command != "exit" else ""
+
+    def finish():
+        with contextlib.suppress(OSError):
+            ask("exit")
+        os.close(to_child_w)
+        reader.close()
+        os.waitpid(pid, 0)
+
+    return pid, ask, finish
+
+
+def test_uninstall_is_refused_while_others_are_attached_unless_forced(key, backend):
+    segment.install(key, backend, now=NOW)
+    pid, ask, finish = _attached_child(key, backend)
+    try:
+        assert ask("hit") == "counted"
+        with pytest.raises(SegmentInUse) as info:
+            segment.uninstall(key, backend)
+        assert str(pid) in str(info.value) and "--force" in str(info.value)
+        # Still installed and counting.
+        assert ask("hit") == "counted"
+        removed = segment.uninstall(key, backend, force=True)
+        assert removed["attached"] == 1
+        # The attached worker sees the retired state and stops counting.
+        assert ask("hit") == "SegmentNotFound"
+    finally:
+        finish()
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+
+
+def test_uninstall_retires_then_runs_the_final_read_then_removes(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", n=4, now=NOW)
+    counter.detach()
+    seen = {}
+
+    def final_rollup(retired):
+        seen["state"] = segment.header(retired)["state"]
+        slot = retired.find("example.com", "pageview")
+        seen["count"] = retired.count(slot, 1, NOW)
+        with pytest.raises(SegmentNotFound, match="uninstalled"):
+            retired.hit("example.com", now=NOW)
+        # A plain attach refuses a retired segment.
+        with pytest.raises(SegmentNotFound, match="being uninstalled"):
+            segment.attach(key, backend)
+
+    segment.uninstall(key, backend, before_remove=final_rollup)
+    assert seen == {"state": segment.STATE_RETIRED, "count": 4}
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.SharedMemory(key)
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)
+    else:
+        assert not os.path.exists("/dev/shm" + segment.posix_name(key))
+        assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
+
+
+def test_install_after_uninstall_starts_from_zero(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", now=NOW)
+    counter.detach()
+    segment.uninstall(key, backend)
+    assert segment.install(key, backend, now=NOW).created
+    counter = segment.attach(key, backend)
+    assert counter.find("example.com", "pageview") is None
+    assert counter.count(counter.find(None, "pageview"), 1, NOW) == 0
+    counter.detach()
+
+
+def test_an_install_that_died_half_way_is_finished(key, backend):
+    """The installer creates the semaphore at 0 and the segment zeroed, then
+    dies before writing the header: the next install finishes the job."""
+    geo = segment.Geometry()
+
+    def die_half_way():
+        raw = segment._Raw(backend, key, create_size=geo.total_size)
+        assert raw.created
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status, _ = in_child(die_half_way)
+    assert os.WIFSIGNALED(status)
+    with pytest.raises(SegmentNotFound, match="not fully installed"):
+        segment.attach(key, backend)
+    start = time.monotonic()
+    segment.install(key, backend, geometry=geo, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", now=NOW)
+    assert counter.count(counter.find(None, "pageview"), 1, NOW) == 1
+    counter.detach()
+    assert time.monotonic() - start < 6
