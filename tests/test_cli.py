@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -152,3 +153,27 @@ def test_every_command_has_help_with_an_example():
         commands = getattr(command, "commands", {name: command})
         for sub in commands.values():
             assert sub.help and "Example:" in sub.help, name
+
+
+def test_status_shows_policy_state_and_heartbeat(tmp_path, key):
+    """A driven supervisor at level 2 cooling down: status says so."""
+    from trafficthreshold import config as configuration
+    from trafficthreshold.supervisor import Supervisor
+    path = tmp_path / "config.toml"
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path / "s.sqlite3"}"\n'
+                    '[http]\nenabled = false\n[throttle]\nmultiplier = 10\n')
+    segment.install(key)
+    now = time.time()
+    sup = Supervisor(configuration.load(str(path), env={}), env={})
+    sup.initialize(now - 100)
+    sup.counter.hit(None, "pageview", 25, now - 90)
+    sup.tick(now - 89)                     # level 2
+    sup.tick(now - 20)                     # the window is empty: cooling down
+    try:
+        info = json.loads(run(str(path), "status", "--json"))
+        assert info["throttle"]["supervisor_level"] == 2
+        assert "steps down to 1 in 2" in info["throttle"]["policy_state"]
+        assert info["supervisor"]["pid"] == os.getpid()
+        assert "policy hysteresis: below level 2's floor" in run(str(path), "status")
+    finally:
+        sup.shutdown(now)

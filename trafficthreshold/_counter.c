@@ -39,7 +39,11 @@
  *   104  u32 supervisor_pid
  *   108  u32 throttle_slot    the slot of ("all", "pageview")
  *   112  u32 lock_owner_pid   who holds the semaphore (0: nobody)
- *   116..127 reserved
+ *   116  u32 (reserved)
+ *   120  u64 throttle_since_ms  the policy's clock: hysteresis, since when the
+ *                              count is below the level's floor; drupal, the
+ *                              last step-down test (0: none).  Written by the
+ *                              supervisor, shown by status; workers ignore it.
  *   line 2, counters the workers change:
  *   128  u32 keys_used        slots handed out (slots 0..keys_used-1)
  *   132  u32 next_stripe      round-robin stripe assignment
@@ -139,6 +143,7 @@
 #define H_SUPERVISOR_PID 104
 #define H_THROTTLE_SLOT 108
 #define H_LOCK_OWNER_PID 112
+#define H_THROTTLE_SINCE_MS 120
 #define H_KEYS_USED 128
 #define H_NEXT_STRIPE 132
 #define H_OVERFLOW_HITS 136
@@ -1538,6 +1543,7 @@ static int add_layout(PyObject *m)
     L("H_KEYS_USED", H_KEYS_USED); L("H_NEXT_STRIPE", H_NEXT_STRIPE);
     L("H_OVERFLOW_HITS", H_OVERFLOW_HITS); L("H_DROPPED_HITS", H_DROPPED_HITS);
     L("H_ATTACHES", H_ATTACHES);
+    L("H_THROTTLE_SINCE_MS", H_THROTTLE_SINCE_MS);
     L("E_STATE", E_STATE); L("E_SLOT", E_SLOT); L("E_HASH", E_HASH);
     L("E_ACCOUNT_LEN", E_ACCOUNT_LEN); L("E_EVENT_LEN", E_EVENT_LEN);
     L("E_ACCOUNT", E_ACCOUNT); L("E_EVENT", E_EVENT);

@@ -74,6 +74,7 @@ H_HEARTBEAT_MS = 96
 H_SUPERVISOR_PID = 104
 H_THROTTLE_SLOT = 108
 H_LOCK_OWNER_PID = 112
+H_THROTTLE_SINCE_MS = 120
 H_KEYS_USED = 128
 H_NEXT_STRIPE = 132
 H_OVERFLOW_HITS = 136
@@ -112,7 +113,8 @@ HEADER_FIELDS = {
     "throttle_window": (H_THROTTLE_WINDOW, 4), "throttle_level": (H_THROTTLE_LEVEL, 4),
     "state": (H_STATE, 4), "heartbeat_ms": (H_HEARTBEAT_MS, 8),
     "supervisor_pid": (H_SUPERVISOR_PID, 4), "throttle_slot": (H_THROTTLE_SLOT, 4),
-    "lock_owner_pid": (H_LOCK_OWNER_PID, 4), "keys_used": (H_KEYS_USED, 4),
+    "lock_owner_pid": (H_LOCK_OWNER_PID, 4), "throttle_since_ms": (H_THROTTLE_SINCE_MS, 8),
+    "keys_used": (H_KEYS_USED, 4),
     "overflow_hits": (H_OVERFLOW_HITS, 8), "dropped_hits": (H_DROPPED_HITS, 8),
     "attaches": (H_ATTACHES, 8),
 }

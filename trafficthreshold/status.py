@@ -38,7 +38,7 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
             "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
             "attached": segment.attached_pids(cfg.key, cfg.backend),
             "permissions": _permissions(cfg),
-            "throttle": _throttle(cfg, head, counter.level(now)),
+            "throttle": _throttle(cfg, head, counter.level(now), now),
             "supervisor": _supervisor(head, now),
             "keys": keys,
         }
@@ -67,12 +67,26 @@ def _permissions(cfg: Config) -> dict[str, Any]:
             "mode": f"{mode:03o}"}
 
 
-def _throttle(cfg: Config, head: dict[str, int], level: int) -> dict[str, Any]:
+def _throttle(cfg: Config, head: dict[str, int], level: int, now: float) -> dict[str, Any]:
     mult = head["throttle_multiplier"] or cfg.throttle.multiplier
     low, high = throttle.level_range(level, mult)
     return {"level": level, "supervisor_level": head["throttle_level"], "min": low, "max": high,
             "multiplier": mult, "window": WINDOW_NAMES.get(head["throttle_window"], "?"),
-            "policy": cfg.throttle.policy}
+            "policy": cfg.throttle.policy,
+            "policy_state": _policy_state(cfg, head, now)}
+
+
+def _policy_state(cfg: Config, head: dict[str, int], now: float) -> str:
+    """What the policy is waiting for, in words."""
+    level, since = head["throttle_level"], head["throttle_since_ms"] / 1000
+    t = cfg.throttle
+    if level == 0 or not since:
+        return "steady"
+    if t.policy == "hysteresis":
+        left = max(0, t.cooldown - (now - since))
+        return (f"below level {level}'s floor for {now - since:.0f} s; steps down to "
+                f"{level - 1} in {left:.0f} s unless traffic returns")
+    return f"next step-down test in {max(0, t.cron_test - (now - since)):.0f} s"
 
 
 def _supervisor(head: dict[str, int], now: float) -> dict[str, Any]:
@@ -100,7 +114,7 @@ def render(info: dict[str, Any]) -> str:
         f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']}",
         f"attached    {len(info['attached'])} other processes",
         f"throttle    level {t['level']} ({t['min']} - {top}), window {t['window']}, "
-        f"multiplier {t['multiplier']}, policy {t['policy']}",
+        f"multiplier {t['multiplier']}, policy {t['policy']}: {t['policy_state']}",
         f"supervisor  {sup}",
         "",
         f"{'ACCOUNT':<40} {'EVENT':<16} {'MINUTE':>10} {'LAST 60 S':>10}",

@@ -125,12 +125,19 @@ class Supervisor:
             self.counter.store(segment.H_SUPERVISOR_PID, 4, 0)
         self.roller = None
         for name, close in (("server", lambda s: s.stop()),
-                            ("outbox", lambda o: o.stop(timeout=5)),
+                            ("outbox", lambda o: self._flush_mail(o, now)),
                             ("engine", lambda e: e.store.close()),
                             ("store", lambda s: s.close())):
             obj, _ = getattr(self, name), setattr(self, name, None)
             if obj is not None:
                 close(obj)
+
+    def _flush_mail(self, outbox: Outbox, now: float) -> None:
+        """Stop the delivery thread, then one last pass over the mails that
+        are due, so an alert raised just before SIGTERM still goes out
+        (what fails stays queued for the next start)."""
+        outbox.stop(timeout=5)
+        self._guard("final mail delivery", outbox.deliver_due, now)
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again; keep the old one on errors."""
@@ -214,6 +221,9 @@ class Supervisor:
             log.warning("%s", message)
         if state.level != self.throttle_state.level:
             self.counter.store(segment.H_THROTTLE_LEVEL, 4, state.level)
+        if state != self.throttle_state:
+            since = state.below_since if t.policy == "hysteresis" else state.last_test
+            self.counter.store(segment.H_THROTTLE_SINCE_MS, 8, int((since or 0) * 1000))
         self.throttle_state = state
         return hits
 
