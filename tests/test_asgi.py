@@ -14,22 +14,12 @@ from trafficthreshold import asgi, pageviews
 from trafficthreshold.asgi import TrafficThreshold
 
 from apps import harness
+from apps.harness import fresh_warnings, of, total  # noqa: F401  (fresh_warnings: an autouse fixture)
 from apps.asgi_app import raw_app
 
 HTML = [(b"content-type", b"text/html; charset=utf-8")]
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(pageviews, "_warned", set())
-
-
-def total(event: str = "pageview") -> int:
-    return trafficthreshold.count(None, event, window="60s")
-
-
-def of(account: str) -> int:
-    return trafficthreshold.count(account, window="60s")
 
 
 def http_scope(path: str = "/", method: str = "GET", host: bytes | None = b"Site-A.example:8000",

@@ -17,19 +17,9 @@ from trafficthreshold import pageviews  # noqa: E402
 from trafficthreshold.django import TrafficThresholdMiddleware  # noqa: E402
 
 from apps import django_app, harness  # noqa: E402,F401  # importing it configures Django
+from apps.harness import fresh_warnings, of, total  # noqa: E402,F401  (fresh_warnings: an autouse fixture)
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(pageviews, "_warned", set())
-
-
-def total(event: str = "pageview") -> int:
-    return trafficthreshold.count(None, event, window="60s")
-
-
-def of(account: str) -> int:
-    return trafficthreshold.count(account, window="60s")
 
 
 def test_pages_are_counted_by_host(worker_api):

@@ -18,21 +18,11 @@ from trafficthreshold import pageviews, wsgi
 from trafficthreshold.wsgi import TrafficThreshold
 
 from apps import flask_app  # imported (its middleware created) before any test's segment
+from apps.harness import fresh_warnings, of, total  # noqa: F401  (fresh_warnings: an autouse fixture)
 
 HTML = [("Content-Type", "text/html; charset=utf-8")]
 
 
-@pytest.fixture(autouse=True)
-def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(pageviews, "_warned", set())
-
-
-def total(event: str = "pageview") -> int:
-    return trafficthreshold.count(None, event, window="60s")
-
-
-def of(account: str) -> int:
-    return trafficthreshold.count(account, window="60s")
 
 
 def environ(path: str = "/", method: str = "GET", host: str = "Site-A.example:8000",

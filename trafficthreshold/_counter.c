@@ -1226,6 +1226,15 @@ static PyObject *Counter_count(Counter *c, PyObject *args)
     return PyLong_FromUnsignedLongLong(window_count(c, (uint32_t)slot, window, t));
 }
 
+/* Appends `item` (a new reference, or NULL after a failed build) to `out`
+ * and drops our reference.  Returns 0, or -1 with an exception set. */
+static int append_new(PyObject *out, PyObject *item)
+{
+    int rc = item == NULL ? -1 : PyList_Append(out, item);
+    Py_XDECREF(item);
+    return rc;
+}
+
 /* Counter.minutes(first, last) -> list of (slot, epoch_minute, count) for
  * every used slot and minute in [first, last] with a count > 0.  Lock-free:
  * a bucket being rolled over reads as 0 or as its new epoch's count, never
@@ -1233,7 +1242,7 @@ static PyObject *Counter_count(Counter *c, PyObject *args)
 static PyObject *Counter_minutes(Counter *c, PyObject *args)
 {
     unsigned long long first, last;
-    PyObject *out, *item;
+    PyObject *out;
     uint32_t used;
     if (!PyArg_ParseTuple(args, "KK", &first, &last) || check_attached(c) < 0)
         return NULL;
@@ -1250,13 +1259,11 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
             uint64_t m = first + k, n = minute_count(c, slot, m);
             if (n == 0)
                 continue;
-            item = Py_BuildValue("(IKK)", slot, (unsigned long long)m, (unsigned long long)n);
-            if (item == NULL || PyList_Append(out, item) < 0) {
-                Py_XDECREF(item);
+            if (append_new(out, Py_BuildValue("(IKK)", slot, (unsigned long long)m,
+                                              (unsigned long long)n)) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(item);
         }
     }
     return out;
@@ -1265,22 +1272,20 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
 /* Counter.keys() -> list of (slot, account, event) of every ready key. */
 static PyObject *Counter_keys(Counter *c, PyObject *unused)
 {
-    PyObject *out, *item;
+    PyObject *out;
     if (check_attached(c) < 0 || (out = PyList_New(0)) == NULL)
         return NULL;
     for (uint32_t i = 0; i < c->index_size; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != 1)
             continue;
-        item = Py_BuildValue("(Is#s#)", *U32(ent, E_SLOT), ent + E_ACCOUNT,
-                             (Py_ssize_t)*(uint8_t *)(ent + E_ACCOUNT_LEN), ent + E_EVENT,
-                             (Py_ssize_t)*(uint8_t *)(ent + E_EVENT_LEN));
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
+        if (append_new(out, Py_BuildValue("(Is#s#)", *U32(ent, E_SLOT), ent + E_ACCOUNT,
+                                          (Py_ssize_t)*(uint8_t *)(ent + E_ACCOUNT_LEN),
+                                          ent + E_EVENT,
+                                          (Py_ssize_t)*(uint8_t *)(ent + E_EVENT_LEN))) < 0) {
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(item);
     }
     return out;
 }

@@ -26,7 +26,10 @@ from collections import Counter as Tally
 from pathlib import Path
 from typing import Callable, Optional
 
-from trafficthreshold import segment
+import pytest
+
+import trafficthreshold
+from trafficthreshold import pageviews, segment
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
@@ -298,3 +301,21 @@ def segment_count(key: int, backend: str, first_minute: int, last_minute: int,
 
 def epoch_minute() -> int:
     return int(time.time() // 60)
+
+
+# ------------------------------------------------- shared by the middleware tests
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Each test sees the middleware's "logged once" warnings anew."""
+    monkeypatch.setattr(pageviews, "_warned", set())
+
+
+def total(event: str = "pageview") -> int:
+    """The sliding-60 s count of every account for ``event``."""
+    return trafficthreshold.count(None, event, window="60s")
+
+
+def of(account: str) -> int:
+    """The sliding-60 s page views of one account."""
+    return trafficthreshold.count(account, window="60s")
