@@ -40,7 +40,8 @@ import logging
 from typing import Any, Callable, Iterable, Optional
 
 from . import pageviews
-from .pageviews import COUNTED_METHODS, RequestInfo, is_excluded_path, is_html, warn_once
+from .pageviews import (COUNTED_METHODS, RequestInfo, _html_memo, is_excluded_path, is_html,
+                         warn_once)
 
 log = logging.getLogger("trafficthreshold.wsgi")
 
@@ -93,44 +94,51 @@ class TrafficThreshold:
                 environ[key] = _throttle_status()
             except Exception:
                 environ[key] = pageviews.level(log)
-        if self.count_if is None and (
-                environ.get("REQUEST_METHOD") not in COUNTED_METHODS
+        if self.count_if is not None:
+            return self._call_with_predicate(environ, start_response)
+        if (environ.get("REQUEST_METHOD") not in COUNTED_METHODS
                 or is_excluded_path(environ.get("PATH_INFO", ""))):
             return self.app(environ, start_response)
-        counted = False
         record = self.record
-        count_if = self.count_if
+
+        # Kept lean on purpose (three free variables, no flag): this runs
+        # for every page.  PEP 3333 allows a second start_response only with
+        # exc_info, so counting only calls without exc_info counts once.
+        def counting_start_response(status: str, headers: list, exc_info: Any = None) -> Any:
+            """The server's start_response (same arguments, its ``write``
+            returned); counts an HTML 2xx/3xx response."""
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            write = start_response(status, headers)
+            try:
+                if status[:1] in _GOOD_STATUS:
+                    for name, value in headers:
+                        if name == "Content-Type" or (
+                                len(name) == 12 and name.lower() == "content-type"):
+                            page = _html_memo.get(value)
+                            if page is None:
+                                page = is_html(value)
+                            if page:
+                                record(environ)
+                            break
+            except Exception:
+                warn_once(log, "wsgi-decide", "trafficthreshold: could not decide "
+                          "whether a response is a page view", exc_info=True)
+            return write
+
+        return self.app(environ, counting_start_response)
+
+    def _call_with_predicate(self, environ: Environ, start_response: StartResponse
+                             ) -> Iterable[bytes]:
+        """The same with a ``count_if`` predicate (which sees every request)."""
+        record = self.record
 
         def counting_start_response(status: str, headers: list, exc_info: Any = None) -> Any:
-            """Counts the page view once, then is the server's start_response
-            (same arguments, its ``write`` returned)."""
-            nonlocal counted
-            if exc_info is None:
-                write = start_response(status, headers)
-            else:
-                write = start_response(status, headers, exc_info)
-            # Counted after the server accepted the status and headers and
-            # before the application can produce body bytes: a response the
-            # client receives was counted, and a response the server refused
-            # (a bad header, an exc_info re-call after the headers were
-            # sent, which raises above) was not.
-            if counted:
-                return write
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            write = start_response(status, headers)
             try:
-                if count_if is None:
-                    # The default rule, inline (this runs for every page):
-                    # the method and path were checked before the app ran.
-                    page = False
-                    if status[:1] in _GOOD_STATUS:
-                        for name, value in headers:
-                            if name == "Content-Type" or (
-                                    len(name) == 12 and name.lower() == "content-type"):
-                                page = is_html(value)
-                                break
-                else:
-                    page = self._count_if(environ, status, headers)
-                if page:
-                    counted = True
+                if self._count_if(environ, status, headers):
                     record(environ)
             except Exception:
                 warn_once(log, "wsgi-decide", "trafficthreshold: could not decide "

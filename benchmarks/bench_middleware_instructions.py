@@ -1,0 +1,119 @@
+"""What the WSGI middleware costs a gunicorn worker, in instructions.
+
+    python benchmarks/bench_middleware_instructions.py [--quick]
+
+Requests/s on a 2-CPU machine swing by several percent from run to run
+(docs/webapps.rst), more than the 2 % target.  Instructions do not: one
+sync gunicorn worker runs under ``valgrind --tool=callgrind``, serves N and
+then 3N requests of tests/apps/hello.py, and the difference divided by 2N
+is the instructions per request, start-up cancelled.  Done for the bare
+app, the middleware with its defaults (the total only) and with
+``account="host"`` (two keys per hit).  PYTHONHASHSEED is fixed, so reruns
+agree.  Needs valgrind (Debian: ``apt-get install valgrind``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import http.client
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from trafficthreshold import segment
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+VARIANTS = (("bare", "apps.hello:raw_app", ""),
+            ("middleware, defaults", "apps.hello:app", ""),
+            ('middleware, account="host"', "apps.hello:app", "host"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_instructions(app: str, account: str, requests: int, key: int, tmp: str) -> int:
+    """Total instructions of the one worker after serving ``requests``."""
+    port = free_port()
+    out = f"{tmp}/cg.{app.replace(':', '_')}.{account}.{requests}"
+    env = dict(os.environ, PYTHONHASHSEED="0", TRAFFICTHRESHOLD_KEY=str(key),
+               TT_TEST_ACCOUNT=account)
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={out}.%p",
+         sys.executable, "-m", "gunicorn", "--chdir", str(TESTS), "--bind",
+         f"127.0.0.1:{port}", "--workers", "1", "--log-level", "warning", app], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gunicorn under valgrind did not start") from None
+                time.sleep(0.5)
+        for _ in range(requests):
+            conn.request("GET", "/", headers={"Host": "site.example"})
+            response = conn.getresponse()
+            response.read()
+            if (response.getheader("Connection") or "").lower() == "close":
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    totals = []
+    for path in glob.glob(out + ".*"):
+        text = Path(path).read_text(errors="replace")
+        match = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        if match:
+            totals.append(int(match.group(1)))
+    return max(totals)  # the worker served everything; the master did little
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, for CI")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind): nothing measured")
+        return 0 if args.quick else 1
+    n = 50 if args.quick else 300
+    key = random.randrange(0x50000000, 0x5FFFFFFF)
+    segment.install(key)
+    per_request = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, app, account in VARIANTS:
+                low = worker_instructions(app, account, n, key, tmp)
+                high = worker_instructions(app, account, 3 * n, key, tmp)
+                per_request[name] = (high - low) / (2 * n)
+    finally:
+        segment.uninstall(key, force=True)
+    bare = per_request["bare"]
+    print(f"instructions per request of a sync gunicorn worker ({2 * n} requests measured)")
+    for name, value in per_request.items():
+        extra = "" if name == "bare" else \
+            f"  +{value - bare:,.0f} = {100 * (value / bare - 1):+.2f} %"
+        print(f"  {name:<30} {value:>10,.0f}{extra}")
+    overhead = per_request["middleware, defaults"] / bare - 1
+    verdict = "PASS" if overhead < 0.02 else "FAIL"
+    print(f"{verdict}  middleware with its defaults < 2 % of a hello-world request: "
+          f"{100 * overhead:.2f} %")
+    return 0 if args.quick or verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
