@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
-from typing import Any
 
 from trafficthreshold import alerts
 from trafficthreshold.alerts import AlertState, Mail, Notice
@@ -17,13 +16,7 @@ M0 = int(T0 // 60)
 SENDER = "tt@localhost"
 
 
-def make_rule(**overrides: Any) -> SimpleNamespace:
-    values: dict[str, Any] = dict(
-        name="burst", account="all", event="pageview", threshold=10, window="minute",
-        to=("ops@example.com",), sender="", repeat=3600, resolved=True, clear_minutes=5,
-    )
-    values.update(overrides)
-    return SimpleNamespace(**values)
+from tt_alerts import make_rule  # noqa: E402
 
 
 def tick(

@@ -17,13 +17,12 @@ from trafficthreshold.errors import TrafficThresholdError
 T0 = 1_700_000_040.0
 
 
-def make_rule(**overrides: Any) -> SimpleNamespace:
-    values: dict[str, Any] = dict(
-        name="burst", account="all", event="pageview", threshold=10, window="minute",
-        to=("ops@example.com",), sender="", repeat=300, resolved=True, clear_minutes=2,
-    )
-    values.update(overrides)
-    return SimpleNamespace(**values)
+import functools  # noqa: E402
+
+import tt_alerts  # noqa: E402
+
+#: Shorter reminders and clearing than the defaults, for these tests.
+make_rule = functools.partial(tt_alerts.make_rule, repeat=300, clear_minutes=2)
 
 
 MAIL = SimpleNamespace(sender="tt@localhost", max_per_hour=20, dashboard_url="http://d/")

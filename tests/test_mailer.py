@@ -45,13 +45,7 @@ KEY = ("all", "pageview", "minute")
 # --------------------------------------------------------------------------
 
 
-def make_rule(**overrides: Any) -> SimpleNamespace:
-    values: dict[str, Any] = dict(
-        name="burst", account="all", event="pageview", threshold=10, window="minute",
-        to=("ops@example.com",), sender="", repeat=3600, resolved=True, clear_minutes=5,
-    )
-    values.update(overrides)
-    return SimpleNamespace(**values)
+from tt_alerts import make_rule  # noqa: E402
 
 
 def make_mail_config(**overrides: Any) -> SimpleNamespace:
