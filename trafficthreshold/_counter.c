@@ -343,18 +343,21 @@ static void sem_unlock(Counter *c)
 
 /* ---------------------------------------------------------------- layout */
 
+/* The first bucket (minute bucket 0) of one stripe of one slot. */
+static inline bucket_t *stripe_buckets(Counter *c, uint32_t slot, uint32_t stripe)
+{
+    return (bucket_t *)(c->base + c->slots_offset + (uint64_t)slot * c->slot_size
+                        + (uint64_t)stripe * c->stripe_size);
+}
+
 static inline bucket_t *minute_bucket(Counter *c, uint32_t slot, uint32_t stripe, uint64_t minute)
 {
-    char *p = c->base + c->slots_offset + (uint64_t)slot * c->slot_size
-              + (uint64_t)stripe * c->stripe_size;
-    return (bucket_t *)p + (minute % c->minutes);
+    return stripe_buckets(c, slot, stripe) + (minute % c->minutes);
 }
 
 static inline bucket_t *second_bucket(Counter *c, uint32_t slot, uint32_t stripe, uint64_t second)
 {
-    char *p = c->base + c->slots_offset + (uint64_t)slot * c->slot_size
-              + (uint64_t)stripe * c->stripe_size;
-    return (bucket_t *)p + c->minutes + (second % c->seconds);
+    return stripe_buckets(c, slot, stripe) + c->minutes + (second % c->seconds);
 }
 
 static inline char *index_entry(Counter *c, uint32_t i)
@@ -839,8 +842,7 @@ static int add_slot(Counter *c, uint32_t slot, uint64_t n)
     int dropped;
     if (!c->fixed_stripe && c->fork_gen != fork_generation)
         choose_stripe(c);  /* a forked child takes its own stripe */
-    b = (bucket_t *)(c->base + c->slots_offset + (uint64_t)slot * c->slot_size
-                     + (uint64_t)c->stripe * c->stripe_size);
+    b = stripe_buckets(c, slot, c->stripe);
     dropped = add_bucket(c, b + c->cur_min_idx, c->cur_minute, n);
     dropped |= add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second, n);
     return dropped;
@@ -926,16 +928,14 @@ static long all_slot_for(Counter *c, PyObject *event)
 }
 
 /* The core of hit(): the `all` key of the event, then the account's key.
- * Returns 0, or -1 with an exception set (bad input or lock timeout). */
+ * Returns 0, or -1 with an exception set (bad input or lock timeout).
+ * The caller has checked that the segment is live (get_default() for the
+ * module's hit(), Counter_hit() for a Counter's). */
 static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, uint64_t second)
 {
     long all_slot, slot = -1;
     int dropped;
     PyObject *v;
-    if (__atomic_load_n(U32(c->base, H_STATE), __ATOMIC_ACQUIRE) != STATE_LIVE) {
-        PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
-        return -1;
-    }
     /* Validate and resolve both names before adding anything, so bad input
      * never leaves half a hit behind.  The account first: its validation
      * covers the event too, so a bad account does not even create the
@@ -981,6 +981,10 @@ static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs
     if (parse_hit_args(args, nargs, kwnames, argv) < 0 || (n = parse_n(argv[2])) < 0
         || (second = parse_second(argv[3])) == 0)
         return NULL;
+    if (__atomic_load_n(U32(c->base, H_STATE), __ATOMIC_ACQUIRE) != STATE_LIVE) {
+        PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
+        return NULL;
+    }
     if (do_hit(c, argv[0], argv[1], (uint64_t)n, second) < 0)
         return NULL;
     Py_RETURN_NONE;
