@@ -39,15 +39,10 @@ _warned: set[str] = set()
 
 
 def _env_key() -> int:
+    from .config import env_key
     from .segment import DEFAULT_KEY
-    raw = os.environ.get("TRAFFICTHRESHOLD_KEY", "").strip()
-    if not raw:
-        return DEFAULT_KEY
-    try:
-        return int(raw, 0)
-    except ValueError:
-        raise ConfigError(f"TRAFFICTHRESHOLD_KEY={raw!r} is not an integer; use decimal "
-                          "or 0x hex, e.g. 0x54546831") from None
+    key = env_key()
+    return DEFAULT_KEY if key is None else key
 
 
 def _attach_default() -> Counter:

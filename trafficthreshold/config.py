@@ -35,10 +35,10 @@ from typing import Any
 
 from trafficthreshold import names
 from trafficthreshold.errors import ConfigError
+from trafficthreshold.segment import BACKENDS, DEFAULT_KEY
+from trafficthreshold.segment import WINDOWS as SEGMENT_WINDOWS
 from trafficthreshold.throttle import POLICIES
 
-#: SysV IPC key of the segment ("TTh1"); the segment code uses it too.
-DEFAULT_KEY = 0x54546831
 #: The largest key: key_t is a signed 32-bit int, and 0 is IPC_PRIVATE.
 MAX_KEY = 0x7FFFFFFF
 #: Where :func:`load` looks when neither a path nor the environment names one.
@@ -47,8 +47,8 @@ DEFAULT_PATH = "/etc/trafficthreshold/config.toml"
 SYSTEM_STATE_DIR = "/var/lib/trafficthreshold"
 DATABASE_NAME = "stats.sqlite3"
 
-BACKENDS = ("sysv", "posix")
-WINDOWS = ("60s", "minute")
+#: The window names, in the order of the header's throttle_window values.
+WINDOWS = tuple(SEGMENT_WINDOWS)
 TRANSPORTS = ("sendmail", "smtp")
 
 
@@ -761,18 +761,26 @@ def load(
     """
     resolved = resolve_path(path, env, default_path)
     config = default(env) if resolved is None else parse(_read(resolved), resolved, env=env)
-    override = env.get("TRAFFICTHRESHOLD_KEY", "")
-    if override:
-        try:
-            key = parse_key(override)
-        except ValueError as exc:
-            problem = str(exc) if "must be" in str(exc) else "is not an integer"
-            raise ConfigError(
-                f"environment: TRAFFICTHRESHOLD_KEY = {override!r} {problem}; "
-                "use decimal or 0x hex, e.g. 0x54546831"
-            ) from None
+    key = env_key(env)
+    if key is not None:
         config = dataclasses.replace(config, key=key)
     return config
+
+
+def env_key(env: Mapping[str, str] = os.environ) -> int | None:
+    """``$TRAFFICTHRESHOLD_KEY`` as a key, None if unset; ConfigError if bad.
+    (The worker API reads it too, without loading the whole config.)"""
+    override = env.get("TRAFFICTHRESHOLD_KEY", "")
+    if not override.strip():
+        return None
+    try:
+        return parse_key(override)
+    except ValueError as exc:
+        problem = str(exc) if "must be" in str(exc) else "is not an integer"
+        raise ConfigError(
+            f"environment: TRAFFICTHRESHOLD_KEY = {override!r} {problem}; "
+            "use decimal or 0x hex, e.g. 0x54546831"
+        ) from None
 
 
 def _read(path: str) -> str:
