@@ -62,9 +62,9 @@ log = logging.getLogger("trafficthreshold.api")
 MAX_URL_BYTES = 2048
 #: Closed minutes shown by /api/stats/live and the dashboard.
 LIVE_MINUTES = 60
-#: A supervisor heartbeat older than this counts as stale (the C hot path
-#: ignores the supervisor's level after the same 10 s).
-HEARTBEAT_STALE_S = 10.0
+#: A supervisor heartbeat older than this counts as stale: the limit after
+#: which the C hot path ignores the supervisor's level.
+HEARTBEAT_STALE_S = segment.HEARTBEAT_STALE_MS / 1000
 
 JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"

@@ -93,7 +93,8 @@ def _supervisor(head: dict[str, int], now: float) -> dict[str, Any]:
     if not head["heartbeat_ms"]:
         return {"running": False, "pid": None, "heartbeat_age": None}
     age = round(now - head["heartbeat_ms"] / 1000, 1)
-    return {"running": bool(head["supervisor_pid"]) and age < 10,
+    fresh = age <= segment.HEARTBEAT_STALE_MS / 1000  # as the hot path judges it
+    return {"running": bool(head["supervisor_pid"]) and fresh,
             "pid": head["supervisor_pid"] or None, "heartbeat_age": age}
 
 

@@ -173,7 +173,6 @@ class Supervisor:
         if minute != self.last_minute:
             self._guard("roll-up", self.roller.roll, now)
             self.last_minute = minute
-            self.closed_cache = None
         self._guard("alerts", self._alerts, now)
         if now - self.last_prune >= PRUNE_EVERY:
             self._guard("prune", self._prune, now)
