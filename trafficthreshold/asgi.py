@@ -74,16 +74,11 @@ class TrafficThreshold:
                  count_if: Optional[CountIf] = None,
                  scope_key: Optional[str] = "trafficthreshold.level",
                  state_key: Optional[str] = STATE_KEY) -> None:
-        if count_if is not None and not callable(count_if):
-            raise TypeError(f"count_if={count_if!r} is not callable; give a function "
-                            "count_if(info) -> bool, or None for the default rule")
         self.app = app
         self.count_if = count_if
         self.scope_key = scope_key
         self.state_key = state_key
-        self.record = pageviews.make_recorder(pageviews.account_resolver(account, scope_host),
-                                              event, log)
-        pageviews.warm_up(log)
+        self.record = pageviews.middleware_recorder(account, scope_host, event, count_if, log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":

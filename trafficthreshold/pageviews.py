@@ -221,6 +221,19 @@ def account_resolver(account: object, host_of: Callable[[Any], Any]) -> AccountF
                     "e.g. account=lambda environ: 'example.com'")
 
 
+def middleware_recorder(account: object, host_of: Callable[[Any], Any], event: str,
+                        count_if: object, logger: logging.Logger = log) -> Callable[[Any], None]:
+    """What the WSGI and ASGI middleware do at start-up: check ``count_if``,
+    build the ``record(request)`` function (:func:`make_recorder`) and attach
+    to the segment now (:func:`warm_up`).  Bad options raise here."""
+    if count_if is not None and not callable(count_if):
+        raise TypeError(f"count_if={count_if!r} is not callable; give a function "
+                        "count_if(info) -> bool, or None for the default rule")
+    record = make_recorder(account_resolver(account, host_of), event, logger)
+    warm_up(logger)
+    return record
+
+
 def make_recorder(account: AccountFunc | None, event: str,
                   logger: logging.Logger = log) -> Callable[[Any], None]:
     """A function ``record(request)`` that counts one page view of a

@@ -77,15 +77,10 @@ class TrafficThreshold:
     def __init__(self, app: WSGIApp, *, account: object = None,
                  event: str = "pageview", count_if: Optional[CountIf] = None,
                  environ_key: Optional[str] = "trafficthreshold.level") -> None:
-        if count_if is not None and not callable(count_if):
-            raise TypeError(f"count_if={count_if!r} is not callable; give a function "
-                            "count_if(info) -> bool, or None for the default rule")
         self.app = app
         self.count_if = count_if
         self.environ_key = environ_key
-        self.record = pageviews.make_recorder(pageviews.account_resolver(account, environ_host),
-                                              event, log)
-        pageviews.warm_up(log)
+        self.record = pageviews.middleware_recorder(account, environ_host, event, count_if, log)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         key = self.environ_key
