@@ -70,6 +70,20 @@ def check_exact(key: int, backend: str, first: int, last: int, result) -> None:
 
 
 @pytest.mark.parametrize("worker_class, backend", [("sync", "sysv"), ("gthread", "posix")])
+
+def load_in_background(port: int, started_after: int):
+    """Send REQUESTS from a thread; return (thread, {"result": LoadResult}
+    once done, the epoch minute it began) after ``started_after`` were sent."""
+    progress = threading.Event()
+    outcome: dict[str, harness.LoadResult] = {}
+    load = threading.Thread(target=lambda: outcome.setdefault("result", harness.run_load(
+        port, REQUESTS, time_limit=40,
+        progress=lambda i: i >= started_after and progress.set())))
+    first = epoch_minute()
+    load.start()
+    assert progress.wait(20), "the load did not start"
+    return load, outcome, first
+
 def test_counts_equal_the_html_responses(installed, tmp_path, worker_class):
     key, backend = installed
     server = start("apps.hello:app", key, backend, tmp_path, worker_class)
@@ -131,14 +145,7 @@ def test_sigkill_of_a_worker_during_the_load(installed, tmp_path, worker_class):
     parked: dict[str, object] = {}
     try:
         before = set(server.children())
-        progress = threading.Event()
-        outcome: dict[str, harness.LoadResult] = {}
-        load = threading.Thread(target=lambda: outcome.setdefault("result", harness.run_load(
-            server.port, REQUESTS, time_limit=40,
-            progress=lambda i: i >= REQUESTS // 4 and progress.set())))
-        first = epoch_minute()
-        load.start()
-        assert progress.wait(20), "the load did not start"
+        load, outcome, first = load_in_background(server.port, REQUESTS // 4)
 
         def park() -> None:
             try:
@@ -179,14 +186,7 @@ def test_sigkill_at_a_random_instant_is_bounded(installed, tmp_path):
     key, backend = installed
     server = start("apps.hello:app", key, backend, tmp_path, "gthread")
     try:
-        progress = threading.Event()
-        outcome: dict[str, harness.LoadResult] = {}
-        load = threading.Thread(target=lambda: outcome.setdefault("result", harness.run_load(
-            server.port, REQUESTS, time_limit=40,
-            progress=lambda i: i >= REQUESTS // 3 and progress.set())))
-        first = epoch_minute()
-        load.start()
-        assert progress.wait(20), "the load did not start"
+        load, outcome, first = load_in_background(server.port, REQUESTS // 3)
         victim = server.children()[0]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: (lambda c: len(c) == 4 and victim not in c)(server.children()), 15,
