@@ -226,7 +226,6 @@ class _Raw:
                 self.sem = sysv_ipc.Semaphore(self.key)
             except sysv_ipc.ExistentialError:
                 self.sem = None
-        self.sem_undo = True
         self.buf = memoryview(self.shm)
 
     def _open_posix(self, create_size: int, mode: int) -> None:
