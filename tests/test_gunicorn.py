@@ -69,8 +69,6 @@ def check_exact(key: int, backend: str, first: int, last: int, result) -> None:
     assert segment_count(key, backend, first, last, ACCOUNT) == result.pages, result
 
 
-@pytest.mark.parametrize("worker_class, backend", [("sync", "sysv"), ("gthread", "posix")])
-
 def load_in_background(port: int, started_after: int):
     """Send REQUESTS from a thread; return (thread, {"result": LoadResult}
     once done, the epoch minute it began) after ``started_after`` were sent."""
@@ -84,6 +82,8 @@ def load_in_background(port: int, started_after: int):
     assert progress.wait(20), "the load did not start"
     return load, outcome, first
 
+
+@pytest.mark.parametrize("worker_class, backend", [("sync", "sysv"), ("gthread", "posix")])
 def test_counts_equal_the_html_responses(installed, tmp_path, worker_class):
     key, backend = installed
     server = start("apps.hello:app", key, backend, tmp_path, worker_class)
