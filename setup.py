@@ -1,4 +1,6 @@
-"""Builds the one C extension, trafficthreshold._counter (the hot path).
+"""Builds the two C extensions: trafficthreshold._counter (the hot path:
+the segment) and trafficthreshold._middleware (the WSGI middleware's
+per-request path).
 
 Everything else is in setup.cfg.  A missing compiler gets a message that
 says what to install instead of a compiler traceback.
@@ -19,13 +21,15 @@ class BuildExt(build_ext):
                 "python3-devel`, on Alpine `apk add build-base python3-dev`." % exc)
 
 
+CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
+          "-Wno-missing-field-initializers", "-Wno-cast-function-type"]
+
 setup(
-    ext_modules=[Extension(
-        "trafficthreshold._counter",
-        sources=["trafficthreshold/_counter.c"],
-        extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                            "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
-        libraries=["rt", "pthread"],
-    )],
+    ext_modules=[
+        Extension("trafficthreshold._counter", sources=["trafficthreshold/_counter.c"],
+                  extra_compile_args=CFLAGS, libraries=["rt", "pthread"]),
+        Extension("trafficthreshold._middleware", sources=["trafficthreshold/_middleware.c"],
+                  extra_compile_args=CFLAGS),
+    ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -3,6 +3,7 @@ account, and the recorder that never raises into a request."""
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 
@@ -49,16 +50,45 @@ def test_media_type(value, expected):
 @pytest.mark.parametrize("path", [
     "/static/app.css", "/static/page.html", "/media/upload/x", "/app.js", "/a/b/LOGO.PNG",
     "/font.woff2", "/app.js.map", "/favicon.ico", "/robots.txt", "/health", "/healthz",
-    "/ready", "/livez", "/ping", "/sitemap.xml",
+    "/ready", "/livez", "/ping", "/sitemap.xml", "/café/menü.Css", "/a.b/c.JPeG", "/.css",
 ])
 def test_excluded_paths(path):
     assert is_excluded_path(path)
 
 
 @pytest.mark.parametrize("path", ["/", "/about", "/static", "/staticpage", "/blog/post.html",
-                                  "/healthy-living", "/node/12", "/pinguins"])
+                                  "/healthy-living", "/node/12", "/pinguins", "", "/v1.2/page",
+                                  "/a." + "x" * 40, "/menü", "/x.cssx", "/x.CS"])
 def test_page_paths(path):
     assert not is_excluded_path(path)
+
+
+def reference_is_excluded(path: str) -> bool:
+    """The rule as its documentation states it, in plain Python."""
+    last = path.rsplit("/", 1)[-1]
+    ext = "." + last.rsplit(".", 1)[-1] if "." in last else ""
+    return (path in pageviews.HEALTH_PATHS or path.startswith(pageviews.STATIC_PREFIXES)
+            or ext.lower() in pageviews.STATIC_EXTENSIONS)
+
+
+def test_the_c_rule_is_the_documented_rule():
+    """Every extension in any case, under non-ASCII names, behind dots in
+    directory names, and random paths: the C code agrees with the rule."""
+    rng = random.Random(7)
+    paths = [f"/{d}/{f}{ext.upper() if i % 2 else ext}"
+             for i, ext in enumerate(sorted(pageviews.STATIC_EXTENSIONS))
+             for d in ("a", "v1.2", "café") for f in ("file", "ménü", "")]
+    alphabet = "/.aAcCsSjJ-_é\u212a0"
+    paths += ["/" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+              for _ in range(5000)]
+    assert pageviews.STATIC_EXTENSIONS
+    for path in paths:
+        assert is_excluded_path(path) == reference_is_excluded(path), path
+
+
+def test_excluded_path_needs_a_str():
+    with pytest.raises(TypeError, match="path must be str"):
+        is_excluded_path(b"/static/x.css")
 
 
 @pytest.mark.parametrize("kwargs, expected", [

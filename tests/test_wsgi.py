@@ -139,6 +139,100 @@ def test_response_passes_unchanged(worker_api):
     assert body.closed
 
 
+@pytest.mark.parametrize("call, counted", [
+    (lambda sr: sr("200 OK", HTML), 1),
+    (lambda sr: sr("200 OK", HTML, None), 1),
+    (lambda sr: sr("200 OK", HTML, exc_info=None), 1),
+    (lambda sr: sr(headers=HTML, status="200 OK"), 1),
+    (lambda sr: sr("200 OK", HTML, exc_info=sys.exc_info()), 0),  # no error: (None, None, None)
+])
+def test_start_response_calling_conventions(worker_api, call, counted):
+    def app(environ, start_response):
+        call(start_response)
+        return [b"<p>hi</p>"]
+
+    server, body = serve(TrafficThreshold(app))
+    assert [c[:2] for c in server.calls] == [("200 OK", HTML)]
+    assert total() == counted
+
+
+@pytest.mark.parametrize("status, headers", [
+    ("200 OK", [["Content-Type", "text/html"]]),  # lists, not tuples (PEP 3333)
+    ("200 OK", [("Content-Type", ["text/html"])]),  # an unhashable value
+    ("200 OK", None),
+])
+def test_malformed_headers_are_logged_not_raised(worker_api, caplog, status, headers):
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        server, body = serve(TrafficThreshold(app_answering(status, headers)))
+    assert body == b"<p>hi</p>" and server.calls == [(status, headers, None)]
+    assert total() == 0
+    assert "could not decide" in caplog.text
+
+
+@pytest.mark.parametrize("status", [b"200 OK", "", 200])
+def test_odd_statuses_are_not_counted(worker_api, status):
+    server, body = serve(TrafficThreshold(app_answering(status)))
+    assert body == b"<p>hi</p>" and total() == 0
+
+
+def test_an_environ_that_is_not_a_dict_is_left_alone(worker_api):
+    class Environ(dict):
+        pass
+
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(("trafficthreshold.level" in environ, type(environ)))
+        return app_answering()(environ, start_response)
+
+    serve(TrafficThreshold(app), Environ(environ()))
+    assert seen == [(True, Environ)] and total() == 1  # a dict subclass is a dict
+    from collections import UserDict
+    server, body = serve(TrafficThreshold(app), UserDict(environ()))
+    assert body == b"<p>hi</p>" and seen[1] == (False, UserDict) and total() == 1
+
+
+def test_no_leak_and_cycles_are_collected(worker_api):
+    """Each counted request allocates a start_response object; none
+    survives its request, including through a reference cycle an
+    application makes (environ -> start_response -> environ)."""
+    import gc
+    import tracemalloc
+    import weakref
+
+    class Marker:
+        pass
+
+    markers = []
+
+    def app(environ, start_response):
+        environ["keep"] = start_response  # the cycle
+        marker = environ["marker"] = Marker()
+        markers.append(weakref.ref(marker))
+        start_response("200 OK", HTML)
+        return [b"x"]
+
+    mw = TrafficThreshold(app, account="host")
+    for _ in range(1000):
+        serve(mw, environ())
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(20000):
+            serve(mw, environ())
+        markers.clear()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, grown  # a leaked object per request would be > 1 MB
+    serve(mw, environ())
+    gc.collect()
+    assert markers[-1]() is None
+    assert of("site-a.example") == 21001
+
+
 def test_excluded_requests_get_the_servers_start_response(worker_api):
     server, seen = Server(), {}
 
@@ -264,6 +358,20 @@ def test_account_callable_receives_the_environ(worker_api):
     assert (of("shop"), of("blog"), total()) == (1, 1, 2)
 
 
+def test_hosts_counted_exactly_as_the_memo_fills_and_starts_over(worker_api, monkeypatch):
+    """account="host": the C code counts headers it has seen from the memo
+    that record() fills; a full memo starts over (HOST_MEMO_SIZE)."""
+    monkeypatch.setattr(pageviews, "HOST_MEMO_SIZE", 4)
+    mw = TrafficThreshold(app_answering(), account="host")
+    hosts = [f"Site-{i}.example" + (":8000" if i % 2 else "") for i in range(10)]
+    for round_ in range(3):
+        for host in hosts:
+            serve(mw, environ(host=host))
+    assert [of(f"site-{i}.example") for i in range(10)] == [3] * 10
+    assert total() == 30
+    assert 0 < len(mw.record.account.memo) <= 4
+
+
 @pytest.mark.parametrize("host", ["a/b.example", "ev\x01l", "x" * 80 + ".example"])
 def test_invalid_host_counts_in_the_total_with_one_warning(worker_api, caplog, host):
     mw = TrafficThreshold(app_answering(), account="host")
@@ -326,14 +434,18 @@ def test_count_if_raising_is_logged_not_raised(worker_api, caplog):
     assert "could not decide" in caplog.text
 
 
-def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog):
+@pytest.mark.parametrize("account", [None, "host"])
+def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog, account):
+    """hit() and throttle_status() raising (as a segment error does in
+    strict mode), for the C code (the level, the total-only hit) and the
+    Python record() (an account) alike: logged once each, never raised."""
     def explode(*args):
         raise RuntimeError("segment on fire")
 
-    mw = TrafficThreshold(app_answering(), account="host")
+    mw = TrafficThreshold(app_answering(), account=account)
     monkeypatch.setattr(pageviews, "_hit", explode)
     monkeypatch.setattr(pageviews, "_throttle_status", explode)
-    monkeypatch.setattr(wsgi, "_throttle_status", explode)
+    pageviews._setup_c(explode, explode)
     seen = []
 
     def app(environ, start_response):
@@ -341,11 +453,17 @@ def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog):
         return app_answering()(environ, start_response)
 
     mw.app = app
-    with caplog.at_level(logging.WARNING, "trafficthreshold"):
-        server, body = serve(mw)
-        serve(mw)
+    try:
+        with caplog.at_level(logging.WARNING, "trafficthreshold"):
+            server, body = serve(mw)
+            serve(mw)
+    finally:
+        pageviews._setup_c(trafficthreshold.hit, trafficthreshold.throttle_status)
     assert body == b"<p>hi</p>" and seen == [0, 0]
-    assert len(caplog.records) == 2  # the level once, the hit once
+    assert server.calls == [("200 OK", HTML, None)]
+    assert total() == 0
+    assert len(caplog.records) == 2, caplog.text  # the level once, the hit once
+    assert "segment on fire" in caplog.text
 
 
 def test_strict_mode_without_segment_does_not_raise(key, caplog):

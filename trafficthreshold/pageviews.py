@@ -24,7 +24,7 @@ import logging
 from typing import Any, Callable, Optional
 
 import trafficthreshold
-from . import names
+from . import _middleware, names
 
 log = logging.getLogger("trafficthreshold.pageviews")
 
@@ -53,7 +53,6 @@ AccountFunc = Callable[[Any], Optional[str]]
 _hit = trafficthreshold.hit
 _throttle_status = trafficthreshold.throttle_status
 _warned: set[str] = set()
-_PREFIX_INITIALS = frozenset(prefix[1:2] for prefix in STATIC_PREFIXES)
 _html_memo: dict[str, bool] = {}
 
 
@@ -91,22 +90,6 @@ def media_type(value: str | None) -> str:
     return value.partition(";")[0].strip().lower()
 
 
-def is_excluded_path(path: str) -> bool:
-    """Whether a path is a static file or a health check (never a page view)."""
-    # Written for speed (every request goes through it): operators and
-    # slices before method calls, which cost ~100 ns each on a slow CPU.
-    if path in HEALTH_PATHS:
-        return True
-    if path[1:2] in _PREFIX_INITIALS and path.startswith(STATIC_PREFIXES):
-        return True
-    if "." not in path:
-        return False
-    # The extension of the last path segment: a slice and a set lookup
-    # (endswith() over ~30 suffixes costs ten times more).
-    dot = path.rfind(".")
-    return dot > path.rfind("/") and path[dot:].lower() in STATIC_EXTENSIONS
-
-
 def is_html(content_type: str) -> bool:
     """Whether a Content-Type header value is an HTML media type; memoized
     per value (responses repeat a handful of values)."""
@@ -118,6 +101,24 @@ def is_html(content_type: str) -> bool:
         _html_memo.clear()
     answer = _html_memo[content_type] = media_type(content_type) in HTML_TYPES
     return answer
+
+
+def _setup_c(hit: Callable[..., None], throttle_status: Callable[[], int]) -> None:
+    """Hand the rule's tables and the worker API to the C code (at import;
+    tests hand it failing functions).  The tables are frozen, so the C and
+    Python views of the rule cannot drift apart."""
+    _middleware._setup(HEALTH_PATHS, STATIC_PREFIXES, STATIC_EXTENSIONS, COUNTED_METHODS,
+                       _html_memo, is_html, hit, throttle_status)
+
+
+_setup_c(_hit, _throttle_status)
+
+#: ``is_excluded_path(path) -> bool``: whether a path is a static file or a
+#: health check (never a page view): in :data:`HEALTH_PATHS`, under one of
+#: :data:`STATIC_PREFIXES`, or with an extension (of its last segment, any
+#: case) in :data:`STATIC_EXTENSIONS`.  C (``_middleware.c``): the WSGI
+#: middleware runs it for every request; the ASGI and Django ones too.
+is_excluded_path = _middleware.excluded_path
 
 
 def is_page_view(info: RequestInfo) -> bool:
@@ -165,11 +166,12 @@ def host_account(host_of: Callable[[Any], Any]) -> AccountFunc:
         name = memo[raw] = host_name(raw)
         return name
 
+    account.memo = memo  # type: ignore[attr-defined]  # the WSGI middleware's C reads it
     return account
 
 
 def warn_once(logger: logging.Logger, kind: str, message: str, *args: object,
-              exc_info: bool = False) -> None:
+              exc_info: bool | BaseException = False) -> None:
     """Log a problem at WARNING the first time this ``kind`` occurs in the
     process, then at DEBUG (a broken setting must not flood the log at
     every request)."""
@@ -280,4 +282,5 @@ def make_recorder(account: AccountFunc | None, event: str,
                       "%s: %s", type(exc).__name__, exc)
 
     record.event = event  # type: ignore[attr-defined]
+    record.account = account  # type: ignore[attr-defined]
     return record

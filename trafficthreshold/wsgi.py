@@ -30,6 +30,12 @@ into a request: every counting error is logged once per process
 block: a hit is an atomic add in shared memory (the semaphore, taken with a
 50 ms timeout, is needed only when a key or a minute is new).
 
+All of this per-request path is C (``_middleware.c``): about 3,000
+instructions per page, 0.7 % of a hello-world page under gunicorn
+(benchmarks/bench_middleware_instructions.py).  Python runs only for a
+``count_if`` predicate, an account function, a Host header not seen
+before, and errors.
+
 The middleware attaches to the segment when it is created, which with
 ``gunicorn --preload`` is in the master before the fork; every forked
 worker then takes its own stripe of the counters (``_counter.c``).
@@ -39,9 +45,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable, Optional
 
-from . import pageviews
-from .pageviews import (COUNTED_METHODS, RequestInfo, _html_memo, is_excluded_path, is_html,
-                         warn_once)
+from . import _middleware, pageviews
+from .pageviews import RequestInfo, warn_once
 
 log = logging.getLogger("trafficthreshold.wsgi")
 
@@ -50,8 +55,13 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 CountIf = Callable[[RequestInfo], bool]
 
-_throttle_status = pageviews._throttle_status
-_GOOD_STATUS = ("2", "3")
+#: What :meth:`TrafficThreshold._failed` logs, by the kind of failure (the
+#: kinds pageviews.py uses for the same failures, so each is logged once).
+_FAILURES = {
+    "level": "trafficthreshold: cannot read the throttle level, using 0",
+    "hit": "trafficthreshold: a page view was not counted",
+    "wsgi-decide": "trafficthreshold: could not decide whether a response is a page view",
+}
 
 
 def environ_host(environ: Environ) -> Optional[str]:
@@ -59,7 +69,7 @@ def environ_host(environ: Environ) -> Optional[str]:
     return environ.get("HTTP_HOST")
 
 
-class TrafficThreshold:
+class TrafficThreshold(_middleware.Middleware):
     """Wrap a WSGI application.
 
     ``account``: None (count the total only), ``"host"`` (the Host header,
@@ -72,77 +82,30 @@ class TrafficThreshold:
     Invalid names raise here, at start-up (ValueError/TypeError); an
     account name that turns out invalid at request time is counted in the
     total only, with a warning logged once.
+
+    Calling the instance, ``middleware(environ, start_response)``, is C
+    (``_middleware.c``): the method and path check, the level, and the
+    ``start_response`` that counts.  The Python methods below run only for
+    a ``count_if`` predicate and for errors.
     """
 
     def __init__(self, app: WSGIApp, *, account: object = None,
                  event: str = "pageview", count_if: Optional[CountIf] = None,
                  environ_key: Optional[str] = "trafficthreshold.level") -> None:
-        self.app = app
+        record = pageviews.middleware_recorder(account, environ_host, event, count_if, log)
         self.count_if = count_if
-        self.environ_key = environ_key
-        self.record = pageviews.middleware_recorder(account, environ_host, event, count_if, log)
-
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        key = self.environ_key
-        if key is not None:
-            try:
-                environ[key] = _throttle_status()
-            except Exception:
-                environ[key] = pageviews.level(log)
-        if self.count_if is not None:
-            return self._call_with_predicate(environ, start_response)
-        if (environ.get("REQUEST_METHOD") not in COUNTED_METHODS
-                or is_excluded_path(environ.get("PATH_INFO", ""))):
-            return self.app(environ, start_response)
-        record = self.record
-
-        # Kept lean on purpose (three free variables, no flag): this runs
-        # for every page.  PEP 3333 allows a second start_response only with
-        # exc_info, so counting only calls without exc_info counts once.
-        def counting_start_response(status: str, headers: list, exc_info: Any = None) -> Any:
-            """The server's start_response (same arguments, its ``write``
-            returned); counts an HTML 2xx/3xx response."""
-            if exc_info is not None:
-                return start_response(status, headers, exc_info)
-            write = start_response(status, headers)
-            try:
-                if status[:1] in _GOOD_STATUS:
-                    for name, value in headers:
-                        if name == "Content-Type" or (
-                                len(name) == 12 and name.lower() == "content-type"):
-                            page = _html_memo.get(value)
-                            if page is None:
-                                page = is_html(value)
-                            if page:
-                                record(environ)
-                            break
-            except Exception:
-                warn_once(log, "wsgi-decide", "trafficthreshold: could not decide "
-                          "whether a response is a page view", exc_info=True)
-            return write
-
-        return self.app(environ, counting_start_response)
-
-    def _call_with_predicate(self, environ: Environ, start_response: StartResponse
-                             ) -> Iterable[bytes]:
-        """The same with a ``count_if`` predicate (which sees every request)."""
-        record = self.record
-
-        def counting_start_response(status: str, headers: list, exc_info: Any = None) -> Any:
-            if exc_info is not None:
-                return start_response(status, headers, exc_info)
-            write = start_response(status, headers)
-            try:
-                if self._count_if(environ, status, headers):
-                    record(environ)
-            except Exception:
-                warn_once(log, "wsgi-decide", "trafficthreshold: could not decide "
-                          "whether a response is a page view", exc_info=True)
-            return write
-
-        return self.app(environ, counting_start_response)
+        # With no account the C code calls hit(None, event) itself.  An
+        # account needs record(environ), which resolves it in Python; for
+        # "host" the C code looks the Host header up in the memo record()
+        # fills and calls record() only for a header it has not seen.
+        super().__init__(app, event=record.event,
+                         record=None if account is None else record,
+                         hosts=getattr(record.account, "memo", None) if account == "host"
+                         else None,
+                         environ_key=environ_key, count_if=count_if is not None)
 
     def _count_if(self, environ: Environ, status: str, headers: list) -> bool:
+        """The ``count_if`` predicate's verdict on a started response."""
         assert self.count_if is not None
         content_type = ""
         for name, value in headers:
@@ -152,3 +115,11 @@ class TrafficThreshold:
         info = RequestInfo(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""),
                            int(status[:3]), content_type, list(headers), environ)
         return bool(self.count_if(info))
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        """Log a failure inside a request (the C code calls this, then goes
+        on as if nothing was counted): once per process at WARNING, then at
+        DEBUG."""
+        message = _FAILURES.get(kind, "trafficthreshold: the middleware failed")
+        warn_once(log, kind, message + ": %s: %s", type(exc).__name__, exc,
+                  exc_info=exc if kind == "wsgi-decide" else False)

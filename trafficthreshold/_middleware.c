@@ -1,0 +1,594 @@
+/*
+ * _middleware.c -- the per-request path of the WSGI middleware, and the
+ * page-view path rule, in C.
+ *
+ * Why C: a page served by gunicorn costs about 500,000 instructions; the
+ * middleware written in Python cost 9,700 more (+1.95 %), almost all of it
+ * Python frames and a closure per request (the hit itself is ~250
+ * instructions).  Here the middleware's call, the method/path check and the
+ * start_response wrapper are C, and the request pays a few hundred
+ * instructions on top of the application (benchmarks/
+ * bench_middleware_instructions.py measures it; docs/webapps.rst has the
+ * figures).
+ *
+ * What is NOT here: the rule's data (pageviews.py owns the tables and hands
+ * them to _setup() once, at import), what an HTML media type is (a memo
+ * dict filled by pageviews.is_html, which is called on a miss), accounts
+ * (the Python record(environ) of pageviews.make_recorder), count_if
+ * predicates (the Python method _count_if), and logging (the Python method
+ * _failed).  The segment is reached only through trafficthreshold.hit and
+ * throttle_status (_counter.c), called as ordinary callables.
+ *
+ * Contract of the middleware (wsgi.TrafficThreshold is its Python face):
+ * it never changes the response, never raises into a request (every error
+ * of its own is handed to self._failed(kind, exc) and dropped; only
+ * BaseExceptions that are not Exceptions, e.g. KeyboardInterrupt, pass),
+ * and counts at most once per request: start_response calls with an
+ * exc_info (PEP 3333's re-call after an error) are passed on, never counted.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+/* ----------------------------------------------- set once by _setup() */
+
+static PyObject *health_paths;       /* frozenset of str: exact paths */
+static PyObject *static_prefixes;    /* tuple of str: path prefixes */
+static PyObject *static_extensions;  /* frozenset of lower-case str, with the dot */
+static PyObject *counted_methods;    /* frozenset of str */
+static PyObject *html_memo;          /* dict: Content-Type value -> bool */
+static PyObject *is_html_cb;         /* is_html(value) -> bool, fills html_memo */
+static PyObject *hit_cb;             /* trafficthreshold.hit */
+static PyObject *throttle_status_cb; /* trafficthreshold.throttle_status */
+
+/* Interned at module init. */
+static PyObject *str_request_method, *str_path_info, *str_http_host, *str_failed, *str_count_if;
+static PyObject *str_level, *str_hit, *str_decide;
+
+/* Longest extension looked up (with the dot); longer ones are not assets.
+ * Bounds the stack buffer below. */
+#define EXT_MAX 16
+
+/* ------------------------------------------------------- the path rule */
+
+/* 1 if `path` (a str) is a static file or a health check, 0 if not, -1
+ * with an exception set.  Same rule as the docstring of
+ * pageviews.is_excluded_path: an exact health path, a static prefix, or an
+ * extension of the last path segment in static_extensions (compared lower
+ * case). */
+static int excluded(PyObject *path)
+{
+    Py_ssize_t len, dot, slash, i;
+    PyObject *ext;
+    int rc;
+    if (health_paths == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_middleware._setup() was not called");
+        return -1;
+    }
+    if ((rc = PySet_Contains(health_paths, path)) != 0)
+        return rc;
+    len = PyUnicode_GET_LENGTH(path);
+    for (i = 0; i < PyTuple_GET_SIZE(static_prefixes); i++) {
+        rc = (int)PyUnicode_Tailmatch(path, PyTuple_GET_ITEM(static_prefixes, i), 0, len, -1);
+        if (rc != 0)
+            return rc;
+    }
+    dot = PyUnicode_FindChar(path, '.', 0, len, -1);
+    if (dot < 0)
+        return dot == -1 ? 0 : -1;
+    slash = PyUnicode_FindChar(path, '/', 0, len, -1);
+    if (slash == -2)
+        return -1;
+    if (dot < slash)
+        return 0;
+    if (PyUnicode_IS_ASCII(path)) {
+        /* ASCII: lower-case into a buffer (what str.lower() does to ASCII). */
+        char buf[EXT_MAX];
+        const char *s = (const char *)PyUnicode_DATA(path) + dot;
+        Py_ssize_t n = len - dot;
+        if (n > EXT_MAX)
+            return 0;
+        for (i = 0; i < n; i++)
+            buf[i] = (s[i] >= 'A' && s[i] <= 'Z') ? (char)(s[i] + 32) : s[i];
+        ext = PyUnicode_FromStringAndSize(buf, n);
+    } else {
+        /* Rare: str.lower() itself (a few non-ASCII letters lower to ASCII). */
+        PyObject *raw = PyUnicode_Substring(path, dot, len);
+        ext = raw == NULL ? NULL : PyObject_CallMethod(raw, "lower", NULL);
+        Py_XDECREF(raw);
+    }
+    if (ext == NULL)
+        return -1;
+    rc = PySet_Contains(static_extensions, ext);
+    Py_DECREF(ext);
+    return rc;
+}
+
+static PyObject *mod_excluded_path(PyObject *self, PyObject *path)
+{
+    int rc;
+    if (!PyUnicode_Check(path)) {
+        PyErr_Format(PyExc_TypeError, "path must be str, not %.80s", Py_TYPE(path)->tp_name);
+        return NULL;
+    }
+    if ((rc = excluded(path)) < 0)
+        return NULL;
+    return PyBool_FromLong(rc);
+}
+
+/* -------------------------------------------------------- the middleware */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;
+    PyObject *record;       /* record(environ), or NULL: hit(None, event) */
+    PyObject *hosts;        /* account="host": {HTTP_HOST value: account}, or NULL */
+    PyObject *event;        /* str */
+    PyObject *environ_key;  /* str, or NULL: the level goes nowhere */
+    int count_if;           /* 1: self._count_if(environ, status, headers) decides */
+} Middleware;
+
+/* The start_response handed to the application: one per counted request. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Middleware *mw;
+    PyObject *environ;
+    PyObject *start_response;
+} StartResponse;
+
+static PyTypeObject MiddlewareType, StartResponseType;
+
+/* Hands the pending exception to self._failed(kind, exc), which logs it,
+ * and clears it.  Returns 0; or -1 leaving the exception set if it is not
+ * an Exception (KeyboardInterrupt, SystemExit: those are not ours to stop). */
+static int report(Middleware *mw, PyObject *kind)
+{
+    PyObject *type, *value, *tb, *r;
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    r = PyObject_CallMethodObjArgs((PyObject *)mw, str_failed, kind,
+                                   value ? value : Py_None, NULL);
+    if (r == NULL)
+        PyErr_Clear();  /* the logger failed too: nothing left to tell */
+    Py_XDECREF(r);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return 0;
+}
+
+/* The account="host" shortcut: hit(account, event) with the account of
+ * this Host header known from mw->hosts (the memo of pageviews.host_account,
+ * filled by record()).  Returns the hit's result; NULL with no exception
+ * set when the memo does not know the header (record() must resolve it);
+ * NULL with ValueError/TypeError set for an invalid name (nothing counted:
+ * hit() checks both names before it adds anything). */
+static PyObject *hit_known_host(Middleware *mw, PyObject *environ)
+{
+    PyObject *raw, *args[2];
+    raw = PyDict_GetItemWithError(environ, str_http_host);
+    if (raw == NULL)
+        return NULL;  /* no Host header, or an error: record() handles both */
+    if ((args[0] = PyDict_GetItemWithError(mw->hosts, raw)) == NULL)
+        return NULL;
+    args[1] = mw->event;
+    return PyObject_Vectorcall(hit_cb, args, 2, NULL);
+}
+
+/* Counts one page view of `environ`.  0, or -1 with a BaseException set. */
+static int count(Middleware *mw, PyObject *environ)
+{
+    PyObject *r;
+    if (mw->hosts != NULL) {
+        r = hit_known_host(mw, environ);
+        if (r == NULL) {
+            /* Unknown header, or an invalid name: record() resolves, warns
+             * and counts the total alone.  Other errors are the segment's. */
+            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_ValueError)
+                && !PyErr_ExceptionMatches(PyExc_TypeError))
+                return report(mw, str_hit);
+            PyErr_Clear();
+            r = PyObject_Vectorcall(mw->record, &environ, 1, NULL);
+        }
+    } else if (mw->record != NULL) {
+        r = PyObject_Vectorcall(mw->record, &environ, 1, NULL);
+    } else {
+        PyObject *args[2] = {Py_None, mw->event};
+        r = PyObject_Vectorcall(hit_cb, args, 2, NULL);
+    }
+    if (r == NULL)
+        return report(mw, str_hit);
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Whether 12 ASCII bytes spell "content-type" in any case.  Header names
+ * are ASCII (RFC 9110), and no non-ASCII letter lowers to one of these, so
+ * this is name.lower() == "content-type".  The usual spelling costs one
+ * memcmp. */
+static inline int is_content_type(const void *name)
+{
+    static const char lower[] = "content-type";
+    const unsigned char *s = name;
+    if (memcmp(s, "Content-Type", 12) == 0)
+        return 1;
+    for (int i = 0; i < 12; i++)
+        if ((s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]) != lower[i])
+            return 0;
+    return 1;
+}
+
+/* 1 if the response is an HTML page with a 2xx/3xx status (the default
+ * rule; the method and path were checked before the application ran), 0 if
+ * not, -1 with an exception set.  Reads the first Content-Type header. */
+static int is_page(PyObject *status, PyObject *headers)
+{
+    PyObject *seq, *item, *name, *value, *known;
+    Py_UCS4 first;
+    Py_ssize_t i, n;
+    int rc = 0;
+    if (!PyUnicode_Check(status) || PyUnicode_GET_LENGTH(status) < 1)
+        return 0;
+    first = PyUnicode_READ_CHAR(status, 0);
+    if (first != '2' && first != '3')
+        return 0;
+    if ((seq = PySequence_Fast(headers, "response headers must be a list")) == NULL)
+        return -1;
+    n = PySequence_Fast_GET_SIZE(seq);
+    for (i = 0; i < n; i++) {
+        item = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "response headers must be (name, value) tuples");
+            rc = -1;
+            break;
+        }
+        name = PyTuple_GET_ITEM(item, 0);
+        if (!PyUnicode_Check(name) || PyUnicode_GET_LENGTH(name) != 12
+            || !PyUnicode_IS_ASCII(name) || !is_content_type(PyUnicode_DATA(name)))
+            continue;
+        value = PyTuple_GET_ITEM(item, 1);
+        known = PyDict_GetItemWithError(html_memo, value);  /* borrowed */
+        if (known != NULL) {
+            rc = known == Py_True ? 1 : PyObject_IsTrue(known);
+        } else if (PyErr_Occurred()) {
+            rc = -1;
+        } else if ((known = PyObject_Vectorcall(is_html_cb, &value, 1, NULL)) == NULL) {
+            rc = -1;
+        } else {
+            rc = PyObject_IsTrue(known);
+            Py_DECREF(known);
+        }
+        break;
+    }
+    Py_DECREF(seq);
+    return rc;
+}
+
+/* StartResponse.__call__(status, headers, exc_info=None): the server's
+ * start_response, its write() returned; counts a page view.  An exc_info
+ * call, or arguments it does not understand, go to the server as they are
+ * (the server's errors reach the application as without the middleware). */
+static PyObject *StartResponse_call(StartResponse *self, PyObject *const *args,
+                                    size_t nargsf, PyObject *kwnames)
+{
+    static const char *const names[3] = {"status", "headers", "exc_info"};
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *bound[3] = {NULL, NULL, NULL}, *write, *r;
+    Middleware *mw = self->mw;
+    Py_ssize_t i, j;
+    int page;
+    /* Bind the arguments as def start_response(status, headers,
+     * exc_info=None) would; what does not bind goes to the server as is. */
+    if (nargs > 3)
+        goto pass_on;
+    for (i = 0; i < nargs; i++)
+        bound[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        for (j = 0; j < 3; j++)
+            if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), names[j]) == 0)
+                break;
+        if (j == 3 || bound[j] != NULL)
+            goto pass_on;
+        bound[j] = args[nargs + i];
+    }
+    if (bound[0] == NULL || bound[1] == NULL || (bound[2] != NULL && bound[2] != Py_None))
+        goto pass_on;
+    args = bound;
+    if ((write = PyObject_Vectorcall(self->start_response, args, 2, NULL)) == NULL)
+        return NULL;
+    if (mw->count_if) {
+        r = PyObject_CallMethodObjArgs((PyObject *)mw, str_count_if, self->environ,
+                                       args[0], args[1], NULL);
+        page = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
+    } else {
+        page = is_page(args[0], args[1]);
+    }
+    if ((page < 0 && report(mw, str_decide) < 0) || (page > 0 && count(mw, self->environ) < 0)) {
+        Py_DECREF(write);
+        return NULL;
+    }
+    return write;
+
+pass_on:
+    return PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
+}
+
+static int StartResponse_traverse(StartResponse *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->mw);
+    Py_VISIT(self->environ);
+    Py_VISIT(self->start_response);
+    return 0;
+}
+
+static int StartResponse_clear(StartResponse *self)
+{
+    Py_CLEAR(self->mw);
+    Py_CLEAR(self->environ);
+    Py_CLEAR(self->start_response);
+    return 0;
+}
+
+static void StartResponse_dealloc(StartResponse *self)
+{
+    PyObject_GC_UnTrack(self);
+    StartResponse_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject StartResponseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "trafficthreshold._middleware.StartResponse",
+    .tp_basicsize = sizeof(StartResponse),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "The start_response an application receives: the server's, counting.",
+    .tp_vectorcall_offset = offsetof(StartResponse, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)StartResponse_traverse,
+    .tp_clear = (inquiry)StartResponse_clear,
+    .tp_dealloc = (destructor)StartResponse_dealloc,
+};
+
+/* Puts the throttle level in environ[self.environ_key] (0 if it cannot be
+ * read).  0, or -1 with a BaseException set. */
+static int put_level(Middleware *mw, PyObject *environ)
+{
+    PyObject *level = PyObject_Vectorcall(throttle_status_cb, NULL, 0, NULL);
+    int rc;
+    if (level == NULL) {
+        if (report(mw, str_level) < 0)
+            return -1;
+        level = PyLong_FromLong(0);  /* a small int: cannot fail */
+    }
+    rc = PyDict_SetItem(environ, mw->environ_key, level);
+    Py_DECREF(level);
+    return rc < 0 ? report(mw, str_level) : 0;
+}
+
+/* 1 if the request may be a page view by its method and path, 0 if it
+ * certainly is not, -1 with an exception set. */
+static int may_be_page(PyObject *environ)
+{
+    PyObject *method, *path;
+    int rc;
+    method = PyDict_GetItemWithError(environ, str_request_method);
+    if (method == NULL || !PyUnicode_Check(method))
+        return PyErr_Occurred() ? -1 : 0;
+    if ((rc = PySet_Contains(counted_methods, method)) <= 0)
+        return rc;
+    path = PyDict_GetItemWithError(environ, str_path_info);
+    if (path == NULL)
+        return PyErr_Occurred() ? -1 : 1;  /* no PATH_INFO: the root */
+    if (!PyUnicode_Check(path))
+        return 0;
+    rc = excluded(path);
+    return rc < 0 ? -1 : !rc;
+}
+
+/* Middleware.__call__(environ, start_response) -> the application's body
+ * iterable, returned as it is. */
+static PyObject *Middleware_call(Middleware *mw, PyObject *args, PyObject *kwargs)
+{
+    PyObject *environ, *start_response, *result;
+    PyObject *call[2];
+    StartResponse *wrapper;
+    int page;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "TrafficThreshold(environ, start_response) "
+                        "takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "TrafficThreshold", 2, 2, &environ, &start_response))
+        return NULL;
+    if (mw->app == NULL) {
+        PyErr_SetString(PyExc_TypeError, "TrafficThreshold: no application (app was deleted)");
+        return NULL;
+    }
+    call[0] = environ;
+    call[1] = start_response;
+    if (!PyDict_Check(environ))  /* not a WSGI server: stay out of the way */
+        return PyObject_Vectorcall(mw->app, call, 2, NULL);
+    if (mw->environ_key != NULL && put_level(mw, environ) < 0)
+        return NULL;
+    if (mw->count_if) {
+        page = 1;  /* the predicate sees every request */
+    } else if ((page = may_be_page(environ)) < 0) {
+        if (report(mw, str_decide) < 0)
+            return NULL;
+        page = 0;
+    }
+    if (!page)  /* the server's own start_response, untouched */
+        return PyObject_Vectorcall(mw->app, call, 2, NULL);
+    if ((wrapper = PyObject_GC_New(StartResponse, &StartResponseType)) == NULL)
+        return NULL;
+    wrapper->vectorcall = (vectorcallfunc)StartResponse_call;
+    wrapper->mw = (Middleware *)Py_NewRef(mw);
+    wrapper->environ = Py_NewRef(environ);
+    wrapper->start_response = Py_NewRef(start_response);
+    PyObject_GC_Track(wrapper);
+    call[1] = (PyObject *)wrapper;
+    result = PyObject_Vectorcall(mw->app, call, 2, NULL);
+    Py_DECREF(wrapper);
+    return result;
+}
+
+/* Middleware.__init__(app, *, event, record=None, hosts=None,
+ * environ_key=None, count_if=False).  wsgi.TrafficThreshold.__init__
+ * validates the options and calls this; `hosts` needs `record`. */
+static int Middleware_init(Middleware *mw, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"app", "event", "record", "hosts", "environ_key", "count_if",
+                             NULL};
+    PyObject *app, *event, *record = Py_None, *hosts = Py_None, *environ_key = Py_None;
+    int count_if = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$UOOOp:Middleware", kwlist, &app, &event,
+                                     &record, &hosts, &environ_key, &count_if))
+        return -1;
+    if (hosts != Py_None && (!PyDict_Check(hosts) || record == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "hosts must be a dict, and needs record");
+        return -1;
+    }
+    if (environ_key != Py_None && !PyUnicode_Check(environ_key)) {
+        PyErr_Format(PyExc_TypeError, "environ_key must be a str or None, not %.80s",
+                     Py_TYPE(environ_key)->tp_name);
+        return -1;
+    }
+    if (record != Py_None && !PyCallable_Check(record)) {
+        PyErr_SetString(PyExc_TypeError, "record must be callable or None");
+        return -1;
+    }
+    Py_XSETREF(mw->app, Py_NewRef(app));
+    Py_XSETREF(mw->event, Py_NewRef(event));
+    Py_XSETREF(mw->record, record == Py_None ? NULL : Py_NewRef(record));
+    Py_XSETREF(mw->hosts, hosts == Py_None ? NULL : Py_NewRef(hosts));
+    Py_XSETREF(mw->environ_key, environ_key == Py_None ? NULL : Py_NewRef(environ_key));
+    mw->count_if = count_if;
+    return 0;
+}
+
+static int Middleware_traverse(Middleware *mw, visitproc visit, void *arg)
+{
+    Py_VISIT(mw->app);
+    Py_VISIT(mw->record);
+    Py_VISIT(mw->hosts);
+    Py_VISIT(mw->event);
+    Py_VISIT(mw->environ_key);
+    return 0;
+}
+
+static int Middleware_clear(Middleware *mw)
+{
+    Py_CLEAR(mw->app);
+    Py_CLEAR(mw->record);
+    Py_CLEAR(mw->hosts);
+    Py_CLEAR(mw->event);
+    Py_CLEAR(mw->environ_key);
+    return 0;
+}
+
+/* (A Python subclass's instance comes here from subtype_dealloc, which
+ * clears its __dict__ and releases the subclass.) */
+static void Middleware_dealloc(Middleware *mw)
+{
+    PyObject_GC_UnTrack(mw);
+    Middleware_clear(mw);
+    Py_TYPE(mw)->tp_free((PyObject *)mw);
+}
+
+static PyMemberDef Middleware_members[] = {
+    {"app", T_OBJECT_EX, offsetof(Middleware, app), 0, "the wrapped WSGI application"},
+    {"record", T_OBJECT, offsetof(Middleware, record), READONLY,
+     "record(environ), or None: the total only"},
+    {"event", T_OBJECT_EX, offsetof(Middleware, event), READONLY, "the event name"},
+    {"environ_key", T_OBJECT, offsetof(Middleware, environ_key), READONLY,
+     "where the throttle level goes, or None"},
+    {NULL}
+};
+
+static PyTypeObject MiddlewareType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "trafficthreshold._middleware.Middleware",
+    .tp_basicsize = sizeof(Middleware),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The WSGI middleware's per-request path (see wsgi.TrafficThreshold).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Middleware_init,
+    .tp_call = (ternaryfunc)Middleware_call,
+    .tp_traverse = (traverseproc)Middleware_traverse,
+    .tp_clear = (inquiry)Middleware_clear,
+    .tp_dealloc = (destructor)Middleware_dealloc,
+    .tp_members = Middleware_members,
+};
+
+/* ------------------------------------------------------------ the module */
+
+/* _setup(health_paths, static_prefixes, static_extensions, counted_methods,
+ *        html_memo, is_html, hit, throttle_status): pageviews.py, once. */
+static PyObject *mod_setup(PyObject *self, PyObject *args)
+{
+    PyObject *hp, *sp, *se, *cm, *memo, *is_html, *hit, *ts;
+    Py_ssize_t i;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOO:_setup", &PyFrozenSet_Type, &hp, &PyTuple_Type,
+                          &sp, &PyFrozenSet_Type, &se, &PyFrozenSet_Type, &cm, &PyDict_Type,
+                          &memo, &is_html, &hit, &ts))
+        return NULL;
+    for (i = 0; i < PyTuple_GET_SIZE(sp); i++)
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(sp, i))) {
+            PyErr_SetString(PyExc_TypeError, "static prefixes must be str");
+            return NULL;
+        }
+    Py_XSETREF(health_paths, Py_NewRef(hp));
+    Py_XSETREF(static_prefixes, Py_NewRef(sp));
+    Py_XSETREF(static_extensions, Py_NewRef(se));
+    Py_XSETREF(counted_methods, Py_NewRef(cm));
+    Py_XSETREF(html_memo, Py_NewRef(memo));
+    Py_XSETREF(is_html_cb, Py_NewRef(is_html));
+    Py_XSETREF(hit_cb, Py_NewRef(hit));
+    Py_XSETREF(throttle_status_cb, Py_NewRef(ts));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"excluded_path", mod_excluded_path, METH_O,
+     "excluded_path(path) -> bool: a static file or a health check (never a page view)."},
+    {"_setup", mod_setup, METH_VARARGS, NULL},
+    {NULL}
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "trafficthreshold._middleware",
+    "The WSGI middleware's per-request path (see the comment at the top of _middleware.c).",
+    -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__middleware(void)
+{
+    PyObject *m;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+    INTERN(str_request_method, "REQUEST_METHOD");
+    INTERN(str_path_info, "PATH_INFO");
+    INTERN(str_http_host, "HTTP_HOST");
+    INTERN(str_failed, "_failed");
+    INTERN(str_count_if, "_count_if");
+    INTERN(str_level, "level");
+    INTERN(str_hit, "hit");
+    INTERN(str_decide, "wsgi-decide");
+#undef INTERN
+    if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&StartResponseType) < 0)
+        return NULL;
+    if ((m = PyModule_Create(&moduledef)) == NULL)
+        return NULL;
+    Py_INCREF(&MiddlewareType);
+    if (PyModule_AddObject(m, "Middleware", (PyObject *)&MiddlewareType) < 0) {
+        Py_DECREF(&MiddlewareType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
