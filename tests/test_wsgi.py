@@ -192,6 +192,23 @@ def test_an_environ_that_is_not_a_dict_is_left_alone(worker_api):
     assert body == b"<p>hi</p>" and seen[1] == (False, UserDict) and total() == 1
 
 
+def test_an_application_may_replace_itself_while_it_runs(worker_api):
+    def second(environ, start_response):
+        return app_answering(body=(b"second",))(environ, start_response)
+
+    mw = TrafficThreshold(None)
+
+    def first(environ, start_response):
+        mw.app = second  # the middleware's last reference to `first`
+        return app_answering(body=(b"first",))(environ, start_response)
+
+    mw.app = first
+    del first
+    assert serve(mw)[1] == b"first"
+    assert serve(mw)[1] == b"second"
+    assert total() == 2
+
+
 def test_no_leak_and_cycles_are_collected(worker_api):
     """Each counted request allocates a start_response object; none
     survives its request, including through a reference cycle an

@@ -251,6 +251,9 @@ static int is_page(PyObject *status, PyObject *headers)
         if (!PyUnicode_Check(name) || PyUnicode_GET_LENGTH(name) != 12
             || !PyUnicode_IS_ASCII(name) || !is_content_type(PyUnicode_DATA(name)))
             continue;
+        /* Why the reference: hashing a str subclass or is_html() runs
+         * Python code, which could drop the list's last hold on the pair. */
+        Py_INCREF(item);
         value = PyTuple_GET_ITEM(item, 1);
         known = PyDict_GetItemWithError(html_memo, value);  /* borrowed */
         if (known != NULL) {
@@ -263,6 +266,7 @@ static int is_page(PyObject *status, PyObject *headers)
             rc = PyObject_IsTrue(known);
             Py_DECREF(known);
         }
+        Py_DECREF(item);
         break;
     }
     Py_DECREF(seq);
@@ -395,7 +399,7 @@ static int may_be_page(PyObject *environ)
  * iterable, returned as it is. */
 static PyObject *Middleware_call(Middleware *mw, PyObject *args, PyObject *kwargs)
 {
-    PyObject *environ, *start_response, *result;
+    PyObject *environ, *start_response, *app, *result;
     PyObject *call[2];
     StartResponse *wrapper;
     int page;
@@ -412,29 +416,38 @@ static PyObject *Middleware_call(Middleware *mw, PyObject *args, PyObject *kwarg
     }
     call[0] = environ;
     call[1] = start_response;
-    if (!PyDict_Check(environ))  /* not a WSGI server: stay out of the way */
-        return PyObject_Vectorcall(mw->app, call, 2, NULL);
+    /* Why the reference: the application may replace self.app while it runs. */
+    app = Py_NewRef(mw->app);
+    if (!PyDict_Check(environ)) {  /* not a WSGI server: stay out of the way */
+        result = PyObject_Vectorcall(app, call, 2, NULL);
+        goto done;
+    }
+    result = NULL;
     if (mw->environ_key != NULL && put_level(mw, environ) < 0)
-        return NULL;
+        goto done;
     if (mw->count_if) {
         page = 1;  /* the predicate sees every request */
     } else if ((page = may_be_page(environ)) < 0) {
         if (report(mw, str_decide) < 0)
-            return NULL;
+            goto done;
         page = 0;
     }
-    if (!page)  /* the server's own start_response, untouched */
-        return PyObject_Vectorcall(mw->app, call, 2, NULL);
+    if (!page) {  /* the server's own start_response, untouched */
+        result = PyObject_Vectorcall(app, call, 2, NULL);
+        goto done;
+    }
     if ((wrapper = PyObject_GC_New(StartResponse, &StartResponseType)) == NULL)
-        return NULL;
+        goto done;
     wrapper->vectorcall = (vectorcallfunc)StartResponse_call;
     wrapper->mw = (Middleware *)Py_NewRef(mw);
     wrapper->environ = Py_NewRef(environ);
     wrapper->start_response = Py_NewRef(start_response);
     PyObject_GC_Track(wrapper);
     call[1] = (PyObject *)wrapper;
-    result = PyObject_Vectorcall(mw->app, call, 2, NULL);
+    result = PyObject_Vectorcall(app, call, 2, NULL);
     Py_DECREF(wrapper);
+done:
+    Py_DECREF(app);
     return result;
 }
 
@@ -450,6 +463,11 @@ static int Middleware_init(Middleware *mw, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$UOOOp:Middleware", kwlist, &app, &event,
                                      &record, &hosts, &environ_key, &count_if))
         return -1;
+    if (hit_cb == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_middleware._setup() was not called "
+                        "(import trafficthreshold.wsgi, not _middleware)");
+        return -1;
+    }
     if (hosts != Py_None && (!PyDict_Check(hosts) || record == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "hosts must be a dict, and needs record");
         return -1;
