@@ -1,16 +1,23 @@
 """Shared fixtures: every test gets its own segment key and removes what it
-created, on both backends."""
+created, on both backends; the stats app's tests get a store file and
+servers over it."""
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import posix_ipc
 import pytest
 import sysv_ipc
 
 import trafficthreshold
-from trafficthreshold import segment
+from apps.harness import NOW, XSS, ZONE, make_config, minute_at, start_live
+from trafficthreshold import api, segment, webserver
+from trafficthreshold.errors import SegmentNotFound
+from trafficthreshold.store import Store
 
 
 def fresh_key() -> int:
@@ -84,6 +91,60 @@ def worker_api(installed, monkeypatch):
     yield installed
     trafficthreshold._settings.clear()
     trafficthreshold.configure()
+
+
+# ------------------------- the stats app's tests (api, dashboard, openapi)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """A store file with counts on 2026-02-03 (hours 9 and 14) and 2026-05-01."""
+    path = str(tmp_path / "stats.sqlite3")
+    items = [
+        ("all", "pageview", minute_at(2026, 2, 3, 9, 5), 7),
+        ("acme", "pageview", minute_at(2026, 2, 3, 9, 5), 7),
+        ("all", "pageview", minute_at(2026, 2, 3, 14, 59), 3),
+        ("acme", "pageview", minute_at(2026, 2, 3, 14, 59), 3),
+        ("all", "pageview", minute_at(2026, 5, 1, 0, 0), 11),
+        ("shop", "pageview", minute_at(2026, 5, 1, 0, 0), 11),
+        ("all", "signup", minute_at(2026, 5, 1, 0, 0), 1),
+        ("shop", "signup", minute_at(2026, 5, 1, 0, 0), 1),
+        (XSS, "pageview", minute_at(2026, 5, 1, 0, 0), 4),
+    ]
+    with Store(path, ZONE) as store:
+        store.roll(items, now=NOW, closed_through=minute_at(2026, 5, 1, 0, 0))
+    return path
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., webserver.Server]]:
+    """serve(app) -> a started server on a free loopback port; all stopped after."""
+    servers: list[webserver.Server] = []
+
+    def start(app: Any, listen: str = "127.0.0.1:0") -> webserver.Server:
+        server = webserver.start(app, listen)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def no_segment(db: str, serve: Callable[..., webserver.Server]) -> webserver.Server:
+    """A server over the store, with no segment installed."""
+    def missing() -> Any:
+        raise SegmentNotFound("no segment here; run `trafficthreshold install`")
+
+    return serve(api.make_app(make_config(db), counter_factory=missing, now=lambda: NOW))
+
+
+@pytest.fixture
+def live_server(installed: tuple[int, str], db: str,
+                serve: Callable[..., webserver.Server]) -> tuple[webserver.Server, Any]:
+    """start_live() on each backend."""
+    return start_live(*installed, db, serve)
 
 
 @pytest.hookimpl(hookwrapper=True)

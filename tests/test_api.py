@@ -5,62 +5,30 @@ Real SQLite store files filled with Store.roll, real segments (the conftest
 The nasty cases on purpose: impossible dates, garbage paths, percent-encoded
 slashes, bodies, long URLs, wrong tokens, an account named like an HTML tag,
 a segment uninstalled and installed again under the running app, an app
-that raises.
+that raises. What it shares with test_dashboard and test_openapi is in
+apps/harness.py (helpers) and conftest.py (fixtures).
 """
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import json
 import logging
 import re
 import textwrap
 import threading
-import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import HealthCheck, settings
 
-from trafficthreshold import alerts, api, openapi, segment, webserver
-from trafficthreshold.alertstore import AlertStore
-from trafficthreshold.config import AlertRule, Config, HttpConfig
-from trafficthreshold.errors import SegmentNotFound
-from trafficthreshold.store import Store
+from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config
+from trafficthreshold import api, openapi, segment, webserver
+from trafficthreshold.config import HttpConfig
 
-ZONE = "Europe/Zurich"
-#: 2027-01-15 09:00:30 in Zurich; the conftest installs segments at 09:00:00.
-NOW = 1_800_000_030.0
-MINUTE = int(NOW // 60)
-XSS = "<img src=x onerror=alert(1)>"
 TOKEN = "s3cret-token-0123456789abcdef"
-
-
-def minute_at(*parts: int) -> int:
-    """Epoch minute of a Zurich wall-clock time (year, month, day, hour, minute)."""
-    return int(datetime.datetime(*parts, tzinfo=ZoneInfo(ZONE)).timestamp() // 60)
-
-
-def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None,
-          data: bytes | None = None) -> tuple[int, Any, bytes]:
-    """(status, headers, body) of one request; HTTP errors are answers too."""
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers, exc.read()
-
-
-def fetch_json(url: str, **kwargs: Any) -> tuple[int, Any]:
-    status, headers, body = fetch(url, **kwargs)
-    assert headers["Content-Type"] == "application/json", body
-    return status, json.loads(body)
 
 
 def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int, bytes]:
@@ -76,54 +44,6 @@ def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int
         return response.status, response.read()
     finally:
         conn.close()
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    """A store file with counts on 2026-02-03 (hours 9 and 14) and 2026-05-01."""
-    path = str(tmp_path / "stats.sqlite3")
-    items = [
-        ("all", "pageview", minute_at(2026, 2, 3, 9, 5), 7),
-        ("acme", "pageview", minute_at(2026, 2, 3, 9, 5), 7),
-        ("all", "pageview", minute_at(2026, 2, 3, 14, 59), 3),
-        ("acme", "pageview", minute_at(2026, 2, 3, 14, 59), 3),
-        ("all", "pageview", minute_at(2026, 5, 1, 0, 0), 11),
-        ("shop", "pageview", minute_at(2026, 5, 1, 0, 0), 11),
-        ("all", "signup", minute_at(2026, 5, 1, 0, 0), 1),
-        ("shop", "signup", minute_at(2026, 5, 1, 0, 0), 1),
-        (XSS, "pageview", minute_at(2026, 5, 1, 0, 0), 4),
-    ]
-    with Store(path, ZONE) as store:
-        store.roll(items, now=NOW, closed_through=minute_at(2026, 5, 1, 0, 0))
-    return path
-
-
-def make_config(db: str, key: int = 0x2ABCDEF0, backend: str = "sysv", **kwargs: Any) -> Config:
-    return Config(key=key, backend=backend, database=db, timezone=ZONE, **kwargs)
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., webserver.Server]]:
-    """serve(app) -> a started server on a free loopback port; all stopped after."""
-    servers: list[webserver.Server] = []
-
-    def start(app: Any, listen: str = "127.0.0.1:0") -> webserver.Server:
-        server = webserver.start(app, listen)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def no_segment(db: str, serve: Callable[..., webserver.Server]) -> webserver.Server:
-    """A server over the store, with no segment installed."""
-    def missing() -> Any:
-        raise SegmentNotFound("no segment here; run `trafficthreshold install`")
-
-    return serve(api.make_app(make_config(db), counter_factory=missing, now=lambda: NOW))
 
 
 # --------------------------------------------------------------------- track
@@ -326,28 +246,6 @@ def test_non_loopback_needs_the_token(db: str) -> None:
 # ---------------------------------------------------------------------- live
 
 
-def start_live(key: int, backend: str, db: str,
-               serve: Callable[..., webserver.Server]) -> tuple[webserver.Server, Any]:
-    """A server over an installed segment, with hits in the last two hours."""
-    counter = segment.attach(key, backend, stripe=0)
-    counter.hit("acme", "pageview", 70, NOW - 10)           # current minute, 60 s
-    counter.hit("acme", "pageview", 5, NOW - 45)            # previous minute, in 60 s
-    counter.hit("shop", "pageview", 2, NOW - 60 * 60)       # 60 minutes ago: first bar
-    counter.hit("shop", "pageview", 9, NOW - 61 * 60)       # 61 minutes ago: not shown
-    counter.hit(XSS, "pageview", 4, NOW - 120)
-    counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 1.5) * 1000))
-    counter.store(segment.H_SUPERVISOR_PID, 4, 4321)
-    config = make_config(db, key=key, backend=backend)
-    return serve(api.make_app(config, now=lambda: NOW)), counter
-
-
-@pytest.fixture
-def live_server(installed: tuple[int, str], db: str,
-                serve: Callable[..., webserver.Server]) -> tuple[webserver.Server, Any]:
-    """start_live() on each backend."""
-    return start_live(*installed, db, serve)
-
-
 def test_live_shows_minute_60s_ring_throttle_and_heartbeat(
         live_server: tuple[webserver.Server, Any]) -> None:
     server, _ = live_server
@@ -442,96 +340,7 @@ def test_stores_are_per_thread_under_concurrent_requests(no_segment: webserver.S
     assert results == [11] * 90
 
 
-# ----------------------------------------------------------------- dashboard
-
-
-def test_dashboard_escapes_names_and_sets_a_strict_csp(
-        live_server: tuple[webserver.Server, Any]) -> None:
-    server, _ = live_server
-    status, headers, body = fetch(server.url)
-    html = body.decode()
-    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert "<img src=x" not in html
-    assert "&lt;img src=x onerror=alert(1)&gt;" in html
-    csp = headers["Content-Security-Policy"]
-    assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
-    nonce = csp.split("'nonce-")[1].split("'")[0]
-    assert html.count("<script") == 1 and f'<script nonce="{nonce}">' in html
-    assert "https://" not in html and "http://" not in html  # no CDN, nothing external
-
-
-def test_dashboard_shows_counts_throttle_chart_and_top_accounts(
-        live_server: tuple[webserver.Server, Any]) -> None:
-    server, _ = live_server
-    html = fetch(server.url)[2].decode()
-    assert 'id="current-minute">70<' in html
-    assert 'id="last-60s">75<' in html
-    assert "Current Level: 1 (60 - 119)" in html
-    assert "This site has served <b>75</b>" in html
-    assert html.count('<rect class="bar') == 61
-    assert 'data-count="70"' in html and 'data-count="2"' in html
-    top = html.split("Top accounts")[1]
-    assert top.index("acme") < top.index("&lt;img") < top.index("shop")
-    assert "pid 4321" in html
-
-
-def test_dashboard_alert_rules_with_their_states(installed: tuple[int, str], db: str,
-                                                  serve: Callable[..., webserver.Server]) -> None:
-    key, backend = installed
-    rules = (AlertRule(name="burst", threshold=5), AlertRule(name="quiet <b>", account="shop"))
-    episode = alerts.Episode(started=NOW - 300, start_minute=minute_at(2027, 1, 15, 8, 55),
-                             last_hot_minute=MINUTE, peak=1234, peak_minute=MINUTE,
-                             last_notice=NOW - 300)
-    with AlertStore(db) as store:
-        store.save(alerts.AlertState(episodes={"burst": episode}), now=NOW)
-    config = make_config(db, key=key, backend=backend, alerts=rules)
-    server = serve(api.make_app(config, now=lambda: NOW))
-    html = fetch(server.url)[2].decode()
-    table = html.split("Alert rules")[1]
-    assert "burst" in table and "firing" in table and "since 08:55" in table
-    assert "1,234" in table
-    assert "quiet &lt;b&gt;" in table and table.count('class="pill ok"') == 1
-
-
-def test_dashboard_event_switch_and_bad_event(live_server: tuple[webserver.Server, Any]) -> None:
-    server, counter = live_server
-    counter.hit("acme", "signup", 2, NOW)
-    html = fetch(server.url + "?event=signup")[2].decode()
-    assert 'aria-current="page">signup<' in html and 'id="current-minute">2<' in html
-    status, _, body = fetch(server.url + "?event=~nope")
-    assert status == 404 and json.loads(body)["status"] == 404
-
-
-def test_dashboard_without_a_segment_reads_the_store(
-        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
-    path = str(tmp_path / "stats.sqlite3")
-    with Store(path, ZONE) as store:
-        store.roll([("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17)],
-                   now=NOW, closed_through=MINUTE - 1)
-
-    def missing() -> Any:
-        raise SegmentNotFound("none")
-
-    server = serve(api.make_app(make_config(path), counter_factory=missing, now=lambda: NOW))
-    status, _, body = fetch(server.url)
-    html = body.decode()
-    assert status == 200 and "No segment is installed" in html
-    assert 'data-count="17"' in html and "acme" in html.split("Top accounts")[1]
-
-
 # ------------------------------------------------------------ entry points
-
-
-def test_openapi_document_describes_every_route(no_segment: webserver.Server) -> None:
-    status, doc = fetch_json(no_segment.url + "api/openapi.json")
-    assert status == 200 and doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {
-        "/api/stats/track/{account}/{event}/{year}",
-        "/api/stats/track/{account}/{event}/{year}/{month}",
-        "/api/stats/track/{account}/{event}/{year}/{month}/{day}",
-        "/api/stats/track/{account}/{event}/{year}/{month}/{day}/{hour}",
-        "/api/stats/live", "/metrics", "/api/openapi.json", "/",
-    }
 
 
 def test_application_is_built_from_the_config_file(
@@ -552,35 +361,6 @@ def test_application_is_built_from_the_config_file(
     assert started[0][0] == "200 OK"
     links = json.loads(body)["links"]
     assert links[0] == "http://example.org/stats/api/stats/track/all/pageview/2026/2"
-
-
-# --------------------------------------------------------------- schemathesis
-
-
-@pytest.fixture
-def api_schema(key: int, db: str, serve: Callable[..., webserver.Server]) -> Any:
-    """The schema of a live server (one backend: the HTTP layer is the same)."""
-    import schemathesis
-
-    segment.install(key, "sysv", now=NOW)
-    server, _ = start_live(key, "sysv", db, serve)
-    return schemathesis.openapi.from_url(server.url + "api/openapi.json")
-
-
-def _schema() -> Any:
-    import schemathesis
-
-    return schemathesis.pytest.from_fixture("api_schema")
-
-
-schema = _schema()
-
-
-@schema.parametrize()
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
-def test_schemathesis_finds_no_500s_and_responses_conform(case: Any) -> None:
-    case.call_and_validate()
 
 
 def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:

@@ -7,14 +7,20 @@
 * :func:`run_load`: keep-alive ``http.client`` threads sending a bounded
   number of requests within a bounded time, each outcome classified.
 * :func:`segment_count`: what the segment holds for a key over minutes.
+* For the tests of the stats app (test_api, test_dashboard, test_openapi):
+  the clock and names they share, :func:`fetch` and :func:`start_live` (a
+  server over a segment with hits in it). Their fixtures (``db``,
+  ``serve``, ``no_segment``, ``live_server``) are in conftest.py.
 
 Every wait has a deadline.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import http.client
 import itertools
+import json
 import os
 import re
 import signal
@@ -22,14 +28,18 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter as Tally
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
+from zoneinfo import ZoneInfo
 
 import pytest
 
 import trafficthreshold
-from trafficthreshold import pageviews, segment
+from trafficthreshold import api, pageviews, segment, webserver
+from trafficthreshold.config import Config
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
@@ -319,3 +329,53 @@ def total(event: str = "pageview") -> int:
 def of(account: str) -> int:
     """The sliding-60 s page views of one account."""
     return trafficthreshold.count(account, window="60s")
+
+
+# ------------------------ shared by the stats app's tests (api, dashboard, openapi)
+
+ZONE = "Europe/Zurich"
+#: 2027-01-15 09:00:30 in Zurich; the conftest installs segments at 09:00:00.
+NOW = 1_800_000_030.0
+MINUTE = int(NOW // 60)
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def minute_at(*parts: int) -> int:
+    """Epoch minute of a Zurich wall-clock time (year, month, day, hour, minute)."""
+    return int(datetime.datetime(*parts, tzinfo=ZoneInfo(ZONE)).timestamp() // 60)
+
+
+def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None,
+          data: bytes | None = None) -> tuple[int, Any, bytes]:
+    """(status, headers, body) of one request; HTTP errors are answers too."""
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def fetch_json(url: str, **kwargs: Any) -> tuple[int, Any]:
+    status, headers, body = fetch(url, **kwargs)
+    assert headers["Content-Type"] == "application/json", body
+    return status, json.loads(body)
+
+
+def make_config(db: str, key: int = 0x2ABCDEF0, backend: str = "sysv", **kwargs: Any) -> Config:
+    return Config(key=key, backend=backend, database=db, timezone=ZONE, **kwargs)
+
+
+def start_live(key: int, backend: str, db: str,
+               serve: Callable[..., webserver.Server]) -> tuple[webserver.Server, Any]:
+    """A server over an installed segment, with hits in the last two hours."""
+    counter = segment.attach(key, backend, stripe=0)
+    counter.hit("acme", "pageview", 70, NOW - 10)           # current minute, 60 s
+    counter.hit("acme", "pageview", 5, NOW - 45)            # previous minute, in 60 s
+    counter.hit("shop", "pageview", 2, NOW - 60 * 60)       # 60 minutes ago: first bar
+    counter.hit("shop", "pageview", 9, NOW - 61 * 60)       # 61 minutes ago: not shown
+    counter.hit(XSS, "pageview", 4, NOW - 120)
+    counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 1.5) * 1000))
+    counter.store(segment.H_SUPERVISOR_PID, 4, 4321)
+    config = make_config(db, key=key, backend=backend)
+    return serve(api.make_app(config, now=lambda: NOW)), counter

@@ -1,46 +1,127 @@
-"""The dashboard in a real browser: Debian's headless Chromium.
+"""Tests of trafficthreshold.dashboard: the page at / of the stats app.
 
-A waitress server on loopback serves the dashboard over a real segment and
-store; Chromium renders it, takes screenshots (saved under test-artifacts/
-for a person to look at) and dumps the DOM after the scripts ran, which
-shows that the chart, the numbers and the refresh work, and that an
-account named like an HTML tag stays text.
+First the HTML as served over a real waitress server: names escaped, a
+strict CSP, the counts, chart, throttle level and alert rules, the event
+switch, and the page without a segment.
 
-Needs /usr/bin/chromium (``sh .ci/chromium.sh`` installs it); skipped
-without it, which CI treats as a failure.
+Then in a real browser, Debian's headless Chromium: it renders the page
+over a real segment and store, takes screenshots (saved under
+test-artifacts/ for a person to look at) and dumps the DOM after the
+scripts ran, which shows that the chart, the numbers and the refresh work,
+and that an account named like an HTML tag stays text. These need
+/usr/bin/chromium (``sh .ci/chromium.sh`` installs it); skipped without
+it, which CI treats as a failure.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, make_config, minute_at
 from trafficthreshold import alerts, api, segment, webserver
-from trafficthreshold.dashboard import REFRESH_S
 from trafficthreshold.alertstore import AlertStore
 from trafficthreshold.config import AlertRule, Config
+from trafficthreshold.dashboard import REFRESH_S
+from trafficthreshold.errors import SegmentNotFound
 from trafficthreshold.store import Store
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-ZONE = "Europe/Zurich"
-NOW = 1_800_000_030.0
-MINUTE = int(NOW // 60)
-XSS = "<img src=x onerror=alert(1)>"
 ACCOUNTS = ["example.com", "shop-00042", "blog.example.org", XSS, "zurich-bakery",
             "a-rather-long-account-name.example.com"]
 
-pytestmark = [
-    pytest.mark.chromium,
-    pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs Debian's chromium at /usr/bin/chromium: sh .ci/chromium.sh"),
-]
+#: The browser tests' skip, next to ``@pytest.mark.chromium`` on each of them
+#: (not a module-wide pytestmark: the tests of the page as served need no browser).
+needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason=(
+    "needs Debian's chromium at /usr/bin/chromium: sh .ci/chromium.sh"))
+
+
+# ------------------------------------------------------------ the page as served
+
+
+def test_dashboard_escapes_names_and_sets_a_strict_csp(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    status, headers, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
+    nonce = csp.split("'nonce-")[1].split("'")[0]
+    assert html.count("<script") == 1 and f'<script nonce="{nonce}">' in html
+    assert "https://" not in html and "http://" not in html  # no CDN, nothing external
+
+
+def test_dashboard_shows_counts_throttle_chart_and_top_accounts(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    html = fetch(server.url)[2].decode()
+    assert 'id="current-minute">70<' in html
+    assert 'id="last-60s">75<' in html
+    assert "Current Level: 1 (60 - 119)" in html
+    assert "This site has served <b>75</b>" in html
+    assert html.count('<rect class="bar') == 61
+    assert 'data-count="70"' in html and 'data-count="2"' in html
+    top = html.split("Top accounts")[1]
+    assert top.index("acme") < top.index("&lt;img") < top.index("shop")
+    assert "pid 4321" in html
+
+
+def test_dashboard_alert_rules_with_their_states(installed: tuple[int, str], db: str,
+                                                  serve: Callable[..., webserver.Server]) -> None:
+    key, backend = installed
+    rules = (AlertRule(name="burst", threshold=5), AlertRule(name="quiet <b>", account="shop"))
+    episode = alerts.Episode(started=NOW - 300, start_minute=minute_at(2027, 1, 15, 8, 55),
+                             last_hot_minute=MINUTE, peak=1234, peak_minute=MINUTE,
+                             last_notice=NOW - 300)
+    with AlertStore(db) as store:
+        store.save(alerts.AlertState(episodes={"burst": episode}), now=NOW)
+    config = make_config(db, key=key, backend=backend, alerts=rules)
+    server = serve(api.make_app(config, now=lambda: NOW))
+    html = fetch(server.url)[2].decode()
+    table = html.split("Alert rules")[1]
+    assert "burst" in table and "firing" in table and "since 08:55" in table
+    assert "1,234" in table
+    assert "quiet &lt;b&gt;" in table and table.count('class="pill ok"') == 1
+
+
+def test_dashboard_event_switch_and_bad_event(live_server: tuple[webserver.Server, Any]) -> None:
+    server, counter = live_server
+    counter.hit("acme", "signup", 2, NOW)
+    html = fetch(server.url + "?event=signup")[2].decode()
+    assert 'aria-current="page">signup<' in html and 'id="current-minute">2<' in html
+    status, _, body = fetch(server.url + "?event=~nope")
+    assert status == 404 and json.loads(body)["status"] == 404
+
+
+def test_dashboard_without_a_segment_reads_the_store(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    path = str(tmp_path / "stats.sqlite3")
+    with Store(path, ZONE) as store:
+        store.roll([("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17)],
+                   now=NOW, closed_through=MINUTE - 1)
+
+    def missing() -> Any:
+        raise SegmentNotFound("none")
+
+    server = serve(api.make_app(make_config(path), counter_factory=missing, now=lambda: NOW))
+    status, _, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and "No segment is installed" in html
+    assert 'data-count="17"' in html and "acme" in html.split("Top accounts")[1]
+
+
+# -------------------------------------------------------------------- in Chromium
 
 
 def chromium(url: str, profile: Path, *args: str, size: str = "1280,900",
@@ -109,6 +190,8 @@ def current_minute(dom: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
+@pytest.mark.chromium
+@needs_chromium
 def test_screenshots_for_laptop_and_phone(dashboard: tuple[webserver.Server, Any],
                                           tmp_path: Path) -> None:
     server, _ = dashboard
@@ -121,6 +204,8 @@ def test_screenshots_for_laptop_and_phone(dashboard: tuple[webserver.Server, Any
         assert png_size(shot) == tuple(int(n) for n in size.split(","))
 
 
+@pytest.mark.chromium
+@needs_chromium
 def test_rendered_dom_has_the_chart_numbers_and_escaped_names(
         dashboard: tuple[webserver.Server, Any], tmp_path: Path) -> None:
     server, _ = dashboard
@@ -138,6 +223,8 @@ def test_rendered_dom_has_the_chart_numbers_and_escaped_names(
     (ARTIFACTS / "dashboard-dom.html").write_text(dom, encoding="utf-8")
 
 
+@pytest.mark.chromium
+@needs_chromium
 def test_the_page_refreshes_itself(dashboard: tuple[webserver.Server, Any],
                                    tmp_path: Path) -> None:
     server, _ = dashboard
