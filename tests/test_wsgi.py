@@ -14,7 +14,7 @@ import wsgiref.validate
 import pytest
 
 import trafficthreshold
-from trafficthreshold import pageviews, wsgi
+from trafficthreshold import pageviews
 from trafficthreshold.wsgi import TrafficThreshold
 
 from apps import flask_app  # imported (its middleware created) before any test's segment
