@@ -376,8 +376,8 @@ def test_account_callable_receives_the_environ(worker_api):
 
 
 def test_hosts_counted_exactly_as_the_memo_fills_and_starts_over(worker_api, monkeypatch):
-    """account="host": the C code counts headers it has seen from the memo
-    that record() fills; a full memo starts over (HOST_MEMO_SIZE)."""
+    """account="host": record() resolves hosts through a bounded memo; a
+    full memo starts over (HOST_MEMO_SIZE) and the counts stay exact."""
     monkeypatch.setattr(pageviews, "HOST_MEMO_SIZE", 4)
     mw = TrafficThreshold(app_answering(), account="host")
     hosts = [f"Site-{i}.example" + (":8000" if i % 2 else "") for i in range(10)]

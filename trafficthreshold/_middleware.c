@@ -42,7 +42,7 @@ static PyObject *hit_cb;             /* trafficthreshold.hit */
 static PyObject *throttle_status_cb; /* trafficthreshold.throttle_status */
 
 /* Interned at module init. */
-static PyObject *str_request_method, *str_path_info, *str_http_host, *str_failed, *str_count_if;
+static PyObject *str_request_method, *str_path_info, *str_failed, *str_count_if;
 static PyObject *str_level, *str_hit, *str_decide;
 
 /* Longest extension looked up (with the dot); longer ones are not assets.
@@ -122,7 +122,6 @@ typedef struct {
     PyObject_HEAD
     PyObject *app;
     PyObject *record;       /* record(environ), or NULL: hit(None, event) */
-    PyObject *hosts;        /* account="host": {HTTP_HOST value: account}, or NULL */
     PyObject *event;        /* str */
     PyObject *environ_key;  /* str, or NULL: the level goes nowhere */
     int count_if;           /* 1: self._count_if(environ, status, headers) decides */
@@ -162,40 +161,11 @@ static int report(Middleware *mw, PyObject *kind)
     return 0;
 }
 
-/* The account="host" shortcut: hit(account, event) with the account of
- * this Host header known from mw->hosts (the memo of pageviews.host_account,
- * filled by record()).  Returns the hit's result; NULL with no exception
- * set when the memo does not know the header (record() must resolve it);
- * NULL with ValueError/TypeError set for an invalid name (nothing counted:
- * hit() checks both names before it adds anything). */
-static PyObject *hit_known_host(Middleware *mw, PyObject *environ)
-{
-    PyObject *raw, *args[2];
-    raw = PyDict_GetItemWithError(environ, str_http_host);
-    if (raw == NULL)
-        return NULL;  /* no Host header, or an error: record() handles both */
-    if ((args[0] = PyDict_GetItemWithError(mw->hosts, raw)) == NULL)
-        return NULL;
-    args[1] = mw->event;
-    return PyObject_Vectorcall(hit_cb, args, 2, NULL);
-}
-
 /* Counts one page view of `environ`.  0, or -1 with a BaseException set. */
 static int count(Middleware *mw, PyObject *environ)
 {
     PyObject *r;
-    if (mw->hosts != NULL) {
-        r = hit_known_host(mw, environ);
-        if (r == NULL) {
-            /* Unknown header, or an invalid name: record() resolves, warns
-             * and counts the total alone.  Other errors are the segment's. */
-            if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_ValueError)
-                && !PyErr_ExceptionMatches(PyExc_TypeError))
-                return report(mw, str_hit);
-            PyErr_Clear();
-            r = PyObject_Vectorcall(mw->record, &environ, 1, NULL);
-        }
-    } else if (mw->record != NULL) {
+    if (mw->record != NULL) {
         r = PyObject_Vectorcall(mw->record, &environ, 1, NULL);
     } else {
         PyObject *args[2] = {Py_None, mw->event};
@@ -451,25 +421,20 @@ done:
     return result;
 }
 
-/* Middleware.__init__(app, *, event, record=None, hosts=None,
- * environ_key=None, count_if=False).  wsgi.TrafficThreshold.__init__
- * validates the options and calls this; `hosts` needs `record`. */
+/* Middleware.__init__(app, *, event, record=None, environ_key=None,
+ * count_if=False).  wsgi.TrafficThreshold.__init__ validates the options
+ * and calls this. */
 static int Middleware_init(Middleware *mw, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"app", "event", "record", "hosts", "environ_key", "count_if",
-                             NULL};
-    PyObject *app, *event, *record = Py_None, *hosts = Py_None, *environ_key = Py_None;
+    static char *kwlist[] = {"app", "event", "record", "environ_key", "count_if", NULL};
+    PyObject *app, *event, *record = Py_None, *environ_key = Py_None;
     int count_if = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$UOOOp:Middleware", kwlist, &app, &event,
-                                     &record, &hosts, &environ_key, &count_if))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$UOOp:Middleware", kwlist, &app, &event,
+                                     &record, &environ_key, &count_if))
         return -1;
     if (hit_cb == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_middleware._setup() was not called "
                         "(import trafficthreshold.wsgi, not _middleware)");
-        return -1;
-    }
-    if (hosts != Py_None && (!PyDict_Check(hosts) || record == Py_None)) {
-        PyErr_SetString(PyExc_TypeError, "hosts must be a dict, and needs record");
         return -1;
     }
     if (environ_key != Py_None && !PyUnicode_Check(environ_key)) {
@@ -484,7 +449,6 @@ static int Middleware_init(Middleware *mw, PyObject *args, PyObject *kw)
     Py_XSETREF(mw->app, Py_NewRef(app));
     Py_XSETREF(mw->event, Py_NewRef(event));
     Py_XSETREF(mw->record, record == Py_None ? NULL : Py_NewRef(record));
-    Py_XSETREF(mw->hosts, hosts == Py_None ? NULL : Py_NewRef(hosts));
     Py_XSETREF(mw->environ_key, environ_key == Py_None ? NULL : Py_NewRef(environ_key));
     mw->count_if = count_if;
     return 0;
@@ -494,7 +458,6 @@ static int Middleware_traverse(Middleware *mw, visitproc visit, void *arg)
 {
     Py_VISIT(mw->app);
     Py_VISIT(mw->record);
-    Py_VISIT(mw->hosts);
     Py_VISIT(mw->event);
     Py_VISIT(mw->environ_key);
     return 0;
@@ -504,7 +467,6 @@ static int Middleware_clear(Middleware *mw)
 {
     Py_CLEAR(mw->app);
     Py_CLEAR(mw->record);
-    Py_CLEAR(mw->hosts);
     Py_CLEAR(mw->event);
     Py_CLEAR(mw->environ_key);
     return 0;
@@ -591,7 +553,6 @@ PyMODINIT_FUNC PyInit__middleware(void)
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(str_request_method, "REQUEST_METHOD");
     INTERN(str_path_info, "PATH_INFO");
-    INTERN(str_http_host, "HTTP_HOST");
     INTERN(str_failed, "_failed");
     INTERN(str_count_if, "_count_if");
     INTERN(str_level, "level");

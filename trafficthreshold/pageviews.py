@@ -166,7 +166,7 @@ def host_account(host_of: Callable[[Any], Any]) -> AccountFunc:
         name = memo[raw] = host_name(raw)
         return name
 
-    account.memo = memo  # type: ignore[attr-defined]  # the WSGI middleware's C reads it
+    account.memo = memo  # type: ignore[attr-defined]  # to inspect its size
     return account
 
 
@@ -282,5 +282,5 @@ def make_recorder(account: AccountFunc | None, event: str,
                       "%s: %s", type(exc).__name__, exc)
 
     record.event = event  # type: ignore[attr-defined]
-    record.account = account  # type: ignore[attr-defined]
+    record.account = account  # type: ignore[attr-defined]  # the resolver, to inspect
     return record

@@ -33,8 +33,7 @@ block: a hit is an atomic add in shared memory (the semaphore, taken with a
 All of this per-request path is C (``_middleware.c``): about 3,000
 instructions per page, 0.7 % of a hello-world page under gunicorn
 (benchmarks/bench_middleware_instructions.py).  Python runs only for a
-``count_if`` predicate, an account function, a Host header not seen
-before, and errors.
+``count_if`` predicate, the account of a counted page, and errors.
 
 The middleware attaches to the segment when it is created, which with
 ``gunicorn --preload`` is in the master before the fork; every forked
@@ -94,14 +93,10 @@ class TrafficThreshold(_middleware.Middleware):
                  environ_key: Optional[str] = "trafficthreshold.level") -> None:
         record = pageviews.middleware_recorder(account, environ_host, event, count_if, log)
         self.count_if = count_if
-        # With no account the C code calls hit(None, event) itself.  An
-        # account needs record(environ), which resolves it in Python; for
-        # "host" the C code looks the Host header up in the memo record()
-        # fills and calls record() only for a header it has not seen.
+        # With no account the C code calls hit(None, event) itself; an
+        # account needs record(environ), which resolves it in Python.
         super().__init__(app, event=record.event,
                          record=None if account is None else record,
-                         hosts=getattr(record.account, "memo", None) if account == "host"
-                         else None,
                          environ_key=environ_key, count_if=count_if is not None)
 
     def _count_if(self, environ: Environ, status: str, headers: list) -> bool:
