@@ -361,7 +361,7 @@ class AlertEngine:
         counts: Counts,
         *,
         closed: Closed | None = None,
-        top_accounts: Sequence[tuple[str, int]] = (),
+        top_accounts: Sequence[tuple[str, int]] | Callable[[], Sequence[tuple[str, int]]] = (),
         throttle_level: int | None = None,
     ) -> list[int]:
         """Evaluate every rule at ``now``; return the ids of mails queued.
@@ -369,6 +369,8 @@ class AlertEngine:
         Never blocks on the MTA.  Writes to SQLite only when the state
         changed (an alert, a reminder, a new peak or hot minute, a resolution).
         A database error is logged and the tick retried on the next call.
+        ``top_accounts`` may be a function: it is called only when the state
+        changed, so a caller need not read them every second of an episode.
         """
         if not self.rules and not self.state.episodes:
             return []
@@ -383,7 +385,8 @@ class AlertEngine:
             return []
         context = MailContext(
             host=self.host,
-            top_accounts=tuple((str(a), int(c)) for a, c in top_accounts),
+            top_accounts=tuple((str(a), int(c)) for a, c in
+                               (top_accounts() if callable(top_accounts) else top_accounts)),
             throttle_level=throttle_level,
             dashboard_url=self.dashboard_url,
             max_per_hour=int(getattr(mail, "max_per_hour", 20)),

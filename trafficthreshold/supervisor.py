@@ -238,8 +238,10 @@ class Supervisor:
             return
         counts = {k: self._count(*k, now) for k in alerts.count_keys(rules)}
         hot = any(counts[(r.account, r.event, r.window)] >= r.threshold for r in rules)
+        # The top accounts read every key of the minute: only when a mail or
+        # a state change needs them, not every second of an episode.
         self.engine.tick(now, counts, closed=self._closed(now),
-                         top_accounts=self.top_accounts(now) if hot else (),
+                         top_accounts=(lambda: self.top_accounts(now)) if hot else (),
                          throttle_level=self.throttle_state.level)
 
     def _closed(self, now: float) -> dict:
