@@ -557,7 +557,7 @@ PyMODINIT_FUNC PyInit__middleware(void)
     INTERN(str_count_if, "_count_if");
     INTERN(str_level, "level");
     INTERN(str_hit, "hit");
-    INTERN(str_decide, "wsgi-decide");
+    INTERN(str_decide, "decide");
 #undef INTERN
     if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&StartResponseType) < 0)
         return NULL;

@@ -96,9 +96,8 @@ class TrafficThreshold:
                 try:
                     if self._is_page_view(scope, message):
                         self.record(scope)
-                except Exception:
-                    warn_once(log, "asgi-decide", "trafficthreshold: could not decide "
-                              "whether a response is a page view", exc_info=True)
+                except Exception as exc:
+                    pageviews.log_failure(log, "decide", exc)
             await send(message)
 
         return await self.app(scope, receive, counting_send)

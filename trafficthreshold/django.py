@@ -42,7 +42,7 @@ from django.core.exceptions import DisallowedHost, ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from . import pageviews
-from .pageviews import RequestInfo, warn_once
+from .pageviews import RequestInfo
 
 log = logging.getLogger("trafficthreshold.django")
 
@@ -148,6 +148,5 @@ class TrafficThresholdMiddleware:
                            and not info.path.startswith(self.url_prefixes))
             if counted:
                 self.record(request)
-        except Exception:
-            warn_once(log, "django-decide", "trafficthreshold: could not decide whether a "
-                      "response is a page view", exc_info=True)
+        except Exception as exc:
+            pageviews.log_failure(log, "decide", exc)

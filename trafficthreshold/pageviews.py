@@ -182,13 +182,29 @@ def warn_once(logger: logging.Logger, kind: str, message: str, *args: object,
     logger.warning(message + " (logged once per process)", *args, exc_info=exc_info)
 
 
+#: What :func:`log_failure` says, by the kind of failure.
+FAILURES = {
+    "level": "cannot read the throttle level, using 0",
+    "hit": "a page view was not counted",
+    "decide": "could not decide whether a response is a page view",
+}
+
+
+def log_failure(logger: logging.Logger, kind: str, exc: BaseException) -> None:
+    """Log an error caught inside a request, where it must not be raised
+    (:data:`FAILURES` names the ``kind``): once per process at WARNING, then
+    at DEBUG.  A failed decision comes with its traceback (a bug in a
+    predicate or in the response's headers); the others say it in a line."""
+    warn_once(logger, kind, f"trafficthreshold: {FAILURES[kind]}: %s: %s",
+              type(exc).__name__, exc, exc_info=exc if kind == "decide" else False)
+
+
 def level(logger: logging.Logger = log) -> int:
     """The throttle level 0..5 (0 if it cannot be read); never raises."""
     try:
         return _throttle_status()
     except Exception as exc:  # strict mode: the segment error; fail open here
-        warn_once(logger, "level", "trafficthreshold: cannot read the throttle level, "
-                  "using 0: %s", exc)
+        log_failure(logger, "level", exc)
         return 0
 
 
@@ -254,8 +270,7 @@ def make_recorder(account: AccountFunc | None, event: str,
         try:
             _hit(None, event)
         except Exception as exc:
-            warn_once(logger, "hit", "trafficthreshold: a page view was not counted: "
-                      "%s: %s", type(exc).__name__, exc)
+            log_failure(logger, "hit", exc)
 
     def record(request: Any) -> None:
         name = None
@@ -278,8 +293,7 @@ def make_recorder(account: AccountFunc | None, event: str,
             if name is not None:
                 total_only()
         except Exception as exc:  # strict mode: the segment error
-            warn_once(logger, "hit", "trafficthreshold: a page view was not counted: "
-                      "%s: %s", type(exc).__name__, exc)
+            log_failure(logger, "hit", exc)
 
     record.event = event  # type: ignore[attr-defined]
     record.account = account  # type: ignore[attr-defined]  # the resolver, to inspect

@@ -45,7 +45,7 @@ import logging
 from typing import Any, Callable, Iterable, Optional
 
 from . import _middleware, pageviews
-from .pageviews import RequestInfo, warn_once
+from .pageviews import RequestInfo
 
 log = logging.getLogger("trafficthreshold.wsgi")
 
@@ -53,15 +53,6 @@ Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 CountIf = Callable[[RequestInfo], bool]
-
-#: What :meth:`TrafficThreshold._failed` logs, by the kind of failure (the
-#: kinds pageviews.py uses for the same failures, so each is logged once).
-_FAILURES = {
-    "level": "trafficthreshold: cannot read the throttle level, using 0",
-    "hit": "trafficthreshold: a page view was not counted",
-    "wsgi-decide": "trafficthreshold: could not decide whether a response is a page view",
-}
-
 
 def environ_host(environ: Environ) -> Optional[str]:
     """The Host header of a WSGI request (None if the client sent none)."""
@@ -115,6 +106,4 @@ class TrafficThreshold(_middleware.Middleware):
         """Log a failure inside a request (the C code calls this, then goes
         on as if nothing was counted): once per process at WARNING, then at
         DEBUG."""
-        message = _FAILURES.get(kind, "trafficthreshold: the middleware failed")
-        warn_once(log, kind, message + ": %s: %s", type(exc).__name__, exc,
-                  exc_info=exc if kind == "wsgi-decide" else False)
+        pageviews.log_failure(log, kind, exc)
