@@ -44,7 +44,6 @@ import argparse
 import gc
 import multiprocessing
 import os
-import random
 import shutil
 import struct
 import sys
@@ -66,16 +65,6 @@ from trafficthreshold import segment  # noqa: E402
 
 UNROLL = 10
 ACCOUNT = "example.com"
-
-
-def fresh_key() -> int:
-    while True:
-        key = random.randrange(0x20000000, 0x3FFFFFFF)
-        try:
-            sysv_ipc.SharedMemory(key).detach()
-        except sysv_ipc.ExistentialError:
-            if not os.path.exists("/dev/shm" + segment.posix_name(key)):
-                return key
 
 
 def timed(op: Callable[[], object], n: int, repeats: int) -> tuple[float, int]:
@@ -271,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         n_fast, n_slow, n_redis, n_proc, repeats = 2_000_000, 200_000, 20_000, 5_000_000, 5
 
     load_before = os.getloadavg()[0]
-    key = fresh_key()
+    key = segment.unused_key()
     segment.install(key, args.backend)
     trafficthreshold.configure(key=key, backend=args.backend, strict=True)
     checks = Checks()

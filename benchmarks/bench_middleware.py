@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import re
 import shutil
 import statistics
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                else ["sync", "gthread"]}.get(args.worker_class, [args.worker_class])
     use_wrk = shutil.which("wrk") is not None and not args.python_load
 
-    key = random.randrange(0x20000000, 0x3FFFFFFF)
+    key = segment.unused_key()
     segment.install(key, args.backend)
     os.environ["TRAFFICTHRESHOLD_KEY"] = str(key)
     os.environ["TRAFFICTHRESHOLD_BACKEND"] = args.backend

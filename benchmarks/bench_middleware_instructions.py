@@ -17,7 +17,6 @@ import argparse
 import glob
 import http.client
 import os
-import random
 import re
 import shutil
 import signal
@@ -91,7 +90,7 @@ def main() -> int:
         print("valgrind is not installed (apt-get install valgrind): nothing measured")
         return 0 if args.quick else 1
     n = 50 if args.quick else 300
-    key = random.randrange(0x50000000, 0x5FFFFFFF)
+    key = segment.unused_key()
     segment.install(key)
     per_request = {}
     try:

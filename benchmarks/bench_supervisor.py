@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,12 +27,8 @@ from trafficthreshold.store import Store
 from trafficthreshold.supervisor import Supervisor
 
 
-def fresh_key() -> int:
-    return random.randrange(0x40000000, 0x4FFFFFFF)
-
-
 def bench_rollup(keys: int) -> tuple[float, int]:
-    key = fresh_key()
+    key = segment.unused_key()
     segment.install(key, geometry=segment.Geometry(keys=keys + 32))
     counter = segment.attach(key)
     try:
@@ -60,7 +55,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bench_idle_cpu(keys: int, seconds: float) -> float:
-    key = fresh_key()
+    key = segment.unused_key()
     segment.install(key, geometry=segment.Geometry(keys=keys + 32))
     counter = segment.attach(key)
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +82,7 @@ def bench_idle_cpu(keys: int, seconds: float) -> float:
 def bench_hot_tick(keys: int, ticks: int) -> tuple[float, int]:
     """Mean seconds per tick while an episode is open; and the mails queued
     (one: the alert)."""
-    key = fresh_key()
+    key = segment.unused_key()
     segment.install(key, geometry=segment.Geometry(keys=keys + 32))
     counter = segment.attach(key)
     try:

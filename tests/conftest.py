@@ -4,7 +4,6 @@ servers over it."""
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,6 @@ from apps.harness import NOW, XSS, ZONE, make_config, minute_at, start_live
 from trafficthreshold import api, segment, webserver
 from trafficthreshold.errors import SegmentNotFound
 from trafficthreshold.store import Store
-
-
-def fresh_key() -> int:
-    """An IPC key no other test (or other run) is using right now."""
-    while True:
-        # Keep clear of the default key and of small keys other software uses.
-        key = random.randrange(0x20000000, 0x3FFFFFFF)
-        try:
-            sysv_ipc.SharedMemory(key).detach()
-        except sysv_ipc.ExistentialError:
-            pass
-        else:
-            continue
-        if not os.path.exists("/dev/shm" + segment.posix_name(key)):
-            return key
 
 
 def remove_everything(key: int) -> None:
@@ -55,7 +39,7 @@ def remove_everything(key: int) -> None:
 @pytest.fixture
 def key():
     """A fresh IPC key; anything at it is removed afterwards."""
-    k = fresh_key()
+    k = segment.unused_key()
     yield k
     trafficthreshold._counter._reset()
     remove_everything(k)

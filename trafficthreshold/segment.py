@@ -25,6 +25,7 @@ import grp
 import logging
 import mmap
 import os
+import random
 import struct
 import time
 from typing import Iterator
@@ -174,6 +175,20 @@ class Geometry:
 def posix_name(key: int) -> str:
     """The POSIX shared-memory and semaphore name for an IPC key."""
     return f"/trafficthreshold-{key:x}"
+
+
+def unused_key() -> int:
+    """A random IPC key at which neither backend has a segment now: for
+    tests and benchmarks, which must never touch a live one.  Drawn from
+    0x20000000..0x3FFFFFFF, clear of the default key and of the small keys
+    other software uses."""
+    while True:
+        key = random.randrange(0x20000000, 0x3FFFFFFF)
+        try:
+            sysv_ipc.SharedMemory(key).detach()
+        except sysv_ipc.ExistentialError:
+            if not os.path.exists("/dev/shm" + posix_name(key)):
+                return key
 
 
 def fnv1a(account: bytes, event: bytes) -> int:
