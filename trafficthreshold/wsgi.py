@@ -42,7 +42,6 @@ worker then takes its own stripe of the counters (``_counter.c``).
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any, Callable, Iterable, Optional
 
 from . import _middleware, pageviews
@@ -55,11 +54,9 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 CountIf = Callable[[RequestInfo], bool]
 
-#: ``environ_host(environ) -> str | None``: the Host header of a WSGI
-#: request (None if the client sent none).  ``environ.get("HTTP_HOST")`` as
-#: a C callable: it runs for every counted page with ``account="host"``,
-#: where a Python function would add a frame.
-environ_host = operator.methodcaller("get", "HTTP_HOST")
+def environ_host(environ: Environ) -> Optional[str]:
+    """The Host header of a WSGI request (None if the client sent none)."""
+    return environ.get("HTTP_HOST")
 
 
 class TrafficThreshold(_middleware.Middleware):
