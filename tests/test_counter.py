@@ -600,9 +600,8 @@ def test_a_corrupt_throttle_slot_or_index_entry_does_not_crash(key, backend):
     with raw_view(key, backend) as view:
         raw = RawReader(view)
         slot = raw.find("example.com", "pageview")
-        for i in range(raw.index_size):  # point the entry past the table
-            off = raw.index_offset + i * 128
-            if raw.u32(off) == 1 and raw.u32(off + 4) == slot:
+        for off, state, entry_slot, *_ in list(raw.entries()):  # point it past the table
+            if state == 1 and entry_slot == slot:
                 view[off + 4:off + 8] = (0xFFFF0000).to_bytes(4, "little")
 
     def use():

@@ -103,15 +103,19 @@ class RawReader:
             i = (i + 1) & (self.index_size - 1)
         return None
 
-    def keys(self) -> list[tuple[int, str, str]]:
-        out = []
+    def entries(self) -> Iterator[tuple[int, int, int, int, bytes, bytes]]:
+        """(offset, state, slot, hash, account, event) of every used entry
+        of the key index."""
         for i in range(self.index_size):
             off = self.index_offset + i * 128
-            state, slot, _h, alen, elen = struct.unpack_from("=IIIBB", self.buf, off)
-            if state == 1:
-                out.append((slot, bytes(self.buf[off + 16:off + 16 + alen]).decode(),
-                            bytes(self.buf[off + 80:off + 80 + elen]).decode()))
-        return sorted(out)
+            state, slot, h, alen, elen = struct.unpack_from("=IIIBB", self.buf, off)
+            if state:
+                yield (off, state, slot, h, bytes(self.buf[off + 16:off + 16 + alen]),
+                       bytes(self.buf[off + 80:off + 80 + elen]))
+
+    def keys(self) -> list[tuple[int, str, str]]:
+        return sorted((slot, a.decode(), e.decode())
+                      for _off, state, slot, _h, a, e in self.entries() if state == 1)
 
     def bucket(self, slot: int, stripe: int, index: int) -> tuple[int, int]:
         off = (self.slots_offset + slot * self.slot_size + stripe * self.stripe_size
@@ -267,14 +271,8 @@ def test_the_hash_is_fnv1a_of_account_zero_event(key, backend):
     counter.hit("example.com", now=NOW)
     counter.detach()
     with raw_view(key, backend) as view:
-        raw = RawReader(view)
-        for i in range(raw.index_size):
-            off = raw.index_offset + i * 128
-            state, _slot, h, alen, elen = struct.unpack_from("=IIIBB", view, off)
-            if state:
-                a = bytes(view[off + 16:off + 16 + alen])
-                e = bytes(view[off + 80:off + 80 + elen])
-                assert h == segment.fnv1a(a, e) == RawReader.fnv1a(a + b"\0" + e)
+        for _off, _state, _slot, h, a, e in RawReader(view).entries():
+            assert h == segment.fnv1a(a, e) == RawReader.fnv1a(a + b"\0" + e)
     assert segment.fnv1a(b"", b"") == 0x050C5D1F  # FNV-1a 32 of one zero byte
 
 
