@@ -69,6 +69,14 @@ def check_exact(key: int, backend: str, first: int, last: int, result) -> None:
     assert segment_count(key, backend, first, last, ACCOUNT) == result.pages, result
 
 
+def load_and_wait(server: Server) -> tuple[harness.LoadResult, int, int]:
+    """Send REQUESTS and wait for the answers: (result, the epoch minutes
+    the load began and ended)."""
+    first = epoch_minute()
+    result = harness.run_load(server.port, REQUESTS, time_limit=40)
+    return result, first, epoch_minute()
+
+
 def load_in_background(port: int, started_after: int):
     """Send REQUESTS from a thread; return (thread, {"result": LoadResult}
     once done, the epoch minute it began) after ``started_after`` were sent."""
@@ -88,9 +96,7 @@ def test_counts_equal_the_html_responses(installed, tmp_path, worker_class):
     key, backend = installed
     server = start("apps.hello:app", key, backend, tmp_path, worker_class)
     try:
-        first = epoch_minute()
-        result = harness.run_load(server.port, REQUESTS, time_limit=40)
-        last = epoch_minute()
+        result, first, last = load_and_wait(server)
     finally:
         server.stop()
     assert result.failed == 0, result
@@ -219,9 +225,7 @@ def test_preload_attaches_in_the_master_before_fork(installed, tmp_path, worker_
             assert server.pid in mapped, "the master did not attach before fork"
             assert set(workers) <= set(mapped)
             stripes_before = counter.load(segment.H_NEXT_STRIPE, 4)
-            first = epoch_minute()
-            result = harness.run_load(server.port, REQUESTS, time_limit=40)
-            last = epoch_minute()
+            result, first, last = load_and_wait(server)
             stripes_after = counter.load(segment.H_NEXT_STRIPE, 4)
         finally:
             server.stop()
@@ -301,9 +305,7 @@ def test_segment_store_and_api_all_say_n(installed, tmp_path):
         _wait_api(daemon, port)
         server = start("apps.hello:app", key, backend, tmp_path, "gthread")
         try:
-            first = epoch_minute()
-            result = harness.run_load(server.port, REQUESTS, time_limit=40)
-            last = epoch_minute()
+            result, first, last = load_and_wait(server)
         finally:
             server.stop()
         assert result.failed == 0, result
