@@ -142,3 +142,28 @@ def test_start_stop_cycles_leave_no_descriptors_behind() -> None:
         get(server.url)
         server.stop()
     assert open_fds() == before
+
+
+def test_stop_after_the_loop_died_closes_everything(caplog, monkeypatch) -> None:
+    """The event loop ending on an error leaves its listening socket and
+    worker threads; stop() still closes them, and the port is free again."""
+    def open_fds() -> int:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    with webserver.start(hello, "127.0.0.1:0") as warm:
+        get(warm.url)
+    before = open_fds()
+
+    def broken_loop(self: Any) -> None:
+        raise RuntimeError("the loop broke")
+
+    monkeypatch.setattr(webserver.waitress.server.BaseWSGIServer, "run", broken_loop)
+    server = webserver.start(hello, "127.0.0.1:0")
+    server._thread.join(10)
+    assert "stopped on an error" in caplog.text
+    server.stop()
+    with socket.create_server(("127.0.0.1", server.port)):
+        pass
+    assert open_fds() == before
+    server.stop()  # a second stop does nothing

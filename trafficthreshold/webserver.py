@@ -51,9 +51,8 @@ STOP_TIMEOUT = 5.0
 class Server:
     """A running waitress server; make it with :func:`start`."""
 
-    def __init__(self, server: Any, listen: str) -> None:
+    def __init__(self, server: Any) -> None:
         self._server = server
-        self.listen = listen
         if hasattr(server, "effective_listen"):  # a host name with several addresses
             host, port = server.effective_listen[0][:2]
         else:
@@ -62,7 +61,6 @@ class Server:
         self.port: int = int(port)  # waitress gives a str (getnameinfo)
         self._thread = threading.Thread(target=self._run, name="trafficthreshold-http",
                                         daemon=True)
-        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
@@ -75,15 +73,15 @@ class Server:
             self._server.run()
         except Exception:
             log.exception("the HTTP server stopped on an error")
-        finally:
-            self._stopped.set()
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Close the listening sockets and connections, wait for the loop
         and the worker threads (at most ``timeout`` seconds each)."""
-        if self._stopped.is_set() and not self._thread.is_alive():
-            return
         socket_map = self._socket_map()
+        # Stopped already: the loop is gone and it, or we, closed everything.
+        # (A loop that died on an error left its sockets: closed below.)
+        if not socket_map and not self._thread.is_alive():
+            return
         triggers = [d for d in socket_map.values() if isinstance(d, waitress.trigger.trigger)]
         # The event loop owns its sockets: close them from inside the loop,
         # through its trigger, instead of racing it from this thread.  The
@@ -142,20 +140,17 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return parse_listen(listen)
 
 
-def start(app: Callable[..., Any], listen: str, *, threads: int = THREADS,
-          public_ok: bool | None = None) -> Server:
+def start(app: Callable[..., Any], listen: str, *, threads: int = THREADS) -> Server:
     """Serve ``app`` on ``listen`` (``"127.0.0.1:8787"``, ``"[::1]:8787"``,
     port 0 for any free port) in a background thread; return the Server.
 
     Refuses a non-loopback address unless the app requires a bearer token
-    (``app.requires_token``, see :class:`trafficthreshold.api.StatsApp`) or
-    ``public_ok=True`` says another layer takes care of it.  Raises
-    ValueError for a bad ``listen`` and OSError if the address is taken.
+    (``app.requires_token``, see :class:`trafficthreshold.api.StatsApp`).
+    Raises ValueError for a bad ``listen`` and OSError if the address is
+    taken.
     """
     host, port = _split_listen(listen)
-    if public_ok is None:
-        public_ok = bool(getattr(app, "requires_token", False))
-    if not is_loopback(host) and not public_ok:
+    if not is_loopback(host) and not getattr(app, "requires_token", False):
         raise ValueError(
             f"refusing to serve the stats on {listen}, which is not a loopback address, "
             "without a token: set http.token (openssl rand -hex 32) or listen on 127.0.0.1")
@@ -173,7 +168,7 @@ def start(app: Callable[..., Any], listen: str, *, threads: int = THREADS,
         ident="trafficthreshold",
         clear_untrusted_proxy_headers=True,
     )
-    running = Server(server, listen)
+    running = Server(server)
     running._thread.start()
     log.info("HTTP server listening on %s", running.url)
     return running
