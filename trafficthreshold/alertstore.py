@@ -339,6 +339,8 @@ class AlertEngine:
         self.rules: Sequence[Rule] = ()
         self.mail_config: Any = None
         self.dashboard_url = ""
+        self.max_per_hour = 20
+        self.default_sender = ""
         self.reload(rules, mail_config, dashboard_url)
         self.state = store.load_state()
 
@@ -351,6 +353,9 @@ class AlertEngine:
         """
         self.rules = tuple(rules)
         self.mail_config = mail_config
+        self.max_per_hour = int(getattr(mail_config, "max_per_hour", 20))
+        self.default_sender = (getattr(mail_config, "sender", "")
+                               or f"trafficthreshold@{self.host}")
         if dashboard_url is None:
             dashboard_url = getattr(mail_config, "dashboard_url", "") or ""
         self.dashboard_url = dashboard_url
@@ -369,30 +374,31 @@ class AlertEngine:
         Never blocks on the MTA.  Writes to SQLite only when the state
         changed (an alert, a reminder, a new peak or hot minute, a resolution).
         A database error is logged and the tick retried on the next call.
-        ``top_accounts`` may be a function: it is called only when the state
-        changed, so a caller need not read them every second of an episode.
+        ``top_accounts`` may be a function: it is called only when a mail is
+        queued, so a caller need not read them every second of an episode.
         """
         if not self.rules and not self.state.episodes:
             return []
-        mail = self.mail_config
         new_state, mails = alerts.step(
-            self.rules, counts, now, self.state,
-            max_per_hour=int(getattr(mail, "max_per_hour", 20)),
-            default_sender=getattr(mail, "sender", "") or f"trafficthreshold@{self.host}",
-            closed=closed,
+            self.rules, counts, now, self.state, max_per_hour=self.max_per_hour,
+            default_sender=self.default_sender, closed=closed,
         )
         if new_state == self.state and not mails:
             return []
-        context = MailContext(
-            host=self.host,
-            top_accounts=tuple((str(a), int(c)) for a, c in
-                               (top_accounts() if callable(top_accounts) else top_accounts)),
-            throttle_level=throttle_level,
-            dashboard_url=self.dashboard_url,
-            max_per_hour=int(getattr(mail, "max_per_hour", 20)),
-        )
+        queued: list[tuple[Mail, MailContext]] = []
+        if mails:  # the context (the top accounts: a read of the segment) only for mails
+            if callable(top_accounts):
+                top_accounts = top_accounts()
+            context = MailContext(
+                host=self.host,
+                top_accounts=tuple((str(a), int(c)) for a, c in top_accounts),
+                throttle_level=throttle_level,
+                dashboard_url=self.dashboard_url,
+                max_per_hour=self.max_per_hour,
+            )
+            queued = [(m, context) for m in mails]
         try:
-            ids = self.store.save(new_state, [(m, context) for m in mails], now=now)
+            ids = self.store.save(new_state, queued, now=now)
         except sqlite3.Error as exc:
             # Keep the old state in memory: the next tick evaluates the same
             # counts again and retries the save, so nothing is lost or doubled.
