@@ -493,6 +493,34 @@ def test_uninstall_retires_workers_fail_open_then_reattach(fail_open_api, caplog
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_uninstall_while_a_thread_waits_in_hit_does_not_crash(installed):
+    """A thread's hit() waits for the semaphore (a new second) while
+    uninstall retires the segment and another thread's hit() lets go of
+    the process's attachment: the waiting hit must not write through a
+    freed mapping (it did: SIGSEGV)."""
+    import threading
+    key, backend = installed
+
+    def scenario():
+        trafficthreshold.configure(key=key, backend=backend)
+        trafficthreshold.hit("a.example", now=NOW)
+        other = segment.attach(key, backend)
+        other.lock(5000)                          # as uninstall holds it
+        waiting = threading.Thread(
+            target=lambda: trafficthreshold.hit("a.example", now=NOW + 1))  # rolls: waits
+        waiting.start()
+        time.sleep(0.05)
+        other.store(segment.H_STATE, 4, segment.STATE_RETIRED)
+        trafficthreshold.hit("a.example", now=NOW + 1)    # retired: the default goes
+        other.unlock()
+        waiting.join(10)
+        return _counter._default() is None
+
+    status, result = in_child(scenario)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result == ("returned", True)
+
+
 # ------------------------------------------------------------ bad input
 
 BAD_CALLS = [
@@ -513,6 +541,13 @@ BAD_CALLS = [
     # A good account with a bad new event, a bad account with a good new event.
     (("example.com", "new/event"), {}, ValueError), (("a/b", "newevent"), {}, ValueError),
 ]
+
+
+@pytest.mark.parametrize("args, kwargs", [(("nosuch", 1), {}), ((), {"backend": "nosuch",
+                                                                     "key": 1})])
+def test_a_bad_backend_is_named_however_it_is_passed(args, kwargs):
+    with pytest.raises(ValueError, match="backend 'nosuch' is not valid; use 'sysv' or 'posix'"):
+        _counter.Counter(*args, **kwargs)
 
 
 def _ids(call):

@@ -609,8 +609,8 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
     else if (strcmp(backend, "posix") == 0)
         c->backend = BACKEND_POSIX;
     else {
-        PyErr_Format(PyExc_ValueError, "backend %R is not valid; use 'sysv' or 'posix'",
-                     PyTuple_GET_ITEM(args, 0));
+        PyErr_Format(PyExc_ValueError, "backend '%s' is not valid; use 'sysv' or 'posix'",
+                     backend);
         return -1;
     }
     c->key = key;
@@ -1053,6 +1053,7 @@ static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     long long n;
     uint64_t second;
     Counter *c;
+    int rc;
     if (parse_hit_args(args, nargs, kwnames, argv) < 0 || (n = parse_n(argv[2])) < 0
         || (second = parse_second(argv[3])) == 0)
         return NULL;
@@ -1068,7 +1069,13 @@ static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(r);
         Py_RETURN_NONE;
     }
-    if (do_hit(c, argv[0], argv[1], (uint64_t)n, second) < 0) {
+    /* Why the reference: do_hit lets go of the GIL (the semaphore, the name
+     * validator), and another thread may meanwhile drop default_counter
+     * (the segment was uninstalled, or configure() ran) and unmap it. */
+    Py_INCREF(c);
+    rc = do_hit(c, argv[0], argv[1], (uint64_t)n, second);
+    Py_DECREF(c);
+    if (rc < 0) {
         if (strict_mode || PyErr_ExceptionMatches(PyExc_ValueError)
             || PyErr_ExceptionMatches(PyExc_TypeError))
             return NULL;
