@@ -24,7 +24,7 @@ import signal
 import time
 from typing import Any, Mapping
 
-from . import alerts, config as configuration, notify, segment, throttle
+from . import alerts, config as configuration, names, notify, segment, throttle
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound
@@ -229,7 +229,7 @@ class Supervisor:
     # --------------------------------------------------------------- alerts
 
     def _count(self, account: str, event: str, window: str, now: float) -> int:
-        slot = self.counter.find(None if account == "all" else account, event)
+        slot = self.counter.find(None if account == names.ALL else account, event)
         return 0 if slot is None else self.counter.count(slot, _slot_window(window), now)
 
     def _alerts(self, now: float) -> None:
@@ -246,16 +246,19 @@ class Supervisor:
 
     def _closed(self, now: float) -> dict:
         """(account, event) -> {minute: count} of the last closed minutes the
-        rules need, computed once a minute."""
+        rules need, computed once a minute: only the rules' keys are read,
+        not the whole ring."""
         minute = int(now // 60)
         if self.closed_cache is not None and self.closed_cache[0] == minute:
             return self.closed_cache[1]
-        keys = {(r.account, r.event) for r in self.config.alerts}
         span = max((r.clear_minutes for r in self.config.alerts), default=1) + 1
-        closed: dict = {k: {} for k in keys}
-        for account, event, m, count in self.roller.snapshot(minute - span, minute - 1):
-            if (account, event) in closed:
-                closed[(account, event)][m] = count
+        closed: dict = {}
+        for account, event in {(r.account, r.event) for r in self.config.alerts}:
+            slot = self.counter.find(None if account == names.ALL else account, event)
+            counts = {} if slot is None else {
+                m: self.counter.count(slot, segment.WINDOWS["minute"], m * 60)
+                for m in range(minute - span, minute)}
+            closed[(account, event)] = {m: n for m, n in counts.items() if n}
         self.closed_cache = (minute, closed)
         return closed
 
@@ -263,7 +266,7 @@ class Supervisor:
         """The busiest accounts of the current minute."""
         minute = int(now // 60)
         rows = [(a, c) for a, e, _, c in self.roller.snapshot(minute, minute)
-                if e == event and a != "all" and not a.startswith("~")]
+                if e == event and a != names.ALL and not a.startswith("~")]
         return sorted(rows, key=lambda r: (-r[1], r[0]))[:TOP_ACCOUNTS]
 
     def _prune(self, now: float) -> None:
