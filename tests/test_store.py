@@ -580,3 +580,24 @@ def test_sigkill_in_the_middle_of_rolls_loses_and_doubles_nothing(path: str) -> 
         assert store.period("acct3", EVENT, 2026, 5, 12, 23)["data"][59] == KILL_STEPS * 4 + 1
         may = [store.period(f"acct{k}", EVENT, 2026)["data"][5] for k in range(KILL_KEYS)]
         assert sum(may) == expected
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path) -> None:
+    """The one transaction helper of the period and alert stores: a COMMIT
+    that fails (here a deferred foreign key) is rolled back, so the next
+    transaction can begin (the alert store's copy once left it open)."""
+    from trafficthreshold.store import connect, transaction
+    conn = connect(str(tmp_path / "t.sqlite3"))
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (parent INTEGER REFERENCES parent(id) "
+                 "DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError):
+        with transaction(conn):
+            conn.execute("INSERT INTO child VALUES (42)")
+    assert not conn.in_transaction
+    with transaction(conn):
+        conn.execute("INSERT INTO parent VALUES (42)")
+        conn.execute("INSERT INTO child VALUES (42)")
+    assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 1
+    conn.close()

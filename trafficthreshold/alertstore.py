@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from email.utils import make_msgid
 from typing import Any, Callable, Iterator, Sequence
 
-from trafficthreshold import alerts
+from trafficthreshold import alerts, store as period_store
 from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
 from trafficthreshold.errors import TrafficThresholdError
 
@@ -77,7 +77,6 @@ SCHEMA_V1 = [
 #: Migrations: MIGRATIONS[n] lifts the alert tables from version n to n + 1.
 MIGRATIONS: dict[int, list[str]] = {}
 
-BUSY_TIMEOUT_MS = 5000
 STATUSES = ("pending", "sent", "failed")
 
 
@@ -106,17 +105,11 @@ class QueuedMail:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open ``path`` with the pragmas every alert connection uses.
-
-    Autocommit mode (``isolation_level=None``): transactions are explicit,
-    see :meth:`AlertStore.transaction`.
-    """
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    """Open ``path`` as the period store does (:func:`trafficthreshold.store.connect`), with
+    rows by name, and synchronous=FULL: a committed alert state or queued
+    mail survives a power cut too."""
+    conn = period_store.connect(path, synchronous="FULL")
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    # FULL: a committed alert state / queued mail survives a power cut too.
-    conn.execute("PRAGMA synchronous=FULL")
     return conn
 
 
@@ -139,14 +132,9 @@ class AlertStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        """One write transaction (:func:`trafficthreshold.store.transaction`)."""
+        with period_store.transaction(self._conn) as conn:
+            yield conn
 
     # -- schema --------------------------------------------------------------
 

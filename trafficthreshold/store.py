@@ -132,26 +132,55 @@ class StoreError(TrafficThresholdError):
     """The database cannot be opened, created or migrated."""
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """Open ``path`` with the store's pragmas.
+#: Milliseconds a writer waits for another writer's lock before failing.
+BUSY_TIMEOUT_MS = 5000
+
+
+def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """Open ``path`` with the pragmas of every connection to the database
+    (the period store's and the alert store's).
 
     Autocommit mode (``isolation_level=None``): transactions are explicit,
-    see :meth:`Store.transaction`. WAL lets readers read while the writer
-    writes; synchronous=NORMAL is durable across process crashes (a power
-    loss may lose the last commits, never corrupt); busy_timeout waits up
-    to 5 s for another writer instead of failing at once.
+    see :func:`transaction`. WAL lets readers read while the writer writes;
+    synchronous=NORMAL is durable across process crashes (a power loss may
+    lose the last commits, never corrupt), FULL across power cuts too;
+    busy_timeout waits up to 5 s for another writer instead of failing at
+    once.
     """
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
     except sqlite3.Error as exc:
         raise StoreError(
             f"cannot open the database {path!r}: {exc}; check that the file is "
             "a SQLite database this user may read and write (config key `database`)"
         ) from exc
     return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``conn``: everything inside commits, or
+    nothing.
+
+    BEGIN IMMEDIATE takes the write lock up front, so a second writer waits
+    (busy_timeout) at BEGIN instead of failing halfway. A nested call joins
+    the outer transaction.
+    """
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        # Also when COMMIT itself failed: never leave a transaction open.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _make_parent_dir(path: str) -> None:
@@ -204,24 +233,9 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: everything inside commits, or nothing.
-
-        BEGIN IMMEDIATE takes the write lock up front, so a second writer
-        waits (busy_timeout) at BEGIN instead of failing halfway. A nested
-        call joins the outer transaction.
-        """
-        if self._conn.in_transaction:
-            yield self._conn
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            # Also when COMMIT itself failed: never leave a transaction open.
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
+        """One write transaction (:func:`transaction`)."""
+        with transaction(self._conn) as conn:
+            yield conn
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, in one transaction."""
