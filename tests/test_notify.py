@@ -43,6 +43,7 @@ def test_every_helper_sends_its_assignment(fixture: str, request: pytest.Fixture
         (notify.ready(env), b"READY=1"),
         (notify.watchdog(env), b"WATCHDOG=1"),
         (notify.status("rolled 12 keys", env), b"STATUS=rolled 12 keys"),
+        (notify.status("level 0", env, watchdog=True), b"STATUS=level 0\nWATCHDOG=1"),
         (notify.reloading(123456789, env), b"RELOADING=1\nMONOTONIC_USEC=123456789"),
         (notify.stopping(env), b"STOPPING=1"),
         (notify.notify("EXTEND_TIMEOUT_USEC=5000000", env), b"EXTEND_TIMEOUT_USEC=5000000"),

@@ -69,13 +69,15 @@ def watchdog(env: Mapping[str, str] = os.environ) -> bool:
     return notify("WATCHDOG=1", env)
 
 
-def status(text: str, env: Mapping[str, str] = os.environ) -> bool:
-    """Set the one-line status shown by ``systemctl status``.
+def status(text: str, env: Mapping[str, str] = os.environ, *, watchdog: bool = False) -> bool:
+    """Set the one-line status shown by ``systemctl status``; with
+    ``watchdog=True`` also :func:`watchdog`, in the same datagram.
 
     Line breaks become spaces: a newline would start another assignment
     (``STATUS=x\\nREADY=1``) and so let the text say something it should not.
     """
-    return notify("STATUS=" + " ".join(text.splitlines()), env)
+    message = "STATUS=" + " ".join(text.splitlines())
+    return notify(message + "\nWATCHDOG=1" if watchdog else message, env)
 
 
 def watchdog_interval(env: Mapping[str, str] = os.environ, pid: int | None = None) -> float | None:
