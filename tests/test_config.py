@@ -386,6 +386,8 @@ def test_invalid_choices(text: str, expected: str) -> None:
         "ops@example.com\nBcc: victim@example.com",
         "Ops\r\n <ops@example.com>",
         "ops@exämple.com",
+        "-oQ/tmp@example.com",  # an option to sendmail; the mailer refuses it at send time
+        "Ops <-x@example.com>",
     ],
 )
 def test_invalid_addresses(address: str) -> None:

@@ -204,14 +204,18 @@ def is_valid_address(value: str) -> bool:
     """True for ``ops@example.com`` or ``Ops Team <ops@example.com>``.
 
     ASCII addresses only (write international domains in punycode); no
-    control characters anywhere, so no header injection through CR/LF.
+    control characters anywhere, so no header injection through CR/LF; no
+    leading ``-``, which sendmail would read as an option (the mailer
+    refuses such an address at send time: refused here, at ``config
+    check``, instead of failing every mail of the rule).
     """
     if _has_control(value):
         return False
     value = value.strip()
     named = _NAMED_RE.fullmatch(value)
     address = named.group("addr") if named else value
-    return len(address) <= 254 and _ADDRESS_RE.fullmatch(address) is not None
+    return (len(address) <= 254 and not address.startswith("-")
+            and _ADDRESS_RE.fullmatch(address) is not None)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
