@@ -45,14 +45,13 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import jinja2
 
 from trafficthreshold import alerts, metrics, names, segment
 from trafficthreshold.config import Config
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
-from trafficthreshold.periods import ImpossiblePeriod, resolve_timezone
+from trafficthreshold.periods import ImpossiblePeriod
 from trafficthreshold.store import Store
 from trafficthreshold.throttle import MAX_LEVEL, level_range
 
@@ -152,7 +151,7 @@ class StatsApp:
     ) -> None:
         self.config = config
         self.store_path = store_path or config.database
-        self.tz: ZoneInfo = resolve_timezone(config.timezone)
+        self.timezone = config.timezone  # like the database: fixed until a restart
         self.now = now
         self._token = config.http.token.encode("ascii")
         self._counter_factory = counter_factory or functools.partial(
@@ -167,10 +166,12 @@ class StatsApp:
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
+            auto_reload=False,  # the package's templates do not change under us
         )
         from trafficthreshold.dashboard import num
         from trafficthreshold.openapi import openapi_document
         self._templates.filters["num"] = num
+        self._dashboard = self._templates.get_template("dashboard.html")
         self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
         self._routes: dict[str, Callable[[Request], Response]] = {
             "/": self.dashboard,
@@ -180,11 +181,10 @@ class StatsApp:
         }
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new alert rules, token and time zone from the next request
-        on.  The segment and the database stay: changing those needs a
+        """SIGHUP: new alert rules and token from the next request on.  The
+        segment, the database and the time zone stay: changing those needs a
         restart (the supervisor says so)."""
         self.config = config
-        self.tz = resolve_timezone(config.timezone)
         self._token = config.http.token.encode("ascii")
 
     @property
@@ -263,7 +263,7 @@ class StatsApp:
                 raise HttpError(503, f"the database {self.store_path} does not exist yet; "
                                      "start the daemon (`trafficthreshold run`)")
             try:
-                store = Store(self.store_path, self.config.timezone)
+                store = Store(self.store_path, self.timezone)
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
             self._local.store = store
@@ -395,7 +395,7 @@ class StatsApp:
             heartbeat_age=None if snap is None else snap.supervisor["heartbeat_age_seconds"],
             firing=firing,
             last_roll_at=store.last_roll_at(),
-            gaps=len(store.gaps()),
+            gaps=store.gap_count(),
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)
@@ -417,7 +417,7 @@ class StatsApp:
         from trafficthreshold.dashboard import dashboard_context
         context = dashboard_context(self, store, snap, event, now)
         nonce = secrets.token_urlsafe(16)
-        html = self._templates.get_template("dashboard.html").render(**context, nonce=nonce)
+        html = self._dashboard.render(**context, nonce=nonce)
         csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                f"script-src 'nonce-{nonce}'; connect-src 'self'; base-uri 'none'; "
                "form-action 'none'; frame-ancestors 'none'")

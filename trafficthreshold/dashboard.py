@@ -44,7 +44,7 @@ def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event:
         top = store.top_accounts(event, first, TOP_ACCOUNTS)
     current = total_key["current_minute"] if total_key else 0
     throttle = snap.throttle if snap else None
-    labels = [_hhmm(m, app.tz) for m in range(first, minute + 1)]
+    labels = [_hhmm(m, store.tz) for m in range(first, minute + 1)]
     known = {e["event"] for e in snap.keys} if snap else set(store.events())
     # The overflow key's event (~any) is internal: listed only when chosen.
     events = sorted({e for e in known if not e.startswith("~")} | {event},
@@ -56,7 +56,7 @@ def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event:
         "installed": snap is not None,
         "key": f"{app.config.key:#x}",
         "backend": app.config.backend,
-        "now_text": _local(now, app.tz).strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "now_text": _local(now, store.tz).strftime("%Y-%m-%d %H:%M:%S %Z"),
         "current_minute": current,
         "last_60s": total_key["last_60s"] if total_key else 0,
         "last_hour": sum(minutes) + current,
@@ -64,13 +64,13 @@ def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event:
         "level_class": _level_class(throttle["level"] if throttle else 0),
         "chart": bar_chart(minutes, current, labels, throttle["multiplier"] if throttle else None),
         "top": _top_rows(top),
-        "alerts": _alert_rows(app, snap),
+        "alerts": _alert_rows(app, snap, store.tz),
         "supervisor": snap.supervisor if snap else None,
         "segment": snap.segment if snap else None,
         "last_roll": _ago(store.last_roll_at(), now),
-        "closed_through": (_hhmm(c, app.tz) if (c := store.closed_through()) is not None
+        "closed_through": (_hhmm(c, store.tz) if (c := store.closed_through()) is not None
                            else None),
-        "gaps": len(store.gaps()),
+        "gaps": store.gap_count(),
         "refresh": REFRESH_S,
     }
 
@@ -136,7 +136,7 @@ def _minutes_from_store(store: Store, event: str, first: int, last: int) -> list
     return counts
 
 
-def _alert_rows(app: StatsApp, snap: Snapshot | None) -> list[dict[str, Any]]:
+def _alert_rows(app: StatsApp, snap: Snapshot | None, tz: ZoneInfo) -> list[dict[str, Any]]:
     state = app.alert_state()
     episodes = state.episodes if state is not None else {}
     live = {(e["account"], e["event"]): e for e in snap.keys} if snap else {}
@@ -151,7 +151,7 @@ def _alert_rows(app: StatsApp, snap: Snapshot | None) -> list[dict[str, Any]]:
             "name": rule.name, "account": rule.account, "event": rule.event,
             "window": rule.window, "threshold": rule.threshold, "count": count,
             "firing": episode is not None,
-            "since": _hhmm(episode.start_minute, app.tz) if episode else None,
+            "since": _hhmm(episode.start_minute, tz) if episode else None,
             "peak": episode.peak if episode else None,
         })
     return rows

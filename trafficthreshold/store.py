@@ -418,6 +418,10 @@ class Store:
                 (first_minute, last_minute, reason, now),
             )
 
+    def gap_count(self) -> int:
+        """How many gaps were recorded (the table is never pruned)."""
+        return self._conn.execute("SELECT COUNT(*) FROM gaps").fetchone()[0]
+
     def gaps(self) -> list[dict[str, Any]]:
         """Every recorded gap, oldest first, as dicts with the column names."""
         rows = self._conn.execute(
