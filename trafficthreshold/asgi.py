@@ -55,9 +55,10 @@ def scope_host(scope: Scope) -> Optional[bytes]:
 
 
 def _content_type(headers: Any) -> str:
+    """The media type of an ASGI response (:func:`pageviews.media_type`)."""
     for name, value in headers or ():
         if name.lower() == b"content-type":
-            return value.decode("latin-1").partition(";")[0].strip().lower()
+            return pageviews.media_type(value.decode("latin-1"))
     return ""
 
 
