@@ -19,8 +19,10 @@ NAME_RULES = ("at most {0} UTF-8 bytes, no control characters, no '/', no leadin
               "(except the overflow key ~overflow/~any); other names are 404")
 
 
-def _name_param(name: str, max_bytes: int, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True,
+def _name_param(name: str, max_bytes: int, description: str,
+                where: str = "path") -> dict[str, Any]:
+    """An account or event name, in the path (required) or the query."""
+    return {"name": name, "in": where, "required": where == "path",
             "description": f"{description}: {NAME_RULES.format(max_bytes)}",
             "schema": {"type": "string", "minLength": 1, "maxLength": max_bytes}}
 
@@ -59,12 +61,6 @@ def _plain_operation(summary: str, op_id: str, content_type: str, schema: dict[s
                  **(extra or {}), "default": _error_ref("an error")}
     return {"get": {"summary": summary, "operationId": op_id, "parameters": params or [],
                     "responses": responses}}
-
-
-def _query_param(name: str, max_bytes: int, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False,
-            "description": f"{description}: {NAME_RULES.format(max_bytes)}",
-            "schema": {"type": "string", "minLength": 1, "maxLength": max_bytes}}
 
 
 def openapi_document() -> dict[str, Any]:
@@ -128,8 +124,8 @@ def openapi_document() -> dict[str, Any]:
     paths["/api/stats/live"] = _plain_operation(
         "The segment now: current minute, sliding 60 s, last 60 minutes per key",
         "live", JSON_TYPE, {"$ref": "#/components/schemas/Live"},
-        [_query_param("account", names.ACCOUNT_MAX, "only this account"),
-         _query_param("event", names.EVENT_MAX, "only this event")],
+        [_name_param("account", names.ACCOUNT_MAX, "only this account", "query"),
+         _name_param("event", names.EVENT_MAX, "only this event", "query")],
         {"404": _error_ref("a name is not valid (no key can have it)"),
          "503": _error_ref("no segment is installed: run `trafficthreshold install`")})
     paths["/metrics"] = _plain_operation("Prometheus metrics (text format 0.0.4)", "metrics",
@@ -138,7 +134,8 @@ def openapi_document() -> dict[str, Any]:
                                                   {"type": "object"})
     paths["/"] = _plain_operation(
         "The dashboard", "dashboard", "text/html", {"type": "string"},
-        [_query_param("event", names.EVENT_MAX, "the event to show (default pageview)")],
+        [_name_param("event", names.EVENT_MAX, "the event to show (default pageview)",
+                     "query")],
         {"404": _error_ref("the event name is not valid")})
     return {
         "openapi": "3.0.3",
