@@ -189,8 +189,7 @@ typedef struct {
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
-    int level_sec_valid;
-    int64_t level_sec;        /* second of the cached throttle level */
+    int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
     /* The bucket indices of the second last counted, so the hot path does
      * no 64-bit division while the second does not change.  cur_second 0 =
@@ -631,7 +630,7 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
         c->fixed_stripe = 0;
         choose_stripe(c);
     }
-    c->level_sec_valid = 0;
+    c->level_sec = -1;
     return 0;
 }
 
@@ -833,15 +832,21 @@ static inline void set_clock(Counter *c, uint64_t second)
     c->cur_sec_idx = (uint32_t)(second % c->seconds);
 }
 
-/* Adds n to this process's stripe of `slot`, in the minute and second
- * buckets of cur_second.  Lock-free unless a bucket rolls over.  Returns
+/* A forked child takes its own stripe (choose_stripe), once, at its first
+ * hit or look at the stripe after the fork. */
+static inline void own_stripe(Counter *c)
+{
+    if (!c->fixed_stripe && c->fork_gen != fork_generation)
+        choose_stripe(c);
+}
+
+/* Adds n to this process's stripe of `slot` (own_stripe() was called), in
+ * the minute and second buckets of cur_second.  Lock-free unless a bucket rolls over.  Returns
  * non-zero when an addition was dropped. */
 static int add_slot(Counter *c, uint32_t slot, uint64_t n)
 {
     bucket_t *b;
     int dropped;
-    if (!c->fixed_stripe && c->fork_gen != fork_generation)
-        choose_stripe(c);  /* a forked child takes its own stripe */
     b = stripe_buckets(c, slot, c->stripe);
     dropped = add_bucket(c, b + c->cur_min_idx, c->cur_minute, n);
     dropped |= add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second, n);
@@ -952,6 +957,7 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
         return -1;
     if (second != c->cur_second)
         set_clock(c, second);
+    own_stripe(c);
     dropped = add_slot(c, (uint32_t)all_slot, n);
     if (account != Py_None) {
         if (slot == OVERFLOW_SLOT)
@@ -1128,14 +1134,15 @@ static uint64_t window_count(Counter *c, uint32_t slot, int window, double t)
 
 /* The throttle level: the supervisor's (if its heartbeat is fresh) or the
  * live level of the window, whichever is higher, so workers see a rise at
- * once.  Cached per second: a second call in the same second costs two
- * loads. */
-static int level_of(Counter *c, double t)
+ * once.  With `use_cache` (the real clock) it is cached per second: a
+ * second call in the same second costs two loads.  A driven clock (a `now`
+ * argument) neither reads nor fills the cache. */
+static int level_of(Counter *c, double t, int use_cache)
 {
     int64_t second = (int64_t)t;
     uint32_t mult, lvl = 0, slot;
-    uint64_t hb, hits;
-    if (c->level_sec_valid && c->level_sec == second)
+    uint64_t hb, hits, live;
+    if (use_cache && c->level_sec == second)
         return c->level_cached;
     mult = header_u32(c, H_THROTTLE_MULTIPLIER);
     hb = __atomic_load_n(U64(c->base, H_HEARTBEAT_MS), __ATOMIC_ACQUIRE);
@@ -1146,13 +1153,15 @@ static int level_of(Counter *c, double t)
      * corrupted one must not send the read past the mapping. */
     hits = slot < c->key_capacity
            ? window_count(c, slot, (int)header_u32(c, H_THROTTLE_WINDOW), t) : 0;
-    if (mult > 0 && hits / mult > lvl)
-        lvl = hits / mult > 5 ? 5 : (uint32_t)(hits / mult);
+    live = mult > 0 ? hits / mult : 0;
+    if (live > lvl)
+        lvl = live > 5 ? 5 : (uint32_t)live;
     if (lvl > 5)
         lvl = 5;
-    c->level_sec = second;
-    c->level_sec_valid = 1;
-    c->level_cached = (int)lvl;
+    if (use_cache) {
+        c->level_sec = second;
+        c->level_cached = (int)lvl;
+    }
     return (int)lvl;
 }
 
@@ -1173,8 +1182,7 @@ static PyObject *Counter_level(Counter *c, PyObject *const *args, Py_ssize_t nar
         return NULL;
     if ((t = parse_now(nargs > 0 ? args[0] : NULL)) < 0)
         return NULL;
-    c->level_sec_valid = 0;
-    return PyLong_FromLong(level_of(c, t));
+    return PyLong_FromLong(level_of(c, t, 0));
 }
 
 /* throttle_status(now=None) -> int 0..5; 0 when no segment is installed. */
@@ -1189,9 +1197,7 @@ static PyObject *mod_throttle_status(PyObject *self, PyObject *const *args, Py_s
             return NULL;
         return PyLong_FromLong(0);
     }
-    if (nargs > 0 && args[0] != Py_None)
-        c->level_sec_valid = 0;  /* a driven clock: do not trust the cache */
-    return PyLong_FromLong(level_of(c, t));
+    return PyLong_FromLong(level_of(c, t, nargs == 0 || args[0] == Py_None));
 }
 
 /* Counter.find(account, event) -> slot or None.  Never creates a key.
@@ -1335,7 +1341,7 @@ static PyObject *Counter_store(Counter *c, PyObject *args)
         __atomic_store_n(U32(c->base, off), (uint32_t)v, __ATOMIC_RELEASE);
     else
         __atomic_store_n(U64(c->base, off), (uint64_t)v, __ATOMIC_RELEASE);
-    c->level_sec_valid = 0;
+    c->level_sec = -1;  /* the level or its settings may have changed */
     Py_RETURN_NONE;
 }
 
@@ -1374,8 +1380,8 @@ static PyObject *Counter_detach(Counter *c, PyObject *unused)
 
 static PyObject *Counter_get_stripe(Counter *c, void *closure)
 {
-    if (!c->fixed_stripe && c->fork_gen != fork_generation && c->base != NULL)
-        choose_stripe(c);
+    if (c->base != NULL)
+        own_stripe(c);
     return PyLong_FromUnsignedLong(c->stripe);
 }
 
