@@ -97,12 +97,9 @@ class Roller:
         if span is None:
             return 0
         first, last = span
-        items = self.snapshot(first, last)
-        totals = [item for item in items if item[0] == names.ALL]
-        accounts = [item for item in items if item[0] != names.ALL]
-        with self.store.transaction():  # both halves, and the mark, or nothing
-            added = self.store.roll(totals, now)
-            self.store.roll(accounts, now, closed_through=int(now // 60) - 1)
+        deltas = self.store.roll_deltas(self.snapshot(first, last), now,
+                                        closed_through=int(now // 60) - 1)
+        added = sum(n for (account, _event, _minute), n in deltas.items() if account == names.ALL)
         if added:
             log.debug("rolled minutes %d..%d: %d hits", first, last, added)
         return added

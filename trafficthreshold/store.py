@@ -308,8 +308,18 @@ class Store:
         *,
         closed_through: int | None = None,
     ) -> int:
-        """Add what is new in a snapshot of cumulative counts; return the
-        total added.
+        """:meth:`roll_deltas`, and return the total added."""
+        return sum(self.roll_deltas(items, now, closed_through=closed_through).values())
+
+    def roll_deltas(
+        self,
+        items: Iterable[RollItem],
+        now: float,
+        *,
+        closed_through: int | None = None,
+    ) -> dict[KeyMinute, int]:
+        """Add what is new in a snapshot of cumulative counts; return what
+        was added, per (account, event, epoch_minute) that grew.
 
         ``items`` holds ``(account, event, epoch_minute, observed)`` where
         ``observed`` is the *current cumulative* count of that key-minute.
@@ -328,9 +338,8 @@ class Store:
             self._set_meta("last_roll_at", float(now))
             if closed_through is not None:
                 self.set_closed_through(closed_through)
-        total = sum(deltas.values())
-        log.debug("rolled %d key-minutes, %d new hits", len(deltas), total)
-        return total
+        log.debug("rolled %d key-minutes, %d new hits", len(deltas), sum(deltas.values()))
+        return dict(deltas)
 
     def _deltas(
         self, items: Iterable[RollItem], floor: int | None
