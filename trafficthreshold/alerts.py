@@ -48,9 +48,6 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 log = logging.getLogger("trafficthreshold.alerts")
 
-#: The two count windows a rule can watch (same names as ``[throttle] window``).
-WINDOWS = ("minute", "60s")
-
 #: Length of the sliding window of the mail cap, in seconds.
 CAP_WINDOW = 3600.0
 

@@ -5,6 +5,7 @@ with the library's message, which already says what to do.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -43,13 +44,8 @@ def _load(ctx: click.Context) -> configuration.Config:
     if "config" not in obj:
         cfg = configuration.load(obj.get("config_path"))
         overrides = {k: obj[k] for k in ("key", "backend") if obj.get(k) is not None}
-        obj["config"] = cfg if not overrides else _replace(cfg, **overrides)
+        obj["config"] = cfg if not overrides else dataclasses.replace(cfg, **overrides)
     return obj["config"]
-
-
-def _replace(cfg: configuration.Config, **changes: Any) -> configuration.Config:
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
 
 
 def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -90,8 +90,7 @@ def one_line(text: str) -> str:
     This is what keeps a template or an account name such as
     ``"x\\r\\nBcc: evil@x"`` from starting a new header line.
     """
-    printable = "".join(ch if ch.isprintable() else " " for ch in text)
-    return " ".join(printable.split())
+    return " ".join(no_controls(text).split())
 
 
 def no_controls(value: Any) -> Any:

@@ -38,10 +38,6 @@ PRUNE_EVERY = 3600.0
 TOP_ACCOUNTS = 5
 
 
-def _slot_window(window: str) -> int:
-    return segment.WINDOWS[window]
-
-
 class Supervisor:
     """The daemon's state; see the module docstring."""
 
@@ -212,7 +208,7 @@ class Supervisor:
         """Step the level; return the window count."""
         t = self.config.throttle
         slot = self.counter.load(segment.H_THROTTLE_SLOT, 4)
-        hits = self.counter.count(slot, _slot_window(t.window), now)
+        hits = self.counter.count(slot, segment.WINDOWS[t.window], now)
         state, message = throttle.step(self.throttle_state, hits, now, t.policy, t.multiplier,
                                        t.cooldown, t.cron_test)
         if message:
@@ -229,7 +225,7 @@ class Supervisor:
 
     def _count(self, account: str, event: str, window: str, now: float) -> int:
         slot = self.counter.find(None if account == names.ALL else account, event)
-        return 0 if slot is None else self.counter.count(slot, _slot_window(window), now)
+        return 0 if slot is None else self.counter.count(slot, segment.WINDOWS[window], now)
 
     def _alerts(self, now: float) -> None:
         rules = self.config.alerts

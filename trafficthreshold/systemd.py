@@ -76,20 +76,23 @@ def _checked(path: str) -> str:
     return path
 
 
+def _quoted(word: str) -> str:
+    """``word`` in double quotes, C-escaped, if systemd would split or
+    unescape it (whitespace, quotes, backslashes); else as it is."""
+    if re.search(r'[\s"\'\\]', word):
+        return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
 def _exec_word(path: str) -> str:
     """Escape ``path`` as the program of an ``Exec*=`` line."""
-    word = path.replace("%", "%%").replace("$", "$$")
-    if re.search(r'[\s"\'\\]', word):
-        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return word
+    return _quoted(path.replace("%", "%%").replace("$", "$$"))
 
 
 def _environment_line(line: str, config_path: str) -> str:
     """Rewrite ``Environment=TRAFFICTHRESHOLD_CONFIG=...`` for ``config_path``."""
     if "TRAFFICTHRESHOLD_CONFIG=" not in line:
         return line
-    value = config_path.replace("%", "%%")
-    assignment = f"TRAFFICTHRESHOLD_CONFIG={value}"
-    if re.search(r'[\s"\'\\]', value):
-        assignment = '"' + assignment.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # Quoted whole, as systemd reads it (the name part needs no quoting).
+    assignment = _quoted("TRAFFICTHRESHOLD_CONFIG=" + config_path.replace("%", "%%"))
     return f"Environment={assignment}\n"
