@@ -38,6 +38,17 @@ PRUNE_EVERY = 3600.0
 TOP_ACCOUNTS = 5
 
 
+#: What happens after each guarded step failed (nothing is lost: the ring
+#: and the queue keep what was not done).
+_RETRIED = {
+    "roll-up": "the next minute's roll-up catches up",
+    "alerts": "tried again at the next tick",
+    "prune": "tried again within the hour",
+    "final roll-up": "the next start catches up from the ring",
+    "final mail delivery": "the mails stay queued for the next start",
+}
+
+
 class Supervisor:
     """The daemon's state; see the module docstring."""
 
@@ -180,7 +191,7 @@ class Supervisor:
         try:
             return fn(*args)
         except Exception:  # noqa: BLE001 - the daemon must keep counting
-            log.exception("%s failed; retrying on the next tick", what)
+            log.exception("%s failed; %s", what, _RETRIED[what])
             return None
 
     def _segment_live(self) -> bool:
