@@ -113,6 +113,17 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def read_state(conn: sqlite3.Connection) -> AlertState | None:
+    """The saved :class:`AlertState` through any connection to the file
+    (read-only is enough): an empty one if none was saved yet, None if the
+    alert tables do not exist (the daemon never ran alerts)."""
+    try:
+        row = conn.execute("SELECT value FROM alert_state WHERE key = 'engine'").fetchone()
+    except sqlite3.OperationalError:
+        return None  # no such table
+    return AlertState() if row is None else alerts.state_from_json(json.loads(row[0]))
+
+
 class AlertStore:
     """The alert_* tables of one database file.  One instance per thread."""
 
@@ -173,8 +184,8 @@ class AlertStore:
 
     def load_state(self) -> AlertState:
         """The last saved :class:`AlertState` (an empty one the first time)."""
-        row = self._conn.execute("SELECT value FROM alert_state WHERE key = 'engine'").fetchone()
-        return alerts.state_from_json(json.loads(row["value"])) if row else AlertState()
+        state = read_state(self._conn)  # the tables exist: _migrate made them
+        return AlertState() if state is None else state
 
     def save(
         self,

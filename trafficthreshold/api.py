@@ -48,7 +48,7 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, metrics, names, segment
+from trafficthreshold import alerts, alertstore, metrics, names, segment
 from trafficthreshold.config import Config
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
 from trafficthreshold.periods import ImpossiblePeriod
@@ -301,12 +301,7 @@ class StatsApp:
 
     def alert_state(self) -> alerts.AlertState | None:
         """The saved alert state, or None if the alert tables do not exist."""
-        conn = self._reader()
-        try:
-            row = conn.execute("SELECT value FROM alert_state WHERE key = 'engine'").fetchone()
-        except sqlite3.OperationalError:
-            return None  # no such table: the daemon never ran alerts
-        return alerts.AlertState() if row is None else alerts.state_from_json(json.loads(row[0]))
+        return alertstore.read_state(self._reader())
 
     # ----------------------------------------------------------------- track
 
