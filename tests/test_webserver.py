@@ -30,6 +30,11 @@ def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [body]
 
 
+def open_fds() -> int:
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
 def get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read()
@@ -130,10 +135,6 @@ def test_stop_with_a_request_in_flight() -> None:
 
 
 def test_start_stop_cycles_leave_no_descriptors_behind() -> None:
-    def open_fds() -> int:
-        gc.collect()
-        return len(os.listdir("/proc/self/fd"))
-
     with webserver.start(hello, "127.0.0.1:0") as warm:
         get(warm.url)
     before = open_fds()
@@ -147,10 +148,6 @@ def test_start_stop_cycles_leave_no_descriptors_behind() -> None:
 def test_stop_after_the_loop_died_closes_everything(caplog, monkeypatch) -> None:
     """The event loop ending on an error leaves its listening socket and
     worker threads; stop() still closes them, and the port is free again."""
-    def open_fds() -> int:
-        gc.collect()
-        return len(os.listdir("/proc/self/fd"))
-
     with webserver.start(hello, "127.0.0.1:0") as warm:
         get(warm.url)
     before = open_fds()
