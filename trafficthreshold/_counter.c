@@ -50,7 +50,10 @@
  *   136  u64 overflow_hits    hits that went to the overflow key
  *   144  u64 dropped_hits     hits dropped (semaphore timeout, stale time)
  *   152  u64 attaches         processes that attached, ever
- *   160..4095 reserved, zero
+ *   160  u64 instance         a random non-zero id drawn at each install: the
+ *                              store keys its watermarks by it, so a segment
+ *                              re-installed in the same minute starts afresh
+ *   168..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
  * open-addressing hash table with linear probing, append-only:
@@ -149,6 +152,7 @@
 #define H_OVERFLOW_HITS 136
 #define H_DROPPED_HITS 144
 #define H_ATTACHES 152
+#define H_INSTANCE 160
 
 /* Index entry offsets. */
 #define E_STATE 0
@@ -1565,7 +1569,7 @@ static int add_layout(PyObject *m)
     L("H_KEYS_USED", H_KEYS_USED); L("H_NEXT_STRIPE", H_NEXT_STRIPE);
     L("H_OVERFLOW_HITS", H_OVERFLOW_HITS); L("H_DROPPED_HITS", H_DROPPED_HITS);
     L("H_ATTACHES", H_ATTACHES);
-    L("H_THROTTLE_SINCE_MS", H_THROTTLE_SINCE_MS);
+    L("H_THROTTLE_SINCE_MS", H_THROTTLE_SINCE_MS); L("H_INSTANCE", H_INSTANCE);
     L("E_STATE", E_STATE); L("E_SLOT", E_SLOT); L("E_HASH", E_HASH);
     L("E_ACCOUNT_LEN", E_ACCOUNT_LEN); L("E_EVENT_LEN", E_EVENT_LEN);
     L("E_ACCOUNT", E_ACCOUNT); L("E_EVENT", E_EVENT);

@@ -81,6 +81,7 @@ H_NEXT_STRIPE = 132
 H_OVERFLOW_HITS = 136
 H_DROPPED_HITS = 144
 H_ATTACHES = 152
+H_INSTANCE = 160
 
 # Index entry offsets.
 E_STATE = 0
@@ -117,7 +118,7 @@ HEADER_FIELDS = {
     "lock_owner_pid": (H_LOCK_OWNER_PID, 4), "throttle_since_ms": (H_THROTTLE_SINCE_MS, 8),
     "keys_used": (H_KEYS_USED, 4),
     "overflow_hits": (H_OVERFLOW_HITS, 8), "dropped_hits": (H_DROPPED_HITS, 8),
-    "attaches": (H_ATTACHES, 8),
+    "attaches": (H_ATTACHES, 8), "instance": (H_INSTANCE, 8),
 }
 
 
@@ -370,6 +371,8 @@ def _format(raw: _Raw, geo: Geometry, multiplier: int, window: str, now: float) 
     raw.put("=QQQQ", H_INDEX_OFFSET, geo.index_offset, geo.slots_offset,
             geo.total_size, int(now))
     raw.put("=III", H_THROTTLE_MULTIPLIER, multiplier, WINDOWS[window], 0)
+    # A fresh id per install: watermarks are keyed by it (docs/store.rst).
+    raw.put("=Q", H_INSTANCE, int.from_bytes(os.urandom(8), "little") | 1)
     _add_key(raw, geo, names.OVERFLOW_ACCOUNT, names.OVERFLOW_EVENT)
     throttle_slot = _add_key(raw, geo, names.ALL, names.DEFAULT_EVENT)
     raw.put("=I", H_THROTTLE_SLOT, throttle_slot)
