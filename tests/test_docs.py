@@ -31,6 +31,16 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert tests in ci
 
 
+def test_ci_runs_the_test_command_in_a_fresh_venv():
+    """CI must see what a new user sees: the library versions a brand-new
+    virtual environment gets today, not the machine's older ones."""
+    _, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    made = next(i for i, line in enumerate(ci) if "python3 -m venv" in line)
+    activated = next(i for i, line in enumerate(ci) if "/bin/activate" in line)
+    assert made < activated < ci.index(tests)
+
+
 def test_every_cli_command_is_in_the_readme():
     readme = (ROOT / "README.rst").read_text()
     for name, command in main.commands.items():
