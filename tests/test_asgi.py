@@ -64,6 +64,10 @@ def test_counts_an_html_page_by_host(worker_api):
 
 @pytest.mark.parametrize("scope, status, headers", [
     ({"method": "POST"}, 200, HTML),
+    ({"method": "HEAD"}, 200, HTML),
+    ({}, 301, HTML),
+    ({}, 302, HTML),
+    ({"headers": [(b"host", b"site-a.example")]}, 304, []),  # no Accept: not a page load
     ({}, 404, HTML),
     ({}, 500, HTML),
     ({}, 200, [(b"content-type", b"application/json")]),
@@ -78,12 +82,15 @@ def test_not_page_views(worker_api, scope, status, headers):
 
 
 @pytest.mark.parametrize("scope, status, headers", [
-    ({"method": "HEAD"}, 200, HTML),
-    ({}, 301, HTML),
+    ({}, 304, HTML),
+    ({}, 304, []),  # with the Accept of a browser below
+    ({}, 204, HTML),
     ({}, 200, [(b"Content-Type", b"application/xhtml+xml")]),
 ])
 def test_page_views(worker_api, scope, status, headers):
-    call(TrafficThreshold(answering(status, headers)), http_scope(**scope))
+    scope = http_scope(**scope)
+    scope["headers"] = [(b"accept", b"text/html,*/*;q=0.8")] + scope["headers"][1:]
+    call(TrafficThreshold(answering(status, headers)), scope)
     assert total() == 1
 
 
@@ -205,7 +212,7 @@ def test_account_callable_receives_the_scope(worker_api):
 
 
 def test_invalid_or_missing_host_counts_in_the_total(worker_api, caplog):
-    mw = TrafficThreshold(answering(), account="host")
+    mw = TrafficThreshold(answering(), account="host", allowed_hosts=["*"])
     with caplog.at_level(logging.WARNING, "trafficthreshold"):
         call(mw, http_scope(host=b"a/b"))
         call(mw, http_scope(host=b"a/b"))
@@ -235,7 +242,7 @@ def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog):
     def explode(*args):
         raise RuntimeError("segment on fire")
 
-    mw = TrafficThreshold(answering(), account="host")
+    mw = TrafficThreshold(answering(), account="host", allowed_hosts=["*"])
     monkeypatch.setattr(pageviews, "_hit", explode)
     monkeypatch.setattr(pageviews, "_throttle_status", explode)
     monkeypatch.setattr(asgi, "_throttle_status", explode)
@@ -251,6 +258,38 @@ def test_bad_options_raise_at_start_up():
         TrafficThreshold(answering(), event="~x")
     with pytest.raises(TypeError):
         TrafficThreshold(answering(), count_if=1)
+    with pytest.raises(TypeError, match="single string"):
+        TrafficThreshold(answering(), account="host", allowed_hosts="example.com")
+
+
+def test_allowed_hosts(worker_api, caplog):
+    mw = TrafficThreshold(answering(), account="host", allowed_hosts=[".site-a.example"])
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        for host in (b"Site-A.example.:8000", b"www.site-a.example", b"made-up.example",
+                     b"made-up.example", b"other.example"):
+            call(mw, http_scope(host=host))
+    keys = {name for _, name, _ in trafficthreshold._counter._ensure().keys()}
+    assert keys == {"~overflow", "all", "site-a.example", "www.site-a.example"}
+    assert total() == 5
+    assert len(caplog.records) == 1 and "not in allowed_hosts" in caplog.text
+
+
+def test_an_app_failing_before_its_response_starts_is_not_counted(worker_api):
+    """An error handler (Starlette's ServerErrorMiddleware) answers 500 for
+    an exception raised before http.response.start: the 500 decides.  (ASGI
+    cannot restart a response: once http.response.start is sent, it is
+    final; the count follows it.)"""
+    async def failing(scope, receive, send):
+        raise RuntimeError("the view failed")
+
+    async def error_handler(scope, receive, send):
+        try:
+            await failing(scope, receive, send)
+        except RuntimeError:
+            await answering(500)(scope, receive, send)
+
+    sent = call(TrafficThreshold(error_handler), http_scope())
+    assert sent[0]["status"] == 500 and total() == 0
 
 
 # ------------------------------------------------------- a real uvicorn
@@ -271,9 +310,13 @@ def test_exact_under_uvicorn(installed, tmp_path):
                                    keep_alive=False)
         last = harness.epoch_minute()
         assert result.failed == 0, result
+        # HTML 2xx received: 400 GET pages and 25 HEAD (not page views)
         assert result.sent == 500 and result.pages == 425
-        assert harness.segment_count(key, backend, first, last) == result.pages
-        assert harness.segment_count(key, backend, first, last, "site-a.example") == result.pages
+        heads = sum(harness.plan(i)[0] == "HEAD" for i in range(500))
+        assert heads == 25
+        assert harness.segment_count(key, backend, first, last) == result.pages - heads
+        assert harness.segment_count(key, backend, first, last,
+                                     "site-a.example") == result.pages - heads
         status, _, body = harness.get(server.port, "/stream")
         assert (status, body) == (200, b"<p>0</p><p>1</p><p>2</p>")
     finally:
