@@ -7,8 +7,10 @@ Requests/s on a 2-CPU machine swing by several percent from run to run
 sync gunicorn worker runs under ``valgrind --tool=callgrind``, serves N and
 then 3N requests of tests/apps/hello.py, and the difference divided by 2N
 is the instructions per request, start-up cancelled.  Done for the bare
-app, the middleware with its defaults (the total only) and with
-``account="host"`` (two keys per hit).  PYTHONHASHSEED is fixed, so reruns
+app, the middleware with its defaults (the total only), with
+``account="host"`` (two keys per hit), and with ``account="host"`` and an
+``allowed_hosts`` list (tests/apps/hello_hosts.py; the request's host is in
+it).  PYTHONHASHSEED is fixed, so reruns
 agree.  Needs valgrind (Debian: ``apt-get install valgrind``).
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ from trafficthreshold import segment
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 VARIANTS = (("bare", "apps.hello:raw_app", ""),
             ("middleware, defaults", "apps.hello:app", ""),
-            ('middleware, account="host"', "apps.hello:app", "host"))
+            ('middleware, account="host"', "apps.hello:app", "host"),
+            ("host + allowed_hosts", "apps.hello_hosts:app", "host"))
 
 
 def free_port() -> int:

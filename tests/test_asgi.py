@@ -10,7 +10,7 @@ import logging
 import pytest
 
 import trafficthreshold
-from trafficthreshold import asgi, pageviews
+from trafficthreshold import asgi, pageviews, segment
 from trafficthreshold.asgi import TrafficThreshold
 
 from apps import harness
@@ -321,3 +321,59 @@ def test_exact_under_uvicorn(installed, tmp_path):
         assert (status, body) == (200, b"<p>0</p><p>1</p><p>2</p>")
     finally:
         server.stop()
+
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+#: (method, path, Host, Accept, status, the account counted: None for the
+#: total only, False for not counted).
+CASES = [
+    ("GET", "/", "site-a.example", None, 200, "site-a.example"),
+    ("GET", "/", "Site-A.Example.", None, 200, "site-a.example"),
+    ("HEAD", "/", "site-a.example", None, 200, False),
+    ("GET", "/?status=302", "site-a.example", BROWSER, 302, False),
+    ("GET", "/?status=304&type=none", "site-a.example", BROWSER, 304, "site-a.example"),
+    ("GET", "/?status=304&type=none", "site-a.example", "*/*", 304, False),
+    ("GET", "/?status=500", "site-a.example", None, 500, False),
+    ("GET", "/", "Shop.Site-B.example", None, 200, "shop.site-b.example"),
+    ("GET", "/", "made-up.example", None, 200, None),
+]
+
+
+def test_what_counts_under_uvicorn(installed, tmp_path):
+    """The rule's cases through a real uvicorn serving
+    tests/apps/rules_app.py's ASGI application (account="host",
+    allowed_hosts site-a.example and .site-b.example)."""
+    import http.client
+
+    key, backend = installed
+    env = harness.server_env(key, backend)
+    server = harness.uvicorn("apps.rules_app:asgi_app", env, tmp_path / "uvicorn.log",
+                             port=harness.free_port(), workers=1)
+    statuses = []
+    try:
+        server.wait_ready(path="/?type=text/plain")
+        first = harness.epoch_minute()
+        for method, path, host, accept, _, _ in CASES:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            headers = {"Host": f"{host}:{server.port}", "Connection": "close"}
+            if accept:
+                headers["Accept"] = accept
+            conn.request(method, path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            conn.close()
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    assert statuses == [case[4] for case in CASES]
+    accounts = [case[5] for case in CASES if case[5] is not False]
+    assert harness.segment_count(key, backend, first, last) == len(accounts)
+    for name in ("site-a.example", "shop.site-b.example"):
+        assert harness.segment_count(key, backend, first, last, name) == accounts.count(name)
+    counter = segment.attach(key, backend)
+    try:
+        names = {account for _, account, _ in counter.keys()}
+    finally:
+        counter.detach()
+    assert names == {"~overflow", "all", "site-a.example", "shop.site-b.example"}

@@ -159,6 +159,9 @@ def test_never_raises(worker_api, monkeypatch, caplog):
     ({"event": "a/b"}, "'/'"),
     ({"count_if": 3}, "callable"),
     (["host"], "must be a dict"),
+    ({"account": "host", "allowed_hosts": "example.com"}, "single string"),
+    ({"account": "host", "allowed_hosts": [""]}, "is empty"),
+    ({"allowed_hosts": ["example.com"]}, "account='host' only"),
 ])
 def test_bad_settings_are_improperly_configured(setting, message):
     with override_settings(TRAFFICTHRESHOLD=setting):
