@@ -624,20 +624,28 @@ def test_bad_options_raise_at_start_up(kwargs, error):
         TrafficThreshold(app_answering(), **kwargs)
 
 
+def generator_app(environ, start_response):
+    start_response("200 OK", HTML)
+    yield b"<p>hi</p>"
+
+
+@pytest.mark.parametrize("generator", [False, True])
 @pytest.mark.parametrize("path, method", [("/", "GET"), ("/", "HEAD"), ("/static/a.css", "GET"),
                                           ("/", "POST")])
-def test_wsgiref_validator_is_satisfied(worker_api, path, method):
+def test_wsgiref_validator_is_satisfied(worker_api, path, method, generator):
     """wsgiref.validate checks both sides: the middleware as an application
-    (inner validator) and as a server of the application (outer)."""
-    inner = wsgiref.validate.validator(app_answering())
+    (inner validator) and as a server of the application (outer); also
+    with a generator application (its body wrapped)."""
+    inner = wsgiref.validate.validator(generator_app if generator else app_answering())
     app = wsgiref.validate.validator(TrafficThreshold(inner))
     env = environ(path, method)
     env.pop("HTTP_HOST")
     server = Server()
     result = app(env, server.start_response)
-    list(result)
+    assert list(result) == [b"<p>hi</p>"]
     result.close()
     assert server.calls[0][0] == "200 OK"
+    assert total() == (1 if (path, method) == ("/", "GET") else 0)
 
 
 # ------------------------------------------------------------------ Flask
