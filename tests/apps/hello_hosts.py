@@ -1,7 +1,7 @@
 """tests/apps/hello.py's application wrapped with ``account="host"`` and an
 allow-list (``allowed_hosts`` from ``TT_TEST_ALLOWED_HOSTS``, comma-separated;
 unset: ``site.example,.example.org``), as docs/webapps.rst recommends; for
-benchmarks/bench_middleware_instructions.py::
+benchmarks/bench_middleware_instructions.py (``--allowed-hosts``)::
 
     gunicorn --chdir tests apps.hello_hosts:app
 """
