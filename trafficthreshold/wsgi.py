@@ -27,7 +27,9 @@ What it does per request:
   application that calls ``start_response`` only while its body is
   iterated (a generator), at its first non-empty chunk, or at the end of an
   empty body.  At most once per request; an application that raises is
-  not counted (the server answers 500).
+  not counted (the server answers 500).  (A restart while the body of an
+  application that started its response in its call is iterated comes
+  after the decision: the status at its return counts.)
 
 It never changes the response: the status, the headers, the body iterable
 (returned as it is, so ``close()``, ``wsgi.file_wrapper`` and streaming
