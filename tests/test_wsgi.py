@@ -681,3 +681,30 @@ def test_flask_reads_the_level(flask_client):
     trafficthreshold.hit(n=200)
     page = flask_client.get("/")
     assert b"level 3" in page.data and b"optional block" not in page.data
+
+
+def test_a_restart_while_a_started_body_is_iterated_comes_after_the_decision(worker_api):
+    """The documented limit: an application that started its response in
+    its call is decided at its return; a later exc_info restart, while the
+    server iterates its body, is passed on but does not change the count."""
+    class Restarting:
+        def __init__(self, start_response):
+            self.start_response = start_response
+
+        def __iter__(self):
+            try:
+                raise RuntimeError("late failure")
+            except RuntimeError:
+                self.start_response("500 Internal Server Error", HTML, sys.exc_info())
+            yield b"<p>error</p>"
+
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        return Restarting(start_response)
+
+    server = Server()
+    result = TrafficThreshold(app)(environ(), server.start_response)
+    assert total() == 1
+    assert list(result) == [b"<p>error</p>"]
+    assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
+    assert total() == 1
