@@ -9,7 +9,8 @@ Two measurements, in one run, on one machine:
 
 1. *In process*: the hello-world application of tests/apps/hello.py called
    directly (a dict environ, a no-op start_response), bare and wrapped by
-   :class:`trafficthreshold.wsgi.TrafficThreshold` with ``account="host"``:
+   :class:`trafficthreshold.wsgi.TrafficThreshold` with ``account="host"``
+   and ``allowed_hosts=["site-a.example"]``:
    ns per request for an HTML page (counted: the level, the start_response
    wrapper, the header scan, a hit on two keys) and for a static file
    (excluded before the application runs: the level only).  The difference
@@ -100,7 +101,7 @@ def ns_per_request(app, path: str, loops: int, repeats: int) -> float:
 
 def in_process(loops: int, repeats: int) -> dict[str, float]:
     from apps import hello  # after configure(): its middleware attaches at import
-    wrapped = TrafficThreshold(hello.raw_app, account="host")
+    wrapped = TrafficThreshold(hello.raw_app, account="host", allowed_hosts=["site-a.example"])
     return {
         "page, bare": ns_per_request(hello.raw_app, PAGE_PATH, loops, repeats),
         "page, wrapped (counted)": ns_per_request(wrapped, PAGE_PATH, loops, repeats),

@@ -8,7 +8,15 @@ sync gunicorn worker runs under ``valgrind --tool=callgrind``, serves N and
 then 3N requests of tests/apps/hello.py, and the difference divided by 2N
 is the instructions per request, start-up cancelled.  Done for the bare
 app, the middleware with its defaults (the total only) and with
-``account="host"`` (two keys per hit).  PYTHONHASHSEED is fixed, so reruns
+``account="host"`` (two keys per hit).
+
+``--allowed-hosts`` also measures what an ``allowed_hosts`` list costs:
+tests/apps/hello_hosts.py with ``allowed_hosts=["*"]`` (no list) against the
+same module with a list that has the request's host.  Same module on both
+sides, because two different application modules differ by a few thousand
+instructions per request whatever they do per request (a different heap:
+the garbage collector's passes fall differently within the measured
+requests).  PYTHONHASHSEED is fixed, so reruns
 agree.  Needs valgrind (Debian: ``apt-get install valgrind``).
 """
 from __future__ import annotations
@@ -30,9 +38,13 @@ from pathlib import Path
 from trafficthreshold import segment
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
-VARIANTS = (("bare", "apps.hello:raw_app", ""),
-            ("middleware, defaults", "apps.hello:app", ""),
-            ('middleware, account="host"', "apps.hello:app", "host"))
+#: (name, application, TT_TEST_ACCOUNT, TT_TEST_ALLOWED_HOSTS)
+VARIANTS = (("bare", "apps.hello:raw_app", "", ""),
+            ("middleware, defaults", "apps.hello:app", "", ""),
+            ('middleware, account="host"', "apps.hello:app", "host", ""))
+ALLOWED_VARIANTS = (('host, allowed_hosts=["*"]', "apps.hello_hosts:app", "host", "*"),
+                    ("host, allowed_hosts list", "apps.hello_hosts:app", "host",
+                     "site.example,.example.org"))
 
 
 def free_port() -> int:
@@ -41,12 +53,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_instructions(app: str, account: str, requests: int, key: int, tmp: str) -> int:
+def worker_instructions(app: str, account: str, requests: int, key: int, tmp: str,
+                        allowed: str = "") -> int:
     """Total instructions of the one worker after serving ``requests``."""
     port = free_port()
-    out = f"{tmp}/cg.{app.replace(':', '_')}.{account}.{requests}"
+    out = f"{tmp}/cg.{app.replace(':', '_')}.{account}.{len(allowed)}.{requests}"
     env = dict(os.environ, PYTHONHASHSEED="0", TRAFFICTHRESHOLD_KEY=str(key),
-               TT_TEST_ACCOUNT=account)
+               TT_TEST_ACCOUNT=account, TT_TEST_ALLOWED_HOSTS=allowed)
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "-q", f"--callgrind-out-file={out}.%p",
          sys.executable, "-m", "gunicorn", "--chdir", str(TESTS), "--bind",
@@ -85,6 +98,8 @@ def worker_instructions(app: str, account: str, requests: int, key: int, tmp: st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests, for CI")
+    parser.add_argument("--allowed-hosts", action="store_true",
+                        help="also measure an allowed_hosts list against no list")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind): nothing measured")
@@ -95,9 +110,10 @@ def main() -> int:
     per_request = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, app, account in VARIANTS:
-                low = worker_instructions(app, account, n, key, tmp)
-                high = worker_instructions(app, account, 3 * n, key, tmp)
+            for name, app, account, allowed in VARIANTS + (
+                    ALLOWED_VARIANTS if args.allowed_hosts else ()):
+                low = worker_instructions(app, account, n, key, tmp, allowed)
+                high = worker_instructions(app, account, 3 * n, key, tmp, allowed)
                 per_request[name] = (high - low) / (2 * n)
     finally:
         segment.uninstall(key, force=True)
@@ -107,8 +123,13 @@ def main() -> int:
         extra = "" if name == "bare" else \
             f"  +{value - bare:,.0f} = {100 * (value / bare - 1):+.2f} %"
         print(f"  {name:<30} {value:>10,.0f}{extra}")
+    if args.allowed_hosts:
+        (star, _, _, _), (listed, _, _, _) = ALLOWED_VARIANTS
+        delta = per_request[listed] - per_request[star]
+        print(f"the allowed_hosts list itself: {delta:+,.0f} instructions per request "
+              f"= {100 * delta / bare:+.2f} % (same module, list against no list)")
     verdicts = []
-    for name, _app, _account in VARIANTS[1:]:
+    for name, _app, _account, _allowed in VARIANTS[1:]:
         overhead = per_request[name] / bare - 1
         verdicts.append("PASS" if overhead < 0.02 else "FAIL")
         print(f"{verdicts[-1]}  {name} < 2 % of a hello-world request: {100 * overhead:.2f} %")

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 import trafficthreshold
-from trafficthreshold import asgi, pageviews
+from trafficthreshold import asgi, pageviews, segment
 from trafficthreshold.asgi import TrafficThreshold
 
 from apps import harness
@@ -64,6 +64,10 @@ def test_counts_an_html_page_by_host(worker_api):
 
 @pytest.mark.parametrize("scope, status, headers", [
     ({"method": "POST"}, 200, HTML),
+    ({"method": "HEAD"}, 200, HTML),
+    ({}, 301, HTML),
+    ({}, 302, HTML),
+    ({"headers": [(b"host", b"site-a.example")]}, 304, []),  # no Accept: not a page load
     ({}, 404, HTML),
     ({}, 500, HTML),
     ({}, 200, [(b"content-type", b"application/json")]),
@@ -78,12 +82,15 @@ def test_not_page_views(worker_api, scope, status, headers):
 
 
 @pytest.mark.parametrize("scope, status, headers", [
-    ({"method": "HEAD"}, 200, HTML),
-    ({}, 301, HTML),
+    ({}, 304, HTML),
+    ({}, 304, []),  # with the Accept of a browser below
+    ({}, 204, HTML),
     ({}, 200, [(b"Content-Type", b"application/xhtml+xml")]),
 ])
 def test_page_views(worker_api, scope, status, headers):
-    call(TrafficThreshold(answering(status, headers)), http_scope(**scope))
+    scope = http_scope(**scope)
+    scope["headers"] = [(b"accept", b"text/html,*/*;q=0.8")] + scope["headers"][1:]
+    call(TrafficThreshold(answering(status, headers)), scope)
     assert total() == 1
 
 
@@ -205,7 +212,7 @@ def test_account_callable_receives_the_scope(worker_api):
 
 
 def test_invalid_or_missing_host_counts_in_the_total(worker_api, caplog):
-    mw = TrafficThreshold(answering(), account="host")
+    mw = TrafficThreshold(answering(), account="host", allowed_hosts=["*"])
     with caplog.at_level(logging.WARNING, "trafficthreshold"):
         call(mw, http_scope(host=b"a/b"))
         call(mw, http_scope(host=b"a/b"))
@@ -235,7 +242,7 @@ def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog):
     def explode(*args):
         raise RuntimeError("segment on fire")
 
-    mw = TrafficThreshold(answering(), account="host")
+    mw = TrafficThreshold(answering(), account="host", allowed_hosts=["*"])
     monkeypatch.setattr(pageviews, "_hit", explode)
     monkeypatch.setattr(pageviews, "_throttle_status", explode)
     monkeypatch.setattr(asgi, "_throttle_status", explode)
@@ -251,6 +258,38 @@ def test_bad_options_raise_at_start_up():
         TrafficThreshold(answering(), event="~x")
     with pytest.raises(TypeError):
         TrafficThreshold(answering(), count_if=1)
+    with pytest.raises(TypeError, match="single string"):
+        TrafficThreshold(answering(), account="host", allowed_hosts="example.com")
+
+
+def test_allowed_hosts(worker_api, caplog):
+    mw = TrafficThreshold(answering(), account="host", allowed_hosts=[".site-a.example"])
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        for host in (b"Site-A.example.:8000", b"www.site-a.example", b"made-up.example",
+                     b"made-up.example", b"other.example"):
+            call(mw, http_scope(host=host))
+    keys = {name for _, name, _ in trafficthreshold._counter._ensure().keys()}
+    assert keys == {"~overflow", "all", "site-a.example", "www.site-a.example"}
+    assert total() == 5
+    assert len(caplog.records) == 1 and "not in allowed_hosts" in caplog.text
+
+
+def test_an_app_failing_before_its_response_starts_is_not_counted(worker_api):
+    """An error handler (Starlette's ServerErrorMiddleware) answers 500 for
+    an exception raised before http.response.start: the 500 decides.  (ASGI
+    cannot restart a response: once http.response.start is sent, it is
+    final; the count follows it.)"""
+    async def failing(scope, receive, send):
+        raise RuntimeError("the view failed")
+
+    async def error_handler(scope, receive, send):
+        try:
+            await failing(scope, receive, send)
+        except RuntimeError:
+            await answering(500)(scope, receive, send)
+
+    sent = call(TrafficThreshold(error_handler), http_scope())
+    assert sent[0]["status"] == 500 and total() == 0
 
 
 # ------------------------------------------------------- a real uvicorn
@@ -271,10 +310,70 @@ def test_exact_under_uvicorn(installed, tmp_path):
                                    keep_alive=False)
         last = harness.epoch_minute()
         assert result.failed == 0, result
+        # HTML 2xx received: 400 GET pages and 25 HEAD (not page views)
         assert result.sent == 500 and result.pages == 425
-        assert harness.segment_count(key, backend, first, last) == result.pages
-        assert harness.segment_count(key, backend, first, last, "site-a.example") == result.pages
+        heads = sum(harness.plan(i)[0] == "HEAD" for i in range(500))
+        assert heads == 25
+        assert harness.segment_count(key, backend, first, last) == result.pages - heads
+        assert harness.segment_count(key, backend, first, last,
+                                     "site-a.example") == result.pages - heads
         status, _, body = harness.get(server.port, "/stream")
         assert (status, body) == (200, b"<p>0</p><p>1</p><p>2</p>")
     finally:
         server.stop()
+
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+#: (method, path, Host, Accept, status, the account counted: None for the
+#: total only, False for not counted).
+CASES = [
+    ("GET", "/", "site-a.example", None, 200, "site-a.example"),
+    ("GET", "/", "Site-A.Example.", None, 200, "site-a.example"),
+    ("HEAD", "/", "site-a.example", None, 200, False),
+    ("GET", "/?status=302", "site-a.example", BROWSER, 302, False),
+    ("GET", "/?status=304&type=none", "site-a.example", BROWSER, 304, "site-a.example"),
+    ("GET", "/?status=304&type=none", "site-a.example", "*/*", 304, False),
+    ("GET", "/?status=500", "site-a.example", None, 500, False),
+    ("GET", "/", "Shop.Site-B.example", None, 200, "shop.site-b.example"),
+    ("GET", "/", "made-up.example", None, 200, None),
+]
+
+
+def test_what_counts_under_uvicorn(installed, tmp_path):
+    """The rule's cases through a real uvicorn serving
+    tests/apps/rules_app.py's ASGI application (account="host",
+    allowed_hosts site-a.example and .site-b.example)."""
+    import http.client
+
+    key, backend = installed
+    env = harness.server_env(key, backend)
+    server = harness.uvicorn("apps.rules_app:asgi_app", env, tmp_path / "uvicorn.log",
+                             port=harness.free_port(), workers=1)
+    statuses = []
+    try:
+        server.wait_ready(path="/?type=text/plain")
+        first = harness.epoch_minute()
+        for method, path, host, accept, _, _ in CASES:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            headers = {"Host": f"{host}:{server.port}", "Connection": "close"}
+            if accept:
+                headers["Accept"] = accept
+            conn.request(method, path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+            conn.close()
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    assert statuses == [case[4] for case in CASES]
+    accounts = [case[5] for case in CASES if case[5] is not False]
+    assert harness.segment_count(key, backend, first, last) == len(accounts)
+    for name in ("site-a.example", "shop.site-b.example"):
+        assert harness.segment_count(key, backend, first, last, name) == accounts.count(name)
+    counter = segment.attach(key, backend)
+    try:
+        names = {account for _, account, _ in counter.keys()}
+    finally:
+        counter.detach()
+    assert names == {"~overflow", "all", "site-a.example", "shop.site-b.example"}

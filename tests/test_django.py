@@ -29,15 +29,37 @@ def test_pages_are_counted_by_host(worker_api):
     assert b"level 0" in home.content and b"optional" in home.content
     assert home["X-Level"] == "0"
     assert client.get("/api").json() == {"hello": "world"}
-    assert client.get("/go", HTTP_HOST="site-b.example").status_code == 302   # counted
+    assert client.get("/go", HTTP_HOST="site-b.example").status_code == 302   # not counted
     assert client.get("/assets/app.html").status_code == 200     # under STATIC_URL
     assert client.get("/nothing").status_code == 404
     assert client.post("/").status_code == 200                     # POST: not counted
-    assert client.head("/").status_code == 200                     # HEAD: counted
+    assert client.head("/").status_code == 200                     # HEAD: not counted
     stream = client.get("/stream")
     assert b"".join(stream.streaming_content) == b"<p>0</p><p>1</p><p>2</p>"
     assert (of("site-a.example"), of("site-b.example"), of("testserver"), total()) == (
-        1, 1, 2, 4)
+        1, 0, 1, 2)
+
+
+def test_a_navigation_through_a_redirect_is_one_view(worker_api):
+    page = Client().get("/go", follow=True, HTTP_HOST="site-b.example")
+    assert page.status_code == 200 and page.redirect_chain == [("/", 302)]
+    assert (of("site-b.example"), total()) == (1, 1)
+
+
+def test_a_not_modified_page_is_a_view(worker_api):
+    """Django's ConditionalGetMiddleware answers 304 (without Content-Type)
+    to a browser revalidating a page: counted; to a fetch(): not."""
+    stack = ["trafficthreshold.django.TrafficThresholdMiddleware",
+             "django.middleware.http.ConditionalGetMiddleware"]
+    with override_settings(MIDDLEWARE=stack):
+        client = Client()
+        first = client.get("/", HTTP_ACCEPT="text/html,*/*;q=0.8")
+        etag = first["ETag"]
+        again = client.get("/", HTTP_IF_NONE_MATCH=etag, HTTP_ACCEPT="text/html,*/*;q=0.8")
+        fetched = client.get("/", HTTP_IF_NONE_MATCH=etag, HTTP_ACCEPT="*/*")
+    assert (first.status_code, again.status_code, fetched.status_code) == (200, 304, 304)
+    assert "Content-Type" not in again
+    assert total() == 2
 
 
 def test_errors_are_not_counted_and_not_changed(worker_api):
@@ -134,6 +156,9 @@ def test_never_raises(worker_api, monkeypatch, caplog):
     ({"event": "a/b"}, "'/'"),
     ({"count_if": 3}, "callable"),
     (["host"], "must be a dict"),
+    ({"account": "host", "allowed_hosts": "example.com"}, "single string"),
+    ({"account": "host", "allowed_hosts": [""]}, "is empty"),
+    ({"allowed_hosts": ["example.com"]}, "account='host' only"),
 ])
 def test_bad_settings_are_improperly_configured(setting, message):
     with override_settings(TRAFFICTHRESHOLD=setting):
@@ -143,7 +168,9 @@ def test_bad_settings_are_improperly_configured(setting, message):
 
 def test_real_requests_through_gunicorn(installed, tmp_path):
     """The Django project under gunicorn (2 sync workers), configured only
-    by the environment: pages count under their host, the rest does not."""
+    by the environment: pages count under their (normalised) host; HEAD,
+    redirects, JSON, STATIC_URL, POST and hosts outside ALLOWED_HOSTS do
+    not."""
     key, backend = installed
     server = harness.gunicorn("apps.django_app:application", harness.server_env(key, backend),
                               tmp_path / "gunicorn.log", workers=2)
@@ -154,13 +181,14 @@ def test_real_requests_through_gunicorn(installed, tmp_path):
             ("/", "GET", "site-a.example"), ("/", "GET", "Site-A.example:80"),
             ("/", "HEAD", "site-b.example"), ("/stream", "GET", "site-b.example"),
             ("/api", "GET", "site-a.example"), ("/assets/app.html", "GET", "site-a.example"),
-            ("/", "GET", "evil.example"), ("/", "POST", "site-a.example")]]
+            ("/", "GET", "evil.example"), ("/", "POST", "site-a.example"),
+            ("/", "GET", "site-a.example."), ("/go", "GET", "site-b.example")]]
         last = harness.epoch_minute()
     finally:
         server.stop()
-    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 200, 400, 200]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 200, 200, 400, 200, 200, 302]
     assert answers[0][1]["x-level"] == "0"
     assert answers[3][2] == b"<p>0</p><p>1</p><p>2</p>"
     assert harness.segment_count(key, backend, first, last) == 4
-    assert harness.segment_count(key, backend, first, last, "site-a.example") == 2
-    assert harness.segment_count(key, backend, first, last, "site-b.example") == 2
+    assert harness.segment_count(key, backend, first, last, "site-a.example") == 3
+    assert harness.segment_count(key, backend, first, last, "site-b.example") == 1

@@ -8,13 +8,14 @@ against the test's own segment (TRAFFICTHRESHOLD_KEY / _BACKEND in its
 environment, TRAFFICTHRESHOLD_STRICT unset) and is stopped in ``finally``
 (SIGTERM, then SIGKILL of its process group).  The load is 3,000 requests
 from 8 keep-alive ``http.client`` threads (harness.run_load), bounded in
-time; 1 in 20 is a static file, 1 a health check, 1 a JSON response (none
-counted), 1 a HEAD of a page, the rest HTML pages.  The Host header is
-``Site-A.example:<port>``, the account ``site-a.example``.
+time; 1 in 20 is a static file, 1 a health check, 1 a JSON response, 1 a
+HEAD of a page (none of these counted), the rest HTML pages.  The Host
+header is ``Site-A.example:<port>``, the account ``site-a.example``.
 """
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import os
 import shutil
@@ -61,12 +62,31 @@ def start(app: str, key: int, backend: str, tmp_path: Path, worker_class: str = 
     return server
 
 
-def check_exact(key: int, backend: str, first: int, last: int, result) -> None:
-    """The segment's total and the account's count both equal the HTML
-    2xx responses the clients received."""
-    assert result.pages > 0
-    assert segment_count(key, backend, first, last) == result.pages, result
-    assert segment_count(key, backend, first, last, ACCOUNT) == result.pages, result
+def get_plan(i: int) -> tuple[str, str]:
+    """harness.plan with its HEAD requests turned into GET: for the loads
+    that break requests (a SIGKILL), where the HTML 2xx responses received
+    (harness.LoadResult.pages) must all be page views."""
+    method, path = harness.plan(i)
+    return ("GET", path) if method == "HEAD" else (method, path)
+
+
+def page_views(result: harness.LoadResult, plan=harness.plan) -> int:
+    """The page views among the HTML 2xx responses received: all but the
+    HEAD requests.  Those are known by the plan when every request sent got
+    its answer; a load that failed some must use a plan without HEAD."""
+    heads = sum(plan(i)[0] == "HEAD" for i in range(result.sent))
+    assert result.failed == 0 or heads == 0, result
+    return result.pages - heads
+
+
+def check_exact(key: int, backend: str, first: int, last: int, result,
+                plan=harness.plan) -> None:
+    """The segment's total and the account's count both equal the page
+    views among the responses the clients received (HTML 2xx to GET)."""
+    expected = page_views(result, plan)
+    assert expected > 0
+    assert segment_count(key, backend, first, last) == expected, result
+    assert segment_count(key, backend, first, last, ACCOUNT) == expected, result
 
 
 def load_and_wait(server: Server) -> tuple[harness.LoadResult, int, int]:
@@ -83,7 +103,7 @@ def load_in_background(port: int, started_after: int):
     progress = threading.Event()
     outcome: dict[str, harness.LoadResult] = {}
     load = threading.Thread(target=lambda: outcome.setdefault("result", harness.run_load(
-        port, REQUESTS, time_limit=40,
+        port, REQUESTS, time_limit=40, plan=get_plan,
         progress=lambda i: i >= started_after and progress.set())))
     first = epoch_minute()
     load.start()
@@ -103,6 +123,7 @@ def test_counts_equal_the_html_responses(installed, tmp_path, worker_class):
     assert result.sent == REQUESTS
     assert result.pages == REQUESTS * 17 // 20     # 16 GET pages and 1 HEAD in 20
     assert result.other == REQUESTS * 3 // 20      # static, healthz, JSON
+    assert page_views(result) == REQUESTS * 16 // 20  # HEAD: not a page view
     check_exact(key, backend, first, last, result)
     counter = segment.attach(key, backend)
     try:
@@ -180,7 +201,7 @@ def test_sigkill_of_a_worker_during_the_load(installed, tmp_path, worker_class):
     assert "error" in parked, parked          # the parked request died with its worker
     assert result.sent == REQUESTS and result.pages + result.other + result.failed == REQUESTS
     assert result.failed <= 8 * 2, result     # only requests that met the victim
-    check_exact(key, backend, first, last, result)
+    check_exact(key, backend, first, last, result, get_plan)
 
 
 @pytest.mark.parametrize("backend", ["sysv"])
@@ -319,11 +340,82 @@ def test_segment_store_and_api_all_say_n(installed, tmp_path):
         for account in ("all", ACCOUNT):
             stored = sum(store.period(account, "pageview", *hour)["total"]
                          for hour in _hours(first, last))
-            assert stored == result.pages, (account, stored, result)
+            assert stored == page_views(result), (account, stored, result)
     again = _daemon(config, tmp_path, "daemon2.log")
     try:
         _wait_api(again, port)
-        assert _api_total(port, "all", first, last) == result.pages
-        assert _api_total(port, ACCOUNT, first, last) == result.pages
+        assert _api_total(port, "all", first, last) == page_views(result)
+        assert _api_total(port, ACCOUNT, first, last) == page_views(result)
     finally:
         again.stop()
+
+
+# ------------------------------------------- what counts, under gunicorn
+
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+#: (method, path, Host, Accept, the status the client gets, the account
+#: counted: None for the total only, False for not counted).
+CASES = [
+    ("GET", "/", "site-a.example", None, 200, "site-a.example"),
+    ("GET", "/gen/", "Site-A.Example.", None, 200, "site-a.example"),
+    ("GET", "/?write=1", "site-a.example", None, 200, "site-a.example"),
+    ("GET", "/?then=500", "site-a.example", None, 500, False),           # exc_info restart
+    ("GET", "/gen/?then=500", "site-a.example", None, 500, False),
+    ("GET", "/?type=application/json&then=200", "site-a.example", None, 200, "site-a.example"),
+    ("GET", "/?raise=1", "site-a.example", None, 500, False),            # gunicorn's 500
+    ("GET", "/gen/?raise=1", "site-a.example", None, 500, False),
+    ("HEAD", "/", "site-a.example", None, 200, False),
+    ("GET", "/?status=302", "site-a.example", BROWSER, 302, False),
+    ("GET", "/?status=301", "site-a.example", None, 301, False),
+    ("GET", "/?status=304&type=none", "site-a.example", BROWSER, 304, "site-a.example"),
+    ("GET", "/?status=304&type=none", "site-a.example", "*/*", 304, False),
+    ("GET", "/", "Shop.Site-B.example", None, 200, "shop.site-b.example"),
+    ("GET", "/", "made-up.example", None, 200, None),
+    ("GET", "/", "site-a.example.evil", None, 200, None),
+]
+
+
+def ask(port: int, method: str, path: str, host: str, accept) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Host": f"{host}:{port}"}
+        if accept:
+            headers["Accept"] = accept
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_what_counts_under_gunicorn(installed, tmp_path):
+    """The rule's cases through a real gunicorn (2 sync workers) serving
+    tests/apps/rules_app.py (account="host", allowed_hosts
+    site-a.example and .site-b.example): the status the client gets, and
+    the segment's counts, per account and in total; made-up hosts take no
+    key."""
+    key, backend = installed
+    server = harness.gunicorn("apps.rules_app:app", harness.server_env(key, backend),
+                              tmp_path / "gunicorn.log", workers=2)
+    try:
+        server.wait_ready(path="/?type=text/plain", workers=2)
+        first = epoch_minute()
+        statuses = [ask(server.port, method, path, host, accept)
+                    for method, path, host, accept, _, _ in CASES]
+        last = epoch_minute()
+    finally:
+        server.stop()
+    assert statuses == [case[4] for case in CASES]
+    accounts = [case[5] for case in CASES if case[5] is not False]
+    assert segment_count(key, backend, first, last) == len(accounts)
+    for name in {"site-a.example", "shop.site-b.example"}:
+        assert segment_count(key, backend, first, last, name) == accounts.count(name), name
+    counter = segment.attach(key, backend)
+    try:
+        names = {account for _, account, _ in counter.keys()}
+    finally:
+        counter.detach()
+    assert names == {"~overflow", "all", "site-a.example", "shop.site-b.example"}
+    assert "the application failed after start_response" in server.text()

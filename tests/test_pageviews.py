@@ -27,8 +27,9 @@ def no_segment_strict(key):
     trafficthreshold.configure()
 
 
-def info(method="GET", path="/", status=200, content_type="text/html", request=None):
-    return RequestInfo(method, path, status, content_type, [], request)
+def info(method="GET", path="/", status=200, content_type="text/html", request=None,
+         accept=""):
+    return RequestInfo(method, path, status, content_type, [], request, accept)
 
 
 def total(event: str = "pageview") -> int:
@@ -93,10 +94,18 @@ def test_excluded_path_needs_a_str():
 
 @pytest.mark.parametrize("kwargs, expected", [
     ({}, True),
-    ({"method": "HEAD"}, True),
+    ({"method": "HEAD"}, False),
     ({"status": 204}, True),
-    ({"status": 301}, True),
+    ({"status": 301}, False),
+    ({"status": 302}, False),
+    ({"status": 307}, False),
+    ({"status": 308}, False),
     ({"status": 304}, True),
+    ({"status": 304, "content_type": "", "accept": "text/html,*/*;q=0.8"}, True),
+    ({"status": 304, "content_type": "", "accept": "*/*"}, False),
+    ({"status": 304, "content_type": ""}, False),
+    ({"status": 304, "content_type": "image/png", "accept": "text/html"}, False),
+    ({"status": 304, "method": "HEAD"}, False),
     ({"content_type": "application/xhtml+xml"}, True),
     ({"method": "POST"}, False),
     ({"method": "PUT"}, False),
@@ -113,11 +122,36 @@ def test_default_rule(kwargs, expected):
     assert is_page_view(info(**kwargs)) is expected
 
 
+@pytest.mark.parametrize("accept, expected", [
+    ("text/html", True), ("TEXT/HTML", True), (b"text/html", True),
+    ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", True),
+    ("application/xhtml+xml", True), ("text/html;level=1;q=0.5", True),
+    ("*/*", False), ("image/avif,image/webp,*/*", False), ("application/json", False),
+    ("text/html;q=0", False), ("text/html; q=0.0, */*", False), ("text/html;q=x", True),
+    ("", False), (None, False),
+])
+def test_accepts_html(accept, expected):
+    assert pageviews.accepts_html(accept) is expected
+
+
+@pytest.mark.parametrize("status, content_type, accept, expected", [
+    (200, "text/html", None, True), (299, "text/html", None, True),
+    (200, "", "text/html", False), (300, "text/html", None, False),
+    (301, "text/html", "text/html", False), (303, "text/html", None, False),
+    (304, "text/html", None, True), (304, "", "text/html", True), (304, "", None, False),
+    (304, "text/css", "text/html", False), (305, "text/html", None, False),
+    (199, "text/html", None, False), (400, "text/html", None, False),
+])
+def test_is_page_response(status, content_type, accept, expected):
+    assert pageviews.is_page_response(status, content_type, accept) is expected
+
+
 @pytest.mark.parametrize("header, expected", [
     ("Example.COM:8080", "example.com"), ("example.com", "example.com"),
     ("example.com:", "example.com"), (" example.org ", "example.org"),
+    ("example.com.", "example.com"), ("Example.COM.:8080", "example.com"),
     ("[::1]:8000", "[::1]"), ("[::1]", "[::1]"), (b"Site.Example:80", "site.example"),
-    (None, None), ("", None), (b"", None),
+    (None, None), ("", None), (b"", None), (".", None), (":80", None),
 ])
 def test_host_name(header, expected):
     assert pageviews.host_name(header) == expected
@@ -131,6 +165,90 @@ def test_account_resolver():
     assert pageviews.account_resolver(func, dict.get) is func
     with pytest.raises(TypeError, match="'host'"):
         pageviews.account_resolver("example.com", dict.get)
+    with pytest.raises(TypeError, match="allowed_hosts applies to account='host' only"):
+        pageviews.account_resolver(func, dict.get, ["example.com"])
+    with pytest.raises(TypeError, match="allowed_hosts applies"):
+        pageviews.account_resolver(None, dict.get, ["example.com"])
+
+
+# -------------------------------------------------------- allowed hosts
+
+PATTERNS = ["site-a.example", ".Site-B.example.", "[::1]", "10.0.0.1"]
+
+
+@pytest.mark.parametrize("host, allowed", [
+    ("site-a.example", True), ("www.site-a.example", False), ("site-a.example.org", False),
+    ("site-b.example", True), ("shop.site-b.example", True), ("a.b.c.site-b.example", True),
+    ("evilsite-b.example", False), ("site-b.example.evil", False), ("example", False),
+    ("[::1]", True), ("[::2]", False), ("10.0.0.1", True), ("10.0.0.10", False),
+    ("0.0.1", False), ("", False),
+])
+def test_host_matcher_is_djangos_rule(host, allowed):
+    """The allow-list is Django's ALLOWED_HOSTS rule (checked against
+    django.http.request.validate_host itself), by set lookups."""
+    from django.http.request import validate_host
+
+    matcher = pageviews.host_matcher(PATTERNS)
+    assert matcher(host) is allowed
+    django_patterns = [p.lower().rstrip(".") for p in PATTERNS]
+    assert validate_host(host, django_patterns) is allowed
+
+
+def test_host_matcher_star_and_errors():
+    assert pageviews.host_matcher(["example.com", "*"]) is None
+    assert pageviews.host_matcher([])("example.com") is False
+    assert pageviews.host_matcher(("A.example",))("a.example") is True
+    with pytest.raises(TypeError, match=r"allowed_hosts=\['example.com'\]"):
+        pageviews.host_matcher("example.com")
+    with pytest.raises(TypeError, match="not a list"):
+        pageviews.host_matcher(42)
+    with pytest.raises(TypeError, match="not a str"):
+        pageviews.host_matcher([b"example.com"])
+    with pytest.raises(ValueError, match="is empty"):
+        pageviews.host_matcher(["example.com", "."])
+
+
+def test_host_matcher_is_lookups_not_a_scan():
+    """Thousands of patterns cost no more per host than a few: a host is
+    looked up, then each parent domain (no loop over the patterns)."""
+    import timeit
+
+    small = pageviews.host_matcher(PATTERNS)
+    big = pageviews.host_matcher(PATTERNS + [f"h{i}.example" for i in range(20000)]
+                                 + [f".d{i}.example" for i in range(20000)])
+    host = "a.b.c.unknown.example"
+    t_small = min(timeit.repeat(lambda: small(host), number=2000, repeat=5))
+    t_big = min(timeit.repeat(lambda: big(host), number=2000, repeat=5))
+    assert not big(host) and big("x.d19999.example") and big("h0.example")
+    assert t_big < 3 * t_small, (t_small, t_big)
+
+
+def test_hosts_outside_the_list_count_in_the_total_only(worker_api, caplog):
+    """No key per made-up name: 2,000 made-up hosts add no key; the
+    allowed ones count under their (normalised) name; the total counts
+    every page; one warning."""
+    resolver = pageviews.account_resolver("host", lambda host: host, PATTERNS)
+    record = pageviews.make_recorder(resolver, "pageview")
+    with caplog.at_level(logging.DEBUG, "trafficthreshold"):
+        for i in range(2000):
+            record(f"made-up-{i}.example")
+        for host in ("SITE-A.example.:8000", "site-a.example", "shop.site-b.example:443"):
+            record(host)
+    keys = {account for _, account, _ in trafficthreshold._counter._ensure().keys()}
+    assert keys == {"~overflow", "all", "site-a.example", "shop.site-b.example"}
+    assert (of("site-a.example"), of("shop.site-b.example"), total()) == (2, 1, 2003)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not in allowed_hosts" in warnings[0].getMessage()
+
+
+def test_no_allow_list_warns_at_start_up(worker_api, caplog):
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        pageviews.middleware_recorder("host", dict.get, "pageview", None)
+        pageviews.middleware_recorder("host", dict.get, "pageview", None,
+                                      allowed_hosts=["*"])
+        pageviews.middleware_recorder(None, dict.get, "pageview", None)
+    assert len(caplog.records) == 1
+    assert "without allowed_hosts" in caplog.records[0].getMessage()
 
 
 @pytest.mark.parametrize("event", ["", "a/b", "~x", "e" * 33, "tab\there", 42])
@@ -228,3 +346,202 @@ def test_warn_once_then_debug(caplog):
             pageviews.warn_once(log, "kind", "problem %d", i)
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
     assert "logged once per process" in caplog.records[0].getMessage()
+
+
+# ------------------------------ docs/webapps.rst's table, in each framework
+#
+# tests/apps/rules_app.py answers as the query string asks; each driver
+# sends one request through a framework's middleware (account="host",
+# allowed_hosts=ALLOWED) and returns the status the client got.
+
+ALLOWED = ["site-a.example", ".site-b.example"]
+BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+def via_wsgi(method, path, query, host="site-a.example", accept=None):
+    import wsgiref.util
+
+    from apps import rules_app
+    from trafficthreshold.wsgi import TrafficThreshold
+
+    env = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+           "SCRIPT_NAME": "", "HTTP_HOST": host}
+    if accept is not None:
+        env["HTTP_ACCEPT"] = accept
+    wsgiref.util.setup_testing_defaults(env)
+    statuses = []
+
+    def start_response(status, headers, exc_info=None):
+        statuses.append(status)
+        return lambda data: None
+
+    mw = TrafficThreshold(rules_app.raw_app, account="host", allowed_hosts=ALLOWED)
+    try:
+        result = mw(env, start_response)
+        b"".join(result)
+        getattr(result, "close", lambda: None)()
+    except RuntimeError:
+        return 500  # what a server answers for an application that raised
+    return int(statuses[-1][:3])
+
+
+def via_asgi(method, path, query, host="site-a.example", accept=None):
+    import asyncio
+
+    from apps import rules_app
+    from trafficthreshold.asgi import TrafficThreshold
+
+    headers = [(b"host", host.encode())]
+    if accept is not None:
+        headers.append((b"accept", accept.encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": query.encode(), "root_path": "", "headers": headers}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    mw = TrafficThreshold(rules_app.raw_asgi, account="host", allowed_hosts=ALLOWED)
+    asyncio.run(mw(scope, receive, send))
+    return sent[0]["status"]
+
+
+def via_django(method, path, query, host="site-a.example", accept=None, **settings):
+    from django.test import Client, override_settings
+
+    from apps import django_app  # noqa: F401  (configures Django)
+
+    extra = {"HTTP_HOST": host}
+    if accept is not None:
+        extra["HTTP_ACCEPT"] = accept
+    options = dict(ROOT_URLCONF="apps.rules_django", ALLOWED_HOSTS=ALLOWED,
+                   MIDDLEWARE=["trafficthreshold.django.TrafficThresholdMiddleware"],
+                   TRAFFICTHRESHOLD={"account": "host"})
+    options.update(settings)
+    with override_settings(**options):
+        client = Client(raise_request_exception=False)
+        response = client.generic(method, f"{path}?{query}" if query else path, **extra)
+    return response.status_code
+
+
+DRIVERS = {"wsgi": via_wsgi, "asgi": via_asgi, "django": via_django}
+
+#: (method, path, query, Accept, counted): the rows of the table.
+TABLE = [
+    ("GET", "/", "", None, True),                                  # an HTML page
+    ("GET", "/", "type=application/xhtml%2Bxml", None, True),
+    ("GET", "/", "type=TEXT/HTML;+charset=latin-1", None, True),
+    ("GET", "/", "status=204", None, True),                        # any 2xx
+    ("POST", "/", "", None, False),                                # not GET
+    ("PUT", "/", "", None, False),
+    ("HEAD", "/", "", None, False),                                # HEAD: never
+    ("HEAD", "/", "status=304&type=text/html", BROWSER, False),
+    ("GET", "/", "status=301", None, False),                       # redirects: never
+    ("GET", "/", "status=302", BROWSER, False),
+    ("GET", "/", "status=303", None, False),
+    ("GET", "/", "status=307", None, False),
+    ("GET", "/", "status=308", None, False),
+    ("GET", "/", "status=304&type=text/html", None, True),         # 304 of a page
+    ("GET", "/", "status=304&type=none", BROWSER, True),
+    ("GET", "/", "status=304&type=none", "*/*", False),            # fetch(), images
+    ("GET", "/", "status=304&type=none", None, False),
+    ("GET", "/", "status=304&type=image/png", BROWSER, False),
+    ("GET", "/", "status=404", None, False),                       # errors
+    ("GET", "/", "status=500", None, False),
+    ("GET", "/", "type=application/json", None, False),            # not HTML
+    ("GET", "/", "type=text/plain", None, False),
+    ("GET", "/", "type=none", None, False),
+    ("GET", "/static/page.html", "", None, False),                 # static, health
+    ("GET", "/media/page", "", None, False),
+    ("GET", "/app.JS", "", None, False),
+    ("GET", "/healthz", "", None, False),
+    ("GET", "/robots.txt", "", None, False),
+]
+
+
+@pytest.mark.parametrize("framework", DRIVERS)
+@pytest.mark.parametrize("method, path, query, accept, counted", TABLE)
+def test_what_counts(worker_api, framework, method, path, query, accept, counted):
+    """Each row of docs/webapps.rst's table, in WSGI, ASGI and Django."""
+    DRIVERS[framework](method, path, query, accept=accept)
+    assert total() == (1 if counted else 0)
+    assert of("site-a.example") == total()
+
+
+#: WSGI only: start_response's exc_info re-call, an application raising
+#: after start_response, generators, write().
+WSGI_TABLE = [
+    ("/", "then=500", 500, False),                      # 200 restarted as 500
+    ("/", "type=application/json&then=500", 500, False),
+    ("/", "type=application/json&then=200", 200, True),  # the final status decides
+    ("/", "status=404&then=500", 500, False),
+    ("/", "raise=1", 500, False),                       # the server answers 500
+    ("/", "write=1", 200, True),
+    ("/", "write=1&status=500", 500, False),
+    ("/gen/", "", 200, True),
+    ("/gen/", "then=500", 500, False),
+    ("/gen/", "status=304&type=text/html", 304, True),  # an empty body
+    ("/gen/", "raise=1", 500, False),
+    ("/gen/", "status=302", 302, False),
+]
+
+
+@pytest.mark.parametrize("path, query, status, counted", WSGI_TABLE)
+def test_what_counts_wsgi_restarts(worker_api, path, query, status, counted):
+    assert via_wsgi("GET", path, query) == status
+    assert total() == (1 if counted else 0)
+
+
+#: Host header -> account (None: the total only), with ALLOWED.
+HOSTS = [
+    ("site-a.example", "site-a.example"),
+    ("Site-A.Example:8000", "site-a.example"),
+    ("site-a.example.", "site-a.example"),
+    ("SITE-A.EXAMPLE.:443", "site-a.example"),
+    ("site-b.example", "site-b.example"),
+    ("Shop.Site-B.example", "shop.site-b.example"),
+    ("made-up.example", None),
+    ("www.site-a.example", None),
+    ("evilsite-b.example", None),
+    ("site-b.example.evil", None),
+]
+
+
+@pytest.mark.parametrize("framework", DRIVERS)
+@pytest.mark.parametrize("host, account", HOSTS)
+def test_whose_page_view(worker_api, framework, host, account):
+    """Normalised, then matched against the allow-list (Django: by default
+    its ALLOWED_HOSTS); outside it, the total only and no new key."""
+    DRIVERS[framework]("GET", "/", "", host=host)
+    keys = {name for _, name, _ in trafficthreshold._counter._ensure().keys()}
+    assert total() == 1
+    if account is None:
+        assert keys == {"~overflow", "all"}
+    else:
+        assert keys == {"~overflow", "all", account} and of(account) == 1
+
+
+def test_django_allowed_hosts_option_narrows_allowed_hosts(worker_api):
+    """ALLOWED_HOSTS = ["*"] lets Django serve any host; the option
+    TRAFFICTHRESHOLD["allowed_hosts"] still keeps made-up names out."""
+    settings = dict(ALLOWED_HOSTS=["*"],
+                    TRAFFICTHRESHOLD={"account": "host", "allowed_hosts": ALLOWED})
+    for host in ("made-up.example", "other.example", "site-a.example."):
+        assert via_django("GET", "/", "", host=host, **settings) == 200
+    keys = {name for _, name, _ in trafficthreshold._counter._ensure().keys()}
+    assert keys == {"~overflow", "all", "site-a.example"}
+    assert total() == 3
+    # ["*"] as is: every host is an account, as Django serves every host.
+    via_django("GET", "/", "", host="any.example", ALLOWED_HOSTS=["*"])
+    assert of("any.example") == 1
+
+
+def test_django_debug_with_empty_allowed_hosts_is_djangos_default(worker_api):
+    settings = dict(ALLOWED_HOSTS=[], DEBUG=True)
+    via_django("GET", "/", "", host="localhost:8000", **settings)
+    via_django("GET", "/", "", host="app.localhost", **settings)
+    assert (of("localhost"), of("app.localhost"), total()) == (1, 1, 2)

@@ -82,6 +82,11 @@ def test_total_only_by_default(worker_api):
 @pytest.mark.parametrize("env, status, headers", [
     ({"method": "POST"}, "200 OK", HTML),
     ({"method": "DELETE"}, "200 OK", HTML),
+    ({"method": "HEAD"}, "200 OK", HTML),
+    ({}, "301 Moved Permanently", HTML),
+    ({}, "302 Found", HTML),
+    ({}, "304", []),  # no Accept: not a browser loading a page
+    ({}, "3040 Odd", HTML),
     ({}, "404 Not Found", HTML),
     ({}, "500 Internal Server Error", HTML),
     ({}, "200 OK", [("Content-Type", "application/json")]),
@@ -100,12 +105,13 @@ def test_not_page_views(worker_api, env, status, headers):
 
 
 @pytest.mark.parametrize("env, status, headers", [
-    ({"method": "HEAD"}, "200 OK", HTML),
-    ({}, "302 Found", HTML),
+    ({}, "304 Not Modified", HTML),
+    ({}, "304", []),  # no Content-Type, as Django and Werkzeug send a 304
     ({}, "204 No Content", [("content-type", "TEXT/HTML")]),
     ({}, "200 OK", [("X-Other", "1"), ("Content-Type", "application/xhtml+xml")]),
 ])
 def test_page_views(worker_api, env, status, headers):
+    env.setdefault("HTTP_ACCEPT", "text/html,*/*;q=0.8")
     serve(TrafficThreshold(app_answering(status, headers)), environ(**env))
     assert total() == 1
 
@@ -144,7 +150,7 @@ def test_response_passes_unchanged(worker_api):
     (lambda sr: sr("200 OK", HTML, None), 1),
     (lambda sr: sr("200 OK", HTML, exc_info=None), 1),
     (lambda sr: sr(headers=HTML, status="200 OK"), 1),
-    (lambda sr: sr("200 OK", HTML, exc_info=sys.exc_info()), 0),  # no error: (None, None, None)
+    (lambda sr: sr("200 OK", HTML, exc_info=sys.exc_info()), 1),  # (None, None, None)
 ])
 def test_start_response_calling_conventions(worker_api, call, counted):
     def app(environ, start_response):
@@ -280,9 +286,11 @@ def test_counted_when_the_status_is_known(worker_api):
     assert total() == 1
 
 
-def test_exc_info_recall_counts_once(worker_api):
+def test_exc_info_restart_the_final_status_decides(worker_api):
     """An application that fails after starting its response calls
-    start_response again with exc_info: passed on, counted once."""
+    start_response again with exc_info: both calls reach the server as
+    they were made, and the final status (500) decides: not counted.
+    (Regression: the first call's 200 used to be counted.)"""
     def app(environ, start_response):
         start_response("200 OK", HTML)
         try:
@@ -296,7 +304,113 @@ def test_exc_info_recall_counts_once(worker_api):
     assert serve_body == b"<p>error</p>"
     assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
     assert server.calls[1][2][0] is RuntimeError
+    assert total() == 0
+
+
+def test_exc_info_restart_of_a_generator(worker_api):
+    """The same in a generator (start_response while the body is
+    iterated): decided at the first non-empty chunk, by the 500."""
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        yield b""
+        try:
+            raise RuntimeError("template failed")
+        except RuntimeError:
+            start_response("500 Internal Server Error", HTML, sys.exc_info())
+        yield b"<p>error</p>"
+
+    server = Server()
+    result = TrafficThreshold(app)(environ(), server.start_response)
+    assert next(iter(result)) == b"" and total() == 0
+    assert list(result) == [b"<p>error</p>"]
+    result.close()
+    assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
+    assert total() == 0
+
+
+def test_an_application_raising_after_start_response_is_not_counted(worker_api):
+    """The server answers 500 for it (gunicorn does: see test_gunicorn)."""
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        raise LookupError("the view failed")
+
+    def generator(environ, start_response):
+        start_response("200 OK", HTML)
+        raise LookupError("the view failed")
+        yield b""
+
+    with pytest.raises(LookupError):
+        TrafficThreshold(app)(environ(), Server().start_response)
+    result = TrafficThreshold(generator)(environ(), Server().start_response)
+    with pytest.raises(LookupError):
+        list(result)
+    result.close()
+    assert total() == 0
+
+
+def test_write_is_counted_by_the_status_at_return(worker_api):
+    def app(environ, start_response):
+        write = start_response("200 OK", HTML)
+        write(b"<p>one</p>")
+        return []
+
+    server = Server()
+    assert list(TrafficThreshold(app)(environ(), server.start_response)) == []
+    assert server.calls == [("200 OK", HTML, None), ("write", b"<p>one</p>")]
     assert total() == 1
+
+
+def test_generator_body_passes_chunks_and_close(worker_api):
+    """A generator application's body is wrapped: every chunk and close()
+    pass through; an iterable without close() is fine; nothing is counted
+    after close()."""
+    closed = []
+
+    class Chunks:
+        def __init__(self, start_response):
+            self.start_response = start_response
+
+        def __iter__(self):
+            self.start_response("200 OK", HTML)
+            yield b"a"
+            yield b"b"
+
+    class Closable(Chunks):
+        def close(self):
+            closed.append(True)
+
+    result = TrafficThreshold(lambda env, sr: Chunks(sr))(environ(), Server().start_response)
+    assert type(result).__name__ == "Body"
+    assert list(result) == [b"a", b"b"] and total() == 1
+    result.close()  # Chunks has no close(): nothing to call
+    result = TrafficThreshold(lambda env, sr: Closable(sr))(environ(), Server().start_response)
+    result.close()
+    assert closed == [True] and total() == 1  # closed before its first chunk: not sent
+
+
+def test_generator_bodies_do_not_leak(worker_api):
+    import gc
+    import tracemalloc
+
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        yield b"x"
+
+    mw = TrafficThreshold(app, account="host")
+    for _ in range(1000):
+        serve(mw, environ())
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(10000):
+            serve(mw, environ())
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, grown
+    assert of("site-a.example") == 11000
 
 
 def test_exc_info_recall_of_a_json_response_is_not_counted(worker_api):
@@ -391,7 +505,7 @@ def test_hosts_counted_exactly_as_the_memo_fills_and_starts_over(worker_api, mon
 
 @pytest.mark.parametrize("host", ["a/b.example", "ev\x01l", "x" * 80 + ".example"])
 def test_invalid_host_counts_in_the_total_with_one_warning(worker_api, caplog, host):
-    mw = TrafficThreshold(app_answering(), account="host")
+    mw = TrafficThreshold(app_answering(), account="host", allowed_hosts=["*"])
     with caplog.at_level(logging.WARNING, "trafficthreshold"):
         for _ in range(3):
             server, _ = serve(mw, environ(host=host))
@@ -405,7 +519,7 @@ def test_missing_host_counts_in_the_total(worker_api, caplog):
     env = environ()
     del env["HTTP_HOST"]
     with caplog.at_level(logging.WARNING, "trafficthreshold"):
-        serve(TrafficThreshold(app_answering(), account="host"), env)
+        serve(TrafficThreshold(app_answering(), account="host", allowed_hosts=["*"]), env)
     assert total() == 1
     assert not caplog.records
 
@@ -459,7 +573,8 @@ def test_never_raises_when_everything_fails(worker_api, monkeypatch, caplog, acc
     def explode(*args):
         raise RuntimeError("segment on fire")
 
-    mw = TrafficThreshold(app_answering(), account=account)
+    mw = TrafficThreshold(app_answering(), account=account,
+                          allowed_hosts=None if account is None else ["*"])
     monkeypatch.setattr(pageviews, "_hit", explode)
     monkeypatch.setattr(pageviews, "_throttle_status", explode)
     pageviews._setup_c(explode, explode)
@@ -500,26 +615,37 @@ def test_strict_mode_without_segment_does_not_raise(key, caplog):
 @pytest.mark.parametrize("kwargs, error", [
     ({"event": "a/b"}, ValueError), ({"event": ""}, ValueError),
     ({"account": "example.com"}, TypeError), ({"count_if": "yes"}, TypeError),
+    ({"account": "host", "allowed_hosts": "example.com"}, TypeError),
+    ({"account": "host", "allowed_hosts": ["example.com", ""]}, ValueError),
+    ({"allowed_hosts": ["example.com"]}, TypeError),  # without account="host"
 ])
 def test_bad_options_raise_at_start_up(kwargs, error):
     with pytest.raises(error):
         TrafficThreshold(app_answering(), **kwargs)
 
 
+def generator_app(environ, start_response):
+    start_response("200 OK", HTML)
+    yield b"<p>hi</p>"
+
+
+@pytest.mark.parametrize("generator", [False, True])
 @pytest.mark.parametrize("path, method", [("/", "GET"), ("/", "HEAD"), ("/static/a.css", "GET"),
                                           ("/", "POST")])
-def test_wsgiref_validator_is_satisfied(worker_api, path, method):
+def test_wsgiref_validator_is_satisfied(worker_api, path, method, generator):
     """wsgiref.validate checks both sides: the middleware as an application
-    (inner validator) and as a server of the application (outer)."""
-    inner = wsgiref.validate.validator(app_answering())
+    (inner validator) and as a server of the application (outer); also
+    with a generator application (its body wrapped)."""
+    inner = wsgiref.validate.validator(generator_app if generator else app_answering())
     app = wsgiref.validate.validator(TrafficThreshold(inner))
     env = environ(path, method)
     env.pop("HTTP_HOST")
     server = Server()
     result = app(env, server.start_response)
-    list(result)
+    assert list(result) == [b"<p>hi</p>"]
     result.close()
     assert server.calls[0][0] == "200 OK"
+    assert total() == (1 if (path, method) == ("/", "GET") else 0)
 
 
 # ------------------------------------------------------------------ Flask
@@ -535,17 +661,50 @@ def test_flask_pages_and_the_rest(flask_client):
     assert b"optional block" in home.data
     assert flask_client.get("/static/app.css").status_code == 200
     assert flask_client.get("/api/data").json == {"hello": "world"}
-    assert flask_client.get("/go").status_code == 302           # a redirect page: counted
+    assert flask_client.get("/go").status_code == 302           # a redirect: not counted
     assert flask_client.get("/missing").status_code == 404
     assert flask_client.get("/boom").status_code == 500
-    assert flask_client.head("/").status_code == 200
+    assert flask_client.head("/").status_code == 200           # HEAD: not counted
     stream = flask_client.get("/stream")
     assert stream.data == b"<p>chunk 0</p><p>chunk 1</p><p>chunk 2</p>"
     assert flask_client.post("/").status_code == 405
-    assert (of("shop.example"), of("localhost"), total()) == (1, 3, 4)
+    assert (of("shop.example"), of("localhost"), total()) == (1, 1, 2)
+
+
+def test_flask_a_navigation_through_a_redirect_is_one_view(flask_client):
+    page = flask_client.get("/go", follow_redirects=True)
+    assert page.status_code == 200 and [r.status_code for r in page.history] == [302]
+    assert total() == 1
 
 
 def test_flask_reads_the_level(flask_client):
     trafficthreshold.hit(n=200)
     page = flask_client.get("/")
     assert b"level 3" in page.data and b"optional block" not in page.data
+
+
+def test_a_restart_while_a_started_body_is_iterated_comes_after_the_decision(worker_api):
+    """The documented limit: an application that started its response in
+    its call is decided at its return; a later exc_info restart, while the
+    server iterates its body, is passed on but does not change the count."""
+    class Restarting:
+        def __init__(self, start_response):
+            self.start_response = start_response
+
+        def __iter__(self):
+            try:
+                raise RuntimeError("late failure")
+            except RuntimeError:
+                self.start_response("500 Internal Server Error", HTML, sys.exc_info())
+            yield b"<p>error</p>"
+
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        return Restarting(start_response)
+
+    server = Server()
+    result = TrafficThreshold(app)(environ(), server.start_response)
+    assert total() == 1
+    assert list(result) == [b"<p>error</p>"]
+    assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
+    assert total() == 1

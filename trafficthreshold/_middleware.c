@@ -23,8 +23,20 @@
  * it never changes the response, never raises into a request (every error
  * of its own is handed to self._failed(kind, exc) and dropped; only
  * BaseExceptions that are not Exceptions, e.g. KeyboardInterrupt, pass),
- * and counts at most once per request: start_response calls with an
- * exc_info (PEP 3333's re-call after an error) are passed on, never counted.
+ * and counts at most once per request, by the response's final status:
+ *
+ * - start_response only remembers the status and headers of its latest
+ *   call (PEP 3333 lets an application call it again with exc_info, e.g.
+ *   200 restarted as 500, as long as no body byte was sent);
+ * - when the application returns its body iterable, nothing of it has been
+ *   sent (the server has not seen it yet), so the status remembered then is
+ *   the one the client gets: the request is decided and counted there,
+ *   before the body is returned to the server (settle());
+ * - an application that has not called start_response by then (a
+ *   generator: it starts its response while the server iterates) gets its
+ *   body wrapped in a Body, which settles at the first non-empty chunk (the
+ *   server sends the headers with it) or at the end of an empty body;
+ * - an application that raises is not counted (the server answers 500).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,11 +50,13 @@ static PyObject *static_extensions;  /* frozenset of lower-case str, with the do
 static PyObject *counted_methods;    /* frozenset of str */
 static PyObject *html_memo;          /* dict: Content-Type value -> bool */
 static PyObject *is_html_cb;         /* is_html(value) -> bool, fills html_memo */
+static PyObject *accepts_html_cb;    /* accepts_html(accept) -> bool: a 304 without type */
 static PyObject *hit_cb;             /* trafficthreshold.hit */
 static PyObject *throttle_status_cb; /* trafficthreshold.throttle_status */
 
 /* Interned at module init. */
-static PyObject *str_request_method, *str_path_info, *str_failed, *str_count_if;
+static PyObject *str_request_method, *str_path_info, *str_http_accept, *str_failed;
+static PyObject *str_count_if, *str_close;
 static PyObject *str_level, *str_hit, *str_decide;
 
 /* Longest extension looked up (with the dot); longer ones are not assets.
@@ -127,16 +141,29 @@ typedef struct {
     int count_if;           /* 1: self._count_if(environ, status, headers) decides */
 } Middleware;
 
-/* The start_response handed to the application: one per counted request. */
+/* The start_response handed to the application: one per counted request.
+ * It remembers the latest (status, headers); settle() decides on them. */
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     Middleware *mw;
     PyObject *environ;
     PyObject *start_response;
+    PyObject *status;       /* of the latest accepted call, or NULL: none yet */
+    PyObject *headers;
+    int settled;            /* 1: decided (counted or not); later calls are passed on */
 } StartResponse;
 
-static PyTypeObject MiddlewareType, StartResponseType;
+/* The body of an application that starts its response while it is
+ * iterated (a generator): settles at the first non-empty chunk. */
+typedef struct {
+    PyObject_HEAD
+    StartResponse *sr;
+    PyObject *iter;         /* iter(result) */
+    PyObject *result;       /* the application's iterable, for close() */
+} Body;
+
+static PyTypeObject MiddlewareType, StartResponseType, BodyType;
 
 /* Hands the pending exception to self._failed(kind, exc), which logs it,
  * and clears it.  Returns 0; or -1 leaving the exception set if it is not
@@ -193,19 +220,37 @@ static inline int is_content_type(const void *name)
     return 1;
 }
 
-/* 1 if the response is an HTML page with a 2xx/3xx status (the default
- * rule; the method and path were checked before the application ran), 0 if
- * not, -1 with an exception set.  Reads the first Content-Type header. */
-static int is_page(PyObject *status, PyObject *headers)
+/* Whether a status line is "304" or "304 ..." (Not Modified). */
+static int is_not_modified(PyObject *status)
 {
-    PyObject *seq, *item, *name, *value, *known;
+    Py_ssize_t len = PyUnicode_GET_LENGTH(status);
+    return len >= 3 && PyUnicode_READ_CHAR(status, 1) == '0'
+        && PyUnicode_READ_CHAR(status, 2) == '4'
+        && (len == 3 || PyUnicode_READ_CHAR(status, 3) == ' ');
+}
+
+/* 1 if the response is a page view by its status and type (the default
+ * rule, pageviews.is_page_response; the method and path were checked
+ * before the application ran), 0 if not, -1 with an exception set:
+ * a 2xx with an HTML Content-Type (the first one); a 304 with an HTML
+ * Content-Type, or with none (Django and Werkzeug drop it from a 304)
+ * when the request's Accept lists HTML (accepts_html: a browser loading a
+ * page, not an image or a fetch()).  Other 3xx: never (the page is the
+ * redirect's target, counted when it is served). */
+static int is_page(PyObject *status, PyObject *headers, PyObject *environ)
+{
+    PyObject *seq, *item, *name, *value, *known, *accept;
     Py_UCS4 first;
     Py_ssize_t i, n;
-    int rc = 0;
+    int rc = 0, not_modified, found = 0;
     if (!PyUnicode_Check(status) || PyUnicode_GET_LENGTH(status) < 1)
         return 0;
     first = PyUnicode_READ_CHAR(status, 0);
-    if (first != '2' && first != '3')
+    if (first == '2')
+        not_modified = 0;
+    else if (first == '3' && is_not_modified(status))
+        not_modified = 1;
+    else
         return 0;
     if ((seq = PySequence_Fast(headers, "response headers must be a list")) == NULL)
         return -1;
@@ -223,6 +268,7 @@ static int is_page(PyObject *status, PyObject *headers)
             continue;
         /* Why the reference: hashing a str subclass or is_html() runs
          * Python code, which could drop the list's last hold on the pair. */
+        found = 1;
         Py_INCREF(item);
         value = PyTuple_GET_ITEM(item, 1);
         known = PyDict_GetItemWithError(html_memo, value);  /* borrowed */
@@ -240,26 +286,71 @@ static int is_page(PyObject *status, PyObject *headers)
         break;
     }
     Py_DECREF(seq);
+    if (!found && not_modified && rc == 0) {
+        accept = PyDict_GetItemWithError(environ, str_http_accept);  /* borrowed */
+        if (accept == NULL && PyErr_Occurred())
+            return -1;
+        if (accept == NULL)
+            accept = Py_None;
+        Py_INCREF(accept);
+        known = PyObject_Vectorcall(accepts_html_cb, &accept, 1, NULL);
+        Py_DECREF(accept);
+        if (known == NULL)
+            return -1;
+        rc = PyObject_IsTrue(known);
+        Py_DECREF(known);
+    }
+    return rc;
+}
+
+/* Decides whether the request is a page view, by the latest status and
+ * headers start_response accepted, and counts it if so; once (the
+ * StartResponse is settled).  0, or -1 with a BaseException set. */
+static int settle(StartResponse *sr)
+{
+    Middleware *mw = sr->mw;
+    PyObject *status = sr->status, *headers = sr->headers, *r;
+    int page, rc;
+    sr->settled = 1;
+    if (status == NULL)
+        return 0;  /* start_response never called: nothing to count */
+    sr->status = sr->headers = NULL;  /* ours now */
+    if (mw->count_if) {
+        r = PyObject_CallMethodObjArgs((PyObject *)mw, str_count_if, sr->environ,
+                                       status, headers, NULL);
+        page = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
+    } else {
+        page = is_page(status, headers, sr->environ);
+    }
+    rc = 0;
+    if ((page < 0 && report(mw, str_decide) < 0) || (page > 0 && count(mw, sr->environ) < 0))
+        rc = -1;
+    Py_DECREF(status);
+    Py_DECREF(headers);
     return rc;
 }
 
 /* StartResponse.__call__(status, headers, exc_info=None): the server's
- * start_response, its write() returned; counts a page view.  An exc_info
- * call, or arguments it does not understand, go to the server as they are
- * (the server's errors reach the application as without the middleware). */
+ * start_response, called with the arguments as they are (the server's
+ * errors, e.g. an exc_info call after the headers were sent, reach the
+ * application as without the middleware), its write() returned.  If the
+ * server accepted the call, its status and headers are remembered: the
+ * latest accepted call before settle() decides. */
 static PyObject *StartResponse_call(StartResponse *self, PyObject *const *args,
                                     size_t nargsf, PyObject *kwnames)
 {
     static const char *const names[3] = {"status", "headers", "exc_info"};
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *bound[3] = {NULL, NULL, NULL}, *write, *r;
-    Middleware *mw = self->mw;
+    PyObject *bound[3] = {NULL, NULL, NULL}, *write;
     Py_ssize_t i, j;
-    int page;
+    if ((write = PyObject_Vectorcall(self->start_response, args, nargsf, kwnames)) == NULL
+        || self->settled)
+        return write;
     /* Bind the arguments as def start_response(status, headers,
-     * exc_info=None) would; what does not bind goes to the server as is. */
+     * exc_info=None) would; a call that does not bind is not remembered. */
     if (nargs > 3)
-        goto pass_on;
+        return write;
     for (i = 0; i < nargs; i++)
         bound[i] = args[i];
     for (i = 0; i < nkw; i++) {
@@ -267,30 +358,14 @@ static PyObject *StartResponse_call(StartResponse *self, PyObject *const *args,
             if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), names[j]) == 0)
                 break;
         if (j == 3 || bound[j] != NULL)
-            goto pass_on;
+            return write;
         bound[j] = args[nargs + i];
     }
-    if (bound[0] == NULL || bound[1] == NULL || (bound[2] != NULL && bound[2] != Py_None))
-        goto pass_on;
-    args = bound;
-    if ((write = PyObject_Vectorcall(self->start_response, args, 2, NULL)) == NULL)
-        return NULL;
-    if (mw->count_if) {
-        r = PyObject_CallMethodObjArgs((PyObject *)mw, str_count_if, self->environ,
-                                       args[0], args[1], NULL);
-        page = r == NULL ? -1 : PyObject_IsTrue(r);
-        Py_XDECREF(r);
-    } else {
-        page = is_page(args[0], args[1]);
-    }
-    if ((page < 0 && report(mw, str_decide) < 0) || (page > 0 && count(mw, self->environ) < 0)) {
-        Py_DECREF(write);
-        return NULL;
-    }
+    if (bound[0] == NULL || bound[1] == NULL)
+        return write;
+    Py_XSETREF(self->status, Py_NewRef(bound[0]));
+    Py_XSETREF(self->headers, Py_NewRef(bound[1]));
     return write;
-
-pass_on:
-    return PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
 }
 
 static int StartResponse_traverse(StartResponse *self, visitproc visit, void *arg)
@@ -298,6 +373,8 @@ static int StartResponse_traverse(StartResponse *self, visitproc visit, void *ar
     Py_VISIT(self->mw);
     Py_VISIT(self->environ);
     Py_VISIT(self->start_response);
+    Py_VISIT(self->status);
+    Py_VISIT(self->headers);
     return 0;
 }
 
@@ -306,6 +383,8 @@ static int StartResponse_clear(StartResponse *self)
     Py_CLEAR(self->mw);
     Py_CLEAR(self->environ);
     Py_CLEAR(self->start_response);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->headers);
     return 0;
 }
 
@@ -328,6 +407,119 @@ static PyTypeObject StartResponseType = {
     .tp_clear = (inquiry)StartResponse_clear,
     .tp_dealloc = (destructor)StartResponse_dealloc,
 };
+
+/* ------------------------------------------------ Body (generators) */
+
+/* Body.__next__: the application's next chunk.  The first non-empty one
+ * is about to be sent with the headers, so the status is final: settle
+ * first.  At the end of an empty body, settle too (the server sends the
+ * headers then).  An iteration that raises settles without counting (the
+ * server answers 500, or breaks the connection). */
+static PyObject *Body_next(Body *self)
+{
+    StartResponse *sr = self->sr;
+    PyObject *chunk = PyIter_Next(self->iter);
+    if (sr->settled)
+        return chunk;
+    if (chunk != NULL) {
+        if (sr->status != NULL && (!PyBytes_Check(chunk) || PyBytes_GET_SIZE(chunk) > 0)
+            && settle(sr) < 0) {
+            Py_DECREF(chunk);
+            return NULL;
+        }
+        return chunk;
+    }
+    if (PyErr_Occurred())
+        sr->settled = 1;
+    else
+        settle(sr);  /* -1 leaves a BaseException set: NULL passes it on */
+    return NULL;
+}
+
+/* Body.close(): the application's close(), if it has one.  Nothing is
+ * counted after it. */
+static PyObject *Body_close(Body *self, PyObject *unused)
+{
+    PyObject *close, *r;
+    self->sr->settled = 1;
+    if ((close = PyObject_GetAttr(self->result, str_close)) == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    r = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    return r;
+}
+
+static int Body_traverse(Body *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->sr);
+    Py_VISIT(self->iter);
+    Py_VISIT(self->result);
+    return 0;
+}
+
+static int Body_clear(Body *self)
+{
+    Py_CLEAR(self->sr);
+    Py_CLEAR(self->iter);
+    Py_CLEAR(self->result);
+    return 0;
+}
+
+static void Body_dealloc(Body *self)
+{
+    PyObject_GC_UnTrack(self);
+    Body_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMethodDef Body_methods[] = {
+    {"close", (PyCFunction)Body_close, METH_NOARGS, "the application's close()"},
+    {NULL}
+};
+
+static PyTypeObject BodyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "trafficthreshold._middleware.Body",
+    .tp_basicsize = sizeof(Body),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The body of an application that starts its response when iterated.",
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Body_next,
+    .tp_methods = Body_methods,
+    .tp_traverse = (traverseproc)Body_traverse,
+    .tp_clear = (inquiry)Body_clear,
+    .tp_dealloc = (destructor)Body_dealloc,
+};
+
+/* The application returned `result` (a new reference, taken over) without
+ * calling start_response: a Body around it; or `result` itself if it is
+ * not iterable (the server's error, as without the middleware). */
+static PyObject *wrap_body(StartResponse *sr, PyObject *result)
+{
+    Body *body;
+    PyObject *iter = PyObject_GetIter(result);
+    if (iter == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        sr->settled = 1;
+        return result;
+    }
+    if ((body = PyObject_GC_New(Body, &BodyType)) == NULL) {
+        Py_DECREF(iter);
+        Py_DECREF(result);
+        return NULL;
+    }
+    body->sr = (StartResponse *)Py_NewRef(sr);
+    body->iter = iter;
+    body->result = result;
+    PyObject_GC_Track(body);
+    return (PyObject *)body;
+}
 
 /* Puts the throttle level in environ[self.environ_key] (0 if it cannot be
  * read).  0, or -1 with a BaseException set. */
@@ -412,9 +604,20 @@ static PyObject *Middleware_call(Middleware *mw, PyObject *args, PyObject *kwarg
     wrapper->mw = (Middleware *)Py_NewRef(mw);
     wrapper->environ = Py_NewRef(environ);
     wrapper->start_response = Py_NewRef(start_response);
+    wrapper->status = wrapper->headers = NULL;
+    wrapper->settled = 0;
     PyObject_GC_Track(wrapper);
     call[1] = (PyObject *)wrapper;
     result = PyObject_Vectorcall(app, call, 2, NULL);
+    if (result == NULL) {
+        wrapper->settled = 1;  /* the application raised: not counted */
+    } else if (wrapper->status != NULL) {
+        /* Its response started and nothing of the body has been sent. */
+        if (settle(wrapper) < 0)
+            Py_CLEAR(result);
+    } else if (!wrapper->settled) {
+        result = wrap_body(wrapper, result);
+    }
     Py_DECREF(wrapper);
 done:
     Py_DECREF(app);
@@ -509,14 +712,15 @@ static PyTypeObject MiddlewareType = {
 /* ------------------------------------------------------------ the module */
 
 /* _setup(health_paths, static_prefixes, static_extensions, counted_methods,
- *        html_memo, is_html, hit, throttle_status): pageviews.py, once. */
+ *        html_memo, is_html, accepts_html, hit, throttle_status):
+ * pageviews.py, once. */
 static PyObject *mod_setup(PyObject *self, PyObject *args)
 {
-    PyObject *hp, *sp, *se, *cm, *memo, *is_html, *hit, *ts;
+    PyObject *hp, *sp, *se, *cm, *memo, *is_html, *accepts_html, *hit, *ts;
     Py_ssize_t i;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOO:_setup", &PyFrozenSet_Type, &hp, &PyTuple_Type,
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOOO:_setup", &PyFrozenSet_Type, &hp, &PyTuple_Type,
                           &sp, &PyFrozenSet_Type, &se, &PyFrozenSet_Type, &cm, &PyDict_Type,
-                          &memo, &is_html, &hit, &ts))
+                          &memo, &is_html, &accepts_html, &hit, &ts))
         return NULL;
     for (i = 0; i < PyTuple_GET_SIZE(sp); i++)
         if (!PyUnicode_Check(PyTuple_GET_ITEM(sp, i))) {
@@ -529,6 +733,7 @@ static PyObject *mod_setup(PyObject *self, PyObject *args)
     Py_XSETREF(counted_methods, Py_NewRef(cm));
     Py_XSETREF(html_memo, Py_NewRef(memo));
     Py_XSETREF(is_html_cb, Py_NewRef(is_html));
+    Py_XSETREF(accepts_html_cb, Py_NewRef(accepts_html));
     Py_XSETREF(hit_cb, Py_NewRef(hit));
     Py_XSETREF(throttle_status_cb, Py_NewRef(ts));
     Py_RETURN_NONE;
@@ -553,13 +758,16 @@ PyMODINIT_FUNC PyInit__middleware(void)
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
     INTERN(str_request_method, "REQUEST_METHOD");
     INTERN(str_path_info, "PATH_INFO");
+    INTERN(str_http_accept, "HTTP_ACCEPT");
+    INTERN(str_close, "close");
     INTERN(str_failed, "_failed");
     INTERN(str_count_if, "_count_if");
     INTERN(str_level, "level");
     INTERN(str_hit, "hit");
     INTERN(str_decide, "decide");
 #undef INTERN
-    if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&StartResponseType) < 0)
+    if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&StartResponseType) < 0
+        || PyType_Ready(&BodyType) < 0)
         return NULL;
     if ((m = PyModule_Create(&moduledef)) == NULL)
         return NULL;

@@ -3,7 +3,7 @@
 ::
 
     from trafficthreshold.asgi import TrafficThreshold
-    app = TrafficThreshold(app, account="host")
+    app = TrafficThreshold(app, account="host", allowed_hosts=["example.com"])
 
     # Starlette / FastAPI:   request.state.trafficthreshold_level
     # any ASGI application:  scope["trafficthreshold.level"]
@@ -17,8 +17,10 @@ application is called, in ``scope["trafficthreshold.level"]`` and in the
 request state ``scope["state"]["trafficthreshold_level"]`` (the dict behind
 Starlette's ``request.state``; created if the server provides none).  The
 request is counted when the application sends ``http.response.start`` (the
-status and headers are known, no body has been sent), before that message
-is passed on; at most once.  Messages are passed on unchanged, in order,
+status and headers are known and final: ASGI has no way to restart a
+response; no body has been sent), before that message is passed on; at
+most once.  The rule is :func:`pageviews.is_page_view` (GET, an HTML 2xx or
+a 304 of a page).  Messages are passed on unchanged, in order,
 and ``receive`` is not wrapped.  Counting errors are logged once per process
 (``trafficthreshold.asgi`` logger), never raised into the request.  A hit
 does not await anything: it is an atomic add in shared memory.
@@ -26,10 +28,10 @@ does not await anything: it is an atomic add in shared memory.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, MutableMapping, Optional
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping, Optional
 
 from . import pageviews
-from .pageviews import COUNTED_METHODS, HTML_TYPES, RequestInfo, is_excluded_path, warn_once
+from .pageviews import COUNTED_METHODS, RequestInfo, is_excluded_path, warn_once
 
 log = logging.getLogger("trafficthreshold.asgi")
 
@@ -46,12 +48,18 @@ _throttle_status = pageviews._throttle_status
 STATE_KEY = "trafficthreshold_level"
 
 
-def scope_host(scope: Scope) -> Optional[bytes]:
-    """The Host header of an ASGI request (None if the client sent none)."""
+def scope_header(scope: Scope, wanted: bytes) -> Optional[bytes]:
+    """A request header (``wanted``: lower case, as ASGI gives names) of an
+    ASGI request; None if the client sent none."""
     for name, value in scope.get("headers") or ():
-        if name == b"host":
+        if name == wanted:
             return value
     return None
+
+
+def scope_host(scope: Scope) -> Optional[bytes]:
+    """The Host header of an ASGI request (None if the client sent none)."""
+    return scope_header(scope, b"host")
 
 
 def _content_type(headers: Any) -> str:
@@ -65,13 +73,15 @@ def _content_type(headers: Any) -> str:
 class TrafficThreshold:
     """Wrap an ASGI application.
 
-    The options are those of :class:`trafficthreshold.wsgi.TrafficThreshold`;
-    an ``account`` callable receives the ASGI scope.  ``scope_key``: where
+    The options are those of :class:`trafficthreshold.wsgi.TrafficThreshold`
+    (``account``, ``allowed_hosts``, ``event``, ``count_if``); an
+    ``account`` callable receives the ASGI scope.  ``scope_key``: where
     the level goes in the scope (None: nowhere); ``state_key``: its name in
     the request state (None: not put there).
     """
 
-    def __init__(self, app: ASGIApp, *, account: object = None, event: str = "pageview",
+    def __init__(self, app: ASGIApp, *, account: object = None,
+                 allowed_hosts: Optional[Iterable[str]] = None, event: str = "pageview",
                  count_if: Optional[CountIf] = None,
                  scope_key: Optional[str] = "trafficthreshold.level",
                  state_key: Optional[str] = STATE_KEY) -> None:
@@ -79,7 +89,8 @@ class TrafficThreshold:
         self.count_if = count_if
         self.scope_key = scope_key
         self.state_key = state_key
-        self.record = pageviews.middleware_recorder(account, scope_host, event, count_if, log)
+        self.record = pageviews.middleware_recorder(account, scope_host, event, count_if, log,
+                                                    allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
@@ -122,10 +133,15 @@ class TrafficThreshold:
 
     def _is_page_view(self, scope: Scope, message: Message) -> bool:
         status = int(message.get("status", 0))
-        if self.count_if is None:
-            return 200 <= status < 400 and _content_type(message.get("headers")) in HTML_TYPES
+        content_type = _content_type(message.get("headers"))
+        if self.count_if is None:  # the method and path were checked before
+            return pageviews.is_page_response(
+                status, content_type,
+                scope_header(scope, b"accept") if status == 304 else None)
         headers = [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
                    for n, v in message.get("headers") or ()]
+        accept = scope_header(scope, b"accept")
         info = RequestInfo(scope.get("method", ""), scope.get("path", ""), status,
-                           _content_type(message.get("headers")), headers, scope)
+                           content_type, headers, scope,
+                           accept.decode("latin-1") if accept else "")
         return bool(self.count_if(info))

@@ -8,14 +8,18 @@ settings.py::
     ]
     TRAFFICTHRESHOLD = {               # every key is optional
         "account": "host",             # or "myproject.traffic.account_of", or None
+        "allowed_hosts": [...],        # default: settings.ALLOWED_HOSTS
         "event": "pageview",
         "count_if": "myproject.traffic.is_page_view",   # default: pageviews.is_page_view
     }
 
 ``account`` and ``count_if`` are callables or dotted paths to them; the
 account callable receives the ``HttpRequest``; ``"host"`` is
-``request.get_host()`` lower-cased without its port (a host not in
-``ALLOWED_HOSTS`` counts in the total only).  ``STATIC_URL`` and
+``request.get_host()`` lower-cased without its port and trailing dot, if it
+is in ``allowed_hosts`` (Django's syntax; by default
+``settings.ALLOWED_HOSTS`` as Django reads it, so with ``DEBUG`` and an
+empty list ``.localhost``, ``127.0.0.1`` and ``[::1]``); the page views of
+other hosts count in the total only.  ``STATIC_URL`` and
 ``MEDIA_URL``, when they are paths, are excluded like ``/static/``.
 
 In views and templates the throttle level (0..5) is
@@ -24,8 +28,10 @@ In views and templates the throttle level (0..5) is
 ``context_processors`` to have ``{{ trafficthreshold_level }}``.
 
 The request is counted when the view's response comes back through the
-middleware: its status and ``Content-Type`` are known and nothing has been
-sent.  Placed first in ``MIDDLEWARE``, it sees the final response of every
+middleware: its status and ``Content-Type`` are final (an exception in a
+view has become Django's 500 response by then) and nothing has been sent.
+The rule is :func:`pageviews.is_page_view` (GET, an HTML 2xx or a 304 of a
+page).  Placed first in ``MIDDLEWARE``, it sees the final response of every
 other middleware.  The response is returned unchanged (streaming responses
 included).  Works for both sync and async stacks.  It never raises into a
 request: counting errors are logged once per process
@@ -47,7 +53,9 @@ from .pageviews import RequestInfo
 log = logging.getLogger("trafficthreshold.django")
 
 SETTING = "TRAFFICTHRESHOLD"
-OPTIONS = ("account", "event", "count_if")
+OPTIONS = ("account", "allowed_hosts", "event", "count_if")
+#: What Django allows when DEBUG is on and ALLOWED_HOSTS is empty.
+DEBUG_HOSTS = (".localhost", "127.0.0.1", "[::1]")
 #: The attribute of the HttpRequest holding the level.
 REQUEST_ATTRIBUTE = "trafficthreshold_level"
 
@@ -83,6 +91,15 @@ def _url_prefixes() -> tuple[str, ...]:
     return tuple(found)
 
 
+def default_allowed_hosts() -> list[str]:
+    """``settings.ALLOWED_HOSTS`` as Django applies it (``DEBUG`` with an
+    empty list allows the local names)."""
+    hosts = list(getattr(settings, "ALLOWED_HOSTS", None) or ())
+    if not hosts and getattr(settings, "DEBUG", False):
+        hosts = list(DEBUG_HOSTS)
+    return hosts
+
+
 def context_processor(request: Any) -> dict[str, int]:
     """``{{ trafficthreshold_level }}`` in templates."""
     return {REQUEST_ATTRIBUTE: getattr(request, REQUEST_ATTRIBUTE, 0)}
@@ -108,8 +125,11 @@ class TrafficThresholdMiddleware:
         if count_if is not None and not callable(count_if):
             raise ImproperlyConfigured(f"{SETTING}['count_if'] must be a callable or a "
                                        "dotted path to one")
+        allowed_hosts = config.get("allowed_hosts")
+        if allowed_hosts is None and account == "host":
+            allowed_hosts = default_allowed_hosts()
         try:
-            resolver = pageviews.account_resolver(account, request_host)
+            resolver = pageviews.account_resolver(account, request_host, allowed_hosts, log)
             self.record = pageviews.make_recorder(resolver, config.get("event", "pageview"), log)
         except (TypeError, ValueError) as exc:
             raise ImproperlyConfigured(f"settings.{SETTING}: {exc}") from exc
@@ -140,7 +160,8 @@ class TrafficThresholdMiddleware:
             info = RequestInfo(request.method or "", request.path_info,
                                int(response.status_code),
                                pageviews.media_type(response.get("Content-Type")),
-                               list(response.items()), request)
+                               list(response.items()), request,
+                               request.META.get("HTTP_ACCEPT") or "")
             if self.count_if is not None:
                 counted = bool(self.count_if(info))
             else:

@@ -1,18 +1,30 @@
 """What a page view is, and whose: shared by the WSGI, ASGI and Django
 middleware (``wsgi.py``, ``asgi.py``, ``django.py``).
 
-The default rule (:func:`is_page_view`): a ``GET`` or ``HEAD`` answered
-``2xx``/``3xx`` with an HTML body (``Content-Type`` ``text/html`` or
-``application/xhtml+xml``), except static files (:data:`STATIC_PREFIXES`,
-:data:`STATIC_EXTENSIONS`) and health checks (:data:`HEALTH_PATHS`).  A
-``count_if(info) -> bool`` predicate replaces the rule; it receives a
-:class:`RequestInfo` and may call :func:`is_page_view` to extend it.
+The default rule (:func:`is_page_view`) counts the pages a visitor sees,
+the web analytics convention: a ``GET`` answered ``2xx`` with an HTML body
+(``Content-Type`` ``text/html`` or ``application/xhtml+xml``), or ``304 Not
+Modified`` for such a page (:func:`is_page_response`), except static files
+(:data:`STATIC_PREFIXES`, :data:`STATIC_EXTENSIONS`) and health checks
+(:data:`HEALTH_PATHS`).  Never a ``HEAD`` (monitors and crawlers: nobody
+sees a page), never another ``3xx`` (a redirect is not seen either; its
+target is counted when it is served, so a navigation through a redirect is
+one page view).  A ``count_if(info) -> bool`` predicate replaces the rule;
+it receives a :class:`RequestInfo` and may call :func:`is_page_view` to
+extend it.
 
 The method and the path are known before the application runs, so the
 middleware decide "certainly not a page view" there and leave those requests
 alone (no wrapper, nothing but the throttle level added).  The status and
-the content type are known when the response starts; the hit is counted
-then, before the first byte of the body is sent.
+the content type are final when the response starts (WSGI: when the
+application returns its body, after its last ``start_response`` call); the
+hit is counted then, before the first byte of the body is sent.
+
+``account="host"`` takes the account from the ``Host`` header
+(:func:`host_name`), which any client can make up; an allow-list
+(:func:`host_matcher`, Django's ``ALLOWED_HOSTS`` syntax) keeps made-up
+names out of the key table: a page of a host outside it counts in the total
+only.
 
 Everything here runs inside a request, so nothing here may raise into it:
 :func:`make_recorder` and :func:`level` catch every error and log it once per
@@ -30,8 +42,9 @@ log = logging.getLogger("trafficthreshold.pageviews")
 
 #: Media types of an HTML page (compared without parameters, lower case).
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-#: Methods that can be page views.
-COUNTED_METHODS = frozenset({"GET", "HEAD"})
+#: Methods that can be page views.  Not ``HEAD``: monitors, link checkers
+#: and crawlers send it, and no visitor sees a page from it.
+COUNTED_METHODS = frozenset({"GET"})
 #: Paths under these prefixes are static files, never page views.
 STATIC_PREFIXES = ("/static/", "/media/")
 #: Paths ending with these (case-insensitively) are assets, never page views.
@@ -60,23 +73,25 @@ class RequestInfo:
     """What ``count_if`` sees of a request whose response has started.
 
     ``method`` and ``path`` (the application's path: WSGI ``PATH_INFO``,
-    ASGI ``path``, Django ``request.path_info``); ``status`` (int);
-    ``content_type``: the media type of the response, lower case, without
-    parameters (``""`` if none); ``headers``: the response headers as
-    ``(name, value)`` str pairs; ``request``: the WSGI environ, the ASGI
-    scope or the Django ``HttpRequest``.
+    ASGI ``path``, Django ``request.path_info``); ``status`` (int, the
+    final one); ``content_type``: the media type of the response, lower
+    case, without parameters (``""`` if none); ``headers``: the response
+    headers as ``(name, value)`` str pairs; ``request``: the WSGI environ,
+    the ASGI scope or the Django ``HttpRequest``; ``accept``: the request's
+    ``Accept`` header (``""`` if none).
     """
 
-    __slots__ = ("method", "path", "status", "content_type", "headers", "request")
+    __slots__ = ("method", "path", "status", "content_type", "headers", "request", "accept")
 
     def __init__(self, method: str, path: str, status: int, content_type: str,
-                 headers: list[tuple[str, str]], request: Any) -> None:
+                 headers: list[tuple[str, str]], request: Any, accept: str = "") -> None:
         self.method = method
         self.path = path
         self.status = status
         self.content_type = content_type
         self.headers = headers
         self.request = request
+        self.accept = accept
 
     def __repr__(self) -> str:
         return (f"RequestInfo({self.method} {self.path!r} -> {self.status} "
@@ -103,12 +118,54 @@ def is_html(content_type: str) -> bool:
     return answer
 
 
+def accepts_html(accept: str | bytes | None) -> bool:
+    """Whether an ``Accept`` header lists an HTML media type (not ``*/*``
+    alone, not with ``q=0``): what a browser sends when it loads a page,
+    unlike images, scripts and ``fetch()``."""
+    if not accept:
+        return False
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
+    for item in accept.split(","):
+        kind, _, params = item.partition(";")
+        if kind.strip().lower() not in HTML_TYPES:
+            continue
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    if float(value) <= 0:
+                        break
+                except ValueError:
+                    pass
+        else:
+            return True
+    return False
+
+
+def is_page_response(status: int, content_type: str, accept: str | bytes | None = None) -> bool:
+    """The default rule's verdict on a response (the method and the path
+    aside): ``2xx`` with an HTML ``content_type`` (a media type, as
+    :func:`media_type` returns it); or ``304 Not Modified`` with an HTML
+    ``content_type``, or with none when the request's ``accept`` lists HTML
+    (Django and Werkzeug drop ``Content-Type`` from a 304).  A 304 is a page
+    the visitor sees, from the browser's cache: log analysers (AWStats'
+    default ``200 304``) count it, and a page tag (JavaScript) runs on it.
+    Any other ``3xx`` is a redirect: not counted (its target is, when
+    served)."""
+    if 200 <= status < 300:
+        return content_type in HTML_TYPES
+    if status == 304:
+        return content_type in HTML_TYPES if content_type else accepts_html(accept)
+    return False
+
+
 def _setup_c(hit: Callable[..., None], throttle_status: Callable[[], int]) -> None:
     """Hand the rule's tables and the worker API to the C code (at import;
     tests hand it failing functions).  The tables are frozen, so the C and
     Python views of the rule cannot drift apart."""
     _middleware._setup(HEALTH_PATHS, STATIC_PREFIXES, STATIC_EXTENSIONS, COUNTED_METHODS,
-                       _html_memo, is_html, hit, throttle_status)
+                       _html_memo, is_html, accepts_html, hit, throttle_status)
 
 
 _setup_c(_hit, _throttle_status)
@@ -122,14 +179,17 @@ is_excluded_path = _middleware.excluded_path
 
 
 def is_page_view(info: RequestInfo) -> bool:
-    """The default rule: GET/HEAD, 2xx/3xx, HTML, not static, not a health check."""
-    return (info.method in COUNTED_METHODS and 200 <= info.status < 400
-            and info.content_type in HTML_TYPES and not is_excluded_path(info.path))
+    """The default rule: GET, an HTML 2xx or a 304 of a page
+    (:func:`is_page_response`), not static, not a health check."""
+    return (info.method in COUNTED_METHODS
+            and is_page_response(info.status, info.content_type, info.accept)
+            and not is_excluded_path(info.path))
 
 
 def host_name(host: str | bytes | None) -> str | None:
-    """The Host header lower-cased without its port: ``"Example.COM:8080"``
-    -> ``"example.com"``, ``"[::1]:8000"`` -> ``"[::1]"``; None if absent."""
+    """The Host header normalised: lower-cased, without its port and
+    trailing dot: ``"Example.COM.:8080"`` -> ``"example.com"``,
+    ``"[::1]:8000"`` -> ``"[::1]"``; None if absent or empty."""
     if not host:
         return None
     if isinstance(host, bytes):
@@ -139,7 +199,65 @@ def host_name(host: str | bytes | None) -> str | None:
         end = host.find("]")
         return host[:end + 1] if end > 0 else host
     name, colon, port = host.rpartition(":")
-    return name if colon and (not port or port.isdigit()) else host
+    if colon and (not port or port.isdigit()):
+        host = name
+    return host.rstrip(".") or None
+
+
+#: A host allow-list, compiled: ``allowed(host_name) -> bool``.
+HostMatcher = Callable[[str], bool]
+
+
+def host_matcher(patterns: object) -> Optional[HostMatcher]:
+    """Compile an allow-list of hosts, in the syntax of Django's
+    ``ALLOWED_HOSTS``: ``"example.com"`` exactly that host,
+    ``".example.com"`` that host and every subdomain of it, ``"*"`` any
+    host.  Patterns are compared lower-case, without a trailing dot, to
+    :func:`host_name` results.
+
+    Returns None for "every host" (a ``"*"`` among the patterns), else a
+    function doing set lookups only: the host, then each parent domain
+    against the wildcards (a few lookups, no regex).  Raises TypeError for
+    a bare string or a non-string pattern, ValueError for an empty one (at
+    start-up).
+    """
+    if isinstance(patterns, (str, bytes)):
+        raise TypeError(f"allowed_hosts={patterns!r} is a single string; give a list, "
+                        f"e.g. allowed_hosts=[{patterns!r}]")
+    try:
+        items = list(patterns)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"allowed_hosts={patterns!r} is not a list of host names; give e.g. "
+                        "allowed_hosts=['example.com', '.example.org']") from None
+    exact: set[str] = set()
+    domains: set[str] = set()
+    for pattern in items:
+        if not isinstance(pattern, str):
+            raise TypeError(f"allowed_hosts entry {pattern!r} is not a str")
+        name = pattern.strip().lower()
+        if name == "*":
+            return None
+        wildcard = name.startswith(".")
+        name = name.lstrip(".").rstrip(".") if wildcard else name.rstrip(".")
+        if not name:
+            raise ValueError(f"allowed_hosts entry {pattern!r} is empty; give a host name "
+                             "('example.com'), a domain with its subdomains "
+                             "('.example.com') or '*'")
+        (domains if wildcard else exact).add(name)
+
+    def allowed(host: str) -> bool:
+        if host in exact or host in domains:
+            return True
+        dot = host.find(".")
+        while dot >= 0:
+            if host[dot + 1:] in domains:
+                return True
+            dot = host.find(".", dot + 1)
+        return False
+
+    allowed.exact = frozenset(exact)  # type: ignore[attr-defined]  # to inspect
+    allowed.domains = frozenset(domains)  # type: ignore[attr-defined]
+    return allowed
 
 
 #: How many distinct Host headers :func:`host_account` remembers; past
@@ -147,11 +265,23 @@ def host_name(host: str | bytes | None) -> str | None:
 HOST_MEMO_SIZE = 1024
 
 
-def host_account(host_of: Callable[[Any], Any]) -> AccountFunc:
-    """An account function: :func:`host_name` of ``host_of(request)``,
-    memoized per raw header value (a dict lookup per request instead of
-    string work), bounded by :data:`HOST_MEMO_SIZE`."""
+def host_account(host_of: Callable[[Any], Any], allowed: Optional[HostMatcher] = None,
+                 logger: logging.Logger = log) -> AccountFunc:
+    """An account function: :func:`host_name` of ``host_of(request)`` if
+    ``allowed`` (a :func:`host_matcher` result; None: every host) accepts
+    it, else None (the total only; logged once per process).  Memoized per
+    raw header value (a dict lookup per request instead of string work and
+    matching), bounded by :data:`HOST_MEMO_SIZE`."""
     memo: dict[Any, Optional[str]] = {}
+
+    def resolve(raw: Any) -> Optional[str]:
+        name = host_name(raw)
+        if name is not None and allowed is not None and not allowed(name):
+            warn_once(logger, "host-not-allowed", "trafficthreshold: Host %r is not in "
+                      "allowed_hosts; its page views (and those of every other host "
+                      "outside the list) are counted in the total only", name)
+            return None
+        return name
 
     def account(request: Any) -> Optional[str]:
         raw = host_of(request)
@@ -160,10 +290,10 @@ def host_account(host_of: Callable[[Any], Any]) -> AccountFunc:
         except KeyError:
             pass
         except TypeError:  # unhashable: a broken server; no memo
-            return host_name(raw)
+            return resolve(raw)
         if len(memo) >= HOST_MEMO_SIZE:
             memo.clear()
-        name = memo[raw] = host_name(raw)
+        name = memo[raw] = resolve(raw)
         return name
 
     account.memo = memo  # type: ignore[attr-defined]  # to inspect its size
@@ -221,17 +351,26 @@ def check_event(event: object) -> str:
     return event  # type: ignore[return-value]
 
 
-def account_resolver(account: object, host_of: Callable[[Any], Any]) -> AccountFunc | None:
+def account_resolver(account: object, host_of: Callable[[Any], Any],
+                     allowed_hosts: object = None,
+                     logger: logging.Logger = log) -> AccountFunc | None:
     """Turn the ``account`` option into a function of the request.
 
     ``None``: count the total only.  ``"host"``: the Host header (``host_of``
-    extracts it from the framework's request), lower-cased, without port.
-    A callable: called with the request; returns the account name or None.
+    extracts it from the framework's request), normalised
+    (:func:`host_name`), if ``allowed_hosts`` (a list for
+    :func:`host_matcher`; None: every host) has it, else None.  A callable:
+    called with the request; returns the account name or None.
+    ``allowed_hosts`` with another account raises TypeError.
     """
+    if account == "host":
+        allowed = None if allowed_hosts is None else host_matcher(allowed_hosts)
+        return host_account(host_of, allowed, logger)
+    if allowed_hosts is not None:
+        raise TypeError(f"allowed_hosts applies to account='host' only, not to "
+                        f"account={account!r}; remove allowed_hosts")
     if account is None:
         return None
-    if account == "host":
-        return host_account(host_of)
     if callable(account):
         return account
     raise TypeError(f"account={account!r} is not valid; use None (the total only), "
@@ -240,14 +379,23 @@ def account_resolver(account: object, host_of: Callable[[Any], Any]) -> AccountF
 
 
 def middleware_recorder(account: object, host_of: Callable[[Any], Any], event: str,
-                        count_if: object, logger: logging.Logger = log) -> Callable[[Any], None]:
+                        count_if: object, logger: logging.Logger = log,
+                        allowed_hosts: object = None) -> Callable[[Any], None]:
     """What the WSGI and ASGI middleware do at start-up: check ``count_if``,
     build the ``record(request)`` function (:func:`make_recorder`) and attach
-    to the segment now (:func:`warm_up`).  Bad options raise here."""
+    to the segment now (:func:`warm_up`).  Bad options raise here.
+    ``account="host"`` without ``allowed_hosts`` logs a warning: every Host
+    header a client makes up would take a key."""
     if count_if is not None and not callable(count_if):
         raise TypeError(f"count_if={count_if!r} is not callable; give a function "
                         "count_if(info) -> bool, or None for the default rule")
-    record = make_recorder(account_resolver(account, host_of), event, logger)
+    record = make_recorder(account_resolver(account, host_of, allowed_hosts, logger),
+                           event, logger)
+    if account == "host" and allowed_hosts is None:
+        warn_once(logger, "no-allowed-hosts", "trafficthreshold: account='host' without "
+                  "allowed_hosts: every Host header a client makes up takes a key until "
+                  "the key table is full; give allowed_hosts=['example.com', "
+                  "'.example.com'] (or ['*'] to accept this)")
     warm_up(logger)
     return record
 

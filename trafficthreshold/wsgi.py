@@ -3,7 +3,8 @@
 ::
 
     from trafficthreshold.wsgi import TrafficThreshold
-    application = TrafficThreshold(application, account="host")
+    application = TrafficThreshold(application, account="host",
+                                   allowed_hosts=["example.com", ".example.org"])
 
     # in the application:
     if environ["trafficthreshold.level"] >= 2:
@@ -13,26 +14,36 @@ What it does per request:
 
 * puts the throttle level (0..5, :func:`trafficthreshold.throttle_status`)
   in ``environ["trafficthreshold.level"]`` before calling the application;
-* requests that cannot be page views (not GET/HEAD, static files, health
+* requests that cannot be page views (not GET, static files, health
   checks: :mod:`trafficthreshold.pageviews`) go to the application as they
   are, with the server's own ``start_response``;
-* for the others it wraps ``start_response``: when the application calls it
-  (the status and headers are known, no byte of the body has been sent),
-  the request is counted if the response is a page view.  At most once per
-  request: a second call (the ``exc_info`` re-call of an application that
-  failed after starting its response) is passed on, never counted again.
+* for the others it wraps ``start_response``, which passes every call on
+  and remembers the status and headers of the latest.  The final status
+  decides: an application may call ``start_response`` again with
+  ``exc_info`` (200 restarted as 500) until a byte of the body is sent.  So
+  the request is decided, and counted if the response is a page view, when
+  the application returns its body iterable (the server has sent nothing
+  of it yet), before the middleware hands it to the server; for an
+  application that calls ``start_response`` only while its body is
+  iterated (a generator), at its first non-empty chunk, or at the end of an
+  empty body.  At most once per request; an application that raises is
+  not counted (the server answers 500).  (A restart while the body of an
+  application that started its response in its call is iterated comes
+  after the decision: the status at its return counts.)
 
 It never changes the response: the status, the headers, the body iterable
 (returned as it is, so ``close()``, ``wsgi.file_wrapper`` and streaming
-behave exactly as without the middleware) and ``write()``.  It never raises
+behave exactly as without the middleware; only a generator application's
+body is wrapped, in a C iterator that passes every chunk and ``close()``
+on) and ``write()``.  It never raises
 into a request: every counting error is logged once per process
 (``trafficthreshold.wsgi`` logger) and the request goes on.  It does not
 block: a hit is an atomic add in shared memory (the semaphore, taken with a
 50 ms timeout, is needed only when a key or a minute is new).
 
-All of this per-request path is C (``_middleware.c``): about 3,000
-instructions per page, 0.7 % of a hello-world page under gunicorn
-(benchmarks/bench_middleware_instructions.py).  Python runs only for a
+All of this per-request path is C (``_middleware.c``): about 2,000 to
+3,000 instructions per page, under 1 % of a hello-world page under gunicorn
+(benchmarks/bench_middleware_instructions.py, docs/webapps.rst).  Python runs only for a
 ``count_if`` predicate, the account of a counted page, and errors.
 
 The middleware attaches to the segment when it is created, which with
@@ -63,8 +74,14 @@ class TrafficThreshold(_middleware.Middleware):
     """Wrap a WSGI application.
 
     ``account``: None (count the total only), ``"host"`` (the Host header,
-    lower-cased, without port) or a callable ``account(environ) -> str |
-    None``.  ``event``: the event name (default ``"pageview"``).
+    lower-cased, without port and trailing dot) or a callable
+    ``account(environ) -> str | None``.  ``allowed_hosts`` (with
+    ``account="host"``): the hosts that are accounts, in the syntax of
+    Django's ``ALLOWED_HOSTS`` (``"example.com"``, ``".example.com"`` for
+    it and its subdomains, ``"*"``); the pages of other hosts count in the
+    total only.  None: every host (a warning is logged: made-up Host headers
+    would fill the key table).  ``event``: the event name (default
+    ``"pageview"``).
     ``count_if``: ``count_if(info: RequestInfo) -> bool`` replaces the
     default rule :func:`trafficthreshold.pageviews.is_page_view`.
     ``environ_key``: where the throttle level goes (None: nowhere).
@@ -80,9 +97,11 @@ class TrafficThreshold(_middleware.Middleware):
     """
 
     def __init__(self, app: WSGIApp, *, account: object = None,
+                 allowed_hosts: Optional[Iterable[str]] = None,
                  event: str = "pageview", count_if: Optional[CountIf] = None,
                  environ_key: Optional[str] = "trafficthreshold.level") -> None:
-        record = pageviews.middleware_recorder(account, environ_host, event, count_if, log)
+        record = pageviews.middleware_recorder(account, environ_host, event, count_if, log,
+                                               allowed_hosts)
         self.count_if = count_if
         # With no account the C code calls hit(None, event) itself; an
         # account needs record(environ), which resolves it in Python.
@@ -91,7 +110,8 @@ class TrafficThreshold(_middleware.Middleware):
                          environ_key=environ_key, count_if=count_if is not None)
 
     def _count_if(self, environ: Environ, status: str, headers: list) -> bool:
-        """The ``count_if`` predicate's verdict on a started response."""
+        """The ``count_if`` predicate's verdict on a response, by its final
+        status and headers (the C code calls this when it settles)."""
         assert self.count_if is not None
         content_type = ""
         for name, value in headers:
@@ -99,7 +119,8 @@ class TrafficThreshold(_middleware.Middleware):
                 content_type = pageviews.media_type(value)
                 break
         info = RequestInfo(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""),
-                           int(status[:3]), content_type, list(headers), environ)
+                           int(status[:3]), content_type, list(headers), environ,
+                           environ.get("HTTP_ACCEPT") or "")
         return bool(self.count_if(info))
 
     def _failed(self, kind: str, exc: BaseException) -> None:
