@@ -203,3 +203,100 @@ def test_redis_killed_mid_roll_loses_and_doubles_nothing(server: RedisServer) ->
     for acct in ("acme", "shop", "all"):
         expected = sum(c for (a, _), c in truth.items() if a == acct)
         assert store.period(acct, "pageview", 2026, 2, 3)["total"] == expected
+
+
+# ---------------------------------------------------------------- Sentinel
+
+
+def start_process(args: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def sentinel_farm(tmp_path: Path) -> Iterator[tuple[list[subprocess.Popen], "redis.Sentinel"]]:
+    """A master, a replica and three sentinels, all real, on free ports."""
+    if shutil.which("redis-sentinel") is None:
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    procs: list[subprocess.Popen] = []
+    master, replica = free_port(), free_port()
+    try:
+        for port, extra in ((master, []), (replica, ["--replicaof", "127.0.0.1", str(master)])):
+            d = tmp_path / f"r{port}"
+            d.mkdir()
+            procs.append(start_process(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+                 "--appendonly", "yes", "--save", "", *extra], port))
+        sentinels = []
+        for _ in range(3):
+            port = free_port()
+            conf = tmp_path / f"sentinel{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                f"sentinel monitor tt 127.0.0.1 {master} 2\n"
+                "sentinel down-after-milliseconds tt 500\n"
+                "sentinel failover-timeout tt 3000\n")
+            procs.append(start_process(["redis-sentinel", str(conf)], port))
+            sentinels.append(("127.0.0.1", port))
+        yield procs, redis.Sentinel(sentinels, socket_timeout=1)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_sentinel_failover_loses_nothing(sentinel_farm) -> None:
+    """Roll through a master, SIGKILL it, let the sentinels promote the
+    replica, and roll the ring again through the new master: the watermarks
+    are read from Redis, never cached, so whatever the failover lost is
+    re-sent and the totals are exact."""
+    procs, sentinel = sentinel_farm
+    store = RedisStore(sentinel.master_for("tt", socket_timeout=1), ZONE, "web1")
+    truth: dict[tuple[str, int], int] = {}
+
+    def grow_and_roll(step: int) -> None:
+        for acct in ("acme", "all"):
+            truth[acct, MINUTE + step % 5] = truth.get((acct, MINUTE + step % 5), 0) + 3
+        store.roll([(a, "pageview", m, c) for (a, m), c in truth.items()], now=step)
+
+    for step in range(20):
+        grow_and_roll(step)
+    old_master = sentinel.discover_master("tt")
+    procs[0].kill()  # the master, SIGKILL
+    procs[0].wait()
+    deadline = time.monotonic() + 20
+    while not _master_known(sentinel) or sentinel.discover_master("tt") == old_master:
+        assert time.monotonic() < deadline, "no failover within 20 s"
+        time.sleep(0.2)
+    for step in range(20, 40):
+        for _ in range(50):  # the client follows the new master
+            try:
+                grow_and_roll(step)
+                break
+            except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError):
+                time.sleep(0.1)
+        else:
+            pytest.fail("the store never reached the new master")
+    assert sentinel.discover_master("tt") != old_master
+    for acct in ("acme", "all"):
+        expected = sum(c for (a, _), c in truth.items() if a == acct)
+        assert store.period(acct, "pageview", 2026, 2, 3)["total"] == expected
+
+
+def _master_known(sentinel: "redis.Sentinel") -> bool:
+    try:
+        sentinel.discover_master("tt")
+        return True
+    except redis.sentinel.MasterNotFoundError:
+        return False
