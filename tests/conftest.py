@@ -131,6 +131,19 @@ def live_server(installed: tuple[int, str], db: str,
     return start_live(*installed, db, serve)
 
 
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server on a free loopback port (append-only, fsync
+    always) with its own data directory; killed afterwards."""
+    from tt_redis import RedisServer
+
+    srv = RedisServer(tmp_path)
+    srv.start()
+    yield srv
+    if srv.proc and srv.proc.poll() is None:
+        srv.kill()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With TRAFFICTHRESHOLD_NO_SKIPS=1 (CI), a skipped test fails: a test

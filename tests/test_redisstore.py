@@ -2,11 +2,8 @@
 started on free loopback ports, each with its own data directory."""
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +16,7 @@ from trafficthreshold.errors import ConfigError
 from trafficthreshold.periods import resolve_timezone
 from trafficthreshold.redisstore import RedisStore
 from trafficthreshold.store import Store
+from tt_redis import RedisServer, free_port
 
 redis = pytest.importorskip("redis")
 pytestmark = pytest.mark.redis
@@ -28,64 +26,14 @@ ZONE = resolve_timezone("Europe/Zurich")
 MINUTE = int(1770105900 // 60)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A real redis-server on a free loopback port, append-only, fsync always."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir, self.port = workdir, free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def client(self) -> "redis.Redis":
-        return redis.Redis(port=self.port, socket_timeout=2)
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path)
-    srv.start()
-    yield srv
-    if srv.proc and srv.proc.poll() is None:
-        srv.kill()
-
-
 def store_on(srv: RedisServer, host: str = "web1", **kw) -> RedisStore:
     return RedisStore(srv.client(), ZONE, host, **kw)
 
 
-def test_bootic_layout_read_with_plain_hgetall(server: RedisServer) -> None:
-    store_on(server).roll([("acme", "pageview", MINUTE, 7), ("all", "pageview", MINUTE, 7)],
+def test_bootic_layout_read_with_plain_hgetall(redis_server: RedisServer) -> None:
+    store_on(redis_server).roll([("acme", "pageview", MINUTE, 7), ("all", "pageview", MINUTE, 7)],
                           now=MINUTE * 60 + 90)
-    r = server.client()
+    r = redis_server.client()
     # Bootic's tracker: numbers unpadded, a hash per period, a field per segment.
     assert r.hgetall("track:acme:pageview:2026") == {b"2": b"7"}
     assert r.hgetall("track:acme:pageview:2026:2") == {b"3": b"7"}
@@ -97,8 +45,8 @@ def test_bootic_layout_read_with_plain_hgetall(server: RedisServer) -> None:
     assert not [k for k in r.keys("track:*") if b"~" in k]
 
 
-def test_a_roll_repeated_adds_nothing_and_growth_adds_the_rest(server: RedisServer) -> None:
-    store = store_on(server)
+def test_a_roll_repeated_adds_nothing_and_growth_adds_the_rest(redis_server: RedisServer) -> None:
+    store = store_on(redis_server)
     assert store.roll([("acme", "pageview", MINUTE, 5)], now=1) == 5
     assert store.roll([("acme", "pageview", MINUTE, 5)], now=2) == 0
     assert store.roll([("acme", "pageview", MINUTE, 8)], now=3) == 3
@@ -107,8 +55,8 @@ def test_a_roll_repeated_adds_nothing_and_growth_adds_the_rest(server: RedisServ
     assert store.period("acme", "pageview", 2026, 2, 3)["data"][9] == 8
 
 
-def test_hosts_add_their_shares_and_instances_count_afresh(server: RedisServer) -> None:
-    web1, web2 = store_on(server, "web1"), store_on(server, "web2")
+def test_hosts_add_their_shares_and_instances_count_afresh(redis_server: RedisServer) -> None:
+    web1, web2 = store_on(redis_server, "web1"), store_on(redis_server, "web2")
     web1.roll([("all", "pageview", MINUTE, 10)], now=1, instance=1)
     web2.roll([("all", "pageview", MINUTE, 4)], now=1, instance=7)
     web2.roll([("all", "pageview", MINUTE, 4)], now=2, instance=7)  # again: nothing
@@ -118,11 +66,11 @@ def test_hosts_add_their_shares_and_instances_count_afresh(server: RedisServer) 
     assert web2.period("all", "pageview", 2026)["total"] == 17
 
 
-def test_periods_read_like_the_sqlite_store(server: RedisServer, tmp_path: Path) -> None:
+def test_periods_read_like_the_sqlite_store(redis_server: RedisServer, tmp_path: Path) -> None:
     rng = random.Random(5)
     items = [(acct, "pageview", MINUTE + rng.randrange(0, 3 * 24 * 60), rng.randrange(1, 50))
              for acct in ("acme", "shop") for _ in range(200)]
-    store = store_on(server)
+    store = store_on(redis_server)
     store.roll(items, now=1)
     with Store(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
         sqlite.roll(items, now=1)
@@ -132,27 +80,27 @@ def test_periods_read_like_the_sqlite_store(server: RedisServer, tmp_path: Path)
                                                                               *args), args
 
 
-def test_a_large_roll_goes_in_batches_and_stays_exact(server: RedisServer) -> None:
+def test_a_large_roll_goes_in_batches_and_stays_exact(redis_server: RedisServer) -> None:
     items = [(f"a{i}", "pageview", MINUTE, i + 1) for i in range(1_200)]
-    store = store_on(server)
+    store = store_on(redis_server)
     assert store.roll(items, now=1, closed_through=MINUTE) == sum(range(1, 1_201))
     assert store.roll(items, now=2) == 0
     assert store.closed_through() == MINUTE and store.last_roll_at() == 2.0
 
 
-def test_the_farm_keeps_one_time_zone(server: RedisServer) -> None:
-    store_on(server, "web1").check_zone("Europe/Zurich")
-    store_on(server, "web2").check_zone("Europe/Zurich")
+def test_the_farm_keeps_one_time_zone(redis_server: RedisServer) -> None:
+    store_on(redis_server, "web1").check_zone("Europe/Zurich")
+    store_on(redis_server, "web2").check_zone("Europe/Zurich")
     with pytest.raises(ConfigError, match="Europe/Zurich.*timezone = \"Europe/Zurich\""):
-        store_on(server, "web3").check_zone("UTC")
+        store_on(redis_server, "web3").check_zone("UTC")
 
 
-def test_a_host_name_with_a_colon_is_refused(server: RedisServer) -> None:
+def test_a_host_name_with_a_colon_is_refused(redis_server: RedisServer) -> None:
     with pytest.raises(ConfigError, match="host"):
-        store_on(server, "web:1")
+        store_on(redis_server, "web:1")
 
 
-def test_redis_killed_mid_roll_loses_and_doubles_nothing(server: RedisServer) -> None:
+def test_redis_killed_mid_roll_loses_and_doubles_nothing(redis_server: RedisServer) -> None:
     """SIGKILL of redis-server (append-only, fsync always) at random instants
     while a supervisor thread rolls a growing ring without pause: each
     script ran whole or not at all, so after the restarts one more roll of
@@ -165,7 +113,7 @@ def test_redis_killed_mid_roll_loses_and_doubles_nothing(server: RedisServer) ->
     run_ids: set[str] = set()
 
     def supervisor() -> None:
-        store = store_on(server)
+        store = store_on(redis_server)
         step = 0
         while not stop.is_set():
             with lock:
@@ -186,10 +134,10 @@ def test_redis_killed_mid_roll_loses_and_doubles_nothing(server: RedisServer) ->
     try:
         for _ in range(3):
             time.sleep(rng.uniform(0.2, 0.6))
-            run_ids.add(server.client().info("server")["run_id"])
-            server.kill()
-            server.start()
-        run_ids.add(server.client().info("server")["run_id"])
+            run_ids.add(redis_server.client().info("server")["run_id"])
+            redis_server.kill()
+            redis_server.start()
+        run_ids.add(redis_server.client().info("server")["run_id"])
     finally:
         time.sleep(0.3)
         stop.set()
@@ -198,7 +146,7 @@ def test_redis_killed_mid_roll_loses_and_doubles_nothing(server: RedisServer) ->
     # whole before the kill then runs again, and must add nothing.
     assert rolls["ok"] > 10, rolls
     assert len(run_ids) == 4
-    store = store_on(server)
+    store = store_on(redis_server)
     store.roll([(a, "pageview", m, c) for (a, m), c in truth.items()], now=10**6)
     for acct in ("acme", "shop", "all"):
         expected = sum(c for (a, _), c in truth.items() if a == acct)

@@ -1,0 +1,148 @@
+"""Copy a host's SQLite history into the farm's Redis store, exactly once.
+
+``trafficthreshold store migrate --to redis://...`` calls :func:`migrate`.
+Every row of the SQLite period tables (months, days, hours, minutes) is one
+field of one Redis hash in Bootic's layout (docs/store.rst), so a copy adds
+each row's count to its field.  Exactly once: the rows of one target hash
+are added by one Lua script that also records the hash in the set
+``{prefix}~migrated:{host}``, and skips a hash already recorded there.  A
+rerun, or a run cut short and started again, adds nothing twice; two hosts
+that migrate their own files add up, as their live roll-ups do.
+
+So that the host's supervisor, once switched to Redis, carries on where the
+SQLite store stopped (neither re-adding nor skipping what its ring still
+holds), the store's watermarks and ``closed_through`` are copied too, as
+this host's (:mod:`trafficthreshold.redisstore`).  Stop the daemon for the
+migration, then start it with ``[store] backend = "redis"``.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from trafficthreshold.redisstore import WATERMARK_TTL, RedisStore
+
+log = logging.getLogger("trafficthreshold.migrate")
+
+LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
+          ("hours", ("year", "month", "day", "hour")),
+          ("minutes", ("year", "month", "day", "hour", "minute")))
+
+MIGRATE_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 1 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('SADD', KEYS[1], KEYS[2])
+return 1
+"""
+
+# A watermark only ever moves up: keep the larger of the two.
+WATERMARK_SCRIPT = """
+local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > seen then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 0
+"""
+
+
+@dataclass
+class Summary:
+    hashes: int = 0        # target hashes written by this run
+    skipped: int = 0       # target hashes an earlier run already wrote
+    hits: int = 0          # counts added by this run, summed over the keys' months
+    watermarks: int = 0
+
+
+def _hashes(conn: sqlite3.Connection, prefix: str
+            ) -> Iterator[tuple[str, str, dict[str, int]]]:
+    """(table, target hash key, {field: count}) for every period row, grouped."""
+    for table, parts in LEVELS:
+        cols = ", ".join(parts)
+        rows = conn.execute(f"SELECT account, event, {cols}, count FROM {table} "
+                            f"ORDER BY account, event, {cols}")
+        current, fields = None, {}
+        for account, event, *values, count in rows:
+            key = ":".join([prefix, account, event, *map(str, values[:-1])])
+            if key != current and current is not None:
+                yield table, current, fields
+                fields = {}
+            current = key
+            fields[str(values[-1])] = fields.get(str(values[-1]), 0) + int(count)
+        if current is not None:
+            yield table, current, fields
+
+
+def count_hashes(path: str) -> int:
+    """How many target hashes a migration of ``path`` writes (for a progress bar)."""
+    conn = _open(path)
+    try:
+        total = 0
+        for table, parts in LEVELS:
+            cols = ", ".join(["account", "event", *parts[:-1]])
+            total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} FROM {table})"
+                                  ).fetchone()[0]
+        return total
+    finally:
+        conn.close()
+
+
+def _open(path: str) -> sqlite3.Connection:
+    # Read-only: a migration never changes the SQLite file.
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def migrate(path: str, store: RedisStore, *, instance: int = 0,
+            progress: Callable[[int], None] = lambda n: None) -> Summary:
+    """Copy the SQLite store at ``path`` into ``store`` (this host's view of
+    the farm's Redis).  ``instance`` is the segment instance the host's
+    supervisor will roll next (its watermarks are carried over under it).
+    ``progress(n)`` is called after each target hash."""
+    client, prefix = store.client, store.prefix
+    marker = f"{prefix}~migrated:{store.host}"
+    copy = client.register_script(MIGRATE_SCRIPT)
+    keep = client.register_script(WATERMARK_SCRIPT)
+    summary = Summary()
+    conn = _open(path)
+    try:
+        for table, key, fields in _hashes(conn, prefix):
+            args: list[object] = []
+            for field, count in fields.items():
+                args.extend([field, count])
+            if copy(keys=[marker, key], args=args):
+                summary.hashes += 1
+                if table == "months":
+                    summary.hits += sum(fields.values())
+            else:
+                summary.skipped += 1
+            progress(1)
+        summary.watermarks = _copy_watermarks(conn, store, instance, keep)
+        closed = conn.execute("SELECT value FROM meta WHERE name = 'closed_through'").fetchone()
+        if closed is not None:
+            client.hset(f"{prefix}~host:{store.host}", "closed_through", int(closed[0]))
+    finally:
+        conn.close()
+    log.info("migrated %s into Redis: %d hashes written, %d already there, %d hits",
+             path, summary.hashes, summary.skipped, summary.hits)
+    return summary
+
+
+def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
+                     keep) -> int:
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(watermarks)")}
+    if "instance" in columns:
+        rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks "
+                            "WHERE instance = ?", (instance,))
+    else:
+        rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks")
+    per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    n = 0
+    for minute, account, event, count in rows:
+        per_minute[minute].append((f"{instance}\0{account}\0{event}", int(count)))
+        n += 1
+    for minute, fields in per_minute.items():
+        key = f"{store.prefix}~wm:{store.host}:{minute}"
+        for field, count in fields:
+            keep(keys=[key], args=[field, count, WATERMARK_TTL])
+    return n
