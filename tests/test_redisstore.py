@@ -248,3 +248,30 @@ def _master_known(sentinel: "redis.Sentinel") -> bool:
         return True
     except redis.sentinel.MasterNotFoundError:
         return False
+
+
+def test_connect_by_url_and_its_errors(redis_server: RedisServer) -> None:
+    from trafficthreshold.redisstore import connect
+
+    client = connect(f"redis://127.0.0.1:{redis_server.port}/2")
+    assert client.ping() and client.connection_pool.connection_kwargs["db"] == 2
+    with pytest.raises(ConfigError, match="redis://host:port/db"):
+        connect("http://example.com/")
+    with pytest.raises(ConfigError, match="needs url"):
+        connect("")
+    with pytest.raises(ConfigError, match="service"):
+        connect(sentinels=["127.0.0.1:26379"])
+    with pytest.raises(ConfigError, match="not host:port"):
+        connect(sentinels=["nowhere"], service="tt")
+
+
+def test_connect_through_sentinels(sentinel_farm) -> None:
+    from trafficthreshold.redisstore import connect
+
+    procs, sentinel = sentinel_farm
+    nodes = [f"{kw['host']}:{kw['port']}"
+             for kw in (s.connection_pool.connection_kwargs for s in sentinel.sentinels)]
+    assert len(nodes) == 3
+    client = connect(sentinels=nodes, service="tt")
+    client.set("probe", "1")  # a write: it reached the master
+    assert client.get("probe") == b"1"

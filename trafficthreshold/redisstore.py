@@ -198,3 +198,48 @@ class RedisStore:
             if segment in data:
                 data[segment] = int(value)
         return {"data": data, "total": sum(data.values())}
+
+
+# ------------------------------------------------------------- connecting
+
+#: Seconds a command may take before the supervisor gives up on it for this
+#: tick: a slow Redis never delays the tick (throttle, alerts, heartbeat).
+SOCKET_TIMEOUT = 2.0
+
+
+def connect(url: str = "", *, sentinels: Iterable[str] = (), service: str = "",
+            password: str | None = None, timeout: float = SOCKET_TIMEOUT) -> Any:
+    """A redis-py client for ``[store]``: ``url`` (``redis://``, ``rediss://``,
+    ``unix://``, with a db number) or ``sentinels`` ("host:port" strings)
+    with the master's ``service`` name.  Connects lazily; errors say what to
+    install or change."""
+    try:
+        import redis
+        from redis.sentinel import Sentinel
+    except ImportError:
+        raise ConfigError("[store] backend = \"redis\" needs redis-py: pip install "
+                          "'trafficthreshold[redis]'") from None
+    sentinels = list(sentinels)
+    if sentinels:
+        if not service:
+            raise ConfigError("[store] sentinels needs service = \"<master name>\" (the name "
+                              "in the sentinels' `sentinel monitor` line)")
+        nodes = []
+        for node in sentinels:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"[store] sentinels: {node!r} is not host:port; write e.g. "
+                                  "\"10.0.0.5:26379\"")
+            nodes.append((host.strip("[]"), int(port)))
+        sentinel = Sentinel(nodes, socket_timeout=timeout,
+                            sentinel_kwargs={"socket_timeout": timeout})
+        return sentinel.master_for(service, socket_timeout=timeout, password=password)
+    if not url:
+        raise ConfigError("[store] backend = \"redis\" needs url = \"redis://host:6379/0\" or "
+                          "sentinels = [\"host:26379\", ...] with service")
+    try:
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                    password=password)
+    except ValueError as exc:
+        raise ConfigError(f"[store] url {url!r} is not a Redis URL ({exc}); use "
+                          "redis://host:port/db, rediss://... or unix:///path/redis.sock") from None
