@@ -67,3 +67,18 @@ def test_readme_names_each_runtime_dependency():
     readme = (ROOT / "README.rst").read_text().lower()
     for dep in deps:
         assert re.split(r"[<>=]", dep)[0].lower() in readme, dep
+
+
+def test_ci_fails_when_pytest_collects_nothing(tmp_path):
+    """pytest's exit status 5 (no tests collected) fails CI with a message:
+    the part of .ci/run after the test command, run with a fake pytest."""
+    _, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    tail = ci[ci.index("set +e"):ci.index("# Benchmarks")]
+    import subprocess
+    for code, expected in ((5, 1), (0, 0), (2, 2)):
+        script = tail.replace(tests, f"(exit {code})")
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
+                              capture_output=True, text=True)
+        assert done.returncode == expected, (code, done.stderr)
+        assert ("no tests" in done.stderr) == (code == 5)
