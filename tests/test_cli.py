@@ -177,3 +177,167 @@ def test_status_shows_policy_state_and_heartbeat(tmp_path, key):
         assert "policy hysteresis: below level 2's floor" in run(str(path), "status")
     finally:
         sup.shutdown(now)
+
+
+# ------------------------------------------- options before and after the command
+
+def _all_commands():
+    """(argv prefix, command) of every command, subcommands of groups included."""
+    for name, command in main.commands.items():
+        subs = getattr(command, "commands", None)
+        if subs:
+            yield [name], command
+            for sub_name, sub in subs.items():
+                yield [name, sub_name], sub
+        else:
+            yield [name], command
+
+
+@pytest.mark.parametrize("argv", [a for a, _ in _all_commands()], ids=" ".join)
+def test_config_and_verbose_accepted_after_every_command(argv):
+    """`trafficthreshold run --config F -v` works like `--config F -v run`."""
+    result = CliRunner().invoke(main, [*argv, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--config" in result.output and "-v, --verbose" in result.output
+
+
+def test_config_after_the_command_is_used(tmp_path, key):
+    path = tmp_path / "c.toml"
+    path.write_text(f"key = {key}\n")
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(path), "-vv"],
+                                env={"TRAFFICTHRESHOLD_KEY": ""})
+    assert result.exit_code == 0, result.output
+    assert f"key = {key:#x}" in result.output and str(path) in result.output
+    # After the command wins over before it (the nearer one).
+    other = tmp_path / "other.toml"
+    other.write_text("key = 0x1234\n")
+    result = CliRunner().invoke(main, ["--config", str(other), "config", "show", "--config",
+                                       str(path)], env={"TRAFFICTHRESHOLD_KEY": ""})
+    assert f"key = {key:#x}" in result.output
+
+
+def test_run_with_config_after_the_command(tmp_path, key):
+    """The reported bug: `run --config F` answered "No such option"; here it
+    gets as far as reading F (a bad one, so it stops at once)."""
+    path = tmp_path / "c.toml"
+    path.write_text('[throttle]\nwindow = "hour"\n')
+    result = CliRunner().invoke(main, ["run", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "No such option" not in result.output and "throttle.window" in result.output
+
+
+def test_verbose_after_the_command_turns_on_debug_logging(cfg):
+    import logging
+    CliRunner().invoke(main, ["config", "check", "--config", cfg, "-vv"],
+                       catch_exceptions=False)
+    assert logging.getLogger().level == logging.DEBUG
+    CliRunner().invoke(main, ["config", "check", "--config", cfg], catch_exceptions=False)
+    assert logging.getLogger().level == logging.WARNING
+
+
+# --------------------------------------------------------------- key precedence
+
+def test_key_precedence_flag_then_environment_then_file_then_default(tmp_path):
+    """Where each status looks names its key: the flag wins over
+    $TRAFFICTHRESHOLD_KEY, which wins over the file, which wins over the default."""
+    flag, envkey, filekey = segment.unused_key(), segment.unused_key(), segment.unused_key()
+    path = tmp_path / "c.toml"
+    path.write_text(f"key = {filekey}\n")
+
+    def looked_at(*args, env):
+        result = CliRunner().invoke(main, ["--config", str(path), "status", *args], env=env)
+        assert result.exit_code == 1 and "trafficthreshold install" in result.output
+        return result.output
+
+    assert f"{flag:#x}" in looked_at("--key", hex(flag), env={"TRAFFICTHRESHOLD_KEY": hex(envkey)})
+    assert f"{envkey:#x}" in looked_at(env={"TRAFFICTHRESHOLD_KEY": hex(envkey)})
+    assert f"{filekey:#x}" in looked_at(env={"TRAFFICTHRESHOLD_KEY": ""})
+    path.write_text("")
+    assert f"{segment.DEFAULT_KEY:#x}" in looked_at(env={"TRAFFICTHRESHOLD_KEY": ""})
+
+
+def test_key_flag_wins_over_a_bad_environment_value(cfg, key):
+    result = CliRunner().invoke(main, ["--config", cfg, "status", "--key", str(key)],
+                                env={"TRAFFICTHRESHOLD_KEY": "nonsense"})
+    assert f"{key:#x}" in result.output and "nonsense" not in result.output
+
+
+def test_key_help_states_the_precedence():
+    text = CliRunner().invoke(main, ["status", "--help"]).output
+    assert "Default: $TRAFFICTHRESHOLD_KEY, then key in the config, then 0x54546831" in \
+        " ".join(text.split())
+
+
+def test_bad_key_flag_is_a_usage_error():
+    result = CliRunner().invoke(main, ["status", "--key", "0"])
+    assert result.exit_code == 2 and "not a segment key" in result.output
+
+
+# ------------------------------------------------------------------- help text
+
+@pytest.mark.parametrize("argv", [a for a, _ in _all_commands()], ids=" ".join)
+def test_help_has_proper_metavars(argv):
+    import re
+
+    import click
+    text = CliRunner().invoke(main, [*argv, "--help"]).output
+    assert "_INT_AUTO" not in text and "LAMBDA" not in text.upper()
+    command = dict((tuple(a), c) for a, c in _all_commands())[tuple(argv)]
+    ctx = click.Context(command)
+    for param in command.params:
+        if isinstance(param, click.Option) and (param.is_flag or param.count):
+            continue
+        metavar = param.make_metavar(ctx)
+        # A plain upper-case word, a choice list or a range; never a Python name.
+        assert re.fullmatch(r"\[?[A-Z]+( RANGE)?\]?|\[[a-z|]+\]", metavar), (param.name, metavar)
+        assert metavar in text
+
+
+def test_key_and_mode_metavars():
+    assert "--key KEY" in CliRunner().invoke(main, ["install", "--help"]).output
+    assert "--mode OCTAL" in CliRunner().invoke(main, ["install", "--help"]).output
+
+
+# --------------------------------------------------------- numbers on the command line
+
+def test_hit_n_too_large_is_a_usage_error_not_a_traceback(cfg):
+    from trafficthreshold.cli import MAX_HIT_N
+    run(cfg, "install")
+    result = CliRunner().invoke(main, ["--config", cfg, "hit", "x", "pageview", "-n",
+                                       "99999999999999999999"])
+    assert result.exit_code == 2 and result.exception is not None
+    assert "Traceback" not in result.output and str(MAX_HIT_N) in result.output
+    run(cfg, "hit", "x", "pageview", "-n", str(MAX_HIT_N))
+    info = json.loads(run(cfg, "status", "--json"))
+    assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("x", MAX_HIT_N)}
+
+
+def _library_minimum_keys():
+    for keys in range(1, 1 << 20):
+        try:
+            segment.Geometry(keys=keys).check()
+            return keys
+        except ValueError:
+            continue
+
+
+def test_install_keys_minimum_is_the_librarys(cfg):
+    """The CLI takes the minimum from segment.Geometry's own check."""
+    least = _library_minimum_keys()
+    out = run(cfg, "install", "--keys", str(least - 1), ok=False)
+    assert f"--keys {least - 1} is out of range" in out
+    assert f"installed" in run(cfg, "install", "--keys", str(least))
+
+
+def test_install_world_writable_mode_warns(cfg):
+    result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", "666"])
+    assert result.exit_code == 0, result.output
+    assert "warning: mode 666 is world-writable" in result.stderr
+    result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", "660"])
+    assert "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["999", "1777", "rw"])
+def test_install_bad_mode_is_a_usage_error(cfg, mode):
+    result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", mode])
+    assert result.exit_code == 2 and "--mode" in result.output
