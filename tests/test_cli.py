@@ -1,8 +1,10 @@
 """The CLI over real segments and stores (click's CliRunner, in-process)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
 import time
 
 import pytest
@@ -341,3 +343,104 @@ def test_install_world_writable_mode_warns(cfg):
 def test_install_bad_mode_is_a_usage_error(cfg, mode):
     result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", mode])
     assert result.exit_code == 2 and "--mode" in result.output
+
+
+# ------------------------------------------------------- status on a damaged segment
+
+@contextlib.contextmanager
+def raw_view(key, backend):
+    """A writable view of the segment's bytes, without the C module (as in
+    tests/test_segment.py)."""
+    import mmap
+
+    import posix_ipc
+    import sysv_ipc
+    if backend == "sysv":
+        shm = sysv_ipc.SharedMemory(key)
+        view = memoryview(shm)
+        try:
+            yield view
+        finally:
+            view.release()
+            shm.detach()
+    else:
+        shm = posix_ipc.SharedMemory(segment.posix_name(key))
+        mapped = mmap.mmap(shm.fd, shm.size)
+        shm.close_fd()
+        view = memoryview(mapped)
+        try:
+            yield view
+        finally:
+            view.release()
+            mapped.close()
+
+
+def _status_both_ways(cfg, backend):
+    """`status --json` and `status`: both succeed; returns (info, text)."""
+    info = json.loads(run(cfg, "status", "--backend", backend, "--json"))
+    text = run(cfg, "status", "--backend", backend)
+    return info, text
+
+
+def test_status_reports_a_corrupt_header_field(cfg, key, backend):
+    run(cfg, "install", "--backend", backend)
+    run(cfg, "hit", "--backend", backend, "acme", "-n", "2")
+    with raw_view(key, backend) as view:
+        struct.pack_into("=I", view, segment.H_THROTTLE_SLOT, 0xFFFFFFFF)
+    info, text = _status_both_ways(cfg, backend)
+    assert any("throttle_slot" in d and "0xffffffff" in d for d in info["damage"])
+    assert "uninstall" in info["repair"]
+    assert f"DAMAGED     header field throttle_slot (offset {segment.H_THROTTLE_SLOT})" in text
+    assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("acme", 2)}
+
+
+def test_status_reports_a_name_that_is_not_utf8(cfg, key, backend):
+    run(cfg, "install", "--backend", backend)
+    run(cfg, "hit", "--backend", backend, "acme", "-n", "2")
+    with raw_view(key, backend) as view:
+        index = struct.unpack_from("=Q", view, segment.H_INDEX_OFFSET)[0]
+        size = struct.unpack_from("=I", view, segment.H_INDEX_SIZE)[0]
+        for i in range(size):
+            entry = index + i * segment.INDEX_ENTRY_SIZE
+            start = entry + segment.E_ACCOUNT
+            if bytes(view[start:start + 4]) == b"acme":
+                view[start] = 0xFF
+                break
+        else:
+            raise AssertionError("no index entry for acme")
+    info, text = _status_both_ways(cfg, backend)
+    assert any("is not UTF-8" in d and "\\xffcme" in d for d in info["damage"])
+    assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("\\xffcme", 2),
+                                                                    ("all", 2)}
+    assert "DAMAGED     index entry" in text and "\\xffcme" in text
+
+
+def test_status_of_a_healthy_segment_reports_no_damage(cfg, backend):
+    run(cfg, "install", "--backend", backend)
+    info, text = _status_both_ways(cfg, backend)
+    assert info["damage"] == [] and info["repair"] is None and "DAMAGED" not in text
+
+
+def test_status_pluralises_attached_processes(cfg, key):
+    import subprocess
+    import sys
+    run(cfg, "install")
+    assert "attached    0 other processes" in run(cfg, "status")
+    workers = []
+    try:
+        for expected in ("1 other process\n", "2 other processes\n"):
+            workers.append(subprocess.Popen([sys.executable, "-c", f"""
+import time
+from trafficthreshold import segment
+c = segment.attach({key})
+print("attached", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True))
+            assert workers[-1].stdout.readline().strip() == "attached"
+            assert f"attached    {expected}" in run(cfg, "status")
+        out = run(cfg, "uninstall", "--force", "--no-rollup")
+        assert "2 processes were still attached" in out
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
