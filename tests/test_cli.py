@@ -444,3 +444,99 @@ time.sleep(60)
         for worker in workers:
             worker.kill()
             worker.wait()
+
+
+# ------------------------------------------------- every error is one clear line
+
+def test_run_with_the_http_port_taken_names_address_and_fix(tmp_path, key):
+    """A real daemon process: the port is taken by a socket bound first."""
+    import socket
+    import subprocess
+    import sys
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    path = tmp_path / "c.toml"
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path / "s.sqlite3"}"\n'
+                    f'[http]\nlisten = "127.0.0.1:{port}"\n')
+    try:
+        done = subprocess.run([sys.executable, "-m", "trafficthreshold.cli", "run",
+                               "--config", str(path)], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, done.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in error[0]
+    assert "[http] listen" in error[0] and str(path) in error[0] and "--no-http" in error[0]
+
+
+def _as_nobody(argv):
+    """Run the CLI in a forked child that became the unprivileged user
+    nobody (os.setuid): returns (exit code, output)."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = CliRunner().invoke(main, argv)
+            os.write(write, json.dumps([result.exit_code, result.output,
+                                        repr(result.exception)]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child failed"
+    return json.loads(data)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a root-owned segment")
+def test_install_as_unprivileged_user_on_a_root_owned_segment(cfg, key, backend):
+    """No config file for the child (nobody could not read pytest's tmp
+    directory): the key comes from --key."""
+    run(cfg, "install", "--backend", backend, "--mode", "600")   # as root; imports all
+    name = f"key {key:#x}" if backend == "sysv" else segment.posix_name(key)
+    for argv in (["install"], ["uninstall"], ["status"], ["hit", "acme"]):
+        code, output, exception = _as_nobody([*argv, "--key", str(key), "--backend", backend])
+        assert code == 1, (argv, output, exception)
+        assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+        assert output.startswith("Error: permission denied"), output
+        assert name in output and "group" in output, output
+        if argv[0] in ("install", "uninstall"):
+            assert "to user nobody" in output and "--group" in output, output
+    segment.attach(key, backend).detach()     # still there, untouched
+
+
+def test_missing_segment_and_missing_mta_and_bad_config_are_one_line(cfg, tmp_path, key):
+    for args in (["status"], ["hit", "acme"], ["uninstall"]):
+        result = CliRunner().invoke(main, ["--config", cfg, *args])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+        assert "trafficthreshold install" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("key = [\n")
+    result = CliRunner().invoke(main, ["--config", str(bad), "status"])
+    assert result.exit_code == 1 and str(bad) in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_store_that_cannot_be_opened_is_one_line(tmp_path, key):
+    path = tmp_path / "c.toml"
+    (tmp_path / "a-file").write_text("not a directory")
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path}/a-file/s.sqlite3"\n')
+    run(str(path), "install")
+    result = CliRunner().invoke(main, ["--config", str(path), "uninstall"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "a-file" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output

@@ -54,9 +54,16 @@ def _segment_name(cfg: configuration.Config | None) -> str:
 
 
 def _permission_message(exc: BaseException) -> str:
+    """Who was refused what, and the fix.  (sysv_ipc's own text is left out:
+    it names no object and says "Permission %o" literally.)"""
+    import pwd
     obj = click.get_current_context(silent=True)
     cfg = (obj.obj or {}).get("config") if obj is not None else None
-    return (f"permission denied on {_segment_name(cfg)} ({exc}): run this as the "
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    return (f"permission denied to user {user} on {_segment_name(cfg)}: run this as the "
             "segment's owner or root, or as a member of its group "
             "(`trafficthreshold install --group GROUP` sets it; `trafficthreshold status` "
             "shows owner, group and mode)")
