@@ -407,9 +407,11 @@ def systemd_unit(ctx: click.Context) -> None:
 
     Example: trafficthreshold systemd-unit > /etc/systemd/system/trafficthreshold.service
     """
-    from .systemd import render_unit
-    path = ctx.obj.get("config_path") or configuration.DEFAULT_PATH
-    click.echo(render_unit(config_path=os.path.abspath(path)), nl=False)
+    from .systemd import render_unit, warnings
+    path = os.path.abspath(ctx.obj.get("config_path") or configuration.DEFAULT_PATH)
+    for warning in warnings(config_path=path):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(render_unit(config_path=path), nl=False)
 
 
 # ------------------------------------------------------------------- stats
