@@ -82,3 +82,18 @@ def test_ci_fails_when_pytest_collects_nothing(tmp_path):
                               capture_output=True, text=True)
         assert done.returncode == expected, (code, done.stderr)
         assert ("no tests" in done.stderr) == (code == 5)
+
+
+def test_readme_says_where_the_first_command_writes_the_store():
+    from trafficthreshold.config import default_database
+    readme = " ".join((ROOT / "README.rst").read_text().split())
+    as_root = default_database({}, euid=0)
+    assert f"Run as root, it writes the store to ``{as_root}``" in readme
+    user = default_database({"HOME": "/home/u"}, euid=1000).replace("/home/u", "~")
+    assert f"``{user}``" in readme
+
+
+def test_readme_states_the_key_precedence_the_cli_uses():
+    readme = " ".join((ROOT / "README.rst").read_text().split())
+    assert ("``--key``, else ``$TRAFFICTHRESHOLD_KEY``, else ``key`` in the config file, "
+            "else ``0x54546831``") in readme
