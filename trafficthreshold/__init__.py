@@ -11,8 +11,9 @@ The worker API::
 ``hit()`` and ``throttle_status()`` are C functions (``_counter.c``): a
 lock-free atomic add into a shared-memory segment, no system call.  They
 attach lazily, once per process, to the segment found by
-``TRAFFICTHRESHOLD_KEY`` / ``TRAFFICTHRESHOLD_BACKEND`` (or
-:func:`configure`).  They fail open: with no segment installed a warning is
+:func:`configure`, else ``TRAFFICTHRESHOLD_KEY`` /
+``TRAFFICTHRESHOLD_BACKEND``, else the default key 0x54546831 (workers do
+not read the config file).  They fail open: with no segment installed a warning is
 logged once and nothing is counted; only bad arguments raise.  Strict mode
 (``TRAFFICTHRESHOLD_STRICT=1`` or ``configure(strict=True)``) raises instead.
 """
