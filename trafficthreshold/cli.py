@@ -77,26 +77,37 @@ def _oserror_message(exc: OSError) -> str:
 
 
 def _fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn every error a user can meet into a one-line message (exit 1)."""
+    """Turn every error a user can meet into a one-line message (exit 1);
+    the traceback goes to the debug log (-vv)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except (TrafficThresholdError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        except (sysv_ipc.PermissionsError, posix_ipc.PermissionsError) as exc:
-            raise click.ClickException(_permission_message(exc)) from exc
-        except sqlite3.Error as exc:
-            obj = click.get_current_context().obj or {}
-            db = getattr(obj.get("config"), "database", "the store")
-            raise click.ClickException(
-                f"the store {db}: {exc}; check that its directory exists and this user "
-                "may write it, or set database = in the config") from exc
-        except OSError as exc:
-            raise click.ClickException(_oserror_message(exc)) from exc
+        except Exception as exc:
+            message = _message(exc)
+            if message is None:
+                raise
+            log.debug("%s failed", fn.__name__, exc_info=True)
+            raise click.ClickException(message) from exc
     return wrapper
+
+
+def _message(exc: Exception) -> str | None:
+    """The one line for ``exc``, or None for an error that is a bug."""
+    if isinstance(exc, (TrafficThresholdError, ValueError)):
+        return str(exc)
+    if isinstance(exc, (sysv_ipc.PermissionsError, posix_ipc.PermissionsError)):
+        return _permission_message(exc)
+    if isinstance(exc, sqlite3.Error):
+        obj = click.get_current_context().obj or {}
+        db = getattr(obj.get("config"), "database", "the store")
+        return (f"the store {db}: {exc}; check that its directory exists and this user "
+                "may write it, or set database = in the config")
+    if isinstance(exc, OSError):
+        return _oserror_message(exc)
+    return None
 
 
 class KeyType(click.ParamType):
