@@ -1,8 +1,10 @@
 """The CLI over real segments and stores (click's CliRunner, in-process)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import struct
 import time
 
 import pytest
@@ -177,3 +179,364 @@ def test_status_shows_policy_state_and_heartbeat(tmp_path, key):
         assert "policy hysteresis: below level 2's floor" in run(str(path), "status")
     finally:
         sup.shutdown(now)
+
+
+# ------------------------------------------- options before and after the command
+
+def _all_commands():
+    """(argv prefix, command) of every command, subcommands of groups included."""
+    for name, command in main.commands.items():
+        subs = getattr(command, "commands", None)
+        if subs:
+            yield [name], command
+            for sub_name, sub in subs.items():
+                yield [name, sub_name], sub
+        else:
+            yield [name], command
+
+
+@pytest.mark.parametrize("argv", [a for a, _ in _all_commands()], ids=" ".join)
+def test_config_and_verbose_accepted_after_every_command(argv):
+    """`trafficthreshold run --config F -v` works like `--config F -v run`."""
+    result = CliRunner().invoke(main, [*argv, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--config" in result.output and "-v, --verbose" in result.output
+
+
+def test_config_after_the_command_is_used(tmp_path, key):
+    path = tmp_path / "c.toml"
+    path.write_text(f"key = {key}\n")
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(path), "-vv"],
+                                env={"TRAFFICTHRESHOLD_KEY": ""})
+    assert result.exit_code == 0, result.output
+    assert f"key = {key:#x}" in result.output and str(path) in result.output
+    # After the command wins over before it (the nearer one).
+    other = tmp_path / "other.toml"
+    other.write_text("key = 0x1234\n")
+    result = CliRunner().invoke(main, ["--config", str(other), "config", "show", "--config",
+                                       str(path)], env={"TRAFFICTHRESHOLD_KEY": ""})
+    assert f"key = {key:#x}" in result.output
+
+
+def test_run_with_config_after_the_command(tmp_path, key):
+    """The reported bug: `run --config F` answered "No such option"; here it
+    gets as far as reading F (a bad one, so it stops at once)."""
+    path = tmp_path / "c.toml"
+    path.write_text('[throttle]\nwindow = "hour"\n')
+    result = CliRunner().invoke(main, ["run", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "No such option" not in result.output and "throttle.window" in result.output
+
+
+def test_verbose_after_the_command_turns_on_debug_logging(cfg):
+    import logging
+    CliRunner().invoke(main, ["config", "check", "--config", cfg, "-vv"],
+                       catch_exceptions=False)
+    assert logging.getLogger().level == logging.DEBUG
+    CliRunner().invoke(main, ["config", "check", "--config", cfg], catch_exceptions=False)
+    assert logging.getLogger().level == logging.WARNING
+
+
+# --------------------------------------------------------------- key precedence
+
+def test_key_precedence_flag_then_environment_then_file_then_default(tmp_path):
+    """Where each status looks names its key: the flag wins over
+    $TRAFFICTHRESHOLD_KEY, which wins over the file, which wins over the default."""
+    flag, envkey, filekey = segment.unused_key(), segment.unused_key(), segment.unused_key()
+    path = tmp_path / "c.toml"
+    path.write_text(f"key = {filekey}\n")
+
+    def looked_at(*args, env):
+        result = CliRunner().invoke(main, ["--config", str(path), "status", *args], env=env)
+        assert result.exit_code == 1 and "trafficthreshold install" in result.output
+        return result.output
+
+    assert f"{flag:#x}" in looked_at("--key", hex(flag), env={"TRAFFICTHRESHOLD_KEY": hex(envkey)})
+    assert f"{envkey:#x}" in looked_at(env={"TRAFFICTHRESHOLD_KEY": hex(envkey)})
+    assert f"{filekey:#x}" in looked_at(env={"TRAFFICTHRESHOLD_KEY": ""})
+    path.write_text("")
+    assert f"{segment.DEFAULT_KEY:#x}" in looked_at(env={"TRAFFICTHRESHOLD_KEY": ""})
+
+
+def test_key_flag_wins_over_a_bad_environment_value(cfg, key):
+    result = CliRunner().invoke(main, ["--config", cfg, "status", "--key", str(key)],
+                                env={"TRAFFICTHRESHOLD_KEY": "nonsense"})
+    assert f"{key:#x}" in result.output and "nonsense" not in result.output
+
+
+def test_key_help_states_the_precedence():
+    text = CliRunner().invoke(main, ["status", "--help"]).output
+    assert "Default: $TRAFFICTHRESHOLD_KEY, then key in the config, then 0x54546831" in \
+        " ".join(text.split())
+
+
+def test_bad_key_flag_is_a_usage_error():
+    result = CliRunner().invoke(main, ["status", "--key", "0"])
+    assert result.exit_code == 2 and "not a segment key" in result.output
+
+
+# ------------------------------------------------------------------- help text
+
+@pytest.mark.parametrize("argv", [a for a, _ in _all_commands()], ids=" ".join)
+def test_help_has_proper_metavars(argv):
+    import re
+
+    import click
+    text = CliRunner().invoke(main, [*argv, "--help"]).output
+    assert "_INT_AUTO" not in text and "LAMBDA" not in text.upper()
+    command = dict((tuple(a), c) for a, c in _all_commands())[tuple(argv)]
+    ctx = click.Context(command)
+    for param in command.params:
+        if isinstance(param, click.Option) and (param.is_flag or param.count):
+            continue
+        metavar = param.make_metavar(ctx)
+        # A plain upper-case word, a choice list or a range; never a Python name.
+        assert re.fullmatch(r"\[?[A-Z]+( RANGE)?\]?|\[[a-z|]+\]", metavar), (param.name, metavar)
+        assert metavar in text
+
+
+def test_key_and_mode_metavars():
+    assert "--key KEY" in CliRunner().invoke(main, ["install", "--help"]).output
+    assert "--mode OCTAL" in CliRunner().invoke(main, ["install", "--help"]).output
+
+
+# --------------------------------------------------------- numbers on the command line
+
+def test_hit_n_too_large_is_a_usage_error_not_a_traceback(cfg):
+    from trafficthreshold.cli import MAX_HIT_N
+    run(cfg, "install")
+    result = CliRunner().invoke(main, ["--config", cfg, "hit", "x", "pageview", "-n",
+                                       "99999999999999999999"])
+    assert result.exit_code == 2 and result.exception is not None
+    assert "Traceback" not in result.output and str(MAX_HIT_N) in result.output
+    run(cfg, "hit", "x", "pageview", "-n", str(MAX_HIT_N))
+    info = json.loads(run(cfg, "status", "--json"))
+    assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("x", MAX_HIT_N)}
+
+
+def _library_minimum_keys():
+    for keys in range(1, 1 << 20):
+        try:
+            segment.Geometry(keys=keys).check()
+            return keys
+        except ValueError:
+            continue
+
+
+def test_install_keys_minimum_is_the_librarys(cfg):
+    """The CLI takes the minimum from segment.Geometry's own check."""
+    least = _library_minimum_keys()
+    out = run(cfg, "install", "--keys", str(least - 1), ok=False)
+    assert f"--keys {least - 1} is out of range" in out
+    assert "installed" in run(cfg, "install", "--keys", str(least))
+
+
+def test_install_world_writable_mode_warns(cfg):
+    result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", "666"])
+    assert result.exit_code == 0, result.output
+    assert "warning: mode 666 is world-writable" in result.stderr
+    result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", "660"])
+    assert "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["999", "1777", "rw"])
+def test_install_bad_mode_is_a_usage_error(cfg, mode):
+    result = CliRunner().invoke(main, ["--config", cfg, "install", "--mode", mode])
+    assert result.exit_code == 2 and "--mode" in result.output
+
+
+# ------------------------------------------------------- status on a damaged segment
+
+@contextlib.contextmanager
+def raw_view(key, backend):
+    """A writable view of the segment's bytes, without the C module (as in
+    tests/test_segment.py)."""
+    import mmap
+
+    import posix_ipc
+    import sysv_ipc
+    if backend == "sysv":
+        shm = sysv_ipc.SharedMemory(key)
+        view = memoryview(shm)
+        try:
+            yield view
+        finally:
+            view.release()
+            shm.detach()
+    else:
+        shm = posix_ipc.SharedMemory(segment.posix_name(key))
+        mapped = mmap.mmap(shm.fd, shm.size)
+        shm.close_fd()
+        view = memoryview(mapped)
+        try:
+            yield view
+        finally:
+            view.release()
+            mapped.close()
+
+
+def _status_both_ways(cfg, backend):
+    """`status --json` and `status`: both succeed; returns (info, text)."""
+    info = json.loads(run(cfg, "status", "--backend", backend, "--json"))
+    text = run(cfg, "status", "--backend", backend)
+    return info, text
+
+
+def test_status_reports_a_corrupt_header_field(cfg, key, backend):
+    run(cfg, "install", "--backend", backend)
+    run(cfg, "hit", "--backend", backend, "acme", "-n", "2")
+    with raw_view(key, backend) as view:
+        struct.pack_into("=I", view, segment.H_THROTTLE_SLOT, 0xFFFFFFFF)
+    info, text = _status_both_ways(cfg, backend)
+    assert any("throttle_slot" in d and "0xffffffff" in d for d in info["damage"])
+    assert "uninstall" in info["repair"]
+    assert f"DAMAGED     header field throttle_slot (offset {segment.H_THROTTLE_SLOT})" in text
+    assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("acme", 2)}
+
+
+def test_status_reports_a_name_that_is_not_utf8(cfg, key, backend):
+    run(cfg, "install", "--backend", backend)
+    run(cfg, "hit", "--backend", backend, "acme", "-n", "2")
+    with raw_view(key, backend) as view:
+        index = struct.unpack_from("=Q", view, segment.H_INDEX_OFFSET)[0]
+        size = struct.unpack_from("=I", view, segment.H_INDEX_SIZE)[0]
+        for i in range(size):
+            entry = index + i * segment.INDEX_ENTRY_SIZE
+            start = entry + segment.E_ACCOUNT
+            if bytes(view[start:start + 4]) == b"acme":
+                view[start] = 0xFF
+                break
+        else:
+            raise AssertionError("no index entry for acme")
+    info, text = _status_both_ways(cfg, backend)
+    assert any("is not UTF-8" in d and "\\xffcme" in d for d in info["damage"])
+    assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("\\xffcme", 2),
+                                                                    ("all", 2)}
+    assert "DAMAGED     index entry" in text and "\\xffcme" in text
+
+
+def test_status_of_a_healthy_segment_reports_no_damage(cfg, backend):
+    run(cfg, "install", "--backend", backend)
+    info, text = _status_both_ways(cfg, backend)
+    assert info["damage"] == [] and info["repair"] is None and "DAMAGED" not in text
+
+
+def test_status_pluralises_attached_processes(cfg, key):
+    import subprocess
+    import sys
+    run(cfg, "install")
+    assert "attached    0 other processes" in run(cfg, "status")
+    workers = []
+    try:
+        for expected in ("1 other process\n", "2 other processes\n"):
+            workers.append(subprocess.Popen([sys.executable, "-c", f"""
+import time
+from trafficthreshold import segment
+c = segment.attach({key})
+print("attached", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True))
+            assert workers[-1].stdout.readline().strip() == "attached"
+            assert f"attached    {expected}" in run(cfg, "status")
+        out = run(cfg, "uninstall", "--force", "--no-rollup")
+        assert "2 processes were still attached" in out
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+
+
+# ------------------------------------------------- every error is one clear line
+
+def test_run_with_the_http_port_taken_names_address_and_fix(tmp_path, key):
+    """A real daemon process: the port is taken by a socket bound first."""
+    import socket
+    import subprocess
+    import sys
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    path = tmp_path / "c.toml"
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path / "s.sqlite3"}"\n'
+                    f'[http]\nlisten = "127.0.0.1:{port}"\n')
+    try:
+        done = subprocess.run([sys.executable, "-m", "trafficthreshold.cli", "run",
+                               "--config", str(path)], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, done.stderr
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in error[0]
+    assert "[http] listen" in error[0] and str(path) in error[0] and "--no-http" in error[0]
+
+
+def _as_nobody(argv):
+    """Run the CLI in a forked child that became the unprivileged user
+    nobody (os.setuid): returns (exit code, output)."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = CliRunner().invoke(main, argv)
+            os.write(write, json.dumps([result.exit_code, result.output,
+                                        repr(result.exception)]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the child failed"
+    return json.loads(data)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a root-owned segment")
+def test_install_as_unprivileged_user_on_a_root_owned_segment(cfg, key, backend):
+    """No config file for the child (nobody could not read pytest's tmp
+    directory): the key comes from --key."""
+    run(cfg, "install", "--backend", backend, "--mode", "600")   # as root; imports all
+    name = f"key {key:#x}" if backend == "sysv" else segment.posix_name(key)
+    for argv in (["install"], ["uninstall"], ["status"], ["hit", "acme"]):
+        code, output, exception = _as_nobody([*argv, "--key", str(key), "--backend", backend])
+        assert code == 1, (argv, output, exception)
+        assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+        assert output.startswith("Error: permission denied"), output
+        assert name in output and "group" in output, output
+        if argv[0] in ("install", "uninstall"):
+            assert "to user nobody" in output and "--group" in output, output
+    segment.attach(key, backend).detach()     # still there, untouched
+
+
+def test_missing_segment_and_missing_mta_and_bad_config_are_one_line(cfg, tmp_path, key):
+    for args in (["status"], ["hit", "acme"], ["uninstall"]):
+        result = CliRunner().invoke(main, ["--config", cfg, *args])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+        assert "trafficthreshold install" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("key = [\n")
+    result = CliRunner().invoke(main, ["--config", str(bad), "status"])
+    assert result.exit_code == 1 and str(bad) in result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_store_that_cannot_be_opened_is_one_line(tmp_path, key):
+    path = tmp_path / "c.toml"
+    (tmp_path / "a-file").write_text("not a directory")
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path}/a-file/s.sqlite3"\n')
+    run(str(path), "install")
+    result = CliRunner().invoke(main, ["--config", str(path), "uninstall"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "a-file" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output

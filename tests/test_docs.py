@@ -67,3 +67,33 @@ def test_readme_names_each_runtime_dependency():
     readme = (ROOT / "README.rst").read_text().lower()
     for dep in deps:
         assert re.split(r"[<>=]", dep)[0].lower() in readme, dep
+
+
+def test_ci_fails_when_pytest_collects_nothing(tmp_path):
+    """pytest's exit status 5 (no tests collected) fails CI with a message:
+    the part of .ci/run after the test command, run with a fake pytest."""
+    _, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    tail = ci[ci.index("set +e"):ci.index("# Benchmarks")]
+    import subprocess
+    for code, expected in ((5, 1), (0, 0), (2, 2)):
+        script = tail.replace(tests, f"(exit {code})")
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
+                              capture_output=True, text=True)
+        assert done.returncode == expected, (code, done.stderr)
+        assert ("no tests" in done.stderr) == (code == 5)
+
+
+def test_readme_says_where_the_first_command_writes_the_store():
+    from trafficthreshold.config import default_database
+    readme = " ".join((ROOT / "README.rst").read_text().split())
+    as_root = default_database({}, euid=0)
+    assert f"Run as root, it writes the store to ``{as_root}``" in readme
+    user = default_database({"HOME": "/home/u"}, euid=1000).replace("/home/u", "~")
+    assert f"``{user}``" in readme
+
+
+def test_readme_states_the_key_precedence_the_cli_uses():
+    readme = " ".join((ROOT / "README.rst").read_text().split())
+    assert ("``--key``, else ``$TRAFFICTHRESHOLD_KEY``, else ``key`` in the config file, "
+            "else ``0x54546831``") in readme

@@ -158,3 +158,43 @@ def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> Non
         line for line in (result.stdout + result.stderr).splitlines() if systemd.UNIT_NAME in line
     ]
     assert result.returncode == 0 and not ours, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("program", ["/tmp/tt-venv/bin/trafficthreshold",
+                                     "/var/tmp/tt/bin/trafficthreshold"])
+def test_render_unit_under_tmp_drops_private_tmp_and_says_why(program: str) -> None:
+    """PrivateTmp=yes gives the service an empty /tmp: ExecStart=/tmp/... would
+    not exist there."""
+    unit = systemd.render_unit(program, "/etc/trafficthreshold/config.toml")
+    assert _directives(unit)["PrivateTmp"] == ["no"]
+    assert f"ExecStart={program} run" in unit
+    lines = unit.splitlines()
+    above = lines[lines.index("PrivateTmp=no") - 1]
+    assert above.startswith("# ") and "PrivateTmp=yes" in above
+    assert "PrivateTmp=yes would replace" in unit
+    assert systemd.warnings(program) and "PrivateTmp=no" in systemd.warnings(program)[0]
+
+
+def test_render_unit_config_under_tmp_drops_private_tmp() -> None:
+    unit = systemd.render_unit("/usr/local/bin/trafficthreshold", "/tmp/tt/config.toml")
+    assert _directives(unit)["PrivateTmp"] == ["no"]
+    assert "/tmp/tt/config.toml" in systemd.warnings("/usr/bin/tt", "/tmp/tt/config.toml")[0]
+
+
+def test_render_unit_elsewhere_keeps_private_tmp() -> None:
+    for program in ("/usr/local/bin/trafficthreshold", "/opt/tmp/bin/trafficthreshold",
+                    "/srv/tmpfoo/bin/trafficthreshold"):
+        assert _directives(systemd.render_unit(program))["PrivateTmp"] == ["yes"], program
+        assert systemd.warnings(program, "/etc/trafficthreshold/config.toml") == []
+
+
+def test_cli_systemd_unit_under_tmp_warns(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    result = CliRunner().invoke(main, ["systemd-unit", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "PrivateTmp=no" in result.stdout and "PrivateTmp=yes\n" not in result.stdout
+    assert result.stderr.startswith("warning: ") and "reboot" in result.stderr

@@ -11,8 +11,9 @@ The worker API::
 ``hit()`` and ``throttle_status()`` are C functions (``_counter.c``): a
 lock-free atomic add into a shared-memory segment, no system call.  They
 attach lazily, once per process, to the segment found by
-``TRAFFICTHRESHOLD_KEY`` / ``TRAFFICTHRESHOLD_BACKEND`` (or
-:func:`configure`).  They fail open: with no segment installed a warning is
+:func:`configure`, else ``TRAFFICTHRESHOLD_KEY`` /
+``TRAFFICTHRESHOLD_BACKEND``, else the default key 0x54546831 (workers do
+not read the config file).  They fail open: with no segment installed a warning is
 logged once and nothing is counted; only bad arguments raise.  Strict mode
 (``TRAFFICTHRESHOLD_STRICT=1`` or ``configure(strict=True)``) raises instead.
 """
@@ -24,7 +25,30 @@ import os
 from . import names
 from .errors import (ConfigError, LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse,
                      SegmentNotFound, TrafficThresholdError)
-from . import _counter
+
+
+def _no_extension(exc: ImportError) -> ImportError:
+    """The error for a package without its built C extension.  Typically
+    ``import trafficthreshold`` run in the checkout root after
+    ``pip install .``: the source tree there shadows the installed package
+    and has no ``_counter*.so``; Python's own message blames a circular
+    import."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(here, "_counter.c")):
+        return ImportError(
+            f"you are importing the source tree at {here}, which has no built extension "
+            "(trafficthreshold._counter): cd elsewhere to use the installed package, or "
+            "`pip install -e .`, or `python setup.py build_ext --inplace` "
+            f"(Python said: {exc})")
+    return ImportError(f"trafficthreshold at {here} has no built extension "
+                       f"(trafficthreshold._counter): reinstall it with `pip install "
+                       f"--force-reinstall trafficthreshold` (Python said: {exc})")
+
+
+try:
+    from . import _counter
+except ImportError as _exc:
+    raise _no_extension(_exc) from _exc
 from ._counter import Counter, hit, throttle_status
 
 __all__ = ["hit", "throttle_status", "count", "configure", "Counter", "TrafficThresholdError",

@@ -1,20 +1,32 @@
 """The command line: click commands, each a few lines over a module.
 
-Library errors (``TrafficThresholdError``) become ``click.ClickException``
-with the library's message, which already says what to do.
+Every error a user can meet becomes a one-line ``click.ClickException``
+(exit 1) that names the problem and the fix, never a traceback: library
+errors (``TrafficThresholdError``) keep their message, which already says
+what to do; permission errors, a taken HTTP port and store errors get one
+here (:func:`_fail_clearly`).
+
+``--config`` and ``-v`` are accepted before and after the command name
+(``trafficthreshold --config F run`` and ``trafficthreshold run --config F``).
+The segment key is taken from ``--key``, then ``$TRAFFICTHRESHOLD_KEY``,
+then ``key`` in the config file, then the built-in 0x54546831.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from typing import Any, Callable
 
 import click
+import posix_ipc
+import sysv_ipc
 
 from . import config as configuration
 from . import segment
@@ -22,37 +34,180 @@ from .errors import TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.cli")
 
+#: The largest ``hit -n``.  TODO: use ``segment.MAX_HIT_N`` (the segment
+#: engineer's documented maximum per call) once it is on this branch; until
+#: then the same value, 2**32 - 1, is defined here and only here.
+MAX_HIT_N: int = getattr(segment, "MAX_HIT_N", 2**32 - 1)
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    """``1 process``, ``2 processes``."""
+    return f"{n} {one if n == 1 else many}"
+
+
+def _segment_name(cfg: configuration.Config | None) -> str:
+    if cfg is None:
+        return "the segment"
+    if cfg.backend == "posix":
+        return f"the POSIX segment /dev/shm{segment.posix_name(cfg.key)}"
+    return f"the SysV segment at key {cfg.key:#x} (ipcs -m)"
+
+
+def _permission_message(exc: BaseException) -> str:
+    """Who was refused what, and the fix.  (sysv_ipc's own text is left out:
+    it names no object and says "Permission %o" literally.)"""
+    import pwd
+    obj = click.get_current_context(silent=True)
+    cfg = (obj.obj or {}).get("config") if obj is not None else None
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    return (f"permission denied to user {user} on {_segment_name(cfg)}: run this as the "
+            "segment's owner or root, or as a member of its group "
+            "(`trafficthreshold install --group GROUP` sets it; `trafficthreshold status` "
+            "shows owner, group and mode)")
+
+
+def _oserror_message(exc: OSError) -> str:
+    if isinstance(exc, PermissionError) and exc.filename is None:
+        return _permission_message(exc)
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}: check the path and this user's rights to it"
+
 
 def _fail_clearly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one-line messages (exit 1)."""
+    """Turn every error a user can meet into a one-line message (exit 1);
+    the traceback goes to the debug log (-vv)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (TrafficThresholdError, ValueError, PermissionError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            message = _message(exc)
+            if message is None:
+                raise
+            log.debug("%s failed", fn.__name__, exc_info=True)
+            raise click.ClickException(message) from exc
     return wrapper
 
 
-def _int_auto(value: str) -> int:
-    return int(value, 0)
+def _message(exc: Exception) -> str | None:
+    """The one line for ``exc``, or None for an error that is a bug."""
+    if isinstance(exc, (TrafficThresholdError, ValueError)):
+        return str(exc)
+    if isinstance(exc, (sysv_ipc.PermissionsError, posix_ipc.PermissionsError)):
+        return _permission_message(exc)
+    if isinstance(exc, sqlite3.Error):
+        obj = click.get_current_context().obj or {}
+        db = getattr(obj.get("config"), "database", "the store")
+        return (f"the store {db}: {exc}; check that its directory exists and this user "
+                "may write it, or set database = in the config")
+    if isinstance(exc, OSError):
+        return _oserror_message(exc)
+    return None
+
+
+class KeyType(click.ParamType):
+    """A segment key: decimal or 0x hex, 1..2**31-1 (as in the config)."""
+
+    name = "KEY"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return configuration.parse_key(str(value))
+        except ValueError as exc:
+            self.fail(f"{value!r} is not a segment key ({exc}); use decimal or 0x hex, "
+                      "e.g. 0x54546831", param, ctx)
+
+
+class OctalMode(click.ParamType):
+    """Permissions in octal, 0..777."""
+
+    name = "OCTAL"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            self.fail(f"{value!r} is not an octal mode; write it like 660", param, ctx)
+        if not 0 <= mode <= 0o777:
+            self.fail(f"{value!r} is out of range; use 000..777 (e.g. 660)", param, ctx)
+        return mode
+
+
+def _geometry_check(field: str) -> Callable[[click.Context, Any, int], int]:
+    """An option callback that applies ``segment.Geometry``'s own check, so
+    the CLI accepts exactly what the library does (one source of truth)."""
+    def check(ctx: click.Context, param: Any, value: int) -> int:
+        try:
+            dataclasses.replace(segment.Geometry(), **{field: value}).check()
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        return value
+    return check
 
 
 def _load(ctx: click.Context) -> configuration.Config:
-    """The configuration, with --key/--backend applied over it."""
+    """The configuration, with --backend applied over it.  --key is applied
+    as ``$TRAFFICTHRESHOLD_KEY`` (see :func:`_env`) so that the config
+    module's single rule decides: flag, environment, file, default."""
     obj = ctx.ensure_object(dict)
     if "config" not in obj:
-        cfg = configuration.load(obj.get("config_path"))
-        overrides = {k: obj[k] for k in ("key", "backend") if obj.get(k) is not None}
-        obj["config"] = cfg if not overrides else dataclasses.replace(cfg, **overrides)
+        cfg = configuration.load(obj.get("config_path"), _env(ctx))
+        if obj.get("backend") is not None:
+            cfg = dataclasses.replace(cfg, backend=obj["backend"])
+        obj["config"] = cfg
     return obj["config"]
+
+
+def _env(ctx: click.Context) -> dict[str, str]:
+    """The environment, with ``--key`` (when given) as ``$TRAFFICTHRESHOLD_KEY``:
+    the flag wins over the environment, which wins over the file.  The
+    daemon gets this environment too, so a reload (SIGHUP) keeps the flag."""
+    env = dict(os.environ)
+    key = ctx.ensure_object(dict).get("key")
+    if key is not None:
+        env["TRAFFICTHRESHOLD_KEY"] = f"{key:#x}"
+    return env
+
+
+def _set_config(ctx: click.Context, param: Any, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["config_path"] = value
+
+
+def _set_verbosity(ctx: click.Context, param: Any, value: int) -> None:
+    """-v counts add up wherever they are given (before or after the command)."""
+    obj = ctx.ensure_object(dict)
+    obj["verbose"] = obj.get("verbose", 0) + (value or 0)
+    level = max(logging.WARNING - 10 * obj["verbose"], logging.DEBUG)
+    logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config and -v, on the group and on every command, so either place works."""
+    fn = click.option("-v", "--verbose", count=True, expose_value=False,
+                      callback=_set_verbosity,
+                      help="More log output (-vv for debug).")(fn)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        default=None, expose_value=False, callback=_set_config,
+                        help="TOML config file (default $TRAFFICTHRESHOLD_CONFIG, else "
+                             "/etc/trafficthreshold/config.toml if present).")(fn)
 
 
 def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--key and --backend, for every command that touches the segment."""
-    @click.option("--key", type=_int_auto, default=None,
-                  help="SysV IPC key (decimal or 0x hex). Default: config, then "
-                       "$TRAFFICTHRESHOLD_KEY, then 0x54546831.")
+    @click.option("--key", type=KeyType(), default=None,
+                  help="SysV IPC key (decimal or 0x hex). Default: $TRAFFICTHRESHOLD_KEY, "
+                       "then key in the config, then 0x54546831.")
     @click.option("--backend", type=click.Choice(segment.BACKENDS), default=None,
                   help="sysv (default) or posix shared memory.")
     @click.pass_context
@@ -69,33 +224,38 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              envvar="TRAFFICTHRESHOLD_CONFIG",
-              help="TOML config file (default /etc/trafficthreshold/config.toml if present).")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+              envvar="TRAFFICTHRESHOLD_CONFIG", expose_value=False, callback=_set_config,
+              help="TOML config file (default /etc/trafficthreshold/config.toml if present); "
+                   "also accepted after the command.")
+@click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity,
+              help="More log output (-vv for debug); also accepted after the command.")
 @click.version_option(package_name="trafficthreshold")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, verbose: int) -> None:
+def main(ctx: click.Context) -> None:
     """Count page views across web workers; alert by mail on bursts.
 
     Example: trafficthreshold install && trafficthreshold run
     """
-    ctx.ensure_object(dict)["config_path"] = config_path
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(name)s: %(message)s")
+    ctx.ensure_object(dict)
 
 
 # ----------------------------------------------------------------- segment
 
 @main.command()
+@common_options
 @segment_options
-@click.option("--keys", type=click.IntRange(18, 1 << 20), default=1024, show_default=True,
-              help="Capacity of the key table ((account, event) pairs).")
-@click.option("--minutes", type=click.IntRange(2, 100000), default=120, show_default=True,
-              help="Minutes of history kept in the ring.")
-@click.option("--stripes", type=click.IntRange(1, 64), default=4, show_default=True,
+@click.option("--keys", type=int, default=segment.Geometry.keys, show_default=True,
+              callback=_geometry_check("keys"),
+              help="Capacity of the key table ((account, event) pairs, the reserved "
+                   "ones included).")
+@click.option("--minutes", type=int, default=segment.Geometry.minutes, show_default=True,
+              callback=_geometry_check("minutes"), help="Minutes of history kept in the ring.")
+@click.option("--stripes", type=int, default=segment.Geometry.stripes, show_default=True,
+              callback=_geometry_check("stripes"),
               help="Copies of each counter, so workers do not share a cache line.")
-@click.option("--mode", type=lambda v: int(v, 8), default="660", show_default=True,
-              help="Permissions (octal) of the segment and semaphore.")
+@click.option("--mode", type=OctalMode(), default="660", show_default=True,
+              help="Permissions (octal) of the segment and semaphore; 660 lets the "
+                   "--group in, a world-writable mode lets any local user change counts.")
 @click.option("--group", default=None, help="Group that may use the segment, e.g. www-data.")
 @click.pass_context
 @_fail_clearly
@@ -106,6 +266,9 @@ def install(ctx: click.Context, keys: int, minutes: int, stripes: int, mode: int
     Example: trafficthreshold install --group www-data
     """
     cfg = _load(ctx)
+    if mode & 0o002:
+        click.echo(f"warning: mode {mode:03o} is world-writable: any local user can change "
+                   "the counts and the throttle level; use 660 with --group", err=True)
     geometry = segment.Geometry(keys=keys, minutes=minutes, stripes=stripes)
     result = segment.install(cfg.key, cfg.backend, geometry, mode=mode, group=group,
                              multiplier=cfg.throttle.multiplier, window=cfg.throttle.window)
@@ -116,6 +279,7 @@ def install(ctx: click.Context, keys: int, minutes: int, stripes: int, mode: int
 
 
 @main.command()
+@common_options
 @segment_options
 @click.option("--force", is_flag=True, help="Remove even while processes are attached.")
 @click.option("--no-rollup", is_flag=True,
@@ -130,7 +294,10 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
     cfg = _load(ctx)
     before = None if no_rollup else functools.partial(_final_rollup, cfg)
     result = segment.uninstall(cfg.key, cfg.backend, force=force, before_remove=before)
-    click.echo(f"removed the {result['removed']} ({result['size']:,} bytes)")
+    attached = int(result.get("attached", 0) or 0)
+    click.echo(f"removed the {result['removed']} ({result['size']:,} bytes)"
+               + (f"; {_plural(attached, 'process was', 'processes were')} still attached"
+                  if attached else ""))
 
 
 def _final_rollup(cfg: configuration.Config, counter: Any) -> None:
@@ -142,6 +309,7 @@ def _final_rollup(cfg: configuration.Config, counter: Any) -> None:
 
 
 @main.command()
+@common_options
 @segment_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -158,10 +326,12 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@common_options
 @segment_options
 @click.argument("account", required=False)
 @click.argument("event", required=False, default="pageview")
-@click.option("-n", type=click.IntRange(min=1), default=1, show_default=True, help="How many.")
+@click.option("-n", type=click.IntRange(1, MAX_HIT_N), default=1, show_default=True,
+              help=f"How many (1..{MAX_HIT_N}).")
 @click.pass_context
 @_fail_clearly
 def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
@@ -179,6 +349,7 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
 # ------------------------------------------------------------------ daemon
 
 @main.command()
+@common_options
 @click.option("--no-http", is_flag=True, help="Do not serve the stats API and dashboard.")
 @click.pass_context
 @_fail_clearly
@@ -191,16 +362,28 @@ def run(ctx: click.Context, no_http: bool) -> None:
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     cfg = _load(ctx)
-    sup = Supervisor(cfg, config_path=ctx.obj.get("config_path"), http=not no_http)
-    sys.exit(sup.run())
+    sup = Supervisor(cfg, config_path=ctx.obj.get("config_path"), http=not no_http,
+                     env=_env(ctx))
+    try:
+        status = sup.run()
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        raise click.ClickException(
+            f"cannot serve HTTP on {cfg.http.listen} ({exc.strerror}): stop what uses "
+            f"that address, or change [http] listen in {cfg.source}, or run with "
+            "--no-http") from exc
+    sys.exit(status)
 
 
 @main.group("config")
+@common_options
 def config_group() -> None:
     """Check or show the configuration."""
 
 
 @config_group.command("check")
+@common_options
 @click.pass_context
 @_fail_clearly
 def config_check(ctx: click.Context) -> None:
@@ -215,6 +398,7 @@ def config_check(ctx: click.Context) -> None:
 
 
 @config_group.command("show")
+@common_options
 @click.pass_context
 @_fail_clearly
 def config_show(ctx: click.Context) -> None:
@@ -226,20 +410,25 @@ def config_show(ctx: click.Context) -> None:
 
 
 @main.command("systemd-unit")
+@common_options
 @click.pass_context
+@_fail_clearly
 def systemd_unit(ctx: click.Context) -> None:
     """Print the systemd unit with this installation's paths.
 
     Example: trafficthreshold systemd-unit > /etc/systemd/system/trafficthreshold.service
     """
-    from .systemd import render_unit
-    path = ctx.obj.get("config_path") or configuration.DEFAULT_PATH
-    click.echo(render_unit(config_path=os.path.abspath(path)), nl=False)
+    from .systemd import render_unit, warnings
+    path = os.path.abspath(ctx.obj.get("config_path") or configuration.DEFAULT_PATH)
+    for warning in warnings(config_path=path):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(render_unit(config_path=path), nl=False)
 
 
 # ------------------------------------------------------------------- stats
 
 @main.command()
+@common_options
 @click.argument("account")
 @click.argument("event")
 @click.argument("year", type=int)
@@ -277,6 +466,7 @@ def stats(ctx: click.Context, account: str, event: str, year: int, month: int | 
 # ------------------------------------------------------------------- mail
 
 @main.command("test-mail")
+@common_options
 @click.option("--rule", default=None, help="Render the mail of this [[alert]] rule.")
 @click.option("--to", "to", multiple=True, help="Send here instead of the rule's recipients.")
 @click.pass_context
@@ -306,6 +496,7 @@ def test_mail(ctx: click.Context, rule: str | None, to: tuple[str, ...]) -> None
 
 
 @main.command("alerts")
+@common_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 @_fail_clearly

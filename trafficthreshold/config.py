@@ -773,7 +773,13 @@ def load(
 
 def env_key(env: Mapping[str, str] = os.environ) -> int | None:
     """``$TRAFFICTHRESHOLD_KEY`` as a key, None if unset; ConfigError if bad.
-    (The worker API reads it too, without loading the whole config.)"""
+    (The worker API reads it too, without loading the whole config.)
+
+    The key precedence, everywhere the key is read: a command-line
+    ``--key`` (the CLI passes it to :func:`load` as this variable), then
+    this variable, then ``key`` in the file, then ``DEFAULT_KEY``.  The
+    worker API has no file: ``configure(key=...)``, this variable, the
+    default."""
     override = env.get("TRAFFICTHRESHOLD_KEY", "")
     if not override.strip():
         return None

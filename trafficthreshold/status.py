@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import struct
 from typing import Any
 
 from . import segment, throttle
@@ -15,35 +16,140 @@ STATE_NAMES = {segment.STATE_INSTALLING: "installing", segment.STATE_LIVE: "live
 
 
 def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+    """``ts`` as ISO 8601 UTC; a value no clock can hold (a damaged header)
+    is shown as the raw number, never an error."""
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"<invalid timestamp {ts!r}>"
+
+
+#: What `status` says to do about a damaged segment.
+REPAIR = ("a damaged segment counts wrongly: run `trafficthreshold uninstall` (it rolls "
+          "what it can into the store; add --force if workers are attached) and "
+          "`trafficthreshold install` again")
 
 
 def collect(cfg: Config, now: float) -> dict[str, Any]:
     """Everything about the segment, as a JSON-ready dict.  Raises
-    SegmentNotFound (with the fix) when none is installed."""
+    SegmentNotFound (with the fix) when none is installed.
+
+    Never fails on what the segment holds: a header field out of range or an
+    index entry that cannot be read is listed under ``damage`` (with the
+    fix, :data:`REPAIR`) and the rest is reported as far as it can be.
+    Reads only; takes no lock (a key being added meanwhile may be missed)."""
     counter = segment.attach(cfg.key, cfg.backend)
     try:
         head = segment.header(counter)
+        damage = _header_damage(head)
         keys = []
-        for slot, account, event in sorted(counter.keys(), key=lambda k: (k[2], k[1])):
+        for slot, account, event in _keys(cfg, counter, head, damage):
             keys.append({"account": account, "event": event, "slot": slot,
-                         "minute": counter.count(slot, 1, now),
-                         "last_60s": counter.count(slot, 0, now)})
-        return {
+                         "minute": _guarded(damage, f"count of slot {slot}",
+                                            counter.count, slot, 1, now),
+                         "last_60s": _guarded(damage, f"count of slot {slot}",
+                                              counter.count, slot, 0, now)})
+        keys.sort(key=lambda k: (k["event"], k["account"]))
+        level = _guarded(damage, "throttle level", counter.level, now)
+        info = {
             "backend": cfg.backend, "key": cfg.key, "key_hex": f"{cfg.key:#x}",
             "size": counter.size, "state": STATE_NAMES.get(head["state"], head["state"]),
             "created_at": _iso(head["created_at"]),
             "capacity": head["key_capacity"], "keys_used": head["keys_used"],
             "minutes": head["minute_buckets"], "stripes": head["stripes"],
             "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
-            "attached": segment.attached_pids(cfg.key, cfg.backend),
-            "permissions": _permissions(cfg),
-            "throttle": _throttle(cfg, head, counter.level(now), now),
+            "attached": _guarded(damage, "attached processes", segment.attached_pids,
+                                 cfg.key, cfg.backend) or [],
+            "permissions": _guarded(damage, "permissions", _permissions, cfg),
+            "throttle": _throttle(cfg, head, level, now, damage),
             "supervisor": _supervisor(head, now),
             "keys": keys,
         }
+        info["damage"] = damage
+        info["repair"] = REPAIR if damage else None
+        return info
     finally:
         counter.detach()
+
+
+def _guarded(damage: list[str], what: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or None with the failure added to ``damage``."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # status reports everything it can, never a traceback
+        damage.append(f"{what}: cannot be read ({exc.__class__.__name__}: {exc})")
+        return None
+
+
+def _header_damage(head: dict[str, int]) -> list[str]:
+    """Header fields whose value no install or worker writes."""
+    damage = []
+
+    def bad(name: str, allowed: str) -> None:
+        damage.append(f"header field {name} (offset {segment.HEADER_FIELDS[name][0]}) = "
+                      f"{head[name]:#x}, expected {allowed}")
+
+    cap = head["key_capacity"]
+    if head["state"] == segment.STATE_LIVE and not cap > head["throttle_slot"] > 0:
+        bad("throttle_slot", f"a slot in 1..{cap - 1}")
+    if head["keys_used"] > cap:
+        bad("keys_used", f"at most key_capacity ({cap})")
+    if head["throttle_level"] > throttle.MAX_LEVEL:
+        bad("throttle_level", f"0..{throttle.MAX_LEVEL}")
+    if head["throttle_window"] not in WINDOW_NAMES:
+        bad("throttle_window", " or ".join(f"{v} ({k})" for k, v in segment.WINDOWS.items()))
+    if head["state"] not in STATE_NAMES:
+        bad("state", ", ".join(f"{k} ({v})" for k, v in STATE_NAMES.items()))
+    return damage
+
+
+def _keys(cfg: Config, counter: Any, head: dict[str, int],
+          damage: list[str]) -> list[tuple[int, str, str]]:
+    """(slot, account, event) of every key.  The C reader refuses a name that
+    is not UTF-8 (it raises for the whole table); then the index is read
+    here from the raw bytes, each bad name shown escaped and reported."""
+    try:
+        return list(counter.keys())
+    except UnicodeDecodeError:
+        pass
+    try:
+        index = _raw_bytes(cfg, counter.load(segment.H_INDEX_OFFSET, 8),
+                           head["index_size"] * segment.INDEX_ENTRY_SIZE)
+    except Exception as exc:  # see _guarded
+        damage.append(f"key index: cannot be read ({exc.__class__.__name__}: {exc})")
+        return []
+    out = []
+    for i in range(len(index) // segment.INDEX_ENTRY_SIZE):
+        entry = index[i * segment.INDEX_ENTRY_SIZE:(i + 1) * segment.INDEX_ENTRY_SIZE]
+        state, slot = struct.unpack_from("=II", entry, segment.E_STATE)
+        if state != 1:
+            continue
+        names = []
+        for field, off, length in (("account", segment.E_ACCOUNT, entry[segment.E_ACCOUNT_LEN]),
+                                   ("event", segment.E_EVENT, entry[segment.E_EVENT_LEN])):
+            raw = entry[off:off + min(length, 64)]
+            try:
+                names.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                names.append(raw.decode("utf-8", "backslashreplace"))
+                damage.append(f"index entry {i} (slot {slot}): the {field} name {raw!r} "
+                              "is not UTF-8")
+        out.append((slot, names[0], names[1]))
+    return out
+
+
+def _raw_bytes(cfg: Config, offset: int, length: int) -> bytes:
+    """``length`` bytes of the segment at ``offset``, read without the C module."""
+    import sysv_ipc
+    if cfg.backend == "sysv":
+        shm = sysv_ipc.SharedMemory(cfg.key)
+        try:
+            return shm.read(length, offset)
+        finally:
+            shm.detach()
+    with open("/dev/shm" + segment.posix_name(cfg.key), "rb") as file:
+        file.seek(offset)
+        return file.read(length)
 
 
 def _permissions(cfg: Config) -> dict[str, Any]:
@@ -67,9 +173,11 @@ def _permissions(cfg: Config) -> dict[str, Any]:
             "mode": f"{mode:03o}"}
 
 
-def _throttle(cfg: Config, head: dict[str, int], level: int, now: float) -> dict[str, Any]:
+def _throttle(cfg: Config, head: dict[str, int], level: int | None, now: float,
+              damage: list[str]) -> dict[str, Any]:
     mult = head["throttle_multiplier"] or cfg.throttle.multiplier
-    low, high = throttle.level_range(level, mult)
+    low, high = (None, None) if level is None else (
+        _guarded(damage, "throttle range", throttle.level_range, level, mult) or (None, None))
     return {"level": level, "supervisor_level": head["throttle_level"], "min": low, "max": high,
             "multiplier": mult, "window": WINDOW_NAMES.get(head["throttle_window"], "?"),
             "policy": cfg.throttle.policy,
@@ -102,19 +210,25 @@ def render(info: dict[str, Any]) -> str:
     """The human-readable status."""
     t, s = info["throttle"], info["supervisor"]
     top = "-" if t["max"] is None else t["max"]
+    low = "?" if t["min"] is None else t["min"]
+    level = "?" if t["level"] is None else t["level"]
     sup = ("not running (no heartbeat yet)" if s["heartbeat_age"] is None else
            f"pid {s['pid']}, heartbeat {s['heartbeat_age']} s ago"
            + ("" if s["running"] else " - NOT RUNNING: start `trafficthreshold run`"))
-    perm = info["permissions"]
+    perm = info["permissions"] or {"owner": "?", "group": "?", "mode": "?"}
+    damage = [f"DAMAGED     {d}" for d in info["damage"]]
+    if damage:
+        damage.append(f"            {info['repair']}")
     lines = [
         f"segment     {info['backend']} key {info['key_hex']}, {info['size']:,} bytes, "
         f"{info['state']}, created {info['created_at']}",
+        *damage,
         f"permissions {perm['owner']}:{perm['group']} {perm['mode']}",
         f"keys        {info['keys_used']} of {info['capacity']} used; "
         f"ring {info['minutes']} minutes x {info['stripes']} stripes",
         f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']}",
-        f"attached    {len(info['attached'])} other processes",
-        f"throttle    level {t['level']} ({t['min']} - {top}), window {t['window']}, "
+        f"attached    {_plural(len(info['attached']), 'other process', 'other processes')}",
+        f"throttle    level {level} ({low} - {top}), window {t['window']}, "
         f"multiplier {t['multiplier']}, policy {t['policy']}: {t['policy_state']}",
         f"supervisor  {sup}",
         "",
@@ -124,6 +238,11 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"{k['account']:<40} {k['event']:<16} {k['minute']:>10,} "
                      f"{k['last_60s']:>10,}")
     return "\n".join(lines)
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    """``1 other process``, ``2 other processes``."""
+    return f"{n} {one if n == 1 else many}"
 
 
 def alert_report(cfg: Config) -> dict[str, Any]:

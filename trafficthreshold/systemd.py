@@ -23,6 +23,8 @@ UNIT_NAME = "trafficthreshold.service"
 SHIPPED_BIN = "/usr/local/bin/trafficthreshold"
 #: The configuration path written in the shipped unit.
 SHIPPED_CONFIG = DEFAULT_PATH
+#: The directories ``PrivateTmp=yes`` replaces with private ones.
+TMP_DIRS = ("/tmp/", "/var/tmp/")
 
 
 def shipped_unit() -> str:
@@ -43,7 +45,11 @@ def render_unit(bin_path: str | None = None, config_path: str | None = None) -> 
     """Return the shipped unit with ``bin_path`` and ``config_path`` written in.
 
     Defaults: :func:`installed_bin` and the shipped ``/etc`` path.  If either
-    is in a home directory, ``ProtectHome=yes`` becomes ``read-only``.  Both must
+    is in a home directory, ``ProtectHome=yes`` becomes ``read-only``.  If
+    either is under ``/tmp`` or ``/var/tmp``, ``PrivateTmp=yes`` (which gives
+    the service an empty /tmp of its own, so ``ExecStart=/tmp/...`` would not
+    exist) becomes ``PrivateTmp=no`` with a comment saying why; see
+    :func:`warnings` for what the CLI tells the user then.  Both must
     be absolute; they are escaped for unit files (``%`` specifiers, ``$``
     expansion, quoting of spaces).  Raises ValueError for a path systemd
     cannot take (relative, or with a control character).
@@ -59,8 +65,31 @@ def render_unit(bin_path: str | None = None, config_path: str | None = None) -> 
         elif line.startswith("ProtectHome=") and _under_home(bin_path, config_path):
             # ProtectHome=yes would hide a virtualenv or config in a home.
             line = "ProtectHome=read-only\n"
+        elif line.startswith("PrivateTmp=") and _under_tmp(bin_path, config_path):
+            line = ("# PrivateTmp=no: this installation is under /tmp or /var/tmp, which\n"
+                    "# PrivateTmp=yes would replace with an empty directory of the unit's own.\n"
+                    "PrivateTmp=no\n")
         lines.append(line)
     return "".join(lines)
+
+
+def _under_tmp(*paths: str) -> bool:
+    """True if a path is in the directories ``PrivateTmp=yes`` replaces."""
+    return any(os.path.normpath(path).startswith(TMP_DIRS) for path in paths)
+
+
+def warnings(bin_path: str | None = None, config_path: str | None = None) -> list[str]:
+    """What is wrong with running the service from these paths, for the
+    user (the unit itself is adapted by :func:`render_unit`)."""
+    bin_path = bin_path or installed_bin()
+    config_path = config_path or SHIPPED_CONFIG
+    found = [p for p in (bin_path, config_path) if _under_tmp(p)]
+    if not found:
+        return []
+    return [f"{', '.join(found)} is under /tmp or /var/tmp: the unit is written with "
+            "PrivateTmp=no (PrivateTmp=yes would hide it), and /tmp is emptied at boot, "
+            "so the service will not start after a reboot; install into a lasting "
+            "place (e.g. python3 -m venv /opt/trafficthreshold) for production"]
 
 
 def _under_home(*paths: str) -> bool:
