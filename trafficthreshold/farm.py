@@ -1,0 +1,200 @@
+"""What the hosts of a farm share in Redis besides the periods: their live
+counts, and one leader for the farm's alerts.
+
+Status: built and tested against real redis-server processes; the
+supervisor does not use it yet (see docs/redis.rst).
+
+Live counts
+-----------
+Each supervisor publishes its host's live numbers every second as
+*absolute* values (idempotent: publishing twice changes nothing), with a
+short expiry, so a host that dies drops out of the farm's numbers within
+seconds instead of freezing them::
+
+    {prefix}~live:{host}   hash, expires after LIVE_TTL_MS
+        "{account}\\0{event}"  "{minute count} {60 s count}"
+        "~level"               the host's throttle level
+        "~at"                  when it published (Unix seconds)
+        "~last_roll"           its last roll-up (Unix seconds, or "")
+    {prefix}~hosts         sorted set: host -> when it last published
+
+:func:`farm_live` adds the live hashes up and lists every host seen in the
+last :data:`FORGET_AFTER` seconds, alive or not.
+
+The leader lease
+----------------
+Farm-wide alert rules are evaluated by one supervisor at a time: the holder
+of the lease ``{prefix}~leader`` (``SET NX PX``), renewed every second.  Each
+new lease gets a fencing token from ``{prefix}~leader:token`` (``INCR``); the
+lease's value is ``"{host} {token}"``.  Every write of farm alert state goes
+through :meth:`Lease.fenced`, a script that applies it only while the lease
+still holds that exact value, so a leader that was paused past its lease
+(and replaced) can no longer write or send.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+#: A host's live hash expires this long after its last publication.
+LIVE_TTL_MS = 5_000
+#: A host not heard from for this long is no longer listed at all.
+FORGET_AFTER = 3_600
+#: The leader's lease: another host takes over at most this long after the
+#: leader stops renewing (it renews every second).
+LEASE_TTL_MS = 10_000
+
+LiveCounts = dict[tuple[str, str], tuple[int, int]]
+
+
+def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
+                 last_roll: float | None = None, prefix: str = "track",
+                 ttl_ms: int = LIVE_TTL_MS) -> None:
+    """Replace this host's live numbers in one MULTI/EXEC."""
+    key = f"{prefix}~live:{host}"
+    mapping: dict[str, str] = {f"{a}\0{e}": f"{m} {s}" for (a, e), (m, s) in counts.items()}
+    mapping.update({"~level": str(level), "~at": repr(float(now)),
+                    "~last_roll": "" if last_roll is None else repr(float(last_roll))})
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.hset(key, mapping=mapping)
+    pipe.pexpire(key, ttl_ms)
+    pipe.zadd(f"{prefix}~hosts", {host: float(now)})
+    pipe.execute()
+
+
+@dataclass
+class HostLive:
+    host: str
+    alive: bool
+    level: int = 0
+    at: float | None = None
+    last_roll: float | None = None
+    counts: LiveCounts = field(default_factory=dict)
+
+
+@dataclass
+class FarmLive:
+    total: LiveCounts
+    hosts: list[HostLive]
+    leader: str | None
+
+    def count(self, account: str, event: str, window: str) -> int:
+        """The farm's count of a key: ``window`` "minute" or "60s"."""
+        minute, sliding = self.total.get((account, event), (0, 0))
+        return minute if window == "minute" else sliding
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def farm_live(client: Any, *, now: float, prefix: str = "track") -> FarmLive:
+    """The farm's live numbers: the sum over the hosts that are alive (their
+    hash has not expired), and a row per host seen lately."""
+    names = [_text(h) for h in client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf")]
+    pipe = client.pipeline(transaction=False)
+    for host in names:
+        pipe.hgetall(f"{prefix}~live:{host}")
+    pipe.get(f"{prefix}~leader")
+    *hashes, leader = pipe.execute()
+    total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    hosts = []
+    for host, raw in zip(names, hashes, strict=True):
+        row = HostLive(host, alive=bool(raw))
+        for k, v in raw.items():
+            k, v = _text(k), _text(v)
+            if k == "~level":
+                row.level = int(v)
+            elif k == "~at":
+                row.at = float(v)
+            elif k == "~last_roll":
+                row.last_roll = float(v) if v else None
+            elif "\0" in k:
+                account, event = k.split("\0", 1)
+                minute, sliding = (int(x) for x in v.split())
+                row.counts[account, event] = (minute, sliding)
+                total[account, event][0] += minute
+                total[account, event][1] += sliding
+        hosts.append(row)
+    return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
+                    None if leader is None else _text(leader).split(" ")[0])
+
+
+# -------------------------------------------------------------- the lease
+
+# KEYS: lease, token counter.  ARGV: host, ttl ms, current value or "".
+# Renews our own lease, or takes a free one with a new token; returns the
+# lease's value ("host token") if we hold it now, else false.
+LEASE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur == ARGV[3] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return cur
+end
+if cur then return false end
+local token = redis.call('INCR', KEYS[2])
+local value = ARGV[1] .. ' ' .. token
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return value
+"""
+
+# KEYS: lease, then the hash to write.  ARGV: our lease value, then field,
+# value pairs.  Writes only while the lease is still ours.
+FENCED_HSET = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Lease:
+    """One host's view of the farm's leader lease.  Not thread-safe."""
+
+    def __init__(self, client: Any, host: str, *, prefix: str = "track",
+                 ttl_ms: int = LEASE_TTL_MS) -> None:
+        self.client, self.host, self.ttl_ms = client, host, ttl_ms
+        self.key, self.counter = f"{prefix}~leader", f"{prefix}~leader:token"
+        self.value: str | None = None
+        self._lease = client.register_script(LEASE_SCRIPT)
+        self._fenced = client.register_script(FENCED_HSET)
+        self._release = client.register_script(RELEASE_SCRIPT)
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token of the lease we hold (it only ever grows)."""
+        return None if self.value is None else int(self.value.split(" ")[1])
+
+    def renew(self) -> bool:
+        """Take or renew the lease (call every second); True while we lead.
+        A Redis error means we cannot know: we stop leading."""
+        try:
+            value = self._lease(keys=[self.key, self.counter],
+                                args=[self.host, self.ttl_ms, self.value or ""])
+        except Exception:  # noqa: BLE001 - no Redis, no lease
+            self.value = None
+            raise
+        self.value = None if value is None else _text(value)
+        return self.value is not None
+
+    def fenced(self, key: str, mapping: dict[str, str]) -> bool:
+        """HSET ``mapping`` into ``key`` only if we still hold the lease we
+        took; False (nothing written) once another host has taken over."""
+        if self.value is None:
+            return False
+        args: list[str] = [self.value]
+        for k, v in mapping.items():
+            args.extend([k, v])
+        return bool(self._fenced(keys=[self.key, key], args=args))
+
+    def release(self) -> None:
+        """Give the lease up at shutdown, so another host takes over at once."""
+        if self.value is not None:
+            self._release(keys=[self.key], args=[self.value])
+            self.value = None
