@@ -12,12 +12,22 @@ it directly with a driven clock.  Each tick:
 4. when the clock minute changed, rolls the ring into the store
    (:mod:`trafficthreshold.rollup`), and once an hour prunes the store.
 
+Every step of a tick is guarded: a step that fails is logged (with its
+traceback the first time, then once per new error) and tried again, and the
+other steps go on; the daemon never exits for a passing problem.  Before
+the throttle step, the header fields the supervisor owns (the throttle
+slot, window and multiplier, and the level) are checked against what it
+knows and rewritten if shared memory holds something else (logged once).
+A store that cannot be opened (damaged, read-only, missing directory) is
+retried every minute while the ring keeps counting.
+
 Only :meth:`Supervisor.run` reads the clock and sleeps (on the monotonic
 clock).  Signal handlers only set flags: SIGTERM/SIGINT stop after a final
 roll-up of everything pending, SIGHUP reloads the configuration.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -36,6 +46,11 @@ log = logging.getLogger("trafficthreshold.supervisor")
 
 PRUNE_EVERY = 3600.0
 TOP_ACCOUNTS = 5
+#: The throttle levels a header may hold (0 = off .. 5).
+MAX_LEVEL = 5
+#: Configuration keys that only a restart applies: the running daemon keeps
+#: its segment and store, so a reload keeps these from the running config.
+RESTART_ONLY = ("key", "backend", "database", "timezone")
 
 
 #: What happens after each guarded step failed (nothing is lost: the ring
@@ -46,6 +61,11 @@ _RETRIED = {
     "prune": "tried again within the hour",
     "final roll-up": "the next start catches up from the ring",
     "final mail delivery": "the mails stay queued for the next start",
+    "heartbeat": "tried again at the next tick",
+    "header check": "tried again at the next tick",
+    "throttle": "tried again at the next tick; workers keep the last level",
+    "opening the store": "retried every minute; the ring keeps counting meanwhile",
+    "catch-up roll-up": "the next minute's roll-up catches up",
 }
 
 
@@ -72,6 +92,10 @@ class Supervisor:
         self.closed_cache: tuple[int, dict] | None = None
         self.stop_requested = False
         self.reload_requested = False
+        self.last_store_try: int | None = None
+        self._failing: dict[str, str] = {}     # step -> its last error, logged once
+        self._repaired: set[str] = set()        # header fields repaired, logged once
+        self._restart_warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -80,23 +104,34 @@ class Supervisor:
         catch up on what the ring still holds, start mail and HTTP."""
         self.counter = self._attach()
         self._write_settings()
-        self.throttle_state = throttle.ThrottleState(
-            level=self.counter.load(segment.H_THROTTLE_LEVEL, 4))
-        self.store = Store(self.config.database, self.config.timezone)
-        self.roller = Roller(self.counter, self.store)
-        caught_up = self.roller.roll(now)
-        log.info("started: segment %#x (%s), store %s, %d hits caught up",
-                 self.config.key, self.config.backend, self.config.database, caught_up)
+        level = self.counter.load(segment.H_THROTTLE_LEVEL, 4)
+        self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
         self.last_minute = int(now // 60)
-        self.outbox = Outbox(self.config.database, self.config.mail)
-        self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
-                                  self.config.mail, dashboard_url=self.config.dashboard_link,
-                                  on_queued=self.outbox.wake)
-        self.outbox.start()
+        if self._guard("opening the store", self._open_store, now):
+            caught_up = self._guard("catch-up roll-up", self.roller.roll, now)
+            log.info("started: segment %#x (%s), store %s, %s hits caught up",
+                     self.config.key, self.config.backend, self.config.database, caught_up)
         if self.http_enabled:
             self._start_http()
         self._heartbeat(now)
         notify.ready(self.env)
+
+    def _open_store(self, now: float) -> bool:
+        """Open the period store, the roller and the alert engine and its
+        outbox (all on the one database file); retried each minute by
+        :meth:`tick` while the file cannot be opened.  Returns True."""
+        self.last_store_try = int(now // 60)
+        if self.store is None:
+            self.store = Store(self.config.database, self.config.timezone)
+            self.roller = Roller(self.counter, self.store)
+        if self.engine is None:
+            outbox = Outbox(self.config.database, self.config.mail)
+            self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
+                                      self.config.mail, dashboard_url=self.config.dashboard_link,
+                                      on_queued=outbox.wake)
+            self.outbox = outbox
+            outbox.start()
+        return True
 
     def _attach(self) -> Any:
         cfg = self.config
@@ -153,10 +188,17 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        for name in ("key", "backend", "database", "timezone"):
-            if getattr(new, name) != getattr(self.config, name):
-                log.warning("%s changed in the configuration: restart the daemon to apply it",
-                            name)
+        kept = {}
+        for name in RESTART_ONLY:
+            running, wanted = getattr(self.config, name), getattr(new, name)
+            if wanted != running:
+                kept[name] = running
+                if (name, repr(wanted)) not in self._restart_warned:
+                    self._restart_warned.add((name, repr(wanted)))
+                    log.warning("%s changed in the configuration (%r, running with %r): "
+                                "restart the daemon to apply it; kept until then",
+                                name, wanted, running)
+        new = dataclasses.replace(new, **kept) if kept else new
         self.config = new
         self._write_settings()
         if self.engine is not None:
@@ -174,25 +216,40 @@ class Supervisor:
         passing problem: it is logged and retried on the next tick."""
         if not self._segment_live() and not self._reattach():
             return
-        self._heartbeat(now)
-        hits = self._throttle(now)
+        self._guard("heartbeat", self._heartbeat, now)
+        self._guard("header check", self._check_header)
+        hits = self._guard("throttle", self._throttle, now)
         minute = int(now // 60)
-        if minute != self.last_minute:
+        if self.store is None or self.engine is None:
+            if minute != self.last_store_try:
+                self._guard("opening the store", self._open_store, now)
+        if minute != self.last_minute and self.roller is not None:
             self._guard("roll-up", self.roller.roll, now)
             self.last_minute = minute
-        self._guard("alerts", self._alerts, now)
-        if now - self.last_prune >= PRUNE_EVERY:
+        if self.engine is not None:
+            self._guard("alerts", self._alerts, now)
+        if now - self.last_prune >= PRUNE_EVERY and self.store is not None:
             self._guard("prune", self._prune, now)
             self.last_prune = now
         notify.status(f"level {self.throttle_state.level}, {hits} hits in the window",
                       self.env, watchdog=True)  # one datagram a second
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run one step; a failure is logged, not raised.  The traceback is
+        logged the first time a step fails with a given error, then nothing
+        until the error changes or the step works again (no log line per
+        second for a problem that stays)."""
         try:
-            return fn(*args)
-        except Exception:  # noqa: BLE001 - the daemon must keep counting
-            log.exception("%s failed; %s", what, _RETRIED[what])
+            result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the daemon must keep counting
+            text = f"{type(exc).__name__}: {exc}"
+            if self._failing.get(what) != text:
+                self._failing[what] = text
+                log.exception("%s failed; %s", what, _RETRIED[what])
             return None
+        if self._failing.pop(what, None) is not None:
+            log.info("%s works again", what)
+        return result
 
     def _segment_live(self) -> bool:
         return (self.counter is not None and self.counter.attached
@@ -208,18 +265,49 @@ class Supervisor:
         except SegmentNotFound:
             return False
         self._write_settings()
-        self.roller = Roller(self.counter, self.store)
+        # The new segment starts at level 0: so does the throttle (a level
+        # kept from the old segment would jump back after one cooldown).
+        self.throttle_state = throttle.ThrottleState()
+        self.counter.store(segment.H_THROTTLE_LEVEL, 4, 0)
+        self.counter.store(segment.H_THROTTLE_SINCE_MS, 8, 0)
+        self.roller = None if self.store is None else Roller(self.counter, self.store)
+        self.closed_cache = None
         log.info("attached to the new segment at key %#x", self.config.key)
         return True
 
     def _heartbeat(self, now: float) -> None:
         self.counter.store(segment.H_HEARTBEAT_MS, 8, int(now * 1000))
 
+    def _check_header(self) -> None:
+        """Rewrite the header fields the supervisor owns when shared memory
+        holds something else (a stray write, a corrupt segment): the
+        throttle slot (the slot of ("all", "pageview")), the window, the
+        multiplier and the level.  Each repair is logged once per field.
+        Lock-free: single atomic stores of fields only the supervisor writes."""
+        t = self.config.throttle
+        slot = self.counter.find(None, "pageview")
+        expected = [
+            ("throttle_multiplier", segment.H_THROTTLE_MULTIPLIER, t.multiplier),
+            ("throttle_window", segment.H_THROTTLE_WINDOW, segment.WINDOWS[t.window]),
+            ("throttle_level", segment.H_THROTTLE_LEVEL, self.throttle_state.level),
+        ]
+        if slot is not None:
+            expected.append(("throttle_slot", segment.H_THROTTLE_SLOT, slot))
+        for name, offset, value in expected:
+            found = self.counter.load(offset, 4)
+            if found == value:
+                continue
+            self.counter.store(offset, 4, value)
+            if name not in self._repaired:
+                self._repaired.add(name)
+                log.error("the segment header held %s = %d, expected %d: rewritten "
+                          "(a stray write into shared memory?)", name, found, value)
+
     def _throttle(self, now: float) -> int:
         """Step the level; return the window count."""
         t = self.config.throttle
-        slot = self.counter.load(segment.H_THROTTLE_SLOT, 4)
-        hits = self.counter.count(slot, segment.WINDOWS[t.window], now)
+        slot = self.counter.find(None, "pageview")
+        hits = 0 if slot is None else self.counter.count(slot, segment.WINDOWS[t.window], now)
         state, message = throttle.step(self.throttle_state, hits, now, t.policy, t.multiplier,
                                        t.cooldown, t.cron_test)
         if message:
