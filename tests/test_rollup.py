@@ -100,3 +100,133 @@ def test_first_roll_of_fresh_store_covers_the_ring(counter, store):
     counter.hit("acme", "pageview", 1, T0 + 1)
     counter.hit("acme", "pageview", 1, T0 + 3000)
     assert Roller(counter, store).roll(T0 + 3600) == 2
+
+
+# ---------------------------------------------------------------- helpers
+
+def poke(key, backend, fmt, offset, *values):
+    """Write raw bytes into the real segment (a writer in another language,
+    or a corrupting bug)."""
+    import struct
+    raw = segment._Raw(backend, key)
+    try:
+        struct.pack_into(fmt, raw.buf, offset, *values)
+    finally:
+        raw.close()
+
+
+def minute_bucket(counter, slot, minute, stripe=0):
+    """Offset of a key's minute bucket in a stripe (docs/segment.rst)."""
+    slots = counter.load(segment.H_SLOTS_OFFSET, 8)
+    slot_size = counter.load(segment.H_SLOT_SIZE, 4)
+    stripe_size = counter.load(segment.H_STRIPE_SIZE, 4)
+    ring = counter.load(segment.H_MINUTE_BUCKETS, 4)
+    return slots + slot * slot_size + stripe * stripe_size + (minute % ring) * 16
+
+
+def entry_offset(key, backend, account):
+    """The offset of the published index entry holding `account`."""
+    raw = segment._Raw(backend, key)
+    try:
+        base, size = raw.u64(segment.H_INDEX_OFFSET), raw.u32(segment.H_INDEX_SIZE)
+        for i in range(size):
+            ent = base + i * segment.INDEX_ENTRY_SIZE
+            alen = raw.buf[ent + segment.E_ACCOUNT_LEN]
+            name = bytes(raw.buf[ent + segment.E_ACCOUNT:ent + segment.E_ACCOUNT + alen])
+            if raw.u32(ent) == 1 and name == account.encode():
+                return ent
+    finally:
+        raw.close()
+    raise AssertionError(f"{account} not in the index")
+
+
+# ------------------------------------------------- watermarks per instance
+
+def test_reinstall_in_the_same_minute_counts_the_new_segment(installed, store):
+    """uninstall (with its final roll) then install again within the minute:
+    the new segment's hits of that minute are added, not taken for a count
+    that "went down"."""
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    counter.hit("acme", "pageview", 5, T0 + 10)
+    counter.detach()
+    segment.uninstall(key, backend, force=True,
+                      before_remove=lambda c: Roller(c, store).roll(T0 + 20, True))
+    segment.install(key, backend, now=T0 + 30)
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("acme", "pageview", 3, T0 + 40)
+        roller = Roller(counter, store)
+        assert roller.roll(T0 + 61) == 3
+        assert roller.roll(T0 + 62) == 0                  # same instance: a no-op
+        assert Roller(counter, store).roll(T0 + 63) == 0  # a new Roller too
+        assert minute_total(store, "acme", T0) == 8
+        assert store.gaps() == []                         # the old one ended cleanly
+    finally:
+        counter.detach()
+
+
+def test_schema_1_watermarks_are_adopted_not_counted_again(counter, tmp_path):
+    """A store written before watermarks had an instance: after the
+    migration, re-rolling the same ring adds nothing."""
+    import sqlite3
+    from trafficthreshold import store as store_module
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path)
+    for statement in store_module.DDL:
+        conn.execute(statement)
+    conn.execute("INSERT INTO watermarks VALUES (?, 'acme', 'pageview', 4)", (M0,))
+    conn.execute("INSERT INTO watermarks VALUES (?, 'all', 'pageview', 4)", (M0,))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    counter.hit("acme", "pageview", 4, T0 + 5)
+    with Store(path, "UTC") as s:
+        assert Roller(counter, s).roll(T0 + 60) == 0
+        counter.hit("acme", "pageview", 1, T0 + 6)
+        assert Roller(counter, s).roll(T0 + 61) == 1
+        assert s.instance() == counter.load(segment.H_INSTANCE, 8)
+
+
+# ---------------------------------------------------------- bad keys
+
+def test_a_key_that_is_not_utf8_is_skipped_and_the_others_roll(installed, store, caplog):
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("acme", "pageview", 2, T0 + 5)
+        counter.hit("beta", "pageview", 3, T0 + 5)
+        poke(key, backend, "=2s", entry_offset(key, backend, "beta") + segment.E_ACCOUNT,
+             b"\xff\xfe")
+        roller = Roller(counter, store, key=key, backend=backend)
+        assert roller.roll(T0 + 60) == 5                  # the all key holds both
+        assert minute_total(store, "acme", T0) == 2
+        assert store.closed_through() == M0
+        (bad,) = store.bad_keys()
+        assert "not UTF-8" in bad and "\\xff\\xfeta" in bad
+        assert list(roller.bad_keys.values()) == [bad]
+        counter.hit("acme", "pageview", 1, T0 + 65)
+        counter.hit("beta", "pageview", 1, T0 + 65)   # the index still holds the bytes
+        roller.roll(T0 + 120)
+        assert caplog.text.count("skipping a key") == 1   # logged once per key
+        assert minute_total(store, "acme", T0 + 60) == 1
+    finally:
+        counter.detach()
+
+
+def test_a_count_beyond_int64_is_refused_and_the_others_roll(installed, counter, store):
+    from trafficthreshold.store import MAX_MINUTE_COUNT
+    counter.hit("acme", "pageview", 2, T0 + 5)
+    counter.hit("huge", "pageview", 1, T0 + 5)
+    slot = counter.find("huge", "pageview")
+    # Stripe 0 (the fixture's): the count is 8 bytes after the bucket's tag.
+    poke(*installed, "=Q", minute_bucket(counter, slot, M0) + 8, 2**64 - 2)
+    roller = Roller(counter, store)
+    roller.roll(T0 + 60)                                   # no OverflowError
+    assert minute_total(store, "acme", T0) == 2
+    assert minute_total(store, "huge", T0) == 0
+    assert store.closed_through() == M0
+    (bad,) = store.bad_keys()
+    assert "huge/pageview" in bad and str(MAX_MINUTE_COUNT) in bad
+    # A store handed such a count directly refuses it too.
+    assert store.roll([("x", "pageview", M0, 2**63 + 5)], T0 + 61) == 0

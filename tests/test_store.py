@@ -201,7 +201,7 @@ def test_a_write_failing_between_tables_leaves_nothing(store: Store, path: str) 
     conn.commit()
     conn.close()
     minute = minute_at(2026, 5, 12, 10, 17)
-    with pytest.raises(sqlite3.IntegrityError, match="disk on fire"):
+    with pytest.raises(StoreError, match="disk on fire"):
         store.roll([("good", EVENT, minute, 5), ("bad", EVENT, minute, 7)], now_of(minute))
     assert level_totals(path) == dict.fromkeys(level_totals(path), 0)
     assert store.watermark_minutes(0) == {}
