@@ -2,6 +2,7 @@
 signals, sd_notify and the SIGKILL crash loop."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -381,3 +382,109 @@ def test_http_served_and_reload_reaches_the_app(tmp_path, installed):
             assert "newrule" in r.read().decode()
     finally:
         s.shutdown(time.time())
+
+
+# ------------------------------------- re-attach, reload, corrupt header, db
+
+def test_reattach_after_reinstall_resets_the_throttle(tmp_path, installed, caplog):
+    """The new segment says level 0: the supervisor starts from 0 too, and
+    stays there without traffic (it used to jump to 4 a cooldown later)."""
+    cfg, path = make_config(tmp_path, *installed, """
+[throttle]
+multiplier = 20
+window = "minute"
+cooldown = 60
+""")
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    assert drive(s, T0, 200)[-1] == 5
+    segment.uninstall(*installed, force=True)
+    segment.install(*installed, now=T0 + 61)
+    s.tick(T0 + 61)
+    assert s.throttle_state.level == 0 and level(s) == 0
+    for t in range(T0 + 62, T0 + 62 + 300, 10):     # five cooldowns, no hits
+        s.tick(t)
+        assert level(s) == 0, t
+    s.shutdown(T0 + 400)
+
+
+def test_reload_keeps_restart_only_settings_and_warns_once(sup, tmp_path, caplog):
+    sup.initialize(T0)
+    path = tmp_path / "config.toml"
+    text = path.read_text()
+    path.write_text(text.replace(str(tmp_path / "stats.sqlite3"), str(tmp_path / "other.db"))
+                    .replace('timezone = "UTC"', 'timezone = "Europe/Zurich"')
+                    + "\n[throttle]\nmultiplier = 9\n")
+    sup.reload()
+    sup.reload()
+    assert sup.config.database == str(tmp_path / "stats.sqlite3")
+    assert sup.config.timezone == "UTC"
+    assert sup.config.throttle.multiplier == 9                  # the rest applies
+    assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 9
+    for name in ("database", "timezone"):
+        assert caplog.text.count(f"{name} changed in the configuration") == 1
+    assert not (tmp_path / "other.db").exists()
+    # A re-attach after the reload still uses the running key and database.
+    segment.uninstall(sup.config.key, sup.config.backend, force=True)
+    segment.install(sup.config.key, sup.config.backend, now=T0 + 61)
+    sup.tick(T0 + 61)
+    assert sup._segment_live() and sup.store.path == str(tmp_path / "stats.sqlite3")
+
+
+@pytest.mark.parametrize("field, offset, value", [
+    ("throttle_slot", segment.H_THROTTLE_SLOT, 0xFFFFFFFF),
+    ("throttle_window", segment.H_THROTTLE_WINDOW, 77),
+    ("throttle_multiplier", segment.H_THROTTLE_MULTIPLIER, 0),
+    ("throttle_level", segment.H_THROTTLE_LEVEL, 4_000_000),
+])
+def test_a_corrupt_header_field_is_repaired_and_the_daemon_goes_on(
+        sup, caplog, field, offset, value):
+    sup.initialize(T0)
+    good = sup.counter.load(offset, 4)
+    sup.counter.hit(None, "pageview", 10, T0 + 1)
+    sup.counter.store(offset, 4, value)
+    for t in range(T0 + 2, T0 + 70):
+        sup.tick(t)                                   # never raises
+    assert sup.counter.load(offset, 4) == good or field == "throttle_level"
+    assert sup.counter.load(segment.H_THROTTLE_LEVEL, 4) <= 5
+    assert caplog.text.count(f"held {field} = {value}") == 1
+    assert sup.store.period("all", "pageview", 2027)["total"] == 10   # rolled at T0+60
+
+
+def test_an_index_entry_that_is_not_utf8_does_not_stop_initialize(sup, tmp_path):
+    from test_segment import RawReader, raw_view
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 3, T0 + 1)
+    with raw_view(sup.config.key, sup.config.backend) as view:
+        (off,) = [o for o, _s, _slot, _h, a, _e in RawReader(view).entries() if a == b"acme"]
+        view[off + 16:off + 20] = b"\xff\xfe\xfd\xfc"
+    sup.shutdown(T0 + 2)
+    again = Supervisor(sup.config, config_path=str(tmp_path / "config.toml"), env={})
+    again.initialize(T0 + 3)                          # used to raise UnicodeDecodeError
+    again.tick(T0 + 4)
+    assert again.counter.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 4) * 1000
+    again.shutdown(T0 + 5)
+
+
+def test_a_damaged_database_is_retried_while_the_ring_counts(tmp_path, installed, caplog):
+    """A file that is not a database: initialize and tick go on, the error
+    names the file and the recovery, and once the file is moved aside the
+    next minute opens a new store and rolls what the ring kept."""
+    caplog.set_level(logging.INFO, "trafficthreshold.supervisor")
+    cfg, path = make_config(tmp_path, *installed)
+    db = tmp_path / "stats.sqlite3"
+    db.write_bytes(b"this is not a database" * 500)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)                                   # used to raise
+    assert s.store is None
+    assert ".recover" in caplog.text and str(db) in caplog.text
+    s.counter.hit("acme", "pageview", 4, T0 + 10)
+    for t in range(T0 + 1, T0 + 30):
+        s.tick(t)
+    assert caplog.text.count("opening the store failed") == 1   # not once a second
+    db.rename(tmp_path / "stats.damaged")
+    s.tick(T0 + 61)                                    # a new minute: retried
+    assert s.store is not None and "opening the store works again" in caplog.text
+    s.tick(T0 + 121)
+    assert s.store.period("acme", "pageview", 2027)["total"] == 4
+    s.shutdown(T0 + 122)
