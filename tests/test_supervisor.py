@@ -488,3 +488,41 @@ def test_a_damaged_database_is_retried_while_the_ring_counts(tmp_path, installed
     s.tick(T0 + 121)
     assert s.store.period("acme", "pageview", 2027)["total"] == 4
     s.shutdown(T0 + 122)
+
+
+def _damage_table(db, table):
+    """Overwrite the root page of ``table`` (a b-tree page) with garbage."""
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")   # the page is in the file, not the WAL
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                           (table,)).fetchone()
+    (size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with open(db, "r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(b"\xde\xad\xbe\xef" * (size // 4))
+
+
+def test_a_damaged_btree_page_keeps_the_daemon_counting_until_moved_aside(
+        tmp_path, installed, caplog):
+    caplog.set_level(logging.INFO, "trafficthreshold.supervisor")
+    cfg, path = make_config(tmp_path, *installed)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    s.counter.hit("acme", "pageview", 2, T0 + 1)
+    s.shutdown(T0 + 2)
+    _damage_table(cfg.database, "minutes")
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0 + 3)
+    s.counter.hit("acme", "pageview", 5, T0 + 70)
+    for t in range(T0 + 61, T0 + 130, 5):
+        s.tick(t)                                          # never raises
+    assert "malformed" in caplog.text and ".recover" in caplog.text
+    assert caplog.text.count("roll-up failed") == 1
+    os.rename(cfg.database, cfg.database + ".damaged")
+    for t in range(T0 + 181, T0 + 250, 5):
+        s.tick(t)                                          # reopened: a new file
+    assert "roll-up works again" in caplog.text
+    assert s.store.period("acme", "pageview", 2027)["total"] == 5 + 2   # the ring kept both
+    s.shutdown(T0 + 260)

@@ -40,7 +40,7 @@ from .config import Config
 from .errors import ConfigError, SegmentNotFound
 from .mailer import Outbox
 from .rollup import Roller
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger("trafficthreshold.supervisor")
 
@@ -224,7 +224,7 @@ class Supervisor:
             if minute != self.last_store_try:
                 self._guard("opening the store", self._open_store, now)
         if minute != self.last_minute and self.roller is not None:
-            self._guard("roll-up", self.roller.roll, now)
+            self._guard("roll-up", self._roll, now)
             self.last_minute = minute
         if self.engine is not None:
             self._guard("alerts", self._alerts, now)
@@ -233,6 +233,21 @@ class Supervisor:
             self.last_prune = now
         notify.status(f"level {self.throttle_state.level}, {hits} hits in the window",
                       self.env, watchdog=True)  # one datagram a second
+
+    def _roll(self, now: float) -> int:
+        """The minute's roll-up.  A StoreError (a damaged or unwritable
+        file) closes the store, so that the next minute opens the file at
+        the configured path again: a file recovered or moved aside by the
+        admin is picked up without a restart, and the ring still holds what
+        was not rolled."""
+        try:
+            return self.roller.roll(now)
+        except StoreError:
+            self.store, store = None, self.store
+            self.roller = None
+            if store is not None:
+                store.close()
+            raise
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         """Run one step; a failure is logged, not raised.  The traceback is
