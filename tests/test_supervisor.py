@@ -461,9 +461,14 @@ def test_an_index_entry_that_is_not_utf8_does_not_stop_initialize(sup, tmp_path)
     sup.shutdown(T0 + 2)
     again = Supervisor(sup.config, config_path=str(tmp_path / "config.toml"), env={})
     again.initialize(T0 + 3)                          # used to raise UnicodeDecodeError
+    again.counter.hit("beta", "pageview", 2, T0 + 4)
     again.tick(T0 + 4)
     assert again.counter.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 4) * 1000
-    again.shutdown(T0 + 5)
+    again.tick(T0 + 61)                               # the other keys still roll
+    assert again.store.period("beta", "pageview", 2027)["total"] == 2
+    assert again.store.period("all", "pageview", 2027)["total"] == 3 + 2
+    assert len(again.store.bad_keys()) == 1
+    again.shutdown(T0 + 62)
 
 
 def test_a_damaged_database_is_retried_while_the_ring_counts(tmp_path, installed, caplog):

@@ -123,7 +123,7 @@ class Supervisor:
         self.last_store_try = int(now // 60)
         if self.store is None:
             self.store = Store(self.config.database, self.config.timezone)
-            self.roller = Roller(self.counter, self.store)
+            self.roller = self._new_roller()
         if self.engine is None:
             outbox = Outbox(self.config.database, self.config.mail)
             self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
@@ -234,6 +234,11 @@ class Supervisor:
         notify.status(f"level {self.throttle_state.level}, {hits} hits in the window",
                       self.env, watchdog=True)  # one datagram a second
 
+    def _new_roller(self) -> Roller:
+        """A Roller for the attached segment (a new one per segment: it
+        checks the segment's instance against the store's, for gaps)."""
+        return Roller(self.counter, self.store, key=self.config.key, backend=self.config.backend)
+
     def _roll(self, now: float) -> int:
         """The minute's roll-up.  A StoreError (a damaged or unwritable
         file) closes the store, so that the next minute opens the file at
@@ -243,6 +248,8 @@ class Supervisor:
         try:
             return self.roller.roll(now)
         except StoreError:
+            # Lose the Roller too: the next one, over the reopened store,
+            # checks the instance and the gaps against that store.
             self.store, store = None, self.store
             self.roller = None
             if store is not None:
@@ -285,7 +292,7 @@ class Supervisor:
         self.throttle_state = throttle.ThrottleState()
         self.counter.store(segment.H_THROTTLE_LEVEL, 4, 0)
         self.counter.store(segment.H_THROTTLE_SINCE_MS, 8, 0)
-        self.roller = None if self.store is None else Roller(self.counter, self.store)
+        self.roller = None if self.store is None else self._new_roller()
         self.closed_cache = None
         log.info("attached to the new segment at key %#x", self.config.key)
         return True
