@@ -238,16 +238,33 @@ def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
 
 def connect_readonly(path: str) -> sqlite3.Connection:
     """Open ``path`` read-only (a ``mode=ro`` URI): no write, no lock that
-    blocks the writer, nothing created. Raises StoreError naming the file."""
-    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None,
-                               timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=True)
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA user_version").fetchone()
-    except sqlite3.Error as exc:
-        raise StoreError(describe(path, exc)) from exc
-    return conn
+    blocks the writer, nothing created. Raises StoreError naming the file.
+
+    A WAL file can be read only by a process that may open its ``-shm``
+    file. When no writer has the file open (no ``-wal`` file) and this user
+    may not create the ``-shm`` file (a read-only directory), the file is
+    opened ``immutable=1`` instead: SQLite then reads it without the shared
+    memory. A writer starting meanwhile is not seen by this connection, so
+    such a reader should be short-lived (the CLI); the daemon's own API
+    readers always have the ``-shm`` file.
+    """
+    base = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    for uri in (base, base + "&immutable=1"):
+        conn = None
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA user_version").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            retry = (uri == base and isinstance(exc, sqlite3.OperationalError)
+                     and not os.path.exists(path + "-wal"))
+            if not retry:
+                raise StoreError(describe(path, exc)) from exc
+    raise AssertionError("unreachable")
 
 
 def _create_private(path: str) -> None:
@@ -263,7 +280,7 @@ def _create_private(path: str) -> None:
     except OSError:
         return  # let sqlite3 report it, through StoreError
     try:
-        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away; never adds any
+        os.fchmod(fd, FILE_MODE)  # exactly FILE_MODE, whatever the umask took away
     finally:
         os.close(fd)
 
@@ -298,10 +315,19 @@ def _make_parent_dir(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(parent):
         return  # the admin's directory keeps its mode
+    missing = []
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(parent, mode=DIR_MODE, exist_ok=True)
-        os.chmod(parent, DIR_MODE)  # the umask may have taken bits away
+        for directory in reversed(missing):  # each one DIR_MODE, not only the last
+            try:
+                os.mkdir(directory, DIR_MODE)
+            except FileExistsError:
+                continue  # made meanwhile by someone else: theirs
+            os.chmod(directory, DIR_MODE)  # exactly DIR_MODE, whatever the umask took away
     except OSError as exc:
+        parent = missing[0]
         raise StoreError(
             f"cannot create the directory {parent!r} for the database {path!r}: "
             f"{exc.strerror}; create it (writable by this user) or set `database` "
