@@ -531,3 +531,50 @@ def test_a_damaged_btree_page_keeps_the_daemon_counting_until_moved_aside(
     assert "roll-up works again" in caplog.text
     assert s.store.period("acme", "pageview", 2027)["total"] == 5 + 2   # the ring kept both
     s.shutdown(T0 + 260)
+
+
+# -------------------------------- re-install and lost segments, daemon-level
+
+def _final_rollup(cfg, now):
+    """What `trafficthreshold uninstall` runs before removing the segment."""
+    from trafficthreshold.rollup import Roller
+
+    def roll(counter):
+        with Store(cfg.database, cfg.timezone) as store:
+            Roller(counter, store, key=cfg.key, backend=cfg.backend).roll(now, True)
+    return roll
+
+
+def test_reinstall_within_the_minute_loses_no_hit(sup):
+    """`uninstall --force && install` within one minute: the new segment's
+    hits of that minute are all counted (they used to be ignored up to the
+    old segment's count), and nothing is counted twice."""
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    segment.uninstall(sup.config.key, sup.config.backend, force=True,
+                      before_remove=_final_rollup(sup.config, T0 + 11))
+    segment.install(sup.config.key, sup.config.backend, now=T0 + 12)
+    sup.tick(T0 + 13)                                   # re-attaches
+    sup.counter.hit("acme", "pageview", 3, T0 + 20)     # below the old count (5)
+    sup.tick(T0 + 61)
+    sup.tick(T0 + 121)
+    assert sup.store.period("acme", "pageview", 2027, 1, 15, 8)["data"][0] == 5 + 3
+    assert sup.store.period("all", "pageview", 2027)["total"] == 5 + 3
+    assert sup.store.gaps() == []                       # the old one ended with a final roll
+
+
+def test_a_segment_gone_without_final_roll_is_recorded_as_a_gap(sup):
+    """ipcrm / RemoveIPC / a reboot: the minutes between the last roll of
+    the old segment and the new segment are recorded as a gap, not skipped."""
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    sup.tick(T0 + 61)                                   # rolled through minute M0
+    segment.uninstall(sup.config.key, sup.config.backend, force=True)   # no final roll
+    later = T0 + 60 * 30
+    segment.install(sup.config.key, sup.config.backend, now=later)
+    sup.tick(later + 1)
+    sup.counter.hit("acme", "pageview", 2, later + 5)
+    sup.tick(later + 61)
+    (gap,) = sup.store.gaps()
+    assert gap["first_minute"] <= T0 // 60 + 2 and gap["last_minute"] == later // 60 - 1
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 5 + 2
