@@ -174,8 +174,10 @@ class StoreError(TrafficThresholdError):
 def describe(path: str, exc: sqlite3.Error) -> str:
     """A message for a sqlite3 error on ``path`` that names the recovery."""
     text = str(exc)
-    if isinstance(exc, sqlite3.DatabaseError) and (
-            "malformed" in text or "not a database" in text or "corrupt" in text):
+    if "not a database" in text:
+        return (f"cannot open the database {path}: it is not a SQLite database ({text}); "
+                f"point `database` at another file, or move {path} aside to start a new one")
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "corrupt" in text):
         return (f"the database {path} is damaged ({text}); stop the daemon, then either "
                 f"recover it: `sqlite3 {path} .recover | sqlite3 {path}.new` and move "
                 f"{path}.new in place of {path}, or move {path} aside to start a new one "
