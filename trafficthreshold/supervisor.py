@@ -37,7 +37,7 @@ from typing import Any, Mapping
 from . import alerts, config as configuration, names, notify, segment, throttle
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
-from .errors import ConfigError, SegmentNotFound
+from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
 from .mailer import Outbox
 from .rollup import Roller
 from .store import Store, StoreError
@@ -257,17 +257,22 @@ class Supervisor:
             raise
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
-        """Run one step; a failure is logged, not raised.  The traceback is
-        logged the first time a step fails with a given error, then nothing
-        until the error changes or the step works again (no log line per
-        second for a problem that stays)."""
+        """Run one step; a failure is logged, not raised.  It is logged the
+        first time a step fails with a given error, then nothing until the
+        error changes or the step works again (no log line per second for a
+        problem that stays).  Our own errors (a damaged store, a missing
+        segment) are logged as their message, which names the fix; anything
+        else with its traceback."""
         try:
             result = fn(*args)
         except Exception as exc:  # noqa: BLE001 - the daemon must keep counting
             text = f"{type(exc).__name__}: {exc}"
             if self._failing.get(what) != text:
                 self._failing[what] = text
-                log.exception("%s failed; %s", what, _RETRIED[what])
+                if isinstance(exc, TrafficThresholdError):
+                    log.error("%s failed: %s; %s", what, exc, _RETRIED[what])
+                else:
+                    log.exception("%s failed; %s", what, _RETRIED[what])
             return None
         if self._failing.pop(what, None) is not None:
             log.info("%s works again", what)
