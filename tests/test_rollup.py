@@ -230,3 +230,65 @@ def test_a_count_beyond_int64_is_refused_and_the_others_roll(installed, counter,
     assert "huge/pageview" in bad and str(MAX_MINUTE_COUNT) in bad
     # A store handed such a count directly refuses it too.
     assert store.roll([("x", "pageview", M0, 2**63 + 5)], T0 + 61) == 0
+
+
+# ---------------------------------------------------------------- gaps, late hits
+
+def test_a_segment_gone_without_final_roll_is_a_recorded_gap(installed, store, caplog):
+    """ipcrm, RemoveIPC, a reboot: the old segment's minutes after the last
+    roll are unknown; the first roll of the new instance records them."""
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    counter.hit("acme", "pageview", 1, T0 + 5)
+    Roller(counter, store).roll(T0 + 120)                  # closes M0, M0 + 1
+    counter.hit("acme", "pageview", 9, T0 + 130)           # never rolled
+    counter.detach()
+    segment.uninstall(key, backend, force=True)            # no final roll
+    segment.install(key, backend, now=T0 + 600)            # minute M0 + 10
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("acme", "pageview", 2, T0 + 610)
+        assert Roller(counter, store).roll(T0 + 660) == 2
+        (gap,) = store.gaps()
+        assert (gap["first_minute"], gap["last_minute"]) == (M0 + 2, M0 + 9)
+        assert "replaced" in gap["reason"] and "lost minutes" in caplog.text
+        assert Roller(counter, store).roll(T0 + 720) == 0  # recorded once
+        assert len(store.gaps()) == 1
+        assert minute_total(store, "acme", T0 + 600) == 2
+    finally:
+        counter.detach()
+
+
+def test_a_replacement_in_the_next_minute_records_that_minute(installed, store):
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    Roller(counter, store).roll(T0 + 60)                   # closes M0
+    counter.detach()
+    segment.uninstall(key, backend, force=True)
+    segment.install(key, backend, now=T0 + 70)             # minute M0 + 1
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("acme", "pageview", 4, T0 + 80)
+        assert Roller(counter, store).roll(T0 + 121) == 4  # the new one's minute rolls
+        (gap,) = store.gaps()
+        assert (gap["first_minute"], gap["last_minute"]) == (M0 + 1, M0 + 1)
+    finally:
+        counter.detach()
+
+
+def test_hits_later_than_the_recheck_window_are_counted_as_dropped(counter, store, caplog):
+    ring = counter.load(segment.H_MINUTE_BUCKETS, 4)
+    roller = Roller(counter, store)
+    counter.hit("acme", "pageview", 1, T0 + 5)
+    assert roller.roll(T0 + 60) == 1
+    roller.roll(T0 + 60 * (LATE_MINUTES + 3))              # M0 is no longer re-read
+    counter.hit("acme", "pageview", 4, T0 + 6)             # a very late worker
+    assert roller.roll(T0 + 60 * (LATE_MINUTES + 4)) == 0
+    assert store.late_dropped() == 0                       # not yet the oldest minute
+    last_chance = T0 + 60 * (ring - 1) + 1                 # M0 is the ring's oldest minute
+    roller.roll(last_chance)
+    assert store.late_dropped() == 4                       # hits, as the all key counts them
+    assert "more than 2 minutes late" in caplog.text
+    Roller(counter, store).roll(last_chance + 1)           # read again: counted once
+    assert store.late_dropped() == 4
+    assert minute_total(store, "acme", T0) == 1

@@ -48,6 +48,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from trafficthreshold.errors import TrafficThresholdError
+from trafficthreshold.names import ALL
 from trafficthreshold.periods import local_parts, resolve_timezone, segments
 
 log = logging.getLogger("trafficthreshold.store")
@@ -662,14 +663,16 @@ class Store:
     def drop_late(self, items: Iterable[RollItem], instance: int) -> int:
         """Count, without adding them, the hits that grew past the watermark
         of a minute no longer re-read (see :meth:`late_dropped`); move those
-        watermarks so each late hit is counted once. Returns the hits."""
+        watermarks so each late hit is counted once. Returns the hits: the
+        growth of the ``all`` keys, where every hit counts once."""
         instance = _signed(instance)
         with self.transaction():
             deltas, watermarks = self._deltas(items, self._get_meta("watermark_floor"),
                                               instance)
-            late = sum(deltas.values())
-            if late:
+            late = sum(n for (account, _, _), n in deltas.items() if account == ALL)
+            if watermarks:
                 self._save_watermarks(watermarks, instance)
+            if late:
                 self._set_meta("late_dropped", self.late_dropped() + late)
         return late
 
