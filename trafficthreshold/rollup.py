@@ -147,8 +147,8 @@ class Roller:
         out = []
         for slot, minute, count in rows:
             if slot not in names:
-                if slot in self._bad_names:
-                    self._report(slot, self._bad_names[slot])
+                self._report(slot, self._bad_names.get(
+                    slot, f"slot {slot} has counts but no published index entry"))
                 continue
             if count > MAX_MINUTE_COUNT:
                 account, event = names[slot]

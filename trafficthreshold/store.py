@@ -7,15 +7,19 @@ the supervisor like any other account (the store never sums accounts).
 
 Exactly once
 ------------
-The ring holds a *cumulative* count per key-minute. For every key-minute the
-store keeps a *watermark*: the cumulative count it has already rolled. A roll
-adds only ``observed - watermark`` and moves the watermark to ``observed``,
-and the counts and the watermark commit in the same transaction. So:
+The ring holds a *cumulative* count per key-minute. For every key-minute of
+a segment *instance* (the header's random id, drawn at each install) the
+store keeps a *watermark*: the cumulative count it has already rolled. A
+roll adds only ``observed - watermark`` and moves the watermark to
+``observed``, and the counts and the watermark commit in the same
+transaction. So:
 
 * rolling the same snapshot twice adds nothing (delta 0);
 * a late increment to a minute already rolled adds only the increment;
 * a crash before the commit loses nothing: neither the counts nor the
-  watermark were written, and the next roll of the ring adds the lot.
+  watermark were written, and the next roll of the ring adds the lot;
+* a segment installed again (in the same minute even) starts from 0, and
+  so do its watermarks.
 
 Watermarks are needed only while a minute can still be in the ring (a few
 hours), so :meth:`Store.prune` drops those a day older than the newest one
@@ -29,9 +33,14 @@ of :class:`Store`. A Redis backend (Bootic's key layout: one hash per key and
 period, a field per segment) could implement the same methods and share the
 same test module.
 
+Readers and errors
+------------------
 Threads: a Store (its sqlite3 connection) belongs to the thread that made
-it. Readers in other threads or processes open their own Store on the same
-file; WAL lets them read while the supervisor writes.
+it. Readers in other threads or processes open their own
+``Store(path, zone, readonly=True)`` on the same file: read-only, it never
+creates, migrates or locks the file for writing, and WAL lets it read while
+the supervisor writes. Every sqlite3 error of a public method is raised as
+:class:`StoreError`, whose message names the file and the recovery.
 """
 
 from __future__ import annotations
