@@ -4,22 +4,30 @@ An object with initialize / tick / shutdown (huey's consumer is the model).
 ``tick(now)`` is called once a second with the wall-clock time; tests call
 it directly with a driven clock.  Each tick:
 
-1. writes the heartbeat (and the pid) into the segment header;
-2. steps the throttle level (policy "hysteresis" or "drupal") and writes
+1. re-attaches if the segment was uninstalled (a new segment starts at
+   throttle level 0, and so does the supervisor), and writes the heartbeat
+   into the segment header;
+2. checks the header fields the supervisor owns (the throttle slot of
+   ``("all", "pageview")``, the window, the multiplier and the level) and
+   rewrites any that shared memory holds otherwise (logged once per field);
+3. steps the throttle level (policy "hysteresis" or "drupal") and writes
    it into the header, where throttle_status() reads it;
-3. evaluates the alert rules (mail goes out from the outbox thread, never
-   from the tick);
 4. when the clock minute changed, rolls the ring into the store
-   (:mod:`trafficthreshold.rollup`), and once an hour prunes the store.
+   (:mod:`trafficthreshold.rollup`);
+5. evaluates the alert rules (mail goes out from the outbox thread, never
+   from the tick);
+6. once an hour, prunes the store.
 
-Every step of a tick is guarded: a step that fails is logged (with its
-traceback the first time, then once per new error) and tried again, and the
-other steps go on; the daemon never exits for a passing problem.  Before
-the throttle step, the header fields the supervisor owns (the throttle
-slot, window and multiplier, and the level) are checked against what it
-knows and rewritten if shared memory holds something else (logged once).
-A store that cannot be opened (damaged, read-only, missing directory) is
-retried every minute while the ring keeps counting.
+Every step is guarded: a step that fails is logged and tried again, and
+the other steps go on; the daemon does not exit for a problem that a later
+tick can get past.  A failure is logged once per distinct error (our own
+errors as their message, which names the fix; others with the traceback),
+and once more when the step works again.  A store that cannot be opened
+(a damaged file, no permission, no directory) is retried every minute; a
+roll-up that meets a store error closes the store, so that the next minute
+opens the configured path again (a file recovered or moved aside by the
+admin is picked up without a restart).  Meanwhile the ring keeps counting:
+what it still holds when the store works again is rolled then.
 
 Only :meth:`Supervisor.run` reads the clock and sleeps (on the monotonic
 clock).  Signal handlers only set flags: SIGTERM/SIGINT stop after a final
@@ -101,11 +109,14 @@ class Supervisor:
 
     def initialize(self, now: float) -> None:
         """Attach (installing the segment if there is none), open the store,
-        catch up on what the ring still holds, start mail and HTTP."""
+        catch up on what the ring still holds, start mail and HTTP.  A store
+        that cannot be opened or rolled into is logged and retried by
+        :meth:`tick`; it does not stop the start."""
         self.counter = self._attach()
         self._write_settings()
         level = self.counter.load(segment.H_THROTTLE_LEVEL, 4)
         self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
+        self._guard("header check", self._check_header)
         self.last_minute = int(now // 60)
         if self._guard("opening the store", self._open_store, now):
             caught_up = self._guard("catch-up roll-up", self.roller.roll, now)
@@ -158,12 +169,15 @@ class Supervisor:
 
     def shutdown(self, now: float) -> None:
         """The final roll-up of everything pending (the open minute too),
-        then stop HTTP and mail.  Idempotent: each resource is let go once."""
+        then stop HTTP and mail.  Idempotent: each resource is let go once.
+        Without a working store there is no final roll-up: the ring keeps
+        the minutes for the next start."""
         notify.stopping(self.env)
-        if self.roller is not None and self._segment_live():
-            added = self._guard("final roll-up", self.roller.roll, now, True)
-            if added is not None:
-                log.info("stopping: final roll-up added %d counts (all keys)", added)
+        if self._segment_live():
+            if self.roller is not None:
+                added = self._guard("final roll-up", self.roller.roll, now, True)
+                if added is not None:
+                    log.info("stopping: final roll-up added %d counts (all keys)", added)
             self.counter.store(segment.H_SUPERVISOR_PID, 4, 0)
         self.roller = None
         for name, close in (("server", lambda s: s.stop()),
@@ -182,7 +196,13 @@ class Supervisor:
         self._guard("final mail delivery", outbox.deliver_due, now)
 
     def reload(self) -> None:
-        """SIGHUP: read the configuration again; keep the old one on errors."""
+        """SIGHUP: read the configuration again; keep the old one on errors.
+
+        ``key``, ``backend``, ``database`` and ``timezone`` (RESTART_ONLY)
+        need a restart: a changed value is kept from the running
+        configuration (a later re-attach uses the running key with the
+        running database) and warned about once per new value; everything
+        else applies at once."""
         try:
             new = configuration.load(self.config_path, env=self.env)
         except ConfigError as exc:
@@ -231,7 +251,7 @@ class Supervisor:
         if now - self.last_prune >= PRUNE_EVERY and self.store is not None:
             self._guard("prune", self._prune, now)
             self.last_prune = now
-        notify.status(f"level {self.throttle_state.level}, {hits} hits in the window",
+        notify.status(f"level {self.throttle_state.level}, {hits or 0} hits in the window",
                       self.env, watchdog=True)  # one datagram a second
 
     def _new_roller(self) -> Roller:
@@ -283,7 +303,11 @@ class Supervisor:
                 and self.counter.load(segment.H_STATE, 4) == segment.STATE_LIVE)
 
     def _reattach(self) -> bool:
-        """The segment was uninstalled under us: wait for a new one."""
+        """The segment was uninstalled under us: wait for a new one.  The
+        new segment starts at throttle level 0 and so does the throttle
+        state; a new Roller checks the new segment's instance against the
+        store (a gap is recorded if the old one went without a final
+        roll-up)."""
         if self.counter is not None and self.counter.attached:
             log.warning("the segment was uninstalled; waiting for `trafficthreshold install`")
             self.counter.detach()
