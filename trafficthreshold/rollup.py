@@ -22,10 +22,12 @@ What cannot be rolled is recorded, never skipped silently:
 
 * minutes older than the ring (the supervisor was down for longer than the
   ring) are recorded in the store's ``gaps`` table and logged;
-* when the segment was replaced (a new ``instance``) without a final roll of
-  the old one (a crash then a reboot, ``ipcrm``, systemd's RemoveIPC), the
-  minutes from the last closed minute + 1 to the new segment's creation are
-  recorded as a gap and logged: their counts died with the old segment;
+* when the segment was replaced (a new ``instance``) and the old one was not
+  retired by ``uninstall`` and rolled to its end (a crash then a reboot,
+  ``ipcrm``, systemd's RemoveIPC, ``uninstall --no-rollup``), the minutes
+  from the last closed minute + 1 to the minute before the new segment's
+  creation (at least that first minute) are recorded as a gap and logged:
+  what the old segment held for them is unknown;
 * a hit that reaches a minute after its last re-read (more than
   ``LATE_MINUTES`` late) is not added; each roll reads the oldest ring
   minute once more and counts such hits into the store's ``late_dropped``;
