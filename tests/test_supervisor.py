@@ -579,3 +579,27 @@ def test_a_segment_gone_without_final_roll_is_recorded_as_a_gap(sup):
     (gap,) = sup.store.gaps()
     assert gap["first_minute"] <= T0 // 60 + 2 and gap["last_minute"] == later // 60 - 1
     assert sup.store.period("acme", "pageview", 2027)["total"] == 5 + 2
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_run_over_a_damaged_database_keeps_running_and_stops_cleanly(tmp_path, installed):
+    """`trafficthreshold run` with a file that is not a database: it keeps
+    ticking (heartbeat), says once what is wrong and how to fix it, no
+    traceback, and SIGTERM still stops it with status 0."""
+    cfg, path = make_config(tmp_path, *installed)
+    (tmp_path / "stats.sqlite3").write_bytes(b"garbage!" * 1000)
+    proc = run_daemon(path)
+    try:
+        counter = segment.attach(*installed)
+        deadline = time.time() + 10
+        first = counter.load(segment.H_HEARTBEAT_MS, 8)
+        while counter.load(segment.H_HEARTBEAT_MS, 8) in (0, first) and time.time() < deadline:
+            time.sleep(0.1)
+        assert counter.load(segment.H_HEARTBEAT_MS, 8) not in (0, first)   # still ticking
+        counter.detach()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+    out = proc.stdout.read().decode()
+    assert "aside to start a new one" in out and "Traceback" not in out, out
