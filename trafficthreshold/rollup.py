@@ -51,6 +51,9 @@ LATE_MINUTES = 2
 
 #: An index entry in state 1 is a published key (docs/segment.rst).
 _ENTRY_READY = 1
+#: Bytes for the account and the event name in an index entry.
+_ACCOUNT_ROOM = segment.E_EVENT - segment.E_ACCOUNT
+_EVENT_ROOM = segment.INDEX_ENTRY_SIZE - segment.E_EVENT
 
 
 class Roller:
@@ -116,6 +119,9 @@ class Roller:
                     continue
                 slot = raw.u32(ent + segment.E_SLOT)
                 alen, elen = raw.buf[ent + segment.E_ACCOUNT_LEN], raw.buf[ent + segment.E_EVENT_LEN]
+                if alen > _ACCOUNT_ROOM or elen > _EVENT_ROOM:  # a length past its field
+                    bad[slot] = f"slot {slot}: name lengths {alen}/{elen} overrun the entry"
+                    continue
                 account = bytes(raw.buf[ent + segment.E_ACCOUNT:ent + segment.E_ACCOUNT + alen])
                 event = bytes(raw.buf[ent + segment.E_EVENT:ent + segment.E_EVENT + elen])
                 try:
