@@ -292,3 +292,17 @@ def test_hits_later_than_the_recheck_window_are_counted_as_dropped(counter, stor
     Roller(counter, store).roll(last_chance + 1)           # read again: counted once
     assert store.late_dropped() == 4
     assert minute_total(store, "acme", T0) == 1
+
+
+def test_without_the_segment_key_a_non_utf8_index_is_reported_not_raised(installed, store):
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("beta", "pageview", 3, T0 + 5)
+        poke(key, backend, "=1s", entry_offset(key, backend, "beta") + segment.E_ACCOUNT, b"\xff")
+        roller = Roller(counter, store)                    # no key/backend given
+        roller.roll(T0 + 60)
+        assert store.bad_keys() and all("not given the segment key" in b
+                                        for b in store.bad_keys())
+    finally:
+        counter.detach()

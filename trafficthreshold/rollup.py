@@ -79,6 +79,7 @@ class Roller:
         #: slot -> why the key is skipped (see the module docstring).
         self.bad_keys: dict[int, str] = {}
         self._bad_names: dict[int, str] = {}
+        self._unnamed = "has counts but no published index entry"
         self._reported: set[str] = set()
         self._names: dict[int, tuple[str, str]] = {}
         self._keys_used = -1
@@ -107,7 +108,9 @@ class Roller:
         if self.key is None or self.backend is None:
             log.error("an index entry of the segment is not UTF-8 and this roll-up was "
                       "not told the segment key: no key can be rolled")
-            return {}, {-1: "an index entry is not UTF-8 (slot unknown)"}
+            self._unnamed = ("an index entry is not UTF-8 and the roll-up was not given "
+                             "the segment key to read the index byte-wise")
+            return {}, {}
         good: dict[int, tuple[str, str]] = {}
         bad: dict[int, str] = {}
         raw = segment._Raw(self.backend, self.key)
@@ -155,8 +158,7 @@ class Roller:
         out = []
         for slot, minute, count in rows:
             if slot not in names:
-                self._report(slot, self._bad_names.get(
-                    slot, f"slot {slot} has counts but no published index entry"))
+                self._report(slot, self._bad_names.get(slot, f"slot {slot}: {self._unnamed}"))
                 continue
             if count > MAX_MINUTE_COUNT:
                 account, event = names[slot]
