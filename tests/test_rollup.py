@@ -306,3 +306,16 @@ def test_without_the_segment_key_a_non_utf8_index_is_reported_not_raised(install
                                         for b in store.bad_keys())
     finally:
         counter.detach()
+
+
+def test_a_late_hit_is_counted_as_soon_as_its_minute_leaves_the_recheck_window(counter, store):
+    roller = Roller(counter, store)
+    counter.hit("acme", "pageview", 1, T0 + 5)
+    for m in range(1, LATE_MINUTES + 2):                  # M0's last re-read at M0 + 3
+        roller.roll(T0 + 60 * m + 1)
+    counter.hit("acme", "pageview", 2, T0 + 6)
+    assert roller.roll(T0 + 60 * (LATE_MINUTES + 2) + 1) == 0
+    assert store.late_dropped() == 2
+    assert minute_total(store, "acme", T0) == 1
+    roller.roll(T0 + 60 * (counter.load(segment.H_MINUTE_BUCKETS, 4) - 1) + 1)
+    assert store.late_dropped() == 2                       # not again when it is oldest

@@ -29,8 +29,9 @@ What cannot be rolled is recorded, never skipped silently:
   creation (at least that first minute) are recorded as a gap and logged:
   what the old segment held for them is unknown;
 * a hit that reaches a minute after its last re-read (more than
-  ``LATE_MINUTES`` late) is not added; each roll reads the oldest ring
-  minute once more and counts such hits into the store's ``late_dropped``;
+  ``LATE_MINUTES`` late) is not added; each roll reads the minute that has
+  just left the re-read window and the oldest ring minute once more, and
+  counts such hits into the store's ``late_dropped``;
 * a key that cannot be rolled (an index entry that is not UTF-8, a minute
   count above ``store.MAX_MINUTE_COUNT``) is skipped, logged once, and
   listed in the store's ``bad_keys`` (and :attr:`Roller.bad_keys`); the
@@ -84,7 +85,7 @@ class Roller:
         self._names: dict[int, tuple[str, str]] = {}
         self._keys_used = -1
         self._instance_checked = False
-        self._late_checked: int | None = None
+        self._late_checked: dict[str, int] = {}  # role -> the last minute read
 
     # ------------------------------------------------------------- keys
 
@@ -221,16 +222,19 @@ class Roller:
             self.store.set_closed_through(last)
 
     def _check_late(self, oldest: int, first: int) -> None:
-        """Read the oldest ring minute once more before it is overwritten:
-        what grew there after its last re-read is counted in
-        ``late_dropped`` (and its watermark moved, so it is counted once)."""
-        if oldest >= first or (self._late_checked is not None and oldest <= self._late_checked):
-            return
-        self._late_checked = oldest
-        late = self.store.drop_late(self.snapshot(oldest, oldest), self.instance)
-        if late:
-            log.warning("%d hits reached minute %d more than %d minutes late and were not "
-                        "added (counted in late_dropped)", late, oldest, LATE_MINUTES)
+        """Read two closed minutes once more: the one that has just left the
+        re-read window (late hits show at once) and the oldest of the ring,
+        before it is overwritten (the rest of them).  What grew there after
+        its last read is counted in ``late_dropped``, and its watermark
+        moved, so each late hit is counted once."""
+        for minute, role in ((first - 1, "recent"), (oldest, "oldest")):
+            if not oldest <= minute < first or self._late_checked.get(role, minute - 1) >= minute:
+                continue
+            self._late_checked[role] = minute
+            late = self.store.drop_late(self.snapshot(minute, minute), self.instance)
+            if late:
+                log.warning("%d hits reached minute %d more than %d minutes late and were "
+                            "not added (counted in late_dropped)", late, minute, LATE_MINUTES)
 
     # ------------------------------------------------------------- rolling
 
