@@ -603,3 +603,33 @@ def test_run_over_a_damaged_database_keeps_running_and_stops_cleanly(tmp_path, i
         proc.kill()
     out = proc.stdout.read().decode()
     assert "aside to start a new one" in out and "Traceback" not in out, out
+
+
+def test_a_segment_removed_under_the_daemon_is_noticed_rolled_and_replaced(sup):
+    """ipcrm / RemoveIPC while the daemon runs: its mapping stays LIVE, so
+    it used to heartbeat and roll a dead segment for ever while workers used
+    the new one.  Now, within a minute, it rolls what the old mapping held,
+    attaches to the new segment and records the unknown minute as a gap."""
+    from conftest import remove_everything
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    sup.tick(T0 + 61)
+    sup.counter.hit("acme", "pageview", 3, T0 + 70)     # not rolled yet
+    remove_everything(sup.config.key)                   # what ipcrm does
+    segment.install(sup.config.key, sup.config.backend, now=T0 + 90)
+    worker = segment.attach(sup.config.key, sup.config.backend)
+    worker.hit("acme", "pageview", 2, T0 + 100)
+    sup.tick(T0 + 121)                                  # a new minute: checked
+    assert sup.counter.load(segment.H_INSTANCE, 8) == worker.load(segment.H_INSTANCE, 8)
+    assert worker.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 121) * 1000
+    sup.tick(T0 + 181)
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 5 + 3 + 2
+    assert len(sup.store.gaps()) == 1
+    worker.detach()
+
+
+def test_the_same_segment_is_never_taken_for_a_replacement(sup):
+    sup.initialize(T0)
+    for t in range(T0 + 61, T0 + 300, 60):
+        sup.tick(t)
+    assert sup._segment_live() and sup.store.gaps() == []

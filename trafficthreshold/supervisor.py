@@ -74,6 +74,8 @@ _RETRIED = {
     "throttle": "tried again at the next tick; workers keep the last level",
     "opening the store": "retried every minute; the ring keeps counting meanwhile",
     "catch-up roll-up": "the next minute's roll-up catches up",
+    "re-attach": "tried again at the next tick",
+    "segment check": "tried again at the next minute",
 }
 
 
@@ -234,12 +236,14 @@ class Supervisor:
     def tick(self, now: float) -> None:
         """One second of work; see the module docstring.  Never raises for a
         passing problem: it is logged and retried on the next tick."""
-        if not self._segment_live() and not self._reattach():
+        minute = int(now // 60)
+        if minute != self.last_minute and self._segment_live():
+            self._guard("segment check", self._check_identity, now)
+        if not self._segment_live() and not self._guard("re-attach", self._reattach):
             return
         self._guard("heartbeat", self._heartbeat, now)
         self._guard("header check", self._check_header)
         hits = self._guard("throttle", self._throttle, now)
-        minute = int(now // 60)
         if self.store is None or self.engine is None:
             if minute != self.last_store_try:
                 self._guard("opening the store", self._open_store, now)
@@ -301,6 +305,45 @@ class Supervisor:
     def _segment_live(self) -> bool:
         return (self.counter is not None and self.counter.attached
                 and self.counter.load(segment.H_STATE, 4) == segment.STATE_LIVE)
+
+    def _check_identity(self, now: float) -> None:
+        """Is the segment at the configured key still the one we map?  A
+        segment removed without ``uninstall`` (``ipcrm``, systemd's
+        RemoveIPC, a stray ``shm_unlink``) stays mapped and LIVE for us while
+        workers find none, or a new one, at the key.  Checked once a minute
+        through a raw view (no Counter: nothing in the header changes).  If
+        it is gone, roll what our mapping still holds (the open minute too)
+        and let go of it; the next tick attaches to the new segment.  A
+        segment being installed at the key is checked again next minute."""
+        ours = self.counter.load(segment.H_INSTANCE, 8)
+        try:
+            raw = segment._Raw(self.config.backend, self.config.key)
+        except SegmentNotFound:
+            found = None
+        else:
+            try:
+                magic = bytes(raw.buf[:8])
+                if magic == bytes(8) or (magic == segment.MAGIC and raw.u32(
+                        segment.H_STATE) == segment.STATE_INSTALLING):
+                    return  # an install under way: its header is not written yet
+                found = raw.u64(segment.H_INSTANCE) if magic == segment.MAGIC else -1
+            finally:
+                raw.close()
+        if found == ours:
+            return
+        what = ("was removed without `trafficthreshold uninstall` (ipcrm, systemd's "
+                "RemoveIPC?)" if found is None else
+                f"is no longer ours (instance {ours:#x}, the key now holds "
+                + ("a foreign segment" if found == -1 else f"instance {found:#x}") + ")")
+        added = None
+        if self.roller is not None:
+            added = self._guard("final roll-up", self.roller.roll, now, True)
+        log.error("the segment at key %#x %s: rolled the %s hits it still held and let go "
+                  "of it; %s", self.config.key, what, added,
+                  "waiting for `trafficthreshold install`" if found is None
+                  else "attaching to the new one")
+        self.counter.detach()
+        self.roller = None
 
     def _reattach(self) -> bool:
         """The segment was uninstalled under us: wait for a new one.  The
