@@ -4,9 +4,12 @@ An object with initialize / tick / shutdown (huey's consumer is the model).
 ``tick(now)`` is called once a second with the wall-clock time; tests call
 it directly with a driven clock.  Each tick:
 
-1. re-attaches if the segment was uninstalled (a new segment starts at
-   throttle level 0, and so does the supervisor), and writes the heartbeat
-   into the segment header;
+1. once a minute, checks that the segment at the configured key is still
+   the one it maps (one removed by ``ipcrm`` or systemd's RemoveIPC stays
+   mapped: what it holds is rolled, then it is let go); re-attaches if the
+   segment was uninstalled or let go (a new segment starts at throttle
+   level 0, and so does the supervisor); writes the heartbeat into the
+   segment header;
 2. checks the header fields the supervisor owns (the throttle slot of
    ``("all", "pageview")``, the window, the multiplier and the level) and
    rewrites any that shared memory holds otherwise (logged once per field);
