@@ -436,6 +436,7 @@ def test_reload_keeps_restart_only_settings_and_warns_once(sup, tmp_path, caplog
     ("throttle_window", segment.H_THROTTLE_WINDOW, 77),
     ("throttle_multiplier", segment.H_THROTTLE_MULTIPLIER, 0),
     ("throttle_level", segment.H_THROTTLE_LEVEL, 4_000_000),
+    ("supervisor_pid", segment.H_SUPERVISOR_PID, 1),
 ])
 def test_a_corrupt_header_field_is_repaired_and_the_daemon_goes_on(
         sup, caplog, field, offset, value):

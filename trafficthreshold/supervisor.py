@@ -11,8 +11,9 @@ it directly with a driven clock.  Each tick:
    level 0, and so does the supervisor); writes the heartbeat into the
    segment header;
 2. checks the header fields the supervisor owns (the throttle slot of
-   ``("all", "pageview")``, the window, the multiplier and the level) and
-   rewrites any that shared memory holds otherwise (logged once per field);
+   ``("all", "pageview")``, the window, the multiplier, the level and its
+   pid) and rewrites any that shared memory holds otherwise (logged once
+   per field);
 3. steps the throttle level (policy "hysteresis" or "drupal") and writes
    it into the header, where throttle_status() reads it;
 4. when the clock minute changed, rolls the ring into the store
@@ -379,14 +380,16 @@ class Supervisor:
         """Rewrite the header fields the supervisor owns when shared memory
         holds something else (a stray write, a corrupt segment): the
         throttle slot (the slot of ("all", "pageview")), the window, the
-        multiplier and the level.  Each repair is logged once per field.
-        Lock-free: single atomic stores of fields only the supervisor writes."""
+        multiplier, the level and the supervisor's pid.  Each repair is
+        logged once per field.  Lock-free: single atomic stores of fields
+        only the supervisor writes."""
         t = self.config.throttle
         slot = self.counter.find(None, "pageview")
         expected = [
             ("throttle_multiplier", segment.H_THROTTLE_MULTIPLIER, t.multiplier),
             ("throttle_window", segment.H_THROTTLE_WINDOW, segment.WINDOWS[t.window]),
             ("throttle_level", segment.H_THROTTLE_LEVEL, self.throttle_state.level),
+            ("supervisor_pid", segment.H_SUPERVISOR_PID, self.pid),
         ]
         if slot is not None:
             expected.append(("throttle_slot", segment.H_THROTTLE_SLOT, slot))
