@@ -774,3 +774,19 @@ def test_an_existing_directory_and_file_keep_their_modes(tmp_path: Path) -> None
         assert path.stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_lock_held_too_long_is_a_store_error(store: Store, path: str) -> None:
+    """Another writer keeps the write lock past busy_timeout: BEGIN fails
+    with a StoreError naming the file, not a bare sqlite3 error."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        store._conn.execute("PRAGMA busy_timeout=50")  # not 5 s in a test
+        with pytest.raises(StoreError, match="locked") as caught:
+            with store.transaction():
+                pass
+        assert path in str(caught.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()

@@ -437,9 +437,13 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (:func:`transaction`)."""
-        with transaction(self._conn) as conn:
-            yield conn
+        """One write transaction (:func:`transaction`); a sqlite3 error in it
+        (a lock held too long at BEGIN, a failed COMMIT) is a StoreError."""
+        try:
+            with transaction(self._conn) as conn:
+                yield conn
+        except sqlite3.Error as exc:
+            raise StoreError(describe(self.path, exc)) from exc
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, in one transaction."""
