@@ -2,6 +2,7 @@
 signals, sd_notify and the SIGKILL crash loop."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -634,3 +635,41 @@ def test_the_same_segment_is_never_taken_for_a_replacement(sup):
     for t in range(T0 + 61, T0 + 300, 60):
         sup.tick(t)
     assert sup._segment_live() and sup.store.gaps() == []
+
+
+def test_the_daemon_creates_private_files_under_umask_022(tmp_path, installed):
+    """Without systemd (umask 022): the data directory 0750, the database and
+    its -wal and -shm files 0640, never world-readable."""
+    import stat
+    cfg, path = make_config(tmp_path, *installed)
+    data = tmp_path / "var" / "trafficthreshold"
+    cfg = dataclasses.replace(cfg, database=str(data / "stats.sqlite3"))
+    old = os.umask(0o022)
+    try:
+        s = Supervisor(cfg, config_path=path, env={})
+        s.initialize(T0)
+        s.counter.hit("acme", "pageview", 1, T0 + 1)
+        s.tick(T0 + 61)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data.iterdir()}
+        modes["dir"] = stat.S_IMODE(data.stat().st_mode)
+        modes["parent"] = stat.S_IMODE(data.parent.stat().st_mode)
+        s.shutdown(T0 + 62)
+    finally:
+        os.umask(old)
+    assert modes == {"stats.sqlite3": 0o640, "stats.sqlite3-wal": 0o640,
+                     "stats.sqlite3-shm": 0o640, "dir": 0o750, "parent": 0o750}
+
+
+def test_hits_later_than_the_recheck_window_are_counted_not_silent(sup):
+    """A worker descheduled for minutes adds to a minute no longer re-read:
+    the daemon does not add it (that minute is closed) but counts it."""
+    from trafficthreshold.rollup import LATE_MINUTES
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 4, T0 + 5)
+    for m in range(1, LATE_MINUTES + 3):
+        sup.tick(T0 + 60 * m + 1)
+    sup.counter.hit("acme", "pageview", 2, T0 + 59)    # very late, into minute M0
+    for m in range(LATE_MINUTES + 3, 130):             # until minute M0 leaves the ring
+        sup.tick(T0 + 60 * m + 1)
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 4
+    assert sup.store.late_dropped() == 2
