@@ -659,6 +659,8 @@ def test_a_reader_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:
     with Store.open_readonly(str(path), ZONE) as store:
         assert "does not exist yet" in store.empty and "trafficthreshold run" in store.empty
         assert store.gaps() == [] and store.watermark_minutes(0) == {}
+        with pytest.raises(StoreError, match="read-only"):
+            store.roll([("acme", EVENT, 100, 1)], 6060.0)
     assert not path.parent.exists()
 
 

@@ -419,6 +419,7 @@ class Store:
         for statements in MIGRATIONS:
             for statement in statements:
                 conn.execute(statement)
+        conn.execute("PRAGMA query_only = ON")  # read-only like a mode=ro file
         self._version = SCHEMA_VERSION
         return conn
 
