@@ -31,11 +31,13 @@ and once more when the step works again.  A store that cannot be opened
 roll-up that meets a store error closes the store, so that the next minute
 opens the configured path again (a file recovered or moved aside by the
 admin is picked up without a restart).  Meanwhile the ring keeps counting:
-what it still holds when the store works again is rolled then.
+what it still holds when the store works again is rolled then; minutes it
+no longer holds (an outage longer than the ring) are recorded as a gap.
 
 Only :meth:`Supervisor.run` reads the clock and sleeps (on the monotonic
 clock).  Signal handlers only set flags: SIGTERM/SIGINT stop after a final
-roll-up of everything pending, SIGHUP reloads the configuration.
+roll-up of everything pending (when the store works; else the ring keeps it
+for the next start), SIGHUP reloads the configuration.
 """
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ MAX_LEVEL = 5
 RESTART_ONLY = ("key", "backend", "database", "timezone")
 
 
-#: What happens after each guarded step failed (nothing is lost: the ring
-#: and the queue keep what was not done).
+#: What happens after each guarded step failed (the ring keeps the minutes
+#: not rolled for as long as it holds them, the queue keeps the mails).
 _RETRIED = {
     "roll-up": "the next minute's roll-up catches up",
     "alerts": "tried again at the next tick",
