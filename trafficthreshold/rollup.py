@@ -188,9 +188,10 @@ class Roller:
         return (first, last) if first <= last else None
 
     def _check_instance(self, created: int, now: float) -> None:
-        """A new segment instance: if the old one was not rolled to its end
-        (no final roll after ``uninstall``), what it held after the last
-        closed minute died with it; record that span as a gap."""
+        """A new segment instance: unless ``uninstall`` retired the old one
+        and rolled it to its end, what it counted after the last closed
+        minute is unknown (workers may have counted into it after any roll
+        of it, even a final one); record that span as a gap."""
         previous = self.store.instance()
         if previous is None or previous == self.instance:
             return
@@ -200,9 +201,10 @@ class Roller:
                 first = closed + 1
                 last = max(first, created - 1)
                 reason = (f"the segment was replaced (instance {previous:#x} -> "
-                          f"{self.instance:#x}) without a final roll-up of the old one "
-                          "(a crash, a reboot, ipcrm or RemoveIPC): the counts it held "
-                          "for these minutes are unknown")
+                          f"{self.instance:#x}) without `uninstall` retiring the old one "
+                          "and rolling it to its end (a reboot, ipcrm, RemoveIPC, "
+                          "uninstall --no-rollup): what it counted after the last closed "
+                          "minute is unknown")
                 log.error("lost minutes %d..%d (%d minutes): %s", first, last,
                           last - first + 1, reason)
                 self.store.record_gap(first, last, reason, now)
