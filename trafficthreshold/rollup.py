@@ -6,7 +6,8 @@ key and minute, a *watermark*: the cumulative count already added.  A roll
 reads the ring and hands the store the current cumulative counts; the store
 adds only what grew past each watermark and moves the watermarks in the same
 transaction.  So a roll can be repeated, or cut short by SIGKILL at any
-instant, and the store still holds every hit exactly once.  Watermarks are
+instant, and the store still holds every hit it rolled exactly once (what
+could not be rolled is listed below).  Watermarks are
 keyed by the header's ``instance`` (drawn at each install): a segment
 installed again in the same minute counts that minute from 0 and is rolled
 from 0.
