@@ -201,7 +201,7 @@ def test_a_write_failing_between_tables_leaves_nothing(store: Store, path: str) 
     conn.commit()
     conn.close()
     minute = minute_at(2026, 5, 12, 10, 17)
-    with pytest.raises(sqlite3.IntegrityError, match="disk on fire"):
+    with pytest.raises(StoreError, match="disk on fire"):
         store.roll([("good", EVENT, minute, 5), ("bad", EVENT, minute, 7)], now_of(minute))
     assert level_totals(path) == dict.fromkeys(level_totals(path), 0)
     assert store.watermark_minutes(0) == {}
@@ -601,3 +601,194 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path) -> None:
         conn.execute("INSERT INTO child VALUES (42)")
     assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 1
     conn.close()
+
+
+# --------------------------------------------------------------------------
+# a damaged database: StoreError naming the file and the recovery
+
+
+def damage_table(path: str, table: str) -> None:
+    """Overwrite the b-tree page type of ``table``'s root page (a real
+    damaged page: "database disk image is malformed")."""
+    conn = sqlite3.connect(path)
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                           (table,)).fetchone()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\x07" * 16)
+
+
+def test_a_damaged_page_is_a_store_error_naming_the_recovery(path: str) -> None:
+    minute = minute_at(2026, 5, 12, 10, 17)
+    with Store(path, ZONE) as store:
+        store.roll([("acme", EVENT, minute, 5)], now_of(minute))
+    damage_table(path, "minutes")
+    with Store(path, ZONE) as store:
+        with pytest.raises(StoreError) as caught:
+            store.period("acme", EVENT, 2026, 5, 12, 10)
+        message = str(caught.value)
+        assert path in message and "malformed" in message
+        assert ".recover" in message and "aside" in message
+        with pytest.raises(StoreError, match="malformed"):
+            store.roll([("acme", EVENT, minute + 1, 5)], now_of(minute + 1))
+        for read in (lambda: store.period("acme", EVENT, 2026, 5),  # other tables still read
+                     store.accounts, store.closed_through):
+            read()
+
+
+# --------------------------------------------------------------------------
+# readers never write
+
+
+def test_a_reader_of_an_empty_file_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "stats.sqlite3"
+    path.write_bytes(b"")
+    with Store(str(path), ZONE, readonly=True) as store:
+        assert "no period tables yet" in store.empty
+        assert store.period("acme", EVENT, 2026)["total"] == 0
+        assert store.accounts() == [] and store.closed_through() is None
+    assert path.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.sqlite3"]
+
+
+def test_a_reader_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "stats.sqlite3"
+    with Store.open_readonly(str(path), ZONE) as store:
+        assert "does not exist yet" in store.empty and "trafficthreshold run" in store.empty
+        assert store.gaps() == [] and store.watermark_minutes(0) == {}
+        with pytest.raises(StoreError, match="read-only"):
+            store.roll([("acme", EVENT, 100, 1)], 6060.0)
+    assert not path.parent.exists()
+
+
+def test_a_reader_never_takes_the_write_lock_and_cannot_write(store: Store, path: str) -> None:
+    minute = minute_at(2026, 5, 12, 10, 17)
+    store.roll([("acme", EVENT, minute, 5)], now_of(minute))
+    with store.transaction():                        # the writer holds the lock
+        store.roll([("acme", EVENT, minute, 6)], now_of(minute))
+        started = time.monotonic()
+        with Store(path, ZONE, readonly=True) as reader:
+            assert reader.empty is None
+            assert reader.period("acme", EVENT, 2026, 5)["total"] == 5
+            with pytest.raises(StoreError, match="read-only"):
+                reader.roll([("acme", EVENT, minute, 9)], now_of(minute))
+        assert time.monotonic() - started < 1        # no busy wait
+    assert store.period("acme", EVENT, 2026, 5)["total"] == 6
+
+
+def test_a_reader_of_a_schema_1_file_does_not_migrate_it(tmp_path: Path) -> None:
+    from trafficthreshold import store as store_module
+    path = str(tmp_path / "old.sqlite3")
+    conn = sqlite3.connect(path)
+    for statement in store_module.DDL:
+        conn.execute(statement)
+    conn.execute("INSERT INTO watermarks VALUES (100, 'acme', 'pageview', 4)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Store(path, ZONE, readonly=True) as reader:
+        assert reader.watermark_minutes(0) == {("acme", "pageview", 100): 4}
+    assert rows(path, "PRAGMA user_version") == [(1,)]
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                    reason="needs root to drop to the user nobody, and a system python3")
+@pytest.mark.parametrize("daemon_running", [False, True])
+def test_the_group_reads_a_0440_file_in_a_read_only_directory(daemon_running: bool) -> None:
+    """With the systemd unit the group may only read: a reader as another
+    user (nobody, group nogroup) reads a 0440 file in a 0550 directory,
+    whether or not the daemon has it open (-wal/-shm present or not)."""
+    import grp
+    import shutil
+    import subprocess
+    import tempfile
+    top = tempfile.mkdtemp(prefix="tt-ro-", dir="/tmp")
+    try:
+        os.chmod(top, 0o755)
+        data = os.path.join(top, "data")
+        path = os.path.join(data, "stats.sqlite3")
+        minute = minute_at(2026, 5, 12, 10, 17)
+        writer = Store(path, ZONE)
+        writer.roll([("acme", EVENT, minute, 5)], now_of(minute))
+        if not daemon_running:
+            writer.close()
+        gid = grp.getgrnam("nogroup").gr_gid
+        for name in os.listdir(data):
+            os.chown(os.path.join(data, name), -1, gid)
+            os.chmod(os.path.join(data, name), 0o440)
+        os.chown(data, -1, gid)
+        os.chmod(data, 0o550)
+        before = sorted(os.listdir(data))
+        script = (f"from trafficthreshold.store import Store\n"
+                  f"s = Store({path!r}, {ZONE!r}, readonly=True)\n"
+                  f"print(s.empty, s.period('acme', 'pageview', 2026, 5)['total'])\n")
+        repo = str(Path(__file__).resolve().parent.parent)
+        out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                              SYSTEM_PYTHON, "-c", script], capture_output=True, text=True,
+                             env={"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "")},
+                             timeout=30)
+        assert out.stdout.strip() == "None 5", out.stderr
+        assert sorted(os.listdir(data)) == before
+        if daemon_running:
+            writer.close()
+    finally:
+        shutil.rmtree(top)
+
+
+# --------------------------------------------------------------------------
+# private files
+
+
+def test_new_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "new" / "dir" / "stats.sqlite3"
+        minute = minute_at(2026, 5, 12, 10, 17)
+        with Store(str(path), ZONE) as store:
+            store.roll([("acme", EVENT, minute, 5)], now_of(minute))
+            modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+            assert modes == {"stats.sqlite3": 0o640, "stats.sqlite3-wal": 0o640,
+                             "stats.sqlite3-shm": 0o640}
+        assert path.parent.stat().st_mode & 0o777 == 0o750
+        assert path.parent.parent.stat().st_mode & 0o777 == 0o750
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_directory_and_file_keep_their_modes(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        admin = tmp_path / "admin"
+        admin.mkdir(mode=0o755)
+        os.chmod(admin, 0o755)
+        path = admin / "stats.sqlite3"
+        path.write_bytes(b"")
+        os.chmod(path, 0o600)
+        with Store(str(path), ZONE):
+            pass
+        assert admin.stat().st_mode & 0o777 == 0o755
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_a_lock_held_too_long_is_a_store_error(store: Store, path: str) -> None:
+    """Another writer keeps the write lock past busy_timeout: BEGIN fails
+    with a StoreError naming the file, not a bare sqlite3 error."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        store._conn.execute("PRAGMA busy_timeout=50")  # not 5 s in a test
+        with pytest.raises(StoreError, match="locked") as caught:
+            with store.transaction():
+                pass
+        assert path in str(caught.value)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()

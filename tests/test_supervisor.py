@@ -2,6 +2,8 @@
 signals, sd_notify and the SIGKILL crash loop."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
 import signal
@@ -381,3 +383,293 @@ def test_http_served_and_reload_reaches_the_app(tmp_path, installed):
             assert "newrule" in r.read().decode()
     finally:
         s.shutdown(time.time())
+
+
+# ------------------------------------- re-attach, reload, corrupt header, db
+
+def test_reattach_after_reinstall_resets_the_throttle(tmp_path, installed, caplog):
+    """The new segment says level 0: the supervisor starts from 0 too, and
+    stays there without traffic (it used to jump to 4 a cooldown later)."""
+    cfg, path = make_config(tmp_path, *installed, """
+[throttle]
+multiplier = 20
+window = "minute"
+cooldown = 60
+""")
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    assert drive(s, T0, 200)[-1] == 5
+    segment.uninstall(*installed, force=True)
+    segment.install(*installed, now=T0 + 61)
+    s.tick(T0 + 61)
+    assert s.throttle_state.level == 0 and level(s) == 0
+    for t in range(T0 + 62, T0 + 62 + 300, 10):     # five cooldowns, no hits
+        s.tick(t)
+        assert level(s) == 0, t
+    s.shutdown(T0 + 400)
+
+
+def test_reload_keeps_restart_only_settings_and_warns_once(sup, tmp_path, caplog):
+    sup.initialize(T0)
+    path = tmp_path / "config.toml"
+    text = path.read_text()
+    path.write_text(text.replace(str(tmp_path / "stats.sqlite3"), str(tmp_path / "other.db"))
+                    .replace('timezone = "UTC"', 'timezone = "Europe/Zurich"')
+                    + "\n[throttle]\nmultiplier = 9\n")
+    sup.reload()
+    sup.reload()
+    assert sup.config.database == str(tmp_path / "stats.sqlite3")
+    assert sup.config.timezone == "UTC"
+    assert sup.config.throttle.multiplier == 9                  # the rest applies
+    assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 9
+    for name in ("database", "timezone"):
+        assert caplog.text.count(f"{name} changed in the configuration") == 1
+    assert not (tmp_path / "other.db").exists()
+    # A re-attach after the reload still uses the running key and database.
+    segment.uninstall(sup.config.key, sup.config.backend, force=True)
+    segment.install(sup.config.key, sup.config.backend, now=T0 + 61)
+    sup.tick(T0 + 61)
+    assert sup._segment_live() and sup.store.path == str(tmp_path / "stats.sqlite3")
+
+
+@pytest.mark.parametrize("field, offset, value", [
+    ("throttle_slot", segment.H_THROTTLE_SLOT, 0xFFFFFFFF),
+    ("throttle_window", segment.H_THROTTLE_WINDOW, 77),
+    ("throttle_multiplier", segment.H_THROTTLE_MULTIPLIER, 0),
+    ("throttle_level", segment.H_THROTTLE_LEVEL, 4_000_000),
+    ("supervisor_pid", segment.H_SUPERVISOR_PID, 1),
+])
+def test_a_corrupt_header_field_is_repaired_and_the_daemon_goes_on(
+        sup, caplog, field, offset, value):
+    sup.initialize(T0)
+    good = sup.counter.load(offset, 4)
+    sup.counter.hit(None, "pageview", 10, T0 + 1)
+    sup.counter.store(offset, 4, value)
+    for t in range(T0 + 2, T0 + 70):
+        sup.tick(t)                                   # never raises
+    assert sup.counter.load(offset, 4) == good or field == "throttle_level"
+    assert sup.counter.load(segment.H_THROTTLE_LEVEL, 4) <= 5
+    assert caplog.text.count(f"held {field} = {value}") == 1
+    assert sup.store.period("all", "pageview", 2027)["total"] == 10   # rolled at T0+60
+
+
+def test_an_index_entry_that_is_not_utf8_does_not_stop_initialize(sup, tmp_path):
+    from test_segment import RawReader, raw_view
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 3, T0 + 1)
+    with raw_view(sup.config.key, sup.config.backend) as view:
+        (off,) = [o for o, _s, _slot, _h, a, _e in RawReader(view).entries() if a == b"acme"]
+        view[off + 16:off + 20] = b"\xff\xfe\xfd\xfc"
+    sup.shutdown(T0 + 2)
+    again = Supervisor(sup.config, config_path=str(tmp_path / "config.toml"), env={})
+    again.initialize(T0 + 3)                          # used to raise UnicodeDecodeError
+    again.counter.hit("beta", "pageview", 2, T0 + 4)
+    again.tick(T0 + 4)
+    assert again.counter.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 4) * 1000
+    again.tick(T0 + 61)                               # the other keys still roll
+    assert again.store.period("beta", "pageview", 2027)["total"] == 2
+    assert again.store.period("all", "pageview", 2027)["total"] == 3 + 2
+    assert len(again.store.bad_keys()) == 1
+    again.shutdown(T0 + 62)
+
+
+def test_a_damaged_database_is_retried_while_the_ring_counts(tmp_path, installed, caplog):
+    """A file that is not a database: initialize and tick go on, the error
+    names the file and the recovery, and once the file is moved aside the
+    next minute opens a new store and rolls what the ring kept."""
+    caplog.set_level(logging.INFO, "trafficthreshold.supervisor")
+    cfg, path = make_config(tmp_path, *installed)
+    db = tmp_path / "stats.sqlite3"
+    db.write_bytes(b"this is not a database" * 500)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)                                   # used to raise
+    assert s.store is None
+    assert "aside to start a new one" in caplog.text and str(db) in caplog.text
+    assert "Traceback" not in caplog.text                # a message, not a traceback
+    s.counter.hit("acme", "pageview", 4, T0 + 10)
+    for t in range(T0 + 1, T0 + 30):
+        s.tick(t)
+    assert caplog.text.count("opening the store failed") == 1   # not once a second
+    db.rename(tmp_path / "stats.damaged")
+    s.tick(T0 + 61)                                    # a new minute: retried
+    assert s.store is not None and "opening the store works again" in caplog.text
+    s.tick(T0 + 121)
+    assert s.store.period("acme", "pageview", 2027)["total"] == 4
+    s.shutdown(T0 + 122)
+
+
+def _damage_table(db, table):
+    """Overwrite the root page of ``table`` (a b-tree page) with garbage."""
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")   # the page is in the file, not the WAL
+    (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                           (table,)).fetchone()
+    (size,) = conn.execute("PRAGMA page_size").fetchone()
+    conn.close()
+    with open(db, "r+b") as f:
+        f.seek((root - 1) * size)
+        f.write(b"\xde\xad\xbe\xef" * (size // 4))
+
+
+def test_a_damaged_btree_page_keeps_the_daemon_counting_until_moved_aside(
+        tmp_path, installed, caplog):
+    caplog.set_level(logging.INFO, "trafficthreshold.supervisor")
+    cfg, path = make_config(tmp_path, *installed)
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0)
+    s.counter.hit("acme", "pageview", 2, T0 + 1)
+    s.shutdown(T0 + 2)
+    _damage_table(cfg.database, "minutes")
+    s = Supervisor(cfg, config_path=path, env={})
+    s.initialize(T0 + 3)
+    s.counter.hit("acme", "pageview", 5, T0 + 70)
+    for t in range(T0 + 61, T0 + 130, 5):
+        s.tick(t)                                          # never raises
+    assert "malformed" in caplog.text and ".recover" in caplog.text
+    assert caplog.text.count("roll-up failed") == 1
+    os.rename(cfg.database, cfg.database + ".damaged")
+    for t in range(T0 + 181, T0 + 250, 5):
+        s.tick(t)                                          # reopened: a new file
+    assert "roll-up works again" in caplog.text
+    assert s.store.period("acme", "pageview", 2027)["total"] == 5 + 2   # the ring kept both
+    s.shutdown(T0 + 260)
+
+
+# -------------------------------- re-install and lost segments, daemon-level
+
+def _final_rollup(cfg, now):
+    """What `trafficthreshold uninstall` runs before removing the segment."""
+    from trafficthreshold.rollup import Roller
+
+    def roll(counter):
+        with Store(cfg.database, cfg.timezone) as store:
+            Roller(counter, store, key=cfg.key, backend=cfg.backend).roll(now, True)
+    return roll
+
+
+def test_reinstall_within_the_minute_loses_no_hit(sup):
+    """`uninstall --force && install` within one minute: the new segment's
+    hits of that minute are all counted (they used to be ignored up to the
+    old segment's count), and nothing is counted twice."""
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    segment.uninstall(sup.config.key, sup.config.backend, force=True,
+                      before_remove=_final_rollup(sup.config, T0 + 11))
+    segment.install(sup.config.key, sup.config.backend, now=T0 + 12)
+    sup.tick(T0 + 13)                                   # re-attaches
+    sup.counter.hit("acme", "pageview", 3, T0 + 20)     # below the old count (5)
+    sup.tick(T0 + 61)
+    sup.tick(T0 + 121)
+    assert sup.store.period("acme", "pageview", 2027, 1, 15, 8)["data"][0] == 5 + 3
+    assert sup.store.period("all", "pageview", 2027)["total"] == 5 + 3
+    assert sup.store.gaps() == []                       # the old one ended with a final roll
+
+
+def test_a_segment_gone_without_final_roll_is_recorded_as_a_gap(sup):
+    """ipcrm / RemoveIPC / a reboot: the minutes between the last roll of
+    the old segment and the new segment are recorded as a gap, not skipped."""
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    sup.tick(T0 + 61)                                   # rolled through minute M0
+    segment.uninstall(sup.config.key, sup.config.backend, force=True)   # no final roll
+    later = T0 + 60 * 30
+    segment.install(sup.config.key, sup.config.backend, now=later)
+    sup.tick(later + 1)
+    sup.counter.hit("acme", "pageview", 2, later + 5)
+    sup.tick(later + 61)
+    (gap,) = sup.store.gaps()
+    assert gap["first_minute"] <= T0 // 60 + 2 and gap["last_minute"] == later // 60 - 1
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 5 + 2
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_run_over_a_damaged_database_keeps_running_and_stops_cleanly(tmp_path, installed):
+    """`trafficthreshold run` with a file that is not a database: it keeps
+    ticking (heartbeat), says once what is wrong and how to fix it, no
+    traceback, and SIGTERM still stops it with status 0."""
+    cfg, path = make_config(tmp_path, *installed)
+    (tmp_path / "stats.sqlite3").write_bytes(b"garbage!" * 1000)
+    proc = run_daemon(path)
+    try:
+        counter = segment.attach(*installed)
+        deadline = time.time() + 10
+        first = counter.load(segment.H_HEARTBEAT_MS, 8)
+        while counter.load(segment.H_HEARTBEAT_MS, 8) in (0, first) and time.time() < deadline:
+            time.sleep(0.1)
+        assert counter.load(segment.H_HEARTBEAT_MS, 8) not in (0, first)   # still ticking
+        counter.detach()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+    out = proc.stdout.read().decode()
+    assert "aside to start a new one" in out and "Traceback" not in out, out
+
+
+def test_a_segment_removed_under_the_daemon_is_noticed_rolled_and_replaced(sup):
+    """ipcrm / RemoveIPC while the daemon runs: its mapping stays LIVE, so
+    it used to heartbeat and roll a dead segment for ever while workers used
+    the new one.  Now, within a minute, it rolls what the old mapping held,
+    attaches to the new segment and records the unknown minute as a gap."""
+    from conftest import remove_everything
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    sup.tick(T0 + 61)
+    sup.counter.hit("acme", "pageview", 3, T0 + 70)     # not rolled yet
+    remove_everything(sup.config.key)                   # what ipcrm does
+    segment.install(sup.config.key, sup.config.backend, now=T0 + 90)
+    worker = segment.attach(sup.config.key, sup.config.backend)
+    worker.hit("acme", "pageview", 2, T0 + 100)
+    sup.tick(T0 + 121)                                  # a new minute: checked
+    assert sup.counter.load(segment.H_INSTANCE, 8) == worker.load(segment.H_INSTANCE, 8)
+    assert worker.load(segment.H_HEARTBEAT_MS, 8) == (T0 + 121) * 1000
+    sup.tick(T0 + 181)
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 5 + 3 + 2
+    assert len(sup.store.gaps()) == 1
+    worker.detach()
+
+
+def test_the_same_segment_is_never_taken_for_a_replacement(sup):
+    sup.initialize(T0)
+    for t in range(T0 + 61, T0 + 300, 60):
+        sup.tick(t)
+    assert sup._segment_live() and sup.store.gaps() == []
+
+
+def test_the_daemon_creates_private_files_under_umask_022(tmp_path, installed):
+    """Without systemd (umask 022): the data directory 0750, the database and
+    its -wal and -shm files 0640, never world-readable."""
+    import stat
+    cfg, path = make_config(tmp_path, *installed)
+    data = tmp_path / "var" / "trafficthreshold"
+    cfg = dataclasses.replace(cfg, database=str(data / "stats.sqlite3"))
+    old = os.umask(0o022)
+    try:
+        s = Supervisor(cfg, config_path=path, env={})
+        s.initialize(T0)
+        s.counter.hit("acme", "pageview", 1, T0 + 1)
+        s.tick(T0 + 61)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data.iterdir()}
+        modes["dir"] = stat.S_IMODE(data.stat().st_mode)
+        modes["parent"] = stat.S_IMODE(data.parent.stat().st_mode)
+        s.shutdown(T0 + 62)
+    finally:
+        os.umask(old)
+    assert modes == {"stats.sqlite3": 0o640, "stats.sqlite3-wal": 0o640,
+                     "stats.sqlite3-shm": 0o640, "dir": 0o750, "parent": 0o750}
+
+
+def test_hits_later_than_the_recheck_window_are_counted_not_silent(sup):
+    """A worker descheduled for minutes adds to a minute no longer re-read:
+    the daemon does not add it (that minute is closed) but counts it."""
+    from trafficthreshold.rollup import LATE_MINUTES
+    sup.initialize(T0)
+    sup.counter.hit("acme", "pageview", 4, T0 + 5)
+    for m in range(1, LATE_MINUTES + 3):
+        sup.tick(T0 + 60 * m + 1)
+    sup.counter.hit("acme", "pageview", 2, T0 + 59)    # very late, into minute M0
+    for m in range(LATE_MINUTES + 3, 130):             # until minute M0 leaves the ring
+        sup.tick(T0 + 60 * m + 1)
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 4
+    assert sup.store.late_dropped() == 2

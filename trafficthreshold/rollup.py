@@ -1,12 +1,16 @@
 """Rolling the segment's minute ring into the period store, exactly once.
 
 The segment keeps, per key, the counts of the last M minutes (M =
-``minute_buckets``, 120 by default).  The store keeps, per key and minute, a
-*watermark*: the cumulative count already added.  A roll reads the ring and
-hands the store the current cumulative counts; the store adds only what
-grew past each watermark and moves the watermarks in the same transaction.
-So a roll can be repeated, or cut short by SIGKILL at any instant, and the
-store still holds every hit exactly once.
+``minute_buckets``, 120 by default).  The store keeps, per segment instance,
+key and minute, a *watermark*: the cumulative count already added.  A roll
+reads the ring and hands the store the current cumulative counts; the store
+adds only what grew past each watermark and moves the watermarks in the same
+transaction.  So a roll can be repeated, or cut short by SIGKILL at any
+instant, and the store still holds every hit it rolled exactly once (what
+could not be rolled is listed below).  Watermarks are
+keyed by the header's ``instance`` (drawn at each install): a segment
+installed again in the same minute counts that minute from 0 and is rolled
+from 0.
 
 Which minutes a roll reads: from the first minute not yet closed
 (``closed_through + 1``), and always the last ``LATE_MINUTES`` closed
@@ -15,9 +19,24 @@ worker read the clock, then was descheduled) is still picked up.  The
 current, open minute is read only by the final roll (shutdown, uninstall):
 its watermark then makes the next roll add just the rest.
 
-Minutes older than the ring are gone: when the supervisor was down for
-longer than the ring, the span is recorded in the store's ``gaps`` table
-and logged, never silently skipped.
+What cannot be rolled is recorded, never skipped silently:
+
+* minutes older than the ring (the supervisor was down for longer than the
+  ring) are recorded in the store's ``gaps`` table and logged;
+* when the segment was replaced (a new ``instance``) and the old one was not
+  retired by ``uninstall`` and rolled to its end (a crash then a reboot,
+  ``ipcrm``, systemd's RemoveIPC, ``uninstall --no-rollup``), the minutes
+  from the last closed minute + 1 to the minute before the new segment's
+  creation (at least that first minute) are recorded as a gap and logged:
+  what the old segment held for them is unknown;
+* a hit that reaches a minute after its last re-read (more than
+  ``LATE_MINUTES`` late) is not added; each roll reads the minute that has
+  just left the re-read window and the oldest ring minute once more, and
+  counts such hits into the store's ``late_dropped``;
+* a key that cannot be rolled (an index entry that is not UTF-8, a minute
+  count above ``store.MAX_MINUTE_COUNT``) is skipped, logged once, and
+  listed in the store's ``bad_keys`` (and :attr:`Roller.bad_keys`); the
+  other keys roll on.
 """
 from __future__ import annotations
 
@@ -25,45 +44,131 @@ import logging
 
 from . import names, segment
 from ._counter import Counter
-from .store import Store
+from .store import MAX_MINUTE_COUNT, Store
 
 log = logging.getLogger("trafficthreshold.rollup")
 
 #: Closed minutes read again on every roll, for late increments.
 LATE_MINUTES = 2
 
+#: An index entry in state 1 is a published key (docs/segment.rst).
+_ENTRY_READY = 1
+#: Bytes for the account and the event name in an index entry.
+_ACCOUNT_ROOM = segment.E_EVENT - segment.E_ACCOUNT
+_EVENT_ROOM = segment.INDEX_ENTRY_SIZE - segment.E_EVENT
+
 
 class Roller:
     """Reads ``counter``'s ring and rolls it into ``store``.
 
-    Lock-free: the ring is read without the semaphore (a bucket's tag is
-    checked, so a bucket being reset reads as its old or new epoch, never a
-    mix).  Not thread-safe: one Roller per supervisor thread.
+    Lock-free: the ring is read without the semaphore.  A bucket's tag is
+    checked, so a bucket never mixes two minutes: while a writer resets a
+    bucket for a newer minute, it reads as 0 for the old and the new minute.
+    A 0 adds nothing (the watermark stays), and the next rolls re-read the
+    new minute.  Not thread-safe: one Roller per supervisor thread.
+
+    ``key`` and ``backend`` let the Roller read the index bytes itself when
+    an entry is not UTF-8 (``Counter.keys()`` then fails as a whole): without
+    them such a segment's keys cannot be named and none rolls.
     """
 
-    def __init__(self, counter: Counter, store: Store) -> None:
+    def __init__(self, counter: Counter, store: Store, *, key: int | None = None,
+                 backend: str | None = None) -> None:
         self.counter = counter
         self.store = store
+        self.key, self.backend = key, backend
+        self.instance = counter.load(segment.H_INSTANCE, 8)
+        #: slot -> why the key is skipped (see the module docstring).
+        self.bad_keys: dict[int, str] = {}
+        self._bad_names: dict[int, str] = {}
+        self._unnamed = "has counts but no published index entry"
+        self._reported: set[str] = set()
         self._names: dict[int, tuple[str, str]] = {}
         self._keys_used = -1
+        self._instance_checked = False
+        self._late_checked: dict[str, int] = {}  # role -> the last minute read
+
+    # ------------------------------------------------------------- keys
 
     def names(self) -> dict[int, tuple[str, str]]:
-        """slot -> (account, event), re-read when keys were added."""
+        """slot -> (account, event), re-read when keys were added.  Keys
+        that cannot be named are left out and listed in ``bad_keys``."""
         used = self.counter.load(segment.H_KEYS_USED, 4)
         if used != self._keys_used:
-            self._names = {slot: (a, e) for slot, a, e in self.counter.keys()}
+            try:
+                self._names = {slot: (a, e) for slot, a, e in self.counter.keys()}
+                self._bad_names = {}
+            except UnicodeDecodeError:
+                self._names, self._bad_names = self._read_index()
             self._keys_used = used
         return self._names
 
+    def _read_index(self) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
+        """The index read byte by byte (docs/segment.rst), for a segment with
+        an entry that is not UTF-8.  Lock-free: entries are read only once
+        published (state 1), and a published entry never changes."""
+        if self.key is None or self.backend is None:
+            log.error("an index entry of the segment is not UTF-8 and this roll-up was "
+                      "not told the segment key: no key can be rolled")
+            self._unnamed = ("an index entry is not UTF-8 and the roll-up was not given "
+                             "the segment key to read the index byte-wise")
+            return {}, {}
+        good: dict[int, tuple[str, str]] = {}
+        bad: dict[int, str] = {}
+        raw = segment._Raw(self.backend, self.key)
+        try:
+            offset, size = raw.u64(segment.H_INDEX_OFFSET), raw.u32(segment.H_INDEX_SIZE)
+            for i in range(size):
+                ent = offset + i * segment.INDEX_ENTRY_SIZE
+                if raw.u32(ent + segment.E_STATE) != _ENTRY_READY:
+                    continue
+                slot = raw.u32(ent + segment.E_SLOT)
+                alen, elen = raw.buf[ent + segment.E_ACCOUNT_LEN], raw.buf[ent + segment.E_EVENT_LEN]
+                if alen > _ACCOUNT_ROOM or elen > _EVENT_ROOM:  # a length past its field
+                    bad[slot] = f"slot {slot}: name lengths {alen}/{elen} overrun the entry"
+                    continue
+                account = bytes(raw.buf[ent + segment.E_ACCOUNT:ent + segment.E_ACCOUNT + alen])
+                event = bytes(raw.buf[ent + segment.E_EVENT:ent + segment.E_EVENT + elen])
+                try:
+                    good[slot] = (account.decode(), event.decode())
+                except UnicodeDecodeError:
+                    bad[slot] = (f"slot {slot}: account {account!r}, event {event!r} "
+                                 "is not UTF-8")
+        finally:
+            raw.close()
+        return good, bad
+
+    def _report(self, slot: int, why: str) -> None:
+        """Skip a key, logging it once."""
+        self.bad_keys[slot] = why
+        if why not in self._reported:
+            self._reported.add(why)
+            log.error("skipping a key the roll-up cannot store (%s); the other keys "
+                      "roll on", why)
+
+    # ------------------------------------------------------------- reading
+
     def snapshot(self, first: int, last: int) -> list[tuple[str, str, int, int]]:
         """(account, event, epoch_minute, count) of every key-minute in
-        [first, last] with a count, read from the ring."""
+        [first, last] with a count, read from the ring.  Bad keys (see
+        ``bad_keys``) are left out."""
         rows = self.counter.minutes(first, last)
         names = self.names()
-        if any(slot not in names for slot, _, _ in rows):
+        if any(slot not in names and slot not in self._bad_names for slot, _, _ in rows):
             self._keys_used = -1  # a key published after we read the index
             names = self.names()
-        return [(*names[slot], minute, count) for slot, minute, count in rows if slot in names]
+        out = []
+        for slot, minute, count in rows:
+            if slot not in names:
+                self._report(slot, self._bad_names.get(slot, f"slot {slot}: {self._unnamed}"))
+                continue
+            if count > MAX_MINUTE_COUNT:
+                account, event = names[slot]
+                self._report(slot, f"slot {slot} ({account}/{event}): count {count} at "
+                                   f"minute {minute} is beyond {MAX_MINUTE_COUNT}")
+                continue
+            out.append((*names[slot], minute, count))
+        return out
 
     def window(self, now: float, include_current: bool) -> tuple[int, int] | None:
         """The minutes the next roll reads, after recording any gap."""
@@ -71,6 +176,9 @@ class Roller:
         ring = self.counter.load(segment.H_MINUTE_BUCKETS, 4)
         oldest = minute - ring + 1
         created = self.counter.load(segment.H_CREATED_AT, 8) // 60
+        if not self._instance_checked:
+            self._check_instance(created, now)
+            self._instance_checked = True
         closed = self.store.closed_through()
         start = created if closed is None else max(closed + 1, created)
         if start < oldest:
@@ -80,6 +188,34 @@ class Roller:
         last = minute if include_current else minute - 1
         return (first, last) if first <= last else None
 
+    def _check_instance(self, created: int, now: float) -> None:
+        """A new segment instance: unless ``uninstall`` retired the old one
+        and rolled it to its end, what it counted after the last closed
+        minute is unknown (workers may have counted into it after any roll
+        of it, even a final one); record that span as a gap."""
+        previous = self.store.instance()
+        if previous is None or previous == self.instance:
+            return
+        closed = self.store.closed_through()
+        with self.store.transaction():  # the gap and the new instance, or neither
+            if self.store.instance_ended() != previous and closed is not None:
+                first = closed + 1
+                last = max(first, created - 1)
+                reason = (f"the segment was replaced (instance {previous:#x} -> "
+                          f"{self.instance:#x}) without `uninstall` retiring the old one "
+                          "and rolling it to its end (a reboot, ipcrm, RemoveIPC, "
+                          "uninstall --no-rollup): what it counted after the last closed "
+                          "minute is unknown")
+                log.error("lost minutes %d..%d (%d minutes): %s", first, last,
+                          last - first + 1, reason)
+                self.store.record_gap(first, last, reason, now)
+                if created - 1 >= first:
+                    self.store.set_closed_through(created - 1)
+            else:
+                log.info("a new segment instance %#x (the previous one was rolled to its "
+                         "end)", self.instance)
+            self.store.set_instance(self.instance)
+
     def _record_gap(self, first: int, last: int, ring: int, now: float) -> None:
         reason = (f"the supervisor did not roll for longer than the ring "
                   f"({ring} minutes); counts of these minutes were overwritten")
@@ -88,17 +224,43 @@ class Roller:
             self.store.record_gap(first, last, reason, now)
             self.store.set_closed_through(last)
 
+    def _check_late(self, oldest: int, first: int) -> None:
+        """Read two closed minutes once more: the one that has just left the
+        re-read window (late hits show at once) and the oldest of the ring,
+        before it is overwritten (the rest of them).  What grew there after
+        its last read is counted in ``late_dropped``, and its watermark
+        moved, so each late hit is counted once."""
+        for minute, role in ((first - 1, "recent"), (oldest, "oldest")):
+            if not oldest <= minute < first or self._late_checked.get(role, minute - 1) >= minute:
+                continue
+            self._late_checked[role] = minute
+            late = self.store.drop_late(self.snapshot(minute, minute), self.instance)
+            if late:
+                log.warning("%d hits reached minute %d more than %d minutes late and were "
+                            "not added (counted in late_dropped)", late, minute, LATE_MINUTES)
+
+    # ------------------------------------------------------------- rolling
+
     def roll(self, now: float, include_current: bool = False) -> int:
         """Roll what is new; return the new hits (the growth of the `all`
         keys; every hit counts there once, whatever its account).
 
-        ``include_current`` also reads the open minute (the final roll)."""
+        ``include_current`` also reads the open minute (the final roll); a
+        final roll of a retired segment (``uninstall``) records that this
+        instance was rolled to its end."""
         span = self.window(now, include_current)
         if span is None:
             return 0
         first, last = span
+        self.bad_keys = {}
+        ended = include_current and \
+            self.counter.load(segment.H_STATE, 4) == segment.STATE_RETIRED
         deltas = self.store.roll_deltas(self.snapshot(first, last), now,
-                                        closed_through=int(now // 60) - 1)
+                                        closed_through=int(now // 60) - 1,
+                                        instance=self.instance, ended=ended)
+        ring = self.counter.load(segment.H_MINUTE_BUCKETS, 4)
+        self._check_late(int(now // 60) - ring + 1, first)
+        self.store.set_bad_keys(self.bad_keys.values())
         added = sum(n for (account, _event, _minute), n in deltas.items() if account == names.ALL)
         if added:
             log.debug("rolled minutes %d..%d: %d hits", first, last, added)

@@ -7,15 +7,19 @@ the supervisor like any other account (the store never sums accounts).
 
 Exactly once
 ------------
-The ring holds a *cumulative* count per key-minute. For every key-minute the
-store keeps a *watermark*: the cumulative count it has already rolled. A roll
-adds only ``observed - watermark`` and moves the watermark to ``observed``,
-and the counts and the watermark commit in the same transaction. So:
+The ring holds a *cumulative* count per key-minute. For every key-minute of
+a segment *instance* (the header's random id, drawn at each install) the
+store keeps a *watermark*: the cumulative count it has already rolled. A
+roll adds only ``observed - watermark`` and moves the watermark to
+``observed``, and the counts and the watermark commit in the same
+transaction. So:
 
 * rolling the same snapshot twice adds nothing (delta 0);
 * a late increment to a minute already rolled adds only the increment;
 * a crash before the commit loses nothing: neither the counts nor the
-  watermark were written, and the next roll of the ring adds the lot.
+  watermark were written, and the next roll of the ring adds the lot;
+* a segment installed again (in the same minute even) starts from 0, and
+  so do its watermarks.
 
 Watermarks are needed only while a minute can still be in the ring (a few
 hours), so :meth:`Store.prune` drops those a day older than the newest one
@@ -29,22 +33,31 @@ of :class:`Store`. A Redis backend (Bootic's key layout: one hash per key and
 period, a field per segment) could implement the same methods and share the
 same test module.
 
+Readers and errors
+------------------
 Threads: a Store (its sqlite3 connection) belongs to the thread that made
-it. Readers in other threads or processes open their own Store on the same
-file; WAL lets them read while the supervisor writes.
+it. Readers in other threads or processes open their own
+``Store(path, zone, readonly=True)`` on the same file: read-only, it never
+creates, migrates or locks the file for writing, and WAL lets it read while
+the supervisor writes. Every sqlite3 error of a public method is raised as
+:class:`StoreError`, whose message names the file and the recovery.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import os
 import sqlite3
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from trafficthreshold.errors import TrafficThresholdError
+from trafficthreshold.names import ALL
 from trafficthreshold.periods import local_parts, resolve_timezone, segments
 
 log = logging.getLogger("trafficthreshold.store")
@@ -116,20 +129,96 @@ DDL = [
         first_minute INTEGER NOT NULL, last_minute INTEGER NOT NULL,
         reason TEXT NOT NULL, recorded_at REAL NOT NULL
     )""",
-    # Small named values: closed_through, watermark_floor, last_roll_at.
+    # Small named values: closed_through, watermark_floor, last_roll_at,
+    # instance, instance_ended, late_dropped, bad_keys.
     """CREATE TABLE IF NOT EXISTS meta (
         name TEXT PRIMARY KEY, value NOT NULL
     ) WITHOUT ROWID""",
 ]
 
+#: Schema 2: watermarks keyed by the segment *instance* too (the header's
+#: random id, drawn at each install), so that a segment installed again in
+#: the same minute counts that minute afresh. Rows of schema 1 get instance
+#: 0 (LEGACY_INSTANCE); the first roll adopts them for the segment it reads.
+WATERMARKS_BY_INSTANCE = [
+    """CREATE TABLE watermarks_v2 (
+        epoch_minute INTEGER NOT NULL,
+        instance INTEGER NOT NULL,
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (epoch_minute, instance, account, event)
+    ) WITHOUT ROWID""",
+    "INSERT INTO watermarks_v2 (epoch_minute, instance, account, event, count)"
+    " SELECT epoch_minute, 0, account, event, count FROM watermarks",
+    "DROP TABLE watermarks",
+    "ALTER TABLE watermarks_v2 RENAME TO watermarks",
+]
+
 #: MIGRATIONS[i] takes the schema from version i to i + 1 (PRAGMA
 #: user_version). Append a list of statements for each schema change.
-MIGRATIONS: list[list[str]] = [DDL]
+MIGRATIONS: list[list[str]] = [DDL, WATERMARKS_BY_INSTANCE]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+#: The instance of watermarks written before schema 2 (and of a segment
+#: installed before the header had an instance).
+LEGACY_INSTANCE = 0
+
+#: The largest count one key-minute may bring into the store. Bigger is a
+#: corrupt bucket (it would be 10**12 hits a second); refusing it keeps every
+#: sum the store makes (a month of minutes: 44,640 * 2**46 < 2**63) inside
+#: SQLite's signed 64-bit INTEGER.
+MAX_MINUTE_COUNT = 2**46
+
+#: Modes of what the store creates, whatever the umask: the directory and the
+#: file (and SQLite's -wal and -shm files, which copy the file's mode) are
+#: private to the daemon's user and group.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
 
 
 class StoreError(TrafficThresholdError):
-    """The database cannot be opened, created or migrated."""
+    """The database cannot be opened, created, migrated, read or written;
+    the message names the file and what to do."""
+
+
+def describe(path: str, exc: sqlite3.Error) -> str:
+    """A message for a sqlite3 error on ``path`` that names the recovery."""
+    text = str(exc)
+    if "not a database" in text:
+        return (f"cannot open the database {path}: it is not a SQLite database ({text}); "
+                f"point `database` at another file, or move {path} aside to start a new one")
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "corrupt" in text):
+        return (f"the database {path} is damaged ({text}); stop the daemon, then either "
+                f"recover it: `sqlite3 {path} .recover | sqlite3 {path}.new` and move "
+                f"{path}.new in place of {path}, or move {path} aside to start a new one "
+                "(the segment ring keeps the last minutes meanwhile)")
+    if "readonly" in text or "read-only" in text:
+        return (f"the database {path} is read-only for this user ({text}); give the "
+                "daemon's user write access to the file and its directory")
+    if "locked" in text or "busy" in text:
+        return (f"the database {path} stayed locked by another writer ({text}); "
+                "check that only one daemon runs on it")
+    if "unable to open" in text:
+        return (f"cannot open the database {path} ({text}); check that the file and its "
+                "directory exist and that this user may read them (config key `database`)")
+    return (f"the database {path} failed: {text}; if this persists, check the file "
+            f"with `sqlite3 {path} 'PRAGMA integrity_check'`")
+
+
+def _mapped(method: Any) -> Any:
+    """Turn every sqlite3 error of a Store method into a StoreError."""
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(describe(self.path, exc)) from exc
+    return wrapper
+
+
+def _signed(instance: int) -> int:
+    """A segment instance (u64) as SQLite's signed 64-bit INTEGER."""
+    return instance - 2**64 if instance >= 2**63 else instance
 
 
 #: Milliseconds a writer waits for another writer's lock before failing.
@@ -138,7 +227,8 @@ BUSY_TIMEOUT_MS = 5000
 
 def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
     """Open ``path`` with the pragmas of every connection to the database
-    (the period store's and the alert store's).
+    (the period store's and the alert store's), creating the file (mode
+    FILE_MODE, whatever the umask) if it is missing.
 
     Autocommit mode (``isolation_level=None``): transactions are explicit,
     see :func:`transaction`. WAL lets readers read while the writer writes;
@@ -147,17 +237,64 @@ def connect(path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
     busy_timeout waits up to 5 s for another writer instead of failing at
     once.
     """
+    _create_private(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute(f"PRAGMA synchronous={synchronous}")
     except sqlite3.Error as exc:
-        raise StoreError(
-            f"cannot open the database {path!r}: {exc}; check that the file is "
-            "a SQLite database this user may read and write (config key `database`)"
-        ) from exc
+        raise StoreError(describe(path, exc)) from exc
     return conn
+
+
+def connect_readonly(path: str) -> sqlite3.Connection:
+    """Open ``path`` read-only (a ``mode=ro`` URI): no write, no lock that
+    blocks the writer, nothing created. Raises StoreError naming the file.
+
+    A WAL file can be read only by a process that may open its ``-shm``
+    file. When no writer has the file open (no ``-wal`` file) and this user
+    may not create the ``-shm`` file (a read-only directory), the file is
+    opened ``immutable=1`` instead: SQLite then reads it without the shared
+    memory. A writer starting meanwhile is not seen by this connection, so
+    such a reader should be short-lived (the CLI); the daemon's own API
+    readers always have the ``-shm`` file.
+    """
+    base = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    for uri in (base, base + "&immutable=1"):
+        conn = None
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA user_version").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            retry = (uri == base and isinstance(exc, sqlite3.OperationalError)
+                     and not os.path.exists(path + "-wal"))
+            if not retry:
+                raise StoreError(describe(path, exc)) from exc
+    raise AssertionError("unreachable")
+
+
+def _create_private(path: str) -> None:
+    """Create an empty database file with FILE_MODE if there is none, so
+    SQLite (which copies its mode to the -wal and -shm files) never makes a
+    world-readable one. An existing file keeps the mode its admin gave it."""
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # let sqlite3 report it, through StoreError
+    try:
+        os.fchmod(fd, FILE_MODE)  # exactly FILE_MODE, whatever the umask took away
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -188,9 +325,21 @@ def _make_parent_dir(path: str) -> None:
     if path in ("", ":memory:") or path.startswith("file:"):
         return
     parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        return  # the admin's directory keeps its mode
+    missing = []
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(parent, exist_ok=True)
+        for directory in reversed(missing):  # each one DIR_MODE, not only the last
+            try:
+                os.mkdir(directory, DIR_MODE)
+            except FileExistsError:
+                continue  # made meanwhile by someone else: theirs
+            os.chmod(directory, DIR_MODE)  # exactly DIR_MODE, whatever the umask took away
     except OSError as exc:
+        parent = missing[0]
         raise StoreError(
             f"cannot create the directory {parent!r} for the database {path!r}: "
             f"{exc.strerror}; create it (writable by this user) or set `database` "
@@ -202,21 +351,77 @@ class Store:
     """Minute/hour/day/month counts per (account, event), in local time.
 
     ``Store(path, timezone=None)``: ``path`` is a file (its directory is
-    created if missing) or ``":memory:"``; ``timezone`` is an IANA name,
-    ``None`` for the system's zone. Periods are wall-clock periods in that
-    zone (see :mod:`trafficthreshold.periods` for the DST rule).
+    created if missing, mode DIR_MODE; the file FILE_MODE) or
+    ``":memory:"``; ``timezone`` is an IANA name, ``None`` for the system's
+    zone. Periods are wall-clock periods in that zone (see
+    :mod:`trafficthreshold.periods` for the DST rule).
+
+    ``readonly=True`` (the API's and ``stats``' readers): the file is opened
+    with a ``mode=ro`` URI; nothing is created, migrated or locked for
+    writing, so a reader never writes even into an empty file. A missing or
+    empty file reads as no data: ``empty`` then holds the reason (None
+    otherwise). Every method that writes raises StoreError.
+
+    Every sqlite3 error a public method meets is raised as
+    :class:`StoreError`, whose message names the file and the recovery.
     """
 
-    def __init__(self, path: str, timezone: str | None = None) -> None:
+    def __init__(self, path: str, timezone: str | None = None, *,
+                 readonly: bool = False) -> None:
         self.path = path
         self.tz = resolve_timezone(timezone)
+        self.readonly = readonly
+        self.empty: str | None = None
+        if readonly:
+            self._conn = self._open_readonly(path)
+            return
         _make_parent_dir(path)
         self._conn = connect(path)
+        self._version = SCHEMA_VERSION
         try:
             self._migrate()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreError(describe(path, exc)) from exc
         except BaseException:
             self._conn.close()
             raise
+
+    @classmethod
+    def open_readonly(cls, path: str, timezone: str | None = None) -> Store:
+        """``Store(path, timezone, readonly=True)``."""
+        return cls(path, timezone, readonly=True)
+
+    def _open_readonly(self, path: str) -> sqlite3.Connection:
+        """The read-only connection; an in-memory empty schema for a missing
+        or empty file (nothing is written to it)."""
+        if path != ":memory:" and not os.path.exists(path):
+            self.empty = (f"the database {path} does not exist yet: start the daemon "
+                          "(`trafficthreshold run`) so it rolls counts into it")
+        else:
+            conn = connect_readonly(path) if path != ":memory:" else sqlite3.connect(path)
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.Error as exc:
+                conn.close()
+                raise StoreError(describe(path, exc)) from exc
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise StoreError(_too_new(path, version))
+            if version > 0:
+                self._version = version
+                return conn
+            conn.close()
+            self.empty = (f"the database {path} has no period tables yet: the daemon "
+                          "(`trafficthreshold run`) creates them at its start")
+        log.info("%s", self.empty)
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        for statements in MIGRATIONS:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("PRAGMA query_only = ON")  # read-only like a mode=ro file
+        self._version = SCHEMA_VERSION
+        return conn
 
     def close(self) -> None:
         """Close the connection; the Store cannot be used afterwards."""
@@ -233,9 +438,13 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (:func:`transaction`)."""
-        with transaction(self._conn) as conn:
-            yield conn
+        """One write transaction (:func:`transaction`); a sqlite3 error in it
+        (a lock held too long at BEGIN, a failed COMMIT) is a StoreError."""
+        try:
+            with transaction(self._conn) as conn:
+                yield conn
+        except sqlite3.Error as exc:
+            raise StoreError(describe(self.path, exc)) from exc
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, in one transaction."""
@@ -244,11 +453,7 @@ class Store:
             # at once must not both run the migrations.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the database {self.path!r} has schema version {version}, newer "
-                    f"than this trafficthreshold knows ({SCHEMA_VERSION}); upgrade "
-                    "trafficthreshold or point `database` at another file"
-                )
+                raise StoreError(_too_new(self.path, version))
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     conn.execute(statement)
@@ -293,6 +498,43 @@ class Store:
         known = [m for m in (row[0], self.closed_through()) if m is not None]
         return max(known) if known else None
 
+    def instance(self) -> int | None:
+        """The segment instance of the last roll, or None (no roll since
+        schema 2)."""
+        value = self._get_meta("instance")
+        return None if value is None else int(value) % 2**64
+
+    def instance_ended(self) -> int | None:
+        """The instance whose segment was retired (``uninstall``) and then
+        rolled to its end by a final roll, or None."""
+        value = self._get_meta("instance_ended")
+        return None if value is None else int(value) % 2**64
+
+    def late_dropped(self) -> int:
+        """Hits that reached a ring minute after its last re-read (more than
+        LATE_MINUTES late) and were therefore not added: counted here, never
+        silently."""
+        return int(self._get_meta("late_dropped") or 0)
+
+    def bad_keys(self) -> list[str]:
+        """The keys the last roll had to skip (an index entry that is not
+        UTF-8, a count too big to be true), each described with its slot;
+        empty when every key rolls."""
+        value = self._get_meta("bad_keys")
+        return [] if value is None else list(json.loads(value))
+
+    def set_instance(self, instance: int) -> None:
+        """Record the segment instance being rolled (see :meth:`instance`)."""
+        with self.transaction():
+            self._set_meta("instance", _signed(instance))
+
+    def set_bad_keys(self, described: Iterable[str]) -> None:
+        """Record the keys a roll skips (see :meth:`bad_keys`)."""
+        value = json.dumps(sorted(described))
+        if value != (self._get_meta("bad_keys") or "[]"):
+            with self.transaction():
+                self._set_meta("bad_keys", value)
+
     def last_roll_at(self) -> float | None:
         """The ``now`` of the last :meth:`roll`, or None."""
         value = self._get_meta("last_roll_at")
@@ -307,9 +549,11 @@ class Store:
         now: float,
         *,
         closed_through: int | None = None,
+        instance: int = LEGACY_INSTANCE,
     ) -> int:
         """:meth:`roll_deltas`, and return the total added."""
-        return sum(self.roll_deltas(items, now, closed_through=closed_through).values())
+        return sum(self.roll_deltas(items, now, closed_through=closed_through,
+                                    instance=instance).values())
 
     def roll_deltas(
         self,
@@ -317,6 +561,8 @@ class Store:
         now: float,
         *,
         closed_through: int | None = None,
+        instance: int = LEGACY_INSTANCE,
+        ended: bool = False,
     ) -> dict[KeyMinute, int]:
         """Add what is new in a snapshot of cumulative counts; return what
         was added, per (account, event, epoch_minute) that grew.
@@ -329,20 +575,36 @@ class Store:
         given, is recorded as by :meth:`set_closed_through`. A count below
         the watermark (a ring bucket reused) and a minute below the
         watermark floor (see :meth:`prune`) add nothing and log a warning.
+        A count above MAX_MINUTE_COUNT (a corrupt bucket) adds nothing and
+        logs an error.
+
+        Watermarks belong to the segment ``instance`` (the header's id of
+        the install), so a segment installed again starts from 0 in the
+        minutes the old one already rolled. The first roll into a store
+        without a recorded instance adopts the schema-1 watermarks
+        (instance 0) for ``instance``. ``ended``: this is the final roll of
+        a retired segment (``uninstall``); see :meth:`instance_ended`.
         """
+        instance = _signed(instance)
         with self.transaction():
+            if self._get_meta("instance") is None and instance != LEGACY_INSTANCE:
+                self._conn.execute("UPDATE watermarks SET instance = ? WHERE instance = ?",
+                                   (instance, LEGACY_INSTANCE))
             floor = self._get_meta("watermark_floor")
-            deltas, watermarks = self._deltas(items, floor)
+            deltas, watermarks = self._deltas(items, floor, instance)
             self._add_to_periods(deltas)
-            self._save_watermarks(watermarks)
+            self._save_watermarks(watermarks, instance)
             self._set_meta("last_roll_at", float(now))
+            self._set_meta("instance", instance)
+            if ended:
+                self._set_meta("instance_ended", instance)
             if closed_through is not None:
                 self.set_closed_through(closed_through)
         log.debug("rolled %d key-minutes, %d new hits", len(deltas), sum(deltas.values()))
         return dict(deltas)
 
     def _deltas(
-        self, items: Iterable[RollItem], floor: int | None
+        self, items: Iterable[RollItem], floor: int | None, instance: int
     ) -> tuple[dict[KeyMinute, int], dict[KeyMinute, int]]:
         """Compare items with the stored watermarks.
 
@@ -354,6 +616,12 @@ class Store:
         deltas: dict[KeyMinute, int] = defaultdict(int)
         watermarks: dict[KeyMinute, int] = {}
         for account, event, minute, observed in items:
+            if observed > MAX_MINUTE_COUNT:
+                log.error(
+                    "count %d of %s/%s at minute %d is beyond %d (a corrupt ring bucket); "
+                    "not added", observed, account, event, minute, MAX_MINUTE_COUNT,
+                )
+                continue
             if floor is not None and minute < floor:
                 log.warning(
                     "minute %d of %s/%s is below the watermark floor %d (rolled and "
@@ -362,7 +630,7 @@ class Store:
                 )
                 continue
             if minute not in stored:
-                stored[minute] = self._watermarks_of(minute)
+                stored[minute] = self._watermarks_of(minute, instance)
             seen = stored[minute].get((account, event), 0)
             if observed > seen:
                 deltas[account, event, minute] += observed - seen
@@ -376,10 +644,11 @@ class Store:
                 )
         return deltas, watermarks
 
-    def _watermarks_of(self, minute: int) -> dict[tuple[str, str], int]:
-        """All watermarks of one epoch minute: one range scan."""
+    def _watermarks_of(self, minute: int, instance: int) -> dict[tuple[str, str], int]:
+        """All watermarks of one epoch minute and instance: one range scan."""
         rows = self._conn.execute(
-            "SELECT account, event, count FROM watermarks WHERE epoch_minute = ?", (minute,)
+            "SELECT account, event, count FROM watermarks WHERE epoch_minute = ?"
+            " AND instance = ?", (minute, instance)
         )
         return {(account, event): count for account, event, count in rows}
 
@@ -396,20 +665,47 @@ class Store:
         keys = {(account, event) for account, event, _ in deltas}
         self._conn.executemany("INSERT OR IGNORE INTO keys (account, event) VALUES (?, ?)", keys)
 
-    def _save_watermarks(self, watermarks: Mapping[KeyMinute, int]) -> None:
+    def _save_watermarks(self, watermarks: Mapping[KeyMinute, int], instance: int) -> None:
         """Store new watermarks. Caller holds the transaction."""
         self._conn.executemany(
-            "INSERT INTO watermarks (account, event, epoch_minute, count) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (epoch_minute, account, event) DO UPDATE SET count = excluded.count",
-            ((a, e, m, count) for (a, e, m), count in watermarks.items()),
+            "INSERT INTO watermarks (account, event, epoch_minute, instance, count)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (epoch_minute, instance, account, event)"
+            " DO UPDATE SET count = excluded.count",
+            ((a, e, m, instance, count) for (a, e, m), count in watermarks.items()),
         )
 
-    def watermark_minutes(self, since_minute: int) -> dict[KeyMinute, int]:
-        """Watermarks of the minutes >= ``since_minute``:
+    def drop_late(self, items: Iterable[RollItem], instance: int) -> int:
+        """Count, without adding them, the hits that grew past the watermark
+        of a minute no longer re-read (see :meth:`late_dropped`); move those
+        watermarks so each late hit is counted once. Returns the hits: the
+        growth of the ``all`` keys, where every hit counts once."""
+        instance = _signed(instance)
+        with self.transaction():
+            deltas, watermarks = self._deltas(items, self._get_meta("watermark_floor"),
+                                              instance)
+            late = sum(n for (account, _, _), n in deltas.items() if account == ALL)
+            if watermarks:
+                self._save_watermarks(watermarks, instance)
+            if late:
+                self._set_meta("late_dropped", self.late_dropped() + late)
+        return late
+
+    def watermark_minutes(self, since_minute: int,
+                          instance: int | None = None) -> dict[KeyMinute, int]:
+        """Watermarks of the minutes >= ``since_minute`` of ``instance``
+        (default: the instance of the last roll):
         ``{(account, event, epoch_minute): count rolled}``."""
+        if self._version < 2:  # a reader of a store not migrated yet
+            rows = self._conn.execute(
+                "SELECT account, event, epoch_minute, count FROM watermarks"
+                " WHERE epoch_minute >= ?", (since_minute,))
+            return {(a, e, m): count for a, e, m, count in rows}
+        if instance is None:
+            instance = self.instance()
         rows = self._conn.execute(
-            "SELECT account, event, epoch_minute, count FROM watermarks WHERE epoch_minute >= ?",
-            (since_minute,),
+            "SELECT account, event, epoch_minute, count FROM watermarks WHERE epoch_minute >= ?"
+            " AND instance = ?",
+            (since_minute, _signed(instance or LEGACY_INSTANCE)),
         )
         return {(a, e, m): count for a, e, m, count in rows}
 
@@ -581,6 +877,12 @@ class Store:
         return len(empty)
 
 
+def _too_new(path: str, version: int) -> str:
+    return (f"the database {path!r} has schema version {version}, newer "
+            f"than this trafficthreshold knows ({SCHEMA_VERSION}); upgrade "
+            "trafficthreshold or point `database` at another file")
+
+
 def _upsert_sql(table: str, width: int) -> str:
     """INSERT a row of ``table`` or add to its count."""
     key = ("account", "event", *PARTS[:width])
@@ -594,3 +896,10 @@ def _upsert_sql(table: str, width: int) -> str:
 def _rows(sums: Mapping[tuple[Any, ...], int]) -> Iterator[tuple[Any, ...]]:
     """(key..., count) rows for executemany."""
     return ((*key, count) for key, count in sums.items())
+
+
+# Every public method turns sqlite3 errors into StoreError (see describe()).
+for _name, _fn in list(vars(Store).items()):
+    if callable(_fn) and not _name.startswith("_") and _name not in ("transaction",
+                                                                     "open_readonly"):
+        setattr(Store, _name, _mapped(_fn))

@@ -4,20 +4,44 @@ An object with initialize / tick / shutdown (huey's consumer is the model).
 ``tick(now)`` is called once a second with the wall-clock time; tests call
 it directly with a driven clock.  Each tick:
 
-1. writes the heartbeat (and the pid) into the segment header;
-2. steps the throttle level (policy "hysteresis" or "drupal") and writes
+1. once a minute, checks that the segment at the configured key is still
+   the one it maps (one removed by ``ipcrm`` or systemd's RemoveIPC stays
+   mapped: what it holds is rolled, then it is let go); re-attaches if the
+   segment was uninstalled or let go (a new segment starts at throttle
+   level 0, and so does the supervisor); writes the heartbeat into the
+   segment header;
+2. checks the header fields the supervisor owns (the throttle slot of
+   ``("all", "pageview")``, the window, the multiplier, the level and its
+   pid) and rewrites any that shared memory holds otherwise (logged once
+   per field);
+3. steps the throttle level (policy "hysteresis" or "drupal") and writes
    it into the header, where throttle_status() reads it;
-3. evaluates the alert rules (mail goes out from the outbox thread, never
-   from the tick);
 4. when the clock minute changed, rolls the ring into the store
-   (:mod:`trafficthreshold.rollup`), and once an hour prunes the store.
+   (:mod:`trafficthreshold.rollup`);
+5. evaluates the alert rules (mail goes out from the outbox thread, never
+   from the tick);
+6. once an hour, prunes the store.
+
+Every step is guarded: a step that fails is logged and tried again, and
+the other steps go on; the daemon does not exit for a problem that a later
+tick can get past.  A failure is logged once per distinct error (our own
+errors as their message, which names the fix; others with the traceback),
+and once more when the step works again.  A store that cannot be opened
+(a damaged file, no permission, no directory) is retried every minute; a
+roll-up that meets a store error closes the store, so that the next minute
+opens the configured path again (a file recovered or moved aside by the
+admin is picked up without a restart).  Meanwhile the ring keeps counting:
+what it still holds when the store works again is rolled then; minutes it
+no longer holds (an outage longer than the ring) are recorded as a gap.
 
 Only :meth:`Supervisor.run` reads the clock and sleeps (on the monotonic
 clock).  Signal handlers only set flags: SIGTERM/SIGINT stop after a final
-roll-up of everything pending, SIGHUP reloads the configuration.
+roll-up of everything pending (when the store works; else the ring keeps it
+for the next start), SIGHUP reloads the configuration.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -27,25 +51,37 @@ from typing import Any, Mapping
 from . import alerts, config as configuration, names, notify, segment, throttle
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
-from .errors import ConfigError, SegmentNotFound
+from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
 from .mailer import Outbox
 from .rollup import Roller
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger("trafficthreshold.supervisor")
 
 PRUNE_EVERY = 3600.0
 TOP_ACCOUNTS = 5
+#: The throttle levels a header may hold (0 = off .. 5).
+MAX_LEVEL = 5
+#: Configuration keys that only a restart applies: the running daemon keeps
+#: its segment and store, so a reload keeps these from the running config.
+RESTART_ONLY = ("key", "backend", "database", "timezone")
 
 
-#: What happens after each guarded step failed (nothing is lost: the ring
-#: and the queue keep what was not done).
+#: What happens after each guarded step failed (the ring keeps the minutes
+#: not rolled for as long as it holds them, the queue keeps the mails).
 _RETRIED = {
     "roll-up": "the next minute's roll-up catches up",
     "alerts": "tried again at the next tick",
     "prune": "tried again within the hour",
     "final roll-up": "the next start catches up from the ring",
     "final mail delivery": "the mails stay queued for the next start",
+    "heartbeat": "tried again at the next tick",
+    "header check": "tried again at the next tick",
+    "throttle": "tried again at the next tick; workers keep the last level",
+    "opening the store": "retried every minute; the ring keeps counting meanwhile",
+    "catch-up roll-up": "the next minute's roll-up catches up",
+    "re-attach": "tried again at the next tick",
+    "segment check": "tried again at the next minute",
 }
 
 
@@ -72,31 +108,49 @@ class Supervisor:
         self.closed_cache: tuple[int, dict] | None = None
         self.stop_requested = False
         self.reload_requested = False
+        self.last_store_try: int | None = None
+        self._failing: dict[str, str] = {}     # step -> its last error, logged once
+        self._repaired: set[str] = set()        # header fields repaired, logged once
+        self._restart_warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
     def initialize(self, now: float) -> None:
         """Attach (installing the segment if there is none), open the store,
-        catch up on what the ring still holds, start mail and HTTP."""
+        catch up on what the ring still holds, start mail and HTTP.  A store
+        that cannot be opened or rolled into is logged and retried by
+        :meth:`tick`; it does not stop the start."""
         self.counter = self._attach()
         self._write_settings()
-        self.throttle_state = throttle.ThrottleState(
-            level=self.counter.load(segment.H_THROTTLE_LEVEL, 4))
-        self.store = Store(self.config.database, self.config.timezone)
-        self.roller = Roller(self.counter, self.store)
-        caught_up = self.roller.roll(now)
-        log.info("started: segment %#x (%s), store %s, %d hits caught up",
-                 self.config.key, self.config.backend, self.config.database, caught_up)
+        level = self.counter.load(segment.H_THROTTLE_LEVEL, 4)
+        self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
+        self._guard("header check", self._check_header)
         self.last_minute = int(now // 60)
-        self.outbox = Outbox(self.config.database, self.config.mail)
-        self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
-                                  self.config.mail, dashboard_url=self.config.dashboard_link,
-                                  on_queued=self.outbox.wake)
-        self.outbox.start()
+        if self._guard("opening the store", self._open_store, now):
+            caught_up = self._guard("catch-up roll-up", self.roller.roll, now)
+            log.info("started: segment %#x (%s), store %s, %s hits caught up",
+                     self.config.key, self.config.backend, self.config.database, caught_up)
         if self.http_enabled:
             self._start_http()
         self._heartbeat(now)
         notify.ready(self.env)
+
+    def _open_store(self, now: float) -> bool:
+        """Open the period store, the roller and the alert engine and its
+        outbox (all on the one database file); retried each minute by
+        :meth:`tick` while the file cannot be opened.  Returns True."""
+        self.last_store_try = int(now // 60)
+        if self.store is None:
+            self.store = Store(self.config.database, self.config.timezone)
+            self.roller = self._new_roller()
+        if self.engine is None:
+            outbox = Outbox(self.config.database, self.config.mail)
+            self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
+                                      self.config.mail, dashboard_url=self.config.dashboard_link,
+                                      on_queued=outbox.wake)
+            self.outbox = outbox
+            outbox.start()
+        return True
 
     def _attach(self) -> Any:
         cfg = self.config
@@ -123,12 +177,15 @@ class Supervisor:
 
     def shutdown(self, now: float) -> None:
         """The final roll-up of everything pending (the open minute too),
-        then stop HTTP and mail.  Idempotent: each resource is let go once."""
+        then stop HTTP and mail.  Idempotent: each resource is let go once.
+        Without a working store there is no final roll-up: the ring keeps
+        the minutes for the next start."""
         notify.stopping(self.env)
-        if self.roller is not None and self._segment_live():
-            added = self._guard("final roll-up", self.roller.roll, now, True)
-            if added is not None:
-                log.info("stopping: final roll-up added %d counts (all keys)", added)
+        if self._segment_live():
+            if self.roller is not None:
+                added = self._guard("final roll-up", self.roller.roll, now, True)
+                if added is not None:
+                    log.info("stopping: final roll-up added %d counts (all keys)", added)
             self.counter.store(segment.H_SUPERVISOR_PID, 4, 0)
         self.roller = None
         for name, close in (("server", lambda s: s.stop()),
@@ -147,16 +204,29 @@ class Supervisor:
         self._guard("final mail delivery", outbox.deliver_due, now)
 
     def reload(self) -> None:
-        """SIGHUP: read the configuration again; keep the old one on errors."""
+        """SIGHUP: read the configuration again; keep the old one on errors.
+
+        ``key``, ``backend``, ``database`` and ``timezone`` (RESTART_ONLY)
+        need a restart: a changed value is kept from the running
+        configuration (a later re-attach uses the running key with the
+        running database) and warned about once per new value; everything
+        else applies at once."""
         try:
             new = configuration.load(self.config_path, env=self.env)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        for name in ("key", "backend", "database", "timezone"):
-            if getattr(new, name) != getattr(self.config, name):
-                log.warning("%s changed in the configuration: restart the daemon to apply it",
-                            name)
+        kept = {}
+        for name in RESTART_ONLY:
+            running, wanted = getattr(self.config, name), getattr(new, name)
+            if wanted != running:
+                kept[name] = running
+                if (name, repr(wanted)) not in self._restart_warned:
+                    self._restart_warned.add((name, repr(wanted)))
+                    log.warning("%s changed in the configuration (%r, running with %r): "
+                                "restart the daemon to apply it; kept until then",
+                                name, wanted, running)
+        new = dataclasses.replace(new, **kept) if kept else new
         self.config = new
         self._write_settings()
         if self.engine is not None:
@@ -172,34 +242,121 @@ class Supervisor:
     def tick(self, now: float) -> None:
         """One second of work; see the module docstring.  Never raises for a
         passing problem: it is logged and retried on the next tick."""
-        if not self._segment_live() and not self._reattach():
-            return
-        self._heartbeat(now)
-        hits = self._throttle(now)
         minute = int(now // 60)
-        if minute != self.last_minute:
-            self._guard("roll-up", self.roller.roll, now)
+        if minute != self.last_minute and self._segment_live():
+            self._guard("segment check", self._check_identity, now)
+        if not self._segment_live() and not self._guard("re-attach", self._reattach):
+            return
+        self._guard("heartbeat", self._heartbeat, now)
+        self._guard("header check", self._check_header)
+        hits = self._guard("throttle", self._throttle, now)
+        if self.store is None or self.engine is None:
+            if minute != self.last_store_try:
+                self._guard("opening the store", self._open_store, now)
+        if minute != self.last_minute and self.roller is not None:
+            self._guard("roll-up", self._roll, now)
             self.last_minute = minute
-        self._guard("alerts", self._alerts, now)
-        if now - self.last_prune >= PRUNE_EVERY:
+        if self.engine is not None:
+            self._guard("alerts", self._alerts, now)
+        if now - self.last_prune >= PRUNE_EVERY and self.store is not None:
             self._guard("prune", self._prune, now)
             self.last_prune = now
-        notify.status(f"level {self.throttle_state.level}, {hits} hits in the window",
+        notify.status(f"level {self.throttle_state.level}, {hits or 0} hits in the window",
                       self.env, watchdog=True)  # one datagram a second
 
-    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+    def _new_roller(self) -> Roller:
+        """A Roller for the attached segment (a new one per segment: it
+        checks the segment's instance against the store's, for gaps)."""
+        return Roller(self.counter, self.store, key=self.config.key, backend=self.config.backend)
+
+    def _roll(self, now: float) -> int:
+        """The minute's roll-up.  A StoreError (a damaged or unwritable
+        file) closes the store, so that the next minute opens the file at
+        the configured path again: a file recovered or moved aside by the
+        admin is picked up without a restart, and the ring still holds what
+        was not rolled."""
         try:
-            return fn(*args)
-        except Exception:  # noqa: BLE001 - the daemon must keep counting
-            log.exception("%s failed; %s", what, _RETRIED[what])
+            return self.roller.roll(now)
+        except StoreError:
+            # Lose the Roller too: the next one, over the reopened store,
+            # checks the instance and the gaps against that store.
+            self.store, store = None, self.store
+            self.roller = None
+            if store is not None:
+                store.close()
+            raise
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run one step; a failure is logged, not raised.  It is logged the
+        first time a step fails with a given error, then nothing until the
+        error changes or the step works again (no log line per second for a
+        problem that stays).  Our own errors (a damaged store, a missing
+        segment) are logged as their message, which names the fix; anything
+        else with its traceback."""
+        try:
+            result = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the daemon must keep counting
+            text = f"{type(exc).__name__}: {exc}"
+            if self._failing.get(what) != text:
+                self._failing[what] = text
+                if isinstance(exc, TrafficThresholdError):
+                    log.error("%s failed: %s; %s", what, exc, _RETRIED[what])
+                else:
+                    log.exception("%s failed; %s", what, _RETRIED[what])
             return None
+        if self._failing.pop(what, None) is not None:
+            log.info("%s works again", what)
+        return result
 
     def _segment_live(self) -> bool:
         return (self.counter is not None and self.counter.attached
                 and self.counter.load(segment.H_STATE, 4) == segment.STATE_LIVE)
 
+    def _check_identity(self, now: float) -> None:
+        """Is the segment at the configured key still the one we map?  A
+        segment removed without ``uninstall`` (``ipcrm``, systemd's
+        RemoveIPC, a stray ``shm_unlink``) stays mapped and LIVE for us while
+        workers find none, or a new one, at the key.  Checked once a minute
+        through a raw view (no Counter: nothing in the header changes).  If
+        it is gone, roll what our mapping still holds (the open minute too)
+        and let go of it; the next tick attaches to the new segment.  A
+        segment being installed at the key is checked again next minute."""
+        ours = self.counter.load(segment.H_INSTANCE, 8)
+        try:
+            raw = segment._Raw(self.config.backend, self.config.key)
+        except SegmentNotFound:
+            found = None
+        else:
+            try:
+                magic = bytes(raw.buf[:8])
+                if magic == bytes(8) or (magic == segment.MAGIC and raw.u32(
+                        segment.H_STATE) == segment.STATE_INSTALLING):
+                    return  # an install under way: its header is not written yet
+                found = raw.u64(segment.H_INSTANCE) if magic == segment.MAGIC else -1
+            finally:
+                raw.close()
+        if found == ours:
+            return
+        what = ("was removed without `trafficthreshold uninstall` (ipcrm, systemd's "
+                "RemoveIPC?)" if found is None else
+                f"is no longer ours (instance {ours:#x}, the key now holds "
+                + ("a foreign segment" if found == -1 else f"instance {found:#x}") + ")")
+        added = None
+        if self.roller is not None:
+            added = self._guard("final roll-up", self.roller.roll, now, True)
+        log.error("the segment at key %#x %s: rolled the %s hits it still held and let go "
+                  "of it; %s", self.config.key, what, added,
+                  "waiting for `trafficthreshold install`" if found is None
+                  else "attaching to the new one")
+        self.counter.detach()
+        self.roller = None
+
     def _reattach(self) -> bool:
-        """The segment was uninstalled under us: wait for a new one."""
+        """The segment was uninstalled under us: wait for a new one.  The
+        new segment starts at throttle level 0 and so does the throttle
+        state; a new Roller checks the new segment's instance against the
+        store (a gap is recorded if the old one went without a final
+        roll-up)."""
         if self.counter is not None and self.counter.attached:
             log.warning("the segment was uninstalled; waiting for `trafficthreshold install`")
             self.counter.detach()
@@ -208,18 +365,51 @@ class Supervisor:
         except SegmentNotFound:
             return False
         self._write_settings()
-        self.roller = Roller(self.counter, self.store)
+        # The new segment starts at level 0: so does the throttle (a level
+        # kept from the old segment would jump back after one cooldown).
+        self.throttle_state = throttle.ThrottleState()
+        self.counter.store(segment.H_THROTTLE_LEVEL, 4, 0)
+        self.counter.store(segment.H_THROTTLE_SINCE_MS, 8, 0)
+        self.roller = None if self.store is None else self._new_roller()
+        self.closed_cache = None
         log.info("attached to the new segment at key %#x", self.config.key)
         return True
 
     def _heartbeat(self, now: float) -> None:
         self.counter.store(segment.H_HEARTBEAT_MS, 8, int(now * 1000))
 
+    def _check_header(self) -> None:
+        """Rewrite the header fields the supervisor owns when shared memory
+        holds something else (a stray write, a corrupt segment): the
+        throttle slot (the slot of ("all", "pageview")), the window, the
+        multiplier, the level and the supervisor's pid.  Each repair is
+        logged once per field.  Lock-free: single atomic stores of fields
+        only the supervisor writes."""
+        t = self.config.throttle
+        slot = self.counter.find(None, "pageview")
+        expected = [
+            ("throttle_multiplier", segment.H_THROTTLE_MULTIPLIER, t.multiplier),
+            ("throttle_window", segment.H_THROTTLE_WINDOW, segment.WINDOWS[t.window]),
+            ("throttle_level", segment.H_THROTTLE_LEVEL, self.throttle_state.level),
+            ("supervisor_pid", segment.H_SUPERVISOR_PID, self.pid),
+        ]
+        if slot is not None:
+            expected.append(("throttle_slot", segment.H_THROTTLE_SLOT, slot))
+        for name, offset, value in expected:
+            found = self.counter.load(offset, 4)
+            if found == value:
+                continue
+            self.counter.store(offset, 4, value)
+            if name not in self._repaired:
+                self._repaired.add(name)
+                log.error("the segment header held %s = %d, expected %d: rewritten "
+                          "(a stray write into shared memory?)", name, found, value)
+
     def _throttle(self, now: float) -> int:
         """Step the level; return the window count."""
         t = self.config.throttle
-        slot = self.counter.load(segment.H_THROTTLE_SLOT, 4)
-        hits = self.counter.count(slot, segment.WINDOWS[t.window], now)
+        slot = self.counter.find(None, "pageview")
+        hits = 0 if slot is None else self.counter.count(slot, segment.WINDOWS[t.window], now)
         state, message = throttle.step(self.throttle_state, hits, now, t.policy, t.multiplier,
                                        t.cooldown, t.cron_test)
         if message:
