@@ -110,6 +110,25 @@ def test_stats_before_any_rollup(cfg):
     assert "trafficthreshold run" in run(cfg, "stats", "acme", "pageview", "2026", ok=False)
 
 
+def test_stats_never_writes_the_store(cfg, tmp_path):
+    """A reader: a missing file is not created, an empty one gets no schema,
+    and a read-only file in a read-only directory is read."""
+    path = tmp_path / "s.sqlite3"
+    assert "does not exist yet" in run(cfg, "stats", "acme", "pageview", "2026", ok=False)
+    assert not path.exists()
+    path.write_bytes(b"")
+    assert "no period tables yet" in run(cfg, "stats", "acme", "pageview", "2026", ok=False)
+    assert path.read_bytes() == b""
+    from trafficthreshold.store import Store
+    path.unlink()
+    with Store(str(path), "UTC") as store:
+        store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    before = path.read_bytes()
+    path.chmod(0o440)
+    assert "total            5" in run(cfg, "stats", "acme", "pageview", "2027")
+    assert path.read_bytes() == before
+
+
 def test_stats_impossible_date(cfg, tmp_path):
     from trafficthreshold.store import Store
     Store(str(tmp_path / "s.sqlite3"), "UTC").close()

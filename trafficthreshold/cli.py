@@ -304,7 +304,10 @@ def _final_rollup(cfg: configuration.Config, counter: Any) -> None:
     from .rollup import Roller
     from .store import Store
     with Store(cfg.database, cfg.timezone) as store:
-        added = Roller(counter, store).roll(time.time(), include_current=True)
+        # With the key, a name that is not UTF-8 is skipped and reported,
+        # and every other key still rolls.
+        added = Roller(counter, store, key=cfg.key, backend=cfg.backend).roll(
+            time.time(), include_current=True)
     click.echo(f"rolled {added} pending hits into {cfg.database}")
 
 
@@ -447,10 +450,9 @@ def stats(ctx: click.Context, account: str, event: str, year: int, month: int | 
     """
     from .store import Store
     cfg = _load(ctx)
-    if not os.path.exists(cfg.database):
-        raise click.ClickException(f"no store at {cfg.database} yet: start the daemon "
-                                   "(trafficthreshold run) so it rolls counts into it")
-    with Store(cfg.database, cfg.timezone) as store:
+    with Store(cfg.database, cfg.timezone, readonly=True) as store:
+        if store.empty:  # a missing or empty file: says so, writes nothing
+            raise click.ClickException(store.empty)
         result = store.period(account, event, year, month, day, hour)
     if as_json:
         click.echo(json.dumps({"account": account, "event": event, "year": year,
