@@ -418,16 +418,50 @@ def test_unknown_backend(key):
         _counter.Counter("mmap", key)
 
 
-def test_a_segment_without_its_semaphore(key, backend):
-    segment.install(key, backend, now=NOW)
-    if backend == "sysv":
-        sysv_ipc.Semaphore(key).remove()
-    else:
-        posix_ipc.unlink_semaphore(segment.posix_name(key))
+def test_a_segment_without_its_semaphore_is_removed_by_uninstall_force(key):
+    """The error's advice is true: `uninstall --force` rolls the counts up
+    (a reader needs no lock) and removes the segment."""
+    segment.install(key, "sysv", now=NOW)
+    counter = segment.attach(key, "sysv")
+    counter.hit("example.com", n=3, now=NOW)
+    counter.detach()
+    sysv_ipc.Semaphore(key).remove()
     with pytest.raises(SegmentNotFound, match="no semaphore.*uninstall --force"):
-        segment.attach(key, backend)
-    with pytest.raises(LayoutMismatch, match="no semaphore"):
-        segment.install(key, backend, now=NOW)
+        segment.attach(key, "sysv")
+    with pytest.raises(LayoutMismatch, match="no semaphore.*uninstall --force"):
+        segment.install(key, "sysv", now=NOW)
+    rolled = []
+    segment.uninstall(key, "sysv", force=True,
+                      rollup=lambda c: rolled.append(c.count(c.find("example.com", "pageview"),
+                                                             1, NOW)))
+    assert rolled and rolled[0] == 3
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.SharedMemory(key)
+    assert segment.install(key, "sysv", now=NOW).created
+
+
+def test_a_semaphore_left_without_its_segment_is_removed_by_uninstall_force(key):
+    sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 0)
+    with pytest.raises(SegmentNotFound):
+        segment.uninstall(key, "sysv")
+    assert "semaphore" in segment.uninstall(key, "sysv", force=True)["removed"]
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.Semaphore(key)
+
+
+def test_a_posix_segment_of_the_semaphore_protocol_is_refused_and_removable(key):
+    """A POSIX segment that an older version locked with a named semaphore
+    must not be written with the lock-word protocol next to it."""
+    segment.install(key, "posix", now=NOW)
+    sem = posix_ipc.Semaphore(segment.posix_name(key), posix_ipc.O_CREX, 0o600, 1)
+    sem.close()
+    with pytest.raises(LayoutMismatch, match="older trafficthreshold.*uninstall"):
+        segment.attach(key, "posix")
+    with pytest.raises(LayoutMismatch, match="older trafficthreshold.*uninstall"):
+        segment.install(key, "posix", now=NOW)
+    segment.uninstall(key, "posix")
+    assert not os.path.exists("/dev/shm" + segment.posix_name(key))
+    assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
 
 
 # ------------------------------------------------------------ permissions
@@ -448,15 +482,16 @@ def _some_group() -> grp.struct_group:
 
 
 def _modes(key: int, backend: str) -> list[tuple[int, int]]:
-    """(mode bits, gid) of the segment and of its semaphore."""
+    """(mode bits, gid) of the segment and of its semaphore (SysV; a POSIX
+    segment has none, its lock is in its header)."""
     if backend == "sysv":
         objs = [sysv_ipc.SharedMemory(key), sysv_ipc.Semaphore(key)]
         out = [(obj.mode & 0o777, obj.gid) for obj in objs]
         objs[0].detach()
         return out
-    paths = ["/dev/shm" + segment.posix_name(key),
-             "/dev/shm/sem." + segment.posix_name(key)[1:]]
-    return [(os.stat(p).st_mode & 0o777, os.stat(p).st_gid) for p in paths]
+    st = os.stat("/dev/shm" + segment.posix_name(key))
+    assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
+    return [(st.st_mode & 0o777, st.st_gid)] * 2
 
 
 @pytest.mark.parametrize("mode", [0o660, 0o600])
@@ -582,25 +617,27 @@ def test_uninstall_is_refused_while_others_are_attached_unless_forced(key, backe
         segment.attach(key, backend)
 
 
-def test_uninstall_retires_then_runs_the_final_read_then_removes(key, backend):
+def test_uninstall_rolls_up_live_then_retired_then_removes(key, backend):
+    """The roll-up runs once on the live segment (a failure there changes
+    nothing), then once more after retirement for what came meanwhile."""
     segment.install(key, backend, now=NOW)
     counter = segment.attach(key, backend)
     counter.hit("example.com", n=4, now=NOW)
     counter.detach()
-    seen = {}
+    seen = []
 
-    def final_rollup(retired):
-        seen["state"] = segment.header(retired)["state"]
-        slot = retired.find("example.com", "pageview")
-        seen["count"] = retired.count(slot, 1, NOW)
-        with pytest.raises(SegmentNotFound, match="uninstalled"):
-            retired.hit("example.com", now=NOW)
-        # A plain attach refuses a retired segment.
-        with pytest.raises(SegmentNotFound, match="being uninstalled"):
-            segment.attach(key, backend)
+    def final_rollup(reader):
+        slot = reader.find("example.com", "pageview")
+        seen.append((segment.header(reader)["state"], reader.count(slot, 1, NOW)))
+        if len(seen) == 2:
+            with pytest.raises(SegmentNotFound, match="uninstalled"):
+                reader.hit("example.com", now=NOW)
+            # A plain attach refuses a retired segment.
+            with pytest.raises(SegmentNotFound, match="being uninstalled"):
+                segment.attach(key, backend)
 
-    segment.uninstall(key, backend, before_remove=final_rollup)
-    assert seen == {"state": segment.STATE_RETIRED, "count": 4}
+    segment.uninstall(key, backend, rollup=final_rollup)
+    assert seen == [(segment.STATE_LIVE, 4), (segment.STATE_RETIRED, 4)]
     with pytest.raises(SegmentNotFound):
         segment.attach(key, backend)
     if backend == "sysv":
@@ -610,7 +647,6 @@ def test_uninstall_retires_then_runs_the_final_read_then_removes(key, backend):
             sysv_ipc.Semaphore(key)
     else:
         assert not os.path.exists("/dev/shm" + segment.posix_name(key))
-        assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
 
 
 def test_install_after_uninstall_starts_from_zero(key, backend):
