@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import platform
 import signal
+import sys
+import threading
 import time
 
 import pytest
@@ -730,3 +732,245 @@ def test_count_reads_accounts_and_the_total(worker_api):
         count("a.example", window="hour")
     with pytest.raises(ValueError):
         count("a/b")
+
+
+# ------------------------------------------- the lock and the GIL (item 1)
+
+def _gil_hog_hitting(key, backend, ready, seconds):
+    """A process with a thread that keeps the GIL (a long switch interval)
+    while its main thread rolls buckets over: with the lock taken GIL-free
+    it never holds the lock while waiting for the GIL."""
+    sys.setswitchinterval(0.5)
+    counter = segment.attach(key, backend)
+    end = time.monotonic() + seconds
+
+    def spin():
+        while time.monotonic() < end:
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    ready.set()
+    i = 0
+    while time.monotonic() < end:
+        counter.hit("busy.example", now=NOW + 1000 + i)  # a new second: a roll-over
+        i += 1
+    thread.join()
+
+
+def test_a_thread_holding_the_gil_never_makes_other_workers_drop(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("busy.example", now=NOW)
+    counter.hit("quiet.example", now=NOW)  # both keys exist: only roll-overs lock
+    ready = FORK.Event()
+    hog = FORK.Process(target=_gil_hog_hitting, args=(key, backend, ready, 1.5))
+    hog.start()
+    try:
+        assert ready.wait(10)
+        end, i = time.monotonic() + 1.0, 0
+        while time.monotonic() < end:
+            counter.hit("quiet.example", now=NOW + 2000 + i)  # a roll-over each
+            i += 1
+    finally:
+        hog.join(10)
+    assert hog.exitcode == 0
+    head = segment.header(counter)
+    assert head["dropped_hits"] == 0, f"{head['dropped_hits']} of {i} hits dropped"
+    assert head["lock_owner_pid"] == 0
+    counter.detach()
+
+
+def test_a_lock_word_left_by_a_dead_process_is_taken_over_at_once(key):
+    """POSIX: the lock word is the owner.  A holder that died (here: a
+    reaped child's pid in the word) is replaced by the next taker in one
+    compare-and-swap, without a timeout; uninstall takes it over too."""
+    segment.install(key, "posix", now=NOW)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    counter = segment.attach(key, "posix")
+    counter.store(segment.H_LOCK_OWNER_PID, 4, pid)
+    start = time.monotonic()
+    counter.hit("new.example", now=NOW)  # a new key and two roll-overs
+    assert time.monotonic() - start < segment.HOT_LOCK_TIMEOUT_MS / 1000
+    assert counter.count(counter.find("new.example", "pageview"), 1, NOW) == 1
+    head = segment.header(counter)
+    assert head["dropped_hits"] == 0 and head["lock_owner_pid"] == 0
+    counter.store(segment.H_LOCK_OWNER_PID, 4, pid)
+    counter.detach()
+    segment.uninstall(key, "posix", force=True)
+    assert not os.path.exists("/dev/shm" + segment.posix_name(key))
+
+
+def test_install_and_the_hot_path_share_one_lock(installed):
+    """segment.py's structural lock is the hot path's: while Python holds
+    it, a roll-over waits, times out and is counted as dropped."""
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    raw = segment._Raw(backend, key)
+    try:
+        with segment._held(raw, 100):
+            assert segment.header(counter)["lock_owner_pid"] == os.getpid()
+            counter.hit(now=NOW + 60)  # a new minute: needs the lock
+        assert segment.header(counter)["dropped_hits"] == 1
+        assert segment.header(counter)["lock_owner_pid"] == 0
+        counter.hit(now=NOW + 120)
+        assert segment.header(counter)["dropped_hits"] == 1
+    finally:
+        raw.close()
+        counter.detach()
+
+
+# ------------------------------------------------------ clock jumps (item 8)
+
+def test_a_clock_jump_forward_and_back_loses_only_the_jump(small_rings):
+    """70 s counted 50 minutes ahead tag every second bucket and the
+    minute bucket of MINUTE (50 = 10 rings of 5) with future epochs; back on
+    time, every bucket is reclaimed and counts (it used to refuse additions
+    for fifty minutes: 60 hits read as 0)."""
+    counter = small_rings
+    for s in range(70):
+        counter.hit("example.com", now=NOW + 3000 + s)
+    for s in range(60):
+        counter.hit("example.com", now=NOW + s)
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 0, NOW + 59) == 60
+    assert counter.count(slot, 1, NOW) == 60
+    assert counter.level(NOW + 59) == 1  # 60 hits // multiplier 60
+    assert segment.header(counter)["dropped_hits"] == 0
+
+
+@pytest.mark.parametrize("scale", [1000, 1e6])
+def test_now_in_milliseconds_is_refused(counter, worker_api, scale):
+    before = segment.header(counter)
+    for hit in (counter.hit, trafficthreshold.hit):
+        with pytest.raises(ValueError, match="now looks like milliseconds"):
+            hit("example.com", now=time.time() * scale)
+    with pytest.raises(ValueError, match="366 days from the real clock"):
+        counter.hit("example.com", now=time.time() - 400 * 86400)
+    after = segment.header(counter)
+    assert after["keys_used"] == before["keys_used"] and after["dropped_hits"] == 0
+    assert counter.count(all_slot(counter), 1, NOW) == 0
+
+
+# ------------------------------------------------------------ bounded n (item 9)
+
+@pytest.mark.parametrize("n", [0, -1, 2**32, 2**63 - 1, 2**63, 2**64, 10**30])
+def test_n_out_of_range_is_a_value_error_naming_the_maximum(counter, worker_api, n):
+    for hit in (counter.hit, trafficthreshold.hit):
+        with pytest.raises(ValueError, match=rf"n={n} is out of range; n must be "
+                                             rf"1\.\.{segment.MAX_HIT_N}"):
+            hit("example.com", n=n, now=NOW)
+    assert counter.find("example.com", "pageview") is None
+    assert _counter.MAX_HIT_N == segment.MAX_HIT_N == 2**32 - 1
+
+
+def test_counts_read_out_saturate_below_2_63(counter, installed):
+    key, backend = installed
+    counter.hit(now=NOW)
+    counter.hit(now=NOW)  # the all key of pageview, on stripe 0
+    slot = all_slot(counter)
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        for p in range(raw.stripes):  # every stripe near 2**64: the sum wraps
+            off = (raw.slots_offset + slot * raw.slot_size + p * raw.stripe_size
+                   + (MINUTE % raw.minutes) * 16)
+            view[off:off + 16] = MINUTE.to_bytes(8, "little") + (2**64 - 5).to_bytes(8, "little")
+    assert counter.count(slot, 1, NOW) == 2**63 - 1
+    assert (slot, MINUTE, 2**63 - 1) in counter.minutes(MINUTE, MINUTE)
+
+
+# --------------------------------------------------------- memory safety (10)
+
+class LyingStr(str):
+    """A str whose encode() lies about its length."""
+
+    def encode(self, *args, **kwargs):  # noqa: D102
+        return b"x"
+
+
+@pytest.mark.parametrize("account, event", [(LyingStr("a" * 300), "pageview"),
+                                            ("example.com", LyingStr("e" * 300)),
+                                            (LyingStr("a" * 5_000_000), "pageview")])
+def test_names_are_bounded_in_c_whatever_encode_says(installed, account, event):
+    key, backend = installed
+
+    def use():
+        counter = segment.attach(key, backend)
+        try:
+            counter.hit(account, event, now=NOW)
+        except ValueError as exc:
+            return "ValueError", "UTF-8 bytes" in str(exc), counter.keys()
+        return "counted", counter.keys()
+
+    status, result = in_child(use)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result[0] == "returned", result
+    kind, named, keys = result[1]
+    assert kind == "ValueError" and named
+    assert sorted(keys) == [(0, "~overflow", "~any"), (1, "all", "pageview")]
+
+
+@pytest.mark.parametrize("call", ["load", "store"])
+def test_load_and_store_with_a_bad_width_raise_never_crash(counter, call):
+    def use():
+        for width in (0, 3, -8):
+            args = (segment.H_THROTTLE_LEVEL, width) + ((1,) if call == "store" else ())
+            with pytest.raises(ValueError, match="width"):
+                getattr(counter, call)(*args)
+        return "ok"
+
+    status, result = in_child(use)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result == ("returned", "ok")
+
+
+# ------------------------------------------------- corrupt header fields (11)
+
+def test_corrupt_throttle_fields_read_safely_and_are_repaired(key, backend):
+    segment.install(key, backend, multiplier=1, now=NOW)
+    counter = segment.attach(key, backend)
+    for _ in range(3):
+        counter.hit(now=NOW)
+    good_slot = counter.load(segment.H_THROTTLE_SLOT, 4)
+    counter.store(segment.H_THROTTLE_WINDOW, 4, 0xFFFFFFFF)
+    assert counter.level(NOW) == 3  # an unknown window reads as the sliding 60 s
+    counter.store(segment.H_THROTTLE_SLOT, 4, 0xFFFFFFFF)
+    counter.store(segment.H_THROTTLE_LEVEL, 4, 0xFFFFFFFF)
+
+    def read():
+        fresh = segment.attach(key, backend)
+        trafficthreshold.configure(key=key, backend=backend, strict=True)
+        return fresh.level(NOW), trafficthreshold.throttle_status(NOW)
+
+    status, result = in_child(read)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result == ("returned", (0, 0))  # heartbeat stale: the bad level is ignored
+    problems = segment.header_problems(counter)
+    assert len(problems) == 3
+    assert any("throttle_slot is 4294967295" in p for p in problems)
+    assert any("throttle_window is 4294967295" in p for p in problems)
+    assert segment.repair_header(counter, window="minute") == problems
+    head = segment.header(counter)
+    assert (head["throttle_slot"], head["throttle_window"], head["throttle_level"]) == \
+        (good_slot, segment.WINDOWS["minute"], 0)
+    assert segment.header_problems(counter) == [] and counter.level(NOW) == 3
+    counter.detach()
+
+
+def test_names_that_are_not_utf8_do_not_break_keys(counter, installed):
+    key, backend = installed
+    counter.hit("example.com", now=NOW)
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        for off, state, _slot, _h, account, _e in raw.entries():
+            if account == b"example.com":
+                view[off + 16:off + 16 + 11] = b"exam\xffle.co\xfe"
+    keys = counter.keys()
+    bad = [k for k in keys if k[1].startswith("exam")]
+    assert bad and bad[0][1] == "exam\udcffle.co\udcfe"
+    assert bad[0][1].encode("utf-8", "surrogateescape") == b"exam\xffle.co\xfe"
+    good, skipped = segment.split_keys(counter)
+    assert skipped == bad and all(k[1] != bad[0][1] for k in good)
