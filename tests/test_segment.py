@@ -683,3 +683,221 @@ def test_an_install_that_died_half_way_is_finished(key, backend):
     assert counter.count(counter.find(None, "pageview"), 1, NOW) == 1
     counter.detach()
     assert time.monotonic() - start < 6
+
+
+# ------------------------------------------- install: live last (item 2, 3)
+
+def _start_install_and_die(key: int, backend: str, geo: segment.Geometry) -> None:
+    """A child creates the segment, takes the lock, formats it and is
+    killed before marking it live: the state a kill (or Ctrl-C) between
+    the steps of an install leaves."""
+    def die_formatted():
+        raw = segment._Raw(backend, key, create_size=geo.total_size)
+        raw.acquire(1000)
+        segment._format(raw, geo, 60, "60s", NOW)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status, _ = in_child(die_formatted)
+    assert os.WIFSIGNALED(status)
+
+
+@pytest.mark.parametrize("repair", ["install", "uninstall --force"])
+def test_an_install_killed_before_live_is_repaired_or_removed(key, backend, repair):
+    geo = segment.Geometry()
+    _start_install_and_die(key, backend, geo)
+    with pytest.raises(SegmentNotFound, match="not fully installed"):
+        segment.attach(key, backend)
+    start = time.monotonic()
+    if repair == "install":
+        assert segment.install(key, backend, geometry=geo, now=NOW).created
+        counter = segment.attach(key, backend)
+        counter.hit("example.com", now=NOW)  # a new key: the lock is free
+        assert counter.count(counter.find(None, "pageview"), 1, NOW) == 1
+        assert segment.header(counter)["lock_owner_pid"] == 0
+        counter.detach()
+    else:
+        segment.uninstall(key, backend, force=True)
+        with pytest.raises(SegmentNotFound):
+            segment.attach(key, backend)
+        assert segment.install(key, backend, geometry=geo, now=NOW).created
+    assert time.monotonic() - start < 2
+
+
+def test_a_failed_install_leaves_nothing_and_says_why(key, backend):
+    """A non-root admin giving the segment to a group they are not in is
+    refused before anything is created (it used to leave a live segment
+    whose lock was never opened)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    group = _some_group()
+
+    def as_nobody():
+        _drop_to_nobody([])
+        return segment.install(key, backend, group=group.gr_name, now=NOW)
+
+    status, result = in_child(as_nobody)
+    assert result[:2] == ("raised", "SegmentError"), result
+    assert f"group {group.gr_name!r}" in result[2] and "root" in result[2]
+    with pytest.raises(SegmentNotFound, match="no trafficthreshold segment"):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)
+
+
+def test_a_second_install_waits_for_the_first_and_does_not_format_again(key, backend):
+    """POSIX too: the first installer holds the lock word while it formats,
+    so a second install (the daemon's auto-install) waits, then finds the
+    segment live and leaves it (the semaphore used to end at 2)."""
+    geo = segment.Geometry()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            raw = segment._Raw(backend, key, create_size=geo.total_size)
+            raw.acquire(1000)
+            os.write(w, b"held")
+            time.sleep(0.4)
+            segment._format(raw, geo, 60, "60s", NOW)
+            raw.put("=Q", segment.H_INSTANCE, 12345)
+            raw.put("=I", segment.H_STATE, segment.STATE_LIVE)
+            raw.release()
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 4) == b"held"
+    os.close(r)
+    result = segment.install(key, backend, geometry=geo, now=NOW)
+    os.waitpid(pid, 0)
+    assert not result.created
+    counter = segment.attach(key, backend)
+    head = segment.header(counter)
+    assert head["instance"] == 12345 and head["lock_owner_pid"] == 0
+    with segment.locked(counter, 100):  # exactly one holder at a time
+        with pytest.raises(segment.SegmentBusy):
+            counter.lock(50)
+    counter.detach()
+
+
+# --------------------------------------------------- install: options (7)
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"multiplier": 2**32 + 1}, r"multiplier 4294967297 is out of range; use 0\.\.4294967295"),
+    ({"multiplier": -1}, r"multiplier -1 is out of range"),
+    ({"geometry": segment.Geometry(keys=18)},
+     r"--keys 18 is out of range; use 34\.\..*at least 16 must be left for account keys"),
+    ({"mode": 0o1777}, r"--mode 1023 is not valid; use permission bits 000\.\.777"),
+    ({"mode": 0o060}, r"--mode 60 takes read and write from the owner"),
+    ({"window": "5m"}, r"window '5m' is not valid"),
+])
+def test_install_validates_every_option_before_creating_anything(key, backend, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        segment.install(key, backend, now=NOW, **kwargs)
+    with pytest.raises(SegmentNotFound, match="no trafficthreshold segment"):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)
+
+
+def test_a_world_writable_mode_is_warned_about(key, backend, caplog):
+    caplog.set_level("WARNING", logger="trafficthreshold.segment")
+    result = segment.install(key, backend, mode=0o666, now=NOW)
+    assert result.created
+    assert any("666 lets every user" in w for w in result.warnings)
+    assert "666 lets every user" in caplog.text
+    assert segment.install(key, backend, mode=0o660, now=NOW).warnings == []
+
+
+# ------------------------------------- install as an unprivileged user (6)
+
+def test_install_by_a_group_member_on_a_usable_segment_succeeds(key, backend):
+    """The systemd unit's ExecStartPre runs install as the daemon's user on
+    a segment root created with --group: it succeeds, and where it cannot
+    re-apply a differing mode it says so (it used to die with a
+    sysv_ipc.PermissionsError traceback)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    group = _some_group()
+    segment.install(key, backend, mode=0o660, group=group.gr_name, now=NOW)
+
+    def as_member(mode):
+        def run():
+            _drop_to_nobody([group.gr_gid])
+            result = segment.install(key, backend, mode=mode, group=group.gr_name, now=NOW)
+            return result.created, result.warnings
+        return run
+
+    status, result = in_child(as_member(0o660))
+    assert result == ("returned", (False, [])), result
+    status, result = in_child(as_member(0o640))
+    assert result[0] == "returned", result
+    created, warnings = result[1]
+    assert not created and warnings
+    assert "only root or its owner root (uid 0)" in warnings[0] and "left as it is" in warnings[0]
+    assert _modes(key, backend)[0] == (0o660, group.gr_gid)
+
+
+# ------------------------------------------------- uninstall never strands (5)
+
+def test_uninstall_by_a_group_member_changes_nothing_and_names_the_owner(key, backend):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    group = _some_group()
+    segment.install(key, backend, mode=0o660, group=group.gr_name, now=NOW)
+
+    def as_member():
+        _drop_to_nobody([group.gr_gid])
+        try:
+            segment.uninstall(key, backend, force=True, rollup=lambda c: None)
+        except SegmentError as exc:
+            message = str(exc)
+        counter = segment.attach(key, backend)  # still live: workers count
+        counter.hit("example.com", now=NOW)
+        return message, segment.header(counter)["state"]
+
+    status, result = in_child(as_member)
+    assert result[0] == "returned", result
+    message, state = result[1]
+    assert "belongs to root (uid 0)" in message and "as root" in message
+    assert "nothing was changed" in message
+    assert state == segment.STATE_LIVE
+    segment.install(key, backend, mode=0o660, group=group.gr_name, now=NOW)  # not refused
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_a_failed_final_rollup_leaves_the_segment_live(key, backend, fail_on):
+    """The roll-up runs on the live segment, then again once retired; if
+    either fails, the uninstall stops with the segment live and counting."""
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", n=7, now=NOW)
+    calls = []
+
+    def rollup(reader):
+        calls.append(segment.header(reader)["state"])
+        if len(calls) == fail_on:
+            raise OSError("disk full")
+
+    with pytest.raises(SegmentError, match=r"uninstall stopped: the final roll-up failed "
+                                           r"\(OSError: disk full\).*--no-rollup"):
+        segment.uninstall(key, backend, rollup=rollup)
+    assert len(calls) == fail_on
+    assert segment.header(counter)["state"] == segment.STATE_LIVE
+    counter.hit("example.com", now=NOW)  # still counting, nothing lost
+    assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 8
+    counter.detach()
+    segment.uninstall(key, backend, rollup=lambda reader: None)
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+
+
+def test_uninstall_without_rollup_still_retires_attached_workers(key, backend):
+    segment.install(key, backend, now=NOW)
+    pid, ask, finish = _attached_child(key, backend)
+    try:
+        segment.uninstall(key, backend, force=True)  # no roll-up (--no-rollup)
+        # The attached worker sees the retired state and lets go.
+        assert ask("hit") == "SegmentNotFound"
+    finally:
+        finish()
