@@ -38,7 +38,9 @@
  *    96  u64 heartbeat_ms     the supervisor's last tick, Unix milliseconds
  *   104  u32 supervisor_pid
  *   108  u32 throttle_slot    the slot of ("all", "pageview")
- *   112  u32 lock_owner_pid   who holds the semaphore (0: nobody)
+ *   112  u32 lock_owner_pid   POSIX: the lock word itself (0 = free, else the
+ *                              holder's pid); SysV: the holder, for people
+ *                              (the semaphore is the lock)
  *   116  u32 (reserved)
  *   120  u64 throttle_since_ms  the policy's clock: hysteresis, since when the
  *                              count is below the level's floor; drupal, the
@@ -83,9 +85,28 @@
  * table only up to key_capacity - EVENT_RESERVE so the `all` total of a new
  * event still finds a slot.
  *
- * Locking: the hot path takes no lock.  The semaphore (SysV with SEM_UNDO,
- * or a POSIX named semaphore) is taken only to add a key and to roll a
- * bucket over to a new epoch, always with a timeout.
+ * Locking: the hot path takes no lock.  The structural lock is taken only to
+ * add a key and to roll a bucket over to a new epoch, always with a timeout
+ * (50 ms on a worker's path), and always with the GIL released from before
+ * the take until after the give-back, so a thread holding the GIL never
+ * stretches the time another process waits (seg_lock, roll_bucket,
+ * insert_key).  It is never held without a recorded owner:
+ *   SysV: the semaphore, taken with semtimedop(-1, SEM_UNDO).  The kernel
+ *     records the taker (GETPID) in the same operation and gives the
+ *     semaphore back if the holder dies, even by SIGKILL.  lock_owner_pid
+ *     is stored after the take and cleared before the give-back, for
+ *     `status` only.
+ *   POSIX: no semaphore.  lock_owner_pid is the lock: taken by
+ *     compare_exchange(0 -> pid), given back by storing 0 (release) and a
+ *     FUTEX_WAKE; waiters sleep in FUTEX_WAIT on the word, 10 ms at a time.
+ *     A waiter that finds the holder dead (kill(pid, 0) fails with ESRCH)
+ *     takes the lock over with compare_exchange(dead pid -> own pid): the
+ *     lock goes straight from the dead holder to one live one.  What a dead
+ *     holder left half done is safe to redo: a bucket reset restarts (its
+ *     tag is 0 or old), a key insert whose state was not yet stored is an
+ *     empty entry (its slot, if keys_used was stored, is simply unused).
+ * segment.py takes the same lock for install and uninstall through _lock()
+ * and _unlock() (or Counter.lock()).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -680,8 +701,10 @@ static void detach(Counter *c)
 }
 
 /* Counter(backend, key, stripe=None, retired_ok=False): attaches; raises
- * SegmentNotFound, LayoutMismatch or SegmentError.  retired_ok lets the
- * uninstaller read a segment it has already retired (its final roll-up). */
+ * SegmentNotFound, LayoutMismatch or SegmentError.  retired_ok makes a
+ * reader for the uninstaller's final roll-up: it reads a segment it has
+ * already retired, and does without a vanished SysV semaphore (a reader
+ * takes no lock; its lock() raises SegmentNotFound). */
 static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"backend", "key", "stripe", "retired_ok", NULL};
@@ -692,6 +715,10 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "sl|Op", kwlist, &backend, &key, &stripe,
                                      &retired_ok))
         return -1;
+    if (c->busy > 0) {
+        PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock");
+        return -1;
+    }
     detach(c);
     if (strcmp(backend, "sysv") == 0)
         c->backend = BACKEND_SYSV;

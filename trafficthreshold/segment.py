@@ -12,10 +12,14 @@ Two backends hold the same bytes:
 * ``sysv``: a System V segment and a one-semaphore set, both found by the
   integer IPC key.  The semaphore is taken with SEM_UNDO, so the kernel
   releases it if its holder is killed.
-* ``posix``: ``/dev/shm/trafficthreshold-<key in hex>`` and a POSIX named
-  semaphore of the same name.  POSIX semaphores have no undo: the holder's
-  pid is kept in the header and a waiter that times out releases the lock of
-  a holder that no longer exists.
+* ``posix``: ``/dev/shm/trafficthreshold-<key in hex>``, no semaphore: the
+  lock is the header's ``lock_owner_pid`` word (compare-and-swap 0 -> pid,
+  futex waits), so the lock is never held without its owner recorded, and a
+  waiter takes over the lock of a holder that no longer exists.
+
+Install and uninstall take the same lock as the hot path, through the C
+module (``_lock``/``_unlock``, ``Counter.lock``).  Install marks the segment
+live as its last step; uninstall changes nothing it cannot finish.
 """
 from __future__ import annotations
 
