@@ -830,6 +830,13 @@ def test_install_by_a_group_member_on_a_usable_segment_succeeds(key, backend):
 
     status, result = in_child(as_member(0o660))
     assert result == ("returned", (False, [])), result
+    def as_outsider():
+        _drop_to_nobody([])
+        return segment.install(key, backend, now=NOW)
+
+    status, result = in_child(as_outsider)  # no traceback: a clear error
+    assert result[:2] == ("raised", "SegmentError"), result
+    assert "permission denied" in result[2] and "member of its group" in result[2]
     status, result = in_child(as_member(0o640))
     assert result[0] == "returned", result
     created, warnings = result[1]

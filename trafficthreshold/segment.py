@@ -250,10 +250,16 @@ class _Raw:
         self.created = False      # this call created the segment
         self.sem_created = False  # this call created the SysV semaphore
         self.sem = None
-        if backend == "sysv":
-            self._open_sysv(create_size, mode)
-        else:
-            self._open_posix(create_size, mode)
+        try:
+            if backend == "sysv":
+                self._open_sysv(create_size, mode)
+            else:
+                self._open_posix(create_size, mode)
+        except (sysv_ipc.PermissionsError, posix_ipc.PermissionsError, PermissionError) as exc:
+            raise SegmentError(
+                f"permission denied on the {backend} segment at key {key:#x} ({exc}); run "
+                "this as root, as the segment's owner, or as a member of its group "
+                "(see `trafficthreshold status`)") from None
 
     def _open_sysv(self, create_size: int, mode: int) -> None:
         if create_size:
