@@ -908,3 +908,34 @@ def test_uninstall_without_rollup_still_retires_attached_workers(key, backend):
         assert ask("hit") == "SegmentNotFound"
     finally:
         finish()
+
+
+def test_uninstall_force_removes_a_segment_whose_lock_stays_held(key, backend):
+    """A lock that is never given back (SysV: a semaphore left at 0 by an
+    older version; POSIX: a live but stopped holder) does not make
+    `uninstall --force` answer SegmentBusy: it goes on without the lock."""
+    segment.install(key, backend, now=NOW)
+    holder = os.fork()
+    if holder == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        if backend == "sysv":
+            sysv_ipc.Semaphore(key).value = 0
+        else:
+            put(key, backend, "=I", segment.H_LOCK_OWNER_PID, holder)
+        raw = segment._Raw(backend, key)
+        try:
+            with pytest.raises(segment.SegmentBusy, match="held by pid .*uninstall --force"):
+                with segment._held(raw, 100):
+                    pass
+        finally:
+            raw.close()
+        start = time.monotonic()
+        segment.uninstall(key, backend, force=True, rollup=lambda reader: None)
+        assert time.monotonic() - start < 3
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)

@@ -1631,8 +1631,8 @@ static PyMethodDef Counter_methods[] = {
     {"keys", (PyCFunction)Counter_keys, METH_NOARGS, "keys() -> [(slot, account, event)]."},
     {"load", (PyCFunction)Counter_load, METH_VARARGS, "load(offset, width) -> int."},
     {"store", (PyCFunction)Counter_store, METH_VARARGS, "store(offset, width, value)."},
-    {"lock", (PyCFunction)Counter_lock, METH_VARARGS, "lock(timeout_ms): take the semaphore."},
-    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS, "unlock(): release the semaphore."},
+    {"lock", (PyCFunction)Counter_lock, METH_VARARGS, "lock(timeout_ms): take the structural lock (GIL released while waiting)."},
+    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS, "unlock(): give the structural lock back."},
     {"detach", (PyCFunction)Counter_detach, METH_NOARGS, "detach(): unmap the segment."},
     {NULL}
 };

@@ -110,6 +110,7 @@ ATTACH_RETRY_S = 10        # a process without a segment retries this often
 
 WINDOWS = {"60s": 0, "minute": 1}
 STRUCTURAL_LOCK_MS = 5000
+FORCE_LOCK_MS = 1000  # uninstall --force waits this long, then goes on without the lock
 
 MAX_U32 = 0xFFFFFFFF
 #: Slots taken by the install: ("~overflow", "~any") and ("all", "pageview").
@@ -706,7 +707,8 @@ def attach(key: int = DEFAULT_KEY, backend: str = "sysv", stripe: int | None = N
 
 @contextlib.contextmanager
 def locked(counter: Counter, timeout_ms: int = STRUCTURAL_LOCK_MS) -> Iterator[Counter]:
-    """Hold the segment semaphore for structural work."""
+    """Hold the segment's structural lock (the hot path's, through C) for
+    structural work; raises SegmentBusy after ``timeout_ms``."""
     counter.lock(timeout_ms)
     try:
         yield counter
@@ -838,7 +840,7 @@ def _set_state(raw: _Raw, state: int, force: bool) -> None:
     holder): the state is one aligned 4-byte store, which workers read with
     acquire order."""
     try:
-        with _held(raw):
+        with _held(raw, FORCE_LOCK_MS if force else STRUCTURAL_LOCK_MS):
             raw.put("=I", H_STATE, state)
         return
     except (SegmentBusy, SegmentNotFound) as exc:
