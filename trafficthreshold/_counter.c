@@ -50,7 +50,7 @@
  *   128  u32 keys_used        slots handed out (slots 0..keys_used-1)
  *   132  u32 next_stripe      round-robin stripe assignment
  *   136  u64 overflow_hits    hits that went to the overflow key
- *   144  u64 dropped_hits     hits dropped (semaphore timeout, stale time)
+ *   144  u64 dropped_hits     hits dropped (the lock not taken in 50 ms)
  *   152  u64 attaches         processes that attached, ever
  *   160  u64 instance         a random non-zero id drawn at each install: the
  *                              store keys its watermarks by it, so a segment
@@ -70,7 +70,7 @@
  * The counter slots, key_capacity slots of slot_size bytes at slots_offset.
  * A slot is P stripes; a stripe is M minute buckets then S second buckets;
  * a bucket is 16 bytes: u64 tag (the epoch minute or epoch second it
- * counts; 0 = never used, or being reset under the semaphore), u64 count.
+ * counts; 0 = never used, or being reset under the lock), u64 count.
  * Minute m lives in bucket m % M, second s in bucket M + s % S.  A key's
  * count for minute m is the sum over its stripes of the buckets whose tag
  * is m (read as a seqlock: see bucket_read).
@@ -136,7 +136,7 @@
 #define EVENT_MAX 32u
 #define OVERFLOW_SLOT 0u
 #define EVENT_RESERVE 16u
-/* Why 50 ms: the semaphore is held for microseconds (a bucket reset, a key
+/* Why 50 ms: the lock is held for microseconds (a bucket reset, a key
  * insert).  A request must never wait long because of us; after this the
  * hit is counted as dropped and the request goes on. */
 #define HOT_LOCK_TIMEOUT_MS 50
