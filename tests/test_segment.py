@@ -939,3 +939,16 @@ def test_uninstall_force_removes_a_segment_whose_lock_stays_held(key, backend):
         os.waitpid(holder, 0)
     with pytest.raises(SegmentNotFound):
         segment.attach(key, backend)
+
+
+def test_a_segment_too_big_for_the_host_is_refused_before_creating_anything(key, backend):
+    huge = segment.Geometry(keys=1 << 20, minutes=100_000, seconds=100_000, stripes=64)
+    limits = r"(the physical memory|kernel\.shm(max|all)|the free space of /dev/shm)"
+    with pytest.raises(ValueError, match=rf"would be [\d,]+ bytes, more than {limits}.*"
+                                         r"lower --keys \(1048576\)"):
+        segment.install(key, backend, geometry=huge, now=NOW)
+    with pytest.raises(SegmentNotFound, match="no trafficthreshold segment"):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)

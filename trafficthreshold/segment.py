@@ -257,10 +257,15 @@ class _Raw:
             else:
                 self._open_posix(create_size, mode)
         except (sysv_ipc.PermissionsError, posix_ipc.PermissionsError, PermissionError) as exc:
+            self._drop_created_sem()
             raise SegmentError(
                 f"permission denied on the {backend} segment at key {key:#x} ({exc}); run "
                 "this as root, as the segment's owner, or as a member of its group "
                 "(see `trafficthreshold status`)") from None
+        except BaseException:
+            # E.g. a size above kernel.shmmax: leave no semaphore behind.
+            self._drop_created_sem()
+            raise
 
     def _open_sysv(self, create_size: int, mode: int) -> None:
         if create_size:
@@ -531,6 +536,7 @@ def _check_settings(backend: str, geometry: Geometry, mode: int, group: str | in
     if mode & 0o600 != 0o600:
         raise ValueError(f"--mode {mode:o} takes read and write from the owner; the "
                          "owner needs both (use 660 or 600)")
+    _check_size(backend, geometry)
     warnings = []
     if mode & 0o002:
         warnings.append(f"--mode {mode:o} lets every user of this host write the counters "
@@ -542,6 +548,44 @@ def _check_settings(backend: str, geometry: Geometry, mode: int, group: str | in
                            "neither root nor a member of it; run install as root (sudo) "
                            "or join the group")
     return gid, warnings
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _size_limit(backend: str) -> tuple[int, str]:
+    """The largest segment this host takes, and what sets it: the physical
+    memory, and kernel.shmmax / kernel.shmall (SysV) or the free space of
+    /dev/shm (POSIX)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    limits = [(os.sysconf("SC_PHYS_PAGES") * page, "the physical memory")]
+    if backend == "sysv":
+        shmmax = _read_int("/proc/sys/kernel/shmmax")
+        shmall = _read_int("/proc/sys/kernel/shmall")
+        if shmmax is not None:
+            limits.append((shmmax, "kernel.shmmax"))
+        if shmall is not None:
+            limits.append((shmall * page, "kernel.shmall"))
+    else:
+        st = os.statvfs("/dev/shm")
+        limits.append((st.f_bavail * st.f_frsize, "the free space of /dev/shm"))
+    return min(limits)
+
+
+def _check_size(backend: str, geometry: Geometry) -> None:
+    """Refuse, before creating anything, a segment the host cannot hold
+    (it used to end in a MemoryError or a half-made segment)."""
+    limit, what = _size_limit(backend)
+    if geometry.total_size > limit:
+        raise ValueError(
+            f"the segment would be {geometry.total_size:,} bytes, more than {what} "
+            f"({limit:,} bytes); lower --keys ({geometry.keys}), --minutes "
+            f"({geometry.minutes}) or --stripes ({geometry.stripes})")
 
 
 @dataclasses.dataclass
