@@ -986,8 +986,9 @@ CRASH_HITS = 6000  # per worker: one hit a second from NOW, 100 minutes (the rin
 def _crash_worker(key, backend, wid, progress):
     """Counts CRASH_HITS hits, each in a new second (a roll-over under the
     lock; workers at seconds 64 apart reclaim each other's second buckets,
-    under the lock too), a new key every 97 (inserts), recording in `progress` (shared) the hit it starts
-    and the hits it finished, so the parent knows what a kill interrupted."""
+    under the lock too), a new key every 97 (inserts), recording in
+    `progress` (shared) the hit it starts and the hits it finished, so the
+    parent knows what a kill interrupted."""
     try:
         counter = segment.attach(key, backend)
         for k in range(CRASH_HITS):
@@ -1036,7 +1037,8 @@ def _crash_run(key, backend, kills, seed):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     finished = sum(progress[2 * w + 1] for w in range(wid))
-    in_flight = killed_in_flight + sum(progress[2 * w] != progress[2 * w + 1] for w in live.values())
+    in_flight = killed_in_flight + sum(progress[2 * w] != progress[2 * w + 1]
+                                       for w in live.values())
     progress.release()
     shared.close()
 

@@ -873,7 +873,8 @@ static int encode_names(PyObject *account, PyObject *event, const char **a, Py_s
     /* Why here too: names.validate measured value.encode(), which a str
      * subclass can override; these are the bytes that will be copied into
      * the index entry's 64- and 32-byte fields. */
-    if (*alen < 1 || *alen > (Py_ssize_t)ACCOUNT_MAX || *elen < 1 || *elen > (Py_ssize_t)EVENT_MAX) {
+    if (*alen < 1 || *alen > (Py_ssize_t)ACCOUNT_MAX
+        || *elen < 1 || *elen > (Py_ssize_t)EVENT_MAX) {
         PyErr_Format(PyExc_ValueError,
                      "account and event names must be 1..%u and 1..%u UTF-8 bytes; got %zd "
                      "and %zd", ACCOUNT_MAX, EVENT_MAX, *alen, *elen);
@@ -1631,8 +1632,10 @@ static PyMethodDef Counter_methods[] = {
     {"keys", (PyCFunction)Counter_keys, METH_NOARGS, "keys() -> [(slot, account, event)]."},
     {"load", (PyCFunction)Counter_load, METH_VARARGS, "load(offset, width) -> int."},
     {"store", (PyCFunction)Counter_store, METH_VARARGS, "store(offset, width, value)."},
-    {"lock", (PyCFunction)Counter_lock, METH_VARARGS, "lock(timeout_ms): take the structural lock (GIL released while waiting)."},
-    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS, "unlock(): give the structural lock back."},
+    {"lock", (PyCFunction)Counter_lock, METH_VARARGS,
+     "lock(timeout_ms): take the structural lock (waiting without the GIL)."},
+    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS,
+     "unlock(): give the structural lock back."},
     {"detach", (PyCFunction)Counter_detach, METH_NOARGS, "detach(): unmap the segment."},
     {NULL}
 };
