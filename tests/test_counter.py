@@ -13,10 +13,14 @@ import logging
 import multiprocessing
 import os
 import platform
+import re
 import signal
+import sys
+import threading
 import time
 
 import pytest
+import sysv_ipc
 
 import trafficthreshold
 from trafficthreshold import _counter, segment
@@ -306,14 +310,17 @@ def test_the_second_ring_wraps_without_leaking(small_rings):
     assert counter.count(slot, 0, NOW + 59) == 0
 
 
-def test_a_hit_older_than_the_ring_is_dropped_not_miscounted(small_rings):
+def test_a_bucket_a_ring_ahead_is_reclaimed_never_mixed(small_rings):
+    """A bucket tagged a ring or more ahead of the writer's clock (a clock
+    that jumped forward and back) is reclaimed: the writer counts, and the
+    two epochs never mix."""
     counter = small_rings
     counter.hit("example.com", n=3, now=NOW + 5 * 60)  # minute MINUTE+5 uses bucket 0
-    counter.hit("example.com", n=100, now=NOW)          # minute MINUTE: too old
+    counter.hit("example.com", n=100, now=NOW)          # minute MINUTE: the same bucket
     slot = counter.find("example.com", "pageview")
-    assert counter.count(slot, 1, NOW + 5 * 60) == 3
-    assert counter.count(slot, 1, NOW) == 0
-    assert segment.header(counter)["dropped_hits"] == 100
+    assert counter.count(slot, 1, NOW + 5 * 60) == 0
+    assert counter.count(slot, 1, NOW) == 100
+    assert segment.header(counter)["dropped_hits"] == 0
 
 
 def test_minutes_reads_at_most_one_ring(small_rings):
@@ -533,7 +540,7 @@ BAD_CALLS = [
     (("example.com", None), {}, TypeError),
     (("example.com",), {"n": 0}, ValueError), (("example.com",), {"n": -3}, ValueError),
     (("example.com",), {"n": 1.0}, TypeError), (("example.com",), {"n": True}, TypeError),
-    (("example.com",), {"n": "1"}, TypeError), (("example.com",), {"n": 2**64}, OverflowError),
+    (("example.com",), {"n": "1"}, TypeError), (("example.com",), {"n": 2**64}, ValueError),
     (("example.com",), {"now": 0}, ValueError), (("example.com",), {"now": float("nan")},
                                                   ValueError),
     (("example.com",), {"now": "soon"}, TypeError), (("example.com",), {"when": 1}, TypeError),
@@ -578,17 +585,17 @@ def test_bad_input_raises_and_adds_nothing(fail_open_api, args, kwargs, exc):
 
 def test_n_adds_n(counter):
     counter.hit("example.com", n=5, now=NOW)
-    counter.hit("example.com", "pageview", 2**40, NOW)
-    assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 5 + 2**40
+    counter.hit("example.com", "pageview", segment.MAX_HIT_N, NOW)
+    assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 5 + 2**32 - 1
 
 
 # ------------------------------------------------------- full key table
 
 def test_a_full_key_table_overflows_and_keeps_the_total_exact(key, backend):
-    keys, reserve = 24, segment.EVENT_RESERVE
+    keys, reserve = segment.MIN_KEYS, segment.EVENT_RESERVE
     segment.install(key, backend, geometry=segment.Geometry(keys=keys), now=NOW)
     counter = segment.attach(key, backend)
-    account_slots = keys - reserve - 2            # slots 2..7: overflow and all are 0 and 1
+    account_slots = keys - reserve - 2            # slots 2..17: overflow and all are 0 and 1
     for i in range(account_slots + 4):
         counter.hit(f"acct-{i}", n=i + 1, now=NOW)
     head = segment.header(counter)
@@ -619,6 +626,12 @@ def test_a_full_key_table_overflows_and_keeps_the_total_exact(key, backend):
         for _ in range(3):
             trafficthreshold.hit("yet-another", now=NOW)
         assert trafficthreshold.count(None, now=NOW) == sum(range(1, account_slots + 5)) + 4
+        # With both keys of a hit in the overflow slot (a new event and a
+        # new account in a full table), the slot gets the hit once: it
+        # agrees with overflow_hits (it used to get 2n per hit).
+        trafficthreshold.hit("brand-new", "brand-new-event", n=5, now=NOW)
+        head = segment.header(counter)
+        assert counter.count(segment.OVERFLOW_SLOT, 1, NOW) == head["overflow_hits"]
     finally:
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
@@ -721,3 +734,360 @@ def test_count_reads_accounts_and_the_total(worker_api):
         count("a.example", window="hour")
     with pytest.raises(ValueError):
         count("a/b")
+
+
+# ------------------------------------------- the lock and the GIL (item 1)
+
+def _gil_hog_hitting(key, backend, ready, seconds):
+    """A process with a thread that keeps the GIL (a long switch interval)
+    while its main thread rolls buckets over: with the lock taken GIL-free
+    it never holds the lock while waiting for the GIL."""
+    sys.setswitchinterval(0.5)
+    counter = segment.attach(key, backend)
+    end = time.monotonic() + seconds
+
+    def spin():
+        while time.monotonic() < end:
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    ready.set()
+    i = 0
+    while time.monotonic() < end:
+        counter.hit("busy.example", now=NOW + 1000 + i)  # a new second: a roll-over
+        i += 1
+    thread.join()
+
+
+def test_a_thread_holding_the_gil_never_makes_other_workers_drop(key, backend):
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("busy.example", now=NOW)
+    counter.hit("quiet.example", now=NOW)  # both keys exist: only roll-overs lock
+    ready = FORK.Event()
+    hog = FORK.Process(target=_gil_hog_hitting, args=(key, backend, ready, 1.5))
+    hog.start()
+    try:
+        assert ready.wait(10)
+        end, i = time.monotonic() + 1.0, 0
+        while time.monotonic() < end:
+            counter.hit("quiet.example", now=NOW + 2000 + i)  # a roll-over each
+            i += 1
+    finally:
+        hog.join(10)
+    assert hog.exitcode == 0
+    head = segment.header(counter)
+    assert head["dropped_hits"] == 0, f"{head['dropped_hits']} of {i} hits dropped"
+    assert head["lock_owner_pid"] == 0
+    counter.detach()
+
+
+def test_a_lock_word_left_by_a_dead_process_is_taken_over_at_once(key):
+    """POSIX: the lock word is the owner.  A holder that died (here: a
+    reaped child's pid in the word) is replaced by the next taker in one
+    compare-and-swap, without a timeout; uninstall takes it over too."""
+    segment.install(key, "posix", now=NOW)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    counter = segment.attach(key, "posix")
+    counter.store(segment.H_LOCK_OWNER_PID, 4, pid)
+    start = time.monotonic()
+    counter.hit("new.example", now=NOW)  # a new key and two roll-overs
+    assert time.monotonic() - start < segment.HOT_LOCK_TIMEOUT_MS / 1000
+    assert counter.count(counter.find("new.example", "pageview"), 1, NOW) == 1
+    head = segment.header(counter)
+    assert head["dropped_hits"] == 0 and head["lock_owner_pid"] == 0
+    counter.store(segment.H_LOCK_OWNER_PID, 4, pid)
+    counter.detach()
+    segment.uninstall(key, "posix", force=True)
+    assert not os.path.exists("/dev/shm" + segment.posix_name(key))
+
+
+def test_install_and_the_hot_path_share_one_lock(installed):
+    """segment.py's structural lock is the hot path's: while Python holds
+    it, a roll-over waits, times out and is counted as dropped."""
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    raw = segment._Raw(backend, key)
+    try:
+        with segment._held(raw, 100):
+            assert segment.header(counter)["lock_owner_pid"] == os.getpid()
+            counter.hit(now=NOW + 60)  # a new minute: needs the lock
+        assert segment.header(counter)["dropped_hits"] == 1
+        assert segment.header(counter)["lock_owner_pid"] == 0
+        counter.hit(now=NOW + 120)
+        assert segment.header(counter)["dropped_hits"] == 1
+    finally:
+        raw.close()
+        counter.detach()
+
+
+# ------------------------------------------------------ clock jumps (item 8)
+
+def test_a_clock_jump_forward_and_back_loses_only_the_jump(small_rings):
+    """70 s counted 50 minutes ahead tag every second bucket and the
+    minute bucket of MINUTE (50 = 10 rings of 5) with future epochs; back on
+    time, every bucket is reclaimed and counts (it used to refuse additions
+    for fifty minutes: 60 hits read as 0)."""
+    counter = small_rings
+    for s in range(70):
+        counter.hit("example.com", now=NOW + 3000 + s)
+    for s in range(60):
+        counter.hit("example.com", now=NOW + s)
+    slot = counter.find("example.com", "pageview")
+    assert counter.count(slot, 0, NOW + 59) == 60
+    assert counter.count(slot, 1, NOW) == 60
+    assert counter.level(NOW + 59) == 1  # 60 hits // multiplier 60
+    assert segment.header(counter)["dropped_hits"] == 0
+
+
+@pytest.mark.parametrize("scale", [1000, 1e6])
+def test_now_in_milliseconds_is_refused(counter, worker_api, scale):
+    before = segment.header(counter)
+    for hit in (counter.hit, trafficthreshold.hit):
+        with pytest.raises(ValueError, match="now looks like milliseconds"):
+            hit("example.com", now=time.time() * scale)
+    with pytest.raises(ValueError, match="366 days from the real clock"):
+        counter.hit("example.com", now=time.time() - 400 * 86400)
+    after = segment.header(counter)
+    assert after["keys_used"] == before["keys_used"] and after["dropped_hits"] == 0
+    assert counter.count(all_slot(counter), 1, NOW) == 0
+
+
+# ------------------------------------------------------------ bounded n (item 9)
+
+@pytest.mark.parametrize("n", [0, -1, 2**32, 2**63 - 1, 2**63, 2**64, 10**30])
+def test_n_out_of_range_is_a_value_error_naming_the_maximum(counter, worker_api, n):
+    for hit in (counter.hit, trafficthreshold.hit):
+        with pytest.raises(ValueError, match=rf"n={n} is out of range; n must be "
+                                             rf"1\.\.{segment.MAX_HIT_N}"):
+            hit("example.com", n=n, now=NOW)
+    assert counter.find("example.com", "pageview") is None
+    assert _counter.MAX_HIT_N == segment.MAX_HIT_N == 2**32 - 1
+
+
+def test_counts_read_out_saturate_below_2_63(counter, installed):
+    key, backend = installed
+    counter.hit(now=NOW)
+    counter.hit(now=NOW)  # the all key of pageview, on stripe 0
+    slot = all_slot(counter)
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        for p in range(raw.stripes):  # every stripe near 2**64: the sum wraps
+            off = (raw.slots_offset + slot * raw.slot_size + p * raw.stripe_size
+                   + (MINUTE % raw.minutes) * 16)
+            view[off:off + 16] = MINUTE.to_bytes(8, "little") + (2**64 - 5).to_bytes(8, "little")
+    assert counter.count(slot, 1, NOW) == 2**63 - 1
+    assert (slot, MINUTE, 2**63 - 1) in counter.minutes(MINUTE, MINUTE)
+
+
+# --------------------------------------------------------- memory safety (10)
+
+class LyingStr(str):
+    """A str whose encode() lies about its length."""
+
+    def encode(self, *args, **kwargs):  # noqa: D102
+        return b"x"
+
+
+@pytest.mark.parametrize("account, event", [(LyingStr("a" * 300), "pageview"),
+                                            ("example.com", LyingStr("e" * 300)),
+                                            (LyingStr("a" * 5_000_000), "pageview")])
+def test_names_are_bounded_in_c_whatever_encode_says(installed, account, event):
+    key, backend = installed
+
+    def use():
+        counter = segment.attach(key, backend)
+        try:
+            counter.hit(account, event, now=NOW)
+        except ValueError as exc:
+            return "ValueError", "UTF-8 bytes" in str(exc), counter.keys()
+        return "counted", counter.keys()
+
+    status, result = in_child(use)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result[0] == "returned", result
+    kind, named, keys = result[1]
+    assert kind == "ValueError" and named
+    assert sorted(keys) == [(0, "~overflow", "~any"), (1, "all", "pageview")]
+
+
+@pytest.mark.parametrize("call", ["load", "store"])
+def test_load_and_store_with_a_bad_width_raise_never_crash(counter, call):
+    def use():
+        for width in (0, 3, -8):
+            args = (segment.H_THROTTLE_LEVEL, width) + ((1,) if call == "store" else ())
+            with pytest.raises(ValueError, match="width"):
+                getattr(counter, call)(*args)
+        return "ok"
+
+    status, result = in_child(use)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result == ("returned", "ok")
+
+
+# ------------------------------------------------- corrupt header fields (11)
+
+def test_corrupt_throttle_fields_read_safely_and_are_repaired(key, backend):
+    segment.install(key, backend, multiplier=1, now=NOW)
+    counter = segment.attach(key, backend)
+    for _ in range(3):
+        counter.hit(now=NOW)
+    good_slot = counter.load(segment.H_THROTTLE_SLOT, 4)
+    counter.store(segment.H_THROTTLE_WINDOW, 4, 0xFFFFFFFF)
+    assert counter.level(NOW) == 3  # an unknown window reads as the sliding 60 s
+    counter.store(segment.H_THROTTLE_SLOT, 4, 0xFFFFFFFF)
+    counter.store(segment.H_THROTTLE_LEVEL, 4, 0xFFFFFFFF)
+
+    def read():
+        fresh = segment.attach(key, backend)
+        trafficthreshold.configure(key=key, backend=backend, strict=True)
+        return fresh.level(NOW), trafficthreshold.throttle_status(NOW)
+
+    status, result = in_child(read)
+    assert os.WIFEXITED(status), f"died of signal {os.WTERMSIG(status)}"
+    assert result == ("returned", (0, 0))  # heartbeat stale: the bad level is ignored
+    problems = segment.header_problems(counter)
+    assert len(problems) == 3
+    assert any("throttle_slot is 4294967295" in p for p in problems)
+    assert any("throttle_window is 4294967295" in p for p in problems)
+    assert segment.repair_header(counter, window="minute") == problems
+    head = segment.header(counter)
+    assert (head["throttle_slot"], head["throttle_window"], head["throttle_level"]) == \
+        (good_slot, segment.WINDOWS["minute"], 0)
+    assert segment.header_problems(counter) == [] and counter.level(NOW) == 3
+    counter.detach()
+
+
+def test_names_that_are_not_utf8_do_not_break_keys(counter, installed):
+    key, backend = installed
+    counter.hit("example.com", now=NOW)
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        for off, state, _slot, _h, account, _e in raw.entries():
+            if account == b"example.com":
+                view[off + 16:off + 16 + 11] = b"exam\xffle.co\xfe"
+    keys = counter.keys()
+    bad = [k for k in keys if k[1].startswith("exam")]
+    assert bad and bad[0][1] == "exam\udcffle.co\udcfe"
+    assert bad[0][1].encode("utf-8", "surrogateescape") == b"exam\xffle.co\xfe"
+    good, skipped = segment.split_keys(counter)
+    assert skipped == bad and all(k[1] != bad[0][1] for k in good)
+
+
+# ------------------------------------------------ SIGKILL at random (item 12)
+
+CRASH_HITS = 6000  # per worker: one hit a second from NOW, 100 minutes (the ring holds 120)
+
+
+def _crash_worker(key, backend, wid, progress):
+    """Counts CRASH_HITS hits, each in a new second (a roll-over under the
+    lock; workers at seconds 64 apart reclaim each other's second buckets,
+    under the lock too), a new key every 97 (inserts), recording in
+    `progress` (shared) the hit it starts and the hits it finished, so the
+    parent knows what a kill interrupted."""
+    try:
+        counter = segment.attach(key, backend)
+        for k in range(CRASH_HITS):
+            account = f"w{wid}-{k}" if k % 97 == 0 else f"a{k % 50}"
+            progress[2 * wid] = k + 1
+            counter.hit(account, now=NOW + k)
+            progress[2 * wid + 1] = k + 1
+    finally:
+        os._exit(0)
+
+
+def _crash_run(key, backend, kills, seed):
+    import array
+    import mmap as mmap_module
+    import random
+    rnd = random.Random(seed)
+    segment.install(key, backend, now=NOW)
+    slots = kills + 8
+    shared = mmap_module.mmap(-1, slots * 2 * 8)
+    progress = memoryview(shared).cast("Q")
+    live, wid, killed_in_flight, done = {}, 0, 0, 0
+
+    def spawn():
+        nonlocal wid
+        pid = os.fork()
+        if pid == 0:
+            _crash_worker(key, backend, wid, progress)
+        live[pid] = wid
+        wid += 1
+
+    for _ in range(3):
+        spawn()
+    try:
+        while done < kills:
+            time.sleep(rnd.uniform(0.0005, 0.008))
+            pid = rnd.choice(list(live))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # reaped at once: a zombie looks alive to kill(pid, 0)
+            w = live.pop(pid)
+            if progress[2 * w] != progress[2 * w + 1]:
+                killed_in_flight += 1
+            done += 1
+            spawn()
+    finally:
+        for pid in live:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finished = sum(progress[2 * w + 1] for w in range(wid))
+    in_flight = killed_in_flight + sum(progress[2 * w] != progress[2 * w + 1]
+                                       for w in live.values())
+    progress.release()
+    shared.close()
+
+    counter = segment.attach(key, backend)
+    try:
+        # One more key from here (the `all` key of a new event, which the
+        # reserve always has room for): a lock left by a killed holder is
+        # taken over (POSIX) or was given back (SysV undo), without a timeout.
+        start = time.monotonic()
+        counter.hit(event="final", now=NOW + CRASH_HITS)
+        assert counter.find(None, "final") is not None
+        assert time.monotonic() - start < segment.HOT_LOCK_TIMEOUT_MS / 1000
+        head = segment.header(counter)
+        assert head["lock_owner_pid"] == 0
+        if backend == "sysv":
+            assert sysv_ipc.Semaphore(key).value == 1
+        last = MINUTE + CRASH_HITS // 60
+        per_slot = {}
+        for slot, _minute, n in counter.minutes(MINUTE, last):
+            per_slot[slot] = per_slot.get(slot, 0) + n
+        total = per_slot.get(all_slot(counter), 0)
+        dropped = head["dropped_hits"]
+        # Every finished hit is counted or reported dropped; a killed one
+        # is counted at most once.
+        assert finished - dropped <= total <= finished + in_flight, \
+            (finished, in_flight, dropped, total)
+        # The accounts add up to the total, give or take the hits cut between
+        # their `all` addition and their account's.
+        accounts = sum(per_slot.get(slot, 0) for slot, a, e in counter.keys() if a != "all")
+        assert total - in_flight <= accounts <= total
+        # No half-written key is visible: every ready entry is a whole name.
+        names_seen = [a for _slot, a, _e in counter.keys()]
+        assert all(re.fullmatch(r"w\d+-\d+|a\d+|all|~overflow", a)
+                   for a in names_seen), names_seen
+        slots_seen = [slot for slot, _a, _e in counter.keys()]
+        assert len(slots_seen) == len(set(slots_seen)) <= head["keys_used"]
+        return {"kills": kills, "finished": finished, "in_flight": in_flight,
+                "dropped": dropped, "total": total}
+    finally:
+        counter.detach()
+
+
+def test_workers_killed_at_random_instants_lose_nothing(key, backend):
+    result = _crash_run(key, backend, kills=60, seed=1)
+    # The kills did land inside hits (else this proved nothing).
+    assert result["finished"] > 0 and result["in_flight"] > 0, result
+
+
+@pytest.mark.slow
+def test_workers_killed_at_random_instants_lose_nothing_soak(key, backend):
+    kills = int(os.environ.get("TRAFFICTHRESHOLD_SOAK_KILLS", "600"))
+    _crash_run(key, backend, kills=kills, seed=int(time.time()))

@@ -418,16 +418,50 @@ def test_unknown_backend(key):
         _counter.Counter("mmap", key)
 
 
-def test_a_segment_without_its_semaphore(key, backend):
-    segment.install(key, backend, now=NOW)
-    if backend == "sysv":
-        sysv_ipc.Semaphore(key).remove()
-    else:
-        posix_ipc.unlink_semaphore(segment.posix_name(key))
+def test_a_segment_without_its_semaphore_is_removed_by_uninstall_force(key):
+    """The error's advice is true: `uninstall --force` rolls the counts up
+    (a reader needs no lock) and removes the segment."""
+    segment.install(key, "sysv", now=NOW)
+    counter = segment.attach(key, "sysv")
+    counter.hit("example.com", n=3, now=NOW)
+    counter.detach()
+    sysv_ipc.Semaphore(key).remove()
     with pytest.raises(SegmentNotFound, match="no semaphore.*uninstall --force"):
-        segment.attach(key, backend)
-    with pytest.raises(LayoutMismatch, match="no semaphore"):
-        segment.install(key, backend, now=NOW)
+        segment.attach(key, "sysv")
+    with pytest.raises(LayoutMismatch, match="no semaphore.*uninstall --force"):
+        segment.install(key, "sysv", now=NOW)
+    rolled = []
+    segment.uninstall(key, "sysv", force=True,
+                      rollup=lambda c: rolled.append(c.count(c.find("example.com", "pageview"),
+                                                             1, NOW)))
+    assert rolled and rolled[0] == 3
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.SharedMemory(key)
+    assert segment.install(key, "sysv", now=NOW).created
+
+
+def test_a_semaphore_left_without_its_segment_is_removed_by_uninstall_force(key):
+    sysv_ipc.Semaphore(key, sysv_ipc.IPC_CREX, 0o600, 0)
+    with pytest.raises(SegmentNotFound):
+        segment.uninstall(key, "sysv")
+    assert "semaphore" in segment.uninstall(key, "sysv", force=True)["removed"]
+    with pytest.raises(sysv_ipc.ExistentialError):
+        sysv_ipc.Semaphore(key)
+
+
+def test_a_posix_segment_of_the_semaphore_protocol_is_refused_and_removable(key):
+    """A POSIX segment that an older version locked with a named semaphore
+    must not be written with the lock-word protocol next to it."""
+    segment.install(key, "posix", now=NOW)
+    sem = posix_ipc.Semaphore(segment.posix_name(key), posix_ipc.O_CREX, 0o600, 1)
+    sem.close()
+    with pytest.raises(LayoutMismatch, match="older trafficthreshold.*uninstall"):
+        segment.attach(key, "posix")
+    with pytest.raises(LayoutMismatch, match="older trafficthreshold.*uninstall"):
+        segment.install(key, "posix", now=NOW)
+    segment.uninstall(key, "posix")
+    assert not os.path.exists("/dev/shm" + segment.posix_name(key))
+    assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
 
 
 # ------------------------------------------------------------ permissions
@@ -448,15 +482,16 @@ def _some_group() -> grp.struct_group:
 
 
 def _modes(key: int, backend: str) -> list[tuple[int, int]]:
-    """(mode bits, gid) of the segment and of its semaphore."""
+    """(mode bits, gid) of the segment and of its semaphore (SysV; a POSIX
+    segment has none, its lock is in its header)."""
     if backend == "sysv":
         objs = [sysv_ipc.SharedMemory(key), sysv_ipc.Semaphore(key)]
         out = [(obj.mode & 0o777, obj.gid) for obj in objs]
         objs[0].detach()
         return out
-    paths = ["/dev/shm" + segment.posix_name(key),
-             "/dev/shm/sem." + segment.posix_name(key)[1:]]
-    return [(os.stat(p).st_mode & 0o777, os.stat(p).st_gid) for p in paths]
+    st = os.stat("/dev/shm" + segment.posix_name(key))
+    assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
+    return [(st.st_mode & 0o777, st.st_gid)] * 2
 
 
 @pytest.mark.parametrize("mode", [0o660, 0o600])
@@ -582,25 +617,27 @@ def test_uninstall_is_refused_while_others_are_attached_unless_forced(key, backe
         segment.attach(key, backend)
 
 
-def test_uninstall_retires_then_runs_the_final_read_then_removes(key, backend):
+def test_uninstall_rolls_up_live_then_retired_then_removes(key, backend):
+    """The roll-up runs once on the live segment (a failure there changes
+    nothing), then once more after retirement for what came meanwhile."""
     segment.install(key, backend, now=NOW)
     counter = segment.attach(key, backend)
     counter.hit("example.com", n=4, now=NOW)
     counter.detach()
-    seen = {}
+    seen = []
 
-    def final_rollup(retired):
-        seen["state"] = segment.header(retired)["state"]
-        slot = retired.find("example.com", "pageview")
-        seen["count"] = retired.count(slot, 1, NOW)
-        with pytest.raises(SegmentNotFound, match="uninstalled"):
-            retired.hit("example.com", now=NOW)
-        # A plain attach refuses a retired segment.
-        with pytest.raises(SegmentNotFound, match="being uninstalled"):
-            segment.attach(key, backend)
+    def final_rollup(reader):
+        slot = reader.find("example.com", "pageview")
+        seen.append((segment.header(reader)["state"], reader.count(slot, 1, NOW)))
+        if len(seen) == 2:
+            with pytest.raises(SegmentNotFound, match="uninstalled"):
+                reader.hit("example.com", now=NOW)
+            # A plain attach refuses a retired segment.
+            with pytest.raises(SegmentNotFound, match="being uninstalled"):
+                segment.attach(key, backend)
 
-    segment.uninstall(key, backend, before_remove=final_rollup)
-    assert seen == {"state": segment.STATE_RETIRED, "count": 4}
+    segment.uninstall(key, backend, rollup=final_rollup)
+    assert seen == [(segment.STATE_LIVE, 4), (segment.STATE_RETIRED, 4)]
     with pytest.raises(SegmentNotFound):
         segment.attach(key, backend)
     if backend == "sysv":
@@ -610,7 +647,6 @@ def test_uninstall_retires_then_runs_the_final_read_then_removes(key, backend):
             sysv_ipc.Semaphore(key)
     else:
         assert not os.path.exists("/dev/shm" + segment.posix_name(key))
-        assert not os.path.exists("/dev/shm/sem." + segment.posix_name(key)[1:])
 
 
 def test_install_after_uninstall_starts_from_zero(key, backend):
@@ -647,3 +683,272 @@ def test_an_install_that_died_half_way_is_finished(key, backend):
     assert counter.count(counter.find(None, "pageview"), 1, NOW) == 1
     counter.detach()
     assert time.monotonic() - start < 6
+
+
+# ------------------------------------------- install: live last (item 2, 3)
+
+def _start_install_and_die(key: int, backend: str, geo: segment.Geometry) -> None:
+    """A child creates the segment, takes the lock, formats it and is
+    killed before marking it live: the state a kill (or Ctrl-C) between
+    the steps of an install leaves."""
+    def die_formatted():
+        raw = segment._Raw(backend, key, create_size=geo.total_size)
+        raw.acquire(1000)
+        segment._format(raw, geo, 60, "60s", NOW)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status, _ = in_child(die_formatted)
+    assert os.WIFSIGNALED(status)
+
+
+@pytest.mark.parametrize("repair", ["install", "uninstall --force"])
+def test_an_install_killed_before_live_is_repaired_or_removed(key, backend, repair):
+    geo = segment.Geometry()
+    _start_install_and_die(key, backend, geo)
+    with pytest.raises(SegmentNotFound, match="not fully installed"):
+        segment.attach(key, backend)
+    start = time.monotonic()
+    if repair == "install":
+        assert segment.install(key, backend, geometry=geo, now=NOW).created
+        counter = segment.attach(key, backend)
+        counter.hit("example.com", now=NOW)  # a new key: the lock is free
+        assert counter.count(counter.find(None, "pageview"), 1, NOW) == 1
+        assert segment.header(counter)["lock_owner_pid"] == 0
+        counter.detach()
+    else:
+        segment.uninstall(key, backend, force=True)
+        with pytest.raises(SegmentNotFound):
+            segment.attach(key, backend)
+        assert segment.install(key, backend, geometry=geo, now=NOW).created
+    assert time.monotonic() - start < 2
+
+
+def test_a_failed_install_leaves_nothing_and_says_why(key, backend):
+    """A non-root admin giving the segment to a group they are not in is
+    refused before anything is created (it used to leave a live segment
+    whose lock was never opened)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    group = _some_group()
+
+    def as_nobody():
+        _drop_to_nobody([])
+        return segment.install(key, backend, group=group.gr_name, now=NOW)
+
+    status, result = in_child(as_nobody)
+    assert result[:2] == ("raised", "SegmentError"), result
+    assert f"group {group.gr_name!r}" in result[2] and "root" in result[2]
+    with pytest.raises(SegmentNotFound, match="no trafficthreshold segment"):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)
+
+
+def test_a_second_install_waits_for_the_first_and_does_not_format_again(key, backend):
+    """POSIX too: the first installer holds the lock word while it formats,
+    so a second install (the daemon's auto-install) waits, then finds the
+    segment live and leaves it (the semaphore used to end at 2)."""
+    geo = segment.Geometry()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            raw = segment._Raw(backend, key, create_size=geo.total_size)
+            raw.acquire(1000)
+            os.write(w, b"held")
+            time.sleep(0.4)
+            segment._format(raw, geo, 60, "60s", NOW)
+            raw.put("=Q", segment.H_INSTANCE, 12345)
+            raw.put("=I", segment.H_STATE, segment.STATE_LIVE)
+            raw.release()
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 4) == b"held"
+    os.close(r)
+    result = segment.install(key, backend, geometry=geo, now=NOW)
+    os.waitpid(pid, 0)
+    assert not result.created
+    counter = segment.attach(key, backend)
+    head = segment.header(counter)
+    assert head["instance"] == 12345 and head["lock_owner_pid"] == 0
+    with segment.locked(counter, 100):  # exactly one holder at a time
+        with pytest.raises(segment.SegmentBusy):
+            counter.lock(50)
+    counter.detach()
+
+
+# --------------------------------------------------- install: options (7)
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"multiplier": 2**32 + 1}, r"multiplier 4294967297 is out of range; use 0\.\.4294967295"),
+    ({"multiplier": -1}, r"multiplier -1 is out of range"),
+    ({"geometry": segment.Geometry(keys=18)},
+     r"--keys 18 is out of range; use 34\.\..*at least 16 must be left for account keys"),
+    ({"mode": 0o1777}, r"--mode 1023 is not valid; use permission bits 000\.\.777"),
+    ({"mode": 0o060}, r"--mode 60 takes read and write from the owner"),
+    ({"window": "5m"}, r"window '5m' is not valid"),
+])
+def test_install_validates_every_option_before_creating_anything(key, backend, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        segment.install(key, backend, now=NOW, **kwargs)
+    with pytest.raises(SegmentNotFound, match="no trafficthreshold segment"):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)
+
+
+def test_a_world_writable_mode_is_warned_about(key, backend, caplog):
+    caplog.set_level("WARNING", logger="trafficthreshold.segment")
+    result = segment.install(key, backend, mode=0o666, now=NOW)
+    assert result.created
+    assert any("666 lets every user" in w for w in result.warnings)
+    assert "666 lets every user" in caplog.text
+    assert segment.install(key, backend, mode=0o660, now=NOW).warnings == []
+
+
+# ------------------------------------- install as an unprivileged user (6)
+
+def test_install_by_a_group_member_on_a_usable_segment_succeeds(key, backend):
+    """The systemd unit's ExecStartPre runs install as the daemon's user on
+    a segment root created with --group: it succeeds, and where it cannot
+    re-apply a differing mode it says so (it used to die with a
+    sysv_ipc.PermissionsError traceback)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    group = _some_group()
+    segment.install(key, backend, mode=0o660, group=group.gr_name, now=NOW)
+
+    def as_member(mode):
+        def run():
+            _drop_to_nobody([group.gr_gid])
+            result = segment.install(key, backend, mode=mode, group=group.gr_name, now=NOW)
+            return result.created, result.warnings
+        return run
+
+    status, result = in_child(as_member(0o660))
+    assert result == ("returned", (False, [])), result
+    def as_outsider():
+        _drop_to_nobody([])
+        return segment.install(key, backend, now=NOW)
+
+    status, result = in_child(as_outsider)  # no traceback: a clear error
+    assert result[:2] == ("raised", "SegmentError"), result
+    assert "permission denied" in result[2] and "member of its group" in result[2]
+    status, result = in_child(as_member(0o640))
+    assert result[0] == "returned", result
+    created, warnings = result[1]
+    assert not created and warnings
+    assert "only root or its owner root (uid 0)" in warnings[0] and "left as it is" in warnings[0]
+    assert _modes(key, backend)[0] == (0o660, group.gr_gid)
+
+
+# ------------------------------------------------- uninstall never strands (5)
+
+def test_uninstall_by_a_group_member_changes_nothing_and_names_the_owner(key, backend):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another user")
+    group = _some_group()
+    segment.install(key, backend, mode=0o660, group=group.gr_name, now=NOW)
+
+    def as_member():
+        _drop_to_nobody([group.gr_gid])
+        try:
+            segment.uninstall(key, backend, force=True, rollup=lambda c: None)
+        except SegmentError as exc:
+            message = str(exc)
+        counter = segment.attach(key, backend)  # still live: workers count
+        counter.hit("example.com", now=NOW)
+        return message, segment.header(counter)["state"]
+
+    status, result = in_child(as_member)
+    assert result[0] == "returned", result
+    message, state = result[1]
+    assert "belongs to root (uid 0)" in message and "as root" in message
+    assert "nothing was changed" in message
+    assert state == segment.STATE_LIVE
+    segment.install(key, backend, mode=0o660, group=group.gr_name, now=NOW)  # not refused
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_a_failed_final_rollup_leaves_the_segment_live(key, backend, fail_on):
+    """The roll-up runs on the live segment, then again once retired; if
+    either fails, the uninstall stops with the segment live and counting."""
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("example.com", n=7, now=NOW)
+    calls = []
+
+    def rollup(reader):
+        calls.append(segment.header(reader)["state"])
+        if len(calls) == fail_on:
+            raise OSError("disk full")
+
+    with pytest.raises(SegmentError, match=r"uninstall stopped: the final roll-up failed "
+                                           r"\(OSError: disk full\).*--no-rollup"):
+        segment.uninstall(key, backend, rollup=rollup)
+    assert len(calls) == fail_on
+    assert segment.header(counter)["state"] == segment.STATE_LIVE
+    counter.hit("example.com", now=NOW)  # still counting, nothing lost
+    assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 8
+    counter.detach()
+    segment.uninstall(key, backend, rollup=lambda reader: None)
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+
+
+def test_uninstall_without_rollup_still_retires_attached_workers(key, backend):
+    segment.install(key, backend, now=NOW)
+    pid, ask, finish = _attached_child(key, backend)
+    try:
+        segment.uninstall(key, backend, force=True)  # no roll-up (--no-rollup)
+        # The attached worker sees the retired state and lets go.
+        assert ask("hit") == "SegmentNotFound"
+    finally:
+        finish()
+
+
+def test_uninstall_force_removes_a_segment_whose_lock_stays_held(key, backend):
+    """A lock that is never given back (SysV: a semaphore left at 0 by an
+    older version; POSIX: a live but stopped holder) does not make
+    `uninstall --force` answer SegmentBusy: it goes on without the lock."""
+    segment.install(key, backend, now=NOW)
+    holder = os.fork()
+    if holder == 0:
+        time.sleep(30)
+        os._exit(0)
+    try:
+        if backend == "sysv":
+            sysv_ipc.Semaphore(key).value = 0
+        else:
+            put(key, backend, "=I", segment.H_LOCK_OWNER_PID, holder)
+        raw = segment._Raw(backend, key)
+        try:
+            with pytest.raises(segment.SegmentBusy, match="held by pid .*uninstall --force"):
+                with segment._held(raw, 100):
+                    pass
+        finally:
+            raw.close()
+        start = time.monotonic()
+        segment.uninstall(key, backend, force=True, rollup=lambda reader: None)
+        assert time.monotonic() - start < 3
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    with pytest.raises(SegmentNotFound):
+        segment.attach(key, backend)
+
+
+def test_a_segment_too_big_for_the_host_is_refused_before_creating_anything(key, backend):
+    huge = segment.Geometry(keys=1 << 20, minutes=100_000, seconds=100_000, stripes=64)
+    limits = r"(the physical memory|kernel\.shm(max|all)|the free space of /dev/shm)"
+    with pytest.raises(ValueError, match=rf"would be [\d,]+ bytes, more than {limits}.*"
+                                         r"lower --keys \(1048576\)"):
+        segment.install(key, backend, geometry=huge, now=NOW)
+    with pytest.raises(SegmentNotFound, match="no trafficthreshold segment"):
+        segment.attach(key, backend)
+    if backend == "sysv":
+        with pytest.raises(sysv_ipc.ExistentialError):
+            sysv_ipc.Semaphore(key)

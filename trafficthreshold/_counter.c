@@ -38,7 +38,9 @@
  *    96  u64 heartbeat_ms     the supervisor's last tick, Unix milliseconds
  *   104  u32 supervisor_pid
  *   108  u32 throttle_slot    the slot of ("all", "pageview")
- *   112  u32 lock_owner_pid   who holds the semaphore (0: nobody)
+ *   112  u32 lock_owner_pid   POSIX: the lock word itself (0 = free, else the
+ *                              holder's pid); SysV: the holder, for people
+ *                              (the semaphore is the lock)
  *   116  u32 (reserved)
  *   120  u64 throttle_since_ms  the policy's clock: hysteresis, since when the
  *                              count is below the level's floor; drupal, the
@@ -48,7 +50,7 @@
  *   128  u32 keys_used        slots handed out (slots 0..keys_used-1)
  *   132  u32 next_stripe      round-robin stripe assignment
  *   136  u64 overflow_hits    hits that went to the overflow key
- *   144  u64 dropped_hits     hits dropped (semaphore timeout, stale time)
+ *   144  u64 dropped_hits     hits dropped (the lock not taken in 50 ms)
  *   152  u64 attaches         processes that attached, ever
  *   160  u64 instance         a random non-zero id drawn at each install: the
  *                              store keys its watermarks by it, so a segment
@@ -68,7 +70,7 @@
  * The counter slots, key_capacity slots of slot_size bytes at slots_offset.
  * A slot is P stripes; a stripe is M minute buckets then S second buckets;
  * a bucket is 16 bytes: u64 tag (the epoch minute or epoch second it
- * counts; 0 = never used, or being reset under the semaphore), u64 count.
+ * counts; 0 = never used, or being reset under the lock), u64 count.
  * Minute m lives in bucket m % M, second s in bucket M + s % S.  A key's
  * count for minute m is the sum over its stripes of the buckets whose tag
  * is m (read as a seqlock: see bucket_read).
@@ -83,9 +85,28 @@
  * table only up to key_capacity - EVENT_RESERVE so the `all` total of a new
  * event still finds a slot.
  *
- * Locking: the hot path takes no lock.  The semaphore (SysV with SEM_UNDO,
- * or a POSIX named semaphore) is taken only to add a key and to roll a
- * bucket over to a new epoch, always with a timeout.
+ * Locking: the hot path takes no lock.  The structural lock is taken only to
+ * add a key and to roll a bucket over to a new epoch, always with a timeout
+ * (50 ms on a worker's path), and always with the GIL released from before
+ * the take until after the give-back, so a thread holding the GIL never
+ * stretches the time another process waits (seg_lock, roll_bucket,
+ * insert_key).  It is never held without a recorded owner:
+ *   SysV: the semaphore, taken with semtimedop(-1, SEM_UNDO).  The kernel
+ *     records the taker (GETPID) in the same operation and gives the
+ *     semaphore back if the holder dies, even by SIGKILL.  lock_owner_pid
+ *     is stored after the take and cleared before the give-back, for
+ *     `status` only.
+ *   POSIX: no semaphore.  lock_owner_pid is the lock: taken by
+ *     compare_exchange(0 -> pid), given back by storing 0 (release) and a
+ *     FUTEX_WAKE; waiters sleep in FUTEX_WAIT on the word, 10 ms at a time.
+ *     A waiter that finds the holder dead (kill(pid, 0) fails with ESRCH)
+ *     takes the lock over with compare_exchange(dead pid -> own pid): the
+ *     lock goes straight from the dead holder to one live one.  What a dead
+ *     holder left half done is safe to redo: a bucket reset restarts (its
+ *     tag is 0 or old), a key insert whose state was not yet stored is an
+ *     empty entry (its slot, if keys_used was stored, is simply unused).
+ * segment.py takes the same lock for install and uninstall through _lock()
+ * and _unlock() (or Counter.lock()).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -93,7 +114,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <semaphore.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -102,8 +122,10 @@
 #include <sys/sem.h>
 #include <sys/shm.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/futex.h>
 
 #define MAGIC_BYTES "TRFTHRSH"
 #define LAYOUT_VERSION 1u
@@ -114,7 +136,7 @@
 #define EVENT_MAX 32u
 #define OVERFLOW_SLOT 0u
 #define EVENT_RESERVE 16u
-/* Why 50 ms: the semaphore is held for microseconds (a bucket reset, a key
+/* Why 50 ms: the lock is held for microseconds (a bucket reset, a key
  * insert).  A request must never wait long because of us; after this the
  * hit is counted as dropped and the request goes on. */
 #define HOT_LOCK_TIMEOUT_MS 50
@@ -122,6 +144,17 @@
 #define HEARTBEAT_STALE_MS 10000
 /* How often a process without a segment tries again to attach. */
 #define ATTACH_RETRY_S 10
+/* The largest n of one hit().  Why 2**32 - 1: a batch (a minute of a log
+ * replayed) fits easily, a writer in another language can hold it in a u32,
+ * and a bucket needs 2**31 such hits to reach 2**63, so no count ever read
+ * out wraps or passes 2**63 - 1 (the store's integers); the reads saturate
+ * there anyway (sat_add). */
+#define MAX_HIT_N 4294967295ULL
+/* How far a hit's `now` may be from the real clock, in seconds.  Why a year:
+ * wide enough for tests and replays that drive the clock, narrow enough to
+ * refuse milliseconds or microseconds passed by mistake (a factor of 1000,
+ * year ~58,885), which would tag buckets far in the future. */
+#define MAX_CLOCK_SKEW_S (366 * 86400)
 
 /* Header offsets. */
 #define H_MAGIC 0
@@ -183,8 +216,7 @@ typedef struct {
     size_t size;
     int backend;
     long key;
-    int semid;                /* SysV */
-    sem_t *psem;              /* POSIX */
+    int semid;                /* SysV; -1 = none (a retired reader may lack it) */
     /* geometry, copied from the header at attach */
     uint32_t key_capacity, index_size, minutes, seconds, stripes;
     uint32_t stripe_size, slot_size;
@@ -192,6 +224,8 @@ typedef struct {
     uint32_t stripe;          /* this process's stripe */
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */
+    int busy;                 /* threads inside a GIL-free lock section:
+                                 detach() must not unmap under them */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
     int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
@@ -271,77 +305,143 @@ static uint64_t parse_second(PyObject *obj)
         return (uint64_t)ts.tv_sec;
     }
     t = parse_now(obj);
-    return t < 0 ? 0 : (uint64_t)t;
+    if (t < 0)
+        return 0;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (t > (double)ts.tv_sec + MAX_CLOCK_SKEW_S || t < (double)ts.tv_sec - MAX_CLOCK_SKEW_S) {
+        PyErr_Format(PyExc_ValueError,
+                     "now=%R is more than %d days from the real clock (%lld)%s; pass Unix "
+                     "seconds, or omit now", obj, MAX_CLOCK_SKEW_S / 86400, (long long)ts.tv_sec,
+                     t > ts.tv_sec * 500.0 ? ": now looks like milliseconds" : "");
+        return 0;
+    }
+    return (uint64_t)t;
 }
 
-/* ------------------------------------------------------------- semaphore */
+/* ------------------------------------------------------------------ lock */
 
-/* Takes the segment semaphore, waiting at most timeout_ms.
- * Returns 0 when held, -1 with errno EAGAIN/ETIMEDOUT on timeout or another
- * errno on failure.  SysV: SEM_UNDO, so a holder killed by SIGKILL releases
- * it.  POSIX has no undo: the holder's pid is kept in the header, and a
- * waiter that times out while the holder is dead releases the lock for it
- * (exactly one waiter wins the compare-and-swap on the pid). */
-static int sem_lock(Counter *c, int timeout_ms)
+/* The structural lock of a segment: the SysV semaphore, or for POSIX the
+ * lock word lock_owner_pid itself.  Plain data, so that the lock is taken,
+ * used and given back with the GIL released: nothing here touches Python. */
+typedef struct {
+    int backend;
+    int semid;           /* SysV: the semaphore set; -1 = none */
+    uint32_t *owner;     /* &header[112], lock_owner_pid */
+} seglock_t;
+
+static long futex(uint32_t *word, int op, uint32_t val, const struct timespec *ts)
+{
+    /* Not FUTEX_PRIVATE: the word is in memory shared between processes. */
+    return syscall(SYS_futex, word, op, val, ts, NULL, 0);
+}
+
+static int64_t mono_ms(void)
 {
     struct timespec ts;
-    int rc;
-    uint32_t owner;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
-    if (c->backend == BACKEND_SYSV) {
-        struct sembuf op = {0, -1, SEM_UNDO};
-        ts.tv_sec = timeout_ms / 1000;
-        ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
-        do {
-            Py_BEGIN_ALLOW_THREADS
-            rc = semtimedop(c->semid, &op, 1, &ts);
-            Py_END_ALLOW_THREADS
-        } while (-1 == rc && errno == EINTR);
-        if (-1 == rc)
-            return -1;
-    } else {
-        for (int attempt = 0; attempt < 2; attempt++) {
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-            ts.tv_sec += timeout_ms / 1000 + ts.tv_nsec / 1000000000L;
-            ts.tv_nsec %= 1000000000L;
-            do {
-                Py_BEGIN_ALLOW_THREADS
-                rc = sem_timedwait(c->psem, &ts);
-                Py_END_ALLOW_THREADS
-            } while (-1 == rc && errno == EINTR);
-            if (0 == rc)
-                break;
-            if (errno != ETIMEDOUT)
-                return -1;
-            owner = __atomic_load_n(U32(c->base, H_LOCK_OWNER_PID), __ATOMIC_ACQUIRE);
-            if (owner == 0 || attempt == 1)
-                return -1;
-            if (-1 == kill((pid_t)owner, 0) && errno == ESRCH) {
-                /* The holder died with the lock: release it on its behalf. */
-                if (__atomic_compare_exchange_n(U32(c->base, H_LOCK_OWNER_PID), &owner, 0,
-                                                0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-                    sem_post(c->psem);
-                continue;
-            }
+/* Whether pid `p` is gone: kill(p, 0) fails with ESRCH.  EPERM means it
+ * exists (another user's process). */
+static int pid_dead(uint32_t p)
+{
+    return -1 == kill((pid_t)p, 0) && errno == ESRCH;
+}
+
+/* POSIX: takes the lock word, waiting at most timeout_ms.  The lock IS the
+ * owner: compare_exchange(owner, 0 -> pid) takes it, so there is no instant
+ * at which the lock is held with no owner recorded.  A holder that died
+ * (kill(pid, 0) fails with ESRCH) is replaced by compare_exchange(owner,
+ * dead pid -> our pid): the lock passes straight to one waiter, never
+ * through 0.  Waiting is a futex wait on the word, in slices of at most
+ * 10 ms so a holder's death is noticed.  Returns 0 when held, -1 with errno
+ * ETIMEDOUT.  Call without the GIL. */
+static int word_lock(uint32_t *word, int timeout_ms)
+{
+    uint32_t me = (uint32_t)getpid(), cur;
+    int64_t deadline = mono_ms() + timeout_ms, left;
+    struct timespec ts;
+    for (;;) {
+        cur = 0;
+        if (__atomic_compare_exchange_n(word, &cur, me, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return 0;
+        if (cur != 0 && pid_dead(cur)) {
+            /* The holder died with the lock: take it over.  What it left
+             * half done is safe to redo (see "Locking" at the top). */
+            if (__atomic_compare_exchange_n(word, &cur, me, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE))
+                return 0;
+            continue;
+        }
+        left = deadline - mono_ms();
+        if (left <= 0) {
             errno = ETIMEDOUT;
             return -1;
         }
+        if (left > 10)
+            left = 10;
+        ts.tv_sec = 0;
+        ts.tv_nsec = (long)left * 1000000L;
+        /* Returns at once (EAGAIN) if the word is no longer `cur`. */
+        futex(word, FUTEX_WAIT, cur, &ts);
     }
-    __atomic_store_n(U32(c->base, H_LOCK_OWNER_PID), (uint32_t)getpid(), __ATOMIC_RELEASE);
+}
+
+/* POSIX: gives the lock word back (release order: everything written under
+ * the lock is visible before the 0) and wakes one waiter.  Caller holds it. */
+static void word_unlock(uint32_t *word)
+{
+    __atomic_store_n(word, 0u, __ATOMIC_RELEASE);
+    futex(word, FUTEX_WAKE, 1, NULL);
+}
+
+/* Takes the structural lock, waiting at most timeout_ms.  Returns 0 when
+ * held, -1 with errno EAGAIN/ETIMEDOUT on timeout or another errno on
+ * failure.  Call without the GIL.
+ * SysV: semtimedop with SEM_UNDO, so a holder killed even by SIGKILL gives
+ * the semaphore back, and the kernel records the taker's pid in the same
+ * operation (semctl GETPID): the lock is never held without a recorded
+ * owner.  lock_owner_pid is then stored for people (status); nothing
+ * depends on it.  POSIX: word_lock(). */
+static int seg_lock(const seglock_t *l, int timeout_ms)
+{
+    struct timespec ts;
+    struct sembuf op = {0, -1, SEM_UNDO};
+    int rc;
+    if (l->backend != BACKEND_SYSV)
+        return word_lock(l->owner, timeout_ms);
+    if (l->semid < 0) {
+        errno = EIDRM;
+        return -1;
+    }
+    ts.tv_sec = timeout_ms / 1000;
+    ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+    do {
+        rc = semtimedop(l->semid, &op, 1, &ts);
+    } while (-1 == rc && errno == EINTR);
+    if (-1 == rc)
+        return -1;
+    __atomic_store_n(l->owner, (uint32_t)getpid(), __ATOMIC_RELEASE);
     return 0;
 }
 
-/* Releases the semaphore.  Caller holds it. */
-static void sem_unlock(Counter *c)
+/* Gives the structural lock back.  Caller holds it; call without the GIL. */
+static void seg_unlock(const seglock_t *l)
 {
-    __atomic_store_n(U32(c->base, H_LOCK_OWNER_PID), 0u, __ATOMIC_RELEASE);
-    if (c->backend == BACKEND_SYSV) {
-        struct sembuf op = {0, 1, SEM_UNDO};
-        semop(c->semid, &op, 1);
-    } else {
-        sem_post(c->psem);
+    struct sembuf op = {0, 1, SEM_UNDO};
+    if (l->backend != BACKEND_SYSV) {
+        word_unlock(l->owner);
+        return;
     }
+    __atomic_store_n(l->owner, 0u, __ATOMIC_RELEASE);
+    semop(l->semid, &op, 1);
+}
+
+static inline seglock_t lock_of(Counter *c)
+{
+    seglock_t l = {c->backend, c->semid, U32(c->base, H_LOCK_OWNER_PID)};
+    return l;
 }
 
 /* ---------------------------------------------------------------- layout */
@@ -544,32 +644,43 @@ static int attach_posix(Counter *c)
     return 0;
 }
 
-/* Opens the semaphore of a mapped segment whose header was found valid (so
- * that a segment which is not ours is reported as such, not as one that
- * lacks a semaphore).  Returns 0, or -1 with an exception set. */
-static int open_semaphore(Counter *c)
+/* Opens the SysV semaphore of a mapped segment whose header was found valid
+ * (so that a segment which is not ours is reported as such, not as one that
+ * lacks a semaphore).  The POSIX backend has none: its lock is the header's
+ * lock word; but a POSIX semaphore of the segment's name means the segment
+ * was installed by a version that locked with it, and the two protocols
+ * must not be mixed.  `reader_only` (a retired segment's final read) does
+ * without the semaphore: it takes no lock.  Returns 0, or -1 with an
+ * exception set. */
+static int open_semaphore(Counter *c, int reader_only)
 {
-    char name[64];
-    if (c->backend == BACKEND_SYSV) {
-        c->semid = semget((key_t)c->key, 1, 0);
-        if (-1 != c->semid)
+    char name[80];
+    struct stat st;
+    c->semid = -1;
+    if (c->backend == BACKEND_POSIX) {
+        snprintf(name, sizeof name, "/dev/shm/sem.trafficthreshold-%lx", c->key);
+        if (reader_only || -1 == stat(name, &st))
             return 0;
-        snprintf(name, sizeof name, "SysV IPC key 0x%lx", c->key);
-    } else {
-        snprintf(name, sizeof name, "/trafficthreshold-%lx", c->key);
-        c->psem = sem_open(name, 0);
-        if (c->psem != SEM_FAILED)
-            return 0;
-        c->psem = NULL;
+        PyErr_Format(LayoutMismatch,
+                     "the segment /dev/shm/trafficthreshold-%lx was installed by an older "
+                     "trafficthreshold that locked it with the POSIX semaphore %s; run "
+                     "`trafficthreshold uninstall --backend posix` and install again",
+                     c->key, name);
+        return -1;
     }
+    c->semid = semget((key_t)c->key, 1, 0);
+    if (-1 != c->semid || reader_only)
+        return 0;
     if (errno == EACCES)
         PyErr_Format(SegmentError,
-                     "permission denied on the semaphore of the segment at %s; add this "
-                     "user to the segment's group (see `trafficthreshold status`)", name);
+                     "permission denied on the semaphore of the segment at SysV IPC key "
+                     "0x%lx; add this user to the segment's group (see `trafficthreshold "
+                     "status`)", c->key);
     else
         PyErr_Format(SegmentNotFound,
-                     "the segment at %s has no semaphore; run `trafficthreshold uninstall "
-                     "--force` and install again", name);
+                     "the segment at SysV IPC key 0x%lx has no semaphore; run "
+                     "`trafficthreshold uninstall --force` (it rolls the counts up and "
+                     "removes the segment) and install again", c->key);
     return -1;
 }
 
@@ -582,10 +693,6 @@ static void detach(Counter *c)
             munmap(c->base, c->size);
         c->base = NULL;
     }
-    if (c->psem != NULL) {
-        sem_close(c->psem);
-        c->psem = NULL;
-    }
     if (c->cache != NULL)
         PyDict_Clear(c->cache);
     Py_CLEAR(c->ev_obj);
@@ -594,8 +701,10 @@ static void detach(Counter *c)
 }
 
 /* Counter(backend, key, stripe=None, retired_ok=False): attaches; raises
- * SegmentNotFound, LayoutMismatch or SegmentError.  retired_ok lets the
- * uninstaller read a segment it has already retired (its final roll-up). */
+ * SegmentNotFound, LayoutMismatch or SegmentError.  retired_ok makes a
+ * reader for the uninstaller's final roll-up: it reads a segment it has
+ * already retired, and does without a vanished SysV semaphore (a reader
+ * takes no lock; its lock() raises SegmentNotFound). */
 static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"backend", "key", "stripe", "retired_ok", NULL};
@@ -606,6 +715,10 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "sl|Op", kwlist, &backend, &key, &stripe,
                                      &retired_ok))
         return -1;
+    if (c->busy > 0) {
+        PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock");
+        return -1;
+    }
     detach(c);
     if (strcmp(backend, "sysv") == 0)
         c->backend = BACKEND_SYSV;
@@ -620,7 +733,7 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
     if (c->cache == NULL && (c->cache = PyDict_New()) == NULL)
         return -1;
     if ((c->backend == BACKEND_SYSV ? attach_sysv(c) : attach_posix(c)) < 0
-        || validate_header(c, retired_ok) < 0 || open_semaphore(c) < 0) {
+        || validate_header(c, retired_ok) < 0 || open_semaphore(c, retired_ok) < 0) {
         detach(c);
         return -1;
     }
@@ -673,26 +786,19 @@ static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t 
     return -1;
 }
 
-/* Finds or creates the key; returns its slot, OVERFLOW_SLOT when the table
- * is full, or -1 with an exception set (lock timeout: SegmentBusy).
- * Takes the semaphore only to insert.  Names are already validated. */
-static long find_or_create(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                           int is_all)
+/* Inserts the key under the structural lock; returns its slot,
+ * OVERFLOW_SLOT when the table is full, or -1 with errno set when the lock
+ * was not taken.  No Python: runs with the GIL released, so a thread that
+ * holds the GIL never makes the lock wait (the lock is taken, the entry
+ * written and the lock given back in one stretch of C). */
+static long insert_key(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
+                       uint32_t hash, uint32_t limit)
 {
-    uint32_t hash = fnv1a(a, alen, e, elen), pos;
-    uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
-    long slot = probe(c, a, alen, e, elen, hash, NULL);
-    if (slot >= 0)
-        return slot;
-    /* Full: answer without the lock, so a flood of new names costs no
-     * system call. */
-    if (__atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE) >= limit)
-        return OVERFLOW_SLOT;
-    if (sem_lock(c, HOT_LOCK_TIMEOUT_MS) < 0) {
-        PyErr_SetString(SegmentBusy, "timed out waiting for the segment semaphore "
-                                     "to add a key");
+    seglock_t l = lock_of(c);
+    uint32_t pos;
+    long slot;
+    if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0)
         return -1;
-    }
     /* Re-probe under the lock: another process may have added it. */
     slot = probe(c, a, alen, e, elen, hash, &pos);
     if (slot < 0) {
@@ -701,6 +807,8 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
             slot = OVERFLOW_SLOT;
         } else {
             char *ent = index_entry(c, pos);
+            /* alen <= ACCOUNT_MAX and elen <= EVENT_MAX (encode_names):
+             * the copies stay inside the entry. */
             memcpy(ent + E_ACCOUNT, a, alen);
             memcpy(ent + E_EVENT, e, elen);
             *(uint8_t *)(ent + E_ACCOUNT_LEN) = (uint8_t)alen;
@@ -714,7 +822,34 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
             slot = used;
         }
     }
-    sem_unlock(c);
+    seg_unlock(&l);
+    return slot;
+}
+
+/* Finds or creates the key; returns its slot, OVERFLOW_SLOT when the table
+ * is full, or -1 with an exception set (lock timeout: SegmentBusy).
+ * Takes the lock only to insert, with the GIL released (insert_key).  Names
+ * are already validated and bounded.  The caller holds a reference to the
+ * Counter and to the name strings whose UTF-8 `a` and `e` point into. */
+static long find_or_create(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
+                           int is_all)
+{
+    uint32_t hash = fnv1a(a, alen, e, elen);
+    uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
+    long slot = probe(c, a, alen, e, elen, hash, NULL);
+    if (slot >= 0)
+        return slot;
+    /* Full: answer without the lock, so a flood of new names costs no
+     * system call. */
+    if (__atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE) >= limit)
+        return OVERFLOW_SLOT;
+    c->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    slot = insert_key(c, a, alen, e, elen, hash, limit);
+    Py_END_ALLOW_THREADS
+    c->busy--;
+    if (slot < 0)
+        PyErr_SetString(SegmentBusy, "timed out waiting for the segment lock to add a key");
     return slot;
 }
 
@@ -735,6 +870,16 @@ static int encode_names(PyObject *account, PyObject *event, const char **a, Py_s
     }
     if ((*e = PyUnicode_AsUTF8AndSize(event, elen)) == NULL)
         return -1;
+    /* Why here too: names.validate measured value.encode(), which a str
+     * subclass can override; these are the bytes that will be copied into
+     * the index entry's 64- and 32-byte fields. */
+    if (*alen < 1 || *alen > (Py_ssize_t)ACCOUNT_MAX
+        || *elen < 1 || *elen > (Py_ssize_t)EVENT_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "account and event names must be 1..%u and 1..%u UTF-8 bytes; got %zd "
+                     "and %zd", ACCOUNT_MAX, EVENT_MAX, *alen, *elen);
+        return -1;
+    }
     return 0;
 }
 
@@ -785,32 +930,43 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 
 /* ------------------------------------------------------------------- add */
 
-/* Makes `b` count epoch `tag`, resetting it if it holds an older epoch.
- * Returns 0 when b counts tag, 1 when b holds a newer epoch (our time is
- * stale by more than the ring), -1 on a lock timeout.
+/* Makes `b` count epoch `tag`, resetting it if it holds another epoch.
+ * Returns 0 when b counts tag, -1 on a lock timeout.
+ * A bucket holding a NEWER epoch is reclaimed too: a bucket of the same
+ * index holds epochs that differ by whole rings, so its tag is a ring or
+ * more ahead of our clock.  That is a clock that jumped forward and back
+ * (or a `now` in the future); refusing the addition until real time caught
+ * up would blind the counters for as long as the jump.  Reclaiming loses
+ * what was counted during the jump, nothing else.
  * Hazard: two processes may see the old tag at once; the check is repeated
- * under the semaphore so only one resets, and the reset stores the count
+ * under the lock so only one resets, and the reset stores the count
  * before the tag (release) so nobody adds to the new epoch before the zero.
  * Hazard: a lock-free reader (bucket_read) may be between its load of the
  * old tag and its load of the count.  The tag is zeroed first, fenced, so
  * that reader's second look at the tag fails instead of passing the new
  * epoch's count off as the old one's (a seqlock write; a writer that sees
- * the 0 goes for the semaphore and waits for us). */
+ * the 0 goes for the lock and waits for us).
+ * The GIL is released for the whole of lock, reset and unlock, so a thread
+ * holding the GIL never stretches the time the lock is held. */
 static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag)
 {
+    seglock_t l = lock_of(c);
     int rc = 0;
-    if (sem_lock(c, HOT_LOCK_TIMEOUT_MS) < 0)
-        return -1;
-    uint64_t cur = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
-    if (cur < tag) {
-        __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
-    } else if (cur > tag) {
-        rc = 1;
+    c->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
+        rc = -1;
+    } else {
+        if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag) {
+            __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+        }
+        seg_unlock(&l);
     }
-    sem_unlock(c);
+    Py_END_ALLOW_THREADS
+    c->busy--;
     return rc;
 }
 
@@ -899,20 +1055,24 @@ static int parse_hit_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     return 0;
 }
 
+/* hit()'s n: an int in 1..MAX_HIT_N, else TypeError/ValueError naming
+ * the value and the range (never OverflowError). */
 static long long parse_n(PyObject *obj)
 {
     long long n;
+    int overflow;
     if (obj == NULL)
         return 1;
     if (!PyLong_Check(obj) || PyBool_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "n must be an int, not %.100s", Py_TYPE(obj)->tp_name);
         return -1;
     }
-    n = PyLong_AsLongLong(obj);
+    n = PyLong_AsLongLongAndOverflow(obj, &overflow);
     if (n == -1 && PyErr_Occurred())
         return -1;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "n must be >= 1, got %lld", n);
+    if (overflow != 0 || n < 1 || (unsigned long long)n > MAX_HIT_N) {
+        PyErr_Format(PyExc_ValueError, "n=%R is out of range; n must be 1..%llu per hit()",
+                     obj, MAX_HIT_N);
         return -1;
     }
     return n;
@@ -966,7 +1126,10 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
     if (account != Py_None) {
         if (slot == OVERFLOW_SLOT)
             __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
-        dropped |= add_slot(c, (uint32_t)slot, n);
+        /* A table full even for `all` keys sends both keys to the overflow
+         * slot: count the hit there once, as overflow_hits does. */
+        if (slot != all_slot)
+            dropped |= add_slot(c, (uint32_t)slot, n);
     } else if (all_slot == OVERFLOW_SLOT) {
         __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
     }
@@ -1110,12 +1273,23 @@ static inline uint64_t bucket_read(bucket_t *b, uint64_t tag)
     return __atomic_load_n(&b->tag, __ATOMIC_RELAXED) == tag ? n : 0;
 }
 
-/* Count of `slot` in clock minute `minute` (sum over stripes). */
+/* a + b, saturating at COUNT_MAX.  Why: counts are read from shared
+ * memory (a corrupt or absurd bucket must not wrap a sum around to a small
+ * number) and end in signed 64-bit integers (SQLite, JSON readers). */
+#define COUNT_MAX 0x7FFFFFFFFFFFFFFFULL
+static inline uint64_t sat_add(uint64_t a, uint64_t b)
+{
+    if (a > COUNT_MAX) a = COUNT_MAX;
+    if (b > COUNT_MAX) b = COUNT_MAX;
+    return a + b > COUNT_MAX ? COUNT_MAX : a + b;
+}
+
+/* Count of `slot` in clock minute `minute` (sum over stripes, saturating). */
 static uint64_t minute_count(Counter *c, uint32_t slot, uint64_t minute)
 {
     uint64_t total = 0;
     for (uint32_t p = 0; p < c->stripes; p++)
-        total += bucket_read(minute_bucket(c, slot, p, minute), minute);
+        total = sat_add(total, bucket_read(minute_bucket(c, slot, p, minute), minute));
     return total;
 }
 
@@ -1125,7 +1299,7 @@ static uint64_t sliding_count(Counter *c, uint32_t slot, uint64_t second)
     uint64_t total = 0;
     for (uint32_t p = 0; p < c->stripes; p++) {
         for (uint64_t s = second - 59; s <= second; s++)
-            total += bucket_read(second_bucket(c, slot, p, s), s);
+            total = sat_add(total, bucket_read(second_bucket(c, slot, p, s), s));
     }
     return total;
 }
@@ -1300,10 +1474,19 @@ static PyObject *Counter_keys(Counter *c, PyObject *unused)
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != 1)
             continue;
-        if (append_new(out, Py_BuildValue("(Is#s#)", *U32(ent, E_SLOT), ent + E_ACCOUNT,
-                                          (Py_ssize_t)*(uint8_t *)(ent + E_ACCOUNT_LEN),
-                                          ent + E_EVENT,
-                                          (Py_ssize_t)*(uint8_t *)(ent + E_EVENT_LEN))) < 0) {
+        /* Lengths and bytes come from shared memory: bound the lengths to
+         * their fields, and decode with surrogateescape so that a name which
+         * is not UTF-8 (a foreign writer) reads as a str with lone
+         * surrogates (names.check_name refuses those) instead of raising
+         * for every reader. */
+        uint8_t alen = *(uint8_t *)(ent + E_ACCOUNT_LEN), elen = *(uint8_t *)(ent + E_EVENT_LEN);
+        if (alen > ACCOUNT_MAX) alen = ACCOUNT_MAX;
+        if (elen > EVENT_MAX) elen = EVENT_MAX;
+        if (append_new(out, Py_BuildValue("(IN N)", *U32(ent, E_SLOT),
+                                          PyUnicode_DecodeUTF8(ent + E_ACCOUNT, alen,
+                                                               "surrogateescape"),
+                                          PyUnicode_DecodeUTF8(ent + E_EVENT, elen,
+                                                               "surrogateescape"))) < 0) {
             Py_DECREF(out);
             return NULL;
         }
@@ -1318,7 +1501,8 @@ static PyObject *Counter_load(Counter *c, PyObject *args)
     int width;
     if (!PyArg_ParseTuple(args, "ki", &off, &width) || check_attached(c) < 0)
         return NULL;
-    if (off + width > HEADER_SIZE || off % width || (width != 4 && width != 8)) {
+    /* The width first: `off % 0` would be a division by zero (SIGFPE). */
+    if ((width != 4 && width != 8) || off > HEADER_SIZE - width || off % width) {
         PyErr_SetString(PyExc_ValueError, "bad header offset or width");
         return NULL;
     }
@@ -1336,7 +1520,7 @@ static PyObject *Counter_store(Counter *c, PyObject *args)
     unsigned long long v;
     if (!PyArg_ParseTuple(args, "kiK", &off, &width, &v) || check_attached(c) < 0)
         return NULL;
-    if (off + width > HEADER_SIZE || off % width || (width != 4 && width != 8)
+    if ((width != 4 && width != 8) || off > HEADER_SIZE - width || off % width
         || off < H_TOTAL_SIZE) {
         PyErr_SetString(PyExc_ValueError, "bad header offset or width (geometry is read-only)");
         return NULL;
@@ -1349,35 +1533,70 @@ static PyObject *Counter_store(Counter *c, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Takes `l` with the GIL released; returns None, or NULL with SegmentBusy
+ * (timeout, naming the holder) or SegmentError set.  `keep` (may be NULL)
+ * is kept alive while the GIL is released. */
+static PyObject *lock_result(seglock_t *l, int timeout_ms, PyObject *keep)
+{
+    int rc, err;
+    uint32_t holder;
+    Py_XINCREF(keep);
+    if (keep != NULL)
+        ((Counter *)keep)->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = seg_lock(l, timeout_ms);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (keep != NULL)
+        ((Counter *)keep)->busy--;
+    Py_XDECREF(keep);
+    if (rc == 0)
+        Py_RETURN_NONE;
+    if (err == EAGAIN || err == ETIMEDOUT) {
+        holder = __atomic_load_n(l->owner, __ATOMIC_ACQUIRE);
+        if (l->backend == BACKEND_SYSV && l->semid >= 0)
+            holder = (uint32_t)semctl(l->semid, 0, GETPID);
+        PyErr_Format(SegmentBusy, "the segment lock is held by pid %u for more than %d ms",
+                     holder, timeout_ms);
+    } else if (err == EIDRM || err == EINVAL) {
+        PyErr_SetString(SegmentNotFound, "the segment's semaphore was removed; run "
+                        "`trafficthreshold uninstall --force` and install again");
+    } else {
+        errno = err;
+        PyErr_SetFromErrno(SegmentError);
+    }
+    return NULL;
+}
+
 /* Counter.lock(timeout_ms) -> None; raises SegmentBusy on timeout.
  * For structural work done from Python (uninstall). */
 static PyObject *Counter_lock(Counter *c, PyObject *args)
 {
     int timeout_ms;
+    seglock_t l;
     if (!PyArg_ParseTuple(args, "i", &timeout_ms) || check_attached(c) < 0)
         return NULL;
-    if (sem_lock(c, timeout_ms) < 0) {
-        if (errno == EAGAIN || errno == ETIMEDOUT)
-            PyErr_Format(SegmentBusy,
-                         "the segment semaphore is held by pid %u for more than %d ms",
-                         header_u32(c, H_LOCK_OWNER_PID), timeout_ms);
-        else
-            PyErr_SetFromErrno(SegmentError);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    l = lock_of(c);
+    return lock_result(&l, timeout_ms, (PyObject *)c);
 }
 
 static PyObject *Counter_unlock(Counter *c, PyObject *unused)
 {
+    seglock_t l;
     if (check_attached(c) < 0)
         return NULL;
-    sem_unlock(c);
+    l = lock_of(c);
+    seg_unlock(&l);
     Py_RETURN_NONE;
 }
 
 static PyObject *Counter_detach(Counter *c, PyObject *unused)
 {
+    if (c->busy > 0) {
+        PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock; "
+                        "detach it when that call has returned");
+        return NULL;
+    }
     detach(c);
     Py_RETURN_NONE;
 }
@@ -1413,8 +1632,10 @@ static PyMethodDef Counter_methods[] = {
     {"keys", (PyCFunction)Counter_keys, METH_NOARGS, "keys() -> [(slot, account, event)]."},
     {"load", (PyCFunction)Counter_load, METH_VARARGS, "load(offset, width) -> int."},
     {"store", (PyCFunction)Counter_store, METH_VARARGS, "store(offset, width, value)."},
-    {"lock", (PyCFunction)Counter_lock, METH_VARARGS, "lock(timeout_ms): take the semaphore."},
-    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS, "unlock(): release the semaphore."},
+    {"lock", (PyCFunction)Counter_lock, METH_VARARGS,
+     "lock(timeout_ms): take the structural lock (waiting without the GIL)."},
+    {"unlock", (PyCFunction)Counter_unlock, METH_NOARGS,
+     "unlock(): give the structural lock back."},
     {"detach", (PyCFunction)Counter_detach, METH_NOARGS, "detach(): unmap the segment."},
     {NULL}
 };
@@ -1477,37 +1698,61 @@ static PyObject *mod_ensure(PyObject *self, PyObject *unused)
     return Py_NewRef((PyObject *)c);
 }
 
-/* _sysv_semop(semid, delta, timeout_ms) -> None: one SEM_UNDO operation on
- * a SysV semaphore with a timeout, for segment.py's structural locking
- * (sysv_ipc's acquire() has no timeout where it was built without
- * semtimedop).  Raises SegmentBusy on timeout. */
-static PyObject *mod_sysv_semop(PyObject *self, PyObject *args)
+/* _lock(backend, semid, buffer, timeout_ms) -> None: takes the structural
+ * lock of a segment that segment.py has mapped itself (install and
+ * uninstall work on segments no Counter may attach to: half made, retired).
+ * The same protocol as the hot path's (seg_lock), with the GIL released
+ * while waiting.  `buffer` is the writable mapping (its header); backend 0 =
+ * SysV, 1 = POSIX.  Raises SegmentBusy on timeout, naming the holder. */
+static PyObject *mod_lock(PyObject *self, PyObject *args)
 {
-    int semid, delta, timeout_ms, rc;
-    struct sembuf op;
-    struct timespec ts;
-    if (!PyArg_ParseTuple(args, "iii", &semid, &delta, &timeout_ms))
+    int backend, semid, timeout_ms;
+    Py_buffer view;
+    PyObject *r;
+    seglock_t l;
+    if (!PyArg_ParseTuple(args, "iiw*i", &backend, &semid, &view, &timeout_ms))
         return NULL;
-    op.sem_num = 0;
-    op.sem_op = (short)delta;
-    op.sem_flg = SEM_UNDO;
-    ts.tv_sec = timeout_ms / 1000;
-    ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
-    do {
-        Py_BEGIN_ALLOW_THREADS
-        rc = semtimedop(semid, &op, 1, &ts);
-        Py_END_ALLOW_THREADS
-    } while (-1 == rc && errno == EINTR && !PyErr_CheckSignals());
-    if (-1 == rc) {
-        if (PyErr_Occurred())
-            return NULL;
-        if (errno == EAGAIN)
-            PyErr_Format(SegmentBusy, "the segment semaphore stayed busy for %d ms", timeout_ms);
-        else
-            PyErr_SetFromErrno(SegmentError);
+    if (view.len < (Py_ssize_t)HEADER_SIZE) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "the mapping is smaller than the header");
         return NULL;
     }
+    l.backend = backend;
+    l.semid = semid;
+    l.owner = U32(view.buf, H_LOCK_OWNER_PID);
+    r = lock_result(&l, timeout_ms, NULL);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+/* _unlock(backend, semid, buffer) -> None: gives back what _lock took. */
+static PyObject *mod_unlock(PyObject *self, PyObject *args)
+{
+    int backend, semid;
+    Py_buffer view;
+    seglock_t l;
+    if (!PyArg_ParseTuple(args, "iiw*", &backend, &semid, &view))
+        return NULL;
+    if (view.len >= (Py_ssize_t)HEADER_SIZE) {
+        l.backend = backend;
+        l.semid = semid;
+        l.owner = U32(view.buf, H_LOCK_OWNER_PID);
+        seg_unlock(&l);
+    }
+    PyBuffer_Release(&view);
     Py_RETURN_NONE;
+}
+
+/* _sysv_holder(semid) -> pid: the pid of the last semop on the set, which
+ * while the semaphore is 0 is its holder (GETPID). */
+static PyObject *mod_sysv_holder(PyObject *self, PyObject *args)
+{
+    int semid, pid;
+    if (!PyArg_ParseTuple(args, "i", &semid))
+        return NULL;
+    if (-1 == (pid = semctl(semid, 0, GETPID)))
+        return PyErr_SetFromErrno(SegmentError);
+    return PyLong_FromLong(pid);
 }
 
 /* _default() -> the attached default Counter or None. */
@@ -1527,7 +1772,9 @@ static PyMethodDef module_methods[] = {
     {"_reset", mod_reset, METH_NOARGS, NULL},
     {"_default", mod_default, METH_NOARGS, NULL},
     {"_ensure", mod_ensure, METH_NOARGS, NULL},
-    {"_sysv_semop", mod_sysv_semop, METH_VARARGS, NULL},
+    {"_lock", mod_lock, METH_VARARGS, NULL},
+    {"_unlock", mod_unlock, METH_VARARGS, NULL},
+    {"_sysv_holder", mod_sysv_holder, METH_VARARGS, NULL},
     {NULL}
 };
 
@@ -1577,12 +1824,14 @@ static int add_layout(PyObject *m)
     L("STATE_INSTALLING", STATE_INSTALLING); L("STATE_LIVE", STATE_LIVE);
     L("STATE_RETIRED", STATE_RETIRED);
     L("HOT_LOCK_TIMEOUT_MS", HOT_LOCK_TIMEOUT_MS); L("HEARTBEAT_STALE_MS", HEARTBEAT_STALE_MS);
-    L("ATTACH_RETRY_S", ATTACH_RETRY_S);
+    L("ATTACH_RETRY_S", ATTACH_RETRY_S); L("MAX_CLOCK_SKEW_S", MAX_CLOCK_SKEW_S);
 #undef L
     if (rc != 0 || PyModule_AddObject(m, "LAYOUT", d) < 0) {
         Py_DECREF(d);
         return -1;
     }
+    if (PyModule_AddObject(m, "MAX_HIT_N", PyLong_FromUnsignedLongLong(MAX_HIT_N)) < 0)
+        return -1;
     return PyModule_AddStringConstant(m, "MAGIC", MAGIC_BYTES);
 }
 

@@ -26,7 +26,8 @@ class LayoutMismatch(SegmentError):
 
 
 class SegmentBusy(SegmentError):
-    """The segment semaphore could not be taken in time."""
+    """The segment's lock (the SysV semaphore, or the POSIX lock word) could
+    not be taken in time."""
 
 
 class SegmentInUse(SegmentError):

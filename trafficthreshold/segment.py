@@ -12,10 +12,14 @@ Two backends hold the same bytes:
 * ``sysv``: a System V segment and a one-semaphore set, both found by the
   integer IPC key.  The semaphore is taken with SEM_UNDO, so the kernel
   releases it if its holder is killed.
-* ``posix``: ``/dev/shm/trafficthreshold-<key in hex>`` and a POSIX named
-  semaphore of the same name.  POSIX semaphores have no undo: the holder's
-  pid is kept in the header and a waiter that times out releases the lock of
-  a holder that no longer exists.
+* ``posix``: ``/dev/shm/trafficthreshold-<key in hex>``, no semaphore: the
+  lock is the header's ``lock_owner_pid`` word (compare-and-swap 0 -> pid,
+  futex waits), so the lock is never held without its owner recorded, and a
+  waiter takes over the lock of a holder that no longer exists.
+
+Install and uninstall take the same lock as the hot path, through the C
+module (``_lock``/``_unlock``, ``Counter.lock``).  Install marks the segment
+live as its last step; uninstall changes nothing it cannot finish.
 """
 from __future__ import annotations
 
@@ -25,16 +29,18 @@ import grp
 import logging
 import mmap
 import os
+import pwd
 import random
 import struct
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import posix_ipc
 import sysv_ipc
 
 from . import names
-from ._counter import Counter, _sysv_semop
+from . import _counter
+from ._counter import Counter, _lock, _unlock
 from .errors import LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse, SegmentNotFound
 
 log = logging.getLogger("trafficthreshold.segment")
@@ -104,6 +110,20 @@ ATTACH_RETRY_S = 10        # a process without a segment retries this often
 
 WINDOWS = {"60s": 0, "minute": 1}
 STRUCTURAL_LOCK_MS = 5000
+FORCE_LOCK_MS = 1000  # uninstall --force waits this long, then goes on without the lock
+
+MAX_U32 = 0xFFFFFFFF
+#: Slots taken by the install: ("~overflow", "~any") and ("all", "pageview").
+RESERVED_SLOTS = 2
+#: The fewest slots left for account keys by the smallest --keys.
+MIN_ACCOUNT_KEYS = 16
+MIN_KEYS = RESERVED_SLOTS + EVENT_RESERVE + MIN_ACCOUNT_KEYS  # 34
+MAX_KEYS = 1 << 20
+#: The largest ``n`` of one hit() (_counter.c says why); a larger one raises
+#: ValueError naming both.
+MAX_HIT_N: int = _counter.MAX_HIT_N
+#: How far a hit()'s ``now`` may be from the real clock, in seconds.
+MAX_CLOCK_SKEW_S = 366 * 86400
 
 #: Header fields shown by ``status``: name -> (offset, width).
 HEADER_FIELDS = {
@@ -133,8 +153,11 @@ class Geometry:
 
     def check(self) -> None:
         """Raise ValueError naming the option to fix."""
-        if self.keys < EVENT_RESERVE + 2 or self.keys > 1 << 20:
-            raise ValueError(f"--keys {self.keys} is out of range; use {EVENT_RESERVE + 2}..1048576")
+        if not MIN_KEYS <= self.keys <= MAX_KEYS:
+            raise ValueError(
+                f"--keys {self.keys} is out of range; use {MIN_KEYS}..{MAX_KEYS}: "
+                f"{RESERVED_SLOTS} slots are reserved, {EVENT_RESERVE} kept for the totals of "
+                f"new events, and at least {MIN_ACCOUNT_KEYS} must be left for account keys")
         if not 2 <= self.minutes <= 100_000:
             raise ValueError(f"--minutes {self.minutes} is out of range; use 2..100000")
         if not 64 <= self.seconds <= 100_000:
@@ -202,60 +225,99 @@ def fnv1a(account: bytes, event: bytes) -> int:
 
 # --------------------------------------------------------------- raw access
 
+def _euid_may_remove(uids: tuple[int, ...]) -> bool:
+    """Whether this process may remove an object owned or created by
+    ``uids``: root, or one of those uids (IPC_RMID and unlink in the sticky
+    /dev/shm both ask for that)."""
+    return os.geteuid() == 0 or os.geteuid() in uids
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 class _Raw:
-    """A writable view of a segment plus its semaphore, for install/uninstall."""
+    """A writable view of a segment plus its structural lock, for install
+    and uninstall (which work on segments a Counter may not attach to: half
+    made, retired).  The lock is taken through the C module (``_lock``), the
+    protocol of the hot path: SysV, the semaphore with SEM_UNDO; POSIX, the
+    lock word ``lock_owner_pid`` (docs/segment.rst)."""
 
     def __init__(self, backend: str, key: int, create_size: int = 0, mode: int = 0o660):
         self.backend, self.key = backend, key
-        self.created = False
-        if backend == "sysv":
-            self._open_sysv(create_size, mode)
-        else:
-            self._open_posix(create_size, mode)
+        self.created = False      # this call created the segment
+        self.sem_created = False  # this call created the SysV semaphore
+        self.sem = None
+        try:
+            if backend == "sysv":
+                self._open_sysv(create_size, mode)
+            else:
+                self._open_posix(create_size, mode)
+        except (sysv_ipc.PermissionsError, posix_ipc.PermissionsError, PermissionError) as exc:
+            self._drop_created_sem()
+            raise SegmentError(
+                f"permission denied on the {backend} segment at key {key:#x} ({exc}); run "
+                "this as root, as the segment's owner, or as a member of its group "
+                "(see `trafficthreshold status`)") from None
+        except BaseException:
+            # E.g. a size above kernel.shmmax: leave no semaphore behind.
+            self._drop_created_sem()
+            raise
 
     def _open_sysv(self, create_size: int, mode: int) -> None:
         if create_size:
-            sem = None
+            # The semaphore first, free (1): whoever then takes it, with
+            # SEM_UNDO, formats the segment; a killed installer gives it back.
             try:
-                # The semaphore first, at 0: whoever creates it holds the
-                # segment until the header is written.
-                sem = sysv_ipc.Semaphore(self.key, sysv_ipc.IPC_CREX, mode, 0)
-                # init_character: sysv_ipc fills a new segment with
-                # spaces by default; the layout needs zeros.
+                self.sem = sysv_ipc.Semaphore(self.key, sysv_ipc.IPC_CREX, mode, 1)
+                self.sem_created = True
+            except sysv_ipc.ExistentialError:
+                pass
+            try:
+                # init_character: sysv_ipc fills a new segment with spaces
+                # by default; the layout needs zeros.
                 self.shm = sysv_ipc.SharedMemory(self.key, sysv_ipc.IPC_CREX, mode,
                                                  create_size, init_character=b"\0")
-                self.sem, self.created = sem, True
+                self.created = True
             except sysv_ipc.ExistentialError:
-                # A segment exists without a semaphore (a foreign one, or
-                # ours after `ipcrm -s`): a semaphore made here, at 0, would
-                # lock it for good.  Take it back.
-                if sem is not None:
-                    sem.remove()
+                pass
         if not self.created:
             try:
                 self.shm = sysv_ipc.SharedMemory(self.key)
             except sysv_ipc.ExistentialError:
+                self._drop_created_sem()
                 raise SegmentNotFound(
                     f"no trafficthreshold segment at SysV IPC key {self.key:#x}; "
                     "run `trafficthreshold install`") from None
+        if self.sem is None:
             try:
                 self.sem = sysv_ipc.Semaphore(self.key)
             except sysv_ipc.ExistentialError:
                 self.sem = None
         self.buf = memoryview(self.shm)
+        if self.sem_created and not self.created and not self.half_made():
+            # A segment was there without a semaphore: someone else's, or a
+            # live one of ours whose semaphore was removed (its attached
+            # workers keep the old one's id).  Not ours to repair here.
+            self._drop_created_sem()
+
+    def _drop_created_sem(self) -> None:
+        if self.sem_created and self.sem is not None:
+            with contextlib.suppress(sysv_ipc.ExistentialError):
+                self.sem.remove()
+            self.sem, self.sem_created = None, False
 
     def _open_posix(self, create_size: int, mode: int) -> None:
         name = posix_name(self.key)
         if create_size:
-            sem = None
             try:
-                sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode, 0)
                 self.shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode, create_size)
-                self.sem, self.created = sem, True
+                self.created = True
             except posix_ipc.ExistentialError:
-                if sem is not None:  # see _open_sysv
-                    sem.unlink()
-                    sem.close()
+                pass
         if not self.created:
             try:
                 self.shm = posix_ipc.SharedMemory(name)
@@ -263,12 +325,30 @@ class _Raw:
                 raise SegmentNotFound(
                     f"no trafficthreshold segment at POSIX name {name}; run "
                     "`trafficthreshold install --backend posix`") from None
-            try:
-                self.sem = posix_ipc.Semaphore(name)
-            except posix_ipc.ExistentialError:
-                self.sem = None
-        self.map = mmap.mmap(self.shm.fd, self.shm.size)
+            self._wait_for_size(create_size)
+        self.map = mmap.mmap(self.shm.fd, os.fstat(self.shm.fd).st_size)
         self.buf = memoryview(self.map)
+
+    def _wait_for_size(self, create_size: int) -> None:
+        """A POSIX segment is created empty, then sized (two system calls):
+        give its creator a moment, then size it ourselves (an installer
+        killed in between); a mismatch is found later, under the lock."""
+        deadline = time.monotonic() + 0.5
+        while os.fstat(self.shm.fd).st_size == 0:
+            if time.monotonic() > deadline:
+                if not create_size:
+                    raise SegmentNotFound(
+                        f"the POSIX segment {posix_name(self.key)} is empty (its installer "
+                        "died); run `trafficthreshold install` or `trafficthreshold "
+                        "uninstall --force`")
+                os.ftruncate(self.shm.fd, create_size)
+                break
+            time.sleep(0.01)
+
+    @property
+    def legacy_sem_path(self) -> str:
+        """The POSIX semaphore older versions locked a POSIX segment with."""
+        return "/dev/shm/sem." + posix_name(self.key)[1:]
 
     def u32(self, off: int) -> int:
         return struct.unpack_from("=I", self.buf, off)[0]
@@ -279,66 +359,73 @@ class _Raw:
     def put(self, fmt: str, off: int, *values: object) -> None:
         struct.pack_into(fmt, self.buf, off, *values)
 
-    def acquire_sem(self, timeout_ms: int) -> None:
-        """Take the semaphore (SysV: with SEM_UNDO) or raise SegmentBusy."""
-        if self.backend == "sysv":
-            _sysv_semop(self.sem.id, -1, timeout_ms)
-            return
-        try:
-            self.sem.acquire(timeout_ms / 1000)
-        except posix_ipc.BusyError:
-            raise SegmentBusy(f"the segment semaphore stayed busy for {timeout_ms} ms") from None
-
-    def open_sem(self) -> None:
-        """Raise the semaphore from 0 to 1 without undo: the creator ends the
-        install this way (an undo record would take it back to 0 when the
-        creator exits), and so does the recovery of a dead creator's."""
-        if self.backend == "sysv":
-            self.sem.value = 1
-        else:
-            self.sem.release()
-
-    def creator_alive(self) -> bool:
-        """Whether the process that created the segment still runs (SysV
-        keeps its pid; for POSIX we cannot know and answer False)."""
-        if self.backend != "sysv":
+    def half_made(self) -> bool:
+        """An install started here and did not finish: zero magic, or ours
+        still in state 0.  No worker attaches to such a segment."""
+        if self.buf.nbytes < HEADER_SIZE:
             return False
-        try:
-            os.kill(self.shm.creator_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return bytes(self.buf[0:8]) in (b"\0" * 8, MAGIC) and self.u32(H_STATE) == STATE_INSTALLING
 
-    def release_sem(self) -> None:
-        """Give the semaphore back.  SysV: with SEM_UNDO, so that this
-        undoes the adjustment of acquire_sem()."""
-        if self.sem is None:
-            return
+    def _lock_args(self) -> tuple[int, int]:
         if self.backend == "sysv":
-            _sysv_semop(self.sem.id, 1, 0)
-        else:
-            self.sem.release()
+            if self.sem is None:
+                raise SegmentNotFound(
+                    f"the segment at SysV IPC key {self.key:#x} has no semaphore; run "
+                    f"`trafficthreshold uninstall --force --key {self.key:#x}` and "
+                    "install again")
+            return 0, self.sem.id
+        return 1, -1
+
+    def acquire(self, timeout_ms: int) -> None:
+        """Take the structural lock or raise SegmentBusy (the C protocol)."""
+        backend, semid = self._lock_args()
+        if self.buf.nbytes < HEADER_SIZE:
+            raise LayoutMismatch(f"the segment at key {self.key:#x} is smaller than a "
+                                 "header; it is not trafficthreshold's")
+        _lock(backend, semid, self.buf, timeout_ms)
+
+    def release(self) -> None:
+        """Give back what acquire() took."""
+        backend, semid = self._lock_args()
+        _unlock(backend, semid, self.buf)
+
+    def owners(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(what, uids that may remove it) of each object of the segment."""
+        if self.backend == "sysv":
+            out = [("the SysV segment", (self.shm.uid, self.shm.cuid))]
+            if self.sem is not None:
+                out.append(("its semaphore", (self.sem.uid, self.sem.cuid)))
+            return out
+        out = [("the POSIX segment", (os.fstat(self.shm.fd).st_uid,))]
+        if os.path.exists(self.legacy_sem_path):
+            out.append(("its semaphore", (os.stat(self.legacy_sem_path).st_uid,)))
+        return out
+
+    def permissions(self) -> list[tuple[str, int, int, int]]:
+        """(what, mode bits, gid, owner uid) of each object."""
+        if self.backend == "sysv":
+            objs = [("segment", self.shm)] + ([("semaphore", self.sem)] if self.sem else [])
+            return [(what, obj.mode & 0o777, obj.gid, obj.uid) for what, obj in objs]
+        st = os.fstat(self.shm.fd)
+        return [("segment", st.st_mode & 0o777, st.st_gid, st.st_uid)]
 
     def set_permissions(self, mode: int, gid: int | None) -> None:
-        """Apply mode and group to the segment and its semaphore."""
-        if self.backend == "sysv":
-            for obj in (self.shm, self.sem):
-                if obj is None:
-                    continue
-                obj.mode = mode
-                if gid is not None:
-                    obj.gid = gid
-            return
-        sem_path = "/dev/shm/sem." + posix_name(self.key)[1:]
+        """Apply mode and group to the segment (and its SysV semaphore).
+        Raises PermissionError if this user may not."""
+        try:
+            if self.backend == "sysv":
+                for obj in (self.shm, self.sem):
+                    if obj is None:
+                        continue
+                    obj.mode = mode
+                    if gid is not None:
+                        obj.gid = gid
+                return
+        except sysv_ipc.PermissionsError as exc:
+            raise PermissionError(str(exc)) from None
         os.fchmod(self.shm.fd, mode)
         if gid is not None:
             os.fchown(self.shm.fd, -1, gid)
-        if os.path.exists(sem_path):
-            os.chmod(sem_path, mode)
-            if gid is not None:
-                os.chown(sem_path, -1, gid)
 
     def close(self) -> None:
         self.buf.release()
@@ -347,24 +434,25 @@ class _Raw:
         else:
             self.map.close()
             self.shm.close_fd()
-            if self.sem is not None:
-                self.sem.close()
 
     def remove(self) -> None:
-        """Remove the segment and semaphore (they vanish once all detach)."""
+        """Remove the segment and its semaphore (they vanish once all
+        detach), and for POSIX a semaphore an older version left."""
         if self.backend == "sysv":
             self.shm.remove()
             if self.sem is not None:
-                self.sem.remove()
+                with contextlib.suppress(sysv_ipc.ExistentialError):
+                    self.sem.remove()
         else:
             self.shm.unlink()
-            if self.sem is not None:
-                self.sem.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.legacy_sem_path)
 
 
 def _format(raw: _Raw, geo: Geometry, multiplier: int, window: str, now: float) -> None:
-    """Write the header and the reserved keys.  Caller holds the semaphore
-    (the creator holds it from creation, at value 0)."""
+    """Write the header and the reserved keys, leaving the state at 0
+    (being installed): the caller marks it live as the very last step.
+    Caller holds the lock."""
     raw.put("=8sIIIIIIIIII", H_MAGIC, MAGIC, LAYOUT_VERSION, HEADER_SIZE, geo.keys,
             geo.index_size, geo.minutes, geo.seconds, geo.stripes, geo.stripe_size,
             geo.slot_size, 0)
@@ -376,13 +464,11 @@ def _format(raw: _Raw, geo: Geometry, multiplier: int, window: str, now: float) 
     _add_key(raw, geo, names.OVERFLOW_ACCOUNT, names.OVERFLOW_EVENT)
     throttle_slot = _add_key(raw, geo, names.ALL, names.DEFAULT_EVENT)
     raw.put("=I", H_THROTTLE_SLOT, throttle_slot)
-    # Live last: workers attach only to a segment whose header is complete.
-    raw.put("=I", H_STATE, STATE_LIVE)
 
 
 def _add_key(raw: _Raw, geo: Geometry, account: str, event: str) -> int:
     """Insert a key the way the C code does (for the reserved keys at
-    install).  Caller holds the semaphore."""
+    install).  Caller holds the lock."""
     a, e = account.encode(), event.encode()
     h = fnv1a(a, e)
     mask = geo.index_size - 1
@@ -431,6 +517,77 @@ def _gid(group: str | int | None) -> int | None:
                            "or name an existing group with --group") from None
 
 
+def _check_settings(backend: str, geometry: Geometry, mode: int, group: str | int | None,
+                    multiplier: int, window: str) -> tuple[int | None, list[str]]:
+    """Validate every install option before anything is created; return the
+    group id and the warnings to show.  Raises ValueError (or SegmentError
+    for a group) naming the option, the value and what is allowed."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not valid; use 'sysv' or 'posix'")
+    if window not in WINDOWS:
+        raise ValueError(f"window {window!r} is not valid; use '60s' or 'minute'")
+    geometry.check()
+    if not isinstance(multiplier, int) or isinstance(multiplier, bool) \
+            or not 0 <= multiplier <= MAX_U32:
+        raise ValueError(f"throttle multiplier {multiplier!r} is out of range; use "
+                         f"0..{MAX_U32} (0 turns the live level off)")
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+        raise ValueError(f"--mode {mode!r} is not valid; use permission bits 000..777 (octal)")
+    if mode & 0o600 != 0o600:
+        raise ValueError(f"--mode {mode:o} takes read and write from the owner; the "
+                         "owner needs both (use 660 or 600)")
+    _check_size(backend, geometry)
+    warnings = []
+    if mode & 0o002:
+        warnings.append(f"--mode {mode:o} lets every user of this host write the counters "
+                        "and the throttle level; use 660 with --group instead")
+    gid = _gid(group)
+    if gid is not None and os.geteuid() != 0 and gid not in os.getgroups() \
+            and gid != os.getegid():
+        raise SegmentError(f"cannot give the segment to group {group!r}: this user is "
+                           "neither root nor a member of it; run install as root (sudo) "
+                           "or join the group")
+    return gid, warnings
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _size_limit(backend: str) -> tuple[int, str]:
+    """The largest segment this host takes, and what sets it: the physical
+    memory, and kernel.shmmax / kernel.shmall (SysV) or the free space of
+    /dev/shm (POSIX)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    limits = [(os.sysconf("SC_PHYS_PAGES") * page, "the physical memory")]
+    if backend == "sysv":
+        shmmax = _read_int("/proc/sys/kernel/shmmax")
+        shmall = _read_int("/proc/sys/kernel/shmall")
+        if shmmax is not None:
+            limits.append((shmmax, "kernel.shmmax"))
+        if shmall is not None:
+            limits.append((shmall * page, "kernel.shmall"))
+    else:
+        st = os.statvfs("/dev/shm")
+        limits.append((st.f_bavail * st.f_frsize, "the free space of /dev/shm"))
+    return min(limits)
+
+
+def _check_size(backend: str, geometry: Geometry) -> None:
+    """Refuse, before creating anything, a segment the host cannot hold
+    (it used to end in a MemoryError or a half-made segment)."""
+    limit, what = _size_limit(backend)
+    if geometry.total_size > limit:
+        raise ValueError(
+            f"the segment would be {geometry.total_size:,} bytes, more than {what} "
+            f"({limit:,} bytes); lower --keys ({geometry.keys}), --minutes "
+            f"({geometry.minutes}) or --stripes ({geometry.stripes})")
+
+
 @dataclasses.dataclass
 class InstallResult:
     created: bool
@@ -438,6 +595,9 @@ class InstallResult:
     key: int
     size: int
     geometry: Geometry
+    #: What the caller should show: world-writable modes, permissions that
+    #: differ from the ones asked for and could not be changed by this user.
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def install(key: int = DEFAULT_KEY, backend: str = "sysv", geometry: Geometry = Geometry(),
@@ -445,55 +605,88 @@ def install(key: int = DEFAULT_KEY, backend: str = "sysv", geometry: Geometry = 
             window: str = "60s", now: float | None = None) -> InstallResult:
     """Create the segment, or check that the existing one matches.
 
-    Idempotent: an existing live segment with the same geometry is left as it
-    is (its counts kept; mode and group applied again).  A segment of another
-    layout or geometry is an error naming the fix.
+    Every option is checked before anything is created.  Idempotent: an
+    existing live segment with the same geometry is left as it is (its
+    counts kept; mode and group applied again where they differ and this
+    user may change them, else a warning says so).  A half-made segment (an
+    installer killed or failed) is finished.  The segment is marked live as
+    the last step, under the structural lock.  A segment of another layout
+    or geometry is an error naming the fix.  Returns, in ``warnings``, what
+    the caller should show.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not valid; use 'sysv' or 'posix'")
-    if window not in WINDOWS:
-        raise ValueError(f"window {window!r} is not valid; use '60s' or 'minute'")
-    geometry.check()
-    gid = _gid(group)
+    gid, warnings = _check_settings(backend, geometry, mode, group, multiplier, window)
+    for warning in warnings:
+        log.warning("%s", warning)
     now = time.time() if now is None else now
     raw = _Raw(backend, key, create_size=geometry.total_size, mode=mode)
     try:
-        if raw.created:
-            _format(raw, geometry, multiplier, window, now)
-            raw.set_permissions(mode, gid)
-            raw.open_sem()
-            log.info("installed a %s segment at key %#x, %d bytes", backend, key,
-                     geometry.total_size)
-            return InstallResult(True, backend, key, geometry.total_size, geometry)
-        _adopt_existing(raw, geometry, multiplier, window, now)
-        raw.set_permissions(mode, gid)
-        return InstallResult(False, backend, key, raw.buf.nbytes, _geometry_of(raw))
+        if backend == "posix" and os.path.exists(raw.legacy_sem_path):
+            raise LayoutMismatch(
+                f"the POSIX segment {posix_name(key)} was installed by an older "
+                "trafficthreshold that locked it with a POSIX semaphore; run "
+                "`trafficthreshold uninstall --backend posix` and install again")
+        if not raw.half_made():
+            # Read-only checks first: never write a lock word into a
+            # segment that is not ours.
+            _check_layout(raw)
+        if backend == "sysv" and raw.sem is None:
+            raise LayoutMismatch(f"the segment at key {key:#x} has no semaphore; run "
+                                 f"`trafficthreshold uninstall --force --key {key:#x}` "
+                                 "(it rolls the counts up first) and install again")
+        with _held(raw):
+            if raw.half_made():
+                _finish(raw, geometry, mode, gid, multiplier, window, now)
+                log.info("installed a %s segment at key %#x, %d bytes", backend, key,
+                         geometry.total_size)
+                return InstallResult(True, backend, key, geometry.total_size, geometry,
+                                     warnings)
+            _check_existing(raw, geometry)
+        warnings += _reapply_permissions(raw, mode, gid)
+        return InstallResult(False, backend, key, raw.buf.nbytes, _geometry_of(raw), warnings)
+    except BaseException:
+        _undo_create(raw)
+        raise
     finally:
         raw.close()
 
 
-def _adopt_existing(raw: _Raw, geometry: Geometry, multiplier: int, window: str,
-                    now: float) -> None:
-    """Check an existing segment; finish it if an install died half-way."""
-    if raw.sem is None:
-        if bytes(raw.buf[0:8]) != MAGIC:
-            _check_layout(raw)  # someone else's segment: say so
-        raise LayoutMismatch(f"the segment at key {raw.key:#x} has no semaphore; run "
-                             f"`trafficthreshold uninstall --force --key {raw.key:#x}` "
-                             "and install again")
-    half_done = raw.u32(H_STATE) == STATE_INSTALLING
-    if half_done and raw.sem.value == 0 and not raw.creator_alive():
-        # The installer died holding the semaphore it was created with.
-        log.warning("finishing the install of a segment whose installer died")
-        raw.open_sem()
-    with _held(raw):
-        if bytes(raw.buf[0:8]) in (b"\0" * 8, MAGIC) and raw.u32(H_STATE) == STATE_INSTALLING:
-            # An installer died between creating and formatting: finish it.
-            if raw.buf.nbytes != geometry.total_size:
-                raise LayoutMismatch(f"a half-installed segment at key {raw.key:#x} has "
-                                     "another size; run `trafficthreshold uninstall --force`")
-            _format(raw, geometry, multiplier, window, now)
-            return
+def _finish(raw: _Raw, geometry: Geometry, mode: int, gid: int | None, multiplier: int,
+            window: str, now: float) -> None:
+    """Format a half-made segment, apply its permissions, then mark it live
+    (last: a failure or kill before leaves it half made, which the next
+    install finishes and ``uninstall --force`` removes).  Caller holds the
+    lock."""
+    if raw.buf.nbytes != geometry.total_size:
+        raise LayoutMismatch(f"a half-installed segment at key {raw.key:#x} has another "
+                             f"size ({raw.buf.nbytes} bytes, these options need "
+                             f"{geometry.total_size}); install with its options, or run "
+                             f"`trafficthreshold uninstall --force --key {raw.key:#x}`")
+    if not raw.created:
+        log.warning("finishing the install of a segment whose installer died or failed")
+    _format(raw, geometry, multiplier, window, now)
+    try:
+        raw.set_permissions(mode, gid)
+    except PermissionError as exc:
+        raise SegmentError(f"cannot apply mode {mode:o}"
+                           + (f" and group {gid}" if gid is not None else "")
+                           + f" to the segment at key {raw.key:#x} ({exc}); run install as "
+                           "root or as the segment's owner") from None
+    raw.put("=I", H_STATE, STATE_LIVE)
+
+
+def _undo_create(raw: _Raw) -> None:
+    """After a failed install: remove what this call created and did not
+    make live, so a failed install leaves nothing behind."""
+    try:
+        if raw.created and raw.half_made():
+            raw.remove()
+    except Exception:  # noqa: BLE001 - the original error matters more
+        log.warning("could not remove the half-made segment at key %#x; run "
+                    "`trafficthreshold uninstall --force`", raw.key, exc_info=True)
+
+
+def _check_existing(raw: _Raw, geometry: Geometry) -> None:
+    """Check a segment that is not half made.  Caller holds the lock."""
     _check_layout(raw)
     found = _geometry_of(raw)
     if found != geometry:
@@ -507,19 +700,46 @@ def _adopt_existing(raw: _Raw, geometry: Geometry, multiplier: int, window: str,
                            "for the uninstall to finish, then install again")
 
 
+def _reapply_permissions(raw: _Raw, mode: int, gid: int | None) -> list[str]:
+    """Apply mode and group to an existing segment where they differ and
+    this user may (root or the owner); otherwise leave them and return a
+    note.  Never raises for permissions: the segment is usable as it is."""
+    notes = []
+    for what, found_mode, found_gid, owner in raw.permissions():
+        if found_mode == mode and (gid is None or found_gid == gid):
+            continue
+        if os.geteuid() not in (0, owner):
+            notes.append(f"the {what} at key {raw.key:#x} has mode {found_mode:o} and group "
+                         f"{found_gid}, not {mode:o}"
+                         + (f" and group {gid}" if gid is not None else "")
+                         + f"; only root or its owner {_user(owner)} may change that: left "
+                         "as it is")
+            continue
+        try:
+            raw.set_permissions(mode, gid)
+        except PermissionError as exc:
+            notes.append(f"could not apply mode {mode:o} to the segment at key "
+                         f"{raw.key:#x}: {exc}; left as it is")
+        break
+    for note in notes:
+        log.warning("%s", note)
+    return notes
+
+
 @contextlib.contextmanager
 def _held(raw: _Raw, timeout_ms: int = STRUCTURAL_LOCK_MS) -> Iterator[None]:
-    """Hold a _Raw's semaphore (SysV with undo)."""
+    """Hold a _Raw's structural lock (the C protocol: SysV with SEM_UNDO,
+    POSIX the lock word with dead-owner take-over)."""
     try:
-        raw.acquire_sem(timeout_ms)
-    except SegmentBusy:
-        raise SegmentBusy(f"the segment semaphore stayed busy for {timeout_ms} ms; another "
-                          "install or uninstall may be running, or a process holding it is "
-                          "stopped (see lock_owner_pid in `trafficthreshold status`)") from None
+        raw.acquire(timeout_ms)
+    except SegmentBusy as exc:
+        raise SegmentBusy(f"{exc}; another install or uninstall may be running, or the "
+                          "holder is stopped (SIGSTOP, a debugger); if it stays so, run "
+                          f"`trafficthreshold uninstall --force --key {raw.key:#x}`") from None
     try:
         yield
     finally:
-        raw.release_sem()
+        raw.release()
 
 
 # ------------------------------------------------------------------- attach
@@ -531,7 +751,8 @@ def attach(key: int = DEFAULT_KEY, backend: str = "sysv", stripe: int | None = N
 
 @contextlib.contextmanager
 def locked(counter: Counter, timeout_ms: int = STRUCTURAL_LOCK_MS) -> Iterator[Counter]:
-    """Hold the segment semaphore for structural work."""
+    """Hold the segment's structural lock (the hot path's, through C) for
+    structural work; raises SegmentBusy after ``timeout_ms``."""
     counter.lock(timeout_ms)
     try:
         yield counter
@@ -580,16 +801,42 @@ def attached_count(raw: "_Raw") -> int:
     return len(attached_pids(raw.key, raw.backend))
 
 
-def uninstall(key: int = DEFAULT_KEY, backend: str = "sysv", force: bool = False,
-              before_remove=None) -> dict[str, object]:
-    """Retire and remove the segment and its semaphore.
+RollUp = Callable[[Counter], object]
 
-    Refuses while other processes are attached, unless ``force``.  The
-    segment is first marked retired (workers let go of it and fail open);
-    ``before_remove(counter)`` then runs (the supervisor's final roll-up)
-    before anything is removed.  Returns what was removed."""
-    raw = _Raw(backend, key)
+
+def uninstall(key: int = DEFAULT_KEY, backend: str = "sysv", force: bool = False,
+              rollup: RollUp | None = None, before_remove: RollUp | None = None,
+              ) -> dict[str, object]:
+    """Roll the pending counts up, retire, and remove the segment and its
+    semaphore.  Nothing is changed unless the removal can follow:
+
+    1. this user must be allowed to remove every object (root, or the
+       owner or creator): else SegmentError naming the owner, nothing done;
+    2. other processes attached: SegmentInUse unless ``force``;
+    3. ``rollup(counter)`` (the final roll-up, which the CLI passes; it must
+       be repeatable, as the watermarked roll-up is) runs on the still live
+       segment; if it raises, the uninstall stops and the segment stays live;
+    4. the segment is marked retired (attached workers let go of it and
+       re-attach to the next install), and ``rollup`` runs again for what
+       was counted meanwhile; if that raises, the segment is marked live
+       again and the uninstall stops;
+    5. both objects are removed.
+
+    Without ``rollup`` (``--no-rollup``) pending counts are lost, but the
+    segment is still retired first.  ``force`` also removes a segment whose
+    lock cannot be taken or whose semaphore vanished, and a semaphore left
+    without its segment.  ``before_remove`` is the old name of ``rollup``.
+    Returns what was removed."""
+    rollup = rollup if rollup is not None else before_remove
     try:
+        raw = _Raw(backend, key)
+    except SegmentNotFound:
+        if force and _remove_orphan_semaphore(key, backend):
+            what = f"semaphore left without its segment at key {key:#x}"
+            return {"removed": what, "size": 0, "attached": 0}
+        raise
+    try:
+        _check_may_remove(raw)
         others = attached_count(raw)
         if others > 0 and not force:
             pids = attached_pids(key, backend)
@@ -597,21 +844,145 @@ def uninstall(key: int = DEFAULT_KEY, backend: str = "sysv", force: bool = False
                 f"{others} process(es) still attached to the segment at key {key:#x}"
                 + (f" (pids {', '.join(map(str, pids))})" if pids else "")
                 + "; stop the web workers and the daemon first, or use --force")
-        live = bytes(raw.buf[0:8]) == MAGIC and raw.u32(H_STATE) == STATE_LIVE
-        if live and raw.sem is not None:
-            with _held(raw):
-                raw.put("=I", H_STATE, STATE_RETIRED)
-        if live and before_remove is not None:
-            counter = Counter(backend, key, retired_ok=True)
+        ours = raw.buf.nbytes >= HEADER_SIZE and bytes(raw.buf[0:8]) == MAGIC
+        live = ours and raw.u32(H_STATE) == STATE_LIVE
+        if live and rollup is not None:
+            _roll_up(backend, key, rollup, "the segment is left live, nothing was removed")
+        if ours and raw.u32(H_STATE) != STATE_RETIRED:
+            _set_state(raw, STATE_RETIRED, force)
+        if live and rollup is not None:
             try:
-                before_remove(counter)
-            finally:
-                counter.detach()
+                _roll_up(backend, key, rollup, "the segment was made live again, nothing "
+                         "was removed")
+            except SegmentError:
+                _set_state(raw, STATE_LIVE, True)
+                raise
         size = raw.buf.nbytes
         raw.remove()
         what = (f"SysV segment and semaphore at key {key:#x}" if backend == "sysv"
-                else f"POSIX segment and semaphore {posix_name(key)}")
+                else f"POSIX segment {posix_name(key)}")
         log.info("removed the %s (%d bytes, %d processes were attached)", what, size, others)
         return {"removed": what, "size": size, "attached": others}
     finally:
         raw.close()
+
+
+def _check_may_remove(raw: _Raw) -> None:
+    """Refuse, before anything is changed, an uninstall this user could not
+    finish: removing needs root or the owner (or creator) of each object."""
+    for what, uids in raw.owners():
+        if not _euid_may_remove(uids):
+            raise SegmentError(
+                f"{what} at key {raw.key:#x} belongs to {_user(uids[0])}; this user "
+                f"({_user(os.geteuid())}) may use it but not remove it; run "
+                "`trafficthreshold uninstall` as root or as that user (nothing was changed)")
+
+
+def _set_state(raw: _Raw, state: int, force: bool) -> None:
+    """Store the segment's state under the structural lock; with ``force``,
+    without it when it cannot be had (a vanished semaphore, a stuck
+    holder): the state is one aligned 4-byte store, which workers read with
+    acquire order."""
+    try:
+        with _held(raw, FORCE_LOCK_MS if force else STRUCTURAL_LOCK_MS):
+            raw.put("=I", H_STATE, state)
+        return
+    except (SegmentBusy, SegmentNotFound) as exc:
+        if not force:
+            raise
+        log.warning("changing the state without the lock (%s)", exc)
+    raw.put("=I", H_STATE, state)
+
+
+def _roll_up(backend: str, key: int, rollup: RollUp, stopped: str) -> None:
+    """Run the final roll-up on a reader attachment (it takes no lock, so a
+    segment without its semaphore is read too); turn its failure into a
+    SegmentError that says why the uninstall stopped."""
+    counter = Counter(backend, key, retired_ok=True)
+    try:
+        rollup(counter)
+    except Exception as exc:  # noqa: BLE001 - any failure stops the uninstall
+        raise SegmentError(
+            f"uninstall stopped: the final roll-up failed ({type(exc).__name__}: {exc}); "
+            f"{stopped}; fix the cause and run uninstall again, or pass --no-rollup to "
+            "discard the pending counts") from exc
+    finally:
+        counter.detach()
+
+
+def _remove_orphan_semaphore(key: int, backend: str) -> bool:
+    """Remove a semaphore whose segment is gone (an install killed between
+    the two, or an older version's POSIX semaphore).  Returns whether one
+    was removed."""
+    try:
+        if backend == "sysv":
+            sysv_ipc.Semaphore(key).remove()
+        else:
+            os.unlink("/dev/shm/sem." + posix_name(key)[1:])
+    except (sysv_ipc.ExistentialError, FileNotFoundError):
+        return False
+    log.info("removed a semaphore left without its segment at key %#x", key)
+    return True
+
+
+# ------------------------------------------------------------ header repair
+
+def header_problems(counter: Counter) -> list[str]:
+    """What is wrong in the header fields the supervisor and the readers
+    use (empty when nothing): a throttle slot that is not the slot of
+    ("all", "pageview"), an unknown throttle window, a level above 5.  The
+    C readers already survive these (an out-of-range slot reads as level 0,
+    an unknown window as the sliding 60 s); this names them so the
+    supervisor can log and repair them (:func:`repair_header`).  Lock-free."""
+    problems = []
+    slot = counter.load(H_THROTTLE_SLOT, 4)
+    want = counter.find(None, names.DEFAULT_EVENT)
+    if want is not None and slot != want:
+        problems.append(f"throttle_slot is {slot}, not {want}, the slot of "
+                        f"('all', {names.DEFAULT_EVENT!r})")
+    window = counter.load(H_THROTTLE_WINDOW, 4)
+    if window not in WINDOWS.values():
+        problems.append(f"throttle_window is {window}; known: "
+                        + ", ".join(f"{v} ({k})" for k, v in WINDOWS.items()))
+    level = counter.load(H_THROTTLE_LEVEL, 4)
+    if level > 5:
+        problems.append(f"throttle_level is {level}; levels are 0..5")
+    return problems
+
+
+def repair_header(counter: Counter, window: str = "60s") -> list[str]:
+    """Repair what :func:`header_problems` finds: the throttle slot found
+    again in the index, an unknown window set to ``window`` (the
+    configured one), a level above 5 set to 0 (the supervisor sets the
+    right one on its next tick).  Returns the problems it repaired.  The
+    fields are the supervisor's, written with atomic stores: no lock."""
+    problems = header_problems(counter)
+    want = counter.find(None, names.DEFAULT_EVENT)
+    if want is not None and counter.load(H_THROTTLE_SLOT, 4) != want:
+        counter.store(H_THROTTLE_SLOT, 4, want)
+    if counter.load(H_THROTTLE_WINDOW, 4) not in WINDOWS.values():
+        counter.store(H_THROTTLE_WINDOW, 4, WINDOWS[window])
+    if counter.load(H_THROTTLE_LEVEL, 4) > 5:
+        counter.store(H_THROTTLE_LEVEL, 4, 0)
+    for problem in problems:
+        log.warning("repaired the segment header: %s", problem)
+    return problems
+
+
+def split_keys(counter: Counter) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+    """``counter.keys()`` split into (keys with UTF-8 names, keys whose name
+    bytes are not UTF-8).  ``keys()`` decodes with ``surrogateescape``, so a
+    name a foreign writer stored in another encoding comes back as a str
+    with lone surrogates (U+DC80..U+DCFF) instead of raising; such a name
+    cannot be encoded to UTF-8, stored or served: callers skip and report
+    the second list."""
+    good, bad = [], []
+    for slot, account, event in counter.keys():
+        try:
+            account.encode("utf-8")
+            event.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append((slot, account, event))
+        else:
+            good.append((slot, account, event))
+    return good, bad
