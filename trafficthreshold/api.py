@@ -41,7 +41,6 @@ import threading
 import time
 import urllib.parse
 import wsgiref.util
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,22 +49,17 @@ import jinja2
 
 from trafficthreshold import alerts, alertstore, metrics, names, segment
 from trafficthreshold.config import Config
+from trafficthreshold.dashboard import dashboard_context, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
+from trafficthreshold.live import LIVE_MINUTES, Snapshot, snapshot  # noqa: F401  (re-exported)
+from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod
 from trafficthreshold.store import Store
-from trafficthreshold.throttle import MAX_LEVEL, level_range
 
 log = logging.getLogger("trafficthreshold.api")
 
 #: Longest request target accepted (path and query, as sent).
 MAX_URL_BYTES = 2048
-#: Closed minutes shown by /api/stats/live and the dashboard.
-LIVE_MINUTES = 60
-#: A supervisor heartbeat older than this counts as stale: the limit after
-#: which the C hot path ignores the supervisor's level.
-HEARTBEAT_STALE_S = segment.HEARTBEAT_STALE_MS / 1000
-
-JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
 #: Bootic's headers: stats change every minute, nothing may cache them.
 NO_CACHE = (
@@ -168,8 +162,6 @@ class StatsApp:
             lstrip_blocks=True,
             auto_reload=False,  # the package's templates do not change under us
         )
-        from trafficthreshold.dashboard import num
-        from trafficthreshold.openapi import openapi_document
         self._templates.filters["num"] = num
         self._dashboard = self._templates.get_template("dashboard.html")
         self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
@@ -409,8 +401,7 @@ class StatsApp:
         now = self.now()
         counter = self._attach()
         snap = None if counter is None else snapshot(counter, now)
-        from trafficthreshold.dashboard import dashboard_context
-        context = dashboard_context(self, store, snap, event, now)
+        context = dashboard_context(self.config, store, snap, self.alert_state(), event, now)
         nonce = secrets.token_urlsafe(16)
         html = self._dashboard.render(**context, nonce=nonce)
         csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
@@ -521,89 +512,3 @@ def _query_name(request: Request, kind: str, max_bytes: int, reserved: str) -> s
 
 def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
-
-
-# --------------------------------------------------------------------------
-# the segment now
-
-
-@dataclass
-class Snapshot:
-    """What the segment says at ``now``: one read of every key."""
-
-    minute: int
-    keys: list[dict[str, Any]]
-    header: dict[str, int]
-    throttle: dict[str, Any]
-    supervisor: dict[str, Any]
-    segment: dict[str, int]
-
-
-def snapshot(counter: Any, now: float) -> Snapshot:
-    """Read every key's current minute, sliding 60 s and last closed
-    minutes, and the header.  Lock-free reads; no lock is held."""
-    header = segment.header(counter)
-    minute = int(now // 60)
-    # The ring holds the current minute and minute_buckets - 1 closed ones.
-    span = max(1, min(LIVE_MINUTES, header["minute_buckets"] - 1))
-    first = minute - LIVE_MINUTES
-    ring: dict[int, list[int]] = defaultdict(lambda: [0] * LIVE_MINUTES)
-    for slot, epoch_minute, count in counter.minutes(minute - span, minute - 1):
-        ring[slot][epoch_minute - first] = count
-    keys = [
-        {
-            "slot": slot, "account": account, "event": event,
-            "current_minute": counter.count(slot, 1, now),
-            "last_60s": counter.count(slot, 0, now),
-            "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
-        }
-        for slot, account, event in counter.keys()
-    ]
-    keys.sort(key=_key_order)
-    return Snapshot(minute, keys, header, _throttle(counter, header, now),
-                    _supervisor(header, now), _segment_info(header))
-
-
-def _key_order(entry: Mapping[str, Any]) -> tuple[int, str, int, str]:
-    """Events by name, the total first, internal keys last, then by name."""
-    account = entry["account"]
-    rank = 0 if account == names.ALL else 2 if account.startswith("~") else 1
-    return (entry["event"].startswith("~"), entry["event"], rank, account)
-
-
-def _throttle(counter: Any, header: Mapping[str, int], now: float) -> dict[str, Any]:
-    """Drupal's throttle block: level, its range, pages in the past minute."""
-    multiplier = max(1, header["throttle_multiplier"])
-    window = header["throttle_window"]
-    level = min(MAX_LEVEL, counter.level(now))
-    low, high = level_range(level, multiplier)
-    text = f"Current Level: {level} ({low} - {high})" if high is not None \
-        else f"Current Level: {level} ({low} and more)"
-    return {
-        "level": level,
-        "supervisor_level": header["throttle_level"],
-        "min": low,
-        "max": high,
-        "text": text,
-        "multiplier": multiplier,
-        "window": "60s" if window == 0 else "minute",
-        "pages_past_minute": counter.count(header["throttle_slot"], window, now),
-    }
-
-
-def _supervisor(header: Mapping[str, int], now: float) -> dict[str, Any]:
-    beat = header["heartbeat_ms"]
-    age = None if beat == 0 else round(max(0.0, now - beat / 1000), 3)
-    return {
-        "pid": header["supervisor_pid"] or None,
-        "heartbeat_age_seconds": age,
-        "alive": age is not None and age <= HEARTBEAT_STALE_S,
-    }
-
-
-def _segment_info(header: Mapping[str, int]) -> dict[str, int]:
-    return {name: header[name] for name in (
-        "key_capacity", "keys_used", "minute_buckets", "overflow_hits", "dropped_hits")}
-
-
-# --------------------------------------------------------------------------

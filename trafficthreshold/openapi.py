@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from trafficthreshold import names
+from trafficthreshold.live import LIVE_MINUTES
 
-from trafficthreshold.api import JSON_TYPE, LIVE_MINUTES  # noqa: E402  (api imports us lazily)
+JSON_TYPE = "application/json"
 
 
 def _error_ref(description: str) -> dict[str, Any]:
