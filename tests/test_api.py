@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config
+from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config, start_live
+from test_segment import RawReader, raw_view
 from trafficthreshold import api, openapi, segment, webserver
 from trafficthreshold.config import HttpConfig
 
@@ -266,6 +267,41 @@ def test_live_shows_minute_60s_ring_throttle_and_heartbeat(
     }
     assert body["supervisor"] == {"pid": 4321, "heartbeat_age_seconds": 1.5, "alive": True}
     assert body["segment"]["keys_used"] >= 5 and body["segment"]["key_capacity"] == 1024
+
+
+def test_a_corrupt_throttle_window_is_reported_not_a_500(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, counter = live_server
+    counter.store(segment.H_THROTTLE_WINDOW, 4, 0xFFFFFFFF)
+    status, body = fetch_json(server.url + "api/stats/live")
+    assert status == 200
+    assert body["throttle"]["window"] == "60s" and body["throttle"]["pages_past_minute"] == 75
+    assert [d for d in body["damaged"] if "throttle_window is 4294967295" in d]
+    status, _, metrics_text = fetch(server.url + "metrics")
+    assert status == 200 and b"trafficthreshold_segment_damaged 1\n" in metrics_text
+    status, _, page = fetch(server.url)
+    assert status == 200 and b"throttle_window is 4294967295" in page
+
+
+def test_a_name_that_is_not_utf8_is_skipped_and_reported(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    key, backend = installed
+    server, counter = start_live(key, backend, db, serve)
+    with raw_view(key, backend) as view:  # a raw poke: "acme" becomes b"\xff\xfeme"
+        raw = RawReader(view)
+        slot = raw.find("acme", "pageview")
+        for off, state, entry_slot, *_ in list(raw.entries()):
+            if state == 1 and entry_slot == slot:
+                view[off + 16:off + 18] = b"\xff\xfe"
+    status, body = fetch_json(server.url + "api/stats/live")
+    assert status == 200
+    assert [d for d in body["damaged"] if "not UTF-8" in d]
+    assert ("acme", "pageview") not in {(k["account"], k["event"]) for k in body["keys"]}
+    status, _, metrics_text = fetch(server.url + "metrics")
+    assert status == 200 and b"trafficthreshold_segment_damaged 1\n" in metrics_text
+    status, _, page = fetch(server.url)
+    assert status == 200 and b"not UTF-8" in page
+    counter.detach()
 
 
 def test_live_filters_and_level_five(live_server: tuple[webserver.Server, Any]) -> None:

@@ -353,6 +353,7 @@ class StatsApp:
             "throttle": snap.throttle,
             "supervisor": snap.supervisor,
             "segment": snap.segment,
+            "damaged": snap.damaged,
         }
         return json_response(200, payload, NO_CACHE)
 
@@ -383,6 +384,7 @@ class StatsApp:
             firing=firing,
             last_roll_at=store.last_roll_at(),
             gaps=store.gap_count(),
+            damaged=None if snap is None else len(snap.damaged),
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)

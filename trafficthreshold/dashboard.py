@@ -71,6 +71,7 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
         "alerts": _alert_rows(config, alert_state, snap, store.tz),
         "supervisor": snap.supervisor if snap else None,
         "segment": snap.segment if snap else None,
+        "damaged": snap.damaged if snap else [],
         "last_roll": _ago(store.last_roll_at(), now),
         "closed_through": (_hhmm(c, store.tz) if (c := store.closed_through()) is not None
                            else None),

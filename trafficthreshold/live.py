@@ -8,13 +8,16 @@ A shared module under :mod:`trafficthreshold.api` (which serves it),
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trafficthreshold import names, segment
 from trafficthreshold.throttle import MAX_LEVEL, level_range
+
+log = logging.getLogger("trafficthreshold.live")
 
 #: Closed minutes shown by /api/stats/live and the dashboard.
 LIVE_MINUTES = 60
@@ -33,11 +36,21 @@ class Snapshot:
     throttle: dict[str, Any]
     supervisor: dict[str, Any]
     segment: dict[str, int]
+    #: What was found damaged in shared memory and how it was read instead
+    #: (empty when all is well).  Reported, never raised.
+    damaged: list[str] = field(default_factory=list)
 
 
 def snapshot(counter: Any, now: float) -> Snapshot:
     """Read every key's current minute, sliding 60 s and last closed
-    minutes, and the header.  Lock-free reads; no lock is held."""
+    minutes, and the header.  Lock-free reads; no lock is held.
+
+    What is read from shared memory is checked, never trusted: an unknown
+    throttle window is read as 60 s, a throttle slot past the key table as
+    no throttle key, an index name that is not UTF-8 is left out; each is
+    listed in ``Snapshot.damaged`` instead of raising.
+    """
+    damaged: list[str] = []
     header = segment.header(counter)
     minute = int(now // 60)
     # The ring holds the current minute and minute_buckets - 1 closed ones.
@@ -53,11 +66,49 @@ def snapshot(counter: Any, now: float) -> Snapshot:
             "last_60s": counter.count(slot, 0, now),
             "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
         }
-        for slot, account, event in counter.keys()
+        for slot, account, event in _readable_keys(counter, damaged)
     ]
     keys.sort(key=_key_order)
-    return Snapshot(minute, keys, header, _throttle(counter, header, now),
-                    _supervisor(header, now), _segment_info(header))
+    throttle = _throttle(counter, header, now, damaged)
+    _log_damage(damaged)
+    return Snapshot(minute, keys, header, throttle, _supervisor(header, now),
+                    _segment_info(header), damaged)
+
+
+_reported: set[str] = set()
+
+
+def _log_damage(damaged: list[str]) -> None:
+    """Log each kind of damage once per process (the dashboard reads the
+    segment every few seconds; the responses report it every time)."""
+    for text in damaged:
+        if text not in _reported:
+            _reported.add(text)
+            log.warning("the segment is damaged: %s", text)
+
+
+def _readable_keys(counter: Any, damaged: list[str]) -> list[tuple[int, str, str]]:
+    """``counter.keys()`` without the entries whose names cannot be read.
+
+    A name that is not UTF-8 makes the whole ``keys()`` call raise
+    UnicodeDecodeError (older _counter builds): then no key can be listed,
+    and ``damaged`` says so.  An entry handed back with a name that is not
+    a str (bytes or None: a build that reports undecodable names) is
+    skipped and counted.
+    """
+    try:
+        entries = counter.keys()
+    except UnicodeDecodeError as exc:
+        damaged.append(f"the key index holds a name that is not UTF-8 ({exc.reason}); "
+                       "no key can be listed: `trafficthreshold uninstall` and "
+                       "`install` again to rebuild the segment")
+        return []
+    readable = [(slot, account, event) for slot, account, event in entries
+                if isinstance(account, str) and isinstance(event, str)]
+    if len(readable) != len(entries):
+        damaged.append(f"{len(entries) - len(readable)} key index entries have names that "
+                       "are not UTF-8; they are left out")
+    return readable
 
 
 def _key_order(entry: Mapping[str, Any]) -> tuple[int, str, int, str]:
@@ -67,10 +118,19 @@ def _key_order(entry: Mapping[str, Any]) -> tuple[int, str, int, str]:
     return (entry["event"].startswith("~"), entry["event"], rank, account)
 
 
-def _throttle(counter: Any, header: Mapping[str, int], now: float) -> dict[str, Any]:
-    """Drupal's throttle block: level, its range, pages in the past minute."""
+def _throttle(counter: Any, header: Mapping[str, int], now: float,
+              damaged: list[str]) -> dict[str, Any]:
+    """Drupal's throttle block: level, its range, pages in the past minute.
+    Appends to ``damaged`` what it could not trust in the header."""
     multiplier = max(1, header["throttle_multiplier"])
     window = header["throttle_window"]
+    if window not in segment.WINDOWS.values():
+        damaged.append(f"throttle_window is {window} (0 = 60s, 1 = minute); read as 60s")
+        window = segment.WINDOWS["60s"]
+    slot = header["throttle_slot"]
+    if slot >= header["key_capacity"]:
+        damaged.append(f"throttle_slot is {slot}, past the {header['key_capacity']} key slots; "
+                       "pages_past_minute reads 0")
     level = min(MAX_LEVEL, counter.level(now))
     low, high = level_range(level, multiplier)
     text = f"Current Level: {level} ({low} - {high})" if high is not None \
@@ -83,7 +143,8 @@ def _throttle(counter: Any, header: Mapping[str, int], now: float) -> dict[str, 
         "text": text,
         "multiplier": multiplier,
         "window": "60s" if window == 0 else "minute",
-        "pages_past_minute": counter.count(header["throttle_slot"], window, now),
+        "pages_past_minute": (counter.count(slot, window, now)
+                              if slot < header["key_capacity"] else 0),
     }
 
 

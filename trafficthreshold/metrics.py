@@ -17,6 +17,7 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_dropped_hits_total                    counter
   trafficthreshold_segment_keys_capacity / _keys_used    gauge
   trafficthreshold_segment_up                            gauge (0/1)
+  trafficthreshold_segment_damaged                       gauge
   trafficthreshold_store_last_roll_timestamp_seconds     gauge
   trafficthreshold_store_gaps                            gauge
 
@@ -156,13 +157,16 @@ def collect(
     firing: Mapping[str, bool] | None,
     last_roll_at: float | None,
     gaps: int,
+    damaged: int | None = None,
 ) -> list[Family]:
     """The metric families from plain numbers (see the module docstring).
 
     ``totals``: all-time hits per key (stored + pending); ``live``: one dict
     per segment key with ``account``, ``event``, ``current_minute`` and
     ``last_60s`` (None: no segment); ``header``: :func:`segment.header`;
-    ``firing``: rule name -> open episode (None: no alert tables).
+    ``firing``: rule name -> open episode (None: no alert tables);
+    ``damaged``: how many damaged fields or index entries the segment read
+    found (None: no segment).
     """
     fams: list[Family] = []
     hits = Family("trafficthreshold_hits_total", "counter",
@@ -186,6 +190,11 @@ def collect(
         fams += [current, sliding]
     if header is not None:
         fams += _segment_families(header, throttle_level, heartbeat_age)
+    if damaged is not None:
+        fams.append(Family("trafficthreshold_segment_damaged", "gauge",
+                           "Damaged header fields or key index entries found in the segment "
+                           "(read around; /api/stats/live lists them). 0 when all is well.")
+                    .add(damaged))
     if firing is not None:
         alerts = Family("trafficthreshold_alerts_firing", "gauge",
                         "1 while an alert rule has an open episode, else 0.")

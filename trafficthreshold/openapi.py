@@ -115,7 +115,10 @@ def openapi_document() -> dict[str, Any]:
                     "pid": nullable_int,
                     "heartbeat_age_seconds": {"type": "number", "nullable": True},
                     "alive": {"type": "boolean"}}},
-                "segment": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "segment": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "damaged": {"type": "array", "items": {"type": "string"},
+                            "description": "what was found damaged in the segment and how "
+                                           "it was read instead; empty when all is well"}}},
     }
     paths: dict[str, Any] = {}
     track = "/api/stats/track/{account}/{event}/{year}"
