@@ -14,7 +14,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
+import sqlite3
 import textwrap
 import threading
 import urllib.request
@@ -203,6 +205,48 @@ def test_a_file_that_is_not_a_database_is_503(tmp_path: Path,
     server = serve(api.make_app(make_config(str(garbage)), now=lambda: NOW))
     status, body = fetch_json(server.url + "api/stats/track/all/pageview/2026")
     assert status == 503 and "cannot open the database" in body["message"]
+
+
+def damage_pages(path: str) -> None:
+    """Write garbage over every page but the first (the schema stays
+    readable, the tables do not): what a bad disk sector does."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    size = os.path.getsize(path)
+    assert size >= 3 * page_size  # there are pages to damage
+    with open(path, "r+b") as f:
+        f.seek(page_size)
+        f.write(b"\xde\xad\xbe\xef" * ((size - page_size) // 4))
+
+
+def test_a_damaged_database_is_503_with_the_recovery_on_every_route(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    damage_pages(db)
+    server, counter = start_live(*installed, db, serve)
+    for path in ("api/stats/track/acme/pageview/2026", "api/stats/track/all/pageview/2026/2/3",
+                 "metrics"):
+        status, body = fetch_json(server.url + path)
+        assert status == 503, (path, body)
+        assert "malformed" in body["message"] and ".recover" in body["message"]
+        assert db in body["message"]
+    status, headers, page = fetch(server.url + "?event=pageview")
+    assert status == 503 and headers["Content-Type"] == api.HTML_TYPE
+    assert b"malformed" in page and b".recover" in page and b"<script" not in page
+    status, _ = fetch_json(server.url + "api/stats/live")  # needs the segment only
+    assert status == 200
+    counter.detach()
+
+
+def test_the_dashboard_without_a_database_is_a_503_page(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    missing = tmp_path / "stats.sqlite3"
+    server = serve(api.make_app(make_config(str(missing)), counter_factory=lambda: None,
+                                now=lambda: NOW))
+    status, headers, page = fetch(server.url)
+    assert status == 503 and headers["Content-Type"] == api.HTML_TYPE
+    assert b"does not exist yet" in page and b"trafficthreshold run" in page
 
 
 # ---------------------------------------------------------------------- auth

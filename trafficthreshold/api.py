@@ -18,7 +18,9 @@ Routes (docs/api.rst has the JSON shapes)::
 Read-only: GET and HEAD only, no request bodies, URLs up to 2 KiB.  When
 ``http.token`` is set every route needs ``Authorization: Bearer <token>``.
 Errors are JSON ``{"status": 404, "error": "Not Found", "message": ...}``;
-an unexpected exception is logged and answered 500, never with a traceback.
+every sqlite3 error is a 503 whose message says what to do (retry, or how
+to recover a damaged file), the dashboard's 503 an HTML page; an unexpected
+exception is logged and answered 500, never with a traceback.
 
 Threads: the app is shared by the server's threads.  Each thread opens its
 own :class:`~trafficthreshold.store.Store` (a sqlite3 connection belongs to
@@ -111,6 +113,19 @@ def error_response(status: int, message: str, headers: Iterable[tuple[str, str]]
     return json_response(status, payload, (*NO_CACHE, *headers))
 
 
+def database_problem(path: str, exc: sqlite3.Error) -> str:
+    """The 503 message for a sqlite3 error: a busy or unreadable database
+    is worth a retry; a damaged one needs a person, and the message says how
+    to recover it."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return (f"the database {path} is not available right now ({exc}); try again; "
+                "if this persists, check the disk and the file's permissions")
+    return (f"the database {path} is damaged ({exc}): stop the daemon, then recover "
+            f"what can be read with `sqlite3 {path} .recover | sqlite3 {path}.recovered` "
+            f"and move {path}.recovered into its place, or move {path} aside to start "
+            "an empty one")
+
+
 @dataclass
 class Request:
     """What a handler needs of the WSGI environ."""
@@ -164,6 +179,7 @@ class StatsApp:
         )
         self._templates.filters["num"] = num
         self._dashboard = self._templates.get_template("dashboard.html")
+        self._error_page = self._templates.get_template("dashboard_error.html")
         self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
         self._routes: dict[str, Callable[[Request], Response]] = {
             "/": self.dashboard,
@@ -191,14 +207,13 @@ class StatsApp:
         try:
             response = self._handle(environ, method)
         except HttpError as exc:
-            response = error_response(exc.status, exc.message, exc.headers)
-        except sqlite3.OperationalError as exc:
-            # "database is locked" past busy_timeout, a disk error...: the
-            # client may retry; the log says which.
+            response = self._error(environ, exc.status, exc.message, exc.headers)
+        except sqlite3.Error as exc:
+            # A locked or damaged database, a disk error...: never a 500.
+            # The message says what to do; the log says which request.
             log.warning("database error answering %s %r: %s", method,
                         environ.get("PATH_INFO"), exc)
-            response = error_response(503, f"the database is not available right now ({exc}); "
-                                           "try again")
+            response = self._error(environ, 503, database_problem(self.store_path, exc))
         except Exception:
             log.exception("internal error answering %s %r", method, environ.get("PATH_INFO"))
             response = error_response(500, "internal error; the server log has the details")
@@ -212,6 +227,18 @@ class StatsApp:
         start_response(status, headers)
         # HEAD: the headers of GET (Content-Length included), no body.
         return [b""] if method == "HEAD" else [response.body]
+
+    def _error(self, environ: Mapping[str, Any], status: int, message: str,
+               headers: Iterable[tuple[str, str]] = ()) -> Response:
+        """The error answer: JSON, except a 503 of the dashboard, which is a
+        page a person reads (templates/dashboard_error.html)."""
+        if status == 503 and environ.get("PATH_INFO", "") in ("", "/"):
+            reason = http.HTTPStatus(status).phrase
+            html = self._error_page.render(status=status, error=reason, message=message)
+            csp = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+            return Response(status, html.encode("utf-8"), HTML_TYPE,
+                            (*NO_CACHE, ("Content-Security-Policy", csp), *headers))
+        return error_response(status, message, headers)
 
     def _handle(self, environ: Mapping[str, Any], method: str) -> Response:
         """Check limits, auth and method, then route.  Raises HttpError."""
