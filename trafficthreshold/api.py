@@ -387,17 +387,23 @@ class StatsApp:
     # --------------------------------------------------------------- metrics
 
     def metrics(self, request: Request) -> Response:
-        store = self._store()
+        """The Prometheus text.  Every store read is in one read transaction
+        on this thread's read-only connection, and the segment is read
+        after it began (see :func:`metrics.pending_hits`): counters never
+        go down because the supervisor rolled during the scrape."""
+        reader = self._reader()
         now = self.now()
-        totals = metrics.stored_totals(self._reader())
         counter = self._attach()
-        snap = None if counter is None else snapshot(counter, now)
-        if snap is not None:
-            slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
-            for key, n in metrics.pending_hits(store, counter, slots, now,
-                                               snap.header["minute_buckets"]).items():
-                totals[key] = totals.get(key, 0) + n
-        state = self.alert_state()
+        with metrics.read_snapshot(reader):
+            stored = metrics.read_store(reader)
+            state = alertstore.read_state(reader)
+            snap = None if counter is None else snapshot(counter, now)
+            totals = stored.totals
+            if snap is not None:
+                slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
+                for key, n in metrics.pending_hits(reader, counter, slots, now,
+                                                   snap.header["minute_buckets"]).items():
+                    totals[key] = totals.get(key, 0) + n
         firing = None
         if state is not None:
             firing = {rule.name: rule.name in state.episodes for rule in self.config.alerts}
@@ -409,8 +415,8 @@ class StatsApp:
             throttle_level=None if snap is None else snap.throttle["level"],
             heartbeat_age=None if snap is None else snap.supervisor["heartbeat_age_seconds"],
             firing=firing,
-            last_roll_at=store.last_roll_at(),
-            gaps=store.gap_count(),
+            last_roll_at=stored.last_roll_at,
+            gaps=stored.gaps,
             damaged=None if snap is None else len(snap.damaged),
         )
         body = metrics.render(families).encode("utf-8")
