@@ -180,9 +180,10 @@ def test_bodies_and_long_urls_are_refused(no_segment: webserver.Server) -> None:
     url = no_segment.url + "api/stats/track/acme/pageview/2026"
     status, _, body = fetch(url, data=b"x=1", method="GET")
     assert status == 413 and "no request body" in json.loads(body)["message"]
-    # Larger bodies never reach the app: waitress refuses them.
-    status, _, _ = fetch(url, data=b"x" * 4096, method="GET")
-    assert status == 413
+    # Larger bodies never reach the app: waitress refuses them, in our JSON.
+    status, headers, body = fetch(url, data=b"x" * 4096, method="GET")
+    assert (status, headers["Content-Type"]) == (413, "application/json")
+    assert "no request body" in json.loads(body)["message"]
     status, _, body = fetch(url + "?" + "q" * 2100)
     assert status == 414 and json.loads(body)["status"] == 414
     status, _ = raw_get(no_segment, "/api/stats/track/acme/pageview/2026?" + "q" * 1900)
