@@ -32,6 +32,9 @@ from trafficthreshold import api, openapi, segment, webserver
 from trafficthreshold.config import HttpConfig
 
 TOKEN = "s3cret-token-0123456789abcdef"
+#: The base of the links: make_config's http.listen (the default), not the
+#: address the test server really listens on.
+LINKS = "http://127.0.0.1:8787/"
 
 
 def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int, bytes]:
@@ -53,8 +56,9 @@ def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int
 
 
 def test_year_month_day_hour_have_bootics_shape(no_segment: webserver.Server) -> None:
-    base = no_segment.url + "api/stats/track/acme/pageview/2026"
-    status, year = fetch_json(base)
+    url = no_segment.url + "api/stats/track/acme/pageview/2026"
+    base = LINKS + "api/stats/track/acme/pageview/2026"
+    status, year = fetch_json(url)
     assert status == 200
     assert year == {
         "type": "track", "account": "acme", "event": "pageview",
@@ -65,17 +69,17 @@ def test_year_month_day_hour_have_bootics_shape(no_segment: webserver.Server) ->
     }
     assert list(year["data"]) == [str(m) for m in range(1, 13)]  # numeric order
 
-    status, month = fetch_json(base + "/2")
+    status, month = fetch_json(url + "/2")
     assert (status, month["month"], month["day"], month["total"]) == (200, 2, None, 10)
     assert list(month["data"]) == [str(d) for d in range(1, 29)]  # 2026 is not a leap year
     assert month["data"]["3"] == 10 and month["links"] == [base + "/2/3"]
 
-    status, day = fetch_json(base + "/2/3")
+    status, day = fetch_json(url + "/2/3")
     assert list(day["data"]) == [str(h) for h in range(24)]
     assert (day["data"]["9"], day["data"]["14"], day["total"]) == (7, 3, 10)
     assert day["links"] == [base + "/2/3/9", base + "/2/3/14"]
 
-    status, hour = fetch_json(base + "/2/3/14")
+    status, hour = fetch_json(url + "/2/3/14")
     assert list(hour["data"]) == [str(m) for m in range(60)]
     assert (hour["hour"], hour["data"]["59"], hour["total"], hour["links"]) == (14, 3, 3, [])
 
@@ -87,6 +91,52 @@ def test_numbers_are_json_numbers_and_leading_zeros_mean_the_same(
     assert padded == plain
     assert padded["month"] == 2 and isinstance(padded["total"], int)
     assert padded["data"]["5"] == 7
+
+
+def get_with_host(server: webserver.Server, path: str, host: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host, "X-Forwarded-Host": host,
+                                           "Forwarded": f"host={host}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_links_never_come_from_the_host_header(no_segment: webserver.Server) -> None:
+    body = get_with_host(no_segment, "/api/stats/track/acme/pageview/2026", "evil.example")
+    assert body["links"] == [LINKS + "api/stats/track/acme/pageview/2026/2"]
+
+
+@pytest.mark.parametrize("public_url", ["https://stats.example.com/tt/",
+                                        "https://stats.example.com/tt"])
+def test_links_are_built_on_public_url(db: str, serve: Callable[..., webserver.Server],
+                                       public_url: str) -> None:
+    config = make_config(db, http=HttpConfig(public_url=public_url))
+    server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    body = get_with_host(server, "/api/stats/track/acme/pageview/2026/2", "evil.example")
+    assert body["links"] == ["https://stats.example.com/tt/api/stats/track/acme/pageview/2026/2/3"]
+
+
+def test_links_on_an_ipv6_listen_address(db: str, serve: Callable[..., webserver.Server]) -> None:
+    config = make_config(db, http=HttpConfig(listen="[::1]:8787"))
+    server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    body = get_with_host(server, "/api/stats/track/acme/pageview/2026", "evil.example")
+    assert body["links"] == ["http://[::1]:8787/api/stats/track/acme/pageview/2026/2"]
+
+
+def test_public_url_is_read_from_the_config_file(tmp_path: Path, db: str) -> None:
+    from trafficthreshold import config as config_module
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'database = "{db}"\n[http]\npublic_url = "https://s.example/"\n',
+                           encoding="utf-8")
+    loaded = config_module.load(env={"TRAFFICTHRESHOLD_CONFIG": str(config_file)})
+    assert loaded.http.public_url == "https://s.example/"
+    config_file.write_text('[http]\npublic_url = "stats.example"\n', encoding="utf-8")
+    with pytest.raises(config_module.ConfigError, match="public_url"):
+        config_module.load(env={"TRAFFICTHRESHOLD_CONFIG": str(config_file)})
 
 
 def test_all_is_the_total_and_unknown_keys_are_zero(no_segment: webserver.Server) -> None:
@@ -102,7 +152,7 @@ def test_names_are_percent_decoded_and_links_percent_encoded(
     quoted = urllib.request.quote(XSS, safe="")
     status, body = fetch_json(no_segment.url + f"api/stats/track/{quoted}/pageview/2026/5")
     assert status == 200 and body["account"] == XSS and body["total"] == 4
-    assert body["links"] == [no_segment.url + f"api/stats/track/{quoted}/pageview/2026/5/1"]
+    assert body["links"] == [LINKS + f"api/stats/track/{quoted}/pageview/2026/5/1"]
 
 
 def test_data_is_never_cached(no_segment: webserver.Server) -> None:
@@ -441,7 +491,8 @@ def test_application_is_built_from_the_config_file(
     body = b"".join(app(environ, lambda status, headers: started.append((status, headers))))
     assert started[0][0] == "200 OK"
     links = json.loads(body)["links"]
-    assert links[0] == "http://example.org/stats/api/stats/track/all/pageview/2026/2"
+    # The configured address and the mount point, never SERVER_NAME/Host.
+    assert links[0] == "http://127.0.0.1:8787/stats/api/stats/track/all/pageview/2026/2"
 
 
 def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:

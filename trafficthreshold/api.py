@@ -42,7 +42,6 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-import wsgiref.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +112,21 @@ def error_response(status: int, message: str, headers: Iterable[tuple[str, str]]
     return json_response(status, payload, (*NO_CACHE, *headers))
 
 
+def public_url(config: Config) -> str:
+    """Where clients reach the API, without a trailing slash:
+    ``http.public_url`` if set, else ``http://<http.listen>`` (which
+    already spells an IPv6 host in brackets, ``[::1]:8787``)."""
+    if config.http.public_url:
+        return config.http.public_url.rstrip("/")
+    return f"http://{config.http.listen}"
+
+
+def _script_name(environ: Mapping[str, Any]) -> str:
+    """SCRIPT_NAME (latin-1 bytes in WSGI) re-quoted for a URL, no trailing slash."""
+    raw = environ.get("SCRIPT_NAME", "").encode("latin-1", "replace")
+    return urllib.parse.quote(raw, safe="/").rstrip("/")
+
+
 def database_problem(path: str, exc: sqlite3.Error) -> str:
     """The 503 message for a sqlite3 error: a busy or unreadable database
     is worth a retry; a damaged one needs a person, and the message says how
@@ -138,10 +152,6 @@ class Request:
         values = self.query.get(name)
         return values[-1] if values else default
 
-    @property
-    def base_url(self) -> str:
-        """``http://host:port/<SCRIPT_NAME>`` without a trailing slash."""
-        return wsgiref.util.application_uri(dict(self.environ)).rstrip("/")
 
 
 # --------------------------------------------------------------------------
@@ -163,6 +173,7 @@ class StatsApp:
         self.timezone = config.timezone  # like the database: fixed until a restart
         self.now = now
         self._token = config.http.token.encode("ascii")
+        self._public_url = public_url(config)
         self._counter_factory = counter_factory or functools.partial(
             segment.attach, config.key, config.backend
         )
@@ -194,6 +205,7 @@ class StatsApp:
         restart (the supervisor says so)."""
         self.config = config
         self._token = config.http.token.encode("ascii")
+        self._public_url = public_url(config)
 
     @property
     def requires_token(self) -> bool:
@@ -260,6 +272,14 @@ class StatsApp:
         if match is not None:
             return self.track(request, **match.groupdict())
         raise HttpError(404, f"no such page: {request.path}; see /api/openapi.json")
+
+    def _base_url(self, request: Request) -> str:
+        """The base of the ``links``: ``http.public_url``, else the listen
+        address plus the mount point (SCRIPT_NAME, which the server sets);
+        never the request's Host header, which the client chooses."""
+        if self.config.http.public_url:
+            return self._public_url
+        return self._public_url + _script_name(request.environ)
 
     def _authorize(self, environ: Mapping[str, Any]) -> None:
         """Raise 401 unless the bearer token matches (when one is set)."""
@@ -336,7 +356,7 @@ class StatsApp:
             period = self._store().period(account, event, parts[0], month_, day_, hour_)
         except ImpossiblePeriod as exc:
             raise HttpError(400, str(exc)) from None
-        base = "/".join([request.base_url, "api/stats/track", _quote(account), _quote(event),
+        base = "/".join([self._base_url(request), "api/stats/track", _quote(account), _quote(event),
                          *(str(p) for p in parts if p is not None)])
         # Bootic lists the child periods that hold data; an hour's minutes
         # are leaves.
