@@ -24,15 +24,19 @@ def test_a_healthy_segment_reports_nothing_damaged(counter: Any) -> None:
     assert snap.throttle["window"] == "60s" and snap.throttle["pages_past_minute"] == 3
 
 
-def test_unknown_window_and_a_throttle_slot_past_the_table(counter: Any) -> None:
+def test_unknown_window_level_over_5_and_a_throttle_slot_past_the_table(counter: Any) -> None:
     counter.hit("acme", "pageview", 3, NOW)
     counter.store(segment.H_THROTTLE_WINDOW, 4, 7)
     counter.store(segment.H_THROTTLE_SLOT, 4, 0xFFFFFFFF)
+    counter.store(segment.H_THROTTLE_LEVEL, 4, 0xFFFFFFFF)
+    counter.store(segment.H_HEARTBEAT_MS, 8, int(NOW * 1000))  # fresh: the level is used
     snap = live.snapshot(counter, NOW)
     assert snap.throttle["window"] == "60s" and snap.throttle["pages_past_minute"] == 0
-    assert len(snap.damaged) == 2
+    assert snap.throttle["level"] == 5
+    assert len(snap.damaged) == 3
     assert "throttle_window is 7" in snap.damaged[0]
-    assert "throttle_slot is 4294967295" in snap.damaged[1]
+    assert "throttle_level is 4294967295" in snap.damaged[1]
+    assert "throttle_slot is 4294967295" in snap.damaged[2]
 
 
 def test_a_name_that_is_not_utf8_never_raises(installed: tuple[int, str]) -> None:

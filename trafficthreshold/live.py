@@ -47,7 +47,7 @@ def snapshot(counter: Any, now: float) -> Snapshot:
 
     What is read from shared memory is checked, never trusted: an unknown
     throttle window is read as 60 s, a throttle slot past the key table as
-    no throttle key, an index name that is not UTF-8 is left out; each is
+    no throttle key, a supervisor level over 5 as 5, an index name that is not UTF-8 is left out; each is
     listed in ``Snapshot.damaged`` instead of raising.
     """
     damaged: list[str] = []
@@ -127,6 +127,9 @@ def _throttle(counter: Any, header: Mapping[str, int], now: float,
     if window not in segment.WINDOWS.values():
         damaged.append(f"throttle_window is {window} (0 = 60s, 1 = minute); read as 60s")
         window = segment.WINDOWS["60s"]
+    if header["throttle_level"] > MAX_LEVEL:
+        damaged.append(f"throttle_level is {header['throttle_level']} (0..{MAX_LEVEL}); "
+                       f"the level shown is capped at {MAX_LEVEL}")
     slot = header["throttle_slot"]
     if slot >= header["key_capacity"]:
         damaged.append(f"throttle_slot is {slot}, past the {header['key_capacity']} key slots; "
