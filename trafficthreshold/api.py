@@ -131,9 +131,12 @@ def database_problem(path: str, exc: sqlite3.Error) -> str:
     """The 503 message for a sqlite3 error: a busy or unreadable database
     is worth a retry; a damaged one needs a person, and the message says how
     to recover it."""
-    if isinstance(exc, sqlite3.OperationalError):
+    damaged = (getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+               or type(exc) is sqlite3.DatabaseError)
+    if not damaged:
         return (f"the database {path} is not available right now ({exc}); try again; "
-                "if this persists, check the disk and the file's permissions")
+                "if this persists, check the disk and the file's permissions, and the "
+                "server log")
     return (f"the database {path} is damaged ({exc}): stop the daemon, then recover "
             f"what can be read with `sqlite3 {path} .recover | sqlite3 {path}.recovered` "
             f"and move {path}.recovered into its place, or move {path} aside to start "
@@ -200,7 +203,7 @@ class StatsApp:
         }
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new alert rules and token from the next request on.  The
+        """SIGHUP: new alert rules, token and public_url from the next request on.  The
         segment, the database and the time zone stay: changing those needs a
         restart (the supervisor says so)."""
         self.config = config
