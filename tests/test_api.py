@@ -14,7 +14,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import re
+import sqlite3
 import textwrap
 import threading
 import urllib.request
@@ -24,11 +26,15 @@ from typing import Any
 
 import pytest
 
-from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config
+from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config, start_live
+from test_segment import RawReader, raw_view
 from trafficthreshold import api, openapi, segment, webserver
 from trafficthreshold.config import HttpConfig
 
 TOKEN = "s3cret-token-0123456789abcdef"
+#: The base of the links: make_config's http.listen (the default), not the
+#: address the test server really listens on.
+LINKS = "http://127.0.0.1:8787/"
 
 
 def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int, bytes]:
@@ -50,8 +56,9 @@ def raw_get(server: webserver.Server, target: str, extra: str = "") -> tuple[int
 
 
 def test_year_month_day_hour_have_bootics_shape(no_segment: webserver.Server) -> None:
-    base = no_segment.url + "api/stats/track/acme/pageview/2026"
-    status, year = fetch_json(base)
+    url = no_segment.url + "api/stats/track/acme/pageview/2026"
+    base = LINKS + "api/stats/track/acme/pageview/2026"
+    status, year = fetch_json(url)
     assert status == 200
     assert year == {
         "type": "track", "account": "acme", "event": "pageview",
@@ -62,17 +69,17 @@ def test_year_month_day_hour_have_bootics_shape(no_segment: webserver.Server) ->
     }
     assert list(year["data"]) == [str(m) for m in range(1, 13)]  # numeric order
 
-    status, month = fetch_json(base + "/2")
+    status, month = fetch_json(url + "/2")
     assert (status, month["month"], month["day"], month["total"]) == (200, 2, None, 10)
     assert list(month["data"]) == [str(d) for d in range(1, 29)]  # 2026 is not a leap year
     assert month["data"]["3"] == 10 and month["links"] == [base + "/2/3"]
 
-    status, day = fetch_json(base + "/2/3")
+    status, day = fetch_json(url + "/2/3")
     assert list(day["data"]) == [str(h) for h in range(24)]
     assert (day["data"]["9"], day["data"]["14"], day["total"]) == (7, 3, 10)
     assert day["links"] == [base + "/2/3/9", base + "/2/3/14"]
 
-    status, hour = fetch_json(base + "/2/3/14")
+    status, hour = fetch_json(url + "/2/3/14")
     assert list(hour["data"]) == [str(m) for m in range(60)]
     assert (hour["hour"], hour["data"]["59"], hour["total"], hour["links"]) == (14, 3, 3, [])
 
@@ -84,6 +91,52 @@ def test_numbers_are_json_numbers_and_leading_zeros_mean_the_same(
     assert padded == plain
     assert padded["month"] == 2 and isinstance(padded["total"], int)
     assert padded["data"]["5"] == 7
+
+
+def get_with_host(server: webserver.Server, path: str, host: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host, "X-Forwarded-Host": host,
+                                           "Forwarded": f"host={host}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        return json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_links_never_come_from_the_host_header(no_segment: webserver.Server) -> None:
+    body = get_with_host(no_segment, "/api/stats/track/acme/pageview/2026", "evil.example")
+    assert body["links"] == [LINKS + "api/stats/track/acme/pageview/2026/2"]
+
+
+@pytest.mark.parametrize("public_url", ["https://stats.example.com/tt/",
+                                        "https://stats.example.com/tt"])
+def test_links_are_built_on_public_url(db: str, serve: Callable[..., webserver.Server],
+                                       public_url: str) -> None:
+    config = make_config(db, http=HttpConfig(public_url=public_url))
+    server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    body = get_with_host(server, "/api/stats/track/acme/pageview/2026/2", "evil.example")
+    assert body["links"] == ["https://stats.example.com/tt/api/stats/track/acme/pageview/2026/2/3"]
+
+
+def test_links_on_an_ipv6_listen_address(db: str, serve: Callable[..., webserver.Server]) -> None:
+    config = make_config(db, http=HttpConfig(listen="[::1]:8787"))
+    server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    body = get_with_host(server, "/api/stats/track/acme/pageview/2026", "evil.example")
+    assert body["links"] == ["http://[::1]:8787/api/stats/track/acme/pageview/2026/2"]
+
+
+def test_public_url_is_read_from_the_config_file(tmp_path: Path, db: str) -> None:
+    from trafficthreshold import config as config_module
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'database = "{db}"\n[http]\npublic_url = "https://s.example/"\n',
+                           encoding="utf-8")
+    loaded = config_module.load(env={"TRAFFICTHRESHOLD_CONFIG": str(config_file)})
+    assert loaded.http.public_url == "https://s.example/"
+    config_file.write_text('[http]\npublic_url = "stats.example"\n', encoding="utf-8")
+    with pytest.raises(config_module.ConfigError, match="public_url"):
+        config_module.load(env={"TRAFFICTHRESHOLD_CONFIG": str(config_file)})
 
 
 def test_all_is_the_total_and_unknown_keys_are_zero(no_segment: webserver.Server) -> None:
@@ -99,7 +152,7 @@ def test_names_are_percent_decoded_and_links_percent_encoded(
     quoted = urllib.request.quote(XSS, safe="")
     status, body = fetch_json(no_segment.url + f"api/stats/track/{quoted}/pageview/2026/5")
     assert status == 200 and body["account"] == XSS and body["total"] == 4
-    assert body["links"] == [no_segment.url + f"api/stats/track/{quoted}/pageview/2026/5/1"]
+    assert body["links"] == [LINKS + f"api/stats/track/{quoted}/pageview/2026/5/1"]
 
 
 def test_data_is_never_cached(no_segment: webserver.Server) -> None:
@@ -177,9 +230,10 @@ def test_bodies_and_long_urls_are_refused(no_segment: webserver.Server) -> None:
     url = no_segment.url + "api/stats/track/acme/pageview/2026"
     status, _, body = fetch(url, data=b"x=1", method="GET")
     assert status == 413 and "no request body" in json.loads(body)["message"]
-    # Larger bodies never reach the app: waitress refuses them.
-    status, _, _ = fetch(url, data=b"x" * 4096, method="GET")
-    assert status == 413
+    # Larger bodies never reach the app: waitress refuses them, in our JSON.
+    status, headers, body = fetch(url, data=b"x" * 4096, method="GET")
+    assert (status, headers["Content-Type"]) == (413, "application/json")
+    assert "no request body" in json.loads(body)["message"]
     status, _, body = fetch(url + "?" + "q" * 2100)
     assert status == 414 and json.loads(body)["status"] == 414
     status, _ = raw_get(no_segment, "/api/stats/track/acme/pageview/2026?" + "q" * 1900)
@@ -202,6 +256,48 @@ def test_a_file_that_is_not_a_database_is_503(tmp_path: Path,
     server = serve(api.make_app(make_config(str(garbage)), now=lambda: NOW))
     status, body = fetch_json(server.url + "api/stats/track/all/pageview/2026")
     assert status == 503 and "cannot open the database" in body["message"]
+
+
+def damage_pages(path: str) -> None:
+    """Write garbage over every page but the first (the schema stays
+    readable, the tables do not): what a bad disk sector does."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    size = os.path.getsize(path)
+    assert size >= 3 * page_size  # there are pages to damage
+    with open(path, "r+b") as f:
+        f.seek(page_size)
+        f.write(b"\xde\xad\xbe\xef" * ((size - page_size) // 4))
+
+
+def test_a_damaged_database_is_503_with_the_recovery_on_every_route(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    damage_pages(db)
+    server, counter = start_live(*installed, db, serve)
+    for path in ("api/stats/track/acme/pageview/2026", "api/stats/track/all/pageview/2026/2/3",
+                 "metrics"):
+        status, body = fetch_json(server.url + path)
+        assert status == 503, (path, body)
+        assert "malformed" in body["message"] and ".recover" in body["message"]
+        assert db in body["message"]
+    status, headers, page = fetch(server.url + "?event=pageview")
+    assert status == 503 and headers["Content-Type"] == api.HTML_TYPE
+    assert b"malformed" in page and b".recover" in page and b"<script" not in page
+    status, _ = fetch_json(server.url + "api/stats/live")  # needs the segment only
+    assert status == 200
+    counter.detach()
+
+
+def test_the_dashboard_without_a_database_is_a_503_page(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    missing = tmp_path / "stats.sqlite3"
+    server = serve(api.make_app(make_config(str(missing)), counter_factory=lambda: None,
+                                now=lambda: NOW))
+    status, headers, page = fetch(server.url)
+    assert status == 503 and headers["Content-Type"] == api.HTML_TYPE
+    assert b"does not exist yet" in page and b"trafficthreshold run" in page
 
 
 # ---------------------------------------------------------------------- auth
@@ -266,6 +362,41 @@ def test_live_shows_minute_60s_ring_throttle_and_heartbeat(
     }
     assert body["supervisor"] == {"pid": 4321, "heartbeat_age_seconds": 1.5, "alive": True}
     assert body["segment"]["keys_used"] >= 5 and body["segment"]["key_capacity"] == 1024
+
+
+def test_a_corrupt_throttle_window_is_reported_not_a_500(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, counter = live_server
+    counter.store(segment.H_THROTTLE_WINDOW, 4, 0xFFFFFFFF)
+    status, body = fetch_json(server.url + "api/stats/live")
+    assert status == 200
+    assert body["throttle"]["window"] == "60s" and body["throttle"]["pages_past_minute"] == 75
+    assert [d for d in body["damaged"] if "throttle_window is 4294967295" in d]
+    status, _, metrics_text = fetch(server.url + "metrics")
+    assert status == 200 and b"trafficthreshold_segment_damaged 1\n" in metrics_text
+    status, _, page = fetch(server.url)
+    assert status == 200 and b"throttle_window is 4294967295" in page
+
+
+def test_a_name_that_is_not_utf8_is_skipped_and_reported(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    key, backend = installed
+    server, counter = start_live(key, backend, db, serve)
+    with raw_view(key, backend) as view:  # a raw poke: "acme" becomes b"\xff\xfeme"
+        raw = RawReader(view)
+        slot = raw.find("acme", "pageview")
+        for off, state, entry_slot, *_ in list(raw.entries()):
+            if state == 1 and entry_slot == slot:
+                view[off + 16:off + 18] = b"\xff\xfe"
+    status, body = fetch_json(server.url + "api/stats/live")
+    assert status == 200
+    assert [d for d in body["damaged"] if "not UTF-8" in d]
+    assert ("acme", "pageview") not in {(k["account"], k["event"]) for k in body["keys"]}
+    status, _, metrics_text = fetch(server.url + "metrics")
+    assert status == 200 and b"trafficthreshold_segment_damaged 1\n" in metrics_text
+    status, _, page = fetch(server.url)
+    assert status == 200 and b"not UTF-8" in page
+    counter.detach()
 
 
 def test_live_filters_and_level_five(live_server: tuple[webserver.Server, Any]) -> None:
@@ -360,7 +491,8 @@ def test_application_is_built_from_the_config_file(
     body = b"".join(app(environ, lambda status, headers: started.append((status, headers))))
     assert started[0][0] == "200 OK"
     links = json.loads(body)["links"]
-    assert links[0] == "http://example.org/stats/api/stats/track/all/pageview/2026/2"
+    # The configured address and the mount point, never SERVER_NAME/Host.
+    assert links[0] == "http://127.0.0.1:8787/stats/api/stats/track/all/pageview/2026/2"
 
 
 def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:

@@ -234,3 +234,16 @@ def test_the_page_refreshes_itself(dashboard: tuple[webserver.Server, Any],
     after = current_minute(chromium(server.url, tmp_path / "p2", "--dump-dom",
                                     budget=REFRESH_S * 1000 + 1500))
     assert after == before + 2000  # this load's render, then its refresh
+
+
+def test_the_renderers_do_not_import_the_app() -> None:
+    """dashboard.py and openapi.py are fed by api.py and never import it
+    (they once did, lazily, in a circle): in a fresh interpreter, importing
+    them leaves trafficthreshold.api unloaded."""
+    import sys
+
+    code = ("import sys, trafficthreshold.dashboard, trafficthreshold.openapi, "
+            "trafficthreshold.live; print('trafficthreshold.api' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -9,6 +9,8 @@ hit twice, nor lose one, when the supervisor rolls the ring in between).
 from __future__ import annotations
 
 import math
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -211,3 +213,50 @@ def test_a_supervisor_that_never_ticked_is_infinitely_old(
     _, samples = scrape(serve(config_for(db, *installed)))
     assert value(samples, "trafficthreshold_supervisor_heartbeat_age_seconds") == math.inf
     assert value(samples, "trafficthreshold_throttle_level") == 0
+
+
+def test_counters_never_go_down_while_the_supervisor_rolls(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    """A roll between the read of the stored totals and the read of the
+    watermarks once made hits_total drop (150 -> 100 -> 150), which
+    Prometheus takes as a counter reset: one read transaction per scrape."""
+    key, backend = installed
+    counter = segment.attach(key, backend, stripe=0)
+    server = serve(config_for(db, key, backend))
+    stop = threading.Event()
+    rolls = 0
+
+    def supervisor() -> None:
+        """Hit and roll as fast as it can, like a supervisor on a busy box."""
+        nonlocal rolls
+        with Store(db, ZONE) as store:
+            while not stop.is_set():
+                counter.hit("acme", "pageview", 1, NOW)
+                slots = {slot: (a, e) for slot, a, e in counter.keys()}
+                items = [(*slots[slot], m, n)
+                         for slot, m, n in counter.minutes(MINUTE - 100, MINUTE)]
+                store.roll(items, now=NOW, closed_through=MINUTE - 1)
+                rolls += 1
+
+    thread = threading.Thread(target=supervisor)
+    thread.start()
+    seen: list[tuple[float, float]] = []
+    try:
+        deadline = time.monotonic() + 3
+        while len(seen) < 600 and time.monotonic() < deadline:
+            _, samples = scrape(server)
+            seen.append((value(samples, "trafficthreshold_hits_total", account="acme",
+                               event="pageview"),
+                         value(samples, "trafficthreshold_hits_total", account="all",
+                               event="pageview")))
+    finally:
+        stop.set()
+        thread.join(10)
+    assert rolls > 20 and len(seen) > 50  # the two really ran side by side
+    drops = [(a, b) for a, b in zip(seen, seen[1:]) if b[0] < a[0] or b[1] < a[1]]
+    assert not drops, f"{len(drops)} of {len(seen)} scrapes went down, e.g. {drops[:3]}"
+    hits = counter.count(counter.find("acme", "pageview"), 1, NOW)
+    _, samples = scrape(server)
+    assert value(samples, "trafficthreshold_hits_total", account="acme",
+                 event="pageview") == 60 + hits
+    counter.detach()

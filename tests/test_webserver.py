@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import http.client
+import json
 import os
 import socket
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from trafficthreshold import webserver
+from trafficthreshold.errors import ConfigError
 
 
 def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -83,11 +85,51 @@ def test_bad_listen_values(listen: str) -> None:
         webserver.start(hello, listen)
 
 
-def test_a_port_in_use_is_an_oserror() -> None:
+def test_a_port_in_use_is_a_config_error_naming_the_fix() -> None:
+    with webserver.start(hello, "127.0.0.1:0") as warm:  # waitress's imports, thread pools
+        get(warm.url)
+    fds, threads = open_fds(), threading.active_count()
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError) as caught:
             webserver.start(hello, f"127.0.0.1:{port}")
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "already in use" in message
+    assert "[http] listen" in message and "run --no-http" in message
+    assert open_fds() == fds and threading.active_count() == threads  # nothing left running
+
+
+def raw_exchange(server: webserver.Server, data: bytes) -> tuple[int, str, dict[str, Any]]:
+    """Send bytes as they are; (status, Content-Type, JSON body) of the
+    answer (the server closes the connection after an error)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)  # all of it is read: the server closes with FIN, not RST
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers["Content-Type"], json.loads(body)
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "not valid HTTP"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n", 400, "not valid HTTP"),
+    # (the body is not sent: the server answers before reading it)
+    (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", 413,
+     "takes no request body"),
+    # exactly the limit, unfinished: the server has read every byte when it answers
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".ljust(webserver.MAX_REQUEST_HEADER_SIZE, b"x"),
+     431, "headers are over 16 KiB"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+     "does not implement"),
+])
+def test_errors_waitress_answers_itself_are_json(data: bytes, status: int, words: str) -> None:
+    with webserver.start(hello, "127.0.0.1:0") as server:
+        got, content_type, body = raw_exchange(server, data)
+    assert (got, content_type) == (status, "application/json")
+    assert body["status"] == status and body["error"] and words in body["message"]
 
 
 def test_limits_on_headers_bodies_and_idle_connections() -> None:

@@ -18,7 +18,9 @@ Routes (docs/api.rst has the JSON shapes)::
 Read-only: GET and HEAD only, no request bodies, URLs up to 2 KiB.  When
 ``http.token`` is set every route needs ``Authorization: Bearer <token>``.
 Errors are JSON ``{"status": 404, "error": "Not Found", "message": ...}``;
-an unexpected exception is logged and answered 500, never with a traceback.
+every sqlite3 error is a 503 whose message says what to do (retry, or how
+to recover a damaged file), the dashboard's 503 an HTML page; an unexpected
+exception is logged and answered 500, never with a traceback.
 
 Threads: the app is shared by the server's threads.  Each thread opens its
 own :class:`~trafficthreshold.store.Store` (a sqlite3 connection belongs to
@@ -40,8 +42,6 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-import wsgiref.util
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,22 +50,17 @@ import jinja2
 
 from trafficthreshold import alerts, alertstore, metrics, names, segment
 from trafficthreshold.config import Config
+from trafficthreshold.dashboard import dashboard_context, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
+from trafficthreshold.live import LIVE_MINUTES, Snapshot, snapshot  # noqa: F401  (re-exported)
+from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod
 from trafficthreshold.store import Store
-from trafficthreshold.throttle import MAX_LEVEL, level_range
 
 log = logging.getLogger("trafficthreshold.api")
 
 #: Longest request target accepted (path and query, as sent).
 MAX_URL_BYTES = 2048
-#: Closed minutes shown by /api/stats/live and the dashboard.
-LIVE_MINUTES = 60
-#: A supervisor heartbeat older than this counts as stale: the limit after
-#: which the C hot path ignores the supervisor's level.
-HEARTBEAT_STALE_S = segment.HEARTBEAT_STALE_MS / 1000
-
-JSON_TYPE = "application/json"
 HTML_TYPE = "text/html; charset=utf-8"
 #: Bootic's headers: stats change every minute, nothing may cache them.
 NO_CACHE = (
@@ -117,6 +112,37 @@ def error_response(status: int, message: str, headers: Iterable[tuple[str, str]]
     return json_response(status, payload, (*NO_CACHE, *headers))
 
 
+def public_url(config: Config) -> str:
+    """Where clients reach the API, without a trailing slash:
+    ``http.public_url`` if set, else ``http://<http.listen>`` (which
+    already spells an IPv6 host in brackets, ``[::1]:8787``)."""
+    if config.http.public_url:
+        return config.http.public_url.rstrip("/")
+    return f"http://{config.http.listen}"
+
+
+def _script_name(environ: Mapping[str, Any]) -> str:
+    """SCRIPT_NAME (latin-1 bytes in WSGI) re-quoted for a URL, no trailing slash."""
+    raw = environ.get("SCRIPT_NAME", "").encode("latin-1", "replace")
+    return urllib.parse.quote(raw, safe="/").rstrip("/")
+
+
+def database_problem(path: str, exc: sqlite3.Error) -> str:
+    """The 503 message for a sqlite3 error: a busy or unreadable database
+    is worth a retry; a damaged one needs a person, and the message says how
+    to recover it."""
+    damaged = (getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+               or type(exc) is sqlite3.DatabaseError)
+    if not damaged:
+        return (f"the database {path} is not available right now ({exc}); try again; "
+                "if this persists, check the disk and the file's permissions, and the "
+                "server log")
+    return (f"the database {path} is damaged ({exc}): stop the daemon, then recover "
+            f"what can be read with `sqlite3 {path} .recover | sqlite3 {path}.recovered` "
+            f"and move {path}.recovered into its place, or move {path} aside to start "
+            "an empty one")
+
+
 @dataclass
 class Request:
     """What a handler needs of the WSGI environ."""
@@ -129,10 +155,6 @@ class Request:
         values = self.query.get(name)
         return values[-1] if values else default
 
-    @property
-    def base_url(self) -> str:
-        """``http://host:port/<SCRIPT_NAME>`` without a trailing slash."""
-        return wsgiref.util.application_uri(dict(self.environ)).rstrip("/")
 
 
 # --------------------------------------------------------------------------
@@ -154,6 +176,7 @@ class StatsApp:
         self.timezone = config.timezone  # like the database: fixed until a restart
         self.now = now
         self._token = config.http.token.encode("ascii")
+        self._public_url = public_url(config)
         self._counter_factory = counter_factory or functools.partial(
             segment.attach, config.key, config.backend
         )
@@ -168,10 +191,9 @@ class StatsApp:
             lstrip_blocks=True,
             auto_reload=False,  # the package's templates do not change under us
         )
-        from trafficthreshold.dashboard import num
-        from trafficthreshold.openapi import openapi_document
         self._templates.filters["num"] = num
         self._dashboard = self._templates.get_template("dashboard.html")
+        self._error_page = self._templates.get_template("dashboard_error.html")
         self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
         self._routes: dict[str, Callable[[Request], Response]] = {
             "/": self.dashboard,
@@ -181,11 +203,12 @@ class StatsApp:
         }
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new alert rules and token from the next request on.  The
+        """SIGHUP: new alert rules, token and public_url from the next request on.  The
         segment, the database and the time zone stay: changing those needs a
         restart (the supervisor says so)."""
         self.config = config
         self._token = config.http.token.encode("ascii")
+        self._public_url = public_url(config)
 
     @property
     def requires_token(self) -> bool:
@@ -199,14 +222,13 @@ class StatsApp:
         try:
             response = self._handle(environ, method)
         except HttpError as exc:
-            response = error_response(exc.status, exc.message, exc.headers)
-        except sqlite3.OperationalError as exc:
-            # "database is locked" past busy_timeout, a disk error...: the
-            # client may retry; the log says which.
+            response = self._error(environ, exc.status, exc.message, exc.headers)
+        except sqlite3.Error as exc:
+            # A locked or damaged database, a disk error...: never a 500.
+            # The message says what to do; the log says which request.
             log.warning("database error answering %s %r: %s", method,
                         environ.get("PATH_INFO"), exc)
-            response = error_response(503, f"the database is not available right now ({exc}); "
-                                           "try again")
+            response = self._error(environ, 503, database_problem(self.store_path, exc))
         except Exception:
             log.exception("internal error answering %s %r", method, environ.get("PATH_INFO"))
             response = error_response(500, "internal error; the server log has the details")
@@ -220,6 +242,18 @@ class StatsApp:
         start_response(status, headers)
         # HEAD: the headers of GET (Content-Length included), no body.
         return [b""] if method == "HEAD" else [response.body]
+
+    def _error(self, environ: Mapping[str, Any], status: int, message: str,
+               headers: Iterable[tuple[str, str]] = ()) -> Response:
+        """The error answer: JSON, except a 503 of the dashboard, which is a
+        page a person reads (templates/dashboard_error.html)."""
+        if status == 503 and environ.get("PATH_INFO", "") in ("", "/"):
+            reason = http.HTTPStatus(status).phrase
+            html = self._error_page.render(status=status, error=reason, message=message)
+            csp = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+            return Response(status, html.encode("utf-8"), HTML_TYPE,
+                            (*NO_CACHE, ("Content-Security-Policy", csp), *headers))
+        return error_response(status, message, headers)
 
     def _handle(self, environ: Mapping[str, Any], method: str) -> Response:
         """Check limits, auth and method, then route.  Raises HttpError."""
@@ -241,6 +275,14 @@ class StatsApp:
         if match is not None:
             return self.track(request, **match.groupdict())
         raise HttpError(404, f"no such page: {request.path}; see /api/openapi.json")
+
+    def _base_url(self, request: Request) -> str:
+        """The base of the ``links``: ``http.public_url``, else the listen
+        address plus the mount point (SCRIPT_NAME, which the server sets);
+        never the request's Host header, which the client chooses."""
+        if self.config.http.public_url:
+            return self._public_url
+        return self._public_url + _script_name(request.environ)
 
     def _authorize(self, environ: Mapping[str, Any]) -> None:
         """Raise 401 unless the bearer token matches (when one is set)."""
@@ -317,7 +359,7 @@ class StatsApp:
             period = self._store().period(account, event, parts[0], month_, day_, hour_)
         except ImpossiblePeriod as exc:
             raise HttpError(400, str(exc)) from None
-        base = "/".join([request.base_url, "api/stats/track", _quote(account), _quote(event),
+        base = "/".join([self._base_url(request), "api/stats/track", _quote(account), _quote(event),
                          *(str(p) for p in parts if p is not None)])
         # Bootic lists the child periods that hold data; an hour's minutes
         # are leaves.
@@ -361,23 +403,30 @@ class StatsApp:
             "throttle": snap.throttle,
             "supervisor": snap.supervisor,
             "segment": snap.segment,
+            "damaged": snap.damaged,
         }
         return json_response(200, payload, NO_CACHE)
 
     # --------------------------------------------------------------- metrics
 
     def metrics(self, request: Request) -> Response:
-        store = self._store()
+        """The Prometheus text.  Every store read is in one read transaction
+        on this thread's read-only connection, and the segment is read
+        after it began (see :func:`metrics.pending_hits`): counters never
+        go down because the supervisor rolled during the scrape."""
+        reader = self._reader()
         now = self.now()
-        totals = metrics.stored_totals(self._reader())
         counter = self._attach()
-        snap = None if counter is None else snapshot(counter, now)
-        if snap is not None:
-            slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
-            for key, n in metrics.pending_hits(store, counter, slots, now,
-                                               snap.header["minute_buckets"]).items():
-                totals[key] = totals.get(key, 0) + n
-        state = self.alert_state()
+        with metrics.read_snapshot(reader):
+            stored = metrics.read_store(reader)
+            state = alertstore.read_state(reader)
+            snap = None if counter is None else snapshot(counter, now)
+            totals = stored.totals
+            if snap is not None:
+                slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
+                for key, n in metrics.pending_hits(reader, counter, slots, now,
+                                                   snap.header["minute_buckets"]).items():
+                    totals[key] = totals.get(key, 0) + n
         firing = None
         if state is not None:
             firing = {rule.name: rule.name in state.episodes for rule in self.config.alerts}
@@ -389,8 +438,9 @@ class StatsApp:
             throttle_level=None if snap is None else snap.throttle["level"],
             heartbeat_age=None if snap is None else snap.supervisor["heartbeat_age_seconds"],
             firing=firing,
-            last_roll_at=store.last_roll_at(),
-            gaps=store.gap_count(),
+            last_roll_at=stored.last_roll_at,
+            gaps=stored.gaps,
+            damaged=None if snap is None else len(snap.damaged),
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)
@@ -409,8 +459,7 @@ class StatsApp:
         now = self.now()
         counter = self._attach()
         snap = None if counter is None else snapshot(counter, now)
-        from trafficthreshold.dashboard import dashboard_context
-        context = dashboard_context(self, store, snap, event, now)
+        context = dashboard_context(self.config, store, snap, self.alert_state(), event, now)
         nonce = secrets.token_urlsafe(16)
         html = self._dashboard.render(**context, nonce=nonce)
         csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
@@ -521,89 +570,3 @@ def _query_name(request: Request, kind: str, max_bytes: int, reserved: str) -> s
 
 def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
-
-
-# --------------------------------------------------------------------------
-# the segment now
-
-
-@dataclass
-class Snapshot:
-    """What the segment says at ``now``: one read of every key."""
-
-    minute: int
-    keys: list[dict[str, Any]]
-    header: dict[str, int]
-    throttle: dict[str, Any]
-    supervisor: dict[str, Any]
-    segment: dict[str, int]
-
-
-def snapshot(counter: Any, now: float) -> Snapshot:
-    """Read every key's current minute, sliding 60 s and last closed
-    minutes, and the header.  Lock-free reads; no lock is held."""
-    header = segment.header(counter)
-    minute = int(now // 60)
-    # The ring holds the current minute and minute_buckets - 1 closed ones.
-    span = max(1, min(LIVE_MINUTES, header["minute_buckets"] - 1))
-    first = minute - LIVE_MINUTES
-    ring: dict[int, list[int]] = defaultdict(lambda: [0] * LIVE_MINUTES)
-    for slot, epoch_minute, count in counter.minutes(minute - span, minute - 1):
-        ring[slot][epoch_minute - first] = count
-    keys = [
-        {
-            "slot": slot, "account": account, "event": event,
-            "current_minute": counter.count(slot, 1, now),
-            "last_60s": counter.count(slot, 0, now),
-            "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
-        }
-        for slot, account, event in counter.keys()
-    ]
-    keys.sort(key=_key_order)
-    return Snapshot(minute, keys, header, _throttle(counter, header, now),
-                    _supervisor(header, now), _segment_info(header))
-
-
-def _key_order(entry: Mapping[str, Any]) -> tuple[int, str, int, str]:
-    """Events by name, the total first, internal keys last, then by name."""
-    account = entry["account"]
-    rank = 0 if account == names.ALL else 2 if account.startswith("~") else 1
-    return (entry["event"].startswith("~"), entry["event"], rank, account)
-
-
-def _throttle(counter: Any, header: Mapping[str, int], now: float) -> dict[str, Any]:
-    """Drupal's throttle block: level, its range, pages in the past minute."""
-    multiplier = max(1, header["throttle_multiplier"])
-    window = header["throttle_window"]
-    level = min(MAX_LEVEL, counter.level(now))
-    low, high = level_range(level, multiplier)
-    text = f"Current Level: {level} ({low} - {high})" if high is not None \
-        else f"Current Level: {level} ({low} and more)"
-    return {
-        "level": level,
-        "supervisor_level": header["throttle_level"],
-        "min": low,
-        "max": high,
-        "text": text,
-        "multiplier": multiplier,
-        "window": "60s" if window == 0 else "minute",
-        "pages_past_minute": counter.count(header["throttle_slot"], window, now),
-    }
-
-
-def _supervisor(header: Mapping[str, int], now: float) -> dict[str, Any]:
-    beat = header["heartbeat_ms"]
-    age = None if beat == 0 else round(max(0.0, now - beat / 1000), 3)
-    return {
-        "pid": header["supervisor_pid"] or None,
-        "heartbeat_age_seconds": age,
-        "alive": age is not None and age <= HEARTBEAT_STALE_S,
-    }
-
-
-def _segment_info(header: Mapping[str, int]) -> dict[str, int]:
-    return {name: header[name] for name in (
-        "key_capacity", "keys_used", "minute_buckets", "overflow_hits", "dropped_hits")}
-
-
-# --------------------------------------------------------------------------

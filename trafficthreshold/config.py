@@ -115,6 +115,9 @@ class HttpConfig:
     enabled: bool = True
     listen: str = "127.0.0.1:8787"
     token: str = dataclasses.field(default="", repr=False)
+    #: The API's address as clients reach it (a proxy, a public name), the
+    #: base of the ``links`` in responses; "" for ``http://<listen>``.
+    public_url: str = ""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -516,6 +519,7 @@ _HTTP: dict[str, _Key] = {
     "enabled": _Key("enabled", _boolean),
     "listen": _Key("listen", _listen),
     "token": _Key("token", _token, secret=True),
+    "public_url": _Key("public_url", _url),
 }
 _MAIL: dict[str, _Key] = {
     "transport": _Key("transport", _choice(*TRANSPORTS)),

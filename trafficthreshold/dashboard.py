@@ -11,14 +11,14 @@ import socket
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from trafficthreshold import names
+from trafficthreshold import alerts, names
+from trafficthreshold.config import Config
+from trafficthreshold.live import LIVE_MINUTES, Snapshot
 from trafficthreshold.periods import local_parts
 from trafficthreshold.store import Store
 from trafficthreshold.throttle import MAX_LEVEL
 
 log = logging.getLogger("trafficthreshold.dashboard")
-
-from trafficthreshold.api import LIVE_MINUTES, Snapshot, StatsApp  # noqa: E402  (api imports us lazily)
 
 #: Accounts shown in the dashboard's top list.
 TOP_ACCOUNTS = 10
@@ -28,9 +28,13 @@ REFRESH_S = 5
 LEVEL_LABEL_GAP = 8
 
 
-def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event: str,
+def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
+                      alert_state: alerts.AlertState | None, event: str,
                       now: float) -> dict[str, Any]:
-    """Everything dashboard.html shows, as plain values (it escapes them)."""
+    """Everything dashboard.html shows, as plain values (it escapes them).
+
+    A pure renderer: the app hands over what it read (``snap`` None: no
+    segment; ``alert_state`` None: no alert tables)."""
     minute = int(now // 60)
     first = minute - LIVE_MINUTES
     total_key = None
@@ -54,8 +58,8 @@ def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event:
         "event": event,
         "events": events,
         "installed": snap is not None,
-        "key": f"{app.config.key:#x}",
-        "backend": app.config.backend,
+        "key": f"{config.key:#x}",
+        "backend": config.backend,
         "now_text": _local(now, store.tz).strftime("%Y-%m-%d %H:%M:%S %Z"),
         "current_minute": current,
         "last_60s": total_key["last_60s"] if total_key else 0,
@@ -64,9 +68,10 @@ def dashboard_context(app: StatsApp, store: Store, snap: Snapshot | None, event:
         "level_class": _level_class(throttle["level"] if throttle else 0),
         "chart": bar_chart(minutes, current, labels, throttle["multiplier"] if throttle else None),
         "top": _top_rows(top),
-        "alerts": _alert_rows(app, snap, store.tz),
+        "alerts": _alert_rows(config, alert_state, snap, store.tz),
         "supervisor": snap.supervisor if snap else None,
         "segment": snap.segment if snap else None,
+        "damaged": snap.damaged if snap else [],
         "last_roll": _ago(store.last_roll_at(), now),
         "closed_through": (_hhmm(c, store.tz) if (c := store.closed_through()) is not None
                            else None),
@@ -136,12 +141,12 @@ def _minutes_from_store(store: Store, event: str, first: int, last: int) -> list
     return counts
 
 
-def _alert_rows(app: StatsApp, snap: Snapshot | None, tz: ZoneInfo) -> list[dict[str, Any]]:
-    state = app.alert_state()
+def _alert_rows(config: Config, state: alerts.AlertState | None, snap: Snapshot | None,
+                tz: ZoneInfo) -> list[dict[str, Any]]:
     episodes = state.episodes if state is not None else {}
     live = {(e["account"], e["event"]): e for e in snap.keys} if snap else {}
     rows = []
-    for rule in app.config.alerts:
+    for rule in config.alerts:
         entry = live.get((rule.account, rule.event))
         count = None
         if entry is not None:

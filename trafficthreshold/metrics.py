@@ -17,28 +17,32 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_dropped_hits_total                    counter
   trafficthreshold_segment_keys_capacity / _keys_used    gauge
   trafficthreshold_segment_up                            gauge (0/1)
+  trafficthreshold_segment_damaged                       gauge
   trafficthreshold_store_last_roll_timestamp_seconds     gauge
   trafficthreshold_store_gaps                            gauge
 
 ``hits_total`` is *all hits ever counted*: the sum of the store's month rows
 (every hit the supervisor rolled) plus what the segment ring holds that the
 next roll would add (``observed - watermark`` of each ring minute, see
-:func:`pending_hits`).  It only goes down when the ring loses minutes that
-were never rolled (the supervisor was down for longer than the ring) or when
-``retention.months`` prunes month rows; Prometheus takes either as a counter
-reset.
+:func:`pending_hits`).  A scrape reads the stored totals and the watermarks
+in one read transaction (:func:`read_snapshot`) and the ring after it
+began, so a roll during the scrape never makes it go down.  It only goes
+down when the ring loses minutes that were never rolled (the supervisor was
+down for longer than the ring) or when ``retention.months`` prunes month
+rows; Prometheus takes either as a counter reset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from trafficthreshold.store import WATERMARK_KEEP_MINUTES, Store
+from trafficthreshold.store import WATERMARK_KEEP_MINUTES
 
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -109,6 +113,38 @@ def render(families: Iterable[Family]) -> str:
 # the numbers
 
 
+@dataclasses.dataclass
+class StoreReading:
+    """What a scrape reads from the store, all from one read transaction."""
+
+    totals: dict[Key, int]
+    last_roll_at: float | None
+    gaps: int
+
+
+@contextlib.contextmanager
+def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One read transaction on ``conn``: every read inside sees the same
+    committed state of the file (WAL: the snapshot is taken by the first
+    read and kept until the end), whatever the supervisor commits
+    meanwhile.  Takes no lock a writer waits for; always ends with
+    ROLLBACK (nothing was written)."""
+    conn.execute("BEGIN DEFERRED")
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def read_store(conn: sqlite3.Connection) -> StoreReading:
+    """The stored totals, the last roll's time and the gap count through
+    ``conn`` (read-only is enough); call it inside :func:`read_snapshot`."""
+    meta = conn.execute("SELECT value FROM meta WHERE name = 'last_roll_at'").fetchone()
+    gaps = conn.execute("SELECT COUNT(*) FROM gaps").fetchone()[0]
+    return StoreReading(stored_totals(conn), None if meta is None else float(meta[0]), gaps)
+
+
 def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
     """All-time hits per key as rolled into the store: the sum of its month
     rows.  ``conn`` is any connection to the store's file (read-only is
@@ -117,8 +153,19 @@ def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
     return {(account, event): int(total) for account, event, total in rows}
 
 
+def watermark_minutes(conn: sqlite3.Connection, since_minute: int) -> dict[tuple[str, str, int], int]:
+    """The store's watermarks of the minutes >= ``since_minute`` (what
+    :meth:`Store.watermark_minutes` reads), through ``conn``."""
+    rows = conn.execute(
+        "SELECT account, event, epoch_minute, count FROM watermarks WHERE epoch_minute >= ?",
+        (since_minute,),
+    )
+    return {(a, e, m): count for a, e, m, count in rows}
+
+
 def pending_hits(
-    store: Store, counter: Any, slots: Mapping[int, Key], now: float, ring_minutes: int
+    conn: sqlite3.Connection, counter: Any, slots: Mapping[int, Key], now: float,
+    ring_minutes: int
 ) -> dict[Key, int]:
     """Hits in the segment ring that the store has not rolled yet, per key.
 
@@ -126,15 +173,20 @@ def pending_hits(
     ``ring_minutes - 1`` closed ones) this is ``observed - watermark``: what
     the supervisor's next roll would add.  Minutes at or before
     :meth:`Store.closed_through` are normally fully rolled (delta 0); a late
-    increment to one of them shows here until the next roll.  Lock-free read
-    (``Counter.minutes``); no lock is held.
+    increment to one of them shows here until the next roll.
+
+    The watermarks must come from the same snapshot as the stored totals
+    (call it inside the :func:`read_snapshot` that read them), and the ring
+    is read after that snapshot began: a roll in between then moves hits
+    from "pending" to "stored" in neither reading, so the sum never drops.
+    Lock-free read (``Counter.minutes``); no lock is held.
     """
     minute = int(now // 60)
     # Watermarks are kept for WATERMARK_KEEP_MINUTES: older ring minutes
     # (only with a huge ring) cannot be compared and are left out.
     span = max(1, min(ring_minutes, WATERMARK_KEEP_MINUTES))
     first = minute - span + 1
-    marks = store.watermark_minutes(first)
+    marks = watermark_minutes(conn, first)
     pending: dict[Key, int] = defaultdict(int)
     for slot, epoch_minute, observed in counter.minutes(first, minute):
         key = slots.get(slot)
@@ -156,13 +208,16 @@ def collect(
     firing: Mapping[str, bool] | None,
     last_roll_at: float | None,
     gaps: int,
+    damaged: int | None = None,
 ) -> list[Family]:
     """The metric families from plain numbers (see the module docstring).
 
     ``totals``: all-time hits per key (stored + pending); ``live``: one dict
     per segment key with ``account``, ``event``, ``current_minute`` and
     ``last_60s`` (None: no segment); ``header``: :func:`segment.header`;
-    ``firing``: rule name -> open episode (None: no alert tables).
+    ``firing``: rule name -> open episode (None: no alert tables);
+    ``damaged``: how many damaged fields or index entries the segment read
+    found (None: no segment).
     """
     fams: list[Family] = []
     hits = Family("trafficthreshold_hits_total", "counter",
@@ -186,6 +241,11 @@ def collect(
         fams += [current, sliding]
     if header is not None:
         fams += _segment_families(header, throttle_level, heartbeat_age)
+    if damaged is not None:
+        fams.append(Family("trafficthreshold_segment_damaged", "gauge",
+                           "Damaged header fields or key index entries found in the segment "
+                           "(read around; /api/stats/live lists them). 0 when all is well.")
+                    .add(damaged))
     if firing is not None:
         alerts = Family("trafficthreshold_alerts_firing", "gauge",
                         "1 while an alert rule has an open episode, else 0.")

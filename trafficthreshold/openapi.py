@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from trafficthreshold import names
+from trafficthreshold.live import LIVE_MINUTES
 
-from trafficthreshold.api import JSON_TYPE, LIVE_MINUTES  # noqa: E402  (api imports us lazily)
+JSON_TYPE = "application/json"
 
 
 def _error_ref(description: str) -> dict[str, Any]:
@@ -49,6 +50,8 @@ def _track_operation(depth: int) -> dict[str, Any]:
                     "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Track"}}}},
             "400": _error_ref("the date does not exist (February 30, month 13)"),
             "404": _error_ref("the account or event name is not valid"),
+            "503": _error_ref("the database does not exist yet, is locked or is damaged "
+                              "(the message says what to do)"),
             "default": _error_ref("an error"),
         },
     }}
@@ -114,7 +117,10 @@ def openapi_document() -> dict[str, Any]:
                     "pid": nullable_int,
                     "heartbeat_age_seconds": {"type": "number", "nullable": True},
                     "alive": {"type": "boolean"}}},
-                "segment": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "segment": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "damaged": {"type": "array", "items": {"type": "string"},
+                            "description": "what was found damaged in the segment and how "
+                                           "it was read instead; empty when all is well"}}},
     }
     paths: dict[str, Any] = {}
     track = "/api/stats/track/{account}/{event}/{year}"
@@ -128,15 +134,20 @@ def openapi_document() -> dict[str, Any]:
          _name_param("event", names.EVENT_MAX, "only this event", "query")],
         {"404": _error_ref("a name is not valid (no key can have it)"),
          "503": _error_ref("no segment is installed: run `trafficthreshold install`")})
-    paths["/metrics"] = _plain_operation("Prometheus metrics (text format 0.0.4)", "metrics",
-                                         "text/plain", {"type": "string"})
+    paths["/metrics"] = _plain_operation(
+        "Prometheus metrics (text format 0.0.4)", "metrics", "text/plain", {"type": "string"},
+        extra={"503": _error_ref("the database does not exist yet, is locked or is damaged "
+                                 "(the message says what to do)")})
     paths["/api/openapi.json"] = _plain_operation("This document", "openapi", JSON_TYPE,
                                                   {"type": "object"})
     paths["/"] = _plain_operation(
         "The dashboard", "dashboard", "text/html", {"type": "string"},
         [_name_param("event", names.EVENT_MAX, "the event to show (default pageview)",
                      "query")],
-        {"404": _error_ref("the event name is not valid")})
+        {"404": _error_ref("the event name is not valid"),
+         "503": {"description": "the database does not exist yet, is locked or is damaged: "
+                                "a page that says what to do",
+                 "content": {"text/html": {"schema": {"type": "string"}}}}})
     return {
         "openapi": "3.0.3",
         "info": {"title": "trafficthreshold stats API", "version": __version__,
