@@ -931,13 +931,19 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 /* ------------------------------------------------------------------- add */
 
 /* Makes `b` count epoch `tag`, resetting it if it holds another epoch.
- * Returns 0 when b counts tag, -1 on a lock timeout.
- * A bucket holding a NEWER epoch is reclaimed too: a bucket of the same
- * index holds epochs that differ by whole rings, so its tag is a ring or
- * more ahead of our clock.  That is a clock that jumped forward and back
- * (or a `now` in the future); refusing the addition until real time caught
- * up would blind the counters for as long as the jump.  Reclaiming loses
- * what was counted during the jump, nothing else.
+ * Returns 0 when b counts tag, 1 when the addition is dropped (below), -1
+ * on a lock timeout.  `unit` is the bucket's epoch length in seconds (60
+ * for a minute bucket, 1 for a second bucket).
+ * A bucket holding a NEWER epoch: a bucket of the same index holds epochs
+ * that differ by whole rings, so it is a ring or more ahead of our tag.
+ * Either the bucket is in the future (a clock that jumped forward and came
+ * back): its tag is ahead of the real clock, and it is reclaimed, since
+ * refusing additions until real time caught up would blind the counters
+ * for as long as the jump; reclaiming loses what was counted during the
+ * jump, nothing else.  Or our time is the stale one (a `now` replayed from
+ * the past, a writer descheduled for a whole ring): the bucket holds
+ * current counts, which must never be reset for a late hit, so the
+ * addition is dropped (and counted in dropped_hits).
  * Hazard: two processes may see the old tag at once; the check is repeated
  * under the lock so only one resets, and the reset stores the count
  * before the tag (release) so nobody adds to the new epoch before the zero.
@@ -948,16 +954,25 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
  * the 0 goes for the lock and waits for us).
  * The GIL is released for the whole of lock, reset and unlock, so a thread
  * holding the GIL never stretches the time the lock is held. */
-static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag)
+static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit)
 {
     seglock_t l = lock_of(c);
+    struct timespec ts;
+    uint64_t cur;
     int rc = 0;
     c->busy++;
     Py_BEGIN_ALLOW_THREADS
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
         rc = -1;
     } else {
-        if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag) {
+        cur = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
+        if (cur > tag) {
+            clock_gettime(CLOCK_REALTIME, &ts);
+            /* + 1: the clock may have moved on since the tag was read. */
+            if (cur <= (uint64_t)ts.tv_sec / unit + 1)
+                rc = 1;  /* our time is stale: keep the current counts */
+        }
+        if (cur != tag && rc == 0) {
             __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_RELEASE);
             __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
@@ -972,10 +987,10 @@ static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag)
 
 /* Adds n to one bucket.  Lock-free unless the bucket rolls over.  Returns
  * 0, or non-zero when the addition was dropped (see roll_bucket). */
-static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t n)
+static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit, uint64_t n)
 {
     if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag) {
-        int rc = roll_bucket(c, b, tag);
+        int rc = roll_bucket(c, b, tag, unit);
         if (rc != 0)
             return rc;
     }
@@ -1008,8 +1023,8 @@ static int add_slot(Counter *c, uint32_t slot, uint64_t n)
     bucket_t *b;
     int dropped;
     b = stripe_buckets(c, slot, c->stripe);
-    dropped = add_bucket(c, b + c->cur_min_idx, c->cur_minute, n);
-    dropped |= add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second, n);
+    dropped = add_bucket(c, b + c->cur_min_idx, c->cur_minute, 60, n);
+    dropped |= add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second, 1, n);
     return dropped;
 }
 
