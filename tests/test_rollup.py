@@ -198,7 +198,7 @@ def test_a_key_that_is_not_utf8_is_skipped_and_the_others_roll(installed, store,
         counter.hit("beta", "pageview", 3, T0 + 5)
         poke(key, backend, "=2s", entry_offset(key, backend, "beta") + segment.E_ACCOUNT,
              b"\xff\xfe")
-        roller = Roller(counter, store, key=key, backend=backend)
+        roller = Roller(counter, store)
         assert roller.roll(T0 + 60) == 5                  # the all key holds both
         assert minute_total(store, "acme", T0) == 2
         assert store.closed_through() == M0
@@ -294,16 +294,15 @@ def test_hits_later_than_the_recheck_window_are_counted_as_dropped(counter, stor
     assert minute_total(store, "acme", T0) == 1
 
 
-def test_without_the_segment_key_a_non_utf8_index_is_reported_not_raised(installed, store):
+def test_a_non_utf8_name_is_reported_by_its_bytes(installed, store):
     key, backend = installed
     counter = segment.attach(key, backend)
     try:
         counter.hit("beta", "pageview", 3, T0 + 5)
         poke(key, backend, "=1s", entry_offset(key, backend, "beta") + segment.E_ACCOUNT, b"\xff")
-        roller = Roller(counter, store)                    # no key/backend given
-        roller.roll(T0 + 60)
-        assert store.bad_keys() and all("not given the segment key" in b
-                                        for b in store.bad_keys())
+        Roller(counter, store).roll(T0 + 60)
+        assert [b for b in store.bad_keys() if "b'\\xffeta'" in b and "not UTF-8" in b]
+        assert minute_total(store, "all", T0) == 3
     finally:
         counter.detach()
 

@@ -544,7 +544,7 @@ def _final_rollup(cfg, now):
 
     def roll(counter):
         with Store(cfg.database, cfg.timezone) as store:
-            Roller(counter, store, key=cfg.key, backend=cfg.backend).roll(now, True)
+            Roller(counter, store).roll(now, True)
     return roll
 
 

@@ -304,10 +304,7 @@ def _final_rollup(cfg: configuration.Config, counter: Any) -> None:
     from .rollup import Roller
     from .store import Store
     with Store(cfg.database, cfg.timezone) as store:
-        # With the key, a name that is not UTF-8 is skipped and reported,
-        # and every other key still rolls.
-        added = Roller(counter, store, key=cfg.key, backend=cfg.backend).roll(
-            time.time(), include_current=True)
+        added = Roller(counter, store).roll(time.time(), include_current=True)
     click.echo(f"rolled {added} pending hits into {cfg.database}")
 
 

@@ -51,11 +51,10 @@ log = logging.getLogger("trafficthreshold.rollup")
 #: Closed minutes read again on every roll, for late increments.
 LATE_MINUTES = 2
 
-#: An index entry in state 1 is a published key (docs/segment.rst).
-_ENTRY_READY = 1
-#: Bytes for the account and the event name in an index entry.
-_ACCOUNT_ROOM = segment.E_EVENT - segment.E_ACCOUNT
-_EVENT_ROOM = segment.INDEX_ENTRY_SIZE - segment.E_EVENT
+
+def _raw(name: str) -> bytes:
+    """The bytes of a name ``keys()`` decoded with surrogateescape."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 class Roller:
@@ -72,11 +71,9 @@ class Roller:
     them such a segment's keys cannot be named and none rolls.
     """
 
-    def __init__(self, counter: Counter, store: Store, *, key: int | None = None,
-                 backend: str | None = None) -> None:
+    def __init__(self, counter: Counter, store: Store) -> None:
         self.counter = counter
         self.store = store
-        self.key, self.backend = key, backend
         self.instance = counter.load(segment.H_INSTANCE, 8)
         #: slot -> why the key is skipped (see the module docstring).
         self.bad_keys: dict[int, str] = {}
@@ -92,51 +89,17 @@ class Roller:
 
     def names(self) -> dict[int, tuple[str, str]]:
         """slot -> (account, event), re-read when keys were added.  Keys
-        that cannot be named are left out and listed in ``bad_keys``."""
+        whose name bytes are not UTF-8 (a writer in another language) are
+        left out and listed in ``bad_keys``: the others roll on."""
         used = self.counter.load(segment.H_KEYS_USED, 4)
         if used != self._keys_used:
-            try:
-                self._names = {slot: (a, e) for slot, a, e in self.counter.keys()}
-                self._bad_names = {}
-            except UnicodeDecodeError:
-                self._names, self._bad_names = self._read_index()
+            good, bad = segment.split_keys(self.counter)
+            self._names = {slot: (a, e) for slot, a, e in good}
+            self._bad_names = {
+                slot: f"slot {slot}: account {_raw(a)!r}, event {_raw(e)!r} is not UTF-8"
+                for slot, a, e in bad}
             self._keys_used = used
         return self._names
-
-    def _read_index(self) -> tuple[dict[int, tuple[str, str]], dict[int, str]]:
-        """The index read byte by byte (docs/segment.rst), for a segment with
-        an entry that is not UTF-8.  Lock-free: entries are read only once
-        published (state 1), and a published entry never changes."""
-        if self.key is None or self.backend is None:
-            log.error("an index entry of the segment is not UTF-8 and this roll-up was "
-                      "not told the segment key: no key can be rolled")
-            self._unnamed = ("an index entry is not UTF-8 and the roll-up was not given "
-                             "the segment key to read the index byte-wise")
-            return {}, {}
-        good: dict[int, tuple[str, str]] = {}
-        bad: dict[int, str] = {}
-        raw = segment._Raw(self.backend, self.key)
-        try:
-            offset, size = raw.u64(segment.H_INDEX_OFFSET), raw.u32(segment.H_INDEX_SIZE)
-            for i in range(size):
-                ent = offset + i * segment.INDEX_ENTRY_SIZE
-                if raw.u32(ent + segment.E_STATE) != _ENTRY_READY:
-                    continue
-                slot = raw.u32(ent + segment.E_SLOT)
-                alen, elen = raw.buf[ent + segment.E_ACCOUNT_LEN], raw.buf[ent + segment.E_EVENT_LEN]
-                if alen > _ACCOUNT_ROOM or elen > _EVENT_ROOM:  # a length past its field
-                    bad[slot] = f"slot {slot}: name lengths {alen}/{elen} overrun the entry"
-                    continue
-                account = bytes(raw.buf[ent + segment.E_ACCOUNT:ent + segment.E_ACCOUNT + alen])
-                event = bytes(raw.buf[ent + segment.E_EVENT:ent + segment.E_EVENT + elen])
-                try:
-                    good[slot] = (account.decode(), event.decode())
-                except UnicodeDecodeError:
-                    bad[slot] = (f"slot {slot}: account {account!r}, event {event!r} "
-                                 "is not UTF-8")
-        finally:
-            raw.close()
-        return good, bad
 
     def _report(self, slot: int, why: str) -> None:
         """Skip a key, logging it once."""

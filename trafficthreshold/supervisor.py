@@ -267,7 +267,7 @@ class Supervisor:
     def _new_roller(self) -> Roller:
         """A Roller for the attached segment (a new one per segment: it
         checks the segment's instance against the store's, for gaps)."""
-        return Roller(self.counter, self.store, key=self.config.key, backend=self.config.backend)
+        return Roller(self.counter, self.store)
 
     def _roll(self, now: float) -> int:
         """The minute's roll-up.  A StoreError (a damaged or unwritable
