@@ -81,6 +81,26 @@ def test_newer_schema_is_refused_with_advice(db: str) -> None:
     assert isinstance(info.value, TrafficThresholdError)
 
 
+def test_version_1_tables_gain_claimed_at_and_keep_their_rows(db: str) -> None:
+    from trafficthreshold.alertstore import SCHEMA_V1
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE alert_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for statement in SCHEMA_V1:
+        conn.execute(statement)
+    conn.execute("INSERT INTO alert_meta VALUES ('schema_version', '1')")
+    conn.execute("""INSERT INTO alert_outbox (created, kind, rules, sender, recipients,
+                    message_id, payload, next_attempt, status)
+                    VALUES (1, 'alert', 'r', 's', '[]', '<m@h>', '{}', 1, 'sent')""")
+    conn.commit()
+    conn.close()
+    with AlertStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.prune(2) == 1  # the old row is still there, and prunable
+        mail_id = queue_one(store)
+        assert store.claim(mail_id, T0) and store.get(mail_id).claimed_at == T0
+        assert store.list("sending")[0].id == mail_id
+
+
 def test_wal_and_busy_timeout(db: str) -> None:
     with AlertStore(db) as store:
         conn = store._conn
