@@ -235,3 +235,20 @@ def test_engine_reload_keeps_open_episodes(db: str) -> None:
     (mail_id,) = engine.tick(T0 + 2, {COUNT_KEY: 20})
     assert store.get(mail_id).context.dashboard_url == "http://127.0.0.1:8787/"
     store.close()
+
+
+def test_engine_keeps_the_documented_meaning_of_repeat_0_and_max_per_hour_0(db: str) -> None:
+    """docs/alerts.rst: ``repeat = 0`` turns reminders off; ``max_per_hour = 0``
+    is no cap.  Both come through config.parse, as the daemon reads them."""
+    from trafficthreshold import config
+    text = "[mail]\nmax_per_hour = 0\n" + "".join(
+        f"[[alert]]\nname = 'r{i}'\nto = ['o{i}@example.com']\nrepeat = 0\nclear_minutes = 1\n"
+        for i in range(30))
+    cfg = config.parse(text, "config.toml")
+    with AlertStore(db) as store:
+        engine = AlertEngine(store, cfg.alerts, cfg.mail, host="h")
+        assert len(engine.tick(T0, {COUNT_KEY: 50})) == 30  # 30 > the default cap of 20
+        # Hot for two more hours: no reminder ever, whatever the time since the alert.
+        for second in range(1, 7200, 30):
+            assert engine.tick(T0 + second, {COUNT_KEY: 50}) == []
+        assert len(store.list(limit=1000)) == 30

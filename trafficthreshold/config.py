@@ -303,26 +303,34 @@ def _wrong_type(value: Any, wanted: str, example: str) -> _Bad:
     return _Bad(f"is {_kind(value)}", f"use {wanted}{unquote}, e.g. {example}")
 
 
-def _integer(minimum: int, maximum: int | None = None, example: str = "60") -> Check:
+def _integer(minimum: int, maximum: int, example: str = "60") -> Check:
+    """A whole number from ``minimum`` to ``maximum``: every numeric key has a
+    maximum that the daemon can live with (see :data:`LIMITS`)."""
+
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _wrong_type(value, "a whole number", example)
-        if value < minimum:
-            raise _Bad("is too small", f"use a whole number >= {minimum}")
-        if maximum is not None and value > maximum:
-            raise _Bad("is too large", f"use a whole number <= {maximum}")
+        if not minimum <= value <= maximum:
+            raise _Bad("is out of range", f"use a whole number from {minimum} to {maximum}")
         return value
 
     return check
 
 
-def _seconds(value: Any) -> float:
-    """A positive, finite number of seconds (int or float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _wrong_type(value, "a number of seconds", "30")
-    if not math.isfinite(value) or value <= 0:
-        raise _Bad("is not a positive number", "use a number of seconds > 0, e.g. 30")
-    return value
+def _seconds(maximum: float) -> Check:
+    """A positive, finite number of seconds (int or float) up to ``maximum``."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong_type(value, "a number of seconds", "30")
+        if not math.isfinite(value) or value <= 0:
+            raise _Bad("is not a positive number", f"use a number of seconds > 0 and "
+                                                   f"<= {maximum:g}, e.g. 30")
+        if value > maximum:
+            raise _Bad("is out of range", f"use a number of seconds > 0 and <= {maximum:g}")
+        return value
+
+    return check
 
 
 def _boolean(value: Any) -> bool:
@@ -496,6 +504,21 @@ class _Key:
     secret: bool = False
 
 
+#: The largest value of each numeric key (docs/configuration.rst lists them):
+#: what ``run`` can live with, not what TOML can write.
+LIMITS = {
+    "multiplier": 1_000_000,  # the header field is 32 bits; level 5 at 5 million a window
+    "cooldown": 86_400,  # a day
+    "cron_test": 604_800,  # a week
+    "retention": 36_500,  # 100 years of days: dates stay within the calendar
+    "port": 65_535,
+    "timeout": 600.0,  # seconds; also keeps a stuck MTA within a bounded wait
+    "max_per_hour": 3_600,  # one a second
+    "threshold": 2**53 - 1,  # exact as a JSON number (the API, the alert state)
+    "repeat": 604_800,  # a week
+    "clear_minutes": 1_440,  # a day of closed minutes, read once a minute
+}
+
 _TOP: dict[str, _Key] = {
     "key": _Key("key", _integer(1, MAX_KEY, example=f"{DEFAULT_KEY:#x}")),
     "backend": _Key("backend", _choice(*BACKENDS)),
@@ -503,14 +526,15 @@ _TOP: dict[str, _Key] = {
     "timezone": _Key("timezone", _timezone),
 }
 _THROTTLE: dict[str, _Key] = {
-    "multiplier": _Key("multiplier", _integer(1)),
+    "multiplier": _Key("multiplier", _integer(1, LIMITS["multiplier"])),
     "window": _Key("window", _choice(*WINDOWS)),
     "policy": _Key("policy", _choice(*POLICIES)),
-    "cooldown": _Key("cooldown", _integer(1, example="300")),
-    "cron_test": _Key("cron_test", _integer(1, example="10800")),
+    "cooldown": _Key("cooldown", _integer(1, LIMITS["cooldown"], example="300")),
+    "cron_test": _Key("cron_test", _integer(1, LIMITS["cron_test"], example="10800")),
 }
 _RETENTION: dict[str, _Key] = {
-    name: _Key(name, _integer(0, example="7")) for name in ("minutes", "hours", "days", "months")
+    name: _Key(name, _integer(0, LIMITS["retention"], example="7"))
+    for name in ("minutes", "hours", "days", "months")
 }
 _HTTP: dict[str, _Key] = {
     "enabled": _Key("enabled", _boolean),
@@ -521,14 +545,15 @@ _MAIL: dict[str, _Key] = {
     "transport": _Key("transport", _choice(*TRANSPORTS)),
     "sendmail": _Key("sendmail", _path(False, "/usr/sbin/sendmail")),
     "smtp_host": _Key("smtp_host", _text(False)),
-    "smtp_port": _Key("smtp_port", _integer(1, 65535, example="25")),
+    "smtp_port": _Key("smtp_port", _integer(1, LIMITS["port"], example="25")),
     "starttls": _Key("starttls", _boolean),
     "username": _Key("username", _text()),
     "password_file": _Key("password_file", _path()),
     "password_env": _Key("password_env", _text()),
-    "timeout": _Key("timeout", _seconds),
+    "timeout": _Key("timeout", _seconds(LIMITS["timeout"])),
     "from": _Key("sender", _address()),
-    "max_per_hour": _Key("max_per_hour", _integer(1, example="20")),
+    # 0 = no cap (docs/alerts.rst, "The hourly cap")
+    "max_per_hour": _Key("max_per_hour", _integer(0, LIMITS["max_per_hour"], example="20")),
     "templates": _Key("templates", _path(example="/etc/trafficthreshold/templates")),
     "dashboard_url": _Key("dashboard_url", _url),
 }
@@ -536,13 +561,14 @@ _ALERT: dict[str, _Key] = {
     "name": _Key("name", _alert_name),
     "account": _Key("account", _counter_name("account", names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)),
     "event": _Key("event", _counter_name("event", names.EVENT_MAX, names.OVERFLOW_EVENT)),
-    "threshold": _Key("threshold", _integer(1, example="10")),
+    "threshold": _Key("threshold", _integer(1, LIMITS["threshold"], example="10")),
     "window": _Key("window", _choice(*WINDOWS)),
     "to": _Key("to", _addresses),
     "from": _Key("sender", _address(empty_ok=True)),
-    "repeat": _Key("repeat", _integer(1, example="3600")),
+    # 0 = no reminders (docs/alerts.rst, "One mail per episode")
+    "repeat": _Key("repeat", _integer(0, LIMITS["repeat"], example="3600")),
     "resolved": _Key("resolved", _boolean),
-    "clear_minutes": _Key("clear_minutes", _integer(1, example="5")),
+    "clear_minutes": _Key("clear_minutes", _integer(1, LIMITS["clear_minutes"], example="5")),
 }
 #: The tables of the file: name -> (schema, dataclass).
 _TABLES: dict[str, tuple[dict[str, _Key], type]] = {
