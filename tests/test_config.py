@@ -935,3 +935,77 @@ def test_every_key_is_documented() -> None:
         elif " = " in line:
             key = line.split(" = ")[0]
             assert re.search(rf"^``{key}`` \(", docs, re.M), f"{table} {key}"
+
+
+# -- the host name of the mails ----------------------------------------------
+
+
+@pytest.mark.parametrize("fqdn, hostname, expected", [
+    ("web1.example.com", "web1", "web1.example.com"),  # a real FQDN wins
+    ("localhost", "vm", "vm"),  # /etc/hosts maps the host name after localhost
+    ("localhost.localdomain", "web1", "web1"),
+    ("ip6-localhost", "web1", "web1"),
+    ("127.0.1.1", "web1", "web1"),
+    ("web1.example.com.", "web1", "web1.example.com"),
+    ("localhost", "localhost", "localhost"),  # nothing better known
+    ("", "", "localhost"),
+])
+def test_host_name_prefers_a_real_name_to_localhost(fqdn: str, hostname: str,
+                                                    expected: str) -> None:
+    assert config.host_name(lambda: fqdn, lambda: hostname) == expected
+
+
+def test_default_sender_uses_the_host_the_mails_name() -> None:
+    host = config.default_host()
+    assert host == config.host_name()
+    assert config.default_sender() == f"trafficthreshold@{host}"
+    assert config.default(ENV).mail.sender == f"trafficthreshold@{host}"
+
+
+# -- config check, end to end ------------------------------------------------
+
+
+def config_check(path: Path) -> tuple[int, list[str]]:
+    """Run ``trafficthreshold --config PATH config check``: (exit code, lines)."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    result = CliRunner().invoke(main, ["--config", str(path), "config", "check"],
+                                env={"TRAFFICTHRESHOLD_KEY": ""})
+    return result.exit_code, result.output.splitlines()
+
+
+def test_config_check_fails_with_one_line_per_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f"database = '{tmp_path}/s.sqlite3'\n[retention]\ndays = 1000000\n"
+                    "[throttle]\nmultiplier = 4294967297\n[mail]\ntimeout = 1e10\n"
+                    "[[alert]]\nname = 'a'\nto = ['a@b.c']\nclear_minutes = 1000000000\n")
+    code, lines = config_check(path)
+    assert code != 0
+    errors = [line for line in lines if str(path) in line]
+    assert len(errors) == 4, lines
+    for key, value, allowed in (("throttle.multiplier", "4294967297", "1 to 1000000"),
+                                ("retention.days", "1000000", "0 to 36500"),
+                                ("mail.timeout", "10000000000.0", "<= 600"),
+                                ("alert[0].clear_minutes", "1000000000", "1 to 1440")):
+        (line,) = [line for line in errors if f" {key} = {value} " in line]
+        assert allowed in line
+
+
+@pytest.mark.parametrize("make", ["missing", "dangling", "not executable"])
+def test_config_check_reports_a_missing_mta_with_the_fix(tmp_path: Path, make: str) -> None:
+    sendmail = tmp_path / "sendmail"
+    if make == "dangling":
+        sendmail.symlink_to(tmp_path / "gone")
+    elif make == "not executable":
+        sendmail.write_text("#!/bin/sh\n")
+        sendmail.chmod(0o644)
+    path = tmp_path / "config.toml"
+    path.write_text(f"database = '{tmp_path}/s.sqlite3'\n[mail]\nsendmail = '{sendmail}'\n"
+                    "[[alert]]\nname = 'a'\nto = ['a@b.c']\n")
+    code, lines = config_check(path)
+    (line,) = [line for line in lines if "mail.sendmail" in line]
+    assert f"mail.sendmail = '{sendmail}'" in line
+    assert "no alert mail can go out" in line
+    assert 'apt-get install postfix' in line and 'mail.transport = "smtp"' in line
+    assert code == 0  # a warning: the daemon counts and throttles without an MTA

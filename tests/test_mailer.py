@@ -139,6 +139,23 @@ def test_message_headers_and_template_variables(db: str) -> None:
     outbox.close()
 
 
+@pytest.mark.parametrize("top, expected", [
+    ([("shop", 40)], "Busiest accounts this minute:\n        40  shop\n"),
+    ([], "Busiest accounts: none to list, only the total is counted (no per-account keys).\n"),
+    (None, "Busiest accounts: not read for this mail.\n"),
+])
+def test_busiest_accounts_says_why_there_are_none(db: str, top: Any, expected: str) -> None:
+    config = make_mail_config()
+    queue_alert(db, config, top_accounts=top)
+    capture = Capture()
+    outbox = Outbox(db, config, transport=capture)
+    (result,) = outbox.deliver_due(T0)
+    assert result.ok
+    body = capture.sent[0].message.get_content()
+    assert expected in body and "(not known)" not in body
+    outbox.close()
+
+
 def test_retry_resends_the_same_message_id(db: str) -> None:
     config = make_mail_config()
     queue_alert(db, config)
@@ -821,6 +838,33 @@ class TestPostfix:
             assert row.status == "sent" and row.attempts == 1 and row.sent_at == start
         outbox.close()
         assert len(wait_for_mail(postfix_rule.token, 1, deadline=5)) == 1
+
+    def test_default_from_names_the_host_the_subject_names(
+            self, db: str, postfix_rule: SimpleNamespace) -> None:
+        """No mail.from, no host given: From, Message-ID and subject all name
+        config.default_host() (here getfqdn() is "localhost": the host name)."""
+        from trafficthreshold import config as configuration
+        host = configuration.default_host()
+        mail_config = configuration.parse(f"[mail]\nsendmail = '{SENDMAIL}'\n", "config.toml")
+        rule = make_rule(name=postfix_rule.name, to=(MAILBOX,), sender="")
+        start = real_time()
+        outbox = Outbox(db, mail_config.mail)
+        with AlertStore(db) as store:
+            engine = AlertEngine(store, [rule], mail_config.mail)
+            assert engine.tick(start, {KEY: 12}, top_accounts=[])  # only the total counted
+            (result,) = outbox.deliver_due(start)
+            assert result.ok, result.error
+        outbox.close()
+        (msg,) = wait_for_mail(postfix_rule.token, 1)
+        assert host != "localhost" or socket.gethostname() in ("", "localhost")
+        assert msg["From"] == f"trafficthreshold@{host}"
+        assert msg["Subject"].endswith(f" on {host}")
+        assert msg["Message-ID"].endswith(f"@{host}>")
+        body = msg.get_content()
+        assert f"Host:           {host}" in body
+        assert ("Busiest accounts: none to list, only the total is counted "
+                "(no per-account keys).") in body
+        assert "(not known)" not in body
 
     def test_send_test_through_postfix(self, postfix_rule: SimpleNamespace) -> None:
         result = send_test(make_mail_config(sendmail=SENDMAIL), postfix_rule)

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from trafficthreshold import alerts, store as period_store
 from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
+from trafficthreshold.config import default_host
 from trafficthreshold.errors import TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.alertstore")
@@ -394,7 +394,7 @@ class AlertEngine:
         on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
-        self.host = host or socket.gethostname()
+        self.host = host or default_host()
         self.on_queued = on_queued
         self.rules: Sequence[Rule] = ()
         self.mail_config: Any = None
@@ -415,7 +415,7 @@ class AlertEngine:
         self.mail_config = mail_config
         self.max_per_hour = int(getattr(mail_config, "max_per_hour", 20))
         self.default_sender = (getattr(mail_config, "sender", "")
-                               or f"trafficthreshold@{self.host}")
+                               or f"trafficthreshold@{self.host}")  # as config.default_sender
         if dashboard_url is None:
             dashboard_url = getattr(mail_config, "dashboard_url", "") or ""
         self.dashboard_url = dashboard_url
@@ -426,7 +426,8 @@ class AlertEngine:
         counts: Counts,
         *,
         closed: Closed | None = None,
-        top_accounts: Sequence[tuple[str, int]] | Callable[[], Sequence[tuple[str, int]]] = (),
+        top_accounts: (Sequence[tuple[str, int]] | Callable[[], Sequence[tuple[str, int]]]
+                       | None) = None,
         throttle_level: int | None = None,
     ) -> list[int]:
         """Evaluate every rule at ``now``; return the ids of mails queued.
@@ -436,6 +437,9 @@ class AlertEngine:
         A database error is logged and the tick retried on the next call.
         ``top_accounts`` may be a function: it is called only when a mail is
         queued, so a caller need not read them every second of an episode.
+        None (the default): not read for this tick, and the mail says so; an
+        empty sequence: read, and no account has a count of its own (only
+        the total is counted), which the mail says too.
         """
         if not self.rules and not self.state.episodes:
             return []
@@ -451,7 +455,8 @@ class AlertEngine:
                 top_accounts = top_accounts()
             context = MailContext(
                 host=self.host,
-                top_accounts=tuple((str(a), int(c)) for a, c in top_accounts),
+                top_accounts=None if top_accounts is None else
+                tuple((str(a), int(c)) for a, c in top_accounts),
                 throttle_level=throttle_level,
                 dashboard_url=self.dashboard_url,
                 max_per_hour=self.max_per_hour,

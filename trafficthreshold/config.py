@@ -56,10 +56,46 @@ TRANSPORTS = ("sendmail", "smtp")
 # Environment-dependent defaults
 
 
+#: Names that say nothing about which host a mail came from.
+LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost6",
+                         "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"})
+
+
+def host_name(getfqdn: Callable[[], str] = socket.getfqdn,
+              gethostname: Callable[[], str] = socket.gethostname) -> str:
+    """The host's name for alert mails: the one the subject and body name
+    and the domain of the default From and of Message-IDs.
+
+    The fully qualified name (``socket.getfqdn()``) if it is a real one; if
+    it is ``localhost``-ish (``/etc/hosts`` maps the host name to 127.0.0.1
+    after ``localhost``, as many images do) or a bare IP, the plain host
+    name (``socket.gethostname()``); ``localhost`` only when neither says more.
+    """
+    for name in (getfqdn(), gethostname()):
+        name = (name or "").strip().rstrip(".")
+        if name and name.lower() not in LOCAL_NAMES and not _is_ip(name):
+            return name
+    return "localhost"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 @lru_cache(maxsize=1)
+def default_host() -> str:
+    """:func:`host_name` of this machine, looked up once."""
+    return host_name()
+
+
 def default_sender() -> str:
-    """``trafficthreshold@<fully qualified host name>`` (looked up once)."""
-    return "trafficthreshold@" + socket.getfqdn()
+    """``trafficthreshold@<host>``, the host being :func:`default_host`, the
+    one the mails' subject and body name."""
+    return "trafficthreshold@" + default_host()
 
 
 def default_database(env: Mapping[str, str] = os.environ, euid: int | None = None) -> str:
@@ -858,11 +894,8 @@ def warnings(config: Config, env: Mapping[str, str] = os.environ) -> list[str]:
 
 def _warn_mail(config: Config, env: Mapping[str, str]) -> list[str]:
     mail, lines = config.mail, []
-    if config.alerts and mail.transport == "sendmail" and not os.access(mail.sendmail, os.X_OK):
-        lines.append(
-            f"mail.sendmail = {mail.sendmail!r} is not executable; install an MTA "
-            '(apt install postfix) or set mail.transport = "smtp"'
-        )
+    if config.alerts and mail.transport == "sendmail":
+        lines.extend(_sendmail_warnings(mail.sendmail))
     if mail.password_file:
         lines.extend(_secret_file_warnings("mail.password_file", mail.password_file))
     if mail.password_env and mail.password_env not in env:
@@ -879,6 +912,21 @@ def _warn_mail(config: Config, env: Mapping[str, str]) -> list[str]:
             f"mail.templates = {mail.templates!r} is not a directory; create it or remove the key"
         )
     return lines
+
+
+def _sendmail_warnings(path: str) -> list[str]:
+    """A missing MTA: every alert mail would fail (the daemon itself runs)."""
+    fix = ('install an MTA (apt-get install postfix) or send through a server with '
+           'mail.transport = "smtp"')
+    if not os.path.lexists(path):
+        return [f"mail.sendmail = {path!r} does not exist, so no alert mail can go out; {fix}"]
+    if not os.path.exists(path):
+        return [f"mail.sendmail = {path!r} is a broken symbolic link (to "
+                f"{os.readlink(path)!r}), so no alert mail can go out; {fix}"]
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        return [f"mail.sendmail = {path!r} is not an executable program, so no alert mail "
+                f"can go out; {fix}, or point mail.sendmail at the MTA's sendmail"]
+    return []
 
 
 def _secret_file_warnings(key: str, path: str) -> list[str]:

@@ -26,7 +26,6 @@ import math
 import os
 import signal
 import smtplib
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -45,6 +44,7 @@ import jinja2
 
 from trafficthreshold.alerts import Mail, MailContext, Notice, epoch_minute
 from trafficthreshold.alertstore import AlertStore, QueuedMail, new_message_id
+from trafficthreshold.config import default_host
 from trafficthreshold.errors import MailError
 
 log = logging.getLogger("trafficthreshold.mailer")
@@ -150,7 +150,8 @@ def template_vars(mail: Mail, context: MailContext, *, test: bool = False) -> di
         "threshold": first["threshold"] if first else None,
         "minute": first["minute"] if first else rfc1123(epoch_minute(mail.at) * 60),
         "host": context.host,
-        "top_accounts": [tuple(t) for t in context.top_accounts],
+        "top_accounts": (None if context.top_accounts is None
+                         else [tuple(t) for t in context.top_accounts]),
         "throttle_level": context.throttle_level,
         "dashboard_url": context.dashboard_url,
         "suppressed": mail.suppressed,
@@ -737,7 +738,7 @@ def send_test(
     "[test]"; the body is the alert template filled with the rule's values.
     """
     now = time.time() if now is None else now
-    host = host or socket.gethostname()
+    host = host or default_host()
     recipients = tuple(to) or tuple(getattr(rule, "to", ()) or ())
     if not recipients:
         return SendTestResult(False, "no recipient: pass --to ADDRESS or name an [[alert]] rule")
