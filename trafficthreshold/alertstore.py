@@ -340,8 +340,9 @@ class AlertStore:
     def prune(self, before: float) -> int:
         """Delete sent and failed mails created before ``before``; return how many."""
         with self.transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM alert_outbox WHERE status IN ('sent', 'failed') AND created < ?", (before,)
+            cursor = db.execute(  # never a pending or 'sending' row
+                "DELETE FROM alert_outbox WHERE status IN ('sent', 'failed') AND created < ?",
+                (before,),
             )
         return cursor.rowcount
 
