@@ -586,7 +586,12 @@ class Outbox:
                 log.warning("mail worker still busy after %g s: queued mails go out at the "
                             "next start", budget)
                 return []
-        return self.deliver_due(now, deadline=deadline)
+        results = self.deliver_due(now, deadline=deadline)
+        if self._owed:
+            log.error("mail(s) %s: the MTA's answer could not be recorded before stopping (the "
+                      "database is locked); the next start marks them failed as interrupted, "
+                      "without sending them again", ", ".join(map(str, self._owed)))
+        return results
 
     def _deliver(self, store: AlertStore, item: QueuedMail, now: float,
                  deadline: float | None = None) -> Delivery:
