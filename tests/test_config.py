@@ -1009,3 +1009,14 @@ def test_config_check_reports_a_missing_mta_with_the_fix(tmp_path: Path, make: s
     assert "no alert mail can go out" in line
     assert 'apt-get install postfix' in line and 'mail.transport = "smtp"' in line
     assert code == 0  # a warning: the daemon counts and throttles without an MTA
+
+
+def test_run_lives_with_the_largest_multiplier(key: int) -> None:
+    """throttle.multiplier = 2**32 + 1 used to pass config check and fail in
+    install (struct.error); the maximum installs on a real segment."""
+    from trafficthreshold import segment
+    cfg = config.parse(f"[throttle]\nmultiplier = {config.LIMITS['multiplier']}\n", "c.toml")
+    segment.install(key, multiplier=cfg.throttle.multiplier, window=cfg.throttle.window)
+    counter = segment.attach(key)
+    assert segment.header(counter)["throttle_multiplier"] == 1_000_000
+    segment.uninstall(key, force=True)  # the key fixture removes anything left too
