@@ -482,6 +482,25 @@ def test_flush_stops_between_mails_within_its_budget(db: str, tmp_path: Path) ->
     outbox.close()
 
 
+def test_flush_does_not_wait_past_its_budget_for_a_busy_worker(db: str, tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent, delay=3), timeout=10)
+    queue_alert(db, config, now=time.time())
+    outbox = Outbox(db, config, poll=0.1)
+    outbox.start()
+    deadline = time.monotonic() + 5
+    with AlertStore(db) as store:  # wait until the worker has claimed it
+        while time.monotonic() < deadline and store.list()[0].status != "sending":
+            time.sleep(0.02)
+        assert store.list()[0].status == "sending"
+    started = time.monotonic()
+    assert outbox.flush(time.time(), budget=1.0) == []
+    assert time.monotonic() - started < 1.5  # not the 3 s of the slow sendmail
+    assert outbox.stop(timeout=10)  # the worker ends after that mail
+    assert len(sent.read_text().splitlines()) == 1
+    outbox.close()
+
+
 def test_the_worker_stops_after_its_current_mail(db: str, tmp_path: Path) -> None:
     sent = tmp_path / "sent.log"
     config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent, delay=0.5))
