@@ -81,6 +81,26 @@ def test_newer_schema_is_refused_with_advice(db: str) -> None:
     assert isinstance(info.value, TrafficThresholdError)
 
 
+def test_version_1_tables_gain_claimed_at_and_keep_their_rows(db: str) -> None:
+    from trafficthreshold.alertstore import SCHEMA_V1
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE alert_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for statement in SCHEMA_V1:
+        conn.execute(statement)
+    conn.execute("INSERT INTO alert_meta VALUES ('schema_version', '1')")
+    conn.execute("""INSERT INTO alert_outbox (created, kind, rules, sender, recipients,
+                    message_id, payload, next_attempt, status)
+                    VALUES (1, 'alert', 'r', 's', '[]', '<m@h>', '{}', 1, 'sent')""")
+    conn.commit()
+    conn.close()
+    with AlertStore(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.prune(2) == 1  # the old row is still there, and prunable
+        mail_id = queue_one(store)
+        assert store.claim(mail_id, T0) and store.get(mail_id).claimed_at == T0
+        assert store.list("sending")[0].id == mail_id
+
+
 def test_wal_and_busy_timeout(db: str) -> None:
     with AlertStore(db) as store:
         conn = store._conn
@@ -215,3 +235,20 @@ def test_engine_reload_keeps_open_episodes(db: str) -> None:
     (mail_id,) = engine.tick(T0 + 2, {COUNT_KEY: 20})
     assert store.get(mail_id).context.dashboard_url == "http://127.0.0.1:8787/"
     store.close()
+
+
+def test_engine_keeps_the_documented_meaning_of_repeat_0_and_max_per_hour_0(db: str) -> None:
+    """docs/alerts.rst: ``repeat = 0`` turns reminders off; ``max_per_hour = 0``
+    is no cap.  Both come through config.parse, as the daemon reads them."""
+    from trafficthreshold import config
+    text = "[mail]\nmax_per_hour = 0\n" + "".join(
+        f"[[alert]]\nname = 'r{i}'\nto = ['o{i}@example.com']\nrepeat = 0\nclear_minutes = 1\n"
+        for i in range(30))
+    cfg = config.parse(text, "config.toml")
+    with AlertStore(db) as store:
+        engine = AlertEngine(store, cfg.alerts, cfg.mail, host="h")
+        assert len(engine.tick(T0, {COUNT_KEY: 50})) == 30  # 30 > the default cap of 20
+        # Hot for two more hours: no reminder ever, whatever the time since the alert.
+        for second in range(1, 7200, 30):
+            assert engine.tick(T0 + second, {COUNT_KEY: 50}) == []
+        assert len(store.list(limit=1000)) == 30

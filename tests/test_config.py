@@ -304,36 +304,103 @@ def test_wrong_types(text: str, expected: str) -> None:
         ("cooldown", "throttle"),
         ("cron_test", "throttle"),
         ("smtp_port", "mail"),
-        ("max_per_hour", "mail"),
     ],
 )
 def test_numbers_that_must_be_at_least_1(key: str, table: str) -> None:
+    maximum = config.LIMITS.get(key, 65535)
     for bad in (0, -5):
         assert single_error(f"[{table}]\n{key} = {bad}") == (
-            f"config.toml: {table}.{key} = {bad} is too small; use a whole number >= 1"
+            f"config.toml: {table}.{key} = {bad} is out of range; "
+            f"use a whole number from 1 to {maximum}"
         )
 
 
-@pytest.mark.parametrize("key", ["threshold", "repeat", "clear_minutes"])
+@pytest.mark.parametrize("key", ["threshold", "clear_minutes"])
 def test_alert_numbers_that_must_be_at_least_1(key: str) -> None:
     text = "[[alert]]\nname = 'a'\nto = ['a@b.c']\n[[alert]]\nname = 'b'\nto = ['a@b.c']\n"
     text += "[[alert]]\nname = 'c'\nto = ['a@b.c']\n" + f"{key} = 0\n"
-    assert (
-        single_error(text)
-        == f"config.toml: alert[2].{key} = 0 is too small; use a whole number >= 1"
-    )
+    assert single_error(text) == (f"config.toml: alert[2].{key} = 0 is out of range; "
+                                  f"use a whole number from 1 to {config.LIMITS[key]}")
+
+
+def test_repeat_0_and_max_per_hour_0_are_accepted_as_documented() -> None:
+    """docs/alerts.rst: repeat = 0 turns reminders off, max_per_hour = 0 is no cap."""
+    cfg = config.parse("[mail]\nmax_per_hour = 0\n[[alert]]\nname = 'a'\nto = ['a@b.c']\n"
+                       "repeat = 0\n", "config.toml")
+    assert cfg.mail.max_per_hour == 0 and cfg.alerts[0].repeat == 0
+    for text, key in (("[mail]\nmax_per_hour = -1", "mail.max_per_hour"),
+                      ("[[alert]]\nname = 'a'\nto = ['a@b.c']\nrepeat = -1", "alert[0].repeat")):
+        assert single_error(text).startswith(f"config.toml: {key} = -1 is out of range; "
+                                             "use a whole number from 0 to ")
+
+
+#: Values config check used to accept and ``run`` could not live with.
+TOO_LARGE = [
+    ("[retention]\ndays = 1000000", "retention.days = 1000000", "from 0 to 36500"),
+    ("[retention]\nminutes = 36501", "retention.minutes = 36501", "from 0 to 36500"),
+    ("[[alert]]\nname = 'a'\nto = ['a@b.c']\nclear_minutes = 1000000000",
+     "alert[0].clear_minutes = 1000000000", "from 1 to 1440"),
+    ("[[alert]]\nname = 'a'\nto = ['a@b.c']\nclear_minutes = 20000000",
+     "alert[0].clear_minutes = 20000000", "from 1 to 1440"),
+    ("[throttle]\nmultiplier = 4294967297", "throttle.multiplier = 4294967297",
+     "from 1 to 1000000"),
+    ("[mail]\ntimeout = 1e10", "mail.timeout = 10000000000.0", "<= 600"),
+    ("[mail]\ntimeout = 600.5", "mail.timeout = 600.5", "<= 600"),
+    ("[throttle]\ncooldown = 86401", "throttle.cooldown = 86401", "from 1 to 86400"),
+    ("[throttle]\ncron_test = 604801", "throttle.cron_test = 604801", "from 1 to 604800"),
+    ("[mail]\nmax_per_hour = 3601", "mail.max_per_hour = 3601", "from 0 to 3600"),
+    ("[mail]\nsmtp_port = 65536", "mail.smtp_port = 65536", "from 1 to 65535"),
+    ("[[alert]]\nname = 'a'\nto = ['a@b.c']\nthreshold = 9007199254740992",
+     "alert[0].threshold = 9007199254740992", "from 1 to 9007199254740991"),
+    ("[[alert]]\nname = 'a'\nto = ['a@b.c']\nrepeat = 604801", "alert[0].repeat = 604801",
+     "from 0 to 604800"),
+    ("[http]\nlisten = '127.0.0.1:65536'", "http.listen = '127.0.0.1:65536'", "1 to 65535"),
+    ("key = 0x80000000", "key = 2147483648", "from 1 to 2147483647"),
+]
+
+
+@pytest.mark.parametrize("text, key_value, allowed", TOO_LARGE)
+def test_each_numeric_key_has_a_maximum_named_in_one_line(text: str, key_value: str,
+                                                           allowed: str) -> None:
+    line = single_error(text)
+    assert line.startswith(f"config.toml: {key_value} ") and allowed in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("text", [
+    "[retention]\ndays = 36500\nminutes = 36500",
+    "[throttle]\nmultiplier = 1000000\ncooldown = 86400\ncron_test = 604800",
+    "[mail]\ntimeout = 600\nmax_per_hour = 3600\nsmtp_port = 65535",
+    "[[alert]]\nname = 'a'\nto = ['a@b.c']\nclear_minutes = 1440\nrepeat = 604800\n"
+    "threshold = 9007199254740991",
+])
+def test_the_maxima_themselves_are_accepted(text: str) -> None:
+    config.parse(text, "config.toml")
+
+
+def test_every_numeric_key_is_bounded() -> None:
+    """No numeric key without a maximum: a probe of 2**63 is refused for each."""
+    tables = {"throttle": config._THROTTLE, "retention": config._RETENTION,
+              "mail": config._MAIL}
+    for table, schema in tables.items():
+        for name, entry in schema.items():
+            default = getattr(config.default(ENV), table).__dict__[entry.attr]
+            if isinstance(default, bool) or not isinstance(default, (int, float)):
+                continue
+            assert "out of range" in single_error(f"[{table}]\n{name} = {2**63 - 1}"), name
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[retention]\ndays = -1", "retention.days = -1 is too small; use a whole number >= 0"),
+        ("[retention]\ndays = -1",
+         "retention.days = -1 is out of range; use a whole number from 0 to 36500"),
         (
             "[mail]\nsmtp_port = 70000",
-            "mail.smtp_port = 70000 is too large; use a whole number <= 65535",
+            "mail.smtp_port = 70000 is out of range; use a whole number from 1 to 65535",
         ),
-        ("key = 0", "key = 0 is too small"),
-        ("key = 0x80000000", "key = 2147483648 is too large"),
+        ("key = 0", "key = 0 is out of range"),
+        ("key = 0x80000000", "key = 2147483648 is out of range"),
         ("[mail]\ntimeout = 0", "mail.timeout = 0 is not a positive number"),
         ("[mail]\ntimeout = nan", "mail.timeout = nan is not a positive number"),
     ],
@@ -868,3 +935,88 @@ def test_every_key_is_documented() -> None:
         elif " = " in line:
             key = line.split(" = ")[0]
             assert re.search(rf"^``{key}`` \(", docs, re.M), f"{table} {key}"
+
+
+# -- the host name of the mails ----------------------------------------------
+
+
+@pytest.mark.parametrize("fqdn, hostname, expected", [
+    ("web1.example.com", "web1", "web1.example.com"),  # a real FQDN wins
+    ("localhost", "vm", "vm"),  # /etc/hosts maps the host name after localhost
+    ("localhost.localdomain", "web1", "web1"),
+    ("ip6-localhost", "web1", "web1"),
+    ("127.0.1.1", "web1", "web1"),
+    ("web1.example.com.", "web1", "web1.example.com"),
+    ("localhost", "localhost", "localhost"),  # nothing better known
+    ("", "", "localhost"),
+])
+def test_host_name_prefers_a_real_name_to_localhost(fqdn: str, hostname: str,
+                                                    expected: str) -> None:
+    assert config.host_name(lambda: fqdn, lambda: hostname) == expected
+
+
+def test_default_sender_uses_the_host_the_mails_name() -> None:
+    host = config.default_host()
+    assert host == config.host_name()
+    assert config.default_sender() == f"trafficthreshold@{host}"
+    assert config.default(ENV).mail.sender == f"trafficthreshold@{host}"
+
+
+# -- config check, end to end ------------------------------------------------
+
+
+def config_check(path: Path) -> tuple[int, list[str]]:
+    """Run ``trafficthreshold --config PATH config check``: (exit code, lines)."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    result = CliRunner().invoke(main, ["--config", str(path), "config", "check"],
+                                env={"TRAFFICTHRESHOLD_KEY": ""})
+    return result.exit_code, result.output.splitlines()
+
+
+def test_config_check_fails_with_one_line_per_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f"database = '{tmp_path}/s.sqlite3'\n[retention]\ndays = 1000000\n"
+                    "[throttle]\nmultiplier = 4294967297\n[mail]\ntimeout = 1e10\n"
+                    "[[alert]]\nname = 'a'\nto = ['a@b.c']\nclear_minutes = 1000000000\n")
+    code, lines = config_check(path)
+    assert code != 0
+    errors = [line for line in lines if str(path) in line]
+    assert len(errors) == 4, lines
+    for key, value, allowed in (("throttle.multiplier", "4294967297", "1 to 1000000"),
+                                ("retention.days", "1000000", "0 to 36500"),
+                                ("mail.timeout", "10000000000.0", "<= 600"),
+                                ("alert[0].clear_minutes", "1000000000", "1 to 1440")):
+        (line,) = [line for line in errors if f" {key} = {value} " in line]
+        assert allowed in line
+
+
+@pytest.mark.parametrize("make", ["missing", "dangling", "not executable"])
+def test_config_check_reports_a_missing_mta_with_the_fix(tmp_path: Path, make: str) -> None:
+    sendmail = tmp_path / "sendmail"
+    if make == "dangling":
+        sendmail.symlink_to(tmp_path / "gone")
+    elif make == "not executable":
+        sendmail.write_text("#!/bin/sh\n")
+        sendmail.chmod(0o644)
+    path = tmp_path / "config.toml"
+    path.write_text(f"database = '{tmp_path}/s.sqlite3'\n[mail]\nsendmail = '{sendmail}'\n"
+                    "[[alert]]\nname = 'a'\nto = ['a@b.c']\n")
+    code, lines = config_check(path)
+    (line,) = [line for line in lines if "mail.sendmail" in line]
+    assert f"mail.sendmail = '{sendmail}'" in line
+    assert "no alert mail can go out" in line
+    assert 'apt-get install postfix' in line and 'mail.transport = "smtp"' in line
+    assert code == 0  # a warning: the daemon counts and throttles without an MTA
+
+
+def test_run_lives_with_the_largest_multiplier(key: int) -> None:
+    """throttle.multiplier = 2**32 + 1 used to pass config check and fail in
+    install (struct.error); the maximum installs on a real segment."""
+    from trafficthreshold import segment
+    cfg = config.parse(f"[throttle]\nmultiplier = {config.LIMITS['multiplier']}\n", "c.toml")
+    segment.install(key, multiplier=cfg.throttle.multiplier, window=cfg.throttle.window)
+    counter = segment.attach(key)
+    assert segment.header(counter)["throttle_multiplier"] == 1_000_000
+    segment.uninstall(key, force=True)  # the key fixture removes anything left too

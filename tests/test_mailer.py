@@ -20,7 +20,10 @@ import email.policy
 import ipaddress
 import logging
 import socket
+import sqlite3
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -133,6 +136,23 @@ def test_message_headers_and_template_variables(db: str) -> None:
                  "http://dash.example/"]:
         assert text in body
     assert msg.as_bytes().count(b"\r\n") > 5  # policy SMTP: CRLF on the wire
+    outbox.close()
+
+
+@pytest.mark.parametrize("top, expected", [
+    ([("shop", 40)], "Busiest accounts this minute:\n        40  shop\n"),
+    ([], "Busiest accounts: none to list, only the total is counted (no per-account keys).\n"),
+    (None, "Busiest accounts: not read for this mail.\n"),
+])
+def test_busiest_accounts_says_why_there_are_none(db: str, top: Any, expected: str) -> None:
+    config = make_mail_config()
+    queue_alert(db, config, top_accounts=top)
+    capture = Capture()
+    outbox = Outbox(db, config, transport=capture)
+    (result,) = outbox.deliver_due(T0)
+    assert result.ok
+    body = capture.sent[0].message.get_content()
+    assert expected in body and "(not known)" not in body
     outbox.close()
 
 
@@ -373,6 +393,132 @@ def test_the_tick_never_waits_for_the_mta(db: str, tmp_path: Path) -> None:
             assert store.list()[0].status == "sent"
     finally:
         assert outbox.stop(timeout=10)
+
+
+# --------------------------------------------------------------------------
+# At most once per Message-ID; stopping within a budget
+# --------------------------------------------------------------------------
+
+#: Holds the write lock of the database argv[1] for argv[2] seconds.
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+"""
+
+
+def hold_write_lock(db: str, seconds: float) -> subprocess.Popen[str]:
+    """A real competing writer (another process) holding the write lock."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, db, str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def counting_sendmail(tmp_path: Path, log_file: Path, delay: float = 0) -> str:
+    """A fake sendmail that takes ``delay`` s and appends each Message-ID to ``log_file``."""
+    return fake_sendmail(tmp_path, f"sleep {delay}\ngrep -i '^message-id:' >> {log_file}\n")
+
+
+def test_a_row_left_sending_by_a_dead_process_is_never_sent_again(
+        db: str, tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent))
+    mail_id = queue_alert(db, config)
+    with AlertStore(db) as store:  # the dead process claimed it, then died
+        assert store.claim(mail_id, T0)
+        assert not store.claim(mail_id, T0)  # claimed once only
+        assert store.next_due(T0 + 3600) is None
+    outbox = Outbox(db, config)  # the restarted daemon
+    assert outbox.deliver_due(T0 + 60) == []
+    assert outbox.deliver_due(T0 + 7200) == []
+    outbox.close()
+    assert not sent.exists()
+    with AlertStore(db) as store:
+        row = store.get(mail_id)
+        assert row.status == "failed" and row.claimed_at == T0
+        assert "may or may not have been delivered" in row.last_error
+        assert row.message_id in row.last_error
+        assert store.prune(T0 + 1) == 1  # a resolved row is pruned like any other
+
+
+def test_a_locked_database_when_claiming_sends_nothing(db: str, tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent))
+    mail_id = queue_alert(db, config)
+    outbox = Outbox(db, config, busy_timeout=0.1)
+    assert outbox.deliver_due(T0 - 1) == []  # opens its connection; nothing due yet
+    locker = hold_write_lock(db, 0.6)
+    try:
+        assert outbox.deliver_due(T0) == []  # cannot claim: not sent
+        assert not sent.exists()
+    finally:
+        locker.wait(5)
+    (result,) = outbox.deliver_due(T0)
+    assert result.ok and result.id == mail_id
+    assert len(sent.read_text().splitlines()) == 1
+    outbox.close()
+
+
+def test_flush_stops_between_mails_within_its_budget(db: str, tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent, delay=0.7))
+    with AlertStore(db) as store:
+        engine = AlertEngine(store, [make_rule(name=f"r{i}", to=(f"o{i}@example.com",))
+                                     for i in range(6)], config, host="h")
+        assert len(engine.tick(T0, {KEY: 12})) == 6  # six mails, 0.7 s each
+    outbox = Outbox(db, config, poll=0.1)
+    started = time.monotonic()
+    results = outbox.flush(T0, budget=1.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.5 + 0.3, elapsed  # not 6 * 0.7 s
+    assert 1 <= len(results) <= 2 and all(r.ok for r in results)
+    with AlertStore(db) as store:  # the rest waits for the next start, none lost
+        statuses = [m.status for m in store.list()]
+    assert statuses.count("sent") == len(results) and statuses.count("pending") == 6 - len(results)
+    outbox.close()
+
+
+def test_flush_does_not_wait_past_its_budget_for_a_busy_worker(db: str, tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent, delay=3), timeout=10)
+    queue_alert(db, config, now=time.time())
+    outbox = Outbox(db, config, poll=0.1)
+    outbox.start()
+    deadline = time.monotonic() + 5
+    with AlertStore(db) as store:  # wait until the worker has claimed it
+        while time.monotonic() < deadline and store.list()[0].status != "sending":
+            time.sleep(0.02)
+        assert store.list()[0].status == "sending"
+    started = time.monotonic()
+    assert outbox.flush(time.time(), budget=1.0) == []
+    assert time.monotonic() - started < 1.5  # not the 3 s of the slow sendmail
+    assert outbox.stop(timeout=10)  # the worker ends after that mail
+    assert len(sent.read_text().splitlines()) == 1
+    outbox.close()
+
+
+def test_the_worker_stops_after_its_current_mail(db: str, tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    config = make_mail_config(sendmail=counting_sendmail(tmp_path, sent, delay=0.5))
+    with AlertStore(db) as store:
+        engine = AlertEngine(store, [make_rule(name=f"r{i}", to=(f"o{i}@example.com",))
+                                     for i in range(6)], config, host="h")
+        engine.tick(time.time(), {KEY: 12})
+    outbox = Outbox(db, config, poll=0.1)
+    outbox.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not sent.exists():
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert outbox.stop(timeout=5)
+    assert time.monotonic() - started < 1.2  # its current mail, not the 4+ others
+    with AlertStore(db) as store:
+        assert [m.status for m in store.list()].count("pending") >= 3
+    outbox.close()
 
 
 # --------------------------------------------------------------------------
@@ -676,6 +822,68 @@ class TestPostfix:
             assert [m.status for m in store.list()] == ["sent"]
         outbox.close()
         assert len(wait_for_mail(rule.token, 1)) == 1
+
+    def test_a_locked_database_after_the_mta_accepted_never_resends(
+            self, db: str, postfix_rule: SimpleNamespace) -> None:
+        """The hourly prune (or any writer) holding the database past the
+        busy timeout right after sendmail took the mail: one copy only."""
+        config = make_mail_config(sendmail=SENDMAIL)
+        start = real_time()
+        mail_id = queue_alert(db, config, postfix_rule, now=start)
+        lockers: list[subprocess.Popen[str]] = []
+
+        class LockAfterSend(mailer.SendmailTransport):
+            def send(self, prepared: Prepared) -> None:
+                super().send(prepared)  # the real Postfix has it now
+                if not lockers:
+                    lockers.append(hold_write_lock(db, 1.0))
+
+        outbox = Outbox(db, config, transport=LockAfterSend(SENDMAIL), busy_timeout=0.2)
+        try:
+            for second in range(8):  # the worker's passes, while and after the lock
+                try:
+                    outbox.deliver_due(start + second)
+                except sqlite3.Error:
+                    pass  # the worker logs it and goes on
+                if second == 2:
+                    assert outbox.owed() == [mail_id]
+                    lockers[0].wait(5)
+        finally:
+            for locker in lockers:
+                locker.wait(5)
+        assert outbox.owed() == []
+        with AlertStore(db) as store:
+            row = store.get(mail_id)
+            assert row.status == "sent" and row.attempts == 1 and row.sent_at == start
+        outbox.close()
+        assert len(wait_for_mail(postfix_rule.token, 1, deadline=5)) == 1
+
+    def test_default_from_names_the_host_the_subject_names(
+            self, db: str, postfix_rule: SimpleNamespace) -> None:
+        """No mail.from, no host given: From, Message-ID and subject all name
+        config.default_host() (here getfqdn() is "localhost": the host name)."""
+        from trafficthreshold import config as configuration
+        host = configuration.default_host()
+        mail_config = configuration.parse(f"[mail]\nsendmail = '{SENDMAIL}'\n", "config.toml")
+        rule = make_rule(name=postfix_rule.name, to=(MAILBOX,), sender="")
+        start = real_time()
+        outbox = Outbox(db, mail_config.mail)
+        with AlertStore(db) as store:
+            engine = AlertEngine(store, [rule], mail_config.mail)
+            assert engine.tick(start, {KEY: 12}, top_accounts=[])  # only the total counted
+            (result,) = outbox.deliver_due(start)
+            assert result.ok, result.error
+        outbox.close()
+        (msg,) = wait_for_mail(postfix_rule.token, 1)
+        assert host != "localhost" or socket.gethostname() in ("", "localhost")
+        assert msg["From"] == f"trafficthreshold@{host}"
+        assert msg["Subject"].endswith(f" on {host}")
+        assert msg["Message-ID"].endswith(f"@{host}>")
+        body = msg.get_content()
+        assert f"Host:           {host}" in body
+        assert ("Busiest accounts: none to list, only the total is counted "
+                "(no per-account keys).") in body
+        assert "(not known)" not in body
 
     def test_send_test_through_postfix(self, postfix_rule: SimpleNamespace) -> None:
         result = send_test(make_mail_config(sendmail=SENDMAIL), postfix_rule)

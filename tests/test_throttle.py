@@ -12,6 +12,7 @@ from trafficthreshold.throttle import (
     MAX_LEVEL,
     POLICIES,
     ThrottleState,
+    block_text,
     level_for,
     level_range,
     message,
@@ -175,55 +176,83 @@ def test_hysteresis_slow_oscillation_changes_level_at_most_once_per_cooldown() -
     assert set(levels) == {1, 2}
 
 
-# -- drupal minute by minute -------------------------------------------------
+# -- drupal, one test per documented rule (Drupal 4.x throttle help) ---------
 
 
-def test_drupal_drops_at_once_when_3_levels_lower() -> None:
-    levels, messages = run("drupal", [110, 75, 0])
-    assert levels == [5, 5, 0]  # 75 hits is level 3, only 2 below: kept
-    assert messages[2] == "0 hits in past minute; throttle decreased to level 0"
+def test_drupal_a_check_raises_and_never_lowers() -> None:
+    # "45 then 35 hits stays 2"; 80 then 20 stays 4 (it used to drop to 1).
+    assert run("drupal", [45, 35])[0] == [2, 2]
+    levels, messages = run("drupal", [80, 20, 0, 0, 61])
+    assert levels == [4, 4, 4, 4, 4]
+    assert messages[1:] == [None] * 4
 
 
-def test_drupal_gap_of_exactly_3_drops_at_once() -> None:
-    levels, _ = run("drupal", [100, 40])
-    assert levels == [5, 2]
+def test_drupal_at_level_5_checks_are_off_until_cron() -> None:
+    # 100 then quiet: 5 stays 5 until the cron test (it used to drop to 0).
+    levels, messages = run("drupal", [100] + [0] * 179)
+    assert levels == [5] * 180 and messages[1:] == [None] * 179
+    state = ThrottleState(level=5, last_test=T0)
+    for hits in (0, 99, 100, 10**6):
+        assert step(state, hits, T0 + 60, "drupal", 20, COOLDOWN, CRON_TEST) == (state, None)
 
 
-def test_drupal_gap_of_2_waits_for_the_cron_test() -> None:
-    levels, _ = run("drupal", [100] + [60] * 200)
-    assert levels[1:180] == [5] * 179
-    assert levels[180] == 4
+def test_drupal_cron_drops_one_level_every_cron_test_period() -> None:
+    levels, messages = run("drupal", [100] + [0] * 960)
+    drops = [i for i in range(1, len(levels)) if levels[i] < levels[i - 1]]
+    assert drops == [180, 360, 540, 720, 900]  # counted from the rise, then each drop
+    assert all(levels[i - 1] - levels[i] == 1 for i in drops)
+    assert levels[-1] == 0
+    assert messages[900] == "0 hits in past minute; throttle decreased to level 0"
 
 
-def test_drupal_cron_test_keeps_the_level_while_the_load_is_there() -> None:
-    # The test at 3 hours finds the load still at level 2: no change, no
-    # message; the next test is 3 hours later.
-    levels, messages = run("drupal", [45] * 200 + [0] * 200, cron_test=CRON_TEST)
-    assert levels[180] == 2 and messages[180] is None
-    assert levels[359] == 2
-    assert levels[360] == 1  # the second test, with the load gone
+def test_drupal_cron_test_is_a_parameter_in_seconds() -> None:
+    state = ThrottleState()
+    state, _ = step(state, 45, T0, "drupal", 20, COOLDOWN, 600)
+    state, _ = step(state, 0, T0 + 599.9, "drupal", 20, COOLDOWN, 600)
+    assert state.level == 2
+    state, line = step(state, 0, T0 + 600, "drupal", 20, COOLDOWN, 600)
+    assert state == ThrottleState(level=1, last_test=T0 + 600)
+    assert line == "0 hits in past minute; throttle decreased to level 1"
 
 
-def test_drupal_cron_test_interval_is_a_parameter() -> None:
-    levels, _ = run("drupal", [100] + [0] * 40, cron_test=600)
-    # 100 -> 0 is a drop of 5: at once, no test needed.
-    assert levels[1] == 0
-    levels, _ = run("drupal", [45] + [25] * 40, cron_test=600)
-    # level 2, load at level 1: the test 10 minutes later steps down.
-    assert levels[9] == 2 and levels[10] == 1 and levels[40] == 1
+def test_drupal_the_next_check_raises_it_again_if_the_load_is_still_there() -> None:
+    state, _ = step(ThrottleState(), 45, T0, "drupal", 20, COOLDOWN, CRON_TEST)
+    # Cron at T0 + 3 h: down to 1, whatever the count (no check at that tick).
+    state, line = step(state, 45, T0 + CRON_TEST, "drupal", 20, COOLDOWN, CRON_TEST)
+    assert state.level == 1
+    assert line == "45 hits in past minute; throttle decreased to level 1"
+    # The next check, a second later: the load is still there, back to 2.
+    state, line = step(state, 45, T0 + CRON_TEST + 1, "drupal", 20, COOLDOWN, CRON_TEST)
+    assert state == ThrottleState(level=2, last_test=T0 + CRON_TEST)
+    assert line == "45 hits in past minute; throttle increased to level 2"
+    # The same at level 5: cron 5 -> 4, the next check 4 -> 5.
+    levels, _ = run("drupal", [200] * 182)
+    assert levels[179:182] == [5, 4, 5]
 
 
-def test_drupal_rise_restarts_nothing_but_the_level() -> None:
-    # A rise from 1 to 2 keeps the test timer started by the rise from 0.
+def test_drupal_a_rise_keeps_the_cron_timer() -> None:
+    # A rise from 1 to 2 keeps the timer started by the rise from 0.
     levels, _ = run("drupal", [25] * 60 + [45] + [25] * 200)
     assert levels[60] == 2
-    assert levels[180] == 1
+    assert levels[179] == 2 and levels[180] == 1
+
+
+def test_drupal_back_at_0_the_timer_stops_and_restarts_with_the_next_rise() -> None:
+    levels, _ = run("drupal", [25] + [0] * 200 + [25] + [0] * 200)
+    assert levels[180] == 0 and levels[201] == 1
+    assert levels[380] == 1 and levels[381] == 0  # 180 minutes after the second rise
 
 
 def test_drupal_no_flapping_around_a_floor() -> None:
     levels, messages = run("drupal", [41, 39] * 60)
     assert set(levels) == {2}
     assert sum(1 for m in messages if m) == 1
+
+
+def test_block_text_is_drupals() -> None:
+    assert block_text(5, 60) == "Current Level: 5 (300+)"
+    assert block_text(2, 20) == "Current Level: 2 (40 - 59)"
+    assert block_text(0, 60) == "Current Level: 0 (0 - 59)"
 
 
 # -- both policies -----------------------------------------------------------
@@ -260,12 +289,17 @@ def test_property_level_in_range_and_rises_immediately(
         new, line = step(state, hits, now, policy, multiplier, 60.0, 600.0)
         target = level_for(hits, multiplier)
         assert 0 <= new.level <= MAX_LEVEL
-        # Never below what the load needs, i.e. every rise happens at once.
-        assert new.level >= target
-        if target > state.level:
-            assert new.level == target
-        # At most one level down at a time, except Drupal's 3+ level drop.
-        if new.level < state.level and not (policy == "drupal" and new.level == target):
-            assert new.level == state.level - 1
+        # At most one level down at a time, for both policies.
+        assert new.level >= state.level - 1
+        if new.level < state.level and policy == "drupal":
+            # Only cron lowers it: cron_test seconds since the timer.
+            assert state.last_test is not None and now - state.last_test >= 600.0
+        elif new.level < state.level:
+            assert new.level >= target  # hysteresis: never below the load
+        else:
+            # Every rise happens at once: never below what the load needs.
+            assert new.level >= target
+            if target > state.level:
+                assert new.level == target
         assert (line is None) == (new.level == state.level)
         state = new

@@ -176,7 +176,9 @@ class MailContext:
     """What the supervisor knew at the tick, shown in the mail."""
 
     host: str = "localhost"
-    top_accounts: tuple[tuple[str, int], ...] = ()  #: busiest accounts this minute
+    #: busiest accounts this minute; () = none has a count of its own (only
+    #: the total is counted); None = not read for this mail
+    top_accounts: tuple[tuple[str, int], ...] | None = None
     throttle_level: int | None = None
     dashboard_url: str = ""
     max_per_hour: int = 20
@@ -432,9 +434,11 @@ def mail_from_json(data: Mapping[str, Any]) -> Mail:
 
 
 def context_to_json(context: MailContext) -> dict[str, Any]:
-    return dict(vars(context), top_accounts=[list(t) for t in context.top_accounts])
+    top = context.top_accounts
+    return dict(vars(context), top_accounts=None if top is None else [list(t) for t in top])
 
 
 def context_from_json(data: Mapping[str, Any]) -> MailContext:
-    top = tuple((str(a), int(c)) for a, c in data.get("top_accounts", ()))
+    raw = data.get("top_accounts")
+    top = None if raw is None else tuple((str(a), int(c)) for a, c in raw)
     return MailContext(**dict(data, top_accounts=top))

@@ -10,8 +10,8 @@ Tables::
   alert_meta    (key TEXT PRIMARY KEY, value TEXT)       schema_version, ...
   alert_state   (key TEXT PRIMARY KEY, value TEXT)       'engine' -> AlertState as JSON
   alert_outbox  one row per mail: payload (JSON of the Mail and its
-                MailContext), status pending/sent/failed, attempts,
-                next_attempt, sent_at, last_error
+                MailContext), status pending/sending/sent/failed, attempts,
+                next_attempt, sent_at, last_error, claimed_at
 
 Exactly-once rules:
 
@@ -19,10 +19,21 @@ Exactly-once rules:
   **one transaction** (:meth:`AlertStore.save`).  A crash either loses both
   (the next tick sees the same counts and fires again) or keeps both (the
   restarted daemon knows the episode and the queued mail goes out once).
-* The delivery worker marks a row sent right after the MTA accepted it.  A
-  crash between the two re-sends that one mail after restart (at-least-once
-  at that single point); the Message-ID is stored with the row, so the copy
-  carries the same Message-ID.
+* A mail goes to the MTA **at most once per row** (so per Message-ID).
+  Before handing a mail over, the delivery worker *claims* its row
+  (:meth:`AlertStore.claim`: status ``sending`` and ``claimed_at``, in a
+  committed transaction); a row it cannot claim (the database is locked) is
+  not sent on that pass.  Only ``pending`` rows are ever sent, so a row in
+  ``sending`` is never handed over again, whatever happens to the write
+  that records the MTA's answer: the worker keeps retrying that write
+  (:meth:`mark_sent` / :meth:`mark_failed`) until the database takes it.
+* The restart rule: a row still ``sending`` when a new outbox starts was
+  claimed by a process that died before recording the MTA's answer.  The MTA
+  may or may not have it, so :meth:`AlertStore.resolve_interrupted` marks it
+  ``failed`` with a ``last_error`` that says so, logged at ERROR, and never
+  sends it again.  No mail is ever sent twice; the price is that a crash in
+  that window (the few milliseconds of one sendmail run) can leave one mail
+  unsent, and the log and ``last_error`` name it.
 
 Connections are per thread (sqlite3 objects must not be shared): the tick
 loop uses one :class:`AlertStore`, the delivery worker opens its own on the
@@ -34,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,12 +53,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 from trafficthreshold import alerts, store as period_store
 from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
+from trafficthreshold.config import default_host
 from trafficthreshold.errors import TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.alertstore")
 
 #: Version of the alert_* tables written by this code.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: DDL of version 1, applied in one transaction to a database without it.
 SCHEMA_V1 = [
@@ -75,9 +86,17 @@ SCHEMA_V1 = [
 ]
 
 #: Migrations: MIGRATIONS[n] lifts the alert tables from version n to n + 1.
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    # 2: claimed_at, when a delivery attempt claimed the row (status 'sending').
+    1: ["ALTER TABLE alert_outbox ADD COLUMN claimed_at REAL"],
+}
 
-STATUSES = ("pending", "sent", "failed")
+STATUSES = ("pending", "sending", "sent", "failed")
+
+#: last_error of a row found in 'sending' at start-up (see the restart rule).
+INTERRUPTED = ("interrupted while handed to the MTA (claimed at {claimed}): it may or may "
+               "not have been delivered; not sent again, so that it cannot arrive twice: "
+               "look for Message-ID {message_id} in the mail log")
 
 
 class AlertStoreError(TrafficThresholdError):
@@ -102,6 +121,7 @@ class QueuedMail:
     last_error: str | None
     mail: Mail
     context: MailContext
+    claimed_at: float | None = None  #: when the last delivery attempt claimed it
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -127,9 +147,13 @@ def read_state(conn: sqlite3.Connection) -> AlertState | None:
 class AlertStore:
     """The alert_* tables of one database file.  One instance per thread."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, busy_timeout: float | None = None) -> None:
+        """``busy_timeout``: seconds to wait for another writer (default:
+        the period store's, 5 s)."""
         self.path = path
         self._conn = connect(path)
+        if busy_timeout is not None:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         self._migrate()
 
     def close(self) -> None:
@@ -161,10 +185,9 @@ class AlertStore:
                     f"{self.path}: alert tables have schema version {version}, this "
                     f"trafficthreshold knows up to {SCHEMA_VERSION}: upgrade trafficthreshold"
                 )
-            if version == 0:
-                statements = list(SCHEMA_V1)
-            else:
-                statements = [s for v in range(version, SCHEMA_VERSION) for s in MIGRATIONS[v]]
+            statements = list(SCHEMA_V1) if version == 0 else []
+            statements += [s for v in range(max(version, 1), SCHEMA_VERSION)
+                           for s in MIGRATIONS[v]]
             for statement in statements:
                 db.execute(statement)
             if version != SCHEMA_VERSION:
@@ -245,7 +268,44 @@ class AlertStore:
         ).fetchone()
         return None if row["t"] is None else float(row["t"])
 
+    def claim(self, id: int, now: float) -> bool:
+        """Mark the pending row ``id`` as being sent (status ``sending``,
+        ``claimed_at = now``) in a committed transaction; False if it is no
+        longer pending.  Raises sqlite3.Error (e.g. the database is locked):
+        then the mail must not be sent on this pass.  The caller must call
+        this *before* handing the mail to the MTA."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                """UPDATE alert_outbox SET status = 'sending', claimed_at = ?
+                   WHERE id = ? AND status = 'pending'""",
+                (now, id),
+            )
+        return cursor.rowcount == 1
+
+    def resolve_interrupted(self) -> list[int]:
+        """Apply the restart rule (module docstring) to rows left ``sending``
+        by a process that died: mark them failed, never re-send; return their
+        ids.  Call once, before this process claims anything."""
+        if self._conn.execute(
+                "SELECT 1 FROM alert_outbox WHERE status = 'sending' LIMIT 1").fetchone() is None:
+            return []  # the usual case: nothing to resolve, no write
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, claimed_at, message_id FROM alert_outbox WHERE status = 'sending'"
+            ).fetchall()
+            for row in rows:
+                error = INTERRUPTED.format(claimed=row["claimed_at"],
+                                           message_id=row["message_id"])
+                db.execute(
+                    """UPDATE alert_outbox SET status = 'failed', attempts = attempts + 1,
+                       last_error = ? WHERE id = ?""",
+                    (error, row["id"]),
+                )
+                log.error("mail %d: %s", row["id"], error)
+        return [row["id"] for row in rows]
+
     def mark_sent(self, id: int, now: float) -> None:
+        """The MTA accepted mail ``id`` at ``now``."""
         with self.transaction() as db:
             db.execute(
                 """UPDATE alert_outbox SET status = 'sent', sent_at = ?, attempts = attempts + 1,
@@ -280,8 +340,9 @@ class AlertStore:
     def prune(self, before: float) -> int:
         """Delete sent and failed mails created before ``before``; return how many."""
         with self.transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM alert_outbox WHERE status != 'pending' AND created < ?", (before,)
+            cursor = db.execute(  # never a pending or 'sending' row
+                "DELETE FROM alert_outbox WHERE status IN ('sent', 'failed') AND created < ?",
+                (before,),
             )
         return cursor.rowcount
 
@@ -309,6 +370,7 @@ def _queued(row: sqlite3.Row) -> QueuedMail:
         last_error=row["last_error"],
         mail=alerts.mail_from_json(payload["mail"]),
         context=alerts.context_from_json(payload["context"]),
+        claimed_at=row["claimed_at"],
     )
 
 
@@ -333,7 +395,7 @@ class AlertEngine:
         on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
-        self.host = host or socket.gethostname()
+        self.host = host or default_host()
         self.on_queued = on_queued
         self.rules: Sequence[Rule] = ()
         self.mail_config: Any = None
@@ -354,7 +416,7 @@ class AlertEngine:
         self.mail_config = mail_config
         self.max_per_hour = int(getattr(mail_config, "max_per_hour", 20))
         self.default_sender = (getattr(mail_config, "sender", "")
-                               or f"trafficthreshold@{self.host}")
+                               or f"trafficthreshold@{self.host}")  # as config.default_sender
         if dashboard_url is None:
             dashboard_url = getattr(mail_config, "dashboard_url", "") or ""
         self.dashboard_url = dashboard_url
@@ -365,7 +427,8 @@ class AlertEngine:
         counts: Counts,
         *,
         closed: Closed | None = None,
-        top_accounts: Sequence[tuple[str, int]] | Callable[[], Sequence[tuple[str, int]]] = (),
+        top_accounts: (Sequence[tuple[str, int]] | Callable[[], Sequence[tuple[str, int]]]
+                       | None) = None,
         throttle_level: int | None = None,
     ) -> list[int]:
         """Evaluate every rule at ``now``; return the ids of mails queued.
@@ -375,6 +438,9 @@ class AlertEngine:
         A database error is logged and the tick retried on the next call.
         ``top_accounts`` may be a function: it is called only when a mail is
         queued, so a caller need not read them every second of an episode.
+        None (the default): not read for this tick, and the mail says so; an
+        empty sequence: read, and no account has a count of its own (only
+        the total is counted), which the mail says too.
         """
         if not self.rules and not self.state.episodes:
             return []
@@ -390,7 +456,8 @@ class AlertEngine:
                 top_accounts = top_accounts()
             context = MailContext(
                 host=self.host,
-                top_accounts=tuple((str(a), int(c)) for a, c in top_accounts),
+                top_accounts=None if top_accounts is None else
+                tuple((str(a), int(c)) for a, c in top_accounts),
                 throttle_level=throttle_level,
                 dashboard_url=self.dashboard_url,
                 max_per_hour=self.max_per_hour,

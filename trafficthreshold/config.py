@@ -56,10 +56,46 @@ TRANSPORTS = ("sendmail", "smtp")
 # Environment-dependent defaults
 
 
+#: Names that say nothing about which host a mail came from.
+LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost6",
+                         "localhost6.localdomain6", "ip6-localhost", "ip6-loopback"})
+
+
+def host_name(getfqdn: Callable[[], str] = socket.getfqdn,
+              gethostname: Callable[[], str] = socket.gethostname) -> str:
+    """The host's name for alert mails: the one the subject and body name
+    and the domain of the default From and of Message-IDs.
+
+    The fully qualified name (``socket.getfqdn()``) if it is a real one; if
+    it is ``localhost``-ish (``/etc/hosts`` maps the host name to 127.0.0.1
+    after ``localhost``, as many images do) or a bare IP, the plain host
+    name (``socket.gethostname()``); ``localhost`` only when neither says more.
+    """
+    for name in (getfqdn(), gethostname()):
+        name = (name or "").strip().rstrip(".")
+        if name and name.lower() not in LOCAL_NAMES and not _is_ip(name):
+            return name
+    return "localhost"
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 @lru_cache(maxsize=1)
+def default_host() -> str:
+    """:func:`host_name` of this machine, looked up once."""
+    return host_name()
+
+
 def default_sender() -> str:
-    """``trafficthreshold@<fully qualified host name>`` (looked up once)."""
-    return "trafficthreshold@" + socket.getfqdn()
+    """``trafficthreshold@<host>``, the host being :func:`default_host`, the
+    one the mails' subject and body name."""
+    return "trafficthreshold@" + default_host()
 
 
 def default_database(env: Mapping[str, str] = os.environ, euid: int | None = None) -> str:
@@ -306,26 +342,34 @@ def _wrong_type(value: Any, wanted: str, example: str) -> _Bad:
     return _Bad(f"is {_kind(value)}", f"use {wanted}{unquote}, e.g. {example}")
 
 
-def _integer(minimum: int, maximum: int | None = None, example: str = "60") -> Check:
+def _integer(minimum: int, maximum: int, example: str = "60") -> Check:
+    """A whole number from ``minimum`` to ``maximum``: every numeric key has a
+    maximum that the daemon can live with (see :data:`LIMITS`)."""
+
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _wrong_type(value, "a whole number", example)
-        if value < minimum:
-            raise _Bad("is too small", f"use a whole number >= {minimum}")
-        if maximum is not None and value > maximum:
-            raise _Bad("is too large", f"use a whole number <= {maximum}")
+        if not minimum <= value <= maximum:
+            raise _Bad("is out of range", f"use a whole number from {minimum} to {maximum}")
         return value
 
     return check
 
 
-def _seconds(value: Any) -> float:
-    """A positive, finite number of seconds (int or float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _wrong_type(value, "a number of seconds", "30")
-    if not math.isfinite(value) or value <= 0:
-        raise _Bad("is not a positive number", "use a number of seconds > 0, e.g. 30")
-    return value
+def _seconds(maximum: float) -> Check:
+    """A positive, finite number of seconds (int or float) up to ``maximum``."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong_type(value, "a number of seconds", "30")
+        if not math.isfinite(value) or value <= 0:
+            raise _Bad("is not a positive number", f"use a number of seconds > 0 and "
+                                                   f"<= {maximum:g}, e.g. 30")
+        if value > maximum:
+            raise _Bad("is out of range", f"use a number of seconds > 0 and <= {maximum:g}")
+        return value
+
+    return check
 
 
 def _boolean(value: Any) -> bool:
@@ -499,6 +543,21 @@ class _Key:
     secret: bool = False
 
 
+#: The largest value of each numeric key (docs/configuration.rst lists them):
+#: what ``run`` can live with, not what TOML can write.
+LIMITS = {
+    "multiplier": 1_000_000,  # the header field is 32 bits; level 5 at 5 million a window
+    "cooldown": 86_400,  # a day
+    "cron_test": 604_800,  # a week
+    "retention": 36_500,  # 100 years of days: dates stay within the calendar
+    "port": 65_535,
+    "timeout": 600.0,  # seconds; also keeps a stuck MTA within a bounded wait
+    "max_per_hour": 3_600,  # one a second
+    "threshold": 2**53 - 1,  # exact as a JSON number (the API, the alert state)
+    "repeat": 604_800,  # a week
+    "clear_minutes": 1_440,  # a day of closed minutes, read once a minute
+}
+
 _TOP: dict[str, _Key] = {
     "key": _Key("key", _integer(1, MAX_KEY, example=f"{DEFAULT_KEY:#x}")),
     "backend": _Key("backend", _choice(*BACKENDS)),
@@ -506,14 +565,15 @@ _TOP: dict[str, _Key] = {
     "timezone": _Key("timezone", _timezone),
 }
 _THROTTLE: dict[str, _Key] = {
-    "multiplier": _Key("multiplier", _integer(1)),
+    "multiplier": _Key("multiplier", _integer(1, LIMITS["multiplier"])),
     "window": _Key("window", _choice(*WINDOWS)),
     "policy": _Key("policy", _choice(*POLICIES)),
-    "cooldown": _Key("cooldown", _integer(1, example="300")),
-    "cron_test": _Key("cron_test", _integer(1, example="10800")),
+    "cooldown": _Key("cooldown", _integer(1, LIMITS["cooldown"], example="300")),
+    "cron_test": _Key("cron_test", _integer(1, LIMITS["cron_test"], example="10800")),
 }
 _RETENTION: dict[str, _Key] = {
-    name: _Key(name, _integer(0, example="7")) for name in ("minutes", "hours", "days", "months")
+    name: _Key(name, _integer(0, LIMITS["retention"], example="7"))
+    for name in ("minutes", "hours", "days", "months")
 }
 _HTTP: dict[str, _Key] = {
     "enabled": _Key("enabled", _boolean),
@@ -525,14 +585,15 @@ _MAIL: dict[str, _Key] = {
     "transport": _Key("transport", _choice(*TRANSPORTS)),
     "sendmail": _Key("sendmail", _path(False, "/usr/sbin/sendmail")),
     "smtp_host": _Key("smtp_host", _text(False)),
-    "smtp_port": _Key("smtp_port", _integer(1, 65535, example="25")),
+    "smtp_port": _Key("smtp_port", _integer(1, LIMITS["port"], example="25")),
     "starttls": _Key("starttls", _boolean),
     "username": _Key("username", _text()),
     "password_file": _Key("password_file", _path()),
     "password_env": _Key("password_env", _text()),
-    "timeout": _Key("timeout", _seconds),
+    "timeout": _Key("timeout", _seconds(LIMITS["timeout"])),
     "from": _Key("sender", _address()),
-    "max_per_hour": _Key("max_per_hour", _integer(1, example="20")),
+    # 0 = no cap (docs/alerts.rst, "The hourly cap")
+    "max_per_hour": _Key("max_per_hour", _integer(0, LIMITS["max_per_hour"], example="20")),
     "templates": _Key("templates", _path(example="/etc/trafficthreshold/templates")),
     "dashboard_url": _Key("dashboard_url", _url),
 }
@@ -540,13 +601,14 @@ _ALERT: dict[str, _Key] = {
     "name": _Key("name", _alert_name),
     "account": _Key("account", _counter_name("account", names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)),
     "event": _Key("event", _counter_name("event", names.EVENT_MAX, names.OVERFLOW_EVENT)),
-    "threshold": _Key("threshold", _integer(1, example="10")),
+    "threshold": _Key("threshold", _integer(1, LIMITS["threshold"], example="10")),
     "window": _Key("window", _choice(*WINDOWS)),
     "to": _Key("to", _addresses),
     "from": _Key("sender", _address(empty_ok=True)),
-    "repeat": _Key("repeat", _integer(1, example="3600")),
+    # 0 = no reminders (docs/alerts.rst, "One mail per episode")
+    "repeat": _Key("repeat", _integer(0, LIMITS["repeat"], example="3600")),
     "resolved": _Key("resolved", _boolean),
-    "clear_minutes": _Key("clear_minutes", _integer(1, example="5")),
+    "clear_minutes": _Key("clear_minutes", _integer(1, LIMITS["clear_minutes"], example="5")),
 }
 #: The tables of the file: name -> (schema, dataclass).
 _TABLES: dict[str, tuple[dict[str, _Key], type]] = {
@@ -842,11 +904,8 @@ def warnings(config: Config, env: Mapping[str, str] = os.environ) -> list[str]:
 
 def _warn_mail(config: Config, env: Mapping[str, str]) -> list[str]:
     mail, lines = config.mail, []
-    if config.alerts and mail.transport == "sendmail" and not os.access(mail.sendmail, os.X_OK):
-        lines.append(
-            f"mail.sendmail = {mail.sendmail!r} is not executable; install an MTA "
-            '(apt install postfix) or set mail.transport = "smtp"'
-        )
+    if config.alerts and mail.transport == "sendmail":
+        lines.extend(_sendmail_warnings(mail.sendmail))
     if mail.password_file:
         lines.extend(_secret_file_warnings("mail.password_file", mail.password_file))
     if mail.password_env and mail.password_env not in env:
@@ -863,6 +922,21 @@ def _warn_mail(config: Config, env: Mapping[str, str]) -> list[str]:
             f"mail.templates = {mail.templates!r} is not a directory; create it or remove the key"
         )
     return lines
+
+
+def _sendmail_warnings(path: str) -> list[str]:
+    """A missing MTA: every alert mail would fail (the daemon itself runs)."""
+    fix = ('install an MTA (apt-get install postfix) or send through a server with '
+           'mail.transport = "smtp"')
+    if not os.path.lexists(path):
+        return [f"mail.sendmail = {path!r} does not exist, so no alert mail can go out; {fix}"]
+    if not os.path.exists(path):
+        return [f"mail.sendmail = {path!r} is a broken symbolic link (to "
+                f"{os.readlink(path)!r}), so no alert mail can go out; {fix}"]
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        return [f"mail.sendmail = {path!r} is not an executable program, so no alert mail "
+                f"can go out; {fix}, or point mail.sendmail at the MTA's sendmail"]
+    return []
 
 
 def _secret_file_warnings(key: str, path: str) -> list[str]:

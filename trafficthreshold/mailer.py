@@ -20,11 +20,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import signal
 import smtplib
-import socket
+import sqlite3
 import ssl
 import subprocess
 import threading
@@ -42,6 +44,7 @@ import jinja2
 
 from trafficthreshold.alerts import Mail, MailContext, Notice, epoch_minute
 from trafficthreshold.alertstore import AlertStore, QueuedMail, new_message_id
+from trafficthreshold.config import default_host
 from trafficthreshold.errors import MailError
 
 log = logging.getLogger("trafficthreshold.mailer")
@@ -147,7 +150,8 @@ def template_vars(mail: Mail, context: MailContext, *, test: bool = False) -> di
         "threshold": first["threshold"] if first else None,
         "minute": first["minute"] if first else rfc1123(epoch_minute(mail.at) * 60),
         "host": context.host,
-        "top_accounts": [tuple(t) for t in context.top_accounts],
+        "top_accounts": (None if context.top_accounts is None
+                         else [tuple(t) for t in context.top_accounts]),
         "throttle_level": context.throttle_level,
         "dashboard_url": context.dashboard_url,
         "suppressed": mail.suppressed,
@@ -442,6 +446,24 @@ def transport_from_config(mail: Any, ssl_context: ssl.SSLContext | None = None) 
 # The outbox: delivery of queued mails, off the tick loop
 # --------------------------------------------------------------------------
 
+#: A mail is only started with at least this many seconds left before a deadline.
+MIN_SEND_TIME = 1.0
+
+
+def _remaining(deadline: float | None) -> float:
+    """Seconds left until ``deadline`` (time.monotonic()); inf without one."""
+    return math.inf if deadline is None else deadline - time.monotonic()
+
+
+def _within(transport: Transport, seconds: float) -> Transport:
+    """``transport``, or a copy whose ``timeout`` is cut to ``seconds``."""
+    timeout = getattr(transport, "timeout", None)
+    if timeout is None or timeout <= seconds:
+        return transport
+    bounded = copy.copy(transport)
+    bounded.timeout = max(seconds, MIN_SEND_TIME)  # type: ignore[attr-defined]
+    return bounded
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -482,8 +504,10 @@ class Outbox:
         backoff: float = 30.0,
         backoff_max: float = 3600.0,
         poll: float = 1.0,
+        busy_timeout: float | None = None,
     ) -> None:
         self.db_path = db_path
+        self.busy_timeout = busy_timeout  # None: the store's default (5 s)
         self.max_attempts, self.max_temp_attempts = max_attempts, max_temp_attempts
         self.backoff, self.backoff_max, self.poll = backoff, backoff_max, poll
         self._fixed_transport = transport
@@ -493,6 +517,8 @@ class Outbox:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._owed: dict[int, Callable[[AlertStore], None]] = {}  # id -> unrecorded answer
+        self._recovered = False  # the restart rule applied (on the first pass)
 
     def reload(self, mail_config: Any, renderer: Renderer | None = None) -> None:
         """New mail configuration (SIGHUP); used from the next delivery on."""
@@ -502,23 +528,79 @@ class Outbox:
 
     # -- synchronous ---------------------------------------------------------
 
-    def deliver_due(self, now: float, limit: int = 100) -> list[Delivery]:
-        """Try every mail due at ``now`` once (at most ``limit``)."""
+    def deliver_due(
+        self,
+        now: float,
+        limit: int = 100,
+        *,
+        stop: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> list[Delivery]:
+        """Try every mail due at ``now`` once (at most ``limit``).
+
+        Between two mails it checks ``stop()`` and ``deadline`` (a
+        ``time.monotonic()`` value; a mail is only started with at least
+        :data:`MIN_SEND_TIME` left, and its transport time-out is cut to
+        what is left).  Each mail is claimed (:meth:`AlertStore.claim`)
+        before the MTA gets it; if the database is locked past its busy
+        timeout the pass ends there and nothing more is sent.  MTA answers
+        that could not be recorded are recorded first on the next pass.
+        """
         results: list[Delivery] = []
         with self._lock:
             store = self._store()
+            if not self._settle(store):
+                return results  # the database is still locked: send nothing new
+            if not self._recovered:
+                store.resolve_interrupted()
+                self._recovered = True
             while len(results) < limit:
+                if (stop is not None and stop()) or _remaining(deadline) < MIN_SEND_TIME:
+                    break
                 item = store.next_due(now)
                 if item is None or any(r.id == item.id for r in results):
                     break
-                results.append(self._deliver(store, item, now))
+                try:
+                    if not store.claim(item.id, now):
+                        continue  # no longer pending (e.g. given up on meanwhile)
+                except sqlite3.Error as exc:
+                    log.warning("mail %d not sent on this pass: cannot claim it in %s: %s; "
+                                "trying again on the next pass", item.id, self.db_path, exc)
+                    break
+                results.append(self._deliver(store, item, now, deadline))
         return results
 
-    def _deliver(self, store: AlertStore, item: QueuedMail, now: float) -> Delivery:
+    def flush(self, now: float, budget: float) -> list[Delivery]:
+        """Stop the worker, then a last pass over the due mails, all within
+        ``budget`` seconds (for a shutdown inside systemd's TimeoutStopSec).
+
+        What is not sent in time stays queued for the next start; a mail the
+        worker is still handing over when the budget runs out is left to it.
+        """
+        deadline = time.monotonic() + budget
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                log.warning("mail worker still busy after %g s: queued mails go out at the "
+                            "next start", budget)
+                return []
+        results = self.deliver_due(now, deadline=deadline)
+        if self._owed:
+            log.error("mail(s) %s: the MTA's answer could not be recorded before stopping (the "
+                      "database is locked); the next start marks them failed as interrupted, "
+                      "without sending them again", ", ".join(map(str, self._owed)))
+        return results
+
+    def _deliver(self, store: AlertStore, item: QueuedMail, now: float,
+                 deadline: float | None = None) -> Delivery:
+        """Send one claimed mail and record the outcome (the row is ``sending``)."""
+        transport = _within(self.transport, _remaining(deadline))
         try:
             prepared = build_message(item.mail, item.context, message_id=item.message_id,
                                      renderer=self.renderer)
-            self.transport.send(prepared)
+            transport.send(prepared)
         except DeliveryError as exc:
             return self._failed(store, item, now, str(exc), exc.temporary)
         except MailError as exc:  # bad template or address: retrying rarely helps
@@ -526,9 +608,9 @@ class Outbox:
         except Exception as exc:  # a bug must not kill the worker, nor lose the mail
             log.exception("mail %d: unexpected error", item.id)
             return self._failed(store, item, now, f"{type(exc).__name__}: {exc}", False)
-        store.mark_sent(item.id, now)
         log.info("mail %d (%s, %s) sent to %s via %s", item.id, item.kind,
-                 ",".join(item.rules) or "-", ", ".join(item.recipients), self.transport.name)
+                 ",".join(item.rules) or "-", ", ".join(item.recipients), transport.name)
+        self._record(store, item.id, lambda s: s.mark_sent(item.id, now))
         return Delivery(item.id, True)
 
     def _failed(self, store: AlertStore, item: QueuedMail, now: float, error: str,
@@ -538,7 +620,7 @@ class Outbox:
         retry_at = None
         if attempt < limit:
             retry_at = now + min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
-        store.mark_failed(item.id, now, error, retry_at)
+        self._record(store, item.id, lambda s: s.mark_failed(item.id, now, error, retry_at))
         what = "temporary failure" if temporary else "failure"
         if retry_at is None:
             log.error("mail %d to %s: %s: %s; gave up after %d attempts", item.id,
@@ -549,10 +631,38 @@ class Outbox:
                     ", ".join(item.recipients), what, error, attempt, limit, retry_at - now)
         return Delivery(item.id, False, error, temporary, retry_at)
 
+    def _record(self, store: AlertStore, id: int, write: Callable[[AlertStore], None]) -> None:
+        """Record an MTA answer; if the database refuses (locked past the busy
+        timeout), keep it and retry on every pass until it is taken.  The row
+        stays ``sending`` meanwhile, so it is never handed to the MTA again."""
+        try:
+            write(store)
+        except sqlite3.Error as exc:
+            log.warning("mail %d: cannot record the MTA's answer in %s: %s; the mail is not "
+                        "sent again, recording is retried on the next pass",
+                        id, self.db_path, exc)
+            self._owed[id] = write
+
+    def _settle(self, store: AlertStore) -> bool:
+        """Retry the owed records (oldest first); False if one still fails."""
+        for id, write in list(self._owed.items()):
+            try:
+                write(store)
+            except sqlite3.Error as exc:
+                log.warning("mail %d: recording the MTA's answer still fails: %s", id, exc)
+                return False
+            del self._owed[id]
+            log.info("mail %d: the MTA's answer is recorded now", id)
+        return True
+
+    def owed(self) -> list[int]:
+        """Ids of mails whose MTA answer is not recorded yet (``sending`` rows)."""
+        return list(self._owed)
+
     def _store(self) -> AlertStore:
         store: AlertStore | None = getattr(self._local, "store", None)
         if store is None:
-            store = self._local.store = AlertStore(self.db_path)
+            store = self._local.store = AlertStore(self.db_path, self.busy_timeout)
         return store
 
     def close(self) -> None:
@@ -578,7 +688,8 @@ class Outbox:
         self._wake.set()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Stop the thread after its current attempt; True if it has ended.
+        """Stop the thread after its current mail (the stop flag is checked
+        between mails); True if it has ended.
 
         Waits up to ``timeout`` (default: ``mail.timeout`` + 5 s).
         """
@@ -598,7 +709,7 @@ class Outbox:
                 self._wake.clear()
                 try:
                     # The worker is an outermost loop: it may read the clock.
-                    self.deliver_due(time.time())
+                    self.deliver_due(time.time(), stop=self._stop.is_set)
                 except Exception:
                     log.exception("mail delivery pass failed; trying again in %g s", self.poll)
                 self._wake.wait(self.poll)
@@ -632,7 +743,7 @@ def send_test(
     "[test]"; the body is the alert template filled with the rule's values.
     """
     now = time.time() if now is None else now
-    host = host or socket.gethostname()
+    host = host or default_host()
     recipients = tuple(to) or tuple(getattr(rule, "to", ()) or ())
     if not recipients:
         return SendTestResult(False, "no recipient: pass --to ADDRESS or name an [[alert]] rule")

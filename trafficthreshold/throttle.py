@@ -22,12 +22,20 @@ How the level moves is the *policy*:
     makes the level flap.
 
 ``"drupal"``
-    Drupal's own rule.  Rise at once.  Drop at once only when the new level is
-    3 or more levels lower.  Otherwise every ``cron_test`` seconds (Drupal's
-    cron, three hours by default) step down one level to test the load.  The
-    test is made with the count at hand: if the load is still there the level
-    "rises again at once", i.e. it does not change and no message is logged
-    (Drupal would log a decrease and an increase a minute apart).
+    Drupal 4.x's auto-throttle as its help and settings page describe it.
+    A *check* (every evaluation) raises the level to the one the count
+    calls for, and never lowers it: 45 then 35 hits a minute stays at 2.  At
+    level 5 the checks are switched off until cron.  *Cron* lowers the level
+    by one every ``cron_test`` seconds (Drupal's "cron test", three hours by
+    default), counted from the rise from 0 and then from the last drop; an
+    evaluation at which cron drops the level makes no check, and the next
+    one (a second later under the supervisor) raises the level again if the
+    load is still there, with both watchdog lines, as in Drupal.  Falling
+    from 5 to 0 therefore takes five cron tests.
+
+There is no "probability limiter": Drupal checked on one request in N to
+save a database query per request; here a check is a shared-memory read of
+a few nanoseconds, done once a second by the supervisor.
 
 Each change comes with Drupal's watchdog line, e.g.
 ``"45 hits in past minute; throttle increased to level 2"``.
@@ -41,9 +49,6 @@ from collections.abc import Callable
 #: The highest level; counting goes on above it.
 MAX_LEVEL = 5
 
-#: Drop at once (policy "drupal") when the target is this many levels lower.
-DRUPAL_DROP_GAP = 3
-
 #: The policy names, in documentation order; the first is the default.
 POLICIES = ("hysteresis", "drupal")
 
@@ -54,8 +59,8 @@ class ThrottleState:
 
     ``below_since``: when the count was first seen below the current level's
     floor (policy "hysteresis"); None while it is not below.
-    ``last_test``: when the last step-down test was made, or when the level
-    rose from 0 (policy "drupal"); None while the level is 0.
+    ``last_test``: the cron timer of policy "drupal": when cron last lowered
+    the level, or when the level rose from 0; None while the level is 0.
     """
 
     level: int = 0
@@ -94,6 +99,19 @@ def level_range(level: int, multiplier: int) -> tuple[int, int | None]:
     if level == MAX_LEVEL:
         return level * multiplier, None
     return level * multiplier, (level + 1) * multiplier - 1
+
+
+def block_text(level: int, multiplier: int) -> str:
+    """Drupal's throttle block line for ``level``.
+
+    >>> block_text(2, 20)
+    'Current Level: 2 (40 - 59)'
+    >>> block_text(5, 60)
+    'Current Level: 5 (300+)'
+    """
+    low, high = level_range(level, multiplier)
+    return f"Current Level: {level} ({low}+)" if high is None else \
+        f"Current Level: {level} ({low} - {high})"
 
 
 def message(hits: int, old_level: int, new_level: int) -> str | None:
@@ -150,17 +168,18 @@ def _hysteresis(
 def _drupal(
     state: ThrottleState, target: int, now: float, cooldown: float, cron_test: float
 ) -> ThrottleState:
-    """Rise at once; drop at once by 3+ levels; else test one level down."""
-    if target > state.level or state.level - target >= DRUPAL_DROP_GAP:
-        # A rise from 0 starts the test timer; any other jump keeps it.
-        return _drupal_state(target, state.last_test if state.level else now)
-    last_test = now if state.last_test is None else state.last_test
-    if state.level == 0 or now - last_test < cron_test:
-        return _drupal_state(state.level, last_test)
-    # The test: one level down, unless the load is still there (then the
-    # level "rises again at once" to where it was, i.e. stays).
-    level = state.level - 1 if target < state.level else state.level
-    return _drupal_state(level, now)
+    """Cron first: one level down every ``cron_test`` seconds (and no check
+    at that evaluation); else the check, which only ever raises the level,
+    and is off at level 5."""
+    if state.level == 0:
+        # The cron timer starts with the rise from 0.
+        return _drupal_state(target, now) if target > 0 else _drupal_state(0, None)
+    timer = now if state.last_test is None else state.last_test
+    if now - timer >= cron_test:
+        return _drupal_state(state.level - 1, now)  # cron: down one, timer restarts
+    if state.level < MAX_LEVEL and target > state.level:
+        return _drupal_state(target, timer)  # the check: up, never down
+    return _drupal_state(state.level, timer)
 
 
 def _drupal_state(level: int, last_test: float | None) -> ThrottleState:
