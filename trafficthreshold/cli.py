@@ -266,12 +266,17 @@ def install(ctx: click.Context, keys: int, minutes: int, stripes: int, mode: int
     Example: trafficthreshold install --group www-data
     """
     cfg = _load(ctx)
-    if mode & 0o002:
-        click.echo(f"warning: mode {mode:03o} is world-writable: any local user can change "
-                   "the counts and the throttle level; use 660 with --group", err=True)
     geometry = segment.Geometry(keys=keys, minutes=minutes, stripes=stripes)
     result = segment.install(cfg.key, cfg.backend, geometry, mode=mode, group=group,
                              multiplier=cfg.throttle.multiplier, window=cfg.throttle.window)
+    # The library's own warnings when it gives them (segment.install's
+    # result.warnings); until then the one about a world-writable mode here.
+    warnings = getattr(result, "warnings", None)
+    if warnings is None:
+        warnings = [f"mode {mode:03o} is world-writable: any local user can change the "
+                    "counts and the throttle level; use 660 with --group"] if mode & 0o002 else []
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     verb = "installed" if result.created else "already installed"
     click.echo(f"{verb}: {cfg.backend} segment at key {cfg.key:#x}, {result.size:,} bytes, "
                f"{result.geometry.keys} keys, {result.geometry.minutes} minutes, "
@@ -348,6 +353,15 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
 
 # ------------------------------------------------------------------ daemon
 
+#: What to do when the HTTP server cannot listen, by errno.
+_LISTEN_FIXES = {
+    errno.EADDRINUSE: "stop what uses that address",
+    errno.EACCES: "ports below 1024 need root (or CAP_NET_BIND_SERVICE); use a port "
+                  "above 1023",
+    errno.EADDRNOTAVAIL: "that address is not one of this host's",
+}
+
+
 @main.command()
 @common_options
 @click.option("--no-http", is_flag=True, help="Do not serve the stats API and dashboard.")
@@ -367,12 +381,14 @@ def run(ctx: click.Context, no_http: bool) -> None:
     try:
         status = sup.run()
     except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        if exc.errno not in _LISTEN_FIXES:
             raise
+        where = (cfg.source if not cfg.source.startswith("<") else
+                 f"a config file ({configuration.DEFAULT_PATH}, or name one with --config)")
         raise click.ClickException(
-            f"cannot serve HTTP on {cfg.http.listen} ({exc.strerror}): stop what uses "
-            f"that address, or change [http] listen in {cfg.source}, or run with "
-            "--no-http") from exc
+            f"cannot serve HTTP on {cfg.http.listen} ({exc.strerror}): "
+            f"{_LISTEN_FIXES[exc.errno]}, or change [http] listen in {where}, "
+            "or run with --no-http") from exc
     sys.exit(status)
 
 

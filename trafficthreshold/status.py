@@ -109,7 +109,9 @@ def _keys(cfg: Config, counter: Any, head: dict[str, int],
     is not UTF-8 (it raises for the whole table); then the index is read
     here from the raw bytes, each bad name shown escaped and reported."""
     try:
-        return list(counter.keys())
+        return [(slot, _printable(damage, slot, "account", account),
+                 _printable(damage, slot, "event", event))
+                for slot, account, event in counter.keys()]
     except UnicodeDecodeError:
         pass
     try:
@@ -136,6 +138,19 @@ def _keys(cfg: Config, counter: Any, head: dict[str, int],
                               "is not UTF-8")
         out.append((slot, names[0], names[1]))
     return out
+
+
+def _printable(damage: list[str], slot: int, field: str, name: str) -> str:
+    """``name`` as the C reader gave it; one that is not UTF-8 (a reader that
+    decodes with surrogateescape hands those bytes on as lone surrogates,
+    which no terminal or JSON consumer can take) shown escaped and reported."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        damage.append(f"slot {slot}: the {field} name {raw!r} is not UTF-8")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def _raw_bytes(cfg: Config, offset: int, length: int) -> bytes:
