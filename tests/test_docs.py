@@ -118,3 +118,18 @@ def test_readme_store_appears_as_soon_as_run_starts(tmp_path, key):
         assert database.exists()
     finally:
         sup.shutdown(now)
+
+
+def test_ci_installs_the_build_tools_and_every_peer():
+    """A bare Debian image has no venv module, compiler or headers: CI
+    installs them with the peers the tests use, and starts redis."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = ci[ci.index("apt-get install"):]
+    install = install[:install.index(">/dev/null")].split()
+    for package in ("gcc", "python3-dev", "python3-venv", "redis-server", "redis-sentinel",
+                    "systemd", "wrk", "valgrind"):
+        assert package in install, package
+    assert "bash .ci/postfix.sh" in ci and "bash .ci/chromium.sh" in ci
+    assert "redis-server --port 6379" in ci
+    venv = ci.index("python3 -m venv")
+    assert ci.index("apt-get install") < venv < ci.index('python "$bench" --quick')
