@@ -336,7 +336,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.argument("account", required=False)
 @click.argument("event", required=False, default="pageview")
 @click.option("-n", type=click.IntRange(1, MAX_HIT_N), default=1, show_default=True,
-              help=f"How many (1..{MAX_HIT_N}).")
+              help="How many hits.")
 @click.pass_context
 @_fail_clearly
 def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
