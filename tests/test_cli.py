@@ -559,3 +559,37 @@ def test_store_that_cannot_be_opened_is_one_line(tmp_path, key):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "a-file" in result.output and len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("key_capacity", 0, "corrupt header"),
+    ("layout_version", 7, "layout version 7"),
+    ("state", 0xFFFFFFFF, "not fully installed"),
+])
+def test_status_reports_a_segment_the_library_will_not_attach(cfg, key, backend, field,
+                                                             value, reason):
+    """The raw header is shown with the library's reason and the fix; exit 0."""
+    run(cfg, "install", "--backend", backend)
+    offset, width = segment.HEADER_FIELDS[field]
+    with raw_view(key, backend) as view:
+        struct.pack_into("=I" if width == 4 else "=Q", view, offset, value)
+    info, text = _status_both_ways(cfg, backend)
+    assert info["header"][field] == value and info["keys"] == []
+    assert any(reason in d for d in info["damage"])
+    assert f"{field} {value:#x}" in text and "DAMAGED" in text and reason in text
+    if field == "state":
+        assert any("header field state" in d for d in info["damage"])
+    # The advice works (a plain `uninstall --force` cannot roll up what it cannot read).
+    repair = "trafficthreshold uninstall --force --no-rollup"
+    assert f"`{repair}`" in info["repair"] and info["repair"] in text
+    assert "removed" in run(cfg, *repair.split()[1:], "--backend", backend)
+    assert "trafficthreshold install" in run(cfg, "status", "--backend", backend, ok=False)
+
+
+def test_status_still_refuses_a_foreign_segment(cfg, key, backend):
+    """Not ours (bad magic): the library's one-line error, no raw header."""
+    run(cfg, "install", "--backend", backend)
+    with raw_view(key, backend) as view:
+        view[0:8] = b"NOTOURS!"
+    out = run(cfg, "status", "--backend", backend, ok=False)
+    assert "not trafficthreshold's" in out and len(out.strip().splitlines()) == 1
