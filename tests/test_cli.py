@@ -593,3 +593,43 @@ def test_status_still_refuses_a_foreign_segment(cfg, key, backend):
         view[0:8] = b"NOTOURS!"
     out = run(cfg, "status", "--backend", backend, ok=False)
     assert "not trafficthreshold's" in out and len(out.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become nobody")
+def test_run_on_a_privileged_port_as_a_user_names_the_fix(key):
+    """A user (nobody) may not listen on port 81: EACCES gets its own fix."""
+    import pwd
+    import shutil
+    import tempfile
+    from trafficthreshold import config as configuration
+    from trafficthreshold.supervisor import Supervisor
+    nobody = pwd.getpwnam("nobody")
+    home = tempfile.mkdtemp(prefix="tt-nobody-")
+    # A start as root first (own key, own store, any free port) imports
+    # everything `run` needs: nobody may not read this interpreter's library.
+    warm = segment.unused_key()
+    warm_path = os.path.join(home, "warm.toml")
+    with open(warm_path, "w") as file:
+        file.write(f'key = {warm}\ndatabase = "{home}/warm/s.sqlite3"\n'
+                   '[http]\nenabled = false\n')
+    import trafficthreshold.api  # noqa: F401  (what http = true adds)
+    import trafficthreshold.webserver  # noqa: F401
+    sup = Supervisor(configuration.load(warm_path, env={}), env={})
+    sup.initialize(time.time())
+    sup.shutdown(time.time())
+    segment.uninstall(warm, force=True)
+    try:
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(home, 0o755)
+        path = os.path.join(home, "c.toml")
+        with open(path, "w") as file:
+            file.write(f'key = {key}\ndatabase = "{home}/s.sqlite3"\n'
+                       '[http]\nlisten = "127.0.0.1:81"\n')
+        code, output, exception = _as_nobody(["run", "--config", path])
+        assert code == 1 and "Traceback" not in output, (output, exception)
+        error = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert len(error) == 1, (output, exception)
+        assert "cannot serve HTTP on 127.0.0.1:81" in error[0]
+        assert "below 1024 need root" in error[0] and "--no-http" in error[0]
+    finally:
+        shutil.rmtree(home)
