@@ -1,7 +1,8 @@
 """The command line: click commands, each a few lines over a module.
 
-Every error a user can meet becomes a one-line ``click.ClickException``
-(exit 1) that names the problem and the fix, never a traceback: library
+Every error of normal use becomes a one-line ``click.ClickException``
+(exit 1) that names the problem and the fix, not a traceback (an error that
+is a bug still raises, see :func:`_message`): library
 errors (``TrafficThresholdError``) keep their message, which already says
 what to do; permission errors, a taken HTTP port and store errors get one
 here (:func:`_fail_clearly`).
