@@ -612,8 +612,9 @@ def test_run_on_a_privileged_port_as_a_user_names_the_fix(key):
     with open(warm_path, "w") as file:
         file.write(f'key = {warm}\ndatabase = "{home}/warm/s.sqlite3"\n'
                    '[http]\nenabled = false\n')
-    import trafficthreshold.api  # noqa: F401  (what http = true adds)
-    import trafficthreshold.webserver  # noqa: F401
+    import importlib
+    for module in ("trafficthreshold.api", "trafficthreshold.webserver"):  # http = true's
+        importlib.import_module(module)
     sup = Supervisor(configuration.load(warm_path, env={}), env={})
     sup.initialize(time.time())
     sup.shutdown(time.time())
