@@ -471,9 +471,16 @@ def test_run_with_the_http_port_taken_names_address_and_fix(tmp_path, key):
     assert "Traceback" not in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(error) == 1, done.stderr
-    assert f"cannot serve HTTP on 127.0.0.1:{port}" in error[0]
-    assert "stop what uses that address" in error[0]
-    assert "[http] listen" in error[0] and str(path) in error[0] and "--no-http" in error[0]
+    assert f"cannot serve the stats API on 127.0.0.1:{port}" in error[0]
+    assert "already in use" in error[0]
+    _names_the_listen_fixes(error[0], path)
+
+
+def _names_the_listen_fixes(error, path):
+    """The fixes: another [http] listen (in this file: the CLI's words; or
+    "in the configuration": webserver.py's on main), or --no-http."""
+    assert "[http] listen" in error and "--no-http" in error
+    assert str(path) in error or "in the configuration" in error
 
 
 def test_run_on_an_address_not_of_this_host_says_so(tmp_path, key):
@@ -488,8 +495,9 @@ def test_run_on_an_address_not_of_this_host_says_so(tmp_path, key):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(error) == 1, done.stderr
-    assert "cannot serve HTTP on 192.0.2.1:8080" in error[0]
-    assert "not one of this host's" in error[0] and "--no-http" in error[0]
+    assert "cannot serve the stats API on 192.0.2.1:8080" in error[0]
+    assert "not one of this machine's" in error[0]
+    _names_the_listen_fixes(error[0], path)
 
 
 def _as_nobody(argv):
@@ -630,7 +638,8 @@ def test_run_on_a_privileged_port_as_a_user_names_the_fix(key):
         assert code == 1 and "Traceback" not in output, (output, exception)
         error = [line for line in output.splitlines() if line.startswith("Error:")]
         assert len(error) == 1, (output, exception)
-        assert "cannot serve HTTP on 127.0.0.1:81" in error[0]
-        assert "below 1024 need root" in error[0] and "--no-http" in error[0]
+        assert "cannot serve the stats API on 127.0.0.1:81" in error[0]
+        assert "ports below 1024 need privileges" in error[0]
+        _names_the_listen_fixes(error[0], path)
     finally:
         shutil.rmtree(home)

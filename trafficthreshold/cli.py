@@ -354,12 +354,13 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
 
 # ------------------------------------------------------------------ daemon
 
-#: What to do when the HTTP server cannot listen, by errno.
-_LISTEN_FIXES = {
-    errno.EADDRINUSE: "stop what uses that address",
-    errno.EACCES: "ports below 1024 need root (or CAP_NET_BIND_SERVICE); use a port "
-                  "above 1023",
-    errno.EADDRNOTAVAIL: "that address is not one of this host's",
+#: Why the HTTP server cannot listen, by errno (the words webserver.py uses
+#: for the same errors on main, where it raises them itself).
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another trafficthreshold run, or "
+                      "another program, listens there)",
+    errno.EACCES: "ports below 1024 need privileges (root or CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
 }
 
 
@@ -382,14 +383,14 @@ def run(ctx: click.Context, no_http: bool) -> None:
     try:
         status = sup.run()
     except OSError as exc:
-        if exc.errno not in _LISTEN_FIXES:
+        if exc.errno not in _LISTEN_ERRORS:
             raise
         where = (cfg.source if not cfg.source.startswith("<") else
                  f"a config file ({configuration.DEFAULT_PATH}, or name one with --config)")
         raise click.ClickException(
-            f"cannot serve HTTP on {cfg.http.listen} ({exc.strerror}): "
-            f"{_LISTEN_FIXES[exc.errno]}, or change [http] listen in {where}, "
-            "or run with --no-http") from exc
+            f"cannot serve the stats API on {cfg.http.listen}: {_LISTEN_ERRORS[exc.errno]}; "
+            f"set [http] listen = \"127.0.0.1:<free port>\" in {where}, or start with "
+            "`trafficthreshold run --no-http`") from exc
     sys.exit(status)
 
 
