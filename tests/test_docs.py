@@ -97,3 +97,39 @@ def test_readme_states_the_key_precedence_the_cli_uses():
     readme = " ".join((ROOT / "README.rst").read_text().split())
     assert ("``--key``, else ``$TRAFFICTHRESHOLD_KEY``, else ``key`` in the config file, "
             "else ``0x54546831``") in readme
+
+
+def test_readme_store_appears_as_soon_as_run_starts(tmp_path, key):
+    """The README says the store is written "as soon as ``run`` starts", not
+    after the first roll-up: the daemon's start creates it (and its directory)."""
+    import time
+
+    from trafficthreshold import config as configuration
+    from trafficthreshold.supervisor import Supervisor
+    readme = " ".join((ROOT / "README.rst").read_text().split())
+    assert "as soon as ``run`` starts, the SQLite store" in readme
+    database = tmp_path / "state" / "stats.sqlite3"
+    path = tmp_path / "config.toml"
+    path.write_text(f'key = {key}\ndatabase = "{database}"\n[http]\nenabled = false\n')
+    sup = Supervisor(configuration.load(str(path), env={}), env={})
+    now = time.time()
+    sup.initialize(now)
+    try:
+        assert database.exists()
+    finally:
+        sup.shutdown(now)
+
+
+def test_ci_installs_the_build_tools_and_every_peer():
+    """A bare Debian image has no venv module, compiler or headers: CI
+    installs them with the peers the tests use, and starts redis."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = ci[ci.index("apt-get install"):]
+    install = install[:install.index(">/dev/null")].split()
+    for package in ("gcc", "python3-dev", "python3-venv", "redis-server", "redis-sentinel",
+                    "systemd", "wrk", "valgrind"):
+        assert package in install, package
+    assert "bash .ci/postfix.sh" in ci and "bash .ci/chromium.sh" in ci
+    assert "redis-server --port 6379" in ci
+    venv = ci.index("python3 -m venv")
+    assert ci.index("apt-get install") < venv < ci.index('python "$bench" --quick')

@@ -1,7 +1,8 @@
 """The command line: click commands, each a few lines over a module.
 
-Every error a user can meet becomes a one-line ``click.ClickException``
-(exit 1) that names the problem and the fix, never a traceback: library
+Every error of normal use becomes a one-line ``click.ClickException``
+(exit 1) that names the problem and the fix, not a traceback (an error that
+is a bug still raises, see :func:`_message`): library
 errors (``TrafficThresholdError``) keep their message, which already says
 what to do; permission errors, a taken HTTP port and store errors get one
 here (:func:`_fail_clearly`).
@@ -266,12 +267,17 @@ def install(ctx: click.Context, keys: int, minutes: int, stripes: int, mode: int
     Example: trafficthreshold install --group www-data
     """
     cfg = _load(ctx)
-    if mode & 0o002:
-        click.echo(f"warning: mode {mode:03o} is world-writable: any local user can change "
-                   "the counts and the throttle level; use 660 with --group", err=True)
     geometry = segment.Geometry(keys=keys, minutes=minutes, stripes=stripes)
     result = segment.install(cfg.key, cfg.backend, geometry, mode=mode, group=group,
                              multiplier=cfg.throttle.multiplier, window=cfg.throttle.window)
+    # The library's own warnings when it gives them (segment.install's
+    # result.warnings); until then the one about a world-writable mode here.
+    warnings = getattr(result, "warnings", None)
+    if warnings is None:
+        warnings = [f"mode {mode:03o} is world-writable: any local user can change the "
+                    "counts and the throttle level; use 660 with --group"] if mode & 0o002 else []
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     verb = "installed" if result.created else "already installed"
     click.echo(f"{verb}: {cfg.backend} segment at key {cfg.key:#x}, {result.size:,} bytes, "
                f"{result.geometry.keys} keys, {result.geometry.minutes} minutes, "
@@ -331,7 +337,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.argument("account", required=False)
 @click.argument("event", required=False, default="pageview")
 @click.option("-n", type=click.IntRange(1, MAX_HIT_N), default=1, show_default=True,
-              help=f"How many (1..{MAX_HIT_N}).")
+              help="How many hits.")
 @click.pass_context
 @_fail_clearly
 def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
@@ -347,6 +353,16 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
 
 
 # ------------------------------------------------------------------ daemon
+
+#: Why the HTTP server cannot listen, by errno (the words webserver.py uses
+#: for the same errors on main, where it raises them itself).
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another trafficthreshold run, or "
+                      "another program, listens there)",
+    errno.EACCES: "ports below 1024 need privileges (root or CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
+
 
 @main.command()
 @common_options
@@ -367,12 +383,14 @@ def run(ctx: click.Context, no_http: bool) -> None:
     try:
         status = sup.run()
     except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        if exc.errno not in _LISTEN_ERRORS:
             raise
+        where = (cfg.source if not cfg.source.startswith("<") else
+                 f"a config file ({configuration.DEFAULT_PATH}, or name one with --config)")
         raise click.ClickException(
-            f"cannot serve HTTP on {cfg.http.listen} ({exc.strerror}): stop what uses "
-            f"that address, or change [http] listen in {cfg.source}, or run with "
-            "--no-http") from exc
+            f"cannot serve the stats API on {cfg.http.listen}: {_LISTEN_ERRORS[exc.errno]}; "
+            f"set [http] listen = \"127.0.0.1:<free port>\" in {where}, or start with "
+            "`trafficthreshold run --no-http`") from exc
     sys.exit(status)
 
 

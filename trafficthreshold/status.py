@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import struct
+import sys
 from typing import Any
 
 from . import segment, throttle
 from .config import Config
+from .errors import LayoutMismatch, SegmentNotFound
 
 WINDOW_NAMES = {v: k for k, v in segment.WINDOWS.items()}
 STATE_NAMES = {segment.STATE_INSTALLING: "installing", segment.STATE_LIVE: "live",
@@ -29,6 +31,12 @@ REPAIR = ("a damaged segment counts wrongly: run `trafficthreshold uninstall` (i
           "what it can into the store; add --force if workers are attached) and "
           "`trafficthreshold install` again")
 
+#: The same for a segment the library refuses to attach: its counts cannot
+#: be read, so a roll-up cannot run (plain ``uninstall --force`` fails).
+REPAIR_UNATTACHED = ("its counts cannot be read: run `trafficthreshold uninstall --force "
+                     "--no-rollup` and `trafficthreshold install` again (the store keeps "
+                     "what was rolled up before)")
+
 
 def collect(cfg: Config, now: float) -> dict[str, Any]:
     """Everything about the segment, as a JSON-ready dict.  Raises
@@ -37,8 +45,18 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
     Never fails on what the segment holds: a header field out of range or an
     index entry that cannot be read is listed under ``damage`` (with the
     fix, :data:`REPAIR`) and the rest is reported as far as it can be.
-    Reads only; takes no lock (a key being added meanwhile may be missed)."""
-    counter = segment.attach(cfg.key, cfg.backend)
+    Reads only; takes no lock (a key being added meanwhile may be missed).
+    A segment of ours that the library refuses to attach (a corrupt header:
+    geometry, layout version or state) is reported from its raw header
+    instead (:func:`_collect_unattached`)."""
+    try:
+        counter = segment.attach(cfg.key, cfg.backend)
+    except (LayoutMismatch, SegmentNotFound) as exc:
+        raw = _raw_header(cfg)
+        if raw is None or (isinstance(exc, SegmentNotFound)
+                           and raw[1]["state"] in STATE_NAMES):
+            raise  # none, not ours, or (being) installed/uninstalled: the library's word
+        return _collect_unattached(cfg, now, exc, *raw)
     try:
         head = segment.header(counter)
         damage = _header_damage(head)
@@ -72,6 +90,53 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
         counter.detach()
 
 
+def _raw_header(cfg: Config) -> tuple[int, dict[str, int]] | None:
+    """(segment size, header fields by name) read from the raw bytes, or
+    None when there is no segment or it is not trafficthreshold's (magic)."""
+    try:
+        size = _raw_size(cfg)
+        data = _raw_bytes(cfg, 0, segment.HEADER_SIZE)
+    except Exception:  # gone, or unreadable: the library's error stands
+        return None
+    if len(data) < segment.HEADER_SIZE or data[:8] != segment.MAGIC:
+        return None
+    return size, {name: int.from_bytes(data[off:off + width], sys.byteorder)
+                  for name, (off, width) in segment.HEADER_FIELDS.items()}
+
+
+def _collect_unattached(cfg: Config, now: float, exc: Exception, size: int,
+                        head: dict[str, int]) -> dict[str, Any]:
+    """What ``status`` can say about a segment the library will not attach:
+    its raw header (under ``header``), the library's reason and each field
+    out of range under ``damage``; no keys or counts."""
+    damage = [str(exc), *_header_damage(head)]
+    return {
+        "backend": cfg.backend, "key": cfg.key, "key_hex": f"{cfg.key:#x}",
+        "size": size, "state": STATE_NAMES.get(head["state"], head["state"]),
+        "created_at": _iso(head["created_at"]),
+        "capacity": head["key_capacity"], "keys_used": head["keys_used"],
+        "minutes": head["minute_buckets"], "stripes": head["stripes"],
+        "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
+        "attached": _guarded(damage, "attached processes", segment.attached_pids,
+                             cfg.key, cfg.backend) or [],
+        "permissions": _guarded(damage, "permissions", _permissions, cfg),
+        "throttle": _throttle(cfg, head, None, now, damage),
+        "supervisor": _supervisor(head, now),
+        "keys": [], "header": head, "damage": damage, "repair": REPAIR_UNATTACHED,
+    }
+
+
+def _raw_size(cfg: Config) -> int:
+    import sysv_ipc
+    if cfg.backend == "sysv":
+        shm = sysv_ipc.SharedMemory(cfg.key)
+        try:
+            return int(shm.size)
+        finally:
+            shm.detach()
+    return os.stat("/dev/shm" + segment.posix_name(cfg.key)).st_size
+
+
 def _guarded(damage: list[str], what: str, fn: Any, *args: Any) -> Any:
     """``fn(*args)``, or None with the failure added to ``damage``."""
     try:
@@ -91,7 +156,8 @@ def _header_damage(head: dict[str, int]) -> list[str]:
 
     cap = head["key_capacity"]
     if head["state"] == segment.STATE_LIVE and not cap > head["throttle_slot"] > 0:
-        bad("throttle_slot", f"a slot in 1..{cap - 1}")
+        bad("throttle_slot", f"a slot in 1..{cap - 1}" if cap > 1 else
+            "a slot below key_capacity")
     if head["keys_used"] > cap:
         bad("keys_used", f"at most key_capacity ({cap})")
     if head["throttle_level"] > throttle.MAX_LEVEL:
@@ -109,7 +175,9 @@ def _keys(cfg: Config, counter: Any, head: dict[str, int],
     is not UTF-8 (it raises for the whole table); then the index is read
     here from the raw bytes, each bad name shown escaped and reported."""
     try:
-        return list(counter.keys())
+        return [(slot, _printable(damage, slot, "account", account),
+                 _printable(damage, slot, "event", event))
+                for slot, account, event in counter.keys()]
     except UnicodeDecodeError:
         pass
     try:
@@ -136,6 +204,19 @@ def _keys(cfg: Config, counter: Any, head: dict[str, int],
                               "is not UTF-8")
         out.append((slot, names[0], names[1]))
     return out
+
+
+def _printable(damage: list[str], slot: int, field: str, name: str) -> str:
+    """``name`` as the C reader gave it; one that is not UTF-8 (a reader that
+    decodes with surrogateescape hands those bytes on as lone surrogates,
+    which no terminal or JSON consumer can take) shown escaped and reported."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        damage.append(f"slot {slot}: the {field} name {raw!r} is not UTF-8")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def _raw_bytes(cfg: Config, offset: int, length: int) -> bytes:
@@ -223,6 +304,8 @@ def render(info: dict[str, Any]) -> str:
         f"segment     {info['backend']} key {info['key_hex']}, {info['size']:,} bytes, "
         f"{info['state']}, created {info['created_at']}",
         *damage,
+        *(["header      " + ", ".join(f"{k} {v:#x}" for k, v in info["header"].items())]
+          if info.get("header") else []),
         f"permissions {perm['owner']}:{perm['group']} {perm['mode']}",
         f"keys        {info['keys_used']} of {info['capacity']} used; "
         f"ring {info['minutes']} minutes x {info['stripes']} stripes",
