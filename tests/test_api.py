@@ -249,6 +249,19 @@ def test_a_store_that_does_not_exist_is_503_and_not_created(
     assert not missing.parent.exists()
 
 
+def test_a_get_on_an_empty_database_file_writes_nothing(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    """Reading never writes: an empty file (the daemon has not started
+    yet) answers zeros and keeps its zero bytes, no schema written."""
+    empty = tmp_path / "stats.sqlite3"
+    empty.write_bytes(b"")
+    server = serve(api.make_app(make_config(str(empty)), now=lambda: NOW))
+    status, body = fetch_json(server.url + "api/stats/track/all/pageview/2026")
+    assert status == 200 and sum(body["data"].values()) == 0
+    assert empty.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.sqlite3"]
+
+
 def test_a_file_that_is_not_a_database_is_503(tmp_path: Path,
                                               serve: Callable[..., webserver.Server]) -> None:
     garbage = tmp_path / "stats.sqlite3"

@@ -55,7 +55,7 @@ from trafficthreshold.errors import SegmentError, TrafficThresholdError
 from trafficthreshold.live import LIVE_MINUTES, Snapshot, snapshot  # noqa: F401  (re-exported)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod
-from trafficthreshold.store import Store
+from trafficthreshold.store import Store, StoreError, connect_readonly
 
 log = logging.getLogger("trafficthreshold.api")
 
@@ -223,6 +223,11 @@ class StatsApp:
             response = self._handle(environ, method)
         except HttpError as exc:
             response = self._error(environ, exc.status, exc.message, exc.headers)
+        except StoreError as exc:
+            # The store names the file and the recovery itself.
+            log.warning("database error answering %s %r: %s", method,
+                        environ.get("PATH_INFO"), exc)
+            response = self._error(environ, 503, str(exc))
         except sqlite3.Error as exc:
             # A locked or damaged database, a disk error...: never a 500.
             # The message says what to do; the log says which request.
@@ -305,7 +310,9 @@ class StatsApp:
                 raise HttpError(503, f"the database {self.store_path} does not exist yet; "
                                      "start the daemon (`trafficthreshold run`)")
             try:
-                store = Store(self.store_path, self.timezone)
+                # Read-only: a GET never writes, not even the schema into an
+                # empty file, and never takes the writer's lock.
+                store = Store(self.store_path, self.timezone, readonly=True)
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
             self._local.store = store
@@ -316,9 +323,8 @@ class StatsApp:
         method for (all-time totals, the alert state)."""
         conn = getattr(self._local, "reader", None)
         if conn is None:
-            self._store()  # the file exists and has the period tables
-            uri = "file:" + urllib.parse.quote(os.path.abspath(self.store_path)) + "?mode=ro"
-            conn = sqlite3.connect(uri, uri=True, timeout=5.0)
+            self._store()  # the file exists
+            conn = connect_readonly(self.store_path)
             self._local.reader = conn
         return conn
 

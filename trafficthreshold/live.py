@@ -88,26 +88,14 @@ def _log_damage(damaged: list[str]) -> None:
 
 
 def _readable_keys(counter: Any, damaged: list[str]) -> list[tuple[int, str, str]]:
-    """``counter.keys()`` without the entries whose names cannot be read.
-
-    A name that is not UTF-8 makes the whole ``keys()`` call raise
-    UnicodeDecodeError (older _counter builds): then no key can be listed,
-    and ``damaged`` says so.  An entry handed back with a name that is not
-    a str (bytes or None: a build that reports undecodable names) is
-    skipped and counted.
-    """
-    try:
-        entries = counter.keys()
-    except UnicodeDecodeError as exc:
-        damaged.append(f"the key index holds a name that is not UTF-8 ({exc.reason}); "
-                       "no key can be listed: `trafficthreshold uninstall` and "
-                       "`install` again to rebuild the segment")
-        return []
-    readable = [(slot, account, event) for slot, account, event in entries
-                if isinstance(account, str) and isinstance(event, str)]
-    if len(readable) != len(entries):
-        damaged.append(f"{len(entries) - len(readable)} key index entries have names that "
-                       "are not UTF-8; they are left out")
+    """``counter.keys()`` without the entries whose name bytes are not UTF-8
+    (a writer in another language): those are left out and reported in
+    ``damaged``, and every other key is listed."""
+    readable, bad = segment.split_keys(counter)
+    if bad:
+        shown = ", ".join(repr(a.encode("utf-8", "surrogateescape")) for _, a, _ in bad[:3])
+        damaged.append(f"{len(bad)} key index {'entry has a name' if len(bad) == 1 else 'entries have names'} "
+                       f"that {'is' if len(bad) == 1 else 'are'} not UTF-8 ({shown}); left out")
     return readable
 
 
