@@ -417,7 +417,7 @@ def test_live_filters_and_level_five(live_server: tuple[webserver.Server, Any]) 
     counter.hit("acme", "pageview", 1000, NOW - 1)
     _, body = fetch_json(server.url + "api/stats/live?account=acme&event=pageview")
     assert [(k["account"], k["event"]) for k in body["keys"]] == [("acme", "pageview")]
-    assert body["throttle"]["text"] == "Current Level: 5 (300 and more)"
+    assert body["throttle"]["text"] == "Current Level: 5 (300+)"
     assert body["throttle"]["max"] is None
     status, body = fetch_json(server.url + "api/stats/live?account=~bad")
     assert status == 404 and "reserved" in body["message"]

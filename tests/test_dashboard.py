@@ -213,7 +213,7 @@ def test_rendered_dom_has_the_chart_numbers_and_escaped_names(
     assert len(re.findall(r'<rect class="bar[^"]*"', dom)) == 61
     assert len(re.findall(r'<rect class="bar current"', dom)) == 1
     assert current_minute(dom) >= 1000
-    assert re.search(r"Current Level: \d \((\d+ - \d+|\d+ and more)\)", dom)
+    assert re.search(r"Current Level: \d \((\d+ - \d+|\d+\+)\)", dom)
     assert "This site has served" in dom
     # The account is text in the DOM: no <img> element was made of it.
     assert "&lt;img src=x onerror=alert(1)&gt;" in dom

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trafficthreshold import names, segment
-from trafficthreshold.throttle import MAX_LEVEL, level_range
+from trafficthreshold.throttle import MAX_LEVEL, block_text, level_range
 
 log = logging.getLogger("trafficthreshold.live")
 
@@ -124,8 +124,7 @@ def _throttle(counter: Any, header: Mapping[str, int], now: float,
                        "pages_past_minute reads 0")
     level = min(MAX_LEVEL, counter.level(now))
     low, high = level_range(level, multiplier)
-    text = f"Current Level: {level} ({low} - {high})" if high is not None \
-        else f"Current Level: {level} ({low} and more)"
+    text = block_text(level, multiplier)  # Drupal's own words: "Current Level: 5 (300+)"
     return {
         "level": level,
         "supervisor_level": header["throttle_level"],

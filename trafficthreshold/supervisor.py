@@ -59,6 +59,9 @@ from .store import Store, StoreError
 log = logging.getLogger("trafficthreshold.supervisor")
 
 PRUNE_EVERY = 3600.0
+#: Seconds the final mail delivery may take at shutdown: half the unit's
+#: TimeoutStopSec (30), leaving time for the final roll-up.
+MAIL_FLUSH_BUDGET = 15.0
 TOP_ACCOUNTS = 5
 #: The throttle levels a header may hold (0 = off .. 5).
 MAX_LEVEL = 5
@@ -198,10 +201,10 @@ class Supervisor:
 
     def _flush_mail(self, outbox: Outbox, now: float) -> None:
         """Stop the delivery thread, then one last pass over the mails that
-        are due, so an alert raised just before SIGTERM still goes out
-        (what fails stays queued for the next start)."""
-        outbox.stop(timeout=5)
-        self._guard("final mail delivery", outbox.deliver_due, now)
+        are due, so an alert raised just before SIGTERM still goes out; all
+        within MAIL_FLUSH_BUDGET seconds, well inside the unit's
+        TimeoutStopSec (what is not sent stays queued for the next start)."""
+        self._guard("final mail delivery", outbox.flush, now, MAIL_FLUSH_BUDGET)
 
     def reload(self) -> None:
         """SIGHUP: read the configuration again; keep the old one on errors.
@@ -437,7 +440,7 @@ class Supervisor:
         # The top accounts read every key of the minute: only when a mail or
         # a state change needs them, not every second of an episode.
         self.engine.tick(now, counts, closed=self._closed(now),
-                         top_accounts=(lambda: self.top_accounts(now)) if hot else (),
+                         top_accounts=(lambda: self.top_accounts(now)) if hot else None,
                          throttle_level=self.throttle_state.level)
 
     def _closed(self, now: float) -> dict:
