@@ -44,3 +44,10 @@ def test_built_tree_imports(tmp_path):
                           cwd=tree, env=ENV, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tree / "trafficthreshold" / "__init__.py")
+
+
+def test_the_package_exports_the_bound_on_n() -> None:
+    import trafficthreshold
+    from trafficthreshold import segment
+    assert trafficthreshold.MAX_HIT_N == segment.MAX_HIT_N == 2**32 - 1
+    assert "MAX_HIT_N" in trafficthreshold.__all__

@@ -151,7 +151,7 @@ def test_reinstall_in_the_same_minute_counts_the_new_segment(installed, store):
     counter.hit("acme", "pageview", 5, T0 + 10)
     counter.detach()
     segment.uninstall(key, backend, force=True,
-                      before_remove=lambda c: Roller(c, store).roll(T0 + 20, True))
+                      rollup=lambda c: Roller(c, store).roll(T0 + 20, True))
     segment.install(key, backend, now=T0 + 30)
     counter = segment.attach(key, backend)
     try:

@@ -555,7 +555,7 @@ def test_reinstall_within_the_minute_loses_no_hit(sup):
     sup.initialize(T0)
     sup.counter.hit("acme", "pageview", 5, T0 + 10)
     segment.uninstall(sup.config.key, sup.config.backend, force=True,
-                      before_remove=_final_rollup(sup.config, T0 + 11))
+                      rollup=_final_rollup(sup.config, T0 + 11))
     segment.install(sup.config.key, sup.config.backend, now=T0 + 12)
     sup.tick(T0 + 13)                                   # re-attaches
     sup.counter.hit("acme", "pageview", 3, T0 + 20)     # below the old count (5)

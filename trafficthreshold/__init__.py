@@ -49,9 +49,9 @@ try:
     from . import _counter
 except ImportError as _exc:
     raise _no_extension(_exc) from _exc
-from ._counter import Counter, hit, throttle_status
+from ._counter import MAX_HIT_N, Counter, hit, throttle_status
 
-__all__ = ["hit", "throttle_status", "count", "configure", "Counter", "TrafficThresholdError",
+__all__ = ["hit", "throttle_status", "MAX_HIT_N", "count", "configure", "Counter", "TrafficThresholdError",
            "ConfigError", "SegmentError", "SegmentNotFound", "LayoutMismatch", "SegmentBusy",
            "SegmentInUse"]
 __version__ = "0.1.0"

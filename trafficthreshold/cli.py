@@ -35,10 +35,8 @@ from .errors import TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.cli")
 
-#: The largest ``hit -n``.  TODO: use ``segment.MAX_HIT_N`` (the segment
-#: engineer's documented maximum per call) once it is on this branch; until
-#: then the same value, 2**32 - 1, is defined here and only here.
-MAX_HIT_N: int = getattr(segment, "MAX_HIT_N", 2**32 - 1)
+#: The largest ``hit -n``: the documented maximum per call of hit().
+MAX_HIT_N: int = segment.MAX_HIT_N
 
 
 def _plural(n: int, one: str, many: str) -> str:
@@ -298,20 +296,22 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
     Example: trafficthreshold uninstall
     """
     cfg = _load(ctx)
-    before = None if no_rollup else functools.partial(_final_rollup, cfg)
-    result = segment.uninstall(cfg.key, cfg.backend, force=force, before_remove=before)
+    rolled: list[int] = []
+    rollup = None if no_rollup else functools.partial(_final_rollup, cfg, rolled)
+    result = segment.uninstall(cfg.key, cfg.backend, force=force, rollup=rollup)
+    if rolled:  # it runs twice: on the live segment, then on the retired one
+        click.echo(f"rolled {sum(rolled)} pending hits into {cfg.database}")
     attached = int(result.get("attached", 0) or 0)
     click.echo(f"removed the {result['removed']} ({result['size']:,} bytes)"
                + (f"; {_plural(attached, 'process was', 'processes were')} still attached"
                   if attached else ""))
 
 
-def _final_rollup(cfg: configuration.Config, counter: Any) -> None:
+def _final_rollup(cfg: configuration.Config, rolled: list[int], counter: Any) -> None:
     from .rollup import Roller
     from .store import Store
     with Store(cfg.database, cfg.timezone) as store:
-        added = Roller(counter, store).roll(time.time(), include_current=True)
-    click.echo(f"rolled {added} pending hits into {cfg.database}")
+        rolled.append(Roller(counter, store).roll(time.time(), include_current=True))
 
 
 @main.command()

@@ -805,8 +805,7 @@ RollUp = Callable[[Counter], object]
 
 
 def uninstall(key: int = DEFAULT_KEY, backend: str = "sysv", force: bool = False,
-              rollup: RollUp | None = None, before_remove: RollUp | None = None,
-              ) -> dict[str, object]:
+              rollup: RollUp | None = None) -> dict[str, object]:
     """Roll the pending counts up, retire, and remove the segment and its
     semaphore.  Nothing is changed unless the removal can follow:
 
@@ -825,9 +824,7 @@ def uninstall(key: int = DEFAULT_KEY, backend: str = "sysv", force: bool = False
     Without ``rollup`` (``--no-rollup``) pending counts are lost, but the
     segment is still retired first.  ``force`` also removes a segment whose
     lock cannot be taken or whose semaphore vanished, and a semaphore left
-    without its segment.  ``before_remove`` is the old name of ``rollup``.
-    Returns what was removed."""
-    rollup = rollup if rollup is not None else before_remove
+    without its segment.  Returns what was removed."""
     try:
         raw = _Raw(backend, key)
     except SegmentNotFound:
