@@ -178,7 +178,8 @@ def test_hits_total_counts_each_hit_once_across_rolls(installed: tuple[int, str]
         slots = {slot: (a, e) for slot, a, e in counter.keys()}
         items = [(*slots[slot], m, n) for slot, m, n in counter.minutes(MINUTE - 100, MINUTE)]
         with Store(db, ZONE) as store:
-            store.roll(items, now=NOW, closed_through=closed_through)
+            store.roll(items, now=NOW, closed_through=closed_through,
+                       instance=counter.load(segment.H_INSTANCE, 8))
 
     assert total() == 60
     counter.hit("acme", "pageview", 3, NOW - 120)          # two minutes ago
@@ -191,7 +192,25 @@ def test_hits_total_counts_each_hit_once_across_rolls(installed: tuple[int, str]
     assert total() == 70
     roll(closed_through=MINUTE - 1)
     assert total() == 70 and total("all") == 110
+    # Another install's watermarks of the same minute say nothing about this
+    # ring: pending hits are compared with this instance's watermarks only.
+    with Store(db, ZONE) as store:
+        store.roll([("acme", "pageview", MINUTE, 50)], now=NOW, instance=12345)
+    assert total() == 70 + 50
     counter.detach()
+
+
+def test_late_drops_and_bad_keys_are_exported(db: str,
+                                              serve: Callable[..., webserver.Server]) -> None:
+    with Store(db, ZONE) as store:
+        store.set_bad_keys(["slot 7: account b'\\xff' is not UTF-8"])
+    import sqlite3
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('late_dropped', 9)")
+    server = serve(config_for(db, segment.unused_key(), "sysv"))
+    _, samples = scrape(server)
+    assert value(samples, "trafficthreshold_store_late_dropped_hits_total") == 9
+    assert value(samples, "trafficthreshold_store_bad_keys") == 1
 
 
 def test_without_a_segment_or_alert_tables(db: str,
@@ -235,7 +254,8 @@ def test_counters_never_go_down_while_the_supervisor_rolls(
                 slots = {slot: (a, e) for slot, a, e in counter.keys()}
                 items = [(*slots[slot], m, n)
                          for slot, m, n in counter.minutes(MINUTE - 100, MINUTE)]
-                store.roll(items, now=NOW, closed_through=MINUTE - 1)
+                store.roll(items, now=NOW, closed_through=MINUTE - 1,
+                           instance=counter.load(segment.H_INSTANCE, 8))
                 rolls += 1
 
     thread = threading.Thread(target=supervisor)

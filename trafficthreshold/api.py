@@ -447,6 +447,8 @@ class StatsApp:
             last_roll_at=stored.last_roll_at,
             gaps=stored.gaps,
             damaged=None if snap is None else len(snap.damaged),
+            late_dropped=stored.late_dropped,
+            bad_keys=stored.bad_keys,
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)

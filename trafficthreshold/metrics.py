@@ -20,6 +20,8 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_segment_damaged                       gauge
   trafficthreshold_store_last_roll_timestamp_seconds     gauge
   trafficthreshold_store_gaps                            gauge
+  trafficthreshold_store_late_dropped_hits_total         counter
+  trafficthreshold_store_bad_keys                        gauge
 
 ``hits_total`` is *all hits ever counted*: the sum of the store's month rows
 (every hit the supervisor rolled) plus what the segment ring holds that the
@@ -36,13 +38,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from trafficthreshold.store import WATERMARK_KEEP_MINUTES
+from trafficthreshold.segment import H_INSTANCE
+from trafficthreshold.store import WATERMARK_KEEP_MINUTES, _signed
 
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -120,6 +124,8 @@ class StoreReading:
     totals: dict[Key, int]
     last_roll_at: float | None
     gaps: int
+    late_dropped: int = 0
+    bad_keys: int = 0
 
 
 @contextlib.contextmanager
@@ -140,9 +146,13 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 def read_store(conn: sqlite3.Connection) -> StoreReading:
     """The stored totals, the last roll's time and the gap count through
     ``conn`` (read-only is enough); call it inside :func:`read_snapshot`."""
-    meta = conn.execute("SELECT value FROM meta WHERE name = 'last_roll_at'").fetchone()
+    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
+                             "('last_roll_at', 'late_dropped', 'bad_keys')"))
     gaps = conn.execute("SELECT COUNT(*) FROM gaps").fetchone()[0]
-    return StoreReading(stored_totals(conn), None if meta is None else float(meta[0]), gaps)
+    last = meta.get("last_roll_at")
+    return StoreReading(stored_totals(conn), None if last is None else float(last), gaps,
+                        int(meta.get("late_dropped") or 0),
+                        len(json.loads(meta["bad_keys"])) if meta.get("bad_keys") else 0)
 
 
 def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
@@ -153,12 +163,15 @@ def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
     return {(account, event): int(total) for account, event, total in rows}
 
 
-def watermark_minutes(conn: sqlite3.Connection, since_minute: int) -> dict[tuple[str, str, int], int]:
-    """The store's watermarks of the minutes >= ``since_minute`` (what
-    :meth:`Store.watermark_minutes` reads), through ``conn``."""
+def watermark_minutes(conn: sqlite3.Connection, since_minute: int,
+                      instance: int) -> dict[tuple[str, str, int], int]:
+    """The store's watermarks of segment ``instance`` for the minutes >=
+    ``since_minute`` (what :meth:`Store.watermark_minutes` reads), through
+    ``conn``: another install's watermarks say nothing about this ring."""
     rows = conn.execute(
-        "SELECT account, event, epoch_minute, count FROM watermarks WHERE epoch_minute >= ?",
-        (since_minute,),
+        "SELECT account, event, epoch_minute, count FROM watermarks"
+        " WHERE epoch_minute >= ? AND instance = ?",
+        (since_minute, _signed(instance)),
     )
     return {(a, e, m): count for a, e, m, count in rows}
 
@@ -186,7 +199,7 @@ def pending_hits(
     # (only with a huge ring) cannot be compared and are left out.
     span = max(1, min(ring_minutes, WATERMARK_KEEP_MINUTES))
     first = minute - span + 1
-    marks = watermark_minutes(conn, first)
+    marks = watermark_minutes(conn, first, counter.load(H_INSTANCE, 8))
     pending: dict[Key, int] = defaultdict(int)
     for slot, epoch_minute, observed in counter.minutes(first, minute):
         key = slots.get(slot)
@@ -209,6 +222,8 @@ def collect(
     last_roll_at: float | None,
     gaps: int,
     damaged: int | None = None,
+    late_dropped: int = 0,
+    bad_keys: int = 0,
 ) -> list[Family]:
     """The metric families from plain numbers (see the module docstring).
 
@@ -258,6 +273,13 @@ def collect(
                     .add(last_roll_at))
     fams.append(Family("trafficthreshold_store_gaps", "gauge",
                        "Recorded gaps: stretches of minutes that were not counted.").add(gaps))
+    fams.append(Family("trafficthreshold_store_late_dropped_hits_total", "counter",
+                       "Hits that reached a ring minute after its last re-read, not added "
+                       "to the store.").add(late_dropped))
+    fams.append(Family("trafficthreshold_store_bad_keys", "gauge",
+                       "Keys the last roll-up skipped (a name that is not UTF-8, an "
+                       "impossible count); `trafficthreshold status` names them.")
+                .add(bad_keys))
     return fams
 
 
@@ -272,7 +294,8 @@ def _segment_families(
                "Hits counted under ~overflow because the key table was full.")
         .add(header["overflow_hits"]),
         Family("trafficthreshold_dropped_hits_total", "counter",
-               "Hits dropped (segment semaphore timeout, clock out of range).")
+               "Hits dropped (the segment lock not taken within 50 ms, or a hit "
+               "a whole ring late).")
         .add(header["dropped_hits"]),
         Family("trafficthreshold_segment_keys_capacity", "gauge",
                "Counter slots of the segment (reserved slots included).")
