@@ -85,7 +85,7 @@ time.sleep(60)
     try:
         assert worker.stdout.readline().strip() == "attached"
         out = run(cfg, "uninstall", ok=False)
-        assert "1 process(es) still attached" in out and str(worker.pid) in out
+        assert "1 process is still attached" in out and str(worker.pid) in out
         assert "--force" in out
         assert "removed" in run(cfg, "uninstall", "--force")
     finally:

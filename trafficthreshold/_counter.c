@@ -534,8 +534,9 @@ static int validate_header(Counter *c, int retired_ok)
         || c->index_offset + (uint64_t)c->index_size * INDEX_ENTRY_SIZE > c->slots_offset
         || c->slots_offset + (uint64_t)c->key_capacity * c->slot_size > c->size) {
         PyErr_Format(LayoutMismatch,
-                     "the segment at IPC key 0x%x has a corrupt header; run "
-                     "`trafficthreshold uninstall --force` and install again", (int)c->key);
+                     "the segment at IPC key 0x%x has a corrupt header (its counts cannot "
+                     "be read); run `trafficthreshold uninstall --force --no-rollup` and "
+                     "install again", (int)c->key);
         return -1;
     }
     if (header_u32(c, H_STATE) != STATE_LIVE

@@ -256,12 +256,12 @@ class _Raw:
                 self._open_sysv(create_size, mode)
             else:
                 self._open_posix(create_size, mode)
-        except (sysv_ipc.PermissionsError, posix_ipc.PermissionsError, PermissionError) as exc:
+        except (sysv_ipc.PermissionsError, posix_ipc.PermissionsError, PermissionError):
             self._drop_created_sem()
             raise SegmentError(
-                f"permission denied on the {backend} segment at key {key:#x} ({exc}); run "
-                "this as root, as the segment's owner, or as a member of its group "
-                "(see `trafficthreshold status`)") from None
+                f"permission denied on the {backend} segment at key {key:#x} for "
+                f"{_user(os.geteuid())}; run this as root, as the segment's owner, or "
+                "as a member of its group (see `trafficthreshold status`)") from None
         except BaseException:
             # E.g. a size above kernel.shmmax: leave no semaphore behind.
             self._drop_created_sem()
@@ -838,7 +838,8 @@ def uninstall(key: int = DEFAULT_KEY, backend: str = "sysv", force: bool = False
         if others > 0 and not force:
             pids = attached_pids(key, backend)
             raise SegmentInUse(
-                f"{others} process(es) still attached to the segment at key {key:#x}"
+                f"{others} {'process is' if others == 1 else 'processes are'} still attached "
+                f"to the segment at key {key:#x}"
                 + (f" (pids {', '.join(map(str, pids))})" if pids else "")
                 + "; stop the web workers and the daemon first, or use --force")
         ours = raw.buf.nbytes >= HEADER_SIZE and bytes(raw.buf[0:8]) == MAGIC
