@@ -38,8 +38,8 @@ body is wrapped, in a C iterator that passes every chunk and ``close()``
 on) and ``write()``.  It never raises
 into a request: every counting error is logged once per process
 (``trafficthreshold.wsgi`` logger) and the request goes on.  It does not
-block: a hit is an atomic add in shared memory (the semaphore, taken with a
-50 ms timeout, is needed only when a key or a minute is new).
+block: a hit is an atomic add in shared memory (the segment's lock, taken
+with a 50 ms timeout, is needed only when a key or a minute is new).
 
 All of this per-request path is C (``_middleware.c``): about 2,000 to
 3,000 instructions per page, under 1 % of a hello-world page under gunicorn
