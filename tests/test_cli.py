@@ -1,7 +1,6 @@
 """The CLI over real segments and stores (click's CliRunner, in-process)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -9,6 +8,8 @@ import time
 
 import pytest
 from click.testing import CliRunner
+
+from test_segment import raw_view
 
 from trafficthreshold import segment
 from trafficthreshold.cli import main
@@ -366,34 +367,6 @@ def test_install_bad_mode_is_a_usage_error(cfg, mode):
 
 
 # ------------------------------------------------------- status on a damaged segment
-
-@contextlib.contextmanager
-def raw_view(key, backend):
-    """A writable view of the segment's bytes, without the C module (as in
-    tests/test_segment.py)."""
-    import mmap
-
-    import posix_ipc
-    import sysv_ipc
-    if backend == "sysv":
-        shm = sysv_ipc.SharedMemory(key)
-        view = memoryview(shm)
-        try:
-            yield view
-        finally:
-            view.release()
-            shm.detach()
-    else:
-        shm = posix_ipc.SharedMemory(segment.posix_name(key))
-        mapped = mmap.mmap(shm.fd, shm.size)
-        shm.close_fd()
-        view = memoryview(mapped)
-        try:
-            yield view
-        finally:
-            view.release()
-            mapped.close()
-
 
 def _status_both_ways(cfg, backend):
     """`status --json` and `status`: both succeed; returns (info, text)."""

@@ -69,20 +69,8 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
                                               counter.count, slot, 0, now)})
         keys.sort(key=lambda k: (k["event"], k["account"]))
         level = _guarded(damage, "throttle level", counter.level, now)
-        info = {
-            "backend": cfg.backend, "key": cfg.key, "key_hex": f"{cfg.key:#x}",
-            "size": counter.size, "state": STATE_NAMES.get(head["state"], head["state"]),
-            "created_at": _iso(head["created_at"]),
-            "capacity": head["key_capacity"], "keys_used": head["keys_used"],
-            "minutes": head["minute_buckets"], "stripes": head["stripes"],
-            "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
-            "attached": _guarded(damage, "attached processes", segment.attached_pids,
-                                 cfg.key, cfg.backend) or [],
-            "permissions": _guarded(damage, "permissions", _permissions, cfg),
-            "throttle": _throttle(cfg, head, level, now, damage),
-            "supervisor": _supervisor(head, now),
-            "keys": keys,
-        }
+        info = _report(cfg, head, counter.size, level, now, damage)
+        info["keys"] = keys
         info["damage"] = damage
         info["repair"] = REPAIR if damage else None
         return info
@@ -110,6 +98,14 @@ def _collect_unattached(cfg: Config, now: float, exc: Exception, size: int,
     its raw header (under ``header``), the library's reason and each field
     out of range under ``damage``; no keys or counts."""
     damage = [str(exc), *_header_damage(head)]
+    return {**_report(cfg, head, size, None, now, damage),
+            "keys": [], "header": head, "damage": damage, "repair": REPAIR_UNATTACHED}
+
+
+def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now: float,
+            damage: list[str]) -> dict[str, Any]:
+    """The part of the status read from the header (and /proc); what cannot
+    be read is added to ``damage``."""
     return {
         "backend": cfg.backend, "key": cfg.key, "key_hex": f"{cfg.key:#x}",
         "size": size, "state": STATE_NAMES.get(head["state"], head["state"]),
@@ -120,9 +116,8 @@ def _collect_unattached(cfg: Config, now: float, exc: Exception, size: int,
         "attached": _guarded(damage, "attached processes", segment.attached_pids,
                              cfg.key, cfg.backend) or [],
         "permissions": _guarded(damage, "permissions", _permissions, cfg),
-        "throttle": _throttle(cfg, head, None, now, damage),
+        "throttle": _throttle(cfg, head, level, now, damage),
         "supervisor": _supervisor(head, now),
-        "keys": [], "header": head, "damage": damage, "repair": REPAIR_UNATTACHED,
     }
 
 
