@@ -130,6 +130,24 @@ def test_stats_never_writes_the_store(cfg, tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_damaged_store_is_one_line_naming_the_recovery(cfg, tmp_path):
+    """`stats` and `alerts` on a database with damaged pages: one line that
+    names the file and how to recover it, never a traceback."""
+    from trafficthreshold.alertstore import AlertStore
+    from trafficthreshold.store import Store
+    path = tmp_path / "s.sqlite3"
+    with Store(str(path), "UTC") as store:
+        store.roll([(f"a{i}", "pageview", 29_000_000 + i, 5) for i in range(2000)], now=1)
+    AlertStore(str(path)).close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(range(256)) * ((size - 4096) // 256))
+    for args in (("stats", "a1", "pageview", "2025"), ("alerts",)):
+        out = run(cfg, *args, ok=False)
+        assert "Traceback" not in out and ".recover" in out and str(path) in out, out
+
+
 def test_stats_impossible_date(cfg, tmp_path):
     from trafficthreshold.store import Store
     Store(str(tmp_path / "s.sqlite3"), "UTC").close()

@@ -102,8 +102,8 @@ def _message(exc: Exception) -> str | None:
     if isinstance(exc, sqlite3.Error):
         obj = click.get_current_context().obj or {}
         db = getattr(obj.get("config"), "database", "the store")
-        return (f"the store {db}: {exc}; check that its directory exists and this user "
-                "may write it, or set database = in the config")
+        from .store import describe  # names the recovery: .recover, move aside, ...
+        return describe(db, exc)
     if isinstance(exc, OSError):
         return _oserror_message(exc)
     return None
