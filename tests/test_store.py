@@ -365,6 +365,30 @@ def test_accounts_events_and_top_accounts(store: Store) -> None:
     assert store.top_accounts("nothing", minute, 5) == []
 
 
+def test_events_of_an_account_and_years_of_a_key(store: Store) -> None:
+    """The discovery reads of the API: events(account), years(account, event),
+    years still found when retention pruned the month rows."""
+    store.roll(
+        [
+            ("acme", EVENT, minute_at(2024, 12, 31, 23, 59), 2),
+            ("acme", EVENT, minute_at(2026, 1, 1, 0, 0), 3),
+            ("acme", "click", minute_at(2025, 6, 1, 12, 0), 1),
+            ("beta", "signup", minute_at(2025, 6, 1, 12, 0), 1),
+        ],
+        now_of(minute_at(2026, 1, 1, 0, 0)),
+    )
+    assert store.events("acme") == ["click", EVENT]
+    assert store.events("beta") == ["signup"]
+    assert store.events("nobody") == []
+    assert store.years("acme", EVENT) == [2024, 2026]
+    assert store.years("acme", "click") == [2025]
+    assert store.years("beta", EVENT) == []
+    store.prune(now_of(minute_at(2026, 1, 1, 0, 0)), {"months": 1})  # months before Dec 2025 go
+    assert rows(store.path, "SELECT year FROM months WHERE account = 'acme' AND event = ?",
+                EVENT) == [(2026,)]
+    assert store.years("acme", EVENT) == [2024, 2026]  # the day rows still hold 2024
+
+
 # --------------------------------------------------------------------------
 # gaps and retention
 

@@ -782,9 +782,25 @@ class Store:
             )
         return [account for (account,) in rows]
 
-    def events(self) -> list[str]:
-        """Events with rows, sorted."""
-        return [e for (e,) in self._conn.execute("SELECT DISTINCT event FROM keys ORDER BY event")]
+    def events(self, account: str | None = None) -> list[str]:
+        """Events with rows (of ``account`` if given), sorted."""
+        if account is None:
+            rows = self._conn.execute("SELECT DISTINCT event FROM keys ORDER BY event")
+        else:
+            rows = self._conn.execute(
+                "SELECT event FROM keys WHERE account = ? ORDER BY event", (account,)
+            )
+        return [event for (event,) in rows]
+
+    def years(self, account: str, event: str) -> list[int]:
+        """The years that have rows of ``(account, event)`` at any level,
+        ascending (a level's retention may have pruned the others). One
+        index range per table."""
+        union = " UNION ".join(
+            f"SELECT year FROM {table} WHERE account = ? AND event = ?" for table, _ in LEVELS
+        )
+        rows = self._conn.execute(f"{union} ORDER BY year", (account, event) * len(LEVELS))
+        return [year for (year,) in rows]
 
     def top_accounts(self, event: str, since_minute: int, limit: int) -> list[tuple[str, int]]:
         """The ``limit`` accounts with the most ``event`` hits in the minute
