@@ -154,6 +154,10 @@ class HttpConfig:
     #: The API's address as clients reach it (a proxy, a public name), the
     #: base of the ``links`` in responses; "" for ``http://<listen>``.
     public_url: str = ""
+    #: Where the stats routes live (``<prefix>/track/...``, ``<prefix>/live``).
+    prefix: str = "/api/stats"
+    #: Origins whose pages may read the API (CORS); ``"*"`` for any.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -506,6 +510,57 @@ def _url(value: Any) -> str:
     return url
 
 
+#: Paths the app serves outside the prefix; a prefix may not shadow them.
+FIXED_ROUTES = ("/metrics", "/api/openapi.json")
+
+
+def _prefix(value: Any) -> str:
+    """``[http] prefix``: ``/segment[/segment...]`` of unreserved URL characters."""
+    if not isinstance(value, str):
+        raise _wrong_type(value, "a path", '"/api/stats"')
+    fix = 'use e.g. "/api/stats" or "/stats": a leading "/", no trailing "/"'
+    if not value.startswith("/"):
+        raise _Bad('does not start with "/"', fix)
+    if value.endswith("/"):
+        raise _Bad('ends with "/"', fix)
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+        raise _Bad("is not a path of letters, digits and . _ ~ - after a leading /", fix)
+    if any(part in (".", "..") for part in value.split("/")):
+        raise _Bad('has a "." or ".." segment', fix)
+    for route in FIXED_ROUTES:
+        if value == route or value.startswith(route + "/"):
+            raise _Bad(f"would hide {route}, which stays where it is", fix)
+    return value
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """``[http] cors_origins``: exact origins (``scheme://host[:port]``,
+    lower-cased as browsers send them) or ``"*"``."""
+    example = '["https://dash.example.com"]'
+    if isinstance(value, str):
+        raise _Bad("is a string, not a list", f"put it in brackets, e.g. {example}")
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _wrong_type(value, "a list of strings", example)
+    origins = []
+    for item in value:
+        if item == "*":
+            origins.append(item)
+            continue
+        parts = urllib.parse.urlsplit(item)
+        try:
+            port_ok = parts.port is None or 0 < parts.port
+        except ValueError:
+            port_ok = False
+        if (parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok
+                or "@" in parts.netloc or item.endswith("/") or parts.path or parts.query
+                or parts.fragment or _has_control(item) or " " in item):
+            raise _Bad(f"has {_show(item)}, which is not an origin",
+                       f'list origins as scheme://host[:port] without a path, e.g. {example}, '
+                       'or "*" for any page (public)')
+        origins.append(item.lower())
+    return tuple(dict.fromkeys(origins))
+
+
 def _alert_name(value: Any) -> str:
     """An alert's name: 1..64 UTF-8 bytes without control characters."""
     if not isinstance(value, str):
@@ -580,6 +635,8 @@ _HTTP: dict[str, _Key] = {
     "listen": _Key("listen", _listen),
     "token": _Key("token", _token, secret=True),
     "public_url": _Key("public_url", _url),
+    "prefix": _Key("prefix", _prefix),
+    "cors_origins": _Key("cors_origins", _origins),
 }
 _MAIL: dict[str, _Key] = {
     "transport": _Key("transport", _choice(*TRANSPORTS)),
