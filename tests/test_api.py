@@ -175,7 +175,7 @@ def test_impossible_dates_are_400_with_a_message(no_segment: webserver.Server,
 
 
 @pytest.mark.parametrize("path", [
-    "nope", "api", "api/stats", "api/stats/track/acme/pageview",
+    "nope", "api", "api/statsx", "api/stats/tracks", "api/stats/track/acme/pageview/2026x",
     "api/stats/track/acme/pageview/twenty", "api/stats/track/acme/pageview/2026/2/3/9/5",
     "api/stats/track/acme/pageview/2026/-1", "api/stats/track/~overflowx/pageview/2026",
     "api/stats/track/../pageview/2026", "api/stats/track/./pageview/2026",
@@ -311,6 +311,381 @@ def test_the_dashboard_without_a_database_is_a_503_page(
     status, headers, page = fetch(server.url)
     assert status == 503 and headers["Content-Type"] == api.HTML_TYPE
     assert b"does not exist yet" in page and b"trafficthreshold run" in page
+
+
+# ----------------------------------------------------------------- discovery
+
+
+def local(server: webserver.Server, link: str) -> str:
+    """A link of the answers (built on make_config's listen address) made
+    to point at the test server."""
+    assert link.startswith(LINKS), link
+    return server.url + link[len(LINKS):]
+
+
+def test_discovery_routes_list_what_exists_as_links(no_segment: webserver.Server) -> None:
+    quoted = urllib.request.quote(XSS, safe="")
+    track = LINKS + "api/stats/track"
+    status, root = fetch_json(no_segment.url + "api/stats/")
+    assert status == 200
+    assert root == {"type": None, "account": None, "event": None,
+                    "links": [track, LINKS + "api/stats/funnels"]}
+    _, accounts = fetch_json(no_segment.url + "api/stats/track")
+    assert accounts == {"type": "track", "account": None, "event": None, "links": [
+        f"{track}/{quoted}", f"{track}/acme", f"{track}/all", f"{track}/shop"]}
+    _, events = fetch_json(no_segment.url + "api/stats/track/shop")
+    assert events == {"type": "track", "account": "shop", "event": None,
+                      "links": [f"{track}/shop/pageview", f"{track}/shop/signup"]}
+    _, years = fetch_json(no_segment.url + "api/stats/track/acme/pageview/")
+    assert years == {"type": "track", "account": "acme", "event": "pageview",
+                     "links": [f"{track}/acme/pageview/2026"]}
+    _, xss = fetch_json(local(no_segment, accounts["links"][0]))
+    assert xss["account"] == XSS and xss["links"] == [f"{track}/{quoted}/pageview"]
+
+
+def test_following_the_links_from_the_root_reaches_every_count(
+        no_segment: webserver.Server) -> None:
+    """Every link answers 200, and the leaves (hours) add up to the store's
+    totals: the discovery routes and the periods are one tree."""
+    totals: dict[str, int] = {}
+    todo = [no_segment.url + "api/stats/track"]
+    while todo:
+        status, body = fetch_json(todo.pop())
+        assert status == 200, body
+        if body.get("hour") is not None:
+            totals[body["account"] + "/" + body["event"]] = (
+                totals.get(body["account"] + "/" + body["event"], 0) + body["total"])
+        todo += [local(no_segment, link) for link in body["links"]]
+    assert totals == {"all/pageview": 21, "acme/pageview": 10, "shop/pageview": 11,
+                      "all/signup": 1, "shop/signup": 1, XSS + "/pageview": 4}
+
+
+def test_discovery_links_never_come_from_the_host_header(no_segment: webserver.Server) -> None:
+    body = get_with_host(no_segment, "/api/stats/track/acme", "evil.example")
+    assert body["links"] == [LINKS + "api/stats/track/acme/pageview"]
+    body = get_with_host(no_segment, "/api/stats", "evil.example")
+    assert all(link.startswith(LINKS) for link in body["links"])
+
+
+@pytest.mark.parametrize(("path", "status", "words"), [
+    ("api/stats/track/nobody", 404, "no counts stored for account 'nobody'"),
+    ("api/stats/track/acme/signup", 404, "no counts stored for event 'signup' of account"),
+    ("api/stats/track/~bad", 404, "reserved"),
+    ("api/stats/track/acme/~bad", 404, "reserved"),
+    ("api/stats/track/..", 404, "not allowed"),
+    ("api/stats/funnels", 404, "not served yet"),
+    ("api/stats/funnels/acme/order/2026/2", 404, "not served yet"),
+])
+def test_discovery_of_what_does_not_exist_is_404_with_a_message(
+        no_segment: webserver.Server, path: str, status: int, words: str) -> None:
+    got, body = raw_get(no_segment, "/" + path)
+    assert got == status
+    assert words in json.loads(body)["message"]
+
+
+def test_discovery_on_a_database_that_is_not_there_yet_is_503(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    server = serve(api.make_app(make_config(str(tmp_path / "none.sqlite3")),
+                                counter_factory=lambda: None, now=lambda: NOW))
+    status, body = fetch_json(server.url + "api/stats/track")
+    assert status == 503 and "does not exist yet" in body["message"]
+    status, body = fetch_json(server.url + "api/stats")  # the root reads nothing
+    assert status == 200 and len(body["links"]) == 2
+
+
+# ------------------------------------------------------------ Bootic's README
+
+#: The five example URLs of Bootic's Readme.mkd (bootic_stats_aggregates),
+#: with what each one is (the README calls the last "16hrs"; Bootic's
+#: router had no hour level, so it is February 16, and it is here too).
+BOOTIC_README_URLS = [
+    ("/api/stats/track/all/pageview/2013", "all", 2013, None, None),
+    ("/api/stats/track/acme/pageview/2013", "acme", 2013, None, None),
+    ("/api/stats/track/acme/pageview/2013/02", "acme", 2013, 2, None),
+    ("/api/stats/track/acme/pageview/2013/02/02", "acme", 2013, 2, 2),
+    ("/api/stats/track/acme/pageview/2013/02/16", "acme", 2013, 2, 16),
+]
+
+
+@pytest.fixture
+def bootic_db(tmp_path: Path) -> str:
+    """2013 as in Bootic's README: acme's page views in February (the 2nd
+    at 16:05 and 16:40, the 16th at 09:00) and September, plus "all"."""
+    from apps.harness import minute_at
+    from trafficthreshold.store import Store
+
+    path = str(tmp_path / "bootic.sqlite3")
+    counts = [((2013, 2, 2, 16, 5), 1489), ((2013, 2, 2, 16, 40), 11),
+              ((2013, 2, 16, 9, 0), 21), ((2013, 9, 5, 10, 0), 101)]
+    items = [(account, "pageview", minute_at(*when), n + (7 if account == "all" and
+                                                          when[1] == 9 else 0))
+             for when, n in counts for account in ("acme", "all")]
+    items.append(("beta", "pageview", minute_at(2013, 9, 5, 10, 0), 7))
+    with Store(path, ZONE) as store:
+        store.roll(items, now=NOW, closed_through=minute_at(2013, 9, 5, 10, 0))
+    return path
+
+
+def test_bootic_readme_urls_and_discovery(bootic_db: str,
+                                          serve: Callable[..., webserver.Server]) -> None:
+    """The README's five URLs and the discovery routes, on a real server,
+    answer the shape docs/api.rst documents ("Differences from Bootic")."""
+    server = serve(api.make_app(make_config(bootic_db), counter_factory=lambda: None,
+                                now=lambda: NOW))
+    answers = {}
+    for path, account, year, month, day in BOOTIC_README_URLS:
+        status, headers, raw = fetch(server.url + path[1:] + "?callback=jsonp")
+        assert (status, headers["Content-Type"]) == (200, "application/json"), path
+        body = json.loads(raw)  # no JSONP: plain JSON whatever ?callback= says
+        answers[path] = body
+        # numbers, null for the parts not given, hour always present
+        assert {k: body[k] for k in ("type", "account", "event", "year", "month", "day",
+                                     "hour")} == {
+            "type": "track", "account": account, "event": "pageview",
+            "year": year, "month": month, "day": day, "hour": None}, path
+        # every segment, zero-filled, in numeric order, string keys "2" not "02"
+        first, last = (1, 12) if month is None else (1, 28) if day is None else (0, 23)
+        assert list(body["data"]) == [str(n) for n in range(first, last + 1)], path
+        assert body["total"] == sum(body["data"].values())
+        # children only, with counts, built on the configured address, in
+        # the canonical form (2013/2, not 2013/02 as the URL was typed)
+        base = "/".join(str(p) for p in (account, "pageview", year, month, day) if p)
+        assert body["links"] == [f"{LINKS}api/stats/track/{base}/{k}"
+                                 for k, v in body["data"].items() if v], path
+    year_all = answers[BOOTIC_README_URLS[0][0]]
+    assert (year_all["data"]["2"], year_all["data"]["9"], year_all["total"]) == (1521, 108, 1629)
+    year_acme = answers[BOOTIC_README_URLS[1][0]]
+    assert (year_acme["data"]["2"], year_acme["data"]["9"]) == (1521, 101)
+    february = answers[BOOTIC_README_URLS[2][0]]
+    assert (february["data"]["2"], february["data"]["16"], february["total"]) == (1500, 21, 1521)
+    assert february["links"] == [LINKS + "api/stats/track/acme/pageview/2013/2/2",
+                                 LINKS + "api/stats/track/acme/pageview/2013/2/16"]
+    second = answers[BOOTIC_README_URLS[3][0]]
+    assert second["data"]["16"] == 1500 and second["total"] == 1500
+    sixteenth = answers[BOOTIC_README_URLS[4][0]]
+    assert (sixteenth["day"], sixteenth["data"]["9"], sixteenth["total"]) == (16, 21, 21)
+
+    # Discovery: Bootic's RootHandler and AllKeysHandler, our shape.
+    track = LINKS + "api/stats/track"
+    expected = {
+        "api/stats": {"type": None, "account": None, "event": None,
+                      "links": [track, LINKS + "api/stats/funnels"]},
+        "api/stats/track": {"type": "track", "account": None, "event": None,
+                            "links": [f"{track}/acme", f"{track}/all", f"{track}/beta"]},
+        "api/stats/track/acme": {"type": "track", "account": "acme", "event": None,
+                                 "links": [f"{track}/acme/pageview"]},
+        "api/stats/track/acme/pageview": {"type": "track", "account": "acme",
+                                          "event": "pageview",
+                                          "links": [f"{track}/acme/pageview/2013"]},
+    }
+    for path, body in expected.items():
+        assert fetch_json(server.url + path) == (200, body), path
+    status, body = fetch_json(server.url + "api/stats/funnels/acme/order/2013")
+    assert status == 404 and "not served yet" in body["message"]
+
+
+# -------------------------------------------------------------------- prefix
+
+
+def test_the_prefix_moves_every_stats_route_and_its_links(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    key, backend = installed
+    config = make_config(db, key=key, backend=backend, http=HttpConfig(prefix="/stats"))
+    server = serve(api.make_app(config, now=lambda: NOW))
+    status, year = fetch_json(server.url + "stats/track/acme/pageview/2026")
+    assert status == 200 and year["links"] == [LINKS + "stats/track/acme/pageview/2026/2"]
+    _, root = fetch_json(server.url + "stats")
+    assert root["links"] == [LINKS + "stats/track", LINKS + "stats/funnels"]
+    _, accounts = fetch_json(server.url + "stats/track")
+    assert LINKS + "stats/track/acme" in accounts["links"]
+    assert fetch_json(server.url + "stats/live")[0] == 200
+    for old in ("api/stats", "api/stats/track", "api/stats/track/acme/pageview/2026",
+                "api/stats/live"):
+        assert fetch_json(server.url + old)[0] == 404, old
+    # What is not a stats route stays where it is.
+    for fixed in ("", "metrics", "api/openapi.json"):
+        assert fetch(server.url + fixed)[0] == 200, fixed
+
+
+def test_a_reload_moves_the_prefix(db: str, serve: Callable[..., webserver.Server]) -> None:
+    app = api.make_app(make_config(db), counter_factory=lambda: None, now=lambda: NOW)
+    server = serve(app)
+    assert fetch_json(server.url + "api/stats/track/acme")[0] == 200
+    app.reload(make_config(db, http=HttpConfig(prefix="/v1/stats")))
+    assert fetch_json(server.url + "api/stats/track/acme")[0] == 404
+    status, body = fetch_json(server.url + "v1/stats/track/acme")
+    assert status == 200 and body["links"] == [LINKS + "v1/stats/track/acme/pageview"]
+    _, doc = fetch_json(server.url + "api/openapi.json")
+    assert "/v1/stats/track/{account}" in doc["paths"]
+
+
+def test_prefix_under_a_mount_point_and_public_url(db: str) -> None:
+    """Mounted at SCRIPT_NAME /tt with prefix /stats: links are
+    listen + /tt + /stats; with public_url, public_url + /stats."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stats/track/acme", "QUERY_STRING": "",
+               "SCRIPT_NAME": "/tt", "SERVER_NAME": "evil.example", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http"}
+    for http_config, expected in [
+            (HttpConfig(prefix="/stats"), "http://127.0.0.1:8787/tt/stats/track/acme/pageview"),
+            (HttpConfig(prefix="/stats", public_url="https://s.example/tt/"),
+             "https://s.example/tt/stats/track/acme/pageview")]:
+        app = api.make_app(make_config(db, http=http_config), counter_factory=lambda: None,
+                           now=lambda: NOW)
+        started: list[str] = []
+        body = b"".join(app(dict(environ), lambda status, headers: started.append(status)))
+        assert started == ["200 OK"] and json.loads(body)["links"] == [expected]
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ('prefix = "stats"', 'http.prefix = \'stats\' does not start with "/"'),
+    ('prefix = "/stats/"', 'ends with "/"'),
+    ('prefix = "/"', 'ends with "/"'),
+    ('prefix = "/a b"', "is not a path of letters"),
+    ('prefix = "/st%61ts"', "is not a path of letters"),
+    ('prefix = "/a/../b"', '".." segment'),
+    ('prefix = "/metrics"', "would hide /metrics"),
+    ('prefix = "/api/openapi.json/x"', "would hide /api/openapi.json"),
+    ("prefix = 1", "is an integer"),
+    ('cors_origins = "https://dash.example.com"', "is a string, not a list"),
+    ('cors_origins = ["https://dash.example.com/"]', "not an origin"),
+    ('cors_origins = ["https://dash.example.com/app"]', "not an origin"),
+    ('cors_origins = ["dash.example.com"]', "not an origin"),
+    ('cors_origins = ["https://user@dash.example.com"]', "not an origin"),
+    ('cors_origins = ["https://dash.example.com:70000"]', "not an origin"),
+    ("cors_origins = [1]", "a list of strings"),
+])
+def test_prefix_and_cors_origins_are_checked(line: str, words: str) -> None:
+    from trafficthreshold import config as config_module
+    with pytest.raises(config_module.ConfigError) as raised:
+        config_module.parse("[http]\n" + line + "\n", "config.toml")
+    message = str(raised.value)
+    assert message.count("\n") == 0 and words in message
+    assert message.startswith("config.toml: http.") and "; " in message  # the key, then the fix
+
+
+def test_prefix_and_cors_origins_are_read_and_dumped() -> None:
+    from trafficthreshold import config as config_module
+    default = config_module.parse("")
+    assert (default.http.prefix, default.http.cors_origins) == ("/api/stats", ())
+    loaded = config_module.parse('[http]\nprefix = "/stats"\ncors_origins = '
+                                 '["https://Dash.Example.com:8443", "*", "http://[::1]:3000"]\n')
+    assert loaded.http.prefix == "/stats"
+    assert loaded.http.cors_origins == ("https://dash.example.com:8443", "*", "http://[::1]:3000")
+    assert config_module.parse(config_module.dump(loaded)).http == loaded.http
+
+
+# ---------------------------------------------------------------------- CORS
+
+DASH = "https://dash.example.com"
+
+
+@pytest.fixture
+def cors_server(db: str, serve: Callable[..., webserver.Server]) -> webserver.Server:
+    """Origins DASH and http://127.0.0.1:3000 allowed, and a token."""
+    config = make_config(db, http=HttpConfig(token=TOKEN, cors_origins=(
+        DASH, "http://127.0.0.1:3000")))
+    return serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+
+
+def cors_headers(headers: Any) -> dict[str, str]:
+    return {name: value for name, value in headers.items()
+            if name.lower().startswith("access-control-")}
+
+
+def test_an_allowed_origin_gets_its_origin_back(cors_server: webserver.Server) -> None:
+    url = cors_server.url + "api/stats/track/acme/pageview/2026"
+    auth = {"Authorization": "Bearer " + TOKEN}
+    for origin in (DASH, "HTTPS://DASH.example.com", "http://127.0.0.1:3000"):
+        status, headers, _ = fetch(url, headers={**auth, "Origin": origin})
+        assert status == 200
+        assert cors_headers(headers) == {"Access-Control-Allow-Origin": origin}
+        assert headers["Vary"] == "Origin"
+    # Errors too, so that the page can read the message: 401, 404.
+    status, headers, _ = fetch(url, headers={"Origin": DASH})
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == DASH
+    status, headers, _ = fetch(cors_server.url + "api/stats/track/nobody",
+                               headers={**auth, "Origin": DASH})
+    assert status == 404 and headers["Access-Control-Allow-Origin"] == DASH
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "https://dash.example.com.evil.example",
+                                    "http://dash.example.com", "https://dash.example.com:443",
+                                    "null", None])
+def test_other_origins_get_nothing(cors_server: webserver.Server, origin: str | None) -> None:
+    headers = {"Authorization": "Bearer " + TOKEN} | ({} if origin is None else {"Origin": origin})
+    status, got, _ = fetch(cors_server.url + "api/stats/track/acme/pageview/2026", headers=headers)
+    assert status == 200 and cors_headers(got) == {}
+    assert got["Vary"] == "Origin"  # the answer depends on Origin: caches must know
+
+
+def test_a_preflight_from_an_allowed_origin_needs_no_token(cors_server: webserver.Server) -> None:
+    status, headers, body = fetch(
+        cors_server.url + "api/stats/track/acme/pageview/2026", method="OPTIONS",
+        headers={"Origin": DASH, "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "authorization"})
+    assert (status, body) == (204, b"")
+    assert cors_headers(headers) == {
+        "Access-Control-Allow-Origin": DASH, "Access-Control-Allow-Methods": "GET",
+        "Access-Control-Allow-Headers": "Authorization",
+        "Access-Control-Max-Age": str(api.CORS_MAX_AGE)}
+    assert headers["Vary"] == "Origin" and "Content-Length" not in headers
+
+
+@pytest.mark.parametrize(("origin", "method"), [("https://evil.example", "GET"), (None, "GET"),
+                                                (DASH, "POST"), (DASH, "DELETE"), (DASH, None)])
+def test_no_preflight_success_for_other_origins_or_methods(
+        cors_server: webserver.Server, origin: str | None, method: str | None) -> None:
+    headers = {"Authorization": "Bearer " + TOKEN}
+    if origin is not None:
+        headers["Origin"] = origin
+    if method is not None:
+        headers["Access-Control-Request-Method"] = method
+    status, got, body = fetch(cors_server.url + "api/stats/track/acme/pageview/2026",
+                              method="OPTIONS", headers=headers)
+    assert status == 405 and "read-only" in json.loads(body)["message"]
+    assert "Access-Control-Allow-Methods" not in got
+    assert got.get("Access-Control-Allow-Origin") == (DASH if origin == DASH else None)
+
+
+def test_a_star_lets_any_page_read(db: str, serve: Callable[..., webserver.Server]) -> None:
+    config = make_config(db, http=HttpConfig(cors_origins=("*", DASH)))
+    server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    url = server.url + "api/stats/track/acme/pageview/2026"
+    assert fetch(url, headers={"Origin": "https://any.example"})[1][
+        "Access-Control-Allow-Origin"] == "*"
+    assert fetch(url, headers={"Origin": DASH})[1]["Access-Control-Allow-Origin"] == DASH
+    status, headers, _ = fetch(url, method="OPTIONS", headers={
+        "Origin": "https://any.example", "Access-Control-Request-Method": "GET"})
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_without_cors_origins_there_are_no_cors_headers(no_segment: webserver.Server) -> None:
+    url = no_segment.url + "api/stats/track/acme/pageview/2026"
+    status, headers, _ = fetch(url, headers={"Origin": DASH})
+    assert status == 200 and cors_headers(headers) == {} and "Vary" not in headers
+    status, headers, _ = fetch(url, method="OPTIONS", headers={
+        "Origin": DASH, "Access-Control-Request-Method": "GET"})
+    assert status == 405 and cors_headers(headers) == {}
+
+
+def test_a_reload_changes_the_origins(db: str, serve: Callable[..., webserver.Server]) -> None:
+    app = api.make_app(make_config(db), counter_factory=lambda: None, now=lambda: NOW)
+    server = serve(app)
+    url = server.url + "api/stats/track/acme/pageview/2026"
+    assert "Access-Control-Allow-Origin" not in fetch(url, headers={"Origin": DASH})[1]
+    app.reload(make_config(db, http=HttpConfig(cors_origins=(DASH,))))
+    assert fetch(url, headers={"Origin": DASH})[1]["Access-Control-Allow-Origin"] == DASH
+
+
+@pytest.mark.parametrize("query", ["?callback=steal", "?callback=alert(1)//&x=1", "?jsonp=f"])
+def test_jsonp_callback_is_ignored_never_wrapped(no_segment: webserver.Server,
+                                                 query: str) -> None:
+    """Bootic wrapped the JSON in ``callback(...)`` as text/javascript; we
+    answer the same JSON as without the parameter."""
+    url = no_segment.url + "api/stats/track/acme/pageview/2026"
+    status, headers, body = fetch(url + query)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert body == fetch(url)[2] and body.startswith(b"{")
 
 
 # ---------------------------------------------------------------------- auth
@@ -518,4 +893,7 @@ def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:
     schemas = openapi.openapi_document()["components"]["schemas"]
     for document in documents:
         name = {"track": "Track", "live": "Live"}.get(document.get("type"), "Error")
+        if "links" in document and "data" not in document:
+            name = "Links"  # a discovery route's answer
+        assert set(document) <= set(schemas[name]["properties"]), name
         assert set(schemas[name]["required"]) <= set(document), name

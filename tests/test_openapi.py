@@ -9,20 +9,35 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
-from apps.harness import NOW, fetch_json, start_live
-from trafficthreshold import segment, webserver
+from apps.harness import NOW, fetch_json, make_config, start_live
+from trafficthreshold import api, segment, webserver
+from trafficthreshold.config import HttpConfig
 
 
 def test_openapi_document_describes_every_route(no_segment: webserver.Server) -> None:
     status, doc = fetch_json(no_segment.url + "api/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
     assert set(doc["paths"]) == {
+        "/api/stats", "/api/stats/track", "/api/stats/track/{account}",
+        "/api/stats/track/{account}/{event}",
         "/api/stats/track/{account}/{event}/{year}",
         "/api/stats/track/{account}/{event}/{year}/{month}",
         "/api/stats/track/{account}/{event}/{year}/{month}/{day}",
         "/api/stats/track/{account}/{event}/{year}/{month}/{day}/{hour}",
         "/api/stats/live", "/metrics", "/api/openapi.json", "/",
     }
+
+
+def test_the_document_follows_the_prefix(db: str, serve: Callable[..., webserver.Server]) -> None:
+    config = make_config(db, http=HttpConfig(prefix="/stats"))
+    server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    status, doc = fetch_json(server.url + "api/openapi.json")
+    assert status == 200
+    default = api.openapi_document()["paths"]
+    assert set(doc["paths"]) == {path if path in ("/", "/metrics", "/api/openapi.json")
+                                 else path.replace("/api/stats", "/stats", 1)
+                                 for path in default}
+    assert "/stats/live" in doc["paths"] and len(doc["paths"]) == len(default) == 12
 
 
 def test_schemathesis_finds_no_500s_and_responses_conform(

@@ -7,16 +7,22 @@ A plain WSGI callable, so it runs under the daemon's own server
     app = api.make_app(config.load())           # your own server, mounted anywhere
     gunicorn 'trafficthreshold.api:application' # built from config.load() on import
 
-Routes (docs/api.rst has the JSON shapes)::
+Routes (docs/api.rst has the JSON shapes; ``<prefix>`` is ``[http]
+prefix``, ``/api/stats`` by default)::
 
-  GET /api/stats/track/<account>/<event>/<year>[/<month>[/<day>[/<hour>]]]
-  GET /api/stats/live          the segment now: current minute, 60 s, 60 minutes
+  GET <prefix>/track/<account>/<event>/<year>[/<month>[/<day>[/<hour>]]]
+  GET <prefix>[/track[/<account>[/<event>]]]   discovery: links to what exists
+  GET <prefix>/live            the segment now: current minute, 60 s, 60 minutes
   GET /metrics                 Prometheus text format 0.0.4
   GET /api/openapi.json        OpenAPI 3 description of the above
   GET /                        the dashboard (HTML)
 
 Read-only: GET and HEAD only, no request bodies, URLs up to 2 KiB.  When
 ``http.token`` is set every route needs ``Authorization: Bearer <token>``.
+With ``[http] cors_origins`` set, pages on those origins may read it from a
+browser: a preflight ``OPTIONS`` from a listed origin is answered (before
+the token check, as browsers never send it on a preflight); every other
+OPTIONS is a 405.
 Errors are JSON ``{"status": 404, "error": "Not Found", "message": ...}``;
 every sqlite3 error is a 503 whose message says what to do (retry, or how
 to recover a damaged file), the dashboard's 503 an HTML page; an unexpected
@@ -74,11 +80,15 @@ SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
 )
 ALLOWED_METHODS = ("GET", "HEAD")
+#: How long a browser may keep a preflight's answer (seconds).
+CORS_MAX_AGE = 600
+#: Bootic's root listed both; funnels are not served yet (docs/api.rst).
+CHARTS = ("track", "funnels")
 
-_TRACK = re.compile(
-    r"/api/stats/track/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
-    r"(?:/(?P<month>[0-9]{1,9})(?:/(?P<day>[0-9]{1,9})(?:/(?P<hour>[0-9]{1,9}))?)?)?"
-)
+_TRACK = (r"/track/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
+          r"(?:/(?P<month>[0-9]{1,9})(?:/(?P<day>[0-9]{1,9})(?:/(?P<hour>[0-9]{1,9}))?)?)?")
+_KEYS = r"/track/(?P<account>[^/]+)(?:/(?P<event>[^/]+))?"
+_FUNNELS = r"/funnels(?:/.*)?"
 
 CounterFactory = Callable[[], Any]
 
@@ -157,6 +167,24 @@ class Request:
 
 
 
+@dataclass(frozen=True)
+class Routing:
+    """The routes of one ``[http] prefix``, swapped whole on a reload."""
+
+    prefix: str
+    track: re.Pattern[str]
+    keys: re.Pattern[str]
+    funnels: re.Pattern[str]
+    openapi: bytes
+
+    @classmethod
+    def of(cls, prefix: str) -> Routing:
+        escaped = re.escape(prefix)
+        return cls(prefix, re.compile(escaped + _TRACK), re.compile(escaped + _KEYS),
+                   re.compile(escaped + _FUNNELS),
+                   json.dumps(openapi_document(prefix), indent=1).encode("utf-8"))
+
+
 # --------------------------------------------------------------------------
 # the app
 
@@ -194,21 +222,28 @@ class StatsApp:
         self._templates.filters["num"] = num
         self._dashboard = self._templates.get_template("dashboard.html")
         self._error_page = self._templates.get_template("dashboard_error.html")
-        self._openapi = json.dumps(openapi_document(), indent=1).encode("utf-8")
-        self._routes: dict[str, Callable[[Request], Response]] = {
+        self._fixed: dict[str, Callable[[Request], Response]] = {
             "/": self.dashboard,
-            "/api/stats/live": self.live,
             "/api/openapi.json": self.openapi,
             "/metrics": self.metrics,
         }
+        self._set_http(config)
+
+    def _set_http(self, config: Config) -> None:
+        """Take ``[http]``'s prefix and origins.  Each is one attribute
+        assignment, so a request running meanwhile sees the old or the new."""
+        if getattr(self, "_routing", None) is None or self._routing.prefix != config.http.prefix:
+            self._routing = Routing.of(config.http.prefix)
+        self._cors = frozenset(config.http.cors_origins)
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new alert rules, token and public_url from the next request on.  The
-        segment, the database and the time zone stay: changing those needs a
-        restart (the supervisor says so)."""
+        """SIGHUP: new alert rules, token, public_url, prefix and CORS origins
+        from the next request on.  The segment, the database and the time
+        zone stay: changing those needs a restart (the supervisor says so)."""
         self.config = config
         self._token = config.http.token.encode("ascii")
         self._public_url = public_url(config)
+        self._set_http(config)
 
     @property
     def requires_token(self) -> bool:
@@ -219,8 +254,9 @@ class StatsApp:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
+        cors = self._cors
         try:
-            response = self._handle(environ, method)
+            response = self._handle(environ, method, cors)
         except HttpError as exc:
             response = self._error(environ, exc.status, exc.message, exc.headers)
         except StoreError as exc:
@@ -238,12 +274,13 @@ class StatsApp:
             log.exception("internal error answering %s %r", method, environ.get("PATH_INFO"))
             response = error_response(500, "internal error; the server log has the details")
         status = f"{response.status} {http.HTTPStatus(response.status).phrase}"
-        headers = [
+        headers = [] if response.status == 204 else [
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
-            *SECURITY_HEADERS,
-            *response.headers,
         ]
+        headers += [*SECURITY_HEADERS, *response.headers]
+        if cors and response.status != 204:  # a preflight has its own
+            headers += _cors_headers(cors, environ)
         start_response(status, headers)
         # HEAD: the headers of GET (Content-Length included), no body.
         return [b""] if method == "HEAD" else [response.body]
@@ -260,7 +297,8 @@ class StatsApp:
                             (*NO_CACHE, ("Content-Security-Policy", csp), *headers))
         return error_response(status, message, headers)
 
-    def _handle(self, environ: Mapping[str, Any], method: str) -> Response:
+    def _handle(self, environ: Mapping[str, Any], method: str,
+                cors: frozenset[str]) -> Response:
         """Check limits, auth and method, then route.  Raises HttpError."""
         raw = environ.get("REQUEST_URI") or environ.get("RAW_URI") or ""
         target = raw or environ.get("PATH_INFO", "") + "?" + environ.get("QUERY_STRING", "")
@@ -268,17 +306,39 @@ class StatsApp:
             raise HttpError(414, f"the URL is longer than {MAX_URL_BYTES} bytes")
         if _has_body(environ):
             raise HttpError(413, "this API is read-only and takes no request body")
+        if method == "OPTIONS" and _is_preflight(cors, environ):
+            return Response(204, b"", headers=(
+                *_cors_headers(cors, environ),
+                ("Access-Control-Allow-Methods", "GET"),
+                ("Access-Control-Allow-Headers", "Authorization"),
+                ("Access-Control-Max-Age", str(CORS_MAX_AGE)),
+            ))
         self._authorize(environ)
         if method not in ALLOWED_METHODS:
             raise HttpError(405, f"{method} is not allowed; this API is read-only (GET, HEAD)",
                             [("Allow", ", ".join(ALLOWED_METHODS))])
         request = Request(environ, _decode_path(environ, raw), _parse_query(environ))
-        handler = self._routes.get(request.path)
+        routing = self._routing
+        prefix = routing.prefix
+        handler = self._fixed.get(request.path)
         if handler is not None:
             return handler(request)
-        match = _TRACK.fullmatch(request.path)
+        if request.path == prefix:
+            return self.index(request, prefix)
+        if request.path == prefix + "/live":
+            return self.live(request)
+        if request.path == prefix + "/track":
+            return self.keys(request, prefix)
+        match = routing.track.fullmatch(request.path)
         if match is not None:
-            return self.track(request, **match.groupdict())
+            return self.track(request, prefix, **match.groupdict())
+        match = routing.keys.fullmatch(request.path)
+        if match is not None:
+            return self.keys(request, prefix, **match.groupdict())
+        if routing.funnels.fullmatch(request.path):
+            raise HttpError(404, "funnels (order counts by status) are not served yet: "
+                                 "trafficthreshold does not count order statuses; "
+                                 "see 'Differences from Bootic' in docs/api.rst")
         raise HttpError(404, f"no such page: {request.path}; see /api/openapi.json")
 
     def _base_url(self, request: Request) -> str:
@@ -353,7 +413,7 @@ class StatsApp:
 
     # ----------------------------------------------------------------- track
 
-    def track(self, request: Request, account: str, event: str, year: str,
+    def track(self, request: Request, prefix: str, account: str, event: str, year: str,
               month: str | None = None, day: str | None = None,
               hour: str | None = None) -> Response:
         """One period of one key, Bootic's shape; segments zero-filled."""
@@ -365,7 +425,7 @@ class StatsApp:
             period = self._store().period(account, event, parts[0], month_, day_, hour_)
         except ImpossiblePeriod as exc:
             raise HttpError(400, str(exc)) from None
-        base = "/".join([self._base_url(request), "api/stats/track", _quote(account), _quote(event),
+        base = "/".join([self._base_url(request) + prefix, "track", _quote(account), _quote(event),
                          *(str(p) for p in parts if p is not None)])
         # Bootic lists the child periods that hold data; an hour's minutes
         # are leaves.
@@ -379,6 +439,43 @@ class StatsApp:
             "total": period["total"],
             "links": links,
         }
+        return json_response(200, payload, NO_CACHE)
+
+    # ------------------------------------------------------------- discovery
+
+    def index(self, request: Request, prefix: str) -> Response:
+        """Bootic's root: links to the charts (``funnels`` is a 404 for now)."""
+        base = self._base_url(request) + prefix
+        payload = {"type": None, "account": None, "event": None,
+                   "links": [f"{base}/{chart}" for chart in CHARTS]}
+        return json_response(200, payload, NO_CACHE)
+
+    def keys(self, request: Request, prefix: str, account: str | None = None,
+             event: str | None = None) -> Response:
+        """Bootic's AllKeysHandler: the accounts, an account's events, or a
+        key's years, as links; 404 for an account or key with no rows."""
+        store = self._store()
+        path = [self._base_url(request) + prefix, "track"]
+        if account is None:
+            children: list[str] = store.accounts()
+        else:
+            account = _url_name("account", account, names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
+            path.append(_quote(account))
+            if event is None:
+                children = store.events(account)
+                what = f"account {account!r}"
+            else:
+                event = _url_name("event", event, names.EVENT_MAX, names.OVERFLOW_EVENT)
+                path.append(_quote(event))
+                children = [str(year) for year in store.years(account, event)]
+                what = f"event {event!r} of account {account!r}"
+            if not children:
+                raise HttpError(404, f"no counts stored for {what}; {prefix}/track lists "
+                                     "the accounts that have some (a period of any name "
+                                     "answers zeros)")
+        base = "/".join(path)
+        payload = {"type": "track", "account": account, "event": event,
+                   "links": [f"{base}/{_quote(child)}" for child in children]}
         return json_response(200, payload, NO_CACHE)
 
     # ------------------------------------------------------------------ live
@@ -456,7 +553,7 @@ class StatsApp:
     # --------------------------------------------------------------- openapi
 
     def openapi(self, request: Request) -> Response:
-        return Response(200, self._openapi, JSON_TYPE)
+        return Response(200, self._routing.openapi, JSON_TYPE)
 
     # ------------------------------------------------------------- dashboard
 
@@ -520,6 +617,31 @@ def __getattr__(name: str) -> Any:
 
 # --------------------------------------------------------------------------
 # request parsing
+
+
+def _origin(cors: frozenset[str], environ: Mapping[str, Any]) -> str | None:
+    """The ``Access-Control-Allow-Origin`` value for this request's Origin:
+    the origin itself when listed, ``*`` when ``"*"`` is, else None."""
+    origin = environ.get("HTTP_ORIGIN")
+    if not origin:
+        return None
+    if origin.lower() in cors:
+        return origin
+    return "*" if "*" in cors else None
+
+
+def _cors_headers(cors: frozenset[str], environ: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``Vary: Origin`` (the answer depends on it once origins are
+    configured), plus ``Access-Control-Allow-Origin`` for an allowed one."""
+    allowed = _origin(cors, environ)
+    return [("Vary", "Origin")] + ([] if allowed is None else
+                                   [("Access-Control-Allow-Origin", allowed)])
+
+
+def _is_preflight(cors: frozenset[str], environ: Mapping[str, Any]) -> bool:
+    """An OPTIONS from an allowed origin asking for GET or HEAD."""
+    asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD", "")
+    return asked in ALLOWED_METHODS and _origin(cors, environ) is not None
 
 
 def _has_body(environ: Mapping[str, Any]) -> bool:

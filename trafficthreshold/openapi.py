@@ -66,8 +66,23 @@ def _plain_operation(summary: str, op_id: str, content_type: str, schema: dict[s
                     "responses": responses}}
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.0 description served at /api/openapi.json."""
+def _keys_operation(depth: int) -> dict[str, Any]:
+    """The discovery routes: accounts, an account's events, a key's years."""
+    params = [_name_param("account", names.ACCOUNT_MAX, "an account, `all` for the total"),
+              _name_param("event", names.EVENT_MAX, "an event such as `pageview`")][:depth]
+    children = ("accounts", "events of the account", "years of the account's event")[depth]
+    extra = {} if depth == 0 else {
+        "404": _error_ref("the name is not valid, or nothing is stored for it")}
+    return _plain_operation(
+        f"Links to the {children} that have counts", ("accounts", "events", "years")[depth],
+        JSON_TYPE, {"$ref": "#/components/schemas/Links"}, params,
+        {**extra, "503": _error_ref("the database does not exist yet, is locked or is damaged "
+                                    "(the message says what to do)")})
+
+
+def openapi_document(prefix: str = "/api/stats") -> dict[str, Any]:
+    """The OpenAPI 3.0 description served at /api/openapi.json; the stats
+    routes under ``prefix`` (``[http] prefix``)."""
     from trafficthreshold import __version__
 
     count = {"type": "integer", "minimum": 0}
@@ -89,6 +104,14 @@ def openapi_document() -> dict[str, Any]:
                 "total": count,
                 "links": {"type": "array", "items": {"type": "string"},
                           "description": "URLs of the child periods that hold counts"}}},
+        "Links": {"type": "object", "required": ["type", "account", "event", "links"],
+                  "properties": {
+                      "type": {"type": "string", "nullable": True,
+                               "description": "`track`; null at the root"},
+                      "account": {"type": "string", "nullable": True},
+                      "event": {"type": "string", "nullable": True},
+                      "links": {"type": "array", "items": {"type": "string"},
+                                "description": "URLs of the children that have counts"}}},
         "LiveKey": {"type": "object", "required": [
             "account", "event", "current_minute", "last_60s", "minutes"], "properties": {
                 "account": {"type": "string"}, "event": {"type": "string"},
@@ -122,12 +145,18 @@ def openapi_document() -> dict[str, Any]:
                             "description": "what was found damaged in the segment and how "
                                            "it was read instead; empty when all is well"}}},
     }
-    paths: dict[str, Any] = {}
-    track = "/api/stats/track/{account}/{event}/{year}"
+    paths: dict[str, Any] = {prefix: _plain_operation(
+        "Links to the charts: track (and funnels, not served yet)", "root", JSON_TYPE,
+        {"$ref": "#/components/schemas/Links"})}
+    keys = prefix + "/track"
+    for depth, part in enumerate(("", "/{account}", "/{event}")):
+        keys += part
+        paths[keys] = _keys_operation(depth)
+    track = prefix + "/track/{account}/{event}/{year}"
     for depth, part in enumerate(("", "/{month}", "/{day}", "/{hour}")):
         track += part
         paths[track] = _track_operation(depth)
-    paths["/api/stats/live"] = _plain_operation(
+    paths[prefix + "/live"] = _plain_operation(
         "The segment now: current minute, sliding 60 s, last 60 minutes per key",
         "live", JSON_TYPE, {"$ref": "#/components/schemas/Live"},
         [_name_param("account", names.ACCOUNT_MAX, "only this account", "query"),
