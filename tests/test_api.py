@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config, start_live
+from test_dashboard import chromium, needs_chromium
 from test_segment import RawReader, raw_view
 from trafficthreshold import api, openapi, segment, webserver
 from trafficthreshold.config import HttpConfig
@@ -675,6 +676,43 @@ def test_a_reload_changes_the_origins(db: str, serve: Callable[..., webserver.Se
     assert "Access-Control-Allow-Origin" not in fetch(url, headers={"Origin": DASH})[1]
     app.reload(make_config(db, http=HttpConfig(cors_origins=(DASH,))))
     assert fetch(url, headers={"Origin": DASH})[1]["Access-Control-Allow-Origin"] == DASH
+
+
+def page_app(script: str) -> Callable[..., list[bytes]]:
+    """A WSGI app serving one HTML page that runs ``script``: the other
+    origin's page of the browser test."""
+    html = f"<!doctype html><title>dash</title><body>waiting<script>{script}</script>".encode()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                                  ("Content-Length", str(len(html)))])
+        return [html]
+    return app
+
+
+@pytest.mark.chromium
+@needs_chromium
+def test_a_browser_page_on_a_listed_origin_reads_with_the_token(
+        db: str, serve: Callable[..., webserver.Server], tmp_path: Path) -> None:
+    """Headless Chromium: a page on a listed origin fetches a period with the
+    bearer header (a preflight first) and reads it; the same page on an
+    origin not listed is blocked by the browser."""
+    target: dict[str, str] = {}
+    script = ("fetch(API, {headers: {Authorization: 'Bearer %s'}})"
+              ".then(r => r.json()).then(j => document.body.textContent = 'TOTAL ' + j.total)"
+              ".catch(e => document.body.textContent = 'BLOCKED ' + e.name)" % TOKEN)
+    pages = []
+    for _ in range(2):
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            return page_app(f"const API = {json.dumps(target['api'])};\n{script}")(
+                environ, start_response)
+        pages.append(serve(app))
+    listed, other = (page.url.rstrip("/") for page in pages)
+    config = make_config(db, http=HttpConfig(token=TOKEN, cors_origins=(listed,)))
+    api_server = serve(api.make_app(config, counter_factory=lambda: None, now=lambda: NOW))
+    target["api"] = api_server.url + "api/stats/track/acme/pageview/2026"
+    assert "TOTAL 10" in chromium(listed + "/", tmp_path / "p1", "--dump-dom")
+    assert "BLOCKED TypeError" in chromium(other + "/", tmp_path / "p2", "--dump-dom")
 
 
 @pytest.mark.parametrize("query", ["?callback=steal", "?callback=alert(1)//&x=1", "?jsonp=f"])
