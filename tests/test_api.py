@@ -564,6 +564,17 @@ def test_prefix_and_cors_origins_are_checked(line: str, words: str) -> None:
     assert message.startswith("config.toml: http.") and "; " in message  # the key, then the fix
 
 
+def test_a_star_without_a_token_is_warned_about() -> None:
+    from trafficthreshold import config as config_module
+    star = config_module.parse('[http]\ncors_origins = ["*"]\n', "config.toml")
+    assert [line for line in config_module.warnings(star)
+            if line.startswith("config.toml: http.cors_origins has \"*\"")]
+    for quiet in ('[http]\ncors_origins = ["*"]\ntoken = "0123456789abcdef0123"\n',
+                  '[http]\ncors_origins = ["https://dash.example.com"]\n'):
+        parsed = config_module.parse(quiet, "config.toml")
+        assert not [line for line in config_module.warnings(parsed) if "cors_origins" in line]
+
+
 def test_prefix_and_cors_origins_are_read_and_dumped() -> None:
     from trafficthreshold import config as config_module
     default = config_module.parse("")

@@ -1012,6 +1012,10 @@ def _warn_http(config: Config, env: Mapping[str, str]) -> list[str]:
         lines.append(
             f"http.token is set and the file is readable by everyone; chmod o-rwx {config.source}"
         )
+    if "*" in config.http.cors_origins and not token:
+        lines.append('http.cors_origins has "*" and http.token is empty: any web page a '
+                     "visitor opens can read the stats; list the origins instead, or set "
+                     "http.token")
     return lines
 
 
