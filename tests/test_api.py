@@ -657,6 +657,10 @@ def test_no_preflight_success_for_other_origins_or_methods(
     assert status == 405 and "read-only" in json.loads(body)["message"]
     assert "Access-Control-Allow-Methods" not in got
     assert got.get("Access-Control-Allow-Origin") == (DASH if origin == DASH else None)
+    del headers["Authorization"]  # as a browser's preflight: the token check comes first
+    status, got, _ = fetch(cors_server.url + "api/stats/track/acme/pageview/2026",
+                           method="OPTIONS", headers=headers)
+    assert status == 401 and "Access-Control-Allow-Methods" not in got
 
 
 def test_a_star_lets_any_page_read(db: str, serve: Callable[..., webserver.Server]) -> None:
