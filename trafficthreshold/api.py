@@ -54,7 +54,7 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, alertstore, metrics, names, segment
+from trafficthreshold import alerts, alertstore, cors, metrics, names, segment
 from trafficthreshold.config import Config
 from trafficthreshold.dashboard import dashboard_context, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
@@ -80,15 +80,20 @@ SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
 )
 ALLOWED_METHODS = ("GET", "HEAD")
-#: How long a browser may keep a preflight's answer (seconds).
-CORS_MAX_AGE = 600
 #: Bootic's root listed both; funnels are not served yet (docs/api.rst).
 CHARTS = ("track", "funnels")
 
-_TRACK = (r"/track/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
-          r"(?:/(?P<month>[0-9]{1,9})(?:/(?P<day>[0-9]{1,9})(?:/(?P<hour>[0-9]{1,9}))?)?)?")
-_KEYS = r"/track/(?P<account>[^/]+)(?:/(?P<event>[^/]+))?"
-_FUNNELS = r"/funnels(?:/.*)?"
+#: The stats routes matched by pattern, after the prefix: handler name -> regex.
+PATTERNS = {
+    "track": (r"/track/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
+              r"(?:/(?P<month>[0-9]{1,9})(?:/(?P<day>[0-9]{1,9})(?:/(?P<hour>[0-9]{1,9}))?)?)?"),
+    "keys": r"/track/(?P<account>[^/]+)(?:/(?P<event>[^/]+))?",
+    "funnels": r"/funnels(?:/.*)?",
+}
+#: The stats routes matched exactly, after the prefix: path -> handler name.
+EXACT = {"": "index", "/track": "keys", "/live": "live"}
+#: The routes that never move.
+FIXED = {"/": "dashboard", "/api/openapi.json": "openapi", "/metrics": "metrics"}
 
 CounterFactory = Callable[[], Any]
 
@@ -160,6 +165,8 @@ class Request:
     environ: Mapping[str, Any]
     path: str
     query: dict[str, list[str]] = field(default_factory=dict)
+    #: ``[http] prefix`` when the request came in (a reload may change it).
+    prefix: str = "/api/stats"
 
     def param(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
@@ -169,20 +176,33 @@ class Request:
 
 @dataclass(frozen=True)
 class Routing:
-    """The routes of one ``[http] prefix``, swapped whole on a reload."""
+    """The routes of one ``[http] prefix`` (handler names, looked up on the
+    app), swapped whole on a reload."""
 
     prefix: str
-    track: re.Pattern[str]
-    keys: re.Pattern[str]
-    funnels: re.Pattern[str]
+    exact: dict[str, str]
+    patterns: tuple[tuple[re.Pattern[str], str], ...]
     openapi: bytes
 
     @classmethod
     def of(cls, prefix: str) -> Routing:
-        escaped = re.escape(prefix)
-        return cls(prefix, re.compile(escaped + _TRACK), re.compile(escaped + _KEYS),
-                   re.compile(escaped + _FUNNELS),
+        exact = {prefix + path: name for path, name in EXACT.items()}
+        exact.update(FIXED)  # the prefix is checked never to hide these
+        patterns = tuple((re.compile(re.escape(prefix) + pattern), name)
+                         for name, pattern in PATTERNS.items())
+        return cls(prefix, exact, patterns,
                    json.dumps(openapi_document(prefix), indent=1).encode("utf-8"))
+
+    def find(self, path: str) -> tuple[str, dict[str, str]] | None:
+        """(handler name, its path arguments) for ``path``, or None."""
+        name = self.exact.get(path)
+        if name is not None:
+            return name, {}
+        for pattern, name in self.patterns:
+            match = pattern.fullmatch(path)
+            if match is not None:
+                return name, {k: v for k, v in match.groupdict().items() if v is not None}
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -222,17 +242,13 @@ class StatsApp:
         self._templates.filters["num"] = num
         self._dashboard = self._templates.get_template("dashboard.html")
         self._error_page = self._templates.get_template("dashboard_error.html")
-        self._fixed: dict[str, Callable[[Request], Response]] = {
-            "/": self.dashboard,
-            "/api/openapi.json": self.openapi,
-            "/metrics": self.metrics,
-        }
+        self._routing: Routing | None = None
         self._set_http(config)
 
     def _set_http(self, config: Config) -> None:
         """Take ``[http]``'s prefix and origins.  Each is one attribute
         assignment, so a request running meanwhile sees the old or the new."""
-        if getattr(self, "_routing", None) is None or self._routing.prefix != config.http.prefix:
+        if self._routing is None or self._routing.prefix != config.http.prefix:
             self._routing = Routing.of(config.http.prefix)
         self._cors = frozenset(config.http.cors_origins)
 
@@ -254,9 +270,9 @@ class StatsApp:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        cors = self._cors
+        origins = self._cors
         try:
-            response = self._handle(environ, method, cors)
+            response = self._handle(environ, method, origins)
         except HttpError as exc:
             response = self._error(environ, exc.status, exc.message, exc.headers)
         except StoreError as exc:
@@ -279,8 +295,8 @@ class StatsApp:
             ("Content-Length", str(len(response.body))),
         ]
         headers += [*SECURITY_HEADERS, *response.headers]
-        if cors and response.status != 204:  # a preflight has its own
-            headers += _cors_headers(cors, environ)
+        if response.status != 204:  # a preflight has its own
+            headers += cors.headers(origins, environ)
         start_response(status, headers)
         # HEAD: the headers of GET (Content-Length included), no body.
         return [b""] if method == "HEAD" else [response.body]
@@ -298,7 +314,7 @@ class StatsApp:
         return error_response(status, message, headers)
 
     def _handle(self, environ: Mapping[str, Any], method: str,
-                cors: frozenset[str]) -> Response:
+                origins: frozenset[str]) -> Response:
         """Check limits, auth and method, then route.  Raises HttpError."""
         raw = environ.get("REQUEST_URI") or environ.get("RAW_URI") or ""
         target = raw or environ.get("PATH_INFO", "") + "?" + environ.get("QUERY_STRING", "")
@@ -306,40 +322,23 @@ class StatsApp:
             raise HttpError(414, f"the URL is longer than {MAX_URL_BYTES} bytes")
         if _has_body(environ):
             raise HttpError(413, "this API is read-only and takes no request body")
-        if method == "OPTIONS" and _is_preflight(cors, environ):
-            return Response(204, b"", headers=(
-                *_cors_headers(cors, environ),
-                ("Access-Control-Allow-Methods", "GET"),
-                ("Access-Control-Allow-Headers", "Authorization"),
-                ("Access-Control-Max-Age", str(CORS_MAX_AGE)),
-            ))
+        preflight = cors.preflight(origins, environ)
+        if preflight is not None:  # before the token: a preflight never has it
+            return Response(204, b"", headers=tuple(preflight))
         self._authorize(environ)
         if method not in ALLOWED_METHODS:
             raise HttpError(405, f"{method} is not allowed; this API is read-only (GET, HEAD)",
                             [("Allow", ", ".join(ALLOWED_METHODS))])
-        request = Request(environ, _decode_path(environ, raw), _parse_query(environ))
         routing = self._routing
-        prefix = routing.prefix
-        handler = self._fixed.get(request.path)
-        if handler is not None:
-            return handler(request)
-        if request.path == prefix:
-            return self.index(request, prefix)
-        if request.path == prefix + "/live":
-            return self.live(request)
-        if request.path == prefix + "/track":
-            return self.keys(request, prefix)
-        match = routing.track.fullmatch(request.path)
-        if match is not None:
-            return self.track(request, prefix, **match.groupdict())
-        match = routing.keys.fullmatch(request.path)
-        if match is not None:
-            return self.keys(request, prefix, **match.groupdict())
-        if routing.funnels.fullmatch(request.path):
-            raise HttpError(404, "funnels (order counts by status) are not served yet: "
-                                 "trafficthreshold does not count order statuses; "
-                                 "see 'Differences from Bootic' in docs/api.rst")
-        raise HttpError(404, f"no such page: {request.path}; see /api/openapi.json")
+        assert routing is not None  # set by __init__
+        request = Request(environ, _decode_path(environ, raw), _parse_query(environ),
+                          routing.prefix)
+        found = routing.find(request.path)
+        if found is None:
+            raise HttpError(404, f"no such page: {request.path}; see /api/openapi.json")
+        name, arguments = found
+        handler: Callable[..., Response] = getattr(self, name)
+        return handler(request, **arguments)
 
     def _base_url(self, request: Request) -> str:
         """The base of the ``links``: ``http.public_url``, else the listen
@@ -413,7 +412,7 @@ class StatsApp:
 
     # ----------------------------------------------------------------- track
 
-    def track(self, request: Request, prefix: str, account: str, event: str, year: str,
+    def track(self, request: Request, account: str, event: str, year: str,
               month: str | None = None, day: str | None = None,
               hour: str | None = None) -> Response:
         """One period of one key, Bootic's shape; segments zero-filled."""
@@ -425,7 +424,8 @@ class StatsApp:
             period = self._store().period(account, event, parts[0], month_, day_, hour_)
         except ImpossiblePeriod as exc:
             raise HttpError(400, str(exc)) from None
-        base = "/".join([self._base_url(request) + prefix, "track", _quote(account), _quote(event),
+        base = "/".join([self._base_url(request) + request.prefix, "track", _quote(account),
+                         _quote(event),
                          *(str(p) for p in parts if p is not None)])
         # Bootic lists the child periods that hold data; an hour's minutes
         # are leaves.
@@ -443,19 +443,19 @@ class StatsApp:
 
     # ------------------------------------------------------------- discovery
 
-    def index(self, request: Request, prefix: str) -> Response:
+    def index(self, request: Request) -> Response:
         """Bootic's root: links to the charts (``funnels`` is a 404 for now)."""
-        base = self._base_url(request) + prefix
+        base = self._base_url(request) + request.prefix
         payload = {"type": None, "account": None, "event": None,
                    "links": [f"{base}/{chart}" for chart in CHARTS]}
         return json_response(200, payload, NO_CACHE)
 
-    def keys(self, request: Request, prefix: str, account: str | None = None,
+    def keys(self, request: Request, account: str | None = None,
              event: str | None = None) -> Response:
         """Bootic's AllKeysHandler: the accounts, an account's events, or a
         key's years, as links; 404 for an account or key with no rows."""
         store = self._store()
-        path = [self._base_url(request) + prefix, "track"]
+        path = [self._base_url(request) + request.prefix, "track"]
         if account is None:
             children: list[str] = store.accounts()
         else:
@@ -470,13 +470,19 @@ class StatsApp:
                 children = [str(year) for year in store.years(account, event)]
                 what = f"event {event!r} of account {account!r}"
             if not children:
-                raise HttpError(404, f"no counts stored for {what}; {prefix}/track lists "
+                raise HttpError(404, f"no counts stored for {what}; {request.prefix}/track lists "
                                      "the accounts that have some (a period of any name "
                                      "answers zeros)")
         base = "/".join(path)
         payload = {"type": "track", "account": account, "event": event,
                    "links": [f"{base}/{_quote(child)}" for child in children]}
         return json_response(200, payload, NO_CACHE)
+
+    def funnels(self, request: Request) -> Response:
+        """Bootic's order funnels: not served yet (docs/api.rst says why)."""
+        raise HttpError(404, "funnels (order counts by status) are not served yet: "
+                             "trafficthreshold does not count order statuses; "
+                             "see 'Differences from Bootic' in docs/api.rst")
 
     # ------------------------------------------------------------------ live
 
@@ -617,31 +623,6 @@ def __getattr__(name: str) -> Any:
 
 # --------------------------------------------------------------------------
 # request parsing
-
-
-def _origin(cors: frozenset[str], environ: Mapping[str, Any]) -> str | None:
-    """The ``Access-Control-Allow-Origin`` value for this request's Origin:
-    the origin itself when listed, ``*`` when ``"*"`` is, else None."""
-    origin = environ.get("HTTP_ORIGIN")
-    if not origin:
-        return None
-    if origin.lower() in cors:
-        return origin
-    return "*" if "*" in cors else None
-
-
-def _cors_headers(cors: frozenset[str], environ: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``Vary: Origin`` (the answer depends on it once origins are
-    configured), plus ``Access-Control-Allow-Origin`` for an allowed one."""
-    allowed = _origin(cors, environ)
-    return [("Vary", "Origin")] + ([] if allowed is None else
-                                   [("Access-Control-Allow-Origin", allowed)])
-
-
-def _is_preflight(cors: frozenset[str], environ: Mapping[str, Any]) -> bool:
-    """An OPTIONS from an allowed origin asking for GET or HEAD."""
-    asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD", "")
-    return asked in ALLOWED_METHODS and _origin(cors, environ) is not None
 
 
 def _has_body(environ: Mapping[str, Any]) -> bool:
