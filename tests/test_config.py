@@ -1020,3 +1020,54 @@ def test_run_lives_with_the_largest_multiplier(key: int) -> None:
     counter = segment.attach(key)
     assert segment.header(counter)["throttle_multiplier"] == 1_000_000
     segment.uninstall(key, force=True)  # the key fixture removes anything left too
+
+
+# ------------------------------------------------- [http] prefix, cors_origins
+
+@pytest.mark.parametrize(("line", "words"), [
+    ('prefix = "stats"', 'http.prefix = \'stats\' does not start with "/"'),
+    ('prefix = "/stats/"', 'ends with "/"'),
+    ('prefix = "/"', 'ends with "/"'),
+    ('prefix = "/a b"', "is not a path of letters"),
+    ('prefix = "/st%61ts"', "is not a path of letters"),
+    ('prefix = "/a/../b"', '".." segment'),
+    ('prefix = "/metrics"', "would hide /metrics"),
+    ('prefix = "/api/openapi.json/x"', "would hide /api/openapi.json"),
+    ("prefix = 1", "is an integer"),
+    ('cors_origins = "https://dash.example.com"', "is a string, not a list"),
+    ('cors_origins = ["https://dash.example.com/"]', "not an origin"),
+    ('cors_origins = ["https://dash.example.com/app"]', "not an origin"),
+    ('cors_origins = ["dash.example.com"]', "not an origin"),
+    ('cors_origins = ["https://user@dash.example.com"]', "not an origin"),
+    ('cors_origins = ["https://dash.example.com:70000"]', "not an origin"),
+    ("cors_origins = [1]", "a list of strings"),
+])
+def test_prefix_and_cors_origins_are_checked(line: str, words: str) -> None:
+    from trafficthreshold import config as config_module
+    with pytest.raises(config_module.ConfigError) as raised:
+        config_module.parse("[http]\n" + line + "\n", "config.toml")
+    message = str(raised.value)
+    assert message.count("\n") == 0 and words in message
+    assert message.startswith("config.toml: http.") and "; " in message  # the key, then the fix
+
+
+def test_a_star_without_a_token_is_warned_about() -> None:
+    from trafficthreshold import config as config_module
+    star = config_module.parse('[http]\ncors_origins = ["*"]\n', "config.toml")
+    assert [line for line in config_module.warnings(star)
+            if line.startswith("config.toml: http.cors_origins has \"*\"")]
+    for quiet in ('[http]\ncors_origins = ["*"]\ntoken = "0123456789abcdef0123"\n',
+                  '[http]\ncors_origins = ["https://dash.example.com"]\n'):
+        parsed = config_module.parse(quiet, "config.toml")
+        assert not [line for line in config_module.warnings(parsed) if "cors_origins" in line]
+
+
+def test_prefix_and_cors_origins_are_read_and_dumped() -> None:
+    from trafficthreshold import config as config_module
+    default = config_module.parse("")
+    assert (default.http.prefix, default.http.cors_origins) == ("/api/stats", ())
+    loaded = config_module.parse('[http]\nprefix = "/stats"\ncors_origins = '
+                                 '["https://Dash.Example.com:8443", "*", "http://[::1]:3000"]\n')
+    assert loaded.http.prefix == "/stats"
+    assert loaded.http.cors_origins == ("https://dash.example.com:8443", "*", "http://[::1]:3000")
+    assert config_module.parse(config_module.dump(loaded)).http == loaded.http
