@@ -526,29 +526,35 @@ class UniqueCookie:
     between threads computes the same values twice.
     """
 
-    __slots__ = ("name", "tz", "clock", "_second", "_today")
+    __slots__ = ("name", "tz", "clock", "_state")
 
     def __init__(self, name: object = UNIQUE_COOKIE, tz: ZoneInfo | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.name = check_cookie_name(name)
         self.tz = tz if tz is not None else periods.resolve_timezone(None)
         self.clock = clock
-        self._second = -1
-        self._today: tuple[str, str, str] = ("", "", "")
+        # (second, (needle, set_cookie, set_cookie_secure), (stamp, max_age)):
+        # one tuple, replaced whole, so a thread never sees half of a day.
+        self._state: tuple[int, tuple[str, str, str], tuple[str, int]] = (
+            -1, ("", "", ""), ("", 0))
 
-    def at(self, second: int) -> tuple[str, str, str]:
-        """``today()`` for the epoch second ``second`` (cached for it)."""
-        if second != self._second:
+    def _at(self, second: int) -> tuple[int, tuple[str, str, str], tuple[str, int]]:
+        state = self._state
+        if state[0] != second:
             stamp, max_age = day_of(second, self.tz)
             needle = f"{self.name}={stamp}"
             value = f"{needle}; Max-Age={max_age}; {COOKIE_ATTRIBUTES}"
-            self._today = (needle, value, value + "; Secure")
-            self._second = second
-        return self._today
+            state = self._state = (second, (needle, value, value + "; Secure"),
+                                   (stamp, max_age))
+        return state
+
+    def at(self, second: int) -> tuple[str, str, str]:
+        """``today()`` for the epoch second ``second`` (cached for it)."""
+        return self._at(second)[1]
 
     def today(self) -> tuple[str, str, str]:
         """``(needle, set_cookie, set_cookie_secure)`` for now."""
-        return self.at(int(self.clock()))
+        return self._at(int(self.clock()))[1]
 
     def set_cookie(self, cookie_header: Optional[str], secure: bool) -> Optional[str]:
         """The ``Set-Cookie`` value to send with a page view whose request
@@ -558,6 +564,12 @@ class UniqueCookie:
         if has_cookie(cookie_header, needle):
             return None
         return with_secure if secure else plain
+
+    def new_day(self, cookie_header: Optional[str]) -> Optional[tuple[str, int]]:
+        """Like :meth:`set_cookie`, as the parts of the cookie to set:
+        ``(stamp, max_age)``, or None if ``cookie_header`` holds today's."""
+        _, today, parts = self._at(int(self.clock()))
+        return None if has_cookie(cookie_header, today[0]) else parts
 
 
 def unique_options(uniques: object, unique_cookie: object, timezone: object,
