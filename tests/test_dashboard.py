@@ -247,3 +247,29 @@ def test_the_renderers_do_not_import_the_app() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_dashboard_shows_todays_page_views_and_unique_visitors(
+        live_server: tuple[webserver.Server, Any], db: str) -> None:
+    """The "Today" card: the store's day and month rows plus what the ring
+    holds beyond the watermarks, so a minute the supervisor already rolled
+    in part is not counted twice.  (NOW is 2027-01-15 09:00:30 in Zurich.)"""
+    server, counter = live_server
+    counter.hit("acme", "unique", 3, NOW - 10)       # the current minute
+    counter.hit("shop", "unique", 1, NOW - 45)       # the previous one
+    instance = counter.load(segment.H_INSTANCE, 8)
+    with Store(db, ZONE) as store:
+        store.roll([("all", "unique", minute_at(2027, 1, 10, 12, 0), 20),
+                    ("all", "pageview", minute_at(2027, 1, 10, 12, 0), 50),
+                    ("all", "unique", minute_at(2026, 12, 31, 23, 59), 400),
+                    # the current minute, rolled while it had 2 of its 3
+                    ("all", "unique", MINUTE, 2), ("acme", "unique", MINUTE, 2)],
+                   now=NOW, instance=instance)
+    html = fetch(server.url)[2].decode()
+    # Page views: 70 + 5 + 4 + 2 in the ring's hour (the 9 of 61 minutes
+    # ago are older than the snapshot and were never rolled: not seen).
+    assert 'id="pageviews-today">81<' in html and 'id="pageviews-month">131<' in html
+    # Uniques: 2 rolled + 1 pending of this minute, 1 of the previous one.
+    assert 'id="uniques-today">4<' in html and 'id="uniques-month">24<' in html
+    # Another event chosen: the card still shows page views and uniques.
+    assert 'id="uniques-today">4<' in fetch(server.url + "?event=unique")[2].decode()

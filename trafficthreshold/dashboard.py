@@ -26,6 +26,10 @@ TOP_ACCOUNTS = 10
 REFRESH_S = 5
 #: Closest two throttle-level labels of the chart may be, in % of its height.
 LEVEL_LABEL_GAP = 8
+#: The events of the "Today" card: page views, and beside them the unique
+#: visitors the middleware counts with ``uniques=True`` (docs/webapps.rst).
+PAGEVIEW_EVENT = names.DEFAULT_EVENT
+UNIQUE_EVENT = "unique"
 
 
 def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
@@ -77,7 +81,53 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
                            else None),
         "gaps": store.gap_count(),
         "refresh": REFRESH_S,
+        "visits": visits(store, snap, now),
     }
+
+
+def visits(store: Store, snap: Snapshot | None, now: float) -> dict[str, int]:
+    """Today's and this month's page views and unique visitors of all
+    accounts (local day and month in the store's zone):
+    ``{"pageviews_today", "pageviews_month", "uniques_today",
+    "uniques_month"}``.  Each is the store's day or month row plus what
+    the segment holds of the last hour that the store has not rolled yet
+    (see :func:`day_and_month`)."""
+    found = {}
+    for label, event in (("pageviews", PAGEVIEW_EVENT), ("uniques", UNIQUE_EVENT)):
+        found[f"{label}_today"], found[f"{label}_month"] = day_and_month(
+            store, snap, names.ALL, event, now)
+    return found
+
+
+def day_and_month(store: Store, snap: Snapshot | None, account: str, event: str,
+                  now: float) -> tuple[int, int]:
+    """``(today, this month)`` of one key in the store's zone: the store's
+    rows, plus, for each minute of the segment's last hour (the snapshot's
+    closed minutes and the current one) in today, what it holds beyond the
+    minute's watermark (what the supervisor's next roll adds).  A minute
+    older than the snapshot's hour that was never rolled (the supervisor
+    down longer than that) is not seen until it is."""
+    minute = int(now // 60)
+    year, month, day = local_parts(minute, store.tz)[:3]
+    rows = store.period(account, event, year, month)
+    today, this_month = rows["data"].get(day, 0), rows["total"]
+    entry = None if snap is None else next(
+        (e for e in snap.keys if e["account"] == account and e["event"] == event), None)
+    if entry is None:
+        return today, this_month
+    first = minute - LIVE_MINUTES
+    marks = store.watermark_minutes(first, snap.header.get("instance") if snap else None)
+    observed = [*entry["minutes"], entry["current_minute"]]
+    for offset, count in enumerate(observed):
+        pending = count - marks.get((account, event, first + offset), 0)
+        if pending <= 0:
+            continue
+        parts = local_parts(first + offset, store.tz)
+        if parts[:2] == (year, month):
+            this_month += pending
+            if parts[2] == day:
+                today += pending
+    return today, this_month
 
 
 def _local(now: float, tz: ZoneInfo) -> datetime.datetime:
