@@ -902,3 +902,35 @@ def test_wsgiref_validator_with_uniques(worker_api):
     app = wsgiref.validate.validator(unique_mw(wsgiref.validate.validator(app_answering())))
     server, body = serve(app)
     assert body == b"<p>hi</p>" and len(set_cookie(server.calls[0])) == 1
+
+
+@pytest.mark.parametrize("cookie", [None, "tt_day=20261201"])
+def test_uniques_do_not_leak(worker_api, cookie):
+    """The unique path (a copy of the headers, the Set-Cookie pair) and the
+    returning visitor's path (the search) leave nothing behind; the clock
+    moves every request, so the day is recomputed each time too."""
+    import gc
+    import tracemalloc
+
+    t = [BEFORE_MIDNIGHT - 50_000]
+
+    def clock():
+        t[0] += 1
+        return t[0]
+
+    mw = unique_mw(clock=clock)
+    env = environ(HTTP_COOKIE=cookie) if cookie else environ()
+    for _ in range(500):
+        serve(mw, dict(env))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5000):
+            serve(mw, dict(env))
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, grown  # a leaked object per request would be > 250 kB
+    assert uniques() == ((5500, 5500) if cookie is None else (0, 0))
