@@ -20,7 +20,8 @@
  * throttle_status (_counter.c), called as ordinary callables.
  *
  * Contract of the middleware (wsgi.TrafficThreshold is its Python face):
- * it never changes the response, never raises into a request (every error
+ * it never changes the response (but for the day cookie of uniques,
+ * below), never raises into a request (every error
  * of its own is handed to self._failed(kind, exc) and dropped; only
  * BaseExceptions that are not Exceptions, e.g. KeyboardInterrupt, pass),
  * and counts at most once per request, by the response's final status:

@@ -26,6 +26,13 @@ hit is counted then, before the first byte of the body is sent.
 names out of the key table: a page of a host outside it counts in the total
 only.
 
+Unique visitors (``uniques=True``, off by default): a page view whose
+request does not carry today's day cookie (:class:`UniqueCookie`: its name
+and the date ``YYYYMMDD`` in a configured zone, nothing else) also counts
+:data:`UNIQUE_EVENT` for the same account (:func:`unique_recorder`), and
+the middleware add the cookie to its response, valid until the local
+midnight (:func:`day_of`).  docs/webapps.rst, "Unique visitors".
+
 Everything here runs inside a request, so nothing here may raise into it:
 :func:`make_recorder` and :func:`level` catch every error and log it once per
 process (:func:`warn_once`), then at DEBUG.

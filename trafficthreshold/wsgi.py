@@ -31,7 +31,16 @@ What it does per request:
   application that started its response in its call is iterated comes
   after the decision: the status at its return counts.)
 
-It never changes the response: the status, the headers, the body iterable
+With ``uniques=True`` it also counts a ``unique`` event at a visitor's
+first page view of the day, by a day cookie (docs/webapps.rst, "Unique
+visitors"): then each ``start_response`` call is decided when it is made,
+and a unique visitor's page view reaches the server with a copy of its
+headers plus the ``Set-Cookie`` (a later ``exc_info`` call is decided
+afresh and replaces them, so a cookie of a call that did not stand is never
+sent); ``unique`` is counted with the page view, by the last call.  That
+header is the one change it ever makes to a response.
+
+Otherwise it never changes the response: the status, the headers, the body iterable
 (returned as it is, so ``close()``, ``wsgi.file_wrapper`` and streaming
 behave exactly as without the middleware; only a generator application's
 body is wrapped, in a C iterator that passes every chunk and ``close()``
