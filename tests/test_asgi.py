@@ -5,6 +5,7 @@ two worker processes."""
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 
 import pytest
@@ -464,3 +465,50 @@ def test_unique_failures_are_logged_and_the_page_still_counts(worker_api, caplog
 def test_bad_unique_options_raise_at_start_up(kwargs, error):
     with pytest.raises(error):
         TrafficThreshold(answering(), **{"uniques": True, **kwargs})
+
+
+def test_unique_visitors_under_uvicorn(installed, tmp_path):
+    """The day cookie through a real uvicorn: set on the first page view
+    (a header the server sends as given), not on the second that carries
+    it, nor on JSON or the stream's second visit; ``unique`` counted once
+    per visitor."""
+    import http.client
+
+    from trafficthreshold import periods
+
+    key, backend = installed
+    zone = "America/Los_Angeles"
+    env = harness.server_env(key, backend, TT_TEST_TIMEZONE=zone)
+    server = harness.uvicorn("apps.asgi_uniques:app", env, tmp_path / "uvicorn.log",
+                             port=harness.free_port(), workers=1)
+    stamps = {pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0]}
+
+    def get(path, cookie=None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            headers = {"Host": "site-a.example", "Connection": "close"}
+            if cookie:
+                headers["Cookie"] = cookie
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status, response.getheader("Set-Cookie")
+        finally:
+            conn.close()
+
+    try:
+        server.wait_ready(path="/healthz")
+        first = harness.epoch_minute()
+        status, value = get("/")
+        cookie = value.partition(";")[0]
+        answers = [get("/", cookie), get("/stream", cookie), get("/api"), get("/stream")]
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    stamps.add(pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0])
+    assert status == 200 and value.endswith("; Path=/; SameSite=Lax; HttpOnly")
+    assert cookie.partition("=")[2] in stamps
+    assert answers[:3] == [(200, None)] * 3 and answers[3][1].startswith("tt_day=")
+    assert harness.segment_count(key, backend, first, last, "site-a.example") == 4
+    assert harness.segment_count(key, backend, first, last, "site-a.example", "unique") == 2
+    assert harness.segment_count(key, backend, first, last, None, "unique") == 2
