@@ -277,3 +277,45 @@ def test_bad_unique_settings_are_improperly_configured(setting, message):
     with override_settings(TRAFFICTHRESHOLD=setting):
         with pytest.raises(ImproperlyConfigured, match=message):
             TrafficThresholdMiddleware(lambda request: None)
+
+
+def test_unique_visitors_through_gunicorn(installed, tmp_path):
+    """The day cookie through Django's WSGI handler under a real gunicorn
+    (2 workers): on a visitor's first page view only (not on the page views
+    carrying it, JSON or a redirect), not Secure over http, unique counted
+    once per visitor."""
+    import http.client
+
+    key, backend = installed
+    server = harness.gunicorn("apps.django_uniques:application",
+                              harness.server_env(key, backend, TT_TEST_TIMEZONE="UTC"),
+                              tmp_path / "gunicorn.log", workers=2)
+
+    def get(path, cookie=None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            headers = {"Host": "site-a.example"}
+            if cookie:
+                headers["Cookie"] = cookie
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status, response.getheader("Set-Cookie")
+        finally:
+            conn.close()
+
+    try:
+        server.wait_ready(path="/api", workers=2)
+        first = harness.epoch_minute()
+        status, value = get("/")
+        cookie = value.partition(";")[0]
+        again = [get("/", cookie), get("/", f"a=b; {cookie}"), get("/api"), get("/go")]
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    assert status == 200 and cookie.startswith("tt_day=")
+    assert "HttpOnly" in value and "SameSite=Lax" in value and "Path=/" in value
+    assert "Secure" not in value
+    assert again == [(200, None), (200, None), (200, None), (302, None)]
+    assert harness.segment_count(key, backend, first, last, "site-a.example") == 3
+    assert harness.segment_count(key, backend, first, last, "site-a.example", "unique") == 1
