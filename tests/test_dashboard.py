@@ -271,5 +271,36 @@ def test_dashboard_shows_todays_page_views_and_unique_visitors(
     assert 'id="pageviews-today">81<' in html and 'id="pageviews-month">131<' in html
     # Uniques: 2 rolled + 1 pending of this minute, 1 of the previous one.
     assert 'id="uniques-today">4<' in html and 'id="uniques-month">24<' in html
-    # Another event chosen: the card still shows page views and uniques.
-    assert 'id="uniques-today">4<' in fetch(server.url + "?event=unique")[2].decode()
+    # The top list (page views, the ring's hour): each account's uniques.
+    top = html.split("Top accounts")[1]
+    assert re.search(r"acme</span><span class=\"count\">75 <small[^>]*>· 3 unique<", top)
+    assert re.search(r"shop</span><span class=\"count\">2 <small[^>]*>· 1 unique<", top)
+    assert re.search(r"&lt;img[^<]*</span><span class=\"count\">4 <small[^>]*>· 0 unique<",
+                     top)
+    # Another event chosen: the card still shows page views and uniques, the
+    # top list that event alone.
+    other = fetch(server.url + "?event=unique")[2].decode()
+    assert 'id="uniques-today">4<' in other and "unique</small>" not in other
+
+
+def test_the_top_list_shows_no_uniques_when_none_are_counted(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    assert "unique</small>" not in fetch(server.url)[2].decode()
+
+
+def test_the_top_list_uniques_from_the_store_without_a_segment(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    path = str(tmp_path / "stats.sqlite3")
+    items = [("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17),
+             ("all", "unique", MINUTE - 3, 5), ("acme", "unique", MINUTE - 3, 5)]
+    items += [(f"u{i:03d}", "unique", MINUTE - 3, 9) for i in range(120)]
+    with Store(path, ZONE) as store:
+        store.roll(items, now=NOW, closed_through=MINUTE - 1)
+
+    def missing() -> Any:
+        raise SegmentNotFound("none")
+
+    server = serve(api.make_app(make_config(path), counter_factory=missing, now=lambda: NOW))
+    top = fetch(server.url)[2].decode().split("Top accounts")[1]
+    assert re.search(r"acme</span><span class=\"count\">17 <small[^>]*>· 5 unique<", top)

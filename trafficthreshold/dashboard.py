@@ -50,6 +50,7 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
     else:
         minutes = _minutes_from_store(store, event, first, minute - 1)
         top = store.top_accounts(event, first, TOP_ACCOUNTS)
+    uniques = _hour_uniques(store, snap, first) if event == PAGEVIEW_EVENT else None
     current = total_key["current_minute"] if total_key else 0
     throttle = snap.throttle if snap else None
     labels = [_hhmm(m, store.tz) for m in range(first, minute + 1)]
@@ -71,7 +72,7 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
         "throttle": throttle,
         "level_class": _level_class(throttle["level"] if throttle else 0),
         "chart": bar_chart(minutes, current, labels, throttle["multiplier"] if throttle else None),
-        "top": _top_rows(top),
+        "top": _top_rows(top, uniques),
         "alerts": _alert_rows(config, alert_state, snap, store.tz),
         "supervisor": snap.supervisor if snap else None,
         "segment": snap.segment if snap else None,
@@ -161,8 +162,10 @@ def _level_class(level: int) -> str:
     return "ok" if level == 0 else "warn" if level <= 2 else "hot"
 
 
-def _top_from_ring(snap: Snapshot, event: str) -> list[tuple[str, int]]:
-    """The busiest accounts of ``event`` over the ring's last hour."""
+def _top_from_ring(snap: Snapshot, event: str,
+                   limit: int | None = TOP_ACCOUNTS) -> list[tuple[str, int]]:
+    """The busiest accounts of ``event`` over the ring's last hour (the
+    ``limit`` first; None: all)."""
     totals = [
         (e["account"], sum(e["minutes"]) + e["current_minute"])
         for e in snap.keys
@@ -170,12 +173,29 @@ def _top_from_ring(snap: Snapshot, event: str) -> list[tuple[str, int]]:
     ]
     totals = [t for t in totals if t[1] > 0]
     totals.sort(key=lambda t: (-t[1], t[0]))
-    return totals[:TOP_ACCOUNTS]
+    return totals[:limit]
 
 
-def _top_rows(top: list[tuple[str, int]]) -> list[dict[str, Any]]:
+def _hour_uniques(store: Store, snap: Snapshot | None, first: int) -> dict[str, int] | None:
+    """The unique visitors of every account over the top list's hour, from
+    the same source as the page views (the ring, else the store); None if
+    there are none (uniques off: the top list shows page views only)."""
+    if snap is not None:
+        found = dict(_top_from_ring(snap, UNIQUE_EVENT, limit=None))
+    else:
+        # LIMIT -1 is SQLite's "no limit": every account, so one outside the
+        # uniques' top still shows its own count.
+        found = dict(store.top_accounts(UNIQUE_EVENT, first, -1))
+    return found or None
+
+
+def _top_rows(top: list[tuple[str, int]],
+              uniques: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The top list's rows; ``uniques`` (page views only): each account's
+    unique visitors beside its page views."""
     biggest = max((count for _, count in top), default=0) or 1
-    return [{"account": a, "count": c, "percent": round(100 * c / biggest, 1)} for a, c in top]
+    return [{"account": a, "count": c, "percent": round(100 * c / biggest, 1),
+             "uniques": None if uniques is None else uniques.get(a, 0)} for a, c in top]
 
 
 def _minutes_from_store(store: Store, event: str, first: int, last: int) -> list[int]:
