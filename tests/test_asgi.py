@@ -5,6 +5,7 @@ two worker processes."""
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 
 import pytest
@@ -377,3 +378,137 @@ def test_what_counts_under_uvicorn(installed, tmp_path):
     finally:
         counter.detach()
     assert names == {"~overflow", "all", "site-a.example", "shop.site-b.example"}
+
+
+# ------------------------------------------------------------ unique visitors
+
+#: 2026-12-01 23:59:59 in Zurich: one second before midnight.
+BEFORE_MIDNIGHT = 1_796_165_999
+
+
+def uniques() -> tuple[int, int]:
+    """The sliding-60 s ``unique`` events of site-a.example and of ``all``."""
+    return (trafficthreshold.count("site-a.example", "unique", window="60s"),
+            total("unique"))
+
+
+def unique_mw(app=None, **options):
+    options.setdefault("timezone", "Europe/Zurich")
+    options.setdefault("clock", lambda: BEFORE_MIDNIGHT)
+    return TrafficThreshold(app or answering(), uniques=True, account="host",
+                            allowed_hosts=["*"], **options)
+
+
+def with_cookie(*values: bytes, **extra) -> dict:
+    scope = http_scope(**extra)
+    scope["headers"] += [(b"cookie", value) for value in values]
+    return scope
+
+
+def test_uniques_off_by_default_leave_the_message_alone(worker_api):
+    sent = call(TrafficThreshold(answering()), http_scope())
+    assert sent[0]["headers"] is HTML and total("unique") == 0
+
+
+def test_first_page_view_of_the_day_is_unique_and_sets_the_cookie(worker_api):
+    headers = list(HTML)
+    mw = unique_mw(answering(headers=headers))
+    start = call(mw, http_scope())[0]
+    assert start["headers"] == HTML + [
+        (b"set-cookie", b"tt_day=20261201; Max-Age=1; Path=/; SameSite=Lax; HttpOnly")]
+    assert headers == HTML  # the application's list is not changed
+    assert (total(), uniques()) == (1, (1, 1))
+    # HTTP/2 may split the Cookie header: each part is looked at.
+    for scope in (with_cookie(b"tt_day=20261201"), with_cookie(b"a=b", b"tt_day=20261201")):
+        assert call(mw, scope)[0]["headers"] is headers
+    assert (total(), uniques()) == (3, (1, 1))
+
+
+def test_the_day_turns_at_local_midnight_and_https_is_secure(worker_api):
+    t = [BEFORE_MIDNIGHT]
+    mw = unique_mw(clock=lambda: t[0])
+    assert call(mw, with_cookie(b"tt_day=20261201"))[0]["headers"] == HTML
+    t[0] += 1
+    start = call(mw, with_cookie(b"tt_day=20261201", scheme="https"))[0]
+    assert start["headers"][-1] == (b"set-cookie", b"tt_day=20261202; Max-Age=86400; Path=/; "
+                                    b"SameSite=Lax; HttpOnly; Secure")
+    assert uniques() == (1, 1)
+
+
+@pytest.mark.parametrize("scope, status, headers", [
+    (http_scope("/api"), 200, [(b"content-type", b"application/json")]),
+    (http_scope(method="HEAD"), 200, HTML),
+    (http_scope("/static/app.css"), 200, HTML),
+    (http_scope(), 302, [(b"location", b"/next")] + HTML),
+    (http_scope(), 500, HTML),
+])
+def test_only_page_views_get_the_cookie(worker_api, scope, status, headers):
+    start = call(unique_mw(answering(status, headers)), scope)[0]
+    assert start["headers"] is headers and uniques() == (0, 0)
+
+
+def test_unique_failures_are_logged_and_the_page_still_counts(worker_api, caplog):
+    def broken_clock():
+        raise RuntimeError("clock on fire")
+
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        sent = call(unique_mw(clock=broken_clock), http_scope())
+    assert sent[0]["headers"] is HTML and sent[1]["body"] == b"<p>hi</p>"
+    assert (total(), uniques()) == (1, (0, 0))
+    assert "a unique visitor was not counted" in caplog.text and "clock on fire" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"unique_cookie": "tt=day"}, ValueError), ({"uniques": 1}, TypeError),
+    ({"timezone": "Nowhere/Else"}, ValueError),
+])
+def test_bad_unique_options_raise_at_start_up(kwargs, error):
+    with pytest.raises(error):
+        TrafficThreshold(answering(), **{"uniques": True, **kwargs})
+
+
+def test_unique_visitors_under_uvicorn(installed, tmp_path):
+    """The day cookie through a real uvicorn: set on the first page view
+    (a header the server sends as given), not on the second that carries
+    it, nor on JSON or the stream's second visit; ``unique`` counted once
+    per visitor."""
+    import http.client
+
+    from trafficthreshold import periods
+
+    key, backend = installed
+    zone = "America/Los_Angeles"
+    env = harness.server_env(key, backend, TT_TEST_TIMEZONE=zone)
+    server = harness.uvicorn("apps.asgi_uniques:app", env, tmp_path / "uvicorn.log",
+                             port=harness.free_port(), workers=1)
+    stamps = {pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0]}
+
+    def get(path, cookie=None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            headers = {"Host": "site-a.example", "Connection": "close"}
+            if cookie:
+                headers["Cookie"] = cookie
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status, response.getheader("Set-Cookie")
+        finally:
+            conn.close()
+
+    try:
+        server.wait_ready(path="/healthz")
+        first = harness.epoch_minute()
+        status, value = get("/")
+        cookie = value.partition(";")[0]
+        answers = [get("/", cookie), get("/stream", cookie), get("/api"), get("/stream")]
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    stamps.add(pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0])
+    assert status == 200 and value.endswith("; Path=/; SameSite=Lax; HttpOnly")
+    assert cookie.partition("=")[2] in stamps
+    assert answers[:3] == [(200, None)] * 3 and answers[3][1].startswith("tt_day=")
+    assert harness.segment_count(key, backend, first, last, "site-a.example") == 4
+    assert harness.segment_count(key, backend, first, last, "site-a.example", "unique") == 2
+    assert harness.segment_count(key, backend, first, last, None, "unique") == 2

@@ -247,3 +247,60 @@ def test_the_renderers_do_not_import_the_app() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_dashboard_shows_todays_page_views_and_unique_visitors(
+        live_server: tuple[webserver.Server, Any], db: str) -> None:
+    """The "Today" card: the store's day and month rows plus what the ring
+    holds beyond the watermarks, so a minute the supervisor already rolled
+    in part is not counted twice.  (NOW is 2027-01-15 09:00:30 in Zurich.)"""
+    server, counter = live_server
+    counter.hit("acme", "unique", 3, NOW - 10)       # the current minute
+    counter.hit("shop", "unique", 1, NOW - 45)       # the previous one
+    instance = counter.load(segment.H_INSTANCE, 8)
+    with Store(db, ZONE) as store:
+        store.roll([("all", "unique", minute_at(2027, 1, 10, 12, 0), 20),
+                    ("all", "pageview", minute_at(2027, 1, 10, 12, 0), 50),
+                    ("all", "unique", minute_at(2026, 12, 31, 23, 59), 400),
+                    # the current minute, rolled while it had 2 of its 3
+                    ("all", "unique", MINUTE, 2), ("acme", "unique", MINUTE, 2)],
+                   now=NOW, instance=instance)
+    html = fetch(server.url)[2].decode()
+    # Page views: 70 + 5 + 4 + 2 in the ring's hour (the 9 of 61 minutes
+    # ago are older than the snapshot and were never rolled: not seen).
+    assert 'id="pageviews-today">81<' in html and 'id="pageviews-month">131<' in html
+    # Uniques: 2 rolled + 1 pending of this minute, 1 of the previous one.
+    assert 'id="uniques-today">4<' in html and 'id="uniques-month">24<' in html
+    # The top list (page views, the ring's hour): each account's uniques.
+    top = html.split("Top accounts")[1]
+    assert re.search(r"acme</span><span class=\"count\">75 <small[^>]*>· 3 unique<", top)
+    assert re.search(r"shop</span><span class=\"count\">2 <small[^>]*>· 1 unique<", top)
+    assert re.search(r"&lt;img[^<]*</span><span class=\"count\">4 <small[^>]*>· 0 unique<",
+                     top)
+    # Another event chosen: the card still shows page views and uniques, the
+    # top list that event alone.
+    other = fetch(server.url + "?event=unique")[2].decode()
+    assert 'id="uniques-today">4<' in other and "unique</small>" not in other
+
+
+def test_the_top_list_shows_no_uniques_when_none_are_counted(
+        live_server: tuple[webserver.Server, Any]) -> None:
+    server, _ = live_server
+    assert "unique</small>" not in fetch(server.url)[2].decode()
+
+
+def test_the_top_list_uniques_from_the_store_without_a_segment(
+        tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
+    path = str(tmp_path / "stats.sqlite3")
+    items = [("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17),
+             ("all", "unique", MINUTE - 3, 5), ("acme", "unique", MINUTE - 3, 5)]
+    items += [(f"u{i:03d}", "unique", MINUTE - 3, 9) for i in range(120)]
+    with Store(path, ZONE) as store:
+        store.roll(items, now=NOW, closed_through=MINUTE - 1)
+
+    def missing() -> Any:
+        raise SegmentNotFound("none")
+
+    server = serve(api.make_app(make_config(path), counter_factory=missing, now=lambda: NOW))
+    top = fetch(server.url)[2].decode().split("Top accounts")[1]
+    assert re.search(r"acme</span><span class=\"count\">17 <small[^>]*>· 5 unique<", top)

@@ -192,3 +192,130 @@ def test_real_requests_through_gunicorn(installed, tmp_path):
     assert harness.segment_count(key, backend, first, last) == 4
     assert harness.segment_count(key, backend, first, last, "site-a.example") == 3
     assert harness.segment_count(key, backend, first, last, "site-b.example") == 1
+
+
+# ------------------------------------------------------------ unique visitors
+
+#: 2026-12-01 23:59:59 in Zurich: one second before midnight.
+BEFORE_MIDNIGHT = 1_796_165_999
+CLOCK = [BEFORE_MIDNIGHT]
+UNIQUES = {"account": "host", "uniques": True, "timezone": "Europe/Zurich",
+           "clock": lambda: CLOCK[0]}
+
+
+def uniques(account: str = "site-a.example") -> tuple[int, int]:
+    return (trafficthreshold.count(account, "unique", window="60s"), total("unique"))
+
+
+def test_uniques_are_off_by_default(worker_api):
+    response = Client().get("/", HTTP_HOST="site-a.example")
+    assert "tt_day" not in response.cookies and total("unique") == 0
+
+
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+def test_first_page_view_of_the_day_is_unique(worker_api, client_class):
+    """The test client keeps cookies like a browser: one unique, then page
+    views; after local midnight the stale cookie makes a new unique (sync
+    and async stacks)."""
+    import asyncio
+
+    CLOCK[0] = BEFORE_MIDNIGHT
+    with override_settings(TRAFFICTHRESHOLD=UNIQUES):
+        client = client_class()
+
+        def get(path="/"):
+            result = client.get(path)  # Host: testserver
+            return asyncio.run(result) if client_class is AsyncClient else result
+
+        first = get()
+        cookie = first.cookies["tt_day"]
+        assert cookie.value == "20261201" and cookie["max-age"] == 1
+        assert (cookie["path"], cookie["samesite"], cookie["httponly"], cookie["secure"]) == (
+            "/", "Lax", True, "")
+        assert "tt_day" not in get().cookies
+        assert "tt_day" not in get("/api").cookies          # not a page view
+        assert "tt_day" not in get("/go").cookies           # a redirect
+        CLOCK[0] += 1
+        assert get().cookies["tt_day"].value == "20261202"
+    assert (of("testserver"), uniques("testserver")) == (3, (2, 2))
+
+
+def test_https_cookie_is_secure_and_the_apps_own_cookie_wins(worker_api):
+    CLOCK[0] = BEFORE_MIDNIGHT
+    with override_settings(TRAFFICTHRESHOLD={**UNIQUES, "unique_cookie": "visit"}):
+        response = Client().get("/", HTTP_HOST="site-a.example", secure=True)
+        assert response.cookies["visit"]["secure"] is True
+    with override_settings(TRAFFICTHRESHOLD={**UNIQUES, "unique_cookie": "csrftoken"}):
+        middleware = TrafficThresholdMiddleware(lambda request: None)
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+    response = HttpResponse("<p>hi</p>")
+    response.set_cookie("csrftoken", "theirs")
+    middleware._unique(RequestFactory().get("/"), response)
+    assert response.cookies["csrftoken"].value == "theirs"
+    assert uniques() == (1, 1)
+
+
+def test_unique_failures_are_logged_not_raised(worker_api, caplog):
+    def broken_clock():
+        raise RuntimeError("clock on fire")
+
+    with override_settings(TRAFFICTHRESHOLD={**UNIQUES, "clock": broken_clock}):
+        with caplog.at_level(logging.WARNING, "trafficthreshold"):
+            response = Client().get("/", HTTP_HOST="site-a.example")
+    assert response.status_code == 200 and "tt_day" not in response.cookies
+    assert (of("site-a.example"), uniques()) == (1, (0, 0))
+    assert "clock on fire" in caplog.text
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"uniques": "yes"}, "must be True or False"),
+    ({"uniques": True, "unique_cookie": "a b"}, "not a valid cookie name"),
+    ({"uniques": True, "timezone": "Mars/Olympus"}, "unknown time zone"),
+])
+def test_bad_unique_settings_are_improperly_configured(setting, message):
+    with override_settings(TRAFFICTHRESHOLD=setting):
+        with pytest.raises(ImproperlyConfigured, match=message):
+            TrafficThresholdMiddleware(lambda request: None)
+
+
+def test_unique_visitors_through_gunicorn(installed, tmp_path):
+    """The day cookie through Django's WSGI handler under a real gunicorn
+    (2 workers): on a visitor's first page view only (not on the page views
+    carrying it, JSON or a redirect), not Secure over http, unique counted
+    once per visitor."""
+    import http.client
+
+    key, backend = installed
+    server = harness.gunicorn("apps.django_uniques:application",
+                              harness.server_env(key, backend, TT_TEST_TIMEZONE="UTC"),
+                              tmp_path / "gunicorn.log", workers=2)
+
+    def get(path, cookie=None):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            headers = {"Host": "site-a.example"}
+            if cookie:
+                headers["Cookie"] = cookie
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status, response.getheader("Set-Cookie")
+        finally:
+            conn.close()
+
+    try:
+        server.wait_ready(path="/api", workers=2)
+        first = harness.epoch_minute()
+        status, value = get("/")
+        cookie = value.partition(";")[0]
+        again = [get("/", cookie), get("/", f"a=b; {cookie}"), get("/api"), get("/go")]
+        last = harness.epoch_minute()
+    finally:
+        server.stop()
+    assert status == 200 and cookie.startswith("tt_day=")
+    assert "HttpOnly" in value and "SameSite=Lax" in value and "Path=/" in value
+    assert "Secure" not in value
+    assert again == [(200, None), (200, None), (200, None), (302, None)]
+    assert harness.segment_count(key, backend, first, last, "site-a.example") == 3
+    assert harness.segment_count(key, backend, first, last, "site-a.example", "unique") == 1

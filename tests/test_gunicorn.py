@@ -419,3 +419,59 @@ def test_what_counts_under_gunicorn(installed, tmp_path):
         counter.detach()
     assert names == {"~overflow", "all", "site-a.example", "shop.site-b.example"}
     assert "the application failed after start_response" in server.text()
+
+
+def test_unique_visitors_across_workers(installed, tmp_path):
+    """tests/apps/hello_uniques.py under 4 sync workers, a new connection
+    per request (so the workers take turns): 12 visitors that keep the day
+    cookie, 5 page views each, are 12 uniques; a client that never returns
+    the cookie is unique at every page view; JSON, static and HEAD get no
+    cookie; X-Forwarded-Proto: https from loopback (gunicorn's default
+    forwarded_allow_ips) makes it Secure."""
+    from trafficthreshold import pageviews, periods
+
+    key, backend = installed
+    zone = "Pacific/Auckland"
+    server = start("apps.hello_uniques:app", key, backend, tmp_path,
+                   TT_TEST_TIMEZONE=zone)
+    stamps = {pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0]}
+
+    def page(path="/", cookie=None, method="GET", **headers):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            headers["Host"] = f"Site-A.example:{server.port}"
+            if cookie:
+                headers["Cookie"] = f"session=abc; {cookie}"
+            conn.request(method, path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status, response.getheader("Set-Cookie")
+        finally:
+            conn.close()
+
+    try:
+        first = epoch_minute()
+        cookies = []
+        for _ in range(12):
+            status, value = page()
+            assert status == 200 and value is not None
+            cookies.append(value.partition(";")[0])
+            assert value.endswith("; Path=/; SameSite=Lax; HttpOnly"), value
+        for _ in range(4):
+            for cookie in cookies:
+                assert page(cookie=cookie) == (200, None)
+        bot = [page() for _ in range(3)]
+        others = [page("/api"), page("/static/app.css"), page("/healthz"),
+                  page(method="HEAD")]
+        secure = page(**{"X-Forwarded-Proto": "https"})
+        last = epoch_minute()
+    finally:
+        server.stop()
+    stamps.add(pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0])
+    assert {cookie.partition("=")[2] for cookie in cookies} <= stamps
+    assert all(status == 200 and value for status, value in bot)
+    assert others == [(200, None)] * 4
+    assert secure[1].endswith("; HttpOnly; Secure")
+    assert segment_count(key, backend, first, last) == 12 * 5 + 3 + 1
+    assert segment_count(key, backend, first, last, ACCOUNT, "unique") == 12 + 3 + 1
+    assert segment_count(key, backend, first, last, None, "unique") == 12 + 3 + 1

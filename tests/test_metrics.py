@@ -280,3 +280,27 @@ def test_counters_never_go_down_while_the_supervisor_rolls(
     assert value(samples, "trafficthreshold_hits_total", account="acme",
                  event="pageview") == 60 + hits
     counter.detach()
+
+
+def test_unique_visitors_are_exported_with_their_event_label(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    """The ``unique`` events the middleware's uniques count (``hit(account,
+    "unique")``: the account and ``all``) reach /metrics under
+    ``event="unique"``, stored and live."""
+    key, backend = installed
+    with Store(db, ZONE) as store:
+        store.roll([("all", "unique", OLD_MINUTE, 7), ("acme", "unique", OLD_MINUTE, 7)],
+                   now=NOW, closed_through=OLD_MINUTE)
+    counter = segment.attach(key, backend, stripe=0)
+    try:
+        counter.hit("acme", "unique", 1, NOW - 5)
+        counter.hit("acme", "pageview", 3, NOW - 5)
+        _, samples = scrape(serve(config_for(db, key, backend)))
+    finally:
+        counter.detach()
+    for account in ("acme", "all"):
+        assert value(samples, "trafficthreshold_hits_total", account=account,
+                     event="unique") == 8
+        assert value(samples, "trafficthreshold_hits_last_60s", account=account,
+                     event="unique") == 1
+    assert value(samples, "trafficthreshold_hits_total", account="acme", event="pageview") == 63

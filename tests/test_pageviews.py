@@ -8,7 +8,7 @@ import random
 import pytest
 
 import trafficthreshold
-from trafficthreshold import pageviews
+from trafficthreshold import pageviews, periods
 from trafficthreshold.pageviews import RequestInfo, is_excluded_path, is_page_view
 
 
@@ -545,3 +545,58 @@ def test_django_debug_with_empty_allowed_hosts_is_djangos_default(worker_api):
     via_django("GET", "/", "", host="localhost:8000", **settings)
     via_django("GET", "/", "", host="app.localhost", **settings)
     assert (of("localhost"), of("app.localhost"), total()) == (1, 1, 2)
+
+
+# ------------------------------------------------------------ unique visitors
+
+def test_hit_unique_stays_available_to_applications(worker_api):
+    """An application may count its own unique visitors (by a login, say):
+    ``hit(account, "unique")`` counts the account and ``all``."""
+    trafficthreshold.hit("site-a.example", pageviews.UNIQUE_EVENT)
+    trafficthreshold.hit(None, "unique")
+    assert trafficthreshold.count("site-a.example", "unique", window="60s") == 1
+    assert trafficthreshold.count(None, "unique", window="60s") == 2
+
+
+@pytest.mark.parametrize("zone, now, expected", [
+    # 2026-12-01 12:00:00 UTC
+    ("UTC", 1_796_126_400, ("20261201", 12 * 3600)),
+    ("Europe/Zurich", 1_796_126_400, ("20261201", 11 * 3600)),
+    ("Pacific/Kiritimati", 1_796_126_400, ("20261202", 22 * 3600)),  # UTC+14
+    # 2026-03-29 in Zurich has 23 hours; 00:30 local, 22.5 hours to go.
+    ("Europe/Zurich", 1_774_740_600, ("20260329", 22 * 3600 + 1800)),
+    # 2026-10-25 in Zurich has 25 hours; 00:30 local, 24.5 hours to go.
+    ("Europe/Zurich", 1_792_881_000, ("20261025", 24 * 3600 + 1800)),
+])
+def test_day_of_gives_the_stamp_and_the_seconds_to_local_midnight(zone, now, expected):
+    assert pageviews.day_of(now, periods.resolve_timezone(zone)) == expected
+
+
+@pytest.mark.parametrize("header, found", [
+    ("tt_day=20261201", True), ("a=b; tt_day=20261201", True), ("tt_day=20261201;a=b", True),
+    ("a=b;tt_day=20261201 ", True), (None, False), ("", False), ("tt_day=2026120", False),
+    ("tt_day=202612011", False), ("xtt_day=20261201", False), ("a=tt_day=20261201", False),
+    ("xtt_day=20261201; tt_day=20261201", True),
+])
+def test_has_cookie_matches_whole_pairs_only(header, found):
+    assert pageviews.has_cookie(header, "tt_day=20261201") is found
+
+
+def test_the_day_cookie_is_computed_once_per_second():
+    calls = []
+    cookie = pageviews.UniqueCookie("tt_day", periods.resolve_timezone("UTC"),
+                                    clock=lambda: calls.append(1) or 1_796_126_400.7)
+    first = cookie.today()
+    assert cookie.today() is first and len(calls) == 2
+    assert first == ("tt_day=20261201",
+                     "tt_day=20261201; Max-Age=43200; Path=/; SameSite=Lax; HttpOnly",
+                     "tt_day=20261201; Max-Age=43200; Path=/; SameSite=Lax; HttpOnly; Secure")
+    assert cookie.set_cookie("a=1; tt_day=20261201", secure=True) is None
+    assert cookie.set_cookie("tt_day=20261130", secure=True) == first[2]
+    assert cookie.new_day(None) == ("20261201", 43200)
+
+
+@pytest.mark.parametrize("name", ["", "tt day", "a;b", "a=b", "é", "x" * 65, 'a"b'])
+def test_cookie_names_must_be_tokens(name):
+    with pytest.raises(ValueError, match="not a valid cookie name"):
+        pageviews.check_cookie_name(name)

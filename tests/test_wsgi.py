@@ -708,3 +708,229 @@ def test_a_restart_while_a_started_body_is_iterated_comes_after_the_decision(wor
     assert list(result) == [b"<p>error</p>"]
     assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
     assert total() == 1
+
+
+# ------------------------------------------------------------ unique visitors
+
+ZURICH = "Europe/Zurich"
+#: 2026-12-01 23:59:58 in Zurich (22:59:58 UTC): two seconds before midnight.
+BEFORE_MIDNIGHT = 1_796_165_998
+
+
+def uniques(account: str | None = "site-a.example") -> tuple[int, int]:
+    """The sliding-60 s ``unique`` events of one account, and of ``all``."""
+    return (trafficthreshold.count(account, "unique", window="60s") if account else 0,
+            total("unique"))
+
+
+def set_cookie(call: tuple) -> list[str]:
+    """The Set-Cookie values of one recorded start_response call."""
+    return [value for name, value in call[1] if name.lower() == "set-cookie"]
+
+
+def unique_mw(app=None, **options):
+    options.setdefault("timezone", ZURICH)
+    return TrafficThreshold(app or app_answering(), uniques=True, account="host",
+                            allowed_hosts=["*"], **options)
+
+
+def test_uniques_are_off_by_default(worker_api):
+    server, _ = serve(TrafficThreshold(app_answering()))
+    assert server.calls == [("200 OK", HTML, None)]
+    assert total("unique") == 0
+
+
+def test_first_page_view_of_the_day_is_unique_and_sets_the_day_cookie(worker_api):
+    t = [BEFORE_MIDNIGHT - 3600]
+    headers = list(HTML)
+    mw = unique_mw(app_answering(headers=headers), clock=lambda: t[0])
+    server, body = serve(mw)
+    assert body == b"<p>hi</p>"
+    assert set_cookie(server.calls[0]) == [
+        "tt_day=20261201; Max-Age=3602; Path=/; SameSite=Lax; HttpOnly"]
+    assert server.calls[0][1][:-1] == HTML and headers == HTML  # the app's list untouched
+    assert (of("site-a.example"), total()) == (1, 1)
+    assert uniques() == (1, 1)
+    # The same visitor again, with the cookie among others: a page view only.
+    for cookie in ("tt_day=20261201", "a=1; tt_day=20261201", "tt_day=20261201;b=2"):
+        server, _ = serve(mw, environ(HTTP_COOKIE=cookie))
+        assert server.calls == [("200 OK", HTML, None)], cookie
+    assert (total(), uniques()) == (4, (1, 1))
+
+
+def test_a_lookalike_or_stale_cookie_is_a_new_unique(worker_api):
+    t = [BEFORE_MIDNIGHT]
+    mw = unique_mw(clock=lambda: t[0])
+    for cookie in ("tt_day=20261130", "xtt_day=20261201", "tt_day=202612011",
+                   "tt_day=2026120", "other=tt_day=20261201x"):
+        server, _ = serve(mw, environ(HTTP_COOKIE=cookie))
+        assert set_cookie(server.calls[0])[0].startswith("tt_day=20261201;"), cookie
+    assert uniques() == (5, 5)
+
+
+def test_the_day_turns_at_local_midnight(worker_api):
+    """The stamp is cached per second of the clock: at 00:00:00 local the
+    cookie of a minute ago is yesterday's, and Max-Age is the whole day."""
+    t = [BEFORE_MIDNIGHT + 1]
+    mw = unique_mw(clock=lambda: t[0])
+    server, _ = serve(mw)
+    assert set_cookie(server.calls[0]) == [
+        "tt_day=20261201; Max-Age=1; Path=/; SameSite=Lax; HttpOnly"]
+    server, _ = serve(mw, environ(HTTP_COOKIE="tt_day=20261201"))
+    assert set_cookie(server.calls[0]) == []
+    t[0] += 1  # 00:00:00 on 2 December in Zurich
+    server, _ = serve(mw, environ(HTTP_COOKIE="tt_day=20261201"))
+    assert set_cookie(server.calls[0]) == [
+        "tt_day=20261202; Max-Age=86400; Path=/; SameSite=Lax; HttpOnly"]
+    assert uniques() == (2, 2) and total() == 3
+
+
+def test_the_zone_decides_the_day(worker_api):
+    """23:59:58 in Zurich is 07:59:58 the next day in Tokyo."""
+    server, _ = serve(unique_mw(timezone="Asia/Tokyo", clock=lambda: BEFORE_MIDNIGHT))
+    assert set_cookie(server.calls[0])[0].startswith("tt_day=20261202; Max-Age=57602;")
+
+
+def test_secure_on_https_and_the_cookie_name_option(worker_api):
+    mw = unique_mw(unique_cookie="__Host-visit")
+    server, _ = serve(mw, environ(**{"wsgi.url_scheme": "https"}))
+    value, = set_cookie(server.calls[0])
+    assert value.startswith("__Host-visit=") and value.endswith("; HttpOnly; Secure")
+    server, _ = serve(mw, environ(HTTP_COOKIE=value.partition(";")[0]))
+    assert set_cookie(server.calls[0]) == []
+
+
+@pytest.mark.parametrize("env, status, headers", [
+    (environ("/api"), "200 OK", [("Content-Type", "application/json")]),
+    (environ(method="HEAD"), "200 OK", HTML),
+    (environ(method="POST"), "200 OK", HTML),
+    (environ("/static/app.css"), "200 OK", HTML),
+    (environ("/healthz"), "200 OK", HTML),
+    (environ(), "302 Found", [("Location", "/next")] + HTML),
+    (environ(), "404 Not Found", HTML),
+])
+def test_only_page_views_get_the_cookie(worker_api, env, status, headers):
+    server, _ = serve(unique_mw(app_answering(status, headers)), env)
+    assert server.calls == [(status, headers, None)]
+    assert uniques() == (0, 0)
+
+
+def test_an_exc_info_restart_drops_the_cookie_and_the_unique(worker_api):
+    """200 (a unique page view: the cookie is added) restarted as 500: the
+    server gets the 500's headers, without the cookie; nothing counted."""
+    def app(environ, start_response):
+        start_response("200 OK", HTML)
+        try:
+            raise RuntimeError("template failed")
+        except RuntimeError:
+            start_response("500 Internal Server Error", HTML, sys.exc_info())
+        return [b"<p>error</p>"]
+
+    def generator(environ, start_response):
+        yield from app(environ, start_response)
+
+    for application in (app, generator):
+        server = Server()
+        result = unique_mw(application)(environ(), server.start_response)
+        assert b"".join(result) == b"<p>error</p>"
+        assert len(set_cookie(server.calls[0])) == 1
+        assert server.calls[1] == ("500 Internal Server Error", HTML, server.calls[1][2])
+    assert (total(), uniques()) == (0, (0, 0))
+
+
+def test_a_restart_from_an_error_to_a_page_sets_the_cookie(worker_api):
+    def app(environ, start_response):
+        start_response("503 Service Unavailable", HTML)
+        start_response("200 OK", HTML, (None, None, None))
+        return [b"<p>ok</p>"]
+
+    server, _ = serve(unique_mw(app))
+    assert set_cookie(server.calls[0]) == [] and len(set_cookie(server.calls[1])) == 1
+    assert (total(), uniques()) == (1, (1, 1))
+
+
+def test_keyword_headers_and_count_if(worker_api):
+    def app(environ, start_response):
+        start_response(status="200 OK", headers=[("Content-Type", "application/json")])
+        return [b"{}"]
+
+    server, _ = serve(unique_mw(app, count_if=lambda info: info.path == "/"))
+    assert len(set_cookie(server.calls[0])) == 1
+    assert (total(), uniques()) == (1, (1, 1))
+
+
+def test_unique_failures_are_logged_and_the_page_still_counts(worker_api, caplog):
+    def broken_clock():
+        raise RuntimeError("clock on fire")
+
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        server, body = serve(unique_mw(clock=broken_clock))
+        serve(unique_mw(clock=lambda: "not a time"))
+    assert body == b"<p>hi</p>" and server.calls == [("200 OK", HTML, None)]
+    assert (total(), uniques()) == (2, (0, 0))
+    assert "a unique visitor was not counted" in caplog.text and "clock on fire" in caplog.text
+
+
+def test_a_failing_unique_hit_is_logged_not_raised(worker_api, monkeypatch, caplog):
+    real = pageviews._hit
+
+    def hit(account, event="pageview"):
+        if event == "unique":
+            raise RuntimeError("segment on fire")
+        real(account, event)
+
+    monkeypatch.setattr(pageviews, "_hit", hit)
+    with caplog.at_level(logging.WARNING, "trafficthreshold"):
+        server, body = serve(unique_mw())
+    assert body == b"<p>hi</p>" and len(set_cookie(server.calls[0])) == 1
+    assert (total(), uniques()) == (1, (0, 0))
+    assert "segment on fire" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"unique_cookie": "tt day"}, ValueError), ({"unique_cookie": ""}, ValueError),
+    ({"unique_cookie": "a;b"}, ValueError), ({"unique_cookie": 3}, TypeError),
+    ({"uniques": "yes"}, TypeError), ({"timezone": "Mars/Olympus"}, ValueError),
+    ({"timezone": 2}, TypeError),
+])
+def test_bad_unique_options_raise_at_start_up(kwargs, error):
+    with pytest.raises(error, match="unique_cookie|uniques|time zone|timezone"):
+        TrafficThreshold(app_answering(), **{"uniques": True, **kwargs})
+
+
+def test_wsgiref_validator_with_uniques(worker_api):
+    app = wsgiref.validate.validator(unique_mw(wsgiref.validate.validator(app_answering())))
+    server, body = serve(app)
+    assert body == b"<p>hi</p>" and len(set_cookie(server.calls[0])) == 1
+
+
+@pytest.mark.parametrize("cookie", [None, "tt_day=20261201"])
+def test_uniques_do_not_leak(worker_api, cookie):
+    """The unique path (a copy of the headers, the Set-Cookie pair) and the
+    returning visitor's path (the search) leave nothing behind; the clock
+    moves every request, so the day is recomputed each time too."""
+    import gc
+    import tracemalloc
+
+    t = [BEFORE_MIDNIGHT - 50_000]
+
+    def clock():
+        t[0] += 1
+        return t[0]
+
+    mw = unique_mw(clock=clock)
+    env = environ(HTTP_COOKIE=cookie) if cookie else environ()
+    for _ in range(500):
+        serve(mw, dict(env))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5000):
+            serve(mw, dict(env))
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, grown  # a leaked object per request would be > 250 kB
+    assert uniques() == ((5500, 5500) if cookie is None else (0, 0))

@@ -20,7 +20,8 @@
  * throttle_status (_counter.c), called as ordinary callables.
  *
  * Contract of the middleware (wsgi.TrafficThreshold is its Python face):
- * it never changes the response, never raises into a request (every error
+ * it never changes the response (but for the day cookie of uniques,
+ * below), never raises into a request (every error
  * of its own is handed to self._failed(kind, exc) and dropped; only
  * BaseExceptions that are not Exceptions, e.g. KeyboardInterrupt, pass),
  * and counts at most once per request, by the response's final status:
@@ -37,7 +38,22 @@
  *   body wrapped in a Body, which settles at the first non-empty chunk (the
  *   server sends the headers with it) or at the end of an empty body;
  * - an application that raises is not counted (the server answers 500).
+ *
+ * Unique visitors (an option: self.uniques, a pageviews.UniqueCookie): the
+ * day cookie must reach the server with the headers, so with it on each
+ * start_response call is decided when it is made, before it is passed on:
+ * a page view (by that call's status and headers) whose request does not
+ * carry today's cookie gets a copy of the headers with the Set-Cookie
+ * added, and is marked unique.  A later call (exc_info: 200 restarted as
+ * 500) is decided afresh and replaces the headers at the server, so a
+ * cookie of a call that did not stand is never sent.  settle() then uses
+ * the verdict of the latest accepted call and counts "unique" after the
+ * page view if that call carried the cookie.  The day (its stamp and the
+ * cookie's values) is computed in Python once per second of the clock
+ * (day()); the request that finds today's cookie pays a lookup in the
+ * environ and a substring search (has_cookie()).
  */
+#include <time.h>
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
@@ -58,6 +74,8 @@ static PyObject *throttle_status_cb; /* trafficthreshold.throttle_status */
 static PyObject *str_request_method, *str_path_info, *str_http_accept, *str_failed;
 static PyObject *str_count_if, *str_close;
 static PyObject *str_level, *str_hit, *str_decide;
+static PyObject *str_http_cookie, *str_url_scheme, *str_https, *str_at, *str_unique;
+static PyObject *str_set_cookie;
 
 /* Longest extension looked up (with the dot); longer ones are not assets.
  * Bounds the stack buffer below. */
@@ -139,6 +157,13 @@ typedef struct {
     PyObject *event;        /* str */
     PyObject *environ_key;  /* str, or NULL: the level goes nowhere */
     int count_if;           /* 1: self._count_if(environ, status, headers) decides */
+    PyObject *uniques;      /* a pageviews.UniqueCookie, or NULL: no unique counting */
+    PyObject *unique_record;/* record(environ) of the "unique" event (never raises) */
+    PyObject *unique_clock; /* clock() -> epoch seconds, or NULL: time(NULL) */
+    long long day_second;   /* the clock's second the three below are for */
+    PyObject *day_needle;   /* "tt_day=20261201", or NULL: not computed yet */
+    PyObject *day_cookie;   /* the Set-Cookie value */
+    PyObject *day_cookie_secure;  /* the same with "; Secure" (https) */
 } Middleware;
 
 /* The start_response handed to the application: one per counted request.
@@ -152,6 +177,8 @@ typedef struct {
     PyObject *status;       /* of the latest accepted call, or NULL: none yet */
     PyObject *headers;
     int settled;            /* 1: decided (counted or not); later calls are passed on */
+    int page;               /* with uniques: the latest accepted call's verdict; -1: none */
+    int unique;             /* with uniques: the latest accepted call carried the cookie */
 } StartResponse;
 
 /* The body of an application that starts its response while it is
@@ -315,7 +342,9 @@ static int settle(StartResponse *sr)
     if (status == NULL)
         return 0;  /* start_response never called: nothing to count */
     sr->status = sr->headers = NULL;  /* ours now */
-    if (mw->count_if) {
+    if (sr->page >= 0) {
+        page = sr->page;  /* uniques: decided when start_response was called */
+    } else if (mw->count_if) {
         r = PyObject_CallMethodObjArgs((PyObject *)mw, str_count_if, sr->environ,
                                        status, headers, NULL);
         page = r == NULL ? -1 : PyObject_IsTrue(r);
@@ -326,9 +355,163 @@ static int settle(StartResponse *sr)
     rc = 0;
     if ((page < 0 && report(mw, str_decide) < 0) || (page > 0 && count(mw, sr->environ) < 0))
         rc = -1;
+    else if (page > 0 && sr->unique) {
+        /* The cookie went out with these headers: the visitor's first page
+         * view of the day.  unique_record never raises an Exception. */
+        r = PyObject_Vectorcall(mw->unique_record, &sr->environ, 1, NULL);
+        if (r == NULL)
+            rc = report(mw, str_unique);
+        Py_XDECREF(r);
+    }
     Py_DECREF(status);
     Py_DECREF(headers);
     return rc;
+}
+
+/* The day's values for the clock's current second: computed by
+ * uniques.at(second) when the second changes, else the cached ones.  0, or
+ * -1 with an exception set. */
+static int day(Middleware *mw)
+{
+    long long now;
+    PyObject *r, *second;
+    if (mw->unique_clock == NULL) {
+        now = (long long)time(NULL);
+    } else {
+        if ((r = PyObject_CallNoArgs(mw->unique_clock)) == NULL)
+            return -1;
+        second = PyNumber_Long(r);  /* int(clock()): floors a positive float */
+        Py_DECREF(r);
+        if (second == NULL)
+            return -1;
+        now = PyLong_AsLongLong(second);
+        Py_DECREF(second);
+        if (now == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if (now == mw->day_second && mw->day_needle != NULL)
+        return 0;
+    if ((second = PyLong_FromLongLong(now)) == NULL)
+        return -1;
+    r = PyObject_CallMethodOneArg(mw->uniques, str_at, second);
+    Py_DECREF(second);
+    if (r == NULL)
+        return -1;
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 3
+        || !PyUnicode_Check(PyTuple_GET_ITEM(r, 0)) || !PyUnicode_Check(PyTuple_GET_ITEM(r, 1))
+        || !PyUnicode_Check(PyTuple_GET_ITEM(r, 2))) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_TypeError, "UniqueCookie.at() must return three str");
+        return -1;
+    }
+    Py_XSETREF(mw->day_needle, Py_NewRef(PyTuple_GET_ITEM(r, 0)));
+    Py_XSETREF(mw->day_cookie, Py_NewRef(PyTuple_GET_ITEM(r, 1)));
+    Py_XSETREF(mw->day_cookie_secure, Py_NewRef(PyTuple_GET_ITEM(r, 2)));
+    mw->day_second = now;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* 1 if the Cookie header `header` (a str) holds the pair `needle`
+ * ("name=value") exactly, 0 if not, -1 with an exception set.  Same rule
+ * as pageviews.has_cookie: a match must start the header or follow ';' or
+ * a space, and end it or be followed by ';' or a space. */
+static int has_cookie(PyObject *header, PyObject *needle)
+{
+    Py_ssize_t len = PyUnicode_GET_LENGTH(header), n = PyUnicode_GET_LENGTH(needle);
+    Py_ssize_t at = 0, end;
+    Py_UCS4 c;
+    while ((at = PyUnicode_Find(header, needle, at, len, 1)) >= 0) {
+        end = at + n;
+        if ((at == 0 || (c = PyUnicode_READ_CHAR(header, at - 1)) == ';' || c == ' ')
+            && (end == len || (c = PyUnicode_READ_CHAR(header, end)) == ';' || c == ' '))
+            return 1;
+        at++;
+    }
+    return at == -1 ? 0 : -1;
+}
+
+/* The Set-Cookie value for a page view of `environ` (a new reference), or
+ * Py_None (a new reference) if the request carries today's cookie: not a
+ * unique visitor.  NULL with an exception set. */
+static PyObject *unique_cookie(Middleware *mw, PyObject *environ)
+{
+    PyObject *cookie, *scheme, *needle;
+    int rc, secure;
+    if (day(mw) < 0)
+        return NULL;
+    cookie = PyDict_GetItemWithError(environ, str_http_cookie);  /* borrowed */
+    if (cookie == NULL && PyErr_Occurred())
+        return NULL;
+    if (cookie != NULL && PyUnicode_Check(cookie)) {
+        /* Why the references: nothing below runs Python code today, but
+         * the environ and the cache must outlive the search regardless. */
+        Py_INCREF(cookie);
+        needle = Py_NewRef(mw->day_needle);
+        rc = has_cookie(cookie, needle);
+        Py_DECREF(needle);
+        Py_DECREF(cookie);
+        if (rc != 0)
+            return rc < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    scheme = PyDict_GetItemWithError(environ, str_url_scheme);  /* borrowed */
+    if (scheme == NULL && PyErr_Occurred())
+        return NULL;
+    secure = scheme != NULL && PyUnicode_Check(scheme)
+        && PyUnicode_Compare(scheme, str_https) == 0;
+    return Py_NewRef(secure ? mw->day_cookie_secure : mw->day_cookie);
+}
+
+/* With uniques: the verdict on one start_response call (1 a page view,
+ * 0 not; an error is reported and reads as 0), and in *cookie the
+ * Set-Cookie value to add (a new reference) or NULL.  0, or -1 with a
+ * BaseException set. */
+static int decide_call(StartResponse *sr, PyObject *status, PyObject *headers, int *page,
+                       PyObject **cookie)
+{
+    Middleware *mw = sr->mw;
+    PyObject *r;
+    *cookie = NULL;
+    if (mw->count_if) {
+        r = PyObject_CallMethodObjArgs((PyObject *)mw, str_count_if, sr->environ,
+                                       status, headers, NULL);
+        *page = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
+    } else {
+        *page = is_page(status, headers, sr->environ);
+    }
+    if (*page < 0) {
+        *page = 0;
+        return report(mw, str_decide);
+    }
+    if (*page == 0)
+        return 0;
+    if ((r = unique_cookie(mw, sr->environ)) == NULL)
+        return report(mw, str_unique);  /* the page view still counts */
+    if (r == Py_None)
+        Py_DECREF(r);
+    else
+        *cookie = r;
+    return 0;
+}
+
+/* A copy of `headers` with ("Set-Cookie", cookie) appended (a new list),
+ * or NULL with an exception set.  The application's list is not touched. */
+static PyObject *with_cookie(PyObject *headers, PyObject *cookie)
+{
+    PyObject *copy, *pair;
+    int rc;
+    if ((copy = PySequence_List(headers)) == NULL)
+        return NULL;
+    if ((pair = PyTuple_Pack(2, str_set_cookie, cookie)) == NULL) {
+        Py_DECREF(copy);
+        return NULL;
+    }
+    rc = PyList_Append(copy, pair);
+    Py_DECREF(pair);
+    if (rc < 0)
+        Py_CLEAR(copy);
+    return copy;
 }
 
 /* StartResponse.__call__(status, headers, exc_info=None): the server's
@@ -336,21 +519,26 @@ static int settle(StartResponse *sr)
  * errors, e.g. an exc_info call after the headers were sent, reach the
  * application as without the middleware), its write() returned.  If the
  * server accepted the call, its status and headers are remembered: the
- * latest accepted call before settle() decides. */
+ * latest accepted call before settle() decides.  With uniques, a call
+ * that binds is decided first (decide_call()) and, if it is a unique
+ * visitor's page view, passed on with the day cookie added to a copy of
+ * its headers (the argument that holds them replaced, nothing else). */
 static PyObject *StartResponse_call(StartResponse *self, PyObject *const *args,
                                     size_t nargsf, PyObject *kwnames)
 {
     static const char *const names[3] = {"status", "headers", "exc_info"};
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    PyObject *bound[3] = {NULL, NULL, NULL}, *write;
-    Py_ssize_t i, j;
-    if ((write = PyObject_Vectorcall(self->start_response, args, nargsf, kwnames)) == NULL
-        || self->settled)
-        return write;
+    PyObject *bound[3] = {NULL, NULL, NULL}, *write, *cookie = NULL, *headers;
+    PyObject *given[8];  /* bounded: a call that binds has at most 3 arguments */
+    Py_ssize_t i, j, where = -1;
+    int page = -1, unique = 0;
+    if (self->settled)
+        return PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
     /* Bind the arguments as def start_response(status, headers,
-     * exc_info=None) would; a call that does not bind is not remembered. */
+     * exc_info=None) would; a call that does not bind is passed on and not
+     * remembered. */
     if (nargs > 3)
-        return write;
+        goto pass;
     for (i = 0; i < nargs; i++)
         bound[i] = args[i];
     for (i = 0; i < nkw; i++) {
@@ -358,14 +546,46 @@ static PyObject *StartResponse_call(StartResponse *self, PyObject *const *args,
             if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, i), names[j]) == 0)
                 break;
         if (j == 3 || bound[j] != NULL)
-            return write;
+            goto pass;
         bound[j] = args[nargs + i];
+        if (j == 1)
+            where = nargs + i;
     }
     if (bound[0] == NULL || bound[1] == NULL)
+        goto pass;
+    if (where < 0)
+        where = 1;  /* positional */
+    if (self->mw->uniques == NULL) {
+        write = PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
+    } else {
+        if (decide_call(self, bound[0], bound[1], &page, &cookie) < 0)
+            return NULL;
+        if (cookie != NULL && (headers = with_cookie(bound[1], cookie)) == NULL) {
+            Py_CLEAR(cookie);
+            if (report(self->mw, str_unique) < 0)
+                return NULL;
+        }
+        if (cookie == NULL) {
+            write = PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
+        } else {
+            for (i = 0; i < nargs + nkw; i++)
+                given[i] = args[i];
+            given[where] = headers;
+            write = PyObject_Vectorcall(self->start_response, given, nargs, kwnames);
+            Py_DECREF(headers);
+            Py_DECREF(cookie);
+            unique = 1;
+        }
+    }
+    if (write == NULL || self->settled)  /* refused; or the server settled us */
         return write;
     Py_XSETREF(self->status, Py_NewRef(bound[0]));
     Py_XSETREF(self->headers, Py_NewRef(bound[1]));
+    self->page = page;
+    self->unique = unique;
     return write;
+pass:
+    return PyObject_Vectorcall(self->start_response, args, nargsf, kwnames);
 }
 
 static int StartResponse_traverse(StartResponse *self, visitproc visit, void *arg)
@@ -606,6 +826,8 @@ static PyObject *Middleware_call(Middleware *mw, PyObject *args, PyObject *kwarg
     wrapper->start_response = Py_NewRef(start_response);
     wrapper->status = wrapper->headers = NULL;
     wrapper->settled = 0;
+    wrapper->page = -1;
+    wrapper->unique = 0;
     PyObject_GC_Track(wrapper);
     call[1] = (PyObject *)wrapper;
     result = PyObject_Vectorcall(app, call, 2, NULL);
@@ -625,16 +847,30 @@ done:
 }
 
 /* Middleware.__init__(app, *, event, record=None, environ_key=None,
- * count_if=False).  wsgi.TrafficThreshold.__init__ validates the options
- * and calls this. */
+ * count_if=False, uniques=None, unique_record=None, unique_clock=None).
+ * wsgi.TrafficThreshold.__init__ validates the options and calls this.
+ * uniques: a pageviews.UniqueCookie (its at(second) gives the day's
+ * values), with unique_record(environ) counting the "unique" event;
+ * unique_clock: None (time(NULL)) or clock() -> epoch seconds (tests). */
 static int Middleware_init(Middleware *mw, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"app", "event", "record", "environ_key", "count_if", NULL};
+    static char *kwlist[] = {"app", "event", "record", "environ_key", "count_if", "uniques",
+                             "unique_record", "unique_clock", NULL};
     PyObject *app, *event, *record = Py_None, *environ_key = Py_None;
+    PyObject *uniques = Py_None, *unique_record = Py_None, *unique_clock = Py_None;
     int count_if = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$UOOp:Middleware", kwlist, &app, &event,
-                                     &record, &environ_key, &count_if))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$UOOpOOO:Middleware", kwlist, &app, &event,
+                                     &record, &environ_key, &count_if, &uniques,
+                                     &unique_record, &unique_clock))
         return -1;
+    if (uniques != Py_None && !PyCallable_Check(unique_record)) {
+        PyErr_SetString(PyExc_TypeError, "uniques needs a callable unique_record");
+        return -1;
+    }
+    if (unique_clock != Py_None && !PyCallable_Check(unique_clock)) {
+        PyErr_SetString(PyExc_TypeError, "unique_clock must be callable or None");
+        return -1;
+    }
     if (hit_cb == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_middleware._setup() was not called "
                         "(import trafficthreshold.wsgi, not _middleware)");
@@ -654,6 +890,12 @@ static int Middleware_init(Middleware *mw, PyObject *args, PyObject *kw)
     Py_XSETREF(mw->record, record == Py_None ? NULL : Py_NewRef(record));
     Py_XSETREF(mw->environ_key, environ_key == Py_None ? NULL : Py_NewRef(environ_key));
     mw->count_if = count_if;
+    Py_XSETREF(mw->uniques, uniques == Py_None ? NULL : Py_NewRef(uniques));
+    Py_XSETREF(mw->unique_record, uniques == Py_None ? NULL : Py_NewRef(unique_record));
+    Py_XSETREF(mw->unique_clock, unique_clock == Py_None ? NULL : Py_NewRef(unique_clock));
+    Py_CLEAR(mw->day_needle);  /* computed at the first page view */
+    Py_CLEAR(mw->day_cookie);
+    Py_CLEAR(mw->day_cookie_secure);
     return 0;
 }
 
@@ -663,6 +905,9 @@ static int Middleware_traverse(Middleware *mw, visitproc visit, void *arg)
     Py_VISIT(mw->record);
     Py_VISIT(mw->event);
     Py_VISIT(mw->environ_key);
+    Py_VISIT(mw->uniques);
+    Py_VISIT(mw->unique_record);
+    Py_VISIT(mw->unique_clock);
     return 0;
 }
 
@@ -672,6 +917,12 @@ static int Middleware_clear(Middleware *mw)
     Py_CLEAR(mw->record);
     Py_CLEAR(mw->event);
     Py_CLEAR(mw->environ_key);
+    Py_CLEAR(mw->uniques);
+    Py_CLEAR(mw->unique_record);
+    Py_CLEAR(mw->unique_clock);
+    Py_CLEAR(mw->day_needle);
+    Py_CLEAR(mw->day_cookie);
+    Py_CLEAR(mw->day_cookie_secure);
     return 0;
 }
 
@@ -691,6 +942,8 @@ static PyMemberDef Middleware_members[] = {
     {"event", T_OBJECT_EX, offsetof(Middleware, event), READONLY, "the event name"},
     {"environ_key", T_OBJECT, offsetof(Middleware, environ_key), READONLY,
      "where the throttle level goes, or None"},
+    {"uniques", T_OBJECT, offsetof(Middleware, uniques), READONLY,
+     "the pageviews.UniqueCookie, or None: unique visitors are not counted"},
     {NULL}
 };
 
@@ -765,6 +1018,12 @@ PyMODINIT_FUNC PyInit__middleware(void)
     INTERN(str_level, "level");
     INTERN(str_hit, "hit");
     INTERN(str_decide, "decide");
+    INTERN(str_http_cookie, "HTTP_COOKIE");
+    INTERN(str_url_scheme, "wsgi.url_scheme");
+    INTERN(str_https, "https");
+    INTERN(str_at, "at");
+    INTERN(str_unique, "unique");
+    INTERN(str_set_cookie, "Set-Cookie");
 #undef INTERN
     if (PyType_Ready(&MiddlewareType) < 0 || PyType_Ready(&StartResponseType) < 0
         || PyType_Ready(&BodyType) < 0)

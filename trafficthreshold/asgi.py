@@ -24,6 +24,12 @@ a 304 of a page).  Messages are passed on unchanged, in order,
 and ``receive`` is not wrapped.  Counting errors are logged once per process
 (``trafficthreshold.asgi`` logger), never raised into the request.  A hit
 does not await anything: it is an atomic add in shared memory.
+
+With ``uniques=True`` a page view whose request does not carry today's day
+cookie also counts a ``unique`` event, and its ``http.response.start``
+message is passed on as a copy whose headers end with the cookie's
+``set-cookie`` (the application's message and list are not changed); see
+:class:`trafficthreshold.pageviews.UniqueCookie` and docs/webapps.rst.
 """
 from __future__ import annotations
 
@@ -75,7 +81,9 @@ class TrafficThreshold:
 
     The options are those of :class:`trafficthreshold.wsgi.TrafficThreshold`
     (``account``, ``allowed_hosts``, ``event``, ``count_if``); an
-    ``account`` callable receives the ASGI scope.  ``scope_key``: where
+    ``account`` callable receives the ASGI scope; and the unique-visitor
+    options ``uniques``, ``unique_cookie``, ``timezone``, ``clock``.
+    ``scope_key``: where
     the level goes in the scope (None: nowhere); ``state_key``: its name in
     the request state (None: not put there).
     """
@@ -84,13 +92,18 @@ class TrafficThreshold:
                  allowed_hosts: Optional[Iterable[str]] = None, event: str = "pageview",
                  count_if: Optional[CountIf] = None,
                  scope_key: Optional[str] = "trafficthreshold.level",
-                 state_key: Optional[str] = STATE_KEY) -> None:
+                 state_key: Optional[str] = STATE_KEY, uniques: bool = False,
+                 unique_cookie: str = pageviews.UNIQUE_COOKIE,
+                 timezone: Optional[str] = None,
+                 clock: Optional[Callable[[], float]] = None) -> None:
+        self.uniques = pageviews.unique_options(uniques, unique_cookie, timezone, clock)
         self.app = app
         self.count_if = count_if
         self.scope_key = scope_key
         self.state_key = state_key
         self.record = pageviews.middleware_recorder(account, scope_host, event, count_if, log,
                                                     allowed_hosts)
+        self.record_unique = pageviews.unique_recorder(self.record.account, log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
@@ -106,10 +119,14 @@ class TrafficThreshold:
             if not counted and message.get("type") == "http.response.start":
                 counted = True
                 try:
-                    if self._is_page_view(scope, message):
-                        self.record(scope)
+                    page = self._is_page_view(scope, message)
                 except Exception as exc:
+                    page = False
                     pageviews.log_failure(log, "decide", exc)
+                if page:
+                    self.record(scope)
+                    if self.uniques is not None:
+                        message = self._unique(scope, message)
             await send(message)
 
         return await self.app(scope, receive, counting_send)
@@ -130,6 +147,26 @@ class TrafficThreshold:
             except Exception:
                 warn_once(log, "asgi-state", "trafficthreshold: cannot store the level in "
                           "scope['state']; read scope[%r] instead", self.scope_key)
+
+    def _unique(self, scope: Scope, message: Message) -> Message:
+        """A page view's ``http.response.start``: as it is if the request
+        carries today's day cookie, else a copy with the cookie added to
+        its headers, and the ``unique`` event counted.  Never raises."""
+        assert self.uniques is not None
+        try:
+            cookies = [value.decode("latin-1") for name, value in scope.get("headers") or ()
+                       if name == b"cookie"]  # HTTP/2 may split it in several
+            value = self.uniques.set_cookie("; ".join(cookies),
+                                            scope.get("scheme") in ("https", "wss"))
+            if value is None:
+                return message
+            headers = [*(message.get("headers") or ()), (b"set-cookie", value.encode("latin-1"))]
+            message = {**message, "headers": headers}
+        except Exception as exc:
+            pageviews.log_failure(log, "unique", exc)
+            return message
+        self.record_unique(scope)
+        return message
 
     def _is_page_view(self, scope: Scope, message: Message) -> bool:
         status = int(message.get("status", 0))

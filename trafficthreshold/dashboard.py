@@ -26,6 +26,10 @@ TOP_ACCOUNTS = 10
 REFRESH_S = 5
 #: Closest two throttle-level labels of the chart may be, in % of its height.
 LEVEL_LABEL_GAP = 8
+#: The events of the "Today" card: page views, and beside them the unique
+#: visitors the middleware counts with ``uniques=True`` (docs/webapps.rst).
+PAGEVIEW_EVENT = names.DEFAULT_EVENT
+UNIQUE_EVENT = "unique"
 
 
 def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
@@ -46,6 +50,7 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
     else:
         minutes = _minutes_from_store(store, event, first, minute - 1)
         top = store.top_accounts(event, first, TOP_ACCOUNTS)
+    uniques = _hour_uniques(store, snap, first) if event == PAGEVIEW_EVENT else None
     current = total_key["current_minute"] if total_key else 0
     throttle = snap.throttle if snap else None
     labels = [_hhmm(m, store.tz) for m in range(first, minute + 1)]
@@ -67,7 +72,7 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
         "throttle": throttle,
         "level_class": _level_class(throttle["level"] if throttle else 0),
         "chart": bar_chart(minutes, current, labels, throttle["multiplier"] if throttle else None),
-        "top": _top_rows(top),
+        "top": _top_rows(top, uniques),
         "alerts": _alert_rows(config, alert_state, snap, store.tz),
         "supervisor": snap.supervisor if snap else None,
         "segment": snap.segment if snap else None,
@@ -77,7 +82,53 @@ def dashboard_context(config: Config, store: Store, snap: Snapshot | None,
                            else None),
         "gaps": store.gap_count(),
         "refresh": REFRESH_S,
+        "visits": visits(store, snap, now),
     }
+
+
+def visits(store: Store, snap: Snapshot | None, now: float) -> dict[str, int]:
+    """Today's and this month's page views and unique visitors of all
+    accounts (local day and month in the store's zone):
+    ``{"pageviews_today", "pageviews_month", "uniques_today",
+    "uniques_month"}``.  Each is the store's day or month row plus what
+    the segment holds of the last hour that the store has not rolled yet
+    (see :func:`day_and_month`)."""
+    found = {}
+    for label, event in (("pageviews", PAGEVIEW_EVENT), ("uniques", UNIQUE_EVENT)):
+        found[f"{label}_today"], found[f"{label}_month"] = day_and_month(
+            store, snap, names.ALL, event, now)
+    return found
+
+
+def day_and_month(store: Store, snap: Snapshot | None, account: str, event: str,
+                  now: float) -> tuple[int, int]:
+    """``(today, this month)`` of one key in the store's zone: the store's
+    rows, plus, for each minute of the segment's last hour (the snapshot's
+    closed minutes and the current one) in today, what it holds beyond the
+    minute's watermark (what the supervisor's next roll adds).  A minute
+    older than the snapshot's hour that was never rolled (the supervisor
+    down longer than that) is not seen until it is."""
+    minute = int(now // 60)
+    year, month, day = local_parts(minute, store.tz)[:3]
+    rows = store.period(account, event, year, month)
+    today, this_month = rows["data"].get(day, 0), rows["total"]
+    entry = None if snap is None else next(
+        (e for e in snap.keys if e["account"] == account and e["event"] == event), None)
+    if entry is None:
+        return today, this_month
+    first = minute - LIVE_MINUTES
+    marks = store.watermark_minutes(first, snap.header.get("instance") if snap else None)
+    observed = [*entry["minutes"], entry["current_minute"]]
+    for offset, count in enumerate(observed):
+        pending = count - marks.get((account, event, first + offset), 0)
+        if pending <= 0:
+            continue
+        parts = local_parts(first + offset, store.tz)
+        if parts[:2] == (year, month):
+            this_month += pending
+            if parts[2] == day:
+                today += pending
+    return today, this_month
 
 
 def _local(now: float, tz: ZoneInfo) -> datetime.datetime:
@@ -111,8 +162,10 @@ def _level_class(level: int) -> str:
     return "ok" if level == 0 else "warn" if level <= 2 else "hot"
 
 
-def _top_from_ring(snap: Snapshot, event: str) -> list[tuple[str, int]]:
-    """The busiest accounts of ``event`` over the ring's last hour."""
+def _top_from_ring(snap: Snapshot, event: str,
+                   limit: int | None = TOP_ACCOUNTS) -> list[tuple[str, int]]:
+    """The busiest accounts of ``event`` over the ring's last hour (the
+    ``limit`` first; None: all)."""
     totals = [
         (e["account"], sum(e["minutes"]) + e["current_minute"])
         for e in snap.keys
@@ -120,12 +173,29 @@ def _top_from_ring(snap: Snapshot, event: str) -> list[tuple[str, int]]:
     ]
     totals = [t for t in totals if t[1] > 0]
     totals.sort(key=lambda t: (-t[1], t[0]))
-    return totals[:TOP_ACCOUNTS]
+    return totals[:limit]
 
 
-def _top_rows(top: list[tuple[str, int]]) -> list[dict[str, Any]]:
+def _hour_uniques(store: Store, snap: Snapshot | None, first: int) -> dict[str, int] | None:
+    """The unique visitors of every account over the top list's hour, from
+    the same source as the page views (the ring, else the store); None if
+    there are none (uniques off: the top list shows page views only)."""
+    if snap is not None:
+        found = dict(_top_from_ring(snap, UNIQUE_EVENT, limit=None))
+    else:
+        # LIMIT -1 is SQLite's "no limit": every account, so one outside the
+        # uniques' top still shows its own count.
+        found = dict(store.top_accounts(UNIQUE_EVENT, first, -1))
+    return found or None
+
+
+def _top_rows(top: list[tuple[str, int]],
+              uniques: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The top list's rows; ``uniques`` (page views only): each account's
+    unique visitors beside its page views."""
     biggest = max((count for _, count in top), default=0) or 1
-    return [{"account": a, "count": c, "percent": round(100 * c / biggest, 1)} for a, c in top]
+    return [{"account": a, "count": c, "percent": round(100 * c / biggest, 1),
+             "uniques": None if uniques is None else uniques.get(a, 0)} for a, c in top]
 
 
 def _minutes_from_store(store: Store, event: str, first: int, last: int) -> list[int]:

@@ -11,6 +11,9 @@ settings.py::
         "allowed_hosts": [...],        # default: settings.ALLOWED_HOSTS
         "event": "pageview",
         "count_if": "myproject.traffic.is_page_view",   # default: pageviews.is_page_view
+        "uniques": False,              # True: count "unique" by a day cookie
+        "unique_cookie": "tt_day",
+        "timezone": None,              # the zone of the day; None: the system's
     }
 
 ``account`` and ``count_if`` are callables or dotted paths to them; the
@@ -36,6 +39,14 @@ other middleware.  The response is returned unchanged (streaming responses
 included).  Works for both sync and async stacks.  It never raises into a
 request: counting errors are logged once per process
 (``trafficthreshold.django`` logger).
+
+With ``"uniques": True`` a page view whose request does not carry today's
+day cookie also counts a ``unique`` event and gets the cookie, through
+``response.set_cookie`` (so Django writes it with an ``expires`` next to
+``Max-Age``), ``secure`` when ``request.is_secure()``; a response that
+already sets a cookie of that name is left alone (docs/webapps.rst,
+"Unique visitors").  ``"clock"`` (a callable or dotted path, epoch seconds)
+is for tests.
 """
 from __future__ import annotations
 
@@ -53,7 +64,8 @@ from .pageviews import RequestInfo
 log = logging.getLogger("trafficthreshold.django")
 
 SETTING = "TRAFFICTHRESHOLD"
-OPTIONS = ("account", "allowed_hosts", "event", "count_if")
+OPTIONS = ("account", "allowed_hosts", "event", "count_if", "uniques", "unique_cookie",
+           "timezone", "clock")
 #: What Django allows when DEBUG is on and ALLOWED_HOSTS is empty.
 DEBUG_HOSTS = (".localhost", "127.0.0.1", "[::1]")
 #: The attribute of the HttpRequest holding the level.
@@ -69,7 +81,8 @@ def request_host(request: Any) -> Optional[str]:
 
 
 def _callable_option(name: str, value: Any) -> Any:
-    if isinstance(value, str) and not (name == "account" and value == "host"):
+    if isinstance(value, str) and name in ("account", "count_if", "clock") \
+            and not (name == "account" and value == "host"):
         try:
             return import_string(value)
         except ImportError as exc:
@@ -131,6 +144,10 @@ class TrafficThresholdMiddleware:
         try:
             resolver = pageviews.account_resolver(account, request_host, allowed_hosts, log)
             self.record = pageviews.make_recorder(resolver, config.get("event", "pageview"), log)
+            self.record_unique = pageviews.unique_recorder(resolver, log)
+            self.uniques = pageviews.unique_options(
+                config.get("uniques", False), config.get("unique_cookie", pageviews.UNIQUE_COOKIE),
+                config.get("timezone"), _callable_option("clock", config.get("clock")))
         except (TypeError, ValueError) as exc:
             raise ImproperlyConfigured(f"settings.{SETTING}: {exc}") from exc
         self.get_response = get_response
@@ -167,7 +184,29 @@ class TrafficThresholdMiddleware:
             else:
                 counted = (pageviews.is_page_view(info)
                            and not info.path.startswith(self.url_prefixes))
-            if counted:
-                self.record(request)
         except Exception as exc:
             pageviews.log_failure(log, "decide", exc)
+            return
+        if counted:
+            self.record(request)
+            if self.uniques is not None:
+                self._unique(request, response)
+
+    def _unique(self, request: Any, response: Any) -> None:
+        """Count a unique visitor and set the day cookie, unless the
+        request carries today's cookie or the response sets one of that
+        name itself.  Never raises."""
+        assert self.uniques is not None
+        try:
+            if self.uniques.name in response.cookies:
+                return
+            day = self.uniques.new_day(request.META.get("HTTP_COOKIE"))
+            if day is None:
+                return
+            stamp, max_age = day
+            response.set_cookie(self.uniques.name, stamp, max_age=max_age, path="/",
+                                secure=request.is_secure(), httponly=True, samesite="Lax")
+        except Exception as exc:
+            pageviews.log_failure(log, "unique", exc)
+            return
+        self.record_unique(request)

@@ -26,17 +26,27 @@ hit is counted then, before the first byte of the body is sent.
 names out of the key table: a page of a host outside it counts in the total
 only.
 
+Unique visitors (``uniques=True``, off by default): a page view whose
+request does not carry today's day cookie (:class:`UniqueCookie`: its name
+and the date ``YYYYMMDD`` in a configured zone, nothing else) also counts
+:data:`UNIQUE_EVENT` for the same account (:func:`unique_recorder`), and
+the middleware add the cookie to its response, valid until the local
+midnight (:func:`day_of`).  docs/webapps.rst, "Unique visitors".
+
 Everything here runs inside a request, so nothing here may raise into it:
 :func:`make_recorder` and :func:`level` catch every error and log it once per
 process (:func:`warn_once`), then at DEBUG.
 """
 from __future__ import annotations
 
+import datetime
 import logging
+import time
 from typing import Any, Callable, Optional
+from zoneinfo import ZoneInfo
 
 import trafficthreshold
-from . import _middleware, names
+from . import _middleware, names, periods
 
 log = logging.getLogger("trafficthreshold.pageviews")
 
@@ -316,6 +326,7 @@ def warn_once(logger: logging.Logger, kind: str, message: str, *args: object,
 FAILURES = {
     "level": "cannot read the throttle level, using 0",
     "hit": "a page view was not counted",
+    "unique": "a unique visitor was not counted (or its cookie not set)",
     "decide": "could not decide whether a response is a page view",
 }
 
@@ -446,3 +457,151 @@ def make_recorder(account: AccountFunc | None, event: str,
     record.event = event  # type: ignore[attr-defined]
     record.account = account  # type: ignore[attr-defined]  # the resolver, to inspect
     return record
+
+
+# ------------------------------------------------------------ unique visitors
+
+#: The event counted for a visitor's first page view of the day (Bootic's
+#: tracker: ``unq``), for the page view's account and ``all``.
+UNIQUE_EVENT = "unique"
+#: The default name of the day cookie.
+UNIQUE_COOKIE = "tt_day"
+#: What a cookie name may hold: an RFC 6265 ``token`` (RFC 9110 ``tchar``).
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+#: The attributes of the day cookie (``Max-Age`` comes before them).
+COOKIE_ATTRIBUTES = "Path=/; SameSite=Lax; HttpOnly"
+
+
+def check_cookie_name(name: object) -> str:
+    """Validate the ``unique_cookie`` option (at start-up): a non-empty
+    RFC 6265 token.  Raises TypeError/ValueError saying what to use."""
+    if not isinstance(name, str):
+        raise TypeError(f"unique_cookie={name!r} is not a str; give a cookie name such as "
+                        f"{UNIQUE_COOKIE!r}")
+    bad = "".join(sorted(set(name) - _TOKEN_CHARS))
+    problem = "is empty" if not name else f"has {bad!r}" if bad else \
+        "is longer than 64 characters" if len(name) > 64 else ""
+    if problem:
+        raise ValueError(f"unique_cookie={name!r} is not a valid cookie name (it {problem}); "
+                         "use letters, digits and !#$%&'*+-.^_`|~ (an RFC 6265 token), "
+                         f"e.g. {UNIQUE_COOKIE!r}")
+    return name
+
+
+def day_of(now: float, tz: ZoneInfo) -> tuple[str, int]:
+    """The local day of the epoch second ``now`` in ``tz`` as a stamp
+    (``"20261201"``) and the seconds left until the next local midnight
+    (at least 1): the cookie's ``Max-Age``, so it lives until the end of
+    the day it names.  A day of 23 or 25 hours (DST) is measured on the
+    real clock; a zone whose midnight is skipped ends the day at the
+    transition (zoneinfo's reading of the missing time)."""
+    local = datetime.datetime.fromtimestamp(now, tz)
+    midnight = datetime.datetime.combine(local.date() + datetime.timedelta(days=1),
+                                         datetime.time(0), tzinfo=tz)
+    return local.strftime("%Y%m%d"), max(1, int(midnight.timestamp() - now + 0.999999))
+
+
+def has_cookie(header: Optional[str], needle: str) -> bool:
+    """Whether a ``Cookie`` request header holds exactly ``needle``
+    (``"name=value"``) as one of its pairs: a substring search, then a look
+    at the characters around it (a pair starts the header or follows
+    ``;``/space, and ends it or is followed by ``;``/space), so
+    ``xtt_day=...`` or ``tt_day=202612010`` do not pass."""
+    if not header:
+        return False
+    start = header.find(needle)
+    while start >= 0:
+        end = start + len(needle)
+        if ((start == 0 or header[start - 1] in "; ")
+                and (end == len(header) or header[end] in "; ")):
+            return True
+        start = header.find(needle, start + 1)
+    return False
+
+
+class UniqueCookie:
+    """The day cookie of the unique-visitor count, for one middleware.
+
+    ``name``: the cookie's name (checked); ``tz``: the zone whose day
+    counts; ``clock``: the epoch seconds now (tests drive it).  ``today()``
+    gives ``(needle, set_cookie, set_cookie_secure)``: ``"tt_day=20261201"``
+    to look for in the request's ``Cookie`` header, and the two values of
+    the ``Set-Cookie`` header to send when it is not there (plain and
+    ``Secure``, for https).  Computed once per second of ``clock``: the
+    common request compares an int and searches a string.  No lock: a race
+    between threads computes the same values twice.
+    """
+
+    __slots__ = ("name", "tz", "clock", "_state")
+
+    def __init__(self, name: object = UNIQUE_COOKIE, tz: ZoneInfo | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.name = check_cookie_name(name)
+        self.tz = tz if tz is not None else periods.resolve_timezone(None)
+        self.clock = clock
+        # (second, (needle, set_cookie, set_cookie_secure), (stamp, max_age)):
+        # one tuple, replaced whole, so a thread never sees half of a day.
+        self._state: tuple[int, tuple[str, str, str], tuple[str, int]] = (
+            -1, ("", "", ""), ("", 0))
+
+    def _at(self, second: int) -> tuple[int, tuple[str, str, str], tuple[str, int]]:
+        state = self._state
+        if state[0] != second:
+            stamp, max_age = day_of(second, self.tz)
+            needle = f"{self.name}={stamp}"
+            value = f"{needle}; Max-Age={max_age}; {COOKIE_ATTRIBUTES}"
+            state = self._state = (second, (needle, value, value + "; Secure"),
+                                   (stamp, max_age))
+        return state
+
+    def at(self, second: int) -> tuple[str, str, str]:
+        """``today()`` for the epoch second ``second`` (cached for it)."""
+        return self._at(second)[1]
+
+    def today(self) -> tuple[str, str, str]:
+        """``(needle, set_cookie, set_cookie_secure)`` for now."""
+        return self._at(int(self.clock()))[1]
+
+    def set_cookie(self, cookie_header: Optional[str], secure: bool) -> Optional[str]:
+        """The ``Set-Cookie`` value to send with a page view whose request
+        carried ``cookie_header``: None if it holds today's stamp (not a
+        unique visitor), else today's cookie (``Secure`` if ``secure``)."""
+        needle, plain, with_secure = self.today()
+        if has_cookie(cookie_header, needle):
+            return None
+        return with_secure if secure else plain
+
+    def new_day(self, cookie_header: Optional[str]) -> Optional[tuple[str, int]]:
+        """Like :meth:`set_cookie`, as the parts of the cookie to set:
+        ``(stamp, max_age)``, or None if ``cookie_header`` holds today's."""
+        _, today, parts = self._at(int(self.clock()))
+        return None if has_cookie(cookie_header, today[0]) else parts
+
+
+def unique_options(uniques: object, unique_cookie: object, timezone: object,
+                   clock: Callable[[], float] | None = None) -> Optional[UniqueCookie]:
+    """The middleware's unique-visitor options, checked at start-up: a
+    :class:`UniqueCookie`, or None with ``uniques=False``.  ``timezone``:
+    an IANA name, a ZoneInfo, or None for the system's zone
+    (:func:`periods.resolve_timezone`)."""
+    if not isinstance(uniques, bool):
+        raise TypeError(f"uniques={uniques!r} must be True or False")
+    check_cookie_name(unique_cookie)
+    if timezone is not None and not isinstance(timezone, (str, ZoneInfo)):
+        raise TypeError(f"timezone={timezone!r} is not a zone name; give e.g. "
+                        "'Europe/Zurich', or None for the system's zone")
+    if not uniques:
+        if isinstance(timezone, str):
+            periods.resolve_timezone(timezone)  # a wrong name is an error either way
+        return None
+    tz = timezone if isinstance(timezone, ZoneInfo) else periods.resolve_timezone(timezone)
+    return UniqueCookie(unique_cookie, tz, clock or time.time)
+
+
+def unique_recorder(account: AccountFunc | None,
+                    logger: logging.Logger = log) -> Callable[[Any], None]:
+    """``record(request)`` counting the :data:`UNIQUE_EVENT` of a request,
+    for the same account as its page view (:func:`make_recorder`; never
+    raises)."""
+    return make_recorder(account, UNIQUE_EVENT, logger)

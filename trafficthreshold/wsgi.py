@@ -31,7 +31,16 @@ What it does per request:
   application that started its response in its call is iterated comes
   after the decision: the status at its return counts.)
 
-It never changes the response: the status, the headers, the body iterable
+With ``uniques=True`` it also counts a ``unique`` event at a visitor's
+first page view of the day, by a day cookie (docs/webapps.rst, "Unique
+visitors"): then each ``start_response`` call is decided when it is made,
+and a unique visitor's page view reaches the server with a copy of its
+headers plus the ``Set-Cookie`` (a later ``exc_info`` call is decided
+afresh and replaces them, so a cookie of a call that did not stand is never
+sent); ``unique`` is counted with the page view, by the last call.  That
+header is the one change it ever makes to a response.
+
+Otherwise it never changes the response: the status, the headers, the body iterable
 (returned as it is, so ``close()``, ``wsgi.file_wrapper`` and streaming
 behave exactly as without the middleware; only a generator application's
 body is wrapped, in a C iterator that passes every chunk and ``close()``
@@ -86,6 +95,15 @@ class TrafficThreshold(_middleware.Middleware):
     default rule :func:`trafficthreshold.pageviews.is_page_view`.
     ``environ_key``: where the throttle level goes (None: nowhere).
 
+    ``uniques``: count a ``unique`` event (for the page view's account and
+    ``all``) at a visitor's first page view of the day, by a first-party
+    cookie holding the day only (``tt_day=20261201``; docs/webapps.rst,
+    "Unique visitors").  Off by default: it adds ``Set-Cookie`` to page
+    views, which a cache in front of the site must be told about.
+    ``unique_cookie``: the cookie's name; ``timezone``: the zone whose day
+    counts (an IANA name; None: the system's zone); ``clock``: the epoch
+    seconds now (for tests; None: the system clock, read in C).
+
     Invalid names raise here, at start-up (ValueError/TypeError); an
     account name that turns out invalid at request time is counted in the
     total only, with a warning logged once.
@@ -99,7 +117,11 @@ class TrafficThreshold(_middleware.Middleware):
     def __init__(self, app: WSGIApp, *, account: object = None,
                  allowed_hosts: Optional[Iterable[str]] = None,
                  event: str = "pageview", count_if: Optional[CountIf] = None,
-                 environ_key: Optional[str] = "trafficthreshold.level") -> None:
+                 environ_key: Optional[str] = "trafficthreshold.level",
+                 uniques: bool = False, unique_cookie: str = pageviews.UNIQUE_COOKIE,
+                 timezone: Optional[str] = None,
+                 clock: Optional[Callable[[], float]] = None) -> None:
+        cookie = pageviews.unique_options(uniques, unique_cookie, timezone, clock)
         record = pageviews.middleware_recorder(account, environ_host, event, count_if, log,
                                                allowed_hosts)
         self.count_if = count_if
@@ -107,7 +129,10 @@ class TrafficThreshold(_middleware.Middleware):
         # account needs record(environ), which resolves it in Python.
         super().__init__(app, event=record.event,
                          record=None if account is None else record,
-                         environ_key=environ_key, count_if=count_if is not None)
+                         environ_key=environ_key, count_if=count_if is not None,
+                         uniques=cookie,
+                         unique_record=pageviews.unique_recorder(record.account, log),
+                         unique_clock=clock)
 
     def _count_if(self, environ: Environ, status: str, headers: list) -> bool:
         """The ``count_if`` predicate's verdict on a response, by its final
