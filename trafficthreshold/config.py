@@ -667,7 +667,8 @@ _MAIL: dict[str, _Key] = {
 }
 _STORE: dict[str, _Key] = {
     "backend": _Key("backend", _choice(*STORE_BACKENDS)),
-    "url": _Key("url", _redis_url),
+    # secret: a URL written with a password is refused without showing it
+    "url": _Key("url", _redis_url, secret=True),
     "sentinels": _Key("sentinels", _sentinels),
     "service": _Key("service", _text()),
     "password_file": _Key("password_file", _path()),
