@@ -343,3 +343,17 @@ def test_a_final_roll_of_a_retired_segment_records_its_end(redis_server):
     store.roll_deltas([("acme", "pageview", MINUTE, 2)], 2.0, instance=7, ended=True)
     assert store.instance_ended() == 7
     assert store.period("acme", "pageview", 2026)["total"] == 2
+
+
+def test_top_accounts_over_the_minute_hashes_like_sqlite(redis_server, tmp_path):
+    rows = [("acme", "pageview", MINUTE, 5), ("globex", "pageview", MINUTE + 1, 9),
+            ("initech", "pageview", MINUTE - 3, 50), ("acme", "pageview", MINUTE + 70, 7),
+            ("all", "pageview", MINUTE, 100), ("acme", "signup", MINUTE, 1)]
+    redis_store = store_on(redis_server)
+    redis_store.roll(rows, 1.0)
+    with Store(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
+        sqlite.roll(rows, 1.0)
+        for since, limit in ((MINUTE, 5), (MINUTE, 1), (MINUTE - 5, 5)):
+            assert redis_store.top_accounts("pageview", since, limit) == \
+                sqlite.top_accounts("pageview", since, limit)
+    assert redis_store.top_accounts("pageview", MINUTE, 5) == [("acme", 12), ("globex", 9)]

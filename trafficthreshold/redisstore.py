@@ -363,6 +363,30 @@ class RedisStore:
         """Events the farm has rolled, sorted."""
         return sorted({e for _, e in self._pairs()})
 
+    def top_accounts(self, event: str, since_minute: int, limit: int,
+                     span: int = 24 * 60) -> list[tuple[str, int]]:
+        """The ``limit`` accounts with the most ``event`` hits in the minutes
+        ``since_minute`` .. ``since_minute + span - 1``, biggest first;
+        ``all`` left out (the SQLite store's method, over the minute hashes:
+        one HGETALL per account and hour, in one pipeline)."""
+        hours: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        for minute in range(since_minute, since_minute + span):
+            parts = local_parts(minute, self.tz)
+            hours[parts[:4]].add(parts[4])
+        accounts = [a for a in self.accounts(event) if a != ALL]
+        pipe = self.client.pipeline(transaction=False)
+        asked = []
+        for account in accounts:
+            for hour, minutes in hours.items():
+                pipe.hgetall(":".join([self.prefix, account, event, *map(str, hour)]))
+                asked.append((account, minutes))
+        totals: dict[str, int] = defaultdict(int)
+        for (account, minutes), fields in zip(asked, pipe.execute(), strict=True):
+            totals[account] += sum(int(v) for f, v in fields.items()
+                                   if f.isdigit() and int(f) in minutes)
+        ranked = sorted(((a, n) for a, n in totals.items() if n), key=lambda r: (-r[1], r[0]))
+        return ranked[:limit]
+
     def close(self) -> None:
         """Let go of the client's connections."""
         self.client.close()
