@@ -722,3 +722,16 @@ def test_status_shows_the_store(tmp_path, key, redis_server):
     redis_server.kill()
     assert "DID NOT ANSWER" in run(cfg, "status")
     run(cfg, "uninstall", "--no-rollup")
+
+
+def test_uninstall_rolls_into_the_redis_store(tmp_path, key, redis_server):
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    run(cfg, "install")
+    run(cfg, "hit", "acme", "pageview", "-n", "6")
+    out = run(cfg, "uninstall")
+    assert "rolled 6 pending hits into redis redis://127.0.0.1" in out
+    client = redis_server.client()
+    year = time.gmtime().tm_year
+    assert client.hgetall(f"track:acme:pageview:{year}") == {
+        str(time.gmtime().tm_mon).encode(): b"6"}
+    assert client.hget("track~host:web1", "instance_ended") is not None
