@@ -780,3 +780,18 @@ def test_a_supervisor_in_another_zone_refuses_to_start(redis_sup, redis_server):
         sup.initialize(T0)
     assert "UTC" in str(exc.value) and "Europe/Zurich" in str(exc.value)
     assert sup.counter.load(segment.H_SUPERVISOR_PID, 4) == 0
+
+
+def test_a_reload_keeps_the_running_store_until_a_restart(redis_sup, redis_server, caplog):
+    sup = redis_sup()
+    sup.initialize(T0)
+    sup._wait_rolling()
+    with open(sup.config_path) as f:
+        text = f.read()
+    with open(sup.config_path, "w") as f:
+        f.write(text.replace('host = "web1"', 'host = "web9"'))
+    with caplog.at_level(logging.WARNING, "trafficthreshold.supervisor"):
+        sup.reload()
+    assert sup.config.store.host == "web1" and sup.store.host == "web1"
+    assert any("store changed" in r.getMessage() and "restart" in r.getMessage()
+               for r in caplog.records)
