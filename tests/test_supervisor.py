@@ -795,3 +795,28 @@ def test_a_reload_keeps_the_running_store_until_a_restart(redis_sup, redis_serve
     assert sup.config.store.host == "web1" and sup.store.host == "web1"
     assert any("store changed" in r.getMessage() and "restart" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_redis_hanging_at_the_start_costs_one_socket_timeout_at_most(redis_sup, redis_server):
+    """Redis accepts and never answers (SIGSTOP) when the daemon starts: the
+    start and the minute's retry each wait one socket timeout (2 s) at most,
+    counting goes on, and the store opens and catches up once it answers."""
+    sup = redis_sup()
+    worker = segment.attach(sup.config.key, "sysv")
+    worker.hit("acme", "pageview", 4, T0 + 1)
+    worker.detach()
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        sup.initialize(T0 + 2)
+        assert time.monotonic() - started < 2.8
+        assert sup.store is None and sup.engine is not None  # alerts run anyway
+        started = time.monotonic()
+        sup.tick(T0 + 61)  # the minute's retry
+        assert time.monotonic() - started < 2.8
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    sup.tick(T0 + 121)
+    assert sup.store is not None
+    sup._wait_rolling()
+    assert _redis_total(redis_server) == {"1": 4}

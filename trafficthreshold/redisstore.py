@@ -164,8 +164,11 @@ class RedisStore:
     def check_zone(self, zone_name: str) -> None:
         """Record the farm's time zone, or refuse one that differs from it."""
         key = f"{self.prefix}~farm"
-        self.client.hsetnx(key, "timezone", zone_name)
-        farm = self.client.hget(key, "timezone")
+        # One round trip: a Redis that hangs costs one socket timeout, not two.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hsetnx(key, "timezone", zone_name)
+        pipe.hget(key, "timezone")
+        _, farm = pipe.execute()
         farm = farm.decode() if isinstance(farm, bytes) else farm
         if farm != zone_name:
             raise ConfigError(
