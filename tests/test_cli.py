@@ -735,3 +735,44 @@ def test_uninstall_rolls_into_the_redis_store(tmp_path, key, redis_server):
     assert client.hgetall(f"track:acme:pageview:{year}") == {
         str(time.gmtime().tm_mon).encode(): b"6"}
     assert client.hget("track~host:web1", "instance_ended") is not None
+
+
+def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_server):
+    """The handover: the SQLite store rolled part of the ring; after the
+    migration, a roll of the same ring into Redis adds only what SQLite had
+    not (the watermarks come along under the segment's instance)."""
+    from zoneinfo import ZoneInfo
+    from trafficthreshold.redisstore import RedisStore
+    from trafficthreshold.rollup import Roller
+    from trafficthreshold.store import Store
+    from conftest import remove_everything
+    from trafficthreshold import _counter
+    t0 = 1_800_000_000
+    while True:  # an instance with the top bit set: SQLite stores it signed
+        segment.install(key, "sysv", now=t0)
+        counter = segment.attach(key, "sysv")
+        if counter.load(segment.H_INSTANCE, 8) >= 2**63:
+            break
+        counter.detach()
+        _counter._reset()
+        remove_everything(key)
+    try:
+        counter.hit("acme", "pageview", 5, t0 + 5)
+        counter.hit("acme", "pageview", 2, t0 + 65)
+        with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+            assert Roller(counter, store).roll(t0 + 70, include_current=True) == 7
+        counter.hit("acme", "pageview", 3, t0 + 66)  # after SQLite's last roll
+        cfg = _redis_cfg(tmp_path, key, redis_server.port)
+        run(cfg, "store", "migrate", "--to", f"redis://127.0.0.1:{redis_server.port}/0")
+        redis_store = RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1")
+        assert Roller(counter, redis_store).roll(t0 + 130) == 3
+        assert redis_store.period("acme", "pageview", 2027)["total"] == 10
+        assert redis_store.period("all", "pageview", 2027)["total"] == 10
+    finally:
+        counter.detach()
+
+
+def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):
+    (tmp_path / "s.sqlite3").write_bytes(b"")
+    out = run(cfg, "store", "migrate", "--to", "redis://:hunter2@127.0.0.1:1/0", ok=False)
+    assert "password" in out and "hunter2" not in out

@@ -520,8 +520,13 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
 
     Example: trafficthreshold store migrate --to redis://10.0.0.5:6379/0
     """
+    import urllib.parse
     from . import migrate, stores
     from .store import Store
+    if urllib.parse.urlsplit(url).password:
+        raise click.ClickException(
+            "--to holds a password (it would show in `ps` and the shell history): remove it "
+            "and set [store] password_file or password_env in the config")
     cfg = _load(ctx)
     cfg = dataclasses.replace(cfg, store=dataclasses.replace(
         cfg.store, backend="redis", url=url, sentinels=()))
