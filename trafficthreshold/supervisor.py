@@ -150,7 +150,7 @@ class Supervisor:
         self._guard("header check", self._check_header)
         self.last_minute = int(now // 60)
         self._open_store(now)
-        if self.refused is not None:  # a farm in another time zone: do not start
+        if self.refused is not None:  # another farm zone, no password ...: do not start
             self.shutdown(now)
             raise self.refused
         if self.roller is not None:
@@ -176,9 +176,11 @@ class Supervisor:
             self._guard("opening the alert store", self._open_alerts)
 
     def _open_period_store(self) -> None:
-        """The configured period store; a farm whose time zone differs from
-        ours (a ConfigError naming both) is kept in ``refused``: at the start
-        the supervisor does not start, later it is retried (and logged)."""
+        """The configured period store.  A ConfigError (a farm whose time
+        zone differs from ours, naming both; an unreadable password_file; no
+        redis-py) is kept in ``refused``: at the start the supervisor does
+        not start, later it is logged and retried.  A Redis that does not
+        answer is only retried."""
         try:
             self.store = stores.open_writer(self.config, self.env)
         except ConfigError as exc:
