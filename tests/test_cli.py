@@ -653,3 +653,126 @@ def test_run_on_a_privileged_port_as_a_user_names_the_fix(key):
         _names_the_listen_fixes(error[0], path)
     finally:
         shutil.rmtree(home)
+
+
+# -- [store] backend = "redis" ------------------------------------------------
+
+def _redis_cfg(tmp_path, key, port, extra=""):
+    path = tmp_path / "redis.toml"
+    path.write_text(f'key = {key}\ndatabase = "{tmp_path / "s.sqlite3"}"\n'
+                    'timezone = "UTC"\n[http]\nenabled = false\n'
+                    f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}/0"\n'
+                    f'host = "web1"\n{extra}')
+    return str(path)
+
+
+def test_config_check_says_whether_redis_answered(tmp_path, key, redis_server):
+    from tt_redis import free_port
+    assert "answered" in run(_redis_cfg(tmp_path, key, redis_server.port), "config", "check")
+    out = run(_redis_cfg(tmp_path, key, free_port()), "config", "check", ok=False)
+    assert "did not answer" in out and "ConnectionError" in out
+
+
+def test_config_check_names_each_bad_store_key(tmp_path, key):
+    path = tmp_path / "bad.toml"
+    path.write_text('[store]\nbackend = "redis"\nurl = "redis://:secret@h:6379/0"\n'
+                    'prefix = "a:b"\npassword_file = "/x"\npassword_env = "Y"\n')
+    out = run(str(path), "config", "check", ok=False)
+    assert "store.url = (hidden) holds a password" in out
+    assert "store.prefix" in out and "store.password_env" in out
+    assert "secret" not in out
+
+
+def test_stats_reads_the_redis_store(tmp_path, key, redis_server):
+    from trafficthreshold import redisstore
+    from zoneinfo import ZoneInfo
+    store = redisstore.RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1")
+    store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    data = json.loads(run(cfg, "stats", "acme", "pageview", "2027", "1", "--json"))
+    assert data["total"] == 5 and data["data"]["15"] == 5
+    assert not (tmp_path / "s.sqlite3").exists()  # nothing read from SQLite
+
+
+def test_store_migrate_then_a_rerun_adds_nothing(tmp_path, key, redis_server):
+    from trafficthreshold.store import Store
+    with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        store.roll([("acme", "pageview", 1_800_000_000 // 60, 5),
+                    ("all", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100,
+                   closed_through=1_800_000_000 // 60)
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    first = run(cfg, "store", "migrate", "--to", url)
+    assert "8 hashes written, 0 already there, 10 hits" in first
+    again = run(cfg, "store", "migrate", "--to", url)
+    assert "0 hashes written, 8 already there, 0 hits" in again
+    client = redis_server.client()
+    assert client.hgetall("track:acme:pageview:2027") == {b"1": b"5"}
+    assert int(client.hget("track~host:web1", "closed_through")) == 1_800_000_000 // 60
+    data = json.loads(run(cfg, "stats", "all", "pageview", "2027", "--json"))
+    assert data["total"] == 5
+
+
+def test_status_shows_the_store(tmp_path, key, redis_server):
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    run(cfg, "install")
+    info = json.loads(run(cfg, "status", "--json"))
+    assert info["store"]["backend"] == "redis" and info["store"]["answered"]
+    assert "answered, no roll yet" in run(cfg, "status")
+    redis_server.kill()
+    assert "DID NOT ANSWER" in run(cfg, "status")
+    run(cfg, "uninstall", "--no-rollup")
+
+
+def test_uninstall_rolls_into_the_redis_store(tmp_path, key, redis_server):
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    run(cfg, "install")
+    run(cfg, "hit", "acme", "pageview", "-n", "6")
+    out = run(cfg, "uninstall")
+    assert "rolled 6 pending hits into redis redis://127.0.0.1" in out
+    client = redis_server.client()
+    year = time.gmtime().tm_year
+    assert client.hgetall(f"track:acme:pageview:{year}") == {
+        str(time.gmtime().tm_mon).encode(): b"6"}
+    assert client.hget("track~host:web1", "instance_ended") is not None
+
+
+def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_server):
+    """The handover: the SQLite store rolled part of the ring; after the
+    migration, a roll of the same ring into Redis adds only what SQLite had
+    not (the watermarks come along under the segment's instance)."""
+    from zoneinfo import ZoneInfo
+    from trafficthreshold.redisstore import RedisStore
+    from trafficthreshold.rollup import Roller
+    from trafficthreshold.store import Store
+    from conftest import remove_everything
+    from trafficthreshold import _counter
+    t0 = 1_800_000_000
+    while True:  # an instance with the top bit set: SQLite stores it signed
+        segment.install(key, "sysv", now=t0)
+        counter = segment.attach(key, "sysv")
+        if counter.load(segment.H_INSTANCE, 8) >= 2**63:
+            break
+        counter.detach()
+        _counter._reset()
+        remove_everything(key)
+    try:
+        counter.hit("acme", "pageview", 5, t0 + 5)
+        counter.hit("acme", "pageview", 2, t0 + 65)
+        with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+            assert Roller(counter, store).roll(t0 + 70, include_current=True) == 7
+        counter.hit("acme", "pageview", 3, t0 + 66)  # after SQLite's last roll
+        cfg = _redis_cfg(tmp_path, key, redis_server.port)
+        run(cfg, "store", "migrate", "--to", f"redis://127.0.0.1:{redis_server.port}/0")
+        redis_store = RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1")
+        assert Roller(counter, redis_store).roll(t0 + 130) == 3
+        assert redis_store.period("acme", "pageview", 2027)["total"] == 10
+        assert redis_store.period("all", "pageview", 2027)["total"] == 10
+    finally:
+        counter.detach()
+
+
+def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):
+    (tmp_path / "s.sqlite3").write_bytes(b"")
+    out = run(cfg, "store", "migrate", "--to", "redis://:hunter2@127.0.0.1:1/0", ok=False)
+    assert "password" in out and "hunter2" not in out

@@ -275,3 +275,85 @@ def test_connect_through_sentinels(sentinel_farm) -> None:
     client = connect(sentinels=nodes, service="tt")
     client.set("probe", "1")  # a write: it reached the master
     assert client.get("probe") == b"1"
+
+
+# -- what the Roller asks of a store (the supervisor rolls into Redis) -------
+
+def test_a_roller_over_redis_records_a_replaced_segment_and_late_hits(redis_server, key):
+    """The Roller's bookkeeping, per host in Redis: the instance, a segment
+    replaced without `uninstall` (a gap in track~gaps:{host}, written with
+    the new closed_through in one MULTI), late hits counted, not added."""
+    from conftest import remove_everything
+    from trafficthreshold import _counter, segment
+    from trafficthreshold.rollup import LATE_MINUTES, Roller
+    t0 = 1_800_000_000
+    store = RedisStore(redis_server.client(), resolve_timezone("UTC"), "web1")
+    segment.install(key, "sysv", now=t0)
+    counter = segment.attach(key, "sysv")
+    try:
+        counter.hit("acme", "pageview", 3, t0 + 5)
+        roller = Roller(counter, store)
+        assert roller.roll(t0 + 65) == 3
+        assert store.instance() == counter.load(segment.H_INSTANCE, 8)
+        assert store.closed_through() == t0 // 60
+        # a hit more than LATE_MINUTES late: counted in late_dropped, never added
+        later = t0 + 60 * (LATE_MINUTES + 3) + 1
+        roller.roll(later - 60)  # minute t0 + 1 read for the last time
+        counter.hit("acme", "pageview", 2, t0 + 65)
+        assert roller.roll(later) == 0
+        assert store.late_dropped() == 2
+        assert roller.roll(later + 60) == 0 and store.late_dropped() == 2  # once
+        assert store.period("acme", "pageview", 2027)["total"] == 3
+        counter.detach()
+        remove_everything(key)  # gone without `uninstall`: a reboot, ipcrm
+        _counter._reset()
+        segment.install(key, "sysv", now=later + 600)
+        counter = segment.attach(key, "sysv")
+        counter.hit("acme", "pageview", 4, later + 605)
+        assert Roller(counter, store).roll(later + 665) == 4
+        gaps = store.gaps()
+        assert len(gaps) == 1 and "was replaced" in gaps[0]["reason"]
+        assert gaps[0]["first_minute"] == (later + 60) // 60  # after the last closed
+        assert store.closed_through() == (later + 665) // 60 - 1
+    finally:
+        counter.detach()
+
+
+def test_closed_through_never_moves_back_and_a_transaction_is_all_or_nothing(redis_server):
+    store = store_on(redis_server)
+    store.set_closed_through(MINUTE)
+    store.set_closed_through(MINUTE - 5)
+    assert store.closed_through() == MINUTE
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.record_gap(MINUTE + 1, MINUTE + 3, "test", 1.0)
+            store.set_closed_through(MINUTE + 3)
+            raise RuntimeError("cut short")
+    assert store.gaps() == [] and store.closed_through() == MINUTE
+    with store.transaction():
+        store.record_gap(MINUTE + 1, MINUTE + 3, "test", 1.0)
+        store.set_closed_through(MINUTE + 3)
+    assert store.gap_count() == 1 and store.closed_through() == MINUTE + 3
+
+
+def test_a_final_roll_of_a_retired_segment_records_its_end(redis_server):
+    store = store_on(redis_server)
+    store.roll([("acme", "pageview", MINUTE, 1)], 1.0, instance=7)
+    assert store.instance() == 7 and store.instance_ended() is None
+    store.roll_deltas([("acme", "pageview", MINUTE, 2)], 2.0, instance=7, ended=True)
+    assert store.instance_ended() == 7
+    assert store.period("acme", "pageview", 2026)["total"] == 2
+
+
+def test_top_accounts_over_the_minute_hashes_like_sqlite(redis_server, tmp_path):
+    rows = [("acme", "pageview", MINUTE, 5), ("globex", "pageview", MINUTE + 1, 9),
+            ("initech", "pageview", MINUTE - 3, 50), ("acme", "pageview", MINUTE + 70, 7),
+            ("all", "pageview", MINUTE, 100), ("acme", "signup", MINUTE, 1)]
+    redis_store = store_on(redis_server)
+    redis_store.roll(rows, 1.0)
+    with Store(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
+        sqlite.roll(rows, 1.0)
+        for since, limit in ((MINUTE, 5), (MINUTE, 1), (MINUTE - 5, 5)):
+            assert redis_store.top_accounts("pageview", since, limit) == \
+                sqlite.top_accounts("pageview", since, limit)
+    assert redis_store.top_accounts("pageview", MINUTE, 5) == [("acme", 12), ("globex", 9)]

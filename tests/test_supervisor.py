@@ -3,6 +3,7 @@ signals, sd_notify and the SIGKILL crash loop."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -673,3 +674,149 @@ def test_hits_later_than_the_recheck_window_are_counted_not_silent(sup):
         sup.tick(T0 + 60 * m + 1)
     assert sup.store.period("acme", "pageview", 2027)["total"] == 4
     assert sup.store.late_dropped() == 2
+
+
+# -- [store] backend = "redis": the roll into the farm's Redis ---------------
+
+@pytest.fixture
+def redis_sup(tmp_path, key, redis_server):
+    """A supervisor over a SysV segment rolling into a real redis-server."""
+    segment.install(key, "sysv", now=T0)
+    made = []
+
+    def make(host="web1"):
+        cfg, path = make_config(tmp_path, key, "sysv", extra=f"""
+[store]
+backend = "redis"
+url = "redis://127.0.0.1:{redis_server.port}/0"
+host = "{host}"
+""")
+        s = Supervisor(cfg, config_path=path, env={}, pid=4242)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.shutdown(T0 + 10**6)
+
+
+def _redis_total(srv, account="acme", host_year=2027):
+    client = srv.client()
+    return {k.decode(): int(v) for k, v in
+            client.hgetall(f"track:{account}:pageview:{host_year}").items()}
+
+
+def test_redis_backend_rolls_into_redis_on_the_roll_thread(redis_sup, redis_server):
+    sup = redis_sup()
+    sup.initialize(T0)
+    sup._wait_rolling()  # the catch-up roll at the start
+    assert type(sup.store).__name__ == "RedisStore"
+    sup.counter.hit("acme", "pageview", 7, T0 + 30)
+    sup.tick(T0 + 61)
+    sup._wait_rolling()
+    assert _redis_total(redis_server) == {"1": 7}
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 7
+    assert sup.store.closed_through() == (T0 + 61) // 60 - 1
+    # alert state stays in the SQLite file
+    assert os.path.exists(sup.config.database)
+
+
+def test_redis_not_answering_never_delays_the_tick_and_is_caught_up(redis_sup, redis_server):
+    """A Redis that accepts connections and never answers (the worst case:
+    each command waits for the socket timeout) costs the tick nothing; the
+    ring keeps the minutes and the roll after Redis answers again adds them
+    exactly once."""
+    sup = redis_sup()
+    sup.initialize(T0)
+    sup._wait_rolling()  # the catch-up roll at the start
+    sup.counter.hit("acme", "pageview", 5, T0 + 10)
+    redis_server.proc.send_signal(signal.SIGSTOP)  # up, listening, silent
+    try:
+        slowest = 0.0
+        for m in range(1, 4):
+            sup.counter.hit("acme", "pageview", 1, T0 + 60 * m + 1)
+            for s in (2, 3):
+                started = time.monotonic()
+                sup.tick(T0 + 60 * m + s)
+                slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.5, f"a tick took {slowest:.2f} s while Redis hung"
+        assert sup.counter.count(sup.counter.find("acme", "pageview"), 0, T0 + 185) >= 0
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    sup._wait_rolling()
+    sup.tick(T0 + 60 * 5 + 1)
+    sup._wait_rolling()
+    assert _redis_total(redis_server) == {"1": 8}
+
+
+def test_redis_down_longer_than_the_ring_records_a_gap_in_redis(redis_sup, redis_server, caplog):
+    sup = redis_sup()
+    sup.initialize(T0)
+    sup._wait_rolling()  # the catch-up roll at the start
+    sup.counter.hit("acme", "pageview", 2, T0 + 10)
+    sup.tick(T0 + 61)
+    sup._wait_rolling()
+    redis_server.kill()
+    ring = sup.counter.load(segment.H_MINUTE_BUCKETS, 4)
+    late = T0 + 60 * (ring + 10)
+    sup.counter.hit("acme", "pageview", 3, late - 50)
+    with caplog.at_level(logging.ERROR, "trafficthreshold"):
+        sup.tick(late - 40)          # Redis down: the roll fails (logged once)
+        sup._wait_rolling()
+        redis_server.start()         # same port, same append-only file
+        sup.tick(late + 1)
+        sup._wait_rolling()
+    gaps = [json.loads(g) for g in redis_server.client().lrange("track~gaps:web1", 0, -1)]
+    assert len(gaps) == 1 and "longer than the ring" in gaps[0]["reason"]
+    assert gaps[0]["first_minute"] == (T0 + 61) // 60
+    assert any("lost minutes" in r.getMessage() for r in caplog.records)
+    assert _redis_total(redis_server)["1"] == 5  # 2 before, 3 still in the ring
+
+
+def test_a_supervisor_in_another_zone_refuses_to_start(redis_sup, redis_server):
+    redis_server.client().hset("track~farm", "timezone", "Europe/Zurich")
+    sup = redis_sup()
+    with pytest.raises(configuration.ConfigError) as exc:
+        sup.initialize(T0)
+    assert "UTC" in str(exc.value) and "Europe/Zurich" in str(exc.value)
+    assert sup.counter.load(segment.H_SUPERVISOR_PID, 4) == 0
+
+
+def test_a_reload_keeps_the_running_store_until_a_restart(redis_sup, redis_server, caplog):
+    sup = redis_sup()
+    sup.initialize(T0)
+    sup._wait_rolling()
+    with open(sup.config_path) as f:
+        text = f.read()
+    with open(sup.config_path, "w") as f:
+        f.write(text.replace('host = "web1"', 'host = "web9"'))
+    with caplog.at_level(logging.WARNING, "trafficthreshold.supervisor"):
+        sup.reload()
+    assert sup.config.store.host == "web1" and sup.store.host == "web1"
+    assert any("store changed" in r.getMessage() and "restart" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_redis_hanging_at_the_start_costs_one_socket_timeout_at_most(redis_sup, redis_server):
+    """Redis accepts and never answers (SIGSTOP) when the daemon starts: the
+    start and the minute's retry each wait one socket timeout (2 s) at most,
+    counting goes on, and the store opens and catches up once it answers."""
+    sup = redis_sup()
+    worker = segment.attach(sup.config.key, "sysv")
+    worker.hit("acme", "pageview", 4, T0 + 1)
+    worker.detach()
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        sup.initialize(T0 + 2)
+        assert time.monotonic() - started < 2.8
+        assert sup.store is None and sup.engine is not None  # alerts run anyway
+        started = time.monotonic()
+        sup.tick(T0 + 61)  # the minute's retry
+        assert time.monotonic() - started < 2.8
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    sup.tick(T0 + 121)
+    assert sup.store is not None
+    sup._wait_rolling()
+    assert _redis_total(redis_server) == {"1": 4}

@@ -104,6 +104,13 @@ def _message(exc: Exception) -> str | None:
         db = getattr(obj.get("config"), "database", "the store")
         from .store import describe  # names the recovery: .recover, move aside, ...
         return describe(db, exc)
+    if type(exc).__module__.startswith("redis"):  # redis-py's errors, Sentinel's too
+        obj = click.get_current_context().obj or {}
+        cfg = obj.get("config")
+        from .stores import describe
+        where = describe(cfg) if cfg is not None else "the Redis store"
+        return (f"{where} did not answer ({type(exc).__name__}: {exc}): check that Redis "
+                "runs and [store] url, sentinels, service and the password")
     if isinstance(exc, OSError):
         return _oserror_message(exc)
     return None
@@ -300,7 +307,8 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
     rollup = None if no_rollup else functools.partial(_final_rollup, cfg, rolled)
     result = segment.uninstall(cfg.key, cfg.backend, force=force, rollup=rollup)
     if rolled:  # it runs twice: on the live segment, then on the retired one
-        click.echo(f"rolled {sum(rolled)} pending hits into {cfg.database}")
+        from .stores import describe
+        click.echo(f"rolled {sum(rolled)} pending hits into {describe(cfg)}")
     attached = int(result.get("attached", 0) or 0)
     click.echo(f"removed the {result['removed']} ({result['size']:,} bytes)"
                + (f"; {_plural(attached, 'process was', 'processes were')} still attached"
@@ -309,8 +317,8 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
 
 def _final_rollup(cfg: configuration.Config, rolled: list[int], counter: Any) -> None:
     from .rollup import Roller
-    from .store import Store
-    with Store(cfg.database, cfg.timezone) as store:
+    from .stores import open_writer
+    with open_writer(cfg) as store:
         rolled.append(Roller(counter, store).roll(time.time(), include_current=True))
 
 
@@ -412,6 +420,15 @@ def config_check(ctx: click.Context) -> None:
     cfg = _load(ctx)
     for warning in configuration.warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
+    if cfg.store.backend == "redis":
+        from .stores import PING_TIMEOUT, ping
+        found = ping(cfg)
+        if not found["answered"]:
+            raise click.ClickException(
+                f"{cfg.source}: the configuration is valid but {found['where']} did not answer "
+                f"within {PING_TIMEOUT:g} s ({found['error']}): start Redis or fix [store] "
+                "url / sentinels / service / the password")
+        click.echo(f"{found['where']}: answered")
     click.echo(f"{cfg.source}: OK")
 
 
@@ -463,9 +480,9 @@ def stats(ctx: click.Context, account: str, event: str, year: int, month: int | 
 
     Example: trafficthreshold stats example.com pageview 2026 11
     """
-    from .store import Store
+    from .stores import open_reader
     cfg = _load(ctx)
-    with Store(cfg.database, cfg.timezone, readonly=True) as store:
+    with open_reader(cfg) as store:  # [store]: the SQLite file or the farm's Redis
         if store.empty:  # a missing or empty file: says so, writes nothing
             raise click.ClickException(store.empty)
         result = store.period(account, event, year, month, day, hour)
@@ -478,6 +495,53 @@ def stats(ctx: click.Context, account: str, event: str, year: int, month: int | 
     for segment_no, n in result["data"].items():
         click.echo(f"{segment_no:>4}  {n:>12,}")
     click.echo(f"total {result['total']:>12,}")
+
+
+# ------------------------------------------------------------------- store
+
+@main.group("store")
+@common_options
+def store_group() -> None:
+    """The period store: move this host's SQLite history into the farm's Redis."""
+
+
+@store_group.command("migrate")
+@common_options
+@click.option("--to", "url", required=True,
+              help="The farm's Redis, e.g. redis://10.0.0.5:6379/0 (no password in it: "
+                   "[store] password_file or password_env is used).")
+@click.option("--from", "source", type=click.Path(dir_okay=False), default=None,
+              help="The SQLite file (default: database in the config).")
+@click.pass_context
+@_fail_clearly
+def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
+    """Copy this host's SQLite periods into Redis, exactly once (a rerun
+    adds nothing).  Stop the daemon first; then set [store] backend = "redis".
+
+    Example: trafficthreshold store migrate --to redis://10.0.0.5:6379/0
+    """
+    import urllib.parse
+    from . import migrate, stores
+    from .store import Store
+    if urllib.parse.urlsplit(url).password:
+        raise click.ClickException(
+            "--to holds a password (it would show in `ps` and the shell history): remove it "
+            "and set [store] password_file or password_env in the config")
+    cfg = _load(ctx)
+    cfg = dataclasses.replace(cfg, store=dataclasses.replace(
+        cfg.store, backend="redis", url=url, sentinels=()))
+    path = source or cfg.database
+    if not os.path.exists(path):
+        raise click.ClickException(f"{path} does not exist: name the SQLite file with --from")
+    with Store(path, cfg.timezone, readonly=True) as old:
+        instance = old.instance() or 0  # its watermarks carry over under it
+    with stores.open_writer(cfg) as target:  # records or checks the farm's zone
+        with click.progressbar(length=migrate.count_hashes(path), label="hashes",
+                               file=sys.stderr) as bar:
+            summary = migrate.migrate(path, target, instance=instance, progress=bar.update)
+    click.echo(f"migrated {path} into {stores.describe(cfg)}: {summary.hashes} hashes "
+               f"written, {summary.skipped} already there, {summary.hits:,} hits, "
+               f"{summary.watermarks} watermarks")
 
 
 # ------------------------------------------------------------------- mail

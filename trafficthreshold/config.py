@@ -185,6 +185,25 @@ class MailConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where the supervisor rolls the minutes (docs/redis.rst).
+
+    ``backend = "sqlite"`` keeps the top-level ``database``; ``"redis"``
+    writes the farm's Redis (``url``, or ``sentinels`` with ``service``).
+    The password is never in the file: ``password_file`` or
+    ``password_env``, as in ``[mail]``."""
+
+    backend: str = "sqlite"
+    url: str = ""
+    sentinels: tuple[str, ...] = ()
+    service: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    prefix: str = "track"
+    host: str = dataclasses.field(default_factory=socket.gethostname)
+
+
+@dataclasses.dataclass(frozen=True)
 class AlertRule:
     """One ``[[alert]]`` table."""
 
@@ -212,6 +231,7 @@ class Config:
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
     mail: MailConfig = dataclasses.field(default_factory=MailConfig)
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
     alerts: tuple[AlertRule, ...] = ()
     source: str = dataclasses.field(default="<defaults>", compare=False)
 
@@ -561,6 +581,54 @@ def _origins(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(origins))
 
 
+STORE_BACKENDS = ("sqlite", "redis")
+
+
+def _redis_url(value: Any) -> str:
+    """A Redis URL without a password in it (the file is no place for one)."""
+    url = _single_line(value)
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _Bad("is not a Redis URL",
+                   'use "redis://host:6379/0", "rediss://host:6380/0" or '
+                   '"unix:///run/redis/redis.sock"')
+    if parts.password:
+        raise _Bad("holds a password",
+                   "remove it from the URL and set store.password_file (a file readable "
+                   "only by the daemon) or store.password_env instead")
+    return url
+
+
+def _sentinels(value: Any) -> tuple[str, ...]:
+    """A list of "host:port" strings."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _wrong_type(value, "an array of \"host:port\"", '["10.0.0.5:26379"]')
+    for item in value:
+        host, _, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        if not host or not port.isdigit() or not 0 < int(port) <= LIMITS["port"]:
+            raise _Bad(f"contains {_show(item)}, which is not host:port",
+                       'write each sentinel as "host:port", e.g. ["10.0.0.5:26379"]')
+    return tuple(value)
+
+
+def _store_word(what: str, example: str) -> Check:
+    """A prefix or host name: a non-empty single line without ':' (Bootic's
+    key separator) or spaces."""
+
+    def check(value: Any) -> str:
+        text = _single_line(value, empty_ok=False)
+        if not re.fullmatch(r"[^\s:\x00]+", text):
+            raise _Bad(f"is not a usable {what}",
+                       f'use a name without ":" or spaces, e.g. "{example}"')
+        return text
+
+    return check
+
+
 def _alert_name(value: Any) -> str:
     """An alert's name: 1..64 UTF-8 bytes without control characters."""
     if not isinstance(value, str):
@@ -654,6 +722,17 @@ _MAIL: dict[str, _Key] = {
     "templates": _Key("templates", _path(example="/etc/trafficthreshold/templates")),
     "dashboard_url": _Key("dashboard_url", _url),
 }
+_STORE: dict[str, _Key] = {
+    "backend": _Key("backend", _choice(*STORE_BACKENDS)),
+    # secret: a URL written with a password is refused without showing it
+    "url": _Key("url", _redis_url, secret=True),
+    "sentinels": _Key("sentinels", _sentinels),
+    "service": _Key("service", _text()),
+    "password_file": _Key("password_file", _path()),
+    "password_env": _Key("password_env", _text()),
+    "prefix": _Key("prefix", _store_word("key prefix", "track")),
+    "host": _Key("host", _store_word("host name", "web1")),
+}
 _ALERT: dict[str, _Key] = {
     "name": _Key("name", _alert_name),
     "account": _Key("account", _counter_name("account", names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)),
@@ -672,6 +751,8 @@ _TABLES: dict[str, tuple[dict[str, _Key], type]] = {
     "throttle": (_THROTTLE, ThrottleConfig),
     "retention": (_RETENTION, RetentionConfig),
     "http": (_HTTP, HttpConfig),
+    # [store] before [mail]: dump() comments on the last line, mail.dashboard_url.
+    "store": (_STORE, StoreConfig),
     "mail": (_MAIL, MailConfig),
 }
 
@@ -856,6 +937,26 @@ def _cross_check(config: Config, errors: _Errors) -> None:
             "is set as well as mail.password_file",
             "keep only one of the two",
         )
+    _cross_check_store(config.store, errors)
+
+
+def _cross_check_store(store: StoreConfig, errors: _Errors) -> None:
+    """``[store]``: redis needs a url or sentinels (not both), sentinels a
+    service; one password source."""
+    if store.password_file and store.password_env:
+        errors.bad("store.password_env", store.password_env,
+                   "is set as well as store.password_file", "keep only one of the two")
+    if store.backend != "redis":
+        return
+    if store.url and store.sentinels:
+        errors.bad("store.sentinels", list(store.sentinels), "is set as well as store.url",
+                   "keep only one: url for one Redis, sentinels + service for Sentinel")
+    elif not store.url and not store.sentinels:
+        errors.missing("store.url", 'backend = "redis" needs url = "redis://host:6379/0" '
+                       'or sentinels = ["host:26379", ...] with service')
+    if store.sentinels and not store.service:
+        errors.missing("store.service", 'sentinels need the master\'s name, e.g. service = '
+                       '"mymaster" (the name in the sentinels\' `sentinel monitor` line)')
 
 
 def default(env: Mapping[str, str] = os.environ) -> Config:
@@ -1004,6 +1105,18 @@ def _secret_file_warnings(key: str, path: str) -> list[str]:
     return []
 
 
+def _warn_store(config: Config, env: Mapping[str, str]) -> list[str]:
+    store, lines = config.store, []
+    if store.password_file:
+        lines.extend(_secret_file_warnings("store.password_file", store.password_file))
+    if store.password_env and store.password_env not in env:
+        lines.append(
+            f"store.password_env = {store.password_env!r} is not set in this environment; "
+            "set it where the daemon runs (systemd: Environment= or EnvironmentFile=)"
+        )
+    return lines
+
+
 def _warn_http(config: Config, env: Mapping[str, str]) -> list[str]:
     token, lines = config.http.token, []
     if token and len(token) < 16:
@@ -1039,6 +1152,7 @@ _WARNINGS: tuple[Callable[[Config, Mapping[str, str]], list[str]], ...] = (
     _warn_mail,
     _warn_http,
     _warn_storage,
+    _warn_store,
 )
 
 

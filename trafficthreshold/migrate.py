@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from trafficthreshold.redisstore import WATERMARK_TTL, RedisStore
+from trafficthreshold.store import _signed
 
 log = logging.getLogger("trafficthreshold.migrate")
 
@@ -118,9 +119,11 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0,
                 summary.skipped += 1
             progress(1)
         summary.watermarks = _copy_watermarks(conn, store, instance, keep)
-        closed = conn.execute("SELECT value FROM meta WHERE name = 'closed_through'").fetchone()
-        if closed is not None:
-            client.hset(f"{prefix}~host:{store.host}", "closed_through", int(closed[0]))
+        pairs = [f"{a}\0{e}" for a, e in conn.execute("SELECT DISTINCT account, event "
+                                                     "FROM months")]
+        if pairs:  # what RedisStore.accounts() and events() list
+            client.sadd(store.keys_key, *pairs)
+        _copy_meta(conn, store)
     finally:
         conn.close()
     log.info("migrated %s into Redis: %d hashes written, %d already there, %d hits",
@@ -128,12 +131,25 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0,
     return summary
 
 
+def _copy_meta(conn: sqlite3.Connection, store: RedisStore) -> None:
+    """``closed_through``, and the instance the host last rolled (and the
+    one ``uninstall`` rolled to its end), so that the supervisor's first
+    roll into Redis sees a segment replaced since as the SQLite store would."""
+    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
+                             "('closed_through', 'instance', 'instance_ended')"))
+    if "closed_through" in meta:
+        store.set_closed_through(int(meta["closed_through"]))
+    for name in ("instance", "instance_ended"):
+        if meta.get(name) is not None:
+            store.client.hset(store.host_key, name, int(meta[name]) % 2**64)
+
+
 def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
                      keep) -> int:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(watermarks)")}
     if "instance" in columns:
         rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks "
-                            "WHERE instance = ?", (instance,))
+                            "WHERE instance = ?", (_signed(instance),))
     else:
         rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks")
     per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)

@@ -37,13 +37,16 @@ with another zone is refused.  ``{prefix}~...`` keys never match Bootic's
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from trafficthreshold.errors import ConfigError
+from trafficthreshold.names import ALL
 from trafficthreshold.periods import local_parts, segments
 from trafficthreshold.store import KeyMinute, RollItem
 
@@ -61,18 +64,20 @@ WATERMARK_TTL = 2 * 24 * 3600
 #: Lua's (doubles), exact up to 2**53.
 MAX_COUNT = 2**53 - 1
 
-# KEYS: per item, 1 watermark hash + 4 period hashes, then the host hash.
-# ARGV: watermark TTL, minute-hash TTL (0 = keep), now, closed_through ('' =
-# unchanged), then per item: watermark field, observed, M, D, H, minute.
+# KEYS: per item, 1 watermark hash + 4 period hashes, then the key set and the
+# host hash.  ARGV: watermark TTL, minute-hash TTL (0 = keep), now,
+# closed_through ('' = unchanged), instance, ended ('' = not ended), then per
+# item: watermark field, observed, M, D, H, minute, "{account}\0{event}".
 # Returns the delta added per item.
 ROLL_SCRIPT = """
 local wm_ttl = tonumber(ARGV[1])
 local minute_ttl = tonumber(ARGV[2])
-local n = (#KEYS - 1) / 5
+local n = (#KEYS - 2) / 5
+local keys_set = KEYS[#KEYS - 1]
 local added = {}
 for i = 0, n - 1 do
   local k = i * 5
-  local a = 4 + i * 6
+  local a = 6 + i * 7
   local wm_key, field = KEYS[k + 1], ARGV[a + 1]
   local observed = tonumber(ARGV[a + 2])
   local seen = tonumber(redis.call('HGET', wm_key, field) or '0')
@@ -86,13 +91,45 @@ for i = 0, n - 1 do
     if minute_ttl > 0 then redis.call('EXPIRE', KEYS[k + 5], minute_ttl) end
     redis.call('HSET', wm_key, field, ARGV[a + 2])
     redis.call('EXPIRE', wm_key, wm_ttl)
+    redis.call('SADD', keys_set, ARGV[a + 7])
   end
   added[i + 1] = delta
 end
 local host_key = KEYS[#KEYS]
-redis.call('HSET', host_key, 'last_roll_at', ARGV[3])
-if ARGV[4] ~= '' then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
+redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
+if ARGV[4] ~= '' then
+  local closed = tonumber(redis.call('HGET', host_key, 'closed_through') or '-1')
+  if tonumber(ARGV[4]) > closed then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
+end
+if ARGV[6] ~= '' then redis.call('HSET', host_key, 'instance_ended', ARGV[6]) end
 return added
+"""
+
+# closed_through never moves backwards.  KEYS: the host hash; ARGV: minute.
+CLOSE_SCRIPT = """
+local closed = tonumber(redis.call('HGET', KEYS[1], 'closed_through') or '-1')
+if tonumber(ARGV[1]) > closed then redis.call('HSET', KEYS[1], 'closed_through', ARGV[1]) end
+return 0
+"""
+
+# Late hits: move the watermarks without adding to the periods, and count
+# the growth of the `all` keys into the host's late_dropped.  KEYS: per item
+# the watermark hash, then the host hash.  ARGV: watermark TTL, then per
+# item: field, observed, 1 if the account is `all` else 0.
+LATE_SCRIPT = """
+local late = 0
+for i = 1, #KEYS - 1 do
+  local a = 1 + (i - 1) * 3
+  local observed = tonumber(ARGV[a + 2])
+  local seen = tonumber(redis.call('HGET', KEYS[i], ARGV[a + 1]) or '0')
+  if observed > seen then
+    redis.call('HSET', KEYS[i], ARGV[a + 1], ARGV[a + 2])
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+    if ARGV[a + 3] == '1' then late = late + observed - seen end
+  end
+end
+if late > 0 then redis.call('HINCRBY', KEYS[#KEYS], 'late_dropped', late) end
+return late
 """
 
 
@@ -112,14 +149,26 @@ class RedisStore:
         self.client, self.tz, self.host, self.prefix = client, zone, host, prefix
         self.minute_ttl = int(minute_days * 86400)
         self._roll = client.register_script(ROLL_SCRIPT)
+        self._close = client.register_script(CLOSE_SCRIPT)
+        self._late = client.register_script(LATE_SCRIPT)
+        self.host_key = f"{prefix}~host:{host}"
+        self.keys_key = f"{prefix}~keys"
+        self.gaps_key = f"{prefix}~gaps:{host}"
+        #: What a reader says when there is nothing to read (never, for Redis:
+        #: an empty farm reads as zeros); the SQLite Store's attribute.
+        self.empty: str | None = None
+        self._pipe: Any = None  # the MULTI of an open transaction()
 
     # ------------------------------------------------------------ the farm
 
     def check_zone(self, zone_name: str) -> None:
         """Record the farm's time zone, or refuse one that differs from it."""
         key = f"{self.prefix}~farm"
-        self.client.hsetnx(key, "timezone", zone_name)
-        farm = self.client.hget(key, "timezone")
+        # One round trip: a Redis that hangs costs one socket timeout, not two.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hsetnx(key, "timezone", zone_name)
+        pipe.hget(key, "timezone")
+        _, farm = pipe.execute()
         farm = farm.decode() if isinstance(farm, bytes) else farm
         if farm != zone_name:
             raise ConfigError(
@@ -135,7 +184,8 @@ class RedisStore:
                 f"{base}:{y}:{mo}:{d}:{h}"]
 
     def roll_deltas(self, items: Iterable[RollItem], now: float, *, instance: int = 0,
-                    closed_through: int | None = None) -> dict[KeyMinute, int]:
+                    closed_through: int | None = None,
+                    ended: bool = False) -> dict[KeyMinute, int]:
         """Add what is new in a snapshot of cumulative counts; return what
         was added per key-minute that grew.  See the module docstring."""
         latest: dict[KeyMinute, int] = {}
@@ -144,19 +194,20 @@ class RedisStore:
             latest[key] = max(latest.get(key, 0), min(int(observed), MAX_COUNT))
         ordered = list(latest.items())
         added: dict[KeyMinute, int] = defaultdict(int)
-        host_key = f"{self.prefix}~host:{self.host}"
         for start in range(0, max(len(ordered), 1), BATCH):
             batch = ordered[start:start + BATCH]
             last = start + BATCH >= len(ordered)
             keys: list[str] = []
             args: list[Any] = [WATERMARK_TTL, self.minute_ttl, repr(float(now)),
-                               "" if closed_through is None or not last else closed_through]
+                               "" if closed_through is None or not last else closed_through,
+                               instance, instance if ended and last else ""]
             for (account, event, minute), observed in batch:
                 parts = local_parts(minute, self.tz)
                 keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
                 keys.extend(self._period_keys(account, event, parts))
-                args.extend([f"{instance}\0{account}\0{event}", observed, *parts[1:]])
-            keys.append(host_key)
+                args.extend([f"{instance}\0{account}\0{event}", observed, *parts[1:],
+                             f"{account}\0{event}"])
+            keys.extend([self.keys_key, self.host_key])
             deltas = self._roll(keys=keys, args=args)
             for ((account, event, minute), _), delta in zip(batch, deltas, strict=True):
                 if delta:
@@ -169,15 +220,113 @@ class RedisStore:
         return sum(self.roll_deltas(items, now, instance=instance,
                                     closed_through=closed_through).values())
 
+    def _host_field(self, name: str) -> bytes | str | None:
+        return self.client.hget(self.host_key, name)
+
     def closed_through(self) -> int | None:
         """The last minute this host has closed, or None."""
-        value = self.client.hget(f"{self.prefix}~host:{self.host}", "closed_through")
+        value = self._host_field("closed_through")
         return None if value is None else int(value)
 
     def last_roll_at(self) -> float | None:
         """When this host last rolled (Unix seconds), or None."""
-        value = self.client.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
+        value = self._host_field("last_roll_at")
         return None if value is None else float(value)
+
+    # ------------------------------------------- what the Roller asks of a store
+    # The same methods as the SQLite Store's (trafficthreshold.rollup), per host.
+
+    def instance(self) -> int | None:
+        """The segment instance of this host's last roll, or None."""
+        value = self._host_field("instance")
+        return None if value is None else int(value)
+
+    def instance_ended(self) -> int | None:
+        """The instance of this host that ``uninstall`` retired and a final
+        roll rolled to its end, or None."""
+        value = self._host_field("instance_ended")
+        return None if value is None else int(value)
+
+    def late_dropped(self) -> int:
+        """This host's hits that came too late to be added (see rollup)."""
+        return int(self._host_field("late_dropped") or 0)
+
+    def bad_keys(self) -> list[str]:
+        """The keys this host's last roll had to skip, described."""
+        value = self._host_field("bad_keys")
+        return [] if value is None else list(json.loads(value))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """The writes of :meth:`set_closed_through`, :meth:`set_instance` and
+        :meth:`record_gap` made inside go in one MULTI/EXEC: all or none.
+        Reads inside see the state before it."""
+        if self._pipe is not None:  # nested: the outer one executes
+            yield self._pipe
+            return
+        self._pipe = self.client.pipeline(transaction=True)
+        try:
+            yield self._pipe
+            self._pipe.execute()
+        finally:
+            self._pipe.reset()
+            self._pipe = None
+
+    def _writer(self) -> Any:
+        return self.client if self._pipe is None else self._pipe
+
+    def set_closed_through(self, minute: int) -> None:
+        """Record that this host closed every minute up to ``minute``; never
+        moves backwards."""
+        self._close(keys=[self.host_key], args=[int(minute)], client=self._writer())
+
+    def set_instance(self, instance: int) -> None:
+        """Record the segment instance this host rolls."""
+        self._writer().hset(self.host_key, "instance", instance)
+
+    def set_bad_keys(self, described: Iterable[str]) -> None:
+        """Record the keys a roll skips (see :meth:`bad_keys`)."""
+        value = sorted(described)
+        if value != self.bad_keys():
+            self._writer().hset(self.host_key, "bad_keys", json.dumps(value))
+
+    def drop_late(self, items: Iterable[RollItem], instance: int) -> int:
+        """Move the watermarks of late hits without adding them; count the
+        growth of the ``all`` keys into ``late_dropped``; return it."""
+        latest: dict[KeyMinute, int] = {}
+        for account, event, minute, observed in items:
+            key = (account, event, minute)
+            latest[key] = max(latest.get(key, 0), min(int(observed), MAX_COUNT))
+        if not latest:
+            return 0
+        keys, args = [], [WATERMARK_TTL]
+        for (account, event, minute), observed in latest.items():
+            keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
+            args.extend([f"{instance}\0{account}\0{event}", observed,
+                         1 if account == ALL else 0])
+        return int(self._late(keys=[*keys, self.host_key], args=args))
+
+    def record_gap(self, first_minute: int, last_minute: int, reason: str, now: float) -> None:
+        """Record that this host did not count minutes first..last: one JSON
+        entry appended to the list ``{prefix}~gaps:{host}``."""
+        if first_minute > last_minute:
+            raise ValueError(f"gap from minute {first_minute} to {last_minute}: first > last")
+        entry = {"first_minute": first_minute, "last_minute": last_minute, "reason": reason,
+                 "recorded_at": now}
+        self._writer().rpush(self.gaps_key, json.dumps(entry))
+
+    def gaps(self) -> list[dict[str, Any]]:
+        """This host's recorded gaps, in the order recorded."""
+        return [json.loads(item) for item in self.client.lrange(self.gaps_key, 0, -1)]
+
+    def gap_count(self) -> int:
+        """How many gaps this host recorded."""
+        return int(self.client.llen(self.gaps_key))
+
+    def prune(self, now: float, retention: Any) -> dict[str, int]:
+        """Nothing to do: minute hashes expire on their own (``minute_days``),
+        watermarks after WATERMARK_TTL; hours, days and months are kept."""
+        return {}
 
     # ------------------------------------------------------------- reading
 
@@ -198,6 +347,58 @@ class RedisStore:
             if segment in data:
                 data[segment] = int(value)
         return {"data": data, "total": sum(data.values())}
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for member in self.client.smembers(self.keys_key):
+            text = member.decode() if isinstance(member, bytes) else member
+            account, _, event = text.partition("\0")
+            pairs.append((account, event))
+        return pairs
+
+    def accounts(self, event: str | None = None) -> list[str]:
+        """Accounts the farm has rolled (for ``event`` if given), sorted;
+        ``all`` included.  Read from ``{prefix}~keys``, which every roll and
+        migration adds to (Bootic's own writes are not listed there)."""
+        return sorted({a for a, e in self._pairs() if event is None or e == event})
+
+    def events(self) -> list[str]:
+        """Events the farm has rolled, sorted."""
+        return sorted({e for _, e in self._pairs()})
+
+    def top_accounts(self, event: str, since_minute: int, limit: int,
+                     span: int = 24 * 60) -> list[tuple[str, int]]:
+        """The ``limit`` accounts with the most ``event`` hits in the minutes
+        ``since_minute`` .. ``since_minute + span - 1``, biggest first;
+        ``all`` left out (the SQLite store's method, over the minute hashes:
+        one HGETALL per account and hour, in one pipeline)."""
+        hours: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        for minute in range(since_minute, since_minute + span):
+            parts = local_parts(minute, self.tz)
+            hours[parts[:4]].add(parts[4])
+        accounts = [a for a in self.accounts(event) if a != ALL]
+        pipe = self.client.pipeline(transaction=False)
+        asked = []
+        for account in accounts:
+            for hour, minutes in hours.items():
+                pipe.hgetall(":".join([self.prefix, account, event, *map(str, hour)]))
+                asked.append((account, minutes))
+        totals: dict[str, int] = defaultdict(int)
+        for (account, minutes), fields in zip(asked, pipe.execute(), strict=True):
+            totals[account] += sum(int(v) for f, v in fields.items()
+                                   if f.isdigit() and int(f) in minutes)
+        ranked = sorted(((a, n) for a, n in totals.items() if n), key=lambda r: (-r[1], r[0]))
+        return ranked[:limit]
+
+    def close(self) -> None:
+        """Let go of the client's connections."""
+        self.client.close()
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------- connecting

@@ -118,7 +118,19 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "permissions": _guarded(damage, "permissions", _permissions, cfg),
         "throttle": _throttle(cfg, head, level, now, damage),
         "supervisor": _supervisor(head, now),
+        "store": _store(cfg, now),
     }
+
+
+def _store(cfg: Config, now: float) -> dict[str, Any]:
+    """The period store ([store]): which, whether it answered (Redis: one
+    PING within stores.PING_TIMEOUT), this host's last roll and its age."""
+    from . import stores  # redis-py only when the store is Redis
+    info = stores.ping(cfg)
+    last = info["last_roll_at"]
+    info["last_roll_age"] = None if last is None else round(now - last, 1)
+    info["last_roll_at"] = None if last is None else _iso(int(last))
+    return info
 
 
 def _raw_size(cfg: Config) -> int:
@@ -309,6 +321,7 @@ def render(info: dict[str, Any]) -> str:
         f"throttle    level {level} ({low} - {top}), window {t['window']}, "
         f"multiplier {t['multiplier']}, policy {t['policy']}: {t['policy_state']}",
         f"supervisor  {sup}",
+        *([_render_store(info["store"])] if info.get("store") else []),
         "",
         f"{'ACCOUNT':<40} {'EVENT':<16} {'MINUTE':>10} {'LAST 60 S':>10}",
     ]
@@ -316,6 +329,15 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"{k['account']:<40} {k['event']:<16} {k['minute']:>10,} "
                      f"{k['last_60s']:>10,}")
     return "\n".join(lines)
+
+
+def _render_store(st: dict[str, Any]) -> str:
+    """``store  redis ... answered, last roll 12.0 s ago``."""
+    if not st["answered"]:
+        return f"store       {st['where']}: DID NOT ANSWER ({st['error']})"
+    last = ("no roll yet" if st["last_roll_age"] is None else
+            f"last roll {st['last_roll_at']} ({st['last_roll_age']} s ago)")
+    return f"store       {st['where']}: answered, {last}"
 
 
 def _plural(n: int, one: str, many: str) -> str:

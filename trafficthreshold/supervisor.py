@@ -16,11 +16,19 @@ it directly with a driven clock.  Each tick:
    per field);
 3. steps the throttle level (policy "hysteresis" or "drupal") and writes
    it into the header, where throttle_status() reads it;
-4. when the clock minute changed, rolls the ring into the store
-   (:mod:`trafficthreshold.rollup`);
+4. when the clock minute changed, rolls the ring into the period store
+   configured in ``[store]`` (:mod:`trafficthreshold.rollup`): the SQLite
+   file, or the farm's Redis.  A roll into Redis runs on a thread of its
+   own, so a slow or unreachable Redis never delays the tick (throttle,
+   alerts, heartbeat); while it is still running the next minute's roll is
+   skipped (logged once), the ring keeps the minutes for the one after;
 5. evaluates the alert rules (mail goes out from the outbox thread, never
    from the tick);
 6. once an hour, prunes the store.
+
+Alert state and the mail queue are always in the SQLite file (this host's
+own), opened apart from the period store: a Redis that is down does not
+stop alerts, and a damaged file does not stop the roll into Redis.
 
 Every step is guarded: a step that fails is logged and tried again, and
 the other steps go on; the daemon does not exit for a problem that a later
@@ -41,6 +49,7 @@ for the next start), SIGHUP reloads the configuration.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -48,13 +57,14 @@ import signal
 import time
 from typing import Any, Mapping
 
-from . import alerts, config as configuration, names, notify, segment, throttle
+from . import alerts, config as configuration, names, notify, segment, stores, throttle
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
 from .mailer import Outbox
+from .redisstore import RedisStore
 from .rollup import Roller
-from .store import Store, StoreError
+from .store import StoreError
 
 log = logging.getLogger("trafficthreshold.supervisor")
 
@@ -67,7 +77,11 @@ TOP_ACCOUNTS = 5
 MAX_LEVEL = 5
 #: Configuration keys that only a restart applies: the running daemon keeps
 #: its segment and store, so a reload keeps these from the running config.
-RESTART_ONLY = ("key", "backend", "database", "timezone")
+RESTART_ONLY = ("key", "backend", "database", "timezone", "store")
+#: Seconds shutdown, a segment change or a re-attach wait for a roll into
+#: Redis still running on its thread before the final roll (each command is
+#: bounded by redisstore.SOCKET_TIMEOUT; a roll is a few batches).
+ROLL_WAIT = 10.0
 
 
 #: What happens after each guarded step failed (the ring keeps the minutes
@@ -82,6 +96,7 @@ _RETRIED = {
     "header check": "tried again at the next tick",
     "throttle": "tried again at the next tick; workers keep the last level",
     "opening the store": "retried every minute; the ring keeps counting meanwhile",
+    "opening the alert store": "retried every minute; no alert mails meanwhile",
     "catch-up roll-up": "the next minute's roll-up catches up",
     "re-attach": "tried again at the next tick",
     "segment check": "tried again at the next minute",
@@ -99,7 +114,7 @@ class Supervisor:
         self.env = env
         self.pid = os.getpid() if pid is None else pid
         self.counter: Any = None
-        self.store: Store | None = None
+        self.store: stores.PeriodStore | None = None
         self.roller: Roller | None = None
         self.engine: AlertEngine | None = None
         self.outbox: Outbox | None = None
@@ -112,6 +127,11 @@ class Supervisor:
         self.stop_requested = False
         self.reload_requested = False
         self.last_store_try: int | None = None
+        #: The roll into Redis running on its own thread, if any.
+        self._rolling: concurrent.futures.Future | None = None
+        self._roll_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._peek: Roller | None = None  # top_accounts' own reader of the ring
+        self.refused: ConfigError | None = None
         self._failing: dict[str, str] = {}     # step -> its last error, logged once
         self._repaired: set[str] = set()        # header fields repaired, logged once
         self._restart_warned: set[tuple[str, str]] = set()
@@ -129,23 +149,48 @@ class Supervisor:
         self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
         self._guard("header check", self._check_header)
         self.last_minute = int(now // 60)
-        if self._guard("opening the store", self._open_store, now):
-            caught_up = self._guard("catch-up roll-up", self.roller.roll, now)
-            log.info("started: segment %#x (%s), store %s, %s hits caught up",
-                     self.config.key, self.config.backend, self.config.database, caught_up)
+        self._open_store(now)
+        if self.refused is not None:  # another farm zone, no password ...: do not start
+            self.shutdown(now)
+            raise self.refused
+        if self.roller is not None:
+            caught_up = self._guard("catch-up roll-up", self._roll, now)
+            log.info("started: segment %#x (%s), store %s, %s", self.config.key,
+                     self.config.backend, stores.describe(self.config),
+                     "catching up on its own thread" if self._rolling is not None
+                     else f"{caught_up} hits caught up")
         if self.http_enabled:
             self._start_http()
         self._heartbeat(now)
         notify.ready(self.env)
 
-    def _open_store(self, now: float) -> bool:
-        """Open the period store, the roller and the alert engine and its
-        outbox (all on the one database file); retried each minute by
-        :meth:`tick` while the file cannot be opened.  Returns True."""
+    def _open_store(self, now: float) -> None:
+        """Open what is not open yet, each step guarded on its own: the
+        period store and the roller (:func:`stores.open_writer`), the alert
+        engine and its outbox (always the SQLite file); retried each minute
+        by :meth:`tick` while one cannot be opened."""
         self.last_store_try = int(now // 60)
         if self.store is None:
-            self.store = Store(self.config.database, self.config.timezone)
-            self.roller = self._new_roller()
+            self._guard("opening the store", self._open_period_store)
+        if self.engine is None:
+            self._guard("opening the alert store", self._open_alerts)
+
+    def _open_period_store(self) -> None:
+        """The configured period store.  A ConfigError (a farm whose time
+        zone differs from ours, naming both; an unreadable password_file; no
+        redis-py) is kept in ``refused``: at the start the supervisor does
+        not start, later it is logged and retried.  A Redis that does not
+        answer is only retried."""
+        try:
+            self.store = stores.open_writer(self.config, self.env)
+        except ConfigError as exc:
+            self.refused = exc
+            raise
+        self.refused = None
+        self.roller = self._new_roller()
+
+    def _open_alerts(self) -> None:
+        """The alert engine and its outbox, on the SQLite file."""
         if self.engine is None:
             outbox = Outbox(self.config.database, self.config.mail)
             self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
@@ -153,7 +198,6 @@ class Supervisor:
                                       on_queued=outbox.wake)
             self.outbox = outbox
             outbox.start()
-        return True
 
     def _attach(self) -> Any:
         cfg = self.config
@@ -184,6 +228,10 @@ class Supervisor:
         Without a working store there is no final roll-up: the ring keeps
         the minutes for the next start."""
         notify.stopping(self.env)
+        self._wait_rolling()
+        if self._roll_pool is not None:
+            self._roll_pool.shutdown(wait=False)
+            self._roll_pool = None
         if self._segment_live():
             if self.roller is not None:
                 added = self._guard("final roll-up", self.roller.roll, now, True)
@@ -255,7 +303,7 @@ class Supervisor:
         hits = self._guard("throttle", self._throttle, now)
         if self.store is None or self.engine is None:
             if minute != self.last_store_try:
-                self._guard("opening the store", self._open_store, now)
+                self._open_store(now)
         if minute != self.last_minute and self.roller is not None:
             self._guard("roll-up", self._roll, now)
             self.last_minute = minute
@@ -270,14 +318,17 @@ class Supervisor:
     def _new_roller(self) -> Roller:
         """A Roller for the attached segment (a new one per segment: it
         checks the segment's instance against the store's, for gaps)."""
+        self._peek = None
         return Roller(self.counter, self.store)
 
-    def _roll(self, now: float) -> int:
+    def _roll(self, now: float) -> int | None:
         """The minute's roll-up.  A StoreError (a damaged or unwritable
         file) closes the store, so that the next minute opens the file at
         the configured path again: a file recovered or moved aside by the
         admin is picked up without a restart, and the ring still holds what
         was not rolled."""
+        if isinstance(self.store, RedisStore):
+            return self._roll_on_thread(now)
         try:
             return self.roller.roll(now)
         except StoreError:
@@ -288,6 +339,39 @@ class Supervisor:
             if store is not None:
                 store.close()
             raise
+
+    def _roll_on_thread(self, now: float) -> int | None:
+        """Start this minute's roll into Redis on the roll thread; return
+        what the previous one added (None if none finished since), or raise
+        its error (so it is logged once, and "works again" when it does).
+        A roll still running is left alone: this minute is skipped (the
+        ring keeps it; the next roll reads from the last closed minute)."""
+        previous = self._rolling
+        if previous is not None and not previous.done():
+            raise TrafficThresholdError(
+                "the previous roll into Redis is still running (Redis slow or not "
+                "answering within the socket timeout); this minute waits for the next roll")
+        if self._roll_pool is None:
+            self._roll_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="trafficthreshold-roll")
+        self._rolling = self._roll_pool.submit(self.roller.roll, now)
+        return None if previous is None else previous.result()
+
+    def _wait_rolling(self) -> None:
+        """Let a roll on the roll thread finish (ROLL_WAIT at most) before the
+        ring is rolled here or the segment let go; its error is logged."""
+        future, self._rolling = self._rolling, None
+        if future is None:
+            return
+        try:
+            added = future.result(ROLL_WAIT)
+        except concurrent.futures.TimeoutError:
+            log.error("the roll into Redis still runs after %.0f s; going on without it "
+                      "(what it did not write is re-sent from the ring next time)", ROLL_WAIT)
+        except Exception as exc:  # noqa: BLE001 - logged; the ring still holds it
+            log.error("the last roll into Redis failed: %s: %s", type(exc).__name__, exc)
+        else:
+            log.debug("the last roll into Redis added %s hits", added)
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         """Run one step; a failure is logged, not raised.  It is logged the
@@ -345,6 +429,7 @@ class Supervisor:
                 f"is no longer ours (instance {ours:#x}, the key now holds "
                 + ("a foreign segment" if found == -1 else f"instance {found:#x}") + ")")
         added = None
+        self._wait_rolling()
         if self.roller is not None:
             added = self._guard("final roll-up", self.roller.roll, now, True)
         log.error("the segment at key %#x %s: rolled the %s hits it still held and let go "
@@ -360,6 +445,7 @@ class Supervisor:
         state; a new Roller checks the new segment's instance against the
         store (a gap is recorded if the old one went without a final
         roll-up)."""
+        self._wait_rolling()
         if self.counter is not None and self.counter.attached:
             log.warning("the segment was uninstalled; waiting for `trafficthreshold install`")
             self.counter.detach()
@@ -464,7 +550,10 @@ class Supervisor:
     def top_accounts(self, now: float, event: str = "pageview") -> list[tuple[str, int]]:
         """The busiest accounts of the current minute."""
         minute = int(now // 60)
-        rows = [(a, c) for a, e, _, c in self.roller.snapshot(minute, minute)
+        # Its own Roller: the supervisor's may be rolling on the roll thread.
+        if self._peek is None or self._peek.counter is not self.counter:
+            self._peek = Roller(self.counter, self.store)
+        rows = [(a, c) for a, e, _, c in self._peek.snapshot(minute, minute)
                 if e == event and a != names.ALL and not a.startswith("~")]
         return sorted(rows, key=lambda r: (-r[1], r[0]))[:TOP_ACCOUNTS]
 

@@ -1,0 +1,227 @@
+"""A farm of three hosts on one machine: three segments (own keys), three
+supervisors with their own ``[store] host`` names, one real redis-server.
+
+Workers hit known totals; supervisors are dropped without a shutdown (in
+process, driven clock, across midnight) or SIGKILLed (real ``trafficthreshold
+run`` processes, real clock) and started again.  In the end every level of
+every key in Redis is exact, the account ``all`` is the sum of the hosts'
+hits, and what plain HGETALL reads (as Bootic's handlers did) is what
+``RedisStore.period`` returns.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from conftest import remove_everything
+from trafficthreshold import _counter, config as configuration, segment
+from trafficthreshold.periods import local_parts
+from trafficthreshold.redisstore import RedisStore
+from trafficthreshold.supervisor import Supervisor
+
+pytestmark = pytest.mark.redis
+
+HOSTS = ("web1", "web2", "web3")
+ACCOUNTS = ("acme", "globex", "initech")
+EVENTS = ("pageview", "signup")
+#: 2027-01-14 23:15 UTC: the driven run crosses midnight (a new day and hour).
+START = 1_800_000_000 - 8 * 3600 - 45 * 60
+
+
+@pytest.fixture
+def farm(tmp_path, redis_server):
+    """Three installed SysV segments and a config file per host."""
+    keys: list[int] = []
+    paths = {}
+    for host in HOSTS:
+        key = segment.unused_key()
+        segment.install(key, "sysv", now=START)
+        keys.append(key)
+        path = tmp_path / f"{host}.toml"
+        path.write_text(f"""
+key = {key}
+database = "{tmp_path / host}.sqlite3"
+timezone = "UTC"
+[http]
+enabled = false
+[store]
+backend = "redis"
+url = "redis://127.0.0.1:{redis_server.port}/0"
+host = "{host}"
+""")
+        paths[host] = str(path)
+    yield dict(zip(HOSTS, keys)), paths
+    _counter._reset()
+    for key in keys:
+        remove_everything(key)
+
+
+def expected_levels(hits: dict) -> dict[str, dict[str, int]]:
+    """Redis key -> {field: count} for every level, from (account, event,
+    minute) -> hits; ``all`` gets every hit."""
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for (account, event, minute), n in hits.items():
+        y, mo, d, h, mi = local_parts(minute, ZoneInfo("UTC"))
+        for acc in (account, "all"):
+            base = f"track:{acc}:{event}"
+            out[f"{base}:{y}"][str(mo)] += n
+            out[f"{base}:{y}:{mo}"][str(d)] += n
+            out[f"{base}:{y}:{mo}:{d}"][str(h)] += n
+            out[f"{base}:{y}:{mo}:{d}:{h}"][str(mi)] += n
+    return {k: dict(v) for k, v in out.items()}
+
+
+def assert_exact(redis_server, hits: dict) -> None:
+    """Every level of every key exact by plain HGETALL; RedisStore.period
+    reads the same; nothing else under ``track:``."""
+    client = redis_server.client()
+    want = expected_levels(hits)
+    found = {k.decode() for k in client.scan_iter("track:*")}
+    assert found == set(want)
+    reader = RedisStore(client, ZoneInfo("UTC"), "reader")
+    for key, fields in want.items():
+        got = {f.decode(): int(v) for f, v in client.hgetall(key).items()}
+        assert got == fields, key
+        _, account, event, *parts = key.split(":")
+        period = reader.period(account, event, *map(int, parts))
+        assert {str(s): n for s, n in period["data"].items() if n} == got, key
+    total = sum(hits.values())
+    for event in EVENTS:
+        years = [k for k in want if k.startswith(f"track:all:{event}:") and k.count(":") == 3]
+        per_host_sum = sum(n for (_, e, _), n in hits.items() if e == event)
+        assert sum(sum(want[k].values()) for k in years) == per_host_sum
+    assert total > 0
+
+
+def test_three_hosts_driven_clock_across_midnight_with_crashes(farm, redis_server):
+    """In process: supervisors dropped without a shutdown (a crash: their
+    roll thread may still be writing) and started again, while another
+    host's roll runs; every level exact."""
+    keys, paths = farm
+    rnd = random.Random(12)
+    counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
+    cfgs = {h: configuration.load(paths[h], env={}) for h in HOSTS}
+    sups = {}
+    dropped = []
+    hits: dict = defaultdict(int)
+
+    def start(host, now):
+        s = Supervisor(cfgs[host], config_path=paths[host], env={}, pid=1000 + HOSTS.index(host))
+        s.initialize(now)
+        sups[host] = s
+
+    for host in HOSTS:
+        start(host, START)
+    for minute in range(90):
+        for second in (5, 25, 45):
+            now = START + minute * 60 + second
+            for host in HOSTS:
+                account, event = rnd.choice(ACCOUNTS), rnd.choice(EVENTS)
+                n = rnd.randint(1, 50)
+                counters[host].hit(account, event, n, now)
+                hits[(account, event, int(now // 60))] += n
+                sups[host].tick(now)
+        if minute % 17 == 16:  # a crash: no shutdown, no final roll
+            host = rnd.choice(HOSTS)
+            dropped.append(sups.pop(host))
+            start(host, START + minute * 60 + 50)
+    end = START + 90 * 60 + 1
+    for host in HOSTS:
+        sups[host]._wait_rolling()
+        sups[host].shutdown(end)  # the final roll, the open minute too
+    for s in dropped:
+        s._wait_rolling()
+        s.counter.detach()
+    for c in counters.values():
+        c.detach()
+    assert len(dropped) >= 4
+    assert_exact(redis_server, hits)
+    client = redis_server.client()
+    for host in HOSTS:  # no host lost a minute: no gap
+        assert client.llen(f"track~gaps:{host}") == 0
+        assert int(client.hget(f"track~host:{host}", "closed_through")) >= end // 60 - 1
+
+
+def _daemon(path: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "--config", path,
+                             "run", "--no-http"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_ready(counter, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Until the daemon wrote its pid into the header (it has started)."""
+    deadline = time.monotonic() + timeout
+    while counter.load(segment.H_SUPERVISOR_PID, 4) != proc.pid:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the daemon did not start"
+        time.sleep(0.02)
+
+
+def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
+    keys, paths = farm
+    rnd = random.Random(kills)
+    counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
+    hits: dict = defaultdict(int)
+    procs = {}
+    try:
+        for host in HOSTS:
+            procs[host] = _daemon(paths[host])
+        for host in HOSTS:
+            _wait_ready(counters[host], procs[host])
+        kill_at = sorted(rnd.uniform(0.5, seconds - 0.5) for _ in range(kills))
+        started = time.monotonic()
+        done = 0
+        while time.monotonic() - started < seconds:
+            for host in HOSTS:
+                now = time.time()
+                account, event, n = rnd.choice(ACCOUNTS), rnd.choice(EVENTS), rnd.randint(1, 9)
+                counters[host].hit(account, event, n, now)
+                hits[(account, event, int(now // 60))] += n
+            if done < len(kill_at) and time.monotonic() - started >= kill_at[done]:
+                host = rnd.choice(HOSTS)
+                procs[host].send_signal(signal.SIGKILL)
+                procs[host].wait()
+                procs[host] = _daemon(paths[host])
+                _wait_ready(counters[host], procs[host])
+                done += 1
+            time.sleep(0.005)
+        assert done == kills
+        for host in HOSTS:  # SIGTERM: the final roll of everything, the open minute too
+            procs[host].send_signal(signal.SIGTERM)
+        for host in HOSTS:
+            assert procs[host].wait(30) == 0, procs[host].stderr.read().decode()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+        for c in counters.values():
+            c.detach()
+    assert_exact(redis_server, hits)
+
+
+def test_three_daemons_sigkilled_and_restarted_lose_nothing(farm, redis_server):
+    """Real `trafficthreshold run` processes, SIGKILLed at random instants
+    and restarted while workers hit: every hit in Redis exactly once."""
+    run_sigkill_farm(farm, redis_server, kills=4, seconds=6.0)
+
+
+@pytest.mark.slow
+def test_three_daemons_sigkilled_soak(farm, redis_server):
+    """The long form: TRAFFICTHRESHOLD_SOAK_KILLS kills over at least two
+    minutes of the real clock, so that kills also land around the rolls at
+    minute changes.  Without the variable (CI runs everything) a short
+    form: 8 kills in 12 s."""
+    soak = os.environ.get("TRAFFICTHRESHOLD_SOAK_KILLS")
+    kills = int(soak or 8)
+    seconds = max(130.0, kills * 1.5) if soak else 12.0
+    run_sigkill_farm(farm, redis_server, kills=kills, seconds=seconds)

@@ -1,0 +1,96 @@
+"""stores.py: opening the configured store, SQLite or a real redis-server."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from trafficthreshold import config as configuration, stores
+from trafficthreshold.errors import ConfigError
+from trafficthreshold.redisstore import RedisStore
+from trafficthreshold.store import Store
+
+T0 = 1_800_000_000
+M0 = T0 // 60
+
+
+def make(tmp_path, store_table: str = "", timezone: str = "UTC"):
+    text = (f'database = "{tmp_path / "s.sqlite3"}"\ntimezone = "{timezone}"\n'
+            + (f"[store]\n{store_table}" if store_table else ""))
+    return configuration.parse(text, env={})
+
+
+def redis_table(srv, extra: str = "") -> str:
+    return f'backend = "redis"\nurl = "redis://127.0.0.1:{srv.port}/0"\nhost = "web1"\n{extra}'
+
+
+def test_sqlite_is_the_default(tmp_path):
+    cfg = make(tmp_path)
+    assert cfg.store.backend == "sqlite" and cfg.store.prefix == "track"
+    with stores.open_reader(cfg) as reader:
+        assert "does not exist yet" in reader.empty
+    assert not (tmp_path / "s.sqlite3").exists()
+    with stores.open_writer(cfg) as writer:
+        assert isinstance(writer, Store)
+        writer.roll([("acme", "pageview", M0, 4)], T0)
+    with stores.open_reader(cfg) as reader:
+        assert reader.period("acme", "pageview", 2027)["total"] == 4
+        assert reader.accounts() == ["acme"] and reader.events() == ["pageview"]
+
+
+def test_the_redis_reader_has_the_store_read_methods(tmp_path, redis_server):
+    cfg = make(tmp_path, redis_table(redis_server))
+    with stores.open_writer(cfg) as writer:
+        assert isinstance(writer, RedisStore)
+        writer.roll([("acme", "pageview", M0, 4), ("all", "pageview", M0, 4),
+                     ("acme", "signup", M0, 1), ("all", "signup", M0, 1)], T0)
+    assert redis_server.client().hget("track~farm", "timezone") == b"UTC"
+    with stores.open_reader(cfg) as reader:
+        assert reader.empty is None
+        assert reader.period("acme", "pageview", 2027, 1)["data"][15] == 4
+        assert reader.accounts() == ["acme", "all"]
+        assert reader.accounts("signup") == ["acme", "all"]
+        assert reader.events() == ["pageview", "signup"]
+    assert not (tmp_path / "s.sqlite3").exists()
+
+
+def test_another_zone_is_refused_naming_both(tmp_path, redis_server):
+    stores.open_writer(make(tmp_path, redis_table(redis_server))).close()
+    with pytest.raises(ConfigError, match="Europe/Zurich.*UTC"):
+        stores.open_writer(make(tmp_path, redis_table(redis_server), "Europe/Zurich"))
+
+
+def test_the_password_comes_from_the_file_or_the_environment(tmp_path, redis_server):
+    admin = redis_server.client()
+    admin.config_set("requirepass", "s3cret")
+    try:
+        secret = tmp_path / "redis.pass"
+        secret.write_text("s3cret\n")
+        secret.chmod(0o600)
+        with_file = make(tmp_path, redis_table(redis_server, f'password_file = "{secret}"'))
+        assert stores.ping(with_file)["answered"]
+        with_env = make(tmp_path, redis_table(redis_server, 'password_env = "TT_REDIS_PW"'))
+        assert stores.ping(with_env, env={"TT_REDIS_PW": "s3cret"})["answered"]
+        with pytest.raises(ConfigError, match="TT_REDIS_PW.*not set"):
+            stores.open_reader(with_env, env={})
+        none = stores.ping(make(tmp_path, redis_table(redis_server)))
+        assert not none["answered"] and "Authentication" in none["error"]
+        assert "s3cret" not in configuration.dump(with_file)
+        missing = make(tmp_path, redis_table(redis_server,
+                                             f'password_file = "{tmp_path}/nope"'))
+        with pytest.raises(ConfigError, match="store.password_file"):
+            stores.open_writer(missing)
+    finally:
+        import redis
+        redis.Redis(port=redis_server.port, password="s3cret").config_set("requirepass", "")
+
+
+def test_ping_of_a_redis_that_is_down_answers_false_quickly(tmp_path, redis_server):
+    cfg = make(tmp_path, redis_table(redis_server))
+    assert stores.ping(cfg)["answered"]
+    redis_server.kill()
+    started = time.monotonic()
+    found = stores.ping(cfg)
+    assert not found["answered"] and "ConnectionError" in found["error"]
+    assert time.monotonic() - started < stores.PING_TIMEOUT + 0.5
+    assert "redis://127.0.0.1" in found["where"] and "host web1" in found["where"]
