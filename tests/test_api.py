@@ -759,3 +759,36 @@ def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:
             name = "Links"  # a discovery route's answer
         assert set(document) <= set(schemas[name]["properties"]), name
         assert set(schemas[name]["required"]) <= set(document), name
+
+
+# --------------------------------------------------------------- Redis store
+
+
+def test_the_api_answers_from_the_farms_redis(redis_server: Any, tmp_path: Path,
+                                               serve: Callable[..., webserver.Server]) -> None:
+    """With ``[store] backend = "redis"`` the period and discovery routes
+    read the farm's Redis (two hosts' shares added up); Redis down is a
+    503, never a 500."""
+    from trafficthreshold.config import StoreConfig
+    from trafficthreshold.periods import local_parts, resolve_timezone
+    from trafficthreshold.redisstore import RedisStore
+
+    zone = resolve_timezone(ZONE)
+    for host, n in (("web1", 7), ("web2", 5)):
+        RedisStore(redis_server.client(), zone, host).roll(
+            [("acme", "pageview", MINUTE, n), ("all", "pageview", MINUTE, n)], now=NOW)
+    cfg = make_config(str(tmp_path / "local.sqlite3"),
+                      store=StoreConfig(backend="redis",
+                                        url=f"redis://127.0.0.1:{redis_server.port}/0"))
+    server = serve(api.make_app(cfg, now=lambda: NOW))
+    year, month = local_parts(MINUTE, zone)[:2]
+    status, body = fetch_json(server.url + f"api/stats/track/acme/pageview/{year}")
+    assert status == 200 and body["data"][str(month)] == 12
+    assert sum(body["data"].values()) == 12
+    status, body = fetch_json(server.url + "api/stats/track/acme/pageview")
+    assert status == 200 and body["links"][-1].endswith(f"/acme/pageview/{year}")
+    status, body = fetch_json(server.url + "api/stats/track")
+    assert status == 200 and {link.rsplit("/", 1)[1] for link in body["links"]} == {"acme", "all"}
+    redis_server.kill()
+    status, body = fetch_json(server.url + f"api/stats/track/acme/pageview/{year}")
+    assert status == 503 and "Redis" in body["message"]

@@ -901,6 +901,7 @@ def test_dataclass_fields() -> None:
         "retention",
         "http",
         "mail",
+        "store",
         "alerts",
         "source",
     ]

@@ -54,7 +54,7 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, alertstore, cors, metrics, names, segment
+from trafficthreshold import alerts, alertstore, cors, metrics, names, segment, stores
 from trafficthreshold.config import Config
 from trafficthreshold.dashboard import dashboard_context, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
@@ -140,6 +140,12 @@ def _script_name(environ: Mapping[str, Any]) -> str:
     """SCRIPT_NAME (latin-1 bytes in WSGI) re-quoted for a URL, no trailing slash."""
     raw = environ.get("SCRIPT_NAME", "").encode("latin-1", "replace")
     return urllib.parse.quote(raw, safe="/").rstrip("/")
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    """A redis-py error (connection, timeout, failover): the store is
+    unavailable, not our bug.  Checked by module, so redis-py stays optional."""
+    return type(exc).__module__.split(".")[0] == "redis"
 
 
 def database_problem(path: str, exc: sqlite3.Error) -> str:
@@ -286,9 +292,17 @@ class StatsApp:
             log.warning("database error answering %s %r: %s", method,
                         environ.get("PATH_INFO"), exc)
             response = self._error(environ, 503, database_problem(self.store_path, exc))
-        except Exception:
-            log.exception("internal error answering %s %r", method, environ.get("PATH_INFO"))
-            response = error_response(500, "internal error; the server log has the details")
+        except Exception as exc:
+            if _is_redis_error(exc):  # the farm's store is down or slow: never a 500
+                log.warning("Redis error answering %s %r: %s", method,
+                            environ.get("PATH_INFO"), exc)
+                response = self._error(environ, 503, f"the Redis store did not answer ({exc}); "
+                                                     "try again; `trafficthreshold config check` "
+                                                     "says whether Redis answers")
+            else:
+                log.exception("internal error answering %s %r", method,
+                              environ.get("PATH_INFO"))
+                response = error_response(500, "internal error; the server log has the details")
         status = f"{response.status} {http.HTTPStatus(response.status).phrase}"
         headers = [] if response.status == 204 else [
             ("Content-Type", response.content_type),
@@ -361,28 +375,35 @@ class StatsApp:
 
     # ------------------------------------------------------------ resources
 
-    def _store(self) -> Store:
-        """This thread's Store, opened on first use."""
+    def _store(self) -> Any:
+        """This thread's period store, opened on first use: the SQLite
+        Store read-only, or the farm's Redis (``[store] backend``)."""
         store = getattr(self._local, "store", None)
         if store is None:
-            if self.store_path != ":memory:" and not os.path.exists(self.store_path):
+            redis_backend = self.config.store.backend == "redis"
+            if (not redis_backend and self.store_path != ":memory:"
+                    and not os.path.exists(self.store_path)):
                 raise HttpError(503, f"the database {self.store_path} does not exist yet; "
                                      "start the daemon (`trafficthreshold run`)")
             try:
                 # Read-only: a GET never writes, not even the schema into an
                 # empty file, and never takes the writer's lock.
-                store = Store(self.store_path, self.timezone, readonly=True)
+                store = (stores.open_reader(self.config) if redis_backend
+                         else Store(self.store_path, self.timezone, readonly=True))
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
             self._local.store = store
         return store
 
     def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection, for reads the Store has no
-        method for (all-time totals, the alert state)."""
+        """This thread's read-only connection to the local SQLite file, for
+        reads the period store has no method for (all-time totals, the alert
+        state, which stays local with either store)."""
         conn = getattr(self._local, "reader", None)
         if conn is None:
-            self._store()  # the file exists
+            if self.store_path != ":memory:" and not os.path.exists(self.store_path):
+                raise HttpError(503, f"the database {self.store_path} does not exist yet; "
+                                     "start the daemon (`trafficthreshold run`)")
             conn = connect_readonly(self.store_path)
             self._local.reader = conn
         return conn
@@ -531,7 +552,13 @@ class StatsApp:
             state = alertstore.read_state(reader)
             snap = None if counter is None else snapshot(counter, now)
             totals = stored.totals
-            if snap is not None:
+            if self.config.store.backend == "redis":
+                # The periods are in the farm's Redis, not in this file:
+                # stored totals read here would be missing, and stored plus
+                # pending would drop at every roll.  Not exported until they
+                # are read from Redis (docs/api.rst).
+                totals = {}
+            elif snap is not None:
                 slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
                 for key, n in metrics.pending_hits(reader, counter, slots, now,
                                                    snap.header["minute_buckets"]).items():

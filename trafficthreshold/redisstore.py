@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -362,9 +363,23 @@ class RedisStore:
         migration adds to (Bootic's own writes are not listed there)."""
         return sorted({a for a, e in self._pairs() if event is None or e == event})
 
-    def events(self) -> list[str]:
-        """Events the farm has rolled, sorted."""
-        return sorted({e for _, e in self._pairs()})
+    def events(self, account: str | None = None) -> list[str]:
+        """Events the farm has rolled (of ``account`` if given), sorted."""
+        return sorted({e for a, e in self._pairs() if account is None or a == account})
+
+    def years(self, account: str, event: str) -> list[int]:
+        """The years that hold counts of ``(account, event)``, ascending: the
+        year part of its period hashes, found with SCAN (never KEYS, which
+        blocks the server), the glob characters of the names escaped."""
+        base = ":".join([self.prefix, account, event]) + ":"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", base) + "*"
+        years = set()
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            rest = (key.decode() if isinstance(key, bytes) else key)[len(base):]
+            head = rest.split(":", 1)[0]
+            if head.isdigit():
+                years.add(int(head))
+        return sorted(years)
 
     def top_accounts(self, event: str, since_minute: int, limit: int,
                      span: int = 24 * 60) -> list[tuple[str, int]]:
