@@ -357,3 +357,13 @@ def test_top_accounts_over_the_minute_hashes_like_sqlite(redis_server, tmp_path)
             assert redis_store.top_accounts("pageview", since, limit) == \
                 sqlite.top_accounts("pageview", since, limit)
     assert redis_store.top_accounts("pageview", MINUTE, 5) == [("acme", 12), ("globex", 9)]
+
+
+def test_years_and_events_of_a_key_for_the_discovery_routes(redis_server: RedisServer) -> None:
+    store = store_on(redis_server)
+    m2025 = MINUTE - 365 * 24 * 60
+    store.roll([("a*[x]", "pageview", MINUTE, 1), ("a*[x]", "pageview", m2025, 1),
+                ("a*[x]", "signup", MINUTE, 1), ("ab", "pageview", MINUTE, 1)], now=1)
+    assert store.years("a*[x]", "pageview") == [2025, 2026]  # glob characters escaped
+    assert store.years("a", "pageview") == []
+    assert store.events("a*[x]") == ["pageview", "signup"] and store.events("ab") == ["pageview"]
