@@ -472,8 +472,6 @@ def test_unique_visitors_under_uvicorn(installed, tmp_path):
     (a header the server sends as given), not on the second that carries
     it, nor on JSON or the stream's second visit; ``unique`` counted once
     per visitor."""
-    import http.client
-
     from trafficthreshold import periods
 
     key, backend = installed
@@ -484,17 +482,7 @@ def test_unique_visitors_under_uvicorn(installed, tmp_path):
     stamps = {pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0]}
 
     def get(path, cookie=None):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        try:
-            headers = {"Host": "site-a.example", "Connection": "close"}
-            if cookie:
-                headers["Cookie"] = cookie
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            return response.status, response.getheader("Set-Cookie")
-        finally:
-            conn.close()
+        return harness.get_page(server.port, path, cookie=cookie)
 
     try:
         server.wait_ready(path="/healthz")

@@ -284,25 +284,13 @@ def test_unique_visitors_through_gunicorn(installed, tmp_path):
     (2 workers): on a visitor's first page view only (not on the page views
     carrying it, JSON or a redirect), not Secure over http, unique counted
     once per visitor."""
-    import http.client
-
     key, backend = installed
     server = harness.gunicorn("apps.django_uniques:application",
                               harness.server_env(key, backend, TT_TEST_TIMEZONE="UTC"),
                               tmp_path / "gunicorn.log", workers=2)
 
     def get(path, cookie=None):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        try:
-            headers = {"Host": "site-a.example"}
-            if cookie:
-                headers["Cookie"] = cookie
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            return response.status, response.getheader("Set-Cookie")
-        finally:
-            conn.close()
+        return harness.get_page(server.port, path, cookie=cookie)
 
     try:
         server.wait_ready(path="/api", workers=2)

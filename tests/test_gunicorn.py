@@ -31,7 +31,7 @@ import pytest
 from trafficthreshold import segment
 
 from apps import harness
-from apps.harness import Server, epoch_minute, segment_count
+from apps.harness import Server, epoch_minute, get_page, segment_count
 
 REQUESTS = 3000
 ACCOUNT = "site-a.example"
@@ -437,17 +437,8 @@ def test_unique_visitors_across_workers(installed, tmp_path):
     stamps = {pageviews.day_of(time.time(), periods.resolve_timezone(zone))[0]}
 
     def page(path="/", cookie=None, method="GET", **headers):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        try:
-            headers["Host"] = f"Site-A.example:{server.port}"
-            if cookie:
-                headers["Cookie"] = f"session=abc; {cookie}"
-            conn.request(method, path, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            return response.status, response.getheader("Set-Cookie")
-        finally:
-            conn.close()
+        return get_page(server.port, path, host=f"Site-A.example:{server.port}", method=method,
+                        cookie=f"session=abc; {cookie}" if cookie else None, **headers)
 
     try:
         first = epoch_minute()

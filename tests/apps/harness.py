@@ -379,3 +379,21 @@ def start_live(key: int, backend: str, db: str,
     counter.store(segment.H_SUPERVISOR_PID, 4, 4321)
     config = make_config(db, key=key, backend=backend)
     return serve(api.make_app(config, now=lambda: NOW)), counter
+
+
+def get_page(port: int, path: str = "/", *, host: str = "site-a.example",
+             cookie: str | None = None, method: str = "GET",
+             **headers: str) -> tuple[int, str | None]:
+    """One request to a server on loopback: (status, its Set-Cookie or None)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {**headers, "Host": host, "Connection": "close"}
+        if cookie:
+            headers["Cookie"] = cookie
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, response.getheader("Set-Cookie")
+    finally:
+        conn.close()
+
