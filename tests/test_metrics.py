@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,16 +307,45 @@ def test_unique_visitors_are_exported_with_their_event_label(
     assert value(samples, "trafficthreshold_hits_total", account="acme", event="pageview") == 63
 
 
-def test_with_the_redis_store_hits_total_is_left_out(installed: tuple[int, str], db: str,
-                                                     serve: Callable[..., webserver.Server]
-                                                     ) -> None:
-    """The periods are in the farm's Redis, not in the local file: a total
-    read here would drop at every roll, so it is not exported (yet); the
-    segment's own metrics are."""
+def test_with_the_redis_store_hits_total_is_the_farms_and_never_drops(
+        installed: tuple[int, str], db: str, redis_server: Any,
+        serve: Callable[..., webserver.Server]) -> None:
+    """With the farm's Redis, hits_total is the farm's rolled total plus
+    what this host's ring holds unrolled, read in one MULTI: a roll moves
+    hits from one to the other and the sum stays; another host's roll only
+    adds.  A Redis that does not answer is a 503."""
     from trafficthreshold.config import StoreConfig
+    from trafficthreshold.periods import resolve_timezone
+    from trafficthreshold.redisstore import RedisStore
     key, backend = installed
-    server = serve(config_for(db, key, backend,
-                              store=StoreConfig(backend="redis", url="redis://127.0.0.1:1/0")))
-    _, samples = scrape(server)
-    assert not [k for k in samples if k[0] == "trafficthreshold_hits_total"]
-    assert value(samples, "trafficthreshold_segment_up") == 1
+    counter = segment.attach(key, backend, stripe=0)
+    zone = resolve_timezone(ZONE)
+    instance = counter.load(segment.H_INSTANCE, 8)
+    here = RedisStore(redis_server.client(), zone, "web1")
+    other = RedisStore(redis_server.client(), zone, "web2")
+    server = serve(config_for(db, key, backend, store=StoreConfig(
+        backend="redis", url=f"redis://127.0.0.1:{redis_server.port}/0", host="web1")))
+
+    def total() -> float:
+        return value(scrape(server)[1], "trafficthreshold_hits_total", account="acme",
+                     event="pageview")
+
+    def roll_here() -> None:
+        slots = {slot: (a, e) for slot, a, e in counter.keys()}
+        items = [(*slots[slot], m, n) for slot, m, n in counter.minutes(MINUTE - 10, MINUTE)]
+        here.roll(items, now=NOW, instance=instance)
+
+    counter.hit("acme", "pageview", 5, NOW)
+    assert total() == 5                                  # pending only
+    roll_here()
+    assert total() == 5                                  # moved to stored
+    counter.hit("acme", "pageview", 2, NOW)
+    other.roll([("acme", "pageview", MINUTE, 10)], now=NOW, instance=99)
+    assert total() == 17                                 # 10 from web2, 7 from here
+    roll_here()
+    assert total() == 17
+    redis_server.kill()
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        scrape(server)
+    assert raised.value.code == 503
+    counter.detach()

@@ -68,3 +68,17 @@ def test_two_hosts_migrating_their_files_add_up(redis_server: RedisServer,
     with Store(path, "Europe/Zurich") as sqlite:
         one = sqlite.period("all", "pageview", 2026)["total"]
     assert store_on(redis_server).period("all", "pageview", 2026)["total"] == 2 * one
+
+
+def test_a_migration_carries_the_all_time_totals_once(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    path, _ = history
+    store = store_on(redis_server)
+    migrate(path, store)
+    migrate(path, store)  # a rerun adds nothing, to the totals either
+    totals = store.metrics_reading(0, MINUTE, MINUTE)["totals"]
+    with Store(path, "Europe/Zurich") as sqlite:
+        for acct in ("acme", "shop", "all"):
+            for ev in ("pageview", "signup"):
+                assert totals[acct, ev] == sum(sqlite.period(acct, ev, y)["total"]
+                                               for y in (2026, 2027))

@@ -540,28 +540,32 @@ class StatsApp:
     # --------------------------------------------------------------- metrics
 
     def metrics(self, request: Request) -> Response:
-        """The Prometheus text.  Every store read is in one read transaction
-        on this thread's read-only connection, and the segment is read
-        after it began (see :func:`metrics.pending_hits`): counters never
-        go down because the supervisor rolled during the scrape."""
+        """The Prometheus text.  Every store read is one snapshot (a read
+        transaction on this thread's read-only connection, or one MULTI on
+        the farm's Redis), and the segment is read after it (see
+        :func:`metrics.pending_hits`): counters never go down because the
+        supervisor rolled during the scrape."""
         reader = self._reader()
         now = self.now()
         counter = self._attach()
         with metrics.read_snapshot(reader):
             stored = metrics.read_store(reader)
             state = alertstore.read_state(reader)
+            if self.config.store.backend == "redis":
+                stored = self._redis_reading(counter, now)
+            elif counter is not None:
+                first, minute = metrics.pending_window(
+                    now, counter.load(segment.H_MINUTE_BUCKETS, 4))
+                stored.watermarks = metrics.watermark_minutes(
+                    reader, first, counter.load(segment.H_INSTANCE, 8))
+            # The ring is read after the store: see metrics.pending_hits.
             snap = None if counter is None else snapshot(counter, now)
             totals = stored.totals
-            if self.config.store.backend == "redis":
-                # The periods are in the farm's Redis, not in this file:
-                # stored totals read here would be missing, and stored plus
-                # pending would drop at every roll.  Not exported until they
-                # are read from Redis (docs/api.rst).
-                totals = {}
-            elif snap is not None:
+            if snap is not None and stored.watermarks is not None:
                 slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
-                for key, n in metrics.pending_hits(reader, counter, slots, now,
-                                                   snap.header["minute_buckets"]).items():
+                first, minute = metrics.pending_window(now, snap.header["minute_buckets"])
+                for key, n in metrics.pending_from(stored.watermarks, counter, slots,
+                                                   first, minute).items():
                     totals[key] = totals.get(key, 0) + n
         firing = None
         if state is not None:
@@ -582,6 +586,18 @@ class StatsApp:
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)
+
+    def _redis_reading(self, counter: Any, now: float) -> metrics.StoreReading:
+        """The farm's stored totals and this host's watermarks, from Redis
+        in one MULTI (RedisStore.metrics_reading): the farm's rolled totals
+        plus what this host's ring holds unrolled."""
+        ring = counter.load(segment.H_MINUTE_BUCKETS, 4) if counter is not None else 1
+        instance = counter.load(segment.H_INSTANCE, 8) if counter is not None else 0
+        first, minute = metrics.pending_window(now, ring)
+        got = self._store().metrics_reading(instance, first, minute)
+        return metrics.StoreReading(got["totals"], got["last_roll_at"], got["gaps"],
+                                    got["late_dropped"], got["bad_keys"],
+                                    got["watermarks"] if counter is not None else None)
 
     # --------------------------------------------------------------- openapi
 

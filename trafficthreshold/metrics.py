@@ -126,6 +126,9 @@ class StoreReading:
     gaps: int
     late_dropped: int = 0
     bad_keys: int = 0
+    #: (account, event, minute) -> count rolled, of the segment's install,
+    #: for the ring minutes a scrape adds (None: not read, no segment)
+    watermarks: dict[tuple[str, str, int], int] | None = None
 
 
 @contextlib.contextmanager
@@ -194,12 +197,24 @@ def pending_hits(
     from "pending" to "stored" in neither reading, so the sum never drops.
     Lock-free read (``Counter.minutes``); no lock is held.
     """
+    first, minute = pending_window(now, ring_minutes)
+    marks = watermark_minutes(conn, first, counter.load(H_INSTANCE, 8))
+    return pending_from(marks, counter, slots, first, minute)
+
+
+def pending_window(now: float, ring_minutes: int) -> tuple[int, int]:
+    """The ring minutes whose pending hits a scrape adds: (first, current)."""
     minute = int(now // 60)
     # Watermarks are kept for WATERMARK_KEEP_MINUTES: older ring minutes
     # (only with a huge ring) cannot be compared and are left out.
     span = max(1, min(ring_minutes, WATERMARK_KEEP_MINUTES))
-    first = minute - span + 1
-    marks = watermark_minutes(conn, first, counter.load(H_INSTANCE, 8))
+    return minute - span + 1, minute
+
+
+def pending_from(marks: Mapping[tuple[str, str, int], int], counter: Any,
+                 slots: Mapping[int, Key], first: int, minute: int) -> dict[Key, int]:
+    """``observed - watermark`` per key over the ring minutes first..minute
+    (the watermarks read before the ring: see :func:`pending_hits`)."""
     pending: dict[Key, int] = defaultdict(int)
     for slot, epoch_minute, observed in counter.minutes(first, minute):
         key = slots.get(slot)

@@ -32,9 +32,17 @@ LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
           ("hours", ("year", "month", "day", "hour")),
           ("minutes", ("year", "month", "day", "hour", "minute")))
 
+# KEYS: the marker set, the target hash, the totals hash.  ARGV: the totals
+# field ("" for none: only a year's hash, whose fields are the months, adds
+# to the key's all-time total), then field, count pairs.
 MIGRATE_SCRIPT = """
 if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 1 then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local total = 0
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  total = total + tonumber(ARGV[i + 1])
+end
+if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], total) end
 redis.call('SADD', KEYS[1], KEYS[2])
 return 1
 """
@@ -57,22 +65,23 @@ class Summary:
 
 
 def _hashes(conn: sqlite3.Connection, prefix: str
-            ) -> Iterator[tuple[str, str, dict[str, int]]]:
-    """(table, target hash key, {field: count}) for every period row, grouped."""
+            ) -> Iterator[tuple[str, str, dict[str, int], str]]:
+    """(table, target hash key, {field: count}, "{account}\\0{event}") for
+    every period row, grouped by target hash."""
     for table, parts in LEVELS:
         cols = ", ".join(parts)
         rows = conn.execute(f"SELECT account, event, {cols}, count FROM {table} "
                             f"ORDER BY account, event, {cols}")
-        current, fields = None, {}
+        current, fields, pair = None, {}, ""
         for account, event, *values, count in rows:
             key = ":".join([prefix, account, event, *map(str, values[:-1])])
             if key != current and current is not None:
-                yield table, current, fields
+                yield table, current, fields, pair
                 fields = {}
-            current = key
+            current, pair = key, f"{account}\0{event}"
             fields[str(values[-1])] = fields.get(str(values[-1]), 0) + int(count)
         if current is not None:
-            yield table, current, fields
+            yield table, current, fields, pair
 
 
 def count_hashes(path: str) -> int:
@@ -107,11 +116,11 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0,
     summary = Summary()
     conn = _open(path)
     try:
-        for table, key, fields in _hashes(conn, prefix):
-            args: list[object] = []
+        for table, key, fields, pair in _hashes(conn, prefix):
+            args: list[object] = [pair if table == "months" else ""]
             for field, count in fields.items():
                 args.extend([field, count])
-            if copy(keys=[marker, key], args=args):
+            if copy(keys=[marker, key, store.totals_key], args=args):
                 summary.hashes += 1
                 if table == "months":
                     summary.hits += sum(fields.values())

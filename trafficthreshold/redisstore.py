@@ -65,15 +65,16 @@ WATERMARK_TTL = 2 * 24 * 3600
 #: Lua's (doubles), exact up to 2**53.
 MAX_COUNT = 2**53 - 1
 
-# KEYS: per item, 1 watermark hash + 4 period hashes, then the key set and the
-# host hash.  ARGV: watermark TTL, minute-hash TTL (0 = keep), now,
+# KEYS: per item, 1 watermark hash + 4 period hashes, then the totals hash,
+# the key set and the host hash.  ARGV: watermark TTL, minute-hash TTL (0 = keep), now,
 # closed_through ('' = unchanged), instance, ended ('' = not ended), then per
 # item: watermark field, observed, M, D, H, minute, "{account}\0{event}".
 # Returns the delta added per item.
 ROLL_SCRIPT = """
 local wm_ttl = tonumber(ARGV[1])
 local minute_ttl = tonumber(ARGV[2])
-local n = (#KEYS - 2) / 5
+local n = (#KEYS - 3) / 5
+local totals = KEYS[#KEYS - 2]
 local keys_set = KEYS[#KEYS - 1]
 local added = {}
 for i = 0, n - 1 do
@@ -93,6 +94,7 @@ for i = 0, n - 1 do
     redis.call('HSET', wm_key, field, ARGV[a + 2])
     redis.call('EXPIRE', wm_key, wm_ttl)
     redis.call('SADD', keys_set, ARGV[a + 7])
+    redis.call('HINCRBY', totals, ARGV[a + 7], delta)
   end
   added[i + 1] = delta
 end
@@ -134,6 +136,10 @@ return late
 """
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisStore:
     """The period store of a farm, over a redis-py client.
 
@@ -154,6 +160,9 @@ class RedisStore:
         self._late = client.register_script(LATE_SCRIPT)
         self.host_key = f"{prefix}~host:{host}"
         self.keys_key = f"{prefix}~keys"
+        #: All-time count per key, "{account}\0{event}" -> n, moved in the
+        #: same script as the periods and the watermarks (for /metrics).
+        self.totals_key = f"{prefix}~totals"
         self.gaps_key = f"{prefix}~gaps:{host}"
         #: What a reader says when there is nothing to read (never, for Redis:
         #: an empty farm reads as zeros); the SQLite Store's attribute.
@@ -208,7 +217,7 @@ class RedisStore:
                 keys.extend(self._period_keys(account, event, parts))
                 args.extend([f"{instance}\0{account}\0{event}", observed, *parts[1:],
                              f"{account}\0{event}"])
-            keys.extend([self.keys_key, self.host_key])
+            keys.extend([self.totals_key, self.keys_key, self.host_key])
             deltas = self._roll(keys=keys, args=args)
             for ((account, event, minute), _), delta in zip(batch, deltas, strict=True):
                 if delta:
@@ -319,6 +328,39 @@ class RedisStore:
     def gaps(self) -> list[dict[str, Any]]:
         """This host's recorded gaps, in the order recorded."""
         return [json.loads(item) for item in self.client.lrange(self.gaps_key, 0, -1)]
+
+    def metrics_reading(self, instance: int, first: int, last: int) -> dict[str, Any]:
+        """What a /metrics scrape needs, read in one MULTI (one snapshot,
+        like the SQLite store's read transaction): the farm's all-time
+        totals per key, this host's watermarks of ``instance`` for the
+        minutes first..last, its last roll, gaps, late drops and skipped
+        keys.  A roll lands wholly before or after it, so stored plus this
+        host's pending never goes down."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(self.totals_key)
+        pipe.hgetall(self.host_key)
+        pipe.llen(self.gaps_key)
+        minutes = list(range(first, last + 1))
+        for minute in minutes:
+            pipe.hgetall(f"{self.prefix}~wm:{self.host}:{minute}")
+        totals_raw, host, gaps, *marks_raw = pipe.execute()
+        totals = {}
+        for field, value in totals_raw.items():
+            account, _, event = _text(field).partition("\0")
+            totals[account, event] = int(value)
+        marks: dict[KeyMinute, int] = {}
+        want = f"{instance}\0"
+        for minute, fields in zip(minutes, marks_raw, strict=True):
+            for field, value in fields.items():
+                text = _text(field)
+                if text.startswith(want):
+                    account, _, event = text[len(want):].partition("\0")
+                    marks[account, event, minute] = int(value)
+        host = {_text(k): _text(v) for k, v in host.items()}
+        return {"totals": totals, "watermarks": marks,
+                "last_roll_at": float(host["last_roll_at"]) if "last_roll_at" in host else None,
+                "gaps": int(gaps), "late_dropped": int(host.get("late_dropped") or 0),
+                "bad_keys": len(json.loads(host["bad_keys"])) if host.get("bad_keys") else 0}
 
     def gap_count(self) -> int:
         """How many gaps this host recorded."""
