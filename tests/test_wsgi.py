@@ -215,12 +215,33 @@ def test_an_application_may_replace_itself_while_it_runs(worker_api):
     assert total() == 2
 
 
+def grown_over(requests: int, make_request, warm_up: int = 500, before_measure=lambda: None) -> int:
+    """Bytes still allocated after ``requests`` calls of ``make_request()``
+    (after ``warm_up`` calls first, and a collection): a leaked object per
+    request shows as thousands of bytes per request."""
+    import gc
+    import tracemalloc
+
+    for _ in range(warm_up):
+        make_request()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(requests):
+            make_request()
+        before_measure()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
 def test_no_leak_and_cycles_are_collected(worker_api):
     """Each counted request allocates a start_response object; none
     survives its request, including through a reference cycle an
     application makes (environ -> start_response -> environ)."""
     import gc
-    import tracemalloc
     import weakref
 
     class Marker:
@@ -236,19 +257,8 @@ def test_no_leak_and_cycles_are_collected(worker_api):
         return [b"x"]
 
     mw = TrafficThreshold(app, account="host")
-    for _ in range(1000):
-        serve(mw, environ())
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(20000):
-            serve(mw, environ())
-        markers.clear()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = grown_over(20000, lambda: serve(mw, environ()), warm_up=1000,
+                       before_measure=markers.clear)
     assert grown < 50_000, grown  # a leaked object per request would be > 1 MB
     serve(mw, environ())
     gc.collect()
@@ -389,26 +399,13 @@ def test_generator_body_passes_chunks_and_close(worker_api):
 
 
 def test_generator_bodies_do_not_leak(worker_api):
-    import gc
-    import tracemalloc
 
     def app(environ, start_response):
         start_response("200 OK", HTML)
         yield b"x"
 
     mw = TrafficThreshold(app, account="host")
-    for _ in range(1000):
-        serve(mw, environ())
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(10000):
-            serve(mw, environ())
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = grown_over(10000, lambda: serve(mw, environ()), warm_up=1000)
     assert grown < 50_000, grown
     assert of("site-a.example") == 11000
 
@@ -909,8 +906,6 @@ def test_uniques_do_not_leak(worker_api, cookie):
     """The unique path (a copy of the headers, the Set-Cookie pair) and the
     returning visitor's path (the search) leave nothing behind; the clock
     moves every request, so the day is recomputed each time too."""
-    import gc
-    import tracemalloc
 
     t = [BEFORE_MIDNIGHT - 50_000]
 
@@ -920,17 +915,6 @@ def test_uniques_do_not_leak(worker_api, cookie):
 
     mw = unique_mw(clock=clock)
     env = environ(HTTP_COOKIE=cookie) if cookie else environ()
-    for _ in range(500):
-        serve(mw, dict(env))
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for _ in range(5000):
-            serve(mw, dict(env))
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = grown_over(5000, lambda: serve(mw, dict(env)))
     assert grown < 50_000, grown  # a leaked object per request would be > 250 kB
     assert uniques() == ((5500, 5500) if cookie is None else (0, 0))
