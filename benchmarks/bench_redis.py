@@ -12,13 +12,16 @@ Run by hand::
    append-only with ``appendfsync everysec`` (its usual durable setting);
    SQLite as the supervisor runs it (WAL, synchronous=NORMAL).
 2. Reading one period (a month of one account), as the API does: the p50
-   and p99 of single reads on each store.
+   and p99 of single reads on each store, in-process and over HTTP (the
+   stats API served by waitress on loopback, one keep-alive connection,
+   ``GET /api/stats/track/<account>/pageview/2026/5``).
 
 Both stores are checked to hold the same, exact totals.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import shutil
 import socket
@@ -33,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
+from trafficthreshold import api, webserver  # noqa: E402
+from trafficthreshold.config import Config, StoreConfig  # noqa: E402
 from trafficthreshold.periods import resolve_timezone  # noqa: E402
 from trafficthreshold.redisstore import RedisStore  # noqa: E402
 from trafficthreshold.store import Store  # noqa: E402
@@ -88,6 +93,28 @@ def read_times(store, keys: int, reads: int) -> tuple[float, float]:
     return times[len(times) // 2], times[int(len(times) * 0.99)]
 
 
+def http_times(config: Config, keys: int, reads: int) -> tuple[float, float]:
+    """p50 and p99 of one period request to the stats API over HTTP."""
+    server = webserver.start(api.make_app(config, counter_factory=lambda: None), "127.0.0.1:0")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        times = []
+        for i in range(reads):
+            path = f"/api/stats/track/shop-{i * 7919 % keys:05d}/pageview/2026/5"
+            started = time.perf_counter()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            times.append(time.perf_counter() - started)
+            if response.status != 200:
+                sys.exit(f"bench_redis: FAIL {path} answered {response.status}")
+        conn.close()
+    finally:
+        server.stop()
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.99)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke mode: a few seconds")
@@ -103,6 +130,15 @@ def main() -> None:
                            "redis": roll_cases(rstore, keys, repeats)}
                 reading = {"sqlite": read_times(sstore, keys, reads),
                            "redis": read_times(rstore, keys, reads)}
+                sqlite_path = os.path.join(directory, "roll.sqlite3")
+                over_http = {
+                    "sqlite": http_times(Config(database=sqlite_path, timezone="UTC"),
+                                         keys, reads),
+                    "redis": http_times(Config(database=sqlite_path, timezone="UTC",
+                                               store=StoreConfig(
+                                                   backend="redis", host="bench",
+                                                   url=f"redis://127.0.0.1:{port}/0")),
+                                        keys, reads)}
                 for k in (0, keys // 2, keys - 1):
                     name = f"shop-{k:05d}"
                     a = sstore.period(name, "pageview", 2026, 5)
@@ -121,7 +157,11 @@ def main() -> None:
     print(f"  target: {keys:,} keys < 1 s for a new minute into Redis -> {verdict}")
     print(f"\nOne period read (a month of one account), {reads:,} reads")
     for name, (p50, p99) in reading.items():
-        print(f"  {name:<8} p50 {p50 * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms")
+        print(f"  {name:<8} p50 {p50 * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms   in-process")
+    for name, (p50, p99) in over_http.items():
+        print(f"  {name:<8} p50 {p50 * 1e3:7.3f} ms   p99 {p99 * 1e3:7.3f} ms   over HTTP")
+    verdict = "OK" if over_http["redis"][1] < 0.010 else "SLOW"
+    print(f"  target: the API's p99 over HTTP < 10 ms on Redis -> {verdict}")
     print("  counts: the stores agree exactly")
 
 
