@@ -304,3 +304,28 @@ def test_the_top_list_uniques_from_the_store_without_a_segment(
     server = serve(api.make_app(make_config(path), counter_factory=missing, now=lambda: NOW))
     top = fetch(server.url)[2].decode().split("Top accounts")[1]
     assert re.search(r"acme</span><span class=\"count\">17 <small[^>]*>· 5 unique<", top)
+
+
+def test_with_the_farms_redis_down_the_dashboard_shows_the_live_counts_and_says_so(
+        installed: tuple[int, str], tmp_path: Path, redis_server: Any,
+        serve: Callable[..., webserver.Server]) -> None:
+    """The stored counts are in the farm's Redis; when it does not answer,
+    the page still shows this host's live counts (what matters in a burst)
+    with a banner naming the outage, not a 503."""
+    from trafficthreshold.config import StoreConfig
+    key, backend = installed
+    counter = segment.attach(key, backend, stripe=0)
+    counter.hit("acme", "pageview", 70, NOW - 10)
+    db = str(tmp_path / "local.sqlite3")
+    Store(db, ZONE).close()
+    cfg = make_config(db, key=key, backend=backend, store=StoreConfig(
+        backend="redis", url=f"redis://127.0.0.1:{redis_server.port}/0"))
+    server = serve(api.make_app(cfg, now=lambda: NOW))
+    status, _, body = fetch(server.url)
+    assert status == 200 and "did not answer" not in body.decode()
+    redis_server.kill()
+    status, _, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and "The store did not answer" in html
+    assert 'id="current-minute">70<' in html
+    counter.detach()

@@ -60,7 +60,7 @@ from trafficthreshold.dashboard import dashboard_context, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
 from trafficthreshold.live import LIVE_MINUTES, Snapshot, snapshot  # noqa: F401  (re-exported)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
-from trafficthreshold.periods import ImpossiblePeriod
+from trafficthreshold.periods import ImpossiblePeriod, segments
 from trafficthreshold.store import Store, StoreError, connect_readonly
 
 log = logging.getLogger("trafficthreshold.api")
@@ -140,6 +140,41 @@ def _script_name(environ: Mapping[str, Any]) -> str:
     """SCRIPT_NAME (latin-1 bytes in WSGI) re-quoted for a URL, no trailing slash."""
     raw = environ.get("SCRIPT_NAME", "").encode("latin-1", "replace")
     return urllib.parse.quote(raw, safe="/").rstrip("/")
+
+
+class _NoPeriods:
+    """Stands in for a store that did not answer, on the dashboard: every
+    period reads as zeros, nothing is listed, nothing was rolled."""
+
+    empty = None
+
+    def __init__(self, tz: Any) -> None:
+        self.tz = tz
+
+    def closed_through(self) -> None:
+        return None
+
+    def last_roll_at(self) -> None:
+        return None
+
+    def gap_count(self) -> int:
+        return 0
+
+    def watermark_minutes(self, *args: Any, **kwargs: Any) -> dict[Any, int]:
+        return {}
+
+    def period(self, account: str, event: str, year: int, month: int | None = None,
+               day: int | None = None, hour: int | None = None) -> dict[str, Any]:
+        return {"data": dict.fromkeys(segments(year, month, day, hour), 0), "total": 0}
+
+    def top_accounts(self, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
+        return []
+
+    def events(self, *args: Any) -> list[str]:
+        return []
+
+    def accounts(self, *args: Any) -> list[str]:
+        return []
 
 
 def _is_redis_error(exc: BaseException) -> bool:
@@ -613,9 +648,19 @@ class StatsApp:
         now = self.now()
         counter = self._attach()
         snap = None if counter is None else snapshot(counter, now)
-        context = dashboard_context(self.config, store, snap, self.alert_state(), event, now)
+        store_down = None
+        try:
+            context = dashboard_context(self.config, store, snap, self.alert_state(), event,
+                                        now)
+        except Exception as exc:
+            if not _is_redis_error(exc):
+                raise
+            # The farm's Redis is down: show this host's live counts, and say so.
+            store_down = str(exc)
+            context = dashboard_context(self.config, _NoPeriods(store.tz), snap,
+                                        self.alert_state(), event, now)
         nonce = secrets.token_urlsafe(16)
-        html = self._dashboard.render(**context, nonce=nonce)
+        html = self._dashboard.render(**context, nonce=nonce, store_down=store_down)
         csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                f"script-src 'nonce-{nonce}'; connect-src 'self'; base-uri 'none'; "
                "form-action 'none'; frame-ancestors 'none'")

@@ -329,6 +329,16 @@ class RedisStore:
         """This host's recorded gaps, in the order recorded."""
         return [json.loads(item) for item in self.client.lrange(self.gaps_key, 0, -1)]
 
+    def watermark_minutes(self, since_minute: int, instance: int | None = None,
+                          span: int = 3 * 60) -> dict[KeyMinute, int]:
+        """This host's watermarks of ``instance`` (default: the instance it
+        last rolled) for the ``span`` minutes from ``since_minute``, as the
+        SQLite store's method gives them (the dashboard's pending counts)."""
+        if instance is None:
+            instance = self.instance() or 0
+        return self.metrics_reading(instance, since_minute,
+                                    since_minute + span - 1)["watermarks"]
+
     def metrics_reading(self, instance: int, first: int, last: int) -> dict[str, Any]:
         """What a /metrics scrape needs, read in one MULTI (one snapshot,
         like the SQLite store's read transaction): the farm's all-time
