@@ -25,15 +25,20 @@ async def _answer(send, content_type: bytes, body: bytes, status: int = 200) -> 
     await send({"type": "http.response.body", "body": body})
 
 
+async def lifespan(receive, send) -> None:
+    """Answer uvicorn's lifespan messages until shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def raw_app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await lifespan(receive, send)
     if scope["type"] == "websocket":
         await receive()
         await send({"type": "websocket.accept"})

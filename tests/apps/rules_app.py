@@ -24,6 +24,7 @@ import os
 import sys
 from urllib.parse import parse_qs
 
+from apps.asgi_app import lifespan
 from trafficthreshold import asgi, wsgi
 
 DEFAULT_TYPE = "text/html; charset=utf-8"
@@ -94,13 +95,7 @@ def _generate(asked: Asked, start_response):
 
 async def raw_asgi(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await lifespan(receive, send)
     asked = Asked(scope.get("query_string", b"").decode("latin-1"))
     headers = [(n.lower().encode(), v.encode())
                for n, v in asked.headers + asked.location(asked.status)]
