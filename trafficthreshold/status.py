@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import struct
 import sys
 from typing import Any
 
@@ -61,7 +60,7 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
         head = segment.header(counter)
         damage = _header_damage(head)
         keys = []
-        for slot, account, event in _keys(cfg, counter, head, damage):
+        for slot, account, event in _keys(counter, damage):
             keys.append({"account": account, "event": event, "slot": slot,
                          "minute": _guarded(damage, f"count of slot {slot}",
                                             counter.count, slot, 1, now),
@@ -176,41 +175,13 @@ def _header_damage(head: dict[str, int]) -> list[str]:
     return damage
 
 
-def _keys(cfg: Config, counter: Any, head: dict[str, int],
-          damage: list[str]) -> list[tuple[int, str, str]]:
-    """(slot, account, event) of every key.  The C reader refuses a name that
-    is not UTF-8 (it raises for the whole table); then the index is read
-    here from the raw bytes, each bad name shown escaped and reported."""
-    try:
-        return [(slot, _printable(damage, slot, "account", account),
-                 _printable(damage, slot, "event", event))
-                for slot, account, event in counter.keys()]
-    except UnicodeDecodeError:
-        pass
-    try:
-        index = _raw_bytes(cfg, counter.load(segment.H_INDEX_OFFSET, 8),
-                           head["index_size"] * segment.INDEX_ENTRY_SIZE)
-    except Exception as exc:  # see _guarded
-        damage.append(f"key index: cannot be read ({exc.__class__.__name__}: {exc})")
-        return []
-    out = []
-    for i in range(len(index) // segment.INDEX_ENTRY_SIZE):
-        entry = index[i * segment.INDEX_ENTRY_SIZE:(i + 1) * segment.INDEX_ENTRY_SIZE]
-        state, slot = struct.unpack_from("=II", entry, segment.E_STATE)
-        if state != 1:
-            continue
-        names = []
-        for field, off, length in (("account", segment.E_ACCOUNT, entry[segment.E_ACCOUNT_LEN]),
-                                   ("event", segment.E_EVENT, entry[segment.E_EVENT_LEN])):
-            raw = entry[off:off + min(length, 64)]
-            try:
-                names.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                names.append(raw.decode("utf-8", "backslashreplace"))
-                damage.append(f"index entry {i} (slot {slot}): the {field} name {raw!r} "
-                              "is not UTF-8")
-        out.append((slot, names[0], names[1]))
-    return out
+def _keys(counter: Any, damage: list[str]) -> list[tuple[int, str, str]]:
+    """(slot, account, event) of every key; a name that is not UTF-8 (the C
+    reader hands its bytes on as lone surrogates) shown escaped and
+    reported."""
+    return [(slot, _printable(damage, slot, "account", account),
+             _printable(damage, slot, "event", event))
+            for slot, account, event in counter.keys()]
 
 
 def _printable(damage: list[str], slot: int, field: str, name: str) -> str:
