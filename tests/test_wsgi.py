@@ -55,6 +55,17 @@ def app_answering(status: str = "200 OK", headers=HTML, body=(b"<p>hi</p>",)):
     return app
 
 
+def restarted_as_500(environ, start_response):
+    """A page that fails after starting its response: 200, then 500 through
+    start_response's exc_info."""
+    start_response("200 OK", HTML)
+    try:
+        raise RuntimeError("template failed")
+    except RuntimeError:
+        start_response("500 Internal Server Error", HTML, sys.exc_info())
+    return [b"<p>error</p>"]
+
+
 def serve(middleware, env=None):
     server = Server()
     result = middleware(env or environ(), server.start_response)
@@ -301,16 +312,8 @@ def test_exc_info_restart_the_final_status_decides(worker_api):
     start_response again with exc_info: both calls reach the server as
     they were made, and the final status (500) decides: not counted.
     (Regression: the first call's 200 used to be counted.)"""
-    def app(environ, start_response):
-        start_response("200 OK", HTML)
-        try:
-            raise RuntimeError("template failed")
-        except RuntimeError:
-            start_response("500 Internal Server Error", HTML, sys.exc_info())
-        return [b"<p>error</p>"]
-
     server = Server()
-    serve_body = b"".join(TrafficThreshold(app)(environ(), server.start_response))
+    serve_body = b"".join(TrafficThreshold(restarted_as_500)(environ(), server.start_response))
     assert serve_body == b"<p>error</p>"
     assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
     assert server.calls[1][2][0] is RuntimeError
@@ -815,18 +818,10 @@ def test_only_page_views_get_the_cookie(worker_api, env, status, headers):
 def test_an_exc_info_restart_drops_the_cookie_and_the_unique(worker_api):
     """200 (a unique page view: the cookie is added) restarted as 500: the
     server gets the 500's headers, without the cookie; nothing counted."""
-    def app(environ, start_response):
-        start_response("200 OK", HTML)
-        try:
-            raise RuntimeError("template failed")
-        except RuntimeError:
-            start_response("500 Internal Server Error", HTML, sys.exc_info())
-        return [b"<p>error</p>"]
-
     def generator(environ, start_response):
-        yield from app(environ, start_response)
+        yield from restarted_as_500(environ, start_response)
 
-    for application in (app, generator):
+    for application in (restarted_as_500, generator):
         server = Server()
         result = unique_mw(application)(environ(), server.start_response)
         assert b"".join(result) == b"<p>error</p>"
