@@ -107,8 +107,8 @@ def _message(exc: Exception) -> str | None:
     if type(exc).__module__.startswith("redis"):  # redis-py's errors, Sentinel's too
         obj = click.get_current_context().obj or {}
         cfg = obj.get("config")
-        from .stores import describe
-        where = describe(cfg) if cfg is not None else "the Redis store"
+        from .stores import location
+        where = location(cfg) if cfg is not None else "the Redis store"
         return (f"{where} did not answer ({type(exc).__name__}: {exc}): check that Redis "
                 "runs and [store] url, sentinels, service and the password")
     if isinstance(exc, OSError):
@@ -307,8 +307,8 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
     rollup = None if no_rollup else functools.partial(_final_rollup, cfg, rolled)
     result = segment.uninstall(cfg.key, cfg.backend, force=force, rollup=rollup)
     if rolled:  # it runs twice: on the live segment, then on the retired one
-        from .stores import describe
-        click.echo(f"rolled {sum(rolled)} pending hits into {describe(cfg)}")
+        from .stores import location
+        click.echo(f"rolled {sum(rolled)} pending hits into {location(cfg)}")
     attached = int(result.get("attached", 0) or 0)
     click.echo(f"removed the {result['removed']} ({result['size']:,} bytes)"
                + (f"; {_plural(attached, 'process was', 'processes were')} still attached"
@@ -539,7 +539,7 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
         with click.progressbar(length=migrate.count_hashes(path), label="hashes",
                                file=sys.stderr) as bar:
             summary = migrate.migrate(path, target, instance=instance, progress=bar.update)
-    click.echo(f"migrated {path} into {stores.describe(cfg)}: {summary.hashes} hashes "
+    click.echo(f"migrated {path} into {stores.location(cfg)}: {summary.hashes} hashes "
                f"written, {summary.skipped} already there, {summary.hits:,} hits, "
                f"{summary.watermarks} watermarks")
 

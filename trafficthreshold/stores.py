@@ -102,7 +102,7 @@ def open_reader(config: Config, env: Any = None) -> PeriodStore:
     return _redis_store(config, redis_client(config, env=env))
 
 
-def describe(config: Config) -> str:
+def location(config: Config) -> str:
     """Where the store is, for logs and messages (never the password)."""
     s = config.store
     if s.backend != "redis":
@@ -116,7 +116,7 @@ def ping(config: Config, timeout: float = PING_TIMEOUT, env: Any = None) -> dict
     "error", "last_roll_at", "closed_through"}``; never raises for a store
     that is down (the error is the message).  Redis: one PING and this
     host's hash, each within ``timeout`` seconds."""
-    info: dict[str, Any] = {"backend": config.store.backend, "where": describe(config),
+    info: dict[str, Any] = {"backend": config.store.backend, "where": location(config),
                             "answered": False, "error": None, "last_roll_at": None,
                             "closed_through": None}
     started = time.monotonic()

@@ -156,7 +156,7 @@ class Supervisor:
         if self.roller is not None:
             caught_up = self._guard("catch-up roll-up", self._roll, now)
             log.info("started: segment %#x (%s), store %s, %s", self.config.key,
-                     self.config.backend, stores.describe(self.config),
+                     self.config.backend, stores.location(self.config),
                      "catching up on its own thread" if self._rolling is not None
                      else f"{caught_up} hits caught up")
         if self.http_enabled:
