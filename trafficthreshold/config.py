@@ -467,12 +467,18 @@ def _address(empty_ok: bool = False) -> Check:
     return check
 
 
+def _as_list(value: Any, what: str, example: str) -> list[Any]:
+    """``value`` as a TOML array; a single string is taken as a list of one."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise _wrong_type(value, what, example)
+    return value
+
+
 def _addresses(value: Any) -> tuple[str, ...]:
     """A list of addresses; a single string is taken as a list of one."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise _wrong_type(value, "an array of addresses", '["ops@example.com"]')
+    value = _as_list(value, "an array of addresses", '["ops@example.com"]')
     bad = [item for item in value if not isinstance(item, str) or not is_valid_address(item)]
     if bad:
         # is_valid_address refuses CR/LF, so nothing here can add mail headers.
@@ -603,10 +609,7 @@ def _redis_url(value: Any) -> str:
 
 def _sentinels(value: Any) -> tuple[str, ...]:
     """A list of "host:port" strings."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise _wrong_type(value, "an array of \"host:port\"", '["10.0.0.5:26379"]')
+    value = _as_list(value, "an array of \"host:port\"", '["10.0.0.5:26379"]')
     for item in value:
         host, _, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
         if not host or not port.isdigit() or not 0 < int(port) <= LIMITS["port"]:
