@@ -295,6 +295,15 @@ def run_load(port: int, total: int, threads: int = 8, time_limit: float = 30.0,
     return result
 
 
+def segment_accounts(key: int, backend: str) -> set[str]:
+    """The accounts that have a key in the segment."""
+    counter = segment.attach(key, backend)
+    try:
+        return {account for _, account, _ in counter.keys()}
+    finally:
+        counter.detach()
+
+
 def segment_count(key: int, backend: str, first_minute: int, last_minute: int,
                   account: Optional[str] = None, event: str = "pageview") -> int:
     """The segment's count of (account or the total, event) summed over
