@@ -1,8 +1,8 @@
 """What the hosts of a farm share in Redis besides the periods: their live
 counts, and one leader for the farm's alerts.
 
-Status: built and tested against real redis-server processes; the
-supervisor does not use it yet (see docs/redis.rst).
+The supervisor publishes and reads the live counts through
+:mod:`trafficthreshold.farmsync` (docs/redis.rst).
 
 Live counts
 -----------
@@ -92,25 +92,32 @@ def _text(value: Any) -> str:
 
 def farm_live(client: Any, *, now: float, prefix: str = "track") -> FarmLive:
     """The farm's live numbers: the sum over the hosts that are alive (their
-    hash has not expired), and a row per host seen lately."""
-    names = [_text(h) for h in client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf")]
+    hash has not expired), and a row per host seen lately.  A host whose
+    hash expired keeps its last publication time (``at``, from
+    ``{prefix}~hosts``) and its last roll (``last_roll``, from the store's
+    ``{prefix}~host:{host}``), so a dead host says since when."""
+    seen = client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
+    names = [_text(h) for h, _ in seen]
     pipe = client.pipeline(transaction=False)
     for host in names:
         pipe.hgetall(f"{prefix}~live:{host}")
+        pipe.hget(f"{prefix}~host:{host}", "last_roll_at")
     pipe.get(f"{prefix}~leader")
-    *hashes, leader = pipe.execute()
+    *replies, leader = pipe.execute()
     total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     hosts = []
-    for host, raw in zip(names, hashes, strict=True):
-        row = HostLive(host, alive=bool(raw))
+    for (host, (_, at)), raw, rolled in zip(zip(names, seen), replies[::2], replies[1::2],
+                                            strict=True):
+        row = HostLive(host, alive=bool(raw), at=float(at),
+                       last_roll=None if rolled is None else float(rolled))
         for k, v in raw.items():
             k, v = _text(k), _text(v)
             if k == "~level":
                 row.level = int(v)
             elif k == "~at":
                 row.at = float(v)
-            elif k == "~last_roll":
-                row.last_roll = float(v) if v else None
+            elif k == "~last_roll" and v and row.last_roll is None:
+                row.last_roll = float(v)
             elif "\0" in k:
                 account, event = k.split("\0", 1)
                 minute, sliding = (int(x) for x in v.split())

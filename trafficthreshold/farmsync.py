@@ -183,6 +183,14 @@ class FarmSync:
                     self._busy = False
                     self._cond.notify_all()
 
+    def _last_roll(self) -> float | None:
+        """Our last roll as the latest reading saw it (farm_live reads it
+        from the store's host hash)."""
+        reading = self.reading
+        if reading is None:
+            return None
+        return next((r.last_roll for r in reading.live.hosts if r.host == self.host), None)
+
     def _refresh(self, now: float) -> None:
         """Read the farm only (no publication), stamped with the last offer's
         clock (it is as fresh as our last publication); errors wait for the
@@ -197,10 +205,9 @@ class FarmSync:
         (its first error), and once when it works again; meanwhile the
         reading is left as it was, and ages out."""
         try:
-            last = self.client.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
             farm.publish_live(self.client, self.host, item.counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
-                              last_roll=None if last is None else float(last))
+                              last_roll=self._last_roll())
             live = farm.farm_live(self.client, now=item.now, prefix=self.prefix)
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
