@@ -104,7 +104,7 @@ class FarmSync:
     def open(cls, config: Any, env: Any = None) -> "FarmSync":
         """The farm link for ``[store]`` (a client of its own, timeout
         :data:`SOCKET_TIMEOUT`, no retries: the next second retries)."""
-        from . import stores
+        from . import store as stores
 
         client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
         _no_retries(client)

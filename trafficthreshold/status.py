@@ -125,7 +125,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
 def _store(cfg: Config, now: float) -> dict[str, Any]:
     """The period store ([store]): which, whether it answered (Redis: one
     PING within stores.PING_TIMEOUT), this host's last roll and its age."""
-    from . import stores  # redis-py only when the store is Redis
+    from . import store as stores  # redis-py only when the store is Redis
     info = stores.ping(cfg)
     last = info["last_roll_at"]
     info["last_roll_age"] = None if last is None else round(now - last, 1)
@@ -137,7 +137,7 @@ def _farm(cfg: Config, now: float) -> dict[str, Any]:
     """The farm's live numbers (Redis store only), as ``/api/stats/live?
     scope=farm`` has them, plus ``throttle_scope`` and ``error`` (None, or
     why Redis did not answer within stores.PING_TIMEOUT)."""
-    from . import farm, stores
+    from . import farm, store as stores
     from .live import farm_view
     try:
         client = stores.redis_client(cfg, timeout=stores.PING_TIMEOUT)
