@@ -106,6 +106,11 @@ def test_live_scope_farm_json(farm_up: dict[str, Any], serve: Callable[..., webs
     assert [(k["account"], k["last_60s"]) for k in body["keys"]] == [("shop", 20)]
     assert [k["account"] for k in {h["host"]: h for h in body["hosts"]}["web2"]["keys"]] == [
         "shop"]
+    # The farm thread's light reading: the level's key only, the same rows.
+    light = farm.farm_live(farm_up["client"], now=now, only=[("all", "pageview")])
+    assert light.total == {("all", "pageview"): (43, 53)}
+    assert {r.host: (r.alive, r.level) for r in light.hosts} == {
+        "web1": (True, 1), "web2": (True, 2), XSS: (True, 2), "old": (False, 0)}
     # The host scope is the segment's, as before.
     status, body = fetch_json(server.url + "api/stats/live?scope=host")
     assert status == 200 and "segment" in body and "scope" not in body

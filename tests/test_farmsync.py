@@ -359,3 +359,78 @@ def test_real_daemons_show_the_same_level_within_2_s(farm3, redis_server):
                  if k.count(b":") == 6 for v in client.hgetall(k).values())
     assert rolled == 45
     assert client.exists(*(f"track~live:{h}" for h in HOSTS)) == 0  # all withdrawn
+
+
+def test_the_tick_never_waits_for_a_redis_that_hangs(farm3, redis_server, caplog):
+    """web1's proxy holds every byte (a Redis that accepts and never
+    answers): its ticks stay fast, the level follows its own count once
+    the reading is 5 driven seconds old, and the outage is logged once."""
+    keys, proxies, make = farm3
+    f = Farm(keys, make(), NOW)
+    caplog.set_level(logging.INFO, logger="trafficthreshold.farmsync")
+    try:
+        for host in HOSTS:
+            f.counters[host].hit("shop", "pageview", 15, NOW)
+        for s in (NOW, NOW + 1, NOW + 2):
+            f.tick(s)
+        assert f.levels() == dict.fromkeys(HOSTS, 4)
+        proxies["web1"].hold()
+        slowest = 0.0
+        for second in range(3, 12):
+            started = time.perf_counter()
+            f.sups["web1"].tick(NOW + second)
+            slowest = max(slowest, time.perf_counter() - started)
+            f.tick(NOW + second, hosts=("web2", "web3"))
+            time.sleep(0.1)
+        assert slowest < 0.1, slowest  # the socket timeout is 0.5 s: not waited for
+        assert f.levels()["web1"] < 4 and f.sups["web1"].farm.falling_back
+        proxies["web1"].release()
+        deadline = time.monotonic() + 10
+        second = 12
+        while f.sups["web1"].farm.falling_back or f.levels()["web1"] != 4:
+            assert time.monotonic() < deadline, f.levels()
+            f.tick(NOW + second)
+            second += 1
+            time.sleep(0.05)
+        failed = [r for r in caplog.records if "web1 to the farm's Redis failed" in r.getMessage()]
+        assert len(failed) == 1
+    finally:
+        proxies["web1"].release()
+        f.close(NOW + 60)
+
+
+def test_the_live_reader_reads_active_keys_and_follows_a_new_segment(key):
+    """The farm thread's own attachment: per key the current minute and the
+    sliding 60 s, as Counter.count reads them; internal keys and idle keys
+    left out; after uninstall + install it reads the new segment, never the
+    old one's counts."""
+    segment.install(key, "sysv", now=NOW)
+    counter = segment.attach(key, "sysv")
+    reader = farmsync.LiveReader(key, "sysv")
+    try:
+        counter.hit("acme", "pageview", 5, NOW - 70)      # two minutes back: idle now
+        counter.hit("shop", "pageview", 3, NOW - 30)      # the previous minute, in 60 s
+        counter.hit("shop", "pageview", 4, NOW)
+        counter.hit("acme", "signup", 1, NOW)
+        instance = counter.load(segment.H_INSTANCE, 8)
+        got = reader.counts(instance, NOW + 1)
+        minute, sliding = segment.WINDOWS["minute"], segment.WINDOWS["60s"]
+        want = {}
+        for slot, account, event in counter.keys():
+            m, s = counter.count(slot, minute, NOW + 1), counter.count(slot, sliding, NOW + 1)
+            if (m or s) and not account.startswith("~"):
+                want[account, event] = (m, s)
+        assert got == want
+        assert got[("shop", "pageview")] == (4, 7)  # NOW is a minute's first second
+        assert ("acme", "pageview") not in got
+        assert reader.counts(instance + 1, NOW + 1) is None  # not the tick's segment
+        counter.detach()
+        segment.uninstall(key, "sysv", force=True)
+        segment.install(key, "sysv", now=NOW + 2)
+        counter = segment.attach(key, "sysv")
+        counter.hit("new", "pageview", 2, NOW + 2)
+        got = reader.counts(counter.load(segment.H_INSTANCE, 8), NOW + 3)
+        assert got == {("all", "pageview"): (2, 2), ("new", "pageview"): (2, 2)}
+    finally:
+        reader.close()
+        counter.detach()

@@ -2,12 +2,15 @@
 second, publish this host's live counts and read the farm's, on a thread of
 its own, so that a slow or unreachable Redis never delays the tick.
 
-The tick hands over what it read from the segment (:meth:`FarmSync.offer`,
-never blocks: only the latest offer is kept, an older one not yet sent is
-replaced); the ``trafficthreshold-farm`` thread publishes it
-(:func:`farm.publish_live`) and reads the farm back (:func:`farm.farm_live`)
-on its own Redis client, with a short socket timeout and no retries.  The
-latest reading is one attribute that the tick reads (:meth:`FarmSync.count`).
+The tick hands over its clock, its level and the segment's instance
+(:meth:`FarmSync.offer`, never blocks: only the latest offer is kept, an
+older one not yet sent is replaced); the ``trafficthreshold-farm`` thread
+reads the live counts from its own attachment of the segment
+(:class:`LiveReader`: the tick does not pay for reading every key), publishes
+them (:func:`farm.publish_live`) and reads the farm back
+(:func:`farm.farm_live`) on its own Redis client, with a short socket
+timeout and no retries.  The latest reading is one attribute that the tick
+reads (:meth:`FarmSync.count`).
 
 ``[throttle] scope = "farm"``: the tick steps the level from the farm's
 count of ``("all", "pageview")`` in the configured window: the other hosts'
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import farm, names, segment
+from .errors import TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.farmsync")
 
@@ -37,6 +41,9 @@ SOCKET_TIMEOUT = 0.5
 #: that the tick's reading is at most this old: a level change on one host
 #: reaches the others' ticks within about a second and a quarter.
 REFRESH_EVERY = 0.25
+#: The keys the farm thread reads back (the level's): a few fields per host,
+#: however many keys the hosts publish.
+LEVEL_KEYS = ((names.ALL, "pageview"),)
 #: Seconds shutdown waits for the farm thread (its last command included).
 STOP_WAIT = 2.0
 
@@ -46,8 +53,9 @@ class Offer:
     """What the tick hands to the farm thread: plain data, no segment."""
 
     now: float
-    counts: farm.LiveCounts
     level: int
+    #: The segment instance the tick's attachment maps (0: none live).
+    instance: int
 
 
 @dataclass(frozen=True)
@@ -58,21 +66,78 @@ class Reading:
     live: farm.FarmLive
 
 
-def live_counts(counter: Any, now: float) -> farm.LiveCounts:
-    """This host's (current minute, sliding 60 s) per key, from the segment;
-    keys at 0 in both are left out, and so are internal ``~`` keys.
-    Lock-free reads (called by the tick, on the thread that owns the
-    attachment)."""
-    minute, sliding = segment.WINDOWS["minute"], segment.WINDOWS["60s"]
-    counts: farm.LiveCounts = {}
-    readable, _bad = segment.split_keys(counter)
-    for slot, account, event in readable:
-        if account.startswith("~") or event.startswith("~"):
-            continue
-        m, s = counter.count(slot, minute, now), counter.count(slot, sliding, now)
-        if m or s:
-            counts[account, event] = (m, s)
-    return counts
+class LiveReader:
+    """The farm thread's own attachment of the segment and its reading of
+    the live counts.  Only the farm thread uses it (and detaches it): the
+    supervisor may let go of its own attachment at any time."""
+
+    def __init__(self, key: int, backend: str) -> None:
+        self.key, self.backend = key, backend
+        self.counter: Any = None
+        self._names: dict[int, tuple[str, str]] = {}
+        self._keys_used = -1
+
+    def counts(self, instance: int, now: float) -> farm.LiveCounts | None:
+        """This host's (current minute, sliding 60 s) per key at ``now``, of
+        segment ``instance`` (re-attached when the segment was replaced);
+        None while that segment is not attached here.  Keys at 0 in both
+        are left out, and so are internal ``~`` keys.  Lock-free reads: one
+        read of the ring's last two minutes finds the active keys (a key
+        with hits in the sliding 60 s has some in one of them), then one
+        sliding count per active key."""
+        counter = self._attach(instance)
+        if counter is None:
+            return None
+        minute = int(now // 60)
+        current: dict[int, int] = {}
+        for slot, m, n in counter.minutes(minute - 1, minute):
+            current[slot] = current.get(slot, 0) + (n if m == minute else 0)
+        names = self._read_names(counter, current)
+        sliding = segment.WINDOWS["60s"]
+        counts: farm.LiveCounts = {}
+        for slot, m in current.items():
+            name = names.get(slot)
+            if name is None or name[0].startswith("~") or name[1].startswith("~"):
+                continue
+            s = counter.count(slot, sliding, now)
+            if m or s:
+                counts[name] = (m, s)
+        return counts
+
+    def _read_names(self, counter: Any, active: dict[int, int]) -> dict[int, tuple[str, str]]:
+        """slot -> (account, event), re-read when keys were added (names
+        that are not UTF-8 are left out, as the roll-up does)."""
+        used = counter.load(segment.H_KEYS_USED, 4)
+        if used != self._keys_used or any(slot not in self._names for slot in active):
+            good, _bad = segment.split_keys(counter)
+            self._names = {slot: (a, e) for slot, a, e in good}
+            self._keys_used = used
+        return self._names
+
+    def _attach(self, instance: int) -> Any:
+        counter = self.counter
+        if counter is not None and counter.attached \
+                and counter.load(segment.H_STATE, 4) == segment.STATE_LIVE \
+                and counter.load(segment.H_INSTANCE, 8) == instance:
+            return counter
+        self.close()
+        if not instance:
+            return None
+        try:
+            counter = segment.attach(self.key, self.backend)
+        except TrafficThresholdError:
+            return None
+        if counter.load(segment.H_INSTANCE, 8) != instance:
+            counter.detach()  # not the tick's segment (yet): next second
+            return None
+        self.counter = counter
+        return counter
+
+    def close(self) -> None:
+        if self.counter is not None:
+            self.counter.detach()
+            self.counter = None
+        self._names, self._keys_used = {}, -1
 
 
 class FarmSync:
@@ -84,9 +149,10 @@ class FarmSync:
     assignment) and only read by the tick.
     """
 
-    def __init__(self, client: Any, host: str, *, prefix: str = "track",
+    def __init__(self, client: Any, host: str, reader: LiveReader, *, prefix: str = "track",
                  ttl_ms: int = farm.LIVE_TTL_MS, stale_after: float = STALE_AFTER) -> None:
         self.client, self.host, self.prefix = client, host, prefix
+        self.reader = reader
         self.ttl_ms, self.stale_after = ttl_ms, stale_after
         self.reading: Reading | None = None
         self._cond = threading.Condition()
@@ -108,14 +174,17 @@ class FarmSync:
 
         client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
         _no_retries(client)
-        return cls(client, config.store.host, prefix=config.store.prefix)
+        return cls(client, config.store.host, LiveReader(config.key, config.backend),
+                   prefix=config.store.prefix)
 
     # ------------------------------------------------------------ the tick
 
     def offer(self, counter: Any, now: float, level: int) -> None:
-        """Hand this second's numbers to the farm thread; never blocks on
-        Redis (reads the segment, then swaps one attribute under ``_cond``)."""
-        item = Offer(now, live_counts(counter, now), level)
+        """Hand this second to the farm thread; never blocks on Redis nor
+        reads the keys (one header load, then one attribute swapped under
+        ``_cond``)."""
+        live = counter is not None and counter.attached
+        item = Offer(now, level, counter.load(segment.H_INSTANCE, 8) if live else 0)
         with self._cond:
             self._offer = item
             self._cond.notify()
@@ -129,12 +198,11 @@ class FarmSync:
             return None
         return reading
 
-    def count(self, own: int, now: float, window: str, account: str = names.ALL,
-              event: str = "pageview") -> int:
-        """The farm's count of a key for the level: the other alive hosts'
-        from the latest reading plus ``own`` (this host's, read now); ``own``
-        alone when the reading is stale (logged once, and once when the
-        farm's count is back)."""
+    def count(self, own: int, now: float, window: str) -> int:
+        """The farm's count of ``("all", "pageview")`` for the level: the
+        other alive hosts' from the latest reading plus ``own`` (this host's,
+        read now); ``own`` alone when the reading is stale (logged once, and
+        once when the farm's count is back)."""
         reading = self.fresh(now)
         if reading is None:
             if not self._fallback and self._first is not None \
@@ -149,7 +217,7 @@ class FarmSync:
             log.info("throttle scope farm: the farm's counts are back; the level of host %s "
                      "follows the farm's total again", self.host)
         index = 0 if window == "minute" else 1
-        others = sum(row.counts.get((account, event), (0, 0))[index]
+        others = sum(row.counts.get(LEVEL_KEYS[0], (0, 0))[index]
                      for row in reading.live.hosts if row.alive and row.host != self.host)
         return others + own
 
@@ -169,6 +237,7 @@ class FarmSync:
                 if self._offer is None and not self._stopping:
                     self._cond.wait(REFRESH_EVERY)
                 if self._stopping:
+                    self.reader.close()
                     return
                 item, self._offer = self._offer, None
                 self._busy = True
@@ -196,7 +265,8 @@ class FarmSync:
         clock (it is as fresh as our last publication); errors wait for the
         next offer's cycle, which logs them."""
         try:
-            self.reading = Reading(now, farm.farm_live(self.client, now=now, prefix=self.prefix))
+            self.reading = Reading(now, farm.farm_live(self.client, now=now, prefix=self.prefix,
+                                                       only=LEVEL_KEYS))
         except Exception:  # noqa: BLE001 - the next cycle says it
             pass
 
@@ -205,10 +275,18 @@ class FarmSync:
         (its first error), and once when it works again; meanwhile the
         reading is left as it was, and ages out."""
         try:
-            farm.publish_live(self.client, self.host, item.counts, level=item.level,
+            counts = self.reader.counts(item.instance, item.now)
+        except Exception:  # noqa: BLE001 - the segment went away meanwhile: next second
+            log.debug("reading the live counts failed", exc_info=True)
+            self.reader.close()
+            return
+        if counts is None:
+            return  # no live segment here: nothing to publish, the hash expires
+        try:
+            farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
                               last_roll=self._last_roll())
-            live = farm.farm_live(self.client, now=item.now, prefix=self.prefix)
+            live = farm.farm_live(self.client, now=item.now, prefix=self.prefix, only=LEVEL_KEYS)
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
             if self._failing is None:
