@@ -44,6 +44,8 @@ REFRESH_EVERY = 0.25
 #: The keys the farm thread reads back (the level's): a few fields per host,
 #: however many keys the hosts publish.
 LEVEL_KEYS = ((names.ALL, "pageview"),)
+#: How many such reads follow one offer (the tick offers every second).
+REFRESHES = 3
 #: Seconds shutdown waits for the farm thread (its last command included).
 STOP_WAIT = 2.0
 
@@ -230,8 +232,12 @@ class FarmSync:
 
     def _loop(self) -> None:
         """Publish each offer; between offers, read the farm again every
-        :data:`REFRESH_EVERY` seconds (the other hosts publish meanwhile)."""
+        :data:`REFRESH_EVERY` seconds (the other hosts publish meanwhile), at
+        most :data:`REFRESHES` times after an offer whose cycle worked and
+        until a read fails: a supervisor that stopped ticking (or a Redis
+        that does not answer) costs no reads."""
         last: Offer | None = None
+        left = 0
         while True:
             with self._cond:
                 if self._offer is None and not self._stopping:
@@ -244,9 +250,9 @@ class FarmSync:
             try:
                 if item is not None:
                     last = item
-                    self._cycle(item)
-                elif last is not None and self._failing is None:
-                    self._refresh(last.now)
+                    left = REFRESHES if self._cycle(item) else 0
+                elif last is not None and left > 0:
+                    left = left - 1 if self._refresh(last.now) else 0
             finally:
                 with self._cond:
                     self._busy = False
@@ -260,17 +266,18 @@ class FarmSync:
             return None
         return next((r.last_roll for r in reading.live.hosts if r.host == self.host), None)
 
-    def _refresh(self, now: float) -> None:
+    def _refresh(self, now: float) -> bool:
         """Read the farm only (no publication), stamped with the last offer's
-        clock (it is as fresh as our last publication); errors wait for the
-        next offer's cycle, which logs them."""
+        clock (it is as fresh as our last publication); False on an error,
+        which the next offer's cycle meets and logs."""
         try:
             self.reading = Reading(now, farm.farm_live(self.client, now=now, prefix=self.prefix,
                                                        only=LEVEL_KEYS))
         except Exception:  # noqa: BLE001 - the next cycle says it
-            pass
+            return False
+        return True
 
-    def _cycle(self, item: Offer) -> None:
+    def _cycle(self, item: Offer) -> bool:
         """Publish ``item``, read the farm back.  An outage is logged once
         (its first error), and once when it works again; meanwhile the
         reading is left as it was, and ages out."""
@@ -279,9 +286,9 @@ class FarmSync:
         except Exception:  # noqa: BLE001 - the segment went away meanwhile: next second
             log.debug("reading the live counts failed", exc_info=True)
             self.reader.close()
-            return
+            return False
         if counts is None:
-            return  # no live segment here: nothing to publish, the hash expires
+            return False  # no live segment here: nothing to publish, the hash expires
         try:
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
@@ -295,12 +302,13 @@ class FarmSync:
                           "%s; tried again every second (the other hosts stop counting this "
                           "one %d s after its last publication)", self.host, text,
                           self.ttl_ms // 1000)
-            return
+            return False
         if self._failing is not None:
             self._failing = None
             log.info("publishing the live counts of host %s to the farm's Redis works again",
                      self.host)
         self.reading = Reading(item.now, live)
+        return True
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until the last offer is published and read back (tests with a
