@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from apps.harness import XSS, fetch, fetch_json
-from test_dashboard import CHROMIUM, chromium, needs_chromium
+from test_dashboard import ARTIFACTS, CHROMIUM, chromium, needs_chromium
 from trafficthreshold import api, config as configuration, farm, segment, webserver
 from trafficthreshold.cli import main
 from trafficthreshold.supervisor import Supervisor
@@ -219,5 +219,10 @@ def test_dashboard_farm_panel_in_chromium(farm_up, serve, tmp_path):
     server = serve(api.make_app(farm_up["cfg"], now=lambda: farm_up["now"]))
     dom = chromium(server.url, tmp_path / "profile", "--dump-dom")
     assert 'id="farm-current-minute">43<' in dom
+    ARTIFACTS.mkdir(exist_ok=True)  # for a person to look at
+    shot = ARTIFACTS / "dashboard-farm.png"
+    shot.unlink(missing_ok=True)
+    chromium(server.url, tmp_path / "profile2", f"--screenshot={shot}", size="1280,1400")
+    assert shot.exists() and shot.stat().st_size > 20_000
     assert len(re.findall(r"<tr data-host=", dom)) == 4
     assert "<img" not in dom and "alerts leader" in dom

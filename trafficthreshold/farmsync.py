@@ -175,7 +175,7 @@ class FarmSync:
         from . import store as stores
 
         client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
-        _no_retries(client)
+        no_retries(client)
         return cls(client, config.store.host, LiveReader(config.key, config.backend),
                    prefix=config.store.prefix)
 
@@ -336,7 +336,7 @@ class FarmSync:
             pass
 
 
-def _no_retries(client: Any) -> None:
+def no_retries(client: Any) -> None:
     """The next second is the retry: a command fails at once, within the
     socket timeout, instead of redis-py's default backoff."""
     try:

@@ -137,10 +137,11 @@ def _farm(cfg: Config, now: float) -> dict[str, Any]:
     """The farm's live numbers (Redis store only), as ``/api/stats/live?
     scope=farm`` has them, plus ``throttle_scope`` and ``error`` (None, or
     why Redis did not answer within stores.PING_TIMEOUT)."""
-    from . import farm, store as stores
+    from . import farm, farmsync, store as stores
     from .live import farm_view
     try:
         client = stores.redis_client(cfg, timeout=stores.PING_TIMEOUT)
+        farmsync.no_retries(client)  # one timeout at most, not redis-py's backoff
         try:
             view = farm_view(farm.farm_live(client, now=now, prefix=cfg.store.prefix), now,
                              cfg.store.host)
