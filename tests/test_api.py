@@ -757,6 +757,10 @@ def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:
         name = {"track": "Track", "live": "Live"}.get(document.get("type"), "Error")
         if "links" in document and "data" not in document:
             name = "Links"  # a discovery route's answer
+        if document.get("scope") == "farm":
+            name = "FarmLive"  # /live?scope=farm
+            for host in document["hosts"]:
+                assert set(host) == set(schemas["FarmHost"]["required"])
         assert set(document) <= set(schemas[name]["properties"]), name
         assert set(schemas[name]["required"]) <= set(document), name
 

@@ -139,6 +139,8 @@ def test_three_hosts_driven_clock_across_midnight_with_crashes(farm, redis_serve
         sups[host].shutdown(end)  # the final roll, the open minute too
     for s in dropped:
         s._wait_rolling()
+        if s.farm is not None:  # its farm thread died with it: no withdrawal
+            s.farm.stop(withdraw=False)
         s.counter.detach()
     for c in counters.values():
         c.detach()

@@ -13,6 +13,7 @@ prefix``, ``/api/stats`` by default)::
   GET <prefix>/track/<account>/<event>/<year>[/<month>[/<day>[/<hour>]]]
   GET <prefix>[/track[/<account>[/<event>]]]   discovery: links to what exists
   GET <prefix>/live            the segment now: current minute, 60 s, 60 minutes
+  GET <prefix>/live?scope=farm every host's live numbers, from the farm's Redis
   GET /metrics                 Prometheus text format 0.0.4
   GET /api/openapi.json        OpenAPI 3 description of the above
   GET /                        the dashboard (HTML)
@@ -54,11 +55,13 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, alertstore, cors, metrics, names, segment, store as stores
+from trafficthreshold import (alerts, alertstore, cors, farm, metrics, names, segment,
+                              store as stores)
 from trafficthreshold.config import Config
-from trafficthreshold.dashboard import dashboard_context, num
+from trafficthreshold.dashboard import dashboard_context, farm_section, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
-from trafficthreshold.live import LIVE_MINUTES, Snapshot, snapshot  # noqa: F401  (re-exported)
+from trafficthreshold.live import (  # noqa: F401  (re-exported)
+    LIVE_MINUTES, Snapshot, farm_view, snapshot)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod, segments
 from trafficthreshold.store import SQLiteStore, StoreError
@@ -227,13 +230,13 @@ class Routing:
     openapi: bytes
 
     @classmethod
-    def of(cls, prefix: str) -> Routing:
+    def of(cls, prefix: str, farm: bool = True) -> Routing:
         exact = {prefix + path: name for path, name in EXACT.items()}
         exact.update(FIXED)  # the prefix is checked never to hide these
         patterns = tuple((re.compile(re.escape(prefix) + pattern), name)
                          for name, pattern in PATTERNS.items())
         return cls(prefix, exact, patterns,
-                   json.dumps(openapi_document(prefix), indent=1).encode("utf-8"))
+                   json.dumps(openapi_document(prefix, farm), indent=1).encode("utf-8"))
 
     def find(self, path: str) -> tuple[str, dict[str, str]] | None:
         """(handler name, its path arguments) for ``path``, or None."""
@@ -291,7 +294,8 @@ class StatsApp:
         """Take ``[http]``'s prefix and origins.  Each is one attribute
         assignment, so a request running meanwhile sees the old or the new."""
         if self._routing is None or self._routing.prefix != config.http.prefix:
-            self._routing = Routing.of(config.http.prefix)
+            self._routing = Routing.of(config.http.prefix,
+                                       farm=config.store.backend == "redis")
         self._cors = frozenset(config.http.cors_origins)
 
     def reload(self, config: Config) -> None:
@@ -544,9 +548,17 @@ class StatsApp:
     # ------------------------------------------------------------------ live
 
     def live(self, request: Request) -> Response:
-        """The segment now; 503 when no segment is installed."""
+        """The segment now; 503 when no segment is installed.  With
+        ``scope=farm`` the farm's live numbers from Redis instead."""
         account = _query_name(request, "account", names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
         event = _query_name(request, "event", names.EVENT_MAX, names.OVERFLOW_EVENT)
+        scope = request.param("scope", "host")
+        if scope == "farm":
+            return json_response(200, self.farm_live(account, event), NO_CACHE)
+        if scope != "host":
+            raise HttpError(400, f"scope={scope!r} is not known; use scope=host (this host's "
+                                 "segment, the default) or scope=farm (every host, from the "
+                                 "farm's Redis)")
         counter = self._attach()
         if counter is None:
             raise HttpError(503, "no trafficthreshold segment is installed at key "
@@ -573,6 +585,22 @@ class StatsApp:
         }
         return json_response(200, payload, NO_CACHE)
 
+    def farm_live(self, account: str | None = None,
+                  event: str | None = None) -> dict[str, Any]:
+        """The farm's live numbers (:func:`live.farm_view`) from the farm's
+        Redis; 400 naming the fix on a host whose store is SQLite.  A Redis
+        error propagates (the app answers 503)."""
+        if self.config.store.backend != "redis":
+            raise HttpError(400, "scope=farm needs the farm's Redis: this host's [store] "
+                                 f"backend is {self.config.store.backend!r}; set [store] "
+                                 "backend = \"redis\" with the farm's url on every host "
+                                 "(docs/redis.rst), or ask without scope=farm for this "
+                                 "host's own numbers")
+        now = self.now()
+        reading = farm.farm_live(self._store().client, now=now,
+                                 prefix=self.config.store.prefix)
+        return farm_view(reading, now, self.config.store.host, account, event)
+
     # --------------------------------------------------------------- metrics
 
     def metrics(self, request: Request) -> Response:
@@ -585,11 +613,13 @@ class StatsApp:
         now = self.now()
         counter = self._attach()
         with metrics.read_snapshot(reader):
-            stored = metrics.read_store(reader)
+            # With Redis the local file holds only the alert state: no period
+            # tables to read (a fresh farm host has none).
+            redis_backend = self.config.store.backend == "redis"
+            stored = (self._redis_reading(counter, now) if redis_backend
+                      else metrics.read_store(reader))
             state = alertstore.read_state(reader)
-            if self.config.store.backend == "redis":
-                stored = self._redis_reading(counter, now)
-            elif counter is not None:
+            if not redis_backend and counter is not None:
                 first, minute = metrics.pending_window(
                     now, counter.load(segment.H_MINUTE_BUCKETS, 4))
                 stored.watermarks = metrics.watermark_minutes(
@@ -619,6 +649,7 @@ class StatsApp:
             damaged=None if snap is None else len(snap.damaged),
             late_dropped=stored.late_dropped,
             bad_keys=stored.bad_keys,
+            host=self.config.store.host if self.config.store.backend == "redis" else None,
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)
@@ -661,12 +692,28 @@ class StatsApp:
             context = dashboard_context(self.config, _NoPeriods(store.tz), snap,
                                         self.alert_state(), event, now)
         nonce = secrets.token_urlsafe(16)
-        html = self._dashboard.render(**context, nonce=nonce, store_down=store_down)
+        html = self._dashboard.render(**context, nonce=nonce, store_down=store_down,
+                                      farm=self._farm_section(event, now),
+                                      throttle_scope=self.config.throttle.scope)
         csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                f"script-src 'nonce-{nonce}'; connect-src 'self'; base-uri 'none'; "
                "form-action 'none'; frame-ancestors 'none'")
         return Response(200, html.encode("utf-8"), HTML_TYPE,
                         (*NO_CACHE, ("Content-Security-Policy", csp)))
+
+
+    def _farm_section(self, event: str, now: float) -> dict[str, Any] | None:
+        """The dashboard's farm panel: None without the farm's Redis; a
+        Redis that does not answer is said in the panel, not a 503."""
+        if self.config.store.backend != "redis":
+            return None
+        try:
+            view = self.farm_live()
+        except Exception as exc:
+            if not _is_redis_error(exc):
+                raise
+            return farm_section(None, str(exc), event, now)
+        return farm_section(view, None, event, now)
 
 
 def make_app(

@@ -49,6 +49,8 @@ DATABASE_NAME = "stats.sqlite3"
 
 #: The window names, in the order of the header's throttle_window values.
 WINDOWS = tuple(SEGMENT_WINDOWS)
+#: ``[throttle] scope``: whose count sets the level; the first is the default.
+THROTTLE_SCOPES = ("host", "farm")
 TRANSPORTS = ("sendmail", "smtp")
 
 
@@ -132,6 +134,9 @@ class ThrottleConfig:
     policy: str = "hysteresis"
     cooldown: int = 300
     cron_test: int = 10800
+    #: "host": the level follows this host's count; "farm": the farm's total
+    #: (``[store] backend = "redis"``; docs/redis.rst, "The farm's level").
+    scope: str = "host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -696,6 +701,7 @@ _THROTTLE: dict[str, _Key] = {
     "policy": _Key("policy", _choice(*POLICIES)),
     "cooldown": _Key("cooldown", _integer(1, LIMITS["cooldown"], example="300")),
     "cron_test": _Key("cron_test", _integer(1, LIMITS["cron_test"], example="10800")),
+    "scope": _Key("scope", _choice(*THROTTLE_SCOPES)),
 }
 _RETENTION: dict[str, _Key] = {
     name: _Key(name, _integer(0, LIMITS["retention"], example="7"))
@@ -941,6 +947,11 @@ def _cross_check(config: Config, errors: _Errors) -> None:
             "keep only one of the two",
         )
     _cross_check_store(config.store, errors)
+    if config.throttle.scope == "farm" and config.store.backend != "redis":
+        errors.bad("throttle.scope", "farm", f"needs the farm's Redis, but store.backend is "
+                   f"{_show(config.store.backend)}",
+                   'set [store] backend = "redis" with its url (docs/redis.rst), or '
+                   'scope = "host"')
 
 
 def _cross_check_store(store: StoreConfig, errors: _Errors) -> None:

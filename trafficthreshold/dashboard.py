@@ -283,3 +283,32 @@ def _nice_ceiling(value: int) -> int:
         if factor * power >= value:
             return factor * power
     return 10 * power
+
+
+def farm_section(view: dict[str, Any] | None, error: str | None, event: str,
+                 now: float) -> dict[str, Any]:
+    """The dashboard's farm panel (``[store] backend = "redis"``) from
+    :func:`trafficthreshold.live.farm_view`: the farm's total of ``event``
+    (all accounts), the alerts' leader, and a row per host; ``error`` when
+    the farm's Redis did not answer."""
+    if view is None:
+        return {"error": error, "hosts": [], "leader": None, "alive": 0,
+                "current_minute": None, "last_60s": None}
+
+    def total(keys: list[dict[str, Any]]) -> tuple[int, int]:
+        entry = next((k for k in keys if k["account"] == names.ALL and k["event"] == event),
+                     None)
+        return (0, 0) if entry is None else (entry["current_minute"], entry["last_60s"])
+
+    rows = []
+    for h in view["hosts"]:
+        minute, sliding = total(h["keys"])
+        rows.append({"host": h["host"], "alive": h["alive"], "here": h["host"] == view["host"],
+                     "level": h["level"], "level_class": _level_class(h["level"] or 0),
+                     "current_minute": minute if h["alive"] else None,
+                     "last_60s": sliding if h["alive"] else None,
+                     "seen": _ago(h["published_at"], now),
+                     "last_roll": _ago(h["last_roll_at"], now)})
+    minute, sliding = total(view["keys"])
+    return {"error": None, "hosts": rows, "leader": view["leader"], "alive": view["hosts_alive"],
+            "current_minute": minute, "last_60s": sliding}

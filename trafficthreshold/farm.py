@@ -1,8 +1,8 @@
 """What the hosts of a farm share in Redis besides the periods: their live
 counts, and one leader for the farm's alerts.
 
-Status: built and tested against real redis-server processes; the
-supervisor does not use it yet (see docs/redis.rst).
+The supervisor publishes and reads the live counts through
+:mod:`trafficthreshold.farmsync` (docs/redis.rst).
 
 Live counts
 -----------
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 #: A host's live hash expires this long after its last publication.
 LIVE_TTL_MS = 5_000
@@ -90,27 +90,44 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def farm_live(client: Any, *, now: float, prefix: str = "track") -> FarmLive:
+def farm_live(client: Any, *, now: float, prefix: str = "track",
+              only: Sequence[tuple[str, str]] | None = None) -> FarmLive:
     """The farm's live numbers: the sum over the hosts that are alive (their
-    hash has not expired), and a row per host seen lately."""
-    names = [_text(h) for h in client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf")]
+    hash has not expired), and a row per host seen lately.  A host whose
+    hash expired keeps its last publication time (``at``, from
+    ``{prefix}~hosts``) and its last roll (``last_roll``, from the store's
+    ``{prefix}~host:{host}``), so a dead host says since when.  ``only``:
+    read just these keys of each host (HMGET, not HGETALL: the farm
+    thread's reading for the level every quarter second)."""
+    seen = client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
+    names = [_text(h) for h, _ in seen]
     pipe = client.pipeline(transaction=False)
+    fields = None if only is None else [
+        "~level", "~at", "~last_roll", *(f"{a}\0{e}" for a, e in only)]
     for host in names:
-        pipe.hgetall(f"{prefix}~live:{host}")
+        if fields is None:
+            pipe.hgetall(f"{prefix}~live:{host}")
+        else:
+            pipe.hmget(f"{prefix}~live:{host}", fields)
+        pipe.hget(f"{prefix}~host:{host}", "last_roll_at")
     pipe.get(f"{prefix}~leader")
-    *hashes, leader = pipe.execute()
+    *replies, leader = pipe.execute()
     total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     hosts = []
-    for host, raw in zip(names, hashes, strict=True):
-        row = HostLive(host, alive=bool(raw))
+    for (host, (_, at)), raw, rolled in zip(zip(names, seen), replies[::2], replies[1::2],
+                                            strict=True):
+        if fields is not None:  # HMGET: values in field order, None for a missing one
+            raw = {} if raw[1] is None else {f: v for f, v in zip(fields, raw) if v is not None}
+        row = HostLive(host, alive=bool(raw), at=float(at),
+                       last_roll=None if rolled is None else float(rolled))
         for k, v in raw.items():
             k, v = _text(k), _text(v)
             if k == "~level":
                 row.level = int(v)
             elif k == "~at":
                 row.at = float(v)
-            elif k == "~last_roll":
-                row.last_roll = float(v) if v else None
+            elif k == "~last_roll" and v and row.last_roll is None:
+                row.last_roll = float(v)
             elif "\0" in k:
                 account, event = k.split("\0", 1)
                 minute, sliding = (int(x) for x in v.split())

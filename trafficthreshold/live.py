@@ -151,3 +151,41 @@ def _supervisor(header: Mapping[str, int], now: float) -> dict[str, Any]:
 def _segment_info(header: Mapping[str, int]) -> dict[str, int]:
     return {name: header[name] for name in (
         "key_capacity", "keys_used", "minute_buckets", "overflow_hits", "dropped_hits")}
+
+
+# ------------------------------------------------------------------ the farm
+
+
+def farm_view(reading: Any, now: float, host: str, account: str | None = None,
+              event: str | None = None) -> dict[str, Any]:
+    """``/api/stats/live?scope=farm`` (and the dashboard's and ``status``'s
+    farm section) from a :class:`trafficthreshold.farm.FarmLive`: the total
+    of the hosts that are alive, one row per host seen in the last hour, and
+    the alerts' leader.  ``host`` is the host answering; ``account`` and
+    ``event`` keep only those keys."""
+
+    def keys(counts: Mapping[tuple[str, str], tuple[int, int]]) -> list[dict[str, Any]]:
+        rows = [{"account": a, "event": e, "current_minute": m, "last_60s": s}
+                for (a, e), (m, s) in counts.items()
+                if (account is None or a == account) and (event is None or e == event)]
+        return sorted(rows, key=_key_order)
+
+    hosts = [{
+        "host": row.host,
+        "alive": row.alive,
+        "level": row.level if row.alive else None,
+        "published_at": row.at,
+        "age_seconds": None if row.at is None else round(max(0.0, now - row.at), 3),
+        "last_roll_at": row.last_roll,
+        "keys": keys(row.counts),
+    } for row in sorted(reading.hosts, key=lambda r: r.host)]
+    return {
+        "type": "live",
+        "scope": "farm",
+        "now": now,
+        "host": host,
+        "leader": reading.leader,
+        "hosts_alive": sum(1 for row in reading.hosts if row.alive),
+        "keys": keys(reading.total),
+        "hosts": hosts,
+    }

@@ -23,6 +23,9 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_store_late_dropped_hits_total         counter
   trafficthreshold_store_bad_keys                        gauge
 
+With ``[store] backend = "redis"`` every series but ``hits_total`` also has
+a ``host`` label (``[store] host``): see :func:`label_host`.
+
 ``hits_total`` is *all hits ever counted*: the sum of the store's month rows
 (every hit the supervisor rolled) plus what the segment ring holds that the
 next roll would add (``observed - watermark`` of each ring minute, see
@@ -239,6 +242,7 @@ def collect(
     damaged: int | None = None,
     late_dropped: int = 0,
     bad_keys: int = 0,
+    host: str | None = None,
 ) -> list[Family]:
     """The metric families from plain numbers (see the module docstring).
 
@@ -247,7 +251,9 @@ def collect(
     ``last_60s`` (None: no segment); ``header``: :func:`segment.header`;
     ``firing``: rule name -> open episode (None: no alert tables);
     ``damaged``: how many damaged fields or index entries the segment read
-    found (None: no segment).
+    found (None: no segment); ``host``: with the farm's Redis store, this
+    host's ``[store] host``, added as a ``host`` label to every series but
+    ``hits_total`` (see :func:`label_host`).
     """
     fams: list[Family] = []
     hits = Family("trafficthreshold_hits_total", "counter",
@@ -295,6 +301,18 @@ def collect(
                        "Keys the last roll-up skipped (a name that is not UTF-8, an "
                        "impossible count); `trafficthreshold status` names them.")
                 .add(bad_keys))
+    return fams if host is None else label_host(fams, host)
+
+
+def label_host(fams: list[Family], host: str) -> list[Family]:
+    """A farm (``[store] backend = "redis"``): every series of this host
+    gets ``host="<name>"``, so that the hosts' series never collide and
+    ``sum without (host)`` of the live gauges is the farm's.  Not
+    ``hits_total``: it is the farm's rolled total already (plus this host's
+    pending hits), the same series on every host."""
+    for fam in fams:
+        if fam.name != "trafficthreshold_hits_total":
+            fam.samples = [({**labels, "host": host}, v) for labels, v in fam.samples]
     return fams
 
 

@@ -80,9 +80,12 @@ def _keys_operation(depth: int) -> dict[str, Any]:
                                     "(the message says what to do)")})
 
 
-def openapi_document(prefix: str = "/api/stats") -> dict[str, Any]:
+def openapi_document(prefix: str = "/api/stats", farm: bool = True) -> dict[str, Any]:
     """The OpenAPI 3.0 description served at /api/openapi.json; the stats
-    routes under ``prefix`` (``[http] prefix``)."""
+    routes under ``prefix`` (``[http] prefix``).  ``farm``: the app reads
+    the farm's Redis, so ``/live`` takes ``scope=farm`` (a host with a
+    SQLite store answers it with a 400, and its document lists only
+    ``host``)."""
     from trafficthreshold import __version__
 
     count = {"type": "integer", "minimum": 0}
@@ -144,6 +147,7 @@ def openapi_document(prefix: str = "/api/stats") -> dict[str, Any]:
                 "damaged": {"type": "array", "items": {"type": "string"},
                             "description": "what was found damaged in the segment and how "
                                            "it was read instead; empty when all is well"}}},
+        **_farm_schemas(count),
     }
     paths: dict[str, Any] = {prefix: _plain_operation(
         "Links to the charts: track (and funnels, not served yet)", "root", JSON_TYPE,
@@ -157,12 +161,22 @@ def openapi_document(prefix: str = "/api/stats") -> dict[str, Any]:
         track += part
         paths[track] = _track_operation(depth)
     paths[prefix + "/live"] = _plain_operation(
-        "The segment now: current minute, sliding 60 s, last 60 minutes per key",
-        "live", JSON_TYPE, {"$ref": "#/components/schemas/Live"},
+        "The segment now: current minute, sliding 60 s, last 60 minutes per key; "
+        "with scope=farm, every host's live numbers from the farm's Redis",
+        "live", JSON_TYPE, {"anyOf": [{"$ref": "#/components/schemas/Live"},
+                                      {"$ref": "#/components/schemas/FarmLive"}]},
         [_name_param("account", names.ACCOUNT_MAX, "only this account", "query"),
-         _name_param("event", names.EVENT_MAX, "only this event", "query")],
-        {"404": _error_ref("a name is not valid (no key can have it)"),
-         "503": _error_ref("no segment is installed: run `trafficthreshold install`")})
+         _name_param("event", names.EVENT_MAX, "only this event", "query"),
+         {"name": "scope", "in": "query", "required": False,
+          "description": "`host` (the default): this host's segment; `farm`: the farm's "
+                         "total, a row per host and the alerts' leader (needs [store] "
+                         "backend = \"redis\")",
+          "schema": {"type": "string", "enum": ["host", "farm"] if farm else ["host"]}}],
+        {"400": _error_ref("scope is not host or farm, or scope=farm on a host whose "
+                           "store is not the farm's Redis (the message says what to set)"),
+         "404": _error_ref("a name is not valid (no key can have it)"),
+         "503": _error_ref("no segment is installed (run `trafficthreshold install`), or "
+                           "the farm's Redis did not answer")})
     paths["/metrics"] = _plain_operation(
         "Prometheus metrics (text format 0.0.4)", "metrics", "text/plain", {"type": "string"},
         extra={"503": _error_ref("the database does not exist yet, is locked or is damaged "
@@ -187,4 +201,41 @@ def openapi_document(prefix: str = "/api/stats") -> dict[str, Any]:
             "bearer": {"type": "http", "scheme": "bearer",
                        "description": "required on every route when http.token is set"}}},
         "security": [{}, {"bearer": []}],
+    }
+
+
+def _farm_schemas(count: dict[str, Any]) -> dict[str, Any]:
+    """``/live?scope=farm``: the farm's total and a row per host."""
+    stamp = {"type": "number", "nullable": True}
+    key = {"type": "object", "required": ["account", "event", "current_minute", "last_60s"],
+           "properties": {"account": {"type": "string"}, "event": {"type": "string"},
+                          "current_minute": count, "last_60s": count}}
+    host = {"type": "object", "required": [
+        "host", "alive", "level", "published_at", "age_seconds", "last_roll_at", "keys"],
+        "properties": {
+            "host": {"type": "string"},
+            "alive": {"type": "boolean",
+                      "description": "it published within the last 5 seconds"},
+            "level": {"type": "integer", "minimum": 0, "maximum": 5, "nullable": True,
+                      "description": "its throttle level; null when not alive"},
+            "published_at": stamp, "age_seconds": stamp, "last_roll_at": stamp,
+            "keys": {"type": "array", "items": {"$ref": "#/components/schemas/FarmKey"},
+                     "description": "empty when not alive"}}}
+    return {
+        "FarmKey": key,
+        "FarmHost": host,
+        "FarmLive": {"type": "object", "required": [
+            "type", "scope", "now", "host", "leader", "hosts_alive", "keys", "hosts"],
+            "properties": {
+                "type": {"type": "string", "enum": ["live"]},
+                "scope": {"type": "string", "enum": ["farm"]},
+                "now": {"type": "number"},
+                "host": {"type": "string", "description": "the host that answered"},
+                "leader": {"type": "string", "nullable": True,
+                           "description": "the host that evaluates the farm's alerts"},
+                "hosts_alive": count,
+                "keys": {"type": "array", "items": {"$ref": "#/components/schemas/FarmKey"},
+                         "description": "the sum over the hosts that are alive"},
+                "hosts": {"type": "array", "items": {"$ref": "#/components/schemas/FarmHost"},
+                          "description": "every host seen in the last hour, by name"}}},
     }

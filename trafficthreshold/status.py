@@ -118,6 +118,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "throttle": _throttle(cfg, head, level, now, damage),
         "supervisor": _supervisor(head, now),
         "store": _store(cfg, now),
+        **({"farm": _farm(cfg, now)} if cfg.store.backend == "redis" else {}),
     }
 
 
@@ -130,6 +131,29 @@ def _store(cfg: Config, now: float) -> dict[str, Any]:
     info["last_roll_age"] = None if last is None else round(now - last, 1)
     info["last_roll_at"] = None if last is None else _iso(int(last))
     return info
+
+
+def _farm(cfg: Config, now: float) -> dict[str, Any]:
+    """The farm's live numbers (Redis store only), as ``/api/stats/live?
+    scope=farm`` has them, plus ``throttle_scope`` and ``error`` (None, or
+    why Redis did not answer within stores.PING_TIMEOUT)."""
+    from . import farm, farmsync, store as stores
+    from .live import farm_view
+    try:
+        client = stores.redis_client(cfg, timeout=stores.PING_TIMEOUT)
+        farmsync.no_retries(client)  # one timeout at most, not redis-py's backoff
+        try:
+            view = farm_view(farm.farm_live(client, now=now, prefix=cfg.store.prefix), now,
+                             cfg.store.host)
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - a report, not a failure
+        view = {"error": f"{type(exc).__name__}: {exc}", "host": cfg.store.host,
+                "leader": None, "hosts_alive": 0, "keys": [], "hosts": []}
+    else:
+        view["error"] = None
+    view["throttle_scope"] = cfg.throttle.scope
+    return view
 
 
 def _raw_size(cfg: Config) -> int:
@@ -293,13 +317,41 @@ def render(info: dict[str, Any]) -> str:
         f"multiplier {t['multiplier']}, policy {t['policy']}: {t['policy_state']}",
         f"supervisor  {sup}",
         *([_render_store(info["store"])] if info.get("store") else []),
+        *(_render_farm(info["farm"]) if info.get("farm") else []),
         "",
         f"{'ACCOUNT':<40} {'EVENT':<16} {'MINUTE':>10} {'LAST 60 S':>10}",
     ]
     for k in info["keys"]:
         lines.append(f"{k['account']:<40} {k['event']:<16} {k['minute']:>10,} "
                      f"{k['last_60s']:>10,}")
+    if info.get("farm") and not info["farm"]["error"]:
+        lines += ["", f"{'FARM TOTAL: ACCOUNT':<40} {'EVENT':<16} {'MINUTE':>10} "
+                      f"{'LAST 60 S':>10}"]
+        lines += [f"{k['account']:<40} {k['event']:<16} {k['current_minute']:>10,} "
+                  f"{k['last_60s']:>10,}" for k in info["farm"]["keys"]]
     return "\n".join(lines)
+
+
+def _render_farm(f: dict[str, Any]) -> list[str]:
+    """``farm  2 of 3 hosts alive, ...`` and a line per host."""
+    if f["error"]:
+        return [f"farm        DID NOT ANSWER ({f['error']}); throttle scope "
+                f"{f['throttle_scope']}"]
+    leader = f["leader"] or "none (no host holds the lease)"
+    lines = [f"farm        {f['hosts_alive']} of {_plural(len(f['hosts']), 'host', 'hosts')} "
+             f"alive, alerts led by {leader}, throttle scope {f['throttle_scope']}"]
+    for h in f["hosts"]:
+        pages = next((k["last_60s"] for k in h["keys"]
+                      if (k["account"], k["event"]) == ("all", "pageview")), 0)
+        roll = ("no roll yet" if h["last_roll_at"] is None else
+                f"last roll {_iso(int(h['last_roll_at']))}")
+        seen = ("never published" if h["published_at"] is None
+                else f"published {h['age_seconds']:.1f} s ago")
+        state = (f"alive, level {h['level']}, {pages:,} page views in 60 s" if h["alive"]
+                 else f"NOT ALIVE ({seen})")
+        mark = " (this host)" if h["host"] == f["host"] else ""
+        lines.append(f"  {h['host']}{mark}: {state}, {roll}")
+    return lines
 
 
 def _render_store(st: dict[str, Any]) -> str:

@@ -15,7 +15,10 @@ it directly with a driven clock.  Each tick:
    pid) and rewrites any that shared memory holds otherwise (logged once
    per field);
 3. steps the throttle level (policy "hysteresis" or "drupal") and writes
-   it into the header, where throttle_status() reads it;
+   it into the header, where throttle_status() reads it; with ``[throttle]
+   scope = "farm"`` from the farm's count (:mod:`trafficthreshold.farmsync`);
+   with the Redis store, hands this second's live counts to the farm
+   thread, which publishes them and reads the farm's (never from the tick);
 4. when the clock minute changed, rolls the ring into the period store
    configured in ``[store]`` (:mod:`trafficthreshold.rollup`): the SQLite
    file, or the farm's Redis.  A roll into Redis runs on a thread of its
@@ -57,7 +60,8 @@ import signal
 import time
 from typing import Any, Mapping
 
-from . import alerts, config as configuration, names, notify, segment, store as stores, throttle
+from . import (alerts, config as configuration, farmsync, names, notify, segment,
+               store as stores, throttle)
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
@@ -100,6 +104,8 @@ _RETRIED = {
     "catch-up roll-up": "the next minute's roll-up catches up",
     "re-attach": "tried again at the next tick",
     "segment check": "tried again at the next minute",
+    "farm link": "retried every minute; the level follows this host's count meanwhile",
+    "farm offer": "tried again at the next tick",
 }
 
 
@@ -131,6 +137,8 @@ class Supervisor:
         self._rolling: concurrent.futures.Future | None = None
         self._roll_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._peek: Roller | None = None  # top_accounts' own reader of the ring
+        #: The farm's live counts (Redis store only): farmsync.py's thread.
+        self.farm: farmsync.FarmSync | None = None
         self.refused: ConfigError | None = None
         self._failing: dict[str, str] = {}     # step -> its last error, logged once
         self._repaired: set[str] = set()        # header fields repaired, logged once
@@ -174,6 +182,8 @@ class Supervisor:
             self._guard("opening the store", self._open_period_store)
         if self.engine is None:
             self._guard("opening the alert store", self._open_alerts)
+        if self.farm is None and self.config.store.backend == "redis":
+            self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env)
 
     def _open_period_store(self) -> None:
         """The configured period store.  A ConfigError (a farm whose time
@@ -228,6 +238,9 @@ class Supervisor:
         Without a working store there is no final roll-up: the ring keeps
         the minutes for the next start."""
         notify.stopping(self.env)
+        if self.farm is not None:  # the farm stops counting this host at once
+            self.farm, farm = None, self.farm
+            farm.stop()
         self._wait_rolling()
         if self._roll_pool is not None:
             self._roll_pool.shutdown(wait=False)
@@ -301,7 +314,11 @@ class Supervisor:
         self._guard("heartbeat", self._heartbeat, now)
         self._guard("header check", self._check_header)
         hits = self._guard("throttle", self._throttle, now)
-        if self.store is None or self.engine is None:
+        if self.farm is not None:  # to Redis on the farm thread, never from here
+            self._guard("farm offer", self.farm.offer, self.counter, now,
+                        self.throttle_state.level)
+        if self.store is None or self.engine is None or (
+                self.farm is None and self.config.store.backend == "redis"):
             if minute != self.last_store_try:
                 self._open_store(now)
         if minute != self.last_minute and self.roller is not None:
@@ -499,6 +516,8 @@ class Supervisor:
         t = self.config.throttle
         slot = self.counter.find(None, "pageview")
         hits = 0 if slot is None else self.counter.count(slot, segment.WINDOWS[t.window], now)
+        if t.scope == "farm" and self.farm is not None:  # the other hosts' + ours
+            hits = self.farm.count(hits, now, t.window)
         state, message = throttle.step(self.throttle_state, hits, now, t.policy, t.multiplier,
                                        t.cooldown, t.cron_test)
         if message:
