@@ -14,7 +14,7 @@ every minute: the worst case for row counts (1,000 accounts: 8.8 M hour
 rows, 10 M minute rows, about 1.2 GB).  Minute-level data for the whole
 year would be 526 M rows that retention never keeps, so it is not made.
 The rows are written with executemany in primary-key order in one
-transaction (Store.roll would take hours for this); the counts agree
+transaction (SQLiteStore.roll would take hours for this); the counts agree
 across levels (a day is the sum of its hours, an hour of its minutes).
 
 1. Latency of single-period queries (year -> 12 months, month -> days,
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trafficthreshold import api, webserver  # noqa: E402
 from trafficthreshold.config import Config  # noqa: E402
 from trafficthreshold.errors import SegmentNotFound  # noqa: E402
-from trafficthreshold.store import Store  # noqa: E402
+from trafficthreshold.store import SQLiteStore  # noqa: E402
 
 YEAR = 2026
 EVENT = "pageview"
@@ -91,7 +91,7 @@ def minute_split(count: int) -> list[int]:
 
 def build_store(path: str, accounts: int, minute_days: int) -> dict[str, int]:
     """Write the benchmark store; return row counts per table."""
-    Store(path, ZONE).close()  # the schema
+    SQLiteStore(path, ZONE).close()  # the schema
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
@@ -176,7 +176,7 @@ def measure(send: Callable[[str], int], kind: str, count: int, accounts: int,
     """Milliseconds of ``count`` requests of ``kind``; all must be 200."""
     rng = random.Random(seed)
     paths = [random_path(kind, rng, accounts, minute_days) for _ in range(count)]
-    for path in paths[:20]:  # warm the page cache and the per-thread Store
+    for path in paths[:20]:  # warm the page cache and the per-thread SQLiteStore
         send(path)
     times = []
     for path in paths:

@@ -39,8 +39,8 @@ import redis  # noqa: E402
 from trafficthreshold import api, webserver  # noqa: E402
 from trafficthreshold.config import Config, StoreConfig  # noqa: E402
 from trafficthreshold.periods import resolve_timezone  # noqa: E402
-from trafficthreshold.redisstore import RedisStore  # noqa: E402
-from trafficthreshold.store import Store  # noqa: E402
+from trafficthreshold.store.redis import RedisStore  # noqa: E402
+from trafficthreshold.store import SQLiteStore  # noqa: E402
 
 START_MINUTE = 29_640_000 + 600  # 2026-05-12 10:00 UTC
 
@@ -125,7 +125,7 @@ def main() -> None:
         proc, port = start_redis(directory)
         try:
             rstore = RedisStore(redis.Redis(port=port), zone, "bench")
-            with Store(os.path.join(directory, "roll.sqlite3"), "UTC") as sstore:
+            with SQLiteStore(os.path.join(directory, "roll.sqlite3"), "UTC") as sstore:
                 results = {"sqlite": roll_cases(sstore, keys, repeats),
                            "redis": roll_cases(rstore, keys, repeats)}
                 reading = {"sqlite": read_times(sstore, keys, reads),

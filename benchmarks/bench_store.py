@@ -16,13 +16,13 @@ Run by hand::
    * *re-roll*: the same snapshot again: nothing to add (the cost of the
      watermark check alone).
 
-2. Store size per key-year. Roll one whole day of minute data (every key
+2. SQLiteStore size per key-year. Roll one whole day of minute data (every key
    active every minute: the worst case for minute rows) for some keys, read
    each table's size from SQLite's ``dbstat`` table (pages used, b-tree
    overhead and free space in them included), divide by the row count, and
    extrapolate: a key-year has 525,600 minute rows, 8,760 hour rows, 365 day
    rows and 12 month rows. Watermarks do not grow with time: about one to
-   two days of minute rows per key are kept (see Store.prune).
+   two days of minute rows per key are kept (see SQLiteStore.prune).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trafficthreshold.store import Store  # noqa: E402
+from trafficthreshold.store import SQLiteStore  # noqa: E402
 
 #: 2026-05-12 10:00 UTC, an ordinary weekday.
 START_MINUTE = 29_640_000 + 600
@@ -71,7 +71,7 @@ def timed(action: Callable[..., object], *args: object) -> float:
 def bench_roll(directory: str, keys: int, repeats: int) -> list[tuple[str, float]]:
     """Median seconds of each roll case over ``repeats`` minutes."""
     cases: dict[str, list[float]] = {"new minute": [], "late increments": [], "re-roll": []}
-    with Store(os.path.join(directory, "roll.sqlite3"), "UTC") as store:
+    with SQLiteStore(os.path.join(directory, "roll.sqlite3"), "UTC") as store:
         # Warm up: the keys' hour/day/month rows exist from a first minute.
         store.roll(snapshot(keys, START_MINUTE, 1), now=0.0)
         for step in range(1, repeats + 1):
@@ -87,7 +87,7 @@ def bench_roll(directory: str, keys: int, repeats: int) -> list[tuple[str, float
 # 2. size per key-year
 
 
-def fill_one_day(store: Store, keys: int) -> None:
+def fill_one_day(store: SQLiteStore, keys: int) -> None:
     """Every key active in every minute of one day, rolled an hour at a time."""
     for hour in range(24):
         first = START_MINUTE - 600 + hour * 60  # from 00:00 UTC
@@ -121,7 +121,7 @@ def table_sizes(path: str) -> dict[str, tuple[int, int, int]]:
 
 def bench_size(directory: str, keys: int) -> dict[str, tuple[int, int, int]]:
     path = os.path.join(directory, "size.sqlite3")
-    with Store(path, "UTC") as store:
+    with SQLiteStore(path, "UTC") as store:
         fill_one_day(store, keys)
     # Closing the last connection checkpoints the WAL into the file.
     return table_sizes(path)

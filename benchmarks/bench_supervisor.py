@@ -24,7 +24,7 @@ import time
 
 from trafficthreshold import config, segment
 from trafficthreshold.rollup import Roller
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 from trafficthreshold.supervisor import Supervisor
 
 
@@ -37,7 +37,7 @@ def bench_rollup(keys: int) -> tuple[float, int]:
         for i in range(keys):
             counter.hit(f"site{i}.example", "pageview", 1 + i % 7, now + 1)
         made = sum(1 + i % 7 for i in range(keys))
-        with tempfile.TemporaryDirectory() as tmp, Store(f"{tmp}/s.sqlite3", "UTC") as store:
+        with tempfile.TemporaryDirectory() as tmp, SQLiteStore(f"{tmp}/s.sqlite3", "UTC") as store:
             roller = Roller(counter, store)
             store.set_closed_through(int(now // 60) - 1)
             t = time.perf_counter()

@@ -16,7 +16,7 @@ import trafficthreshold
 from apps.harness import NOW, XSS, ZONE, make_config, minute_at, start_live
 from trafficthreshold import api, segment, webserver
 from trafficthreshold.errors import SegmentNotFound
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 
 
 def remove_everything(key: int) -> None:
@@ -95,7 +95,7 @@ def db(tmp_path: Path) -> str:
         ("shop", "signup", minute_at(2026, 5, 1, 0, 0), 1),
         (XSS, "pageview", minute_at(2026, 5, 1, 0, 0), 4),
     ]
-    with Store(path, ZONE) as store:
+    with SQLiteStore(path, ZONE) as store:
         store.roll(items, now=NOW, closed_through=minute_at(2026, 5, 1, 0, 0))
     return path
 

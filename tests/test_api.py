@@ -1,6 +1,6 @@
 """Tests of trafficthreshold.api: the WSGI app through a real waitress server.
 
-Real SQLite store files filled with Store.roll, real segments (the conftest
+Real SQLite store files filled with SQLiteStore.roll, real segments (the conftest
 ``installed`` fixture, both backends), requests with urllib on loopback.
 The nasty cases on purpose: impossible dates, garbage paths, percent-encoded
 slashes, bodies, long URLs, wrong tokens, an account named like an HTML tag,
@@ -412,7 +412,7 @@ def bootic_db(tmp_path: Path) -> str:
     """2013 as in Bootic's README: acme's page views in February (the 2nd
     at 16:05 and 16:40, the 16th at 09:00) and September, plus "all"."""
     from apps.harness import minute_at
-    from trafficthreshold.store import Store
+    from trafficthreshold.store import SQLiteStore
 
     path = str(tmp_path / "bootic.sqlite3")
     counts = [((2013, 2, 2, 16, 5), 1489), ((2013, 2, 2, 16, 40), 11),
@@ -421,7 +421,7 @@ def bootic_db(tmp_path: Path) -> str:
                                                           when[1] == 9 else 0))
              for when, n in counts for account in ("acme", "all")]
     items.append(("beta", "pageview", minute_at(2013, 9, 5, 10, 0), 7))
-    with Store(path, ZONE) as store:
+    with SQLiteStore(path, ZONE) as store:
         store.roll(items, now=NOW, closed_through=minute_at(2013, 9, 5, 10, 0))
     return path
 
@@ -771,7 +771,7 @@ def test_the_api_answers_from_the_farms_redis(redis_server: Any, tmp_path: Path,
     503, never a 500."""
     from trafficthreshold.config import StoreConfig
     from trafficthreshold.periods import local_parts, resolve_timezone
-    from trafficthreshold.redisstore import RedisStore
+    from trafficthreshold.store.redis import RedisStore
 
     zone = resolve_timezone(ZONE)
     for host, n in (("web1", 7), ("web2", 5)):

@@ -120,9 +120,9 @@ def test_stats_never_writes_the_store(cfg, tmp_path):
     path.write_bytes(b"")
     assert "no period tables yet" in run(cfg, "stats", "acme", "pageview", "2026", ok=False)
     assert path.read_bytes() == b""
-    from trafficthreshold.store import Store
+    from trafficthreshold.store import SQLiteStore
     path.unlink()
-    with Store(str(path), "UTC") as store:
+    with SQLiteStore(str(path), "UTC") as store:
         store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
     before = path.read_bytes()
     path.chmod(0o440)
@@ -134,9 +134,9 @@ def test_a_damaged_store_is_one_line_naming_the_recovery(cfg, tmp_path):
     """`stats` and `alerts` on a database with damaged pages: one line that
     names the file and how to recover it, never a traceback."""
     from trafficthreshold.alertstore import AlertStore
-    from trafficthreshold.store import Store
+    from trafficthreshold.store import SQLiteStore
     path = tmp_path / "s.sqlite3"
-    with Store(str(path), "UTC") as store:
+    with SQLiteStore(str(path), "UTC") as store:
         store.roll([(f"a{i}", "pageview", 29_000_000 + i, 5) for i in range(2000)], now=1)
     AlertStore(str(path)).close()
     size = path.stat().st_size
@@ -149,15 +149,15 @@ def test_a_damaged_store_is_one_line_naming_the_recovery(cfg, tmp_path):
 
 
 def test_stats_impossible_date(cfg, tmp_path):
-    from trafficthreshold.store import Store
-    Store(str(tmp_path / "s.sqlite3"), "UTC").close()
+    from trafficthreshold.store import SQLiteStore
+    SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC").close()
     out = run(cfg, "stats", "acme", "pageview", "2026", "2", "30", ok=False)
     assert "30" in out
 
 
 def test_stats_json_zero_filled(cfg, tmp_path):
-    from trafficthreshold.store import Store
-    with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+    from trafficthreshold.store import SQLiteStore
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
         store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
     data = json.loads(run(cfg, "stats", "acme", "pageview", "2027", "1", "--json"))
     assert data["total"] == 5 and len(data["data"]) == 31
@@ -684,7 +684,7 @@ def test_config_check_names_each_bad_store_key(tmp_path, key):
 
 
 def test_stats_reads_the_redis_store(tmp_path, key, redis_server):
-    from trafficthreshold import redisstore
+    from trafficthreshold.store import redis as redisstore
     from zoneinfo import ZoneInfo
     store = redisstore.RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1")
     store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
@@ -695,8 +695,8 @@ def test_stats_reads_the_redis_store(tmp_path, key, redis_server):
 
 
 def test_store_migrate_then_a_rerun_adds_nothing(tmp_path, key, redis_server):
-    from trafficthreshold.store import Store
-    with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+    from trafficthreshold.store import SQLiteStore
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
         store.roll([("acme", "pageview", 1_800_000_000 // 60, 5),
                     ("all", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100,
                    closed_through=1_800_000_000 // 60)
@@ -742,9 +742,9 @@ def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_s
     migration, a roll of the same ring into Redis adds only what SQLite had
     not (the watermarks come along under the segment's instance)."""
     from zoneinfo import ZoneInfo
-    from trafficthreshold.redisstore import RedisStore
+    from trafficthreshold.store.redis import RedisStore
     from trafficthreshold.rollup import Roller
-    from trafficthreshold.store import Store
+    from trafficthreshold.store import SQLiteStore
     from conftest import remove_everything
     from trafficthreshold import _counter
     t0 = 1_800_000_000
@@ -759,7 +759,7 @@ def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_s
     try:
         counter.hit("acme", "pageview", 5, t0 + 5)
         counter.hit("acme", "pageview", 2, t0 + 65)
-        with Store(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
             assert Roller(counter, store).roll(t0 + 70, include_current=True) == 7
         counter.hit("acme", "pageview", 3, t0 + 66)  # after SQLite's last roll
         cfg = _redis_cfg(tmp_path, key, redis_server.port)

@@ -1115,10 +1115,10 @@ def test_workers_killed_at_random_instants_lose_nothing(key, backend, tmp_path):
     assert result["finished"] > 0 and result["in_flight"] > 0, result
     # And the store gets exactly what the ring holds, rolled twice over.
     from trafficthreshold.rollup import Roller
-    from trafficthreshold.store import Store
+    from trafficthreshold.store import SQLiteStore
     counter = segment.attach(key, backend)
     try:
-        with Store(str(tmp_path / "stats.sqlite3"), "UTC") as store:
+        with SQLiteStore(str(tmp_path / "stats.sqlite3"), "UTC") as store:
             for _ in range(2):
                 Roller(counter, store).roll(NOW + CRASH_HITS + 60, include_current=True)
             stored = store.period("all", "pageview", 2027)["total"]  # NOW is in 2027-01

@@ -31,7 +31,7 @@ from trafficthreshold.alertstore import AlertStore
 from trafficthreshold.config import AlertRule, Config
 from trafficthreshold.dashboard import REFRESH_S
 from trafficthreshold.errors import SegmentNotFound
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -107,7 +107,7 @@ def test_dashboard_event_switch_and_bad_event(live_server: tuple[webserver.Serve
 def test_dashboard_without_a_segment_reads_the_store(
         tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
     path = str(tmp_path / "stats.sqlite3")
-    with Store(path, ZONE) as store:
+    with SQLiteStore(path, ZONE) as store:
         store.roll([("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17)],
                    now=NOW, closed_through=MINUTE - 1)
 
@@ -160,7 +160,7 @@ def dashboard(key: int, tmp_path: Path) -> Iterator[tuple[webserver.Server, Any]
     counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 0.8) * 1000))
     counter.store(segment.H_SUPERVISOR_PID, 4, 31337)
     db = str(tmp_path / "stats.sqlite3")
-    with Store(db, ZONE) as store:
+    with SQLiteStore(db, ZONE) as store:
         store.roll([("all", "pageview", MINUTE - 300, 5000)], now=NOW - 30,
                    closed_through=MINUTE - 1)
     episode = alerts.Episode(started=NOW - 600, start_minute=MINUTE - 10,
@@ -258,7 +258,7 @@ def test_dashboard_shows_todays_page_views_and_unique_visitors(
     counter.hit("acme", "unique", 3, NOW - 10)       # the current minute
     counter.hit("shop", "unique", 1, NOW - 45)       # the previous one
     instance = counter.load(segment.H_INSTANCE, 8)
-    with Store(db, ZONE) as store:
+    with SQLiteStore(db, ZONE) as store:
         store.roll([("all", "unique", minute_at(2027, 1, 10, 12, 0), 20),
                     ("all", "pageview", minute_at(2027, 1, 10, 12, 0), 50),
                     ("all", "unique", minute_at(2026, 12, 31, 23, 59), 400),
@@ -295,7 +295,7 @@ def test_the_top_list_uniques_from_the_store_without_a_segment(
     items = [("all", "pageview", MINUTE - 3, 17), ("acme", "pageview", MINUTE - 3, 17),
              ("all", "unique", MINUTE - 3, 5), ("acme", "unique", MINUTE - 3, 5)]
     items += [(f"u{i:03d}", "unique", MINUTE - 3, 9) for i in range(120)]
-    with Store(path, ZONE) as store:
+    with SQLiteStore(path, ZONE) as store:
         store.roll(items, now=NOW, closed_through=MINUTE - 1)
 
     def missing() -> Any:
@@ -317,7 +317,7 @@ def test_with_the_farms_redis_down_the_dashboard_shows_the_live_counts_and_says_
     counter = segment.attach(key, backend, stripe=0)
     counter.hit("acme", "pageview", 70, NOW - 10)
     db = str(tmp_path / "local.sqlite3")
-    Store(db, ZONE).close()
+    SQLiteStore(db, ZONE).close()
     cfg = make_config(db, key=key, backend=backend, store=StoreConfig(
         backend="redis", url=f"redis://127.0.0.1:{redis_server.port}/0"))
     server = serve(api.make_app(cfg, now=lambda: NOW))

@@ -24,7 +24,7 @@ import pytest
 from conftest import remove_everything
 from trafficthreshold import _counter, config as configuration, segment
 from trafficthreshold.periods import local_parts
-from trafficthreshold.redisstore import RedisStore
+from trafficthreshold.store.redis import RedisStore
 from trafficthreshold.supervisor import Supervisor
 
 pytestmark = pytest.mark.redis

@@ -313,7 +313,7 @@ def test_segment_store_and_api_all_say_n(installed, tmp_path):
     does a final roll-up of the minutes still open); a new daemon on the
     same store serves them.  The segment, the store and the API all say N,
     for the total and for the account."""
-    from trafficthreshold.store import Store
+    from trafficthreshold.store import SQLiteStore
 
     key, backend = installed
     port = harness.free_port()
@@ -336,7 +336,7 @@ def test_segment_store_and_api_all_say_n(installed, tmp_path):
         assert daemon.proc.returncode == 0, daemon.text()[-3000:]
     finally:
         daemon.stop()
-    with Store(str(database), "UTC") as store:
+    with SQLiteStore(str(database), "UTC") as store:
         for account in ("all", ACCOUNT):
             stored = sum(store.period(account, "pageview", *hour)["total"]
                          for hour in _hours(first, last))

@@ -24,7 +24,7 @@ from trafficthreshold import alerts, api, metrics, segment, webserver
 from trafficthreshold.alertstore import AlertStore
 from trafficthreshold.config import AlertRule, Config
 from trafficthreshold.errors import SegmentNotFound
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 
 ZONE = "Europe/Zurich"
 NOW = 1_800_000_030.0
@@ -60,7 +60,7 @@ def scrape(server: webserver.Server) -> tuple[dict[str, str], Samples]:
 @pytest.fixture
 def db(tmp_path: Path) -> str:
     path = str(tmp_path / "stats.sqlite3")
-    with Store(path, ZONE) as store:
+    with SQLiteStore(path, ZONE) as store:
         store.roll([("all", "pageview", OLD_MINUTE, 100), ("acme", "pageview", OLD_MINUTE, 60),
                     ("shop", "pageview", OLD_MINUTE, 40)], now=NOW, closed_through=OLD_MINUTE)
     return path
@@ -178,7 +178,7 @@ def test_hits_total_counts_each_hit_once_across_rolls(installed: tuple[int, str]
         nonlocal slots
         slots = {slot: (a, e) for slot, a, e in counter.keys()}
         items = [(*slots[slot], m, n) for slot, m, n in counter.minutes(MINUTE - 100, MINUTE)]
-        with Store(db, ZONE) as store:
+        with SQLiteStore(db, ZONE) as store:
             store.roll(items, now=NOW, closed_through=closed_through,
                        instance=counter.load(segment.H_INSTANCE, 8))
 
@@ -195,7 +195,7 @@ def test_hits_total_counts_each_hit_once_across_rolls(installed: tuple[int, str]
     assert total() == 70 and total("all") == 110
     # Another install's watermarks of the same minute say nothing about this
     # ring: pending hits are compared with this instance's watermarks only.
-    with Store(db, ZONE) as store:
+    with SQLiteStore(db, ZONE) as store:
         store.roll([("acme", "pageview", MINUTE, 50)], now=NOW, instance=12345)
     assert total() == 70 + 50
     counter.detach()
@@ -203,7 +203,7 @@ def test_hits_total_counts_each_hit_once_across_rolls(installed: tuple[int, str]
 
 def test_late_drops_and_bad_keys_are_exported(db: str,
                                               serve: Callable[..., webserver.Server]) -> None:
-    with Store(db, ZONE) as store:
+    with SQLiteStore(db, ZONE) as store:
         store.set_bad_keys(["slot 7: account b'\\xff' is not UTF-8"])
     import sqlite3
     with sqlite3.connect(db) as conn:
@@ -249,7 +249,7 @@ def test_counters_never_go_down_while_the_supervisor_rolls(
     def supervisor() -> None:
         """Hit and roll as fast as it can, like a supervisor on a busy box."""
         nonlocal rolls
-        with Store(db, ZONE) as store:
+        with SQLiteStore(db, ZONE) as store:
             while not stop.is_set():
                 counter.hit("acme", "pageview", 1, NOW)
                 slots = {slot: (a, e) for slot, a, e in counter.keys()}
@@ -289,7 +289,7 @@ def test_unique_visitors_are_exported_with_their_event_label(
     "unique")``: the account and ``all``) reach /metrics under
     ``event="unique"``, stored and live."""
     key, backend = installed
-    with Store(db, ZONE) as store:
+    with SQLiteStore(db, ZONE) as store:
         store.roll([("all", "unique", OLD_MINUTE, 7), ("acme", "unique", OLD_MINUTE, 7)],
                    now=NOW, closed_through=OLD_MINUTE)
     counter = segment.attach(key, backend, stripe=0)
@@ -316,7 +316,7 @@ def test_with_the_redis_store_hits_total_is_the_farms_and_never_drops(
     adds.  A Redis that does not answer is a 503."""
     from trafficthreshold.config import StoreConfig
     from trafficthreshold.periods import resolve_timezone
-    from trafficthreshold.redisstore import RedisStore
+    from trafficthreshold.store.redis import RedisStore
     key, backend = installed
     counter = segment.attach(key, backend, stripe=0)
     zone = resolve_timezone(ZONE)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from test_redisstore import MINUTE, store_on
+from test_store_redis import MINUTE, store_on
 from tt_redis import RedisServer
 from trafficthreshold.migrate import count_hashes, migrate
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 
 pytestmark = pytest.mark.redis
 
@@ -22,7 +22,7 @@ def history(tmp_path: Path) -> tuple[str, list]:
              for acct in ("acme", "shop", "all") for ev in ("pageview", "signup")
              for _ in range(150)]
     path = str(tmp_path / "stats.sqlite3")
-    with Store(path, "Europe/Zurich") as store:
+    with SQLiteStore(path, "Europe/Zurich") as store:
         store.roll(items, now=1, closed_through=MINUTE + 40 * 24 * 60)
     return path, items
 
@@ -36,7 +36,7 @@ def test_a_migration_copies_every_level_and_a_rerun_adds_nothing(
     assert first.hashes == count_hashes(path) == len(ticks) and first.skipped == 0
     again = migrate(path, store)
     assert again.hashes == 0 and again.skipped == first.hashes and again.hits == 0
-    with Store(path, "Europe/Zurich") as sqlite:
+    with SQLiteStore(path, "Europe/Zurich") as sqlite:
         for acct in ("acme", "shop", "all"):
             for ev in ("pageview", "signup"):
                 for args in [(2026,), (2026, 2), (2026, 3), (2026, 2, 17), (2026, 3, 1, 12)]:
@@ -65,7 +65,7 @@ def test_two_hosts_migrating_their_files_add_up(redis_server: RedisServer,
     path, _ = history
     migrate(path, store_on(redis_server, "web1"))
     migrate(path, store_on(redis_server, "web2"))
-    with Store(path, "Europe/Zurich") as sqlite:
+    with SQLiteStore(path, "Europe/Zurich") as sqlite:
         one = sqlite.period("all", "pageview", 2026)["total"]
     assert store_on(redis_server).period("all", "pageview", 2026)["total"] == 2 * one
 
@@ -77,7 +77,7 @@ def test_a_migration_carries_the_all_time_totals_once(
     migrate(path, store)
     migrate(path, store)  # a rerun adds nothing, to the totals either
     totals = store.metrics_reading(0, MINUTE, MINUTE)["totals"]
-    with Store(path, "Europe/Zurich") as sqlite:
+    with SQLiteStore(path, "Europe/Zurich") as sqlite:
         for acct in ("acme", "shop", "all"):
             for ev in ("pageview", "signup"):
                 assert totals[acct, ev] == sum(sqlite.period(acct, ev, y)["total"]

@@ -7,7 +7,7 @@ import pytest
 
 from trafficthreshold import segment
 from trafficthreshold.rollup import LATE_MINUTES, Roller
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 
 T0 = 1_800_000_000          # the fixtures install the segment at this time
 M0 = T0 // 60               # its epoch minute
@@ -15,7 +15,7 @@ M0 = T0 // 60               # its epoch minute
 
 @pytest.fixture
 def store(tmp_path):
-    with Store(str(tmp_path / "stats.sqlite3"), "UTC") as s:
+    with SQLiteStore(str(tmp_path / "stats.sqlite3"), "UTC") as s:
         yield s
 
 
@@ -170,7 +170,7 @@ def test_schema_1_watermarks_are_adopted_not_counted_again(counter, tmp_path):
     """A store written before watermarks had an instance: after the
     migration, re-rolling the same ring adds nothing."""
     import sqlite3
-    from trafficthreshold import store as store_module
+    from trafficthreshold.store import sqlite as store_module
     path = str(tmp_path / "old.sqlite3")
     conn = sqlite3.connect(path)
     for statement in store_module.DDL:
@@ -181,7 +181,7 @@ def test_schema_1_watermarks_are_adopted_not_counted_again(counter, tmp_path):
     conn.commit()
     conn.close()
     counter.hit("acme", "pageview", 4, T0 + 5)
-    with Store(path, "UTC") as s:
+    with SQLiteStore(path, "UTC") as s:
         assert Roller(counter, s).roll(T0 + 60) == 0
         counter.hit("acme", "pageview", 1, T0 + 6)
         assert Roller(counter, s).roll(T0 + 61) == 1

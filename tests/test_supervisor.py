@@ -16,7 +16,7 @@ import time
 import pytest
 
 from trafficthreshold import config as configuration, segment
-from trafficthreshold.store import Store
+from trafficthreshold.store import SQLiteStore
 from trafficthreshold.supervisor import Supervisor
 
 T0 = 1_800_000_000
@@ -70,7 +70,7 @@ def test_shutdown_rolls_the_open_minute(sup, tmp_path):
     sup.initialize(T0)
     sup.counter.hit("acme", "pageview", 3, T0 + 10)
     sup.shutdown(T0 + 11)
-    with Store(str(tmp_path / "stats.sqlite3"), "UTC") as store:
+    with SQLiteStore(str(tmp_path / "stats.sqlite3"), "UTC") as store:
         assert store.period("acme", "pageview", 2027)["total"] == 3
 
 
@@ -83,7 +83,7 @@ def test_restart_catches_up_without_double_counting(tmp_path, installed):
         counter.hit("acme", "pageview", 5, T0 + 200 * restart + 1)
         s.tick(T0 + 200 * restart + 100)
         s.shutdown(T0 + 200 * restart + 150)
-    with Store(cfg.database, "UTC") as store:
+    with SQLiteStore(cfg.database, "UTC") as store:
         assert store.period("acme", "pageview", 2027)["total"] == 15
         assert store.gaps() == []
     counter.detach()
@@ -221,7 +221,7 @@ def test_daemon_speaks_sd_notify_and_stops_on_sigterm(tmp_path, installed):
     finally:
         proc.kill()
         sock.close()
-    with Store(cfg.database, "UTC") as store:
+    with SQLiteStore(cfg.database, "UTC") as store:
         assert store.period("acme", "pageview", time.gmtime().tm_year)["total"] == 9
 
 
@@ -271,7 +271,7 @@ def test_crash_loop_loses_and_doubles_nothing(tmp_path, installed):
     final.send_signal(signal.SIGTERM)
     assert final.wait(20) == 0, final.stdout.read().decode()
     year = time.gmtime().tm_year
-    with Store(cfg.database, "UTC") as store:
+    with SQLiteStore(cfg.database, "UTC") as store:
         all_total = store.period("all", "pageview", year)["total"]
         parts = sum(store.period(a, "pageview", year)["total"] for a in ("acme", "beta"))
         assert store.gaps() == []
@@ -348,7 +348,7 @@ def test_configured_timezone_splits_days_at_local_midnight_and_merges_dst(tmp_pa
         counter.hit("acme", "pageview", n, t)
         s.shutdown(t + 1)
     counter.detach()
-    with Store(cfg.database, "Europe/Zurich") as store:
+    with SQLiteStore(cfg.database, "Europe/Zurich") as store:
         days = store.period("acme", "pageview", 2026, 10)["data"]
         assert days[23] == 1 and days[24] == 2 and days[25] == 7
         hours = store.period("acme", "pageview", 2026, 10, 25)["data"]
@@ -544,7 +544,7 @@ def _final_rollup(cfg, now):
     from trafficthreshold.rollup import Roller
 
     def roll(counter):
-        with Store(cfg.database, cfg.timezone) as store:
+        with SQLiteStore(cfg.database, cfg.timezone) as store:
             Roller(counter, store).roll(now, True)
     return roll
 

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from email.utils import make_msgid
 from typing import Any, Callable, Iterator, Sequence
 
-from trafficthreshold import alerts, store as period_store
+from trafficthreshold import alerts
+from trafficthreshold.store import sqlite as period_store
 from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
 from trafficthreshold.config import default_host
 from trafficthreshold.errors import TrafficThresholdError

@@ -56,14 +56,15 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, alertstore, cors, metrics, names, segment, stores
+from trafficthreshold import alerts, alertstore, cors, metrics, names, segment, store as stores
 from trafficthreshold.config import Config
 from trafficthreshold.dashboard import dashboard_context, num
 from trafficthreshold.errors import SegmentError, TrafficThresholdError
 from trafficthreshold.live import LIVE_MINUTES, Snapshot, snapshot  # noqa: F401  (re-exported)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod, segments
-from trafficthreshold.store import Store, StoreError, connect_readonly
+from trafficthreshold.store import SQLiteStore, StoreError
+from trafficthreshold.store.sqlite import connect_readonly
 
 log = logging.getLogger("trafficthreshold.api")
 
@@ -416,7 +417,7 @@ class StatsApp:
 
     def _store(self) -> Any:
         """This thread's period store, opened on first use: the SQLite
-        Store read-only, or the farm's Redis (``[store] backend``)."""
+        SQLiteStore read-only, or the farm's Redis (``[store] backend``)."""
         store = getattr(self._local, "store", None)
         if store is None:
             redis_backend = self.config.store.backend == "redis"
@@ -428,7 +429,7 @@ class StatsApp:
                 # Read-only: a GET never writes, not even the schema into an
                 # empty file, and never takes the writer's lock.
                 store = (stores.open_reader(self.config) if redis_backend
-                         else Store(self.store_path, self.timezone, readonly=True))
+                         else SQLiteStore(self.store_path, self.timezone, readonly=True))
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
             self._local.store = store

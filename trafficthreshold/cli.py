@@ -102,12 +102,12 @@ def _message(exc: Exception) -> str | None:
     if isinstance(exc, sqlite3.Error):
         obj = click.get_current_context().obj or {}
         db = getattr(obj.get("config"), "database", "the store")
-        from .store import describe  # names the recovery: .recover, move aside, ...
+        from .store.sqlite import describe  # names the recovery: .recover, move aside, ...
         return describe(db, exc)
     if type(exc).__module__.startswith("redis"):  # redis-py's errors, Sentinel's too
         obj = click.get_current_context().obj or {}
         cfg = obj.get("config")
-        from .stores import location
+        from .store import location
         where = location(cfg) if cfg is not None else "the Redis store"
         return (f"{where} did not answer ({type(exc).__name__}: {exc}): check that Redis "
                 "runs and [store] url, sentinels, service and the password")
@@ -307,7 +307,7 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
     rollup = None if no_rollup else functools.partial(_final_rollup, cfg, rolled)
     result = segment.uninstall(cfg.key, cfg.backend, force=force, rollup=rollup)
     if rolled:  # it runs twice: on the live segment, then on the retired one
-        from .stores import location
+        from .store import location
         click.echo(f"rolled {sum(rolled)} pending hits into {location(cfg)}")
     attached = int(result.get("attached", 0) or 0)
     click.echo(f"removed the {result['removed']} ({result['size']:,} bytes)"
@@ -317,7 +317,7 @@ def uninstall(ctx: click.Context, force: bool, no_rollup: bool) -> None:
 
 def _final_rollup(cfg: configuration.Config, rolled: list[int], counter: Any) -> None:
     from .rollup import Roller
-    from .stores import open_writer
+    from .store import open_writer
     with open_writer(cfg) as store:
         rolled.append(Roller(counter, store).roll(time.time(), include_current=True))
 
@@ -421,7 +421,7 @@ def config_check(ctx: click.Context) -> None:
     for warning in configuration.warnings(cfg):
         click.echo(f"warning: {warning}", err=True)
     if cfg.store.backend == "redis":
-        from .stores import PING_TIMEOUT, ping
+        from .store import PING_TIMEOUT, ping
         found = ping(cfg)
         if not found["answered"]:
             raise click.ClickException(
@@ -485,7 +485,7 @@ def stats(ctx: click.Context, account: str, event: str, year: int, month: int | 
     Example: trafficthreshold stats example.com pageview 2026 11
     Example: trafficthreshold stats --funnels example.com order 2026 11
     """
-    from .stores import open_reader
+    from .store import open_reader
     if funnels and day is not None:
         raise click.UsageError("--funnels counts a year or a month: give ACCOUNT EVENT YEAR "
                                "[MONTH], no day or hour")
@@ -549,8 +549,8 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     Example: trafficthreshold store migrate --to redis://10.0.0.5:6379/0
     """
     import urllib.parse
-    from . import migrate, stores
-    from .store import Store
+    from . import migrate, store as stores
+    from .store import SQLiteStore
     if urllib.parse.urlsplit(url).password:
         raise click.ClickException(
             "--to holds a password (it would show in `ps` and the shell history): remove it "
@@ -561,7 +561,7 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     path = source or cfg.database
     if not os.path.exists(path):
         raise click.ClickException(f"{path} does not exist: name the SQLite file with --from")
-    with Store(path, cfg.timezone, readonly=True) as old:
+    with SQLiteStore(path, cfg.timezone, readonly=True) as old:
         instance = old.instance() or 0  # its watermarks carry over under it
     with stores.open_writer(cfg) as target:  # records or checks the farm's zone
         with click.progressbar(length=migrate.count_hashes(path), label="hashes",

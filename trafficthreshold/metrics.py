@@ -46,7 +46,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from trafficthreshold.segment import H_INSTANCE
-from trafficthreshold.store import WATERMARK_KEEP_MINUTES, _signed
+from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed
 
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -12,7 +12,7 @@ that migrate their own files add up, as their live roll-ups do.
 So that the host's supervisor, once switched to Redis, carries on where the
 SQLite store stopped (neither re-adding nor skipping what its ring still
 holds), the store's watermarks and ``closed_through`` are copied too, as
-this host's (:mod:`trafficthreshold.redisstore`).  Stop the daemon for the
+this host's (:mod:`trafficthreshold.store.redis`).  Stop the daemon for the
 migration, then start it with ``[store] backend = "redis"``.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from trafficthreshold.redisstore import WATERMARK_TTL, RedisStore
-from trafficthreshold.store import _signed
+from trafficthreshold.store.redis import WATERMARK_TTL, RedisStore
+from trafficthreshold.store.sqlite import _signed
 
 log = logging.getLogger("trafficthreshold.migrate")
 

@@ -44,7 +44,7 @@ import logging
 
 from . import names, segment
 from ._counter import Counter
-from .store import MAX_MINUTE_COUNT, Store
+from .store import MAX_MINUTE_COUNT, SQLiteStore
 
 log = logging.getLogger("trafficthreshold.rollup")
 
@@ -71,7 +71,7 @@ class Roller:
     them such a segment's keys cannot be named and none rolls.
     """
 
-    def __init__(self, counter: Counter, store: Store) -> None:
+    def __init__(self, counter: Counter, store: SQLiteStore) -> None:
         self.counter = counter
         self.store = store
         self.instance = counter.load(segment.H_INSTANCE, 8)

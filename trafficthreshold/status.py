@@ -124,7 +124,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
 def _store(cfg: Config, now: float) -> dict[str, Any]:
     """The period store ([store]): which, whether it answered (Redis: one
     PING within stores.PING_TIMEOUT), this host's last roll and its age."""
-    from . import stores  # redis-py only when the store is Redis
+    from . import store as stores  # redis-py only when the store is Redis
     info = stores.ping(cfg)
     last = info["last_roll_at"]
     info["last_roll_age"] = None if last is None else round(now - last, 1)

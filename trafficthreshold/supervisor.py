@@ -57,12 +57,12 @@ import signal
 import time
 from typing import Any, Mapping
 
-from . import alerts, config as configuration, names, notify, segment, stores, throttle
+from . import alerts, config as configuration, names, notify, segment, store as stores, throttle
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
 from .mailer import Outbox
-from .redisstore import RedisStore
+from .store import RedisStore
 from .rollup import Roller
 from .store import StoreError
 
@@ -80,7 +80,7 @@ MAX_LEVEL = 5
 RESTART_ONLY = ("key", "backend", "database", "timezone", "store")
 #: Seconds shutdown, a segment change or a re-attach wait for a roll into
 #: Redis still running on its thread before the final roll (each command is
-#: bounded by redisstore.SOCKET_TIMEOUT; a roll is a few batches).
+#: bounded by store.redis.SOCKET_TIMEOUT; a roll is a few batches).
 ROLL_WAIT = 10.0
 
 

@@ -1,9 +1,16 @@
-"""The one place that opens the configured period store (``[store]``).
+"""The period store: one interface, two backends.
 
-``backend = "sqlite"`` (the default) is the file at the top-level
-``database`` (:class:`~trafficthreshold.store.Store`); ``"redis"`` is the
-farm's Redis (:class:`~trafficthreshold.redisstore.RedisStore`), reached by
-``url`` or ``sentinels`` + ``service``, with the password read from
+* :mod:`.base`: what a roll is (``RollItem``, ``KeyMinute``), the
+  interface every backend keeps (:class:`~.base.PeriodStore`) and
+  :class:`~.base.StoreError`.
+* :mod:`.sqlite`: :class:`~.sqlite.SQLiteStore`, the embedded default for
+  one host (the file at the top-level ``database``).
+* :mod:`.redis`: :class:`~.redis.RedisStore`, a farm's shared Redis in
+  Bootic's key layout, reached by ``url`` or ``sentinels`` + ``service``.
+
+This module is the one place that opens the configured store (``[store]``);
+the roller, the API, the CLI and the alerts take what it gives and never
+ask which backend it is.  The Redis password is read from
 ``password_file`` or ``password_env`` each time a client is made (a rotated
 password is picked up at the next start or reconnect), never from the
 configuration file.
@@ -15,7 +22,7 @@ configuration file.
 * :func:`ping`: ``config check`` and ``status``: does the store answer?
 
 Alert state and the mail queue stay in the SQLite file in every case (they
-are this host's own; farm-wide alerts are the next step, docs/redis.rst).
+are this host's own).
 """
 from __future__ import annotations
 
@@ -23,21 +30,26 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, StoreConfig
-from .errors import ConfigError
-from .periods import resolve_timezone
-from .redisstore import SOCKET_TIMEOUT, RedisStore, connect
-from .store import Store
+from trafficthreshold.errors import ConfigError
+from trafficthreshold.periods import resolve_timezone
 
-log = logging.getLogger("trafficthreshold.stores")
+from .base import MAX_MINUTE_COUNT, KeyMinute, PeriodStore, RollItem, StoreError
+from .redis import SOCKET_TIMEOUT, RedisStore, connect
+from .sqlite import SQLiteStore
+
+if TYPE_CHECKING:  # a reader of the store (another user's `stats`) needs no config
+    from trafficthreshold.config import Config, StoreConfig
+
+__all__ = ["PeriodStore", "SQLiteStore", "RedisStore", "StoreError", "RollItem", "KeyMinute",
+           "MAX_MINUTE_COUNT", "open_writer", "open_reader", "ping", "location",
+           "redis_client", "password", "zone_name", "PING_TIMEOUT"]
+
+log = logging.getLogger("trafficthreshold.store")
 
 #: Seconds ``config check`` and ``status`` wait for Redis to answer.
 PING_TIMEOUT = 1.0
-
-PeriodStore = Union[Store, RedisStore]
-
 
 def password(store: StoreConfig, env: Any = None) -> str | None:
     """The Redis password from ``password_file`` or ``password_env``; None
@@ -83,7 +95,7 @@ def open_writer(config: Config, env: Any = None) -> PeriodStore:
     a Redis that does not answer raises redis-py's ConnectionError or
     TimeoutError (the supervisor retries)."""
     if config.store.backend != "redis":
-        return Store(config.database, config.timezone)
+        return SQLiteStore(config.database, config.timezone)
     store = _redis_store(config, redis_client(config, env=env))
     try:
         store.check_zone(zone_name(config))
@@ -94,11 +106,11 @@ def open_writer(config: Config, env: Any = None) -> PeriodStore:
 
 
 def open_reader(config: Config, env: Any = None) -> PeriodStore:
-    """The store ``stats`` and the API read: a read-only SQLite Store (its
+    """The store ``stats`` and the API read: a read-only SQLiteStore (its
     ``empty`` says why a missing file reads as nothing), or the farm's Redis
     (``empty`` is None: an empty farm reads as zeros)."""
     if config.store.backend != "redis":
-        return Store(config.database, config.timezone, readonly=True)
+        return SQLiteStore(config.database, config.timezone, readonly=True)
     return _redis_store(config, redis_client(config, env=env))
 
 
@@ -124,7 +136,7 @@ def ping(config: Config, timeout: float = PING_TIMEOUT, env: Any = None) -> dict
         if config.store.backend == "redis":
             store = _redis_store(config, redis_client(config, timeout=timeout, env=env))
         else:
-            store = Store(config.database, config.timezone, readonly=True)
+            store = SQLiteStore(config.database, config.timezone, readonly=True)
         with store:
             if isinstance(store, RedisStore):
                 store.client.ping()

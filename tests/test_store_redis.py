@@ -1,4 +1,4 @@
-"""Tests of trafficthreshold.redisstore against real redis-server processes
+"""Tests of trafficthreshold.store.redis against real redis-server processes
 started on free loopback ports, each with its own data directory."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 
 from trafficthreshold.errors import ConfigError
 from trafficthreshold.periods import resolve_timezone
-from trafficthreshold.redisstore import RedisStore
-from trafficthreshold.store import Store
+from trafficthreshold.store.redis import RedisStore
+from trafficthreshold.store import SQLiteStore
 from tt_redis import RedisServer, free_port
 
 redis = pytest.importorskip("redis")
@@ -72,7 +72,7 @@ def test_periods_read_like_the_sqlite_store(redis_server: RedisServer, tmp_path:
              for acct in ("acme", "shop") for _ in range(200)]
     store = store_on(redis_server)
     store.roll(items, now=1)
-    with Store(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
         sqlite.roll(items, now=1)
         for args in [(2026,), (2026, 2), (2026, 2, 3), (2026, 2, 4, 13), (2026, 2, 5, 23)]:
             for acct in ("acme", "shop", "nobody"):
@@ -251,7 +251,7 @@ def _master_known(sentinel: "redis.Sentinel") -> bool:
 
 
 def test_connect_by_url_and_its_errors(redis_server: RedisServer) -> None:
-    from trafficthreshold.redisstore import connect
+    from trafficthreshold.store.redis import connect
 
     client = connect(f"redis://127.0.0.1:{redis_server.port}/2")
     assert client.ping() and client.connection_pool.connection_kwargs["db"] == 2
@@ -266,7 +266,7 @@ def test_connect_by_url_and_its_errors(redis_server: RedisServer) -> None:
 
 
 def test_connect_through_sentinels(sentinel_farm) -> None:
-    from trafficthreshold.redisstore import connect
+    from trafficthreshold.store.redis import connect
 
     procs, sentinel = sentinel_farm
     nodes = [f"{kw['host']}:{kw['port']}"
@@ -351,7 +351,7 @@ def test_top_accounts_over_the_minute_hashes_like_sqlite(redis_server, tmp_path)
             ("all", "pageview", MINUTE, 100), ("acme", "signup", MINUTE, 1)]
     redis_store = store_on(redis_server)
     redis_store.roll(rows, 1.0)
-    with Store(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "Europe/Zurich") as sqlite:
         sqlite.roll(rows, 1.0)
         for since, limit in ((MINUTE, 5), (MINUTE, 1), (MINUTE - 5, 5)):
             assert redis_store.top_accounts("pageview", since, limit) == \

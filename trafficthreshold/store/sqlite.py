@@ -22,22 +22,22 @@ transaction. So:
   so do its watermarks.
 
 Watermarks are needed only while a minute can still be in the ring (a few
-hours), so :meth:`Store.prune` drops those a day older than the newest one
-and records that *floor*; :meth:`Store.roll` ignores minutes below the floor
+hours), so :meth:`SQLiteStore.prune` drops those a day older than the newest one
+and records that *floor*; :meth:`SQLiteStore.roll` ignores minutes below the floor
 instead of counting them a second time.
 
 Other backends
 --------------
 Everything the supervisor and the API need is the handful of public methods
-of :class:`Store`. A Redis backend (Bootic's key layout: one hash per key and
-period, a field per segment) could implement the same methods and share the
-same test module.
+of :class:`~trafficthreshold.store.base.PeriodStore`, which
+:class:`~trafficthreshold.store.redis.RedisStore` (Bootic's key layout, for
+a farm) keeps too.
 
 Readers and errors
 ------------------
-Threads: a Store (its sqlite3 connection) belongs to the thread that made
+Threads: a SQLiteStore (its sqlite3 connection) belongs to the thread that made
 it. Readers in other threads or processes open their own
-``Store(path, zone, readonly=True)`` on the same file: read-only, it never
+``SQLiteStore(path, zone, readonly=True)`` on the same file: read-only, it never
 creates, migrates or locks the file for writing, and WAL lets it read while
 the supervisor writes. Every sqlite3 error of a public method is raised as
 :class:`StoreError`, whose message names the file and the recovery.
@@ -56,16 +56,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from trafficthreshold.errors import TrafficThresholdError
 from trafficthreshold.names import ALL
 from trafficthreshold.periods import local_parts, resolve_timezone, segments
 
-log = logging.getLogger("trafficthreshold.store")
+from .base import MAX_MINUTE_COUNT, KeyMinute, RollItem, StoreError
 
-#: An item of a roll: (account, event, epoch_minute, observed cumulative count).
-RollItem = tuple[str, str, int, int]
-#: A key-minute: (account, event, epoch_minute).
-KeyMinute = tuple[str, str, int]
+log = logging.getLogger("trafficthreshold.store.sqlite")
 
 #: Calendar parts, coarse to fine; a period row is keyed by a prefix of them.
 PARTS = ("year", "month", "day", "hour", "minute")
@@ -163,22 +159,11 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: installed before the header had an instance).
 LEGACY_INSTANCE = 0
 
-#: The largest count one key-minute may bring into the store. Bigger is a
-#: corrupt bucket (it would be 10**12 hits a second); refusing it keeps every
-#: sum the store makes (a month of minutes: 44,640 * 2**46 < 2**63) inside
-#: SQLite's signed 64-bit INTEGER.
-MAX_MINUTE_COUNT = 2**46
-
 #: Modes of what the store creates, whatever the umask: the directory and the
 #: file (and SQLite's -wal and -shm files, which copy the file's mode) are
 #: private to the daemon's user and group.
 DIR_MODE = 0o750
 FILE_MODE = 0o640
-
-
-class StoreError(TrafficThresholdError):
-    """The database cannot be opened, created, migrated, read or written;
-    the message names the file and what to do."""
 
 
 def describe(path: str, exc: sqlite3.Error) -> str:
@@ -206,9 +191,9 @@ def describe(path: str, exc: sqlite3.Error) -> str:
 
 
 def _mapped(method: Any) -> Any:
-    """Turn every sqlite3 error of a Store method into a StoreError."""
+    """Turn every sqlite3 error of a SQLiteStore method into a StoreError."""
     @functools.wraps(method)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
@@ -347,10 +332,10 @@ def _make_parent_dir(path: str) -> None:
         ) from exc
 
 
-class Store:
+class SQLiteStore:
     """Minute/hour/day/month counts per (account, event), in local time.
 
-    ``Store(path, timezone=None)``: ``path`` is a file (its directory is
+    ``SQLiteStore(path, timezone=None)``: ``path`` is a file (its directory is
     created if missing, mode DIR_MODE; the file FILE_MODE) or
     ``":memory:"``; ``timezone`` is an IANA name, ``None`` for the system's
     zone. Periods are wall-clock periods in that zone (see
@@ -388,8 +373,8 @@ class Store:
             raise
 
     @classmethod
-    def open_readonly(cls, path: str, timezone: str | None = None) -> Store:
-        """``Store(path, timezone, readonly=True)``."""
+    def open_readonly(cls, path: str, timezone: str | None = None) -> SQLiteStore:
+        """``SQLiteStore(path, timezone, readonly=True)``."""
         return cls(path, timezone, readonly=True)
 
     def _open_readonly(self, path: str) -> sqlite3.Connection:
@@ -424,10 +409,10 @@ class Store:
         return conn
 
     def close(self) -> None:
-        """Close the connection; the Store cannot be used afterwards."""
+        """Close the connection; the SQLiteStore cannot be used afterwards."""
         self._conn.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> SQLiteStore:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -666,7 +651,7 @@ class Store:
         self._conn.executemany("INSERT OR IGNORE INTO keys (account, event) VALUES (?, ?)", keys)
 
     def _save_watermarks(self, watermarks: Mapping[KeyMinute, int], instance: int) -> None:
-        """Store new watermarks. Caller holds the transaction."""
+        """SQLiteStore new watermarks. Caller holds the transaction."""
         self._conn.executemany(
             "INSERT INTO watermarks (account, event, epoch_minute, instance, count)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (epoch_minute, instance, account, event)"
@@ -915,7 +900,7 @@ def _rows(sums: Mapping[tuple[Any, ...], int]) -> Iterator[tuple[Any, ...]]:
 
 
 # Every public method turns sqlite3 errors into StoreError (see describe()).
-for _name, _fn in list(vars(Store).items()):
+for _name, _fn in list(vars(SQLiteStore).items()):
     if callable(_fn) and not _name.startswith("_") and _name not in ("transaction",
                                                                      "open_readonly"):
-        setattr(Store, _name, _mapped(_fn))
+        setattr(SQLiteStore, _name, _mapped(_fn))

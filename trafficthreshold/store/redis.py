@@ -49,9 +49,9 @@ from zoneinfo import ZoneInfo
 from trafficthreshold.errors import ConfigError
 from trafficthreshold.names import ALL
 from trafficthreshold.periods import local_parts, segments
-from trafficthreshold.store import KeyMinute, RollItem
+from .base import KeyMinute, RollItem
 
-log = logging.getLogger("trafficthreshold.redisstore")
+log = logging.getLogger("trafficthreshold.store.redis")
 
 #: Key-minutes per script call: one call blocks Redis for its duration, so
 #: a large roll goes in slices (each atomic and idempotent on its own).
@@ -165,7 +165,7 @@ class RedisStore:
         self.totals_key = f"{prefix}~totals"
         self.gaps_key = f"{prefix}~gaps:{host}"
         #: What a reader says when there is nothing to read (never, for Redis:
-        #: an empty farm reads as zeros); the SQLite Store's attribute.
+        #: an empty farm reads as zeros); the SQLiteStore's attribute.
         self.empty: str | None = None
         self._pipe: Any = None  # the MULTI of an open transaction()
 
@@ -244,7 +244,7 @@ class RedisStore:
         return None if value is None else float(value)
 
     # ------------------------------------------- what the Roller asks of a store
-    # The same methods as the SQLite Store's (trafficthreshold.rollup), per host.
+    # The same methods as the SQLiteStore's (trafficthreshold.rollup), per host.
 
     def instance(self) -> int | None:
         """The segment instance of this host's last roll, or None."""
