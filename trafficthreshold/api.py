@@ -548,7 +548,8 @@ class StatsApp:
                 children = [str(year) for year in years(account, event)]
                 what = f"event {event!r} of account {account!r}"
             if not children:
-                raise HttpError(404, f"no {chart} counts stored for {what}; "
+                kind = "funnel counts" if chart == "funnels" else "counts"
+                raise HttpError(404, f"no {kind} stored for {what}; "
                                      f"{request.prefix}/{chart} lists the accounts that have "
                                      "some (a period of any name answers zeros)")
         base = "/".join(path)

@@ -346,18 +346,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.argument("event", required=False, default="pageview")
 @click.option("-n", type=click.IntRange(1, MAX_HIT_N), default=1, show_default=True,
               help="How many hits.")
+@click.option("--status", default=None,
+              help="Count this funnel status of EVENT instead (an order's 'paid').")
 @click.pass_context
 @_fail_clearly
-def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
+def hit(ctx: click.Context, account: str | None, event: str, n: int,
+        status: str | None) -> None:
     """Count hits from the shell (and so from PHP, cron, any language).
 
     ACCOUNT "all" or omitted counts only the total.
 
     Example: trafficthreshold hit example.com pageview -n 3
+    Example: trafficthreshold hit example.com order --status paid
     """
     cfg = _load(ctx)
     counter = segment.attach(cfg.key, cfg.backend)
-    counter.hit(None if account in (None, "all") else account, event, n)
+    counter.hit(None if account in (None, "all") else account, event, n, status=status)
 
 
 # ------------------------------------------------------------------ daemon
