@@ -475,3 +475,24 @@ def test_the_cli_hit_counts_a_status(funnel_cfg, key):
                                                      int(time.time() // 60)) if s == slot) == 2
     finally:
         counter.detach()
+
+
+def test_the_dashboard_lists_no_status_as_an_event(installed, funnel_db, serve):
+    """A status key in the segment (order/paid) is no event of the
+    dashboard's menu: its ?event= link would be a 404."""
+    from apps.harness import fetch, make_config
+    from trafficthreshold import api
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("acme", "order", status="paid", now=NOW - 5)
+        counter.hit("acme", "signup", now=NOW - 5)
+        server = serve(api.make_app(make_config(funnel_db, key=key, backend=backend),
+                                    now=lambda: NOW))
+        status, _headers, body = fetch(server.url)
+        page = body.decode()
+        assert status == 200
+        assert '?event=signup"' in page and "?event=order%2Fpaid" not in page
+        assert "?event=order/paid" not in page
+    finally:
+        counter.detach()
