@@ -15,7 +15,7 @@ from trafficthreshold import alerts, names
 from trafficthreshold.config import Config
 from trafficthreshold.live import LIVE_MINUTES, Snapshot
 from trafficthreshold.periods import local_parts
-from trafficthreshold.store import SQLiteStore
+from trafficthreshold.store import PeriodStore
 from trafficthreshold.throttle import MAX_LEVEL
 
 log = logging.getLogger("trafficthreshold.dashboard")
@@ -32,7 +32,7 @@ PAGEVIEW_EVENT = names.DEFAULT_EVENT
 UNIQUE_EVENT = "unique"
 
 
-def dashboard_context(config: Config, store: SQLiteStore, snap: Snapshot | None,
+def dashboard_context(config: Config, store: PeriodStore, snap: Snapshot | None,
                       alert_state: alerts.AlertState | None, event: str,
                       now: float) -> dict[str, Any]:
     """Everything dashboard.html shows, as plain values (it escapes them).
@@ -88,7 +88,7 @@ def dashboard_context(config: Config, store: SQLiteStore, snap: Snapshot | None,
     }
 
 
-def visits(store: SQLiteStore, snap: Snapshot | None, now: float) -> dict[str, int]:
+def visits(store: PeriodStore, snap: Snapshot | None, now: float) -> dict[str, int]:
     """Today's and this month's page views and unique visitors of all
     accounts (local day and month in the store's zone):
     ``{"pageviews_today", "pageviews_month", "uniques_today",
@@ -102,7 +102,7 @@ def visits(store: SQLiteStore, snap: Snapshot | None, now: float) -> dict[str, i
     return found
 
 
-def day_and_month(store: SQLiteStore, snap: Snapshot | None, account: str, event: str,
+def day_and_month(store: PeriodStore, snap: Snapshot | None, account: str, event: str,
                   now: float) -> tuple[int, int]:
     """``(today, this month)`` of one key in the store's zone: the store's
     rows, plus, for each minute of the segment's last hour (the snapshot's
@@ -178,7 +178,7 @@ def _top_from_ring(snap: Snapshot, event: str,
     return totals[:limit]
 
 
-def _hour_uniques(store: SQLiteStore, snap: Snapshot | None, first: int) -> dict[str, int] | None:
+def _hour_uniques(store: PeriodStore, snap: Snapshot | None, first: int) -> dict[str, int] | None:
     """The unique visitors of every account over the top list's hour, from
     the same source as the page views (the ring, else the store); None if
     there are none (uniques off: the top list shows page views only)."""
@@ -200,7 +200,7 @@ def _top_rows(top: list[tuple[str, int]],
              "uniques": None if uniques is None else uniques.get(a, 0)} for a, c in top]
 
 
-def _minutes_from_store(store: SQLiteStore, event: str, first: int, last: int) -> list[int]:
+def _minutes_from_store(store: PeriodStore, event: str, first: int, last: int) -> list[int]:
     """The total's minute rows ``first..last`` from the store, when there is
     no segment to read them from: one period query per local hour."""
     hours: dict[tuple[int, ...], dict[int, int]] = {}

@@ -49,7 +49,7 @@ import logging
 
 from . import names, segment
 from ._counter import Counter
-from .store import MAX_MINUTE_COUNT, SQLiteStore
+from .store import MAX_MINUTE_COUNT, PeriodStore
 
 log = logging.getLogger("trafficthreshold.rollup")
 
@@ -76,7 +76,7 @@ class Roller:
     them such a segment's keys cannot be named and none rolls.
     """
 
-    def __init__(self, counter: Counter, store: SQLiteStore) -> None:
+    def __init__(self, counter: Counter, store: PeriodStore) -> None:
         self.counter = counter
         self.store = store
         self.instance = counter.load(segment.H_INSTANCE, 8)
