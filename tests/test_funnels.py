@@ -17,7 +17,7 @@ import pytest
 
 import trafficthreshold
 from apps.harness import minute_at
-from trafficthreshold import _counter, names, segment
+from trafficthreshold import _counter, metrics, names, segment
 from trafficthreshold.rollup import Roller
 from trafficthreshold.store import SQLiteStore
 from trafficthreshold.store import sqlite as sqlite_store
@@ -147,6 +147,10 @@ def test_statuses_roll_into_the_funnels_per_year_and_month_exactly_once(eve_coun
         assert store.funnel_events("acme") == ["order"]
         assert store.funnel_years("acme", "order") == [2027]
         assert store.funnel_years("acme", "signup") == []
+        # /metrics' all-time totals: a status is the key event order/paid.
+        totals = metrics.stored_totals(store._conn)
+        assert totals["acme", "order/paid"] == 7 and totals["all", "order/paid"] == 8
+        assert totals["acme", "order"] == 1
         # A late status hit in a closed minute adds only itself.
         eve_counter.hit("acme", "order", status="paid", now=(EVE + 2) * 60 + 5)
         assert roller.roll(now + 40) == 1
@@ -496,3 +500,25 @@ def test_the_dashboard_lists_no_status_as_an_event(installed, funnel_db, serve):
         assert "?event=order/paid" not in page
     finally:
         counter.detach()
+
+
+@pytest.mark.redis
+def test_the_funnels_route_reads_the_farms_redis(redis_server, tmp_path, serve):
+    """[store] backend = "redis" with a funnels_prefix: two hosts' shares
+    of a status add up in the route and its discovery."""
+    from apps.harness import fetch_json, make_config
+    from trafficthreshold import api
+    from trafficthreshold.config import StoreConfig
+    for host, n in (("web1", 4), ("web2", 3)):
+        _redis_store(redis_server, host, funnels_prefix="orders").roll(
+            [("acme", "order/paid", EVE + 2, n), ("all", "order/paid", EVE + 2, n)], now=1)
+    cfg = make_config(str(tmp_path / "local.sqlite3"), store=StoreConfig(
+        backend="redis", url=f"redis://127.0.0.1:{redis_server.port}/0",
+        funnels_prefix="orders"))
+    server = serve(api.make_app(cfg, now=lambda: NOW))
+    status, body = fetch_json(server.url + "api/stats/funnels/acme/order/2027")
+    assert status == 200 and body["data"] == {"paid": 7} and body["links"] == [
+        LINKS + "api/stats/funnels/acme/order/2027/2"]
+    status, body = fetch_json(server.url + "api/stats/funnels/acme/order")
+    assert status == 200 and body["links"] == [LINKS + "api/stats/funnels/acme/order/2027"]
+    assert redis_server.client().hgetall("orders:all:order:2027:2") == {b"paid": b"7"}
