@@ -760,7 +760,8 @@ def test_the_json_examples_in_the_docs_are_valid_and_match_the_api() -> None:
     documents = [json.loads(textwrap.dedent(block)) for block in blocks]
     schemas = openapi.openapi_document()["components"]["schemas"]
     for document in documents:
-        name = {"track": "Track", "live": "Live"}.get(document.get("type"), "Error")
+        name = {"track": "Track", "live": "Live", "funnels": "Funnel"}.get(document.get("type"),
+                                                                         "Error")
         if "links" in document and "data" not in document:
             name = "Links"  # a discovery route's answer
         assert set(document) <= set(schemas[name]["properties"]), name
