@@ -64,8 +64,8 @@
  *     8  u32 hash     FNV-1a 32 of account, a 0 byte, event
  *    12  u8  account_len, 13 u8 event_len, 14 u16 reserved
  *    16  char account[64]   UTF-8, not terminated
- *    80  char event[32]     an event with one '/' (which event names cannot
- *                           contain), "order/paid", is the funnel status
+ *    80  char event[32]     a name with one '/' (which no plain event name
+ *                           contains), "order/paid", is the funnel status
  *                           "paid" of the event "order" (names.py)
  *   112..127 reserved
  *
@@ -139,7 +139,7 @@
 #define OVERFLOW_SLOT 0u
 #define EVENT_RESERVE 16u
 /* Joins an event and a funnel status in a key's event name ("order/paid");
- * names.STATUS_SEP says the same (tests/test_counter.py checks). */
+ * names.STATUS_SEP says the same (tests/test_names.py checks). */
 #define STATUS_SEP "/"
 /* Why 50 ms: the lock is held for microseconds (a bucket reset, a key
  * insert).  A request must never wait long because of us; after this the
