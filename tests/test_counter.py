@@ -568,7 +568,12 @@ BAD_CALLS = [
     (("example.com",), {"now": "soon"}, TypeError), (("example.com",), {"when": 1}, TypeError),
     (("example.com", "pageview", 1, NOW, 5), {}, TypeError),
     # A good account with a bad new event, a bad account with a good new event.
-    (("example.com", "new/event"), {}, ValueError), (("a/b", "newevent"), {}, ValueError),
+    (("example.com", "new/bad/event"), {}, ValueError), (("a/b", "newevent"), {}, ValueError),
+    # A bad funnel status (docs/webapps.rst): a '/', empty, too long, not a str.
+    (("example.com", "order"), {"status": "a/b"}, ValueError),
+    (("example.com", "order"), {"status": ""}, ValueError),
+    (("example.com", "order"), {"status": "s" * 27}, ValueError),
+    (("example.com", "order"), {"status": 1}, TypeError),
 ]
 
 

@@ -57,7 +57,7 @@ def test_account_none_is_the_total():
     ("e" * 33, ValueError, "33 bytes"),
     ("é" * 17, ValueError, "34 bytes"),
     ("sign\tup", ValueError, "control character"),
-    ("a/b", ValueError, "'/'"),
+    ("a/b/c", ValueError, "more than one '/'"),  # one '/' is a funnel status
     ("~any", ValueError, "reserved"),
     (None, TypeError, "str"),
     (b"pageview", TypeError, "str"),
@@ -120,3 +120,54 @@ def test_rules_hold_for_any_text(value):
     else:
         assert _expected_ok(value, names.EVENT_MAX)
         assert len(value.encode("utf-8")) <= names.EVENT_MAX  # the C code can store it
+
+
+# ------------------------------------------------------- funnel statuses
+
+@pytest.mark.parametrize("event, status", [
+    ("order", "paid"), ("order", "s" * 26), ("e" * 26, "paid"), ("order", "é" * 13),
+    ("order", "all"), ("signup", "confirmed"),
+])
+def test_a_status_joins_its_event_in_one_key_event_name(event, status):
+    key_event = names.funnel_event(event, status)
+    assert key_event == f"{event}/{status}"
+    names.validate("example.com", key_event)
+    names.validate(None, key_event)
+    assert names.check_funnel(key_event) == (event, status)
+    assert names.split_status(key_event) == (event, status)
+
+
+@pytest.mark.parametrize("event, status, exc, words", [
+    ("order", "", ValueError, ["status name is empty", "'paid'"]),
+    ("", "paid", ValueError, ["event name is empty"]),
+    ("order", "s" * 27, ValueError, ["33 bytes", "shorten the status"]),
+    ("order", "é" * 14, ValueError, ["34 bytes", "fit in 32"]),
+    ("order", "a/b", ValueError, ["status name 'a/b' contains '/'", "replace it"]),
+    ("ord/er", "paid", ValueError, ["event name 'ord/er' contains '/'"]),
+    ("order", "~paid", ValueError, ["status name '~paid' starts with '~'", "reserved"]),
+    ("order", "pa\nid", ValueError, ["status name", "control character"]),
+    ("order", 3, TypeError, ["status must be a str"]),
+    ("~any", "paid", ValueError, ["reserved"]),
+])
+def test_bad_statuses_are_refused_naming_the_status_and_the_fix(event, status, exc, words):
+    with pytest.raises(exc) as info:
+        names.funnel_event(event, status)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("key_event, word", [
+    ("order/", "status name is empty"), ("/paid", "event name is empty"),
+    ("order/paid/x", "more than one '/'"), ("order/" + "s" * 27, "shorten the status"),
+    ("order/~x", "reserved"),
+])
+def test_a_key_event_name_with_a_status_is_checked_part_by_part(key_event, word):
+    with pytest.raises(ValueError, match=word):
+        names.validate("example.com", key_event)
+
+
+def test_the_separator_agrees_with_the_c_module_and_no_event_can_contain_it():
+    assert names.STATUS_SEP == _counter.STATUS_SEP == "/"
+    with pytest.raises(ValueError, match="'/'"):
+        names.check_name("event", "order/paid", names.EVENT_MAX)
+    assert names.split_status("pageview") == ("pageview", None)

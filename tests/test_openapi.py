@@ -24,6 +24,10 @@ def test_openapi_document_describes_every_route(no_segment: webserver.Server) ->
         "/api/stats/track/{account}/{event}/{year}/{month}",
         "/api/stats/track/{account}/{event}/{year}/{month}/{day}",
         "/api/stats/track/{account}/{event}/{year}/{month}/{day}/{hour}",
+        "/api/stats/funnels", "/api/stats/funnels/{account}",
+        "/api/stats/funnels/{account}/{event}",
+        "/api/stats/funnels/{account}/{event}/{year}",
+        "/api/stats/funnels/{account}/{event}/{year}/{month}",
         "/api/stats/live", "/metrics", "/api/openapi.json", "/",
     }
 
@@ -37,7 +41,7 @@ def test_the_document_follows_the_prefix(db: str, serve: Callable[..., webserver
     assert set(doc["paths"]) == {path if path in ("/", "/metrics", "/api/openapi.json")
                                  else path.replace("/api/stats", "/stats", 1)
                                  for path in default}
-    assert "/stats/live" in doc["paths"] and len(doc["paths"]) == len(default) == 12
+    assert "/stats/live" in doc["paths"] and len(doc["paths"]) == len(default) == 17
 
 
 def test_schemathesis_finds_no_500s_and_responses_conform(

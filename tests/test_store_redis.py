@@ -120,7 +120,9 @@ def test_redis_killed_mid_roll_loses_and_doubles_nothing(redis_server: RedisServ
                 for acct in ("acme", "shop", "all"):
                     minute = MINUTE + (step // 50) % 30
                     truth[acct, minute] = truth.get((acct, minute), 0) + rng.randrange(1, 20)
-                items = [(a, "pageview", m, c) for (a, m), c in truth.items()]
+                # Each page view's twin as a funnel status: the same script.
+                items = [(a, e, m, c) for (a, m), c in truth.items()
+                         for e in ("pageview", "order/paid")]
             step += 1
             try:
                 store.roll(items, now=step)
@@ -147,10 +149,12 @@ def test_redis_killed_mid_roll_loses_and_doubles_nothing(redis_server: RedisServ
     assert rolls["ok"] > 10, rolls
     assert len(run_ids) == 4
     store = store_on(redis_server)
-    store.roll([(a, "pageview", m, c) for (a, m), c in truth.items()], now=10**6)
+    store.roll([(a, e, m, c) for (a, m), c in truth.items() for e in ("pageview", "order/paid")],
+               now=10**6)
     for acct in ("acme", "shop", "all"):
         expected = sum(c for (a, _), c in truth.items() if a == acct)
         assert store.period(acct, "pageview", 2026, 2, 3)["total"] == expected
+        assert store.funnel(acct, "order", 2026, 2)["data"] == {"paid": expected}
 
 
 # ---------------------------------------------------------------- Sentinel

@@ -5,6 +5,7 @@ The worker API::
     import trafficthreshold
     trafficthreshold.hit("example.com")          # a page view of an account
     trafficthreshold.hit(event="signup")         # another event, total only
+    trafficthreshold.hit("example.com", "order", status="paid")  # an order funnel
     if trafficthreshold.throttle_status() >= 2:  # Drupal's throttle level
         skip_optional_blocks()
 
@@ -119,14 +120,18 @@ def configure(key: int | None = None, backend: str | None = None,
 
 
 def count(account: str | None = None, event: str = names.DEFAULT_EVENT,
-          window: str = "minute", now: float | None = None) -> int:
-    """Hits of ``account`` (None or "all": every account) for ``event`` in the
-    current clock minute (``window="minute"``) or the sliding 60 s
-    (``"60s"``).  0 when nothing was counted or no segment is installed."""
+          window: str = "minute", now: float | None = None, *,
+          status: str | None = None) -> int:
+    """Hits of ``account`` (None or "all": every account) for ``event`` (with
+    ``status``: that funnel status of it) in the current clock minute
+    (``window="minute"``) or the sliding 60 s (``"60s"``).  0 when nothing
+    was counted or no segment is installed."""
     if window not in ("minute", "60s"):
         raise ValueError(f"window {window!r} is not valid; use 'minute' or '60s'")
     if account == names.ALL:
         account = None
+    if status is not None:
+        event = names.funnel_event(event, status)
     names.validate(account, event)
     counter = _counter._ensure()
     if counter is None:

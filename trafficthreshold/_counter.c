@@ -64,7 +64,9 @@
  *     8  u32 hash     FNV-1a 32 of account, a 0 byte, event
  *    12  u8  account_len, 13 u8 event_len, 14 u16 reserved
  *    16  char account[64]   UTF-8, not terminated
- *    80  char event[32]
+ *    80  char event[32]     a name with one '/' (which no plain event name
+ *                           contains), "order/paid", is the funnel status
+ *                           "paid" of the event "order" (names.py)
  *   112..127 reserved
  *
  * The counter slots, key_capacity slots of slot_size bytes at slots_offset.
@@ -136,6 +138,9 @@
 #define EVENT_MAX 32u
 #define OVERFLOW_SLOT 0u
 #define EVENT_RESERVE 16u
+/* Joins an event and a funnel status in a key's event name ("order/paid");
+ * names.STATUS_SEP says the same (tests/test_names.py checks). */
+#define STATUS_SEP "/"
 /* Why 50 ms: the lock is held for microseconds (a bucket reset, a key
  * insert).  A request must never wait long because of us; after this the
  * hit is counted as dropped and the request goes on. */
@@ -251,6 +256,7 @@ static PyObject *validate_cb;  /* names.validate(account, event) */
 static PyObject *attach_cb;    /* trafficthreshold._attach_default() */
 static PyObject *warn_cb;      /* trafficthreshold._warn(message) */
 static PyObject *str_pageview;
+static PyObject *str_status_sep;  /* "/", names.STATUS_SEP */
 
 /* The default counter used by the module-level hit() and friends. */
 static Counter *default_counter;
@@ -1029,14 +1035,17 @@ static int add_slot(Counter *c, uint32_t slot, uint64_t n)
     return dropped;
 }
 
-/* Parses hit()'s arguments: (account=None, event="pageview", n=1, now=None). */
+/* Parses hit()'s arguments: (account=None, event="pageview", n=1, now=None,
+ * *, status=None).  argv has 5 entries; argv[4] is the status or Py_None. */
 static int parse_hit_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                           PyObject **argv)
 {
-    static const char *names[4] = {"account", "event", "n", "now"};
+    static const char *names[5] = {"account", "event", "n", "now", "status"};
     argv[0] = Py_None; argv[1] = str_pageview; argv[2] = NULL; argv[3] = Py_None;
+    argv[4] = Py_None;
     if (nargs > 4) {
-        PyErr_SetString(PyExc_TypeError, "hit() takes at most 4 arguments");
+        PyErr_SetString(PyExc_TypeError, "hit() takes at most 4 positional arguments "
+                        "(status is a keyword argument)");
         return -1;
     }
     for (Py_ssize_t i = 0; i < nargs; i++)
@@ -1045,7 +1054,7 @@ static int parse_hit_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
         for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
             PyObject *kn = PyTuple_GET_ITEM(kwnames, k);
             int found = 0;
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < 5; j++) {
                 if (PyUnicode_CompareWithASCIIString(kn, names[j]) == 0) {
                     argv[j] = args[nargs + k];
                     found = 1;
@@ -1068,7 +1077,33 @@ static int parse_hit_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
                      Py_TYPE(argv[1])->tp_name);
         return -1;
     }
+    if (argv[4] != Py_None && !PyUnicode_Check(argv[4])) {
+        PyErr_Format(PyExc_TypeError, "status must be a str or None, not %.100s",
+                     Py_TYPE(argv[4])->tp_name);
+        return -1;
+    }
     return 0;
+}
+
+/* With a status (argv[4]), makes argv[1] the funnel key's event name
+ * "event/status" (names.STATUS_SEP), which names.validate checks like any
+ * name on the key's first hit, and returns it: a new reference the caller
+ * releases.  Without one, returns Py_None and changes nothing, so a plain
+ * hit pays one compare.  Why a name and not a second counter: a status hit
+ * stays one atomic add into one key (and its `all`), and the segment
+ * layout does not change.  NULL with an exception set (no memory). */
+static PyObject *status_event(PyObject **argv)
+{
+    PyObject *head, *joined;
+    if (argv[4] == Py_None)
+        return Py_None;
+    if ((head = PyUnicode_Concat(argv[1], str_status_sep)) == NULL)
+        return NULL;
+    joined = PyUnicode_Concat(head, argv[4]);
+    Py_DECREF(head);
+    if (joined != NULL)
+        argv[1] = joined;
+    return joined;
 }
 
 /* hit()'s n: an int in 1..MAX_HIT_N, else TypeError/ValueError naming
@@ -1156,13 +1191,15 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
     return 0;
 }
 
-/* Counter.hit(account=None, event="pageview", n=1, now=None): strict, raises. */
+/* Counter.hit(account=None, event="pageview", n=1, now=None, *, status=None):
+ * strict, raises. */
 static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs,
                              PyObject *kwnames)
 {
-    PyObject *argv[4];
+    PyObject *argv[5], *owned;
     long long n;
     uint64_t second;
+    int rc;
     if (c->base == NULL) {
         PyErr_SetString(SegmentNotFound, "this Counter is detached");
         return NULL;
@@ -1174,7 +1211,12 @@ static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
         return NULL;
     }
-    if (do_hit(c, argv[0], argv[1], (uint64_t)n, second) < 0)
+    if ((owned = status_event(argv)) == NULL)
+        return NULL;
+    rc = do_hit(c, argv[0], argv[1], (uint64_t)n, second);
+    if (owned != Py_None)
+        Py_DECREF(owned);
+    if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1232,13 +1274,13 @@ static Counter *get_default(double t)
     return default_counter;
 }
 
-/* hit(account=None, event="pageview", n=1, now=None) -> None.
+/* hit(account=None, event="pageview", n=1, now=None, *, status=None) -> None.
  * Bad input raises ValueError/TypeError.  Anything wrong with the segment
  * is logged once and ignored (fail open), unless strict mode is on. */
 static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                          PyObject *kwnames)
 {
-    PyObject *argv[4], *r;
+    PyObject *argv[5], *r, *owned;
     long long n;
     uint64_t second;
     Counter *c;
@@ -1252,7 +1294,11 @@ static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         /* Fail open, but bad names still raise: a site run without the
          * segment (development) must see them before production does.
          * Costs a Python call per hit, on this degraded path only. */
+        if ((owned = status_event(argv)) == NULL)
+            return NULL;
         r = PyObject_CallFunctionObjArgs(validate_cb, argv[0], argv[1], NULL);
+        if (owned != Py_None)
+            Py_DECREF(owned);
         if (r == NULL)
             return NULL;
         Py_DECREF(r);
@@ -1261,9 +1307,13 @@ static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     /* Why the reference: do_hit lets go of the GIL (the semaphore, the name
      * validator), and another thread may meanwhile drop default_counter
      * (the segment was uninstalled, or configure() ran) and unmap it. */
+    if ((owned = status_event(argv)) == NULL)
+        return NULL;
     Py_INCREF(c);
     rc = do_hit(c, argv[0], argv[1], (uint64_t)n, second);
     Py_DECREF(c);
+    if (owned != Py_None)
+        Py_DECREF(owned);
     if (rc < 0) {
         if (strict_mode || PyErr_ExceptionMatches(PyExc_ValueError)
             || PyErr_ExceptionMatches(PyExc_TypeError))
@@ -1636,7 +1686,8 @@ static PyObject *Counter_get_size(Counter *c, void *closure)
 
 static PyMethodDef Counter_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))Counter_hit, METH_FASTCALL | METH_KEYWORDS,
-     "hit(account=None, event='pageview', n=1, now=None): count; raises on any problem."},
+     "hit(account=None, event='pageview', n=1, now=None, *, status=None): count; raises on "
+     "any problem."},
     {"level", (PyCFunction)(void (*)(void))Counter_level, METH_FASTCALL,
      "level(now=None) -> the throttle level 0..5."},
     {"find", (PyCFunction)Counter_find, METH_VARARGS,
@@ -1781,7 +1832,8 @@ static PyObject *mod_default(PyObject *self, PyObject *unused)
 
 static PyMethodDef module_methods[] = {
     {"hit", (PyCFunction)(void (*)(void))mod_hit, METH_FASTCALL | METH_KEYWORDS,
-     "hit(account=None, event='pageview', n=1, now=None): count a page view."},
+     "hit(account=None, event='pageview', n=1, now=None, *, status=None): count a page view, "
+     "or with status, a funnel status of the event (order/paid)."},
     {"throttle_status", (PyCFunction)(void (*)(void))mod_throttle_status, METH_FASTCALL,
      "throttle_status(now=None) -> int 0..5."},
     {"_setup", mod_setup, METH_VARARGS, NULL},
@@ -1865,12 +1917,15 @@ PyMODINIT_FUNC PyInit__counter(void)
     Py_DECREF(errors);
     if (!SegmentNotFound || !LayoutMismatch || !SegmentBusy || !SegmentError)
         return NULL;
+    if ((str_status_sep = PyUnicode_InternFromString(STATUS_SEP)) == NULL)
+        return NULL;
     if ((str_pageview = PyUnicode_InternFromString("pageview")) == NULL)
         return NULL;
     if ((m = PyModule_Create(&moduledef)) == NULL)
         return NULL;
     Py_INCREF(&CounterType);
-    if (PyModule_AddObject(m, "Counter", (PyObject *)&CounterType) < 0 || add_layout(m) < 0) {
+    if (PyModule_AddObject(m, "Counter", (PyObject *)&CounterType) < 0 || add_layout(m) < 0
+        || PyModule_AddStringConstant(m, "STATUS_SEP", STATUS_SEP) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -12,6 +12,8 @@ prefix``, ``/api/stats`` by default)::
 
   GET <prefix>/track/<account>/<event>/<year>[/<month>[/<day>[/<hour>]]]
   GET <prefix>[/track[/<account>[/<event>]]]   discovery: links to what exists
+  GET <prefix>/funnels/<account>/<event>/<year>[/<month>]   counts per status
+  GET <prefix>/funnels[/<account>[/<event>]]   discovery of the funnels
   GET <prefix>/live            the segment now: current minute, 60 s, 60 minutes
   GET <prefix>/live?scope=farm every host's live numbers, from the farm's Redis
   GET /metrics                 Prometheus text format 0.0.4
@@ -84,7 +86,7 @@ SECURITY_HEADERS = (
     ("X-Frame-Options", "DENY"),
 )
 ALLOWED_METHODS = ("GET", "HEAD")
-#: Bootic's root listed both; funnels are not served yet (docs/api.rst).
+#: Bootic's root listed both.
 CHARTS = ("track", "funnels")
 
 #: The stats routes matched by pattern, after the prefix: handler name -> regex.
@@ -92,10 +94,12 @@ PATTERNS = {
     "track": (r"/track/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
               r"(?:/(?P<month>[0-9]{1,9})(?:/(?P<day>[0-9]{1,9})(?:/(?P<hour>[0-9]{1,9}))?)?)?"),
     "keys": r"/track/(?P<account>[^/]+)(?:/(?P<event>[^/]+))?",
-    "funnels": r"/funnels(?:/.*)?",
+    "funnels": (r"/funnels/(?P<account>[^/]+)/(?P<event>[^/]+)/(?P<year>[0-9]{1,9})"
+                r"(?:/(?P<month>[0-9]{1,9}))?"),
+    "funnel_keys": r"/funnels/(?P<account>[^/]+)(?:/(?P<event>[^/]+))?",
 }
 #: The stats routes matched exactly, after the prefix: path -> handler name.
-EXACT = {"": "index", "/track": "keys", "/live": "live"}
+EXACT = {"": "index", "/track": "keys", "/funnels": "funnel_keys", "/live": "live"}
 #: The routes that never move.
 FIXED = {"/": "dashboard", "/api/openapi.json": "openapi", "/metrics": "metrics"}
 
@@ -505,7 +509,7 @@ class StatsApp:
     # ------------------------------------------------------------- discovery
 
     def index(self, request: Request) -> Response:
-        """Bootic's root: links to the charts (``funnels`` is a 404 for now)."""
+        """Bootic's root: links to the charts, ``track`` and ``funnels``."""
         base = self._base_url(request) + request.prefix
         payload = {"type": None, "account": None, "event": None,
                    "links": [f"{base}/{chart}" for chart in CHARTS]}
@@ -516,34 +520,71 @@ class StatsApp:
         """Bootic's AllKeysHandler: the accounts, an account's events, or a
         key's years, as links; 404 for an account or key with no rows."""
         store = self._store()
-        path = [self._base_url(request) + request.prefix, "track"]
+        return self._discovery(request, "track", account, event, store.accounts,
+                               store.events, store.years)
+
+    def funnel_keys(self, request: Request, account: str | None = None,
+                    event: str | None = None) -> Response:
+        """The track discovery's twin for the funnels: the accounts with
+        funnel counts, an account's events, an event's years."""
+        store = self._store()
+        return self._discovery(request, "funnels", account, event, store.funnel_accounts,
+                               store.funnel_events, store.funnel_years)
+
+    def _discovery(self, request: Request, chart: str, account: str | None,
+                   event: str | None, accounts: Callable[[], list[str]],
+                   events: Callable[[str], list[str]],
+                   years: Callable[[str, str], list[int]]) -> Response:
+        """The links one level below ``<prefix>/<chart>[/<account>[/<event>]]``;
+        404 when nothing is stored there."""
+        path = [self._base_url(request) + request.prefix, chart]
         if account is None:
-            children: list[str] = store.accounts()
+            children: list[str] = accounts()
         else:
             account = _url_name("account", account, names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
             path.append(_quote(account))
             if event is None:
-                children = store.events(account)
+                children = events(account)
                 what = f"account {account!r}"
             else:
                 event = _url_name("event", event, names.EVENT_MAX, names.OVERFLOW_EVENT)
                 path.append(_quote(event))
-                children = [str(year) for year in store.years(account, event)]
+                children = [str(year) for year in years(account, event)]
                 what = f"event {event!r} of account {account!r}"
             if not children:
-                raise HttpError(404, f"no counts stored for {what}; {request.prefix}/track lists "
-                                     "the accounts that have some (a period of any name "
-                                     "answers zeros)")
+                kind = "funnel counts" if chart == "funnels" else "counts"
+                raise HttpError(404, f"no {kind} stored for {what}; "
+                                     f"{request.prefix}/{chart} lists the accounts that have "
+                                     "some (a period of any name answers zeros)")
         base = "/".join(path)
-        payload = {"type": "track", "account": account, "event": event,
+        payload = {"type": chart, "account": account, "event": event,
                    "links": [f"{base}/{_quote(child)}" for child in children]}
         return json_response(200, payload, NO_CACHE)
 
-    def funnels(self, request: Request) -> Response:
-        """Bootic's order funnels: not served yet (docs/api.rst says why)."""
-        raise HttpError(404, "funnels (order counts by status) are not served yet: "
-                             "trafficthreshold does not count order statuses; "
-                             "see 'Differences from Bootic' in docs/api.rst")
+    # --------------------------------------------------------------- funnels
+
+    def funnels(self, request: Request, account: str, event: str, year: str,
+                month: str | None = None) -> Response:
+        """Bootic's order funnels: the counts per status of one event in a
+        year or a month; only the statuses counted there, by name."""
+        account = _url_name("account", account, names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
+        event = _url_name("event", event, names.EVENT_MAX, names.OVERFLOW_EVENT)
+        year_, month_ = int(year), None if month is None else int(month)
+        try:
+            segments(year_, month_)  # 400 for month 13, year 0
+        except ImpossiblePeriod as exc:
+            raise HttpError(400, str(exc)) from None
+        funnel = self._store().funnel(account, event, year_, month_)
+        base = "/".join([self._base_url(request) + request.prefix, "funnels", _quote(account),
+                         _quote(event), str(year_)])
+        # A year links its months that hold counts (Bootic: KEYS <year>:*).
+        links = [] if month_ is not None else [f"{base}/{m}" for m in funnel["months"]]
+        payload = {
+            "type": "funnels", "account": account, "event": event,
+            "year": year_, "month": month_,
+            "data": funnel["data"], "total": funnel["total"], "links": links,
+        }
+        return json_response(200, payload, NO_CACHE)
 
     # ------------------------------------------------------------------ live
 

@@ -348,18 +348,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.argument("event", required=False, default="pageview")
 @click.option("-n", type=click.IntRange(1, MAX_HIT_N), default=1, show_default=True,
               help="How many hits.")
+@click.option("--status", default=None,
+              help="Count this funnel status of EVENT instead (an order's 'paid').")
 @click.pass_context
 @_fail_clearly
-def hit(ctx: click.Context, account: str | None, event: str, n: int) -> None:
+def hit(ctx: click.Context, account: str | None, event: str, n: int,
+        status: str | None) -> None:
     """Count hits from the shell (and so from PHP, cron, any language).
 
     ACCOUNT "all" or omitted counts only the total.
 
     Example: trafficthreshold hit example.com pageview -n 3
+    Example: trafficthreshold hit example.com order --status paid
     """
     cfg = _load(ctx)
     counter = segment.attach(cfg.key, cfg.backend)
-    counter.hit(None if account in (None, "all") else account, event, n)
+    counter.hit(None if account in (None, "all") else account, event, n, status=status)
 
 
 # ------------------------------------------------------------------ daemon
@@ -473,20 +477,32 @@ def systemd_unit(ctx: click.Context) -> None:
 @click.argument("day", type=int, required=False)
 @click.argument("hour", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="The stats API's JSON.")
+@click.option("--funnels", is_flag=True,
+              help="The counts per status of EVENT (hit(..., status=...)) in a year or a "
+                   "month, as /api/stats/funnels answers them.")
 @click.pass_context
 @_fail_clearly
 def stats(ctx: click.Context, account: str, event: str, year: int, month: int | None,
-          day: int | None, hour: int | None, as_json: bool) -> None:
+          day: int | None, hour: int | None, as_json: bool, funnels: bool) -> None:
     """Counts of a period from the store: a year's months, a month's days,
-    a day's hours or an hour's minutes (zero-filled).
+    a day's hours or an hour's minutes (zero-filled); with --funnels, the
+    counts per status of a year or a month.
 
     Example: trafficthreshold stats example.com pageview 2026 11
+    Example: trafficthreshold stats --funnels example.com order 2026 11
     """
     from .store import open_reader
+    if funnels and day is not None:
+        raise click.UsageError("--funnels counts a year or a month: give ACCOUNT EVENT YEAR "
+                               "[MONTH], no day or hour")
     cfg = _load(ctx)
     with open_reader(cfg) as store:  # [store]: the SQLite file or the farm's Redis
         if store.empty:  # a missing or empty file: says so, writes nothing
             raise click.ClickException(store.empty)
+        if funnels:
+            _echo_funnel(account, event, year, month, store.funnel(account, event, year, month),
+                         as_json)
+            return
         result = store.period(account, event, year, month, day, hour)
     if as_json:
         click.echo(json.dumps({"account": account, "event": event, "year": year,
@@ -497,6 +513,22 @@ def stats(ctx: click.Context, account: str, event: str, year: int, month: int | 
     for segment_no, n in result["data"].items():
         click.echo(f"{segment_no:>4}  {n:>12,}")
     click.echo(f"total {result['total']:>12,}")
+
+
+def _echo_funnel(account: str, event: str, year: int, month: int | None,
+                 result: dict[str, Any], as_json: bool) -> None:
+    """``stats --funnels``: a status a line, by name, then the total."""
+    if as_json:
+        click.echo(json.dumps({"account": account, "event": event, "year": year,
+                               "month": month, "data": result["data"],
+                               "total": result["total"]}))
+        return
+    label = "-".join(f"{v:02d}" for v in (year, month) if v is not None)
+    click.echo(f"{account} {event} {label} by status")
+    width = max([len(status) for status in result["data"]] + [5])
+    for status, n in result["data"].items():
+        click.echo(f"{status:<{width}}  {n:>12,}")
+    click.echo(f"{'total':<{width}}  {result['total']:>12,}")
 
 
 # ------------------------------------------------------------------- store

@@ -205,6 +205,7 @@ class StoreConfig:
     password_file: str = ""
     password_env: str = ""
     prefix: str = "track"
+    funnels_prefix: str = "funnels"
     host: str = dataclasses.field(default_factory=socket.gethostname)
 
 
@@ -740,6 +741,7 @@ _STORE: dict[str, _Key] = {
     "password_file": _Key("password_file", _path()),
     "password_env": _Key("password_env", _text()),
     "prefix": _Key("prefix", _store_word("key prefix", "track")),
+    "funnels_prefix": _Key("funnels_prefix", _store_word("key prefix", "funnels")),
     "host": _Key("host", _store_word("host name", "web1")),
 }
 _ALERT: dict[str, _Key] = {
@@ -960,6 +962,9 @@ def _cross_check_store(store: StoreConfig, errors: _Errors) -> None:
     if store.password_file and store.password_env:
         errors.bad("store.password_env", store.password_env,
                    "is set as well as store.password_file", "keep only one of the two")
+    if store.funnels_prefix == store.prefix:
+        errors.bad("store.funnels_prefix", store.funnels_prefix, "is the same as store.prefix",
+                   'give the funnels their own, e.g. funnels_prefix = "funnels" (Bootic\'s)')
     if store.backend != "redis":
         return
     if store.url and store.sentinels:

@@ -56,7 +56,9 @@ def dashboard_context(config: Config, store: PeriodStore, snap: Snapshot | None,
     labels = [_hhmm(m, store.tz) for m in range(first, minute + 1)]
     known = {e["event"] for e in snap.keys} if snap else set(store.events())
     # The overflow key's event (~any) is internal: listed only when chosen.
-    events = sorted({e for e in known if not e.startswith("~")} | {event},
+    # A funnel status (order/paid) is no event: /api/stats/funnels has those.
+    events = sorted({e for e in known
+                     if not e.startswith("~") and names.STATUS_SEP not in e} | {event},
                     key=lambda e: (e.startswith("~"), e))
     return {
         "host": socket.gethostname(),

@@ -48,6 +48,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from trafficthreshold.names import STATUS_SEP
 from trafficthreshold.segment import H_INSTANCE
 from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed
 
@@ -163,10 +164,18 @@ def read_store(conn: sqlite3.Connection) -> StoreReading:
 
 def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
     """All-time hits per key as rolled into the store: the sum of its month
-    rows.  ``conn`` is any connection to the store's file (read-only is
-    enough); one scan of the small months table."""
+    rows, and of a funnel status key's (``order/paid``) funnels rows.
+    ``conn`` is any connection to the store's file (read-only is enough);
+    one scan of the small months and funnels tables."""
     rows = conn.execute("SELECT account, event, SUM(count) FROM months GROUP BY account, event")
-    return {(account, event): int(total) for account, event, total in rows}
+    totals = {(account, event): int(total) for account, event, total in rows}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
+                    ).fetchone():  # schema 3 on
+        rows = conn.execute("SELECT account, event, status, SUM(count) FROM funnels"
+                            " GROUP BY account, event, status")
+        for account, event, status, total in rows:
+            totals[account, f"{event}{STATUS_SEP}{status}"] = int(total)
+    return totals
 
 
 def watermark_minutes(conn: sqlite3.Connection, since_minute: int,

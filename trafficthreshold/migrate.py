@@ -9,6 +9,11 @@ are added by one Lua script that also records the hash in the set
 rerun, or a run cut short and started again, adds nothing twice; two hosts
 that migrate their own files add up, as their live roll-ups do.
 
+The funnels table (schema 3: counts per status of an event per year and
+month) becomes Bootic's funnel hashes, ``{funnels_prefix}:{account}:{event}:{Y}``
+and ``...:{Y}:{M}`` with a field per status, the same way and exactly once
+too (:data:`FUNNEL_SCRIPT`).
+
 So that the host's supervisor, once switched to Redis, carries on where the
 SQLite store stopped (neither re-adding nor skipping what its ring still
 holds), the store's watermarks and ``closed_through`` are copied too, as
@@ -43,6 +48,22 @@ for i = 2, #ARGV, 2 do
   total = total + tonumber(ARGV[i + 1])
 end
 if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], total) end
+redis.call('SADD', KEYS[1], KEYS[2])
+return 1
+"""
+
+# A funnel hash, once.  KEYS: the marker set, the target hash, the totals
+# hash, the funnels' key set.  ARGV: the totals field's head
+# ("{account}\0{event}/", "" for a month's hash: only a year's fields add to
+# the all-time totals, one per status), "{account}\0{event}" for the key
+# set, then status, count pairs.
+FUNNEL_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 1 then return 0 end
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1] .. ARGV[i], ARGV[i + 1]) end
+end
+redis.call('SADD', KEYS[4], ARGV[2])
 redis.call('SADD', KEYS[1], KEYS[2])
 return 1
 """
@@ -84,6 +105,34 @@ def _hashes(conn: sqlite3.Connection, prefix: str
             yield table, current, fields, pair
 
 
+def _has_funnels(conn: sqlite3.Connection) -> bool:
+    """Whether the file has the funnels table (schema 3 on)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
+                        ).fetchone() is not None
+
+
+def _funnel_hashes(conn: sqlite3.Connection, prefix: str
+                   ) -> Iterator[tuple[bool, str, dict[str, int], str]]:
+    """(a year's hash?, target hash key, {status: count}, "{account}\0{event}")
+    of every funnels row, a year's hash summing its months."""
+    if not _has_funnels(conn):
+        return
+    for year_level, parts in ((True, "year"), (False, "year, month")):
+        rows = conn.execute(f"SELECT account, event, {parts}, status, SUM(count) FROM funnels"
+                            f" GROUP BY account, event, {parts}, status"
+                            f" ORDER BY account, event, {parts}, status")
+        current, fields, pair = None, {}, ""
+        for account, event, *values, status, count in rows:
+            key = ":".join([prefix, account, event, *map(str, values)])
+            if key != current and current is not None:
+                yield year_level, current, fields, pair
+                fields = {}
+            current, pair = key, f"{account}\0{event}"
+            fields[status] = int(count)
+        if current is not None:
+            yield year_level, current, fields, pair
+
+
 def count_hashes(path: str) -> int:
     """How many target hashes a migration of ``path`` writes (for a progress bar)."""
     conn = _open(path)
@@ -93,6 +142,10 @@ def count_hashes(path: str) -> int:
             cols = ", ".join(["account", "event", *parts[:-1]])
             total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} FROM {table})"
                                   ).fetchone()[0]
+        if _has_funnels(conn):
+            for cols in ("account, event, year", "account, event, year, month"):
+                total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} "
+                                      "FROM funnels)").fetchone()[0]
         return total
     finally:
         conn.close()
@@ -127,6 +180,7 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0,
             else:
                 summary.skipped += 1
             progress(1)
+        _copy_funnels(conn, store, marker, summary, progress)
         summary.watermarks = _copy_watermarks(conn, store, instance, keep)
         pairs = [f"{a}\0{e}" for a, e in conn.execute("SELECT DISTINCT account, event "
                                                      "FROM months")]
@@ -138,6 +192,23 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0,
     log.info("migrated %s into Redis: %d hashes written, %d already there, %d hits",
              path, summary.hashes, summary.skipped, summary.hits)
     return summary
+
+
+def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
+                  summary: Summary, progress: Callable[[int], None]) -> None:
+    """The funnels rows into Bootic's funnel hashes, each hash once."""
+    copy = store.client.register_script(FUNNEL_SCRIPT)
+    for year_level, key, fields, pair in _funnel_hashes(conn, store.funnels_prefix):
+        args: list[object] = [f"{pair}/" if year_level else "", pair]
+        for status, count in fields.items():
+            args.extend([status, count])
+        if copy(keys=[marker, key, store.totals_key, store.funnel_keys_key], args=args):
+            summary.hashes += 1
+            if year_level:
+                summary.hits += sum(fields.values())
+        else:
+            summary.skipped += 1
+        progress(1)
 
 
 def _copy_meta(conn: sqlite3.Connection, store: RedisStore) -> None:

@@ -66,15 +66,42 @@ def _plain_operation(summary: str, op_id: str, content_type: str, schema: dict[s
                     "responses": responses}}
 
 
-def _keys_operation(depth: int) -> dict[str, Any]:
+def _funnel_operation(depth: int) -> dict[str, Any]:
+    """A funnel: the counts per status of an event in a year or a month."""
+    params = [
+        _name_param("account", names.ACCOUNT_MAX, "an account, or `all` for the total"),
+        _name_param("event", names.EVENT_MAX, "an event such as `order`"),
+        _int_param("year", 1, 9999), _int_param("month", 1, 12),
+    ][: 3 + depth]
+    period = ("year", "month")[depth]
+    return {"get": {
+        "summary": f"Counts per status of an event in one {period} (Bootic's order funnels)",
+        "operationId": "funnel" + period.capitalize(),
+        "parameters": params,
+        "responses": {
+            "200": {"description": f"the {period}'s count of each status counted in it",
+                    "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Funnel"}}}},
+            "400": _error_ref("the date does not exist (month 13, year 0)"),
+            "404": _error_ref("the account or event name is not valid"),
+            "503": _error_ref("the database does not exist yet, is locked or is damaged "
+                              "(the message says what to do)"),
+            "default": _error_ref("an error"),
+        },
+    }}
+
+
+def _keys_operation(depth: int, chart: str = "track") -> dict[str, Any]:
     """The discovery routes: accounts, an account's events, a key's years."""
     params = [_name_param("account", names.ACCOUNT_MAX, "an account, `all` for the total"),
               _name_param("event", names.EVENT_MAX, "an event such as `pageview`")][:depth]
     children = ("accounts", "events of the account", "years of the account's event")[depth]
     extra = {} if depth == 0 else {
         "404": _error_ref("the name is not valid, or nothing is stored for it")}
+    op_id = ("accounts", "events", "years")[depth]
+    if chart != "track":
+        op_id = chart[:-1] + op_id.capitalize()  # funnelAccounts ...
     return _plain_operation(
-        f"Links to the {children} that have counts", ("accounts", "events", "years")[depth],
+        f"Links to the {children} that have {chart} counts", op_id,
         JSON_TYPE, {"$ref": "#/components/schemas/Links"}, params,
         {**extra, "503": _error_ref("the database does not exist yet, is locked or is damaged "
                                     "(the message says what to do)")})
@@ -107,10 +134,22 @@ def openapi_document(prefix: str = "/api/stats", farm: bool = True) -> dict[str,
                 "total": count,
                 "links": {"type": "array", "items": {"type": "string"},
                           "description": "URLs of the child periods that hold counts"}}},
+        "Funnel": {"type": "object", "required": [
+            "type", "account", "event", "year", "month", "data", "total", "links"],
+            "properties": {
+                "type": {"type": "string", "enum": ["funnels"]},
+                "account": {"type": "string"}, "event": {"type": "string"},
+                "year": {"type": "integer"}, "month": nullable_int,
+                "data": {"type": "object", "additionalProperties": count,
+                         "description": "status -> count, the statuses counted in the "
+                                        "period, by name"},
+                "total": count,
+                "links": {"type": "array", "items": {"type": "string"},
+                          "description": "a year: URLs of its months that hold counts"}}},
         "Links": {"type": "object", "required": ["type", "account", "event", "links"],
                   "properties": {
                       "type": {"type": "string", "nullable": True,
-                               "description": "`track`; null at the root"},
+                               "description": "`track` or `funnels`; null at the root"},
                       "account": {"type": "string", "nullable": True},
                       "event": {"type": "string", "nullable": True},
                       "links": {"type": "array", "items": {"type": "string"},
@@ -150,16 +189,21 @@ def openapi_document(prefix: str = "/api/stats", farm: bool = True) -> dict[str,
         **_farm_schemas(count),
     }
     paths: dict[str, Any] = {prefix: _plain_operation(
-        "Links to the charts: track (and funnels, not served yet)", "root", JSON_TYPE,
+        "Links to the charts: track and funnels", "root", JSON_TYPE,
         {"$ref": "#/components/schemas/Links"})}
-    keys = prefix + "/track"
-    for depth, part in enumerate(("", "/{account}", "/{event}")):
-        keys += part
-        paths[keys] = _keys_operation(depth)
+    for chart in ("track", "funnels"):
+        keys = f"{prefix}/{chart}"
+        for depth, part in enumerate(("", "/{account}", "/{event}")):
+            keys += part
+            paths[keys] = _keys_operation(depth, chart)
     track = prefix + "/track/{account}/{event}/{year}"
     for depth, part in enumerate(("", "/{month}", "/{day}", "/{hour}")):
         track += part
         paths[track] = _track_operation(depth)
+    funnel = prefix + "/funnels/{account}/{event}/{year}"
+    for depth, part in enumerate(("", "/{month}")):
+        funnel += part
+        paths[funnel] = _funnel_operation(depth)
     paths[prefix + "/live"] = _plain_operation(
         "The segment now: current minute, sliding 60 s, last 60 minutes per key; "
         "with scope=farm, every host's live numbers from the farm's Redis",

@@ -12,6 +12,11 @@ keyed by the header's ``instance`` (drawn at each install): a segment
 installed again in the same minute counts that minute from 0 and is rolled
 from 0.
 
+Funnel statuses: a key whose event names a status (``order/paid``, see
+:mod:`trafficthreshold.names`) rolls like any key, by the same watermarks;
+the store routes it to its funnels (counts per status per year and month)
+instead of the period tables, in the same transaction.
+
 Which minutes a roll reads: from the first minute not yet closed
 (``closed_through + 1``), and always the last ``LATE_MINUTES`` closed
 minutes again, so an increment that lands just after its minute closed (a

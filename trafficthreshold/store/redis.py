@@ -11,6 +11,12 @@ Bootic's own API server reads what we write::
     {prefix}:{account}:{event}:{Y}:{M}:{D}      field {H}   hours of a day
     {prefix}:{account}:{event}:{Y}:{M}:{D}:{H}  field {m}   minutes of an hour (ours)
 
+and Bootic's order funnels (its ``TrackFunnel``), the counts per status of
+an event, from the keys whose event names a status (``order/paid``)::
+
+    {funnels_prefix}:{account}:{event}:{Y}      field {status}   a year
+    {funnels_prefix}:{account}:{event}:{Y}:{M}  field {status}   a month
+
 Exactly once
 ------------
 As in the SQLite store, the ring gives cumulative counts per key-minute and
@@ -47,7 +53,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from trafficthreshold.errors import ConfigError
-from trafficthreshold.names import ALL
+from trafficthreshold.names import ALL, split_status
 from trafficthreshold.periods import local_parts, segments
 from .base import KeyMinute, RollItem
 
@@ -65,21 +71,27 @@ WATERMARK_TTL = 2 * 24 * 3600
 #: Lua's (doubles), exact up to 2**53.
 MAX_COUNT = 2**53 - 1
 
-# KEYS: per item, 1 watermark hash + 4 period hashes, then the totals hash,
-# the key set and the host hash.  ARGV: watermark TTL, minute-hash TTL (0 = keep), now,
-# closed_through ('' = unchanged), instance, ended ('' = not ended), then per
-# item: watermark field, observed, M, D, H, minute, "{account}\0{event}".
+# KEYS: per item, 1 watermark hash + 4 hashes to add to, then the totals
+# hash, the key set, the funnels' key set and the host hash.  ARGV:
+# watermark TTL, minute-hash TTL (0 = keep), now, closed_through ('' =
+# unchanged), instance, ended ('' = not ended), then per item: watermark
+# field, observed, the 4 hashes' fields, "{account}\0{event}", kind.  Kind
+# "t": the 4 period hashes (year .. hour, the last one expiring); "f": a
+# funnel status, the year and month hashes only (fields: the status), the
+# other two keys unused; its "{account}\0{event}" (the plain event) goes to
+# the funnels' key set, the totals get "{account}\0{event}/{status}".
 # Returns the delta added per item.
 ROLL_SCRIPT = """
 local wm_ttl = tonumber(ARGV[1])
 local minute_ttl = tonumber(ARGV[2])
-local n = (#KEYS - 3) / 5
-local totals = KEYS[#KEYS - 2]
-local keys_set = KEYS[#KEYS - 1]
+local n = (#KEYS - 4) / 5
+local totals = KEYS[#KEYS - 3]
+local keys_set = KEYS[#KEYS - 2]
+local funnel_set = KEYS[#KEYS - 1]
 local added = {}
 for i = 0, n - 1 do
   local k = i * 5
-  local a = 6 + i * 7
+  local a = 6 + i * 8
   local wm_key, field = KEYS[k + 1], ARGV[a + 1]
   local observed = tonumber(ARGV[a + 2])
   local seen = tonumber(redis.call('HGET', wm_key, field) or '0')
@@ -88,13 +100,18 @@ for i = 0, n - 1 do
     delta = observed - seen
     redis.call('HINCRBY', KEYS[k + 2], ARGV[a + 3], delta)
     redis.call('HINCRBY', KEYS[k + 3], ARGV[a + 4], delta)
-    redis.call('HINCRBY', KEYS[k + 4], ARGV[a + 5], delta)
-    redis.call('HINCRBY', KEYS[k + 5], ARGV[a + 6], delta)
-    if minute_ttl > 0 then redis.call('EXPIRE', KEYS[k + 5], minute_ttl) end
+    if ARGV[a + 8] == 't' then
+      redis.call('HINCRBY', KEYS[k + 4], ARGV[a + 5], delta)
+      redis.call('HINCRBY', KEYS[k + 5], ARGV[a + 6], delta)
+      if minute_ttl > 0 then redis.call('EXPIRE', KEYS[k + 5], minute_ttl) end
+      redis.call('SADD', keys_set, ARGV[a + 7])
+      redis.call('HINCRBY', totals, ARGV[a + 7], delta)
+    else
+      redis.call('SADD', funnel_set, ARGV[a + 7])
+      redis.call('HINCRBY', totals, ARGV[a + 7] .. '/' .. ARGV[a + 3], delta)
+    end
     redis.call('HSET', wm_key, field, ARGV[a + 2])
     redis.call('EXPIRE', wm_key, wm_ttl)
-    redis.call('SADD', keys_set, ARGV[a + 7])
-    redis.call('HINCRBY', totals, ARGV[a + 7], delta)
   end
   added[i + 1] = delta
 end
@@ -149,17 +166,20 @@ class RedisStore:
     """
 
     def __init__(self, client: Any, zone: ZoneInfo, host: str, *, prefix: str = "track",
-                 minute_days: float = 0) -> None:
+                 minute_days: float = 0, funnels_prefix: str = "funnels") -> None:
         if not host or ":" in host or "\0" in host:
             raise ConfigError(f"[store] host {host!r} is not a usable host name; use a name "
                               "without ':' (default: this machine's host name)")
         self.client, self.tz, self.host, self.prefix = client, zone, host, prefix
+        self.funnels_prefix = funnels_prefix
         self.minute_ttl = int(minute_days * 86400)
         self._roll = client.register_script(ROLL_SCRIPT)
         self._close = client.register_script(CLOSE_SCRIPT)
         self._late = client.register_script(LATE_SCRIPT)
         self.host_key = f"{prefix}~host:{host}"
         self.keys_key = f"{prefix}~keys"
+        #: "{account}\0{event}" of every event with funnel counts.
+        self.funnel_keys_key = f"{prefix}~funnel_keys"
         #: All-time count per key, "{account}\0{event}" -> n, moved in the
         #: same script as the periods and the watermarks (for /metrics).
         self.totals_key = f"{prefix}~totals"
@@ -193,6 +213,10 @@ class RedisStore:
         return [f"{base}:{y}", f"{base}:{y}:{mo}", f"{base}:{y}:{mo}:{d}",
                 f"{base}:{y}:{mo}:{d}:{h}"]
 
+    def _funnel_keys(self, account: str, event: str, parts: tuple[int, ...]) -> list[str]:
+        base = f"{self.funnels_prefix}:{account}:{event}:{parts[0]}"
+        return [base, f"{base}:{parts[1]}"]
+
     def roll_deltas(self, items: Iterable[RollItem], now: float, *, instance: int = 0,
                     closed_through: int | None = None,
                     ended: bool = False) -> dict[KeyMinute, int]:
@@ -214,10 +238,16 @@ class RedisStore:
             for (account, event, minute), observed in batch:
                 parts = local_parts(minute, self.tz)
                 keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
-                keys.extend(self._period_keys(account, event, parts))
-                args.extend([f"{instance}\0{account}\0{event}", observed, *parts[1:],
-                             f"{account}\0{event}"])
-            keys.extend([self.totals_key, self.keys_key, self.host_key])
+                args.extend([f"{instance}\0{account}\0{event}", observed])
+                plain, status = split_status(event)
+                if status is None:
+                    keys.extend(self._period_keys(account, event, parts))
+                    args.extend([*parts[1:], f"{account}\0{event}", "t"])
+                else:
+                    year, month = self._funnel_keys(account, plain, parts)
+                    keys.extend([year, month, month, month])  # the last two unused
+                    args.extend([status, status, "", "", f"{account}\0{plain}", "f"])
+            keys.extend([self.totals_key, self.keys_key, self.funnel_keys_key, self.host_key])
             deltas = self._roll(keys=keys, args=args)
             for ((account, event, minute), _), delta in zip(batch, deltas, strict=True):
                 if delta:
@@ -423,7 +453,10 @@ class RedisStore:
         """The years that hold counts of ``(account, event)``, ascending: the
         year part of its period hashes, found with SCAN (never KEYS, which
         blocks the server), the glob characters of the names escaped."""
-        base = ":".join([self.prefix, account, event]) + ":"
+        return self._years_under(":".join([self.prefix, account, event]) + ":")
+
+    def _years_under(self, base: str) -> list[int]:
+        """The numeric first parts of the keys below ``base``, ascending."""
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", base) + "*"
         years = set()
         for key in self.client.scan_iter(match=pattern, count=1000):
@@ -432,6 +465,52 @@ class RedisStore:
             if head.isdigit():
                 years.add(int(head))
         return sorted(years)
+
+    # ------------------------------------------------------------- funnels
+
+    def funnel(self, account: str, event: str, year: int,
+               month: int | None = None) -> dict[str, Any]:
+        """The counts per status of ``event`` in a year or a month, the
+        SQLite store's shape: ``{"data": {status: n}, "total": n, "months":
+        [...]}``.  HGETALL of Bootic's hash, as its handlers did; a year
+        also asks which of its 12 month hashes exist (one pipeline)."""
+        segments(year, month)  # ImpossiblePeriod for month 13
+        base = f"{self.funnels_prefix}:{account}:{event}:{year}"
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(base if month is None else f"{base}:{month}")
+        if month is None:
+            for m in range(1, 13):
+                pipe.exists(f"{base}:{m}")
+        fields, *exist = pipe.execute()
+        data = {}
+        for field, value in fields.items():
+            try:
+                data[_text(field)] = int(value)
+            except ValueError:
+                continue  # a field someone else wrote; not ours to show
+        data = {k: v for k, v in sorted(data.items()) if v > 0}
+        return {"data": data, "total": sum(data.values()),
+                "months": [m for m, there in zip(range(1, 13), exist) if there]}
+
+    def _funnel_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for member in self.client.smembers(self.funnel_keys_key):
+            account, _, event = _text(member).partition("\0")
+            pairs.append((account, event))
+        return pairs
+
+    def funnel_accounts(self) -> list[str]:
+        """Accounts with funnel counts, sorted; ``all`` included.  Read from
+        ``{prefix}~funnel_keys``, which every roll and migration adds to."""
+        return sorted({a for a, _e in self._funnel_pairs()})
+
+    def funnel_events(self, account: str) -> list[str]:
+        """The events of ``account`` with funnel counts, sorted."""
+        return sorted({e for a, e in self._funnel_pairs() if a == account})
+
+    def funnel_years(self, account: str, event: str) -> list[int]:
+        """The years of ``(account, event)``'s funnel hashes, found with SCAN."""
+        return self._years_under(":".join([self.funnels_prefix, account, event]) + ":")
 
     def top_accounts(self, event: str, since_minute: int, limit: int,
                      span: int = 24 * 60) -> list[tuple[str, int]]:

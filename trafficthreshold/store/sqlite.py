@@ -56,7 +56,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from trafficthreshold.names import ALL
+from trafficthreshold.names import ALL, split_status
 from trafficthreshold.periods import local_parts, resolve_timezone, segments
 
 from .base import MAX_MINUTE_COUNT, KeyMinute, RollItem, StoreError
@@ -150,9 +150,23 @@ WATERMARKS_BY_INSTANCE = [
     "ALTER TABLE watermarks_v2 RENAME TO watermarks",
 ]
 
+#: Schema 3: Bootic's order funnels, the count per status of an event per
+#: local year and month (hit(account, "order", status="paid") counts the key
+#: "order/paid"; the roll adds it here, not to the period tables).  Year and
+#: month lead after the key: a year's statuses and a month's are one range
+#: scan each.
+FUNNELS = [
+    """CREATE TABLE IF NOT EXISTS funnels (
+        account TEXT NOT NULL, event TEXT NOT NULL,
+        year INTEGER NOT NULL, month INTEGER NOT NULL, status TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (account, event, year, month, status)
+    ) WITHOUT ROWID""",
+]
+
 #: MIGRATIONS[i] takes the schema from version i to i + 1 (PRAGMA
 #: user_version). Append a list of statements for each schema change.
-MIGRATIONS: list[list[str]] = [DDL, WATERMARKS_BY_INSTANCE]
+MIGRATIONS: list[list[str]] = [DDL, WATERMARKS_BY_INSTANCE, FUNNELS]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: The instance of watermarks written before schema 2 (and of a segment
@@ -639,15 +653,27 @@ class SQLiteStore:
 
     def _add_to_periods(self, deltas: Mapping[KeyMinute, int]) -> None:
         """Add deltas to the minute, hour, day and month rows (and register
-        their keys). Caller holds the transaction."""
+        their keys); a funnel status key's (``order/paid``) to the funnels
+        rows of its local year and month instead. Caller holds the
+        transaction."""
         sums: dict[str, dict[tuple[Any, ...], int]] = {t: defaultdict(int) for t, _ in LEVELS}
+        funnels: dict[tuple[Any, ...], int] = defaultdict(int)
+        keys = set()
         for (account, event, minute), delta in deltas.items():
             parts = local_parts(minute, self.tz)
+            plain, status = split_status(event)
+            if status is not None:
+                funnels[(account, plain, *parts[:2], status)] += delta
+                continue
+            keys.add((account, event))
             for table, width in LEVELS:
                 sums[table][(account, event, *parts[:width])] += delta
         for table, width in LEVELS:
             self._conn.executemany(_upsert_sql(table, width), _rows(sums[table]))
-        keys = {(account, event) for account, event, _ in deltas}
+        self._conn.executemany(
+            "INSERT INTO funnels (account, event, year, month, status, count)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account, event, year, month, status)"
+            " DO UPDATE SET count = count + excluded.count", _rows(funnels))
         self._conn.executemany("INSERT OR IGNORE INTO keys (account, event) VALUES (?, ?)", keys)
 
     def _save_watermarks(self, watermarks: Mapping[KeyMinute, int], instance: int) -> None:
@@ -786,6 +812,50 @@ class SQLiteStore:
         )
         rows = self._conn.execute(f"{union} ORDER BY year", (account, event) * len(LEVELS))
         return [year for (year,) in rows]
+
+    # ------------------------------------------------------------------
+    # funnels
+
+    def funnel(self, account: str, event: str, year: int,
+               month: int | None = None) -> dict[str, Any]:
+        """The counts per status of ``event`` in a local year or month:
+        ``{"data": {status: count}, "total": n, "months": [...]}``, the
+        statuses counted there by name, ``months`` the months of a year that
+        hold counts (``[]`` for a month).  An impossible date raises
+        :class:`~trafficthreshold.periods.ImpossiblePeriod`.  One range scan."""
+        segments(year, month)
+        if self._version < 3:  # a reader of a store not migrated yet: none
+            return {"data": {}, "total": 0, "months": []}
+        where, args = "account = ? AND event = ? AND year = ?", [account, event, year]
+        if month is not None:
+            where, args = where + " AND month = ?", [*args, month]
+        rows = self._conn.execute(f"SELECT month, status, count FROM funnels WHERE {where}"
+                                  " AND count > 0", args).fetchall()
+        data: dict[str, int] = defaultdict(int)
+        for _month, status, count in rows:
+            data[status] += count
+        months = [] if month is not None else sorted({m for m, _s, _c in rows})
+        return {"data": dict(sorted(data.items())), "total": sum(data.values()),
+                "months": months}
+
+    def funnel_accounts(self) -> list[str]:
+        """Accounts with funnel counts (``all`` included), sorted."""
+        return self._funnel_list("account", "", ())
+
+    def funnel_events(self, account: str) -> list[str]:
+        """The events of ``account`` with funnel counts, sorted."""
+        return self._funnel_list("event", "WHERE account = ?", (account,))
+
+    def funnel_years(self, account: str, event: str) -> list[int]:
+        """The years with funnel counts of ``(account, event)``, ascending."""
+        return self._funnel_list("year", "WHERE account = ? AND event = ?", (account, event))
+
+    def _funnel_list(self, column: str, where: str, args: tuple[str, ...]) -> list[Any]:
+        if self._version < 3:
+            return []
+        rows = self._conn.execute(f"SELECT DISTINCT {column} FROM funnels {where}"
+                                  f" ORDER BY {column}", args)
+        return [value for (value,) in rows]
 
     def top_accounts(self, event: str, since_minute: int, limit: int) -> list[tuple[str, int]]:
         """The ``limit`` accounts with the most ``event`` hits in the minute
