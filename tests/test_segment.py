@@ -216,11 +216,13 @@ def test_install_writes_the_geometry_it_was_given(key, backend):
         assert view.nbytes >= geo.total_size
         raw = RawReader(view)
         assert (raw.version, raw.header_size, raw.key_capacity, raw.index_size, raw.minutes,
-                raw.seconds, raw.stripes) == (1, 4096, 40, 128, 7, 70, 3)
+                raw.seconds, raw.stripes) == (2, 4096, 40, 128, 7, 70, 3)
         # Why these sizes: (7 + 70) * 16 = 1232 rounded up to a cache line.
         assert raw.stripe_size == 1280 and raw.slot_size == 3 * 1280
         assert raw.index_offset == 4096
-        assert raw.slots_offset == 4096 + 128 * 128 and raw.slots_offset % 4096 == 0
+        # The slot table (40 * 8 bytes) follows the index; then a page boundary.
+        assert raw.slot_table_offset == 4096 + 128 * 128
+        assert raw.slots_offset == 4096 + 128 * 128 + 4096 and raw.slots_offset % 4096 == 0
         assert raw.u64(64) == geo.total_size == raw.slots_offset + 40 * raw.slot_size
         assert raw.u64(72) == int(NOW)
         assert (raw.u32(80), raw.u32(84), raw.u32(92)) == (9, 1, segment.STATE_LIVE)
@@ -322,10 +324,10 @@ def test_install_refuses_bad_geometry_before_creating_anything(key, backend, bad
 
 def test_wrong_layout_version_is_refused(key, backend):
     segment.install(key, backend, now=NOW)
-    put(key, backend, "=I", segment.H_VERSION, 2)
-    with pytest.raises(LayoutMismatch, match="layout version 2.*reads version 1.*uninstall"):
+    put(key, backend, "=I", segment.H_VERSION, 3)
+    with pytest.raises(LayoutMismatch, match="layout version 3.*reads version 2.*uninstall"):
         segment.attach(key, backend)
-    with pytest.raises(LayoutMismatch, match="layout version 2.*uninstall --force"):
+    with pytest.raises(LayoutMismatch, match="layout version 3.*uninstall --force"):
         segment.install(key, backend, now=NOW)
 
 
