@@ -150,7 +150,8 @@ def _supervisor(header: Mapping[str, int], now: float) -> dict[str, Any]:
 
 def _segment_info(header: Mapping[str, int]) -> dict[str, int]:
     return {name: header[name] for name in (
-        "key_capacity", "keys_used", "minute_buckets", "overflow_hits", "dropped_hits")}
+        "key_capacity", "keys_used", "free_slots", "reclaimed", "minute_buckets",
+        "overflow_hits", "dropped_hits")}
 
 
 # ------------------------------------------------------------------ the farm

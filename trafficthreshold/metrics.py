@@ -16,6 +16,8 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_overflow_hits_total                   counter
   trafficthreshold_dropped_hits_total                    counter
   trafficthreshold_segment_keys_capacity / _keys_used    gauge
+  trafficthreshold_segment_slots_free                    gauge
+  trafficthreshold_segment_slots_reclaimed_total         counter
   trafficthreshold_segment_up                            gauge (0/1)
   trafficthreshold_segment_damaged                       gauge
   trafficthreshold_store_last_roll_timestamp_seconds     gauge
@@ -343,7 +345,13 @@ def _segment_families(
                "Counter slots of the segment (reserved slots included).")
         .add(header["key_capacity"]),
         Family("trafficthreshold_segment_keys_used", "gauge",
-               "Counter slots in use.").add(header["keys_used"]),
+               "Counter slots in use (keys_used minus the reclaimed slots waiting "
+               "for a key).").add(header["keys_used"] - header.get("free_slots", 0)),
+        Family("trafficthreshold_segment_slots_free", "gauge",
+               "Reclaimed slots waiting for a new key.").add(header.get("free_slots", 0)),
+        Family("trafficthreshold_segment_slots_reclaimed_total", "counter",
+               "Slots of keys idle for longer than the ring given back by the "
+               "supervisor, since the install.").add(header.get("reclaimed", 0)),
     ]
     # +Inf before the first tick: an alert on "age > 30" fires at once.
     age = math.inf if heartbeat_age is None else heartbeat_age
