@@ -1200,3 +1200,69 @@ def test_a_process_with_a_stale_slot_counts_for_its_own_key_after_reuse(key, bac
         parent_end.send(None)
         worker.join(10)
         counter.detach()
+
+
+RECLAIM_ROUNDS, RECLAIM_RING = 40, 5
+
+
+def _reclaim_plan(pool: int, wid: int, r: int) -> list[tuple[str, int]]:
+    """What writer `wid` hits in round r: 3 hosts of the pool.  With a pool
+    of 15 a host comes back every 5 rounds: in the very round its reclaim
+    becomes due, so the hits race the reclaim of their own key.  With 40,
+    every 13 or 14: long after it was reclaimed (a stale cache)."""
+    return [(f"p{(r * 3 + i) % pool}.example", 1 + (wid + i + r) % 4) for i in range(3)]
+
+
+def _reclaim_writer(key, backend, pool, wid, barrier):
+    try:
+        counter = segment.attach(key, backend)
+        for r in range(RECLAIM_ROUNDS):
+            barrier.wait()            # the round starts: the parent reclaims meanwhile
+            for host, n in _reclaim_plan(pool, wid, r):
+                for k in range(n):
+                    counter.hit(host, now=NOW + 60 * r + k)
+            barrier.wait()            # the round is over: the parent rolls it
+    finally:
+        os._exit(0)
+
+
+@pytest.mark.parametrize("pool", [15, 40])
+def test_hits_racing_the_reclaim_of_their_own_key_are_counted_exactly(key, backend, pool):
+    """Three writer processes hit hosts that went idle and are being
+    reclaimed at that very moment by the parent; the parent rolls each
+    minute after it closed.  Every host's total is exact: a hit is counted
+    for its own key whichever of the hit and the reclaim takes the lock
+    first, never for another key, never lost."""
+    segment.install(key, backend, now=NOW,
+                    geometry=segment.Geometry(keys=40, minutes=RECLAIM_RING))
+    barrier = FORK.Barrier(4)
+    writers = [FORK.Process(target=_reclaim_writer, args=(key, backend, pool, w, barrier))
+               for w in range(3)]
+    for w in writers:
+        w.start()
+    counter = segment.attach(key, backend)
+    rolled: dict[str, int] = {}
+    reclaimed = 0
+    try:
+        for r in range(RECLAIM_ROUNDS):
+            barrier.wait()
+            # Keys idle since before round r - RING + 1 and rolled: race the hits.
+            reclaimed += len(counter.reclaim(MINUTE + r - RECLAIM_RING + 1))
+            barrier.wait()
+            names = {s: a for s, a, _e in counter.keys()}
+            for slot, _m, n in counter.minutes(MINUTE + r, MINUTE + r):
+                rolled[names[slot]] = rolled.get(names[slot], 0) + n
+    finally:
+        for w in writers:
+            w.join(30)
+    expected: dict[str, int] = {}
+    for r in range(RECLAIM_ROUNDS):
+        for wid in range(3):
+            for host, n in _reclaim_plan(pool, wid, r):
+                expected[host] = expected.get(host, 0) + n
+    assert rolled.pop("all") == sum(expected.values())
+    assert rolled == expected
+    header = segment.header(counter)
+    assert header["dropped_hits"] == header["overflow_hits"] == 0
+    assert reclaimed == header["reclaimed"] > pool
+    counter.detach()

@@ -51,6 +51,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from trafficthreshold.names import STATUS_SEP
+from trafficthreshold import segment
 from trafficthreshold.segment import H_INSTANCE
 from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed
 
@@ -226,11 +227,22 @@ def pending_window(now: float, ring_minutes: int) -> tuple[int, int]:
 
 
 def pending_from(marks: Mapping[tuple[str, str, int], int], counter: Any,
-                 slots: Mapping[int, Key], first: int, minute: int) -> dict[Key, int]:
+                 slots: Mapping[int, Key], first: int, minute: int,
+                 version: tuple[int, int] | None = None) -> dict[Key, int]:
     """``observed - watermark`` per key over the ring minutes first..minute
-    (the watermarks read before the ring: see :func:`pending_hits`)."""
+    (the watermarks read before the ring: see :func:`pending_hits`).
+
+    A slot's name is taken from ``slots`` unless the index changed since it
+    was read (:func:`segment.keys_version`, passed as ``version``) or a slot
+    has no name there: then from the index read after the ring, since a slot
+    reclaimed and given to a new key in between holds the new key's counts
+    (docs/segment.rst, "Reclaim")."""
     pending: dict[Key, int] = defaultdict(int)
-    for slot, epoch_minute, observed in counter.minutes(first, minute):
+    rows = counter.minutes(first, minute)
+    if version is None or segment.keys_version(counter) != version \
+            or any(s not in slots for s, _m, _n in rows):
+        slots = {s: (a, e) for s, a, e in segment.split_keys(counter)[0]}
+    for slot, epoch_minute, observed in rows:
         key = slots.get(slot)
         if key is None:
             continue
