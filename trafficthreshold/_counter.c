@@ -114,9 +114,10 @@
  * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
  * every bucket is older than the minute it is given (out of the ring and
  * rolled) gives its slot back.  Never slot 0, slot 1 or throttle_slot.  Under
- * the lock: reclaim_slot/reclaim_entry are stored, the entry becomes a
- * tombstone, the slot's generation is bumped, its buckets zeroed, the slot
- * pushed on the free list, `reclaimed` incremented, reclaim_slot cleared.
+ * the lock: `reclaimed` is incremented, reclaim_entry and reclaim_slot are
+ * stored, the entry becomes a tombstone, the slot's generation is bumped,
+ * its buckets zeroed, the slot pushed on the free list, tombstones before an
+ * empty entry emptied, reclaim_slot cleared.
  * Every step can be redone (finish_reclaim), so a reclaimer killed half way
  * leaves nothing inconsistent: the next lock holder that inserts a key, rolls
  * a bucket or reclaims finishes it.  Inserts take a free slot before
@@ -149,7 +150,9 @@
  *     lock goes straight from the dead holder to one live one.  What a dead
  *     holder left half done is safe to redo: a bucket reset restarts (its
  *     tag is 0 or old), a key insert whose state was not yet stored is an
- *     empty entry (its slot, if keys_used was stored, is simply unused).
+ *     empty entry or a tombstone (its slot, if keys_used or the free list
+ *     was stored, is simply unused), a reclaim under way is finished by the
+ *     next holder (finish_reclaim).
  * segment.py takes the same lock for install and uninstall through _lock()
  * and _unlock() (or Counter.lock()).
  */
