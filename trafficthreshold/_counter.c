@@ -1232,12 +1232,13 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
  * The GIL is released for the whole of lock, reset and unlock, so a thread
  * holding the GIL never stretches the time the lock is held. */
 #define ADD_STALE 2
-static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t epoch, uint64_t unit,
-                       uint32_t slot, uint32_t gen)
+__attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag,
+                                                 uint64_t unit, long ref)
 {
     seglock_t l = lock_of(c);
     struct timespec ts;
-    uint64_t cur;
+    uint64_t cur, epoch = tag & EPOCH_MASK;
+    uint32_t slot = REF_SLOT(ref), gen = REF_GEN(ref);
     int rc = 0;
     c->busy++;
     Py_BEGIN_ALLOW_THREADS
@@ -1269,13 +1270,13 @@ static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t epoch, ui
     return rc;
 }
 
-/* Adds n to one bucket.  Lock-free unless the bucket rolls over.  Returns
- * 0, or what roll_bucket returned. */
-static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t epoch, uint64_t unit,
-                             uint32_t slot, uint32_t gen, uint64_t n)
+/* Adds n to one bucket of the key `ref`.  Lock-free unless the bucket rolls
+ * over.  Returns 0, or what roll_bucket returned. */
+static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit, long ref,
+                             uint64_t n)
 {
-    if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag) {
-        int rc = roll_bucket(c, b, tag, epoch, unit, slot, gen);
+    if (__builtin_expect(__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag, 0)) {
+        int rc = roll_bucket(c, b, tag, unit, ref);
         if (rc != 0)
             return rc;
     }
@@ -1306,20 +1307,18 @@ static inline void own_stripe(Counter *c)
  * ADD_STALE when the key was reclaimed (nothing added: resolve it again). */
 static int add_slot(Counter *c, long ref, uint64_t n)
 {
-    uint32_t slot = REF_SLOT(ref), gen = REF_GEN(ref);
-    uint64_t high = (uint64_t)(gen & GEN_MASK) << EPOCH_BITS;
-    bucket_t *b = stripe_buckets(c, slot, c->stripe);
-    int rc = add_bucket(c, b + c->cur_min_idx, c->cur_minute | high, c->cur_minute, 60, slot,
-                        gen, n);
-    if (rc == ADD_STALE)
+    /* The generation of a ref is already below 2**24 (MAKE_REF's callers
+     * mask it): the tag's high bits are a shift away. */
+    uint64_t high = ((uint64_t)ref >> 32) << EPOCH_BITS;
+    bucket_t *b = stripe_buckets(c, REF_SLOT(ref), c->stripe);
+    int rc = add_bucket(c, b + c->cur_min_idx, c->cur_minute | high, 60, ref, n);
+    if (__builtin_expect(rc == ADD_STALE, 0))
         return ADD_STALE;
     /* A stale second bucket after a counted minute would need a reclaim
      * between the two (a key idle for a ring had its minute tag current):
      * the second's addition is then dropped, like any. */
-    if (add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second | high, c->cur_second, 1,
-                   slot, gen, n) != 0 || rc != 0)
-        return 1;
-    return 0;
+    return rc | (add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second | high, 1, ref,
+                            n) != 0);
 }
 
 /* Parses hit()'s arguments: (account=None, event="pageview", n=1, now=None,
@@ -1472,7 +1471,7 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
         set_clock(c, second);
     own_stripe(c);
     dropped = add_slot(c, all_slot, n);
-    if (dropped == ADD_STALE) {
+    if (__builtin_expect(dropped == ADD_STALE, 0)) {
         /* Nothing was added yet: a failure here is the hit's. */
         forget_slots(c);
         if ((all_slot = all_slot_for(c, event)) < 0)
@@ -1483,10 +1482,12 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
         if (slot == OVERFLOW_SLOT)
             __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
         /* A table full even for `all` keys sends both keys to the overflow
-         * slot: count the hit there once, as overflow_hits does. */
-        if (!(slot == OVERFLOW_SLOT && all_slot == OVERFLOW_SLOT)) {
+         * slot: count the hit there once, as overflow_hits does.  (Two
+         * keys never share a ref otherwise: (slot, generation) pairs are
+         * never handed out twice.) */
+        if (slot != all_slot) {
             rc = add_slot(c, slot, n);
-            if (rc == ADD_STALE) {
+            if (__builtin_expect(rc == ADD_STALE, 0)) {
                 /* The `all` key is counted: a failure now drops the rest. */
                 forget_slots(c);
                 if ((slot = slot_for(c, account, event, 1)) < 0) {
