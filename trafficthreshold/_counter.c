@@ -1207,7 +1207,7 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
  * caller resolves the key again.  `epoch` is the bare epoch, `unit` the
  * bucket's epoch length in seconds (60 for a minute bucket, 1 for a second
  * bucket).
- * Why the generation check is here and costs the hot path nothing: a
+ * Why the generation check is here and costs the hot path no load: a
  * reclaimed slot's buckets are zeroed and its generation bumped, so a tag
  * that carries the old generation never matches again, and every stale
  * writer comes here, under the lock, where reclaims happen too.
