@@ -776,3 +776,20 @@ def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):
     (tmp_path / "s.sqlite3").write_bytes(b"")
     out = run(cfg, "store", "migrate", "--to", "redis://:hunter2@127.0.0.1:1/0", ok=False)
     assert "password" in out and "hunter2" not in out
+
+
+def test_status_shows_reclaimed_and_free_slots(cfg, key, backend):
+    run(cfg, "install", "--backend", backend)
+    counter = segment.attach(key, backend)
+    now = time.time()
+    counter.hit("gone.example", now=now - 300 * 60)
+    counter.hit("gone2.example", now=now - 300 * 60)
+    assert len(segment.reclaim(counter, now, int(now // 60) - 1)) == 2
+    counter.hit("new.example", now=now)  # takes one of the two
+    counter.detach()
+    info, text = _status_both_ways(cfg, backend)
+    # keys_used: the slots ever handed out; in use: ~overflow, all, new.example.
+    assert (info["reclaimed"], info["free_slots"], info["keys_used"]) == (2, 1, 4)
+    assert "keys        3 of 1024 used" in text
+    assert "reclaimed   2 idle keys' slots since the install, 1 free for new keys" in text
+    assert info["damage"] == []

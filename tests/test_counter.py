@@ -1131,3 +1131,139 @@ def test_workers_killed_at_random_instants_lose_nothing(key, backend, tmp_path):
 def test_workers_killed_at_random_instants_lose_nothing_soak(key, backend):
     kills = int(os.environ.get("TRAFFICTHRESHOLD_SOAK_KILLS", "600"))
     _crash_run(key, backend, kills=kills, seed=int(time.time()))
+
+
+# ------------------------------------------- reclaim: a stale cache (issue 11)
+
+def _stale_worker(key, backend, conn):
+    """A web worker: the module-level hit() (its caches: the key table and
+    the last event's), strict.  Hits what the parent says, when it says."""
+    try:
+        trafficthreshold.configure(key=key, backend=backend, strict=True)
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                break
+            account, n, now = msg
+            trafficthreshold.hit(account, n=n, now=now)
+            conn.send("done")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+def test_a_process_with_a_stale_slot_counts_for_its_own_key_after_reuse(key, backend):
+    """A second real process caches old.example's slot; the key goes idle,
+    is rolled and reclaimed, and its slot goes to new.example.  The
+    process's next hit of old.example is counted for old.example (in a slot
+    of its own), and new.example's count stays exact."""
+    segment.install(key, backend, geometry=segment.Geometry(keys=40, minutes=5), now=NOW)
+    parent_end, child_end = FORK.Pipe()
+    worker = FORK.Process(target=_stale_worker, args=(key, backend, child_end))
+    worker.start()
+    counter = segment.attach(key, backend)
+
+    def worker_hits(account, n, now):
+        parent_end.send((account, n, now))
+        assert parent_end.recv() == "done"
+
+    try:
+        worker_hits("old.example", 3, NOW)
+        worker_hits("old.example", 1, NOW + 1)  # from the cache now
+        old = counter.find("old.example", "pageview")
+        later = NOW + 6 * 60  # idle for longer than the 5-minute ring
+        done = segment.reclaim(counter, later, MINUTE + 5)
+        assert [(s, a) for s, a, _e in done] == [(old, "old.example")]
+        counter.hit("new.example", n=2, now=later)
+        assert counter.find("new.example", "pageview") == old  # the slot, reused
+        worker_hits("old.example", 7, later + 1)   # the worker's stale cache
+        worker_hits("old.example", 1, later + 2)   # and its refreshed one
+        moved = counter.find("old.example", "pageview")
+        assert moved not in (None, old)
+        assert counter.count(old, 1, later) == 2            # new.example's own
+        assert counter.count(moved, 1, later) == 8          # old.example's
+        assert counter.count(all_slot(counter), 1, later) == 10
+        assert segment.header(counter)["dropped_hits"] == 0
+        with raw_view(key, backend) as view:
+            raw = RawReader(view)
+            assert raw.find("new.example", "pageview") == old
+            assert raw.minute_count(old, MINUTE + 6) == 2
+            assert raw.minute_count(moved, MINUTE + 6) == 8
+        # Reclaimed but not reused: the worker's next hit finds out too.
+        worker_hits("gone.example", 1, later)
+        segment.reclaim(counter, later + 6 * 60, MINUTE + 11)
+        worker_hits("gone.example", 4, later + 6 * 60)
+        gone = counter.find("gone.example", "pageview")
+        assert counter.count(gone, 1, later + 6 * 60) == 4
+    finally:
+        parent_end.send(None)
+        worker.join(10)
+        counter.detach()
+
+
+RECLAIM_ROUNDS, RECLAIM_RING = 40, 5
+
+
+def _reclaim_plan(pool: int, wid: int, r: int) -> list[tuple[str, int]]:
+    """What writer `wid` hits in round r: 3 hosts of the pool.  With a pool
+    of 15 a host comes back every 5 rounds: in the very round its reclaim
+    becomes due, so the hits race the reclaim of their own key.  With 40,
+    every 13 or 14: long after it was reclaimed (a stale cache)."""
+    return [(f"p{(r * 3 + i) % pool}.example", 1 + (wid + i + r) % 4) for i in range(3)]
+
+
+def _reclaim_writer(key, backend, pool, wid, barrier):
+    try:
+        counter = segment.attach(key, backend)
+        for r in range(RECLAIM_ROUNDS):
+            barrier.wait()            # the round starts: the parent reclaims meanwhile
+            for host, n in _reclaim_plan(pool, wid, r):
+                for k in range(n):
+                    counter.hit(host, now=NOW + 60 * r + k)
+            barrier.wait()            # the round is over: the parent rolls it
+    finally:
+        os._exit(0)
+
+
+@pytest.mark.parametrize("pool", [15, 40])
+def test_hits_racing_the_reclaim_of_their_own_key_are_counted_exactly(key, backend, pool):
+    """Three writer processes hit hosts that went idle and are being
+    reclaimed at that very moment by the parent; the parent rolls each
+    minute after it closed.  Every host's total is exact: a hit is counted
+    for its own key whichever of the hit and the reclaim takes the lock
+    first, never for another key, never lost."""
+    segment.install(key, backend, now=NOW,
+                    geometry=segment.Geometry(keys=40, minutes=RECLAIM_RING))
+    barrier = FORK.Barrier(4)
+    writers = [FORK.Process(target=_reclaim_writer, args=(key, backend, pool, w, barrier))
+               for w in range(3)]
+    for w in writers:
+        w.start()
+    counter = segment.attach(key, backend)
+    rolled: dict[str, int] = {}
+    reclaimed = 0
+    try:
+        for r in range(RECLAIM_ROUNDS):
+            barrier.wait()
+            # Keys idle since before round r - RING + 1 and rolled: race the hits.
+            reclaimed += len(counter.reclaim(MINUTE + r - RECLAIM_RING + 1))
+            barrier.wait()
+            names = {s: a for s, a, _e in counter.keys()}
+            for slot, _m, n in counter.minutes(MINUTE + r, MINUTE + r):
+                rolled[names[slot]] = rolled.get(names[slot], 0) + n
+    finally:
+        for w in writers:
+            w.join(30)
+    expected: dict[str, int] = {}
+    for r in range(RECLAIM_ROUNDS):
+        for wid in range(3):
+            for host, n in _reclaim_plan(pool, wid, r):
+                expected[host] = expected.get(host, 0) + n
+    assert rolled.pop("all") == sum(expected.values())
+    assert rolled == expected
+    header = segment.header(counter)
+    assert header["dropped_hits"] == header["overflow_hits"] == 0
+    # With 15, how many reclaims win their race against the hits varies.
+    assert reclaimed == header["reclaimed"] > (pool if pool == 40 else 0)
+    counter.detach()

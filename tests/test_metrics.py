@@ -349,3 +349,21 @@ def test_with_the_redis_store_hits_total_is_the_farms_and_never_drops(
         scrape(server)
     assert raised.value.code == 503
     counter.detach()
+
+
+def test_reclaimed_and_free_slots_are_exported(installed: tuple[int, str], db: str,
+                                               serve: Callable[..., webserver.Server]) -> None:
+    """A reclaimed key's slot: out of keys_used (in use), in slots_free, and
+    counted in slots_reclaimed_total."""
+    key, backend = installed
+    counter = segment.attach(key, backend, stripe=0)
+    counter.hit("gone.example", "pageview", 1, NOW - 300 * 60)
+    counter.hit("kept.example", "pageview", 1, NOW - 5)
+    done = segment.reclaim(counter, NOW, int(NOW // 60) - 1)
+    assert [a for _s, a, _e in done] == ["gone.example"]
+    types, samples = scrape(serve(config_for(db, key, backend)))
+    assert types["trafficthreshold_segment_slots_reclaimed"] == "counter"
+    assert value(samples, "trafficthreshold_segment_slots_reclaimed_total") == 1
+    assert value(samples, "trafficthreshold_segment_slots_free") == 1
+    assert value(samples, "trafficthreshold_segment_keys_used") == 3  # ~overflow, all, kept
+    counter.detach()

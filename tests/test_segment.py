@@ -73,6 +73,8 @@ class RawReader:
          self.slot_size) = struct.unpack_from("=8s9I", buf, 0)
         assert magic == b"TRFTHRSH"
         self.index_offset, self.slots_offset = struct.unpack_from("=QQ", buf, 48)
+        # Layout 2: the slot table follows the index.
+        self.slot_table_offset = self.index_offset + self.index_size * 128
 
     def u32(self, off: int) -> int:
         return struct.unpack_from("=I", self.buf, off)[0]
@@ -88,7 +90,8 @@ class RawReader:
         return h
 
     def find(self, account: str, event: str) -> int | None:
-        """The slot of a key: linear probing from hash & (index_size - 1)."""
+        """The slot of a key: linear probing from hash & (index_size - 1),
+        past tombstones (state 2)."""
         a, e = account.encode(), event.encode()
         h = self.fnv1a(a + b"\0" + e)
         i = h & (self.index_size - 1)
@@ -97,11 +100,26 @@ class RawReader:
             state, slot, ehash, alen, elen = struct.unpack_from("=IIIBB", self.buf, off)
             if state == 0:
                 return None
-            if (ehash == h and bytes(self.buf[off + 16:off + 16 + alen]) == a
+            if (state == 1 and ehash == h and bytes(self.buf[off + 16:off + 16 + alen]) == a
                     and bytes(self.buf[off + 80:off + 80 + elen]) == e):
                 return slot
             i = (i + 1) & (self.index_size - 1)
         return None
+
+    def generation(self, slot: int) -> int:
+        """The slot's generation, from the slot table."""
+        return self.u32(self.slot_table_offset + slot * 8)
+
+    def entry_generation(self, off: int) -> int:
+        return self.u32(off + 112)
+
+    def free_list(self) -> list[int]:
+        """The reclaimed slots waiting for a key, from free_head on."""
+        out, head = [], self.u32(168)
+        while head and len(out) <= self.key_capacity:
+            out.append(head - 1)
+            head = self.u32(self.slot_table_offset + (head - 1) * 8 + 4)
+        return out
 
     def entries(self) -> Iterator[tuple[int, int, int, int, bytes, bytes]]:
         """(offset, state, slot, hash, account, event) of every used entry
@@ -124,18 +142,20 @@ class RawReader:
 
     def minute_count(self, slot: int, minute: int, stripe: int | None = None) -> int:
         stripes = range(self.stripes) if stripe is None else [stripe]
+        high = self.generation(slot) << 40
         total = 0
         for p in stripes:
             tag, count = self.bucket(slot, p, minute % self.minutes)
-            total += count if tag == minute else 0
+            total += count if tag == minute | high else 0
         return total
 
     def sliding_count(self, slot: int, second: int) -> int:
+        high = self.generation(slot) << 40
         total = 0
         for p in range(self.stripes):
             for s in range(second - 59, second + 1):
                 tag, count = self.bucket(slot, p, self.minutes + s % self.seconds)
-                total += count if tag == s else 0
+                total += count if tag == s | high else 0
         return total
 
 
@@ -177,7 +197,7 @@ def test_layout_constants_agree_with_the_c_module():
         assert getattr(owner, name) == value, name
     # ... and every offset or state segment.py defines is known to the C side.
     for name in dir(segment):
-        if re.fullmatch(r"(H|E|STATE)_[A-Z_]+", name):
+        if re.fullmatch(r"(H|E|T|STATE|ENTRY)_[A-Z_]+", name):
             assert layout[name] == getattr(segment, name), name
     assert _counter.MAGIC.encode() == segment.MAGIC == b"TRFTHRSH"
 
@@ -206,6 +226,12 @@ def test_docs_list_every_header_and_index_field_at_its_offset():
             field = name[2:].lower()
             offset = getattr(segment, name)
             assert re.search(rf"^\s*{offset}\s+\S+\s+{field}\b", index, re.M), (name, offset)
+    table = _doc_section("The slot table")
+    for name in dir(segment):
+        if name.startswith("T_"):
+            field = name[2:].lower()
+            offset = getattr(segment, name)
+            assert re.search(rf"^\s*{offset}\s+u32\s+{field}\b", table, re.M), (name, offset)
 
 
 def test_install_writes_the_geometry_it_was_given(key, backend):
@@ -216,11 +242,13 @@ def test_install_writes_the_geometry_it_was_given(key, backend):
         assert view.nbytes >= geo.total_size
         raw = RawReader(view)
         assert (raw.version, raw.header_size, raw.key_capacity, raw.index_size, raw.minutes,
-                raw.seconds, raw.stripes) == (1, 4096, 40, 128, 7, 70, 3)
+                raw.seconds, raw.stripes) == (2, 4096, 40, 128, 7, 70, 3)
         # Why these sizes: (7 + 70) * 16 = 1232 rounded up to a cache line.
         assert raw.stripe_size == 1280 and raw.slot_size == 3 * 1280
         assert raw.index_offset == 4096
-        assert raw.slots_offset == 4096 + 128 * 128 and raw.slots_offset % 4096 == 0
+        # The slot table (40 * 8 bytes) follows the index; then a page boundary.
+        assert raw.slot_table_offset == 4096 + 128 * 128
+        assert raw.slots_offset == 4096 + 128 * 128 + 4096 and raw.slots_offset % 4096 == 0
         assert raw.u64(64) == geo.total_size == raw.slots_offset + 40 * raw.slot_size
         assert raw.u64(72) == int(NOW)
         assert (raw.u32(80), raw.u32(84), raw.u32(92)) == (9, 1, segment.STATE_LIVE)
@@ -322,10 +350,10 @@ def test_install_refuses_bad_geometry_before_creating_anything(key, backend, bad
 
 def test_wrong_layout_version_is_refused(key, backend):
     segment.install(key, backend, now=NOW)
-    put(key, backend, "=I", segment.H_VERSION, 2)
-    with pytest.raises(LayoutMismatch, match="layout version 2.*reads version 1.*uninstall"):
+    put(key, backend, "=I", segment.H_VERSION, 3)
+    with pytest.raises(LayoutMismatch, match="layout version 3.*reads version 2.*uninstall"):
         segment.attach(key, backend)
-    with pytest.raises(LayoutMismatch, match="layout version 2.*uninstall --force"):
+    with pytest.raises(LayoutMismatch, match="layout version 3.*uninstall --force"):
         segment.install(key, backend, now=NOW)
 
 
@@ -952,3 +980,254 @@ def test_a_segment_too_big_for_the_host_is_refused_before_creating_anything(key,
     if backend == "sysv":
         with pytest.raises(sysv_ipc.ExistentialError):
             sysv_ipc.Semaphore(key)
+
+
+# -------------------------------------------- reclaim (issue 11, last item)
+
+SMALL = segment.Geometry(keys=40, minutes=5, seconds=64, stripes=2)
+MINUTE = int(NOW) // 60
+
+
+def _fill(counter, prefix, t, limit=100):
+    """Hit made-up hosts at time t until the table is full (a host that goes
+    to the overflow slot); returns {host: hits} of those that got a slot."""
+    got = {}
+    for i in range(limit):
+        host = f"{prefix}{i}.example"
+        counter.hit(host, n=i + 1, now=t)
+        if counter.find(host, "pageview") is None:
+            return got
+        got[host] = i + 1
+    raise AssertionError("the table never filled")
+
+
+def check_consistent(key, backend):
+    """What a reclaim must never break, read from the bytes alone: every
+    ready key has its own slot, of the slot's current generation; no slot is
+    both owned and free; free_slots is the free list's length."""
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        owned = {}
+        for off, state, slot, _h, a, e in raw.entries():
+            if state == 1:
+                assert slot not in owned, (slot, owned[slot], a)
+                owned[slot] = (a, e)
+                assert raw.entry_generation(off) == raw.generation(slot)
+        free = raw.free_list()
+        assert len(free) == len(set(free)) == raw.u32(172)
+        assert not set(free) & set(owned)
+        assert {0, 1} <= set(owned)
+        return raw.u32(184), owned, free
+
+
+def test_reclaim_frees_idle_rolled_keys_for_new_ones(key, backend):
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        first = _fill(counter, "made-up-", NOW)
+        assert len(first) == 40 - 2 - 16  # the event reserve stays free
+        header = segment.header(counter)
+        assert header["overflow_hits"] > 0 and header["reclaimed"] == 0
+        # Inside the ring, or not rolled: nothing moves.
+        assert segment.reclaim(counter, NOW + 4 * 60, MINUTE + 3) == []
+        assert segment.reclaim(counter, NOW + 6 * 60, None) == []
+        assert segment.reclaim(counter, NOW + 6 * 60, MINUTE - 1) == []
+        later = NOW + 6 * 60  # the ring (5 minutes) has passed; rolled through it
+        done = segment.reclaim(counter, later, MINUTE + 5)
+        assert sorted(a for _s, a, _e in done) == sorted(first)
+        header = segment.header(counter)
+        assert header["reclaimed"] == header["free_slots"] == len(first)
+        assert counter.find("made-up-0.example", "pageview") is None
+        # Reserved keys stay, counted as before.
+        assert counter.find(None, "pageview") == 1
+        reclaim_slot, owned, free = check_consistent(key, backend)
+        assert reclaim_slot == 0 and set(owned) == {0, 1} and len(free) == len(first)
+        # New hosts get the reclaimed slots (keys_used does not grow), each
+        # counted exactly, none with an old key's count.
+        used = header["keys_used"]
+        second = _fill(counter, "new-", later)
+        assert len(second) == len(first) and segment.header(counter)["keys_used"] == used
+        for host, n in second.items():
+            slot = counter.find(host, "pageview")
+            assert counter.count(slot, 1, later) == n
+        with raw_view(key, backend) as view:
+            raw = RawReader(view)
+            for host, n in second.items():
+                slot = raw.find(host, "pageview")
+                assert raw.generation(slot) == 1 and raw.minute_count(slot, int(later) // 60) == n
+        check_consistent(key, backend)
+    finally:
+        counter.detach()
+
+
+def test_a_key_hit_within_the_ring_or_not_rolled_is_never_reclaimed(key, backend):
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        counter.hit("old.example", now=NOW)
+        counter.hit("recent.example", now=NOW)
+        counter.hit("recent.example", now=NOW + 3 * 60)   # inside the ring at NOW + 6 min
+        counter.hit("second.example", now=NOW + 2 * 60 + 59)  # only its second bucket... too
+        later = NOW + 7 * 60
+        # Rolled through NOW's minute only: old.example's minute is rolled.
+        done = segment.reclaim(counter, later, MINUTE)
+        assert [a for _s, a, _e in done] == ["old.example"]
+        assert counter.find("recent.example", "pageview") is not None
+        assert counter.find("second.example", "pageview") is not None
+        # The event's `all` of another event is reclaimed when idle too, but
+        # never ("all", "pageview") nor the overflow slot.
+        counter.hit("x.example", "signup", now=NOW)
+        done = segment.reclaim(counter, NOW + 20 * 60, MINUTE + 18)
+        assert {(a, e) for _s, a, e in done} == {
+            ("recent.example", "pageview"), ("second.example", "pageview"),
+            ("x.example", "signup"), ("all", "signup")}
+        assert [k[1:] for k in sorted(counter.keys())] == [("~overflow", "~any"),
+                                                          ("all", "pageview")]
+    finally:
+        counter.detach()
+
+
+def _half_reclaim(key, backend, stop):
+    """In a child: start reclaiming slot of `a.example` by hand, following
+    docs/segment.rst's steps up to `stop`, and die by SIGKILL holding the
+    lock: the state a supervisor killed in the middle of a reclaim leaves."""
+    def child():
+        counter = segment.attach(key, backend)
+        counter.lock(1000)
+        with raw_view(key, backend) as view:
+            raw = RawReader(view)
+            slot = raw.find("a.example", "pageview")
+            pos = next(i for i in range(raw.index_size)
+                       if raw.u32(raw.index_offset + i * 128) == 1
+                       and raw.u32(raw.index_offset + i * 128 + 4) == slot)
+            off = raw.index_offset + pos * 128
+            struct.pack_into("=Q", view, 176, raw.u64(176) + 1)
+            struct.pack_into("=I", view, 188, pos + 1)
+            struct.pack_into("=I", view, 184, slot + 1)
+            if stop >= 3:
+                struct.pack_into("=I", view, off, 2)
+            if stop >= 4:
+                struct.pack_into("=I", view, raw.slot_table_offset + slot * 8,
+                                 raw.entry_generation(off) + 1)
+            if stop >= 5:
+                for p in range(raw.stripes):
+                    start = raw.slots_offset + slot * raw.slot_size + p * raw.stripe_size
+                    view[start:start + (raw.minutes + raw.seconds) * 16] = \
+                        bytes((raw.minutes + raw.seconds) * 16)
+            if stop >= 6:
+                struct.pack_into("=I", view, raw.slot_table_offset + slot * 8 + 4, raw.u32(168))
+                struct.pack_into("=II", view, 168, slot + 1, raw.u32(172) + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    status, _ = in_child(child)
+    assert os.WIFSIGNALED(status)
+
+
+@pytest.mark.parametrize("stop", [2, 3, 4, 5, 6])
+def test_a_reclaim_killed_half_way_is_finished_by_the_next_lock_holder(key, backend, stop):
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    keeper = segment.attach(key, backend)
+    try:
+        counter.hit("a.example", n=3, now=NOW)
+        counter.hit("b.example", n=4, now=NOW)
+        keeper.find("a.example", "pageview")  # a reader that cached the slot
+        old = counter.find("a.example", "pageview")
+        _half_reclaim(key, backend, stop)
+        assert check_consistent(key, backend)[0] == old + 1  # under way
+        # The next lock holder (a new key's insert) finishes it; the lock
+        # came back from the dead holder.
+        later = NOW + 6 * 60
+        counter.hit("c.example", now=later)
+        reclaim_slot, owned, free = check_consistent(key, backend)
+        assert reclaim_slot == 0
+        assert (b"a.example", b"pageview") not in owned.values()
+        assert old == counter.find("c.example", "pageview")  # the freed slot, reused
+        assert free == []
+        assert keeper.find("a.example", "pageview") is None
+        # a.example counts again in a slot of its own; b.example kept its count.
+        counter.hit("a.example", now=later)
+        a = counter.find("a.example", "pageview")
+        assert a not in (old, None) and counter.count(a, 1, later) == 1
+        assert counter.count(counter.find("c.example", "pageview"), 1, later) == 1
+        assert counter.count(counter.find("b.example", "pageview"), 1, NOW) == 4
+        assert segment.header(counter)["reclaimed"] == 1
+    finally:
+        keeper.detach()
+        counter.detach()
+
+
+def _reclaim_loop(key, backend):
+    """Hit fresh made-up hosts and reclaim them, minute after minute, for
+    ever: the parent kills this process at random instants."""
+    counter = segment.attach(key, backend)
+    t = NOW
+    for r in range(10**6):
+        for i in range(6):
+            counter.hit(f"r{r}-{i}.example", now=t)
+        t += 60
+        counter.reclaim(int(t) // 60 - SMALL.minutes + 1)
+
+
+def test_reclaims_killed_at_random_instants_leave_a_consistent_segment(key, backend):
+    import random
+    rnd = random.Random(11)
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    for _ in range(40):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _reclaim_loop(key, backend)
+            finally:
+                os._exit(0)
+        time.sleep(rnd.uniform(0.001, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        check_consistent(key, backend)
+    counter = segment.attach(key, backend)
+    try:
+        header = segment.header(counter)
+        assert header["reclaimed"] > 0
+        # Whatever was left under way is finished by the next holder, and
+        # every key still gets a slot of its own and counts exactly.
+        counter.reclaim(int(NOW + 10**6) // 60)
+        counter.hit("after.example", n=5, now=NOW + 10**6)
+        reclaim_slot, owned, free = check_consistent(key, backend)
+        assert reclaim_slot == 0
+        # A slot is lost only to a kill between an insert's pop and its
+        # publication (one per kill at most), as before reclaim.
+        header = segment.header(counter)
+        assert header["keys_used"] - len(free) - len(owned) <= 40
+        slot = counter.find("after.example", "pageview")
+        assert slot not in (None, 0) and counter.count(slot, 1, NOW + 10**6) == 5
+    finally:
+        counter.detach()
+
+
+def test_uninstall_rolls_a_layout_1_segment_and_install_refuses_it(key, backend):
+    """An upgrade: a segment an older version wrote (layout 1: no slot table,
+    every tag a bare epoch) is refused by workers and install with the fix,
+    and uninstall's final roll-up still reads its counts."""
+    geo = segment.Geometry(keys=40, minutes=5)
+    segment.install(key, backend, geometry=geo, now=NOW)
+    counter = segment.attach(key, backend)
+    counter.hit("old.example", n=9, now=NOW)
+    counter.detach()
+    # Make it a layout-1 segment: version 1.  (Its slots_offset is past the
+    # index, which is all layout 1 asked; generation 0 tags are bare epochs.)
+    put(key, backend, "=I", segment.H_VERSION, 1)
+    with pytest.raises(LayoutMismatch, match="layout version 1 .*`trafficthreshold uninstall`"):
+        segment.attach(key, backend)
+    with pytest.raises(LayoutMismatch, match="layout version 1 .*uninstall --key"):
+        segment.install(key, backend, geometry=geo, now=NOW)
+    seen = []
+
+    def rollup(reader):
+        seen.extend((a, e, m, n) for s, m, n in reader.minutes(MINUTE - 1, MINUTE)
+                    for s2, a, e in reader.keys() if s2 == s)
+        if reader.load(segment.H_STATE, 4) == segment.STATE_LIVE:
+            with pytest.raises(LayoutMismatch, match="read only"):
+                reader.hit("x.example", now=NOW)
+
+    segment.uninstall(key, backend, rollup=rollup)
+    assert ("old.example", "pageview", MINUTE, 9) in seen and ("all", "pageview", MINUTE, 9) in seen

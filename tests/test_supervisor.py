@@ -820,3 +820,95 @@ def test_a_redis_hanging_at_the_start_costs_one_socket_timeout_at_most(redis_sup
     assert sup.store is not None
     sup._wait_rolling()
     assert _redis_total(redis_server) == {"1": 4}
+
+
+# ------------------------------------------------ reclaim (issue 11, last item)
+
+def _host_worker(key, backend, conn):
+    """A web worker process: the module-level hit() with its caches."""
+    import trafficthreshold
+    try:
+        trafficthreshold.configure(key=key, backend=backend, strict=True)
+        while (msg := conn.recv()) is not None:
+            trafficthreshold.hit(msg[0], n=msg[1], now=msg[2])
+            conn.send("done")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+def test_made_up_hosts_are_reclaimed_after_the_ring_and_nothing_is_lost(tmp_path, key, backend):
+    """Made-up hosts fill the table; idle for longer than the ring and
+    rolled, the supervisor reclaims them and new hosts get their slots.  A
+    second real process that cached a reclaimed host's slot counts it for
+    that host.  The store holds every host's hits exactly."""
+    import multiprocessing
+    segment.install(key, backend, geometry=segment.Geometry(keys=40, minutes=5), now=T0)
+    cfg, path = make_config(tmp_path, key, backend)
+    sup = Supervisor(cfg, config_path=path, env={}, pid=4242)
+    fork = multiprocessing.get_context("fork")
+    parent_end, child_end = fork.Pipe()
+    worker = fork.Process(target=_host_worker, args=(key, backend, child_end))
+    worker.start()
+
+    def worker_hit(host, n, now):
+        parent_end.send((host, n, now))
+        assert parent_end.recv() == "done"
+
+    expected: dict[str, int] = {}
+    try:
+        sup.initialize(T0)
+        room = 40 - 2 - 16
+        worker_hit("w.example", 5, T0 + 10)
+        expected["w.example"] = 5
+        for i in range(room - 1):
+            sup.counter.hit(f"first-{i}.example", n=i + 1, now=T0 + 10)
+            expected[f"first-{i}.example"] = i + 1
+        sup.counter.hit("one-too-many.example", now=T0 + 10)  # the table is full
+        assert sup.counter.find("one-too-many.example", "pageview") is None
+        header = segment.header(sup.counter)
+        assert header["keys_used"] - header["free_slots"] == 40 - 16
+        for minute in range(1, 8):   # the rolls; the 5-minute ring passes
+            sup.tick(T0 + 60 * minute + 1)
+        header = segment.header(sup.counter)
+        assert header["reclaimed"] == room and header["free_slots"] == room
+        assert sup.counter.find("first-0.example", "pageview") is None
+        later = T0 + 8 * 60 + 5
+        for i in range(room - 1):
+            sup.counter.hit(f"second-{i}.example", n=100 + i, now=later)
+            expected[f"second-{i}.example"] = 100 + i
+            assert sup.counter.find(f"second-{i}.example", "pageview") is not None
+        worker_hit("w.example", 3, later + 1)      # its slot went to a second-* host
+        expected["w.example"] += 3
+        assert segment.header(sup.counter)["keys_used"] == header["keys_used"]
+        for minute in range(9, 20):
+            sup.tick(T0 + 60 * minute + 1)
+        assert segment.header(sup.counter)["reclaimed"] == 2 * room
+    finally:
+        parent_end.send(None)
+        worker.join(10)
+        sup.shutdown(T0 + 20 * 60)
+    with SQLiteStore(cfg.database, "UTC") as store:
+        for host, n in expected.items():
+            assert store.period(host, "pageview", 2027)["total"] == n, host
+        assert store.period("all", "pageview", 2027)["total"] == sum(expected.values()) + 1
+        assert store.gaps() == []
+
+
+def test_redis_roll_thread_reclaims_after_its_roll(redis_sup, redis_server, key):
+    """With Redis the roll runs on its thread, and so does the reclaim,
+    after the roll and only once Redis holds the counts."""
+    segment.uninstall(key, "sysv", force=True)
+    segment.install(key, "sysv", geometry=segment.Geometry(keys=40, minutes=5), now=T0)
+    sup = redis_sup()
+    sup.initialize(T0)
+    sup._wait_rolling()
+    sup.counter.hit("acme", "pageview", 7, T0 + 30)
+    for minute in range(1, 8):
+        sup.tick(T0 + 60 * minute + 1)
+        sup._wait_rolling()
+    assert sup.counter.find("acme", "pageview") is None
+    assert segment.header(sup.counter)["reclaimed"] == 1
+    assert sup.store.period("acme", "pageview", 2027)["total"] == 7
+    assert _redis_total(redis_server) == {"1": 7}

@@ -7,7 +7,7 @@
  * (creating the segment, writing the header, uninstalling) is Python, in
  * segment.py.
  *
- * THE SEGMENT LAYOUT (layout version 1).  docs/segment.rst says the same for
+ * THE SEGMENT LAYOUT (layout version 2).  docs/segment.rst says the same for
  * writers in other languages; tests/test_segment.py checks that segment.py
  * and the LAYOUT dict this module exports agree.  All integers are in the
  * host's native byte order (the segment never leaves the host).
@@ -16,7 +16,8 @@
  *
  *   line 0, geometry, written once at install, never changed:
  *     0  u64 magic            "TRFTHRSH" (bytes in this order)
- *     8  u32 layout_version   1
+ *     8  u32 layout_version   2 (1: before reclaim; read only by uninstall's
+ *                              final roll-up, see validate_header)
  *    12  u32 header_size      4096
  *    16  u32 key_capacity     counter slots, reserved ones included
  *    20  u32 index_size       entries of the key index, a power of two
@@ -27,7 +28,8 @@
  *    40  u32 slot_size        P * stripe_size
  *    44  u32 (reserved)
  *    48  u64 index_offset     4096
- *    56  u64 slots_offset     index_offset + index_size * 128, 4096-aligned
+ *    56  u64 slots_offset     slot_table_offset + key_capacity * 8, 4096-aligned
+ *                            (slot_table_offset = index_offset + index_size * 128)
  *   line 1, settings and supervisor state:
  *    64  u64 total_size
  *    72  u64 created_at       Unix seconds
@@ -55,11 +57,23 @@
  *   160  u64 instance         a random non-zero id drawn at each install: the
  *                              store keys its watermarks by it, so a segment
  *                              re-installed in the same minute starts afresh
- *   168..4095 reserved, zero
+ *   line 2, the reclaim's fields (layout 2; changed under the lock only):
+ *   168  u32 free_head        slot + 1 of the first reclaimed slot waiting for
+ *                              a new key, 0 = none (a list through the slot table)
+ *   172  u32 free_slots       how many slots are on that list
+ *   176  u64 reclaimed        slots reclaimed, ever (readers that cache slot ->
+ *                              name re-read the index when it moves)
+ *   184  u32 reclaim_slot     slot + 1 of a reclaim under way, 0 = none: a lock
+ *                              holder that finds it non-zero (its reclaimer died)
+ *                              finishes that reclaim first (finish_reclaim)
+ *   188  u32 reclaim_entry    index entry + 1 of that reclaim
+ *   192..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
- * open-addressing hash table with linear probing, append-only:
- *     0  u32 state    0 = empty, 1 = ready (stored last, with release order)
+ * open-addressing hash table with linear probing:
+ *     0  u32 state    0 = empty, 1 = ready (stored last, with release order),
+ *                     2 = removed (a reclaimed key's tombstone: probes go on
+ *                     past it, inserts reuse it)
  *     4  u32 slot     the counter slot of this key
  *     8  u32 hash     FNV-1a 32 of account, a 0 byte, event
  *    12  u8  account_len, 13 u8 event_len, 14 u16 reserved
@@ -67,15 +81,24 @@
  *    80  char event[32]     a name with one '/' (which no plain event name
  *                           contains), "order/paid", is the funnel status
  *                           "paid" of the event "order" (names.py)
- *   112..127 reserved
+ *   112  u32 generation  the slot's generation when this key got it
+ *   116..127 reserved
+ *
+ * The slot table (layout 2), key_capacity entries of 8 bytes at
+ * slot_table_offset = index_offset + index_size * 128:
+ *     0  u32 generation  bumped (mod 2**24) each time the slot is reclaimed
+ *     4  u32 next_free   while on the free list, slot + 1 of the next free
+ *                        slot (0 = the last); else 0
  *
  * The counter slots, key_capacity slots of slot_size bytes at slots_offset.
  * A slot is P stripes; a stripe is M minute buckets then S second buckets;
- * a bucket is 16 bytes: u64 tag (the epoch minute or epoch second it
- * counts; 0 = never used, or being reset under the lock), u64 count.
- * Minute m lives in bucket m % M, second s in bucket M + s % S.  A key's
- * count for minute m is the sum over its stripes of the buckets whose tag
- * is m (read as a seqlock: see bucket_read).
+ * a bucket is 16 bytes: u64 tag, u64 count.  The tag is the epoch minute or
+ * epoch second counted in its low 40 bits and the slot's generation in its
+ * high 24 bits: tag = epoch | generation << 40 (0 = never used, or being
+ * reset under the lock).  Minute m lives in bucket m % M, second s in bucket
+ * M + s % S.  A key's count for minute m is the sum over its stripes of the
+ * buckets whose tag is m | generation << 40 (read as a seqlock: see
+ * bucket_read).  Generation 0 makes the tag the bare epoch (layout 1).
  *
  * Stripes: one cache line that every worker adds to does not scale (two
  * processes on one counter gave less throughput than one).  Each process
@@ -84,8 +107,29 @@
  *
  * Reserved slots: slot 0 is ("~overflow", "~any"), where hits go when the
  * table is full; slot 1 is ("all", "pageview").  Account keys may fill the
- * table only up to key_capacity - EVENT_RESERVE so the `all` total of a new
- * event still finds a slot.
+ * table only while the slots in use (keys_used - free_slots) are below
+ * key_capacity - EVENT_RESERVE so the `all` total of a new event still finds
+ * a slot.
+ *
+ * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
+ * every bucket is older than the minute it is given (out of the ring and
+ * rolled) gives its slot back.  Never slot 0, slot 1 or throttle_slot.  Under
+ * the lock: `reclaimed` is incremented, reclaim_entry and reclaim_slot are
+ * stored, the entry becomes a tombstone, the slot's generation is bumped,
+ * its buckets zeroed, the slot pushed on the free list, tombstones before an
+ * empty entry emptied, reclaim_slot cleared.
+ * Every step can be redone (finish_reclaim), so a reclaimer killed half way
+ * leaves nothing inconsistent: the next lock holder that inserts a key, rolls
+ * a bucket or reclaims finishes it.  Inserts take a free slot before
+ * keys_used grows.  A process caches (slot, generation) per key; its expected
+ * bucket tags carry that generation, so after a reclaim its tags never match
+ * (no extra load on the hot path): the bucket roll-over, under the lock,
+ * compares the generation with the slot table and, when it moved on, the
+ * process forgets its cache and resolves the key again (a new slot).  The
+ * residual window: a writer that loaded a matching tag, then stopped for
+ * longer than the ring before its fetch_add (two instructions), adds into a
+ * slot that may have been reclaimed meanwhile -- the same window in which a
+ * writer stalled for a ring adds into a bucket rolled to a newer epoch.
  *
  * Locking: the hot path takes no lock.  The structural lock is taken only to
  * add a key and to roll a bucket over to a new epoch, always with a timeout
@@ -106,7 +150,9 @@
  *     lock goes straight from the dead holder to one live one.  What a dead
  *     holder left half done is safe to redo: a bucket reset restarts (its
  *     tag is 0 or old), a key insert whose state was not yet stored is an
- *     empty entry (its slot, if keys_used was stored, is simply unused).
+ *     empty entry or a tombstone (its slot, if keys_used or the free list
+ *     was stored, is simply unused), a reclaim under way is finished by the
+ *     next holder (finish_reclaim).
  * segment.py takes the same lock for install and uninstall through _lock()
  * and _unlock() (or Counter.lock()).
  */
@@ -130,7 +176,17 @@
 #include <linux/futex.h>
 
 #define MAGIC_BYTES "TRFTHRSH"
-#define LAYOUT_VERSION 1u
+#define LAYOUT_VERSION 2u
+/* The layout before reclaim: read (never written) by a retired_ok reader,
+ * so that `uninstall` rolls an old segment's counts up after an upgrade. */
+#define LAYOUT_VERSION_1 1u
+#define SLOT_ENTRY_SIZE 8u
+/* A bucket tag: the epoch in the low 40 bits (seconds reach 2**40 in the
+ * year 36812), the slot's generation in the high 24 (mod 2**24). */
+#define EPOCH_BITS 40
+#define EPOCH_MASK ((1ULL << EPOCH_BITS) - 1)
+#define GEN_MASK 0xFFFFFFu
+#define THROTTLE_RESERVED_SLOT 1u
 #define HEADER_SIZE 4096u
 #define INDEX_ENTRY_SIZE 128u
 #define BUCKET_SIZE 16u
@@ -191,6 +247,11 @@
 #define H_DROPPED_HITS 144
 #define H_ATTACHES 152
 #define H_INSTANCE 160
+#define H_FREE_HEAD 168
+#define H_FREE_SLOTS 172
+#define H_RECLAIMED 176
+#define H_RECLAIM_SLOT 184
+#define H_RECLAIM_ENTRY 188
 
 /* Index entry offsets. */
 #define E_STATE 0
@@ -200,6 +261,15 @@
 #define E_EVENT_LEN 13
 #define E_ACCOUNT 16
 #define E_EVENT 80
+#define E_GENERATION 112
+
+/* Slot table entry offsets. */
+#define T_GENERATION 0
+#define T_NEXT_FREE 4
+
+#define ENTRY_EMPTY 0u
+#define ENTRY_READY 1u
+#define ENTRY_REMOVED 2u
 
 #define STATE_INSTALLING 0u
 #define STATE_LIVE 1u
@@ -226,6 +296,8 @@ typedef struct {
     uint32_t key_capacity, index_size, minutes, seconds, stripes;
     uint32_t stripe_size, slot_size;
     uint64_t index_offset, slots_offset;
+    char *slot_table;         /* layout 2: the slot table; NULL for a layout-1
+                                 segment (read only, every generation 0) */
     uint32_t stripe;          /* this process's stripe */
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */
@@ -242,7 +314,8 @@ typedef struct {
     /* The event of the last hit (a strong reference, compared by identity),
      * its dict of account slots in `cache` and its `all` slot: a process
      * mostly counts one event, so this saves three dict lookups per hit.
-     * NULL = nothing cached. */
+     * NULL = nothing cached.  Slots are cached as refs: slot | generation
+     * << 32 (see REF_SLOT). */
     PyObject *ev_obj, *ev_accounts;
     long ev_all_slot;
 } Counter;
@@ -474,6 +547,31 @@ static inline char *index_entry(Counter *c, uint32_t i)
     return c->base + c->index_offset + (uint64_t)i * INDEX_ENTRY_SIZE;
 }
 
+/* A cached key is a ref: its slot in the low 32 bits, the slot's generation
+ * (when the key got it) above.  The overflow slot's ref is 0. */
+#define REF_SLOT(ref) ((uint32_t)((uint64_t)(ref) & 0xFFFFFFFFu))
+#define REF_GEN(ref) ((uint32_t)((uint64_t)(ref) >> 32))
+#define MAKE_REF(slot, gen) ((long)(((uint64_t)(gen) << 32) | (uint32_t)(slot)))
+
+/* A bucket's tag for `epoch` in a slot of generation `gen`. */
+static inline uint64_t make_tag(uint64_t epoch, uint32_t gen)
+{
+    return epoch | ((uint64_t)(gen & GEN_MASK) << EPOCH_BITS);
+}
+
+static inline uint32_t *slot_word(Counter *c, uint32_t slot, size_t off)
+{
+    return U32(c->slot_table + (uint64_t)slot * SLOT_ENTRY_SIZE, off);
+}
+
+/* The slot's current generation (acquire); 0 in a layout-1 segment. */
+static inline uint32_t slot_gen(Counter *c, uint32_t slot)
+{
+    if (c->slot_table == NULL)
+        return 0;
+    return __atomic_load_n(slot_word(c, slot, T_GENERATION), __ATOMIC_ACQUIRE) & GEN_MASK;
+}
+
 static uint32_t fnv1a(const char *account, size_t alen, const char *event, size_t elen)
 {
     uint32_t h = 2166136261u;
@@ -509,12 +607,24 @@ static int validate_header(Counter *c, int retired_ok)
                      (int)c->key, (int)c->key);
         return -1;
     }
-    if (*U32(h, H_VERSION) != LAYOUT_VERSION || *U32(h, H_HEADER_SIZE) != HEADER_SIZE) {
-        PyErr_Format(LayoutMismatch,
-                     "the segment at IPC key 0x%x has layout version %u, this "
-                     "trafficthreshold reads version %u; run `trafficthreshold uninstall "
-                     "--force` then `trafficthreshold install` with this version",
-                     (int)c->key, *U32(h, H_VERSION), LAYOUT_VERSION);
+    /* Layout 1 (before reclaim) is read by the uninstaller's final roll-up
+     * only (retired_ok): so an upgrade rolls an old segment's counts up. */
+    if (!(*U32(h, H_VERSION) == LAYOUT_VERSION
+          || (retired_ok && *U32(h, H_VERSION) == LAYOUT_VERSION_1))
+        || *U32(h, H_HEADER_SIZE) != HEADER_SIZE) {
+        if (*U32(h, H_VERSION) == LAYOUT_VERSION_1 && *U32(h, H_HEADER_SIZE) == HEADER_SIZE)
+            PyErr_Format(LayoutMismatch,
+                         "the segment at IPC key 0x%x has layout version 1 (an older "
+                         "trafficthreshold), this trafficthreshold reads version %u; run "
+                         "`trafficthreshold uninstall` (it rolls a layout-1 segment's counts "
+                         "up) then `trafficthreshold install` with this version",
+                         (int)c->key, LAYOUT_VERSION);
+        else
+            PyErr_Format(LayoutMismatch,
+                         "the segment at IPC key 0x%x has layout version %u, this "
+                         "trafficthreshold reads version %u; run `trafficthreshold uninstall "
+                         "--force` then `trafficthreshold install` with this version",
+                         (int)c->key, *U32(h, H_VERSION), LAYOUT_VERSION);
         return -1;
     }
     c->key_capacity = *U32(h, H_KEY_CAPACITY);
@@ -537,7 +647,9 @@ static int validate_header(Counter *c, int retired_ok)
         || c->slot_size != (uint64_t)c->stripe_size * c->stripes
         || c->index_offset < HEADER_SIZE || c->index_offset > c->size
         || c->slots_offset > c->size
-        || c->index_offset + (uint64_t)c->index_size * INDEX_ENTRY_SIZE > c->slots_offset
+        || c->index_offset + (uint64_t)c->index_size * INDEX_ENTRY_SIZE
+           + (*U32(h, H_VERSION) == LAYOUT_VERSION_1 ? 0
+              : (uint64_t)c->key_capacity * SLOT_ENTRY_SIZE) > c->slots_offset
         || c->slots_offset + (uint64_t)c->key_capacity * c->slot_size > c->size) {
         PyErr_Format(LayoutMismatch,
                      "the segment at IPC key 0x%x has a corrupt header (its counts cannot "
@@ -545,6 +657,8 @@ static int validate_header(Counter *c, int retired_ok)
                      "install again", (int)c->key);
         return -1;
     }
+    c->slot_table = *U32(h, H_VERSION) == LAYOUT_VERSION_1 ? NULL
+        : c->base + c->index_offset + (uint64_t)c->index_size * INDEX_ENTRY_SIZE;
     if (header_u32(c, H_STATE) != STATE_LIVE
         && !(retired_ok && header_u32(c, H_STATE) == STATE_RETIRED)) {
         PyErr_Format(SegmentNotFound,
@@ -700,6 +814,7 @@ static void detach(Counter *c)
             munmap(c->base, c->size);
         c->base = NULL;
     }
+    c->slot_table = NULL;
     if (c->cache != NULL)
         PyDict_Clear(c->cache);
     Py_CLEAR(c->ev_obj);
@@ -767,73 +882,208 @@ static void Counter_dealloc(Counter *c)
 
 /* ------------------------------------------------------------------ keys */
 
-/* Looks a key up in the index without locking.  Returns the slot, or -1 if
- * absent.  Lock-free: an entry is visible only once its state is stored
- * with release order, after its name and slot.  An entry whose slot is out
- * of range (a corrupted index) answers OVERFLOW_SLOT: writing through it
- * would go past the mapping. */
+/* Finishes a reclaim whose reclaim_slot is set (Counter.reclaim sets it, or
+ * a reclaimer that died left it).  Caller holds the lock.  Every step can be
+ * repeated, so a holder killed anywhere in here leaves a reclaim the next
+ * holder finishes:
+ *   1. the entry becomes a tombstone (if it still is this slot's key);
+ *   2. the slot's generation becomes the entry's + 1: a process holding the
+ *      old (slot, generation) no longer matches any tag of the slot;
+ *   3. every bucket is zeroed (tag 0, a release fence, count 0: a reader
+ *      between its two looks at the tag reads 0);
+ *   4. the slot is pushed on the free list, free_head and free_slots in one
+ *      8-byte store (skipped when free_head already is this slot);
+ *   5. tombstones followed by an empty entry become empty (no key's probe
+ *      sequence passes an empty entry, so none passes them), keeping probes
+ *      short however many keys come and go;
+ *   6. reclaim_slot is cleared.
+ * `reclaimed` was incremented before reclaim_slot was stored (do_reclaim),
+ * so readers that cache slot -> name see it move before a slot changes hands. */
+static void finish_reclaim(Counter *c)
+{
+    uint32_t rs = __atomic_load_n(U32(c->base, H_RECLAIM_SLOT), __ATOMIC_ACQUIRE);
+    uint32_t re = __atomic_load_n(U32(c->base, H_RECLAIM_ENTRY), __ATOMIC_ACQUIRE);
+    uint32_t slot, pos, gen, mask = c->index_size - 1;
+    uint64_t free_word;
+    char *ent;
+    if (rs == 0 || c->slot_table == NULL)
+        return;
+    slot = rs - 1;
+    /* A corrupt record (out of range, a reserved slot) is dropped: acting on
+     * it would write outside the table or lose the reserved keys. */
+    if (slot >= c->key_capacity || slot <= THROTTLE_RESERVED_SLOT || re == 0
+        || re - 1 >= c->index_size)
+        goto done;
+    pos = re - 1;
+    ent = index_entry(c, pos);
+    if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) == ENTRY_READY
+        && *U32(ent, E_SLOT) == slot)
+        __atomic_store_n(U32(ent, E_STATE), ENTRY_REMOVED, __ATOMIC_RELEASE);
+    gen = (*U32(ent, E_GENERATION) + 1) & GEN_MASK;
+    __atomic_store_n(slot_word(c, slot, T_GENERATION), gen, __ATOMIC_RELEASE);
+    for (uint32_t p = 0; p < c->stripes; p++) {
+        bucket_t *b = stripe_buckets(c, slot, p);
+        for (uint32_t j = 0; j < c->minutes + c->seconds; j++) {
+            __atomic_store_n(&b[j].tag, 0, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            __atomic_store_n(&b[j].count, 0, __ATOMIC_RELAXED);
+        }
+    }
+    free_word = __atomic_load_n(U64(c->base, H_FREE_HEAD), __ATOMIC_ACQUIRE);
+    if ((uint32_t)free_word != slot + 1) {
+        __atomic_store_n(slot_word(c, slot, T_NEXT_FREE), (uint32_t)free_word,
+                         __ATOMIC_RELAXED);
+        /* free_head (low half) and free_slots (high half) at once. */
+        __atomic_store_n(U64(c->base, H_FREE_HEAD),
+                         ((free_word >> 32) + 1) << 32 | (uint64_t)(slot + 1), __ATOMIC_RELEASE);
+    }
+    if (__atomic_load_n(U32(index_entry(c, (pos + 1) & mask), E_STATE), __ATOMIC_ACQUIRE)
+        == ENTRY_EMPTY) {
+        for (uint32_t n = 0; n < c->index_size; n++, pos = (pos - 1) & mask) {
+            ent = index_entry(c, pos);
+            if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_REMOVED)
+                break;
+            __atomic_store_n(U32(ent, E_STATE), ENTRY_EMPTY, __ATOMIC_RELEASE);
+        }
+    }
+done:
+    __atomic_store_n(U32(c->base, H_RECLAIM_SLOT), 0u, __ATOMIC_RELEASE);
+    __atomic_store_n(U32(c->base, H_RECLAIM_ENTRY), 0u, __ATOMIC_RELEASE);
+}
+
+/* Looks a key up in the index without locking.  Returns its ref (slot |
+ * generation << 32), or -1 if absent.  Lock-free: an entry is visible only
+ * once its state is stored with release order, after its name, slot and
+ * generation.  A tombstone (state 2) is passed over; `free_pos`, if given,
+ * gets the first tombstone on the way or else the empty entry that ended the
+ * probe (UINT32_MAX: none).  Why the second look at state, slot and
+ * generation after a match: a tombstone is rewritten for another key, and a
+ * match read across that rewrite could pair one key's name with another's
+ * slot; (slot, generation) never repeats, so an unchanged pair means an
+ * unchanged entry.  An entry whose slot is out of range (a corrupted index)
+ * answers OVERFLOW_SLOT: writing through it would go past the mapping. */
 static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
                   uint32_t hash, uint32_t *free_pos)
 {
-    uint32_t mask = c->index_size - 1;
-    for (uint32_t n = 0, i = hash & mask; n < c->index_size; n++, i = (i + 1) & mask) {
-        char *ent = index_entry(c, i);
-        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) == 0) {
-            if (free_pos) *free_pos = i;
+    uint32_t mask = c->index_size - 1, tomb = UINT32_MAX, state, slot, gen;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        uint32_t n = 0, i = hash & mask;
+        tomb = UINT32_MAX;
+        for (; n < c->index_size; n++, i = (i + 1) & mask) {
+            char *ent = index_entry(c, i);
+            state = __atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE);
+            if (state == ENTRY_EMPTY) {
+                if (free_pos) *free_pos = tomb != UINT32_MAX ? tomb : i;
+                return -1;
+            }
+            if (state != ENTRY_READY) {
+                if (tomb == UINT32_MAX) tomb = i;
+                continue;
+            }
+            slot = __atomic_load_n(U32(ent, E_SLOT), __ATOMIC_RELAXED);
+            gen = __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_RELAXED);
+            if (*U32(ent, E_HASH) == hash && *(uint8_t *)(ent + E_ACCOUNT_LEN) == alen
+                && *(uint8_t *)(ent + E_EVENT_LEN) == elen
+                && memcmp(ent + E_ACCOUNT, a, alen) == 0 && memcmp(ent + E_EVENT, e, elen) == 0) {
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_RELAXED) != ENTRY_READY
+                    || __atomic_load_n(U32(ent, E_SLOT), __ATOMIC_RELAXED) != slot
+                    || __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_RELAXED) != gen)
+                    break;  /* rewritten while we read it: probe again */
+                if (slot >= c->key_capacity)
+                    return (long)OVERFLOW_SLOT;
+                return MAKE_REF(slot, c->slot_table == NULL ? 0 : gen & GEN_MASK);
+            }
+        }
+        if (n == c->index_size) {
+            if (free_pos) *free_pos = tomb;
             return -1;
         }
-        if (*U32(ent, E_HASH) == hash && *(uint8_t *)(ent + E_ACCOUNT_LEN) == alen
-            && *(uint8_t *)(ent + E_EVENT_LEN) == elen
-            && memcmp(ent + E_ACCOUNT, a, alen) == 0 && memcmp(ent + E_EVENT, e, elen) == 0) {
-            uint32_t slot = *U32(ent, E_SLOT);
-            return slot < c->key_capacity ? (long)slot : (long)OVERFLOW_SLOT;
-        }
     }
+    /* Rewritten under us 64 times: answer absent; the caller's insert
+     * probes again under the lock, where nothing moves. */
     if (free_pos) *free_pos = UINT32_MAX;
     return -1;
 }
 
-/* Inserts the key under the structural lock; returns its slot,
- * OVERFLOW_SLOT when the table is full, or -1 with errno set when the lock
- * was not taken.  No Python: runs with the GIL released, so a thread that
- * holds the GIL never makes the lock wait (the lock is taken, the entry
- * written and the lock given back in one stretch of C). */
+/* Inserts the key under the structural lock; returns its ref, OVERFLOW_SLOT
+ * when the table is full, or -1 with errno set when the lock was not taken.
+ * No Python: runs with the GIL released, so a thread that holds the GIL
+ * never makes the lock wait (the lock is taken, the entry written and the
+ * lock given back in one stretch of C).  A reclaimed slot (the free list) is
+ * taken before keys_used grows; `limit` bounds the slots in use,
+ * keys_used - free_slots. */
 static long insert_key(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
                        uint32_t hash, uint32_t limit)
 {
     seglock_t l = lock_of(c);
-    uint32_t pos;
-    long slot;
+    uint32_t pos, used, slot, gen, head, nfree;
+    uint64_t free_word;
+    long ref;
+    int from_free;
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0)
         return -1;
+    finish_reclaim(c);
     /* Re-probe under the lock: another process may have added it. */
-    slot = probe(c, a, alen, e, elen, hash, &pos);
-    if (slot < 0) {
-        uint32_t used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
-        if (used >= limit || pos == UINT32_MAX) {
-            slot = OVERFLOW_SLOT;
+    ref = probe(c, a, alen, e, elen, hash, &pos);
+    if (ref < 0) {
+        used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
+        free_word = c->slot_table == NULL ? 0
+            : __atomic_load_n(U64(c->base, H_FREE_HEAD), __ATOMIC_ACQUIRE);
+        head = (uint32_t)free_word;
+        nfree = (uint32_t)(free_word >> 32);
+        /* A corrupt free list (a head out of range) is ignored. */
+        from_free = head != 0 && head - 1 < c->key_capacity && head - 1 > THROTTLE_RESERVED_SLOT;
+        slot = from_free ? head - 1 : used;
+        if (used - (from_free ? nfree : 0) >= limit || pos == UINT32_MAX
+            || slot >= c->key_capacity) {
+            ref = OVERFLOW_SLOT;
         } else {
             char *ent = index_entry(c, pos);
+            gen = slot_gen(c, slot);
             /* alen <= ACCOUNT_MAX and elen <= EVENT_MAX (encode_names):
-             * the copies stay inside the entry. */
+             * the copies stay inside the entry.  A tombstone being reused
+             * still holds its old name: zero the fields first (the names
+             * are zero padded). */
+            memset(ent + E_ACCOUNT, 0, ACCOUNT_MAX + EVENT_MAX);
             memcpy(ent + E_ACCOUNT, a, alen);
             memcpy(ent + E_EVENT, e, elen);
             *(uint8_t *)(ent + E_ACCOUNT_LEN) = (uint8_t)alen;
             *(uint8_t *)(ent + E_EVENT_LEN) = (uint8_t)elen;
             *U32(ent, E_HASH) = hash;
-            *U32(ent, E_SLOT) = used;
-            /* The slot's buckets are zero since the segment was created:
-             * slots are never reused. */
-            __atomic_store_n(U32(c->base, H_KEYS_USED), used + 1, __ATOMIC_RELEASE);
-            __atomic_store_n(U32(ent, E_STATE), 1u, __ATOMIC_RELEASE);
-            slot = used;
+            __atomic_store_n(U32(ent, E_SLOT), slot, __ATOMIC_RELAXED);
+            __atomic_store_n(U32(ent, E_GENERATION), gen, __ATOMIC_RELAXED);
+            /* The slot leaves the free list (or keys_used grows) before the
+             * entry is published: a holder killed in between leaves the
+             * slot unused, never owned twice.  Its buckets are zero: never
+             * used, or zeroed by its reclaim. */
+            if (from_free) {
+                head = __atomic_load_n(slot_word(c, slot, T_NEXT_FREE), __ATOMIC_RELAXED);
+                __atomic_store_n(slot_word(c, slot, T_NEXT_FREE), 0u, __ATOMIC_RELAXED);
+                __atomic_store_n(U64(c->base, H_FREE_HEAD),
+                                 (uint64_t)(nfree - 1) << 32 | head, __ATOMIC_RELEASE);
+            } else {
+                __atomic_store_n(U32(c->base, H_KEYS_USED), used + 1, __ATOMIC_RELEASE);
+            }
+            __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
+            ref = MAKE_REF(slot, gen);
         }
     }
     seg_unlock(&l);
-    return slot;
+    return ref;
 }
 
-/* Finds or creates the key; returns its slot, OVERFLOW_SLOT when the table
+/* Slots in use: keys_used minus the reclaimed slots waiting on the free
+ * list (both on header line 2). */
+static inline uint32_t slots_in_use(Counter *c)
+{
+    uint32_t used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
+    uint32_t nfree = c->slot_table == NULL ? 0
+        : __atomic_load_n(U32(c->base, H_FREE_SLOTS), __ATOMIC_ACQUIRE);
+    return nfree <= used ? used - nfree : used;
+}
+
+/* Finds or creates the key; returns its ref, OVERFLOW_SLOT when the table
  * is full, or -1 with an exception set (lock timeout: SegmentBusy).
  * Takes the lock only to insert, with the GIL released (insert_key).  Names
  * are already validated and bounded.  The caller holds a reference to the
@@ -848,8 +1098,12 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
         return slot;
     /* Full: answer without the lock, so a flood of new names costs no
      * system call. */
-    if (__atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE) >= limit)
+    if (slots_in_use(c) >= limit)
         return OVERFLOW_SLOT;
+    if (c->slot_table == NULL) {
+        PyErr_SetString(LayoutMismatch, "a layout-1 segment is read only here");
+        return -1;
+    }
     c->busy++;
     Py_BEGIN_ALLOW_THREADS
     slot = insert_key(c, a, alen, e, elen, hash, limit);
@@ -890,10 +1144,13 @@ static int encode_names(PyObject *account, PyObject *event, const char **a, Py_s
     return 0;
 }
 
-/* Returns the slot for (account or None = all, event): from the process
- * cache, or from the index (creating the key).  -1 with an exception set on
- * bad names or a lock timeout.  Overflow results are not cached, so the
- * cache stays bounded by the table's capacity. */
+/* Returns the ref (slot | generation << 32) for (account or None = all,
+ * event): from the process cache, or from the index (creating the key).
+ * -1 with an exception set on bad names or a lock timeout.  Overflow results
+ * are not cached, so the cache stays bounded by the table's capacity.
+ * Without `create` (readers: find) a cached ref is checked against the
+ * slot's generation, and forgotten when the key was reclaimed; with it (the
+ * hot path) the bucket tags do that check (roll_bucket). */
 static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 {
     PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
@@ -902,8 +1159,13 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
     long slot;
     if (accounts != NULL) {
         v = PyDict_GetItemWithError(accounts, account);
-        if (v != NULL)
-            return PyLong_AsLong(v);
+        if (v != NULL) {
+            slot = PyLong_AsLong(v);
+            if (create || slot_gen(c, REF_SLOT(slot)) == REF_GEN(slot))
+                return slot;
+            if (PyDict_DelItem(accounts, account) < 0)
+                return -1;
+        }
     }
     if (PyErr_Occurred())
         return -1;
@@ -937,10 +1199,18 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 
 /* ------------------------------------------------------------------- add */
 
-/* Makes `b` count epoch `tag`, resetting it if it holds another epoch.
- * Returns 0 when b counts tag, 1 when the addition is dropped (below), -1
- * on a lock timeout.  `unit` is the bucket's epoch length in seconds (60
- * for a minute bucket, 1 for a second bucket).
+/* Makes `b` count `tag` (an epoch and the writer's generation of the slot,
+ * make_tag), resetting it if it holds another epoch.  Returns 0 when b
+ * counts tag, 1 when the addition is dropped (below), -1 on a lock timeout,
+ * ADD_STALE when the slot's generation is no longer `gen`: the key was
+ * reclaimed since this process cached its slot; nothing is touched, and the
+ * caller resolves the key again.  `epoch` is the bare epoch, `unit` the
+ * bucket's epoch length in seconds (60 for a minute bucket, 1 for a second
+ * bucket).
+ * Why the generation check is here and costs the hot path no load: a
+ * reclaimed slot's buckets are zeroed and its generation bumped, so a tag
+ * that carries the old generation never matches again, and every stale
+ * writer comes here, under the lock, where reclaims happen too.
  * A bucket holding a NEWER epoch: a bucket of the same index holds epochs
  * that differ by whole rings, so it is a ring or more ahead of our tag.
  * Either the bucket is in the future (a clock that jumped forward and came
@@ -961,29 +1231,37 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
  * the 0 goes for the lock and waits for us).
  * The GIL is released for the whole of lock, reset and unlock, so a thread
  * holding the GIL never stretches the time the lock is held. */
-static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit)
+#define ADD_STALE 2
+__attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag,
+                                                 uint64_t unit, long ref)
 {
     seglock_t l = lock_of(c);
     struct timespec ts;
-    uint64_t cur;
+    uint64_t cur, epoch = tag & EPOCH_MASK;
+    uint32_t slot = REF_SLOT(ref), gen = REF_GEN(ref);
     int rc = 0;
     c->busy++;
     Py_BEGIN_ALLOW_THREADS
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
         rc = -1;
     } else {
-        cur = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
-        if (cur > tag) {
-            clock_gettime(CLOCK_REALTIME, &ts);
-            /* + 1: the clock may have moved on since the tag was read. */
-            if (cur <= (uint64_t)ts.tv_sec / unit + 1)
-                rc = 1;  /* our time is stale: keep the current counts */
-        }
-        if (cur != tag && rc == 0) {
-            __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
-            __atomic_thread_fence(__ATOMIC_RELEASE);
-            __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+        finish_reclaim(c);  /* a reclaimer died half way: finish it first */
+        if (slot_gen(c, slot) != gen) {
+            rc = ADD_STALE;
+        } else {
+            cur = __atomic_load_n(&b->tag, __ATOMIC_ACQUIRE);
+            if ((cur & EPOCH_MASK) > epoch) {
+                clock_gettime(CLOCK_REALTIME, &ts);
+                /* + 1: the clock may have moved on since the tag was read. */
+                if ((cur & EPOCH_MASK) <= (uint64_t)ts.tv_sec / unit + 1)
+                    rc = 1;  /* our time is stale: keep the current counts */
+            }
+            if (cur != tag && rc == 0) {
+                __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
+                __atomic_thread_fence(__ATOMIC_RELEASE);
+                __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+                __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+            }
         }
         seg_unlock(&l);
     }
@@ -992,12 +1270,13 @@ static int roll_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit)
     return rc;
 }
 
-/* Adds n to one bucket.  Lock-free unless the bucket rolls over.  Returns
- * 0, or non-zero when the addition was dropped (see roll_bucket). */
-static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit, uint64_t n)
+/* Adds n to one bucket of the key `ref`.  Lock-free unless the bucket rolls
+ * over.  Returns 0, or what roll_bucket returned. */
+static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t unit, long ref,
+                             uint64_t n)
 {
-    if (__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag) {
-        int rc = roll_bucket(c, b, tag, unit);
+    if (__builtin_expect(__atomic_load_n(&b->tag, __ATOMIC_ACQUIRE) != tag, 0)) {
+        int rc = roll_bucket(c, b, tag, unit, ref);
         if (rc != 0)
             return rc;
     }
@@ -1022,17 +1301,24 @@ static inline void own_stripe(Counter *c)
         choose_stripe(c);
 }
 
-/* Adds n to this process's stripe of `slot` (own_stripe() was called), in
- * the minute and second buckets of cur_second.  Lock-free unless a bucket rolls over.  Returns
- * non-zero when an addition was dropped. */
-static int add_slot(Counter *c, uint32_t slot, uint64_t n)
+/* Adds n to this process's stripe of the key `ref` (own_stripe() was
+ * called), in the minute and second buckets of cur_second.  Lock-free unless
+ * a bucket rolls over.  Returns 0, 1 when an addition was dropped, or
+ * ADD_STALE when the key was reclaimed (nothing added: resolve it again). */
+static int add_slot(Counter *c, long ref, uint64_t n)
 {
-    bucket_t *b;
-    int dropped;
-    b = stripe_buckets(c, slot, c->stripe);
-    dropped = add_bucket(c, b + c->cur_min_idx, c->cur_minute, 60, n);
-    dropped |= add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second, 1, n);
-    return dropped;
+    /* The generation of a ref is already below 2**24 (MAKE_REF's callers
+     * mask it): the tag's high bits are a shift away. */
+    uint64_t high = ((uint64_t)ref >> 32) << EPOCH_BITS;
+    bucket_t *b = stripe_buckets(c, REF_SLOT(ref), c->stripe);
+    int rc = add_bucket(c, b + c->cur_min_idx, c->cur_minute | high, 60, ref, n);
+    if (__builtin_expect(rc == ADD_STALE, 0))
+        return ADD_STALE;
+    /* A stale second bucket after a counted minute would need a reclaim
+     * between the two (a key idle for a ring had its minute tag current):
+     * the second's addition is then dropped, like any. */
+    return rc | (add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second | high, 1, ref,
+                            n) != 0);
 }
 
 /* Parses hit()'s arguments: (account=None, event="pageview", n=1, now=None,
@@ -1147,14 +1433,25 @@ static long all_slot_for(Counter *c, PyObject *event)
     return slot;
 }
 
+/* Forgets every slot this process cached: one of them was reclaimed
+ * (roll_bucket said ADD_STALE).  Rare: a key idle for a whole ring. */
+static void forget_slots(Counter *c)
+{
+    PyDict_Clear(c->cache);
+    Py_CLEAR(c->ev_obj);
+    Py_CLEAR(c->ev_accounts);
+}
+
 /* The core of hit(): the `all` key of the event, then the account's key.
  * Returns 0, or -1 with an exception set (bad input or lock timeout).
  * The caller has checked that the segment is live (get_default() for the
- * module's hit(), Counter_hit() for a Counter's). */
+ * module's hit(), Counter_hit() for a Counter's).  A key found reclaimed
+ * (ADD_STALE) is resolved again, once, and counted in its new slot: the hit
+ * goes to its own key, never to the slot's new owner. */
 static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, uint64_t second)
 {
     long all_slot, slot = -1;
-    int dropped;
+    int dropped, rc;
     PyObject *v;
     /* Validate and resolve both names before adding anything, so bad input
      * never leaves half a hit behind.  The account first: its validation
@@ -1173,14 +1470,38 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
     if (second != c->cur_second)
         set_clock(c, second);
     own_stripe(c);
-    dropped = add_slot(c, (uint32_t)all_slot, n);
+    dropped = add_slot(c, all_slot, n);
+    if (__builtin_expect(dropped == ADD_STALE, 0)) {
+        /* Nothing was added yet: a failure here is the hit's. */
+        forget_slots(c);
+        if ((all_slot = all_slot_for(c, event)) < 0)
+            return -1;
+        dropped = add_slot(c, all_slot, n) != 0;
+    }
     if (account != Py_None) {
         if (slot == OVERFLOW_SLOT)
             __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
         /* A table full even for `all` keys sends both keys to the overflow
-         * slot: count the hit there once, as overflow_hits does. */
-        if (slot != all_slot)
-            dropped |= add_slot(c, (uint32_t)slot, n);
+         * slot: count the hit there once, as overflow_hits does.  (Two
+         * keys never share a ref otherwise: (slot, generation) pairs are
+         * never handed out twice.) */
+        if (slot != all_slot) {
+            rc = add_slot(c, slot, n);
+            if (__builtin_expect(rc == ADD_STALE, 0)) {
+                /* The `all` key is counted: a failure now drops the rest. */
+                forget_slots(c);
+                if ((slot = slot_for(c, account, event, 1)) < 0) {
+                    PyErr_Clear();
+                    rc = 1;
+                } else {
+                    if (slot == OVERFLOW_SLOT)
+                        __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
+                    rc = slot == OVERFLOW_SLOT && all_slot == OVERFLOW_SLOT ? 0
+                        : add_slot(c, slot, n) != 0;
+                }
+            }
+            dropped |= rc;
+        }
     } else if (all_slot == OVERFLOW_SLOT) {
         __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
     }
@@ -1209,6 +1530,11 @@ static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     if (__atomic_load_n(U32(c->base, H_STATE), __ATOMIC_ACQUIRE) != STATE_LIVE) {
         PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
+        return NULL;
+    }
+    if (c->slot_table == NULL) {
+        PyErr_SetString(LayoutMismatch, "a layout-1 segment is read only (for uninstall's "
+                        "final roll-up); run `trafficthreshold uninstall` then install");
         return NULL;
     }
     if ((owned = status_event(argv)) == NULL)
@@ -1350,12 +1676,17 @@ static inline uint64_t sat_add(uint64_t a, uint64_t b)
     return a + b > COUNT_MAX ? COUNT_MAX : a + b;
 }
 
-/* Count of `slot` in clock minute `minute` (sum over stripes, saturating). */
+/* Count of `slot` in clock minute `minute` (sum over stripes, saturating),
+ * for the slot's current generation: a reclaimed slot's old key reads 0. */
 static uint64_t minute_count(Counter *c, uint32_t slot, uint64_t minute)
 {
     uint64_t total = 0;
+    uint32_t gen = slot_gen(c, slot);
+    if (minute > EPOCH_MASK)
+        return 0;  /* no tag holds it */
     for (uint32_t p = 0; p < c->stripes; p++)
-        total = sat_add(total, bucket_read(minute_bucket(c, slot, p, minute), minute));
+        total = sat_add(total, bucket_read(minute_bucket(c, slot, p, minute),
+                                           make_tag(minute, gen)));
     return total;
 }
 
@@ -1363,9 +1694,12 @@ static uint64_t minute_count(Counter *c, uint32_t slot, uint64_t minute)
 static uint64_t sliding_count(Counter *c, uint32_t slot, uint64_t second)
 {
     uint64_t total = 0;
+    uint32_t gen = slot_gen(c, slot);
+    if (second > EPOCH_MASK)
+        return 0;
     for (uint32_t p = 0; p < c->stripes; p++) {
         for (uint64_t s = second - 59; s <= second; s++)
-            total = sat_add(total, bucket_read(second_bucket(c, slot, p, s), s));
+            total = sat_add(total, bucket_read(second_bucket(c, slot, p, s), make_tag(s, gen)));
     }
     return total;
 }
@@ -1461,7 +1795,7 @@ static PyObject *Counter_find(Counter *c, PyObject *args)
         Py_RETURN_NONE;
     if (slot < 0)
         return NULL;
-    return PyLong_FromLong(slot);
+    return PyLong_FromUnsignedLong(REF_SLOT(slot));
 }
 
 static int check_slot(Counter *c, unsigned long slot)
@@ -1538,7 +1872,7 @@ static PyObject *Counter_keys(Counter *c, PyObject *unused)
         return NULL;
     for (uint32_t i = 0; i < c->index_size; i++) {
         char *ent = index_entry(c, i);
-        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != 1)
+        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
             continue;
         /* Lengths and bytes come from shared memory: bound the lengths to
          * their fields, and decode with surrogateescape so that a name which
@@ -1553,6 +1887,123 @@ static PyObject *Counter_keys(Counter *c, PyObject *unused)
                                                                "surrogateescape"),
                                           PyUnicode_DecodeUTF8(ent + E_EVENT, elen,
                                                                "surrogateescape"))) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+/* Whether every bucket of `slot` (all stripes, minute and second) is older
+ * than minute `before`: tag 0 (unused or zeroed), or an epoch minute below
+ * `before`, an epoch second below before * 60.  Lock-free. */
+static int slot_idle(Counter *c, uint32_t slot, uint64_t before)
+{
+    for (uint32_t p = 0; p < c->stripes; p++) {
+        bucket_t *b = stripe_buckets(c, slot, p);
+        for (uint32_t j = 0; j < c->minutes + c->seconds; j++) {
+            uint64_t t = __atomic_load_n(&b[j].tag, __ATOMIC_ACQUIRE) & EPOCH_MASK;
+            if (t != 0 && t >= (j < c->minutes ? before : before * 60))
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* Starts the reclaim of `slot`, the key of index entry `pos`, and finishes
+ * it (finish_reclaim).  Caller holds the lock and has checked that the key
+ * is idle.  `reclaimed` first: a reader caching slot -> name sees it move
+ * before the slot can change hands (a reclaimer killed right after it
+ * leaves it one too high, never too low). */
+static void do_reclaim(Counter *c, uint32_t pos, uint32_t slot)
+{
+    __atomic_fetch_add(U64(c->base, H_RECLAIMED), 1u, __ATOMIC_ACQ_REL);
+    __atomic_store_n(U32(c->base, H_RECLAIM_ENTRY), pos + 1, __ATOMIC_RELEASE);
+    __atomic_store_n(U32(c->base, H_RECLAIM_SLOT), slot + 1, __ATOMIC_RELEASE);
+    finish_reclaim(c);
+}
+
+/* Counter.reclaim(before_minute, timeout_ms=1000) -> [(slot, account,
+ * event)]: gives back the slot of every key whose buckets are all older
+ * than `before_minute` (slot_idle), except slot 0, slot 1 and
+ * throttle_slot.  The caller (segment.reclaim) makes before_minute no later
+ * than the ring's oldest minute and the first minute not yet rolled, so
+ * nothing a reclaim zeroes is lost.  The index is scanned without the lock;
+ * each candidate is checked again and reclaimed under the lock (taken per
+ * key, with the GIL released, so hits wait microseconds at most).  Raises
+ * SegmentBusy when the lock was not taken in timeout_ms (the keys reclaimed
+ * before stay reclaimed: see the header's `reclaimed`). */
+static PyObject *Counter_reclaim(Counter *c, PyObject *args)
+{
+    unsigned long long before;
+    int timeout_ms = 1000, rc, done;
+    uint32_t throttle, slot, gen;
+    seglock_t l;
+    PyObject *out, *item;
+    if (!PyArg_ParseTuple(args, "K|i", &before, &timeout_ms) || check_attached(c) < 0)
+        return NULL;
+    if (c->slot_table == NULL) {
+        PyErr_SetString(LayoutMismatch, "a layout-1 segment has no slot table: nothing "
+                        "can be reclaimed; run `trafficthreshold uninstall` then install");
+        return NULL;
+    }
+    if (header_u32(c, H_STATE) != STATE_LIVE) {
+        PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
+        return NULL;
+    }
+    if (before > EPOCH_MASK / 60)
+        before = EPOCH_MASK / 60;
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    l = lock_of(c);
+    throttle = header_u32(c, H_THROTTLE_SLOT);
+    for (uint32_t i = 0; i < c->index_size; i++) {
+        char *ent = index_entry(c, i);
+        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
+            continue;
+        slot = __atomic_load_n(U32(ent, E_SLOT), __ATOMIC_RELAXED);
+        gen = __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_RELAXED);
+        if (slot <= THROTTLE_RESERVED_SLOT || slot == throttle || slot >= c->key_capacity
+            || gen != slot_gen(c, slot) || !slot_idle(c, slot, before))
+            continue;
+        {
+            uint8_t alen = *(uint8_t *)(ent + E_ACCOUNT_LEN), elen = *(uint8_t *)(ent + E_EVENT_LEN);
+            if (alen > ACCOUNT_MAX) alen = ACCOUNT_MAX;
+            if (elen > EVENT_MAX) elen = EVENT_MAX;
+            item = Py_BuildValue("(IN N)", slot,
+                                 PyUnicode_DecodeUTF8(ent + E_ACCOUNT, alen, "surrogateescape"),
+                                 PyUnicode_DecodeUTF8(ent + E_EVENT, elen, "surrogateescape"));
+        }
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        done = 0;
+        c->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = seg_lock(&l, timeout_ms);
+        if (rc == 0) {
+            finish_reclaim(c);
+            /* Checked again under the lock: no roll-over, insert or other
+             * reclaim can run now. */
+            if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) == ENTRY_READY
+                && *U32(ent, E_SLOT) == slot && *U32(ent, E_GENERATION) == gen
+                && slot_gen(c, slot) == gen && slot_idle(c, slot, before)) {
+                do_reclaim(c, i, slot);
+                done = 1;
+            }
+            seg_unlock(&l);
+        }
+        Py_END_ALLOW_THREADS
+        c->busy--;
+        if (rc != 0) {
+            Py_DECREF(item);
+            Py_DECREF(out);
+            PyErr_Format(SegmentBusy, "the segment lock was not free within %d ms to reclaim "
+                         "slot %u", timeout_ms, slot);
+            return NULL;
+        }
+        if (done ? append_new(out, item) < 0 : (Py_DECREF(item), 0)) {
             Py_DECREF(out);
             return NULL;
         }
@@ -1697,6 +2148,9 @@ static PyMethodDef Counter_methods[] = {
     {"minutes", (PyCFunction)Counter_minutes, METH_VARARGS,
      "minutes(first, last) -> [(slot, epoch_minute, count)] with count > 0."},
     {"keys", (PyCFunction)Counter_keys, METH_NOARGS, "keys() -> [(slot, account, event)]."},
+    {"reclaim", (PyCFunction)Counter_reclaim, METH_VARARGS,
+     "reclaim(before_minute, timeout_ms=1000) -> [(slot, account, event)] reclaimed: keys "
+     "whose every bucket is older than before_minute (segment.reclaim chooses it)."},
     {"load", (PyCFunction)Counter_load, METH_VARARGS, "load(offset, width) -> int."},
     {"store", (PyCFunction)Counter_store, METH_VARARGS, "store(offset, width, value)."},
     {"lock", (PyCFunction)Counter_lock, METH_VARARGS,
@@ -1885,6 +2339,13 @@ static int add_layout(PyObject *m)
     L("H_OVERFLOW_HITS", H_OVERFLOW_HITS); L("H_DROPPED_HITS", H_DROPPED_HITS);
     L("H_ATTACHES", H_ATTACHES);
     L("H_THROTTLE_SINCE_MS", H_THROTTLE_SINCE_MS); L("H_INSTANCE", H_INSTANCE);
+    L("H_FREE_HEAD", H_FREE_HEAD); L("H_FREE_SLOTS", H_FREE_SLOTS);
+    L("H_RECLAIMED", H_RECLAIMED); L("H_RECLAIM_SLOT", H_RECLAIM_SLOT);
+    L("H_RECLAIM_ENTRY", H_RECLAIM_ENTRY); L("E_GENERATION", E_GENERATION);
+    L("T_GENERATION", T_GENERATION); L("T_NEXT_FREE", T_NEXT_FREE);
+    L("SLOT_ENTRY_SIZE", SLOT_ENTRY_SIZE); L("EPOCH_BITS", EPOCH_BITS);
+    L("ENTRY_EMPTY", ENTRY_EMPTY); L("ENTRY_READY", ENTRY_READY);
+    L("ENTRY_REMOVED", ENTRY_REMOVED);
     L("E_STATE", E_STATE); L("E_SLOT", E_SLOT); L("E_HASH", E_HASH);
     L("E_ACCOUNT_LEN", E_ACCOUNT_LEN); L("E_EVENT_LEN", E_EVENT_LEN);
     L("E_ACCOUNT", E_ACCOUNT); L("E_EVENT", E_EVENT);

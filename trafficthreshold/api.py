@@ -666,13 +666,14 @@ class StatsApp:
                 stored.watermarks = metrics.watermark_minutes(
                     reader, first, counter.load(segment.H_INSTANCE, 8))
             # The ring is read after the store: see metrics.pending_hits.
+            version = None if counter is None else segment.keys_version(counter)
             snap = None if counter is None else snapshot(counter, now)
             totals = stored.totals
             if snap is not None and stored.watermarks is not None:
                 slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
                 first, minute = metrics.pending_window(now, snap.header["minute_buckets"])
                 for key, n in metrics.pending_from(stored.watermarks, counter, slots,
-                                                   first, minute).items():
+                                                   first, minute, version).items():
                     totals[key] = totals.get(key, 0) + n
         firing = None
         if state is not None:

@@ -329,7 +329,8 @@ def _final_rollup(cfg: configuration.Config, rolled: list[int], counter: Any) ->
 @click.pass_context
 @_fail_clearly
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the segment, its keys and counts, and the throttle level; with
+    """Show the segment, its keys and counts (keys in use, and the slots the
+    supervisor reclaimed from idle keys), and the throttle level; with
     [store] backend = "redis", the farm too: each host, its level and
     counts, the farm's total and the alerts' leader.
 

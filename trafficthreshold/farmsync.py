@@ -107,9 +107,10 @@ class LiveReader:
         return counts
 
     def _read_names(self, counter: Any, active: dict[int, int]) -> dict[int, tuple[str, str]]:
-        """slot -> (account, event), re-read when keys were added (names
+        """slot -> (account, event), re-read when keys were added or
+        reclaimed (names
         that are not UTF-8 are left out, as the roll-up does)."""
-        used = counter.load(segment.H_KEYS_USED, 4)
+        used = segment.keys_version(counter)
         if used != self._keys_used or any(slot not in self._names for slot in active):
             good, _bad = segment.split_keys(counter)
             self._names = {slot: (a, e) for slot, a, e in good}

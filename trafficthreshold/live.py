@@ -56,18 +56,26 @@ def snapshot(counter: Any, now: float) -> Snapshot:
     # The ring holds the current minute and minute_buckets - 1 closed ones.
     span = max(1, min(LIVE_MINUTES, header["minute_buckets"] - 1))
     first = minute - LIVE_MINUTES
-    ring: dict[int, list[int]] = defaultdict(lambda: [0] * LIVE_MINUTES)
-    for slot, epoch_minute, count in counter.minutes(minute - span, minute - 1):
-        ring[slot][epoch_minute - first] = count
-    keys = [
-        {
-            "slot": slot, "account": account, "event": event,
-            "current_minute": counter.count(slot, 1, now),
-            "last_60s": counter.count(slot, 0, now),
-            "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
-        }
-        for slot, account, event in _readable_keys(counter, damaged)
-    ]
+    # Read again (at most twice more) when a key was reclaimed meanwhile:
+    # its slot may hold a new key's counts (docs/segment.rst, "Reclaim").
+    for _attempt in range(3):
+        version = segment.keys_version(counter)
+        read_damage: list[str] = []
+        ring: dict[int, list[int]] = defaultdict(lambda: [0] * LIVE_MINUTES)
+        for slot, epoch_minute, count in counter.minutes(minute - span, minute - 1):
+            ring[slot][epoch_minute - first] = count
+        keys = [
+            {
+                "slot": slot, "account": account, "event": event,
+                "current_minute": counter.count(slot, 1, now),
+                "last_60s": counter.count(slot, 0, now),
+                "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
+            }
+            for slot, account, event in _readable_keys(counter, read_damage)
+        ]
+        if segment.keys_version(counter) == version:
+            break
+    damaged += read_damage
     keys.sort(key=_key_order)
     throttle = _throttle(counter, header, now, damaged)
     _log_damage(damaged)
@@ -150,7 +158,8 @@ def _supervisor(header: Mapping[str, int], now: float) -> dict[str, Any]:
 
 def _segment_info(header: Mapping[str, int]) -> dict[str, int]:
     return {name: header[name] for name in (
-        "key_capacity", "keys_used", "minute_buckets", "overflow_hits", "dropped_hits")}
+        "key_capacity", "keys_used", "free_slots", "reclaimed", "minute_buckets",
+        "overflow_hits", "dropped_hits")}
 
 
 # ------------------------------------------------------------------ the farm

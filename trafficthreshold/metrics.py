@@ -16,6 +16,8 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_overflow_hits_total                   counter
   trafficthreshold_dropped_hits_total                    counter
   trafficthreshold_segment_keys_capacity / _keys_used    gauge
+  trafficthreshold_segment_slots_free                    gauge
+  trafficthreshold_segment_slots_reclaimed_total         counter
   trafficthreshold_segment_up                            gauge (0/1)
   trafficthreshold_segment_damaged                       gauge
   trafficthreshold_store_last_roll_timestamp_seconds     gauge
@@ -49,6 +51,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from trafficthreshold.names import STATUS_SEP
+from trafficthreshold import segment
 from trafficthreshold.segment import H_INSTANCE
 from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed
 
@@ -224,11 +227,22 @@ def pending_window(now: float, ring_minutes: int) -> tuple[int, int]:
 
 
 def pending_from(marks: Mapping[tuple[str, str, int], int], counter: Any,
-                 slots: Mapping[int, Key], first: int, minute: int) -> dict[Key, int]:
+                 slots: Mapping[int, Key], first: int, minute: int,
+                 version: tuple[int, int] | None = None) -> dict[Key, int]:
     """``observed - watermark`` per key over the ring minutes first..minute
-    (the watermarks read before the ring: see :func:`pending_hits`)."""
+    (the watermarks read before the ring: see :func:`pending_hits`).
+
+    A slot's name is taken from ``slots`` unless the index changed since it
+    was read (:func:`segment.keys_version`, passed as ``version``) or a slot
+    has no name there: then from the index read after the ring, since a slot
+    reclaimed and given to a new key in between holds the new key's counts
+    (docs/segment.rst, "Reclaim")."""
     pending: dict[Key, int] = defaultdict(int)
-    for slot, epoch_minute, observed in counter.minutes(first, minute):
+    rows = counter.minutes(first, minute)
+    if version is None or segment.keys_version(counter) != version \
+            or any(s not in slots for s, _m, _n in rows):
+        slots = {s: (a, e) for s, a, e in segment.split_keys(counter)[0]}
+    for slot, epoch_minute, observed in rows:
         key = slots.get(slot)
         if key is None:
             continue
@@ -343,7 +357,13 @@ def _segment_families(
                "Counter slots of the segment (reserved slots included).")
         .add(header["key_capacity"]),
         Family("trafficthreshold_segment_keys_used", "gauge",
-               "Counter slots in use.").add(header["keys_used"]),
+               "Counter slots in use (keys_used minus the reclaimed slots waiting "
+               "for a key).").add(header["keys_used"] - header.get("free_slots", 0)),
+        Family("trafficthreshold_segment_slots_free", "gauge",
+               "Reclaimed slots waiting for a new key.").add(header.get("free_slots", 0)),
+        Family("trafficthreshold_segment_slots_reclaimed_total", "counter",
+               "Slots of keys idle for longer than the ring given back by the "
+               "supervisor, since the install.").add(header.get("reclaimed", 0)),
     ]
     # +Inf before the first tick: an alert on "age > 30" fires at once.
     age = math.inf if heartbeat_age is None else heartbeat_age

@@ -404,8 +404,9 @@ def middleware_recorder(account: object, host_of: Callable[[Any], Any], event: s
                            event, logger)
     if account == "host" and allowed_hosts is None:
         warn_once(logger, "no-allowed-hosts", "trafficthreshold: account='host' without "
-                  "allowed_hosts: every Host header a client makes up takes a key until "
-                  "the key table is full; give allowed_hosts=['example.com', "
+                  "allowed_hosts: every Host header a client makes up takes a key (for "
+                  "the length of the minute ring, then the supervisor reclaims it) and "
+                  "is stored as an account; give allowed_hosts=['example.com', "
                   "'.example.com'] (or ['*'] to accept this)")
     warm_up(logger)
     return record

@@ -86,17 +86,18 @@ class Roller:
         self._unnamed = "has counts but no published index entry"
         self._reported: set[str] = set()
         self._names: dict[int, tuple[str, str]] = {}
-        self._keys_used = -1
+        self._keys_used: object = None
         self._instance_checked = False
         self._late_checked: dict[str, int] = {}  # role -> the last minute read
 
     # ------------------------------------------------------------- keys
 
     def names(self) -> dict[int, tuple[str, str]]:
-        """slot -> (account, event), re-read when keys were added.  Keys
+        """slot -> (account, event), re-read when keys were added or
+        reclaimed (:func:`segment.keys_version`).  Keys
         whose name bytes are not UTF-8 (a writer in another language) are
         left out and listed in ``bad_keys``: the others roll on."""
-        used = self.counter.load(segment.H_KEYS_USED, 4)
+        used = segment.keys_version(self.counter)
         if used != self._keys_used:
             good, bad = segment.split_keys(self.counter)
             self._names = {slot: (a, e) for slot, a, e in good}
@@ -123,7 +124,7 @@ class Roller:
         rows = self.counter.minutes(first, last)
         names = self.names()
         if any(slot not in names and slot not in self._bad_names for slot, _, _ in rows):
-            self._keys_used = -1  # a key published after we read the index
+            self._keys_used = None  # a key published after we read the index
             names = self.names()
         out = []
         for slot, minute, count in rows:

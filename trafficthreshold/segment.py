@@ -49,7 +49,12 @@ DEFAULT_KEY = 0x54546831  # "TTh1"
 BACKENDS = ("sysv", "posix")
 
 MAGIC = b"TRFTHRSH"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+#: The layout before reclaim: ``uninstall`` still rolls its counts up.
+LAYOUT_VERSION_1 = 1
+SLOT_ENTRY_SIZE = 8
+#: A bucket's tag is ``epoch | generation << EPOCH_BITS``.
+EPOCH_BITS = 40
 HEADER_SIZE = 4096
 INDEX_ENTRY_SIZE = 128
 BUCKET_SIZE = 16
@@ -88,6 +93,11 @@ H_OVERFLOW_HITS = 136
 H_DROPPED_HITS = 144
 H_ATTACHES = 152
 H_INSTANCE = 160
+H_FREE_HEAD = 168
+H_FREE_SLOTS = 172
+H_RECLAIMED = 176
+H_RECLAIM_SLOT = 184
+H_RECLAIM_ENTRY = 188
 
 # Index entry offsets.
 E_STATE = 0
@@ -97,6 +107,15 @@ E_ACCOUNT_LEN = 12
 E_EVENT_LEN = 13
 E_ACCOUNT = 16
 E_EVENT = 80
+E_GENERATION = 112
+
+# Slot table entry offsets.
+T_GENERATION = 0
+T_NEXT_FREE = 4
+
+ENTRY_EMPTY = 0
+ENTRY_READY = 1
+ENTRY_REMOVED = 2
 
 STATE_INSTALLING = 0
 STATE_LIVE = 1
@@ -139,6 +158,7 @@ HEADER_FIELDS = {
     "keys_used": (H_KEYS_USED, 4),
     "overflow_hits": (H_OVERFLOW_HITS, 8), "dropped_hits": (H_DROPPED_HITS, 8),
     "attaches": (H_ATTACHES, 8), "instance": (H_INSTANCE, 8),
+    "free_slots": (H_FREE_SLOTS, 4), "reclaimed": (H_RECLAIMED, 8),
 }
 
 
@@ -187,8 +207,12 @@ class Geometry:
         return HEADER_SIZE
 
     @property
+    def slot_table_offset(self) -> int:
+        return self.index_offset + self.index_size * INDEX_ENTRY_SIZE
+
+    @property
     def slots_offset(self) -> int:
-        end = self.index_offset + self.index_size * INDEX_ENTRY_SIZE
+        end = self.slot_table_offset + self.keys * SLOT_ENTRY_SIZE
         return -(-end // PAGE) * PAGE
 
     @property
@@ -502,6 +526,14 @@ def _check_layout(raw: _Raw) -> None:
     if raw.buf.nbytes < HEADER_SIZE or bytes(raw.buf[0:8]) != MAGIC:
         raise LayoutMismatch(f"IPC key {raw.key:#x} holds a segment that is not "
                              f"trafficthreshold's; {fix}")
+    if raw.u32(H_VERSION) == LAYOUT_VERSION_1:
+        # Written by a version before reclaim; its workers may still count
+        # into it.  uninstall reads layout 1, so its counts are not lost.
+        raise LayoutMismatch(
+            f"the segment at IPC key {raw.key:#x} has layout version {LAYOUT_VERSION_1} (an "
+            f"older trafficthreshold); this version writes {LAYOUT_VERSION}; run "
+            f"`trafficthreshold uninstall --key {raw.key:#x}` first (it rolls its counts "
+            "into the store, then removes it), then install again and restart the workers")
     if raw.u32(H_VERSION) != LAYOUT_VERSION:
         raise LayoutMismatch(f"the segment at IPC key {raw.key:#x} has layout version "
                              f"{raw.u32(H_VERSION)}; this version reads {LAYOUT_VERSION}; {fix}")
@@ -965,6 +997,52 @@ def repair_header(counter: Counter, window: str = "60s") -> list[str]:
     for problem in problems:
         log.warning("repaired the segment header: %s", problem)
     return problems
+
+
+# ------------------------------------------------------------------ reclaim
+
+#: How long reclaim() waits for the lock, per key (the lock is held for
+#: microseconds; hits wait on it 50 ms at most).
+RECLAIM_LOCK_MS = 1000
+
+
+def reclaim_before(counter: Counter, now: float, rolled_through: int | None) -> int | None:
+    """The minute before which every bucket of a key must lie for the key to
+    be reclaimed at ``now``: before the ring's oldest minute (idle for longer
+    than the ring) and after nothing not yet rolled (``rolled_through``, the
+    store's last closed minute).  None when nothing was rolled yet."""
+    if rolled_through is None:
+        return None
+    ring = counter.load(H_MINUTE_BUCKETS, 4)
+    return min(int(now // 60) - ring + 1, rolled_through + 1)
+
+
+def reclaim(counter: Counter, now: float, rolled_through: int | None,
+            timeout_ms: int = RECLAIM_LOCK_MS) -> list[tuple[int, str, str]]:
+    """Give back the slots of the keys idle for longer than the ring whose
+    counts are rolled (:func:`reclaim_before`); return them as (slot,
+    account, event).  Slot 0 (overflow), slot 1 and ``throttle_slot``
+    (``("all", "pageview")``) are never reclaimed; the ``all`` key of another
+    event is, once idle like the others (its accounts, which every hit of the
+    event also counts into, are then idle too).  Takes the lock per key
+    (the C module, Counter.reclaim); ``now`` is passed in.  A worker that
+    cached a reclaimed key's slot finds out at its next hit of that key and
+    counts it in the key's new slot (docs/segment.rst, "Reclaim")."""
+    before = reclaim_before(counter, now, rolled_through)
+    if before is None or before <= 0:
+        return []
+    done = counter.reclaim(before, timeout_ms)
+    if done:
+        log.info("reclaimed %d idle key slots (no bucket since before minute %d), e.g. %s",
+                 len(done), before, ", ".join(f"{a}/{e}" for _s, a, e in done[:3]))
+    return done
+
+
+def keys_version(counter: Counter) -> tuple[int, int]:
+    """What moves when slot -> name may change: (keys_used, reclaimed).
+    Readers that cache ``keys()`` re-read it when this differs (a reclaimed
+    slot keeps keys_used and may get a new key)."""
+    return counter.load(H_KEYS_USED, 4), counter.load(H_RECLAIMED, 8)
 
 
 def split_keys(counter: Counter) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:

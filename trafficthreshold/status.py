@@ -110,6 +110,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "size": size, "state": STATE_NAMES.get(head["state"], head["state"]),
         "created_at": _iso(head["created_at"]),
         "capacity": head["key_capacity"], "keys_used": head["keys_used"],
+        "free_slots": head["free_slots"], "reclaimed": head["reclaimed"],
         "minutes": head["minute_buckets"], "stripes": head["stripes"],
         "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
         "attached": _guarded(damage, "attached processes", segment.attached_pids,
@@ -190,6 +191,8 @@ def _header_damage(head: dict[str, int]) -> list[str]:
             "a slot below key_capacity")
     if head["keys_used"] > cap:
         bad("keys_used", f"at most key_capacity ({cap})")
+    if head["free_slots"] > head["keys_used"]:
+        bad("free_slots", f"at most keys_used ({head['keys_used']})")
     if head["throttle_level"] > throttle.MAX_LEVEL:
         bad("throttle_level", f"0..{throttle.MAX_LEVEL}")
     if head["throttle_window"] not in WINDOW_NAMES:
@@ -309,8 +312,10 @@ def render(info: dict[str, Any]) -> str:
         *(["header      " + ", ".join(f"{k} {v:#x}" for k, v in info["header"].items())]
           if info.get("header") else []),
         f"permissions {perm['owner']}:{perm['group']} {perm['mode']}",
-        f"keys        {info['keys_used']} of {info['capacity']} used; "
+        f"keys        {info['keys_used'] - info['free_slots']} of {info['capacity']} used; "
         f"ring {info['minutes']} minutes x {info['stripes']} stripes",
+        f"reclaimed   {info['reclaimed']} idle keys' slots since the install, "
+        f"{info['free_slots']} free for new keys",
         f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']}",
         f"attached    {_plural(len(info['attached']), 'other process', 'other processes')}",
         f"throttle    level {level} ({low} - {top}), window {t['window']}, "

@@ -92,6 +92,7 @@ ROLL_WAIT = 10.0
 #: not rolled for as long as it holds them, the queue keeps the mails).
 _RETRIED = {
     "roll-up": "the next minute's roll-up catches up",
+    "reclaim": "tried again after the next roll-up; idle keys keep their slots meanwhile",
     "alerts": "tried again at the next tick",
     "prune": "tried again within the hour",
     "final roll-up": "the next start catches up from the ring",
@@ -347,7 +348,7 @@ class Supervisor:
         if isinstance(self.store, RedisStore):
             return self._roll_on_thread(now)
         try:
-            return self.roller.roll(now)
+            added = self.roller.roll(now)
         except StoreError:
             # Lose the Roller too: the next one, over the reopened store,
             # checks the instance and the gaps against that store.
@@ -356,6 +357,23 @@ class Supervisor:
             if store is not None:
                 store.close()
             raise
+        self._guard("reclaim", self._reclaim, self.roller, now)
+        return added
+
+    def _reclaim(self, roller: Roller, now: float) -> int:
+        """After a successful roll: give back the slots of keys idle for
+        longer than the ring and rolled (segment.reclaim), so made-up hosts
+        cannot fill the table for good.  Runs where the roll ran (this
+        thread, or the roll thread for Redis), after it."""
+        done = segment.reclaim(roller.counter, now, roller.store.closed_through())
+        return len(done)
+
+    def _roll_and_reclaim(self, roller: Roller, now: float) -> int:
+        """The roll thread's job: the roll, then (if it worked) the reclaim,
+        whose failure is logged here and never fails the roll."""
+        added = roller.roll(now)
+        self._guard("reclaim", self._reclaim, roller, now)
+        return added
 
     def _roll_on_thread(self, now: float) -> int | None:
         """Start this minute's roll into Redis on the roll thread; return
@@ -371,7 +389,7 @@ class Supervisor:
         if self._roll_pool is None:
             self._roll_pool = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="trafficthreshold-roll")
-        self._rolling = self._roll_pool.submit(self.roller.roll, now)
+        self._rolling = self._roll_pool.submit(self._roll_and_reclaim, self.roller, now)
         return None if previous is None else previous.result()
 
     def _wait_rolling(self) -> None:
