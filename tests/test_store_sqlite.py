@@ -579,7 +579,11 @@ def test_sigkill_in_the_middle_of_rolls_loses_and_doubles_nothing(path: str) -> 
         child = context.Process(target=roll_until_killed, args=args)
         child.start()
         deadline = time.monotonic() + 30
-        while progress.value < kill_after and child.is_alive() and time.monotonic() < deadline:
+        # Kill once it has committed kill_after rolls and is inside the next
+        # one (on a loaded machine the poll may otherwise land, every time,
+        # between a commit and the next roll's start).
+        while ((progress.value < kill_after or not rolling.value) and child.is_alive()
+               and time.monotonic() < deadline):
             time.sleep(0.001)
         os.kill(child.pid, signal.SIGKILL)
         child.join()
