@@ -179,6 +179,9 @@ class Lease:
         self.client, self.host, self.ttl_ms = client, host, ttl_ms
         self.key, self.counter = f"{prefix}~leader", f"{prefix}~leader:token"
         self.value: str | None = None
+        #: The value we last held: after a Redis error, renewing with it
+        #: continues the same lease (same token) if it has not lapsed.
+        self._last: str | None = None
         self._lease = client.register_script(LEASE_SCRIPT)
         self._fenced = client.register_script(FENCED_HSET)
         self._release = client.register_script(RELEASE_SCRIPT)
@@ -190,14 +193,17 @@ class Lease:
 
     def renew(self) -> bool:
         """Take or renew the lease (call every second); True while we lead.
-        A Redis error means we cannot know: we stop leading."""
+        A Redis error means we cannot know: we stop leading (``value`` is
+        None) and raise.  The next call renews the lease we last held if it
+        is still ours in Redis (the same token: nobody led meanwhile)."""
         try:
             value = self._lease(keys=[self.key, self.counter],
-                                args=[self.host, self.ttl_ms, self.value or ""])
+                                args=[self.host, self.ttl_ms, self.value or self._last or ""])
         except Exception:  # noqa: BLE001 - no Redis, no lease
             self.value = None
             raise
         self.value = None if value is None else _text(value)
+        self._last = self.value
         return self.value is not None
 
     def fenced(self, key: str, mapping: dict[str, str]) -> bool:
@@ -214,4 +220,4 @@ class Lease:
         """Give the lease up at shutdown, so another host takes over at once."""
         if self.value is not None:
             self._release(keys=[self.key], args=[self.value])
-            self.value = None
+            self.value = self._last = None

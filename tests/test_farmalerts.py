@@ -1,0 +1,241 @@
+"""Farm rules (farmalerts.py): three hosts on one machine (three segments,
+own keys), one real redis-server, the real Postfix.
+
+In process with a driven clock (each farm thread drained after each tick,
+so a tick models a second), and supervisor processes on an accelerated
+clock (tests/tt_farmhost.py) for SIGKILL and SIGSTOP.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import remove_everything
+from trafficthreshold import _counter, alerts, config as configuration, farm, segment
+from trafficthreshold.alerts import AlertState, MailContext
+from trafficthreshold.farmalerts import FarmAlertStore, FencedOut
+from trafficthreshold.supervisor import Supervisor
+from tt_alerts import make_rule
+from tt_farmhost import HOSTS, clock, write_configs
+from tt_postfix import MAILBOX, mailbox, requires_postfix, wait_for_mail
+from tt_proxy import TcpProxy
+
+pytestmark = [pytest.mark.redis]
+
+#: A start of minute near the real time, so the Date headers look sane.
+NOW = (time.time() // 60) * 60
+
+
+def rules(token: str, *, host_threshold: int | None = None) -> str:
+    """A farm rule (30 a minute, resolved after 1 quiet minute, no
+    reminders) and optionally a host rule, both mailing the test box."""
+    text = f"""
+[[alert]]
+name = "farm-{token}"
+scope = "farm"
+threshold = 30
+window = "minute"
+to = ["{MAILBOX}"]
+repeat = 0
+clear_minutes = 1
+"""
+    if host_threshold is not None:
+        text += f"""
+[[alert]]
+name = "host-{token}"
+threshold = {host_threshold}
+window = "minute"
+to = ["{MAILBOX}"]
+repeat = 0
+clear_minutes = 1
+"""
+    return text
+
+
+@pytest.fixture
+def token() -> str:
+    return f"tt{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def farm3(tmp_path, redis_server):
+    """Three installed SysV segments and a proxy to Redis per host."""
+    keys, proxies = {}, {}
+    try:
+        for host in HOSTS:
+            keys[host] = segment.unused_key()
+            segment.install(keys[host], "sysv", now=NOW)
+            proxies[host] = TcpProxy(redis_server.port)
+        yield keys, proxies
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
+        _counter._reset()
+        for key in keys.values():
+            remove_everything(key)
+
+
+class Farm:
+    """Three in-process supervisors ticked by the test (a driven clock)."""
+
+    def __init__(self, keys, paths, now: float) -> None:
+        self.counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
+        self.sups = {}
+        for i, host in enumerate(HOSTS):
+            cfg = configuration.load(paths[host], env={})
+            sup = Supervisor(cfg, config_path=paths[host], env={}, pid=5000 + i)
+            sup.initialize(now)
+            self.sups[host] = sup
+
+    def tick(self, now: float, hosts=HOSTS) -> None:
+        for host in hosts:
+            self.sups[host].tick(now)
+        for host in hosts:
+            assert self.sups[host].farm.drain(10)
+
+    def leaders(self) -> list[str]:
+        return [h for h, s in self.sups.items()
+                if s.farm is not None and s.farm.alerts.leading]
+
+    def hit_each(self, n: int, now: float) -> None:
+        for c in self.counters.values():
+            c.hit("shop", "pageview", n, now)
+
+    def close(self, now: float) -> None:
+        for sup in self.sups.values():
+            sup.shutdown(now)
+        for c in self.counters.values():
+            c.detach()
+
+
+def farm_rows(client, prefix: str = "track") -> list[dict]:
+    """Every queued farm mail in Redis (the rows, oldest first)."""
+    store = FarmAlertStore(client, prefix)
+    return [vars(m) for m in reversed(store.list(1000))]
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_farm_scope_needs_redis_and_names_the_fix(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[alert]]\nname = "site"\nscope = "farm"\nto = ["ops@example.com"]\n')
+    with pytest.raises(configuration.ConfigError) as err:
+        configuration.load(str(path), env={})
+    text = str(err.value)
+    assert "alert[0].scope" in text and 'backend = "redis"' in text
+    assert 'scope = "host" in the rule' in text
+    path.write_text('[[alert]]\nname = "site"\nscope = "world"\nto = ["ops@example.com"]\n')
+    with pytest.raises(configuration.ConfigError, match='"host" or "farm"'):
+        configuration.load(str(path), env={})
+    path.write_text('[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:6379/0"\n'
+                    'lease_ttl = 1.5\n')
+    with pytest.raises(configuration.ConfigError, match="lease_ttl = 1.5 is under 2 s"):
+        configuration.load(str(path), env={})
+    path.write_text('[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:6379/0"\n'
+                    '[[alert]]\nname = "site"\nscope = "farm"\nto = ["ops@example.com"]\n')
+    cfg = configuration.load(str(path), env={})
+    assert cfg.alerts[0].scope == "farm" and cfg.store.lease_ttl == 10
+    assert configuration.parse(configuration.dump(cfg, redact=False), env={}) == cfg
+
+
+# ------------------------------------------------------------------ fencing
+
+
+def test_a_lapsed_lease_fences_every_write(redis_server):
+    """Lease A lapses (a paused leader), B takes over with a higher token:
+    A can neither save state, nor queue, nor claim; B's takeover marks the
+    mail A had claimed as failed (interrupted), never to be sent again."""
+    client = redis_server.client()
+    a = farm.Lease(client, "web1", ttl_ms=300)
+    b = farm.Lease(client, "web2", ttl_ms=10_000)
+    store = FarmAlertStore(client)
+    assert a.renew() and not b.renew()
+    state, mails = alerts.step([make_rule()], {("all", "pageview", "minute"): 12}, NOW,
+                               AlertState(), max_per_hour=20, default_sender="tt@localhost")
+    queued = [(m, MailContext(host="web1")) for m in mails]
+    (first,) = store.save(a.value, state, queued, now=NOW)
+    assert store.claim(a.value, first, NOW)
+    (second,) = store.save(a.value, state, queued, now=NOW)
+    time.sleep(0.4)  # A is paused past its lease
+    assert b.renew() and b.token > a.token
+    with pytest.raises(FencedOut):
+        store.save(a.value, AlertState(), queued, now=NOW + 1)
+    with pytest.raises(FencedOut):
+        store.claim(a.value, second, NOW + 1)
+    assert store.load_state() == state  # A wrote nothing
+    assert store.resolve_interrupted(b.value) == [first]
+    row = store.get(first)
+    assert row.status == "failed" and "not sent again" in row.last_error
+    assert row.message_id in row.last_error
+    # A's late answer for its claim is still recorded (a fact, not a send).
+    store.mark_sent(a.value, first, NOW + 2)
+    assert store.get(first).status == "sent"
+    # B sends what A queued and did not claim: exactly that one.
+    assert store.next_due(NOW + 1).id == second
+    assert store.claim(b.value, second, NOW + 1)
+    assert not store.claim(b.value, second, NOW + 1)  # claimed once only
+    assert store.next_due(NOW + 1) is None
+    store.mark_failed(b.value, second, NOW + 1, "sendmail exited with status 75", NOW + 31)
+    assert store.next_due(NOW + 30) is None and store.next_due(NOW + 31).id == second
+    assert a.renew() is False and a.value is None
+
+
+# ------------------------------------------------------------------ in process
+
+
+class TestDriven:
+    pytestmark = requires_postfix
+
+    def test_a_burst_split_over_three_hosts_mails_once(self, farm3, redis_server, tmp_path,
+                                                        token, caplog):
+        """12 page views on each host, 36 in the farm, threshold 30: one
+        leader, exactly one alert mail and one resolved mail for the farm,
+        through the real Postfix; no host alone reaches 30.  The host rule
+        (threshold 10) mails once per host, as it always did."""
+        keys, proxies = farm3
+        paths = write_configs(tmp_path, keys, {h: p.port for h, p in proxies.items()},
+                              rules(token, host_threshold=10))
+        caplog.set_level(logging.INFO, logger="trafficthreshold")
+        f = Farm(keys, paths, NOW)
+        client = redis_server.client()
+        try:
+            f.tick(NOW)
+            assert len(f.leaders()) == 1
+            leader = f.leaders()[0]
+            assert farm.farm_live(client, now=NOW).leader == leader
+            f.hit_each(12, NOW + 1)
+            s = NOW
+            for s in range(int(NOW) + 1, int(NOW) + 125):
+                f.tick(s)
+                assert f.leaders() == [leader]
+        finally:
+            f.close(s)
+        rows = farm_rows(client)
+        assert [(r["kind"], r["status"]) for r in rows] == [("alert", "sent"),
+                                                            ("resolved", "sent")]
+        mails = wait_for_mail(f"farm-{token}", 2)
+        subjects = [m["Subject"] for m in mails]
+        assert subjects == [
+            f"[trafficthreshold] farm-{token}: 36 pageview/min for all (threshold 30) on "
+            f"{leader}",
+            f"[trafficthreshold] resolved farm-{token}: pageview for all back below 30/min on "
+            f"{leader} (peak 36)"], subjects
+        assert [m["Message-ID"] for m in mails] == [r["message_id"] for r in rows]
+        host_mails = wait_for_mail(f"host-{token}", 6)  # an alert and a resolved per host
+        assert sorted(m["Subject"].split(":")[0] for m in host_mails) == sorted(
+            ["[trafficthreshold] host-" + token] * 3
+            + [f"[trafficthreshold] resolved host-{token}"] * 3)
+        # Shutdown released the lease.
+        assert client.get("track~leader") is None
