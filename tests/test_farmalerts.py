@@ -239,3 +239,57 @@ class TestDriven:
             + [f"[trafficthreshold] resolved host-{token}"] * 3)
         # Shutdown released the lease.
         assert client.get("track~leader") is None
+
+    def test_a_leader_cut_off_from_redis_hands_over_and_nothing_is_doubled(
+            self, farm3, redis_server, tmp_path, token, caplog):
+        """The leader mails the alert; then its proxy stops.  It stops
+        leading at once (logged), its reading of the farm goes stale (it is
+        left with its own numbers), and its lease lapses (lease_ttl 2 s, real time): another host
+        takes over within it and, after the quiet minute, mails the
+        resolution.  When the cut-off host comes back it does not lead again
+        and sends nothing: one alert and one resolved mail in all."""
+        keys, proxies = farm3
+        paths = write_configs(tmp_path, keys, {h: p.port for h, p in proxies.items()},
+                              rules(token), lease_ttl=2)
+        caplog.set_level(logging.INFO, logger="trafficthreshold")
+        f = Farm(keys, paths, NOW)
+        client = redis_server.client()
+        s = NOW
+        try:
+            f.tick(NOW)
+            (old,) = f.leaders()
+            f.hit_each(12, NOW + 1)
+            for s in range(int(NOW) + 1, int(NOW) + 4):
+                f.tick(s)
+            assert wait_for_mail(f"farm-{token}", 1) and farm_rows(client)[0]["status"] == "sent"
+            proxies[old].stop()
+            cut = time.monotonic()
+            s += 1
+            f.tick(s)
+            assert old not in f.leaders()  # at once, not when the lease lapses
+            while not f.leaders():
+                assert time.monotonic() - cut < 2 + 1.5, "no takeover within the lease"
+                time.sleep(0.05)
+                s += 1
+                f.tick(s)
+            took = time.monotonic() - cut
+            (new,) = f.leaders()
+            assert new != old and farm.farm_live(client, now=s).leader == new
+            for s in range(int(s) + 1, int(NOW) + 125):
+                f.tick(s)
+            assert f.sups[old].farm.fresh(s) is None  # no farm numbers: its own only
+            proxies[old].start()
+            for s in range(int(s) + 1, int(s) + 6):
+                f.tick(s)
+            assert f.leaders() == [new]
+            assert f.sups[old].farm.fresh(s) is not None
+        finally:
+            f.close(s)
+        rows = farm_rows(client)
+        assert [(r["kind"], r["status"]) for r in rows] == [("alert", "sent"),
+                                                            ("resolved", "sent")]
+        assert len(wait_for_mail(f"farm-{token}", 1, deadline=5)) == 1
+        text = [r.getMessage() for r in caplog.records if r.name == "trafficthreshold.farmalerts"]
+        assert sum(f"host {old} no longer leads" in m for m in text) == 1, text
+        assert sum(f"host {new} leads the farm's alerts" in m for m in text) == 1, text
+        print(f"takeover after the cut: {took:.2f} s")

@@ -399,6 +399,12 @@ class FarmAlerts:
     def leading(self) -> bool:
         return self.term is not None
 
+    def suspend(self, why: str) -> None:
+        """Redis failed elsewhere on the farm thread: stop leading now (the
+        next :meth:`step` renews the lease if it is still ours)."""
+        self.lease.value = None
+        self._lose(why)
+
     def _lose(self, why: str) -> None:
         """Stop evaluating and sending at once."""
         self.outbox.lease = None

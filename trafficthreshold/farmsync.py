@@ -321,6 +321,8 @@ class FarmSync:
                                   only=self.keys())
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
+            if self.alerts is not None:  # no Redis, no lead: stop at once
+                self.alerts.suspend("Redis did not answer")
             if self._failing is None:
                 self._failing = text
                 log.error("publishing the live counts of host %s to the farm's Redis failed: "
