@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import remove_everything
-from trafficthreshold import _counter, alerts, config as configuration, farm, segment
+from trafficthreshold import (_counter, alerts, config as configuration, farm, segment,
+                              status)
 from trafficthreshold.alerts import AlertState, MailContext
 from trafficthreshold.farmalerts import FarmAlertStore, FencedOut
 from trafficthreshold.supervisor import Supervisor
@@ -220,6 +221,15 @@ class TestDriven:
             for s in range(int(NOW) + 1, int(NOW) + 125):
                 f.tick(s)
                 assert f.leaders() == [leader]
+                if s == NOW + 3:  # `trafficthreshold alerts` on any host
+                    report = status.alert_report(f.sups["web3"].config)
+                    firing = {r["name"]: (r["scope"], r["firing"]) for r in report["rules"]}
+                    assert firing == {f"farm-{token}": ("farm", True),
+                                      f"host-{token}": ("host", True)}
+                    assert report["farm_error"] is None
+                    assert [m["kind"] for m in report["farm_queue"]] == ["alert"]
+                    assert "(farm)" in status.render_alerts(report)
+                    assert status.collect(f.sups["web3"].config, s)["farm"]["leader"] == leader
         finally:
             f.close(s)
         rows = farm_rows(client)
