@@ -7,7 +7,6 @@ clock (tests/tt_farmhost.py) for SIGKILL and SIGSTOP.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -29,7 +28,7 @@ from trafficthreshold.farmalerts import FarmAlertStore, FencedOut
 from trafficthreshold.supervisor import Supervisor
 from tt_alerts import make_rule
 from tt_farmhost import HOSTS, clock, write_configs
-from tt_postfix import MAILBOX, mailbox, requires_postfix, wait_for_mail
+from tt_postfix import MAILBOX, requires_postfix, wait_for_mail
 from tt_proxy import TcpProxy
 
 pytestmark = [pytest.mark.redis]
@@ -395,7 +394,6 @@ def settle(client, deadline: float = 20.0) -> list[dict]:
         time.sleep(0.05)
 
 
-@pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 class TestProcesses:
     pytestmark = requires_postfix
 
