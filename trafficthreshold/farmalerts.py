@@ -52,6 +52,10 @@ from .mailer import Outbox
 
 log = logging.getLogger("trafficthreshold.farmalerts")
 
+#: Seconds shutdown waits for a farm mail being handed to the MTA: one that
+#: takes longer is left to its sendmail (the next leader marks it
+#: interrupted, and our late answer still records it).
+STOP_WAIT = 2.0
 #: Sent and failed mails are kept this long in Redis (seconds), for the log's
 #: Message-IDs and ``status``; pending and sending ones are never expired.
 KEEP_DONE = 7 * 86_400
@@ -474,7 +478,7 @@ class FarmAlerts:
         """Stop sending (after the current mail) and give the lease up, so
         another host takes over at once; errors are logged."""
         self.outbox.lease = None
-        self.outbox.stop(timeout=float(getattr(self.mail_config, "timeout", 30)) + 5)
+        self.outbox.stop(timeout=STOP_WAIT)
         self.term = None
         if release:
             try:
