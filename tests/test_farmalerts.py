@@ -500,3 +500,37 @@ class TestProcesses:
               f"max {max(takeovers):.2f} s, median {statistics.median(takeovers):.2f} s "
               f"(lease TTL {LEASE_TTL} s)")
         assert max(takeovers) <= LEASE_TTL + 1.0 <= 10
+
+
+def test_sighup_reloads_the_farm_rules_and_host_rules_stay_apart(farm3, redis_server, tmp_path,
+                                                                 token, caplog):
+    """A reload hands the new farm rules to the farm thread (the host
+    engine keeps the host rules only); a daemon started without farm rules
+    says that its first one needs a restart."""
+    keys, proxies = farm3
+    ports = {h: p.port for h, p in proxies.items()}
+    paths = write_configs(tmp_path, keys, ports, rules(token, host_threshold=10))
+    f = Farm(keys, paths, NOW)
+    try:
+        sup = f.sups["web1"]
+        assert [r.name for r in sup.engine.rules] == [f"host-{token}"]
+        assert [r.threshold for r in sup.farm.alerts.rules] == [30]
+        write_configs(tmp_path, keys, ports, rules(token).replace("threshold = 30",
+                                                                  "threshold = 50"))
+        sup.reload()
+        assert [r.threshold for r in sup.farm.alerts.rules] == [50]
+        assert sup.engine.rules == ()
+        assert sup.farm.keys() == (("all", "pageview"),)
+    finally:
+        f.close(NOW)
+    paths = write_configs(tmp_path, keys, ports, "")
+    caplog.set_level(logging.WARNING, logger="trafficthreshold.supervisor")
+    f = Farm(keys, paths, NOW)
+    try:
+        assert f.sups["web2"].farm.alerts is None
+        write_configs(tmp_path, keys, ports, rules(token))
+        f.sups["web2"].reload()
+        assert any("restart the daemon to evaluate them" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        f.close(NOW)

@@ -53,8 +53,8 @@ from .mailer import Outbox
 log = logging.getLogger("trafficthreshold.farmalerts")
 
 #: Seconds shutdown waits for a farm mail being handed to the MTA: one that
-#: takes longer is left to its sendmail (the next leader marks it
-#: interrupted, and our late answer still records it).
+#: takes longer is left to its sendmail, and the next leader marks it
+#: interrupted (logged, not sent again).
 STOP_WAIT = 2.0
 #: Sent and failed mails are kept this long in Redis (seconds), for the log's
 #: Message-IDs and ``status``; pending and sending ones are never expired.
