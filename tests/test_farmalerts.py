@@ -24,7 +24,7 @@ from conftest import remove_everything
 from trafficthreshold import (_counter, alerts, config as configuration, farm, segment,
                               status)
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.farmalerts import FarmAlertStore, FencedOut
+from trafficthreshold.farmalerts import FarmAlerts, FarmAlertStore, FencedOut
 from trafficthreshold.supervisor import Supervisor
 from tt_alerts import make_rule
 from tt_farmhost import HOSTS, clock, write_configs
@@ -534,3 +534,42 @@ def test_sighup_reloads_the_farm_rules_and_host_rules_stay_apart(farm3, redis_se
                    for r in caplog.records)
     finally:
         f.close(NOW)
+
+
+def test_a_redis_error_suspends_the_lead_and_the_same_lease_resumes_it(redis_server, caplog):
+    """An error on the farm thread ends the lead at once (the outbox stops
+    too); the next second renews the same lease (nobody led meanwhile):
+    the lead resumes with its token, its own claims not marked
+    interrupted; a lapsed lease retaken is a new term, and is."""
+    client = redis_server.client()
+    fa = FarmAlerts(client, "web1", [make_rule(scope="farm")], configuration.MailConfig(),
+                    ttl_ms=300)
+    caplog.set_level(logging.INFO, logger="trafficthreshold.farmalerts")
+    live = farm.FarmLive({}, [], None)
+    try:
+        fa.step(live, NOW)
+        token = fa.lease.token
+        assert fa.leading and fa.outbox.lease == fa.lease.value
+        store = FarmAlertStore(client)
+        store.save(fa.lease.value, AlertState(), [(mail(), MailContext())], now=NOW)
+        assert store.claim(fa.lease.value, 1, NOW)  # as the outbox does
+        fa.suspend("Redis did not answer")
+        assert not fa.leading and fa.outbox.lease is None
+        fa.step(live, NOW + 1)
+        assert fa.leading and fa.lease.token == token
+        assert store.get(1).status == "sending"  # ours, not interrupted
+        fa.suspend("Redis did not answer")
+        time.sleep(0.4)  # the lease lapses
+        fa.step(live, NOW + 2)
+        assert fa.lease.token > token and store.get(1).status == "failed"
+        text = [r.getMessage() for r in caplog.records]
+        assert sum("leads the farm's alerts again (the same lease" in m for m in text) == 1
+        assert any("mails [1] were interrupted at takeover" in m for m in text)
+    finally:
+        fa.stop()
+
+
+def mail():
+    _, mails = alerts.step([make_rule()], {("all", "pageview", "minute"): 12}, NOW,
+                           AlertState(), max_per_hour=20, default_sender="tt@localhost")
+    return mails[0]

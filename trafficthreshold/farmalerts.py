@@ -382,6 +382,7 @@ class FarmAlerts:
                                  clock=lambda: self.now, **(outbox_kwargs or {}))
         self.state: AlertState | None = None  # None: read it from Redis first
         self.term: str | None = None          # the lease value we lead under
+        self._previous: str | None = None     # the one we led under before
         self.rules: tuple[Rule, ...] = ()
         self.reload(rules, mail_config, dashboard_url)
         self.outbox.start()
@@ -415,6 +416,7 @@ class FarmAlerts:
         if self.term is not None:
             log.warning("host %s no longer leads the farm's alerts (%s): it stops evaluating "
                         "and sending them", self.host, why)
+            self._previous = self.term
         self.term, self.state = None, None
 
     def step(self, live: farm.FarmLive, now: float, level: int | None = None) -> list[int]:
@@ -434,11 +436,17 @@ class FarmAlerts:
         value = self.lease.value
         assert value is not None
         if value != self.term:
-            self._lose("a new lease")  # our last term (if any) is over
-            failed = self.store.resolve_interrupted(value)
-            log.warning("host %s leads the farm's alerts (lease token %s)%s", self.host,
-                        self.lease.token, f"; mails {failed} were interrupted at takeover "
-                        "and are not sent again" if failed else "")
+            if value == self._previous:
+                # The lease we held before Redis failed, still ours: nobody
+                # led meanwhile, our own claims are recorded by our outbox.
+                log.info("host %s leads the farm's alerts again (the same lease, token %s)",
+                         self.host, self.lease.token)
+            else:
+                self._lose("a new lease")  # our last term (if any) is over
+                failed = self.store.resolve_interrupted(value)
+                log.warning("host %s leads the farm's alerts (lease token %s)%s", self.host,
+                            self.lease.token, f"; mails {failed} were interrupted at "
+                            "takeover and are not sent again" if failed else "")
             self.term = value
         try:
             return self._evaluate(value, live, now, level)
