@@ -19,6 +19,12 @@ segment at this tick.  A reading older than :data:`STALE_AFTER` seconds
 (Redis down, slow, or cut off) is not used: the level follows this host's
 own count until a fresh reading comes (both changes logged once), so a host
 cut off from the farm never stays at the farm's level.
+
+``[[alert]] scope = "farm"``: after each publication and read-back (which
+then also reads the farm rules' keys), the farm thread renews the leader
+lease and, while it leads, evaluates the farm rules over that reading
+(:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
+ends the lead at once.  The tick never waits for any of it.
 """
 from __future__ import annotations
 
