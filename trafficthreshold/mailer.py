@@ -568,6 +568,10 @@ class Outbox:
                 item = store.next_due(now)
                 if item is None or any(r.id == item.id for r in results):
                     break
+                # Rendered before the claim: between the claim and the MTA's
+                # answer (where a crash leaves a mail interrupted, never
+                # re-sent) there is only the transport's run.
+                prepared = self._prepare(item)
                 try:
                     if not store.claim(item.id, now):
                         continue  # no longer pending (e.g. given up on meanwhile)
@@ -575,7 +579,7 @@ class Outbox:
                     log.warning("mail %d not sent on this pass: cannot claim it in %s: %s; "
                                 "trying again on the next pass", item.id, self.db_path, exc)
                     break
-                results.append(self._deliver(store, item, now, deadline))
+                results.append(self._deliver(store, item, now, deadline, prepared))
         return results
 
     def flush(self, now: float, budget: float) -> list[Delivery]:
@@ -601,13 +605,22 @@ class Outbox:
                       "without sending them again", ", ".join(map(str, self._owed)))
         return results
 
+    def _prepare(self, item: QueuedMail) -> Prepared | Exception:
+        """The message of ``item``, or why it cannot be built (a bad template
+        or address: the attempt fails with it once the row is claimed)."""
+        try:
+            return build_message(item.mail, item.context, message_id=item.message_id,
+                                 renderer=self.renderer)
+        except Exception as exc:  # noqa: BLE001 - recorded by _deliver
+            return exc
+
     def _deliver(self, store: AlertStore, item: QueuedMail, now: float,
-                 deadline: float | None = None) -> Delivery:
+                 deadline: float | None, prepared: Prepared | Exception) -> Delivery:
         """Send one claimed mail and record the outcome (the row is ``sending``)."""
         transport = _within(self.transport, _remaining(deadline))
         try:
-            prepared = build_message(item.mail, item.context, message_id=item.message_id,
-                                     renderer=self.renderer)
+            if isinstance(prepared, Exception):
+                raise prepared
             transport.send(prepared)
         except DeliveryError as exc:
             return self._failed(store, item, now, str(exc), exc.temporary)
