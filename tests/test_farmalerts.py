@@ -24,7 +24,7 @@ from conftest import remove_everything
 from trafficthreshold import (_counter, alerts, config as configuration, farm, segment,
                               status)
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.farmalerts import FarmAlerts, FarmAlertStore, FencedOut
+from trafficthreshold.farmalerts import FarmAlerts, FarmAlertStore, FencedOut, farm_count
 from trafficthreshold.supervisor import Supervisor
 from tt_alerts import make_rule
 from tt_farmhost import HOSTS, clock, write_configs
@@ -580,3 +580,18 @@ def mail():
     _, mails = alerts.step([make_rule()], {("all", "pageview", "minute"): 12}, NOW,
                            AlertState(), max_per_hour=20, default_sender="tt@localhost")
     return mails[0]
+
+
+def test_farm_count_takes_a_hosts_minute_only_if_it_is_this_minute():
+    """web2 has not published since the last minute: its minute count is
+    the last minute's, not this one's; its 60 s count still holds.  A host
+    that is not alive counts for nothing."""
+    key = ("all", "pageview")
+    live = farm.FarmLive({}, [
+        farm.HostLive("web1", True, at=NOW + 60, counts={key: (5, 20)}),
+        farm.HostLive("web2", True, at=NOW + 59, counts={key: (15, 15)}),
+        farm.HostLive("web3", False, at=NOW + 60, counts={key: (100, 100)}),
+    ], "web1")
+    assert farm_count(live, "all", "pageview", "minute", NOW + 60.5) == 5
+    assert farm_count(live, "all", "pageview", "60s", NOW + 60.5) == 35
+    assert farm_count(live, "shop", "pageview", "60s", NOW + 60.5) == 0
