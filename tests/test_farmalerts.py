@@ -259,10 +259,12 @@ class TestDriven:
         left with its own numbers), and its lease lapses (lease_ttl 2 s, real time): another host
         takes over within it and, after the quiet minute, mails the
         resolution.  When the cut-off host comes back it does not lead again
-        and sends nothing: one alert and one resolved mail in all."""
+        and sends nothing: one alert and one resolved mail in all.  The host
+        rule (threshold 10) mails an alert and a resolution from every host,
+        the cut-off one included."""
         keys, proxies = farm3
         paths = write_configs(tmp_path, keys, {h: p.port for h, p in proxies.items()},
-                              rules(token), lease_ttl=2)
+                              rules(token, host_threshold=10), lease_ttl=2)
         caplog.set_level(logging.INFO, logger="trafficthreshold")
         f = Farm(keys, paths, NOW)
         client = redis_server.client()
@@ -316,6 +318,8 @@ class TestDriven:
         assert [(r["kind"], r["status"]) for r in rows] == [("alert", "sent"),
                                                             ("resolved", "sent")]
         assert len(wait_for_mail(f"farm-{token}", 1, deadline=5)) == 1
+        # The host rule went on everywhere, the cut-off host's resolution too.
+        assert len(wait_for_mail(f"host-{token}", 6)) == 6
         text = [r.getMessage() for r in caplog.records if r.name == "trafficthreshold.farmalerts"]
         assert any(f"host {old} no longer leads" in m for m in text), text
         assert any(f"host {new} leads the farm's alerts" in m for m in text), text
