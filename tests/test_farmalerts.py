@@ -599,3 +599,35 @@ def test_farm_count_takes_a_hosts_minute_only_if_it_is_this_minute():
     assert farm_count(live, "all", "pageview", "minute", NOW + 60.5) == 5
     assert farm_count(live, "all", "pageview", "60s", NOW + 60.5) == 35
     assert farm_count(live, "shop", "pageview", "60s", NOW + 60.5) == 0
+
+
+def test_a_save_whose_reply_is_lost_is_not_repeated(redis_server):
+    """The nasty case of a write: the script ran in Redis, its reply was
+    lost (a timeout).  The leader cannot know: it stops at once, and the
+    next second reads the state back before evaluating, so the alert is
+    queued once, not twice."""
+    client = redis_server.client()
+    fa = FarmAlerts(client, "web1", [make_rule(scope="farm")], configuration.MailConfig(),
+                    ttl_ms=10_000)
+    fa.outbox.stop(timeout=2)  # nothing is sent here: the queue is what is looked at
+    key = ("all", "pageview")
+    try:
+        real = fa.store._save
+
+        def reply_lost(**kw):
+            real(**kw)
+            raise ConnectionError("Timeout reading from socket")
+
+        fa.store._save = reply_lost
+        live = farm.FarmLive({}, [farm.HostLive("web2", True, at=NOW + 1,
+                                                counts={key: (12, 12)})], None)
+        with pytest.raises(ConnectionError):
+            fa.step(live, NOW + 1)
+        assert not fa.leading and fa.outbox.lease is None
+        fa.store._save = real
+        token = int(client.get("track~leader").split()[1])  # still ours in Redis
+        assert fa.step(live, NOW + 2) == []  # the episode is known: no second alert
+        assert fa.leading and fa.lease.token == token
+        assert [m.kind for m in FarmAlertStore(client).list()] == ["alert"]
+    finally:
+        fa.stop()

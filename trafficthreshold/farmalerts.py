@@ -454,8 +454,10 @@ class FarmAlerts:
             self._lose(str(exc))
             return []
         except Exception:
-            # Did the save run?  We cannot know: read the state again first.
-            self.state = None
+            # Did the save run?  We cannot know: stop at once; the next
+            # second resumes the same lease (if still ours) and reads the
+            # state again first.
+            self.suspend("its write to Redis failed")
             raise
 
     def _evaluate(self, lease: str, live: farm.FarmLive, now: float,
