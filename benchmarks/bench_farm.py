@@ -18,7 +18,10 @@ backend = "redis"`` and ``[throttle] scope = "farm"``:
    key (``publish_live`` + ``farm_live(only=LEVEL_KEYS)``), over loopback;
 4. the full read of the farm (``farm_live``: every key of every host, what
    ``/api/stats/live?scope=farm`` and the dashboard read), two hosts of N
-   keys.
+   keys;
+5. what a farm rule adds to the farm thread's second on the leader
+   (``FarmAlerts.step``: the lease's renewal and the rule's evaluation, no
+   state change), against 3.
 
 The published total is checked against the hits made.
 """
@@ -50,7 +53,8 @@ def bench(keys: int, ticks: int) -> dict[str, float]:
                 f.write(f'key = {key}\ndatabase = "{tmp}/s.sqlite3"\ntimezone = "UTC"\n'
                         '[http]\nenabled = false\n[throttle]\nscope = "farm"\n'
                         f'[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{port}/0"\n'
-                        'host = "bench"\n')
+                        'host = "bench"\n[[alert]]\nname = "site"\nscope = "farm"\n'
+                        'threshold = 1000000000\nto = ["ops@example.com"]\n')
             start = (time.time() // 60) * 60
             for i in range(keys):
                 counter.hit(f"site{i}.example", "pageview", 1, start + 1)
@@ -82,6 +86,13 @@ def bench(keys: int, ticks: int) -> dict[str, float]:
                 t = time.perf_counter()
                 farm.farm_live(client, now=start + 3)
                 full = time.perf_counter() - t
+                # The farm thread is idle now (drained): step on this thread.
+                sup.farm.alerts.step(reading.live, start + 3, 0)  # the term's first read
+                t = time.perf_counter()
+                for _ in range(20):
+                    sup.farm.alerts.step(reading.live, start + 3, 0)
+                lead = (time.perf_counter() - t) / 20
+                assert sup.farm.alerts.leading
                 assert reader is not None
             finally:
                 sup.shutdown(start + 4)
@@ -92,7 +103,8 @@ def bench(keys: int, ticks: int) -> dict[str, float]:
             segment.uninstall(key, force=True)
     if published != keys:
         sys.exit(f"FAIL  the farm's total is {published}, {keys} hits were made")
-    return {"tick": statistics.mean(times), "read": read, "cycle": cycle, "full": full}
+    return {"tick": statistics.mean(times), "read": read, "cycle": cycle, "full": full,
+            "lead": lead}
 
 
 def main() -> int:
@@ -107,6 +119,8 @@ def main() -> int:
         (f"live counts read, {keys:,} keys", f"{got['read'] * 1000:.2f} ms", "-", True),
         (f"publish + level read, {keys:,} keys", f"{got['cycle'] * 1000:.2f} ms", "-", True),
         (f"full farm read (API), 2 x {keys:,} keys", f"{got['full'] * 1000:.2f} ms", "-", True),
+        ("farm rule on the leader (lease + eval)", f"{got['lead'] * 1000:.2f} ms", "-", True),
+        ("  ratio to publish + level read", f"{got['lead'] / got['cycle']:.3f}", "-", True),
     ]
     print(f"{'measure':<36} {'value':>12} {'target':>8}  result")
     for name, value, target, ok in rows:

@@ -891,6 +891,7 @@ def test_dataclass_fields() -> None:
         "repeat",
         "resolved",
         "clear_minutes",
+        "scope",
     ]
     assert names(Config) == [
         "key",

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from trafficthreshold.farm import Lease, farm_live, publish_live
+from trafficthreshold.farm import LEASE_SCRIPT, Lease, farm_live, publish_live
 from tt_redis import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -43,20 +43,34 @@ def test_a_host_that_stops_publishing_drops_out_within_its_ttl(
     assert {h.host: h.alive for h in farm.hosts} == {"web1": True, "web2": False}
 
 
-def test_one_leader_and_a_paused_leader_cannot_write(redis_server: RedisServer) -> None:
+def test_one_leader_and_a_paused_leader_cannot_lead(redis_server: RedisServer) -> None:
+    """The lease itself; the fence of its writes is farmalerts' (test_farmalerts)."""
     r = redis_server.client()
     a, b = Lease(r, "web1", ttl_ms=300), Lease(r, "web2", ttl_ms=300)
     assert a.renew() and not b.renew()
-    assert a.fenced("track~alerts", {"burst": "firing"})
     assert farm_live(r, now=NOW).leader == "web1"
+    assert r.get("track~leader") == a.value.encode() == f"web1 {a.token}".encode()
     first = a.token
     time.sleep(0.5)  # web1 paused past its lease
     assert b.renew() and b.token > first
-    # web1 wakes up and tries to write with its old lease: refused.
-    assert not a.fenced("track~alerts", {"burst": "resolved"})
-    assert r.hget("track~alerts", "burst") == b"firing"
-    assert not a.renew()  # and it cannot take the lease back while web2 holds it
-    assert b.fenced("track~alerts", {"burst": "resolved"})
+    assert not a.renew() and a.value is None  # no way back while web2 holds it
+    assert b.renew() and b.token > first  # renewing keeps the token
     second = b.token
     b.release()  # at shutdown: the next host takes over at once, not after the TTL
     assert a.renew() and a.token > second
+
+
+def test_a_redis_error_ends_the_lead_and_renewal_continues_the_same_lease(
+        redis_server: RedisServer) -> None:
+    """No answer: not leading (value None) at once; the next renewal with
+    Redis back continues the lease still held under our value (same token)."""
+    r = redis_server.client()
+    a = Lease(r, "web1", ttl_ms=10_000)
+    assert a.renew()
+    token = a.token
+    a._lease = lambda **kw: (_ for _ in ()).throw(ConnectionError("cut off"))
+    with pytest.raises(ConnectionError):
+        a.renew()
+    assert a.value is None
+    a._lease = r.register_script(LEASE_SCRIPT)
+    assert a.renew() and a.token == token

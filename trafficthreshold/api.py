@@ -677,7 +677,10 @@ class StatsApp:
                     totals[key] = totals.get(key, 0) + n
         firing = None
         if state is not None:
-            firing = {rule.name: rule.name in state.episodes for rule in self.config.alerts}
+            # Host rules only: a farm rule's episode is in the farm's Redis
+            # (``trafficthreshold alerts`` shows it), not in this file.
+            firing = {rule.name: rule.name in state.episodes for rule in self.config.alerts
+                      if rule.scope != "farm"}
             firing.update({name: True for name in state.episodes if name not in firing})
         families = metrics.collect(
             totals=totals,

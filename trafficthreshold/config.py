@@ -51,6 +51,8 @@ DATABASE_NAME = "stats.sqlite3"
 WINDOWS = tuple(SEGMENT_WINDOWS)
 #: ``[throttle] scope``: whose count sets the level; the first is the default.
 THROTTLE_SCOPES = ("host", "farm")
+#: ``[[alert]] scope``: whose count a rule compares; the first is the default.
+ALERT_SCOPES = ("host", "farm")
 TRANSPORTS = ("sendmail", "smtp")
 
 
@@ -207,6 +209,9 @@ class StoreConfig:
     prefix: str = "track"
     funnels_prefix: str = "funnels"
     host: str = dataclasses.field(default_factory=socket.gethostname)
+    #: Seconds the farm's alert leader keeps its lease without renewing it
+    #: (it renews every second): how soon another host takes over.
+    lease_ttl: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +228,9 @@ class AlertRule:
     repeat: int = 3600
     resolved: bool = True
     clear_minutes: int = 5
+    #: "host": this host's count, on every host; "farm": the farm's total,
+    #: by the lease holder only (docs/alerts.rst, "Farm rules").
+    scope: str = "host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -688,7 +696,10 @@ LIMITS = {
     "threshold": 2**53 - 1,  # exact as a JSON number (the API, the alert state)
     "repeat": 604_800,  # a week
     "clear_minutes": 1_440,  # a day of closed minutes, read once a minute
+    "lease_ttl": 600.0,  # ten minutes without a leader for the farm's alerts at most
 }
+#: The shortest ``[store] lease_ttl``: the lease is renewed every second.
+MIN_LEASE_TTL = 2.0
 
 _TOP: dict[str, _Key] = {
     "key": _Key("key", _integer(1, MAX_KEY, example=f"{DEFAULT_KEY:#x}")),
@@ -743,6 +754,7 @@ _STORE: dict[str, _Key] = {
     "prefix": _Key("prefix", _store_word("key prefix", "track")),
     "funnels_prefix": _Key("funnels_prefix", _store_word("key prefix", "funnels")),
     "host": _Key("host", _store_word("host name", "web1")),
+    "lease_ttl": _Key("lease_ttl", _seconds(LIMITS["lease_ttl"])),
 }
 _ALERT: dict[str, _Key] = {
     "name": _Key("name", _alert_name),
@@ -756,6 +768,7 @@ _ALERT: dict[str, _Key] = {
     "repeat": _Key("repeat", _integer(0, LIMITS["repeat"], example="3600")),
     "resolved": _Key("resolved", _boolean),
     "clear_minutes": _Key("clear_minutes", _integer(1, LIMITS["clear_minutes"], example="5")),
+    "scope": _Key("scope", _choice(*ALERT_SCOPES)),
 }
 #: The tables of the file: name -> (schema, dataclass).
 _TABLES: dict[str, tuple[dict[str, _Key], type]] = {
@@ -954,6 +967,13 @@ def _cross_check(config: Config, errors: _Errors) -> None:
                    f"{_show(config.store.backend)}",
                    'set [store] backend = "redis" with its url (docs/redis.rst), or '
                    'scope = "host"')
+    farm_rules = [i for i, r in enumerate(config.alerts) if r.scope == "farm"]
+    if farm_rules and config.store.backend != "redis":
+        errors.bad(f"alert[{farm_rules[0]}].scope", "farm",
+                   f"needs the farm's Redis (the lease and the farm's alert state live there), "
+                   f"but store.backend is {_show(config.store.backend)}",
+                   'set [store] backend = "redis" with its url (docs/redis.rst), or '
+                   'scope = "host" in the rule')
 
 
 def _cross_check_store(store: StoreConfig, errors: _Errors) -> None:
@@ -965,6 +985,10 @@ def _cross_check_store(store: StoreConfig, errors: _Errors) -> None:
     if store.funnels_prefix == store.prefix:
         errors.bad("store.funnels_prefix", store.funnels_prefix, "is the same as store.prefix",
                    'give the funnels their own, e.g. funnels_prefix = "funnels" (Bootic\'s)')
+    if store.lease_ttl < MIN_LEASE_TTL:
+        errors.bad("store.lease_ttl", store.lease_ttl, f"is under {MIN_LEASE_TTL:g} s",
+                   f"the lease is renewed every second: use at least {MIN_LEASE_TTL:g}, "
+                   f"e.g. 10 (the default)")
     if store.backend != "redis":
         return
     if store.url and store.sentinels:

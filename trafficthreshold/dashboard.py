@@ -219,6 +219,8 @@ def _alert_rows(config: Config, state: alerts.AlertState | None, snap: Snapshot 
     live = {(e["account"], e["event"]): e for e in snap.keys} if snap else {}
     rows = []
     for rule in config.alerts:
+        if rule.scope == "farm":  # its state is in Redis: `trafficthreshold alerts`
+            continue
         entry = live.get((rule.account, rule.event))
         count = None
         if entry is not None:

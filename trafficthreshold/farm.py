@@ -26,10 +26,10 @@ The leader lease
 Farm-wide alert rules are evaluated by one supervisor at a time: the holder
 of the lease ``{prefix}~leader`` (``SET NX PX``), renewed every second.  Each
 new lease gets a fencing token from ``{prefix}~leader:token`` (``INCR``); the
-lease's value is ``"{host} {token}"``.  Every write of farm alert state goes
-through :meth:`Lease.fenced`, a script that applies it only while the lease
-still holds that exact value, so a leader that was paused past its lease
-(and replaced) can no longer write or send.
+lease's value is ``"{host} {token}"``.  Every write of farm alert state
+(:mod:`trafficthreshold.farmalerts`) is a script that applies it only while
+the lease still holds that exact value, so a leader that was paused past its
+lease (and replaced) can no longer write or send.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from typing import Any, Sequence
 LIVE_TTL_MS = 5_000
 #: A host not heard from for this long is no longer listed at all.
 FORGET_AFTER = 3_600
-#: The leader's lease: another host takes over at most this long after the
-#: leader stops renewing (it renews every second).
+#: The leader's lease by default (``[store] lease_ttl``): another host takes
+#: over at most this long after the leader stops renewing (every second).
 LEASE_TTL_MS = 10_000
 
 LiveCounts = dict[tuple[str, str], tuple[int, int]]
@@ -157,14 +157,6 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
 """
 
-# KEYS: lease, then the hash to write.  ARGV: our lease value, then field,
-# value pairs.  Writes only while the lease is still ours.
-FENCED_HSET = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-return 1
-"""
-
 RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -179,8 +171,10 @@ class Lease:
         self.client, self.host, self.ttl_ms = client, host, ttl_ms
         self.key, self.counter = f"{prefix}~leader", f"{prefix}~leader:token"
         self.value: str | None = None
+        #: The value we last held: after a Redis error, renewing with it
+        #: continues the same lease (same token) if it has not lapsed.
+        self._last: str | None = None
         self._lease = client.register_script(LEASE_SCRIPT)
-        self._fenced = client.register_script(FENCED_HSET)
         self._release = client.register_script(RELEASE_SCRIPT)
 
     @property
@@ -190,28 +184,21 @@ class Lease:
 
     def renew(self) -> bool:
         """Take or renew the lease (call every second); True while we lead.
-        A Redis error means we cannot know: we stop leading."""
+        A Redis error means we cannot know: we stop leading (``value`` is
+        None) and raise.  The next call renews the lease we last held if it
+        is still ours in Redis (the same token: nobody led meanwhile)."""
         try:
             value = self._lease(keys=[self.key, self.counter],
-                                args=[self.host, self.ttl_ms, self.value or ""])
+                                args=[self.host, self.ttl_ms, self.value or self._last or ""])
         except Exception:  # noqa: BLE001 - no Redis, no lease
             self.value = None
             raise
         self.value = None if value is None else _text(value)
+        self._last = self.value
         return self.value is not None
-
-    def fenced(self, key: str, mapping: dict[str, str]) -> bool:
-        """HSET ``mapping`` into ``key`` only if we still hold the lease we
-        took; False (nothing written) once another host has taken over."""
-        if self.value is None:
-            return False
-        args: list[str] = [self.value]
-        for k, v in mapping.items():
-            args.extend([k, v])
-        return bool(self._fenced(keys=[self.key, key], args=args))
 
     def release(self) -> None:
         """Give the lease up at shutdown, so another host takes over at once."""
         if self.value is not None:
             self._release(keys=[self.key], args=[self.value])
-            self.value = None
+            self.value = self._last = None

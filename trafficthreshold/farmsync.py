@@ -19,6 +19,12 @@ segment at this tick.  A reading older than :data:`STALE_AFTER` seconds
 (Redis down, slow, or cut off) is not used: the level follows this host's
 own count until a fresh reading comes (both changes logged once), so a host
 cut off from the farm never stays at the farm's level.
+
+``[[alert]] scope = "farm"``: after each publication and read-back (which
+then also reads the farm rules' keys), the farm thread renews the leader
+lease and, while it leads, evaluates the farm rules over that reading
+(:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
+ends the lead at once.  The tick never waits for any of it.
 """
 from __future__ import annotations
 
@@ -153,9 +159,14 @@ class FarmSync:
     """
 
     def __init__(self, client: Any, host: str, reader: LiveReader, *, prefix: str = "track",
-                 ttl_ms: int = farm.LIVE_TTL_MS, stale_after: float = STALE_AFTER) -> None:
+                 ttl_ms: int = farm.LIVE_TTL_MS, stale_after: float = STALE_AFTER,
+                 alerts: Any = None) -> None:
         self.client, self.host, self.prefix = client, host, prefix
         self.reader = reader
+        #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
+        #: stepped by this thread after each publication; None: no farm rules.
+        self.alerts = alerts
+        self._alerts_failing: str | None = None
         self.ttl_ms, self.stale_after = ttl_ms, stale_after
         self.reading: Reading | None = None
         self._cond = threading.Condition()
@@ -170,15 +181,34 @@ class FarmSync:
         self._thread.start()
 
     @classmethod
-    def open(cls, config: Any, env: Any = None) -> "FarmSync":
+    def open(cls, config: Any, env: Any = None, farm_rules: Any = ()) -> "FarmSync":
         """The farm link for ``[store]`` (a client of its own, timeout
-        :data:`SOCKET_TIMEOUT`, no retries: the next second retries)."""
+        :data:`SOCKET_TIMEOUT`, no retries: the next second retries); with
+        ``farm_rules``, the lease and the farm's alerts too (their mail
+        thread with a client of its own)."""
         from . import store as stores
 
         client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
         no_retries(client)
+        farm_alerts = None
+        if farm_rules:
+            from .farmalerts import FarmAlerts
+
+            mail_client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
+            no_retries(mail_client)
+            farm_alerts = FarmAlerts(client, config.store.host, farm_rules, config.mail,
+                                     prefix=config.store.prefix,
+                                     ttl_ms=int(config.store.lease_ttl * 1000),
+                                     dashboard_url=config.dashboard_link,
+                                     outbox_client=mail_client)
         return cls(client, config.store.host, LiveReader(config.key, config.backend),
-                   prefix=config.store.prefix)
+                   prefix=config.store.prefix, alerts=farm_alerts)
+
+    def keys(self) -> tuple[tuple[str, str], ...]:
+        """The keys read back from every host: the level's and the farm rules'."""
+        if self.alerts is None:
+            return LEVEL_KEYS
+        return tuple(dict.fromkeys([*LEVEL_KEYS, *self.alerts.keys()]))
 
     # ------------------------------------------------------------ the tick
 
@@ -273,7 +303,7 @@ class FarmSync:
         which the next offer's cycle meets and logs."""
         try:
             self.reading = Reading(now, farm.farm_live(self.client, now=now, prefix=self.prefix,
-                                                       only=LEVEL_KEYS))
+                                                       only=self.keys()))
         except Exception:  # noqa: BLE001 - the next cycle says it
             return False
         return True
@@ -294,9 +324,12 @@ class FarmSync:
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
                               last_roll=self._last_roll())
-            live = farm.farm_live(self.client, now=item.now, prefix=self.prefix, only=LEVEL_KEYS)
+            live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
+                                  only=self.keys())
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
+            if self.alerts is not None:  # no Redis, no lead: stop at once
+                self.alerts.suspend("Redis did not answer")
             if self._failing is None:
                 self._failing = text
                 log.error("publishing the live counts of host %s to the farm's Redis failed: "
@@ -309,7 +342,25 @@ class FarmSync:
             log.info("publishing the live counts of host %s to the farm's Redis works again",
                      self.host)
         self.reading = Reading(item.now, live)
+        if self.alerts is not None:
+            self._step_alerts(live, item)
         return True
+
+    def _step_alerts(self, live: farm.FarmLive, item: Offer) -> None:
+        """The farm rules after a fresh read (lease, evaluation, queue);
+        an error is logged once, and once when it works again."""
+        try:
+            self.alerts.step(live, item.now, item.level)
+        except Exception as exc:  # noqa: BLE001 - the farm thread never dies
+            text = f"{type(exc).__name__}: {exc}"
+            if self._alerts_failing != text:
+                self._alerts_failing = text
+                log.error("the farm's alerts on host %s failed: %s; it does not lead them "
+                          "meanwhile, tried again every second", self.host, text)
+            return
+        if self._alerts_failing is not None:
+            self._alerts_failing = None
+            log.info("the farm's alerts on host %s work again", self.host)
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until the last offer is published and read back (tests with a
@@ -325,6 +376,8 @@ class FarmSync:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(STOP_WAIT)
+        if self.alerts is not None and not self._thread.is_alive():
+            self.alerts.stop(release=withdraw)
         if withdraw and not self._thread.is_alive():
             try:
                 self.client.delete(f"{self.prefix}~live:{self.host}")

@@ -490,7 +490,13 @@ class Outbox:
     (sendmail exit 75, a time-out, SMTP 4xx, connection refused) get up to
     ``max_temp_attempts`` attempts, any other failure ``max_attempts``; then
     the row is marked failed and an error is logged.
+
+    :class:`trafficthreshold.farmalerts.FarmOutbox` is the same worker over
+    the farm's queue in Redis (its store errors: :data:`STORE_ERRORS`).
     """
+
+    #: What the queue raises when it cannot be written (nothing sent then).
+    STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(
         self,
@@ -505,8 +511,10 @@ class Outbox:
         backoff_max: float = 3600.0,
         poll: float = 1.0,
         busy_timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.db_path = db_path
+        self.clock = clock  # the worker's ``now`` (the farm's outbox: the tick's clock)
         self.busy_timeout = busy_timeout  # None: the store's default (5 s)
         self.max_attempts, self.max_temp_attempts = max_attempts, max_temp_attempts
         self.backoff, self.backoff_max, self.poll = backoff, backoff_max, poll
@@ -560,14 +568,18 @@ class Outbox:
                 item = store.next_due(now)
                 if item is None or any(r.id == item.id for r in results):
                     break
+                # Rendered before the claim: between the claim and the MTA's
+                # answer (where a crash leaves a mail interrupted, never
+                # re-sent) there is only the transport's run.
+                prepared = self._prepare(item)
                 try:
                     if not store.claim(item.id, now):
                         continue  # no longer pending (e.g. given up on meanwhile)
-                except sqlite3.Error as exc:
+                except self.STORE_ERRORS as exc:
                     log.warning("mail %d not sent on this pass: cannot claim it in %s: %s; "
                                 "trying again on the next pass", item.id, self.db_path, exc)
                     break
-                results.append(self._deliver(store, item, now, deadline))
+                results.append(self._deliver(store, item, now, deadline, prepared))
         return results
 
     def flush(self, now: float, budget: float) -> list[Delivery]:
@@ -593,13 +605,22 @@ class Outbox:
                       "without sending them again", ", ".join(map(str, self._owed)))
         return results
 
+    def _prepare(self, item: QueuedMail) -> Prepared | Exception:
+        """The message of ``item``, or why it cannot be built (a bad template
+        or address: the attempt fails with it once the row is claimed)."""
+        try:
+            return build_message(item.mail, item.context, message_id=item.message_id,
+                                 renderer=self.renderer)
+        except Exception as exc:  # noqa: BLE001 - recorded by _deliver
+            return exc
+
     def _deliver(self, store: AlertStore, item: QueuedMail, now: float,
-                 deadline: float | None = None) -> Delivery:
+                 deadline: float | None, prepared: Prepared | Exception) -> Delivery:
         """Send one claimed mail and record the outcome (the row is ``sending``)."""
         transport = _within(self.transport, _remaining(deadline))
         try:
-            prepared = build_message(item.mail, item.context, message_id=item.message_id,
-                                     renderer=self.renderer)
+            if isinstance(prepared, Exception):
+                raise prepared
             transport.send(prepared)
         except DeliveryError as exc:
             return self._failed(store, item, now, str(exc), exc.temporary)
@@ -637,7 +658,7 @@ class Outbox:
         stays ``sending`` meanwhile, so it is never handed to the MTA again."""
         try:
             write(store)
-        except sqlite3.Error as exc:
+        except self.STORE_ERRORS as exc:
             log.warning("mail %d: cannot record the MTA's answer in %s: %s; the mail is not "
                         "sent again, recording is retried on the next pass",
                         id, self.db_path, exc)
@@ -648,7 +669,7 @@ class Outbox:
         for id, write in list(self._owed.items()):
             try:
                 write(store)
-            except sqlite3.Error as exc:
+            except self.STORE_ERRORS as exc:
                 log.warning("mail %d: recording the MTA's answer still fails: %s", id, exc)
                 return False
             del self._owed[id]
@@ -709,7 +730,7 @@ class Outbox:
                 self._wake.clear()
                 try:
                     # The worker is an outermost loop: it may read the clock.
-                    self.deliver_due(time.time(), stop=self._stop.is_set)
+                    self.deliver_due(self.clock(), stop=self._stop.is_set)
                 except Exception:
                     log.exception("mail delivery pass failed; trying again in %g s", self.poll)
                 self._wake.wait(self.poll)

@@ -374,7 +374,10 @@ def _plural(n: int, one: str, many: str) -> str:
 
 
 def alert_report(cfg: Config) -> dict[str, Any]:
-    """Rules with their episode state, and the newest queued mails."""
+    """Rules with their episode state, and the newest queued mails: host
+    rules from this host's SQLite file, farm rules (``scope = "farm"``)
+    from the farm's Redis (``farm_queue``; ``farm_error`` when Redis did
+    not answer within stores.PING_TIMEOUT)."""
     from .alertstore import AlertStore
     if not os.path.exists(cfg.database):
         state_episodes: dict[str, Any] = {}
@@ -386,30 +389,65 @@ def alert_report(cfg: Config) -> dict[str, Any]:
             queue = store.list(limit=20)
         finally:
             store.close()
+    farm_episodes, farm_queue, farm_error = _farm_alerts(cfg)
     rules = []
     for r in cfg.alerts:
-        ep = state_episodes.get(r.name)
-        rules.append({"name": r.name, "account": r.account, "event": r.event,
+        ep = (farm_episodes if r.scope == "farm" else state_episodes).get(r.name)
+        rules.append({"name": r.name, "scope": r.scope, "account": r.account, "event": r.event,
                       "threshold": r.threshold, "window": r.window, "to": list(r.to),
                       "firing": ep is not None,
                       "since": _iso(ep.started) if ep else None,
                       "peak": ep.peak if ep else None})
-    mails = [{"id": m.id, "created": _iso(m.created), "kind": m.kind, "rules": list(m.rules),
-              "to": list(m.recipients), "status": m.status, "attempts": m.attempts,
-              "last_error": m.last_error} for m in queue]
-    return {"rules": rules, "queue": mails}
+
+    def rows(mails: list[Any]) -> list[dict[str, Any]]:
+        return [{"id": m.id, "created": _iso(m.created), "kind": m.kind, "rules": list(m.rules),
+                 "to": list(m.recipients), "status": m.status, "attempts": m.attempts,
+                 "last_error": m.last_error} for m in mails]
+
+    report = {"rules": rules, "queue": rows(queue)}
+    if any(r.scope == "farm" for r in cfg.alerts):
+        report.update(farm_queue=rows(farm_queue), farm_error=farm_error)
+    return report
+
+
+def _farm_alerts(cfg: Config) -> tuple[dict[str, Any], list[Any], str | None]:
+    """The farm rules' episodes and newest mails from Redis (none without
+    farm rules), and the error if Redis did not answer."""
+    if cfg.store.backend != "redis" or not any(r.scope == "farm" for r in cfg.alerts):
+        return {}, [], None
+    from . import farmsync, store as stores
+    from .farmalerts import FarmAlertStore
+    try:
+        client = stores.redis_client(cfg, timeout=stores.PING_TIMEOUT)
+        farmsync.no_retries(client)
+        try:
+            store = FarmAlertStore(client, cfg.store.prefix)
+            return dict(store.load_state().episodes), store.list(limit=20), None
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - a report, not a failure
+        return {}, [], f"{type(exc).__name__}: {exc}"
 
 
 def render_alerts(report: dict[str, Any]) -> str:
     lines = [f"{'RULE':<20} {'TARGET':<30} {'THRESHOLD':>10}  STATE"]
     for r in report["rules"]:
         state = f"FIRING since {r['since']}, peak {r['peak']}" if r["firing"] else "ok"
+        if r.get("scope") == "farm":
+            state += " (farm)"
         lines.append(f"{r['name']:<20} {r['account'] + '/' + r['event']:<30} "
                      f"{r['threshold']:>7}/{r['window']}  {state}")
     if not report["rules"]:
         lines.append("(no [[alert]] rules configured)")
-    lines += ["", f"{'ID':>5} {'CREATED':<26} {'KIND':<10} {'STATUS':<8} {'TRIES':>5}  ERROR"]
-    for m in report["queue"]:
-        lines.append(f"{m['id']:>5} {m['created']:<26} {m['kind']:<10} {m['status']:<8} "
-                     f"{m['attempts']:>5}  {m['last_error'] or ''}")
+    for title, key in (("", "queue"), ("farm rules' mails (Redis)", "farm_queue")):
+        if key not in report:
+            continue
+        lines += ["", title] if title else [""]
+        if key == "farm_queue" and report.get("farm_error"):
+            lines.append(f"(Redis did not answer: {report['farm_error']})")
+            continue
+        lines.append(f"{'ID':>5} {'CREATED':<26} {'KIND':<10} {'STATUS':<8} {'TRIES':>5}  ERROR")
+        for m in report[key]:
+            lines.append(f"{m['id']:>5} {m['created']:<26} {m['kind']:<10} {m['status']:<8} "
+                         f"{m['attempts']:>5}  {m['last_error'] or ''}")
     return "\n".join(lines)

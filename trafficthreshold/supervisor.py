@@ -25,13 +25,16 @@ it directly with a driven clock.  Each tick:
    own, so a slow or unreachable Redis never delays the tick (throttle,
    alerts, heartbeat); while it is still running the next minute's roll is
    skipped (logged once), the ring keeps the minutes for the one after;
-5. evaluates the alert rules (mail goes out from the outbox thread, never
-   from the tick);
+5. evaluates this host's alert rules (mail goes out from the outbox
+   thread, never from the tick); the farm's rules (``scope = "farm"``) are
+   the farm thread's, on the holder of the leader lease only
+   (:mod:`trafficthreshold.farmalerts`);
 6. once an hour, prunes the store.
 
-Alert state and the mail queue are always in the SQLite file (this host's
-own), opened apart from the period store: a Redis that is down does not
-stop alerts, and a damaged file does not stop the roll into Redis.
+The alert state and the mail queue of host rules are always in the SQLite
+file (this host's own), opened apart from the period store: a Redis that is
+down does not stop them, and a damaged file does not stop the roll into
+Redis.  Those of farm rules are in Redis, written under the lease.
 
 Every step is guarded: a step that fails is logged and tried again, and
 the other steps go on; the daemon does not exit for a problem that a later
@@ -110,6 +113,16 @@ _RETRIED = {
 }
 
 
+def host_rules(config: Config) -> tuple[Any, ...]:
+    """The ``[[alert]]`` rules every host evaluates on its own counts."""
+    return tuple(r for r in config.alerts if r.scope != "farm")
+
+
+def farm_rules(config: Config) -> tuple[Any, ...]:
+    """The ``[[alert]]`` rules of the farm's total (the lease holder's)."""
+    return tuple(r for r in config.alerts if r.scope == "farm")
+
+
 class Supervisor:
     """The daemon's state; see the module docstring."""
 
@@ -184,7 +197,8 @@ class Supervisor:
         if self.engine is None:
             self._guard("opening the alert store", self._open_alerts)
         if self.farm is None and self.config.store.backend == "redis":
-            self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env)
+            self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env,
+                                    farm_rules(self.config))
 
     def _open_period_store(self) -> None:
         """The configured period store.  A ConfigError (a farm whose time
@@ -204,7 +218,7 @@ class Supervisor:
         """The alert engine and its outbox, on the SQLite file."""
         if self.engine is None:
             outbox = Outbox(self.config.database, self.config.mail)
-            self.engine = AlertEngine(AlertStore(self.config.database), self.config.alerts,
+            self.engine = AlertEngine(AlertStore(self.config.database), host_rules(self.config),
                                       self.config.mail, dashboard_url=self.config.dashboard_link,
                                       on_queued=outbox.wake)
             self.outbox = outbox
@@ -295,12 +309,25 @@ class Supervisor:
         self.config = new
         self._write_settings()
         if self.engine is not None:
-            self.engine.reload(new.alerts, new.mail, new.dashboard_link)
+            self.engine.reload(host_rules(new), new.mail, new.dashboard_link)
+        if self.farm is not None:
+            self._reload_farm_rules(new)
         if self.outbox is not None:
             self.outbox.reload(new.mail)
         if self.app is not None:
             self.app.reload(new)
         log.info("configuration reloaded from %s", new.source)
+
+    def _reload_farm_rules(self, new: Config) -> None:
+        """The farm rules of a reload go to the farm thread's FarmAlerts; the
+        first farm rule of a daemon that started without any needs a restart
+        (the lease and its mail thread start with the farm link)."""
+        rules = farm_rules(new)
+        if self.farm.alerts is not None:
+            self.farm.alerts.reload(rules, new.mail, new.dashboard_link)
+        elif rules:
+            log.warning("[[alert]] rules with scope = \"farm\" were added: restart the daemon "
+                        "to evaluate them (this one started without farm rules)")
 
     # ----------------------------------------------------------------- tick
 
@@ -555,7 +582,9 @@ class Supervisor:
         return 0 if slot is None else self.counter.count(slot, segment.WINDOWS[window], now)
 
     def _alerts(self, now: float) -> None:
-        rules = self.config.alerts
+        """This host's rules (scope "host"); the farm's are the farm
+        thread's (:mod:`trafficthreshold.farmalerts`)."""
+        rules = host_rules(self.config)
         if not rules and not self.engine.state.episodes:
             return
         counts = {k: self._count(*k, now) for k in alerts.count_keys(rules)}
@@ -573,9 +602,10 @@ class Supervisor:
         minute = int(now // 60)
         if self.closed_cache is not None and self.closed_cache[0] == minute:
             return self.closed_cache[1]
-        span = max((r.clear_minutes for r in self.config.alerts), default=1) + 1
+        rules = host_rules(self.config)
+        span = max((r.clear_minutes for r in rules), default=1) + 1
         closed: dict = {}
-        for account, event in {(r.account, r.event) for r in self.config.alerts}:
+        for account, event in {(r.account, r.event) for r in rules}:
             slot = self.counter.find(None if account == names.ALL else account, event)
             counts = {} if slot is None else {
                 m: self.counter.count(slot, segment.WINDOWS["minute"], m * 60)
