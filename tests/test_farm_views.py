@@ -203,6 +203,10 @@ def test_dashboard_farm_panel(farm_up, serve):
     assert "&lt;img src=x onerror=alert(1)&gt;" in panel and "<img" not in panel
     old = panel.split('data-host="old"')[1].split("</tr>")[0]
     assert "gone" in old and "last seen 60 s ago" in old
+    # [throttle] scope = "farm": the throttle card says its count is this host's share
+    card = html.split('id="throttle"')[1].split("</article>")[0]
+    assert 'id="throttle-scope">The level follows the farm' in card
+    assert "This site has served" not in card
 
 
 def test_dashboard_without_redis_has_no_farm_panel(live_server):
