@@ -24,7 +24,8 @@ from conftest import remove_everything
 from trafficthreshold import (_counter, alerts, config as configuration, farm, segment,
                               status)
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.farmalerts import FarmAlerts, FarmAlertStore, FencedOut, farm_count
+from trafficthreshold.farmalerts import (FarmAlerts, FarmAlertStore, FencedOut, farm_closed,
+                                         farm_count)
 from trafficthreshold.supervisor import Supervisor
 from tt_alerts import make_rule
 from tt_farmhost import HOSTS, clock, write_configs
@@ -248,6 +249,39 @@ class TestDriven:
             + [f"[trafficthreshold] resolved host-{token}"] * 3)
         # Shutdown released the lease.
         assert client.get("track~leader") is None
+
+    def test_hits_in_a_minutes_last_second_still_fire_the_farm_rule(
+            self, farm3, redis_server, tmp_path, token):
+        """27 page views over the farm in a minute (9 a host) and then 3
+        more (1 a host) after every host's last tick of that minute: no tick
+        of the minute saw 30, its final count is 30.  The hosts publish the
+        closed minute's count at their first second of the next, and the
+        leader fires on it (the same as a host rule does with its closed
+        minutes): one alert mail, for 30."""
+        keys, proxies = farm3
+        paths = write_configs(tmp_path, keys, {h: p.port for h, p in proxies.items()},
+                              rules(token))
+        f = Farm(keys, paths, NOW)
+        client = redis_server.client()
+        s = NOW
+        try:
+            f.tick(NOW)
+            f.hit_each(9, NOW + 1)
+            for s in range(int(NOW) + 1, int(NOW) + 60):
+                f.tick(s)
+            assert farm_rows(client) == []  # 27 seen: below 30
+            f.hit_each(1, NOW + 59.5)       # after the minute's last tick
+            for s in range(int(NOW) + 60, int(NOW) + 63):
+                f.tick(s)
+            assert [r["kind"] for r in farm_rows(client)] == ["alert"]
+            for s in range(int(NOW) + 63, int(NOW) + 66):
+                f.tick(s)
+        finally:
+            f.close(s)
+        assert [(r["kind"], r["status"]) for r in farm_rows(client)] == [("alert", "sent")]
+        (alert,) = wait_for_mail(f"farm-{token}", 1)
+        assert alert["Subject"].startswith(
+            f"[trafficthreshold] farm-{token}: 30 pageview/min for all (threshold 30)")
 
     @pytest.mark.parametrize("outage", ["stop", "hold"])
     def test_a_leader_cut_off_from_redis_hands_over_and_nothing_is_doubled(
@@ -599,6 +633,35 @@ def test_farm_count_takes_a_hosts_minute_only_if_it_is_this_minute():
     assert farm_count(live, "all", "pageview", "minute", NOW + 60.5) == 5
     assert farm_count(live, "all", "pageview", "60s", NOW + 60.5) == 35
     assert farm_count(live, "shop", "pageview", "60s", NOW + 60.5) == 0
+
+
+def test_farm_closed_takes_each_hosts_final_count_of_the_minute_before():
+    """At 00:01.5 (minute NOW+60): web1 published this minute (its
+    ``previous``: the closed minute's final count), web2 not yet (its count
+    at its last publication of the closed minute), web3 is dead, web4
+    published two minutes ago (nothing of the closed minute)."""
+    key = ("all", "pageview")
+    minute = int(NOW // 60)
+    live = farm.FarmLive({}, [
+        farm.HostLive("web1", True, at=NOW + 60.2, counts={key: (1, 12)}, previous={key: 11}),
+        farm.HostLive("web2", True, at=NOW + 59.4, counts={key: (7, 7)}),
+        farm.HostLive("web3", False, at=NOW + 60.2, previous={key: 100}),
+        farm.HostLive("web4", True, at=NOW - 1, counts={key: (50, 50)}),
+    ], "web1")
+    assert farm_closed(live, [key, ("shop", "pageview")], NOW + 61.5) == {
+        key: {minute: 18}, ("shop", "pageview"): {}}
+
+
+def test_the_closed_minute_travels_through_the_live_hash(redis_server):
+    """publish_live's ``previous`` comes back from farm_live (HGETALL and
+    HMGET), and a key with only the minute before is not a live count."""
+    r = redis_server.client()
+    farm.publish_live(r, "web1", {("all", "pageview"): (2, 9)}, level=0, now=NOW,
+                      previous={("all", "pageview"): 7, ("old", "pageview"): 4})
+    for only in (None, [("all", "pageview"), ("old", "pageview")]):
+        (row,) = farm.farm_live(r, now=NOW, only=only).hosts
+        assert row.counts == {("all", "pageview"): (2, 9)}
+        assert row.previous == {("all", "pageview"): 7, ("old", "pageview"): 4}
 
 
 def test_a_save_whose_reply_is_lost_is_not_repeated(redis_server):

@@ -12,7 +12,10 @@ short expiry, so a host that dies drops out of the farm's numbers within
 seconds instead of freezing them::
 
     {prefix}~live:{host}   hash, expires after LIVE_TTL_MS
-        "{account}\\0{event}"  "{minute count} {60 s count}"
+        "{account}\\0{event}"  "{minute count} {60 s count}", then, when the
+                               minute before holds hits, " {its count}"
+                               (the closed minute's final count, for the
+                               farm's alert rules)
         "~level"               the host's throttle level
         "~at"                  when it published (Unix seconds)
         "~last_roll"           its last roll-up (Unix seconds, or "")
@@ -50,10 +53,17 @@ LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
                  last_roll: float | None = None, prefix: str = "track",
-                 ttl_ms: int = LIVE_TTL_MS) -> None:
-    """Replace this host's live numbers in one MULTI/EXEC."""
+                 ttl_ms: int = LIVE_TTL_MS, previous: dict[tuple[str, str], int] | None = None
+                 ) -> None:
+    """Replace this host's live numbers in one MULTI/EXEC.  ``previous``:
+    per key, the count of the minute before ``now``'s (closed, so final)."""
     key = f"{prefix}~live:{host}"
-    mapping: dict[str, str] = {f"{a}\0{e}": f"{m} {s}" for (a, e), (m, s) in counts.items()}
+    previous = previous or {}
+    mapping: dict[str, str] = {}
+    for name in {**counts, **{k: (0, 0) for k in previous}}:
+        m, s = counts.get(name, (0, 0))
+        p = previous.get(name, 0)
+        mapping[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     mapping.update({"~level": str(level), "~at": repr(float(now)),
                     "~last_roll": "" if last_roll is None else repr(float(last_roll))})
     pipe = client.pipeline(transaction=True)
@@ -72,6 +82,8 @@ class HostLive:
     at: float | None = None
     last_roll: float | None = None
     counts: LiveCounts = field(default_factory=dict)
+    #: Per key, the final count of the minute before ``at``'s minute.
+    previous: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,7 +142,11 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
                 row.last_roll = float(v)
             elif "\0" in k:
                 account, event = k.split("\0", 1)
-                minute, sliding = (int(x) for x in v.split())
+                minute, sliding, *before = (int(x) for x in v.split())
+                if before and before[0]:
+                    row.previous[account, event] = before[0]
+                if not (minute or sliding):
+                    continue  # only the minute before: not live any more
                 row.counts[account, event] = (minute, sliding)
                 total[account, event][0] += minute
                 total[account, event][1] += sliding

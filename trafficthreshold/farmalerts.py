@@ -365,6 +365,31 @@ def farm_count(live: farm.FarmLive, account: str, event: str, window: str,
     return total
 
 
+def farm_closed(live: farm.FarmLive, keys: Sequence[tuple[str, str]], now: float
+                ) -> dict[tuple[str, str], dict[int, int]]:
+    """The farm's final count of the minute before ``now``'s, per key (the
+    ``closed`` of :func:`alerts.step`): over the alive hosts, the count of
+    that minute a host published once it was closed (its first publication
+    of this minute), or, from a host that has not published this minute
+    yet, its count at its last publication of that minute.  So hits in a
+    minute's last second, after the leader's last reading of it, still
+    count: the closed minute's count is seen at the next second."""
+    minute = int(now // 60)
+    closed: dict[tuple[str, str], dict[int, int]] = {}
+    for key in keys:
+        total = 0
+        for row in live.hosts:
+            if not row.alive or row.at is None:
+                continue
+            at = int(row.at // 60)
+            if at == minute:
+                total += row.previous.get(key, 0)
+            elif at == minute - 1:
+                total += row.counts.get(key, (0, 0))[0]
+        closed[key] = {minute - 1: total} if total else {}
+    return closed
+
+
 class FarmAlerts:
     """The farm rules on one host: the lease, the evaluation while it leads,
     and the delivery thread.  Used by the farm thread only (:meth:`step`,
@@ -472,7 +497,8 @@ class FarmAlerts:
                   for r in self.rules}
         new_state, mails = alerts.step(self.rules, counts, now, self.state,
                                        max_per_hour=self.max_per_hour,
-                                       default_sender=self.default_sender)
+                                       default_sender=self.default_sender,
+                                       closed=farm_closed(live, self.keys(), now))
         if new_state == self.state and not mails:
             return []
         context = MailContext(host=self.host, top_accounts=None, throttle_level=level,

@@ -87,22 +87,33 @@ class LiveReader:
 
     def counts(self, instance: int, now: float) -> farm.LiveCounts | None:
         """This host's (current minute, sliding 60 s) per key at ``now``, of
+        segment ``instance``; see :meth:`read`."""
+        got = self.read(instance, now)
+        return None if got is None else got[0]
+
+    def read(self, instance: int, now: float
+             ) -> tuple[farm.LiveCounts, dict[tuple[str, str], int]] | None:
+        """This host's (current minute, sliding 60 s) per key at ``now``,
+        and per key the count of the minute before (closed: final), of
         segment ``instance`` (re-attached when the segment was replaced);
-        None while that segment is not attached here.  Keys at 0 in both
-        are left out, and so are internal ``~`` keys.  Lock-free reads: one
-        read of the ring's last two minutes finds the active keys (a key
-        with hits in the sliding 60 s has some in one of them), then one
-        sliding count per active key."""
+        None while that segment is not attached here.  Keys at 0 are left
+        out, and so are internal ``~`` keys.  Lock-free reads: one read of
+        the ring's last two minutes finds the active keys (a key with hits
+        in the sliding 60 s has some in one of them) and gives both minutes,
+        then one sliding count per active key."""
         counter = self._attach(instance)
         if counter is None:
             return None
         minute = int(now // 60)
         current: dict[int, int] = {}
+        before: dict[int, int] = {}
         for slot, m, n in counter.minutes(minute - 1, minute):
             current[slot] = current.get(slot, 0) + (n if m == minute else 0)
+            before[slot] = before.get(slot, 0) + (n if m != minute else 0)
         names = self._read_names(counter, current)
         sliding = segment.WINDOWS["60s"]
         counts: farm.LiveCounts = {}
+        previous: dict[tuple[str, str], int] = {}
         for slot, m in current.items():
             name = names.get(slot)
             if name is None or name[0].startswith("~") or name[1].startswith("~"):
@@ -110,7 +121,9 @@ class LiveReader:
             s = counter.count(slot, sliding, now)
             if m or s:
                 counts[name] = (m, s)
-        return counts
+            if before[slot]:
+                previous[name] = before[slot]
+        return counts, previous
 
     def _read_names(self, counter: Any, active: dict[int, int]) -> dict[int, tuple[str, str]]:
         """slot -> (account, event), re-read when keys were added or
@@ -313,17 +326,18 @@ class FarmSync:
         (its first error), and once when it works again; meanwhile the
         reading is left as it was, and ages out."""
         try:
-            counts = self.reader.counts(item.instance, item.now)
+            got = self.reader.read(item.instance, item.now)
         except Exception:  # noqa: BLE001 - the segment went away meanwhile: next second
             log.debug("reading the live counts failed", exc_info=True)
             self.reader.close()
             return False
-        if counts is None:
+        if got is None:
             return False  # no live segment here: nothing to publish, the hash expires
+        counts, previous = got
         try:
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
-                              last_roll=self._last_roll())
+                              last_roll=self._last_roll(), previous=previous)
             live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
                                   only=self.keys())
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
