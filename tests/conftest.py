@@ -132,12 +132,13 @@ def live_server(installed: tuple[int, str], db: str,
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Any]:
+def redis_server(tmp_path: Path, request: Any) -> Iterator[Any]:
     """A real redis-server on a free loopback port (append-only, fsync
-    always) with its own data directory; killed afterwards."""
+    always, or a module's ``REDIS_FSYNC``) with its own data directory;
+    killed afterwards."""
     from tt_redis import RedisServer
 
-    srv = RedisServer(tmp_path)
+    srv = RedisServer(tmp_path, fsync=getattr(request.module, "REDIS_FSYNC", "always"))
     srv.start()
     yield srv
     if srv.proc and srv.proc.poll() is None:

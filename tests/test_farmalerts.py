@@ -38,6 +38,12 @@ pytestmark = [pytest.mark.redis]
 NOW = (time.time() // 60) * 60
 
 
+#: The farm's Redis fsyncs every second (conftest's redis_server): this
+#: module tests the farm's one-second cadence, not the disk.
+REDIS_FSYNC = "everysec"
+
+
+
 def rules(token: str, *, host_threshold: int | None = None) -> str:
     """A farm rule (30 a minute, resolved after 1 quiet minute, no
     reminders) and optionally a host rule, both mailing the test box."""
@@ -216,11 +222,16 @@ class TestDriven:
             assert len(f.leaders()) == 1
             leader = f.leaders()[0]
             assert farm.farm_live(client, now=NOW).leader == leader
+            lease = client.get("track~leader")
             f.hit_each(12, NOW + 1)
             s = NOW
             for s in range(int(NOW) + 1, int(NOW) + 125):
                 f.tick(s)
-                assert f.leaders() == [leader]
+                # One lease all along.  (A Redis that stalls past the farm
+                # thread's 0.5 s timeout, as an fsync on a busy disk can,
+                # suspends the lead for a second; the same lease resumes it.)
+                assert set(f.leaders()) <= {leader}
+                assert client.get("track~leader") == lease
                 if s == NOW + 3:  # `trafficthreshold alerts` on any host
                     report = status.alert_report(f.sups["web3"].config)
                     firing = {r["name"]: (r["scope"], r["firing"]) for r in report["rules"]}
@@ -344,7 +355,8 @@ class TestDriven:
             proxies[old].start() if outage == "stop" else proxies[old].release()
             for s in range(int(s) + 1, int(s) + 6):
                 f.tick(s)
-            assert f.leaders() == [new]
+            assert set(f.leaders()) <= {new}  # the cut-off host does not lead again
+            assert farm.farm_live(client, now=s).leader == new
             assert f.sups[old].farm.fresh(s) is not None
         finally:
             f.close(s)

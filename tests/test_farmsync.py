@@ -28,6 +28,12 @@ HOSTS = ("web1", "web2", "web3")
 NOW = 1_800_000_000.0
 
 
+#: The farm's Redis fsyncs every second (conftest's redis_server): this
+#: module tests the farm's one-second cadence, not the disk.
+REDIS_FSYNC = "everysec"
+
+
+
 def write_configs(tmp_path, keys, ports, *, policy="hysteresis", scope="farm",
                   multiplier=10, cooldown=3, cron_test=20) -> dict[str, str]:
     paths = {}
