@@ -113,7 +113,7 @@ class Farm:
 
     def leaders(self) -> list[str]:
         return [h for h, s in self.sups.items()
-                if s.farm is not None and s.farm.alerts.leading]
+                if s.farm is not None and s.farm.alerts is not None and s.farm.alerts.leading]
 
     def hit_each(self, n: int, now: float) -> None:
         for c in self.counters.values():
@@ -563,7 +563,7 @@ def test_sighup_reloads_the_farm_rules_and_host_rules_stay_apart(farm3, redis_se
                                                                  token, caplog):
     """A reload hands the new farm rules to the farm thread (the host
     engine keeps the host rules only); a daemon started without farm rules
-    says that its first one needs a restart."""
+    starts them at the reload that brings the first one, and leads them."""
     keys, proxies = farm3
     ports = {h: p.port for h, p in proxies.items()}
     paths = write_configs(tmp_path, keys, ports, rules(token, host_threshold=10))
@@ -581,16 +581,22 @@ def test_sighup_reloads_the_farm_rules_and_host_rules_stay_apart(farm3, redis_se
     finally:
         f.close(NOW)
     paths = write_configs(tmp_path, keys, ports, "")
-    caplog.set_level(logging.WARNING, logger="trafficthreshold.supervisor")
+    caplog.set_level(logging.INFO, logger="trafficthreshold.supervisor")
     f = Farm(keys, paths, NOW)
     try:
         assert f.sups["web2"].farm.alerts is None
+        f.tick(NOW)
+        assert f.leaders() == []
         write_configs(tmp_path, keys, ports, rules(token))
         f.sups["web2"].reload()
-        assert any("restart the daemon to evaluate them" in r.getMessage()
+        assert any("competes for the farm's alert lease" in r.getMessage()
                    for r in caplog.records)
+        assert [r.threshold for r in f.sups["web2"].farm.alerts.rules] == [30]
+        f.tick(NOW + 1)
+        assert f.leaders() == ["web2"]  # the only host with farm rules
+        assert f.sups["web2"].farm.keys() == (("all", "pageview"),)
     finally:
-        f.close(NOW)
+        f.close(NOW + 1)
 
 
 def test_a_redis_error_suspends_the_lead_and_the_same_lease_resumes_it(redis_server, caplog):

@@ -203,19 +203,16 @@ class FarmSync:
 
         client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
         no_retries(client)
-        farm_alerts = None
-        if farm_rules:
-            from .farmalerts import FarmAlerts
-
-            mail_client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
-            no_retries(mail_client)
-            farm_alerts = FarmAlerts(client, config.store.host, farm_rules, config.mail,
-                                     prefix=config.store.prefix,
-                                     ttl_ms=int(config.store.lease_ttl * 1000),
-                                     dashboard_url=config.dashboard_link,
-                                     outbox_client=mail_client)
+        farm_alerts = _farm_alerts(client, config, env, farm_rules) if farm_rules else None
         return cls(client, config.store.host, LiveReader(config.key, config.backend),
                    prefix=config.store.prefix, alerts=farm_alerts)
+
+    def add_alerts(self, config: Any, farm_rules: Any, env: Any = None) -> None:
+        """Start the farm's alerts (the lease and their mail thread) on a
+        link opened without farm rules: a reload that brings the first one.
+        The farm thread takes them at its next cycle (one attribute
+        assignment)."""
+        self.alerts = _farm_alerts(self.client, config, env, farm_rules)
 
     def keys(self) -> tuple[tuple[str, str], ...]:
         """The keys read back from every host: the level's and the farm rules'."""
@@ -402,6 +399,19 @@ class FarmSync:
             self.client.close()
         except Exception:  # noqa: BLE001 - closing sockets only
             pass
+
+
+def _farm_alerts(client: Any, config: Any, env: Any, farm_rules: Any) -> Any:
+    """The farm rules' FarmAlerts over ``client`` (the farm thread's), its
+    mail thread with a client of its own."""
+    from . import store as stores
+    from .farmalerts import FarmAlerts
+
+    mail_client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
+    no_retries(mail_client)
+    return FarmAlerts(client, config.store.host, farm_rules, config.mail,
+                      prefix=config.store.prefix, ttl_ms=int(config.store.lease_ttl * 1000),
+                      dashboard_url=config.dashboard_link, outbox_client=mail_client)
 
 
 def no_retries(client: Any) -> None:

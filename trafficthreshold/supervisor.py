@@ -319,15 +319,16 @@ class Supervisor:
         log.info("configuration reloaded from %s", new.source)
 
     def _reload_farm_rules(self, new: Config) -> None:
-        """The farm rules of a reload go to the farm thread's FarmAlerts; the
-        first farm rule of a daemon that started without any needs a restart
-        (the lease and its mail thread start with the farm link)."""
+        """The farm rules of a reload go to the farm thread's FarmAlerts;
+        the first farm rule of a daemon that started without any starts
+        them (the lease and their mail thread)."""
         rules = farm_rules(new)
         if self.farm.alerts is not None:
             self.farm.alerts.reload(rules, new.mail, new.dashboard_link)
         elif rules:
-            log.warning("[[alert]] rules with scope = \"farm\" were added: restart the daemon "
-                        "to evaluate them (this one started without farm rules)")
+            self._guard("farm link", self.farm.add_alerts, new, rules, self.env)
+            log.info("[[alert]] rules with scope = \"farm\" added: this host now competes "
+                     "for the farm's alert lease")
 
     # ----------------------------------------------------------------- tick
 
