@@ -77,6 +77,28 @@ def test_dashboard_shows_counts_throttle_chart_and_top_accounts(
     assert "pid 4321" in html
 
 
+def test_dashboard_counts_the_keys_in_use_after_a_reclaim(
+        installed: tuple[int, str], db: str, serve: Callable[..., webserver.Server]) -> None:
+    """Three made-up hosts idle for longer than the ring, rolled, reclaimed:
+    the footer counts the keys in use (keys_used - free_slots), not the
+    slots ever handed out, and says how many were reclaimed."""
+    key, backend = installed
+    counter = segment.attach(key, backend)
+    try:
+        old = NOW - 200 * 60
+        for n in range(3):
+            counter.hit(f"made-up-{n}.example", "pageview", 1, old)
+        used = segment.header(counter)["keys_used"]
+        done = segment.reclaim(counter, NOW, int(NOW // 60) - 1)
+        assert sorted(a for _s, a, _e in done) == [f"made-up-{n}.example" for n in range(3)]
+    finally:
+        counter.detach()
+    server = serve(api.make_app(make_config(db, key=key, backend=backend), now=lambda: NOW))
+    html = fetch(server.url)[2].decode()
+    assert f'id="keys-in-use">{used - 3} / ' in html
+    assert 'id="keys-reclaimed">3 reclaimed<' in html
+
+
 def test_dashboard_alert_rules_with_their_states(installed: tuple[int, str], db: str,
                                                   serve: Callable[..., webserver.Server]) -> None:
     key, backend = installed
