@@ -21,15 +21,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import remove_everything
-from trafficthreshold import _counter, config as configuration, segment
+from trafficthreshold import config as configuration, segment
 from trafficthreshold.periods import local_parts
 from trafficthreshold.store.redis import RedisStore
 from trafficthreshold.supervisor import Supervisor
+from tt_farm import HOSTS, host_config, three_hosts
 
 pytestmark = pytest.mark.redis
 
-HOSTS = ("web1", "web2", "web3")
 ACCOUNTS = ("acme", "globex", "initech")
 EVENTS = ("pageview", "signup")
 #: 2027-01-14 23:15 UTC: the driven run crosses midnight (a new day and hour).
@@ -38,30 +37,10 @@ START = 1_800_000_000 - 8 * 3600 - 45 * 60
 
 @pytest.fixture
 def farm(tmp_path, redis_server):
-    """Three installed SysV segments and a config file per host."""
-    keys: list[int] = []
-    paths = {}
-    for host in HOSTS:
-        key = segment.unused_key()
-        segment.install(key, "sysv", now=START)
-        keys.append(key)
-        path = tmp_path / f"{host}.toml"
-        path.write_text(f"""
-key = {key}
-database = "{tmp_path / host}.sqlite3"
-timezone = "UTC"
-[http]
-enabled = false
-[store]
-backend = "redis"
-url = "redis://127.0.0.1:{redis_server.port}/0"
-host = "{host}"
-""")
-        paths[host] = str(path)
-    yield dict(zip(HOSTS, keys)), paths
-    _counter._reset()
-    for key in keys:
-        remove_everything(key)
+    """Three installed SysV segments and a config file per host (Redis
+    itself, not the proxies)."""
+    with three_hosts(redis_server.port, START) as (keys, _proxies):
+        yield keys, {h: host_config(tmp_path, h, keys[h], redis_server.port) for h in HOSTS}
 
 
 def expected_levels(hits: dict) -> dict[str, dict[str, int]]:

@@ -20,17 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import remove_everything
-from trafficthreshold import (_counter, alerts, config as configuration, farm, segment,
-                              status)
+from trafficthreshold import alerts, config as configuration, farm, segment, status
 from trafficthreshold.alerts import AlertState, MailContext
 from trafficthreshold.farmalerts import (FarmAlerts, FarmAlertStore, FencedOut, farm_closed,
                                          farm_count)
-from trafficthreshold.supervisor import Supervisor
 from tt_alerts import make_rule
-from tt_farmhost import HOSTS, clock, write_configs
+from tt_farm import HOSTS, Farm, three_hosts
+from tt_farmhost import clock, write_configs
 from tt_postfix import MAILBOX, requires_postfix, wait_for_mail
-from tt_proxy import TcpProxy
 
 pytestmark = [pytest.mark.redis]
 
@@ -41,7 +38,6 @@ NOW = (time.time() // 60) * 60
 #: The farm's Redis fsyncs every second (conftest's redis_server): this
 #: module tests the farm's one-second cadence, not the disk.
 REDIS_FSYNC = "everysec"
-
 
 
 def rules(token: str, *, host_threshold: int | None = None) -> str:
@@ -76,54 +72,10 @@ def token() -> str:
 
 
 @pytest.fixture
-def farm3(tmp_path, redis_server):
+def farm3(redis_server):
     """Three installed SysV segments and a proxy to Redis per host."""
-    keys, proxies = {}, {}
-    try:
-        for host in HOSTS:
-            keys[host] = segment.unused_key()
-            segment.install(keys[host], "sysv", now=NOW)
-            proxies[host] = TcpProxy(redis_server.port)
-        yield keys, proxies
-    finally:
-        for proxy in proxies.values():
-            proxy.close()
-        _counter._reset()
-        for key in keys.values():
-            remove_everything(key)
-
-
-class Farm:
-    """Three in-process supervisors ticked by the test (a driven clock)."""
-
-    def __init__(self, keys, paths, now: float) -> None:
-        self.counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
-        self.sups = {}
-        for i, host in enumerate(HOSTS):
-            cfg = configuration.load(paths[host], env={})
-            sup = Supervisor(cfg, config_path=paths[host], env={}, pid=5000 + i)
-            sup.initialize(now)
-            self.sups[host] = sup
-
-    def tick(self, now: float, hosts=HOSTS) -> None:
-        for host in hosts:
-            self.sups[host].tick(now)
-        for host in hosts:
-            assert self.sups[host].farm.drain(10)
-
-    def leaders(self) -> list[str]:
-        return [h for h, s in self.sups.items()
-                if s.farm is not None and s.farm.alerts is not None and s.farm.alerts.leading]
-
-    def hit_each(self, n: int, now: float) -> None:
-        for c in self.counters.values():
-            c.hit("shop", "pageview", n, now)
-
-    def close(self, now: float) -> None:
-        for sup in self.sups.values():
-            sup.shutdown(now)
-        for c in self.counters.values():
-            c.detach()
+    with three_hosts(redis_server.port, NOW) as hosts:
+        yield hosts
 
 
 def farm_rows(client, prefix: str = "track") -> list[dict]:

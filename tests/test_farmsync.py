@@ -17,14 +17,11 @@ import time
 
 import pytest
 
-from conftest import remove_everything
-from trafficthreshold import _counter, config as configuration, farm, farmsync, segment
-from trafficthreshold.supervisor import Supervisor
-from tt_proxy import TcpProxy
+from trafficthreshold import config as configuration, farm, farmsync, segment
+from tt_farm import HOSTS, Farm, host_config, three_hosts
 
 pytestmark = pytest.mark.redis
 
-HOSTS = ("web1", "web2", "web3")
 NOW = 1_800_000_000.0
 
 
@@ -33,83 +30,26 @@ NOW = 1_800_000_000.0
 REDIS_FSYNC = "everysec"
 
 
-
 def write_configs(tmp_path, keys, ports, *, policy="hysteresis", scope="farm",
                   multiplier=10, cooldown=3, cron_test=20) -> dict[str, str]:
-    paths = {}
-    for host in HOSTS:
-        path = tmp_path / f"{host}.toml"
-        path.write_text(f"""
-key = {keys[host]}
-database = "{tmp_path / host}.sqlite3"
-timezone = "UTC"
+    throttle = f"""
 [throttle]
 scope = "{scope}"
 policy = "{policy}"
 multiplier = {multiplier}
 cooldown = {cooldown}
 cron_test = {cron_test}
-[http]
-enabled = false
-[store]
-backend = "redis"
-url = "redis://127.0.0.1:{ports[host]}/0"
-host = "{host}"
-""")
-        paths[host] = str(path)
-    return paths
+"""
+    return {h: host_config(tmp_path, h, keys[h], ports[h], throttle) for h in HOSTS}
 
 
 @pytest.fixture
 def farm3(tmp_path, redis_server):
     """Three installed SysV segments, a proxy to Redis per host, and
     ``make(**throttle)`` writing the three config files."""
-    keys = {}
-    proxies = {}
-    try:
-        for host in HOSTS:
-            keys[host] = segment.unused_key()
-            segment.install(keys[host], "sysv", now=NOW)
-            proxies[host] = TcpProxy(redis_server.port)
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
         ports = {h: p.port for h, p in proxies.items()}
         yield keys, proxies, lambda **kw: write_configs(tmp_path, keys, ports, **kw)
-    finally:
-        for proxy in proxies.values():
-            proxy.close()
-        _counter._reset()
-        for key in keys.values():
-            remove_everything(key)
-
-
-class Farm:
-    """Three in-process supervisors ticked by the test (a driven clock)."""
-
-    def __init__(self, keys, paths, now: float) -> None:
-        self.counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
-        self.sups = {}
-        for i, host in enumerate(HOSTS):
-            cfg = configuration.load(paths[host], env={})
-            sup = Supervisor(cfg, config_path=paths[host], env={}, pid=4000 + i)
-            sup.initialize(now)
-            self.sups[host] = sup
-
-    def tick(self, now: float, hosts=HOSTS) -> None:
-        """One second on every host: the ticks, then each farm thread's
-        publication and read (what the real second gives them)."""
-        for host in hosts:
-            self.sups[host].tick(now)
-        for host in hosts:
-            assert self.sups[host].farm.drain(10)
-
-    def levels(self) -> dict[str, int]:
-        """The level each host's workers read from their header."""
-        return {h: c.load(segment.H_THROTTLE_LEVEL, 4) for h, c in self.counters.items()}
-
-    def close(self, now: float) -> None:
-        for sup in self.sups.values():
-            sup.shutdown(now)
-        for c in self.counters.values():
-            c.detach()
 
 
 def test_config_refuses_farm_scope_without_redis(tmp_path):

@@ -23,33 +23,18 @@ import sys
 import time
 from pathlib import Path
 
-HOSTS = ("web1", "web2", "web3")
-
 
 def write_configs(tmp_path: Path, keys: dict, ports: dict, rules: str, *,
                   lease_ttl: float = 10) -> dict[str, str]:
-    """One config file per host: its segment, its SQLite file, the farm's
-    Redis at ``ports[host]`` (a proxy or Redis itself), ``rules`` verbatim."""
-    paths = {}
-    for host in HOSTS:
-        path = tmp_path / f"{host}.toml"
-        path.write_text(f"""
-key = {keys[host]}
-database = "{tmp_path / host}.sqlite3"
-timezone = "UTC"
-[http]
-enabled = false
-[store]
-backend = "redis"
-url = "redis://127.0.0.1:{ports[host]}/0"
-host = "{host}"
-lease_ttl = {lease_ttl}
+    """One config file per host (tt_farm.host_config), with the lease's
+    TTL, a sender and ``rules`` verbatim."""
+    from tt_farm import HOSTS, host_config  # not in the supervisor process
+
+    extra = f"""lease_ttl = {lease_ttl}
 [mail]
 from = "tt-farm@localhost"
-{rules}
-""")
-        paths[host] = str(path)
-    return paths
+{rules}"""
+    return {h: host_config(tmp_path, h, keys[h], ports[h], extra) for h in HOSTS}
 
 
 def clock(start: float, wall0: float, speed: float) -> float:
