@@ -679,8 +679,8 @@ class StatsApp:
         if state is not None:
             # Host rules only: a farm rule's episode is in the farm's Redis
             # (``trafficthreshold alerts`` shows it), not in this file.
-            firing = {rule.name: rule.name in state.episodes for rule in self.config.alerts
-                      if rule.scope != "farm"}
+            firing = {rule.name: rule.name in state.episodes
+                      for rule in self.config.host_alerts}
             firing.update({name: True for name in state.episodes if name not in firing})
         families = metrics.collect(
             totals=totals,

@@ -249,6 +249,18 @@ class Config:
     alerts: tuple[AlertRule, ...] = ()
     source: str = dataclasses.field(default="<defaults>", compare=False)
 
+    @property
+    def host_alerts(self) -> tuple[AlertRule, ...]:
+        """The ``[[alert]]`` rules every host evaluates on its own counts
+        (``scope = "host"``); their state is this host's SQLite file."""
+        return tuple(r for r in self.alerts if r.scope != "farm")
+
+    @property
+    def farm_alerts(self) -> tuple[AlertRule, ...]:
+        """The rules of the farm's total (``scope = "farm"``): the lease
+        holder's; their state is in the farm's Redis."""
+        return tuple(r for r in self.alerts if r.scope == "farm")
+
     def sender_for(self, rule: AlertRule) -> str:
         """The From address of ``rule``'s mails: its own, else ``mail.from``."""
         return rule.sender or self.mail.sender

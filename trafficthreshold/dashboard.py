@@ -218,9 +218,7 @@ def _alert_rows(config: Config, state: alerts.AlertState | None, snap: Snapshot 
     episodes = state.episodes if state is not None else {}
     live = {(e["account"], e["event"]): e for e in snap.keys} if snap else {}
     rows = []
-    for rule in config.alerts:
-        if rule.scope == "farm":  # its state is in Redis: `trafficthreshold alerts`
-            continue
+    for rule in config.host_alerts:  # a farm rule's state is in Redis: `alerts`
         entry = live.get((rule.account, rule.event))
         count = None
         if entry is not None:

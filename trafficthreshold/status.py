@@ -405,7 +405,7 @@ def alert_report(cfg: Config) -> dict[str, Any]:
                  "last_error": m.last_error} for m in mails]
 
     report = {"rules": rules, "queue": rows(queue)}
-    if any(r.scope == "farm" for r in cfg.alerts):
+    if cfg.farm_alerts:
         report.update(farm_queue=rows(farm_queue), farm_error=farm_error)
     return report
 
@@ -413,7 +413,7 @@ def alert_report(cfg: Config) -> dict[str, Any]:
 def _farm_alerts(cfg: Config) -> tuple[dict[str, Any], list[Any], str | None]:
     """The farm rules' episodes and newest mails from Redis (none without
     farm rules), and the error if Redis did not answer."""
-    if cfg.store.backend != "redis" or not any(r.scope == "farm" for r in cfg.alerts):
+    if cfg.store.backend != "redis" or not cfg.farm_alerts:
         return {}, [], None
     from . import farmsync, store as stores
     from .farmalerts import FarmAlertStore

@@ -113,16 +113,6 @@ _RETRIED = {
 }
 
 
-def host_rules(config: Config) -> tuple[Any, ...]:
-    """The ``[[alert]]`` rules every host evaluates on its own counts."""
-    return tuple(r for r in config.alerts if r.scope != "farm")
-
-
-def farm_rules(config: Config) -> tuple[Any, ...]:
-    """The ``[[alert]]`` rules of the farm's total (the lease holder's)."""
-    return tuple(r for r in config.alerts if r.scope == "farm")
-
-
 class Supervisor:
     """The daemon's state; see the module docstring."""
 
@@ -198,7 +188,7 @@ class Supervisor:
             self._guard("opening the alert store", self._open_alerts)
         if self.farm is None and self.config.store.backend == "redis":
             self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env,
-                                    farm_rules(self.config))
+                                    self.config.farm_alerts)
 
     def _open_period_store(self) -> None:
         """The configured period store.  A ConfigError (a farm whose time
@@ -218,7 +208,7 @@ class Supervisor:
         """The alert engine and its outbox, on the SQLite file."""
         if self.engine is None:
             outbox = Outbox(self.config.database, self.config.mail)
-            self.engine = AlertEngine(AlertStore(self.config.database), host_rules(self.config),
+            self.engine = AlertEngine(AlertStore(self.config.database), self.config.host_alerts,
                                       self.config.mail, dashboard_url=self.config.dashboard_link,
                                       on_queued=outbox.wake)
             self.outbox = outbox
@@ -309,7 +299,7 @@ class Supervisor:
         self.config = new
         self._write_settings()
         if self.engine is not None:
-            self.engine.reload(host_rules(new), new.mail, new.dashboard_link)
+            self.engine.reload(new.host_alerts, new.mail, new.dashboard_link)
         if self.farm is not None:
             self._reload_farm_rules(new)
         if self.outbox is not None:
@@ -322,7 +312,7 @@ class Supervisor:
         """The farm rules of a reload go to the farm thread's FarmAlerts;
         the first farm rule of a daemon that started without any starts
         them (the lease and their mail thread)."""
-        rules = farm_rules(new)
+        rules = new.farm_alerts
         if self.farm.alerts is not None:
             self.farm.alerts.reload(rules, new.mail, new.dashboard_link)
         elif rules:
@@ -376,7 +366,7 @@ class Supervisor:
         if isinstance(self.store, RedisStore):
             return self._roll_on_thread(now)
         try:
-            added = self.roller.roll(now)
+            return self._roll_and_reclaim(self.roller, now)
         except StoreError:
             # Lose the Roller too: the next one, over the reopened store,
             # checks the instance and the gaps against that store.
@@ -385,23 +375,21 @@ class Supervisor:
             if store is not None:
                 store.close()
             raise
-        self._guard("reclaim", self._reclaim, self.roller, now)
-        return added
-
-    def _reclaim(self, roller: Roller, now: float) -> int:
-        """After a successful roll: give back the slots of keys idle for
-        longer than the ring and rolled (segment.reclaim), so made-up hosts
-        cannot fill the table for good.  Runs where the roll ran (this
-        thread, or the roll thread for Redis), after it."""
-        done = segment.reclaim(roller.counter, now, roller.store.closed_through())
-        return len(done)
 
     def _roll_and_reclaim(self, roller: Roller, now: float) -> int:
-        """The roll thread's job: the roll, then (if it worked) the reclaim,
-        whose failure is logged here and never fails the roll."""
+        """The roll, then (if it worked) the reclaim, on the thread the roll
+        runs on (this one, or the roll thread for Redis).  A failed reclaim
+        is logged here and never fails the roll."""
         added = roller.roll(now)
         self._guard("reclaim", self._reclaim, roller, now)
         return added
+
+    def _reclaim(self, roller: Roller, now: float) -> int:
+        """Give back the slots of keys idle for longer than the ring and
+        rolled (segment.reclaim), so made-up hosts cannot fill the table for
+        good."""
+        done = segment.reclaim(roller.counter, now, roller.store.closed_through())
+        return len(done)
 
     def _roll_on_thread(self, now: float) -> int | None:
         """Start this minute's roll into Redis on the roll thread; return
@@ -585,7 +573,7 @@ class Supervisor:
     def _alerts(self, now: float) -> None:
         """This host's rules (scope "host"); the farm's are the farm
         thread's (:mod:`trafficthreshold.farmalerts`)."""
-        rules = host_rules(self.config)
+        rules = self.engine.rules
         if not rules and not self.engine.state.episodes:
             return
         counts = {k: self._count(*k, now) for k in alerts.count_keys(rules)}
@@ -603,7 +591,7 @@ class Supervisor:
         minute = int(now // 60)
         if self.closed_cache is not None and self.closed_cache[0] == minute:
             return self.closed_cache[1]
-        rules = host_rules(self.config)
+        rules = self.engine.rules
         span = max((r.clear_minutes for r in rules), default=1) + 1
         closed: dict = {}
         for account, event in {(r.account, r.event) for r in rules}:
