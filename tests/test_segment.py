@@ -1020,6 +1020,28 @@ def check_consistent(key, backend):
         return raw.u32(184), owned, free
 
 
+def test_key_names_follow_new_and_reclaimed_keys(key, backend):
+    """KeyNames (the roll-up's and the farm thread's cache of slot -> name)
+    reads the index again when a key is added and when one is reclaimed and
+    its slot given to another key: a slot is never read under its old name."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        names = segment.KeyNames()
+        counter.hit("old.example", "pageview", 1, NOW)
+        slot = counter.find("old.example", "pageview")
+        assert names.read(counter)[slot] == ("old.example", "pageview")
+        later = NOW + 6 * 60  # past the ring (5 minutes), rolled through
+        assert [a for _s, a, _e in segment.reclaim(counter, later, MINUTE + 5)] == [
+            "old.example"]
+        counter.hit("new.example", "pageview", 1, later)
+        assert counter.find("new.example", "pageview") == slot  # the slot reused
+        assert names.read(counter)[slot] == ("new.example", "pageview")
+        assert names.bad == {}
+    finally:
+        counter.detach()
+
+
 def test_reclaim_frees_idle_rolled_keys_for_new_ones(key, backend):
     segment.install(key, backend, geometry=SMALL, now=NOW)
     counter = segment.attach(key, backend)

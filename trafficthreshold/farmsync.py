@@ -82,8 +82,7 @@ class LiveReader:
     def __init__(self, key: int, backend: str) -> None:
         self.key, self.backend = key, backend
         self.counter: Any = None
-        self._names: dict[int, tuple[str, str]] = {}
-        self._keys_used = -1
+        self._names = segment.KeyNames()
 
     def counts(self, instance: int, now: float) -> farm.LiveCounts | None:
         """This host's (current minute, sliding 60 s) per key at ``now``, of
@@ -110,7 +109,8 @@ class LiveReader:
         for slot, m, n in counter.minutes(minute - 1, minute):
             current[slot] = current.get(slot, 0) + (n if m == minute else 0)
             before[slot] = before.get(slot, 0) + (n if m != minute else 0)
-        names = self._read_names(counter, current)
+        # Names that are not UTF-8 are left out, as the roll-up does.
+        names = self._names.read(counter, current)
         sliding = segment.WINDOWS["60s"]
         counts: farm.LiveCounts = {}
         previous: dict[tuple[str, str], int] = {}
@@ -124,17 +124,6 @@ class LiveReader:
             if before[slot]:
                 previous[name] = before[slot]
         return counts, previous
-
-    def _read_names(self, counter: Any, active: dict[int, int]) -> dict[int, tuple[str, str]]:
-        """slot -> (account, event), re-read when keys were added or
-        reclaimed (names
-        that are not UTF-8 are left out, as the roll-up does)."""
-        used = segment.keys_version(counter)
-        if used != self._keys_used or any(slot not in self._names for slot in active):
-            good, _bad = segment.split_keys(counter)
-            self._names = {slot: (a, e) for slot, a, e in good}
-            self._keys_used = used
-        return self._names
 
     def _attach(self, instance: int) -> Any:
         counter = self.counter
@@ -159,7 +148,7 @@ class LiveReader:
         if self.counter is not None:
             self.counter.detach()
             self.counter = None
-        self._names, self._keys_used = {}, -1
+        self._names = segment.KeyNames()
 
 
 class FarmSync:

@@ -46,6 +46,7 @@ What cannot be rolled is recorded, never skipped silently:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from . import names, segment
 from ._counter import Counter
@@ -82,30 +83,26 @@ class Roller:
         self.instance = counter.load(segment.H_INSTANCE, 8)
         #: slot -> why the key is skipped (see the module docstring).
         self.bad_keys: dict[int, str] = {}
-        self._bad_names: dict[int, str] = {}
         self._unnamed = "has counts but no published index entry"
         self._reported: set[str] = set()
-        self._names: dict[int, tuple[str, str]] = {}
-        self._keys_used: object = None
+        self._names = segment.KeyNames()
         self._instance_checked = False
         self._late_checked: dict[str, int] = {}  # role -> the last minute read
 
     # ------------------------------------------------------------- keys
 
-    def names(self) -> dict[int, tuple[str, str]]:
-        """slot -> (account, event), re-read when keys were added or
-        reclaimed (:func:`segment.keys_version`).  Keys
-        whose name bytes are not UTF-8 (a writer in another language) are
-        left out and listed in ``bad_keys``: the others roll on."""
-        used = segment.keys_version(self.counter)
-        if used != self._keys_used:
-            good, bad = segment.split_keys(self.counter)
-            self._names = {slot: (a, e) for slot, a, e in good}
-            self._bad_names = {
-                slot: f"slot {slot}: account {_raw(a)!r}, event {_raw(e)!r} is not UTF-8"
-                for slot, a, e in bad}
-            self._keys_used = used
-        return self._names
+    def names(self, slots: Iterable[int] = ()) -> dict[int, tuple[str, str]]:
+        """slot -> (account, event) (:class:`segment.KeyNames`), current for
+        ``slots``.  Keys whose name bytes are not UTF-8 (a writer in another
+        language) are left out and listed in ``bad_keys``: the others roll
+        on."""
+        return self._names.read(self.counter, slots)
+
+    def _why_unnamed(self, slot: int) -> str:
+        bad = self._names.bad.get(slot)
+        if bad is None:
+            return f"slot {slot}: {self._unnamed}"
+        return f"slot {slot}: account {_raw(bad[0])!r}, event {_raw(bad[1])!r} is not UTF-8"
 
     def _report(self, slot: int, why: str) -> None:
         """Skip a key, logging it once."""
@@ -122,14 +119,11 @@ class Roller:
         [first, last] with a count, read from the ring.  Bad keys (see
         ``bad_keys``) are left out."""
         rows = self.counter.minutes(first, last)
-        names = self.names()
-        if any(slot not in names and slot not in self._bad_names for slot, _, _ in rows):
-            self._keys_used = None  # a key published after we read the index
-            names = self.names()
+        names = self.names(slot for slot, _, _ in rows)
         out = []
         for slot, minute, count in rows:
             if slot not in names:
-                self._report(slot, self._bad_names.get(slot, f"slot {slot}: {self._unnamed}"))
+                self._report(slot, self._why_unnamed(slot))
                 continue
             if count > MAX_MINUTE_COUNT:
                 account, event = names[slot]

@@ -33,7 +33,7 @@ import pwd
 import random
 import struct
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import posix_ipc
 import sysv_ipc
@@ -1043,6 +1043,30 @@ def keys_version(counter: Counter) -> tuple[int, int]:
     Readers that cache ``keys()`` re-read it when this differs (a reclaimed
     slot keeps keys_used and may get a new key)."""
     return counter.load(H_KEYS_USED, 4), counter.load(H_RECLAIMED, 8)
+
+
+class KeyNames:
+    """A reader's cache of slot -> (account, event), read again from the
+    index when :func:`keys_version` moved (keys added or reclaimed) or when
+    asked about a slot it has no name for (a key published after the last
+    read).  Keys whose name bytes are not UTF-8 (:func:`split_keys`) are
+    kept apart in ``bad``."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, tuple[str, str]] = {}
+        self.bad: dict[int, tuple[str, str]] = {}
+        self._version: tuple[int, int] | None = None
+
+    def read(self, counter: Counter, slots: Iterable[int] = ()) -> dict[int, tuple[str, str]]:
+        """The names, current for every slot of ``slots`` that has one."""
+        version = keys_version(counter)
+        if version != self._version or any(s not in self.names and s not in self.bad
+                                           for s in slots):
+            good, bad = split_keys(counter)
+            self.names = {slot: (a, e) for slot, a, e in good}
+            self.bad = {slot: (a, e) for slot, a, e in bad}
+            self._version = version
+        return self.names
 
 
 def split_keys(counter: Counter) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
