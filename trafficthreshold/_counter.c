@@ -1442,6 +1442,19 @@ static void forget_slots(Counter *c)
     Py_CLEAR(c->ev_accounts);
 }
 
+/* Adds n to the account's key `ref` of a hit whose `all` key `all_ref` is
+ * counted, and to overflow_hits when it is the overflow slot.  A table full
+ * even for `all` keys sends both keys to the overflow slot: the hit is
+ * counted there once, as overflow_hits does.  (Two keys never share a ref
+ * otherwise: (slot, generation) pairs are never handed out twice.)  Returns
+ * add_slot's result (0 when nothing was to be added). */
+static inline int add_account(Counter *c, long ref, long all_ref, uint64_t n)
+{
+    if (ref == OVERFLOW_SLOT)
+        __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
+    return ref == all_ref ? 0 : add_slot(c, ref, n);
+}
+
 /* The core of hit(): the `all` key of the event, then the account's key.
  * Returns 0, or -1 with an exception set (bad input or lock timeout).
  * The caller has checked that the segment is live (get_default() for the
@@ -1479,29 +1492,18 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
         dropped = add_slot(c, all_slot, n) != 0;
     }
     if (account != Py_None) {
-        if (slot == OVERFLOW_SLOT)
-            __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
-        /* A table full even for `all` keys sends both keys to the overflow
-         * slot: count the hit there once, as overflow_hits does.  (Two
-         * keys never share a ref otherwise: (slot, generation) pairs are
-         * never handed out twice.) */
-        if (slot != all_slot) {
-            rc = add_slot(c, slot, n);
-            if (__builtin_expect(rc == ADD_STALE, 0)) {
-                /* The `all` key is counted: a failure now drops the rest. */
-                forget_slots(c);
-                if ((slot = slot_for(c, account, event, 1)) < 0) {
-                    PyErr_Clear();
-                    rc = 1;
-                } else {
-                    if (slot == OVERFLOW_SLOT)
-                        __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
-                    rc = slot == OVERFLOW_SLOT && all_slot == OVERFLOW_SLOT ? 0
-                        : add_slot(c, slot, n) != 0;
-                }
+        rc = add_account(c, slot, all_slot, n);
+        if (__builtin_expect(rc == ADD_STALE, 0)) {
+            /* The `all` key is counted: a failure now drops the rest. */
+            forget_slots(c);
+            if ((slot = slot_for(c, account, event, 1)) < 0) {
+                PyErr_Clear();
+                rc = 1;
+            } else {
+                rc = add_account(c, slot, all_slot, n) != 0;
             }
-            dropped |= rc;
         }
+        dropped |= rc;
     } else if (all_slot == OVERFLOW_SLOT) {
         __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
     }
