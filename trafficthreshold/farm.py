@@ -60,7 +60,7 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
     key = f"{prefix}~live:{host}"
     previous = previous or {}
     mapping: dict[str, str] = {}
-    for name in {**counts, **{k: (0, 0) for k in previous}}:
+    for name in counts.keys() | previous.keys():
         m, s = counts.get(name, (0, 0))
         p = previous.get(name, 0)
         mapping[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
