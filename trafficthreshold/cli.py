@@ -372,7 +372,7 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int,
 @main.command()
 @common_options
 @segment_options
-@click.argument("address")
+@click.argument("addresses", metavar="ADDRESS...", nargs=-1, required=True)
 @click.option("--topic", "topics", multiple=True,
               help="Subscribe to this topic (a prefix of the frame; repeatable). "
                    "Default: every message.")
@@ -387,14 +387,15 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int,
               help="The largest frame or line accepted, in bytes (ZMQ_MAXMSGSIZE).")
 @click.option("--name", default=None,
               help="Names this subscriber in status, /metrics and the dashboard "
-                   "(default: from ADDRESS, e.g. tcp-127.0.0.1-6000; stdin for -).")
+                   "(default: from the addresses, e.g. tcp-127.0.0.1-6000; stdin for -).")
 @click.pass_context
 @_fail_clearly
-def subscribe(ctx: click.Context, address: str, topics: tuple[str, ...],
+def subscribe(ctx: click.Context, addresses: tuple[str, ...], topics: tuple[str, ...],
               types: tuple[str, ...], hwm: int, max_size: int, name: str | None) -> None:
-    """Count Bootic's pageview and order events from a ZMQ PUB socket at
-    ADDRESS (its SUB socket connects there), or from JSON lines on standard
-    input with ADDRESS "-".  Runs until stopped (SIGTERM), or the end of input.
+    """Count Bootic's pageview and order events from the ZMQ PUB socket at
+    each ADDRESS (one SUB socket connects to them all), or from JSON lines
+    on standard input with ADDRESS "-".  Runs until stopped (SIGTERM), or
+    the end of the input.
 
     Example: trafficthreshold subscribe tcp://127.0.0.1:6000 --topic pageview --topic order
     Example: tail -F events.jsonl | trafficthreshold subscribe -
@@ -402,10 +403,12 @@ def subscribe(ctx: click.Context, address: str, topics: tuple[str, ...],
     from .subscribe import Subscriber
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    if address != "-":
+    if "-" in addresses and len(addresses) > 1:
+        raise click.UsageError("ADDRESS '-' (standard input) goes alone")
+    if addresses != ("-",):
         _need_zmq()
     cfg = _load(ctx)
-    sys.exit(Subscriber(address, key=cfg.key, backend=cfg.backend, database=cfg.database,
+    sys.exit(Subscriber(addresses, key=cfg.key, backend=cfg.backend, database=cfg.database,
                         topics=topics, types=types, hwm=hwm, max_size=max_size, name=name,
                         env=_env(ctx)).run())
 

@@ -87,14 +87,15 @@ LOG_EVERY_S = 60.0
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
-def default_name(address: str) -> str:
-    """The subscriber's name when none is given: the address with every
-    character outside ``A-Za-z0-9._-`` made ``-`` (``tcp-127.0.0.1-6000``);
-    ``stdin`` for ``-``."""
-    if address == "-":
+def default_name(addresses: Iterable[str]) -> str:
+    """The subscriber's name when none is given: the addresses with every
+    run of characters outside ``A-Za-z0-9._-`` made one ``-``
+    (``tcp-127.0.0.1-6000``), at most 64 of them; ``stdin`` for ``-``."""
+    addresses = list(addresses)
+    if addresses == ["-"]:
         return "stdin"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", address).strip("-.") or "subscriber"
-    return name[:64]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", " ".join(addresses))[:64].strip("-.")
+    return name or "subscriber"
 
 
 def check_name(name: str) -> str:
@@ -300,15 +301,16 @@ class Subscriber:
     supervisor.  SIGTERM and SIGINT set a flag; the loop then ends, writes
     its stats file a last time (``stopped: true``) and returns 0."""
 
-    def __init__(self, address: str, *, key: int, backend: str, database: str,
+    def __init__(self, addresses: Iterable[str], *, key: int, backend: str, database: str,
                  topics: Iterable[str] = (), types: Iterable[str] = (), hwm: int = DEFAULT_HWM,
                  max_size: int = DEFAULT_MAX_SIZE, name: str | None = None,
                  env: Mapping[str, str] = os.environ, stdin: IO[bytes] | int | None = None) -> None:
-        self.address, self.key, self.backend = address, key, backend
+        self.addresses = list(addresses)
+        self.key, self.backend = key, backend
         self.topics = list(topics) or [""]
         self.types = list(types)
         self.hwm, self.max_size = hwm, max_size
-        self.name = check_name(name if name is not None else default_name(address))
+        self.name = check_name(name if name is not None else default_name(self.addresses))
         self.env = env
         self.stdin = stdin
         self.dir = stats_dir(database)
@@ -351,7 +353,7 @@ class Subscriber:
         signal.signal(signal.SIGINT, self._on_stop)
         self.initialize()
         try:
-            if self.address == "-":
+            if self.addresses == ["-"]:
                 self._run_lines()
             else:
                 self._run_zmq()
@@ -411,7 +413,8 @@ class Subscriber:
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(self.address)
+        for address in self.addresses:
+            sock.connect(address)
         return sock, monitor
 
     def _run_zmq(self) -> None:
@@ -422,8 +425,9 @@ class Subscriber:
             sock, monitor = self._socket(context)
         except zmq.ZMQError as exc:
             context.destroy(linger=0)
-            raise ValueError(f"cannot connect a SUB socket to {self.address!r} ({exc}): give "
-                             "an address such as tcp://127.0.0.1:6000 or ipc:///run/bus.sock")
+            raise ValueError(f"cannot connect a SUB socket to {' '.join(self.addresses)} "
+                             f"({exc}): give addresses such as tcp://127.0.0.1:6000 or "
+                             "ipc:///run/bus.sock") from None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -460,11 +464,11 @@ class Subscriber:
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "address": self.address, "topics": self.topics,
+        return {"name": self.name, "addresses": self.addresses, "topics": self.topics,
                 "types": self.types, "hwm": self.hwm, "max_size": self.max_size,
                 "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
                 "last_heard": self.last_heard,
-                "connected": None if self.address == "-" else self.connected > 0,
+                "connected": None if self.addresses == ["-"] else self.connected,
                 "disconnects": self.disconnects, "stopped": self.stopping,
                 **self.counter.tally()}
 

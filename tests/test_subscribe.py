@@ -1,0 +1,403 @@
+"""``trafficthreshold subscribe``: Bootic's event bus counted into the segment.
+
+The real thing: real pyzmq PUB sockets on loopback TCP ports (two at once),
+a real ``trafficthreshold subscribe`` process (SIGKILLed and restarted), a
+real segment per test, the roll into a real SQLite file and the counts read
+back through the stats API served over HTTP.  The slow joiner is waited
+out with probes: a PUB socket drops what it publishes before the SUB's
+subscription reached it, so each test publishes a probe event until the
+segment has counted one, and only then the events it checks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter as Tally
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+zmq = pytest.importorskip("zmq")
+
+import trafficthreshold  # noqa: E402
+from apps.harness import fetch, fetch_json  # noqa: E402
+from trafficthreshold import api, segment, subscribe  # noqa: E402
+from trafficthreshold.config import load as load_config  # noqa: E402
+from trafficthreshold.rollup import Roller  # noqa: E402
+from trafficthreshold.store import SQLiteStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCOUNTS = ["acme", "shop", "b\u00e4ckerei", "a:b", "x.y"]
+STATUSES = ["pending", "paid", "shipped", "refunded"]
+#: Malformed input, each with the reason it is rejected under; ``None`` as
+#: the line: a frame-level fault that has no line form.
+MALFORMED: list[tuple[bytes, bytes | None, str]] = [
+    (b'pageview{"type":"pageview"}', None, "frame"),
+    (b"pageview {not json", b"{not json", "json"),
+    (b'pageview {"type":"pageview","data":{"account":"\xff"}}',
+     b'{"type":"pageview","data":{"account":"\xff"}}', "json"),
+    (b"pageview [1, 2]", b"[1, 2]", "not-object"),
+    (b'pageview {"type":"pageview","data":"acme"}', b'{"type":"pageview","data":"acme"}',
+     "not-object"),
+    (b'pageview {"type":"pageview","data":{}}', b'{"type":"pageview","data":{}}', "account"),
+    (b'pageview {"type":"pageview","data":{"account":7}}',
+     b'{"type":"pageview","data":{"account":7}}', "account"),
+    (b'order {"type":"order","data":{"account":"acme"}}',
+     b'{"type":"order","data":{"account":"acme"}}', "status"),
+    (b'pageview {"type":"pageview","data":{"account":"a/b"}}',
+     b'{"type":"pageview","data":{"account":"a/b"}}', "name"),
+    (b'pageview {"type":"pageview","data":{"account":"all"}}',
+     b'{"type":"pageview","data":{"account":"all"}}', "name"),
+    (b'order {"type":"order","data":{"account":"acme","status":"a/b"}}',
+     b'{"type":"order","data":{"account":"acme","status":"a/b"}}', "name"),
+    (b'signup {"type":"signup","data":{"account":"acme"}}',
+     b'{"type":"signup","data":{"account":"acme"}}', "type"),
+    (b'x {"data":{"account":"acme"}}', b'{"data":{"account":"acme"}}', "type"),
+]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def bootic_events(n: int, seed: int) -> tuple[list[bytes], list[bytes], Tally, Tally]:
+    """n frames in Bootic's format, their lines (JSON without a topic), the
+    counts they make, by (account, event) with ``all`` and funnel keys
+    ``order/<status>``, and the rejections by reason (1 % malformed)."""
+    rnd = random.Random(seed)
+    frames, lines, counts, rejected = [], [], Tally(), Tally()
+    for i in range(n):
+        if i % 100 == 37:
+            frame, line, reason = MALFORMED[(i // 100) % len(MALFORMED)]
+            frames.append(frame)
+            rejected[reason] += 1
+            if line is not None:
+                lines.append(line)
+            continue
+        account = rnd.choice(ACCOUNTS)
+        if rnd.random() < 0.2:
+            status = rnd.choice(STATUSES)
+            event = {"type": "order", "data": {"account": account, "status": status}}
+            keys = [f"order/{status}"]
+            topic = "order"
+        else:
+            data: dict[str, Any] = {"account": account, "url": f"/p/{i}"}
+            keys = ["pageview"]
+            unq = rnd.choice(["1", "0", 1, None])
+            if unq is not None:
+                data["unq"] = unq
+            if unq == "1":  # the string "1" only, as Bootic's tracker
+                keys.append("unique")
+            event = {"type": "pageview", "time": "2013-09-05T10:00:00Z", "data": data}
+            topic = "pageview"
+        compact = rnd.random() < 0.5
+        payload = json.dumps(event, ensure_ascii=rnd.random() < 0.5,
+                             separators=(",", ":") if compact else None).encode()
+        # Bootic's regular expression takes any whitespace after the topic;
+        # a tab alone only before JSON without spaces (see
+        # test_frames_split_as_bootics_regular_expression).
+        frames.append(topic.encode() + rnd.choice([b" ", b"  ", b" \t"] + [b"\t"] * compact)
+                      + payload)
+        lines.append(payload)
+        for key in keys:
+            counts[account, key] += 1
+            counts["all", key] += 1
+    return frames, lines, counts, rejected
+
+
+def ring_count(counter: Any, account: str | None, event: str) -> int:
+    """What the segment ring holds for (account, event), over every minute."""
+    slot = counter.find(None if account == "all" else account, event)
+    if slot is None:
+        return 0
+    now = int(time.time() // 60)
+    return sum(n for s, _m, n in counter.minutes(now - 30, now + 1) if s == slot)
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0, proc: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the subscriber exited ({proc.returncode}) while waiting "
+                                 f"for {what}:\n{proc.log()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}"
+                                 + (f":\n{proc.log()}" if proc is not None else ""))
+        time.sleep(0.01)
+
+
+class Publisher:
+    """A real PUB socket bound to a free loopback port; never drops (SNDHWM
+    0: the tests count every event; docs/subscribe.rst says what a bounded
+    one loses)."""
+
+    def __init__(self, context: Any) -> None:
+        self.sock = context.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def probe(self, counter: Any, account: str, proc: Any, timeout: float = 30.0) -> int:
+        """The slow joiner: publish a page view of ``account`` until the
+        segment counted one; returns how many were sent."""
+        sent = 0
+        deadline = time.monotonic() + timeout
+        while ring_count(counter, account, "pageview") == 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the subscriber never counted a probe:\n{proc.log()}")
+            self.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}'
+                           % account.encode())
+            sent += 1
+            time.sleep(0.01)
+        return sent
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class SubscriberProcess:
+    """``trafficthreshold subscribe`` as a real process, its log in a file."""
+
+    def __init__(self, config: Path, *args: str, stdin: Any = subprocess.DEVNULL) -> None:
+        self.log_path = config.parent / f"subscriber-{time.monotonic_ns()}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRAFFICTHRESHOLD_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "trafficthreshold.cli", "--config", str(config),
+                 "subscribe", *args], env=env, stdin=stdin, stdout=log_file,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@pytest.fixture
+def bus(key: int, tmp_path: Path) -> Any:
+    """An installed SysV segment, a config pointing at it (database in
+    tmp_path, UTC), a zmq context, a Counter attached to the segment; every
+    subscriber process and publisher started through it is stopped after."""
+    segment.install(key, "sysv")
+    config = tmp_path / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{tmp_path}/stats.sqlite3"\n'
+                      'timezone = "UTC"\n[http]\nenabled = false\n')
+    context = zmq.Context()
+    counter = segment.attach(key, "sysv")
+
+    class Bus:
+        pass
+
+    b = Bus()
+    b.config, b.key, b.counter, b.tmp = config, key, counter, tmp_path
+    b.procs, b.pubs = [], []
+
+    def publisher() -> Publisher:
+        pub = Publisher(context)
+        b.pubs.append(pub)
+        return pub
+
+    def subscriber(*args: str, **kw: Any) -> SubscriberProcess:
+        proc = SubscriberProcess(config, *args, **kw)
+        b.procs.append(proc)
+        return proc
+
+    b.publisher, b.subscriber = publisher, subscriber
+    yield b
+    for proc in b.procs:
+        if proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+    for pub in b.pubs:
+        pub.close()
+    context.term()
+    counter.detach()
+
+
+def stats_file(tmp_path: Path, name: str) -> dict[str, Any]:
+    return json.loads((tmp_path / "subscribers" / f"{name}.json").read_text())
+
+
+def read_back(config: Path, counter: Any, serve: Any, counts: Tally) -> None:
+    """Roll the ring into the SQLite store and read every expected count
+    back through the stats API: page views, uniques, funnels."""
+    cfg = load_config(str(config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone) as store:
+        Roller(counter, store).roll(time.time(), include_current=True)
+    server = serve(api.make_app(cfg))
+    years = sorted({time.gmtime().tm_year, time.gmtime(time.time() - 120).tm_year})
+    funnels: dict[str, Tally] = {}
+    for (account, key), n in counts.items():
+        if key.startswith("order/"):
+            funnels.setdefault(account, Tally())[key.split("/", 1)[1]] += n
+            continue
+        got = 0
+        for year in years:
+            status, body = fetch_json(f"{server.url}api/stats/track/"
+                                      f"{urlquote(account)}/{key}/{year}")
+            assert status == 200, body
+            got += body["total"]
+        assert got == n, (account, key)
+    for account, by_status in funnels.items():
+        got = Tally()
+        for year in years:
+            status, body = fetch_json(f"{server.url}api/stats/funnels/"
+                                      f"{urlquote(account)}/order/{year}")
+            assert status == 200, body
+            got.update(body["data"])
+        assert got == by_status, account
+
+
+def urlquote(name: str) -> str:
+    import urllib.parse
+    return urllib.parse.quote(name, safe="")
+
+
+# ------------------------------------------------------------------ the bus
+
+
+def test_two_publishers_100k_bootic_events_exact_counts_through_the_api(bus, serve):
+    """100,000 events from two PUB sockets at once (1 % malformed): every
+    page view, unique and funnel count exact per account and for all, read
+    back through the stats API after a roll; each rejection under its
+    reason in the stats file."""
+    pubs = [bus.publisher(), bus.publisher()]
+    proc = bus.subscriber(*(p.address for p in pubs), "--name", "bus")
+    probes = [pub.probe(bus.counter, f"probe{i}", proc) for i, pub in enumerate(pubs)]
+    batches = [bootic_events(50_000, seed) for seed in (1, 2)]
+
+    def publish(pub: Publisher, frames: list[bytes], end: str) -> None:
+        for frame in frames:
+            pub.sock.send(frame)
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % end.encode())
+
+    # Each PUB socket is used by its own thread only (ZMQ sockets are not
+    # thread-safe); both publish at once.
+    threads = [threading.Thread(target=publish, args=(pub, frames, f"end{i}"))
+               for i, (pub, (frames, _l, _c, _r)) in enumerate(zip(pubs, batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # One connection delivers in order: the end marker counted means every
+    # event its publisher sent before it was handled.
+    wait_for("both end markers", lambda: ring_count(bus.counter, "end0", "pageview")
+             and ring_count(bus.counter, "end1", "pageview"), proc=proc)
+    counts = batches[0][2] + batches[1][2]
+    rejected = batches[0][3] + batches[1][3]
+    extra = {f"probe{i}": ring_count(bus.counter, f"probe{i}", "pageview") for i in (0, 1)}
+    assert all(1 <= extra[f"probe{i}"] <= probes[i] for i in (0, 1))
+    extra.update(end0=1, end1=1)
+    for account, n in extra.items():
+        counts[account, "pageview"] += n
+        counts["all", "pageview"] += n
+    for (account, key), n in counts.items():
+        assert ring_count(bus.counter, account, key) == n, (account, key)
+    assert proc.stop() == 0
+    info = stats_file(bus.tmp, "bus")
+    assert info["stopped"] and info["connected"] == 2 and info["disconnects"] == 0
+    assert {r: n for r, n in info["rejected"].items() if n} == dict(rejected)
+    sent = 100_000 + sum(extra.values())
+    assert info["received"] == sent
+    assert info["counted"] == sent - sum(rejected.values())
+    read_back(bus.config, bus.counter, serve, counts)
+
+
+def test_sigkill_mid_stream_and_restart_counts_nothing_twice(bus):
+    """The subscriber SIGKILLed while events flow, then started again: what
+    was counted stays counted once; what was in flight when it died, or
+    published while no subscriber was connected, is lost (PUB/SUB by
+    design), never counted twice."""
+    pub = bus.publisher()
+    first = bus.subscriber(pub.address, "--name", "k")
+    pub.probe(bus.counter, "probe", first)
+    frame = b'pageview {"type":"pageview","data":{"account":"acme","unq":"1"}}'
+    for _ in range(5000):
+        pub.sock.send(frame)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-a"}}')
+    wait_for("phase A", lambda: ring_count(bus.counter, "end-a", "pageview"), proc=first)
+    stop = threading.Event()
+    streamed = [0]
+
+    def stream() -> None:
+        mid = b'order {"type":"order","data":{"account":"mid","status":"paid"}}'
+        while not stop.is_set():
+            pub.sock.send(mid)
+            streamed[0] += 1
+            if streamed[0] % 100 == 0:
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        wait_for("the stream", lambda: ring_count(bus.counter, "mid", "order/paid") > 500,
+                 proc=first)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        # The name's lock died with it: the same name starts again at once.
+        second = bus.subscriber(pub.address, "--name", "k")
+        wait_for("the stream again",
+                 lambda: ring_count(bus.counter, "mid", "order/paid") > 0
+                 and stats_file(bus.tmp, "k")["pid"] == second.proc.pid
+                 and stats_file(bus.tmp, "k")["counted"] > 100, proc=second)
+    finally:
+        stop.set()
+        thread.join(30)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-c"}}')
+    for _ in range(5000):
+        pub.sock.send(frame)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-d"}}')
+    wait_for("phase C", lambda: ring_count(bus.counter, "end-d", "pageview"), proc=second)
+    assert ring_count(bus.counter, "acme", "pageview") == 10_000
+    assert ring_count(bus.counter, "acme", "unique") == 10_000
+    assert ring_count(bus.counter, "all", "unique") == 10_000
+    mid = ring_count(bus.counter, "mid", "order/paid")
+    assert 500 < mid <= streamed[0]
+    assert ring_count(bus.counter, None, "order/paid") == mid
+    assert second.stop() == 0
+    info = stats_file(bus.tmp, "k")
+    # The second process counted its share of "mid", then phase C (5,000
+    # and two markers); the first one's share is the rest, over 500.
+    assert info["pid"] == second.proc.pid and info["counted"] == info["received"]
+    second_share = info["counted"] - 5002
+    assert second_share > 100 and mid - second_share > 500
+
+
+def test_subscribe_dash_counts_the_same_from_a_file(bus, serve):
+    """``subscribe -`` reads the same events as JSON lines (no topic) and
+    gives the same counts; it exits 0 at the end of the file."""
+    frames, lines, counts, rejected = bootic_events(50_000, 1)
+    del rejected["frame"]
+    path = bus.tmp / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n\n" + b"x" * 70_000 + b"\n")
+    rejected["size"] += 1
+    with open(path, "rb") as stdin:
+        proc = bus.subscriber("-", stdin=stdin)
+        assert proc.proc.wait(60) == 0, proc.log()
+    for (account, key), n in counts.items():
+        assert ring_count(bus.counter, account, key) == n, (account, key)
+    info = stats_file(bus.tmp, "stdin")
+    assert info["stopped"] and info["connected"] is None
+    assert {r: n for r, n in info["rejected"].items() if n} == dict(rejected)
+    assert info["received"] == len(lines) + 1
+    assert info["counted"] == len(lines) - sum(rejected.values()) + 1
+    read_back(bus.config, bus.counter, serve, counts)
