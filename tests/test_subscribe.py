@@ -401,3 +401,162 @@ def test_subscribe_dash_counts_the_same_from_a_file(bus, serve):
     assert info["received"] == len(lines) + 1
     assert info["counted"] == len(lines) - sum(rejected.values()) + 1
     read_back(bus.config, bus.counter, serve, counts)
+
+
+def test_an_oversized_frame_is_bounded_and_the_subscriber_connects_again(bus):
+    """A frame over --max-size never reaches memory: libzmq drops the
+    connection (a protocol error, after which it would not reconnect by
+    itself); the subscriber connects again and counts the next events."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "big", "--max-size", "1000")
+    pub.probe(bus.counter, "probe", proc)
+    pub.sock.send(b"pageview " + b"x" * 5000)
+    pub.probe(bus.counter, "after", proc)
+    assert proc.stop() == 0
+    info = stats_file(bus.tmp, "big")
+    assert info["disconnects"] == 1 and info["connected"] == 1
+    assert info["received"] == info["counted"]  # the big frame was never received
+    assert "disconnected from tcp://127.0.0.1:" in proc.log()
+
+
+def test_a_second_subscriber_of_the_same_name_is_refused(bus):
+    pub = bus.publisher()
+    first = bus.subscriber(pub.address, "--name", "one")
+    pub.probe(bus.counter, "probe", first)
+    second = bus.subscriber(pub.address, "--name", "one")
+    assert second.proc.wait(30) == 1
+    assert "another subscriber named 'one' is running" in second.log()
+    assert first.poll() is None
+
+
+# ------------------------------------------------------- the rules in process
+
+
+@pytest.fixture
+def recorded() -> tuple[subscribe.EventCounter, list[tuple[Any, ...]]]:
+    """An EventCounter whose hits are recorded, checked as hit() checks."""
+    calls: list[tuple[Any, ...]] = []
+
+    def hit(account: str, event: str, *, status: str | None = None) -> None:
+        from trafficthreshold import names
+        names.validate(account, names.funnel_event(event, status) if status else event)
+        calls.append((account, event, status))
+
+    return subscribe.EventCounter(["click"], hit=hit), calls
+
+
+@pytest.mark.parametrize("frame, payload", [
+    (b'pageview {"a":1}', b'{"a":1}'),
+    (b' {"a":1}', b'{"a":1}'),                       # no topic: leading whitespace
+    (b'pageview \t {"a": 1}', b'{"a": 1}'),
+    (b'pageview\t{"a":1}', b'{"a":1}'),               # a tab, JSON without spaces
+    (b'pageview\t{"a": 1}', b'1}'),                   # Bootic's [^ ]+ runs to the space
+    (b'pageview {"a":1}\n{"b":2}', b'{"a":1}'),       # Go's . stops at a line feed
+    (b'{"a":1}', None),                               # no whitespace: no match
+    (b'pageview ', None),
+    (b'', None),
+])
+def test_frames_split_as_bootics_regular_expression(frame, payload):
+    """bootic_zmq's ``^(?:[^ ]+)?\\s+(.+)`` with Go's ``\\s`` and ``.``;
+    the fast path agrees with it."""
+    found = subscribe.FRAME.match(frame)
+    assert (found.group(1) if found else None) == payload
+    seen: list[bytes] = []
+    tally = subscribe.EventCounter()
+    tally.payloads = seen.extend  # what the frame split hands on
+    tally.frames([frame])
+    assert seen == ([payload] if payload is not None else [])
+    assert tally.rejected["frame"] == (payload is None)
+
+
+def test_bootics_rules_and_every_rejection(recorded, caplog):
+    tally, calls = recorded
+    good = [b'{"type":"pageview","data":{"account":"acme","unq":"1"}}',
+            b'{"type":"pageview","data":{"account":"acme","unq":1}}',
+            b'{"type":"pageview","data":{"account":"acme","unq":"0"}}',
+            b'{"type":"order","data":{"account":"acme","status":"paid"}}',
+            b'{"type":"click","data":{"account":"acme","unq":"1"}}']
+    tally.payloads(good + [line for _f, line, _r in MALFORMED if line is not None])
+    assert calls == [("acme", "pageview", None), ("acme", "unique", None),
+                     ("acme", "pageview", None), ("acme", "pageview", None),
+                     ("acme", "order", "paid"), ("acme", "click", None)]
+    expected = Tally(reason for _f, line, reason in MALFORMED if line is not None)
+    assert {r: n for r, n in tally.rejected.items() if n} == expected
+    assert tally.counted == 5 and tally.received == 5 + sum(expected.values())
+    with pytest.raises(ValueError, match="counted already"):
+        subscribe.EventCounter(["order"])
+    with pytest.raises(ValueError, match="contains '/'"):
+        subscribe.EventCounter(["a/b"])
+
+
+def test_each_reason_is_logged_once_a_minute(caplog):
+    caplog.set_level(logging.WARNING, logger="trafficthreshold.subscribe")
+    clock = [1000.0]
+    tally = subscribe.EventCounter(hit=lambda *a, **k: None, clock=lambda: clock[0])
+    for _ in range(5):
+        tally.payloads([b"nope", b"[1]"])
+    assert [r.getMessage().split(" (")[1].split(":")[0] for r in caplog.records] == [
+        "json", "not-object"]
+    caplog.clear()
+    clock[0] += 59
+    tally.payloads([b"nope"])
+    assert not caplog.records
+    clock[0] += 1
+    tally.payloads([b"nope", b"nope"])
+    assert len(caplog.records) == 1
+    assert "5 more not logged since the last report" in caplog.records[0].getMessage()
+    assert tally.rejected["json"] == 8 and tally.rejected["not-object"] == 5
+
+
+def test_no_segment_fails_open_with_one_warning(key, caplog):
+    """hit()'s own fail-open: nothing counted, one warning, and the events
+    are tallied as received but not counted (``uncounted``)."""
+    caplog.set_level(logging.WARNING, logger="trafficthreshold")
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    try:
+        tally = subscribe.EventCounter()
+        line = b'{"type":"pageview","data":{"account":"acme"}}'
+        tally.payloads([line] * 3)
+        tally.payloads([line, b'{"type":"pageview","data":{"account":"a/b"}}'])
+        assert (tally.received, tally.counted, tally.uncounted) == (5, 0, 4)
+        assert tally.rejected["name"] == 1  # bad names are still refused
+        warnings = [r for r in caplog.records if "not counting" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
+# ------------------------------------------------------------ the stats files
+
+
+def test_stats_files_say_running_stopped_or_not_running(tmp_path):
+    db = str(tmp_path / "stats.sqlite3")
+    directory = Path(subscribe.stats_dir(db))
+    directory.mkdir()
+    now = 2_000_000_000.0
+    for name, age, stopped in (("live", 1, False), ("done", 50, True), ("dead", 11, False),
+                               ("old", subscribe.FORGET_S + 1, True)):
+        (directory / f"{name}.json").write_text(json.dumps(
+            {"name": name, "updated_at": now - age, "stopped": stopped}))
+    (directory / "torn.json").write_text('{"name": "torn", "upd')
+    (directory / "x.json.123.tmp").write_text("{}")
+    found = {info["name"]: info["state"] for info in subscribe.read_all(db, now)}
+    assert found == {"live": "running", "done": "stopped", "dead": "not running"}
+    assert subscribe.read_all(str(tmp_path / "elsewhere" / "db"), now) == []
+
+
+@pytest.mark.parametrize("addresses, name", [
+    (["tcp://127.0.0.1:6000"], "tcp-127.0.0.1-6000"),
+    (["-"], "stdin"),
+    (["ipc:///run/bus.sock", "tcp://[::1]:6000"], "ipc-run-bus.sock-tcp-1-6000"),
+    (["tcp://" + "a" * 80 + ":1"], "tcp-" + "a" * 60),
+])
+def test_default_names_can_name_a_file(addresses, name):
+    assert subscribe.check_name(subscribe.default_name(addresses)) == name
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "..", "a b", "x" * 65, "a\\b"])
+def test_names_that_cannot_name_a_file_are_refused(name):
+    with pytest.raises(ValueError, match="--name"):
+        subscribe.check_name(name)

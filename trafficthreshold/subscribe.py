@@ -39,6 +39,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import selectors
@@ -226,7 +227,7 @@ class EventCounter:
             counted += 1
         self.received += received
         # Fail open: with no segment hit() counted nothing (and warned once).
-        if _counter._ensure() is None and self.hit is trafficthreshold.hit:
+        if self.hit is trafficthreshold.hit and _counter._ensure() is None:
             self.uncounted += counted
         else:
             self.counted += counted
@@ -242,10 +243,10 @@ class EventCounter:
             return
         self._logged[reason] = now
         quiet = self._since_log.pop(reason, 0)
-        log.warning("rejected an event (%s: %s)%s: %r%s; %s more not logged since the last "
-                    "report (logged once a minute per reason)", reason, REASONS[reason],
-                    f": {exc}" if exc is not None else "", payload[:200],
-                    "..." if len(payload) > 200 else "", quiet)
+        log.warning("rejected an event (%s: %s)%s: %r%s (logged once a minute per reason%s)",
+                    reason, REASONS[reason], f": {exc}" if exc is not None else "",
+                    payload[:200], "..." if len(payload) > 200 else "",
+                    f"; {quiet} more not logged since the last report" if quiet else "")
 
     def tally(self) -> dict[str, Any]:
         return {"received": self.received, "counted": self.counted,
@@ -318,8 +319,10 @@ class Subscriber:
         self.counter = EventCounter(self.types)
         self.started_at = time.time()
         self.last_heard: float | None = None
-        self.connected = 0
+        #: the endpoints connected now (ZMQ's socket monitor)
+        self.connected: set[str] = set()
         self.disconnects = 0
+        self._disconnect_logged = -math.inf
         self.stopping = False
         self._lock_fd: int | None = None
         self._next_stats = 0.0
@@ -448,18 +451,45 @@ class Subscriber:
                     self.counter.frames(frames)
                 if monitor in ready:
                     while monitor.poll(0):
-                        event = recv_monitor_message(monitor)["event"]
-                        if event == zmq.EVENT_CONNECTED:
-                            self.connected += 1
-                        elif event == zmq.EVENT_DISCONNECTED:
-                            self.connected = max(0, self.connected - 1)
-                            self.disconnects += 1
+                        self._connection_event(sock, recv_monitor_message(monitor))
                 self.housekeeping()
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
             context.term()
+
+    def _connection_event(self, sock: Any, event: dict[str, Any]) -> None:
+        """Follow the connections (ZMQ's socket monitor).  A connection
+        dropped is made again at once, by hand: libzmq reconnects by itself
+        after a network error, but not after a protocol error, which is
+        what a frame over ZMQ_MAXMSGSIZE is (it would leave this subscriber
+        deaf to that publisher for good).  What the publisher sent in
+        between is lost: counted as a disconnect, nothing more is known."""
+        import zmq
+        endpoint = event["endpoint"].decode("utf-8", "replace")
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self.connected.add(endpoint)
+            return
+        if event["event"] != zmq.EVENT_DISCONNECTED:
+            return
+        self.connected.discard(endpoint)
+        self.disconnects += 1
+        now = time.monotonic()
+        if now - self._disconnect_logged >= LOG_EVERY_S:
+            self._disconnect_logged = now
+            log.warning("disconnected from %s (the publisher went away, or sent a frame over "
+                        "--max-size %d bytes): connecting again; what it published meanwhile "
+                        "is lost (%d disconnects so far; logged once a minute)", endpoint,
+                        self.max_size, self.disconnects)
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq forgot it already (the protocol error's case)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            log.error("cannot connect to %s again (%s)", endpoint, exc)
 
     # ------------------------------------------------------------------ stats
 
@@ -468,7 +498,7 @@ class Subscriber:
                 "types": self.types, "hwm": self.hwm, "max_size": self.max_size,
                 "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
                 "last_heard": self.last_heard,
-                "connected": None if self.addresses == ["-"] else self.connected,
+                "connected": None if self.addresses == ["-"] else len(self.connected),
                 "disconnects": self.disconnects, "stopped": self.stopping,
                 **self.counter.tally()}
 
