@@ -560,3 +560,64 @@ def test_default_names_can_name_a_file(addresses, name):
 def test_names_that_cannot_name_a_file_are_refused(name):
     with pytest.raises(ValueError, match="--name"):
         subscribe.check_name(name)
+
+
+# ------------------------------------------- status, /metrics and the dashboard
+
+
+def test_status_metrics_and_dashboard_show_each_subscriber(bus, serve):
+    """A running subscriber (from its stats file, refreshed every second)
+    and a SIGKILLed one (its file goes stale: not running)."""
+    from click.testing import CliRunner
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trafficthreshold.cli import main
+    pub = bus.publisher()
+    live = bus.subscriber(pub.address, "--name", "live")
+    pub.probe(bus.counter, "probe", live)
+    for frame in (b"pageview {nope", b'pageview {"type":"pageview","data":{"account":"a/b"}}',
+                  b'pageview {"type":"pageview","data":{"account":"end"}}'):
+        pub.sock.send(frame)
+    wait_for("the end marker", lambda: ring_count(bus.counter, "end", "pageview"), proc=live)
+    wait_for("the stats file", lambda: stats_file(bus.tmp, "live")["rejected"]["name"] == 1)
+    dead = bus.tmp / "subscribers" / "dead.json"
+    dead.write_text(json.dumps({"name": "dead", "addresses": ["tcp://10.0.0.9:6000"],
+                                "updated_at": time.time() - subscribe.STALE_S - 5,
+                                "received": 3, "counted": 3, "rejected": {}, "connected": 0,
+                                "disconnects": 0, "last_heard": None, "stopped": False}))
+
+    result = CliRunner().invoke(main, ["status", "--config", str(bus.config), "--json"])
+    assert result.exit_code == 0, result.output
+    subs = {s["name"]: s for s in json.loads(result.stdout)["subscribers"]}
+    assert subs["live"]["state"] == "running" and subs["dead"]["state"] == "not running"
+    assert subs["live"]["connected"] == 1 and subs["live"]["rejected"]["json"] == 1
+    text = CliRunner().invoke(main, ["status", "--config", str(bus.config)]).stdout
+    assert f"subscriber  live ({pub.address}): running" in text
+    assert "subscriber  dead (tcp://10.0.0.9:6000): NOT RUNNING" in text
+    assert "2 rejected (json 1, name 1)" in text
+
+    cfg = load_config(str(bus.config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone) as store:  # the daemon's first start
+        Roller(bus.counter, store).roll(time.time())
+    server = serve(api.make_app(cfg))
+    status, _headers, body = fetch(server.url + "metrics")
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body.decode())
+               for s in f.samples}
+    live_label = (("subscriber", "live"),)
+    assert samples["trafficthreshold_subscriber_up", live_label] == 1
+    assert samples["trafficthreshold_subscriber_up", (("subscriber", "dead"),)] == 0
+    assert samples["trafficthreshold_subscriber_events_rejected_total",
+                   (("reason", "json"), ("subscriber", "live"))] == 1
+    assert samples["trafficthreshold_subscriber_events_received_total", live_label] == \
+        samples["trafficthreshold_subscriber_events_counted_total", live_label] + 2
+    assert samples["trafficthreshold_subscriber_connections", live_label] == 1
+    assert samples["trafficthreshold_subscriber_last_heard_timestamp_seconds",
+                   live_label] > time.time() - 60
+
+    status, _headers, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and 'id="subscribers"' in html
+    assert 'data-subscriber="live"' in html and 'data-subscriber="dead"' in html
+    assert "not running" in html and "json 1" in html
