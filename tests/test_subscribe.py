@@ -621,3 +621,40 @@ def test_status_metrics_and_dashboard_show_each_subscriber(bus, serve):
     assert status == 200 and 'id="subscribers"' in html
     assert 'data-subscriber="live"' in html and 'data-subscriber="dead"' in html
     assert "not running" in html and "json 1" in html
+
+
+def test_deeply_nested_json_is_rejected_not_a_crash(recorded):
+    """Within --max-size, ``[[[[...`` 60,000 deep makes json.loads raise
+    RecursionError, not ValueError: one such frame must not kill the
+    subscriber (and with it, every event until systemd restarts it)."""
+    tally, calls = recorded
+    tally.frames([b"pageview " + b"[" * 60_000, b'x {"a":' * 30_000,
+                  b'pageview {"type":"pageview","data":{"account":"acme"}}'])
+    assert tally.rejected["json"] == 2 and tally.rejected["frame"] == 0
+    assert calls == [("acme", "pageview", None)] and tally.received == 3
+
+
+@pytest.mark.parametrize("account", ["\\ud800", "\\u0007bell", "~overflow", "x" * 65])
+def test_names_hit_refuses_are_rejected_by_name(recorded, account):
+    tally, calls = recorded
+    tally.payloads([b'{"type":"pageview","data":{"account":"%s"}}' % account.encode()])
+    assert tally.rejected["name"] == 1 and not calls
+
+
+def test_the_fast_split_is_the_regular_expression():
+    """The split without the regular expression gives what it gives, on
+    every frame (a property test over the characters that matter)."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.lists(st.sampled_from([b" ", b"\t", b"\n", b"\r", b"{", b"}", b"a", b"\x0b",
+                                     b"\xc3\xa4"]), max_size=12).map(b"".join))
+    def check(frame: bytes) -> None:
+        seen: list[bytes] = []
+        tally = subscribe.EventCounter()
+        tally.payloads = seen.extend
+        tally.frames([frame])
+        found = subscribe.FRAME.match(frame)
+        assert seen == ([found.group(1)] if found else [])
+
+    check()

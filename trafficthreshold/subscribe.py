@@ -201,7 +201,9 @@ class EventCounter:
             received += 1
             try:
                 event = loads(payload.decode())
-            except ValueError:  # UnicodeDecodeError and JSONDecodeError
+            except (ValueError, RecursionError):
+                # UnicodeDecodeError, JSONDecodeError, and nesting deeper
+                # than the interpreter's recursion limit ("[[[[...").
                 reject("json", payload)
                 continue
             if type(event) is not dict:
