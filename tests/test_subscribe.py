@@ -421,8 +421,12 @@ def test_an_oversized_frame_is_bounded_and_the_subscriber_connects_again(bus):
 
 def test_a_second_subscriber_of_the_same_name_is_refused(bus):
     pub = bus.publisher()
+    leftover = bus.tmp / "subscribers" / "one.json.12345.tmp"  # a SIGKILL mid-write
+    leftover.parent.mkdir()
+    leftover.write_text("{")
     first = bus.subscriber(pub.address, "--name", "one")
     pub.probe(bus.counter, "probe", first)
+    assert not leftover.exists()
     second = bus.subscriber(pub.address, "--name", "one")
     assert second.proc.wait(30) == 1
     assert "another subscriber named 'one' is running" in second.log()
@@ -540,6 +544,11 @@ def test_stats_files_say_running_stopped_or_not_running(tmp_path):
         (directory / f"{name}.json").write_text(json.dumps(
             {"name": name, "updated_at": now - age, "stopped": stopped}))
     (directory / "torn.json").write_text('{"name": "torn", "upd')
+    for name, bad in (("list", []), ("counts", {"updated_at": now, "received": "many"}),
+                      ("negative", {"updated_at": now, "rejected": {"json": -1}}),
+                      ("no-time", {"received": 1})):
+        (directory / f"{name}.json").write_text(json.dumps(bad))
+    (directory / ".hidden.json").write_text(json.dumps({"updated_at": now}))
     (directory / "x.json.123.tmp").write_text("{}")
     found = {info["name"]: info["state"] for info in subscribe.read_all(db, now)}
     assert found == {"live": "running", "done": "stopped", "dead": "not running"}

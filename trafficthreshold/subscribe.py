@@ -348,9 +348,15 @@ class Subscriber:
                              f"{self.dir}/{self.name}.lock): stop it, or give this one "
                              "another --name") from None
         self._lock_fd = fd
-        if _counter._ensure() is None:
-            log.warning("no segment at key %#x (%s): events are received but not counted "
-                        "until `trafficthreshold install` (fail open)", self.key, self.backend)
+        # What a SIGKILL between the write and the rename left (other pids).
+        for entry in os.listdir(self.dir):
+            if entry.startswith(self.name + ".json.") and entry.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.dir, entry))
+                except OSError:
+                    pass
+        # Attach now: with no segment, hit()'s own warning (once), fail open.
+        _counter._ensure()
         self.write_stats()
 
     def run(self) -> int:
@@ -536,15 +542,41 @@ def read_all(database: str, now: float) -> list[dict[str, Any]]:
     for entry in entries:
         try:
             with open(os.path.join(directory, entry), encoding="utf-8") as file:
-                info = json.load(file)
-            age = now - float(info["updated_at"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                info = _checked(entry[:-len(".json")], json.load(file))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.debug("skipping subscriber stats %s: %s", entry, exc)
             continue
+        age = now - info["updated_at"]
         if age > FORGET_S:
             continue
         info["age"] = round(age, 1)
-        info["state"] = ("stopped" if info.get("stopped") else
+        info["state"] = ("stopped" if info["stopped"] else
                          "running" if age <= STALE_S else "not running")
         found.append(info)
     return found
+
+
+def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """A stats file's fields with the types the readers use (ValueError,
+    TypeError, KeyError or AttributeError for a file that is not one): a
+    damaged or foreign file must not break /metrics.  The name is the
+    file's, whatever the file says."""
+    def count(value: Any) -> int:
+        n = int(value)
+        if n < 0:
+            raise ValueError(f"negative count {n}")
+        return n
+
+    connected, heard = raw.get("connected"), raw.get("last_heard")
+    return {
+        "name": check_name(name), "addresses": [str(a) for a in raw.get("addresses") or []],
+        "topics": [str(t) for t in raw.get("topics") or []],
+        "pid": raw.get("pid") if isinstance(raw.get("pid"), int) else None,
+        "started_at": raw.get("started_at"), "updated_at": float(raw["updated_at"]),
+        "last_heard": None if heard is None else float(heard),
+        "connected": None if connected is None else count(connected),
+        "disconnects": count(raw.get("disconnects", 0)),
+        "stopped": bool(raw.get("stopped")),
+        **{field: count(raw.get(field, 0)) for field in ("received", "counted", "uncounted")},
+        "rejected": {str(r): count(n) for r, n in (raw.get("rejected") or {}).items()},
+    }
