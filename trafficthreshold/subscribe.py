@@ -2,7 +2,7 @@
 
 ``trafficthreshold subscribe tcp://127.0.0.1:6000`` is Bootic's
 bootic_stats_aggregates in one process: a ZMQ SUB socket *connects* to the
-publisher, subscribes to the topics given (default: every message), and
+publisher (to each, when several addresses are given), subscribes to the topics given (default: every message), and
 counts each event into the segment through :func:`trafficthreshold.hit`,
 the workers' own call (the same names rules, the same fail-open: no segment,
 one warning, nothing counted).  Everything after the segment (roll-ups,
