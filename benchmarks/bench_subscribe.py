@@ -46,6 +46,7 @@ import zmq  # noqa: E402
 import trafficthreshold  # noqa: E402
 from trafficthreshold import segment  # noqa: E402
 from trafficthreshold.subscribe import EventCounter  # noqa: E402
+from bench_redis import start_redis  # noqa: E402  (benchmarks/ is sys.path[0])
 
 ACCOUNTS = [f"shop-{i:02d}" for i in range(50)]
 STATUSES = ["pending", "paid", "shipped", "refunded"]
@@ -163,24 +164,6 @@ def in_process(key: int, sent: list[bytes], hits: int) -> float:
         counter.detach()
 
 
-def start_redis(directory: str) -> tuple[subprocess.Popen, redis.Redis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("bench_subscribe: redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                             directory, "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(500):
-        try:
-            client.ping()
-            return proc, client
-        except redis.ConnectionError:
-            time.sleep(0.01)
-    sys.exit("bench_subscribe: redis-server did not start")
-
-
 def bootic(client: redis.Redis, sent: list[bytes], pipelined: bool) -> float:
     """Bootic's tracker.go in Python: parse as its bootic_zmq did, then the
     HINCRBYs of TrackTime / TrackFunnel for the account and `all`."""
@@ -229,7 +212,8 @@ def main() -> None:
     try:
         e2e, where = end_to_end(key, sent, hits, tmp)
         local = in_process(key, sent, hits)
-        redis_proc, client = start_redis(tmp)
+        redis_proc, port = start_redis(tmp)  # append-only, fsync every second
+        client = redis.Redis(port=port)
         one = bootic(client, sent[:slow_n], pipelined=False)
         piped = bootic(client, sent, pipelined=True)
     finally:

@@ -132,13 +132,19 @@ def test_render_unit_refuses_paths_systemd_cannot_take(path: str) -> None:
         systemd.render_unit(path)
 
 
-def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> None:
-    """systemd-analyze verify; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
+def _systemd_analyze() -> str:
+    """systemd-analyze's path; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("REQUIRE_SYSTEMD_ANALYZE"):
             pytest.fail("systemd-analyze is required (REQUIRE_SYSTEMD_ANALYZE) but not installed")
         pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    return analyze
+
+
+def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> None:
+    """systemd-analyze verify; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
+    analyze = _systemd_analyze()
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     unit_file = unit_dir / systemd.UNIT_NAME
@@ -267,11 +273,8 @@ def test_the_subscriber_watchdog_is_kept_by_the_loop(tmp_path: Path) -> None:
 
 
 def test_systemd_analyze_verify_accepts_the_subscriber_unit(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        if os.environ.get("REQUIRE_SYSTEMD_ANALYZE"):
-            pytest.fail("systemd-analyze is required (REQUIRE_SYSTEMD_ANALYZE) but not installed")
-        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    """An instance of the template, beside the daemon's unit it is ordered after."""
+    analyze = _systemd_analyze()
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     program = _fake_program(tmp_path)
