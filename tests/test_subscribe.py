@@ -667,3 +667,42 @@ def test_the_fast_split_is_the_regular_expression():
         assert seen == ([found.group(1)] if found else [])
 
     check()
+
+
+# ------------------------------------------------------------ the command line
+
+
+def test_sighup_is_no_death_and_sigterm_a_clean_stop(bus):
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "hup")
+    pub.probe(bus.counter, "probe", proc)
+    proc.proc.send_signal(signal.SIGHUP)
+    pub.probe(bus.counter, "after-hup", proc)
+    assert proc.stop() == 0
+    assert "SIGHUP: nothing to reload" in proc.log()
+    assert stats_file(bus.tmp, "hup")["stopped"] is True
+
+
+@pytest.mark.parametrize("args, words", [
+    (["foo://bar"], "cannot connect a SUB socket to foo://bar"),
+    (["-", "tcp://127.0.0.1:1"], "ADDRESS '-' (standard input) goes alone"),
+    (["tcp://127.0.0.1:1", "--name", "../x"], "subscriber name '../x' is not valid"),
+    (["tcp://127.0.0.1:1", "--type", "order"], "--type order: order events are counted"),
+])
+def test_errors_are_one_line_naming_the_fix(bus, args, words):
+    proc = bus.subscriber(*args)
+    assert proc.proc.wait(30) in (1, 2)
+    assert words in proc.log() and "Traceback" not in proc.log()
+
+
+def test_without_pyzmq_the_error_names_the_extra(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    monkeypatch.setitem(sys.modules, "zmq", None)  # import zmq raises ImportError
+    config = tmp_path / "config.toml"
+    config.write_text(f'database = "{tmp_path}/stats.sqlite3"\n')
+    result = CliRunner().invoke(main, ["subscribe", "--config", str(config),
+                                       "tcp://127.0.0.1:6000"])
+    assert result.exit_code == 1
+    assert "pip install 'trafficthreshold[zmq]'" in result.stderr

@@ -362,6 +362,9 @@ class Subscriber:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
+        # SIGHUP would end it by default, and a death by SIGHUP is not one
+        # that Restart=on-failure restarts: the bus would go uncounted.
+        signal.signal(signal.SIGHUP, self._on_hup)
         self.initialize()
         try:
             if self.addresses == ["-"]:
@@ -382,6 +385,10 @@ class Subscriber:
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self.stopping = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        log.warning("SIGHUP: nothing to reload (the options are the command line's); "
+                    "restart the subscriber to change them")
 
     def housekeeping(self, force: bool = False) -> None:
         """The stats file every STATS_INTERVAL s; the watchdog at half its
