@@ -706,3 +706,54 @@ def test_without_pyzmq_the_error_names_the_extra(monkeypatch, tmp_path):
                                        "tcp://127.0.0.1:6000"])
     assert result.exit_code == 1
     assert "pip install 'trafficthreshold[zmq]'" in result.stderr
+
+
+def test_counts_stay_in_the_ring_through_a_supervisor_restart(bus):
+    """The real daemon (`trafficthreshold run`) SIGKILLed while the
+    subscriber counts, then started again and stopped with SIGTERM (its
+    final roll takes the open minute): the store holds every event counted,
+    exactly once."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "ring")
+    pub.probe(bus.counter, "probe", proc)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAFFICTHRESHOLD_",
+                                                                     "NOTIFY_SOCKET"))}
+    env["TRAFFICTHRESHOLD_CONFIG"] = str(bus.config)
+
+    def daemon() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "run",
+                                 "--no-http"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+
+    def publish(n: int, end: str) -> None:
+        for i in range(n):
+            pub.sock.send(b'order {"type":"order","data":{"account":"acme","status":"%s"}}'
+                          % STATUSES[i % 4].encode())
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % end.encode())
+        wait_for(end, lambda: ring_count(bus.counter, end, "pageview"), proc=proc)
+
+    first = daemon()
+    try:
+        wait_for("the daemon's start", lambda: Path(bus.tmp, "stats.sqlite3").exists())
+        publish(4000, "end-a")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        publish(4000, "end-b")  # nobody rolls meanwhile: the ring keeps them
+        second = daemon()
+        publish(4000, "end-c")
+        time.sleep(1)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.stdout.read().decode()
+    finally:
+        for p in (first, locals().get("second")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    years = {time.gmtime().tm_year, time.gmtime(time.time() - 120).tm_year}
+    with SQLiteStore(str(bus.tmp / "stats.sqlite3"), "UTC") as store:
+        funnel = Tally()
+        for year in years:
+            funnel.update(store.funnel("acme", "order", year)["data"])
+        assert funnel == {status: 3000 for status in STATUSES}
+        assert sum(store.period("all", "pageview", y)["total"] for y in years) == \
+            ring_count(bus.counter, "all", "pageview")
