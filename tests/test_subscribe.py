@@ -757,3 +757,12 @@ def test_counts_stay_in_the_ring_through_a_supervisor_restart(bus):
         assert funnel == {status: 3000 for status in STATUSES}
         assert sum(store.period("all", "pageview", y)["total"] for y in years) == \
             ring_count(bus.counter, "all", "pageview")
+
+
+def test_a_multipart_message_counts_nothing(recorded):
+    """docs/subscribe.rst: [topic, JSON] is two frames to Bootic's Recv."""
+    tally, calls = recorded
+    tally.frames([b"pageview", b'{"type": "pageview", "data": {"account": "acme"}}',
+                  b"pageview", b'{"type":"pageview","data":{"account":"acme"}}'])
+    assert not calls
+    assert (tally.rejected["frame"], tally.rejected["json"]) == (3, 1)
