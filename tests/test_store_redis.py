@@ -371,3 +371,77 @@ def test_years_and_events_of_a_key_for_the_discovery_routes(redis_server: RedisS
     assert store.years("a*[x]", "pageview") == [2025, 2026]  # glob characters escaped
     assert store.years("a", "pageview") == []
     assert store.events("a*[x]") == ["pageview", "signup"] and store.events("ab") == ["pageview"]
+
+
+# -- a host renamed, a long ring (issue 21) -------------------------------------
+
+def _segment_with_hits(key, t0, n=250, **geometry):
+    from trafficthreshold import segment
+    segment.install(key, "sysv", now=t0, geometry=segment.Geometry(**geometry))
+    counter = segment.attach(key, "sysv")
+    counter.hit("acme", "pageview", n, t0 + 5)
+    return counter
+
+
+def test_a_renamed_host_carries_its_watermarks_over_and_counts_nothing_twice(redis_server, key):
+    """The same segment rolled under a new [store] host (a hostname change):
+    the first roll under the new name adds nothing again and records no
+    gap; the watermarks, closed_through and instance come along."""
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    counter = _segment_with_hits(key, t0)
+    try:
+        old = RedisStore(redis_server.client(), zone, "web1")
+        assert Roller(counter, old).roll(t0 + 65) == 250
+        counter.hit("acme", "pageview", 7, t0 + 70)
+        new = RedisStore(redis_server.client(), zone, "web1-new")
+        assert Roller(counter, new).roll(t0 + 125) == 7
+        assert new.period("acme", "pageview", 2027)["total"] == 257
+        assert new.gaps() == [] and old.gaps() == []
+        assert new.closed_through() == (t0 + 125) // 60 - 1
+        assert new.instance() == old.instance()
+        # renamed back: the same again, nothing twice
+        assert Roller(counter, RedisStore(redis_server.client(), zone, "web1")).roll(t0 + 185) == 0
+        assert new.period("acme", "pageview", 2027)["total"] == 257
+    finally:
+        counter.detach()
+
+
+def test_a_rename_while_the_old_name_still_rolls_is_refused(redis_server, key):
+    """Two names rolling one segment at once (a cloned VM kept its memory):
+    the new name is refused, naming both and the fix."""
+    from trafficthreshold import farm
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    counter = _segment_with_hits(key, t0)
+    try:
+        old = RedisStore(redis_server.client(), zone, "web1")
+        Roller(counter, old).roll(t0 + 65)
+        from trafficthreshold import segment
+        instance = counter.load(segment.H_INSTANCE, 8)
+        farm.HostClaim(redis_server.client(), "web1", instance, pid=1).take()
+        with pytest.raises(ConfigError, match="web1.*web2|web2.*web1"):
+            Roller(counter, RedisStore(redis_server.client(), zone, "web2")).roll(t0 + 125)
+        assert old.period("acme", "pageview", 2027)["total"] == 250
+    finally:
+        counter.detach()
+
+
+def test_watermarks_outlive_a_ring_longer_than_two_days(redis_server, key):
+    """A ring of 4,000 minutes: its watermarks are kept at least as long as
+    the ring holds their minute (else the oldest minute, read once more for
+    late hits, reads as all late)."""
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    counter = _segment_with_hits(key, t0, 9, minutes=4000)
+    try:
+        store = RedisStore(redis_server.client(), resolve_timezone("UTC"), "web1")
+        assert Roller(counter, store).roll(t0 + 65) == 9
+        ttl = redis_server.client().ttl(f"track~wm:web1:{t0 // 60}")
+        assert ttl >= 4000 * 60
+        # what the ring's oldest minute would read after the old TTL: nothing late
+        assert store.drop_late([("acme", "pageview", t0 // 60, 9)], store.instance()) == 0
+    finally:
+        counter.detach()

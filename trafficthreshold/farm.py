@@ -218,3 +218,139 @@ class Lease:
         if self.value is not None:
             self._release(keys=[self.key], args=[self.value])
             self.value = self._last = None
+
+
+# ------------------------------------------------------- one name, one host
+
+#: A host's ownership key expires this long after its last refresh (the
+#: farm thread refreshes it every second).
+OWNER_TTL_MS = 5_000
+
+# KEYS: the ownership key.  ARGV: our value, ttl ms, the value we may
+# replace ("" = none).  Takes a free key, renews our own, or replaces the
+# expected one; returns "" when it is ours now, else the holder's value.
+TAKE_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] and cur ~= ARGV[3] then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ''
+"""
+
+
+def boot_id() -> str:
+    """This machine's boot (a cloned machine boots with another one)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "-"
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class HostClaim:
+    """The ownership of a host name in the farm: ``{prefix}~owner:{host}``
+    holds ``"{instance} {boot id} {pid} {nonce}"`` of the one supervisor
+    rolling under that name, refreshed every second by its farm thread,
+    expiring :data:`OWNER_TTL_MS` after the last refresh.
+
+    Two supervisors with one name (containers sharing the machine's host
+    name, cloned machines) would roll from each other's ``closed_through``
+    and overwrite one live hash: the second is refused at its start
+    (:meth:`take`), naming both and the fix.  A supervisor restarted after a
+    SIGKILL (same segment, same boot, its old pid gone) takes its own key
+    over at once; any other holder is watched for up to its TTL: refreshed
+    meanwhile, it is alive and we are refused; expired, it is ours."""
+
+    def __init__(self, client: Any, host: str, instance: int, *, pid: int,
+                 prefix: str = "track", ttl_ms: int = OWNER_TTL_MS,
+                 boot: str | None = None) -> None:
+        import secrets
+
+        self.client, self.host, self.instance, self.pid = client, host, instance, pid
+        self.key, self.ttl_ms = f"{prefix}~owner:{host}", ttl_ms
+        self.boot = boot_id() if boot is None else boot
+        self.value = f"{instance:x} {self.boot} {pid} {secrets.token_hex(4)}"
+        self._take = client.register_script(TAKE_SCRIPT)
+
+    @staticmethod
+    def parse(value: Any) -> dict[str, Any]:
+        instance, boot, pid, *_ = _text(value).split(" ") + ["", "", "0"]
+        try:
+            return {"instance": int(instance, 16), "boot": boot, "pid": int(pid)}
+        except ValueError:
+            return {"instance": None, "boot": boot, "pid": 0}
+
+    @classmethod
+    def holder(cls, client: Any, host: str, *, prefix: str = "track") -> dict[str, Any] | None:
+        """Who holds ``host``'s name now (parsed), or None."""
+        value = client.get(f"{prefix}~owner:{host}")
+        return None if value is None else cls.parse(value)
+
+    def _refused(self, other: dict[str, Any]) -> Exception:
+        from .errors import ConfigError
+
+        return ConfigError(
+            f"[store] host = {self.host!r} is already used by another running supervisor "
+            f"(segment instance {other['instance'] or 0:#x}, pid {other['pid']}, boot "
+            f"{other['boot']}); this one (segment instance {self.instance:#x}, pid {self.pid}, "
+            f"boot {self.boot}) would lose and double counts under the same name.  Every "
+            "host of a farm needs its own name: set [store] host = \"<unique name>\" in this "
+            "host's configuration (containers and cloned machines share the machine's host "
+            "name)")
+
+    def take(self, *, wait: bool = True, sleep: Any = None) -> None:
+        """Take the name at start; ConfigError naming both when another
+        supervisor holds it (see the class docstring)."""
+        import time
+
+        sleep = sleep or time.sleep
+        cur = self._take(keys=[self.key], args=[self.value, self.ttl_ms, ""])
+        if not cur:
+            return
+        other = self.parse(cur)
+        if other["instance"] == self.instance and other["boot"] == self.boot \
+                and (other["pid"] == self.pid or not _pid_alive(other["pid"])):
+            # Our own segment, this boot, its supervisor gone: a restart.
+            if not self._take(keys=[self.key], args=[self.value, self.ttl_ms, cur]):
+                return
+            raise self._refused(other)
+        if not wait:
+            raise self._refused(other)
+        first_ttl = self.client.pttl(self.key)
+        deadline = time.monotonic() + self.ttl_ms / 1000 + 1
+        while time.monotonic() < deadline:
+            sleep(0.2)
+            now_value, ttl = self.client.get(self.key), self.client.pttl(self.key)
+            if now_value is None:
+                if not self._take(keys=[self.key], args=[self.value, self.ttl_ms, ""]):
+                    return
+                continue
+            if _text(now_value) != _text(cur) or ttl > first_ttl:
+                raise self._refused(self.parse(now_value))  # refreshed: alive
+            first_ttl = ttl
+        raise self._refused(other)
+
+    def refresh(self) -> dict[str, Any] | None:
+        """Renew our key (the farm thread, every second); the holder's
+        parsed value when another supervisor took the name meanwhile."""
+        cur = self._take(keys=[self.key], args=[self.value, self.ttl_ms, ""])
+        return self.parse(cur) if cur else None
+
+    def release(self) -> None:
+        """Let the name go at shutdown (only if it is still ours)."""
+        self.client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                         "return redis.call('DEL', KEYS[1]) end return 0", 1, self.key,
+                         self.value)

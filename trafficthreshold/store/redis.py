@@ -63,18 +63,33 @@ log = logging.getLogger("trafficthreshold.store.redis")
 #: a large roll goes in slices (each atomic and idempotent on its own).
 BATCH = 500
 
-#: How long a host's watermarks are kept, in seconds: far longer than any
-#: ring (a few hours), so a minute still in a ring always finds its own.
+#: How long a host's watermarks are kept at least, in seconds: beyond the
+#: ring's length (:meth:`RedisStore.cover_ring`: a ring of 100,000 minutes
+#: keeps them that long and this much more), so a minute still in a ring
+#: always finds its own.
 WATERMARK_TTL = 2 * 24 * 3600
+
+# Merge one watermark hash into another, each field keeping the larger
+# count (a watermark only ever moves up).  KEYS: the target.  ARGV: TTL,
+# then field, count pairs.
+MERGE_WATERMARKS_SCRIPT = """
+for i = 2, #ARGV, 2 do
+  local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > seen then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
 
 #: The largest cumulative count a roll passes on: the script's arithmetic is
 #: Lua's (doubles), exact up to 2**53.
 MAX_COUNT = 2**53 - 1
 
 # KEYS: per item, 1 watermark hash + 4 hashes to add to, then the totals
-# hash, the key set, the funnels' key set and the host hash.  ARGV:
-# watermark TTL, minute-hash TTL (0 = keep), now, closed_through ('' =
-# unchanged), instance, ended ('' = not ended), then per item: watermark
+# hash, the key set, the funnels' key set, the host hash and the segment's
+# key ({prefix}~segment:{instance}: which host rolls it).  ARGV: watermark
+# TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
+# instance, ended ('' = not ended), host, then per item: watermark
 # field, observed, the 4 hashes' fields, "{account}\0{event}", kind.  Kind
 # "t": the 4 period hashes (year .. hour, the last one expiring); "f": a
 # funnel status, the year and month hashes only (fields: the status), the
@@ -84,14 +99,14 @@ MAX_COUNT = 2**53 - 1
 ROLL_SCRIPT = """
 local wm_ttl = tonumber(ARGV[1])
 local minute_ttl = tonumber(ARGV[2])
-local n = (#KEYS - 4) / 5
-local totals = KEYS[#KEYS - 3]
-local keys_set = KEYS[#KEYS - 2]
-local funnel_set = KEYS[#KEYS - 1]
+local n = (#KEYS - 5) / 5
+local totals = KEYS[#KEYS - 4]
+local keys_set = KEYS[#KEYS - 3]
+local funnel_set = KEYS[#KEYS - 2]
 local added = {}
 for i = 0, n - 1 do
   local k = i * 5
-  local a = 6 + i * 8
+  local a = 7 + i * 8
   local wm_key, field = KEYS[k + 1], ARGV[a + 1]
   local observed = tonumber(ARGV[a + 2])
   local seen = tonumber(redis.call('HGET', wm_key, field) or '0')
@@ -115,8 +130,9 @@ for i = 0, n - 1 do
   end
   added[i + 1] = delta
 end
-local host_key = KEYS[#KEYS]
+local host_key = KEYS[#KEYS - 1]
 redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
+redis.call('SET', KEYS[#KEYS], ARGV[7], 'EX', wm_ttl)
 if ARGV[4] ~= '' then
   local closed = tonumber(redis.call('HGET', host_key, 'closed_through') or '-1')
   if tonumber(ARGV[4]) > closed then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
@@ -176,6 +192,9 @@ class RedisStore:
         self._roll = client.register_script(ROLL_SCRIPT)
         self._close = client.register_script(CLOSE_SCRIPT)
         self._late = client.register_script(LATE_SCRIPT)
+        self._merge = client.register_script(MERGE_WATERMARKS_SCRIPT)
+        #: Seconds a watermark is kept after its last move (cover_ring).
+        self.watermark_ttl = WATERMARK_TTL
         self.host_key = f"{prefix}~host:{host}"
         self.keys_key = f"{prefix}~keys"
         #: "{account}\0{event}" of every event with funnel counts.
@@ -205,6 +224,70 @@ class RedisStore:
                 f"this host's time zone is {zone_name} but the farm's is {farm} (recorded in "
                 f"Redis by the first supervisor): set timezone = \"{farm}\" on every host")
 
+    # ------------------------------------------------- which host rolls what
+
+    def _segment_key(self, instance: int) -> str:
+        return f"{self.prefix}~segment:{instance}"
+
+    def cover_ring(self, minutes: int) -> None:
+        """Keep watermarks (and the segment's host) for as long as a ring of
+        ``minutes`` holds their minute, plus :data:`WATERMARK_TTL`: a ring
+        of 100,000 minutes must not outlive them (the oldest ring minute,
+        read once more for late hits, would read as all late)."""
+        self.watermark_ttl = max(WATERMARK_TTL, int(minutes) * 60 + WATERMARK_TTL)
+
+    def claim_segment(self, instance: int) -> None:
+        """The segment ``instance`` rolls under this host's name from now
+        on.  The roll script records which host rolls a segment
+        (``{prefix}~segment:{instance}``); when that is another name (the
+        host was renamed: ``[store] host`` changed, or its default, the
+        machine's host name), that name's watermarks of this segment,
+        ``closed_through`` and instance are carried over first, so nothing
+        of the ring is added twice and no gap is recorded.  The old name
+        still rolling this segment (its ownership key alive with this
+        instance: a cloned machine) is refused, naming both.  Idempotent: a
+        carry-over cut short is done again whole at the next start."""
+        from trafficthreshold import farm
+
+        old = self.client.get(self._segment_key(instance))
+        old = None if old is None else _text(old)
+        if old is None or old == self.host:
+            return
+        holder = farm.HostClaim.holder(self.client, old, prefix=self.prefix)
+        if holder is not None and holder.get("instance") == instance:
+            raise ConfigError(
+                f"segment instance {instance:#x} is rolled by host {old!r} right now (its "
+                f"supervisor pid {holder.get('pid')} is running) and this supervisor would "
+                f"roll it as {self.host!r}: every hit would be counted twice.  Give each "
+                "machine its own segment and [store] host (a cloned machine keeps its "
+                "memory: reinstall the segment there), or stop the other one")
+        log.warning("host %r rolls segment %#x that host %r rolled until now (renamed): "
+                    "carrying over its watermarks and closed_through", self.host, instance,
+                    old)
+        want, moved = f"{instance}\0", 0
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{self.prefix}~wm:{old}:") + "*"
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            minute = _text(key).rsplit(":", 1)[1]
+            fields = {_text(f): int(v) for f, v in self.client.hgetall(key).items()
+                      if _text(f).startswith(want)}
+            if fields:
+                args: list[Any] = [self.watermark_ttl]
+                for field, count in fields.items():
+                    args.extend([field, count])
+                self._merge(keys=[f"{self.prefix}~wm:{self.host}:{minute}"], args=args)
+                moved += len(fields)
+        before = {_text(k): _text(v) for k, v in
+                  self.client.hgetall(f"{self.prefix}~host:{old}").items()}
+        with self.transaction():
+            if before.get("closed_through"):
+                self.set_closed_through(int(before["closed_through"]))
+            for name in ("instance", "instance_ended"):
+                if before.get(name):
+                    self._writer().hset(self.host_key, name, before[name])
+            self._writer().set(self._segment_key(instance), self.host, ex=self.watermark_ttl)
+        log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
+                    instance, old, self.host)
+
     # ------------------------------------------------------------- rolling
 
     def _period_keys(self, account: str, event: str, parts: tuple[int, ...]) -> list[str]:
@@ -232,9 +315,9 @@ class RedisStore:
             batch = ordered[start:start + BATCH]
             last = start + BATCH >= len(ordered)
             keys: list[str] = []
-            args: list[Any] = [WATERMARK_TTL, self.minute_ttl, repr(float(now)),
+            args: list[Any] = [self.watermark_ttl, self.minute_ttl, repr(float(now)),
                                "" if closed_through is None or not last else closed_through,
-                               instance, instance if ended and last else ""]
+                               instance, instance if ended and last else "", self.host]
             for (account, event, minute), observed in batch:
                 parts = local_parts(minute, self.tz)
                 keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
@@ -247,7 +330,8 @@ class RedisStore:
                     year, month = self._funnel_keys(account, plain, parts)
                     keys.extend([year, month, month, month])  # the last two unused
                     args.extend([status, status, "", "", f"{account}\0{plain}", "f"])
-            keys.extend([self.totals_key, self.keys_key, self.funnel_keys_key, self.host_key])
+            keys.extend([self.totals_key, self.keys_key, self.funnel_keys_key, self.host_key,
+                         self._segment_key(instance)])
             deltas = self._roll(keys=keys, args=args)
             for ((account, event, minute), _), delta in zip(batch, deltas, strict=True):
                 if delta:
@@ -339,7 +423,7 @@ class RedisStore:
             latest[key] = max(latest.get(key, 0), min(int(observed), MAX_COUNT))
         if not latest:
             return 0
-        keys, args = [], [WATERMARK_TTL]
+        keys, args = [], [self.watermark_ttl]
         for (account, event, minute), observed in latest.items():
             keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
             args.extend([f"{instance}\0{account}\0{event}", observed,
