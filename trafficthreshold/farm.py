@@ -36,6 +36,7 @@ lease (and replaced) can no longer write or send.
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -342,6 +343,13 @@ class HostClaim:
                 raise self._refused(self.parse(now_value))  # refreshed: alive
             first_ttl = ttl
         raise self._refused(other)
+
+    def on(self, client: Any) -> "HostClaim":
+        """The same claim (the same value) over another client: the farm
+        thread's, which refreshes it."""
+        other = copy.copy(self)
+        other.client, other._take = client, client.register_script(TAKE_SCRIPT)
+        return other
 
     def refresh(self) -> dict[str, Any] | None:
         """Renew our key (the farm thread, every second); the holder's

@@ -169,6 +169,9 @@ class FarmSync:
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
         self._alerts_failing: str | None = None
+        #: This supervisor's hold on its host name (the supervisor sets it).
+        self.claim: farm.HostClaim | None = None
+        self._claim_lost = False
         self.ttl_ms, self.stale_after = ttl_ms, stale_after
         self.reading: Reading | None = None
         self._cond = threading.Condition()
@@ -321,6 +324,7 @@ class FarmSync:
             return False  # no live segment here: nothing to publish, the hash expires
         counts, previous = got
         try:
+            self._refresh_claim()
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
                               last_roll=self._last_roll(), previous=previous)
@@ -345,6 +349,20 @@ class FarmSync:
         if self.alerts is not None:
             self._step_alerts(live, item)
         return True
+
+    def _refresh_claim(self) -> None:
+        """Keep ``[store] host`` ours (:class:`farm.HostClaim`); another
+        supervisor that took it meanwhile (we were paused past its TTL) is
+        logged at ERROR once: the two would mix their counts."""
+        if self.claim is None:
+            return
+        other = self.claim.refresh()
+        if other is not None and not self._claim_lost:
+            log.error("another supervisor (segment instance %#x, pid %s, boot %s) took the "
+                      "farm host name %r of this one (pid %s): their counts mix; give each "
+                      "host its own [store] host and restart", other["instance"] or 0,
+                      other["pid"], other["boot"], self.host, self.claim.pid)
+        self._claim_lost = other is not None
 
     def _step_alerts(self, live: farm.FarmLive, item: Offer) -> None:
         """The farm rules after a fresh read (lease, evaluation, queue);
