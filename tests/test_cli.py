@@ -703,9 +703,9 @@ def test_store_migrate_then_a_rerun_adds_nothing(tmp_path, key, redis_server):
     cfg = _redis_cfg(tmp_path, key, redis_server.port)
     url = f"redis://127.0.0.1:{redis_server.port}/0"
     first = run(cfg, "store", "migrate", "--to", url)
-    assert "8 hashes written, 0 already there, 10 hits" in first
+    assert "8 hashes added to, 0 with nothing new, 10 hits" in first
     again = run(cfg, "store", "migrate", "--to", url)
-    assert "0 hashes written, 8 already there, 0 hits" in again
+    assert "0 hashes added to, 8 with nothing new, 0 hits" in again
     client = redis_server.client()
     assert client.hgetall("track:acme:pageview:2027") == {b"1": b"5"}
     assert int(client.hget("track~host:web1", "closed_through")) == 1_800_000_000 // 60
@@ -770,6 +770,30 @@ def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_s
         assert redis_store.period("all", "pageview", 2027)["total"] == 10
     finally:
         counter.detach()
+
+
+def test_store_migrate_refuses_while_the_daemon_writes_the_file(tmp_path, key, redis_server):
+    """The supervisor of the segment runs (its pid in the header is alive):
+    the file grows while it is read; refused, naming the pid and the fix."""
+    import os
+    from trafficthreshold.store import SQLiteStore
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        store.roll([("all", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    run(cfg, "install")
+    counter = segment.attach(key, "sysv")
+    try:
+        counter.store(segment.H_SUPERVISOR_PID, 4, os.getpid())
+        url = f"redis://127.0.0.1:{redis_server.port}/0"
+        out = run(cfg, "store", "migrate", "--to", url, ok=False)
+        assert f"pid {os.getpid()}" in out and "stop" in out
+        assert not redis_server.client().keys("track:*")
+        counter.store(segment.H_SUPERVISOR_PID, 4, 0)
+        run(cfg, "store", "migrate", "--to", url)
+        assert redis_server.client().hgetall("track:all:pageview:2027") == {b"1": b"5"}
+    finally:
+        counter.detach()
+        run(cfg, "uninstall", "--no-rollup")
 
 
 def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):
