@@ -158,12 +158,15 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
 
 # -------------------------------------------------------------- the lease
 
-# KEYS: lease, token counter.  ARGV: host, ttl ms, current value or "".
-# Renews our own lease, or takes a free one with a new token; returns the
-# lease's value ("host token") if we hold it now, else false.
+# KEYS: lease, token counter.  ARGV: host, ttl ms, current value or "",
+# "1" to adopt a lease that holds our host name (after a lost reply: one
+# supervisor per name, farm.HostClaim, so it is ours).  Renews our own
+# lease, or takes a free one with a new token; returns the lease's value
+# ("host token") if we hold it now, else false.
 LEASE_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
-if cur and cur == ARGV[3] then
+if cur and (cur == ARGV[3]
+            or (ARGV[4] == '1' and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ')) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return cur
 end
@@ -191,6 +194,8 @@ class Lease:
         #: The value we last held: after a Redis error, renewing with it
         #: continues the same lease (same token) if it has not lapsed.
         self._last: str | None = None
+        #: The last call failed: whether it took the lease is unknown.
+        self._unsure = False
         self._lease = client.register_script(LEASE_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
 
@@ -203,13 +208,20 @@ class Lease:
         """Take or renew the lease (call every second); True while we lead.
         A Redis error means we cannot know: we stop leading (``value`` is
         None) and raise.  The next call renews the lease we last held if it
-        is still ours in Redis (the same token: nobody led meanwhile)."""
+        is still ours in Redis (the same token: nobody led meanwhile), or
+        one the unanswered call took (it holds our host name: read back
+        instead of leaving the farm without a leader for a lease_ttl)."""
         try:
             value = self._lease(keys=[self.key, self.counter],
-                                args=[self.host, self.ttl_ms, self.value or self._last or ""])
+                                args=[self.host, self.ttl_ms, self.value or self._last or "",
+                                      "1" if self._unsure else ""])
         except Exception:  # noqa: BLE001 - no Redis, no lease
+            # The script may have run (a reply lost): the next call adopts
+            # a lease that holds our name rather than wait for it to lapse.
             self.value = None
+            self._unsure = True
             raise
+        self._unsure = False
         self.value = None if value is None else _text(value)
         self._last = self.value
         return self.value is not None
