@@ -817,3 +817,24 @@ def test_status_shows_reclaimed_and_free_slots(cfg, key, backend):
     assert "keys        3 of 1024 used" in text
     assert "reclaimed   2 idle keys' slots since the install, 1 free for new keys" in text
     assert info["damage"] == []
+
+
+def test_a_redis_password_in_the_url_query_is_refused_and_never_printed(tmp_path, key):
+    """?password= (redis-py uses it) is refused as user:pass@ is, by the
+    config and by `store migrate --to`; a URL printed anyway is redacted."""
+    from trafficthreshold.store import redis as redisstore
+    path = tmp_path / "c.toml"
+    for url in ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?db=1&password=hunter2",
+                "unix:///run/redis.sock?password=hunter2"):
+        path.write_text(f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+        out = run(str(path), "config", "check", ok=False)
+        assert "store.url = (hidden) holds a password" in out and "hunter2" not in out
+    (tmp_path / "s.sqlite3").write_bytes(b"")
+    cfg = _redis_cfg(tmp_path, key, 1)
+    out = run(cfg, "store", "migrate", "--to", "redis://127.0.0.1:1/0?password=hunter2", ok=False)
+    assert "password" in out and "hunter2" not in out
+    for url in ("redis://u:hunter2@h:6379/0", "redis://h:6379/0?password=hunter2&db=2",
+                "rediss://:hunter2@h/0"):
+        shown = redisstore.redact_url(url)
+        assert "hunter2" not in shown and "h" in shown
+    assert redisstore.redact_url("redis://h:6379/0?db=2") == "redis://h:6379/0?db=2"

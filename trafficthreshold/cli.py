@@ -558,7 +558,8 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     import urllib.parse
     from . import migrate, store as stores
     from .store import SQLiteStore
-    if urllib.parse.urlsplit(url).password:
+    if urllib.parse.urlsplit(url).password or "password" in urllib.parse.parse_qs(
+            urllib.parse.urlsplit(url).query, keep_blank_values=True):
         raise click.ClickException(
             "--to holds a password (it would show in `ps` and the shell history): remove it "
             "and set [store] password_file or password_env in the config")

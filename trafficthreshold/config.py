@@ -626,7 +626,8 @@ def _redis_url(value: Any) -> str:
         raise _Bad("is not a Redis URL",
                    'use "redis://host:6379/0", "rediss://host:6380/0" or '
                    '"unix:///run/redis/redis.sock"')
-    if parts.password:
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if parts.password or "password" in query:
         raise _Bad("holds a password",
                    "remove it from the URL and set store.password_file (a file readable "
                    "only by the daemon) or store.password_env instead")

@@ -36,7 +36,7 @@ from trafficthreshold.errors import ConfigError
 from trafficthreshold.periods import resolve_timezone
 
 from .base import MAX_MINUTE_COUNT, KeyMinute, PeriodStore, RollItem, StoreError
-from .redis import SOCKET_TIMEOUT, RedisStore, connect
+from .redis import SOCKET_TIMEOUT, RedisStore, connect, redact_url
 from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:  # a reader of the store (another user's `stats`) needs no config
@@ -120,7 +120,7 @@ def location(config: Config) -> str:
     s = config.store
     if s.backend != "redis":
         return f"sqlite {config.database}"
-    where = s.url or f"sentinels {','.join(s.sentinels)} service {s.service}"
+    where = redact_url(s.url) if s.url else f"sentinels {','.join(s.sentinels)} service {s.service}"
     return f"redis {where} (prefix {s.prefix}, host {s.host})"
 
 

@@ -638,6 +638,26 @@ class RedisStore:
 SOCKET_TIMEOUT = 2.0
 
 
+def redact_url(url: str) -> str:
+    """``url`` as it may be printed: a password in it (``user:pass@`` or
+    ``?password=``, both refused by the configuration) replaced by ``***``."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(k == "password" for k, _ in query):
+            query = [(k, "***" if k == "password" else v) for k, v in query]
+        return urllib.parse.urlunsplit(parts._replace(
+            netloc=netloc, query=urllib.parse.urlencode(query, safe="*")))
+    except ValueError:
+        return "(a Redis URL that cannot be shown)"
+
+
 def connect(url: str = "", *, sentinels: Iterable[str] = (), service: str = "",
             password: str | None = None, timeout: float = SOCKET_TIMEOUT) -> Any:
     """A redis-py client for ``[store]``: ``url`` (``redis://``, ``rediss://``,
@@ -672,5 +692,5 @@ def connect(url: str = "", *, sentinels: Iterable[str] = (), service: str = "",
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                     password=password)
     except ValueError as exc:
-        raise ConfigError(f"[store] url {url!r} is not a Redis URL ({exc}); use "
+        raise ConfigError(f"[store] url {redact_url(url)!r} is not a Redis URL ({exc}); use "
                           "redis://host:port/db, rediss://... or unix:///path/redis.sock") from None
