@@ -92,7 +92,7 @@ def test_the_farm_keeps_one_time_zone(redis_server: RedisServer) -> None:
     store_on(redis_server, "web1").check_zone("Europe/Zurich")
     store_on(redis_server, "web2").check_zone("Europe/Zurich")
     with pytest.raises(ConfigError, match="Europe/Zurich.*timezone = \"Europe/Zurich\""):
-        store_on(redis_server, "web3").check_zone("UTC")
+        RedisStore(redis_server.client(), resolve_timezone("UTC"), "web3").check_zone("UTC")
 
 
 def test_a_host_name_with_a_colon_is_refused(redis_server: RedisServer) -> None:
@@ -445,3 +445,26 @@ def test_watermarks_outlive_a_ring_longer_than_two_days(redis_server, key):
         assert store.drop_late([("acme", "pageview", t0 // 60, 9)], store.instance()) == 0
     finally:
         counter.detach()
+
+
+def test_the_farm_compares_zone_rules_not_names(redis_server: RedisServer) -> None:
+    """A copied /etc/localtime is named "localtime" whatever the zone
+    (containers): Zurich and New York under that one name are refused;
+    "UTC" and "Etc/UTC" are one zone, and so is a copied Zurich file."""
+    from zoneinfo import ZoneInfo
+
+    def localtime(name: str) -> ZoneInfo:
+        with open(f"/usr/share/zoneinfo/{name}", "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+
+    RedisStore(redis_server.client(), localtime("Europe/Zurich"), "web1").check_zone("localtime")
+    RedisStore(redis_server.client(), ZoneInfo("Europe/Zurich"), "web2"
+               ).check_zone("Europe/Zurich")
+    with pytest.raises(ConfigError) as err:
+        RedisStore(redis_server.client(), localtime("America/New_York"), "web3"
+                   ).check_zone("localtime")
+    assert "localtime" in str(err.value) and "rules" in str(err.value)
+    other = "track2"
+    RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1", prefix=other).check_zone("UTC")
+    RedisStore(redis_server.client(), ZoneInfo("Etc/UTC"), "web2", prefix=other
+               ).check_zone("Etc/UTC")

@@ -173,6 +173,51 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: The span whose UTC offsets fingerprint a zone (zone_rules), fixed so that
+#: every host computes the same one whenever it starts.
+RULES_YEARS = (2000, 2050)
+
+
+def zone_rules(zone: ZoneInfo) -> str:
+    """A fingerprint of a zone's rules: its UTC offset at the start of
+    RULES_YEARS and every change of it through those years (to the
+    minute), hashed.  Two names of one zone ("UTC", "Etc/UTC") or a copied
+    zone file ("localtime") have the same; Zurich and New York do not."""
+    import datetime
+    import hashlib
+
+    start = datetime.datetime(RULES_YEARS[0], 1, 1, tzinfo=datetime.timezone.utc)
+    days = (datetime.datetime(RULES_YEARS[1], 1, 1, tzinfo=datetime.timezone.utc) - start).days
+
+    def offset(minutes: int) -> int:
+        at = start + datetime.timedelta(minutes=minutes)
+        return int(at.astimezone(zone).utcoffset().total_seconds())
+
+    changes, last = [f"{offset(0)}"], offset(0)
+    for day in range(1, days + 1):
+        here = offset(day * 1440)
+        if here != last:  # the change within the day before, to the minute
+            lo, hi = (day - 1) * 1440, day * 1440
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if offset(mid) == last else (lo, mid)
+            changes.append(f"{hi}:{here}")
+            last = here
+    return hashlib.sha256(" ".join(changes).encode()).hexdigest()[:32]
+
+
+def _loadable(name: str) -> ZoneInfo | None:
+    """The IANA zone ``name``, or None ("localtime", unknown)."""
+    from zoneinfo import ZoneInfoNotFoundError
+
+    if not name or name == "localtime":
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
 class RedisStore:
     """The period store of a farm, over a redis-py client.
 
@@ -211,18 +256,35 @@ class RedisStore:
     # ------------------------------------------------------------ the farm
 
     def check_zone(self, zone_name: str) -> None:
-        """Record the farm's time zone, or refuse one that differs from it."""
+        """Record the farm's time zone, or refuse one whose rules differ.
+        Rules, not names (:func:`zone_rules`): a copied ``/etc/localtime``
+        is named "localtime" whatever the zone, and "UTC" and "Etc/UTC"
+        are one zone.  ``{prefix}~farm`` holds the first supervisor's zone
+        name (``timezone``) and rules (``timezone_rules``)."""
         key = f"{self.prefix}~farm"
+        rules = zone_rules(self.tz)
         # One round trip: a Redis that hangs costs one socket timeout, not two.
         pipe = self.client.pipeline(transaction=False)
         pipe.hsetnx(key, "timezone", zone_name)
-        pipe.hget(key, "timezone")
-        _, farm = pipe.execute()
-        farm = farm.decode() if isinstance(farm, bytes) else farm
-        if farm != zone_name:
-            raise ConfigError(
-                f"this host's time zone is {zone_name} but the farm's is {farm} (recorded in "
-                f"Redis by the first supervisor): set timezone = \"{farm}\" on every host")
+        pipe.hmget(key, "timezone", "timezone_rules")
+        first, (farm, farm_rules) = pipe.execute()
+        farm = _text(farm)
+        if farm_rules is not None:
+            if _text(farm_rules) == rules:
+                return
+        elif first or farm == zone_name or (
+                _loadable(farm) is not None and zone_rules(_loadable(farm)) == rules):
+            # Recorded by us now, or by an older version (a name only): the
+            # same zone as far as can be told; its rules from now on.
+            self.client.hsetnx(key, "timezone_rules", rules)
+            return
+        fix = (f"set timezone = \"{farm}\" on every host" if _loadable(farm) else
+               "set timezone = \"<IANA name>\" (e.g. \"Europe/Zurich\") on every host: a "
+               "copied /etc/localtime is named \"localtime\" whatever its zone")
+        raise ConfigError(
+            f"this host's time zone is {zone_name} but the farm's is {farm} (recorded in "
+            f"Redis by the first supervisor) and their rules differ (UTC offsets and "
+            f"daylight-saving changes): hosts would mix hours; {fix}")
 
     # ------------------------------------------------- which host rolls what
 
