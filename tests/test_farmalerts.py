@@ -800,3 +800,18 @@ def test_a_claim_whose_reply_and_read_back_are_lost_is_put_back_by_the_same_lead
 def redis_errors():
     import redis
     return redis
+
+
+def test_the_farm_mail_index_forgets_mails_older_than_a_week(redis_server):
+    """{prefix}~farmalert:mails is trimmed by age at each save (the sent
+    and failed mails themselves expire after KEEP_DONE): it never grows
+    for ever."""
+    from trafficthreshold.farmalerts import KEEP_DONE
+    client = redis_server.client()
+    lease = farm.Lease(client, "web1", ttl_ms=60_000)
+    assert lease.renew()
+    store = FarmAlertStore(client)
+    for day in range(10):
+        store.save(lease.value, AlertState(), [(mail(), MailContext())],
+                   now=NOW + day * 86_400)
+    assert client.zcard("track~farmalert:mails") == KEEP_DONE // 86_400 + 1

@@ -468,3 +468,45 @@ def test_the_farm_compares_zone_rules_not_names(redis_server: RedisServer) -> No
     RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1", prefix=other).check_zone("UTC")
     RedisStore(redis_server.client(), ZoneInfo("Etc/UTC"), "web2", prefix=other
                ).check_zone("Etc/UTC")
+
+
+def test_redis_memory_stays_flat_over_a_thousand_host_names_that_come_and_go(
+        redis_server: RedisServer) -> None:
+    """1,000 host names (containers, autoscaled machines) each roll, take
+    their name, publish live counts, record a gap and leave: with their
+    bookkeeping forgotten after a (here: one-second) while, Redis holds no
+    more after the thousandth than after the first hundred (track~hosts
+    trimmed, host hashes, gaps, watermarks and segment keys expiring)."""
+    from trafficthreshold import farm
+    client = redis_server.client()
+    zone = resolve_timezone("UTC")
+    t0 = 1_800_000_000
+
+    def wave(first: int, now: float) -> None:
+        for i in range(first, first + 100):
+            host = f"auto-{i}"
+            store = RedisStore(client, zone, host, forget_after=1)
+            store.watermark_ttl = 1  # as cover_ring would, scaled down
+            store.roll([("acme", "pageview", t0 // 60, 3), ("all", "pageview", t0 // 60, 3)],
+                       now=now, instance=i + 1, closed_through=t0 // 60)
+            store.record_gap(t0 // 60 - 5, t0 // 60 - 1, "test", now)
+            farm.HostClaim(client, host, i + 1, pid=1, ttl_ms=500).take()
+            farm.publish_live(client, host, {("all", "pageview"): (3, 3)}, level=0, now=now,
+                              ttl_ms=500, forget_after=1)
+
+    def settled_memory() -> int:
+        time.sleep(1.2)
+        for _ in client.scan_iter(count=1000):  # a SCAN expires what it meets
+            pass
+        return int(client.info("memory")["used_memory"])
+
+    wave(0, t0)
+    after_100 = settled_memory()
+    for n in range(1, 10):
+        wave(n * 100, t0 + 2 * n)
+    after_1000 = settled_memory()
+    hosts = client.zcard("track~hosts")
+    assert hosts <= 100, hosts
+    assert not client.keys("track~host:auto-1*") and not client.keys("track~gaps:auto-1*")
+    assert after_1000 < after_100 * 1.1 + 50_000, (after_100, after_1000)
+    assert store_on(redis_server).period("acme", "pageview", 2027)["total"] == 3000

@@ -212,6 +212,10 @@ class StoreConfig:
     #: Seconds the farm's alert leader keeps its lease without renewing it
     #: (it renews every second): how soon another host takes over.
     lease_ttl: float = 10.0
+    #: Days after its last roll that a host that went away (a renamed,
+    #: replaced or scaled-down machine) is forgotten in Redis: its host
+    #: hash, its gaps, its entry in the farm's host list.
+    forget_hosts_days: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -710,6 +714,7 @@ LIMITS = {
     "repeat": 604_800,  # a week
     "clear_minutes": 1_440,  # a day of closed minutes, read once a minute
     "lease_ttl": 600.0,  # ten minutes without a leader for the farm's alerts at most
+    "forget_hosts_days": 3650.0,  # ten years
 }
 #: The shortest ``[store] lease_ttl``: the lease is renewed every second.
 MIN_LEASE_TTL = 2.0
@@ -768,6 +773,7 @@ _STORE: dict[str, _Key] = {
     "funnels_prefix": _Key("funnels_prefix", _store_word("key prefix", "funnels")),
     "host": _Key("host", _store_word("host name", "web1")),
     "lease_ttl": _Key("lease_ttl", _seconds(LIMITS["lease_ttl"])),
+    "forget_hosts_days": _Key("forget_hosts_days", _seconds(LIMITS["forget_hosts_days"])),
 }
 _ALERT: dict[str, _Key] = {
     "name": _Key("name", _alert_name),

@@ -45,6 +45,9 @@ from typing import Any, Sequence
 LIVE_TTL_MS = 5_000
 #: A host not heard from for this long is no longer listed at all.
 FORGET_AFTER = 3_600
+#: A host not heard from for this long (seconds) leaves ``{prefix}~hosts``
+#: (``[store] forget_hosts_days``; the store forgets its hash too).
+FORGET_HOSTS_AFTER = 30 * 86_400
 #: The leader's lease by default (``[store] lease_ttl``): another host takes
 #: over at most this long after the leader stops renewing (every second).
 LEASE_TTL_MS = 10_000
@@ -54,10 +57,12 @@ LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
                  last_roll: float | None = None, prefix: str = "track",
-                 ttl_ms: int = LIVE_TTL_MS, previous: dict[tuple[str, str], int] | None = None
-                 ) -> None:
+                 ttl_ms: int = LIVE_TTL_MS, previous: dict[tuple[str, str], int] | None = None,
+                 forget_after: float = FORGET_HOSTS_AFTER) -> None:
     """Replace this host's live numbers in one MULTI/EXEC.  ``previous``:
-    per key, the count of the minute before ``now``'s (closed, so final)."""
+    per key, the count of the minute before ``now``'s (closed, so final).
+    Hosts not heard from for ``forget_after`` seconds leave
+    ``{prefix}~hosts`` in the same MULTI (it never grows for ever)."""
     key = f"{prefix}~live:{host}"
     previous = previous or {}
     mapping: dict[str, str] = {}
@@ -72,6 +77,7 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
     pipe.hset(key, mapping=mapping)
     pipe.pexpire(key, ttl_ms)
     pipe.zadd(f"{prefix}~hosts", {host: float(now)})
+    pipe.zremrangebyscore(f"{prefix}~hosts", "-inf", f"({float(now) - forget_after!r}")
     pipe.execute()
 
 

@@ -20,7 +20,8 @@ Keys in Redis (``{prefix}`` is ``[store] prefix``)::
                                  value of the host that claimed it)
     {prefix}~farmalert:due       sorted set: pending mail ids by next attempt
     {prefix}~farmalert:sending   set: ids claimed and handed to the MTA
-    {prefix}~farmalert:mails     sorted set: every mail id by creation time
+    {prefix}~farmalert:mails     sorted set: the mail ids of the last KEEP_DONE
+                                 seconds by creation time (trimmed by each save)
 
 Exactly once, as in :mod:`trafficthreshold.alertstore`, with the lease as
 the fence: every write is a script that first checks that the lease still
@@ -67,7 +68,9 @@ class FencedOut(TrafficThresholdError):
 
 # KEYS: lease, state, seq, due, mails.  ARGV: lease value, state JSON, now,
 # mail key prefix, then 6 fields per mail (kind, rules, sender, recipients,
-# message_id, payload).  Returns {1, id...}, or {0} when fenced out.
+# message_id, payload).  Returns {1, id...}, or {0} when fenced out.  Mails
+# created more than KEEP_DONE seconds ago leave the index (the sent and
+# failed ones have expired by then).
 SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -82,8 +85,11 @@ for i = 5, #ARGV, 6 do
   redis.call('ZADD', KEYS[5], ARGV[3], id)
   out[#out + 1] = id
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[3]) - KEEP_DONE))
 return out
 """
+
+SAVE = SAVE.replace("KEEP_DONE", str(KEEP_DONE))
 
 # KEYS: lease, mail, due, sending.  ARGV: lease value, id, now.
 # -1 fenced out, 0 not pending, 1 claimed.

@@ -162,8 +162,9 @@ class FarmSync:
 
     def __init__(self, client: Any, host: str, reader: LiveReader, *, prefix: str = "track",
                  ttl_ms: int = farm.LIVE_TTL_MS, stale_after: float = STALE_AFTER,
-                 alerts: Any = None) -> None:
+                 alerts: Any = None, forget_after: float = farm.FORGET_HOSTS_AFTER) -> None:
         self.client, self.host, self.prefix = client, host, prefix
+        self.forget_after = forget_after
         self.reader = reader
         #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
@@ -197,7 +198,8 @@ class FarmSync:
         no_retries(client)
         farm_alerts = _farm_alerts(client, config, env, farm_rules) if farm_rules else None
         return cls(client, config.store.host, LiveReader(config.key, config.backend),
-                   prefix=config.store.prefix, alerts=farm_alerts)
+                   prefix=config.store.prefix, alerts=farm_alerts,
+                   forget_after=config.store.forget_hosts_days * 86_400)
 
     def add_alerts(self, config: Any, farm_rules: Any, env: Any = None) -> None:
         """Start the farm's alerts (the lease and their mail thread) on a
@@ -327,7 +329,8 @@ class FarmSync:
             self._refresh_claim()
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
-                              last_roll=self._last_roll(), previous=previous)
+                              last_roll=self._last_roll(), previous=previous,
+                              forget_after=self.forget_after)
             live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
                                   only=self.keys())
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies

@@ -87,7 +87,8 @@ def redis_client(config: Config, timeout: float = SOCKET_TIMEOUT, env: Any = Non
 def _redis_store(config: Config, client: Any) -> RedisStore:
     return RedisStore(client, resolve_timezone(config.timezone), config.store.host,
                       prefix=config.store.prefix, minute_days=config.retention.minutes,
-                      funnels_prefix=config.store.funnels_prefix)
+                      funnels_prefix=config.store.funnels_prefix,
+                      forget_after=config.store.forget_hosts_days * 86_400)
 
 
 def open_writer(config: Config, env: Any = None) -> PeriodStore:

@@ -81,6 +81,15 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 0
 """
 
+#: A host that has not rolled for this long (seconds; ``[store]
+#: forget_hosts_days``) is forgotten: its host hash and gaps expire, and
+#: :func:`trafficthreshold.farm.publish_live` drops it from ``{prefix}~hosts``.
+FORGET_HOSTS_AFTER = 30 * 86_400
+
+#: The gaps kept per host (the newest): a host that loses minutes every
+#: minute for a year does not grow its list for ever.
+GAPS_KEPT = 1_000
+
 #: The largest cumulative count a roll passes on: the script's arithmetic is
 #: Lua's (doubles), exact up to 2**53.
 MAX_COUNT = 2**53 - 1
@@ -89,7 +98,8 @@ MAX_COUNT = 2**53 - 1
 # hash, the key set, the funnels' key set, the host hash and the segment's
 # key ({prefix}~segment:{instance}: which host rolls it).  ARGV: watermark
 # TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
-# instance, ended ('' = not ended), host, then per item: watermark
+# instance, ended ('' = not ended), host, the host hash's TTL (it is
+# forgotten that long after its last roll), then per item: watermark
 # field, observed, the 4 hashes' fields, "{account}\0{event}", kind.  Kind
 # "t": the 4 period hashes (year .. hour, the last one expiring); "f": a
 # funnel status, the year and month hashes only (fields: the status), the
@@ -106,7 +116,7 @@ local funnel_set = KEYS[#KEYS - 2]
 local added = {}
 for i = 0, n - 1 do
   local k = i * 5
-  local a = 7 + i * 8
+  local a = 8 + i * 8
   local wm_key, field = KEYS[k + 1], ARGV[a + 1]
   local observed = tonumber(ARGV[a + 2])
   local seen = tonumber(redis.call('HGET', wm_key, field) or '0')
@@ -132,6 +142,7 @@ for i = 0, n - 1 do
 end
 local host_key = KEYS[#KEYS - 1]
 redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
+redis.call('EXPIRE', host_key, ARGV[8])
 redis.call('SET', KEYS[#KEYS], ARGV[7], 'EX', wm_ttl)
 if ARGV[4] ~= '' then
   local closed = tonumber(redis.call('HGET', host_key, 'closed_through') or '-1')
@@ -227,7 +238,8 @@ class RedisStore:
     """
 
     def __init__(self, client: Any, zone: ZoneInfo, host: str, *, prefix: str = "track",
-                 minute_days: float = 0, funnels_prefix: str = "funnels") -> None:
+                 minute_days: float = 0, funnels_prefix: str = "funnels",
+                 forget_after: float = FORGET_HOSTS_AFTER) -> None:
         if not host or ":" in host or "\0" in host:
             raise ConfigError(f"[store] host {host!r} is not a usable host name; use a name "
                               "without ':' (default: this machine's host name)")
@@ -240,6 +252,10 @@ class RedisStore:
         self._merge = client.register_script(MERGE_WATERMARKS_SCRIPT)
         #: Seconds a watermark is kept after its last move (cover_ring).
         self.watermark_ttl = WATERMARK_TTL
+        #: Seconds after its last roll that this host's hash and gaps are
+        #: forgotten (``[store] forget_hosts_days``; never before its
+        #: watermarks: see :attr:`host_ttl`).
+        self.forget_after = forget_after
         self.host_key = f"{prefix}~host:{host}"
         self.keys_key = f"{prefix}~keys"
         #: "{account}\0{event}" of every event with funnel counts.
@@ -285,6 +301,14 @@ class RedisStore:
             f"this host's time zone is {zone_name} but the farm's is {farm} (recorded in "
             f"Redis by the first supervisor) and their rules differ (UTC offsets and "
             f"daylight-saving changes): hosts would mix hours; {fix}")
+
+    @property
+    def host_ttl(self) -> int:
+        """Seconds this host's hash (``closed_through``, instance, ...) and
+        gaps live after its last roll: ``forget_after``, but never less
+        than the watermarks' (a host back within that time must find its
+        ``closed_through`` with them, or it would record a false gap)."""
+        return int(max(self.forget_after, self.watermark_ttl))
 
     # ------------------------------------------------- which host rolls what
 
@@ -379,7 +403,8 @@ class RedisStore:
             keys: list[str] = []
             args: list[Any] = [self.watermark_ttl, self.minute_ttl, repr(float(now)),
                                "" if closed_through is None or not last else closed_through,
-                               instance, instance if ended and last else "", self.host]
+                               instance, instance if ended and last else "", self.host,
+                               self.host_ttl]
             for (account, event, minute), observed in batch:
                 parts = local_parts(minute, self.tz)
                 keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
@@ -494,12 +519,16 @@ class RedisStore:
 
     def record_gap(self, first_minute: int, last_minute: int, reason: str, now: float) -> None:
         """Record that this host did not count minutes first..last: one JSON
-        entry appended to the list ``{prefix}~gaps:{host}``."""
+        entry appended to the list ``{prefix}~gaps:{host}`` (the last
+        :data:`GAPS_KEPT` kept; the list expires with the host hash)."""
         if first_minute > last_minute:
             raise ValueError(f"gap from minute {first_minute} to {last_minute}: first > last")
         entry = {"first_minute": first_minute, "last_minute": last_minute, "reason": reason,
                  "recorded_at": now}
-        self._writer().rpush(self.gaps_key, json.dumps(entry))
+        writer = self._writer()
+        writer.rpush(self.gaps_key, json.dumps(entry))
+        writer.ltrim(self.gaps_key, -GAPS_KEPT, -1)
+        writer.expire(self.gaps_key, self.host_ttl)
 
     def gaps(self) -> list[dict[str, Any]]:
         """This host's recorded gaps, in the order recorded."""
