@@ -815,3 +815,61 @@ def test_the_farm_mail_index_forgets_mails_older_than_a_week(redis_server):
         store.save(lease.value, AlertState(), [(mail(), MailContext())],
                    now=NOW + day * 86_400)
     assert client.zcard("track~farmalert:mails") == KEEP_DONE // 86_400 + 1
+
+
+# -- one clock for the farm's minutes (issue 21 item 9) -------------------------
+
+def test_a_host_whose_clock_is_90_s_behind_still_counts_in_a_minute_rule(redis_server):
+    """Three hosts, 60 page views each in their own current minute, one of
+    them 90 s behind: the farm's minute is 180 and the rule (threshold 160)
+    fires.  Each host publishes its clock's offset from Redis' TIME (the
+    farm's clock) with its counts; the leader compares minutes on it."""
+    client = redis_server.client()
+    key = ("all", "pageview")
+    now = time.time()
+    for host, skew in (("web1", 0.0), ("web2", 0.3), ("web3", -90.0)):
+        t = now + skew
+        farm.publish_live(client, host, {key: (60, 60)}, level=0, now=t, skew=skew)
+    live = farm.farm_live(client, now=now)
+    assert live.redis_now is not None and abs(live.redis_now - now) < 5
+    assert {r.host: r.skew for r in live.hosts} == {"web1": 0.0, "web2": 0.3, "web3": -90.0}
+    assert farm_count(live, "all", "pageview", "minute", now) == 180
+    fa = FarmAlerts(client, "web1", [make_rule(scope="farm", threshold=160)],
+                    configuration.MailConfig(), ttl_ms=10_000)
+    fa.outbox.stop(timeout=2)
+    try:
+        assert fa.step(live, now)  # one alert queued
+    finally:
+        fa.stop()
+
+
+def test_a_skewed_hosts_stale_minute_still_does_not_count(redis_server):
+    """The other side of it: a host 90 s behind that has not published
+    since its own minute turned holds its last minute's count, which is
+    not this minute's (in its clock)."""
+    key = ("all", "pageview")
+    minute_start = (time.time() // 60) * 60 + 60
+    redis_now = minute_start + 90.5  # web3's clock says minute_start + 0.5
+    live = farm.FarmLive({}, [
+        farm.HostLive("web3", True, at=minute_start - 0.5, counts={key: (60, 60)}, skew=-90.0),
+    ], None, redis_now=redis_now)
+    assert farm_count(live, "all", "pageview", "minute", redis_now) == 0
+    live.hosts[0].at = minute_start + 0.2
+    assert farm_count(live, "all", "pageview", "minute", redis_now) == 60
+
+
+def test_status_shows_a_host_whose_clock_is_off(redis_server, tmp_path):
+    """`status` names a host whose clock is more than SKEW_SHOWN seconds
+    off Redis' TIME, and the fix."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[http]\nenabled = false\n[store]\nbackend = "redis"\n'
+                    f'url = "redis://127.0.0.1:{redis_server.port}/0"\nhost = "web1"\n')
+    cfg = configuration.load(str(path), env={})
+    client = redis_server.client()
+    now = time.time()
+    farm.publish_live(client, "web1", {}, level=0, now=now, skew=0.2)
+    farm.publish_live(client, "web3", {}, level=0, now=now - 90, skew=-90.0)
+    text = "\n".join(status._render_farm(status._farm(cfg, now)))
+    assert "web3: alive" in text and "CLOCK 90.0 s BEHIND" in text and "NTP" in text
+    assert "web1 (this host): alive, level 0, 0 page views in 60 s, no roll yet\n" in text + "\n"
+    assert status.SKEW_SHOWN == farm.SKEW_SHOWN

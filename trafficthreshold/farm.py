@@ -48,6 +48,12 @@ FORGET_AFTER = 3_600
 #: A host not heard from for this long (seconds) leaves ``{prefix}~hosts``
 #: (``[store] forget_hosts_days``; the store forgets its hash too).
 FORGET_HOSTS_AFTER = 30 * 86_400
+#: A host's clock this far (seconds) from the reader's is taken into
+#: account when comparing minutes (farmalerts.farm_count); smaller skews
+#: are below what one reading a second can measure.
+SKEW_IGNORED = 5.0
+#: ``status`` shows a host's clock this far (seconds) from Redis' TIME.
+SKEW_SHOWN = 2.0
 #: The leader's lease by default (``[store] lease_ttl``): another host takes
 #: over at most this long after the leader stops renewing (every second).
 LEASE_TTL_MS = 10_000
@@ -58,8 +64,10 @@ LiveCounts = dict[tuple[str, str], tuple[int, int]]
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
                  last_roll: float | None = None, prefix: str = "track",
                  ttl_ms: int = LIVE_TTL_MS, previous: dict[tuple[str, str], int] | None = None,
-                 forget_after: float = FORGET_HOSTS_AFTER) -> None:
-    """Replace this host's live numbers in one MULTI/EXEC.  ``previous``:
+                 forget_after: float = FORGET_HOSTS_AFTER, skew: float | None = None) -> None:
+    """Replace this host's live numbers in one MULTI/EXEC.  ``skew``: this
+    host's clock minus the farm's (Redis ``TIME``), as its last reading
+    measured it (:attr:`FarmLive.redis_now`).  ``previous``:
     per key, the count of the minute before ``now``'s (closed, so final).
     Hosts not heard from for ``forget_after`` seconds leave
     ``{prefix}~hosts`` in the same MULTI (it never grows for ever)."""
@@ -72,6 +80,8 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
         mapping[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     mapping.update({"~level": str(level), "~at": repr(float(now)),
                     "~last_roll": "" if last_roll is None else repr(float(last_roll))})
+    if skew is not None:
+        mapping["~skew"] = repr(round(float(skew), 3))
     pipe = client.pipeline(transaction=True)
     pipe.delete(key)
     pipe.hset(key, mapping=mapping)
@@ -91,6 +101,21 @@ class HostLive:
     counts: LiveCounts = field(default_factory=dict)
     #: Per key, the final count of the minute before ``at``'s minute.
     previous: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Its clock minus the farm's (Redis TIME), seconds; None: unknown.
+    skew: float | None = None
+
+    def minute_now(self, live: "FarmLive", now: float) -> int:
+        """The minute this host's clock shows at the reader's ``now``: its
+        skew from the farm's clock (Redis ``TIME``) less the reader's own
+        (``now - live.redis_now``), when the two differ by
+        :data:`SKEW_IGNORED` seconds or more; else ``now``'s minute (one
+        clock: both skews are measured a reading apart, up to a second)."""
+        if self.skew is None or live.redis_now is None:
+            return int(now // 60)
+        relative = self.skew - (now - live.redis_now)
+        if abs(relative) < SKEW_IGNORED:
+            return int(now // 60)
+        return int((now + relative) // 60)
 
 
 @dataclass
@@ -98,6 +123,8 @@ class FarmLive:
     total: LiveCounts
     hosts: list[HostLive]
     leader: str | None
+    #: Redis' clock (``TIME``) when it was read: the farm's one clock.
+    redis_now: float | None = None
 
     def count(self, account: str, event: str, window: str) -> int:
         """The farm's count of a key: ``window`` "minute" or "60s"."""
@@ -122,7 +149,7 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
     names = [_text(h) for h, _ in seen]
     pipe = client.pipeline(transaction=False)
     fields = None if only is None else [
-        "~level", "~at", "~last_roll", *(f"{a}\0{e}" for a, e in only)]
+        "~level", "~at", "~last_roll", "~skew", *(f"{a}\0{e}" for a, e in only)]
     for host in names:
         if fields is None:
             pipe.hgetall(f"{prefix}~live:{host}")
@@ -130,7 +157,8 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
             pipe.hmget(f"{prefix}~live:{host}", fields)
         pipe.hget(f"{prefix}~host:{host}", "last_roll_at")
     pipe.get(f"{prefix}~leader")
-    *replies, leader = pipe.execute()
+    pipe.time()
+    *replies, leader, (secs, usecs) = pipe.execute()
     total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     hosts = []
     for (host, (_, at)), raw, rolled in zip(zip(names, seen), replies[::2], replies[1::2],
@@ -147,6 +175,8 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
                 row.at = float(v)
             elif k == "~last_roll" and v and row.last_roll is None:
                 row.last_roll = float(v)
+            elif k == "~skew" and v:
+                row.skew = float(v)
             elif "\0" in k:
                 account, event = k.split("\0", 1)
                 minute, sliding, *before = (int(x) for x in v.split())
@@ -159,7 +189,8 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
                 total[account, event][1] += sliding
         hosts.append(row)
     return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
-                    None if leader is None else _text(leader).split(" ")[0])
+                    None if leader is None else _text(leader).split(" ")[0],
+                    redis_now=int(secs) + int(usecs) / 1e6)
 
 
 # -------------------------------------------------------------- the lease

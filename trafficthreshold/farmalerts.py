@@ -416,13 +416,16 @@ def farm_count(live: farm.FarmLive, account: str, event: str, window: str,
                now: float) -> int:
     """The farm's count of a key for a farm rule: the sum over the alive
     hosts; for the "minute" window only the hosts whose last publication is
-    of the minute of ``now`` (a host that has not published yet this minute
-    still holds the last minute's count, which is not this minute's)."""
+    of the minute their own clock shows now (:meth:`farm.HostLive.minute_now`:
+    the farm's clock, Redis ``TIME``, plus the host's published skew; so a
+    host whose clock is 90 s behind still counts its own current minute),
+    not a host that has not published since its minute turned (it still
+    holds the last minute's count)."""
     index = 0 if window == "minute" else 1
-    minute = int(now // 60)
     total = 0
     for row in live.hosts:
-        if not row.alive or (index == 0 and (row.at is None or int(row.at // 60) != minute)):
+        if not row.alive or (index == 0 and (
+                row.at is None or int(row.at // 60) != row.minute_now(live, now))):
             continue
         total += row.counts.get((account, event), (0, 0))[index]
     return total
@@ -432,11 +435,12 @@ def farm_closed(live: farm.FarmLive, keys: Sequence[tuple[str, str]], now: float
                 ) -> dict[tuple[str, str], dict[int, int]]:
     """The farm's final count of the minute before ``now``'s, per key (the
     ``closed`` of :func:`alerts.step`): over the alive hosts, the count of
-    that minute a host published once it was closed (its first publication
-    of this minute), or, from a host that has not published this minute
-    yet, its count at its last publication of that minute.  So hits in a
-    minute's last second, after the leader's last reading of it, still
-    count: the closed minute's count is seen at the next second."""
+    the minute before the one its own clock shows now (as
+    :func:`farm_count`), published once it was closed (its first
+    publication of this minute), or, from a host that has not published
+    this minute yet, its count at its last publication of that minute.  So
+    hits in a minute's last second, after the leader's last reading of it,
+    still count: the closed minute's count is seen at the next second."""
     minute = int(now // 60)
     closed: dict[tuple[str, str], dict[int, int]] = {}
     for key in keys:
@@ -444,10 +448,10 @@ def farm_closed(live: farm.FarmLive, keys: Sequence[tuple[str, str]], now: float
         for row in live.hosts:
             if not row.alive or row.at is None:
                 continue
-            at = int(row.at // 60)
-            if at == minute:
+            at, its = int(row.at // 60), row.minute_now(live, now)
+            if at == its:
                 total += row.previous.get(key, 0)
-            elif at == minute - 1:
+            elif at == its - 1:
                 total += row.counts.get(key, (0, 0))[0]
         closed[key] = {minute - 1: total} if total else {}
     return closed

@@ -110,6 +110,7 @@ _RETRIED = {
     "segment check": "tried again at the next minute",
     "farm link": "retried every minute; the level follows this host's count meanwhile",
     "farm offer": "tried again at the next tick",
+    "letting the host name go": "it expires within 5 s (farm.OWNER_TTL_MS)",
 }
 
 
