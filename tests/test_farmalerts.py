@@ -829,10 +829,10 @@ def test_a_host_whose_clock_is_90_s_behind_still_counts_in_a_minute_rule(redis_s
     now = time.time()
     for host, skew in (("web1", 0.0), ("web2", 0.3), ("web3", -90.0)):
         t = now + skew
-        farm.publish_live(client, host, {key: (60, 60)}, level=0, now=t, skew=skew)
+        farm.publish_live(client, host, {key: (60, 60)}, level=0, now=t)
     live = farm.farm_live(client, now=now)
     assert live.redis_now is not None and abs(live.redis_now - now) < 5
-    assert {r.host: r.skew for r in live.hosts} == {"web1": 0.0, "web2": 0.3, "web3": -90.0}
+    assert {r.host: round(r.skew) for r in live.hosts} == {"web1": 0, "web2": 0, "web3": -90}
     assert farm_count(live, "all", "pageview", "minute", now) == 180
     fa = FarmAlerts(client, "web1", [make_rule(scope="farm", threshold=160)],
                     configuration.MailConfig(), ttl_ms=10_000)
@@ -867,8 +867,8 @@ def test_status_shows_a_host_whose_clock_is_off(redis_server, tmp_path):
     cfg = configuration.load(str(path), env={})
     client = redis_server.client()
     now = time.time()
-    farm.publish_live(client, "web1", {}, level=0, now=now, skew=0.2)
-    farm.publish_live(client, "web3", {}, level=0, now=now - 90, skew=-90.0)
+    farm.publish_live(client, "web1", {}, level=0, now=now + 0.2)
+    farm.publish_live(client, "web3", {}, level=0, now=now - 90)
     text = "\n".join(status._render_farm(status._farm(cfg, now)))
     assert "web3: alive" in text and "CLOCK 90.0 s BEHIND" in text and "NTP" in text
     assert "web1 (this host): alive, level 0, 0 page views in 60 s, no roll yet\n" in text + "\n"

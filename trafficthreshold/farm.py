@@ -19,6 +19,8 @@ seconds instead of freezing them::
         "~level"               the host's throttle level
         "~at"                  when it published (Unix seconds)
         "~last_roll"           its last roll-up (Unix seconds, or "")
+        "~redis_at"            Redis' TIME at the publication (the farm's clock:
+                               ``~at - ~redis_at`` is the host's clock skew)
     {prefix}~hosts         sorted set: host -> when it last published
 
 :func:`farm_live` adds the live hashes up and lists every host seen in the
@@ -60,14 +62,21 @@ LEASE_TTL_MS = 10_000
 
 LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
+# The farm's one clock on a publication: Redis TIME, in the same MULTI.
+STAMP_SCRIPT = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], '~redis_at', t[1] .. '.' .. string.format('%06d', t[2]))
+return 0
+"""
+
 
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
                  last_roll: float | None = None, prefix: str = "track",
                  ttl_ms: int = LIVE_TTL_MS, previous: dict[tuple[str, str], int] | None = None,
-                 forget_after: float = FORGET_HOSTS_AFTER, skew: float | None = None) -> None:
-    """Replace this host's live numbers in one MULTI/EXEC.  ``skew``: this
-    host's clock minus the farm's (Redis ``TIME``), as its last reading
-    measured it (:attr:`FarmLive.redis_now`).  ``previous``:
+                 forget_after: float = FORGET_HOSTS_AFTER) -> None:
+    """Replace this host's live numbers in one MULTI/EXEC, stamped with
+    Redis' clock too (``~redis_at``, Redis ``TIME`` in the same MULTI), so
+    that a reader knows this host's clock skew (``~at - ~redis_at``).  ``previous``:
     per key, the count of the minute before ``now``'s (closed, so final).
     Hosts not heard from for ``forget_after`` seconds leave
     ``{prefix}~hosts`` in the same MULTI (it never grows for ever)."""
@@ -80,11 +89,10 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
         mapping[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     mapping.update({"~level": str(level), "~at": repr(float(now)),
                     "~last_roll": "" if last_roll is None else repr(float(last_roll))})
-    if skew is not None:
-        mapping["~skew"] = repr(round(float(skew), 3))
     pipe = client.pipeline(transaction=True)
     pipe.delete(key)
     pipe.hset(key, mapping=mapping)
+    pipe.eval(STAMP_SCRIPT, 1, key)
     pipe.pexpire(key, ttl_ms)
     pipe.zadd(f"{prefix}~hosts", {host: float(now)})
     pipe.zremrangebyscore(f"{prefix}~hosts", "-inf", f"({float(now) - forget_after!r}")
@@ -149,7 +157,7 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
     names = [_text(h) for h, _ in seen]
     pipe = client.pipeline(transaction=False)
     fields = None if only is None else [
-        "~level", "~at", "~last_roll", "~skew", *(f"{a}\0{e}" for a, e in only)]
+        "~level", "~at", "~last_roll", "~redis_at", *(f"{a}\0{e}" for a, e in only)]
     for host in names:
         if fields is None:
             pipe.hgetall(f"{prefix}~live:{host}")
@@ -167,6 +175,7 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
             raw = {} if raw[1] is None else {f: v for f, v in zip(fields, raw) if v is not None}
         row = HostLive(host, alive=bool(raw), at=float(at),
                        last_roll=None if rolled is None else float(rolled))
+        redis_at = None
         for k, v in raw.items():
             k, v = _text(k), _text(v)
             if k == "~level":
@@ -175,8 +184,8 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
                 row.at = float(v)
             elif k == "~last_roll" and v and row.last_roll is None:
                 row.last_roll = float(v)
-            elif k == "~skew" and v:
-                row.skew = float(v)
+            elif k == "~redis_at" and v:
+                redis_at = float(v)
             elif "\0" in k:
                 account, event = k.split("\0", 1)
                 minute, sliding, *before = (int(x) for x in v.split())
@@ -187,6 +196,8 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
                 row.counts[account, event] = (minute, sliding)
                 total[account, event][0] += minute
                 total[account, event][1] += sliding
+        if redis_at is not None and row.at is not None:
+            row.skew = row.at - redis_at
         hosts.append(row)
     return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
                     None if leader is None else _text(leader).split(" ")[0],
@@ -196,18 +207,21 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
 # -------------------------------------------------------------- the lease
 
 # KEYS: lease, token counter.  ARGV: host, ttl ms, current value or "",
-# "1" to adopt a lease that holds our host name (after a lost reply: one
-# supervisor per name, farm.HostClaim, so it is ours).  Renews our own
-# lease, or takes a free one with a new token; returns the lease's value
-# ("host token") if we hold it now, else false.
+# then what to do with a lease that holds our host name but not our value
+# (one supervisor per name, farm.HostClaim, so it was ours): "adopt" it as
+# it is (a call of ours whose reply was lost took it), "succeed" it with a
+# new token (our predecessor's, SIGKILLed: its fence must no longer hold),
+# or "" leave it.  Renews our own lease, or takes a free one with a new
+# token; returns the lease's value ("host token") if we hold it now, else
+# false.
 LEASE_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
-if cur and (cur == ARGV[3]
-            or (ARGV[4] == '1' and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' ')) then
+local mine = cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' '
+if cur and (cur == ARGV[3] or (mine and ARGV[4] == 'adopt')) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return cur
 end
-if cur then return false end
+if cur and not (mine and ARGV[4] == 'succeed') then return false end
 local token = redis.call('INCR', KEYS[2])
 local value = ARGV[1] .. ' ' .. token
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
@@ -231,8 +245,13 @@ class Lease:
         #: The value we last held: after a Redis error, renewing with it
         #: continues the same lease (same token) if it has not lapsed.
         self._last: str | None = None
-        #: The last call failed: whether it took the lease is unknown.
-        self._unsure = False
+        #: What a lease holding our host name (not our value) is to us:
+        #: "succeed" at the start (a supervisor restarted after SIGKILL
+        #: finds its predecessor's lease and takes it over at once, with a
+        #: new token, instead of leaving the farm without a leader for a
+        #: lease_ttl), "adopt" after a call whose reply was lost (it took
+        #: it), "" once a call answered.
+        self._mode = "succeed"
         self._lease = client.register_script(LEASE_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
 
@@ -251,14 +270,15 @@ class Lease:
         try:
             value = self._lease(keys=[self.key, self.counter],
                                 args=[self.host, self.ttl_ms, self.value or self._last or "",
-                                      "1" if self._unsure else ""])
+                                      self._mode])
         except Exception:  # noqa: BLE001 - no Redis, no lease
             # The script may have run (a reply lost): the next call adopts
             # a lease that holds our name rather than wait for it to lapse.
             self.value = None
-            self._unsure = True
+            if self._mode != "succeed":
+                self._mode = "adopt"
             raise
-        self._unsure = False
+        self._mode = ""
         self.value = None if value is None else _text(value)
         self._last = self.value
         return self.value is not None

@@ -165,8 +165,7 @@ class FarmSync:
                  alerts: Any = None, forget_after: float = farm.FORGET_HOSTS_AFTER) -> None:
         self.client, self.host, self.prefix = client, host, prefix
         self.forget_after = forget_after
-        #: This host's clock minus Redis' (the farm's), from the last reading.
-        self.skew: float | None = None
+
         self.reader = reader
         #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
@@ -332,7 +331,7 @@ class FarmSync:
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
                               last_roll=self._last_roll(), previous=previous,
-                              forget_after=self.forget_after, skew=self.skew)
+                              forget_after=self.forget_after)
             live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
                                   only=self.keys())
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
@@ -351,8 +350,6 @@ class FarmSync:
             log.info("publishing the live counts of host %s to the farm's Redis works again",
                      self.host)
         self.reading = Reading(item.now, live)
-        if live.redis_now is not None:  # published with the next second's counts
-            self.skew = item.now - live.redis_now
         if self.alerts is not None:
             self._step_alerts(live, item)
         return True
