@@ -328,13 +328,19 @@ def refuse_colons(conn: sqlite3.Connection, path: str) -> None:
     bad = sorted({(a, e) for t in tables for a, e in conn.execute(
         f"SELECT DISTINCT account, event FROM {t} WHERE instr(account, ':') > 0 "
         "OR instr(event, ':') > 0")})
+    if "funnels" in tables:
+        bad += sorted({(a, f"{e}/{st}") for a, e, st in conn.execute(
+            "SELECT DISTINCT account, event, status FROM funnels "
+            "WHERE instr(status, ':') > 0")})
     if not bad:
         return
     shown = ", ".join(f"({a!r}, {e!r})" for a, e in bad[:10])
     more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
     tables = ["months", "days", "hours", "minutes", "watermarks", *tables[1:]]
     sql = "; ".join(f"UPDATE OR ABORT {t} SET account = replace(account, ':', '-'), "
-                    f"event = replace(event, ':', '-')" for t in tables)
+                    f"event = replace(event, ':', '-')"
+                    + (", status = replace(status, ':', '-')" if t == "funnels" else "")
+                    for t in tables)
     raise ConfigError(
         f"{path} holds names with ':' ({len(bad)} keys: {shown}{more}); in Redis ':' "
         "separates the parts of a key, so two such keys would share one hash.  Rename them "

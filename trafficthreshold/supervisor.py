@@ -147,6 +147,7 @@ class Supervisor:
         self.refused: ConfigError | None = None
         #: This supervisor's hold on ``[store] host`` in the farm's Redis.
         self.claim: farm.HostClaim | None = None
+        self._starting = False
         self._failing: dict[str, str] = {}     # step -> its last error, logged once
         self._repaired: set[str] = set()        # header fields repaired, logged once
         self._restart_warned: set[tuple[str, str]] = set()
@@ -164,7 +165,11 @@ class Supervisor:
         self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
         self._guard("header check", self._check_header)
         self.last_minute = int(now // 60)
-        self._open_store(now)
+        self._starting = True  # a name held by another supervisor is watched (5 s) only now
+        try:
+            self._open_store(now)
+        finally:
+            self._starting = False
         if self.refused is not None:  # another farm zone, no password ...: do not start
             self.shutdown(now)
             raise self.refused
@@ -225,7 +230,7 @@ class Supervisor:
         claim = farm.HostClaim(store.client, self.config.store.host,
                                self.counter.load(segment.H_INSTANCE, 8), pid=self.pid,
                                prefix=self.config.store.prefix)
-        claim.take()
+        claim.take(wait=self._starting)  # the tick never waits for it
         self.claim = claim
         if self.farm is not None:
             self.farm.claim = claim.on(self.farm.client)
