@@ -212,24 +212,10 @@ def test_three_daemons_sigkilled_soak(farm, redis_server):
 
 def _write(tmp_path, host: str, key: int, port: int, *, backend: str = "redis",
            rules: str = "", name: str | None = None) -> str:
-    """A host's config: its own segment and SQLite file, the farm's Redis
-    at ``port`` (a proxy) unless ``backend = "sqlite"``."""
-    path = tmp_path / f"{name or host}.toml"
-    path.write_text(f"""
-key = {key}
-database = "{tmp_path / host}.sqlite3"
-timezone = "UTC"
-[http]
-enabled = false
-[store]
-backend = "{backend}"
-url = "redis://127.0.0.1:{port}/0"
-host = "{name or host}"
-[mail]
-from = "tt-farm@localhost"
-{rules if backend == "redis" else ""}
-""")
-    return str(path)
+    """A host's config (tt_farm.host_config) with a sender and, on Redis,
+    the farm rules."""
+    extra = '[mail]\nfrom = "tt-farm@localhost"\n' + (rules if backend == "redis" else "")
+    return host_config(tmp_path, host, key, port, extra, name=name, backend=backend)
 
 
 def run_farm_life(tmp_path, redis_server, minutes: int, seed: int) -> None:

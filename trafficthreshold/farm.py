@@ -316,7 +316,8 @@ def boot_id() -> str:
         return "-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (in this pid namespace)."""
     import os
 
     if pid <= 0:
@@ -392,7 +393,7 @@ class HostClaim:
             return
         other = self.parse(cur)
         if other["instance"] == self.instance and other["boot"] == self.boot \
-                and (other["pid"] == self.pid or not _pid_alive(other["pid"])):
+                and (other["pid"] == self.pid or not pid_alive(other["pid"])):
             # Our own segment, this boot, its supervisor gone: a restart.
             if not self._take(keys=[self.key], args=[self.value, self.ttl_ms, cur]):
                 return

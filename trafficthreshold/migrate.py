@@ -257,6 +257,7 @@ def refuse_running_daemon(config: Any, path: str) -> int:
     into both.  Returns the segment's ring length (0 without a segment),
     for the watermarks' expiry."""
     from trafficthreshold import segment
+    from trafficthreshold.farm import pid_alive
 
     try:
         counter = segment.attach(config.key, config.backend)
@@ -268,22 +269,12 @@ def refuse_running_daemon(config: Any, path: str) -> int:
     finally:
         counter.detach()
     same = os.path.realpath(path) == os.path.realpath(config.database)
-    if same and pid and _alive(pid):
+    if same and pid and pid_alive(pid):
         raise ConfigError(
             f"the supervisor of segment {config.key:#x} (pid {pid}) is running and writes "
             f"{path}: stop it first (systemctl stop trafficthreshold), migrate, then start it "
             "with [store] backend = \"redis\"")
     return ring
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _count(summary: Summary, added: int, counts_hits: bool) -> None:
