@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -147,7 +148,11 @@ def _wait_ready(counter, proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 
 def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
+    """Real daemons SIGKILLed at random instants and restarted while
+    workers hit; half way through, web1 is renamed web1b (SIGTERM, a new
+    config, started again).  Every hit in Redis exactly once, no gap."""
     keys, paths = farm
+    paths = dict(paths)
     rnd = random.Random(kills)
     counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
     hits: dict = defaultdict(int)
@@ -160,7 +165,18 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
         kill_at = sorted(rnd.uniform(0.5, seconds - 0.5) for _ in range(kills))
         started = time.monotonic()
         done = 0
+        renamed = False
         while time.monotonic() - started < seconds:
+            if not renamed and time.monotonic() - started >= seconds / 2:
+                # web1's machine renamed: the daemon restarted as web1b
+                renamed = True
+                procs["web1"].send_signal(signal.SIGTERM)
+                assert procs["web1"].wait(30) == 0
+                procs["web1"].stderr.close()
+                paths["web1"] = host_config(Path(paths["web1"]).parent, "web1", keys["web1"],
+                                            redis_server.port, name="web1b")
+                procs["web1"] = _daemon(paths["web1"])
+                _wait_ready(counters["web1"], procs["web1"])
             for host in HOSTS:
                 now = time.time()
                 account, event, n = rnd.choice(ACCOUNTS), rnd.choice(EVENTS), rnd.randint(1, 9)
@@ -188,6 +204,10 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
         for c in counters.values():
             c.detach()
     assert_exact(redis_server, hits)
+    client = redis_server.client()
+    assert client.hget("track~host:web1b", "closed_through") is not None
+    for host in (*HOSTS, "web1b"):
+        assert client.llen(f"track~gaps:{host}") == 0, host
 
 
 def test_three_daemons_sigkilled_and_restarted_lose_nothing(farm, redis_server):
