@@ -365,11 +365,15 @@ class RedisStore:
         before = {_text(k): _text(v) for k, v in
                   self.client.hgetall(f"{self.prefix}~host:{old}").items()}
         with self.transaction():
-            if before.get("closed_through"):
-                self.set_closed_through(int(before["closed_through"]))
-            for name in ("instance", "instance_ended"):
-                if before.get(name):
-                    self._writer().hset(self.host_key, name, before[name])
+            # Its closed_through is this segment's only if it rolled this
+            # segment last (else the new name starts from the segment's
+            # creation; the watermarks keep that exact).
+            if before.get("instance") == str(instance):
+                if before.get("closed_through"):
+                    self.set_closed_through(int(before["closed_through"]))
+                for name in ("instance", "instance_ended"):
+                    if before.get(name):
+                        self._writer().hset(self.host_key, name, before[name])
             self._writer().set(self._segment_key(instance), self.host, ex=self.watermark_ttl)
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
