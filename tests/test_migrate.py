@@ -163,3 +163,31 @@ def test_migrated_minute_hashes_expire_as_rolled_ones_do(
     oldest = min(m for a, e, m, _ in items if (a, e) == ("acme", "pageview"))
     y, mo, d, h, _ = local_parts(oldest, store.tz)
     assert not r.exists(f"track:acme:pageview:{y}:{mo}:{d}:{h}")
+
+
+def test_a_migration_cut_short_stops_the_roll_until_it_is_run_again(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """A migration killed after the periods and before the watermarks: a
+    supervisor switched to Redis then would add its ring again.  Its roll
+    is refused, naming the fix, until the migration has run whole."""
+    from trafficthreshold.errors import ConfigError
+    path, items = history
+    store = store_on(redis_server)
+    real = store.client.register_script
+
+    def dies_at_the_watermarks(script):
+        if "HGET', KEYS[1], ARGV[1]" in script:  # WATERMARK_SCRIPT: killed at its first call
+            def killed(**kw):
+                raise KeyboardInterrupt("SIGKILL")
+            return killed
+        return real(script)
+
+    store.client.register_script = dies_at_the_watermarks
+    with pytest.raises(KeyboardInterrupt):
+        migrate(path, store)
+    store.client.register_script = real
+    with pytest.raises(ConfigError, match="store migrate"):
+        store.claim_segment(1)
+    migrate(path, store)
+    store.claim_segment(1)
+    assert store.roll(items, now=2) == 0

@@ -221,6 +221,9 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
     try:
         conn.execute("BEGIN")  # one snapshot: periods and watermarks agree
         refuse_colons(conn, path)
+        # Until the run is whole (the watermarks come last), this host's
+        # supervisor must not roll into Redis (RedisStore.claim_segment).
+        client.hset(store.host_key, "migrating", repr(float(now)))
         for table, key, fields, pair in _hashes(conn, prefix):
             expire_at = _expire_at(store, key) if table == "minutes" else 0
             if expire_at and expire_at <= now:
@@ -242,6 +245,7 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
         if pairs:  # what RedisStore.accounts() and events() list
             client.sadd(store.keys_key, *pairs)
         _copy_meta(conn, store)
+        client.hdel(store.host_key, "migrating")
     finally:
         conn.close()
     log.info("migrated %s into Redis: %d hashes added to, %d with nothing new, %d minute "

@@ -332,10 +332,21 @@ class RedisStore:
         of the ring is added twice and no gap is recorded.  The old name
         still rolling this segment (its ownership key alive with this
         instance: a cloned machine) is refused, naming both.  Idempotent: a
-        carry-over cut short is done again whole at the next start."""
+        carry-over cut short is done again whole at the next start.  A
+        ``store migrate`` of this host cut short (``migrating`` in the host
+        hash) is a ConfigError until it is run again whole."""
         from trafficthreshold import farm
 
-        old = self.client.get(self._segment_key(instance))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self._segment_key(instance))
+        pipe.hget(self.host_key, "migrating")
+        old, migrating = pipe.execute()
+        if migrating is not None:
+            raise ConfigError(
+                f"a `store migrate` of host {self.host!r} into this Redis was cut short: "
+                "rolling now would add again what its watermarks do not cover yet.  Run "
+                "`trafficthreshold store migrate --to ...` again (it adds only what is "
+                "missing); the ring keeps counting meanwhile")
         old = None if old is None else _text(old)
         if old is None or old == self.host:
             return
