@@ -705,9 +705,9 @@ def test_store_migrate_then_a_rerun_adds_nothing(tmp_path, key, redis_server):
     cfg = _redis_cfg(tmp_path, key, redis_server.port)
     url = f"redis://127.0.0.1:{redis_server.port}/0"
     first = run(cfg, "store", "migrate", "--to", url)
-    assert "8 hashes written, 0 already there, 10 hits" in first
+    assert "8 hashes added to, 0 with nothing new, 10 hits" in first
     again = run(cfg, "store", "migrate", "--to", url)
-    assert "0 hashes written, 8 already there, 0 hits" in again
+    assert "0 hashes added to, 8 with nothing new, 0 hits" in again
     client = redis_server.client()
     assert client.hgetall("track:acme:pageview:2027") == {b"1": b"5"}
     assert int(client.hget("track~host:web1", "closed_through")) == 1_800_000_000 // 60
@@ -774,6 +774,30 @@ def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_s
         counter.detach()
 
 
+def test_store_migrate_refuses_while_the_daemon_writes_the_file(tmp_path, key, redis_server):
+    """The supervisor of the segment runs (its pid in the header is alive):
+    the file grows while it is read; refused, naming the pid and the fix."""
+    import os
+    from trafficthreshold.store import SQLiteStore
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        store.roll([("all", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    cfg = _redis_cfg(tmp_path, key, redis_server.port)
+    run(cfg, "install")
+    counter = segment.attach(key, "sysv")
+    try:
+        counter.store(segment.H_SUPERVISOR_PID, 4, os.getpid())
+        url = f"redis://127.0.0.1:{redis_server.port}/0"
+        out = run(cfg, "store", "migrate", "--to", url, ok=False)
+        assert f"pid {os.getpid()}" in out and "stop" in out
+        assert not redis_server.client().keys("track:*")
+        counter.store(segment.H_SUPERVISOR_PID, 4, 0)
+        run(cfg, "store", "migrate", "--to", url)
+        assert redis_server.client().hgetall("track:all:pageview:2027") == {b"1": b"5"}
+    finally:
+        counter.detach()
+        run(cfg, "uninstall", "--no-rollup")
+
+
 def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):
     (tmp_path / "s.sqlite3").write_bytes(b"")
     out = run(cfg, "store", "migrate", "--to", "redis://:hunter2@127.0.0.1:1/0", ok=False)
@@ -795,3 +819,24 @@ def test_status_shows_reclaimed_and_free_slots(cfg, key, backend):
     assert "keys        3 of 1024 used" in text
     assert "reclaimed   2 idle keys' slots since the install, 1 free for new keys" in text
     assert info["damage"] == []
+
+
+def test_a_redis_password_in_the_url_query_is_refused_and_never_printed(tmp_path, key):
+    """?password= (redis-py uses it) is refused as user:pass@ is, by the
+    config and by `store migrate --to`; a URL printed anyway is redacted."""
+    from trafficthreshold.store import redis as redisstore
+    path = tmp_path / "c.toml"
+    for url in ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?db=1&password=hunter2",
+                "unix:///run/redis.sock?password=hunter2"):
+        path.write_text(f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+        out = run(str(path), "config", "check", ok=False)
+        assert "store.url = (hidden) holds a password" in out and "hunter2" not in out
+    (tmp_path / "s.sqlite3").write_bytes(b"")
+    cfg = _redis_cfg(tmp_path, key, 1)
+    out = run(cfg, "store", "migrate", "--to", "redis://127.0.0.1:1/0?password=hunter2", ok=False)
+    assert "password" in out and "hunter2" not in out
+    for url in ("redis://u:hunter2@h:6379/0", "redis://h:6379/0?password=hunter2&db=2",
+                "rediss://:hunter2@h/0"):
+        shown = redisstore.redact_url(url)
+        assert "hunter2" not in shown and "h" in shown
+    assert redisstore.redact_url("redis://h:6379/0?db=2") == "redis://h:6379/0?db=2"

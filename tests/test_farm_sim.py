@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -147,7 +148,11 @@ def _wait_ready(counter, proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 
 def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
+    """Real daemons SIGKILLed at random instants and restarted while
+    workers hit; half way through, web1 is renamed web1b (SIGTERM, a new
+    config, started again).  Every hit in Redis exactly once, no gap."""
     keys, paths = farm
+    paths = dict(paths)
     rnd = random.Random(kills)
     counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
     hits: dict = defaultdict(int)
@@ -160,7 +165,18 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
         kill_at = sorted(rnd.uniform(0.5, seconds - 0.5) for _ in range(kills))
         started = time.monotonic()
         done = 0
+        renamed = False
         while time.monotonic() - started < seconds:
+            if not renamed and time.monotonic() - started >= seconds / 2:
+                # web1's machine renamed: the daemon restarted as web1b
+                renamed = True
+                procs["web1"].send_signal(signal.SIGTERM)
+                assert procs["web1"].wait(30) == 0
+                procs["web1"].stderr.close()
+                paths["web1"] = host_config(Path(paths["web1"]).parent, "web1", keys["web1"],
+                                            redis_server.port, name="web1b")
+                procs["web1"] = _daemon(paths["web1"])
+                _wait_ready(counters["web1"], procs["web1"])
             for host in HOSTS:
                 now = time.time()
                 account, event, n = rnd.choice(ACCOUNTS), rnd.choice(EVENTS), rnd.randint(1, 9)
@@ -188,6 +204,10 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
         for c in counters.values():
             c.detach()
     assert_exact(redis_server, hits)
+    client = redis_server.client()
+    assert client.hget("track~host:web1b", "closed_through") is not None
+    for host in (*HOSTS, "web1b"):
+        assert client.llen(f"track~gaps:{host}") == 0, host
 
 
 def test_three_daemons_sigkilled_and_restarted_lose_nothing(farm, redis_server):
@@ -206,3 +226,146 @@ def test_three_daemons_sigkilled_soak(farm, redis_server):
     kills = int(soak or 8)
     seconds = max(130.0, kills * 1.5) if soak else 12.0
     run_sigkill_farm(farm, redis_server, kills=kills, seconds=seconds)
+
+
+# -- a rename, two migrations, lost replies, a Redis crash, one episode --------
+
+def _write(tmp_path, host: str, key: int, port: int, *, backend: str = "redis",
+           rules: str = "", name: str | None = None) -> str:
+    """A host's config (tt_farm.host_config) with a sender and, on Redis,
+    the farm rules."""
+    extra = '[mail]\nfrom = "tt-farm@localhost"\n' + (rules if backend == "redis" else "")
+    return host_config(tmp_path, host, key, port, extra, name=name, backend=backend)
+
+
+def run_farm_life(tmp_path, redis_server, minutes: int, seed: int) -> None:
+    """Three hosts on a driven clock, ``minutes`` long: web3 counts into
+    its SQLite file first and is migrated twice while its file grows (a
+    trial run, then the real one), then joins the farm; web2 is dropped
+    without a shutdown and started again; redis-server is SIGKILLed and
+    restarted; the replies of one of web2's rolls are lost; web1 is
+    renamed web1b and restarted; one burst crosses the farm rule.  The
+    farm's totals equal the hits exactly, no host records a gap, and the
+    burst mails one alert and one resolved."""
+    from click.testing import CliRunner
+    from trafficthreshold.cli import main
+    from tt_postfix import MAILBOX
+    from tt_proxy import TcpProxy
+    from test_farmalerts import farm_rows
+
+    rnd = random.Random(seed)
+    rule = f"""
+[[alert]]
+name = "farm-life"
+scope = "farm"
+threshold = 2000
+window = "minute"
+to = ["{MAILBOX}"]
+repeat = 0
+clear_minutes = 1
+"""
+    burst_at, rename_at = minutes * 2 // 3, minutes // 2
+    migrate_at = (minutes // 6, minutes // 3)
+    with three_hosts(redis_server.port, START) as (keys, proxies):
+        port = {h: p.port for h, p in proxies.items()}
+        paths = {h: _write(tmp_path, h, keys[h], port[h], rules=rule) for h in HOSTS}
+        paths["web3-sqlite"] = _write(tmp_path, "web3", keys["web3"], port["web3"],
+                                      backend="sqlite", name="web3-sqlite")
+        counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
+        hits: dict = defaultdict(int)
+        sups: dict = {}
+        dropped = []
+
+        def start(host, path, now):
+            cfg = configuration.load(path, env={})
+            s = Supervisor(cfg, config_path=path, env={}, pid=2000 + HOSTS.index(host))
+            s.initialize(now)
+            sups[host] = s
+
+        def migrate(now):
+            sups.pop("web3").shutdown(now)
+            url = f"redis://127.0.0.1:{redis_server.port}/0"
+            out = CliRunner().invoke(main, ["--config", paths["web3"], "store", "migrate",
+                                            "--to", url], catch_exceptions=False)
+            assert out.exit_code == 0, out.output
+            assert " 0 hits" not in out.output  # the file grew since the trial run
+            migrations.append(out.output)
+
+        migrations: list = []
+        start("web1", paths["web1"], START)
+        start("web2", paths["web2"], START)
+        start("web3", paths["web3-sqlite"], START)
+        now = START
+        try:
+            for minute in range(minutes):
+                for second in (5, 25, 45):
+                    now = START + minute * 60 + second
+                    for host in HOSTS:
+                        account, event = rnd.choice(ACCOUNTS), rnd.choice(EVENTS)
+                        n = rnd.randint(1, 50) + (700 if minute == burst_at else 0)
+                        counters[host].hit(account, event, n, now)
+                        hits[(account, event, int(now // 60))] += n
+                        sups[host].tick(now)
+                    for s in sups.values():
+                        if s.farm is not None:
+                            assert s.farm.drain(10)
+                if minute == 5:  # a crash: no shutdown, no final roll
+                    dropped.append(sups.pop("web2"))
+                    start("web2", paths["web2"], now + 5)
+                if minute in migrate_at:  # the file grew since the trial run
+                    migrate(now + 5)
+                    start("web3", paths["web3" if minute == migrate_at[1] else "web3-sqlite"],
+                          now + 6)
+                if minute == migrate_at[0] + 2:  # redis-server killed, back from its AOF
+                    redis_server.kill()
+                    redis_server.start()
+                if minute == migrate_at[0] + 4:  # the replies of web2's next roll are lost
+                    proxies["web2"].drop_replies()
+                if minute == migrate_at[0] + 5:
+                    proxies["web2"].pass_replies()
+                if minute == rename_at:  # the machine renamed, the daemon restarted
+                    sups.pop("web1").shutdown(now + 5)
+                    paths["web1"] = _write(tmp_path, "web1", keys["web1"], port["web1"],
+                                           rules=rule, name="web1b")
+                    start("web1", paths["web1"], now + 6)
+            client = redis_server.client()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # the leader's outbox sends (real time)
+                if [(r["kind"], r["status"]) for r in farm_rows(client)] == \
+                        [("alert", "sent"), ("resolved", "sent")]:
+                    break
+                now += 1
+                for host in HOSTS:
+                    sups[host].tick(now)
+                time.sleep(0.2)
+        finally:
+            for s in sups.values():
+                s._wait_rolling()
+                s.shutdown(now + 1)
+            for s in dropped:
+                s._wait_rolling()
+                if s.farm is not None:
+                    s.farm.stop(withdraw=False)
+                s.counter.detach()
+            for c in counters.values():
+                c.detach()
+        assert_exact(redis_server, hits)
+        rows = farm_rows(client)
+        assert [(r["kind"], r["status"]) for r in rows] == [("alert", "sent"),
+                                                            ("resolved", "sent")]
+        for host in ("web1", "web1b", "web2", "web3"):
+            assert client.llen(f"track~gaps:{host}") == 0, host
+        assert proxies["web2"].dropped > 0 and len(migrations) == 2
+
+
+def test_a_farm_life_with_a_rename_two_migrations_and_lost_replies(tmp_path, redis_server):
+    """The short form (CI): 30 driven minutes."""
+    run_farm_life(tmp_path, redis_server, minutes=30, seed=21)
+
+
+@pytest.mark.slow
+def test_a_farm_life_soak(tmp_path, redis_server):
+    """The long form: TRAFFICTHRESHOLD_SOAK_MINUTES driven minutes (default
+    180), the same events spread over them."""
+    minutes = int(os.environ.get("TRAFFICTHRESHOLD_SOAK_MINUTES") or 180)
+    run_farm_life(tmp_path, redis_server, minutes=minutes, seed=minutes)

@@ -664,3 +664,212 @@ def test_a_save_whose_reply_is_lost_is_not_repeated(redis_server):
         assert [m.kind for m in FarmAlertStore(client).list()] == ["alert"]
     finally:
         fa.stop()
+
+
+# -- a leader that lets go, lost replies (issue 21 items 6, 7, 8) ---------------
+
+class Recorder:
+    """A transport that keeps what the MTA would have got (the queue's
+    claims and marks are what these tests look at)."""
+    name = "recorder"
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, prepared):
+        self.sent.append(prepared)
+
+
+def test_a_leader_whose_farm_rules_a_reload_removes_lets_the_lease_go(redis_server):
+    """The farm rules removed from the leader's config: at its next second
+    it releases the lease (another host with the rules takes over at
+    once) and leaves the saved state alone (the open episode is not
+    forgotten, so the next leader does not mail the same burst again)."""
+    client = redis_server.client()
+    rule = make_rule(scope="farm")
+    key = ("all", "pageview")
+    live = farm.FarmLive({}, [farm.HostLive("web2", True, at=NOW + 1,
+                                            counts={key: (12, 12)})], None)
+    a = FarmAlerts(client, "web1", [rule], configuration.MailConfig(), ttl_ms=10_000)
+    b = FarmAlerts(client, "web2", [rule], configuration.MailConfig(), ttl_ms=10_000)
+    for fa in (a, b):
+        fa.outbox.stop(timeout=2)
+    try:
+        assert a.step(live, NOW + 1) and a.leading
+        a.reload((), configuration.MailConfig())
+        assert a.step(live, NOW + 2) == [] and not a.leading
+        assert client.get("track~leader") is None
+        assert FarmAlertStore(client).load_state().episodes  # still open
+        assert b.step(live, NOW + 3) == [] and b.leading  # the same episode: no mail
+        assert [m.kind for m in FarmAlertStore(client).list()] == ["alert"]
+        assert a.step(live, NOW + 4) == [] and not a.leading  # never again without rules
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_lease_taken_whose_reply_is_lost_is_read_back(redis_server):
+    """SET ran in Redis, its reply was lost: the next second finds the
+    lease holds this host's name and leads under it, instead of leaving
+    the farm without a leader for a whole lease_ttl."""
+    client = redis_server.client()
+    lease = farm.Lease(client, "web1", ttl_ms=60_000)
+    real = lease._lease
+
+    def reply_lost(**kw):
+        real(**kw)
+        raise ConnectionError("Timeout reading from socket")
+
+    lease._lease = reply_lost
+    with pytest.raises(ConnectionError):
+        lease.renew()
+    lease._lease = real
+    assert lease.renew() and lease.value == client.get("track~leader").decode()
+    other = farm.Lease(client, "web2", ttl_ms=60_000)
+    assert not other.renew()
+
+
+def test_a_farm_mail_whose_claim_reply_is_lost_is_sent_by_the_same_leader(redis_server):
+    """The claim ran (the mail left the due set), its reply was lost: the
+    leader reads it back and sends it (the MTA never saw it); it is not
+    left to the next leader to mark failed."""
+    client = redis_server.client()
+    recorder = Recorder()
+    fa = FarmAlerts(client, "web1", [make_rule(scope="farm")], configuration.MailConfig(),
+                    ttl_ms=60_000, outbox_kwargs={"transport": recorder})
+    fa.outbox.stop(timeout=2)  # passes driven here
+    try:
+        fa.step(farm.FarmLive({}, [], None), NOW)
+        store = fa.outbox.farm_store
+        store.save(fa.lease.value, AlertState(), [(mail(), MailContext())], now=NOW)
+        real = store._claim
+        lost = []
+
+        def reply_lost(**kw):
+            real(**kw)
+            if not lost:
+                lost.append(1)
+                raise redis_errors().TimeoutError("Timeout reading from socket")
+            return real(**kw)
+
+        store._claim = reply_lost
+        fa.outbox.deliver_due(NOW + 1)
+        fa.outbox.deliver_due(NOW + 2)
+        assert len(recorder.sent) == 1
+        assert store.get(1).status == "sent"
+    finally:
+        fa.stop()
+
+
+def test_a_claim_whose_reply_and_read_back_are_lost_is_put_back_by_the_same_leader(
+        redis_server):
+    """Redis goes away right after running the claim: the next pass (same
+    lease) puts the mail back in the queue and sends it, once."""
+    client = redis_server.client()
+    recorder = Recorder()
+    fa = FarmAlerts(client, "web1", [make_rule(scope="farm")], configuration.MailConfig(),
+                    ttl_ms=60_000, outbox_kwargs={"transport": recorder})
+    fa.outbox.stop(timeout=2)
+    try:
+        fa.step(farm.FarmLive({}, [], None), NOW)
+        store = fa.outbox.farm_store
+        store.save(fa.lease.value, AlertState(), [(mail(), MailContext())], now=NOW)
+        real_claim, real_hmget = store._claim, store.client.hmget
+        state = {"down": True}
+
+        def claim_then_down(**kw):
+            real_claim(**kw)
+            raise redis_errors().ConnectionError("Connection reset by peer")
+
+        def hmget(*a, **kw):
+            if state["down"]:
+                raise redis_errors().ConnectionError("Connection refused")
+            return real_hmget(*a, **kw)
+
+        store._claim, store.client.hmget = claim_then_down, hmget
+        fa.outbox.deliver_due(NOW + 1)
+        assert recorder.sent == [] and store.get(1).status == "sending"
+        store._claim, state["down"] = real_claim, False
+        fa.outbox.deliver_due(NOW + 2)
+        fa.outbox.deliver_due(NOW + 3)
+        assert len(recorder.sent) == 1 and store.get(1).status == "sent"
+    finally:
+        fa.stop()
+
+
+def redis_errors():
+    import redis
+    return redis
+
+
+def test_the_farm_mail_index_forgets_mails_older_than_a_week(redis_server):
+    """{prefix}~farmalert:mails is trimmed by age at each save (the sent
+    and failed mails themselves expire after KEEP_DONE): it never grows
+    for ever."""
+    from trafficthreshold.farmalerts import KEEP_DONE
+    client = redis_server.client()
+    lease = farm.Lease(client, "web1", ttl_ms=60_000)
+    assert lease.renew()
+    store = FarmAlertStore(client)
+    for day in range(10):
+        store.save(lease.value, AlertState(), [(mail(), MailContext())],
+                   now=NOW + day * 86_400)
+    assert client.zcard("track~farmalert:mails") == KEEP_DONE // 86_400 + 1
+
+
+# -- one clock for the farm's minutes (issue 21 item 9) -------------------------
+
+def test_a_host_whose_clock_is_90_s_behind_still_counts_in_a_minute_rule(redis_server):
+    """Three hosts, 60 page views each in their own current minute, one of
+    them 90 s behind: the farm's minute is 180 and the rule (threshold 160)
+    fires.  Each host publishes its clock's offset from Redis' TIME (the
+    farm's clock) with its counts; the leader compares minutes on it."""
+    client = redis_server.client()
+    key = ("all", "pageview")
+    now = time.time()
+    for host, skew in (("web1", 0.0), ("web2", 0.3), ("web3", -90.0)):
+        t = now + skew
+        farm.publish_live(client, host, {key: (60, 60)}, level=0, now=t)
+    live = farm.farm_live(client, now=now)
+    assert live.redis_now is not None and abs(live.redis_now - now) < 5
+    assert {r.host: round(r.skew) for r in live.hosts} == {"web1": 0, "web2": 0, "web3": -90}
+    assert farm_count(live, "all", "pageview", "minute", now) == 180
+    fa = FarmAlerts(client, "web1", [make_rule(scope="farm", threshold=160)],
+                    configuration.MailConfig(), ttl_ms=10_000)
+    fa.outbox.stop(timeout=2)
+    try:
+        assert fa.step(live, now)  # one alert queued
+    finally:
+        fa.stop()
+
+
+def test_a_skewed_hosts_stale_minute_still_does_not_count(redis_server):
+    """The other side of it: a host 90 s behind that has not published
+    since its own minute turned holds its last minute's count, which is
+    not this minute's (in its clock)."""
+    key = ("all", "pageview")
+    minute_start = (time.time() // 60) * 60 + 60
+    redis_now = minute_start + 90.5  # web3's clock says minute_start + 0.5
+    live = farm.FarmLive({}, [
+        farm.HostLive("web3", True, at=minute_start - 0.5, counts={key: (60, 60)}, skew=-90.0),
+    ], None, redis_now=redis_now)
+    assert farm_count(live, "all", "pageview", "minute", redis_now) == 0
+    live.hosts[0].at = minute_start + 0.2
+    assert farm_count(live, "all", "pageview", "minute", redis_now) == 60
+
+
+def test_status_shows_a_host_whose_clock_is_off(redis_server, tmp_path):
+    """`status` names a host whose clock is more than SKEW_SHOWN seconds
+    off Redis' TIME, and the fix."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[http]\nenabled = false\n[store]\nbackend = "redis"\n'
+                    f'url = "redis://127.0.0.1:{redis_server.port}/0"\nhost = "web1"\n')
+    cfg = configuration.load(str(path), env={})
+    client = redis_server.client()
+    now = time.time()
+    farm.publish_live(client, "web1", {}, level=0, now=now + 0.2)
+    farm.publish_live(client, "web3", {}, level=0, now=now - 90)
+    text = "\n".join(status._render_farm(status._farm(cfg, now)))
+    assert "web3: alive" in text and "CLOCK 90.0 s BEHIND" in text and "NTP" in text
+    assert "web1 (this host): alive, level 0, 0 page views in 60 s, no roll yet\n" in text + "\n"
+    assert status.SKEW_SHOWN == farm.SKEW_SHOWN

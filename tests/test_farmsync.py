@@ -13,6 +13,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -384,3 +385,63 @@ def test_the_live_reader_reads_active_keys_and_follows_a_new_segment(key):
     finally:
         reader.close()
         counter.detach()
+
+
+# -- one name, one supervisor (issue 21 item 2) ---------------------------------
+
+def test_a_second_supervisor_under_the_same_host_name_is_refused(tmp_path, redis_server):
+    """Two machines (two segments) configured, or defaulted, to one host
+    name: the second supervisor does not start; the error names both and
+    the fix.  The first counts on, alone; once it stops, the name is free."""
+    from trafficthreshold.supervisor import Supervisor
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+        (tmp_path / "clone").mkdir()
+        b = host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
+        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4100)
+        first.initialize(NOW)
+        try:
+            first.tick(NOW + 1)
+            assert first.farm.drain(10)
+            second = Supervisor(configuration.load(b, env={}), config_path=b, env={}, pid=4101)
+            ticking = threading.Event()
+
+            def tick_first():  # the first one lives on: a tick a second
+                t = NOW + 2
+                while not ticking.wait(0.5):
+                    first.tick(t)
+                    t += 1
+            ticker = threading.Thread(target=tick_first)
+            ticker.start()
+            try:
+                with pytest.raises(configuration.ConfigError) as err:
+                    second.initialize(NOW + 2)
+            finally:
+                ticking.set()
+                ticker.join()
+            text = str(err.value)
+            assert "'web1'" in text and "pid 4100" in text and "pid 4101" in text
+            assert "[store] host" in text
+        finally:
+            first.shutdown(NOW + 3)
+        third = Supervisor(configuration.load(b, env={}), config_path=b, env={}, pid=4102)
+        third.initialize(NOW + 4)  # the first one let the name go
+        third.shutdown(NOW + 5)
+
+
+def test_a_supervisor_restarted_after_sigkill_takes_its_own_name_back(tmp_path, redis_server):
+    """The same segment, the same boot, the old pid gone: no wait, no refusal."""
+    from trafficthreshold.supervisor import Supervisor
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=dead.pid)
+        first.initialize(NOW)
+        first.farm.stop(withdraw=False)  # as after SIGKILL: nothing let go
+        first.farm = None
+        again = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4200)
+        started = time.monotonic()
+        again.initialize(NOW + 1)
+        assert time.monotonic() - started < 2
+        again.shutdown(NOW + 2)

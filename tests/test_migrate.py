@@ -82,3 +82,112 @@ def test_a_migration_carries_the_all_time_totals_once(
             for ev in ("pageview", "signup"):
                 assert totals[acct, ev] == sum(sqlite.period(acct, ev, y)["total"]
                                                for y in (2026, 2027))
+
+
+# -- reruns, live files, colons, expiry (issue 21 items 3, 4, 12) ---------------
+
+def _totals(store, accounts=("acme", "shop", "all"), events=("pageview", "signup")):
+    return {(a, e): sum(store.period(a, e, y)["total"] for y in (2026, 2027))
+            for a in accounts for e in events}
+
+
+def test_a_rerun_after_the_file_grew_adds_exactly_what_is_missing(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """A trial run, the SQLite store rolls on (the same hours and days grow,
+    new minutes come), the real run: Redis holds what SQLite holds, and the
+    ring rolled into Redis afterwards adds nothing twice and skips nothing."""
+    path, items = history
+    store = store_on(redis_server)
+    migrate(path, store)
+    grown = [(a, e, m, c + 3) for a, e, m, c in items[:40]]
+    fresh = [("acme", "pageview", MINUTE + 40 * 24 * 60 + 1, 11)]
+    with SQLiteStore(path, "Europe/Zurich") as sqlite:
+        sqlite.roll(grown + fresh, now=5, closed_through=MINUTE + 40 * 24 * 60 + 1)
+        want = _totals(sqlite)
+    second = migrate(path, store)
+    assert second.hits == 3 * len(grown) + 11
+    assert _totals(store) == want
+    assert migrate(path, store).hits == 0
+    # the ring (as SQLite last rolled it) into Redis: nothing again
+    assert store.roll(grown + fresh, now=6) == 0
+    assert store.roll([("acme", "pageview", MINUTE + 40 * 24 * 60 + 1, 12)], now=7) == 1
+
+
+def test_a_migration_after_the_host_rolled_into_redis_is_refused(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """Once this host's supervisor rolls into Redis, what its SQLite file
+    got since would be added twice: refused, naming the fix."""
+    from trafficthreshold.errors import ConfigError
+    path, items = history
+    store = store_on(redis_server)
+    migrate(path, store)
+    store.roll(items[:1], now=9)
+    with pytest.raises(ConfigError, match="already rolls into this Redis"):
+        migrate(path, store)
+
+
+def test_names_with_a_colon_in_the_history_are_refused_naming_them(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """("shop:order", "paid") and ("shop", "order:paid") would share
+    track:shop:order:paid:{Y}: the migration names the rows and the fix,
+    and copies nothing."""
+    from trafficthreshold.errors import ConfigError
+    path = str(tmp_path / "colon.sqlite3")
+    with SQLiteStore(path, "UTC") as sqlite:
+        sqlite.roll([("shop:order", "paid", MINUTE, 5), ("shop", "order:paid", MINUTE, 7)],
+                    now=1)
+    with pytest.raises(ConfigError) as err:
+        migrate(path, store_on(redis_server))
+    text = str(err.value)
+    assert "'shop:order'" in text and "'order:paid'" in text and "UPDATE" in text
+    assert not redis_server.client().keys("track:*")
+
+
+def test_migrated_minute_hashes_expire_as_rolled_ones_do(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """retention.minutes (the store's minute_days) holds for migrated
+    minutes too: each minute hash expires that long after its hour; hours
+    and longer never do."""
+    path, items = history
+    newest = max(m for _, _, m, _ in items)
+    store = store_on(redis_server, minute_days=30)
+    migrate(path, store, now=newest * 60 + 120)
+    r = redis_server.client()
+    minute_keys = [k for k in r.scan_iter("track:acme:pageview:*") if k.count(b":") == 6]
+    assert minute_keys
+    for k in minute_keys:
+        assert 0 < r.ttl(k) <= 31 * 86400
+    assert r.ttl("track:acme:pageview:2026") == -1
+    # minutes older than 30 days were not copied (they would expire at once)
+    from trafficthreshold.periods import local_parts
+    oldest = min(m for a, e, m, _ in items if (a, e) == ("acme", "pageview"))
+    y, mo, d, h, _ = local_parts(oldest, store.tz)
+    assert not r.exists(f"track:acme:pageview:{y}:{mo}:{d}:{h}")
+
+
+def test_a_migration_cut_short_stops_the_roll_until_it_is_run_again(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """A migration killed after the periods and before the watermarks: a
+    supervisor switched to Redis then would add its ring again.  Its roll
+    is refused, naming the fix, until the migration has run whole."""
+    from trafficthreshold.errors import ConfigError
+    path, items = history
+    store = store_on(redis_server)
+    real = store.client.register_script
+
+    def dies_at_the_watermarks(script):
+        if "HGET', KEYS[1], ARGV[1]" in script:  # WATERMARK_SCRIPT: killed at its first call
+            def killed(**kw):
+                raise KeyboardInterrupt("SIGKILL")
+            return killed
+        return real(script)
+
+    store.client.register_script = dies_at_the_watermarks
+    with pytest.raises(KeyboardInterrupt):
+        migrate(path, store)
+    store.client.register_script = real
+    with pytest.raises(ConfigError, match="store migrate"):
+        store.claim_segment(1)
+    migrate(path, store)
+    store.claim_segment(1)
+    assert store.roll(items, now=2) == 0

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from trafficthreshold import _counter, names, segment
 
 GOOD_ACCOUNTS = [
-    "example.com", "a", "x" * 64, "é" * 32, "日本語.example", "user@host:8080", "a~b", "ALL",
+    "example.com", "a", "x" * 64, "é" * 32, "日本語.example", "user@host-8080", "a~b", "ALL",
     "all.example.com", "with space", "tab-free",
 ]
 # (value, exception, a word the message must contain)
@@ -106,7 +106,8 @@ def test_internal_names_cannot_be_given_by_users():
 def _expected_ok(value: str, limit: int) -> bool:
     import unicodedata
     size = len(value.encode("utf-8", "surrogatepass"))
-    return (0 < size <= limit and "/" not in value and not value.startswith("~")
+    return (0 < size <= limit and "/" not in value and ":" not in value
+            and not value.startswith("~")
             and not any(unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029"
                         for c in value))
 
@@ -120,6 +121,22 @@ def test_rules_hold_for_any_text(value):
     else:
         assert _expected_ok(value, names.EVENT_MAX)
         assert len(value.encode("utf-8")) <= names.EVENT_MAX  # the C code can store it
+
+
+def test_a_colon_is_refused_in_every_name_naming_the_fix():
+    """("shop:order", "paid") and ("shop", "order:paid") would share the
+    Redis hash track:shop:order:paid:{Y} (Bootic's keys split on ':'):
+    ':' is refused in accounts, events and statuses alike, and no message
+    suggests it any more."""
+    for account, event in (("shop:order", "paid"), ("shop", "order:paid"),
+                           ("shop", "order/pa:id")):
+        with pytest.raises(ValueError) as err:
+            names.validate(account, event)
+        assert "':'" in str(err.value) and "replace it" in str(err.value)
+    for bad in ("a/b", "a/b/c"):
+        with pytest.raises(ValueError) as err:
+            names.validate("shop", bad) if bad.count("/") > 1 else names.validate(bad, "pv")
+        assert "':'" not in str(err.value)
 
 
 # ------------------------------------------------------- funnel statuses

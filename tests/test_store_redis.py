@@ -92,7 +92,7 @@ def test_the_farm_keeps_one_time_zone(redis_server: RedisServer) -> None:
     store_on(redis_server, "web1").check_zone("Europe/Zurich")
     store_on(redis_server, "web2").check_zone("Europe/Zurich")
     with pytest.raises(ConfigError, match="Europe/Zurich.*timezone = \"Europe/Zurich\""):
-        store_on(redis_server, "web3").check_zone("UTC")
+        RedisStore(redis_server.client(), resolve_timezone("UTC"), "web3").check_zone("UTC")
 
 
 def test_a_host_name_with_a_colon_is_refused(redis_server: RedisServer) -> None:
@@ -371,3 +371,142 @@ def test_years_and_events_of_a_key_for_the_discovery_routes(redis_server: RedisS
     assert store.years("a*[x]", "pageview") == [2025, 2026]  # glob characters escaped
     assert store.years("a", "pageview") == []
     assert store.events("a*[x]") == ["pageview", "signup"] and store.events("ab") == ["pageview"]
+
+
+# -- a host renamed, a long ring (issue 21) -------------------------------------
+
+def _segment_with_hits(key, t0, n=250, **geometry):
+    from trafficthreshold import segment
+    segment.install(key, "sysv", now=t0, geometry=segment.Geometry(**geometry))
+    counter = segment.attach(key, "sysv")
+    counter.hit("acme", "pageview", n, t0 + 5)
+    return counter
+
+
+def test_a_renamed_host_carries_its_watermarks_over_and_counts_nothing_twice(redis_server, key):
+    """The same segment rolled under a new [store] host (a hostname change):
+    the first roll under the new name adds nothing again and records no
+    gap; the watermarks, closed_through and instance come along."""
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    counter = _segment_with_hits(key, t0)
+    try:
+        old = RedisStore(redis_server.client(), zone, "web1")
+        assert Roller(counter, old).roll(t0 + 65) == 250
+        counter.hit("acme", "pageview", 7, t0 + 70)
+        new = RedisStore(redis_server.client(), zone, "web1-new")
+        assert Roller(counter, new).roll(t0 + 125) == 7
+        assert new.period("acme", "pageview", 2027)["total"] == 257
+        assert new.gaps() == [] and old.gaps() == []
+        assert new.closed_through() == (t0 + 125) // 60 - 1
+        assert new.instance() == old.instance()
+        # renamed back: the same again, nothing twice
+        assert Roller(counter, RedisStore(redis_server.client(), zone, "web1")).roll(t0 + 185) == 0
+        assert new.period("acme", "pageview", 2027)["total"] == 257
+    finally:
+        counter.detach()
+
+
+def test_a_rename_while_the_old_name_still_rolls_is_refused(redis_server, key):
+    """Two names rolling one segment at once (a cloned VM kept its memory):
+    the new name is refused, naming both and the fix."""
+    from trafficthreshold import farm
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    counter = _segment_with_hits(key, t0)
+    try:
+        old = RedisStore(redis_server.client(), zone, "web1")
+        Roller(counter, old).roll(t0 + 65)
+        from trafficthreshold import segment
+        instance = counter.load(segment.H_INSTANCE, 8)
+        farm.HostClaim(redis_server.client(), "web1", instance, pid=1).take()
+        with pytest.raises(ConfigError, match="web1.*web2|web2.*web1"):
+            Roller(counter, RedisStore(redis_server.client(), zone, "web2")).roll(t0 + 125)
+        assert old.period("acme", "pageview", 2027)["total"] == 250
+    finally:
+        counter.detach()
+
+
+def test_watermarks_outlive_a_ring_longer_than_two_days(redis_server, key):
+    """A ring of 4,000 minutes: its watermarks are kept at least as long as
+    the ring holds their minute (else the oldest minute, read once more for
+    late hits, reads as all late)."""
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    counter = _segment_with_hits(key, t0, 9, minutes=4000)
+    try:
+        store = RedisStore(redis_server.client(), resolve_timezone("UTC"), "web1")
+        assert Roller(counter, store).roll(t0 + 65) == 9
+        ttl = redis_server.client().ttl(f"track~wm:web1:{t0 // 60}")
+        assert ttl >= 4000 * 60
+        # what the ring's oldest minute would read after the old TTL: nothing late
+        assert store.drop_late([("acme", "pageview", t0 // 60, 9)], store.instance()) == 0
+    finally:
+        counter.detach()
+
+
+def test_the_farm_compares_zone_rules_not_names(redis_server: RedisServer) -> None:
+    """A copied /etc/localtime is named "localtime" whatever the zone
+    (containers): Zurich and New York under that one name are refused;
+    "UTC" and "Etc/UTC" are one zone, and so is a copied Zurich file."""
+    from zoneinfo import ZoneInfo
+
+    def localtime(name: str) -> ZoneInfo:
+        with open(f"/usr/share/zoneinfo/{name}", "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+
+    RedisStore(redis_server.client(), localtime("Europe/Zurich"), "web1").check_zone("localtime")
+    RedisStore(redis_server.client(), ZoneInfo("Europe/Zurich"), "web2"
+               ).check_zone("Europe/Zurich")
+    with pytest.raises(ConfigError) as err:
+        RedisStore(redis_server.client(), localtime("America/New_York"), "web3"
+                   ).check_zone("localtime")
+    assert "localtime" in str(err.value) and "rules" in str(err.value)
+    other = "track2"
+    RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1", prefix=other).check_zone("UTC")
+    RedisStore(redis_server.client(), ZoneInfo("Etc/UTC"), "web2", prefix=other
+               ).check_zone("Etc/UTC")
+
+
+def test_redis_memory_stays_flat_over_a_thousand_host_names_that_come_and_go(
+        redis_server: RedisServer) -> None:
+    """1,000 host names (containers, autoscaled machines) each roll, take
+    their name, publish live counts, record a gap and leave: with their
+    bookkeeping forgotten after a (here: one-second) while, Redis holds no
+    more after the thousandth than after the first hundred (track~hosts
+    trimmed, host hashes, gaps, watermarks and segment keys expiring)."""
+    from trafficthreshold import farm
+    client = redis_server.client()
+    zone = resolve_timezone("UTC")
+    t0 = 1_800_000_000
+
+    def wave(first: int, now: float) -> None:
+        for i in range(first, first + 100):
+            host = f"auto-{i}"
+            store = RedisStore(client, zone, host, forget_after=1)
+            store.watermark_ttl = 1  # as cover_ring would, scaled down
+            store.roll([("acme", "pageview", t0 // 60, 3), ("all", "pageview", t0 // 60, 3)],
+                       now=now, instance=i + 1, closed_through=t0 // 60)
+            store.record_gap(t0 // 60 - 5, t0 // 60 - 1, "test", now)
+            farm.HostClaim(client, host, i + 1, pid=1, ttl_ms=500).take()
+            farm.publish_live(client, host, {("all", "pageview"): (3, 3)}, level=0, now=now,
+                              ttl_ms=500, forget_after=1)
+
+    def settled_memory() -> int:
+        time.sleep(1.2)
+        for _ in client.scan_iter(count=1000):  # a SCAN expires what it meets
+            pass
+        return int(client.info("memory")["used_memory"])
+
+    wave(0, t0)
+    after_100 = settled_memory()
+    for n in range(1, 10):
+        wave(n * 100, t0 + 2 * n)
+    after_1000 = settled_memory()
+    hosts = client.zcard("track~hosts")
+    assert hosts <= 100, hosts
+    assert not client.keys("track~host:auto-1*") and not client.keys("track~gaps:auto-1*")
+    assert after_1000 < after_100 * 1.1 + 50_000, (after_100, after_1000)
+    assert store_on(redis_server).period("acme", "pageview", 2027)["total"] == 3000

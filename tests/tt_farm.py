@@ -17,11 +17,15 @@ from tt_proxy import TcpProxy
 HOSTS = ("web1", "web2", "web3")
 
 
-def host_config(tmp_path: Path, host: str, key: int, port: int, extra: str = "") -> str:
-    """Write ``{host}.toml``: its segment, its SQLite file, the farm's
-    Redis at ``port`` (a proxy or Redis itself), then ``extra`` verbatim
-    (after ``[store]``: keys of that table first, then other tables)."""
-    path = tmp_path / f"{host}.toml"
+def host_config(tmp_path: Path, host: str, key: int, port: int, extra: str = "", *,
+                name: str | None = None, backend: str = "redis") -> str:
+    """Write ``{name}.toml``: the segment and SQLite file of ``host``, the
+    farm's Redis at ``port`` (a proxy or Redis itself), ``[store] host =
+    name`` (default ``host``; another name: the host renamed), then
+    ``extra`` verbatim (after ``[store]``: keys of that table first, then
+    other tables)."""
+    name = name or host
+    path = tmp_path / f"{name}.toml"
     path.write_text(f"""
 key = {key}
 database = "{tmp_path / host}.sqlite3"
@@ -29,9 +33,9 @@ timezone = "UTC"
 [http]
 enabled = false
 [store]
-backend = "redis"
+backend = "{backend}"
 url = "redis://127.0.0.1:{port}/0"
-host = "{host}"
+host = "{name}"
 {extra}
 """)
     return str(path)

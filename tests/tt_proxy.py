@@ -15,7 +15,9 @@ client sent, in order.
 
 ``hold()`` is the other kind of outage: connections stay open but nothing
 is forwarded (a Redis that hangs, a network that drops packets), until
-``release()``.
+``release()``.  ``drop_replies()`` loses replies: what the client sends
+still reaches Redis (a script runs), what Redis answers is thrown away
+(the client times out), until ``pass_replies()``.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._flowing = threading.Event()
         self._flowing.set()
+        self._dropping = False
+        self.dropped = 0  # replies thrown away (chunks of them)
         self.accepted = 0
         self.start()
 
@@ -89,6 +93,13 @@ class TcpProxy:
     def release(self) -> None:
         self._flowing.set()
 
+    def drop_replies(self) -> None:
+        """Forward requests, throw the replies away until pass_replies()."""
+        self._dropping = True
+
+    def pass_replies(self) -> None:
+        self._dropping = False
+
     def close(self) -> None:
         self.release()
         self.stop()
@@ -120,10 +131,11 @@ class TcpProxy:
                     return
                 self._conns += [client, upstream]
                 self.accepted += 1
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(src, dst, replies),
+                                 daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, replies: bool = False) -> None:
         while True:
             try:
                 data = src.recv(65536)
@@ -132,6 +144,9 @@ class TcpProxy:
             if not data:
                 break
             self._flowing.wait()
+            if replies and self._dropping:
+                self.dropped += 1
+                continue
             try:
                 dst.sendall(data)
             except OSError:

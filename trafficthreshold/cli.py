@@ -612,7 +612,8 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     import urllib.parse
     from . import migrate, store as stores
     from .store import SQLiteStore
-    if urllib.parse.urlsplit(url).password:
+    if urllib.parse.urlsplit(url).password or "password" in urllib.parse.parse_qs(
+            urllib.parse.urlsplit(url).query, keep_blank_values=True):
         raise click.ClickException(
             "--to holds a password (it would show in `ps` and the shell history): remove it "
             "and set [store] password_file or password_env in the config")
@@ -622,15 +623,20 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     path = source or cfg.database
     if not os.path.exists(path):
         raise click.ClickException(f"{path} does not exist: name the SQLite file with --from")
+    ring = migrate.refuse_running_daemon(cfg, path)
     with SQLiteStore(path, cfg.timezone, readonly=True) as old:
         instance = old.instance() or 0  # its watermarks carry over under it
     with stores.open_writer(cfg) as target:  # records or checks the farm's zone
+        if ring:
+            target.cover_ring(ring)
         with click.progressbar(length=migrate.count_hashes(path), label="hashes",
                                file=sys.stderr) as bar:
             summary = migrate.migrate(path, target, instance=instance, progress=bar.update)
     click.echo(f"migrated {path} into {stores.location(cfg)}: {summary.hashes} hashes "
-               f"written, {summary.skipped} already there, {summary.hits:,} hits, "
-               f"{summary.watermarks} watermarks")
+               f"added to, {summary.skipped} with nothing new, {summary.hits:,} hits, "
+               f"{summary.watermarks} watermarks"
+               + (f", {summary.expired} minute hashes beyond retention.minutes left out"
+                  if summary.expired else ""))
 
 
 # ------------------------------------------------------------------- mail

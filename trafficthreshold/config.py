@@ -212,6 +212,10 @@ class StoreConfig:
     #: Seconds the farm's alert leader keeps its lease without renewing it
     #: (it renews every second): how soon another host takes over.
     lease_ttl: float = 10.0
+    #: Days after its last roll that a host that went away (a renamed,
+    #: replaced or scaled-down machine) is forgotten in Redis: its host
+    #: hash, its gaps, its entry in the farm's host list.
+    forget_hosts_days: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -626,7 +630,8 @@ def _redis_url(value: Any) -> str:
         raise _Bad("is not a Redis URL",
                    'use "redis://host:6379/0", "rediss://host:6380/0" or '
                    '"unix:///run/redis/redis.sock"')
-    if parts.password:
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if parts.password or "password" in query:
         raise _Bad("holds a password",
                    "remove it from the URL and set store.password_file (a file readable "
                    "only by the daemon) or store.password_env instead")
@@ -709,6 +714,7 @@ LIMITS = {
     "repeat": 604_800,  # a week
     "clear_minutes": 1_440,  # a day of closed minutes, read once a minute
     "lease_ttl": 600.0,  # ten minutes without a leader for the farm's alerts at most
+    "forget_hosts_days": 3650.0,  # ten years
 }
 #: The shortest ``[store] lease_ttl``: the lease is renewed every second.
 MIN_LEASE_TTL = 2.0
@@ -767,6 +773,7 @@ _STORE: dict[str, _Key] = {
     "funnels_prefix": _Key("funnels_prefix", _store_word("key prefix", "funnels")),
     "host": _Key("host", _store_word("host name", "web1")),
     "lease_ttl": _Key("lease_ttl", _seconds(LIMITS["lease_ttl"])),
+    "forget_hosts_days": _Key("forget_hosts_days", _seconds(LIMITS["forget_hosts_days"])),
 }
 _ALERT: dict[str, _Key] = {
     "name": _Key("name", _alert_name),

@@ -20,7 +20,8 @@ Keys in Redis (``{prefix}`` is ``[store] prefix``)::
                                  value of the host that claimed it)
     {prefix}~farmalert:due       sorted set: pending mail ids by next attempt
     {prefix}~farmalert:sending   set: ids claimed and handed to the MTA
-    {prefix}~farmalert:mails     sorted set: every mail id by creation time
+    {prefix}~farmalert:mails     sorted set: the mail ids of the last KEEP_DONE
+                                 seconds by creation time (trimmed by each save)
 
 Exactly once, as in :mod:`trafficthreshold.alertstore`, with the lease as
 the fence: every write is a script that first checks that the lease still
@@ -67,7 +68,9 @@ class FencedOut(TrafficThresholdError):
 
 # KEYS: lease, state, seq, due, mails.  ARGV: lease value, state JSON, now,
 # mail key prefix, then 6 fields per mail (kind, rules, sender, recipients,
-# message_id, payload).  Returns {1, id...}, or {0} when fenced out.
+# message_id, payload).  Returns {1, id...}, or {0} when fenced out.  Mails
+# created more than KEEP_DONE seconds ago leave the index (the sent and
+# failed ones have expired by then).
 SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -82,8 +85,11 @@ for i = 5, #ARGV, 6 do
   redis.call('ZADD', KEYS[5], ARGV[3], id)
   out[#out + 1] = id
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[3]) - KEEP_DONE))
 return out
 """
+
+SAVE = SAVE.replace("KEEP_DONE", str(KEEP_DONE))
 
 # KEYS: lease, mail, due, sending.  ARGV: lease value, id, now.
 # -1 fenced out, 0 not pending, 1 claimed.
@@ -93,6 +99,18 @@ if redis.call('HGET', KEYS[2], 'status') ~= 'pending' then return 0 end
 redis.call('HSET', KEYS[2], 'status', 'sending', 'claimed_at', ARGV[3], 'claimed_by', ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[2])
+return 1
+"""
+
+# A claim whose reply was lost, undone by the leader that made it: the
+# mail never reached the MTA (the claim did not return), so it goes back
+# to the queue.  KEYS: mail, due, sending.  ARGV: lease value, id, now.
+UNCLAIM = """
+if redis.call('HGET', KEYS[1], 'claimed_by') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'status') ~= 'sending' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'pending', 'next_attempt', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -172,6 +190,7 @@ class FarmAlertStore:
         self._sent = client.register_script(MARK_SENT)
         self._failed = client.register_script(MARK_FAILED)
         self._resolve = client.register_script(RESOLVE)
+        self._unclaim = client.register_script(UNCLAIM)
 
     # -- state ---------------------------------------------------------------
 
@@ -221,12 +240,35 @@ class FarmAlertStore:
         """Mark pending mail ``id`` ``sending``, fenced by ``lease``; False
         if it is no longer pending.  Raises :class:`FencedOut` when this
         host does not hold the lease: then nothing may be sent."""
-        done = int(self._claim(keys=[self.lease_key, f"{self.mail_prefix}{id}", self.due_key,
-                                     self.sending_key], args=[lease, id, repr(float(now))]))
+        key = f"{self.mail_prefix}{id}"
+        try:
+            done = int(self._claim(keys=[self.lease_key, key, self.due_key, self.sending_key],
+                                   args=[lease, id, repr(float(now))]))
+        except FencedOut:
+            raise
+        except Exception:
+            # The claim may have run (its reply lost): read it back.  Ours:
+            # it never reached the MTA, send it.  A read-back that fails
+            # too raises; the caller puts it back (:meth:`unclaim`) later.
+            status, claimed_by = self.client.hmget(key, "status", "claimed_by")
+            if status is not None and _text(status) == "sending" \
+                    and claimed_by is not None and _text(claimed_by) == lease:
+                log.warning("farm mail %d: the claim's reply was lost; read back: claimed by "
+                            "this host, sending it", id)
+                return True
+            raise
         if done < 0:
             raise FencedOut(f"farm mail {id} not sent: this host no longer holds the leader "
                             f"lease (the new leader sends it)")
         return done == 1
+
+    def unclaim(self, lease: str, id: int, now: float) -> bool:
+        """Put mail ``id`` back in the queue if it is still ``sending`` under
+        our claim (``lease``): a claim whose reply and read-back were lost,
+        so it never reached the MTA.  True if it was put back."""
+        return bool(int(self._unclaim(keys=[f"{self.mail_prefix}{id}", self.due_key,
+                                            self.sending_key],
+                                      args=[lease, id, repr(float(now))])))
 
     def mark_sent(self, lease: str, id: int, now: float) -> None:
         self._sent(keys=[f"{self.mail_prefix}{id}", self.sending_key],
@@ -287,14 +329,20 @@ class _Term:
     """The queue as the outbox sees it during one lease: every write fenced
     with that lease's value (AlertStore's interface)."""
 
-    def __init__(self, store: FarmAlertStore, lease: str) -> None:
-        self.store, self.lease = store, lease
+    def __init__(self, store: FarmAlertStore, lease: str, unsure: set[int]) -> None:
+        self.store, self.lease, self.unsure = store, lease, unsure
 
     def next_due(self, now: float) -> QueuedMail | None:
         return self.store.next_due(now)
 
     def claim(self, id: int, now: float) -> bool:
-        return self.store.claim(self.lease, id, now)
+        try:
+            return self.store.claim(self.lease, id, now)
+        except FencedOut:
+            raise
+        except Exception:
+            self.unsure.add(id)  # claimed or not: the next pass puts it back if ours
+            raise
 
     def resolve_interrupted(self) -> list[int]:
         return []  # FarmAlerts does it as a term starts, before any claim
@@ -330,17 +378,32 @@ class FarmOutbox(Outbox):
         super().__init__(f"Redis ({store.prefix}~farmalert)", mail_config, clock=clock,
                          **kwargs)
         self._recovered = True  # the takeover rule runs in FarmAlerts, per term
+        #: Mails whose claim's reply (and read-back) were lost on this host:
+        #: never handed to the MTA, put back in the queue at the next pass.
+        self._unsure: set[int] = set()
 
     def _store(self) -> Any:
         lease = self.lease
         if lease is None:
             raise FencedOut("not the farm's alert leader")
-        return _Term(self.farm_store, lease)
+        return _Term(self.farm_store, lease, self._unsure)
+
+    def _put_back(self, lease: str, now: float) -> None:
+        """The unsure claims of this host, back in the queue (each only if
+        it is still our claim: a new leader may have resolved it)."""
+        for id in sorted(self._unsure):
+            if self.farm_store.unclaim(lease, id, now):
+                log.warning("farm mail %d: its claim's reply was lost; put back in the queue "
+                            "(it never reached the MTA)", id)
+            self._unsure.discard(id)
 
     def deliver_due(self, now: float, limit: int = 100, **kwargs: Any) -> list[Any]:
-        if self.lease is None:
+        lease = self.lease
+        if lease is None:
             return []  # not leading: the leader sends
         try:
+            if self._unsure:
+                self._put_back(lease, now)
             return super().deliver_due(now, limit, **kwargs)
         except FencedOut:
             return []
@@ -353,13 +416,16 @@ def farm_count(live: farm.FarmLive, account: str, event: str, window: str,
                now: float) -> int:
     """The farm's count of a key for a farm rule: the sum over the alive
     hosts; for the "minute" window only the hosts whose last publication is
-    of the minute of ``now`` (a host that has not published yet this minute
-    still holds the last minute's count, which is not this minute's)."""
+    of the minute their own clock shows now (:meth:`farm.HostLive.minute_now`:
+    the farm's clock, Redis ``TIME``, plus the host's published skew; so a
+    host whose clock is 90 s behind still counts its own current minute),
+    not a host that has not published since its minute turned (it still
+    holds the last minute's count)."""
     index = 0 if window == "minute" else 1
-    minute = int(now // 60)
     total = 0
     for row in live.hosts:
-        if not row.alive or (index == 0 and (row.at is None or int(row.at // 60) != minute)):
+        if not row.alive or (index == 0 and (
+                row.at is None or int(row.at // 60) != row.minute_now(live, now))):
             continue
         total += row.counts.get((account, event), (0, 0))[index]
     return total
@@ -369,11 +435,12 @@ def farm_closed(live: farm.FarmLive, keys: Sequence[tuple[str, str]], now: float
                 ) -> dict[tuple[str, str], dict[int, int]]:
     """The farm's final count of the minute before ``now``'s, per key (the
     ``closed`` of :func:`alerts.step`): over the alive hosts, the count of
-    that minute a host published once it was closed (its first publication
-    of this minute), or, from a host that has not published this minute
-    yet, its count at its last publication of that minute.  So hits in a
-    minute's last second, after the leader's last reading of it, still
-    count: the closed minute's count is seen at the next second."""
+    the minute before the one its own clock shows now (as
+    :func:`farm_count`), published once it was closed (its first
+    publication of this minute), or, from a host that has not published
+    this minute yet, its count at its last publication of that minute.  So
+    hits in a minute's last second, after the leader's last reading of it,
+    still count: the closed minute's count is seen at the next second."""
     minute = int(now // 60)
     closed: dict[tuple[str, str], dict[int, int]] = {}
     for key in keys:
@@ -381,10 +448,10 @@ def farm_closed(live: farm.FarmLive, keys: Sequence[tuple[str, str]], now: float
         for row in live.hosts:
             if not row.alive or row.at is None:
                 continue
-            at = int(row.at // 60)
-            if at == minute:
+            at, its = int(row.at // 60), row.minute_now(live, now)
+            if at == its:
                 total += row.previous.get(key, 0)
-            elif at == minute - 1:
+            elif at == its - 1:
                 total += row.counts.get(key, (0, 0))[0]
         closed[key] = {minute - 1: total} if total else {}
     return closed
@@ -450,6 +517,13 @@ class FarmAlerts:
         Returns the ids queued.  Raises on Redis errors (the caller logs
         them once); leadership ends at once on any error."""
         self.now = now
+        if not self.rules:
+            # No farm rules here (a reload removed them): never hold the
+            # lease, and never save a state without their episodes.
+            if self.term is not None or self.lease.value is not None:
+                self.lease.release()
+                self._lose("its farm rules were removed; the lease is released")
+            return []
         try:
             held = self.lease.renew()
         except Exception:

@@ -162,13 +162,18 @@ class FarmSync:
 
     def __init__(self, client: Any, host: str, reader: LiveReader, *, prefix: str = "track",
                  ttl_ms: int = farm.LIVE_TTL_MS, stale_after: float = STALE_AFTER,
-                 alerts: Any = None) -> None:
+                 alerts: Any = None, forget_after: float = farm.FORGET_HOSTS_AFTER) -> None:
         self.client, self.host, self.prefix = client, host, prefix
+        self.forget_after = forget_after
+
         self.reader = reader
         #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
         self._alerts_failing: str | None = None
+        #: This supervisor's hold on its host name (the supervisor sets it).
+        self.claim: farm.HostClaim | None = None
+        self._claim_lost = False
         self.ttl_ms, self.stale_after = ttl_ms, stale_after
         self.reading: Reading | None = None
         self._cond = threading.Condition()
@@ -194,7 +199,8 @@ class FarmSync:
         no_retries(client)
         farm_alerts = _farm_alerts(client, config, env, farm_rules) if farm_rules else None
         return cls(client, config.store.host, LiveReader(config.key, config.backend),
-                   prefix=config.store.prefix, alerts=farm_alerts)
+                   prefix=config.store.prefix, alerts=farm_alerts,
+                   forget_after=config.store.forget_hosts_days * 86_400)
 
     def add_alerts(self, config: Any, farm_rules: Any, env: Any = None) -> None:
         """Start the farm's alerts (the lease and their mail thread) on a
@@ -321,9 +327,11 @@ class FarmSync:
             return False  # no live segment here: nothing to publish, the hash expires
         counts, previous = got
         try:
+            self._refresh_claim()
             farm.publish_live(self.client, self.host, counts, level=item.level,
                               now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
-                              last_roll=self._last_roll(), previous=previous)
+                              last_roll=self._last_roll(), previous=previous,
+                              forget_after=self.forget_after)
             live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
                                   only=self.keys())
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
@@ -345,6 +353,20 @@ class FarmSync:
         if self.alerts is not None:
             self._step_alerts(live, item)
         return True
+
+    def _refresh_claim(self) -> None:
+        """Keep ``[store] host`` ours (:class:`farm.HostClaim`); another
+        supervisor that took it meanwhile (we were paused past its TTL) is
+        logged at ERROR once: the two would mix their counts."""
+        if self.claim is None:
+            return
+        other = self.claim.refresh()
+        if other is not None and not self._claim_lost:
+            log.error("another supervisor (segment instance %#x, pid %s, boot %s) took the "
+                      "farm host name %r of this one (pid %s): their counts mix; give each "
+                      "host its own [store] host and restart", other["instance"] or 0,
+                      other["pid"], other["boot"], self.host, self.claim.pid)
+        self._claim_lost = other is not None
 
     def _step_alerts(self, live: farm.FarmLive, item: Offer) -> None:
         """The farm rules after a fresh read (lease, evaluation, queue);

@@ -3,32 +3,57 @@
 ``trafficthreshold store migrate --to redis://...`` calls :func:`migrate`.
 Every row of the SQLite period tables (months, days, hours, minutes) is one
 field of one Redis hash in Bootic's layout (docs/store.rst), so a copy adds
-each row's count to its field.  Exactly once: the rows of one target hash
-are added by one Lua script that also records the hash in the set
-``{prefix}~migrated:{host}``, and skips a hash already recorded there.  A
-rerun, or a run cut short and started again, adds nothing twice; two hosts
-that migrate their own files add up, as their live roll-ups do.
+each row's count to its field.  Exactly once, and incrementally: beside
+each target hash, the shadow hash ``{prefix}~migrated:{host}:{target}``
+holds, per field, the count copied so far, and the Lua script that adds
+to the target adds only what the row grew past it and moves the shadow in
+the same step.  A rerun after the file grew (a trial run, then the real
+one) adds exactly what is missing; a run cut short and started again adds
+nothing twice; two hosts that migrate their own files add up, as their
+live roll-ups do.  (Hashes an older version copied whole are listed in the
+set ``{prefix}~migrated:{host}`` and left as they are.)
+
+The file is read in one read transaction (one snapshot: the periods and
+the watermarks agree, even while another process writes).  Refused, with
+nothing copied (ConfigError naming the fix):
+
+* while the supervisor of the configured segment runs and writes the file
+  (:func:`refuse_running_daemon`, from the segment header's pid);
+* once this host rolls into Redis (``last_roll_at`` in its host hash):
+  what its SQLite file got since is in Redis already;
+* when the file holds account or event names with ``:`` (which Redis keys
+  split on: two such keys would share a hash); the message names them and
+  gives the SQL that renames them.
+
+Minute hashes expire as rolled ones do (``retention.minutes`` after their
+hour, counted from the migration); those already beyond it are left out.
 
 The funnels table (schema 3: counts per status of an event per year and
 month) becomes Bootic's funnel hashes, ``{funnels_prefix}:{account}:{event}:{Y}``
-and ``...:{Y}:{M}`` with a field per status, the same way and exactly once
-too (:data:`FUNNEL_SCRIPT`).
+and ``...:{Y}:{M}`` with a field per status, the same way
+(:data:`FUNNEL_SCRIPT`).
 
 So that the host's supervisor, once switched to Redis, carries on where the
 SQLite store stopped (neither re-adding nor skipping what its ring still
 holds), the store's watermarks and ``closed_through`` are copied too, as
-this host's (:mod:`trafficthreshold.store.redis`).  Stop the daemon for the
-migration, then start it with ``[store] backend = "redis"``.
+this host's (:mod:`trafficthreshold.store.redis`), each only ever moving
+up.  Stop the daemon for the migration, then start it with ``[store]
+backend = "redis"``.
 """
 from __future__ import annotations
 
+import datetime
 import logging
+import os
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from trafficthreshold.store.redis import WATERMARK_TTL, RedisStore
+from trafficthreshold.errors import ConfigError, TrafficThresholdError
+from trafficthreshold.store.redis import RedisStore
 from trafficthreshold.store.sqlite import _signed
 
 log = logging.getLogger("trafficthreshold.migrate")
@@ -37,35 +62,53 @@ LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
           ("hours", ("year", "month", "day", "hour")),
           ("minutes", ("year", "month", "day", "hour", "minute")))
 
-# KEYS: the marker set, the target hash, the totals hash.  ARGV: the totals
-# field ("" for none: only a year's hash, whose fields are the months, adds
-# to the key's all-time total), then field, count pairs.
+# A target hash, incrementally.  KEYS: the legacy marker set (hashes
+# copied whole by an older version), the shadow hash (per field, the count
+# copied so far), the target hash, the totals hash.  ARGV: expire in (seconds
+# from now, as the roll's EXPIRE; 0 = never), the totals field ("" for none: only a year's hash,
+# whose fields are the months, adds to the key's all-time total), then
+# field, count pairs.  Adds what each field grew past its copied count;
+# returns the sum added, or -1 for a hash an older version copied.
 MIGRATE_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[1], KEYS[3]) == 1 then return -1 end
 local total = 0
-for i = 2, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
-  total = total + tonumber(ARGV[i + 1])
+for i = 3, #ARGV, 2 do
+  local copied = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+  local delta = tonumber(ARGV[i + 1]) - copied
+  if delta > 0 then
+    redis.call('HINCRBY', KEYS[3], ARGV[i], delta)
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    total = total + delta
+  end
 end
-if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1], total) end
-redis.call('SADD', KEYS[1], KEYS[2])
-return 1
+if total > 0 and ARGV[2] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[2], total) end
+if ARGV[1] ~= '0' then
+  redis.call('EXPIRE', KEYS[3], ARGV[1], 'NX')
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return total
 """
 
-# A funnel hash, once.  KEYS: the marker set, the target hash, the totals
-# hash, the funnels' key set.  ARGV: the totals field's head
-# ("{account}\0{event}/", "" for a month's hash: only a year's fields add to
-# the all-time totals, one per status), "{account}\0{event}" for the key
-# set, then status, count pairs.
+# A funnel hash, incrementally.  KEYS: the legacy marker set, the shadow
+# hash, the target hash, the totals hash, the funnels' key set.  ARGV: the
+# totals field's head ("{account}\0{event}/", "" for a month's hash: only a
+# year's fields add to the all-time totals, one per status),
+# "{account}\0{event}" for the key set, then status, count pairs.
 FUNNEL_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[1], KEYS[2]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[1], KEYS[3]) == 1 then return -1 end
+local total = 0
 for i = 3, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
-  if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[1] .. ARGV[i], ARGV[i + 1]) end
+  local copied = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+  local delta = tonumber(ARGV[i + 1]) - copied
+  if delta > 0 then
+    redis.call('HINCRBY', KEYS[3], ARGV[i], delta)
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[1] .. ARGV[i], delta) end
+    total = total + delta
+  end
 end
-redis.call('SADD', KEYS[4], ARGV[2])
-redis.call('SADD', KEYS[1], KEYS[2])
-return 1
+redis.call('SADD', KEYS[5], ARGV[2])
+return total
 """
 
 # A watermark only ever moves up: keep the larger of the two.
@@ -79,8 +122,9 @@ return 0
 
 @dataclass
 class Summary:
-    hashes: int = 0        # target hashes written by this run
-    skipped: int = 0       # target hashes an earlier run already wrote
+    hashes: int = 0        # target hashes this run added to
+    skipped: int = 0       # target hashes with nothing new since an earlier run
+    expired: int = 0       # minute hashes beyond retention.minutes, not copied
     hits: int = 0          # counts added by this run, summed over the keys' months
     watermarks: int = 0
 
@@ -156,58 +200,160 @@ def _open(path: str) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def migrate(path: str, store: RedisStore, *, instance: int = 0,
+def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | None = None,
             progress: Callable[[int], None] = lambda n: None) -> Summary:
     """Copy the SQLite store at ``path`` into ``store`` (this host's view of
-    the farm's Redis).  ``instance`` is the segment instance the host's
-    supervisor will roll next (its watermarks are carried over under it).
-    ``progress(n)`` is called after each target hash."""
+    the farm's Redis): what each row grew past what an earlier run copied
+    (nothing twice, nothing skipped).  ``instance`` is the segment instance
+    the host's supervisor will roll next (its watermarks are carried over
+    under it).  ``now`` (default: the clock) dates the expiry of the minute
+    hashes.  ``progress(n)`` is called after each target hash.  Refused
+    (ConfigError, nothing copied) once this host rolls into Redis, or when
+    the file holds names with ``:``."""
     client, prefix = store.client, store.prefix
+    now = time.time() if now is None else now
+    refuse_after_rolls(store)
     marker = f"{prefix}~migrated:{store.host}"
     copy = client.register_script(MIGRATE_SCRIPT)
     keep = client.register_script(WATERMARK_SCRIPT)
     summary = Summary()
     conn = _open(path)
     try:
+        conn.execute("BEGIN")  # one snapshot: periods and watermarks agree
+        refuse_colons(conn, path)
+        # Until the run is whole (the watermarks come last), this host's
+        # supervisor must not roll into Redis (RedisStore.claim_segment).
+        client.hset(store.host_key, "migrating", repr(float(now)))
         for table, key, fields, pair in _hashes(conn, prefix):
-            args: list[object] = [pair if table == "months" else ""]
+            expire_at = _expire_at(store, key) if table == "minutes" else 0
+            if expire_at and expire_at <= now:
+                summary.expired += 1
+                progress(1)
+                continue
+            args: list[object] = [int(expire_at - now) if expire_at else 0,
+                                  pair if table == "months" else ""]
             for field, count in fields.items():
                 args.extend([field, count])
-            if copy(keys=[marker, key, store.totals_key], args=args):
-                summary.hashes += 1
-                if table == "months":
-                    summary.hits += sum(fields.values())
-            else:
-                summary.skipped += 1
+            added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key],
+                             args=args))
+            _count(summary, added, table == "months")
             progress(1)
         _copy_funnels(conn, store, marker, summary, progress)
         summary.watermarks = _copy_watermarks(conn, store, instance, keep)
         pairs = [f"{a}\0{e}" for a, e in conn.execute("SELECT DISTINCT account, event "
-                                                     "FROM months")]
+                                                      "FROM months")]
         if pairs:  # what RedisStore.accounts() and events() list
             client.sadd(store.keys_key, *pairs)
         _copy_meta(conn, store)
+        client.hdel(store.host_key, "migrating")
     finally:
         conn.close()
-    log.info("migrated %s into Redis: %d hashes written, %d already there, %d hits",
-             path, summary.hashes, summary.skipped, summary.hits)
+    log.info("migrated %s into Redis: %d hashes added to, %d with nothing new, %d minute "
+             "hashes beyond retention, %d hits", path, summary.hashes, summary.skipped,
+             summary.expired, summary.hits)
     return summary
+
+
+def refuse_running_daemon(config: Any, path: str) -> int:
+    """Refuse (ConfigError naming the pid and the fix) while the supervisor
+    of ``config``'s segment runs and writes ``path``: the file would grow
+    behind the copy, and a host switched to Redis from there would roll
+    into both.  Returns the segment's ring length (0 without a segment),
+    for the watermarks' expiry."""
+    from trafficthreshold import segment
+    from trafficthreshold.farm import pid_alive
+
+    try:
+        counter = segment.attach(config.key, config.backend)
+    except TrafficThresholdError:
+        return 0
+    try:
+        pid = counter.load(segment.H_SUPERVISOR_PID, 4)
+        ring = counter.load(segment.H_MINUTE_BUCKETS, 4)
+    finally:
+        counter.detach()
+    same = os.path.realpath(path) == os.path.realpath(config.database)
+    if same and pid and pid_alive(pid):
+        raise ConfigError(
+            f"the supervisor of segment {config.key:#x} (pid {pid}) is running and writes "
+            f"{path}: stop it first (systemctl stop trafficthreshold), migrate, then start it "
+            "with [store] backend = \"redis\"")
+    return ring
+
+
+def _count(summary: Summary, added: int, counts_hits: bool) -> None:
+    if added > 0:
+        summary.hashes += 1
+        if counts_hits:
+            summary.hits += added
+    else:
+        summary.skipped += 1
+
+
+def _expire_at(store: RedisStore, key: str) -> int:
+    """When a minute hash ``{prefix}:{a}:{e}:{Y}:{M}:{D}:{H}`` expires: its
+    hour's end plus ``retention.minutes`` (the store's minute TTL), as a
+    rolled one does; 0 when minutes are kept."""
+    if not store.minute_ttl:
+        return 0
+    y, mo, d, h = (int(p) for p in key.rsplit(":", 4)[1:])
+    start = datetime.datetime(y, mo, d, h, tzinfo=store.tz).timestamp()
+    return int(start + 3600 + store.minute_ttl)
+
+
+def refuse_after_rolls(store: RedisStore) -> None:
+    """A migration comes before the switch: once this host's supervisor
+    rolls into Redis, what its SQLite file got since is in Redis already
+    (rolled from the ring) and would be added twice."""
+    rolled = store.last_roll_at()
+    if rolled is not None:
+        raise ConfigError(
+            f"host {store.host!r} already rolls into this Redis (last roll at "
+            f"{datetime.datetime.fromtimestamp(rolled, datetime.timezone.utc):%Y-%m-%d %H:%M} "
+            "UTC): copying its SQLite file now would add what it rolled since twice.  A "
+            "migration (and its reruns) comes before [store] backend = \"redis\"; to start "
+            "again, remove this host's keys from Redis first")
+
+
+def refuse_colons(conn: sqlite3.Connection, path: str) -> None:
+    """Names with ``:`` would share Redis hashes with others (Bootic's keys
+    split on ``:``: ``shop:order``/``paid`` and ``shop``/``order:paid`` are
+    both ``track:shop:order:paid``); refuse, naming them and the fix."""
+    tables = ["months"] + (["funnels"] if _has_funnels(conn) else [])
+    bad = sorted({(a, e) for t in tables for a, e in conn.execute(
+        f"SELECT DISTINCT account, event FROM {t} WHERE instr(account, ':') > 0 "
+        "OR instr(event, ':') > 0")})
+    if "funnels" in tables:
+        bad += sorted({(a, f"{e}/{st}") for a, e, st in conn.execute(
+            "SELECT DISTINCT account, event, status FROM funnels "
+            "WHERE instr(status, ':') > 0")})
+    if not bad:
+        return
+    shown = ", ".join(f"({a!r}, {e!r})" for a, e in bad[:10])
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    tables = ["months", "days", "hours", "minutes", "watermarks", *tables[1:]]
+    sql = "; ".join(f"UPDATE OR ABORT {t} SET account = replace(account, ':', '-'), "
+                    f"event = replace(event, ':', '-')"
+                    + (", status = replace(status, ':', '-')" if t == "funnels" else "")
+                    for t in tables)
+    raise ConfigError(
+        f"{path} holds names with ':' ({len(bad)} keys: {shown}{more}); in Redis ':' "
+        "separates the parts of a key, so two such keys would share one hash.  Rename them "
+        f"first, with the daemon stopped: sqlite3 {path} \"{sql}\" (a rename onto a name "
+        "that already exists aborts: pick another character), then migrate again")
 
 
 def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
                   summary: Summary, progress: Callable[[int], None]) -> None:
-    """The funnels rows into Bootic's funnel hashes, each hash once."""
+    """The funnels rows into Bootic's funnel hashes, incrementally."""
     copy = store.client.register_script(FUNNEL_SCRIPT)
     for year_level, key, fields, pair in _funnel_hashes(conn, store.funnels_prefix):
         args: list[object] = [f"{pair}/" if year_level else "", pair]
         for status, count in fields.items():
             args.extend([status, count])
-        if copy(keys=[marker, key, store.totals_key, store.funnel_keys_key], args=args):
-            summary.hashes += 1
-            if year_level:
-                summary.hits += sum(fields.values())
-        else:
-            summary.skipped += 1
+        added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
+                               store.funnel_keys_key], args=args))
+        _count(summary, added, year_level)
         progress(1)
 
 
@@ -240,5 +386,5 @@ def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
     for minute, fields in per_minute.items():
         key = f"{store.prefix}~wm:{store.host}:{minute}"
         for field, count in fields:
-            keep(keys=[key], args=[field, count, WATERMARK_TTL])
+            keep(keys=[key], args=[field, count, store.watermark_ttl])
     return n

@@ -6,8 +6,10 @@ says what is wrong and how to fix it.
 
 Rules (docs/segment.rst): an account is 1..64 UTF-8 bytes, an event 1..32;
 neither may contain control characters or ``/`` (names are URL path
-segments in the stats API), nor start with ``~`` (reserved for internal
-keys).  The account ``all`` is reserved for the total: pass ``account=None``.
+segments in the stats API), nor ``:`` (it separates the parts of the
+farm's Redis keys, Bootic's layout: ``shop:order``/``paid`` and
+``shop``/``order:paid`` would share one hash), nor start with ``~``
+(reserved for internal keys).  The account ``all`` is reserved for the total: pass ``account=None``.
 
 Funnel statuses (Bootic's order funnels): ``hit(account, "order",
 status="paid")`` counts the key whose event name is ``order/paid``, the
@@ -51,7 +53,11 @@ def check_name(kind: str, value: object, max_bytes: int) -> str:
     if "/" in value:
         raise ValueError(
             f"{kind} name {value!r} contains '/', which cannot appear in a stats "
-            "URL; replace it (for example with ':')")
+            "URL; replace it (for example with '-')")
+    if ":" in value:
+        raise ValueError(
+            f"{kind} name {value!r} contains ':', which separates the parts of the farm's "
+            "Redis keys (two names would share one hash); replace it (for example with '-')")
     if value.startswith("~"):
         raise ValueError(f"{kind} name {value!r} starts with '~', which is reserved")
     return value
@@ -81,7 +87,7 @@ def check_funnel(key_event: str) -> tuple[str, str]:
         raise ValueError(
             f"event name {key_event!r} has more than one '/': a '/' separates an event from "
             "its funnel status (hit(account, 'order', status='paid')), and neither may "
-            "contain '/'; replace the others (for example with ':')")
+            "contain '/'; replace the others (for example with '-')")
     check_name("event", event, EVENT_MAX)
     check_name("status", status, EVENT_MAX)
     size = len(key_event.encode("utf-8", "surrogatepass"))

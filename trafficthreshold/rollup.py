@@ -88,6 +88,7 @@ class Roller:
         self._names = segment.KeyNames()
         self._instance_checked = False
         self._late_checked: dict[str, int] = {}  # role -> the last minute read
+        store.cover_ring(counter.load(segment.H_MINUTE_BUCKETS, 4))
 
     # ------------------------------------------------------------- keys
 
@@ -156,6 +157,7 @@ class Roller:
         and rolled it to its end, what it counted after the last closed
         minute is unknown (workers may have counted into it after any roll
         of it, even a final one); record that span as a gap."""
+        self.store.claim_segment(self.instance)  # a renamed host carries its marks over
         previous = self.store.instance()
         if previous is None or previous == self.instance:
             return

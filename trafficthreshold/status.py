@@ -145,8 +145,11 @@ def _farm(cfg: Config, now: float) -> dict[str, Any]:
         client = stores.redis_client(cfg, timeout=stores.PING_TIMEOUT)
         farmsync.no_retries(client)  # one timeout at most, not redis-py's backoff
         try:
-            view = farm_view(farm.farm_live(client, now=now, prefix=cfg.store.prefix), now,
-                             cfg.store.host)
+            live = farm.farm_live(client, now=now, prefix=cfg.store.prefix)
+            view = farm_view(live, now, cfg.store.host)
+            skews = {row.host: row.skew for row in live.hosts}
+            for row in view["hosts"]:  # its clock minus Redis' (the farm's one clock)
+                row["clock_skew"] = skews.get(row["host"])
         finally:
             client.close()
     except Exception as exc:  # noqa: BLE001 - a report, not a failure
@@ -339,6 +342,11 @@ def render(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: A host clock this far off Redis' TIME is shown (farm.SKEW_SHOWN; the
+#: farm module is not imported by the status of a host without a farm).
+SKEW_SHOWN = 2.0
+
+
 def _render_farm(f: dict[str, Any]) -> list[str]:
     """``farm  2 of 3 hosts alive, ...`` and a line per host."""
     if f["error"]:
@@ -357,7 +365,11 @@ def _render_farm(f: dict[str, Any]) -> list[str]:
         state = (f"alive, level {h['level']}, {pages:,} page views in 60 s" if h["alive"]
                  else f"NOT ALIVE ({seen})")
         mark = " (this host)" if h["host"] == f["host"] else ""
-        lines.append(f"  {h['host']}{mark}: {state}, {roll}")
+        skew = h.get("clock_skew")
+        clock = (f", CLOCK {abs(skew):.1f} s {'AHEAD OF' if skew > 0 else 'BEHIND'} the "
+                 "farm's (Redis TIME): fix its NTP" if skew is not None
+                 and abs(skew) > SKEW_SHOWN else "")
+        lines.append(f"  {h['host']}{mark}: {state}, {roll}{clock}")
     return lines
 
 

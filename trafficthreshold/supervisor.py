@@ -63,7 +63,7 @@ import signal
 import time
 from typing import Any, Mapping
 
-from . import (alerts, config as configuration, farmsync, names, notify, segment,
+from . import (alerts, config as configuration, farm, farmsync, names, notify, segment,
                store as stores, throttle)
 from .alertstore import AlertEngine, AlertStore
 from .config import Config
@@ -110,6 +110,7 @@ _RETRIED = {
     "segment check": "tried again at the next minute",
     "farm link": "retried every minute; the level follows this host's count meanwhile",
     "farm offer": "tried again at the next tick",
+    "letting the host name go": "it expires within 5 s (farm.OWNER_TTL_MS)",
 }
 
 
@@ -144,6 +145,9 @@ class Supervisor:
         #: The farm's live counts (Redis store only): farmsync.py's thread.
         self.farm: farmsync.FarmSync | None = None
         self.refused: ConfigError | None = None
+        #: This supervisor's hold on ``[store] host`` in the farm's Redis.
+        self.claim: farm.HostClaim | None = None
+        self._starting = False
         self._failing: dict[str, str] = {}     # step -> its last error, logged once
         self._repaired: set[str] = set()        # header fields repaired, logged once
         self._restart_warned: set[tuple[str, str]] = set()
@@ -161,7 +165,11 @@ class Supervisor:
         self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
         self._guard("header check", self._check_header)
         self.last_minute = int(now // 60)
-        self._open_store(now)
+        self._starting = True  # a name held by another supervisor is watched (5 s) only now
+        try:
+            self._open_store(now)
+        finally:
+            self._starting = False
         if self.refused is not None:  # another farm zone, no password ...: do not start
             self.shutdown(now)
             raise self.refused
@@ -189,6 +197,8 @@ class Supervisor:
         if self.farm is None and self.config.store.backend == "redis":
             self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env,
                                     self.config.farm_alerts)
+            if self.farm is not None and self.claim is not None:
+                self.farm.claim = self.claim.on(self.farm.client)
 
     def _open_period_store(self) -> None:
         """The configured period store.  A ConfigError (a farm whose time
@@ -197,12 +207,33 @@ class Supervisor:
         not start, later it is logged and retried.  A Redis that does not
         answer is only retried."""
         try:
-            self.store = stores.open_writer(self.config, self.env)
+            store = stores.open_writer(self.config, self.env)
+            try:
+                self._claim_host(store)
+            except BaseException:
+                store.close()
+                raise
         except ConfigError as exc:
             self.refused = exc
             raise
+        self.store = store
         self.refused = None
         self.roller = self._new_roller()
+
+    def _claim_host(self, store: Any) -> None:
+        """In a farm, ``[store] host`` is this supervisor's alone
+        (:class:`farm.HostClaim`): another live supervisor under the same
+        name is a ConfigError naming both and the fix; the farm thread
+        refreshes the name every second."""
+        if not isinstance(store, RedisStore):
+            return
+        claim = farm.HostClaim(store.client, self.config.store.host,
+                               self.counter.load(segment.H_INSTANCE, 8), pid=self.pid,
+                               prefix=self.config.store.prefix)
+        claim.take(wait=self._starting)  # the tick never waits for it
+        self.claim = claim
+        if self.farm is not None:
+            self.farm.claim = claim.on(self.farm.client)
 
     def _open_alerts(self) -> None:
         """The alert engine and its outbox, on the SQLite file."""
@@ -257,6 +288,9 @@ class Supervisor:
                     log.info("stopping: final roll-up added %d counts (all keys)", added)
             self.counter.store(segment.H_SUPERVISOR_PID, 4, 0)
         self.roller = None
+        if self.claim is not None:  # after the final roll: the name is free now
+            self.claim, claim = None, self.claim
+            self._guard("letting the host name go", claim.release)
         for name, close in (("server", lambda s: s.stop()),
                             ("outbox", lambda o: self._flush_mail(o, now)),
                             ("engine", lambda e: e.store.close()),

@@ -36,7 +36,7 @@ from trafficthreshold.errors import ConfigError
 from trafficthreshold.periods import resolve_timezone
 
 from .base import MAX_MINUTE_COUNT, KeyMinute, PeriodStore, RollItem, StoreError
-from .redis import SOCKET_TIMEOUT, RedisStore, connect
+from .redis import SOCKET_TIMEOUT, RedisStore, connect, redact_url
 from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:  # a reader of the store (another user's `stats`) needs no config
@@ -87,7 +87,8 @@ def redis_client(config: Config, timeout: float = SOCKET_TIMEOUT, env: Any = Non
 def _redis_store(config: Config, client: Any) -> RedisStore:
     return RedisStore(client, resolve_timezone(config.timezone), config.store.host,
                       prefix=config.store.prefix, minute_days=config.retention.minutes,
-                      funnels_prefix=config.store.funnels_prefix)
+                      funnels_prefix=config.store.funnels_prefix,
+                      forget_after=config.store.forget_hosts_days * 86_400)
 
 
 def open_writer(config: Config, env: Any = None) -> PeriodStore:
@@ -120,7 +121,7 @@ def location(config: Config) -> str:
     s = config.store
     if s.backend != "redis":
         return f"sqlite {config.database}"
-    where = s.url or f"sentinels {','.join(s.sentinels)} service {s.service}"
+    where = redact_url(s.url) if s.url else f"sentinels {','.join(s.sentinels)} service {s.service}"
     return f"redis {where} (prefix {s.prefix}, host {s.host})"
 
 

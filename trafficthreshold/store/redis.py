@@ -63,18 +63,43 @@ log = logging.getLogger("trafficthreshold.store.redis")
 #: a large roll goes in slices (each atomic and idempotent on its own).
 BATCH = 500
 
-#: How long a host's watermarks are kept, in seconds: far longer than any
-#: ring (a few hours), so a minute still in a ring always finds its own.
+#: How long a host's watermarks are kept at least, in seconds: beyond the
+#: ring's length (:meth:`RedisStore.cover_ring`: a ring of 100,000 minutes
+#: keeps them that long and this much more), so a minute still in a ring
+#: always finds its own.
 WATERMARK_TTL = 2 * 24 * 3600
+
+# Merge one watermark hash into another, each field keeping the larger
+# count (a watermark only ever moves up).  KEYS: the target.  ARGV: TTL,
+# then field, count pairs.
+MERGE_WATERMARKS_SCRIPT = """
+for i = 2, #ARGV, 2 do
+  local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > seen then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 0
+"""
+
+#: A host that has not rolled for this long (seconds; ``[store]
+#: forget_hosts_days``) is forgotten: its host hash and gaps expire, and
+#: :func:`trafficthreshold.farm.publish_live` drops it from ``{prefix}~hosts``.
+FORGET_HOSTS_AFTER = 30 * 86_400
+
+#: The gaps kept per host (the newest): a host that loses minutes every
+#: minute for a year does not grow its list for ever.
+GAPS_KEPT = 1_000
 
 #: The largest cumulative count a roll passes on: the script's arithmetic is
 #: Lua's (doubles), exact up to 2**53.
 MAX_COUNT = 2**53 - 1
 
 # KEYS: per item, 1 watermark hash + 4 hashes to add to, then the totals
-# hash, the key set, the funnels' key set and the host hash.  ARGV:
-# watermark TTL, minute-hash TTL (0 = keep), now, closed_through ('' =
-# unchanged), instance, ended ('' = not ended), then per item: watermark
+# hash, the key set, the funnels' key set, the host hash and the segment's
+# key ({prefix}~segment:{instance}: which host rolls it).  ARGV: watermark
+# TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
+# instance, ended ('' = not ended), host, the host hash's TTL (it is
+# forgotten that long after its last roll), then per item: watermark
 # field, observed, the 4 hashes' fields, "{account}\0{event}", kind.  Kind
 # "t": the 4 period hashes (year .. hour, the last one expiring); "f": a
 # funnel status, the year and month hashes only (fields: the status), the
@@ -84,14 +109,14 @@ MAX_COUNT = 2**53 - 1
 ROLL_SCRIPT = """
 local wm_ttl = tonumber(ARGV[1])
 local minute_ttl = tonumber(ARGV[2])
-local n = (#KEYS - 4) / 5
-local totals = KEYS[#KEYS - 3]
-local keys_set = KEYS[#KEYS - 2]
-local funnel_set = KEYS[#KEYS - 1]
+local n = (#KEYS - 5) / 5
+local totals = KEYS[#KEYS - 4]
+local keys_set = KEYS[#KEYS - 3]
+local funnel_set = KEYS[#KEYS - 2]
 local added = {}
 for i = 0, n - 1 do
   local k = i * 5
-  local a = 6 + i * 8
+  local a = 8 + i * 8
   local wm_key, field = KEYS[k + 1], ARGV[a + 1]
   local observed = tonumber(ARGV[a + 2])
   local seen = tonumber(redis.call('HGET', wm_key, field) or '0')
@@ -115,8 +140,10 @@ for i = 0, n - 1 do
   end
   added[i + 1] = delta
 end
-local host_key = KEYS[#KEYS]
+local host_key = KEYS[#KEYS - 1]
 redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
+redis.call('EXPIRE', host_key, ARGV[8])
+redis.call('SET', KEYS[#KEYS], ARGV[7], 'EX', wm_ttl)
 if ARGV[4] ~= '' then
   local closed = tonumber(redis.call('HGET', host_key, 'closed_through') or '-1')
   if tonumber(ARGV[4]) > closed then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
@@ -157,6 +184,51 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: The span whose UTC offsets fingerprint a zone (zone_rules), fixed so that
+#: every host computes the same one whenever it starts.
+RULES_YEARS = (2000, 2050)
+
+
+def zone_rules(zone: ZoneInfo) -> str:
+    """A fingerprint of a zone's rules: its UTC offset at the start of
+    RULES_YEARS and every change of it through those years (to the
+    minute), hashed.  Two names of one zone ("UTC", "Etc/UTC") or a copied
+    zone file ("localtime") have the same; Zurich and New York do not."""
+    import datetime
+    import hashlib
+
+    start = datetime.datetime(RULES_YEARS[0], 1, 1, tzinfo=datetime.timezone.utc)
+    days = (datetime.datetime(RULES_YEARS[1], 1, 1, tzinfo=datetime.timezone.utc) - start).days
+
+    def offset(minutes: int) -> int:
+        at = start + datetime.timedelta(minutes=minutes)
+        return int(at.astimezone(zone).utcoffset().total_seconds())
+
+    changes, last = [f"{offset(0)}"], offset(0)
+    for day in range(1, days + 1):
+        here = offset(day * 1440)
+        if here != last:  # the change within the day before, to the minute
+            lo, hi = (day - 1) * 1440, day * 1440
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if offset(mid) == last else (lo, mid)
+            changes.append(f"{hi}:{here}")
+            last = here
+    return hashlib.sha256(" ".join(changes).encode()).hexdigest()[:32]
+
+
+def _loadable(name: str) -> ZoneInfo | None:
+    """The IANA zone ``name``, or None ("localtime", unknown)."""
+    from zoneinfo import ZoneInfoNotFoundError
+
+    if not name or name == "localtime":
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
 class RedisStore:
     """The period store of a farm, over a redis-py client.
 
@@ -166,7 +238,8 @@ class RedisStore:
     """
 
     def __init__(self, client: Any, zone: ZoneInfo, host: str, *, prefix: str = "track",
-                 minute_days: float = 0, funnels_prefix: str = "funnels") -> None:
+                 minute_days: float = 0, funnels_prefix: str = "funnels",
+                 forget_after: float = FORGET_HOSTS_AFTER) -> None:
         if not host or ":" in host or "\0" in host:
             raise ConfigError(f"[store] host {host!r} is not a usable host name; use a name "
                               "without ':' (default: this machine's host name)")
@@ -176,6 +249,13 @@ class RedisStore:
         self._roll = client.register_script(ROLL_SCRIPT)
         self._close = client.register_script(CLOSE_SCRIPT)
         self._late = client.register_script(LATE_SCRIPT)
+        self._merge = client.register_script(MERGE_WATERMARKS_SCRIPT)
+        #: Seconds a watermark is kept after its last move (cover_ring).
+        self.watermark_ttl = WATERMARK_TTL
+        #: Seconds after its last roll that this host's hash and gaps are
+        #: forgotten (``[store] forget_hosts_days``; never before its
+        #: watermarks: see :attr:`host_ttl`).
+        self.forget_after = forget_after
         self.host_key = f"{prefix}~host:{host}"
         self.keys_key = f"{prefix}~keys"
         #: "{account}\0{event}" of every event with funnel counts.
@@ -192,18 +272,122 @@ class RedisStore:
     # ------------------------------------------------------------ the farm
 
     def check_zone(self, zone_name: str) -> None:
-        """Record the farm's time zone, or refuse one that differs from it."""
+        """Record the farm's time zone, or refuse one whose rules differ.
+        Rules, not names (:func:`zone_rules`): a copied ``/etc/localtime``
+        is named "localtime" whatever the zone, and "UTC" and "Etc/UTC"
+        are one zone.  ``{prefix}~farm`` holds the first supervisor's zone
+        name (``timezone``) and rules (``timezone_rules``)."""
         key = f"{self.prefix}~farm"
+        rules = zone_rules(self.tz)
         # One round trip: a Redis that hangs costs one socket timeout, not two.
         pipe = self.client.pipeline(transaction=False)
         pipe.hsetnx(key, "timezone", zone_name)
-        pipe.hget(key, "timezone")
-        _, farm = pipe.execute()
-        farm = farm.decode() if isinstance(farm, bytes) else farm
-        if farm != zone_name:
+        pipe.hmget(key, "timezone", "timezone_rules")
+        first, (farm, farm_rules) = pipe.execute()
+        farm = _text(farm)
+        if farm_rules is not None:
+            if _text(farm_rules) == rules:
+                return
+        elif first or farm == zone_name or (
+                _loadable(farm) is not None and zone_rules(_loadable(farm)) == rules):
+            # Recorded by us now, or by an older version (a name only): the
+            # same zone as far as can be told; its rules from now on.
+            self.client.hsetnx(key, "timezone_rules", rules)
+            return
+        fix = (f"set timezone = \"{farm}\" on every host" if _loadable(farm) else
+               "set timezone = \"<IANA name>\" (e.g. \"Europe/Zurich\") on every host: a "
+               "copied /etc/localtime is named \"localtime\" whatever its zone")
+        raise ConfigError(
+            f"this host's time zone is {zone_name} but the farm's is {farm} (recorded in "
+            f"Redis by the first supervisor) and their rules differ (UTC offsets and "
+            f"daylight-saving changes): hosts would mix hours; {fix}")
+
+    @property
+    def host_ttl(self) -> int:
+        """Seconds this host's hash (``closed_through``, instance, ...) and
+        gaps live after its last roll: ``forget_after``, but never less
+        than the watermarks' (a host back within that time must find its
+        ``closed_through`` with them, or it would record a false gap)."""
+        return int(max(self.forget_after, self.watermark_ttl))
+
+    # ------------------------------------------------- which host rolls what
+
+    def _segment_key(self, instance: int) -> str:
+        return f"{self.prefix}~segment:{instance}"
+
+    def cover_ring(self, minutes: int) -> None:
+        """Keep watermarks (and the segment's host) for as long as a ring of
+        ``minutes`` holds their minute, plus :data:`WATERMARK_TTL`: a ring
+        of 100,000 minutes must not outlive them (the oldest ring minute,
+        read once more for late hits, would read as all late)."""
+        self.watermark_ttl = max(WATERMARK_TTL, int(minutes) * 60 + WATERMARK_TTL)
+
+    def claim_segment(self, instance: int) -> None:
+        """The segment ``instance`` rolls under this host's name from now
+        on.  The roll script records which host rolls a segment
+        (``{prefix}~segment:{instance}``); when that is another name (the
+        host was renamed: ``[store] host`` changed, or its default, the
+        machine's host name), that name's watermarks of this segment,
+        ``closed_through`` and instance are carried over first, so nothing
+        of the ring is added twice and no gap is recorded.  The old name
+        still rolling this segment (its ownership key alive with this
+        instance: a cloned machine) is refused, naming both.  Idempotent: a
+        carry-over cut short is done again whole at the next start.  A
+        ``store migrate`` of this host cut short (``migrating`` in the host
+        hash) is a ConfigError until it is run again whole."""
+        from trafficthreshold import farm
+
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self._segment_key(instance))
+        pipe.hget(self.host_key, "migrating")
+        old, migrating = pipe.execute()
+        if migrating is not None:
             raise ConfigError(
-                f"this host's time zone is {zone_name} but the farm's is {farm} (recorded in "
-                f"Redis by the first supervisor): set timezone = \"{farm}\" on every host")
+                f"a `store migrate` of host {self.host!r} into this Redis was cut short: "
+                "rolling now would add again what its watermarks do not cover yet.  Run "
+                "`trafficthreshold store migrate --to ...` again (it adds only what is "
+                "missing); the ring keeps counting meanwhile")
+        old = None if old is None else _text(old)
+        if old is None or old == self.host:
+            return
+        holder = farm.HostClaim.holder(self.client, old, prefix=self.prefix)
+        if holder is not None and holder.get("instance") == instance:
+            raise ConfigError(
+                f"segment instance {instance:#x} is rolled by host {old!r} right now (its "
+                f"supervisor pid {holder.get('pid')} is running) and this supervisor would "
+                f"roll it as {self.host!r}: every hit would be counted twice.  Give each "
+                "machine its own segment and [store] host (a cloned machine keeps its "
+                "memory: reinstall the segment there), or stop the other one")
+        log.warning("host %r rolls segment %#x that host %r rolled until now (renamed): "
+                    "carrying over its watermarks and closed_through", self.host, instance,
+                    old)
+        want, moved = f"{instance}\0", 0
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{self.prefix}~wm:{old}:") + "*"
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            minute = _text(key).rsplit(":", 1)[1]
+            fields = {_text(f): int(v) for f, v in self.client.hgetall(key).items()
+                      if _text(f).startswith(want)}
+            if fields:
+                args: list[Any] = [self.watermark_ttl]
+                for field, count in fields.items():
+                    args.extend([field, count])
+                self._merge(keys=[f"{self.prefix}~wm:{self.host}:{minute}"], args=args)
+                moved += len(fields)
+        before = {_text(k): _text(v) for k, v in
+                  self.client.hgetall(f"{self.prefix}~host:{old}").items()}
+        with self.transaction():
+            # Its closed_through is this segment's only if it rolled this
+            # segment last (else the new name starts from the segment's
+            # creation; the watermarks keep that exact).
+            if before.get("instance") == str(instance):
+                if before.get("closed_through"):
+                    self.set_closed_through(int(before["closed_through"]))
+                for name in ("instance", "instance_ended"):
+                    if before.get(name):
+                        self._writer().hset(self.host_key, name, before[name])
+            self._writer().set(self._segment_key(instance), self.host, ex=self.watermark_ttl)
+        log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
+                    instance, old, self.host)
 
     # ------------------------------------------------------------- rolling
 
@@ -232,9 +416,10 @@ class RedisStore:
             batch = ordered[start:start + BATCH]
             last = start + BATCH >= len(ordered)
             keys: list[str] = []
-            args: list[Any] = [WATERMARK_TTL, self.minute_ttl, repr(float(now)),
+            args: list[Any] = [self.watermark_ttl, self.minute_ttl, repr(float(now)),
                                "" if closed_through is None or not last else closed_through,
-                               instance, instance if ended and last else ""]
+                               instance, instance if ended and last else "", self.host,
+                               self.host_ttl]
             for (account, event, minute), observed in batch:
                 parts = local_parts(minute, self.tz)
                 keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
@@ -247,7 +432,8 @@ class RedisStore:
                     year, month = self._funnel_keys(account, plain, parts)
                     keys.extend([year, month, month, month])  # the last two unused
                     args.extend([status, status, "", "", f"{account}\0{plain}", "f"])
-            keys.extend([self.totals_key, self.keys_key, self.funnel_keys_key, self.host_key])
+            keys.extend([self.totals_key, self.keys_key, self.funnel_keys_key, self.host_key,
+                         self._segment_key(instance)])
             deltas = self._roll(keys=keys, args=args)
             for ((account, event, minute), _), delta in zip(batch, deltas, strict=True):
                 if delta:
@@ -339,7 +525,7 @@ class RedisStore:
             latest[key] = max(latest.get(key, 0), min(int(observed), MAX_COUNT))
         if not latest:
             return 0
-        keys, args = [], [WATERMARK_TTL]
+        keys, args = [], [self.watermark_ttl]
         for (account, event, minute), observed in latest.items():
             keys.append(f"{self.prefix}~wm:{self.host}:{minute}")
             args.extend([f"{instance}\0{account}\0{event}", observed,
@@ -348,12 +534,16 @@ class RedisStore:
 
     def record_gap(self, first_minute: int, last_minute: int, reason: str, now: float) -> None:
         """Record that this host did not count minutes first..last: one JSON
-        entry appended to the list ``{prefix}~gaps:{host}``."""
+        entry appended to the list ``{prefix}~gaps:{host}`` (the last
+        :data:`GAPS_KEPT` kept; the list expires with the host hash)."""
         if first_minute > last_minute:
             raise ValueError(f"gap from minute {first_minute} to {last_minute}: first > last")
         entry = {"first_minute": first_minute, "last_minute": last_minute, "reason": reason,
                  "recorded_at": now}
-        self._writer().rpush(self.gaps_key, json.dumps(entry))
+        writer = self._writer()
+        writer.rpush(self.gaps_key, json.dumps(entry))
+        writer.ltrim(self.gaps_key, -GAPS_KEPT, -1)
+        writer.expire(self.gaps_key, self.host_ttl)
 
     def gaps(self) -> list[dict[str, Any]]:
         """This host's recorded gaps, in the order recorded."""
@@ -554,6 +744,26 @@ class RedisStore:
 SOCKET_TIMEOUT = 2.0
 
 
+def redact_url(url: str) -> str:
+    """``url`` as it may be printed: a password in it (``user:pass@`` or
+    ``?password=``, both refused by the configuration) replaced by ``***``."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(k == "password" for k, _ in query):
+            query = [(k, "***" if k == "password" else v) for k, v in query]
+        return urllib.parse.urlunsplit(parts._replace(
+            netloc=netloc, query=urllib.parse.urlencode(query, safe="*")))
+    except ValueError:
+        return "(a Redis URL that cannot be shown)"
+
+
 def connect(url: str = "", *, sentinels: Iterable[str] = (), service: str = "",
             password: str | None = None, timeout: float = SOCKET_TIMEOUT) -> Any:
     """A redis-py client for ``[store]``: ``url`` (``redis://``, ``rediss://``,
@@ -588,5 +798,5 @@ def connect(url: str = "", *, sentinels: Iterable[str] = (), service: str = "",
         return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                     password=password)
     except ValueError as exc:
-        raise ConfigError(f"[store] url {url!r} is not a Redis URL ({exc}); use "
+        raise ConfigError(f"[store] url {redact_url(url)!r} is not a Redis URL ({exc}); use "
                           "redis://host:port/db, rediss://... or unix:///path/redis.sock") from None

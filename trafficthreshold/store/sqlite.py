@@ -503,6 +503,14 @@ class SQLiteStore:
         value = self._get_meta("instance")
         return None if value is None else int(value) % 2**64
 
+    def claim_segment(self, instance: int) -> None:
+        """Nothing to do: the file is this host's own, whatever its name
+        (the Redis store carries a renamed host's watermarks over)."""
+
+    def cover_ring(self, minutes: int) -> None:
+        """Nothing to do: the watermark floor (:meth:`prune`) already keeps
+        a minute below the kept watermarks from being rolled again."""
+
     def instance_ended(self) -> int | None:
         """The instance whose segment was retired (``uninstall``) and then
         rolled to its end by a final roll, or None."""
