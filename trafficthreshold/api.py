@@ -59,9 +59,9 @@ import jinja2
 
 from trafficthreshold import (alerts, alertstore, cors, farm, metrics, names, segment,
                               store as stores)
-from trafficthreshold.config import Config
+from trafficthreshold.config import Config, is_loopback
 from trafficthreshold.dashboard import dashboard_context, farm_section, num
-from trafficthreshold.errors import SegmentError, TrafficThresholdError
+from trafficthreshold.errors import ConfigError, SegmentError, TrafficThresholdError
 from trafficthreshold.live import (  # noqa: F401  (re-exported)
     LIVE_MINUTES, Snapshot, farm_view, snapshot)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
@@ -292,6 +292,7 @@ class StatsApp:
         self._dashboard = self._templates.get_template("dashboard.html")
         self._error_page = self._templates.get_template("dashboard_error.html")
         self._routing: Routing | None = None
+        self._public_host: str | None = None  # see serving_on
         self._set_http(config)
 
     def _set_http(self, config: Config) -> None:
@@ -302,10 +303,29 @@ class StatsApp:
                                        farm=config.store.backend == "redis")
         self._cors = frozenset(config.http.cors_origins)
 
+    def serving_on(self, host: str) -> None:
+        """The server calls this with the host it is bound to: on an address
+        other than loopback no reload may take the token away
+        (:meth:`check_reload`), whatever the new ``listen`` says."""
+        self._public_host = None if is_loopback(host) else host
+
+    def check_reload(self, config: Config) -> None:
+        """ConfigError if serving ``config`` where this app is served would
+        break the token rule: no token on a public address."""
+        if self._public_host is not None and not config.http.token:
+            raise ConfigError(
+                f"{config.source}: http.token is empty, but the stats API is served on "
+                f"{self._public_host}, which is not a loopback address (http.listen only "
+                "changes with a restart); keep http.token set, or restart the daemon to "
+                "listen on 127.0.0.1")
+
     def reload(self, config: Config) -> None:
         """SIGHUP: new alert rules, token, public_url, prefix and CORS origins
         from the next request on.  The segment, the database and the time
-        zone stay: changing those needs a restart (the supervisor says so)."""
+        zone stay: changing those needs a restart (the supervisor says so).
+        A config :meth:`check_reload` refuses raises ConfigError and
+        changes nothing."""
+        self.check_reload(config)
         self.config = config
         self._token = config.http.token.encode("ascii")
         self._public_url = public_url(config)
