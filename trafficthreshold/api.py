@@ -456,6 +456,14 @@ class StatsApp:
                          else SQLiteStore(self.store_path, self.timezone, readonly=True))
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
+            empty = getattr(store, "empty", None)
+            if empty:
+                # A file without tables yet (the daemon has not made them, or
+                # its first migration failed): a 503 like a missing file, and
+                # nothing kept, so the next request opens the file again and
+                # sees the tables once they are made.
+                store.close()
+                raise HttpError(503, empty)
             self._local.store = store
         return store
 
