@@ -261,12 +261,33 @@ static int is_not_modified(PyObject *status)
         && (len == 3 || PyUnicode_READ_CHAR(status, 3) == ' ');
 }
 
+/* 1 if the Content-Type value `value` has no media type: empty, blank, or
+ * parameters only (";charset=utf-8"), as pageviews.media_type() finds it
+ * ("" after the part before ';' is stripped, str.strip()'s whitespace). */
+static int no_media_type(PyObject *value)
+{
+    Py_ssize_t i, n;
+    Py_UCS4 ch;
+    if (!PyUnicode_Check(value))
+        return 0;
+    n = PyUnicode_GET_LENGTH(value);
+    for (i = 0; i < n; i++) {
+        ch = PyUnicode_READ_CHAR(value, i);
+        if (ch == ';')
+            return 1;
+        if (!Py_UNICODE_ISSPACE(ch))
+            return 0;
+    }
+    return 1;
+}
+
 /* 1 if the response is a page view by its status and type (the default
  * rule, pageviews.is_page_response; the method and path were checked
  * before the application ran), 0 if not, -1 with an exception set:
  * a 2xx with an HTML Content-Type (the first one); a 304 with an HTML
- * Content-Type, or with none (Django and Werkzeug drop it from a 304)
- * when the request's Accept lists HTML (accepts_html: a browser loading a
+ * Content-Type, or with none (Django and Werkzeug drop it from a 304; an
+ * empty value or parameters only count as none) when the request's
+ * Accept lists HTML (accepts_html: a browser loading a
  * page, not an image or a fetch()).  Other 3xx: never (the page is the
  * redirect's target, counted when it is served). */
 static int is_page(PyObject *status, PyObject *headers, PyObject *environ)
@@ -300,9 +321,9 @@ static int is_page(PyObject *status, PyObject *headers, PyObject *environ)
             continue;
         /* Why the reference: hashing a str subclass or is_html() runs
          * Python code, which could drop the list's last hold on the pair. */
-        found = 1;
         Py_INCREF(item);
         value = PyTuple_GET_ITEM(item, 1);
+        found = !no_media_type(value);
         known = PyDict_GetItemWithError(html_memo, value);  /* borrowed */
         if (known != NULL) {
             rc = known == Py_True ? 1 : PyObject_IsTrue(known);
