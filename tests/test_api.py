@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config, start_live
+from apps.harness import MINUTE, NOW, minute_at, XSS, ZONE, fetch, fetch_json, make_config, start_live
 from test_segment import RawReader, raw_view
 from trafficthreshold import api, openapi, segment, webserver
 from trafficthreshold.config import HttpConfig
@@ -392,6 +392,29 @@ def test_following_the_links_from_the_root_reaches_every_count(
                       "all/signup": 1, "shop/signup": 1, XSS + "/pageview": 4}
 
 
+def test_names_no_url_can_carry_are_not_listed(tmp_path: Path,
+                                              serve: Callable[..., webserver.Server]) -> None:
+    """Issue #22 item 7: a store written before hit() refused '.', '..'
+    and names with '\\' listed them as links that answered 404.  They are
+    left out; every link listed answers 200."""
+    path = str(tmp_path / "stats.sqlite3")
+    minute = minute_at(2026, 5, 1, 0, 0)
+    with SQLiteStore(path, ZONE) as store:
+        store.roll([(account, event, minute, 1) for account, event in [
+            (".", "pageview"), ("..", "pageview"), ("a\\b", "pageview"), ("shop", "."),
+            ("shop", "x\\y"), ("shop", "pageview"), ("all", "pageview")]],
+            now=NOW, closed_through=minute)
+    server = serve(api.make_app(make_config(path), counter_factory=lambda: None,
+                                now=lambda: NOW))
+    track = LINKS + "api/stats/track"
+    _, accounts = fetch_json(server.url + "api/stats/track")
+    assert accounts["links"] == [f"{track}/all", f"{track}/shop"]
+    _, events = fetch_json(server.url + "api/stats/track/shop")
+    assert events["links"] == [f"{track}/shop/pageview"]
+    for link in accounts["links"] + events["links"]:
+        assert fetch_json(local(server, link))[0] == 200, link
+
+
 def test_discovery_links_never_come_from_the_host_header(no_segment: webserver.Server) -> None:
     body = get_with_host(no_segment, "/api/stats/track/acme", "evil.example")
     assert body["links"] == [LINKS + "api/stats/track/acme/pageview"]
@@ -404,7 +427,9 @@ def test_discovery_links_never_come_from_the_host_header(no_segment: webserver.S
     ("api/stats/track/acme/signup", 404, "no counts stored for event 'signup' of account"),
     ("api/stats/track/~bad", 404, "reserved"),
     ("api/stats/track/acme/~bad", 404, "reserved"),
-    ("api/stats/track/..", 404, "not allowed"),
+    ("api/stats/track/..", 404, "cannot carry"),
+    ("api/stats/track/acme/..", 404, "cannot carry"),
+    ("api/stats/track/a\\\\b/pageview/2026", 404, "browsers read"),
     ("api/stats/funnels/nobody", 404, "no funnel counts stored for account 'nobody'"),
     ("api/stats/funnels/acme/order", 404, "no funnel counts stored for event 'order' of"),
     ("api/stats/funnels/acme/~bad", 404, "reserved"),

@@ -567,12 +567,15 @@ class StatsApp:
         404 when nothing is stored there."""
         path = [self._base_url(request) + request.prefix, chart]
         if account is None:
-            children: list[str] = accounts()
+            children: list[str] = _servable(accounts(), "account", names.ACCOUNT_MAX,
+                                            names.OVERFLOW_ACCOUNT)
         else:
             account = _url_name("account", account, names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
             path.append(_quote(account))
             if event is None:
-                children = events(account)
+                # An event name of a funnel key is its event: the names rule.
+                children = _servable(events(account), "event", names.EVENT_MAX,
+                                     names.OVERFLOW_EVENT)
                 what = f"account {account!r}"
             else:
                 event = _url_name("event", event, names.EVENT_MAX, names.OVERFLOW_EVENT)
@@ -870,15 +873,26 @@ def _parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:
 
 def _url_name(kind: str, value: str, max_bytes: int, reserved: str) -> str:
     """A name from the path, by the rules of :mod:`trafficthreshold.names`
-    (plus the reserved overflow key); 404 otherwise, and for ``.``/``..``."""
+    (plus the reserved overflow key); 404 otherwise."""
     if value == reserved:
         return value
-    if value in (".", ".."):
-        raise HttpError(404, f"{kind} name {value!r} is not allowed")
     try:
         return names.check_name(kind, value, max_bytes)
     except (TypeError, ValueError) as exc:
         raise HttpError(404, str(exc)) from None
+
+
+def _servable(found: list[str], kind: str, max_bytes: int, reserved: str) -> list[str]:
+    """The names of ``found`` that a URL can carry (:func:`_url_name`): a
+    store written before a rule was added (``.``, ``..``, ``\\``) may hold
+    others, which would be listed as links that answer 404."""
+    kept = []
+    for name in found:
+        try:
+            kept.append(_url_name(kind, name, max_bytes, reserved))
+        except HttpError:
+            log.debug("not listing the %s %r: no URL can carry it", kind, name)
+    return kept
 
 
 def _query_name(request: Request, kind: str, max_bytes: int, reserved: str) -> str | None:
