@@ -67,7 +67,7 @@ from trafficthreshold.live import (  # noqa: F401  (re-exported)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod, segments
 from trafficthreshold.store import SQLiteStore, StoreError
-from trafficthreshold.store.sqlite import connect_readonly
+from trafficthreshold.store.sqlite import Malformed, connect_readonly
 
 log = logging.getLogger("trafficthreshold.api")
 
@@ -196,7 +196,7 @@ def database_problem(path: str, exc: sqlite3.Error) -> str:
     is worth a retry; a damaged one needs a person, and the message says how
     to recover it."""
     damaged = (getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-               or type(exc) is sqlite3.DatabaseError)
+               or type(exc) in (sqlite3.DatabaseError, Malformed))
     if not damaged:
         return (f"the database {path} is not available right now ({exc}); try again; "
                 "if this persists, check the disk and the file's permissions, and the "
