@@ -512,15 +512,20 @@ def test_run_on_an_address_not_of_this_host_says_so(tmp_path, key):
 
 def _as_nobody(argv):
     """Run the CLI in a forked child that became the unprivileged user
-    nobody (os.setuid): returns (exit code, output)."""
+    nobody (os.setuid): returns (exit code, output).  What the child reads
+    of the package comes from a world-readable copy (tt_nobody): the clone
+    may sit in a directory nobody cannot enter."""
     import pwd
+    from tt_nobody import readable_package, use_readable_package
     nobody = pwd.getpwnam("nobody")
+    readable_package()  # made by the parent: the child's copy is gone with it
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 99
         try:
             os.close(read)
+            use_readable_package()
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
