@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import time
 
@@ -775,6 +776,24 @@ def test_after_store_migrate_the_ring_is_not_rolled_twice(tmp_path, key, redis_s
         assert redis_store.period("all", "pageview", 2027)["total"] == 10
     finally:
         counter.detach()
+
+
+def test_store_migrate_names_the_redis_that_did_not_answer(cfg, tmp_path):
+    """Issue #22 item 10: the one line named the SQLite file ("sqlite
+    .../s.sqlite3 did not answer") and a fix the command never used
+    ([store] url).  It names the --to URL, and what to check."""
+    from trafficthreshold.store import SQLiteStore
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    with socket.socket() as s:          # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run(cfg, "store", "migrate", "--to", f"redis://127.0.0.1:{port}/0", ok=False)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    assert f"redis://127.0.0.1:{port}/0" in out and "--to" in out, out
+    assert "s.sqlite3" not in out and "[store] url" not in out, out
+    assert "run the command again" in out, out
 
 
 def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):
