@@ -329,3 +329,41 @@ def test_the_app_served_on_a_public_address_refuses_a_reload_without_token(serve
     assert get(f"http://127.0.0.1:{server.port}/api/openapi.json") == 401
     app.reload(dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, token="other")))
     assert get(f"http://127.0.0.1:{server.port}/api/openapi.json", "other") == 200
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_real_daemon_takes_fuzzed_files_on_sighup_as_config_check_does(tmp_path, installed,
+                                                                         daemons):
+    """A few of the fuzzed edits, as real SIGHUPs to a real daemon: it
+    never exits, logs no traceback, and refuses exactly what config.load
+    (config check) refuses, with the same message."""
+    import random as random_
+    port = free_port()
+    config = tmp_path / "config.toml"
+    valid = {**VALID, "http": {**VALID["http"], "listen": f"127.0.0.1:{port}"}}
+    database = str(tmp_path / "stats.sqlite3")
+    env = {"TRAFFICTHRESHOLD_KEY": str(installed[0])}
+    config.write_text(f"key = {installed[0]}\n" + render(valid, database))
+    daemon = daemons(config)
+    daemon.wait_for("serving the stats API")
+    rng = random_.Random(22)
+    texts = [render({**valid, "http": {**valid["http"], "public_url": "http://[oops"}},
+                    database)]
+    for _ in range(5):
+        text = render(valid, database)
+        at = rng.randrange(len(text))
+        texts.append(text[:at] + rng.choice("=\"[]\\#x\n") + text[at + 1:])
+    for text in texts:
+        config.write_text(f"key = {installed[0]}\n" + text)
+        try:
+            configuration.load(str(config), env=env)
+        except ConfigError as exc:
+            expected = "reload refused, keeping the running configuration: " + str(exc)
+        else:
+            expected = "configuration reloaded"
+        daemon.reload()
+        daemon.wait_for(expected.splitlines()[0])
+    assert daemon.proc.poll() is None
+    assert "Traceback" not in daemon.output(), daemon.output()
+    assert get(f"http://127.0.0.1:{port}/api/openapi.json") == 200
+    assert daemon.stop() == 0
