@@ -349,26 +349,7 @@ def test_an_async_stream_failing_before_its_first_chunk_is_not_counted(worker_ap
 
 
 def test_under_waitress_a_failing_stream_is_a_500_and_not_counted(worker_api):
-    import http.client
-    import threading
-
-    import waitress.server
-
-    server = waitress.server.create_server(django_app.application, host="127.0.0.1", port=0,
-                                           threads=1, expose_tracebacks=False)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        statuses = []
-        for path in ("/stream-fails", "/stream", "/stream-fails"):
-            conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
-            conn.request("GET", path, headers={"Host": "site-a.example"})
-            response = conn.getresponse()
-            response.read()
-            conn.close()
-            statuses.append(response.status)
-        assert statuses == [500, 200, 500]
-        assert (of("site-a.example"), total()) == (1, 1)
-    finally:
-        server.close()
-        thread.join(5)
+    statuses = harness.statuses_under_waitress(
+        django_app.application, ["/stream-fails", "/stream", "/stream-fails"])
+    assert statuses == [500, 200, 500]
+    assert (of("site-a.example"), total()) == (1, 1)

@@ -686,10 +686,10 @@ def test_flask_reads_the_level(flask_client):
     assert b"level 3" in page.data and b"optional block" not in page.data
 
 
-def test_a_restart_while_a_started_body_is_iterated_decides(worker_api):
-    """An application that started its response in its call and returns a
-    body still to be produced is decided at its first non-empty chunk: an
-    exc_info restart while the server iterates it (500) decides."""
+def restarting_late(sized: bool = False):
+    """An application that starts its response (200) in its call and
+    returns a body that restarts it as 500 (exc_info) when iterated; with a
+    length if ``sized``."""
     class Restarting:
         def __init__(self, start_response):
             self.start_response = start_response
@@ -701,12 +701,22 @@ def test_a_restart_while_a_started_body_is_iterated_decides(worker_api):
                 self.start_response("500 Internal Server Error", HTML, sys.exc_info())
             yield b"<p>error</p>"
 
+    class Sized(Restarting):
+        def __len__(self):
+            return 1
+
     def app(environ, start_response):
         start_response("200 OK", HTML)
-        return Restarting(start_response)
+        return (Sized if sized else Restarting)(start_response)
+    return app
 
+
+def test_a_restart_while_a_started_body_is_iterated_decides(worker_api):
+    """An application that started its response in its call and returns a
+    body still to be produced is decided at its first non-empty chunk: an
+    exc_info restart while the server iterates it (500) decides."""
     server = Server()
-    result = TrafficThreshold(app)(environ(), server.start_response)
+    result = TrafficThreshold(restarting_late())(environ(), server.start_response)
     assert total() == 0
     assert list(result) == [b"<p>error</p>"]
     assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
@@ -717,25 +727,7 @@ def test_a_restart_while_a_sized_body_is_iterated_comes_after_the_decision(worke
     """The documented limit: a body with a length (passed as it is, for the
     server's len()) is decided at the application's return; a later
     exc_info restart while it is iterated does not change the count."""
-    class Restarting:
-        def __init__(self, start_response):
-            self.start_response = start_response
-
-        def __len__(self):
-            return 1
-
-        def __iter__(self):
-            try:
-                raise RuntimeError("late failure")
-            except RuntimeError:
-                self.start_response("500 Internal Server Error", HTML, sys.exc_info())
-            yield b"<p>error</p>"
-
-    def app(environ, start_response):
-        start_response("200 OK", HTML)
-        return Restarting(start_response)
-
-    result = TrafficThreshold(app)(environ(), Server().start_response)
+    result = TrafficThreshold(restarting_late(sized=True))(environ(), Server().start_response)
     assert total() == 1
     assert list(result) == [b"<p>error</p>"]
     assert total() == 1
@@ -1029,10 +1021,7 @@ def test_a_body_with_a_length_or_the_file_wrapper_is_passed_as_it_is(worker_api,
 def test_under_waitress_a_failing_body_is_a_500_and_not_counted(worker_api):
     """The same under a real server: waitress answers 500 for the failing
     body, 200 for the page; one page view counted."""
-    import http.client
-    import threading
-
-    import waitress.server
+    from apps.harness import statuses_under_waitress
 
     def app(environ, start_response):
         if environ["PATH_INFO"] == "/fails":
@@ -1040,21 +1029,6 @@ def test_under_waitress_a_failing_body_is_a_500_and_not_counted(worker_api):
         start_response("200 OK", HTML)
         return iter([b"<p>a page</p>"])   # an iterator: counted at its first chunk
 
-    server = waitress.server.create_server(TrafficThreshold(app), host="127.0.0.1", port=0,
-                                           threads=1, expose_tracebacks=False)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        statuses = {}
-        for path in ("/fails", "/page", "/fails"):
-            conn = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
-            conn.request("GET", path, headers={"Host": "site-a.example"})
-            response = conn.getresponse()
-            response.read()
-            conn.close()
-            statuses[path] = response.status
-        assert statuses == {"/fails": 500, "/page": 200}
-        assert total() == 1
-    finally:
-        server.close()
-        thread.join(5)
+    statuses = statuses_under_waitress(TrafficThreshold(app), ["/fails", "/page", "/fails"])
+    assert statuses == [500, 200, 500]
+    assert total() == 1

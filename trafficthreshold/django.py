@@ -235,27 +235,30 @@ def _at_first_chunk(response: Any, record: Callable[[], None]) -> None:
     async content, as the response has it (Django's GZipMiddleware wraps
     it the same way).  A FileResponse is not wrapped: the server may send
     its file itself (wsgi.file_wrapper)."""
-    content = response.streaming_content
+    content, once = response.streaming_content, _Once(record)
     if getattr(response, "is_async", False):
         async def counted_async() -> Any:
-            done = False
             async for chunk in content:
-                if not done and chunk:
-                    done = True
-                    record()
-                yield chunk
-            if not done:
-                record()
+                yield once.sent(chunk)
+            once.sent(b"", end=True)
         response.streaming_content = counted_async()
         return
 
     def counted() -> Any:
-        done = False
         for chunk in content:
-            if not done and chunk:
-                done = True
-                record()
-            yield chunk
-        if not done:
-            record()
+            yield once.sent(chunk)
+        once.sent(b"", end=True)
     response.streaming_content = counted()
+
+
+class _Once:
+    """Calls ``record()`` at the first non-empty chunk sent, or at the end."""
+
+    def __init__(self, record: Callable[[], None]) -> None:
+        self.record: Callable[[], None] | None = record
+
+    def sent(self, chunk: Any, end: bool = False) -> Any:
+        if self.record is not None and (chunk or end):
+            record, self.record = self.record, None
+            record()
+        return chunk
