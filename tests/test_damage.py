@@ -191,3 +191,28 @@ def test_a_value_no_writer_wrote_is_a_503_not_a_500(pristine, tmp_path, installe
         if status == 503:
             assert "malformed" in body.decode() and ".recover" in body.decode(), body[:300]
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+@pytest.mark.parametrize("table", ["alert_outbox", "alert_meta"])
+def test_the_mail_thread_logs_one_line_never_a_traceback(pristine, tmp_path, installed, table,
+                                                         caplog):
+    """The outbox thread meets the damage on its own (its first pass runs
+    at start): one line, once, not a traceback every second."""
+    import time
+    caplog.set_level(logging.INFO, "trafficthreshold")
+    copy = damaged_copy(pristine, tmp_path, table, 0)
+    path = write_config(copy.parent, *installed, copy)
+    sup = Supervisor(configuration.load(str(path), env={}), config_path=str(path), env={})
+    try:
+        sup.initialize(T0 + 120)
+        from trafficthreshold.mailer import Outbox
+        outbox = Outbox(str(copy), sup.config.mail, poll=0.05)  # the thread, on its own
+        outbox.start()
+        time.sleep(0.5)                                           # ten passes
+        outbox.stop()
+    finally:
+        sup.shutdown(T0 + 260)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    mail = [r.getMessage() for r in caplog.records if "mail delivery pass" in r.getMessage()]
+    assert len(mail) <= 1, mail
