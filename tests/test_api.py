@@ -277,7 +277,7 @@ def test_a_thread_that_first_saw_an_empty_file_reads_the_tables_made_later(
                              "127.0.0.1:0", threads=1)
     try:
         for route in ("api/stats/track/acme/pageview/2027", "api/stats/track/acme",
-                      "api/stats/funnels", ""):
+                      "api/stats/funnels", "", "metrics"):
             status, _headers, _body = fetch(server.url + route)
             assert status == 503, route
         # The daemon starts: it makes the tables and rolls a minute.
@@ -290,6 +290,8 @@ def test_a_thread_that_first_saw_an_empty_file_reads_the_tables_made_later(
         assert status == 200 and body["links"], body
         status, _headers, _body = fetch(server.url)
         assert status == 200
+        status, _headers, body = fetch(server.url + "metrics")
+        assert status == 200 and b'account="acme"' in body, body[:300]
     finally:
         server.stop()
 
