@@ -329,8 +329,10 @@ def test_help_has_proper_metavars(argv):
         if isinstance(param, click.Option) and (param.is_flag or param.count):
             continue
         metavar = param.make_metavar(ctx)
-        # A plain upper-case word, a choice list or a range; never a Python name.
-        assert re.fullmatch(r"\[?[A-Z]+( RANGE)?\]?|\[[a-z|]+\]", metavar), (param.name, metavar)
+        # A plain upper-case word (with "..." when repeated), a choice list or
+        # a range; never a Python name.
+        assert re.fullmatch(r"\[?[A-Z]+(\.\.\.)?( RANGE)?\]?|\[[a-z|]+\]", metavar), (
+            param.name, metavar)
         assert metavar in text
 
 

@@ -132,13 +132,19 @@ def test_render_unit_refuses_paths_systemd_cannot_take(path: str) -> None:
         systemd.render_unit(path)
 
 
-def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> None:
-    """systemd-analyze verify; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
+def _systemd_analyze() -> str:
+    """systemd-analyze's path; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("REQUIRE_SYSTEMD_ANALYZE"):
             pytest.fail("systemd-analyze is required (REQUIRE_SYSTEMD_ANALYZE) but not installed")
         pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    return analyze
+
+
+def test_systemd_analyze_verify_accepts_the_rendered_unit(tmp_path: Path) -> None:
+    """systemd-analyze verify; REQUIRE_SYSTEMD_ANALYZE=1 turns a skip into a failure."""
+    analyze = _systemd_analyze()
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     unit_file = unit_dir / systemd.UNIT_NAME
@@ -198,3 +204,88 @@ def test_cli_systemd_unit_under_tmp_warns(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "PrivateTmp=no" in result.stdout and "PrivateTmp=yes\n" not in result.stdout
     assert result.stderr.startswith("warning: ") and "reboot" in result.stderr
+
+
+# ----------------------------------------- the bus subscriber's template unit
+
+SUBSCRIBE = ROOT / "systemd" / "trafficthreshold-subscribe@.service"
+
+
+def test_the_subscriber_unit_is_notify_with_a_watchdog_and_the_daemons_hardening() -> None:
+    unit, daemon = _directives(SUBSCRIBE.read_text()), _directives(SHIPPED.read_text())
+    expected = {
+        "Type": ["notify"],
+        "NotifyAccess": ["main"],
+        "ExecStart": ["/usr/local/bin/trafficthreshold subscribe --name %i $ADDRESSES $OPTIONS"],
+        "EnvironmentFile": ["/etc/trafficthreshold/subscribe-%i.env"],
+        "WatchdogSec": ["30"],
+        "Restart": ["on-failure"],
+        "NoNewPrivileges": ["yes"],
+    }
+    assert {name: unit.get(name) for name in expected} == expected
+    for same in ("User", "Group", "UMask", "Environment", "StateDirectory",
+                 "StateDirectoryMode", "RemoveIPC", "ProtectSystem", "PrivateTmp",
+                 "ProtectHome"):
+        assert unit[same] == daemon[same], same
+    assert "trafficthreshold.service" in unit["After"]
+    for forbidden in ("DynamicUser", "PrivateIPC", "PrivateDevices"):
+        assert forbidden not in unit
+    lines = SUBSCRIBE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line and not line.startswith(("#", "[")):
+            assert lines[number - 1].startswith("#"), f"line {number + 1} has no comment"
+
+
+def test_the_subscriber_watchdog_is_kept_by_the_loop(tmp_path: Path) -> None:
+    """The loop wakes at least twice a second (poll or select timeout) and
+    sends WATCHDOG=1 at half WatchdogSec: a real datagram socket stands in
+    for systemd's NOTIFY_SOCKET, and `subscribe -` runs with stdin open and
+    silent."""
+    import json
+    import socket
+    import sys
+    import time
+    sock_path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(10)
+    config = tmp_path / "config.toml"
+    config.write_text(f'key = 1\ndatabase = "{tmp_path}/stats.sqlite3"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAFFICTHRESHOLD_")}
+    env.update(NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "--config",
+                             str(config), "subscribe", "-", "--name", "dog"], env=env,
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        got = [listener.recv(4096).decode() for _ in range(4)]
+        assert got[0] == "READY=1"
+        assert sum("WATCHDOG=1" in g for g in got[1:]) == 3, got
+        proc.stdin.close()  # the end of the input: a clean stop
+        assert proc.wait(10) == 0
+        assert "STOPPING=1" in listener.recv(4096).decode()
+        info = json.loads((tmp_path / "subscribers" / "dog.json").read_text())
+        assert info["stopped"] and info["updated_at"] <= time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        listener.close()
+
+
+def test_systemd_analyze_verify_accepts_the_subscriber_unit(tmp_path: Path) -> None:
+    """An instance of the template, beside the daemon's unit it is ordered after."""
+    analyze = _systemd_analyze()
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    program = _fake_program(tmp_path)
+    (unit_dir / systemd.UNIT_NAME).write_text(
+        systemd.render_unit(program, "/etc/trafficthreshold/config.toml"))
+    instance = unit_dir / "trafficthreshold-subscribe@shop.service"
+    instance.write_text(SUBSCRIBE.read_text().replace("/usr/local/bin/trafficthreshold",
+                                                      f'"{program}"'))
+    result = subprocess.run(
+        [analyze, "verify", str(instance)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"}, cwd=unit_dir)
+    ours = [line for line in (result.stdout + result.stderr).splitlines()
+            if "trafficthreshold" in line]
+    assert result.returncode == 0 and not ours, result.stdout + result.stderr

@@ -58,7 +58,7 @@ from typing import Any
 import jinja2
 
 from trafficthreshold import (alerts, alertstore, cors, farm, metrics, names, segment,
-                              store as stores)
+                              store as stores, subscribe)
 from trafficthreshold.config import Config, is_loopback
 from trafficthreshold.dashboard import dashboard_context, farm_section, num
 from trafficthreshold.errors import ConfigError, SegmentError, TrafficThresholdError
@@ -726,6 +726,7 @@ class StatsApp:
             late_dropped=stored.late_dropped,
             bad_keys=stored.bad_keys,
             host=self.config.store.host if self.config.store.backend == "redis" else None,
+            subscribers=subscribe.read_all(self.config.database, now),
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)

@@ -32,6 +32,7 @@ import sysv_ipc
 from . import config as configuration
 from . import segment
 from .errors import TrafficThresholdError
+from .subscribe import DEFAULT_HWM, DEFAULT_MAX_SIZE
 
 log = logging.getLogger("trafficthreshold.cli")
 
@@ -366,6 +367,59 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int,
     counter = segment.attach(cfg.key, cfg.backend)
     counter.hit(None if account in (None, "all") else account, event, n, status=status)
 
+
+
+@main.command()
+@common_options
+@segment_options
+@click.argument("addresses", metavar="ADDRESS...", nargs=-1, required=True)
+@click.option("--topic", "topics", multiple=True,
+              help="Subscribe to this topic (a prefix of the frame; repeatable). "
+                   "Default: every message.")
+@click.option("--type", "types", multiple=True,
+              help="Also count events of this type, as hit(account, TYPE) (repeatable).")
+@click.option("--hwm", type=click.IntRange(0), default=DEFAULT_HWM,
+              show_default=True,
+              help="Messages ZMQ queues for this subscriber before it drops (ZMQ_RCVHWM; "
+                   "0: no limit).")
+@click.option("--max-size", type=click.IntRange(64), show_default=True,
+              default=DEFAULT_MAX_SIZE,
+              help="The largest frame or line accepted, in bytes (ZMQ_MAXMSGSIZE).")
+@click.option("--name", default=None,
+              help="Names this subscriber in status, /metrics and the dashboard "
+                   "(default: from the addresses, e.g. tcp-127.0.0.1-6000; stdin for -).")
+@click.pass_context
+@_fail_clearly
+def subscribe(ctx: click.Context, addresses: tuple[str, ...], topics: tuple[str, ...],
+              types: tuple[str, ...], hwm: int, max_size: int, name: str | None) -> None:
+    """Count Bootic's pageview and order events from the ZMQ PUB socket at
+    each ADDRESS (one SUB socket connects to them all), or from JSON lines
+    on standard input with ADDRESS "-".  Runs until stopped (SIGTERM), or
+    the end of the input.
+
+    Example: trafficthreshold subscribe tcp://127.0.0.1:6000 --topic pageview --topic order
+    Example: tail -F events.jsonl | trafficthreshold subscribe -
+    """
+    from .subscribe import Subscriber
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    if "-" in addresses and len(addresses) > 1:
+        raise click.UsageError("ADDRESS '-' (standard input) goes alone")
+    if addresses != ("-",):
+        _need_zmq()
+    cfg = _load(ctx)
+    sys.exit(Subscriber(addresses, key=cfg.key, backend=cfg.backend, database=cfg.database,
+                        topics=topics, types=types, hwm=hwm, max_size=max_size, name=name,
+                        env=_env(ctx)).run())
+
+
+def _need_zmq() -> None:
+    try:
+        import zmq  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "subscribing to a ZMQ bus needs pyzmq: pip install 'trafficthreshold[zmq]' "
+            "(or read JSON lines from standard input: trafficthreshold subscribe -)") from None
 
 # ------------------------------------------------------------------ daemon
 

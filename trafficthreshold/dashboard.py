@@ -11,7 +11,7 @@ import socket
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from trafficthreshold import alerts, names
+from trafficthreshold import alerts, names, subscribe
 from trafficthreshold.config import Config
 from trafficthreshold.live import LIVE_MINUTES, Snapshot
 from trafficthreshold.periods import local_parts
@@ -85,7 +85,27 @@ def dashboard_context(config: Config, store: PeriodStore, snap: Snapshot | None,
         "gaps": store.gap_count(),
         "refresh": REFRESH_S,
         "visits": visits(store, snap, now),
+        "subscribers": subscriber_rows(config, now),
     }
+
+
+def subscriber_rows(config: Config, now: float) -> list[dict[str, Any]]:
+    """The subscribers panel: each ``trafficthreshold subscribe`` process
+    from its stats file (:func:`subscribe.read_all`), as plain values."""
+    rows = []
+    for sub in subscribe.read_all(config.database, now):
+        rejected = {r: int(n) for r, n in (sub.get("rejected") or {}).items() if n}
+        heard = sub.get("last_heard")
+        rows.append({
+            "name": sub["name"], "state": sub["state"],
+            "addresses": " ".join(sub.get("addresses") or []),
+            "connected": sub.get("connected"), "disconnects": sub.get("disconnects", 0),
+            "received": sub.get("received", 0), "counted": sub.get("counted", 0),
+            "uncounted": sub.get("uncounted", 0),
+            "rejected_total": sum(rejected.values()), "reasons": sorted(rejected.items()),
+            "last_heard": None if heard is None else _ago(heard, now),
+        })
+    return rows
 
 
 def visits(store: PeriodStore, snap: Snapshot | None, now: float) -> dict[str, int]:

@@ -24,6 +24,14 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_store_gaps                            gauge
   trafficthreshold_store_late_dropped_hits_total         counter
   trafficthreshold_store_bad_keys                        gauge
+  trafficthreshold_subscriber_up{subscriber}             gauge (0/1)
+  trafficthreshold_subscriber_events_received_total{subscriber}  counter
+  trafficthreshold_subscriber_events_counted_total{subscriber}   counter
+  trafficthreshold_subscriber_events_uncounted_total{subscriber} counter
+  trafficthreshold_subscriber_events_rejected_total{subscriber,reason}  counter
+  trafficthreshold_subscriber_last_heard_timestamp_seconds{subscriber}  gauge
+  trafficthreshold_subscriber_connections{subscriber}    gauge
+  trafficthreshold_subscriber_disconnects_total{subscriber}  counter
 
 With ``[store] backend = "redis"`` every series but ``hits_total`` also has
 a ``host`` label (``[store] host``): see :func:`label_host`.
@@ -270,6 +278,7 @@ def collect(
     late_dropped: int = 0,
     bad_keys: int = 0,
     host: str | None = None,
+    subscribers: Sequence[Mapping[str, Any]] = (),
 ) -> list[Family]:
     """The metric families from plain numbers (see the module docstring).
 
@@ -280,7 +289,8 @@ def collect(
     ``damaged``: how many damaged fields or index entries the segment read
     found (None: no segment); ``host``: with the farm's Redis store, this
     host's ``[store] host``, added as a ``host`` label to every series but
-    ``hits_total`` (see :func:`label_host`).
+    ``hits_total`` (see :func:`label_host`); ``subscribers``: the stats
+    files of ``trafficthreshold subscribe`` (:func:`subscribe.read_all`).
     """
     fams: list[Family] = []
     hits = Family("trafficthreshold_hits_total", "counter",
@@ -328,7 +338,45 @@ def collect(
                        "Keys the last roll-up skipped (a name that is not UTF-8, an "
                        "impossible count); `trafficthreshold status` names them.")
                 .add(bad_keys))
+    if subscribers:
+        fams += subscriber_families(subscribers)
     return fams if host is None else label_host(fams, host)
+
+
+def subscriber_families(subs: Sequence[Mapping[str, Any]]) -> list[Family]:
+    """What each ``trafficthreshold subscribe`` process did, from its stats
+    file (its counters start again at 0 when it restarts: a counter reset)."""
+    def family(name: str, kind: str, text: str) -> Family:
+        return Family(f"trafficthreshold_subscriber_{name}", kind, text)
+
+    up = family("up", "gauge", "1 while the subscriber runs (its stats file is fresh), else 0.")
+    received = family("events_received_total", "counter",
+                      "Events (frames or lines) the subscriber received.")
+    counted = family("events_counted_total", "counter", "Events counted into the segment.")
+    uncounted = family("events_uncounted_total", "counter",
+                       "Valid events not counted: no segment was installed (fail open).")
+    rejected = family("events_rejected_total", "counter",
+                      "Events rejected, by reason (docs/subscribe.rst).")
+    heard = family("last_heard_timestamp_seconds", "gauge",
+                   "Unix time the subscriber last received from the bus.")
+    connections = family("connections", "gauge", "Publishers the ZMQ socket is connected to.")
+    disconnects = family("disconnects_total", "counter",
+                         "Connections to a publisher dropped (and made again).")
+    for sub in subs:
+        name = str(sub["name"])
+        up.add(1 if sub.get("state") == "running" else 0, subscriber=name)
+        received.add(int(sub.get("received", 0)), subscriber=name)
+        counted.add(int(sub.get("counted", 0)), subscriber=name)
+        uncounted.add(int(sub.get("uncounted", 0)), subscriber=name)
+        for reason, n in sorted((sub.get("rejected") or {}).items()):
+            rejected.add(int(n), subscriber=name, reason=str(reason))
+        if sub.get("last_heard") is not None:
+            heard.add(float(sub["last_heard"]), subscriber=name)
+        if sub.get("connected") is not None:
+            connections.add(int(sub["connected"]), subscriber=name)
+            disconnects.add(int(sub.get("disconnects", 0)), subscriber=name)
+    return [f for f in (up, received, counted, uncounted, rejected, heard, connections,
+                        disconnects) if f.samples]
 
 
 def label_host(fams: list[Family], host: str) -> list[Family]:

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from . import segment, throttle
+from . import segment, subscribe, throttle
 from .config import Config
 from .errors import LayoutMismatch, SegmentNotFound
 
@@ -120,6 +120,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "supervisor": _supervisor(head, now),
         "store": _store(cfg, now),
         **({"farm": _farm(cfg, now)} if cfg.store.backend == "redis" else {}),
+        "subscribers": subscribe.read_all(cfg.database, now),
     }
 
 
@@ -323,6 +324,7 @@ def render(info: dict[str, Any]) -> str:
         f"supervisor  {sup}",
         *([_render_store(info["store"])] if info.get("store") else []),
         *(_render_farm(info["farm"]) if info.get("farm") else []),
+        *render_subscribers(info.get("subscribers") or []),
         "",
         f"{'ACCOUNT':<40} {'EVENT':<16} {'MINUTE':>10} {'LAST 60 S':>10}",
     ]
@@ -356,6 +358,31 @@ def _render_farm(f: dict[str, Any]) -> list[str]:
                  else f"NOT ALIVE ({seen})")
         mark = " (this host)" if h["host"] == f["host"] else ""
         lines.append(f"  {h['host']}{mark}: {state}, {roll}")
+    return lines
+
+
+def render_subscribers(subs: list[dict[str, Any]]) -> list[str]:
+    """``subscriber  bus: running, ...`` a line each (trafficthreshold
+    subscribe, from its stats file: see subscribe.read_all)."""
+    lines = []
+    for sub in subs:
+        heard = ("nothing heard yet" if sub.get("last_heard") is None else
+                 f"last heard {_iso(int(sub['last_heard']))}")
+        state = sub["state"].upper() if sub["state"] == "not running" else sub["state"]
+        where = " ".join(sub.get("addresses") or [])
+        linked = ("" if sub.get("connected") is None else
+                  f", {sub['connected']} of {len(sub.get('addresses') or [])} connected, "
+                  f"{sub.get('disconnects', 0)} disconnects")
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted((sub.get("rejected") or {}).items())
+                            if n)
+        rejected = sum((sub.get("rejected") or {}).values())
+        lines.append(f"subscriber  {sub['name']} ({where}): {state} (stats {sub['age']} s old)"
+                     f"{linked}; {heard}")
+        lines.append(f"            {sub.get('received', 0):,} received, "
+                     f"{sub.get('counted', 0):,} counted, {rejected:,} rejected"
+                     + (f" ({reasons})" if reasons else "")
+                     + (f", {sub['uncounted']:,} not counted (no segment)"
+                        if sub.get("uncounted") else ""))
     return lines
 
 

@@ -1,0 +1,768 @@
+"""``trafficthreshold subscribe``: Bootic's event bus counted into the segment.
+
+The real thing: real pyzmq PUB sockets on loopback TCP ports (two at once),
+a real ``trafficthreshold subscribe`` process (SIGKILLed and restarted), a
+real segment per test, the roll into a real SQLite file and the counts read
+back through the stats API served over HTTP.  The slow joiner is waited
+out with probes: a PUB socket drops what it publishes before the SUB's
+subscription reached it, so each test publishes a probe event until the
+segment has counted one, and only then the events it checks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter as Tally
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+zmq = pytest.importorskip("zmq")
+
+import trafficthreshold  # noqa: E402
+from apps.harness import fetch, fetch_json  # noqa: E402
+from trafficthreshold import api, segment, subscribe  # noqa: E402
+from trafficthreshold.config import load as load_config  # noqa: E402
+from trafficthreshold.rollup import Roller  # noqa: E402
+from trafficthreshold.store import SQLiteStore  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCOUNTS = ["acme", "shop", "b\u00e4ckerei", "a:b", "x.y"]
+STATUSES = ["pending", "paid", "shipped", "refunded"]
+#: Malformed input, each with the reason it is rejected under; ``None`` as
+#: the line: a frame-level fault that has no line form.
+MALFORMED: list[tuple[bytes, bytes | None, str]] = [
+    (b'pageview{"type":"pageview"}', None, "frame"),
+    (b"pageview {not json", b"{not json", "json"),
+    (b'pageview {"type":"pageview","data":{"account":"\xff"}}',
+     b'{"type":"pageview","data":{"account":"\xff"}}', "json"),
+    (b"pageview [1, 2]", b"[1, 2]", "not-object"),
+    (b'pageview {"type":"pageview","data":"acme"}', b'{"type":"pageview","data":"acme"}',
+     "not-object"),
+    (b'pageview {"type":"pageview","data":{}}', b'{"type":"pageview","data":{}}', "account"),
+    (b'pageview {"type":"pageview","data":{"account":7}}',
+     b'{"type":"pageview","data":{"account":7}}', "account"),
+    (b'order {"type":"order","data":{"account":"acme"}}',
+     b'{"type":"order","data":{"account":"acme"}}', "status"),
+    (b'pageview {"type":"pageview","data":{"account":"a/b"}}',
+     b'{"type":"pageview","data":{"account":"a/b"}}', "name"),
+    (b'pageview {"type":"pageview","data":{"account":"all"}}',
+     b'{"type":"pageview","data":{"account":"all"}}', "name"),
+    (b'order {"type":"order","data":{"account":"acme","status":"a/b"}}',
+     b'{"type":"order","data":{"account":"acme","status":"a/b"}}', "name"),
+    (b'signup {"type":"signup","data":{"account":"acme"}}',
+     b'{"type":"signup","data":{"account":"acme"}}', "type"),
+    (b'x {"data":{"account":"acme"}}', b'{"data":{"account":"acme"}}', "type"),
+]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def bootic_events(n: int, seed: int) -> tuple[list[bytes], list[bytes], Tally, Tally]:
+    """n frames in Bootic's format, their lines (JSON without a topic), the
+    counts they make, by (account, event) with ``all`` and funnel keys
+    ``order/<status>``, and the rejections by reason (1 % malformed)."""
+    rnd = random.Random(seed)
+    frames, lines, counts, rejected = [], [], Tally(), Tally()
+    for i in range(n):
+        if i % 100 == 37:
+            frame, line, reason = MALFORMED[(i // 100) % len(MALFORMED)]
+            frames.append(frame)
+            rejected[reason] += 1
+            if line is not None:
+                lines.append(line)
+            continue
+        account = rnd.choice(ACCOUNTS)
+        if rnd.random() < 0.2:
+            status = rnd.choice(STATUSES)
+            event = {"type": "order", "data": {"account": account, "status": status}}
+            keys = [f"order/{status}"]
+            topic = "order"
+        else:
+            data: dict[str, Any] = {"account": account, "url": f"/p/{i}"}
+            keys = ["pageview"]
+            unq = rnd.choice(["1", "0", 1, None])
+            if unq is not None:
+                data["unq"] = unq
+            if unq == "1":  # the string "1" only, as Bootic's tracker
+                keys.append("unique")
+            event = {"type": "pageview", "time": "2013-09-05T10:00:00Z", "data": data}
+            topic = "pageview"
+        compact = rnd.random() < 0.5
+        payload = json.dumps(event, ensure_ascii=rnd.random() < 0.5,
+                             separators=(",", ":") if compact else None).encode()
+        # Bootic's regular expression takes any whitespace after the topic;
+        # a tab alone only before JSON without spaces (see
+        # test_frames_split_as_bootics_regular_expression).
+        frames.append(topic.encode() + rnd.choice([b" ", b"  ", b" \t"] + [b"\t"] * compact)
+                      + payload)
+        lines.append(payload)
+        for key in keys:
+            counts[account, key] += 1
+            counts["all", key] += 1
+    return frames, lines, counts, rejected
+
+
+def ring_count(counter: Any, account: str | None, event: str) -> int:
+    """What the segment ring holds for (account, event), over every minute."""
+    slot = counter.find(None if account == "all" else account, event)
+    if slot is None:
+        return 0
+    now = int(time.time() // 60)
+    return sum(n for s, _m, n in counter.minutes(now - 30, now + 1) if s == slot)
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0, proc: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the subscriber exited ({proc.returncode}) while waiting "
+                                 f"for {what}:\n{proc.log()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}"
+                                 + (f":\n{proc.log()}" if proc is not None else ""))
+        time.sleep(0.01)
+
+
+class Publisher:
+    """A real PUB socket bound to a free loopback port; never drops (SNDHWM
+    0: the tests count every event; docs/subscribe.rst says what a bounded
+    one loses)."""
+
+    def __init__(self, context: Any) -> None:
+        self.sock = context.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    def probe(self, counter: Any, account: str, proc: Any, timeout: float = 30.0) -> int:
+        """The slow joiner: publish a page view of ``account`` until the
+        segment counted one; returns how many were sent."""
+        sent = 0
+        deadline = time.monotonic() + timeout
+        while ring_count(counter, account, "pageview") == 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the subscriber never counted a probe:\n{proc.log()}")
+            self.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}'
+                           % account.encode())
+            sent += 1
+            time.sleep(0.01)
+        return sent
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class SubscriberProcess:
+    """``trafficthreshold subscribe`` as a real process, its log in a file."""
+
+    def __init__(self, config: Path, *args: str, stdin: Any = subprocess.DEVNULL) -> None:
+        self.log_path = config.parent / f"subscriber-{time.monotonic_ns()}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRAFFICTHRESHOLD_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "trafficthreshold.cli", "--config", str(config),
+                 "subscribe", *args], env=env, stdin=stdin, stdout=log_file,
+                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@pytest.fixture
+def bus(key: int, tmp_path: Path) -> Any:
+    """An installed SysV segment, a config pointing at it (database in
+    tmp_path, UTC), a zmq context, a Counter attached to the segment; every
+    subscriber process and publisher started through it is stopped after."""
+    segment.install(key, "sysv")
+    config = tmp_path / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{tmp_path}/stats.sqlite3"\n'
+                      'timezone = "UTC"\n[http]\nenabled = false\n')
+    context = zmq.Context()
+    counter = segment.attach(key, "sysv")
+
+    class Bus:
+        pass
+
+    b = Bus()
+    b.config, b.key, b.counter, b.tmp = config, key, counter, tmp_path
+    b.procs, b.pubs = [], []
+
+    def publisher() -> Publisher:
+        pub = Publisher(context)
+        b.pubs.append(pub)
+        return pub
+
+    def subscriber(*args: str, **kw: Any) -> SubscriberProcess:
+        proc = SubscriberProcess(config, *args, **kw)
+        b.procs.append(proc)
+        return proc
+
+    b.publisher, b.subscriber = publisher, subscriber
+    yield b
+    for proc in b.procs:
+        if proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+    for pub in b.pubs:
+        pub.close()
+    context.term()
+    counter.detach()
+
+
+def stats_file(tmp_path: Path, name: str) -> dict[str, Any]:
+    return json.loads((tmp_path / "subscribers" / f"{name}.json").read_text())
+
+
+def read_back(config: Path, counter: Any, serve: Any, counts: Tally) -> None:
+    """Roll the ring into the SQLite store and read every expected count
+    back through the stats API: page views, uniques, funnels."""
+    cfg = load_config(str(config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone) as store:
+        Roller(counter, store).roll(time.time(), include_current=True)
+    server = serve(api.make_app(cfg))
+    years = sorted({time.gmtime().tm_year, time.gmtime(time.time() - 120).tm_year})
+    funnels: dict[str, Tally] = {}
+    for (account, key), n in counts.items():
+        if key.startswith("order/"):
+            funnels.setdefault(account, Tally())[key.split("/", 1)[1]] += n
+            continue
+        got = 0
+        for year in years:
+            status, body = fetch_json(f"{server.url}api/stats/track/"
+                                      f"{urlquote(account)}/{key}/{year}")
+            assert status == 200, body
+            got += body["total"]
+        assert got == n, (account, key)
+    for account, by_status in funnels.items():
+        got = Tally()
+        for year in years:
+            status, body = fetch_json(f"{server.url}api/stats/funnels/"
+                                      f"{urlquote(account)}/order/{year}")
+            assert status == 200, body
+            got.update(body["data"])
+        assert got == by_status, account
+
+
+def urlquote(name: str) -> str:
+    import urllib.parse
+    return urllib.parse.quote(name, safe="")
+
+
+# ------------------------------------------------------------------ the bus
+
+
+def test_two_publishers_100k_bootic_events_exact_counts_through_the_api(bus, serve):
+    """100,000 events from two PUB sockets at once (1 % malformed): every
+    page view, unique and funnel count exact per account and for all, read
+    back through the stats API after a roll; each rejection under its
+    reason in the stats file."""
+    pubs = [bus.publisher(), bus.publisher()]
+    proc = bus.subscriber(*(p.address for p in pubs), "--name", "bus")
+    probes = [pub.probe(bus.counter, f"probe{i}", proc) for i, pub in enumerate(pubs)]
+    batches = [bootic_events(50_000, seed) for seed in (1, 2)]
+
+    def publish(pub: Publisher, frames: list[bytes], end: str) -> None:
+        for frame in frames:
+            pub.sock.send(frame)
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % end.encode())
+
+    # Each PUB socket is used by its own thread only (ZMQ sockets are not
+    # thread-safe); both publish at once.
+    threads = [threading.Thread(target=publish, args=(pub, frames, f"end{i}"))
+               for i, (pub, (frames, _l, _c, _r)) in enumerate(zip(pubs, batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # One connection delivers in order: the end marker counted means every
+    # event its publisher sent before it was handled.
+    wait_for("both end markers", lambda: ring_count(bus.counter, "end0", "pageview")
+             and ring_count(bus.counter, "end1", "pageview"), proc=proc)
+    counts = batches[0][2] + batches[1][2]
+    rejected = batches[0][3] + batches[1][3]
+    extra = {f"probe{i}": ring_count(bus.counter, f"probe{i}", "pageview") for i in (0, 1)}
+    assert all(1 <= extra[f"probe{i}"] <= probes[i] for i in (0, 1))
+    extra.update(end0=1, end1=1)
+    for account, n in extra.items():
+        counts[account, "pageview"] += n
+        counts["all", "pageview"] += n
+    for (account, key), n in counts.items():
+        assert ring_count(bus.counter, account, key) == n, (account, key)
+    assert proc.stop() == 0
+    info = stats_file(bus.tmp, "bus")
+    assert info["stopped"] and info["connected"] == 2 and info["disconnects"] == 0
+    assert {r: n for r, n in info["rejected"].items() if n} == dict(rejected)
+    sent = 100_000 + sum(extra.values())
+    assert info["received"] == sent
+    assert info["counted"] == sent - sum(rejected.values())
+    read_back(bus.config, bus.counter, serve, counts)
+
+
+def test_sigkill_mid_stream_and_restart_counts_nothing_twice(bus):
+    """The subscriber SIGKILLed while events flow, then started again: what
+    was counted stays counted once; what was in flight when it died, or
+    published while no subscriber was connected, is lost (PUB/SUB by
+    design), never counted twice."""
+    pub = bus.publisher()
+    first = bus.subscriber(pub.address, "--name", "k")
+    pub.probe(bus.counter, "probe", first)
+    frame = b'pageview {"type":"pageview","data":{"account":"acme","unq":"1"}}'
+    for _ in range(5000):
+        pub.sock.send(frame)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-a"}}')
+    wait_for("phase A", lambda: ring_count(bus.counter, "end-a", "pageview"), proc=first)
+    stop = threading.Event()
+    streamed = [0]
+
+    def stream() -> None:
+        mid = b'order {"type":"order","data":{"account":"mid","status":"paid"}}'
+        while not stop.is_set():
+            pub.sock.send(mid)
+            streamed[0] += 1
+            if streamed[0] % 100 == 0:
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        wait_for("the stream", lambda: ring_count(bus.counter, "mid", "order/paid") > 500,
+                 proc=first)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        # The name's lock died with it: the same name starts again at once.
+        second = bus.subscriber(pub.address, "--name", "k")
+        wait_for("the stream again",
+                 lambda: ring_count(bus.counter, "mid", "order/paid") > 0
+                 and stats_file(bus.tmp, "k")["pid"] == second.proc.pid
+                 and stats_file(bus.tmp, "k")["counted"] > 100, proc=second)
+    finally:
+        stop.set()
+        thread.join(30)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-c"}}')
+    for _ in range(5000):
+        pub.sock.send(frame)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-d"}}')
+    wait_for("phase C", lambda: ring_count(bus.counter, "end-d", "pageview"), proc=second)
+    assert ring_count(bus.counter, "acme", "pageview") == 10_000
+    assert ring_count(bus.counter, "acme", "unique") == 10_000
+    assert ring_count(bus.counter, "all", "unique") == 10_000
+    mid = ring_count(bus.counter, "mid", "order/paid")
+    assert 500 < mid <= streamed[0]
+    assert ring_count(bus.counter, None, "order/paid") == mid
+    assert second.stop() == 0
+    info = stats_file(bus.tmp, "k")
+    # The second process counted its share of "mid", then phase C (5,000
+    # and two markers); the first one's share is the rest, over 500.
+    assert info["pid"] == second.proc.pid and info["counted"] == info["received"]
+    second_share = info["counted"] - 5002
+    assert second_share > 100 and mid - second_share > 500
+
+
+def test_subscribe_dash_counts_the_same_from_a_file(bus, serve):
+    """``subscribe -`` reads the same events as JSON lines (no topic) and
+    gives the same counts; it exits 0 at the end of the file."""
+    frames, lines, counts, rejected = bootic_events(50_000, 1)
+    del rejected["frame"]
+    path = bus.tmp / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n\n" + b"x" * 70_000 + b"\n")
+    rejected["size"] += 1
+    with open(path, "rb") as stdin:
+        proc = bus.subscriber("-", stdin=stdin)
+        assert proc.proc.wait(60) == 0, proc.log()
+    for (account, key), n in counts.items():
+        assert ring_count(bus.counter, account, key) == n, (account, key)
+    info = stats_file(bus.tmp, "stdin")
+    assert info["stopped"] and info["connected"] is None
+    assert {r: n for r, n in info["rejected"].items() if n} == dict(rejected)
+    assert info["received"] == len(lines) + 1
+    assert info["counted"] == len(lines) - sum(rejected.values()) + 1
+    read_back(bus.config, bus.counter, serve, counts)
+
+
+def test_an_oversized_frame_is_bounded_and_the_subscriber_connects_again(bus):
+    """A frame over --max-size never reaches memory: libzmq drops the
+    connection (a protocol error, after which it would not reconnect by
+    itself); the subscriber connects again and counts the next events."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "big", "--max-size", "1000")
+    pub.probe(bus.counter, "probe", proc)
+    pub.sock.send(b"pageview " + b"x" * 5000)
+    pub.probe(bus.counter, "after", proc)
+    assert proc.stop() == 0
+    info = stats_file(bus.tmp, "big")
+    assert info["disconnects"] == 1 and info["connected"] == 1
+    assert info["received"] == info["counted"]  # the big frame was never received
+    assert "disconnected from tcp://127.0.0.1:" in proc.log()
+
+
+def test_a_second_subscriber_of_the_same_name_is_refused(bus):
+    pub = bus.publisher()
+    leftover = bus.tmp / "subscribers" / "one.json.12345.tmp"  # a SIGKILL mid-write
+    leftover.parent.mkdir()
+    leftover.write_text("{")
+    first = bus.subscriber(pub.address, "--name", "one")
+    pub.probe(bus.counter, "probe", first)
+    assert not leftover.exists()
+    second = bus.subscriber(pub.address, "--name", "one")
+    assert second.proc.wait(30) == 1
+    assert "another subscriber named 'one' is running" in second.log()
+    assert first.poll() is None
+
+
+# ------------------------------------------------------- the rules in process
+
+
+@pytest.fixture
+def recorded() -> tuple[subscribe.EventCounter, list[tuple[Any, ...]]]:
+    """An EventCounter whose hits are recorded, checked as hit() checks."""
+    calls: list[tuple[Any, ...]] = []
+
+    def hit(account: str, event: str, *, status: str | None = None) -> None:
+        from trafficthreshold import names
+        names.validate(account, names.funnel_event(event, status) if status else event)
+        calls.append((account, event, status))
+
+    return subscribe.EventCounter(["click"], hit=hit), calls
+
+
+@pytest.mark.parametrize("frame, payload", [
+    (b'pageview {"a":1}', b'{"a":1}'),
+    (b' {"a":1}', b'{"a":1}'),                       # no topic: leading whitespace
+    (b'pageview \t {"a": 1}', b'{"a": 1}'),
+    (b'pageview\t{"a":1}', b'{"a":1}'),               # a tab, JSON without spaces
+    (b'pageview\t{"a": 1}', b'1}'),                   # Bootic's [^ ]+ runs to the space
+    (b'pageview {"a":1}\n{"b":2}', b'{"a":1}'),       # Go's . stops at a line feed
+    (b'{"a":1}', None),                               # no whitespace: no match
+    (b'pageview ', None),
+    (b'', None),
+])
+def test_frames_split_as_bootics_regular_expression(frame, payload):
+    """bootic_zmq's ``^(?:[^ ]+)?\\s+(.+)`` with Go's ``\\s`` and ``.``;
+    the fast path agrees with it."""
+    found = subscribe.FRAME.match(frame)
+    assert (found.group(1) if found else None) == payload
+    seen: list[bytes] = []
+    tally = subscribe.EventCounter()
+    tally.payloads = seen.extend  # what the frame split hands on
+    tally.frames([frame])
+    assert seen == ([payload] if payload is not None else [])
+    assert tally.rejected["frame"] == (payload is None)
+
+
+def test_bootics_rules_and_every_rejection(recorded, caplog):
+    tally, calls = recorded
+    good = [b'{"type":"pageview","data":{"account":"acme","unq":"1"}}',
+            b'{"type":"pageview","data":{"account":"acme","unq":1}}',
+            b'{"type":"pageview","data":{"account":"acme","unq":"0"}}',
+            b'{"type":"order","data":{"account":"acme","status":"paid"}}',
+            b'{"type":"click","data":{"account":"acme","unq":"1"}}']
+    tally.payloads(good + [line for _f, line, _r in MALFORMED if line is not None])
+    assert calls == [("acme", "pageview", None), ("acme", "unique", None),
+                     ("acme", "pageview", None), ("acme", "pageview", None),
+                     ("acme", "order", "paid"), ("acme", "click", None)]
+    expected = Tally(reason for _f, line, reason in MALFORMED if line is not None)
+    assert {r: n for r, n in tally.rejected.items() if n} == expected
+    assert tally.counted == 5 and tally.received == 5 + sum(expected.values())
+    with pytest.raises(ValueError, match="counted already"):
+        subscribe.EventCounter(["order"])
+    with pytest.raises(ValueError, match="contains '/'"):
+        subscribe.EventCounter(["a/b"])
+
+
+def test_each_reason_is_logged_once_a_minute(caplog):
+    caplog.set_level(logging.WARNING, logger="trafficthreshold.subscribe")
+    clock = [1000.0]
+    tally = subscribe.EventCounter(hit=lambda *a, **k: None, clock=lambda: clock[0])
+    for _ in range(5):
+        tally.payloads([b"nope", b"[1]"])
+    assert [r.getMessage().split(" (")[1].split(":")[0] for r in caplog.records] == [
+        "json", "not-object"]
+    caplog.clear()
+    clock[0] += 59
+    tally.payloads([b"nope"])
+    assert not caplog.records
+    clock[0] += 1
+    tally.payloads([b"nope", b"nope"])
+    assert len(caplog.records) == 1
+    assert "5 more not logged since the last report" in caplog.records[0].getMessage()
+    assert tally.rejected["json"] == 8 and tally.rejected["not-object"] == 5
+
+
+def test_no_segment_fails_open_with_one_warning(key, caplog):
+    """hit()'s own fail-open: nothing counted, one warning, and the events
+    are tallied as received but not counted (``uncounted``)."""
+    caplog.set_level(logging.WARNING, logger="trafficthreshold")
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    try:
+        tally = subscribe.EventCounter()
+        line = b'{"type":"pageview","data":{"account":"acme"}}'
+        tally.payloads([line] * 3)
+        tally.payloads([line, b'{"type":"pageview","data":{"account":"a/b"}}'])
+        assert (tally.received, tally.counted, tally.uncounted) == (5, 0, 4)
+        assert tally.rejected["name"] == 1  # bad names are still refused
+        warnings = [r for r in caplog.records if "not counting" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
+# ------------------------------------------------------------ the stats files
+
+
+def test_stats_files_say_running_stopped_or_not_running(tmp_path):
+    db = str(tmp_path / "stats.sqlite3")
+    directory = Path(subscribe.stats_dir(db))
+    directory.mkdir()
+    now = 2_000_000_000.0
+    for name, age, stopped in (("live", 1, False), ("done", 50, True), ("dead", 11, False),
+                               ("old", subscribe.FORGET_S + 1, True)):
+        (directory / f"{name}.json").write_text(json.dumps(
+            {"name": name, "updated_at": now - age, "stopped": stopped}))
+    (directory / "torn.json").write_text('{"name": "torn", "upd')
+    for name, bad in (("list", []), ("counts", {"updated_at": now, "received": "many"}),
+                      ("negative", {"updated_at": now, "rejected": {"json": -1}}),
+                      ("no-time", {"received": 1})):
+        (directory / f"{name}.json").write_text(json.dumps(bad))
+    (directory / ".hidden.json").write_text(json.dumps({"updated_at": now}))
+    (directory / "x.json.123.tmp").write_text("{}")
+    found = {info["name"]: info["state"] for info in subscribe.read_all(db, now)}
+    assert found == {"live": "running", "done": "stopped", "dead": "not running"}
+    assert subscribe.read_all(str(tmp_path / "elsewhere" / "db"), now) == []
+
+
+@pytest.mark.parametrize("addresses, name", [
+    (["tcp://127.0.0.1:6000"], "tcp-127.0.0.1-6000"),
+    (["-"], "stdin"),
+    (["ipc:///run/bus.sock", "tcp://[::1]:6000"], "ipc-run-bus.sock-tcp-1-6000"),
+    (["tcp://" + "a" * 80 + ":1"], "tcp-" + "a" * 60),
+])
+def test_default_names_can_name_a_file(addresses, name):
+    assert subscribe.check_name(subscribe.default_name(addresses)) == name
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "..", "a b", "x" * 65, "a\\b"])
+def test_names_that_cannot_name_a_file_are_refused(name):
+    with pytest.raises(ValueError, match="--name"):
+        subscribe.check_name(name)
+
+
+# ------------------------------------------- status, /metrics and the dashboard
+
+
+def test_status_metrics_and_dashboard_show_each_subscriber(bus, serve):
+    """A running subscriber (from its stats file, refreshed every second)
+    and a SIGKILLed one (its file goes stale: not running)."""
+    from click.testing import CliRunner
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trafficthreshold.cli import main
+    pub = bus.publisher()
+    live = bus.subscriber(pub.address, "--name", "live")
+    pub.probe(bus.counter, "probe", live)
+    for frame in (b"pageview {nope", b'pageview {"type":"pageview","data":{"account":"a/b"}}',
+                  b'pageview {"type":"pageview","data":{"account":"end"}}'):
+        pub.sock.send(frame)
+    wait_for("the end marker", lambda: ring_count(bus.counter, "end", "pageview"), proc=live)
+    wait_for("the stats file", lambda: stats_file(bus.tmp, "live")["rejected"]["name"] == 1)
+    dead = bus.tmp / "subscribers" / "dead.json"
+    dead.write_text(json.dumps({"name": "dead", "addresses": ["tcp://10.0.0.9:6000"],
+                                "updated_at": time.time() - subscribe.STALE_S - 5,
+                                "received": 3, "counted": 3, "rejected": {}, "connected": 0,
+                                "disconnects": 0, "last_heard": None, "stopped": False}))
+
+    result = CliRunner().invoke(main, ["status", "--config", str(bus.config), "--json"])
+    assert result.exit_code == 0, result.output
+    subs = {s["name"]: s for s in json.loads(result.stdout)["subscribers"]}
+    assert subs["live"]["state"] == "running" and subs["dead"]["state"] == "not running"
+    assert subs["live"]["connected"] == 1 and subs["live"]["rejected"]["json"] == 1
+    text = CliRunner().invoke(main, ["status", "--config", str(bus.config)]).stdout
+    assert f"subscriber  live ({pub.address}): running" in text
+    assert "subscriber  dead (tcp://10.0.0.9:6000): NOT RUNNING" in text
+    assert "2 rejected (json 1, name 1)" in text
+
+    cfg = load_config(str(bus.config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone) as store:  # the daemon's first start
+        Roller(bus.counter, store).roll(time.time())
+    server = serve(api.make_app(cfg))
+    status, _headers, body = fetch(server.url + "metrics")
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body.decode())
+               for s in f.samples}
+    live_label = (("subscriber", "live"),)
+    assert samples["trafficthreshold_subscriber_up", live_label] == 1
+    assert samples["trafficthreshold_subscriber_up", (("subscriber", "dead"),)] == 0
+    assert samples["trafficthreshold_subscriber_events_rejected_total",
+                   (("reason", "json"), ("subscriber", "live"))] == 1
+    assert samples["trafficthreshold_subscriber_events_received_total", live_label] == \
+        samples["trafficthreshold_subscriber_events_counted_total", live_label] + 2
+    assert samples["trafficthreshold_subscriber_connections", live_label] == 1
+    assert samples["trafficthreshold_subscriber_last_heard_timestamp_seconds",
+                   live_label] > time.time() - 60
+
+    status, _headers, body = fetch(server.url)
+    html = body.decode()
+    assert status == 200 and 'id="subscribers"' in html
+    assert 'data-subscriber="live"' in html and 'data-subscriber="dead"' in html
+    assert "not running" in html and "json 1" in html
+
+
+def test_deeply_nested_json_is_rejected_not_a_crash(recorded):
+    """Within --max-size, ``[[[[...`` 60,000 deep makes json.loads raise
+    RecursionError, not ValueError: one such frame must not kill the
+    subscriber (and with it, every event until systemd restarts it)."""
+    tally, calls = recorded
+    tally.frames([b"pageview " + b"[" * 60_000, b'x {"a":' * 30_000,
+                  b'pageview {"type":"pageview","data":{"account":"acme"}}'])
+    assert tally.rejected["json"] == 2 and tally.rejected["frame"] == 0
+    assert calls == [("acme", "pageview", None)] and tally.received == 3
+
+
+@pytest.mark.parametrize("account", ["\\ud800", "\\u0007bell", "~overflow", "x" * 65])
+def test_names_hit_refuses_are_rejected_by_name(recorded, account):
+    tally, calls = recorded
+    tally.payloads([b'{"type":"pageview","data":{"account":"%s"}}' % account.encode()])
+    assert tally.rejected["name"] == 1 and not calls
+
+
+def test_the_fast_split_is_the_regular_expression():
+    """The split without the regular expression gives what it gives, on
+    every frame (a property test over the characters that matter)."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.lists(st.sampled_from([b" ", b"\t", b"\n", b"\r", b"{", b"}", b"a", b"\x0b",
+                                     b"\xc3\xa4"]), max_size=12).map(b"".join))
+    def check(frame: bytes) -> None:
+        seen: list[bytes] = []
+        tally = subscribe.EventCounter()
+        tally.payloads = seen.extend
+        tally.frames([frame])
+        found = subscribe.FRAME.match(frame)
+        assert seen == ([found.group(1)] if found else [])
+
+    check()
+
+
+# ------------------------------------------------------------ the command line
+
+
+def test_sighup_is_no_death_and_sigterm_a_clean_stop(bus):
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "hup")
+    pub.probe(bus.counter, "probe", proc)
+    proc.proc.send_signal(signal.SIGHUP)
+    pub.probe(bus.counter, "after-hup", proc)
+    assert proc.stop() == 0
+    assert "SIGHUP: nothing to reload" in proc.log()
+    assert stats_file(bus.tmp, "hup")["stopped"] is True
+
+
+@pytest.mark.parametrize("args, words", [
+    (["foo://bar"], "cannot connect a SUB socket to foo://bar"),
+    (["-", "tcp://127.0.0.1:1"], "ADDRESS '-' (standard input) goes alone"),
+    (["tcp://127.0.0.1:1", "--name", "../x"], "subscriber name '../x' is not valid"),
+    (["tcp://127.0.0.1:1", "--type", "order"], "--type order: order events are counted"),
+])
+def test_errors_are_one_line_naming_the_fix(bus, args, words):
+    proc = bus.subscriber(*args)
+    assert proc.proc.wait(30) in (1, 2)
+    assert words in proc.log() and "Traceback" not in proc.log()
+
+
+def test_without_pyzmq_the_error_names_the_extra(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    monkeypatch.setitem(sys.modules, "zmq", None)  # import zmq raises ImportError
+    config = tmp_path / "config.toml"
+    config.write_text(f'database = "{tmp_path}/stats.sqlite3"\n')
+    result = CliRunner().invoke(main, ["subscribe", "--config", str(config),
+                                       "tcp://127.0.0.1:6000"])
+    assert result.exit_code == 1
+    assert "pip install 'trafficthreshold[zmq]'" in result.stderr
+
+
+def test_counts_stay_in_the_ring_through_a_supervisor_restart(bus):
+    """The real daemon (`trafficthreshold run`) SIGKILLed while the
+    subscriber counts, then started again and stopped with SIGTERM (its
+    final roll takes the open minute): the store holds every event counted,
+    exactly once."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "ring")
+    pub.probe(bus.counter, "probe", proc)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAFFICTHRESHOLD_",
+                                                                     "NOTIFY_SOCKET"))}
+    env["TRAFFICTHRESHOLD_CONFIG"] = str(bus.config)
+
+    def daemon() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "run",
+                                 "--no-http"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+
+    def publish(n: int, end: str) -> None:
+        for i in range(n):
+            pub.sock.send(b'order {"type":"order","data":{"account":"acme","status":"%s"}}'
+                          % STATUSES[i % 4].encode())
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % end.encode())
+        wait_for(end, lambda: ring_count(bus.counter, end, "pageview"), proc=proc)
+
+    first = daemon()
+    try:
+        wait_for("the daemon's start", lambda: Path(bus.tmp, "stats.sqlite3").exists())
+        publish(4000, "end-a")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        publish(4000, "end-b")  # nobody rolls meanwhile: the ring keeps them
+        second = daemon()
+        publish(4000, "end-c")
+        time.sleep(1)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.stdout.read().decode()
+    finally:
+        for p in (first, locals().get("second")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    years = {time.gmtime().tm_year, time.gmtime(time.time() - 120).tm_year}
+    with SQLiteStore(str(bus.tmp / "stats.sqlite3"), "UTC") as store:
+        funnel = Tally()
+        for year in years:
+            funnel.update(store.funnel("acme", "order", year)["data"])
+        assert funnel == {status: 3000 for status in STATUSES}
+        assert sum(store.period("all", "pageview", y)["total"] for y in years) == \
+            ring_count(bus.counter, "all", "pageview")
+
+
+def test_a_multipart_message_counts_nothing(recorded):
+    """docs/subscribe.rst: [topic, JSON] is two frames to Bootic's Recv."""
+    tally, calls = recorded
+    tally.frames([b"pageview", b'{"type": "pageview", "data": {"account": "acme"}}',
+                  b"pageview", b'{"type":"pageview","data":{"account":"acme"}}'])
+    assert not calls
+    assert (tally.rejected["frame"], tally.rejected["json"]) == (3, 1)

@@ -1,0 +1,589 @@
+"""Bootic's input side: count the events of a ZMQ event bus (or of JSON lines).
+
+``trafficthreshold subscribe tcp://127.0.0.1:6000`` is Bootic's
+bootic_stats_aggregates in one process: a ZMQ SUB socket *connects* to the
+publisher (to each, when several addresses are given), subscribes to the topics given (default: every message), and
+counts each event into the segment through :func:`trafficthreshold.hit`,
+the workers' own call (the same names rules, the same fail-open: no segment,
+one warning, nothing counted).  Everything after the segment (roll-ups,
+SQLite or the farm's Redis, alerts, the throttle level, the stats API) is
+unchanged.  docs/subscribe.rst says what PUB/SUB loses and what this adds.
+
+Bootic's wire format (bootic/bootic_zmq ``socket.go``): one frame, an
+optional topic, whitespace, then a JSON event, as the regular expression
+``^(?:[^ ]+)?\\s+(.+)`` splits it (Go's ``\\s`` is ``[\\t\\n\\f\\r ]`` and its
+``.`` stops at a line feed: :data:`FRAME` is the same expression).  Bootic's
+rules (bootic_stats_aggregates ``redis_stats/tracker.go``), with the clock
+of this process (Bootic ignored the client's):
+
+* ``{"type": "pageview", "data": {"account": "acme", "unq": "1"}}``: a
+  ``pageview`` of ``acme`` and of ``all``; with ``unq`` the string ``"1"``,
+  a ``unique`` of both too;
+* ``{"type": "order", "data": {"account": "acme", "status": "paid"}}``:
+  the order funnel, ``hit("acme", "order", status="paid")``;
+* ``--type NAME``: events of that type count ``hit(account, NAME)``.
+
+Bad input never stops it: each event that cannot be counted is rejected,
+counted under a reason (:data:`REASONS`), logged once per reason per
+minute, and the next one is counted.
+
+The subscriber is its own process; what it did reaches ``status``,
+``/metrics`` and the dashboard through a JSON file per subscriber,
+``<database directory>/subscribers/<name>.json``, replaced atomically
+(rename) every :data:`STATS_INTERVAL` seconds and at exit; a reader takes a
+file not replaced for :data:`STALE_S` seconds as a subscriber that is not
+running (:func:`read_all`).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import selectors
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any
+
+import trafficthreshold
+from trafficthreshold import _counter, names, notify
+
+log = logging.getLogger("trafficthreshold.subscribe")
+
+#: Bootic's split of a frame into topic and JSON (bootic_zmq socket.go),
+#: with Go's meaning of ``\s`` and ``.`` spelt out.
+FRAME = re.compile(rb"^(?:[^ ]+)?[\t\n\f\r ]+([^\n]+)")
+#: Bootic's default publisher address (bootic_stats_aggregates main.go).
+DEFAULT_ADDRESS = "tcp://127.0.0.1:6000"
+#: The largest frame (ZMQ_MAXMSGSIZE) or line accepted, in bytes.
+DEFAULT_MAX_SIZE = 65536
+#: Messages ZMQ queues for this subscriber before it drops (ZMQ_RCVHWM).
+DEFAULT_HWM = 100_000
+#: Frames taken from the socket in one go before counting them.
+BATCH = 4096
+#: Seconds between two writes of the stats file.
+STATS_INTERVAL = 1.0
+#: A stats file not replaced for this long belongs to a subscriber that is
+#: not running (SIGKILL, hung, a crash): readers say so.
+STALE_S = 10.0
+#: Stats files not replaced for this long are no longer shown (a
+#: subscriber taken out of service); ``rm`` forgets one sooner.
+FORGET_S = 7 * 86400
+#: Why an event was rejected: the reason (a metrics label) and what it means.
+REASONS = {
+    "frame": "the frame is not `topic whitespace JSON`",
+    "size": "the line is longer than --max-size",
+    "json": "the payload is not JSON (or not UTF-8)",
+    "not-object": "the event, or its data, is not a JSON object",
+    "type": "the type is missing or not one counted (pageview, order, --type)",
+    "account": "data.account is missing or not a string",
+    "status": "an order's data.status is missing or not a string",
+    "name": "hit() refuses the account or status name",
+}
+#: Rejections are logged once per reason per this many seconds.
+LOG_EVERY_S = 60.0
+NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+def default_name(addresses: Iterable[str]) -> str:
+    """The subscriber's name when none is given: the addresses with every
+    run of characters outside ``A-Za-z0-9._-`` made one ``-``
+    (``tcp-127.0.0.1-6000``), at most 64 of them; ``stdin`` for ``-``."""
+    addresses = list(addresses)
+    if addresses == ["-"]:
+        return "stdin"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", " ".join(addresses))[:64].strip("-.")
+    return name or "subscriber"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a stats file, else ValueError with the fix."""
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"subscriber name {name!r} is not valid: use 1..64 characters of "
+                         "A-Z a-z 0-9 . _ - (not starting with '.'), e.g. --name shop-bus")
+    return name
+
+
+def stats_dir(database: str) -> str:
+    """Where subscribers write their stats files: ``subscribers/`` beside
+    the database (the daemon's state directory, /var/lib/trafficthreshold
+    under systemd), so the daemon and ``status`` find them from the config."""
+    return os.path.join(os.path.dirname(os.path.abspath(database)), "subscribers")
+
+
+# ------------------------------------------------------------------ counting
+
+
+class EventCounter:
+    """Bootic's rules, counting through :func:`trafficthreshold.hit`, and
+    the tally of what it did.  Not thread-safe: one per subscriber loop.
+
+    ``hit`` is the counting call (``trafficthreshold.hit``, or a
+    ``Counter.hit`` in tests); ``clock`` is monotonic seconds (for the
+    once-a-minute logging)."""
+
+    def __init__(self, types: Iterable[str] = (), *,
+                 hit: Callable[..., Any] = trafficthreshold.hit,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hit, self.clock = hit, clock
+        self.received = 0
+        self.counted = 0
+        #: events that broke no rule but were not counted: no segment (fail open)
+        self.uncounted = 0
+        self.rejected: dict[str, int] = {reason: 0 for reason in REASONS}
+        self._logged: dict[str, float] = {}
+        self._since_log: dict[str, int] = {}
+        self.types = {"pageview": self._pageview, "order": self._order}
+        for name in types:
+            names.check_name("event", name, names.EVENT_MAX)
+            if name in self.types:
+                raise ValueError(f"--type {name}: {name} events are counted already "
+                                 "(Bootic's rules); leave it out")
+            self.types[name] = self._plain
+
+    # The rules: each takes the event's data (a dict) and its type; returns
+    # a reason, or None when it counted.
+    def _pageview(self, data: dict, kind: str) -> str | None:
+        account = data.get("account")
+        if type(account) is not str:
+            return "account"
+        self.hit(account, "pageview")
+        if data.get("unq") == "1":
+            self.hit(account, "unique")
+        return None
+
+    def _order(self, data: dict, kind: str) -> str | None:
+        account, status = data.get("account"), data.get("status")
+        if type(account) is not str:
+            return "account"
+        if type(status) is not str:
+            return "status"
+        self.hit(account, "order", status=status)
+        return None
+
+    def _plain(self, data: dict, kind: str) -> str | None:
+        account = data.get("account")
+        if type(account) is not str:
+            return "account"
+        self.hit(account, kind)
+        return None
+
+    def frames(self, frames: Iterable[bytes]) -> None:
+        """Count ZMQ frames in Bootic's format (``topic {json}``)."""
+        split = FRAME.match
+        payloads = []
+        append = payloads.append
+        for msg in frames:
+            # The common case without the regular expression: a topic with
+            # no space, one space, a JSON object on one line.  What the
+            # expression does for it: [^ ]+ stops at the space, \s+ takes
+            # it (a '{' follows), (.+) the rest (no line feed).
+            i = msg.find(b" ")
+            if i >= 0 and msg[i + 1:i + 2] == b"{" and b"\n" not in msg:
+                append(msg[i + 1:])
+                continue
+            found = split(msg)
+            if found is None:
+                self.received += 1
+                self.reject("frame", msg)
+            else:
+                append(found.group(1))
+        self.payloads(payloads)
+
+    def payloads(self, payloads: Iterable[bytes]) -> None:
+        """Count JSON events (a frame's payload, or a line of ``subscribe -``)."""
+        loads, types, reject = json.loads, self.types, self.reject
+        received = counted = 0
+        for payload in payloads:
+            received += 1
+            try:
+                event = loads(payload.decode())
+            except (ValueError, RecursionError):
+                # UnicodeDecodeError, JSONDecodeError, and nesting deeper
+                # than the interpreter's recursion limit ("[[[[...").
+                reject("json", payload)
+                continue
+            if type(event) is not dict:
+                reject("not-object", payload)
+                continue
+            kind = event.get("type")
+            rule = types.get(kind) if type(kind) is str else None
+            if rule is None:
+                reject("type", payload)
+                continue
+            data = event.get("data")
+            if type(data) is not dict:
+                reject("not-object", payload)
+                continue
+            try:
+                reason = rule(data, kind)
+            except (ValueError, TypeError) as exc:
+                reject("name", payload, exc)
+                continue
+            if reason is not None:
+                reject(reason, payload)
+                continue
+            counted += 1
+        self.received += received
+        # Fail open: with no segment hit() counted nothing (and warned once).
+        if self.hit is trafficthreshold.hit and _counter._ensure() is None:
+            self.uncounted += counted
+        else:
+            self.counted += counted
+
+    def reject(self, reason: str, payload: bytes, exc: BaseException | None = None) -> None:
+        """Count a rejection; log it if this reason was not logged in the
+        last minute (with how many were not logged since)."""
+        self.rejected[reason] += 1
+        now = self.clock()
+        last = self._logged.get(reason)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._since_log[reason] = self._since_log.get(reason, 0) + 1
+            return
+        self._logged[reason] = now
+        quiet = self._since_log.pop(reason, 0)
+        log.warning("rejected an event (%s: %s)%s: %r%s (logged once a minute per reason%s)",
+                    reason, REASONS[reason], f": {exc}" if exc is not None else "",
+                    payload[:200], "..." if len(payload) > 200 else "",
+                    f"; {quiet} more not logged since the last report" if quiet else "")
+
+    def tally(self) -> dict[str, Any]:
+        return {"received": self.received, "counted": self.counted,
+                "uncounted": self.uncounted, "rejected": dict(self.rejected)}
+
+
+# ------------------------------------------------------------------ sources
+
+
+def lines(stream: IO[bytes] | int, max_size: int, on_oversize: Callable[[bytes], None],
+          timeout: float = 0.5) -> Iterable[list[bytes] | None]:
+    """Batches of lines read from ``stream`` (a file or descriptor), without
+    their line end; None when nothing came for ``timeout`` seconds (so the
+    caller can write its stats); ends at end of file.  A line longer than
+    ``max_size`` is skipped to its end, ``on_oversize(its start)`` called
+    once for it: memory stays bounded whatever comes in.  Blank lines are
+    skipped."""
+    fd = stream if isinstance(stream, int) else stream.fileno()
+    selector = selectors.DefaultSelector()
+    try:
+        selector.register(fd, selectors.EVENT_READ)
+    except (PermissionError, ValueError):  # a regular file: always readable
+        selector = None
+    buf, skipping = b"", False
+    while True:
+        if selector is not None and not selector.select(timeout):
+            yield None
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            if buf and not skipping:
+                yield [buf.rstrip(b"\r")]
+            return
+        parts = (buf + chunk).split(b"\n")
+        buf = parts.pop()
+        batch = []
+        for part in parts:
+            if skipping:  # the end of a line already rejected
+                skipping = False
+            elif len(part) > max_size:
+                on_oversize(part)
+            elif part.strip():
+                batch.append(part.rstrip(b"\r"))
+        if len(buf) > max_size:
+            if not skipping:
+                on_oversize(buf)
+            buf, skipping = b"", True
+        yield batch
+
+
+class Subscriber:
+    """The ``subscribe`` process: initialize / run / shutdown, like the
+    supervisor.  SIGTERM and SIGINT set a flag; the loop then ends, writes
+    its stats file a last time (``stopped: true``) and returns 0."""
+
+    def __init__(self, addresses: Iterable[str], *, key: int, backend: str, database: str,
+                 topics: Iterable[str] = (), types: Iterable[str] = (), hwm: int = DEFAULT_HWM,
+                 max_size: int = DEFAULT_MAX_SIZE, name: str | None = None,
+                 env: Mapping[str, str] = os.environ, stdin: IO[bytes] | int | None = None) -> None:
+        self.addresses = list(addresses)
+        self.key, self.backend = key, backend
+        self.topics = list(topics) or [""]
+        self.types = list(types)
+        self.hwm, self.max_size = hwm, max_size
+        self.name = check_name(name if name is not None else default_name(self.addresses))
+        self.env = env
+        self.stdin = stdin
+        self.dir = stats_dir(database)
+        self.path = os.path.join(self.dir, self.name + ".json")
+        self.counter = EventCounter(self.types)
+        self.started_at = time.time()
+        self.last_heard: float | None = None
+        #: the endpoints connected now (ZMQ's socket monitor)
+        self.connected: set[str] = set()
+        self.disconnects = 0
+        self._disconnect_logged = -math.inf
+        self.stopping = False
+        self._lock_fd: int | None = None
+        self._next_stats = 0.0
+        self._next_dog = 0.0
+        self._dog = notify.watchdog_interval(env)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def initialize(self) -> None:
+        """Point hit() at the configured segment, take the name's lock (one
+        process per name) and write a first stats file."""
+        trafficthreshold.configure(key=self.key, backend=self.backend, strict=False)
+        os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, self.name + ".lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"another subscriber named {self.name!r} is running (it holds "
+                             f"{self.dir}/{self.name}.lock): stop it, or give this one "
+                             "another --name") from None
+        self._lock_fd = fd
+        # What a SIGKILL between the write and the rename left (other pids).
+        for entry in os.listdir(self.dir):
+            if entry.startswith(self.name + ".json.") and entry.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(self.dir, entry))
+                except OSError:
+                    pass
+        # Attach now: with no segment, hit()'s own warning (once), fail open.
+        _counter._ensure()
+        self.write_stats()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        # SIGHUP would end it by default, and a death by SIGHUP is not one
+        # that Restart=on-failure restarts: the bus would go uncounted.
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self.initialize()
+        try:
+            if self.addresses == ["-"]:
+                self._run_lines()
+            else:
+                self._run_zmq()
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        notify.stopping(self.env)
+        self.stopping = True
+        self.write_stats()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        log.warning("SIGHUP: nothing to reload (the options are the command line's); "
+                    "restart the subscriber to change them")
+
+    def housekeeping(self, force: bool = False) -> None:
+        """The stats file every STATS_INTERVAL s; the watchdog at half its
+        interval, with a status line for `systemctl status`."""
+        now = time.monotonic()
+        if force or now >= self._next_stats:
+            self._next_stats = now + STATS_INTERVAL
+            self.write_stats()
+        if self._dog is not None and now >= self._next_dog:
+            self._next_dog = now + self._dog / 2
+            c = self.counter
+            notify.status(f"{c.received:,} received, {c.counted:,} counted, "
+                          f"{sum(c.rejected.values()):,} rejected", self.env, watchdog=True)
+
+    # ---------------------------------------------------------------- sources
+
+    def _run_lines(self) -> None:
+        c = self.counter
+
+        def oversize(start: bytes) -> None:
+            c.received += 1
+            c.reject("size", start)
+
+        notify.ready(self.env)
+        source = self.stdin if self.stdin is not None else 0
+        for batch in lines(source, self.max_size, oversize):
+            if batch:
+                self.last_heard = time.time()
+                c.payloads(batch)
+            self.housekeeping()
+            if self.stopping:
+                break
+
+    def _socket(self, context: Any) -> tuple[Any, Any]:
+        import zmq
+        sock = context.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_size)
+        sock.setsockopt(zmq.LINGER, 0)
+        for topic in self.topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        for address in self.addresses:
+            sock.connect(address)
+        return sock, monitor
+
+    def _run_zmq(self) -> None:
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+        context = zmq.Context()
+        try:
+            sock, monitor = self._socket(context)
+        except zmq.ZMQError as exc:
+            context.destroy(linger=0)
+            raise ValueError(f"cannot connect a SUB socket to {' '.join(self.addresses)} "
+                             f"({exc}): give addresses such as tcp://127.0.0.1:6000 or "
+                             "ipc:///run/bus.sock") from None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        notify.ready(self.env)
+        recv, again, noblock = sock.recv, zmq.Again, zmq.NOBLOCK
+        try:
+            while not self.stopping:
+                ready = dict(poller.poll(int(STATS_INTERVAL * 500)))
+                if sock in ready:
+                    frames: list[bytes] = []
+                    append = frames.append
+                    try:
+                        for _ in range(BATCH):
+                            append(recv(noblock))
+                    except again:
+                        pass
+                    self.last_heard = time.time()
+                    self.counter.frames(frames)
+                if monitor in ready:
+                    while monitor.poll(0):
+                        self._connection_event(sock, recv_monitor_message(monitor))
+                self.housekeeping()
+        finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            context.term()
+
+    def _connection_event(self, sock: Any, event: dict[str, Any]) -> None:
+        """Follow the connections (ZMQ's socket monitor).  A connection
+        dropped is made again at once, by hand: libzmq reconnects by itself
+        after a network error, but not after a protocol error, which is
+        what a frame over ZMQ_MAXMSGSIZE is (it would leave this subscriber
+        deaf to that publisher for good).  What the publisher sent in
+        between is lost: counted as a disconnect, nothing more is known."""
+        import zmq
+        endpoint = event["endpoint"].decode("utf-8", "replace")
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self.connected.add(endpoint)
+            return
+        if event["event"] != zmq.EVENT_DISCONNECTED:
+            return
+        self.connected.discard(endpoint)
+        self.disconnects += 1
+        now = time.monotonic()
+        if now - self._disconnect_logged >= LOG_EVERY_S:
+            self._disconnect_logged = now
+            log.warning("disconnected from %s (the publisher went away, or sent a frame over "
+                        "--max-size %d bytes): connecting again; what it published meanwhile "
+                        "is lost (%d disconnects so far; logged once a minute)", endpoint,
+                        self.max_size, self.disconnects)
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq forgot it already (the protocol error's case)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            log.error("cannot connect to %s again (%s)", endpoint, exc)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "addresses": self.addresses, "topics": self.topics,
+                "types": self.types, "hwm": self.hwm, "max_size": self.max_size,
+                "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
+                "last_heard": self.last_heard,
+                "connected": None if self.addresses == ["-"] else len(self.connected),
+                "disconnects": self.disconnects, "stopped": self.stopping,
+                **self.counter.tally()}
+
+    def write_stats(self) -> None:
+        """Replace the stats file atomically (a reader sees the old or the
+        new file, never half of one).  A failure is logged, never raised:
+        the counting goes on."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as file:
+                json.dump(self.stats(), file)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write %s (%s): status and /metrics will not show this "
+                        "subscriber", self.path, exc)
+
+
+# ------------------------------------------------------------------ readers
+
+
+def read_all(database: str, now: float) -> list[dict[str, Any]]:
+    """Every subscriber's stats file (sorted by name), each with ``age``
+    (seconds since written) and ``state``: ``running``, ``stopped`` (it
+    exited cleanly) or ``not running`` (not replaced for STALE_S: killed,
+    hung or crashed).  Files older than FORGET_S and unreadable ones are
+    left out (an unreadable one is logged)."""
+    directory = stats_dir(database)
+    try:
+        entries = sorted(e for e in os.listdir(directory) if e.endswith(".json"))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            with open(os.path.join(directory, entry), encoding="utf-8") as file:
+                info = _checked(entry[:-len(".json")], json.load(file))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.debug("skipping subscriber stats %s: %s", entry, exc)
+            continue
+        age = now - info["updated_at"]
+        if age > FORGET_S:
+            continue
+        info["age"] = round(age, 1)
+        info["state"] = ("stopped" if info["stopped"] else
+                         "running" if age <= STALE_S else "not running")
+        found.append(info)
+    return found
+
+
+def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """A stats file's fields with the types the readers use (ValueError,
+    TypeError, KeyError or AttributeError for a file that is not one): a
+    damaged or foreign file must not break /metrics.  The name is the
+    file's, whatever the file says."""
+    def count(value: Any) -> int:
+        n = int(value)
+        if n < 0:
+            raise ValueError(f"negative count {n}")
+        return n
+
+    connected, heard = raw.get("connected"), raw.get("last_heard")
+    return {
+        "name": check_name(name), "addresses": [str(a) for a in raw.get("addresses") or []],
+        "topics": [str(t) for t in raw.get("topics") or []],
+        "pid": raw.get("pid") if isinstance(raw.get("pid"), int) else None,
+        "started_at": raw.get("started_at"), "updated_at": float(raw["updated_at"]),
+        "last_heard": None if heard is None else float(heard),
+        "connected": None if connected is None else count(connected),
+        "disconnects": count(raw.get("disconnects", 0)),
+        "stopped": bool(raw.get("stopped")),
+        **{field: count(raw.get(field, 0)) for field in ("received", "counted", "uncounted")},
+        "rejected": {str(r): count(n) for r, n in (raw.get("rejected") or {}).items()},
+    }
