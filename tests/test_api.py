@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 
-from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, fetch_json, make_config, start_live
+from apps.harness import MINUTE, NOW, minute_at, XSS, ZONE, fetch, fetch_json, make_config, start_live
 from test_segment import RawReader, raw_view
 from trafficthreshold import api, openapi, segment, webserver
 from trafficthreshold.config import HttpConfig
+from trafficthreshold.store import SQLiteStore
 
 TOKEN = "s3cret-token-0123456789abcdef"
 #: The base of the links: make_config's http.listen (the default), not the
@@ -252,14 +253,47 @@ def test_a_store_that_does_not_exist_is_503_and_not_created(
 def test_a_get_on_an_empty_database_file_writes_nothing(
         tmp_path: Path, serve: Callable[..., webserver.Server]) -> None:
     """Reading never writes: an empty file (the daemon has not started
-    yet) answers zeros and keeps its zero bytes, no schema written."""
+    yet) answers the 503 of a missing one and keeps its zero bytes, no
+    schema written."""
     empty = tmp_path / "stats.sqlite3"
     empty.write_bytes(b"")
     server = serve(api.make_app(make_config(str(empty)), now=lambda: NOW))
     status, body = fetch_json(server.url + "api/stats/track/all/pageview/2026")
-    assert status == 200 and sum(body["data"].values()) == 0
+    assert status == 503 and "no period tables yet" in body["message"], body
+    assert "trafficthreshold run" in body["message"]
     assert empty.read_bytes() == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.sqlite3"]
+
+
+def test_a_thread_that_first_saw_an_empty_file_reads_the_tables_made_later(
+        tmp_path: Path) -> None:
+    """Issue #22 item 3: the API kept the first store of each thread, and
+    for a file without tables that was an empty in-memory schema: 200 with
+    zeros, then 404 for accounts that exist, until a restart.  One server
+    thread, so the second request runs where the first did."""
+    path = tmp_path / "stats.sqlite3"
+    path.write_bytes(b"")
+    server = webserver.start(api.make_app(make_config(str(path)), now=lambda: NOW),
+                             "127.0.0.1:0", threads=1)
+    try:
+        for route in ("api/stats/track/acme/pageview/2027", "api/stats/track/acme",
+                      "api/stats/funnels", "", "metrics"):
+            status, _headers, _body = fetch(server.url + route)
+            assert status == 503, route
+        # The daemon starts: it makes the tables and rolls a minute.
+        with SQLiteStore(str(path), ZONE) as store:
+            store.roll([("acme", "pageview", MINUTE, 5), ("all", "pageview", MINUTE, 5)],
+                       now=NOW, closed_through=MINUTE)
+        status, body = fetch_json(server.url + "api/stats/track/acme/pageview/2027")
+        assert status == 200 and body["total"] == 5, body
+        status, body = fetch_json(server.url + "api/stats/track/acme")
+        assert status == 200 and body["links"], body
+        status, _headers, _body = fetch(server.url)
+        assert status == 200
+        status, _headers, body = fetch(server.url + "metrics")
+        assert status == 200 and b'account="acme"' in body, body[:300]
+    finally:
+        server.stop()
 
 
 def test_a_file_that_is_not_a_database_is_503(tmp_path: Path,
@@ -360,6 +394,29 @@ def test_following_the_links_from_the_root_reaches_every_count(
                       "all/signup": 1, "shop/signup": 1, XSS + "/pageview": 4}
 
 
+def test_names_no_url_can_carry_are_not_listed(tmp_path: Path,
+                                              serve: Callable[..., webserver.Server]) -> None:
+    """Issue #22 item 7: a store written before hit() refused '.', '..'
+    and names with '\\' listed them as links that answered 404.  They are
+    left out; every link listed answers 200."""
+    path = str(tmp_path / "stats.sqlite3")
+    minute = minute_at(2026, 5, 1, 0, 0)
+    with SQLiteStore(path, ZONE) as store:
+        store.roll([(account, event, minute, 1) for account, event in [
+            (".", "pageview"), ("..", "pageview"), ("a\\b", "pageview"), ("shop", "."),
+            ("shop", "x\\y"), ("shop", "pageview"), ("all", "pageview")]],
+            now=NOW, closed_through=minute)
+    server = serve(api.make_app(make_config(path), counter_factory=lambda: None,
+                                now=lambda: NOW))
+    track = LINKS + "api/stats/track"
+    _, accounts = fetch_json(server.url + "api/stats/track")
+    assert accounts["links"] == [f"{track}/all", f"{track}/shop"]
+    _, events = fetch_json(server.url + "api/stats/track/shop")
+    assert events["links"] == [f"{track}/shop/pageview"]
+    for link in accounts["links"] + events["links"]:
+        assert fetch_json(local(server, link))[0] == 200, link
+
+
 def test_discovery_links_never_come_from_the_host_header(no_segment: webserver.Server) -> None:
     body = get_with_host(no_segment, "/api/stats/track/acme", "evil.example")
     assert body["links"] == [LINKS + "api/stats/track/acme/pageview"]
@@ -372,7 +429,9 @@ def test_discovery_links_never_come_from_the_host_header(no_segment: webserver.S
     ("api/stats/track/acme/signup", 404, "no counts stored for event 'signup' of account"),
     ("api/stats/track/~bad", 404, "reserved"),
     ("api/stats/track/acme/~bad", 404, "reserved"),
-    ("api/stats/track/..", 404, "not allowed"),
+    ("api/stats/track/..", 404, "cannot carry"),
+    ("api/stats/track/acme/..", 404, "cannot carry"),
+    ("api/stats/track/a\\\\b/pageview/2026", 404, "browsers read"),
     ("api/stats/funnels/nobody", 404, "no funnel counts stored for account 'nobody'"),
     ("api/stats/funnels/acme/order", 404, "no funnel counts stored for event 'order' of"),
     ("api/stats/funnels/acme/~bad", 404, "reserved"),

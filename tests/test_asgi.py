@@ -496,3 +496,46 @@ def test_unique_visitors_under_uvicorn(installed, tmp_path):
     assert harness.segment_count(key, backend, first, last, "site-a.example") == 4
     assert harness.segment_count(key, backend, first, last, "site-a.example", "unique") == 2
     assert harness.segment_count(key, backend, first, last, None, "unique") == 2
+
+
+# ------------------------------------------ one-shot headers iterables (#22)
+
+
+@pytest.mark.parametrize("uniques", [False, True])
+@pytest.mark.parametrize("count_if", [None, pageviews.is_page_view])
+def test_a_one_shot_headers_iterable_reaches_the_server_whole(worker_api, uniques, count_if):
+    """Issue #22 item 6: ASGI allows any iterable for the headers; the
+    middleware searched a generator for Content-Type and passed the
+    exhausted generator on: the page went out without its headers."""
+    headers = [(b"content-type", b"text/html"), (b"x-page", b"1")]
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": (pair for pair in headers)})
+        await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+    mw = TrafficThreshold(app, count_if=count_if, uniques=uniques, account="host",
+                          allowed_hosts=["*"])
+    sent = call(mw, http_scope())
+    got = [tuple(pair) for pair in sent[0]["headers"]]
+    assert got[:2] == headers, got
+    assert total() == 1
+
+
+def test_a_one_shot_scope_headers_iterable_reaches_the_app_whole(worker_api):
+    """The scope's headers may be a one-shot iterable too: the middleware
+    reads Host, Accept and Cookie from it, and the application still sees
+    every header."""
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.extend(scope["headers"])
+        await send({"type": "http.response.start", "status": 304, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    scope = http_scope()
+    pairs = list(scope["headers"])
+    scope["headers"] = iter(pairs)
+    call(TrafficThreshold(app, account="host", allowed_hosts=["*"], uniques=True), scope)
+    assert [tuple(p) for p in seen] == pairs
+    assert (of("site-a.example"), total()) == (1, 1)   # a 304, Accept: text/html

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import time
 
@@ -514,15 +515,20 @@ def test_run_on_an_address_not_of_this_host_says_so(tmp_path, key):
 
 def _as_nobody(argv):
     """Run the CLI in a forked child that became the unprivileged user
-    nobody (os.setuid): returns (exit code, output)."""
+    nobody (os.setuid): returns (exit code, output).  What the child reads
+    of the package comes from a world-readable copy (tt_nobody): the clone
+    may sit in a directory nobody cannot enter."""
     import pwd
+    from tt_nobody import readable_package, use_readable_package
     nobody = pwd.getpwnam("nobody")
+    readable_package()  # made by the parent: the child's copy is gone with it
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 99
         try:
             os.close(read)
+            use_readable_package()
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
@@ -796,6 +802,24 @@ def test_store_migrate_refuses_while_the_daemon_writes_the_file(tmp_path, key, r
     finally:
         counter.detach()
         run(cfg, "uninstall", "--no-rollup")
+
+
+def test_store_migrate_names_the_redis_that_did_not_answer(cfg, tmp_path):
+    """Issue #22 item 10: the one line named the SQLite file ("sqlite
+    .../s.sqlite3 did not answer") and a fix the command never used
+    ([store] url).  It names the --to URL, and what to check."""
+    from trafficthreshold.store import SQLiteStore
+    with SQLiteStore(str(tmp_path / "s.sqlite3"), "UTC") as store:
+        store.roll([("acme", "pageview", 1_800_000_000 // 60, 5)], 1_800_000_100)
+    with socket.socket() as s:          # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run(cfg, "store", "migrate", "--to", f"redis://127.0.0.1:{port}/0", ok=False)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    assert f"redis://127.0.0.1:{port}/0" in out and "--to" in out, out
+    assert "s.sqlite3" not in out and "[store] url" not in out, out
+    assert "run the command again" in out, out
 
 
 def test_store_migrate_refuses_a_password_in_the_url(cfg, tmp_path):

@@ -1073,3 +1073,58 @@ def test_prefix_and_cors_origins_are_read_and_dumped() -> None:
     assert loaded.http.prefix == "/stats"
     assert loaded.http.cors_origins == ("https://dash.example.com:8443", "*", "http://[::1]:3000")
     assert config_module.parse(config_module.dump(loaded)).http == loaded.http
+
+
+# -- URLs: every error names its key (issue #22, items 2, 8, 9, 10) ----------
+
+
+@pytest.mark.parametrize("table, key, value", [
+    ("http", "public_url", "http://[oops"),
+    ("http", "public_url", "https://[::1"),
+    ("http", "cors_origins", ["https://[oops"]),
+    ("http", "cors_origins", ["https://dash.example.com:99999"]),
+    ("mail", "dashboard_url", "http://[oops/"),
+    ("store", "url", "redis://[oops:6379/0"),
+])
+def test_a_url_python_cannot_split_names_its_key(table: str, key: str, value: object) -> None:
+    """urlsplit raises a bare ValueError ("Invalid IPv6 URL") for these: it
+    used to escape without naming the key."""
+    line = single_error(f"[{table}]\n{key} = {json.dumps(value)}")
+    assert line.startswith(f"config.toml: {table}.{key} = "), line
+    assert "Invalid IPv6 URL" in line or "out of range" in line, line
+    assert len(line.split("; ", 1)[1]) > 20, line  # the fix
+
+
+@pytest.mark.parametrize("written, sent", [
+    ("https://dash.example.com:443", "https://dash.example.com"),
+    ("http://dash.example.com:80", "http://dash.example.com"),
+    ("HTTPS://Dash.Example.COM", "https://dash.example.com"),
+    ("https://bücher.example", "https://xn--bcher-kva.example"),
+    ("http://[::1]:8080", "http://[::1]:8080"),
+])
+def test_cors_origins_are_normalized_as_browsers_send_them(written: str, sent: str) -> None:
+    assert parse(f"[http]\ncors_origins = [{written!r}]").http.cors_origins == (sent,)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("https://stats.example.com/?a=1", "query"),
+    ("https://stats.example.com/#top", "fragment"),
+    ("https://stats.example.com/a b", "space"),
+    ("https://stats.example.com:65536/", "port"),
+    ("https://stats.example.com:0/", "port"),
+    ("https://user@stats.example.com/", "user"),
+])
+def test_public_url_that_would_break_every_link_is_refused(value: str, problem: str) -> None:
+    line = single_error(f"[http]\npublic_url = {value!r}")
+    assert line.startswith(f"config.toml: http.public_url = {value!r} "), line
+    assert problem in line.lower(), line
+
+
+@pytest.mark.parametrize("listen", ["[::ffff:127.0.0.1]:8787", "[::ffff:192.0.2.7]:8787"])
+def test_an_ipv4_mapped_listen_address_is_refused_with_the_ipv4_form(listen: str) -> None:
+    """The server binds IPv6 with V6ONLY: a mapped address fails at start
+    (EINVAL) though config check passed."""
+    line = single_error(f"[http]\nlisten = {listen!r}\ntoken = 'abcdefghijklmnop'")
+    assert line.startswith(f"config.toml: http.listen = {listen!r} "), line
+    v4 = listen[len("[::ffff:"):].replace("]", "")
+    assert f'"{v4}"' in line, line

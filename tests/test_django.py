@@ -307,3 +307,49 @@ def test_unique_visitors_through_gunicorn(installed, tmp_path):
     assert again == [(200, None), (200, None), (200, None), (302, None)]
     assert harness.segment_count(key, backend, first, last, "site-a.example") == 3
     assert harness.segment_count(key, backend, first, last, "site-a.example", "unique") == 1
+
+
+# ------------------------------ streaming that fails before its first chunk (#22)
+
+
+def test_a_stream_failing_before_its_first_chunk_is_not_counted(worker_api):
+    """Issue #22 item 4, Django: a streaming response was counted when it
+    came back through the middleware, before its content ran; content that
+    raises before its first chunk is the server's 500."""
+    client = Client()
+    failing = client.get("/stream-fails")
+    assert total() == 0
+    with pytest.raises(RuntimeError):
+        b"".join(failing.streaming_content)
+    assert total() == 0
+    good = client.get("/stream", HTTP_HOST="site-a.example")
+    assert total() == 0                       # not sent yet
+    assert b"".join(good.streaming_content) == b"<p>0</p><p>1</p><p>2</p>"
+    empty = client.get("/stream-empty")
+    assert b"".join(empty.streaming_content) == b""
+    assert (of("site-a.example"), total()) == (1, 2)
+
+
+def test_an_async_stream_failing_before_its_first_chunk_is_not_counted(worker_api):
+    import asyncio
+
+    async def requests():
+        client = AsyncClient()
+        failing = await client.get("/async-stream?fail=1")
+        try:
+            async for _chunk in failing.streaming_content:
+                pass
+        except RuntimeError:
+            pass
+        good = await client.get("/async-stream")
+        return [chunk async for chunk in good.streaming_content]
+
+    assert asyncio.run(requests()) == [b"<p>0</p>", b"<p>1</p>"]
+    assert total() == 1
+
+
+def test_under_waitress_a_failing_stream_is_a_500_and_not_counted(worker_api):
+    statuses = harness.statuses_under_waitress(
+        django_app.application, ["/stream-fails", "/stream", "/stream-fails"])
+    assert statuses == [500, 200, 500]
+    assert (of("site-a.example"), total()) == (1, 1)

@@ -133,3 +133,32 @@ def test_ci_installs_the_build_tools_and_every_peer():
     assert "redis-server --port 6379" in ci
     venv = ci.index("python3 -m venv")
     assert ci.index("apt-get install") < venv < ci.index('python "$bench" --quick')
+
+
+def test_ci_runs_the_readme_in_a_clone_other_users_cannot_enter(tmp_path):
+    """Issue #22 item 12: the suite must pass wherever a user clones it, a
+    0700 directory included (the tests that run code as nobody use a
+    readable copy, tests/tt_nobody.py).  .ci/run clones the commit under
+    test into such a directory and runs the README's command there: its
+    clone step, run here on this repository."""
+    import subprocess
+    _, tests = readme_commands()
+    ci = (ROOT / ".ci" / "run").read_text()
+    step = ci[ci.index("private=$(mktemp"):ci.index('python3 -m venv "$venv"')]
+    assert ci.index(step) < ci.index(tests)
+    step = step.replace("trap ", ": ")   # keep it: this test looks, then removes it
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                           f'src={ROOT}\n{step}\npwd\nstat -c %a "$private"\n'
+                           'git rev-parse HEAD\n'],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    where, mode, commit = done.stdout.split()
+    try:
+        assert mode == "700"
+        assert (pathlib.Path(where) / "README.rst").exists() and pathlib.Path(where).parent != ROOT
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        assert commit == head
+    finally:
+        import shutil
+        shutil.rmtree(pathlib.Path(where).parent)

@@ -109,7 +109,8 @@ def _expected_ok(value: str, limit: int) -> bool:
     return (0 < size <= limit and "/" not in value and ":" not in value
             and not value.startswith("~")
             and not any(unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029"
-                        for c in value))
+                        for c in value)
+            and value not in (".", "..") and "\\" not in value)
 
 
 @given(st.text(max_size=40))
@@ -188,3 +189,34 @@ def test_the_separator_agrees_with_the_c_module_and_no_event_can_contain_it():
     with pytest.raises(ValueError, match="'/'"):
         names.check_name("event", "order/paid", names.EVENT_MAX)
     assert names.split_status("pageview") == ("pageview", None)
+
+
+# -- names a stats URL cannot carry (issue #22 item 7) -------------------------
+
+
+@pytest.mark.parametrize("value, word", [
+    (".", "'.' or '..'"), ("..", "'.' or '..'"), ("a\\b", "'\\'"), ("\\", "'\\'"),
+    ("..\\..", "'\\'"),
+])
+@pytest.mark.parametrize("kind", ["account", "event"])
+def test_names_a_url_cannot_carry_are_refused(kind, value, word):
+    """'.' and '..' are resolved away by every URL library and browser, and
+    browsers read '\\' as '/': counted, they could never be read back."""
+    with pytest.raises(ValueError) as info:
+        names.validate(value, "pageview") if kind == "account" else names.validate("a", value)
+    assert word in str(info.value) and "replace" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", ["...", ".a", "a.", "a..b", "example.com."])
+def test_dots_within_a_name_are_fine(value):
+    names.validate(value, "pageview")
+
+
+def test_hit_refuses_them_and_counts_nothing(worker_api):
+    import trafficthreshold
+    for bad in (".", "..", "a\\b"):
+        with pytest.raises(ValueError):
+            trafficthreshold.hit(bad, "pageview")
+        with pytest.raises(ValueError):
+            trafficthreshold.hit("acme", bad)
+    assert trafficthreshold.count(None, "pageview", window="60s") == 0

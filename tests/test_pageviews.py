@@ -600,3 +600,72 @@ def test_the_day_cookie_is_computed_once_per_second():
 def test_cookie_names_must_be_tokens(name):
     with pytest.raises(ValueError, match="not a valid cookie name"):
         pageviews.check_cookie_name(name)
+
+
+# ------------------------------- one rule, two implementations (issue #22 item 5)
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+#: The table every implementation of the rule is tested against (the PHP
+#: extension's tests read it too).
+CASES = json.loads((Path(__file__).parent / "data" / "pageview_cases.json").read_text())["cases"]
+
+
+def python_rule(status: int, content_type: str | None, accept: str | None) -> bool:
+    """The Python implementation (ASGI, Django): the media type of the
+    header, then is_page_response."""
+    return pageviews.is_page_response(status, pageviews.media_type(content_type), accept)
+
+
+def c_rule(status: int, content_type: str | None, accept: str | None) -> bool:
+    """The C implementation (_middleware.c), through the WSGI middleware:
+    whether a GET answered so is counted."""
+    from trafficthreshold.wsgi import TrafficThreshold
+
+    headers = [] if content_type is None else [("Content-Type", content_type)]
+    def app(environ, start_response):
+        start_response(f"{status} Whatever", headers)
+        return [b""]
+
+    counting = TrafficThreshold(app, count_if=None)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "wsgi.url_scheme": "http"}
+    if accept is not None:
+        environ["HTTP_ACCEPT"] = accept
+    before = total()
+    counting(environ, lambda *args: None)
+    return total() - before == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['status']}-{c['content_type']!r}-"
+                                             f"{c['accept']!r}" for c in CASES])
+def test_both_implementations_follow_the_table(worker_api, case):
+    args = (case["status"], case["content_type"], case["accept"])
+    assert python_rule(*args) is case["counted"], case["why"]
+    assert c_rule(*args) is case["counted"], case["why"]
+
+
+CONTENT_TYPES = st.one_of(
+    st.none(),
+    st.sampled_from(["text/html", "application/xhtml+xml", "text/css", "", " ", ";", "image/png"]),
+    st.builds(lambda pre, t, post, params: pre + t + post + params,
+              st.sampled_from(["", " ", "\t", "\x0b"]),
+              st.sampled_from(["", "text/html", "TEXT/Html", "text/plain", "application/json"]),
+              st.sampled_from(["", " ", "\t"]),
+              st.sampled_from(["", ";", "; charset=utf-8", ";q=1;x=y", ";charset=\"a;b\""])),
+    st.text(max_size=12))
+ACCEPTS = st.one_of(st.none(), st.sampled_from(["text/html", "*/*", "text/html;q=0",
+                                                "image/*,*/*;q=0.8", ""]),
+                    st.text(max_size=12))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(status=st.sampled_from([200, 204, 299, 301, 304, 404, 500]), content_type=CONTENT_TYPES,
+       accept=ACCEPTS)
+def test_the_c_and_python_rules_agree_on_any_response(worker_api, status, content_type, accept):
+    """Whatever the status, Content-Type and Accept: the same verdict (the
+    segment is shared by the examples; each looks at its own difference)."""
+    assert python_rule(status, content_type, accept) is c_rule(status, content_type, accept)

@@ -757,10 +757,13 @@ def test_the_group_reads_a_0440_file_in_a_read_only_directory(daemon_running: bo
         script = (f"from trafficthreshold.store import SQLiteStore\n"
                   f"s = SQLiteStore({path!r}, {ZONE!r}, readonly=True)\n"
                   f"print(s.empty, s.period('acme', 'pageview', 2026, 5)['total'])\n")
-        repo = str(Path(__file__).resolve().parent.parent)
+        # The package from a world-readable copy: the clone may be in a
+        # directory nobody cannot enter (a 0700 mktemp -d, root's home).
+        from tt_nobody import readable_package
         out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                               SYSTEM_PYTHON, "-c", script], capture_output=True, text=True,
-                             env={"PYTHONPATH": repo, "PATH": os.environ.get("PATH", "")},
+                             env={"PYTHONPATH": readable_package(),
+                                  "PATH": os.environ.get("PATH", "")},
                              timeout=30)
         assert out.stdout.strip() == "None 5", out.stderr
         assert sorted(os.listdir(data)) == before

@@ -128,14 +128,17 @@ def test_page_views(worker_api, env, status, headers):
 
 
 def test_response_passes_unchanged(worker_api):
-    """The body iterable is the application's own object (its close() and
-    any file_wrapper stay the server's business), start_response gets the
-    same arguments and its write callable is returned."""
+    """A body with a length is the application's own object (its close()
+    and len() stay the server's business), start_response gets the same
+    arguments and its write callable is returned."""
     class Body:
         closed = False
 
         def __iter__(self):
             return iter([b"a", b"b"])
+
+        def __len__(self):
+            return 2
 
         def close(self):
             self.closed = True
@@ -683,10 +686,10 @@ def test_flask_reads_the_level(flask_client):
     assert b"level 3" in page.data and b"optional block" not in page.data
 
 
-def test_a_restart_while_a_started_body_is_iterated_comes_after_the_decision(worker_api):
-    """The documented limit: an application that started its response in
-    its call is decided at its return; a later exc_info restart, while the
-    server iterates its body, is passed on but does not change the count."""
+def restarting_late(sized: bool = False):
+    """An application that starts its response (200) in its call and
+    returns a body that restarts it as 500 (exc_info) when iterated; with a
+    length if ``sized``."""
     class Restarting:
         def __init__(self, start_response):
             self.start_response = start_response
@@ -698,15 +701,35 @@ def test_a_restart_while_a_started_body_is_iterated_comes_after_the_decision(wor
                 self.start_response("500 Internal Server Error", HTML, sys.exc_info())
             yield b"<p>error</p>"
 
+    class Sized(Restarting):
+        def __len__(self):
+            return 1
+
     def app(environ, start_response):
         start_response("200 OK", HTML)
-        return Restarting(start_response)
+        return (Sized if sized else Restarting)(start_response)
+    return app
 
+
+def test_a_restart_while_a_started_body_is_iterated_decides(worker_api):
+    """An application that started its response in its call and returns a
+    body still to be produced is decided at its first non-empty chunk: an
+    exc_info restart while the server iterates it (500) decides."""
     server = Server()
-    result = TrafficThreshold(app)(environ(), server.start_response)
-    assert total() == 1
+    result = TrafficThreshold(restarting_late())(environ(), server.start_response)
+    assert total() == 0
     assert list(result) == [b"<p>error</p>"]
     assert [call[0] for call in server.calls] == ["200 OK", "500 Internal Server Error"]
+    assert total() == 0
+
+
+def test_a_restart_while_a_sized_body_is_iterated_comes_after_the_decision(worker_api):
+    """The documented limit: a body with a length (passed as it is, for the
+    server's len()) is decided at the application's return; a later
+    exc_info restart while it is iterated does not change the count."""
+    result = TrafficThreshold(restarting_late(sized=True))(environ(), Server().start_response)
+    assert total() == 1
+    assert list(result) == [b"<p>error</p>"]
     assert total() == 1
 
 
@@ -913,3 +936,99 @@ def test_uniques_do_not_leak(worker_api, cookie):
     grown = grown_over(5000, lambda: serve(mw, dict(env)))
     assert grown < 50_000, grown  # a leaked object per request would be > 250 kB
     assert uniques() == ((5500, 5500) if cookie is None else (0, 0))
+
+
+# ------------------------------- a body that fails before its first byte (#22)
+
+
+def failing_body(environ, start_response):
+    """Starts its response in its call, then its body raises before its
+    first byte: the server answers 500."""
+    start_response("200 OK", HTML)
+
+    def body():
+        raise RuntimeError("the template failed")
+        yield b""  # pragma: no cover
+
+    return body()
+
+
+class FailingIterable:
+    """The same as an iterable object (an ORM's lazy rendering, say)."""
+
+    def __init__(self, start_response):
+        start_response("200 OK", HTML)
+
+    def __iter__(self):
+        raise RuntimeError("the template failed")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("app", [failing_body, lambda env, sr: FailingIterable(sr)],
+                         ids=["generator", "iterable"])
+def test_a_body_raising_before_its_first_byte_is_not_counted(worker_api, app):
+    """Issue #22 item 4: the status was decided when the application
+    returned, so a page the visitor received as a 500 was counted."""
+    result = TrafficThreshold(app)(environ(), Server().start_response)
+    assert total() == 0
+    with pytest.raises(RuntimeError):
+        list(result)
+    result.close()
+    assert total() == 0
+
+
+def test_a_list_body_is_decided_at_return_and_passed_as_it_is(worker_api):
+    """Lists (the common case, and what the benchmark serves) cannot fail:
+    counted at return, the list itself handed to the server."""
+    body = [b"<p>hi</p>"]
+    result = TrafficThreshold(lambda env, sr: (sr("200 OK", HTML), body)[1])(
+        environ(), Server().start_response)
+    assert result is body and total() == 1
+
+
+def test_a_body_with_a_length_or_the_file_wrapper_is_passed_as_it_is(worker_api, tmp_path):
+    """The server reads len() (Content-Length) and recognizes its own
+    file_wrapper by type (sendfile): those are never wrapped."""
+    class Sized:
+        def __iter__(self):
+            return iter([b"<p>hi</p>"])
+
+        def __len__(self):
+            return 1
+
+    class FileWrapper:
+        def __init__(self, file):
+            self.file = file
+
+        def __iter__(self):
+            return iter([self.file.read()])
+
+    sized = Sized()
+    assert TrafficThreshold(lambda env, sr: (sr("200 OK", HTML), sized)[1])(
+        environ(), Server().start_response) is sized
+    page = tmp_path / "page.html"
+    page.write_bytes(b"<p>hi</p>")
+    wrapped = FileWrapper(open(page, "rb"))
+    env = environ(**{"wsgi.file_wrapper": FileWrapper})
+    assert TrafficThreshold(lambda env, sr: (sr("200 OK", HTML), wrapped)[1])(
+        env, Server().start_response) is wrapped
+    wrapped.file.close()
+    assert total() == 2
+
+
+def test_under_waitress_a_failing_body_is_a_500_and_not_counted(worker_api):
+    """The same under a real server: waitress answers 500 for the failing
+    body, 200 for the page; one page view counted."""
+    from apps.harness import statuses_under_waitress
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/fails":
+            return failing_body(environ, start_response)
+        start_response("200 OK", HTML)
+        return iter([b"<p>a page</p>"])   # an iterator: counted at its first chunk
+
+    statuses = statuses_under_waitress(TrafficThreshold(app), ["/fails", "/page", "/fails"])
+    assert statuses == [500, 200, 500]
+    assert total() == 1

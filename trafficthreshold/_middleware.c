@@ -31,12 +31,17 @@
  *   200 restarted as 500, as long as no body byte was sent);
  * - when the application returns its body iterable, nothing of it has been
  *   sent (the server has not seen it yet), so the status remembered then is
- *   the one the client gets: the request is decided and counted there,
- *   before the body is returned to the server (settle());
+ *   the one the client gets if the body is a list (or a tuple, an iterable
+ *   with a length, the server's file_wrapper: sent_as_is()): the request is
+ *   decided and counted there, before the body is returned to the server
+ *   (settle());
  * - an application that has not called start_response by then (a
  *   generator: it starts its response while the server iterates) gets its
  *   body wrapped in a Body, which settles at the first non-empty chunk (the
- *   server sends the headers with it) or at the end of an empty body;
+ *   server sends the headers with it) or at the end of an empty body; so
+ *   does one that called it but returned a body still to be produced (a
+ *   generator, an iterator: sent_as_is()), which may raise before its first
+ *   byte, the server then answering 500 (5xx never count);
  * - an application that raises is not counted (the server answers 500).
  *
  * Unique visitors (an option: self.uniques, a pageviews.UniqueCookie): the
@@ -72,7 +77,7 @@ static PyObject *throttle_status_cb; /* trafficthreshold.throttle_status */
 
 /* Interned at module init. */
 static PyObject *str_request_method, *str_path_info, *str_http_accept, *str_failed;
-static PyObject *str_count_if, *str_close;
+static PyObject *str_count_if, *str_close, *str_file_wrapper;
 static PyObject *str_level, *str_hit, *str_decide;
 static PyObject *str_http_cookie, *str_url_scheme, *str_https, *str_at, *str_unique;
 static PyObject *str_set_cookie;
@@ -256,12 +261,33 @@ static int is_not_modified(PyObject *status)
         && (len == 3 || PyUnicode_READ_CHAR(status, 3) == ' ');
 }
 
+/* 1 if the Content-Type value `value` has no media type: empty, blank, or
+ * parameters only (";charset=utf-8"), as pageviews.media_type() finds it
+ * ("" after the part before ';' is stripped, str.strip()'s whitespace). */
+static int no_media_type(PyObject *value)
+{
+    Py_ssize_t i, n;
+    Py_UCS4 ch;
+    if (!PyUnicode_Check(value))
+        return 0;
+    n = PyUnicode_GET_LENGTH(value);
+    for (i = 0; i < n; i++) {
+        ch = PyUnicode_READ_CHAR(value, i);
+        if (ch == ';')
+            return 1;
+        if (!Py_UNICODE_ISSPACE(ch))
+            return 0;
+    }
+    return 1;
+}
+
 /* 1 if the response is a page view by its status and type (the default
  * rule, pageviews.is_page_response; the method and path were checked
  * before the application ran), 0 if not, -1 with an exception set:
  * a 2xx with an HTML Content-Type (the first one); a 304 with an HTML
- * Content-Type, or with none (Django and Werkzeug drop it from a 304)
- * when the request's Accept lists HTML (accepts_html: a browser loading a
+ * Content-Type, or with none (Django and Werkzeug drop it from a 304; an
+ * empty value or parameters only count as none) when the request's
+ * Accept lists HTML (accepts_html: a browser loading a
  * page, not an image or a fetch()).  Other 3xx: never (the page is the
  * redirect's target, counted when it is served). */
 static int is_page(PyObject *status, PyObject *headers, PyObject *environ)
@@ -295,9 +321,9 @@ static int is_page(PyObject *status, PyObject *headers, PyObject *environ)
             continue;
         /* Why the reference: hashing a str subclass or is_html() runs
          * Python code, which could drop the list's last hold on the pair. */
-        found = 1;
         Py_INCREF(item);
         value = PyTuple_GET_ITEM(item, 1);
+        found = !no_media_type(value);
         known = PyDict_GetItemWithError(html_memo, value);  /* borrowed */
         if (known != NULL) {
             rc = known == Py_True ? 1 : PyObject_IsTrue(known);
@@ -741,6 +767,37 @@ static PyObject *wrap_body(StartResponse *sr, PyObject *result)
     return (PyObject *)body;
 }
 
+/* 1 if the body `result` of an application that started its response in
+ * its call goes to the server as it is, and the request is decided now;
+ * 0 if it is wrapped in a Body and decided at its first non-empty chunk.
+ * As it is: a list or tuple (its chunks exist already: iterating it cannot
+ * fail), an iterable with a length (the server may read len() to set
+ * Content-Length: a Body would hide it), and the server's wsgi.file_wrapper
+ * (the server recognizes it by its type, to send the file its own way).
+ * Anything else (a generator, an iterator) may still raise before its first
+ * byte, and the server then answers 500: not a page view.  Never fails: a
+ * check that raises means "as it is". */
+static int sent_as_is(PyObject *result, PyObject *environ)
+{
+    PyTypeObject *type = Py_TYPE(result);
+    PyObject *wrapper;
+    int rc;
+    if (PyList_CheckExact(result) || PyTuple_CheckExact(result)
+        || (type->tp_as_sequence != NULL && type->tp_as_sequence->sq_length != NULL)
+        || (type->tp_as_mapping != NULL && type->tp_as_mapping->mp_length != NULL))
+        return 1;
+    wrapper = PyDict_GetItemWithError(environ, str_file_wrapper);  /* borrowed */
+    if (wrapper == NULL || !PyType_Check(wrapper)) {
+        PyErr_Clear();
+        return 0;
+    }
+    if ((rc = PyObject_IsInstance(result, wrapper)) < 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    return rc;
+}
+
 /* Puts the throttle level in environ[self.environ_key] (0 if it cannot be
  * read).  0, or -1 with a BaseException set. */
 static int put_level(Middleware *mw, PyObject *environ)
@@ -833,11 +890,15 @@ static PyObject *Middleware_call(Middleware *mw, PyObject *args, PyObject *kwarg
     result = PyObject_Vectorcall(app, call, 2, NULL);
     if (result == NULL) {
         wrapper->settled = 1;  /* the application raised: not counted */
-    } else if (wrapper->status != NULL) {
-        /* Its response started and nothing of the body has been sent. */
+    } else if (wrapper->status != NULL && sent_as_is(result, environ)) {
+        /* Its response started and nothing of the body has been sent; the
+         * body is a list (or the like), which cannot fail: decided now. */
         if (settle(wrapper) < 0)
             Py_CLEAR(result);
     } else if (!wrapper->settled) {
+        /* A body still to be produced (a generator: its start_response may
+         * come while it is iterated, or it may raise before its first byte,
+         * the server answering 500): decided at its first non-empty chunk. */
         result = wrap_body(wrapper, result);
     }
     Py_DECREF(wrapper);
@@ -1013,6 +1074,7 @@ PyMODINIT_FUNC PyInit__middleware(void)
     INTERN(str_path_info, "PATH_INFO");
     INTERN(str_http_accept, "HTTP_ACCEPT");
     INTERN(str_close, "close");
+    INTERN(str_file_wrapper, "wsgi.file_wrapper");
     INTERN(str_failed, "_failed");
     INTERN(str_count_if, "_count_if");
     INTERN(str_level, "level");

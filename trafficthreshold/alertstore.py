@@ -43,6 +43,7 @@ brief moments they both write.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sqlite3
@@ -104,6 +105,26 @@ class AlertStoreError(TrafficThresholdError):
     """The alert tables cannot be used (e.g. written by a newer version)."""
 
 
+class AlertDatabaseError(AlertStoreError, sqlite3.DatabaseError):
+    """A sqlite3 error of an :class:`AlertStore` method (a damaged, locked or
+    unreadable file), its message naming the file and the recovery
+    (:func:`trafficthreshold.store.sqlite.describe`).  Both ours (the daemon
+    logs it as one line) and a sqlite3.Error (what the mail worker retries)."""
+
+
+def _mapped(method: Any) -> Any:
+    """Raise every sqlite3 error of an AlertStore method as AlertDatabaseError."""
+    @functools.wraps(method)
+    def wrapper(self: AlertStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except AlertDatabaseError:
+            raise
+        except sqlite3.Error as exc:
+            raise AlertDatabaseError(period_store.describe(self.path, exc)) from exc
+    return wrapper
+
+
 @dataclass(frozen=True)
 class QueuedMail:
     """One row of the outbox."""
@@ -142,7 +163,11 @@ def read_state(conn: sqlite3.Connection) -> AlertState | None:
         row = conn.execute("SELECT value FROM alert_state WHERE key = 'engine'").fetchone()
     except sqlite3.OperationalError:
         return None  # no such table
-    return AlertState() if row is None else alerts.state_from_json(json.loads(row[0]))
+    if row is None:
+        return AlertState()
+    # JSON no writer wrote is a damaged file (Malformed), never a 500.
+    return period_store.parsed(row[0], lambda text: alerts.state_from_json(json.loads(text)),
+                               "alert_state")
 
 
 class AlertStore:
@@ -152,10 +177,17 @@ class AlertStore:
         """``busy_timeout``: seconds to wait for another writer (default:
         the period store's, 5 s)."""
         self.path = path
-        self._conn = connect(path)
-        if busy_timeout is not None:
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._migrate()
+        try:
+            self._conn = connect(path)
+        except period_store.StoreError as exc:
+            raise AlertDatabaseError(str(exc)) from exc
+        try:
+            if busy_timeout is not None:
+                self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     def close(self) -> None:
         self._conn.close()
@@ -478,3 +510,10 @@ class AlertEngine:
             if self.on_queued is not None:
                 self.on_queued()
         return ids
+
+
+# Every method turns sqlite3 errors into AlertDatabaseError (see describe()).
+for _name, _fn in list(vars(AlertStore).items()):
+    if callable(_fn) and (_name == "__init__" or not _name.startswith("_")) \
+            and _name not in ("transaction", "close"):
+        setattr(AlertStore, _name, _mapped(_fn))

@@ -59,15 +59,15 @@ import jinja2
 
 from trafficthreshold import (alerts, alertstore, cors, farm, metrics, names, segment,
                               store as stores, subscribe)
-from trafficthreshold.config import Config
+from trafficthreshold.config import Config, is_loopback
 from trafficthreshold.dashboard import dashboard_context, farm_section, num
-from trafficthreshold.errors import SegmentError, TrafficThresholdError
+from trafficthreshold.errors import ConfigError, SegmentError, TrafficThresholdError
 from trafficthreshold.live import (  # noqa: F401  (re-exported)
     LIVE_MINUTES, Snapshot, farm_view, snapshot)
 from trafficthreshold.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod, segments
 from trafficthreshold.store import SQLiteStore, StoreError
-from trafficthreshold.store.sqlite import connect_readonly
+from trafficthreshold.store.sqlite import Malformed, connect_readonly
 
 log = logging.getLogger("trafficthreshold.api")
 
@@ -196,7 +196,7 @@ def database_problem(path: str, exc: sqlite3.Error) -> str:
     is worth a retry; a damaged one needs a person, and the message says how
     to recover it."""
     damaged = (getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-               or type(exc) is sqlite3.DatabaseError)
+               or type(exc) in (sqlite3.DatabaseError, Malformed))
     if not damaged:
         return (f"the database {path} is not available right now ({exc}); try again; "
                 "if this persists, check the disk and the file's permissions, and the "
@@ -292,6 +292,7 @@ class StatsApp:
         self._dashboard = self._templates.get_template("dashboard.html")
         self._error_page = self._templates.get_template("dashboard_error.html")
         self._routing: Routing | None = None
+        self._public_host: str | None = None  # see serving_on
         self._set_http(config)
 
     def _set_http(self, config: Config) -> None:
@@ -302,10 +303,29 @@ class StatsApp:
                                        farm=config.store.backend == "redis")
         self._cors = frozenset(config.http.cors_origins)
 
+    def serving_on(self, host: str) -> None:
+        """The server calls this with the host it is bound to: on an address
+        other than loopback no reload may take the token away
+        (:meth:`check_reload`), whatever the new ``listen`` says."""
+        self._public_host = None if is_loopback(host) else host
+
+    def check_reload(self, config: Config) -> None:
+        """ConfigError if serving ``config`` where this app is served would
+        break the token rule: no token on a public address."""
+        if self._public_host is not None and not config.http.token:
+            raise ConfigError(
+                f"{config.source}: http.token is empty, but the stats API is served on "
+                f"{self._public_host}, which is not a loopback address (http.listen only "
+                "changes with a restart); keep http.token set, or restart the daemon to "
+                "listen on 127.0.0.1")
+
     def reload(self, config: Config) -> None:
         """SIGHUP: new alert rules, token, public_url, prefix and CORS origins
         from the next request on.  The segment, the database and the time
-        zone stay: changing those needs a restart (the supervisor says so)."""
+        zone stay: changing those needs a restart (the supervisor says so).
+        A config :meth:`check_reload` refuses raises ConfigError and
+        changes nothing."""
+        self.check_reload(config)
         self.config = config
         self._token = config.http.token.encode("ascii")
         self._public_url = public_url(config)
@@ -436,6 +456,14 @@ class StatsApp:
                          else SQLiteStore(self.store_path, self.timezone, readonly=True))
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
+            empty = getattr(store, "empty", None)
+            if empty:
+                # A file without tables yet (the daemon has not made them, or
+                # its first migration failed): a 503 like a missing file, and
+                # nothing kept, so the next request opens the file again and
+                # sees the tables once they are made.
+                store.close()
+                raise HttpError(503, empty)
             self._local.store = store
         return store
 
@@ -539,12 +567,15 @@ class StatsApp:
         404 when nothing is stored there."""
         path = [self._base_url(request) + request.prefix, chart]
         if account is None:
-            children: list[str] = accounts()
+            children: list[str] = _servable(accounts(), "account", names.ACCOUNT_MAX,
+                                            names.OVERFLOW_ACCOUNT)
         else:
             account = _url_name("account", account, names.ACCOUNT_MAX, names.OVERFLOW_ACCOUNT)
             path.append(_quote(account))
             if event is None:
-                children = events(account)
+                # An event name of a funnel key is its event: the names rule.
+                children = _servable(events(account), "event", names.EVENT_MAX,
+                                     names.OVERFLOW_EVENT)
                 what = f"account {account!r}"
             else:
                 event = _url_name("event", event, names.EVENT_MAX, names.OVERFLOW_EVENT)
@@ -843,15 +874,26 @@ def _parse_query(environ: Mapping[str, Any]) -> dict[str, list[str]]:
 
 def _url_name(kind: str, value: str, max_bytes: int, reserved: str) -> str:
     """A name from the path, by the rules of :mod:`trafficthreshold.names`
-    (plus the reserved overflow key); 404 otherwise, and for ``.``/``..``."""
+    (plus the reserved overflow key); 404 otherwise."""
     if value == reserved:
         return value
-    if value in (".", ".."):
-        raise HttpError(404, f"{kind} name {value!r} is not allowed")
     try:
         return names.check_name(kind, value, max_bytes)
     except (TypeError, ValueError) as exc:
         raise HttpError(404, str(exc)) from None
+
+
+def _servable(found: list[str], kind: str, max_bytes: int, reserved: str) -> list[str]:
+    """The names of ``found`` that a URL can carry (:func:`_url_name`): a
+    store written before a rule was added (``.``, ``..``, ``\\``) may hold
+    others, which would be listed as links that answer 404."""
+    kept = []
+    for name in found:
+        try:
+            kept.append(_url_name(kind, name, max_bytes, reserved))
+        except HttpError:
+            log.debug("not listing the %s %r: no URL can carry it", kind, name)
+    return kept
 
 
 def _query_name(request: Request, kind: str, max_bytes: int, reserved: str) -> str | None:

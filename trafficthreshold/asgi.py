@@ -76,6 +76,28 @@ def _content_type(headers: Any) -> str:
     return ""
 
 
+def _keep_headers(message: dict) -> dict:
+    """``message`` (a scope or ``http.response.start``) whose ``headers``
+    can be read more than once: ASGI allows any iterable, and a one-shot
+    one (a generator) that the middleware searched would reach the server
+    (or the application) empty.  A list or tuple, as servers and frameworks
+    send them, stays as it is; a scope is changed in place (it is the
+    request's own), a message is copied.  An iterable that fails to be read
+    is left as it is, for the server to meet (logged once)."""
+    headers = message.get("headers")
+    if headers is None or isinstance(headers, (list, tuple)):
+        return message
+    try:
+        pairs = list(headers)
+    except Exception as exc:
+        pageviews.log_failure(log, "decide", exc)
+        return message
+    if message.get("type") == "http":  # the scope
+        message["headers"] = pairs
+        return message
+    return {**message, "headers": pairs}
+
+
 class TrafficThreshold:
     """Wrap an ASGI application.
 
@@ -108,6 +130,7 @@ class TrafficThreshold:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
+        _keep_headers(scope)
         self._put_level(scope)
         if self.count_if is None and (scope.get("method") not in COUNTED_METHODS
                                       or is_excluded_path(scope.get("path") or "")):
@@ -118,6 +141,7 @@ class TrafficThreshold:
             nonlocal counted
             if not counted and message.get("type") == "http.response.start":
                 counted = True
+                message = _keep_headers(message)
                 try:
                     page = self._is_page_view(scope, message)
                 except Exception as exc:

@@ -626,12 +626,23 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     ring = migrate.refuse_running_daemon(cfg, path)
     with SQLiteStore(path, cfg.timezone, readonly=True) as old:
         instance = old.instance() or 0  # its watermarks carry over under it
-    with stores.open_writer(cfg) as target:  # records or checks the farm's zone
-        if ring:
-            target.cover_ring(ring)
-        with click.progressbar(length=migrate.count_hashes(path), label="hashes",
-                               file=sys.stderr) as bar:
-            summary = migrate.migrate(path, target, instance=instance, progress=bar.update)
+    try:
+        with stores.open_writer(cfg) as target:  # records or checks the farm's zone
+            if ring:
+                target.cover_ring(ring)
+            with click.progressbar(length=migrate.count_hashes(path), label="hashes",
+                                   file=sys.stderr) as bar:
+                summary = migrate.migrate(path, target, instance=instance,
+                                          progress=bar.update)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("redis"):
+            raise
+        # The Redis of --to, not the config's store (_message would name that).
+        raise click.ClickException(
+            f"the Redis of --to, {url}, did not answer ({type(exc).__name__}: {exc}): check "
+            "that it runs there and, if it needs one, the password ([store] password_file "
+            "or password_env); then run the command again: the hashes already copied are "
+            "not copied twice") from exc
     click.echo(f"migrated {path} into {stores.location(cfg)}: {summary.hashes} hashes "
                f"added to, {summary.skipped} with nothing new, {summary.hits:,} hits, "
                f"{summary.watermarks} watermarks"

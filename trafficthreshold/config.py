@@ -321,9 +321,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
-            ipaddress.IPv6Address(host)
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
         except ValueError:
             raise ValueError(f"{host!r} is not an IPv6 address") from None
+        if mapped is not None:  # an IPv6 socket binds it with V6ONLY: EINVAL
+            raise ValueError(f'{host!r} is an IPv4 address written as IPv6, which cannot be '
+                             f'listened on: write "{mapped}:{port}"')
     elif ":" in host:
         raise ValueError(f'write IPv6 addresses in brackets: "[{host}]:{port}"')
     elif re.fullmatch(r"[0-9.]+", host):
@@ -556,13 +559,45 @@ def _token(value: Any) -> str:
     return value
 
 
+def _split_url(url: str, fix: str, problem: str = "is not a valid URL") -> urllib.parse.SplitResult:
+    """``urlsplit(url)`` with its port checked; a URL Python cannot split
+    (an unclosed ``[``: "Invalid IPv6 URL") or a port out of 1..65535 is a
+    :class:`_Bad` with ``fix``, never a bare ValueError."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise _Bad(f"{problem} ({exc})", fix) from None
+    if port == 0:
+        raise _Bad(f"{problem} (port 0)", fix + "; a port is from 1 to 65535")
+    return parts
+
+
 def _url(value: Any) -> str:
+    """An http(s) URL a person follows (``mail.dashboard_url``)."""
     url = _single_line(value)
-    parts = urllib.parse.urlsplit(url)
-    if url and (parts.scheme not in ("http", "https") or not parts.netloc):
-        raise _Bad(
-            "is not an http(s) URL", 'use e.g. "https://stats.example.com/", or "" for the default'
-        )
+    fix = 'use e.g. "https://stats.example.com/", or "" for the default'
+    parts = _split_url(url, fix)
+    if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise _Bad("is not an http(s) URL", fix)
+    if " " in url:
+        raise _Bad("contains a space", fix + "; write a space in a path as %20")
+    return url
+
+
+def _public_url(value: Any) -> str:
+    """``http.public_url``: the base every ``links`` entry is built on, so
+    nothing may follow the path (no query, no fragment), and no user name."""
+    url = _url(value)
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)  # splits: _url checked it
+    fix = 'use scheme://host[:port][/path] only, e.g. "https://stats.example.com/"'
+    for what, present in (("a query (?...)", parts.query or url.endswith("?")),
+                          ("a fragment (#...)", parts.fragment or url.endswith("#")),
+                          ("a user name (...@)", "@" in parts.netloc)):
+        if present:
+            raise _Bad(f"has {what}, which every link would carry", fix)
     return url
 
 
@@ -589,9 +624,25 @@ def _prefix(value: Any) -> str:
     return value
 
 
+def _origin(parts: urllib.parse.SplitResult, item: str, fix: str) -> str:
+    """An origin as a browser sends it in ``Origin:``: scheme and host in
+    lower case, the host in punycode, no default port (80, 443)."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    else:
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise _Bad(f"has {_show(item)}, whose host is not a valid domain name", fix) from None
+    default = {"http": 80, "https": 443}[parts.scheme]
+    port = "" if parts.port in (None, default) else f":{parts.port}"
+    return f"{parts.scheme}://{host}{port}"
+
+
 def _origins(value: Any) -> tuple[str, ...]:
-    """``[http] cors_origins``: exact origins (``scheme://host[:port]``,
-    lower-cased as browsers send them) or ``"*"``."""
+    """``[http] cors_origins``: exact origins (``scheme://host[:port]``) or
+    ``"*"``, normalized as browsers send them (:func:`_origin`)."""
     example = '["https://dash.example.com"]'
     if isinstance(value, str):
         raise _Bad("is a string, not a list", f"put it in brackets, e.g. {example}")
@@ -602,18 +653,16 @@ def _origins(value: Any) -> tuple[str, ...]:
         if item == "*":
             origins.append(item)
             continue
-        parts = urllib.parse.urlsplit(item)
-        try:
-            port_ok = parts.port is None or 0 < parts.port
-        except ValueError:
-            port_ok = False
-        if (parts.scheme.lower() not in ("http", "https") or not parts.hostname or not port_ok
+        fix = (f'list origins as scheme://host[:port] without a path, e.g. {example}, '
+               '"*" for any page (public)')
+        if _has_control(item) or " " in item:
+            raise _Bad(f"has {_show(item)}, which is not an origin", fix)
+        parts = _split_url(item, fix, f"has {_show(item)}, which is not an origin")
+        if (parts.scheme not in ("http", "https") or not parts.hostname
                 or "@" in parts.netloc or item.endswith("/") or parts.path or parts.query
-                or parts.fragment or _has_control(item) or " " in item):
-            raise _Bad(f"has {_show(item)}, which is not an origin",
-                       f'list origins as scheme://host[:port] without a path, e.g. {example}, '
-                       'or "*" for any page (public)')
-        origins.append(item.lower())
+                or parts.fragment or item.endswith(("?", "#"))):
+            raise _Bad(f"has {_show(item)}, which is not an origin", fix)
+        origins.append(_origin(parts, item, fix))
     return tuple(dict.fromkeys(origins))
 
 
@@ -625,11 +674,10 @@ def _redis_url(value: Any) -> str:
     url = _single_line(value)
     if not url:
         return url
-    parts = urllib.parse.urlsplit(url)
+    fix = 'use "redis://host:6379/0", "rediss://host:6380/0" or "unix:///run/redis/redis.sock"'
+    parts = _split_url(url, fix)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise _Bad("is not a Redis URL",
-                   'use "redis://host:6379/0", "rediss://host:6380/0" or '
-                   '"unix:///run/redis/redis.sock"')
+        raise _Bad("is not a Redis URL", fix)
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     if parts.password or "password" in query:
         raise _Bad("holds a password",
@@ -741,7 +789,7 @@ _HTTP: dict[str, _Key] = {
     "enabled": _Key("enabled", _boolean),
     "listen": _Key("listen", _listen),
     "token": _Key("token", _token, secret=True),
-    "public_url": _Key("public_url", _url),
+    "public_url": _Key("public_url", _public_url),
     "prefix": _Key("prefix", _prefix),
     "cors_origins": _Key("cors_origins", _origins),
 }
@@ -873,6 +921,10 @@ def _read_table(
             values[entry.attr] = entry.check(value)
         except _Bad as bad:
             errors.bad(key, value, bad.problem, bad.fix, entry.secret)
+        except Exception as exc:  # noqa: BLE001 - a check's own slip still names the key
+            errors.bad(key, value, f"cannot be checked ({type(exc).__name__}: {exc})",
+                       "correct the value as docs/configuration.rst describes it",
+                       entry.secret)
     return values
 
 
@@ -958,6 +1010,15 @@ def _alerts(raw: Any, errors: _Errors) -> tuple[AlertRule, ...]:
             first_use[name] = path
             rules.append(AlertRule(**values))
     return tuple(rules)
+
+
+def cross_check(config: Config) -> None:
+    """The checks that involve more than one key, on a Config made or
+    changed in code (the supervisor's reload keeps restart-only keys from
+    the running configuration); ConfigError naming the key and the fix."""
+    errors = _Errors(config.source)
+    _cross_check(config, errors)
+    errors.raise_if_any()
 
 
 def _cross_check(config: Config, errors: _Errors) -> None:

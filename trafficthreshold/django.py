@@ -30,13 +30,16 @@ In views and templates the throttle level (0..5) is
 ``"trafficthreshold.django.context_processor"`` to the template
 ``context_processors`` to have ``{{ trafficthreshold_level }}``.
 
-The request is counted when the view's response comes back through the
+The request is decided when the view's response comes back through the
 middleware: its status and ``Content-Type`` are final (an exception in a
 view has become Django's 500 response by then) and nothing has been sent.
+It is counted then, or, for a streaming response, when its first non-empty
+chunk goes out (or at the end of empty content): content that raises
+before its first chunk is the server's 500, not a page view.
 The rule is :func:`pageviews.is_page_view` (GET, an HTML 2xx or a 304 of a
 page).  Placed first in ``MIDDLEWARE``, it sees the final response of every
-other middleware.  The response is returned unchanged (streaming responses
-included).  Works for both sync and async stacks.  It never raises into a
+other middleware.  The response is returned unchanged (a streaming
+response's content is wrapped, passing every chunk as it is).  Works for both sync and async stacks.  It never raises into a
 request: counting errors are logged once per process
 (``trafficthreshold.django`` logger).
 
@@ -187,26 +190,75 @@ class TrafficThresholdMiddleware:
         except Exception as exc:
             pageviews.log_failure(log, "decide", exc)
             return
-        if counted:
-            self.record(request)
-            if self.uniques is not None:
-                self._unique(request, response)
+        if not counted:
+            return
+        # The cookie goes with the headers, now; the counts when the page
+        # goes out (a streaming response: at its first chunk).
+        unique = self.uniques is not None and self._unique(request, response)
 
-    def _unique(self, request: Any, response: Any) -> None:
-        """Count a unique visitor and set the day cookie, unless the
-        request carries today's cookie or the response sets one of that
-        name itself.  Never raises."""
+        def record() -> None:
+            self.record(request)
+            if unique:
+                self.record_unique(request)
+
+        if getattr(response, "streaming", False) \
+                and getattr(response, "file_to_stream", None) is None:
+            _at_first_chunk(response, record)
+        else:
+            record()
+
+    def _unique(self, request: Any, response: Any) -> bool:
+        """Set the day cookie of a unique visitor, unless the request
+        carries today's cookie or the response sets one of that name
+        itself; True if it was set (the unique is then counted with the
+        page view).  Never raises."""
         assert self.uniques is not None
         try:
             if self.uniques.name in response.cookies:
-                return
+                return False
             day = self.uniques.new_day(request.META.get("HTTP_COOKIE"))
             if day is None:
-                return
+                return False
             stamp, max_age = day
             response.set_cookie(self.uniques.name, stamp, max_age=max_age, path="/",
                                 secure=request.is_secure(), httponly=True, samesite="Lax")
         except Exception as exc:
             pageviews.log_failure(log, "unique", exc)
-            return
-        self.record_unique(request)
+            return False
+        return True
+
+
+def _at_first_chunk(response: Any, record: Callable[[], None]) -> None:
+    """Make ``record()`` run when the streaming ``response`` sends its first
+    non-empty chunk, or at the end of empty content; not when the content
+    raises before (the server answers 500) or is closed unsent.  Sync or
+    async content, as the response has it (Django's GZipMiddleware wraps
+    it the same way).  A FileResponse is not wrapped: the server may send
+    its file itself (wsgi.file_wrapper)."""
+    content, once = response.streaming_content, _Once(record)
+    if getattr(response, "is_async", False):
+        async def counted_async() -> Any:
+            async for chunk in content:
+                yield once.sent(chunk)
+            once.sent(b"", end=True)
+        response.streaming_content = counted_async()
+        return
+
+    def counted() -> Any:
+        for chunk in content:
+            yield once.sent(chunk)
+        once.sent(b"", end=True)
+    response.streaming_content = counted()
+
+
+class _Once:
+    """Calls ``record()`` at the first non-empty chunk sent, or at the end."""
+
+    def __init__(self, record: Callable[[], None]) -> None:
+        self.record: Callable[[], None] | None = record
+
+    def sent(self, chunk: Any, end: bool = False) -> Any:
+        if self.record is not None and (chunk or end):
+            record, self.record = self.record, None
+            record()
+        return chunk

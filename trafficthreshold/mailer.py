@@ -45,7 +45,7 @@ import jinja2
 from trafficthreshold.alerts import Mail, MailContext, Notice, epoch_minute
 from trafficthreshold.alertstore import AlertStore, QueuedMail, new_message_id
 from trafficthreshold.config import default_host
-from trafficthreshold.errors import MailError
+from trafficthreshold.errors import MailError, TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.mailer")
 
@@ -724,6 +724,7 @@ class Outbox:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
+        failing = None  # the message of our own error last logged (once, not each pass)
         try:
             while not self._stop.is_set():
                 # Clear first: a wake() during the pass below is not lost.
@@ -731,8 +732,17 @@ class Outbox:
                 try:
                     # The worker is an outermost loop: it may read the clock.
                     self.deliver_due(self.clock(), stop=self._stop.is_set)
+                except TrafficThresholdError as exc:  # a damaged or locked file: names the fix
+                    if str(exc) != failing:
+                        failing = str(exc)
+                        log.error("mail delivery pass failed: %s; trying again every %g s",
+                                  exc, self.poll)
                 except Exception:
                     log.exception("mail delivery pass failed; trying again in %g s", self.poll)
+                else:
+                    if failing is not None:
+                        failing = None
+                        log.info("mail delivery works again")
                 self._wake.wait(self.poll)
         finally:
             self.close()

@@ -61,7 +61,7 @@ from typing import Any
 from trafficthreshold.names import STATUS_SEP
 from trafficthreshold import segment
 from trafficthreshold.segment import H_INSTANCE
-from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed
+from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed, count_of, parsed
 
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -168,9 +168,12 @@ def read_store(conn: sqlite3.Connection) -> StoreReading:
                              "('last_roll_at', 'late_dropped', 'bad_keys')"))
     gaps = conn.execute("SELECT COUNT(*) FROM gaps").fetchone()[0]
     last = meta.get("last_roll_at")
-    return StoreReading(stored_totals(conn), None if last is None else float(last), gaps,
-                        int(meta.get("late_dropped") or 0),
-                        len(json.loads(meta["bad_keys"])) if meta.get("bad_keys") else 0)
+    # A value no writer wrote is a damaged file (Malformed: the 503), not a 500.
+    return StoreReading(stored_totals(conn),
+                        None if last is None else parsed(last, float, "meta last_roll_at"),
+                        gaps, parsed(meta.get("late_dropped") or 0, int, "meta late_dropped"),
+                        len(parsed(meta["bad_keys"], json.loads, "meta bad_keys"))
+                        if meta.get("bad_keys") else 0)
 
 
 def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
@@ -179,13 +182,14 @@ def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
     ``conn`` is any connection to the store's file (read-only is enough);
     one scan of the small months and funnels tables."""
     rows = conn.execute("SELECT account, event, SUM(count) FROM months GROUP BY account, event")
-    totals = {(account, event): int(total) for account, event, total in rows}
+    totals = {(account, event): count_of(total, "a sum of months")
+              for account, event, total in rows}
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
                     ).fetchone():  # schema 3 on
         rows = conn.execute("SELECT account, event, status, SUM(count) FROM funnels"
                             " GROUP BY account, event, status")
         for account, event, status, total in rows:
-            totals[account, f"{event}{STATUS_SEP}{status}"] = int(total)
+            totals[account, f"{event}{STATUS_SEP}{status}"] = count_of(total, "a sum of funnels")
     return totals
 
 

@@ -5,11 +5,12 @@ process meets a name, so the rules below apply everywhere, and the message
 says what is wrong and how to fix it.
 
 Rules (docs/segment.rst): an account is 1..64 UTF-8 bytes, an event 1..32;
-neither may contain control characters or ``/`` (names are URL path
-segments in the stats API), nor ``:`` (it separates the parts of the
-farm's Redis keys, Bootic's layout: ``shop:order``/``paid`` and
-``shop``/``order:paid`` would share one hash), nor start with ``~``
-(reserved for internal keys).  The account ``all`` is reserved for the total: pass ``account=None``.
+neither may contain control characters, ``/`` or ``\\`` (names are URL
+path segments in the stats API; browsers read ``\\`` as ``/``), nor
+``:`` (it separates the parts of the farm's Redis keys, Bootic's layout:
+``shop:order``/``paid`` and ``shop``/``order:paid`` would share one
+hash), nor be ``.`` or ``..`` (which URLs resolve away), nor start with
+``~`` (reserved for internal keys).  The account ``all`` is reserved for the total: pass ``account=None``.
 
 Funnel statuses (Bootic's order funnels): ``hit(account, "order",
 status="paid")`` counts the key whose event name is ``order/paid``, the
@@ -58,6 +59,16 @@ def check_name(kind: str, value: object, max_bytes: int) -> str:
         raise ValueError(
             f"{kind} name {value!r} contains ':', which separates the parts of the farm's "
             "Redis keys (two names would share one hash); replace it (for example with '-')")
+    # A name is one path segment of a stats URL (docs/api.rst): URL
+    # libraries and browsers resolve "." and ".." away, and read "\" as "/".
+    if value in (".", ".."):
+        raise ValueError(
+            f"{kind} name {value!r} is '.' or '..', which a stats URL cannot carry "
+            "(URLs resolve it away); replace it with a name of other characters too")
+    if "\\" in value:
+        raise ValueError(
+            f"{kind} name {value!r} contains '\\', which browsers read as '/' in a "
+            "stats URL; replace it (for example with '-')")
     if value.startswith("~"):
         raise ValueError(f"{kind} name {value!r} starts with '~', which is reserved")
     return value

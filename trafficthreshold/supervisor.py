@@ -84,7 +84,10 @@ TOP_ACCOUNTS = 5
 MAX_LEVEL = 5
 #: Configuration keys that only a restart applies: the running daemon keeps
 #: its segment and store, so a reload keeps these from the running config.
-RESTART_ONLY = ("key", "backend", "database", "timezone", "store")
+RESTART_ONLY = ("key", "backend", "database", "timezone", "store",
+                # The server stays bound where it started (and HTTP on or off):
+                # the token rule is checked for that address (see reload).
+                "http.enabled", "http.listen")
 #: Seconds shutdown, a segment change or a re-attach wait for a roll into
 #: Redis still running on its thread before the final roll (each command is
 #: bounded by store.redis.SOCKET_TIMEOUT; a roll is a few batches).
@@ -111,7 +114,23 @@ _RETRIED = {
     "farm link": "retried every minute; the level follows this host's count meanwhile",
     "farm offer": "tried again at the next tick",
     "letting the host name go": "it expires within 5 s (farm.OWNER_TTL_MS)",
+    "reload": "the running configuration stays; fix the file and send SIGHUP again",
 }
+
+
+def _get(config: Any, name: str) -> Any:
+    """The value of a dotted key (``"http.listen"``) of a Config."""
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _replace(config: Any, name: str, value: Any) -> Any:
+    """``config`` with the dotted key ``name`` set to ``value``."""
+    head, _, rest = name.partition(".")
+    if rest:
+        value = _replace(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
 
 
 class Supervisor:
@@ -309,27 +328,25 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP: read the configuration again; keep the old one on errors.
 
-        ``key``, ``backend``, ``database`` and ``timezone`` (RESTART_ONLY)
-        need a restart: a changed value is kept from the running
-        configuration (a later re-attach uses the running key with the
-        running database) and warned about once per new value; everything
-        else applies at once."""
+        ``key``, ``backend``, ``database``, ``timezone``, ``[store]``,
+        ``http.enabled`` and ``http.listen`` (RESTART_ONLY) need a restart:
+        a changed value is kept from the running configuration (a later
+        re-attach uses the running key with the running database; the
+        server stays bound where it is) and warned about once per new
+        value; everything else applies at once.  What will run is checked
+        as a whole once more (a public listen address kept from the running
+        configuration still needs a token): a refused reload changes
+        nothing and is logged as one line naming the key."""
         try:
-            new = configuration.load(self.config_path, env=self.env)
+            new = self._keep_restart_only(configuration.load(self.config_path, env=self.env))
+            # Once more on what will run: with the running listen address, a
+            # file that drops the token must not open a public address.
+            configuration.cross_check(new)
+            if self.app is not None:
+                self.app.check_reload(new)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        kept = {}
-        for name in RESTART_ONLY:
-            running, wanted = getattr(self.config, name), getattr(new, name)
-            if wanted != running:
-                kept[name] = running
-                if (name, repr(wanted)) not in self._restart_warned:
-                    self._restart_warned.add((name, repr(wanted)))
-                    log.warning("%s changed in the configuration (%r, running with %r): "
-                                "restart the daemon to apply it; kept until then",
-                                name, wanted, running)
-        new = dataclasses.replace(new, **kept) if kept else new
         self.config = new
         self._write_settings()
         if self.engine is not None:
@@ -341,6 +358,21 @@ class Supervisor:
         if self.app is not None:
             self.app.reload(new)
         log.info("configuration reloaded from %s", new.source)
+
+    def _keep_restart_only(self, new: Config) -> Config:
+        """``new`` with the RESTART_ONLY keys of the running configuration;
+        each changed one is warned about once per new value."""
+        for name in RESTART_ONLY:
+            running, wanted = _get(self.config, name), _get(new, name)
+            if wanted == running:
+                continue
+            new = _replace(new, name, running)
+            if (name, repr(wanted)) not in self._restart_warned:
+                self._restart_warned.add((name, repr(wanted)))
+                log.warning("%s changed in the configuration (%r, running with %r): "
+                            "restart the daemon to apply it; kept until then",
+                            name, wanted, running)
+        return new
 
     def _reload_farm_rules(self, new: Config) -> None:
         """The farm rules of a reload go to the farm thread's FarmAlerts;
@@ -674,7 +706,9 @@ class Supervisor:
                 if self.reload_requested:
                     self.reload_requested = False
                     notify.reloading(time.monotonic_ns() // 1000, self.env)
-                    self.reload()
+                    # No error in a reload ends the daemon: logged, the
+                    # running configuration stays.
+                    self._guard("reload", self.reload)
                     notify.ready(self.env)
                 self.tick(time.time())
                 next_tick += 1.0

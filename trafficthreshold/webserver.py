@@ -19,7 +19,9 @@ the fix.
 
 Listening anywhere but loopback needs a bearer token (the config check
 refuses it otherwise); :func:`start` checks the same once more, so that a
-mistake elsewhere cannot expose the stats without one.
+mistake elsewhere cannot expose the stats without one, and tells the app
+where it is bound (``app.serving_on(host)``): on such an address the app
+refuses a reload that drops its token.
 """
 
 from __future__ import annotations
@@ -214,6 +216,9 @@ def start(app: Callable[..., Any], listen: str, *, threads: int = THREADS) -> Se
         raise ValueError(
             f"refusing to serve the stats on {listen}, which is not a loopback address, "
             "without a token: set http.token (openssl rand -hex 32) or listen on 127.0.0.1")
+    serving_on = getattr(app, "serving_on", None)
+    if serving_on is not None:  # the app refuses a reload that drops its token here
+        serving_on(host)
     # "[::1]:8787" is how waitress spells an IPv6 listen address as well.
     waitress_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # Our own map and dispatcher: if binding fails, what create_server

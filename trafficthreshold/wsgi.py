@@ -22,14 +22,15 @@ What it does per request:
   decides: an application may call ``start_response`` again with
   ``exc_info`` (200 restarted as 500) until a byte of the body is sent.  So
   the request is decided, and counted if the response is a page view, when
-  the application returns its body iterable (the server has sent nothing
-  of it yet), before the middleware hands it to the server; for an
-  application that calls ``start_response`` only while its body is
-  iterated (a generator), at its first non-empty chunk, or at the end of an
-  empty body.  At most once per request; an application that raises is
-  not counted (the server answers 500).  (A restart while the body of an
-  application that started its response in its call is iterated comes
-  after the decision: the status at its return counts.)
+  the first byte of the body goes out: for a list (or tuple) body, which
+  cannot fail, when the application returns it (the server has sent
+  nothing of it yet); for any other body (a generator, an iterator), at its
+  first non-empty chunk, or at the end of an empty body.  At most once per
+  request; an application that raises, in its call or in its body before
+  the first byte, is not counted (the server answers 500).  (A body with a
+  length, or the server's ``wsgi.file_wrapper``, is handed over as it is
+  and decided at the application's return: a restart while it is iterated
+  comes after the decision.)
 
 With ``uniques=True`` it also counts a ``unique`` event at a visitor's
 first page view of the day, by a day cookie (docs/webapps.rst, "Unique
@@ -41,10 +42,10 @@ sent); ``unique`` is counted with the page view, by the last call.  That
 header is the one change it ever makes to a response.
 
 Otherwise it never changes the response: the status, the headers, the body iterable
-(returned as it is, so ``close()``, ``wsgi.file_wrapper`` and streaming
-behave exactly as without the middleware; only a generator application's
-body is wrapped, in a C iterator that passes every chunk and ``close()``
-on) and ``write()``.  It never raises
+(returned as it is when it is a list, a tuple, has a length or is the
+server's ``wsgi.file_wrapper``, so ``close()``, ``len()`` and sendfile
+behave exactly as without the middleware; any other body is wrapped, in a
+C iterator that passes every chunk and ``close()`` on) and ``write()``.  It never raises
 into a request: every counting error is logged once per process
 (``trafficthreshold.wsgi`` logger) and the request goes on.  It does not
 block: a hit is an atomic add in shared memory (the segment's lock, taken

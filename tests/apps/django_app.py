@@ -6,7 +6,9 @@ Importing it configures Django (unless already configured)::
 
 Views: ``/`` an HTML page showing ``request.trafficthreshold_level`` (and
 through the context processor), ``/api`` JSON, ``/go`` a redirect,
-``/stream`` a streaming HTML page, ``/async`` an async view,
+``/stream`` a streaming HTML page (``/stream-fails`` one that raises
+before its first chunk, ``/stream-empty`` an empty one, ``/async-stream``
+an async one), ``/async`` an async view,
 ``/assets/app.html`` an HTML page under STATIC_URL, ``/boom`` an error.
 """
 from __future__ import annotations
@@ -65,6 +67,31 @@ def stream(request):
     return StreamingHttpResponse((f"<p>{i}</p>" for i in range(3)), content_type="text/html")
 
 
+def stream_fails(request):
+    """A streaming page whose content raises before its first chunk: the
+    server answers 500."""
+    def content():
+        raise RuntimeError("the stream failed")
+        yield "<p>never</p>"  # pragma: no cover
+    return StreamingHttpResponse(content(), content_type="text/html")
+
+
+def stream_empty(request):
+    """A streaming page whose content is empty: a page (its headers go out
+    at the end of the stream)."""
+    return StreamingHttpResponse(iter(()), content_type="text/html")
+
+
+async def async_stream(request):
+    """An async streaming page; ``?fail`` raises before its first chunk."""
+    async def content():
+        if "fail" in request.GET:
+            raise RuntimeError("the stream failed")
+        for i in range(2):
+            yield f"<p>{i}</p>"
+    return StreamingHttpResponse(content(), content_type="text/html")
+
+
 async def async_view(request):
     return HttpResponse(f"<p>async level {request.trafficthreshold_level}</p>")
 
@@ -92,6 +119,9 @@ urlpatterns = [
     path("api", api),
     path("go", go),
     path("stream", stream),
+    path("stream-fails", stream_fails),
+    path("stream-empty", stream_empty),
+    path("async-stream", async_stream),
     path("async", async_view),
     path("assets/app.html", asset),
     path("boom", boom),

@@ -406,3 +406,23 @@ def get_page(port: int, path: str = "/", *, host: str = "site-a.example",
     finally:
         conn.close()
 
+
+def statuses_under_waitress(app: Callable[..., Any], paths: list[str],
+                            host: str = "site-a.example") -> list[int]:
+    """Serve ``app`` with a real waitress (one worker thread, the daemon's
+    :mod:`trafficthreshold.webserver`) on a free loopback port, GET each of
+    ``paths`` on a connection of its own, stop; return the statuses the
+    client received."""
+    server = webserver.start(app, "127.0.0.1:0", threads=1)
+    try:
+        statuses = []
+        for path in paths:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            conn.request("GET", path, headers={"Host": host})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            statuses.append(response.status)
+        return statuses
+    finally:
+        server.stop()

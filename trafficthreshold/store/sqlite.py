@@ -204,6 +204,34 @@ def describe(path: str, exc: sqlite3.Error) -> str:
             f"with `sqlite3 {path} 'PRAGMA integrity_check'`")
 
 
+class Malformed(sqlite3.DatabaseError):
+    """A value read from the file that its writer cannot have written (text
+    where a count belongs, a meta value that does not parse): the file is
+    damaged where SQLite did not notice (a bad sector under a row, not
+    under a page header).  A sqlite3.DatabaseError, so that every path that
+    handles a damaged file (the API's 503, StoreError, the daemon's one
+    line) handles it; its message reads as SQLite's, "malformed"."""
+
+    def __init__(self, where: str, value: Any) -> None:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        super().__init__(f"database disk image is malformed: {where} holds {shown}")
+
+
+def count_of(value: Any, where: str) -> int:
+    """``value`` if it is a count (a non-negative int), else :class:`Malformed`."""
+    if type(value) is int and value >= 0:
+        return value
+    raise Malformed(where, value)
+
+
+def parsed(value: Any, parse: Any, where: str) -> Any:
+    """``parse(value)``; :class:`Malformed` if it fails (garbage in the file)."""
+    try:
+        return parse(value)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise Malformed(where, value) from None
+
+
 def _mapped(method: Any) -> Any:
     """Turn every sqlite3 error of a SQLiteStore method into a StoreError."""
     @functools.wraps(method)
@@ -487,7 +515,7 @@ class SQLiteStore:
     def closed_through(self) -> int | None:
         """The last minute recorded by :meth:`set_closed_through`, or None."""
         value = self._get_meta("closed_through")
-        return None if value is None else int(value)
+        return None if value is None else parsed(value, int, "meta closed_through")
 
     def last_rolled_minute(self) -> int | None:
         """The newest minute known rolled: the newest watermark, or
@@ -501,7 +529,7 @@ class SQLiteStore:
         """The segment instance of the last roll, or None (no roll since
         schema 2)."""
         value = self._get_meta("instance")
-        return None if value is None else int(value) % 2**64
+        return None if value is None else parsed(value, int, "meta instance") % 2**64
 
     def claim_segment(self, instance: int) -> None:
         """Nothing to do: the file is this host's own, whatever its name
@@ -515,20 +543,20 @@ class SQLiteStore:
         """The instance whose segment was retired (``uninstall``) and then
         rolled to its end by a final roll, or None."""
         value = self._get_meta("instance_ended")
-        return None if value is None else int(value) % 2**64
+        return None if value is None else parsed(value, int, "meta instance_ended") % 2**64
 
     def late_dropped(self) -> int:
         """Hits that reached a ring minute after its last re-read (more than
         LATE_MINUTES late) and were therefore not added: counted here, never
         silently."""
-        return int(self._get_meta("late_dropped") or 0)
+        return parsed(self._get_meta("late_dropped") or 0, int, "meta late_dropped")
 
     def bad_keys(self) -> list[str]:
         """The keys the last roll had to skip (an index entry that is not
         UTF-8, a count too big to be true), each described with its slot;
         empty when every key rolls."""
         value = self._get_meta("bad_keys")
-        return [] if value is None else list(json.loads(value))
+        return [] if value is None else list(parsed(value, json.loads, "meta bad_keys"))
 
     def set_instance(self, instance: int) -> None:
         """Record the segment instance being rolled (see :meth:`instance`)."""
@@ -545,7 +573,7 @@ class SQLiteStore:
     def last_roll_at(self) -> float | None:
         """The ``now`` of the last :meth:`roll`, or None."""
         value = self._get_meta("last_roll_at")
-        return None if value is None else float(value)
+        return None if value is None else parsed(value, float, "meta last_roll_at")
 
     # ------------------------------------------------------------------
     # rolling
@@ -787,7 +815,7 @@ class SQLiteStore:
         data = dict.fromkeys(segs, 0)
         for segment, count in rows:
             if segment in data:
-                data[segment] = count
+                data[segment] = count_of(count, f"a row of {table}")
         return {"data": data, "total": sum(data.values())}
 
     def accounts(self, event: str | None = None) -> list[str]:
@@ -841,7 +869,7 @@ class SQLiteStore:
                                   " AND count > 0", args).fetchall()
         data: dict[str, int] = defaultdict(int)
         for _month, status, count in rows:
-            data[status] += count
+            data[status] += count_of(count, "a row of funnels")
         months = [] if month is not None else sorted({m for m, _s, _c in rows})
         return {"data": dict(sorted(data.items())), "total": sum(data.values()),
                 "months": months}
@@ -879,7 +907,7 @@ class SQLiteStore:
             " GROUP BY k.account ORDER BY total DESC, k.account LIMIT ?",
             (event, *since, limit),
         )
-        return [(account, total) for account, total in rows]
+        return [(account, count_of(total, "a sum of minutes")) for account, total in rows]
 
     # ------------------------------------------------------------------
     # retention
