@@ -1394,3 +1394,16 @@ def test_probes_stay_short_however_many_keys_come_and_go(key):
         check_consistent(key, "sysv")
     finally:
         counter.detach()
+
+
+def test_the_insert_steps_check_the_limit_again_under_the_lock():
+    """A writer that follows the page byte by byte must check the limit
+    again after taking the lock (another writer may have taken the last
+    slot since its look without the lock), and pop a free slot storing
+    free_head before next_free."""
+    section = _doc_section("How a writer counts a hit")
+    step3 = section[section.index("3. **Insert a missing key"):section.index("4. **Roll")]
+    recheck = step3.index("Check the limit again, under the lock")
+    assert step3.index("Take the lock") < recheck < step3.index("Write into it the names")
+    pop = step3[step3.index("Take the slot"):]
+    assert pop.index("**first**") < pop.index("then\n      ``next_free = 0``")

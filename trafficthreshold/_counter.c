@@ -67,7 +67,16 @@
  *                              holder that finds it non-zero (its reclaimer died)
  *                              finishes that reclaim first (finish_reclaim)
  *   188  u32 reclaim_entry    index entry + 1 of that reclaim
- *   192..4095 reserved, zero
+ *   line 3, the insert's record and the index's fields (changed under the lock):
+ *   192  u32 insert_slot      slot + 1 of an insert under way, 0 = none: the
+ *                              next lock holder rolls it forward (finish_insert)
+ *   196  u32 insert_entry     index entry + 1 of that insert
+ *   200  u32 probe_limit      probes read at most this many entries: the largest
+ *                              distance of a ready key from its first entry, + 1
+ *                              (0 = unknown: probe to an empty entry)
+ *   208  u64 index_seq        odd while a reclaim is under way (a seqlock for
+ *                              readers that name counts; see segment.py)
+ *   216..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
  * open-addressing hash table with linear probing:
@@ -111,13 +120,21 @@
  * key_capacity - EVENT_RESERVE so the `all` total of a new event still finds
  * a slot.
  *
+ * Inserts (insert_key): under the lock, the limit is checked again, the
+ * entry written (state not yet ready), probe_limit raised if the key lies
+ * past it, the record insert_entry/insert_slot stored, the slot taken (a pop
+ * stores free_head before clearing next_free), the entry published, the
+ * record cleared: a holder killed anywhere leaves nothing or a record the
+ * next holder rolls forward.
+ *
  * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
  * every bucket is older than the minute it is given (out of the ring and
  * rolled) gives its slot back.  Never slot 0, slot 1 or throttle_slot.  Under
- * the lock: `reclaimed` is incremented, reclaim_entry and reclaim_slot are
- * stored, the entry becomes a tombstone, the slot's generation is bumped,
+ * the lock: index_seq made odd, `reclaimed` incremented, reclaim_entry and
+ * reclaim_slot stored, the entry becomes a tombstone, the slot's generation is bumped,
  * its buckets zeroed, the slot pushed on the free list, tombstones before an
- * empty entry emptied, reclaim_slot cleared.
+ * empty entry emptied, reclaim_slot cleared, index_seq made even.  After a
+ * scan that reclaimed keys, probe_limit is computed again.
  * Every step can be redone (finish_reclaim), so a reclaimer killed half way
  * leaves nothing inconsistent: the next lock holder that inserts a key, rolls
  * a bucket or reclaims finishes it.  Inserts take a free slot before
@@ -131,9 +148,14 @@
  * slot that may have been reclaimed meanwhile -- the same window in which a
  * writer stalled for a ring adds into a bucket rolled to a newer epoch.
  *
+ * Threads: a Counter may be shared by threads.  A hit holds `busy` (no
+ * detach or re-init under it), keeps no borrowed pointer into its cache
+ * across Python code or a GIL release, and counts both its halves with its
+ * own copy of the clock (hclock_t).
+ *
  * Locking: the hot path takes no lock.  The structural lock is taken only to
  * add a key and to roll a bucket over to a new epoch, always with a timeout
- * (50 ms on a worker's path), and always with the GIL released from before
+ * (50 ms on a worker's path, a deadline that signals do not restart), and always with the GIL released from before
  * the take until after the give-back, so a thread holding the GIL never
  * stretches the time another process waits (seg_lock, roll_bucket,
  * insert_key).  It is never held without a recorded owner:
