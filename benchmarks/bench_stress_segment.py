@@ -94,11 +94,10 @@ def batch_plan(rnd: random.Random, era: int, wid: str, seq: int) -> list[tuple[s
     return plan
 
 
-def worker(key: int, backend: str, index: int, era, slots, stop, log_dir: str) -> None:
+def worker(key: int, backend: str, t0: int, index: int, era, slots, stop,
+           log_dir: str) -> None:
     """A worker process: 8 threads on one shared attachment."""
     counter = segment.attach(key, backend)
-    t0 = int(time.time()) - BACK_S
-    t0 -= t0 % 60
     log = os.open(os.path.join(log_dir, f"w{index}-{os.getpid()}.log"),
                   os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
@@ -142,14 +141,14 @@ def worker(key: int, backend: str, index: int, era, slots, stop, log_dir: str) -
     os._exit(0)
 
 
-def reclaimer(key: int, backend: str, era, slots, stop, interval: float, out: str) -> None:
+def reclaimer(key: int, backend: str, t0: int, era, slots, stop, interval: float,
+              out: str) -> None:
     """Moves the era on, rolls the era nobody hits any more, reclaims."""
     counter = segment.attach(key, backend)
-    t0 = int(time.time()) - BACK_S
-    t0 -= t0 % 60
     rolled: Tally = Tally()
     e = era.value
     rounds = reclaimed = 0
+    longest: list = [0.0, []]
 
     def roll(minute: int) -> None:
         def read():
@@ -165,8 +164,12 @@ def reclaimer(key: int, backend: str, era, slots, stop, interval: float, out: st
     while not stop.value:
         time.sleep(interval)
         era.value = e + 1
+        waited = time.monotonic()
         while min(slots[:]) <= e and not stop.value:
             time.sleep(0.0005)
+        waited = time.monotonic() - waited
+        if waited > longest[0]:
+            longest[:] = [waited, [i for i, v in enumerate(slots[:]) if v <= e]]
         if stop.value:
             break
         roll((t0 // 60) + e)
@@ -177,8 +180,8 @@ def reclaimer(key: int, backend: str, era, slots, stop, interval: float, out: st
     # stopped the workers before it stopped us).
     roll((t0 // 60) + e)
     with open(out, "w") as f:
-        json.dump({"rolled": [[a, m, n] for (a, m), n in rolled.items()], "t0": t0,
-                   "rounds": rounds, "reclaimed": reclaimed, "last_era": e}, f)
+        json.dump({"rolled": [[a, m, n] for (a, m), n in rolled.items()],
+                   "rounds": rounds, "reclaimed": reclaimed, "longest_wait": longest, "last_era": e}, f)
     os._exit(0)
 
 
@@ -263,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = tempfile.mkdtemp(prefix="stress-segment-")
     key = segment.unused_key()
     segment.install(key, args.backend, geometry=GEOMETRY)
+    # The explicit clock's minute 0, one for every process.
+    t0 = int(time.time()) - BACK_S
+    t0 -= t0 % 60
     era = FORK.Value("q", 0, lock=False)
     slots = FORK.Array("q", [FAR] * (PROCESSES * THREADS), lock=False)
     stop_workers = FORK.Value("b", 0, lock=False)
@@ -273,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     rnd = random.Random(20)
 
     def start(i: int) -> multiprocessing.Process:
-        p = FORK.Process(target=worker, args=(key, args.backend, i, era, slots, stop_workers,
+        p = FORK.Process(target=worker, args=(key, args.backend, t0, i, era, slots, stop_workers,
                                               log_dir))
         p.start()
         return p
 
     started = time.monotonic()
     try:
-        rec = FORK.Process(target=reclaimer, args=(key, args.backend, era, slots,
+        rec = FORK.Process(target=reclaimer, args=(key, args.backend, t0, era, slots,
                                                    stop_reclaimer, args.interval, out))
         rec.start()
         workers = [start(i) for i in range(PROCESSES)]
@@ -320,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         finished, refused, intended = read_logs(log_dir)
         with open(out) as f:
             rolled_data = json.load(f)
-        t0 = rolled_data["t0"]
         counted = Tally()
         for a, m, n in rolled_data["rolled"]:
             counted[a, "replay", m - t0 // 60] += n
@@ -362,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{excess:,} counted from batches cut by a kill")
         print(f"  {rolled_data['rounds']:,} eras rolled, {rolled_data['reclaimed']:,} keys "
               f"reclaimed ({head['reclaimed']:,} in the header), keys_used "
-              f"{head['keys_used']}, {shape['owned']} owned, {shape['free']} free")
+              f"{head['keys_used']}, {shape['owned']} owned, {shape['free']} free; longest "
+              f"wait for an era to end {rolled_data['longest_wait'][0] * 1000:.0f} ms {rolled_data['longest_wait'][1]}")
         print(f"  dropped_hits {head['dropped_hits']:,}, overflow_hits "
               f"{head['overflow_hits']:,}, short of finished {deficit:,} {dict(shorts)}, probe_limit "
               f"{head['probe_limit']}")
