@@ -148,10 +148,10 @@
  * slot that may have been reclaimed meanwhile -- the same window in which a
  * writer stalled for a ring adds into a bucket rolled to a newer epoch.
  *
- * Threads: a Counter may be shared by threads.  A hit holds `busy` (no
- * detach or re-init under it), keeps no borrowed pointer into its cache
- * across Python code or a GIL release, and counts both its halves with its
- * own copy of the clock (hclock_t).
+ * Threads: a Counter may be shared by threads.  A hit holds `busy` where it
+ * runs Python or lets go of the GIL (no detach or re-init under it), keeps
+ * no borrowed pointer into its cache across Python code or a GIL release,
+ * and counts both its halves with its own copy of the clock (hclock_t).
  *
  * Locking: the hot path takes no lock.  The structural lock is taken only to
  * add a key and to roll a bucket over to a new epoch, always with a timeout
@@ -335,8 +335,10 @@ typedef struct {
     uint32_t stripe;          /* this process's stripe */
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */
-    int busy;                 /* threads inside a GIL-free lock section:
-                                 detach() must not unmap under them */
+    int busy;                 /* calls inside a GIL-free lock section or
+                                 Python code (names.validate, the collector):
+                                 detach() and __init__ must not unmap under
+                                 them */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
     int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
@@ -1320,7 +1322,7 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
         PyErr_SetString(LayoutMismatch, "a layout-1 segment is read only here");
         return -1;
     }
-    /* The caller (do_hit) holds c->busy: nothing unmaps under the insert. */
+    /* The caller (slot_for) holds c->busy: nothing unmaps under the insert. */
     Py_BEGIN_ALLOW_THREADS
     slot = insert_key(c, a, alen, e, elen, hash, limit);
     Py_END_ALLOW_THREADS
@@ -1394,16 +1396,19 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * slot's generation, and forgotten when the key was reclaimed; with it (the
  * hot path) the bucket tags do that check (roll_bucket).
  * The names must be exact str (or None): a subclass's __eq__ or __hash__
- * would run Python inside the cache's lookups.  The caller holds c->busy.
- * Hazard: on a miss Python runs (names.validate) and the insert lets go of
- * the GIL, so another thread may meanwhile clear the cache (forget_slots,
- * detach): no borrowed pointer into the cache is kept across them; the
- * result is cached by a fresh lookup afterwards (cache_ref). */
+ * would run Python inside the cache's lookups.
+ * Hazard: on a miss Python runs (names.validate; a new dict may start the
+ * collector) and the insert lets go of the GIL, so another thread may
+ * meanwhile clear the cache (forget_slots) or try to detach the Counter:
+ * the miss holds c->busy (detach and __init__ refuse), and no borrowed
+ * pointer into the cache is kept across it; the result is cached by a
+ * fresh lookup afterwards (cache_ref).  A hit found in the cache runs no
+ * Python and never lets go of the GIL. */
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create);
+
 static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 {
     PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
-    const char *a, *e;
-    Py_ssize_t alen, elen;
     long slot;
     if (accounts != NULL) {
         v = PyDict_GetItemWithError(accounts, account);
@@ -1417,7 +1422,18 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
     }
     if (PyErr_Occurred())
         return -1;
-    accounts = NULL;  /* not valid past this point */
+    c->busy++;
+    slot = slot_miss(c, account, event, create);
+    c->busy--;
+    return slot;
+}
+
+/* slot_for() on a cache miss; the caller holds c->busy. */
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create)
+{
+    const char *a, *e;
+    Py_ssize_t alen, elen;
+    long slot;
     if (encode_names(account, event, &a, &alen, &e, &elen) < 0)
         return -1;
     if (c->base == NULL) {
@@ -1546,7 +1562,8 @@ static inline void own_stripe(Counter *c)
  * dropped, or ADD_STALE when the key was reclaimed (nothing added: resolve
  * it again).  Why `clk` is the caller's copy: roll_bucket lets go of the
  * GIL, and another thread's hit may meanwhile move the Counter's clock. */
-static int add_slot(Counter *c, const hclock_t *clk, long ref, uint64_t n)
+static inline __attribute__((always_inline)) int add_slot(Counter *c, const hclock_t *clk,
+                                                          long ref, uint64_t n)
 {
     /* The generation of a ref is already below 2**24 (MAKE_REF's callers
      * mask it): the tag's high bits are a shift away. */
@@ -1700,12 +1717,15 @@ static inline int add_account(Counter *c, const hclock_t *clk, long ref, long al
 /* The core of hit(): the `all` key of the event, then the account's key.
  * Returns 0, or -1 with an exception set (bad input or lock timeout).
  * The caller has checked that the segment is live (get_default() for the
- * module's hit(), Counter_hit() for a Counter's), holds c->busy (so no
- * other thread detaches the Counter while a name is validated or the GIL is
- * let go) and passes exact str names (hit_names).  A key found reclaimed
+ * module's hit(), Counter_hit() for a Counter's) and passes exact str names
+ * (do_hit).  Where Python runs or the GIL is let go (a cache miss, a bucket
+ * roll-over) c->busy is held, so no other thread detaches the Counter under
+ * the hit (slot_for, roll_bucket); nothing else here runs Python.  A key found reclaimed
  * (ADD_STALE) is resolved again, once, and counted in its new slot: the hit
  * goes to its own key, never to the slot's new owner. */
-static int hit_keys(Counter *c, PyObject *account, PyObject *event, uint64_t n, uint64_t second)
+static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *account,
+                                                          PyObject *event, uint64_t n,
+                                                          uint64_t second)
 {
     long all_slot, slot = -1;
     int dropped, rc;
@@ -1770,22 +1790,24 @@ static PyObject *exact_name(PyObject *name)
     return PyUnicode_FromObject(name);
 }
 
-/* hit_keys() with c->busy held and exact str names: see hit_keys. */
+/* hit_keys() with exact str copies of names that are str subclasses. */
+__attribute__((noinline)) static int hit_copied(Counter *c, PyObject *account,
+                                                PyObject *event, uint64_t n, uint64_t second)
+{
+    PyObject *a = exact_name(account), *e = a == NULL ? NULL : exact_name(event);
+    int rc = e == NULL ? -1 : hit_keys(c, a, e, n, second);
+    Py_XDECREF(a);
+    Py_XDECREF(e);
+    return rc;
+}
+
+/* hit_keys() with exact str names: see hit_keys. */
 static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, uint64_t second)
 {
-    int rc;
     if (__builtin_expect((account != Py_None && !PyUnicode_CheckExact(account))
-                         || !PyUnicode_CheckExact(event), 0)) {
-        PyObject *a = exact_name(account), *e = a == NULL ? NULL : exact_name(event);
-        rc = e == NULL ? -1 : do_hit(c, a, e, n, second);
-        Py_XDECREF(a);
-        Py_XDECREF(e);
-        return rc;
-    }
-    c->busy++;
-    rc = hit_keys(c, account, event, n, second);
-    c->busy--;
-    return rc;
+                         || !PyUnicode_CheckExact(event), 0))
+        return hit_copied(c, account, event, n, second);
+    return hit_keys(c, account, event, n, second);
 }
 
 /* Counter.hit(account=None, event="pageview", n=1, now=None, *, status=None):
@@ -2072,9 +2094,7 @@ static PyObject *Counter_find(Counter *c, PyObject *args)
         Py_DECREF(account);
         return NULL;
     }
-    c->busy++;  /* names.validate runs Python: no detach meanwhile */
     slot = slot_for(c, account, event, 0);
-    c->busy--;
     Py_DECREF(account);
     Py_DECREF(event);
     if (slot == -2)
