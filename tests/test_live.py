@@ -39,16 +39,22 @@ def test_unknown_window_level_over_5_and_a_throttle_slot_past_the_table(counter:
     assert "throttle_slot is 4294967295" in snap.damaged[2]
 
 
+def _poke(key: int, backend: str, account: str, at: int, data: bytes) -> None:
+    """Write ``data`` at offset ``at`` of the index entry of (account,
+    "pageview"), through the raw bytes."""
+    with raw_view(key, backend) as view:
+        raw = RawReader(view)
+        slot = raw.find(account, "pageview")
+        for off, state, entry_slot, *_ in list(raw.entries()):
+            if state == 1 and entry_slot == slot:
+                view[off + at:off + at + len(data)] = data
+
+
 def test_a_name_that_is_not_utf8_never_raises(installed: tuple[int, str]) -> None:
     key, backend = installed
     counter = segment.attach(key, backend, stripe=0)
     counter.hit("acme", "pageview", 3, NOW)
-    with raw_view(key, backend) as view:
-        raw = RawReader(view)
-        slot = raw.find("acme", "pageview")
-        for off, state, entry_slot, *_ in list(raw.entries()):
-            if state == 1 and entry_slot == slot:
-                view[off + 16] = 0xFF
+    _poke(key, backend, "acme", 16, b"\xff")
     snap = live.snapshot(counter, NOW)
     assert ("acme", "pageview") not in {(k["account"], k["event"]) for k in snap.keys}
     assert len(snap.damaged) == 1 and "not UTF-8" in snap.damaged[0]
@@ -117,12 +123,7 @@ def test_an_index_entry_whose_slot_is_past_the_table_is_reported(installed: tupl
     counter = segment.attach(key, backend, stripe=0)
     counter.hit("acme", "pageview", 3, NOW)
     counter.hit("shop", "pageview", 2, NOW)
-    with raw_view(key, backend) as view:
-        raw = RawReader(view)
-        slot = raw.find("acme", "pageview")
-        for off, state, entry_slot, *_ in list(raw.entries()):
-            if state == 1 and entry_slot == slot:
-                view[off + 4:off + 8] = (0xFFFF0000).to_bytes(4, "little")
+    _poke(key, backend, "acme", 4, (0xFFFF0000).to_bytes(4, "little"))  # the slot
     snap = live.snapshot(counter, NOW)
     assert ("acme", "pageview") not in {(k["account"], k["event"]) for k in snap.keys}
     assert {(k["account"], k["event"]): k["current_minute"] for k in snap.keys}[
@@ -130,15 +131,6 @@ def test_an_index_entry_whose_slot_is_past_the_table_is_reported(installed: tupl
     assert len(snap.damaged) == 1 and "4294901760" in snap.damaged[0], snap.damaged
     assert "acme" in snap.damaged[0]
     counter.detach()
-
-
-def _corrupt_slot_of(key: int, backend: str, account: str) -> None:
-    with raw_view(key, backend) as view:
-        raw = RawReader(view)
-        slot = raw.find(account, "pageview")
-        for off, state, entry_slot, *_ in list(raw.entries()):
-            if state == 1 and entry_slot == slot:
-                view[off + 4:off + 8] = (0xFFFF0000).to_bytes(4, "little")
 
 
 def test_status_skips_and_reports_an_index_entry_past_the_table(installed, tmp_path) -> None:
@@ -151,7 +143,7 @@ def test_status_skips_and_reports_an_index_entry_past_the_table(installed, tmp_p
     counter.hit("acme", "pageview", 3, NOW)
     counter.hit("shop", "pageview", 2, NOW)
     counter.detach()
-    _corrupt_slot_of(key, backend, "acme")
+    _poke(key, backend, "acme", 4, (0xFFFF0000).to_bytes(4, "little"))
     info = status.collect(make_config(str(tmp_path / "s.sqlite3"), key=key, backend=backend), NOW)
     text = status.render(info)
     assert {(k["account"], k["minute"]) for k in info["keys"]} >= {("shop", 2), ("all", 5)}
