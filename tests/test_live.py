@@ -174,3 +174,35 @@ def test_status_never_names_a_reused_slot_with_the_old_key(installed, tmp_path,
             assert seed.find(k["account"], k["event"]) == k["slot"], k
     assert ("k1.example", 7) in {(k["account"], k["minute"]) for k in info["keys"]}
     seed.detach()
+
+
+def test_a_reclaim_left_under_way_is_left_out_and_reported(installed: tuple[int, str]) -> None:
+    """A reclaimer killed in the middle (index_seq odd, reclaim_slot set):
+    readers keep reading every other key, leave that one slot out and say
+    so, until the next lock holder finishes the reclaim."""
+    from test_segment import in_child
+    from trafficthreshold import _counter
+    key, backend = installed
+    counter = segment.attach(key, backend, stripe=0)
+    counter.hit("gone", "pageview", 3, NOW - 30 * 60)
+    counter.hit("shop", "pageview", 2, NOW)
+    gone = counter.find("gone", "pageview")
+
+    def die_reclaiming() -> None:
+        reclaimer = segment.attach(key, backend)
+        _counter._crash_at(102)  # after the tombstone and the generation
+        reclaimer.reclaim(int(NOW) // 60)
+
+    status, _ = in_child(die_reclaiming)
+    assert status & 0x7F == 9  # SIGKILL
+    assert segment.header(counter)["index_seq"] % 2 == 1
+    snap = live.snapshot(counter, NOW)
+    assert gone not in {k["slot"] for k in snap.keys}
+    assert {(k["account"], k["current_minute"]) for k in snap.keys} >= {("shop", 2)}
+    assert any(f"slot {gone} is being reclaimed" in d for d in snap.damaged), snap.damaged
+    counter.hit("new", "pageview", 1, NOW)  # the next lock holder finishes it
+    assert segment.header(counter)["index_seq"] % 2 == 0
+    snap = live.snapshot(counter, NOW)
+    assert snap.damaged == [] and ("new", 1) in {(k["account"], k["current_minute"])
+                                                 for k in snap.keys}
+    counter.detach()
