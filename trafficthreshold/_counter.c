@@ -67,7 +67,16 @@
  *                              holder that finds it non-zero (its reclaimer died)
  *                              finishes that reclaim first (finish_reclaim)
  *   188  u32 reclaim_entry    index entry + 1 of that reclaim
- *   192..4095 reserved, zero
+ *   line 3, the insert's record and the index's fields (changed under the lock):
+ *   192  u32 insert_slot      slot + 1 of an insert under way, 0 = none: the
+ *                              next lock holder rolls it forward (finish_insert)
+ *   196  u32 insert_entry     index entry + 1 of that insert
+ *   200  u32 probe_limit      probes read at most this many entries: the largest
+ *                              distance of a ready key from its first entry, + 1
+ *                              (0 = unknown: probe to an empty entry)
+ *   208  u64 index_seq        odd while a reclaim is under way (a seqlock for
+ *                              readers that name counts; see segment.py)
+ *   216..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
  * open-addressing hash table with linear probing:
@@ -111,13 +120,21 @@
  * key_capacity - EVENT_RESERVE so the `all` total of a new event still finds
  * a slot.
  *
+ * Inserts (insert_key): under the lock, the limit is checked again, the
+ * entry written (state not yet ready), probe_limit raised if the key lies
+ * past it, the record insert_entry/insert_slot stored, the slot taken (a pop
+ * stores free_head before clearing next_free), the entry published, the
+ * record cleared: a holder killed anywhere leaves nothing or a record the
+ * next holder rolls forward.
+ *
  * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
  * every bucket is older than the minute it is given (out of the ring and
  * rolled) gives its slot back.  Never slot 0, slot 1 or throttle_slot.  Under
- * the lock: `reclaimed` is incremented, reclaim_entry and reclaim_slot are
- * stored, the entry becomes a tombstone, the slot's generation is bumped,
+ * the lock: index_seq made odd, `reclaimed` incremented, reclaim_entry and
+ * reclaim_slot stored, the entry becomes a tombstone, the slot's generation is bumped,
  * its buckets zeroed, the slot pushed on the free list, tombstones before an
- * empty entry emptied, reclaim_slot cleared.
+ * empty entry emptied, reclaim_slot cleared, index_seq made even.  After a
+ * scan that reclaimed keys, probe_limit is computed again.
  * Every step can be redone (finish_reclaim), so a reclaimer killed half way
  * leaves nothing inconsistent: the next lock holder that inserts a key, rolls
  * a bucket or reclaims finishes it.  Inserts take a free slot before
@@ -131,9 +148,14 @@
  * slot that may have been reclaimed meanwhile -- the same window in which a
  * writer stalled for a ring adds into a bucket rolled to a newer epoch.
  *
+ * Threads: a Counter may be shared by threads.  A hit holds `busy` where it
+ * runs Python or lets go of the GIL (no detach or re-init under it), keeps
+ * no borrowed pointer into its cache across Python code or a GIL release,
+ * and counts both its halves with its own copy of the clock (hclock_t).
+ *
  * Locking: the hot path takes no lock.  The structural lock is taken only to
  * add a key and to roll a bucket over to a new epoch, always with a timeout
- * (50 ms on a worker's path), and always with the GIL released from before
+ * (50 ms on a worker's path, a deadline that signals do not restart), and always with the GIL released from before
  * the take until after the give-back, so a thread holding the GIL never
  * stretches the time another process waits (seg_lock, roll_bucket,
  * insert_key).  It is never held without a recorded owner:
@@ -252,6 +274,10 @@
 #define H_RECLAIMED 176
 #define H_RECLAIM_SLOT 184
 #define H_RECLAIM_ENTRY 188
+#define H_INSERT_SLOT 192
+#define H_INSERT_ENTRY 196
+#define H_PROBE_LIMIT 200
+#define H_INDEX_SEQ 208
 
 /* Index entry offsets. */
 #define E_STATE 0
@@ -283,6 +309,14 @@ typedef struct {
     uint64_t count;
 } bucket_t;
 
+/* A hit's clock: its epoch second and minute and their bucket indices.
+ * Each hit works on its own copy (do_hit): the Counter's copy is shared by
+ * the threads of a process and changes while a hit lets go of the GIL. */
+typedef struct {
+    uint64_t second, minute;
+    uint32_t min_idx, sec_idx;
+} hclock_t;
+
 enum backend { BACKEND_SYSV = 0, BACKEND_POSIX = 1 };
 
 typedef struct {
@@ -301,16 +335,17 @@ typedef struct {
     uint32_t stripe;          /* this process's stripe */
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */
-    int busy;                 /* threads inside a GIL-free lock section:
-                                 detach() must not unmap under them */
+    int busy;                 /* calls inside a GIL-free lock section or
+                                 Python code (names.validate, the collector):
+                                 detach() and __init__ must not unmap under
+                                 them */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
     int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
     /* The bucket indices of the second last counted, so the hot path does
-     * no 64-bit division while the second does not change.  cur_second 0 =
+     * no 64-bit division while the second does not change.  clk.second 0 =
      * nothing cached (parse_now refuses times before second 60). */
-    uint64_t cur_second, cur_minute;
-    uint32_t cur_min_idx, cur_sec_idx;
+    hclock_t clk;
     /* The event of the last hit (a strong reference, compared by identity),
      * its dict of account slots in `cache` and its `all` slot: a process
      * mostly counts one event, so this saves three dict lookups per hit.
@@ -338,6 +373,14 @@ static int strict_mode = 0;
 static volatile unsigned long fork_generation = 0;
 
 static void after_fork_child(void) { fork_generation++; }
+
+/* A test hook (tests/test_segment.py): the process kills itself (SIGKILL,
+ * holding the lock) at the store numbered crash_at of an insert (1..) or a
+ * reclaim (101..), so that the tests prove every store can be redone by
+ * the next lock holder.  0 = off; set by _crash_at(n).  Costs one compare
+ * per store, on the locked paths only. */
+static int crash_at = 0;
+#define CRASH_POINT(n) do { if (__builtin_expect(crash_at == (n), 0)) raise(SIGKILL); } while (0)
 
 /* ------------------------------------------------------------------ time */
 
@@ -487,6 +530,7 @@ static int seg_lock(const seglock_t *l, int timeout_ms)
 {
     struct timespec ts;
     struct sembuf op = {0, -1, SEM_UNDO};
+    int64_t deadline = mono_ms() + timeout_ms, left;
     int rc;
     if (l->backend != BACKEND_SYSV)
         return word_lock(l->owner, timeout_ms);
@@ -494,11 +538,24 @@ static int seg_lock(const seglock_t *l, int timeout_ms)
         errno = EIDRM;
         return -1;
     }
-    ts.tv_sec = timeout_ms / 1000;
-    ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
-    do {
+    /* An absolute deadline: a signal (an itimer, a profiler, SIGCHLD)
+     * interrupts semtimedop with EINTR, and retrying with the whole timeout
+     * again would wait for as long as the lock is held -- for ever behind a
+     * stopped holder.  The retry waits what is left, at least a try. */
+    for (;;) {
+        left = deadline - mono_ms();
+        if (left < 0)
+            left = 0;
+        ts.tv_sec = left / 1000;
+        ts.tv_nsec = (long)(left % 1000) * 1000000L;
         rc = semtimedop(l->semid, &op, 1, &ts);
-    } while (-1 == rc && errno == EINTR);
+        if (rc == 0 || errno != EINTR)
+            break;
+        if (left == 0) {
+            errno = EAGAIN;
+            break;
+        }
+    }
     if (-1 == rc)
         return -1;
     __atomic_store_n(l->owner, (uint32_t)getpid(), __ATOMIC_RELEASE);
@@ -782,11 +839,13 @@ static int open_semaphore(Counter *c, int reader_only)
         snprintf(name, sizeof name, "/dev/shm/sem.trafficthreshold-%lx", c->key);
         if (reader_only || -1 == stat(name, &st))
             return 0;
+        /* PyErr_Format has no %lx: the key is printed as an unsigned int
+         * (keys are 32-bit, key_t), the way every other message names it. */
         PyErr_Format(LayoutMismatch,
-                     "the segment /dev/shm/trafficthreshold-%lx was installed by an older "
+                     "the segment /dev/shm/trafficthreshold-%x was installed by an older "
                      "trafficthreshold that locked it with the POSIX semaphore %s; run "
                      "`trafficthreshold uninstall --backend posix` and install again",
-                     c->key, name);
+                     (unsigned int)c->key, name);
         return -1;
     }
     c->semid = semget((key_t)c->key, 1, 0);
@@ -795,13 +854,13 @@ static int open_semaphore(Counter *c, int reader_only)
     if (errno == EACCES)
         PyErr_Format(SegmentError,
                      "permission denied on the semaphore of the segment at SysV IPC key "
-                     "0x%lx; add this user to the segment's group (see `trafficthreshold "
-                     "status`)", c->key);
+                     "0x%x; add this user to the segment's group (see `trafficthreshold "
+                     "status`)", (unsigned int)c->key);
     else
         PyErr_Format(SegmentNotFound,
-                     "the segment at SysV IPC key 0x%lx has no semaphore; run "
+                     "the segment at SysV IPC key 0x%x has no semaphore; run "
                      "`trafficthreshold uninstall --force` (it rolls the counts up and "
-                     "removes the segment) and install again", c->key);
+                     "removes the segment) and install again", (unsigned int)c->key);
     return -1;
 }
 
@@ -819,7 +878,7 @@ static void detach(Counter *c)
         PyDict_Clear(c->cache);
     Py_CLEAR(c->ev_obj);
     Py_CLEAR(c->ev_accounts);
-    c->cur_second = 0;
+    c->clk.second = 0;
 }
 
 /* Counter(backend, key, stripe=None, retired_ok=False): attaches; raises
@@ -882,6 +941,97 @@ static void Counter_dealloc(Counter *c)
 
 /* ------------------------------------------------------------------ keys */
 
+/* Plain C from here to insert_key: the lock holder's work on the index,
+ * the slot table and the free list.  No Python object is touched, so these
+ * run with the GIL released (and can move to a core any binding shares). */
+
+/* The index_seq seqlock (header 208): odd while a reclaim is under way.
+ * A reader that read the same even value before and after reading names
+ * and counts read a consistent pair (see the readers in segment.py). */
+static inline void index_seq_begin(Counter *c)
+{
+    uint64_t *seq = U64(c->base, H_INDEX_SEQ);
+    if ((__atomic_load_n(seq, __ATOMIC_ACQUIRE) & 1) == 0)
+        __atomic_fetch_add(seq, 1, __ATOMIC_ACQ_REL);
+}
+
+static inline void index_seq_end(Counter *c)
+{
+    uint64_t *seq = U64(c->base, H_INDEX_SEQ);
+    if (__atomic_load_n(seq, __ATOMIC_ACQUIRE) & 1)
+        __atomic_fetch_add(seq, 1, __ATOMIC_ACQ_REL);
+}
+
+/* Pushes `slot` on the free list: next_free = free_head, then free_head =
+ * slot + 1 and free_slots + 1 in one 8-byte store.  Skipped when free_head
+ * already is this slot, so a holder killed between the two stores leaves a
+ * push the next holder redoes.  Caller holds the lock. */
+static void push_free(Counter *c, uint32_t slot)
+{
+    uint64_t free_word = __atomic_load_n(U64(c->base, H_FREE_HEAD), __ATOMIC_ACQUIRE);
+    if ((uint32_t)free_word == slot + 1)
+        return;
+    __atomic_store_n(slot_word(c, slot, T_NEXT_FREE), (uint32_t)free_word, __ATOMIC_RELEASE);
+    CRASH_POINT(104);
+    __atomic_store_n(U64(c->base, H_FREE_HEAD),
+                     ((free_word >> 32) + 1) << 32 | (uint64_t)(slot + 1), __ATOMIC_RELEASE);
+    CRASH_POINT(105);
+}
+
+/* Takes `slot` for a new key: pops it when it heads the free list
+ * (free_head = its next_free and free_slots - 1, one 8-byte store), else
+ * grows keys_used past it; then clears its next_free.  Every store can be
+ * repeated: a slot no longer at the head, below keys_used, is already
+ * taken, and the pop stores free_head before next_free is cleared, so a
+ * holder killed in between never cuts the list (the next one redoes it,
+ * finish_insert).  Caller holds the lock. */
+static void take_slot(Counter *c, uint32_t slot)
+{
+    uint64_t free_word = __atomic_load_n(U64(c->base, H_FREE_HEAD), __ATOMIC_ACQUIRE);
+    uint32_t nfree = (uint32_t)(free_word >> 32), next;
+    if ((uint32_t)free_word == slot + 1) {
+        next = __atomic_load_n(slot_word(c, slot, T_NEXT_FREE), __ATOMIC_ACQUIRE);
+        /* Why the bound: a corrupt next_free must not become the head. */
+        if (next != 0 && (next - 1 >= c->key_capacity || next - 1 <= THROTTLE_RESERVED_SLOT))
+            next = 0;
+        __atomic_store_n(U64(c->base, H_FREE_HEAD),
+                         (uint64_t)(nfree > 0 ? nfree - 1 : 0) << 32 | next, __ATOMIC_RELEASE);
+        CRASH_POINT(4);
+    } else if (__atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE) <= slot) {
+        __atomic_store_n(U32(c->base, H_KEYS_USED), slot + 1, __ATOMIC_RELEASE);
+        CRASH_POINT(4);
+    }
+    __atomic_store_n(slot_word(c, slot, T_NEXT_FREE), 0u, __ATOMIC_RELEASE);
+    CRASH_POINT(5);
+}
+
+/* Finishes an insert whose insert_slot is set (a holder killed half way
+ * through insert_key).  Its entry was written in full before the record,
+ * so it is rolled forward: the slot is taken (take_slot), the entry
+ * published, the record cleared.  Caller holds the lock. */
+static void finish_insert(Counter *c)
+{
+    uint32_t is = __atomic_load_n(U32(c->base, H_INSERT_SLOT), __ATOMIC_ACQUIRE);
+    uint32_t ie = __atomic_load_n(U32(c->base, H_INSERT_ENTRY), __ATOMIC_ACQUIRE);
+    char *ent;
+    if (is == 0)
+        return;
+    /* A corrupt record (out of range, a reserved slot, an entry that is not
+     * this insert's) is dropped: acting on it could hand out a slot twice. */
+    if (c->slot_table != NULL && is - 1 < c->key_capacity && is - 1 > THROTTLE_RESERVED_SLOT
+        && ie != 0 && ie - 1 < c->index_size) {
+        ent = index_entry(c, ie - 1);
+        /* The entry is empty or a tombstone until published: its slot
+         * field, written before the record, says it is this insert's. */
+        if (*U32(ent, E_SLOT) == is - 1) {
+            take_slot(c, is - 1);
+            __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
+        }
+    }
+    __atomic_store_n(U32(c->base, H_INSERT_SLOT), 0u, __ATOMIC_RELEASE);
+    __atomic_store_n(U32(c->base, H_INSERT_ENTRY), 0u, __ATOMIC_RELEASE);
+}
+
 /* Finishes a reclaim whose reclaim_slot is set (Counter.reclaim sets it, or
  * a reclaimer that died left it).  Caller holds the lock.  Every step can be
  * repeated, so a holder killed anywhere in here leaves a reclaim the next
@@ -891,23 +1041,23 @@ static void Counter_dealloc(Counter *c)
  *      old (slot, generation) no longer matches any tag of the slot;
  *   3. every bucket is zeroed (tag 0, a release fence, count 0: a reader
  *      between its two looks at the tag reads 0);
- *   4. the slot is pushed on the free list, free_head and free_slots in one
- *      8-byte store (skipped when free_head already is this slot);
+ *   4. the slot is pushed on the free list (push_free);
  *   5. tombstones followed by an empty entry become empty (no key's probe
- *      sequence passes an empty entry, so none passes them), keeping probes
- *      short however many keys come and go;
- *   6. reclaim_slot is cleared.
- * `reclaimed` was incremented before reclaim_slot was stored (do_reclaim),
- * so readers that cache slot -> name see it move before a slot changes hands. */
+ *      sequence passes an empty entry, so none passes them);
+ *   6. reclaim_slot and reclaim_entry are cleared, and index_seq made even.
+ * `reclaimed` was incremented and index_seq made odd before reclaim_slot
+ * was stored (do_reclaim), so readers that cache slot -> name see it move
+ * before a slot changes hands. */
 static void finish_reclaim(Counter *c)
 {
     uint32_t rs = __atomic_load_n(U32(c->base, H_RECLAIM_SLOT), __ATOMIC_ACQUIRE);
     uint32_t re = __atomic_load_n(U32(c->base, H_RECLAIM_ENTRY), __ATOMIC_ACQUIRE);
     uint32_t slot, pos, gen, mask = c->index_size - 1;
-    uint64_t free_word;
     char *ent;
-    if (rs == 0 || c->slot_table == NULL)
+    if (c->slot_table == NULL)
         return;
+    if (rs == 0)
+        goto done;  /* index_seq may be odd: a reclaimer died before reclaim_slot */
     slot = rs - 1;
     /* A corrupt record (out of range, a reserved slot) is dropped: acting on
      * it would write outside the table or lose the reserved keys. */
@@ -919,8 +1069,10 @@ static void finish_reclaim(Counter *c)
     if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) == ENTRY_READY
         && *U32(ent, E_SLOT) == slot)
         __atomic_store_n(U32(ent, E_STATE), ENTRY_REMOVED, __ATOMIC_RELEASE);
+    CRASH_POINT(101);
     gen = (*U32(ent, E_GENERATION) + 1) & GEN_MASK;
     __atomic_store_n(slot_word(c, slot, T_GENERATION), gen, __ATOMIC_RELEASE);
+    CRASH_POINT(102);
     for (uint32_t p = 0; p < c->stripes; p++) {
         bucket_t *b = stripe_buckets(c, slot, p);
         for (uint32_t j = 0; j < c->minutes + c->seconds; j++) {
@@ -929,14 +1081,8 @@ static void finish_reclaim(Counter *c)
             __atomic_store_n(&b[j].count, 0, __ATOMIC_RELAXED);
         }
     }
-    free_word = __atomic_load_n(U64(c->base, H_FREE_HEAD), __ATOMIC_ACQUIRE);
-    if ((uint32_t)free_word != slot + 1) {
-        __atomic_store_n(slot_word(c, slot, T_NEXT_FREE), (uint32_t)free_word,
-                         __ATOMIC_RELAXED);
-        /* free_head (low half) and free_slots (high half) at once. */
-        __atomic_store_n(U64(c->base, H_FREE_HEAD),
-                         ((free_word >> 32) + 1) << 32 | (uint64_t)(slot + 1), __ATOMIC_RELEASE);
-    }
+    CRASH_POINT(103);
+    push_free(c, slot);
     if (__atomic_load_n(U32(index_entry(c, (pos + 1) & mask), E_STATE), __ATOMIC_ACQUIRE)
         == ENTRY_EMPTY) {
         for (uint32_t n = 0; n < c->index_size; n++, pos = (pos - 1) & mask) {
@@ -946,31 +1092,75 @@ static void finish_reclaim(Counter *c)
             __atomic_store_n(U32(ent, E_STATE), ENTRY_EMPTY, __ATOMIC_RELEASE);
         }
     }
+    CRASH_POINT(106);
 done:
     __atomic_store_n(U32(c->base, H_RECLAIM_SLOT), 0u, __ATOMIC_RELEASE);
     __atomic_store_n(U32(c->base, H_RECLAIM_ENTRY), 0u, __ATOMIC_RELEASE);
+    if (rs != 0)
+        CRASH_POINT(107);
+    index_seq_end(c);
+}
+
+/* What every lock holder does first: finish what a holder killed half way
+ * left under way (a reclaim, an insert).  Caller holds the lock. */
+static void recover(Counter *c)
+{
+    finish_reclaim(c);
+    finish_insert(c);
+}
+
+/* How many entries a probe reads at most (header probe_limit): one more
+ * than the largest distance of a ready key from its first entry.  Why:
+ * tombstones are reused only when a probe passes them, so with keys that
+ * come and go the index runs out of empty entries, and a probe that stops
+ * only at an empty entry reads the whole index.  0 (a segment whose limit
+ * was never computed) or a value past the index: the whole index. */
+static inline uint32_t probe_window(Counter *c)
+{
+    uint32_t lim = header_u32(c, H_PROBE_LIMIT);
+    return lim == 0 || lim > c->index_size ? c->index_size : lim;
+}
+
+/* Computes probe_limit again from the ready entries (after reclaims, which
+ * only lower it).  Caller holds the lock. */
+static void reset_probe_limit(Counter *c)
+{
+    uint32_t mask = c->index_size - 1, far = 0, d;
+    for (uint32_t i = 0; i < c->index_size; i++) {
+        char *ent = index_entry(c, i);
+        if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
+            continue;
+        d = (i - *U32(ent, E_HASH)) & mask;
+        if (d > far)
+            far = d;
+    }
+    __atomic_store_n(U32(c->base, H_PROBE_LIMIT), far + 1, __ATOMIC_RELEASE);
 }
 
 /* Looks a key up in the index without locking.  Returns its ref (slot |
  * generation << 32), or -1 if absent.  Lock-free: an entry is visible only
  * once its state is stored with release order, after its name, slot and
- * generation.  A tombstone (state 2) is passed over; `free_pos`, if given,
- * gets the first tombstone on the way or else the empty entry that ended the
- * probe (UINT32_MAX: none).  Why the second look at state, slot and
- * generation after a match: a tombstone is rewritten for another key, and a
- * match read across that rewrite could pair one key's name with another's
- * slot; (slot, generation) never repeats, so an unchanged pair means an
- * unchanged entry.  An entry whose slot is out of range (a corrupted index)
- * answers OVERFLOW_SLOT: writing through it would go past the mapping. */
+ * generation.  A tombstone (state 2) is passed over; the probe ends at an
+ * empty entry or after probe_window() entries.  `free_pos`, if given, gets
+ * the first tombstone on the way or else the empty entry that ended the
+ * probe (UINT32_MAX: none); `reads`, if given, the entries read.  Why the
+ * second look at state, slot and generation after a match: a tombstone is
+ * rewritten for another key, and a match read across that rewrite could
+ * pair one key's name with another's slot; (slot, generation) never
+ * repeats, so an unchanged pair means an unchanged entry.  An entry whose
+ * slot is out of range (a corrupted index) answers OVERFLOW_SLOT: writing
+ * through it would go past the mapping. */
 static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                  uint32_t hash, uint32_t *free_pos)
+                  uint32_t hash, uint32_t *free_pos, uint32_t *reads)
 {
     uint32_t mask = c->index_size - 1, tomb = UINT32_MAX, state, slot, gen;
+    uint32_t window = probe_window(c);
     for (int attempt = 0; attempt < 64; attempt++) {
         uint32_t n = 0, i = hash & mask;
         tomb = UINT32_MAX;
-        for (; n < c->index_size; n++, i = (i + 1) & mask) {
+        for (; n < window; n++, i = (i + 1) & mask) {
             char *ent = index_entry(c, i);
+            if (reads) ++*reads;
             state = __atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE);
             if (state == ENTRY_EMPTY) {
                 if (free_pos) *free_pos = tomb != UINT32_MAX ? tomb : i;
@@ -995,7 +1185,7 @@ static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t 
                 return MAKE_REF(slot, c->slot_table == NULL ? 0 : gen & GEN_MASK);
             }
         }
-        if (n == c->index_size) {
+        if (n == window) {
             if (free_pos) *free_pos = tomb;
             return -1;
         }
@@ -1006,26 +1196,45 @@ static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t 
     return -1;
 }
 
+/* The entry a new key goes into when the probe window held neither a
+ * tombstone nor an empty entry: the first one past it that is not ready
+ * (UINT32_MAX: the index is full).  Caller holds the lock. */
+static uint32_t entry_past_window(Counter *c, uint32_t hash)
+{
+    uint32_t mask = c->index_size - 1, i = hash & mask;
+    for (uint32_t n = 0; n < c->index_size; n++, i = (i + 1) & mask)
+        if (__atomic_load_n(U32(index_entry(c, i), E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
+            return i;
+    return UINT32_MAX;
+}
+
 /* Inserts the key under the structural lock; returns its ref, OVERFLOW_SLOT
  * when the table is full, or -1 with errno set when the lock was not taken.
  * No Python: runs with the GIL released, so a thread that holds the GIL
  * never makes the lock wait (the lock is taken, the entry written and the
  * lock given back in one stretch of C).  A reclaimed slot (the free list) is
  * taken before keys_used grows; `limit` bounds the slots in use,
- * keys_used - free_slots. */
+ * keys_used - free_slots, and is checked again here, under the lock: another
+ * process may have taken the last slot since the caller's look.
+ * The order of the stores (docs/segment.rst, "How a writer counts a hit"):
+ * the entry's fields (state not yet ready), probe_limit if the key lies
+ * past it, the record insert_entry then insert_slot, the slot taken
+ * (take_slot), state = ready, the record cleared.  A holder killed anywhere
+ * leaves either nothing visible or a record the next holder rolls forward
+ * (finish_insert): never a slot lost, owned twice, or a cut free list. */
 static long insert_key(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
                        uint32_t hash, uint32_t limit)
 {
     seglock_t l = lock_of(c);
-    uint32_t pos, used, slot, gen, head, nfree;
+    uint32_t pos, used, slot, gen, head, nfree, window, d;
     uint64_t free_word;
     long ref;
     int from_free;
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0)
         return -1;
-    finish_reclaim(c);
+    recover(c);
     /* Re-probe under the lock: another process may have added it. */
-    ref = probe(c, a, alen, e, elen, hash, &pos);
+    ref = probe(c, a, alen, e, elen, hash, &pos, NULL);
     if (ref < 0) {
         used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
         free_word = c->slot_table == NULL ? 0
@@ -1035,7 +1244,9 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
         /* A corrupt free list (a head out of range) is ignored. */
         from_free = head != 0 && head - 1 < c->key_capacity && head - 1 > THROTTLE_RESERVED_SLOT;
         slot = from_free ? head - 1 : used;
-        if (used - (from_free ? nfree : 0) >= limit || pos == UINT32_MAX
+        if (pos == UINT32_MAX)
+            pos = entry_past_window(c, hash);
+        if (used - (from_free && nfree <= used ? nfree : 0) >= limit || pos == UINT32_MAX
             || slot >= c->key_capacity) {
             ref = OVERFLOW_SLOT;
         } else {
@@ -1052,20 +1263,27 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
             *(uint8_t *)(ent + E_EVENT_LEN) = (uint8_t)elen;
             *U32(ent, E_HASH) = hash;
             __atomic_store_n(U32(ent, E_SLOT), slot, __ATOMIC_RELAXED);
-            __atomic_store_n(U32(ent, E_GENERATION), gen, __ATOMIC_RELAXED);
+            __atomic_store_n(U32(ent, E_GENERATION), gen, __ATOMIC_RELEASE);
+            CRASH_POINT(1);
+            /* Past the window (none of its entries was free): the window
+             * grows before the key is published, or lock-free probes would
+             * stop short of it.  0 = no limit kept: left alone. */
+            window = __atomic_load_n(U32(c->base, H_PROBE_LIMIT), __ATOMIC_ACQUIRE);
+            d = (pos - hash) & (c->index_size - 1);
+            if (window != 0 && d + 1 > window)
+                __atomic_store_n(U32(c->base, H_PROBE_LIMIT), d + 1, __ATOMIC_RELEASE);
+            CRASH_POINT(2);
+            __atomic_store_n(U32(c->base, H_INSERT_ENTRY), pos + 1, __ATOMIC_RELEASE);
+            __atomic_store_n(U32(c->base, H_INSERT_SLOT), slot + 1, __ATOMIC_RELEASE);
+            CRASH_POINT(3);
             /* The slot leaves the free list (or keys_used grows) before the
-             * entry is published: a holder killed in between leaves the
-             * slot unused, never owned twice.  Its buckets are zero: never
-             * used, or zeroed by its reclaim. */
-            if (from_free) {
-                head = __atomic_load_n(slot_word(c, slot, T_NEXT_FREE), __ATOMIC_RELAXED);
-                __atomic_store_n(slot_word(c, slot, T_NEXT_FREE), 0u, __ATOMIC_RELAXED);
-                __atomic_store_n(U64(c->base, H_FREE_HEAD),
-                                 (uint64_t)(nfree - 1) << 32 | head, __ATOMIC_RELEASE);
-            } else {
-                __atomic_store_n(U32(c->base, H_KEYS_USED), used + 1, __ATOMIC_RELEASE);
-            }
+             * entry is published.  Its buckets are zero: never used, or
+             * zeroed by its reclaim. */
+            take_slot(c, slot);
             __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
+            CRASH_POINT(6);
+            __atomic_store_n(U32(c->base, H_INSERT_SLOT), 0u, __ATOMIC_RELEASE);
+            __atomic_store_n(U32(c->base, H_INSERT_ENTRY), 0u, __ATOMIC_RELEASE);
             ref = MAKE_REF(slot, gen);
         }
     }
@@ -1093,7 +1311,7 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
 {
     uint32_t hash = fnv1a(a, alen, e, elen);
     uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
-    long slot = probe(c, a, alen, e, elen, hash, NULL);
+    long slot = probe(c, a, alen, e, elen, hash, NULL, NULL);
     if (slot >= 0)
         return slot;
     /* Full: answer without the lock, so a flood of new names costs no
@@ -1104,11 +1322,10 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
         PyErr_SetString(LayoutMismatch, "a layout-1 segment is read only here");
         return -1;
     }
-    c->busy++;
+    /* The caller (slot_for) holds c->busy: nothing unmaps under the insert. */
     Py_BEGIN_ALLOW_THREADS
     slot = insert_key(c, a, alen, e, elen, hash, limit);
     Py_END_ALLOW_THREADS
-    c->busy--;
     if (slot < 0)
         PyErr_SetString(SegmentBusy, "timed out waiting for the segment lock to add a key");
     return slot;
@@ -1144,18 +1361,54 @@ static int encode_names(PyObject *account, PyObject *event, const char **a, Py_s
     return 0;
 }
 
+/* Remembers `ref` for (account, event) in the process cache.  Returns
+ * ref, or -1 with an exception set (no memory).  The names are exact str
+ * (or None), so no dict operation here runs Python code; the new account
+ * dict is filled before the cache holds it, and an existing one is held by
+ * a reference of ours while we write to it. */
+static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
+{
+    PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
+    int rc;
+    if (accounts == NULL) {
+        if (PyErr_Occurred() || (accounts = PyDict_New()) == NULL)
+            return -1;
+        rc = PyDict_SetItem(c->cache, event, accounts);
+    } else {
+        Py_INCREF(accounts);
+        rc = 0;
+    }
+    if (rc == 0 && (v = PyLong_FromLong(ref)) != NULL) {
+        rc = PyDict_SetItem(accounts, account, v);
+        Py_DECREF(v);
+    } else {
+        rc = -1;
+    }
+    Py_DECREF(accounts);
+    return rc < 0 ? -1 : ref;
+}
+
 /* Returns the ref (slot | generation << 32) for (account or None = all,
  * event): from the process cache, or from the index (creating the key).
  * -1 with an exception set on bad names or a lock timeout.  Overflow results
  * are not cached, so the cache stays bounded by the table's capacity.
  * Without `create` (readers: find) a cached ref is checked against the
  * slot's generation, and forgotten when the key was reclaimed; with it (the
- * hot path) the bucket tags do that check (roll_bucket). */
+ * hot path) the bucket tags do that check (roll_bucket).
+ * The names must be exact str (or None): a subclass's __eq__ or __hash__
+ * would run Python inside the cache's lookups.
+ * Hazard: on a miss Python runs (names.validate; a new dict may start the
+ * collector) and the insert lets go of the GIL, so another thread may
+ * meanwhile clear the cache (forget_slots) or try to detach the Counter:
+ * the miss holds c->busy (detach and __init__ refuse), and no borrowed
+ * pointer into the cache is kept across it; the result is cached by a
+ * fresh lookup afterwards (cache_ref).  A hit found in the cache runs no
+ * Python and never lets go of the GIL. */
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create);
+
 static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 {
     PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
-    const char *a, *e;
-    Py_ssize_t alen, elen;
     long slot;
     if (accounts != NULL) {
         v = PyDict_GetItemWithError(accounts, account);
@@ -1169,32 +1422,34 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
     }
     if (PyErr_Occurred())
         return -1;
+    c->busy++;
+    slot = slot_miss(c, account, event, create);
+    c->busy--;
+    return slot;
+}
+
+/* slot_for() on a cache miss; the caller holds c->busy. */
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create)
+{
+    const char *a, *e;
+    Py_ssize_t alen, elen;
+    long slot;
     if (encode_names(account, event, &a, &alen, &e, &elen) < 0)
         return -1;
+    if (c->base == NULL) {
+        PyErr_SetString(SegmentNotFound, "this Counter is detached");
+        return -1;
+    }
     if (create) {
         slot = find_or_create(c, a, (size_t)alen, e, (size_t)elen, account == Py_None);
     } else {
-        slot = probe(c, a, (size_t)alen, e, (size_t)elen, fnv1a(a, alen, e, elen), NULL);
+        slot = probe(c, a, (size_t)alen, e, (size_t)elen, fnv1a(a, alen, e, elen), NULL, NULL);
         if (slot < 0)
             return -2;  /* absent */
     }
     if (slot <= (long)OVERFLOW_SLOT)
         return slot;
-    if (accounts == NULL) {
-        if ((accounts = PyDict_New()) == NULL)
-            return -1;
-        if (PyDict_SetItem(c->cache, event, accounts) < 0) {
-            Py_DECREF(accounts);
-            return -1;
-        }
-        Py_DECREF(accounts);  /* the cache holds it */
-    }
-    if ((v = PyLong_FromLong(slot)) == NULL)
-        return -1;
-    if (PyDict_SetItem(accounts, account, v) < 0)
-        slot = -1;
-    Py_DECREF(v);
-    return slot;
+    return cache_ref(c, account, event, slot);
 }
 
 /* ------------------------------------------------------------------- add */
@@ -1245,7 +1500,7 @@ __attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
         rc = -1;
     } else {
-        finish_reclaim(c);  /* a reclaimer died half way: finish it first */
+        recover(c);  /* a holder died half way: finish what it left first */
         if (slot_gen(c, slot) != gen) {
             rc = ADD_STALE;
         } else {
@@ -1284,13 +1539,13 @@ static inline int add_bucket(Counter *c, bucket_t *b, uint64_t tag, uint64_t uni
     return 0;
 }
 
-/* Points the cached bucket indices at `second` (see cur_second). */
+/* Points the cached bucket indices at `second` (see clk). */
 static inline void set_clock(Counter *c, uint64_t second)
 {
-    c->cur_second = second;
-    c->cur_minute = second / 60;
-    c->cur_min_idx = (uint32_t)(c->cur_minute % c->minutes);
-    c->cur_sec_idx = (uint32_t)(second % c->seconds);
+    c->clk.second = second;
+    c->clk.minute = second / 60;
+    c->clk.min_idx = (uint32_t)(c->clk.minute % c->minutes);
+    c->clk.sec_idx = (uint32_t)(second % c->seconds);
 }
 
 /* A forked child takes its own stripe (choose_stripe), once, at its first
@@ -1302,22 +1557,25 @@ static inline void own_stripe(Counter *c)
 }
 
 /* Adds n to this process's stripe of the key `ref` (own_stripe() was
- * called), in the minute and second buckets of cur_second.  Lock-free unless
- * a bucket rolls over.  Returns 0, 1 when an addition was dropped, or
- * ADD_STALE when the key was reclaimed (nothing added: resolve it again). */
-static int add_slot(Counter *c, long ref, uint64_t n)
+ * called), in the minute and second buckets of the hit's clock `clk`.
+ * Lock-free unless a bucket rolls over.  Returns 0, 1 when an addition was
+ * dropped, or ADD_STALE when the key was reclaimed (nothing added: resolve
+ * it again).  Why `clk` is the caller's copy: roll_bucket lets go of the
+ * GIL, and another thread's hit may meanwhile move the Counter's clock. */
+static inline __attribute__((always_inline)) int add_slot(Counter *c, const hclock_t *clk,
+                                                          long ref, uint64_t n)
 {
     /* The generation of a ref is already below 2**24 (MAKE_REF's callers
      * mask it): the tag's high bits are a shift away. */
     uint64_t high = ((uint64_t)ref >> 32) << EPOCH_BITS;
     bucket_t *b = stripe_buckets(c, REF_SLOT(ref), c->stripe);
-    int rc = add_bucket(c, b + c->cur_min_idx, c->cur_minute | high, 60, ref, n);
+    int rc = add_bucket(c, b + clk->min_idx, clk->minute | high, 60, ref, n);
     if (__builtin_expect(rc == ADD_STALE, 0))
         return ADD_STALE;
     /* A stale second bucket after a counted minute would need a reclaim
      * between the two (a key idle for a ring had its minute tag current):
      * the second's addition is then dropped, like any. */
-    return rc | (add_bucket(c, b + c->minutes + c->cur_sec_idx, c->cur_second | high, 1, ref,
+    return rc | (add_bucket(c, b + c->minutes + clk->sec_idx, clk->second | high, 1, ref,
                             n) != 0);
 }
 
@@ -1448,23 +1706,30 @@ static void forget_slots(Counter *c)
  * counted there once, as overflow_hits does.  (Two keys never share a ref
  * otherwise: (slot, generation) pairs are never handed out twice.)  Returns
  * add_slot's result (0 when nothing was to be added). */
-static inline int add_account(Counter *c, long ref, long all_ref, uint64_t n)
+static inline int add_account(Counter *c, const hclock_t *clk, long ref, long all_ref,
+                              uint64_t n)
 {
     if (ref == OVERFLOW_SLOT)
         __atomic_fetch_add(U64(c->base, H_OVERFLOW_HITS), n, __ATOMIC_RELAXED);
-    return ref == all_ref ? 0 : add_slot(c, ref, n);
+    return ref == all_ref ? 0 : add_slot(c, clk, ref, n);
 }
 
 /* The core of hit(): the `all` key of the event, then the account's key.
  * Returns 0, or -1 with an exception set (bad input or lock timeout).
  * The caller has checked that the segment is live (get_default() for the
- * module's hit(), Counter_hit() for a Counter's).  A key found reclaimed
+ * module's hit(), Counter_hit() for a Counter's) and passes exact str names
+ * (do_hit).  Where Python runs or the GIL is let go (a cache miss, a bucket
+ * roll-over) c->busy is held, so no other thread detaches the Counter under
+ * the hit (slot_for, roll_bucket); nothing else here runs Python.  A key found reclaimed
  * (ADD_STALE) is resolved again, once, and counted in its new slot: the hit
  * goes to its own key, never to the slot's new owner. */
-static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, uint64_t second)
+static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *account,
+                                                          PyObject *event, uint64_t n,
+                                                          uint64_t second)
 {
     long all_slot, slot = -1;
     int dropped, rc;
+    hclock_t clk;
     PyObject *v;
     /* Validate and resolve both names before adding anything, so bad input
      * never leaves half a hit behind.  The account first: its validation
@@ -1480,19 +1745,20 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
         all_slot = c->ev_all_slot;
     else if ((all_slot = all_slot_for(c, event)) < 0)
         return -1;
-    if (second != c->cur_second)
+    if (second != c->clk.second)
         set_clock(c, second);
+    clk = c->clk;  /* the hit's own clock from here (add_slot) */
     own_stripe(c);
-    dropped = add_slot(c, all_slot, n);
+    dropped = add_slot(c, &clk, all_slot, n);
     if (__builtin_expect(dropped == ADD_STALE, 0)) {
         /* Nothing was added yet: a failure here is the hit's. */
         forget_slots(c);
         if ((all_slot = all_slot_for(c, event)) < 0)
             return -1;
-        dropped = add_slot(c, all_slot, n) != 0;
+        dropped = add_slot(c, &clk, all_slot, n) != 0;
     }
     if (account != Py_None) {
-        rc = add_account(c, slot, all_slot, n);
+        rc = add_account(c, &clk, slot, all_slot, n);
         if (__builtin_expect(rc == ADD_STALE, 0)) {
             /* The `all` key is counted: a failure now drops the rest. */
             forget_slots(c);
@@ -1500,7 +1766,7 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
                 PyErr_Clear();
                 rc = 1;
             } else {
-                rc = add_account(c, slot, all_slot, n) != 0;
+                rc = add_account(c, &clk, slot, all_slot, n) != 0;
             }
         }
         dropped |= rc;
@@ -1512,6 +1778,36 @@ static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, ui
     if (dropped)
         __atomic_fetch_add(U64(c->base, H_DROPPED_HITS), n, __ATOMIC_RELAXED);
     return 0;
+}
+
+/* Exact str copies of names that are str subclasses (NULL with an
+ * exception set), so that no lookup in the process cache runs Python code
+ * (a subclass's __eq__ or __hash__).  New references; None stays None. */
+static PyObject *exact_name(PyObject *name)
+{
+    if (name == Py_None || PyUnicode_CheckExact(name))
+        return Py_NewRef(name);
+    return PyUnicode_FromObject(name);
+}
+
+/* hit_keys() with exact str copies of names that are str subclasses. */
+__attribute__((noinline)) static int hit_copied(Counter *c, PyObject *account,
+                                                PyObject *event, uint64_t n, uint64_t second)
+{
+    PyObject *a = exact_name(account), *e = a == NULL ? NULL : exact_name(event);
+    int rc = e == NULL ? -1 : hit_keys(c, a, e, n, second);
+    Py_XDECREF(a);
+    Py_XDECREF(e);
+    return rc;
+}
+
+/* hit_keys() with exact str names: see hit_keys. */
+static int do_hit(Counter *c, PyObject *account, PyObject *event, uint64_t n, uint64_t second)
+{
+    if (__builtin_expect((account != Py_None && !PyUnicode_CheckExact(account))
+                         || !PyUnicode_CheckExact(event), 0))
+        return hit_copied(c, account, event, n, second);
+    return hit_keys(c, account, event, n, second);
 }
 
 /* Counter.hit(account=None, event="pageview", n=1, now=None, *, status=None):
@@ -1792,7 +2088,15 @@ static PyObject *Counter_find(Counter *c, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "account must be a str or None");
         return NULL;
     }
+    if ((account = exact_name(account)) == NULL)
+        return NULL;
+    if ((event = exact_name(event)) == NULL) {
+        Py_DECREF(account);
+        return NULL;
+    }
     slot = slot_for(c, account, event, 0);
+    Py_DECREF(account);
+    Py_DECREF(event);
     if (slot == -2)
         Py_RETURN_NONE;
     if (slot < 0)
@@ -1850,6 +2154,7 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
     if ((out = PyList_New(0)) == NULL)
         return NULL;
     used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
+    c->busy++;  /* building the list may run Python (the collector): no detach */
     for (uint32_t slot = 0; slot < used && slot < c->key_capacity; slot++) {
         /* Counted by offset: `m <= last` would never end at last = 2**64-1. */
         for (uint64_t k = 0; last >= first && k <= last - first; k++) {
@@ -1859,39 +2164,62 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
             if (append_new(out, Py_BuildValue("(IKK)", slot, (unsigned long long)m,
                                               (unsigned long long)n)) < 0) {
                 Py_DECREF(out);
+                c->busy--;
                 return NULL;
             }
         }
     }
+    c->busy--;
     return out;
 }
 
-/* Counter.keys() -> list of (slot, account, event) of every ready key. */
-static PyObject *Counter_keys(Counter *c, PyObject *unused)
+/* (slot, account, event) of index entry `ent`, a new reference (NULL with
+ * an exception set).  Lengths and bytes come from shared memory: the
+ * lengths are bounded to their fields, and the names decoded with
+ * surrogateescape, so that a name which is not UTF-8 (a foreign writer)
+ * reads as a str with lone surrogates (names.check_name refuses those)
+ * instead of raising for every reader. */
+static PyObject *entry_tuple(const char *ent)
 {
-    PyObject *out;
-    if (check_attached(c) < 0 || (out = PyList_New(0)) == NULL)
+    uint8_t alen = *(uint8_t *)(ent + E_ACCOUNT_LEN), elen = *(uint8_t *)(ent + E_EVENT_LEN);
+    if (alen > ACCOUNT_MAX) alen = ACCOUNT_MAX;
+    if (elen > EVENT_MAX) elen = EVENT_MAX;
+    return Py_BuildValue("(IN N)", *U32(ent, E_SLOT),
+                         PyUnicode_DecodeUTF8(ent + E_ACCOUNT, alen, "surrogateescape"),
+                         PyUnicode_DecodeUTF8(ent + E_EVENT, elen, "surrogateescape"));
+}
+
+/* Counter.keys(damaged=None) -> list of (slot, account, event) of every
+ * ready key.  An entry whose slot is past key_capacity (a scribbled
+ * segment, a foreign writer's bug) is left out: its count cannot be read.
+ * When `damaged` is a list, (entry, slot, account, event) of each such
+ * entry is appended to it, for the reader to report. */
+static PyObject *Counter_keys(Counter *c, PyObject *args)
+{
+    PyObject *out, *damaged = NULL, *item;
+    uint32_t slot;
+    int rc = 0;
+    if (!PyArg_ParseTuple(args, "|O!", &PyList_Type, &damaged) || check_attached(c) < 0
+        || (out = PyList_New(0)) == NULL)
         return NULL;
-    for (uint32_t i = 0; i < c->index_size; i++) {
+    c->busy++;  /* building the list may run Python (the collector): no detach */
+    for (uint32_t i = 0; i < c->index_size && rc == 0; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
             continue;
-        /* Lengths and bytes come from shared memory: bound the lengths to
-         * their fields, and decode with surrogateescape so that a name which
-         * is not UTF-8 (a foreign writer) reads as a str with lone
-         * surrogates (names.check_name refuses those) instead of raising
-         * for every reader. */
-        uint8_t alen = *(uint8_t *)(ent + E_ACCOUNT_LEN), elen = *(uint8_t *)(ent + E_EVENT_LEN);
-        if (alen > ACCOUNT_MAX) alen = ACCOUNT_MAX;
-        if (elen > EVENT_MAX) elen = EVENT_MAX;
-        if (append_new(out, Py_BuildValue("(IN N)", *U32(ent, E_SLOT),
-                                          PyUnicode_DecodeUTF8(ent + E_ACCOUNT, alen,
-                                                               "surrogateescape"),
-                                          PyUnicode_DecodeUTF8(ent + E_EVENT, elen,
-                                                               "surrogateescape"))) < 0) {
-            Py_DECREF(out);
-            return NULL;
+        slot = __atomic_load_n(U32(ent, E_SLOT), __ATOMIC_RELAXED);
+        if (slot < c->key_capacity) {
+            rc = append_new(out, entry_tuple(ent));
+        } else if (damaged != NULL) {
+            item = entry_tuple(ent);
+            rc = append_new(damaged, item == NULL ? NULL
+                            : Py_BuildValue("(IN)", i, item));  /* (entry, (slot, a, e)) */
         }
+    }
+    c->busy--;
+    if (rc < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
@@ -1914,12 +2242,16 @@ static int slot_idle(Counter *c, uint32_t slot, uint64_t before)
 
 /* Starts the reclaim of `slot`, the key of index entry `pos`, and finishes
  * it (finish_reclaim).  Caller holds the lock and has checked that the key
- * is idle.  `reclaimed` first: a reader caching slot -> name sees it move
- * before the slot can change hands (a reclaimer killed right after it
- * leaves it one too high, never too low). */
+ * is idle.  index_seq made odd, then `reclaimed`, first: a reader caching
+ * slot -> name sees them move before the slot can change hands (a
+ * reclaimer killed right after leaves `reclaimed` one too high, never too
+ * low, and index_seq odd until the next holder's finish_reclaim). */
 static void do_reclaim(Counter *c, uint32_t pos, uint32_t slot)
 {
+    index_seq_begin(c);
+    CRASH_POINT(110);
     __atomic_fetch_add(U64(c->base, H_RECLAIMED), 1u, __ATOMIC_ACQ_REL);
+    CRASH_POINT(111);
     __atomic_store_n(U32(c->base, H_RECLAIM_ENTRY), pos + 1, __ATOMIC_RELEASE);
     __atomic_store_n(U32(c->base, H_RECLAIM_SLOT), slot + 1, __ATOMIC_RELEASE);
     finish_reclaim(c);
@@ -1959,6 +2291,9 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         return NULL;
     l = lock_of(c);
     throttle = header_u32(c, H_THROTTLE_SLOT);
+    /* Held for the whole scan: building the result may run Python (the
+     * garbage collector), and `ent` points into the mapping. */
+    c->busy++;
     for (uint32_t i = 0; i < c->index_size; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
@@ -1968,24 +2303,17 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         if (slot <= THROTTLE_RESERVED_SLOT || slot == throttle || slot >= c->key_capacity
             || gen != slot_gen(c, slot) || !slot_idle(c, slot, before))
             continue;
-        {
-            uint8_t alen = *(uint8_t *)(ent + E_ACCOUNT_LEN), elen = *(uint8_t *)(ent + E_EVENT_LEN);
-            if (alen > ACCOUNT_MAX) alen = ACCOUNT_MAX;
-            if (elen > EVENT_MAX) elen = EVENT_MAX;
-            item = Py_BuildValue("(IN N)", slot,
-                                 PyUnicode_DecodeUTF8(ent + E_ACCOUNT, alen, "surrogateescape"),
-                                 PyUnicode_DecodeUTF8(ent + E_EVENT, elen, "surrogateescape"));
-        }
+        item = entry_tuple(ent);
         if (item == NULL) {
             Py_DECREF(out);
+            c->busy--;
             return NULL;
         }
         done = 0;
-        c->busy++;
         Py_BEGIN_ALLOW_THREADS
         rc = seg_lock(&l, timeout_ms);
         if (rc == 0) {
-            finish_reclaim(c);
+            recover(c);
             /* Checked again under the lock: no roll-over, insert or other
              * reclaim can run now. */
             if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) == ENTRY_READY
@@ -1997,20 +2325,54 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
             seg_unlock(&l);
         }
         Py_END_ALLOW_THREADS
-        c->busy--;
         if (rc != 0) {
             Py_DECREF(item);
             Py_DECREF(out);
+            c->busy--;
             PyErr_Format(SegmentBusy, "the segment lock was not free within %d ms to reclaim "
                          "slot %u", timeout_ms, slot);
             return NULL;
         }
         if (done ? append_new(out, item) < 0 : (Py_DECREF(item), 0)) {
             Py_DECREF(out);
+            c->busy--;
             return NULL;
         }
     }
+    /* Reclaims only lower the probe window: compute it again, once per
+     * scan, under the lock (a failure to take it leaves the old, larger
+     * window, which is safe). */
+    if (PyList_GET_SIZE(out) > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (seg_lock(&l, timeout_ms) == 0) {
+            recover(c);
+            reset_probe_limit(c);
+            seg_unlock(&l);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    c->busy--;
     return out;
+}
+
+/* Counter._probe_length(account, event) -> how many index entries a
+ * lock-free probe for the key reads (tests and benchmarks of the index). */
+static PyObject *Counter_probe_length(Counter *c, PyObject *args)
+{
+    const char *a, *e;
+    Py_ssize_t alen, elen;
+    uint32_t reads = 0;
+    PyObject *account;
+    if (!PyArg_ParseTuple(args, "Os#", &account, &e, &elen) || check_attached(c) < 0)
+        return NULL;
+    if (account == Py_None) {
+        a = "all";
+        alen = 3;
+    } else if ((a = PyUnicode_AsUTF8AndSize(account, &alen)) == NULL) {
+        return NULL;
+    }
+    probe(c, a, (size_t)alen, e, (size_t)elen, fnv1a(a, alen, e, elen), NULL, &reads);
+    return PyLong_FromUnsignedLong(reads);
 }
 
 /* Counter.load(offset, width) -> int: an atomic header read (width 4 or 8). */
@@ -2149,7 +2511,11 @@ static PyMethodDef Counter_methods[] = {
      "count(slot, window, now=None): window 0 = sliding 60 s, 1 = clock minute."},
     {"minutes", (PyCFunction)Counter_minutes, METH_VARARGS,
      "minutes(first, last) -> [(slot, epoch_minute, count)] with count > 0."},
-    {"keys", (PyCFunction)Counter_keys, METH_NOARGS, "keys() -> [(slot, account, event)]."},
+    {"keys", (PyCFunction)Counter_keys, METH_VARARGS,
+     "keys(damaged=None) -> [(slot, account, event)]; entries whose slot is past the table "
+     "are left out (appended to `damaged` as (entry, (slot, account, event)))."},
+    {"_probe_length", (PyCFunction)Counter_probe_length, METH_VARARGS,
+     "_probe_length(account_or_None, event) -> entries a lock-free probe reads (tests)."},
     {"reclaim", (PyCFunction)Counter_reclaim, METH_VARARGS,
      "reclaim(before_minute, timeout_ms=1000) -> [(slot, account, event)] reclaimed: keys "
      "whose every bucket is older than before_minute (segment.reclaim chooses it)."},
@@ -2278,6 +2644,14 @@ static PyObject *mod_sysv_holder(PyObject *self, PyObject *args)
     return PyLong_FromLong(pid);
 }
 
+/* _crash_at(n): the test hook (see CRASH_POINT); 0 turns it off. */
+static PyObject *mod_crash_at(PyObject *self, PyObject *args)
+{
+    if (!PyArg_ParseTuple(args, "i", &crash_at))
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* _default() -> the attached default Counter or None. */
 static PyObject *mod_default(PyObject *self, PyObject *unused)
 {
@@ -2299,6 +2673,7 @@ static PyMethodDef module_methods[] = {
     {"_lock", mod_lock, METH_VARARGS, NULL},
     {"_unlock", mod_unlock, METH_VARARGS, NULL},
     {"_sysv_holder", mod_sysv_holder, METH_VARARGS, NULL},
+    {"_crash_at", mod_crash_at, METH_VARARGS, NULL},
     {NULL}
 };
 
@@ -2344,6 +2719,8 @@ static int add_layout(PyObject *m)
     L("H_FREE_HEAD", H_FREE_HEAD); L("H_FREE_SLOTS", H_FREE_SLOTS);
     L("H_RECLAIMED", H_RECLAIMED); L("H_RECLAIM_SLOT", H_RECLAIM_SLOT);
     L("H_RECLAIM_ENTRY", H_RECLAIM_ENTRY); L("E_GENERATION", E_GENERATION);
+    L("H_INSERT_SLOT", H_INSERT_SLOT); L("H_INSERT_ENTRY", H_INSERT_ENTRY);
+    L("H_PROBE_LIMIT", H_PROBE_LIMIT); L("H_INDEX_SEQ", H_INDEX_SEQ);
     L("T_GENERATION", T_GENERATION); L("T_NEXT_FREE", T_NEXT_FREE);
     L("SLOT_ENTRY_SIZE", SLOT_ENTRY_SIZE); L("EPOCH_BITS", EPOCH_BITS);
     L("ENTRY_EMPTY", ENTRY_EMPTY); L("ENTRY_READY", ENTRY_READY);

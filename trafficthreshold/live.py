@@ -56,15 +56,12 @@ def snapshot(counter: Any, now: float) -> Snapshot:
     # The ring holds the current minute and minute_buckets - 1 closed ones.
     span = max(1, min(LIVE_MINUTES, header["minute_buckets"] - 1))
     first = minute - LIVE_MINUTES
-    # Read again (at most twice more) when a key was reclaimed meanwhile:
-    # its slot may hold a new key's counts (docs/segment.rst, "Reclaim").
-    for _attempt in range(3):
-        version = segment.keys_version(counter)
+    def read() -> tuple[list[dict[str, Any]], list[str]]:
         read_damage: list[str] = []
         ring: dict[int, list[int]] = defaultdict(lambda: [0] * LIVE_MINUTES)
         for slot, epoch_minute, count in counter.minutes(minute - span, minute - 1):
             ring[slot][epoch_minute - first] = count
-        keys = [
+        return [
             {
                 "slot": slot, "account": account, "event": event,
                 "current_minute": counter.count(slot, 1, now),
@@ -72,10 +69,22 @@ def snapshot(counter: Any, now: float) -> Snapshot:
                 "minutes": ring[slot] if slot in ring else [0] * LIVE_MINUTES,
             }
             for slot, account, event in _readable_keys(counter, read_damage)
-        ]
-        if segment.keys_version(counter) == version:
-            break
-    damaged += read_damage
+        ], read_damage
+
+    # Read again while a key was reclaimed meanwhile: its slot may hold a
+    # new key's counts (docs/segment.rst, "Reclaim").
+    got, skip = segment.read_consistently(counter, read)
+    if got is None:
+        keys = []
+        damaged.append("the key index changed during every read (keys reclaimed meanwhile); "
+                       "the keys are left out of this reading")
+    else:
+        keys, read_damage = got
+        damaged += read_damage
+        keys = [k for k in keys if k["slot"] not in skip]
+        if skip:
+            damaged.append(f"slot {min(skip)} is being reclaimed (a reclaim under way, "
+                           "finished by the next lock holder); left out")
     keys.sort(key=_key_order)
     throttle = _throttle(counter, header, now, damaged)
     _log_damage(damaged)
@@ -97,13 +106,16 @@ def _log_damage(damaged: list[str]) -> None:
 
 def _readable_keys(counter: Any, damaged: list[str]) -> list[tuple[int, str, str]]:
     """``counter.keys()`` without the entries whose name bytes are not UTF-8
-    (a writer in another language): those are left out and reported in
-    ``damaged``, and every other key is listed."""
-    readable, bad = segment.split_keys(counter)
+    (a writer in another language) or whose slot is past the key table (a
+    scribbled entry): those are left out and reported in ``damaged``, and
+    every other key is listed."""
+    past: list[tuple[int, tuple[int, str, str]]] = []
+    readable, bad = segment.split_keys(counter, past)
     if bad:
         shown = ", ".join(repr(a.encode("utf-8", "surrogateescape")) for _, a, _ in bad[:3])
         damaged.append(f"{len(bad)} key index {'entry has a name' if len(bad) == 1 else 'entries have names'} "
                        f"that {'is' if len(bad) == 1 else 'are'} not UTF-8 ({shown}); left out")
+    damaged.extend(segment.describe_past_table(past))
     return readable
 
 

@@ -33,7 +33,7 @@ import pwd
 import random
 import struct
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import posix_ipc
 import sysv_ipc
@@ -98,6 +98,10 @@ H_FREE_SLOTS = 172
 H_RECLAIMED = 176
 H_RECLAIM_SLOT = 184
 H_RECLAIM_ENTRY = 188
+H_INSERT_SLOT = 192
+H_INSERT_ENTRY = 196
+H_PROBE_LIMIT = 200
+H_INDEX_SEQ = 208
 
 # Index entry offsets.
 E_STATE = 0
@@ -159,6 +163,7 @@ HEADER_FIELDS = {
     "overflow_hits": (H_OVERFLOW_HITS, 8), "dropped_hits": (H_DROPPED_HITS, 8),
     "attaches": (H_ATTACHES, 8), "instance": (H_INSTANCE, 8),
     "free_slots": (H_FREE_SLOTS, 4), "reclaimed": (H_RECLAIMED, 8),
+    "probe_limit": (H_PROBE_LIMIT, 4), "index_seq": (H_INDEX_SEQ, 8),
 }
 
 
@@ -507,6 +512,8 @@ def _add_key(raw: _Raw, geo: Geometry, account: str, event: str) -> int:
             return raw.u32(off + E_SLOT)
         i = (i + 1) & mask
     slot = raw.u32(H_KEYS_USED)
+    # The probe window (probe_limit) covers the new key.
+    raw.put("=I", H_PROBE_LIMIT, max(raw.u32(H_PROBE_LIMIT), ((i - h) & mask) + 1))
     raw.put("=IIIBB", off, 0, slot, h, len(a), len(e))
     raw.buf[off + E_ACCOUNT:off + E_ACCOUNT + len(a)] = a
     raw.buf[off + E_EVENT:off + E_EVENT + len(e)] = e
@@ -1038,11 +1045,42 @@ def reclaim(counter: Counter, now: float, rolled_through: int | None,
     return done
 
 
-def keys_version(counter: Counter) -> tuple[int, int]:
-    """What moves when slot -> name may change: (keys_used, reclaimed).
-    Readers that cache ``keys()`` re-read it when this differs (a reclaimed
-    slot keeps keys_used and may get a new key)."""
-    return counter.load(H_KEYS_USED, 4), counter.load(H_RECLAIMED, 8)
+def keys_version(counter: Counter) -> tuple[int, int, int]:
+    """What moves when slot -> name may change: (keys_used, reclaimed,
+    index_seq).  Readers that cache ``keys()`` re-read it when this differs
+    (a reclaimed slot keeps keys_used and may get a new key).  index_seq is
+    odd while a reclaim is under way (docs/segment.rst, "Reclaim")."""
+    return (counter.load(H_KEYS_USED, 4), counter.load(H_RECLAIMED, 8),
+            counter.load(H_INDEX_SEQ, 8))
+
+
+#: How often a reader reads names and counts again when a reclaim moved the
+#: index meanwhile, before it gives up and reports it.
+CONSISTENT_READ_TRIES = 50
+
+T = TypeVar("T")
+
+
+def read_consistently(counter: Counter, read: Callable[[], T],
+                      tries: int = CONSISTENT_READ_TRIES) -> tuple[T | None, set[int]]:
+    """``read()`` (which reads names and counts, lock-free) again until the
+    key index did not change while it ran, so that no count is ever named
+    with another key's name (a slot reclaimed and given to a new key between
+    the read of its name and of its count).  Returns (result, slots to
+    skip): while a reclaim stays under way (its reclaimer died; the next
+    lock holder finishes it) the read is kept, minus that one slot.  After
+    ``tries`` reads that all saw the index change, (None, set()): the caller
+    reports it instead of naming counts.  Takes no lock."""
+    for _ in range(tries):
+        before = keys_version(counter)
+        result = read()
+        after = keys_version(counter)
+        if before == after:
+            if before[2] % 2 == 0:
+                return result, set()
+            under_way = counter.load(H_RECLAIM_SLOT, 4)
+            return result, {under_way - 1} if under_way else set()
+    return None, set()
 
 
 class KeyNames:
@@ -1069,15 +1107,18 @@ class KeyNames:
         return self.names
 
 
-def split_keys(counter: Counter) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
+def split_keys(counter: Counter, past: list | None = None
+               ) -> tuple[list[tuple[int, str, str]], list[tuple[int, str, str]]]:
     """``counter.keys()`` split into (keys with UTF-8 names, keys whose name
     bytes are not UTF-8).  ``keys()`` decodes with ``surrogateescape``, so a
     name a foreign writer stored in another encoding comes back as a str
     with lone surrogates (U+DC80..U+DCFF) instead of raising; such a name
     cannot be encoded to UTF-8, stored or served: callers skip and report
-    the second list."""
+    the second list.  Entries whose slot is past the key table are left out
+    by ``keys()``; given a list ``past``, they are appended to it as (entry,
+    (slot, account, event)) (:func:`describe_past_table` reports them)."""
     good, bad = [], []
-    for slot, account, event in counter.keys():
+    for slot, account, event in (counter.keys() if past is None else counter.keys(past)):
         try:
             account.encode("utf-8")
             event.encode("utf-8")
@@ -1086,3 +1127,13 @@ def split_keys(counter: Counter) -> tuple[list[tuple[int, str, str]], list[tuple
         else:
             good.append((slot, account, event))
     return good, bad
+
+
+def describe_past_table(past: list[tuple[int, tuple[int, str, str]]]) -> list[str]:
+    """One damage line per index entry whose slot is past the key table
+    (``Counter.keys(damaged)``): its count cannot be read, so readers leave
+    it out and say so."""
+    return [f"key index entry {entry} ({account.encode('utf-8', 'surrogateescape')!r}, "
+            f"{event.encode('utf-8', 'surrogateescape')!r}) points at slot {slot}, past the "
+            "key table; left out"
+            for entry, (slot, account, event) in past]

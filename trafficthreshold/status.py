@@ -59,13 +59,7 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
     try:
         head = segment.header(counter)
         damage = _header_damage(head)
-        keys = []
-        for slot, account, event in _keys(counter, damage):
-            keys.append({"account": account, "event": event, "slot": slot,
-                         "minute": _guarded(damage, f"count of slot {slot}",
-                                            counter.count, slot, 1, now),
-                         "last_60s": _guarded(damage, f"count of slot {slot}",
-                                              counter.count, slot, 0, now)})
+        keys = _read_keys(counter, now, damage)
         keys.sort(key=lambda k: (k["event"], k["account"]))
         level = _guarded(damage, "throttle level", counter.level, now)
         info = _report(cfg, head, counter.size, level, now, damage)
@@ -206,13 +200,45 @@ def _header_damage(head: dict[str, int]) -> list[str]:
     return damage
 
 
+def _read_keys(counter: Any, now: float, damage: list[str]) -> list[dict[str, Any]]:
+    """Every key with its counts, read again while a key was reclaimed
+    meanwhile, so that no count is shown under another key's name
+    (:func:`segment.read_consistently`); what could not be read is added to
+    ``damage``."""
+
+    def read() -> tuple[list[dict[str, Any]], list[str]]:
+        found: list[str] = []
+        rows = []
+        for slot, account, event in _keys(counter, found):
+            minute, last_60s = counter.count(slot, 1, now), counter.count(slot, 0, now)
+            rows.append({"account": account, "event": event, "slot": slot,
+                         "minute": minute, "last_60s": last_60s})
+        return rows, found
+
+    got, skip = segment.read_consistently(counter, read)
+    if got is None:
+        damage.append("the key index changed during every read (keys reclaimed meanwhile); "
+                      "run `trafficthreshold status` again")
+        return []
+    rows, found = got
+    damage.extend(found)
+    if skip:
+        damage.append(f"slot {min(skip)} is being reclaimed (a reclaim under way, finished "
+                      "by the next lock holder); left out")
+    return [row for row in rows if row["slot"] not in skip]
+
+
 def _keys(counter: Any, damage: list[str]) -> list[tuple[int, str, str]]:
     """(slot, account, event) of every key; a name that is not UTF-8 (the C
     reader hands its bytes on as lone surrogates) shown escaped and
+    reported; an entry whose slot is past the key table left out and
     reported."""
+    past: list[tuple[int, tuple[int, str, str]]] = []
+    keys = counter.keys(past)
+    damage.extend(segment.describe_past_table(past))
     return [(slot, _printable(damage, slot, "account", account),
              _printable(damage, slot, "event", event))
-            for slot, account, event in counter.keys()]
+            for slot, account, event in keys]
 
 
 def _printable(damage: list[str], slot: int, field: str, name: str) -> str:
