@@ -64,6 +64,19 @@ const char *tt_error(tt_handle *h);
 /* Detaches and frees the handle. */
 void tt_close(tt_handle *h);
 
+/* The names' rules (docs/segment.rst): 0 if (account or NULL, event) may be
+ * counted, else -1 and the reason in `error`.  With lengths: names are
+ * UTF-8 bytes, and a 0 byte is a control character, refused. */
+int tt_check_names_error(const char *account, size_t account_len, const char *event,
+                         size_t event_len, char *error, size_t error_size);
+
+/* The page-view rule (docs/webapps.rst): 1 if a request of `method` for
+ * `path` answered `status` with this Content-Type (NULL: none) to this
+ * Accept (NULL: none) is a page view. */
+int tt_page_view_rule(const char *method, const char *path, int status,
+                      const char *content_type, size_t content_type_len,
+                      const char *accept, size_t accept_len);
+
 #ifdef __cplusplus
 }
 #endif

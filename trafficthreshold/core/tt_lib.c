@@ -136,3 +136,25 @@ TT_EXPORT void tt_close(tt_handle *h)
     tt_writer_detach(&h->w);
     free(h);
 }
+
+#include "tt_pageview.c"
+
+TT_EXPORT int tt_page_view_rule(const char *method, const char *path, int status,
+                                const char *content_type, size_t content_type_len,
+                                const char *accept, size_t accept_len)
+{
+    return tt_is_page_view(method, path, strlen(path), status, content_type, content_type_len,
+                           accept, accept_len);
+}
+
+TT_EXPORT int tt_check_names_error(const char *account, size_t account_len, const char *event,
+                                   size_t event_len, char *error, size_t error_size)
+{
+    tt_seg s;
+    int rc;
+    s.error[0] = '\0';
+    rc = tt_check_names(&s, account, account_len, event, event_len);
+    if (error != NULL && error_size > 0)
+        snprintf(error, error_size, "%s", rc < 0 ? s.error : "");
+    return rc;
+}
