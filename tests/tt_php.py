@@ -182,3 +182,33 @@ class PhpSite:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_extension(workdir: Path) -> Path:
+    """Builds php/ the PHP way (phpize, configure, make) in a scratch copy
+    of php/ next to the package's C core (the layout config.m4 expects:
+    php/ and trafficthreshold/core/ side by side), so that the checkout
+    stays clean.  Returns the build directory (modules/trafficthreshold.so
+    in it); a failed step raises with its output."""
+    if shutil.which("phpize") is None:
+        pytest.skip("phpize is not installed (apt-get install php8.2-dev)")
+    build = workdir / "php"
+    sources = ["config.m4", "Makefile.frag", "trafficthreshold.c", "php_trafficthreshold.h",
+               "trafficthreshold.ini"]
+    (build / "tests").mkdir(parents=True)
+    for name in sources:
+        shutil.copy(REPO / "php" / name, build / name)
+    for phpt in (REPO / "php" / "tests").glob("*.phpt"):
+        shutil.copy(phpt, build / "tests" / phpt.name)
+    shutil.copytree(REPO / "trafficthreshold" / "core", workdir / "trafficthreshold" / "core")
+    (workdir / "tests" / "data").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "data" / "pageview_cases.json", workdir / "tests" / "data")
+    for step in (["phpize"], ["./configure"], ["make", "-j2"]):
+        done = subprocess.run(step, cwd=build, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(step)} failed in {build}:\n{done.stdout[-3000:]}"
+                               f"\n{done.stderr[-3000:]}")
+    return build
