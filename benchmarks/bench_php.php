@@ -76,7 +76,7 @@ $incs = [
     "pepper" => function () use ($pepper) { pepper_inc($pepper); },
 ];
 if (function_exists("trafficthreshold_hit")) {
-    $readers["trafficthreshold_hit"] = function () { return trafficthreshold_count("exact", "pageview", "minute"); };
+    $readers["trafficthreshold_hit"] = function () { return trafficthreshold_count("exact", "pageview", "60s"); };
     $incs["trafficthreshold_hit"] = function () { trafficthreshold_hit("exact"); };
 }
 foreach ($incs as $name => $inc) {

@@ -453,16 +453,106 @@ static int tt_host_allowed(const char *host, size_t len)
     return !any;
 }
 
-/* The request's path (the URI without its query), for the rule's static
- * files and health checks.  Returns an emalloc'd string or NULL. */
-static char *tt_request_path(void)
+/* A request variable of the SAPI (REQUEST_URI, HTTP_HOST, HTTP_ACCEPT), read
+ * in place: sapi_getenv() would copy it and run the input filter, a third
+ * of the hook's cost.  NULL when the SAPI has none (CLI). */
+static const char *tt_request_var(const char *name, size_t len)
 {
-    char *uri = sapi_getenv("REQUEST_URI", sizeof("REQUEST_URI") - 1), *q;
-    if (uri == NULL && SG(request_info).request_uri != NULL)
-        uri = estrdup(SG(request_info).request_uri);
-    if (uri != NULL && (q = strchr(uri, '?')) != NULL)
-        *q = '\0';
+    return sapi_module.getenv != NULL ? sapi_module.getenv(name, len) : NULL;
+}
+
+/* The request's path (the URI without its query), for the rule's static
+ * files and health checks: REQUEST_URI (the URI the visitor asked for, also
+ * when the server routes it to a front controller), else the SAPI's. */
+static const char *tt_request_path(size_t *len)
+{
+    const char *uri = tt_request_var("REQUEST_URI", sizeof("REQUEST_URI") - 1), *q;
+    if (uri == NULL)
+        uri = SG(request_info).request_uri;
+    if (uri == NULL)
+        uri = "/";
+    q = strchr(uri, '?');
+    *len = q != NULL ? (size_t)(q - uri) : strlen(uri);
     return uri;
+}
+
+/* The account of this request's page view (trafficthreshold.account):
+ * NULL for the total only; "host": the Host header normalised, if
+ * allowed_hosts has it and it is a valid name (else NULL, logged once); any
+ * other value: that name.  A borrowed string.  Memoized per process for the
+ * last Host header (a worker mostly serves one site): a repeated request
+ * costs a compare, not the normalising, the list's parsing and the names'
+ * check. */
+static struct {
+    const char *how, *list;          /* the settings' strings it was made for */
+    char raw[256];                   /* the Host header it was made for */
+    size_t raw_len;
+    int ready;
+    zend_string *account;            /* persistent, hashed; NULL: the total */
+} tt_memo;
+
+static zend_string *tt_page_account(void)
+{
+    const char *how = TT_G(account), *raw = "";
+    char buf[300];
+    size_t raw_len, len;
+    if (how == NULL || *how == '\0')
+        return NULL;
+    if (strcmp(how, "host") == 0) {
+        raw = tt_request_var("HTTP_HOST", sizeof("HTTP_HOST") - 1);
+        if (raw == NULL)
+            return NULL;
+    }
+    raw_len = strlen(raw);
+    if (tt_memo.ready && tt_memo.how == how && tt_memo.list == TT_G(allowed_hosts)
+        && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0)
+        return tt_memo.account;
+    if (tt_memo.account != NULL)
+        zend_string_release(tt_memo.account);
+    tt_memo.account = NULL;
+    tt_memo.ready = 0;
+    if (raw_len < sizeof tt_memo.raw) {  /* longer: never memoized */
+        memcpy(tt_memo.raw, raw, raw_len);
+        tt_memo.raw_len = raw_len;
+        tt_memo.how = how;
+        tt_memo.list = TT_G(allowed_hosts);
+        tt_memo.ready = 1;
+    }
+    if (strcmp(how, "host") != 0) {
+        len = strlen(how);
+        if (len >= sizeof buf)
+            len = sizeof buf - 1;
+        memcpy(buf, how, len);
+        buf[len] = '\0';
+    } else if ((len = tt_host_name(raw, buf, sizeof buf)) == 0) {
+        return NULL;
+    } else if (!tt_host_allowed(buf, len)) {
+        char message[400];
+        snprintf(message, sizeof message, "Host '%s' is not in "
+                 "trafficthreshold.allowed_hosts; its page views (and those of every other "
+                 "host outside the list) are counted in the total only", buf);
+        tt_problem(W_HOST, 0, message);
+        return NULL;
+    }
+    /* A name that fails the rules counts in the total only (logged). */
+    {
+        tt_seg scratch;  /* for the message only */
+        if (tt_check_names(&scratch, buf, len, "pageview", 8) < 0) {
+            tt_problem(W_ACCOUNT, 0, scratch.error);
+            return NULL;
+        }
+    }
+    tt_memo.account = zend_string_init(buf, len, 1);
+    zend_string_hash_val(tt_memo.account);
+    if (!tt_memo.ready) {  /* not memoized: the caller's until the next call */
+        static zend_string *last;
+        if (last != NULL)
+            zend_string_release(last);
+        last = tt_memo.account;
+        tt_memo.account = NULL;
+        return last;
+    }
+    return tt_memo.account;
 }
 
 /* Counts the request if it is a page view (tt_is_page_view): called at the
@@ -472,12 +562,14 @@ static void tt_count_page_view(void)
 {
     const char *method = SG(request_info).request_method;
     int status = SG(sapi_headers).http_response_code ? SG(sapi_headers).http_response_code : 200;
-    char *path, *accept = NULL, *ct = NULL, *owned_ct = NULL;
+    const char *path, *accept = NULL;
+    char *ct = NULL, *owned_ct = NULL;
+    size_t path_len;
     int page;
     if (method == NULL || strcmp(method, "GET") != 0
         || !((status >= 200 && status < 300) || status == 304))
         return;
-    path = tt_request_path();
+    path = tt_request_path(&path_len);
     /* The Content-Type: header() or the default (default_mimetype and
      * default_charset), which PHP adds when the headers are sent (that may
      * come after RSHUTDOWN, when the page wrote nothing). */
@@ -486,51 +578,19 @@ static void tt_count_page_view(void)
     else if (SG(sapi_headers).send_default_content_type)
         ct = owned_ct = sapi_get_default_content_type();
     if (status == 304 && (ct == NULL || *ct == '\0'))
-        accept = sapi_getenv("HTTP_ACCEPT", sizeof("HTTP_ACCEPT") - 1);
-    page = tt_is_page_view(method, path ? path : "/", path ? strlen(path) : 1, status, ct,
-                           ct ? strlen(ct) : 0, accept, accept ? strlen(accept) : 0);
-    if (path) efree(path);
-    if (accept) efree(accept);
+        accept = tt_request_var("HTTP_ACCEPT", sizeof("HTTP_ACCEPT") - 1);
+    page = tt_is_page_view(method, path, path_len, status, ct, ct ? strlen(ct) : 0, accept,
+                           accept ? strlen(accept) : 0);
     if (owned_ct) efree(owned_ct);
     if (!page)
         return;
     {
-        const char *how = TT_G(account);
-        zend_string *account = NULL;
-        zend_string *event = tt_str_pageview;
-        if (how != NULL && strcmp(how, "host") == 0) {
-            char *raw = sapi_getenv("HTTP_HOST", sizeof("HTTP_HOST") - 1), buf[300];
-            size_t len = raw ? tt_host_name(raw, buf, sizeof buf) : 0;
-            if (raw) efree(raw);
-            if (len > 0 && tt_host_allowed(buf, len)) {
-                account = zend_string_init(buf, len, 0);
-            } else if (len > 0 && !(tt_warned & W_HOST) && !TT_G(strict)) {
-                char message[400];
-                snprintf(message, sizeof message, "Host '%s' is not in "
-                         "trafficthreshold.allowed_hosts; its page views (and those of every "
-                         "other host outside the list) are counted in the total only", buf);
-                tt_problem(W_HOST, 0, message);
-            }
-        } else if (how != NULL && *how != '\0') {
-            account = zend_string_init(how, strlen(how), 0);
-        }
-        /* A name that fails the rules counts in the total only (logged). */
-        if (account != NULL && tt_w != NULL && tt_check_names(&tt_w->s, ZSTR_VAL(account),
-                                                              ZSTR_LEN(account), "pageview", 8) < 0) {
-            tt_problem(W_ACCOUNT, 0, tt_w->s.error);
-            zend_string_release(account);
-            account = NULL;
-        }
         /* Never into the page: the request is over, and strict mode's
          * exception would have nowhere to go. */
-        {
-            bool strict = TT_G(strict);
-            TT_G(strict) = 0;
-            tt_count_hit(account, event, 1);
-            TT_G(strict) = strict;
-        }
-        if (account != NULL)
-            zend_string_release(account);
+        bool strict = TT_G(strict);
+        TT_G(strict) = 0;
+        tt_count_hit(tt_page_account(), tt_str_pageview, 1);
+        TT_G(strict) = strict;
     }
 }
 
@@ -591,6 +651,10 @@ PHP_MINIT_FUNCTION(trafficthreshold)
 PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
 {
     UNREGISTER_INI_ENTRIES();
+    if (tt_memo.account != NULL) {
+        zend_string_release(tt_memo.account);
+        tt_memo.account = NULL;
+    }
     if (tt_w != NULL) {
         tt_writer_detach(tt_w);
         pefree(tt_w, 1);

@@ -98,9 +98,12 @@ class PhpSite:
     """
 
     def __init__(self, workdir: Path, root: Path, ini: dict[str, str] | None = None,
-                 workers: int = 4, env: dict[str, str] | None = None) -> None:
+                 workers: int = 4, env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
         self.dir, self.root, self.ini, self.workers = workdir, root, dict(ini or {}), workers
         self.env = env or {}
+        #: A command php-fpm runs under (benchmarks: valgrind --tool=callgrind).
+        self.wrapper = list(wrapper or [])
         self.port = free_port()
         self.fpm: subprocess.Popen | None = None
         self.nginx: subprocess.Popen | None = None
@@ -117,7 +120,7 @@ class PhpSite:
         (self.dir / "fpm.conf").write_text(FPM_CONF.format(dir=self.dir, workers=self.workers))
         (self.dir / "nginx.conf").write_text(
             NGINX_CONF.format(dir=self.dir, port=self.port, root=self.root))
-        args = [fpm, "-F", "-R", "-n", "-y", str(self.dir / "fpm.conf")]
+        args = [*self.wrapper, fpm, "-F", "-R", "-n", "-y", str(self.dir / "fpm.conf")]
         for name, value in self.ini.items():
             args += ["-d", f"{name}={value}"]
         env = dict(os.environ, **self.env)
@@ -139,7 +142,8 @@ class PhpSite:
             return False
 
     def _wait(self, ready, what: str, log: Path) -> None:
-        deadline = time.monotonic() + 15
+        patience = 120 if self.wrapper else 15
+        deadline = time.monotonic() + patience
         while not ready():
             for proc in (self.fpm, self.nginx):
                 if proc is not None and proc.poll() is not None:
@@ -147,7 +151,8 @@ class PhpSite:
                     raise RuntimeError(f"{what} exited at start: {self.log_text(log)}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{what} did not start in 15 s: {self.log_text(log)}")
+                raise RuntimeError(f"{what} did not start in {patience} s: "
+                                   f"{self.log_text(log)}")
             time.sleep(0.02)
 
     @staticmethod
@@ -176,9 +181,12 @@ class PhpSite:
         for proc in (self.nginx, self.fpm):
             if proc is None or proc.poll() is not None:
                 continue
-            proc.send_signal(signal.SIGTERM)
+            # Under a wrapper (callgrind), php-fpm's graceful stop (SIGQUIT):
+            # its workers exit normally, so the tool writes their profile.
+            proc.send_signal(signal.SIGQUIT if self.wrapper and proc is self.fpm
+                             else signal.SIGTERM)
             try:
-                proc.wait(5)
+                proc.wait(60 if self.wrapper else 5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -17,16 +17,28 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A string and its length, for the tables below. */
+typedef struct {
+    const char *s;
+    size_t n;
+} tt_str;
+#define TT_S(lit) {lit, sizeof(lit) - 1}
+
 /* pageviews.STATIC_PREFIXES, HEALTH_PATHS and STATIC_EXTENSIONS. */
-static const char *const tt_static_prefixes[] = {"/static/", "/media/", NULL};
-static const char *const tt_health_paths[] = {
-    "/health", "/healthz", "/health/", "/ready", "/readyz", "/livez", "/ping",
-    "/favicon.ico", "/robots.txt", NULL};
-static const char *const tt_static_extensions[] = {
-    ".css", ".js", ".mjs", ".map", ".json", ".xml", ".txt", ".pdf", ".zip", ".gz",
-    ".png", ".jpg", ".jpeg", ".gif", ".webp", ".avif", ".svg", ".ico", ".bmp",
-    ".woff", ".woff2", ".ttf", ".otf", ".eot",
-    ".mp3", ".mp4", ".webm", ".ogg", ".wav", NULL};
+static const tt_str tt_static_prefixes[] = {TT_S("/static/"), TT_S("/media/")};
+static const tt_str tt_health_paths[] = {
+    TT_S("/health"), TT_S("/healthz"), TT_S("/health/"), TT_S("/ready"), TT_S("/readyz"),
+    TT_S("/livez"), TT_S("/ping"), TT_S("/favicon.ico"), TT_S("/robots.txt")};
+static const tt_str tt_static_extensions[] = {
+    TT_S(".css"), TT_S(".js"), TT_S(".mjs"), TT_S(".map"), TT_S(".json"), TT_S(".xml"),
+    TT_S(".txt"), TT_S(".pdf"), TT_S(".zip"), TT_S(".gz"),
+    TT_S(".png"), TT_S(".jpg"), TT_S(".jpeg"), TT_S(".gif"), TT_S(".webp"), TT_S(".avif"),
+    TT_S(".svg"), TT_S(".ico"), TT_S(".bmp"),
+    TT_S(".woff"), TT_S(".woff2"), TT_S(".ttf"), TT_S(".otf"), TT_S(".eot"),
+    TT_S(".mp3"), TT_S(".mp4"), TT_S(".webm"), TT_S(".ogg"), TT_S(".wav")};
+#define TT_COUNT(a) (sizeof(a) / sizeof((a)[0]))
+/* The longest health path: longer paths need no look at the table. */
+#define TT_HEALTH_MAX 12
 
 /* What str.strip() removes from a Latin-1 string. */
 static inline int tt_is_space(unsigned char ch)
@@ -45,13 +57,12 @@ static void tt_strip(const char *s, size_t *start, size_t *end)
 /* Whether s[start:end], lower-cased (ASCII), is an HTML media type. */
 static int tt_is_html_type(const char *s, size_t start, size_t end)
 {
-    static const char *const types[] = {"text/html", "application/xhtml+xml"};
-    for (int t = 0; t < 2; t++) {
-        size_t n = strlen(types[t]);
+    static const tt_str types[] = {TT_S("text/html"), TT_S("application/xhtml+xml")};
+    for (size_t t = 0; t < TT_COUNT(types); t++) {
+        size_t n = types[t].n, i = 0;
         if (end - start != n)
             continue;
-        size_t i = 0;
-        while (i < n && tolower((unsigned char)s[start + i]) == types[t][i]) i++;
+        while (i < n && tolower((unsigned char)s[start + i]) == types[t].s[i]) i++;
         if (i == n)
             return 1;
     }
@@ -148,34 +159,33 @@ static int tt_is_page_response(int status, const char *ct, size_t ct_len, const 
  * segment whose extension (from its last '.', any case) is an asset's. */
 static int tt_excluded_path(const char *path, size_t len)
 {
-    const char *dot = NULL, *slash = NULL;
+    const char *dot = NULL;
     char ext[8];
     size_t n;
-    for (int i = 0; tt_health_paths[i] != NULL; i++)
-        if (strlen(tt_health_paths[i]) == len && memcmp(tt_health_paths[i], path, len) == 0)
-            return 1;
-    for (int i = 0; tt_static_prefixes[i] != NULL; i++) {
-        n = strlen(tt_static_prefixes[i]);
-        if (len >= n && memcmp(tt_static_prefixes[i], path, n) == 0)
+    if (len <= TT_HEALTH_MAX)
+        for (size_t i = 0; i < TT_COUNT(tt_health_paths); i++)
+            if (tt_health_paths[i].n == len && memcmp(tt_health_paths[i].s, path, len) == 0)
+                return 1;
+    for (size_t i = 0; i < TT_COUNT(tt_static_prefixes); i++) {
+        n = tt_static_prefixes[i].n;
+        if (len >= n && memcmp(tt_static_prefixes[i].s, path, n) == 0)
             return 1;
     }
-    for (size_t i = len; i > 0; i--) {
-        if (dot == NULL && path[i - 1] == '.')
+    /* The last '.', if it comes after the last '/'. */
+    for (size_t i = len; i > 0 && path[i - 1] != '/'; i--)
+        if (path[i - 1] == '.') {
             dot = path + i - 1;
-        if (path[i - 1] == '/') {
-            slash = path + i - 1;
             break;
         }
-    }
-    if (dot == NULL || (slash != NULL && dot < slash))
+    if (dot == NULL)
         return 0;
     n = (size_t)(path + len - dot);
     if (n > sizeof ext)
         return 0;
     for (size_t i = 0; i < n; i++)
         ext[i] = (char)tolower((unsigned char)dot[i]);
-    for (int i = 0; tt_static_extensions[i] != NULL; i++)
-        if (strlen(tt_static_extensions[i]) == n && memcmp(tt_static_extensions[i], ext, n) == 0)
+    for (size_t i = 0; i < TT_COUNT(tt_static_extensions); i++)
+        if (tt_static_extensions[i].n == n && memcmp(tt_static_extensions[i].s, ext, n) == 0)
             return 1;
     return 0;
 }
