@@ -290,3 +290,28 @@ def test_run_rolls_php_page_views_and_the_alert_mail_arrives(tmp_path, site_root
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+def test_the_sdist_builds_the_extension_from_the_same_core(tmp_path):
+    """php/ and the C core travel in the sdist side by side, so `phpize &&
+    ./configure && make` works in an unpacked sdist, compiling the core's
+    one copy (config.m4 points at ../trafficthreshold/core)."""
+    import tarfile
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=repo,
+                   check=True, capture_output=True)
+    (archive,) = tmp_path.glob("trafficthreshold-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path, filter="data")
+    for member in ("php/config.m4", "php/trafficthreshold.c", "php/trafficthreshold.ini",
+                   "php/tests/004_counting.phpt", "trafficthreshold/core/tt_core.c",
+                   "trafficthreshold/core/tt_layout.h", "trafficthreshold/core/trafficthreshold.h"):
+        assert member in names, member
+    assert not any(n.startswith("php/") and n.endswith((".lo", ".so", "config.h", "Makefile"))
+                   for n in names)
+    build = archive.parent / archive.name[:-len(".tar.gz")] / "php"
+    for step in (["phpize"], ["./configure"], ["make"]):
+        done = subprocess.run(step, cwd=build, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (build / "modules" / "trafficthreshold.so").exists()
