@@ -11,6 +11,7 @@ import ctypes
 import json
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -177,3 +178,38 @@ PATHS = st.one_of(
 def test_the_cores_static_and_health_paths_are_pageviews_tables(lib, path):
     assert c_rule(lib, 200, "text/html", None, path=path) is \
         (not pageviews.is_excluded_path(path)), path
+
+
+def test_a_key_reclaimed_under_the_library_is_counted_under_its_own_name(lib, installed):
+    """The library caches a key's slot; the supervisor reclaims the slot
+    (idle for the ring) and another name takes it.  The library's next hit
+    of the old name finds its cached slot stale (the bucket tags' generation)
+    and counts in a new slot: never into the slot's new owner."""
+    key, backend = installed
+    lib.tt_open.restype = ctypes.c_void_p
+    lib.tt_open.argtypes = [ctypes.c_long, ctypes.c_char_p]
+    lib.tt_hit_at.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_uint64, ctypes.c_uint64]
+    lib.tt_close.argtypes = [ctypes.c_void_p]
+    lib.tt_error.argtypes = [ctypes.c_void_p]
+    lib.tt_error.restype = ctypes.c_char_p
+    handle = lib.tt_open(key, backend.encode())
+    counter = segment.attach(key, backend)
+    try:
+        now = int(time.time())
+        old = now - 3 * 3600
+        assert lib.tt_hit_at(handle, b"gone.example", None, 5, old) == 0, lib.tt_error(handle)
+        slot = counter.find("gone.example", "pageview")
+        reclaimed = counter.reclaim(old // 60 + 1)
+        assert [r[1] for r in reclaimed] == ["gone.example"]
+        counter.hit("new.example", "pageview", 3)
+        assert counter.find("new.example", "pageview") == slot  # the slot changed hands
+        assert lib.tt_hit_at(handle, b"gone.example", None, 7, now) == 0, lib.tt_error(handle)
+        assert counter.count(counter.find("new.example", "pageview"), 0) == 3
+        assert counter.count(counter.find("gone.example", "pageview"), 0) == 7
+        assert counter.count(1, 0) == 10  # the total: 7 now, 3 from Python
+        assert lib.tt_hit_at(handle, b"x.example", None, 1, now * 1000) == -1
+        assert b"more than 366 days" in lib.tt_error(handle)
+    finally:
+        lib.tt_close(handle)
+        counter.detach()

@@ -46,6 +46,11 @@ tt_handle *tt_open(long key, const char *backend);
  * busy for 50 ms; tt_error() says which. */
 int tt_hit(tt_handle *h, const char *account, const char *event, uint64_t n);
 
+/* tt_hit() at epoch second `second` (0: now), for replays and tests:
+ * refused (-1) when more than 366 days from the real clock. */
+int tt_hit_at(tt_handle *h, const char *account, const char *event, uint64_t n,
+              uint64_t second);
+
 /* Hits of (account or NULL: the total, event or NULL: "pageview") in the
  * current clock minute (window 1) or the sliding 60 s (window 0); 0 when
  * none or not attached; -1 for a bad name. */

@@ -88,17 +88,33 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
 
 TT_EXPORT int tt_hit(tt_handle *h, const char *account, const char *event, uint64_t n)
 {
+    return tt_hit_at(h, account, event, n, 0);
+}
+
+TT_EXPORT int tt_hit_at(tt_handle *h, const char *account, const char *event, uint64_t n,
+                        uint64_t second)
+{
     size_t alen = account == NULL ? 0 : strlen(account), elen;
+    uint64_t now = tt_now_second();
     if (event == NULL)
         event = "pageview";
     elen = strlen(event);
     if (n < 1 || n > TT_MAX_HIT_N)
         return tt_fail(&h->w.s, TT_ERR_NAME, "n=%llu is out of range; n must be 1..%llu",
                        (unsigned long long)n, TT_MAX_HIT_N);
-    if (!tt_ready(h))
-        return tt_check_names(&h->w.s, account, alen, event, elen) < 0 ? -1 : -1;
+    /* Why the bounds: see TT_MAX_CLOCK_SKEW_S (milliseconds by mistake). */
+    if (second != 0 && (second < 60 || second > now + TT_MAX_CLOCK_SKEW_S
+                        || second + TT_MAX_CLOCK_SKEW_S < now))
+        return tt_fail(&h->w.s, TT_ERR_NAME, "second=%llu is more than %d days from the real "
+                       "clock (%llu); pass Unix seconds, or 0 for now",
+                       (unsigned long long)second, TT_MAX_CLOCK_SKEW_S / 86400,
+                       (unsigned long long)now);
+    if (!tt_ready(h)) {
+        tt_check_names(&h->w.s, account, alen, event, elen);
+        return -1;
+    }
     return tt_writer_hit(&h->w, account, alen, account == NULL ? 0 : tt_name_hash(account, alen),
-                         event, elen, tt_name_hash(event, elen), n, tt_now_second());
+                         event, elen, tt_name_hash(event, elen), n, second ? second : now);
 }
 
 TT_EXPORT int64_t tt_count(tt_handle *h, const char *account, const char *event, int window)
