@@ -213,3 +213,19 @@ def test_a_key_reclaimed_under_the_library_is_counted_under_its_own_name(lib, in
     finally:
         lib.tt_close(handle)
         counter.detach()
+
+
+def test_the_layout_header_holds_the_numbers_the_module_exports():
+    """core/tt_layout.h is the one place the layout's numbers are written in
+    C; _counter.LAYOUT (which segment.py and its tests read) must be them."""
+    import re
+    from trafficthreshold import _counter
+    header = (Path(paths()["include"]) / "tt_layout.h").read_text()
+    defines = {m.group(1): int(m.group(2), 0) for m in
+               re.finditer(r"^#define TT_(\w+) (0x[0-9A-Fa-f]+|\d+)u?L?$", header, re.M)}
+    shared = set(defines) & set(_counter.LAYOUT)
+    assert len(shared) >= 60, sorted(shared)
+    assert {name: defines[name] for name in shared} == \
+        {name: _counter.LAYOUT[name] for name in shared}
+    assert _counter.MAX_HIT_N == 4294967295 and _counter.MAGIC == "TRFTHRSH"
+    assert '#define TT_MAGIC_BYTES "TRFTHRSH"' in header

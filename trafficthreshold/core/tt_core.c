@@ -18,6 +18,60 @@
  * Errors: functions that can fail return -1 (or a negative ref) with
  * c->err, c->os_errno and c->error (a sentence naming the fix) set; the
  * binding turns them into its exceptions or warnings.
+ *
+ * Inserts (insert_key): under the lock, the limit is checked again, the
+ * entry written (state not yet ready), probe_limit raised if the key lies
+ * past it, the record insert_entry/insert_slot stored, the slot taken (a pop
+ * stores free_head before clearing next_free), the entry published, the
+ * record cleared: a holder killed anywhere leaves nothing or a record the
+ * next holder rolls forward.
+ *
+ * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
+ * every bucket is older than the minute it is given (out of the ring and
+ * rolled) gives its slot back.  Never slot 0, slot 1 or throttle_slot.  Under
+ * the lock: index_seq made odd, `reclaimed` incremented, reclaim_entry and
+ * reclaim_slot stored, the entry becomes a tombstone, the slot's generation is bumped,
+ * its buckets zeroed, the slot pushed on the free list, tombstones before an
+ * empty entry emptied, reclaim_slot cleared, index_seq made even.  After a
+ * scan that reclaimed keys, probe_limit is computed again.
+ * Every step can be redone (finish_reclaim), so a reclaimer killed half way
+ * leaves nothing inconsistent: the next lock holder that inserts a key, rolls
+ * a bucket or reclaims finishes it.  Inserts take a free slot before
+ * keys_used grows.  A process caches (slot, generation) per key; its expected
+ * bucket tags carry that generation, so after a reclaim its tags never match
+ * (no extra load on the hot path): the bucket roll-over, under the lock,
+ * compares the generation with the slot table and, when it moved on, the
+ * process forgets its cache and resolves the key again (a new slot).  The
+ * residual window: a writer that loaded a matching tag, then stopped for
+ * longer than the ring before its fetch_add (two instructions), adds into a
+ * slot that may have been reclaimed meanwhile -- the same window in which a
+ * writer stalled for a ring adds into a bucket rolled to a newer epoch.
+ *
+ * Locking: the hot path takes no lock.  The structural lock is taken only to
+ * add a key and to roll a bucket over to a new epoch, always with a timeout
+ * (50 ms on a worker's path, a deadline that signals do not restart), and always with the GIL released from before
+ * the take until after the give-back, so a thread holding the GIL never
+ * stretches the time another process waits (seg_lock, roll_bucket,
+ * insert_key).  It is never held without a recorded owner:
+ *   SysV: the semaphore, taken with semtimedop(-1, SEM_UNDO).  The kernel
+ *     records the taker (GETPID) in the same operation and gives the
+ *     semaphore back if the holder dies, even by SIGKILL.  lock_owner_pid
+ *     is stored after the take and cleared before the give-back, for
+ *     `status` only.
+ *   POSIX: no semaphore.  lock_owner_pid is the lock: taken by
+ *     compare_exchange(0 -> pid), given back by storing 0 (release) and a
+ *     FUTEX_WAKE; waiters sleep in FUTEX_WAIT on the word, 10 ms at a time.
+ *     A waiter that finds the holder dead (kill(pid, 0) fails with ESRCH)
+ *     takes the lock over with compare_exchange(dead pid -> own pid): the
+ *     lock goes straight from the dead holder to one live one.  What a dead
+ *     holder left half done is safe to redo: a bucket reset restarts (its
+ *     tag is 0 or old), a key insert whose state was not yet stored is an
+ *     empty entry or a tombstone (its slot, if keys_used or the free list
+ *     was stored, is simply unused), a reclaim under way is finished by the
+ *     next holder (finish_reclaim).
+ * segment.py takes the same lock for install and uninstall through
+ * _counter._lock()
+ * and _unlock() (or Counter.lock()).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE

@@ -1,13 +1,123 @@
 /*
- * tt_layout.h -- the segment's layout (version 2), byte by byte, as numbers.
+ * tt_layout.h -- the segment's layout (version 2), byte by byte: in words in
+ * this comment (docs/segment.rst says the same for writers in other
+ * languages), and as numbers below, the one place they are written in C.
+ * The C core (tt_core.c), the Python extension (_counter.c, which exports
+ * them as _counter.LAYOUT), the PHP extension (php/) and any program that
+ * links libtrafficthreshold include this file; tests/test_segment.py checks
+ * that segment.py, the docs and these numbers agree.
  *
- * The one place these numbers are written in C: the C core (tt_core.c), the
- * Python extension (_counter.c, which exports them as _counter.LAYOUT),
- * the PHP extension (php/) and any program that links libtrafficthreshold
- * include this file.  docs/segment.rst describes every field in words;
- * tests/test_segment.py checks that segment.py, the docs and these numbers
- * agree.  All integers are unsigned, in the host's native byte order, at
- * their natural alignment.
+ * All integers are in the host's native byte order (the segment never
+ * leaves the host).
+ *
+ * The segment starts with a 4096-byte header:
+ *
+ *   line 0, geometry, written once at install, never changed:
+ *     0  u64 magic            "TRFTHRSH" (bytes in this order)
+ *     8  u32 layout_version   2 (1: before reclaim; read only by uninstall's
+ *                              final roll-up, see tt_validate_header)
+ *    12  u32 header_size      4096
+ *    16  u32 key_capacity     counter slots, reserved ones included
+ *    20  u32 index_size       entries of the key index, a power of two
+ *    24  u32 minute_buckets   M, ring of per-minute buckets per stripe
+ *    28  u32 second_buckets   S >= 64, ring of per-second buckets
+ *    32  u32 stripes          P, copies of every ring (see "stripes" below)
+ *    36  u32 stripe_size      (M + S) * 16 rounded up to 64
+ *    40  u32 slot_size        P * stripe_size
+ *    44  u32 (reserved)
+ *    48  u64 index_offset     4096
+ *    56  u64 slots_offset     slot_table_offset + key_capacity * 8, 4096-aligned
+ *                            (slot_table_offset = index_offset + index_size * 128)
+ *   line 1, settings and supervisor state:
+ *    64  u64 total_size
+ *    72  u64 created_at       Unix seconds
+ *    80  u32 throttle_multiplier
+ *    84  u32 throttle_window  0 = sliding 60 s, 1 = the clock minute
+ *    88  u32 throttle_level   the supervisor's level (0..5)
+ *    92  u32 state            0 = being installed, 1 = live, 2 = retired
+ *    96  u64 heartbeat_ms     the supervisor's last tick, Unix milliseconds
+ *   104  u32 supervisor_pid
+ *   108  u32 throttle_slot    the slot of ("all", "pageview")
+ *   112  u32 lock_owner_pid   POSIX: the lock word itself (0 = free, else the
+ *                              holder's pid); SysV: the holder, for people
+ *                              (the semaphore is the lock)
+ *   116  u32 (reserved)
+ *   120  u64 throttle_since_ms  the policy's clock: hysteresis, since when the
+ *                              count is below the level's floor; drupal, the
+ *                              last step-down test (0: none).  Written by the
+ *                              supervisor, shown by status; workers ignore it.
+ *   line 2, counters the workers change:
+ *   128  u32 keys_used        slots handed out (slots 0..keys_used-1)
+ *   132  u32 next_stripe      round-robin stripe assignment
+ *   136  u64 overflow_hits    hits that went to the overflow key
+ *   144  u64 dropped_hits     hits dropped (the lock not taken in 50 ms)
+ *   152  u64 attaches         processes that attached, ever
+ *   160  u64 instance         a random non-zero id drawn at each install: the
+ *                              store keys its watermarks by it, so a segment
+ *                              re-installed in the same minute starts afresh
+ *   line 2, the reclaim's fields (layout 2; changed under the lock only):
+ *   168  u32 free_head        slot + 1 of the first reclaimed slot waiting for
+ *                              a new key, 0 = none (a list through the slot table)
+ *   172  u32 free_slots       how many slots are on that list
+ *   176  u64 reclaimed        slots reclaimed, ever (readers that cache slot ->
+ *                              name re-read the index when it moves)
+ *   184  u32 reclaim_slot     slot + 1 of a reclaim under way, 0 = none: a lock
+ *                              holder that finds it non-zero (its reclaimer died)
+ *                              finishes that reclaim first (finish_reclaim)
+ *   188  u32 reclaim_entry    index entry + 1 of that reclaim
+ *   line 3, the insert's record and the index's fields (changed under the lock):
+ *   192  u32 insert_slot      slot + 1 of an insert under way, 0 = none: the
+ *                              next lock holder rolls it forward (finish_insert)
+ *   196  u32 insert_entry     index entry + 1 of that insert
+ *   200  u32 probe_limit      probes read at most this many entries: the largest
+ *                              distance of a ready key from its first entry, + 1
+ *                              (0 = unknown: probe to an empty entry)
+ *   208  u64 index_seq        odd while a reclaim is under way (a seqlock for
+ *                              readers that name counts; see segment.py)
+ *   216..4095 reserved, zero
+ *
+ * The key index, index_size entries of 128 bytes at index_offset, an
+ * open-addressing hash table with linear probing:
+ *     0  u32 state    0 = empty, 1 = ready (stored last, with release order),
+ *                     2 = removed (a reclaimed key's tombstone: probes go on
+ *                     past it, inserts reuse it)
+ *     4  u32 slot     the counter slot of this key
+ *     8  u32 hash     FNV-1a 32 of account, a 0 byte, event
+ *    12  u8  account_len, 13 u8 event_len, 14 u16 reserved
+ *    16  char account[64]   UTF-8, not terminated
+ *    80  char event[32]     a name with one '/' (which no plain event name
+ *                           contains), "order/paid", is the funnel status
+ *                           "paid" of the event "order" (names.py)
+ *   112  u32 generation  the slot's generation when this key got it
+ *   116..127 reserved
+ *
+ * The slot table (layout 2), key_capacity entries of 8 bytes at
+ * slot_table_offset = index_offset + index_size * 128:
+ *     0  u32 generation  bumped (mod 2**24) each time the slot is reclaimed
+ *     4  u32 next_free   while on the free list, slot + 1 of the next free
+ *                        slot (0 = the last); else 0
+ *
+ * The counter slots, key_capacity slots of slot_size bytes at slots_offset.
+ * A slot is P stripes; a stripe is M minute buckets then S second buckets;
+ * a bucket is 16 bytes: u64 tag, u64 count.  The tag is the epoch minute or
+ * epoch second counted in its low 40 bits and the slot's generation in its
+ * high 24 bits: tag = epoch | generation << 40 (0 = never used, or being
+ * reset under the lock).  Minute m lives in bucket m % M, second s in bucket
+ * M + s % S.  A key's count for minute m is the sum over its stripes of the
+ * buckets whose tag is m | generation << 40 (read as a seqlock: see
+ * bucket_read).  Generation 0 makes the tag the bare epoch (layout 1).
+ *
+ * Stripes: one cache line that every worker adds to does not scale (two
+ * processes on one counter gave less throughput than one).  Each process
+ * takes its own stripe (round robin through next_stripe) so the `all` key,
+ * which every request hits, is spread over P cache lines; readers sum.
+ *
+ * Reserved slots: slot 0 is ("~overflow", "~any"), where hits go when the
+ * table is full; slot 1 is ("all", "pageview").  Account keys may fill the
+ * table only while the slots in use (keys_used - free_slots) are below
+ * key_capacity - EVENT_RESERVE so the `all` total of a new event still finds
+ * a slot.
+ *
  */
 #ifndef TRAFFICTHRESHOLD_LAYOUT_H
 #define TRAFFICTHRESHOLD_LAYOUT_H
