@@ -178,7 +178,7 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
     if (account != NULL && zend_string_equals_literal(account, "all"))
         account = NULL;
     TT_LOCK();
-    if (!tt_ready(0, &failed)) {
+    if (!(tt_w != NULL && tt_live(&tt_w->s)) && !tt_ready(0, &failed)) {
         /* Fail open, but a bad name is still reported (first): a site run
          * without the segment (development) sees it before production. */
         if (tt_check_names(&tt_w->s, account ? ZSTR_VAL(account) : NULL,

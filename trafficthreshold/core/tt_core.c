@@ -1379,6 +1379,26 @@ typedef struct tt_writer {
     tt_cache_entry cache[TT_CACHE_SIZE];
 } tt_writer;
 
+/* Whether a[0:n] == b[0:n], for names (n <= 64): 8 bytes at a time,
+ * inline; a libc memcmp() call costs more than the compare. */
+static inline int tt_eq(const char *a, const char *b, size_t n)
+{
+    uint64_t x, y;
+    while (n >= 8) {
+        memcpy(&x, a, 8);
+        memcpy(&y, b, 8);
+        if (x != y)
+            return 0;
+        a += 8;
+        b += 8;
+        n -= 8;
+    }
+    while (n-- > 0)
+        if (*a++ != *b++)
+            return 0;
+    return 1;
+}
+
 static inline uint64_t tt_pair_hash(uint64_t ahash, uint64_t ehash)
 {
     uint64_t h = ahash * 0x9E3779B97F4A7C15ULL ^ ehash;
@@ -1427,16 +1447,29 @@ static TT_UNUSED void tt_writer_detach(tt_writer *w)
  * found or created in the segment.  ahash and ehash are the binding's
  * hashes of the names (any function of the bytes; ahash ignored for the
  * total).  Returns the ref, TT_OVERFLOW_SLOT, or -1 with the error set. */
-static long tt_writer_resolve(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
-                              const char *e, size_t elen, uint64_t ehash)
+static long tt_writer_miss(tt_writer *w, tt_cache_entry *ent, uint64_t h, const char *a,
+                           size_t alen, const char *e, size_t elen);
+
+static inline long tt_writer_resolve(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
+                                     const char *e, size_t elen, uint64_t ehash)
 {
     uint64_t h = tt_pair_hash(a == NULL ? 0x5bd1e995u : ahash, ehash);
     tt_cache_entry *ent = &w->cache[h & (TT_CACHE_SIZE - 1)];
     size_t clen = a == NULL ? 0 : alen;
-    long ref;
-    if (ent->hash == h && ent->alen == clen && ent->elen == elen && elen > 0
-        && memcmp(ent->e, e, elen) == 0 && (clen == 0 || memcmp(ent->a, a, clen) == 0))
+    if (__builtin_expect(ent->hash == h && ent->alen == clen && ent->elen == elen && elen > 0
+                         && tt_eq(ent->e, e, elen) && tt_eq(ent->a, a, clen), 1))
         return ent->ref;
+    return tt_writer_miss(w, ent, h, a, alen, e, elen);
+}
+
+/* tt_writer_resolve on a cache miss: check the names, find or create the
+ * key, cache it in `ent` (hash h). */
+__attribute__((noinline)) static long tt_writer_miss(tt_writer *w, tt_cache_entry *ent,
+                                                     uint64_t h, const char *a, size_t alen,
+                                                     const char *e, size_t elen)
+{
+    size_t clen = a == NULL ? 0 : alen;
+    long ref;
     if (tt_check_names(&w->s, a, alen, e, elen) < 0)
         return -1;
     ref = a == NULL ? tt_find_or_create(&w->s, "all", 3, e, elen, 1)
@@ -1456,7 +1489,7 @@ static long tt_writer_resolve(tt_writer *w, const char *a, size_t alen, uint64_t
 static inline long tt_writer_all(tt_writer *w, const char *e, size_t elen, uint64_t ehash)
 {
     long ref;
-    if (elen == w->last_elen && memcmp(e, w->last_e, elen) == 0)
+    if (elen == w->last_elen && tt_eq(e, w->last_e, elen))
         return w->last_all;
     ref = tt_writer_resolve(w, NULL, 0, 0, e, elen, ehash);
     if (ref > (long)TT_OVERFLOW_SLOT && elen <= TT_EVENT_MAX) {
