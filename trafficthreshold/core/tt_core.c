@@ -19,12 +19,13 @@
  * c->err, c->os_errno and c->error (a sentence naming the fix) set; the
  * binding turns them into its exceptions or warnings.
  *
- * Inserts (insert_key): under the lock, the limit is checked again, the
+ * Inserts (tt_insert_key): under the lock, the limit is checked again, the
  * entry written (state not yet ready), probe_limit raised if the key lies
  * past it, the record insert_entry/insert_slot stored, the slot taken (a pop
- * stores free_head before clearing next_free), the entry published, the
- * record cleared: a holder killed anywhere leaves nothing or a record the
- * next holder rolls forward.
+ * stores free_head before clearing next_free), the hit's minute and second
+ * buckets stamped (so a reclaim racing the hit does not find the new key
+ * idle), the entry published, the record cleared: a holder killed anywhere
+ * leaves nothing or a record the next holder rolls forward.
  *
  * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
  * every bucket is older than the minute it is given (out of the ring and
@@ -811,7 +812,12 @@ static long tt_probe(tt_seg *c, const char *a, size_t alen, const char *e, size_
                 continue;
             }
             slot = __atomic_load_n(TT_U32(ent, TT_E_SLOT), __ATOMIC_RELAXED);
-            gen = __atomic_load_n(TT_U32(ent, TT_E_GENERATION), __ATOMIC_RELAXED);
+            /* Acquire: the insert stores the generation (release) after the
+             * name, lengths and hash, so an entry rewritten for another key
+             * (a reused tombstone) whose generation we see shows its new
+             * name too, never a mix that could match ours; the second look
+             * below then sees the same generation and accepts it. */
+            gen = __atomic_load_n(TT_U32(ent, TT_E_GENERATION), __ATOMIC_ACQUIRE);
             if (*TT_U32(ent, TT_E_HASH) == hash && *(uint8_t *)(ent + TT_E_ACCOUNT_LEN) == alen
                 && *(uint8_t *)(ent + TT_E_EVENT_LEN) == elen
                 && memcmp(ent + TT_E_ACCOUNT, a, alen) == 0
@@ -850,6 +856,16 @@ static uint32_t tt_entry_past_window(tt_seg *c, uint32_t hash)
     return UINT32_MAX;
 }
 
+/* Resets bucket `b` to count `tag` from 0 (tag 0, a release fence, count 0,
+ * then the tag, release).  Caller holds the lock. */
+static inline void tt_stamp_bucket(tt_bucket *b, uint64_t tag)
+{
+    __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+}
+
 /* Inserts the key under the structural lock; returns its ref,
  * TT_OVERFLOW_SLOT when the table is full, or -1 with errno set when the
  * lock was not taken.  Touches no binding's object: the Python binding runs
@@ -862,20 +878,23 @@ static uint32_t tt_entry_past_window(tt_seg *c, uint32_t hash)
  * The order of the stores (docs/segment.rst, "How a writer counts a hit"):
  * the entry's fields (state not yet ready), probe_limit if the key lies
  * past it, the record insert_entry then insert_slot, the slot taken
- * (tt_take_slot), state = ready, the record cleared.  A holder killed
- * anywhere leaves either nothing visible or a record the next holder rolls
- * forward (tt_finish_insert): never a slot lost, owned twice, or a cut free
- * list. */
+ * (tt_take_slot), the hit's two buckets stamped (its `second`, in
+ * `stripe`), state = ready, the record cleared.  A holder killed anywhere
+ * leaves either nothing visible or a record the next holder rolls forward
+ * (tt_finish_insert): never a slot lost, owned twice, or a cut free list.
+ * A lock not taken in 50 ms is counted in the header's lock_timeouts. */
 static long tt_insert_key(tt_seg *c, const char *a, size_t alen, const char *e, size_t elen,
-                          uint32_t hash, uint32_t limit)
+                          uint32_t hash, uint32_t limit, uint64_t second, uint32_t stripe)
 {
     tt_lock_t l = tt_lock_of(c);
     uint32_t pos, used, slot, gen, head, nfree, window, d;
     uint64_t free_word;
     long ref;
     int from_free;
-    if (tt_lock(&l, TT_HOT_LOCK_TIMEOUT_MS) < 0)
+    if (tt_lock(&l, TT_HOT_LOCK_TIMEOUT_MS) < 0) {
+        __atomic_fetch_add(TT_U64(c->base, TT_H_LOCK_TIMEOUTS), 1u, __ATOMIC_RELAXED);
         return -1;
+    }
     tt_recover(c);
     /* Re-probe under the lock: another process may have added it. */
     ref = tt_probe(c, a, alen, e, elen, hash, &pos, NULL);
@@ -925,6 +944,17 @@ static long tt_insert_key(tt_seg *c, const char *a, size_t alen, const char *e, 
              * entry is published.  Its buckets are zero: never used, or
              * zeroed by its reclaim. */
             tt_take_slot(c, slot);
+            /* The hit's minute and second buckets of our stripe are
+             * stamped with its epochs (count 0): a reclaim that runs between
+             * this insert and the hit's addition would otherwise find the
+             * new key idle (every tag 0), take it back, and the hit would
+             * be dropped.  The tags are 0 (a fresh or zeroed slot), so this
+             * is a reset like tt_roll_bucket's. */
+            tt_stamp_bucket(tt_stripe_buckets(c, slot, stripe) + (second / 60) % c->minutes,
+                            tt_make_tag(second / 60, gen));
+            tt_stamp_bucket(tt_stripe_buckets(c, slot, stripe) + c->minutes + second % c->seconds,
+                            tt_make_tag(second, gen));
+            CRASH_POINT(7);
             __atomic_store_n(TT_U32(ent, TT_E_STATE), TT_ENTRY_READY, __ATOMIC_RELEASE);
             CRASH_POINT(6);
             __atomic_store_n(TT_U32(c->base, TT_H_INSERT_SLOT), 0u, __ATOMIC_RELEASE);
@@ -946,17 +976,20 @@ static inline uint32_t tt_slots_in_use(tt_seg *c)
     return nfree <= used ? used - nfree : used;
 }
 
-/* Finds or creates the key (names already checked: 1..64 and 1..32 bytes);
- * returns its ref, TT_OVERFLOW_SLOT when the table is full, or -1 with the
- * error recorded (TT_ERR_BUSY: the lock was not free in 50 ms;
- * TT_ERR_LAYOUT: a layout-1 segment is read only).  Takes the lock only to
- * insert, inside TT_BLOCK_BEGIN/END (the Python binding lets go of the GIL
- * there; its caller holds c->busy so that nothing unmaps under the insert). */
+/* Finds or creates the key (names already checked: 1..64 and 1..32 bytes)
+ * for a hit at epoch second `second` (a new key's buckets of that second and
+ * its minute are stamped, tt_insert_key); returns its ref, TT_OVERFLOW_SLOT
+ * when the table is full, or -1 with the error recorded (TT_ERR_BUSY: the
+ * lock was not free in 50 ms; TT_ERR_LAYOUT: a layout-1 segment is read
+ * only).  Takes the lock only to insert, inside TT_BLOCK_BEGIN/END (the
+ * Python binding lets go of the GIL there; its caller holds c->busy so that
+ * nothing unmaps under the insert). */
 static long tt_find_or_create(tt_seg *c, const char *a, size_t alen, const char *e,
-                              size_t elen, int is_all)
+                              size_t elen, int is_all, uint64_t second)
 {
     uint32_t hash = tt_fnv1a(a, alen, e, elen);
     uint32_t limit = is_all ? c->key_capacity : c->key_capacity - TT_EVENT_RESERVE;
+    uint32_t stripe;
     long slot = tt_probe(c, a, alen, e, elen, hash, NULL, NULL);
     if (slot >= 0)
         return slot;
@@ -966,8 +999,10 @@ static long tt_find_or_create(tt_seg *c, const char *a, size_t alen, const char 
         return TT_OVERFLOW_SLOT;
     if (c->slot_table == NULL)
         return tt_fail(c, TT_ERR_LAYOUT, "a layout-1 segment is read only here");
+    tt_own_stripe(c);  /* a forked child stamps its own stripe */
+    stripe = c->stripe;
     TT_BLOCK_BEGIN(c);
-    slot = tt_insert_key(c, a, alen, e, elen, hash, limit);
+    slot = tt_insert_key(c, a, alen, e, elen, hash, limit, second, stripe);
     TT_BLOCK_END(c);
     if (slot < 0)
         return tt_fail(c, TT_ERR_BUSY, "timed out waiting for the segment lock to add a key");
@@ -1016,9 +1051,10 @@ __attribute__((noinline)) static int tt_roll_bucket(tt_seg *c, tt_bucket *b, uin
     uint64_t cur, epoch = tag & TT_EPOCH_MASK;
     uint32_t slot = TT_REF_SLOT(ref), gen = TT_REF_GEN(ref);
     int rc = 0;
-    c->busy++;
+    TT_BUSY_ENTER(c);
     TT_BLOCK_BEGIN(c);
     if (tt_lock(&l, TT_HOT_LOCK_TIMEOUT_MS) < 0) {
+        __atomic_fetch_add(TT_U64(c->base, TT_H_LOCK_TIMEOUTS), 1u, __ATOMIC_RELAXED);
         rc = -1;
     } else {
         tt_recover(c);  /* a holder died half way: finish what it left first */
@@ -1042,7 +1078,7 @@ __attribute__((noinline)) static int tt_roll_bucket(tt_seg *c, tt_bucket *b, uin
         tt_unlock(&l);
     }
     TT_BLOCK_END(c);
-    c->busy--;
+    TT_BUSY_LEAVE(c);
     return rc;
 }
 
@@ -1448,10 +1484,11 @@ static TT_UNUSED void tt_writer_detach(tt_writer *w)
  * hashes of the names (any function of the bytes; ahash ignored for the
  * total).  Returns the ref, TT_OVERFLOW_SLOT, or -1 with the error set. */
 static long tt_writer_miss(tt_writer *w, tt_cache_entry *ent, uint64_t h, const char *a,
-                           size_t alen, const char *e, size_t elen);
+                           size_t alen, const char *e, size_t elen, uint64_t second);
 
 static inline long tt_writer_resolve(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
-                                     const char *e, size_t elen, uint64_t ehash)
+                                     const char *e, size_t elen, uint64_t ehash,
+                                     uint64_t second)
 {
     uint64_t h = tt_pair_hash(a == NULL ? 0x5bd1e995u : ahash, ehash);
     tt_cache_entry *ent = &w->cache[h & (TT_CACHE_SIZE - 1)];
@@ -1459,21 +1496,21 @@ static inline long tt_writer_resolve(tt_writer *w, const char *a, size_t alen, u
     if (__builtin_expect(ent->hash == h && ent->alen == clen && ent->elen == elen && elen > 0
                          && tt_eq(ent->e, e, elen) && tt_eq(ent->a, a, clen), 1))
         return ent->ref;
-    return tt_writer_miss(w, ent, h, a, alen, e, elen);
+    return tt_writer_miss(w, ent, h, a, alen, e, elen, second);
 }
 
 /* tt_writer_resolve on a cache miss: check the names, find or create the
  * key, cache it in `ent` (hash h). */
 __attribute__((noinline)) static long tt_writer_miss(tt_writer *w, tt_cache_entry *ent,
                                                      uint64_t h, const char *a, size_t alen,
-                                                     const char *e, size_t elen)
+                                                     const char *e, size_t elen, uint64_t second)
 {
     size_t clen = a == NULL ? 0 : alen;
     long ref;
     if (tt_check_names(&w->s, a, alen, e, elen) < 0)
         return -1;
-    ref = a == NULL ? tt_find_or_create(&w->s, "all", 3, e, elen, 1)
-                    : tt_find_or_create(&w->s, a, alen, e, elen, 0);
+    ref = a == NULL ? tt_find_or_create(&w->s, "all", 3, e, elen, 1, second)
+                    : tt_find_or_create(&w->s, a, alen, e, elen, 0, second);
     if (ref > (long)TT_OVERFLOW_SLOT) {
         ent->hash = h;
         ent->ref = ref;
@@ -1486,12 +1523,13 @@ __attribute__((noinline)) static long tt_writer_miss(tt_writer *w, tt_cache_entr
 }
 
 /* The `all` ref of `event`, through last_e. */
-static inline long tt_writer_all(tt_writer *w, const char *e, size_t elen, uint64_t ehash)
+static inline long tt_writer_all(tt_writer *w, const char *e, size_t elen, uint64_t ehash,
+                                 uint64_t second)
 {
     long ref;
     if (elen == w->last_elen && tt_eq(e, w->last_e, elen))
         return w->last_all;
-    ref = tt_writer_resolve(w, NULL, 0, 0, e, elen, ehash);
+    ref = tt_writer_resolve(w, NULL, 0, 0, e, elen, ehash, second);
     if (ref > (long)TT_OVERFLOW_SLOT && elen <= TT_EVENT_MAX) {
         memcpy(w->last_e, e, elen);
         w->last_elen = (uint8_t)elen;
@@ -1523,9 +1561,9 @@ static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uin
     if (__builtin_expect(!tt_live(c), 0))
         return tt_fail(c, TT_ERR_NOTFOUND, "the segment at IPC key 0x%x was uninstalled",
                        (unsigned int)c->key);
-    if (a != NULL && (ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash)) < 0)
+    if (a != NULL && (ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash, second)) < 0)
         return -1;
-    if ((all_ref = tt_writer_all(w, e, elen, ehash)) < 0)
+    if ((all_ref = tt_writer_all(w, e, elen, ehash, second)) < 0)
         return -1;
     if (second != c->clk.second)
         tt_set_clock(c, second);
@@ -1534,7 +1572,7 @@ static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uin
     dropped = tt_add_slot(c, &clk, all_ref, n);
     if (__builtin_expect(dropped == TT_ADD_STALE, 0)) {
         tt_writer_forget(w);
-        if ((all_ref = tt_writer_all(w, e, elen, ehash)) < 0)
+        if ((all_ref = tt_writer_all(w, e, elen, ehash, second)) < 0)
             return -1;
         dropped = tt_add_slot(c, &clk, all_ref, n) != 0;
     }
@@ -1543,7 +1581,7 @@ static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uin
         if (__builtin_expect(rc == TT_ADD_STALE, 0)) {
             /* The total is counted: a failure now drops the rest. */
             tt_writer_forget(w);
-            ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash);
+            ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash, second);
             rc = ref < 0 ? 1 : tt_add_account(c, &clk, ref, all_ref, n) != 0;
         }
         dropped |= rc;

@@ -78,8 +78,12 @@ typedef struct tt_seg {
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */
     int busy;                 /* calls inside a lock section that let go of the
-                                 binding's lock (Python: the GIL): the binding
-                                 must not unmap under them */
+                                 binding's lock (Python: the GIL) or run the
+                                 binding's code: the binding must not unmap
+                                 under them (TT_BUSY_HELD) */
+    unsigned long busy_gen;   /* tt_fork_generation when busy was counted: in a
+                                 child forked meanwhile the threads that held
+                                 it do not exist, so it counts as 0 there */
     int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
     /* The bucket indices of the second last counted, so the hot path does
@@ -107,6 +111,16 @@ typedef struct tt_seg {
  * (pthread_atfork, tt_core_init): a child takes its own stripe at its first
  * hit. */
 static volatile unsigned long tt_fork_generation;
+
+/* c->busy, counted per fork generation: a child forked while another
+ * thread was inside the segment (its GIL released, waiting for the lock)
+ * has no such thread, and a count it inherited would refuse detach() and
+ * re-attaching in the child for good. */
+#define TT_BUSY_HELD(c) ((c)->busy > 0 && (c)->busy_gen == tt_fork_generation)
+#define TT_BUSY_ENTER(c) do { if ((c)->busy_gen != tt_fork_generation) { \
+        (c)->busy = 0; (c)->busy_gen = tt_fork_generation; } (c)->busy++; } while (0)
+#define TT_BUSY_LEAVE(c) do { if ((c)->busy_gen == tt_fork_generation && (c)->busy > 0) \
+        (c)->busy--; } while (0)
 
 /* ------------------------------------------------- the hot path, inline */
 

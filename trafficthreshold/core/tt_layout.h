@@ -74,7 +74,8 @@
  *                              (0 = unknown: probe to an empty entry)
  *   208  u64 index_seq        odd while a reclaim is under way (a seqlock for
  *                              readers that name counts; see segment.py)
- *   216..4095 reserved, zero
+ *   216  u64 lock_timeouts    hot-path lock waits past 50 ms (atomic add, no lock)
+ *   224..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
  * open-addressing hash table with linear probing:
@@ -185,6 +186,7 @@
 #define TT_H_INSERT_ENTRY 196
 #define TT_H_PROBE_LIMIT 200
 #define TT_H_INDEX_SEQ 208
+#define TT_H_LOCK_TIMEOUTS 216
 
 /* Index entry offsets (docs/segment.rst, "The key index"). */
 #define TT_E_STATE 0
