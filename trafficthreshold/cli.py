@@ -507,18 +507,23 @@ def config_show(ctx: click.Context) -> None:
 
 @main.command("systemd-unit")
 @common_options
+@click.option("--subscriber", is_flag=True,
+              help="The bus subscriber's template unit (trafficthreshold-subscribe@.service, "
+                   "docs/subscribe.rst) instead of the daemon's.")
 @click.pass_context
 @_fail_clearly
-def systemd_unit(ctx: click.Context) -> None:
+def systemd_unit(ctx: click.Context, subscriber: bool) -> None:
     """Print the systemd unit with this installation's paths.
 
     Example: trafficthreshold systemd-unit > /etc/systemd/system/trafficthreshold.service
+    Example: trafficthreshold systemd-unit --subscriber > /etc/systemd/system/trafficthreshold-subscribe@.service
     """
-    from .systemd import render_unit, warnings
+    from .systemd import SUBSCRIBER_UNIT_NAME, UNIT_NAME, render_unit, warnings
     path = os.path.abspath(ctx.obj.get("config_path") or configuration.DEFAULT_PATH)
     for warning in warnings(config_path=path):
         click.echo(f"warning: {warning}", err=True)
-    click.echo(render_unit(config_path=path), nl=False)
+    unit = SUBSCRIBER_UNIT_NAME if subscriber else UNIT_NAME
+    click.echo(render_unit(config_path=path, unit=unit), nl=False)
 
 
 # ------------------------------------------------------------------- stats
