@@ -766,3 +766,89 @@ def test_a_multipart_message_counts_nothing(recorded):
                   b"pageview", b'{"type":"pageview","data":{"account":"acme"}}'])
     assert not calls
     assert (tally.rejected["frame"], tally.rejected["json"]) == (3, 1)
+
+
+# ------------------------------------- status without a segment, or unreadable
+
+
+def _fresh_stats(directory: Path, name: str, **fields: Any) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps({
+        "name": name, "addresses": ["tcp://10.0.0.9:6000"], "updated_at": time.time(),
+        "received": 7, "counted": 0, "uncounted": 7, "rejected": {}, "connected": 1,
+        "disconnects": 0, "last_heard": time.time(), "stopped": False, **fields}))
+
+
+def test_status_without_a_segment_still_shows_the_subscribers(key, tmp_path):
+    """No segment installed: `status` still lists each subscriber (the one
+    case where its events go uncounted), then the one-line error."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    config = tmp_path / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{tmp_path}/stats.sqlite3"\n')
+    _fresh_stats(tmp_path / "subscribers", "shop")
+    result = CliRunner().invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "subscriber  shop (tcp://10.0.0.9:6000): running" in result.stdout
+    assert "7 not counted (no segment)" in result.stdout
+    assert "trafficthreshold install" in result.stderr
+    result = CliRunner().invoke(main, ["status", "--config", str(config), "--json"])
+    assert result.exit_code == 1 and "trafficthreshold install" in result.stderr
+    info = json.loads(result.stdout)
+    assert [s["name"] for s in info["subscribers"]] == ["shop"]
+    assert info["segment"] is None and "trafficthreshold install" in info["error"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become nobody")
+def test_status_says_when_it_cannot_read_the_subscribers(key, tmp_path):
+    """A user who may not enter the state directory (0750, another group)
+    is told so, with the fix, instead of seeing no subscribers at all; with
+    or without a segment."""
+    import pwd
+    import shutil
+    import tempfile
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="tt-sub-"))  # under /tmp, which nobody may enter
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        _fresh_stats(state / "subscribers", "shop")
+        state.chmod(0o750)  # root:root: nobody may not enter it
+        config = base / "config.toml"
+        config.write_text(f'key = {key}\ndatabase = "{state}/stats.sqlite3"\n')
+        config.chmod(0o644)
+        outputs = []
+        for installed in (False, True):
+            if installed:
+                segment.install(key, "sysv", mode=0o666)
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into pytest
+                code = 99
+                try:
+                    os.close(read)
+                    os.setgroups([])
+                    os.setgid(nobody.pw_gid)
+                    os.setuid(nobody.pw_uid)
+                    result = CliRunner().invoke(main, ["status", "--config", str(config)])
+                    os.write(write, json.dumps([result.exit_code, result.stdout,
+                                                result.stderr]).encode())
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(write)
+            with os.fdopen(read, "rb") as pipe:
+                outputs.append(json.loads(pipe.read() or b"null"))
+            os.waitpid(pid, 0)
+        (code0, out0, err0), (code1, out1, _err1) = outputs
+        assert code0 == 1 and "trafficthreshold install" in err0
+        assert code1 == 0 and "segment     sysv" in out1
+        for out in (out0, out1):
+            assert f"subscribers CANNOT READ {state}/subscribers (Permission denied)" in out
+            assert "daemon's user" in out
+    finally:
+        shutil.rmtree(base)  # the key fixture removes the segment

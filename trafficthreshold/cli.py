@@ -337,9 +337,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     Example: trafficthreshold status --json
     """
-    from .status import collect, render
+    from .errors import LayoutMismatch, SegmentNotFound
+    from .status import collect, render, render_subscribers, subscribers
     cfg = _load(ctx)
-    info = collect(cfg, time.time())
+    now = time.time()
+    try:
+        info = collect(cfg, now)
+    except (LayoutMismatch, SegmentNotFound) as exc:
+        # No segment (or another's at the key): the subscribers still run,
+        # and this is when their events go uncounted; show them first.  (A
+        # user refused the segment gets the one error: joining its group is
+        # the fix for the state directory too.)
+        subs = subscribers(cfg, now)
+        if subs["subscribers"] or subs["subscriber_problems"]:
+            click.echo(json.dumps({"segment": None, "error": _message(exc) or str(exc), **subs},
+                                  indent=2) if as_json else
+                       "\n".join(render_subscribers(subs["subscribers"],
+                                                    subs["subscriber_problems"])))
+        raise
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 

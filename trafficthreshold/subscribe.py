@@ -534,24 +534,45 @@ class Subscriber:
 # ------------------------------------------------------------------ readers
 
 
+#: What a reader who may not read the stats files is told to do.
+UNREADABLE_FIX = ("the subscribers are not shown: run this as the daemon's user (e.g. "
+                  "sudo -u trafficthreshold trafficthreshold status) or as a member of "
+                  "the state directory's group")
+
+
 def read_all(database: str, now: float) -> list[dict[str, Any]]:
     """Every subscriber's stats file (sorted by name), each with ``age``
     (seconds since written) and ``state``: ``running``, ``stopped`` (it
     exited cleanly) or ``not running`` (not replaced for STALE_S: killed,
     hung or crashed).  Files older than FORGET_S and unreadable ones are
-    left out (an unreadable one is logged)."""
+    left out (:func:`scan` says why)."""
+    return scan(database, now)[0]
+
+
+def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`read_all`'s subscribers, and what could not be read, each a
+    sentence naming the path, the reason and the fix: the directory or a
+    file this user may not read, a file that is not a stats file.  A
+    directory that does not exist is no problem (no subscriber ever ran)."""
     directory = stats_dir(database)
     try:
         entries = sorted(e for e in os.listdir(directory) if e.endswith(".json"))
-    except OSError:
-        return []
-    found = []
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [f"CANNOT READ {directory} ({exc.strerror}): {UNREADABLE_FIX}"]
+    found, problems = [], []
     for entry in entries:
+        path = os.path.join(directory, entry)
         try:
-            with open(os.path.join(directory, entry), encoding="utf-8") as file:
+            with open(path, encoding="utf-8") as file:
                 info = _checked(entry[:-len(".json")], json.load(file))
+        except PermissionError as exc:
+            problems.append(f"CANNOT READ {path} ({exc.strerror}): {UNREADABLE_FIX}")
+            continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.debug("skipping subscriber stats %s: %s", entry, exc)
+            problems.append(f"{path} is not a subscriber's stats file ({exc}): remove it")
             continue
         age = now - info["updated_at"]
         if age > FORGET_S:
@@ -560,7 +581,7 @@ def read_all(database: str, now: float) -> list[dict[str, Any]]:
         info["state"] = ("stopped" if info["stopped"] else
                          "running" if age <= STALE_S else "not running")
         found.append(info)
-    return found
+    return found, problems
 
 
 def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
