@@ -852,3 +852,146 @@ def test_status_says_when_it_cannot_read_the_subscribers(key, tmp_path):
             assert "daemon's user" in out
     finally:
         shutil.rmtree(base)  # the key fixture removes the segment
+
+
+# ------------------------------------------------ a hostile reviewer's cases
+
+
+@pytest.fixture
+def inproc(key: int, tmp_path: Path) -> Any:
+    """A factory of in-process Subscribers of ``subscribe -`` (database in
+    tmp_path, a segment key that is not installed); hit()'s settings are
+    put back after."""
+    made: list[subscribe.Subscriber] = []
+
+    def make(name: str = "sub", addresses: tuple[str, ...] = ("-",)) -> subscribe.Subscriber:
+        sub = subscribe.Subscriber(list(addresses), key=key, backend="sysv",
+                                   database=str(tmp_path / "stats.sqlite3"), name=name,
+                                   env={})
+        made.append(sub)
+        return sub
+
+    yield make
+    for sub in made:
+        if sub._lock_fd is not None:
+            os.close(sub._lock_fd)
+    trafficthreshold._settings.clear()
+    trafficthreshold.configure()
+
+
+def test_a_stats_file_that_cannot_be_written_is_logged_once_a_minute(inproc, tmp_path,
+                                                                     caplog):
+    """A stats directory removed (or a full disk) under a running subscriber:
+    one warning a minute, not one a second for ever; the directory is made
+    again, and the next write works."""
+    caplog.set_level(logging.WARNING, logger="trafficthreshold.subscribe")
+    sub = inproc("gone")
+    sub.initialize()
+    directory = tmp_path / "subscribers"
+    for entry in directory.iterdir():
+        entry.unlink()
+    directory.rmdir()
+    directory.write_text("not a directory")  # makedirs cannot help: every write fails
+    for _ in range(5):
+        sub.housekeeping(force=True)
+    cannot = [r for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(cannot) == 1, [r.getMessage() for r in cannot]
+    directory.unlink()  # removed: made again at the next write
+    sub.housekeeping(force=True)
+    assert stats_file(tmp_path, "gone")["name"] == "gone"
+    assert not list(directory.glob("*.tmp"))
+
+
+def test_starting_leaves_another_names_temporary_file_alone(inproc, tmp_path):
+    """'.' is allowed in names: subscriber ``x`` must not take
+    ``x.json.1.json.<pid>.tmp`` (subscriber ``x.json.1`` writing its stats)
+    for a leftover of its own."""
+    directory = tmp_path / "subscribers"
+    directory.mkdir()
+    others = directory / "x.json.1.json.4242.tmp"
+    others.write_text("{}")
+    mine = directory / "x.json.4242.tmp"
+    mine.write_text("{")
+    inproc("x").initialize()
+    assert others.exists() and not mine.exists()
+
+
+def test_staleness_does_not_follow_the_wall_clock(inproc, tmp_path):
+    """A subscriber killed, then the clock set back an hour: its file's
+    wall-clock time is in the future, but it is not running.  Running
+    ones stay running when the clock jumps forward.  (A stats file of an
+    earlier boot is not running either.)"""
+    sub = inproc("clock")
+    sub.initialize()
+    info = stats_file(tmp_path, "clock")
+    assert info["boot_id"] and info["monotonic"] <= time.monotonic()
+    db = str(tmp_path / "stats.sqlite3")
+    directory = tmp_path / "subscribers"
+    now, mono = time.time(), time.monotonic()
+    for name, wall, since, boot in (
+            ("killed", now + 3600, 11, info["boot_id"]),    # clock set back after the kill
+            ("jumped", now - 3600, 1, info["boot_id"]),     # clock set forward: running
+            ("rebooted", now - 1, -100, "another-boot")):   # from before a reboot
+        (directory / f"{name}.json").write_text(json.dumps(
+            {"updated_at": wall, "monotonic": mono - since, "boot_id": boot}))
+    states = {i["name"]: (i["state"], i["age"]) for i in subscribe.read_all(db, now)}
+    assert states["killed"][0] == "not running" and states["killed"][1] >= 11
+    assert states["jumped"] == ("running", pytest.approx(1, abs=1))
+    assert states["rebooted"][0] == "not running"
+    assert states["clock"][0] == "running"
+
+
+def test_a_damaged_number_in_a_stats_file_breaks_no_reader(bus, serve):
+    """Python's json reads Infinity and NaN: a stats file with them is
+    skipped (and named by status), never a crash of status or /metrics."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    directory = bus.tmp / "subscribers"
+    _fresh_stats(directory, "good")
+    for name, field in (("inf", "last_heard"), ("nan", "updated_at"), ("big", "started_at")):
+        _fresh_stats(directory, name)
+        path = directory / f"{name}.json"
+        raw = json.loads(path.read_text())
+        raw[field] = float("inf") if name != "nan" else float("nan")
+        path.write_text(json.dumps(raw))
+    result = CliRunner().invoke(main, ["status", "--config", str(bus.config)])
+    assert result.exit_code == 0, result.output
+    assert "subscriber  good" in result.stdout and "subscriber  inf" not in result.stdout
+    assert "inf.json is not a subscriber's stats file" in result.stdout
+    cfg = load_config(str(bus.config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone):
+        pass
+    server = serve(api.make_app(cfg))
+    for path in ("metrics", ""):
+        status, _headers, body = fetch(server.url + path)
+        assert status == 200 and b"good" in body
+
+
+def test_a_fifo_in_the_stats_directory_does_not_hang_the_readers(tmp_path):
+    """Junk in subscribers/: a FIFO named like a stats file would block
+    open() for ever (status, every /metrics request); a file too big to be
+    one is not read whole."""
+    directory = tmp_path / "subscribers"
+    _fresh_stats(directory, "good")
+    os.mkfifo(directory / "fifo.json")
+    (directory / "huge.json").write_bytes(b" " * (4 << 20) + b"{}")
+    result: list[Any] = []
+    reader = threading.Thread(target=lambda: result.append(
+        subscribe.scan(str(tmp_path / "stats.sqlite3"), time.time())), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock it before failing
+        os.close(os.open(directory / "fifo.json", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+        pytest.fail("scan() blocked on a FIFO")
+    found, problems = result[0]
+    assert [i["name"] for i in found] == ["good"]
+    assert any("fifo.json" in p for p in problems) and any("huge.json" in p for p in problems)
+
+
+def test_an_address_given_twice_is_refused(inproc):
+    """Two connections to one publisher deliver every event twice: counted
+    twice.  The same ADDRESS twice is refused, naming the fix."""
+    with pytest.raises(ValueError, match="given twice"):
+        inproc("twice", ("tcp://127.0.0.1:6000", "tcp://127.0.0.1:6000"))

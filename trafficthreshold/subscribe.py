@@ -44,6 +44,7 @@ import os
 import re
 import selectors
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
@@ -72,6 +73,8 @@ STALE_S = 10.0
 #: Stats files not replaced for this long are no longer shown (a
 #: subscriber taken out of service); ``rm`` forgets one sooner.
 FORGET_S = 7 * 86400
+#: A stats file is a few hundred bytes: a bigger one is not one (not read).
+MAX_STATS_BYTES = 65536
 #: Why an event was rejected: the reason (a metrics label) and what it means.
 REASONS = {
     "frame": "the frame is not `topic whitespace JSON`",
@@ -105,6 +108,17 @@ def check_name(name: str) -> str:
         raise ValueError(f"subscriber name {name!r} is not valid: use 1..64 characters of "
                          "A-Z a-z 0-9 . _ - (not starting with '.'), e.g. --name shop-bus")
     return name
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), which stamps a stats file's monotonic time:
+    CLOCK_MONOTONIC is one clock for every process of a boot, and starts
+    again at the next one.  None where it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            return file.read().strip() or None
+    except OSError:
+        return None
 
 
 def stats_dir(database: str) -> str:
@@ -309,6 +323,11 @@ class Subscriber:
                  max_size: int = DEFAULT_MAX_SIZE, name: str | None = None,
                  env: Mapping[str, str] = os.environ, stdin: IO[bytes] | int | None = None) -> None:
         self.addresses = list(addresses)
+        twice = sorted({a for a in self.addresses if self.addresses.count(a) > 1})
+        if twice:
+            # Two connections to one publisher deliver each event twice.
+            raise ValueError(f"ADDRESS {' '.join(twice)} given twice: each event would be "
+                             "received and counted twice; give each publisher once")
         self.key, self.backend = key, backend
         self.topics = list(topics) or [""]
         self.types = list(types)
@@ -330,6 +349,10 @@ class Subscriber:
         self._next_stats = 0.0
         self._next_dog = 0.0
         self._dog = notify.watchdog_interval(env)
+        self._boot_id = boot_id()
+        #: stats writes failed since the last warning (-1: the last one worked)
+        self._write_failures = -1
+        self._write_logged = -math.inf
 
     # ------------------------------------------------------------- lifecycle
 
@@ -348,9 +371,11 @@ class Subscriber:
                              f"{self.dir}/{self.name}.lock): stop it, or give this one "
                              "another --name") from None
         self._lock_fd = fd
-        # What a SIGKILL between the write and the rename left (other pids).
+        # What a SIGKILL between the write and the rename left (other pids);
+        # not another name's ("x.json.1" writes x.json.1.json.<pid>.tmp).
+        leftover = re.compile(re.escape(self.name) + r"\.json\.[0-9]+\.tmp")
         for entry in os.listdir(self.dir):
-            if entry.startswith(self.name + ".json.") and entry.endswith(".tmp"):
+            if leftover.fullmatch(entry):
                 try:
                     os.unlink(os.path.join(self.dir, entry))
                 except OSError:
@@ -512,6 +537,7 @@ class Subscriber:
         return {"name": self.name, "addresses": self.addresses, "topics": self.topics,
                 "types": self.types, "hwm": self.hwm, "max_size": self.max_size,
                 "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
+                "monotonic": time.monotonic(), "boot_id": self._boot_id,
                 "last_heard": self.last_heard,
                 "connected": None if self.addresses == ["-"] else len(self.connected),
                 "disconnects": self.disconnects, "stopped": self.stopping,
@@ -519,16 +545,38 @@ class Subscriber:
 
     def write_stats(self) -> None:
         """Replace the stats file atomically (a reader sees the old or the
-        new file, never half of one).  A failure is logged, never raised:
-        the counting goes on."""
+        new file, never half of one); its directory is made again if it
+        went.  A failure is logged once a minute (with how many since),
+        never raised: the counting goes on."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as file:
-                json.dump(self.stats(), file)
-            os.replace(tmp, self.path)
+            try:
+                self._write(tmp)
+            except FileNotFoundError:
+                os.makedirs(self.dir, mode=0o750, exist_ok=True)
+                self._write(tmp)
         except OSError as exc:
-            log.warning("cannot write %s (%s): status and /metrics will not show this "
-                        "subscriber", self.path, exc)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self._write_failures = max(self._write_failures, 0) + 1
+            now = time.monotonic()
+            if now - self._write_logged >= LOG_EVERY_S:
+                self._write_logged = now
+                log.warning("cannot write %s (%s): status and /metrics will not show this "
+                            "subscriber (it counts on; %d failed writes; logged once a "
+                            "minute)", self.path, exc, self._write_failures)
+            return
+        if self._write_failures > 0:
+            log.warning("writing %s again after %d failed writes", self.path,
+                        self._write_failures)
+        self._write_failures = -1
+
+    def _write(self, tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump(self.stats(), file)
+        os.replace(tmp, self.path)
 
 
 # ------------------------------------------------------------------ readers
@@ -562,11 +610,12 @@ def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
     except OSError as exc:
         return [], [f"CANNOT READ {directory} ({exc.strerror}): {UNREADABLE_FIX}"]
     found, problems = [], []
+    me = boot_id()
+    mono = time.monotonic()
     for entry in entries:
         path = os.path.join(directory, entry)
         try:
-            with open(path, encoding="utf-8") as file:
-                info = _checked(entry[:-len(".json")], json.load(file))
+            info = _checked(entry[:-len(".json")], json.loads(_read_small(path)))
         except PermissionError as exc:
             problems.append(f"CANNOT READ {path} ({exc.strerror}): {UNREADABLE_FIX}")
             continue
@@ -574,14 +623,38 @@ def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
             log.debug("skipping subscriber stats %s: %s", entry, exc)
             problems.append(f"{path} is not a subscriber's stats file ({exc}): remove it")
             continue
-        age = now - info["updated_at"]
-        if age > FORGET_S:
+        # The age by CLOCK_MONOTONIC when the file is of this boot: the
+        # wall clock set back would keep a killed subscriber "running".
+        # A file of an earlier boot is of a process that is gone.  (A file
+        # without them, of an older version, goes by the wall clock.)
+        stamped = me is not None and info["boot_id"] is not None and info["monotonic"] is not None
+        same_boot = stamped and info["boot_id"] == me
+        age = mono - info["monotonic"] if same_boot else now - info["updated_at"]
+        if now - info["updated_at"] > FORGET_S and age > FORGET_S:
             continue
         info["age"] = round(age, 1)
         info["state"] = ("stopped" if info["stopped"] else
-                         "running" if age <= STALE_S else "not running")
+                         "running" if age <= STALE_S and (same_boot or not stamped)
+                         else "not running")
+        del info["monotonic"], info["boot_id"]
         found.append(info)
     return found, problems
+
+
+def _read_small(path: str) -> bytes:
+    """A regular file's bytes, at most MAX_STATS_BYTES (OSError or
+    ValueError for anything else): junk in the directory, a FIFO that would
+    block open() for ever or a huge file, must not hang or load a reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_STATS_BYTES:
+            raise ValueError(f"{st.st_size:,} bytes, over {MAX_STATS_BYTES:,}")
+        return os.read(fd, MAX_STATS_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -595,13 +668,23 @@ def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"negative count {n}")
         return n
 
-    connected, heard = raw.get("connected"), raw.get("last_heard")
+    def finite(value: Any) -> float:
+        x = float(value)
+        if not math.isfinite(x):
+            raise ValueError(f"not a finite number: {value!r}")
+        return x
+
+    connected, heard, mono = raw.get("connected"), raw.get("last_heard"), raw.get("monotonic")
+    started = raw.get("started_at")
     return {
         "name": check_name(name), "addresses": [str(a) for a in raw.get("addresses") or []],
         "topics": [str(t) for t in raw.get("topics") or []],
         "pid": raw.get("pid") if isinstance(raw.get("pid"), int) else None,
-        "started_at": raw.get("started_at"), "updated_at": float(raw["updated_at"]),
-        "last_heard": None if heard is None else float(heard),
+        "started_at": None if started is None else finite(started),
+        "updated_at": finite(raw["updated_at"]),
+        "last_heard": None if heard is None else finite(heard),
+        "monotonic": None if mono is None else finite(mono),
+        "boot_id": raw.get("boot_id") if isinstance(raw.get("boot_id"), str) else None,
         "connected": None if connected is None else count(connected),
         "disconnects": count(raw.get("disconnects", 0)),
         "stopped": bool(raw.get("stopped")),
