@@ -989,9 +989,3 @@ def test_a_fifo_in_the_stats_directory_does_not_hang_the_readers(tmp_path):
     assert [i["name"] for i in found] == ["good"]
     assert any("fifo.json" in p for p in problems) and any("huge.json" in p for p in problems)
 
-
-def test_an_address_given_twice_is_refused(inproc):
-    """Two connections to one publisher deliver every event twice: counted
-    twice.  The same ADDRESS twice is refused, naming the fix."""
-    with pytest.raises(ValueError, match="given twice"):
-        inproc("twice", ("tcp://127.0.0.1:6000", "tcp://127.0.0.1:6000"))

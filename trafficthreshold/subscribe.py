@@ -323,11 +323,6 @@ class Subscriber:
                  max_size: int = DEFAULT_MAX_SIZE, name: str | None = None,
                  env: Mapping[str, str] = os.environ, stdin: IO[bytes] | int | None = None) -> None:
         self.addresses = list(addresses)
-        twice = sorted({a for a in self.addresses if self.addresses.count(a) > 1})
-        if twice:
-            # Two connections to one publisher deliver each event twice.
-            raise ValueError(f"ADDRESS {' '.join(twice)} given twice: each event would be "
-                             "received and counted twice; give each publisher once")
         self.key, self.backend = key, backend
         self.topics = list(topics) or [""]
         self.types = list(types)
