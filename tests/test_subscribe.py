@@ -989,3 +989,52 @@ def test_a_fifo_in_the_stats_directory_does_not_hang_the_readers(tmp_path):
     assert [i["name"] for i in found] == ["good"]
     assert any("fifo.json" in p for p in problems) and any("huge.json" in p for p in problems)
 
+
+
+def test_a_publisher_that_restarts_is_followed_and_nothing_is_counted_twice(bus):
+    """The publisher closed and bound again on the same port (a restart of
+    the bus): the subscriber connects again (one connection, not two: a
+    manual reconnect beside libzmq's own would deliver every event twice)
+    and counts each event published after it once."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "restart")
+    pub.probe(bus.counter, "probe", proc)
+    frame = b'order {"type":"order","data":{"account":"acme","status":"paid"}}'
+
+    def publish(p: Publisher, end: str) -> None:
+        for _ in range(1000):
+            p.sock.send(frame)
+        p.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % end.encode())
+        wait_for(end, lambda: ring_count(bus.counter, end, "pageview"), proc=proc)
+
+    publish(pub, "end-a")
+    pub.close()
+    bus.pubs.remove(pub)
+    wait_for("the disconnect", lambda: stats_file(bus.tmp, "restart")["connected"] == 0,
+             proc=proc)
+    again = Publisher.__new__(Publisher)  # the same address, bound again
+    again.address = pub.address
+    deadline = time.monotonic() + 10
+    while True:  # the port is free again once libzmq closed the old socket
+        again.sock = zmq.Context.instance().socket(zmq.PUB)
+        again.sock.setsockopt(zmq.SNDHWM, 0)
+        again.sock.setsockopt(zmq.LINGER, 0)
+        try:
+            again.sock.bind(pub.address)
+            break
+        except zmq.ZMQError:
+            again.sock.close(linger=0)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        again.probe(bus.counter, "probe-again", proc)
+        publish(again, "end-b")
+        wait_for("the stats", lambda: stats_file(bus.tmp, "restart")["connected"] == 1,
+                 proc=proc)
+        assert ring_count(bus.counter, "acme", "order/paid") == 2000
+        assert proc.stop() == 0
+        info = stats_file(bus.tmp, "restart")
+        assert info["disconnects"] == 1 and info["counted"] == info["received"]
+    finally:
+        again.close()
