@@ -1038,3 +1038,29 @@ def test_a_publisher_that_restarts_is_followed_and_nothing_is_counted_twice(bus)
         assert info["disconnects"] == 1 and info["counted"] == info["received"]
     finally:
         again.close()
+
+
+def test_text_that_is_not_utf8_in_a_stats_file_breaks_no_reader(bus, serve):
+    """JSON can spell a lone surrogate ("\\ud800"), which no UTF-8 page can
+    hold: such a file (in a rejection reason, an address, a topic) is
+    skipped, never a 500 of /metrics or the dashboard, nor a crash of status."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    directory = bus.tmp / "subscribers"
+    _fresh_stats(directory, "good")
+    _fresh_stats(directory, "reason", rejected={"\ud800": 1})
+    _fresh_stats(directory, "address", addresses=["tcp://\ud800:1"])
+    _fresh_stats(directory, "topic", topics=["\udcff"])
+    result = CliRunner().invoke(main, ["status", "--config", str(bus.config)])
+    assert result.exit_code == 0, result.output
+    assert "subscriber  good" in result.stdout
+    for name in ("reason", "address", "topic"):
+        assert f"{name}.json is not a subscriber's stats file" in result.stdout
+    cfg = load_config(str(bus.config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone):
+        pass
+    server = serve(api.make_app(cfg))
+    for path in ("metrics", ""):
+        status, _headers, body = fetch(server.url + path)
+        assert status == 200 and b"good" in body

@@ -669,11 +669,18 @@ def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"not a finite number: {value!r}")
         return x
 
+    def text(value: Any) -> str:
+        # JSON can spell a lone surrogate, which no UTF-8 output can hold
+        # (UnicodeEncodeError is a ValueError: the file is damaged).
+        value = str(value)
+        value.encode("utf-8")
+        return value
+
     connected, heard, mono = raw.get("connected"), raw.get("last_heard"), raw.get("monotonic")
     started = raw.get("started_at")
     return {
-        "name": check_name(name), "addresses": [str(a) for a in raw.get("addresses") or []],
-        "topics": [str(t) for t in raw.get("topics") or []],
+        "name": check_name(name), "addresses": [text(a) for a in raw.get("addresses") or []],
+        "topics": [text(t) for t in raw.get("topics") or []],
         "pid": raw.get("pid") if isinstance(raw.get("pid"), int) else None,
         "started_at": None if started is None else finite(started),
         "updated_at": finite(raw["updated_at"]),
@@ -684,5 +691,5 @@ def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
         "disconnects": count(raw.get("disconnects", 0)),
         "stopped": bool(raw.get("stopped")),
         **{field: count(raw.get(field, 0)) for field in ("received", "counted", "uncounted")},
-        "rejected": {str(r): count(n) for r, n in (raw.get("rejected") or {}).items()},
+        "rejected": {text(r): count(n) for r, n in (raw.get("rejected") or {}).items()},
     }
