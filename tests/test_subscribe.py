@@ -1064,3 +1064,35 @@ def test_text_that_is_not_utf8_in_a_stats_file_breaks_no_reader(bus, serve):
     for path in ("metrics", ""):
         status, _headers, body = fetch(server.url + path)
         assert status == 200 and b"good" in body
+
+
+def test_a_crash_is_not_shown_as_a_clean_stop(inproc, tmp_path, monkeypatch):
+    """docs/subscribe.rst: ``stopped`` is a clean exit (SIGTERM, the end of
+    the input).  A subscriber that dies of an error writes its last stats
+    without it: the file goes stale, ``not running``."""
+    read, write = os.pipe()
+    os.write(write, b'{"type":"pageview","data":{"account":"acme"}}\n')
+    os.close(write)
+    sub = inproc("crash")
+    sub.stdin = read
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest's handlers stay
+
+    def boom(payloads: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sub.counter, "payloads", boom)
+    try:
+        with pytest.raises(RuntimeError, match="a bug"):
+            sub.run()
+    finally:
+        os.close(read)
+    assert stats_file(tmp_path, "crash")["stopped"] is False
+    clean = inproc("clean")
+    read, write = os.pipe()
+    os.close(write)
+    clean.stdin = read
+    try:
+        assert clean.run() == 0
+    finally:
+        os.close(read)
+    assert stats_file(tmp_path, "clean")["stopped"] is True

@@ -340,6 +340,8 @@ class Subscriber:
         self.disconnects = 0
         self._disconnect_logged = -math.inf
         self.stopping = False
+        #: it ended cleanly (SIGTERM, the end of the input): the stats say so
+        self.stopped = False
         self._lock_fd: int | None = None
         self._next_stats = 0.0
         self._next_dog = 0.0
@@ -386,18 +388,23 @@ class Subscriber:
         # that Restart=on-failure restarts: the bus would go uncounted.
         signal.signal(signal.SIGHUP, self._on_hup)
         self.initialize()
+        clean = False
         try:
             if self.addresses == ["-"]:
                 self._run_lines()
             else:
                 self._run_zmq()
+            clean = True
         finally:
-            self.shutdown()
+            self.shutdown(clean)
         return 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, clean: bool = True) -> None:
+        """The last stats file: ``stopped`` only after a clean end (a crash
+        leaves it to go stale, "not running"); the lock released."""
         notify.stopping(self.env)
         self.stopping = True
+        self.stopped = clean
         self.write_stats()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -535,7 +542,7 @@ class Subscriber:
                 "monotonic": time.monotonic(), "boot_id": self._boot_id,
                 "last_heard": self.last_heard,
                 "connected": None if self.addresses == ["-"] else len(self.connected),
-                "disconnects": self.disconnects, "stopped": self.stopping,
+                "disconnects": self.disconnects, "stopped": self.stopped,
                 **self.counter.tally()}
 
     def write_stats(self) -> None:
