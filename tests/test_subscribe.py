@@ -1096,3 +1096,37 @@ def test_a_crash_is_not_shown_as_a_clean_stop(inproc, tmp_path, monkeypatch):
     finally:
         os.close(read)
     assert stats_file(tmp_path, "clean")["stopped"] is True
+
+
+def test_a_peer_that_hangs_up_at_once_is_retried_at_zmqs_pace_not_in_a_spin(bus):
+    """A port that accepts and closes every connection (a crash-looping
+    publisher, a health-check port given by mistake): libzmq retries every
+    100 ms by itself.  Connecting again by hand after every disconnect,
+    without waiting, made thousands of connections a second at full CPU."""
+    import socket as sockets
+    server = sockets.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)
+    accepted = [0]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted[0] += 1
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    proc = bus.subscriber(f"tcp://127.0.0.1:{server.getsockname()[1]}", "--name", "hangup")
+    try:
+        wait_for("a first connection", lambda: accepted[0] > 0, proc=proc)
+        start, t0 = accepted[0], time.monotonic()
+        time.sleep(2)
+        rate = (accepted[0] - start) / (time.monotonic() - t0)
+    finally:
+        assert proc.stop() == 0
+        server.close()
+    # libzmq's pace is 10 a second; a load on the machine only slows it.
+    assert rate < 30, f"{rate:.0f} connections a second"

@@ -88,6 +88,10 @@ REASONS = {
 }
 #: Rejections are logged once per reason per this many seconds.
 LOG_EVERY_S = 60.0
+#: After a disconnect, how long libzmq has to say it reconnects by itself
+#: (EVENT_CONNECT_RETRIED, sent at once after a network error; nothing
+#: follows a protocol error) before the subscriber connects again by hand.
+RECONNECT_GRACE_S = 0.2
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
@@ -339,6 +343,8 @@ class Subscriber:
         self.connected: set[str] = set()
         self.disconnects = 0
         self._disconnect_logged = -math.inf
+        #: endpoint -> when to connect it again by hand (unless libzmq retries)
+        self._reconnect_due: dict[str, float] = {}
         self.stopping = False
         #: it ended cleanly (SIGTERM, the end of the input): the stats say so
         self.stopped = False
@@ -457,7 +463,9 @@ class Subscriber:
         sock.setsockopt(zmq.LINGER, 0)
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                          | zmq.EVENT_CONNECT_RETRIED
+                                          | zmq.EVENT_CONNECT_DELAYED)
         for address in self.addresses:
             sock.connect(address)
         return sock, monitor
@@ -480,7 +488,11 @@ class Subscriber:
         recv, again, noblock = sock.recv, zmq.Again, zmq.NOBLOCK
         try:
             while not self.stopping:
-                ready = dict(poller.poll(int(STATS_INTERVAL * 500)))
+                wait = STATS_INTERVAL / 2
+                if self._reconnect_due:
+                    wait = max(0.0, min(wait, min(self._reconnect_due.values())
+                                        - time.monotonic()))
+                ready = dict(poller.poll(int(wait * 1000)))
                 if sock in ready:
                     frames: list[bytes] = []
                     append = frames.append
@@ -494,6 +506,8 @@ class Subscriber:
                 if monitor in ready:
                     while monitor.poll(0):
                         self._connection_event(sock, recv_monitor_message(monitor))
+                if self._reconnect_due:
+                    self._reconnect(sock)
                 self.housekeeping()
         finally:
             sock.disable_monitor()
@@ -502,28 +516,50 @@ class Subscriber:
             context.term()
 
     def _connection_event(self, sock: Any, event: dict[str, Any]) -> None:
-        """Follow the connections (ZMQ's socket monitor).  A connection
-        dropped is made again at once, by hand: libzmq reconnects by itself
-        after a network error, but not after a protocol error, which is
-        what a frame over ZMQ_MAXMSGSIZE is (it would leave this subscriber
-        deaf to that publisher for good).  What the publisher sent in
-        between is lost: counted as a disconnect, nothing more is known."""
+        """Follow the connections (ZMQ's socket monitor).  libzmq reconnects
+        by itself after a network error (and says so at once,
+        EVENT_CONNECT_RETRIED), at its pace (every 100 ms), but not after a
+        protocol error, which is what a frame over ZMQ_MAXMSGSIZE is (it
+        would leave this subscriber deaf to that publisher for good): a
+        disconnect libzmq does not follow with a retry within
+        RECONNECT_GRACE_S is connected again by hand (:meth:`_reconnect`).
+        (Connecting by hand after every disconnect, at once, spun: a port
+        that hangs up at once got thousands of connections a second.)  What
+        the publisher sent in between is lost: counted as a disconnect,
+        nothing more is known."""
         import zmq
         endpoint = event["endpoint"].decode("utf-8", "replace")
-        if event["event"] == zmq.EVENT_CONNECTED:
+        kind = event["event"]
+        if kind in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED):
+            self._reconnect_due.pop(endpoint, None)  # libzmq is on it
+            return
+        if kind == zmq.EVENT_CONNECTED:
+            self._reconnect_due.pop(endpoint, None)
             self.connected.add(endpoint)
             return
-        if event["event"] != zmq.EVENT_DISCONNECTED:
+        if kind != zmq.EVENT_DISCONNECTED:
             return
         self.connected.discard(endpoint)
         self.disconnects += 1
         now = time.monotonic()
+        self._reconnect_due[endpoint] = now + RECONNECT_GRACE_S
         if now - self._disconnect_logged >= LOG_EVERY_S:
             self._disconnect_logged = now
             log.warning("disconnected from %s (the publisher went away, or sent a frame over "
                         "--max-size %d bytes): connecting again; what it published meanwhile "
                         "is lost (%d disconnects so far; logged once a minute)", endpoint,
                         self.max_size, self.disconnects)
+
+    def _reconnect(self, sock: Any) -> None:
+        """Connect again by hand each endpoint whose disconnect libzmq did
+        not follow with a retry in time (see :meth:`_connection_event`)."""
+        now = time.monotonic()
+        for endpoint in [e for e, due in self._reconnect_due.items() if due <= now]:
+            del self._reconnect_due[endpoint]
+            self._connect_again(sock, endpoint)
+
+    def _connect_again(self, sock: Any, endpoint: str) -> None:
+        import zmq
         try:
             sock.disconnect(endpoint)
         except zmq.ZMQError:
