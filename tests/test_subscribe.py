@@ -805,13 +805,10 @@ def test_status_says_when_it_cannot_read_the_subscribers(key, tmp_path):
     """A user who may not enter the state directory (0750, another group)
     is told so, with the fix, instead of seeing no subscribers at all; with
     or without a segment."""
-    import pwd
     import shutil
     import tempfile
-    from click.testing import CliRunner
 
-    from trafficthreshold.cli import main
-    nobody = pwd.getpwnam("nobody")
+    from test_cli import _as_nobody
     base = Path(tempfile.mkdtemp(prefix="tt-sub-"))  # under /tmp, which nobody may enter
     try:
         base.chmod(0o755)
@@ -821,31 +818,16 @@ def test_status_says_when_it_cannot_read_the_subscribers(key, tmp_path):
         config = base / "config.toml"
         config.write_text(f'key = {key}\ndatabase = "{state}/stats.sqlite3"\n')
         config.chmod(0o644)
+        # The config is read as utf-8-sig: its codec is loaded before the
+        # child becomes nobody, who may not read this virtualenv.
+        "".encode("utf-8-sig")
         outputs = []
         for installed in (False, True):
             if installed:
                 segment.install(key, "sysv", mode=0o666)
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns into pytest
-                code = 99
-                try:
-                    os.close(read)
-                    os.setgroups([])
-                    os.setgid(nobody.pw_gid)
-                    os.setuid(nobody.pw_uid)
-                    result = CliRunner().invoke(main, ["status", "--config", str(config)])
-                    os.write(write, json.dumps([result.exit_code, result.stdout,
-                                                result.stderr]).encode())
-                    code = 0
-                finally:
-                    os._exit(code)
-            os.close(write)
-            with os.fdopen(read, "rb") as pipe:
-                outputs.append(json.loads(pipe.read() or b"null"))
-            os.waitpid(pid, 0)
-        (code0, out0, err0), (code1, out1, _err1) = outputs
-        assert code0 == 1 and "trafficthreshold install" in err0
+            outputs.append(_as_nobody(["status", "--config", str(config)]))
+        (code0, out0, _exc0), (code1, out1, _exc1) = outputs
+        assert code0 == 1 and "trafficthreshold install" in out0
         assert code1 == 0 and "segment     sysv" in out1
         for out in (out0, out1):
             assert f"subscribers CANNOT READ {state}/subscribers (Permission denied)" in out
@@ -941,6 +923,25 @@ def test_staleness_does_not_follow_the_wall_clock(inproc, tmp_path):
     assert states["clock"][0] == "running"
 
 
+def _every_reader_shows_good(bus: Any, serve: Any) -> str:
+    """status (exit 0), /metrics and the dashboard (200) all show the
+    subscriber ``good``; returns status's text."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    result = CliRunner().invoke(main, ["status", "--config", str(bus.config)])
+    assert result.exit_code == 0, result.output
+    assert "subscriber  good" in result.stdout
+    cfg = load_config(str(bus.config), env={})
+    with SQLiteStore(cfg.database, cfg.timezone):
+        pass
+    server = serve(api.make_app(cfg))
+    for path in ("metrics", ""):
+        status, _headers, body = fetch(server.url + path)
+        assert status == 200 and b"good" in body
+    return result.stdout
+
+
 def test_a_damaged_number_in_a_stats_file_breaks_no_reader(bus, serve):
     """Python's json reads Infinity and NaN: a stats file with them is
     skipped (and named by status), never a crash of status or /metrics."""
@@ -955,17 +956,9 @@ def test_a_damaged_number_in_a_stats_file_breaks_no_reader(bus, serve):
         raw = json.loads(path.read_text())
         raw[field] = float("inf") if name != "nan" else float("nan")
         path.write_text(json.dumps(raw))
-    result = CliRunner().invoke(main, ["status", "--config", str(bus.config)])
-    assert result.exit_code == 0, result.output
-    assert "subscriber  good" in result.stdout and "subscriber  inf" not in result.stdout
-    assert "inf.json is not a subscriber's stats file" in result.stdout
-    cfg = load_config(str(bus.config), env={})
-    with SQLiteStore(cfg.database, cfg.timezone):
-        pass
-    server = serve(api.make_app(cfg))
-    for path in ("metrics", ""):
-        status, _headers, body = fetch(server.url + path)
-        assert status == 200 and b"good" in body
+    out = _every_reader_shows_good(bus, serve)
+    assert "subscriber  inf" not in out
+    assert "inf.json is not a subscriber's stats file" in out
 
 
 def test_a_fifo_in_the_stats_directory_does_not_hang_the_readers(tmp_path):
@@ -1044,26 +1037,14 @@ def test_text_that_is_not_utf8_in_a_stats_file_breaks_no_reader(bus, serve):
     """JSON can spell a lone surrogate ("\\ud800"), which no UTF-8 page can
     hold: such a file (in a rejection reason, an address, a topic) is
     skipped, never a 500 of /metrics or the dashboard, nor a crash of status."""
-    from click.testing import CliRunner
-
-    from trafficthreshold.cli import main
     directory = bus.tmp / "subscribers"
     _fresh_stats(directory, "good")
     _fresh_stats(directory, "reason", rejected={"\ud800": 1})
     _fresh_stats(directory, "address", addresses=["tcp://\ud800:1"])
     _fresh_stats(directory, "topic", topics=["\udcff"])
-    result = CliRunner().invoke(main, ["status", "--config", str(bus.config)])
-    assert result.exit_code == 0, result.output
-    assert "subscriber  good" in result.stdout
+    out = _every_reader_shows_good(bus, serve)
     for name in ("reason", "address", "topic"):
-        assert f"{name}.json is not a subscriber's stats file" in result.stdout
-    cfg = load_config(str(bus.config), env={})
-    with SQLiteStore(cfg.database, cfg.timezone):
-        pass
-    server = serve(api.make_app(cfg))
-    for path in ("metrics", ""):
-        status, _headers, body = fetch(server.url + path)
-        assert status == 200 and b"good" in body
+        assert f"{name}.json is not a subscriber's stats file" in out
 
 
 def test_a_crash_is_not_shown_as_a_clean_stop(inproc, tmp_path, monkeypatch):
