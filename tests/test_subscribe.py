@@ -1111,3 +1111,29 @@ def test_a_peer_that_hangs_up_at_once_is_retried_at_zmqs_pace_not_in_a_spin(bus)
         server.close()
     # libzmq's pace is 10 a second; a load on the machine only slows it.
     assert rate < 30, f"{rate:.0f} connections a second"
+
+
+def test_an_ipv6_publisher_is_connected(bus):
+    """``tcp://[::1]:PORT``: libzmq connects to IPv6 only with ZMQ_IPV6 set on
+    the socket; without it the address was taken and never connected (no
+    error, "0 of 1 connected", nothing counted)."""
+    pub = Publisher.__new__(Publisher)
+    pub.sock = zmq.Context.instance().socket(zmq.PUB)
+    pub.sock.setsockopt(zmq.IPV6, 1)
+    pub.sock.setsockopt(zmq.SNDHWM, 0)
+    pub.sock.setsockopt(zmq.LINGER, 0)
+    try:
+        pub.sock.bind("tcp://[::1]:*")
+    except zmq.ZMQError as exc:
+        pub.close()
+        pytest.skip(f"no IPv6 loopback here ({exc})")
+    pub.address = pub.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    ipv4 = bus.publisher()  # beside an IPv4 one, on the same socket
+    try:
+        proc = bus.subscriber(pub.address, ipv4.address, "--name", "six")
+        pub.probe(bus.counter, "probe6", proc)
+        ipv4.probe(bus.counter, "probe4", proc)
+        assert proc.stop() == 0
+        assert stats_file(bus.tmp, "six")["connected"] == 2
+    finally:
+        pub.close()

@@ -317,6 +317,22 @@ def lines(stream: IO[bytes] | int, max_size: int, on_oversize: Callable[[bytes],
         yield batch
 
 
+#: A TCP address whose host is an IPv6 literal (``tcp://[::1]:6000``, also
+#: with a source ``tcp://eth0;[::1]:6000``).
+IPV6_LITERAL = re.compile(r"tcp://(?:[^;]*;)?\[")
+
+
+def connect(sock: Any, address: str) -> None:
+    """``sock.connect(address)``, with ZMQ_IPV6 on for an IPv6 literal:
+    libzmq takes ``tcp://[::1]:6000`` without it and never connects.  (Not
+    for every address: with it, a host name with an IPv6 address too is
+    tried on IPv6 only, and a publisher bound to IPv4 alone is never
+    reached.  ZMQ_IPV6 is read at each connect.)"""
+    import zmq
+    sock.setsockopt(zmq.IPV6, 1 if IPV6_LITERAL.match(address) else 0)
+    sock.connect(address)
+
+
 class Subscriber:
     """The ``subscribe`` process: initialize / run / shutdown, like the
     supervisor.  SIGTERM and SIGINT set a flag; the loop then ends, writes
@@ -467,7 +483,7 @@ class Subscriber:
                                           | zmq.EVENT_CONNECT_RETRIED
                                           | zmq.EVENT_CONNECT_DELAYED)
         for address in self.addresses:
-            sock.connect(address)
+            connect(sock, address)
         return sock, monitor
 
     def _run_zmq(self) -> None:
@@ -565,7 +581,7 @@ class Subscriber:
         except zmq.ZMQError:
             pass  # libzmq forgot it already (the protocol error's case)
         try:
-            sock.connect(endpoint)
+            connect(sock, endpoint)
         except zmq.ZMQError as exc:
             log.error("cannot connect to %s again (%s)", endpoint, exc)
 
