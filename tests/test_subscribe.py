@@ -1137,3 +1137,21 @@ def test_an_ipv6_publisher_is_connected(bus):
         assert stats_file(bus.tmp, "six")["connected"] == 2
     finally:
         pub.close()
+
+
+def test_subscribe_dash_needs_no_pyzmq(bus):
+    """README: pyzmq is an extra; ``subscribe -`` reads standard input
+    without it (a real process in which ``import zmq`` fails)."""
+    path = bus.tmp / "events.jsonl"
+    path.write_bytes(b'{"type":"pageview","data":{"account":"nozmq","unq":"1"}}\n' * 3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAFFICTHRESHOLD_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = ("import sys; sys.modules['zmq'] = None; from trafficthreshold.cli import main; "
+            "main()")
+    with open(path, "rb") as stdin:
+        result = subprocess.run([sys.executable, "-c", code, "--config", str(bus.config),
+                                 "subscribe", "-"], stdin=stdin, env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ring_count(bus.counter, "nozmq", "pageview") == 3
+    assert ring_count(bus.counter, "nozmq", "unique") == 3
