@@ -1155,3 +1155,25 @@ def test_subscribe_dash_needs_no_pyzmq(bus):
     assert result.returncode == 0, result.stderr
     assert ring_count(bus.counter, "nozmq", "pageview") == 3
     assert ring_count(bus.counter, "nozmq", "unique") == 3
+
+
+def test_a_stats_directory_it_cannot_make_is_one_line_naming_the_fix(tmp_path, key):
+    """subscribers/ that cannot be made or written (here a file is in its
+    place; for a user, a state directory it does not own): one line naming
+    the path and the fix, before anything is counted."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    config = tmp_path / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{tmp_path}/stats.sqlite3"\n')
+    (tmp_path / "subscribers").write_text("junk")
+    try:
+        result = CliRunner().invoke(main, ["subscribe", "--config", str(config), "-"])
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+    assert result.exit_code == 1
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in result.output
+    assert f"cannot use {tmp_path}/subscribers" in error
+    assert "the daemon's user" in error

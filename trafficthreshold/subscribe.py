@@ -379,9 +379,16 @@ class Subscriber:
         """Point hit() at the configured segment, take the name's lock (one
         process per name) and write a first stats file."""
         trafficthreshold.configure(key=self.key, backend=self.backend, strict=False)
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, self.name + ".lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.makedirs(self.dir, mode=0o750, exist_ok=True)
+            fd = os.open(os.path.join(self.dir, self.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot use {self.dir} for this subscriber's lock and stats file "
+                f"({exc.strerror}: {exc.filename}): run it as the daemon's user "
+                "(trafficthreshold under systemd, who owns the state directory beside "
+                "the database), or remove what is in the way") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
