@@ -565,7 +565,8 @@ def test_default_names_can_name_a_file(addresses, name):
     assert subscribe.check_name(subscribe.default_name(addresses)) == name
 
 
-@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "..", "a b", "x" * 65, "a\\b"])
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "..", ".", "a b", "x" * 65, "a\\b",
+                                  "a:b"])
 def test_names_that_cannot_name_a_file_are_refused(name):
     with pytest.raises(ValueError, match="--name"):
         subscribe.check_name(name)
