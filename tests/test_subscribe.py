@@ -1178,3 +1178,28 @@ def test_a_stats_directory_it_cannot_make_is_one_line_naming_the_fix(tmp_path, k
     assert len(error.splitlines()) == 1 and "Traceback" not in result.output
     assert f"cannot use {tmp_path}/subscribers" in error
     assert "the daemon's user" in error
+
+
+def test_subscribers_gone_for_a_week_are_removed_not_kept_for_ever(inproc, tmp_path):
+    """docs: a file older than 7 days is no longer shown; the files of such
+    a name (stats and lock; ``--name job-$DATE`` makes one a run) are
+    removed when a subscriber starts, not read by every /metrics request
+    for ever.  A recent one, and one whose lock is held, are kept."""
+    directory = tmp_path / "subscribers"
+    directory.mkdir()
+    old = time.time() - subscribe.FORGET_S - 60
+    for name in ("gone", "held", "recent"):
+        for suffix in (".json", ".lock"):
+            (directory / (name + suffix)).write_text("{}")
+            if name != "recent":
+                os.utime(directory / (name + suffix), (old, old))
+    import fcntl
+    held = os.open(directory / "held.lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        inproc("new").initialize()
+    finally:
+        os.close(held)
+    left = sorted(p.name for p in directory.iterdir())
+    assert left == ["held.json", "held.lock", "new.json", "new.lock", "recent.json",
+                    "recent.lock"]

@@ -406,6 +406,7 @@ class Subscriber:
                     os.unlink(os.path.join(self.dir, entry))
                 except OSError:
                     pass
+        forget_stale(self.dir, time.time())
         # Attach now: with no segment, hit()'s own warning (once), fail open.
         _counter._ensure()
         self.write_stats()
@@ -638,6 +639,45 @@ class Subscriber:
         with open(tmp, "w", encoding="utf-8") as file:
             json.dump(self.stats(), file)
         os.replace(tmp, self.path)
+
+
+def forget_stale(directory: str, now: float) -> list[str]:
+    """Remove the stats and lock files of every name not written for
+    FORGET_S (readers no longer show them) whose lock no process holds, so
+    that names used once (``--name job-$DATE``) are not kept, and read by
+    every reader, for ever.  The lock is taken, its file removed while held,
+    then the stats file: a subscriber of that name starting meanwhile either
+    finds the lock held (and exits naming it; systemd starts it again) or
+    makes a new one.  Returns the names removed."""
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.endswith(".json") or not NAME_RE.fullmatch(entry[:-len(".json")]):
+            continue
+        name = entry[:-len(".json")]
+        stats, lock = os.path.join(directory, entry), os.path.join(directory, name + ".lock")
+        try:
+            if now - os.stat(stats).st_mtime <= FORGET_S:
+                continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(lock)
+            os.unlink(stats)
+            removed.append(name)
+        except OSError:  # held (BlockingIOError): a subscriber of that name runs
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed the stats of subscribers not running for %d days: %s",
+                 FORGET_S // 86400, ", ".join(sorted(removed)))
+    return removed
 
 
 # ------------------------------------------------------------------ readers
