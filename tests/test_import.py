@@ -73,10 +73,12 @@ WORKER = {"trafficthreshold", "trafficthreshold._counter", "trafficthreshold.nam
           "trafficthreshold.pageviews", "trafficthreshold.periods", "trafficthreshold.wsgi",
           "trafficthreshold.asgi", "trafficthreshold.django"}
 
-#: Run before a case's code: the daemon's modules are not there to begin
-#: with (else the case could not tell).
+#: Run before a case's code: this tree comes first on the path (not another
+#: checkout's editable install), and the daemon's modules are not there to
+#: begin with (else the case could not tell).
 PROLOGUE = f"""
 import json, sys
+sys.path.insert(0, {str(ROOT)!r})
 DAEMON = {DAEMON!r}
 assert not [name for name in DAEMON if name in sys.modules], sys.modules
 """
@@ -85,7 +87,7 @@ EPILOGUE = """
 print(json.dumps({"daemon": [name for name in DAEMON if name in sys.modules],
                   "ours": sorted(name for name in sys.modules
                                  if name.split(".")[0] == "trafficthreshold"),
-                  "result": result}))
+                  "file": sys.modules["trafficthreshold"].__file__, "result": result}))
 """
 
 HIT = """
@@ -93,11 +95,11 @@ import trafficthreshold
 trafficthreshold.hit("site-a.example")
 result = trafficthreshold.count("site-a.example")
 """
-CONFIGURED = """
+#: Put before a case's code: the segment chosen by configure(), not the
+#: environment.
+CONFIGURE = """
 import trafficthreshold
-trafficthreshold.configure(key={key}, backend={backend})
-trafficthreshold.hit("site-a.example")
-result = trafficthreshold.count("site-a.example")
+trafficthreshold.configure(key={key}, backend={backend}, strict={strict})
 """
 STRICT_HIT = """
 import trafficthreshold
@@ -172,6 +174,7 @@ def run_worker(code: str, env: dict[str, str], **values: object) -> dict:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["file"] == str(ROOT / "trafficthreshold" / "__init__.py")
     report["stderr"] = done.stderr
     return report
 
@@ -199,7 +202,7 @@ def test_a_first_hit_by_the_key_alone_finds_either_backend(installed):
 
 def test_a_first_hit_after_configure_loads_nothing_of_the_daemon(installed):
     key, backend = installed
-    report = run_worker(CONFIGURED, {}, key=key, backend=backend)
+    report = run_worker(CONFIGURE + HIT, {}, key=key, backend=backend, strict=None)
     assert report["result"] == 1
     assert_worker_only(report)
 
@@ -233,15 +236,24 @@ def test_strict_mode_errors_name_the_fix_without_the_daemon(key) -> None:
         "ConfigError", "environment: TRAFFICTHRESHOLD_KEY = '0x80000000' must be from 1 to "
         "0x7fffffff; use decimal or 0x hex, e.g. 0x54546831"]
     assert_worker_only(bad)
+    configured = run_worker(CONFIGURE + STRICT_HIT, {}, key=key, backend="posix", strict=True)
+    assert configured["result"][0] == "SegmentNotFound"
+    assert "run `trafficthreshold install --backend posix`" in configured["result"][1]
+    assert_worker_only(configured)
 
 
+@pytest.mark.parametrize("chosen_by", ["environment", "configure"])
 @pytest.mark.parametrize("middleware", ["WSGI", "ASGI", "DJANGO"])
-def test_a_request_through_the_middleware_loads_nothing_of_the_daemon(installed, middleware):
+def test_a_request_through_the_middleware_loads_nothing_of_the_daemon(installed, middleware,
+                                                                       chosen_by):
     if middleware == "DJANGO":
         pytest.importorskip("django")
     key, backend = installed
-    report = run_worker(globals()[middleware], {"TRAFFICTHRESHOLD_KEY": hex(key),
-                                                "TRAFFICTHRESHOLD_BACKEND": backend},
-                        tests=str(ROOT / "tests"))
+    code, env = globals()[middleware], {"TRAFFICTHRESHOLD_KEY": hex(key),
+                                        "TRAFFICTHRESHOLD_BACKEND": backend}
+    if chosen_by == "configure":
+        code, env = CONFIGURE + code, {}
+    report = run_worker(code, env, tests=str(ROOT / "tests"), key=key, backend=backend,
+                        strict=None)
     assert report["result"] == 1
     assert_worker_only(report)
