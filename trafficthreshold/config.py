@@ -34,13 +34,14 @@ from functools import lru_cache
 from typing import Any
 
 from trafficthreshold import names
+# The segment's defaults and the environment's key live in env.py, which a
+# worker loads without this module; config.parse_key and config.env_key
+# stay importable from here.
+from trafficthreshold.env import BACKENDS, DEFAULT_KEY, MAX_KEY, env_key, parse_key  # noqa: F401
 from trafficthreshold.errors import ConfigError
-from trafficthreshold.segment import BACKENDS, DEFAULT_KEY
 from trafficthreshold.segment import WINDOWS as SEGMENT_WINDOWS
 from trafficthreshold.throttle import POLICIES
 
-#: The largest key: key_t is a signed 32-bit int, and 0 is IPC_PRIVATE.
-MAX_KEY = 0x7FFFFFFF
 #: Where :func:`load` looks when neither a path nor the environment names one.
 DEFAULT_PATH = "/etc/trafficthreshold/config.toml"
 #: The database directory of a daemon running as root.
@@ -347,15 +348,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_key(text: str) -> int:
-    """Parse a segment key written in decimal or ``0x`` hex; ValueError if bad."""
-    text = text.strip()
-    key = int(text[2:], 16) if text[:2].lower() == "0x" else int(text, 10)
-    if not 1 <= key <= MAX_KEY:
-        raise ValueError(f"must be from 1 to {MAX_KEY:#x}")
-    return key
 
 
 def _has_control(value: str) -> bool:
@@ -1116,28 +1108,6 @@ def load(
     if key is not None:
         config = dataclasses.replace(config, key=key)
     return config
-
-
-def env_key(env: Mapping[str, str] = os.environ) -> int | None:
-    """``$TRAFFICTHRESHOLD_KEY`` as a key, None if unset; ConfigError if bad.
-    (The worker API reads it too, without loading the whole config.)
-
-    The key precedence, everywhere the key is read: a command-line
-    ``--key`` (the CLI passes it to :func:`load` as this variable), then
-    this variable, then ``key`` in the file, then ``DEFAULT_KEY``.  The
-    worker API has no file: ``configure(key=...)``, this variable, the
-    default."""
-    override = env.get("TRAFFICTHRESHOLD_KEY", "")
-    if not override.strip():
-        return None
-    try:
-        return parse_key(override)
-    except ValueError as exc:
-        problem = str(exc) if "must be" in str(exc) else "is not an integer"
-        raise ConfigError(
-            f"environment: TRAFFICTHRESHOLD_KEY = {override!r} {problem}; "
-            "use decimal or 0x hex, e.g. 0x54546831"
-        ) from None
 
 
 def _read(path: str) -> str:

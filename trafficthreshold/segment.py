@@ -41,12 +41,10 @@ import sysv_ipc
 from . import names
 from . import _counter
 from ._counter import Counter, _lock, _unlock
+from .env import BACKENDS, DEFAULT_KEY
 from .errors import LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse, SegmentNotFound
 
 log = logging.getLogger("trafficthreshold.segment")
-
-DEFAULT_KEY = 0x54546831  # "TTh1"
-BACKENDS = ("sysv", "posix")
 
 MAGIC = b"TRFTHRSH"
 LAYOUT_VERSION = 2
