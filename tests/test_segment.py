@@ -1324,6 +1324,35 @@ def test_an_insert_killed_at_any_store_is_redone_by_the_next_holder(key, backend
         counter.detach()
 
 
+def test_a_key_made_for_a_hit_is_not_reclaimed_before_the_hit_lands(key, backend):
+    """A reclaim that runs between a new key's insert and the addition of
+    the hit it was made for (here: the writer stopped for good right after
+    publishing the key) must not find the key idle.  Before the insert
+    stamped the hit's buckets, the new key's tags were all 0 (idle), the
+    reclaim took it back, and the writer's addition was dropped: a hit
+    lost to dropped_hits with nobody at fault (issue 20 follow-up; the
+    1-in-50 failure of test_hits_racing_the_reclaim_of_their_own_key)."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        # Killed after the key is published (store 6), before its addition.
+        status, result = _insert_dying_at(key, backend, 6, "new.example")
+        assert os.WIFSIGNALED(status), result
+        slot = counter.find("new.example", "pageview")
+        assert slot is not None
+        # The reclaim of keys idle before the hit's minute leaves it ...
+        assert counter.reclaim(MINUTE + 6) == []
+        assert counter.find("new.example", "pageview") == slot
+        # ... and the next hit counts in it, with no lock: its tags match.
+        counter.hit("new.example", n=2, now=NOW + 6 * 60)
+        assert counter.count(slot, 1, NOW + 6 * 60) == 2
+        check_consistent(key, backend)
+        # Idle for a ring after that minute, it is reclaimed like any key.
+        assert [a for _s, a, _e in counter.reclaim(MINUTE + 7)] == ["new.example"]
+    finally:
+        counter.detach()
+
+
 RECLAIM_POINTS = [110, 111, 101, 102, 103, 104, 105, 106, 107]
 
 

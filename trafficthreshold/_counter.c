@@ -123,9 +123,10 @@
  * Inserts (insert_key): under the lock, the limit is checked again, the
  * entry written (state not yet ready), probe_limit raised if the key lies
  * past it, the record insert_entry/insert_slot stored, the slot taken (a pop
- * stores free_head before clearing next_free), the entry published, the
- * record cleared: a holder killed anywhere leaves nothing or a record the
- * next holder rolls forward.
+ * stores free_head before clearing next_free), the hit's minute and second
+ * buckets stamped (so a reclaim racing the hit does not find the new key
+ * idle), the entry published, the record cleared: a holder killed anywhere
+ * leaves nothing or a record the next holder rolls forward.
  *
  * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
  * every bucket is older than the minute it is given (out of the ring and
@@ -1208,6 +1209,16 @@ static uint32_t entry_past_window(Counter *c, uint32_t hash)
     return UINT32_MAX;
 }
 
+/* Resets bucket `b` to count `tag` from 0 (tag 0, a release fence, count 0,
+ * then the tag, release).  Caller holds the lock. */
+static inline void stamp_bucket(bucket_t *b, uint64_t tag)
+{
+    __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+}
+
 /* Inserts the key under the structural lock; returns its ref, OVERFLOW_SLOT
  * when the table is full, or -1 with errno set when the lock was not taken.
  * No Python: runs with the GIL released, so a thread that holds the GIL
@@ -1219,11 +1230,12 @@ static uint32_t entry_past_window(Counter *c, uint32_t hash)
  * The order of the stores (docs/segment.rst, "How a writer counts a hit"):
  * the entry's fields (state not yet ready), probe_limit if the key lies
  * past it, the record insert_entry then insert_slot, the slot taken
- * (take_slot), state = ready, the record cleared.  A holder killed anywhere
+ * (take_slot), the hit's two buckets stamped (clk, in `stripe`), state =
+ * ready, the record cleared.  A holder killed anywhere
  * leaves either nothing visible or a record the next holder rolls forward
  * (finish_insert): never a slot lost, owned twice, or a cut free list. */
 static long insert_key(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                       uint32_t hash, uint32_t limit)
+                       uint32_t hash, uint32_t limit, const hclock_t *clk, uint32_t stripe)
 {
     seglock_t l = lock_of(c);
     uint32_t pos, used, slot, gen, head, nfree, window, d;
@@ -1280,6 +1292,16 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
              * entry is published.  Its buckets are zero: never used, or
              * zeroed by its reclaim. */
             take_slot(c, slot);
+            /* The hit's minute and second buckets of our stripe are
+             * stamped with its epochs (count 0): a reclaim that runs between
+             * this insert and the hit's addition would otherwise find the
+             * new key idle (every tag 0), take it back, and the hit would
+             * be dropped.  The tags are 0 (a fresh or zeroed slot), so this
+             * is a reset like roll_bucket's. */
+            stamp_bucket(stripe_buckets(c, slot, stripe) + clk->min_idx,
+                         make_tag(clk->minute, gen));
+            stamp_bucket(stripe_buckets(c, slot, stripe) + c->minutes + clk->sec_idx,
+                         make_tag(clk->second, gen));
             __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
             CRASH_POINT(6);
             __atomic_store_n(U32(c->base, H_INSERT_SLOT), 0u, __ATOMIC_RELEASE);
@@ -1307,10 +1329,11 @@ static inline uint32_t slots_in_use(Counter *c)
  * are already validated and bounded.  The caller holds a reference to the
  * Counter and to the name strings whose UTF-8 `a` and `e` point into. */
 static long find_or_create(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                           int is_all)
+                           int is_all, const hclock_t *clk)
 {
     uint32_t hash = fnv1a(a, alen, e, elen);
     uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
+    uint32_t stripe;
     long slot = probe(c, a, alen, e, elen, hash, NULL, NULL);
     if (slot >= 0)
         return slot;
@@ -1323,8 +1346,9 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
         return -1;
     }
     /* The caller (slot_for) holds c->busy: nothing unmaps under the insert. */
+    stripe = c->stripe;
     Py_BEGIN_ALLOW_THREADS
-    slot = insert_key(c, a, alen, e, elen, hash, limit);
+    slot = insert_key(c, a, alen, e, elen, hash, limit, clk, stripe);
     Py_END_ALLOW_THREADS
     if (slot < 0)
         PyErr_SetString(SegmentBusy, "timed out waiting for the segment lock to add a key");
@@ -1392,9 +1416,11 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * event): from the process cache, or from the index (creating the key).
  * -1 with an exception set on bad names or a lock timeout.  Overflow results
  * are not cached, so the cache stays bounded by the table's capacity.
- * Without `create` (readers: find) a cached ref is checked against the
- * slot's generation, and forgotten when the key was reclaimed; with it (the
- * hot path) the bucket tags do that check (roll_bucket).
+ * `create` is the hit's clock (the hot path: a new key's buckets of that
+ * second and minute are stamped by the insert, insert_key), or NULL
+ * (readers: find; nothing is created).  Without it a cached ref is checked
+ * against the slot's generation, and forgotten when the key was reclaimed;
+ * with it the bucket tags do that check (roll_bucket).
  * The names must be exact str (or None): a subclass's __eq__ or __hash__
  * would run Python inside the cache's lookups.
  * Hazard: on a miss Python runs (names.validate; a new dict may start the
@@ -1404,9 +1430,9 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * pointer into the cache is kept across it; the result is cached by a
  * fresh lookup afterwards (cache_ref).  A hit found in the cache runs no
  * Python and never lets go of the GIL. */
-static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create);
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, const hclock_t *create);
 
-static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
+static long slot_for(Counter *c, PyObject *account, PyObject *event, const hclock_t *create)
 {
     PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
     long slot;
@@ -1429,7 +1455,7 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
 }
 
 /* slot_for() on a cache miss; the caller holds c->busy. */
-static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create)
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, const hclock_t *create)
 {
     const char *a, *e;
     Py_ssize_t alen, elen;
@@ -1441,7 +1467,7 @@ static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create
         return -1;
     }
     if (create) {
-        slot = find_or_create(c, a, (size_t)alen, e, (size_t)elen, account == Py_None);
+        slot = find_or_create(c, a, (size_t)alen, e, (size_t)elen, account == Py_None, create);
     } else {
         slot = probe(c, a, (size_t)alen, e, (size_t)elen, fnv1a(a, alen, e, elen), NULL, NULL);
         if (slot < 0)
@@ -1676,9 +1702,9 @@ static long long parse_n(PyObject *obj)
 /* Returns the `all` slot of `event`, creating the key if needed, and makes
  * `event` the cached one (ev_obj) unless the key went to the overflow
  * slot.  -1 with an exception set on a bad event or a lock timeout. */
-static long all_slot_for(Counter *c, PyObject *event)
+static long all_slot_for(Counter *c, PyObject *event, const hclock_t *clk)
 {
-    long slot = slot_for(c, Py_None, event, 1);
+    long slot = slot_for(c, Py_None, event, clk);
     PyObject *accounts;
     if (slot <= (long)OVERFLOW_SLOT)
         return slot;
@@ -1731,6 +1757,12 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
     int dropped, rc;
     hclock_t clk;
     PyObject *v;
+    /* The hit's own clock (add_slot; a new key's insert stamps its buckets
+     * with it) and the process's stripe, before anything lets go of the GIL. */
+    if (second != c->clk.second)
+        set_clock(c, second);
+    clk = c->clk;
+    own_stripe(c);
     /* Validate and resolve both names before adding anything, so bad input
      * never leaves half a hit behind.  The account first: its validation
      * covers the event too, so a bad account does not even create the
@@ -1738,22 +1770,18 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
     if (account != Py_None) {
         if (event == c->ev_obj && (v = PyDict_GetItemWithError(c->ev_accounts, account)) != NULL)
             slot = PyLong_AsLong(v);
-        else if (PyErr_Occurred() || (slot = slot_for(c, account, event, 1)) < 0)
+        else if (PyErr_Occurred() || (slot = slot_for(c, account, event, &clk)) < 0)
             return -1;
     }
     if (event == c->ev_obj)
         all_slot = c->ev_all_slot;
-    else if ((all_slot = all_slot_for(c, event)) < 0)
+    else if ((all_slot = all_slot_for(c, event, &clk)) < 0)
         return -1;
-    if (second != c->clk.second)
-        set_clock(c, second);
-    clk = c->clk;  /* the hit's own clock from here (add_slot) */
-    own_stripe(c);
     dropped = add_slot(c, &clk, all_slot, n);
     if (__builtin_expect(dropped == ADD_STALE, 0)) {
         /* Nothing was added yet: a failure here is the hit's. */
         forget_slots(c);
-        if ((all_slot = all_slot_for(c, event)) < 0)
+        if ((all_slot = all_slot_for(c, event, &clk)) < 0)
             return -1;
         dropped = add_slot(c, &clk, all_slot, n) != 0;
     }
@@ -1762,7 +1790,7 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
         if (__builtin_expect(rc == ADD_STALE, 0)) {
             /* The `all` key is counted: a failure now drops the rest. */
             forget_slots(c);
-            if ((slot = slot_for(c, account, event, 1)) < 0) {
+            if ((slot = slot_for(c, account, event, &clk)) < 0) {
                 PyErr_Clear();
                 rc = 1;
             } else {
@@ -2094,7 +2122,7 @@ static PyObject *Counter_find(Counter *c, PyObject *args)
         Py_DECREF(account);
         return NULL;
     }
-    slot = slot_for(c, account, event, 0);
+    slot = slot_for(c, account, event, NULL);
     Py_DECREF(account);
     Py_DECREF(event);
     if (slot == -2)
