@@ -17,6 +17,7 @@ import pickle
 import re
 import signal
 import struct
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -1351,6 +1352,40 @@ def test_a_key_made_for_a_hit_is_not_reclaimed_before_the_hit_lands(key, backend
         assert [a for _s, a, _e in counter.reclaim(MINUTE + 7)] == ["new.example"]
     finally:
         counter.detach()
+
+
+def test_a_child_forked_while_a_thread_waits_in_the_counter_can_let_it_go(key, backend):
+    """os.fork() in one thread while another thread of the process is inside
+    the Counter with the GIL released (waiting for the lock, as a hit's
+    roll-over or insert does): the child has no such thread, so the Counter
+    must not stay "busy" in it for good.  Before, the child could never
+    detach or re-attach that Counter (SegmentBusy: "another thread is inside
+    this Counter's lock"), e.g. to follow a re-install."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    shared = segment.attach(key, backend)
+    holder = segment.attach(key, backend)
+    holder.lock(1000)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(shared.lock(5000)))
+    waiter.start()
+    try:
+        time.sleep(0.2)  # the waiter is inside shared.lock(), GIL released
+
+        def child():
+            shared.detach()
+            shared.__init__(backend, key)  # (the parent holds the lock: no hit)
+            return shared.attached, shared.count(1, 1, NOW)
+
+        status, result = in_child(child)
+        assert waiter.is_alive() and not waited  # still waiting when it forked
+    finally:
+        holder.unlock()
+        waiter.join(10)
+    assert waited == [None]
+    shared.unlock()
+    assert result == ("returned", (True, 0)), result
+    shared.detach()
+    holder.detach()
 
 
 RECLAIM_POINTS = [110, 111, 101, 102, 103, 104, 105, 106, 107]

@@ -340,6 +340,9 @@ typedef struct {
                                  Python code (names.validate, the collector):
                                  detach() and __init__ must not unmap under
                                  them */
+    unsigned long busy_gen;   /* fork_generation when busy was counted: in a
+                                 child forked meanwhile the threads that held
+                                 it do not exist, so it counts as 0 there */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
     int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
@@ -374,6 +377,16 @@ static int strict_mode = 0;
 static volatile unsigned long fork_generation = 0;
 
 static void after_fork_child(void) { fork_generation++; }
+
+/* c->busy, counted per fork generation: a child forked while another
+ * thread was inside the Counter (its GIL released, waiting for the lock)
+ * has no such thread, and a count it inherited would refuse detach() and
+ * __init__ in the child for good. */
+#define BUSY_HELD(c) ((c)->busy > 0 && (c)->busy_gen == fork_generation)
+#define BUSY_ENTER(c) do { if ((c)->busy_gen != fork_generation) { \
+        (c)->busy = 0; (c)->busy_gen = fork_generation; } (c)->busy++; } while (0)
+#define BUSY_LEAVE(c) do { if ((c)->busy_gen == fork_generation && (c)->busy > 0) \
+        (c)->busy--; } while (0)
 
 /* A test hook (tests/test_segment.py): the process kills itself (SIGKILL,
  * holding the lock) at the store numbered crash_at of an insert (1..) or a
@@ -897,7 +910,7 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "sl|Op", kwlist, &backend, &key, &stripe,
                                      &retired_ok))
         return -1;
-    if (c->busy > 0) {
+    if (BUSY_HELD(c)) {
         PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock");
         return -1;
     }
@@ -1172,7 +1185,12 @@ static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t 
                 continue;
             }
             slot = __atomic_load_n(U32(ent, E_SLOT), __ATOMIC_RELAXED);
-            gen = __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_RELAXED);
+            /* Acquire: the insert stores the generation (release) after the
+             * name, lengths and hash, so an entry rewritten for another key
+             * (a reused tombstone) whose generation we see shows its new
+             * name too, never a mix that could match ours; the second look
+             * below then sees the same generation and accepts it. */
+            gen = __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_ACQUIRE);
             if (*U32(ent, E_HASH) == hash && *(uint8_t *)(ent + E_ACCOUNT_LEN) == alen
                 && *(uint8_t *)(ent + E_EVENT_LEN) == elen
                 && memcmp(ent + E_ACCOUNT, a, alen) == 0 && memcmp(ent + E_EVENT, e, elen) == 0) {
@@ -1448,9 +1466,9 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, const hcloc
     }
     if (PyErr_Occurred())
         return -1;
-    c->busy++;
+    BUSY_ENTER(c);
     slot = slot_miss(c, account, event, create);
-    c->busy--;
+    BUSY_LEAVE(c);
     return slot;
 }
 
@@ -1521,7 +1539,7 @@ __attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64
     uint64_t cur, epoch = tag & EPOCH_MASK;
     uint32_t slot = REF_SLOT(ref), gen = REF_GEN(ref);
     int rc = 0;
-    c->busy++;
+    BUSY_ENTER(c);
     Py_BEGIN_ALLOW_THREADS
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
         rc = -1;
@@ -1547,7 +1565,7 @@ __attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64
         seg_unlock(&l);
     }
     Py_END_ALLOW_THREADS
-    c->busy--;
+    BUSY_LEAVE(c);
     return rc;
 }
 
@@ -2182,7 +2200,7 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
     if ((out = PyList_New(0)) == NULL)
         return NULL;
     used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
-    c->busy++;  /* building the list may run Python (the collector): no detach */
+    BUSY_ENTER(c);  /* building the list may run Python (the collector): no detach */
     for (uint32_t slot = 0; slot < used && slot < c->key_capacity; slot++) {
         /* Counted by offset: `m <= last` would never end at last = 2**64-1. */
         for (uint64_t k = 0; last >= first && k <= last - first; k++) {
@@ -2192,12 +2210,12 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
             if (append_new(out, Py_BuildValue("(IKK)", slot, (unsigned long long)m,
                                               (unsigned long long)n)) < 0) {
                 Py_DECREF(out);
-                c->busy--;
+                BUSY_LEAVE(c);
                 return NULL;
             }
         }
     }
-    c->busy--;
+    BUSY_LEAVE(c);
     return out;
 }
 
@@ -2230,7 +2248,7 @@ static PyObject *Counter_keys(Counter *c, PyObject *args)
     if (!PyArg_ParseTuple(args, "|O!", &PyList_Type, &damaged) || check_attached(c) < 0
         || (out = PyList_New(0)) == NULL)
         return NULL;
-    c->busy++;  /* building the list may run Python (the collector): no detach */
+    BUSY_ENTER(c);  /* building the list may run Python (the collector): no detach */
     for (uint32_t i = 0; i < c->index_size && rc == 0; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
@@ -2244,7 +2262,7 @@ static PyObject *Counter_keys(Counter *c, PyObject *args)
                             : Py_BuildValue("(IN)", i, item));  /* (entry, (slot, a, e)) */
         }
     }
-    c->busy--;
+    BUSY_LEAVE(c);
     if (rc < 0) {
         Py_DECREF(out);
         return NULL;
@@ -2321,7 +2339,7 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
     throttle = header_u32(c, H_THROTTLE_SLOT);
     /* Held for the whole scan: building the result may run Python (the
      * garbage collector), and `ent` points into the mapping. */
-    c->busy++;
+    BUSY_ENTER(c);
     for (uint32_t i = 0; i < c->index_size; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
@@ -2334,7 +2352,7 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         item = entry_tuple(ent);
         if (item == NULL) {
             Py_DECREF(out);
-            c->busy--;
+            BUSY_LEAVE(c);
             return NULL;
         }
         done = 0;
@@ -2356,14 +2374,14 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         if (rc != 0) {
             Py_DECREF(item);
             Py_DECREF(out);
-            c->busy--;
+            BUSY_LEAVE(c);
             PyErr_Format(SegmentBusy, "the segment lock was not free within %d ms to reclaim "
                          "slot %u", timeout_ms, slot);
             return NULL;
         }
         if (done ? append_new(out, item) < 0 : (Py_DECREF(item), 0)) {
             Py_DECREF(out);
-            c->busy--;
+            BUSY_LEAVE(c);
             return NULL;
         }
     }
@@ -2379,7 +2397,7 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    c->busy--;
+    BUSY_LEAVE(c);
     return out;
 }
 
@@ -2451,13 +2469,13 @@ static PyObject *lock_result(seglock_t *l, int timeout_ms, PyObject *keep)
     uint32_t holder;
     Py_XINCREF(keep);
     if (keep != NULL)
-        ((Counter *)keep)->busy++;
+        BUSY_ENTER((Counter *)keep);
     Py_BEGIN_ALLOW_THREADS
     rc = seg_lock(l, timeout_ms);
     err = errno;
     Py_END_ALLOW_THREADS
     if (keep != NULL)
-        ((Counter *)keep)->busy--;
+        BUSY_LEAVE((Counter *)keep);
     Py_XDECREF(keep);
     if (rc == 0)
         Py_RETURN_NONE;
@@ -2501,7 +2519,7 @@ static PyObject *Counter_unlock(Counter *c, PyObject *unused)
 
 static PyObject *Counter_detach(Counter *c, PyObject *unused)
 {
-    if (c->busy > 0) {
+    if (BUSY_HELD(c)) {
         PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock; "
                         "detach it when that call has returned");
         return NULL;
