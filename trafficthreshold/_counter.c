@@ -1320,6 +1320,7 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
                          make_tag(clk->minute, gen));
             stamp_bucket(stripe_buckets(c, slot, stripe) + c->minutes + clk->sec_idx,
                          make_tag(clk->second, gen));
+            CRASH_POINT(7);
             __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
             CRASH_POINT(6);
             __atomic_store_n(U32(c->base, H_INSERT_SLOT), 0u, __ATOMIC_RELEASE);
