@@ -1248,12 +1248,12 @@ static inline void stamp_bucket(bucket_t *b, uint64_t tag)
  * The order of the stores (docs/segment.rst, "How a writer counts a hit"):
  * the entry's fields (state not yet ready), probe_limit if the key lies
  * past it, the record insert_entry then insert_slot, the slot taken
- * (take_slot), the hit's two buckets stamped (clk, in `stripe`), state =
+ * (take_slot), the hit's two buckets stamped (its `second`, in `stripe`), state =
  * ready, the record cleared.  A holder killed anywhere
  * leaves either nothing visible or a record the next holder rolls forward
  * (finish_insert): never a slot lost, owned twice, or a cut free list. */
 static long insert_key(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                       uint32_t hash, uint32_t limit, const hclock_t *clk, uint32_t stripe)
+                       uint32_t hash, uint32_t limit, uint64_t second, uint32_t stripe)
 {
     seglock_t l = lock_of(c);
     uint32_t pos, used, slot, gen, head, nfree, window, d;
@@ -1316,10 +1316,10 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
              * new key idle (every tag 0), take it back, and the hit would
              * be dropped.  The tags are 0 (a fresh or zeroed slot), so this
              * is a reset like roll_bucket's. */
-            stamp_bucket(stripe_buckets(c, slot, stripe) + clk->min_idx,
-                         make_tag(clk->minute, gen));
-            stamp_bucket(stripe_buckets(c, slot, stripe) + c->minutes + clk->sec_idx,
-                         make_tag(clk->second, gen));
+            stamp_bucket(stripe_buckets(c, slot, stripe) + (second / 60) % c->minutes,
+                         make_tag(second / 60, gen));
+            stamp_bucket(stripe_buckets(c, slot, stripe) + c->minutes + second % c->seconds,
+                         make_tag(second, gen));
             CRASH_POINT(7);
             __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
             CRASH_POINT(6);
@@ -1347,8 +1347,10 @@ static inline uint32_t slots_in_use(Counter *c)
  * Takes the lock only to insert, with the GIL released (insert_key).  Names
  * are already validated and bounded.  The caller holds a reference to the
  * Counter and to the name strings whose UTF-8 `a` and `e` point into. */
+static inline void own_stripe(Counter *c);
+
 static long find_or_create(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                           int is_all, const hclock_t *clk)
+                           int is_all, uint64_t second)
 {
     uint32_t hash = fnv1a(a, alen, e, elen);
     uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
@@ -1365,9 +1367,10 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
         return -1;
     }
     /* The caller (slot_for) holds c->busy: nothing unmaps under the insert. */
+    own_stripe(c);  /* a forked child stamps its own stripe */
     stripe = c->stripe;
     Py_BEGIN_ALLOW_THREADS
-    slot = insert_key(c, a, alen, e, elen, hash, limit, clk, stripe);
+    slot = insert_key(c, a, alen, e, elen, hash, limit, second, stripe);
     Py_END_ALLOW_THREADS
     if (slot < 0)
         PyErr_SetString(SegmentBusy, "timed out waiting for the segment lock to add a key");
@@ -1435,9 +1438,11 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * event): from the process cache, or from the index (creating the key).
  * -1 with an exception set on bad names or a lock timeout.  Overflow results
  * are not cached, so the cache stays bounded by the table's capacity.
- * `create` is the hit's clock (the hot path: a new key's buckets of that
- * second and minute are stamped by the insert, insert_key), or NULL
- * (readers: find; nothing is created).  Without it a cached ref is checked
+ * `create` is the hit's epoch second (the hot path: a new key's buckets of
+ * that second and its minute are stamped by the insert, insert_key), or 0
+ * (readers: find; nothing is created).  A second, not the hit's clock by
+ * address: an address that escapes would keep the hit's clock out of
+ * registers on the cached path.  Without it a cached ref is checked
  * against the slot's generation, and forgotten when the key was reclaimed;
  * with it the bucket tags do that check (roll_bucket).
  * The names must be exact str (or None): a subclass's __eq__ or __hash__
@@ -1449,9 +1454,9 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * pointer into the cache is kept across it; the result is cached by a
  * fresh lookup afterwards (cache_ref).  A hit found in the cache runs no
  * Python and never lets go of the GIL. */
-static long slot_miss(Counter *c, PyObject *account, PyObject *event, const hclock_t *create);
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, uint64_t create);
 
-static long slot_for(Counter *c, PyObject *account, PyObject *event, const hclock_t *create)
+static long slot_for(Counter *c, PyObject *account, PyObject *event, uint64_t create)
 {
     PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
     long slot;
@@ -1474,7 +1479,7 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, const hcloc
 }
 
 /* slot_for() on a cache miss; the caller holds c->busy. */
-static long slot_miss(Counter *c, PyObject *account, PyObject *event, const hclock_t *create)
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, uint64_t create)
 {
     const char *a, *e;
     Py_ssize_t alen, elen;
@@ -1721,9 +1726,9 @@ static long long parse_n(PyObject *obj)
 /* Returns the `all` slot of `event`, creating the key if needed, and makes
  * `event` the cached one (ev_obj) unless the key went to the overflow
  * slot.  -1 with an exception set on a bad event or a lock timeout. */
-static long all_slot_for(Counter *c, PyObject *event, const hclock_t *clk)
+static long all_slot_for(Counter *c, PyObject *event, uint64_t second)
 {
-    long slot = slot_for(c, Py_None, event, clk);
+    long slot = slot_for(c, Py_None, event, second);
     PyObject *accounts;
     if (slot <= (long)OVERFLOW_SLOT)
         return slot;
@@ -1776,12 +1781,6 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
     int dropped, rc;
     hclock_t clk;
     PyObject *v;
-    /* The hit's own clock (add_slot; a new key's insert stamps its buckets
-     * with it) and the process's stripe, before anything lets go of the GIL. */
-    if (second != c->clk.second)
-        set_clock(c, second);
-    clk = c->clk;
-    own_stripe(c);
     /* Validate and resolve both names before adding anything, so bad input
      * never leaves half a hit behind.  The account first: its validation
      * covers the event too, so a bad account does not even create the
@@ -1789,18 +1788,22 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
     if (account != Py_None) {
         if (event == c->ev_obj && (v = PyDict_GetItemWithError(c->ev_accounts, account)) != NULL)
             slot = PyLong_AsLong(v);
-        else if (PyErr_Occurred() || (slot = slot_for(c, account, event, &clk)) < 0)
+        else if (PyErr_Occurred() || (slot = slot_for(c, account, event, second)) < 0)
             return -1;
     }
     if (event == c->ev_obj)
         all_slot = c->ev_all_slot;
-    else if ((all_slot = all_slot_for(c, event, &clk)) < 0)
+    else if ((all_slot = all_slot_for(c, event, second)) < 0)
         return -1;
+    if (second != c->clk.second)
+        set_clock(c, second);
+    clk = c->clk;  /* the hit's own clock from here (add_slot) */
+    own_stripe(c);
     dropped = add_slot(c, &clk, all_slot, n);
     if (__builtin_expect(dropped == ADD_STALE, 0)) {
         /* Nothing was added yet: a failure here is the hit's. */
         forget_slots(c);
-        if ((all_slot = all_slot_for(c, event, &clk)) < 0)
+        if ((all_slot = all_slot_for(c, event, second)) < 0)
             return -1;
         dropped = add_slot(c, &clk, all_slot, n) != 0;
     }
@@ -1809,7 +1812,7 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
         if (__builtin_expect(rc == ADD_STALE, 0)) {
             /* The `all` key is counted: a failure now drops the rest. */
             forget_slots(c);
-            if ((slot = slot_for(c, account, event, &clk)) < 0) {
+            if ((slot = slot_for(c, account, event, second)) < 0) {
                 PyErr_Clear();
                 rc = 1;
             } else {
@@ -2141,7 +2144,7 @@ static PyObject *Counter_find(Counter *c, PyObject *args)
         Py_DECREF(account);
         return NULL;
     }
-    slot = slot_for(c, account, event, NULL);
+    slot = slot_for(c, account, event, 0);
     Py_DECREF(account);
     Py_DECREF(event);
     if (slot == -2)
