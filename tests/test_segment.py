@@ -28,7 +28,7 @@ import pytest
 import sysv_ipc
 
 from trafficthreshold import _counter, names, segment
-from trafficthreshold.errors import (LayoutMismatch, SegmentError, SegmentInUse,
+from trafficthreshold.errors import (LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse,
                                      SegmentNotFound)
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00 UTC, a minute boundary
@@ -1386,6 +1386,33 @@ def test_a_child_forked_while_a_thread_waits_in_the_counter_can_let_it_go(key, b
     assert result == ("returned", (True, 0)), result
     shared.detach()
     holder.detach()
+
+
+def test_a_hit_that_timed_out_waiting_for_the_lock_is_counted_as_such(key, backend):
+    """Each hot-path wait for the lock that passed its 50 ms is counted in
+    the header's lock_timeouts (a roll-over's addition dropped, a new key
+    not made), so a reader can tell a hit dropped by a busy lock (fail
+    open) from one lost any other way."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    holder = segment.attach(key, backend)
+    try:
+        counter.hit("a.example", now=NOW)
+        assert segment.header(counter)["lock_timeouts"] == 0
+        holder.lock(1000)
+        try:
+            # Its second buckets roll over: the `all` key's and a.example's,
+            # two waits, one hit dropped.
+            counter.hit("a.example", now=NOW + 1)
+            with pytest.raises(SegmentBusy):
+                counter.hit("new.example", now=NOW + 1)  # a new key
+        finally:
+            holder.unlock()
+        header = segment.header(counter)
+        assert header["lock_timeouts"] == 3 and header["dropped_hits"] == 1
+    finally:
+        counter.detach()
+        holder.detach()
 
 
 RECLAIM_POINTS = [110, 111, 101, 102, 103, 104, 105, 106, 107]

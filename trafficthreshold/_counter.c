@@ -76,7 +76,8 @@
  *                              (0 = unknown: probe to an empty entry)
  *   208  u64 index_seq        odd while a reclaim is under way (a seqlock for
  *                              readers that name counts; see segment.py)
- *   216..4095 reserved, zero
+ *   216  u64 lock_timeouts    hot-path lock waits past 50 ms (atomic add, no lock)
+ *   224..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
  * open-addressing hash table with linear probing:
@@ -279,6 +280,7 @@
 #define H_INSERT_ENTRY 196
 #define H_PROBE_LIMIT 200
 #define H_INDEX_SEQ 208
+#define H_LOCK_TIMEOUTS 216
 
 /* Index entry offsets. */
 #define E_STATE 0
@@ -1260,8 +1262,10 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
     uint64_t free_word;
     long ref;
     int from_free;
-    if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0)
+    if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
+        __atomic_fetch_add(U64(c->base, H_LOCK_TIMEOUTS), 1u, __ATOMIC_RELAXED);
         return -1;
+    }
     recover(c);
     /* Re-probe under the lock: another process may have added it. */
     ref = probe(c, a, alen, e, elen, hash, &pos, NULL);
@@ -1548,6 +1552,7 @@ __attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64
     BUSY_ENTER(c);
     Py_BEGIN_ALLOW_THREADS
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
+        __atomic_fetch_add(U64(c->base, H_LOCK_TIMEOUTS), 1u, __ATOMIC_RELAXED);
         rc = -1;
     } else {
         recover(c);  /* a holder died half way: finish what it left first */
@@ -2771,6 +2776,7 @@ static int add_layout(PyObject *m)
     L("H_RECLAIM_ENTRY", H_RECLAIM_ENTRY); L("E_GENERATION", E_GENERATION);
     L("H_INSERT_SLOT", H_INSERT_SLOT); L("H_INSERT_ENTRY", H_INSERT_ENTRY);
     L("H_PROBE_LIMIT", H_PROBE_LIMIT); L("H_INDEX_SEQ", H_INDEX_SEQ);
+    L("H_LOCK_TIMEOUTS", H_LOCK_TIMEOUTS);
     L("T_GENERATION", T_GENERATION); L("T_NEXT_FREE", T_NEXT_FREE);
     L("SLOT_ENTRY_SIZE", SLOT_ENTRY_SIZE); L("EPOCH_BITS", EPOCH_BITS);
     L("ENTRY_EMPTY", ENTRY_EMPTY); L("ENTRY_READY", ENTRY_READY);
