@@ -15,6 +15,7 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_supervisor_heartbeat_age_seconds      gauge
   trafficthreshold_overflow_hits_total                   counter
   trafficthreshold_dropped_hits_total                    counter
+  trafficthreshold_segment_lock_timeouts_total           counter
   trafficthreshold_segment_keys_capacity / _keys_used    gauge
   trafficthreshold_segment_slots_free                    gauge
   trafficthreshold_segment_slots_reclaimed_total         counter
@@ -405,6 +406,9 @@ def _segment_families(
                "Hits dropped (the segment lock not taken within 50 ms, or a hit "
                "a whole ring late).")
         .add(header["dropped_hits"]),
+        Family("trafficthreshold_segment_lock_timeouts_total", "counter",
+               "Workers' waits for the segment lock that passed 50 ms (each dropped "
+               "an addition or a new key).").add(header.get("lock_timeouts", 0)),
         Family("trafficthreshold_segment_keys_capacity", "gauge",
                "Counter slots of the segment (reserved slots included).")
         .add(header["key_capacity"]),

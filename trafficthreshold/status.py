@@ -107,6 +107,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "free_slots": head["free_slots"], "reclaimed": head["reclaimed"],
         "minutes": head["minute_buckets"], "stripes": head["stripes"],
         "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
+        "lock_timeouts": head["lock_timeouts"],
         "attached": _guarded(damage, "attached processes", segment.attached_pids,
                              cfg.key, cfg.backend) or [],
         "permissions": _guarded(damage, "permissions", _permissions, cfg),
@@ -355,7 +356,8 @@ def render(info: dict[str, Any]) -> str:
         f"ring {info['minutes']} minutes x {info['stripes']} stripes",
         f"reclaimed   {info['reclaimed']} idle keys' slots since the install, "
         f"{info['free_slots']} free for new keys",
-        f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']}",
+        f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']} "
+        f"({_plural(info['lock_timeouts'], 'lock wait', 'lock waits')} past 50 ms)",
         f"attached    {_plural(len(info['attached']), 'other process', 'other processes')}",
         f"throttle    level {level} ({low} - {top}), window {t['window']}, "
         f"multiplier {t['multiplier']}, policy {t['policy']}: {t['policy_state']}",
