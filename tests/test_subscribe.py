@@ -35,7 +35,7 @@ from trafficthreshold.rollup import Roller  # noqa: E402
 from trafficthreshold.store import SQLiteStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ACCOUNTS = ["acme", "shop", "b\u00e4ckerei", "a:b", "x.y"]
+ACCOUNTS = ["acme", "shop", "b\u00e4ckerei", "a-b", "x.y"]
 STATUSES = ["pending", "paid", "shipped", "refunded"]
 #: Malformed input, each with the reason it is rejected under; ``None`` as
 #: the line: a frame-level fault that has no line form.
