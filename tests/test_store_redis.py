@@ -429,6 +429,34 @@ def test_a_rename_while_the_old_name_still_rolls_is_refused(redis_server, key):
         counter.detach()
 
 
+def test_a_rename_right_after_a_sigkill_carries_over_at_once(redis_server, key):
+    """The old name's supervisor was SIGKILLed (its name's ownership key
+    lives on for its TTL) and the host restarts under a new name at once:
+    the old holder is gone (this boot, its pid dead), so the new name
+    carries the segment over and rolls, nothing twice; no error claiming
+    that a dead supervisor is running."""
+    from trafficthreshold import farm, segment
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    counter = _segment_with_hits(key, t0)
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    try:
+        old = RedisStore(redis_server.client(), zone, "web1")
+        Roller(counter, old).roll(t0 + 65)
+        instance = counter.load(segment.H_INSTANCE, 8)
+        farm.HostClaim(redis_server.client(), "web1", instance, pid=dead.pid).take()
+        counter.hit("acme", "pageview", 7, t0 + 70)
+        new = RedisStore(redis_server.client(), zone, "web1b")
+        assert Roller(counter, new).roll(t0 + 125) == 7
+        assert new.period("acme", "pageview", 2027)["total"] == 257
+        assert new.gaps() == []
+    finally:
+        counter.detach()
+
+
 def test_watermarks_outlive_a_ring_longer_than_two_days(redis_server, key):
     """A ring of 4,000 minutes: its watermarks are kept at least as long as
     the ring holds their minute (else the oldest minute, read once more for

@@ -331,7 +331,8 @@ class RedisStore:
         ``closed_through`` and instance are carried over first, so nothing
         of the ring is added twice and no gap is recorded.  The old name
         still rolling this segment (its ownership key alive with this
-        instance: a cloned machine) is refused, naming both.  Idempotent: a
+        instance: a cloned machine) is refused, naming both; one SIGKILLed on
+        this boot (its pid dead) is not.  Idempotent: a
         carry-over cut short is done again whole at the next start.  A
         ``store migrate`` of this host cut short (``migrating`` in the host
         hash) is a ConfigError until it is run again whole."""
@@ -351,7 +352,9 @@ class RedisStore:
         if old is None or old == self.host:
             return
         holder = farm.HostClaim.holder(self.client, old, prefix=self.prefix)
-        if holder is not None and holder.get("instance") == instance:
+        # A holder SIGKILLed on this boot leaves its key for its TTL: gone.
+        if holder is not None and holder.get("instance") == instance \
+                and not farm.HostClaim.gone(holder):
             raise ConfigError(
                 f"segment instance {instance:#x} is rolled by host {old!r} right now (its "
                 f"supervisor pid {holder.get('pid')} is running) and this supervisor would "
