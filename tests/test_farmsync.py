@@ -445,3 +445,39 @@ def test_a_supervisor_restarted_after_sigkill_takes_its_own_name_back(tmp_path, 
         again.initialize(NOW + 1)
         assert time.monotonic() - started < 2
         again.shutdown(NOW + 2)
+
+
+def test_two_real_daemons_under_one_name_started_at_once_one_runs(tmp_path, redis_server):
+    """Two containers sharing the machine's host name start their daemons
+    at the same instant (two segments, one [store] host): exactly one runs
+    on, the other exits with the error naming both and the fix, and the
+    one that runs still holds the name afterwards."""
+    with three_hosts(redis_server.port, NOW) as (keys, _proxies):
+        paths = []
+        for host in ("web1", "web2"):
+            (tmp_path / host).mkdir()
+            paths.append(host_config(tmp_path / host, host, keys[host], redis_server.port,
+                                     name="shared"))
+        procs = [subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "--config",
+                                   p, "run", "--no-http"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for p in paths]
+        try:
+            deadline = time.monotonic() + 30
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(3)  # the winner keeps running past the loser's watch
+            codes = [p.poll() for p in procs]
+            assert sorted(c is None for c in codes) == [False, True], codes
+            loser = procs[codes.index(next(c for c in codes if c is not None))]
+            winner = procs[1 - procs.index(loser)]
+            error = loser.stderr.read().decode()
+            assert "'shared' is already used by another running supervisor" in error, error
+            assert f"pid {winner.pid}" in error and f"pid {loser.pid}" in error
+            holder = farm.HostClaim.holder(redis_server.client(), "shared")
+            assert holder is not None and holder["pid"] == winner.pid
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(30)
+                p.stderr.close()
