@@ -481,3 +481,45 @@ def test_two_real_daemons_under_one_name_started_at_once_one_runs(tmp_path, redi
                     p.send_signal(signal.SIGTERM)
                     p.wait(30)
                 p.stderr.close()
+
+
+def test_a_second_supervisor_under_one_name_that_started_without_redis_stays_off_the_farm(
+        tmp_path, redis_server):
+    """The second supervisor under a name in use started while its Redis did
+    not answer (it starts, and retries each minute).  Once Redis answers,
+    its period store is refused (the name is held) and its farm link must
+    not open either: it would publish its live counts under the other's
+    name (the farm's live count of that host flips between the two) and,
+    at the start of its alerts, take over the lease of the name as its own
+    successor."""
+    from trafficthreshold.supervisor import Supervisor
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+        (tmp_path / "clone").mkdir()
+        b = host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
+        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4300)
+        first.initialize(NOW)
+        proxies["web2"].stop()  # the clone starts with its Redis cut off
+        second = Supervisor(configuration.load(b, env={}), config_path=b, env={}, pid=4301)
+        second.initialize(NOW + 1)
+        try:
+            assert second.store is None
+            proxies["web2"].start()
+            first.counter.hit("shop", "pageview", 5, NOW + 61)
+            second.counter.hit("shop", "pageview", 100, NOW + 61)
+            for t in (NOW + 61, NOW + 62):  # the next minute: the store is tried again
+                first.tick(t)
+                assert first.farm.drain(10)
+                second.tick(t)
+                if second.farm is not None:
+                    second.farm.drain(10)
+            assert second.store is None and second.refused is not None
+            live = farm.farm_live(redis_server.client(), now=NOW + 62)
+            assert [(r.host, r.counts.get(("shop", "pageview"), (0, 0))[0])
+                    for r in live.hosts] == [("web1", 5)]
+            assert second.farm is None
+            holder = farm.HostClaim.holder(redis_server.client(), "web1")
+            assert holder is not None and holder["pid"] == 4300
+        finally:
+            second.shutdown(NOW + 63)
+            first.shutdown(NOW + 63)

@@ -194,10 +194,15 @@ class Supervisor:
             self._guard("opening the store", self._open_period_store)
         if self.engine is None:
             self._guard("opening the alert store", self._open_alerts)
-        if self.farm is None and self.config.store.backend == "redis":
+        # The farm link publishes and leads under [store] host: only once
+        # that name is ours (the period store took it, farm.HostClaim); a
+        # second supervisor under the name must not publish over the
+        # first's live counts nor succeed to its lease.
+        if self.farm is None and self.config.store.backend == "redis" \
+                and self.claim is not None:
             self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env,
                                     self.config.farm_alerts)
-            if self.farm is not None and self.claim is not None:
+            if self.farm is not None:
                 self.farm.claim = self.claim.on(self.farm.client)
 
     def _open_period_store(self) -> None:
@@ -232,8 +237,6 @@ class Supervisor:
                                prefix=self.config.store.prefix)
         claim.take(wait=self._starting)  # the tick never waits for it
         self.claim = claim
-        if self.farm is not None:
-            self.farm.claim = claim.on(self.farm.client)
 
     def _open_alerts(self) -> None:
         """The alert engine and its outbox, on the SQLite file."""
