@@ -96,7 +96,8 @@ MAX_COUNT = 2**53 - 1
 
 # KEYS: per item, 1 watermark hash + 4 hashes to add to, then the totals
 # hash, the key set, the funnels' key set, the host hash and the segment's
-# key ({prefix}~segment:{instance}: which host rolls it).  ARGV: watermark
+# key ({prefix}~segment:{instance}: "{host}\n{closed_through}", which host
+# rolls it and through which minute it is closed).  ARGV: watermark
 # TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
 # instance, ended ('' = not ended), host, the host hash's TTL (it is
 # forgotten that long after its last roll), then per item: watermark
@@ -143,12 +144,14 @@ end
 local host_key = KEYS[#KEYS - 1]
 redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
 redis.call('EXPIRE', host_key, ARGV[8])
-redis.call('SET', KEYS[#KEYS], ARGV[7], 'EX', wm_ttl)
 if ARGV[4] ~= '' then
   local closed = tonumber(redis.call('HGET', host_key, 'closed_through') or '-1')
   if tonumber(ARGV[4]) > closed then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
 end
 if ARGV[6] ~= '' then redis.call('HSET', host_key, 'instance_ended', ARGV[6]) end
+redis.call('SET', KEYS[#KEYS],
+           ARGV[7] .. '\\n' .. (redis.call('HGET', host_key, 'closed_through') or ''),
+           'EX', wm_ttl)
 return added
 """
 
@@ -348,7 +351,8 @@ class RedisStore:
                 "rolling now would add again what its watermarks do not cover yet.  Run "
                 "`trafficthreshold store migrate --to ...` again (it adds only what is "
                 "missing); the ring keeps counting meanwhile")
-        old = None if old is None else _text(old)
+        # "{host}\n{closed_through}" (an older value: the host alone)
+        old, _, seg_closed = (None, "", "") if old is None else _text(old).partition("\n")
         if old is None or old == self.host:
             return
         holder = farm.HostClaim.holder(self.client, old, prefix=self.prefix)
@@ -378,17 +382,26 @@ class RedisStore:
                 moved += len(fields)
         before = {_text(k): _text(v) for k, v in
                   self.client.hgetall(f"{self.prefix}~host:{old}").items()}
+        if not seg_closed and before.get("instance") == str(instance):
+            seg_closed = before.get("closed_through", "")  # an older segment key
         with self.transaction():
-            # Its closed_through is this segment's only if it rolled this
-            # segment last (else the new name starts from the segment's
-            # creation; the watermarks keep that exact).
-            if before.get("instance") == str(instance):
-                if before.get("closed_through"):
-                    self.set_closed_through(int(before["closed_through"]))
-                for name in ("instance", "instance_ended"):
-                    if before.get(name):
-                        self._writer().hset(self.host_key, name, before[name])
-            self._writer().set(self._segment_key(instance), self.host, ex=self.watermark_ttl)
+            # This name rolls this segment from now on: its closed_through
+            # is the segment's (set, not only moved up: the name may have
+            # rolled another segment further, two hosts that swapped names),
+            # and its instance is this one (no "replaced" gap: the other
+            # segment moved to another name, it was not lost).  Without a
+            # recorded closed_through the name starts from the segment's
+            # creation; the watermarks keep that exact.
+            writer = self._writer()
+            if seg_closed:
+                writer.hset(self.host_key, "closed_through", seg_closed)
+            else:
+                writer.hdel(self.host_key, "closed_through")
+            writer.hset(self.host_key, "instance", str(instance))
+            if before.get("instance") == str(instance) and before.get("instance_ended"):
+                writer.hset(self.host_key, "instance_ended", before["instance_ended"])
+            writer.set(self._segment_key(instance), f"{self.host}\n{seg_closed}",
+                       ex=self.watermark_ttl)
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
 
