@@ -389,17 +389,30 @@ def test_the_live_reader_reads_active_keys_and_follows_a_new_segment(key):
 
 # -- one name, one supervisor (issue 21 item 2) ---------------------------------
 
+def clone_configs(tmp_path, keys, proxies) -> tuple[str, str]:
+    """Two machines (web1's and web2's segments and proxies) both configured
+    ``[store] host = "web1"``: their config paths."""
+    a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+    (tmp_path / "clone").mkdir()
+    return a, host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
+
+
+def start(path: str, pid: int, now: float):
+    """An in-process supervisor of ``path``, initialized at ``now``."""
+    from trafficthreshold.supervisor import Supervisor
+    sup = Supervisor(configuration.load(path, env={}), config_path=path, env={}, pid=pid)
+    sup.initialize(now)
+    return sup
+
+
 def test_a_second_supervisor_under_the_same_host_name_is_refused(tmp_path, redis_server):
     """Two machines (two segments) configured, or defaulted, to one host
     name: the second supervisor does not start; the error names both and
     the fix.  The first counts on, alone; once it stops, the name is free."""
     from trafficthreshold.supervisor import Supervisor
     with three_hosts(redis_server.port, NOW) as (keys, proxies):
-        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
-        (tmp_path / "clone").mkdir()
-        b = host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
-        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4100)
-        first.initialize(NOW)
+        a, b = clone_configs(tmp_path, keys, proxies)
+        first = start(a, 4100, NOW)
         try:
             first.tick(NOW + 1)
             assert first.farm.drain(10)
@@ -494,14 +507,10 @@ def test_a_second_supervisor_under_one_name_that_started_without_redis_stays_off
     successor."""
     from trafficthreshold.supervisor import Supervisor
     with three_hosts(redis_server.port, NOW) as (keys, proxies):
-        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
-        (tmp_path / "clone").mkdir()
-        b = host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
-        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4300)
-        first.initialize(NOW)
+        a, b = clone_configs(tmp_path, keys, proxies)
+        first = start(a, 4300, NOW)
         proxies["web2"].stop()  # the clone starts with its Redis cut off
-        second = Supervisor(configuration.load(b, env={}), config_path=b, env={}, pid=4301)
-        second.initialize(NOW + 1)
+        second = start(b, 4301, NOW + 1)
         try:
             assert second.store is None
             proxies["web2"].start()
