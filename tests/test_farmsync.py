@@ -505,7 +505,6 @@ def test_a_second_supervisor_under_one_name_that_started_without_redis_stays_off
     name (the farm's live count of that host flips between the two) and,
     at the start of its alerts, take over the lease of the name as its own
     successor."""
-    from trafficthreshold.supervisor import Supervisor
     with three_hosts(redis_server.port, NOW) as (keys, proxies):
         a, b = clone_configs(tmp_path, keys, proxies)
         first = start(a, 4300, NOW)
