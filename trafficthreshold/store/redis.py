@@ -327,12 +327,14 @@ class RedisStore:
 
     def claim_segment(self, instance: int) -> None:
         """The segment ``instance`` rolls under this host's name from now
-        on.  The roll script records which host rolls a segment
-        (``{prefix}~segment:{instance}``); when that is another name (the
-        host was renamed: ``[store] host`` changed, or its default, the
-        machine's host name), that name's watermarks of this segment,
-        ``closed_through`` and instance are carried over first, so nothing
-        of the ring is added twice and no gap is recorded.  The old name
+        on.  The roll script records which host rolls a segment and its
+        ``closed_through`` (``{prefix}~segment:{instance}``); when that is
+        another name (the host was renamed: ``[store] host`` changed, or its
+        default, the machine's host name; two hosts swapped names), that
+        name's watermarks of this segment are carried over first, then the
+        segment's ``closed_through`` and instance become this name's, so
+        nothing of the ring is added twice or skipped and no gap is
+        recorded.  The old name
         still rolling this segment (its ownership key alive with this
         instance: a cloned machine) is refused, naming both; one SIGKILLed on
         this boot (its pid dead) is not.  Idempotent: a
@@ -390,14 +392,13 @@ class RedisStore:
             # rolled another segment further, two hosts that swapped names),
             # and its instance is this one (no "replaced" gap: the other
             # segment moved to another name, it was not lost).  Without a
-            # recorded closed_through the name starts from the segment's
-            # creation; the watermarks keep that exact.
+            # recorded closed_through (a segment key of an older version,
+            # the old name onto another segment since) the name keeps its
+            # own, as before.
             writer = self._writer()
             if seg_closed:
                 writer.hset(self.host_key, "closed_through", seg_closed)
-            else:
-                writer.hdel(self.host_key, "closed_through")
-            writer.hset(self.host_key, "instance", str(instance))
+                writer.hset(self.host_key, "instance", str(instance))
             if before.get("instance") == str(instance) and before.get("instance_ended"):
                 writer.hset(self.host_key, "instance_ended", before["instance_ended"])
             writer.set(self._segment_key(instance), f"{self.host}\n{seg_closed}",
