@@ -531,3 +531,45 @@ def test_a_second_supervisor_under_one_name_that_started_without_redis_stays_off
         finally:
             second.shutdown(NOW + 63)
             first.shutdown(NOW + 63)
+
+
+def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_back(
+        tmp_path, redis_server):
+    """This supervisor was paused past its name's 5 s and another one (a
+    clone) took the name: its rolls (and its final roll) stop, the ring
+    keeps the minutes, rather than roll into the other's closed_through
+    under one name; once the name is free again (the clone stopped) the
+    farm thread takes it back and the next roll catches up: every hit once."""
+    from trafficthreshold.store.redis import RedisStore
+    from zoneinfo import ZoneInfo
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a, _ = clone_configs(tmp_path, keys, proxies)
+        sup = start(a, 4400, NOW)
+        client = redis_server.client()
+        reader = RedisStore(client, ZoneInfo("UTC"), "reader")
+        try:
+            sup.tick(NOW + 1)
+            assert sup.farm.drain(10)
+            # the clone took the name while this one was paused
+            client.set("track~owner:web1", "abc 0 777 0", px=60_000)
+            sup.counter.hit("shop", "pageview", 7, NOW + 2)
+            sup.tick(NOW + 2)
+            assert sup.farm.drain(10)
+            for t in (NOW + 61, NOW + 121):
+                sup.tick(t)
+                assert sup.farm.drain(10)
+                sup._wait_rolling()
+            assert reader.period("shop", "pageview", 2027)["total"] == 0
+            client.delete("track~owner:web1")  # the clone stopped
+            sup.tick(NOW + 122)
+            assert sup.farm.drain(10)
+            sup.tick(NOW + 181)
+            sup._wait_rolling()
+            assert reader.period("shop", "pageview", 2027)["total"] == 7
+            client.set("track~owner:web1", "abc 0 777 0", px=60_000)  # taken again
+            sup.counter.hit("shop", "pageview", 5, NOW + 182)
+            sup.tick(NOW + 182)
+            assert sup.farm.drain(10)
+        finally:
+            sup.shutdown(NOW + 183)  # no final roll under the other's name
+        assert reader.period("shop", "pageview", 2027)["total"] == 7

@@ -277,15 +277,21 @@ class Supervisor:
         Without a working store there is no final roll-up: the ring keeps
         the minutes for the next start."""
         notify.stopping(self.env)
+        taken = False  # our name held by another supervisor: no final roll under it
         if self.farm is not None:  # the farm stops counting this host at once
             self.farm, farm = None, self.farm
+            taken = farm.claim_lost
             farm.stop()
         self._wait_rolling()
         if self._roll_pool is not None:
             self._roll_pool.shutdown(wait=False)
             self._roll_pool = None
         if self._segment_live():
-            if self.roller is not None:
+            if taken:
+                log.error("no final roll-up: [store] host = %r is held by another supervisor; "
+                          "the ring keeps the minutes for the next start under this name",
+                          self.config.store.host)
+            elif self.roller is not None:
                 added = self._guard("final roll-up", self.roller.roll, now, True)
                 if added is not None:
                     log.info("stopping: final roll-up added %d counts (all keys)", added)
@@ -401,6 +407,11 @@ class Supervisor:
         admin is picked up without a restart, and the ring still holds what
         was not rolled."""
         if isinstance(self.store, RedisStore):
+            if self.farm is not None and self.farm.claim_lost:
+                raise TrafficThresholdError(
+                    f"[store] host = {self.config.store.host!r} was taken by another "
+                    "supervisor while this one did not refresh it (paused): rolling under "
+                    "the same name would mix their counts and closed_through")
             return self._roll_on_thread(now)
         try:
             return self._roll_and_reclaim(self.roller, now)
