@@ -540,8 +540,9 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
     keeps the minutes, rather than roll into the other's closed_through
     under one name; once the name is free again (the clone stopped) the
     farm thread takes it back and the next roll catches up: every hit once."""
-    from trafficthreshold.store.redis import RedisStore
     from zoneinfo import ZoneInfo
+    from trafficthreshold.rollup import Roller
+    from trafficthreshold.store.redis import RedisStore
     with three_hosts(redis_server.port, NOW) as (keys, proxies):
         a, _ = clone_configs(tmp_path, keys, proxies)
         sup = start(a, 4400, NOW)
@@ -555,21 +556,27 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
             sup.counter.hit("shop", "pageview", 7, NOW + 2)
             sup.tick(NOW + 2)
             assert sup.farm.drain(10)
-            for t in (NOW + 61, NOW + 121):
+            # the clone rolls its own segment under web1 for 5 minutes
+            clone = Roller(segment.attach(keys["web2"], "sysv"),
+                           RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1"))
+            clone.counter.hit("shop", "pageview", 3, NOW + 62)
+            for t in range(int(NOW) + 61, int(NOW) + 6 * 60, 60):
                 sup.tick(t)
                 assert sup.farm.drain(10)
                 sup._wait_rolling()
-            assert reader.period("shop", "pageview", 2027)["total"] == 0
+                clone.roll(t + 1)
+            assert reader.period("shop", "pageview", 2027)["total"] == 3
+            clone.counter.detach()
             client.delete("track~owner:web1")  # the clone stopped
-            sup.tick(NOW + 122)
+            sup.tick(NOW + 6 * 60 + 2)
             assert sup.farm.drain(10)
-            sup.tick(NOW + 181)
+            sup.tick(NOW + 7 * 60 + 1)
             sup._wait_rolling()
-            assert reader.period("shop", "pageview", 2027)["total"] == 7
+            assert reader.period("shop", "pageview", 2027)["total"] == 10
             client.set("track~owner:web1", "abc 0 777 0", px=60_000)  # taken again
-            sup.counter.hit("shop", "pageview", 5, NOW + 182)
-            sup.tick(NOW + 182)
+            sup.counter.hit("shop", "pageview", 5, NOW + 7 * 60 + 2)
+            sup.tick(NOW + 7 * 60 + 2)
             assert sup.farm.drain(10)
         finally:
-            sup.shutdown(NOW + 183)  # no final roll under the other's name
-        assert reader.period("shop", "pageview", 2027)["total"] == 7
+            sup.shutdown(NOW + 7 * 60 + 3)  # no final roll under the other's name
+        assert reader.period("shop", "pageview", 2027)["total"] == 10

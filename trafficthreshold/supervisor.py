@@ -148,6 +148,8 @@ class Supervisor:
         #: This supervisor's hold on ``[store] host`` in the farm's Redis.
         self.claim: farm.HostClaim | None = None
         self._starting = False
+        #: Rolls were stopped because another supervisor held our name.
+        self._name_lost = False
         self._failing: dict[str, str] = {}     # step -> its last error, logged once
         self._repaired: set[str] = set()        # header fields repaired, logged once
         self._restart_warned: set[tuple[str, str]] = set()
@@ -408,10 +410,14 @@ class Supervisor:
         was not rolled."""
         if isinstance(self.store, RedisStore):
             if self.farm is not None and self.farm.claim_lost:
+                self._name_lost = True
                 raise TrafficThresholdError(
                     f"[store] host = {self.config.store.host!r} was taken by another "
                     "supervisor while this one did not refresh it (paused): rolling under "
                     "the same name would mix their counts and closed_through")
+            if self._name_lost:  # the name is ours again: a new Roller checks the
+                self._name_lost = False  # segment against what the other rolled meanwhile
+                self.roller = self._new_roller()
             return self._roll_on_thread(now)
         try:
             return self._roll_and_reclaim(self.roller, now)

@@ -355,7 +355,20 @@ class RedisStore:
                 "missing); the ring keeps counting meanwhile")
         # "{host}\n{closed_through}" (an older value: the host alone)
         old, _, seg_closed = (None, "", "") if old is None else _text(old).partition("\n")
-        if old is None or old == self.host:
+        if old is None:
+            return
+        if old == self.host:
+            # Our segment, but the name rolled another one since (a clone
+            # took the name while this supervisor was paused): the name's
+            # closed_through is that one's; take this segment's back.
+            cur = self.client.hget(self.host_key, "instance")
+            if seg_closed and cur is not None and _text(cur) != str(instance):
+                log.warning("host %r rolled segment %#x meanwhile; segment %#x carries on "
+                            "from its own closed minute %s", self.host, int(_text(cur)),
+                            instance, seg_closed)
+                with self.transaction():
+                    self._writer().hset(self.host_key, mapping={
+                        "closed_through": seg_closed, "instance": str(instance)})
             return
         holder = farm.HostClaim.holder(self.client, old, prefix=self.prefix)
         # A holder SIGKILLed on this boot leaves its key for its TTL: gone.
