@@ -370,6 +370,14 @@ class HostClaim:
         value = client.get(f"{prefix}~owner:{host}")
         return None if value is None else cls.parse(value)
 
+    @staticmethod
+    def gone(holder: dict[str, Any], boot: str | None = None) -> bool:
+        """Whether the supervisor ``holder`` (parsed) is gone although its
+        key lives on for its TTL: it ran on this boot and its pid is dead
+        (SIGKILLed, crashed)."""
+        return holder["boot"] == (boot_id() if boot is None else boot) \
+            and not pid_alive(holder["pid"])
+
     def _refused(self, other: dict[str, Any]) -> Exception:
         from .errors import ConfigError
 
@@ -393,7 +401,7 @@ class HostClaim:
             return
         other = self.parse(cur)
         if other["instance"] == self.instance and other["boot"] == self.boot \
-                and (other["pid"] == self.pid or not pid_alive(other["pid"])):
+                and (other["pid"] == self.pid or self.gone(other, self.boot)):
             # Our own segment, this boot, its supervisor gone: a restart.
             if not self._take(keys=[self.key], args=[self.value, self.ttl_ms, cur]):
                 return

@@ -354,6 +354,12 @@ class FarmSync:
             self._step_alerts(live, item)
         return True
 
+    @property
+    def claim_lost(self) -> bool:
+        """Another supervisor holds our ``[store] host`` now (the last
+        refresh found it): the supervisor does not roll meanwhile."""
+        return self._claim_lost
+
     def _refresh_claim(self) -> None:
         """Keep ``[store] host`` ours (:class:`farm.HostClaim`); another
         supervisor that took it meanwhile (we were paused past its TTL) is
@@ -363,8 +369,9 @@ class FarmSync:
         other = self.claim.refresh()
         if other is not None and not self._claim_lost:
             log.error("another supervisor (segment instance %#x, pid %s, boot %s) took the "
-                      "farm host name %r of this one (pid %s): their counts mix; give each "
-                      "host its own [store] host and restart", other["instance"] or 0,
+                      "farm host name %r of this one (pid %s): this one stops rolling (the "
+                      "ring keeps counting) until the name is free again; give each host its "
+                      "own [store] host and restart", other["instance"] or 0,
                       other["pid"], other["boot"], self.host, self.claim.pid)
         self._claim_lost = other is not None
 
