@@ -168,6 +168,18 @@ GARBAGE = [
     "INSERT OR REPLACE INTO meta (name, value) VALUES ('late_dropped', 'many')",
     "UPDATE alert_state SET value = 'garbage'",
     "UPDATE alert_state SET value = '{\"episodes\": 5}'",
+    # A name that is not text (a damaged cell's serial type): /metrics
+    # sorted bytes against str, the dashboard called bytes.startswith(str).
+    "UPDATE months SET account = X'00ff' WHERE account = 'acme'",
+    "UPDATE months SET event = 7 WHERE account = 'acme'",
+    "UPDATE funnels SET account = X'ff' WHERE account = 'acme'",
+    "UPDATE funnels SET status = X'ff' WHERE account = 'acme'",
+    "UPDATE keys SET event = X'ff' WHERE event = 'pageview' AND account != 'all'",
+    "UPDATE keys SET account = 5 WHERE account = 'acme'",
+    "UPDATE minutes SET account = X'ff' WHERE account = 'acme'",
+    # A time that parses but is no time: the dashboard's int(now - nan).
+    "UPDATE meta SET value = 'nan' WHERE name = 'last_roll_at'",
+    "UPDATE meta SET value = '1e400' WHERE name = 'last_roll_at'",
 ]
 
 
