@@ -367,3 +367,40 @@ def test_a_real_daemon_takes_fuzzed_files_on_sighup_as_config_check_does(tmp_pat
     assert "Traceback" not in daemon.output(), daemon.output()
     assert get(f"http://127.0.0.1:{port}/api/openapi.json") == 200
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_daemon_started_from_the_default_file_reloads_that_file(tmp_path, installed, caplog):
+    """``trafficthreshold run`` without --config or $TRAFFICTHRESHOLD_CONFIG
+    reads /etc/trafficthreshold/config.toml (config.DEFAULT_PATH) when it
+    exists.  A reload reads that same file: it used to look for it again,
+    and a file moved away for a moment (an editor's rename, a deploy tool)
+    reloaded the embedded defaults, dropping the token, the alerts and the
+    origins without a word.  Now a file gone at reload is refused, naming
+    it, and the running configuration stays."""
+    path = tmp_path / "config.toml"
+    database = tmp_path / "stats.sqlite3"
+    text = (f'key = {installed[0]}\ndatabase = "{database}"\ntimezone = "UTC"\n'
+            f'[http]\ntoken = "{TOKEN}"\n')
+    path.write_text(text)
+    start = configuration.load(None, env={}, default_path=str(path))
+    assert start.source == str(path) and start.http.token == TOKEN
+    sup = Supervisor(start, config_path=None, http=False, env={})   # as `run` passes it
+    sup.initialize(time.time())
+    sup.app = api.make_app(start)
+    try:
+        path.write_text(text.replace(TOKEN, f"new-{TOKEN}"))
+        sup.reload()
+        assert sup.config.http.token == f"new-{TOKEN}"
+        assert sup.config.source == str(path)
+        path.unlink()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "trafficthreshold"):
+            sup.reload()
+        assert sup.config.http.token == f"new-{TOKEN}"
+        assert sup.app.requires_token
+        refused = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(refused) == 1 and "reload refused" in refused[0], refused
+        assert str(path) in refused[0] and "no such file" in refused[0], refused
+    finally:
+        sup.shutdown(time.time())

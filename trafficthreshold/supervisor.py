@@ -139,7 +139,11 @@ class Supervisor:
     def __init__(self, config: Config, *, config_path: str | None = None, http: bool = True,
                  env: Mapping[str, str] = os.environ, pid: int | None = None) -> None:
         self.config = config
-        self.config_path = config_path
+        # A reload reads the file the running configuration came from, even
+        # when it was found rather than named (DEFAULT_PATH): looking again
+        # would take the embedded defaults while the file is moved away.
+        self.config_path = config_path or (config.source if os.path.isfile(config.source)
+                                           else None)
         self.http_enabled = http and config.http.enabled
         self.env = env
         self.pid = os.getpid() if pid is None else pid
