@@ -579,7 +579,7 @@ def test_invalid_timezone_suggests_the_closest() -> None:
         ("127.0.0.1:8787", ("127.0.0.1", 8787)),
         ("localhost:80", ("localhost", 80)),
         ("[::1]:8787", ("::1", 8787)),
-        ("[fe80::1%eth0]:8787", ("fe80::1%eth0", 8787)),
+        ("[fe80::1]:8787", ("fe80::1", 8787)),
         ("stats.example.com:443", ("stats.example.com", 443)),
     ],
 )
@@ -1128,3 +1128,35 @@ def test_an_ipv4_mapped_listen_address_is_refused_with_the_ipv4_form(listen: str
     assert line.startswith(f"config.toml: http.listen = {listen!r} "), line
     v4 = listen[len("[::ffff:"):].replace("]", "")
     assert f'"{v4}"' in line, line
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1%lo]", "[::1%1]", "[fe80::1%lo]", "localhost",
+                                  "LocalHost", "127.0.0.1"])
+def test_a_listen_address_config_check_passes_is_one_the_server_binds(host: str) -> None:
+    """What config check accepts, ``run`` listens on; what the server
+    cannot listen on is refused by config check naming http.listen (an
+    IPv6 zone id, ``%lo``, passed, then waitress raised "Invalid host/port
+    specified." at start, naming no key).  Host names are case-insensitive:
+    ``LocalHost`` is loopback, as ``localhost``."""
+    from trafficthreshold import webserver
+    host = f"[{host}]" if host == "::1" else host
+    try:
+        parsed = config.parse(f'[http]\nlisten = "{host}:8787"\n', "config.toml", env={})
+    except ConfigError as exc:
+        line = str(exc)
+        assert line.startswith(f"config.toml: http.listen = '{host}:8787' "), line
+        assert "%" in host and "zone" in line, line
+        return
+    assert "%" not in host
+    assert parsed.http.token == ""          # accepted without a token: loopback only
+    assert config.is_loopback(parsed.http.address[0])
+
+    class App:
+        requires_token = True
+
+        def __call__(self, environ, start_response):
+            start_response("200 OK", [])
+            return [b""]
+
+    server = webserver.start(App(), f"{host}:0")
+    server.stop()

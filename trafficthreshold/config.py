@@ -320,6 +320,11 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ValueError("the port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if "%" in host:  # waitress: "Invalid host/port specified." at start
+            raise ValueError(f"{host!r} has a zone id ({host[host.index('%'):]}), which the "
+                             f"server cannot listen on: write the address without it, e.g. "
+                             f'"[{host[:host.index("%")]}]:{port}" (a link-local fe80:: '
+                             "address needs one: listen on another address)")
         try:
             mapped = ipaddress.IPv6Address(host).ipv4_mapped
         except ValueError:
@@ -340,8 +345,9 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
+    """True for ``localhost`` (in any case, as host names are) and loopback
+    addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
