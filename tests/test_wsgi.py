@@ -1032,3 +1032,23 @@ def test_under_waitress_a_failing_body_is_a_500_and_not_counted(worker_api):
     statuses = statuses_under_waitress(TrafficThreshold(app), ["/fails", "/page", "/fails"])
     assert statuses == [500, 200, 500]
     assert total() == 1
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "waitress"])
+def test_the_real_servers_file_wrappers_are_passed_as_they_are(worker_api, tmp_path, server):
+    """gunicorn recognizes its FileWrapper by isinstance (then sendfile),
+    waitress its ReadOnlyFileBasedBuffer by its class: the middleware hands
+    the very object back, and the page is counted at return."""
+    if server == "gunicorn":
+        from gunicorn.http.wsgi import FileWrapper
+    else:
+        from waitress.buffers import ReadOnlyFileBasedBuffer as FileWrapper
+    page = tmp_path / "page.html"
+    page.write_bytes(b"<p>hi</p>")
+    with open(page, "rb") as file:
+        wrapped = FileWrapper(file)
+        env = environ(**{"wsgi.file_wrapper": FileWrapper})
+        result = TrafficThreshold(lambda env, sr: (sr("200 OK", HTML), wrapped)[1])(
+            env, Server().start_response)
+        assert result is wrapped
+    assert total() == 1
