@@ -404,3 +404,42 @@ def test_a_daemon_started_from_the_default_file_reloads_that_file(tmp_path, inst
         assert str(path) in refused[0] and "no such file" in refused[0], refused
     finally:
         sup.shutdown(time.time())
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_reload_while_the_segment_is_gone_applies_whole(tmp_path, installed, caplog):
+    """A SIGHUP while the daemon waits for `trafficthreshold install` (the
+    segment was uninstalled under it): the segment's settings are written
+    at the re-attach; the rest of the reload applies whole.  It used to
+    stop half-way (writing the settings into the detached segment raised),
+    the daemon's config new, the app's token and the alert rules old, and
+    the log said the running configuration stayed."""
+    from trafficthreshold import segment
+    key, backend = installed
+    path = tmp_path / "config.toml"
+    write_config(path, key, backend, f'listen = "127.0.0.1:8787"\ntoken = "{TOKEN}"',
+                 extra="[throttle]\nmultiplier = 60\n")
+    start = configuration.load(str(path), env={})
+    sup = Supervisor(start, config_path=str(path), http=False, env={})
+    now = time.time()
+    sup.initialize(now)
+    sup.app = api.make_app(start)
+    try:
+        segment.uninstall(key, backend, force=True)
+        sup.tick(now + 1)                       # lets go of it, waits for a new one
+        assert not sup._segment_live()
+        write_config(path, key, backend, f'listen = "127.0.0.1:8787"\ntoken = "new-{TOKEN}"',
+                     extra="[throttle]\nmultiplier = 7\n")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "trafficthreshold"):
+            sup._guard("reload", sup.reload)    # as the daemon's loop runs it
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert sup.config.http.token == f"new-{TOKEN}"
+        assert sup.app.config is sup.config
+        assert sup.app._authorize({"HTTP_AUTHORIZATION": f"Bearer new-{TOKEN}"}) is None
+        segment.install(key, backend, now=int(now))
+        sup.tick(now + 2)                       # attaches the new one, with the new settings
+        assert sup._segment_live()
+        assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 7
+    finally:
+        sup.shutdown(time.time())

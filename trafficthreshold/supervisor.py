@@ -114,7 +114,9 @@ _RETRIED = {
     "farm link": "retried every minute; the level follows this host's count meanwhile",
     "farm offer": "tried again at the next tick",
     "letting the host name go": "it expires within 5 s (farm.OWNER_TTL_MS)",
-    "reload": "the running configuration stays; fix the file and send SIGHUP again",
+    # A file refused is logged by reload() itself (nothing applied); this is
+    # an error while applying one, after which a part may be applied.
+    "reload": "the configuration may be applied only in part; send SIGHUP again",
 }
 
 
@@ -352,7 +354,9 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         self.config = new
-        self._write_settings()
+        if self.counter is not None and self.counter.attached:
+            # Else the segment was uninstalled: the re-attach writes them.
+            self._write_settings()
         if self.engine is not None:
             self.engine.reload(new.host_alerts, new.mail, new.dashboard_link)
         if self.farm is not None:
