@@ -1106,6 +1106,19 @@ def test_cors_origins_are_normalized_as_browsers_send_them(written: str, sent: s
     assert parse(f"[http]\ncors_origins = [{written!r}]").http.cors_origins == (sent,)
 
 
+@pytest.mark.parametrize("host", ["straße.example", "faß.de", "ς.example", "a\u200db.example",
+                                  "a\u200cb.example"])
+def test_a_cors_host_browsers_and_python_encode_differently_is_refused(host: str) -> None:
+    """Python's "idna" codec is IDNA 2003: it maps ß to ss, ς to σ and drops
+    the zero-width joiners, where browsers (the URL standard, UTS 46
+    without transitional processing) keep them: "straße.example" is sent as
+    xn--strae-oqa.example, never strasse.example, so the normalized origin
+    would never match.  Refused, asking for the punycode the browser sends."""
+    line = single_error(f"[http]\ncors_origins = [{json.dumps('https://' + host)}]")
+    assert line.startswith("config.toml: http.cors_origins = "), line
+    assert "punycode" in line and "xn--" in line, line
+
+
 @pytest.mark.parametrize("value, problem", [
     ("https://stats.example.com/?a=1", "query"),
     ("https://stats.example.com/#top", "fragment"),

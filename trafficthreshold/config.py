@@ -630,12 +630,25 @@ def _prefix(value: Any) -> str:
     return value
 
 
+#: The characters IDNA 2003 (Python's "idna" codec) maps or drops and
+#: browsers keep (UTS 46 "deviations"): ß, final sigma, ZWJ, ZWNJ.
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200d\u200c")
+
+
 def _origin(parts: urllib.parse.SplitResult, item: str, fix: str) -> str:
     """An origin as a browser sends it in ``Origin:``: scheme and host in
     lower case, the host in punycode, no default port (80, 443)."""
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
+    elif _IDNA_DEVIATIONS.intersection(host):
+        # Python's "idna" is IDNA 2003 (ß -> ss); browsers keep these
+        # (UTS 46, non-transitional): we cannot spell what they send.
+        raise _Bad(f"has {_show(item)}, whose host browsers send in a punycode Python cannot "
+                   "make (it holds ß, ς or a zero-width joiner)",
+                   "write the host in punycode as the browser sends it in Origin: (e.g. "
+                   "xn--strae-oqa.example for straße.example; see the Origin header in the "
+                   "browser's developer tools)")
     else:
         try:
             host = host.encode("idna").decode("ascii")
