@@ -228,3 +228,48 @@ def test_the_mail_thread_logs_one_line_never_a_traceback(pristine, tmp_path, ins
     assert not [r for r in caplog.records if r.exc_info], caplog.text
     mail = [r.getMessage() for r in caplog.records if "mail delivery pass" in r.getMessage()]
     assert len(mail) <= 1, mail
+
+
+#: Values of the alert tables no writer wrote (SQLite sees no damage).
+ALERT_GARBAGE = [
+    "UPDATE alert_meta SET value = 'x' WHERE key = 'schema_version'",
+    "UPDATE alert_outbox SET payload = '{'",
+    "UPDATE alert_outbox SET payload = '{\"mail\": 5}'",
+    "UPDATE alert_outbox SET recipients = 'x'",
+    "UPDATE alert_outbox SET next_attempt = 'soon'",
+]
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+@pytest.mark.parametrize("statement", ALERT_GARBAGE)
+def test_alert_values_no_writer_wrote_are_one_line(pristine, tmp_path, installed, statement,
+                                                   caplog):
+    """The daemon (opening the alert store, its alert pass) and the mail
+    thread (every pass reads the outbox): one line naming the file, once,
+    not a traceback (they were a ValueError's traceback, the mail thread's
+    every pass)."""
+    import time
+    from trafficthreshold.mailer import Outbox
+    caplog.set_level(logging.INFO, "trafficthreshold")
+    copy = tmp_path / "stats.sqlite3"
+    shutil.copyfile(pristine, copy)
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute(statement).rowcount > 0
+    conn.close()
+    path = write_config(tmp_path, *installed, copy)
+    sup = Supervisor(configuration.load(str(path), env={}), config_path=str(path), env={})
+    try:
+        sup.initialize(T0 + 120)
+        for t in range(T0 + 130, T0 + 200, 30):
+            sup.tick(t)
+        outbox = Outbox(str(copy), sup.config.mail, poll=0.05)
+        outbox.start()
+        time.sleep(0.5)                                           # ten passes
+        outbox.stop()
+    finally:
+        sup.shutdown(T0 + 260)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    mail = [r.getMessage() for r in caplog.records if "mail delivery pass" in r.getMessage()]
+    assert len(mail) <= 1, mail
+    for line in [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]:
+        assert "\n" not in line, line
