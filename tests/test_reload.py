@@ -443,3 +443,29 @@ def test_a_reload_while_the_segment_is_gone_applies_whole(tmp_path, installed, c
         assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 7
     finally:
         sup.shutdown(time.time())
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_sighup_storm_ends_on_the_last_file(tmp_path, installed, daemons):
+    """Twenty SIGHUPs in a burst, the file rewritten before each (a deploy
+    tool, a reload while one runs): the daemon stays up, logs no
+    traceback, and ends on the last file (a SIGHUP during a reload is not
+    lost)."""
+    port = free_port()
+    config = tmp_path / "config.toml"
+    write_config(config, *installed, f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}-0"')
+    daemon = daemons(config)
+    daemon.wait_for("serving the stats API")
+    url = f"http://127.0.0.1:{port}/api/openapi.json"
+    for i in range(1, 21):
+        write_config(config, *installed, f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}-{i}"')
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01 * (i % 3))
+    deadline = time.monotonic() + 20
+    while get(url, f"{TOKEN}-20") != 200:
+        assert daemon.proc.poll() is None, daemon.output()
+        assert time.monotonic() < deadline, daemon.output()
+        time.sleep(0.1)
+    assert get(url, f"{TOKEN}-19") == 401
+    assert "Traceback" not in daemon.output(), daemon.output()
+    assert daemon.stop() == 0
