@@ -674,6 +674,16 @@ def test_flask_pages_and_the_rest(flask_client):
     assert (of("shop.example"), of("localhost"), total()) == (1, 1, 2)
 
 
+def test_flask_a_stream_failing_before_its_first_chunk_is_a_500_not_counted(worker_api):
+    """docs/webapps.rst, "When": Flask's streaming body is decided at its
+    first non-empty chunk, under a real server."""
+    from apps.harness import statuses_under_waitress
+    statuses = statuses_under_waitress(flask_app.app, ["/stream-fails", "/stream",
+                                                       "/stream-fails"])
+    assert statuses == [500, 200, 500]
+    assert (of("site-a.example"), total()) == (1, 1)
+
+
 def test_flask_a_navigation_through_a_redirect_is_one_view(flask_client):
     page = flask_client.get("/go", follow_redirects=True)
     assert page.status_code == 200 and [r.status_code for r in page.history] == [302]
