@@ -25,7 +25,7 @@ second in 60).  Per farm-second, as the farm thread does it:
 host deletes and rewrites every key's absolute counts each second; each
 level read reads every host's hash.  **after**: ``farm.LivePublisher`` (only
 the fields whose value changed, idempotent per host and sequence number)
-and ``farm.farm_level`` (the level's key: one read of the farm's sum).
+and ``farm.LevelReader`` (the level's key: one read of the farm's sum).
 
 Reported per farm-second: Redis's CPU (``INFO cpu``, its main thread: the
 commands, the scripts and the network I/O; ``INFO commandstats`` counts a
@@ -152,13 +152,13 @@ class After:
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
         self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS)
+        self.reader = farm.LevelReader(client, host, farmsync.LEVEL_KEYS)
 
     def publish(self, counts, previous, now) -> None:
         self.publisher.publish(counts, level=0, now=now, previous=previous)
 
     def level(self, now: float) -> int:
-        return farm.farm_level(self.client, self.host, now=now,
-                               keys=farmsync.LEVEL_KEYS).count(*LEVEL, "minute")
+        return self.reader.read().count(*LEVEL, "minute")
 
     def lead(self, now: float) -> None:
         farm.farm_live(self.client, now=now, only=[LEVEL, RULE])
@@ -224,14 +224,14 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
             t = time.perf_counter()
             side.publish(sim.counts, sim.previous, now)
             t1 = time.perf_counter()
-            side.level(now)
+            got = side.level(now)  # the last host's: after every publication
             read_lat.append(time.perf_counter() - t1)
             publish_lat.append(t1 - t)
         sides[0].lead(now)
         for _ in range(farmsync.REFRESHES):
             for side in sides:
                 t = time.perf_counter()
-                got = side.level(now)
+                side.level(now)
                 read_lat.append(time.perf_counter() - t)
         truth = sum(sim.counts[LEVEL][0] for sim in sims)
         if got != truth:

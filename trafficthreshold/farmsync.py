@@ -167,6 +167,11 @@ class FarmSync:
         self.forget_after = forget_after
 
         self.reader = reader
+        #: This host's publication (only what changed since the last one).
+        self.publisher = farm.LivePublisher(client, host, prefix=prefix, ttl_ms=ttl_ms,
+                                            forget_after=forget_after)
+        #: Its reading of the level's key (the farm's sum, one round trip).
+        self.level_reader = farm.LevelReader(client, host, LEVEL_KEYS, prefix=prefix)
         #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
@@ -254,10 +259,9 @@ class FarmSync:
             self._fallback = False
             log.info("throttle scope farm: the farm's counts are back; the level of host %s "
                      "follows the farm's total again", self.host)
-        index = 0 if window == "minute" else 1
-        others = sum(row.counts.get(LEVEL_KEYS[0], (0, 0))[index]
-                     for row in reading.live.hosts if row.alive and row.host != self.host)
-        return others + own
+        live = reading.live
+        others = live.count(*LEVEL_KEYS[0], window) - live.own(self.host, LEVEL_KEYS[0], window)
+        return max(0, others) + own
 
     @property
     def falling_back(self) -> bool:
@@ -307,8 +311,7 @@ class FarmSync:
         clock (it is as fresh as our last publication); False on an error,
         which the next offer's cycle meets and logs."""
         try:
-            self.reading = Reading(now, farm.farm_live(self.client, now=now, prefix=self.prefix,
-                                                       only=self.keys()))
+            self.reading = Reading(now, self._level(now))
         except Exception:  # noqa: BLE001 - the next cycle says it
             return False
         return True
@@ -328,12 +331,9 @@ class FarmSync:
         counts, previous = got
         try:
             self._refresh_claim()
-            farm.publish_live(self.client, self.host, counts, level=item.level,
-                              now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
-                              last_roll=self._last_roll(), previous=previous,
-                              forget_after=self.forget_after)
-            live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
-                                  only=self.keys())
+            self.publisher.publish(counts, level=item.level, now=item.now,
+                                   last_roll=self._last_roll(), previous=previous)
+            live = self._level(item.now)
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
             if self.alerts is not None:  # no Redis, no lead: stop at once
@@ -351,8 +351,13 @@ class FarmSync:
                      self.host)
         self.reading = Reading(item.now, live)
         if self.alerts is not None:
-            self._step_alerts(live, item)
+            self._step_alerts(LeaderReading(lambda: farm.farm_live(
+                self.client, now=item.now, prefix=self.prefix, only=self.keys())), item)
         return True
+
+    def _level(self, now: float) -> farm.FarmLive:
+        """The level's key read back: the farm's sum, one script."""
+        return self.level_reader.read()
 
     def _refresh_claim(self) -> None:
         """Keep ``[store] host`` ours (:class:`farm.HostClaim`); another
@@ -368,7 +373,7 @@ class FarmSync:
                       other["pid"], other["boot"], self.host, self.claim.pid)
         self._claim_lost = other is not None
 
-    def _step_alerts(self, live: farm.FarmLive, item: Offer) -> None:
+    def _step_alerts(self, live: Any, item: Offer) -> None:
         """The farm rules after a fresh read (lease, evaluation, queue);
         an error is logged once, and once when it works again."""
         try:
@@ -402,7 +407,7 @@ class FarmSync:
             self.alerts.stop(release=withdraw)
         if withdraw and not self._thread.is_alive():
             try:
-                self.client.delete(f"{self.prefix}~live:{self.host}")
+                self.publisher.withdraw()
             except Exception as exc:  # noqa: BLE001 - it expires anyway
                 log.info("could not withdraw the live counts at shutdown (%s: %s); they "
                          "expire within %d s", type(exc).__name__, exc, self.ttl_ms // 1000)
@@ -410,6 +415,24 @@ class FarmSync:
             self.client.close()
         except Exception:  # noqa: BLE001 - closing sockets only
             pass
+
+
+class LeaderReading:
+    """The farm rules' reading, host by host (:func:`farm.farm_live`, one
+    read per host), made at its first use: only the lease's holder
+    evaluates the rules, so only the leader pays for it (the other hosts'
+    farm threads read the level's sum only).  Any attribute of the
+    :class:`farm.FarmLive`; a Redis error raises at that use."""
+
+    def __init__(self, load: Any) -> None:
+        self._load, self._live = load, None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._live is None:
+            self._live = self._load()
+        return getattr(self._live, name)
 
 
 def _farm_alerts(client: Any, config: Any, env: Any, farm_rules: Any) -> Any:
