@@ -71,12 +71,25 @@ TTL_MS = 600_000
 # A copy of farm.publish_live and farm.farm_live as they were before issue
 # #25 (commit 8b5a5dd), so that one run measures both designs.
 
+STAMP_SCRIPT_BEFORE = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], '~redis_at', t[1] .. '.' .. string.format('%06d', t[2]))
+return 0
+"""
+
 def publish_live_before(client: Any, host: str, counts: farm.LiveCounts, *, level: int,
                         now: float, last_roll: float | None = None, prefix: str = "track",
                         ttl_ms: int = 5_000, previous: dict | None = None,
                         forget_after: float = 30 * 86_400) -> None:
     """BASELINE (before #25): delete and rewrite every key, every second."""
-    key = f"{prefix}~live:{host}"
+    send_before(client, host, mapping_before(counts, level=level, now=now,
+                                             last_roll=last_roll, previous=previous),
+                now=now, prefix=prefix, ttl_ms=ttl_ms, forget_after=forget_after)
+
+
+def mapping_before(counts: farm.LiveCounts, *, level: int, now: float,
+                   last_roll: float | None = None, previous: dict | None = None) -> dict:
+    """BASELINE: publish_live_before's first half (no Redis)."""
     previous = previous or {}
     mapping: dict[str, str] = {}
     for name in counts.keys() | previous.keys():
@@ -85,10 +98,17 @@ def publish_live_before(client: Any, host: str, counts: farm.LiveCounts, *, leve
         mapping[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     mapping.update({"~level": str(level), "~at": repr(float(now)),
                     "~last_roll": "" if last_roll is None else repr(float(last_roll))})
+    return mapping
+
+
+def send_before(client: Any, host: str, mapping: dict, *, now: float, prefix: str = "track",
+                ttl_ms: int = 5_000, forget_after: float = 30 * 86_400) -> None:
+    """BASELINE: publish_live_before's second half (the MULTI)."""
+    key = f"{prefix}~live:{host}"
     pipe = client.pipeline(transaction=True)
     pipe.delete(key)
     pipe.hset(key, mapping=mapping)
-    pipe.eval(farm.STAMP_SCRIPT, 1, key)
+    pipe.eval(STAMP_SCRIPT_BEFORE, 1, key)
     pipe.pexpire(key, ttl_ms)
     pipe.zadd(f"{prefix}~hosts", {host: float(now)})
     pipe.zremrangebyscore(f"{prefix}~hosts", "-inf", f"({float(now) - forget_after!r}")
@@ -134,9 +154,12 @@ class Before:
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
 
-    def publish(self, counts, previous, now) -> None:
-        publish_live_before(self.client, self.host, counts, level=0, now=now,
-                            previous=previous, ttl_ms=TTL_MS)
+    def prepare(self, counts, previous, now) -> Any:
+        return mapping_before(counts, level=0, now=now, previous=previous), now
+
+    def send(self, prepared) -> None:
+        mapping, now = prepared
+        send_before(self.client, self.host, mapping, now=now, ttl_ms=TTL_MS)
 
     def level(self, now: float) -> int:
         return farm_live_before(self.client, now=now, only=farmsync.LEVEL_KEYS
@@ -154,8 +177,11 @@ class After:
         self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS)
         self.reader = farm.LevelReader(client, host, farmsync.LEVEL_KEYS)
 
-    def publish(self, counts, previous, now) -> None:
-        self.publisher.publish(counts, level=0, now=now, previous=previous)
+    def prepare(self, counts, previous, now) -> Any:
+        return self.publisher.prepare(counts, level=0, now=now, previous=previous)
+
+    def send(self, prepared) -> None:
+        self.publisher.send(prepared)
 
     def level(self, now: float) -> int:
         return self.reader.read().count(*LEVEL, "minute")
@@ -220,9 +246,14 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
         now += 1
         for sim in sims:
             sim.second(rng, turn)
-        for sim, side in zip(sims, sides):
+        # The hosts' own work first (each host does it on its own machine),
+        # so that Redis serves the farm-second back to back, as a farm's
+        # Redis does, not between long pauses of this one process.
+        prepared = [side.prepare(sim.counts, sim.previous, now)
+                    for sim, side in zip(sims, sides)]
+        for prep, side in zip(prepared, sides):
             t = time.perf_counter()
-            side.publish(sim.counts, sim.previous, now)
+            side.send(prep)
             t1 = time.perf_counter()
             got = side.level(now)  # the last host's: after every publication
             read_lat.append(time.perf_counter() - t1)

@@ -445,3 +445,22 @@ def test_a_supervisor_restarted_after_sigkill_takes_its_own_name_back(tmp_path, 
         again.initialize(NOW + 1)
         assert time.monotonic() - started < 2
         again.shutdown(NOW + 2)
+
+
+def test_the_farm_rules_read_host_by_host_only_when_the_leader_evaluates():
+    """farmsync.LeaderReading: the per-host reading of the rules' keys is
+    made at its first use (FarmAlerts evaluates only while it holds the
+    lease), once; a host that does not lead never pays for it."""
+    loads = []
+    live = farm.FarmLive({("all", "pageview"): (3, 4)}, [], "web2")
+
+    def load():
+        loads.append(1)
+        return live
+
+    reading = farmsync.LeaderReading(load)
+    assert loads == []
+    assert reading.count("all", "pageview", "60s") == 4 and reading.leader == "web2"
+    assert reading.hosts == [] and loads == [1]
+    with pytest.raises(AttributeError):
+        reading._private

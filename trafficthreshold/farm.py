@@ -6,25 +6,39 @@ The supervisor publishes and reads the live counts through
 
 Live counts
 -----------
-Each supervisor publishes its host's live numbers every second as
-*absolute* values (idempotent: publishing twice changes nothing), with a
-short expiry, so a host that dies drops out of the farm's numbers within
-seconds instead of freezing them::
+Each supervisor publishes its host's live numbers every second
+(:class:`LivePublisher`): the fields whose value changed since its last
+acknowledged publication, as *absolute* values (a publication sent twice
+changes nothing), stamped with a sequence number that a diff must find in
+the hash (else the host sends its hash whole).  Redis keeps, for the few
+keys that readers watch (the level's), their sums over the live hosts, so
+that the level's farm total is one read whatever the number of hosts
+(:class:`LevelReader`); a host whose deadline (Redis ``TIME``) passed is
+reaped by the next script on the farm: its share subtracted, its hash
+deleted, within seconds::
 
-    {prefix}~live:{host}   hash, expires after LIVE_TTL_MS
+    {prefix}~live:{host}   hash (reaped LIVE_TTL_MS after its last
+                           publication; expires after LIVE_KEEP_MS)
         "{account}\\0{event}"  "{minute count} {60 s count}", then, when the
                                minute before holds hits, " {its count}"
                                (the closed minute's final count, for the
                                farm's alert rules)
         "~level"               the host's throttle level
-        "~at"                  when it published (Unix seconds)
+        "~at"                  when it published (Unix seconds, its clock)
         "~last_roll"           its last roll-up (Unix seconds, or "")
         "~redis_at"            Redis' TIME at the publication (the farm's clock:
                                ``~at - ~redis_at`` is the host's clock skew)
+        "~seq"                 the publication's sequence number
+    {prefix}~live~alive    sorted set: host -> its deadline (Redis ms)
+    {prefix}~live~watch    sorted set: "{account}\\0{event}" -> when last read
+    {prefix}~live~sum      hash: "minute\\0{account}\\0{event}",
+                           "60s\\0{account}\\0{event}" -> the live hosts' sum
+    {prefix}~live~in:{host}  the hash while a publication's MULTI runs
     {prefix}~hosts         sorted set: host -> when it last published
 
-:func:`farm_live` adds the live hashes up and lists every host seen in the
-last :data:`FORGET_AFTER` seconds, alive or not.
+:func:`farm_live` reads every host's hash (the views, and the farm rules'
+leader once a second) and lists every host seen in the last
+:data:`FORGET_AFTER` seconds, alive or not.
 
 The leader lease
 ----------------
@@ -232,15 +246,6 @@ add_hosts(new)
 return #new
 """
 
-# The farm's one clock on a publication of an older version (kept for
-# benchmarks/bench_farm_scale.py's baseline).
-STAMP_SCRIPT = """
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], '~redis_at', t[1] .. '.' .. string.format('%06d', t[2]))
-return 0
-"""
-
-
 def _live_keys(prefix: str) -> list[str]:
     return [f"{prefix}~live~alive", f"{prefix}~live~watch", f"{prefix}~live~sum"]
 
@@ -256,6 +261,20 @@ def live_fields(counts: LiveCounts, previous: dict[tuple[str, str], int] | None 
         p = previous.get(name, 0)
         fields[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     return fields
+
+
+@dataclass
+class Publication:
+    """One host's live numbers ready to send (:meth:`LivePublisher.prepare`)."""
+
+    now: float
+    meta: list[Any]
+    fields: dict[str, str]
+    #: The fields that differ from ``base`` and those gone (None: no base).
+    changed: dict[str, str] | None
+    gone: list[str] | None
+    #: The acknowledged publication they were computed against.
+    base: dict[str, str] | None
 
 
 class LivePublisher:
@@ -298,19 +317,34 @@ class LivePublisher:
         """Publish this second's live numbers (see the class docstring);
         raises on a Redis error (and the next publication is full: this
         one may have run)."""
+        self.send(self.prepare(counts, level=level, now=now, last_roll=last_roll,
+                               previous=previous))
+
+    def prepare(self, counts: LiveCounts, *, level: int, now: float,
+                last_roll: float | None = None,
+                previous: dict[tuple[str, str], int] | None = None) -> "Publication":
+        """The publication of these numbers, its diff computed against the
+        last acknowledged one (no Redis yet: :meth:`send` sends it)."""
         fields = live_fields(counts, previous)
         meta = [level, repr(float(now)), "" if last_roll is None else repr(float(last_roll))]
-        sent = self._sent
-        self._sent = None  # until acknowledged
-        # A host paused near its TTL may have been reaped: full at once.
-        if sent is not None and self.clock() - self._acked < self.ttl_ms / 2000:
+        sent, changed, gone = self._sent, None, None
+        if sent is not None:
             changed = {f: v for f, v in fields.items() if sent.get(f) != v}
             gone = [f for f in sent if f not in fields]
-            if self._run("diff", now, meta, changed, gone):
-                self._sent, self._n, self._acked = fields, self._n + 1, self.clock()
+        return Publication(now, meta, fields, changed, gone, sent)
+
+    def send(self, pub: "Publication") -> None:
+        """Send a publication made by :meth:`prepare`: its diff if it was computed
+        against the last acknowledged one, less than half the TTL ago (a
+        host paused near its TTL may have been reaped), else whole."""
+        sent, self._sent = self._sent, None  # until acknowledged
+        if sent is not None and pub.base is sent and pub.changed is not None \
+                and self.clock() - self._acked < self.ttl_ms / 2000:
+            if self._run("diff", pub.now, pub.meta, pub.changed, pub.gone or []):
+                self._sent, self._n, self._acked = pub.fields, self._n + 1, self.clock()
                 return
-        self._run("full", now, meta, fields, [])
-        self._sent, self._n, self._acked = fields, self._n + 1, self.clock()
+        self._run("full", pub.now, pub.meta, pub.fields, [])
+        self._sent, self._n, self._acked = pub.fields, self._n + 1, self.clock()
         self.full += 1
 
     def _run(self, mode: str, now: float, meta: list[Any], fields: dict[str, str],

@@ -7,9 +7,9 @@ The tick hands over its clock, its level and the segment's instance
 older one not yet sent is replaced); the ``trafficthreshold-farm`` thread
 reads the live counts from its own attachment of the segment
 (:class:`LiveReader`: the tick does not pay for reading every key), publishes
-them (:func:`farm.publish_live`) and reads the farm back
-(:func:`farm.farm_live`) on its own Redis client, with a short socket
-timeout and no retries.  The latest reading is one attribute that the tick
+what changed (:class:`farm.LivePublisher`) and reads the level's key back
+(:class:`farm.LevelReader`: the farm's sum, one round trip) on its own
+Redis client, with a short socket timeout and no retries.  The latest reading is one attribute that the tick
 reads (:meth:`FarmSync.count`).
 
 ``[throttle] scope = "farm"``: the tick steps the level from the farm's
@@ -20,9 +20,10 @@ segment at this tick.  A reading older than :data:`STALE_AFTER` seconds
 own count until a fresh reading comes (both changes logged once), so a host
 cut off from the farm never stays at the farm's level.
 
-``[[alert]] scope = "farm"``: after each publication and read-back (which
-then also reads the farm rules' keys), the farm thread renews the leader
-lease and, while it leads, evaluates the farm rules over that reading
+``[[alert]] scope = "farm"``: after each publication and read-back, the
+farm thread renews the leader lease and, while it leads, evaluates the farm
+rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
+made only when the leader evaluates: :class:`LeaderReading`)
 (:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
@@ -243,9 +244,10 @@ class FarmSync:
 
     def count(self, own: int, now: float, window: str) -> int:
         """The farm's count of ``("all", "pageview")`` for the level: the
-        other alive hosts' from the latest reading plus ``own`` (this host's,
-        read now); ``own`` alone when the reading is stale (logged once, and
-        once when the farm's count is back)."""
+        other alive hosts' from the latest reading (the farm's sum less what
+        this host published) plus ``own`` (this host's, read now); ``own``
+        alone when the reading is stale (logged once, and once when the
+        farm's count is back)."""
         reading = self.fresh(now)
         if reading is None:
             if not self._fallback and self._first is not None \
