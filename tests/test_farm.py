@@ -307,3 +307,36 @@ def test_a_script_flush_leaves_the_live_hash_and_the_sums_as_they_were(
     pub.publish({LEVEL: (6, 6), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 2)
     assert level_total(r) == 6 == per_host_total(r) and pub.full == 2
     assert not r.exists("track~live~in:web1")
+
+
+def test_a_redis_that_lost_the_watch_set_is_watched_again_at_once(
+        redis_server: RedisServer) -> None:
+    """A Redis restarted empty under a running farm (no persistence): the
+    level reader watches its key again at its next reading, not after
+    WATCH_AGAIN."""
+    r = redis_server.client()
+    reader = farm.LevelReader(r, "web1", [LEVEL])
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    assert reader.read().count(*LEVEL, "minute") == 5
+    r.flushall()
+    pub.publish({LEVEL: (6, 6)}, level=0, now=NOW + 1)  # refused diff, then full
+    assert reader.read().count(*LEVEL, "minute") == 6 and pub.full == 2
+
+
+def test_a_reader_that_may_not_write_still_drops_a_dead_host(redis_server: RedisServer) -> None:
+    """farm_live's reaper is best effort: a user allowed to read only still
+    sees a host past its deadline as dead (the deadlines decide)."""
+    import redis
+
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    farm.LivePublisher(r, "web2", ttl_ms=200).publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    r.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+time",
+                      "+@connection")
+    ro = redis.Redis(port=redis_server.port, username="reader", password="pw")
+    time.sleep(0.3)
+    live = farm_live(ro, now=NOW)
+    assert live.count(*LEVEL, "minute") == 5
+    assert {h.host: h.alive for h in live.hosts} == {"web1": True, "web2": False}
+    assert r.exists("track~live:web2")  # not reaped: the reader may not write

@@ -502,15 +502,15 @@ class LevelReader:
         self._watched: float | None = None
 
     def read(self) -> FarmLive:
+        """The farm's total of the keys, and this host's row.  A key that
+        Redis no longer watches (a Redis restarted empty, a failover to a
+        replica that lacked it) is watched again at once."""
         if self._watched is None or self.clock() - self._watched > WATCH_AGAIN:
-            self.client.eval(WATCH_SCRIPT, 3, *_live_keys(self.prefix), self.prefix,
-                             WATCH_FOR, *self._fields)
-            self._watched = self.clock()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(f"{self.prefix}~live~sum", self._sums)
-        pipe.hmget(f"{self.prefix}~live:{self.host}", ["~at", "~level", *self._fields])
-        pipe.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
-        sums, own, rolled = pipe.execute()
+            self._watch()
+        sums, own, rolled, watched = self._read()
+        if None in watched:
+            self._watch()
+            sums, own, rolled, watched = self._read()
         total = {key: (int(sums[2 * i] or 0), int(sums[2 * i + 1] or 0))
                  for i, key in enumerate(self.keys) if sums[2 * i] or sums[2 * i + 1]}
         row = HostLive(self.host, alive=own[0] is not None,
@@ -519,6 +519,21 @@ class LevelReader:
             if v is not None:
                 row.take(k, _text(v))
         return FarmLive(total, [row], None)
+
+    def _watch(self) -> None:
+        self.client.eval(WATCH_SCRIPT, 3, *_live_keys(self.prefix), self.prefix,
+                         WATCH_FOR, *self._fields)
+        self._watched = self.clock()
+
+    def _read(self) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(f"{self.prefix}~live~sum", self._sums)
+        pipe.hmget(f"{self.prefix}~live:{self.host}", ["~at", "~level", *self._fields])
+        pipe.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
+        for f in self._fields:
+            pipe.zscore(f"{self.prefix}~live~watch", f)
+        sums, own, rolled, *watched = pipe.execute()
+        return [sums, own, rolled, watched]
 
 
 def farm_level(client: Any, host: str, *, now: float, prefix: str = "track",
@@ -541,7 +556,10 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
     seen = client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
     names = [_text(h) for h, _ in seen]
     pipe = client.pipeline(transaction=False)
+    # The reaper first (a reader allowed to write only; the deadlines
+    # below decide without it).
     pipe.eval(REAP_SCRIPT, 3, *_live_keys(prefix), prefix)
+    pipe.zrange(f"{prefix}~live~alive", 0, -1, withscores=True)
     fields = None if only is None else [
         "~level", "~at", "~last_roll", "~redis_at", *(f"{a}\0{e}" for a, e in only)]
     for host in names:
@@ -552,13 +570,23 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
         pipe.hget(f"{prefix}~host:{host}", "last_roll_at")
     pipe.get(f"{prefix}~leader")
     pipe.time()
-    _reaped, *replies, leader, (secs, usecs) = pipe.execute()
+    _reaped, deadlines, *replies, leader, clock = pipe.execute(raise_on_error=False)
+    for reply in (deadlines, *replies, leader, clock):
+        if isinstance(reply, Exception):
+            raise reply
+    secs, usecs = clock
+    redis_ms = int(secs) * 1000 + int(usecs) // 1000
+    # A host in the alive set past its deadline is dead, reaped or not; a
+    # hash not in it (an older version's) lives as long as it exists.
+    dead = {_text(h) for h, deadline in deadlines if deadline <= redis_ms}
     total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     hosts = []
     for (host, (_, at)), raw, rolled in zip(zip(names, seen), replies[::2], replies[1::2],
                                             strict=True):
         if fields is not None:  # HMGET: values in field order, None for a missing one
             raw = {} if raw[1] is None else {f: v for f, v in zip(fields, raw) if v is not None}
+        if host in dead:
+            raw = {}  # as if reaped
         row = HostLive(host, alive=bool(raw), at=float(at),
                        last_roll=None if rolled is None else float(rolled))
         for k, v in raw.items():
