@@ -280,8 +280,8 @@ class Publication:
 class LivePublisher:
     """One host's publication of its live counts (the farm thread's; not
     thread-safe).  The first publication, one after an error, one more
-    than the TTL after the last acknowledged one, and one whose diff was
-    refused are *full* (the hash replaced whole); the others send only the
+    than half the TTL after the last acknowledged one, and one whose diff
+    was refused are *full* (the hash replaced whole); the others send only the
     fields whose value changed and the fields gone (a *diff*), stamped with
     a sequence number: a diff applies only on the hash holding the sequence
     number it was computed from (PRE_SCRIPT), so it is never applied on top
@@ -334,9 +334,9 @@ class LivePublisher:
         return Publication(now, meta, fields, changed, gone, sent)
 
     def send(self, pub: "Publication") -> None:
-        """Send a publication made by :meth:`prepare`: its diff if it was computed
-        against the last acknowledged one, less than half the TTL ago (a
-        host paused near its TTL may have been reaped), else whole."""
+        """Send a publication made by :meth:`prepare`: its diff if it was
+        computed against the last acknowledged one, less than half the TTL
+        ago (a host paused near its TTL may have been reaped), else whole."""
         sent, self._sent = self._sent, None  # until acknowledged
         if sent is not None and pub.base is sent and pub.changed is not None \
                 and self.clock() - self._acked < self.ttl_ms / 2000:
@@ -352,7 +352,7 @@ class LivePublisher:
         args: list[Any] = [self.prefix, self.host, mode, self._seq(self._n)]
         if mode == "full":  # the first, or after an error: the scripts may be gone
             for script in (self._pre, self._post):
-                script.sha = self.client.script_load(script.script)
+                self.client.script_load(script.script)
         # EVALSHA, not redis-py's Script in a pipeline (a SCRIPT EXISTS
         # round trip before each MULTI); a NOSCRIPT fails the EXEC.
         keys, staging = self._keys, self._keys[5]

@@ -9,8 +9,8 @@ reads the live counts from its own attachment of the segment
 (:class:`LiveReader`: the tick does not pay for reading every key), publishes
 what changed (:class:`farm.LivePublisher`) and reads the level's key back
 (:class:`farm.LevelReader`: the farm's sum, one round trip) on its own
-Redis client, with a short socket timeout and no retries.  The latest reading is one attribute that the tick
-reads (:meth:`FarmSync.count`).
+Redis client, with a short socket timeout and no retries.  The latest
+reading is one attribute that the tick reads (:meth:`FarmSync.count`).
 
 ``[throttle] scope = "farm"``: the tick steps the level from the farm's
 count of ``("all", "pageview")`` in the configured window: the other hosts'
@@ -263,7 +263,7 @@ class FarmSync:
                      "follows the farm's total again", self.host)
         live = reading.live
         others = live.count(*LEVEL_KEYS[0], window) - live.own(self.host, LEVEL_KEYS[0], window)
-        return max(0, others) + own
+        return others + own
 
     @property
     def falling_back(self) -> bool:
@@ -313,7 +313,7 @@ class FarmSync:
         clock (it is as fresh as our last publication); False on an error,
         which the next offer's cycle meets and logs."""
         try:
-            self.reading = Reading(now, self._level(now))
+            self.reading = Reading(now, self.level_reader.read())
         except Exception:  # noqa: BLE001 - the next cycle says it
             return False
         return True
@@ -335,7 +335,7 @@ class FarmSync:
             self._refresh_claim()
             self.publisher.publish(counts, level=item.level, now=item.now,
                                    last_roll=self._last_roll(), previous=previous)
-            live = self._level(item.now)
+            live = self.level_reader.read()
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
             if self.alerts is not None:  # no Redis, no lead: stop at once
@@ -356,10 +356,6 @@ class FarmSync:
             self._step_alerts(LeaderReading(lambda: farm.farm_live(
                 self.client, now=item.now, prefix=self.prefix, only=self.keys())), item)
         return True
-
-    def _level(self, now: float) -> farm.FarmLive:
-        """The level's key read back: the farm's sum, one script."""
-        return self.level_reader.read()
 
     def _refresh_claim(self) -> None:
         """Keep ``[store] host`` ours (:class:`farm.HostClaim`); another
