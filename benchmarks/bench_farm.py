@@ -84,14 +84,14 @@ def bench(keys: int, ticks: int) -> dict[str, float]:
                 pub = farm.LivePublisher(client, "bench2")
                 level = farm.LevelReader(client, "bench2", farmsync.LEVEL_KEYS)
                 pub.publish(counts, level=0, now=start + 3)  # the first: whole
-                level.read()
+                level.read(start + 3)
                 changed = dict(counts)
                 for name in list(changed)[::10]:
                     m, s = changed[name]
                     changed[name] = (m + 1, s + 1)
                 t = time.perf_counter()
                 pub.publish(changed, level=0, now=start + 4)
-                level.read()
+                level.read(start + 4)
                 cycle = time.perf_counter() - t
                 pub.withdraw()
                 t = time.perf_counter()

@@ -184,7 +184,7 @@ class After:
         self.publisher.send(prepared)
 
     def level(self, now: float) -> int:
-        return self.reader.read().count(*LEVEL, "minute")
+        return self.reader.read(now).count(*LEVEL, "minute")
 
     def lead(self, now: float) -> None:
         farm.farm_live(self.client, now=now, only=[LEVEL, RULE])

@@ -318,10 +318,10 @@ def test_a_redis_that_lost_the_watch_set_is_watched_again_at_once(
     reader = farm.LevelReader(r, "web1", [LEVEL])
     pub = farm.LivePublisher(r, "web1")
     pub.publish({LEVEL: (5, 5)}, level=0, now=NOW)
-    assert reader.read().count(*LEVEL, "minute") == 5
+    assert reader.read(NOW).count(*LEVEL, "minute") == 5
     r.flushall()
     pub.publish({LEVEL: (6, 6)}, level=0, now=NOW + 1)  # refused diff, then full
-    assert reader.read().count(*LEVEL, "minute") == 6 and pub.full == 2
+    assert reader.read(NOW + 1).count(*LEVEL, "minute") == 6 and pub.full == 2
 
 
 def test_a_reader_that_may_not_write_still_drops_a_dead_host(redis_server: RedisServer) -> None:
@@ -340,3 +340,55 @@ def test_a_reader_that_may_not_write_still_drops_a_dead_host(redis_server: Redis
     assert live.count(*LEVEL, "minute") == 5
     assert {h.host: h.alive for h in live.hosts} == {"web1": True, "web2": False}
     assert r.exists("track~live:web2")  # not reaped: the reader may not write
+
+
+def publish_as_before(r, host: str, counts, now: float) -> None:
+    """A host of the older version (0.1): its hash whole, a 5-second
+    expiry, not in the alive set nor the sums."""
+    key = f"track~live:{host}"
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.hset(key, mapping={**farm.live_fields(counts), "~level": "0", "~at": repr(now),
+                            "~last_roll": ""})
+    pipe.pexpire(key, 5000)
+    pipe.zadd("track~hosts", {host: now})
+    pipe.execute()
+
+
+def test_a_farm_upgraded_host_by_host_counts_every_host_in_the_level(
+        redis_server: RedisServer) -> None:
+    """web1 upgraded, web2 and web3 still on the older version: web1's
+    level reading counts all three (the older hosts read host by host
+    while the farm is mixed); web2 upgraded: nothing doubled; web3 stops
+    (its hash gone): it leaves the level."""
+    r = redis_server.client()
+    reader = farm.LevelReader(r, "web1", [LEVEL])
+    web1 = farm.LivePublisher(r, "web1")
+    web1.publish({LEVEL: (1, 10)}, level=0, now=NOW)
+    publish_as_before(r, "web2", {LEVEL: (2, 20)}, NOW)
+    publish_as_before(r, "web3", {LEVEL: (4, 40)}, NOW)
+    live = reader.read(NOW)
+    assert live.count(*LEVEL, "minute") == 7 and live.count(*LEVEL, "60s") == 70
+    assert live.own("web1", LEVEL, "60s") == 10
+    farm.LivePublisher(r, "web2").publish({LEVEL: (3, 30)}, level=0, now=NOW + 1)
+    assert reader.read(NOW + 1).count(*LEVEL, "minute") == 8 == per_host_total(r)
+    r.delete("track~live:web3")  # its shutdown (or its expiry)
+    assert reader.read(NOW + 2).count(*LEVEL, "minute") == 4 == per_host_total(r)
+
+
+def test_a_host_downgraded_without_a_stop_leaves_the_sums_exact(
+        redis_server: RedisServer) -> None:
+    """web2 upgraded, SIGKILLed, its older version started at once (its
+    hash rewritten whole, no sequence number): at web2's deadline the
+    reaper rebuilds the sums instead of subtracting a share it never
+    added."""
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    farm.LivePublisher(r, "web2", ttl_ms=200).publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    assert level_total(r) == 12
+    publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 0.1)
+    time.sleep(0.3)
+    farm.LivePublisher(r, "web3").publish({LEVEL: (1, 1)}, level=0, now=NOW + 1)  # reaps web2
+    assert r.hget("track~live~sum", "minute\0all\0pageview") == b"6"
+    publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 1)
+    assert level_total(r) == 106  # web2 read by itself, as an older version's host

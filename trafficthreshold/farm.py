@@ -98,8 +98,9 @@ LiveCounts = dict[tuple[str, str], tuple[int, int]]
 # every host in the alive set.  reap() removes the hosts past their
 # deadline (subtracting their watched fields, then deleting their hash); a
 # dead host whose hash is gone already (it expired, LIVE_KEEP_MS, with
-# nobody left to reap it) makes it rebuild the sums from the live hosts'
-# hashes.  Host hashes are named here from the prefix (not declared in
+# nobody left to reap it) or was rewritten by an older version (no ~seq:
+# the host was downgraded without a stop) makes it rebuild the sums from
+# the live hosts' hashes.  Host hashes are named here from the prefix (not declared in
 # KEYS): one Redis, not a cluster (docs/redis.rst, "Past one Redis").
 LIVE_LUA = """
 local function parse(v)
@@ -138,7 +139,11 @@ local function reap()
   local lost = false
   for _, h in ipairs(dead) do
     local key = ARGV[1] .. '~live:' .. h
-    if redis.call('EXISTS', key) == 0 then lost = true else add_host(key, watched, -1) end
+    if not redis.call('HGET', key, '~seq') then
+      lost = true  -- gone, or rewritten by an older version: its share is unknown
+    else
+      add_host(key, watched, -1)
+    end
     redis.call('UNLINK', key)
     redis.call('ZREM', KEYS[1], h)
   end
@@ -479,6 +484,9 @@ def _text(value: Any) -> str:
 
 #: A reader asks Redis to keep watching its keys this often (seconds).
 WATCH_AGAIN = 600.0
+#: A host in ``{prefix}~hosts`` this recently (seconds, by its clock) and
+#: not in the alive set is taken for an older version's (LevelReader).
+LEGACY_WINDOW = LIVE_TTL_MS / 1000 + 5
 
 
 class LevelReader:
@@ -489,7 +497,14 @@ class LevelReader:
     :data:`WATCH_AGAIN` seconds after, so that a key stays watched), this
     host's own published fields (:meth:`FarmLive.own`: what it put in the
     sums, so that the caller can put its count of this instant in place of
-    it) and its last roll.  Not thread-safe."""
+    it) and its last roll.  Not thread-safe.
+
+    A farm being upgraded host by host: hosts of an older version publish
+    their hash whole, not into the sums.  When more hosts published in the
+    last :data:`LEGACY_WINDOW` seconds (``{prefix}~hosts``) than the alive
+    set holds, the reading adds the keys of those not in it, host by host
+    (their hashes expire 5 s after their last publication): the level
+    counts every host while the farm is mixed, at the old cost."""
 
     def __init__(self, client: Any, host: str, keys: Sequence[tuple[str, str]], *,
                  prefix: str = "track", clock: Any = None) -> None:
@@ -501,18 +516,23 @@ class LevelReader:
         self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s")]
         self._watched: float | None = None
 
-    def read(self) -> FarmLive:
-        """The farm's total of the keys, and this host's row.  A key that
-        Redis no longer watches (a Redis restarted empty, a failover to a
-        replica that lacked it) is watched again at once."""
+    def read(self, now: float) -> FarmLive:
+        """The farm's total of the keys, and this host's row, at ``now``
+        (this host's clock).  A key that Redis no longer watches (a Redis
+        restarted empty, a failover to a replica that lacked it) is watched
+        again at once."""
         if self._watched is None or self.clock() - self._watched > WATCH_AGAIN:
             self._watch()
-        sums, own, rolled, watched = self._read()
+        sums, own, rolled, watched, recent, alive = self._read(now)
         if None in watched:
             self._watch()
-            sums, own, rolled, watched = self._read()
+            sums, own, rolled, watched, recent, alive = self._read(now)
         total = {key: (int(sums[2 * i] or 0), int(sums[2 * i + 1] or 0))
-                 for i, key in enumerate(self.keys) if sums[2 * i] or sums[2 * i + 1]}
+                 for i, key in enumerate(self.keys)}
+        if recent > alive:
+            for key, (m, s) in self._legacy(now).items():
+                total[key] = (total[key][0] + m, total[key][1] + s)
+        total = {key: counts for key, counts in total.items() if any(counts)}
         row = HostLive(self.host, alive=own[0] is not None,
                        last_roll=None if rolled is None else float(rolled))
         for k, v in zip(["~at", "~level", *self._fields], own):
@@ -525,21 +545,47 @@ class LevelReader:
                          WATCH_FOR, *self._fields)
         self._watched = self.clock()
 
-    def _read(self) -> list[Any]:
+    def _read(self, now: float) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(f"{self.prefix}~live~sum", self._sums)
         pipe.hmget(f"{self.prefix}~live:{self.host}", ["~at", "~level", *self._fields])
         pipe.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
+        pipe.zcount(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
+        pipe.zcard(f"{self.prefix}~live~alive")
         for f in self._fields:
             pipe.zscore(f"{self.prefix}~live~watch", f)
-        sums, own, rolled, *watched = pipe.execute()
-        return [sums, own, rolled, watched]
+        sums, own, rolled, recent, alive, *watched = pipe.execute()
+        return [sums, own, rolled, watched, recent, alive]
+
+    def _legacy(self, now: float) -> LiveCounts:
+        """The keys of the hosts that published lately and are not in the
+        alive set (an older version's: not in the sums), summed."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrangebyscore(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
+        pipe.zrange(f"{self.prefix}~live~alive", 0, -1)
+        recent, alive = pipe.execute()
+        others = [_text(h) for h in set(recent) - set(alive)]
+        pipe = self.client.pipeline(transaction=False)
+        for host in others:
+            pipe.hmget(f"{self.prefix}~live:{host}", ["~at", *self._fields])
+        total: dict[tuple[str, str], tuple[int, int]] = {}
+        for host, values in zip(others, pipe.execute()):
+            if values[0] is None:
+                continue  # gone, or withdrawn
+            row = HostLive(host, alive=True)
+            for k, v in zip(self._fields, values[1:]):
+                if v is not None:
+                    row.take(k, _text(v))
+            for key, (m, s) in row.counts.items():
+                before = total.get(key, (0, 0))
+                total[key] = (before[0] + m, before[1] + s)
+        return total
 
 
 def farm_level(client: Any, host: str, *, now: float, prefix: str = "track",
                keys: Sequence[tuple[str, str]]) -> FarmLive:
     """One :meth:`LevelReader.read` (the keys watched first)."""
-    return LevelReader(client, host, keys, prefix=prefix).read()
+    return LevelReader(client, host, keys, prefix=prefix).read(now)
 
 
 def farm_live(client: Any, *, now: float, prefix: str = "track",

@@ -313,7 +313,7 @@ class FarmSync:
         clock (it is as fresh as our last publication); False on an error,
         which the next offer's cycle meets and logs."""
         try:
-            self.reading = Reading(now, self.level_reader.read())
+            self.reading = Reading(now, self.level_reader.read(now))
         except Exception:  # noqa: BLE001 - the next cycle says it
             return False
         return True
@@ -335,7 +335,7 @@ class FarmSync:
             self._refresh_claim()
             self.publisher.publish(counts, level=item.level, now=item.now,
                                    last_roll=self._last_roll(), previous=previous)
-            live = self.level_reader.read()
+            live = self.level_reader.read(item.now)
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
             if self.alerts is not None:  # no Redis, no lead: stop at once
