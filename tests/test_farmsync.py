@@ -580,6 +580,8 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
         finally:
             sup.shutdown(NOW + 7 * 60 + 3)  # no final roll under the other's name
         assert reader.period("shop", "pageview", 2027)["total"] == 10
+
+
 def test_the_farm_rules_read_host_by_host_only_when_the_leader_evaluates():
     """farmsync.LeaderReading: the per-host reading of the rules' keys is
     made at its first use (FarmAlerts evaluates only while it holds the
