@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
               f"reclaimed ({head['reclaimed']:,} in the header), keys_used "
               f"{head['keys_used']}, {shape['owned']} owned, {shape['free']} free; longest "
               f"wait for an era to end {rolled_data['longest_wait'][0] * 1000:.0f} ms {rolled_data['longest_wait'][1]}")
-        print(f"  dropped_hits {head['dropped_hits']:,}, overflow_hits "
+        print(f"  dropped_hits {head['dropped_hits']:,} ({head['lock_timeouts']:,} lock waits "
+              f"past 50 ms), overflow_hits "
               f"{head['overflow_hits']:,}, short of finished {deficit:,} {dict(shorts)}, probe_limit "
               f"{head['probe_limit']}")
     finally:

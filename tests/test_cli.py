@@ -836,8 +836,11 @@ def test_status_shows_reclaimed_and_free_slots(cfg, key, backend):
     counter.hit("gone2.example", now=now - 300 * 60)
     assert len(segment.reclaim(counter, now, int(now // 60) - 1)) == 2
     counter.hit("new.example", now=now)  # takes one of the two
+    counter.store(segment.H_LOCK_TIMEOUTS, 8, 3)
     counter.detach()
     info, text = _status_both_ways(cfg, backend)
+    assert info["lock_timeouts"] == 3
+    assert "losses      overflow hits 0, dropped hits 0 (3 lock waits past 50 ms)" in text
     # keys_used: the slots ever handed out; in use: ~overflow, all, new.example.
     assert (info["reclaimed"], info["free_slots"], info["keys_used"]) == (2, 1, 4)
     assert "keys        3 of 1024 used" in text

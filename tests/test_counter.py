@@ -1261,10 +1261,21 @@ def test_hits_racing_the_reclaim_of_their_own_key_are_counted_exactly(key, backe
             for host, n in _reclaim_plan(pool, wid, r):
                 expected[host] = expected.get(host, 0) + n
     header = segment.header(counter)
-    assert rolled.pop("all") == sum(expected.values())
-    assert rolled == expected, {k: header[k] for k in ("dropped_hits", "overflow_hits",
-                                                       "reclaimed", "keys_used")}
-    assert header["dropped_hits"] == header["overflow_hits"] == 0
+    facts = {k: header[k] for k in ("dropped_hits", "lock_timeouts", "overflow_hits",
+                                    "reclaimed", "keys_used")}
+    short_all = sum(expected.values()) - rolled.pop("all")
+    short = {host: n - rolled.get(host, 0) for host, n in expected.items()}
+    # Never a count under another key's name, never more than was hit.
+    assert set(rolled) <= set(expected) and short_all >= 0, (rolled, facts)
+    assert all(n >= 0 for n in short.values()), (short, facts)
+    assert header["overflow_hits"] == 0, facts
+    if header["lock_timeouts"] == 0:
+        assert short_all == 0 and rolled == expected, (short, facts)
+        assert header["dropped_hits"] == 0, facts
+    else:
+        # A loaded machine: a wait for the lock passed 50 ms (fail open).
+        # Every hit not counted is reported dropped.
+        assert max(short_all, sum(short.values())) <= header["dropped_hits"], (short, facts)
     # With 15, how many reclaims win their race against the hits varies.
     assert reclaimed == header["reclaimed"] > (pool if pool == 40 else 0)
     counter.detach()

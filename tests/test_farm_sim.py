@@ -27,6 +27,7 @@ from trafficthreshold.periods import local_parts
 from trafficthreshold.store.redis import RedisStore
 from trafficthreshold.supervisor import Supervisor
 from tt_farm import HOSTS, host_config, three_hosts
+from tt_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
 
@@ -147,16 +148,52 @@ def _wait_ready(counter, proc: subprocess.Popen, timeout: float = 15.0) -> None:
         time.sleep(0.02)
 
 
+def _migrate(path: str, url: str) -> str:
+    """``trafficthreshold store migrate`` as a user runs it (a process);
+    its output, after asserting it worked."""
+    out = subprocess.run([sys.executable, "-m", "trafficthreshold.cli", "--config", path,
+                          "store", "migrate", "--to", url], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
 def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
     """Real daemons SIGKILLed at random instants and restarted while
-    workers hit; half way through, web1 is renamed web1b (SIGTERM, a new
-    config, started again).  Every hit in Redis exactly once, no gap."""
+    workers hit.  Meanwhile: web3 counts into its SQLite file first and is
+    migrated twice while the file grows (stopped, ``store migrate``,
+    started again on SQLite: a trial run; later the real run, then started
+    on Redis); web1 is renamed web1b (SIGTERM, a new config, started
+    again); web2 talks to Redis through a proxy that loses every reply
+    while web2 stops (its final roll and its name's release run in Redis,
+    unanswered) and is started again.  Every hit in Redis exactly once, no
+    gap."""
     keys, paths = farm
     paths = dict(paths)
+    tmp = Path(paths["web1"]).parent
+    proxy = TcpProxy(redis_server.port)
+    paths["web2"] = host_config(tmp, "web2", keys["web2"], proxy.port)
+    redis_web3 = paths["web3"]
+    paths["web3"] = host_config(tmp, "web3", keys["web3"], redis_server.port,
+                                backend="sqlite", name="web3-sqlite")
     rnd = random.Random(kills)
     counters = {h: segment.attach(keys[h], "sysv") for h in HOSTS}
     hits: dict = defaultdict(int)
     procs = {}
+    migrations: list[str] = []
+
+    def stop(host: str) -> None:
+        procs[host].send_signal(signal.SIGTERM)
+        assert procs[host].wait(30) == 0, procs[host].stderr.read().decode()
+        procs[host].stderr.close()
+
+    def start(host: str) -> None:
+        procs[host] = _daemon(paths[host])
+        _wait_ready(counters[host], procs[host])
+
+    # (fraction of the run, event): each once, in this order
+    events = [(0.25, "trial migration"), (0.5, "rename"), (0.6, "migration"),
+              (0.75, "lost replies")]
     try:
         for host in HOSTS:
             procs[host] = _daemon(paths[host])
@@ -165,18 +202,28 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
         kill_at = sorted(rnd.uniform(0.5, seconds - 0.5) for _ in range(kills))
         started = time.monotonic()
         done = 0
-        renamed = False
-        while time.monotonic() - started < seconds:
-            if not renamed and time.monotonic() - started >= seconds / 2:
-                # web1's machine renamed: the daemon restarted as web1b
-                renamed = True
-                procs["web1"].send_signal(signal.SIGTERM)
-                assert procs["web1"].wait(30) == 0
-                procs["web1"].stderr.close()
-                paths["web1"] = host_config(Path(paths["web1"]).parent, "web1", keys["web1"],
-                                            redis_server.port, name="web1b")
-                procs["web1"] = _daemon(paths["web1"])
-                _wait_ready(counters["web1"], procs["web1"])
+        # (the stops and starts take time: every kill and event happens)
+        while time.monotonic() - started < seconds or done < len(kill_at) or events:
+            if events and time.monotonic() - started >= events[0][0] * seconds:
+                _, event = events.pop(0)
+                if event == "rename":  # web1's machine renamed: restarted as web1b
+                    stop("web1")
+                    paths["web1"] = host_config(tmp, "web1", keys["web1"], redis_server.port,
+                                                name="web1b")
+                    start("web1")
+                elif event.endswith("migration"):  # the file grew since the trial run
+                    stop("web3")
+                    migrations.append(_migrate(redis_web3, f"redis://127.0.0.1:{redis_server.port}/0"))
+                    if event == "migration":
+                        paths["web3"] = redis_web3
+                    start("web3")
+                else:  # every reply lost while web2 stops, then it starts again
+                    proxy.drop_replies()
+                    procs["web2"].send_signal(signal.SIGTERM)
+                    procs["web2"].wait(60)
+                    procs["web2"].stderr.close()
+                    proxy.pass_replies()
+                    start("web2")
             for host in HOSTS:
                 now = time.time()
                 account, event, n = rnd.choice(ACCOUNTS), rnd.choice(EVENTS), rnd.randint(1, 9)
@@ -186,11 +233,11 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
                 host = rnd.choice(HOSTS)
                 procs[host].send_signal(signal.SIGKILL)
                 procs[host].wait()
-                procs[host] = _daemon(paths[host])
-                _wait_ready(counters[host], procs[host])
+                procs[host].stderr.close()
+                start(host)
                 done += 1
             time.sleep(0.005)
-        assert done == kills
+        assert done == kills and not events
         for host in HOSTS:  # SIGTERM: the final roll of everything, the open minute too
             procs[host].send_signal(signal.SIGTERM)
         for host in HOSTS:
@@ -203,7 +250,10 @@ def run_sigkill_farm(farm, redis_server, kills: int, seconds: float) -> None:
             proc.stderr.close()
         for c in counters.values():
             c.detach()
+        proxy.close()
     assert_exact(redis_server, hits)
+    assert len(migrations) == 2 and all(" 0 hits" not in m for m in migrations), migrations
+    assert proxy.dropped > 0
     client = redis_server.client()
     assert client.hget("track~host:web1b", "closed_through") is not None
     for host in (*HOSTS, "web1b"):

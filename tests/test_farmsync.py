@@ -389,17 +389,30 @@ def test_the_live_reader_reads_active_keys_and_follows_a_new_segment(key):
 
 # -- one name, one supervisor (issue 21 item 2) ---------------------------------
 
+def clone_configs(tmp_path, keys, proxies) -> tuple[str, str]:
+    """Two machines (web1's and web2's segments and proxies) both configured
+    ``[store] host = "web1"``: their config paths."""
+    a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+    (tmp_path / "clone").mkdir()
+    return a, host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
+
+
+def start(path: str, pid: int, now: float):
+    """An in-process supervisor of ``path``, initialized at ``now``."""
+    from trafficthreshold.supervisor import Supervisor
+    sup = Supervisor(configuration.load(path, env={}), config_path=path, env={}, pid=pid)
+    sup.initialize(now)
+    return sup
+
+
 def test_a_second_supervisor_under_the_same_host_name_is_refused(tmp_path, redis_server):
     """Two machines (two segments) configured, or defaulted, to one host
     name: the second supervisor does not start; the error names both and
     the fix.  The first counts on, alone; once it stops, the name is free."""
     from trafficthreshold.supervisor import Supervisor
     with three_hosts(redis_server.port, NOW) as (keys, proxies):
-        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
-        (tmp_path / "clone").mkdir()
-        b = host_config(tmp_path / "clone", "web1", keys["web2"], proxies["web2"].port)
-        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4100)
-        first.initialize(NOW)
+        a, b = clone_configs(tmp_path, keys, proxies)
+        first = start(a, 4100, NOW)
         try:
             first.tick(NOW + 1)
             assert first.farm.drain(10)
@@ -445,3 +458,182 @@ def test_a_supervisor_restarted_after_sigkill_takes_its_own_name_back(tmp_path, 
         again.initialize(NOW + 1)
         assert time.monotonic() - started < 2
         again.shutdown(NOW + 2)
+
+
+def test_two_real_daemons_under_one_name_started_at_once_one_runs(tmp_path, redis_server):
+    """Two containers sharing the machine's host name start their daemons
+    at the same instant (two segments, one [store] host): exactly one runs
+    on, the other exits with the error naming both and the fix, and the
+    one that runs still holds the name afterwards."""
+    with three_hosts(redis_server.port, NOW) as (keys, _proxies):
+        paths = []
+        for host in ("web1", "web2"):
+            (tmp_path / host).mkdir()
+            paths.append(host_config(tmp_path / host, host, keys[host], redis_server.port,
+                                     name="shared"))
+        procs = [subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "--config",
+                                   p, "run", "--no-http"], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE) for p in paths]
+        try:
+            deadline = time.monotonic() + 30
+            while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(3)  # the winner keeps running past the loser's watch
+            codes = [p.poll() for p in procs]
+            assert sorted(c is None for c in codes) == [False, True], codes
+            loser = procs[codes.index(next(c for c in codes if c is not None))]
+            winner = procs[1 - procs.index(loser)]
+            error = loser.stderr.read().decode()
+            assert "'shared' is already used by another running supervisor" in error, error
+            assert f"pid {winner.pid}" in error and f"pid {loser.pid}" in error
+            holder = farm.HostClaim.holder(redis_server.client(), "shared")
+            assert holder is not None and holder["pid"] == winner.pid
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(30)
+                p.stderr.close()
+
+
+def test_a_second_supervisor_under_one_name_that_started_without_redis_stays_off_the_farm(
+        tmp_path, redis_server):
+    """The second supervisor under a name in use started while its Redis did
+    not answer (it starts, and retries each minute).  Once Redis answers,
+    its period store is refused (the name is held) and its farm link must
+    not open either: it would publish its live counts under the other's
+    name (the farm's live count of that host flips between the two) and,
+    at the start of its alerts, take over the lease of the name as its own
+    successor."""
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a, b = clone_configs(tmp_path, keys, proxies)
+        first = start(a, 4300, NOW)
+        proxies["web2"].stop()  # the clone starts with its Redis cut off
+        second = start(b, 4301, NOW + 1)
+        try:
+            assert second.store is None
+            proxies["web2"].start()
+            first.counter.hit("shop", "pageview", 5, NOW + 61)
+            second.counter.hit("shop", "pageview", 100, NOW + 61)
+            for t in (NOW + 61, NOW + 62):  # the next minute: the store is tried again
+                first.tick(t)
+                assert first.farm.drain(10)
+                second.tick(t)
+                if second.farm is not None:
+                    second.farm.drain(10)
+            assert second.store is None and second.refused is not None
+            live = farm.farm_live(redis_server.client(), now=NOW + 62)
+            assert [(r.host, r.counts.get(("shop", "pageview"), (0, 0))[0])
+                    for r in live.hosts] == [("web1", 5)]
+            assert second.farm is None
+            holder = farm.HostClaim.holder(redis_server.client(), "web1")
+            assert holder is not None and holder["pid"] == 4300
+        finally:
+            second.shutdown(NOW + 63)
+            first.shutdown(NOW + 63)
+
+
+def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_back(
+        tmp_path, redis_server):
+    """This supervisor was paused past its name's 5 s and another one (a
+    clone) took the name: its rolls (and its final roll) stop, the ring
+    keeps the minutes, rather than roll into the other's closed_through
+    under one name; once the name is free again (the clone stopped) the
+    farm thread takes it back and the next roll catches up: every hit once."""
+    from zoneinfo import ZoneInfo
+    from trafficthreshold.rollup import Roller
+    from trafficthreshold.store.redis import RedisStore
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a, _ = clone_configs(tmp_path, keys, proxies)
+        sup = start(a, 4400, NOW)
+        client = redis_server.client()
+        reader = RedisStore(client, ZoneInfo("UTC"), "reader")
+        try:
+            sup.tick(NOW + 1)
+            assert sup.farm.drain(10)
+            # the clone took the name while this one was paused
+            client.set("track~owner:web1", "abc 0 777 0", px=60_000)
+            sup.counter.hit("shop", "pageview", 7, NOW + 2)
+            sup.tick(NOW + 2)
+            assert sup.farm.drain(10)
+            # the clone rolls its own segment under web1 for 5 minutes
+            clone = Roller(segment.attach(keys["web2"], "sysv"),
+                           RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1"))
+            clone.counter.hit("shop", "pageview", 3, NOW + 62)
+            for t in range(int(NOW) + 61, int(NOW) + 6 * 60, 60):
+                sup.tick(t)
+                assert sup.farm.drain(10)
+                sup._wait_rolling()
+                clone.roll(t + 1)
+            assert reader.period("shop", "pageview", 2027)["total"] == 3
+            clone.counter.detach()
+            client.delete("track~owner:web1")  # the clone stopped
+            sup.tick(NOW + 6 * 60 + 2)
+            assert sup.farm.drain(10)
+            sup.tick(NOW + 7 * 60 + 1)
+            sup._wait_rolling()
+            assert reader.period("shop", "pageview", 2027)["total"] == 10
+            client.set("track~owner:web1", "abc 0 777 0", px=60_000)  # taken again
+            sup.counter.hit("shop", "pageview", 5, NOW + 7 * 60 + 2)
+            sup.tick(NOW + 7 * 60 + 2)
+            assert sup.farm.drain(10)
+        finally:
+            sup.shutdown(NOW + 7 * 60 + 3)  # no final roll under the other's name
+        assert reader.period("shop", "pageview", 2027)["total"] == 10
+
+
+def test_the_farm_rules_read_host_by_host_only_when_the_leader_evaluates():
+    """farmsync.LeaderReading: the per-host reading of the rules' keys is
+    made at its first use (FarmAlerts evaluates only while it holds the
+    lease), once; a host that does not lead never pays for it."""
+    loads = []
+    live = farm.FarmLive({("all", "pageview"): (3, 4)}, [], "web2")
+
+    def load():
+        loads.append(1)
+        return live
+
+    reading = farmsync.LeaderReading(load)
+    assert loads == []
+    assert reading.count("all", "pageview", "60s") == 4 and reading.leader == "web2"
+    assert reading.hosts == [] and loads == [1]
+    with pytest.raises(AttributeError):
+        reading._private
+
+
+def test_lost_replies_on_one_host_never_double_the_farms_level(farm3, redis_server):
+    """web3's replies lost for three seconds (its publications run, it
+    cannot know: tests/tt_proxy.py drop_replies) while all three hosts get
+    hits each second: every host's reading of the level's key (the farm's
+    sum) never exceeds the hosts' true total, and equals it once web3's
+    replies pass again; the farm thread's count (farm sum less its own
+    share plus its own count now) matches a host-by-host reading."""
+    keys, proxies, make = farm3
+    f = Farm(keys, make(), NOW)
+    client = redis_server.client()
+    try:
+        truth = 0
+        for second in range(8):
+            s = NOW + second
+            if second == 2:
+                proxies["web3"].drop_replies()
+            if second == 5:
+                proxies["web3"].pass_replies()
+            for i, host in enumerate(HOSTS):
+                f.counters[host].hit("shop", "pageview", i + 1, s)
+                truth += i + 1
+            f.tick(s)
+            for host in ("web1", "web2"):
+                reading = f.sups[host].farm.reading
+                assert reading.live.count("all", "pageview", "60s") <= truth
+        s = NOW + 8
+        f.tick(s)
+        f.tick(s + 0.5)
+        assert farm.farm_live(client, now=s).count("all", "pageview", "60s") == truth
+        for host in HOSTS:
+            sync = f.sups[host].farm
+            assert sync.reading.live.count("all", "pageview", "60s") == truth
+            assert sync.count(sync.reading.live.own(host, ("all", "pageview"), "60s"), s,
+                              "60s") == truth
+    finally:
+        f.close(NOW + 20)

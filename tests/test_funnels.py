@@ -345,6 +345,32 @@ def test_a_migration_copies_the_funnels_once(tmp_path, redis_server):
     assert store.roll(items, now=2) == 0
 
 
+@pytest.mark.redis
+def test_a_migration_rerun_after_the_file_grew_adds_the_funnels_growth(tmp_path, redis_server):
+    """Funnels are copied incrementally as the periods are: a trial run,
+    the file grows (a status grows, a new one comes), the real run adds
+    exactly the growth, to the hashes, the all-time totals and the key set."""
+    from trafficthreshold.migrate import migrate
+    path = str(tmp_path / "stats.sqlite3")
+    with SQLiteStore(path, ZONE) as sqlite:
+        sqlite.roll([("acme", "order/paid", EVE + 1, 2)], now=1, closed_through=EVE + 1)
+    store = _redis_store(redis_server)
+    migrate(path, store)
+    with SQLiteStore(path, ZONE) as sqlite:
+        sqlite.roll([("acme", "order/paid", EVE + 1, 5), ("acme", "order/lost", EVE + 2, 4),
+                     ("globex", "order/paid", EVE + 2, 1)], now=2, closed_through=EVE + 2)
+    again = migrate(path, store)
+    assert again.hits == 3 + 4 + 1
+    r = redis_server.client()
+    assert r.hgetall("funnels:acme:order:2027") == {b"paid": b"5", b"lost": b"4"}
+    assert r.hgetall("funnels:acme:order:2027:1") == {b"paid": b"5"}
+    assert r.hgetall("funnels:acme:order:2027:2") == {b"lost": b"4"}
+    assert store.funnel_accounts() == ["acme", "globex"]
+    totals = store.metrics_reading(0, EVE, EVE)["totals"]
+    assert totals["acme", "order/paid"] == 5 and totals["acme", "order/lost"] == 4
+    assert migrate(path, store).hits == 0
+
+
 # ------------------------------------------------- the API and the CLI
 
 LINKS = "http://127.0.0.1:8787/"

@@ -3,11 +3,14 @@ extension (the checkout root after ``pip install .``) says what is happening
 and what to do, instead of Python's circular-import message."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: -S: no site-packages, so no installed copy (an editable install of
@@ -51,3 +54,206 @@ def test_the_package_exports_the_bound_on_n() -> None:
     from trafficthreshold import segment
     assert trafficthreshold.MAX_HIT_N == segment.MAX_HIT_N == 2**32 - 1
     assert "MAX_HIT_N" in trafficthreshold.__all__
+
+
+# ------------------------------------------------ a web worker's imports
+#
+# A worker's first hit(), and one request through each middleware, load
+# nothing of the daemon: not the config (tomllib, difflib, ...), not
+# segment.py (sysv_ipc, posix_ipc, mmap, ...).  Each case runs in a fresh
+# interpreter, since this test process has imported all of them already.
+
+#: Modules of the daemon that a worker must never load.
+DAEMON = ("trafficthreshold.config", "trafficthreshold.segment", "sysv_ipc", "posix_ipc",
+          "tomllib")
+#: The package's modules a worker may load: the worker API, its
+#: environment, the middleware and its page-view rule.
+WORKER = {"trafficthreshold", "trafficthreshold._counter", "trafficthreshold.names",
+          "trafficthreshold.errors", "trafficthreshold.env", "trafficthreshold._middleware",
+          "trafficthreshold.pageviews", "trafficthreshold.periods", "trafficthreshold.wsgi",
+          "trafficthreshold.asgi", "trafficthreshold.django"}
+
+#: Run before a case's code: this tree comes first on the path (not another
+#: checkout's editable install), and the daemon's modules are not there to
+#: begin with (else the case could not tell).
+PROLOGUE = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+DAEMON = {DAEMON!r}
+assert not [name for name in DAEMON if name in sys.modules], sys.modules
+"""
+#: Run after it: what the case loaded, as the last line of stdout.
+EPILOGUE = """
+print(json.dumps({"daemon": [name for name in DAEMON if name in sys.modules],
+                  "ours": sorted(name for name in sys.modules
+                                 if name.split(".")[0] == "trafficthreshold"),
+                  "file": sys.modules["trafficthreshold"].__file__, "result": result}))
+"""
+
+HIT = """
+import trafficthreshold
+trafficthreshold.hit("site-a.example")
+result = trafficthreshold.count("site-a.example")
+"""
+#: Put before a case's code: the segment chosen by configure(), not the
+#: environment.
+CONFIGURE = """
+import trafficthreshold
+trafficthreshold.configure(key={key}, backend={backend}, strict={strict})
+"""
+STRICT_HIT = """
+import trafficthreshold
+try:
+    trafficthreshold.hit("site-a.example")
+    result = None
+except Exception as exc:
+    result = [type(exc).__name__, str(exc)]
+"""
+WSGI = """
+from wsgiref.util import setup_testing_defaults
+import trafficthreshold
+from trafficthreshold.wsgi import TrafficThreshold
+
+def page(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>level %d" % environ["trafficthreshold.level"]]
+
+app = TrafficThreshold(page, account="host", uniques=True)
+environ = {"HTTP_HOST": "site-a.example", "HTTP_ACCEPT": "text/html"}
+setup_testing_defaults(environ)
+body = b"".join(app(environ, lambda status, headers, exc_info=None: None))
+assert body == b"<p>level 0", body
+result = trafficthreshold.count("site-a.example")
+"""
+ASGI = """
+import asyncio
+import trafficthreshold
+from trafficthreshold.asgi import TrafficThreshold
+
+async def page(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/html")]})
+    await send({"type": "http.response.body", "body": b"<p>hi"})
+
+async def request():
+    sent = []
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "scheme": "http", "path": "/", "raw_path": b"/",
+             "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"site-a.example"), (b"accept", b"text/html")],
+             "client": ("127.0.0.1", 1234), "server": ("127.0.0.1", 80)}
+    await TrafficThreshold(page, account="host", uniques=True)(scope, receive, send)
+    return [message["type"] for message in sent]
+
+assert asyncio.run(request()) == ["http.response.start", "http.response.body"]
+result = trafficthreshold.count("site-a.example")
+"""
+DJANGO = """
+sys.path.insert(0, {tests})
+import trafficthreshold
+from apps import django_app  # configures Django, the middleware first
+from django.test import Client
+assert Client().get("/", HTTP_HOST="site-a.example").status_code == 200
+result = trafficthreshold.count("site-a.example")
+"""
+
+
+def run_worker(code: str, env: dict[str, str], **values: object) -> dict:
+    """Run ``code`` (which sets ``result``; ``{name}`` in it is ``repr()`` of
+    ``values[name]``) in a fresh interpreter with the worker's environment
+    ``env``; its report, and its stderr as ``stderr``."""
+    for name, value in values.items():
+        code = code.replace("{%s}" % name, repr(value))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRAFFICTHRESHOLD_")}
+    done = subprocess.run([sys.executable, "-c", PROLOGUE + code + EPILOGUE],
+                          cwd=ROOT / "tests", env={**clean, **env}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["file"] == str(ROOT / "trafficthreshold" / "__init__.py")
+    report["stderr"] = done.stderr
+    return report
+
+
+def assert_worker_only(report: dict) -> None:
+    assert report["daemon"] == []
+    assert set(report["ours"]) <= WORKER, set(report["ours"]) - WORKER
+
+
+def test_a_first_hit_by_the_environment_loads_nothing_of_the_daemon(installed):
+    key, backend = installed
+    report = run_worker(HIT, {"TRAFFICTHRESHOLD_KEY": hex(key),
+                              "TRAFFICTHRESHOLD_BACKEND": backend})
+    assert report["result"] == 1
+    assert_worker_only(report)
+
+
+def test_a_first_hit_by_the_key_alone_finds_either_backend(installed):
+    """Without TRAFFICTHRESHOLD_BACKEND the worker tries SysV, then POSIX."""
+    key, _ = installed
+    report = run_worker(HIT, {"TRAFFICTHRESHOLD_KEY": str(key)})
+    assert report["result"] == 1
+    assert_worker_only(report)
+
+
+def test_a_first_hit_after_configure_loads_nothing_of_the_daemon(installed):
+    key, backend = installed
+    report = run_worker(CONFIGURE + HIT, {}, key=key, backend=backend, strict=None)
+    assert report["result"] == 1
+    assert_worker_only(report)
+
+
+def test_the_fail_open_warning_loads_nothing_of_the_daemon(key):
+    """No segment: the warning names the fix, the hit is not counted."""
+    report = run_worker(HIT, {"TRAFFICTHRESHOLD_KEY": hex(key)})
+    assert report["result"] == 0
+    assert f"no trafficthreshold segment at SysV IPC key {key:#x}" in report["stderr"]
+    assert "run `trafficthreshold install`" in report["stderr"]
+    assert_worker_only(report)
+
+
+def test_a_bad_key_in_the_environment_is_warned_without_the_daemon() -> None:
+    report = run_worker(HIT, {"TRAFFICTHRESHOLD_KEY": "nonsense"})
+    assert report["result"] == 0
+    assert ("TRAFFICTHRESHOLD_KEY = 'nonsense' is not an integer; use decimal or 0x hex, "
+            "e.g. 0x54546831") in report["stderr"]
+    assert_worker_only(report)
+
+
+def test_strict_mode_errors_name_the_fix_without_the_daemon(key) -> None:
+    missing = run_worker(STRICT_HIT, {"TRAFFICTHRESHOLD_KEY": hex(key),
+                                      "TRAFFICTHRESHOLD_STRICT": "1"})
+    assert missing["result"][0] == "SegmentNotFound"
+    assert "run `trafficthreshold install`" in missing["result"][1]
+    assert_worker_only(missing)
+    bad = run_worker(STRICT_HIT, {"TRAFFICTHRESHOLD_KEY": "0x80000000",
+                                  "TRAFFICTHRESHOLD_STRICT": "1"})
+    assert bad["result"] == [
+        "ConfigError", "environment: TRAFFICTHRESHOLD_KEY = '0x80000000' must be from 1 to "
+        "0x7fffffff; use decimal or 0x hex, e.g. 0x54546831"]
+    assert_worker_only(bad)
+    configured = run_worker(CONFIGURE + STRICT_HIT, {}, key=key, backend="posix", strict=True)
+    assert configured["result"][0] == "SegmentNotFound"
+    assert "run `trafficthreshold install --backend posix`" in configured["result"][1]
+    assert_worker_only(configured)
+
+
+@pytest.mark.parametrize("chosen_by", ["environment", "configure"])
+@pytest.mark.parametrize("middleware", ["WSGI", "ASGI", "DJANGO"])
+def test_a_request_through_the_middleware_loads_nothing_of_the_daemon(installed, middleware,
+                                                                       chosen_by):
+    if middleware == "DJANGO":
+        pytest.importorskip("django")
+    key, backend = installed
+    code, env = globals()[middleware], {"TRAFFICTHRESHOLD_KEY": hex(key),
+                                        "TRAFFICTHRESHOLD_BACKEND": backend}
+    if chosen_by == "configure":
+        code, env = CONFIGURE + code, {}
+    report = run_worker(code, env, tests=str(ROOT / "tests"), key=key, backend=backend,
+                        strict=None)
+    assert report["result"] == 1
+    assert_worker_only(report)

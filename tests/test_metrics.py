@@ -128,6 +128,7 @@ def test_every_metric_from_store_segment_and_alerts(installed: tuple[int, str], 
     counter.store(segment.H_HEARTBEAT_MS, 8, int((NOW - 2.5) * 1000))
     counter.store(segment.H_OVERFLOW_HITS, 8, 11)
     counter.store(segment.H_DROPPED_HITS, 8, 4)
+    counter.store(segment.H_LOCK_TIMEOUTS, 8, 3)
     counter.store(segment.H_THROTTLE_LEVEL, 4, 2)
     rules = (AlertRule(name="burst"), AlertRule(name="calm", account="shop"))
     episode = alerts.Episode(started=NOW - 60, start_minute=MINUTE - 1, last_hot_minute=MINUTE,
@@ -151,6 +152,7 @@ def test_every_metric_from_store_segment_and_alerts(installed: tuple[int, str], 
     assert value(samples, "trafficthreshold_supervisor_heartbeat_age_seconds") == 2.5
     assert value(samples, "trafficthreshold_overflow_hits_total") == 11
     assert value(samples, "trafficthreshold_dropped_hits_total") == 4
+    assert value(samples, "trafficthreshold_segment_lock_timeouts_total") == 3
     assert value(samples, "trafficthreshold_segment_keys_capacity") == 1024
     assert value(samples, "trafficthreshold_segment_keys_used") == 4  # ~overflow, all, 2
     assert value(samples, "trafficthreshold_segment_up") == 1

@@ -191,3 +191,45 @@ def test_a_migration_cut_short_stops_the_roll_until_it_is_run_again(
     migrate(path, store)
     store.claim_segment(1)
     assert store.roll(items, now=2) == 0
+
+
+@pytest.mark.parametrize("lost_at", ["second", "last"])
+def test_a_migration_whose_reply_is_lost_is_run_again_and_adds_nothing_twice(
+        redis_server: RedisServer, history: tuple[str, list], lost_at: str) -> None:
+    """Through a proxy, every Redis reply is lost from the second or the
+    last target hash on (its script runs in Redis; the migration
+    stops on the timeout): the roll is refused until the migration is run again,
+    and the rerun leaves Redis holding exactly what SQLite holds; the ring
+    rolled afterwards adds nothing twice."""
+    import redis as redis_py
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from tt_proxy import TcpProxy
+    from trafficthreshold.errors import ConfigError
+    from trafficthreshold.store.redis import RedisStore
+    path, items = history
+    n = count_hashes(path)
+    at = {"second": 1, "last": n - 1}[lost_at]
+    with TcpProxy(redis_server.port) as proxy:
+        client = redis_py.Redis(port=proxy.port, socket_timeout=0.5,
+                                retry=Retry(NoBackoff(), 0))
+        store = RedisStore(client, store_on(redis_server).tz, "web1")
+        done = []
+
+        def progress(k):
+            done.append(k)
+            if len(done) == at:
+                proxy.drop_replies()
+        with pytest.raises(redis_py.RedisError):
+            migrate(path, store, progress=progress)
+        proxy.pass_replies()
+        assert len(done) == at and proxy.dropped > 0
+        fresh = RedisStore(redis_py.Redis(port=proxy.port, socket_timeout=2), store.tz, "web1")
+        with pytest.raises(ConfigError, match="store migrate"):
+            fresh.claim_segment(1)
+        migrate(path, fresh)
+    store = store_on(redis_server)
+    with SQLiteStore(path, "Europe/Zurich") as sqlite:
+        assert _totals(store) == _totals(sqlite)
+    store.claim_segment(1)
+    assert store.roll(items, now=2) == 0

@@ -17,6 +17,7 @@ import pickle
 import re
 import signal
 import struct
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -27,7 +28,7 @@ import pytest
 import sysv_ipc
 
 from trafficthreshold import _counter, names, segment
-from trafficthreshold.errors import (LayoutMismatch, SegmentError, SegmentInUse,
+from trafficthreshold.errors import (LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse,
                                      SegmentNotFound)
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00 UTC, a minute boundary
@@ -1322,6 +1323,96 @@ def test_an_insert_killed_at_any_store_is_redone_by_the_next_holder(key, backend
     finally:
         _counter._crash_at(0)
         counter.detach()
+
+
+def test_a_key_made_for_a_hit_is_not_reclaimed_before_the_hit_lands(key, backend):
+    """A reclaim that runs between a new key's insert and the addition of
+    the hit it was made for (here: the writer stopped for good right after
+    publishing the key) must not find the key idle.  Before the insert
+    stamped the hit's buckets, the new key's tags were all 0 (idle), the
+    reclaim took it back, and the writer's addition was dropped: a hit
+    lost to dropped_hits with nobody at fault (issue 20 follow-up; the
+    1-in-50 failure of test_hits_racing_the_reclaim_of_their_own_key)."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        # Killed after the key is published (store 6), before its addition.
+        status, result = _insert_dying_at(key, backend, 6, "new.example")
+        assert os.WIFSIGNALED(status), result
+        slot = counter.find("new.example", "pageview")
+        assert slot is not None
+        # The reclaim of keys idle before the hit's minute leaves it ...
+        assert counter.reclaim(MINUTE + 6) == []
+        assert counter.find("new.example", "pageview") == slot
+        # ... and the next hit counts in it, with no lock: its tags match.
+        counter.hit("new.example", n=2, now=NOW + 6 * 60)
+        assert counter.count(slot, 1, NOW + 6 * 60) == 2
+        check_consistent(key, backend)
+        # Idle for a ring after that minute, it is reclaimed like any key.
+        assert [a for _s, a, _e in counter.reclaim(MINUTE + 7)] == ["new.example"]
+    finally:
+        counter.detach()
+
+
+def test_a_child_forked_while_a_thread_waits_in_the_counter_can_let_it_go(key, backend):
+    """os.fork() in one thread while another thread of the process is inside
+    the Counter with the GIL released (waiting for the lock, as a hit's
+    roll-over or insert does): the child has no such thread, so the Counter
+    must not stay "busy" in it for good.  Before, the child could never
+    detach or re-attach that Counter (SegmentBusy: "another thread is inside
+    this Counter's lock"), e.g. to follow a re-install."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    shared = segment.attach(key, backend)
+    holder = segment.attach(key, backend)
+    holder.lock(1000)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(shared.lock(5000)))
+    waiter.start()
+    try:
+        time.sleep(0.2)  # the waiter is inside shared.lock(), GIL released
+
+        def child():
+            shared.detach()
+            shared.__init__(backend, key)  # (the parent holds the lock: no hit)
+            return shared.attached, shared.count(1, 1, NOW)
+
+        status, result = in_child(child)
+        assert waiter.is_alive() and not waited  # still waiting when it forked
+    finally:
+        holder.unlock()
+        waiter.join(10)
+    assert waited == [None]
+    shared.unlock()
+    assert result == ("returned", (True, 0)), result
+    shared.detach()
+    holder.detach()
+
+
+def test_a_hit_that_timed_out_waiting_for_the_lock_is_counted_as_such(key, backend):
+    """Each hot-path wait for the lock that passed its 50 ms is counted in
+    the header's lock_timeouts (a roll-over's addition dropped, a new key
+    not made), so a reader can tell a hit dropped by a busy lock (fail
+    open) from one lost any other way."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    holder = segment.attach(key, backend)
+    try:
+        counter.hit("a.example", now=NOW)
+        assert segment.header(counter)["lock_timeouts"] == 0
+        holder.lock(1000)
+        try:
+            # Its second buckets roll over: the `all` key's and a.example's,
+            # two waits, one hit dropped.
+            counter.hit("a.example", now=NOW + 1)
+            with pytest.raises(SegmentBusy):
+                counter.hit("new.example", now=NOW + 1)  # a new key
+        finally:
+            holder.unlock()
+        header = segment.header(counter)
+        assert header["lock_timeouts"] == 3 and header["dropped_hits"] == 1
+    finally:
+        counter.detach()
+        holder.detach()
 
 
 RECLAIM_POINTS = [110, 111, 101, 102, 103, 104, 105, 106, 107]

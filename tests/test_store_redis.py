@@ -429,6 +429,72 @@ def test_a_rename_while_the_old_name_still_rolls_is_refused(redis_server, key):
         counter.detach()
 
 
+def test_a_rename_right_after_a_sigkill_carries_over_at_once(redis_server, key):
+    """The old name's supervisor was SIGKILLed (its name's ownership key
+    lives on for its TTL) and the host restarts under a new name at once:
+    the old holder is gone (this boot, its pid dead), so the new name
+    carries the segment over and rolls, nothing twice; no error claiming
+    that a dead supervisor is running."""
+    from trafficthreshold import farm, segment
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    counter = _segment_with_hits(key, t0)
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    try:
+        old = RedisStore(redis_server.client(), zone, "web1")
+        Roller(counter, old).roll(t0 + 65)
+        instance = counter.load(segment.H_INSTANCE, 8)
+        farm.HostClaim(redis_server.client(), "web1", instance, pid=dead.pid).take()
+        counter.hit("acme", "pageview", 7, t0 + 70)
+        new = RedisStore(redis_server.client(), zone, "web1b")
+        assert Roller(counter, new).roll(t0 + 125) == 7
+        assert new.period("acme", "pageview", 2027)["total"] == 257
+        assert new.gaps() == []
+    finally:
+        counter.detach()
+
+
+def test_two_hosts_that_swap_names_count_nothing_twice_and_record_no_gap(redis_server, key):
+    """web1 and web2 stop, their configurations are swapped (web1's machine
+    is now web2 and the other way round), both start again and roll (web1's
+    new holder first): every hit once, no false gap, each name rolls its
+    new segment from where that segment stopped (web2 rolled its old one
+    an hour further than web1 did: a's minute after that must still be
+    read)."""
+    from conftest import remove_everything
+    from trafficthreshold import _counter, segment
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    other = segment.unused_key()
+    a = _segment_with_hits(key, t0, n=10)
+    segment.install(other, "sysv", now=t0)
+    b = segment.attach(other, "sysv")
+    b.hit("acme", "pageview", 20, t0 + 5)
+    try:
+        web1, web2 = (RedisStore(redis_server.client(), zone, h) for h in ("web1", "web2"))
+        assert Roller(a, web1).roll(t0 + 65, True) == 10  # SIGTERM: the final roll
+        assert Roller(b, web2).roll(t0 + 3665, True) == 20
+        a.hit("acme", "pageview", 1, t0 + 70)
+        b.hit("acme", "pageview", 2, t0 + 3670)
+        swapped1, swapped2 = (RedisStore(redis_server.client(), zone, h)
+                              for h in ("web1", "web2"))
+        assert Roller(b, swapped1).roll(t0 + 3725) == 2   # b, now named web1
+        assert Roller(a, swapped2).roll(t0 + 3725) == 1   # a, now named web2
+        assert web1.period("acme", "pageview", 2027)["total"] == 33
+        assert swapped1.gaps() == [] and swapped2.gaps() == []
+        assert swapped1.instance() == b.load(segment.H_INSTANCE, 8)
+        assert swapped2.instance() == a.load(segment.H_INSTANCE, 8)
+    finally:
+        a.detach()
+        b.detach()
+        _counter._reset()
+        remove_everything(other)
+
+
 def test_watermarks_outlive_a_ring_longer_than_two_days(redis_server, key):
     """A ring of 4,000 minutes: its watermarks are kept at least as long as
     the ring holds their minute (else the oldest minute, read once more for

@@ -35,10 +35,15 @@ def _fake_program(tmp_path: Path, name: str = "trafficthreshold") -> str:
     return str(program)
 
 
-def test_package_data_is_a_copy_of_the_shipped_unit() -> None:
-    assert PACKAGE_DATA.read_bytes() == SHIPPED.read_bytes(), (
-        "cp systemd/trafficthreshold.service trafficthreshold/data/"
+@pytest.mark.parametrize("name", systemd.UNITS)
+def test_package_data_is_a_copy_of_the_shipped_unit(name: str) -> None:
+    """Both units (the daemon's, the bus subscriber's template) reach a pip
+    install as package data, identical to systemd/."""
+    shipped = ROOT / "systemd" / name
+    assert (ROOT / "trafficthreshold" / "data" / name).read_bytes() == shipped.read_bytes(), (
+        f"cp systemd/{name} trafficthreshold/data/"
     )
+    assert systemd.shipped_unit(name) == shipped.read_text()
     assert systemd.shipped_unit() == SHIPPED.read_text()
 
 
@@ -281,11 +286,34 @@ def test_systemd_analyze_verify_accepts_the_subscriber_unit(tmp_path: Path) -> N
     (unit_dir / systemd.UNIT_NAME).write_text(
         systemd.render_unit(program, "/etc/trafficthreshold/config.toml"))
     instance = unit_dir / "trafficthreshold-subscribe@shop.service"
-    instance.write_text(SUBSCRIBE.read_text().replace("/usr/local/bin/trafficthreshold",
-                                                      f'"{program}"'))
+    instance.write_text(systemd.render_unit(program, "/etc/trafficthreshold/config.toml",
+                                            unit=systemd.SUBSCRIBER_UNIT_NAME))
     result = subprocess.run(
         [analyze, "verify", str(instance)], capture_output=True, text=True, timeout=120,
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"}, cwd=unit_dir)
     ours = [line for line in (result.stdout + result.stderr).splitlines()
             if "trafficthreshold" in line]
     assert result.returncode == 0 and not ours, result.stdout + result.stderr
+
+
+def test_cli_systemd_unit_subscriber_renders_the_template_with_this_installation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pip install` users get the subscriber's unit in one command, as the
+    daemon's: `trafficthreshold systemd-unit --subscriber`, with the paths
+    of this installation (program and config) written in."""
+    from click.testing import CliRunner
+
+    from trafficthreshold.cli import main
+    program = _fake_program(tmp_path)
+    monkeypatch.setenv("PATH", os.path.dirname(program))
+    result = CliRunner().invoke(main, ["systemd-unit", "--subscriber", "--config",
+                                       "/srv/tt/config.toml"])
+    assert result.exit_code == 0, result.output
+    unit = _directives(result.stdout)
+    assert unit["ExecStart"] == [f'"{program}" subscribe --name %i $ADDRESSES $OPTIONS']
+    assert unit["Environment"] == ["TRAFFICTHRESHOLD_CONFIG=/srv/tt/config.toml"]
+    assert unit["EnvironmentFile"] == ["/etc/trafficthreshold/subscribe-%i.env"]
+    assert unit["Type"] == ["notify"] and "ExecStartPre" not in unit
+    assert "systemd-unit --subscriber" in SUBSCRIBE.read_text()  # its install note says so
+    daemon = CliRunner().invoke(main, ["systemd-unit", "--config", "/srv/tt/config.toml"])
+    assert _directives(daemon.stdout)["ExecStart"] == [f'"{program}" run']

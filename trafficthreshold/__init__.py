@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 
-from . import names
+from . import env, names
 from .errors import (ConfigError, LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse,
                      SegmentNotFound, TrafficThresholdError)
 
@@ -64,18 +64,17 @@ _warned: set[str] = set()
 
 
 def _env_key() -> int:
-    from .config import env_key
-    from .segment import DEFAULT_KEY
-    key = env_key()
-    return DEFAULT_KEY if key is None else key
+    key = env.env_key()
+    return env.DEFAULT_KEY if key is None else key
 
 
 def _attach_default() -> Counter:
     """Called by the C code on a process's first hit (and every 10 s while
-    no segment is found)."""
+    no segment is found).  Reads the environment (:mod:`env`), never the
+    daemon's config or segment modules."""
     key = _settings.get("key")
     key = _env_key() if key is None else key
-    backend = _settings.get("backend") or os.environ.get("TRAFFICTHRESHOLD_BACKEND") or None
+    backend = _settings.get("backend") or env.env_backend()
     if backend is not None:
         return Counter(str(backend), int(key))
     try:
@@ -97,16 +96,12 @@ def _warn(message: str, exc: BaseException | None) -> None:
     log.warning("%s (this warning is shown once per process)", text)
 
 
-def _strict_from_env() -> bool:
-    return os.environ.get("TRAFFICTHRESHOLD_STRICT", "").lower() in ("1", "true", "yes")
-
-
 def configure(key: int | None = None, backend: str | None = None,
               strict: bool | None = None) -> None:
     """Choose the segment for this process (instead of the environment) and
     whether problems raise (strict) or are logged once (fail open, the
     default).  Takes effect at the next hit()."""
-    if backend is not None and backend not in ("sysv", "posix"):
+    if backend is not None and backend not in env.BACKENDS:
         raise ValueError(f"backend {backend!r} is not valid; use 'sysv' or 'posix'")
     if key is not None:
         _settings["key"] = int(key)
@@ -115,7 +110,7 @@ def configure(key: int | None = None, backend: str | None = None,
     if strict is not None:
         _settings["strict"] = bool(strict)
     _counter._setup(names.validate, _attach_default, _warn,
-                    bool(_settings.get("strict", _strict_from_env())))
+                    bool(_settings.get("strict", env.env_strict())))
     _counter._reset()
 
 

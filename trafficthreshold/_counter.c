@@ -76,7 +76,8 @@
  *                              (0 = unknown: probe to an empty entry)
  *   208  u64 index_seq        odd while a reclaim is under way (a seqlock for
  *                              readers that name counts; see segment.py)
- *   216..4095 reserved, zero
+ *   216  u64 lock_timeouts    hot-path lock waits past 50 ms (atomic add, no lock)
+ *   224..4095 reserved, zero
  *
  * The key index, index_size entries of 128 bytes at index_offset, an
  * open-addressing hash table with linear probing:
@@ -123,9 +124,10 @@
  * Inserts (insert_key): under the lock, the limit is checked again, the
  * entry written (state not yet ready), probe_limit raised if the key lies
  * past it, the record insert_entry/insert_slot stored, the slot taken (a pop
- * stores free_head before clearing next_free), the entry published, the
- * record cleared: a holder killed anywhere leaves nothing or a record the
- * next holder rolls forward.
+ * stores free_head before clearing next_free), the hit's minute and second
+ * buckets stamped (so a reclaim racing the hit does not find the new key
+ * idle), the entry published, the record cleared: a holder killed anywhere
+ * leaves nothing or a record the next holder rolls forward.
  *
  * Reclaim (Counter.reclaim, the supervisor after each roll): a key whose
  * every bucket is older than the minute it is given (out of the ring and
@@ -278,6 +280,7 @@
 #define H_INSERT_ENTRY 196
 #define H_PROBE_LIMIT 200
 #define H_INDEX_SEQ 208
+#define H_LOCK_TIMEOUTS 216
 
 /* Index entry offsets. */
 #define E_STATE 0
@@ -339,6 +342,9 @@ typedef struct {
                                  Python code (names.validate, the collector):
                                  detach() and __init__ must not unmap under
                                  them */
+    unsigned long busy_gen;   /* fork_generation when busy was counted: in a
+                                 child forked meanwhile the threads that held
+                                 it do not exist, so it counts as 0 there */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
     int64_t level_sec;        /* second of the cached throttle level (-1: none) */
     int level_cached;
@@ -373,6 +379,16 @@ static int strict_mode = 0;
 static volatile unsigned long fork_generation = 0;
 
 static void after_fork_child(void) { fork_generation++; }
+
+/* c->busy, counted per fork generation: a child forked while another
+ * thread was inside the Counter (its GIL released, waiting for the lock)
+ * has no such thread, and a count it inherited would refuse detach() and
+ * __init__ in the child for good. */
+#define BUSY_HELD(c) ((c)->busy > 0 && (c)->busy_gen == fork_generation)
+#define BUSY_ENTER(c) do { if ((c)->busy_gen != fork_generation) { \
+        (c)->busy = 0; (c)->busy_gen = fork_generation; } (c)->busy++; } while (0)
+#define BUSY_LEAVE(c) do { if ((c)->busy_gen == fork_generation && (c)->busy > 0) \
+        (c)->busy--; } while (0)
 
 /* A test hook (tests/test_segment.py): the process kills itself (SIGKILL,
  * holding the lock) at the store numbered crash_at of an insert (1..) or a
@@ -896,7 +912,7 @@ static int Counter_init(Counter *c, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "sl|Op", kwlist, &backend, &key, &stripe,
                                      &retired_ok))
         return -1;
-    if (c->busy > 0) {
+    if (BUSY_HELD(c)) {
         PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock");
         return -1;
     }
@@ -1171,7 +1187,12 @@ static long probe(Counter *c, const char *a, size_t alen, const char *e, size_t 
                 continue;
             }
             slot = __atomic_load_n(U32(ent, E_SLOT), __ATOMIC_RELAXED);
-            gen = __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_RELAXED);
+            /* Acquire: the insert stores the generation (release) after the
+             * name, lengths and hash, so an entry rewritten for another key
+             * (a reused tombstone) whose generation we see shows its new
+             * name too, never a mix that could match ours; the second look
+             * below then sees the same generation and accepts it. */
+            gen = __atomic_load_n(U32(ent, E_GENERATION), __ATOMIC_ACQUIRE);
             if (*U32(ent, E_HASH) == hash && *(uint8_t *)(ent + E_ACCOUNT_LEN) == alen
                 && *(uint8_t *)(ent + E_EVENT_LEN) == elen
                 && memcmp(ent + E_ACCOUNT, a, alen) == 0 && memcmp(ent + E_EVENT, e, elen) == 0) {
@@ -1208,6 +1229,16 @@ static uint32_t entry_past_window(Counter *c, uint32_t hash)
     return UINT32_MAX;
 }
 
+/* Resets bucket `b` to count `tag` from 0 (tag 0, a release fence, count 0,
+ * then the tag, release).  Caller holds the lock. */
+static inline void stamp_bucket(bucket_t *b, uint64_t tag)
+{
+    __atomic_store_n(&b->tag, 0, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->tag, tag, __ATOMIC_RELEASE);
+}
+
 /* Inserts the key under the structural lock; returns its ref, OVERFLOW_SLOT
  * when the table is full, or -1 with errno set when the lock was not taken.
  * No Python: runs with the GIL released, so a thread that holds the GIL
@@ -1219,19 +1250,22 @@ static uint32_t entry_past_window(Counter *c, uint32_t hash)
  * The order of the stores (docs/segment.rst, "How a writer counts a hit"):
  * the entry's fields (state not yet ready), probe_limit if the key lies
  * past it, the record insert_entry then insert_slot, the slot taken
- * (take_slot), state = ready, the record cleared.  A holder killed anywhere
+ * (take_slot), the hit's two buckets stamped (its `second`, in `stripe`), state =
+ * ready, the record cleared.  A holder killed anywhere
  * leaves either nothing visible or a record the next holder rolls forward
  * (finish_insert): never a slot lost, owned twice, or a cut free list. */
 static long insert_key(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                       uint32_t hash, uint32_t limit)
+                       uint32_t hash, uint32_t limit, uint64_t second, uint32_t stripe)
 {
     seglock_t l = lock_of(c);
     uint32_t pos, used, slot, gen, head, nfree, window, d;
     uint64_t free_word;
     long ref;
     int from_free;
-    if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0)
+    if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
+        __atomic_fetch_add(U64(c->base, H_LOCK_TIMEOUTS), 1u, __ATOMIC_RELAXED);
         return -1;
+    }
     recover(c);
     /* Re-probe under the lock: another process may have added it. */
     ref = probe(c, a, alen, e, elen, hash, &pos, NULL);
@@ -1280,6 +1314,17 @@ static long insert_key(Counter *c, const char *a, size_t alen, const char *e, si
              * entry is published.  Its buckets are zero: never used, or
              * zeroed by its reclaim. */
             take_slot(c, slot);
+            /* The hit's minute and second buckets of our stripe are
+             * stamped with its epochs (count 0): a reclaim that runs between
+             * this insert and the hit's addition would otherwise find the
+             * new key idle (every tag 0), take it back, and the hit would
+             * be dropped.  The tags are 0 (a fresh or zeroed slot), so this
+             * is a reset like roll_bucket's. */
+            stamp_bucket(stripe_buckets(c, slot, stripe) + (second / 60) % c->minutes,
+                         make_tag(second / 60, gen));
+            stamp_bucket(stripe_buckets(c, slot, stripe) + c->minutes + second % c->seconds,
+                         make_tag(second, gen));
+            CRASH_POINT(7);
             __atomic_store_n(U32(ent, E_STATE), ENTRY_READY, __ATOMIC_RELEASE);
             CRASH_POINT(6);
             __atomic_store_n(U32(c->base, H_INSERT_SLOT), 0u, __ATOMIC_RELEASE);
@@ -1306,11 +1351,14 @@ static inline uint32_t slots_in_use(Counter *c)
  * Takes the lock only to insert, with the GIL released (insert_key).  Names
  * are already validated and bounded.  The caller holds a reference to the
  * Counter and to the name strings whose UTF-8 `a` and `e` point into. */
+static inline void own_stripe(Counter *c);
+
 static long find_or_create(Counter *c, const char *a, size_t alen, const char *e, size_t elen,
-                           int is_all)
+                           int is_all, uint64_t second)
 {
     uint32_t hash = fnv1a(a, alen, e, elen);
     uint32_t limit = is_all ? c->key_capacity : c->key_capacity - EVENT_RESERVE;
+    uint32_t stripe;
     long slot = probe(c, a, alen, e, elen, hash, NULL, NULL);
     if (slot >= 0)
         return slot;
@@ -1323,8 +1371,10 @@ static long find_or_create(Counter *c, const char *a, size_t alen, const char *e
         return -1;
     }
     /* The caller (slot_for) holds c->busy: nothing unmaps under the insert. */
+    own_stripe(c);  /* a forked child stamps its own stripe */
+    stripe = c->stripe;
     Py_BEGIN_ALLOW_THREADS
-    slot = insert_key(c, a, alen, e, elen, hash, limit);
+    slot = insert_key(c, a, alen, e, elen, hash, limit, second, stripe);
     Py_END_ALLOW_THREADS
     if (slot < 0)
         PyErr_SetString(SegmentBusy, "timed out waiting for the segment lock to add a key");
@@ -1392,9 +1442,13 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * event): from the process cache, or from the index (creating the key).
  * -1 with an exception set on bad names or a lock timeout.  Overflow results
  * are not cached, so the cache stays bounded by the table's capacity.
- * Without `create` (readers: find) a cached ref is checked against the
- * slot's generation, and forgotten when the key was reclaimed; with it (the
- * hot path) the bucket tags do that check (roll_bucket).
+ * `create` is the hit's epoch second (the hot path: a new key's buckets of
+ * that second and its minute are stamped by the insert, insert_key), or 0
+ * (readers: find; nothing is created).  A second, not the hit's clock by
+ * address: an address that escapes would keep the hit's clock out of
+ * registers on the cached path.  Without it a cached ref is checked
+ * against the slot's generation, and forgotten when the key was reclaimed;
+ * with it the bucket tags do that check (roll_bucket).
  * The names must be exact str (or None): a subclass's __eq__ or __hash__
  * would run Python inside the cache's lookups.
  * Hazard: on a miss Python runs (names.validate; a new dict may start the
@@ -1404,9 +1458,9 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
  * pointer into the cache is kept across it; the result is cached by a
  * fresh lookup afterwards (cache_ref).  A hit found in the cache runs no
  * Python and never lets go of the GIL. */
-static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create);
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, uint64_t create);
 
-static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
+static long slot_for(Counter *c, PyObject *account, PyObject *event, uint64_t create)
 {
     PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
     long slot;
@@ -1422,14 +1476,14 @@ static long slot_for(Counter *c, PyObject *account, PyObject *event, int create)
     }
     if (PyErr_Occurred())
         return -1;
-    c->busy++;
+    BUSY_ENTER(c);
     slot = slot_miss(c, account, event, create);
-    c->busy--;
+    BUSY_LEAVE(c);
     return slot;
 }
 
 /* slot_for() on a cache miss; the caller holds c->busy. */
-static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create)
+static long slot_miss(Counter *c, PyObject *account, PyObject *event, uint64_t create)
 {
     const char *a, *e;
     Py_ssize_t alen, elen;
@@ -1441,7 +1495,7 @@ static long slot_miss(Counter *c, PyObject *account, PyObject *event, int create
         return -1;
     }
     if (create) {
-        slot = find_or_create(c, a, (size_t)alen, e, (size_t)elen, account == Py_None);
+        slot = find_or_create(c, a, (size_t)alen, e, (size_t)elen, account == Py_None, create);
     } else {
         slot = probe(c, a, (size_t)alen, e, (size_t)elen, fnv1a(a, alen, e, elen), NULL, NULL);
         if (slot < 0)
@@ -1495,9 +1549,10 @@ __attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64
     uint64_t cur, epoch = tag & EPOCH_MASK;
     uint32_t slot = REF_SLOT(ref), gen = REF_GEN(ref);
     int rc = 0;
-    c->busy++;
+    BUSY_ENTER(c);
     Py_BEGIN_ALLOW_THREADS
     if (seg_lock(&l, HOT_LOCK_TIMEOUT_MS) < 0) {
+        __atomic_fetch_add(U64(c->base, H_LOCK_TIMEOUTS), 1u, __ATOMIC_RELAXED);
         rc = -1;
     } else {
         recover(c);  /* a holder died half way: finish what it left first */
@@ -1521,7 +1576,7 @@ __attribute__((noinline)) static int roll_bucket(Counter *c, bucket_t *b, uint64
         seg_unlock(&l);
     }
     Py_END_ALLOW_THREADS
-    c->busy--;
+    BUSY_LEAVE(c);
     return rc;
 }
 
@@ -1676,9 +1731,9 @@ static long long parse_n(PyObject *obj)
 /* Returns the `all` slot of `event`, creating the key if needed, and makes
  * `event` the cached one (ev_obj) unless the key went to the overflow
  * slot.  -1 with an exception set on a bad event or a lock timeout. */
-static long all_slot_for(Counter *c, PyObject *event)
+static long all_slot_for(Counter *c, PyObject *event, uint64_t second)
 {
-    long slot = slot_for(c, Py_None, event, 1);
+    long slot = slot_for(c, Py_None, event, second);
     PyObject *accounts;
     if (slot <= (long)OVERFLOW_SLOT)
         return slot;
@@ -1738,12 +1793,12 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
     if (account != Py_None) {
         if (event == c->ev_obj && (v = PyDict_GetItemWithError(c->ev_accounts, account)) != NULL)
             slot = PyLong_AsLong(v);
-        else if (PyErr_Occurred() || (slot = slot_for(c, account, event, 1)) < 0)
+        else if (PyErr_Occurred() || (slot = slot_for(c, account, event, second)) < 0)
             return -1;
     }
     if (event == c->ev_obj)
         all_slot = c->ev_all_slot;
-    else if ((all_slot = all_slot_for(c, event)) < 0)
+    else if ((all_slot = all_slot_for(c, event, second)) < 0)
         return -1;
     if (second != c->clk.second)
         set_clock(c, second);
@@ -1753,7 +1808,7 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
     if (__builtin_expect(dropped == ADD_STALE, 0)) {
         /* Nothing was added yet: a failure here is the hit's. */
         forget_slots(c);
-        if ((all_slot = all_slot_for(c, event)) < 0)
+        if ((all_slot = all_slot_for(c, event, second)) < 0)
             return -1;
         dropped = add_slot(c, &clk, all_slot, n) != 0;
     }
@@ -1762,7 +1817,7 @@ static inline __attribute__((always_inline)) int hit_keys(Counter *c, PyObject *
         if (__builtin_expect(rc == ADD_STALE, 0)) {
             /* The `all` key is counted: a failure now drops the rest. */
             forget_slots(c);
-            if ((slot = slot_for(c, account, event, 1)) < 0) {
+            if ((slot = slot_for(c, account, event, second)) < 0) {
                 PyErr_Clear();
                 rc = 1;
             } else {
@@ -2154,7 +2209,7 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
     if ((out = PyList_New(0)) == NULL)
         return NULL;
     used = __atomic_load_n(U32(c->base, H_KEYS_USED), __ATOMIC_ACQUIRE);
-    c->busy++;  /* building the list may run Python (the collector): no detach */
+    BUSY_ENTER(c);  /* building the list may run Python (the collector): no detach */
     for (uint32_t slot = 0; slot < used && slot < c->key_capacity; slot++) {
         /* Counted by offset: `m <= last` would never end at last = 2**64-1. */
         for (uint64_t k = 0; last >= first && k <= last - first; k++) {
@@ -2164,12 +2219,12 @@ static PyObject *Counter_minutes(Counter *c, PyObject *args)
             if (append_new(out, Py_BuildValue("(IKK)", slot, (unsigned long long)m,
                                               (unsigned long long)n)) < 0) {
                 Py_DECREF(out);
-                c->busy--;
+                BUSY_LEAVE(c);
                 return NULL;
             }
         }
     }
-    c->busy--;
+    BUSY_LEAVE(c);
     return out;
 }
 
@@ -2202,7 +2257,7 @@ static PyObject *Counter_keys(Counter *c, PyObject *args)
     if (!PyArg_ParseTuple(args, "|O!", &PyList_Type, &damaged) || check_attached(c) < 0
         || (out = PyList_New(0)) == NULL)
         return NULL;
-    c->busy++;  /* building the list may run Python (the collector): no detach */
+    BUSY_ENTER(c);  /* building the list may run Python (the collector): no detach */
     for (uint32_t i = 0; i < c->index_size && rc == 0; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
@@ -2216,7 +2271,7 @@ static PyObject *Counter_keys(Counter *c, PyObject *args)
                             : Py_BuildValue("(IN)", i, item));  /* (entry, (slot, a, e)) */
         }
     }
-    c->busy--;
+    BUSY_LEAVE(c);
     if (rc < 0) {
         Py_DECREF(out);
         return NULL;
@@ -2293,7 +2348,7 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
     throttle = header_u32(c, H_THROTTLE_SLOT);
     /* Held for the whole scan: building the result may run Python (the
      * garbage collector), and `ent` points into the mapping. */
-    c->busy++;
+    BUSY_ENTER(c);
     for (uint32_t i = 0; i < c->index_size; i++) {
         char *ent = index_entry(c, i);
         if (__atomic_load_n(U32(ent, E_STATE), __ATOMIC_ACQUIRE) != ENTRY_READY)
@@ -2306,7 +2361,7 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         item = entry_tuple(ent);
         if (item == NULL) {
             Py_DECREF(out);
-            c->busy--;
+            BUSY_LEAVE(c);
             return NULL;
         }
         done = 0;
@@ -2328,14 +2383,14 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         if (rc != 0) {
             Py_DECREF(item);
             Py_DECREF(out);
-            c->busy--;
+            BUSY_LEAVE(c);
             PyErr_Format(SegmentBusy, "the segment lock was not free within %d ms to reclaim "
                          "slot %u", timeout_ms, slot);
             return NULL;
         }
         if (done ? append_new(out, item) < 0 : (Py_DECREF(item), 0)) {
             Py_DECREF(out);
-            c->busy--;
+            BUSY_LEAVE(c);
             return NULL;
         }
     }
@@ -2351,7 +2406,7 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    c->busy--;
+    BUSY_LEAVE(c);
     return out;
 }
 
@@ -2423,13 +2478,13 @@ static PyObject *lock_result(seglock_t *l, int timeout_ms, PyObject *keep)
     uint32_t holder;
     Py_XINCREF(keep);
     if (keep != NULL)
-        ((Counter *)keep)->busy++;
+        BUSY_ENTER((Counter *)keep);
     Py_BEGIN_ALLOW_THREADS
     rc = seg_lock(l, timeout_ms);
     err = errno;
     Py_END_ALLOW_THREADS
     if (keep != NULL)
-        ((Counter *)keep)->busy--;
+        BUSY_LEAVE((Counter *)keep);
     Py_XDECREF(keep);
     if (rc == 0)
         Py_RETURN_NONE;
@@ -2473,7 +2528,7 @@ static PyObject *Counter_unlock(Counter *c, PyObject *unused)
 
 static PyObject *Counter_detach(Counter *c, PyObject *unused)
 {
-    if (c->busy > 0) {
+    if (BUSY_HELD(c)) {
         PyErr_SetString(SegmentBusy, "another thread is inside this Counter's lock; "
                         "detach it when that call has returned");
         return NULL;
@@ -2721,6 +2776,7 @@ static int add_layout(PyObject *m)
     L("H_RECLAIM_ENTRY", H_RECLAIM_ENTRY); L("E_GENERATION", E_GENERATION);
     L("H_INSERT_SLOT", H_INSERT_SLOT); L("H_INSERT_ENTRY", H_INSERT_ENTRY);
     L("H_PROBE_LIMIT", H_PROBE_LIMIT); L("H_INDEX_SEQ", H_INDEX_SEQ);
+    L("H_LOCK_TIMEOUTS", H_LOCK_TIMEOUTS);
     L("T_GENERATION", T_GENERATION); L("T_NEXT_FREE", T_NEXT_FREE);
     L("SLOT_ENTRY_SIZE", SLOT_ENTRY_SIZE); L("EPOCH_BITS", EPOCH_BITS);
     L("ENTRY_EMPTY", ENTRY_EMPTY); L("ENTRY_READY", ENTRY_READY);

@@ -337,9 +337,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
     Example: trafficthreshold status --json
     """
-    from .status import collect, render
+    from .errors import LayoutMismatch, SegmentNotFound
+    from .status import collect, render, render_subscribers, subscribers
     cfg = _load(ctx)
-    info = collect(cfg, time.time())
+    now = time.time()
+    try:
+        info = collect(cfg, now)
+    except (LayoutMismatch, SegmentNotFound) as exc:
+        # No segment (or another's at the key): the subscribers still run,
+        # and this is when their events go uncounted; show them first.  (A
+        # user refused the segment gets the one error: joining its group is
+        # the fix for the state directory too.)
+        subs = subscribers(cfg, now)
+        if subs["subscribers"] or subs["subscriber_problems"]:
+            click.echo(json.dumps({"segment": None, "error": _message(exc) or str(exc), **subs},
+                                  indent=2) if as_json else
+                       "\n".join(render_subscribers(subs["subscribers"],
+                                                    subs["subscriber_problems"])))
+        raise
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
@@ -507,18 +522,23 @@ def config_show(ctx: click.Context) -> None:
 
 @main.command("systemd-unit")
 @common_options
+@click.option("--subscriber", is_flag=True,
+              help="The bus subscriber's template unit (trafficthreshold-subscribe@.service, "
+                   "docs/subscribe.rst) instead of the daemon's.")
 @click.pass_context
 @_fail_clearly
-def systemd_unit(ctx: click.Context) -> None:
+def systemd_unit(ctx: click.Context, subscriber: bool) -> None:
     """Print the systemd unit with this installation's paths.
 
     Example: trafficthreshold systemd-unit > /etc/systemd/system/trafficthreshold.service
+    Example: trafficthreshold systemd-unit --subscriber > /etc/systemd/system/trafficthreshold-subscribe@.service
     """
-    from .systemd import render_unit, warnings
+    from .systemd import SUBSCRIBER_UNIT_NAME, UNIT_NAME, render_unit, warnings
     path = os.path.abspath(ctx.obj.get("config_path") or configuration.DEFAULT_PATH)
     for warning in warnings(config_path=path):
         click.echo(f"warning: {warning}", err=True)
-    click.echo(render_unit(config_path=path), nl=False)
+    unit = SUBSCRIBER_UNIT_NAME if subscriber else UNIT_NAME
+    click.echo(render_unit(config_path=path, unit=unit), nl=False)
 
 
 @main.command("c-paths")

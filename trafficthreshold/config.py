@@ -34,13 +34,14 @@ from functools import lru_cache
 from typing import Any
 
 from trafficthreshold import names
+# The segment's defaults and the environment's key live in env.py, which a
+# worker loads without this module; config.parse_key and config.env_key
+# stay importable from here.
+from trafficthreshold.env import BACKENDS, DEFAULT_KEY, MAX_KEY, env_key, parse_key  # noqa: F401
 from trafficthreshold.errors import ConfigError
-from trafficthreshold.segment import BACKENDS, DEFAULT_KEY
 from trafficthreshold.segment import WINDOWS as SEGMENT_WINDOWS
 from trafficthreshold.throttle import POLICIES
 
-#: The largest key: key_t is a signed 32-bit int, and 0 is IPC_PRIVATE.
-MAX_KEY = 0x7FFFFFFF
 #: Where :func:`load` looks when neither a path nor the environment names one.
 DEFAULT_PATH = "/etc/trafficthreshold/config.toml"
 #: The database directory of a daemon running as root.
@@ -320,6 +321,11 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ValueError("the port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if "%" in host:  # waitress: "Invalid host/port specified." at start
+            raise ValueError(f"{host!r} has a zone id ({host[host.index('%'):]}), which the "
+                             f"server cannot listen on: write the address without it, e.g. "
+                             f'"[{host[:host.index("%")]}]:{port}" (a link-local fe80:: '
+                             "address needs one: listen on another address)")
         try:
             mapped = ipaddress.IPv6Address(host).ipv4_mapped
         except ValueError:
@@ -340,22 +346,14 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
+    """True for ``localhost`` (in any case, as host names are) and loopback
+    addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_key(text: str) -> int:
-    """Parse a segment key written in decimal or ``0x`` hex; ValueError if bad."""
-    text = text.strip()
-    key = int(text[2:], 16) if text[:2].lower() == "0x" else int(text, 10)
-    if not 1 <= key <= MAX_KEY:
-        raise ValueError(f"must be from 1 to {MAX_KEY:#x}")
-    return key
 
 
 def _has_control(value: str) -> bool:
@@ -624,12 +622,25 @@ def _prefix(value: Any) -> str:
     return value
 
 
+#: The characters IDNA 2003 (Python's "idna" codec) maps or drops and
+#: browsers keep (UTS 46 "deviations"): ß, final sigma, ZWJ, ZWNJ.
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200d\u200c")
+
+
 def _origin(parts: urllib.parse.SplitResult, item: str, fix: str) -> str:
     """An origin as a browser sends it in ``Origin:``: scheme and host in
     lower case, the host in punycode, no default port (80, 443)."""
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
+    elif _IDNA_DEVIATIONS.intersection(host):
+        # Python's "idna" is IDNA 2003 (ß -> ss); browsers keep these
+        # (UTS 46, non-transitional): we cannot spell what they send.
+        raise _Bad(f"has {_show(item)}, whose host browsers send in a punycode Python cannot "
+                   "make (it holds ß, ς or a zero-width joiner)",
+                   "write the host in punycode as the browser sends it in Origin: (e.g. "
+                   "xn--strae-oqa.example for straße.example; see the Origin header in the "
+                   "browser's developer tools)")
     else:
         try:
             host = host.encode("idna").decode("ascii")
@@ -1116,28 +1127,6 @@ def load(
     if key is not None:
         config = dataclasses.replace(config, key=key)
     return config
-
-
-def env_key(env: Mapping[str, str] = os.environ) -> int | None:
-    """``$TRAFFICTHRESHOLD_KEY`` as a key, None if unset; ConfigError if bad.
-    (The worker API reads it too, without loading the whole config.)
-
-    The key precedence, everywhere the key is read: a command-line
-    ``--key`` (the CLI passes it to :func:`load` as this variable), then
-    this variable, then ``key`` in the file, then ``DEFAULT_KEY``.  The
-    worker API has no file: ``configure(key=...)``, this variable, the
-    default."""
-    override = env.get("TRAFFICTHRESHOLD_KEY", "")
-    if not override.strip():
-        return None
-    try:
-        return parse_key(override)
-    except ValueError as exc:
-        problem = str(exc) if "must be" in str(exc) else "is not an integer"
-        raise ConfigError(
-            f"environment: TRAFFICTHRESHOLD_KEY = {override!r} {problem}; "
-            "use decimal or 0x hex, e.g. 0x54546831"
-        ) from None
 
 
 def _read(path: str) -> str:

@@ -31,7 +31,7 @@ hour, counted from the migration); those already beyond it are left out.
 The funnels table (schema 3: counts per status of an event per year and
 month) becomes Bootic's funnel hashes, ``{funnels_prefix}:{account}:{event}:{Y}``
 and ``...:{Y}:{M}`` with a field per status, the same way
-(:data:`FUNNEL_SCRIPT`).
+(the same :data:`COPY_SCRIPT`).
 
 So that the host's supervisor, once switched to Redis, carries on where the
 SQLite store stopped (neither re-adding nor skipping what its ring still
@@ -62,52 +62,37 @@ LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
           ("hours", ("year", "month", "day", "hour")),
           ("minutes", ("year", "month", "day", "hour", "minute")))
 
-# A target hash, incrementally.  KEYS: the legacy marker set (hashes
-# copied whole by an older version), the shadow hash (per field, the count
-# copied so far), the target hash, the totals hash.  ARGV: expire in (seconds
-# from now, as the roll's EXPIRE; 0 = never), the totals field ("" for none: only a year's hash,
-# whose fields are the months, adds to the key's all-time total), then
-# field, count pairs.  Adds what each field grew past its copied count;
-# returns the sum added, or -1 for a hash an older version copied.
-MIGRATE_SCRIPT = """
+# One target hash (a period's or a funnel's), incrementally.  KEYS: the
+# legacy marker set (hashes copied whole by an older version), the shadow
+# hash (per field, the count copied so far), the target hash, the totals
+# hash, a key set (the funnels': KEYS[5] gets ARGV[4]).  ARGV: expire in
+# (seconds from now, as the roll's EXPIRE; 0 = never), the totals field
+# that gets the sum added ("" for none: only a year's hash, whose fields are
+# the months, adds to the key's all-time total), the head of the totals
+# field each field adds to on its own ("" for none: a funnel year's
+# statuses, "{account}\0{event}/"), the key set's member ("" for none), then
+# field, count pairs.  Adds what each field grew past its copied count and
+# moves the shadow in the same step; returns the sum added, or -1 for a
+# hash an older version copied.
+COPY_SCRIPT = """
 if redis.call('SISMEMBER', KEYS[1], KEYS[3]) == 1 then return -1 end
 local total = 0
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local copied = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
   local delta = tonumber(ARGV[i + 1]) - copied
   if delta > 0 then
     redis.call('HINCRBY', KEYS[3], ARGV[i], delta)
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[3] .. ARGV[i], delta) end
     total = total + delta
   end
 end
 if total > 0 and ARGV[2] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[2], total) end
+if ARGV[4] ~= '' then redis.call('SADD', KEYS[5], ARGV[4]) end
 if ARGV[1] ~= '0' then
   redis.call('EXPIRE', KEYS[3], ARGV[1], 'NX')
   redis.call('EXPIRE', KEYS[2], ARGV[1])
 end
-return total
-"""
-
-# A funnel hash, incrementally.  KEYS: the legacy marker set, the shadow
-# hash, the target hash, the totals hash, the funnels' key set.  ARGV: the
-# totals field's head ("{account}\0{event}/", "" for a month's hash: only a
-# year's fields add to the all-time totals, one per status),
-# "{account}\0{event}" for the key set, then status, count pairs.
-FUNNEL_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[1], KEYS[3]) == 1 then return -1 end
-local total = 0
-for i = 3, #ARGV, 2 do
-  local copied = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
-  local delta = tonumber(ARGV[i + 1]) - copied
-  if delta > 0 then
-    redis.call('HINCRBY', KEYS[3], ARGV[i], delta)
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    if ARGV[1] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[1] .. ARGV[i], delta) end
-    total = total + delta
-  end
-end
-redis.call('SADD', KEYS[5], ARGV[2])
 return total
 """
 
@@ -214,7 +199,7 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
     now = time.time() if now is None else now
     refuse_after_rolls(store)
     marker = f"{prefix}~migrated:{store.host}"
-    copy = client.register_script(MIGRATE_SCRIPT)
+    copy = client.register_script(COPY_SCRIPT)
     keep = client.register_script(WATERMARK_SCRIPT)
     summary = Summary()
     conn = _open(path)
@@ -231,11 +216,11 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
                 progress(1)
                 continue
             args: list[object] = [int(expire_at - now) if expire_at else 0,
-                                  pair if table == "months" else ""]
+                                  pair if table == "months" else "", "", ""]
             for field, count in fields.items():
                 args.extend([field, count])
-            added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key],
-                             args=args))
+            added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
+                                   store.funnel_keys_key], args=args))
             _count(summary, added, table == "months")
             progress(1)
         _copy_funnels(conn, store, marker, summary, progress)
@@ -346,9 +331,9 @@ def refuse_colons(conn: sqlite3.Connection, path: str) -> None:
 def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
                   summary: Summary, progress: Callable[[int], None]) -> None:
     """The funnels rows into Bootic's funnel hashes, incrementally."""
-    copy = store.client.register_script(FUNNEL_SCRIPT)
+    copy = store.client.register_script(COPY_SCRIPT)
     for year_level, key, fields, pair in _funnel_hashes(conn, store.funnels_prefix):
-        args: list[object] = [f"{pair}/" if year_level else "", pair]
+        args: list[object] = [0, "", f"{pair}/" if year_level else "", pair]
         for status, count in fields.items():
             args.extend([status, count])
         added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,

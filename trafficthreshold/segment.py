@@ -41,12 +41,10 @@ import sysv_ipc
 from . import names
 from . import _counter
 from ._counter import Counter, _lock, _unlock
+from .env import BACKENDS, DEFAULT_KEY
 from .errors import LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse, SegmentNotFound
 
 log = logging.getLogger("trafficthreshold.segment")
-
-DEFAULT_KEY = 0x54546831  # "TTh1"
-BACKENDS = ("sysv", "posix")
 
 MAGIC = b"TRFTHRSH"
 LAYOUT_VERSION = 2
@@ -102,6 +100,7 @@ H_INSERT_SLOT = 192
 H_INSERT_ENTRY = 196
 H_PROBE_LIMIT = 200
 H_INDEX_SEQ = 208
+H_LOCK_TIMEOUTS = 216
 
 # Index entry offsets.
 E_STATE = 0
@@ -164,6 +163,7 @@ HEADER_FIELDS = {
     "attaches": (H_ATTACHES, 8), "instance": (H_INSTANCE, 8),
     "free_slots": (H_FREE_SLOTS, 4), "reclaimed": (H_RECLAIMED, 8),
     "probe_limit": (H_PROBE_LIMIT, 4), "index_seq": (H_INDEX_SEQ, 8),
+    "lock_timeouts": (H_LOCK_TIMEOUTS, 8),
 }
 
 

@@ -107,6 +107,7 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "free_slots": head["free_slots"], "reclaimed": head["reclaimed"],
         "minutes": head["minute_buckets"], "stripes": head["stripes"],
         "overflow_hits": head["overflow_hits"], "dropped_hits": head["dropped_hits"],
+        "lock_timeouts": head["lock_timeouts"],
         "attached": _guarded(damage, "attached processes", segment.attached_pids,
                              cfg.key, cfg.backend) or [],
         "permissions": _guarded(damage, "permissions", _permissions, cfg),
@@ -114,8 +115,17 @@ def _report(cfg: Config, head: dict[str, int], size: int, level: int | None, now
         "supervisor": _supervisor(head, now),
         "store": _store(cfg, now),
         **({"farm": _farm(cfg, now)} if cfg.store.backend == "redis" else {}),
-        "subscribers": subscribe.read_all(cfg.database, now),
+        **subscribers(cfg, now),
     }
+
+
+def subscribers(cfg: Config, now: float) -> dict[str, Any]:
+    """The ``trafficthreshold subscribe`` processes (from their stats files)
+    and what could not be read of them (``subscriber_problems``: a state
+    directory this user may not read, a damaged file), with or without a
+    segment."""
+    found, problems = subscribe.scan(cfg.database, now)
+    return {"subscribers": found, "subscriber_problems": problems}
 
 
 def _store(cfg: Config, now: float) -> dict[str, Any]:
@@ -346,14 +356,15 @@ def render(info: dict[str, Any]) -> str:
         f"ring {info['minutes']} minutes x {info['stripes']} stripes",
         f"reclaimed   {info['reclaimed']} idle keys' slots since the install, "
         f"{info['free_slots']} free for new keys",
-        f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']}",
+        f"losses      overflow hits {info['overflow_hits']}, dropped hits {info['dropped_hits']} "
+        f"({_plural(info['lock_timeouts'], 'lock wait', 'lock waits')} past 50 ms)",
         f"attached    {_plural(len(info['attached']), 'other process', 'other processes')}",
         f"throttle    level {level} ({low} - {top}), window {t['window']}, "
         f"multiplier {t['multiplier']}, policy {t['policy']}: {t['policy_state']}",
         f"supervisor  {sup}",
         *([_render_store(info["store"])] if info.get("store") else []),
         *(_render_farm(info["farm"]) if info.get("farm") else []),
-        *render_subscribers(info.get("subscribers") or []),
+        *render_subscribers(info.get("subscribers") or [], info.get("subscriber_problems") or []),
         "",
         f"{'ACCOUNT':<40} {'EVENT':<16} {'MINUTE':>10} {'LAST 60 S':>10}",
     ]
@@ -399,10 +410,11 @@ def _render_farm(f: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_subscribers(subs: list[dict[str, Any]]) -> list[str]:
+def render_subscribers(subs: list[dict[str, Any]], problems: list[str] = ()) -> list[str]:
     """``subscriber  bus: running, ...`` a line each (trafficthreshold
-    subscribe, from its stats file: see subscribe.read_all)."""
-    lines = []
+    subscribe, from its stats file: see subscribe.read_all), and
+    ``subscribers ...`` for each thing that could not be read."""
+    lines = [f"subscribers {problem}" for problem in problems]
     for sub in subs:
         heard = ("nothing heard yet" if sub.get("last_heard") is None else
                  f"last heard {_iso(int(sub['last_heard']))}")

@@ -44,6 +44,7 @@ import os
 import re
 import selectors
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any
@@ -72,6 +73,8 @@ STALE_S = 10.0
 #: Stats files not replaced for this long are no longer shown (a
 #: subscriber taken out of service); ``rm`` forgets one sooner.
 FORGET_S = 7 * 86400
+#: A stats file is a few hundred bytes: a bigger one is not one (not read).
+MAX_STATS_BYTES = 65536
 #: Why an event was rejected: the reason (a metrics label) and what it means.
 REASONS = {
     "frame": "the frame is not `topic whitespace JSON`",
@@ -85,6 +88,10 @@ REASONS = {
 }
 #: Rejections are logged once per reason per this many seconds.
 LOG_EVERY_S = 60.0
+#: After a disconnect, how long libzmq has to say it reconnects by itself
+#: (EVENT_CONNECT_RETRIED, sent at once after a network error; nothing
+#: follows a protocol error) before the subscriber connects again by hand.
+RECONNECT_GRACE_S = 0.2
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
@@ -105,6 +112,17 @@ def check_name(name: str) -> str:
         raise ValueError(f"subscriber name {name!r} is not valid: use 1..64 characters of "
                          "A-Z a-z 0-9 . _ - (not starting with '.'), e.g. --name shop-bus")
     return name
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), which stamps a stats file's monotonic time:
+    CLOCK_MONOTONIC is one clock for every process of a boot, and starts
+    again at the next one.  None where it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            return file.read().strip() or None
+    except OSError:
+        return None
 
 
 def stats_dir(database: str) -> str:
@@ -299,6 +317,22 @@ def lines(stream: IO[bytes] | int, max_size: int, on_oversize: Callable[[bytes],
         yield batch
 
 
+#: A TCP address whose host is an IPv6 literal (``tcp://[::1]:6000``, also
+#: with a source ``tcp://eth0;[::1]:6000``).
+IPV6_LITERAL = re.compile(r"tcp://(?:[^;]*;)?\[")
+
+
+def connect(sock: Any, address: str) -> None:
+    """``sock.connect(address)``, with ZMQ_IPV6 on for an IPv6 literal:
+    libzmq takes ``tcp://[::1]:6000`` without it and never connects.  (Not
+    for every address: with it, a host name with an IPv6 address too is
+    tried on IPv6 only, and a publisher bound to IPv4 alone is never
+    reached.  ZMQ_IPV6 is read at each connect.)"""
+    import zmq
+    sock.setsockopt(zmq.IPV6, 1 if IPV6_LITERAL.match(address) else 0)
+    sock.connect(address)
+
+
 class Subscriber:
     """The ``subscribe`` process: initialize / run / shutdown, like the
     supervisor.  SIGTERM and SIGINT set a flag; the loop then ends, writes
@@ -325,11 +359,19 @@ class Subscriber:
         self.connected: set[str] = set()
         self.disconnects = 0
         self._disconnect_logged = -math.inf
+        #: endpoint -> when to connect it again by hand (unless libzmq retries)
+        self._reconnect_due: dict[str, float] = {}
         self.stopping = False
+        #: it ended cleanly (SIGTERM, the end of the input): the stats say so
+        self.stopped = False
         self._lock_fd: int | None = None
         self._next_stats = 0.0
         self._next_dog = 0.0
         self._dog = notify.watchdog_interval(env)
+        self._boot_id = boot_id()
+        #: stats writes failed since the last warning (-1: the last one worked)
+        self._write_failures = -1
+        self._write_logged = -math.inf
 
     # ------------------------------------------------------------- lifecycle
 
@@ -337,9 +379,16 @@ class Subscriber:
         """Point hit() at the configured segment, take the name's lock (one
         process per name) and write a first stats file."""
         trafficthreshold.configure(key=self.key, backend=self.backend, strict=False)
-        os.makedirs(self.dir, mode=0o750, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, self.name + ".lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            os.makedirs(self.dir, mode=0o750, exist_ok=True)
+            fd = os.open(os.path.join(self.dir, self.name + ".lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot use {self.dir} for this subscriber's lock and stats file "
+                f"({exc.strerror}: {exc.filename}): run it as the daemon's user "
+                "(trafficthreshold under systemd, who owns the state directory beside "
+                "the database), or remove what is in the way") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -348,13 +397,16 @@ class Subscriber:
                              f"{self.dir}/{self.name}.lock): stop it, or give this one "
                              "another --name") from None
         self._lock_fd = fd
-        # What a SIGKILL between the write and the rename left (other pids).
+        # What a SIGKILL between the write and the rename left (other pids);
+        # not another name's ("x.json.1" writes x.json.1.json.<pid>.tmp).
+        leftover = re.compile(re.escape(self.name) + r"\.json\.[0-9]+\.tmp")
         for entry in os.listdir(self.dir):
-            if entry.startswith(self.name + ".json.") and entry.endswith(".tmp"):
+            if leftover.fullmatch(entry):
                 try:
                     os.unlink(os.path.join(self.dir, entry))
                 except OSError:
                     pass
+        forget_stale(self.dir, time.time())
         # Attach now: with no segment, hit()'s own warning (once), fail open.
         _counter._ensure()
         self.write_stats()
@@ -366,18 +418,23 @@ class Subscriber:
         # that Restart=on-failure restarts: the bus would go uncounted.
         signal.signal(signal.SIGHUP, self._on_hup)
         self.initialize()
+        clean = False
         try:
             if self.addresses == ["-"]:
                 self._run_lines()
             else:
                 self._run_zmq()
+            clean = True
         finally:
-            self.shutdown()
+            self.shutdown(clean)
         return 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, clean: bool = True) -> None:
+        """The last stats file: ``stopped`` only after a clean end (a crash
+        leaves it to go stale, "not running"); the lock released."""
         notify.stopping(self.env)
         self.stopping = True
+        self.stopped = clean
         self.write_stats()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -430,9 +487,11 @@ class Subscriber:
         sock.setsockopt(zmq.LINGER, 0)
         for topic in self.topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                          | zmq.EVENT_CONNECT_RETRIED
+                                          | zmq.EVENT_CONNECT_DELAYED)
         for address in self.addresses:
-            sock.connect(address)
+            connect(sock, address)
         return sock, monitor
 
     def _run_zmq(self) -> None:
@@ -453,7 +512,11 @@ class Subscriber:
         recv, again, noblock = sock.recv, zmq.Again, zmq.NOBLOCK
         try:
             while not self.stopping:
-                ready = dict(poller.poll(int(STATS_INTERVAL * 500)))
+                wait = STATS_INTERVAL / 2
+                if self._reconnect_due:
+                    wait = max(0.0, min(wait, min(self._reconnect_due.values())
+                                        - time.monotonic()))
+                ready = dict(poller.poll(int(wait * 1000)))
                 if sock in ready:
                     frames: list[bytes] = []
                     append = frames.append
@@ -467,6 +530,8 @@ class Subscriber:
                 if monitor in ready:
                     while monitor.poll(0):
                         self._connection_event(sock, recv_monitor_message(monitor))
+                if self._reconnect_due:
+                    self._reconnect(sock)
                 self.housekeeping()
         finally:
             sock.disable_monitor()
@@ -475,34 +540,56 @@ class Subscriber:
             context.term()
 
     def _connection_event(self, sock: Any, event: dict[str, Any]) -> None:
-        """Follow the connections (ZMQ's socket monitor).  A connection
-        dropped is made again at once, by hand: libzmq reconnects by itself
-        after a network error, but not after a protocol error, which is
-        what a frame over ZMQ_MAXMSGSIZE is (it would leave this subscriber
-        deaf to that publisher for good).  What the publisher sent in
-        between is lost: counted as a disconnect, nothing more is known."""
+        """Follow the connections (ZMQ's socket monitor).  libzmq reconnects
+        by itself after a network error (and says so at once,
+        EVENT_CONNECT_RETRIED), at its pace (every 100 ms), but not after a
+        protocol error, which is what a frame over ZMQ_MAXMSGSIZE is (it
+        would leave this subscriber deaf to that publisher for good): a
+        disconnect libzmq does not follow with a retry within
+        RECONNECT_GRACE_S is connected again by hand (:meth:`_reconnect`).
+        (Connecting by hand after every disconnect, at once, spun: a port
+        that hangs up at once got thousands of connections a second.)  What
+        the publisher sent in between is lost: counted as a disconnect,
+        nothing more is known."""
         import zmq
         endpoint = event["endpoint"].decode("utf-8", "replace")
-        if event["event"] == zmq.EVENT_CONNECTED:
+        kind = event["event"]
+        if kind in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED):
+            self._reconnect_due.pop(endpoint, None)  # libzmq is on it
+            return
+        if kind == zmq.EVENT_CONNECTED:
+            self._reconnect_due.pop(endpoint, None)
             self.connected.add(endpoint)
             return
-        if event["event"] != zmq.EVENT_DISCONNECTED:
+        if kind != zmq.EVENT_DISCONNECTED:
             return
         self.connected.discard(endpoint)
         self.disconnects += 1
         now = time.monotonic()
+        self._reconnect_due[endpoint] = now + RECONNECT_GRACE_S
         if now - self._disconnect_logged >= LOG_EVERY_S:
             self._disconnect_logged = now
             log.warning("disconnected from %s (the publisher went away, or sent a frame over "
                         "--max-size %d bytes): connecting again; what it published meanwhile "
                         "is lost (%d disconnects so far; logged once a minute)", endpoint,
                         self.max_size, self.disconnects)
+
+    def _reconnect(self, sock: Any) -> None:
+        """Connect again by hand each endpoint whose disconnect libzmq did
+        not follow with a retry in time (see :meth:`_connection_event`)."""
+        now = time.monotonic()
+        for endpoint in [e for e, due in self._reconnect_due.items() if due <= now]:
+            del self._reconnect_due[endpoint]
+            self._connect_again(sock, endpoint)
+
+    def _connect_again(self, sock: Any, endpoint: str) -> None:
+        import zmq
         try:
             sock.disconnect(endpoint)
         except zmq.ZMQError:
             pass  # libzmq forgot it already (the protocol error's case)
         try:
-            sock.connect(endpoint)
+            connect(sock, endpoint)
         except zmq.ZMQError as exc:
             log.error("cannot connect to %s again (%s)", endpoint, exc)
 
@@ -512,26 +599,94 @@ class Subscriber:
         return {"name": self.name, "addresses": self.addresses, "topics": self.topics,
                 "types": self.types, "hwm": self.hwm, "max_size": self.max_size,
                 "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
+                "monotonic": time.monotonic(), "boot_id": self._boot_id,
                 "last_heard": self.last_heard,
                 "connected": None if self.addresses == ["-"] else len(self.connected),
-                "disconnects": self.disconnects, "stopped": self.stopping,
+                "disconnects": self.disconnects, "stopped": self.stopped,
                 **self.counter.tally()}
 
     def write_stats(self) -> None:
         """Replace the stats file atomically (a reader sees the old or the
-        new file, never half of one).  A failure is logged, never raised:
-        the counting goes on."""
+        new file, never half of one); its directory is made again if it
+        went.  A failure is logged once a minute (with how many since),
+        never raised: the counting goes on."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as file:
-                json.dump(self.stats(), file)
-            os.replace(tmp, self.path)
+            try:
+                self._write(tmp)
+            except FileNotFoundError:
+                os.makedirs(self.dir, mode=0o750, exist_ok=True)
+                self._write(tmp)
         except OSError as exc:
-            log.warning("cannot write %s (%s): status and /metrics will not show this "
-                        "subscriber", self.path, exc)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self._write_failures = max(self._write_failures, 0) + 1
+            now = time.monotonic()
+            if now - self._write_logged >= LOG_EVERY_S:
+                self._write_logged = now
+                log.warning("cannot write %s (%s): status and /metrics will not show this "
+                            "subscriber (it counts on; %d failed writes; logged once a "
+                            "minute)", self.path, exc, self._write_failures)
+            return
+        if self._write_failures > 0:
+            log.warning("writing %s again after %d failed writes", self.path,
+                        self._write_failures)
+        self._write_failures = -1
+
+    def _write(self, tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as file:
+            json.dump(self.stats(), file)
+        os.replace(tmp, self.path)
+
+
+def forget_stale(directory: str, now: float) -> list[str]:
+    """Remove the stats and lock files of every name not written for
+    FORGET_S (readers no longer show them) whose lock no process holds, so
+    that names used once (``--name job-$DATE``) are not kept, and read by
+    every reader, for ever.  The lock is taken, its file removed while held,
+    then the stats file: a subscriber of that name starting meanwhile either
+    finds the lock held (and exits naming it; systemd starts it again) or
+    makes a new one.  Returns the names removed."""
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.endswith(".json") or not NAME_RE.fullmatch(entry[:-len(".json")]):
+            continue
+        name = entry[:-len(".json")]
+        stats, lock = os.path.join(directory, entry), os.path.join(directory, name + ".lock")
+        try:
+            if now - os.stat(stats).st_mtime <= FORGET_S:
+                continue
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(lock)
+            os.unlink(stats)
+            removed.append(name)
+        except OSError:  # held (BlockingIOError): a subscriber of that name runs
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed the stats of subscribers not running for %d days: %s",
+                 FORGET_S // 86400, ", ".join(sorted(removed)))
+    return removed
 
 
 # ------------------------------------------------------------------ readers
+
+
+#: What a reader who may not read the stats files is told to do.
+UNREADABLE_FIX = ("the subscribers are not shown: run this as the daemon's user (e.g. "
+                  "sudo -u trafficthreshold trafficthreshold status) or as a member of "
+                  "the state directory's group")
 
 
 def read_all(database: str, now: float) -> list[dict[str, Any]]:
@@ -539,28 +694,68 @@ def read_all(database: str, now: float) -> list[dict[str, Any]]:
     (seconds since written) and ``state``: ``running``, ``stopped`` (it
     exited cleanly) or ``not running`` (not replaced for STALE_S: killed,
     hung or crashed).  Files older than FORGET_S and unreadable ones are
-    left out (an unreadable one is logged)."""
+    left out (:func:`scan` says why)."""
+    return scan(database, now)[0]
+
+
+def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`read_all`'s subscribers, and what could not be read, each a
+    sentence naming the path, the reason and the fix: the directory or a
+    file this user may not read, a file that is not a stats file.  A
+    directory that does not exist is no problem (no subscriber ever ran)."""
     directory = stats_dir(database)
     try:
         entries = sorted(e for e in os.listdir(directory) if e.endswith(".json"))
-    except OSError:
-        return []
-    found = []
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [f"CANNOT READ {directory} ({exc.strerror}): {UNREADABLE_FIX}"]
+    found, problems = [], []
+    me = boot_id()
+    mono = time.monotonic()
     for entry in entries:
+        path = os.path.join(directory, entry)
         try:
-            with open(os.path.join(directory, entry), encoding="utf-8") as file:
-                info = _checked(entry[:-len(".json")], json.load(file))
+            info = _checked(entry[:-len(".json")], json.loads(_read_small(path)))
+        except PermissionError as exc:
+            problems.append(f"CANNOT READ {path} ({exc.strerror}): {UNREADABLE_FIX}")
+            continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.debug("skipping subscriber stats %s: %s", entry, exc)
+            problems.append(f"{path} is not a subscriber's stats file ({exc}): remove it")
             continue
-        age = now - info["updated_at"]
-        if age > FORGET_S:
+        # The age by CLOCK_MONOTONIC when the file is of this boot: the
+        # wall clock set back would keep a killed subscriber "running".
+        # A file of an earlier boot is of a process that is gone.  (A file
+        # without them, of an older version, goes by the wall clock.)
+        stamped = me is not None and info["boot_id"] is not None and info["monotonic"] is not None
+        same_boot = stamped and info["boot_id"] == me
+        age = mono - info["monotonic"] if same_boot else now - info["updated_at"]
+        if now - info["updated_at"] > FORGET_S and age > FORGET_S:
             continue
         info["age"] = round(age, 1)
         info["state"] = ("stopped" if info["stopped"] else
-                         "running" if age <= STALE_S else "not running")
+                         "running" if age <= STALE_S and (same_boot or not stamped)
+                         else "not running")
+        del info["monotonic"], info["boot_id"]
         found.append(info)
-    return found
+    return found, problems
+
+
+def _read_small(path: str) -> bytes:
+    """A regular file's bytes, at most MAX_STATS_BYTES (OSError or
+    ValueError for anything else): junk in the directory, a FIFO that would
+    block open() for ever or a huge file, must not hang or load a reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_STATS_BYTES:
+            raise ValueError(f"{st.st_size:,} bytes, over {MAX_STATS_BYTES:,}")
+        return os.read(fd, MAX_STATS_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -574,16 +769,33 @@ def _checked(name: str, raw: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"negative count {n}")
         return n
 
-    connected, heard = raw.get("connected"), raw.get("last_heard")
+    def finite(value: Any) -> float:
+        x = float(value)
+        if not math.isfinite(x):
+            raise ValueError(f"not a finite number: {value!r}")
+        return x
+
+    def text(value: Any) -> str:
+        # JSON can spell a lone surrogate, which no UTF-8 output can hold
+        # (UnicodeEncodeError is a ValueError: the file is damaged).
+        value = str(value)
+        value.encode("utf-8")
+        return value
+
+    connected, heard, mono = raw.get("connected"), raw.get("last_heard"), raw.get("monotonic")
+    started = raw.get("started_at")
     return {
-        "name": check_name(name), "addresses": [str(a) for a in raw.get("addresses") or []],
-        "topics": [str(t) for t in raw.get("topics") or []],
+        "name": check_name(name), "addresses": [text(a) for a in raw.get("addresses") or []],
+        "topics": [text(t) for t in raw.get("topics") or []],
         "pid": raw.get("pid") if isinstance(raw.get("pid"), int) else None,
-        "started_at": raw.get("started_at"), "updated_at": float(raw["updated_at"]),
-        "last_heard": None if heard is None else float(heard),
+        "started_at": None if started is None else finite(started),
+        "updated_at": finite(raw["updated_at"]),
+        "last_heard": None if heard is None else finite(heard),
+        "monotonic": None if mono is None else finite(mono),
+        "boot_id": raw.get("boot_id") if isinstance(raw.get("boot_id"), str) else None,
         "connected": None if connected is None else count(connected),
         "disconnects": count(raw.get("disconnects", 0)),
         "stopped": bool(raw.get("stopped")),
         **{field: count(raw.get(field, 0)) for field in ("received", "counted", "uncounted")},
-        "rejected": {str(r): count(n) for r, n in (raw.get("rejected") or {}).items()},
+        "rejected": {text(r): count(n) for r, n in (raw.get("rejected") or {}).items()},
     }

@@ -114,7 +114,9 @@ _RETRIED = {
     "farm link": "retried every minute; the level follows this host's count meanwhile",
     "farm offer": "tried again at the next tick",
     "letting the host name go": "it expires within 5 s (farm.OWNER_TTL_MS)",
-    "reload": "the running configuration stays; fix the file and send SIGHUP again",
+    # A file refused is logged by reload() itself (nothing applied); this is
+    # an error while applying one, after which a part may be applied.
+    "reload": "the configuration may be applied only in part; send SIGHUP again",
 }
 
 
@@ -139,7 +141,11 @@ class Supervisor:
     def __init__(self, config: Config, *, config_path: str | None = None, http: bool = True,
                  env: Mapping[str, str] = os.environ, pid: int | None = None) -> None:
         self.config = config
-        self.config_path = config_path
+        # A reload reads the file the running configuration came from, even
+        # when it was found rather than named (DEFAULT_PATH): looking again
+        # would take the embedded defaults while the file is moved away.
+        self.config_path = config_path or (config.source if os.path.isfile(config.source)
+                                           else None)
         self.http_enabled = http and config.http.enabled
         self.env = env
         self.pid = os.getpid() if pid is None else pid
@@ -167,6 +173,8 @@ class Supervisor:
         #: This supervisor's hold on ``[store] host`` in the farm's Redis.
         self.claim: farm.HostClaim | None = None
         self._starting = False
+        #: Rolls were stopped because another supervisor held our name.
+        self._name_lost = False
         self._failing: dict[str, str] = {}     # step -> its last error, logged once
         self._repaired: set[str] = set()        # header fields repaired, logged once
         self._restart_warned: set[tuple[str, str]] = set()
@@ -213,10 +221,15 @@ class Supervisor:
             self._guard("opening the store", self._open_period_store)
         if self.engine is None:
             self._guard("opening the alert store", self._open_alerts)
-        if self.farm is None and self.config.store.backend == "redis":
+        # The farm link publishes and leads under [store] host: only once
+        # that name is ours (the period store took it, farm.HostClaim); a
+        # second supervisor under the name must not publish over the
+        # first's live counts nor succeed to its lease.
+        if self.farm is None and self.config.store.backend == "redis" \
+                and self.claim is not None:
             self.farm = self._guard("farm link", farmsync.FarmSync.open, self.config, self.env,
                                     self.config.farm_alerts)
-            if self.farm is not None and self.claim is not None:
+            if self.farm is not None:
                 self.farm.claim = self.claim.on(self.farm.client)
 
     def _open_period_store(self) -> None:
@@ -251,8 +264,6 @@ class Supervisor:
                                prefix=self.config.store.prefix)
         claim.take(wait=self._starting)  # the tick never waits for it
         self.claim = claim
-        if self.farm is not None:
-            self.farm.claim = claim.on(self.farm.client)
 
     def _open_alerts(self) -> None:
         """The alert engine and its outbox, on the SQLite file."""
@@ -293,15 +304,21 @@ class Supervisor:
         Without a working store there is no final roll-up: the ring keeps
         the minutes for the next start."""
         notify.stopping(self.env)
+        taken = False  # our name held by another supervisor: no final roll under it
         if self.farm is not None:  # the farm stops counting this host at once
             self.farm, farm = None, self.farm
+            taken = farm.claim_lost
             farm.stop()
         self._wait_rolling()
         if self._roll_pool is not None:
             self._roll_pool.shutdown(wait=False)
             self._roll_pool = None
         if self._segment_live():
-            if self.roller is not None:
+            if taken:
+                log.error("no final roll-up: [store] host = %r is held by another supervisor; "
+                          "the ring keeps the minutes for the next start under this name",
+                          self.config.store.host)
+            elif self.roller is not None:
                 added = self._guard("final roll-up", self.roller.roll, now, True)
                 if added is not None:
                     log.info("stopping: final roll-up added %d counts (all keys)", added)
@@ -348,7 +365,9 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         self.config = new
-        self._write_settings()
+        if self.counter is not None and self.counter.attached:
+            # Else the segment was uninstalled: the re-attach writes them.
+            self._write_settings()
         if self.engine is not None:
             self.engine.reload(new.host_alerts, new.mail, new.dashboard_link)
         if self.farm is not None:
@@ -430,6 +449,15 @@ class Supervisor:
         admin is picked up without a restart, and the ring still holds what
         was not rolled."""
         if isinstance(self.store, RedisStore):
+            if self.farm is not None and self.farm.claim_lost:
+                self._name_lost = True
+                raise TrafficThresholdError(
+                    f"[store] host = {self.config.store.host!r} was taken by another "
+                    "supervisor while this one did not refresh it (paused): rolling under "
+                    "the same name would mix their counts and closed_through")
+            if self._name_lost:  # the name is ours again: a new Roller checks the
+                self._name_lost = False  # segment against what the other rolled meanwhile
+                self.roller = self._new_roller()
             return self._roll_on_thread(now)
         try:
             return self._roll_and_reclaim(self.roller, now)

@@ -1,8 +1,9 @@
-"""The shipped systemd unit, with the paths of this installation written in.
+"""The shipped systemd units, with the paths of this installation written in.
 
-``systemd/trafficthreshold.service`` is shipped as package data
-(``trafficthreshold/data/trafficthreshold.service``, a copy; a test keeps the
-two identical).  It names ``/usr/local/bin/trafficthreshold`` (where pip puts
+``systemd/trafficthreshold.service`` (the daemon) and
+``systemd/trafficthreshold-subscribe@.service`` (the bus subscriber's
+template, docs/subscribe.rst) are shipped as package data
+(``trafficthreshold/data/``, copies; a test keeps them identical).  They name ``/usr/local/bin/trafficthreshold`` (where pip puts
 the program system-wide) and ``/etc/trafficthreshold/config.toml``;
 :func:`render_unit` replaces both with the paths at hand, so a virtualenv
 install gets a unit that runs *its* program.
@@ -19,6 +20,10 @@ from pathlib import Path
 from trafficthreshold.config import DEFAULT_PATH
 
 UNIT_NAME = "trafficthreshold.service"
+#: The template unit of ``trafficthreshold subscribe`` (one instance per bus).
+SUBSCRIBER_UNIT_NAME = "trafficthreshold-subscribe@.service"
+#: Every unit shipped as package data.
+UNITS = (UNIT_NAME, SUBSCRIBER_UNIT_NAME)
 #: The program path written in the shipped unit.
 SHIPPED_BIN = "/usr/local/bin/trafficthreshold"
 #: The configuration path written in the shipped unit.
@@ -27,9 +32,11 @@ SHIPPED_CONFIG = DEFAULT_PATH
 TMP_DIRS = ("/tmp/", "/var/tmp/")
 
 
-def shipped_unit() -> str:
-    """Return the text of the shipped unit file."""
-    return (Path(__file__).parent / "data" / UNIT_NAME).read_text(encoding="utf-8")
+def shipped_unit(unit: str = UNIT_NAME) -> str:
+    """Return the text of a shipped unit file (one of :data:`UNITS`)."""
+    if unit not in UNITS:
+        raise ValueError(f"no shipped unit {unit!r}: one of {', '.join(UNITS)}")
+    return (Path(__file__).parent / "data" / unit).read_text(encoding="utf-8")
 
 
 def installed_bin() -> str:
@@ -41,8 +48,11 @@ def installed_bin() -> str:
     return os.path.abspath(found or sys.argv[0])
 
 
-def render_unit(bin_path: str | None = None, config_path: str | None = None) -> str:
-    """Return the shipped unit with ``bin_path`` and ``config_path`` written in.
+def render_unit(bin_path: str | None = None, config_path: str | None = None,
+                unit: str = UNIT_NAME) -> str:
+    """Return the shipped unit ``unit`` (the daemon's by default, or
+    :data:`SUBSCRIBER_UNIT_NAME`) with ``bin_path`` and ``config_path``
+    written in.
 
     Defaults: :func:`installed_bin` and the shipped ``/etc`` path.  If either
     is in a home directory, ``ProtectHome=yes`` becomes ``read-only``.  If
@@ -57,7 +67,7 @@ def render_unit(bin_path: str | None = None, config_path: str | None = None) -> 
     bin_path = _checked(bin_path or installed_bin())
     config_path = _checked(config_path or SHIPPED_CONFIG)
     lines = []
-    for line in shipped_unit().splitlines(keepends=True):
+    for line in shipped_unit(unit).splitlines(keepends=True):
         if line.startswith(("ExecStart=", "ExecStartPre=")):
             line = line.replace(SHIPPED_BIN, _exec_word(bin_path))
         elif line.startswith("Environment="):

@@ -96,7 +96,8 @@ MAX_COUNT = 2**53 - 1
 
 # KEYS: per item, 1 watermark hash + 4 hashes to add to, then the totals
 # hash, the key set, the funnels' key set, the host hash and the segment's
-# key ({prefix}~segment:{instance}: which host rolls it).  ARGV: watermark
+# key ({prefix}~segment:{instance}: "{host}\n{closed_through}", which host
+# rolls it and through which minute it is closed).  ARGV: watermark
 # TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
 # instance, ended ('' = not ended), host, the host hash's TTL (it is
 # forgotten that long after its last roll), then per item: watermark
@@ -143,12 +144,14 @@ end
 local host_key = KEYS[#KEYS - 1]
 redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
 redis.call('EXPIRE', host_key, ARGV[8])
-redis.call('SET', KEYS[#KEYS], ARGV[7], 'EX', wm_ttl)
 if ARGV[4] ~= '' then
   local closed = tonumber(redis.call('HGET', host_key, 'closed_through') or '-1')
   if tonumber(ARGV[4]) > closed then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
 end
 if ARGV[6] ~= '' then redis.call('HSET', host_key, 'instance_ended', ARGV[6]) end
+redis.call('SET', KEYS[#KEYS],
+           ARGV[7] .. '\\n' .. (redis.call('HGET', host_key, 'closed_through') or ''),
+           'EX', wm_ttl)
 return added
 """
 
@@ -324,14 +327,17 @@ class RedisStore:
 
     def claim_segment(self, instance: int) -> None:
         """The segment ``instance`` rolls under this host's name from now
-        on.  The roll script records which host rolls a segment
-        (``{prefix}~segment:{instance}``); when that is another name (the
-        host was renamed: ``[store] host`` changed, or its default, the
-        machine's host name), that name's watermarks of this segment,
-        ``closed_through`` and instance are carried over first, so nothing
-        of the ring is added twice and no gap is recorded.  The old name
+        on.  The roll script records which host rolls a segment and its
+        ``closed_through`` (``{prefix}~segment:{instance}``); when that is
+        another name (the host was renamed: ``[store] host`` changed, or its
+        default, the machine's host name; two hosts swapped names), that
+        name's watermarks of this segment are carried over first, then the
+        segment's ``closed_through`` and instance become this name's, so
+        nothing of the ring is added twice or skipped and no gap is
+        recorded.  The old name
         still rolling this segment (its ownership key alive with this
-        instance: a cloned machine) is refused, naming both.  Idempotent: a
+        instance: a cloned machine) is refused, naming both; one SIGKILLed on
+        this boot (its pid dead) is not.  Idempotent: a
         carry-over cut short is done again whole at the next start.  A
         ``store migrate`` of this host cut short (``migrating`` in the host
         hash) is a ConfigError until it is run again whole."""
@@ -347,11 +353,27 @@ class RedisStore:
                 "rolling now would add again what its watermarks do not cover yet.  Run "
                 "`trafficthreshold store migrate --to ...` again (it adds only what is "
                 "missing); the ring keeps counting meanwhile")
-        old = None if old is None else _text(old)
-        if old is None or old == self.host:
+        # "{host}\n{closed_through}" (an older value: the host alone)
+        old, _, seg_closed = (None, "", "") if old is None else _text(old).partition("\n")
+        if old is None:
+            return
+        if old == self.host:
+            # Our segment, but the name rolled another one since (a clone
+            # took the name while this supervisor was paused): the name's
+            # closed_through is that one's; take this segment's back.
+            cur = self.client.hget(self.host_key, "instance")
+            if seg_closed and cur is not None and _text(cur) != str(instance):
+                log.warning("host %r rolled segment %#x meanwhile; segment %#x carries on "
+                            "from its own closed minute %s", self.host, int(_text(cur)),
+                            instance, seg_closed)
+                with self.transaction():
+                    self._writer().hset(self.host_key, mapping={
+                        "closed_through": seg_closed, "instance": str(instance)})
             return
         holder = farm.HostClaim.holder(self.client, old, prefix=self.prefix)
-        if holder is not None and holder.get("instance") == instance:
+        # A holder SIGKILLed on this boot leaves its key for its TTL: gone.
+        if holder is not None and holder.get("instance") == instance \
+                and not farm.HostClaim.gone(holder):
             raise ConfigError(
                 f"segment instance {instance:#x} is rolled by host {old!r} right now (its "
                 f"supervisor pid {holder.get('pid')} is running) and this supervisor would "
@@ -375,17 +397,25 @@ class RedisStore:
                 moved += len(fields)
         before = {_text(k): _text(v) for k, v in
                   self.client.hgetall(f"{self.prefix}~host:{old}").items()}
+        if not seg_closed and before.get("instance") == str(instance):
+            seg_closed = before.get("closed_through", "")  # an older segment key
         with self.transaction():
-            # Its closed_through is this segment's only if it rolled this
-            # segment last (else the new name starts from the segment's
-            # creation; the watermarks keep that exact).
-            if before.get("instance") == str(instance):
-                if before.get("closed_through"):
-                    self.set_closed_through(int(before["closed_through"]))
-                for name in ("instance", "instance_ended"):
-                    if before.get(name):
-                        self._writer().hset(self.host_key, name, before[name])
-            self._writer().set(self._segment_key(instance), self.host, ex=self.watermark_ttl)
+            # This name rolls this segment from now on: its closed_through
+            # is the segment's (set, not only moved up: the name may have
+            # rolled another segment further, two hosts that swapped names),
+            # and its instance is this one (no "replaced" gap: the other
+            # segment moved to another name, it was not lost).  Without a
+            # recorded closed_through (a segment key of an older version,
+            # the old name onto another segment since) the name keeps its
+            # own, as before.
+            writer = self._writer()
+            if seg_closed:
+                writer.hset(self.host_key, "closed_through", seg_closed)
+                writer.hset(self.host_key, "instance", str(instance))
+            if before.get("instance") == str(instance) and before.get("instance_ended"):
+                writer.hset(self.host_key, "instance_ended", before["instance_ended"])
+            writer.set(self._segment_key(instance), f"{self.host}\n{seg_closed}",
+                       ex=self.watermark_ttl)
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
 
