@@ -553,11 +553,12 @@ static void tt_detach(tt_seg *c)
 
 /* Attaches to the segment of `backend` at `key`: maps it, checks its header
  * (tt_validate_header) and opens its lock, counts the attach and takes a
- * stripe (`stripe` >= 0: that one, kept across forks).  retired_ok makes a
+ * stripe (with `fixed`: stripe % stripes, kept across forks).  retired_ok makes a
  * reader for the uninstaller's final roll-up (a retired or layout-1
  * segment, a vanished SysV semaphore).  Returns 0, or -1 with the error
  * recorded and nothing mapped. */
-static int tt_attach(tt_seg *c, int backend, long key, long stripe, int retired_ok)
+static int tt_attach(tt_seg *c, int backend, long key, int fixed, unsigned long stripe,
+                     int retired_ok)
 {
     tt_detach(c);
     c->backend = backend;
@@ -572,8 +573,8 @@ static int tt_attach(tt_seg *c, int backend, long key, long stripe, int retired_
         return -1;
     }
     __atomic_fetch_add(TT_U64(c->base, TT_H_ATTACHES), 1u, __ATOMIC_RELAXED);
-    if (stripe >= 0) {
-        c->stripe = (uint32_t)((unsigned long)stripe % c->stripes);
+    if (fixed) {
+        c->stripe = (uint32_t)(stripe % c->stripes);
         c->fixed_stripe = 1;
     } else {
         c->fixed_stripe = 0;
@@ -1457,13 +1458,13 @@ static TT_UNUSED int tt_writer_attach(tt_writer *w, int backend, long key)
     char sysv_error[sizeof w->s.error];
     tt_writer_forget(w);
     if (backend >= 0)
-        return tt_attach(&w->s, backend, key, -1, 0);
-    if (tt_attach(&w->s, TT_BACKEND_SYSV, key, -1, 0) == 0)
+        return tt_attach(&w->s, backend, key, 0, 0, 0);
+    if (tt_attach(&w->s, TT_BACKEND_SYSV, key, 0, 0, 0) == 0)
         return 0;
     if (w->s.err != TT_ERR_NOTFOUND)
         return -1;
     memcpy(sysv_error, w->s.error, sizeof sysv_error);
-    if (tt_attach(&w->s, TT_BACKEND_POSIX, key, -1, 0) == 0)
+    if (tt_attach(&w->s, TT_BACKEND_POSIX, key, 0, 0, 0) == 0)
         return 0;
     if (w->s.err == TT_ERR_NOTFOUND) {
         memcpy(w->s.error, sysv_error, sizeof sysv_error);
