@@ -46,8 +46,11 @@ CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",
 
 setup(
     ext_modules=[
+        # _counter.c includes the C core (trafficthreshold/core/tt_core.c).
         Extension("trafficthreshold._counter", sources=["trafficthreshold/_counter.c"],
-                  extra_compile_args=CFLAGS, libraries=["rt", "pthread"]),
+                  extra_compile_args=CFLAGS, libraries=["rt", "pthread"],
+                  depends=["trafficthreshold/core/tt_core.c", "trafficthreshold/core/tt_core.h",
+                           "trafficthreshold/core/tt_layout.h"]),
         Extension("trafficthreshold._middleware", sources=["trafficthreshold/_middleware.c"],
                   extra_compile_args=CFLAGS),
         Extension(LIBRARY, sources=["trafficthreshold/core/tt_lib.c"],
