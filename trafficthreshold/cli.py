@@ -542,11 +542,13 @@ def systemd_unit(ctx: click.Context, subscriber: bool) -> None:
 
 
 @main.command("c-paths")
+@common_options
 @click.option("--cflags", "what", flag_value="cflags", help="Print the compiler flags only.")
 @click.option("--libs", "what", flag_value="libs", help="Print the linker flags only.")
 @click.option("--json", "what", flag_value="json", help="Print every path as JSON.")
+@click.pass_context
 @_fail_clearly
-def c_paths(what: str | None) -> None:
+def c_paths(ctx: click.Context, what: str | None) -> None:
     """Print where the C library (libtrafficthreshold.so) and its header are.
 
     The library is the C core of the Python and PHP extensions, for C
