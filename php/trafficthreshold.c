@@ -72,17 +72,12 @@ static pthread_mutex_t tt_mutex = PTHREAD_MUTEX_INITIALIZER;
 static long tt_key(void)
 {
     const char *v = TT_G(key);
-    char *end;
     long k;
     if (v == NULL || *v == '\0')
         v = getenv("TRAFFICTHRESHOLD_KEY");
     if (v == NULL || *v == '\0')
         return TT_DEFAULT_KEY;
-    errno = 0;
-    k = strtol(v, &end, 0);
-    if (errno != 0 || *end != '\0' || k < 0 || k > 0x7FFFFFFFL)
-        return -1;
-    return k;
+    return tt_parse_key(v, &k) == 0 ? k : -1;
 }
 
 static int tt_backend(void)

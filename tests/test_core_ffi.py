@@ -229,3 +229,22 @@ def test_the_layout_header_holds_the_numbers_the_module_exports():
         {name: _counter.LAYOUT[name] for name in shared}
     assert _counter.MAX_HIT_N == 4294967295 and _counter.MAGIC == "TRFTHRSH"
     assert '#define TT_MAGIC_BYTES "TRFTHRSH"' in header
+
+
+@pytest.mark.parametrize("text", ["0x54546831", "0X54546831", " 1234 ", "010", "0", "1",
+                                  "2147483647", "2147483648", "0x7fffffff", "0x80000000",
+                                  "-1", "+5", "0x", "", "x10", "0x1g", "1e3", "12 3", "\t7\n",
+                                  "0o17", "00x1"])
+def test_the_cores_key_syntax_is_env_parse_key(lib, text):
+    """trafficthreshold.key (PHP) and $TRAFFICTHRESHOLD_KEY (the library)
+    take a key as `--key` does: decimal or 0x hex, never octal."""
+    from trafficthreshold.env import parse_key
+    key = ctypes.c_long()
+    ok = lib.tt_key_of(text.encode(), ctypes.byref(key)) == 0
+    try:
+        expected = parse_key(text)
+    except ValueError:
+        expected = None
+    if text == "+5":  # int() takes a sign; the core does not (no key is written so)
+        expected = None
+    assert (key.value if ok else None) == expected, text

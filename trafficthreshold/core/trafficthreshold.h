@@ -69,6 +69,10 @@ const char *tt_error(tt_handle *h);
 /* Detaches and frees the handle. */
 void tt_close(tt_handle *h);
 
+/* A segment key as `--key` and $TRAFFICTHRESHOLD_KEY take it: decimal, or
+ * hex after "0x", 1..0x7FFFFFFF.  0 with *key set, -1 if not a key. */
+int tt_key_of(const char *text, long *key);
+
 /* The names' rules (docs/segment.rst): 0 if (account or NULL, event) may be
  * counted, else -1 and the reason in `error`.  With lengths: names are
  * UTF-8 bytes, and a 0 byte is a control character, refused. */

@@ -1273,6 +1273,45 @@ static TT_UNUSED void tt_reclaim_done(tt_seg *c, int timeout_ms)
     }
 }
 
+/* ------------------------------------------------------------------- key */
+
+/* A segment key as env.parse_key reads it ($TRAFFICTHRESHOLD_KEY, --key):
+ * decimal, or hex after "0x"; spaces around it ignored; 1..0x7FFFFFFF.
+ * Returns 0 with *key set, or -1 (not a key).  No octal ("010" is ten), no
+ * sign, no underscores. */
+static TT_UNUSED int tt_parse_key(const char *text, long *key)
+{
+    size_t start = 0, end = strlen(text), i;
+    unsigned long long v = 0;
+    int base = 10, digit;
+    while (start < end && (text[start] == ' ' || (text[start] >= '\t' && text[start] <= '\r')))
+        start++;
+    while (end > start && (text[end - 1] == ' ' || (text[end - 1] >= '\t' && text[end - 1] <= '\r')))
+        end--;
+    if (end - start > 2 && text[start] == '0' && (text[start + 1] | 0x20) == 'x') {
+        base = 16;
+        start += 2;
+    }
+    if (start == end)
+        return -1;
+    for (i = start; i < end; i++) {
+        char ch = text[i];
+        if (ch >= '0' && ch <= '9')
+            digit = ch - '0';
+        else if (base == 16 && (ch | 0x20) >= 'a' && (ch | 0x20) <= 'f')
+            digit = (ch | 0x20) - 'a' + 10;
+        else
+            return -1;
+        v = v * (unsigned)base + (unsigned)digit;
+        if (v > 0x7FFFFFFFULL)
+            return -1;
+    }
+    if (v < 1)
+        return -1;
+    *key = (long)v;
+    return 0;
+}
+
 /* ----------------------------------------------------------------- names */
 
 /* The names' rules of names.py (the one source of truth for Python, whose

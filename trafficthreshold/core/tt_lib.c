@@ -40,15 +40,15 @@ static uint64_t tt_name_hash(const char *s, size_t len)
     return h ^ (h >> 29);
 }
 
+/* $TRAFFICTHRESHOLD_KEY (tt_parse_key), else the default; -1 when it is
+ * set but not a key (tt_open then reports it). */
 static long tt_env_key(void)
 {
     const char *v = getenv("TRAFFICTHRESHOLD_KEY");
-    char *end;
     long k;
-    if (v == NULL || *v == '\0')
+    if (v == NULL || v[strspn(v, " \t\n\r\v\f")] == '\0')
         return TT_DEFAULT_KEY;
-    k = strtol(v, &end, 0);
-    return *end == '\0' && k >= 0 ? k : TT_DEFAULT_KEY;
+    return tt_parse_key(v, &k) == 0 ? k : -1;
 }
 
 /* Attached to a live segment, attaching if due (every 10 s at most). */
@@ -77,6 +77,12 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
         return NULL;
     tt_core_init();
     h->key = key < 0 ? tt_env_key() : key;
+    if (h->key < 0) {
+        tt_fail(&h->w.s, TT_ERR_NAME, "$TRAFFICTHRESHOLD_KEY = '%.40s' is not a segment key; "
+                "use decimal or 0x hex, e.g. 0x54546831", getenv("TRAFFICTHRESHOLD_KEY"));
+        h->next_try = INT64_MAX;  /* nothing to attach to */
+        return h;
+    }
     if (backend == NULL || *backend == '\0')
         backend = getenv("TRAFFICTHRESHOLD_BACKEND");
     h->backend = backend == NULL || *backend == '\0' ? -1
@@ -161,6 +167,11 @@ TT_EXPORT int tt_page_view_rule(const char *method, const char *path, int status
 {
     return tt_is_page_view(method, path, strlen(path), status, content_type, content_type_len,
                            accept, accept_len);
+}
+
+TT_EXPORT int tt_key_of(const char *text, long *key)
+{
+    return tt_parse_key(text, key);
 }
 
 TT_EXPORT int tt_check_names_error(const char *account, size_t account_len, const char *event,
