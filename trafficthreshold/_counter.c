@@ -332,7 +332,7 @@ static long slot_miss(Counter *c, PyObject *account, PyObject *event, uint64_t c
     return cache_ref(c, account, event, slot);
 }
 
-/* ------------------------------------------------------------------- add */
+/* ------------------------------------------------------------------- hit */
 
 /* Parses hit()'s arguments: (account=None, event="pageview", n=1, now=None,
  * *, status=None).  argv has 5 entries; argv[4] is the status or Py_None. */
