@@ -541,6 +541,36 @@ def systemd_unit(ctx: click.Context, subscriber: bool) -> None:
     click.echo(render_unit(config_path=path, unit=unit), nl=False)
 
 
+@main.command("c-paths")
+@common_options
+@click.option("--cflags", "what", flag_value="cflags", help="Print the compiler flags only.")
+@click.option("--libs", "what", flag_value="libs", help="Print the linker flags only.")
+@click.option("--json", "what", flag_value="json", help="Print every path as JSON.")
+@click.pass_context
+@_fail_clearly
+def c_paths(ctx: click.Context, what: str | None) -> None:
+    """Print where the C library (libtrafficthreshold.so) and its header are.
+
+    The library is the C core of the Python and PHP extensions, for C
+    programs and any language with a C FFI (docs/php.rst).
+
+    Example: cc prog.c $(trafficthreshold c-paths --cflags) $(trafficthreshold c-paths --libs)
+    """
+    from .cpaths import paths
+    try:
+        found = paths()
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    if what == "json":
+        import json
+        click.echo(json.dumps(found, indent=2))
+    elif what is not None:
+        click.echo(found[what])
+    else:
+        for name in ("header", "library", "cflags", "libs"):
+            click.echo(f"{name}: {found[name]}")
+
+
 # ------------------------------------------------------------------- stats
 
 @main.command()

@@ -1,0 +1,250 @@
+"""The C core without Python: libtrafficthreshold.so and its header, as a C
+program (or any C FFI) uses them.  `trafficthreshold c-paths` says where
+they are; a small C program (tests/c/ffi_hits.c) is compiled against them
+and run in several processes at once, and the counts are read back with
+the Python module, exactly.  The core's names' rules and page-view rule
+(used by the PHP extension too) are checked against names.py and
+pageviews.py with the shared table and random input."""
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+import time
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import trafficthreshold
+from trafficthreshold import names, pageviews, segment
+from trafficthreshold.cpaths import paths
+
+HERE = Path(__file__).resolve().parent
+CASES = json.loads((HERE / "data" / "pageview_cases.json").read_text())["cases"]
+
+
+def c_paths(what: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "trafficthreshold.cli", "c-paths", f"--{what}"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory) -> Path:
+    """tests/c/ffi_hits.c compiled with the flags `trafficthreshold c-paths` prints."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path_factory.mktemp("ffi") / "ffi_hits"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", str(HERE / "c" / "ffi_hits.c"), "-o", str(out),
+                    *c_paths("cflags").split(), *c_paths("libs").split()], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(paths()["library"])
+    lib.tt_page_view_rule.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+                                      ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+                                      ctypes.c_size_t]
+    lib.tt_check_names_error.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+                                         ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return lib
+
+
+def test_c_paths_names_the_header_and_the_library():
+    found = json.loads(c_paths("json"))
+    assert Path(found["header"]).name == "trafficthreshold.h" and Path(found["header"]).exists()
+    assert Path(found["library"]).name == "libtrafficthreshold.so"
+    assert found["cflags"] == f"-I{Path(found['header']).parent}"
+
+
+def test_a_c_program_counts_exactly_from_several_processes(program, installed):
+    """4 processes of the C program at once, 30,000 hits each: every hit is
+    in the segment once, under its account and in the total, and the funnel
+    status too; a bad name is refused (the program checks)."""
+    key, backend = installed
+    procs = [subprocess.Popen([str(program), hex(key), "30000", f"shop{i % 2}.example"],
+                              stdout=subprocess.PIPE, text=True,
+                              env={"TRAFFICTHRESHOLD_BACKEND": backend})
+             for i in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert all(o.startswith("ok account name 'a:b' contains ':'") for o in outs), outs
+    trafficthreshold.configure(key=key, backend=backend)
+    try:
+        window = "60s"
+        assert trafficthreshold.count("shop0.example", window=window) == 60_000
+        assert trafficthreshold.count("shop1.example", window=window) == 60_000
+        assert trafficthreshold.count(None, window=window) == 120_000
+        assert trafficthreshold.count(None, "order", window=window, status="paid") == 4
+    finally:
+        trafficthreshold.configure(key=segment.DEFAULT_KEY)
+
+
+def test_without_a_segment_the_library_fails_open_and_says_why(program, key):
+    out = subprocess.run([str(program), hex(key), "0", "x"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith(f"attached=0 layout=2 error=no trafficthreshold segment at SysV IPC "
+                          f"key {hex(key)}; run `trafficthreshold install`"), out
+    assert "hit=-1 level=0 count=0" in out
+
+
+def c_names_ok(lib, account: str | None, event: str) -> bool:
+    a = None if account is None else account.encode("utf-8", "surrogatepass")
+    e = event.encode("utf-8", "surrogatepass")
+    error = ctypes.create_string_buffer(400)
+    return lib.tt_check_names_error(a, len(a or b""), e, len(e), error, 400) == 0
+
+
+def python_names_ok(account: str | None, event: str) -> bool:
+    try:
+        names.validate(account, event)
+    except ValueError:
+        return False
+    return True
+
+
+TRICKY = ["example.com", "", ".", "..", "...", "a/b", "a\\b", "a:b", "~x", "x~", "all", "ALL",
+          "a" * 64, "a" * 65, "é" * 32, "é" * 33, "a\x00", "a\x7f", "a\x85", "a\u2028",
+          "a\u2029", "\ud800", "日本", "order/paid", "order/paid/x", "/paid", "order/",
+          "e" * 20 + "/" + "s" * 11, "e" * 20 + "/" + "s" * 12, " ", "a b", "a\tb"]
+
+
+@pytest.mark.parametrize("name", TRICKY)
+def test_the_cores_names_rules_are_names_py(lib, name):
+    assert c_names_ok(lib, name, "pageview") is python_names_ok(name, "pageview"), name
+    assert c_names_ok(lib, None, name) is python_names_ok(None, name), name
+
+
+@settings(max_examples=400, deadline=None)
+@given(account=st.one_of(st.none(), st.text(max_size=70)), event=st.text(max_size=40))
+def test_the_cores_names_rules_agree_on_any_name(lib, account, event):
+    assert c_names_ok(lib, account, event) is python_names_ok(account, event)
+
+
+def c_rule(lib, status: int, content_type: str | None, accept: str | None,
+           path: str = "/", method: str = "GET") -> bool:
+    ct = None if content_type is None else content_type.encode("latin-1")
+    ac = None if accept is None else accept.encode("latin-1")
+    return bool(lib.tt_page_view_rule(method.encode(), path.encode("utf-8", "surrogatepass"),
+                                      status, ct, len(ct or b""), ac, len(ac or b"")))
+
+
+def python_rule(status: int, content_type: str | None, accept: str | None, path: str = "/",
+                method: str = "GET") -> bool:
+    info = pageviews.RequestInfo(method, path, status, pageviews.media_type(content_type), [],
+                                 None, accept or "")
+    return pageviews.is_page_view(info)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["why"] for c in CASES])
+def test_the_cores_page_view_rule_follows_the_table(lib, case):
+    """The rule the PHP extension's request-end hook applies (tt_pageview.c)."""
+    assert c_rule(lib, case["status"], case["content_type"], case["accept"]) is case["counted"]
+
+
+LATIN1 = st.text(alphabet=st.characters(max_codepoint=255), max_size=14)
+
+
+@settings(max_examples=500, deadline=None)
+@given(status=st.sampled_from([200, 204, 299, 301, 302, 304, 404, 500]),
+       content_type=st.one_of(st.none(), LATIN1, st.sampled_from(
+           ["text/html", " TEXT/Html ;charset=x", "application/xhtml+xml", ";", "\x85text/html"])),
+       accept=st.one_of(st.none(), LATIN1, st.sampled_from(
+           ["text/html", "text/html;q=0", "text/html; q=0.0 ", "*/*", "text/html;q=x",
+            "image/*, text/html;level=1;q=0.5", "text/html;Q=-1", "text/html;q=nan"])),
+       method=st.sampled_from(["GET", "HEAD", "POST"]))
+def test_the_cores_page_view_rule_agrees_with_pythons(lib, status, content_type, accept, method):
+    assert c_rule(lib, status, content_type, accept, method=method) is \
+        python_rule(status, content_type, accept, method=method)
+
+
+PATHS = st.one_of(
+    st.sampled_from(sorted(pageviews.HEALTH_PATHS) + ["/static/", "/media/x", "/Static/x",
+                                                      "/a.b/c", "/.css", "/x.CSS", "/x.css/",
+                                                      "/x.woff2", "/x.woff3", "/a.tar.gz"]),
+    st.builds(lambda a, b: a + b, st.sampled_from(["/", "/static/", "/a/b.", "/x"]),
+              st.sampled_from([""] + sorted(pageviews.STATIC_EXTENSIONS)
+                              + [e.upper() for e in pageviews.STATIC_EXTENSIONS] + [".php"])),
+    st.text(alphabet="/.abcsjSJ", max_size=10))
+
+
+@settings(max_examples=500, deadline=None)
+@given(path=PATHS)
+def test_the_cores_static_and_health_paths_are_pageviews_tables(lib, path):
+    assert c_rule(lib, 200, "text/html", None, path=path) is \
+        (not pageviews.is_excluded_path(path)), path
+
+
+def test_a_key_reclaimed_under_the_library_is_counted_under_its_own_name(lib, installed):
+    """The library caches a key's slot; the supervisor reclaims the slot
+    (idle for the ring) and another name takes it.  The library's next hit
+    of the old name finds its cached slot stale (the bucket tags' generation)
+    and counts in a new slot: never into the slot's new owner."""
+    key, backend = installed
+    lib.tt_open.restype = ctypes.c_void_p
+    lib.tt_open.argtypes = [ctypes.c_long, ctypes.c_char_p]
+    lib.tt_hit_at.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_uint64, ctypes.c_uint64]
+    lib.tt_close.argtypes = [ctypes.c_void_p]
+    lib.tt_error.argtypes = [ctypes.c_void_p]
+    lib.tt_error.restype = ctypes.c_char_p
+    handle = lib.tt_open(key, backend.encode())
+    counter = segment.attach(key, backend)
+    try:
+        now = int(time.time())
+        old = now - 3 * 3600
+        assert lib.tt_hit_at(handle, b"gone.example", None, 5, old) == 0, lib.tt_error(handle)
+        slot = counter.find("gone.example", "pageview")
+        reclaimed = counter.reclaim(old // 60 + 1)
+        assert [r[1] for r in reclaimed] == ["gone.example"]
+        counter.hit("new.example", "pageview", 3)
+        assert counter.find("new.example", "pageview") == slot  # the slot changed hands
+        assert lib.tt_hit_at(handle, b"gone.example", None, 7, now) == 0, lib.tt_error(handle)
+        assert counter.count(counter.find("new.example", "pageview"), 0) == 3
+        assert counter.count(counter.find("gone.example", "pageview"), 0) == 7
+        assert counter.count(1, 0) == 10  # the total: 7 now, 3 from Python
+        assert lib.tt_hit_at(handle, b"x.example", None, 1, now * 1000) == -1
+        assert b"more than 366 days" in lib.tt_error(handle)
+    finally:
+        lib.tt_close(handle)
+        counter.detach()
+
+
+def test_the_layout_header_holds_the_numbers_the_module_exports():
+    """core/tt_layout.h is the one place the layout's numbers are written in
+    C; _counter.LAYOUT (which segment.py and its tests read) must be them."""
+    import re
+    from trafficthreshold import _counter
+    header = (Path(paths()["include"]) / "tt_layout.h").read_text()
+    defines = {m.group(1): int(m.group(2), 0) for m in
+               re.finditer(r"^#define TT_(\w+) (0x[0-9A-Fa-f]+|\d+)u?L?$", header, re.M)}
+    shared = set(defines) & set(_counter.LAYOUT)
+    assert len(shared) >= 60, sorted(shared)
+    assert {name: defines[name] for name in shared} == \
+        {name: _counter.LAYOUT[name] for name in shared}
+    assert _counter.MAX_HIT_N == 4294967295 and _counter.MAGIC == "TRFTHRSH"
+    assert '#define TT_MAGIC_BYTES "TRFTHRSH"' in header
+
+
+@pytest.mark.parametrize("text", ["0x54546831", "0X54546831", " 1234 ", "010", "0", "1",
+                                  "2147483647", "2147483648", "0x7fffffff", "0x80000000",
+                                  "-1", "+5", "0x", "", "x10", "0x1g", "1e3", "12 3", "\t7\n",
+                                  "0o17", "00x1"])
+def test_the_cores_key_syntax_is_env_parse_key(lib, text):
+    """trafficthreshold.key (PHP) and $TRAFFICTHRESHOLD_KEY (the library)
+    take a key as `--key` does: decimal or 0x hex, never octal."""
+    from trafficthreshold.env import parse_key
+    key = ctypes.c_long()
+    ok = lib.tt_key_of(text.encode(), ctypes.byref(key)) == 0
+    try:
+        expected = parse_key(text)
+    except ValueError:
+        expected = None
+    if text == "+5":  # int() takes a sign; the core does not (no key is written so)
+        expected = None
+    assert (key.value if ok else None) == expected, text

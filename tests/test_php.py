@@ -1,0 +1,340 @@
+"""The PHP extension (php/) with the real thing: built with phpize, its own
+.phpt tests under ``make test``, and a real nginx in front of a real
+php-fpm pool of 4 workers (tt_php.PhpSite) counting page views into a real
+segment without touching the application (``trafficthreshold.pageviews``).
+
+The segment is read back with the Python module, so every count here is
+PHP's writer and Python's reader agreeing on docs/segment.rst.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import trafficthreshold
+from trafficthreshold import segment
+from trafficthreshold.store import SQLiteStore
+from tt_php import PhpSite, build_extension
+from tt_postfix import MAILBOX, SENDMAIL, requires_postfix, wait_for_mail
+
+SITE = {
+    "index.php": '<?php echo "<!doctype html><title>hello</title><p>hello, world";\n',
+    "redirect.php": '<?php header("Location: /"); echo "moved";\n',
+    "missing.php": '<?php http_response_code(404); echo "<p>not here";\n',
+    "api.php": '<?php header("Content-Type: application/json"); echo "{}";\n',
+    "throttle.php": '<?php header("Content-Type: text/plain"); '
+                    'echo trafficthreshold_throttle_status();\n',
+    "info.php": "<?php phpinfo(INFO_MODULES);\n",
+    "pid.php": '<?php header("Content-Type: text/plain"); echo getmypid();\n',
+}
+
+
+@pytest.fixture(scope="module")
+def extension(tmp_path_factory) -> Path:
+    """The extension, built once for the module: the build directory."""
+    return build_extension(tmp_path_factory.mktemp("phpext"))
+
+
+@pytest.fixture
+def site_root(tmp_path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    for name, text in SITE.items():
+        (root / name).write_text(text)
+    return root
+
+
+def start_site(tmp_path: Path, root: Path, extension: Path, key: int, **ini: str) -> PhpSite:
+    settings = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+                "trafficthreshold.key": hex(key), "trafficthreshold.pageviews": "On",
+                "trafficthreshold.account": "host",
+                "trafficthreshold.allowed_hosts": "shop.example, .example.org",
+                "log_errors": "On"}
+    settings.update(ini)
+    return PhpSite(tmp_path / "site", root, settings).start()
+
+
+def minute_total(key: int, backend: str, account: str | None, event: str = "pageview") -> int:
+    """The key's count over the last 10 minutes, read from the segment (so
+    a run that crosses a minute is still counted whole)."""
+    counter = segment.attach(key, backend)
+    try:
+        slot = counter.find(account, event)
+        if slot is None:
+            return 0
+        now_minute = int(time.time()) // 60
+        return sum(n for s, _, n in counter.minutes(now_minute - 9, now_minute) if s == slot)
+    finally:
+        counter.detach()
+
+
+def get_many(site: PhpSite, path: str, total: int, connections: int = 8,
+             host: str = "shop.example", method: str = "GET") -> list[int]:
+    """`total` requests over `connections` keep-alive connections at once;
+    returns every status."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    per = [total // connections + (1 if i < total % connections else 0)
+           for i in range(connections)]
+
+    def run(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=20)
+        mine = []
+        for _ in range(n):
+            try:
+                conn.request(method, path, headers={"Host": host})
+                response = conn.getresponse()
+                response.read()
+                mine.append(response.status)
+            except (OSError, http.client.HTTPException):
+                mine.append(0)
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=20)
+        conn.close()
+        with lock:
+            statuses.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in per]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def test_make_test_runs_the_phpt_tests(extension):
+    """`make test` (PHP's run-tests.php) passes every .phpt, none skipped;
+    the counting one needs the trafficthreshold command on PATH."""
+    env = dict(os.environ, NO_INTERACTION="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["make", "test"], cwd=extension, capture_output=True, text=True,
+                          env=env, timeout=300)
+    summary = done.stdout[done.stdout.find("TEST RESULT SUMMARY"):]
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "Tests failed    :    0" in summary and "Tests skipped   :    0" in summary, summary
+    phpts = len(list((extension / "tests").glob("*.phpt")))
+    assert f"Tests passed    :    {phpts}" in summary, summary
+
+
+def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, extension,
+                                                            installed):
+    """The pool's 4 workers count each page view once at the request's end
+    (the total and the allowed host's account); HEAD, a redirect, a 404,
+    JSON, a static path and a health check add nothing; a host outside
+    allowed_hosts counts in the total only."""
+    key, backend = installed
+    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+    try:
+        statuses = get_many(site, "/", 3000)
+        assert statuses.count(200) == 3000
+        assert minute_total(key, backend, None) == 3000
+        assert minute_total(key, backend, "shop.example") == 3000
+        for method, path, status in (("HEAD", "/", 200), ("GET", "/redirect.php", 302),
+                                     ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
+                                     ("GET", "/style.css", 200), ("GET", "/healthz", 200),
+                                     ("POST", "/", 200)):
+            assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
+        assert minute_total(key, backend, None) == 3000
+        assert get_many(site, "/", 5, connections=1, host="other.example:8080") == [200] * 5
+        assert get_many(site, "/", 7, connections=1, host="WWW.Example.ORG.") == [200] * 7
+        assert minute_total(key, backend, None) == 3012
+        assert minute_total(key, backend, "shop.example") == 3000
+        assert minute_total(key, backend, "other.example") == 0
+        assert minute_total(key, backend, "www.example.org") == 7
+        log = (site.dir / "fpm.log").read_text(errors="replace")
+        assert log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
+    finally:
+        site.stop()
+
+
+def test_throttle_status_in_php_equals_pythons(tmp_path, site_root, extension, installed):
+    """trafficthreshold_throttle_status() in a php-fpm worker answers what
+    Python's throttle_status() answers: the supervisor's level while its
+    heartbeat is fresh, the live level of the hits when higher."""
+    key, backend = installed
+    trafficthreshold.configure(key=key, backend=backend)
+    counter = segment.attach(key, backend)
+    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+    try:
+        def both() -> tuple[int, int]:
+            time.sleep(1.05)  # both cache the level for the second
+            return int(site.get("/throttle.php")[1]), trafficthreshold.throttle_status()
+
+        assert both() == (0, 0)
+        counter.store(segment.H_THROTTLE_LEVEL, 4, 3)
+        counter.store(segment.H_HEARTBEAT_MS, 8, int(time.time() * 1000))
+        assert both() == (3, 3)
+        counter.store(segment.H_HEARTBEAT_MS, 8, int(time.time() * 1000) - 60_000)  # stale
+        counter.store(segment.H_THROTTLE_MULTIPLIER, 4, 10)
+        assert get_many(site, "/", 40, connections=4) == [200] * 40  # 40 page views: level 4
+        level = both()
+        assert level[0] == level[1] and level[0] >= 4
+    finally:
+        site.stop()
+        counter.detach()
+        trafficthreshold.configure(key=segment.DEFAULT_KEY)
+
+
+def test_without_a_segment_pages_are_served_and_each_worker_logs_once(tmp_path, site_root,
+                                                                        extension, key):
+    """Fail open: no segment at the key; every page is served as usual, and
+    the error log holds one line per worker (at most 4), naming the fix;
+    phpinfo() and trafficthreshold_info() show why."""
+    site = start_site(tmp_path, site_root, extension, key)
+    try:
+        assert get_many(site, "/", 200) == [200] * 200
+        status, body = site.get("/info.php")
+        assert status == 200 and b"trafficthreshold support" in body
+        assert b"run `trafficthreshold install`" in body
+        log = (site.dir / "fpm.log").read_text(errors="replace")
+        lines = [line for line in log.splitlines() if "trafficthreshold: not counting" in line]
+        assert 1 <= len(lines) <= 4, log
+        assert f"no trafficthreshold segment at SysV IPC key {hex(key)}" in lines[0]
+    finally:
+        site.stop()
+
+
+def test_killed_workers_leave_nothing_wedged(tmp_path, site_root, extension, installed):
+    """php-fpm workers SIGKILLed while 8 connections load the pool: the
+    master replaces them, the segment's lock is free, and afterwards every
+    page view counts exactly once again."""
+    key, backend = installed
+    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+    counter = segment.attach(key, backend)
+    try:
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                statuses.extend(get_many(site, "/", 200))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        rnd = random.Random(24)
+        kills = 0
+        try:
+            while kills < 6:
+                time.sleep(rnd.uniform(0.1, 0.3))
+                pids = site.worker_pids()
+                if pids:
+                    os.kill(rnd.choice(pids), signal.SIGKILL)
+                    kills += 1
+        finally:
+            stop.set()
+            loader.join()
+        assert statuses.count(200) >= 1000
+        counter.lock(1000)  # free (or taken over from a dead holder)
+        counter.unlock()
+        deadline = time.monotonic() + 10
+        while len(site.worker_pids()) != 4:
+            assert time.monotonic() < deadline, "php-fpm did not replace its workers"
+            time.sleep(0.05)
+        before = minute_total(key, backend, None)
+        assert get_many(site, "/", 600) == [200] * 600
+        assert minute_total(key, backend, None) - before == 600
+    finally:
+        site.stop()
+        counter.detach()
+
+
+@pytest.mark.postfix
+@pytest.mark.skipif(bool(requires_postfix[1].args[0]), reason=requires_postfix[1].kwargs["reason"])
+def test_run_rolls_php_page_views_and_the_alert_mail_arrives(tmp_path, site_root, extension,
+                                                              key):
+    """The whole path: PHP page views -> the segment -> `trafficthreshold
+    run` (a real daemon process) -> the alert mail through the real Postfix,
+    and on SIGTERM the final roll-up puts them in the store."""
+    token = f"tt{uuid.uuid4().hex[:10]}"
+    database = tmp_path / "store.sqlite3"
+    config = tmp_path / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{database}"\ntimezone = "UTC"\n'
+                      f'[mail]\nsendmail = "{SENDMAIL}"\nfrom = "tt-daemon@localhost"\n'
+                      f'[[alert]]\nname = "php-{token}"\nthreshold = 50\n'
+                      f'to = ["{MAILBOX}"]\nrepeat = 3600\n')
+    segment.install(key, "sysv")
+    daemon = subprocess.Popen([sys.executable, "-m", "trafficthreshold.cli", "--config",
+                               str(config), "run", "--no-http"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    counter = segment.attach(key, "sysv")
+    site = start_site(tmp_path, site_root, extension, key)
+    try:
+        deadline = time.monotonic() + 15
+        while counter.load(segment.H_SUPERVISOR_PID, 4) != daemon.pid:
+            assert daemon.poll() is None, daemon.stderr.read().decode()
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.02)
+        start = time.time()
+        assert get_many(site, "/", 120) == [200] * 120
+        (mail,) = wait_for_mail(token, 1)
+        assert mail["Subject"].startswith(f"[trafficthreshold] php-{token}:")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0, daemon.stderr.read().decode()
+        day = time.gmtime(start)
+        with SQLiteStore(str(database), "UTC") as store:
+            days = store.period("shop.example", "pageview", day.tm_year, day.tm_mon)["data"]
+            assert days[day.tm_mday] == 120
+    finally:
+        site.stop()
+        counter.detach()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def test_the_sdist_builds_the_extension_from_the_same_core(tmp_path):
+    """php/ and the C core travel in the sdist side by side, so `phpize &&
+    ./configure && make` works in an unpacked sdist, compiling the core's
+    one copy (config.m4 points at ../trafficthreshold/core)."""
+    import tarfile
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=repo,
+                   check=True, capture_output=True)
+    (archive,) = tmp_path.glob("trafficthreshold-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path, filter="data")
+    for member in ("php/config.m4", "php/trafficthreshold.c", "php/trafficthreshold.ini",
+                   "php/tests/004_counting.phpt", "trafficthreshold/core/tt_core.c",
+                   "trafficthreshold/core/tt_layout.h", "trafficthreshold/core/trafficthreshold.h"):
+        assert member in names, member
+    assert not any(n.startswith("php/") and n.endswith((".lo", ".so", "config.h", "Makefile"))
+                   for n in names)
+    build = archive.parent / archive.name[:-len(".tar.gz")] / "php"
+    for step in (["phpize"], ["./configure"], ["make"]):
+        done = subprocess.run(step, cwd=build, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (build / "modules" / "trafficthreshold.so").exists()
+
+
+def test_a_reinstalled_segment_is_followed_without_a_restart(tmp_path, site_root, extension,
+                                                             key):
+    """The segment is uninstalled and installed again while the pool runs:
+    pages are served all along; the workers let the retired segment go at
+    their next page and attach to the new one at their next try (at most
+    every 10 s), where every page view then counts, with no php-fpm
+    restart."""
+    segment.install(key, "sysv")
+    site = start_site(tmp_path, site_root, extension, key)
+    try:
+        assert get_many(site, "/", 40) == [200] * 40
+        assert minute_total(key, "sysv", None) == 40
+        started = time.monotonic()
+        segment.uninstall(key, force=True)
+        assert get_many(site, "/", 20) == [200] * 20  # let go of the retired one
+        segment.install(key, "sysv")
+        time.sleep(max(0.0, 10.5 - (time.monotonic() - started)))
+        assert get_many(site, "/", 100) == [200] * 100
+        assert minute_total(key, "sysv", None) == 100
+    finally:
+        site.stop()

@@ -1,0 +1,222 @@
+"""A real nginx in front of a real php-fpm pool, on a free loopback port,
+for the PHP extension's tests (Debian's nginx and php8.2-fpm).
+
+Everything lives in one temporary directory: the pool's and nginx's
+configuration, their pid files, logs and sockets, and the PHP site.  The
+pool is ``pm = static`` with ``workers`` children, so a test knows how many
+processes count.  Both run in the foreground as children of the test and
+are stopped (SIGTERM, then SIGKILL) by ``stop()``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def php_fpm_binary() -> str | None:
+    for name in ("php-fpm8.2", "php-fpm"):
+        found = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+        if found:
+            return found
+    return None
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+FPM_CONF = """\
+[global]
+pid = {dir}/fpm.pid
+error_log = {dir}/fpm.log
+daemonize = no
+log_level = notice
+
+[site]
+listen = {dir}/fpm.sock
+listen.mode = 0666
+pm = static
+pm.max_children = {workers}
+catch_workers_output = yes
+decorate_workers_output = no
+clear_env = no
+"""
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        server_name _;
+        root {root};
+        index index.php;
+        location / {{ try_files $uri /index.php?$query_string; }}
+        location ~ \\.php$ {{
+            include /etc/nginx/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+            fastcgi_pass unix:{dir}/fpm.sock;
+        }}
+    }}
+}}
+"""
+
+
+class PhpSite:
+    """nginx + php-fpm serving ``root`` on 127.0.0.1:``port``.
+
+    ``ini`` are php.ini settings given to the pool with ``-d`` (for
+    example ``{"extension": "/path/trafficthreshold.so",
+    "trafficthreshold.key": "0x1234"}``); the pool reads no other ini file
+    but Debian's module list (``PHP_INI_SCAN_DIR`` is the pool's own).
+    """
+
+    def __init__(self, workdir: Path, root: Path, ini: dict[str, str] | None = None,
+                 workers: int = 4, env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        self.dir, self.root, self.ini, self.workers = workdir, root, dict(ini or {}), workers
+        self.env = env or {}
+        #: A command php-fpm runs under (benchmarks: valgrind --tool=callgrind).
+        self.wrapper = list(wrapper or [])
+        self.port = free_port()
+        self.fpm: subprocess.Popen | None = None
+        self.nginx: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "PhpSite":
+        fpm, nginx = php_fpm_binary(), nginx_binary()
+        if fpm is None or nginx is None:
+            pytest.skip("nginx and php8.2-fpm are not installed (apt-get install nginx php8.2-fpm)")
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.dir / "fpm.conf").write_text(FPM_CONF.format(dir=self.dir, workers=self.workers))
+        (self.dir / "nginx.conf").write_text(
+            NGINX_CONF.format(dir=self.dir, port=self.port, root=self.root))
+        args = [*self.wrapper, fpm, "-F", "-R", "-n", "-y", str(self.dir / "fpm.conf")]
+        for name, value in self.ini.items():
+            args += ["-d", f"{name}={value}"]
+        env = dict(os.environ, **self.env)
+        self.fpm = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=open(self.dir / "fpm.stderr", "wb"))
+        self._wait(lambda: (self.dir / "fpm.sock").exists(), "php-fpm", self.dir / "fpm.log")
+        self.nginx = subprocess.Popen([nginx, "-c", str(self.dir / "nginx.conf"),
+                                       "-p", str(self.dir)],
+                                      stdout=subprocess.DEVNULL,
+                                      stderr=open(self.dir / "nginx.stderr", "wb"))
+        self._wait(self._answers, "nginx", self.dir / "nginx-error.log")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def _wait(self, ready, what: str, log: Path) -> None:
+        patience = 120 if self.wrapper else 15
+        deadline = time.monotonic() + patience
+        while not ready():
+            for proc in (self.fpm, self.nginx):
+                if proc is not None and proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"{what} exited at start: {self.log_text(log)}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{what} did not start in {patience} s: "
+                                   f"{self.log_text(log)}")
+            time.sleep(0.02)
+
+    @staticmethod
+    def log_text(path: Path) -> str:
+        try:
+            return path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return "(no log)"
+
+    def worker_pids(self) -> list[int]:
+        """The pool's worker processes (children of the fpm master)."""
+        assert self.fpm is not None
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.fpm.pid)],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def get(self, path: str, method: str = "GET", headers: dict | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def stop(self) -> None:
+        for proc in (self.nginx, self.fpm):
+            if proc is None or proc.poll() is not None:
+                continue
+            # Under a wrapper (callgrind), php-fpm's graceful stop (SIGQUIT):
+            # its workers exit normally, so the tool writes their profile.
+            proc.send_signal(signal.SIGQUIT if self.wrapper and proc is self.fpm
+                             else signal.SIGTERM)
+            try:
+                proc.wait(60 if self.wrapper else 5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_extension(workdir: Path) -> Path:
+    """Builds php/ the PHP way (phpize, configure, make) in a scratch copy
+    of php/ next to the package's C core (the layout config.m4 expects:
+    php/ and trafficthreshold/core/ side by side), so that the checkout
+    stays clean.  Returns the build directory (modules/trafficthreshold.so
+    in it); a failed step raises with its output."""
+    if shutil.which("phpize") is None:
+        pytest.skip("phpize is not installed (apt-get install php8.2-dev)")
+    build = workdir / "php"
+    sources = ["config.m4", "Makefile.frag", "trafficthreshold.c", "php_trafficthreshold.h",
+               "trafficthreshold.ini"]
+    (build / "tests").mkdir(parents=True)
+    for name in sources:
+        shutil.copy(REPO / "php" / name, build / name)
+    for phpt in (REPO / "php" / "tests").glob("*.phpt"):
+        shutil.copy(phpt, build / "tests" / phpt.name)
+    shutil.copytree(REPO / "trafficthreshold" / "core", workdir / "trafficthreshold" / "core")
+    (workdir / "tests" / "data").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "data" / "pageview_cases.json", workdir / "tests" / "data")
+    for step in (["phpize"], ["./configure"], ["make", "-j2"]):
+        done = subprocess.run(step, cwd=build, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(step)} failed in {build}:\n{done.stdout[-3000:]}"
+                               f"\n{done.stderr[-3000:]}")
+    return build
