@@ -24,7 +24,7 @@ import pytest
 import trafficthreshold
 from trafficthreshold import segment
 from trafficthreshold.store import SQLiteStore
-from tt_php import PhpSite, build_extension
+from tt_php import ApacheSite, PhpSite, build_extension
 from tt_postfix import MAILBOX, SENDMAIL, requires_postfix, wait_for_mail
 
 SITE = {
@@ -336,5 +336,70 @@ def test_a_reinstalled_segment_is_followed_without_a_restart(tmp_path, site_root
         time.sleep(max(0.0, 10.5 - (time.monotonic() - started)))
         assert get_many(site, "/", 100) == [200] * 100
         assert minute_total(key, "sysv", None) == 100
+    finally:
+        site.stop()
+
+
+# ---------------------------------------------------------------- mod_php
+
+@pytest.fixture
+def apache_segment(key, backend):
+    """A segment installed for Apache's children (``--group www-data``,
+    as docs/php.rst says): (key, backend)."""
+    segment.install(key, backend, group="www-data")
+    return key, backend
+
+
+def start_apache(tmp_path: Path, root: Path, extension: Path, key: int, backend: str,
+                 workers: int = 4) -> ApacheSite:
+    """Apache + mod_php: the extension and the segment in the server's
+    php.ini, the page-view settings as php_admin_value in Apache's own
+    configuration (as a site would set them)."""
+    ini = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+           "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend,
+           "log_errors": "On"}
+    admin = {"trafficthreshold.pageviews": "On", "trafficthreshold.account": "host",
+             "trafficthreshold.allowed_hosts": "shop.example, .example.org"}
+    return ApacheSite(tmp_path / "apache", root, ini, admin, workers=workers).start()
+
+
+def test_mod_php_counts_each_get_once_and_the_rest_not(tmp_path, site_root, extension,
+                                                        apache_segment):
+    """Under Apache's mod_php (apache2handler, 4 prefork children), 1200
+    GETs from 8 connections are 1200 page views, in the total and the
+    allowed host's account, from several children; HEAD, a redirect, a
+    404, JSON, text/plain, a static path routed to PHP
+    (FallbackResource) and a POST add none (as under php-fpm); a host outside allowed_hosts counts in
+    the total only, logged in Apache's error log."""
+    key, backend = apache_segment
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    try:
+        counter = segment.attach(key, backend)
+        try:
+            writers = counter.load(segment.H_NEXT_STRIPE, 4)
+        finally:
+            counter.detach()
+        assert get_many(site, "/", 1200) == [200] * 1200
+        assert minute_total(key, backend, None) == 1200
+        assert minute_total(key, backend, "shop.example") == 1200
+        counter = segment.attach(key, backend)
+        try:  # each child that counted took a stripe: several did
+            assert counter.load(segment.H_NEXT_STRIPE, 4) - writers >= 2
+        finally:
+            counter.detach()
+        for method, path, status in (("HEAD", "/", 200), ("GET", "/redirect.php", 302),
+                                     ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
+                                     ("GET", "/style.css", 200), ("GET", "/healthz", 200),
+                                     ("POST", "/", 200), ("GET", "/pid.php", 200)):
+            assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
+        assert minute_total(key, backend, None) == 1200
+        assert get_many(site, "/", 5, connections=1, host="other.example:8080") == [200] * 5
+        assert get_many(site, "/", 7, connections=1, host="WWW.Example.ORG.") == [200] * 7
+        assert minute_total(key, backend, None) == 1212
+        assert minute_total(key, backend, "shop.example") == 1200
+        assert minute_total(key, backend, "other.example") == 0
+        assert minute_total(key, backend, "www.example.org") == 7
+        log = site.log()
+        assert 1 <= log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
     finally:
         site.stop()
