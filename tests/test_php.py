@@ -403,3 +403,78 @@ def test_mod_php_counts_each_get_once_and_the_rest_not(tmp_path, site_root, exte
         assert 1 <= log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
     finally:
         site.stop()
+
+
+def test_mod_php_throttle_status_equals_pythons(tmp_path, site_root, extension,
+                                                apache_segment):
+    """trafficthreshold_throttle_status() in an Apache child answers what
+    Python's throttle_status() answers: the supervisor's level while its
+    heartbeat is fresh, the live level of the hits when higher."""
+    key, backend = apache_segment
+    trafficthreshold.configure(key=key, backend=backend)
+    counter = segment.attach(key, backend)
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    try:
+        def both() -> tuple[int, int]:
+            time.sleep(1.05)  # both cache the level for the second
+            return int(site.get("/throttle.php")[1]), trafficthreshold.throttle_status()
+
+        assert both() == (0, 0)
+        counter.store(segment.H_THROTTLE_LEVEL, 4, 3)
+        counter.store(segment.H_HEARTBEAT_MS, 8, int(time.time() * 1000))
+        assert both() == (3, 3)
+        counter.store(segment.H_HEARTBEAT_MS, 8, int(time.time() * 1000) - 60_000)  # stale
+        counter.store(segment.H_THROTTLE_MULTIPLIER, 4, 10)
+        assert get_many(site, "/", 40, connections=4) == [200] * 40  # 40 page views: level 4
+        level = both()
+        assert level[0] == level[1] and level[0] >= 4
+    finally:
+        site.stop()
+        counter.detach()
+        trafficthreshold.configure(key=segment.DEFAULT_KEY)
+
+
+def test_mod_php_killed_children_leave_nothing_wedged(tmp_path, site_root, extension,
+                                                      apache_segment):
+    """Apache children SIGKILLed while 8 connections load the server: the
+    parent starts new ones, the segment's lock is free, and afterwards
+    every page view counts exactly once again."""
+    key, backend = apache_segment
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    counter = segment.attach(key, backend)
+    try:
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                statuses.extend(get_many(site, "/", 100))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        rnd = random.Random(24)
+        kills = 0
+        try:
+            while kills < 6:
+                time.sleep(rnd.uniform(0.1, 0.3))
+                pids = site.worker_pids()
+                if pids:
+                    os.kill(rnd.choice(pids), signal.SIGKILL)
+                    kills += 1
+        finally:
+            stop.set()
+            loader.join()
+        assert statuses.count(200) >= 300
+        counter.lock(1000)  # free (or taken over from a dead holder)
+        counter.unlock()
+        deadline = time.monotonic() + 10
+        while len(site.worker_pids()) < 4:
+            assert time.monotonic() < deadline, "apache2 did not replace its children"
+            time.sleep(0.05)
+        before = minute_total(key, backend, None)
+        assert get_many(site, "/", 600) == [200] * 600
+        assert minute_total(key, backend, None) - before == 600
+        assert "segfault" not in site.log().lower()
+    finally:
+        site.stop()
+        counter.detach()
