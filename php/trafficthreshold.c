@@ -110,6 +110,40 @@ static void tt_problem(unsigned kind, int value_error, const char *message)
 
 /* ---------------------------------------------------------------- attach */
 
+/* The settings the writer was made for (trafficthreshold.key and
+ * .backend).  Under mod_php they can change from one request to the next in
+ * one process (php_admin_value in a <VirtualHost>: one Apache child serves
+ * every host); the writer then follows them: detached, and attached again
+ * at once to the request's segment, so no page view counts in another
+ * site's segment.  The text is compared, not the pointers: mod_php sets the
+ * values again at each request, and the next host's value may be allocated
+ * where the last one's was freed.  (A value longer than the copies is
+ * compared by its start: it is not a key anyway.) */
+static char tt_made_key[64], tt_made_backend[16];
+static int tt_made = 0;
+
+static void tt_follow_settings_slow(const char *k, const char *b)
+{
+    snprintf(tt_made_key, sizeof tt_made_key, "%s", k);
+    snprintf(tt_made_backend, sizeof tt_made_backend, "%s", b);
+    if (!tt_made) {
+        tt_made = 1;
+        return;
+    }
+    if (tt_w != NULL && tt_w->s.base != NULL)
+        tt_writer_detach(tt_w);
+    tt_next_try = 0;  /* the new segment now, not in up to 10 s */
+}
+
+static inline void tt_follow_settings(void)
+{
+    const char *k = TT_G(key) ? TT_G(key) : "", *b = TT_G(backend) ? TT_G(backend) : "";
+    if (EXPECTED(tt_made && strncmp(k, tt_made_key, sizeof tt_made_key - 1) == 0
+                 && strncmp(b, tt_made_backend, sizeof tt_made_backend - 1) == 0))
+        return;
+    tt_follow_settings_slow(k, b);
+}
+
 /* Whether the writer is attached to a live segment, attaching it if it is
  * time to try (`force`: now).  Records why not in tt_last_error and sets
  * *failed when an attach was tried now and failed (tt_report_attach tells;
@@ -120,6 +154,7 @@ static int tt_ready(int force, int *failed)
     long key;
     if (failed)
         *failed = 0;
+    tt_follow_settings();
     if (tt_w != NULL && tt_live(&tt_w->s))
         return 1;
     if (tt_w == NULL) {
@@ -173,6 +208,7 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
     if (account != NULL && zend_string_equals_literal(account, "all"))
         account = NULL;
     TT_LOCK();
+    tt_follow_settings();
     if (!(tt_w != NULL && tt_live(&tt_w->s)) && !tt_ready(0, &failed)) {
         /* Fail open, but a bad name is still reported (first): a site run
          * without the segment (development) sees it before production. */

@@ -351,7 +351,7 @@ def apache_segment(key, backend):
 
 
 def start_apache(tmp_path: Path, root: Path, extension: Path, key: int, backend: str,
-                 workers: int = 4) -> ApacheSite:
+                 workers: int = 4, extra: str = "") -> ApacheSite:
     """Apache + mod_php: the extension and the segment in the server's
     php.ini, the page-view settings as php_admin_value in Apache's own
     configuration (as a site would set them)."""
@@ -360,7 +360,8 @@ def start_apache(tmp_path: Path, root: Path, extension: Path, key: int, backend:
            "log_errors": "On"}
     admin = {"trafficthreshold.pageviews": "On", "trafficthreshold.account": "host",
              "trafficthreshold.allowed_hosts": "shop.example, .example.org"}
-    return ApacheSite(tmp_path / "apache", root, ini, admin, workers=workers).start()
+    return ApacheSite(tmp_path / "apache", root, ini, admin, workers=workers,
+                      extra=extra).start()
 
 
 def test_mod_php_counts_each_get_once_and_the_rest_not(tmp_path, site_root, extension,
@@ -478,3 +479,33 @@ def test_mod_php_killed_children_leave_nothing_wedged(tmp_path, site_root, exten
     finally:
         site.stop()
         counter.detach()
+
+
+def test_mod_php_virtual_hosts_count_into_their_own_segments(tmp_path, site_root, extension,
+                                                             apache_segment):
+    """One Apache child serves two virtual hosts whose configuration sets
+    their own trafficthreshold.key (php_admin_value in <VirtualHost>): each
+    host's page views go into its own segment, whichever host the child
+    served first, not all into the first one's."""
+    key, backend = apache_segment
+    other = segment.unused_key()
+    segment.install(other, backend, group="www-data")
+    vhosts = "".join(f"""
+<VirtualHost 127.0.0.1:{{port}}>
+    ServerName {name}
+    DocumentRoot {{root}}
+    php_admin_value trafficthreshold.key {hex(k)}
+</VirtualHost>
+""" for name, k in (("shop.example", key), ("www.example.org", other)))
+    site = start_apache(tmp_path, site_root, extension, key, backend, workers=1, extra=vhosts)
+    try:
+        for _ in range(3):
+            assert get_many(site, "/", 10, connections=1, host="www.example.org") == [200] * 10
+            assert get_many(site, "/", 20, connections=1, host="shop.example") == [200] * 20
+        assert minute_total(key, backend, "shop.example") == 60
+        assert minute_total(key, backend, None) == 60
+        assert minute_total(other, backend, "www.example.org") == 30
+        assert minute_total(other, backend, None) == 30
+    finally:
+        site.stop()
+        segment.uninstall(other, backend, force=True)

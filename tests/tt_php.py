@@ -267,6 +267,7 @@ DocumentRoot {root}
     SetHandler application/x-httpd-php
 </FilesMatch>
 {admin}
+{extra}
 """
 
 
@@ -280,7 +281,8 @@ class ApacheSite(PhpSite):
     conf.d is not scanned): ``extension`` must be there, since mod_php
     loads extensions when Apache starts.  ``admin`` are settings given as
     ``php_admin_value`` in the server's configuration (applied at each
-    request's start, the way a site's Apache configuration sets them).
+    request's start, the way a site's Apache configuration sets them);
+    ``extra`` more configuration (virtual hosts).
     The children run as ``user`` (Apache will not serve as root), so the
     site is copied to a world-readable directory and the segment must be
     installed for that user's group (``--group www-data``).
@@ -288,9 +290,11 @@ class ApacheSite(PhpSite):
 
     def __init__(self, workdir: Path, root: Path, ini: dict[str, str] | None = None,
                  admin: dict[str, str] | None = None, workers: int = 4,
-                 user: str = "www-data") -> None:
+                 user: str = "www-data", extra: str = "") -> None:
         super().__init__(workdir, root, ini, workers)
         self.admin, self.user = dict(admin or {}), user
+        #: More configuration (``{port}`` and ``{root}`` filled in): virtual hosts.
+        self.extra = extra
         self.apache: subprocess.Popen | None = None
         self.docroot: str | None = None
 
@@ -311,7 +315,8 @@ class ApacheSite(PhpSite):
                           for name, value in self.admin.items())
         (self.dir / "apache2.conf").write_text(APACHE_CONF.format(
             dir=self.dir, port=self.port, root=self.docroot, user=self.user,
-            modules=APACHE_MODULES, workers=self.workers, admin=admin))
+            modules=APACHE_MODULES, workers=self.workers, admin=admin,
+            extra=self.extra.replace("{port}", str(self.port)).replace("{root}", self.docroot)))
         # Debian's conf.d (opcache, apcu, ...) is not this server's: an
         # empty PHP_INI_SCAN_DIR scans nothing.
         env = dict(os.environ, PHP_INI_SCAN_DIR="")
