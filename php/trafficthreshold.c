@@ -515,16 +515,27 @@ static const char *tt_request_path(size_t *len)
  * costs a compare, not the normalising, the list's parsing and the names'
  * check. */
 static struct {
-    const char *how, *list;          /* the settings' strings it was made for */
+    /* Copies of the settings it was made for, compared by their text: under
+     * mod_php a <VirtualHost>'s php_admin_value is set again at each
+     * request, and another host's value may be allocated where the last
+     * one's was freed. */
+    char *how, *list;
     char raw[256];                   /* the Host header it was made for */
     size_t raw_len;
     int ready;
     zend_string *account;            /* persistent, hashed; NULL: the total */
 } tt_memo;
 
+static void tt_memo_forget_settings(void)
+{
+    if (tt_memo.how != NULL) pefree(tt_memo.how, 1);
+    if (tt_memo.list != NULL) pefree(tt_memo.list, 1);
+    tt_memo.how = tt_memo.list = NULL;
+}
+
 static zend_string *tt_page_account(void)
 {
-    const char *how = TT_G(account), *raw = "";
+    const char *how = TT_G(account), *raw = "", *list;
     char buf[300];
     size_t raw_len, len;
     if (how == NULL || *how == '\0')
@@ -535,8 +546,9 @@ static zend_string *tt_page_account(void)
             return NULL;
     }
     raw_len = strlen(raw);
-    if (tt_memo.ready && tt_memo.how == how && tt_memo.list == TT_G(allowed_hosts)
-        && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0)
+    list = TT_G(allowed_hosts) ? TT_G(allowed_hosts) : "";
+    if (tt_memo.ready && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0
+        && strcmp(tt_memo.how, how) == 0 && strcmp(tt_memo.list, list) == 0)
         return tt_memo.account;
     if (tt_memo.account != NULL)
         zend_string_release(tt_memo.account);
@@ -545,8 +557,9 @@ static zend_string *tt_page_account(void)
     if (raw_len < sizeof tt_memo.raw) {  /* longer: never memoized */
         memcpy(tt_memo.raw, raw, raw_len);
         tt_memo.raw_len = raw_len;
-        tt_memo.how = how;
-        tt_memo.list = TT_G(allowed_hosts);
+        tt_memo_forget_settings();
+        tt_memo.how = pestrdup(how, 1);
+        tt_memo.list = pestrdup(list, 1);
         tt_memo.ready = 1;
     }
     if (strcmp(how, "host") != 0) {
@@ -686,6 +699,7 @@ PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
         zend_string_release(tt_memo.account);
         tt_memo.account = NULL;
     }
+    tt_memo_forget_settings();
     if (tt_w != NULL) {
         tt_writer_detach(tt_w);
         pefree(tt_w, 1);

@@ -509,3 +509,32 @@ def test_mod_php_virtual_hosts_count_into_their_own_segments(tmp_path, site_root
     finally:
         site.stop()
         segment.uninstall(other, backend, force=True)
+
+
+def test_mod_php_virtual_hosts_count_into_their_own_accounts(tmp_path, site_root, extension,
+                                                             apache_segment):
+    """One Apache child serves two virtual hosts whose configuration names
+    their own account (php_admin_value trafficthreshold.account, and
+    allowed_hosts): each host's page views go to its own account."""
+    key, backend = apache_segment
+    vhosts = "".join(f"""
+<VirtualHost 127.0.0.1:{{port}}>
+    ServerName {name}
+    DocumentRoot {{root}}
+    php_admin_value trafficthreshold.account {account}
+    php_admin_value trafficthreshold.allowed_hosts {name}
+</VirtualHost>
+""" for name, account in (("shop.example", "shopa"), ("www.example.org", "shopb"),
+                          ("blog.example.org", "host")))
+    site = start_apache(tmp_path, site_root, extension, key, backend, workers=1, extra=vhosts)
+    try:
+        for _ in range(3):
+            for host, n in (("www.example.org", 10), ("shop.example", 20),
+                            ("blog.example.org", 5)):
+                assert get_many(site, "/", n, connections=1, host=host) == [200] * n
+        assert minute_total(key, backend, "shopa") == 60
+        assert minute_total(key, backend, "shopb") == 30
+        assert minute_total(key, backend, "blog.example.org") == 15
+        assert minute_total(key, backend, None) == 105
+    finally:
+        site.stop()
