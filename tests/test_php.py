@@ -370,10 +370,15 @@ def test_mod_php_counts_each_get_once_and_the_rest_not(tmp_path, site_root, exte
     GETs from 8 connections are 1200 page views, in the total and the
     allowed host's account, from several children; HEAD, a redirect, a
     404, JSON, text/plain, a static path routed to PHP
-    (FallbackResource) and a POST add none (as under php-fpm); a host outside allowed_hosts counts in
+    (FallbackResource), a POST and Apache's 403 rendered by a PHP
+    ErrorDocument add none (as under php-fpm); a host outside allowed_hosts counts in
     the total only, logged in Apache's error log."""
     key, backend = apache_segment
-    site = start_apache(tmp_path, site_root, extension, key, backend)
+    # Apache's own 403, its error page rendered by index.php (an HTML page
+    # answered 403): no page view.
+    forbidden = ('<Files "private.php">\n    Require all denied\n</Files>\n'
+                 'ErrorDocument 403 /index.php\n')
+    site = start_apache(tmp_path, site_root, extension, key, backend, extra=forbidden)
     try:
         counter = segment.attach(key, backend)
         try:
@@ -391,7 +396,8 @@ def test_mod_php_counts_each_get_once_and_the_rest_not(tmp_path, site_root, exte
         for method, path, status in (("HEAD", "/", 200), ("GET", "/redirect.php", 302),
                                      ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
                                      ("GET", "/style.css", 200), ("GET", "/healthz", 200),
-                                     ("POST", "/", 200), ("GET", "/pid.php", 200)):
+                                     ("POST", "/", 200), ("GET", "/pid.php", 200),
+                                     ("GET", "/private.php", 403)):
             assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
         assert minute_total(key, backend, None) == 1200
         assert get_many(site, "/", 5, connections=1, host="other.example:8080") == [200] * 5
