@@ -544,3 +544,41 @@ def test_mod_php_virtual_hosts_count_into_their_own_accounts(tmp_path, site_root
         assert minute_total(key, backend, None) == 105
     finally:
         site.stop()
+
+
+def test_mod_php_graceful_restart_under_load_counts_each_page_once(tmp_path, site_root,
+                                                                   extension, apache_segment):
+    """apache2's graceful restart (SIGUSR1: the parent reloads mod_php and
+    the extension, old children finish their requests, new ones start)
+    while 8 connections load the server: every page answered 200 is one
+    page view, none lost, none twice."""
+    key, backend = apache_segment
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    try:
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                statuses.extend(get_many(site, "/", 80))
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        try:
+            old = set(site.worker_pids())
+            for _ in range(2):
+                time.sleep(0.3)
+                site.apache.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while old & set(site.worker_pids()):
+                assert time.monotonic() < deadline, "the old children did not go"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            loader.join()
+        assert site.apache.poll() is None
+        assert statuses.count(200) >= 200
+        assert minute_total(key, backend, None) == statuses.count(200)
+    finally:
+        site.stop()
