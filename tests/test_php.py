@@ -24,6 +24,7 @@ import pytest
 import trafficthreshold
 from trafficthreshold import segment
 from trafficthreshold.store import SQLiteStore
+from conftest import remove_everything
 from tt_php import ApacheSite, PhpSite, build_extension
 from tt_postfix import MAILBOX, SENDMAIL, requires_postfix, wait_for_mail
 
@@ -468,7 +469,6 @@ def test_mod_php_virtual_hosts_count_into_their_own_segments(tmp_path, site_root
     served first, not all into the first one's."""
     key, backend = apache_segment
     other = segment.unused_key()
-    segment.install(other, backend, group="www-data")
     vhosts = "".join(f"""
 <VirtualHost 127.0.0.1:{{port}}>
     ServerName {name}
@@ -476,7 +476,13 @@ def test_mod_php_virtual_hosts_count_into_their_own_segments(tmp_path, site_root
     php_admin_value trafficthreshold.key {hex(k)}
 </VirtualHost>
 """ for name, k in (("shop.example", key), ("www.example.org", other)))
-    site = start_apache(tmp_path, site_root, extension, key, backend, workers=1, extra=vhosts)
+    segment.install(other, backend, group="www-data")
+    try:
+        site = start_apache(tmp_path, site_root, extension, key, backend, workers=1,
+                            extra=vhosts)
+    except BaseException:
+        remove_everything(other)
+        raise
     try:
         for _ in range(3):
             assert get_many(site, "/", 10, connections=1, host="www.example.org") == [200] * 10
@@ -487,7 +493,7 @@ def test_mod_php_virtual_hosts_count_into_their_own_segments(tmp_path, site_root
         assert minute_total(other, backend, None) == 30
     finally:
         site.stop()
-        segment.uninstall(other, backend, force=True)
+        remove_everything(other)
 
 
 def test_mod_php_virtual_hosts_count_into_their_own_accounts(tmp_path, site_root, extension,
