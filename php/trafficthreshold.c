@@ -121,6 +121,11 @@ static void tt_problem(unsigned kind, int value_error, const char *message)
  * compared by its start: it is not a key anyway.) */
 static char tt_made_key[64], tt_made_backend[16];
 static int tt_made = 0;
+/* Bumped by every change of the key, backend, account or allowed_hosts
+ * (their INI handlers): where it has not moved since the text was last
+ * compared, nothing is compared (php-fpm, and mod_php without per-request
+ * settings).  Not in ZTS builds, whose threads have settings of their own. */
+static unsigned tt_settings_gen = 1, tt_made_gen = 0;
 
 static void tt_follow_settings_slow(const char *k, const char *b)
 {
@@ -137,7 +142,14 @@ static void tt_follow_settings_slow(const char *k, const char *b)
 
 static inline void tt_follow_settings(void)
 {
-    const char *k = TT_G(key) ? TT_G(key) : "", *b = TT_G(backend) ? TT_G(backend) : "";
+    const char *k, *b;
+#ifndef ZTS
+    if (EXPECTED(tt_made_gen == tt_settings_gen))
+        return;
+    tt_made_gen = tt_settings_gen;
+#endif
+    k = TT_G(key) ? TT_G(key) : "";
+    b = TT_G(backend) ? TT_G(backend) : "";
     if (EXPECTED(tt_made && strncmp(k, tt_made_key, sizeof tt_made_key - 1) == 0
                  && strncmp(b, tt_made_backend, sizeof tt_made_backend - 1) == 0))
         return;
@@ -520,6 +532,7 @@ static struct {
      * request, and another host's value may be allocated where the last
      * one's was freed. */
     char *how, *list;
+    unsigned gen;                    /* tt_settings_gen when last compared */
     char raw[256];                   /* the Host header it was made for */
     size_t raw_len;
     int ready;
@@ -547,9 +560,16 @@ static zend_string *tt_page_account(void)
     }
     raw_len = strlen(raw);
     list = TT_G(allowed_hosts) ? TT_G(allowed_hosts) : "";
-    if (tt_memo.ready && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0
-        && strcmp(tt_memo.how, how) == 0 && strcmp(tt_memo.list, list) == 0)
-        return tt_memo.account;
+    if (tt_memo.ready && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0) {
+#ifndef ZTS
+        if (tt_memo.gen == tt_settings_gen)
+            return tt_memo.account;
+#endif
+        if (strcmp(tt_memo.how, how) == 0 && strcmp(tt_memo.list, list) == 0) {
+            tt_memo.gen = tt_settings_gen;
+            return tt_memo.account;
+        }
+    }
     if (tt_memo.account != NULL)
         zend_string_release(tt_memo.account);
     tt_memo.account = NULL;
@@ -560,6 +580,7 @@ static zend_string *tt_page_account(void)
         tt_memo_forget_settings();
         tt_memo.how = pestrdup(how, 1);
         tt_memo.list = pestrdup(list, 1);
+        tt_memo.gen = tt_settings_gen;
         tt_memo.ready = 1;
     }
     if (strcmp(how, "host") != 0) {
@@ -648,11 +669,20 @@ static ZEND_INI_MH(tt_update_backend)
                          "empty, not '%s'", ZSTR_VAL(new_value));
         return FAILURE;
     }
+    tt_settings_gen++;
+    return OnUpdateString(entry, new_value, mh_arg1, mh_arg2, mh_arg3, stage);
+}
+
+/* A setting the writer or the account's memo was made for: its change is
+ * seen (tt_settings_gen). */
+static ZEND_INI_MH(tt_update_setting)
+{
+    tt_settings_gen++;
     return OnUpdateString(entry, new_value, mh_arg1, mh_arg2, mh_arg3, stage);
 }
 
 PHP_INI_BEGIN()
-    STD_PHP_INI_ENTRY("trafficthreshold.key", "", PHP_INI_SYSTEM, OnUpdateString, key,
+    STD_PHP_INI_ENTRY("trafficthreshold.key", "", PHP_INI_SYSTEM, tt_update_setting, key,
                       zend_trafficthreshold_globals, trafficthreshold_globals)
     STD_PHP_INI_ENTRY("trafficthreshold.backend", "", PHP_INI_SYSTEM, tt_update_backend,
                       backend, zend_trafficthreshold_globals, trafficthreshold_globals)
@@ -660,10 +690,10 @@ PHP_INI_BEGIN()
                         OnUpdateBool, pageviews, zend_trafficthreshold_globals,
                         trafficthreshold_globals)
     STD_PHP_INI_ENTRY("trafficthreshold.account", "", PHP_INI_SYSTEM | PHP_INI_PERDIR,
-                      OnUpdateString, account, zend_trafficthreshold_globals,
+                      tt_update_setting, account, zend_trafficthreshold_globals,
                       trafficthreshold_globals)
     STD_PHP_INI_ENTRY("trafficthreshold.allowed_hosts", "", PHP_INI_SYSTEM | PHP_INI_PERDIR,
-                      OnUpdateString, allowed_hosts, zend_trafficthreshold_globals,
+                      tt_update_setting, allowed_hosts, zend_trafficthreshold_globals,
                       trafficthreshold_globals)
     STD_PHP_INI_BOOLEAN("trafficthreshold.strict", "0", PHP_INI_SYSTEM | PHP_INI_PERDIR,
                         OnUpdateBool, strict, zend_trafficthreshold_globals,
