@@ -775,19 +775,23 @@ SOCKET_TIMEOUT = 2.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` as it may be printed: a password in it (``user:pass@`` or
-    ``?password=``, both refused by the configuration) replaced by ``***``."""
+    """``url`` as it may be printed: a password in it (``user:pass@``, or a
+    query argument holding a secret in any spelling redis-py passes on:
+    ``password``, ``Password``, ``ssl_password``, ``pass%77ord`` ...; all
+    refused by the configuration) replaced by ``***``, and the user name
+    too (someone may have written the password there)."""
     import urllib.parse
+
+    from trafficthreshold.config import url_secrets
 
     try:
         parts = urllib.parse.urlsplit(url)
         netloc = parts.netloc
-        if parts.password is not None:
-            user = parts.username or ""
-            netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        if any(k == "password" for k, _ in query):
-            query = [(k, "***" if k == "password" else v) for k, v in query]
+        if "@" in netloc:
+            netloc = f"***@{netloc.rpartition('@')[2]}"
+        secret = set(url_secrets(url))
+        query = [(k, "***" if k in secret else v)
+                 for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
         return urllib.parse.urlunsplit(parts._replace(
             netloc=netloc, query=urllib.parse.urlencode(query, safe="*")))
     except ValueError:
