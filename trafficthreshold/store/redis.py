@@ -267,6 +267,9 @@ class RedisStore:
         #: same script as the periods and the watermarks (for /metrics).
         self.totals_key = f"{prefix}~totals"
         self.gaps_key = f"{prefix}~gaps:{host}"
+        #: Per host, its ``store migrate``: "copying {t}", "copied {t}" or
+        #: "switched {t}" (its first roll into Redis; the shadows dropped).
+        self.migrations_key = f"{prefix}~migrations"
         #: What a reader says when there is nothing to read (never, for Redis:
         #: an empty farm reads as zeros); the SQLiteStore's attribute.
         self.empty: str | None = None
@@ -346,13 +349,16 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self._segment_key(instance))
         pipe.hget(self.host_key, "migrating")
-        old, migrating = pipe.execute()
-        if migrating is not None:
+        pipe.hget(self.migrations_key, self.host)
+        old, migrating, record = pipe.execute()
+        if migrating is not None or (record is not None and _text(record).startswith("copying")):
             raise ConfigError(
                 f"a `store migrate` of host {self.host!r} into this Redis was cut short: "
                 "rolling now would add again what its watermarks do not cover yet.  Run "
                 "`trafficthreshold store migrate --to ...` again (it adds only what is "
                 "missing); the ring keeps counting meanwhile")
+        if record is not None and _text(record).startswith("copied"):
+            self._switched()
         # "{host}\n{closed_through}" (an older value: the host alone)
         old, _, seg_closed = (None, "", "") if old is None else _text(old).partition("\n")
         if old is None:
@@ -418,6 +424,36 @@ class RedisStore:
                        ex=self.watermark_ttl)
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
+
+    def migration(self) -> tuple[str, float] | None:
+        """This host's ``store migrate`` record: ("copying" | "copied" |
+        "switched", when), or None."""
+        value = self.client.hget(self.migrations_key, self.host)
+        if value is None:
+            return None
+        state, _, at = _text(value).partition(" ")
+        return state, float(at or 0)
+
+    def _switched(self) -> None:
+        """This host's first roll into Redis after its migration: a rerun is
+        refused from now on, so the shadow hashes (what each run copied,
+        per field: as large as the migrated history) are dropped; the
+        record says "switched"."""
+        import time
+
+        marker = f"{self.prefix}~migrated:{self.host}"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{marker}:") + "*"
+        batch: list[Any] = [marker]
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                self.client.unlink(*batch)
+                batch = []
+        if batch:
+            self.client.unlink(*batch)
+        self.client.hset(self.migrations_key, self.host, f"switched {time.time()!r}")
+        log.info("host %r rolls into Redis: the records of its migration are dropped (a "
+                 "rerun is refused from now on)", self.host)
 
     # ------------------------------------------------------------- rolling
 
