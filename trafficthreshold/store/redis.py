@@ -100,7 +100,9 @@ MAX_COUNT = 2**53 - 1
 # rolls it and through which minute it is closed).  ARGV: watermark
 # TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
 # instance, ended ('' = not ended), host, the host hash's TTL (it is
-# forgotten that long after its last roll), then per item: watermark
+# forgotten that long after its last roll; the segment's key lives twice
+# that: a host back after it was forgotten finds its closed minute there),
+# then per item: watermark
 # field, observed, the 4 hashes' fields, "{account}\0{event}", kind.  Kind
 # "t": the 4 period hashes (year .. hour, the last one expiring); "f": a
 # funnel status, the year and month hashes only (fields: the status), the
@@ -151,7 +153,7 @@ end
 if ARGV[6] ~= '' then redis.call('HSET', host_key, 'instance_ended', ARGV[6]) end
 redis.call('SET', KEYS[#KEYS],
            ARGV[7] .. '\\n' .. (redis.call('HGET', host_key, 'closed_through') or ''),
-           'EX', wm_ttl)
+           'EX', 2 * tonumber(ARGV[8]))
 return added
 """
 
@@ -316,6 +318,14 @@ class RedisStore:
         ``closed_through`` with them, or it would record a false gap)."""
         return int(max(self.forget_after, self.watermark_ttl))
 
+    @property
+    def segment_ttl(self) -> int:
+        """Seconds ``{prefix}~segment:{instance}`` lives after its last
+        write: twice :attr:`host_ttl`, so that a host that comes back after
+        it was forgotten finds its last closed minute there (its gap starts
+        there, not at the segment's creation)."""
+        return 2 * self.host_ttl
+
     # ------------------------------------------------- which host rolls what
 
     def _segment_key(self, instance: int) -> str:
@@ -366,12 +376,19 @@ class RedisStore:
         if old == self.host:
             # Our segment, but the name rolled another one since (a clone
             # took the name while this supervisor was paused): the name's
-            # closed_through is that one's; take this segment's back.
+            # closed_through is that one's; take this segment's back.  Or
+            # the name was forgotten (no roll for forget_hosts_days): its
+            # hash is gone, the segment's key still says where it stopped.
             cur = self.client.hget(self.host_key, "instance")
-            if seg_closed and cur is not None and _text(cur) != str(instance):
-                log.warning("host %r rolled segment %#x meanwhile; segment %#x carries on "
-                            "from its own closed minute %s", self.host, int(_text(cur)),
-                            instance, seg_closed)
+            if seg_closed and (cur is None or _text(cur) != str(instance)):
+                if cur is None:
+                    log.warning("host %r was forgotten ([store] forget_hosts_days without a "
+                                "roll); segment %#x carries on from its closed minute %s",
+                                self.host, instance, seg_closed)
+                else:
+                    log.warning("host %r rolled segment %#x meanwhile; segment %#x carries "
+                                "on from its own closed minute %s", self.host,
+                                int(_text(cur)), instance, seg_closed)
                 with self.transaction():
                     self._writer().hset(self.host_key, mapping={
                         "closed_through": seg_closed, "instance": str(instance)})
@@ -421,7 +438,7 @@ class RedisStore:
             if before.get("instance") == str(instance) and before.get("instance_ended"):
                 writer.hset(self.host_key, "instance_ended", before["instance_ended"])
             writer.set(self._segment_key(instance), f"{self.host}\n{seg_closed}",
-                       ex=self.watermark_ttl)
+                       ex=self.segment_ttl)
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
 
