@@ -273,3 +273,28 @@ def test_the_migration_records_are_bounded_and_dropped_at_the_switch(
     with SQLiteStore(path, "Europe/Zurich") as sqlite:
         once = sqlite.period("shop", "signup", 2026)["total"]
     assert store.period("shop", "signup", 2026)["total"] == 2 * once  # web1's and web2's
+
+
+def test_a_switch_killed_while_dropping_the_records_never_allows_a_rerun(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """The first roll into Redis drops the shadows: killed half-way (after
+    the first batch), a rerun of the migration must still be refused, not
+    add again what the dropped shadows recorded as copied."""
+    from trafficthreshold.errors import ConfigError
+    path, _ = history
+    store = store_on(redis_server)
+    migrate(path, store)
+    year = store.period("acme", "pageview", 2026)
+    real = store.client.unlink
+
+    def killed(*keys):
+        real(*keys[:5])
+        raise KeyboardInterrupt("SIGKILL")
+
+    store.client.unlink = killed
+    with pytest.raises(KeyboardInterrupt):
+        store.claim_segment(1)
+    store.client.unlink = real
+    with pytest.raises(ConfigError, match="already rolls into this Redis"):
+        migrate(path, store)
+    assert store.period("acme", "pageview", 2026) == year

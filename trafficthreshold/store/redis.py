@@ -458,6 +458,9 @@ class RedisStore:
         record says "switched"."""
         import time
 
+        # "switched" first: a SIGKILL while dropping leaves shadows that
+        # expire on their own, never a rerun allowed over shadows half gone.
+        self.client.hset(self.migrations_key, self.host, f"switched {time.time()!r}")
         marker = f"{self.prefix}~migrated:{self.host}"
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{marker}:") + "*"
         batch: list[Any] = [marker]
@@ -468,7 +471,6 @@ class RedisStore:
                 batch = []
         if batch:
             self.client.unlink(*batch)
-        self.client.hset(self.migrations_key, self.host, f"switched {time.time()!r}")
         log.info("host %r rolls into Redis: the records of its migration are dropped (a "
                  "rerun is refused from now on)", self.host)
 
