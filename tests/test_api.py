@@ -601,6 +601,38 @@ def test_prefix_under_a_mount_point_and_public_url(db: str) -> None:
         assert started == ["200 OK"] and json.loads(body)["links"] == [expected]
 
 
+def test_a_request_during_a_reload_sees_the_old_or_the_new_links_never_a_mix(
+        db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request served on another thread while a reload runs (here, from
+    inside it, at the moment it works out the new base): its links are all
+    the old settings' or all the new ones'.  The app used to assign the new
+    config first and its base URL after, and _base_url read both: mounted
+    at /tt without public_url, reloaded to a public_url, the request in
+    between got links on the listen address without the mount point."""
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/acme", "QUERY_STRING": "",
+               "SCRIPT_NAME": "/tt", "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http"}
+    old = "http://127.0.0.1:8787/tt/api/stats/track/acme/pageview"
+    new = "https://s.example/api/stats/track/acme/pageview"
+    app = api.make_app(make_config(db), counter_factory=lambda: None, now=lambda: NOW)
+
+    def links() -> list[str]:
+        body = b"".join(app(dict(environ), lambda status, headers: None))
+        return json.loads(body)["links"]
+
+    seen: list[list[str]] = []
+    real = api.public_url
+
+    def meanwhile(config: Config) -> str:
+        seen.append(links())          # a request while the reload is under way
+        return real(config)
+
+    monkeypatch.setattr(api, "public_url", meanwhile)
+    app.reload(make_config(db, http=HttpConfig(public_url="https://s.example/")))
+    assert seen and all(got in ([old], [new]) for got in seen), seen
+    assert links() == [new]
+
+
 # --------------------------------------------------------------------- JSONP
 
 

@@ -579,7 +579,7 @@ def test_invalid_timezone_suggests_the_closest() -> None:
         ("127.0.0.1:8787", ("127.0.0.1", 8787)),
         ("localhost:80", ("localhost", 80)),
         ("[::1]:8787", ("::1", 8787)),
-        ("[fe80::1%eth0]:8787", ("fe80::1%eth0", 8787)),
+        ("[fe80::1]:8787", ("fe80::1", 8787)),
         ("stats.example.com:443", ("stats.example.com", 443)),
     ],
 )
@@ -1106,6 +1106,19 @@ def test_cors_origins_are_normalized_as_browsers_send_them(written: str, sent: s
     assert parse(f"[http]\ncors_origins = [{written!r}]").http.cors_origins == (sent,)
 
 
+@pytest.mark.parametrize("host", ["straße.example", "faß.de", "ς.example", "a\u200db.example",
+                                  "a\u200cb.example"])
+def test_a_cors_host_browsers_and_python_encode_differently_is_refused(host: str) -> None:
+    """Python's "idna" codec is IDNA 2003: it maps ß to ss, ς to σ and drops
+    the zero-width joiners, where browsers (the URL standard, UTS 46
+    without transitional processing) keep them: "straße.example" is sent as
+    xn--strae-oqa.example, never strasse.example, so the normalized origin
+    would never match.  Refused, asking for the punycode the browser sends."""
+    line = single_error(f"[http]\ncors_origins = [{json.dumps('https://' + host)}]")
+    assert line.startswith("config.toml: http.cors_origins = "), line
+    assert "punycode" in line and "xn--" in line, line
+
+
 @pytest.mark.parametrize("value, problem", [
     ("https://stats.example.com/?a=1", "query"),
     ("https://stats.example.com/#top", "fragment"),
@@ -1128,3 +1141,35 @@ def test_an_ipv4_mapped_listen_address_is_refused_with_the_ipv4_form(listen: str
     assert line.startswith(f"config.toml: http.listen = {listen!r} "), line
     v4 = listen[len("[::ffff:"):].replace("]", "")
     assert f'"{v4}"' in line, line
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1%lo]", "[::1%1]", "[fe80::1%lo]", "localhost",
+                                  "LocalHost", "127.0.0.1"])
+def test_a_listen_address_config_check_passes_is_one_the_server_binds(host: str) -> None:
+    """What config check accepts, ``run`` listens on; what the server
+    cannot listen on is refused by config check naming http.listen (an
+    IPv6 zone id, ``%lo``, passed, then waitress raised "Invalid host/port
+    specified." at start, naming no key).  Host names are case-insensitive:
+    ``LocalHost`` is loopback, as ``localhost``."""
+    from trafficthreshold import webserver
+    host = f"[{host}]" if host == "::1" else host
+    try:
+        parsed = config.parse(f'[http]\nlisten = "{host}:8787"\n', "config.toml", env={})
+    except ConfigError as exc:
+        line = str(exc)
+        assert line.startswith(f"config.toml: http.listen = '{host}:8787' "), line
+        assert "%" in host and "zone" in line, line
+        return
+    assert "%" not in host
+    assert parsed.http.token == ""          # accepted without a token: loopback only
+    assert config.is_loopback(parsed.http.address[0])
+
+    class App:
+        requires_token = True
+
+        def __call__(self, environ, start_response):
+            start_response("200 OK", [])
+            return [b""]
+
+    server = webserver.start(App(), f"{host}:0")
+    server.stop()

@@ -168,6 +168,18 @@ GARBAGE = [
     "INSERT OR REPLACE INTO meta (name, value) VALUES ('late_dropped', 'many')",
     "UPDATE alert_state SET value = 'garbage'",
     "UPDATE alert_state SET value = '{\"episodes\": 5}'",
+    # A name that is not text (a damaged cell's serial type): /metrics
+    # sorted bytes against str, the dashboard called bytes.startswith(str).
+    "UPDATE months SET account = X'00ff' WHERE account = 'acme'",
+    "UPDATE months SET event = 7 WHERE account = 'acme'",
+    "UPDATE funnels SET account = X'ff' WHERE account = 'acme'",
+    "UPDATE funnels SET status = X'ff' WHERE account = 'acme'",
+    "UPDATE keys SET event = X'ff' WHERE event = 'pageview' AND account != 'all'",
+    "UPDATE keys SET account = 5 WHERE account = 'acme'",
+    "UPDATE minutes SET account = X'ff' WHERE account = 'acme'",
+    # A time that parses but is no time: the dashboard's int(now - nan).
+    "UPDATE meta SET value = 'nan' WHERE name = 'last_roll_at'",
+    "UPDATE meta SET value = '1e400' WHERE name = 'last_roll_at'",
 ]
 
 
@@ -177,11 +189,7 @@ def test_a_value_no_writer_wrote_is_a_503_not_a_500(pristine, tmp_path, installe
                                                     statement, caplog):
     """They used to be 500s (a TypeError in a sum, a ValueError in float()):
     now the 503 of a damaged file, naming it and the recovery."""
-    copy = tmp_path / "stats.sqlite3"
-    shutil.copyfile(pristine, copy)
-    with sqlite3.connect(copy) as conn:
-        assert conn.execute(statement).rowcount > 0
-    conn.close()
+    copy = garbled_copy(pristine, tmp_path, statement)
     key, backend = installed
     config = configuration.Config(key=key, backend=backend, database=str(copy), timezone="UTC")
     server = serve(api.make_app(config, now=lambda: T0 + 120))
@@ -199,20 +207,68 @@ def test_the_mail_thread_logs_one_line_never_a_traceback(pristine, tmp_path, ins
                                                          caplog):
     """The outbox thread meets the damage on its own (its first pass runs
     at start): one line, once, not a traceback every second."""
-    import time
     caplog.set_level(logging.INFO, "trafficthreshold")
-    copy = damaged_copy(pristine, tmp_path, table, 0)
+    daemon_and_mail_thread(damaged_copy(pristine, tmp_path, table, 0), installed)
+    assert_one_line_once(caplog)
+
+
+def garbled_copy(pristine: Path, into: Path, statement: str) -> Path:
+    """A copy of the store with ``statement`` run on it (a value no writer wrote)."""
+    copy = into / "stats.sqlite3"
+    shutil.copyfile(pristine, copy)
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute(statement).rowcount > 0
+    conn.close()
+    return copy
+
+
+def daemon_and_mail_thread(copy: Path, installed: tuple[int, str], ticks: int = 0) -> None:
+    """A supervisor on ``copy`` (its start, ``ticks`` ticks), then the mail
+    thread on its own for ten passes."""
+    import time
+    from trafficthreshold.mailer import Outbox
     path = write_config(copy.parent, *installed, copy)
     sup = Supervisor(configuration.load(str(path), env={}), config_path=str(path), env={})
     try:
         sup.initialize(T0 + 120)
-        from trafficthreshold.mailer import Outbox
+        for t in range(ticks):
+            sup.tick(T0 + 130 + 30 * t)
         outbox = Outbox(str(copy), sup.config.mail, poll=0.05)  # the thread, on its own
         outbox.start()
         time.sleep(0.5)                                           # ten passes
         outbox.stop()
     finally:
         sup.shutdown(T0 + 260)
+
+
+def assert_one_line_once(caplog: pytest.LogCaptureFixture) -> None:
+    """No traceback; the mail thread's failure logged once at most; every
+    error one line."""
     assert not [r for r in caplog.records if r.exc_info], caplog.text
     mail = [r.getMessage() for r in caplog.records if "mail delivery pass" in r.getMessage()]
     assert len(mail) <= 1, mail
+    for line in [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]:
+        assert "\n" not in line, line
+
+
+#: Values of the alert tables no writer wrote (SQLite sees no damage).
+ALERT_GARBAGE = [
+    "UPDATE alert_meta SET value = 'x' WHERE key = 'schema_version'",
+    "UPDATE alert_outbox SET payload = '{'",
+    "UPDATE alert_outbox SET payload = '{\"mail\": 5}'",
+    "UPDATE alert_outbox SET recipients = 'x'",
+    "UPDATE alert_outbox SET next_attempt = 'soon'",
+]
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+@pytest.mark.parametrize("statement", ALERT_GARBAGE)
+def test_alert_values_no_writer_wrote_are_one_line(pristine, tmp_path, installed, statement,
+                                                   caplog):
+    """The daemon (opening the alert store, its alert pass) and the mail
+    thread (every pass reads the outbox): one line naming the file, once,
+    not a traceback (they were a ValueError's traceback, the mail thread's
+    every pass)."""
+    caplog.set_level(logging.INFO, "trafficthreshold")
+    daemon_and_mail_thread(garbled_copy(pristine, tmp_path, statement), installed, ticks=3)
+    assert_one_line_once(caplog)

@@ -74,3 +74,321 @@ def test_a_redis_error_ends_the_lead_and_renewal_continues_the_same_lease(
     assert a.value is None
     a._lease = r.register_script(LEASE_SCRIPT)
     assert a.renew() and a.token == token
+
+
+# ------------------------------------------- the live channel at scale (#25)
+
+from trafficthreshold import farm, farmsync  # noqa: E402
+from tt_proxy import TcpProxy  # noqa: E402
+
+LEVEL = ("all", "pageview")
+
+
+def level_total(r, host: str = "reader", window: str = "minute") -> int:
+    return farm.farm_level(r, host, now=NOW, keys=[LEVEL]).count(*LEVEL, window)
+
+
+def per_host_total(r, window: str = "minute") -> int:
+    return farm_live(r, now=NOW).count(*LEVEL, window)
+
+
+def test_a_second_sends_only_the_keys_that_changed(redis_server: RedisServer) -> None:
+    """1,000 keys published; the next second one key changed: the second
+    publication is a diff, a few hundred bytes into Redis, not the 1,000
+    keys again (the bytes, not a timing)."""
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web1")
+    counts = {(f"shop{i}", "pageview"): (i + 1, i + 1) for i in range(1000)}
+    counts[LEVEL] = (5, 5)
+
+    def sent(fn) -> int:
+        before = r.info("stats")["total_net_input_bytes"]
+        fn()
+        return r.info("stats")["total_net_input_bytes"] - before
+
+    full = sent(lambda: pub.publish(counts, level=0, now=NOW))
+    counts[("shop7", "pageview")] = (100, 100)
+    diff = sent(lambda: pub.publish(counts, level=0, now=NOW + 1))
+    assert pub.full == 1
+    assert full > 20_000 and diff < 1_000, (full, diff)
+    row = farm_live(r, now=NOW).hosts[0]
+    assert row.counts == counts and row.at == NOW + 1
+    # A key gone to zero leaves the hash.
+    del counts[("shop7", "pageview")]
+    pub.publish(counts, level=0, now=NOW + 2)
+    assert r.hget("track~live:web1", "shop7\0pageview") is None
+    assert farm_live(r, now=NOW).hosts[0].counts == counts
+
+
+def test_the_level_is_one_read_of_the_sum_and_equals_the_hosts_sum(
+        redis_server: RedisServer) -> None:
+    """Three hosts' diffs, a host's key newly watched after it published, a
+    minute turn: the watched sum always equals the per-host reading."""
+    r = redis_server.client()
+    pubs = {h: farm.LivePublisher(r, h) for h in ("web1", "web2", "web3")}
+    for i, (h, pub) in enumerate(pubs.items()):
+        pub.publish({LEVEL: (10 + i, 40 + i), ("acme", "pageview"): (i, i)}, level=0, now=NOW)
+    assert level_total(r) == 33 == per_host_total(r)
+    # ("acme", "pageview") is watched from its first level read on: summed
+    # from the hosts' hashes then, kept by each publication after.
+    acme = farm.farm_level(r, "web2", now=NOW, keys=[("acme", "pageview")])
+    assert acme.count("acme", "pageview", "60s") == 3
+    assert acme.own("web2", ("acme", "pageview"), "60s") == 1
+    pubs["web2"].publish({LEVEL: (20, 50), ("acme", "pageview"): (4, 4)}, level=0, now=NOW + 1)
+    assert level_total(r) == 42 == per_host_total(r)
+    assert farm.farm_level(r, "x", now=NOW, keys=[("acme", "pageview")]).count(
+        "acme", "pageview", "minute") == 6
+    # The minute turns on web1: its count closes (kept as "the minute before").
+    pubs["web1"].publish({LEVEL: (0, 40)}, previous={LEVEL: 10}, level=0, now=NOW + 60)
+    assert level_total(r) == 32 == per_host_total(r)
+    assert level_total(r, window="60s") == 132 == per_host_total(r, "60s")
+    rows = {row.host: row for row in farm_live(r, now=NOW).hosts}
+    assert rows["web1"].previous == {LEVEL: 10}
+
+
+def test_a_dead_host_leaves_the_sum_within_its_ttl(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    farm.LivePublisher(r, "web2", ttl_ms=200).publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    assert level_total(r) == 12
+    time.sleep(0.4)  # web2 died: the next script on the farm reaps it
+    assert level_total(r) == 5
+    assert not r.exists("track~live:web2")
+    assert r.zrange("track~live~alive", 0, -1) == [b"web1"]
+
+
+def test_a_dead_hosts_hash_gone_before_its_reaping_rebuilds_the_sum(
+        redis_server: RedisServer) -> None:
+    """A farm stopped whole for longer than the live keys' expiry, one
+    host's hash expired before anyone reaped it: its share cannot be
+    subtracted; the sums are rebuilt from the live hosts."""
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    farm.LivePublisher(r, "web2", ttl_ms=200).publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    assert level_total(r) == 12
+    r.delete("track~live:web2")  # as its expiry would
+    time.sleep(0.3)
+    assert level_total(r) == 5 == per_host_total(r)
+
+
+def test_a_host_paused_past_its_ttl_publishes_whole_again(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web1", ttl_ms=200)
+    counts = {LEVEL: (5, 5), ("acme", "pageview"): (1, 1)}
+    pub.publish(counts, level=0, now=NOW)
+    time.sleep(0.3)
+    assert level_total(r) == 0  # reaped: its hash is gone
+    counts[LEVEL] = (6, 6)
+    pub.publish(counts, level=0, now=NOW + 1)  # a diff on nothing: refused, then full
+    assert pub.full == 2
+    assert farm_live(r, now=NOW).hosts[0].counts == counts
+    assert level_total(r) == 6
+
+
+def test_a_lost_reply_never_doubles_a_count(redis_server: RedisServer) -> None:
+    """Publications whose replies are lost (tests/tt_proxy.py drop_replies):
+    the next publication is full, never a diff on top of a state it was not
+    computed from; the farm's sum stays the hosts'."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)  # as the farm thread's client
+        r = redis_server.client()
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
+                                                            now=NOW)
+        pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (1, 1)}, level=0, now=NOW)
+        assert level_total(r) == 101
+        proxy.drop_replies()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 2)
+        assert level_total(r) == 102 == per_host_total(r)  # the MULTI ran, its reply lost
+        with pytest.raises(redis.RedisError):
+            # Unsure, so full: its first command's reply (SCRIPT LOAD) lost.
+            pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 3)
+        assert level_total(r) == 102 == per_host_total(r)
+        proxy.pass_replies()
+        c.connection_pool.disconnect()
+        pub.publish({LEVEL: (4, 4), ("acme", "pageview"): (1, 1)}, level=0, now=NOW + 4)
+        assert level_total(r) == 104 == per_host_total(r)
+        assert pub.full == 2  # the first, and the one after the lost replies
+        pub.publish({LEVEL: (9, 9), ("acme", "pageview"): (1, 1)}, level=0, now=NOW + 5)
+        assert level_total(r) == 109 == per_host_total(r) and pub.full == 2
+
+
+def test_a_diff_on_a_state_it_was_not_computed_from_is_refused(
+        redis_server: RedisServer) -> None:
+    """A publication that ran though its host does not know it (a reply lost
+    after the MULTI ran; here: a copy of the publisher sends it): the
+    host's next diff does not apply (the hash holds another sequence
+    number) and a full publication follows: exact, nothing doubled."""
+    import copy
+
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web1")
+    farm.LivePublisher(r, "web2").publish({LEVEL: (100, 100)}, level=0, now=NOW)
+    pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (5, 5)}, level=0, now=NOW)
+    copy.copy(pub).publish({LEVEL: (7, 7)}, level=0, now=NOW + 1)  # it ran
+    assert level_total(r) == 107
+    # Computed from the first publication: ("acme", "pageview") unchanged,
+    # so not sent; applied on the copy's state it would be lost.
+    pub.publish({LEVEL: (8, 8), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 2)
+    assert pub.full == 2
+    assert level_total(r) == 108 == per_host_total(r)
+    rows = {row.host: row for row in farm_live(r, now=NOW).hosts}
+    assert rows["web1"].counts == {LEVEL: (8, 8), ("acme", "pageview"): (5, 5)}
+    # The same publication sent again (a client's retry): nothing doubles.
+    pub.publish({LEVEL: (8, 8), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 2)
+    farm.publish_live(r, "web2", {LEVEL: (100, 100)}, level=0, now=NOW + 2)
+    assert level_total(r) == 108 == per_host_total(r)
+
+
+def test_a_stop_withdraws_at_once(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    pub = farm.LivePublisher(r, "web2")
+    pub.publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    pub.withdraw()
+    assert level_total(r) == 5 and not r.exists("track~live:web2")
+    pub.publish({LEVEL: (8, 8)}, level=0, now=NOW + 1)  # back: a full publication
+    assert level_total(r) == 13 and pub.full == 2
+
+
+def test_an_older_versions_hash_is_not_subtracted_when_its_host_upgrades(
+        redis_server: RedisServer) -> None:
+    """A host's hash as an older version wrote it (every key, a 5-second
+    expiry, not in the alive set, so not in the sums): the upgraded host's
+    first publication replaces it without subtracting what was never
+    added."""
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    r.hset("track~live:web2", mapping={"all\0pageview": "7 7", "~level": "0",
+                                       "~at": repr(NOW), "~last_roll": ""})
+    r.pexpire("track~live:web2", 5000)
+    assert level_total(r) == 5
+    farm.LivePublisher(r, "web2").publish({LEVEL: (8, 8)}, level=0, now=NOW + 1)
+    assert level_total(r) == 13 == per_host_total(r)
+
+
+def test_names_with_separators_and_a_long_publication(redis_server: RedisServer) -> None:
+    """Account names with ':' '/' '\\' '.' '..' and spaces, 2,500 keys (more
+    than one chunk of the script's HSET), a host name with ':'."""
+    r = redis_server.client()
+    counts = {(f"a{i}/..\\:. x", "page view"): (i % 7, i % 7 + 1) for i in range(2500)}
+    counts[LEVEL] = (3, 4)
+    pub = farm.LivePublisher(r, "web:1")
+    pub.publish(counts, level=2, now=NOW)
+    counts.pop(("a5/..\\:. x", "page view"))
+    counts[("a6/..\\:. x", "page view")] = (50, 60)
+    pub.publish(counts, level=2, now=NOW + 1)
+    (row,) = farm_live(r, now=NOW).hosts
+    assert row.host == "web:1" and row.level == 2
+    assert row.counts == {k: v for k, v in counts.items() if any(v)}
+    assert level_total(r) == 3
+
+
+def test_a_script_flush_leaves_the_live_hash_and_the_sums_as_they_were(
+        redis_server: RedisServer) -> None:
+    """SCRIPT FLUSH between two publications: the diff's EVALSHA fails
+    inside the MULTI (EXEC still runs its HSET, into the staging hash
+    only); the next publication loads the scripts and is full: exact."""
+    import redis
+
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (2, 2)}, level=0, now=NOW)
+    assert level_total(r) == 1
+    r.script_flush()
+    with pytest.raises(redis.ResponseError, match="No matching script"):
+        pub.publish({LEVEL: (5, 5), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 1)
+    assert level_total(r) == 1 == per_host_total(r)
+    assert farm_live(r, now=NOW).hosts[0].counts == {LEVEL: (1, 1), ("acme", "pageview"): (2, 2)}
+    pub.publish({LEVEL: (6, 6), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 2)
+    assert level_total(r) == 6 == per_host_total(r) and pub.full == 2
+    assert not r.exists("track~live~in:web1")
+
+
+def test_a_redis_that_lost_the_watch_set_is_watched_again_at_once(
+        redis_server: RedisServer) -> None:
+    """A Redis restarted empty under a running farm (no persistence): the
+    level reader watches its key again at its next reading, not after
+    WATCH_AGAIN."""
+    r = redis_server.client()
+    reader = farm.LevelReader(r, "web1", [LEVEL])
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    assert reader.read(NOW).count(*LEVEL, "minute") == 5
+    r.flushall()
+    pub.publish({LEVEL: (6, 6)}, level=0, now=NOW + 1)  # refused diff, then full
+    assert reader.read(NOW + 1).count(*LEVEL, "minute") == 6 and pub.full == 2
+
+
+def test_a_reader_that_may_not_write_still_drops_a_dead_host(redis_server: RedisServer) -> None:
+    """farm_live's reaper is best effort: a user allowed to read only still
+    sees a host past its deadline as dead (the deadlines decide)."""
+    import redis
+
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    farm.LivePublisher(r, "web2", ttl_ms=200).publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    r.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+time",
+                      "+@connection")
+    ro = redis.Redis(port=redis_server.port, username="reader", password="pw")
+    time.sleep(0.3)
+    live = farm_live(ro, now=NOW)
+    assert live.count(*LEVEL, "minute") == 5
+    assert {h.host: h.alive for h in live.hosts} == {"web1": True, "web2": False}
+    assert r.exists("track~live:web2")  # not reaped: the reader may not write
+
+
+def publish_as_before(r, host: str, counts, now: float) -> None:
+    """A host of the older version (0.1): its hash whole, a 5-second
+    expiry, not in the alive set nor the sums."""
+    key = f"track~live:{host}"
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.hset(key, mapping={**farm.live_fields(counts), "~level": "0", "~at": repr(now),
+                            "~last_roll": ""})
+    pipe.pexpire(key, 5000)
+    pipe.zadd("track~hosts", {host: now})
+    pipe.execute()
+
+
+def test_a_farm_upgraded_host_by_host_counts_every_host_in_the_level(
+        redis_server: RedisServer) -> None:
+    """web1 upgraded, web2 and web3 still on the older version: web1's
+    level reading counts all three (the older hosts read host by host
+    while the farm is mixed); web2 upgraded: nothing doubled; web3 stops
+    (its hash gone): it leaves the level."""
+    r = redis_server.client()
+    reader = farm.LevelReader(r, "web1", [LEVEL])
+    web1 = farm.LivePublisher(r, "web1")
+    web1.publish({LEVEL: (1, 10)}, level=0, now=NOW)
+    publish_as_before(r, "web2", {LEVEL: (2, 20)}, NOW)
+    publish_as_before(r, "web3", {LEVEL: (4, 40)}, NOW)
+    live = reader.read(NOW)
+    assert live.count(*LEVEL, "minute") == 7 and live.count(*LEVEL, "60s") == 70
+    assert live.own("web1", LEVEL, "60s") == 10
+    farm.LivePublisher(r, "web2").publish({LEVEL: (3, 30)}, level=0, now=NOW + 1)
+    assert reader.read(NOW + 1).count(*LEVEL, "minute") == 8 == per_host_total(r)
+    r.delete("track~live:web3")  # its shutdown (or its expiry)
+    assert reader.read(NOW + 2).count(*LEVEL, "minute") == 4 == per_host_total(r)
+
+
+def test_a_host_downgraded_without_a_stop_leaves_the_sums_exact(
+        redis_server: RedisServer) -> None:
+    """web2 upgraded, SIGKILLed, its older version started at once (its
+    hash rewritten whole, no sequence number): at web2's deadline the
+    reaper rebuilds the sums instead of subtracting a share it never
+    added."""
+    r = redis_server.client()
+    farm.LivePublisher(r, "web1").publish({LEVEL: (5, 5)}, level=0, now=NOW)
+    farm.LivePublisher(r, "web2", ttl_ms=200).publish({LEVEL: (7, 7)}, level=0, now=NOW)
+    assert level_total(r) == 12
+    publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 0.1)
+    time.sleep(0.3)
+    farm.LivePublisher(r, "web3").publish({LEVEL: (1, 1)}, level=0, now=NOW + 1)  # reaps web2
+    assert r.hget("track~live~sum", "minute\0all\0pageview") == b"6"
+    publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 1)
+    assert level_total(r) == 106  # web2 read by itself, as an older version's host

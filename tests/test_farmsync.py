@@ -689,3 +689,60 @@ def test_a_name_that_lapsed_during_a_stall_is_checked_before_the_next_roll(
         finally:
             sup.shutdown(NOW + 7 * 60 + 3)
         assert reader.period("shop", "pageview", 2027)["total"] == 10
+
+
+def test_the_farm_rules_read_host_by_host_only_when_the_leader_evaluates():
+    """farmsync.LeaderReading: the per-host reading of the rules' keys is
+    made at its first use (FarmAlerts evaluates only while it holds the
+    lease), once; a host that does not lead never pays for it."""
+    loads = []
+    live = farm.FarmLive({("all", "pageview"): (3, 4)}, [], "web2")
+
+    def load():
+        loads.append(1)
+        return live
+
+    reading = farmsync.LeaderReading(load)
+    assert loads == []
+    assert reading.count("all", "pageview", "60s") == 4 and reading.leader == "web2"
+    assert reading.hosts == [] and loads == [1]
+    with pytest.raises(AttributeError):
+        reading._private
+
+
+def test_lost_replies_on_one_host_never_double_the_farms_level(farm3, redis_server):
+    """web3's replies lost for three seconds (its publications run, it
+    cannot know: tests/tt_proxy.py drop_replies) while all three hosts get
+    hits each second: every host's reading of the level's key (the farm's
+    sum) never exceeds the hosts' true total, and equals it once web3's
+    replies pass again; the farm thread's count (farm sum less its own
+    share plus its own count now) matches a host-by-host reading."""
+    keys, proxies, make = farm3
+    f = Farm(keys, make(), NOW)
+    client = redis_server.client()
+    try:
+        truth = 0
+        for second in range(8):
+            s = NOW + second
+            if second == 2:
+                proxies["web3"].drop_replies()
+            if second == 5:
+                proxies["web3"].pass_replies()
+            for i, host in enumerate(HOSTS):
+                f.counters[host].hit("shop", "pageview", i + 1, s)
+                truth += i + 1
+            f.tick(s)
+            for host in ("web1", "web2"):
+                reading = f.sups[host].farm.reading
+                assert reading.live.count("all", "pageview", "60s") <= truth
+        s = NOW + 8
+        f.tick(s)
+        f.tick(s + 0.5)
+        assert farm.farm_live(client, now=s).count("all", "pageview", "60s") == truth
+        for host in HOSTS:
+            sync = f.sups[host].farm
+            assert sync.reading.live.count("all", "pageview", "60s") == truth
+            assert sync.count(sync.reading.live.own(host, ("all", "pageview"), "60s"), s,
+                              "60s") == truth
+    finally:
+        f.close(NOW + 20)

@@ -367,3 +367,105 @@ def test_a_real_daemon_takes_fuzzed_files_on_sighup_as_config_check_does(tmp_pat
     assert "Traceback" not in daemon.output(), daemon.output()
     assert get(f"http://127.0.0.1:{port}/api/openapi.json") == 200
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_daemon_started_from_the_default_file_reloads_that_file(tmp_path, installed, caplog):
+    """``trafficthreshold run`` without --config or $TRAFFICTHRESHOLD_CONFIG
+    reads /etc/trafficthreshold/config.toml (config.DEFAULT_PATH) when it
+    exists.  A reload reads that same file: it used to look for it again,
+    and a file moved away for a moment (an editor's rename, a deploy tool)
+    reloaded the embedded defaults, dropping the token, the alerts and the
+    origins without a word.  Now a file gone at reload is refused, naming
+    it, and the running configuration stays."""
+    path = tmp_path / "config.toml"
+    database = tmp_path / "stats.sqlite3"
+    text = (f'key = {installed[0]}\ndatabase = "{database}"\ntimezone = "UTC"\n'
+            f'[http]\ntoken = "{TOKEN}"\n')
+    path.write_text(text)
+    start = configuration.load(None, env={}, default_path=str(path))
+    assert start.source == str(path) and start.http.token == TOKEN
+    sup = Supervisor(start, config_path=None, http=False, env={})   # as `run` passes it
+    sup.initialize(time.time())
+    sup.app = api.make_app(start)
+    try:
+        path.write_text(text.replace(TOKEN, f"new-{TOKEN}"))
+        sup.reload()
+        assert sup.config.http.token == f"new-{TOKEN}"
+        assert sup.config.source == str(path)
+        path.unlink()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "trafficthreshold"):
+            sup.reload()
+        assert sup.config.http.token == f"new-{TOKEN}"
+        assert sup.app.requires_token
+        refused = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(refused) == 1 and "reload refused" in refused[0], refused
+        assert str(path) in refused[0] and "no such file" in refused[0], refused
+    finally:
+        sup.shutdown(time.time())
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_reload_while_the_segment_is_gone_applies_whole(tmp_path, installed, caplog):
+    """A SIGHUP while the daemon waits for `trafficthreshold install` (the
+    segment was uninstalled under it): the segment's settings are written
+    at the re-attach; the rest of the reload applies whole.  It used to
+    stop half-way (writing the settings into the detached segment raised),
+    the daemon's config new, the app's token and the alert rules old, and
+    the log said the running configuration stayed."""
+    from trafficthreshold import segment
+    key, backend = installed
+    path = tmp_path / "config.toml"
+    write_config(path, key, backend, f'listen = "127.0.0.1:8787"\ntoken = "{TOKEN}"',
+                 extra="[throttle]\nmultiplier = 60\n")
+    start = configuration.load(str(path), env={})
+    sup = Supervisor(start, config_path=str(path), http=False, env={})
+    now = time.time()
+    sup.initialize(now)
+    sup.app = api.make_app(start)
+    try:
+        segment.uninstall(key, backend, force=True)
+        sup.tick(now + 1)                       # lets go of it, waits for a new one
+        assert not sup._segment_live()
+        write_config(path, key, backend, f'listen = "127.0.0.1:8787"\ntoken = "new-{TOKEN}"',
+                     extra="[throttle]\nmultiplier = 7\n")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "trafficthreshold"):
+            sup._guard("reload", sup.reload)    # as the daemon's loop runs it
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert sup.config.http.token == f"new-{TOKEN}"
+        assert sup.app.config is sup.config
+        assert sup.app._authorize({"HTTP_AUTHORIZATION": f"Bearer new-{TOKEN}"}) is None
+        segment.install(key, backend, now=int(now))
+        sup.tick(now + 2)                       # attaches the new one, with the new settings
+        assert sup._segment_live()
+        assert sup.counter.load(segment.H_THROTTLE_MULTIPLIER, 4) == 7
+    finally:
+        sup.shutdown(time.time())
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_a_sighup_storm_ends_on_the_last_file(tmp_path, installed, daemons):
+    """Twenty SIGHUPs in a burst, the file rewritten before each (a deploy
+    tool, a reload while one runs): the daemon stays up, logs no
+    traceback, and ends on the last file (a SIGHUP during a reload is not
+    lost)."""
+    port = free_port()
+    config = tmp_path / "config.toml"
+    write_config(config, *installed, f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}-0"')
+    daemon = daemons(config)
+    daemon.wait_for("serving the stats API")
+    url = f"http://127.0.0.1:{port}/api/openapi.json"
+    for i in range(1, 21):
+        write_config(config, *installed, f'listen = "127.0.0.1:{port}"\ntoken = "{TOKEN}-{i}"')
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01 * (i % 3))
+    deadline = time.monotonic() + 20
+    while get(url, f"{TOKEN}-20") != 200:
+        assert daemon.proc.poll() is None, daemon.output()
+        assert time.monotonic() < deadline, daemon.output()
+        time.sleep(0.1)
+    assert get(url, f"{TOKEN}-19") == 401
+    assert "Traceback" not in daemon.output(), daemon.output()
+    assert daemon.stop() == 0

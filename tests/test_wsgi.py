@@ -674,6 +674,16 @@ def test_flask_pages_and_the_rest(flask_client):
     assert (of("shop.example"), of("localhost"), total()) == (1, 1, 2)
 
 
+def test_flask_a_stream_failing_before_its_first_chunk_is_a_500_not_counted(worker_api):
+    """docs/webapps.rst, "When": Flask's streaming body is decided at its
+    first non-empty chunk, under a real server."""
+    from apps.harness import statuses_under_waitress
+    statuses = statuses_under_waitress(flask_app.app, ["/stream-fails", "/stream",
+                                                       "/stream-fails"])
+    assert statuses == [500, 200, 500]
+    assert (of("site-a.example"), total()) == (1, 1)
+
+
 def test_flask_a_navigation_through_a_redirect_is_one_view(flask_client):
     page = flask_client.get("/go", follow_redirects=True)
     assert page.status_code == 200 and [r.status_code for r in page.history] == [302]
@@ -1031,4 +1041,24 @@ def test_under_waitress_a_failing_body_is_a_500_and_not_counted(worker_api):
 
     statuses = statuses_under_waitress(TrafficThreshold(app), ["/fails", "/page", "/fails"])
     assert statuses == [500, 200, 500]
+    assert total() == 1
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "waitress"])
+def test_the_real_servers_file_wrappers_are_passed_as_they_are(worker_api, tmp_path, server):
+    """gunicorn recognizes its FileWrapper by isinstance (then sendfile),
+    waitress its ReadOnlyFileBasedBuffer by its class: the middleware hands
+    the very object back, and the page is counted at return."""
+    if server == "gunicorn":
+        from gunicorn.http.wsgi import FileWrapper
+    else:
+        from waitress.buffers import ReadOnlyFileBasedBuffer as FileWrapper
+    page = tmp_path / "page.html"
+    page.write_bytes(b"<p>hi</p>")
+    with open(page, "rb") as file:
+        wrapped = FileWrapper(file)
+        env = environ(**{"wsgi.file_wrapper": FileWrapper})
+        result = TrafficThreshold(lambda env, sr: (sr("200 OK", HTML), wrapped)[1])(
+            env, Server().start_response)
+        assert result is wrapped
     assert total() == 1

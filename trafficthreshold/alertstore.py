@@ -212,7 +212,7 @@ class AlertStore:
                 "CREATE TABLE IF NOT EXISTS alert_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
             )
             row = db.execute("SELECT value FROM alert_meta WHERE key = 'schema_version'").fetchone()
-            version = int(row["value"]) if row else 0
+            version = _schema_version(row["value"]) if row else 0
             if version > SCHEMA_VERSION:
                 raise AlertStoreError(
                     f"{self.path}: alert tables have schema version {version}, this "
@@ -234,7 +234,7 @@ class AlertStore:
         row = self._conn.execute(
             "SELECT value FROM alert_meta WHERE key = 'schema_version'"
         ).fetchone()
-        return int(row["value"])
+        return _schema_version(row["value"])
 
     # -- state ---------------------------------------------------------------
 
@@ -299,7 +299,8 @@ class AlertStore:
         row = self._conn.execute(
             "SELECT MIN(next_attempt) AS t FROM alert_outbox WHERE status = 'pending'"
         ).fetchone()
-        return None if row["t"] is None else float(row["t"])
+        return None if row["t"] is None else period_store.parsed(
+            row["t"], period_store.moment_of, "alert_outbox next_attempt")
 
     def claim(self, id: int, now: float) -> bool:
         """Mark the pending row ``id`` as being sent (status ``sending``,
@@ -386,7 +387,19 @@ def new_message_id(host: str, idstring: str = "trafficthreshold") -> str:
     return make_msgid(idstring, domain=domain)
 
 
+def _schema_version(value: Any) -> int:
+    """alert_meta's schema_version; Malformed (a damaged file) if it is not a number."""
+    return period_store.parsed(value, int, "alert_meta schema_version")
+
+
 def _queued(row: sqlite3.Row) -> QueuedMail:
+    """The outbox row as a QueuedMail; Malformed if its JSON (payload,
+    recipients) is not what a writer wrote: a damaged file."""
+    return period_store.parsed(row["payload"], lambda _payload: _queued_from(row),
+                               f"alert_outbox row {row['id']!r}")
+
+
+def _queued_from(row: sqlite3.Row) -> QueuedMail:
     payload: dict[str, Any] = json.loads(row["payload"])
     return QueuedMail(
         id=row["id"],

@@ -144,6 +144,12 @@ def public_url(config: Config) -> str:
     return f"http://{config.http.listen}"
 
 
+def _links_base(config: Config) -> tuple[str, bool]:
+    """The base of the ``links`` (:func:`public_url`) and whether the mount
+    point (SCRIPT_NAME) follows it: only without ``http.public_url``."""
+    return public_url(config), not config.http.public_url
+
+
 def _script_name(environ: Mapping[str, Any]) -> str:
     """SCRIPT_NAME (latin-1 bytes in WSGI) re-quoted for a URL, no trailing slash."""
     raw = environ.get("SCRIPT_NAME", "").encode("latin-1", "replace")
@@ -273,7 +279,7 @@ class StatsApp:
         self.timezone = config.timezone  # like the database: fixed until a restart
         self.now = now
         self._token = config.http.token.encode("ascii")
-        self._public_url = public_url(config)
+        self._links = _links_base(config)
         self._counter_factory = counter_factory or functools.partial(
             segment.attach, config.key, config.backend
         )
@@ -326,9 +332,12 @@ class StatsApp:
         A config :meth:`check_reload` refuses raises ConfigError and
         changes nothing."""
         self.check_reload(config)
+        # Everything is worked out first, then each setting is one
+        # assignment: a request running meanwhile (another thread) reads
+        # each one once, the old or the new, never half of one.
+        token, links = config.http.token.encode("ascii"), _links_base(config)
         self.config = config
-        self._token = config.http.token.encode("ascii")
-        self._public_url = public_url(config)
+        self._token, self._links = token, links
         self._set_http(config)
 
     @property
@@ -422,9 +431,8 @@ class StatsApp:
         """The base of the ``links``: ``http.public_url``, else the listen
         address plus the mount point (SCRIPT_NAME, which the server sets);
         never the request's Host header, which the client chooses."""
-        if self.config.http.public_url:
-            return self._public_url
-        return self._public_url + _script_name(request.environ)
+        base, mounted = self._links  # one read: see reload
+        return base + _script_name(request.environ) if mounted else base
 
     def _authorize(self, environ: Mapping[str, Any]) -> None:
         """Raise 401 unless the bearer token matches (when one is set)."""

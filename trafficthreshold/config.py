@@ -321,6 +321,11 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ValueError("the port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if "%" in host:  # waitress: "Invalid host/port specified." at start
+            raise ValueError(f"{host!r} has a zone id ({host[host.index('%'):]}), which the "
+                             f"server cannot listen on: write the address without it, e.g. "
+                             f'"[{host[:host.index("%")]}]:{port}" (a link-local fe80:: '
+                             "address needs one: listen on another address)")
         try:
             mapped = ipaddress.IPv6Address(host).ipv4_mapped
         except ValueError:
@@ -341,8 +346,9 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
+    """True for ``localhost`` (in any case, as host names are) and loopback
+    addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -616,12 +622,25 @@ def _prefix(value: Any) -> str:
     return value
 
 
+#: The characters IDNA 2003 (Python's "idna" codec) maps or drops and
+#: browsers keep (UTS 46 "deviations"): ß, final sigma, ZWJ, ZWNJ.
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200d\u200c")
+
+
 def _origin(parts: urllib.parse.SplitResult, item: str, fix: str) -> str:
     """An origin as a browser sends it in ``Origin:``: scheme and host in
     lower case, the host in punycode, no default port (80, 443)."""
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
+    elif _IDNA_DEVIATIONS.intersection(host):
+        # Python's "idna" is IDNA 2003 (ß -> ss); browsers keep these
+        # (UTS 46, non-transitional): we cannot spell what they send.
+        raise _Bad(f"has {_show(item)}, whose host browsers send in a punycode Python cannot "
+                   "make (it holds ß, ς or a zero-width joiner)",
+                   "write the host in punycode as the browser sends it in Origin: (e.g. "
+                   "xn--strae-oqa.example for straße.example; see the Origin header in the "
+                   "browser's developer tools)")
     else:
         try:
             host = host.encode("idna").decode("ascii")

@@ -7,10 +7,10 @@ The tick hands over its clock, its level and the segment's instance
 older one not yet sent is replaced); the ``trafficthreshold-farm`` thread
 reads the live counts from its own attachment of the segment
 (:class:`LiveReader`: the tick does not pay for reading every key), publishes
-them (:func:`farm.publish_live`) and reads the farm back
-(:func:`farm.farm_live`) on its own Redis client, with a short socket
-timeout and no retries.  The latest reading is one attribute that the tick
-reads (:meth:`FarmSync.count`).
+what changed (:class:`farm.LivePublisher`) and reads the level's key back
+(:class:`farm.LevelReader`: the farm's sum, one round trip) on its own
+Redis client, with a short socket timeout and no retries.  The latest
+reading is one attribute that the tick reads (:meth:`FarmSync.count`).
 
 ``[throttle] scope = "farm"``: the tick steps the level from the farm's
 count of ``("all", "pageview")`` in the configured window: the other hosts'
@@ -20,9 +20,10 @@ segment at this tick.  A reading older than :data:`STALE_AFTER` seconds
 own count until a fresh reading comes (both changes logged once), so a host
 cut off from the farm never stays at the farm's level.
 
-``[[alert]] scope = "farm"``: after each publication and read-back (which
-then also reads the farm rules' keys), the farm thread renews the leader
-lease and, while it leads, evaluates the farm rules over that reading
+``[[alert]] scope = "farm"``: after each publication and read-back, the
+farm thread renews the leader lease and, while it leads, evaluates the farm
+rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
+made only when the leader evaluates: :class:`LeaderReading`)
 (:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
@@ -170,6 +171,11 @@ class FarmSync:
         self.forget_after = forget_after
 
         self.reader = reader
+        #: This host's publication (only what changed since the last one).
+        self.publisher = farm.LivePublisher(client, host, prefix=prefix, ttl_ms=ttl_ms,
+                                            forget_after=forget_after)
+        #: Its reading of the level's key (the farm's sum, one round trip).
+        self.level_reader = farm.LevelReader(client, host, LEVEL_KEYS, prefix=prefix)
         #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
@@ -242,9 +248,10 @@ class FarmSync:
 
     def count(self, own: int, now: float, window: str) -> int:
         """The farm's count of ``("all", "pageview")`` for the level: the
-        other alive hosts' from the latest reading plus ``own`` (this host's,
-        read now); ``own`` alone when the reading is stale (logged once, and
-        once when the farm's count is back)."""
+        other alive hosts' from the latest reading (the farm's sum less what
+        this host published) plus ``own`` (this host's, read now); ``own``
+        alone when the reading is stale (logged once, and once when the
+        farm's count is back)."""
         reading = self.fresh(now)
         if reading is None:
             if not self._fallback and self._first is not None \
@@ -258,9 +265,8 @@ class FarmSync:
             self._fallback = False
             log.info("throttle scope farm: the farm's counts are back; the level of host %s "
                      "follows the farm's total again", self.host)
-        index = 0 if window == "minute" else 1
-        others = sum(row.counts.get(LEVEL_KEYS[0], (0, 0))[index]
-                     for row in reading.live.hosts if row.alive and row.host != self.host)
+        live = reading.live
+        others = live.count(*LEVEL_KEYS[0], window) - live.own(self.host, LEVEL_KEYS[0], window)
         return others + own
 
     @property
@@ -312,8 +318,7 @@ class FarmSync:
         clock (it is as fresh as our last publication); False on an error,
         which the next offer's cycle meets and logs."""
         try:
-            self.reading = Reading(now, farm.farm_live(self.client, now=now, prefix=self.prefix,
-                                                       only=self.keys()))
+            self.reading = Reading(now, self.level_reader.read(now))
         except Exception:  # noqa: BLE001 - the next cycle says it
             return False
         return True
@@ -332,12 +337,9 @@ class FarmSync:
             return False  # no live segment here: nothing to publish, the hash expires
         counts, previous = got
         try:
-            farm.publish_live(self.client, self.host, counts, level=item.level,
-                              now=item.now, prefix=self.prefix, ttl_ms=self.ttl_ms,
-                              last_roll=self._last_roll(), previous=previous,
-                              forget_after=self.forget_after)
-            live = farm.farm_live(self.client, now=item.now, prefix=self.prefix,
-                                  only=self.keys())
+            self.publisher.publish(counts, level=item.level, now=item.now,
+                                   last_roll=self._last_roll(), previous=previous)
+            live = self.level_reader.read(item.now)
         except Exception as exc:  # noqa: BLE001 - the farm thread never dies
             text = f"{type(exc).__name__}: {exc}"
             if self.alerts is not None:  # no Redis, no lead: stop at once
@@ -355,7 +357,8 @@ class FarmSync:
                      self.host)
         self.reading = Reading(item.now, live)
         if self.alerts is not None:
-            self._step_alerts(live, item)
+            self._step_alerts(LeaderReading(lambda: farm.farm_live(
+                self.client, now=item.now, prefix=self.prefix, only=self.keys())), item)
         return True
 
     @property
@@ -397,7 +400,7 @@ class FarmSync:
                       other["pid"], other["boot"], self.host, self.claim.pid)
         self._claim_lost = other is not None
 
-    def _step_alerts(self, live: farm.FarmLive, item: Offer) -> None:
+    def _step_alerts(self, live: Any, item: Offer) -> None:
         """The farm rules after a fresh read (lease, evaluation, queue);
         an error is logged once, and once when it works again."""
         try:
@@ -431,7 +434,7 @@ class FarmSync:
             self.alerts.stop(release=withdraw)
         if withdraw and not self._thread.is_alive():
             try:
-                self.client.delete(f"{self.prefix}~live:{self.host}")
+                self.publisher.withdraw()
             except Exception as exc:  # noqa: BLE001 - it expires anyway
                 log.info("could not withdraw the live counts at shutdown (%s: %s); they "
                          "expire within %d s", type(exc).__name__, exc, self.ttl_ms // 1000)
@@ -439,6 +442,24 @@ class FarmSync:
             self.client.close()
         except Exception:  # noqa: BLE001 - closing sockets only
             pass
+
+
+class LeaderReading:
+    """The farm rules' reading, host by host (:func:`farm.farm_live`, one
+    read per host), made at its first use: only the lease's holder
+    evaluates the rules, so only the leader pays for it (the other hosts'
+    farm threads read the level's sum only).  Any attribute of the
+    :class:`farm.FarmLive`; a Redis error raises at that use."""
+
+    def __init__(self, load: Any) -> None:
+        self._load, self._live = load, None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._live is None:
+            self._live = self._load()
+        return getattr(self._live, name)
 
 
 def _farm_alerts(client: Any, config: Any, env: Any, farm_rules: Any) -> Any:

@@ -62,7 +62,8 @@ from typing import Any
 from trafficthreshold.names import STATUS_SEP
 from trafficthreshold import segment
 from trafficthreshold.segment import H_INSTANCE
-from trafficthreshold.store.sqlite import WATERMARK_KEEP_MINUTES, _signed, count_of, parsed
+from trafficthreshold.store.sqlite import (WATERMARK_KEEP_MINUTES, _signed, count_of, moment_of,
+                                           parsed, text_of)
 
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -171,7 +172,7 @@ def read_store(conn: sqlite3.Connection) -> StoreReading:
     last = meta.get("last_roll_at")
     # A value no writer wrote is a damaged file (Malformed: the 503), not a 500.
     return StoreReading(stored_totals(conn),
-                        None if last is None else parsed(last, float, "meta last_roll_at"),
+                        None if last is None else parsed(last, moment_of, "meta last_roll_at"),
                         gaps, parsed(meta.get("late_dropped") or 0, int, "meta late_dropped"),
                         len(parsed(meta["bad_keys"], json.loads, "meta bad_keys"))
                         if meta.get("bad_keys") else 0)
@@ -183,14 +184,17 @@ def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
     ``conn`` is any connection to the store's file (read-only is enough);
     one scan of the small months and funnels tables."""
     rows = conn.execute("SELECT account, event, SUM(count) FROM months GROUP BY account, event")
-    totals = {(account, event): count_of(total, "a sum of months")
-              for account, event, total in rows}
+    totals = {(text_of(account, "an account of months"), text_of(event, "an event of months")):
+              count_of(total, "a sum of months") for account, event, total in rows}
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
                     ).fetchone():  # schema 3 on
         rows = conn.execute("SELECT account, event, status, SUM(count) FROM funnels"
                             " GROUP BY account, event, status")
         for account, event, status, total in rows:
-            totals[account, f"{event}{STATUS_SEP}{status}"] = count_of(total, "a sum of funnels")
+            event = f'{text_of(event, "an event of funnels")}{STATUS_SEP}' \
+                    f'{text_of(status, "a status of funnels")}'
+            totals[text_of(account, "an account of funnels"), event] = \
+                count_of(total, "a sum of funnels")
     return totals
 
 

@@ -114,7 +114,9 @@ _RETRIED = {
     "farm link": "retried every minute; the level follows this host's count meanwhile",
     "farm offer": "tried again at the next tick",
     "letting the host name go": "it expires within 5 s (farm.OWNER_TTL_MS)",
-    "reload": "the running configuration stays; fix the file and send SIGHUP again",
+    # A file refused is logged by reload() itself (nothing applied); this is
+    # an error while applying one, after which a part may be applied.
+    "reload": "the configuration may be applied only in part; send SIGHUP again",
 }
 
 
@@ -139,7 +141,11 @@ class Supervisor:
     def __init__(self, config: Config, *, config_path: str | None = None, http: bool = True,
                  env: Mapping[str, str] = os.environ, pid: int | None = None) -> None:
         self.config = config
-        self.config_path = config_path
+        # A reload reads the file the running configuration came from, even
+        # when it was found rather than named (DEFAULT_PATH): looking again
+        # would take the embedded defaults while the file is moved away.
+        self.config_path = config_path or (config.source if os.path.isfile(config.source)
+                                           else None)
         self.http_enabled = http and config.http.enabled
         self.env = env
         self.pid = os.getpid() if pid is None else pid
@@ -359,7 +365,9 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         self.config = new
-        self._write_settings()
+        if self.counter is not None and self.counter.attached:
+            # Else the segment was uninstalled: the re-attach writes them.
+            self._write_settings()
         if self.engine is not None:
             self.engine.reload(new.host_alerts, new.mail, new.dashboard_link)
         if self.farm is not None:

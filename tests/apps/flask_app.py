@@ -43,3 +43,13 @@ def stream():
         for i in range(3):
             yield f"<p>chunk {i}</p>"
     return Response(stream_with_context(chunks()), mimetype="text/html")
+
+
+@app.route("/stream-fails")
+def stream_fails():
+    """A streamed page whose generator raises before its first chunk: the
+    server answers 500 (docs/webapps.rst, "When": not counted)."""
+    def chunks():
+        raise RuntimeError("the template failed")
+        yield ""  # pragma: no cover
+    return Response(stream_with_context(chunks()), mimetype="text/html")

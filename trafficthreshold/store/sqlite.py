@@ -49,6 +49,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import sqlite3
 import urllib.parse
@@ -222,6 +223,24 @@ def count_of(value: Any, where: str) -> int:
     if type(value) is int and value >= 0:
         return value
     raise Malformed(where, value)
+
+
+def text_of(value: Any, where: str) -> str:
+    """``value`` if it is a name (text), else :class:`Malformed`: a damaged
+    cell can turn a name into a blob or a number, which the readers would
+    sort against text or pass on as a name."""
+    if type(value) is str:
+        return value
+    raise Malformed(where, value)
+
+
+def moment_of(value: Any) -> float:
+    """A time stamp (seconds since the epoch) from its text; ValueError if
+    it does not parse or is not finite (``nan``, ``1e400``)."""
+    moment = float(value)
+    if not math.isfinite(moment):
+        raise ValueError(value)
+    return moment
 
 
 def parsed(value: Any, parse: Any, where: str) -> Any:
@@ -573,7 +592,7 @@ class SQLiteStore:
     def last_roll_at(self) -> float | None:
         """The ``now`` of the last :meth:`roll`, or None."""
         value = self._get_meta("last_roll_at")
-        return None if value is None else parsed(value, float, "meta last_roll_at")
+        return None if value is None else parsed(value, moment_of, "meta last_roll_at")
 
     # ------------------------------------------------------------------
     # rolling
@@ -827,7 +846,7 @@ class SQLiteStore:
             rows = self._conn.execute(
                 "SELECT account FROM keys WHERE event = ? ORDER BY account", (event,)
             )
-        return [account for (account,) in rows]
+        return [text_of(account, "an account of keys") for (account,) in rows]
 
     def events(self, account: str | None = None) -> list[str]:
         """Events with rows (of ``account`` if given), sorted."""
@@ -837,7 +856,7 @@ class SQLiteStore:
             rows = self._conn.execute(
                 "SELECT event FROM keys WHERE account = ? ORDER BY event", (account,)
             )
-        return [event for (event,) in rows]
+        return [text_of(event, "an event of keys") for (event,) in rows]
 
     def years(self, account: str, event: str) -> list[int]:
         """The years that have rows of ``(account, event)`` at any level,
@@ -869,7 +888,7 @@ class SQLiteStore:
                                   " AND count > 0", args).fetchall()
         data: dict[str, int] = defaultdict(int)
         for _month, status, count in rows:
-            data[status] += count_of(count, "a row of funnels")
+            data[text_of(status, "a status of funnels")] += count_of(count, "a row of funnels")
         months = [] if month is not None else sorted({m for m, _s, _c in rows})
         return {"data": dict(sorted(data.items())), "total": sum(data.values()),
                 "months": months}
@@ -891,7 +910,9 @@ class SQLiteStore:
             return []
         rows = self._conn.execute(f"SELECT DISTINCT {column} FROM funnels {where}"
                                   f" ORDER BY {column}", args)
-        return [value for (value,) in rows]
+        if column == "year":
+            return [value for (value,) in rows]
+        return [text_of(value, f"an {column} of funnels") for (value,) in rows]
 
     def top_accounts(self, event: str, since_minute: int, limit: int) -> list[tuple[str, int]]:
         """The ``limit`` accounts with the most ``event`` hits in the minute
@@ -907,7 +928,8 @@ class SQLiteStore:
             " GROUP BY k.account ORDER BY total DESC, k.account LIMIT ?",
             (event, *since, limit),
         )
-        return [(account, count_of(total, "a sum of minutes")) for account, total in rows]
+        return [(text_of(account, "an account of minutes"), count_of(total, "a sum of minutes"))
+                for account, total in rows]
 
     # ------------------------------------------------------------------
     # retention
