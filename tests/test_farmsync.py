@@ -746,3 +746,28 @@ def test_lost_replies_on_one_host_never_double_the_farms_level(farm3, redis_serv
                               "60s") == truth
     finally:
         f.close(NOW + 20)
+
+
+def test_a_lapse_whose_refresh_reply_was_lost_is_still_seen(redis_server):
+    """The name expired during a stall and the refresh that takes it back
+    runs in Redis but its reply is lost (through the proxy): the next
+    refresh finds the key ours again, yet the lapse must not go unseen
+    (another supervisor may have rolled under the name meanwhile)."""
+    import redis
+    from tt_proxy import TcpProxy
+    with TcpProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, socket_timeout=0.5)
+        farmsync.no_retries(client)
+        claim = farm.HostClaim(client, "web1", 0x1234, pid=4800, boot="b")
+        claim.take(wait=False)
+        assert claim.refresh() is None and not claim.lapsed()
+        redis_server.client().delete("track~owner:web1")  # its 5 s ran out
+        proxy.drop_replies()
+        with pytest.raises(redis.RedisError):
+            claim.refresh()
+        proxy.pass_replies()
+        assert farm.HostClaim.holder(redis_server.client(), "web1")["pid"] == 4800
+        assert claim.refresh() is None
+        assert claim.lapsed()
+        assert not claim.lapsed()  # consumed
+        client.close()

@@ -923,8 +923,15 @@ class HostClaim:
         (:meth:`lapsed`)."""
         if instance:
             self._state["instance"] = instance
-        cur = _text(self._refresh(keys=[self.key],
-                                  args=[self.value, self.ttl_ms, self.identity]))
+        try:
+            cur = _text(self._refresh(keys=[self.key],
+                                      args=[self.value, self.ttl_ms, self.identity]))
+        except Exception:
+            # It may have run and taken an expired key back, its answer
+            # lost: the next refresh would find the key ours.  Count it
+            # as a lapse (the next roll checks the store again: cheap).
+            self._state["lapsed"] = True
+            raise
         if cur == "~lapsed":
             self._state["lapsed"] = True
             return None
