@@ -451,10 +451,7 @@ class Supervisor:
         if isinstance(self.store, RedisStore):
             if self.farm is not None and self.farm.claim_lost:
                 self._name_lost = True
-                raise TrafficThresholdError(
-                    f"[store] host = {self.config.store.host!r} was taken by another "
-                    "supervisor while this one did not refresh it (paused): rolling under "
-                    "the same name would mix their counts and closed_through")
+                raise self._name_taken()
             if self._name_lost:  # the name is ours again: a new Roller checks the
                 self._name_lost = False  # segment against what the other rolled meanwhile
                 self.roller = self._new_roller()
@@ -469,6 +466,33 @@ class Supervisor:
             if store is not None:
                 store.close()
             raise
+
+    def _name_taken(self) -> TrafficThresholdError:
+        return TrafficThresholdError(
+            f"[store] host = {self.config.store.host!r} was taken by another "
+            "supervisor while this one did not refresh it (paused): rolling under "
+            "the same name would mix their counts and closed_through")
+
+    def _roll_claimed(self, roller: Roller, now: float) -> int:
+        """A roll into Redis on the roll thread, right after refreshing our
+        name there (recording the segment rolled): the farm thread's refresh
+        may not have run yet after a stall.  Taken by another supervisor:
+        no roll.  Lapsed meanwhile (we stalled past its 5 s, or Redis lost
+        it; another supervisor may have rolled under it and moved its
+        ``closed_through``): a new Roller checks the segment against the
+        store first, as after a name taken and given back."""
+        claim = self.claim
+        if claim is not None:
+            if claim.refresh(roller.instance) is not None:
+                self._name_lost = True
+                raise self._name_taken()
+            if claim.lapsed():
+                log.warning("the farm host name %r lapsed (this supervisor stalled past its "
+                            "%d s, or Redis lost it); the roll first checks what was rolled "
+                            "under it meanwhile", self.config.store.host,
+                            farm.OWNER_TTL_MS // 1000)
+                roller = self.roller = Roller(roller.counter, roller.store)
+        return self._roll_and_reclaim(roller, now)
 
     def _roll_and_reclaim(self, roller: Roller, now: float) -> int:
         """The roll, then (if it worked) the reclaim, on the thread the roll
@@ -499,7 +523,7 @@ class Supervisor:
         if self._roll_pool is None:
             self._roll_pool = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="trafficthreshold-roll")
-        self._rolling = self._roll_pool.submit(self._roll_and_reclaim, self.roller, now)
+        self._rolling = self._roll_pool.submit(self._roll_claimed, self.roller, now)
         return None if previous is None else previous.result()
 
     def _wait_rolling(self) -> None:
