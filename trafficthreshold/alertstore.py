@@ -155,6 +155,13 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def open_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection to the alert tables of the file ``path`` (the
+    API's): nothing written, no lock the writer waits for; StoreError
+    naming the file when it cannot be opened."""
+    return period_store.connect_readonly(path)
+
+
 def read_state(conn: sqlite3.Connection) -> AlertState | None:
     """The saved :class:`AlertState` through any connection to the file
     (read-only is enough): an empty one if none was saved yet, None if the
