@@ -11,7 +11,8 @@ import pytest
 
 from trafficthreshold import alerts
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.alertstore import SCHEMA_VERSION, AlertEngine, AlertStore, AlertStoreError
+from trafficthreshold.alertengine import AlertEngine
+from trafficthreshold.alertstore import SCHEMA_VERSION, AlertStore, AlertStoreError
 from trafficthreshold.errors import TrafficThresholdError
 
 T0 = 1_700_000_040.0

@@ -34,7 +34,8 @@ import pytest
 
 from trafficthreshold import mailer
 from trafficthreshold.alerts import Mail, MailContext, Notice
-from trafficthreshold.alertstore import AlertEngine, AlertStore
+from trafficthreshold.alertengine import AlertEngine
+from trafficthreshold.alertstore import AlertStore
 from trafficthreshold.errors import MailError, TrafficThresholdError
 from trafficthreshold.mailer import (DeliveryError, Outbox, Prepared, Renderer,
                                      SMTPTransport, build_message, send_test)

@@ -65,7 +65,8 @@ from typing import Any, Mapping
 
 from . import (alerts, config as configuration, farm, farmsync, names, notify, segment,
                store as stores, throttle)
-from .alertstore import AlertEngine, AlertStore
+from .alertengine import AlertEngine
+from .alertstore import AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
 from .mailer import Outbox
