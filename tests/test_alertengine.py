@@ -15,10 +15,10 @@ import pytest
 
 import tt_alerts
 from trafficthreshold import farm
-from trafficthreshold.alertengine import AlertEngine, MailQueue, default_sender
+from trafficthreshold.alerts.engine import AlertEngine, MailQueue, default_sender
 from trafficthreshold.alerts import AlertState
-from trafficthreshold.alertstore import AlertStore
-from trafficthreshold.farmalerts import FarmAlertStore, FencedOut, FencedQueue
+from trafficthreshold.alerts.store import AlertStore
+from trafficthreshold.alerts.farm import FarmAlertStore, FencedOut, FencedQueue
 
 T0 = 1_700_000_040.0
 

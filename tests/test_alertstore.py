@@ -10,7 +10,7 @@ import pytest
 
 from trafficthreshold import alerts
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.alertstore import SCHEMA_VERSION, AlertStore, AlertStoreError
+from trafficthreshold.alerts.store import SCHEMA_VERSION, AlertStore, AlertStoreError
 from trafficthreshold.errors import TrafficThresholdError
 
 T0 = 1_700_000_040.0
@@ -81,7 +81,7 @@ def test_newer_schema_is_refused_with_advice(db: str) -> None:
 
 
 def test_version_1_tables_gain_claimed_at_and_keep_their_rows(db: str) -> None:
-    from trafficthreshold.alertstore import SCHEMA_V1
+    from trafficthreshold.alerts.store import SCHEMA_V1
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE alert_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     for statement in SCHEMA_V1:

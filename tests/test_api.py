@@ -28,7 +28,9 @@ import pytest
 
 from apps.harness import MINUTE, NOW, minute_at, XSS, ZONE, fetch, fetch_json, make_config, start_live
 from test_segment import RawReader, raw_view
-from trafficthreshold import api, openapi, segment, webserver
+from trafficthreshold import api, segment
+from trafficthreshold.api import openapi
+from trafficthreshold.api import server as webserver
 from trafficthreshold.config import HttpConfig
 from trafficthreshold.store import SQLiteStore
 

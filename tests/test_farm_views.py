@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 from apps.harness import XSS, fetch, fetch_json
 from test_dashboard import ARTIFACTS, CHROMIUM, chromium, needs_chromium
-from trafficthreshold import api, config as configuration, farm, segment, webserver
+from trafficthreshold import api, config as configuration, farm, segment
+from trafficthreshold.api import server as webserver
 from trafficthreshold.cli import main
 from trafficthreshold.supervisor import Supervisor
 

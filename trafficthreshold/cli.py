@@ -683,7 +683,7 @@ def test_mail(ctx: click.Context, rule: str | None, to: tuple[str, ...]) -> None
 
     Example: trafficthreshold test-mail --to ops@example.com
     """
-    from .mailer import send_test
+    from .alerts.mail import send_test
     cfg = _load(ctx)
     chosen = None
     if rule is not None:

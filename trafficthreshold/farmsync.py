@@ -444,7 +444,7 @@ def _farm_alerts(client: Any, config: Any, env: Any, farm_rules: Any) -> Any:
     """The farm rules' FarmAlerts over ``client`` (the farm thread's), its
     mail thread with a client of its own."""
     from . import store as stores
-    from .farmalerts import FarmAlerts
+    from .alerts.farm import FarmAlerts
 
     mail_client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
     no_retries(mail_client)

@@ -65,11 +65,11 @@ from typing import Any, Mapping
 
 from . import (alerts, config as configuration, farm, farmsync, names, notify, segment,
                store as stores, throttle)
-from .alertengine import AlertEngine
-from .alertstore import AlertStore
+from .alerts.engine import AlertEngine
+from .alerts.store import AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
-from .mailer import Outbox
+from .alerts.mail import Outbox
 from .store import RedisStore
 from .rollup import Roller
 from .store import StoreError
@@ -294,7 +294,8 @@ class Supervisor:
         self.counter.store(segment.H_SUPERVISOR_PID, 4, self.pid)
 
     def _start_http(self) -> None:
-        from . import api, webserver  # only the daemon serves HTTP
+        from . import api
+        from .api import server as webserver  # only the daemon serves HTTP
         self.app = api.make_app(self.config)
         self.server = webserver.start(self.app, self.config.http.listen)
         log.info("serving the stats API and dashboard on %s", self.server.url)

@@ -45,12 +45,12 @@ import json
 import logging
 from typing import Any, Callable, Sequence
 
-from . import alerts, farm
-from .alerts import AlertState, Mail, MailContext, Rule
-from .alertengine import AlertEngine
-from .alertstore import INTERRUPTED, QueuedMail, new_message_id
-from .errors import TrafficThresholdError
-from .mailer import Outbox
+from trafficthreshold import alerts, farm
+from trafficthreshold.alerts import AlertState, Mail, MailContext, Rule
+from trafficthreshold.alerts.engine import AlertEngine
+from trafficthreshold.alerts.store import INTERRUPTED, QueuedMail, new_message_id
+from trafficthreshold.errors import TrafficThresholdError
+from trafficthreshold.alerts.mail import Outbox
 
 log = logging.getLogger("trafficthreshold.farmalerts")
 

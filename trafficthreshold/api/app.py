@@ -57,14 +57,16 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import (alerts, alertstore, cors, farm, metrics, names, segment,
-                              store as stores, subscribe)
+from trafficthreshold import alerts, farm, names, segment, store as stores, subscribe
+from trafficthreshold.alerts import store as alertstore
+from trafficthreshold.api import cors
+from trafficthreshold.api import metrics
 from trafficthreshold.config import Config, is_loopback
-from trafficthreshold.dashboard import dashboard_context, farm_section, num
+from trafficthreshold.api.dashboard import dashboard_context, farm_section, num
 from trafficthreshold.errors import ConfigError, SegmentError, TrafficThresholdError
 from trafficthreshold.live import (  # noqa: F401  (re-exported)
     LIVE_MINUTES, Snapshot, farm_view, snapshot)
-from trafficthreshold.openapi import JSON_TYPE, openapi_document
+from trafficthreshold.api.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod, segments
 from trafficthreshold.store import StoreError
 

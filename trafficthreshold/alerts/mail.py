@@ -43,15 +43,15 @@ from typing import Any, Callable, Protocol, Sequence
 import jinja2
 
 from trafficthreshold.alerts import Mail, MailContext, Notice, epoch_minute
-from trafficthreshold.alertengine import MAX_PER_HOUR, MailQueue, default_sender
-from trafficthreshold.alertstore import AlertStore, QueuedMail, new_message_id
+from trafficthreshold.alerts.engine import MAX_PER_HOUR, MailQueue, default_sender
+from trafficthreshold.alerts.store import AlertStore, QueuedMail, new_message_id
 from trafficthreshold.config import default_host
 from trafficthreshold.errors import MailError, TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.mailer")
 
 #: Templates shipped with the package.
-PACKAGE_TEMPLATES = Path(__file__).with_name("templates")
+PACKAGE_TEMPLATES = Path(__file__).parent.parent / "templates"
 DEFAULT_SENDMAIL = "/usr/sbin/sendmail"
 EX_TEMPFAIL = 75  # sysexits.h: "try again later"
 

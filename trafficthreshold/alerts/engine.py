@@ -28,7 +28,7 @@ from trafficthreshold import alerts
 from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
 
 if TYPE_CHECKING:
-    from trafficthreshold.alertstore import QueuedMail
+    from trafficthreshold.alerts.store import QueuedMail
 
 log = logging.getLogger("trafficthreshold.alertengine")
 
