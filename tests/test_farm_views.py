@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from apps.harness import XSS, fetch, fetch_json
-from test_dashboard import ARTIFACTS, CHROMIUM, chromium, needs_chromium
+from test_api_dashboard import ARTIFACTS, CHROMIUM, chromium, needs_chromium
 from trafficthreshold import api, config as configuration, farm, segment
 from trafficthreshold.api import server as webserver
 from trafficthreshold.cli import main

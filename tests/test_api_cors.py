@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from apps.harness import NOW, fetch, make_config
-from test_dashboard import chromium, needs_chromium
+from test_api_dashboard import chromium, needs_chromium
 from trafficthreshold import api
 from trafficthreshold.api import cors
 from trafficthreshold.api import server as webserver
