@@ -438,7 +438,7 @@ def _need_zmq() -> None:
 
 # ------------------------------------------------------------------ daemon
 
-#: Why the HTTP server cannot listen, by errno (the words webserver.py uses
+#: Why the HTTP server cannot listen, by errno (the words api/server.py uses
 #: for the same errors on main, where it raises them itself).
 _LISTEN_ERRORS = {
     errno.EADDRINUSE: "the address is already in use (another trafficthreshold run, or "

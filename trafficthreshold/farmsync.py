@@ -24,7 +24,7 @@ cut off from the farm never stays at the farm's level.
 farm thread renews the leader lease and, while it leads, evaluates the farm
 rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
 made only when the leader evaluates: :class:`LeaderReading`)
-(:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
+(:class:`trafficthreshold.alerts.farm.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ class FarmSync:
                                             forget_after=forget_after)
         #: Its reading of the level's key (the farm's sum, one round trip).
         self.level_reader = farm.LevelReader(client, host, LEVEL_KEYS, prefix=prefix)
-        #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
+        #: The farm rules (:class:`trafficthreshold.alerts.farm.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
         self._alerts_failing: str | None = None

@@ -28,7 +28,7 @@ it directly with a driven clock.  Each tick:
 5. evaluates this host's alert rules (mail goes out from the outbox
    thread, never from the tick); the farm's rules (``scope = "farm"``) are
    the farm thread's, on the holder of the leader lease only
-   (:mod:`trafficthreshold.farmalerts`);
+   (:mod:`trafficthreshold.alerts.farm`);
 6. once an hour, prunes the store.
 
 The alert state and the mail queue of host rules are always in the SQLite
@@ -668,7 +668,7 @@ class Supervisor:
 
     def _alerts(self, now: float) -> None:
         """This host's rules (scope "host"); the farm's are the farm
-        thread's (:mod:`trafficthreshold.farmalerts`)."""
+        thread's (:mod:`trafficthreshold.alerts.farm`)."""
         rules = self.engine.rules
         if not rules and not self.engine.state.episodes:
             return

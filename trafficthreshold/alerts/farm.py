@@ -8,7 +8,7 @@ leads, runs the farm rules (:func:`trafficthreshold.alerts.step`, the same
 rules as a host's: one mail per episode, reminders, resolution, the hourly
 cap) over the farm's totals of that reading.  The tick never waits for any
 of it.  :class:`FarmOutbox` delivers the queued mails on a thread of its own
-(the mailer's :class:`~trafficthreshold.mailer.Outbox`, over Redis), only
+(the mailer's :class:`~trafficthreshold.alerts.mail.Outbox`, over Redis), only
 while this host leads.
 
 Keys in Redis (``{prefix}`` is ``[store] prefix``)::
@@ -23,7 +23,7 @@ Keys in Redis (``{prefix}`` is ``[store] prefix``)::
     {prefix}~farmalert:mails     sorted set: the mail ids of the last KEEP_DONE
                                  seconds by creation time (trimmed by each save)
 
-Exactly once, as in :mod:`trafficthreshold.alertstore`, with the lease as
+Exactly once, as in :mod:`trafficthreshold.alerts.store`, with the lease as
 the fence: every write is a script that first checks that the lease still
 holds this host's value (``"{host} {token}"``), so a host that lost it (cut
 off, paused past its lease, replaced) writes nothing and sends nothing.
@@ -328,7 +328,7 @@ def _queued(id: int, raw: dict) -> QueuedMail:
 
 class FencedQueue:
     """The farm's queue during one lease: the farm rules'
-    :class:`~trafficthreshold.alertengine.MailQueue`, every write fenced with
+    :class:`~trafficthreshold.alerts.engine.MailQueue`, every write fenced with
     that lease's value (``lease``).  ``unsure``: the ids whose claim's reply
     (and read-back) were lost, which the outbox puts back at its next pass."""
 

@@ -11,7 +11,7 @@
   (``sendmail -oi -f SENDER -- RCPT...``, message on stdin) and
   :class:`SMTPTransport` (smtplib, optional STARTTLS and login).  Both raise
   :class:`DeliveryError`, which says whether the failure is temporary.
-* :class:`Outbox` delivers what :class:`~trafficthreshold.alertstore.AlertStore`
+* :class:`Outbox` delivers what :class:`~trafficthreshold.alerts.store.AlertStore`
   queued, off the tick loop, in a worker thread; retries with exponential
   backoff; gives up after a bounded number of attempts and says so in the
   log and in the queue row.  Nothing is dropped silently.
@@ -478,12 +478,12 @@ class Delivery:
 
 
 class Outbox:
-    """Delivers mails queued in a :class:`~trafficthreshold.alertengine.MailQueue`:
+    """Delivers mails queued in a :class:`~trafficthreshold.alerts.engine.MailQueue`:
     the host rules' alert store at ``db_path`` (:meth:`_store`).
 
     :meth:`start` runs a worker thread that calls :meth:`deliver_due` every
     ``poll`` seconds and whenever :meth:`wake` is called (pass ``wake`` as
-    :class:`~trafficthreshold.alertengine.AlertEngine`'s ``on_queued``); a
+    :class:`~trafficthreshold.alerts.engine.AlertEngine`'s ``on_queued``); a
     stuck MTA only ever blocks that thread, for at most ``mail.timeout``.
     Tests call :meth:`deliver_due` directly with their own ``now``.
 
@@ -493,7 +493,7 @@ class Outbox:
     ``max_temp_attempts`` attempts, any other failure ``max_attempts``; then
     the row is marked failed and an error is logged.
 
-    :class:`trafficthreshold.farmalerts.FarmOutbox` is the same worker over
+    :class:`trafficthreshold.alerts.farm.FarmOutbox` is the same worker over
     the farm's queue in Redis (its store errors: :data:`STORE_ERRORS`).
     """
 

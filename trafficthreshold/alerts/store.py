@@ -178,7 +178,7 @@ def read_state(conn: sqlite3.Connection) -> AlertState | None:
 
 class AlertStore:
     """The alert_* tables of one database file: the host rules'
-    :class:`~trafficthreshold.alertengine.MailQueue`.  One instance per
+    :class:`~trafficthreshold.alerts.engine.MailQueue`.  One instance per
     thread."""
 
     #: A failed transaction wrote nothing: the engine retries next tick.

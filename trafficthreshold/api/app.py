@@ -1,7 +1,7 @@
 """The WSGI app: the Bootic-compatible JSON stats API, /metrics, the dashboard.
 
 A plain WSGI callable, so it runs under the daemon's own server
-(:mod:`trafficthreshold.webserver`, waitress) or under any WSGI server::
+(:mod:`trafficthreshold.api.server`, waitress) or under any WSGI server::
 
     from trafficthreshold import api, config
     app = api.make_app(config.load())           # your own server, mounted anywhere
