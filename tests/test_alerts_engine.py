@@ -1,37 +1,24 @@
-"""The alert engine (trafficthreshold.alertengine) over both queues: the
+"""The alert engine (trafficthreshold.alerts.engine) over both queues: the
 host's AlertStore in a real SQLite file, the farm's FencedQueue in a real
 redis-server."""
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 import time
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-import tt_alerts
 from trafficthreshold import farm
-from trafficthreshold.alerts.engine import AlertEngine, MailQueue, default_sender
 from trafficthreshold.alerts import AlertState
-from trafficthreshold.alerts.store import AlertStore
+from trafficthreshold.alerts.engine import AlertEngine, MailQueue, default_sender
 from trafficthreshold.alerts.farm import FarmAlertStore, FencedOut, FencedQueue
+from trafficthreshold.alerts.store import AlertStore
 
-T0 = 1_700_000_040.0
-
-#: Shorter reminders and clearing than the defaults, for these tests.
-make_rule = functools.partial(tt_alerts.make_rule, repeat=300, clear_minutes=2)
-
-MAIL = SimpleNamespace(sender="tt@localhost", max_per_hour=20, dashboard_url="http://d/")
-COUNT_KEY = ("all", "pageview", "minute")
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> str:
-    return str(tmp_path / "stats.sqlite3")
+# The host queue's fixture and constants (``db`` is a pytest fixture).
+from test_alerts_store import COUNT_KEY, MAIL, T0, db, make_rule  # noqa: E402,F401
 
 
 # -- the engine ------------------------------------------------------------------
