@@ -134,7 +134,7 @@ def test_stats_never_writes_the_store(cfg, tmp_path):
 def test_a_damaged_store_is_one_line_naming_the_recovery(cfg, tmp_path):
     """`stats` and `alerts` on a database with damaged pages: one line that
     names the file and how to recover it, never a traceback."""
-    from trafficthreshold.alertstore import AlertStore
+    from trafficthreshold.alerts.store import AlertStore
     from trafficthreshold.store import SQLiteStore
     path = tmp_path / "s.sqlite3"
     with SQLiteStore(str(path), "UTC") as store:
@@ -639,7 +639,7 @@ def test_run_on_a_privileged_port_as_a_user_names_the_fix(key):
         file.write(f'key = {warm}\ndatabase = "{home}/warm/s.sqlite3"\n'
                    '[http]\nenabled = false\n')
     import importlib
-    for module in ("trafficthreshold.api", "trafficthreshold.webserver"):  # http = true's
+    for module in ("trafficthreshold.api.app", "trafficthreshold.api.server"):  # http = true's
         importlib.import_module(module)
     sup = Supervisor(configuration.load(warm_path, env={}), env={})
     sup.initialize(time.time())

@@ -438,7 +438,7 @@ def _need_zmq() -> None:
 
 # ------------------------------------------------------------------ daemon
 
-#: Why the HTTP server cannot listen, by errno (the words webserver.py uses
+#: Why the HTTP server cannot listen, by errno (the words api/server.py uses
 #: for the same errors on main, where it raises them itself).
 _LISTEN_ERRORS = {
     errno.EADDRINUSE: "the address is already in use (another trafficthreshold run, or "
@@ -713,7 +713,7 @@ def test_mail(ctx: click.Context, rule: str | None, to: tuple[str, ...]) -> None
 
     Example: trafficthreshold test-mail --to ops@example.com
     """
-    from .mailer import send_test
+    from .alerts.mail import send_test
     cfg = _load(ctx)
     chosen = None
     if rule is not None:

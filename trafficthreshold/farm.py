@@ -46,7 +46,7 @@ Farm-wide alert rules are evaluated by one supervisor at a time: the holder
 of the lease ``{prefix}~leader`` (``SET NX PX``), renewed every second.  Each
 new lease gets a fencing token from ``{prefix}~leader:token`` (``INCR``); the
 lease's value is ``"{host} {token}"``.  Every write of farm alert state
-(:mod:`trafficthreshold.farmalerts`) is a script that applies it only while
+(:mod:`trafficthreshold.alerts.farm`) is a script that applies it only while
 the lease still holds that exact value, so a leader that was paused past its
 lease (and replaced) can no longer write or send.
 """

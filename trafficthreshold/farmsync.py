@@ -24,7 +24,7 @@ cut off from the farm never stays at the farm's level.
 farm thread renews the leader lease and, while it leads, evaluates the farm
 rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
 made only when the leader evaluates: :class:`LeaderReading`)
-(:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
+(:class:`trafficthreshold.alerts.farm.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ class FarmSync:
                                             forget_after=forget_after)
         #: Its reading of the level's key (the farm's sum, one round trip).
         self.level_reader = farm.LevelReader(client, host, LEVEL_KEYS, prefix=prefix)
-        #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
+        #: The farm rules (:class:`trafficthreshold.alerts.farm.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
         self._alerts_failing: str | None = None
@@ -466,7 +466,7 @@ def _farm_alerts(client: Any, config: Any, env: Any, farm_rules: Any) -> Any:
     """The farm rules' FarmAlerts over ``client`` (the farm thread's), its
     mail thread with a client of its own."""
     from . import store as stores
-    from .farmalerts import FarmAlerts
+    from .alerts.farm import FarmAlerts
 
     mail_client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
     no_retries(mail_client)

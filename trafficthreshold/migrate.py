@@ -54,7 +54,7 @@ from typing import Any
 
 from trafficthreshold.errors import ConfigError, TrafficThresholdError
 from trafficthreshold.store.redis import RedisStore
-from trafficthreshold.store.sqlite import _signed
+from trafficthreshold.store.sqlite import signed
 
 log = logging.getLogger("trafficthreshold.migrate")
 
@@ -390,7 +390,7 @@ def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
     columns = {row[1] for row in conn.execute("PRAGMA table_info(watermarks)")}
     if "instance" in columns:
         rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks "
-                            "WHERE instance = ?", (_signed(instance),))
+                            "WHERE instance = ?", (signed(instance),))
     else:
         rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks")
     per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)

@@ -28,7 +28,7 @@ it directly with a driven clock.  Each tick:
 5. evaluates this host's alert rules (mail goes out from the outbox
    thread, never from the tick); the farm's rules (``scope = "farm"``) are
    the farm thread's, on the holder of the leader lease only
-   (:mod:`trafficthreshold.farmalerts`);
+   (:mod:`trafficthreshold.alerts.farm`);
 6. once an hour, prunes the store.
 
 The alert state and the mail queue of host rules are always in the SQLite
@@ -65,10 +65,11 @@ from typing import Any, Mapping
 
 from . import (alerts, config as configuration, farm, farmsync, names, notify, segment,
                store as stores, throttle)
-from .alertstore import AlertEngine, AlertStore
+from .alerts.engine import AlertEngine
+from .alerts.store import AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
-from .mailer import Outbox
+from .alerts.mail import Outbox
 from .store import RedisStore
 from .rollup import Roller
 from .store import StoreError
@@ -293,7 +294,8 @@ class Supervisor:
         self.counter.store(segment.H_SUPERVISOR_PID, 4, self.pid)
 
     def _start_http(self) -> None:
-        from . import api, webserver  # only the daemon serves HTTP
+        from . import api
+        from .api import server as webserver  # only the daemon serves HTTP
         self.app = api.make_app(self.config)
         self.server = webserver.start(self.app, self.config.http.listen)
         log.info("serving the stats API and dashboard on %s", self.server.url)
@@ -690,7 +692,7 @@ class Supervisor:
 
     def _alerts(self, now: float) -> None:
         """This host's rules (scope "host"); the farm's are the farm
-        thread's (:mod:`trafficthreshold.farmalerts`)."""
+        thread's (:mod:`trafficthreshold.alerts.farm`)."""
         rules = self.engine.rules
         if not rules and not self.engine.state.episodes:
             return

@@ -644,18 +644,19 @@ class RedisStore:
         return self.metrics_reading(instance, since_minute,
                                     since_minute + span - 1)["watermarks"]
 
-    def metrics_reading(self, instance: int, first: int, last: int) -> dict[str, Any]:
+    def metrics_reading(self, instance: int | None, first: int, last: int) -> dict[str, Any]:
         """What a /metrics scrape needs, read in one MULTI (one snapshot,
         like the SQLite store's read transaction): the farm's all-time
         totals per key, this host's watermarks of ``instance`` for the
-        minutes first..last, its last roll, gaps, late drops and skipped
+        minutes first..last (None when ``instance`` is None: no segment),
+        its last roll, gaps, late drops and skipped
         keys.  A roll lands wholly before or after it, so stored plus this
         host's pending never goes down."""
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(self.totals_key)
         pipe.hgetall(self.host_key)
         pipe.llen(self.gaps_key)
-        minutes = list(range(first, last + 1))
+        minutes = [] if instance is None else list(range(first, last + 1))
         for minute in minutes:
             pipe.hgetall(f"{self.prefix}~wm:{self.host}:{minute}")
         totals_raw, host, gaps, *marks_raw = pipe.execute()
@@ -672,7 +673,7 @@ class RedisStore:
                     account, _, event = text[len(want):].partition("\0")
                     marks[account, event, minute] = int(value)
         host = {_text(k): _text(v) for k, v in host.items()}
-        return {"totals": totals, "watermarks": marks,
+        return {"totals": totals, "watermarks": None if instance is None else marks,
                 "last_roll_at": float(host["last_roll_at"]) if "last_roll_at" in host else None,
                 "gaps": int(gaps), "late_dropped": int(host.get("late_dropped") or 0),
                 "bad_keys": len(json.loads(host["bad_keys"])) if host.get("bad_keys") else 0}
