@@ -35,6 +35,12 @@ typedef struct {
     tt_seg s;                 /* the attachment: the core's (base NULL once
                                  detached) */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
+    /* Entries put in `cache` since it was last cleared.  Why: keys come and
+     * go (the segment reclaims idle ones) and the refs of reclaimed keys
+     * would stay for ever in a process fed names from the network; when it
+     * passes the key table's capacity (more keys than the table can hold at
+     * once, so most are stale) the cache is forgotten (cache_ref). */
+    Py_ssize_t cached;
     /* The event of the last hit (a strong reference, compared by identity),
      * its dict of account slots in `cache` and its `all` slot: a process
      * mostly counts one event, so this saves three dict lookups per hit.
@@ -136,6 +142,7 @@ static void detach(Counter *c)
     tt_detach(&c->s);
     if (c->cache != NULL)
         PyDict_Clear(c->cache);
+    c->cached = 0;
     Py_CLEAR(c->ev_obj);
     Py_CLEAR(c->ev_accounts);
 }
@@ -242,10 +249,19 @@ static int encode_names(PyObject *account, PyObject *event, const char **a, Py_s
  * (or None), so no dict operation here runs Python code; the new account
  * dict is filled before the cache holds it, and an existing one is held by
  * a reference of ours while we write to it. */
+static void forget_slots(Counter *c);
+
 static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
 {
-    PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
+    PyObject *accounts, *v;
     int rc;
+    /* Bounded by the key table: past its capacity, forget everything and
+     * start afresh (the live keys come back on their next miss).  Safe
+     * here for the same reasons as the TT_ADD_STALE forget in hit_keys: no
+     * caller keeps a borrowed pointer into the cache across this call. */
+    if (c->cached >= (Py_ssize_t)c->s.key_capacity)
+        forget_slots(c);
+    accounts = PyDict_GetItemWithError(c->cache, event);
     if (accounts == NULL) {
         if (PyErr_Occurred() || (accounts = PyDict_New()) == NULL)
             return -1;
@@ -257,6 +273,7 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
     if (rc == 0 && (v = PyLong_FromLong(ref)) != NULL) {
         rc = PyDict_SetItem(accounts, account, v);
         Py_DECREF(v);
+        c->cached++;
     } else {
         rc = -1;
     }
@@ -451,6 +468,7 @@ static long all_slot_for(Counter *c, PyObject *event, uint64_t second)
 static void forget_slots(Counter *c)
 {
     PyDict_Clear(c->cache);
+    c->cached = 0;
     Py_CLEAR(c->ev_obj);
     Py_CLEAR(c->ev_accounts);
 }
