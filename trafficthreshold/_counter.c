@@ -589,9 +589,10 @@ static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
         return NULL;
     }
-    if (c->s.slot_table == NULL) {
-        PyErr_SetString(LayoutMismatch, "a layout-1 segment is read only (for uninstall's "
-                        "final roll-up); run `trafficthreshold uninstall` then install");
+    if (c->s.version != TT_LAYOUT_VERSION) {
+        PyErr_Format(LayoutMismatch, "a layout-%u segment is read only (for uninstall's "
+                     "final roll-up); run `trafficthreshold uninstall` then install",
+                     c->s.version);
         return NULL;
     }
     if ((owned = status_event(argv)) == NULL)
@@ -914,9 +915,10 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
     PyObject *out, *item;
     if (!PyArg_ParseTuple(args, "K|i", &before, &timeout_ms) || check_attached(c) < 0)
         return NULL;
-    if (c->s.slot_table == NULL) {
-        PyErr_SetString(LayoutMismatch, "a layout-1 segment has no slot table: nothing "
-                        "can be reclaimed; run `trafficthreshold uninstall` then install");
+    if (c->s.version != TT_LAYOUT_VERSION) {
+        PyErr_Format(LayoutMismatch, "a layout-%u segment is read only (for uninstall's "
+                     "final roll-up): nothing is reclaimed; run `trafficthreshold "
+                     "uninstall` then install", c->s.version);
         return NULL;
     }
     if (tt_header_u32(&c->s, TT_H_STATE) != TT_STATE_LIVE) {
