@@ -89,7 +89,8 @@ def test_without_a_segment_the_library_fails_open_and_says_why(program, key):
     out = subprocess.run([str(program), hex(key), "0", "x"], capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith(f"attached=0 layout={segment.LAYOUT_VERSION} error=no "
-                          f"trafficthreshold segment at SysV IPC key {hex(key)}; run `trafficthreshold install`"), out
+                          f"trafficthreshold segment at SysV IPC key {hex(key)}; run "
+                          "`trafficthreshold install`"), out
     assert "hit=-1 level=0 count=0" in out
 
 
