@@ -64,6 +64,10 @@ static PyObject *str_status_sep;  /* "/", names.STATUS_SEP */
 /* The default counter used by the module-level hit() and friends. */
 static Counter *default_counter;
 static int64_t next_attach_try = 0;  /* second before which we do not retry */
+/* The place of a default segment that was retired under us (an uninstall),
+ * watched until a segment is there again (tt_segment_exists); -1: none. */
+static int watch_backend = -1;
+static long watch_key;
 static int strict_mode = 0;
 
 /* Raises the core's last error (c->err, c->error) as the exception of its
@@ -635,10 +639,17 @@ static Counter *get_default(double t)
         if (default_counter->s.base != NULL
             && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE), __ATOMIC_ACQUIRE) == TT_STATE_LIVE)
             return default_counter;
-        /* Uninstalled under us: let go, and look for a new one below. */
+        /* Uninstalled under us: let go, and look for a new one at once
+         * (below); until one is there, every hit asks whether it is
+         * (watch_*: one system call per hit, on this degraded path only),
+         * so that every hit after the next install is counted in it. */
+        watch_backend = default_counter->s.backend;
+        watch_key = default_counter->s.key;
+        next_attach_try = 0;
         Py_CLEAR(default_counter);
     }
-    if (!strict_mode && (int64_t)t < next_attach_try)
+    if (!strict_mode && (int64_t)t < next_attach_try
+        && (watch_backend < 0 || !tt_segment_exists(watch_backend, watch_key)))
         return NULL;
     next_attach_try = (int64_t)t + TT_ATTACH_RETRY_S;
     r = PyObject_CallNoArgs(attach_cb);
@@ -655,6 +666,7 @@ static Counter *get_default(double t)
         return NULL;
     }
     default_counter = (Counter *)r;
+    watch_backend = -1;
     return default_counter;
 }
 
@@ -1185,6 +1197,7 @@ static PyObject *mod_reset(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(default_counter);
     next_attach_try = 0;
+    watch_backend = -1;
     Py_RETURN_NONE;
 }
 

@@ -466,6 +466,24 @@ static int tt_attach_sysv(tt_seg *c)
     return 0;
 }
 
+/* Whether a segment exists at (backend, key) now: one system call, no
+ * mapping.  For a writer whose segment was retired (uninstalled): it asks at
+ * each hit until the next install is there, and attaches then, so no hit
+ * after the new install is lost (instead of waiting TT_ATTACH_RETRY_S). */
+static TT_UNUSED int tt_segment_exists(int backend, long key)
+{
+    char name[64];
+    int fd;
+    if (backend == TT_BACKEND_SYSV)
+        return shmget((key_t)key, 0, 0) != -1;
+    snprintf(name, sizeof name, "/trafficthreshold-%lx", key);
+    fd = shm_open(name, O_RDONLY, 0);
+    if (fd == -1)
+        return errno != ENOENT;
+    close(fd);
+    return 1;
+}
+
 static int tt_attach_posix(tt_seg *c)
 {
     char name[64];
