@@ -632,13 +632,22 @@ static void warn(const char *msg)
 /* Returns the default counter, attaching it if needed (at most once every
  * TT_ATTACH_RETRY_S seconds).  NULL means "no segment": in strict mode an
  * exception is set, otherwise not (fail open). */
-static Counter *get_default(double t)
+static Counter *attach_default(double t);
+
+static inline Counter *get_default(double t)
+{
+    if (__builtin_expect(default_counter != NULL && default_counter->s.base != NULL
+                         && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE),
+                                            __ATOMIC_ACQUIRE) == TT_STATE_LIVE, 1))
+        return default_counter;
+    return attach_default(t);
+}
+
+/* get_default() without a live default counter: out of the hot path. */
+__attribute__((noinline)) static Counter *attach_default(double t)
 {
     PyObject *r;
     if (default_counter != NULL) {
-        if (default_counter->s.base != NULL
-            && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE), __ATOMIC_ACQUIRE) == TT_STATE_LIVE)
-            return default_counter;
         /* Uninstalled under us: let go, and look for a new one at once
          * (below); until one is there, every hit asks whether it is
          * (watch_*: one system call per hit, on this degraded path only),
