@@ -1507,3 +1507,33 @@ def test_the_lock_timeout_holds_for_a_worker_that_receives_signals(key, backend)
         release.set()
         holder.join(10)
         counter.detach()
+
+
+def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog):
+    """A retired segment's worker watches for the next install; one found
+    half made (created, not yet formatted: an install under way, or its
+    installer killed) is not counted into and never raises; once it is
+    installed the worker attaches (at most a second later)."""
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        for i in range(3):
+            assert trafficthreshold.hit("example.com", now=NOW + 1) is None
+        assert _counter._default() is None
+        half.detach()
+        half.remove()
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW + 2)
+        trafficthreshold.hit("example.com", now=NOW + 3)
+        counter = segment.attach(key, "sysv")
+        try:
+            assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 2
+        finally:
+            counter.detach()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()

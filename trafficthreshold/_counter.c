@@ -68,6 +68,11 @@ static int64_t next_attach_try = 0;  /* second before which we do not retry */
  * watched until a segment is there again (tt_segment_exists); -1: none. */
 static int watch_backend = -1;
 static long watch_key;
+/* The second before which the watch does not attach again: a segment that
+ * is there but could not be attached (being installed) is tried again at
+ * most once a second, so a half install left by a killed installer does
+ * not cost every hit an attach. */
+static int64_t watch_after = 0;
 static int strict_mode = 0;
 
 /* Raises the core's last error (c->err, c->error) as the exception of its
@@ -658,10 +663,19 @@ __attribute__((noinline)) static Counter *attach_default(double t)
         Py_CLEAR(default_counter);
     }
     if (!strict_mode && (int64_t)t < next_attach_try
-        && (watch_backend < 0 || !tt_segment_exists(watch_backend, watch_key)))
+        && (watch_backend < 0 || (int64_t)t < watch_after
+            || !tt_segment_exists(watch_backend, watch_key)))
         return NULL;
     next_attach_try = (int64_t)t + TT_ATTACH_RETRY_S;
     r = PyObject_CallNoArgs(attach_cb);
+    if (r == NULL && watch_backend >= 0) {
+        /* Another layout, no permission ...: not a matter of waiting for
+         * the install; back to ATTACH_RETRY_S. */
+        if (!PyErr_ExceptionMatches(SegmentNotFound))
+            watch_backend = -1;
+        else
+            watch_after = tt_segment_exists(watch_backend, watch_key) ? (int64_t)t + 1 : 0;
+    }
     if (r == NULL) {
         if (strict_mode)
             return NULL;
