@@ -57,7 +57,7 @@
  *   160  u64 instance         a random non-zero id drawn at each install: the
  *                              store keys its watermarks by it, so a segment
  *                              re-installed in the same minute starts afresh
- *   line 2, the reclaim's fields (layout 2; changed under the lock only):
+ *   line 2, the reclaim's fields (since layout 2; changed under the lock only):
  *   168  u32 free_head        slot + 1 of the first reclaimed slot waiting for
  *                              a new key, 0 = none (a list through the slot table)
  *   172  u32 free_slots       how many slots are on that list
@@ -94,7 +94,7 @@
  *   112  u32 generation  the slot's generation when this key got it
  *   116..127 reserved
  *
- * The slot table (layout 2), key_capacity entries of 8 bytes at
+ * The slot table (since layout 2), key_capacity entries of 8 bytes at
  * slot_table_offset = index_offset + index_size * 128:
  *     0  u32 generation  bumped (mod 2**24) each time the slot is reclaimed
  *     4  u32 next_free   while on the free list, slot + 1 of the next free
