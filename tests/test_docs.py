@@ -50,7 +50,8 @@ def test_every_cli_command_is_in_the_readme():
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in
-                                        [ROOT / "README.rst", *(ROOT / "docs").glob("*.rst")]))
+                                        [ROOT / "README.rst", ROOT / "CHANGES.rst",
+                                         *(ROOT / "docs").glob("*.rst")]))
 def test_rst_parses_cleanly(path):
     import docutils.core
     import docutils.utils
