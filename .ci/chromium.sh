@@ -1,5 +1,5 @@
 #!/bin/sh
-# Install Debian's headless-capable Chromium for tests/test_dashboard.py.
+# Install Debian's headless-capable Chromium for tests/test_api_dashboard.py.
 #
 # The browser tests run /usr/bin/chromium --headless against a waitress
 # server on loopback, take a screenshot and dump the rendered DOM.  Debian's

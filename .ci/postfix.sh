@@ -4,7 +4,7 @@
 # Local delivery only: Postfix listens on loopback, relays nothing
 # (default_transport = error) and delivers mail for the local user
 # "ttmail" (ttmail@localhost) into /home/ttmail/Maildir/, one file per
-# message, which tests/test_mailer.py reads.
+# message, which tests/test_alerts_mail.py reads.
 #
 # Idempotent: safe to run again on a machine where it already ran; it then
 # only re-applies the settings and makes sure the master process runs.

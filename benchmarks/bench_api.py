@@ -49,7 +49,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trafficthreshold import api, webserver  # noqa: E402
+from trafficthreshold import api
+from trafficthreshold.api import server as webserver  # noqa: E402
 from trafficthreshold.config import Config  # noqa: E402
 from trafficthreshold.errors import SegmentNotFound  # noqa: E402
 from trafficthreshold.store import SQLiteStore  # noqa: E402

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import redis  # noqa: E402
 
-from trafficthreshold import api, webserver  # noqa: E402
+from trafficthreshold import api
+from trafficthreshold.api import server as webserver  # noqa: E402
 from trafficthreshold.config import Config, StoreConfig  # noqa: E402
 from trafficthreshold.periods import resolve_timezone  # noqa: E402
 from trafficthreshold.store.redis import RedisStore  # noqa: E402

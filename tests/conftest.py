@@ -14,7 +14,8 @@ import sysv_ipc
 
 import trafficthreshold
 from apps.harness import NOW, XSS, ZONE, make_config, minute_at, start_live
-from trafficthreshold import api, segment, webserver
+from trafficthreshold import api, segment
+from trafficthreshold.api import server as webserver
 from trafficthreshold.errors import SegmentNotFound
 from trafficthreshold.store import SQLiteStore
 

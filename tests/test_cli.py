@@ -134,7 +134,7 @@ def test_stats_never_writes_the_store(cfg, tmp_path):
 def test_a_damaged_store_is_one_line_naming_the_recovery(cfg, tmp_path):
     """`stats` and `alerts` on a database with damaged pages: one line that
     names the file and how to recover it, never a traceback."""
-    from trafficthreshold.alertstore import AlertStore
+    from trafficthreshold.alerts.store import AlertStore
     from trafficthreshold.store import SQLiteStore
     path = tmp_path / "s.sqlite3"
     with SQLiteStore(str(path), "UTC") as store:
@@ -639,7 +639,7 @@ def test_run_on_a_privileged_port_as_a_user_names_the_fix(key):
         file.write(f'key = {warm}\ndatabase = "{home}/warm/s.sqlite3"\n'
                    '[http]\nenabled = false\n')
     import importlib
-    for module in ("trafficthreshold.api", "trafficthreshold.webserver"):  # http = true's
+    for module in ("trafficthreshold.api.app", "trafficthreshold.api.server"):  # http = true's
         importlib.import_module(module)
     sup = Supervisor(configuration.load(warm_path, env={}), env={})
     sup.initialize(time.time())
@@ -867,3 +867,31 @@ def test_a_redis_password_in_the_url_query_is_refused_and_never_printed(tmp_path
         shown = redisstore.redact_url(url)
         assert "hunter2" not in shown and "h" in shown
     assert redisstore.redact_url("redis://h:6379/0?db=2") == "redis://h:6379/0?db=2"
+
+
+def test_every_spelling_of_a_password_in_a_redis_url_is_refused_and_redacted(tmp_path, key):
+    """redis-py's parse_url hands every query argument to the connection
+    (``password``, ``ssl_password``, percent-encoded names ...): each one
+    that holds a secret, whatever its case or spelling, is refused by the
+    config and by ``store migrate --to``, and never printed."""
+    from trafficthreshold.store import redis as redisstore
+    path = tmp_path / "c.toml"
+    spellings = ("Password=hunter2", "PASSWORD=hunter2", "pass%77ord=hunter2",
+                 "ssl_password=hunter2", "db=1&Passwd=hunter2", "password=hunter2&password=x",
+                 "%50assword=hunter2")
+    for query in spellings:
+        url = f"redis://h:6379/0?{query}"
+        path.write_text(f'[store]\nbackend = "redis"\nurl = "{url}"\n')
+        out = run(str(path), "config", "check", ok=False)
+        assert "store.url = (hidden) holds a password" in out and "hunter2" not in out, (query, out)
+        shown = redisstore.redact_url(url)
+        assert "hunter2" not in shown and "h:6379" in shown, (query, shown)
+    (tmp_path / "s.sqlite3").write_bytes(b"")
+    cfg = _redis_cfg(tmp_path, key, 1)
+    for query in ("Password=hunter2", "ssl_password=hunter2", "pass%77ord=hunter2"):
+        out = run(cfg, "store", "migrate", "--to", f"redis://127.0.0.1:1/0?{query}", ok=False)
+        assert "password" in out and "hunter2" not in out, (query, out)
+    # A URL with a user name but no password still says nothing secret.
+    assert "hunter2" not in redisstore.redact_url("redis://hunter2@h:6379/0")
+    assert redisstore.redact_url("redis://h:6379/0?db=2&protocol=3") == \
+        "redis://h:6379/0?db=2&protocol=3"

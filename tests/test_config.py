@@ -1151,7 +1151,7 @@ def test_a_listen_address_config_check_passes_is_one_the_server_binds(host: str)
     IPv6 zone id, ``%lo``, passed, then waitress raised "Invalid host/port
     specified." at start, naming no key).  Host names are case-insensitive:
     ``LocalHost`` is loopback, as ``localhost``."""
-    from trafficthreshold import webserver
+    from trafficthreshold.api import server as webserver
     host = f"[{host}]" if host == "::1" else host
     try:
         parsed = config.parse(f'[http]\nlisten = "{host}:8787"\n', "config.toml", env={})

@@ -88,8 +88,9 @@ def test_a_c_program_counts_exactly_from_several_processes(program, installed):
 def test_without_a_segment_the_library_fails_open_and_says_why(program, key):
     out = subprocess.run([str(program), hex(key), "0", "x"], capture_output=True, text=True,
                          check=True).stdout
-    assert out.startswith(f"attached=0 layout=2 error=no trafficthreshold segment at SysV IPC "
-                          f"key {hex(key)}; run `trafficthreshold install`"), out
+    assert out.startswith(f"attached=0 layout={segment.LAYOUT_VERSION} error=no "
+                          f"trafficthreshold segment at SysV IPC key {hex(key)}; run "
+                          "`trafficthreshold install`"), out
     assert "hit=-1 level=0 count=0" in out
 
 
@@ -248,3 +249,36 @@ def test_the_cores_key_syntax_is_env_parse_key(lib, text):
     if text == "+5":  # int() takes a sign; the core does not (no key is written so)
         expected = None
     assert (key.value if ok else None) == expected, text
+
+
+def test_the_library_counts_every_hit_after_a_reinstall_in_the_new_segment(lib, key, backend):
+    """uninstall + install under a writer of libtrafficthreshold: its next
+    hit notices the retirement and attaches to the new segment at once
+    (before, it waited up to 10 s); a hit while none is installed is not
+    counted."""
+    lib.tt_open.restype = ctypes.c_void_p
+    lib.tt_open.argtypes = [ctypes.c_long, ctypes.c_char_p]
+    lib.tt_hit.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64]
+    lib.tt_close.argtypes = [ctypes.c_void_p]
+    lib.tt_attached.argtypes = [ctypes.c_void_p]
+    segment.install(key, backend)
+    h = lib.tt_open(key, backend.encode())
+    try:
+        assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0 and lib.tt_attached(h)
+        segment.uninstall(key, backend, force=True)
+        segment.install(key, backend)
+        for _ in range(3):
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        segment.uninstall(key, backend, force=True)
+        lib.tt_hit(h, b"a.example", b"pageview", 1)     # none installed: not counted
+        segment.install(key, backend)
+        for _ in range(2):
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        counter = segment.attach(key, backend)
+        try:
+            slot = counter.find("a.example", "pageview")
+            assert slot is not None and counter.count(slot, 0) == 2
+        finally:
+            counter.detach()
+    finally:
+        lib.tt_close(h)

@@ -512,14 +512,40 @@ def test_uninstall_retires_workers_fail_open_then_reattach(fail_open_api, caplog
     assert trafficthreshold.hit("example.com", now=NOW + 1) is None   # retired: let go
     assert _counter._default() is None
     segment.install(key, backend, now=NOW)
-    trafficthreshold.hit("example.com", now=NOW + 5)          # before the retry: not counted
-    assert _counter._default() is None
-    trafficthreshold.hit("example.com", now=NOW + 10)         # ATTACH_RETRY_S later
+    trafficthreshold.hit("example.com", now=NOW + 5)          # the new one: at once
     assert _counter._default() is not None
     counter = segment.attach(key, backend)
     assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 1
     counter.detach()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_every_hit_after_a_reinstall_is_in_the_new_segment(fail_open_api):
+    """uninstall + install while a worker runs: its next hit notices the
+    retirement and attaches to the new segment at once, whether the install
+    came before that hit or after it (no 10 s of hits counted into the
+    removed segment or lost); nothing is counted into the removed one."""
+    key, backend = fail_open_api
+    rolled = []
+    for rnd in range(3):
+        segment.install(key, backend, now=NOW)
+        for i in range(rnd + 1):
+            trafficthreshold.hit("example.com", now=NOW + rnd)
+        assert _counter._default() is not None
+        segment.uninstall(key, backend, rollup=lambda c: rolled.append(
+            c.count(c.find("example.com", "pageview"), 1, NOW)))
+        if rnd == 1:
+            trafficthreshold.hit("example.com", now=NOW + 10)   # no segment: not counted
+    # Every round's hits were in its own segment, counted once.
+    assert rolled[1::2] == [1, 2, 3], rolled
+    segment.install(key, backend, now=NOW)
+    for i in range(5):
+        trafficthreshold.hit("example.com", now=NOW + 11 + i)
+    counter = segment.attach(key, backend)
+    try:
+        assert counter.count(counter.find("example.com", "pageview"), 1, NOW + 15) == 5
+    finally:
+        counter.detach()
 
 
 def test_uninstall_while_a_thread_waits_in_hit_does_not_crash(installed):
@@ -1481,3 +1507,33 @@ def test_the_lock_timeout_holds_for_a_worker_that_receives_signals(key, backend)
         release.set()
         holder.join(10)
         counter.detach()
+
+
+def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog):
+    """A retired segment's worker watches for the next install; one found
+    half made (created, not yet formatted: an install under way, or its
+    installer killed) is not counted into and never raises; once it is
+    installed the worker attaches (at most a second later)."""
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        for i in range(3):
+            assert trafficthreshold.hit("example.com", now=NOW + 1) is None
+        assert _counter._default() is None
+        half.detach()
+        half.remove()
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW + 2)
+        trafficthreshold.hit("example.com", now=NOW + 3)
+        counter = segment.attach(key, "sysv")
+        try:
+            assert counter.count(counter.find("example.com", "pageview"), 1, NOW) == 2
+        finally:
+            counter.detach()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()

@@ -226,7 +226,7 @@ def daemon_and_mail_thread(copy: Path, installed: tuple[int, str], ticks: int = 
     """A supervisor on ``copy`` (its start, ``ticks`` ticks), then the mail
     thread on its own for ten passes."""
     import time
-    from trafficthreshold.mailer import Outbox
+    from trafficthreshold.alerts.mail import Outbox
     path = write_config(copy.parent, *installed, copy)
     sup = Supervisor(configuration.load(str(path), env={}), config_path=str(path), env={})
     try:

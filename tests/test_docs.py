@@ -50,7 +50,8 @@ def test_every_cli_command_is_in_the_readme():
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in
-                                        [ROOT / "README.rst", *(ROOT / "docs").glob("*.rst")]))
+                                        [ROOT / "README.rst", ROOT / "CHANGES.rst",
+                                         *(ROOT / "docs").glob("*.rst")]))
 def test_rst_parses_cleanly(path):
     import docutils.core
     import docutils.utils
@@ -162,3 +163,48 @@ def test_ci_runs_the_readme_in_a_clone_other_users_cannot_enter(tmp_path):
     finally:
         import shutil
         shutil.rmtree(pathlib.Path(where).parent)
+
+
+def _package_modules() -> list[str]:
+    """Every module of the package, as a path under trafficthreshold/."""
+    package = ROOT / "trafficthreshold"
+    return sorted(str(p.relative_to(package)) for p in package.rglob("*")
+                  if p.suffix in (".py", ".c") and "__pycache__" not in p.parts)
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/architecture.rst is the map: every module of the tree is in it,
+    a package's modules under their folder."""
+    text = (ROOT / "docs" / "architecture.rst").read_text()
+    tree = text[text.index("  trafficthreshold/\n"):text.index("Three paths")]
+    missing = [m for m in _package_modules()
+               if not re.search(rf"(^|\s){re.escape(m.rsplit('/', 1)[-1])}(\s|$)", tree)
+               or ("/" in m and f"{m.split('/')[0]}/" not in tree)]
+    assert not missing, f"not in docs/architecture.rst's map: {missing}"
+
+
+def test_each_module_has_its_test_module_or_is_listed_as_tested_elsewhere():
+    """docs/architecture.rst, "Tests": trafficthreshold/<a>/<b>.py is tested
+    in tests/test_<a>_<b>.py (a package's __init__.py: tests/test_<a>.py);
+    the exceptions it lists name the test module that covers them."""
+    text = (ROOT / "docs" / "architecture.rst").read_text()
+    tests = text[text.index("\nTests\n"):text.index("\nRules every module follows\n")]
+    listed = {}
+    for line in re.findall(r"^\* (.+?)(?=^\*|\Z)", tests, re.M | re.S):
+        named = re.findall(r"``([\w/]+\.(?:py|c))``", line.split(":")[0])
+        covered = re.findall(r"``(tests/test_\w+\.py)``", line)
+        for module in named:
+            listed[module] = covered
+    untested = []
+    for module in _package_modules():
+        stem = module.rsplit(".", 1)[0].replace("/__init__", "")
+        own = ROOT / "tests" / f"test_{stem.replace('/', '_')}.py"
+        if own.exists():
+            assert module not in listed, f"{module} has {own.name}: drop it from the list"
+            continue
+        if module not in listed:
+            untested.append(module)
+            continue
+        for covered in listed[module]:
+            assert (ROOT / covered).exists(), f"{module}: {covered} does not exist"
+    assert not untested, f"no test module, and not in architecture.rst's list: {untested}"

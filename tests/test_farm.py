@@ -44,7 +44,7 @@ def test_a_host_that_stops_publishing_drops_out_within_its_ttl(
 
 
 def test_one_leader_and_a_paused_leader_cannot_lead(redis_server: RedisServer) -> None:
-    """The lease itself; the fence of its writes is farmalerts' (test_farmalerts)."""
+    """The lease itself; the fence of its writes is alerts/farm.py's (test_alerts_farm)."""
     r = redis_server.client()
     a, b = Lease(r, "web1", ttl_ms=300), Lease(r, "web2", ttl_ms=300)
     assert a.renew() and not b.renew()

@@ -301,7 +301,7 @@ def run_farm_life(tmp_path, redis_server, minutes: int, seed: int) -> None:
     from trafficthreshold.cli import main
     from tt_postfix import MAILBOX
     from tt_proxy import TcpProxy
-    from test_farmalerts import farm_rows
+    from test_alerts_farm import farm_rows
 
     rnd = random.Random(seed)
     rule = f"""

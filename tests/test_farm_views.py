@@ -21,8 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 from apps.harness import XSS, fetch, fetch_json
-from test_dashboard import ARTIFACTS, CHROMIUM, chromium, needs_chromium
-from trafficthreshold import api, config as configuration, farm, segment, webserver
+from test_api_dashboard import ARTIFACTS, CHROMIUM, chromium, needs_chromium
+from trafficthreshold import api, config as configuration, farm, segment
+from trafficthreshold.api import server as webserver
 from trafficthreshold.cli import main
 from trafficthreshold.supervisor import Supervisor
 

@@ -582,6 +582,115 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
         assert reader.period("shop", "pageview", 2027)["total"] == 10
 
 
+def test_the_host_name_is_kept_while_the_daemon_has_no_live_segment(tmp_path, redis_server):
+    """The segment uninstalled under a running supervisor (it waits for
+    `install`): no live counts to publish, but the daemon still runs and
+    its name stays its own past the name's 5 s; a second supervisor under
+    the name is still refused."""
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a, b = clone_configs(tmp_path, keys, proxies)
+        sup = start(a, 4500, NOW)
+        client = redis_server.client()
+        try:
+            sup.tick(NOW + 1)
+            assert sup.farm.drain(10)
+            segment.uninstall(keys["web1"], "sysv", force=True)
+            started = time.monotonic()
+            t = NOW + 2
+            while time.monotonic() - started < farm.OWNER_TTL_MS / 1000 + 1.5:
+                sup.tick(t)  # waits for `install`: no offer, no counts
+                t += 1
+                time.sleep(0.5)
+            holder = farm.HostClaim.holder(client, "web1")
+            assert holder is not None and holder["pid"] == 4500, holder
+            with pytest.raises(configuration.ConfigError):
+                start(b, 4501, t)
+        finally:
+            sup.shutdown(NOW + 60)
+
+
+def test_the_name_follows_a_replaced_segment_so_a_sigkill_restart_takes_it_at_once(
+        tmp_path, redis_server):
+    """uninstall + install while the supervisor runs: it re-attaches to the
+    new segment, and its name now records the new instance, so that a
+    restart after SIGKILL (same boot, its pid dead) on the new segment takes
+    the name at once instead of watching it for 5 s, and a rename's clone
+    check compares against the segment it really rolls."""
+    from trafficthreshold.supervisor import Supervisor
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        first = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=dead.pid)
+        first.initialize(NOW)
+        client = redis_server.client()
+        try:
+            old = first.counter.load(segment.H_INSTANCE, 8)
+            segment.uninstall(keys["web1"], "sysv", force=True)
+            segment.install(keys["web1"], "sysv")
+            for t in (NOW + 1, NOW + 2, NOW + 3):
+                first.tick(t)
+                assert first.farm.drain(10)
+            new = first.counter.load(segment.H_INSTANCE, 8)
+            assert new != old
+            first.tick(NOW + 61)  # a roll of the new segment
+            first._wait_rolling()
+            assert first.farm.drain(10)
+            assert farm.HostClaim.holder(client, "web1")["instance"] == new
+        finally:
+            first.farm.stop(withdraw=False)  # as after SIGKILL: nothing let go
+            first.farm = None
+            first._wait_rolling()
+        again = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4600)
+        started = time.monotonic()
+        again.initialize(NOW + 62)
+        try:
+            assert time.monotonic() - started < 2
+        finally:
+            again.shutdown(NOW + 63)
+
+
+def test_a_name_that_lapsed_during_a_stall_is_checked_before_the_next_roll(
+        tmp_path, redis_server):
+    """This supervisor stalled (its farm thread too) past its name's 5 s;
+    meanwhile a clone took the name, rolled its own segment under it for 5
+    minutes and went away (the key is free again).  Its first roll after the
+    stall must not carry on from the clone's closed_through (skipping its
+    own minutes): the lapse is seen before the roll, and the roll carries on
+    from its own segment's closed minute: every hit once."""
+    from zoneinfo import ZoneInfo
+    from trafficthreshold.rollup import Roller
+    from trafficthreshold.store.redis import RedisStore
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a, _ = clone_configs(tmp_path, keys, proxies)
+        sup = start(a, 4700, NOW)
+        client = redis_server.client()
+        reader = RedisStore(client, ZoneInfo("UTC"), "reader")
+        try:
+            sup.tick(NOW + 1)
+            assert sup.farm.drain(10)
+            sup.counter.hit("shop", "pageview", 7, NOW + 2)
+            sup.tick(NOW + 2)
+            assert sup.farm.drain(10)
+            with sup.farm._cond:  # the stall: the farm thread stops too
+                client.delete("track~owner:web1")  # its 5 s ran out
+                clone = Roller(segment.attach(keys["web2"], "sysv"),
+                               RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1"))
+                clone.counter.hit("shop", "pageview", 3, NOW + 62)
+                for t in range(int(NOW) + 61, int(NOW) + 6 * 60, 60):
+                    clone.roll(t + 1)
+                clone.counter.detach()  # the clone went; the name is free
+                sup.tick(NOW + 6 * 60 + 2)  # the first tick after the stall rolls
+                sup._wait_rolling()
+            assert sup.farm.drain(10)
+            sup.tick(NOW + 7 * 60 + 1)
+            sup._wait_rolling()
+            assert reader.period("shop", "pageview", 2027)["total"] == 10
+        finally:
+            sup.shutdown(NOW + 7 * 60 + 3)
+        assert reader.period("shop", "pageview", 2027)["total"] == 10
+
+
 def test_the_farm_rules_read_host_by_host_only_when_the_leader_evaluates():
     """farmsync.LeaderReading: the per-host reading of the rules' keys is
     made at its first use (FarmAlerts evaluates only while it holds the
@@ -637,3 +746,28 @@ def test_lost_replies_on_one_host_never_double_the_farms_level(farm3, redis_serv
                               "60s") == truth
     finally:
         f.close(NOW + 20)
+
+
+def test_a_lapse_whose_refresh_reply_was_lost_is_still_seen(redis_server):
+    """The name expired during a stall and the refresh that takes it back
+    runs in Redis but its reply is lost (through the proxy): the next
+    refresh finds the key ours again, yet the lapse must not go unseen
+    (another supervisor may have rolled under the name meanwhile)."""
+    import redis
+    from tt_proxy import TcpProxy
+    with TcpProxy(redis_server.port) as proxy:
+        client = redis.Redis(port=proxy.port, socket_timeout=0.5)
+        farmsync.no_retries(client)
+        claim = farm.HostClaim(client, "web1", 0x1234, pid=4800, boot="b")
+        claim.take(wait=False)
+        assert claim.refresh() is None and not claim.lapsed()
+        redis_server.client().delete("track~owner:web1")  # its 5 s ran out
+        proxy.drop_replies()
+        with pytest.raises(redis.RedisError):
+            claim.refresh()
+        proxy.pass_replies()
+        assert farm.HostClaim.holder(redis_server.client(), "web1")["pid"] == 4800
+        assert claim.refresh() is None
+        assert claim.lapsed()
+        assert not claim.lapsed()  # consumed
+        client.close()

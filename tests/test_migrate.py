@@ -233,3 +233,68 @@ def test_a_migration_whose_reply_is_lost_is_run_again_and_adds_nothing_twice(
         assert _totals(store) == _totals(sqlite)
     store.claim_segment(1)
     assert store.roll(items, now=2) == 0
+
+
+def test_the_migration_records_are_bounded_and_dropped_at_the_switch(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """The shadow hashes (what each run copied, per field) are only needed
+    for a rerun: they expire with the host's hash (``forget_hosts_days``
+    after the last run, refreshed by each run) and are dropped at the
+    host's first roll into Redis (a rerun is refused from then on), so
+    migrated history does not take twice its memory.  A rerun after they
+    expired cannot tell what was copied: refused, naming the fix."""
+    from trafficthreshold.errors import ConfigError
+    path, items = history
+    now = 1_800_000_000
+    store = store_on(redis_server, forget_after=30 * 86400)
+    migrate(path, store, now=now)
+    r = redis_server.client()
+    shadows = list(r.scan_iter("track~migrated:web1:*"))
+    assert len(shadows) == count_hashes(path)
+    for k in shadows:
+        assert 0 < r.ttl(k) <= store.host_ttl, k
+    assert 0 < r.ttl(store.host_key) <= store.host_ttl
+    year = store.period("acme", "pageview", 2026)
+    store.claim_segment(1)  # the supervisor's first roll into Redis
+    store.roll(items[:1], now=9)
+    assert not list(r.scan_iter("track~migrated:web1*"))
+    assert store.period("acme", "pageview", 2026) == year
+    with pytest.raises(ConfigError, match="already rolls into this Redis"):
+        migrate(path, store, now=now + 60)
+    # An abandoned migration: its records expire; a rerun cannot tell what
+    # was copied any more and would add it all again.
+    other = store_on(redis_server, "web2", forget_after=30 * 86400)
+    migrate(path, other, now=now)
+    for k in r.scan_iter("track~migrated:web2:*"):
+        r.delete(k)  # as their expiry does
+    r.delete(other.host_key)
+    with pytest.raises(ConfigError, match="expired"):
+        migrate(path, other, now=now + other.host_ttl + 1)
+    with SQLiteStore(path, "Europe/Zurich") as sqlite:
+        once = sqlite.period("shop", "signup", 2026)["total"]
+    assert store.period("shop", "signup", 2026)["total"] == 2 * once  # web1's and web2's
+
+
+def test_a_switch_killed_while_dropping_the_records_never_allows_a_rerun(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """The first roll into Redis drops the shadows: killed half-way (after
+    the first batch), a rerun of the migration must still be refused, not
+    add again what the dropped shadows recorded as copied."""
+    from trafficthreshold.errors import ConfigError
+    path, _ = history
+    store = store_on(redis_server)
+    migrate(path, store)
+    year = store.period("acme", "pageview", 2026)
+    real = store.client.unlink
+
+    def killed(*keys):
+        real(*keys[:5])
+        raise KeyboardInterrupt("SIGKILL")
+
+    store.client.unlink = killed
+    with pytest.raises(KeyboardInterrupt):
+        store.claim_segment(1)
+    store.client.unlink = real
+    with pytest.raises(ConfigError, match="already rolls into this Redis"):
+        migrate(path, store)
+    assert store.period("acme", "pageview", 2026) == year

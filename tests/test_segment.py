@@ -27,6 +27,7 @@ import posix_ipc
 import pytest
 import sysv_ipc
 
+import trafficthreshold
 from trafficthreshold import _counter, names, segment
 from trafficthreshold.errors import (LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse,
                                      SegmentNotFound)
@@ -243,7 +244,7 @@ def test_install_writes_the_geometry_it_was_given(key, backend):
         assert view.nbytes >= geo.total_size
         raw = RawReader(view)
         assert (raw.version, raw.header_size, raw.key_capacity, raw.index_size, raw.minutes,
-                raw.seconds, raw.stripes) == (2, 4096, 40, 128, 7, 70, 3)
+                raw.seconds, raw.stripes) == (3, 4096, 40, 128, 7, 70, 3)
         # Why these sizes: (7 + 70) * 16 = 1232 rounded up to a cache line.
         assert raw.stripe_size == 1280 and raw.slot_size == 3 * 1280
         assert raw.index_offset == 4096
@@ -351,10 +352,10 @@ def test_install_refuses_bad_geometry_before_creating_anything(key, backend, bad
 
 def test_wrong_layout_version_is_refused(key, backend):
     segment.install(key, backend, now=NOW)
-    put(key, backend, "=I", segment.H_VERSION, 3)
-    with pytest.raises(LayoutMismatch, match="layout version 3.*reads version 2.*uninstall"):
+    put(key, backend, "=I", segment.H_VERSION, 4)
+    with pytest.raises(LayoutMismatch, match="layout version 4.*reads version 3.*uninstall"):
         segment.attach(key, backend)
-    with pytest.raises(LayoutMismatch, match="layout version 3.*uninstall --force"):
+    with pytest.raises(LayoutMismatch, match="layout version 4.*uninstall --force"):
         segment.install(key, backend, now=NOW)
 
 
@@ -1228,21 +1229,25 @@ def test_reclaims_killed_at_random_instants_leave_a_consistent_segment(key, back
         counter.detach()
 
 
-def test_uninstall_rolls_a_layout_1_segment_and_install_refuses_it(key, backend):
+@pytest.mark.parametrize("old", [1, 2])
+def test_uninstall_rolls_an_older_layout_and_install_refuses_it(key, backend, old):
     """An upgrade: a segment an older version wrote (layout 1: no slot table,
-    every tag a bare epoch) is refused by workers and install with the fix,
-    and uninstall's final roll-up still reads its counts."""
+    every tag a bare epoch; layout 2: the bytes of layout 3, written by
+    workers without the insert record and the probe limit's protocol, issue
+    20) is refused by workers and install with the fix, and uninstall's
+    final roll-up still reads its counts."""
     geo = segment.Geometry(keys=40, minutes=5)
     segment.install(key, backend, geometry=geo, now=NOW)
     counter = segment.attach(key, backend)
     counter.hit("old.example", n=9, now=NOW)
     counter.detach()
-    # Make it a layout-1 segment: version 1.  (Its slots_offset is past the
-    # index, which is all layout 1 asked; generation 0 tags are bare epochs.)
-    put(key, backend, "=I", segment.H_VERSION, 1)
-    with pytest.raises(LayoutMismatch, match="layout version 1 .*`trafficthreshold uninstall`"):
+    # Make it an older segment: its version.  (For layout 1 its
+    # slots_offset is past the index, which is all layout 1 asked;
+    # generation 0 tags are bare epochs.)
+    put(key, backend, "=I", segment.H_VERSION, old)
+    with pytest.raises(LayoutMismatch, match=f"layout version {old} .*`trafficthreshold uninstall`"):
         segment.attach(key, backend)
-    with pytest.raises(LayoutMismatch, match="layout version 1 .*uninstall --key"):
+    with pytest.raises(LayoutMismatch, match=f"layout version {old} .*uninstall --key"):
         segment.install(key, backend, geometry=geo, now=NOW)
     seen = []
 
@@ -1252,9 +1257,40 @@ def test_uninstall_rolls_a_layout_1_segment_and_install_refuses_it(key, backend)
         if reader.load(segment.H_STATE, 4) == segment.STATE_LIVE:
             with pytest.raises(LayoutMismatch, match="read only"):
                 reader.hit("x.example", now=NOW)
+            with pytest.raises(LayoutMismatch, match="read only"):
+                reader.reclaim(MINUTE + 10**4)
 
     segment.uninstall(key, backend, rollup=rollup)
     assert ("old.example", "pageview", MINUTE, 9) in seen and ("all", "pageview", MINUTE, 9) in seen
+
+
+def test_hit_refuses_a_layout_2_segment_with_the_fix(key, backend):
+    """A rolling upgrade: workers of the previous release wrote layout 2
+    under another writers' protocol (issue 20), so this release's hit()
+    does not count into it: strict mode raises naming the fix, fail open
+    counts nothing; status says what to do."""
+    from trafficthreshold import status
+    from trafficthreshold.config import Config
+    segment.install(key, backend, now=NOW)
+    put(key, backend, "=I", segment.H_VERSION, 2)
+    trafficthreshold.configure(key=key, backend=backend, strict=True)
+    try:
+        with pytest.raises(LayoutMismatch, match="layout version 2 .*`trafficthreshold "
+                           "uninstall.*then `trafficthreshold install`"):
+            trafficthreshold.hit("new.example", now=NOW)
+        trafficthreshold.configure(key=key, backend=backend, strict=False)
+        trafficthreshold.hit("new.example", now=NOW)
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+    reader = _counter.Counter(backend, key, retired_ok=True)
+    try:
+        assert reader.find("new.example", "pageview") is None
+    finally:
+        reader.detach()
+    info = status.collect(Config(key=key, backend=backend), NOW)
+    assert any("layout version 2" in d and "trafficthreshold uninstall" in d
+               for d in info["damage"]), info["damage"]
 
 
 # ------------------------------------------------------ issue 20

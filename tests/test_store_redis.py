@@ -576,3 +576,48 @@ def test_redis_memory_stays_flat_over_a_thousand_host_names_that_come_and_go(
     assert not client.keys("track~host:auto-1*") and not client.keys("track~gaps:auto-1*")
     assert after_1000 < after_100 * 1.1 + 50_000, (after_100, after_1000)
     assert store_on(redis_server).period("acme", "pageview", 2027)["total"] == 3000
+
+
+def test_a_host_back_after_it_was_forgotten_records_an_honest_gap(redis_server, key):
+    """A host whose bookkeeping was forgotten (``[store] forget_hosts_days``
+    after its last roll) comes back with the same segment: its gap runs
+    from its last closed minute (kept in the segment's key, which outlives
+    the host hash), not from the segment's creation (minutes it did roll).
+    Once that is gone too, the gap says plainly that the start is unknown."""
+    from trafficthreshold import segment
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    client = redis_server.client()
+    counter = _segment_with_hits(key, t0 - 3 * 3600, n=5)  # created 3 hours before t0
+    instance = counter.load(segment.H_INSTANCE, 8)
+
+    def forget(host: str, segment_too: bool = False) -> None:
+        # what their expiry does, forget_hosts_days after the last roll
+        keys = [f"track~host:{host}", f"track~gaps:{host}",
+                *client.scan_iter(f"track~wm:{host}:*")]
+        if segment_too:
+            keys.append(f"track~segment:{instance}")
+        client.delete(*keys)
+
+    try:
+        store = RedisStore(client, zone, "web1", forget_after=30 * 86400)
+        for t in range(t0 - 3 * 3600 + 65, t0 + 1, 600):  # it rolls for 3 hours
+            Roller(counter, store).roll(t)
+        closed = store.closed_through()
+        assert closed is not None and closed > (t0 - 3 * 3600) // 60 + 120
+        assert client.ttl(f"track~segment:{instance}") > client.ttl("track~host:web1") > 0
+        forget("web1")
+        later = t0 + 40 * 86400
+        counter.hit("acme", "pageview", 2, later - 30)
+        assert Roller(counter, store).roll(later) == 2
+        [gap] = store.gaps()
+        assert gap["first_minute"] == closed + 1, (gap, closed)
+        assert "unknown" not in gap["reason"]
+        forget("web1", segment_too=True)
+        much_later = later + 40 * 86400
+        Roller(counter, store).roll(much_later)
+        [gap] = store.gaps()
+        assert "unknown" in gap["reason"] and "forget_hosts_days" in gap["reason"], gap
+    finally:
+        counter.detach()

@@ -824,3 +824,43 @@ def test_a_lock_held_too_long_is_a_store_error(store: SQLiteStore, path: str) ->
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+# --------------------------------------------------------------------------
+# /metrics' reading
+
+
+def test_metrics_reading_is_one_snapshot_of_totals_marks_and_meta(path: str) -> None:
+    big = 2**63 + 5  # a u64 instance above SQLite's signed range
+    minute = minute_at(2027, 3, 1, 10, 0)
+    with SQLiteStore(path, ZONE) as store:
+        store.roll([("acme", EVENT, minute, 4), ("acme", "order/paid", minute, 2)],
+                   now_of(minute), instance=big)
+        store.roll([("shop", EVENT, minute + 1, 1)], now_of(minute + 1), instance=7)
+        store.record_gap(minute - 10, minute - 5, "test", now_of(minute))
+        store.set_bad_keys(["slot 3: not UTF-8"])
+    with SQLiteStore(path, ZONE, readonly=True) as reader:
+        got = reader.metrics_reading(big, minute, minute + 1)
+        assert got["totals"] == {("acme", EVENT): 4, ("acme", "order/paid"): 2,
+                                 ("shop", EVENT): 1}
+        # Only the marks of the instance asked for, in the window asked for.
+        assert got["watermarks"] == {("acme", EVENT, minute): 4,
+                                     ("acme", "order/paid", minute): 2}
+        assert reader.metrics_reading(big, minute + 1, minute + 1)["watermarks"] == {}
+        assert got["last_roll_at"] == now_of(minute + 1)
+        assert (got["gaps"], got["late_dropped"], got["bad_keys"]) == (1, 0, 1)
+        # No segment: no watermarks read at all.
+        assert reader.metrics_reading(None, minute, minute + 1)["watermarks"] is None
+        assert not reader._conn.in_transaction  # the snapshot was let go
+
+
+def test_metrics_reading_of_a_damaged_meta_value_names_the_recovery(path: str) -> None:
+    SQLiteStore(path, ZONE).close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('late_dropped', 'x')")
+    conn.commit()
+    conn.close()
+    with SQLiteStore(path, ZONE, readonly=True) as reader:
+        with pytest.raises(StoreError, match="damaged.*late_dropped.*recover"):
+            reader.metrics_reading(None, 0, 0)
+        assert not reader._conn.in_transaction

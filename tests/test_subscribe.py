@@ -1205,9 +1205,6 @@ def test_subscribers_gone_for_a_week_are_removed_not_kept_for_ever(inproc, tmp_p
                     "recent.lock"]
 
 
-@pytest.mark.xfail(strict=True, reason="_counter.c's process cache keeps a ref for every name "
-                   "ever counted, though the segment reclaims idle keys: to fix there "
-                   "(not in subscribe.py); remove this mark then")
 def test_a_long_lived_subscriber_does_not_grow_with_names_that_come_and_go(key):
     """A subscriber lives for months and takes its account names from the
     network: names that come and go (the segment reclaims keys idle for a

@@ -1,5 +1,5 @@
 """A farm of three hosts on one machine, for the farm's tests
-(test_farmsync, test_farmalerts, test_farm_sim, tt_farmhost): a config file
+(test_farmsync, test_alerts_farm, test_farm_sim, tt_farmhost): a config file
 per host, three installed segments with a TCP proxy to Redis each, and
 three in-process supervisors ticked on a driven clock.
 """

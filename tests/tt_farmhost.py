@@ -1,4 +1,4 @@
-"""Farm hosts for tests/test_farmalerts.py: their config files, and a
+"""Farm hosts for tests/test_alerts_farm.py: their config files, and a
 supervisor process on an accelerated clock (run as a script).
 
 As a script::

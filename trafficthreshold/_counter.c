@@ -35,6 +35,12 @@ typedef struct {
     tt_seg s;                 /* the attachment: the core's (base NULL once
                                  detached) */
     PyObject *cache;          /* dict: event -> dict(account or None -> slot) */
+    /* Entries put in `cache` since it was last cleared.  Why: keys come and
+     * go (the segment reclaims idle ones) and the refs of reclaimed keys
+     * would stay for ever in a process fed names from the network; when it
+     * passes the key table's capacity (more keys than the table can hold at
+     * once, so most are stale) the cache is forgotten (cache_ref). */
+    Py_ssize_t cached;
     /* The event of the last hit (a strong reference, compared by identity),
      * its dict of account slots in `cache` and its `all` slot: a process
      * mostly counts one event, so this saves three dict lookups per hit.
@@ -58,6 +64,15 @@ static PyObject *str_status_sep;  /* "/", names.STATUS_SEP */
 /* The default counter used by the module-level hit() and friends. */
 static Counter *default_counter;
 static int64_t next_attach_try = 0;  /* second before which we do not retry */
+/* The place of a default segment that was retired under us (an uninstall),
+ * watched until a segment is there again (tt_segment_exists); -1: none. */
+static int watch_backend = -1;
+static long watch_key;
+/* The second before which the watch does not attach again: a segment that
+ * is there but could not be attached (being installed) is tried again at
+ * most once a second, so a half install left by a killed installer does
+ * not cost every hit an attach. */
+static int64_t watch_after = 0;
 static int strict_mode = 0;
 
 /* Raises the core's last error (c->err, c->error) as the exception of its
@@ -136,6 +151,7 @@ static void detach(Counter *c)
     tt_detach(&c->s);
     if (c->cache != NULL)
         PyDict_Clear(c->cache);
+    c->cached = 0;
     Py_CLEAR(c->ev_obj);
     Py_CLEAR(c->ev_accounts);
 }
@@ -242,10 +258,19 @@ static int encode_names(PyObject *account, PyObject *event, const char **a, Py_s
  * (or None), so no dict operation here runs Python code; the new account
  * dict is filled before the cache holds it, and an existing one is held by
  * a reference of ours while we write to it. */
+static void forget_slots(Counter *c);
+
 static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
 {
-    PyObject *accounts = PyDict_GetItemWithError(c->cache, event), *v;
+    PyObject *accounts, *v;
     int rc;
+    /* Bounded by the key table: past its capacity, forget everything and
+     * start afresh (the live keys come back on their next miss).  Safe
+     * here for the same reasons as the TT_ADD_STALE forget in hit_keys: no
+     * caller keeps a borrowed pointer into the cache across this call. */
+    if (c->cached >= (Py_ssize_t)c->s.key_capacity)
+        forget_slots(c);
+    accounts = PyDict_GetItemWithError(c->cache, event);
     if (accounts == NULL) {
         if (PyErr_Occurred() || (accounts = PyDict_New()) == NULL)
             return -1;
@@ -257,6 +282,7 @@ static long cache_ref(Counter *c, PyObject *account, PyObject *event, long ref)
     if (rc == 0 && (v = PyLong_FromLong(ref)) != NULL) {
         rc = PyDict_SetItem(accounts, account, v);
         Py_DECREF(v);
+        c->cached++;
     } else {
         rc = -1;
     }
@@ -451,6 +477,7 @@ static long all_slot_for(Counter *c, PyObject *event, uint64_t second)
 static void forget_slots(Counter *c)
 {
     PyDict_Clear(c->cache);
+    c->cached = 0;
     Py_CLEAR(c->ev_obj);
     Py_CLEAR(c->ev_accounts);
 }
@@ -571,9 +598,10 @@ static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
         return NULL;
     }
-    if (c->s.slot_table == NULL) {
-        PyErr_SetString(LayoutMismatch, "a layout-1 segment is read only (for uninstall's "
-                        "final roll-up); run `trafficthreshold uninstall` then install");
+    if (c->s.version != TT_LAYOUT_VERSION) {
+        PyErr_Format(LayoutMismatch, "a layout-%u segment is read only (for uninstall's "
+                     "final roll-up); run `trafficthreshold uninstall` then install",
+                     c->s.version);
         return NULL;
     }
     if ((owned = status_event(argv)) == NULL)
@@ -609,20 +637,45 @@ static void warn(const char *msg)
 /* Returns the default counter, attaching it if needed (at most once every
  * TT_ATTACH_RETRY_S seconds).  NULL means "no segment": in strict mode an
  * exception is set, otherwise not (fail open). */
-static Counter *get_default(double t)
+static Counter *attach_default(double t);
+
+static inline Counter *get_default(double t)
+{
+    if (__builtin_expect(default_counter != NULL && default_counter->s.base != NULL
+                         && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE),
+                                            __ATOMIC_ACQUIRE) == TT_STATE_LIVE, 1))
+        return default_counter;
+    return attach_default(t);
+}
+
+/* get_default() without a live default counter: out of the hot path. */
+__attribute__((noinline)) static Counter *attach_default(double t)
 {
     PyObject *r;
     if (default_counter != NULL) {
-        if (default_counter->s.base != NULL
-            && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE), __ATOMIC_ACQUIRE) == TT_STATE_LIVE)
-            return default_counter;
-        /* Uninstalled under us: let go, and look for a new one below. */
+        /* Uninstalled under us: let go, and look for a new one at once
+         * (below); until one is there, every hit asks whether it is
+         * (watch_*: one system call per hit, on this degraded path only),
+         * so that every hit after the next install is counted in it. */
+        watch_backend = default_counter->s.backend;
+        watch_key = default_counter->s.key;
+        next_attach_try = 0;
         Py_CLEAR(default_counter);
     }
-    if (!strict_mode && (int64_t)t < next_attach_try)
+    if (!strict_mode && (int64_t)t < next_attach_try
+        && (watch_backend < 0 || (int64_t)t < watch_after
+            || !tt_segment_exists(watch_backend, watch_key)))
         return NULL;
     next_attach_try = (int64_t)t + TT_ATTACH_RETRY_S;
     r = PyObject_CallNoArgs(attach_cb);
+    if (r == NULL && watch_backend >= 0) {
+        /* Another layout, no permission ...: not a matter of waiting for
+         * the install; back to ATTACH_RETRY_S. */
+        if (!PyErr_ExceptionMatches(SegmentNotFound))
+            watch_backend = -1;
+        else
+            watch_after = tt_segment_exists(watch_backend, watch_key) ? (int64_t)t + 1 : 0;
+    }
     if (r == NULL) {
         if (strict_mode)
             return NULL;
@@ -636,6 +689,7 @@ static Counter *get_default(double t)
         return NULL;
     }
     default_counter = (Counter *)r;
+    watch_backend = -1;
     return default_counter;
 }
 
@@ -896,9 +950,10 @@ static PyObject *Counter_reclaim(Counter *c, PyObject *args)
     PyObject *out, *item;
     if (!PyArg_ParseTuple(args, "K|i", &before, &timeout_ms) || check_attached(c) < 0)
         return NULL;
-    if (c->s.slot_table == NULL) {
-        PyErr_SetString(LayoutMismatch, "a layout-1 segment has no slot table: nothing "
-                        "can be reclaimed; run `trafficthreshold uninstall` then install");
+    if (c->s.version != TT_LAYOUT_VERSION) {
+        PyErr_Format(LayoutMismatch, "a layout-%u segment is read only (for uninstall's "
+                     "final roll-up): nothing is reclaimed; run `trafficthreshold "
+                     "uninstall` then install", c->s.version);
         return NULL;
     }
     if (tt_header_u32(&c->s, TT_H_STATE) != TT_STATE_LIVE) {
@@ -1165,6 +1220,7 @@ static PyObject *mod_reset(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(default_counter);
     next_attach_try = 0;
+    watch_backend = -1;
     Py_RETURN_NONE;
 }
 

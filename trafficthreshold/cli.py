@@ -438,7 +438,7 @@ def _need_zmq() -> None:
 
 # ------------------------------------------------------------------ daemon
 
-#: Why the HTTP server cannot listen, by errno (the words webserver.py uses
+#: Why the HTTP server cannot listen, by errno (the words api/server.py uses
 #: for the same errors on main, where it raises them itself).
 _LISTEN_ERRORS = {
     errno.EADDRINUSE: "the address is already in use (another trafficthreshold run, or "
@@ -661,9 +661,9 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     """
     import urllib.parse
     from . import migrate, store as stores
-    from .store import SQLiteStore
-    if urllib.parse.urlsplit(url).password or "password" in urllib.parse.parse_qs(
-            urllib.parse.urlsplit(url).query, keep_blank_values=True):
+    from .config import url_secrets
+    from .store import SQLiteStore, redact_url
+    if urllib.parse.urlsplit(url).password or url_secrets(url):
         raise click.ClickException(
             "--to holds a password (it would show in `ps` and the shell history): remove it "
             "and set [store] password_file or password_env in the config")
@@ -689,7 +689,7 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
             raise
         # The Redis of --to, not the config's store (_message would name that).
         raise click.ClickException(
-            f"the Redis of --to, {url}, did not answer ({type(exc).__name__}: {exc}): check "
+            f"the Redis of --to, {redact_url(url)}, did not answer ({type(exc).__name__}: {exc}): check "
             "that it runs there and, if it needs one, the password ([store] password_file "
             "or password_env); then run the command again: the hashes already copied are "
             "not copied twice") from exc
@@ -713,7 +713,7 @@ def test_mail(ctx: click.Context, rule: str | None, to: tuple[str, ...]) -> None
 
     Example: trafficthreshold test-mail --to ops@example.com
     """
-    from .mailer import send_test
+    from .alerts.mail import send_test
     cfg = _load(ctx)
     chosen = None
     if rule is not None:

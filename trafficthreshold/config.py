@@ -680,8 +680,29 @@ def _origins(value: Any) -> tuple[str, ...]:
 STORE_BACKENDS = ("sqlite", "redis")
 
 
+#: Parts of a URL query argument's name that make it a secret.  redis-py's
+#: ``parse_url`` passes every query argument on to the connection
+#: (``password``, ``ssl_password``, ...; names percent-decoded), so any
+#: spelling of one is one, whatever its case or separators.
+SECRET_NAME_PARTS = ("pass", "pwd", "secret", "token", "credential", "auth")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The query arguments of ``url`` that hold a secret (their names as
+    written, decoded), e.g. ``["Password"]`` for ``...?db=0&Password=x``."""
+    query = urllib.parse.urlsplit(url).query
+    found = []
+    for name, _ in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        plain = re.sub(r"[^a-z0-9]", "", name.lower())
+        if any(part in plain for part in SECRET_NAME_PARTS) and name not in found:
+            found.append(name)
+    return found
+
+
 def _redis_url(value: Any) -> str:
-    """A Redis URL without a password in it (the file is no place for one)."""
+    """A Redis URL without a password in it (the file is no place for one):
+    neither ``user:pass@`` nor any query argument that holds a secret
+    (:func:`url_secrets`)."""
     url = _single_line(value)
     if not url:
         return url
@@ -689,8 +710,7 @@ def _redis_url(value: Any) -> str:
     parts = _split_url(url, fix)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise _Bad("is not a Redis URL", fix)
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    if parts.password or "password" in query:
+    if parts.password or url_secrets(url):
         raise _Bad("holds a password",
                    "remove it from the URL and set store.password_file (a file readable "
                    "only by the daemon) or store.password_env instead")

@@ -46,7 +46,7 @@ Farm-wide alert rules are evaluated by one supervisor at a time: the holder
 of the lease ``{prefix}~leader`` (``SET NX PX``), renewed every second.  Each
 new lease gets a fencing token from ``{prefix}~leader:token`` (``INCR``); the
 lease's value is ``"{host} {token}"``.  Every write of farm alert state
-(:mod:`trafficthreshold.farmalerts`) is a script that applies it only while
+(:mod:`trafficthreshold.alerts.farm`) is a script that applies it only while
 the lease still holds that exact value, so a leader that was paused past its
 lease (and replaced) can no longer write or send.
 """
@@ -751,6 +751,29 @@ return ''
 """
 
 
+# KEYS: the ownership key.  ARGV: our value, ttl ms, our identity (" {boot}
+# {pid} {nonce}": our value without its instance).  The farm thread's and
+# the roll thread's refresh: renews a key of ours (any instance: the
+# segment may have been replaced meanwhile, and the value moves to the new
+# instance), takes a free one, or leaves another supervisor's; returns ""
+# when it was ours, "~lapsed" when it was free (it expired: this supervisor
+# stalled past the TTL, or Redis lost it; another supervisor may have held
+# the name meanwhile), else the holder's value.
+REFRESH_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] and string.sub(cur, -#ARGV[3]) ~= ARGV[3] then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if cur then return '' end
+return '~lapsed'
+"""
+
+RELEASE_CLAIM_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, -#ARGV[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def boot_id() -> str:
     """This machine's boot (a cloned machine boots with another one)."""
     try:
@@ -794,11 +817,26 @@ class HostClaim:
                  boot: str | None = None) -> None:
         import secrets
 
-        self.client, self.host, self.instance, self.pid = client, host, instance, pid
+        self.client, self.host, self.pid = client, host, pid
         self.key, self.ttl_ms = f"{prefix}~owner:{host}", ttl_ms
         self.boot = boot_id() if boot is None else boot
-        self.value = f"{instance:x} {self.boot} {pid} {secrets.token_hex(4)}"
+        #: Our value without its instance: every value of ours ends with it.
+        self.identity = f" {self.boot} {pid} {secrets.token_hex(4)}"
+        #: Shared by the copies of :meth:`on` (the farm thread's, the roll
+        #: thread's): the segment instance the name records now, and
+        #: whether a refresh found the key expired (not consumed yet).
+        self._state = {"instance": instance, "lapsed": False}
         self._take = client.register_script(TAKE_SCRIPT)
+        self._refresh = client.register_script(REFRESH_SCRIPT)
+
+    @property
+    def instance(self) -> int:
+        """The segment instance our value records (the one we roll)."""
+        return self._state["instance"]
+
+    @property
+    def value(self) -> str:
+        return f"{self.instance:x}{self.identity}"
 
     @staticmethod
     def parse(value: Any) -> dict[str, Any]:
@@ -869,18 +907,45 @@ class HostClaim:
     def on(self, client: Any) -> "HostClaim":
         """The same claim (the same value) over another client: the farm
         thread's, which refreshes it."""
-        other = copy.copy(self)
+        other = copy.copy(self)  # the same _state: one instance, one lapse
         other.client, other._take = client, client.register_script(TAKE_SCRIPT)
+        other._refresh = client.register_script(REFRESH_SCRIPT)
         return other
 
-    def refresh(self) -> dict[str, Any] | None:
-        """Renew our key (the farm thread, every second); the holder's
-        parsed value when another supervisor took the name meanwhile."""
-        cur = self._take(keys=[self.key], args=[self.value, self.ttl_ms, ""])
+    def refresh(self, instance: int = 0) -> dict[str, Any] | None:
+        """Renew our key (the farm thread every second, the roll thread
+        before each roll); the holder's parsed value when another supervisor
+        took the name meanwhile.  ``instance`` (non-zero): the segment we
+        roll now, recorded in the value (a segment replaced while we run:
+        a restart after SIGKILL on it knows the name is its own, and a
+        rename's clone check compares the segment really rolled).  A key
+        found expired is taken back and remembered as a lapse
+        (:meth:`lapsed`)."""
+        if instance:
+            self._state["instance"] = instance
+        try:
+            cur = _text(self._refresh(keys=[self.key],
+                                      args=[self.value, self.ttl_ms, self.identity]))
+        except Exception:
+            # It may have run and taken an expired key back, its answer
+            # lost: the next refresh would find the key ours.  Count it
+            # as a lapse (the next roll checks the store again: cheap).
+            self._state["lapsed"] = True
+            raise
+        if cur == "~lapsed":
+            self._state["lapsed"] = True
+            return None
         return self.parse(cur) if cur else None
 
+    def lapsed(self) -> bool:
+        """Whether a refresh found our key expired since the last call
+        (then cleared): another supervisor may have rolled under the name
+        meanwhile, so the next roll must check the segment against the
+        store again (a new Roller), as after a name taken and given back."""
+        lapsed, self._state["lapsed"] = self._state["lapsed"], False
+        return lapsed
+
     def release(self) -> None:
-        """Let the name go at shutdown (only if it is still ours)."""
-        self.client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                         "return redis.call('DEL', KEYS[1]) end return 0", 1, self.key,
-                         self.value)
+        """Let the name go at shutdown (only if it is still ours, whatever
+        instance it records)."""
+        self.client.eval(RELEASE_CLAIM_SCRIPT, 1, self.key, self.identity)

@@ -24,7 +24,7 @@ cut off from the farm never stays at the farm's level.
 farm thread renews the leader lease and, while it leads, evaluates the farm
 rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
 made only when the leader evaluates: :class:`LeaderReading`)
-(:class:`trafficthreshold.farmalerts.FarmAlerts`); a failed publication
+(:class:`trafficthreshold.alerts.farm.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
 from __future__ import annotations
@@ -53,6 +53,9 @@ REFRESH_EVERY = 0.25
 LEVEL_KEYS = ((names.ALL, "pageview"),)
 #: How many such reads follow one offer (the tick offers every second).
 REFRESHES = 3
+#: Without an offer (no live segment), the farm thread refreshes the host
+#: name this often (seconds): it expires after farm.OWNER_TTL_MS.
+CLAIM_EVERY = 1.0
 #: Seconds shutdown waits for the farm thread (its last command included).
 STOP_WAIT = 2.0
 
@@ -173,13 +176,14 @@ class FarmSync:
                                             forget_after=forget_after)
         #: Its reading of the level's key (the farm's sum, one round trip).
         self.level_reader = farm.LevelReader(client, host, LEVEL_KEYS, prefix=prefix)
-        #: The farm rules (:class:`trafficthreshold.farmalerts.FarmAlerts`),
+        #: The farm rules (:class:`trafficthreshold.alerts.farm.FarmAlerts`),
         #: stepped by this thread after each publication; None: no farm rules.
         self.alerts = alerts
         self._alerts_failing: str | None = None
         #: This supervisor's hold on its host name (the supervisor sets it).
         self.claim: farm.HostClaim | None = None
         self._claim_lost = False
+        self._claimed_at = 0.0  # monotonic: the last refresh of the name
         self.ttl_ms, self.stale_after = ttl_ms, stale_after
         self.reading: Reading | None = None
         self._cond = threading.Condition()
@@ -295,6 +299,7 @@ class FarmSync:
                     left = REFRESHES if self._cycle(item) else 0
                 elif last is not None and left > 0:
                     left = left - 1 if self._refresh(last.now) else 0
+                self._keep_name(item)
             finally:
                 with self._cond:
                     self._busy = False
@@ -332,7 +337,6 @@ class FarmSync:
             return False  # no live segment here: nothing to publish, the hash expires
         counts, previous = got
         try:
-            self._refresh_claim()
             self.publisher.publish(counts, level=item.level, now=item.now,
                                    last_roll=self._last_roll(), previous=previous)
             live = self.level_reader.read(item.now)
@@ -363,13 +367,31 @@ class FarmSync:
         refresh found it): the supervisor does not roll meanwhile."""
         return self._claim_lost
 
-    def _refresh_claim(self) -> None:
-        """Keep ``[store] host`` ours (:class:`farm.HostClaim`); another
-        supervisor that took it meanwhile (we were paused past its TTL) is
-        logged at ERROR once: the two would mix their counts."""
+    def _keep_name(self, item: Offer | None) -> None:
+        """Refresh our host name at each offer, and every
+        :data:`CLAIM_EVERY` seconds without one (a supervisor whose segment
+        is gone offers nothing but still runs): independent of the live
+        counts, so the name never lapses while the daemon runs.  A Redis
+        error is left to the publication's log (and the roll's)."""
+        import time
+
+        if self.claim is None or (item is None and
+                                  time.monotonic() - self._claimed_at < CLAIM_EVERY):
+            return
+        self._claimed_at = time.monotonic()
+        try:
+            self._refresh_claim(item.instance if item is not None else 0)
+        except Exception:  # noqa: BLE001 - the farm thread never dies
+            log.debug("refreshing the host name failed", exc_info=True)
+
+    def _refresh_claim(self, instance: int = 0) -> None:
+        """Keep ``[store] host`` ours (:class:`farm.HostClaim`), recording
+        the segment ``instance`` we roll now; another supervisor that took
+        it meanwhile (we were paused past its TTL) is logged at ERROR once:
+        the two would mix their counts."""
         if self.claim is None:
             return
-        other = self.claim.refresh()
+        other = self.claim.refresh(instance)
         if other is not None and not self._claim_lost:
             log.error("another supervisor (segment instance %#x, pid %s, boot %s) took the "
                       "farm host name %r of this one (pid %s): this one stops rolling (the "
@@ -444,7 +466,7 @@ def _farm_alerts(client: Any, config: Any, env: Any, farm_rules: Any) -> Any:
     """The farm rules' FarmAlerts over ``client`` (the farm thread's), its
     mail thread with a client of its own."""
     from . import store as stores
-    from .farmalerts import FarmAlerts
+    from .alerts.farm import FarmAlerts
 
     mail_client = stores.redis_client(config, timeout=SOCKET_TIMEOUT, env=env)
     no_retries(mail_client)

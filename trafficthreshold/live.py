@@ -1,8 +1,8 @@
 """The segment now: one lock-free read of every key and of the header, for
 ``/api/stats/live``, ``/metrics`` and the dashboard.
 
-A shared module under :mod:`trafficthreshold.api` (which serves it),
-:mod:`trafficthreshold.dashboard` and :mod:`trafficthreshold.openapi`
+A shared module under :mod:`trafficthreshold.api.app` (which serves it),
+:mod:`trafficthreshold.api.dashboard` and :mod:`trafficthreshold.api.openapi`
 (which render it), so that those two never import the app.
 """
 

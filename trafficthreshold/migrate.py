@@ -54,7 +54,7 @@ from typing import Any
 
 from trafficthreshold.errors import ConfigError, TrafficThresholdError
 from trafficthreshold.store.redis import RedisStore
-from trafficthreshold.store.sqlite import _signed
+from trafficthreshold.store.sqlite import signed
 
 log = logging.getLogger("trafficthreshold.migrate")
 
@@ -70,14 +70,16 @@ LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
 # that gets the sum added ("" for none: only a year's hash, whose fields are
 # the months, adds to the key's all-time total), the head of the totals
 # field each field adds to on its own ("" for none: a funnel year's
-# statuses, "{account}\0{event}/"), the key set's member ("" for none), then
-# field, count pairs.  Adds what each field grew past its copied count and
-# moves the shadow in the same step; returns the sum added, or -1 for a
-# hash an older version copied.
+# statuses, "{account}\0{event}/"), the key set's member ("" for none), the
+# shadow's expiry when the target is kept (seconds: the host hash's, so an
+# abandoned migration's records go with it), then field, count pairs.
+# Adds what each field grew past its copied count and moves the shadow in
+# the same step; returns the sum added, or -1 for a hash an older version
+# copied.
 COPY_SCRIPT = """
 if redis.call('SISMEMBER', KEYS[1], KEYS[3]) == 1 then return -1 end
 local total = 0
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local copied = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
   local delta = tonumber(ARGV[i + 1]) - copied
   if delta > 0 then
@@ -92,6 +94,8 @@ if ARGV[4] ~= '' then redis.call('SADD', KEYS[5], ARGV[4]) end
 if ARGV[1] ~= '0' then
   redis.call('EXPIRE', KEYS[3], ARGV[1], 'NX')
   redis.call('EXPIRE', KEYS[2], ARGV[1])
+elseif redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
 return total
 """
@@ -197,7 +201,7 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
     the file holds names with ``:``."""
     client, prefix = store.client, store.prefix
     now = time.time() if now is None else now
-    refuse_after_rolls(store)
+    refuse_after_rolls(store, now)
     marker = f"{prefix}~migrated:{store.host}"
     copy = client.register_script(COPY_SCRIPT)
     keep = client.register_script(WATERMARK_SCRIPT)
@@ -208,7 +212,14 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
         refuse_colons(conn, path)
         # Until the run is whole (the watermarks come last), this host's
         # supervisor must not roll into Redis (RedisStore.claim_segment).
-        client.hset(store.host_key, "migrating", repr(float(now)))
+        # The host hash and the shadows expire as a host's do (an abandoned
+        # migration goes with them); the record in {prefix}~migrations
+        # outlives them, so that a rerun after they expired is refused.
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(store.migrations_key, store.host, f"copying {float(now)!r}")
+        pipe.hset(store.host_key, "migrating", repr(float(now)))
+        pipe.expire(store.host_key, store.host_ttl)
+        pipe.execute()
         for table, key, fields, pair in _hashes(conn, prefix):
             expire_at = _expire_at(store, key) if table == "minutes" else 0
             if expire_at and expire_at <= now:
@@ -216,7 +227,7 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
                 progress(1)
                 continue
             args: list[object] = [int(expire_at - now) if expire_at else 0,
-                                  pair if table == "months" else "", "", ""]
+                                  pair if table == "months" else "", "", "", store.host_ttl]
             for field, count in fields.items():
                 args.extend([field, count])
             added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
@@ -230,7 +241,11 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
         if pairs:  # what RedisStore.accounts() and events() list
             client.sadd(store.keys_key, *pairs)
         _copy_meta(conn, store)
-        client.hdel(store.host_key, "migrating")
+        pipe = client.pipeline(transaction=True)
+        pipe.hdel(store.host_key, "migrating")
+        pipe.expire(store.host_key, store.host_ttl)
+        pipe.hset(store.migrations_key, store.host, f"copied {float(now)!r}")
+        pipe.execute()
     finally:
         conn.close()
     log.info("migrated %s into Redis: %d hashes added to, %d with nothing new, %d minute "
@@ -286,11 +301,26 @@ def _expire_at(store: RedisStore, key: str) -> int:
     return int(start + 3600 + store.minute_ttl)
 
 
-def refuse_after_rolls(store: RedisStore) -> None:
+def refuse_after_rolls(store: RedisStore, now: float | None = None) -> None:
     """A migration comes before the switch: once this host's supervisor
     rolls into Redis, what its SQLite file got since is in Redis already
-    (rolled from the ring) and would be added twice."""
+    (rolled from the ring) and would be added twice.  A rerun whose earlier
+    run's records (the shadows) expired cannot tell what was copied: it
+    would add everything again."""
+    record = store.migration()
     rolled = store.last_roll_at()
+    if rolled is None and record is not None and record[0] == "switched":
+        rolled = record[1]
+    if rolled is None and record is not None and now is not None \
+            and record[1] + store.host_ttl < now:
+        when = datetime.datetime.fromtimestamp(record[1], datetime.timezone.utc)
+        raise ConfigError(
+            f"the records of the last migration of host {store.host!r} into this Redis "
+            f"(run at {when:%Y-%m-%d %H:%M} UTC) expired ([store] forget_hosts_days after it): a rerun "
+            "cannot tell what it copied and would add it all again.  Redis holds the "
+            "history as of that run: start the daemon with [store] backend = \"redis\" "
+            "(what the file got since stays in SQLite), or remove what the migration "
+            f"copied and `redis-cli HDEL {store.migrations_key} {store.host}`, then migrate")
     if rolled is not None:
         raise ConfigError(
             f"host {store.host!r} already rolls into this Redis (last roll at "
@@ -333,7 +363,7 @@ def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
     """The funnels rows into Bootic's funnel hashes, incrementally."""
     copy = store.client.register_script(COPY_SCRIPT)
     for year_level, key, fields, pair in _funnel_hashes(conn, store.funnels_prefix):
-        args: list[object] = [0, "", f"{pair}/" if year_level else "", pair]
+        args: list[object] = [0, "", f"{pair}/" if year_level else "", pair, store.host_ttl]
         for status, count in fields.items():
             args.extend([status, count])
         added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
@@ -360,7 +390,7 @@ def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
     columns = {row[1] for row in conn.execute("PRAGMA table_info(watermarks)")}
     if "instance" in columns:
         rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks "
-                            "WHERE instance = ?", (_signed(instance),))
+                            "WHERE instance = ?", (signed(instance),))
     else:
         rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks")
     per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)

@@ -146,7 +146,7 @@ class Roller:
         closed = self.store.closed_through()
         start = created if closed is None else max(closed + 1, created)
         if start < oldest:
-            self._record_gap(start, oldest - 1, ring, now)
+            self._record_gap(start, oldest - 1, ring, now, known=closed is not None)
             start = oldest
         first = max(oldest, min(start, minute - 1 - LATE_MINUTES))
         last = minute if include_current else minute - 1
@@ -181,9 +181,21 @@ class Roller:
                          "end)", self.instance)
             self.store.set_instance(self.instance)
 
-    def _record_gap(self, first: int, last: int, ring: int, now: float) -> None:
+    def _record_gap(self, first: int, last: int, ring: int, now: float,
+                    known: bool = True) -> None:
+        """``known``: ``first`` follows the store's last closed minute of
+        this host; else the store has none (this segment never rolled into
+        it, or the host was forgotten, ``[store] forget_hosts_days``, and
+        the segment's own record too) and ``first`` is the segment's
+        creation: what of it was rolled before is unknown, and said so."""
         reason = (f"the supervisor did not roll for longer than the ring "
                   f"({ring} minutes); counts of these minutes were overwritten")
+        if not known:
+            reason = (f"no closed minute of this host is recorded in the store (it never "
+                      f"rolled this segment into it, or it was forgotten after [store] "
+                      f"forget_hosts_days without a roll): the segment's minutes from its "
+                      f"creation to the ring's oldest ({ring} minutes back) were rolled "
+                      f"before or lost; which is unknown")
         log.error("lost minutes %d..%d (%d minutes): %s", first, last, last - first + 1, reason)
         with self.store.transaction():  # the gap and the new mark, or neither
             self.store.record_gap(first, last, reason, now)

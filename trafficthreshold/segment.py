@@ -47,9 +47,13 @@ from .errors import LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse, Seg
 log = logging.getLogger("trafficthreshold.segment")
 
 MAGIC = b"TRFTHRSH"
-LAYOUT_VERSION = 2
-#: The layout before reclaim: ``uninstall`` still rolls its counts up.
+LAYOUT_VERSION = 3
+#: Older layouts, whose counts ``uninstall`` still rolls up (read only):
+#: 1, before reclaim; 2, layout 3's bytes under the writers' protocol before
+#: issue 20 (no insert record, no probe limit), which must not share a
+#: segment with this one's writers (docs/segment.rst, "Upgrading from layout 2").
 LAYOUT_VERSION_1 = 1
+LAYOUT_VERSION_2 = 2
 SLOT_ENTRY_SIZE = 8
 #: A bucket's tag is ``epoch | generation << EPOCH_BITS``.
 EPOCH_BITS = 40
@@ -533,11 +537,11 @@ def _check_layout(raw: _Raw) -> None:
     if raw.buf.nbytes < HEADER_SIZE or bytes(raw.buf[0:8]) != MAGIC:
         raise LayoutMismatch(f"IPC key {raw.key:#x} holds a segment that is not "
                              f"trafficthreshold's; {fix}")
-    if raw.u32(H_VERSION) == LAYOUT_VERSION_1:
-        # Written by a version before reclaim; its workers may still count
-        # into it.  uninstall reads layout 1, so its counts are not lost.
+    if raw.u32(H_VERSION) in (LAYOUT_VERSION_1, LAYOUT_VERSION_2):
+        # Written by an older version; its workers may still count into it.
+        # uninstall reads layouts 1 and 2, so their counts are not lost.
         raise LayoutMismatch(
-            f"the segment at IPC key {raw.key:#x} has layout version {LAYOUT_VERSION_1} (an "
+            f"the segment at IPC key {raw.key:#x} has layout version {raw.u32(H_VERSION)} (an "
             f"older trafficthreshold); this version writes {LAYOUT_VERSION}; run "
             f"`trafficthreshold uninstall --key {raw.key:#x}` first (it rolls its counts "
             "into the store, then removes it), then install again and restart the workers")

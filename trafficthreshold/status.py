@@ -455,7 +455,7 @@ def alert_report(cfg: Config) -> dict[str, Any]:
     rules from this host's SQLite file, farm rules (``scope = "farm"``)
     from the farm's Redis (``farm_queue``; ``farm_error`` when Redis did
     not answer within stores.PING_TIMEOUT)."""
-    from .alertstore import AlertStore
+    from .alerts.store import AlertStore
     if not os.path.exists(cfg.database):
         state_episodes: dict[str, Any] = {}
         queue: list[Any] = []
@@ -493,7 +493,7 @@ def _farm_alerts(cfg: Config) -> tuple[dict[str, Any], list[Any], str | None]:
     if cfg.store.backend != "redis" or not cfg.farm_alerts:
         return {}, [], None
     from . import farmsync, store as stores
-    from .farmalerts import FarmAlertStore
+    from .alerts.farm import FarmAlertStore
     try:
         client = stores.redis_client(cfg, timeout=stores.PING_TIMEOUT)
         farmsync.no_retries(client)

@@ -28,7 +28,7 @@ it directly with a driven clock.  Each tick:
 5. evaluates this host's alert rules (mail goes out from the outbox
    thread, never from the tick); the farm's rules (``scope = "farm"``) are
    the farm thread's, on the holder of the leader lease only
-   (:mod:`trafficthreshold.farmalerts`);
+   (:mod:`trafficthreshold.alerts.farm`);
 6. once an hour, prunes the store.
 
 The alert state and the mail queue of host rules are always in the SQLite
@@ -65,10 +65,11 @@ from typing import Any, Mapping
 
 from . import (alerts, config as configuration, farm, farmsync, names, notify, segment,
                store as stores, throttle)
-from .alertstore import AlertEngine, AlertStore
+from .alerts.engine import AlertEngine
+from .alerts.store import AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
-from .mailer import Outbox
+from .alerts.mail import Outbox
 from .store import RedisStore
 from .rollup import Roller
 from .store import StoreError
@@ -293,7 +294,8 @@ class Supervisor:
         self.counter.store(segment.H_SUPERVISOR_PID, 4, self.pid)
 
     def _start_http(self) -> None:
-        from . import api, webserver  # only the daemon serves HTTP
+        from . import api
+        from .api import server as webserver  # only the daemon serves HTTP
         self.app = api.make_app(self.config)
         self.server = webserver.start(self.app, self.config.http.listen)
         log.info("serving the stats API and dashboard on %s", self.server.url)
@@ -451,10 +453,7 @@ class Supervisor:
         if isinstance(self.store, RedisStore):
             if self.farm is not None and self.farm.claim_lost:
                 self._name_lost = True
-                raise TrafficThresholdError(
-                    f"[store] host = {self.config.store.host!r} was taken by another "
-                    "supervisor while this one did not refresh it (paused): rolling under "
-                    "the same name would mix their counts and closed_through")
+                raise self._name_taken()
             if self._name_lost:  # the name is ours again: a new Roller checks the
                 self._name_lost = False  # segment against what the other rolled meanwhile
                 self.roller = self._new_roller()
@@ -469,6 +468,33 @@ class Supervisor:
             if store is not None:
                 store.close()
             raise
+
+    def _name_taken(self) -> TrafficThresholdError:
+        return TrafficThresholdError(
+            f"[store] host = {self.config.store.host!r} was taken by another "
+            "supervisor while this one did not refresh it (paused): rolling under "
+            "the same name would mix their counts and closed_through")
+
+    def _roll_claimed(self, roller: Roller, now: float) -> int:
+        """A roll into Redis on the roll thread, right after refreshing our
+        name there (recording the segment rolled): the farm thread's refresh
+        may not have run yet after a stall.  Taken by another supervisor:
+        no roll.  Lapsed meanwhile (we stalled past its 5 s, or Redis lost
+        it; another supervisor may have rolled under it and moved its
+        ``closed_through``): a new Roller checks the segment against the
+        store first, as after a name taken and given back."""
+        claim = self.claim
+        if claim is not None:
+            if claim.refresh(roller.instance) is not None:
+                self._name_lost = True
+                raise self._name_taken()
+            if claim.lapsed():
+                log.warning("the farm host name %r lapsed (this supervisor stalled past its "
+                            "%d s, or Redis lost it); the roll first checks what was rolled "
+                            "under it meanwhile", self.config.store.host,
+                            farm.OWNER_TTL_MS // 1000)
+                roller = self.roller = Roller(roller.counter, roller.store)
+        return self._roll_and_reclaim(roller, now)
 
     def _roll_and_reclaim(self, roller: Roller, now: float) -> int:
         """The roll, then (if it worked) the reclaim, on the thread the roll
@@ -499,7 +525,7 @@ class Supervisor:
         if self._roll_pool is None:
             self._roll_pool = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="trafficthreshold-roll")
-        self._rolling = self._roll_pool.submit(self._roll_and_reclaim, self.roller, now)
+        self._rolling = self._roll_pool.submit(self._roll_claimed, self.roller, now)
         return None if previous is None else previous.result()
 
     def _wait_rolling(self) -> None:
@@ -666,7 +692,7 @@ class Supervisor:
 
     def _alerts(self, now: float) -> None:
         """This host's rules (scope "host"); the farm's are the farm
-        thread's (:mod:`trafficthreshold.farmalerts`)."""
+        thread's (:mod:`trafficthreshold.alerts.farm`)."""
         rules = self.engine.rules
         if not rules and not self.engine.state.episodes:
             return

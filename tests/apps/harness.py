@@ -38,7 +38,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 import trafficthreshold
-from trafficthreshold import api, pageviews, segment, webserver
+from trafficthreshold import api, pageviews, segment
+from trafficthreshold.api import server as webserver
 from trafficthreshold.config import Config
 
 TESTS = Path(__file__).resolve().parent.parent

@@ -358,23 +358,30 @@ static int tt_validate_header(tt_seg *c, int retired_ok)
                        "trafficthreshold's (bad magic); remove it with `ipcrm -M 0x%x` or "
                        "choose another --key", (unsigned int)c->key, (unsigned int)c->key);
     version = *TT_U32(h, TT_H_VERSION);
-    /* Layout 1 (before reclaim) is read by the uninstaller's final roll-up
-     * only (retired_ok): so an upgrade rolls an old segment's counts up. */
-    if (!(version == TT_LAYOUT_VERSION || (retired_ok && version == TT_LAYOUT_VERSION_1))
+    /* Older layouts are read by the uninstaller's final roll-up only
+     * (retired_ok), so an upgrade rolls an old segment's counts up: layout
+     * 1 (before reclaim) and layout 2 (the bytes of layout 3, but written
+     * under the writers' protocol before issue 20: no insert record, no
+     * probe limit; writers of two protocols must never share a segment). */
+    if (!(version == TT_LAYOUT_VERSION
+          || (retired_ok && (version == TT_LAYOUT_VERSION_1 || version == TT_LAYOUT_VERSION_2)))
         || *TT_U32(h, TT_H_HEADER_SIZE) != TT_HEADER_SIZE) {
-        if (version == TT_LAYOUT_VERSION_1 && *TT_U32(h, TT_H_HEADER_SIZE) == TT_HEADER_SIZE)
+        if ((version == TT_LAYOUT_VERSION_1 || version == TT_LAYOUT_VERSION_2)
+            && *TT_U32(h, TT_H_HEADER_SIZE) == TT_HEADER_SIZE)
             return tt_fail(c, TT_ERR_LAYOUT,
-                           "the segment at IPC key 0x%x has layout version 1 (an older "
+                           "the segment at IPC key 0x%x has layout version %u (an older "
                            "trafficthreshold), this trafficthreshold reads version %u; run "
-                           "`trafficthreshold uninstall` (it rolls a layout-1 segment's counts "
-                           "up) then `trafficthreshold install` with this version",
-                           (unsigned int)c->key, TT_LAYOUT_VERSION);
+                           "`trafficthreshold uninstall` (it rolls the old segment's counts "
+                           "up) then `trafficthreshold install` with this version, and "
+                           "restart the workers",
+                           (unsigned int)c->key, version, TT_LAYOUT_VERSION);
         return tt_fail(c, TT_ERR_LAYOUT,
                        "the segment at IPC key 0x%x has layout version %u, this "
                        "trafficthreshold reads version %u; run `trafficthreshold uninstall "
                        "--force` then `trafficthreshold install` with this version",
                        (unsigned int)c->key, version, TT_LAYOUT_VERSION);
     }
+    c->version = version;
     c->key_capacity = *TT_U32(h, TT_H_KEY_CAPACITY);
     c->index_size = *TT_U32(h, TT_H_INDEX_SIZE);
     c->minutes = *TT_U32(h, TT_H_MINUTE_BUCKETS);
@@ -457,6 +464,24 @@ static int tt_attach_sysv(tt_seg *c)
     }
     c->base = base;
     return 0;
+}
+
+/* Whether a segment exists at (backend, key) now: one system call, no
+ * mapping.  For a writer whose segment was retired (uninstalled): it asks at
+ * each hit until the next install is there, and attaches then, so no hit
+ * after the new install is lost (instead of waiting TT_ATTACH_RETRY_S). */
+static TT_UNUSED int tt_segment_exists(int backend, long key)
+{
+    char name[64];
+    int fd;
+    if (backend == TT_BACKEND_SYSV)
+        return shmget((key_t)key, 0, 0) != -1;
+    snprintf(name, sizeof name, "/trafficthreshold-%lx", key);
+    fd = shm_open(name, O_RDONLY, 0);
+    if (fd == -1)
+        return errno != ENOENT;
+    close(fd);
+    return 1;
 }
 
 static int tt_attach_posix(tt_seg *c)

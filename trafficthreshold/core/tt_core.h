@@ -72,8 +72,11 @@ typedef struct tt_seg {
     uint32_t key_capacity, index_size, minutes, seconds, stripes;
     uint32_t stripe_size, slot_size;
     uint64_t index_offset, slots_offset;
-    char *slot_table;         /* layout 2: the slot table; NULL for a layout-1
-                                 segment (read only, every generation 0) */
+    char *slot_table;         /* layouts 2 and 3: the slot table; NULL for a
+                                 layout-1 segment (every generation 0) */
+    uint32_t version;         /* the segment's layout version: anything but
+                                 TT_LAYOUT_VERSION (a retired_ok reader of an
+                                 older layout) is read only */
     uint32_t stripe;          /* this process's stripe */
     unsigned long fork_gen;   /* fork generation the stripe was chosen in */
     int fixed_stripe;         /* stripe given by the caller: keep it */

@@ -1,5 +1,5 @@
 /*
- * tt_layout.h -- the segment's layout (version 2), byte by byte: in words in
+ * tt_layout.h -- the segment's layout (version 3), byte by byte: in words in
  * this comment (docs/segment.rst says the same for writers in other
  * languages), and as numbers below, the one place they are written in C.
  * The C core (tt_core.c), the Python extension (_counter.c, which exports
@@ -14,8 +14,10 @@
  *
  *   line 0, geometry, written once at install, never changed:
  *     0  u64 magic            "TRFTHRSH" (bytes in this order)
- *     8  u32 layout_version   2 (1: before reclaim; read only by uninstall's
- *                              final roll-up, see tt_validate_header)
+ *     8  u32 layout_version   3 (1: before reclaim; 2: the same bytes as 3,
+ *                              written under the writers' protocol before
+ *                              issue 20's fixes; both read only, by
+ *                              uninstall's final roll-up: tt_validate_header)
  *    12  u32 header_size      4096
  *    16  u32 key_capacity     counter slots, reserved ones included
  *    20  u32 index_size       entries of the key index, a power of two
@@ -55,7 +57,7 @@
  *   160  u64 instance         a random non-zero id drawn at each install: the
  *                              store keys its watermarks by it, so a segment
  *                              re-installed in the same minute starts afresh
- *   line 2, the reclaim's fields (layout 2; changed under the lock only):
+ *   line 2, the reclaim's fields (since layout 2; changed under the lock only):
  *   168  u32 free_head        slot + 1 of the first reclaimed slot waiting for
  *                              a new key, 0 = none (a list through the slot table)
  *   172  u32 free_slots       how many slots are on that list
@@ -92,7 +94,7 @@
  *   112  u32 generation  the slot's generation when this key got it
  *   116..127 reserved
  *
- * The slot table (layout 2), key_capacity entries of 8 bytes at
+ * The slot table (since layout 2), key_capacity entries of 8 bytes at
  * slot_table_offset = index_offset + index_size * 128:
  *     0  u32 generation  bumped (mod 2**24) each time the slot is reclaimed
  *     4  u32 next_free   while on the free list, slot + 1 of the next free
@@ -124,10 +126,17 @@
 #define TRAFFICTHRESHOLD_LAYOUT_H
 
 #define TT_MAGIC_BYTES "TRFTHRSH"
-#define TT_LAYOUT_VERSION 2u
-/* The layout before reclaim: read (never written) by a retired_ok reader,
- * so that `uninstall` rolls an old segment's counts up after an upgrade. */
+/* Why 3: layout 2's bytes did not change, but its writers' protocol did
+ * (issue 20: the insert record at 192/196, inserts raise probe_limit), and
+ * a worker of the previous release on a segment of this one would break it
+ * (two keys in one slot, duplicate keys).  A new version makes each refuse
+ * the other's segment (docs/segment.rst, "Upgrading from layout 2"). */
+#define TT_LAYOUT_VERSION 3u
+/* Older layouts: read (never written) by a retired_ok reader, so that
+ * `uninstall` rolls an old segment's counts up after an upgrade.  1: before
+ * reclaim; 2: layout 3's bytes under the writers' protocol before issue 20. */
 #define TT_LAYOUT_VERSION_1 1u
+#define TT_LAYOUT_VERSION_2 2u
 #define TT_DEFAULT_KEY 0x54546831L   /* "TTh1" */
 #define TT_SLOT_ENTRY_SIZE 8u
 /* A bucket tag: the epoch in the low 40 bits (seconds reach 2**40 in the

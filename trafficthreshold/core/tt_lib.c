@@ -21,6 +21,9 @@ struct tt_handle {
     long key;
     int backend;            /* -1: SysV, else POSIX */
     int64_t next_try;       /* second before which no attach is tried again */
+    int watch;              /* the segment was retired under us: ask at each
+                               hit whether the next one is there */
+    int watch_backend;      /* where it was (tt_segment_exists) */
 };
 
 /* A hash of a name for the writer's cache: 8 bytes at a time. */
@@ -57,13 +60,23 @@ static int tt_ready(tt_handle *h)
     int64_t now;
     if (tt_live(&h->w.s))
         return 1;
-    if (h->w.s.base != NULL)
-        tt_writer_detach(&h->w);   /* uninstalled under us: let go */
+    if (h->w.s.base != NULL) {
+        /* Uninstalled under us: let go, and attach to the next install as
+         * soon as it is there (one system call per hit until then), so no
+         * hit after it is lost. */
+        h->watch = 1;
+        h->watch_backend = h->w.s.backend;
+        h->next_try = 0;
+        tt_writer_detach(&h->w);
+    }
     now = (int64_t)tt_now_second();
-    if (now < h->next_try)
+    if (now < h->next_try && !(h->watch && tt_segment_exists(h->watch_backend, h->key)))
         return 0;
     h->next_try = now + TT_ATTACH_RETRY_S;
-    return tt_writer_attach(&h->w, h->backend, h->key) == 0;
+    if (tt_writer_attach(&h->w, h->backend, h->key) != 0)
+        return 0;
+    h->watch = 0;
+    return 1;
 }
 
 TT_EXPORT const char *tt_version(void) { return TT_VERSION; }

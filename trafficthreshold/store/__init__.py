@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,14 +38,15 @@ from trafficthreshold.periods import resolve_timezone
 
 from .base import MAX_MINUTE_COUNT, KeyMinute, PeriodStore, RollItem, StoreError
 from .redis import SOCKET_TIMEOUT, RedisStore, connect, redact_url
-from .sqlite import SQLiteStore
+from .sqlite import WATERMARK_KEEP_MINUTES, SQLiteStore, reader_problem
 
 if TYPE_CHECKING:  # a reader of the store (another user's `stats`) needs no config
     from trafficthreshold.config import Config, StoreConfig
 
 __all__ = ["PeriodStore", "SQLiteStore", "RedisStore", "StoreError", "RollItem", "KeyMinute",
            "MAX_MINUTE_COUNT", "open_writer", "open_reader", "ping", "location",
-           "redis_client", "password", "zone_name", "PING_TIMEOUT"]
+           "redis_client", "password", "zone_name", "PING_TIMEOUT", "farm_host",
+           "unavailable", "unreachable", "WATERMARK_KEEP_MINUTES"]
 
 log = logging.getLogger("trafficthreshold.store")
 
@@ -107,13 +109,41 @@ def open_writer(config: Config, env: Any = None) -> PeriodStore:
     return store
 
 
-def open_reader(config: Config, env: Any = None) -> PeriodStore:
-    """The store ``stats`` and the API read: a read-only SQLiteStore (its
-    ``empty`` says why a missing file reads as nothing), or the farm's Redis
+def open_reader(config: Config, env: Any = None, *,
+                database: str | None = None) -> PeriodStore:
+    """The store ``stats`` and the API read: a read-only SQLiteStore of
+    ``database`` (default ``config.database``; its ``empty`` says why a
+    missing or tableless file reads as nothing), or the farm's Redis
     (``empty`` is None: an empty farm reads as zeros)."""
     if config.store.backend != "redis":
-        return SQLiteStore(config.database, config.timezone, readonly=True)
+        return SQLiteStore(database or config.database, config.timezone, readonly=True)
     return _redis_store(config, redis_client(config, env=env))
+
+
+def farm_host(config: Config) -> str | None:
+    """This host's name in the farm (``[store] host``) when the store is
+    the farm's Redis; None for one host's SQLite file."""
+    return config.store.host if config.store.backend == "redis" else None
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the farm's store not answering (a redis-py
+    connection, timeout or failover error): the store is unavailable, not
+    our bug.  Checked by module, so redis-py stays optional."""
+    return type(exc).__module__.split(".")[0] == "redis"
+
+
+def unavailable(exc: BaseException, database: str) -> str | None:
+    """What a reader answers (a 503) for an error of its store, or None
+    when ``exc`` is not one (a bug: a 500).  A sqlite3 error of the file
+    ``database`` says whether to retry or how to recover it; a Redis that
+    does not answer says how to check it."""
+    if isinstance(exc, sqlite3.Error):
+        return reader_problem(database, exc)
+    if unreachable(exc):
+        return (f"the Redis store did not answer ({exc}); try again; "
+                "`trafficthreshold config check` says whether Redis answers")
+    return None
 
 
 def location(config: Config) -> str:

@@ -36,7 +36,8 @@ class PeriodStore(Protocol):
     ``instance``, ``bad_keys``, gaps) move with them.  Reading (API,
     ``stats``, dashboard, alerts): ``period``, ``accounts``, ``events``,
     ``years``, ``top_accounts``, and the funnels' ``funnel``,
-    ``funnel_accounts``, ``funnel_events``, ``funnel_years``.  A roll item
+    ``funnel_accounts``, ``funnel_events``, ``funnel_years``, and /metrics'
+    ``metrics_reading``.  A roll item
     whose event names a status (``order/paid``, names.STATUS_SEP) goes to
     the funnels, exactly once through the same watermarks.  ``empty`` is
     None, or says why a reader finds nothing (a SQLite file not created
@@ -83,6 +84,11 @@ class PeriodStore(Protocol):
     def funnel_accounts(self) -> list[str]: ...
     def funnel_events(self, account: str) -> list[str]: ...
     def funnel_years(self, account: str, event: str) -> list[int]: ...
+    # /metrics: in one snapshot, the all-time totals per key, the watermarks
+    # of segment ``instance`` for the minutes first..last (None for no
+    # instance), last_roll_at, gaps, late_dropped and bad_keys (a count)
+    def metrics_reading(self, instance: int | None, first: int,
+                        last: int) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
     def __enter__(self) -> PeriodStore: ...

@@ -100,7 +100,9 @@ MAX_COUNT = 2**53 - 1
 # rolls it and through which minute it is closed).  ARGV: watermark
 # TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
 # instance, ended ('' = not ended), host, the host hash's TTL (it is
-# forgotten that long after its last roll), then per item: watermark
+# forgotten that long after its last roll; the segment's key lives twice
+# that: a host back after it was forgotten finds its closed minute there),
+# then per item: watermark
 # field, observed, the 4 hashes' fields, "{account}\0{event}", kind.  Kind
 # "t": the 4 period hashes (year .. hour, the last one expiring); "f": a
 # funnel status, the year and month hashes only (fields: the status), the
@@ -151,7 +153,7 @@ end
 if ARGV[6] ~= '' then redis.call('HSET', host_key, 'instance_ended', ARGV[6]) end
 redis.call('SET', KEYS[#KEYS],
            ARGV[7] .. '\\n' .. (redis.call('HGET', host_key, 'closed_through') or ''),
-           'EX', wm_ttl)
+           'EX', 2 * tonumber(ARGV[8]))
 return added
 """
 
@@ -267,6 +269,9 @@ class RedisStore:
         #: same script as the periods and the watermarks (for /metrics).
         self.totals_key = f"{prefix}~totals"
         self.gaps_key = f"{prefix}~gaps:{host}"
+        #: Per host, its ``store migrate``: "copying {t}", "copied {t}" or
+        #: "switched {t}" (its first roll into Redis; the shadows dropped).
+        self.migrations_key = f"{prefix}~migrations"
         #: What a reader says when there is nothing to read (never, for Redis:
         #: an empty farm reads as zeros); the SQLiteStore's attribute.
         self.empty: str | None = None
@@ -313,6 +318,14 @@ class RedisStore:
         ``closed_through`` with them, or it would record a false gap)."""
         return int(max(self.forget_after, self.watermark_ttl))
 
+    @property
+    def segment_ttl(self) -> int:
+        """Seconds ``{prefix}~segment:{instance}`` lives after its last
+        write: twice :attr:`host_ttl`, so that a host that comes back after
+        it was forgotten finds its last closed minute there (its gap starts
+        there, not at the segment's creation)."""
+        return 2 * self.host_ttl
+
     # ------------------------------------------------- which host rolls what
 
     def _segment_key(self, instance: int) -> str:
@@ -346,13 +359,16 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self._segment_key(instance))
         pipe.hget(self.host_key, "migrating")
-        old, migrating = pipe.execute()
-        if migrating is not None:
+        pipe.hget(self.migrations_key, self.host)
+        old, migrating, record = pipe.execute()
+        if migrating is not None or (record is not None and _text(record).startswith("copying")):
             raise ConfigError(
                 f"a `store migrate` of host {self.host!r} into this Redis was cut short: "
                 "rolling now would add again what its watermarks do not cover yet.  Run "
                 "`trafficthreshold store migrate --to ...` again (it adds only what is "
                 "missing); the ring keeps counting meanwhile")
+        if record is not None and _text(record).startswith("copied"):
+            self._switched()
         # "{host}\n{closed_through}" (an older value: the host alone)
         old, _, seg_closed = (None, "", "") if old is None else _text(old).partition("\n")
         if old is None:
@@ -360,12 +376,19 @@ class RedisStore:
         if old == self.host:
             # Our segment, but the name rolled another one since (a clone
             # took the name while this supervisor was paused): the name's
-            # closed_through is that one's; take this segment's back.
+            # closed_through is that one's; take this segment's back.  Or
+            # the name was forgotten (no roll for forget_hosts_days): its
+            # hash is gone, the segment's key still says where it stopped.
             cur = self.client.hget(self.host_key, "instance")
-            if seg_closed and cur is not None and _text(cur) != str(instance):
-                log.warning("host %r rolled segment %#x meanwhile; segment %#x carries on "
-                            "from its own closed minute %s", self.host, int(_text(cur)),
-                            instance, seg_closed)
+            if seg_closed and (cur is None or _text(cur) != str(instance)):
+                if cur is None:
+                    log.warning("host %r was forgotten ([store] forget_hosts_days without a "
+                                "roll); segment %#x carries on from its closed minute %s",
+                                self.host, instance, seg_closed)
+                else:
+                    log.warning("host %r rolled segment %#x meanwhile; segment %#x carries "
+                                "on from its own closed minute %s", self.host,
+                                int(_text(cur)), instance, seg_closed)
                 with self.transaction():
                     self._writer().hset(self.host_key, mapping={
                         "closed_through": seg_closed, "instance": str(instance)})
@@ -415,9 +438,41 @@ class RedisStore:
             if before.get("instance") == str(instance) and before.get("instance_ended"):
                 writer.hset(self.host_key, "instance_ended", before["instance_ended"])
             writer.set(self._segment_key(instance), f"{self.host}\n{seg_closed}",
-                       ex=self.watermark_ttl)
+                       ex=self.segment_ttl)
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
+
+    def migration(self) -> tuple[str, float] | None:
+        """This host's ``store migrate`` record: ("copying" | "copied" |
+        "switched", when), or None."""
+        value = self.client.hget(self.migrations_key, self.host)
+        if value is None:
+            return None
+        state, _, at = _text(value).partition(" ")
+        return state, float(at or 0)
+
+    def _switched(self) -> None:
+        """This host's first roll into Redis after its migration: a rerun is
+        refused from now on, so the shadow hashes (what each run copied,
+        per field: as large as the migrated history) are dropped; the
+        record says "switched"."""
+        import time
+
+        # "switched" first: a SIGKILL while dropping leaves shadows that
+        # expire on their own, never a rerun allowed over shadows half gone.
+        self.client.hset(self.migrations_key, self.host, f"switched {time.time()!r}")
+        marker = f"{self.prefix}~migrated:{self.host}"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{marker}:") + "*"
+        batch: list[Any] = [marker]
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                self.client.unlink(*batch)
+                batch = []
+        if batch:
+            self.client.unlink(*batch)
+        log.info("host %r rolls into Redis: the records of its migration are dropped (a "
+                 "rerun is refused from now on)", self.host)
 
     # ------------------------------------------------------------- rolling
 
@@ -589,18 +644,19 @@ class RedisStore:
         return self.metrics_reading(instance, since_minute,
                                     since_minute + span - 1)["watermarks"]
 
-    def metrics_reading(self, instance: int, first: int, last: int) -> dict[str, Any]:
+    def metrics_reading(self, instance: int | None, first: int, last: int) -> dict[str, Any]:
         """What a /metrics scrape needs, read in one MULTI (one snapshot,
         like the SQLite store's read transaction): the farm's all-time
         totals per key, this host's watermarks of ``instance`` for the
-        minutes first..last, its last roll, gaps, late drops and skipped
+        minutes first..last (None when ``instance`` is None: no segment),
+        its last roll, gaps, late drops and skipped
         keys.  A roll lands wholly before or after it, so stored plus this
         host's pending never goes down."""
         pipe = self.client.pipeline(transaction=True)
         pipe.hgetall(self.totals_key)
         pipe.hgetall(self.host_key)
         pipe.llen(self.gaps_key)
-        minutes = list(range(first, last + 1))
+        minutes = [] if instance is None else list(range(first, last + 1))
         for minute in minutes:
             pipe.hgetall(f"{self.prefix}~wm:{self.host}:{minute}")
         totals_raw, host, gaps, *marks_raw = pipe.execute()
@@ -617,7 +673,7 @@ class RedisStore:
                     account, _, event = text[len(want):].partition("\0")
                     marks[account, event, minute] = int(value)
         host = {_text(k): _text(v) for k, v in host.items()}
-        return {"totals": totals, "watermarks": marks,
+        return {"totals": totals, "watermarks": None if instance is None else marks,
                 "last_roll_at": float(host["last_roll_at"]) if "last_roll_at" in host else None,
                 "gaps": int(gaps), "late_dropped": int(host.get("late_dropped") or 0),
                 "bad_keys": len(json.loads(host["bad_keys"])) if host.get("bad_keys") else 0}
@@ -775,19 +831,23 @@ SOCKET_TIMEOUT = 2.0
 
 
 def redact_url(url: str) -> str:
-    """``url`` as it may be printed: a password in it (``user:pass@`` or
-    ``?password=``, both refused by the configuration) replaced by ``***``."""
+    """``url`` as it may be printed: a password in it (``user:pass@``, or a
+    query argument holding a secret in any spelling redis-py passes on:
+    ``password``, ``Password``, ``ssl_password``, ``pass%77ord`` ...; all
+    refused by the configuration) replaced by ``***``, and the user name
+    too (someone may have written the password there)."""
     import urllib.parse
+
+    from trafficthreshold.config import url_secrets
 
     try:
         parts = urllib.parse.urlsplit(url)
         netloc = parts.netloc
-        if parts.password is not None:
-            user = parts.username or ""
-            netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        if any(k == "password" for k, _ in query):
-            query = [(k, "***" if k == "password" else v) for k, v in query]
+        if "@" in netloc:
+            netloc = f"***@{netloc.rpartition('@')[2]}"
+        secret = set(url_secrets(url))
+        query = [(k, "***" if k in secret else v)
+                 for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
         return urllib.parse.urlunsplit(parts._replace(
             netloc=netloc, query=urllib.parse.urlencode(query, safe="*")))
     except ValueError:

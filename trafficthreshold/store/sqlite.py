@@ -57,7 +57,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from trafficthreshold.names import ALL, split_status
+from trafficthreshold.names import ALL, STATUS_SEP, split_status
 from trafficthreshold.periods import local_parts, resolve_timezone, segments
 
 from .base import MAX_MINUTE_COUNT, KeyMinute, RollItem, StoreError
@@ -218,6 +218,22 @@ class Malformed(sqlite3.DatabaseError):
         super().__init__(f"database disk image is malformed: {where} holds {shown}")
 
 
+def reader_problem(path: str, exc: sqlite3.Error) -> str:
+    """What a reader (the API's 503) says of a sqlite3 error: a busy or
+    unreadable database is worth a retry; a damaged one needs a person, and
+    the message says how to recover it."""
+    damaged = (getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+               or type(exc) in (sqlite3.DatabaseError, Malformed))
+    if not damaged:
+        return (f"the database {path} is not available right now ({exc}); try again; "
+                "if this persists, check the disk and the file's permissions, and the "
+                "server log")
+    return (f"the database {path} is damaged ({exc}): stop the daemon, then recover "
+            f"what can be read with `sqlite3 {path} .recover | sqlite3 {path}.recovered` "
+            f"and move {path}.recovered into its place, or move {path} aside to start "
+            "an empty one")
+
+
 def count_of(value: Any, where: str) -> int:
     """``value`` if it is a count (a non-negative int), else :class:`Malformed`."""
     if type(value) is int and value >= 0:
@@ -262,7 +278,7 @@ def _mapped(method: Any) -> Any:
     return wrapper
 
 
-def _signed(instance: int) -> int:
+def signed(instance: int) -> int:
     """A segment instance (u64) as SQLite's signed 64-bit INTEGER."""
     return instance - 2**64 if instance >= 2**63 else instance
 
@@ -580,7 +596,7 @@ class SQLiteStore:
     def set_instance(self, instance: int) -> None:
         """Record the segment instance being rolled (see :meth:`instance`)."""
         with self.transaction():
-            self._set_meta("instance", _signed(instance))
+            self._set_meta("instance", signed(instance))
 
     def set_bad_keys(self, described: Iterable[str]) -> None:
         """Record the keys a roll skips (see :meth:`bad_keys`)."""
@@ -639,7 +655,7 @@ class SQLiteStore:
         (instance 0) for ``instance``. ``ended``: this is the final roll of
         a retired segment (``uninstall``); see :meth:`instance_ended`.
         """
-        instance = _signed(instance)
+        instance = signed(instance)
         with self.transaction():
             if self._get_meta("instance") is None and instance != LEGACY_INSTANCE:
                 self._conn.execute("UPDATE watermarks SET instance = ? WHERE instance = ?",
@@ -745,7 +761,7 @@ class SQLiteStore:
         of a minute no longer re-read (see :meth:`late_dropped`); move those
         watermarks so each late hit is counted once. Returns the hits: the
         growth of the ``all`` keys, where every hit counts once."""
-        instance = _signed(instance)
+        instance = signed(instance)
         with self.transaction():
             deltas, watermarks = self._deltas(items, self._get_meta("watermark_floor"),
                                               instance)
@@ -771,9 +787,66 @@ class SQLiteStore:
         rows = self._conn.execute(
             "SELECT account, event, epoch_minute, count FROM watermarks WHERE epoch_minute >= ?"
             " AND instance = ?",
-            (since_minute, _signed(instance or LEGACY_INSTANCE)),
+            (since_minute, signed(instance or LEGACY_INSTANCE)),
         )
         return {(a, e, m): count for a, e, m, count in rows}
+
+    def metrics_reading(self, instance: int | None, first: int,
+                        last: int) -> dict[str, Any]:
+        """What a /metrics scrape needs, read in one read transaction (one
+        snapshot of the file, whatever the supervisor commits meanwhile;
+        WAL: no lock a writer waits for; always ends with ROLLBACK): the
+        all-time totals per key (month rows, and a funnel status key's
+        ``order/paid`` funnels rows), the watermarks of segment
+        ``instance`` for the minutes first..last (None when ``instance``
+        is None: no segment), the last roll, gaps, late drops and skipped
+        keys.  The same keys as :meth:`RedisStore.metrics_reading`.  A
+        value no writer wrote is a damaged file (StoreError naming the
+        recovery)."""
+        conn = self._conn
+        conn.execute("BEGIN DEFERRED")
+        try:
+            meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
+                                     "('last_roll_at', 'late_dropped', 'bad_keys')"))
+            gaps = conn.execute("SELECT COUNT(*) FROM gaps").fetchone()[0]
+            totals = self._all_time_totals()
+            marks = None if instance is None else {
+                (a, e, m): count for a, e, m, count in conn.execute(
+                    "SELECT account, event, epoch_minute, count FROM watermarks"
+                    " WHERE epoch_minute >= ? AND epoch_minute <= ? AND instance = ?",
+                    (first, last, signed(instance)))}
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        last_roll = meta.get("last_roll_at")
+        return {"totals": totals, "watermarks": marks,
+                "last_roll_at": None if last_roll is None
+                else parsed(last_roll, moment_of, "meta last_roll_at"),
+                "gaps": gaps,
+                "late_dropped": parsed(meta.get("late_dropped") or 0, int, "meta late_dropped"),
+                "bad_keys": len(parsed(meta["bad_keys"], json.loads, "meta bad_keys"))
+                if meta.get("bad_keys") else 0}
+
+    def _all_time_totals(self) -> dict[tuple[str, str], int]:
+        """All-time hits per key: the sum of its month rows, and of a funnel
+        status key's (``order/paid``) funnels rows; one scan of the small
+        months and funnels tables."""
+        conn = self._conn
+        rows = conn.execute("SELECT account, event, SUM(count) FROM months"
+                            " GROUP BY account, event")
+        totals = {(text_of(account, "an account of months"),
+                   text_of(event, "an event of months")):
+                  count_of(total, "a sum of months") for account, event, total in rows}
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
+                        ).fetchone():  # schema 3 on
+            rows = conn.execute("SELECT account, event, status, SUM(count) FROM funnels"
+                                " GROUP BY account, event, status")
+            for account, event, status, total in rows:
+                event = f'{text_of(event, "an event of funnels")}{STATUS_SEP}' \
+                        f'{text_of(status, "a status of funnels")}'
+                totals[text_of(account, "an account of funnels"), event] = \
+                    count_of(total, "a sum of funnels")
+        return totals
 
     # ------------------------------------------------------------------
     # gaps

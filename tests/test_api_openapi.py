@@ -10,7 +10,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 
 from apps.harness import NOW, fetch_json, make_config, start_live
-from trafficthreshold import api, segment, webserver
+from trafficthreshold import api, segment
+from trafficthreshold.api import server as webserver
 from trafficthreshold.config import HttpConfig
 
 

@@ -11,7 +11,7 @@
   (``sendmail -oi -f SENDER -- RCPT...``, message on stdin) and
   :class:`SMTPTransport` (smtplib, optional STARTTLS and login).  Both raise
   :class:`DeliveryError`, which says whether the failure is temporary.
-* :class:`Outbox` delivers what :class:`~trafficthreshold.alertstore.AlertStore`
+* :class:`Outbox` delivers what :class:`~trafficthreshold.alerts.store.AlertStore`
   queued, off the tick loop, in a worker thread; retries with exponential
   backoff; gives up after a bounded number of attempts and says so in the
   log and in the queue row.  Nothing is dropped silently.
@@ -43,14 +43,15 @@ from typing import Any, Callable, Protocol, Sequence
 import jinja2
 
 from trafficthreshold.alerts import Mail, MailContext, Notice, epoch_minute
-from trafficthreshold.alertstore import AlertStore, QueuedMail, new_message_id
+from trafficthreshold.alerts.engine import MAX_PER_HOUR, MailQueue, default_sender
+from trafficthreshold.alerts.store import AlertStore, QueuedMail, new_message_id
 from trafficthreshold.config import default_host
 from trafficthreshold.errors import MailError, TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.mailer")
 
 #: Templates shipped with the package.
-PACKAGE_TEMPLATES = Path(__file__).with_name("templates")
+PACKAGE_TEMPLATES = Path(__file__).parent.parent / "templates"
 DEFAULT_SENDMAIL = "/usr/sbin/sendmail"
 EX_TEMPFAIL = 75  # sysexits.h: "try again later"
 
@@ -477,11 +478,12 @@ class Delivery:
 
 
 class Outbox:
-    """Delivers mails queued in the alert store at ``db_path``.
+    """Delivers mails queued in a :class:`~trafficthreshold.alerts.engine.MailQueue`:
+    the host rules' alert store at ``db_path`` (:meth:`_store`).
 
     :meth:`start` runs a worker thread that calls :meth:`deliver_due` every
     ``poll`` seconds and whenever :meth:`wake` is called (pass ``wake`` as
-    :class:`~trafficthreshold.alertstore.AlertEngine`'s ``on_queued``); a
+    :class:`~trafficthreshold.alerts.engine.AlertEngine`'s ``on_queued``); a
     stuck MTA only ever blocks that thread, for at most ``mail.timeout``.
     Tests call :meth:`deliver_due` directly with their own ``now``.
 
@@ -491,7 +493,7 @@ class Outbox:
     ``max_temp_attempts`` attempts, any other failure ``max_attempts``; then
     the row is marked failed and an error is logged.
 
-    :class:`trafficthreshold.farmalerts.FarmOutbox` is the same worker over
+    :class:`trafficthreshold.alerts.farm.FarmOutbox` is the same worker over
     the farm's queue in Redis (its store errors: :data:`STORE_ERRORS`).
     """
 
@@ -525,7 +527,7 @@ class Outbox:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._owed: dict[int, Callable[[AlertStore], None]] = {}  # id -> unrecorded answer
+        self._owed: dict[int, Callable[[MailQueue], None]] = {}  # id -> unrecorded answer
         self._recovered = False  # the restart rule applied (on the first pass)
 
     def reload(self, mail_config: Any, renderer: Renderer | None = None) -> None:
@@ -614,7 +616,7 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - recorded by _deliver
             return exc
 
-    def _deliver(self, store: AlertStore, item: QueuedMail, now: float,
+    def _deliver(self, store: MailQueue, item: QueuedMail, now: float,
                  deadline: float | None, prepared: Prepared | Exception) -> Delivery:
         """Send one claimed mail and record the outcome (the row is ``sending``)."""
         transport = _within(self.transport, _remaining(deadline))
@@ -634,7 +636,7 @@ class Outbox:
         self._record(store, item.id, lambda s: s.mark_sent(item.id, now))
         return Delivery(item.id, True)
 
-    def _failed(self, store: AlertStore, item: QueuedMail, now: float, error: str,
+    def _failed(self, store: MailQueue, item: QueuedMail, now: float, error: str,
                 temporary: bool) -> Delivery:
         attempt = item.attempts + 1
         limit = self.max_temp_attempts if temporary else self.max_attempts
@@ -652,7 +654,7 @@ class Outbox:
                     ", ".join(item.recipients), what, error, attempt, limit, retry_at - now)
         return Delivery(item.id, False, error, temporary, retry_at)
 
-    def _record(self, store: AlertStore, id: int, write: Callable[[AlertStore], None]) -> None:
+    def _record(self, store: MailQueue, id: int, write: Callable[[MailQueue], None]) -> None:
         """Record an MTA answer; if the database refuses (locked past the busy
         timeout), keep it and retry on every pass until it is taken.  The row
         stays ``sending`` meanwhile, so it is never handed to the MTA again."""
@@ -664,7 +666,7 @@ class Outbox:
                         id, self.db_path, exc)
             self._owed[id] = write
 
-    def _settle(self, store: AlertStore) -> bool:
+    def _settle(self, store: MailQueue) -> bool:
         """Retry the owed records (oldest first); False if one still fails."""
         for id, write in list(self._owed.items()):
             try:
@@ -680,7 +682,8 @@ class Outbox:
         """Ids of mails whose MTA answer is not recorded yet (``sending`` rows)."""
         return list(self._owed)
 
-    def _store(self) -> AlertStore:
+    def _store(self) -> MailQueue:
+        """This thread's queue (the farm's outbox: the fenced queue of its lease)."""
         store: AlertStore | None = getattr(self._local, "store", None)
         if store is None:
             store = self._local.store = AlertStore(self.db_path, self.busy_timeout)
@@ -801,10 +804,9 @@ def _test_message(mail_config: Any, rule: Any, recipients: tuple[str, ...], now:
         minute=epoch_minute(now), at=now, started=now, ended=None, peak=threshold,
         peak_minute=epoch_minute(now), reminders=0, to=recipients, sender="",
     )
-    sender = (getattr(rule, "sender", "") or getattr(mail_config, "sender", "")
-              or f"trafficthreshold@{host}")
+    sender = getattr(rule, "sender", "") or default_sender(mail_config, host)
     context = MailContext(host=host, dashboard_url=getattr(mail_config, "dashboard_url", ""),
-                          max_per_hour=int(getattr(mail_config, "max_per_hour", 20)))
+                          max_per_hour=int(getattr(mail_config, "max_per_hour", MAX_PER_HOUR)))
     renderer = Renderer(getattr(mail_config, "templates", "") or "")
     mail = Mail(sender, recipients, (notice,), 0, now)
     return build_message(mail, context, message_id=new_message_id(host, "trafficthreshold-test"),

@@ -40,8 +40,9 @@ a ``host`` label (``[store] host``): see :func:`label_host`.
 ``hits_total`` is *all hits ever counted*: the sum of the store's month rows
 (every hit the supervisor rolled) plus what the segment ring holds that the
 next roll would add (``observed - watermark`` of each ring minute, see
-:func:`pending_hits`).  A scrape reads the stored totals and the watermarks
-in one read transaction (:func:`read_snapshot`) and the ring after it
+:func:`pending_from`).  A scrape reads the stored totals and the watermarks
+in one snapshot of the store (its ``metrics_reading``: a read transaction
+of the SQLite file, one MULTI of the farm's Redis) and the ring after it
 began, so a roll during the scrape never makes it go down.  It only goes
 down when the ring loses minutes that were never rolled (the supervisor was
 down for longer than the ring) or when ``retention.months`` prunes month
@@ -50,20 +51,14 @@ rows; Prometheus takes either as a counter reset.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from trafficthreshold.names import STATUS_SEP
 from trafficthreshold import segment
-from trafficthreshold.segment import H_INSTANCE
-from trafficthreshold.store.sqlite import (WATERMARK_KEEP_MINUTES, _signed, count_of, moment_of,
-                                           parsed, text_of)
+from trafficthreshold.store import WATERMARK_KEEP_MINUTES
 
 #: The Content-Type of the text format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -147,91 +142,11 @@ class StoreReading:
     #: for the ring minutes a scrape adds (None: not read, no segment)
     watermarks: dict[tuple[str, str, int], int] | None = None
 
-
-@contextlib.contextmanager
-def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One read transaction on ``conn``: every read inside sees the same
-    committed state of the file (WAL: the snapshot is taken by the first
-    read and kept until the end), whatever the supervisor commits
-    meanwhile.  Takes no lock a writer waits for; always ends with
-    ROLLBACK (nothing was written)."""
-    conn.execute("BEGIN DEFERRED")
-    try:
-        yield conn
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-
-
-def read_store(conn: sqlite3.Connection) -> StoreReading:
-    """The stored totals, the last roll's time and the gap count through
-    ``conn`` (read-only is enough); call it inside :func:`read_snapshot`."""
-    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
-                             "('last_roll_at', 'late_dropped', 'bad_keys')"))
-    gaps = conn.execute("SELECT COUNT(*) FROM gaps").fetchone()[0]
-    last = meta.get("last_roll_at")
-    # A value no writer wrote is a damaged file (Malformed: the 503), not a 500.
-    return StoreReading(stored_totals(conn),
-                        None if last is None else parsed(last, moment_of, "meta last_roll_at"),
-                        gaps, parsed(meta.get("late_dropped") or 0, int, "meta late_dropped"),
-                        len(parsed(meta["bad_keys"], json.loads, "meta bad_keys"))
-                        if meta.get("bad_keys") else 0)
-
-
-def stored_totals(conn: sqlite3.Connection) -> dict[Key, int]:
-    """All-time hits per key as rolled into the store: the sum of its month
-    rows, and of a funnel status key's (``order/paid``) funnels rows.
-    ``conn`` is any connection to the store's file (read-only is enough);
-    one scan of the small months and funnels tables."""
-    rows = conn.execute("SELECT account, event, SUM(count) FROM months GROUP BY account, event")
-    totals = {(text_of(account, "an account of months"), text_of(event, "an event of months")):
-              count_of(total, "a sum of months") for account, event, total in rows}
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
-                    ).fetchone():  # schema 3 on
-        rows = conn.execute("SELECT account, event, status, SUM(count) FROM funnels"
-                            " GROUP BY account, event, status")
-        for account, event, status, total in rows:
-            event = f'{text_of(event, "an event of funnels")}{STATUS_SEP}' \
-                    f'{text_of(status, "a status of funnels")}'
-            totals[text_of(account, "an account of funnels"), event] = \
-                count_of(total, "a sum of funnels")
-    return totals
-
-
-def watermark_minutes(conn: sqlite3.Connection, since_minute: int,
-                      instance: int) -> dict[tuple[str, str, int], int]:
-    """The store's watermarks of segment ``instance`` for the minutes >=
-    ``since_minute`` (what :meth:`Store.watermark_minutes` reads), through
-    ``conn``: another install's watermarks say nothing about this ring."""
-    rows = conn.execute(
-        "SELECT account, event, epoch_minute, count FROM watermarks"
-        " WHERE epoch_minute >= ? AND instance = ?",
-        (since_minute, _signed(instance)),
-    )
-    return {(a, e, m): count for a, e, m, count in rows}
-
-
-def pending_hits(
-    conn: sqlite3.Connection, counter: Any, slots: Mapping[int, Key], now: float,
-    ring_minutes: int
-) -> dict[Key, int]:
-    """Hits in the segment ring that the store has not rolled yet, per key.
-
-    For every ring minute that is still readable (the current one and up to
-    ``ring_minutes - 1`` closed ones) this is ``observed - watermark``: what
-    the supervisor's next roll would add.  Minutes at or before
-    :meth:`Store.closed_through` are normally fully rolled (delta 0); a late
-    increment to one of them shows here until the next roll.
-
-    The watermarks must come from the same snapshot as the stored totals
-    (call it inside the :func:`read_snapshot` that read them), and the ring
-    is read after that snapshot began: a roll in between then moves hits
-    from "pending" to "stored" in neither reading, so the sum never drops.
-    Lock-free read (``Counter.minutes``); no lock is held.
-    """
-    first, minute = pending_window(now, ring_minutes)
-    marks = watermark_minutes(conn, first, counter.load(H_INSTANCE, 8))
-    return pending_from(marks, counter, slots, first, minute)
+    @classmethod
+    def of(cls, got: Mapping[str, Any]) -> StoreReading:
+        """From a store's ``metrics_reading`` (:class:`~.store.PeriodStore`)."""
+        return cls(got["totals"], got["last_roll_at"], got["gaps"], got["late_dropped"],
+                   got["bad_keys"], got["watermarks"])
 
 
 def pending_window(now: float, ring_minutes: int) -> tuple[int, int]:
@@ -247,7 +162,13 @@ def pending_from(marks: Mapping[tuple[str, str, int], int], counter: Any,
                  slots: Mapping[int, Key], first: int, minute: int,
                  version: tuple[int, int] | None = None) -> dict[Key, int]:
     """``observed - watermark`` per key over the ring minutes first..minute
-    (the watermarks read before the ring: see :func:`pending_hits`).
+    (the watermarks read before the ring).
+
+    The watermarks must come from the same snapshot as the stored totals
+    (one ``metrics_reading`` of the store), and the ring is read after that
+    snapshot began: a roll in between then moves hits from "pending" to
+    "stored" in neither reading, so the sum never drops.  Lock-free read
+    (``Counter.minutes``); no lock is held.
 
     A slot's name is taken from ``slots`` unless the index changed since it
     was read (:func:`segment.keys_version`, passed as ``version``) or a slot

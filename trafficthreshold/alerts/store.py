@@ -54,8 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from trafficthreshold import alerts
 from trafficthreshold.store import sqlite as period_store
-from trafficthreshold.alerts import AlertState, Closed, Counts, Mail, MailContext, Rule
-from trafficthreshold.config import default_host
+from trafficthreshold.alerts import AlertState, Mail, MailContext
 from trafficthreshold.errors import TrafficThresholdError
 
 log = logging.getLogger("trafficthreshold.alertstore")
@@ -155,6 +154,13 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def open_reader(path: str) -> sqlite3.Connection:
+    """A read-only connection to the alert tables of the file ``path`` (the
+    API's): nothing written, no lock the writer waits for; StoreError
+    naming the file when it cannot be opened."""
+    return period_store.connect_readonly(path)
+
+
 def read_state(conn: sqlite3.Connection) -> AlertState | None:
     """The saved :class:`AlertState` through any connection to the file
     (read-only is enough): an empty one if none was saved yet, None if the
@@ -171,12 +177,18 @@ def read_state(conn: sqlite3.Connection) -> AlertState | None:
 
 
 class AlertStore:
-    """The alert_* tables of one database file.  One instance per thread."""
+    """The alert_* tables of one database file: the host rules'
+    :class:`~trafficthreshold.alerts.engine.MailQueue`.  One instance per
+    thread."""
+
+    #: A failed transaction wrote nothing: the engine retries next tick.
+    UNSAVED_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: str, busy_timeout: float | None = None) -> None:
         """``busy_timeout``: seconds to wait for another writer (default:
         the period store's, 5 s)."""
         self.path = path
+        self.where = path
         try:
             self._conn = connect(path)
         except period_store.StoreError as exc:
@@ -418,111 +430,6 @@ def _queued_from(row: sqlite3.Row) -> QueuedMail:
         context=alerts.context_from_json(payload["context"]),
         claimed_at=row["claimed_at"],
     )
-
-
-class AlertEngine:
-    """Runs the rules each tick and persists what changed.
-
-    The supervisor makes one at start-up (it loads the saved state, so a
-    restart continues open episodes), calls :meth:`tick` every second, and
-    :meth:`reload` on SIGHUP.  Delivery is not done here: ``on_queued`` (e.g.
-    :meth:`trafficthreshold.mailer.Outbox.wake`) is called after mails were
-    queued, and the outbox's worker thread sends them.
-    """
-
-    def __init__(
-        self,
-        store: AlertStore,
-        rules: Sequence[Rule],
-        mail_config: Any,
-        *,
-        host: str | None = None,
-        dashboard_url: str | None = None,
-        on_queued: Callable[[], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.host = host or default_host()
-        self.on_queued = on_queued
-        self.rules: Sequence[Rule] = ()
-        self.mail_config: Any = None
-        self.dashboard_url = ""
-        self.max_per_hour = 20
-        self.default_sender = ""
-        self.reload(rules, mail_config, dashboard_url)
-        self.state = store.load_state()
-
-    def reload(self, rules: Sequence[Rule], mail_config: Any,
-               dashboard_url: str | None = None) -> None:
-        """New configuration (SIGHUP).  Open episodes of kept rules go on.
-
-        ``dashboard_url``: the link for the mails (the supervisor passes
-        ``config.dashboard_link``); default ``mail_config.dashboard_url``.
-        """
-        self.rules = tuple(rules)
-        self.mail_config = mail_config
-        self.max_per_hour = int(getattr(mail_config, "max_per_hour", 20))
-        self.default_sender = (getattr(mail_config, "sender", "")
-                               or f"trafficthreshold@{self.host}")  # as config.default_sender
-        if dashboard_url is None:
-            dashboard_url = getattr(mail_config, "dashboard_url", "") or ""
-        self.dashboard_url = dashboard_url
-
-    def tick(
-        self,
-        now: float,
-        counts: Counts,
-        *,
-        closed: Closed | None = None,
-        top_accounts: (Sequence[tuple[str, int]] | Callable[[], Sequence[tuple[str, int]]]
-                       | None) = None,
-        throttle_level: int | None = None,
-    ) -> list[int]:
-        """Evaluate every rule at ``now``; return the ids of mails queued.
-
-        Never blocks on the MTA.  Writes to SQLite only when the state
-        changed (an alert, a reminder, a new peak or hot minute, a resolution).
-        A database error is logged and the tick retried on the next call.
-        ``top_accounts`` may be a function: it is called only when a mail is
-        queued, so a caller need not read them every second of an episode.
-        None (the default): not read for this tick, and the mail says so; an
-        empty sequence: read, and no account has a count of its own (only
-        the total is counted), which the mail says too.
-        """
-        if not self.rules and not self.state.episodes:
-            return []
-        new_state, mails = alerts.step(
-            self.rules, counts, now, self.state, max_per_hour=self.max_per_hour,
-            default_sender=self.default_sender, closed=closed,
-        )
-        if new_state == self.state and not mails:
-            return []
-        queued: list[tuple[Mail, MailContext]] = []
-        if mails:  # the context (the top accounts: a read of the segment) only for mails
-            if callable(top_accounts):
-                top_accounts = top_accounts()
-            context = MailContext(
-                host=self.host,
-                top_accounts=None if top_accounts is None else
-                tuple((str(a), int(c)) for a, c in top_accounts),
-                throttle_level=throttle_level,
-                dashboard_url=self.dashboard_url,
-                max_per_hour=self.max_per_hour,
-            )
-            queued = [(m, context) for m in mails]
-        try:
-            ids = self.store.save(new_state, queued, now=now)
-        except sqlite3.Error as exc:
-            # Keep the old state in memory: the next tick evaluates the same
-            # counts again and retries the save, so nothing is lost or doubled.
-            log.error("cannot save alert state to %s: %s; retrying next tick",
-                      self.store.path, exc)
-            return []
-        self.state = new_state
-        if ids:
-            log.info("queued %d alert mail(s): ids %s", len(ids), ids)
-            if self.on_queued is not None:
-                self.on_queued()
-        return ids
 
 
 # Every method turns sqlite3 errors into AlertDatabaseError (see describe()).

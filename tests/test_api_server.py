@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from trafficthreshold import webserver
+from trafficthreshold.api import server as webserver
 from trafficthreshold.errors import ConfigError
 
 

@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from apps.harness import NOW, fetch, make_config
-from test_dashboard import chromium, needs_chromium
-from trafficthreshold import api, cors, webserver
+from test_api_dashboard import chromium, needs_chromium
+from trafficthreshold import api
+from trafficthreshold.api import cors
+from trafficthreshold.api import server as webserver
 from trafficthreshold.config import HttpConfig
 
 TOKEN = "s3cret-token-0123456789abcdef"

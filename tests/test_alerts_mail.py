@@ -32,12 +32,20 @@ from typing import Any, Iterator
 
 import pytest
 
-from trafficthreshold import mailer
+from trafficthreshold.alerts import mail as mailer
 from trafficthreshold.alerts import Mail, MailContext, Notice
-from trafficthreshold.alertstore import AlertEngine, AlertStore
+from trafficthreshold.alerts.engine import AlertEngine
+from trafficthreshold.alerts.store import AlertStore
 from trafficthreshold.errors import MailError, TrafficThresholdError
-from trafficthreshold.mailer import (DeliveryError, Outbox, Prepared, Renderer,
-                                     SMTPTransport, build_message, send_test)
+from trafficthreshold.alerts.mail import (
+    DeliveryError,
+    Outbox,
+    Prepared,
+    Renderer,
+    SMTPTransport,
+    build_message,
+    send_test,
+)
 
 T0 = 1_700_000_040.0  # the start of an epoch minute
 KEY = ("all", "pageview", "minute")

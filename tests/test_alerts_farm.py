@@ -22,8 +22,13 @@ import pytest
 
 from trafficthreshold import alerts, config as configuration, farm, segment, status
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.farmalerts import (FarmAlerts, FarmAlertStore, FencedOut, farm_closed,
-                                         farm_count)
+from trafficthreshold.alerts.farm import (
+    FarmAlerts,
+    FarmAlertStore,
+    FencedOut,
+    farm_closed,
+    farm_count,
+)
 from tt_alerts import make_rule
 from tt_farm import HOSTS, Farm, three_hosts
 from tt_farmhost import clock, write_configs
@@ -806,7 +811,7 @@ def test_the_farm_mail_index_forgets_mails_older_than_a_week(redis_server):
     """{prefix}~farmalert:mails is trimmed by age at each save (the sent
     and failed mails themselves expire after KEEP_DONE): it never grows
     for ever."""
-    from trafficthreshold.farmalerts import KEEP_DONE
+    from trafficthreshold.alerts.farm import KEEP_DONE
     client = redis_server.client()
     lease = farm.Lease(client, "web1", ttl_ms=60_000)
     assert lease.renew()

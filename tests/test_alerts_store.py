@@ -5,13 +5,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
 from trafficthreshold import alerts
 from trafficthreshold.alerts import AlertState, MailContext
-from trafficthreshold.alertstore import SCHEMA_VERSION, AlertEngine, AlertStore, AlertStoreError
+from trafficthreshold.alerts.store import SCHEMA_VERSION, AlertStore, AlertStoreError
 from trafficthreshold.errors import TrafficThresholdError
 
 T0 = 1_700_000_040.0
@@ -82,7 +81,7 @@ def test_newer_schema_is_refused_with_advice(db: str) -> None:
 
 
 def test_version_1_tables_gain_claimed_at_and_keep_their_rows(db: str) -> None:
-    from trafficthreshold.alertstore import SCHEMA_V1
+    from trafficthreshold.alerts.store import SCHEMA_V1
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE alert_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     for statement in SCHEMA_V1:
@@ -163,92 +162,3 @@ def test_next_due_mark_sent_mark_failed_and_attempts(db: str) -> None:
             store.list(status="bogus")
         assert store.prune(before=T0 + 2) == 2
         assert store.list() == []
-
-
-# -- the engine ------------------------------------------------------------------
-
-
-def test_engine_queues_once_and_a_restart_continues_the_episode(db: str) -> None:
-    woken: list[int] = []
-    rule = make_rule(repeat=300, clear_minutes=2)
-    store = AlertStore(db)
-    engine = AlertEngine(store, [rule], MAIL, host="h", on_queued=lambda: woken.append(1))
-    assert engine.tick(T0, {COUNT_KEY: 10}) != []
-    assert all(engine.tick(T0 + s, {COUNT_KEY: 10 + s}) == [] for s in range(1, 30))
-    store.close()
-    # Restart mid-episode: a new store and engine on the same file.
-    store = AlertStore(db)
-    engine = AlertEngine(store, [rule], MAIL, host="h")
-    assert engine.state.episodes["burst"].peak == 39
-    assert all(engine.tick(T0 + s, {COUNT_KEY: 50}) == [] for s in range(30, 300))
-    assert engine.tick(T0 + 300, {COUNT_KEY: 50}) != []  # the reminder, on time
-    assert engine.tick(T0 + 301, {COUNT_KEY: 0}) == []
-    resolved = engine.tick(T0 + 8 * 60, {COUNT_KEY: 0})
-    kinds = [m.kind for m in reversed(store.list())]
-    assert kinds == ["alert", "alert", "resolved"]  # alert, reminder, resolved
-    assert [n.kind for m in reversed(store.list()) for n in m.mail.notices] == [
-        "alert", "reminder", "resolved"]
-    assert resolved and woken == [1]
-    assert store.list()[0].context.dashboard_url == "http://d/"
-    store.close()
-
-
-def test_engine_writes_only_when_something_changed(db: str) -> None:
-    store = AlertStore(db)
-    engine = AlertEngine(store, [make_rule()], MAIL, host="h")
-    calls: list[int] = []
-    real_save = store.save
-    store.save = lambda *a, **k: calls.append(1) or real_save(*a, **k)  # type: ignore
-    for s in range(100):
-        engine.tick(T0 + s, {COUNT_KEY: 3})
-    assert calls == []
-    engine.tick(T0 + 100, {COUNT_KEY: 10})
-    assert calls == [1]
-    store.close()
-
-
-def test_engine_keeps_old_state_when_saving_fails(db: str, caplog: pytest.LogCaptureFixture
-                                                  ) -> None:
-    store = AlertStore(db)
-    engine = AlertEngine(store, [make_rule()], MAIL, host="h")
-
-    def failing_save(*args: Any, **kwargs: Any) -> list[int]:
-        raise sqlite3.OperationalError("database is locked")
-
-    real_save, store.save = store.save, failing_save  # type: ignore
-    assert engine.tick(T0, {COUNT_KEY: 10}) == []  # logged, not raised
-    store.save = real_save  # type: ignore
-    assert engine.state == AlertState()
-    assert "database is locked; retrying next tick" in caplog.text
-    assert engine.tick(T0 + 1, {COUNT_KEY: 10}) != []  # fires on the next tick
-    store.close()
-
-
-def test_engine_reload_keeps_open_episodes(db: str) -> None:
-    store = AlertStore(db)
-    engine = AlertEngine(store, [make_rule(threshold=10)], MAIL, host="h")
-    engine.tick(T0, {COUNT_KEY: 10})
-    engine.reload([make_rule(threshold=5, repeat=3600)], MAIL)
-    assert engine.tick(T0 + 1, {COUNT_KEY: 20}) == []
-    assert "burst" in engine.state.episodes
-    engine.reload([make_rule(name="second")], MAIL, dashboard_url="http://127.0.0.1:8787/")
-    (mail_id,) = engine.tick(T0 + 2, {COUNT_KEY: 20})
-    assert store.get(mail_id).context.dashboard_url == "http://127.0.0.1:8787/"
-    store.close()
-
-
-def test_engine_keeps_the_documented_meaning_of_repeat_0_and_max_per_hour_0(db: str) -> None:
-    """docs/alerts.rst: ``repeat = 0`` turns reminders off; ``max_per_hour = 0``
-    is no cap.  Both come through config.parse, as the daemon reads them."""
-    from trafficthreshold import config
-    text = "[mail]\nmax_per_hour = 0\n" + "".join(
-        f"[[alert]]\nname = 'r{i}'\nto = ['o{i}@example.com']\nrepeat = 0\nclear_minutes = 1\n"
-        for i in range(30))
-    cfg = config.parse(text, "config.toml")
-    with AlertStore(db) as store:
-        engine = AlertEngine(store, cfg.alerts, cfg.mail, host="h")
-        assert len(engine.tick(T0, {COUNT_KEY: 50})) == 30  # 30 > the default cap of 20
-        # Hot for two more hours: no reminder ever, whatever the time since the alert.
-        for second in range(1, 7200, 30):
-            assert engine.tick(T0 + second, {COUNT_KEY: 50}) == []
-        assert len(store.list(limit=1000)) == 30

@@ -8,7 +8,7 @@ leads, runs the farm rules (:func:`trafficthreshold.alerts.step`, the same
 rules as a host's: one mail per episode, reminders, resolution, the hourly
 cap) over the farm's totals of that reading.  The tick never waits for any
 of it.  :class:`FarmOutbox` delivers the queued mails on a thread of its own
-(the mailer's :class:`~trafficthreshold.mailer.Outbox`, over Redis), only
+(the mailer's :class:`~trafficthreshold.alerts.mail.Outbox`, over Redis), only
 while this host leads.
 
 Keys in Redis (``{prefix}`` is ``[store] prefix``)::
@@ -23,7 +23,7 @@ Keys in Redis (``{prefix}`` is ``[store] prefix``)::
     {prefix}~farmalert:mails     sorted set: the mail ids of the last KEEP_DONE
                                  seconds by creation time (trimmed by each save)
 
-Exactly once, as in :mod:`trafficthreshold.alertstore`, with the lease as
+Exactly once, as in :mod:`trafficthreshold.alerts.store`, with the lease as
 the fence: every write is a script that first checks that the lease still
 holds this host's value (``"{host} {token}"``), so a host that lost it (cut
 off, paused past its lease, replaced) writes nothing and sends nothing.
@@ -45,11 +45,12 @@ import json
 import logging
 from typing import Any, Callable, Sequence
 
-from . import alerts, farm
-from .alerts import AlertState, Mail, MailContext, Rule
-from .alertstore import INTERRUPTED, QueuedMail, new_message_id
-from .errors import TrafficThresholdError
-from .mailer import Outbox
+from trafficthreshold import alerts, farm
+from trafficthreshold.alerts import AlertState, Mail, MailContext, Rule
+from trafficthreshold.alerts.engine import AlertEngine
+from trafficthreshold.alerts.store import INTERRUPTED, QueuedMail, new_message_id
+from trafficthreshold.errors import TrafficThresholdError
+from trafficthreshold.alerts.mail import Outbox
 
 log = logging.getLogger("trafficthreshold.farmalerts")
 
@@ -325,12 +326,28 @@ def _queued(id: int, raw: dict) -> QueuedMail:
         claimed_at=number("claimed_at"))
 
 
-class _Term:
-    """The queue as the outbox sees it during one lease: every write fenced
-    with that lease's value (AlertStore's interface)."""
+class FencedQueue:
+    """The farm's queue during one lease: the farm rules'
+    :class:`~trafficthreshold.alerts.engine.MailQueue`, every write fenced with
+    that lease's value (``lease``).  ``unsure``: the ids whose claim's reply
+    (and read-back) were lost, which the outbox puts back at its next pass."""
 
-    def __init__(self, store: FarmAlertStore, lease: str, unsure: set[int]) -> None:
-        self.store, self.lease, self.unsure = store, lease, unsure
+    #: None: a Redis error may come after the save ran (a lost reply), so
+    #: the engine lets it propagate and FarmAlerts reads the state again.
+    UNSAVED_ERRORS: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, store: FarmAlertStore, lease: str,
+                 unsure: set[int] | None = None) -> None:
+        self.store, self.lease = store, lease
+        self.unsure = set() if unsure is None else unsure
+        self.where = f"Redis ({store.prefix}~farmalert)"
+
+    def load_state(self) -> AlertState:
+        return self.store.load_state()
+
+    def save(self, state: AlertState, mails: Sequence[tuple[Mail, MailContext]] = (), *,
+             now: float) -> list[int]:
+        return self.store.save(self.lease, state, mails, now=now)
 
     def next_due(self, now: float) -> QueuedMail | None:
         return self.store.next_due(now)
@@ -386,7 +403,7 @@ class FarmOutbox(Outbox):
         lease = self.lease
         if lease is None:
             raise FencedOut("not the farm's alert leader")
-        return _Term(self.farm_store, lease, self._unsure)
+        return FencedQueue(self.farm_store, lease, self._unsure)
 
     def _put_back(self, lease: str, now: float) -> None:
         """The unsure claims of this host, back in the queue (each only if
@@ -472,20 +489,27 @@ class FarmAlerts:
         self.now: float = 0.0
         self.outbox = FarmOutbox(FarmAlertStore(outbox_client or client, prefix), mail_config,
                                  clock=lambda: self.now, **(outbox_kwargs or {}))
-        self.state: AlertState | None = None  # None: read it from Redis first
+        # The state is read from Redis by the first evaluation of each term;
+        # the engine's queue is that term's (set before each evaluation).
+        self.engine = AlertEngine(FencedQueue(self.store, ""), rules, mail_config, host=host,
+                                  dashboard_url=dashboard_url, on_queued=self.outbox.wake,
+                                  load=False)
         self.term: str | None = None          # the lease value we lead under
         self._previous: str | None = None     # the one we led under before
-        self.rules: tuple[Rule, ...] = ()
-        self.reload(rules, mail_config, dashboard_url)
         self.outbox.start()
 
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(self.engine.rules)
+
+    @property
+    def state(self) -> AlertState | None:
+        """The farm rules' state as last read or saved (None: not leading,
+        or read again from Redis at the next evaluation)."""
+        return self.engine.state
+
     def reload(self, rules: Sequence[Rule], mail_config: Any, dashboard_url: str = "") -> None:
-        self.rules = tuple(rules)
-        self.mail_config = mail_config
-        self.max_per_hour = int(getattr(mail_config, "max_per_hour", 20))
-        self.default_sender = (getattr(mail_config, "sender", "")
-                               or f"trafficthreshold@{self.host}")
-        self.dashboard_url = dashboard_url
+        self.engine.reload(rules, mail_config, dashboard_url)
         self.outbox.reload(mail_config)
 
     def keys(self) -> list[tuple[str, str]]:
@@ -509,7 +533,7 @@ class FarmAlerts:
             log.warning("host %s no longer leads the farm's alerts (%s): it stops evaluating "
                         "and sending them", self.host, why)
             self._previous = self.term
-        self.term, self.state = None, None
+        self.term, self.engine.state = None, None
 
     def step(self, live: farm.FarmLive, now: float, level: int | None = None) -> list[int]:
         """One second of the farm rules (the farm thread, after a fresh read
@@ -561,28 +585,16 @@ class FarmAlerts:
 
     def _evaluate(self, lease: str, live: farm.FarmLive, now: float,
                   level: int | None) -> list[int]:
-        if self.state is None:
-            self.state = self.store.load_state()
+        engine = self.engine
+        engine.queue = FencedQueue(self.store, lease)
+        if engine.state is None:
+            engine.state = engine.queue.load_state()
         self.outbox.lease = lease  # the state is ours: send what is pending
-        if not self.rules and not self.state.episodes:
-            return []
         counts = {(r.account, r.event, r.window): farm_count(live, r.account, r.event,
                                                              r.window, now)
-                  for r in self.rules}
-        new_state, mails = alerts.step(self.rules, counts, now, self.state,
-                                       max_per_hour=self.max_per_hour,
-                                       default_sender=self.default_sender,
-                                       closed=farm_closed(live, self.keys(), now))
-        if new_state == self.state and not mails:
-            return []
-        context = MailContext(host=self.host, top_accounts=None, throttle_level=level,
-                              dashboard_url=self.dashboard_url, max_per_hour=self.max_per_hour)
-        ids = self.store.save(lease, new_state, [(m, context) for m in mails], now=now)
-        self.state = new_state
-        if ids:
-            log.info("queued %d farm alert mail(s) in Redis: ids %s", len(ids), ids)
-            self.outbox.wake()
-        return ids
+                  for r in engine.rules}
+        return engine.tick(now, counts, closed=farm_closed(live, self.keys(), now),
+                           throttle_level=level)
 
     def stop(self, *, release: bool = True) -> None:
         """Stop sending (after the current mail) and give the lease up, so

@@ -5,7 +5,7 @@ Real SQLite store files filled with SQLiteStore.roll, real segments (the conftes
 The nasty cases on purpose: impossible dates, garbage paths, percent-encoded
 slashes, bodies, long URLs, wrong tokens, an account named like an HTML tag,
 a segment uninstalled and installed again under the running app, an app
-that raises. What it shares with test_dashboard and test_openapi is in
+that raises. What it shares with test_api_dashboard and test_api_openapi is in
 apps/harness.py (helpers) and conftest.py (fixtures).
 """
 
@@ -28,7 +28,10 @@ import pytest
 
 from apps.harness import MINUTE, NOW, minute_at, XSS, ZONE, fetch, fetch_json, make_config, start_live
 from test_segment import RawReader, raw_view
-from trafficthreshold import api, openapi, segment, webserver
+from trafficthreshold import segment
+from trafficthreshold.api import app as api
+from trafficthreshold.api import openapi
+from trafficthreshold.api import server as webserver
 from trafficthreshold.config import HttpConfig
 from trafficthreshold.store import SQLiteStore
 
@@ -830,6 +833,10 @@ def test_application_is_built_from_the_config_file(
     app = api.application
     assert isinstance(app, api.StatsApp) and app.store_path == db
     assert api.application is app  # built once
+    # What a WSGI server resolves for 'trafficthreshold.api:application'.
+    import importlib
+    assert getattr(importlib.import_module("trafficthreshold.api"), "application") is app
+    from trafficthreshold.api import make_app, StatsApp  # noqa: F401  (the package gives them)
     # A plain WSGI callable: call it the way any server would.
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/all/pageview/2026",
                "QUERY_STRING": "", "SERVER_NAME": "example.org", "SERVER_PORT": "80",

@@ -1,7 +1,7 @@
 """The WSGI app: the Bootic-compatible JSON stats API, /metrics, the dashboard.
 
 A plain WSGI callable, so it runs under the daemon's own server
-(:mod:`trafficthreshold.webserver`, waitress) or under any WSGI server::
+(:mod:`trafficthreshold.api.server`, waitress) or under any WSGI server::
 
     from trafficthreshold import api, config
     app = api.make_app(config.load())           # your own server, mounted anywhere
@@ -27,13 +27,13 @@ browser: a preflight ``OPTIONS`` from a listed origin is answered (before
 the token check, as browsers never send it on a preflight); every other
 OPTIONS is a 405.
 Errors are JSON ``{"status": 404, "error": "Not Found", "message": ...}``;
-every sqlite3 error is a 503 whose message says what to do (retry, or how
-to recover a damaged file), the dashboard's 503 an HTML page; an unexpected
+every store error (sqlite3, or the farm's Redis not answering) is a 503
+whose message says what to do (retry, or how to recover a damaged file), the dashboard's 503 an HTML page; an unexpected
 exception is logged and answered 500, never with a traceback.
 
 Threads: the app is shared by the server's threads.  Each thread opens its
-own :class:`~trafficthreshold.store.Store` (a sqlite3 connection belongs to
-the thread that made it) on first use.  The segment attachment is shared:
+own period store (:func:`trafficthreshold.store.open_reader`: a sqlite3
+connection belongs to the thread that made it) on first use.  The segment attachment is shared:
 its reads are lock-free and run under the GIL.
 """
 
@@ -57,17 +57,18 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import (alerts, alertstore, cors, farm, metrics, names, segment,
-                              store as stores, subscribe)
+from trafficthreshold import alerts, farm, names, segment, store as stores, subscribe
+from trafficthreshold.alerts import store as alertstore
+from trafficthreshold.api import cors
+from trafficthreshold.api import metrics
 from trafficthreshold.config import Config, is_loopback
-from trafficthreshold.dashboard import dashboard_context, farm_section, num
+from trafficthreshold.api.dashboard import dashboard_context, farm_section, num
 from trafficthreshold.errors import ConfigError, SegmentError, TrafficThresholdError
 from trafficthreshold.live import (  # noqa: F401  (re-exported)
     LIVE_MINUTES, Snapshot, farm_view, snapshot)
-from trafficthreshold.openapi import JSON_TYPE, openapi_document
+from trafficthreshold.api.openapi import JSON_TYPE, openapi_document
 from trafficthreshold.periods import ImpossiblePeriod, segments
-from trafficthreshold.store import SQLiteStore, StoreError
-from trafficthreshold.store.sqlite import Malformed, connect_readonly
+from trafficthreshold.store import StoreError
 
 log = logging.getLogger("trafficthreshold.api")
 
@@ -191,28 +192,6 @@ class _NoPeriods:
         return []
 
 
-def _is_redis_error(exc: BaseException) -> bool:
-    """A redis-py error (connection, timeout, failover): the store is
-    unavailable, not our bug.  Checked by module, so redis-py stays optional."""
-    return type(exc).__module__.split(".")[0] == "redis"
-
-
-def database_problem(path: str, exc: sqlite3.Error) -> str:
-    """The 503 message for a sqlite3 error: a busy or unreadable database
-    is worth a retry; a damaged one needs a person, and the message says how
-    to recover it."""
-    damaged = (getattr(exc, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
-               or type(exc) in (sqlite3.DatabaseError, Malformed))
-    if not damaged:
-        return (f"the database {path} is not available right now ({exc}); try again; "
-                "if this persists, check the disk and the file's permissions, and the "
-                "server log")
-    return (f"the database {path} is damaged ({exc}): stop the daemon, then recover "
-            f"what can be read with `sqlite3 {path} .recover | sqlite3 {path}.recovered` "
-            f"and move {path}.recovered into its place, or move {path} aside to start "
-            "an empty one")
-
-
 @dataclass
 class Request:
     """What a handler needs of the WSGI environ."""
@@ -277,6 +256,7 @@ class StatsApp:
         self.config = config
         self.store_path = store_path or config.database
         self.timezone = config.timezone  # like the database: fixed until a restart
+        self._store_config = config  # the store it reads, fixed until a restart
         self.now = now
         self._token = config.http.token.encode("ascii")
         self._links = _links_base(config)
@@ -306,7 +286,7 @@ class StatsApp:
         assignment, so a request running meanwhile sees the old or the new."""
         if self._routing is None or self._routing.prefix != config.http.prefix:
             self._routing = Routing.of(config.http.prefix,
-                                       farm=config.store.backend == "redis")
+                                       farm=stores.farm_host(config) is not None)
         self._cors = frozenset(config.http.cors_origins)
 
     def serving_on(self, host: str) -> None:
@@ -359,19 +339,15 @@ class StatsApp:
             log.warning("database error answering %s %r: %s", method,
                         environ.get("PATH_INFO"), exc)
             response = self._error(environ, 503, str(exc))
-        except sqlite3.Error as exc:
-            # A locked or damaged database, a disk error...: never a 500.
-            # The message says what to do; the log says which request.
-            log.warning("database error answering %s %r: %s", method,
-                        environ.get("PATH_INFO"), exc)
-            response = self._error(environ, 503, database_problem(self.store_path, exc))
         except Exception as exc:
-            if _is_redis_error(exc):  # the farm's store is down or slow: never a 500
-                log.warning("Redis error answering %s %r: %s", method,
+            # A locked or damaged database, a disk error, the farm's Redis
+            # down or slow...: never a 500.  The message says what to do;
+            # the log says which request.
+            problem = stores.unavailable(exc, self.store_path)
+            if problem is not None:
+                log.warning("store error answering %s %r: %s", method,
                             environ.get("PATH_INFO"), exc)
-                response = self._error(environ, 503, f"the Redis store did not answer ({exc}); "
-                                                     "try again; `trafficthreshold config check` "
-                                                     "says whether Redis answers")
+                response = self._error(environ, 503, problem)
             else:
                 log.exception("internal error answering %s %r", method,
                               environ.get("PATH_INFO"))
@@ -448,43 +424,34 @@ class StatsApp:
     # ------------------------------------------------------------ resources
 
     def _store(self) -> Any:
-        """This thread's period store, opened on first use: the SQLite
-        SQLiteStore read-only, or the farm's Redis (``[store] backend``)."""
+        """This thread's period store (:func:`store.open_reader`), opened
+        on first use: read-only, a GET never writes, not even the schema
+        into an empty file, and never takes the writer's lock."""
         store = getattr(self._local, "store", None)
         if store is None:
-            redis_backend = self.config.store.backend == "redis"
-            if (not redis_backend and self.store_path != ":memory:"
-                    and not os.path.exists(self.store_path)):
-                raise HttpError(503, f"the database {self.store_path} does not exist yet; "
-                                     "start the daemon (`trafficthreshold run`)")
             try:
-                # Read-only: a GET never writes, not even the schema into an
-                # empty file, and never takes the writer's lock.
-                store = (stores.open_reader(self.config) if redis_backend
-                         else SQLiteStore(self.store_path, self.timezone, readonly=True))
+                store = stores.open_reader(self._store_config, database=self.store_path)
             except TrafficThresholdError as exc:
                 raise HttpError(503, str(exc)) from None
-            empty = getattr(store, "empty", None)
-            if empty:
-                # A file without tables yet (the daemon has not made them, or
-                # its first migration failed): a 503 like a missing file, and
+            if store.empty:
+                # A missing file, or one without tables yet (the daemon has
+                # not made them, or its first migration failed): a 503, and
                 # nothing kept, so the next request opens the file again and
                 # sees the tables once they are made.
                 store.close()
-                raise HttpError(503, empty)
+                raise HttpError(503, store.empty)
             self._local.store = store
         return store
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read-only connection to the local SQLite file, for
-        reads the period store has no method for (all-time totals, the alert
-        state, which stays local with either store)."""
+        the alert state, which stays local with either store."""
         conn = getattr(self._local, "reader", None)
         if conn is None:
             if self.store_path != ":memory:" and not os.path.exists(self.store_path):
                 raise HttpError(503, f"the database {self.store_path} does not exist yet; "
                                      "start the daemon (`trafficthreshold run`)")
-            conn = connect_readonly(self.store_path)
+            conn = alertstore.open_reader(self.store_path)
             self._local.reader = conn
         return conn
 
@@ -670,7 +637,7 @@ class StatsApp:
         """The farm's live numbers (:func:`live.farm_view`) from the farm's
         Redis; 400 naming the fix on a host whose store is SQLite.  A Redis
         error propagates (the app answers 503)."""
-        if self.config.store.backend != "redis":
+        if stores.farm_host(self.config) is None:
             raise HttpError(400, "scope=farm needs the farm's Redis: this host's [store] "
                                  f"backend is {self.config.store.backend!r}; set [store] "
                                  "backend = \"redis\" with the farm's url on every host "
@@ -689,31 +656,26 @@ class StatsApp:
         the farm's Redis), and the segment is read after it (see
         :func:`metrics.pending_hits`): counters never go down because the
         supervisor rolled during the scrape."""
-        reader = self._reader()
+        state = alertstore.read_state(self._reader())
         now = self.now()
         counter = self._attach()
-        with metrics.read_snapshot(reader):
-            # With Redis the local file holds only the alert state: no period
-            # tables to read (a fresh farm host has none).
-            redis_backend = self.config.store.backend == "redis"
-            stored = (self._redis_reading(counter, now) if redis_backend
-                      else metrics.read_store(reader))
-            state = alertstore.read_state(reader)
-            if not redis_backend and counter is not None:
-                first, minute = metrics.pending_window(
-                    now, counter.load(segment.H_MINUTE_BUCKETS, 4))
-                stored.watermarks = metrics.watermark_minutes(
-                    reader, first, counter.load(segment.H_INSTANCE, 8))
-            # The ring is read after the store: see metrics.pending_hits.
-            version = None if counter is None else segment.keys_version(counter)
-            snap = None if counter is None else snapshot(counter, now)
-            totals = stored.totals
-            if snap is not None and stored.watermarks is not None:
-                slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
-                first, minute = metrics.pending_window(now, snap.header["minute_buckets"])
-                for key, n in metrics.pending_from(stored.watermarks, counter, slots,
-                                                   first, minute, version).items():
-                    totals[key] = totals.get(key, 0) + n
+        store = self._store()
+        ring = 1 if counter is None else counter.load(segment.H_MINUTE_BUCKETS, 4)
+        first, minute = metrics.pending_window(now, ring)
+        # One snapshot of the store: the totals and this segment's
+        # watermarks together (None without a segment).
+        stored = metrics.StoreReading.of(store.metrics_reading(
+            None if counter is None else counter.load(segment.H_INSTANCE, 8), first, minute))
+        # The ring is read after the store: see metrics.pending_from.
+        version = None if counter is None else segment.keys_version(counter)
+        snap = None if counter is None else snapshot(counter, now)
+        totals = stored.totals
+        if snap is not None and stored.watermarks is not None:
+            slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
+            first, minute = metrics.pending_window(now, snap.header["minute_buckets"])
+            for key, n in metrics.pending_from(stored.watermarks, counter, slots,
+                                               first, minute, version).items():
+                totals[key] = totals.get(key, 0) + n
         firing = None
         if state is not None:
             # Host rules only: a farm rule's episode is in the farm's Redis
@@ -733,23 +695,11 @@ class StatsApp:
             damaged=None if snap is None else len(snap.damaged),
             late_dropped=stored.late_dropped,
             bad_keys=stored.bad_keys,
-            host=self.config.store.host if self.config.store.backend == "redis" else None,
+            host=stores.farm_host(self.config),
             subscribers=subscribe.read_all(self.config.database, now),
         )
         body = metrics.render(families).encode("utf-8")
         return Response(200, body, metrics.CONTENT_TYPE, NO_CACHE)
-
-    def _redis_reading(self, counter: Any, now: float) -> metrics.StoreReading:
-        """The farm's stored totals and this host's watermarks, from Redis
-        in one MULTI (RedisStore.metrics_reading): the farm's rolled totals
-        plus what this host's ring holds unrolled."""
-        ring = counter.load(segment.H_MINUTE_BUCKETS, 4) if counter is not None else 1
-        instance = counter.load(segment.H_INSTANCE, 8) if counter is not None else 0
-        first, minute = metrics.pending_window(now, ring)
-        got = self._store().metrics_reading(instance, first, minute)
-        return metrics.StoreReading(got["totals"], got["last_roll_at"], got["gaps"],
-                                    got["late_dropped"], got["bad_keys"],
-                                    got["watermarks"] if counter is not None else None)
 
     # --------------------------------------------------------------- openapi
 
@@ -770,7 +720,7 @@ class StatsApp:
             context = dashboard_context(self.config, store, snap, self.alert_state(), event,
                                         now)
         except Exception as exc:
-            if not _is_redis_error(exc):
+            if not stores.unreachable(exc):
                 raise
             # The farm's Redis is down: show this host's live counts, and say so.
             store_down = str(exc)
@@ -790,12 +740,12 @@ class StatsApp:
     def _farm_section(self, event: str, now: float) -> dict[str, Any] | None:
         """The dashboard's farm panel: None without the farm's Redis; a
         Redis that does not answer is said in the panel, not a 503."""
-        if self.config.store.backend != "redis":
+        if stores.farm_host(self.config) is None:
             return None
         try:
             view = self.farm_live()
         except Exception as exc:
-            if not _is_redis_error(exc):
+            if not stores.unreachable(exc):
                 raise
             return farm_section(None, str(exc), event, now)
         return farm_section(view, None, event, now)

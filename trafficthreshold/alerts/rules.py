@@ -2,8 +2,8 @@
 
 Nothing here reads the clock, touches a file or sends anything: the caller
 passes ``now`` (float Unix seconds) and the counts, and gets back a new
-:class:`AlertState` plus what should be mailed. :mod:`trafficthreshold.alertstore`
-persists the state and queues the mails; :mod:`trafficthreshold.mailer`
+:class:`AlertState` plus what should be mailed. :mod:`trafficthreshold.alerts.store`
+persists the state and queues the mails; :mod:`trafficthreshold.alerts.mail`
 delivers them.
 
 The episode state machine, per rule

@@ -26,10 +26,11 @@ from typing import Any
 import pytest
 
 from apps.harness import MINUTE, NOW, XSS, ZONE, fetch, make_config, minute_at
-from trafficthreshold import alerts, api, segment, webserver
-from trafficthreshold.alertstore import AlertStore
+from trafficthreshold import alerts, api, segment
+from trafficthreshold.api import server as webserver
+from trafficthreshold.alerts.store import AlertStore
 from trafficthreshold.config import AlertRule, Config
-from trafficthreshold.dashboard import REFRESH_S
+from trafficthreshold.api.dashboard import REFRESH_S
 from trafficthreshold.errors import SegmentNotFound
 from trafficthreshold.store import SQLiteStore
 
@@ -259,13 +260,13 @@ def test_the_page_refreshes_itself(dashboard: tuple[webserver.Server, Any],
 
 
 def test_the_renderers_do_not_import_the_app() -> None:
-    """dashboard.py and openapi.py are fed by api.py and never import it
-    (they once did, lazily, in a circle): in a fresh interpreter, importing
-    them leaves trafficthreshold.api unloaded."""
+    """api/dashboard.py and api/openapi.py are fed by api/app.py and never
+    import it (they once did, lazily, in a circle): in a fresh interpreter,
+    importing them leaves trafficthreshold.api.app unloaded."""
     import sys
 
-    code = ("import sys, trafficthreshold.dashboard, trafficthreshold.openapi, "
-            "trafficthreshold.live; print('trafficthreshold.api' in sys.modules)")
+    code = ("import sys, trafficthreshold.api.dashboard, trafficthreshold.api.openapi, "
+            "trafficthreshold.live; print('trafficthreshold.api.app' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "False", out.stderr

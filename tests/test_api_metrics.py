@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from trafficthreshold import alerts, api, metrics, segment, webserver
-from trafficthreshold.alertstore import AlertStore
+from trafficthreshold import alerts, api, segment
+from trafficthreshold.api import metrics
+from trafficthreshold.api import server as webserver
+from trafficthreshold.alerts.store import AlertStore
 from trafficthreshold.config import AlertRule, Config
 from trafficthreshold.errors import SegmentNotFound
 from trafficthreshold.store import SQLiteStore
