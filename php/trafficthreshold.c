@@ -110,6 +110,52 @@ static void tt_problem(unsigned kind, int value_error, const char *message)
 
 /* ---------------------------------------------------------------- attach */
 
+/* The settings the writer was made for (trafficthreshold.key and
+ * .backend).  Under mod_php they can change from one request to the next in
+ * one process (php_admin_value in a <VirtualHost>: one Apache child serves
+ * every host); the writer then follows them: detached, and attached again
+ * at once to the request's segment, so no page view counts in another
+ * site's segment.  The text is compared, not the pointers: mod_php sets the
+ * values again at each request, and the next host's value may be allocated
+ * where the last one's was freed.  (A value longer than the copies is
+ * compared by its start: it is not a key anyway.) */
+static char tt_made_key[64], tt_made_backend[16];
+static int tt_made = 0;
+/* Bumped by every change of the key, backend, account or allowed_hosts
+ * (their INI handlers): where it has not moved since the text was last
+ * compared, nothing is compared (php-fpm, and mod_php without per-request
+ * settings).  Not in ZTS builds, whose threads have settings of their own. */
+static unsigned tt_settings_gen = 1, tt_made_gen = 0;
+
+static void tt_follow_settings_slow(const char *k, const char *b)
+{
+    snprintf(tt_made_key, sizeof tt_made_key, "%s", k);
+    snprintf(tt_made_backend, sizeof tt_made_backend, "%s", b);
+    if (!tt_made) {
+        tt_made = 1;
+        return;
+    }
+    if (tt_w != NULL && tt_w->s.base != NULL)
+        tt_writer_detach(tt_w);
+    tt_next_try = 0;  /* the new segment now, not in up to 10 s */
+}
+
+static inline void tt_follow_settings(void)
+{
+    const char *k, *b;
+#ifndef ZTS
+    if (EXPECTED(tt_made_gen == tt_settings_gen))
+        return;
+    tt_made_gen = tt_settings_gen;
+#endif
+    k = TT_G(key) ? TT_G(key) : "";
+    b = TT_G(backend) ? TT_G(backend) : "";
+    if (EXPECTED(tt_made && strncmp(k, tt_made_key, sizeof tt_made_key - 1) == 0
+                 && strncmp(b, tt_made_backend, sizeof tt_made_backend - 1) == 0))
+        return;
+    tt_follow_settings_slow(k, b);
+}
+
 /* Whether the writer is attached to a live segment, attaching it if it is
  * time to try (`force`: now).  Records why not in tt_last_error and sets
  * *failed when an attach was tried now and failed (tt_report_attach tells;
@@ -120,6 +166,7 @@ static int tt_ready(int force, int *failed)
     long key;
     if (failed)
         *failed = 0;
+    tt_follow_settings();
     if (tt_w != NULL && tt_live(&tt_w->s))
         return 1;
     if (tt_w == NULL) {
@@ -173,6 +220,7 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
     if (account != NULL && zend_string_equals_literal(account, "all"))
         account = NULL;
     TT_LOCK();
+    tt_follow_settings();
     if (!(tt_w != NULL && tt_live(&tt_w->s)) && !tt_ready(0, &failed)) {
         /* Fail open, but a bad name is still reported (first): a site run
          * without the segment (development) sees it before production. */
@@ -479,16 +527,28 @@ static const char *tt_request_path(size_t *len)
  * costs a compare, not the normalising, the list's parsing and the names'
  * check. */
 static struct {
-    const char *how, *list;          /* the settings' strings it was made for */
+    /* Copies of the settings it was made for, compared by their text: under
+     * mod_php a <VirtualHost>'s php_admin_value is set again at each
+     * request, and another host's value may be allocated where the last
+     * one's was freed. */
+    char *how, *list;
+    unsigned gen;                    /* tt_settings_gen when last compared */
     char raw[256];                   /* the Host header it was made for */
     size_t raw_len;
     int ready;
     zend_string *account;            /* persistent, hashed; NULL: the total */
 } tt_memo;
 
+static void tt_memo_forget_settings(void)
+{
+    if (tt_memo.how != NULL) pefree(tt_memo.how, 1);
+    if (tt_memo.list != NULL) pefree(tt_memo.list, 1);
+    tt_memo.how = tt_memo.list = NULL;
+}
+
 static zend_string *tt_page_account(void)
 {
-    const char *how = TT_G(account), *raw = "";
+    const char *how = TT_G(account), *raw = "", *list;
     char buf[300];
     size_t raw_len, len;
     if (how == NULL || *how == '\0')
@@ -499,9 +559,17 @@ static zend_string *tt_page_account(void)
             return NULL;
     }
     raw_len = strlen(raw);
-    if (tt_memo.ready && tt_memo.how == how && tt_memo.list == TT_G(allowed_hosts)
-        && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0)
-        return tt_memo.account;
+    list = TT_G(allowed_hosts) ? TT_G(allowed_hosts) : "";
+    if (tt_memo.ready && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0) {
+#ifndef ZTS
+        if (tt_memo.gen == tt_settings_gen)
+            return tt_memo.account;
+#endif
+        if (strcmp(tt_memo.how, how) == 0 && strcmp(tt_memo.list, list) == 0) {
+            tt_memo.gen = tt_settings_gen;
+            return tt_memo.account;
+        }
+    }
     if (tt_memo.account != NULL)
         zend_string_release(tt_memo.account);
     tt_memo.account = NULL;
@@ -509,8 +577,10 @@ static zend_string *tt_page_account(void)
     if (raw_len < sizeof tt_memo.raw) {  /* longer: never memoized */
         memcpy(tt_memo.raw, raw, raw_len);
         tt_memo.raw_len = raw_len;
-        tt_memo.how = how;
-        tt_memo.list = TT_G(allowed_hosts);
+        tt_memo_forget_settings();
+        tt_memo.how = pestrdup(how, 1);
+        tt_memo.list = pestrdup(list, 1);
+        tt_memo.gen = tt_settings_gen;
         tt_memo.ready = 1;
     }
     if (strcmp(how, "host") != 0) {
@@ -599,11 +669,20 @@ static ZEND_INI_MH(tt_update_backend)
                          "empty, not '%s'", ZSTR_VAL(new_value));
         return FAILURE;
     }
+    tt_settings_gen++;
+    return OnUpdateString(entry, new_value, mh_arg1, mh_arg2, mh_arg3, stage);
+}
+
+/* A setting the writer or the account's memo was made for: its change is
+ * seen (tt_settings_gen). */
+static ZEND_INI_MH(tt_update_setting)
+{
+    tt_settings_gen++;
     return OnUpdateString(entry, new_value, mh_arg1, mh_arg2, mh_arg3, stage);
 }
 
 PHP_INI_BEGIN()
-    STD_PHP_INI_ENTRY("trafficthreshold.key", "", PHP_INI_SYSTEM, OnUpdateString, key,
+    STD_PHP_INI_ENTRY("trafficthreshold.key", "", PHP_INI_SYSTEM, tt_update_setting, key,
                       zend_trafficthreshold_globals, trafficthreshold_globals)
     STD_PHP_INI_ENTRY("trafficthreshold.backend", "", PHP_INI_SYSTEM, tt_update_backend,
                       backend, zend_trafficthreshold_globals, trafficthreshold_globals)
@@ -611,10 +690,10 @@ PHP_INI_BEGIN()
                         OnUpdateBool, pageviews, zend_trafficthreshold_globals,
                         trafficthreshold_globals)
     STD_PHP_INI_ENTRY("trafficthreshold.account", "", PHP_INI_SYSTEM | PHP_INI_PERDIR,
-                      OnUpdateString, account, zend_trafficthreshold_globals,
+                      tt_update_setting, account, zend_trafficthreshold_globals,
                       trafficthreshold_globals)
     STD_PHP_INI_ENTRY("trafficthreshold.allowed_hosts", "", PHP_INI_SYSTEM | PHP_INI_PERDIR,
-                      OnUpdateString, allowed_hosts, zend_trafficthreshold_globals,
+                      tt_update_setting, allowed_hosts, zend_trafficthreshold_globals,
                       trafficthreshold_globals)
     STD_PHP_INI_BOOLEAN("trafficthreshold.strict", "0", PHP_INI_SYSTEM | PHP_INI_PERDIR,
                         OnUpdateBool, strict, zend_trafficthreshold_globals,
@@ -650,6 +729,7 @@ PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
         zend_string_release(tt_memo.account);
         tt_memo.account = NULL;
     }
+    tt_memo_forget_settings();
     if (tt_w != NULL) {
         tt_writer_detach(tt_w);
         pefree(tt_w, 1);

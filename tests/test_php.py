@@ -24,7 +24,8 @@ import pytest
 import trafficthreshold
 from trafficthreshold import segment
 from trafficthreshold.store import SQLiteStore
-from tt_php import PhpSite, build_extension
+from conftest import remove_everything
+from tt_php import ApacheSite, PhpSite, build_extension
 from tt_postfix import MAILBOX, SENDMAIL, requires_postfix, wait_for_mail
 
 SITE = {
@@ -126,6 +127,26 @@ def test_make_test_runs_the_phpt_tests(extension):
     assert f"Tests passed    :    {phpts}" in summary, summary
 
 
+def rest_and_hosts_are_no_page_views(site: PhpSite, key: int, backend: str, pages: int,
+                                     more: list[tuple[str, str, int]]) -> None:
+    """After `pages` page views of shop.example: HEAD, a redirect, a 404,
+    JSON, a static path, a health check, a POST (and `more`) add nothing;
+    a host outside allowed_hosts counts in the total only, one inside in
+    its account."""
+    for method, path, status in [("HEAD", "/", 200), ("GET", "/redirect.php", 302),
+                                 ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
+                                 ("GET", "/style.css", 200), ("GET", "/healthz", 200),
+                                 ("POST", "/", 200), *more]:
+        assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
+    assert minute_total(key, backend, None) == pages
+    assert get_many(site, "/", 5, connections=1, host="other.example:8080") == [200] * 5
+    assert get_many(site, "/", 7, connections=1, host="WWW.Example.ORG.") == [200] * 7
+    assert minute_total(key, backend, None) == pages + 12
+    assert minute_total(key, backend, "shop.example") == pages
+    assert minute_total(key, backend, "other.example") == 0
+    assert minute_total(key, backend, "www.example.org") == 7
+
+
 def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, extension,
                                                             installed):
     """The pool's 4 workers count each page view once at the request's end
@@ -139,32 +160,19 @@ def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, e
         assert statuses.count(200) == 3000
         assert minute_total(key, backend, None) == 3000
         assert minute_total(key, backend, "shop.example") == 3000
-        for method, path, status in (("HEAD", "/", 200), ("GET", "/redirect.php", 302),
-                                     ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
-                                     ("GET", "/style.css", 200), ("GET", "/healthz", 200),
-                                     ("POST", "/", 200)):
-            assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
-        assert minute_total(key, backend, None) == 3000
-        assert get_many(site, "/", 5, connections=1, host="other.example:8080") == [200] * 5
-        assert get_many(site, "/", 7, connections=1, host="WWW.Example.ORG.") == [200] * 7
-        assert minute_total(key, backend, None) == 3012
-        assert minute_total(key, backend, "shop.example") == 3000
-        assert minute_total(key, backend, "other.example") == 0
-        assert minute_total(key, backend, "www.example.org") == 7
+        rest_and_hosts_are_no_page_views(site, key, backend, 3000, [])
         log = (site.dir / "fpm.log").read_text(errors="replace")
         assert log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
     finally:
         site.stop()
 
 
-def test_throttle_status_in_php_equals_pythons(tmp_path, site_root, extension, installed):
-    """trafficthreshold_throttle_status() in a php-fpm worker answers what
+def throttle_status_both_ways(site: PhpSite, key: int, backend: str) -> None:
+    """trafficthreshold_throttle_status() in the site's PHP answers what
     Python's throttle_status() answers: the supervisor's level while its
     heartbeat is fresh, the live level of the hits when higher."""
-    key, backend = installed
     trafficthreshold.configure(key=key, backend=backend)
     counter = segment.attach(key, backend)
-    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
     try:
         def both() -> tuple[int, int]:
             time.sleep(1.05)  # both cache the level for the second
@@ -180,9 +188,18 @@ def test_throttle_status_in_php_equals_pythons(tmp_path, site_root, extension, i
         level = both()
         assert level[0] == level[1] and level[0] >= 4
     finally:
-        site.stop()
         counter.detach()
         trafficthreshold.configure(key=segment.DEFAULT_KEY)
+
+
+def test_throttle_status_in_php_equals_pythons(tmp_path, site_root, extension, installed):
+    """In a php-fpm worker (throttle_status_both_ways)."""
+    key, backend = installed
+    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+    try:
+        throttle_status_both_ways(site, key, backend)
+    finally:
+        site.stop()
 
 
 def test_without_a_segment_pages_are_served_and_each_worker_logs_once(tmp_path, site_root,
@@ -204,48 +221,67 @@ def test_without_a_segment_pages_are_served_and_each_worker_logs_once(tmp_path, 
         site.stop()
 
 
-def test_killed_workers_leave_nothing_wedged(tmp_path, site_root, extension, installed):
-    """php-fpm workers SIGKILLed while 8 connections load the pool: the
-    master replaces them, the segment's lock is free, and afterwards every
-    page view counts exactly once again."""
-    key, backend = installed
-    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+def under_load(site: PhpSite, batch: int, action) -> list[int]:
+    """Runs ``action()`` while 8 connections load the site with GETs of /
+    (``batch`` at a time); returns every status."""
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            statuses.extend(get_many(site, "/", batch))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        action()
+    finally:
+        stop.set()
+        loader.join()
+    return statuses
+
+
+def kill_workers_under_load(site: PhpSite, key: int, backend: str, batch: int,
+                            at_least: int) -> None:
+    """6 of the site's PHP processes SIGKILLed under load: the server
+    replaces them, the segment's lock is free, and afterwards every page
+    view counts exactly once again."""
     counter = segment.attach(key, backend)
     try:
-        stop = threading.Event()
-        statuses: list[int] = []
-
-        def load() -> None:
-            while not stop.is_set():
-                statuses.extend(get_many(site, "/", 200))
-
-        loader = threading.Thread(target=load)
-        loader.start()
         rnd = random.Random(24)
-        kills = 0
-        try:
+
+        def kill() -> None:
+            kills = 0
             while kills < 6:
                 time.sleep(rnd.uniform(0.1, 0.3))
                 pids = site.worker_pids()
                 if pids:
                     os.kill(rnd.choice(pids), signal.SIGKILL)
                     kills += 1
-        finally:
-            stop.set()
-            loader.join()
-        assert statuses.count(200) >= 1000
+
+        assert under_load(site, batch, kill).count(200) >= at_least
         counter.lock(1000)  # free (or taken over from a dead holder)
         counter.unlock()
         deadline = time.monotonic() + 10
-        while len(site.worker_pids()) != 4:
-            assert time.monotonic() < deadline, "php-fpm did not replace its workers"
+        while len(site.worker_pids()) < site.workers:
+            assert time.monotonic() < deadline, "the server did not replace its workers"
             time.sleep(0.05)
         before = minute_total(key, backend, None)
         assert get_many(site, "/", 600) == [200] * 600
         assert minute_total(key, backend, None) - before == 600
     finally:
-        site.stop()
         counter.detach()
+
+
+def test_killed_workers_leave_nothing_wedged(tmp_path, site_root, extension, installed):
+    """php-fpm workers SIGKILLed while 8 connections load the pool
+    (kill_workers_under_load)."""
+    key, backend = installed
+    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+    try:
+        kill_workers_under_load(site, key, backend, 200, 1000)
+    finally:
+        site.stop()
 
 
 @pytest.mark.postfix
@@ -336,5 +372,182 @@ def test_a_reinstalled_segment_is_followed_without_a_restart(tmp_path, site_root
         time.sleep(max(0.0, 10.5 - (time.monotonic() - started)))
         assert get_many(site, "/", 100) == [200] * 100
         assert minute_total(key, "sysv", None) == 100
+    finally:
+        site.stop()
+
+
+# ---------------------------------------------------------------- mod_php
+
+@pytest.fixture
+def apache_segment(key, backend):
+    """A segment installed for Apache's children (``--group www-data``,
+    as docs/php.rst says): (key, backend)."""
+    segment.install(key, backend, group="www-data")
+    return key, backend
+
+
+def start_apache(tmp_path: Path, root: Path, extension: Path, key: int, backend: str,
+                 workers: int = 4, extra: str = "") -> ApacheSite:
+    """Apache + mod_php: the extension and the segment in the server's
+    php.ini, the page-view settings as php_admin_value in Apache's own
+    configuration (as a site would set them)."""
+    ini = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+           "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend,
+           "log_errors": "On"}
+    admin = {"trafficthreshold.pageviews": "On", "trafficthreshold.account": "host",
+             "trafficthreshold.allowed_hosts": "shop.example, .example.org"}
+    return ApacheSite(tmp_path / "apache", root, ini, admin, workers=workers,
+                      extra=extra).start()
+
+
+def test_mod_php_counts_each_get_once_and_the_rest_not(tmp_path, site_root, extension,
+                                                        apache_segment):
+    """Under Apache's mod_php (apache2handler, 4 prefork children), 1200
+    GETs from 8 connections are 1200 page views, in the total and the
+    allowed host's account, from several children; HEAD, a redirect, a
+    404, JSON, text/plain, a static path routed to PHP
+    (FallbackResource), a POST and Apache's 403 rendered by a PHP
+    ErrorDocument add none (as under php-fpm); a host outside allowed_hosts counts in
+    the total only, logged in Apache's error log."""
+    key, backend = apache_segment
+    # Apache's own 403, its error page rendered by index.php (an HTML page
+    # answered 403): no page view.
+    forbidden = ('<Files "private.php">\n    Require all denied\n</Files>\n'
+                 'ErrorDocument 403 /index.php\n')
+    site = start_apache(tmp_path, site_root, extension, key, backend, extra=forbidden)
+    try:
+        counter = segment.attach(key, backend)
+        try:
+            writers = counter.load(segment.H_NEXT_STRIPE, 4)
+        finally:
+            counter.detach()
+        assert get_many(site, "/", 1200) == [200] * 1200
+        assert minute_total(key, backend, None) == 1200
+        assert minute_total(key, backend, "shop.example") == 1200
+        counter = segment.attach(key, backend)
+        try:  # each child that counted took a stripe: several did
+            assert counter.load(segment.H_NEXT_STRIPE, 4) - writers >= 2
+        finally:
+            counter.detach()
+        rest_and_hosts_are_no_page_views(site, key, backend, 1200,
+                                         [("GET", "/pid.php", 200), ("GET", "/private.php", 403)])
+        log = site.log()
+        assert 1 <= log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
+    finally:
+        site.stop()
+
+
+def test_mod_php_throttle_status_equals_pythons(tmp_path, site_root, extension,
+                                                apache_segment):
+    """In an Apache child (throttle_status_both_ways)."""
+    key, backend = apache_segment
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    try:
+        throttle_status_both_ways(site, key, backend)
+    finally:
+        site.stop()
+
+
+def test_mod_php_killed_children_leave_nothing_wedged(tmp_path, site_root, extension,
+                                                      apache_segment):
+    """Apache children SIGKILLed while 8 connections load the server
+    (kill_workers_under_load): the parent starts new ones."""
+    key, backend = apache_segment
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    try:
+        kill_workers_under_load(site, key, backend, 100, 300)
+        assert "segfault" not in site.log().lower()
+    finally:
+        site.stop()
+
+
+def test_mod_php_virtual_hosts_count_into_their_own_segments(tmp_path, site_root, extension,
+                                                             apache_segment):
+    """One Apache child serves two virtual hosts whose configuration sets
+    their own trafficthreshold.key (php_admin_value in <VirtualHost>): each
+    host's page views go into its own segment, whichever host the child
+    served first, not all into the first one's."""
+    key, backend = apache_segment
+    other = segment.unused_key()
+    vhosts = "".join(f"""
+<VirtualHost 127.0.0.1:{{port}}>
+    ServerName {name}
+    DocumentRoot {{root}}
+    php_admin_value trafficthreshold.key {hex(k)}
+</VirtualHost>
+""" for name, k in (("shop.example", key), ("www.example.org", other)))
+    segment.install(other, backend, group="www-data")
+    try:
+        site = start_apache(tmp_path, site_root, extension, key, backend, workers=1,
+                            extra=vhosts)
+    except BaseException:
+        remove_everything(other)
+        raise
+    try:
+        for _ in range(3):
+            assert get_many(site, "/", 10, connections=1, host="www.example.org") == [200] * 10
+            assert get_many(site, "/", 20, connections=1, host="shop.example") == [200] * 20
+        assert minute_total(key, backend, "shop.example") == 60
+        assert minute_total(key, backend, None) == 60
+        assert minute_total(other, backend, "www.example.org") == 30
+        assert minute_total(other, backend, None) == 30
+    finally:
+        site.stop()
+        remove_everything(other)
+
+
+def test_mod_php_virtual_hosts_count_into_their_own_accounts(tmp_path, site_root, extension,
+                                                             apache_segment):
+    """One Apache child serves two virtual hosts whose configuration names
+    their own account (php_admin_value trafficthreshold.account, and
+    allowed_hosts): each host's page views go to its own account."""
+    key, backend = apache_segment
+    vhosts = "".join(f"""
+<VirtualHost 127.0.0.1:{{port}}>
+    ServerName {name}
+    DocumentRoot {{root}}
+    php_admin_value trafficthreshold.account {account}
+    php_admin_value trafficthreshold.allowed_hosts {name}
+</VirtualHost>
+""" for name, account in (("shop.example", "shopa"), ("www.example.org", "shopb"),
+                          ("blog.example.org", "host")))
+    site = start_apache(tmp_path, site_root, extension, key, backend, workers=1, extra=vhosts)
+    try:
+        for _ in range(3):
+            for host, n in (("www.example.org", 10), ("shop.example", 20),
+                            ("blog.example.org", 5)):
+                assert get_many(site, "/", n, connections=1, host=host) == [200] * n
+        assert minute_total(key, backend, "shopa") == 60
+        assert minute_total(key, backend, "shopb") == 30
+        assert minute_total(key, backend, "blog.example.org") == 15
+        assert minute_total(key, backend, None) == 105
+    finally:
+        site.stop()
+
+
+def test_mod_php_graceful_restart_under_load_counts_each_page_once(tmp_path, site_root,
+                                                                   extension, apache_segment):
+    """apache2's graceful restart (SIGUSR1: the parent reloads mod_php and
+    the extension, old children finish their requests, new ones start)
+    while 8 connections load the server: every page answered 200 is one
+    page view, none lost, none twice."""
+    key, backend = apache_segment
+    site = start_apache(tmp_path, site_root, extension, key, backend)
+    try:
+        def restart_twice() -> None:
+            old = set(site.worker_pids())
+            for _ in range(2):
+                time.sleep(0.3)
+                site.apache.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while old & set(site.worker_pids()):
+                assert time.monotonic() < deadline, "the old children did not go"
+                time.sleep(0.05)
+            time.sleep(0.3)
+
+        statuses = under_load(site, 80, restart_twice)
+        assert site.apache.poll() is None
+        assert statuses.count(200) >= 200
+        assert minute_total(key, backend, None) == statuses.count(200)
     finally:
         site.stop()

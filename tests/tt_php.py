@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -134,6 +135,9 @@ class PhpSite:
         self._wait(self._answers, "nginx", self.dir / "nginx-error.log")
         return self
 
+    def _procs(self) -> tuple:
+        return (self.fpm, self.nginx)
+
     def _answers(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -145,7 +149,7 @@ class PhpSite:
         patience = 120 if self.wrapper else 15
         deadline = time.monotonic() + patience
         while not ready():
-            for proc in (self.fpm, self.nginx):
+            for proc in self._procs():
                 if proc is not None and proc.poll() is not None:
                     self.stop()
                     raise RuntimeError(f"{what} exited at start: {self.log_text(log)}")
@@ -220,3 +224,142 @@ def build_extension(workdir: Path) -> Path:
             raise RuntimeError(f"{' '.join(step)} failed in {build}:\n{done.stdout[-3000:]}"
                                f"\n{done.stderr[-3000:]}")
     return build
+
+
+def apache_binary() -> str | None:
+    return shutil.which("apache2") or ("/usr/sbin/apache2" if os.path.exists("/usr/sbin/apache2")
+                                       else None)
+
+
+APACHE_MODULES = "/usr/lib/apache2/modules"
+
+APACHE_CONF = """\
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {dir}/apache2.pid
+DefaultRuntimeDir {dir}/run
+Mutex file:{dir}/run default
+ErrorLog {dir}/error.log
+LogLevel warn
+User {user}
+Group {user}
+LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule dir_module {modules}/mod_dir.so
+LoadModule php_module {modules}/libphp8.2.so
+StartServers {workers}
+MinSpareServers {workers}
+MaxSpareServers {workers}
+MaxRequestWorkers {workers}
+ServerLimit {workers}
+MaxConnectionsPerChild 0
+KeepAlive On
+MaxKeepAliveRequests 0
+PHPIniDir {dir}
+DocumentRoot {root}
+<Directory {root}>
+    Require all granted
+    AllowOverride None
+    DirectoryIndex index.php
+    FallbackResource /index.php
+</Directory>
+<FilesMatch "\\.php$">
+    SetHandler application/x-httpd-php
+</FilesMatch>
+{admin}
+{extra}
+"""
+
+
+class ApacheSite(PhpSite):
+    """A real Apache (Debian's apache2, mpm_prefork, ``workers`` children
+    started at once and kept) with Debian's mod_php (libapache2-mod-php8.2)
+    serving a copy of ``root`` on 127.0.0.1:``port``, in the foreground
+    (``-DFOREGROUND``) as a child of the test.
+
+    ``ini`` goes into the server's own php.ini (``PHPIniDir``; Debian's
+    conf.d is not scanned): ``extension`` must be there, since mod_php
+    loads extensions when Apache starts.  ``admin`` are settings given as
+    ``php_admin_value`` in the server's configuration (applied at each
+    request's start, the way a site's Apache configuration sets them);
+    ``extra`` more configuration (virtual hosts).
+    The children run as ``user`` (Apache will not serve as root), so the
+    site is copied to a world-readable directory and the segment must be
+    installed for that user's group (``--group www-data``).
+    """
+
+    def __init__(self, workdir: Path, root: Path, ini: dict[str, str] | None = None,
+                 admin: dict[str, str] | None = None, workers: int = 4,
+                 user: str = "www-data", extra: str = "") -> None:
+        super().__init__(workdir, root, ini, workers)
+        self.admin, self.user = dict(admin or {}), user
+        #: More configuration (``{port}`` and ``{root}`` filled in): virtual hosts.
+        self.extra = extra
+        self.apache: subprocess.Popen | None = None
+        self.docroot: str | None = None
+
+    def start(self) -> "ApacheSite":
+        apache = apache_binary()
+        if apache is None or not os.path.exists(f"{APACHE_MODULES}/libphp8.2.so"):
+            pytest.skip("apache2 and mod_php are not installed "
+                        "(apt-get install apache2 libapache2-mod-php8.2)")
+        (self.dir / "run").mkdir(parents=True, exist_ok=True)
+        self.docroot = tempfile.mkdtemp(prefix="tt-apache-www-")
+        os.chmod(self.docroot, 0o755)
+        for item in self.root.iterdir():
+            shutil.copy(item, self.docroot)
+            os.chmod(os.path.join(self.docroot, item.name), 0o644)
+        (self.dir / "php.ini").write_text(
+            "".join(f"{name} = \"{value}\"\n" for name, value in self.ini.items()))
+        admin = "\n".join(f"php_admin_value {name} \"{value}\""
+                          for name, value in self.admin.items())
+        (self.dir / "apache2.conf").write_text(APACHE_CONF.format(
+            dir=self.dir, port=self.port, root=self.docroot, user=self.user,
+            modules=APACHE_MODULES, workers=self.workers, admin=admin,
+            extra=self.extra.replace("{port}", str(self.port)).replace("{root}", self.docroot)))
+        # Debian's conf.d (opcache, apcu, ...) is not this server's: an
+        # empty PHP_INI_SCAN_DIR scans nothing.
+        env = dict(os.environ, PHP_INI_SCAN_DIR="")
+        self.apache = subprocess.Popen([apache, "-DFOREGROUND", "-f",
+                                        str(self.dir / "apache2.conf")],
+                                       env=env, start_new_session=True,
+                                       stdout=subprocess.DEVNULL,
+                                       stderr=open(self.dir / "apache2.stderr", "wb"))
+        self._wait(self._ready, "apache2", self.dir / "error.log")
+        return self
+
+    def _ready(self) -> bool:
+        return self._answers() and len(self.worker_pids()) >= self.workers
+
+    def _procs(self) -> tuple:
+        return (self.apache,)
+
+    def worker_pids(self) -> list[int]:
+        """Apache's children (the prefork processes that run PHP)."""
+        assert self.apache is not None
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.apache.pid)],
+                             capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def log(self) -> str:
+        return self.log_text(self.dir / "error.log") + self.log_text(self.dir / "apache2.stderr")
+
+    def stop(self) -> None:
+        proc = self.apache
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # apache2's fast stop
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None:
+            # Children that outlive their parent (a SIGKILLed one): the
+            # server was started in a process group of its own.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.docroot is not None:
+            shutil.rmtree(self.docroot, ignore_errors=True)
+            self.docroot = None
