@@ -230,6 +230,11 @@ def test_the_layout_header_holds_the_numbers_the_module_exports():
         {name: _counter.LAYOUT[name] for name in shared}
     assert _counter.MAX_HIT_N == 4294967295 and _counter.MAGIC == "TRFTHRSH"
     assert '#define TT_MAGIC_BYTES "TRFTHRSH"' in header
+    # What segment.py still writes itself (the layouts it only reads) is the
+    # header's too.
+    from trafficthreshold import segment
+    assert (segment.LAYOUT_VERSION_1, segment.LAYOUT_VERSION_2) == \
+        (defines["LAYOUT_VERSION_1"], defines["LAYOUT_VERSION_2"])
 
 
 @pytest.mark.parametrize("text", ["0x54546831", "0X54546831", " 1234 ", "010", "0", "1",

@@ -46,93 +46,98 @@ from .errors import LayoutMismatch, SegmentBusy, SegmentError, SegmentInUse, Seg
 
 log = logging.getLogger("trafficthreshold.segment")
 
-MAGIC = b"TRFTHRSH"
-LAYOUT_VERSION = 3
+# The layout's numbers have one home, the C core's header
+# (trafficthreshold/core/tt_layout.h, which docs/segment.rst follows);
+# the extension exports them as _counter.LAYOUT and this module reads
+# them from there.  Only what the header leaves to Python is written here.
+_L = _counter.LAYOUT
+MAGIC = _counter.MAGIC.encode()
+LAYOUT_VERSION = _L["LAYOUT_VERSION"]
 #: Older layouts, whose counts ``uninstall`` still rolls up (read only):
 #: 1, before reclaim; 2, layout 3's bytes under the writers' protocol before
 #: issue 20 (no insert record, no probe limit), which must not share a
 #: segment with this one's writers (docs/segment.rst, "Upgrading from layout 2").
 LAYOUT_VERSION_1 = 1
 LAYOUT_VERSION_2 = 2
-SLOT_ENTRY_SIZE = 8
+SLOT_ENTRY_SIZE = _L["SLOT_ENTRY_SIZE"]
 #: A bucket's tag is ``epoch | generation << EPOCH_BITS``.
-EPOCH_BITS = 40
-HEADER_SIZE = 4096
-INDEX_ENTRY_SIZE = 128
-BUCKET_SIZE = 16
-OVERFLOW_SLOT = 0
-EVENT_RESERVE = 16
+EPOCH_BITS = _L["EPOCH_BITS"]
+HEADER_SIZE = _L["HEADER_SIZE"]
+INDEX_ENTRY_SIZE = _L["INDEX_ENTRY_SIZE"]
+BUCKET_SIZE = _L["BUCKET_SIZE"]
+OVERFLOW_SLOT = _L["OVERFLOW_SLOT"]
+EVENT_RESERVE = _L["EVENT_RESERVE"]
 CACHE_LINE = 64
 PAGE = 4096
 
-# Header offsets (the comment in _counter.c says what each field means).
-H_MAGIC = 0
-H_VERSION = 8
-H_HEADER_SIZE = 12
-H_KEY_CAPACITY = 16
-H_INDEX_SIZE = 20
-H_MINUTE_BUCKETS = 24
-H_SECOND_BUCKETS = 28
-H_STRIPES = 32
-H_STRIPE_SIZE = 36
-H_SLOT_SIZE = 40
-H_INDEX_OFFSET = 48
-H_SLOTS_OFFSET = 56
-H_TOTAL_SIZE = 64
-H_CREATED_AT = 72
-H_THROTTLE_MULTIPLIER = 80
-H_THROTTLE_WINDOW = 84
-H_THROTTLE_LEVEL = 88
-H_STATE = 92
-H_HEARTBEAT_MS = 96
-H_SUPERVISOR_PID = 104
-H_THROTTLE_SLOT = 108
-H_LOCK_OWNER_PID = 112
-H_THROTTLE_SINCE_MS = 120
-H_KEYS_USED = 128
-H_NEXT_STRIPE = 132
-H_OVERFLOW_HITS = 136
-H_DROPPED_HITS = 144
-H_ATTACHES = 152
-H_INSTANCE = 160
-H_FREE_HEAD = 168
-H_FREE_SLOTS = 172
-H_RECLAIMED = 176
-H_RECLAIM_SLOT = 184
-H_RECLAIM_ENTRY = 188
-H_INSERT_SLOT = 192
-H_INSERT_ENTRY = 196
-H_PROBE_LIMIT = 200
-H_INDEX_SEQ = 208
-H_LOCK_TIMEOUTS = 216
+# Header offsets (tt_layout.h says what each field means).
+H_MAGIC = _L["H_MAGIC"]
+H_VERSION = _L["H_VERSION"]
+H_HEADER_SIZE = _L["H_HEADER_SIZE"]
+H_KEY_CAPACITY = _L["H_KEY_CAPACITY"]
+H_INDEX_SIZE = _L["H_INDEX_SIZE"]
+H_MINUTE_BUCKETS = _L["H_MINUTE_BUCKETS"]
+H_SECOND_BUCKETS = _L["H_SECOND_BUCKETS"]
+H_STRIPES = _L["H_STRIPES"]
+H_STRIPE_SIZE = _L["H_STRIPE_SIZE"]
+H_SLOT_SIZE = _L["H_SLOT_SIZE"]
+H_INDEX_OFFSET = _L["H_INDEX_OFFSET"]
+H_SLOTS_OFFSET = _L["H_SLOTS_OFFSET"]
+H_TOTAL_SIZE = _L["H_TOTAL_SIZE"]
+H_CREATED_AT = _L["H_CREATED_AT"]
+H_THROTTLE_MULTIPLIER = _L["H_THROTTLE_MULTIPLIER"]
+H_THROTTLE_WINDOW = _L["H_THROTTLE_WINDOW"]
+H_THROTTLE_LEVEL = _L["H_THROTTLE_LEVEL"]
+H_STATE = _L["H_STATE"]
+H_HEARTBEAT_MS = _L["H_HEARTBEAT_MS"]
+H_SUPERVISOR_PID = _L["H_SUPERVISOR_PID"]
+H_THROTTLE_SLOT = _L["H_THROTTLE_SLOT"]
+H_LOCK_OWNER_PID = _L["H_LOCK_OWNER_PID"]
+H_THROTTLE_SINCE_MS = _L["H_THROTTLE_SINCE_MS"]
+H_KEYS_USED = _L["H_KEYS_USED"]
+H_NEXT_STRIPE = _L["H_NEXT_STRIPE"]
+H_OVERFLOW_HITS = _L["H_OVERFLOW_HITS"]
+H_DROPPED_HITS = _L["H_DROPPED_HITS"]
+H_ATTACHES = _L["H_ATTACHES"]
+H_INSTANCE = _L["H_INSTANCE"]
+H_FREE_HEAD = _L["H_FREE_HEAD"]
+H_FREE_SLOTS = _L["H_FREE_SLOTS"]
+H_RECLAIMED = _L["H_RECLAIMED"]
+H_RECLAIM_SLOT = _L["H_RECLAIM_SLOT"]
+H_RECLAIM_ENTRY = _L["H_RECLAIM_ENTRY"]
+H_INSERT_SLOT = _L["H_INSERT_SLOT"]
+H_INSERT_ENTRY = _L["H_INSERT_ENTRY"]
+H_PROBE_LIMIT = _L["H_PROBE_LIMIT"]
+H_INDEX_SEQ = _L["H_INDEX_SEQ"]
+H_LOCK_TIMEOUTS = _L["H_LOCK_TIMEOUTS"]
 
 # Index entry offsets.
-E_STATE = 0
-E_SLOT = 4
-E_HASH = 8
-E_ACCOUNT_LEN = 12
-E_EVENT_LEN = 13
-E_ACCOUNT = 16
-E_EVENT = 80
-E_GENERATION = 112
+E_STATE = _L["E_STATE"]
+E_SLOT = _L["E_SLOT"]
+E_HASH = _L["E_HASH"]
+E_ACCOUNT_LEN = _L["E_ACCOUNT_LEN"]
+E_EVENT_LEN = _L["E_EVENT_LEN"]
+E_ACCOUNT = _L["E_ACCOUNT"]
+E_EVENT = _L["E_EVENT"]
+E_GENERATION = _L["E_GENERATION"]
 
 # Slot table entry offsets.
-T_GENERATION = 0
-T_NEXT_FREE = 4
+T_GENERATION = _L["T_GENERATION"]
+T_NEXT_FREE = _L["T_NEXT_FREE"]
 
-ENTRY_EMPTY = 0
-ENTRY_READY = 1
-ENTRY_REMOVED = 2
+ENTRY_EMPTY = _L["ENTRY_EMPTY"]
+ENTRY_READY = _L["ENTRY_READY"]
+ENTRY_REMOVED = _L["ENTRY_REMOVED"]
 
-STATE_INSTALLING = 0
-STATE_LIVE = 1
-STATE_RETIRED = 2
+STATE_INSTALLING = _L["STATE_INSTALLING"]
+STATE_LIVE = _L["STATE_LIVE"]
+STATE_RETIRED = _L["STATE_RETIRED"]
 
-# Timings of the hot path, fixed in _counter.c (not part of the bytes, but a
+# Timings of the hot path, fixed in the C core (not part of the bytes, but a
 # writer in another language should behave the same way).
-HOT_LOCK_TIMEOUT_MS = 50   # semaphore wait of hit(); then the hit is dropped
-HEARTBEAT_STALE_MS = 10000  # supervisor level older than this is ignored
-ATTACH_RETRY_S = 10        # a process without a segment retries this often
+HOT_LOCK_TIMEOUT_MS = _L["HOT_LOCK_TIMEOUT_MS"]   # semaphore wait of hit(); then the hit is dropped
+HEARTBEAT_STALE_MS = _L["HEARTBEAT_STALE_MS"]  # supervisor level older than this is ignored
+ATTACH_RETRY_S = _L["ATTACH_RETRY_S"]        # a process without a segment retries this often
 
 WINDOWS = {"60s": 0, "minute": 1}
 STRUCTURAL_LOCK_MS = 5000
