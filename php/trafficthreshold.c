@@ -647,6 +647,23 @@ static zend_string *tt_page_account(void)
     return tt_memo.account;
 }
 
+/* The value of the response's Content-Type header (the last one set; the
+ * SAPI's list keeps one, header() replacing it), NULL without one. */
+static char *tt_response_type(void)
+{
+    zend_llist_position pos;
+    sapi_header_struct *h;
+    char *found = NULL;
+    for (h = zend_llist_get_first_ex(&SG(sapi_headers).headers, &pos); h != NULL;
+         h = zend_llist_get_next_ex(&SG(sapi_headers).headers, &pos)) {
+        if (h->header_len > 13 && strncasecmp(h->header, "Content-Type:", 13) == 0)
+            found = h->header + 13;
+    }
+    if (found != NULL)
+        while (*found == ' ' || *found == '\t') found++;
+    return found;
+}
+
 /* Counts the request if it is a page view (tt_is_page_view): called at the
  * request's end, after the output was flushed, so the status and the
  * Content-Type are final. */
@@ -662,12 +679,12 @@ static void tt_count_page_view(void)
         || !((status >= 200 && status < 300) || status == 304))
         return;
     path = tt_request_path(&path_len);
-    /* The Content-Type: header() or the default (default_mimetype and
+    /* The Content-Type: the response's (the header list's; not
+     * SG(sapi_headers).mimetype, which keeps the first header() of a page
+     * that later sets another), or the default (default_mimetype and
      * default_charset), which PHP adds when the headers are sent (that may
      * come after RSHUTDOWN, when the page wrote nothing). */
-    if (SG(sapi_headers).mimetype != NULL)
-        ct = SG(sapi_headers).mimetype;
-    else if (SG(sapi_headers).send_default_content_type)
+    if ((ct = tt_response_type()) == NULL && SG(sapi_headers).send_default_content_type)
         ct = owned_ct = sapi_get_default_content_type();
     if (status == 304 && (ct == NULL || *ct == '\0'))
         accept = tt_request_var("HTTP_ACCEPT", sizeof("HTTP_ACCEPT") - 1);

@@ -33,6 +33,9 @@ SITE = {
     "redirect.php": '<?php header("Location: /"); echo "moved";\n',
     "missing.php": '<?php http_response_code(404); echo "<p>not here";\n',
     "api.php": '<?php header("Content-Type: application/json"); echo "{}";\n',
+    # The response's type is the last header(): JSON, no page view.
+    "retyped.php": '<?php header("Content-Type: text/html"); '
+                   'header("Content-Type: application/json"); echo "{}";\n',
     "throttle.php": '<?php header("Content-Type: text/plain"); '
                     'echo trafficthreshold_throttle_status();\n',
     "info.php": "<?php phpinfo(INFO_MODULES);\n",
@@ -135,6 +138,7 @@ def rest_and_hosts_are_no_page_views(site: PhpSite, key: int, backend: str, page
     its account."""
     for method, path, status in [("HEAD", "/", 200), ("GET", "/redirect.php", 302),
                                  ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
+                                 ("GET", "/retyped.php", 200),
                                  ("GET", "/style.css", 200), ("GET", "/healthz", 200),
                                  ("POST", "/", 200), *more]:
         assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
@@ -151,7 +155,8 @@ def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, e
                                                             installed):
     """The pool's 4 workers count each page view once at the request's end
     (the total and the allowed host's account); HEAD, a redirect, a 404,
-    JSON, a static path and a health check add nothing; a host outside
+    JSON (also after a first text/html header()), a static path and a
+    health check add nothing; a host outside
     allowed_hosts counts in the total only."""
     key, backend = installed
     site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
