@@ -254,8 +254,12 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
         if (tt_check_names(&tt_w->s, account ? ZSTR_VAL(account) : NULL,
                            account ? ZSTR_LEN(account) : 0, ZSTR_VAL(event),
                            ZSTR_LEN(event)) < 0) {
+            char message[sizeof tt_w->s.error];
+            memcpy(message, tt_w->s.error, sizeof message);
             TT_UNLOCK();
-            tt_problem(W_NAME, 1, tt_w->s.error);
+            tt_problem(W_NAME, 1, message);
+            if (failed && !EG(exception))  /* and why nothing counts */
+                tt_report_attach();
             return 0;
         }
         TT_UNLOCK();
