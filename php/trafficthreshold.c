@@ -652,16 +652,25 @@ static zend_string *tt_page_account(void)
 }
 
 /* The value of the response's Content-Type header (the last one set; the
- * SAPI's list keeps one, header() replacing it), NULL without one. */
-static char *tt_response_type(void)
+ * SAPI's list keeps one, header() replacing it), NULL without one.  Under
+ * php-fpm and CGI also the status a "Status: 404 Not Found" header gives
+ * (the CGI way: the web server answers it, while PHP's
+ * http_response_code stays 200) into *status, unless header("HTTP/...")
+ * set a status line, which the SAPI sends instead. */
+static char *tt_response_headers(int *status)
 {
     zend_llist_position pos;
     sapi_header_struct *h;
     char *found = NULL;
+    int cgi = SG(sapi_headers).http_status_line == NULL && sapi_module.name != NULL
+              && (strncmp(sapi_module.name, "fpm", 3) == 0
+                  || strncmp(sapi_module.name, "cgi", 3) == 0);
     for (h = zend_llist_get_first_ex(&SG(sapi_headers).headers, &pos); h != NULL;
          h = zend_llist_get_next_ex(&SG(sapi_headers).headers, &pos)) {
         if (h->header_len > 13 && strncasecmp(h->header, "Content-Type:", 13) == 0)
             found = h->header + 13;
+        else if (cgi && h->header_len > 7 && strncasecmp(h->header, "Status:", 7) == 0)
+            *status = atoi(h->header + 7);
     }
     if (found != NULL)
         while (*found == ' ' || *found == '\t') found++;
@@ -679,8 +688,10 @@ static void tt_count_page_view(void)
     char *ct = NULL, *owned_ct = NULL;
     size_t path_len;
     int page;
-    if (method == NULL || strcmp(method, "GET") != 0
-        || !((status >= 200 && status < 300) || status == 304))
+    if (method == NULL || strcmp(method, "GET") != 0)
+        return;
+    ct = tt_response_headers(&status);
+    if (!((status >= 200 && status < 300) || status == 304))
         return;
     path = tt_request_path(&path_len);
     /* The Content-Type: the response's (the header list's; not
@@ -688,7 +699,7 @@ static void tt_count_page_view(void)
      * that later sets another), or the default (default_mimetype and
      * default_charset), which PHP adds when the headers are sent (that may
      * come after RSHUTDOWN, when the page wrote nothing). */
-    if ((ct = tt_response_type()) == NULL && SG(sapi_headers).send_default_content_type)
+    if (ct == NULL && SG(sapi_headers).send_default_content_type)
         ct = owned_ct = sapi_get_default_content_type();
     if (status == 304 && (ct == NULL || *ct == '\0'))
         accept = tt_request_var("HTTP_ACCEPT", sizeof("HTTP_ACCEPT") - 1);

@@ -33,6 +33,8 @@ SITE = {
     "redirect.php": '<?php header("Location: /"); echo "moved";\n',
     "missing.php": '<?php http_response_code(404); echo "<p>not here";\n',
     "api.php": '<?php header("Content-Type: application/json"); echo "{}";\n',
+    # The CGI way to set the status (php-fpm answers 404): no page view.
+    "gone.php": '<?php header("Status: 404 Not Found"); echo "<p>gone";\n',
     # The response's type is the last header(): JSON, no page view.
     "retyped.php": '<?php header("Content-Type: text/html"); '
                    'header("Content-Type: application/json"); echo "{}";\n',
@@ -155,8 +157,8 @@ def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, e
                                                             installed):
     """The pool's 4 workers count each page view once at the request's end
     (the total and the allowed host's account); HEAD, a redirect, a 404,
-    JSON (also after a first text/html header()), a static path and a
-    health check add nothing; a host outside
+    JSON (also after a first text/html header()), a static path, a health
+    check and a 404 set by a CGI "Status:" header add nothing; a host outside
     allowed_hosts counts in the total only."""
     key, backend = installed
     site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
@@ -165,7 +167,8 @@ def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, e
         assert statuses.count(200) == 3000
         assert minute_total(key, backend, None) == 3000
         assert minute_total(key, backend, "shop.example") == 3000
-        rest_and_hosts_are_no_page_views(site, key, backend, 3000, [])
+        rest_and_hosts_are_no_page_views(site, key, backend, 3000,
+                                         [("GET", "/gone.php", 404)])
         log = (site.dir / "fpm.log").read_text(errors="replace")
         assert log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
     finally:
