@@ -377,13 +377,11 @@ PHP_FUNCTION(trafficthreshold_count)
             memcpy(message, tt_w->s.error, sizeof message);
     }
     TT_UNLOCK();
-    if (n < 0) {
+    if (n < 0)
         tt_problem(W_NAME, 1, message);
-        RETURN_LONG(0);
-    }
-    if (failed)
+    if (failed && !EG(exception))  /* also after a bad name: why nothing counts */
         tt_report_attach();
-    RETURN_LONG((zend_long)n);
+    RETURN_LONG(n < 0 ? 0 : (zend_long)n);
 }
 /* }}} */
 
