@@ -655,19 +655,35 @@ static zend_string *tt_page_account(void)
  * (the CGI way: the web server answers it, while PHP's
  * http_response_code stays 200) into *status, unless header("HTTP/...")
  * set a status line, which the SAPI sends instead. */
+/* The value of the response's Content-Type header (the last one set; the
+ * SAPI's list keeps one, header() replacing it), NULL without one.  Under
+ * php-fpm and CGI also the status a "Status: 404 Not Found" header gives
+ * (the CGI way: the web server answers it, while PHP's
+ * http_response_code stays 200) into *status, unless header("HTTP/...")
+ * set a status line, which the SAPI sends instead.  The list is walked
+ * in place and the names compared 8 bytes at a time (the hook's budget:
+ * docs/php.rst). */
+static int tt_cgi_sapi;  /* php-fpm or CGI (MINIT): a Status: header sets the status */
+
 static char *tt_response_headers(int *status)
 {
-    zend_llist_position pos;
-    sapi_header_struct *h;
+    const uint64_t lower = 0x2020202020202020ULL;
+    uint64_t word, content;
+    zend_llist_element *e;
     char *found = NULL;
-    int cgi = SG(sapi_headers).http_status_line == NULL && sapi_module.name != NULL
-              && (strncmp(sapi_module.name, "fpm", 3) == 0
-                  || strncmp(sapi_module.name, "cgi", 3) == 0);
-    for (h = zend_llist_get_first_ex(&SG(sapi_headers).headers, &pos); h != NULL;
-         h = zend_llist_get_next_ex(&SG(sapi_headers).headers, &pos)) {
-        if (h->header_len > 13 && strncasecmp(h->header, "Content-Type:", 13) == 0)
+    int cgi = tt_cgi_sapi && SG(sapi_headers).http_status_line == NULL;
+    memcpy(&content, "content-", 8);
+    for (e = SG(sapi_headers).headers.head; e != NULL; e = e->next) {
+        const sapi_header_struct *h = (const sapi_header_struct *)e->data;
+        if (h->header_len < 8)  /* shorter than either name */
+            continue;
+        memcpy(&word, h->header, 8);
+        word |= lower;  /* ASCII letters to lower case; '-' and ':' keep */
+        if (h->header_len > 13 && word == content && (h->header[8] | 0x20) == 't'
+            && (h->header[9] | 0x20) == 'y' && (h->header[10] | 0x20) == 'p'
+            && (h->header[11] | 0x20) == 'e' && h->header[12] == ':')
             found = h->header + 13;
-        else if (cgi && h->header_len > 7 && strncasecmp(h->header, "Status:", 7) == 0)
+        else if (cgi && memcmp(&word, "status:", 7) == 0)
             *status = atoi(h->header + 7);
     }
     if (found != NULL)
@@ -692,11 +708,14 @@ static void tt_count_page_view(void)
     if (!((status >= 200 && status < 300) || status == 304))
         return;
     path = tt_request_path(&path_len);
-    /* The Content-Type: the response's (the header list's; not
+    /* The Content-Type: the response's (the header list's last; not
      * SG(sapi_headers).mimetype, which keeps the first header() of a page
-     * that later sets another), or the default (default_mimetype and
+     * that later sets another, and is otherwise the default PHP sent), or
+     * the default (default_mimetype and
      * default_charset), which PHP adds when the headers are sent (that may
      * come after RSHUTDOWN, when the page wrote nothing). */
+    if (ct == NULL)  /* the default, when PHP sent it (not in the list) */
+        ct = SG(sapi_headers).mimetype;
     if (ct == NULL && SG(sapi_headers).send_default_content_type)
         ct = owned_ct = sapi_get_default_content_type();
     if (status == 304 && (ct == NULL || *ct == '\0'))
@@ -769,6 +788,8 @@ PHP_MINIT_FUNCTION(trafficthreshold)
     zend_class_entry ce;
     ZEND_INIT_MODULE_GLOBALS(trafficthreshold, php_trafficthreshold_init_globals, NULL);
     REGISTER_INI_ENTRIES();
+    tt_cgi_sapi = sapi_module.name != NULL && (strncmp(sapi_module.name, "fpm", 3) == 0
+                                               || strncmp(sapi_module.name, "cgi", 3) == 0);
     tt_str_pageview = zend_string_init_interned("pageview", sizeof("pageview") - 1, 1);
     INIT_CLASS_ENTRY(ce, "TrafficThresholdException", NULL);
     tt_exception_ce = zend_register_internal_class_ex(&ce, spl_ce_RuntimeException);
