@@ -10,7 +10,9 @@
  * One writer per process (php-fpm workers, Apache prefork children, a CLI
  * script): attached at its first use, never in the php-fpm master (MINIT
  * attaches nothing), so every worker takes its own stripe.  Without a
- * segment the writer tries again at most every 10 s (TT_ATTACH_RETRY_S).
+ * segment the writer tries again at most every 10 s (TT_ATTACH_RETRY_S);
+ * a segment uninstalled under it is watched for (tt_segment_exists) and
+ * the next install attached at once, as in Python and libtrafficthreshold.
  *
  * Fail open: no segment, no permission, a busy lock or a bad name never
  * becomes an error in a page; each kind of problem is written once per
@@ -50,6 +52,14 @@ static zend_string *tt_str_pageview;  /* "pageview", interned: hashed once */
 /* The process's writer (persistent memory), NULL before the first use. */
 static tt_writer *tt_w = NULL;
 static int64_t tt_next_try = 0;     /* no attach is tried before this second */
+/* The segment was retired under us: until the next install is there, each
+ * use asks whether it is (tt_segment_exists: one system call, on this
+ * degraded path only) and attaches to it at once, so no page view after a
+ * reinstall waits out TT_ATTACH_RETRY_S.  tt_watch_after: not before this
+ * second (an install still in progress). */
+static int tt_watch = 0, tt_watch_backend;
+static long tt_watch_key;
+static int64_t tt_watch_after = 0;
 static char tt_last_error[sizeof ((tt_seg *)0)->error] = "";  /* why not attached */
 /* The kinds of problem already logged by this process (one line each). */
 enum { W_ATTACH = 1, W_NAME = 2, W_BUSY = 4, W_HOST = 8, W_NO_HOSTS = 16, W_ACCOUNT = 32,
@@ -138,6 +148,7 @@ static void tt_follow_settings_slow(const char *k, const char *b)
     if (tt_w != NULL && tt_w->s.base != NULL)
         tt_writer_detach(tt_w);
     tt_next_try = 0;  /* the new segment now, not in up to 10 s */
+    tt_watch = 0;     /* another segment: not the one watched */
 }
 
 static inline void tt_follow_settings(void)
@@ -174,10 +185,18 @@ static int tt_ready(int force, int *failed)
         tt_w->s.semid = -1;
         tt_core_init();
     } else if (tt_w->s.base != NULL) {
-        tt_writer_detach(tt_w);  /* uninstalled under us: let go */
+        /* Uninstalled under us: let go, and watch for the next install. */
+        tt_watch = 1;
+        tt_watch_backend = tt_w->s.backend;
+        tt_watch_key = tt_w->s.key;
+        tt_watch_after = 0;
+        tt_next_try = 0;
+        tt_writer_detach(tt_w);
     }
     now = (int64_t)tt_now_second();
-    if (!force && !TT_G(strict) && now < tt_next_try)
+    if (!force && !TT_G(strict) && now < tt_next_try
+        && !(tt_watch && now >= tt_watch_after
+             && tt_segment_exists(tt_watch_backend, tt_watch_key)))
         return 0;
     tt_next_try = now + TT_ATTACH_RETRY_S;
     if ((key = tt_key()) < 0) {
@@ -186,9 +205,17 @@ static int tt_ready(int force, int *failed)
                  "0x54546831", TT_G(key) && *TT_G(key) ? TT_G(key) : getenv("TRAFFICTHRESHOLD_KEY"));
     } else if (tt_writer_attach(tt_w, tt_backend(), key) == 0) {
         tt_last_error[0] = '\0';
+        tt_watch = 0;
         return 1;
     } else {
         snprintf(tt_last_error, sizeof tt_last_error, "%s", tt_w->s.error);
+        /* Another layout, no permission ...: not a matter of waiting for
+         * the install (back to every 10 s); an install still in progress:
+         * asked again in a second, not at every use. */
+        if (tt_watch && tt_w->s.err != TT_ERR_NOTFOUND)
+            tt_watch = 0;
+        else if (tt_watch)
+            tt_watch_after = tt_segment_exists(tt_watch_backend, tt_watch_key) ? now + 1 : 0;
     }
     if (failed)
         *failed = 1;
@@ -227,8 +254,12 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
         if (tt_check_names(&tt_w->s, account ? ZSTR_VAL(account) : NULL,
                            account ? ZSTR_LEN(account) : 0, ZSTR_VAL(event),
                            ZSTR_LEN(event)) < 0) {
+            char message[sizeof tt_w->s.error];
+            memcpy(message, tt_w->s.error, sizeof message);
             TT_UNLOCK();
-            tt_problem(W_NAME, 1, tt_w->s.error);
+            tt_problem(W_NAME, 1, message);
+            if (failed && !EG(exception))  /* and why nothing counts */
+                tt_report_attach();
             return 0;
         }
         TT_UNLOCK();
@@ -346,13 +377,11 @@ PHP_FUNCTION(trafficthreshold_count)
             memcpy(message, tt_w->s.error, sizeof message);
     }
     TT_UNLOCK();
-    if (n < 0) {
+    if (n < 0)
         tt_problem(W_NAME, 1, message);
-        RETURN_LONG(0);
-    }
-    if (failed)
+    if (failed && !EG(exception))  /* also after a bad name: why nothing counts */
         tt_report_attach();
-    RETURN_LONG((zend_long)n);
+    RETURN_LONG(n < 0 ? 0 : (zend_long)n);
 }
 /* }}} */
 
@@ -620,6 +649,48 @@ static zend_string *tt_page_account(void)
     return tt_memo.account;
 }
 
+/* The value of the response's Content-Type header (the last one set; the
+ * SAPI's list keeps one, header() replacing it), NULL without one.  Under
+ * php-fpm and CGI also the status a "Status: 404 Not Found" header gives
+ * (the CGI way: the web server answers it, while PHP's
+ * http_response_code stays 200) into *status, unless header("HTTP/...")
+ * set a status line, which the SAPI sends instead. */
+/* The value of the response's Content-Type header (the last one set; the
+ * SAPI's list keeps one, header() replacing it), NULL without one.  Under
+ * php-fpm and CGI also the status a "Status: 404 Not Found" header gives
+ * (the CGI way: the web server answers it, while PHP's
+ * http_response_code stays 200) into *status, unless header("HTTP/...")
+ * set a status line, which the SAPI sends instead.  The list is walked
+ * in place and the names compared 8 bytes at a time (the hook's budget:
+ * docs/php.rst). */
+static int tt_cgi_sapi;  /* php-fpm or CGI (MINIT): a Status: header sets the status */
+
+static char *tt_response_headers(int *status)
+{
+    const uint64_t lower = 0x2020202020202020ULL;
+    uint64_t word, content;
+    zend_llist_element *e;
+    char *found = NULL;
+    int cgi = tt_cgi_sapi && SG(sapi_headers).http_status_line == NULL;
+    memcpy(&content, "content-", 8);
+    for (e = SG(sapi_headers).headers.head; e != NULL; e = e->next) {
+        const sapi_header_struct *h = (const sapi_header_struct *)e->data;
+        if (h->header_len < 8)  /* shorter than either name */
+            continue;
+        memcpy(&word, h->header, 8);
+        word |= lower;  /* ASCII letters to lower case; '-' and ':' keep */
+        if (h->header_len > 13 && word == content && (h->header[8] | 0x20) == 't'
+            && (h->header[9] | 0x20) == 'y' && (h->header[10] | 0x20) == 'p'
+            && (h->header[11] | 0x20) == 'e' && h->header[12] == ':')
+            found = h->header + 13;
+        else if (cgi && memcmp(&word, "status:", 7) == 0)
+            *status = atoi(h->header + 7);
+    }
+    if (found != NULL)
+        while (*found == ' ' || *found == '\t') found++;
+    return found;
+}
+
 /* Counts the request if it is a page view (tt_is_page_view): called at the
  * request's end, after the output was flushed, so the status and the
  * Content-Type are final. */
@@ -631,16 +702,21 @@ static void tt_count_page_view(void)
     char *ct = NULL, *owned_ct = NULL;
     size_t path_len;
     int page;
-    if (method == NULL || strcmp(method, "GET") != 0
-        || !((status >= 200 && status < 300) || status == 304))
+    if (method == NULL || strcmp(method, "GET") != 0)
+        return;
+    ct = tt_response_headers(&status);
+    if (!((status >= 200 && status < 300) || status == 304))
         return;
     path = tt_request_path(&path_len);
-    /* The Content-Type: header() or the default (default_mimetype and
+    /* The Content-Type: the response's (the header list's last; not
+     * SG(sapi_headers).mimetype, which keeps the first header() of a page
+     * that later sets another, and is otherwise the default PHP sent), or
+     * the default (default_mimetype and
      * default_charset), which PHP adds when the headers are sent (that may
      * come after RSHUTDOWN, when the page wrote nothing). */
-    if (SG(sapi_headers).mimetype != NULL)
+    if (ct == NULL)  /* the default, when PHP sent it (not in the list) */
         ct = SG(sapi_headers).mimetype;
-    else if (SG(sapi_headers).send_default_content_type)
+    if (ct == NULL && SG(sapi_headers).send_default_content_type)
         ct = owned_ct = sapi_get_default_content_type();
     if (status == 304 && (ct == NULL || *ct == '\0'))
         accept = tt_request_var("HTTP_ACCEPT", sizeof("HTTP_ACCEPT") - 1);
@@ -712,6 +788,8 @@ PHP_MINIT_FUNCTION(trafficthreshold)
     zend_class_entry ce;
     ZEND_INIT_MODULE_GLOBALS(trafficthreshold, php_trafficthreshold_init_globals, NULL);
     REGISTER_INI_ENTRIES();
+    tt_cgi_sapi = sapi_module.name != NULL && (strncmp(sapi_module.name, "fpm", 3) == 0
+                                               || strncmp(sapi_module.name, "cgi", 3) == 0);
     tt_str_pageview = zend_string_init_interned("pageview", sizeof("pageview") - 1, 1);
     INIT_CLASS_ENTRY(ce, "TrafficThresholdException", NULL);
     tt_exception_ce = zend_register_internal_class_ex(&ce, spl_ce_RuntimeException);
