@@ -392,3 +392,37 @@ def test_a_host_downgraded_without_a_stop_leaves_the_sums_exact(
     assert r.hget("track~live~sum", "minute\0all\0pageview") == b"6"
     publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 1)
     assert level_total(r) == 106  # web2 read by itself, as an older version's host
+
+
+def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
+        redis_server: RedisServer) -> None:
+    """A full publication that times out (Redis slow: held by the proxy)
+    and runs late, after the host's next full one: it must not carry the
+    sequence number the host's next diff is computed from, else the diff
+    applies on the late one's state (a key the host no longer has stays
+    in its hash and the level for good)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (5, 5)}, level=0, now=NOW)
+        pub.withdraw()  # (a stop, then a start): the next one is full
+        c.script_load = r.script_load  # the scripts load; the MULTI is held
+        proxy.hold()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (2, 2), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 1)
+        pub.client = r  # the next publication reaches Redis first
+        pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)
+        proxy.release()
+        deadline = time.monotonic() + 5
+        while r.hget("track~live:web1", "~at") != repr(NOW + 1).encode():
+            assert time.monotonic() < deadline, "the held publication never ran"
+            time.sleep(0.01)
+        pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
+        assert farm_live(r, now=NOW).hosts[0].counts == {LEVEL: (4, 4)}
+        assert level_total(r) == 4 == per_host_total(r)
+        assert farm.farm_level(r, "x", now=NOW, keys=[("acme", "pageview")]).count(
+            "acme", "pageview", "minute") == 0
