@@ -426,3 +426,37 @@ def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
         assert level_total(r) == 4 == per_host_total(r)
         assert farm.farm_level(r, "x", now=NOW, keys=[("acme", "pageview")]).count(
             "acme", "pageview", "minute") == 0
+
+
+def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
+        redis_server: RedisServer) -> None:
+    """A diff that timed out (held by the proxy) and runs after the host's
+    next, full, publication: refused (another sequence number), and the
+    host's newer state stays in its hash and the level (a refused diff
+    does not take a host out of the farm)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
+                                                            now=NOW)
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        execs = r.info("commandstats")["cmdstat_exec"]["calls"]
+        proxy.hold()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)  # a diff, held
+        pub.client = r
+        pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)  # full, runs first
+        proxy.release()
+        deadline = time.monotonic() + 5
+        while r.info("commandstats")["cmdstat_exec"]["calls"] < execs + 2:
+            assert time.monotonic() < deadline, "the held publication never ran"
+            time.sleep(0.01)
+        assert level_total(r) == 103 == per_host_total(r)
+        rows = {row.host: row for row in farm_live(r, now=NOW).hosts}
+        assert rows["web1"].counts == {LEVEL: (3, 3)}
+        pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
+        assert level_total(r) == 104 == per_host_total(r) and pub.full == 2

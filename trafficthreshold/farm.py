@@ -165,9 +165,11 @@ end
 #
 # PRE takes the host's share out of the sums (its watched fields, if it is
 # in the alive set) and out of the alive set, and renames its hash to the
-# staging hash; a full publication, or a diff on a hash that does not hold
-# the sequence number it was computed from (a lost reply that ran, a host
-# reaped after a pause, a Redis that lost writes), deletes it instead.
+# staging hash; a full publication deletes it instead.  A diff on a hash
+# that does not hold the sequence number it was computed from (a lost
+# reply that ran, a host reaped after a pause, a Redis that lost writes, a
+# diff that timed out and runs after the host's next publication) changes
+# nothing: the hash, the alive set and the sums stay as they are.
 # POST renames the staging hash back, stamped (Redis TIME, level, sequence
 # number), puts the share back into the sums and the host into the alive
 # set with its deadline; for a diff that PRE refused it deletes the
@@ -182,11 +184,14 @@ reap()
 local H, S = KEYS[4], KEYS[6]
 redis.call('UNLINK', S)
 local member = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if ARGV[3] == 'diff' and not (member and redis.call('HGET', H, '~seq') == ARGV[4]) then
+  return 0  -- refused: the hash and the sums stay as they are (a late diff)
+end
 if member then
   add_host(H, redis.call('ZRANGE', KEYS[2], 0, -1), -1)
   redis.call('ZREM', KEYS[1], ARGV[2])
 end
-if ARGV[3] == 'full' or not member or redis.call('HGET', H, '~seq') ~= ARGV[4] then
+if ARGV[3] == 'full' then
   redis.call('UNLINK', H)
   return 0
 end
