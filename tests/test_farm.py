@@ -460,3 +460,33 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
         assert rows["web1"].counts == {LEVEL: (3, 3)}
         pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
         assert level_total(r) == 104 == per_host_total(r) and pub.full == 2
+
+
+def test_a_publisher_killed_inside_its_multi_changes_nothing(
+        redis_server: RedisServer) -> None:
+    """The host dies (SIGKILL: its socket closes) after sending a MULTI's
+    first script and its HSETs but not the EXEC: Redis drops the queued
+    transaction; the hash, the sums and the sequence number stay as they
+    were, and the host's next diff applies."""
+    import socket
+
+    import redis
+
+    r = redis_server.client()
+    farm.LivePublisher(r, "web2").publish({LEVEL: (100, 100)}, level=0, now=NOW)
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (2, 2)}, level=0, now=NOW)
+    keys = pub._keys
+    cmds = [("MULTI",),
+            ("EVALSHA", pub._pre.sha, len(keys), *keys, "track", "web1", "full", "x:0"),
+            ("HSET", keys[5], "all\0pageview", "50 50")]
+    data = b"".join(redis.Connection().pack_commands(cmds))
+    with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
+        s.sendall(data)
+        got = b""
+        while got.count(b"\r\n") < 3:  # +OK +QUEUED +QUEUED: queued, then the socket closes
+            got += s.recv(100)
+        assert got == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    assert level_total(r) == 101 == per_host_total(r)
+    pub.publish({LEVEL: (3, 3), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 1)
+    assert pub.full == 1 and level_total(r) == 103 == per_host_total(r)
