@@ -392,3 +392,101 @@ def test_a_host_downgraded_without_a_stop_leaves_the_sums_exact(
     assert r.hget("track~live~sum", "minute\0all\0pageview") == b"6"
     publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 1)
     assert level_total(r) == 106  # web2 read by itself, as an older version's host
+
+
+def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
+        redis_server: RedisServer) -> None:
+    """A full publication that times out (Redis slow: held by the proxy)
+    and runs late, after the host's next full one: it must not carry the
+    sequence number the host's next diff is computed from, else the diff
+    applies on the late one's state (a key the host no longer has stays
+    in its hash and the level for good)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (5, 5)}, level=0, now=NOW)
+        pub.withdraw()  # (a stop, then a start): the next one is full
+        c.script_load = r.script_load  # the scripts load; the MULTI is held
+        proxy.hold()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (2, 2), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 1)
+        pub.client = r  # the next publication reaches Redis first
+        pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)
+        proxy.release()
+        deadline = time.monotonic() + 5
+        while r.hget("track~live:web1", "~at") != repr(NOW + 1).encode():
+            assert time.monotonic() < deadline, "the held publication never ran"
+            time.sleep(0.01)
+        pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
+        assert farm_live(r, now=NOW).hosts[0].counts == {LEVEL: (4, 4)}
+        assert level_total(r) == 4 == per_host_total(r)
+        assert farm.farm_level(r, "x", now=NOW, keys=[("acme", "pageview")]).count(
+            "acme", "pageview", "minute") == 0
+
+
+def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
+        redis_server: RedisServer) -> None:
+    """A diff that timed out (held by the proxy) and runs after the host's
+    next, full, publication: refused (another sequence number), and the
+    host's newer state stays in its hash and the level (a refused diff
+    does not take a host out of the farm)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
+                                                            now=NOW)
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        execs = r.info("commandstats")["cmdstat_exec"]["calls"]
+        proxy.hold()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)  # a diff, held
+        pub.client = r
+        pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)  # full, runs first
+        proxy.release()
+        deadline = time.monotonic() + 5
+        while r.info("commandstats")["cmdstat_exec"]["calls"] < execs + 2:
+            assert time.monotonic() < deadline, "the held publication never ran"
+            time.sleep(0.01)
+        assert level_total(r) == 103 == per_host_total(r)
+        rows = {row.host: row for row in farm_live(r, now=NOW).hosts}
+        assert rows["web1"].counts == {LEVEL: (3, 3)}
+        pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
+        assert level_total(r) == 104 == per_host_total(r) and pub.full == 2
+
+
+def test_a_publisher_killed_inside_its_multi_changes_nothing(
+        redis_server: RedisServer) -> None:
+    """The host dies (SIGKILL: its socket closes) after sending a MULTI's
+    first script and its HSETs but not the EXEC: Redis drops the queued
+    transaction; the hash, the sums and the sequence number stay as they
+    were, and the host's next diff applies."""
+    import socket
+
+    import redis
+
+    r = redis_server.client()
+    farm.LivePublisher(r, "web2").publish({LEVEL: (100, 100)}, level=0, now=NOW)
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (2, 2)}, level=0, now=NOW)
+    keys = pub._keys
+    cmds = [("MULTI",),
+            ("EVALSHA", pub._pre.sha, len(keys), *keys, "track", "web1", "full", "x:0"),
+            ("HSET", keys[5], "all\0pageview", "50 50")]
+    data = b"".join(redis.Connection().pack_commands(cmds))
+    with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
+        s.sendall(data)
+        got = b""
+        while got.count(b"\r\n") < 3:  # +OK +QUEUED +QUEUED: queued, then the socket closes
+            got += s.recv(100)
+        assert got == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+    assert level_total(r) == 101 == per_host_total(r)
+    pub.publish({LEVEL: (3, 3), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 1)
+    assert pub.full == 1 and level_total(r) == 103 == per_host_total(r)

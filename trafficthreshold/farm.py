@@ -165,9 +165,11 @@ end
 #
 # PRE takes the host's share out of the sums (its watched fields, if it is
 # in the alive set) and out of the alive set, and renames its hash to the
-# staging hash; a full publication, or a diff on a hash that does not hold
-# the sequence number it was computed from (a lost reply that ran, a host
-# reaped after a pause, a Redis that lost writes), deletes it instead.
+# staging hash; a full publication deletes it instead.  A diff on a hash
+# that does not hold the sequence number it was computed from (a lost
+# reply that ran, a host reaped after a pause, a Redis that lost writes, a
+# diff that timed out and runs after the host's next publication) changes
+# nothing: the hash, the alive set and the sums stay as they are.
 # POST renames the staging hash back, stamped (Redis TIME, level, sequence
 # number), puts the share back into the sums and the host into the alive
 # set with its deadline; for a diff that PRE refused it deletes the
@@ -182,11 +184,14 @@ reap()
 local H, S = KEYS[4], KEYS[6]
 redis.call('UNLINK', S)
 local member = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if ARGV[3] == 'diff' and not (member and redis.call('HGET', H, '~seq') == ARGV[4]) then
+  return 0  -- refused: the hash and the sums stay as they are (a late diff)
+end
 if member then
   add_host(H, redis.call('ZRANGE', KEYS[2], 0, -1), -1)
   redis.call('ZREM', KEYS[1], ARGV[2])
 end
-if ARGV[3] == 'full' or not member or redis.call('HGET', H, '~seq') ~= ARGV[4] then
+if ARGV[3] == 'full' then
   redis.call('UNLINK', H)
   return 0
 end
@@ -306,8 +311,10 @@ class LivePublisher:
                                  client.register_script(POST_SCRIPT))
         self._keys = [*_live_keys(prefix), f"{prefix}~live:{host}", f"{prefix}~hosts",
                       f"{prefix}~live~in:{host}"]
-        #: The fields of the last acknowledged publication, its number and
-        #: when it was acknowledged (``clock``); None: the next one is full.
+        #: The fields of the last acknowledged publication and when it was
+        #: acknowledged (``clock``); None: the next one is full.  ``_n``:
+        #: the number the last attempt stamped (the hash holds it when that
+        #: attempt was acknowledged).
         self._sent: dict[str, str] | None = None
         self._nonce, self._n, self._acked = secrets.token_hex(4), 0, 0.0
         #: How many publications were full (the first, and resyncs).
@@ -346,15 +353,19 @@ class LivePublisher:
         if sent is not None and pub.base is sent and pub.changed is not None \
                 and self.clock() - self._acked < self.ttl_ms / 2000:
             if self._run("diff", pub.now, pub.meta, pub.changed, pub.gone or []):
-                self._sent, self._n, self._acked = pub.fields, self._n + 1, self.clock()
+                self._sent, self._acked = pub.fields, self.clock()
                 return
         self._run("full", pub.now, pub.meta, pub.fields, [])
-        self._sent, self._n, self._acked = pub.fields, self._n + 1, self.clock()
+        self._sent, self._acked = pub.fields, self.clock()
         self.full += 1
 
     def _run(self, mode: str, now: float, meta: list[Any], fields: dict[str, str],
              gone: list[str]) -> bool:
-        args: list[Any] = [self.prefix, self.host, mode, self._seq(self._n)]
+        # Every attempt stamps a number never used before, acknowledged or
+        # not: a publication that runs late (its reply timed out, the next
+        # one ran first) never holds the number the next diff expects.
+        base, self._n = self._seq(self._n), self._n + 1
+        args: list[Any] = [self.prefix, self.host, mode, base]
         if mode == "full":  # the first, or after an error: the scripts may be gone
             for script in (self._pre, self._post):
                 self.client.script_load(script.script)
@@ -368,7 +379,7 @@ class LivePublisher:
         if gone:
             pipe.hdel(staging, *gone)
         pipe.pexpire(staging, self.ttl_ms)
-        pipe.evalsha(self._post.sha, len(keys), *keys, *args, self._seq(self._n + 1),
+        pipe.evalsha(self._post.sha, len(keys), *keys, *args, self._seq(self._n),
                      self.ttl_ms, LIVE_KEEP_MS, meta[1], repr(float(now) - self.forget_after),
                      meta[0], meta[2])
         return bool(pipe.execute()[-1])
