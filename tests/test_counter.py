@@ -1526,6 +1526,7 @@ def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog):
         half.detach()
         half.remove()
         segment.install(key, "sysv", now=NOW)
+        time.sleep(1.1)   # the half-made retry is at most once a (real) second
         trafficthreshold.hit("example.com", now=NOW + 2)
         trafficthreshold.hit("example.com", now=NOW + 3)
         counter = segment.attach(key, "sysv")
