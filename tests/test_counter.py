@@ -1570,3 +1570,59 @@ def test_a_hit_from_another_clock_does_not_stop_the_watch_for_a_reinstall(key, c
     finally:
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
+
+
+_THREADED_CACHE_BOUND = r'''
+import sys, threading
+from trafficthreshold import segment
+key, rounds = int(sys.argv[1]), int(sys.argv[2])
+NOW = 1_800_000_000
+sys.setswitchinterval(1e-6)
+shared = segment.attach(key, "sysv")      # one Counter, four threads
+reader = segment.attach(key, "sysv")
+errors, sent = [], [0] * 4
+stop = threading.Event()
+
+def worker(t):
+    try:
+        for r in range(rounds):
+            for i in range(40):
+                # new names past the 64-key table: cache_ref clears the
+                # cache while other threads are in a miss (GIL let go)
+                shared.hit(f"t{t}-r{r}-{i}.example", "pageview", 1, NOW + 60 * r)
+                shared.hit("hot.example", "pageview", 1, NOW + 60 * r)
+                sent[t] += 1
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+for th in threads:
+    th.start()
+m = NOW // 60
+while any(th.is_alive() for th in threads):
+    reader.reclaim(m + 10_000)   # keys come and go under the threads
+for th in threads:
+    th.join()
+assert not errors, errors
+hot = reader.find("hot.example", "pageview")
+got = sum(n for s, _m, n in reader.minutes(m, m + rounds) if s == hot) if hot is not None else None
+print("ok", sum(sent), got)
+'''
+
+
+def test_threads_past_the_cache_bound_while_keys_are_reclaimed(key):
+    """Four threads share a Counter on a 64-key table and count new names
+    all the time, so one thread's cache_ref forgets the cache (the bound)
+    while others are resolving a miss (the GIL let go) and the table's keys
+    are reclaimed under them.  Under PYTHONMALLOC=debug a use of a freed
+    cache dict crashes the process."""
+    import subprocess
+    segment.install(key, "sysv", now=NOW, geometry=segment.Geometry(keys=64))
+    try:
+        env = {**os.environ, "PYTHONMALLOC": "debug", "PYTHONFAULTHANDLER": "1"}
+        proc = subprocess.run([sys.executable, "-c", _THREADED_CACHE_BOUND, str(key), "15"],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.startswith("ok"), proc.stdout
+    finally:
+        segment.uninstall(key, "sysv")
