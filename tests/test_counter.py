@@ -1626,3 +1626,33 @@ def test_threads_past_the_cache_bound_while_keys_are_reclaimed(key):
         assert proc.stdout.startswith("ok"), proc.stdout
     finally:
         segment.uninstall(key, "sysv")
+
+
+def test_a_reinstall_to_the_other_backend_is_attached_at_once(key, monkeypatch):
+    """With the backend not configured (found: sysv, else posix), a worker
+    whose sysv segment is uninstalled and installed again as posix counts
+    every hit after that install (docs/segment.rst, "Uninstalled while
+    attached"), not only 10 s (ATTACH_RETRY_S) later."""
+    monkeypatch.delenv("TRAFFICTHRESHOLD_BACKEND", raising=False)
+    trafficthreshold.configure(key=key, strict=False)
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        trafficthreshold.hit("example.com", now=NOW + 1)    # nothing installed
+        segment.install(key, "posix", now=NOW)
+        try:
+            trafficthreshold.hit("example.com", now=NOW + 2)
+            trafficthreshold.hit("example.com", now=NOW + 3)
+            counter = segment.attach(key, "posix")
+            try:
+                slot = counter.find("example.com", "pageview")
+                assert slot is not None and counter.count(slot, 1, NOW + 3) == 2
+            finally:
+                counter.detach()
+        finally:
+            _counter._reset()
+            segment.uninstall(key, "posix")
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
