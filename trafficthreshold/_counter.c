@@ -65,7 +65,8 @@ static PyObject *str_status_sep;  /* "/", names.STATUS_SEP */
 static Counter *default_counter;
 static int64_t next_attach_try = 0;  /* second before which we do not retry */
 /* The place of a default segment that was retired under us (an uninstall),
- * watched until a segment is there again (tt_segment_exists); -1: none. */
+ * watched until a segment is there again, in either backend (watch_found);
+ * -1: none. */
 static int watch_backend = -1;
 static long watch_key;
 /* The second before which the watch does not attach again: a segment that
@@ -648,6 +649,16 @@ static inline Counter *get_default(void)
     return attach_default();
 }
 
+/* Whether a segment is at the watched key, in either backend: a re-install
+ * may pick the other one (the backend is found, not configured: sysv, else
+ * posix, _attach_default).  Two system calls, on the degraded path only. */
+static int watch_found(void)
+{
+    return tt_segment_exists(watch_backend, watch_key)
+        || tt_segment_exists(watch_backend == TT_BACKEND_SYSV ? TT_BACKEND_POSIX
+                             : TT_BACKEND_SYSV, watch_key);
+}
+
 /* get_default() without a live default counter: out of the hot path. */
 __attribute__((noinline)) static Counter *attach_default(void)
 {
@@ -668,7 +679,7 @@ __attribute__((noinline)) static Counter *attach_default(void)
     }
     if (!strict_mode && t < next_attach_try
         && (watch_backend < 0 || t < watch_after
-            || !tt_segment_exists(watch_backend, watch_key)))
+            || !watch_found()))
         return NULL;
     next_attach_try = t + TT_ATTACH_RETRY_S;
     r = PyObject_CallNoArgs(attach_cb);
@@ -678,7 +689,7 @@ __attribute__((noinline)) static Counter *attach_default(void)
         if (!PyErr_ExceptionMatches(SegmentNotFound))
             watch_backend = -1;
         else
-            watch_after = tt_segment_exists(watch_backend, watch_key) ? t + 1 : 0;
+            watch_after = watch_found() ? t + 1 : 0;
     }
     if (r == NULL) {
         if (strict_mode)
