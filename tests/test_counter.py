@@ -1656,3 +1656,44 @@ def test_a_reinstall_to_the_other_backend_is_attached_at_once(key, monkeypatch):
     finally:
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
+
+
+def test_a_child_forked_while_watching_attaches_to_the_reinstall(key):
+    """A worker forked while its parent watches for a re-install (the
+    segment was retired) inherits the watch: after the install, the
+    child's and the parent's hits are all counted in the new segment."""
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        trafficthreshold.hit("example.com", now=NOW + 1)    # retired: watching
+        assert _counter._default() is None
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: waits for the install, then counts 2
+            code = 1
+            try:
+                os.close(w)
+                os.read(r, 1)
+                trafficthreshold.hit("example.com", now=NOW + 2)
+                trafficthreshold.hit("example.com", now=NOW + 2)
+                code = 0 if _counter._default() is not None else 2
+            finally:
+                os._exit(code)
+        os.close(r)
+        segment.install(key, "sysv", now=NOW)
+        os.write(w, b"x")
+        os.close(w)
+        _pid, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        trafficthreshold.hit("example.com", now=NOW + 3)
+        counter = segment.attach(key, "sysv")
+        try:
+            assert counter.count(counter.find("example.com", "pageview"), 1, NOW + 3) == 3
+        finally:
+            counter.detach()
+    finally:
+        _counter._reset()
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
