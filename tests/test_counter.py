@@ -1697,3 +1697,29 @@ def test_a_child_forked_while_watching_attaches_to_the_reinstall(key):
         _counter._reset()
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
+
+
+def test_a_counter_object_of_a_retired_segment_refuses_hits_then_a_new_one_counts(key):
+    """A Counter (not the default) kept across an uninstall never counts
+    into the retired segment: hit() raises SegmentNotFound naming the
+    cause, even for a key it has cached and with a `now` of another clock;
+    a Counter of the re-install counts."""
+    segment.install(key, "sysv", now=NOW)
+    old = segment.attach(key, "sysv")
+    try:
+        old.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        for now in (NOW, NOW + 30 * 86400, NOW - 86400):
+            with pytest.raises(trafficthreshold.SegmentNotFound, match="uninstalled"):
+                old.hit("example.com", now=now)
+        segment.install(key, "sysv", now=NOW)
+        new = segment.attach(key, "sysv")
+        try:
+            new.hit("example.com", now=NOW + 1)
+            with pytest.raises(trafficthreshold.SegmentNotFound):
+                old.hit("example.com", now=NOW + 1)
+            assert new.count(new.find("example.com", "pageview"), 1, NOW + 1) == 1
+        finally:
+            new.detach()
+    finally:
+        old.detach()
