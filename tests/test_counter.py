@@ -1509,11 +1509,14 @@ def test_the_lock_timeout_holds_for_a_worker_that_receives_signals(key, backend)
         counter.detach()
 
 
-def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog):
+@pytest.mark.parametrize("stray_now", [None, NOW + 30 * 86400])
+def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog, stray_now):
     """A retired segment's worker watches for the next install; one found
     half made (created, not yet formatted: an install under way, or its
     installer killed) is not counted into and never raises; once it is
-    installed the worker attaches (at most a second later)."""
+    installed the worker attaches (at most a (real) second later).  The
+    retries run on the process's clock: a hit replayed with a `now` a month
+    ahead (stray_now) must not keep the worker detached until then."""
     trafficthreshold.configure(key=key, backend="sysv", strict=False)
     try:
         segment.install(key, "sysv", now=NOW)
@@ -1522,10 +1525,13 @@ def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog):
         half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
         for i in range(3):
             assert trafficthreshold.hit("example.com", now=NOW + 1) is None
+        if stray_now is not None:
+            assert trafficthreshold.hit("example.com", now=stray_now) is None
         assert _counter._default() is None
         half.detach()
         half.remove()
         segment.install(key, "sysv", now=NOW)
+        time.sleep(1.1)   # the half-made retry is at most once a (real) second
         trafficthreshold.hit("example.com", now=NOW + 2)
         trafficthreshold.hit("example.com", now=NOW + 3)
         counter = segment.attach(key, "sysv")
@@ -1537,3 +1543,156 @@ def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog):
     finally:
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
+
+
+_THREADED_CACHE_BOUND = r'''
+import sys, threading
+from trafficthreshold import segment
+key, rounds = int(sys.argv[1]), int(sys.argv[2])
+NOW = 1_800_000_000
+sys.setswitchinterval(1e-6)
+shared = segment.attach(key, "sysv")      # one Counter, four threads
+reader = segment.attach(key, "sysv")
+errors, sent = [], [0] * 4
+stop = threading.Event()
+
+def worker(t):
+    try:
+        for r in range(rounds):
+            for i in range(40):
+                # new names past the 64-key table: cache_ref clears the
+                # cache while other threads are in a miss (GIL let go)
+                shared.hit(f"t{t}-r{r}-{i}.example", "pageview", 1, NOW + 60 * r)
+                shared.hit("hot.example", "pageview", 1, NOW + 60 * r)
+                sent[t] += 1
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+for th in threads:
+    th.start()
+m = NOW // 60
+while any(th.is_alive() for th in threads):
+    reader.reclaim(m + 10_000)   # keys come and go under the threads
+for th in threads:
+    th.join()
+assert not errors, errors
+hot = reader.find("hot.example", "pageview")
+got = sum(n for s, _m, n in reader.minutes(m, m + rounds) if s == hot) if hot is not None else None
+print("ok", sum(sent), got)
+'''
+
+
+def test_threads_past_the_cache_bound_while_keys_are_reclaimed(key):
+    """Four threads share a Counter on a 64-key table and count new names
+    all the time, so one thread's cache_ref forgets the cache (the bound)
+    while others are resolving a miss (the GIL let go) and the table's keys
+    are reclaimed under them.  Under PYTHONMALLOC=debug a use of a freed
+    cache dict crashes the process."""
+    import subprocess
+    segment.install(key, "sysv", now=NOW, geometry=segment.Geometry(keys=64))
+    try:
+        env = {**os.environ, "PYTHONMALLOC": "debug", "PYTHONFAULTHANDLER": "1"}
+        proc = subprocess.run([sys.executable, "-c", _THREADED_CACHE_BOUND, str(key), "15"],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.startswith("ok"), proc.stdout
+    finally:
+        segment.uninstall(key, "sysv")
+
+
+def test_a_reinstall_to_the_other_backend_is_attached_at_once(key, monkeypatch):
+    """With the backend not configured (found: sysv, else posix), a worker
+    whose sysv segment is uninstalled and installed again as posix counts
+    every hit after that install (docs/segment.rst, "Uninstalled while
+    attached"), not only 10 s (ATTACH_RETRY_S) later."""
+    monkeypatch.delenv("TRAFFICTHRESHOLD_BACKEND", raising=False)
+    trafficthreshold.configure(key=key, strict=False)
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        trafficthreshold.hit("example.com", now=NOW + 1)    # nothing installed
+        segment.install(key, "posix", now=NOW)
+        try:
+            trafficthreshold.hit("example.com", now=NOW + 2)
+            trafficthreshold.hit("example.com", now=NOW + 3)
+            counter = segment.attach(key, "posix")
+            try:
+                slot = counter.find("example.com", "pageview")
+                assert slot is not None and counter.count(slot, 1, NOW + 3) == 2
+            finally:
+                counter.detach()
+        finally:
+            _counter._reset()
+            segment.uninstall(key, "posix")
+    finally:
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
+def test_a_child_forked_while_watching_attaches_to_the_reinstall(key):
+    """A worker forked while its parent watches for a re-install (the
+    segment was retired) inherits the watch: after the install, the
+    child's and the parent's hits are all counted in the new segment."""
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        trafficthreshold.hit("example.com", now=NOW + 1)    # retired: watching
+        assert _counter._default() is None
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: waits for the install, then counts 2
+            code = 1
+            try:
+                os.close(w)
+                os.read(r, 1)
+                trafficthreshold.hit("example.com", now=NOW + 2)
+                trafficthreshold.hit("example.com", now=NOW + 2)
+                code = 0 if _counter._default() is not None else 2
+            finally:
+                os._exit(code)
+        os.close(r)
+        segment.install(key, "sysv", now=NOW)
+        os.write(w, b"x")
+        os.close(w)
+        _pid, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        trafficthreshold.hit("example.com", now=NOW + 3)
+        counter = segment.attach(key, "sysv")
+        try:
+            assert counter.count(counter.find("example.com", "pageview"), 1, NOW + 3) == 3
+        finally:
+            counter.detach()
+    finally:
+        _counter._reset()
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
+def test_a_counter_object_of_a_retired_segment_refuses_hits_then_a_new_one_counts(key):
+    """A Counter (not the default) kept across an uninstall never counts
+    into the retired segment: hit() raises SegmentNotFound naming the
+    cause, even for a key it has cached and with a `now` of another clock;
+    a Counter of the re-install counts."""
+    segment.install(key, "sysv", now=NOW)
+    old = segment.attach(key, "sysv")
+    try:
+        old.hit("example.com", now=NOW)
+        segment.uninstall(key, "sysv")
+        for now in (NOW, NOW + 30 * 86400, NOW - 86400):
+            with pytest.raises(trafficthreshold.SegmentNotFound, match="uninstalled"):
+                old.hit("example.com", now=now)
+        segment.install(key, "sysv", now=NOW)
+        new = segment.attach(key, "sysv")
+        try:
+            new.hit("example.com", now=NOW + 1)
+            with pytest.raises(trafficthreshold.SegmentNotFound):
+                old.hit("example.com", now=NOW + 1)
+            assert new.count(new.find("example.com", "pageview"), 1, NOW + 1) == 1
+        finally:
+            new.detach()
+    finally:
+        old.detach()

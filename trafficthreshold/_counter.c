@@ -65,7 +65,8 @@ static PyObject *str_status_sep;  /* "/", names.STATUS_SEP */
 static Counter *default_counter;
 static int64_t next_attach_try = 0;  /* second before which we do not retry */
 /* The place of a default segment that was retired under us (an uninstall),
- * watched until a segment is there again (tt_segment_exists); -1: none. */
+ * watched until a segment is there again, in either backend (watch_found);
+ * -1: none. */
 static int watch_backend = -1;
 static long watch_key;
 /* The second before which the watch does not attach again: a segment that
@@ -637,21 +638,35 @@ static void warn(const char *msg)
 /* Returns the default counter, attaching it if needed (at most once every
  * TT_ATTACH_RETRY_S seconds).  NULL means "no segment": in strict mode an
  * exception is set, otherwise not (fail open). */
-static Counter *attach_default(double t);
+static Counter *attach_default(void);
 
-static inline Counter *get_default(double t)
+static inline Counter *get_default(void)
 {
     if (__builtin_expect(default_counter != NULL && default_counter->s.base != NULL
                          && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE),
                                             __ATOMIC_ACQUIRE) == TT_STATE_LIVE, 1))
         return default_counter;
-    return attach_default(t);
+    return attach_default();
+}
+
+/* Whether a segment is at the watched key, in either backend: a re-install
+ * may pick the other one (the backend is found, not configured: sysv, else
+ * posix, _attach_default).  Two system calls, on the degraded path only. */
+static int watch_found(void)
+{
+    return tt_segment_exists(watch_backend, watch_key)
+        || tt_segment_exists(watch_backend == TT_BACKEND_SYSV ? TT_BACKEND_POSIX
+                             : TT_BACKEND_SYSV, watch_key);
 }
 
 /* get_default() without a live default counter: out of the hot path. */
-__attribute__((noinline)) static Counter *attach_default(double t)
+__attribute__((noinline)) static Counter *attach_default(void)
 {
     PyObject *r;
+    /* The process's clock, not the hit's `now`: the retries are about real
+     * time, and a hit replayed with a `now` far ahead would otherwise push
+     * them (next_attach_try, watch_after) that far, every later hit lost. */
+    int64_t t = (int64_t)tt_now_second();
     if (default_counter != NULL) {
         /* Uninstalled under us: let go, and look for a new one at once
          * (below); until one is there, every hit asks whether it is
@@ -662,11 +677,11 @@ __attribute__((noinline)) static Counter *attach_default(double t)
         next_attach_try = 0;
         Py_CLEAR(default_counter);
     }
-    if (!strict_mode && (int64_t)t < next_attach_try
-        && (watch_backend < 0 || (int64_t)t < watch_after
-            || !tt_segment_exists(watch_backend, watch_key)))
+    if (!strict_mode && t < next_attach_try
+        && (watch_backend < 0 || t < watch_after
+            || !watch_found()))
         return NULL;
-    next_attach_try = (int64_t)t + TT_ATTACH_RETRY_S;
+    next_attach_try = t + TT_ATTACH_RETRY_S;
     r = PyObject_CallNoArgs(attach_cb);
     if (r == NULL && watch_backend >= 0) {
         /* Another layout, no permission ...: not a matter of waiting for
@@ -674,7 +689,7 @@ __attribute__((noinline)) static Counter *attach_default(double t)
         if (!PyErr_ExceptionMatches(SegmentNotFound))
             watch_backend = -1;
         else
-            watch_after = tt_segment_exists(watch_backend, watch_key) ? (int64_t)t + 1 : 0;
+            watch_after = watch_found() ? t + 1 : 0;
     }
     if (r == NULL) {
         if (strict_mode)
@@ -707,7 +722,7 @@ static PyObject *mod_hit(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (parse_hit_args(args, nargs, kwnames, argv) < 0 || (n = parse_n(argv[2])) < 0
         || (second = parse_second(argv[3])) == 0)
         return NULL;
-    if ((c = get_default((double)second)) == NULL) {
+    if ((c = get_default()) == NULL) {
         if (PyErr_Occurred())
             return NULL;
         /* Fail open, but bad names still raise: a site run without the
@@ -775,7 +790,7 @@ static PyObject *mod_throttle_status(PyObject *self, PyObject *const *args, Py_s
     Counter *c;
     if ((t = parse_now(nargs > 0 ? args[0] : NULL)) < 0)
         return NULL;
-    if ((c = get_default(t)) == NULL) {
+    if ((c = get_default()) == NULL) {
         if (PyErr_Occurred())
             return NULL;
         return PyLong_FromLong(0);
@@ -1228,7 +1243,7 @@ static PyObject *mod_reset(PyObject *self, PyObject *unused)
  * open; in strict mode the attach error is raised). */
 static PyObject *mod_ensure(PyObject *self, PyObject *unused)
 {
-    Counter *c = get_default(tt_now_seconds());
+    Counter *c = get_default();
     if (c == NULL) {
         if (PyErr_Occurred())
             return NULL;
