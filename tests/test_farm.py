@@ -490,3 +490,38 @@ def test_a_publisher_killed_inside_its_multi_changes_nothing(
     assert level_total(r) == 101 == per_host_total(r)
     pub.publish({LEVEL: (3, 3), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 1)
     assert pub.full == 1 and level_total(r) == 103 == per_host_total(r)
+
+
+def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
+        redis_server: RedisServer) -> None:
+    """A full publication held (Redis slow: the proxy holds it), the host
+    stops meanwhile (its withdraw goes through another connection), then
+    the held publication runs: refused, the host stays out of the live
+    numbers (not back for its TTL)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
+                                                            now=NOW)
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        c.ping()  # connected before the outage
+        c.script_load = r.script_load  # the scripts load; the publication is held
+        proxy.hold()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        pub.client = r
+        pub.withdraw()  # the stop
+        execs = r.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
+        proxy.release()
+        deadline = time.monotonic() + 5
+        while r.info("commandstats").get("cmdstat_exec", {}).get("calls", 0) < execs + 1:
+            assert time.monotonic() < deadline, "the held publication never ran"
+            time.sleep(0.01)
+        assert level_total(r) == 100 == per_host_total(r)
+        assert {h.host: h.alive for h in farm_live(r, now=NOW).hosts}.get("web1") is not True
+        # Started again (the same publisher object): back, exact.
+        pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)
+        assert level_total(r) == 102 == per_host_total(r)

@@ -183,6 +183,9 @@ PRE_SCRIPT = LIVE_LUA + """
 reap()
 local H, S = KEYS[4], KEYS[6]
 redis.call('UNLINK', S)
+if redis.call('GET', KEYS[7]) == string.match(ARGV[4], '^[^:]*') then
+  return 0  -- its publisher withdrew the host (a stop) before this ran: refused
+end
 local member = redis.call('ZSCORE', KEYS[1], ARGV[2])
 if ARGV[3] == 'diff' and not (member and redis.call('HGET', H, '~seq') == ARGV[4]) then
   return 0  -- refused: the hash and the sums stay as they are (a late diff)
@@ -201,7 +204,8 @@ return 1
 
 POST_SCRIPT = LIVE_LUA + """
 local H, S = KEYS[4], KEYS[6]
-if ARGV[3] == 'diff' and redis.call('HGET', S, '~seq') ~= ARGV[4] then
+if redis.call('GET', KEYS[7]) == string.match(ARGV[4], '^[^:]*')
+    or (ARGV[3] == 'diff' and redis.call('HGET', S, '~seq') ~= ARGV[4]) then
   redis.call('UNLINK', S)
   return 0
 end
@@ -216,11 +220,16 @@ redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[9])
 return 1
 """
 
-# KEYS: the prelude's three, then the host's hash.  ARGV: prefix, host.  The
-# host leaves the farm's live numbers now (a stop): its deadline set to 0,
-# then reaped.  A hash that is not in the alive set (an older version's) is
-# deleted.
+# KEYS: the prelude's three, then the host's hash, its stop mark
+# {prefix}~live~stop:{host}.  ARGV: prefix, host, the withdrawing
+# publisher's nonce (or ""), keep ms.  The host leaves the farm's live
+# numbers now (a stop): its deadline set to 0, then reaped.  A hash that is
+# not in the alive set (an older version's) is deleted.  The nonce is
+# kept as the stop mark: a publication of that publisher still on its way
+# (sent before the stop, run after it) is refused by PRE and POST instead
+# of bringing the host back for a TTL; the publisher takes a new nonce.
 WITHDRAW_SCRIPT = LIVE_LUA + """
+if ARGV[3] ~= '' then redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4]) end
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
   redis.call('ZADD', KEYS[1], 0, ARGV[2])
 else
@@ -310,7 +319,7 @@ class LivePublisher:
         self._pre, self._post = (client.register_script(PRE_SCRIPT),
                                  client.register_script(POST_SCRIPT))
         self._keys = [*_live_keys(prefix), f"{prefix}~live:{host}", f"{prefix}~hosts",
-                      f"{prefix}~live~in:{host}"]
+                      f"{prefix}~live~in:{host}", f"{prefix}~live~stop:{host}"]
         #: The fields of the last acknowledged publication and when it was
         #: acknowledged (``clock``); None: the next one is full.  ``_n``:
         #: the number the last attempt stamped (the hash holds it when that
@@ -387,14 +396,22 @@ class LivePublisher:
     def withdraw(self) -> None:
         """Leave the farm's live numbers now (a stop); the next publication
         is full."""
-        withdraw_live(self.client, self.host, prefix=self.prefix)
+        import secrets
+
+        withdraw_live(self.client, self.host, prefix=self.prefix, nonce=self._nonce)
         self._sent = None
+        # A publication of ours still on its way is refused (the stop mark
+        # holds our old nonce); the next ones stamp a new one.
+        self._nonce, self._n = secrets.token_hex(4), 0
 
 
-def withdraw_live(client: Any, host: str, *, prefix: str = "track") -> None:
+def withdraw_live(client: Any, host: str, *, prefix: str = "track", nonce: str = "") -> None:
     """``host`` leaves the farm's live numbers at once: its hash deleted and
-    its share of the watched sums subtracted, in one script."""
-    client.eval(WITHDRAW_SCRIPT, 4, *_live_keys(prefix), f"{prefix}~live:{host}", prefix, host)
+    its share of the watched sums subtracted, in one script; the
+    publications of the publisher ``nonce`` still on their way are
+    refused (WITHDRAW_SCRIPT)."""
+    client.eval(WITHDRAW_SCRIPT, 5, *_live_keys(prefix), f"{prefix}~live:{host}",
+                f"{prefix}~live~stop:{host}", prefix, host, nonce, LIVE_KEEP_MS)
 
 
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
