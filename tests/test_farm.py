@@ -339,7 +339,7 @@ def test_a_reader_that_may_not_write_still_drops_a_dead_host(redis_server: Redis
     live = farm_live(ro, now=NOW)
     assert live.count(*LEVEL, "minute") == 5
     assert {h.host: h.alive for h in live.hosts} == {"web1": True, "web2": False}
-    assert r.exists("track~live:web2")  # not reaped: the reader may not write
+    assert r.exists("track~live~st:web2")  # not reaped: the reader may not write
 
 
 def publish_as_before(r, host: str, counts, now: float) -> None:
@@ -389,9 +389,9 @@ def test_a_host_downgraded_without_a_stop_leaves_the_sums_exact(
     publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 0.1)
     time.sleep(0.3)
     farm.LivePublisher(r, "web3").publish({LEVEL: (1, 1)}, level=0, now=NOW + 1)  # reaps web2
-    assert r.hget("track~live~sum", "minute\0all\0pageview") == b"6"
+    assert not r.exists("track~live~st:web2", "track~live~w:web2")
     publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 1)
-    assert level_total(r) == 106  # web2 read by itself, as an older version's host
+    assert level_total(r) == 106 == per_host_total(r)  # web2 read by itself, as a 0.1 host
 
 
 def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
@@ -415,10 +415,11 @@ def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 1)
         pub.client = r  # the next publication reaches Redis first
+        evalshas = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
         pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)
         proxy.release()
         deadline = time.monotonic() + 5
-        while r.hget("track~live:web1", "~at") != repr(NOW + 1).encode():
+        while r.info("commandstats")["cmdstat_evalsha"]["calls"] < evalshas + 2:
             assert time.monotonic() < deadline, "the held publication never ran"
             time.sleep(0.01)
         pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
@@ -444,7 +445,7 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
                                                             now=NOW)
         pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
         pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
-        execs = r.info("commandstats")["cmdstat_exec"]["calls"]
+        execs = r.info("commandstats")["cmdstat_evalsha"]["calls"]
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)  # a diff, held
@@ -452,7 +453,7 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
         pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)  # full, runs first
         proxy.release()
         deadline = time.monotonic() + 5
-        while r.info("commandstats")["cmdstat_exec"]["calls"] < execs + 2:
+        while r.info("commandstats")["cmdstat_evalsha"]["calls"] < execs + 2:
             assert time.monotonic() < deadline, "the held publication never ran"
             time.sleep(0.01)
         assert level_total(r) == 103 == per_host_total(r)
@@ -462,12 +463,12 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
         assert level_total(r) == 104 == per_host_total(r) and pub.full == 2
 
 
-def test_a_publisher_killed_inside_its_multi_changes_nothing(
+def test_a_publisher_killed_inside_its_publication_changes_nothing(
         redis_server: RedisServer) -> None:
-    """The host dies (SIGKILL: its socket closes) after sending a MULTI's
-    first script and its HSETs but not the EXEC: Redis drops the queued
-    transaction; the hash, the sums and the sequence number stay as they
-    were, and the host's next diff applies."""
+    """The host dies (SIGKILL: its socket closes) with half of its
+    publication's EVALSHA sent: Redis never runs it; the state, the sums
+    and the sequence number stay as they were, and the host's next diff
+    applies."""
     import socket
 
     import redis
@@ -477,23 +478,19 @@ def test_a_publisher_killed_inside_its_multi_changes_nothing(
     pub = farm.LivePublisher(r, "web1")
     pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (2, 2)}, level=0, now=NOW)
     keys = pub._keys
-    cmds = [("MULTI",),
-            ("EVALSHA", pub._pre.sha, len(keys), *keys, "track", "web1", "full", "x:0"),
-            ("HSET", keys[5], "all\0pageview", "50 50")]
-    data = b"".join(redis.Connection().pack_commands(cmds))
+    cmd = ("EVALSHA", pub._script.sha, len(keys), *keys, "track", "web1", "full", "x", 9, 0,
+           60_000, 60_000, repr(NOW), "0", 0, "", "all\0pageview\t50 50", "all\0pageview",
+           "50 50")
+    data = b"".join(redis.Connection().pack_commands([cmd]))
     with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
-        s.sendall(data)
-        got = b""
-        while got.count(b"\r\n") < 3:  # +OK +QUEUED +QUEUED: queued, then the socket closes
-            got += s.recv(100)
-        assert got == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+        s.sendall(data[:len(data) - 10])  # the rest never sent: killed
     assert level_total(r) == 101 == per_host_total(r)
     pub.publish({LEVEL: (3, 3), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 1)
     assert pub.full == 1 and level_total(r) == 103 == per_host_total(r)
 
 
 def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
-        redis_server: RedisServer) -> None:
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full publication held (Redis slow: the proxy holds it), the host
     stops meanwhile (its withdraw goes through another connection), then
     the held publication runs: refused, the host stays out of the live
@@ -507,17 +504,18 @@ def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
         farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
                                                             now=NOW)
         pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
-        c.ping()  # connected before the outage
+        monkeypatch.setattr(farm, "FULL_EVERY", 0.0)  # every publication full
+        pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
         c.script_load = r.script_load  # the scripts load; the publication is held
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
         pub.client = r
         pub.withdraw()  # the stop
-        execs = r.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
+        execs = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
         proxy.release()
         deadline = time.monotonic() + 5
-        while r.info("commandstats").get("cmdstat_exec", {}).get("calls", 0) < execs + 1:
+        while r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) < execs + 1:
             assert time.monotonic() < deadline, "the held publication never ran"
             time.sleep(0.01)
         assert level_total(r) == 100 == per_host_total(r)

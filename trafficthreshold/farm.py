@@ -67,8 +67,6 @@ LIVE_KEEP_MS = 3_600_000
 #: A watched key (:func:`farm_level`) nobody asked for this long (seconds)
 #: leaves the watch set and the sums.
 WATCH_FOR = 86_400
-#: Fields per HSET/HDEL inside the publication script (Lua's unpack limit).
-CHUNK = 1_000
 #: A host not heard from for this long is no longer listed at all.
 FORGET_AFTER = 3_600
 #: A host not heard from for this long (seconds) leaves ``{prefix}~hosts``
@@ -86,192 +84,196 @@ LEASE_TTL_MS = 10_000
 
 LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
+#: A host sends its whole state (a *full* publication, its snapshot) at
+#: least this often (seconds), and sooner when the diffs sent since its
+#: last full one weigh more than a full one: a reader that starts (or fell
+#: behind the log) rebuilds a host from its snapshot plus the diffs after
+#: it, which the log keeps (:data:`LOG_KEEP_MS`).
+FULL_EVERY = 10.0
+#: The live log keeps this long (ms, Redis' clock) of diffs: more than
+#: :data:`FULL_EVERY` (a snapshot's diffs are all still there) plus a
+#: reader's refresh.
+LOG_KEEP_MS = 30_000
+
 # The live channel's scripts share this prelude.  KEYS[1] the alive set
-# ({prefix}~live~alive: host -> the Redis time, ms, after which it is dead),
-# KEYS[2] the watch set ({prefix}~live~watch: "{account}\0{event}" -> when a
-# reader last asked for it), KEYS[3] the watched keys' sums
-# ({prefix}~live~sum: "minute\0{account}\0{event}" and
-# "60s\0{account}\0{event}" -> the sum over the hosts in the alive set of
-# their current minute / last 60 s).  ARGV[1] the prefix.  The invariant
-# every script (and every publication's MULTI as a whole) keeps: for each
-# watched key, its sums are the sums of that key's field over the hash of
-# every host in the alive set.  reap() removes the hosts past their
-# deadline (subtracting their watched fields, then deleting their hash); a
-# dead host whose hash is gone already (it expired, LIVE_KEEP_MS, with
-# nobody left to reap it) or was rewritten by an older version (no ~seq:
-# the host was downgraded without a stop) makes it rebuild the sums from
-# the live hosts' hashes.  Host hashes are named here from the prefix (not declared in
-# KEYS): one Redis, not a cluster (docs/redis.rst, "Past one Redis").
+# ({prefix}~live~alive: host -> the Redis time, ms, after which it is
+# dead), KEYS[2] the watch set ({prefix}~live~watch: "{account}\0{event}"
+# -> when a reader last asked for it), KEYS[3] the watched keys' sums
+# ({prefix}~live~sum: "minute\0{f}", "60s\0{f}" -> the sum over the hosts
+# in the alive set of their current minute / last 60 s, "n\0{f}" -> how
+# many of them sent their value of f), KEYS[4] the watch generation
+# ({prefix}~live~wgen: INCR at every change of the watch set), KEYS[5] the
+# live log ({prefix}~live~log: a stream).  ARGV[1] the prefix.  The
+# invariant every script keeps: for each watched key f, its sums are the
+# sums of f over the watched-values hash ({prefix}~live~w:{host}) of every
+# host in the alive set.  reap() removes the hosts past their deadline:
+# their watched values subtracted, their state and watched values deleted,
+# a "gone" entry in the log.  Host keys are named here from the prefix
+# (not declared in KEYS): one Redis, not a cluster (docs/redis.rst, "Past
+# one Redis").  No script parses a host's counts: they travel as one
+# opaque value (the blob) per publication.
 LIVE_LUA = """
 local function parse(v)
   if not v then return 0, 0 end
   local m, s = string.match(v, '^(%d+) (%d+)')
   return tonumber(m) or 0, tonumber(s) or 0
 end
-local function add(field, dm, ds)
-  if dm ~= 0 and redis.call('HINCRBY', KEYS[3], 'minute\\0' .. field, dm) == 0 then
-    redis.call('HDEL', KEYS[3], 'minute\\0' .. field)
-  end
-  if ds ~= 0 and redis.call('HINCRBY', KEYS[3], '60s\\0' .. field, ds) == 0 then
-    redis.call('HDEL', KEYS[3], '60s\\0' .. field)
-  end
-end
-local function add_host(key, fields, sign)
-  if #fields == 0 then return end
-  local vals = redis.call('HMGET', key, unpack(fields))
-  for i, f in ipairs(fields) do
-    local m, s = parse(vals[i])
-    add(f, sign * m, sign * s)
+local function add(field, dm, ds, dn)
+  for _, p in ipairs({{'minute', dm}, {'60s', ds}, {'n', dn}}) do
+    if p[2] ~= 0 and redis.call('HINCRBY', KEYS[3], p[1] .. '\\0' .. field, p[2]) == 0 then
+      redis.call('HDEL', KEYS[3], p[1] .. '\\0' .. field)
+    end
   end
 end
-local function add_hosts(fields)
-  if #fields == 0 then return end
-  for _, h in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    add_host(ARGV[1] .. '~live:' .. h, fields, 1)
+local function drop_watched(w)
+  local old = redis.call('HGETALL', w)
+  for i = 1, #old, 2 do
+    local m, s = parse(old[i + 1])
+    add(old[i], -m, -s, -1)
   end
+  redis.call('UNLINK', w)
 end
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function log(fields)
+  return redis.call('XADD', KEYS[5], 'MINID', '~', ms - LOG_KEEP_MS, '*', unpack(fields))
+end
 local function reap()
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms)
-  if #dead == 0 then return end
-  local watched = redis.call('ZRANGE', KEYS[2], 0, -1)
-  local lost = false
-  for _, h in ipairs(dead) do
-    local key = ARGV[1] .. '~live:' .. h
-    if not redis.call('HGET', key, '~seq') then
-      lost = true  -- gone, or rewritten by an older version: its share is unknown
-    else
-      add_host(key, watched, -1)
-    end
-    redis.call('UNLINK', key)
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms)) do
+    drop_watched(ARGV[1] .. '~live~w:' .. h)
+    redis.call('UNLINK', ARGV[1] .. '~live~st:' .. h)
     redis.call('ZREM', KEYS[1], h)
-  end
-  if lost then
-    redis.call('DEL', KEYS[3])
-    add_hosts(watched)
+    log({'h', h, 'k', 'x'})
   end
 end
 """
 
-# A publication is one MULTI: PRE_SCRIPT, then plain HSET and HDEL of the
-# fields that changed and the fields gone (Redis's cheapest way to write
-# many fields: no per-field script work) into the host's staging hash,
-# then POST_SCRIPT.  KEYS: the prelude's three, the host's hash,
-# {prefix}~hosts, its staging hash {prefix}~live~in:{host}.  ARGV: prefix,
-# host, "full" or "diff", the sequence number the host's hash must hold
-# for a diff, then (POST) the new one, ttl ms, keep ms, the host's clock,
-# the ~hosts cut-off, level, last roll.
+# One publication: one EVALSHA.  KEYS: the prelude's five, {prefix}~hosts,
+# the host's state {prefix}~live~st:{host} (nonce, n: the last applied
+# publication's; ~level, ~at, ~last_roll, ~redis_at; snap: its last full
+# blob, snapid: that full's log entry), its watched values
+# {prefix}~live~w:{host}, its stop mark {prefix}~live~stop:{host}.  ARGV:
+# prefix, host, "full" or "diff", the publisher's nonce, this attempt's
+# number n, the number the state must hold for a diff, ttl ms, keep ms,
+# the host's clock, the ~hosts cut-off, level, last roll, the blob, then
+# pairs: a watched key, the host's "{minute} {60 s}" of it (every key of
+# the watch set as the host knows it).
 #
-# PRE takes the host's share out of the sums (its watched fields, if it is
-# in the alive set) and out of the alive set, and renames its hash to the
-# staging hash; a full publication deletes it instead.  A diff on a hash
-# that does not hold the sequence number it was computed from (a lost
-# reply that ran, a host reaped after a pause, a Redis that lost writes, a
-# diff that timed out and runs after the host's next publication) changes
-# nothing: the hash, the alive set and the sums stay as they are.
-# POST renames the staging hash back, stamped (Redis TIME, level, sequence
-# number), puts the share back into the sums and the host into the alive
-# set with its deadline; for a diff that PRE refused it deletes the
-# staging hash (the fields written in between are a part only) and
-# returns 0: the host then sends a full publication.  The HSET goes to the
-# staging hash so that a MULTI whose scripts fail (NOSCRIPT after a SCRIPT
-# FLUSH: EXEC still runs the HSET) leaves the live hash and the sums as
-# they were (the staging hash expires after the TTL).  Absolute values
-# throughout: a publication sent twice changes nothing the second time.
-PRE_SCRIPT = LIVE_LUA + """
+# Refused (nothing written; returns {0, generation}): any publication of a
+# publisher whose host was withdrawn since (the stop mark holds its
+# nonce: sent before a stop, run after it); a diff on a state that does
+# not hold the number it was computed from (a lost reply that ran, a host
+# reaped after a pause, a Redis that lost writes, a diff that timed out
+# and runs after the host's next publication; the host then sends a full
+# one); a full publication older than the state (same publisher, a lower
+# number: it timed out and runs late).  Applied: the blob appended to the
+# log (a full one kept as the host's snapshot instead, the log getting a
+# marker), the host's watched values replaced (the sums follow), its
+# deadline set; returns {1, generation}: the watch generation, so that the
+# host reads the watch set again when it changed.
+PUBLISH_SCRIPT = LIVE_LUA + """
 reap()
-local H, S = KEYS[4], KEYS[6]
-redis.call('UNLINK', S)
-if redis.call('GET', KEYS[7]) == string.match(ARGV[4], '^[^:]*') then
-  return 0  -- its publisher withdrew the host (a stop) before this ran: refused
+local S, W = KEYS[7], KEYS[8]
+local gen = tonumber(redis.call('GET', KEYS[4]) or '0')
+if redis.call('GET', KEYS[9]) == ARGV[4] then return {0, gen} end
+local nonce, n = unpack(redis.call('HMGET', S, 'nonce', 'n'))
+if ARGV[3] == 'diff' then
+  if not (redis.call('ZSCORE', KEYS[1], ARGV[2]) and nonce == ARGV[4] and n == ARGV[6]) then
+    return {0, gen}
+  end
+elseif nonce == ARGV[4] and tonumber(n) >= tonumber(ARGV[5]) then
+  return {0, gen}
 end
-local member = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if ARGV[3] == 'diff' and not (member and redis.call('HGET', H, '~seq') == ARGV[4]) then
-  return 0  -- refused: the hash and the sums stay as they are (a late diff)
-end
-if member then
-  add_host(H, redis.call('ZRANGE', KEYS[2], 0, -1), -1)
-  redis.call('ZREM', KEYS[1], ARGV[2])
-end
-if ARGV[3] == 'full' then
-  redis.call('UNLINK', H)
-  return 0
-end
-redis.call('RENAME', H, S)
-return 1
-"""
-
-POST_SCRIPT = LIVE_LUA + """
-local H, S = KEYS[4], KEYS[6]
-if redis.call('GET', KEYS[7]) == string.match(ARGV[4], '^[^:]*')
-    or (ARGV[3] == 'diff' and redis.call('HGET', S, '~seq') ~= ARGV[4]) then
-  redis.call('UNLINK', S)
-  return 0
-end
-redis.call('HSET', S, '~level', ARGV[10], '~at', ARGV[8], '~last_roll', ARGV[11],
-           '~seq', ARGV[5], '~redis_at', t[1] .. '.' .. string.format('%06d', t[2]))
-redis.call('RENAME', S, H)
-add_host(H, redis.call('ZRANGE', KEYS[2], 0, -1), 1)
-redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[6]), ARGV[2])
-for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], H}) do redis.call('PEXPIRE', k, ARGV[7]) end
-redis.call('ZADD', KEYS[5], ARGV[8], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[9])
-return 1
-"""
-
-# KEYS: the prelude's three, then the host's hash, its stop mark
-# {prefix}~live~stop:{host}.  ARGV: prefix, host, the withdrawing
-# publisher's nonce (or ""), keep ms.  The host leaves the farm's live
-# numbers now (a stop): its deadline set to 0, then reaped.  A hash that is
-# not in the alive set (an older version's) is deleted.  The nonce is
-# kept as the stop mark: a publication of that publisher still on its way
-# (sent before the stop, run after it) is refused by PRE and POST instead
-# of bringing the host back for a TTL; the publisher takes a new nonce.
-WITHDRAW_SCRIPT = LIVE_LUA + """
-if ARGV[3] ~= '' then redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[4]) end
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  redis.call('ZADD', KEYS[1], 0, ARGV[2])
+local stamp = t[1] .. '.' .. string.format('%06d', t[2])
+local meta = ARGV[11] .. ' ' .. ARGV[9] .. ' ' .. stamp .. ' ' .. ARGV[12]
+if ARGV[3] == 'diff' then
+  log({'h', ARGV[2], 'k', 'd', 's', ARGV[4] .. ':' .. ARGV[5], 'b', ARGV[4] .. ':' .. ARGV[6],
+       'm', meta, 'd', ARGV[13]})
+  redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta)
 else
-  redis.call('UNLINK', KEYS[4])
+  local id = log({'h', ARGV[2], 'k', 'f', 's', ARGV[4] .. ':' .. ARGV[5], 'm', meta})
+  redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta, 'snap', ARGV[13],
+             'snapid', id, 'snapseq', ARGV[4] .. ':' .. ARGV[5], 'snapmeta', meta)
 end
+drop_watched(W)
+local watch = {}
+for i = 14, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    local m, s = parse(ARGV[i + 1])
+    add(ARGV[i], m, s, 1)
+    watch[#watch + 1] = ARGV[i]
+    watch[#watch + 1] = ARGV[i + 1]
+  end
+end
+if #watch > 0 then redis.call('HSET', W, unpack(watch)) end
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[7]), ARGV[2])
+for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], S, W}) do
+  redis.call('PEXPIRE', k, ARGV[8])
+end
+redis.call('ZADD', KEYS[6], ARGV[9], ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[10])
+return {1, gen}
+"""
+
+# KEYS: the prelude's five, then the host's stop mark, its hash of the
+# older version (0.1: {prefix}~live:{host}).  ARGV: prefix, host, the
+# withdrawing publisher's nonce (or ""), keep ms.  The host leaves the
+# farm's live numbers now (a stop): its deadline set to 0, then reaped;
+# its older version's hash deleted.  The nonce is kept as the stop mark: a
+# publication of that publisher still on its way is refused instead of
+# bringing the host back; the publisher takes a new nonce.
+WITHDRAW_SCRIPT = LIVE_LUA + """
+if ARGV[3] ~= '' then redis.call('SET', KEYS[6], ARGV[3], 'PX', ARGV[4]) end
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then redis.call('ZADD', KEYS[1], 0, ARGV[2]) end
+redis.call('UNLINK', KEYS[7])
 reap()
 return 1
 """
 
-# KEYS: the prelude's three.  ARGV: prefix.  The reaper alone (the per-host
-# readings run it first).
+# KEYS: the prelude's five.  ARGV: prefix.  The reaper alone (the readers
+# run it first).
 REAP_SCRIPT = LIVE_LUA + """
 reap()
 return 1
 """
 
-# KEYS: the prelude's three.  ARGV: prefix, WATCH_FOR, then the fields.
-# Each field asked for is watched (its sums kept by every publication from
-# now on; a new one is summed from the live hosts' hashes first); fields
-# not asked for in WATCH_FOR seconds leave the watch set and the sums.
+# KEYS: the prelude's five.  ARGV: prefix, WATCH_FOR, then the fields.
+# Each field asked for is watched (every host sends its value with each
+# publication from its next one on, the watch generation telling it);
+# fields not asked for in WATCH_FOR seconds leave the watch set, the sums
+# and the hosts' watched values.  Returns the number of new fields.
 WATCH_SCRIPT = LIVE_LUA + """
 reap()
+local changed = 0
 for _, f in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf',
                               '(' .. (tonumber(t[1]) - tonumber(ARGV[2])))) do
-  redis.call('HDEL', KEYS[3], 'minute\\0' .. f, '60s\\0' .. f)
+  redis.call('HDEL', KEYS[3], 'minute\\0' .. f, '60s\\0' .. f, 'n\\0' .. f)
   redis.call('ZREM', KEYS[2], f)
+  for _, h in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    redis.call('HDEL', ARGV[1] .. '~live~w:' .. h, f)
+  end
+  changed = changed + 1
 end
-local new = {}
+local new = 0
 for i = 3, #ARGV do
-  if redis.call('ZADD', KEYS[2], t[1], ARGV[i]) == 1 then new[#new + 1] = ARGV[i] end
+  if redis.call('ZADD', KEYS[2], t[1], ARGV[i]) == 1 then new = new + 1 end
 end
-add_hosts(new)
-return #new
+if changed + new > 0 then redis.call('INCR', KEYS[4]) end
+return new
 """
 
+for _name in ("PUBLISH_SCRIPT", "WITHDRAW_SCRIPT", "REAP_SCRIPT", "WATCH_SCRIPT"):
+    globals()[_name] = globals()[_name].replace("LOG_KEEP_MS", str(LOG_KEEP_MS))
+
+
 def _live_keys(prefix: str) -> list[str]:
-    return [f"{prefix}~live~alive", f"{prefix}~live~watch", f"{prefix}~live~sum"]
+    return [f"{prefix}~live~alive", f"{prefix}~live~watch", f"{prefix}~live~sum",
+            f"{prefix}~live~wgen", f"{prefix}~live~log"]
 
 
 def live_fields(counts: LiveCounts, previous: dict[tuple[str, str], int] | None = None
                 ) -> dict[str, str]:
-    """A host's live hash fields: ``"{account}\\0{event}"`` -> ``"{minute}
+    """A host's live fields: ``"{account}\\0{event}"`` -> ``"{minute}
     {60 s}"``, then ``" {minute before}"`` when that minute held hits."""
     previous = previous or {}
     fields: dict[str, str] = {}
@@ -280,6 +282,21 @@ def live_fields(counts: LiveCounts, previous: dict[tuple[str, str], int] | None 
         p = previous.get(name, 0)
         fields[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     return fields
+
+
+def pack(fields: dict[str, str], gone: Sequence[str] = ()) -> str:
+    """The blob of a publication: one line per field, ``"{account}\\0{event}
+    \\t{value}"``, a gone field with an empty value.  Names refuse control
+    characters (:mod:`trafficthreshold.names`), so ``\\0``, ``\\t`` and
+    ``\\n`` never occur in them."""
+    return "\n".join([*(f"{k}\t{v}" for k, v in fields.items()), *(f"{k}\t" for k in gone)])
+
+
+def unpack_blob(blob: str) -> list[tuple[str, str]]:
+    """:func:`pack`'s lines back: (field, value), value "" for a gone one."""
+    if not blob:
+        return []
+    return [tuple(line.split("\t", 1)) for line in blob.split("\n")]  # type: ignore[misc]
 
 
 @dataclass
@@ -298,14 +315,18 @@ class Publication:
 
 class LivePublisher:
     """One host's publication of its live counts (the farm thread's; not
-    thread-safe).  The first publication, one after an error, one more
-    than half the TTL after the last acknowledged one, and one whose diff
-    was refused are *full* (the hash replaced whole); the others send only the
-    fields whose value changed and the fields gone (a *diff*), stamped with
-    a sequence number: a diff applies only on the hash holding the sequence
-    number it was computed from (PRE_SCRIPT), so it is never applied on top
-    of a state it was not computed from.  Absolute values throughout: a
-    publication sent twice changes nothing."""
+    thread-safe): one EVALSHA a second (:data:`PUBLISH_SCRIPT`).  The first
+    publication, one after an error, one more than half the TTL after the
+    last acknowledged one, one whose diff was refused, and one at least
+    every :data:`FULL_EVERY` seconds (or once the diffs since the last full
+    one weigh more than it) are *full* (the host's snapshot replaced); the
+    others send only the fields whose value changed and the fields gone (a
+    *diff*, appended to the live log), stamped with a sequence number: a
+    diff applies only on the state holding the number it was computed from,
+    so it is never applied on top of a state it was not computed from.
+    Absolute values throughout: a publication sent twice changes nothing.
+    Each publication also carries the absolute values of the watched keys
+    (the level's: Redis keeps their sums)."""
 
     def __init__(self, client: Any, host: str, *, prefix: str = "track",
                  ttl_ms: int = LIVE_TTL_MS, forget_after: float = FORGET_HOSTS_AFTER,
@@ -316,21 +337,23 @@ class LivePublisher:
         self.client, self.host, self.prefix = client, host, prefix
         self.ttl_ms, self.forget_after = ttl_ms, forget_after
         self.clock = clock or time.monotonic
-        self._pre, self._post = (client.register_script(PRE_SCRIPT),
-                                 client.register_script(POST_SCRIPT))
-        self._keys = [*_live_keys(prefix), f"{prefix}~live:{host}", f"{prefix}~hosts",
-                      f"{prefix}~live~in:{host}", f"{prefix}~live~stop:{host}"]
+        self._script = client.register_script(PUBLISH_SCRIPT)
+        self._keys = [*_live_keys(prefix), f"{prefix}~hosts", f"{prefix}~live~st:{host}",
+                      f"{prefix}~live~w:{host}", f"{prefix}~live~stop:{host}"]
         #: The fields of the last acknowledged publication and when it was
         #: acknowledged (``clock``); None: the next one is full.  ``_n``:
-        #: the number the last attempt stamped (the hash holds it when that
-        #: attempt was acknowledged).
+        #: the number the last attempt stamped (the state holds it when
+        #: that attempt was acknowledged).
         self._sent: dict[str, str] | None = None
         self._nonce, self._n, self._acked = secrets.token_hex(4), 0, 0.0
-        #: How many publications were full (the first, and resyncs).
+        #: The last full publication (``clock``), its size, and the bytes
+        #: of the diffs sent since.
+        self._full_at, self._full_bytes, self._diff_bytes = 0.0, 0, 0
+        #: The watch set as this host knows it, and its generation.
+        self._watch: list[str] = []
+        self._gen: int | None = None
+        #: How many publications were full (the first, resyncs, snapshots).
         self.full = 0
-
-    def _seq(self, n: int) -> str:
-        return f"{self._nonce}:{n}"
 
     def publish(self, counts: LiveCounts, *, level: int, now: float,
                 last_roll: float | None = None,
@@ -357,41 +380,48 @@ class LivePublisher:
     def send(self, pub: "Publication") -> None:
         """Send a publication made by :meth:`prepare`: its diff if it was
         computed against the last acknowledged one, less than half the TTL
-        ago (a host paused near its TTL may have been reaped), else whole."""
+        ago (a host paused near its TTL may have been reaped), and the
+        snapshot is recent and outweighs the diffs since; else whole."""
         sent, self._sent = self._sent, None  # until acknowledged
+        clock = self.clock()
         if sent is not None and pub.base is sent and pub.changed is not None \
-                and self.clock() - self._acked < self.ttl_ms / 2000:
-            if self._run("diff", pub.now, pub.meta, pub.changed, pub.gone or []):
+                and clock - self._acked < self.ttl_ms / 2000 \
+                and clock - self._full_at < FULL_EVERY and self._diff_bytes < self._full_bytes:
+            blob = pack(pub.changed, pub.gone or [])
+            if self._run("diff", pub, blob):
                 self._sent, self._acked = pub.fields, self.clock()
+                self._diff_bytes += len(blob)
                 return
-        self._run("full", pub.now, pub.meta, pub.fields, [])
+        blob = pack(pub.fields)
+        self._run("full", pub, blob)
         self._sent, self._acked = pub.fields, self.clock()
+        self._full_at, self._full_bytes, self._diff_bytes = self._acked, len(blob), 0
         self.full += 1
 
-    def _run(self, mode: str, now: float, meta: list[Any], fields: dict[str, str],
-             gone: list[str]) -> bool:
+    def _run(self, mode: str, pub: "Publication", blob: str) -> bool:
         # Every attempt stamps a number never used before, acknowledged or
         # not: a publication that runs late (its reply timed out, the next
         # one ran first) never holds the number the next diff expects.
-        base, self._n = self._seq(self._n), self._n + 1
-        args: list[Any] = [self.prefix, self.host, mode, base]
-        if mode == "full":  # the first, or after an error: the scripts may be gone
-            for script in (self._pre, self._post):
-                self.client.script_load(script.script)
-        # EVALSHA, not redis-py's Script in a pipeline (a SCRIPT EXISTS
-        # round trip before each MULTI); a NOSCRIPT fails the EXEC.
-        keys, staging = self._keys, self._keys[5]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.evalsha(self._pre.sha, len(keys), *keys, *args)
-        if fields:
-            pipe.hset(staging, mapping=fields)
-        if gone:
-            pipe.hdel(staging, *gone)
-        pipe.pexpire(staging, self.ttl_ms)
-        pipe.evalsha(self._post.sha, len(keys), *keys, *args, self._seq(self._n),
-                     self.ttl_ms, LIVE_KEEP_MS, meta[1], repr(float(now) - self.forget_after),
-                     meta[0], meta[2])
-        return bool(pipe.execute()[-1])
+        base, self._n = self._n, self._n + 1
+        if mode == "full":  # the first, or after an error: the script may be gone
+            self.client.script_load(self._script.script)
+        if self._gen is None:  # the first: the watched keys from the start
+            self._watch = sorted(_text(f) for f in self.client.zrange(self._keys[1], 0, -1))
+        watched: list[str] = []
+        for f in self._watch:
+            m, s, *_ = pub.fields.get(f, "0 0").split(" ")
+            watched += [f, f"{m} {s}"]
+        keys = self._keys
+        # EVALSHA, not redis-py's Script (a SCRIPT LOAD and a retry on
+        # NOSCRIPT): a NOSCRIPT raises, and the next publication is full.
+        ok, gen = self.client.evalsha(
+            self._script.sha, len(keys), *keys, self.prefix, self.host, mode, self._nonce,
+            self._n, base, self.ttl_ms, LIVE_KEEP_MS, pub.meta[1],
+            repr(float(pub.now) - self.forget_after), pub.meta[0], pub.meta[2], blob, *watched)
+        if gen != self._gen:  # the watch set changed: send its keys from the next one on
+            self._watch = sorted(_text(f) for f in self.client.zrange(keys[1], 0, -1))
+            self._gen = gen
+        return bool(ok)
 
     def withdraw(self) -> None:
         """Leave the farm's live numbers now (a stop); the next publication
@@ -406,12 +436,12 @@ class LivePublisher:
 
 
 def withdraw_live(client: Any, host: str, *, prefix: str = "track", nonce: str = "") -> None:
-    """``host`` leaves the farm's live numbers at once: its hash deleted and
-    its share of the watched sums subtracted, in one script; the
+    """``host`` leaves the farm's live numbers at once: its state deleted
+    and its share of the watched sums subtracted, in one script; the
     publications of the publisher ``nonce`` still on their way are
     refused (WITHDRAW_SCRIPT)."""
-    client.eval(WITHDRAW_SCRIPT, 5, *_live_keys(prefix), f"{prefix}~live:{host}",
-                f"{prefix}~live~stop:{host}", prefix, host, nonce, LIVE_KEEP_MS)
+    client.eval(WITHDRAW_SCRIPT, 7, *_live_keys(prefix), f"{prefix}~live~stop:{host}",
+                f"{prefix}~live:{host}", prefix, host, nonce, LIVE_KEEP_MS)
 
 
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
@@ -421,11 +451,11 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
     """Replace this host's live numbers whole (a full publication of a
     :class:`LivePublisher`, which the farm thread uses to send only what
     changed), stamped with Redis' clock too (``~redis_at``, Redis ``TIME``
-    in the same MULTI), so that a reader knows this host's clock skew
-    (``~at - ~redis_at``).  ``previous``: per key, the count of the minute
-    before ``now``'s (closed, so final).  Hosts not heard from for
-    ``forget_after`` seconds leave ``{prefix}~hosts`` in the same MULTI
-    (it never grows for ever)."""
+    in the same script), so that a reader knows this host's clock skew.
+    ``previous``: per key, the count of the minute before ``now``'s
+    (closed, so final).  Hosts not heard from for ``forget_after`` seconds
+    leave ``{prefix}~hosts`` in the same script (it never grows for
+    ever)."""
     LivePublisher(client, host, prefix=prefix, ttl_ms=ttl_ms, forget_after=forget_after
                   ).publish(counts, level=level, now=now, last_roll=last_roll,
                             previous=previous)
@@ -506,8 +536,195 @@ class FarmLive:
                    if row.alive and row.host == host)
 
 
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+@dataclass
+class _HostState:
+    """One host as a :class:`LiveReader` rebuilt it: its fields, the
+    sequence number of its last applied publication and that entry's id."""
+
+    seq: str
+    through: tuple[int, int]
+    meta: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class LiveReader:
+    """The farm's live numbers host by host, kept in memory and brought up
+    to date from the live log: each :meth:`read` reads the log entries after
+    the last one it read (its cost grows with what changed, not with hosts x
+    keys), the snapshot of a host only when that host sent a full
+    publication (or when the reader starts, or fell more than
+    :data:`LOG_KEEP_MS` behind the log: then every live host's snapshot).
+    Used by :func:`farm_live` (the views, ``status``, the farm rules'
+    leader), one per client.  Thread-safe (a lock: the API's threads share
+    it)."""
+
+    def __init__(self, client: Any, *, prefix: str = "track") -> None:
+        import threading
+
+        self.client, self.prefix = client, prefix
+        self._lock = threading.Lock()
+        self._last: str | None = None  # the last log entry read
+        self._hosts: dict[str, _HostState] = {}
+        #: Snapshots read (host by host), for the benchmark and the tests.
+        self.snapshots = 0
+
+    def read(self, now: float, only: Sequence[tuple[str, str]] | None = None) -> "FarmLive":
+        with self._lock:
+            return self._read(now, only)
+
+    def _read(self, now: float, only: Sequence[tuple[str, str]] | None) -> "FarmLive":
+        p = self.prefix
+        pipe = self.client.pipeline(transaction=False)
+        # The reaper first (a reader allowed to write only; the deadlines
+        # below decide without it).
+        pipe.eval(REAP_SCRIPT, 5, *_live_keys(p), p)
+        pipe.zrangebyscore(f"{p}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
+        pipe.xrange(f"{p}~live~log", "-" if self._last is None else f"({self._last}", "+")
+        pipe.zrange(f"{p}~live~alive", 0, -1, withscores=True)
+        pipe.get(f"{p}~leader")
+        pipe.time()
+        _reaped, seen, entries, deadlines, leader, clock = pipe.execute(raise_on_error=False)
+        for reply in (seen, entries, deadlines, leader, clock):
+            if isinstance(reply, Exception):
+                raise reply
+        secs, usecs = clock
+        redis_ms = int(secs) * 1000 + int(usecs) // 1000
+        alive = {_text(h) for h, deadline in deadlines if deadline > redis_ms}
+        entries = [(_text(i), {_text(k): _text(v) for k, v in e.items()}) for i, e in entries]
+        behind = self._last is None or _id_ms(self._last) < redis_ms - LOG_KEEP_MS + 1_000
+        if behind:  # the log may lack entries we need: every host from its snapshot
+            self._hosts = {}
+        if entries:
+            self._last = entries[-1][0]
+        elif self._last is None or behind:
+            self._last = f"{redis_ms - 1}-0"
+        need = self._apply(entries) | (alive - self._hosts.keys())
+        if need:
+            self._snapshots(sorted(need), entries)
+        for host in list(self._hosts):
+            if host not in alive:
+                del self._hosts[host]
+        names = [_text(h) for h, _ in seen]
+        legacy = [h for h in names if h not in alive]
+        pipe = self.client.pipeline(transaction=False)
+        for host in names:
+            pipe.hget(f"{p}~host:{host}", "last_roll_at")
+        for host in legacy:  # an older version's host (0.1): its hash whole
+            pipe.hgetall(f"{p}~live:{host}")
+        replies = pipe.execute()
+        rolled = dict(zip(names, replies[:len(names)]))
+        old = dict(zip(legacy, replies[len(names):]))
+        wanted = None if only is None else {f"{a}\0{e}" for a, e in only}
+        total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        hosts = []
+        for host, at in seen:
+            host = _text(host)
+            got = rolled.get(host)
+            row = HostLive(host, alive=False, at=float(at),
+                           last_roll=None if got is None else float(got))
+            state = self._hosts.get(host)
+            if state is not None:
+                row.alive = True
+                level, at_, redis_at, last_roll = (state.meta.split(" ") + ["", "", "", ""])[:4]
+                for k, v in (("~level", level), ("~at", at_), ("~redis_at", redis_at),
+                             ("~last_roll", last_roll)):
+                    if v:
+                        row.take(k, v)
+                items: Any = state.fields.items() if wanted is None else (
+                    (f, state.fields[f]) for f in wanted if f in state.fields)
+            else:
+                raw = {_text(k): _text(v) for k, v in (old.get(host) or {}).items()}
+                row.alive = bool(raw)
+                items = raw.items() if wanted is None else (
+                    (k, v) for k, v in raw.items() if k in wanted or k.startswith("~"))
+            for k, v in items:
+                got = row.take(k, v)
+                if got is not None:
+                    key, minute, sliding = got
+                    total[key][0] += minute
+                    total[key][1] += sliding
+            row.done()
+            hosts.append(row)
+        return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
+                        None if leader is None else _text(leader).split(" ")[0],
+                        redis_now=int(secs) + int(usecs) / 1e6)
+
+    def _apply(self, entries: list[tuple[str, dict[str, str]]],
+               only_host: str | None = None) -> set[str]:
+        """Apply the log ``entries`` to the hosts kept; the hosts whose
+        snapshot must be read (a full publication, or a diff that does not
+        follow the state kept: the reader missed something)."""
+        need: set[str] = set()
+        for entry_id, e in entries:
+            host = e.get("h", "")
+            if only_host is not None and host != only_host:
+                continue
+            state = self._hosts.get(host)
+            key = _id_key(entry_id)
+            if state is not None and key <= state.through:
+                continue
+            kind = e.get("k")
+            if kind == "x":  # reaped or withdrawn
+                self._hosts.pop(host, None)
+                need.discard(host)
+            elif kind == "d" and state is not None and state.seq == e.get("b") \
+                    and host not in need:
+                for f, v in unpack_blob(e.get("d", "")):
+                    if v:
+                        state.fields[f] = v
+                    else:
+                        state.fields.pop(f, None)
+                state.seq, state.through, state.meta = e.get("s", ""), key, e.get("m", "")
+            else:
+                need.add(host)
+        return need
+
+    def _snapshots(self, hosts: list[str], entries: list[tuple[str, dict[str, str]]]) -> None:
+        """Rebuild ``hosts`` from their snapshots, then the diffs after
+        each (from ``entries``, or the log read again from the oldest
+        snapshot when they do not cover it).  A host whose diffs after its
+        snapshot are gone (trimmed) is left out until its next full
+        publication."""
+        pipe = self.client.pipeline(transaction=False)
+        for host in hosts:
+            pipe.hmget(f"{self.prefix}~live~st:{host}",
+                       ["snap", "snapid", "snapseq", "snapmeta"])
+        states = {}
+        for host, (snap, snapid, seq, meta) in zip(hosts, pipe.execute()):
+            self.snapshots += 1
+            self._hosts.pop(host, None)
+            if snap is None or snapid is None:
+                continue  # gone meanwhile
+            states[host] = _HostState(_text(seq), _id_key(_text(snapid)), _text(meta),
+                                      dict(unpack_blob(_text(snap))))
+        if not states:
+            return
+        first = min(s.through for s in states.values())
+        last = max(s.through for s in states.values())
+        log = entries
+        if not (entries and _id_key(entries[0][0]) <= first
+                and _id_key(entries[-1][0]) >= last):
+            log = [(_text(i), {_text(k): _text(v) for k, v in e.items()})
+                   for i, e in self.client.xrange(f"{self.prefix}~live~log",
+                                                  f"{first[0]}-{first[1]}", "+")]
+        for host, state in states.items():
+            self._hosts[host] = state
+            if self._apply([x for x in log if _id_key(x[0]) > state.through], host):
+                self._hosts.pop(host, None)  # a gap: wait for its next full publication
 
 
 #: A reader asks Redis to keep watching its keys this often (seconds).
@@ -519,20 +736,25 @@ LEGACY_WINDOW = LIVE_TTL_MS / 1000 + 5
 
 class LevelReader:
     """The farm's total of a few keys (the level's: the farm thread reads it
-    four times a second), in one round trip of three plain reads whatever
-    the number of hosts: the sums that every publication keeps for the
-    watched keys (:data:`WATCH_SCRIPT`, run at the first reading and every
+    four times a second), in one round trip of plain reads whatever the
+    number of hosts: the sums that every publication keeps for the watched
+    keys (:data:`WATCH_SCRIPT`, run at the first reading and every
     :data:`WATCH_AGAIN` seconds after, so that a key stays watched), this
-    host's own published fields (:meth:`FarmLive.own`: what it put in the
+    host's own watched values (:meth:`FarmLive.own`: what it put in the
     sums, so that the caller can put its count of this instant in place of
     it) and its last roll.  Not thread-safe.
 
-    A farm being upgraded host by host: hosts of an older version publish
-    their hash whole, not into the sums.  When more hosts published in the
-    last :data:`LEGACY_WINDOW` seconds (``{prefix}~hosts``) than the alive
-    set holds, the reading adds the keys of those not in it, host by host
-    (their hashes expire 5 s after their last publication): the level
-    counts every host while the farm is mixed, at the old cost."""
+    A key newly watched is in the sums of a host from that host's next
+    publication on (the script's reply tells it the watch set changed):
+    until every live host sent it (``n\\0{key}`` in the sums, against the
+    alive set's size), the reading takes the key from a host-by-host
+    reading (:class:`LiveReader`) instead, so it is never short.
+
+    A farm being upgraded host by host: hosts of the older version (0.1)
+    publish their hash whole, not into the sums.  When more hosts published
+    in the last :data:`LEGACY_WINDOW` seconds (``{prefix}~hosts``) than the
+    alive set holds, the reading adds the keys of those not in it, host by
+    host (their hashes expire 5 s after their last publication)."""
 
     def __init__(self, client: Any, host: str, keys: Sequence[tuple[str, str]], *,
                  prefix: str = "track", clock: Any = None) -> None:
@@ -541,7 +763,7 @@ class LevelReader:
         self.client, self.host, self.prefix, self.keys = client, host, prefix, tuple(keys)
         self.clock = clock or time.monotonic
         self._fields = [f"{a}\0{e}" for a, e in self.keys]
-        self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s")]
+        self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s", "n")]
         self._watched: float | None = None
 
     def read(self, now: float) -> FarmLive:
@@ -551,39 +773,56 @@ class LevelReader:
         again at once."""
         if self._watched is None or self.clock() - self._watched > WATCH_AGAIN:
             self._watch()
-        sums, own, rolled, watched, recent, alive = self._read(now)
+        sums, own, meta, rolled, watched, recent, alive = self._read(now)
         if None in watched:
             self._watch()
-            sums, own, rolled, watched, recent, alive = self._read(now)
-        total = {key: (int(sums[2 * i] or 0), int(sums[2 * i + 1] or 0))
+            sums, own, meta, rolled, watched, recent, alive = self._read(now)
+        total = {key: (int(sums[3 * i] or 0), int(sums[3 * i + 1] or 0))
                  for i, key in enumerate(self.keys)}
-        if recent > alive:
+        short = [key for i, key in enumerate(self.keys) if int(sums[3 * i + 2] or 0) < alive]
+        live = None
+        if short:  # newly watched: not every live host sent it yet
+            live = reader(self.client, self.prefix).read(now, only=short)
+            total.update({key: live.total.get(key, (0, 0)) for key in short})
+        elif recent > alive:
             for key, (m, s) in self._legacy(now).items():
                 total[key] = (total[key][0] + m, total[key][1] + s)
         total = {key: counts for key, counts in total.items() if any(counts)}
-        row = HostLive(self.host, alive=own[0] is not None,
+        row = HostLive(self.host, alive=meta is not None,
                        last_roll=None if rolled is None else float(rolled))
-        for k, v in zip(["~at", "~level", *self._fields], own):
-            if v is not None:
-                row.take(k, _text(v))
+        if meta is not None:
+            level, at = _text(meta).split(" ")[:2]
+            row.take("~level", level)
+            row.take("~at", at)
+            for k, v in zip(self._fields, own):
+                if v is not None:
+                    row.take(k, _text(v))
+        if live is not None:  # its own share of the short keys: as read with them
+            mine = next((h for h in live.hosts if h.host == self.host and h.alive), None)
+            for key in short:
+                row.counts.pop(key, None)
+                if mine is not None and key in mine.counts:
+                    row.counts[key] = mine.counts[key]
         return FarmLive(total, [row], None)
 
     def _watch(self) -> None:
-        self.client.eval(WATCH_SCRIPT, 3, *_live_keys(self.prefix), self.prefix,
+        self.client.eval(WATCH_SCRIPT, 5, *_live_keys(self.prefix), self.prefix,
                          WATCH_FOR, *self._fields)
         self._watched = self.clock()
 
     def _read(self, now: float) -> list[Any]:
+        p = self.prefix
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(f"{self.prefix}~live~sum", self._sums)
-        pipe.hmget(f"{self.prefix}~live:{self.host}", ["~at", "~level", *self._fields])
-        pipe.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
-        pipe.zcount(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
-        pipe.zcard(f"{self.prefix}~live~alive")
+        pipe.hmget(f"{p}~live~sum", self._sums)
+        pipe.hmget(f"{p}~live~w:{self.host}", self._fields)
+        pipe.hget(f"{p}~live~st:{self.host}", "meta")
+        pipe.hget(f"{p}~host:{self.host}", "last_roll_at")
+        pipe.zcount(f"{p}~hosts", now - LEGACY_WINDOW, "+inf")
+        pipe.zcard(f"{p}~live~alive")
         for f in self._fields:
-            pipe.zscore(f"{self.prefix}~live~watch", f)
-        sums, own, rolled, recent, alive, *watched = pipe.execute()
-        return [sums, own, rolled, watched, recent, alive]
+            pipe.zscore(f"{p}~live~watch", f)
+        sums, own, meta, rolled, recent, alive, *watched = pipe.execute()
+        return [sums, own, meta, rolled, watched, recent, alive]
 
     def _legacy(self, now: float) -> LiveCounts:
         """The keys of the hosts that published lately and are not in the
@@ -616,64 +855,42 @@ def farm_level(client: Any, host: str, *, now: float, prefix: str = "track",
     return LevelReader(client, host, keys, prefix=prefix).read(now)
 
 
+_READERS: "weakref.WeakKeyDictionary[Any, dict[str, LiveReader]]"
+
+
+def reader(client: Any, prefix: str = "track") -> LiveReader:
+    """The :class:`LiveReader` of ``client`` and ``prefix`` (one each: kept
+    as long as the client, so that each reading reads only what changed
+    since the last)."""
+    import threading
+
+    with _READERS_LOCK:
+        per = _READERS.setdefault(client, {})
+        if prefix not in per:
+            per[prefix] = LiveReader(client, prefix=prefix)
+        return per[prefix]
+
+
+import threading as _threading  # noqa: E402
+import weakref  # noqa: E402
+
+_READERS = weakref.WeakKeyDictionary()
+_READERS_LOCK = _threading.Lock()
+
+
 def farm_live(client: Any, *, now: float, prefix: str = "track",
               only: Sequence[tuple[str, str]] | None = None) -> FarmLive:
     """The farm's live numbers, host by host: the sum over the hosts that
     are alive (the reaper runs first: a host past its deadline is gone),
-    and a row per host seen lately.  A host whose hash is gone keeps its
-    last publication time (``at``, from ``{prefix}~hosts``) and its last
-    roll (``last_roll``, from the store's ``{prefix}~host:{host}``), so a
-    dead host says since when.  ``only``: read just these keys of each host
-    (HMGET, not HGETALL: the farm rules' leader, once a second).  One read
-    per host: the views and the leader; the level reads
-    :func:`farm_level`."""
-    seen = client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
-    names = [_text(h) for h, _ in seen]
-    pipe = client.pipeline(transaction=False)
-    # The reaper first (a reader allowed to write only; the deadlines
-    # below decide without it).
-    pipe.eval(REAP_SCRIPT, 3, *_live_keys(prefix), prefix)
-    pipe.zrange(f"{prefix}~live~alive", 0, -1, withscores=True)
-    fields = None if only is None else [
-        "~level", "~at", "~last_roll", "~redis_at", *(f"{a}\0{e}" for a, e in only)]
-    for host in names:
-        if fields is None:
-            pipe.hgetall(f"{prefix}~live:{host}")
-        else:
-            pipe.hmget(f"{prefix}~live:{host}", fields)
-        pipe.hget(f"{prefix}~host:{host}", "last_roll_at")
-    pipe.get(f"{prefix}~leader")
-    pipe.time()
-    _reaped, deadlines, *replies, leader, clock = pipe.execute(raise_on_error=False)
-    for reply in (deadlines, *replies, leader, clock):
-        if isinstance(reply, Exception):
-            raise reply
-    secs, usecs = clock
-    redis_ms = int(secs) * 1000 + int(usecs) // 1000
-    # A host in the alive set past its deadline is dead, reaped or not; a
-    # hash not in it (an older version's) lives as long as it exists.
-    dead = {_text(h) for h, deadline in deadlines if deadline <= redis_ms}
-    total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    hosts = []
-    for (host, (_, at)), raw, rolled in zip(zip(names, seen), replies[::2], replies[1::2],
-                                            strict=True):
-        if fields is not None:  # HMGET: values in field order, None for a missing one
-            raw = {} if raw[1] is None else {f: v for f, v in zip(fields, raw) if v is not None}
-        if host in dead:
-            raw = {}  # as if reaped
-        row = HostLive(host, alive=bool(raw), at=float(at),
-                       last_roll=None if rolled is None else float(rolled))
-        for k, v in raw.items():
-            got = row.take(_text(k), _text(v))
-            if got is not None:
-                key, minute, sliding = got
-                total[key][0] += minute
-                total[key][1] += sliding
-        row.done()
-        hosts.append(row)
-    return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
-                    None if leader is None else _text(leader).split(" ")[0],
-                    redis_now=int(secs) + int(usecs) / 1e6)
+    and a row per host seen lately.  A host that is gone keeps its last
+    publication time (``at``, from ``{prefix}~hosts``) and its last roll
+    (``last_roll``, from the store's ``{prefix}~host:{host}``), so a dead
+    host says since when.  ``only``: just these keys of each host (the
+    farm rules' leader, once a second).  Read through the client's
+    :class:`LiveReader` (:func:`reader`): the log entries since its last
+    reading, a host's snapshot only after its full publication; the level
+    reads :func:`farm_level`."""
+    return reader(client, prefix).read(now, only)
 
 
 # -------------------------------------------------------------- the lease
