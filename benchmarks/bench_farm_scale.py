@@ -58,6 +58,8 @@ import redis  # noqa: E402
 from bench_redis import start_redis  # noqa: E402
 from trafficthreshold import farm, farmsync  # noqa: E402
 
+import farm_hash_baseline  # noqa: E402
+
 LEVEL = ("all", "pageview")
 RULE = ("shop1", "pageview")
 CHANGING = 0.10
@@ -65,6 +67,8 @@ CHANGING = 0.10
 #: than real seconds, and a host must not expire (real time) between two
 #: of its publications; what a second costs does not depend on it.
 TTL_MS = 600_000
+#: The farm's clock (farm-seconds), for the publishers of the log design.
+FARM_CLOCK = [0.0]
 
 
 # ------------------------------------------------- the baseline (before #25)
@@ -149,7 +153,8 @@ def farm_live_before(client: Any, *, now: float, prefix: str = "track",
 # ------------------------------------------------------------- the designs
 
 class Before:
-    name = "before"
+    """BASELINE (0.1): every key of every host rewritten every second."""
+    name = "0.1"
 
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
@@ -168,13 +173,51 @@ class Before:
     def lead(self, now: float) -> None:
         farm_live_before(self.client, now=now, only=[LEVEL, RULE])
 
+    @staticmethod
+    def dashboard(client: Any, now: float) -> None:
+        farm_live_before(client, now=now)
 
-class After:
-    name = "after"
+
+class Hash:
+    """BASELINE (issue #25's first design, benchmarks/farm_hash_baseline.py):
+    a hash per host, the changed fields' HSET in a MULTI between two scripts;
+    the views and the leader read every host's hash."""
+    name = "hash"
 
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
-        self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS)
+        self.publisher = farm_hash_baseline.LivePublisher(client, host, ttl_ms=TTL_MS)
+        self.reader = farm_hash_baseline.LevelReader(client, host, farmsync.LEVEL_KEYS)
+
+    def prepare(self, counts, previous, now) -> Any:
+        return self.publisher.prepare(counts, level=0, now=now, previous=previous)
+
+    def send(self, prepared) -> None:
+        self.publisher.send(prepared)
+
+    def level(self, now: float) -> int:
+        return self.reader.read(now).count(*LEVEL, "minute")
+
+    def lead(self, now: float) -> None:
+        farm_hash_baseline.farm_live(self.client, now=now, only=[LEVEL, RULE])
+
+    @staticmethod
+    def dashboard(client: Any, now: float) -> None:
+        farm_hash_baseline.farm_live(client, now=now)
+
+
+class After:
+    """This design: one EVALSHA per host-second (a blob into the live log),
+    the leader and the dashboard reading the log since their last entry."""
+    name = "log"
+
+    def __init__(self, client: Any, host: str) -> None:
+        self.client, self.host = client, host
+        # The publisher's clock is the farm's (its full publication every
+        # FULL_EVERY farm-seconds, as on a real farm, however slowly this
+        # one process simulates them).
+        self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS,
+                                            clock=lambda: FARM_CLOCK[0])
         self.reader = farm.LevelReader(client, host, farmsync.LEVEL_KEYS)
 
     def prepare(self, counts, previous, now) -> Any:
@@ -188,6 +231,10 @@ class After:
 
     def lead(self, now: float) -> None:
         farm.farm_live(self.client, now=now, only=[LEVEL, RULE])
+
+    @staticmethod
+    def dashboard(client: Any, now: float) -> None:
+        farm.farm_live(client, now=now)
 
 
 # --------------------------------------------------------- simulated hosts
@@ -227,8 +274,8 @@ def p99(values: list[float]) -> float:
     return values[min(len(values) - 1, int(len(values) * 0.99))] if values else 0.0
 
 
-def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int = 1
-        ) -> dict[str, float]:
+def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int = 1,
+        dashboard: bool = True) -> dict[str, float]:
     """One design, one size, on a flushed Redis: a warm-up second, then
     ``seconds`` ordinary farm-seconds and one minute turn, measured apart."""
     admin = redis.Redis(port=port)
@@ -240,10 +287,15 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
     now = 1_800_000_000.0 + 5  # 5 s into a minute
     publish_lat: list[float] = []
     read_lat: list[float] = []
+    dash = redis.Redis(port=port)  # an open dashboard: one refresh a farm-second
+    #: The readers' costs, summed over the measured seconds: Redis CPU (s)
+    #: and wall time (s, this process: the reader's own parsing too).
+    costs = {"lead_cpu": 0.0, "lead_wall": 0.0, "dash_cpu": 0.0, "dash_wall": 0.0}
 
     def farm_second(turn: bool) -> None:
         nonlocal now
         now += 1
+        FARM_CLOCK[0] = now
         for sim in sims:
             sim.second(rng, turn)
         # The hosts' own work first (each host does it on its own machine),
@@ -258,7 +310,10 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
             got = side.level(now)  # the last host's: after every publication
             read_lat.append(time.perf_counter() - t1)
             publish_lat.append(t1 - t)
+        c0, t = info(admin)["cpu"], time.perf_counter()
         sides[0].lead(now)
+        costs["lead_wall"] += time.perf_counter() - t
+        costs["lead_cpu"] += info(admin)["cpu"] - c0
         for _ in range(farmsync.REFRESHES):
             for side in sides:
                 t = time.perf_counter()
@@ -268,24 +323,38 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
         if got != truth:
             sys.exit(f"FAIL  {design.name}: the level's farm count is {got}, the hosts' "
                      f"counts add up to {truth}")
+        if dashboard:
+            c0, t = info(admin)["cpu"], time.perf_counter()
+            design.dashboard(dash, now)
+            costs["dash_wall"] += time.perf_counter() - t
+            costs["dash_cpu"] += info(admin)["cpu"] - c0
 
+    sides[0].level(now)  # the level's key watched already (a farm that runs)
     farm_second(False)  # warm-up: every host's first (full) publication
     publish_lat.clear()
     read_lat.clear()
+    costs.update(dict.fromkeys(costs, 0.0))
     before = info(admin)
     for _ in range(seconds):
         farm_second(False)
     ordinary = info(admin)
+    dash_cpu = costs["dash_cpu"]
     farm_second(True)
     turned = info(admin)
+    dash_turn = costs["dash_cpu"] - dash_cpu
     memory = int(admin.info("memory")["used_memory"])
-    for c in clients:
+    for c in [*clients, dash]:
         c.close()
+    ordinary["cpu"] -= dash_cpu  # the dashboard is reported apart
+    turned["cpu"] -= dash_cpu + dash_turn
     per = {k: (ordinary[k] - before[k]) / seconds for k in before}
     turn = {k: turned[k] - ordinary[k] for k in before}
     # One minute turn in 60 seconds.
     mix = {k: (59 * per[k] + turn[k]) / 60 for k in before}
+    n = seconds + 1
     return {"cpu": mix["cpu"], "net": mix["net"], "calls": mix["calls"],
+            "lead_cpu": costs["lead_cpu"] / n, "lead_wall": costs["lead_wall"] / n,
+            "dash_cpu": costs["dash_cpu"] / n, "dash_wall": costs["dash_wall"] / n,
             "cpu_turn": turn["cpu"], "memory": memory,
             "publish_p99": p99(publish_lat), "read_p99": p99(read_lat)}
 
@@ -299,42 +368,49 @@ def staleness(got: dict[str, float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
-    parser.add_argument("--design", choices=("both", "before", "after"), default="both",
+    parser.add_argument("--design", choices=("all", "0.1", "hash", "log"), default="all",
                         help="run one design only")
     args = parser.parse_args()
     if args.quick:
         sizes, seconds = [(3, 200), (10, 200)], 2
     else:
         sizes, seconds = [(3, 1000), (30, 1000), (100, 1000), (3, 10_000), (30, 10_000),
-                          (100, 10_000), (1000, 1000)], 3
-    designs = [d for d in (Before, After) if args.design in ("both", d.name)
-               and (d is Before or hasattr(farm, "LivePublisher"))]
+                          (100, 10_000), (1000, 1000)], 5
+    designs = [d for d in (Before, Hash, After) if args.design in ("all", d.name)]
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_redis(tmp)
         try:
-            print(f"{'hosts':>5} {'keys':>6} {'design':<7} {'Redis CPU/s':>11} {'% core':>7} "
-                  f"{'turn s':>7} {'calls/s':>8} {'net/s':>9} {'memory':>9} {'staleness':>10}")
+            print(f"{'hosts':>5} {'keys':>6} {'design':<6} {'Redis CPU/s':>11} {'% core':>7} "
+                  f"{'turn s':>7} {'calls/s':>8} {'net/s':>9} {'memory':>9} {'staleness':>10} "
+                  f"{'leader':>15} {'dashboard':>17}")
             results: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
             for hosts, keys in sizes:
                 for design in designs:
-                    if design is Before and hosts >= 1000:
-                        continue  # hosts^2 level reads: minutes per farm-second
+                    if design is not After and hosts >= 1000:
+                        continue  # minutes per farm-second (hosts^2 reads, or hosts x keys)
+                    if design is Before and hosts * keys > 300_000 and not args.quick:
+                        continue  # saturated already at 30 x 10,000 (docs/redis.rst)
                     got = run(design, port, hosts, keys, seconds)
                     results.setdefault((hosts, keys), {})[design.name] = got
-                    print(f"{hosts:>5} {keys:>6} {design.name:<7} "
+                    print(f"{hosts:>5} {keys:>6} {design.name:<6} "
                           f"{got['cpu'] * 1000:>8.1f} ms {got['cpu'] * 100:>6.1f}% "
                           f"{got['cpu_turn']:>6.2f}s {got['calls']:>8.0f} "
                           f"{got['net'] / 1e6:>6.2f} MB {got['memory'] / 1e6:>6.1f} MB "
-                          f"{staleness(got):>10}", flush=True)
+                          f"{staleness(got):>10} "
+                          f"{got['lead_cpu'] * 1000:>5.1f}/{got['lead_wall'] * 1000:>6.1f} ms "
+                          f"{got['dash_cpu'] * 1000:>6.1f}/{got['dash_wall'] * 1000:>7.1f} ms",
+                          flush=True)
         finally:
             proc.kill()
             proc.wait()
-    if len(designs) == 2:
-        print("\nbefore / after (Redis CPU per farm-second):")
+    print("(leader, dashboard: one reading a farm-second, Redis CPU / wall time in this "
+          "process;\n the dashboard's refresh is not in the Redis CPU/s column)")
+    if len(designs) > 1:
+        print("\nhash / log (Redis CPU per farm-second):")
         for (hosts, keys), pair in results.items():
-            if "before" in pair and "after" in pair:
+            if "hash" in pair and "log" in pair:
                 print(f"  {hosts:>5} hosts x {keys:>6,} keys: "
-                      f"{pair['before']['cpu'] / max(pair['after']['cpu'], 1e-6):6.1f}x")
+                      f"{pair['hash']['cpu'] / max(pair['log']['cpu'], 1e-6):6.1f}x")
     print("(checked: every level read at the end of a second equals the hosts' total)")
     return 0
 

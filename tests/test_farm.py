@@ -129,12 +129,22 @@ def test_the_level_is_one_read_of_the_sum_and_equals_the_hosts_sum(
     for i, (h, pub) in enumerate(pubs.items()):
         pub.publish({LEVEL: (10 + i, 40 + i), ("acme", "pageview"): (i, i)}, level=0, now=NOW)
     assert level_total(r) == 33 == per_host_total(r)
-    # ("acme", "pageview") is watched from its first level read on: summed
-    # from the hosts' hashes then, kept by each publication after.
-    acme = farm.farm_level(r, "web2", now=NOW, keys=[("acme", "pageview")])
-    assert acme.count("acme", "pageview", "60s") == 3
-    assert acme.own("web2", ("acme", "pageview"), "60s") == 1
+    # ("acme", "pageview") is watched from its first level read on: in the
+    # sums of each host from its next publication on (Redis cannot sum it
+    # from the blobs); meanwhile the reader says it is short.
+    acme_reader = farm.LevelReader(r, "web2", [("acme", "pageview")])
+    acme_reader.read(NOW)
+    assert acme_reader.short == [("acme", "pageview")]
     pubs["web2"].publish({LEVEL: (20, 50), ("acme", "pageview"): (4, 4)}, level=0, now=NOW + 1)
+    # web2 learnt the watch set from its reply: its next publication sends it.
+    pubs["web2"].publish({LEVEL: (20, 50), ("acme", "pageview"): (4, 4)}, level=0, now=NOW + 1)
+    for host in ("web1", "web3", "web1", "web3"):  # each: its reply, then the key
+        pubs[host].publish({LEVEL: (10 + int(host[-1]) - 1, 40 + int(host[-1]) - 1),
+                            ("acme", "pageview"): (int(host[-1]) - 1,) * 2}, level=0, now=NOW)
+    acme = acme_reader.read(NOW + 1)
+    assert acme_reader.short == []
+    assert acme.count("acme", "pageview", "60s") == 6
+    assert acme.own("web2", ("acme", "pageview"), "60s") == 4
     assert level_total(r) == 42 == per_host_total(r)
     assert farm.farm_level(r, "x", now=NOW, keys=[("acme", "pageview")]).count(
         "acme", "pageview", "minute") == 6
@@ -410,7 +420,7 @@ def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
         pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
         pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (5, 5)}, level=0, now=NOW)
         pub.withdraw()  # (a stop, then a start): the next one is full
-        c.script_load = r.script_load  # the scripts load; the MULTI is held
+        c.script_load, c.eval = r.script_load, r.eval  # the scripts load; the MULTI is held
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 1)
@@ -506,7 +516,7 @@ def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
         pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
         monkeypatch.setattr(farm, "FULL_EVERY", 0.0)  # every publication full
         pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
-        c.script_load = r.script_load  # the scripts load; the publication is held
+        c.script_load, c.eval = r.script_load, r.eval  # the scripts load; the publication is held
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)

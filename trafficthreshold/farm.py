@@ -90,6 +90,11 @@ LiveCounts = dict[tuple[str, str], tuple[int, int]]
 #: behind the log) rebuilds a host from its snapshot plus the diffs after
 #: it, which the log keeps (:data:`LOG_KEEP_MS`).
 FULL_EVERY = 10.0
+#: The keys every publisher watches from its first publication on (the
+#: level's, ``farmsync.LEVEL_KEYS``): their sums are complete from the
+#: start (a key first watched by a reader is complete after every live
+#: host's next publication: :class:`LevelReader`).
+ALWAYS_WATCHED = (("all", "pageview"),)
 #: The live log keeps this long (ms, Redis' clock) of diffs: more than
 #: :data:`FULL_EVERY` (a snapshot's diffs are all still there) plus a
 #: reader's refresh.
@@ -241,7 +246,7 @@ return 1
 # Each field asked for is watched (every host sends its value with each
 # publication from its next one on, the watch generation telling it);
 # fields not asked for in WATCH_FOR seconds leave the watch set, the sums
-# and the hosts' watched values.  Returns the number of new fields.
+# and the hosts' watched values.  Returns the watch set.
 WATCH_SCRIPT = LIVE_LUA + """
 reap()
 local changed = 0
@@ -259,7 +264,7 @@ for i = 3, #ARGV do
   if redis.call('ZADD', KEYS[2], t[1], ARGV[i]) == 1 then new = new + 1 end
 end
 if changed + new > 0 then redis.call('INCR', KEYS[4]) end
-return new
+return redis.call('ZRANGE', KEYS[2], 0, -1)
 """
 
 for _name in ("PUBLISH_SCRIPT", "WITHDRAW_SCRIPT", "REAP_SCRIPT", "WATCH_SCRIPT"):
@@ -330,12 +335,16 @@ class LivePublisher:
 
     def __init__(self, client: Any, host: str, *, prefix: str = "track",
                  ttl_ms: int = LIVE_TTL_MS, forget_after: float = FORGET_HOSTS_AFTER,
-                 clock: Any = None) -> None:
+                 clock: Any = None, watch: Sequence[tuple[str, str]] = ALWAYS_WATCHED) -> None:
         import secrets
         import time
 
         self.client, self.host, self.prefix = client, host, prefix
         self.ttl_ms, self.forget_after = ttl_ms, forget_after
+        #: Keys this host watches itself before its first publication (the
+        #: level's: every host sends them from its first one on, so their
+        #: sums are never short).
+        self.declared = [f"{a}\0{e}" for a, e in watch]
         self.clock = clock or time.monotonic
         self._script = client.register_script(PUBLISH_SCRIPT)
         self._keys = [*_live_keys(prefix), f"{prefix}~hosts", f"{prefix}~live~st:{host}",
@@ -405,8 +414,12 @@ class LivePublisher:
         base, self._n = self._n, self._n + 1
         if mode == "full":  # the first, or after an error: the script may be gone
             self.client.script_load(self._script.script)
-        if self._gen is None:  # the first: the watched keys from the start
-            self._watch = sorted(_text(f) for f in self.client.zrange(self._keys[1], 0, -1))
+        if mode == "full":
+            # The first, or unsure (a Redis that lost its keys: the watch
+            # set too): our keys watched, the watch set read (one call).
+            self._watch = sorted(_text(f) for f in self.client.eval(
+                WATCH_SCRIPT, 5, *_live_keys(self.prefix), self.prefix, WATCH_FOR,
+                *self.declared))
         watched: list[str] = []
         for f in self._watch:
             m, s, *_ = pub.fields.get(f, "0 0").split(" ")
@@ -745,10 +758,13 @@ class LevelReader:
     it) and its last roll.  Not thread-safe.
 
     A key newly watched is in the sums of a host from that host's next
-    publication on (the script's reply tells it the watch set changed):
-    until every live host sent it (``n\\0{key}`` in the sums, against the
-    alive set's size), the reading takes the key from a host-by-host
-    reading (:class:`LiveReader`) instead, so it is never short.
+    publication on (the script's reply tells it the watch set changed; a
+    host's first publication reads the watch set first): Redis cannot sum
+    it from the hosts' blobs, so for up to two publications after a key is
+    first watched (a farm's first start, a Redis restarted empty) its sum
+    lacks the hosts that did not send it yet; ``short`` (after each
+    reading) lists such keys (``n\\0{key}``, the hosts that sent it, below
+    the alive set's size).
 
     A farm being upgraded host by host: hosts of the older version (0.1)
     publish their hash whole, not into the sums.  When more hosts published
@@ -765,6 +781,7 @@ class LevelReader:
         self._fields = [f"{a}\0{e}" for a, e in self.keys]
         self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s", "n")]
         self._watched: float | None = None
+        self.short: list[tuple[str, str]] = []
 
     def read(self, now: float) -> FarmLive:
         """The farm's total of the keys, and this host's row, at ``now``
@@ -779,12 +796,9 @@ class LevelReader:
             sums, own, meta, rolled, watched, recent, alive = self._read(now)
         total = {key: (int(sums[3 * i] or 0), int(sums[3 * i + 1] or 0))
                  for i, key in enumerate(self.keys)}
-        short = [key for i, key in enumerate(self.keys) if int(sums[3 * i + 2] or 0) < alive]
-        live = None
-        if short:  # newly watched: not every live host sent it yet
-            live = reader(self.client, self.prefix).read(now, only=short)
-            total.update({key: live.total.get(key, (0, 0)) for key in short})
-        elif recent > alive:
+        #: The keys not every live host sent yet (newly watched).
+        self.short = [key for i, key in enumerate(self.keys) if int(sums[3 * i + 2] or 0) < alive]
+        if recent > alive:
             for key, (m, s) in self._legacy(now).items():
                 total[key] = (total[key][0] + m, total[key][1] + s)
         total = {key: counts for key, counts in total.items() if any(counts)}
@@ -797,12 +811,6 @@ class LevelReader:
             for k, v in zip(self._fields, own):
                 if v is not None:
                     row.take(k, _text(v))
-        if live is not None:  # its own share of the short keys: as read with them
-            mine = next((h for h in live.hosts if h.host == self.host and h.alive), None)
-            for key in short:
-                row.counts.pop(key, None)
-                if mine is not None and key in mine.counts:
-                    row.counts[key] = mine.counts[key]
         return FarmLive(total, [row], None)
 
     def _watch(self) -> None:
