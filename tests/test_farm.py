@@ -533,3 +533,60 @@ def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
         # Started again (the same publisher object): back, exact.
         pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)
         assert level_total(r) == 102 == per_host_total(r)
+
+
+def test_two_publishers_of_one_host_name_never_add_up(redis_server: RedisServer) -> None:
+    """Two supervisors publishing under one name (HostClaim refuses the
+    second; here they publish all the same): one state per name, each
+    refusing the other's diffs, so the farm counts the last publication,
+    never the sum of both."""
+    r = redis_server.client()
+    a, b = farm.LivePublisher(r, "web1"), farm.LivePublisher(r, "web1")
+    for i in range(4):
+        a.publish({LEVEL: (10 + i, 10 + i)}, level=0, now=NOW + i)
+        assert level_total(r) == 10 + i == per_host_total(r)
+        b.publish({LEVEL: (100 + i, 100 + i)}, level=0, now=NOW + i)
+        assert level_total(r) == 100 + i == per_host_total(r)
+    assert a.full == 4 and b.full == 4  # each diff refused: the other's state
+
+
+def test_a_reader_behind_the_trimmed_log_rebuilds_from_the_snapshots(
+        redis_server: RedisServer) -> None:
+    """A reader whose last entry is older than the log keeps (a dashboard
+    left open on a paused machine) reads every host's snapshot and the
+    diffs after it again: exact; one that is up to date reads the log only."""
+    r = redis_server.client()
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(3)]
+    reader = farm.LiveReader(r)
+    for t in range(3):
+        for i, pub in enumerate(pubs):
+            pub.publish({LEVEL: (t + i, t + i), (f"shop{t}", "pageview"): (1, 1)}, level=0,
+                        now=NOW + t)
+        live = reader.read(NOW + t)
+        assert live.count(*LEVEL, "minute") == 3 * t + 3
+    # A snapshot read once per full publication (the first, and when the
+    # diffs outweigh it), the diffs from the log.
+    assert reader.snapshots == sum(pub.full for pub in pubs) < 9
+    reader._last = "1-0"  # as if it had not read for longer than the log keeps
+    r.xtrim("track~live~log", maxlen=0)  # and the log trimmed since
+    pubs[1].publish({LEVEL: (9, 9)}, level=0, now=NOW + 3)
+    live = reader.read(NOW + 3)
+    assert live.count(*LEVEL, "minute") == 2 + 9 + 4 == per_host_total(r)
+    assert {h.host: h.counts for h in live.hosts} == {
+        "web0": {LEVEL: (2, 2), ("shop2", "pageview"): (1, 1)}, "web1": {LEVEL: (9, 9)},
+        "web2": {LEVEL: (4, 4), ("shop2", "pageview"): (1, 1)}}
+
+
+def test_a_name_holding_the_blobs_separators_cannot_forge_another_key(
+        redis_server: RedisServer) -> None:
+    """The blob's separators are control characters, which names refuse
+    (names.check_name); one that got through anyway (a tab, a newline) is
+    left out of the publication instead of forging a line of another key."""
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web1")
+    forged = ("acme\tx\nall\0pageview", "pageview")
+    pub.publish({LEVEL: (1, 1), forged: (5, 5)}, level=0, now=NOW)
+    pub.publish({LEVEL: (2, 2), forged: (6, 6)}, level=0, now=NOW + 1)
+    live = farm_live(r, now=NOW)
+    assert live.hosts[0].counts == {LEVEL: (2, 2)}
+    assert level_total(r) == 2 == live.count(*LEVEL, "minute")

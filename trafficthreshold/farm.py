@@ -294,7 +294,9 @@ def pack(fields: dict[str, str], gone: Sequence[str] = ()) -> str:
     \\t{value}"``, a gone field with an empty value.  Names refuse control
     characters (:mod:`trafficthreshold.names`), so ``\\0``, ``\\t`` and
     ``\\n`` never occur in them."""
-    return "\n".join([*(f"{k}\t{v}" for k, v in fields.items()), *(f"{k}\t" for k in gone)])
+    ok = [k for k in fields if "\t" not in k and "\n" not in k]  # never: but never a line of
+    return "\n".join([*(f"{k}\t{fields[k]}" for k in ok),   # another key either
+                      *(f"{k}\t" for k in gone if "\t" not in k and "\n" not in k)])
 
 
 def unpack_blob(blob: str) -> list[tuple[str, str]]:
@@ -618,7 +620,11 @@ class LiveReader:
         redis_ms = int(secs) * 1000 + int(usecs) // 1000
         alive = {_text(h) for h, deadline in deadlines if deadline > redis_ms}
         entries = [(_text(i), {_text(k): _text(v) for k, v in e.items()}) for i, e in entries]
-        behind = self._last is None or _id_ms(self._last) < redis_ms - LOG_KEEP_MS + 1_000
+        # Behind the log's trim, or ahead of Redis' clock (a Redis restarted
+        # empty, a failover to a replica that lacked the last entries: the
+        # new entries' ids may be below ours): every host from its snapshot.
+        behind = self._last is None or not \
+            redis_ms - LOG_KEEP_MS + 1_000 <= _id_ms(self._last) <= redis_ms + 1_000
         if behind:  # the log may lack entries we need: every host from its snapshot
             self._hosts = {}
         if entries:
