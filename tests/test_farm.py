@@ -590,3 +590,34 @@ def test_a_name_holding_the_blobs_separators_cannot_forge_another_key(
     live = farm_live(r, now=NOW)
     assert live.hosts[0].counts == {LEVEL: (2, 2)}
     assert level_total(r) == 2 == live.count(*LEVEL, "minute")
+
+
+def read_as_before(r, now: float) -> int:
+    """A reader of the older version (0.1): every host's hash whole
+    (``track~live:{host}``) for the hosts of ``track~hosts``."""
+    total = 0
+    for host in r.zrangebyscore("track~hosts", now - 3600, "+inf"):
+        for k, v in r.hgetall(f"track~live:{host.decode()}").items():
+            if k == b"all\0pageview":
+                total += int(v.split()[0])
+    return total
+
+
+def test_a_mixed_version_farm_counts_the_older_hosts_on_the_upgraded_ones_only(
+        redis_server: RedisServer) -> None:
+    """During a rolling upgrade from 0.1: the upgraded hosts count every
+    host (the older ones' hashes read host by host, level and views); the
+    older hosts do not see the upgraded ones (their live counts travel in
+    the log, not in a hash per host): docs/redis.rst, "Upgrading a farm
+    host by host".  A withdrawn upgraded host deletes a hash its older
+    version left."""
+    r = redis_server.client()
+    web1 = farm.LivePublisher(r, "web1")
+    web1.publish({LEVEL: (1, 10)}, level=0, now=NOW)
+    publish_as_before(r, "web2", {LEVEL: (2, 20)}, NOW)
+    assert level_total(r) == 3 == per_host_total(r)  # the upgraded hosts: both
+    assert read_as_before(r, NOW) == 2  # an older host: itself only
+    assert not r.exists("track~live:web1")
+    publish_as_before(r, "web1", {LEVEL: (1, 10)}, NOW)  # web1 went back to 0.1
+    farm.withdraw_live(r, "web1")  # (or its upgraded version's stop)
+    assert not r.exists("track~live:web1")

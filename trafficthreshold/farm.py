@@ -200,23 +200,42 @@ else
   redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta, 'snap', ARGV[13],
              'snapid', id, 'snapseq', ARGV[4] .. ':' .. ARGV[5], 'snapmeta', meta)
 end
-drop_watched(W)
-local watch = {}
+-- The host's watched values replaced: only the sums of those that
+-- changed move (a host not in the alive set has none: reaped or new).
+local old, gone = {}, {}
+local flat = redis.call('HGETALL', W)
+for i = 1, #flat, 2 do old[flat[i]] = flat[i + 1]; gone[flat[i]] = true end
+local set = {}
 for i = 14, #ARGV, 2 do
-  if redis.call('ZSCORE', KEYS[2], ARGV[i]) then
-    local m, s = parse(ARGV[i + 1])
-    add(ARGV[i], m, s, 1)
-    watch[#watch + 1] = ARGV[i]
-    watch[#watch + 1] = ARGV[i + 1]
+  local f, v = ARGV[i], ARGV[i + 1]
+  if old[f] then
+    gone[f] = nil
+    if old[f] ~= v then
+      local m, s = parse(v)
+      local om, os = parse(old[f])
+      add(f, m - om, s - os, 0)
+      set[#set + 1] = f; set[#set + 1] = v
+    end
+  elseif redis.call('ZSCORE', KEYS[2], f) then
+    local m, s = parse(v)
+    add(f, m, s, 1)
+    set[#set + 1] = f; set[#set + 1] = v
   end
 end
-if #watch > 0 then redis.call('HSET', W, unpack(watch)) end
+for f in pairs(gone) do
+  local m, s = parse(old[f])
+  add(f, -m, -s, -1)
+  redis.call('HDEL', W, f)
+end
+if #set > 0 then redis.call('HSET', W, unpack(set)) end
 redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[7]), ARGV[2])
-for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], S, W}) do
-  redis.call('PEXPIRE', k, ARGV[8])
+if ARGV[3] == 'full' then  -- at least every FULL_EVERY seconds: enough for an hour's keep
+  for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], S, W}) do
+    redis.call('PEXPIRE', k, ARGV[8])
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[10])
 end
 redis.call('ZADD', KEYS[6], ARGV[9], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[10])
 return {1, gen}
 """
 
