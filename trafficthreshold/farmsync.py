@@ -22,8 +22,9 @@ cut off from the farm never stays at the farm's level.
 
 ``[[alert]] scope = "farm"``: after each publication and read-back, the
 farm thread renews the leader lease and, while it leads, evaluates the farm
-rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
-made only when the leader evaluates: :class:`LeaderReading`)
+rules over a reading of the rules' keys host by host (:func:`farm.farm_live`:
+the farm thread's :class:`farm.LiveReader`, which reads the live log since
+its last reading; made only when the leader evaluates: :class:`LeaderReading`)
 (:class:`trafficthreshold.alerts.farm.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
@@ -445,8 +446,8 @@ class FarmSync:
 
 
 class LeaderReading:
-    """The farm rules' reading, host by host (:func:`farm.farm_live`, one
-    read per host), made at its first use: only the lease's holder
+    """The farm rules' reading, host by host (:func:`farm.farm_live`: the
+    log entries since the last reading), made at its first use: only the lease's holder
     evaluates the rules, so only the leader pays for it (the other hosts'
     farm threads read the level's sum only).  Any attribute of the
     :class:`farm.FarmLive`; a Redis error raises at that use."""
