@@ -567,6 +567,10 @@ def test_a_reader_behind_the_trimmed_log_rebuilds_from_the_snapshots(
     # A snapshot read once per full publication (the first, and when the
     # diffs outweigh it), the diffs from the log.
     assert reader.snapshots == sum(pub.full for pub in pubs) < 9
+    cold = farm.LiveReader(r)  # a reader that starts: the snapshots, then the log after them
+    assert cold.read(NOW + 2).count(*LEVEL, "minute") == 9
+    assert {h.host: h.counts for h in cold.read(NOW + 2).hosts} == {
+        h.host: h.counts for h in reader.read(NOW + 2).hosts}
     reader._last = "1-0"  # as if it had not read for longer than the log keeps
     r.xtrim("track~live~log", maxlen=0)  # and the log trimmed since
     pubs[1].publish({LEVEL: (9, 9)}, level=0, now=NOW + 3)

@@ -627,7 +627,9 @@ class LiveReader:
         # below decide without it).
         pipe.eval(REAP_SCRIPT, 5, *_live_keys(p), p)
         pipe.zrangebyscore(f"{p}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
-        pipe.xrange(f"{p}~live~log", "-" if self._last is None else f"({self._last}", "+")
+        # A reader that starts reads the snapshots first, then the log from
+        # the oldest of them (_snapshots), not the whole log.
+        pipe.xrange(f"{p}~live~log", "+" if self._last is None else f"({self._last}", "+")
         pipe.zrange(f"{p}~live~alive", 0, -1, withscores=True)
         pipe.get(f"{p}~leader")
         pipe.time()
@@ -638,7 +640,8 @@ class LiveReader:
         secs, usecs = clock
         redis_ms = int(secs) * 1000 + int(usecs) // 1000
         alive = {_text(h) for h, deadline in deadlines if deadline > redis_ms}
-        entries = [(_text(i), {_text(k): _text(v) for k, v in e.items()}) for i, e in entries]
+        entries = [] if self._last is None else [
+            (_text(i), {_text(k): _text(v) for k, v in e.items()}) for i, e in entries]
         # Behind the log's trim, or ahead of Redis' clock (a Redis restarted
         # empty, a failover to a replica that lacked the last entries: the
         # new entries' ids may be below ours): every host from its snapshot.
@@ -652,7 +655,9 @@ class LiveReader:
             self._last = f"{redis_ms - 1}-0"
         need = self._apply(entries) | (alive - self._hosts.keys())
         if need:
-            self._snapshots(sorted(need), entries)
+            end = self._snapshots(sorted(need), entries)
+            if end is not None and _id_key(end) > _id_key(self._last):
+                self._last = end
         for host in list(self._hosts):
             if host not in alive:
                 del self._hosts[host]
@@ -731,7 +736,8 @@ class LiveReader:
                 need.add(host)
         return need
 
-    def _snapshots(self, hosts: list[str], entries: list[tuple[str, dict[str, str]]]) -> None:
+    def _snapshots(self, hosts: list[str], entries: list[tuple[str, dict[str, str]]]
+                   ) -> str | None:
         """Rebuild ``hosts`` from their snapshots, then the diffs after
         each (from ``entries``, or the log read again from the oldest
         snapshot when they do not cover it).  A host whose diffs after its
@@ -750,7 +756,7 @@ class LiveReader:
             states[host] = _HostState(_text(seq), _id_key(_text(snapid)), _text(meta),
                                       dict(unpack_blob(_text(snap))))
         if not states:
-            return
+            return None
         first = min(s.through for s in states.values())
         last = max(s.through for s in states.values())
         log = entries
@@ -763,6 +769,12 @@ class LiveReader:
             self._hosts[host] = state
             if self._apply([x for x in log if _id_key(x[0]) > state.through], host):
                 self._hosts.pop(host, None)  # a gap: wait for its next full publication
+        if log is entries:
+            return None
+        # The log read again: the other hosts' entries in it are applied
+        # too (a host not kept waits for its snapshot, next reading).
+        self._apply([x for x in log if x[1].get("h") not in states])
+        return log[-1][0] if log else None
 
 
 #: A reader asks Redis to keep watching its keys this often (seconds).
