@@ -178,47 +178,23 @@ class Before:
         farm_live_before(client, now=now)
 
 
-class Hash:
-    """BASELINE (issue #25's first design, benchmarks/farm_hash_baseline.py):
-    a hash per host, the changed fields' HSET in a MULTI between two scripts;
-    the views and the leader read every host's hash."""
-    name = "hash"
-
-    def __init__(self, client: Any, host: str) -> None:
-        self.client, self.host = client, host
-        self.publisher = farm_hash_baseline.LivePublisher(client, host, ttl_ms=TTL_MS)
-        self.reader = farm_hash_baseline.LevelReader(client, host, farmsync.LEVEL_KEYS)
-
-    def prepare(self, counts, previous, now) -> Any:
-        return self.publisher.prepare(counts, level=0, now=now, previous=previous)
-
-    def send(self, prepared) -> None:
-        self.publisher.send(prepared)
-
-    def level(self, now: float) -> int:
-        return self.reader.read(now).count(*LEVEL, "minute")
-
-    def lead(self, now: float) -> None:
-        farm_hash_baseline.farm_live(self.client, now=now, only=[LEVEL, RULE])
-
-    @staticmethod
-    def dashboard(client: Any, now: float) -> None:
-        farm_hash_baseline.farm_live(client, now=now)
-
-
 class After:
     """This design: one EVALSHA per host-second (a blob into the live log),
     the leader and the dashboard reading the log since their last entry."""
     name = "log"
+    module: Any = farm
 
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
-        # The publisher's clock is the farm's (its full publication every
-        # FULL_EVERY farm-seconds, as on a real farm, however slowly this
-        # one process simulates them).
-        self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS,
-                                            clock=lambda: FARM_CLOCK[0])
-        self.reader = farm.LevelReader(client, host, farmsync.LEVEL_KEYS)
+        if self.module is farm:
+            # The publisher's clock is the farm's (its full publication every
+            # FULL_EVERY farm-seconds, as on a real farm, however slowly this
+            # one process simulates them).
+            self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS,
+                                                clock=lambda: FARM_CLOCK[0])
+        else:
+            self.publisher = self.module.LivePublisher(client, host, ttl_ms=TTL_MS)
+        self.reader = self.module.LevelReader(client, host, farmsync.LEVEL_KEYS)
 
     def prepare(self, counts, previous, now) -> Any:
         return self.publisher.prepare(counts, level=0, now=now, previous=previous)
@@ -230,11 +206,19 @@ class After:
         return self.reader.read(now).count(*LEVEL, "minute")
 
     def lead(self, now: float) -> None:
-        farm.farm_live(self.client, now=now, only=[LEVEL, RULE])
+        self.module.farm_live(self.client, now=now, only=[LEVEL, RULE])
 
-    @staticmethod
-    def dashboard(client: Any, now: float) -> None:
-        farm.farm_live(client, now=now)
+    @classmethod
+    def dashboard(cls, client: Any, now: float) -> None:
+        cls.module.farm_live(client, now=now)
+
+
+class Hash(After):
+    """BASELINE (issue #25's first design, benchmarks/farm_hash_baseline.py):
+    a hash per host, the changed fields' HSET in a MULTI between two scripts;
+    the views and the leader read every host's hash."""
+    name = "hash"
+    module = farm_hash_baseline
 
 
 # --------------------------------------------------------- simulated hosts

@@ -92,6 +92,18 @@ def per_host_total(r, window: str = "minute") -> int:
     return farm_live(r, now=NOW).count(*LEVEL, window)
 
 
+def evalshas_run(r) -> int:
+    return r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def wait_evalshas(r, calls: int) -> None:
+    """Until Redis ran ``calls`` EVALSHAs in all (a held publication ran)."""
+    deadline = time.monotonic() + 5
+    while evalshas_run(r) < calls:
+        assert time.monotonic() < deadline, "the held publication never ran"
+        time.sleep(0.01)
+
+
 def test_a_second_sends_only_the_keys_that_changed(redis_server: RedisServer) -> None:
     """1,000 keys published; the next second one key changed: the second
     publication is a diff, a few hundred bytes into Redis, not the 1,000
@@ -116,7 +128,8 @@ def test_a_second_sends_only_the_keys_that_changed(redis_server: RedisServer) ->
     # A key gone to zero leaves the hash.
     del counts[("shop7", "pageview")]
     pub.publish(counts, level=0, now=NOW + 2)
-    assert r.hget("track~live:web1", "shop7\0pageview") is None
+    (_, last), = r.xrevrange("track~live~log", count=1)
+    assert last[b"d"] == b"shop7\0pageview\t"  # the diff: that key gone, nothing else
     assert farm_live(r, now=NOW).hosts[0].counts == counts
 
 
@@ -425,13 +438,10 @@ def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 1)
         pub.client = r  # the next publication reaches Redis first
-        evalshas = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        evalshas = evalshas_run(r)
         pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)
         proxy.release()
-        deadline = time.monotonic() + 5
-        while r.info("commandstats")["cmdstat_evalsha"]["calls"] < evalshas + 2:
-            assert time.monotonic() < deadline, "the held publication never ran"
-            time.sleep(0.01)
+        wait_evalshas(r, evalshas + 2)
         pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
         assert farm_live(r, now=NOW).hosts[0].counts == {LEVEL: (4, 4)}
         assert level_total(r) == 4 == per_host_total(r)
@@ -455,17 +465,14 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
                                                             now=NOW)
         pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
         pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
-        execs = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+        execs = evalshas_run(r)
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)  # a diff, held
         pub.client = r
         pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)  # full, runs first
         proxy.release()
-        deadline = time.monotonic() + 5
-        while r.info("commandstats")["cmdstat_evalsha"]["calls"] < execs + 2:
-            assert time.monotonic() < deadline, "the held publication never ran"
-            time.sleep(0.01)
+        wait_evalshas(r, execs + 2)
         assert level_total(r) == 103 == per_host_total(r)
         rows = {row.host: row for row in farm_live(r, now=NOW).hosts}
         assert rows["web1"].counts == {LEVEL: (3, 3)}
@@ -522,12 +529,9 @@ def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
             pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
         pub.client = r
         pub.withdraw()  # the stop
-        execs = r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        execs = evalshas_run(r)
         proxy.release()
-        deadline = time.monotonic() + 5
-        while r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) < execs + 1:
-            assert time.monotonic() < deadline, "the held publication never ran"
-            time.sleep(0.01)
+        wait_evalshas(r, execs + 1)
         assert level_total(r) == 100 == per_host_total(r)
         assert {h.host: h.alive for h in farm_live(r, now=NOW).hosts}.get("web1") is not True
         # Started again (the same publisher object): back, exact.
