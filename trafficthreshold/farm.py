@@ -819,55 +819,53 @@ class LevelReader:
         self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s", "n")]
         self._watched: float | None = None
         self.short: list[tuple[str, str]] = []
+        #: When our last roll was read (``clock``), and what it was.
+        self._rolled: tuple[float, float | None] = (float("-inf"), None)
 
     def read(self, now: float) -> FarmLive:
         """The farm's total of the keys, and this host's row, at ``now``
-        (this host's clock).  A key that Redis no longer watches (a Redis
-        restarted empty, a failover to a replica that lacked it) is watched
-        again at once."""
-        if self._watched is None or self.clock() - self._watched > WATCH_AGAIN:
+        (this host's clock): four plain reads in one round trip (five once
+        a second: our last roll).  A key that no live host sent (a Redis
+        restarted empty, a failover to a replica that lacked the watch
+        set) is watched again, at most once a second."""
+        clock = self.clock()
+        if self._watched is None or clock - self._watched > WATCH_AGAIN:
             self._watch()
-        sums, own, meta, rolled, watched, recent, alive = self._read(now)
-        if None in watched:
-            self._watch()
-            sums, own, meta, rolled, watched, recent, alive = self._read(now)
+        p = self.prefix
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(f"{p}~live~sum", self._sums)
+        pipe.hmget(f"{p}~live~w:{self.host}", self._fields)
+        pipe.zcard(f"{p}~live~alive")
+        pipe.zcount(f"{p}~hosts", now - LEGACY_WINDOW, "+inf")
+        if clock - self._rolled[0] >= 1.0:
+            pipe.hget(f"{p}~host:{self.host}", "last_roll_at")
+        sums, own, alive, recent, *rolled = pipe.execute()
+        if rolled:
+            self._rolled = (clock, None if rolled[0] is None else float(rolled[0]))
         total = {key: (int(sums[3 * i] or 0), int(sums[3 * i + 1] or 0))
                  for i, key in enumerate(self.keys)}
+        sent = [int(sums[3 * i + 2] or 0) for i in range(len(self.keys))]
         #: The keys not every live host sent yet (newly watched).
-        self.short = [key for i, key in enumerate(self.keys) if int(sums[3 * i + 2] or 0) < alive]
+        self.short = [key for key, n in zip(self.keys, sent) if n < alive]
+        if alive and 0 in sent and clock - self._watched > 1.0:
+            self._watch()  # nobody sends it: Redis lost the watch set?
         if recent > alive:
             for key, (m, s) in self._legacy(now).items():
                 total[key] = (total[key][0] + m, total[key][1] + s)
         total = {key: counts for key, counts in total.items() if any(counts)}
-        row = HostLive(self.host, alive=meta is not None,
-                       last_roll=None if rolled is None else float(rolled))
-        if meta is not None:
-            level, at = _text(meta).split(" ")[:2]
-            row.take("~level", level)
-            row.take("~at", at)
-            for k, v in zip(self._fields, own):
-                if v is not None:
-                    row.take(k, _text(v))
+        # Our watched values: in the farm's sums (alive) since our last
+        # publication.
+        row = HostLive(self.host, alive=any(v is not None for v in own),
+                       last_roll=self._rolled[1])
+        for k, v in zip(self._fields, own):
+            if v is not None:
+                row.take(k, _text(v))
         return FarmLive(total, [row], None)
 
     def _watch(self) -> None:
         self.client.eval(WATCH_SCRIPT, 5, *_live_keys(self.prefix), self.prefix,
                          WATCH_FOR, *self._fields)
         self._watched = self.clock()
-
-    def _read(self, now: float) -> list[Any]:
-        p = self.prefix
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(f"{p}~live~sum", self._sums)
-        pipe.hmget(f"{p}~live~w:{self.host}", self._fields)
-        pipe.hget(f"{p}~live~st:{self.host}", "meta")
-        pipe.hget(f"{p}~host:{self.host}", "last_roll_at")
-        pipe.zcount(f"{p}~hosts", now - LEGACY_WINDOW, "+inf")
-        pipe.zcard(f"{p}~live~alive")
-        for f in self._fields:
-            pipe.zscore(f"{p}~live~watch", f)
-        sums, own, meta, rolled, recent, alive, *watched = pipe.execute()
-        return [sums, own, meta, rolled, watched, recent, alive]
 
     def _legacy(self, now: float) -> LiveCounts:
         """The keys of the hosts that published lately and are not in the
