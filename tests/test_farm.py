@@ -629,3 +629,26 @@ def test_a_mixed_version_farm_counts_the_older_hosts_on_the_upgraded_ones_only(
     publish_as_before(r, "web1", {LEVEL: (1, 10)}, NOW)  # web1 went back to 0.1
     farm.withdraw_live(r, "web1")  # (or its upgraded version's stop)
     assert not r.exists("track~live:web1")
+
+
+def test_a_reader_across_a_redis_restarted_empty(redis_server: RedisServer) -> None:
+    """Redis restarted empty under a running farm (no persistence): the
+    hosts' next diffs are refused (no state), they publish whole, and a
+    reader that kept the farm in memory drops what Redis lost and reads
+    the new snapshots: exact at once, nothing of the old state kept."""
+    r = redis_server.client()
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(2)]
+    reader = farm.LiveReader(r)
+    for t in range(2):
+        for i, pub in enumerate(pubs):
+            pub.publish({LEVEL: (t + i, t + i), ("old", "pageview"): (1, 1)}, level=0,
+                        now=NOW + t)
+        assert reader.read(NOW + t).count(*LEVEL, "minute") == 2 * t + 1
+    r.flushall()
+    assert reader.read(NOW + 2).total == {}  # nobody alive: nothing counted
+    pubs[0].publish({LEVEL: (5, 5)}, level=0, now=NOW + 3)
+    live = reader.read(NOW + 3)
+    assert live.total == {LEVEL: (5, 5)} and pubs[0].full == 2
+    pubs[1].publish({LEVEL: (6, 6)}, level=0, now=NOW + 3)
+    assert reader.read(NOW + 3).total == {LEVEL: (11, 11)} == farm.LiveReader(r).read(NOW + 3).total
+    assert level_total(r) == 11
