@@ -1,5 +1,5 @@
-"""The farm's live channel at scale: Redis's work per farm-second, before
-and after (issue #25), side by side in one run.
+"""The farm's live channel at scale: Redis's work per farm-second, the
+designs before and after (issue #25), side by side in one run.
 
 Run by hand::
 
@@ -19,13 +19,22 @@ second in 60).  Per farm-second, as the farm thread does it:
 * one host, the farm rules' leader, also reads a farm rule's key of every
   host (the per-host reading that ``farmalerts.farm_count`` needs).
 
-**before**: the design up to issue #25, kept callable here as
-``publish_live_before`` / ``farm_live_before`` (a copy of the old
-``farm.publish_live`` / ``farm.farm_live``, labelled as the baseline): each
-host deletes and rewrites every key's absolute counts each second; each
-level read reads every host's hash.  **after**: ``farm.LivePublisher`` (only
-the fields whose value changed, idempotent per host and sequence number)
-and ``farm.LevelReader`` (the level's key: one read of the farm's sum).
+Three designs, side by side:
+
+* **0.1** (BASELINE): the design up to issue #25, kept callable here as
+  ``publish_live_before`` / ``farm_live_before`` (a copy of the old
+  ``farm.publish_live`` / ``farm.farm_live``): each host deletes and
+  rewrites every key's absolute counts each second; each level read reads
+  every host's hash.
+* **hash** (BASELINE): issue #25's first design, a copy in
+  ``benchmarks/farm_hash_baseline.py``: a hash per host, the changed
+  fields' ``HSET`` in a MULTI between two scripts, the level's key summed
+  by Redis, the views and the leader reading every host's hash.
+* **log**: ``farm.LivePublisher`` (one EVALSHA per host-second: the
+  changed keys as one blob appended to the live log, the watched keys'
+  values as arguments), ``farm.LevelReader`` (the level's key: one read of
+  the farm's sum) and ``farm.farm_live`` (the leader's and the
+  dashboard's ``LiveReader``: the log since their last reading).
 
 Reported per farm-second: Redis's CPU (``INFO cpu``, its main thread: the
 commands, the scripts and the network I/O; ``INFO commandstats`` counts a
@@ -36,7 +45,10 @@ level's staleness: how old the level's count a host reads can be, one
 publication period (1 s) plus ``farmsync.REFRESH_EVERY`` plus the p99
 round trips of a publication and of a level read measured under this
 load, or "saturated" when Redis needs more than a second per farm-second
-(it falls behind without bound).  Every level read at the end of a second
+(it falls behind without bound).  And the readers' costs: the farm rules'
+leader's reading (once a farm-second) and an open dashboard's refresh
+(once a farm-second, not in the CPU column), each as Redis CPU and wall
+time in this process.  Every level read at the end of a second
 is checked against the truth (the sum of the hosts' counts).
 """
 from __future__ import annotations
