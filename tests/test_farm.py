@@ -626,6 +626,10 @@ def test_a_mixed_version_farm_counts_the_older_hosts_on_the_upgraded_ones_only(
     assert level_total(r) == 3 == per_host_total(r)  # the upgraded hosts: both
     assert read_as_before(r, NOW) == 2  # an older host: itself only
     assert not r.exists("track~live:web1")
+    publish_as_before(r, "web3", {LEVEL: (4, 40)}, NOW)
+    farm.LivePublisher(r, "web3").publish({LEVEL: (4, 40)}, level=0, now=NOW)  # upgraded
+    assert not r.exists("track~live:web3")  # its 0.1 hash: never counted twice
+    assert level_total(r) == 7 == per_host_total(r)
     publish_as_before(r, "web1", {LEVEL: (1, 10)}, NOW)  # web1 went back to 0.1
     farm.withdraw_live(r, "web1")  # (or its upgraded version's stop)
     assert not r.exists("track~live:web1")

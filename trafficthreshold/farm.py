@@ -196,6 +196,7 @@ if ARGV[3] == 'diff' then
        'm', meta, 'd', ARGV[13]})
   redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta)
 else
+  redis.call('UNLINK', ARGV[1] .. '~live:' .. ARGV[2])  -- its 0.1 hash, if upgraded now
   local id = log({'h', ARGV[2], 'k', 'f', 's', ARGV[4] .. ':' .. ARGV[5], 'm', meta})
   redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta, 'snap', ARGV[13],
              'snapid', id, 'snapseq', ARGV[4] .. ':' .. ARGV[5], 'snapmeta', meta)
@@ -821,6 +822,8 @@ class LevelReader:
         self.short: list[tuple[str, str]] = []
         #: When our last roll was read (``clock``), and what it was.
         self._rolled: tuple[float, float | None] = (float("-inf"), None)
+        #: The hosts taken for 0.1's (:meth:`_legacy`) and when they were listed.
+        self._old: tuple[float, list[str]] = (float("-inf"), [])
 
     def read(self, now: float) -> FarmLive:
         """The farm's total of the keys, and this host's row, at ``now``
@@ -849,8 +852,8 @@ class LevelReader:
         self.short = [key for key, n in zip(self.keys, sent) if n < alive]
         if alive and 0 in sent and clock - self._watched > 1.0:
             self._watch()  # nobody sends it: Redis lost the watch set?
-        if recent > alive:
-            for key, (m, s) in self._legacy(now).items():
+        if recent > alive:  # a 0.1 host (or one that stopped lately)
+            for key, (m, s) in self._legacy(now, clock).items():
                 total[key] = (total[key][0] + m, total[key][1] + s)
         total = {key: counts for key, counts in total.items() if any(counts)}
         # Our watched values: in the farm's sums (alive) since our last
@@ -867,14 +870,18 @@ class LevelReader:
                          WATCH_FOR, *self._fields)
         self._watched = self.clock()
 
-    def _legacy(self, now: float) -> LiveCounts:
+    def _legacy(self, now: float, clock: float) -> LiveCounts:
         """The keys of the hosts that published lately and are not in the
-        alive set (an older version's: not in the sums), summed."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrangebyscore(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
-        pipe.zrange(f"{self.prefix}~live~alive", 0, -1)
-        recent, alive = pipe.execute()
-        others = [_text(h) for h in set(recent) - set(alive)]
+        alive set (an older version's: not in the sums), summed; the list
+        of those hosts made once a second (an upgraded host's first
+        publication deletes its 0.1 hash: never counted twice)."""
+        if clock - self._old[0] >= 1.0:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrangebyscore(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
+            pipe.zrange(f"{self.prefix}~live~alive", 0, -1)
+            recent, alive = pipe.execute()
+            self._old = (clock, [_text(h) for h in set(recent) - set(alive)])
+        others = self._old[1]
         pipe = self.client.pipeline(transaction=False)
         for host in others:
             pipe.hmget(f"{self.prefix}~live:{host}", ["~at", *self._fields])
