@@ -6,6 +6,10 @@ benchmark measures the designs side by side.
 """
 from __future__ import annotations
 
+# The data classes and helpers it shares with today's farm.py.
+from trafficthreshold.farm import (  # noqa: F401
+    FarmLive, HostLive, Publication, _text, live_fields)
+
 import copy
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -223,33 +227,6 @@ def _live_keys(prefix: str) -> list[str]:
     return [f"{prefix}~live~alive", f"{prefix}~live~watch", f"{prefix}~live~sum"]
 
 
-def live_fields(counts: LiveCounts, previous: dict[tuple[str, str], int] | None = None
-                ) -> dict[str, str]:
-    """A host's live hash fields: ``"{account}\\0{event}"`` -> ``"{minute}
-    {60 s}"``, then ``" {minute before}"`` when that minute held hits."""
-    previous = previous or {}
-    fields: dict[str, str] = {}
-    for name in counts.keys() | previous.keys():
-        m, s = counts.get(name, (0, 0))
-        p = previous.get(name, 0)
-        fields[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
-    return fields
-
-
-@dataclass
-class Publication:
-    """One host's live numbers ready to send (:meth:`LivePublisher.prepare`)."""
-
-    now: float
-    meta: list[Any]
-    fields: dict[str, str]
-    #: The fields that differ from ``base`` and those gone (None: no base).
-    changed: dict[str, str] | None
-    gone: list[str] | None
-    #: The acknowledged publication they were computed against.
-    base: dict[str, str] | None
-
-
 class LivePublisher:
     """One host's publication of its live counts (the farm thread's; not
     thread-safe).  The first publication, one after an error, one more
@@ -383,85 +360,6 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
     LivePublisher(client, host, prefix=prefix, ttl_ms=ttl_ms, forget_after=forget_after
                   ).publish(counts, level=level, now=now, last_roll=last_roll,
                             previous=previous)
-
-
-@dataclass
-class HostLive:
-    host: str
-    alive: bool
-    level: int = 0
-    at: float | None = None
-    last_roll: float | None = None
-    counts: LiveCounts = field(default_factory=dict)
-    #: Per key, the final count of the minute before ``at``'s minute.
-    previous: dict[tuple[str, str], int] = field(default_factory=dict)
-    #: Its clock minus the farm's (Redis TIME), seconds; None: unknown.
-    skew: float | None = None
-    #: ``~redis_at`` as read (:meth:`take`), until :meth:`done`.
-    _redis_at: float | None = field(default=None, repr=False, compare=False)
-
-    def minute_now(self, live: "FarmLive", now: float) -> int:
-        """The minute this host's clock shows at the reader's ``now``: its
-        skew from the farm's clock (Redis ``TIME``) less the reader's own
-        (``now - live.redis_now``), when the two differ by
-        :data:`SKEW_IGNORED` seconds or more; else ``now``'s minute (one
-        clock: both skews are measured a reading apart, up to a second)."""
-        if self.skew is None or live.redis_now is None:
-            return int(now // 60)
-        relative = self.skew - (now - live.redis_now)
-        if abs(relative) < SKEW_IGNORED:
-            return int(now // 60)
-        return int((now + relative) // 60)
-
-    def take(self, k: str, v: str) -> tuple[tuple[str, str], int, int] | None:
-        """Read one field of its live hash into this row; a count field
-        gives (key, minute, 60 s) when live (else None)."""
-        if k == "~level":
-            self.level = int(v)
-        elif k == "~at":
-            self.at = float(v)
-        elif k == "~last_roll" and v and self.last_roll is None:
-            self.last_roll = float(v)
-        elif k == "~redis_at" and v:
-            self._redis_at = float(v)
-        elif "\0" in k:
-            account, event = k.split("\0", 1)
-            minute, sliding, *before = (int(x) for x in v.split())
-            if before and before[0]:
-                self.previous[account, event] = before[0]
-            if minute or sliding:  # else only the minute before: not live any more
-                self.counts[account, event] = (minute, sliding)
-                return (account, event), minute, sliding
-        return None
-
-    def done(self) -> None:
-        """After its fields: ``skew`` from ``~redis_at`` and ``~at``."""
-        if self._redis_at is not None and self.at is not None:
-            self.skew = self.at - self._redis_at
-
-
-@dataclass
-class FarmLive:
-    total: LiveCounts
-    hosts: list[HostLive]
-    leader: str | None
-    #: Redis' clock (``TIME``) when it was read: the farm's one clock.
-    redis_now: float | None = None
-
-    def count(self, account: str, event: str, window: str) -> int:
-        """The farm's count of a key: ``window`` "minute" or "60s"."""
-        minute, sliding = self.total.get((account, event), (0, 0))
-        return minute if window == "minute" else sliding
-
-    def own(self, host: str, key: tuple[str, str], window: str) -> int:
-        """What ``host`` published for ``key`` (included in ``total``)."""
-        index = 0 if window == "minute" else 1
-        return sum(row.counts.get(key, (0, 0))[index] for row in self.hosts
-                   if row.alive and row.host == host)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 #: A reader asks Redis to keep watching its keys this often (seconds).

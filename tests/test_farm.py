@@ -92,6 +92,18 @@ def per_host_total(r, window: str = "minute") -> int:
     return farm_live(r, now=NOW).count(*LEVEL, window)
 
 
+def behind_proxy(proxy, redis_server: RedisServer):
+    """web2 (100) published directly; web1's publisher behind ``proxy``
+    (the farm thread's client: short timeout, no retries)."""
+    import redis
+
+    c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+    farmsync.no_retries(c)
+    r = redis_server.client()
+    farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0, now=NOW)
+    return c, r, farm.LivePublisher(c, "web1", ttl_ms=60_000)
+
+
 def evalshas_run(r) -> int:
     return r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
 
@@ -458,12 +470,7 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
     import redis
 
     with TcpProxy(redis_server.port) as proxy:
-        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
-        farmsync.no_retries(c)
-        r = redis_server.client()
-        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
-                                                            now=NOW)
-        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        c, r, pub = behind_proxy(proxy, redis_server)
         pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
         execs = evalshas_run(r)
         proxy.hold()
@@ -515,12 +522,7 @@ def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
     import redis
 
     with TcpProxy(redis_server.port) as proxy:
-        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
-        farmsync.no_retries(c)
-        r = redis_server.client()
-        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
-                                                            now=NOW)
-        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        c, r, pub = behind_proxy(proxy, redis_server)
         monkeypatch.setattr(farm, "FULL_EVERY", 0.0)  # every publication full
         pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
         c.script_load, c.eval = r.script_load, r.eval  # the scripts load; the publication is held
