@@ -158,11 +158,14 @@ end
 # publication's; ~level, ~at, ~last_roll, ~redis_at; snap: its last full
 # blob, snapid: that full's log entry), its watched values
 # {prefix}~live~w:{host}, its stop mark {prefix}~live~stop:{host}.  ARGV:
-# prefix, host, "full" or "diff", the publisher's nonce, this attempt's
+# prefix, host, "full", "snap" or "diff", the publisher's nonce, this attempt's
 # number n, the number the state must hold for a diff, ttl ms, keep ms,
-# the host's clock, the ~hosts cut-off, level, last roll, the blob, then
-# pairs: a watched key, the host's "{minute} {60 s}" of it (every key of
-# the watch set as the host knows it).
+# the host's clock, the ~hosts cut-off, level, last roll, the blob, the
+# diff of a "snap" (else ""), then pairs: a watched key, the host's
+# "{minute} {60 s}" of it (every key of the watch set as the host knows
+# it).  "snap" is a full publication computed against the host's last
+# acknowledged one: kept as its snapshot, its diff in the log when the
+# state holds that one (readers in step read no snapshot), else as a full.
 #
 # Refused (nothing written; returns {0, generation}): any publication of a
 # publisher whose host was withdrawn since (the stop mark holds its
@@ -197,7 +200,15 @@ if ARGV[3] == 'diff' then
   redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta)
 else
   redis.call('UNLINK', ARGV[1] .. '~live:' .. ARGV[2])  -- its 0.1 hash, if upgraded now
-  local id = log({'h', ARGV[2], 'k', 'f', 's', ARGV[4] .. ':' .. ARGV[5], 'm', meta})
+  local id
+  if ARGV[3] == 'snap' and nonce == ARGV[4] and n == ARGV[6] then
+    -- A periodic snapshot on the state it follows: the log gets its diff
+    -- (a reader in step reads no snapshot), the state the whole blob.
+    id = log({'h', ARGV[2], 'k', 'd', 's', ARGV[4] .. ':' .. ARGV[5],
+              'b', ARGV[4] .. ':' .. ARGV[6], 'm', meta, 'd', ARGV[14]})
+  else
+    id = log({'h', ARGV[2], 'k', 'f', 's', ARGV[4] .. ':' .. ARGV[5], 'm', meta})
+  end
   redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta, 'snap', ARGV[13],
              'snapid', id, 'snapseq', ARGV[4] .. ':' .. ARGV[5], 'snapmeta', meta)
 end
@@ -207,7 +218,7 @@ local old, gone = {}, {}
 local flat = redis.call('HGETALL', W)
 for i = 1, #flat, 2 do old[flat[i]] = flat[i + 1]; gone[flat[i]] = true end
 local set = {}
-for i = 14, #ARGV, 2 do
+for i = 15, #ARGV, 2 do
   local f, v = ARGV[i], ARGV[i + 1]
   if old[f] then
     gone[f] = nil
@@ -230,7 +241,7 @@ for f in pairs(gone) do
 end
 if #set > 0 then redis.call('HSET', W, unpack(set)) end
 redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[7]), ARGV[2])
-if ARGV[3] == 'full' then  -- at least every FULL_EVERY seconds: enough for an hour's keep
+if ARGV[3] ~= 'diff' then  -- at least every FULL_EVERY seconds: enough for an hour's keep
   for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], S, W}) do
     redis.call('PEXPIRE', k, ARGV[8])
   end
@@ -415,28 +426,30 @@ class LivePublisher:
         snapshot is recent and outweighs the diffs since; else whole."""
         sent, self._sent = self._sent, None  # until acknowledged
         clock = self.clock()
+        diff = ""
         if sent is not None and pub.base is sent and pub.changed is not None \
-                and clock - self._acked < self.ttl_ms / 2000 \
-                and clock - self._full_at < FULL_EVERY and self._diff_bytes < self._full_bytes:
-            blob = pack(pub.changed, pub.gone or [])
-            if self._run("diff", pub, blob):
-                self._sent, self._acked = pub.fields, self.clock()
-                self._diff_bytes += len(blob)
-                return
+                and clock - self._acked < self.ttl_ms / 2000:
+            diff = pack(pub.changed, pub.gone or [])
+            if clock - self._full_at < FULL_EVERY and self._diff_bytes < self._full_bytes:
+                if self._run("diff", pub, diff):
+                    self._sent, self._acked = pub.fields, self.clock()
+                    self._diff_bytes += len(diff)
+                    return
+                diff = ""  # refused: a full one, not on that state
         blob = pack(pub.fields)
-        self._run("full", pub, blob)
+        self._run("snap" if diff else "full", pub, blob, diff)
         self._sent, self._acked = pub.fields, self.clock()
         self._full_at, self._full_bytes, self._diff_bytes = self._acked, len(blob), 0
         self.full += 1
 
-    def _run(self, mode: str, pub: "Publication", blob: str) -> bool:
+    def _run(self, mode: str, pub: "Publication", blob: str, diff: str = "") -> bool:
         # Every attempt stamps a number never used before, acknowledged or
         # not: a publication that runs late (its reply timed out, the next
         # one ran first) never holds the number the next diff expects.
         base, self._n = self._n, self._n + 1
-        if mode == "full":  # the first, or after an error: the script may be gone
+        if mode != "diff":  # the first, or after an error: the script may be gone
             self.client.script_load(self._script.script)
-        if mode == "full":
+        if mode != "diff":
             # The first, or unsure (a Redis that lost its keys: the watch
             # set too): our keys watched, the watch set read (one call).
             self._watch = sorted(_text(f) for f in self.client.eval(
@@ -452,7 +465,8 @@ class LivePublisher:
         ok, gen = self.client.evalsha(
             self._script.sha, len(keys), *keys, self.prefix, self.host, mode, self._nonce,
             self._n, base, self.ttl_ms, LIVE_KEEP_MS, pub.meta[1],
-            repr(float(pub.now) - self.forget_after), pub.meta[0], pub.meta[2], blob, *watched)
+            repr(float(pub.now) - self.forget_after), pub.meta[0], pub.meta[2], blob, diff,
+            *watched)
         if gen != self._gen:  # the watch set changed: send its keys from the next one on
             self._watch = sorted(_text(f) for f in self.client.zrange(keys[1], 0, -1))
             self._gen = gen
