@@ -286,12 +286,13 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
     dash = redis.Redis(port=port)  # an open dashboard: one refresh a farm-second
     #: The readers' costs, summed over the measured seconds: Redis CPU (s)
     #: and wall time (s, this process: the reader's own parsing too).
-    costs = {"lead_cpu": 0.0, "lead_wall": 0.0, "dash_cpu": 0.0, "dash_wall": 0.0}
+    costs = {"lead_cpu": 0.0, "lead_wall": 0.0, "dash_cpu": 0.0, "dash_wall": 0.0, "n": 0.0}
 
     def farm_second(turn: bool) -> None:
         nonlocal now
         now += 1
         FARM_CLOCK[0] = now
+        costs["n"] += 1
         for sim in sims:
             sim.second(rng, turn)
         # The hosts' own work first (each host does it on its own machine),
@@ -330,24 +331,40 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
     publish_lat.clear()
     read_lat.clear()
     costs.update(dict.fromkeys(costs, 0.0))
-    before = info(admin)
-    for _ in range(seconds):
-        farm_second(False)
-    ordinary = info(admin)
-    dash_cpu = costs["dash_cpu"]
-    farm_second(True)
-    turned = info(admin)
-    dash_turn = costs["dash_cpu"] - dash_cpu
+    def measured(fn) -> dict[str, float]:
+        """Redis's counters over ``fn()`` (farm-seconds), the dashboard's
+        refreshes left out (reported apart)."""
+        dash0, start = costs["dash_cpu"], info(admin)
+        fn()
+        end = info(admin)
+        got = {k: end[k] - start[k] for k in start}
+        got["cpu"] -= costs["dash_cpu"] - dash0
+        return got
+
+    def ordinary_seconds() -> None:
+        for _ in range(seconds):
+            farm_second(False)
+
+    per = {k: v / seconds for k, v in measured(ordinary_seconds).items()}
+    turn = measured(lambda: farm_second(True))
+    # The log design's periodic snapshot: every host's at least every
+    # FULL_EVERY farm-seconds (a second in which they all fall, weighed in
+    # as one in FULL_EVERY; on a farm they spread out).
+    publishers = [getattr(side, "publisher", None) for side in sides]
+    if all(isinstance(p, farm.LivePublisher) for p in publishers):
+        farm_second(False)  # after the turn's big diff: a second like the others
+        for p in publishers:
+            p._full_at = float("-inf")
+        snap = measured(lambda: farm_second(False))
+        every = farm.FULL_EVERY
+    else:
+        snap, every = per, 1.0
     memory = int(admin.info("memory")["used_memory"])
     for c in [*clients, dash]:
         c.close()
-    ordinary["cpu"] -= dash_cpu  # the dashboard is reported apart
-    turned["cpu"] -= dash_cpu + dash_turn
-    per = {k: (ordinary[k] - before[k]) / seconds for k in before}
-    turn = {k: turned[k] - ordinary[k] for k in before}
-    # One minute turn in 60 seconds.
-    mix = {k: (59 * per[k] + turn[k]) / 60 for k in before}
-    n = seconds + 1
+    # One minute turn in 60 seconds, one snapshot in FULL_EVERY.
+    mix = {k: (59 * per[k] + turn[k]) / 60 + (snap[k] - per[k]) / every for k in per}
+    n = costs["n"]
     return {"cpu": mix["cpu"], "net": mix["net"], "calls": mix["calls"],
             "lead_cpu": costs["lead_cpu"] / n, "lead_wall": costs["lead_wall"] / n,
             "dash_cpu": costs["dash_cpu"] / n, "dash_wall": costs["dash_wall"] / n,
