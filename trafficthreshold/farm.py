@@ -7,38 +7,48 @@ The supervisor publishes and reads the live counts through
 Live counts
 -----------
 Each supervisor publishes its host's live numbers every second
-(:class:`LivePublisher`): the fields whose value changed since its last
-acknowledged publication, as *absolute* values (a publication sent twice
-changes nothing), stamped with a sequence number that a diff must find in
-the hash (else the host sends its hash whole).  Redis keeps, for the few
-keys that readers watch (the level's), their sums over the live hosts, so
-that the level's farm total is one read whatever the number of hosts
-(:class:`LevelReader`); a host whose deadline (Redis ``TIME``) passed is
-reaped by the next script on the farm: its share subtracted, its hash
-deleted, within seconds::
+(:class:`LivePublisher`), as *absolute* values (a publication sent twice
+changes nothing), in one EVALSHA whose script does not parse them: the
+fields whose value changed since its last acknowledged publication, packed
+into one blob (:func:`pack`) appended to the farm's live log, or, at least
+every :data:`FULL_EVERY` seconds, the host's whole state kept as its
+snapshot.  Each publication is stamped with a sequence number: a diff
+applies only on the state holding the number it was computed from (else
+the host sends its state whole).  Redis keeps, for the few keys that are
+watched (the level's), their sums over the live hosts from the values each
+publication carries as arguments, so that the level's farm total is one
+read whatever the number of hosts (:class:`LevelReader`); a host whose
+deadline (Redis ``TIME``) passed is reaped by the next script on the farm:
+its share subtracted, its state deleted, within seconds::
 
-    {prefix}~live:{host}   hash (reaped LIVE_TTL_MS after its last
-                           publication; expires after LIVE_KEEP_MS)
-        "{account}\\0{event}"  "{minute count} {60 s count}", then, when the
-                               minute before holds hits, " {its count}"
-                               (the closed minute's final count, for the
-                               farm's alert rules)
-        "~level"               the host's throttle level
-        "~at"                  when it published (Unix seconds, its clock)
-        "~last_roll"           its last roll-up (Unix seconds, or "")
-        "~redis_at"            Redis' TIME at the publication (the farm's clock:
-                               ``~at - ~redis_at`` is the host's clock skew)
-        "~seq"                 the publication's sequence number
+    {prefix}~live~log      stream (30 s, LOG_KEEP_MS, trimmed by each
+                           publication), entries:
+        h host, k "d" (a diff: s its sequence number, b the one it
+        follows, m "{level} {at} {redis_at} {last_roll}", d the blob),
+        "f" (a full publication: its snapshot is in the host's state),
+        "x" (the host was reaped or withdrawn)
+    {prefix}~live~st:{host}  hash: nonce, n (the last applied sequence
+                           number), meta, snap (the last full blob),
+                           snapid (its log entry), snapseq, snapmeta
+    {prefix}~live~w:{host}   hash: the host's values of the watched keys
+    {prefix}~live~stop:{host}  the nonce of the publisher that withdrew
     {prefix}~live~alive    sorted set: host -> its deadline (Redis ms)
-    {prefix}~live~watch    sorted set: "{account}\\0{event}" -> when last read
-    {prefix}~live~sum      hash: "minute\\0{account}\\0{event}",
-                           "60s\\0{account}\\0{event}" -> the live hosts' sum
-    {prefix}~live~in:{host}  the hash while a publication's MULTI runs
+    {prefix}~live~watch    sorted set: "{account}\0{event}" -> when last read
+    {prefix}~live~wgen     the watch set's generation
+    {prefix}~live~sum      hash: "minute\0{f}", "60s\0{f}" -> the live
+                           hosts' sum, "n\0{f}" -> how many sent it
     {prefix}~hosts         sorted set: host -> when it last published
 
-:func:`farm_live` reads every host's hash (the views, and the farm rules'
-leader once a second) and lists every host seen in the last
-:data:`FORGET_AFTER` seconds, alive or not.
+A blob line is ``"{account}\0{event}\t{minute} {60 s}"``, then, when the
+minute before holds hits, ``" {its count}"`` (the closed minute's final
+count, for the farm's alert rules); a field gone has an empty value.
+
+:func:`farm_live` reads the farm through a :class:`LiveReader` kept per
+client (the views, and the farm rules' leader once a second): the log
+entries since its last reading, a host's snapshot when needed; it lists
+every host seen in the last :data:`FORGET_AFTER` seconds, alive or not.
+0.1's hash per host (``{prefix}~live:{host}``) is read for the hosts of
+that version during a rolling upgrade.
 
 The leader lease
 ----------------
