@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 #: A host drops out of the farm's live numbers this long after its last
-#: publication (by Redis' clock): its hash is removed, its share of the
+#: publication (by Redis' clock): its state is removed, its share of the
 #: watched sums subtracted (the reaper, :data:`LIVE_LUA`).
 LIVE_TTL_MS = 5_000
 #: The live channel's keys expire this long after the last publication (a
@@ -549,7 +549,7 @@ class HostLive:
         return int((now + relative) // 60)
 
     def take(self, k: str, v: str) -> tuple[tuple[str, str], int, int] | None:
-        """Read one field of its live hash into this row; a count field
+        """Read one field of its live state into this row; a count field
         gives (key, minute, 60 s) when live (else None)."""
         if k == "~level":
             self.level = int(v)
@@ -1125,7 +1125,7 @@ class HostClaim:
 
     Two supervisors with one name (containers sharing the machine's host
     name, cloned machines) would roll from each other's ``closed_through``
-    and overwrite one live hash: the second is refused at its start
+    and overwrite one live state: the second is refused at its start
     (:meth:`take`), naming both and the fix.  A supervisor restarted after a
     SIGKILL (same segment, same boot, its old pid gone) takes its own key
     over at once; any other holder is watched for up to its TTL: refreshed

@@ -335,7 +335,7 @@ class FarmSync:
             self.reader.close()
             return False
         if got is None:
-            return False  # no live segment here: nothing to publish, the hash expires
+            return False  # no live segment here: nothing to publish, the host is reaped
         counts, previous = got
         try:
             self.publisher.publish(counts, level=item.level, now=item.now,
@@ -425,7 +425,7 @@ class FarmSync:
 
     def stop(self, *, withdraw: bool = True) -> None:
         """Stop the thread (:data:`STOP_WAIT` at most) and, when
-        ``withdraw``, delete this host's live hash so the farm stops counting
+        ``withdraw``, withdraw this host's live state so the farm stops counting
         it at once instead of after its expiry.  Errors are logged."""
         with self._cond:
             self._stopping = True
