@@ -118,3 +118,29 @@ def test_both_backends_keep_the_whole_interface() -> None:
                 if param.kind is param.VAR_POSITIONAL:
                     continue
                 assert param.name in have, f"{backend.__name__}.{name} lacks {param.name}"
+
+
+def test_the_host_claim_is_asked_of_the_store_not_of_its_backend(tmp_path, redis_server):
+    """The supervisor never asks which backend it has: the store says
+    whether it is shared (``shared``) and takes the farm's host name
+    (``claim_host``).  One host's file has nothing to claim; the farm's
+    Redis gives a claim that a second supervisor under the name cannot
+    take, and that is free again once released."""
+    from trafficthreshold.store.base import PeriodStore
+
+    assert "shared" in PeriodStore.__annotations__
+    with stores.open_writer(make(tmp_path)) as own:
+        assert own.shared is False
+        assert own.claim_host(7, pid=4100, wait=False) is None
+    cfg = make(tmp_path, redis_table(redis_server))
+    with stores.open_writer(cfg) as first, stores.open_writer(cfg) as second:
+        assert first.shared is True
+        claim = first.claim_host(7, pid=4100, wait=False)
+        holder = type(claim).holder(redis_server.client(), "web1")
+        assert holder["pid"] == 4100 and holder["instance"] == 7
+        with pytest.raises(ConfigError, match="web1"):
+            second.claim_host(8, pid=4200, wait=False)
+        claim.release()
+        again = second.claim_host(8, pid=4200, wait=False)
+        assert type(again).holder(redis_server.client(), "web1")["pid"] == 4200
+        again.release()

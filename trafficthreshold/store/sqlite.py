@@ -489,6 +489,13 @@ class SQLiteStore:
         """Close the connection; the SQLiteStore cannot be used afterwards."""
         self._conn.close()
 
+    #: One host's own file: no host name to claim, rolled on the tick.
+    shared = False
+
+    def claim_host(self, instance: int, *, pid: int, wait: bool) -> None:
+        """Nothing to claim: the file is this host's alone (None)."""
+        return None
+
     def __enter__(self) -> SQLiteStore:
         return self
 
