@@ -45,7 +45,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -54,7 +53,7 @@ from typing import Any
 
 from trafficthreshold.errors import ConfigError, TrafficThresholdError
 from trafficthreshold.store.redis import RedisStore
-from trafficthreshold.store.sqlite import signed
+from trafficthreshold.store.sqlite import SQLiteStore
 
 log = logging.getLogger("trafficthreshold.migrate")
 
@@ -118,75 +117,54 @@ class Summary:
     watermarks: int = 0
 
 
-def _hashes(conn: sqlite3.Connection, prefix: str
+def _hashes(old: SQLiteStore, prefix: str
             ) -> Iterator[tuple[str, str, dict[str, int], str]]:
     """(table, target hash key, {field: count}, "{account}\\0{event}") for
     every period row, grouped by target hash."""
-    for table, parts in LEVELS:
-        cols = ", ".join(parts)
-        rows = conn.execute(f"SELECT account, event, {cols}, count FROM {table} "
-                            f"ORDER BY account, event, {cols}")
-        current, fields, pair = None, {}, ""
-        for account, event, *values, count in rows:
-            key = ":".join([prefix, account, event, *map(str, values[:-1])])
-            if key != current and current is not None:
-                yield table, current, fields, pair
-                fields = {}
-            current, pair = key, f"{account}\0{event}"
-            fields[str(values[-1])] = fields.get(str(values[-1]), 0) + int(count)
-        if current is not None:
-            yield table, current, fields, pair
+    current, fields, pair, level = None, {}, "", ""
+    for table, account, event, values, count in old.export_periods():
+        key = ":".join([prefix, account, event, *map(str, values[:-1])])
+        if key != current and current is not None:
+            yield level, current, fields, pair
+            fields = {}
+        current, pair, level = key, f"{account}\0{event}", table
+        fields[str(values[-1])] = fields.get(str(values[-1]), 0) + count
+    if current is not None:
+        yield level, current, fields, pair
 
 
-def _has_funnels(conn: sqlite3.Connection) -> bool:
-    """Whether the file has the funnels table (schema 3 on)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
-                        ).fetchone() is not None
-
-
-def _funnel_hashes(conn: sqlite3.Connection, prefix: str
+def _funnel_hashes(old: SQLiteStore, prefix: str
                    ) -> Iterator[tuple[bool, str, dict[str, int], str]]:
     """(a year's hash?, target hash key, {status: count}, "{account}\0{event}")
     of every funnels row, a year's hash summing its months."""
-    if not _has_funnels(conn):
-        return
-    for year_level, parts in ((True, "year"), (False, "year, month")):
-        rows = conn.execute(f"SELECT account, event, {parts}, status, SUM(count) FROM funnels"
-                            f" GROUP BY account, event, {parts}, status"
-                            f" ORDER BY account, event, {parts}, status")
+    for year_level in (True, False):
         current, fields, pair = None, {}, ""
-        for account, event, *values, status, count in rows:
+        for account, event, values, status, count in old.export_funnels(
+                by_month=not year_level):
             key = ":".join([prefix, account, event, *map(str, values)])
             if key != current and current is not None:
                 yield year_level, current, fields, pair
                 fields = {}
             current, pair = key, f"{account}\0{event}"
-            fields[status] = int(count)
+            fields[status] = count
         if current is not None:
             yield year_level, current, fields, pair
 
 
 def count_hashes(path: str) -> int:
     """How many target hashes a migration of ``path`` writes (for a progress bar)."""
-    conn = _open(path)
-    try:
-        total = 0
-        for table, parts in LEVELS:
-            cols = ", ".join(["account", "event", *parts[:-1]])
-            total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} FROM {table})"
-                                  ).fetchone()[0]
-        if _has_funnels(conn):
-            for cols in ("account, event, year", "account, event, year, month"):
-                total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} "
-                                      "FROM funnels)").fetchone()[0]
-        return total
-    finally:
-        conn.close()
+    with _open(path) as old:
+        return old.export_groups()
 
 
-def _open(path: str) -> sqlite3.Connection:
-    # Read-only: a migration never changes the SQLite file.
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def _open(path: str) -> SQLiteStore:
+    """The file, read-only (a migration never changes it); ConfigError
+    when it has no period tables to copy."""
+    old = SQLiteStore(path, readonly=True)
+    if old.empty is not None:
+        old.close()
+        raise ConfigError(f"nothing to migrate: {old.empty}")
+    return old
 
 
 def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | None = None,
@@ -206,10 +184,8 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
     copy = client.register_script(COPY_SCRIPT)
     keep = client.register_script(WATERMARK_SCRIPT)
     summary = Summary()
-    conn = _open(path)
-    try:
-        conn.execute("BEGIN")  # one snapshot: periods and watermarks agree
-        refuse_colons(conn, path)
+    with _open(path) as old, old.snapshot():  # one snapshot: periods and watermarks agree
+        refuse_colons(old, path)
         # Until the run is whole (the watermarks come last), this host's
         # supervisor must not roll into Redis (RedisStore.claim_segment).
         # The host hash and the shadows expire as a host's do (an abandoned
@@ -220,7 +196,7 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
         pipe.hset(store.host_key, "migrating", repr(float(now)))
         pipe.expire(store.host_key, store.host_ttl)
         pipe.execute()
-        for table, key, fields, pair in _hashes(conn, prefix):
+        for table, key, fields, pair in _hashes(old, prefix):
             expire_at = _expire_at(store, key) if table == "minutes" else 0
             if expire_at and expire_at <= now:
                 summary.expired += 1
@@ -234,20 +210,17 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
                                    store.funnel_keys_key], args=args))
             _count(summary, added, table == "months")
             progress(1)
-        _copy_funnels(conn, store, marker, summary, progress)
-        summary.watermarks = _copy_watermarks(conn, store, instance, keep)
-        pairs = [f"{a}\0{e}" for a, e in conn.execute("SELECT DISTINCT account, event "
-                                                      "FROM months")]
+        _copy_funnels(old, store, marker, summary, progress)
+        summary.watermarks = _copy_watermarks(old, store, instance, keep)
+        pairs = [f"{a}\0{e}" for a, e in old.export_pairs()]
         if pairs:  # what RedisStore.accounts() and events() list
             client.sadd(store.keys_key, *pairs)
-        _copy_meta(conn, store)
+        _copy_meta(old, store)
         pipe = client.pipeline(transaction=True)
         pipe.hdel(store.host_key, "migrating")
         pipe.expire(store.host_key, store.host_ttl)
         pipe.hset(store.migrations_key, store.host, f"copied {float(now)!r}")
         pipe.execute()
-    finally:
-        conn.close()
     log.info("migrated %s into Redis: %d hashes added to, %d with nothing new, %d minute "
              "hashes beyond retention, %d hits", path, summary.hashes, summary.skipped,
              summary.expired, summary.hits)
@@ -330,27 +303,16 @@ def refuse_after_rolls(store: RedisStore, now: float | None = None) -> None:
             "again, remove this host's keys from Redis first")
 
 
-def refuse_colons(conn: sqlite3.Connection, path: str) -> None:
+def refuse_colons(old: SQLiteStore, path: str) -> None:
     """Names with ``:`` would share Redis hashes with others (Bootic's keys
     split on ``:``: ``shop:order``/``paid`` and ``shop``/``order:paid`` are
     both ``track:shop:order:paid``); refuse, naming them and the fix."""
-    tables = ["months"] + (["funnels"] if _has_funnels(conn) else [])
-    bad = sorted({(a, e) for t in tables for a, e in conn.execute(
-        f"SELECT DISTINCT account, event FROM {t} WHERE instr(account, ':') > 0 "
-        "OR instr(event, ':') > 0")})
-    if "funnels" in tables:
-        bad += sorted({(a, f"{e}/{st}") for a, e, st in conn.execute(
-            "SELECT DISTINCT account, event, status FROM funnels "
-            "WHERE instr(status, ':') > 0")})
+    bad = old.names_with(":")
     if not bad:
         return
     shown = ", ".join(f"({a!r}, {e!r})" for a, e in bad[:10])
     more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-    tables = ["months", "days", "hours", "minutes", "watermarks", *tables[1:]]
-    sql = "; ".join(f"UPDATE OR ABORT {t} SET account = replace(account, ':', '-'), "
-                    f"event = replace(event, ':', '-')"
-                    + (", status = replace(status, ':', '-')" if t == "funnels" else "")
-                    for t in tables)
+    sql = old.rename_sql(":", "-")
     raise ConfigError(
         f"{path} holds names with ':' ({len(bad)} keys: {shown}{more}); in Redis ':' "
         "separates the parts of a key, so two such keys would share one hash.  Rename them "
@@ -358,11 +320,11 @@ def refuse_colons(conn: sqlite3.Connection, path: str) -> None:
         "that already exists aborts: pick another character), then migrate again")
 
 
-def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
+def _copy_funnels(old: SQLiteStore, store: RedisStore, marker: str,
                   summary: Summary, progress: Callable[[int], None]) -> None:
     """The funnels rows into Bootic's funnel hashes, incrementally."""
     copy = store.client.register_script(COPY_SCRIPT)
-    for year_level, key, fields, pair in _funnel_hashes(conn, store.funnels_prefix):
+    for year_level, key, fields, pair in _funnel_hashes(old, store.funnels_prefix):
         args: list[object] = [0, "", f"{pair}/" if year_level else "", pair, store.host_ttl]
         for status, count in fields.items():
             args.extend([status, count])
@@ -372,31 +334,25 @@ def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
         progress(1)
 
 
-def _copy_meta(conn: sqlite3.Connection, store: RedisStore) -> None:
+def _copy_meta(old: SQLiteStore, store: RedisStore) -> None:
     """``closed_through``, and the instance the host last rolled (and the
     one ``uninstall`` rolled to its end), so that the supervisor's first
     roll into Redis sees a segment replaced since as the SQLite store would."""
-    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
-                             "('closed_through', 'instance', 'instance_ended')"))
-    if "closed_through" in meta:
-        store.set_closed_through(int(meta["closed_through"]))
-    for name in ("instance", "instance_ended"):
-        if meta.get(name) is not None:
-            store.client.hset(store.host_key, name, int(meta[name]) % 2**64)
+    closed = old.closed_through()
+    if closed is not None:
+        store.set_closed_through(closed)
+    for name, value in (("instance", old.instance()), ("instance_ended", old.instance_ended())):
+        if value is not None:
+            store.client.hset(store.host_key, name, value)
 
 
-def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
+def _copy_watermarks(old: SQLiteStore, store: RedisStore, instance: int,
                      keep) -> int:
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(watermarks)")}
-    if "instance" in columns:
-        rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks "
-                            "WHERE instance = ?", (signed(instance),))
-    else:
-        rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks")
+    rows = old.export_watermarks(instance)
     per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)
     n = 0
     for minute, account, event, count in rows:
-        per_minute[minute].append((f"{instance}\0{account}\0{event}", int(count)))
+        per_minute[minute].append((f"{instance}\0{account}\0{event}", count))
         n += 1
     for minute, fields in per_minute.items():
         key = f"{store.prefix}~wm:{store.host}:{minute}"
