@@ -298,3 +298,21 @@ def test_a_switch_killed_while_dropping_the_records_never_allows_a_rerun(
     with pytest.raises(ConfigError, match="already rolls into this Redis"):
         migrate(path, store)
     assert store.period("acme", "pageview", 2026) == year
+
+
+@pytest.mark.parametrize("made", ["missing", "empty"])
+def test_a_file_without_period_tables_is_refused_and_nothing_written(
+        redis_server: RedisServer, tmp_path: Path, made: str) -> None:
+    """A path that does not exist, or a file the daemon never created its
+    tables in: nothing to copy, said so, and no migration recorded (which
+    would otherwise block a later real migration's rerun logic)."""
+    from trafficthreshold.errors import ConfigError
+    path = tmp_path / "stats.sqlite3"
+    if made == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(ConfigError, match="nothing to migrate.*stats.sqlite3"):
+        migrate(str(path), store_on(redis_server))
+    with pytest.raises(ConfigError, match="nothing to migrate"):
+        count_hashes(str(path))
+    assert redis_server.client().keys("*") == []
+    assert (made == "missing") == (not path.exists())  # the reader created nothing

@@ -13,9 +13,16 @@ nothing twice; two hosts that migrate their own files add up, as their
 live roll-ups do.  (Hashes an older version copied whole are listed in the
 set ``{prefix}~migrated:{host}`` and left as they are.)
 
-The file is read in one read transaction (one snapshot: the periods and
-the watermarks agree, even while another process writes).  Refused, with
-nothing copied (ConfigError naming the fix):
+This module says what goes where; the backends do the reading and the
+writing: the file is read through a read-only
+:class:`~trafficthreshold.store.sqlite.SQLiteStore` (its ``export_*``
+methods), in one read transaction (its ``snapshot()``: the periods and the
+watermarks agree, even while another process writes), and Redis is
+written through :class:`~trafficthreshold.store.redis_migration.RedisMigration`.
+Refused, with nothing copied (ConfigError naming the fix):
+
+* a file with no period tables (missing, empty, or not created by the
+  daemon yet): there is nothing to copy;
 
 * while the supervisor of the configured segment runs and writes the file
   (:func:`refuse_running_daemon`, from the segment header's pid);
@@ -31,7 +38,7 @@ hour, counted from the migration); those already beyond it are left out.
 The funnels table (schema 3: counts per status of an event per year and
 month) becomes Bootic's funnel hashes, ``{funnels_prefix}:{account}:{event}:{Y}``
 and ``...:{Y}:{M}`` with a field per status, the same way
-(the same :data:`COPY_SCRIPT`).
+(the same copy script, :data:`trafficthreshold.store.redis_migration.COPY_SCRIPT`).
 
 So that the host's supervisor, once switched to Redis, carries on where the
 SQLite store stopped (neither re-adding nor skipping what its ring still
@@ -46,21 +53,17 @@ import datetime
 import logging
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from trafficthreshold.errors import ConfigError, TrafficThresholdError
 from trafficthreshold.store.redis import RedisStore
-from trafficthreshold.store.redis_migration import COPY_SCRIPT, WATERMARK_SCRIPT
+from trafficthreshold.store.redis_migration import RedisMigration
 from trafficthreshold.store.sqlite import SQLiteStore
 
 log = logging.getLogger("trafficthreshold.migrate")
 
-LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
-          ("hours", ("year", "month", "day", "hour")),
-          ("minutes", ("year", "month", "day", "hour", "minute")))
 
 @dataclass
 class Summary:
@@ -131,50 +134,38 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
     hashes.  ``progress(n)`` is called after each target hash.  Refused
     (ConfigError, nothing copied) once this host rolls into Redis, or when
     the file holds names with ``:``."""
-    client, prefix = store.client, store.prefix
     now = time.time() if now is None else now
     refuse_after_rolls(store, now)
-    marker = f"{prefix}~migrated:{store.host}"
-    copy = client.register_script(COPY_SCRIPT)
-    keep = client.register_script(WATERMARK_SCRIPT)
+    writer = RedisMigration(store)
     summary = Summary()
     with _open(path) as old, old.snapshot():  # one snapshot: periods and watermarks agree
         refuse_colons(old, path)
-        # Until the run is whole (the watermarks come last), this host's
-        # supervisor must not roll into Redis (RedisStore.claim_segment).
-        # The host hash and the shadows expire as a host's do (an abandoned
-        # migration goes with them); the record in {prefix}~migrations
-        # outlives them, so that a rerun after they expired is refused.
-        pipe = client.pipeline(transaction=True)
-        pipe.hset(store.migrations_key, store.host, f"copying {float(now)!r}")
-        pipe.hset(store.host_key, "migrating", repr(float(now)))
-        pipe.expire(store.host_key, store.host_ttl)
-        pipe.execute()
-        for table, key, fields, pair in _hashes(old, prefix):
+        writer.begin(now)
+        for table, key, fields, pair in _hashes(old, store.prefix):
             expire_at = _expire_at(store, key) if table == "minutes" else 0
             if expire_at and expire_at <= now:
                 summary.expired += 1
                 progress(1)
                 continue
-            args: list[object] = [int(expire_at - now) if expire_at else 0,
-                                  pair if table == "months" else "", "", "", store.host_ttl]
-            for field, count in fields.items():
-                args.extend([field, count])
-            added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
-                                   store.funnel_keys_key], args=args))
+            added = writer.copy_hash(key, fields, expire_in=int(expire_at - now) if expire_at else 0,
+                                     total_field=pair if table == "months" else "")
             _count(summary, added, table == "months")
             progress(1)
-        _copy_funnels(old, store, marker, summary, progress)
-        summary.watermarks = _copy_watermarks(old, store, instance, keep)
-        pairs = [f"{a}\0{e}" for a, e in old.export_pairs()]
-        if pairs:  # what RedisStore.accounts() and events() list
-            client.sadd(store.keys_key, *pairs)
-        _copy_meta(old, store)
-        pipe = client.pipeline(transaction=True)
-        pipe.hdel(store.host_key, "migrating")
-        pipe.expire(store.host_key, store.host_ttl)
-        pipe.hset(store.migrations_key, store.host, f"copied {float(now)!r}")
-        pipe.execute()
+        for year_level, key, fields, pair in _funnel_hashes(old, store.funnels_prefix):
+            added = writer.copy_hash(key, fields, field_head=f"{pair}/" if year_level else "",
+                                     member=pair)
+            _count(summary, added, year_level)
+            progress(1)
+        summary.watermarks = writer.keep_watermarks(instance, old.export_watermarks(instance))
+        writer.add_pairs(old.export_pairs())
+        # closed_through, and the instance the host last rolled (and the one
+        # uninstall rolled to its end), so that the supervisor's first roll
+        # into Redis sees a segment replaced since as the SQLite store would.
+        closed = old.closed_through()
+        if closed is not None:
+            store.set_closed_through(closed)
+        writer.set_instances(old.instance(), old.instance_ended())
+        writer.finish(now)
     log.info("migrated %s into Redis: %d hashes added to, %d with nothing new, %d minute "
              "hashes beyond retention, %d hits", path, summary.hashes, summary.skipped,
              summary.expired, summary.hits)
@@ -272,44 +263,3 @@ def refuse_colons(old: SQLiteStore, path: str) -> None:
         "separates the parts of a key, so two such keys would share one hash.  Rename them "
         f"first, with the daemon stopped: sqlite3 {path} \"{sql}\" (a rename onto a name "
         "that already exists aborts: pick another character), then migrate again")
-
-
-def _copy_funnels(old: SQLiteStore, store: RedisStore, marker: str,
-                  summary: Summary, progress: Callable[[int], None]) -> None:
-    """The funnels rows into Bootic's funnel hashes, incrementally."""
-    copy = store.client.register_script(COPY_SCRIPT)
-    for year_level, key, fields, pair in _funnel_hashes(old, store.funnels_prefix):
-        args: list[object] = [0, "", f"{pair}/" if year_level else "", pair, store.host_ttl]
-        for status, count in fields.items():
-            args.extend([status, count])
-        added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
-                               store.funnel_keys_key], args=args))
-        _count(summary, added, year_level)
-        progress(1)
-
-
-def _copy_meta(old: SQLiteStore, store: RedisStore) -> None:
-    """``closed_through``, and the instance the host last rolled (and the
-    one ``uninstall`` rolled to its end), so that the supervisor's first
-    roll into Redis sees a segment replaced since as the SQLite store would."""
-    closed = old.closed_through()
-    if closed is not None:
-        store.set_closed_through(closed)
-    for name, value in (("instance", old.instance()), ("instance_ended", old.instance_ended())):
-        if value is not None:
-            store.client.hset(store.host_key, name, value)
-
-
-def _copy_watermarks(old: SQLiteStore, store: RedisStore, instance: int,
-                     keep) -> int:
-    rows = old.export_watermarks(instance)
-    per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    n = 0
-    for minute, account, event, count in rows:
-        per_minute[minute].append((f"{instance}\0{account}\0{event}", count))
-        n += 1
-    for minute, fields in per_minute.items():
-        key = f"{store.prefix}~wm:{store.host}:{minute}"
-        for field, count in fields:
-            keep(keys=[key], args=[field, count, store.watermark_ttl])
-    return n
