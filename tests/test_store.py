@@ -144,3 +144,17 @@ def test_the_host_claim_is_asked_of_the_store_not_of_its_backend(tmp_path, redis
         again = second.claim_host(8, pid=4200, wait=False)
         assert type(again).holder(redis_server.client(), "web1")["pid"] == 4200
         again.release()
+
+
+def test_file_problem_names_the_file_and_its_recovery_only_for_sqlite_errors():
+    """cli.py words a sqlite3 error through store.file_problem (no sqlite3
+    outside store/): the file and the recovery for a damaged file; None,
+    without asking for the file, for any other error."""
+    import sqlite3
+
+    asked = []
+    text = stores.file_problem(sqlite3.DatabaseError("database disk image is malformed"),
+                               lambda: asked.append(1) or "/var/lib/tt/stats.sqlite3")
+    assert "/var/lib/tt/stats.sqlite3" in text and ".recover" in text and asked == [1]
+    assert stores.file_problem(OSError("no"), lambda: asked.append(2) or "x") is None
+    assert asked == [1]

@@ -114,6 +114,13 @@ def count_hashes(path: str) -> int:
         return old.export_groups()
 
 
+def source_instance(path: str) -> int:
+    """The segment instance the file's host rolled last (0 for none): its
+    watermarks carry over under it."""
+    with _open(path) as old:
+        return old.instance() or 0
+
+
 def _open(path: str) -> SQLiteStore:
     """The file, read-only (a migration never changes it); ConfigError
     when it has no period tables to copy."""
