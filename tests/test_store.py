@@ -158,3 +158,93 @@ def test_file_problem_names_the_file_and_its_recovery_only_for_sqlite_errors():
     assert "/var/lib/tt/stats.sqlite3" in text and ".recover" in text and asked == [1]
     assert stores.file_problem(OSError("no"), lambda: asked.append(2) or "x") is None
     assert asked == [1]
+
+
+# ------------------------------------------------ the house rules of store/
+#
+# Read from the source (ast), since a rule of where code lives cannot be
+# seen from the outside: no SQL and no backend test outside store/.
+
+import ast  # noqa: E402
+import pathlib  # noqa: E402
+
+PACKAGE = pathlib.Path(stores.__file__).resolve().parent.parent
+SQL_WORDS = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ", "PRAGMA ", "CREATE ", "BEGIN", "DROP ")
+
+#: Modules outside store/sqlite.py that may name sqlite3, and why.
+SQLITE3_ELSEWHERE = {
+    # classifies a sqlite3 error of the configured file (store.unavailable)
+    "store/__init__.py": "errors",
+    # the host rules' mail queue and alert state: tables of its own (alert_state,
+    # alert_outbox), the MailQueue's SQLite implementation (docs/alerts.rst)
+    "alerts/store.py": "sql",
+    # the mail worker retries the host queue's store errors (sqlite3.Error)
+    "alerts/mail.py": "errors",
+    # the alert-state reader's type (alerts.store.open_reader): no SQL of its own
+    "api/app.py": "errors",
+}
+#: Modules outside store/ that may reach a store's backend, and why: the
+#: farm's live counts read with the store's client (issue 25 rewrites it).
+BACKEND_ELSEWHERE = {"api/app.py"}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield str(path.relative_to(PACKAGE)), ast.parse(path.read_text(), str(path))
+
+
+def _sql_calls(tree: ast.AST) -> list[int]:
+    """Lines of ``.execute*(...)`` calls whose first argument is SQL text."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("execute", "executemany", "executescript") and node.args:
+            first = node.args[0]
+            text = "".join(part.value for part in ast.walk(first)
+                           if isinstance(part, ast.Constant) and isinstance(part.value, str))
+            if any(word in text.upper() for word in SQL_WORDS):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_sql_outside_store_sqlite():
+    """Only store/sqlite.py runs SQL on the period store; the other
+    modules naming sqlite3 are listed above with their reason, and only
+    the alert queue's own store runs SQL (on its own tables)."""
+    found = {}
+    for name, tree in _modules():
+        if name == "store/sqlite.py":
+            continue
+        imports = any(isinstance(n, (ast.Import, ast.ImportFrom)) and any(
+            a.name.split(".")[0] == "sqlite3" for a in n.names) or
+            isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "sqlite3"
+            for n in ast.walk(tree))
+        sql = _sql_calls(tree)
+        if imports or sql:
+            found[name] = "sql" if sql else "errors"
+    assert found == SQLITE3_ELSEWHERE
+
+
+def test_no_backend_test_outside_store():
+    """No module outside store/ asks which backend a store is
+    (``isinstance(..., RedisStore)``) or reaches through it to its Redis
+    client (``store.client``): it calls the PeriodStore interface."""
+    found = {}
+    for name, tree in _modules():
+        if name.startswith("store/"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id == "isinstance" and len(node.args) == 2:
+                names = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", "")
+                         for n in ast.walk(node.args[1])}
+                if names & {"RedisStore", "SQLiteStore"}:
+                    found.setdefault(name, []).append(node.lineno)
+            if isinstance(node, ast.Attribute) and node.attr == "client":
+                owner = node.value
+                if isinstance(owner, ast.Call):
+                    owner = owner.func
+                label = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+                if "store" in label.lower():
+                    found.setdefault(name, []).append(node.lineno)
+    assert set(found) == BACKEND_ELSEWHERE, found
