@@ -316,3 +316,19 @@ def test_a_file_without_period_tables_is_refused_and_nothing_written(
         count_hashes(str(path))
     assert redis_server.client().keys("*") == []
     assert (made == "missing") == (not path.exists())  # the reader created nothing
+
+
+def test_a_file_whose_path_holds_uri_characters_is_migrated(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """The file is opened by SQLiteStore's read-only reader (a quoted URI):
+    a '#', '?' or '%' in its path is part of the name, not of the URI (the
+    old reader of migrate.py cut the path at them)."""
+    folder = tmp_path / "sites?a=1%20#b"
+    folder.mkdir()
+    path = str(folder / "stats#1.sqlite3")
+    with SQLiteStore(path, "UTC") as sqlite:
+        sqlite.roll([("shop", "pageview", MINUTE, 5)], now=1)
+    store = store_on(redis_server)
+    summary = migrate(path, store)
+    assert summary.hits == 5 and count_hashes(path) == summary.hashes
+    assert store.period("shop", "pageview", 2026)["total"] == 5
