@@ -708,16 +708,23 @@ def test_a_reader_never_takes_the_write_lock_and_cannot_write(store: SQLiteStore
     assert store.period("acme", EVENT, 2026, 5)["total"] == 6
 
 
-def test_a_reader_of_a_schema_1_file_does_not_migrate_it(tmp_path: Path) -> None:
+def schema_1_file(tmp_path: Path, *rows: str) -> str:
+    """A file of schema 1 (watermarks without instances, no funnels) with
+    one watermark (minute 100, acme/pageview: 4) and the INSERTs ``rows``."""
     from trafficthreshold.store import sqlite as store_module
     path = str(tmp_path / "old.sqlite3")
     conn = sqlite3.connect(path)
-    for statement in store_module.DDL:
+    for statement in [*store_module.DDL,
+                      "INSERT INTO watermarks VALUES (100, 'acme', 'pageview', 4)", *rows,
+                      "PRAGMA user_version = 1"]:
         conn.execute(statement)
-    conn.execute("INSERT INTO watermarks VALUES (100, 'acme', 'pageview', 4)")
-    conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
+    return path
+
+
+def test_a_reader_of_a_schema_1_file_does_not_migrate_it(tmp_path: Path) -> None:
+    path = schema_1_file(tmp_path)
     with SQLiteStore(path, ZONE, readonly=True) as reader:
         assert reader.watermark_minutes(0) == {("acme", "pageview", 100): 4}
     assert rows(path, "PRAGMA user_version") == [(1,)]
@@ -922,16 +929,7 @@ def test_the_export_reads_one_snapshot_while_a_writer_writes(path: str) -> None:
 
 
 def test_the_export_of_a_schema_1_file_has_no_instances_and_no_funnels(tmp_path: Path) -> None:
-    from trafficthreshold.store import sqlite as store_module
-    path = str(tmp_path / "old.sqlite3")
-    conn = sqlite3.connect(path)
-    for statement in store_module.DDL:
-        conn.execute(statement)
-    conn.execute("INSERT INTO watermarks VALUES (100, 'acme', 'pageview', 4)")
-    conn.execute("INSERT INTO months VALUES ('a:b', 'pageview', 2026, 1, 4)")
-    conn.execute("PRAGMA user_version = 1")
-    conn.commit()
-    conn.close()
+    path = schema_1_file(tmp_path, "INSERT INTO months VALUES ('a:b', 'pageview', 2026, 1, 4)")
     with SQLiteStore(path, ZONE, readonly=True) as old:
         assert list(old.export_watermarks(12345)) == [(100, "acme", EVENT, 4)]
         assert list(old.export_funnels(by_month=True)) == []
