@@ -305,10 +305,15 @@ def _private_uses(path: pathlib.Path) -> list[str]:
                 if alias.name.startswith("trafficthreshold"):
                     ours[alias.asname or alias.name.split(".")[0]] = alias.name.rsplit(".", 1)[-1]
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
-                and node.value.id in ours and node.attr.startswith("_") \
-                and not node.attr.startswith("__"):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in ours:
             used.append(f"{ours[node.value.id]}.{node.attr}")
+        elif isinstance(node.value, ast.Attribute) \
+                and ast.unparse(node.value).startswith("trafficthreshold."):
+            # a module by its full dotted name: trafficthreshold.store.redis._x
+            used.append(f"{node.value.attr}.{node.attr}")
     return sorted(set(used))
 
 
@@ -323,9 +328,13 @@ def test_no_module_uses_a_private_name_of_another():
 
 def test_the_private_name_check_sees_both_forms(tmp_path):
     """The check above can fail: an import and an attribute read of another
-    module's private name are both seen."""
+    module's private name are both seen, through a module's full dotted
+    name too."""
     probe = tmp_path / "probe.py"
     probe.write_text("from .store.sqlite import _signed\nfrom . import segment\n"
-                     "import trafficthreshold.live as live\n"
-                     "x = segment._attach_raw\ny = live._read\nz = segment.attach\n")
-    assert _private_uses(probe) == ["live._read", "segment._attach_raw", "sqlite._signed"]
+                     "import trafficthreshold.live as live\nimport trafficthreshold.store.redis\n"
+                     "x = segment._attach_raw\ny = live._read\nz = segment.attach\n"
+                     "w = trafficthreshold.store.redis._script\n"
+                     "v = trafficthreshold.store.redis.RedisStore\n")
+    assert _private_uses(probe) == ["live._read", "redis._script", "segment._attach_raw",
+                                    "sqlite._signed"]
