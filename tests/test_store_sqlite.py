@@ -955,3 +955,25 @@ def test_names_with_a_separator_and_the_sql_that_renames_them(path: str, sep: st
     with SQLiteStore(path, ZONE, readonly=True) as old:
         assert old.names_with(sep) == []
         assert ("a-b", EVENT) in old.export_pairs()
+
+
+def test_the_snapshot_reads_the_schema_of_its_own_state(tmp_path: Path) -> None:
+    """The schema is the snapshot's too: a file of schema 1 opened for the
+    export, then migrated and rolled into by a daemon (of this version)
+    before the snapshot begins, is read as the schema 3 file it now is (one
+    instance's watermarks, its funnels), as main's migrate.py read the
+    columns inside its transaction."""
+    m = minute_at(2026, 3, 1, 12, 5)
+    path = schema_1_file(tmp_path)
+    with SQLiteStore(path, ZONE, readonly=True) as old:
+        with SQLiteStore(path, ZONE) as daemon:  # migrates the file to schema 3
+            daemon.roll([("acme", EVENT, m, 2), ("shop", "order/paid", m, 3)], now_of(m),
+                        instance=7)
+            daemon.roll([("acme", EVENT, m + 1, 5)], now_of(m + 1), instance=8)
+        with old.snapshot():
+            assert sorted(old.export_watermarks(8)) == [
+                (mm, a, e, c) for mm, a, e, c in sorted(rows(
+                    path, "SELECT epoch_minute, account, event, count FROM watermarks "
+                    "WHERE instance = 8"))]
+            assert list(old.export_funnels(by_month=False)) == [
+                ("shop", "order", (2026,), "paid", 3)]

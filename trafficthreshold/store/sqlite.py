@@ -1093,11 +1093,22 @@ class SQLiteStore:
     def snapshot(self) -> Iterator[SQLiteStore]:
         """One read transaction: everything read inside it is one state of
         the file (the periods and the watermarks agree), even while another
-        process writes.  Nothing is written."""
+        process writes.  Nothing is written.  The schema is read again
+        inside it (its first read, which fixes the snapshot): a daemon may
+        have migrated the file since it was opened, and which columns and
+        tables the export reads must be the snapshot's."""
         try:
             self._conn.execute("BEGIN")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
             raise StoreError(describe(self.path, exc)) from exc
+        if self.empty is None:  # not the in-memory stand-in of a missing file
+            if version > SCHEMA_VERSION:
+                self._conn.execute("ROLLBACK")
+                raise StoreError(_too_new(self.path, version))
+            self._version = version
         try:
             yield self
         finally:
