@@ -332,3 +332,44 @@ def test_a_file_whose_path_holds_uri_characters_is_migrated(
     summary = migrate(path, store)
     assert summary.hits == 5 and count_hashes(path) == summary.hashes
     assert store.period("shop", "pageview", 2026)["total"] == 5
+
+
+@pytest.mark.parametrize("collides", [False, True])
+def test_the_printed_rename_runs_in_a_shell_whole_or_not_at_all(
+        redis_server: RedisServer, tmp_path: Path, collides: bool) -> None:
+    """The command the refusal prints, pasted into a shell as it is (the
+    real sqlite3 shell, the file in a folder whose name has a space): it
+    renames every ':' and the migration then goes through; a rename onto a
+    name that already exists (here a funnel status, whose watermark comes
+    after the period tables) aborts and leaves the file as it was, not
+    half renamed (main's statements ran one by one: the period tables
+    renamed, the watermarks and funnels not)."""
+    import subprocess
+    from trafficthreshold.errors import ConfigError
+    folder = tmp_path / "my sites"
+    folder.mkdir()
+    path = str(folder / "stats.sqlite3")
+    items = [("a:b", "pageview", MINUTE, 1), ("shop", "order/pa:id", MINUTE, 2)]
+    if collides:
+        items.append(("shop", "order/pa-id", MINUTE, 4))
+    with SQLiteStore(path, "UTC") as sqlite:
+        sqlite.roll(items, now=1)
+    with SQLiteStore(path, "UTC", readonly=True) as before, before.snapshot():
+        first = (list(before.export_periods()), sorted(before.export_watermarks(0)),
+                 list(before.export_funnels(by_month=True)))
+    store = store_on(redis_server)
+    with pytest.raises(ConfigError) as err:
+        migrate(path, store)
+    command = str(err.value).split("with the daemon stopped: ", 1)[1].split(" (a rename onto")[0]
+    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    with SQLiteStore(path, "UTC", readonly=True) as after, after.snapshot():
+        now = (list(after.export_periods()), sorted(after.export_watermarks(0)),
+               list(after.export_funnels(by_month=True)))
+    if collides:
+        assert ran.returncode != 0 and "UNIQUE" in ran.stderr
+        assert now == first
+        assert not redis_server.client().keys("track:*")
+    else:
+        assert ran.returncode == 0, ran.stderr
+        migrate(path, store)
+        assert store.period("a-b", "pageview", 2026)["total"] == 1

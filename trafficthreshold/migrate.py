@@ -52,6 +52,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -268,5 +269,6 @@ def refuse_colons(old: SQLiteStore, path: str) -> None:
     raise ConfigError(
         f"{path} holds names with ':' ({len(bad)} keys: {shown}{more}); in Redis ':' "
         "separates the parts of a key, so two such keys would share one hash.  Rename them "
-        f"first, with the daemon stopped: sqlite3 {path} \"{sql}\" (a rename onto a name "
+        f"first, with the daemon stopped: sqlite3 {shlex.quote(path)} \"{sql}\" "
+        "(a rename onto a name "
         "that already exists aborts: pick another character), then migrate again")

@@ -1196,16 +1196,19 @@ class SQLiteStore:
 
     def rename_sql(self, sep: str, replacement: str) -> str:
         """The SQL (for the sqlite3 shell, the daemon stopped) that replaces
-        ``sep`` by ``replacement`` in every name of the file; a rename onto
-        a name that already exists aborts."""
+        ``sep`` by ``replacement`` in every name of the file, in one
+        transaction: a rename onto a name that already exists aborts and
+        leaves the file as it was (the shell stops at the failed statement,
+        before the COMMIT; the transaction rolls back as it exits)."""
         tables = ["months", "days", "hours", "minutes", "watermarks",
                   *(["funnels"] if self._has_funnels() else [])]
         sep, replacement = (s.replace("'", "''") for s in (sep, replacement))  # SQL literals
-        return "; ".join(f"UPDATE OR ABORT {t} SET account = replace(account, '{sep}', "
-                         f"'{replacement}'), event = replace(event, '{sep}', '{replacement}')"
-                         + (f", status = replace(status, '{sep}', '{replacement}')"
-                            if t == "funnels" else "")
-                         for t in tables)
+        updates = [f"UPDATE OR ABORT {t} SET account = replace(account, '{sep}', "
+                   f"'{replacement}'), event = replace(event, '{sep}', '{replacement}')"
+                   + (f", status = replace(status, '{sep}', '{replacement}')"
+                      if t == "funnels" else "")
+                   for t in tables]
+        return "; ".join(["BEGIN", *updates, "COMMIT"])
 
 
 def _too_new(path: str, version: int) -> str:
