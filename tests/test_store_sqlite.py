@@ -955,6 +955,8 @@ def test_names_with_a_separator_and_the_sql_that_renames_them(path: str, sep: st
     with SQLiteStore(path, ZONE, readonly=True) as old:
         assert old.names_with(sep) == []
         assert ("a-b", EVENT) in old.export_pairs()
+        # the keys table too: accounts() lists, and prune() prunes, by it
+        assert old.accounts() == ["a-b", "c", "clean"] and old.events("c") == ["e-f"]
 
 
 def test_the_snapshot_reads_the_schema_of_its_own_state(tmp_path: Path) -> None:

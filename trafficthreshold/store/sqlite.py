@@ -1196,10 +1196,13 @@ class SQLiteStore:
 
     def rename_sql(self, sep: str, replacement: str) -> str:
         """The SQL (for the sqlite3 shell, the daemon stopped) that replaces
-        ``sep`` by ``replacement`` in every name of the file, in one
+        ``sep`` by ``replacement`` in every name of the file (the keys
+        table's too), in one
         transaction: a rename onto a name that already exists aborts and
         leaves the file as it was (the shell stops at the failed statement,
         before the COMMIT; the transaction rolls back as it exits)."""
+        if not sep or sep in replacement:
+            raise ValueError(f"renaming {sep!r} to {replacement!r} would leave {sep!r}")
         tables = ["months", "days", "hours", "minutes", "watermarks",
                   *(["funnels"] if self._has_funnels() else [])]
         sep, replacement = (s.replace("'", "''") for s in (sep, replacement))  # SQL literals
@@ -1208,7 +1211,14 @@ class SQLiteStore:
                    + (f", status = replace(status, '{sep}', '{replacement}')"
                       if t == "funnels" else "")
                    for t in tables]
-        return "; ".join(["BEGIN", *updates, "COMMIT"])
+        # keys lists what accounts() shows and prune() prunes: a renamed key
+        # joins the new name's entry if it has one (no abort: their rows
+        # may well be of other periods; the tables above abort on a clash)
+        keys = [f"UPDATE OR IGNORE keys SET account = replace(account, '{sep}', "
+                f"'{replacement}'), event = replace(event, '{sep}', '{replacement}')",
+                f"DELETE FROM keys WHERE instr(account, '{sep}') > 0 "
+                f"OR instr(event, '{sep}') > 0"]
+        return "; ".join(["BEGIN", *updates, *keys, "COMMIT"])
 
 
 def _too_new(path: str, version: int) -> str:
