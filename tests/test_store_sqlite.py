@@ -949,6 +949,8 @@ def test_names_with_a_separator_and_the_sql_that_renames_them(path: str, sep: st
         assert store.names_with(sep) == [(f"a{sep}b", EVENT), ("c", f"e{sep}f"),
                                          ("shop", f"order/pa{sep}id")]
         sql = store.rename_sql(sep, "-")
+        with pytest.raises(ValueError, match="would leave"):
+            store.rename_sql(sep, f"-{sep}")  # the names would keep it
     conn = sqlite3.connect(path)
     conn.executescript(sql)
     conn.close()
