@@ -373,3 +373,24 @@ def test_the_printed_rename_runs_in_a_shell_whole_or_not_at_all(
         assert ran.returncode == 0, ran.stderr
         migrate(path, store)
         assert store.period("a-b", "pageview", 2026)["total"] == 1
+
+
+def test_a_damaged_table_is_a_store_error_naming_the_file_and_the_recovery(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """A sqlite3 error while the file is read (here the minutes table's
+    root page overwritten) is a StoreError naming the migrated file, not
+    the configured database, and the recovery (.recover)."""
+    import sqlite3
+    from trafficthreshold.store import StoreError
+    path, _ = history
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'minutes'").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(random.Random("minutes").randbytes(48))
+    with pytest.raises(StoreError) as err:
+        migrate(path, store_on(redis_server))
+    assert path in str(err.value) and ".recover" in str(err.value)
