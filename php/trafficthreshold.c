@@ -248,7 +248,7 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
         account = NULL;
     TT_LOCK();
     tt_follow_settings();
-    if (!(tt_w != NULL && tt_live(&tt_w->s)) && !tt_ready(0, &failed)) {
+    if (UNEXPECTED(!(tt_w != NULL && tt_live(&tt_w->s))) && !tt_ready(0, &failed)) {
         /* Fail open, but a bad name is still reported (first): a site run
          * without the segment (development) sees it before production. */
         if (tt_check_names(&tt_w->s, account ? ZSTR_VAL(account) : NULL,
@@ -267,10 +267,17 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
             tt_report_attach();
         return 0;
     }
-    rc = tt_writer_hit(tt_w, account ? ZSTR_VAL(account) : NULL, account ? ZSTR_LEN(account) : 0,
-                       account ? zend_string_hash_val(account) : 0, ZSTR_VAL(event),
-                       ZSTR_LEN(event), zend_string_hash_val(event), (uint64_t)n,
-                       tt_now_second());
+    /* Interned strings (a script's literals, "pageview") keep their bytes
+     * while they live, and live at least until the request's end, when the
+     * memo is cleared (RSHUTDOWN): their pointers name them. */
+    rc = tt_writer_hit_memo(tt_w, &TT_G(hit_memo), account,
+                            ZSTR_IS_INTERNED(event) && (account == NULL
+                                                        || ZSTR_IS_INTERNED(account))
+                            ? event : NULL,
+                            account ? ZSTR_VAL(account) : NULL, account ? ZSTR_LEN(account) : 0,
+                            account ? zend_string_hash_val(account) : 0, ZSTR_VAL(event),
+                            ZSTR_LEN(event), zend_string_hash_val(event), (uint64_t)n,
+                            tt_now_second());
     if (rc == 0) {
         TT_UNLOCK();
         return 1;
@@ -555,18 +562,7 @@ static const char *tt_request_path(size_t *len)
  * last Host header (a worker mostly serves one site): a repeated request
  * costs a compare, not the normalising, the list's parsing and the names'
  * check. */
-static struct {
-    /* Copies of the settings it was made for, compared by their text: under
-     * mod_php a <VirtualHost>'s php_admin_value is set again at each
-     * request, and another host's value may be allocated where the last
-     * one's was freed. */
-    char *how, *list;
-    unsigned gen;                    /* tt_settings_gen when last compared */
-    char raw[256];                   /* the Host header it was made for */
-    size_t raw_len;
-    int ready;
-    zend_string *account;            /* persistent, hashed; NULL: the total */
-} tt_memo;
+#define tt_memo TT_G(page)
 
 static void tt_memo_forget_settings(void)
 {
@@ -639,12 +635,11 @@ static zend_string *tt_page_account(void)
     tt_memo.account = zend_string_init(buf, len, 1);
     zend_string_hash_val(tt_memo.account);
     if (!tt_memo.ready) {  /* not memoized: the caller's until the next call */
-        static zend_string *last;
-        if (last != NULL)
-            zend_string_release(last);
-        last = tt_memo.account;
+        if (tt_memo.unmemoized != NULL)
+            zend_string_release(tt_memo.unmemoized);
+        tt_memo.unmemoized = tt_memo.account;
         tt_memo.account = NULL;
-        return last;
+        return tt_memo.unmemoized;
     }
     return tt_memo.account;
 }
@@ -783,10 +778,23 @@ static void php_trafficthreshold_init_globals(zend_trafficthreshold_globals *g)
     memset(g, 0, sizeof *g);
 }
 
+/* Frees a thread's memo (ZTS: each thread's, when it ends; NTS: the
+ * process's, at MSHUTDOWN). */
+static void php_trafficthreshold_free_globals(zend_trafficthreshold_globals *g)
+{
+    tt_account_memo *m = &g->page;
+    if (m->account != NULL) zend_string_release(m->account);
+    if (m->unmemoized != NULL) zend_string_release(m->unmemoized);
+    if (m->how != NULL) pefree(m->how, 1);
+    if (m->list != NULL) pefree(m->list, 1);
+    memset(m, 0, sizeof *m);
+}
+
 PHP_MINIT_FUNCTION(trafficthreshold)
 {
     zend_class_entry ce;
-    ZEND_INIT_MODULE_GLOBALS(trafficthreshold, php_trafficthreshold_init_globals, NULL);
+    ZEND_INIT_MODULE_GLOBALS(trafficthreshold, php_trafficthreshold_init_globals,
+                             php_trafficthreshold_free_globals);
     REGISTER_INI_ENTRIES();
     tt_cgi_sapi = sapi_module.name != NULL && (strncmp(sapi_module.name, "fpm", 3) == 0
                                                || strncmp(sapi_module.name, "cgi", 3) == 0);
@@ -803,11 +811,9 @@ PHP_MINIT_FUNCTION(trafficthreshold)
 PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
 {
     UNREGISTER_INI_ENTRIES();
-    if (tt_memo.account != NULL) {
-        zend_string_release(tt_memo.account);
-        tt_memo.account = NULL;
-    }
-    tt_memo_forget_settings();
+#ifndef ZTS
+    php_trafficthreshold_free_globals(&trafficthreshold_globals);
+#endif
     if (tt_w != NULL) {
         tt_writer_detach(tt_w);
         pefree(tt_w, 1);
@@ -820,6 +826,9 @@ PHP_RSHUTDOWN_FUNCTION(trafficthreshold)
 {
     if (TT_G(pageviews))
         tt_count_page_view();
+    /* The request's interned strings are freed after this: the memo's
+     * pointers could name other bytes in the next request. */
+    TT_G(hit_memo).e_id = NULL;
     return SUCCESS;
 }
 

@@ -384,6 +384,101 @@ def test_a_reinstalled_segment_is_followed_without_a_restart(tmp_path, site_root
         site.stop()
 
 
+# ------------------------------------------------------- php-cli, step by step
+
+class PhpCli:
+    """A php-cli process with the extension that runs `script` once per line
+    sent (`step`), so a test can change the segment between two of its
+    hits; the script's output of each step is returned."""
+
+    def __init__(self, extension: Path, key: int, backend: str, body: str, **ini: str):
+        script = ("<?php\nwhile (($line = fgets(STDIN)) !== false) {\n" + body
+                  + "\n echo \"\\n--\\n\"; fflush(STDOUT);\n}\n")
+        settings = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+                    "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend,
+                    **ini}
+        args = ["php", "-n"] + [f"-d{k}={v}" for k, v in settings.items()] + ["-r", script[6:]]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def step(self, line: str = "go") -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = []
+        while (got := self.proc.stdout.readline()) not in ("--\n", ""):
+            out.append(got)
+        return "".join(out).strip()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+
+
+def test_a_memoized_key_reclaimed_under_php_counts_under_its_own_name(extension, installed):
+    """A script's literals are memoized by their zend_string pointers (the
+    hit's fast path); the supervisor reclaims the key and another name takes
+    its slot: the next hit through the memo finds the slot stale (the
+    bucket tags' generation) and counts in a new slot of its own name, never
+    into the slot's new owner."""
+    key, backend = installed
+    php = PhpCli(extension, key, backend,
+                 'var_dump(trafficthreshold_hit("gone.example"), '
+                 'trafficthreshold_hit("gone.example", "signup"));')
+    counter = segment.attach(key, backend)
+    try:
+        assert php.step() == "bool(true)\nbool(true)"
+        assert php.step() == "bool(true)\nbool(true)"
+        now_minute = int(time.time()) // 60
+        reclaimed = counter.reclaim(now_minute + 2)
+        assert {r[1] for r in reclaimed} == {"gone.example", "all"}
+        counter.hit("new.example", "pageview", 3)
+        # The slots changed hands (the free list gives them out again).
+        assert {r[0] for r in reclaimed} & {counter.find("new.example", "pageview"),
+                                           counter.find(None, "pageview")}
+        assert php.step() == "bool(true)\nbool(true)"
+        assert php.step() == "bool(true)\nbool(true)"
+        new = counter.find("new.example", "pageview")
+        assert sum(n for s, _, n in counter.minutes(now_minute - 1, now_minute + 1)
+                   if s == new) == 3
+        for account, event in (("gone.example", "pageview"), ("gone.example", "signup")):
+            found = counter.find(account, event)
+            assert found is not None and found != new
+            assert sum(n for s, _, n in counter.minutes(now_minute - 1, now_minute + 1)
+                       if s == found) == 2, (account, event)
+    finally:
+        counter.detach()
+        php.close()
+
+
+def test_a_memoized_key_is_not_used_in_a_reinstalled_segment(extension, key, backend):
+    """The memo's refs are the old segment's: after a reinstall, where
+    another name took the first slots, the script's next hit of the same
+    literal resolves its name in the new segment (the writer's generation
+    moved at the attach) instead of adding into the new owner's slot."""
+    segment.install(key, backend)
+    php = PhpCli(extension, key, backend, 'var_dump(trafficthreshold_hit("a.example"));')
+    try:
+        assert php.step() == "bool(true)"
+        assert php.step() == "bool(true)"
+        segment.uninstall(key, backend, force=True)
+        segment.install(key, backend)
+        counter = segment.attach(key, backend)
+        try:
+            counter.hit("b.example", "pageview", 5)
+            assert php.step() == "bool(true)"
+            now_minute = int(time.time()) // 60
+
+            def total(account):
+                slot = counter.find(account, "pageview")
+                return sum(n for s, _, n in counter.minutes(now_minute - 1, now_minute + 1)
+                           if s == slot) if slot is not None else 0
+            assert (total("a.example"), total("b.example"), total(None)) == (1, 5, 6)
+        finally:
+            counter.detach()
+    finally:
+        php.close()
+
+
 # ---------------------------------------------------------------- mod_php
 
 @pytest.fixture

@@ -126,10 +126,8 @@ static uint64_t parse_second(PyObject *obj)
 {
     struct timespec ts;
     double t;
-    if (obj == NULL || obj == Py_None) {
-        clock_gettime(CLOCK_REALTIME_COARSE, &ts);  /* see tt_now_seconds() */
-        return (uint64_t)ts.tv_sec;
-    }
+    if (obj == NULL || obj == Py_None)
+        return tt_now_second();  /* the coarse second, one vDSO load (tt_core.c) */
     t = parse_now(obj);
     if (t < 0)
         return 0;

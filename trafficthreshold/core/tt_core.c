@@ -143,17 +143,21 @@ static int __attribute__((format(printf, 3, 4))) tt_fail(tt_seg *c, int kind, co
 
 /* ------------------------------------------------------------------ time */
 
-/* Wall-clock seconds, from the coarse clock: served by the vDSO on Linux
- * without reading the TSC (6 ns instead of 36 ns on the benchmark machine,
- * a fifth of a hit()).  Why that is exact enough: it lags the precise clock
- * by at most one timer tick (1..10 ms, see clock_getres), so a hit in the
- * first tick of a second may be counted in the second before; no count is
- * lost, and workers' clocks disagree by as much anyway. */
+/* Wall-clock seconds, from the coarse clock: time(), which is the second of
+ * CLOCK_REALTIME_COARSE (Linux: the vDSO's time() reads the timekeeper's
+ * second that the coarse clock reads too; glibc elsewhere calls
+ * clock_gettime(CLOCK_REALTIME_COARSE)).  Why time() and not
+ * clock_gettime(CLOCK_REALTIME_COARSE): on x86-64 glibc binds time() to the
+ * vDSO's directly (one load), where clock_gettime goes through libc's
+ * wrapper and the vDSO's seqlock loop: 3.5 ns of a 22 ns PHP hit on the
+ * benchmark machine (benchmarks/bench_php.py).  Why the coarse second is
+ * exact enough: it lags the precise clock by at most one timer tick
+ * (1..10 ms, see clock_getres), so a hit in the first tick of a second may
+ * be counted in the second before; no count is lost, and workers' clocks
+ * disagree by as much anyway. */
 static inline uint64_t tt_now_second(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-    return (uint64_t)ts.tv_sec;
+    return (uint64_t)time(NULL);
 }
 
 static TT_UNUSED double tt_now_seconds(void)
@@ -1472,6 +1476,11 @@ typedef struct {
 
 typedef struct tt_writer {
     tt_seg s;
+    /* Bumped whenever the cache is forgotten (attach, detach, a reclaimed
+     * key): a binding's memo of refs (tt_hit_memo) made under another
+     * generation is not used. */
+    unsigned long gen;
+    long last_ref;  /* the account's ref of the last tt_writer_hit (-1: none) */
     /* The event of the last hit and its `all` ref: a process mostly counts
      * one event, so its total costs one compare.  last_elen 0: none. */
     uint8_t last_elen;
@@ -1511,6 +1520,8 @@ static void tt_writer_forget(tt_writer *w)
 {
     memset(w->cache, 0, sizeof w->cache);
     w->last_elen = 0;
+    w->last_ref = -1;
+    w->gen++;
 }
 
 /* Attaches the writer (tt_attach); backend -1 = SysV, else POSIX if no
@@ -1617,19 +1628,19 @@ static inline long tt_writer_all(tt_writer *w, const char *e, size_t elen, uint6
  * n must be 1..TT_MAX_HIT_N and second >= 60 (the binding checks). */
 static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
                                    const char *e, size_t elen, uint64_t ehash, uint64_t n,
-                                   uint64_t second)
+                                   uint64_t second);
+
+/* The additions of tt_writer_hit, its keys resolved: all_ref the event's
+ * total, ref the account's (ignored when a is NULL).  The segment is live
+ * (the caller looked).  A key found reclaimed (TT_ADD_STALE) is resolved
+ * again by its names, once.  Returns as tt_writer_hit. */
+static inline __attribute__((always_inline)) int tt_writer_add(
+    tt_writer *w, long ref, long all_ref, const char *a, size_t alen, uint64_t ahash,
+    const char *e, size_t elen, uint64_t ehash, uint64_t n, uint64_t second)
 {
     tt_seg *c = &w->s;
-    long all_ref, ref = -1;
     int dropped, rc;
     tt_clock clk;
-    if (__builtin_expect(!tt_live(c), 0))
-        return tt_fail(c, TT_ERR_NOTFOUND, "the segment at IPC key 0x%x was uninstalled",
-                       (unsigned int)c->key);
-    if (a != NULL && (ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash, second)) < 0)
-        return -1;
-    if ((all_ref = tt_writer_all(w, e, elen, ehash, second)) < 0)
-        return -1;
     if (second != c->clk.second)
         tt_set_clock(c, second);
     clk = c->clk;
@@ -1656,6 +1667,50 @@ static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uin
     if (dropped)
         __atomic_fetch_add(TT_U64(c->base, TT_H_DROPPED_HITS), n, __ATOMIC_RELAXED);
     return 0;
+}
+
+static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
+                                   const char *e, size_t elen, uint64_t ehash, uint64_t n,
+                                   uint64_t second)
+{
+    tt_seg *c = &w->s;
+    long all_ref, ref = -1;
+    if (__builtin_expect(!tt_live(c), 0))
+        return tt_fail(c, TT_ERR_NOTFOUND, "the segment at IPC key 0x%x was uninstalled",
+                       (unsigned int)c->key);
+    if (a != NULL && (ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash, second)) < 0)
+        return -1;
+    if ((all_ref = tt_writer_all(w, e, elen, ehash, second)) < 0)
+        return -1;
+    w->last_ref = ref;
+    return tt_writer_add(w, ref, all_ref, a, alen, ahash, e, elen, ehash, n, second);
+}
+
+/* tt_writer_hit through `m`: a_id and e_id name the strings a and e (NULL
+ * e_id: not memoizable, the plain path). */
+static inline __attribute__((always_inline)) int tt_writer_hit_memo(
+    tt_writer *w, tt_hit_memo *m, const void *a_id, const void *e_id, const char *a,
+    size_t alen, uint64_t ahash, const char *e, size_t elen, uint64_t ehash, uint64_t n,
+    uint64_t second)
+{
+    int rc;
+    if (__builtin_expect(e_id != NULL && e_id == m->e_id && a_id == m->a_id
+                         && m->gen == w->gen && tt_live(&w->s), 1))
+        return tt_writer_add(w, m->ref, m->all_ref, a, alen, ahash, e, elen, ehash, n, second);
+    m->e_id = NULL;
+    rc = tt_writer_hit(w, a, alen, ahash, e, elen, ehash, n, second);
+    /* last_all is e's only when tt_writer_all cached it (not the overflow
+     * slot); last_ref is -1 after a reclaim found during the hit. */
+    if (rc == 0 && e_id != NULL && w->last_elen == elen && tt_eq(w->last_e, e, elen)
+        && w->last_all > (long)TT_OVERFLOW_SLOT
+        && (a == NULL || w->last_ref > (long)TT_OVERFLOW_SLOT)) {
+        m->a_id = a_id;
+        m->e_id = e_id;
+        m->gen = w->gen;
+        m->ref = w->last_ref;
+        m->all_ref = w->last_all;
+    }
+    return rc;
 }
 
 /* The count of (account, event) (account NULL: the total) at time t:
