@@ -22,6 +22,7 @@ typedef struct {
     char raw[256];                   /* the Host header it was made for */
     size_t raw_len;
     int ready;
+    int is_host;                     /* how is "host" */
     zend_string *account;            /* persistent, hashed; NULL: the total */
     zend_string *unmemoized;         /* a too-long Host's account, until the next */
 } tt_account_memo;
@@ -36,6 +37,9 @@ ZEND_BEGIN_MODULE_GLOBALS(trafficthreshold)
     /* The last hit's keys by its names' zend_string pointers (interned
      * strings only), cleared at each request's end. */
     tt_hit_memo hit_memo;
+    /* The request-end page view's (tt_count_page_view), kept across
+     * requests, cleared when the account memo lets its string go. */
+    tt_hit_memo page_hit;
     tt_account_memo page;
 ZEND_END_MODULE_GLOBALS(trafficthreshold)
 

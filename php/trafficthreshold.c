@@ -234,7 +234,23 @@ static void tt_report_attach(void)
 
 /* Counts n hits; account NULL = the total only.  Returns 1 when counted, 0
  * when not (the problem logged once, or thrown in strict mode). */
+static int tt_count_hit_memo(zend_string *account, zend_string *event, zend_long n,
+                             tt_hit_memo *memo, int memoizable);
+
 static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
+{
+    /* Interned strings (a script's literals, "pageview") keep their bytes
+     * while they live, and live at least until the request's end, when the
+     * memo is cleared (RSHUTDOWN): their pointers name them. */
+    return tt_count_hit_memo(account, event, n, &TT_G(hit_memo),
+                             ZSTR_IS_INTERNED(event)
+                             && (account == NULL || ZSTR_IS_INTERNED(account)));
+}
+
+/* tt_count_hit through `memo`, when `memoizable` (the pointers of account
+ * and event name their bytes for as long as the memo may be used). */
+static int tt_count_hit_memo(zend_string *account, zend_string *event, zend_long n,
+                             tt_hit_memo *memo, int memoizable)
 {
     int rc, failed;
     if (n < 1 || (zend_ulong)n > TT_MAX_HIT_N) {
@@ -267,13 +283,7 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
             tt_report_attach();
         return 0;
     }
-    /* Interned strings (a script's literals, "pageview") keep their bytes
-     * while they live, and live at least until the request's end, when the
-     * memo is cleared (RSHUTDOWN): their pointers name them. */
-    rc = tt_writer_hit_memo(tt_w, &TT_G(hit_memo), account,
-                            ZSTR_IS_INTERNED(event) && (account == NULL
-                                                        || ZSTR_IS_INTERNED(account))
-                            ? event : NULL,
+    rc = tt_writer_hit_memo(tt_w, memo, account, memoizable ? event : NULL,
                             account ? ZSTR_VAL(account) : NULL, account ? ZSTR_LEN(account) : 0,
                             account ? zend_string_hash_val(account) : 0, ZSTR_VAL(event),
                             ZSTR_LEN(event), zend_string_hash_val(event), (uint64_t)n,
@@ -576,16 +586,23 @@ static zend_string *tt_page_account(void)
     const char *how = TT_G(account), *raw = "", *list;
     char buf[300];
     size_t raw_len, len;
+    int is_host;
     if (how == NULL || *how == '\0')
         return NULL;
-    if (strcmp(how, "host") == 0) {
+#ifndef ZTS
+    if (tt_memo.ready && tt_memo.gen == tt_settings_gen)
+        is_host = tt_memo.is_host;  /* the settings did not change: no strcmp */
+    else
+#endif
+        is_host = strcmp(how, "host") == 0;
+    if (is_host) {
         raw = tt_request_var("HTTP_HOST", sizeof("HTTP_HOST") - 1);
         if (raw == NULL)
             return NULL;
     }
     raw_len = strlen(raw);
     list = TT_G(allowed_hosts) ? TT_G(allowed_hosts) : "";
-    if (tt_memo.ready && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0) {
+    if (tt_memo.ready && tt_memo.raw_len == raw_len && tt_eq(tt_memo.raw, raw, raw_len)) {
 #ifndef ZTS
         if (tt_memo.gen == tt_settings_gen)
             return tt_memo.account;
@@ -598,6 +615,7 @@ static zend_string *tt_page_account(void)
     if (tt_memo.account != NULL)
         zend_string_release(tt_memo.account);
     tt_memo.account = NULL;
+    TT_G(page_hit).e_id = NULL;  /* its pointer may come back for other bytes */
     tt_memo.ready = 0;
     if (raw_len < sizeof tt_memo.raw) {  /* longer: never memoized */
         memcpy(tt_memo.raw, raw, raw_len);
@@ -606,9 +624,10 @@ static zend_string *tt_page_account(void)
         tt_memo.how = pestrdup(how, 1);
         tt_memo.list = pestrdup(list, 1);
         tt_memo.gen = tt_settings_gen;
+        tt_memo.is_host = is_host;
         tt_memo.ready = 1;
     }
-    if (strcmp(how, "host") != 0) {
+    if (!is_host) {
         len = strlen(how);
         if (len >= sizeof buf)
             len = sizeof buf - 1;
@@ -725,7 +744,12 @@ static void tt_count_page_view(void)
          * exception would have nowhere to go. */
         bool strict = TT_G(strict);
         TT_G(strict) = 0;
-        tt_count_hit(tt_page_account(), tt_str_pageview, 1);
+        /* Its own memo, kept across requests: both names are the
+         * extension's (the permanent "pageview", the account memo's
+         * persistent string, which clears this memo when it lets go). */
+        zend_string *account = tt_page_account();
+        tt_count_hit_memo(account, tt_str_pageview, 1, &TT_G(page_hit),
+                          account == NULL || account == tt_memo.account);
         TT_G(strict) = strict;
     }
 }
