@@ -51,15 +51,11 @@ static zend_string *tt_str_pageview;  /* "pageview", interned: hashed once */
 
 /* The process's writer (persistent memory), NULL before the first use. */
 static tt_writer *tt_w = NULL;
-static int64_t tt_next_try = 0;     /* no attach is tried before this second */
-/* The segment was retired under us: until the next install is there, each
- * use asks whether it is (tt_segment_exists: one system call, on this
- * degraded path only) and attaches to it at once, so no page view after a
- * reinstall waits out TT_ATTACH_RETRY_S.  tt_watch_after: not before this
- * second (an install still in progress). */
-static int tt_watch = 0, tt_watch_backend;
-static long tt_watch_key;
-static int64_t tt_watch_after = 0;
+/* When to attach it: the core's policy (tt_attacher, tt_core.c): every
+ * 10 s without a segment; once the segment was retired under us, at once
+ * after the next install in either backend; a half made one once a
+ * second. */
+static tt_attacher tt_att = {0, -1, 0, 0};
 static char tt_last_error[sizeof ((tt_seg *)0)->error] = "";  /* why not attached */
 /* The kinds of problem already logged by this process (one line each). */
 enum { W_ATTACH = 1, W_NAME = 2, W_BUSY = 4, W_HOST = 8, W_NO_HOSTS = 16, W_ACCOUNT = 32,
@@ -147,8 +143,9 @@ static void tt_follow_settings_slow(const char *k, const char *b)
     }
     if (tt_w != NULL && tt_w->s.base != NULL)
         tt_writer_detach(tt_w);
-    tt_next_try = 0;  /* the new segment now, not in up to 10 s */
-    tt_watch = 0;     /* another segment: not the one watched */
+    /* The new segment now, not in up to 10 s; another segment: not the one
+     * watched. */
+    tt_attacher_reset(&tt_att);
 }
 
 static inline void tt_follow_settings(void)
@@ -173,8 +170,8 @@ static inline void tt_follow_settings(void)
  * info() and phpinfo() show it instead). */
 static int tt_ready(int force, int *failed)
 {
-    int64_t now;
     long key;
+    int tried;
     if (failed)
         *failed = 0;
     tt_follow_settings();
@@ -184,41 +181,27 @@ static int tt_ready(int force, int *failed)
         tt_w = pecalloc(1, sizeof *tt_w, 1);
         tt_w->s.semid = -1;
         tt_core_init();
-    } else if (tt_w->s.base != NULL) {
-        /* Uninstalled under us: let go, and watch for the next install. */
-        tt_watch = 1;
-        tt_watch_backend = tt_w->s.backend;
-        tt_watch_key = tt_w->s.key;
-        tt_watch_after = 0;
-        tt_next_try = 0;
-        tt_writer_detach(tt_w);
     }
-    now = (int64_t)tt_now_second();
-    if (!force && !TT_G(strict) && now < tt_next_try
-        && !(tt_watch && now >= tt_watch_after
-             && tt_segment_exists(tt_watch_backend, tt_watch_key)))
-        return 0;
-    tt_next_try = now + TT_ATTACH_RETRY_S;
+    force = force || TT_G(strict);
     if ((key = tt_key()) < 0) {
+        if (!tt_attacher_due(&tt_att, (int64_t)tt_now_second(), force))
+            return 0;
         snprintf(tt_last_error, sizeof tt_last_error, "trafficthreshold.key = '%s' (or "
                  "$TRAFFICTHRESHOLD_KEY) is not an IPC key; use decimal or 0x hex, e.g. "
                  "0x54546831", TT_G(key) && *TT_G(key) ? TT_G(key) : getenv("TRAFFICTHRESHOLD_KEY"));
-    } else if (tt_writer_attach(tt_w, tt_backend(), key) == 0) {
-        tt_last_error[0] = '\0';
-        tt_watch = 0;
-        return 1;
-    } else {
-        snprintf(tt_last_error, sizeof tt_last_error, "%s", tt_w->s.error);
-        /* Another layout, no permission ...: not a matter of waiting for
-         * the install (back to every 10 s); an install still in progress:
-         * asked again in a second, not at every use. */
-        if (tt_watch && tt_w->s.err != TT_ERR_NOTFOUND)
-            tt_watch = 0;
-        else if (tt_watch)
-            tt_watch_after = tt_segment_exists(tt_watch_backend, tt_watch_key) ? now + 1 : 0;
+        if (failed)
+            *failed = 1;
+        return 0;
     }
-    if (failed)
-        *failed = 1;
+    if (tt_writer_ready(tt_w, &tt_att, tt_backend(), key, force, &tried)) {
+        tt_last_error[0] = '\0';
+        return 1;
+    }
+    if (tried) {
+        snprintf(tt_last_error, sizeof tt_last_error, "%s", tt_w->s.error);
+        if (failed)
+            *failed = 1;
+    }
     return 0;
 }
 

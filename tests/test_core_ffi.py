@@ -287,3 +287,101 @@ def test_the_library_counts_every_hit_after_a_reinstall_in_the_new_segment(lib, 
             counter.detach()
     finally:
         lib.tt_close(h)
+
+
+def _ffi_handle(lib, key, backend=""):
+    lib.tt_open.restype = ctypes.c_void_p
+    lib.tt_open.argtypes = [ctypes.c_long, ctypes.c_char_p]
+    lib.tt_hit.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64]
+    lib.tt_close.argtypes = [ctypes.c_void_p]
+    lib.tt_attached.argtypes = [ctypes.c_void_p]
+    return lib.tt_open(key, backend.encode())
+
+
+def _total(key, backend, account="a.example"):
+    counter = segment.attach(key, backend)
+    try:
+        slot = counter.find(account, "pageview")
+        return 0 if slot is None else counter.count(slot, 0)
+    finally:
+        counter.detach()
+
+
+def test_the_library_sees_a_reinstall_to_the_other_backend_at_once(lib, key, monkeypatch):
+    """The backend not configured (found: sysv, else posix): the sysv
+    segment is uninstalled and installed again as posix; the library's
+    next hit attaches to it (the core's attacher watches both backends;
+    before, it watched the old backend only and waited out the 10 s)."""
+    monkeypatch.delenv("TRAFFICTHRESHOLD_BACKEND", raising=False)
+    segment.install(key, "sysv")
+    h = _ffi_handle(lib, key)
+    try:
+        assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        segment.uninstall(key, "sysv", force=True)
+        lib.tt_hit(h, b"a.example", b"pageview", 1)     # none installed: not counted
+        segment.install(key, "posix")
+        for _ in range(3):
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        assert _total(key, "posix") == 3
+    finally:
+        lib.tt_close(h)
+        segment.uninstall(key, "posix", force=True)
+
+
+def wait_for_a_fresh_second() -> None:
+    """Returns early in a wall-clock second (its first 0.3 s), so that the
+    next few steps happen within one second."""
+    while time.time() % 1 > 0.3:
+        time.sleep(0.02)
+
+
+def sysv_last_pid(key: int) -> int:
+    """The pid of the last shmat/shmdt of the SysV segment at `key`, read
+    from /proc/sysvipc/shm (sysv_ipc.SharedMemory would attach it)."""
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()
+    fields = lines[0].split()
+    for line in lines[1:]:
+        row = dict(zip(fields, line.split()))
+        if int(row["key"]) == key:
+            return int(row["lpid"])
+    raise LookupError(hex(key))
+
+
+def test_the_library_does_not_try_a_half_made_segment_at_every_hit(lib, key):
+    """After an uninstall, a segment found half made at the key (created,
+    not formatted: an install under way, or its installer killed) is tried
+    once, then again only a second later: not at every hit (each try maps
+    and unmaps it: shmat and shmdt, seen in the segment's last_pid)."""
+    import os
+    import sysv_ipc
+    segment.install(key, "sysv")
+    h = _ffi_handle(lib, key, "sysv")
+    half = None
+    try:
+        assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        segment.uninstall(key, "sysv", force=True)
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        wait_for_a_fresh_second()
+        lib.tt_hit(h, b"a.example", b"pageview", 1)     # tried: half made
+        assert sysv_last_pid(key) == os.getpid()
+        # Another process maps it: last_pid is its pid until we map it again.
+        helper = subprocess.run(
+            [sys.executable, "-c", "import os, sys, sysv_ipc; m = sysv_ipc.SharedMemory("
+             "int(sys.argv[1])); m.attach(); m.detach(); print(os.getpid())", str(key)],
+            capture_output=True, text=True, check=True)
+        other = int(helper.stdout)
+        for _ in range(20):                             # within the same second
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == -1
+        assert sysv_last_pid(key) == other, \
+            "the half made segment was tried at every hit"
+        half.remove()
+        half = None
+        segment.install(key, "sysv")
+        time.sleep(1.1)   # the half made retry: at most once a second
+        for _ in range(2):
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        assert _total(key, "sysv") == 2
+    finally:
+        lib.tt_close(h)
+        if half is not None:
+            half.remove()

@@ -398,8 +398,10 @@ class PhpCli:
                     "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend,
                     **ini}
         args = ["php", "-n"] + [f"-d{k}={v}" for k, v in settings.items()] + ["-r", script[6:]]
+        # The error log (stderr: the one warning per process) is not the
+        # script's output.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.DEVNULL, text=True)
 
     def step(self, line: str = "go") -> str:
         self.proc.stdin.write(line + "\n")
@@ -477,6 +479,61 @@ def test_a_memoized_key_is_not_used_in_a_reinstalled_segment(extension, key, bac
             counter.detach()
     finally:
         php.close()
+
+
+def test_php_sees_a_reinstall_to_the_other_backend_at_once(extension, key):
+    """trafficthreshold.backend not set (found: sysv, else posix): the sysv
+    segment is uninstalled and installed again as posix under a running
+    script; its next hit attaches to the new one (the core's attacher
+    watches both backends; before, the extension watched the old backend
+    only and waited out the 10 s)."""
+    segment.install(key, "sysv")
+    php = PhpCli(extension, key, "", 'var_dump(trafficthreshold_hit("a.example"));')
+    try:
+        assert php.step() == "bool(true)"
+        segment.uninstall(key, "sysv", force=True)
+        assert php.step() == "bool(false)"     # none installed: not counted
+        segment.install(key, "posix")
+        assert [php.step() for _ in range(3)] == ["bool(true)"] * 3
+        assert minute_total(key, "posix", "a.example") == 3
+    finally:
+        php.close()
+        segment.uninstall(key, "posix", force=True)
+
+
+def test_php_does_not_try_a_half_made_segment_at_every_hit(extension, key):
+    """After an uninstall, a segment found half made at the key (an install
+    under way, or its installer killed) is tried once, then again only a
+    second later, not at every hit (a try maps it: the segment's lpid), and
+    attached once it is installed."""
+    import sysv_ipc
+    from test_core_ffi import sysv_last_pid, wait_for_a_fresh_second
+    segment.install(key, "sysv")
+    php = PhpCli(extension, key, "sysv", 'var_dump(trafficthreshold_hit("a.example"));')
+    half = None
+    try:
+        assert php.step() == "bool(true)"
+        segment.uninstall(key, "sysv", force=True)
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        half.detach()
+        wait_for_a_fresh_second()
+        assert php.step() == "bool(false)"     # tried: half made
+        assert sysv_last_pid(key) == php.proc.pid
+        half.attach()
+        half.detach()                           # lpid: this process
+        for _ in range(20):                     # within the same second
+            assert php.step() == "bool(false)"
+        assert sysv_last_pid(key) == os.getpid(), "the half made segment was tried at every hit"
+        half.remove()
+        half = None
+        segment.install(key, "sysv")
+        time.sleep(1.1)
+        assert [php.step() for _ in range(2)] == ["bool(true)"] * 2
+        assert minute_total(key, "sysv", "a.example") == 2
+    finally:
+        php.close()
+        if half is not None:
+            half.remove()
 
 
 # ---------------------------------------------------------------- mod_php

@@ -488,6 +488,83 @@ static TT_UNUSED int tt_segment_exists(int backend, long key)
     return 1;
 }
 
+/* ------------------------------------------------------------- attacher */
+
+/* The attach policy of a worker's writer, one for every binding (the Python
+ * default counter, the PHP extension, libtrafficthreshold): attach at the
+ * first use; without a segment, try again at most every TT_ATTACH_RETRY_S
+ * seconds; once a live segment is retired (uninstalled) under the writer,
+ * watch for the next install at every use (tt_segment_exists, in either
+ * backend: a re-install may pick the other one) and attach to it at once,
+ * so no hit after it is lost; a segment found half made (being installed,
+ * or its installer killed) is tried again after a second, not at every
+ * use.  Every time is the process's clock (tt_now_second), never a hit's
+ * `now`: a hit replayed with a stray time must not move the retries.
+ * Plain data, used under the binding's lock (Python: the GIL; PHP ZTS: its
+ * mutex; the library: one handle per thread). */
+typedef struct {
+    int64_t next_try;     /* no attach is tried before this second (0: now) */
+    int watch_backend;    /* -1: not watching; else the retired one's backend */
+    long watch_key;       /* and its key */
+    int64_t watch_after;  /* the watch tries no attach before this second */
+} tt_attacher;
+
+static TT_UNUSED void tt_attacher_reset(tt_attacher *a)
+{
+    a->next_try = 0;
+    a->watch_backend = -1;
+    a->watch_key = 0;
+    a->watch_after = 0;
+}
+
+/* Whether a segment is at the watched key, in either backend. */
+static int tt_attacher_watch_found(const tt_attacher *a)
+{
+    return tt_segment_exists(a->watch_backend, a->watch_key)
+        || tt_segment_exists(a->watch_backend == TT_BACKEND_SYSV ? TT_BACKEND_POSIX
+                             : TT_BACKEND_SYSV, a->watch_key);
+}
+
+/* The binding lets go of a live segment that was retired (backend, key):
+ * watch for the next install from now on. */
+static TT_UNUSED void tt_attacher_retired(tt_attacher *a, int backend, long key)
+{
+    a->watch_backend = backend;
+    a->watch_key = key;
+    a->watch_after = 0;
+    a->next_try = 0;
+}
+
+/* Whether an attach is to be tried now (`force`: always, e.g. strict mode
+ * or phpinfo()); when it is, the try is recorded (the next one not before
+ * TT_ATTACH_RETRY_S).  t: tt_now_second(). */
+static TT_UNUSED int tt_attacher_due(tt_attacher *a, int64_t t, int force)
+{
+    if (!force && t < a->next_try
+        && (a->watch_backend < 0 || t < a->watch_after || !tt_attacher_watch_found(a)))
+        return 0;
+    a->next_try = t + TT_ATTACH_RETRY_S;
+    return 1;
+}
+
+/* The outcome of the try tt_attacher_due allowed at t: err TT_OK
+ * (attached: the watch ends), TT_ERR_NOTFOUND (nothing, or a half made
+ * segment: while one is there, the watch waits a second), or another error
+ * (another layout, no permission ...: not a matter of waiting for the
+ * install, back to every TT_ATTACH_RETRY_S). */
+static TT_UNUSED void tt_attacher_tried(tt_attacher *a, int64_t t, int err)
+{
+    if (err == TT_OK || a->watch_backend < 0) {
+        if (err == TT_OK)
+            a->watch_backend = -1;
+        return;
+    }
+    if (err != TT_ERR_NOTFOUND)
+        a->watch_backend = -1;
+    else
+        a->watch_after = tt_attacher_watch_found(a) ? t + 1 : 0;
+}
+
 static int tt_attach_posix(tt_seg *c)
 {
     char name[64];
@@ -1552,6 +1629,35 @@ static TT_UNUSED void tt_writer_detach(tt_writer *w)
 {
     tt_detach(&w->s);
     tt_writer_forget(w);
+}
+
+/* Whether the writer is attached to a live segment, attaching it as the
+ * attacher's policy says (`force`: try now): a live segment retired under
+ * it is let go of and watched for.  backend -1: SysV, else POSIX
+ * (tt_writer_attach).  Sets *tried when an attach was tried and failed now
+ * (w->s.error says why).  The PHP extension and libtrafficthreshold use
+ * this; the Python binding the attacher itself (its Counter objects). */
+static TT_UNUSED int tt_writer_ready(tt_writer *w, tt_attacher *a, int backend, long key,
+                                     int force, int *tried)
+{
+    int64_t t;
+    int err;
+    if (tried)
+        *tried = 0;
+    if (tt_live(&w->s))
+        return 1;
+    if (w->s.base != NULL) {
+        tt_attacher_retired(a, w->s.backend, w->s.key);
+        tt_writer_detach(w);
+    }
+    t = (int64_t)tt_now_second();
+    if (!tt_attacher_due(a, t, force))
+        return 0;
+    err = tt_writer_attach(w, backend, key) == 0 ? TT_OK : w->s.err;
+    tt_attacher_tried(a, t, err);
+    if (err != TT_OK && tried)
+        *tried = 1;
+    return err == TT_OK;
 }
 
 /* The ref of (account, event), account NULL = the total: from the cache, or
