@@ -699,7 +699,7 @@ static void tt_count_page_view(void)
     char *ct = NULL, *owned_ct = NULL;
     size_t path_len;
     int page;
-    if (method == NULL || strcmp(method, "GET") != 0)
+    if (!tt_is_get(method))
         return;
     ct = tt_response_headers(&status);
     if (!((status >= 200 && status < 300) || status == 304))
