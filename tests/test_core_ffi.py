@@ -385,3 +385,35 @@ def test_the_library_does_not_try_a_half_made_segment_at_every_hit(lib, key):
         lib.tt_close(h)
         if half is not None:
             half.remove()
+
+
+def test_threads_with_their_own_memos_share_one_writer_exactly(installed, tmp_path):
+    """A threaded PHP (ZTS) in C: 4 threads share one writer under one
+    mutex, each with its own hit memo and page-account memo (the
+    extension's module globals, one copy per thread), each alternating two
+    accounts so its memo is refilled at every hit: every hit is counted
+    once, under its own account.  (No ZTS PHP is built here: Debian ships
+    PHP without threads; tests/c/threads_memo.c is the extension's model.)"""
+    key, backend = installed
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path / "threads_memo"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-Wno-unused-function", "-pthread", str(HERE / "c" / "threads_memo.c"),
+                    "-o", str(out), *c_paths("cflags").split()], check=True)
+    threads, hits = 4, 20_000
+    done = subprocess.run([str(out), hex(key), backend, str(threads), str(hits)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+    counter = segment.attach(key, backend)
+    try:
+        m = int(time.time()) // 60
+
+        def total(account):
+            slot = counter.find(account, "pageview")
+            return sum(n for s, _, n in counter.minutes(m - 2, m + 1) if s == slot)
+        for t in range(threads):
+            assert (total(f"t{t}a.example"), total(f"t{t}b.example")) == (hits // 2, hits // 2)
+        assert total(None) == threads * hits
+    finally:
+        counter.detach()
