@@ -829,6 +829,18 @@ PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
     return SUCCESS;
 }
 
+/* A request's start: the names' memo of the last request is void (its
+ * interned strings were freed; RSHUTDOWN cleared it too, but a hit from
+ * code run after our RSHUTDOWN may have filled it again). */
+PHP_RINIT_FUNCTION(trafficthreshold)
+{
+#if defined(ZTS) && defined(COMPILE_DL_TRAFFICTHRESHOLD)
+    ZEND_TSRMLS_CACHE_UPDATE();
+#endif
+    TT_G(hit_memo).e_id = NULL;
+    return SUCCESS;
+}
+
 PHP_RSHUTDOWN_FUNCTION(trafficthreshold)
 {
     if (TT_G(pageviews))
@@ -909,7 +921,7 @@ zend_module_entry trafficthreshold_module_entry = {
     trafficthreshold_functions,
     PHP_MINIT(trafficthreshold),
     PHP_MSHUTDOWN(trafficthreshold),
-    NULL,
+    PHP_RINIT(trafficthreshold),
     PHP_RSHUTDOWN(trafficthreshold),
     PHP_MINFO(trafficthreshold),
     PHP_TRAFFICTHRESHOLD_VERSION,

@@ -536,6 +536,46 @@ def test_php_does_not_try_a_half_made_segment_at_every_hit(extension, key):
             half.remove()
 
 
+NAMES = ["a.example", "a:b", "a/b", "a\\b", "..", ".", "a..b", "a b", "all", "-",
+         "x" * 64, "x" * 65, "é.example"]
+
+
+def test_php_names_through_the_memo_are_pythons_verdicts(extension, installed):
+    """Each name as a script literal (an interned string: the memo's
+    fast path), counted twice in a row and again after other names: PHP
+    accepts exactly the names Python's names.validate accepts, every time
+    (a refused name is never memoized; an accepted one counts each hit),
+    separators ':' '/' '\\' '.' '..' included."""
+    from trafficthreshold import names as tt_names
+    key, backend = installed
+    calls = " ".join(f"var_dump(trafficthreshold_hit({n!r}));" for n in NAMES for _ in range(2))
+    php = PhpCli(extension, key, backend, calls)
+    try:
+        for round_ in range(2):
+            got = php.step().split("\n")
+            for i, name in enumerate(NAMES):
+                try:
+                    tt_names.validate(None if name == "all" else name, "pageview")
+                    ok = "bool(true)"
+                except ValueError:
+                    ok = "bool(false)"
+                assert got[2 * i:2 * i + 2] == [ok, ok], (name, round_)
+    finally:
+        php.close()
+    counter = segment.attach(key, backend)
+    try:
+        m = int(time.time()) // 60
+        for name in NAMES:
+            try:
+                tt_names.validate(name, "pageview")
+            except ValueError:
+                continue
+            slot = counter.find(name, "pageview")
+            assert sum(n for s, _, n in counter.minutes(m - 1, m + 1) if s == slot) == 4, name
+    finally:
+        counter.detach()
+
+
 # ---------------------------------------------------------------- mod_php
 
 @pytest.fixture
