@@ -209,7 +209,11 @@ static int tt_ready(int force, int *failed)
 static void tt_report_attach(void)
 {
     char message[sizeof tt_last_error + 32];
+    /* Under the lock: another thread (ZTS) may be writing it.  The callers
+     * have let go of the lock (tt_problem may throw or log). */
+    TT_LOCK();
     snprintf(message, sizeof message, "not counting: %s", tt_last_error);
+    TT_UNLOCK();
     tt_problem(W_ATTACH, 0, message);
 }
 
