@@ -540,15 +540,25 @@ static const char *tt_request_var(const char *name, size_t len)
 /* The request's path (the URI without its query), for the rule's static
  * files and health checks: REQUEST_URI (the URI the visitor asked for, also
  * when the server routes it to a front controller), else the SAPI's. */
+/* The length of s up to its first `stop` or its end, inline: the values
+ * the hook reads are short ("/", a host name), where a libc call costs
+ * more than the scan. */
+static inline size_t tt_span(const char *s, char stop)
+{
+    size_t n = 0;
+    while (s[n] != '\0' && s[n] != stop)
+        n++;
+    return n;
+}
+
 static const char *tt_request_path(size_t *len)
 {
-    const char *uri = tt_request_var("REQUEST_URI", sizeof("REQUEST_URI") - 1), *q;
+    const char *uri = tt_request_var("REQUEST_URI", sizeof("REQUEST_URI") - 1);
     if (uri == NULL)
         uri = SG(request_info).request_uri;
     if (uri == NULL)
         uri = "/";
-    q = strchr(uri, '?');
-    *len = q != NULL ? (size_t)(q - uri) : strlen(uri);
+    *len = tt_span(uri, '?');
     return uri;
 }
 
@@ -587,7 +597,7 @@ static zend_string *tt_page_account(void)
         if (raw == NULL)
             return NULL;
     }
-    raw_len = strlen(raw);
+    raw_len = tt_span(raw, '\0');
     list = TT_G(allowed_hosts) ? TT_G(allowed_hosts) : "";
     if (tt_memo.ready && tt_memo.raw_len == raw_len && tt_eq(tt_memo.raw, raw, raw_len)) {
 #ifndef ZTS
