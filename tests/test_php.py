@@ -142,6 +142,9 @@ def rest_and_hosts_are_no_page_views(site: PhpSite, key: int, backend: str, page
                                  ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
                                  ("GET", "/retyped.php", 200),
                                  ("GET", "/style.css", 200), ("GET", "/healthz", 200),
+                                 # the path is the URI without its query
+                                 ("GET", "/style.css?v=1.2", 200),
+                                 ("GET", "/healthz?probe=k8s/a.b", 200),
                                  ("POST", "/", 200), *more]:
         assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
     assert minute_total(key, backend, None) == pages
