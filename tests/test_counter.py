@@ -1550,7 +1550,7 @@ def test_a_half_made_segment_is_not_tried_at_every_hit(key):
     segment found half made after an uninstall is tried once, then again
     only a second later, not at every hit (a try maps it: the segment's
     last pid in /proc/sysvipc/shm)."""
-    from test_core_ffi import sysv_last_pid, wait_for_a_fresh_second
+    from test_core_ffi import tried_once_a_second
     trafficthreshold.configure(key=key, backend="sysv", strict=False)
     half = None
     try:
@@ -1559,17 +1559,7 @@ def test_a_half_made_segment_is_not_tried_at_every_hit(key):
         segment.uninstall(key, "sysv")
         half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
         half.detach()
-        wait_for_a_fresh_second()
-        trafficthreshold.hit("example.com")             # tried: half made
-        assert sysv_last_pid(key) == os.getpid()
-        import subprocess
-        other = int(subprocess.run(
-            [sys.executable, "-c", "import os, sys, sysv_ipc; m = sysv_ipc.SharedMemory("
-             "int(sys.argv[1])); m.detach(); print(os.getpid())", str(key)],
-            capture_output=True, text=True, check=True).stdout)
-        for _ in range(20):                              # within the same second
-            trafficthreshold.hit("example.com")
-        assert sysv_last_pid(key) == other, "the half made segment was tried at every hit"
+        tried_once_a_second(key, lambda: trafficthreshold.hit("example.com"), os.getpid())
     finally:
         if half is not None:
             half.remove()

@@ -510,7 +510,7 @@ def test_php_does_not_try_a_half_made_segment_at_every_hit(extension, key):
     second later, not at every hit (a try maps it: the segment's lpid), and
     attached once it is installed."""
     import sysv_ipc
-    from test_core_ffi import sysv_last_pid, wait_for_a_fresh_second
+    from test_core_ffi import tried_once_a_second
     segment.install(key, "sysv")
     php = PhpCli(extension, key, "sysv", 'var_dump(trafficthreshold_hit("a.example"));')
     half = None
@@ -519,14 +519,7 @@ def test_php_does_not_try_a_half_made_segment_at_every_hit(extension, key):
         segment.uninstall(key, "sysv", force=True)
         half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
         half.detach()
-        wait_for_a_fresh_second()
-        assert php.step() == "bool(false)"     # tried: half made
-        assert sysv_last_pid(key) == php.proc.pid
-        half.attach()
-        half.detach()                           # lpid: this process
-        for _ in range(20):                     # within the same second
-            assert php.step() == "bool(false)"
-        assert sysv_last_pid(key) == os.getpid(), "the half made segment was tried at every hit"
+        tried_once_a_second(key, php.step, php.proc.pid)
         half.remove()
         half = None
         segment.install(key, "sysv")
