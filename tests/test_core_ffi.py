@@ -426,3 +426,20 @@ def test_threads_with_their_own_memos_share_one_writer_exactly(installed, tmp_pa
         assert total(None) == threads * hits
     finally:
         counter.detach()
+
+
+def test_the_cores_clock_is_the_coarse_clocks_second(tmp_path):
+    """tt_now_second() reads time() (one vDSO load) instead of
+    clock_gettime(CLOCK_REALTIME_COARSE): it must be the same second, never
+    another clock's (read for 1.2 s, so at least one second changes, each
+    read between two coarse reads)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path / "clock_bracket"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-Wno-unused-function",
+                    str(HERE / "c" / "clock_bracket.c"), "-o", str(out),
+                    *c_paths("cflags").split()], check=True)
+    samples, outside = map(int, subprocess.run([str(out), "1200"], capture_output=True,
+                                               text=True, check=True).stdout.split())
+    assert samples > 1000 and outside == 0, (samples, outside)
