@@ -67,6 +67,9 @@ static Counter *default_counter;
  * 10 s without a segment, at once after a re-install in either backend, a
  * half made segment once a second. */
 static tt_attacher attacher = {0, -1, 0, 0};
+/* Threads inside attach_cb now: it is Python code, so another thread may
+ * run (and hit) while one attaches. */
+static int attaching = 0;
 static int strict_mode = 0;
 
 /* Raises the core's last error (c->err, c->error) as the exception of its
@@ -656,9 +659,22 @@ __attribute__((noinline)) static Counter *attach_default(void)
         tt_attacher_retired(&attacher, default_counter->s.backend, default_counter->s.key);
         Py_CLEAR(default_counter);
     }
-    if (!tt_attacher_due(&attacher, t, strict_mode))
+    /* While another thread is attaching (its try recorded, so the policy
+     * says "not due"), this thread tries too rather than lose its hit: an
+     * attach is a system call or two, and only while one is under way. */
+    if (!tt_attacher_due(&attacher, t, strict_mode || attaching > 0))
         return NULL;
+    attaching++;
     r = PyObject_CallNoArgs(attach_cb);
+    attaching--;
+    if (default_counter != NULL && tt_live(&default_counter->s)) {
+        /* Another thread attached meanwhile: its counter is the default;
+         * ours (if any) is let go of, not leaked. */
+        if (r == NULL)
+            PyErr_Clear();
+        Py_XDECREF(r);
+        return default_counter;
+    }
     if (r == NULL)
         tt_attacher_tried(&attacher, t, PyErr_ExceptionMatches(SegmentNotFound)
                                         ? TT_ERR_NOTFOUND : TT_ERR_OS);
@@ -674,7 +690,7 @@ __attribute__((noinline)) static Counter *attach_default(void)
         if (!strict_mode) warn("trafficthreshold: not counting");
         return NULL;
     }
-    default_counter = (Counter *)r;
+    Py_XSETREF(default_counter, (Counter *)r);  /* a retired one another thread left */
     tt_attacher_tried(&attacher, t, TT_OK);
     return default_counter;
 }
