@@ -443,3 +443,31 @@ def test_the_cores_clock_is_the_coarse_clocks_second(tmp_path):
     samples, outside = map(int, subprocess.run([str(out), "1200"], capture_output=True,
                                                text=True, check=True).stdout.split())
     assert samples > 1000 and outside == 0, (samples, outside)
+
+
+def test_the_attacher_follows_the_wall_clock_back(key, tmp_path):
+    """The attacher's retry times are wall-clock seconds (tt_now_second):
+    a worker that found no segment (next try 10 s later) and then sees the
+    clock step back an hour (an NTP step at boot, a restored VM) tries
+    again at its next hit once a segment is there, instead of waiting an
+    hour for the clock to pass its last try (every hit lost meanwhile)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path / "clock_back"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", str(HERE / "c" / "clock_back.c"), "-o",
+                    str(out), *c_paths("cflags").split(), *c_paths("libs").split()],
+                   check=True)
+    proc = subprocess.Popen([str(out), str(key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        segment.install(key, "sysv")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "1\n"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

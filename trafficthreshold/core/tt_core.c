@@ -540,6 +540,12 @@ static TT_UNUSED void tt_attacher_retired(tt_attacher *a, int backend, long key)
  * TT_ATTACH_RETRY_S).  t: tt_now_second(). */
 static TT_UNUSED int tt_attacher_due(tt_attacher *a, int64_t t, int force)
 {
+    /* The wall clock stepped back since a try (an NTP step at boot, a
+     * restored VM): its times are in the future, and waiting for the clock
+     * to catch up with them would lose every hit until then (an hour for
+     * an hour's step).  They are forgotten: the try is due now. */
+    if (t < a->next_try - TT_ATTACH_RETRY_S || t + 1 < a->watch_after)
+        a->next_try = a->watch_after = 0;
     if (!force && t < a->next_try
         && (a->watch_backend < 0 || t < a->watch_after || !tt_attacher_watch_found(a)))
         return 0;

@@ -55,6 +55,8 @@ static long tt_env_key(void)
  * 10 s at most, at once after a re-install in either backend). */
 static int tt_ready(tt_handle *h)
 {
+    if (h->key < 0)
+        return 0;  /* nothing to attach to (tt_open says why) */
     return tt_writer_ready(&h->w, &h->att, h->backend, h->key, 0, NULL);
 }
 
@@ -73,7 +75,6 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
         tt_fail(&h->w.s, TT_ERR_NAME, "$TRAFFICTHRESHOLD_KEY = '%.40s' is not a segment key; "
                 "use decimal or 0x hex, e.g. 0x54546831", getenv("TRAFFICTHRESHOLD_KEY"));
         tt_attacher_reset(&h->att);
-        h->att.next_try = INT64_MAX;  /* nothing to attach to */
         return h;
     }
     if (backend == NULL || *backend == '\0')
