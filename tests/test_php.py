@@ -572,6 +572,35 @@ def test_php_names_through_the_memo_are_pythons_verdicts(extension, installed):
         counter.detach()
 
 
+def test_a_literal_of_the_next_request_is_not_counted_under_the_last_ones_name(
+        tmp_path, extension, installed):
+    """Without opcache a script's literals are the request's interned
+    strings, freed at its end; the next request's script, compiled the same
+    way, gets its literal at the same address with other bytes.  One
+    php-fpm worker serves one.php and two.php in turn: each hit counts
+    under its own name (the names' memo is cleared between requests; a memo
+    kept would count two.php's hits under 'one.example')."""
+    key, backend = installed
+    root = tmp_path / "www"
+    root.mkdir()
+    for name in ("one", "two"):
+        (root / f"{name}.php").write_text(
+            f'<?php var_dump(trafficthreshold_hit("{name}.example"), '
+            f'function_exists("opcache_get_status"));\n')
+    settings = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+                "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend}
+    site = PhpSite(tmp_path / "site", root, settings, workers=1).start()
+    try:
+        for _ in range(3):
+            for name in ("one", "two"):
+                status, body = site.get(f"/{name}.php")
+                assert (status, body) == (200, b"bool(true)\nbool(false)\n"), name
+    finally:
+        site.stop()
+    assert minute_total(key, backend, "one.example") == 3
+    assert minute_total(key, backend, "two.example") == 3
+
+
 # ---------------------------------------------------------------- mod_php
 
 @pytest.fixture
