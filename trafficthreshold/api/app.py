@@ -57,7 +57,7 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, farm, names, segment, store as stores, subscribe
+from trafficthreshold import alerts, names, segment, store as stores, subscribe
 from trafficthreshold.alerts import store as alertstore
 from trafficthreshold.api import cors
 from trafficthreshold.api import metrics
@@ -644,8 +644,7 @@ class StatsApp:
                                  "(docs/redis.rst), or ask without scope=farm for this "
                                  "host's own numbers")
         now = self.now()
-        reading = farm.farm_live(self._store().client, now=now,
-                                 prefix=self.config.store.prefix)
+        reading = self._store().farm_live(now)
         return farm_view(reading, now, self.config.store.host, account, event)
 
     # --------------------------------------------------------------- metrics

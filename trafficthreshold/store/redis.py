@@ -834,6 +834,14 @@ class RedisStore:
         claim.take(wait=wait)
         return claim
 
+    def farm_live(self, now: float) -> Any:
+        """The farm's live numbers at ``now`` (:func:`farm.farm_live`: the
+        :class:`farm.LiveReader` of this store's client and prefix, which
+        reads only the live log's entries since its last reading)."""
+        from trafficthreshold.farm import farm_live
+
+        return farm_live(self.client, now=now, prefix=self.prefix)
+
     def __enter__(self) -> RedisStore:
         return self
 
