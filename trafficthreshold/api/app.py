@@ -644,7 +644,10 @@ class StatsApp:
                                  "(docs/redis.rst), or ask without scope=farm for this "
                                  "host's own numbers")
         now = self.now()
-        reading = self._store().farm_live(now)
+        # Both named: that key's rows alone (the dashboard's panel), not a
+        # row per key of every host (hosts x keys) filtered afterwards.
+        only = None if account is None or event is None else [(account, event)]
+        reading = self._store().farm_live(now, only)
         return farm_view(reading, now, self.config.store.host, account, event)
 
     # --------------------------------------------------------------- metrics
@@ -742,7 +745,7 @@ class StatsApp:
         if stores.farm_host(self.config) is None:
             return None
         try:
-            view = self.farm_live()
+            view = self.farm_live(names.ALL, event)  # what the panel shows
         except Exception as exc:
             if not stores.unreachable(exc):
                 raise

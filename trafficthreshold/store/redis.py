@@ -834,13 +834,14 @@ class RedisStore:
         claim.take(wait=wait)
         return claim
 
-    def farm_live(self, now: float) -> Any:
+    def farm_live(self, now: float, only: Any = None) -> Any:
         """The farm's live numbers at ``now`` (:func:`farm.farm_live`: the
         :class:`farm.LiveReader` of this store's client and prefix, which
-        reads only the live log's entries since its last reading)."""
+        reads only the live log's entries since its last reading); ``only``:
+        the rows of these keys alone (None: every key of every host)."""
         from trafficthreshold.farm import farm_live
 
-        return farm_live(self.client, now=now, prefix=self.prefix)
+        return farm_live(self.client, now=now, prefix=self.prefix, only=only)
 
     def __enter__(self) -> RedisStore:
         return self
