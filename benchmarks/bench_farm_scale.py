@@ -46,9 +46,12 @@ publication period (1 s) plus ``farmsync.REFRESH_EVERY`` plus the p99
 round trips of a publication and of a level read measured under this
 load, or "saturated" when Redis needs more than a second per farm-second
 (it falls behind without bound).  And the readers' costs: the farm rules'
-leader's reading (once a farm-second) and an open dashboard's refresh
-(once a farm-second, not in the CPU column), each as Redis CPU and wall
-time in this process.  Every level read at the end of a second
+leader's reading (once a farm-second), an open dashboard's refresh
+(once a farm-second, not in the CPU column: its farm panel reads the
+chosen event's ``all`` key of every host, ``farm_live(only=...)``), and,
+once after the ordinary seconds, a reading of every key of every host
+(``/api/stats/live?scope=farm`` without ``account`` and ``event``; hosts
+x keys rows), each as Redis CPU and wall time in this process.  Every level read at the end of a second
 is checked against the truth (the sum of the hosts' counts).
 """
 from __future__ import annotations
@@ -186,8 +189,8 @@ class Before:
         farm_live_before(self.client, now=now, only=[LEVEL, RULE])
 
     @staticmethod
-    def dashboard(client: Any, now: float) -> None:
-        farm_live_before(client, now=now)
+    def dashboard(client: Any, now: float, only: Any = (LEVEL,)) -> None:
+        farm_live_before(client, now=now, only=only)
 
 
 class After:
@@ -221,8 +224,8 @@ class After:
         self.module.farm_live(self.client, now=now, only=[LEVEL, RULE])
 
     @classmethod
-    def dashboard(cls, client: Any, now: float) -> None:
-        cls.module.farm_live(client, now=now)
+    def dashboard(cls, client: Any, now: float, only: Any = (LEVEL,)) -> None:
+        cls.module.farm_live(client, now=now, only=only)
 
 
 class Hash(After):
@@ -287,6 +290,7 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
     #: The readers' costs, summed over the measured seconds: Redis CPU (s)
     #: and wall time (s, this process: the reader's own parsing too).
     costs = {"lead_cpu": 0.0, "lead_wall": 0.0, "dash_cpu": 0.0, "dash_wall": 0.0, "n": 0.0}
+    whole = {"cpu": 0.0, "wall": 0.0}
 
     def farm_second(turn: bool) -> None:
         nonlocal now
@@ -346,6 +350,10 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
             farm_second(False)
 
     per = {k: v / seconds for k, v in measured(ordinary_seconds).items()}
+    if dashboard:  # every key of every host, once (the API's scope=farm unfiltered)
+        c0, t = info(admin)["cpu"], time.perf_counter()
+        design.dashboard(dash, now, None)
+        whole.update(wall=time.perf_counter() - t, cpu=info(admin)["cpu"] - c0)
     turn = measured(lambda: farm_second(True))
     # The log design's periodic snapshot: every host's at least every
     # FULL_EVERY farm-seconds (a second in which they all fall, weighed in
@@ -368,6 +376,7 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
     return {"cpu": mix["cpu"], "net": mix["net"], "calls": mix["calls"],
             "lead_cpu": costs["lead_cpu"] / n, "lead_wall": costs["lead_wall"] / n,
             "dash_cpu": costs["dash_cpu"] / n, "dash_wall": costs["dash_wall"] / n,
+            "whole_cpu": whole["cpu"], "whole_wall": whole["wall"],
             "cpu_turn": turn["cpu"], "memory": memory,
             "publish_p99": p99(publish_lat), "read_p99": p99(read_lat)}
 
@@ -383,19 +392,23 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
     parser.add_argument("--design", choices=("all", "0.1", "hash", "log"), default="all",
                         help="run one design only")
+    parser.add_argument("--size", metavar="HOSTSxKEYS", action="append",
+                        help="run this size only (e.g. 100x10000; repeatable)")
     args = parser.parse_args()
     if args.quick:
         sizes, seconds = [(3, 200), (10, 200)], 2
     else:
         sizes, seconds = [(3, 1000), (30, 1000), (100, 1000), (3, 10_000), (30, 10_000),
                           (100, 10_000), (1000, 1000)], 5
+    if args.size:
+        sizes = [(int(h), int(k)) for h, k in (s.lower().split("x") for s in args.size)]
     designs = [d for d in (Before, Hash, After) if args.design in ("all", d.name)]
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_redis(tmp)
         try:
             print(f"{'hosts':>5} {'keys':>6} {'design':<6} {'Redis CPU/s':>11} {'% core':>7} "
                   f"{'turn s':>7} {'calls/s':>8} {'net/s':>9} {'memory':>9} {'staleness':>10} "
-                  f"{'leader':>15} {'dashboard':>17}")
+                  f"{'leader':>15} {'dashboard':>17} {'every key':>17}")
             results: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
             for hosts, keys in sizes:
                 for design in designs:
@@ -411,13 +424,16 @@ def main() -> int:
                           f"{got['net'] / 1e6:>6.2f} MB {got['memory'] / 1e6:>6.1f} MB "
                           f"{staleness(got):>10} "
                           f"{got['lead_cpu'] * 1000:>5.1f}/{got['lead_wall'] * 1000:>6.1f} ms "
-                          f"{got['dash_cpu'] * 1000:>6.1f}/{got['dash_wall'] * 1000:>7.1f} ms",
+                          f"{got['dash_cpu'] * 1000:>6.1f}/{got['dash_wall'] * 1000:>7.1f} ms "
+                          f"{got['whole_cpu'] * 1000:>6.1f}/{got['whole_wall'] * 1000:>7.1f} ms",
                           flush=True)
         finally:
             proc.kill()
             proc.wait()
     print("(leader, dashboard: one reading a farm-second, Redis CPU / wall time in this "
-          "process;\n the dashboard's refresh is not in the Redis CPU/s column)")
+          "process;\n the dashboard's refresh (its farm panel: the all key of every host) "
+          "is not in the Redis CPU/s column;\n every key: one reading of every key of "
+          "every host, the API's scope=farm unfiltered)")
     if len(designs) > 1:
         print("\nhash / log (Redis CPU per farm-second):")
         for (hosts, keys), pair in results.items():

@@ -659,3 +659,58 @@ def test_a_reader_across_a_redis_restarted_empty(redis_server: RedisServer) -> N
     fresh = farm.LiveReader(r).read(NOW + 3)
     assert reader.read(NOW + 3).total == {LEVEL: (11, 11)} == fresh.total
     assert level_total(r) == 11
+
+
+def test_a_reading_of_a_few_keys_keeps_only_those_keys_in_memory(
+        redis_server: RedisServer) -> None:
+    """The farm rules' leader (once a second) and the dashboard's panel read
+    a few keys of every host (``only``): their reader keeps those keys of
+    each host, not hosts x keys (100 x 10,000: a million fields in the
+    daemon, every diff line parsed each second); the numbers are the same
+    as the whole reading's, through diffs, a gone key, a full publication
+    and a reader that starts late.  A reader per key set, a few kept per
+    client (the dashboard's event is the visitor's choice)."""
+    r = redis_server.client()
+    rule = ("shop1", "pageview")
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(3)]
+    counts = [{LEVEL: (i + 1, i + 1), rule: (i, i),
+               **{(f"shop{k}", "pageview"): (k, k) for k in range(2, 200)}} for i in range(3)]
+    for t in range(4):
+        for i, pub in enumerate(pubs):
+            counts[i][LEVEL] = (t + i + 1, t + i + 1)
+            if t == 2:
+                counts[i].pop(rule, None)  # gone: its line empty
+            if t == 3:
+                counts[i][rule] = (7, 7)
+            pub.publish(counts[i], level=0, now=NOW + t, previous={rule: 3})
+        few = farm_live(r, now=NOW + t, only=[LEVEL, rule])
+        whole = farm_live(r, now=NOW + t)
+        assert few.total == {k: v for k, v in whole.total.items() if k in (LEVEL, rule)}
+        assert {h.host: (h.counts, h.previous) for h in few.hosts} == {
+            h.host: ({k: v for k, v in h.counts.items() if k in (LEVEL, rule)},
+                     {rule: 3}) for h in whole.hosts}
+    kept = farm.reader(r, only=[LEVEL, rule])
+    assert {f for state in kept._hosts.values() for f in state.fields} == {
+        "all\0pageview", "shop1\0pageview"}
+    assert sum(len(s.fields) for s in farm.reader(r)._hosts.values()) == 3 * 200
+    late = farm.LiveReader(r, keys=[rule])
+    assert late.read(NOW + 3).total == {rule: (21, 21)}
+    for event in range(20):  # the dashboard's events: a few readers kept, not one per event
+        farm_live(r, now=NOW + 3, only=[("all", f"e{event}")])
+    assert len(farm._READERS[r]) <= farm.READERS_KEPT + 1
+
+
+def test_a_blobs_lines_of_a_few_keys_are_those_of_the_whole_blob() -> None:
+    """unpack_blob(blob, keys) finds the same lines as the whole split: a
+    field first, last, in the middle, gone (empty), absent, and fields
+    whose names end or begin another's ("1" in "shop1", "shop" in
+    "shop2")."""
+    fields = {"shop1\0pageview": "1 2", "1\0pageview": "3 4 5", "shop\0pageview": "6 7",
+              "shop2\0pageview": "8 9"}
+    blob = farm.pack(fields, gone=["old\0pageview"])
+    whole = dict(farm.unpack_blob(blob))
+    for keys in (["shop1\0pageview"], ["1\0pageview", "shop\0pageview"], ["old\0pageview"],
+                 ["shop2\0pageview", "none\0pageview", "hop1\0pageview"], list(whole)):
+        assert dict(farm.unpack_blob(blob, frozenset(keys))) == {
+            k: whole[k] for k in keys if k in whole}
+    assert farm.unpack_blob("", frozenset(["1\0pageview"])) == []

@@ -216,12 +216,13 @@ def test_dashboard_farm_panel_reads_only_what_it_shows(farm_up, serve, monkeypat
     of every host (100 hosts x 10,000 keys: a million rows a refresh, the
     daemon's CPU for seconds).  The API without ``account``/``event`` still
     lists every key."""
-    readings = []
+    readings, kept = [], []
     read = farm.LiveReader.read
 
     def spy(self, now, only=None):
         got = read(self, now, only)
         readings.append(got)
+        kept.append(self.keys)
         return got
 
     monkeypatch.setattr(farm.LiveReader, "read", spy)
@@ -234,6 +235,8 @@ def test_dashboard_farm_panel_reads_only_what_it_shows(farm_up, serve, monkeypat
     assert 'id="farm-current-minute">543<' in panel
     assert [set(r.total) for r in readings] == [{("all", "pageview")}]
     assert {k for row in readings[0].hosts for k in row.counts} == {("all", "pageview")}
+    # and its reader keeps that key alone, host by host (not hosts x keys)
+    assert kept == [frozenset(["all\0pageview"])]
     status, every = fetch_json(server.url + "api/stats/live?scope=farm")
     assert status == 200 and len(every["keys"]) > 500
 

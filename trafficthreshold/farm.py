@@ -340,11 +340,30 @@ def pack(fields: dict[str, str], gone: Sequence[str] = ()) -> str:
                       *(f"{k}\t" for k in gone if "\t" not in k and "\n" not in k)])
 
 
-def unpack_blob(blob: str) -> list[tuple[str, str]]:
-    """:func:`pack`'s lines back: (field, value), value "" for a gone one."""
+def unpack_blob(blob: str, keys: "frozenset[str] | None" = None) -> list[tuple[str, str]]:
+    """:func:`pack`'s lines back: (field, value), value "" for a gone one;
+    ``keys``: the lines of those fields only (one search each in the blob,
+    not a split of every line: a reader of a few keys parses a 100,000-line
+    second of a large farm in microseconds)."""
     if not blob:
         return []
-    return [tuple(line.split("\t", 1)) for line in blob.split("\n")]  # type: ignore[misc]
+    if keys is None:
+        return [tuple(line.split("\t", 1)) for line in blob.split("\n")]  # type: ignore[misc]
+    found = []
+    for f in keys:
+        # A line starts the blob or follows a newline, and its field ends
+        # at the tab: no field is a part of another's line (names hold
+        # neither separator, pack()).
+        if blob.startswith(f + "\t"):
+            at = 0
+        else:
+            at = blob.find("\n" + f + "\t") + 1
+            if not at:
+                continue
+        start = at + len(f) + 1
+        end = blob.find("\n", start)
+        found.append((f, blob[start:] if end < 0 else blob[start:end]))
+    return found
 
 
 @dataclass
@@ -628,13 +647,17 @@ class LiveReader:
     publication (or when the reader starts, or fell more than
     :data:`LOG_KEEP_MS` behind the log: then every live host's snapshot).
     Used by :func:`farm_live` (the views, ``status``, the farm rules'
-    leader), one per client.  Thread-safe (a lock: the API's threads share
-    it)."""
+    leader), one per client and key set.  ``keys``: the only keys it keeps
+    of each host (the farm rules' leader, the dashboard's panel: hosts x a
+    few keys in memory, not hosts x keys); None: every key.  Thread-safe (a
+    lock: the API's threads share it)."""
 
-    def __init__(self, client: Any, *, prefix: str = "track") -> None:
+    def __init__(self, client: Any, *, prefix: str = "track",
+                 keys: Sequence[tuple[str, str]] | None = None) -> None:
         import threading
 
         self.client, self.prefix = client, prefix
+        self.keys = None if keys is None else frozenset(f"{a}\0{e}" for a, e in keys)
         self._lock = threading.Lock()
         self._last: str | None = None  # the last log entry read
         self._hosts: dict[str, _HostState] = {}
@@ -751,7 +774,7 @@ class LiveReader:
                 need.discard(host)
             elif kind == "d" and state is not None and state.seq == e.get("b") \
                     and host not in need:
-                for f, v in unpack_blob(e.get("d", "")):
+                for f, v in unpack_blob(e.get("d", ""), self.keys):
                     if v:
                         state.fields[f] = v
                     else:
@@ -779,7 +802,7 @@ class LiveReader:
             if snap is None or snapid is None:
                 continue  # gone meanwhile
             states[host] = _HostState(_text(seq), _id_key(_text(snapid)), _text(meta),
-                                      dict(unpack_blob(_text(snap))))
+                                      dict(unpack_blob(_text(snap), self.keys)))
         if not states:
             return None
         first = min(s.through for s in states.values())
@@ -929,20 +952,31 @@ def farm_level(client: Any, host: str, *, now: float, prefix: str = "track",
     return LevelReader(client, host, keys, prefix=prefix).read(now)
 
 
-_READERS: "weakref.WeakKeyDictionary[Any, dict[str, LiveReader]]"
+_READERS: "weakref.WeakKeyDictionary[Any, dict[Any, LiveReader]]"
+#: The readers of a few keys (``only``) kept per client, the least recently
+#: used dropped first (the dashboard's event is the visitor's choice: not
+#: one reader per event ever asked for); one dropped and asked for again
+#: starts from the snapshots.
+READERS_KEPT = 8
 
 
-def reader(client: Any, prefix: str = "track") -> LiveReader:
-    """The :class:`LiveReader` of ``client`` and ``prefix`` (one each: kept
-    as long as the client, so that each reading reads only what changed
-    since the last)."""
-    import threading
-
+def reader(client: Any, prefix: str = "track",
+           only: Sequence[tuple[str, str]] | None = None) -> LiveReader:
+    """The :class:`LiveReader` of ``client``, ``prefix`` and the keys
+    ``only`` (None: every key; one each, kept as long as the client, so that
+    each reading reads only what changed since the last; at most
+    :data:`READERS_KEPT` key sets per client)."""
+    ident = (prefix, None if only is None else frozenset(only))
     with _READERS_LOCK:
         per = _READERS.setdefault(client, {})
-        if prefix not in per:
-            per[prefix] = LiveReader(client, prefix=prefix)
-        return per[prefix]
+        got = per.pop(ident, None)  # re-inserted: the most recently used last
+        if got is None:
+            got = LiveReader(client, prefix=prefix, keys=only)
+            few = [k for k in per if k[1] is not None]
+            for old in few[:max(0, len(few) + 1 - READERS_KEPT)] if only is not None else ():
+                del per[old]
+        per[ident] = got
+        return got
 
 
 import threading as _threading  # noqa: E402
@@ -953,7 +987,8 @@ _READERS_LOCK = _threading.Lock()
 
 
 def farm_live(client: Any, *, now: float, prefix: str = "track",
-              only: Sequence[tuple[str, str]] | None = None) -> FarmLive:
+              only: Sequence[tuple[str, str]] | None = None, keep_only: bool = True
+              ) -> FarmLive:
     """The farm's live numbers, host by host: the sum over the hosts that
     are alive (the reaper runs first: a host past its deadline is gone),
     and a row per host seen lately.  A host that is gone keeps its last
@@ -963,8 +998,12 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
     farm rules' leader, once a second).  Read through the client's
     :class:`LiveReader` (:func:`reader`): the log entries since its last
     reading, a host's snapshot only after its full publication; the level
-    reads :func:`farm_level`."""
-    return reader(client, prefix).read(now, only)
+    reads :func:`farm_level`.  ``keep_only``: with ``only``, the reader of
+    those keys (it keeps them alone: the farm rules' leader, the
+    dashboard's panel, asking for the same keys again and again); else the
+    client's reader of every key, its rows of ``only`` (a one-off question:
+    a reader of a new key set starts from every host's snapshot)."""
+    return reader(client, prefix, only if keep_only else None).read(now, only)
 
 
 # -------------------------------------------------------------- the lease

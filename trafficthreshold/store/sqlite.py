@@ -496,7 +496,7 @@ class SQLiteStore:
         """Nothing to claim: the file is this host's alone (None)."""
         return None
 
-    def farm_live(self, now: float, only: Any = None) -> None:
+    def farm_live(self, now: float, only: Any = None, keep_only: bool = False) -> None:
         """No farm: one host's own file (None)."""
         return None
 
