@@ -653,16 +653,20 @@ class LiveReader:
     lock: the API's threads share it)."""
 
     def __init__(self, client: Any, *, prefix: str = "track",
-                 keys: Sequence[tuple[str, str]] | None = None) -> None:
+                 keys: Sequence[tuple[str, str]] | None = None, clock: Any = None) -> None:
         import threading
+        import time
 
         self.client, self.prefix = client, prefix
         self.keys = None if keys is None else frozenset(f"{a}\0{e}" for a, e in keys)
+        self.clock = clock or time.monotonic
         self._lock = threading.Lock()
         self._last: str | None = None  # the last log entry read
+        self._read_at = 0.0  # when (clock) it was read
         self._hosts: dict[str, _HostState] = {}
-        #: Snapshots read (host by host), for the benchmark and the tests.
-        self.snapshots = 0
+        #: Snapshots read (host by host) and log entries read, for the
+        #: benchmark and the tests.
+        self.snapshots = self.entries = 0
 
     def read(self, now: float, only: Sequence[tuple[str, str]] | None = None) -> "FarmLive":
         with self._lock:
@@ -670,6 +674,13 @@ class LiveReader:
 
     def _read(self, now: float, only: Sequence[tuple[str, str]] | None) -> "FarmLive":
         p = self.prefix
+        tick = self.clock()
+        if self._last is not None and tick - self._read_at > LOG_KEEP_MS / 1000 - 1:
+            # Not read for longer than the log keeps: the log after our
+            # last entry may be trimmed, and is 30 s of every host's diffs
+            # (one large reply) anyway: start over as a new reader does,
+            # from the snapshots and the entries after them.
+            self._last, self._hosts = None, {}
         pipe = self.client.pipeline(transaction=False)
         # The reaper first (a reader allowed to write only; the deadlines
         # below decide without it).
@@ -690,6 +701,8 @@ class LiveReader:
         alive = {_text(h) for h, deadline in deadlines if deadline > redis_ms}
         entries = [] if self._last is None else [
             (_text(i), {_text(k): _text(v) for k, v in e.items()}) for i, e in entries]
+        self.entries += len(entries)
+        self._read_at = tick
         # Behind the log's trim, or ahead of Redis' clock (a Redis restarted
         # empty, a failover to a replica that lacked the last entries: the
         # new entries' ids may be below ours): every host from its snapshot.
@@ -813,6 +826,7 @@ class LiveReader:
             log = [(_text(i), {_text(k): _text(v) for k, v in e.items()})
                    for i, e in self.client.xrange(f"{self.prefix}~live~log",
                                                   f"{first[0]}-{first[1]}", "+")]
+            self.entries += len(log)
         for host, state in states.items():
             self._hosts[host] = state
             if self._apply([x for x in log if _id_key(x[0]) > state.through], host):
