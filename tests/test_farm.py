@@ -706,11 +706,12 @@ def test_a_blobs_lines_of_a_few_keys_are_those_of_the_whole_blob() -> None:
     whose names end or begin another's ("1" in "shop1", "shop" in
     "shop2")."""
     fields = {"shop1\0pageview": "1 2", "1\0pageview": "3 4 5", "shop\0pageview": "6 7",
-              "shop2\0pageview": "8 9"}
+              "shop2\0pageview": "8 9", **{f"s{i}\0pageview": f"{i} {i}" for i in range(20)}}
     blob = farm.pack(fields, gone=["old\0pageview"])
     whole = dict(farm.unpack_blob(blob))
     for keys in (["shop1\0pageview"], ["1\0pageview", "shop\0pageview"], ["old\0pageview"],
-                 ["shop2\0pageview", "none\0pageview", "hop1\0pageview"], list(whole)):
+                 ["shop2\0pageview", "none\0pageview", "hop1\0pageview"], list(whole),
+                 [*list(whole)[::2], "none\0pageview"]):  # more than FIND_KEYS_MAX: split
         assert dict(farm.unpack_blob(blob, frozenset(keys))) == {
             k: whole[k] for k in keys if k in whole}
     assert farm.unpack_blob("", frozenset(["1\0pageview"])) == []

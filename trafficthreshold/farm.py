@@ -340,6 +340,11 @@ def pack(fields: dict[str, str], gone: Sequence[str] = ()) -> str:
                       *(f"{k}\t" for k in gone if "\t" not in k and "\n" not in k)])
 
 
+#: Up to this many keys, :func:`unpack_blob` searches the blob for each;
+#: beyond, it splits every line (one pass, however many keys).
+FIND_KEYS_MAX = 8
+
+
 def unpack_blob(blob: str, keys: "frozenset[str] | None" = None) -> list[tuple[str, str]]:
     """:func:`pack`'s lines back: (field, value), value "" for a gone one;
     ``keys``: the lines of those fields only (one search each in the blob,
@@ -349,6 +354,8 @@ def unpack_blob(blob: str, keys: "frozenset[str] | None" = None) -> list[tuple[s
         return []
     if keys is None:
         return [tuple(line.split("\t", 1)) for line in blob.split("\n")]  # type: ignore[misc]
+    if len(keys) > FIND_KEYS_MAX:  # one search a key would read the blob that many times
+        return [(f, v) for f, v in unpack_blob(blob) if f in keys]
     found = []
     for f in keys:
         # A line starts the blob or follows a newline, and its field ends
