@@ -740,3 +740,26 @@ def test_a_reader_idle_longer_than_the_log_keeps_does_not_read_the_log_first(
     assert live.count(*LEVEL, "minute") == 19 * 3 + 3 == per_host_total(r)
     # the entries after each host's snapshot (at most FULL_EVERY publications), not all 57
     assert reader.entries - first <= 3 * (farm.FULL_EVERY + 1) < 57
+
+
+def test_a_log_entry_appended_again_is_skipped_by_its_sequence_number(
+        redis_server: RedisServer) -> None:
+    """A diff found in the log a second time, after the host's newer ones
+    (a blob appended twice: a resent command, a replayed replication
+    stream), is older than the state its reader holds by its sequence
+    number: skipped, neither applied over the newer state nor taken for a
+    gap that drops the host until its next full publication."""
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web0")
+    reader = farm.LiveReader(r)
+    for t in range(3):
+        pub.publish({LEVEL: (t + 1, t + 1)}, level=0, now=NOW + t)
+    assert reader.read(NOW + 2).count(*LEVEL, "minute") == 3
+    diffs = [e for _, e in r.xrange("track~live~log") if e[b"k"] == b"d"]
+    r.xadd("track~live~log", diffs[0])  # the first diff (LEVEL 2) again
+    snapshots = reader.snapshots
+    live = reader.read(NOW + 2)
+    assert live.count(*LEVEL, "minute") == 3 and [h.alive for h in live.hosts] == [True]
+    assert reader.snapshots == snapshots
+    cold = farm.LiveReader(r)  # one that starts: the snapshot, then the entries after it
+    assert cold.read(NOW + 2).count(*LEVEL, "minute") == 3

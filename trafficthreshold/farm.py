@@ -630,6 +630,15 @@ def _id_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def _stale(seq: str, held: str) -> bool:
+    """Whether publication ``seq`` ("{nonce}:{n}") is one its publisher
+    sent before (or is) the one ``held`` (every attempt stamps a higher n;
+    another nonce, another publisher: not comparable, not stale)."""
+    nonce, _, n = seq.partition(":")
+    held_nonce, _, held_n = held.partition(":")
+    return nonce == held_nonce and n.isdigit() and held_n.isdigit() and int(n) <= int(held_n)
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, n = entry_id.partition("-")
     return int(ms), int(n or 0)
@@ -789,6 +798,8 @@ class LiveReader:
             if state is not None and key <= state.through:
                 continue
             kind = e.get("k")
+            if state is not None and kind in ("d", "f") and _stale(e.get("s", ""), state.seq):
+                continue  # this publisher's older one, found again: already in the state
             if kind == "x":  # reaped or withdrawn
                 self._hosts.pop(host, None)
                 need.discard(host)
