@@ -792,3 +792,25 @@ def test_a_failover_to_a_replica_that_lacks_the_last_seconds(redis_server: Redis
     assert {h.host: h.counts for h in live.hosts} == {"web0": {LEVEL: (50, 50)},
                                                       "web1": {LEVEL: (51, 51)}}
     assert level_total(r) == 101
+
+
+def test_a_reader_left_idle_lets_go_of_the_farm_it_held(redis_server: RedisServer) -> None:
+    """The reader of every key (one API question, hosts x keys in memory:
+    145 MB at 100 x 10,000) that is not read again for longer than the log
+    keeps would start over at its next reading anyway: the next reading of
+    another reader of the client (the dashboard's, every 5 s) lets go of
+    what it held.  It reads exact again when asked."""
+    r = redis_server.client()
+    clock = [0.0]
+    pub = farm.LivePublisher(r, "web0")
+    pub.publish({LEVEL: (1, 1), ("shop", "pageview"): (2, 2)}, level=0, now=NOW)
+    whole = farm.reader(r)
+    whole.clock = lambda: clock[0]
+    assert farm_live(r, now=NOW).count("shop", "pageview", "minute") == 2
+    few = farm.reader(r, only=[LEVEL])
+    few.clock = lambda: clock[0]
+    for _ in range(3):
+        clock[0] += 12
+        assert farm_live(r, now=NOW, only=[LEVEL]).count(*LEVEL, "minute") == 1
+    assert whole._hosts == {} and whole._last is None and few._hosts
+    assert farm_live(r, now=NOW).count("shop", "pageview", "minute") == 2

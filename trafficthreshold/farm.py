@@ -688,10 +688,26 @@ class LiveReader:
         with self._lock:
             return self._read(now, only)
 
+    def let_go_if_idle(self) -> None:
+        """Let go of the farm held (hosts x keys for a reader of every key)
+        when not read for longer than the log keeps: its next reading
+        starts over from the snapshots anyway.  Never waits for a reading
+        in progress."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._idle(self.clock()):
+                    self._last, self._hosts = None, {}
+            finally:
+                self._lock.release()
+
+    def _idle(self, tick: float) -> bool:
+        """Not read for longer than the log keeps (``_lock`` held)."""
+        return self._last is not None and tick - self._read_at > LOG_KEEP_MS / 1000 - 1
+
     def _read(self, now: float, only: Sequence[tuple[str, str]] | None) -> "FarmLive":
         p = self.prefix
         tick = self.clock()
-        if self._last is not None and tick - self._read_at > LOG_KEEP_MS / 1000 - 1:
+        if self._idle(tick):
             # Not read for longer than the log keeps: the log after our
             # last entry may be trimmed, and is 30 s of every host's diffs
             # (one large reply) anyway: start over as a new reader does,
@@ -1008,7 +1024,10 @@ def reader(client: Any, prefix: str = "track",
             for old in few[:max(0, len(few) + 1 - READERS_KEPT)] if only is not None else ():
                 del per[old]
         per[ident] = got
-        return got
+        others = [r for r in per.values() if r is not got]
+    for other in others:  # a reader asked for no more lets go of its farm
+        other.let_go_if_idle()
+    return got
 
 
 import threading as _threading  # noqa: E402
