@@ -814,3 +814,28 @@ def test_a_reader_left_idle_lets_go_of_the_farm_it_held(redis_server: RedisServe
         assert farm_live(r, now=NOW, only=[LEVEL]).count(*LEVEL, "minute") == 1
     assert whole._hosts == {} and whole._last is None and few._hosts
     assert farm_live(r, now=NOW).count("shop", "pageview", "minute") == 2
+
+
+def test_a_withdrawal_whose_reply_was_lost_does_not_keep_the_host_out(
+        redis_server: RedisServer) -> None:
+    """A withdrawal that ran but whose reply was lost (it raised): the stop
+    mark holds the publisher's nonce; its later publications stamp a new
+    one, so they are counted (a publisher kept out of the farm for the
+    stop mark's hour, its full publications refused without a word)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        proxy.drop_replies()
+        with pytest.raises(redis.RedisError):
+            pub.withdraw()
+        proxy.pass_replies()
+        c.connection_pool.disconnect()
+        assert level_total(r) == 0  # it ran
+        for t in range(1, 3):
+            pub.publish({LEVEL: (t + 4, t + 4)}, level=0, now=NOW + t)
+            assert level_total(r) == t + 4 == per_host_total(r)

@@ -473,7 +473,8 @@ class LivePublisher:
                     return
                 diff = ""  # refused: a full one, not on that state
         blob = pack(pub.fields)
-        self._run("snap" if diff else "full", pub, blob, diff)
+        if not self._run("snap" if diff else "full", pub, blob, diff):
+            return  # refused (a stop mark holding our nonce): not acknowledged, the next full
         self._sent, self._acked = pub.fields, self.clock()
         self._full_at, self._full_bytes, self._diff_bytes = self._acked, len(blob), 0
         self.full += 1
@@ -513,11 +514,13 @@ class LivePublisher:
         is full."""
         import secrets
 
-        withdraw_live(self.client, self.host, prefix=self.prefix, nonce=self._nonce)
-        self._sent = None
         # A publication of ours still on its way is refused (the stop mark
-        # holds our old nonce); the next ones stamp a new one.
+        # holds our old nonce); the next ones stamp a new one, taken before
+        # the withdrawal runs: one whose reply is lost (it raises) has run
+        # all the same, and the mark must not refuse our next ones.
+        nonce, self._sent = self._nonce, None
         self._nonce, self._n = secrets.token_hex(4), 0
+        withdraw_live(self.client, self.host, prefix=self.prefix, nonce=nonce)
 
 
 def withdraw_live(client: Any, host: str, *, prefix: str = "track", nonce: str = "") -> None:
