@@ -23,8 +23,9 @@ cut off from the farm never stays at the farm's level.
 ``[[alert]] scope = "farm"``: after each publication and read-back, the
 farm thread renews the leader lease and, while it leads, evaluates the farm
 rules over a reading of the rules' keys host by host (:func:`farm.farm_live`:
-the farm thread's :class:`farm.LiveReader`, which reads the live log since
-its last reading; made only when the leader evaluates: :class:`LeaderReading`)
+the farm thread's :class:`farm.LiveReader` of those keys, which reads the
+live log since its last reading and keeps those keys of each host alone;
+made only when the leader evaluates: :class:`LeaderReading`)
 (:class:`trafficthreshold.alerts.farm.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
 """
