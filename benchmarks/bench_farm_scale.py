@@ -1,5 +1,5 @@
-"""The farm's live channel at scale: Redis's work per farm-second, before
-and after (issue #25), side by side in one run.
+"""The farm's live channel at scale: Redis's work per farm-second, the
+designs before and after (issue #25), side by side in one run.
 
 Run by hand::
 
@@ -19,13 +19,22 @@ second in 60).  Per farm-second, as the farm thread does it:
 * one host, the farm rules' leader, also reads a farm rule's key of every
   host (the per-host reading that ``farmalerts.farm_count`` needs).
 
-**before**: the design up to issue #25, kept callable here as
-``publish_live_before`` / ``farm_live_before`` (a copy of the old
-``farm.publish_live`` / ``farm.farm_live``, labelled as the baseline): each
-host deletes and rewrites every key's absolute counts each second; each
-level read reads every host's hash.  **after**: ``farm.LivePublisher`` (only
-the fields whose value changed, idempotent per host and sequence number)
-and ``farm.LevelReader`` (the level's key: one read of the farm's sum).
+Three designs, side by side:
+
+* **0.1** (BASELINE): the design up to issue #25, kept callable here as
+  ``publish_live_before`` / ``farm_live_before`` (a copy of the old
+  ``farm.publish_live`` / ``farm.farm_live``): each host deletes and
+  rewrites every key's absolute counts each second; each level read reads
+  every host's hash.
+* **hash** (BASELINE): issue #25's first design, a copy in
+  ``benchmarks/farm_hash_baseline.py``: a hash per host, the changed
+  fields' ``HSET`` in a MULTI between two scripts, the level's key summed
+  by Redis, the views and the leader reading every host's hash.
+* **log**: ``farm.LivePublisher`` (one EVALSHA per host-second: the
+  changed keys as one blob appended to the live log, the watched keys'
+  values as arguments), ``farm.LevelReader`` (the level's key: one read of
+  the farm's sum) and ``farm.farm_live`` (the leader's and the
+  dashboard's ``LiveReader``: the log since their last reading).
 
 Reported per farm-second: Redis's CPU (``INFO cpu``, its main thread: the
 commands, the scripts and the network I/O; ``INFO commandstats`` counts a
@@ -36,7 +45,13 @@ level's staleness: how old the level's count a host reads can be, one
 publication period (1 s) plus ``farmsync.REFRESH_EVERY`` plus the p99
 round trips of a publication and of a level read measured under this
 load, or "saturated" when Redis needs more than a second per farm-second
-(it falls behind without bound).  Every level read at the end of a second
+(it falls behind without bound).  And the readers' costs: the farm rules'
+leader's reading (once a farm-second), an open dashboard's refresh
+(once a farm-second, not in the CPU column: its farm panel reads the
+chosen event's ``all`` key of every host, ``farm_live(only=...)``), and,
+once after the ordinary seconds, a reading of every key of every host
+(``/api/stats/live?scope=farm`` without ``account`` and ``event``; hosts
+x keys rows), each as Redis CPU and wall time in this process.  Every level read at the end of a second
 is checked against the truth (the sum of the hosts' counts).
 """
 from __future__ import annotations
@@ -58,6 +73,8 @@ import redis  # noqa: E402
 from bench_redis import start_redis  # noqa: E402
 from trafficthreshold import farm, farmsync  # noqa: E402
 
+import farm_hash_baseline  # noqa: E402
+
 LEVEL = ("all", "pageview")
 RULE = ("shop1", "pageview")
 CHANGING = 0.10
@@ -65,6 +82,8 @@ CHANGING = 0.10
 #: than real seconds, and a host must not expire (real time) between two
 #: of its publications; what a second costs does not depend on it.
 TTL_MS = 600_000
+#: The farm's clock (farm-seconds), for the publishers of the log design.
+FARM_CLOCK = [0.0]
 
 
 # ------------------------------------------------- the baseline (before #25)
@@ -149,7 +168,8 @@ def farm_live_before(client: Any, *, now: float, prefix: str = "track",
 # ------------------------------------------------------------- the designs
 
 class Before:
-    name = "before"
+    """BASELINE (0.1): every key of every host rewritten every second."""
+    name = "0.1"
 
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
@@ -168,14 +188,28 @@ class Before:
     def lead(self, now: float) -> None:
         farm_live_before(self.client, now=now, only=[LEVEL, RULE])
 
+    @staticmethod
+    def dashboard(client: Any, now: float, only: Any = (LEVEL,)) -> None:
+        farm_live_before(client, now=now, only=only)
+
 
 class After:
-    name = "after"
+    """This design: one EVALSHA per host-second (a blob into the live log),
+    the leader and the dashboard reading the log since their last entry."""
+    name = "log"
+    module: Any = farm
 
     def __init__(self, client: Any, host: str) -> None:
         self.client, self.host = client, host
-        self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS)
-        self.reader = farm.LevelReader(client, host, farmsync.LEVEL_KEYS)
+        if self.module is farm:
+            # The publisher's clock is the farm's (its full publication every
+            # FULL_EVERY farm-seconds, as on a real farm, however slowly this
+            # one process simulates them).
+            self.publisher = farm.LivePublisher(client, host, ttl_ms=TTL_MS,
+                                                clock=lambda: FARM_CLOCK[0])
+        else:
+            self.publisher = self.module.LivePublisher(client, host, ttl_ms=TTL_MS)
+        self.reader = self.module.LevelReader(client, host, farmsync.LEVEL_KEYS)
 
     def prepare(self, counts, previous, now) -> Any:
         return self.publisher.prepare(counts, level=0, now=now, previous=previous)
@@ -187,7 +221,19 @@ class After:
         return self.reader.read(now).count(*LEVEL, "minute")
 
     def lead(self, now: float) -> None:
-        farm.farm_live(self.client, now=now, only=[LEVEL, RULE])
+        self.module.farm_live(self.client, now=now, only=[LEVEL, RULE])
+
+    @classmethod
+    def dashboard(cls, client: Any, now: float, only: Any = (LEVEL,)) -> None:
+        cls.module.farm_live(client, now=now, only=only)
+
+
+class Hash(After):
+    """BASELINE (issue #25's first design, benchmarks/farm_hash_baseline.py):
+    a hash per host, the changed fields' HSET in a MULTI between two scripts;
+    the views and the leader read every host's hash."""
+    name = "hash"
+    module = farm_hash_baseline
 
 
 # --------------------------------------------------------- simulated hosts
@@ -227,8 +273,8 @@ def p99(values: list[float]) -> float:
     return values[min(len(values) - 1, int(len(values) * 0.99))] if values else 0.0
 
 
-def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int = 1
-        ) -> dict[str, float]:
+def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int = 1,
+        dashboard: bool = True) -> dict[str, float]:
     """One design, one size, on a flushed Redis: a warm-up second, then
     ``seconds`` ordinary farm-seconds and one minute turn, measured apart."""
     admin = redis.Redis(port=port)
@@ -240,10 +286,17 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
     now = 1_800_000_000.0 + 5  # 5 s into a minute
     publish_lat: list[float] = []
     read_lat: list[float] = []
+    dash = redis.Redis(port=port)  # an open dashboard: one refresh a farm-second
+    #: The readers' costs, summed over the measured seconds: Redis CPU (s)
+    #: and wall time (s, this process: the reader's own parsing too).
+    costs = {"lead_cpu": 0.0, "lead_wall": 0.0, "dash_cpu": 0.0, "dash_wall": 0.0, "n": 0.0}
+    whole = {"cpu": 0.0, "wall": 0.0}
 
     def farm_second(turn: bool) -> None:
         nonlocal now
         now += 1
+        FARM_CLOCK[0] = now
+        costs["n"] += 1
         for sim in sims:
             sim.second(rng, turn)
         # The hosts' own work first (each host does it on its own machine),
@@ -258,7 +311,10 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
             got = side.level(now)  # the last host's: after every publication
             read_lat.append(time.perf_counter() - t1)
             publish_lat.append(t1 - t)
+        c0, t = info(admin)["cpu"], time.perf_counter()
         sides[0].lead(now)
+        costs["lead_wall"] += time.perf_counter() - t
+        costs["lead_cpu"] += info(admin)["cpu"] - c0
         for _ in range(farmsync.REFRESHES):
             for side in sides:
                 t = time.perf_counter()
@@ -268,24 +324,59 @@ def run(design: type, port: int, hosts: int, keys: int, seconds: int, seed: int 
         if got != truth:
             sys.exit(f"FAIL  {design.name}: the level's farm count is {got}, the hosts' "
                      f"counts add up to {truth}")
+        if dashboard:
+            c0, t = info(admin)["cpu"], time.perf_counter()
+            design.dashboard(dash, now)
+            costs["dash_wall"] += time.perf_counter() - t
+            costs["dash_cpu"] += info(admin)["cpu"] - c0
 
+    sides[0].level(now)  # the level's key watched already (a farm that runs)
     farm_second(False)  # warm-up: every host's first (full) publication
     publish_lat.clear()
     read_lat.clear()
-    before = info(admin)
-    for _ in range(seconds):
-        farm_second(False)
-    ordinary = info(admin)
-    farm_second(True)
-    turned = info(admin)
+    costs.update(dict.fromkeys(costs, 0.0))
+    def measured(fn) -> dict[str, float]:
+        """Redis's counters over ``fn()`` (farm-seconds), the dashboard's
+        refreshes left out (reported apart)."""
+        dash0, start = costs["dash_cpu"], info(admin)
+        fn()
+        end = info(admin)
+        got = {k: end[k] - start[k] for k in start}
+        got["cpu"] -= costs["dash_cpu"] - dash0
+        return got
+
+    def ordinary_seconds() -> None:
+        for _ in range(seconds):
+            farm_second(False)
+
+    per = {k: v / seconds for k, v in measured(ordinary_seconds).items()}
+    if dashboard:  # every key of every host, once (the API's scope=farm unfiltered)
+        c0, t = info(admin)["cpu"], time.perf_counter()
+        design.dashboard(dash, now, None)
+        whole.update(wall=time.perf_counter() - t, cpu=info(admin)["cpu"] - c0)
+    turn = measured(lambda: farm_second(True))
+    # The log design's periodic snapshot: every host's at least every
+    # FULL_EVERY farm-seconds (a second in which they all fall, weighed in
+    # as one in FULL_EVERY; on a farm they spread out).
+    publishers = [getattr(side, "publisher", None) for side in sides]
+    if all(isinstance(p, farm.LivePublisher) for p in publishers):
+        farm_second(False)  # after the turn's big diff: a second like the others
+        for p in publishers:
+            p._full_at = float("-inf")
+        snap = measured(lambda: farm_second(False))
+        every = farm.FULL_EVERY
+    else:
+        snap, every = per, 1.0
     memory = int(admin.info("memory")["used_memory"])
-    for c in clients:
+    for c in [*clients, dash]:
         c.close()
-    per = {k: (ordinary[k] - before[k]) / seconds for k in before}
-    turn = {k: turned[k] - ordinary[k] for k in before}
-    # One minute turn in 60 seconds.
-    mix = {k: (59 * per[k] + turn[k]) / 60 for k in before}
+    # One minute turn in 60 seconds, one snapshot in FULL_EVERY.
+    mix = {k: (59 * per[k] + turn[k]) / 60 + (snap[k] - per[k]) / every for k in per}
+    n = costs["n"]
     return {"cpu": mix["cpu"], "net": mix["net"], "calls": mix["calls"],
+            "lead_cpu": costs["lead_cpu"] / n, "lead_wall": costs["lead_wall"] / n,
+            "dash_cpu": costs["dash_cpu"] / n, "dash_wall": costs["dash_wall"] / n,
+            "whole_cpu": whole["cpu"], "whole_wall": whole["wall"],
             "cpu_turn": turn["cpu"], "memory": memory,
             "publish_p99": p99(publish_lat), "read_p99": p99(read_lat)}
 
@@ -299,42 +390,56 @@ def staleness(got: dict[str, float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, for CI")
-    parser.add_argument("--design", choices=("both", "before", "after"), default="both",
+    parser.add_argument("--design", choices=("all", "0.1", "hash", "log"), default="all",
                         help="run one design only")
+    parser.add_argument("--size", metavar="HOSTSxKEYS", action="append",
+                        help="run this size only (e.g. 100x10000; repeatable)")
     args = parser.parse_args()
     if args.quick:
         sizes, seconds = [(3, 200), (10, 200)], 2
     else:
         sizes, seconds = [(3, 1000), (30, 1000), (100, 1000), (3, 10_000), (30, 10_000),
-                          (100, 10_000), (1000, 1000)], 3
-    designs = [d for d in (Before, After) if args.design in ("both", d.name)
-               and (d is Before or hasattr(farm, "LivePublisher"))]
+                          (100, 10_000), (1000, 1000)], 5
+    if args.size:
+        sizes = [(int(h), int(k)) for h, k in (s.lower().split("x") for s in args.size)]
+    designs = [d for d in (Before, Hash, After) if args.design in ("all", d.name)]
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_redis(tmp)
         try:
-            print(f"{'hosts':>5} {'keys':>6} {'design':<7} {'Redis CPU/s':>11} {'% core':>7} "
-                  f"{'turn s':>7} {'calls/s':>8} {'net/s':>9} {'memory':>9} {'staleness':>10}")
+            print(f"{'hosts':>5} {'keys':>6} {'design':<6} {'Redis CPU/s':>11} {'% core':>7} "
+                  f"{'turn s':>7} {'calls/s':>8} {'net/s':>9} {'memory':>9} {'staleness':>10} "
+                  f"{'leader':>15} {'dashboard':>17} {'every key':>17}")
             results: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
             for hosts, keys in sizes:
                 for design in designs:
-                    if design is Before and hosts >= 1000:
-                        continue  # hosts^2 level reads: minutes per farm-second
+                    if design is not After and hosts >= 1000:
+                        continue  # minutes per farm-second (hosts^2 reads, or hosts x keys)
+                    if design is Before and hosts * keys > 300_000 and not args.quick:
+                        continue  # saturated already at 30 x 10,000 (docs/redis.rst)
                     got = run(design, port, hosts, keys, seconds)
                     results.setdefault((hosts, keys), {})[design.name] = got
-                    print(f"{hosts:>5} {keys:>6} {design.name:<7} "
+                    print(f"{hosts:>5} {keys:>6} {design.name:<6} "
                           f"{got['cpu'] * 1000:>8.1f} ms {got['cpu'] * 100:>6.1f}% "
                           f"{got['cpu_turn']:>6.2f}s {got['calls']:>8.0f} "
                           f"{got['net'] / 1e6:>6.2f} MB {got['memory'] / 1e6:>6.1f} MB "
-                          f"{staleness(got):>10}", flush=True)
+                          f"{staleness(got):>10} "
+                          f"{got['lead_cpu'] * 1000:>5.1f}/{got['lead_wall'] * 1000:>6.1f} ms "
+                          f"{got['dash_cpu'] * 1000:>6.1f}/{got['dash_wall'] * 1000:>7.1f} ms "
+                          f"{got['whole_cpu'] * 1000:>6.1f}/{got['whole_wall'] * 1000:>7.1f} ms",
+                          flush=True)
         finally:
             proc.kill()
             proc.wait()
-    if len(designs) == 2:
-        print("\nbefore / after (Redis CPU per farm-second):")
+    print("(leader, dashboard: one reading a farm-second, Redis CPU / wall time in this "
+          "process;\n the dashboard's refresh (its farm panel: the all key of every host) "
+          "is not in the Redis CPU/s column;\n every key: one reading of every key of "
+          "every host, the API's scope=farm unfiltered)")
+    if len(designs) > 1:
+        print("\nhash / log (Redis CPU per farm-second):")
         for (hosts, keys), pair in results.items():
-            if "before" in pair and "after" in pair:
+            if "hash" in pair and "log" in pair:
                 print(f"  {hosts:>5} hosts x {keys:>6,} keys: "
-                      f"{pair['before']['cpu'] / max(pair['after']['cpu'], 1e-6):6.1f}x")
+                      f"{pair['hash']['cpu'] / max(pair['log']['cpu'], 1e-6):6.1f}x")
     print("(checked: every level read at the end of a second equals the hosts' total)")
     return 0
 

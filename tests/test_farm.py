@@ -92,6 +92,30 @@ def per_host_total(r, window: str = "minute") -> int:
     return farm_live(r, now=NOW).count(*LEVEL, window)
 
 
+def behind_proxy(proxy, redis_server: RedisServer):
+    """web2 (100) published directly; web1's publisher behind ``proxy``
+    (the farm thread's client: short timeout, no retries)."""
+    import redis
+
+    c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+    farmsync.no_retries(c)
+    r = redis_server.client()
+    farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0, now=NOW)
+    return c, r, farm.LivePublisher(c, "web1", ttl_ms=60_000)
+
+
+def evalshas_run(r) -> int:
+    return r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def wait_evalshas(r, calls: int) -> None:
+    """Until Redis ran ``calls`` EVALSHAs in all (a held publication ran)."""
+    deadline = time.monotonic() + 5
+    while evalshas_run(r) < calls:
+        assert time.monotonic() < deadline, "the held publication never ran"
+        time.sleep(0.01)
+
+
 def test_a_second_sends_only_the_keys_that_changed(redis_server: RedisServer) -> None:
     """1,000 keys published; the next second one key changed: the second
     publication is a diff, a few hundred bytes into Redis, not the 1,000
@@ -116,7 +140,8 @@ def test_a_second_sends_only_the_keys_that_changed(redis_server: RedisServer) ->
     # A key gone to zero leaves the hash.
     del counts[("shop7", "pageview")]
     pub.publish(counts, level=0, now=NOW + 2)
-    assert r.hget("track~live:web1", "shop7\0pageview") is None
+    (_, last), = r.xrevrange("track~live~log", count=1)
+    assert last[b"d"] == b"shop7\0pageview\t"  # the diff: that key gone, nothing else
     assert farm_live(r, now=NOW).hosts[0].counts == counts
 
 
@@ -129,12 +154,22 @@ def test_the_level_is_one_read_of_the_sum_and_equals_the_hosts_sum(
     for i, (h, pub) in enumerate(pubs.items()):
         pub.publish({LEVEL: (10 + i, 40 + i), ("acme", "pageview"): (i, i)}, level=0, now=NOW)
     assert level_total(r) == 33 == per_host_total(r)
-    # ("acme", "pageview") is watched from its first level read on: summed
-    # from the hosts' hashes then, kept by each publication after.
-    acme = farm.farm_level(r, "web2", now=NOW, keys=[("acme", "pageview")])
-    assert acme.count("acme", "pageview", "60s") == 3
-    assert acme.own("web2", ("acme", "pageview"), "60s") == 1
+    # ("acme", "pageview") is watched from its first level read on: in the
+    # sums of each host from its next publication on (Redis cannot sum it
+    # from the blobs); meanwhile the reader says it is short.
+    acme_reader = farm.LevelReader(r, "web2", [("acme", "pageview")])
+    acme_reader.read(NOW)
+    assert acme_reader.short == [("acme", "pageview")]
     pubs["web2"].publish({LEVEL: (20, 50), ("acme", "pageview"): (4, 4)}, level=0, now=NOW + 1)
+    # web2 learnt the watch set from its reply: its next publication sends it.
+    pubs["web2"].publish({LEVEL: (20, 50), ("acme", "pageview"): (4, 4)}, level=0, now=NOW + 1)
+    for host in ("web1", "web3", "web1", "web3"):  # each: its reply, then the key
+        pubs[host].publish({LEVEL: (10 + int(host[-1]) - 1, 40 + int(host[-1]) - 1),
+                            ("acme", "pageview"): (int(host[-1]) - 1,) * 2}, level=0, now=NOW)
+    acme = acme_reader.read(NOW + 1)
+    assert acme_reader.short == []
+    assert acme.count("acme", "pageview", "60s") == 6
+    assert acme.own("web2", ("acme", "pageview"), "60s") == 4
     assert level_total(r) == 42 == per_host_total(r)
     assert farm.farm_level(r, "x", now=NOW, keys=[("acme", "pageview")]).count(
         "acme", "pageview", "minute") == 6
@@ -339,7 +374,7 @@ def test_a_reader_that_may_not_write_still_drops_a_dead_host(redis_server: Redis
     live = farm_live(ro, now=NOW)
     assert live.count(*LEVEL, "minute") == 5
     assert {h.host: h.alive for h in live.hosts} == {"web1": True, "web2": False}
-    assert r.exists("track~live:web2")  # not reaped: the reader may not write
+    assert r.exists("track~live~st:web2")  # not reaped: the reader may not write
 
 
 def publish_as_before(r, host: str, counts, now: float) -> None:
@@ -389,9 +424,9 @@ def test_a_host_downgraded_without_a_stop_leaves_the_sums_exact(
     publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 0.1)
     time.sleep(0.3)
     farm.LivePublisher(r, "web3").publish({LEVEL: (1, 1)}, level=0, now=NOW + 1)  # reaps web2
-    assert r.hget("track~live~sum", "minute\0all\0pageview") == b"6"
+    assert not r.exists("track~live~st:web2", "track~live~w:web2")
     publish_as_before(r, "web2", {LEVEL: (100, 100)}, NOW + 1)
-    assert level_total(r) == 106  # web2 read by itself, as an older version's host
+    assert level_total(r) == 106 == per_host_total(r)  # web2 read by itself, as a 0.1 host
 
 
 def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
@@ -410,17 +445,15 @@ def test_a_late_full_publication_never_becomes_the_base_of_a_diff(
         pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
         pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (5, 5)}, level=0, now=NOW)
         pub.withdraw()  # (a stop, then a start): the next one is full
-        c.script_load = r.script_load  # the scripts load; the MULTI is held
+        c.script_load, c.eval = r.script_load, r.eval  # the scripts load; the MULTI is held
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2), ("acme", "pageview"): (5, 5)}, level=0, now=NOW + 1)
         pub.client = r  # the next publication reaches Redis first
+        evalshas = evalshas_run(r)
         pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)
         proxy.release()
-        deadline = time.monotonic() + 5
-        while r.hget("track~live:web1", "~at") != repr(NOW + 1).encode():
-            assert time.monotonic() < deadline, "the held publication never ran"
-            time.sleep(0.01)
+        wait_evalshas(r, evalshas + 2)
         pub.publish({LEVEL: (4, 4)}, level=0, now=NOW + 3)
         assert farm_live(r, now=NOW).hosts[0].counts == {LEVEL: (4, 4)}
         assert level_total(r) == 4 == per_host_total(r)
@@ -437,24 +470,16 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
     import redis
 
     with TcpProxy(redis_server.port) as proxy:
-        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
-        farmsync.no_retries(c)
-        r = redis_server.client()
-        farm.LivePublisher(r, "web2", ttl_ms=60_000).publish({LEVEL: (100, 100)}, level=0,
-                                                            now=NOW)
-        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        c, r, pub = behind_proxy(proxy, redis_server)
         pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
-        execs = r.info("commandstats")["cmdstat_exec"]["calls"]
+        execs = evalshas_run(r)
         proxy.hold()
         with pytest.raises(redis.RedisError):
             pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)  # a diff, held
         pub.client = r
         pub.publish({LEVEL: (3, 3)}, level=0, now=NOW + 2)  # full, runs first
         proxy.release()
-        deadline = time.monotonic() + 5
-        while r.info("commandstats")["cmdstat_exec"]["calls"] < execs + 2:
-            assert time.monotonic() < deadline, "the held publication never ran"
-            time.sleep(0.01)
+        wait_evalshas(r, execs + 2)
         assert level_total(r) == 103 == per_host_total(r)
         rows = {row.host: row for row in farm_live(r, now=NOW).hosts}
         assert rows["web1"].counts == {LEVEL: (3, 3)}
@@ -462,12 +487,12 @@ def test_a_late_diff_leaves_the_hosts_newer_state_in_the_level(
         assert level_total(r) == 104 == per_host_total(r) and pub.full == 2
 
 
-def test_a_publisher_killed_inside_its_multi_changes_nothing(
+def test_a_publisher_killed_inside_its_publication_changes_nothing(
         redis_server: RedisServer) -> None:
-    """The host dies (SIGKILL: its socket closes) after sending a MULTI's
-    first script and its HSETs but not the EXEC: Redis drops the queued
-    transaction; the hash, the sums and the sequence number stay as they
-    were, and the host's next diff applies."""
+    """The host dies (SIGKILL: its socket closes) with half of its
+    publication's EVALSHA sent: Redis never runs it; the state, the sums
+    and the sequence number stay as they were, and the host's next diff
+    applies."""
     import socket
 
     import redis
@@ -477,16 +502,340 @@ def test_a_publisher_killed_inside_its_multi_changes_nothing(
     pub = farm.LivePublisher(r, "web1")
     pub.publish({LEVEL: (1, 1), ("acme", "pageview"): (2, 2)}, level=0, now=NOW)
     keys = pub._keys
-    cmds = [("MULTI",),
-            ("EVALSHA", pub._pre.sha, len(keys), *keys, "track", "web1", "full", "x:0"),
-            ("HSET", keys[5], "all\0pageview", "50 50")]
-    data = b"".join(redis.Connection().pack_commands(cmds))
+    cmd = ("EVALSHA", pub._script.sha, len(keys), *keys, "track", "web1", "full", "x", 9, 0,
+           60_000, 60_000, repr(NOW), "0", 0, "", "all\0pageview\t50 50", "", "all\0pageview",
+           "50 50")
+    data = b"".join(redis.Connection().pack_commands([cmd]))
     with socket.create_connection(("127.0.0.1", redis_server.port)) as s:
-        s.sendall(data)
-        got = b""
-        while got.count(b"\r\n") < 3:  # +OK +QUEUED +QUEUED: queued, then the socket closes
-            got += s.recv(100)
-        assert got == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n"
+        s.sendall(data[:len(data) - 10])  # the rest never sent: killed
     assert level_total(r) == 101 == per_host_total(r)
     pub.publish({LEVEL: (3, 3), ("acme", "pageview"): (2, 2)}, level=0, now=NOW + 1)
     assert pub.full == 1 and level_total(r) == 103 == per_host_total(r)
+
+
+def test_a_publication_that_runs_after_the_hosts_stop_does_not_bring_it_back(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full publication held (Redis slow: the proxy holds it), the host
+    stops meanwhile (its withdraw goes through another connection), then
+    the held publication runs: refused, the host stays out of the live
+    numbers (not back for its TTL)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c, r, pub = behind_proxy(proxy, redis_server)
+        monkeypatch.setattr(farm, "FULL_EVERY", 0.0)  # every publication full
+        pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        c.script_load, c.eval = r.script_load, r.eval  # the scripts load; the publication is held
+        proxy.hold()
+        with pytest.raises(redis.RedisError):
+            pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        pub.client = r
+        pub.withdraw()  # the stop
+        execs = evalshas_run(r)
+        proxy.release()
+        wait_evalshas(r, execs + 1)
+        assert level_total(r) == 100 == per_host_total(r)
+        assert {h.host: h.alive for h in farm_live(r, now=NOW).hosts}.get("web1") is not True
+        # Started again (the same publisher object): back, exact.
+        pub.publish({LEVEL: (2, 2)}, level=0, now=NOW + 1)
+        assert level_total(r) == 102 == per_host_total(r)
+
+
+def test_two_publishers_of_one_host_name_never_add_up(redis_server: RedisServer) -> None:
+    """Two supervisors publishing under one name (HostClaim refuses the
+    second; here they publish all the same): one state per name, each
+    refusing the other's diffs, so the farm counts the last publication,
+    never the sum of both."""
+    r = redis_server.client()
+    a, b = farm.LivePublisher(r, "web1"), farm.LivePublisher(r, "web1")
+    for i in range(4):
+        a.publish({LEVEL: (10 + i, 10 + i)}, level=0, now=NOW + i)
+        assert level_total(r) == 10 + i == per_host_total(r)
+        b.publish({LEVEL: (100 + i, 100 + i)}, level=0, now=NOW + i)
+        assert level_total(r) == 100 + i == per_host_total(r)
+    assert a.full == 4 and b.full == 4  # each diff refused: the other's state
+
+
+def test_a_reader_behind_the_trimmed_log_rebuilds_from_the_snapshots(
+        redis_server: RedisServer) -> None:
+    """A reader whose last entry is older than the log keeps (a dashboard
+    left open on a paused machine) reads every host's snapshot and the
+    diffs after it again: exact; one that is up to date reads the log only."""
+    r = redis_server.client()
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(3)]
+    reader = farm.LiveReader(r)
+    for t in range(3):
+        for i, pub in enumerate(pubs):
+            pub.publish({LEVEL: (t + i, t + i), (f"shop{t}", "pageview"): (1, 1)}, level=0,
+                        now=NOW + t)
+        live = reader.read(NOW + t)
+        assert live.count(*LEVEL, "minute") == 3 * t + 3
+    # Each host's snapshot read once, at the start: its later full
+    # publications (the diffs outweighed it) came as diffs in the log.
+    assert sum(pub.full for pub in pubs) > 3 and reader.snapshots == 3
+    cold = farm.LiveReader(r)  # a reader that starts: the snapshots, then the log after them
+    assert cold.read(NOW + 2).count(*LEVEL, "minute") == 9
+    assert {h.host: h.counts for h in cold.read(NOW + 2).hosts} == {
+        h.host: h.counts for h in reader.read(NOW + 2).hosts}
+    reader._last = "1-0"  # as if it had not read for longer than the log keeps
+    r.xtrim("track~live~log", maxlen=0)  # and the log trimmed since
+    pubs[1].publish({LEVEL: (9, 9)}, level=0, now=NOW + 3)
+    live = reader.read(NOW + 3)
+    assert live.count(*LEVEL, "minute") == 2 + 9 + 4 == per_host_total(r)
+    assert {h.host: h.counts for h in live.hosts} == {
+        "web0": {LEVEL: (2, 2), ("shop2", "pageview"): (1, 1)}, "web1": {LEVEL: (9, 9)},
+        "web2": {LEVEL: (4, 4), ("shop2", "pageview"): (1, 1)}}
+
+
+def test_a_name_holding_the_blobs_separators_cannot_forge_another_key(
+        redis_server: RedisServer) -> None:
+    """The blob's separators are control characters, which names refuse
+    (names.check_name); one that got through anyway (a tab, a newline) is
+    left out of the publication instead of forging a line of another key."""
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web1")
+    forged = ("acme\tx\nall\0pageview", "pageview")
+    pub.publish({LEVEL: (1, 1), forged: (5, 5)}, level=0, now=NOW)
+    pub.publish({LEVEL: (2, 2), forged: (6, 6)}, level=0, now=NOW + 1)
+    live = farm_live(r, now=NOW)
+    assert live.hosts[0].counts == {LEVEL: (2, 2)}
+    assert level_total(r) == 2 == live.count(*LEVEL, "minute")
+
+
+def read_as_before(r, now: float) -> int:
+    """A reader of the older version (0.1): every host's hash whole
+    (``track~live:{host}``) for the hosts of ``track~hosts``."""
+    total = 0
+    for host in r.zrangebyscore("track~hosts", now - 3600, "+inf"):
+        for k, v in r.hgetall(f"track~live:{host.decode()}").items():
+            if k == b"all\0pageview":
+                total += int(v.split()[0])
+    return total
+
+
+def test_a_mixed_version_farm_counts_the_older_hosts_on_the_upgraded_ones_only(
+        redis_server: RedisServer) -> None:
+    """During a rolling upgrade from 0.1: the upgraded hosts count every
+    host (the older ones' hashes read host by host, level and views); the
+    older hosts do not see the upgraded ones (their live counts travel in
+    the log, not in a hash per host): docs/redis.rst, "Upgrading a farm
+    host by host".  A withdrawn upgraded host deletes a hash its older
+    version left."""
+    r = redis_server.client()
+    web1 = farm.LivePublisher(r, "web1")
+    web1.publish({LEVEL: (1, 10)}, level=0, now=NOW)
+    publish_as_before(r, "web2", {LEVEL: (2, 20)}, NOW)
+    assert level_total(r) == 3 == per_host_total(r)  # the upgraded hosts: both
+    assert read_as_before(r, NOW) == 2  # an older host: itself only
+    assert not r.exists("track~live:web1")
+    publish_as_before(r, "web3", {LEVEL: (4, 40)}, NOW)
+    farm.LivePublisher(r, "web3").publish({LEVEL: (4, 40)}, level=0, now=NOW)  # upgraded
+    assert not r.exists("track~live:web3")  # its 0.1 hash: never counted twice
+    assert level_total(r) == 7 == per_host_total(r)
+    publish_as_before(r, "web1", {LEVEL: (1, 10)}, NOW)  # web1 went back to 0.1
+    farm.withdraw_live(r, "web1")  # (or its upgraded version's stop)
+    assert not r.exists("track~live:web1")
+
+
+def test_a_reader_across_a_redis_restarted_empty(redis_server: RedisServer) -> None:
+    """Redis restarted empty under a running farm (no persistence): the
+    hosts' next diffs are refused (no state), they publish whole, and a
+    reader that kept the farm in memory drops what Redis lost and reads
+    the new snapshots: exact at once, nothing of the old state kept."""
+    r = redis_server.client()
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(2)]
+    reader = farm.LiveReader(r)
+    for t in range(2):
+        for i, pub in enumerate(pubs):
+            pub.publish({LEVEL: (t + i, t + i), ("old", "pageview"): (1, 1)}, level=0,
+                        now=NOW + t)
+        assert reader.read(NOW + t).count(*LEVEL, "minute") == 2 * t + 1
+    r.flushall()
+    assert reader.read(NOW + 2).total == {}  # nobody alive: nothing counted
+    pubs[0].publish({LEVEL: (5, 5)}, level=0, now=NOW + 3)
+    live = reader.read(NOW + 3)
+    assert live.total == {LEVEL: (5, 5)} and pubs[0].full == 2
+    pubs[1].publish({LEVEL: (6, 6)}, level=0, now=NOW + 3)
+    fresh = farm.LiveReader(r).read(NOW + 3)
+    assert reader.read(NOW + 3).total == {LEVEL: (11, 11)} == fresh.total
+    assert level_total(r) == 11
+
+
+def test_a_reading_of_a_few_keys_keeps_only_those_keys_in_memory(
+        redis_server: RedisServer) -> None:
+    """The farm rules' leader (once a second) and the dashboard's panel read
+    a few keys of every host (``only``): their reader keeps those keys of
+    each host, not hosts x keys (100 x 10,000: a million fields in the
+    daemon, every diff line parsed each second); the numbers are the same
+    as the whole reading's, through diffs, a gone key, a full publication
+    and a reader that starts late.  A reader per key set, a few kept per
+    client (the dashboard's event is the visitor's choice)."""
+    r = redis_server.client()
+    rule = ("shop1", "pageview")
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(3)]
+    counts = [{LEVEL: (i + 1, i + 1), rule: (i, i),
+               **{(f"shop{k}", "pageview"): (k, k) for k in range(2, 200)}} for i in range(3)]
+    for t in range(4):
+        for i, pub in enumerate(pubs):
+            counts[i][LEVEL] = (t + i + 1, t + i + 1)
+            if t == 2:
+                counts[i].pop(rule, None)  # gone: its line empty
+            if t == 3:
+                counts[i][rule] = (7, 7)
+            pub.publish(counts[i], level=0, now=NOW + t, previous={rule: 3})
+        few = farm_live(r, now=NOW + t, only=[LEVEL, rule])
+        whole = farm_live(r, now=NOW + t)
+        assert few.total == {k: v for k, v in whole.total.items() if k in (LEVEL, rule)}
+        assert {h.host: (h.counts, h.previous) for h in few.hosts} == {
+            h.host: ({k: v for k, v in h.counts.items() if k in (LEVEL, rule)},
+                     {rule: 3}) for h in whole.hosts}
+    kept = farm.reader(r, only=[LEVEL, rule])
+    assert {f for state in kept._hosts.values() for f in state.fields} == {
+        "all\0pageview", "shop1\0pageview"}
+    assert sum(len(s.fields) for s in farm.reader(r)._hosts.values()) == 3 * 200
+    late = farm.LiveReader(r, keys=[rule])
+    assert late.read(NOW + 3).total == {rule: (21, 21)}
+    for event in range(20):  # the dashboard's events: a few readers kept, not one per event
+        farm_live(r, now=NOW + 3, only=[("all", f"e{event}")])
+    assert len(farm._READERS[r]) <= farm.READERS_KEPT + 1
+
+
+def test_a_blobs_lines_of_a_few_keys_are_those_of_the_whole_blob() -> None:
+    """unpack_blob(blob, keys) finds the same lines as the whole split: a
+    field first, last, in the middle, gone (empty), absent, and fields
+    whose names end or begin another's ("1" in "shop1", "shop" in
+    "shop2")."""
+    fields = {"shop1\0pageview": "1 2", "1\0pageview": "3 4 5", "shop\0pageview": "6 7",
+              "shop2\0pageview": "8 9", **{f"s{i}\0pageview": f"{i} {i}" for i in range(20)}}
+    blob = farm.pack(fields, gone=["old\0pageview"])
+    whole = dict(farm.unpack_blob(blob))
+    for keys in (["shop1\0pageview"], ["1\0pageview", "shop\0pageview"], ["old\0pageview"],
+                 ["shop2\0pageview", "none\0pageview", "hop1\0pageview"], list(whole),
+                 [*list(whole)[::2], "none\0pageview"]):  # more than FIND_KEYS_MAX: split
+        assert dict(farm.unpack_blob(blob, frozenset(keys))) == {
+            k: whole[k] for k in keys if k in whole}
+    assert farm.unpack_blob("", frozenset(["1\0pageview"])) == []
+
+
+def test_a_reader_idle_longer_than_the_log_keeps_does_not_read_the_log_first(
+        redis_server: RedisServer) -> None:
+    """A reader that has not read for longer than the log keeps (a dashboard
+    closed for a minute, then opened again) starts over from the hosts'
+    snapshots and the entries after them, as a new reader does: it does
+    not first read the whole log after its last entry (30 s of every
+    host's diffs: 84 MB at 100 hosts x 10,000 keys, one reply of Redis'
+    one thread) only to throw it away.  Its numbers are exact."""
+    r = redis_server.client()
+    clock = [0.0]
+    reader = farm.LiveReader(r, clock=lambda: clock[0])
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(3)]
+    for t in range(20):
+        for i, pub in enumerate(pubs):
+            pub.publish({LEVEL: (t + i, t + i)}, level=0, now=NOW + t)
+        if t == 0:
+            reader.read(NOW)
+    first = reader.entries
+    clock[0] += farm.LOG_KEEP_MS / 1000 + 10
+    live = reader.read(NOW + 19)
+    assert live.count(*LEVEL, "minute") == 19 * 3 + 3 == per_host_total(r)
+    # the entries after each host's snapshot (at most FULL_EVERY publications), not all 57
+    assert reader.entries - first <= 3 * (farm.FULL_EVERY + 1) < 57
+
+
+def test_a_log_entry_appended_again_is_skipped_by_its_sequence_number(
+        redis_server: RedisServer) -> None:
+    """A diff found in the log a second time, after the host's newer ones
+    (a blob appended twice: a resent command, a replayed replication
+    stream), is older than the state its reader holds by its sequence
+    number: skipped, neither applied over the newer state nor taken for a
+    gap that drops the host until its next full publication."""
+    r = redis_server.client()
+    pub = farm.LivePublisher(r, "web0")
+    reader = farm.LiveReader(r)
+    for t in range(3):
+        pub.publish({LEVEL: (t + 1, t + 1)}, level=0, now=NOW + t)
+    assert reader.read(NOW + 2).count(*LEVEL, "minute") == 3
+    diffs = [e for _, e in r.xrange("track~live~log") if e[b"k"] == b"d"]
+    r.xadd("track~live~log", diffs[0])  # the first diff (LEVEL 2) again
+    snapshots = reader.snapshots
+    live = reader.read(NOW + 2)
+    assert live.count(*LEVEL, "minute") == 3 and [h.alive for h in live.hosts] == [True]
+    assert reader.snapshots == snapshots
+    cold = farm.LiveReader(r)  # one that starts: the snapshot, then the entries after it
+    assert cold.read(NOW + 2).count(*LEVEL, "minute") == 3
+
+
+def test_a_failover_to_a_replica_that_lacks_the_last_seconds(redis_server: RedisServer) -> None:
+    """The farm's Redis replaced by a replica that lacked the last
+    publications (the keys as they were two seconds before, restored):
+    the hosts' next diffs do not follow the state Redis holds, they
+    publish whole; a reader that applied the lost diffs reads the hosts'
+    new snapshots, exact after that one publication, as a new reader is."""
+    r = redis_server.client()
+    pubs = [farm.LivePublisher(r, f"web{i}") for i in range(2)]
+    reader = farm.LiveReader(r)
+    saved: dict[bytes, bytes] = {}
+    for t in range(5):
+        for i, pub in enumerate(pubs):
+            pub.publish({LEVEL: (10 * t + i, 10 * t + i), (f"s{t}", "pageview"): (1, 1)},
+                        level=0, now=NOW + t)
+        assert reader.read(NOW + t).count(*LEVEL, "minute") == 20 * t + 1
+        if t == 2:
+            saved = {k: r.dump(k) for k in r.keys("track~live*")}
+    r.flushall()
+    for k, v in saved.items():
+        r.restore(k, 0, v)
+    for i, pub in enumerate(pubs):
+        pub.publish({LEVEL: (50 + i, 50 + i)}, level=0, now=NOW + 5)
+    live = reader.read(NOW + 5)
+    assert live.total == {LEVEL: (101, 101)} == farm.LiveReader(r).read(NOW + 5).total
+    assert {h.host: h.counts for h in live.hosts} == {"web0": {LEVEL: (50, 50)},
+                                                      "web1": {LEVEL: (51, 51)}}
+    assert level_total(r) == 101
+
+
+def test_a_reader_left_idle_lets_go_of_the_farm_it_held(redis_server: RedisServer) -> None:
+    """The reader of every key (one API question, hosts x keys in memory:
+    145 MB at 100 x 10,000) that is not read again for longer than the log
+    keeps would start over at its next reading anyway: the next reading of
+    another reader of the client (the dashboard's, every 5 s) lets go of
+    what it held.  It reads exact again when asked."""
+    r = redis_server.client()
+    clock = [0.0]
+    pub = farm.LivePublisher(r, "web0")
+    pub.publish({LEVEL: (1, 1), ("shop", "pageview"): (2, 2)}, level=0, now=NOW)
+    whole = farm.reader(r)
+    whole.clock = lambda: clock[0]
+    assert farm_live(r, now=NOW).count("shop", "pageview", "minute") == 2
+    few = farm.reader(r, only=[LEVEL])
+    few.clock = lambda: clock[0]
+    for _ in range(3):
+        clock[0] += 12
+        assert farm_live(r, now=NOW, only=[LEVEL]).count(*LEVEL, "minute") == 1
+    assert whole._hosts == {} and whole._last is None and few._hosts
+    assert farm_live(r, now=NOW).count("shop", "pageview", "minute") == 2
+
+
+def test_a_withdrawal_whose_reply_was_lost_does_not_keep_the_host_out(
+        redis_server: RedisServer) -> None:
+    """A withdrawal that ran but whose reply was lost (it raised): the stop
+    mark holds the publisher's nonce; its later publications stamp a new
+    one, so they are counted (a publisher kept out of the farm for the
+    stop mark's hour, its full publications refused without a word)."""
+    import redis
+
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        r = redis_server.client()
+        pub = farm.LivePublisher(c, "web1", ttl_ms=60_000)
+        pub.publish({LEVEL: (1, 1)}, level=0, now=NOW)
+        proxy.drop_replies()
+        with pytest.raises(redis.RedisError):
+            pub.withdraw()
+        proxy.pass_replies()
+        c.connection_pool.disconnect()
+        assert level_total(r) == 0  # it ran
+        for t in range(1, 3):
+            pub.publish({LEVEL: (t + 4, t + 4)}, level=0, now=NOW + t)
+            assert level_total(r) == t + 4 == per_host_total(r)

@@ -210,6 +210,37 @@ def test_dashboard_farm_panel(farm_up, serve):
     assert "This site has served" not in card
 
 
+def test_dashboard_farm_panel_reads_only_what_it_shows(farm_up, serve, monkeypatch):
+    """The panel shows, per host and for the farm, the total of the chosen
+    event (``all``): its refresh builds those rows only, not a row per key
+    of every host (100 hosts x 10,000 keys: a million rows a refresh, the
+    daemon's CPU for seconds).  The API without ``account``/``event`` still
+    lists every key."""
+    readings, kept = [], []
+    read = farm.LiveReader.read
+
+    def spy(self, now, only=None):
+        got = read(self, now, only)
+        readings.append(got)
+        kept.append(self.keys)
+        return got
+
+    monkeypatch.setattr(farm.LiveReader, "read", spy)
+    farm.publish_live(farm_up["client"], "web3", {
+        ("all", "pageview"): (500, 500), **{(f"shop{i}", "pageview"): (1, 1) for i in range(499)}},
+        level=0, now=farm_up["now"])
+    server = serve(api.make_app(farm_up["cfg"], now=lambda: farm_up["now"]))
+    html = fetch(server.url)[2].decode()
+    panel = html.split('id="farm"')[1].split("</section>")[0]
+    assert 'id="farm-current-minute">543<' in panel
+    assert [set(r.total) for r in readings] == [{("all", "pageview")}]
+    assert {k for row in readings[0].hosts for k in row.counts} == {("all", "pageview")}
+    # and its reader keeps that key alone, host by host (not hosts x keys)
+    assert kept == [frozenset(["all\0pageview"])]
+    status, every = fetch_json(server.url + "api/stats/live?scope=farm")
+    assert status == 200 and len(every["keys"]) > 500
+
+
 def test_dashboard_without_redis_has_no_farm_panel(live_server):
     server, _ = live_server
     assert 'id="farm"' not in fetch(server.url)[2].decode()

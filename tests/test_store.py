@@ -146,6 +146,28 @@ def test_the_host_claim_is_asked_of_the_store_not_of_its_backend(tmp_path, redis
         again.release()
 
 
+def test_the_farm_live_numbers_are_asked_of_the_store(tmp_path, redis_server):
+    """The API's farm view reads the farm's live numbers through the store
+    (``farm_live``), never through its Redis client (issue 23): one host's
+    file has none; the farm's Redis gives every live host's publication,
+    read by one LiveReader per client (the second reading reads only what
+    changed, no snapshot again)."""
+    from trafficthreshold import farm
+
+    with stores.open_reader(make(tmp_path)) as own:
+        assert own.farm_live(T0) is None
+    cfg = make(tmp_path, redis_table(redis_server))
+    farm.publish_live(redis_server.client(), "web2", {("acme", "pageview"): (3, 5)},
+                      level=1, now=T0)
+    with stores.open_reader(cfg) as reader:
+        live = reader.farm_live(T0)
+        assert live.count("acme", "pageview", "60s") == 5
+        assert [(h.host, h.alive, h.level) for h in live.hosts] == [("web2", True, 1)]
+        snapshots = farm.reader(reader.client).snapshots
+        assert reader.farm_live(T0 + 1).count("acme", "pageview", "minute") == 3
+        assert farm.reader(reader.client).snapshots == snapshots
+
+
 def test_file_problem_names_the_file_and_its_recovery_only_for_sqlite_errors():
     """cli.py words a sqlite3 error through store.file_problem (no sqlite3
     outside store/): the file and the recovery for a damaged file; None,
@@ -184,12 +206,11 @@ SQLITE3_ELSEWHERE = {
     "api/app.py": "errors",
 }
 #: The Redis clients read outside store/ on something but ``self``, and
-#: why: the farm's live counts read with the store's client (issue 25
-#: rewrites it); the supervisor hands its host claim to the farm link's own
-#: client (FarmSync's, not a store's); HostClaim.on() copies a claim onto
-#: another client (farm.py's own class).
-BACKEND_ELSEWHERE = {"api/app.py": ["self._store().client"],
-                     "supervisor.py": ["self.farm.client"],
+#: why: the supervisor hands its host claim to the farm link's own client
+#: (FarmSync's, not a store's); HostClaim.on() copies a claim onto another
+#: client (farm.py's own class).  The farm's live counts are read through
+#: the store (``PeriodStore.farm_live``).
+BACKEND_ELSEWHERE = {"supervisor.py": ["self.farm.client"],
                      "farm.py": ["other.client"]}
 
 

@@ -7,38 +7,48 @@ The supervisor publishes and reads the live counts through
 Live counts
 -----------
 Each supervisor publishes its host's live numbers every second
-(:class:`LivePublisher`): the fields whose value changed since its last
-acknowledged publication, as *absolute* values (a publication sent twice
-changes nothing), stamped with a sequence number that a diff must find in
-the hash (else the host sends its hash whole).  Redis keeps, for the few
-keys that readers watch (the level's), their sums over the live hosts, so
-that the level's farm total is one read whatever the number of hosts
-(:class:`LevelReader`); a host whose deadline (Redis ``TIME``) passed is
-reaped by the next script on the farm: its share subtracted, its hash
-deleted, within seconds::
+(:class:`LivePublisher`), as *absolute* values (a publication sent twice
+changes nothing), in one EVALSHA whose script does not parse them: the
+fields whose value changed since its last acknowledged publication, packed
+into one blob (:func:`pack`) appended to the farm's live log, or, at least
+every :data:`FULL_EVERY` seconds, the host's whole state kept as its
+snapshot.  Each publication is stamped with a sequence number: a diff
+applies only on the state holding the number it was computed from (else
+the host sends its state whole).  Redis keeps, for the few keys that are
+watched (the level's), their sums over the live hosts from the values each
+publication carries as arguments, so that the level's farm total is one
+read whatever the number of hosts (:class:`LevelReader`); a host whose
+deadline (Redis ``TIME``) passed is reaped by the next script on the farm:
+its share subtracted, its state deleted, within seconds::
 
-    {prefix}~live:{host}   hash (reaped LIVE_TTL_MS after its last
-                           publication; expires after LIVE_KEEP_MS)
-        "{account}\\0{event}"  "{minute count} {60 s count}", then, when the
-                               minute before holds hits, " {its count}"
-                               (the closed minute's final count, for the
-                               farm's alert rules)
-        "~level"               the host's throttle level
-        "~at"                  when it published (Unix seconds, its clock)
-        "~last_roll"           its last roll-up (Unix seconds, or "")
-        "~redis_at"            Redis' TIME at the publication (the farm's clock:
-                               ``~at - ~redis_at`` is the host's clock skew)
-        "~seq"                 the publication's sequence number
+    {prefix}~live~log      stream (30 s, LOG_KEEP_MS, trimmed by each
+                           publication), entries:
+        h host, k "d" (a diff: s its sequence number, b the one it
+        follows, m "{level} {at} {redis_at} {last_roll}", d the blob),
+        "f" (a full publication: its snapshot is in the host's state),
+        "x" (the host was reaped or withdrawn)
+    {prefix}~live~st:{host}  hash: nonce, n (the last applied sequence
+                           number), meta, snap (the last full blob),
+                           snapid (its log entry), snapseq, snapmeta
+    {prefix}~live~w:{host}   hash: the host's values of the watched keys
+    {prefix}~live~stop:{host}  the nonce of the publisher that withdrew
     {prefix}~live~alive    sorted set: host -> its deadline (Redis ms)
-    {prefix}~live~watch    sorted set: "{account}\\0{event}" -> when last read
-    {prefix}~live~sum      hash: "minute\\0{account}\\0{event}",
-                           "60s\\0{account}\\0{event}" -> the live hosts' sum
-    {prefix}~live~in:{host}  the hash while a publication's MULTI runs
+    {prefix}~live~watch    sorted set: "{account}\0{event}" -> when last read
+    {prefix}~live~wgen     the watch set's generation
+    {prefix}~live~sum      hash: "minute\0{f}", "60s\0{f}" -> the live
+                           hosts' sum, "n\0{f}" -> how many sent it
     {prefix}~hosts         sorted set: host -> when it last published
 
-:func:`farm_live` reads every host's hash (the views, and the farm rules'
-leader once a second) and lists every host seen in the last
-:data:`FORGET_AFTER` seconds, alive or not.
+A blob line is ``"{account}\0{event}\t{minute} {60 s}"``, then, when the
+minute before holds hits, ``" {its count}"`` (the closed minute's final
+count, for the farm's alert rules); a field gone has an empty value.
+
+:func:`farm_live` reads the farm through a :class:`LiveReader` kept per
+client (the views, and the farm rules' leader once a second): the log
+entries since its last reading, a host's snapshot when needed; it lists
+every host seen in the last :data:`FORGET_AFTER` seconds, alive or not.
+0.1's hash per host (``{prefix}~live:{host}``) is read for the hosts of
+that version during a rolling upgrade.
 
 The leader lease
 ----------------
@@ -58,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 #: A host drops out of the farm's live numbers this long after its last
-#: publication (by Redis' clock): its hash is removed, its share of the
+#: publication (by Redis' clock): its state is removed, its share of the
 #: watched sums subtracted (the reaper, :data:`LIVE_LUA`).
 LIVE_TTL_MS = 5_000
 #: The live channel's keys expire this long after the last publication (a
@@ -67,8 +77,6 @@ LIVE_KEEP_MS = 3_600_000
 #: A watched key (:func:`farm_level`) nobody asked for this long (seconds)
 #: leaves the watch set and the sums.
 WATCH_FOR = 86_400
-#: Fields per HSET/HDEL inside the publication script (Lua's unpack limit).
-CHUNK = 1_000
 #: A host not heard from for this long is no longer listed at all.
 FORGET_AFTER = 3_600
 #: A host not heard from for this long (seconds) leaves ``{prefix}~hosts``
@@ -86,183 +94,232 @@ LEASE_TTL_MS = 10_000
 
 LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
+#: A host sends its whole state (a *full* publication, its snapshot) at
+#: least this often (seconds), and sooner when the diffs sent since its
+#: last full one weigh more than a full one: a reader that starts (or fell
+#: behind the log) rebuilds a host from its snapshot plus the diffs after
+#: it, which the log keeps (:data:`LOG_KEEP_MS`).
+FULL_EVERY = 10.0
+#: The keys every publisher watches from its first publication on (the
+#: level's, ``farmsync.LEVEL_KEYS``): their sums are complete from the
+#: start (a key first watched by a reader is complete after every live
+#: host's next publication: :class:`LevelReader`).
+ALWAYS_WATCHED = (("all", "pageview"),)
+#: The live log keeps this long (ms, Redis' clock) of diffs: more than
+#: :data:`FULL_EVERY` (a snapshot's diffs are all still there) plus a
+#: reader's refresh.
+LOG_KEEP_MS = 30_000
+
 # The live channel's scripts share this prelude.  KEYS[1] the alive set
-# ({prefix}~live~alive: host -> the Redis time, ms, after which it is dead),
-# KEYS[2] the watch set ({prefix}~live~watch: "{account}\0{event}" -> when a
-# reader last asked for it), KEYS[3] the watched keys' sums
-# ({prefix}~live~sum: "minute\0{account}\0{event}" and
-# "60s\0{account}\0{event}" -> the sum over the hosts in the alive set of
-# their current minute / last 60 s).  ARGV[1] the prefix.  The invariant
-# every script (and every publication's MULTI as a whole) keeps: for each
-# watched key, its sums are the sums of that key's field over the hash of
-# every host in the alive set.  reap() removes the hosts past their
-# deadline (subtracting their watched fields, then deleting their hash); a
-# dead host whose hash is gone already (it expired, LIVE_KEEP_MS, with
-# nobody left to reap it) or was rewritten by an older version (no ~seq:
-# the host was downgraded without a stop) makes it rebuild the sums from
-# the live hosts' hashes.  Host hashes are named here from the prefix (not declared in
-# KEYS): one Redis, not a cluster (docs/redis.rst, "Past one Redis").
+# ({prefix}~live~alive: host -> the Redis time, ms, after which it is
+# dead), KEYS[2] the watch set ({prefix}~live~watch: "{account}\0{event}"
+# -> when a reader last asked for it), KEYS[3] the watched keys' sums
+# ({prefix}~live~sum: "minute\0{f}", "60s\0{f}" -> the sum over the hosts
+# in the alive set of their current minute / last 60 s, "n\0{f}" -> how
+# many of them sent their value of f), KEYS[4] the watch generation
+# ({prefix}~live~wgen: INCR at every change of the watch set), KEYS[5] the
+# live log ({prefix}~live~log: a stream).  ARGV[1] the prefix.  The
+# invariant every script keeps: for each watched key f, its sums are the
+# sums of f over the watched-values hash ({prefix}~live~w:{host}) of every
+# host in the alive set.  reap() removes the hosts past their deadline:
+# their watched values subtracted, their state and watched values deleted,
+# a "gone" entry in the log.  Host keys are named here from the prefix
+# (not declared in KEYS): one Redis, not a cluster (docs/redis.rst, "Past
+# one Redis").  No script parses a host's counts: they travel as one
+# opaque value (the blob) per publication.
 LIVE_LUA = """
 local function parse(v)
   if not v then return 0, 0 end
   local m, s = string.match(v, '^(%d+) (%d+)')
   return tonumber(m) or 0, tonumber(s) or 0
 end
-local function add(field, dm, ds)
-  if dm ~= 0 and redis.call('HINCRBY', KEYS[3], 'minute\\0' .. field, dm) == 0 then
-    redis.call('HDEL', KEYS[3], 'minute\\0' .. field)
-  end
-  if ds ~= 0 and redis.call('HINCRBY', KEYS[3], '60s\\0' .. field, ds) == 0 then
-    redis.call('HDEL', KEYS[3], '60s\\0' .. field)
-  end
-end
-local function add_host(key, fields, sign)
-  if #fields == 0 then return end
-  local vals = redis.call('HMGET', key, unpack(fields))
-  for i, f in ipairs(fields) do
-    local m, s = parse(vals[i])
-    add(f, sign * m, sign * s)
+local function add(field, dm, ds, dn)
+  for _, p in ipairs({{'minute', dm}, {'60s', ds}, {'n', dn}}) do
+    if p[2] ~= 0 and redis.call('HINCRBY', KEYS[3], p[1] .. '\\0' .. field, p[2]) == 0 then
+      redis.call('HDEL', KEYS[3], p[1] .. '\\0' .. field)
+    end
   end
 end
-local function add_hosts(fields)
-  if #fields == 0 then return end
-  for _, h in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    add_host(ARGV[1] .. '~live:' .. h, fields, 1)
+local function drop_watched(w)
+  local old = redis.call('HGETALL', w)
+  for i = 1, #old, 2 do
+    local m, s = parse(old[i + 1])
+    add(old[i], -m, -s, -1)
   end
+  redis.call('UNLINK', w)
 end
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function log(fields)
+  return redis.call('XADD', KEYS[5], 'MINID', '~', ms - LOG_KEEP_MS, '*', unpack(fields))
+end
 local function reap()
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms)
-  if #dead == 0 then return end
-  local watched = redis.call('ZRANGE', KEYS[2], 0, -1)
-  local lost = false
-  for _, h in ipairs(dead) do
-    local key = ARGV[1] .. '~live:' .. h
-    if not redis.call('HGET', key, '~seq') then
-      lost = true  -- gone, or rewritten by an older version: its share is unknown
-    else
-      add_host(key, watched, -1)
-    end
-    redis.call('UNLINK', key)
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms)) do
+    drop_watched(ARGV[1] .. '~live~w:' .. h)
+    redis.call('UNLINK', ARGV[1] .. '~live~st:' .. h)
     redis.call('ZREM', KEYS[1], h)
-  end
-  if lost then
-    redis.call('DEL', KEYS[3])
-    add_hosts(watched)
+    log({'h', h, 'k', 'x'})
   end
 end
 """
 
-# A publication is one MULTI: PRE_SCRIPT, then plain HSET and HDEL of the
-# fields that changed and the fields gone (Redis's cheapest way to write
-# many fields: no per-field script work) into the host's staging hash,
-# then POST_SCRIPT.  KEYS: the prelude's three, the host's hash,
-# {prefix}~hosts, its staging hash {prefix}~live~in:{host}.  ARGV: prefix,
-# host, "full" or "diff", the sequence number the host's hash must hold
-# for a diff, then (POST) the new one, ttl ms, keep ms, the host's clock,
-# the ~hosts cut-off, level, last roll.
+# One publication: one EVALSHA.  KEYS: the prelude's five, {prefix}~hosts,
+# the host's state {prefix}~live~st:{host} (nonce, n: the last applied
+# publication's; ~level, ~at, ~last_roll, ~redis_at; snap: its last full
+# blob, snapid: that full's log entry), its watched values
+# {prefix}~live~w:{host}, its stop mark {prefix}~live~stop:{host}.  ARGV:
+# prefix, host, "full", "snap" or "diff", the publisher's nonce, this attempt's
+# number n, the number the state must hold for a diff, ttl ms, keep ms,
+# the host's clock, the ~hosts cut-off, level, last roll, the blob, the
+# diff of a "snap" (else ""), then pairs: a watched key, the host's
+# "{minute} {60 s}" of it (every key of the watch set as the host knows
+# it).  "snap" is a full publication computed against the host's last
+# acknowledged one: kept as its snapshot, its diff in the log when the
+# state holds that one (readers in step read no snapshot), else as a full.
 #
-# PRE takes the host's share out of the sums (its watched fields, if it is
-# in the alive set) and out of the alive set, and renames its hash to the
-# staging hash; a full publication deletes it instead.  A diff on a hash
-# that does not hold the sequence number it was computed from (a lost
-# reply that ran, a host reaped after a pause, a Redis that lost writes, a
-# diff that timed out and runs after the host's next publication) changes
-# nothing: the hash, the alive set and the sums stay as they are.
-# POST renames the staging hash back, stamped (Redis TIME, level, sequence
-# number), puts the share back into the sums and the host into the alive
-# set with its deadline; for a diff that PRE refused it deletes the
-# staging hash (the fields written in between are a part only) and
-# returns 0: the host then sends a full publication.  The HSET goes to the
-# staging hash so that a MULTI whose scripts fail (NOSCRIPT after a SCRIPT
-# FLUSH: EXEC still runs the HSET) leaves the live hash and the sums as
-# they were (the staging hash expires after the TTL).  Absolute values
-# throughout: a publication sent twice changes nothing the second time.
-PRE_SCRIPT = LIVE_LUA + """
+# Refused (nothing written; returns {0, generation}): any publication of a
+# publisher whose host was withdrawn since (the stop mark holds its
+# nonce: sent before a stop, run after it); a diff on a state that does
+# not hold the number it was computed from (a lost reply that ran, a host
+# reaped after a pause, a Redis that lost writes, a diff that timed out
+# and runs after the host's next publication; the host then sends a full
+# one); a full publication older than the state (same publisher, a lower
+# number: it timed out and runs late).  Applied: the blob appended to the
+# log (a full one kept as the host's snapshot instead, the log getting a
+# marker), the host's watched values replaced (the sums follow), its
+# deadline set; returns {1, generation}: the watch generation, so that the
+# host reads the watch set again when it changed.
+PUBLISH_SCRIPT = LIVE_LUA + """
 reap()
-local H, S = KEYS[4], KEYS[6]
-redis.call('UNLINK', S)
-local member = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if ARGV[3] == 'diff' and not (member and redis.call('HGET', H, '~seq') == ARGV[4]) then
-  return 0  -- refused: the hash and the sums stay as they are (a late diff)
+local S, W = KEYS[7], KEYS[8]
+local gen = tonumber(redis.call('GET', KEYS[4]) or '0')
+if redis.call('GET', KEYS[9]) == ARGV[4] then return {0, gen} end
+local nonce, n = unpack(redis.call('HMGET', S, 'nonce', 'n'))
+if ARGV[3] == 'diff' then
+  if not (redis.call('ZSCORE', KEYS[1], ARGV[2]) and nonce == ARGV[4] and n == ARGV[6]) then
+    return {0, gen}
+  end
+elseif nonce == ARGV[4] and tonumber(n) >= tonumber(ARGV[5]) then
+  return {0, gen}
 end
-if member then
-  add_host(H, redis.call('ZRANGE', KEYS[2], 0, -1), -1)
-  redis.call('ZREM', KEYS[1], ARGV[2])
-end
-if ARGV[3] == 'full' then
-  redis.call('UNLINK', H)
-  return 0
-end
-redis.call('RENAME', H, S)
-return 1
-"""
-
-POST_SCRIPT = LIVE_LUA + """
-local H, S = KEYS[4], KEYS[6]
-if ARGV[3] == 'diff' and redis.call('HGET', S, '~seq') ~= ARGV[4] then
-  redis.call('UNLINK', S)
-  return 0
-end
-redis.call('HSET', S, '~level', ARGV[10], '~at', ARGV[8], '~last_roll', ARGV[11],
-           '~seq', ARGV[5], '~redis_at', t[1] .. '.' .. string.format('%06d', t[2]))
-redis.call('RENAME', S, H)
-add_host(H, redis.call('ZRANGE', KEYS[2], 0, -1), 1)
-redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[6]), ARGV[2])
-for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], H}) do redis.call('PEXPIRE', k, ARGV[7]) end
-redis.call('ZADD', KEYS[5], ARGV[8], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. ARGV[9])
-return 1
-"""
-
-# KEYS: the prelude's three, then the host's hash.  ARGV: prefix, host.  The
-# host leaves the farm's live numbers now (a stop): its deadline set to 0,
-# then reaped.  A hash that is not in the alive set (an older version's) is
-# deleted.
-WITHDRAW_SCRIPT = LIVE_LUA + """
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  redis.call('ZADD', KEYS[1], 0, ARGV[2])
+local stamp = t[1] .. '.' .. string.format('%06d', t[2])
+local meta = ARGV[11] .. ' ' .. ARGV[9] .. ' ' .. stamp .. ' ' .. ARGV[12]
+if ARGV[3] == 'diff' then
+  log({'h', ARGV[2], 'k', 'd', 's', ARGV[4] .. ':' .. ARGV[5], 'b', ARGV[4] .. ':' .. ARGV[6],
+       'm', meta, 'd', ARGV[13]})
+  redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta)
 else
-  redis.call('UNLINK', KEYS[4])
+  redis.call('UNLINK', ARGV[1] .. '~live:' .. ARGV[2])  -- its 0.1 hash, if upgraded now
+  local id
+  if ARGV[3] == 'snap' and nonce == ARGV[4] and n == ARGV[6] then
+    -- A periodic snapshot on the state it follows: the log gets its diff
+    -- (a reader in step reads no snapshot), the state the whole blob.
+    id = log({'h', ARGV[2], 'k', 'd', 's', ARGV[4] .. ':' .. ARGV[5],
+              'b', ARGV[4] .. ':' .. ARGV[6], 'm', meta, 'd', ARGV[14]})
+  else
+    id = log({'h', ARGV[2], 'k', 'f', 's', ARGV[4] .. ':' .. ARGV[5], 'm', meta})
+  end
+  redis.call('HSET', S, 'nonce', ARGV[4], 'n', ARGV[5], 'meta', meta, 'snap', ARGV[13],
+             'snapid', id, 'snapseq', ARGV[4] .. ':' .. ARGV[5], 'snapmeta', meta)
 end
+-- The host's watched values replaced: only the sums of those that
+-- changed move (a host not in the alive set has none: reaped or new).
+local old, gone = {}, {}
+local flat = redis.call('HGETALL', W)
+for i = 1, #flat, 2 do old[flat[i]] = flat[i + 1]; gone[flat[i]] = true end
+local set = {}
+for i = 15, #ARGV, 2 do
+  local f, v = ARGV[i], ARGV[i + 1]
+  if old[f] then
+    gone[f] = nil
+    if old[f] ~= v then
+      local m, s = parse(v)
+      local om, os = parse(old[f])
+      add(f, m - om, s - os, 0)
+      set[#set + 1] = f; set[#set + 1] = v
+    end
+  elseif redis.call('ZSCORE', KEYS[2], f) then
+    local m, s = parse(v)
+    add(f, m, s, 1)
+    set[#set + 1] = f; set[#set + 1] = v
+  end
+end
+for f in pairs(gone) do
+  local m, s = parse(old[f])
+  add(f, -m, -s, -1)
+  redis.call('HDEL', W, f)
+end
+if #set > 0 then redis.call('HSET', W, unpack(set)) end
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[7]), ARGV[2])
+if ARGV[3] ~= 'diff' then  -- at least every FULL_EVERY seconds: enough for an hour's keep
+  for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], S, W}) do
+    redis.call('PEXPIRE', k, ARGV[8])
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', '(' .. ARGV[10])
+end
+redis.call('ZADD', KEYS[6], ARGV[9], ARGV[2])
+return {1, gen}
+"""
+
+# KEYS: the prelude's five, then the host's stop mark, its hash of the
+# older version (0.1: {prefix}~live:{host}).  ARGV: prefix, host, the
+# withdrawing publisher's nonce (or ""), keep ms.  The host leaves the
+# farm's live numbers now (a stop): its deadline set to 0, then reaped;
+# its older version's hash deleted.  The nonce is kept as the stop mark: a
+# publication of that publisher still on its way is refused instead of
+# bringing the host back; the publisher takes a new nonce.
+WITHDRAW_SCRIPT = LIVE_LUA + """
+if ARGV[3] ~= '' then redis.call('SET', KEYS[6], ARGV[3], 'PX', ARGV[4]) end
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then redis.call('ZADD', KEYS[1], 0, ARGV[2]) end
+redis.call('UNLINK', KEYS[7])
 reap()
 return 1
 """
 
-# KEYS: the prelude's three.  ARGV: prefix.  The reaper alone (the per-host
-# readings run it first).
+# KEYS: the prelude's five.  ARGV: prefix.  The reaper alone (the readers
+# run it first).
 REAP_SCRIPT = LIVE_LUA + """
 reap()
 return 1
 """
 
-# KEYS: the prelude's three.  ARGV: prefix, WATCH_FOR, then the fields.
-# Each field asked for is watched (its sums kept by every publication from
-# now on; a new one is summed from the live hosts' hashes first); fields
-# not asked for in WATCH_FOR seconds leave the watch set and the sums.
+# KEYS: the prelude's five.  ARGV: prefix, WATCH_FOR, then the fields.
+# Each field asked for is watched (every host sends its value with each
+# publication from its next one on, the watch generation telling it);
+# fields not asked for in WATCH_FOR seconds leave the watch set, the sums
+# and the hosts' watched values.  Returns the watch set.
 WATCH_SCRIPT = LIVE_LUA + """
 reap()
+local changed = 0
 for _, f in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf',
                               '(' .. (tonumber(t[1]) - tonumber(ARGV[2])))) do
-  redis.call('HDEL', KEYS[3], 'minute\\0' .. f, '60s\\0' .. f)
+  redis.call('HDEL', KEYS[3], 'minute\\0' .. f, '60s\\0' .. f, 'n\\0' .. f)
   redis.call('ZREM', KEYS[2], f)
+  for _, h in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    redis.call('HDEL', ARGV[1] .. '~live~w:' .. h, f)
+  end
+  changed = changed + 1
 end
-local new = {}
+local new = 0
 for i = 3, #ARGV do
-  if redis.call('ZADD', KEYS[2], t[1], ARGV[i]) == 1 then new[#new + 1] = ARGV[i] end
+  if redis.call('ZADD', KEYS[2], t[1], ARGV[i]) == 1 then new = new + 1 end
 end
-add_hosts(new)
-return #new
+if changed + new > 0 then redis.call('INCR', KEYS[4]) end
+return redis.call('ZRANGE', KEYS[2], 0, -1)
 """
 
+for _name in ("PUBLISH_SCRIPT", "WITHDRAW_SCRIPT", "REAP_SCRIPT", "WATCH_SCRIPT"):
+    globals()[_name] = globals()[_name].replace("LOG_KEEP_MS", str(LOG_KEEP_MS))
+
+
 def _live_keys(prefix: str) -> list[str]:
-    return [f"{prefix}~live~alive", f"{prefix}~live~watch", f"{prefix}~live~sum"]
+    return [f"{prefix}~live~alive", f"{prefix}~live~watch", f"{prefix}~live~sum",
+            f"{prefix}~live~wgen", f"{prefix}~live~log"]
 
 
 def live_fields(counts: LiveCounts, previous: dict[tuple[str, str], int] | None = None
                 ) -> dict[str, str]:
-    """A host's live hash fields: ``"{account}\\0{event}"`` -> ``"{minute}
+    """A host's live fields: ``"{account}\\0{event}"`` -> ``"{minute}
     {60 s}"``, then ``" {minute before}"`` when that minute held hits."""
     previous = previous or {}
     fields: dict[str, str] = {}
@@ -271,6 +328,49 @@ def live_fields(counts: LiveCounts, previous: dict[tuple[str, str], int] | None 
         p = previous.get(name, 0)
         fields[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
     return fields
+
+
+def pack(fields: dict[str, str], gone: Sequence[str] = ()) -> str:
+    """The blob of a publication: one line per field, ``"{account}\\0{event}
+    \\t{value}"``, a gone field with an empty value.  Names refuse control
+    characters (:mod:`trafficthreshold.names`), so ``\\0``, ``\\t`` and
+    ``\\n`` never occur in them."""
+    ok = [k for k in fields if "\t" not in k and "\n" not in k]  # never: but never a line of
+    return "\n".join([*(f"{k}\t{fields[k]}" for k in ok),   # another key either
+                      *(f"{k}\t" for k in gone if "\t" not in k and "\n" not in k)])
+
+
+#: Up to this many keys, :func:`unpack_blob` searches the blob for each;
+#: beyond, it splits every line (one pass, however many keys).
+FIND_KEYS_MAX = 8
+
+
+def unpack_blob(blob: str, keys: "frozenset[str] | None" = None) -> list[tuple[str, str]]:
+    """:func:`pack`'s lines back: (field, value), value "" for a gone one;
+    ``keys``: the lines of those fields only (one search each in the blob,
+    not a split of every line: a reader of a few keys parses a 100,000-line
+    second of a large farm in microseconds)."""
+    if not blob:
+        return []
+    if keys is None:
+        return [tuple(line.split("\t", 1)) for line in blob.split("\n")]  # type: ignore[misc]
+    if len(keys) > FIND_KEYS_MAX:  # one search a key would read the blob that many times
+        return [(f, v) for f, v in unpack_blob(blob) if f in keys]
+    found = []
+    for f in keys:
+        # A line starts the blob or follows a newline, and its field ends
+        # at the tab: no field is a part of another's line (names hold
+        # neither separator, pack()).
+        if blob.startswith(f + "\t"):
+            at = 0
+        else:
+            at = blob.find("\n" + f + "\t") + 1
+            if not at:
+                continue
+        start = at + len(f) + 1
+        end = blob.find("\n", start)
+        found.append((f, blob[start:] if end < 0 else blob[start:end]))
+    return found
 
 
 @dataclass
@@ -289,39 +389,49 @@ class Publication:
 
 class LivePublisher:
     """One host's publication of its live counts (the farm thread's; not
-    thread-safe).  The first publication, one after an error, one more
-    than half the TTL after the last acknowledged one, and one whose diff
-    was refused are *full* (the hash replaced whole); the others send only the
-    fields whose value changed and the fields gone (a *diff*), stamped with
-    a sequence number: a diff applies only on the hash holding the sequence
-    number it was computed from (PRE_SCRIPT), so it is never applied on top
-    of a state it was not computed from.  Absolute values throughout: a
-    publication sent twice changes nothing."""
+    thread-safe): one EVALSHA a second (:data:`PUBLISH_SCRIPT`).  The first
+    publication, one after an error, one more than half the TTL after the
+    last acknowledged one, one whose diff was refused, and one at least
+    every :data:`FULL_EVERY` seconds (or once the diffs since the last full
+    one weigh more than it) are *full* (the host's snapshot replaced); the
+    others send only the fields whose value changed and the fields gone (a
+    *diff*, appended to the live log), stamped with a sequence number: a
+    diff applies only on the state holding the number it was computed from,
+    so it is never applied on top of a state it was not computed from.
+    Absolute values throughout: a publication sent twice changes nothing.
+    Each publication also carries the absolute values of the watched keys
+    (the level's: Redis keeps their sums)."""
 
     def __init__(self, client: Any, host: str, *, prefix: str = "track",
                  ttl_ms: int = LIVE_TTL_MS, forget_after: float = FORGET_HOSTS_AFTER,
-                 clock: Any = None) -> None:
+                 clock: Any = None, watch: Sequence[tuple[str, str]] = ALWAYS_WATCHED) -> None:
         import secrets
         import time
 
         self.client, self.host, self.prefix = client, host, prefix
         self.ttl_ms, self.forget_after = ttl_ms, forget_after
+        #: Keys this host watches itself before its first publication (the
+        #: level's: every host sends them from its first one on, so their
+        #: sums are never short).
+        self.declared = [f"{a}\0{e}" for a, e in watch]
         self.clock = clock or time.monotonic
-        self._pre, self._post = (client.register_script(PRE_SCRIPT),
-                                 client.register_script(POST_SCRIPT))
-        self._keys = [*_live_keys(prefix), f"{prefix}~live:{host}", f"{prefix}~hosts",
-                      f"{prefix}~live~in:{host}"]
+        self._script = client.register_script(PUBLISH_SCRIPT)
+        self._keys = [*_live_keys(prefix), f"{prefix}~hosts", f"{prefix}~live~st:{host}",
+                      f"{prefix}~live~w:{host}", f"{prefix}~live~stop:{host}"]
         #: The fields of the last acknowledged publication and when it was
         #: acknowledged (``clock``); None: the next one is full.  ``_n``:
-        #: the number the last attempt stamped (the hash holds it when that
-        #: attempt was acknowledged).
+        #: the number the last attempt stamped (the state holds it when
+        #: that attempt was acknowledged).
         self._sent: dict[str, str] | None = None
         self._nonce, self._n, self._acked = secrets.token_hex(4), 0, 0.0
-        #: How many publications were full (the first, and resyncs).
+        #: The last full publication (``clock``), its size, and the bytes
+        #: of the diffs sent since.
+        self._full_at, self._full_bytes, self._diff_bytes = 0.0, 0, 0
+        #: The watch set as this host knows it, and its generation.
+        self._watch: list[str] = []
+        self._gen: int | None = None
+        #: How many publications were full (the first, resyncs, snapshots).
         self.full = 0
-
-    def _seq(self, n: int) -> str:
-        return f"{self._nonce}:{n}"
 
     def publish(self, counts: LiveCounts, *, level: int, now: float,
                 last_roll: float | None = None,
@@ -348,53 +458,77 @@ class LivePublisher:
     def send(self, pub: "Publication") -> None:
         """Send a publication made by :meth:`prepare`: its diff if it was
         computed against the last acknowledged one, less than half the TTL
-        ago (a host paused near its TTL may have been reaped), else whole."""
+        ago (a host paused near its TTL may have been reaped), and the
+        snapshot is recent and outweighs the diffs since; else whole."""
         sent, self._sent = self._sent, None  # until acknowledged
+        clock = self.clock()
+        diff = ""
         if sent is not None and pub.base is sent and pub.changed is not None \
-                and self.clock() - self._acked < self.ttl_ms / 2000:
-            if self._run("diff", pub.now, pub.meta, pub.changed, pub.gone or []):
-                self._sent, self._acked = pub.fields, self.clock()
-                return
-        self._run("full", pub.now, pub.meta, pub.fields, [])
+                and clock - self._acked < self.ttl_ms / 2000:
+            diff = pack(pub.changed, pub.gone or [])
+            if clock - self._full_at < FULL_EVERY and self._diff_bytes < self._full_bytes:
+                if self._run("diff", pub, diff):
+                    self._sent, self._acked = pub.fields, self.clock()
+                    self._diff_bytes += len(diff)
+                    return
+                diff = ""  # refused: a full one, not on that state
+        blob = pack(pub.fields)
+        self._run("snap" if diff else "full", pub, blob, diff)
         self._sent, self._acked = pub.fields, self.clock()
+        self._full_at, self._full_bytes, self._diff_bytes = self._acked, len(blob), 0
         self.full += 1
 
-    def _run(self, mode: str, now: float, meta: list[Any], fields: dict[str, str],
-             gone: list[str]) -> bool:
+    def _run(self, mode: str, pub: "Publication", blob: str, diff: str = "") -> bool:
         # Every attempt stamps a number never used before, acknowledged or
         # not: a publication that runs late (its reply timed out, the next
         # one ran first) never holds the number the next diff expects.
-        base, self._n = self._seq(self._n), self._n + 1
-        args: list[Any] = [self.prefix, self.host, mode, base]
-        if mode == "full":  # the first, or after an error: the scripts may be gone
-            for script in (self._pre, self._post):
-                self.client.script_load(script.script)
-        # EVALSHA, not redis-py's Script in a pipeline (a SCRIPT EXISTS
-        # round trip before each MULTI); a NOSCRIPT fails the EXEC.
-        keys, staging = self._keys, self._keys[5]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.evalsha(self._pre.sha, len(keys), *keys, *args)
-        if fields:
-            pipe.hset(staging, mapping=fields)
-        if gone:
-            pipe.hdel(staging, *gone)
-        pipe.pexpire(staging, self.ttl_ms)
-        pipe.evalsha(self._post.sha, len(keys), *keys, *args, self._seq(self._n),
-                     self.ttl_ms, LIVE_KEEP_MS, meta[1], repr(float(now) - self.forget_after),
-                     meta[0], meta[2])
-        return bool(pipe.execute()[-1])
+        base, self._n = self._n, self._n + 1
+        if mode != "diff":  # the first, or after an error: the script may be gone
+            self.client.script_load(self._script.script)
+        if mode != "diff":
+            # The first, or unsure (a Redis that lost its keys: the watch
+            # set too): our keys watched, the watch set read (one call).
+            self._watch = sorted(_text(f) for f in self.client.eval(
+                WATCH_SCRIPT, 5, *_live_keys(self.prefix), self.prefix, WATCH_FOR,
+                *self.declared))
+        watched: list[str] = []
+        for f in self._watch:
+            m, s, *_ = pub.fields.get(f, "0 0").split(" ")
+            watched += [f, f"{m} {s}"]
+        keys = self._keys
+        # EVALSHA, not redis-py's Script (a SCRIPT LOAD and a retry on
+        # NOSCRIPT): a NOSCRIPT raises, and the next publication is full.
+        ok, gen = self.client.evalsha(
+            self._script.sha, len(keys), *keys, self.prefix, self.host, mode, self._nonce,
+            self._n, base, self.ttl_ms, LIVE_KEEP_MS, pub.meta[1],
+            repr(float(pub.now) - self.forget_after), pub.meta[0], pub.meta[2], blob, diff,
+            *watched)
+        if gen != self._gen:  # the watch set changed: send its keys from the next one on
+            self._watch = sorted(_text(f) for f in self.client.zrange(keys[1], 0, -1))
+            self._gen = gen
+        return bool(ok)
 
     def withdraw(self) -> None:
         """Leave the farm's live numbers now (a stop); the next publication
         is full."""
-        withdraw_live(self.client, self.host, prefix=self.prefix)
-        self._sent = None
+        import secrets
+
+        # A publication of ours still on its way is refused (the stop mark
+        # holds our old nonce); the next ones stamp a new one, taken before
+        # the withdrawal runs: one whose reply is lost (it raises) has run
+        # all the same, and the mark must not refuse our next ones.
+        nonce, self._sent = self._nonce, None
+        self._nonce, self._n = secrets.token_hex(4), 0
+        withdraw_live(self.client, self.host, prefix=self.prefix, nonce=nonce)
 
 
-def withdraw_live(client: Any, host: str, *, prefix: str = "track") -> None:
-    """``host`` leaves the farm's live numbers at once: its hash deleted and
-    its share of the watched sums subtracted, in one script."""
-    client.eval(WITHDRAW_SCRIPT, 4, *_live_keys(prefix), f"{prefix}~live:{host}", prefix, host)
+def withdraw_live(client: Any, host: str, *, prefix: str = "track", nonce: str = "") -> None:
+    """``host`` leaves the farm's live numbers at once: its state deleted
+    and its share of the watched sums subtracted, in one script; the
+    publications of the publisher ``nonce`` still on their way are
+    refused (WITHDRAW_SCRIPT)."""
+    client.eval(WITHDRAW_SCRIPT, 7, *_live_keys(prefix), f"{prefix}~live~stop:{host}",
+                f"{prefix}~live:{host}", prefix, host, nonce, LIVE_KEEP_MS)
 
 
 def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now: float,
@@ -404,11 +538,11 @@ def publish_live(client: Any, host: str, counts: LiveCounts, *, level: int, now:
     """Replace this host's live numbers whole (a full publication of a
     :class:`LivePublisher`, which the farm thread uses to send only what
     changed), stamped with Redis' clock too (``~redis_at``, Redis ``TIME``
-    in the same MULTI), so that a reader knows this host's clock skew
-    (``~at - ~redis_at``).  ``previous``: per key, the count of the minute
-    before ``now``'s (closed, so final).  Hosts not heard from for
-    ``forget_after`` seconds leave ``{prefix}~hosts`` in the same MULTI
-    (it never grows for ever)."""
+    in the same script), so that a reader knows this host's clock skew.
+    ``previous``: per key, the count of the minute before ``now``'s
+    (closed, so final).  Hosts not heard from for ``forget_after`` seconds
+    leave ``{prefix}~hosts`` in the same script (it never grows for
+    ever)."""
     LivePublisher(client, host, prefix=prefix, ttl_ms=ttl_ms, forget_after=forget_after
                   ).publish(counts, level=level, now=now, last_roll=last_roll,
                             previous=previous)
@@ -443,7 +577,7 @@ class HostLive:
         return int((now + relative) // 60)
 
     def take(self, k: str, v: str) -> tuple[tuple[str, str], int, int] | None:
-        """Read one field of its live hash into this row; a count field
+        """Read one field of its live state into this row; a count field
         gives (key, minute, 60 s) when live (else None)."""
         if k == "~level":
             self.level = int(v)
@@ -489,8 +623,256 @@ class FarmLive:
                    if row.alive and row.host == host)
 
 
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+def _stale(seq: str, held: str) -> bool:
+    """Whether publication ``seq`` ("{nonce}:{n}") is one its publisher
+    sent before (or is) the one ``held`` (every attempt stamps a higher n;
+    another nonce, another publisher: not comparable, not stale)."""
+    nonce, _, n = seq.partition(":")
+    held_nonce, _, held_n = held.partition(":")
+    return nonce == held_nonce and n.isdigit() and held_n.isdigit() and int(n) <= int(held_n)
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, n = entry_id.partition("-")
+    return int(ms), int(n or 0)
+
+
+@dataclass
+class _HostState:
+    """One host as a :class:`LiveReader` rebuilt it: its fields, the
+    sequence number of its last applied publication and that entry's id."""
+
+    seq: str
+    through: tuple[int, int]
+    meta: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class LiveReader:
+    """The farm's live numbers host by host, kept in memory and brought up
+    to date from the live log: each :meth:`read` reads the log entries after
+    the last one it read (its cost grows with what changed, not with hosts x
+    keys), the snapshot of a host only when that host sent a full
+    publication (or when the reader starts, or fell more than
+    :data:`LOG_KEEP_MS` behind the log: then every live host's snapshot).
+    Used by :func:`farm_live` (the views, ``status``, the farm rules'
+    leader), one per client and key set.  ``keys``: the only keys it keeps
+    of each host (the farm rules' leader, the dashboard's panel: hosts x a
+    few keys in memory, not hosts x keys); None: every key.  Thread-safe (a
+    lock: the API's threads share it)."""
+
+    def __init__(self, client: Any, *, prefix: str = "track",
+                 keys: Sequence[tuple[str, str]] | None = None, clock: Any = None) -> None:
+        import threading
+        import time
+
+        self.client, self.prefix = client, prefix
+        self.keys = None if keys is None else frozenset(f"{a}\0{e}" for a, e in keys)
+        self.clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        self._last: str | None = None  # the last log entry read
+        self._read_at = 0.0  # when (clock) it was read
+        self._hosts: dict[str, _HostState] = {}
+        #: Snapshots read (host by host) and log entries read, for the
+        #: benchmark and the tests.
+        self.snapshots = self.entries = 0
+
+    def read(self, now: float, only: Sequence[tuple[str, str]] | None = None) -> "FarmLive":
+        with self._lock:
+            return self._read(now, only)
+
+    def let_go_if_idle(self) -> None:
+        """Let go of the farm held (hosts x keys for a reader of every key)
+        when not read for longer than the log keeps: its next reading
+        starts over from the snapshots anyway.  Never waits for a reading
+        in progress."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._idle(self.clock()):
+                    self._last, self._hosts = None, {}
+            finally:
+                self._lock.release()
+
+    def _idle(self, tick: float) -> bool:
+        """Not read for longer than the log keeps (``_lock`` held)."""
+        return self._last is not None and tick - self._read_at > LOG_KEEP_MS / 1000 - 1
+
+    def _read(self, now: float, only: Sequence[tuple[str, str]] | None) -> "FarmLive":
+        p = self.prefix
+        tick = self.clock()
+        if self._idle(tick):
+            # Not read for longer than the log keeps: the log after our
+            # last entry may be trimmed, and is 30 s of every host's diffs
+            # (one large reply) anyway: start over as a new reader does,
+            # from the snapshots and the entries after them.
+            self._last, self._hosts = None, {}
+        pipe = self.client.pipeline(transaction=False)
+        # The reaper first (a reader allowed to write only; the deadlines
+        # below decide without it).
+        pipe.eval(REAP_SCRIPT, 5, *_live_keys(p), p)
+        pipe.zrangebyscore(f"{p}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
+        # A reader that starts reads the snapshots first, then the log from
+        # the oldest of them (_snapshots), not the whole log.
+        pipe.xrange(f"{p}~live~log", "+" if self._last is None else f"({self._last}", "+")
+        pipe.zrange(f"{p}~live~alive", 0, -1, withscores=True)
+        pipe.get(f"{p}~leader")
+        pipe.time()
+        _reaped, seen, entries, deadlines, leader, clock = pipe.execute(raise_on_error=False)
+        for reply in (seen, entries, deadlines, leader, clock):
+            if isinstance(reply, Exception):
+                raise reply
+        secs, usecs = clock
+        redis_ms = int(secs) * 1000 + int(usecs) // 1000
+        alive = {_text(h) for h, deadline in deadlines if deadline > redis_ms}
+        entries = [] if self._last is None else [
+            (_text(i), {_text(k): _text(v) for k, v in e.items()}) for i, e in entries]
+        self.entries += len(entries)
+        self._read_at = tick
+        # Behind the log's trim, or ahead of Redis' clock (a Redis restarted
+        # empty, a failover to a replica that lacked the last entries: the
+        # new entries' ids may be below ours): every host from its snapshot.
+        behind = self._last is None or not \
+            redis_ms - LOG_KEEP_MS + 1_000 <= _id_ms(self._last) <= redis_ms + 1_000
+        if behind:  # the log may lack entries we need: every host from its snapshot
+            self._hosts = {}
+        if entries:
+            self._last = entries[-1][0]
+        elif self._last is None or behind:
+            self._last = f"{redis_ms - 1}-0"
+        need = self._apply(entries) | (alive - self._hosts.keys())
+        if need:
+            end = self._snapshots(sorted(need), entries)
+            if end is not None and _id_key(end) > _id_key(self._last):
+                self._last = end
+        for host in list(self._hosts):
+            if host not in alive:
+                del self._hosts[host]
+        names = [_text(h) for h, _ in seen]
+        legacy = [h for h in names if h not in alive]
+        pipe = self.client.pipeline(transaction=False)
+        for host in names:
+            pipe.hget(f"{p}~host:{host}", "last_roll_at")
+        for host in legacy:  # an older version's host (0.1): its hash whole
+            pipe.hgetall(f"{p}~live:{host}")
+        replies = pipe.execute()
+        rolled = dict(zip(names, replies[:len(names)]))
+        old = dict(zip(legacy, replies[len(names):]))
+        wanted = None if only is None else {f"{a}\0{e}" for a, e in only}
+        total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        hosts = []
+        for host, at in seen:
+            host = _text(host)
+            got = rolled.get(host)
+            row = HostLive(host, alive=False, at=float(at),
+                           last_roll=None if got is None else float(got))
+            state = self._hosts.get(host)
+            if state is not None:
+                row.alive = True
+                level, at_, redis_at, last_roll = (state.meta.split(" ") + ["", "", "", ""])[:4]
+                for k, v in (("~level", level), ("~at", at_), ("~redis_at", redis_at),
+                             ("~last_roll", last_roll)):
+                    if v:
+                        row.take(k, v)
+                items: Any = state.fields.items() if wanted is None else (
+                    (f, state.fields[f]) for f in wanted if f in state.fields)
+            else:
+                raw = {_text(k): _text(v) for k, v in (old.get(host) or {}).items()}
+                row.alive = bool(raw)
+                items = raw.items() if wanted is None else (
+                    (k, v) for k, v in raw.items() if k in wanted or k.startswith("~"))
+            for k, v in items:
+                got = row.take(k, v)
+                if got is not None:
+                    key, minute, sliding = got
+                    total[key][0] += minute
+                    total[key][1] += sliding
+            row.done()
+            hosts.append(row)
+        return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
+                        None if leader is None else _text(leader).split(" ")[0],
+                        redis_now=int(secs) + int(usecs) / 1e6)
+
+    def _apply(self, entries: list[tuple[str, dict[str, str]]],
+               only_host: str | None = None) -> set[str]:
+        """Apply the log ``entries`` to the hosts kept; the hosts whose
+        snapshot must be read (a full publication, or a diff that does not
+        follow the state kept: the reader missed something)."""
+        need: set[str] = set()
+        for entry_id, e in entries:
+            host = e.get("h", "")
+            if only_host is not None and host != only_host:
+                continue
+            state = self._hosts.get(host)
+            key = _id_key(entry_id)
+            if state is not None and key <= state.through:
+                continue
+            kind = e.get("k")
+            if state is not None and kind in ("d", "f") and _stale(e.get("s", ""), state.seq):
+                continue  # this publisher's older one, found again: already in the state
+            if kind == "x":  # reaped or withdrawn
+                self._hosts.pop(host, None)
+                need.discard(host)
+            elif kind == "d" and state is not None and state.seq == e.get("b") \
+                    and host not in need:
+                for f, v in unpack_blob(e.get("d", ""), self.keys):
+                    if v:
+                        state.fields[f] = v
+                    else:
+                        state.fields.pop(f, None)
+                state.seq, state.through, state.meta = e.get("s", ""), key, e.get("m", "")
+            else:
+                need.add(host)
+        return need
+
+    def _snapshots(self, hosts: list[str], entries: list[tuple[str, dict[str, str]]]
+                   ) -> str | None:
+        """Rebuild ``hosts`` from their snapshots, then the diffs after
+        each (from ``entries``, or the log read again from the oldest
+        snapshot when they do not cover it).  A host whose diffs after its
+        snapshot are gone (trimmed) is left out until its next full
+        publication."""
+        pipe = self.client.pipeline(transaction=False)
+        for host in hosts:
+            pipe.hmget(f"{self.prefix}~live~st:{host}",
+                       ["snap", "snapid", "snapseq", "snapmeta"])
+        states = {}
+        for host, (snap, snapid, seq, meta) in zip(hosts, pipe.execute()):
+            self.snapshots += 1
+            self._hosts.pop(host, None)
+            if snap is None or snapid is None:
+                continue  # gone meanwhile
+            states[host] = _HostState(_text(seq), _id_key(_text(snapid)), _text(meta),
+                                      dict(unpack_blob(_text(snap), self.keys)))
+        if not states:
+            return None
+        first = min(s.through for s in states.values())
+        last = max(s.through for s in states.values())
+        log = entries
+        if not (entries and _id_key(entries[0][0]) <= first
+                and _id_key(entries[-1][0]) >= last):
+            log = [(_text(i), {_text(k): _text(v) for k, v in e.items()})
+                   for i, e in self.client.xrange(f"{self.prefix}~live~log",
+                                                  f"{first[0]}-{first[1]}", "+")]
+            self.entries += len(log)
+        for host, state in states.items():
+            self._hosts[host] = state
+            if self._apply([x for x in log if _id_key(x[0]) > state.through], host):
+                self._hosts.pop(host, None)  # a gap: wait for its next full publication
+        if log is entries:
+            return None
+        # The log read again: the other hosts' entries in it are applied
+        # too (a host not kept waits for its snapshot, next reading).
+        self._apply([x for x in log if x[1].get("h") not in states])
+        return log[-1][0] if log else None
 
 
 #: A reader asks Redis to keep watching its keys this often (seconds).
@@ -502,20 +884,28 @@ LEGACY_WINDOW = LIVE_TTL_MS / 1000 + 5
 
 class LevelReader:
     """The farm's total of a few keys (the level's: the farm thread reads it
-    four times a second), in one round trip of three plain reads whatever
-    the number of hosts: the sums that every publication keeps for the
-    watched keys (:data:`WATCH_SCRIPT`, run at the first reading and every
+    four times a second), in one round trip of plain reads whatever the
+    number of hosts: the sums that every publication keeps for the watched
+    keys (:data:`WATCH_SCRIPT`, run at the first reading and every
     :data:`WATCH_AGAIN` seconds after, so that a key stays watched), this
-    host's own published fields (:meth:`FarmLive.own`: what it put in the
+    host's own watched values (:meth:`FarmLive.own`: what it put in the
     sums, so that the caller can put its count of this instant in place of
     it) and its last roll.  Not thread-safe.
 
-    A farm being upgraded host by host: hosts of an older version publish
-    their hash whole, not into the sums.  When more hosts published in the
-    last :data:`LEGACY_WINDOW` seconds (``{prefix}~hosts``) than the alive
-    set holds, the reading adds the keys of those not in it, host by host
-    (their hashes expire 5 s after their last publication): the level
-    counts every host while the farm is mixed, at the old cost."""
+    A key newly watched is in the sums of a host from that host's next
+    publication on (the script's reply tells it the watch set changed; a
+    host's first publication reads the watch set first): Redis cannot sum
+    it from the hosts' blobs, so for up to two publications after a key is
+    first watched (a farm's first start, a Redis restarted empty) its sum
+    lacks the hosts that did not send it yet; ``short`` (after each
+    reading) lists such keys (``n\\0{key}``, the hosts that sent it, below
+    the alive set's size).
+
+    A farm being upgraded host by host: hosts of the older version (0.1)
+    publish their hash whole, not into the sums.  When more hosts published
+    in the last :data:`LEGACY_WINDOW` seconds (``{prefix}~hosts``) than the
+    alive set holds, the reading adds the keys of those not in it, host by
+    host (their hashes expire 5 s after their last publication)."""
 
     def __init__(self, client: Any, host: str, keys: Sequence[tuple[str, str]], *,
                  prefix: str = "track", clock: Any = None) -> None:
@@ -524,58 +914,71 @@ class LevelReader:
         self.client, self.host, self.prefix, self.keys = client, host, prefix, tuple(keys)
         self.clock = clock or time.monotonic
         self._fields = [f"{a}\0{e}" for a, e in self.keys]
-        self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s")]
+        self._sums = [f"{w}\0{f}" for f in self._fields for w in ("minute", "60s", "n")]
         self._watched: float | None = None
+        self.short: list[tuple[str, str]] = []
+        #: When our last roll was read (``clock``), and what it was.
+        self._rolled: tuple[float, float | None] = (float("-inf"), None)
+        #: The hosts taken for 0.1's (:meth:`_legacy`) and when they were listed.
+        self._old: tuple[float, list[str]] = (float("-inf"), [])
 
     def read(self, now: float) -> FarmLive:
         """The farm's total of the keys, and this host's row, at ``now``
-        (this host's clock).  A key that Redis no longer watches (a Redis
-        restarted empty, a failover to a replica that lacked it) is watched
-        again at once."""
-        if self._watched is None or self.clock() - self._watched > WATCH_AGAIN:
+        (this host's clock): four plain reads in one round trip (five once
+        a second: our last roll).  A key that no live host sent (a Redis
+        restarted empty, a failover to a replica that lacked the watch
+        set) is watched again, at most once a second."""
+        clock = self.clock()
+        if self._watched is None or clock - self._watched > WATCH_AGAIN:
             self._watch()
-        sums, own, rolled, watched, recent, alive = self._read(now)
-        if None in watched:
-            self._watch()
-            sums, own, rolled, watched, recent, alive = self._read(now)
-        total = {key: (int(sums[2 * i] or 0), int(sums[2 * i + 1] or 0))
+        p = self.prefix
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(f"{p}~live~sum", self._sums)
+        pipe.hmget(f"{p}~live~w:{self.host}", self._fields)
+        pipe.zcard(f"{p}~live~alive")
+        pipe.zcount(f"{p}~hosts", now - LEGACY_WINDOW, "+inf")
+        if clock - self._rolled[0] >= 1.0:
+            pipe.hget(f"{p}~host:{self.host}", "last_roll_at")
+        sums, own, alive, recent, *rolled = pipe.execute()
+        if rolled:
+            self._rolled = (clock, None if rolled[0] is None else float(rolled[0]))
+        total = {key: (int(sums[3 * i] or 0), int(sums[3 * i + 1] or 0))
                  for i, key in enumerate(self.keys)}
-        if recent > alive:
-            for key, (m, s) in self._legacy(now).items():
+        sent = [int(sums[3 * i + 2] or 0) for i in range(len(self.keys))]
+        #: The keys not every live host sent yet (newly watched).
+        self.short = [key for key, n in zip(self.keys, sent) if n < alive]
+        if alive and 0 in sent and clock - self._watched > 1.0:
+            self._watch()  # nobody sends it: Redis lost the watch set?
+        if recent > alive:  # a 0.1 host (or one that stopped lately)
+            for key, (m, s) in self._legacy(now, clock).items():
                 total[key] = (total[key][0] + m, total[key][1] + s)
         total = {key: counts for key, counts in total.items() if any(counts)}
-        row = HostLive(self.host, alive=own[0] is not None,
-                       last_roll=None if rolled is None else float(rolled))
-        for k, v in zip(["~at", "~level", *self._fields], own):
+        # Our watched values: in the farm's sums (alive) since our last
+        # publication.
+        row = HostLive(self.host, alive=any(v is not None for v in own),
+                       last_roll=self._rolled[1])
+        for k, v in zip(self._fields, own):
             if v is not None:
                 row.take(k, _text(v))
         return FarmLive(total, [row], None)
 
     def _watch(self) -> None:
-        self.client.eval(WATCH_SCRIPT, 3, *_live_keys(self.prefix), self.prefix,
+        self.client.eval(WATCH_SCRIPT, 5, *_live_keys(self.prefix), self.prefix,
                          WATCH_FOR, *self._fields)
         self._watched = self.clock()
 
-    def _read(self, now: float) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(f"{self.prefix}~live~sum", self._sums)
-        pipe.hmget(f"{self.prefix}~live:{self.host}", ["~at", "~level", *self._fields])
-        pipe.hget(f"{self.prefix}~host:{self.host}", "last_roll_at")
-        pipe.zcount(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
-        pipe.zcard(f"{self.prefix}~live~alive")
-        for f in self._fields:
-            pipe.zscore(f"{self.prefix}~live~watch", f)
-        sums, own, rolled, recent, alive, *watched = pipe.execute()
-        return [sums, own, rolled, watched, recent, alive]
-
-    def _legacy(self, now: float) -> LiveCounts:
+    def _legacy(self, now: float, clock: float) -> LiveCounts:
         """The keys of the hosts that published lately and are not in the
-        alive set (an older version's: not in the sums), summed."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrangebyscore(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
-        pipe.zrange(f"{self.prefix}~live~alive", 0, -1)
-        recent, alive = pipe.execute()
-        others = [_text(h) for h in set(recent) - set(alive)]
+        alive set (an older version's: not in the sums), summed; the list
+        of those hosts made once a second (an upgraded host's first
+        publication deletes its 0.1 hash: never counted twice)."""
+        if clock - self._old[0] >= 1.0:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrangebyscore(f"{self.prefix}~hosts", now - LEGACY_WINDOW, "+inf")
+            pipe.zrange(f"{self.prefix}~live~alive", 0, -1)
+            recent, alive = pipe.execute()
+            self._old = (clock, [_text(h) for h in set(recent) - set(alive)])
+        others = self._old[1]
         pipe = self.client.pipeline(transaction=False)
         for host in others:
             pipe.hmget(f"{self.prefix}~live:{host}", ["~at", *self._fields])
@@ -599,64 +1002,61 @@ def farm_level(client: Any, host: str, *, now: float, prefix: str = "track",
     return LevelReader(client, host, keys, prefix=prefix).read(now)
 
 
+_READERS: "weakref.WeakKeyDictionary[Any, dict[Any, LiveReader]]"
+#: The readers of a few keys (``only``) kept per client, the least recently
+#: used dropped first (the dashboard's event is the visitor's choice: not
+#: one reader per event ever asked for); one dropped and asked for again
+#: starts from the snapshots.
+READERS_KEPT = 8
+
+
+def reader(client: Any, prefix: str = "track",
+           only: Sequence[tuple[str, str]] | None = None) -> LiveReader:
+    """The :class:`LiveReader` of ``client``, ``prefix`` and the keys
+    ``only`` (None: every key; one each, kept as long as the client, so that
+    each reading reads only what changed since the last; at most
+    :data:`READERS_KEPT` key sets per client)."""
+    ident = (prefix, None if only is None else frozenset(only))
+    with _READERS_LOCK:
+        per = _READERS.setdefault(client, {})
+        got = per.pop(ident, None)  # re-inserted: the most recently used last
+        if got is None:
+            got = LiveReader(client, prefix=prefix, keys=only)
+            few = [k for k in per if k[1] is not None]
+            for old in few[:max(0, len(few) + 1 - READERS_KEPT)] if only is not None else ():
+                del per[old]
+        per[ident] = got
+        others = [r for r in per.values() if r is not got]
+    for other in others:  # a reader asked for no more lets go of its farm
+        other.let_go_if_idle()
+    return got
+
+
+import threading as _threading  # noqa: E402
+import weakref  # noqa: E402
+
+_READERS = weakref.WeakKeyDictionary()
+_READERS_LOCK = _threading.Lock()
+
+
 def farm_live(client: Any, *, now: float, prefix: str = "track",
-              only: Sequence[tuple[str, str]] | None = None) -> FarmLive:
+              only: Sequence[tuple[str, str]] | None = None, keep_only: bool = True
+              ) -> FarmLive:
     """The farm's live numbers, host by host: the sum over the hosts that
     are alive (the reaper runs first: a host past its deadline is gone),
-    and a row per host seen lately.  A host whose hash is gone keeps its
-    last publication time (``at``, from ``{prefix}~hosts``) and its last
-    roll (``last_roll``, from the store's ``{prefix}~host:{host}``), so a
-    dead host says since when.  ``only``: read just these keys of each host
-    (HMGET, not HGETALL: the farm rules' leader, once a second).  One read
-    per host: the views and the leader; the level reads
-    :func:`farm_level`."""
-    seen = client.zrangebyscore(f"{prefix}~hosts", now - FORGET_AFTER, "+inf", withscores=True)
-    names = [_text(h) for h, _ in seen]
-    pipe = client.pipeline(transaction=False)
-    # The reaper first (a reader allowed to write only; the deadlines
-    # below decide without it).
-    pipe.eval(REAP_SCRIPT, 3, *_live_keys(prefix), prefix)
-    pipe.zrange(f"{prefix}~live~alive", 0, -1, withscores=True)
-    fields = None if only is None else [
-        "~level", "~at", "~last_roll", "~redis_at", *(f"{a}\0{e}" for a, e in only)]
-    for host in names:
-        if fields is None:
-            pipe.hgetall(f"{prefix}~live:{host}")
-        else:
-            pipe.hmget(f"{prefix}~live:{host}", fields)
-        pipe.hget(f"{prefix}~host:{host}", "last_roll_at")
-    pipe.get(f"{prefix}~leader")
-    pipe.time()
-    _reaped, deadlines, *replies, leader, clock = pipe.execute(raise_on_error=False)
-    for reply in (deadlines, *replies, leader, clock):
-        if isinstance(reply, Exception):
-            raise reply
-    secs, usecs = clock
-    redis_ms = int(secs) * 1000 + int(usecs) // 1000
-    # A host in the alive set past its deadline is dead, reaped or not; a
-    # hash not in it (an older version's) lives as long as it exists.
-    dead = {_text(h) for h, deadline in deadlines if deadline <= redis_ms}
-    total: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    hosts = []
-    for (host, (_, at)), raw, rolled in zip(zip(names, seen), replies[::2], replies[1::2],
-                                            strict=True):
-        if fields is not None:  # HMGET: values in field order, None for a missing one
-            raw = {} if raw[1] is None else {f: v for f, v in zip(fields, raw) if v is not None}
-        if host in dead:
-            raw = {}  # as if reaped
-        row = HostLive(host, alive=bool(raw), at=float(at),
-                       last_roll=None if rolled is None else float(rolled))
-        for k, v in raw.items():
-            got = row.take(_text(k), _text(v))
-            if got is not None:
-                key, minute, sliding = got
-                total[key][0] += minute
-                total[key][1] += sliding
-        row.done()
-        hosts.append(row)
-    return FarmLive({k: (m, s) for k, (m, s) in total.items()}, hosts,
-                    None if leader is None else _text(leader).split(" ")[0],
-                    redis_now=int(secs) + int(usecs) / 1e6)
+    and a row per host seen lately.  A host that is gone keeps its last
+    publication time (``at``, from ``{prefix}~hosts``) and its last roll
+    (``last_roll``, from the store's ``{prefix}~host:{host}``), so a dead
+    host says since when.  ``only``: just these keys of each host (the
+    farm rules' leader, once a second).  Read through the client's
+    :class:`LiveReader` (:func:`reader`): the log entries since its last
+    reading, a host's snapshot only after its full publication; the level
+    reads :func:`farm_level`.  ``keep_only``: with ``only``, the reader of
+    those keys (it keeps them alone: the farm rules' leader, the
+    dashboard's panel, asking for the same keys again and again); else the
+    client's reader of every key, its rows of ``only`` (a one-off question:
+    a reader of a new key set starts from every host's snapshot)."""
+    return reader(client, prefix, only if keep_only else None).read(now, only)
 
 
 # -------------------------------------------------------------- the lease
@@ -817,7 +1217,7 @@ class HostClaim:
 
     Two supervisors with one name (containers sharing the machine's host
     name, cloned machines) would roll from each other's ``closed_through``
-    and overwrite one live hash: the second is refused at its start
+    and overwrite one live state: the second is refused at its start
     (:meth:`take`), naming both and the fix.  A supervisor restarted after a
     SIGKILL (same segment, same boot, its old pid gone) takes its own key
     over at once; any other holder is watched for up to its TTL: refreshed

@@ -22,7 +22,9 @@ cut off from the farm never stays at the farm's level.
 
 ``[[alert]] scope = "farm"``: after each publication and read-back, the
 farm thread renews the leader lease and, while it leads, evaluates the farm
-rules over a reading of the rules' keys host by host (:func:`farm.farm_live`,
+rules over a reading of the rules' keys host by host (:func:`farm.farm_live`:
+the farm thread's :class:`farm.LiveReader` of those keys, which reads the
+live log since its last reading and keeps those keys of each host alone;
 made only when the leader evaluates: :class:`LeaderReading`)
 (:class:`trafficthreshold.alerts.farm.FarmAlerts`); a failed publication
 ends the lead at once.  The tick never waits for any of it.
@@ -334,7 +336,7 @@ class FarmSync:
             self.reader.close()
             return False
         if got is None:
-            return False  # no live segment here: nothing to publish, the hash expires
+            return False  # no live segment here: nothing to publish, the host is reaped
         counts, previous = got
         try:
             self.publisher.publish(counts, level=item.level, now=item.now,
@@ -424,7 +426,7 @@ class FarmSync:
 
     def stop(self, *, withdraw: bool = True) -> None:
         """Stop the thread (:data:`STOP_WAIT` at most) and, when
-        ``withdraw``, delete this host's live hash so the farm stops counting
+        ``withdraw``, withdraw this host's live state so the farm stops counting
         it at once instead of after its expiry.  Errors are logged."""
         with self._cond:
             self._stopping = True
@@ -445,8 +447,8 @@ class FarmSync:
 
 
 class LeaderReading:
-    """The farm rules' reading, host by host (:func:`farm.farm_live`, one
-    read per host), made at its first use: only the lease's holder
+    """The farm rules' reading, host by host (:func:`farm.farm_live`: the
+    log entries since the last reading), made at its first use: only the lease's holder
     evaluates the rules, so only the leader pays for it (the other hosts'
     farm threads read the level's sum only).  Any attribute of the
     :class:`farm.FarmLive`; a Redis error raises at that use."""

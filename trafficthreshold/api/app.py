@@ -57,7 +57,7 @@ from typing import Any
 
 import jinja2
 
-from trafficthreshold import alerts, farm, names, segment, store as stores, subscribe
+from trafficthreshold import alerts, names, segment, store as stores, subscribe
 from trafficthreshold.alerts import store as alertstore
 from trafficthreshold.api import cors
 from trafficthreshold.api import metrics
@@ -632,11 +632,13 @@ class StatsApp:
         }
         return json_response(200, payload, NO_CACHE)
 
-    def farm_live(self, account: str | None = None,
-                  event: str | None = None) -> dict[str, Any]:
+    def farm_live(self, account: str | None = None, event: str | None = None,
+                  keep_only: bool = False) -> dict[str, Any]:
         """The farm's live numbers (:func:`live.farm_view`) from the farm's
         Redis; 400 naming the fix on a host whose store is SQLite.  A Redis
-        error propagates (the app answers 503)."""
+        error propagates (the app answers 503).  ``keep_only``: read by a
+        reader that keeps that key alone (the dashboard's panel, refreshed
+        again and again; an API question reads the reader of every key)."""
         if stores.farm_host(self.config) is None:
             raise HttpError(400, "scope=farm needs the farm's Redis: this host's [store] "
                                  f"backend is {self.config.store.backend!r}; set [store] "
@@ -644,8 +646,10 @@ class StatsApp:
                                  "(docs/redis.rst), or ask without scope=farm for this "
                                  "host's own numbers")
         now = self.now()
-        reading = farm.farm_live(self._store().client, now=now,
-                                 prefix=self.config.store.prefix)
+        # Both named: that key's rows alone (the dashboard's panel), not a
+        # row per key of every host (hosts x keys) filtered afterwards.
+        only = None if account is None or event is None else [(account, event)]
+        reading = self._store().farm_live(now, only, keep_only)
         return farm_view(reading, now, self.config.store.host, account, event)
 
     # --------------------------------------------------------------- metrics
@@ -743,7 +747,7 @@ class StatsApp:
         if stores.farm_host(self.config) is None:
             return None
         try:
-            view = self.farm_live()
+            view = self.farm_live(names.ALL, event, keep_only=True)  # what the panel shows
         except Exception as exc:
             if not stores.unreachable(exc):
                 raise

@@ -5,7 +5,7 @@ farm)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from trafficthreshold.errors import TrafficThresholdError
@@ -67,6 +67,12 @@ class PeriodStore(Protocol):
     # The farm's host name: a claim (farm.HostClaim: refresh, lapsed,
     # release, on) for a shared store, None for one host's own file.
     def claim_host(self, instance: int, *, pid: int, wait: bool) -> Any: ...
+    # The farm's live numbers (farm.FarmLive, read through the farm's live
+    # log) at ``now``, of the keys ``only`` (None: every key; ``keep_only``:
+    # a reader that keeps those keys alone, for a view asking for them
+    # again and again); None for one host's own file (no farm).
+    def farm_live(self, now: float, only: Sequence[tuple[str, str]] | None = ...,
+                  keep_only: bool = ...) -> Any: ...
     def cover_ring(self, minutes: int) -> None: ...
     def late_dropped(self) -> int: ...
     def set_bad_keys(self, described: Iterable[str]) -> None: ...

@@ -834,6 +834,17 @@ class RedisStore:
         claim.take(wait=wait)
         return claim
 
+    def farm_live(self, now: float, only: Any = None, keep_only: bool = False) -> Any:
+        """The farm's live numbers at ``now`` (:func:`farm.farm_live`: the
+        :class:`farm.LiveReader` of this store's client and prefix, which
+        reads only the live log's entries since its last reading); ``only``:
+        the rows of these keys alone (None: every key of every host), read
+        by a reader that keeps them alone with ``keep_only``."""
+        from trafficthreshold.farm import farm_live
+
+        return farm_live(self.client, now=now, prefix=self.prefix, only=only,
+                         keep_only=keep_only)
+
     def __enter__(self) -> RedisStore:
         return self
 

@@ -496,6 +496,10 @@ class SQLiteStore:
         """Nothing to claim: the file is this host's alone (None)."""
         return None
 
+    def farm_live(self, now: float, only: Any = None, keep_only: bool = False) -> None:
+        """No farm: one host's own file (None)."""
+        return None
+
     def __enter__(self) -> SQLiteStore:
         return self
 
