@@ -1236,3 +1236,168 @@ def test_a_long_lived_subscriber_does_not_grow_with_names_that_come_and_go(key):
         admin.detach()
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
+
+
+# ------------------------------------------- a farm: one host counts a bus
+
+FARM_TTL = 2.0
+
+
+def farm_host(bus: Any, redis_server: Any, host: str, key: int) -> Path:
+    """A config of one farm host: its own segment and state directory, the
+    Redis store shared with the others (lease_ttl 2 s)."""
+    home = bus.tmp / host
+    home.mkdir()
+    config = home / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{home}/stats.sqlite3"\ntimezone = "UTC"\n'
+                      f'[http]\nenabled = false\n[store]\nbackend = "redis"\n'
+                      f'url = "redis://127.0.0.1:{redis_server.port}/0"\nhost = "{host}"\n'
+                      f'lease_ttl = {FARM_TTL}\n')
+    return config
+
+
+@pytest.fixture
+def farm(bus: Any, redis_server: Any) -> Any:
+    """Two farm hosts (h1 on the bus's segment, h2 on a second one) whose
+    subscribers both connect to the same publisher."""
+    other = segment.unused_key()
+    segment.install(other, "sysv")
+    counters = {"h1": bus.counter, "h2": segment.attach(other, "sysv")}
+    configs = {"h1": farm_host(bus, redis_server, "h1", bus.key),
+               "h2": farm_host(bus, redis_server, "h2", other)}
+
+    def start(host: str, *args: str) -> SubscriberProcess:
+        proc = SubscriberProcess(configs[host], *args)
+        bus.procs.append(proc)
+        return proc
+
+    bus.farm_counters, bus.start = counters, start
+    yield bus
+    for proc in bus.procs:
+        if proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+    counters["h2"].detach()
+    segment.uninstall(other, "sysv", force=True)
+
+
+def farm_total(bus: Any, account: str) -> dict[str, int]:
+    return {h: ring_count(c, account, "pageview") for h, c in bus.farm_counters.items()}
+
+
+def farm_connected(bus: Any, procs: dict[str, Any], name: str) -> None:
+    """Wait until each host's subscriber is connected to the bus (its stats
+    file says so): a standby that is not up yet would prove nothing."""
+    def up(host: str) -> bool:
+        try:
+            info = json.loads((bus.tmp / host / "subscribers" / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return info["connected"] == 1 and info["leases"] is not None
+
+    for host, proc in procs.items():
+        wait_for(f"{host}'s subscriber", lambda: up(host), proc=proc)
+
+
+def farm_probe(bus: Any, pub: Any, procs: list[Any], account: str = "probe") -> None:
+    """The slow joiner, on whichever host counts."""
+    deadline = time.monotonic() + 30
+    while not sum(farm_total(bus, account).values()):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            "\n".join(p.log() for p in procs)
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % account.encode())
+        time.sleep(0.01)
+
+
+def test_a_farm_counts_each_bus_event_on_one_host_and_a_standby_takes_over(farm):
+    """With the Redis store, a subscriber on every host counts the bus once:
+    one host's subscriber holds the bus's lease and counts, the other reads
+    and counts nothing; SIGKILLed, the holder is replaced by the standby
+    within the lease TTL, and no event of the handover stream is counted by
+    both (each has its own account), what was published meanwhile being
+    the only loss (PUB/SUB)."""
+    bus = farm
+    pub = bus.publisher()
+    procs = {h: bus.start(h, pub.address, "--name", "shop-bus") for h in ("h1", "h2")}
+    farm_connected(bus, procs, "shop-bus")
+    farm_probe(bus, pub, list(procs.values()))
+    time.sleep(0.2)  # the standby's slow joiner too: it must be hearing the bus
+    frame = b'pageview {"type":"pageview","data":{"account":"acme"}}'
+    for _ in range(3000):
+        pub.sock.send(frame)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-a"}}')
+    wait_for("phase A", lambda: sum(farm_total(bus, "end-a").values()))
+    counts = farm_total(bus, "acme")
+    holder = max(counts, key=counts.get)
+    standby = "h2" if holder == "h1" else "h1"
+    assert counts == {holder: 3000, standby: 0}
+    standby_file = bus.tmp / standby / "subscribers" / "shop-bus.json"
+    wait_for("the standby's stats", lambda: json.loads(
+        standby_file.read_text())["standby_skipped"] >= 3000, proc=procs[standby])
+    info = json.loads(standby_file.read_text())
+    assert info["leases"] == {pub.address: "standby"}
+    assert info["counted"] < 100                        # at most probes before the lease
+
+    stop = threading.Event()
+    sent = [0]
+
+    def stream() -> None:
+        while not stop.is_set():
+            pub.sock.send(b'pageview {"type":"pageview","data":{"account":"m%d"}}' % sent[0])
+            sent[0] += 1
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        wait_for("the stream", lambda: sent[0] > 100)
+        os.kill(procs[holder].proc.pid, signal.SIGKILL)
+        procs[holder].proc.wait(10)
+        killed_at = time.monotonic()
+        wait_for("the standby takes over", lambda: ring_count(
+            bus.farm_counters[standby], f"m{sent[0] - 1}", "pageview")
+            or ring_count(bus.farm_counters[standby], f"m{sent[0] - 2}", "pageview"),
+            timeout=FARM_TTL + 10, proc=procs[standby])
+        took = time.monotonic() - killed_at
+    finally:
+        stop.set()
+        thread.join(30)
+    assert took < FARM_TTL + 2, took
+    time.sleep(0.3)
+    doubled = [i for i in range(sent[0])
+               if all(ring_count(c, f"m{i}", "pageview") for c in bus.farm_counters.values())]
+    assert doubled == []
+    # After the handover the standby counts everything, once.
+    for _ in range(3000):
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"after"}}')
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-c"}}')
+    wait_for("phase C", lambda: farm_total(bus, "end-c")[standby], proc=procs[standby])
+    assert farm_total(bus, "after") == {holder: 0, standby: 3000}
+
+
+def test_a_clean_stop_hands_the_bus_over_at_once(farm):
+    """SIGTERM releases the lease: the standby counts from its next renewal
+    (a second), not after the TTL; the stopped host counts nothing more."""
+    bus = farm
+    pub = bus.publisher()
+    procs = {h: bus.start(h, pub.address, "--name", "bus") for h in ("h1", "h2")}
+    farm_connected(bus, procs, "bus")
+    farm_probe(bus, pub, list(procs.values()))
+    counts = farm_total(bus, "probe")
+    holder = max(counts, key=counts.get)
+    standby = "h2" if holder == "h1" else "h1"
+    assert procs[holder].stop() == 0
+    stopped_at = time.monotonic()
+    farm_probe(bus, pub, [procs[standby]], account="second")
+    assert time.monotonic() - stopped_at < FARM_TTL
+    assert farm_total(bus, "second")[holder] == 0
+
+
+def test_one_host_without_redis_counts_as_before(bus):
+    """The SQLite store (one host): no lease, every event counted."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "solo")
+    pub.probe(bus.counter, "probe", proc)
+    wait_for("a stats file", lambda: (bus.tmp / "subscribers" / "solo.json").exists())
+    wait_for("the stats", lambda: stats_file(bus.tmp, "solo")["counted"] >= 1)
+    assert stats_file(bus.tmp, "solo")["leases"] is None
