@@ -869,13 +869,40 @@ UNREADABLE_FIX = ("the subscribers are not shown: run this as the daemon's user 
                   "the state directory's group")
 
 
-def read_all(database: str, now: float) -> list[dict[str, Any]]:
+class Found(list):
+    """:func:`read_all`'s subscribers (a list), with ``problems``: what
+    could not be read (:func:`scan`'s sentences), so that a reader that
+    shows the list (``/metrics``) can also say what is missing from it."""
+
+    def __init__(self, found: Iterable[dict[str, Any]] = (), problems: Iterable[str] = ()):
+        super().__init__(found)
+        self.problems = list(problems)
+
+
+#: The problems :func:`read_all` logged already in this process (each once:
+#: /metrics and the dashboard read every few seconds).  Bounded: emptied
+#: when it reaches LOGGED_PROBLEMS_MAX, so a problem that stays is logged
+#: again now and then rather than the set growing with file names for ever.
+_logged_problems: set[str] = set()
+LOGGED_PROBLEMS_MAX = 256
+
+
+def read_all(database: str, now: float) -> Found:
     """Every subscriber's stats file (sorted by name), each with ``age``
     (seconds since written) and ``state``: ``running``, ``stopped`` (it
     exited cleanly) or ``not running`` (not replaced for STALE_S: killed,
-    hung or crashed).  Files older than FORGET_S and unreadable ones are
-    left out (:func:`scan` says why)."""
-    return scan(database, now)[0]
+    hung or crashed).  Files older than FORGET_S are left out; what cannot
+    be read (the directory or a file this user may not read, a file that is
+    not a stats file) is left out too, put in the result's ``problems`` and
+    logged, each problem once per process (:func:`scan` says why)."""
+    found, problems = scan(database, now)
+    for problem in problems:
+        if problem not in _logged_problems:
+            if len(_logged_problems) >= LOGGED_PROBLEMS_MAX:
+                _logged_problems.clear()
+            _logged_problems.add(problem)
+            log.error("subscribers: %s", problem)
+    return Found(found, problems)
 
 
 def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
