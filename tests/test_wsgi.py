@@ -1062,3 +1062,57 @@ def test_the_real_servers_file_wrappers_are_passed_as_they_are(worker_api, tmp_p
             env, Server().start_response)
         assert result is wrapped
     assert total() == 1
+
+
+# ------------------------------------------ uWSGI's function-style file_wrapper
+
+
+def test_uwsgis_function_file_wrapper_is_sent_as_a_file_counted_once(worker_api, tmp_path):
+    """A real uWSGI serves a page through its wsgi.file_wrapper, which is a
+    function (it returns the very file it was given, and sends it with
+    sendfile() only when the application returns that object): behind the
+    middleware each request is counted exactly once, the file arrives
+    intact, close() is called on it, and it is sent as a file, never read
+    through Python (before: the middleware wrapped it in its Body, and
+    uWSGI read the file chunk by chunk).  A generator that raises before
+    its first byte is not counted."""
+    import http.client
+    import os
+    import re
+    import shutil
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    from apps.harness import Server, server_env
+    binary = shutil.which("uwsgi") or str(Path(sys.executable).parent / "uwsgi")
+    if not os.path.exists(binary):
+        pytest.skip("uWSGI is not installed (pip install uwsgi: the test extra)")
+    key, backend = worker_api
+    page = tmp_path / "page.html"
+    data = os.urandom(300_000)
+    page.write_bytes(data)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = Server([binary, "--http-socket", "127.0.0.1:0", "--module", "apps.uwsgi_file:app",
+                     "--master", "--processes", "1", "--need-app", "--die-on-term",
+                     "--disable-logging"],
+                    server_env(key, backend, TT_FILE=str(page), TT_MARKS=str(marks)),
+                    tmp_path / "uwsgi.log",
+                    port_pattern=re.compile(r"bound to TCP address 127\.0\.0\.1:(\d+)"))
+    try:
+        url = f"http://127.0.0.1:{server.wait_port()}/"
+        bodies = [urllib.request.urlopen(url + f"page/{i}", timeout=10).read()
+                  for i in range(5)]
+        try:  # uWSGI answers 500, or an empty 200 (the headers it sent already)
+            urllib.request.urlopen(url + "fails", timeout=10).read()
+        except (urllib.error.HTTPError, ConnectionError, http.client.HTTPException):
+            pass
+    finally:
+        server.stop()
+    assert all(body == data for body in bodies)
+    assert total() == 5
+    made = sorted(p.name for p in marks.iterdir())
+    closed = [m for m in made if m.startswith("close-")]
+    assert len(closed) == 5, made
+    assert not [m for m in made if m.startswith("read-")], f"read through Python: {made}"
