@@ -1401,3 +1401,71 @@ def test_one_host_without_redis_counts_as_before(bus):
     wait_for("a stats file", lambda: (bus.tmp / "subscribers" / "solo.json").exists())
     wait_for("the stats", lambda: stats_file(bus.tmp, "solo")["counted"] >= 1)
     assert stats_file(bus.tmp, "solo")["leases"] is None
+
+
+def test_a_stalled_holder_stops_counting_before_a_standby_takes_over(farm):
+    """The holder stopped (SIGSTOP) for longer than the TTL: the standby
+    takes the lease; the holder, continued, finds its lease run out before
+    it reads what it queued meanwhile, so no event is counted by both
+    (each event its own account), and the standby goes on counting."""
+    bus = farm
+    pub = bus.publisher()
+    procs = {h: bus.start(h, pub.address, "--name", "bus") for h in ("h1", "h2")}
+    farm_connected(bus, procs, "bus")
+    farm_probe(bus, pub, list(procs.values()))
+    counts = farm_total(bus, "probe")
+    holder = max(counts, key=counts.get)
+    standby = "h2" if holder == "h1" else "h1"
+    os.kill(procs[holder].proc.pid, signal.SIGSTOP)
+    try:
+        sent = 0
+        deadline = time.monotonic() + FARM_TTL + 10
+        while not ring_count(bus.farm_counters[standby], f"s{max(sent - 1, 0)}", "pageview"):
+            assert time.monotonic() < deadline, procs[standby].log()
+            pub.sock.send(b'pageview {"type":"pageview","data":{"account":"s%d"}}' % sent)
+            sent += 1
+            time.sleep(0.01)
+    finally:
+        os.kill(procs[holder].proc.pid, signal.SIGCONT)
+    for i in range(sent, sent + 200):
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"s%d"}}' % i)
+        time.sleep(0.002)
+    sent += 200
+    wait_for("the standby counts on", lambda: ring_count(
+        bus.farm_counters[standby], f"s{sent - 1}", "pageview"), proc=procs[standby])
+    time.sleep(1.0)  # the continued holder has read its queue by now
+    doubled = [i for i in range(sent)
+               if all(ring_count(c, f"s{i}", "pageview") for c in bus.farm_counters.values())]
+    assert doubled == []
+    assert procs[holder].poll() is None  # it stands by, it did not die
+
+
+def test_a_holder_that_loses_redis_stops_counting_before_its_lease_lapses(redis_server,
+                                                                           caplog):
+    """BusLeases on a real redis-server, its clock a parameter: the holder
+    counts until the moment its last good renewal was sent plus the TTL
+    minus the margin, which is before Redis lets the lease lapse; Redis
+    killed, renewals fail (logged once) and leave that deadline; nobody
+    counts after it.  A second identity stands by meanwhile; a lease held
+    by a bus's endpoint is not another endpoint's (names with ':' '/')."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    client = redis_server.client()
+    no_retries(client)                                  # as the subscriber's own client
+    a = subscribe.BusLeases(client, ["tcp://bus:6000", "ipc:///run/a b.sock"], "h1/x/boot",
+                            prefix="track", ttl_s=2.0, clock=lambda: now[0])
+    b = subscribe.BusLeases(client, ["tcp://bus:6000"], "h2/x/boot", prefix="track",
+                            ttl_s=2.0, clock=lambda: now[0])
+    a.renew(force=True)
+    b.renew(force=True)
+    assert a.status() == {"tcp://bus:6000": "counting", "ipc:///run/a b.sock": "counting"}
+    assert b.status() == {"tcp://bus:6000": "standby"}
+    assert client.get("track~subscribe~tcp://bus:6000~leader").startswith(b"h1/x/boot ")
+    redis_server.kill()
+    now[0] += 1.0
+    a.renew()
+    a.renew(force=True)
+    assert a.holds("tcp://bus:6000")                    # 1.0 < 2.0 - 0.5
+    now[0] += 0.5
+    assert not a.holds("tcp://bus:6000")                # the deadline: before Redis' expiry
+    assert caplog.text.count("cannot renew the lease of bus") == 1

@@ -519,8 +519,12 @@ class Subscriber:
         cfg = self.config
         if cfg is None or cfg.store.backend != "redis" or self.addresses == ["-"]:
             return None
+        from trafficthreshold.farmsync import no_retries
         from trafficthreshold.store import redis_client
+        # One try within the timeout: the next renewal is the retry, and the
+        # loop (its stats file, the watchdog) never waits on Redis' backoff.
         client = redis_client(cfg, timeout=min(1.0, cfg.store.lease_ttl / 4))
+        no_retries(client)
         leases = BusLeases(client, self.addresses,
                            f"{cfg.store.host}/{self.name}/{self._boot_id or os.getpid()}",
                            prefix=cfg.store.prefix, ttl_s=cfg.store.lease_ttl)
