@@ -192,6 +192,14 @@ class SubscriberProcess:
             return self.proc.wait(10)
 
 
+def kill_all(procs: list[SubscriberProcess]) -> None:
+    """SIGKILL every subscriber process still running, and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+
+
 @pytest.fixture
 def bus(key: int, tmp_path: Path) -> Any:
     """An installed SysV segment, a config pointing at it (database in
@@ -223,10 +231,7 @@ def bus(key: int, tmp_path: Path) -> Any:
 
     b.publisher, b.subscriber = publisher, subscriber
     yield b
-    for proc in b.procs:
-        if proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(10)
+    kill_all(b.procs)
     for pub in b.pubs:
         pub.close()
     context.term()
@@ -1273,10 +1278,7 @@ def farm(bus: Any, redis_server: Any) -> Any:
 
     bus.farm_counters, bus.start = counters, start
     yield bus
-    for proc in bus.procs:
-        if proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(10)
+    kill_all(bus.procs)  # before the second segment goes
     counters["h2"].detach()
     segment.uninstall(other, "sysv", force=True)
 
