@@ -51,15 +51,11 @@ static zend_string *tt_str_pageview;  /* "pageview", interned: hashed once */
 
 /* The process's writer (persistent memory), NULL before the first use. */
 static tt_writer *tt_w = NULL;
-static int64_t tt_next_try = 0;     /* no attach is tried before this second */
-/* The segment was retired under us: until the next install is there, each
- * use asks whether it is (tt_segment_exists: one system call, on this
- * degraded path only) and attaches to it at once, so no page view after a
- * reinstall waits out TT_ATTACH_RETRY_S.  tt_watch_after: not before this
- * second (an install still in progress). */
-static int tt_watch = 0, tt_watch_backend;
-static long tt_watch_key;
-static int64_t tt_watch_after = 0;
+/* When to attach it: the core's policy (tt_attacher, tt_core.c): every
+ * 10 s without a segment; once the segment was retired under us, at once
+ * after the next install in either backend; a half made one once a
+ * second. */
+static tt_attacher tt_att = {0, -1, 0, 0};
 static char tt_last_error[sizeof ((tt_seg *)0)->error] = "";  /* why not attached */
 /* The kinds of problem already logged by this process (one line each). */
 enum { W_ATTACH = 1, W_NAME = 2, W_BUSY = 4, W_HOST = 8, W_NO_HOSTS = 16, W_ACCOUNT = 32,
@@ -147,8 +143,9 @@ static void tt_follow_settings_slow(const char *k, const char *b)
     }
     if (tt_w != NULL && tt_w->s.base != NULL)
         tt_writer_detach(tt_w);
-    tt_next_try = 0;  /* the new segment now, not in up to 10 s */
-    tt_watch = 0;     /* another segment: not the one watched */
+    /* The new segment now, not in up to 10 s; another segment: not the one
+     * watched. */
+    tt_attacher_reset(&tt_att);
 }
 
 static inline void tt_follow_settings(void)
@@ -173,8 +170,8 @@ static inline void tt_follow_settings(void)
  * info() and phpinfo() show it instead). */
 static int tt_ready(int force, int *failed)
 {
-    int64_t now;
     long key;
+    int tried;
     if (failed)
         *failed = 0;
     tt_follow_settings();
@@ -184,41 +181,27 @@ static int tt_ready(int force, int *failed)
         tt_w = pecalloc(1, sizeof *tt_w, 1);
         tt_w->s.semid = -1;
         tt_core_init();
-    } else if (tt_w->s.base != NULL) {
-        /* Uninstalled under us: let go, and watch for the next install. */
-        tt_watch = 1;
-        tt_watch_backend = tt_w->s.backend;
-        tt_watch_key = tt_w->s.key;
-        tt_watch_after = 0;
-        tt_next_try = 0;
-        tt_writer_detach(tt_w);
     }
-    now = (int64_t)tt_now_second();
-    if (!force && !TT_G(strict) && now < tt_next_try
-        && !(tt_watch && now >= tt_watch_after
-             && tt_segment_exists(tt_watch_backend, tt_watch_key)))
-        return 0;
-    tt_next_try = now + TT_ATTACH_RETRY_S;
+    force = force || TT_G(strict);
     if ((key = tt_key()) < 0) {
+        if (!tt_attacher_due(&tt_att, (int64_t)tt_now_second(), force))
+            return 0;
         snprintf(tt_last_error, sizeof tt_last_error, "trafficthreshold.key = '%s' (or "
                  "$TRAFFICTHRESHOLD_KEY) is not an IPC key; use decimal or 0x hex, e.g. "
                  "0x54546831", TT_G(key) && *TT_G(key) ? TT_G(key) : getenv("TRAFFICTHRESHOLD_KEY"));
-    } else if (tt_writer_attach(tt_w, tt_backend(), key) == 0) {
-        tt_last_error[0] = '\0';
-        tt_watch = 0;
-        return 1;
-    } else {
-        snprintf(tt_last_error, sizeof tt_last_error, "%s", tt_w->s.error);
-        /* Another layout, no permission ...: not a matter of waiting for
-         * the install (back to every 10 s); an install still in progress:
-         * asked again in a second, not at every use. */
-        if (tt_watch && tt_w->s.err != TT_ERR_NOTFOUND)
-            tt_watch = 0;
-        else if (tt_watch)
-            tt_watch_after = tt_segment_exists(tt_watch_backend, tt_watch_key) ? now + 1 : 0;
+        if (failed)
+            *failed = 1;
+        return 0;
     }
-    if (failed)
-        *failed = 1;
+    if (tt_writer_ready(tt_w, &tt_att, tt_backend(), key, force, &tried)) {
+        tt_last_error[0] = '\0';
+        return 1;
+    }
+    if (tried) {
+        snprintf(tt_last_error, sizeof tt_last_error, "%s", tt_w->s.error);
+        if (failed)
+            *failed = 1;
+    }
     return 0;
 }
 
@@ -226,7 +209,11 @@ static int tt_ready(int force, int *failed)
 static void tt_report_attach(void)
 {
     char message[sizeof tt_last_error + 32];
+    /* Under the lock: another thread (ZTS) may be writing it.  The callers
+     * have let go of the lock (tt_problem may throw or log). */
+    TT_LOCK();
     snprintf(message, sizeof message, "not counting: %s", tt_last_error);
+    TT_UNLOCK();
     tt_problem(W_ATTACH, 0, message);
 }
 
@@ -234,7 +221,23 @@ static void tt_report_attach(void)
 
 /* Counts n hits; account NULL = the total only.  Returns 1 when counted, 0
  * when not (the problem logged once, or thrown in strict mode). */
+static int tt_count_hit_memo(zend_string *account, zend_string *event, zend_long n,
+                             tt_hit_memo *memo, int memoizable);
+
 static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
+{
+    /* Interned strings (a script's literals, "pageview") keep their bytes
+     * while they live, and live at least until the request's end, when the
+     * memo is cleared (RSHUTDOWN): their pointers name them. */
+    return tt_count_hit_memo(account, event, n, &TT_G(hit_memo),
+                             ZSTR_IS_INTERNED(event)
+                             && (account == NULL || ZSTR_IS_INTERNED(account)));
+}
+
+/* tt_count_hit through `memo`, when `memoizable` (the pointers of account
+ * and event name their bytes for as long as the memo may be used). */
+static int tt_count_hit_memo(zend_string *account, zend_string *event, zend_long n,
+                             tt_hit_memo *memo, int memoizable)
 {
     int rc, failed;
     if (n < 1 || (zend_ulong)n > TT_MAX_HIT_N) {
@@ -248,7 +251,7 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
         account = NULL;
     TT_LOCK();
     tt_follow_settings();
-    if (!(tt_w != NULL && tt_live(&tt_w->s)) && !tt_ready(0, &failed)) {
+    if (UNEXPECTED(!(tt_w != NULL && tt_live(&tt_w->s))) && !tt_ready(0, &failed)) {
         /* Fail open, but a bad name is still reported (first): a site run
          * without the segment (development) sees it before production. */
         if (tt_check_names(&tt_w->s, account ? ZSTR_VAL(account) : NULL,
@@ -267,10 +270,11 @@ static int tt_count_hit(zend_string *account, zend_string *event, zend_long n)
             tt_report_attach();
         return 0;
     }
-    rc = tt_writer_hit(tt_w, account ? ZSTR_VAL(account) : NULL, account ? ZSTR_LEN(account) : 0,
-                       account ? zend_string_hash_val(account) : 0, ZSTR_VAL(event),
-                       ZSTR_LEN(event), zend_string_hash_val(event), (uint64_t)n,
-                       tt_now_second());
+    rc = tt_writer_hit_memo(tt_w, memo, account, memoizable ? event : NULL,
+                            account ? ZSTR_VAL(account) : NULL, account ? ZSTR_LEN(account) : 0,
+                            account ? zend_string_hash_val(account) : 0, ZSTR_VAL(event),
+                            ZSTR_LEN(event), zend_string_hash_val(event), (uint64_t)n,
+                            tt_now_second());
     if (rc == 0) {
         TT_UNLOCK();
         return 1;
@@ -536,15 +540,25 @@ static const char *tt_request_var(const char *name, size_t len)
 /* The request's path (the URI without its query), for the rule's static
  * files and health checks: REQUEST_URI (the URI the visitor asked for, also
  * when the server routes it to a front controller), else the SAPI's. */
+/* The length of s up to its first `stop` or its end, inline: the values
+ * the hook reads are short ("/", a host name), where a libc call costs
+ * more than the scan. */
+static inline size_t tt_span(const char *s, char stop)
+{
+    size_t n = 0;
+    while (s[n] != '\0' && s[n] != stop)
+        n++;
+    return n;
+}
+
 static const char *tt_request_path(size_t *len)
 {
-    const char *uri = tt_request_var("REQUEST_URI", sizeof("REQUEST_URI") - 1), *q;
+    const char *uri = tt_request_var("REQUEST_URI", sizeof("REQUEST_URI") - 1);
     if (uri == NULL)
         uri = SG(request_info).request_uri;
     if (uri == NULL)
         uri = "/";
-    q = strchr(uri, '?');
-    *len = q != NULL ? (size_t)(q - uri) : strlen(uri);
+    *len = tt_span(uri, '?');
     return uri;
 }
 
@@ -555,18 +569,7 @@ static const char *tt_request_path(size_t *len)
  * last Host header (a worker mostly serves one site): a repeated request
  * costs a compare, not the normalising, the list's parsing and the names'
  * check. */
-static struct {
-    /* Copies of the settings it was made for, compared by their text: under
-     * mod_php a <VirtualHost>'s php_admin_value is set again at each
-     * request, and another host's value may be allocated where the last
-     * one's was freed. */
-    char *how, *list;
-    unsigned gen;                    /* tt_settings_gen when last compared */
-    char raw[256];                   /* the Host header it was made for */
-    size_t raw_len;
-    int ready;
-    zend_string *account;            /* persistent, hashed; NULL: the total */
-} tt_memo;
+#define tt_memo TT_G(page)
 
 static void tt_memo_forget_settings(void)
 {
@@ -580,16 +583,23 @@ static zend_string *tt_page_account(void)
     const char *how = TT_G(account), *raw = "", *list;
     char buf[300];
     size_t raw_len, len;
+    int is_host;
     if (how == NULL || *how == '\0')
         return NULL;
-    if (strcmp(how, "host") == 0) {
+#ifndef ZTS
+    if (tt_memo.ready && tt_memo.gen == tt_settings_gen)
+        is_host = tt_memo.is_host;  /* the settings did not change: no strcmp */
+    else
+#endif
+        is_host = strcmp(how, "host") == 0;
+    if (is_host) {
         raw = tt_request_var("HTTP_HOST", sizeof("HTTP_HOST") - 1);
         if (raw == NULL)
             return NULL;
     }
-    raw_len = strlen(raw);
+    raw_len = tt_span(raw, '\0');
     list = TT_G(allowed_hosts) ? TT_G(allowed_hosts) : "";
-    if (tt_memo.ready && tt_memo.raw_len == raw_len && memcmp(tt_memo.raw, raw, raw_len) == 0) {
+    if (tt_memo.ready && tt_memo.raw_len == raw_len && tt_eq(tt_memo.raw, raw, raw_len)) {
 #ifndef ZTS
         if (tt_memo.gen == tt_settings_gen)
             return tt_memo.account;
@@ -602,6 +612,7 @@ static zend_string *tt_page_account(void)
     if (tt_memo.account != NULL)
         zend_string_release(tt_memo.account);
     tt_memo.account = NULL;
+    TT_G(page_hit).e_id = NULL;  /* its pointer may come back for other bytes */
     tt_memo.ready = 0;
     if (raw_len < sizeof tt_memo.raw) {  /* longer: never memoized */
         memcpy(tt_memo.raw, raw, raw_len);
@@ -610,9 +621,10 @@ static zend_string *tt_page_account(void)
         tt_memo.how = pestrdup(how, 1);
         tt_memo.list = pestrdup(list, 1);
         tt_memo.gen = tt_settings_gen;
+        tt_memo.is_host = is_host;
         tt_memo.ready = 1;
     }
-    if (strcmp(how, "host") != 0) {
+    if (!is_host) {
         len = strlen(how);
         if (len >= sizeof buf)
             len = sizeof buf - 1;
@@ -639,12 +651,11 @@ static zend_string *tt_page_account(void)
     tt_memo.account = zend_string_init(buf, len, 1);
     zend_string_hash_val(tt_memo.account);
     if (!tt_memo.ready) {  /* not memoized: the caller's until the next call */
-        static zend_string *last;
-        if (last != NULL)
-            zend_string_release(last);
-        last = tt_memo.account;
+        if (tt_memo.unmemoized != NULL)
+            zend_string_release(tt_memo.unmemoized);
+        tt_memo.unmemoized = tt_memo.account;
         tt_memo.account = NULL;
-        return last;
+        return tt_memo.unmemoized;
     }
     return tt_memo.account;
 }
@@ -702,7 +713,7 @@ static void tt_count_page_view(void)
     char *ct = NULL, *owned_ct = NULL;
     size_t path_len;
     int page;
-    if (method == NULL || strcmp(method, "GET") != 0)
+    if (!tt_is_get(method))
         return;
     ct = tt_response_headers(&status);
     if (!((status >= 200 && status < 300) || status == 304))
@@ -730,7 +741,12 @@ static void tt_count_page_view(void)
          * exception would have nowhere to go. */
         bool strict = TT_G(strict);
         TT_G(strict) = 0;
-        tt_count_hit(tt_page_account(), tt_str_pageview, 1);
+        /* Its own memo, kept across requests: both names are the
+         * extension's (the permanent "pageview", the account memo's
+         * persistent string, which clears this memo when it lets go). */
+        zend_string *account = tt_page_account();
+        tt_count_hit_memo(account, tt_str_pageview, 1, &TT_G(page_hit),
+                          account == NULL || account == tt_memo.account);
         TT_G(strict) = strict;
     }
 }
@@ -783,10 +799,23 @@ static void php_trafficthreshold_init_globals(zend_trafficthreshold_globals *g)
     memset(g, 0, sizeof *g);
 }
 
+/* Frees a thread's memo (ZTS: each thread's, when it ends; NTS: the
+ * process's, at MSHUTDOWN). */
+static void php_trafficthreshold_free_globals(zend_trafficthreshold_globals *g)
+{
+    tt_account_memo *m = &g->page;
+    if (m->account != NULL) zend_string_release(m->account);
+    if (m->unmemoized != NULL) zend_string_release(m->unmemoized);
+    if (m->how != NULL) pefree(m->how, 1);
+    if (m->list != NULL) pefree(m->list, 1);
+    memset(m, 0, sizeof *m);
+}
+
 PHP_MINIT_FUNCTION(trafficthreshold)
 {
     zend_class_entry ce;
-    ZEND_INIT_MODULE_GLOBALS(trafficthreshold, php_trafficthreshold_init_globals, NULL);
+    ZEND_INIT_MODULE_GLOBALS(trafficthreshold, php_trafficthreshold_init_globals,
+                             php_trafficthreshold_free_globals);
     REGISTER_INI_ENTRIES();
     tt_cgi_sapi = sapi_module.name != NULL && (strncmp(sapi_module.name, "fpm", 3) == 0
                                                || strncmp(sapi_module.name, "cgi", 3) == 0);
@@ -803,11 +832,9 @@ PHP_MINIT_FUNCTION(trafficthreshold)
 PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
 {
     UNREGISTER_INI_ENTRIES();
-    if (tt_memo.account != NULL) {
-        zend_string_release(tt_memo.account);
-        tt_memo.account = NULL;
-    }
-    tt_memo_forget_settings();
+#ifndef ZTS
+    php_trafficthreshold_free_globals(&trafficthreshold_globals);
+#endif
     if (tt_w != NULL) {
         tt_writer_detach(tt_w);
         pefree(tt_w, 1);
@@ -816,10 +843,25 @@ PHP_MSHUTDOWN_FUNCTION(trafficthreshold)
     return SUCCESS;
 }
 
+/* A request's start: the names' memo of the last request is void (its
+ * interned strings were freed; RSHUTDOWN cleared it too, but a hit from
+ * code run after our RSHUTDOWN may have filled it again). */
+PHP_RINIT_FUNCTION(trafficthreshold)
+{
+#if defined(ZTS) && defined(COMPILE_DL_TRAFFICTHRESHOLD)
+    ZEND_TSRMLS_CACHE_UPDATE();
+#endif
+    TT_G(hit_memo).e_id = NULL;
+    return SUCCESS;
+}
+
 PHP_RSHUTDOWN_FUNCTION(trafficthreshold)
 {
     if (TT_G(pageviews))
         tt_count_page_view();
+    /* The request's interned strings are freed after this: the memo's
+     * pointers could name other bytes in the next request. */
+    TT_G(hit_memo).e_id = NULL;
     return SUCCESS;
 }
 
@@ -893,7 +935,7 @@ zend_module_entry trafficthreshold_module_entry = {
     trafficthreshold_functions,
     PHP_MINIT(trafficthreshold),
     PHP_MSHUTDOWN(trafficthreshold),
-    NULL,
+    PHP_RINIT(trafficthreshold),
     PHP_RSHUTDOWN(trafficthreshold),
     PHP_MINFO(trafficthreshold),
     PHP_TRAFFICTHRESHOLD_VERSION,

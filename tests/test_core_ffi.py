@@ -287,3 +287,187 @@ def test_the_library_counts_every_hit_after_a_reinstall_in_the_new_segment(lib, 
             counter.detach()
     finally:
         lib.tt_close(h)
+
+
+def _ffi_handle(lib, key, backend=""):
+    lib.tt_open.restype = ctypes.c_void_p
+    lib.tt_open.argtypes = [ctypes.c_long, ctypes.c_char_p]
+    lib.tt_hit.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint64]
+    lib.tt_close.argtypes = [ctypes.c_void_p]
+    lib.tt_attached.argtypes = [ctypes.c_void_p]
+    return lib.tt_open(key, backend.encode())
+
+
+def _total(key, backend, account="a.example"):
+    counter = segment.attach(key, backend)
+    try:
+        slot = counter.find(account, "pageview")
+        return 0 if slot is None else counter.count(slot, 0)
+    finally:
+        counter.detach()
+
+
+def test_the_library_sees_a_reinstall_to_the_other_backend_at_once(lib, key, monkeypatch):
+    """The backend not configured (found: sysv, else posix): the sysv
+    segment is uninstalled and installed again as posix; the library's
+    next hit attaches to it (the core's attacher watches both backends;
+    before, it watched the old backend only and waited out the 10 s)."""
+    monkeypatch.delenv("TRAFFICTHRESHOLD_BACKEND", raising=False)
+    segment.install(key, "sysv")
+    h = _ffi_handle(lib, key)
+    try:
+        assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        segment.uninstall(key, "sysv", force=True)
+        lib.tt_hit(h, b"a.example", b"pageview", 1)     # none installed: not counted
+        segment.install(key, "posix")
+        for _ in range(3):
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        assert _total(key, "posix") == 3
+    finally:
+        lib.tt_close(h)
+        segment.uninstall(key, "posix", force=True)
+
+
+def tried_once_a_second(key: int, hit, hitter_pid: int) -> None:
+    """Asserts that `hit()`, a hit of a writer (process `hitter_pid`) whose
+    segment at `key` was retired and which finds a half made one there,
+    maps it once and then not again within the same second, though another
+    process mapped it meanwhile (the segment's last pid).  The steps are
+    taken again when they straddle a second (a second try is then due)."""
+    for _ in range(5):
+        # Just after a new second begins (the coarse clock lags by a tick).
+        time.sleep(1 - time.time() % 1 + 0.03)
+        start = time.time()
+        hit()                                           # tried: half made
+        tried = sysv_last_pid(key)
+        other = int(subprocess.run(
+            [sys.executable, "-c", "import os, sys, sysv_ipc; m = sysv_ipc.SharedMemory("
+             "int(sys.argv[1])); m.detach(); print(os.getpid())", str(key)],
+            capture_output=True, text=True, check=True).stdout)
+        for _ in range(20):
+            hit()
+        last = sysv_last_pid(key)
+        if time.time() < int(start) + 0.98:             # all within one second
+            assert tried == hitter_pid, "the half made segment was not tried"
+            assert last == other, "the half made segment was tried at every hit"
+            return
+    raise AssertionError("5 tries straddled a second: the machine is too loaded")
+
+
+def sysv_last_pid(key: int) -> int:
+    """The pid of the last shmat/shmdt of the SysV segment at `key`, read
+    from /proc/sysvipc/shm (sysv_ipc.SharedMemory would attach it)."""
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()
+    fields = lines[0].split()
+    for line in lines[1:]:
+        row = dict(zip(fields, line.split()))
+        if int(row["key"]) == key:
+            return int(row["lpid"])
+    raise LookupError(hex(key))
+
+
+def test_the_library_does_not_try_a_half_made_segment_at_every_hit(lib, key):
+    """After an uninstall, a segment found half made at the key (created,
+    not formatted: an install under way, or its installer killed) is tried
+    once, then again only a second later: not at every hit (each try maps
+    and unmaps it: shmat and shmdt, seen in the segment's last_pid)."""
+    import os
+    import sysv_ipc
+    segment.install(key, "sysv")
+    h = _ffi_handle(lib, key, "sysv")
+    half = None
+    try:
+        assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        segment.uninstall(key, "sysv", force=True)
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        half.detach()
+        tried_once_a_second(key, lambda: lib.tt_hit(h, b"a.example", b"pageview", 1),
+                            os.getpid())
+        half.remove()
+        half = None
+        segment.install(key, "sysv")
+        time.sleep(1.1)   # the half made retry: at most once a second
+        for _ in range(2):
+            assert lib.tt_hit(h, b"a.example", b"pageview", 1) == 0
+        assert _total(key, "sysv") == 2
+    finally:
+        lib.tt_close(h)
+        if half is not None:
+            half.remove()
+
+
+def test_threads_with_their_own_memos_share_one_writer_exactly(installed, tmp_path):
+    """A threaded PHP (ZTS) in C: 4 threads share one writer under one
+    mutex, each with its own hit memo and page-account memo (the
+    extension's module globals, one copy per thread), each alternating two
+    accounts so its memo is refilled at every hit: every hit is counted
+    once, under its own account.  (No ZTS PHP is built here: Debian ships
+    PHP without threads; tests/c/threads_memo.c is the extension's model.)"""
+    key, backend = installed
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path / "threads_memo"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-Wno-unused-function", "-pthread", str(HERE / "c" / "threads_memo.c"),
+                    "-o", str(out), *c_paths("cflags").split()], check=True)
+    threads, hits = 4, 20_000
+    done = subprocess.run([str(out), hex(key), backend, str(threads), str(hits)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+    counter = segment.attach(key, backend)
+    try:
+        m = int(time.time()) // 60
+
+        def total(account):
+            slot = counter.find(account, "pageview")
+            return sum(n for s, _, n in counter.minutes(m - 2, m + 1) if s == slot)
+        for t in range(threads):
+            assert (total(f"t{t}a.example"), total(f"t{t}b.example")) == (hits // 2, hits // 2)
+        assert total(None) == threads * hits
+    finally:
+        counter.detach()
+
+
+def test_the_cores_clock_is_the_coarse_clocks_second(tmp_path):
+    """tt_now_second() reads time() (one vDSO load) instead of
+    clock_gettime(CLOCK_REALTIME_COARSE): it must be the same second, never
+    another clock's (read for 1.2 s, so at least one second changes, each
+    read between two coarse reads)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path / "clock_bracket"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", "-Wno-unused-function",
+                    str(HERE / "c" / "clock_bracket.c"), "-o", str(out),
+                    *c_paths("cflags").split()], check=True)
+    samples, outside = map(int, subprocess.run([str(out), "1200"], capture_output=True,
+                                               text=True, check=True).stdout.split())
+    assert samples > 1000 and outside == 0, (samples, outside)
+
+
+def test_the_attacher_follows_the_wall_clock_back(key, tmp_path):
+    """The attacher's retry times are wall-clock seconds (tt_now_second):
+    a worker that found no segment (next try 10 s later) and then sees the
+    clock step back an hour (an NTP step at boot, a restored VM) tries
+    again at its next hit once a segment is there, instead of waiting an
+    hour for the clock to pass its last try (every hit lost meanwhile)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (apt-get install gcc)")
+    out = tmp_path / "clock_back"
+    subprocess.run([cc, "-O2", "-Wall", "-Werror", str(HERE / "c" / "clock_back.c"), "-o",
+                    str(out), *c_paths("cflags").split(), *c_paths("libs").split()],
+                   check=True)
+    proc = subprocess.Popen([str(out), str(key)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        segment.install(key, "sysv")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "1\n"
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1545,6 +1545,28 @@ def test_after_a_reinstall_a_half_made_segment_is_waited_for(key, caplog, stray_
         trafficthreshold.configure()
 
 
+def test_a_half_made_segment_is_not_tried_at_every_hit(key):
+    """The core's attacher (one policy for Python, PHP and the library): a
+    segment found half made after an uninstall is tried once, then again
+    only a second later, not at every hit (a try maps it: the segment's
+    last pid in /proc/sysvipc/shm)."""
+    from test_core_ffi import tried_once_a_second
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    half = None
+    try:
+        segment.install(key, "sysv", now=NOW)
+        trafficthreshold.hit("example.com")
+        segment.uninstall(key, "sysv")
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        half.detach()
+        tried_once_a_second(key, lambda: trafficthreshold.hit("example.com"), os.getpid())
+    finally:
+        if half is not None:
+            half.remove()
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()
+
+
 _THREADED_CACHE_BOUND = r'''
 import sys, threading
 from trafficthreshold import segment
@@ -1696,3 +1718,60 @@ def test_a_counter_object_of_a_retired_segment_refuses_hits_then_a_new_one_count
             new.detach()
     finally:
         old.detach()
+
+
+def _attach_held_open(inside: threading.Event, go_on: threading.Event):
+    """An attach callback whose first call (thread A) waits inside, as the
+    Python code of _attach_default may be descheduled for another thread
+    holding the GIL, until the test lets it go on; later calls go straight
+    through."""
+    calls = []
+
+    def attach():
+        calls.append(threading.get_ident())
+        if len(calls) == 1:
+            inside.set()
+            go_on.wait(10)
+        return trafficthreshold._attach_default()
+    return attach, calls
+
+
+@pytest.mark.parametrize("retired", [False, True])
+def test_a_hit_while_another_thread_attaches_is_counted_once_attached(key, retired):
+    """Two threads of one Python process (the GIL is let go inside the
+    attach callback, which is Python): thread B hits while thread A is
+    attaching the default counter, at the first hit (retired False) or
+    after a reinstall (True).  B's hit is counted (before, the attacher
+    said 'tried a moment ago' and B's hit was lost), and the process holds
+    one attachment afterwards, not a second leaked one (before, with both
+    attaching, the first Counter was overwritten without being released)."""
+    trafficthreshold.configure(key=key, backend="sysv", strict=False)
+    inside, go_on = threading.Event(), threading.Event()
+    try:
+        segment.install(key, "sysv")
+        if retired:
+            trafficthreshold.hit("example.com")
+            segment.uninstall(key, "sysv", force=True)
+            segment.install(key, "sysv")
+        attach, calls = _attach_held_open(inside, go_on)
+        _counter._setup(trafficthreshold.names.validate, attach, trafficthreshold._warn, False)
+        if not retired:
+            _counter._reset()
+        a = threading.Thread(target=trafficthreshold.hit, args=("example.com",))
+        a.start()
+        assert inside.wait(10)
+        trafficthreshold.hit("example.com")             # thread B, while A attaches
+        go_on.set()
+        a.join(10)
+        trafficthreshold.hit("example.com")
+        counter = segment.attach(key, "sysv")
+        try:
+            assert counter.count(counter.find("example.com", "pageview"), 0) == 3
+            # This process's attachments: the default counter's and ours.
+            assert sysv_ipc.SharedMemory(key).number_attached - 1 == 2
+        finally:
+            counter.detach()
+    finally:
+        go_on.set()
+        trafficthreshold._settings.clear()
+        trafficthreshold.configure()

@@ -771,3 +771,23 @@ def test_a_lapse_whose_refresh_reply_was_lost_is_still_seen(redis_server):
         assert claim.lapsed()
         assert not claim.lapsed()  # consumed
         client.close()
+
+
+def test_a_supervisor_starting_under_a_dead_holder_of_another_boot_waits_it_out(
+        tmp_path, redis_server):
+    """The name still held, for the rest of its TTL, by a supervisor of
+    another boot (the machine rebooted, or the name moved to a new machine,
+    within 5 s): the supervisor's start (PeriodStore.claim_host with
+    ``wait``) watches the key, sees it expire unrefreshed and starts; a
+    start that did not wait would be refused as a clone."""
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a = host_config(tmp_path, "web1", keys["web1"], proxies["web1"].port)
+        redis_server.client().set("track~owner:web1", "1 another-boot 4000 abcd", px=1500)
+        started = time.monotonic()
+        sup = start(a, 4200, NOW)
+        try:
+            assert time.monotonic() - started >= 1
+            holder = farm.HostClaim.holder(redis_server.client(), "web1")
+            assert holder is not None and holder["pid"] == 4200
+        finally:
+            sup.shutdown(NOW + 1)

@@ -298,3 +298,99 @@ def test_a_switch_killed_while_dropping_the_records_never_allows_a_rerun(
     with pytest.raises(ConfigError, match="already rolls into this Redis"):
         migrate(path, store)
     assert store.period("acme", "pageview", 2026) == year
+
+
+@pytest.mark.parametrize("made", ["missing", "empty"])
+def test_a_file_without_period_tables_is_refused_and_nothing_written(
+        redis_server: RedisServer, tmp_path: Path, made: str) -> None:
+    """A path that does not exist, or a file the daemon never created its
+    tables in: nothing to copy, said so, and no migration recorded (which
+    would otherwise block a later real migration's rerun logic)."""
+    from trafficthreshold.errors import ConfigError
+    path = tmp_path / "stats.sqlite3"
+    if made == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(ConfigError, match="nothing to migrate.*stats.sqlite3"):
+        migrate(str(path), store_on(redis_server))
+    with pytest.raises(ConfigError, match="nothing to migrate"):
+        count_hashes(str(path))
+    assert redis_server.client().keys("*") == []
+    assert (made == "missing") == (not path.exists())  # the reader created nothing
+
+
+def test_a_file_whose_path_holds_uri_characters_is_migrated(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """The file is opened by SQLiteStore's read-only reader (a quoted URI):
+    a '#', '?' or '%' in its path is part of the name, not of the URI (the
+    old reader of migrate.py cut the path at them)."""
+    folder = tmp_path / "sites?a=1%20#b"
+    folder.mkdir()
+    path = str(folder / "stats#1.sqlite3")
+    with SQLiteStore(path, "UTC") as sqlite:
+        sqlite.roll([("shop", "pageview", MINUTE, 5)], now=1)
+    store = store_on(redis_server)
+    summary = migrate(path, store)
+    assert summary.hits == 5 and count_hashes(path) == summary.hashes
+    assert store.period("shop", "pageview", 2026)["total"] == 5
+
+
+@pytest.mark.parametrize("collides", [False, True])
+def test_the_printed_rename_runs_in_a_shell_whole_or_not_at_all(
+        redis_server: RedisServer, tmp_path: Path, collides: bool) -> None:
+    """The command the refusal prints, pasted into a shell as it is (the
+    real sqlite3 shell, the file in a folder whose name has a space): it
+    renames every ':' and the migration then goes through; a rename onto a
+    name that already exists (here a funnel status, whose watermark comes
+    after the period tables) aborts and leaves the file as it was, not
+    half renamed (main's statements ran one by one: the period tables
+    renamed, the watermarks and funnels not)."""
+    import subprocess
+    from trafficthreshold.errors import ConfigError
+    folder = tmp_path / "my sites"
+    folder.mkdir()
+    path = str(folder / "stats.sqlite3")
+    items = [("a:b", "pageview", MINUTE, 1), ("shop", "order/pa:id", MINUTE, 2)]
+    if collides:
+        items.append(("shop", "order/pa-id", MINUTE, 4))
+    with SQLiteStore(path, "UTC") as sqlite:
+        sqlite.roll(items, now=1)
+    with SQLiteStore(path, "UTC", readonly=True) as before, before.snapshot():
+        first = (list(before.export_periods()), sorted(before.export_watermarks(0)),
+                 list(before.export_funnels(by_month=True)))
+    store = store_on(redis_server)
+    with pytest.raises(ConfigError) as err:
+        migrate(path, store)
+    command = str(err.value).split("with the daemon stopped: ", 1)[1].split(" (a rename onto")[0]
+    ran = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    with SQLiteStore(path, "UTC", readonly=True) as after, after.snapshot():
+        now = (list(after.export_periods()), sorted(after.export_watermarks(0)),
+               list(after.export_funnels(by_month=True)))
+    if collides:
+        assert ran.returncode != 0 and "UNIQUE" in ran.stderr
+        assert now == first
+        assert not redis_server.client().keys("track:*")
+    else:
+        assert ran.returncode == 0, ran.stderr
+        migrate(path, store)
+        assert store.period("a-b", "pageview", 2026)["total"] == 1
+
+
+def test_a_damaged_table_is_a_store_error_naming_the_file_and_the_recovery(
+        redis_server: RedisServer, history: tuple[str, list]) -> None:
+    """A sqlite3 error while the file is read (here the minutes table's
+    root page overwritten) is a StoreError naming the migrated file, not
+    the configured database, and the recovery (.recover)."""
+    import sqlite3
+    from trafficthreshold.store import StoreError
+    path, _ = history
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'minutes'").fetchone()[0]
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(random.Random("minutes").randbytes(48))
+    with pytest.raises(StoreError) as err:
+        migrate(path, store_on(redis_server))
+    assert path in str(err.value) and ".recover" in str(err.value)

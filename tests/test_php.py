@@ -142,6 +142,9 @@ def rest_and_hosts_are_no_page_views(site: PhpSite, key: int, backend: str, page
                                  ("GET", "/missing.php", 404), ("GET", "/api.php", 200),
                                  ("GET", "/retyped.php", 200),
                                  ("GET", "/style.css", 200), ("GET", "/healthz", 200),
+                                 # the path is the URI without its query
+                                 ("GET", "/style.css?v=1.2", 200),
+                                 ("GET", "/healthz?probe=k8s/a.b", 200),
                                  ("POST", "/", 200), *more]:
         assert get_many(site, path, 8, connections=2, method=method) == [status] * 8, path
     assert minute_total(key, backend, None) == pages
@@ -382,6 +385,220 @@ def test_a_reinstalled_segment_is_followed_without_a_restart(tmp_path, site_root
         assert minute_total(key, "sysv", None) == 100
     finally:
         site.stop()
+
+
+# ------------------------------------------------------- php-cli, step by step
+
+class PhpCli:
+    """A php-cli process with the extension that runs `script` once per line
+    sent (`step`), so a test can change the segment between two of its
+    hits; the script's output of each step is returned."""
+
+    def __init__(self, extension: Path, key: int, backend: str, body: str, **ini: str):
+        script = ("<?php\nwhile (($line = fgets(STDIN)) !== false) {\n" + body
+                  + "\n echo \"\\n--\\n\"; fflush(STDOUT);\n}\n")
+        settings = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+                    "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend,
+                    **ini}
+        args = ["php", "-n"] + [f"-d{k}={v}" for k, v in settings.items()] + ["-r", script[6:]]
+        # The error log (stderr: the one warning per process) is not the
+        # script's output.
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+
+    def step(self, line: str = "go") -> str:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        out = []
+        while (got := self.proc.stdout.readline()) not in ("--\n", ""):
+            out.append(got)
+        return "".join(out).strip()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+
+
+def test_a_memoized_key_reclaimed_under_php_counts_under_its_own_name(extension, installed):
+    """A script's literals are memoized by their zend_string pointers (the
+    hit's fast path); the supervisor reclaims the key and another name takes
+    its slot: the next hit through the memo finds the slot stale (the
+    bucket tags' generation) and counts in a new slot of its own name, never
+    into the slot's new owner."""
+    key, backend = installed
+    php = PhpCli(extension, key, backend,
+                 'var_dump(trafficthreshold_hit("gone.example"), '
+                 'trafficthreshold_hit("gone.example", "signup"));')
+    counter = segment.attach(key, backend)
+    try:
+        assert php.step() == "bool(true)\nbool(true)"
+        assert php.step() == "bool(true)\nbool(true)"
+        now_minute = int(time.time()) // 60
+        reclaimed = counter.reclaim(now_minute + 2)
+        assert {r[1] for r in reclaimed} == {"gone.example", "all"}
+        counter.hit("new.example", "pageview", 3)
+        # The slots changed hands (the free list gives them out again).
+        assert {r[0] for r in reclaimed} & {counter.find("new.example", "pageview"),
+                                           counter.find(None, "pageview")}
+        assert php.step() == "bool(true)\nbool(true)"
+        assert php.step() == "bool(true)\nbool(true)"
+        new = counter.find("new.example", "pageview")
+        assert sum(n for s, _, n in counter.minutes(now_minute - 1, now_minute + 1)
+                   if s == new) == 3
+        for account, event in (("gone.example", "pageview"), ("gone.example", "signup")):
+            found = counter.find(account, event)
+            assert found is not None and found != new
+            assert sum(n for s, _, n in counter.minutes(now_minute - 1, now_minute + 1)
+                       if s == found) == 2, (account, event)
+    finally:
+        counter.detach()
+        php.close()
+
+
+def test_a_memoized_key_is_not_used_in_a_reinstalled_segment(extension, key, backend):
+    """The memo's refs are the old segment's: after a reinstall, where
+    another name took the first slots, the script's next hit of the same
+    literal resolves its name in the new segment (the writer's generation
+    moved at the attach) instead of adding into the new owner's slot."""
+    segment.install(key, backend)
+    php = PhpCli(extension, key, backend, 'var_dump(trafficthreshold_hit("a.example"));')
+    try:
+        assert php.step() == "bool(true)"
+        assert php.step() == "bool(true)"
+        segment.uninstall(key, backend, force=True)
+        segment.install(key, backend)
+        counter = segment.attach(key, backend)
+        try:
+            counter.hit("b.example", "pageview", 5)
+            assert php.step() == "bool(true)"
+            now_minute = int(time.time()) // 60
+
+            def total(account):
+                slot = counter.find(account, "pageview")
+                return sum(n for s, _, n in counter.minutes(now_minute - 1, now_minute + 1)
+                           if s == slot) if slot is not None else 0
+            assert (total("a.example"), total("b.example"), total(None)) == (1, 5, 6)
+        finally:
+            counter.detach()
+    finally:
+        php.close()
+
+
+def test_php_sees_a_reinstall_to_the_other_backend_at_once(extension, key):
+    """trafficthreshold.backend not set (found: sysv, else posix): the sysv
+    segment is uninstalled and installed again as posix under a running
+    script; its next hit attaches to the new one (the core's attacher
+    watches both backends; before, the extension watched the old backend
+    only and waited out the 10 s)."""
+    segment.install(key, "sysv")
+    php = PhpCli(extension, key, "", 'var_dump(trafficthreshold_hit("a.example"));')
+    try:
+        assert php.step() == "bool(true)"
+        segment.uninstall(key, "sysv", force=True)
+        assert php.step() == "bool(false)"     # none installed: not counted
+        segment.install(key, "posix")
+        assert [php.step() for _ in range(3)] == ["bool(true)"] * 3
+        assert minute_total(key, "posix", "a.example") == 3
+    finally:
+        php.close()
+        segment.uninstall(key, "posix", force=True)
+
+
+def test_php_does_not_try_a_half_made_segment_at_every_hit(extension, key):
+    """After an uninstall, a segment found half made at the key (an install
+    under way, or its installer killed) is tried once, then again only a
+    second later, not at every hit (a try maps it: the segment's lpid), and
+    attached once it is installed."""
+    import sysv_ipc
+    from test_core_ffi import tried_once_a_second
+    segment.install(key, "sysv")
+    php = PhpCli(extension, key, "sysv", 'var_dump(trafficthreshold_hit("a.example"));')
+    half = None
+    try:
+        assert php.step() == "bool(true)"
+        segment.uninstall(key, "sysv", force=True)
+        half = sysv_ipc.SharedMemory(key, sysv_ipc.IPC_CREX, size=8192, init_character=b"\0")
+        half.detach()
+        tried_once_a_second(key, php.step, php.proc.pid)
+        half.remove()
+        half = None
+        segment.install(key, "sysv")
+        time.sleep(1.1)
+        assert [php.step() for _ in range(2)] == ["bool(true)"] * 2
+        assert minute_total(key, "sysv", "a.example") == 2
+    finally:
+        php.close()
+        if half is not None:
+            half.remove()
+
+
+NAMES = ["a.example", "a:b", "a/b", "a\\b", "..", ".", "a..b", "a b", "all", "-",
+         "x" * 64, "x" * 65, "é.example"]
+
+
+def test_php_names_through_the_memo_are_pythons_verdicts(extension, installed):
+    """Each name as a script literal (an interned string: the memo's
+    fast path), counted twice in a row and again after other names: PHP
+    accepts exactly the names Python's names.validate accepts, every time
+    (a refused name is never memoized; an accepted one counts each hit),
+    separators ':' '/' '\\' '.' '..' included."""
+    from trafficthreshold import names as tt_names
+    key, backend = installed
+    calls = " ".join(f"var_dump(trafficthreshold_hit({n!r}));" for n in NAMES for _ in range(2))
+    php = PhpCli(extension, key, backend, calls)
+    try:
+        for round_ in range(2):
+            got = php.step().split("\n")
+            for i, name in enumerate(NAMES):
+                try:
+                    tt_names.validate(None if name == "all" else name, "pageview")
+                    ok = "bool(true)"
+                except ValueError:
+                    ok = "bool(false)"
+                assert got[2 * i:2 * i + 2] == [ok, ok], (name, round_)
+    finally:
+        php.close()
+    counter = segment.attach(key, backend)
+    try:
+        m = int(time.time()) // 60
+        for name in NAMES:
+            try:
+                tt_names.validate(name, "pageview")
+            except ValueError:
+                continue
+            slot = counter.find(name, "pageview")
+            assert sum(n for s, _, n in counter.minutes(m - 1, m + 1) if s == slot) == 4, name
+    finally:
+        counter.detach()
+
+
+def test_a_literal_of_the_next_request_is_not_counted_under_the_last_ones_name(
+        tmp_path, extension, installed):
+    """Without opcache a script's literals are the request's interned
+    strings, freed at its end; the next request's script, compiled the same
+    way, gets its literal at the same address with other bytes.  One
+    php-fpm worker serves one.php and two.php in turn: each hit counts
+    under its own name (the names' memo is cleared between requests; a memo
+    kept would count two.php's hits under 'one.example')."""
+    key, backend = installed
+    root = tmp_path / "www"
+    root.mkdir()
+    for name in ("one", "two"):
+        (root / f"{name}.php").write_text(
+            f'<?php var_dump(trafficthreshold_hit("{name}.example"), '
+            f'function_exists("opcache_get_status"));\n')
+    settings = {"extension": str(extension / "modules" / "trafficthreshold.so"),
+                "trafficthreshold.key": hex(key), "trafficthreshold.backend": backend}
+    site = PhpSite(tmp_path / "site", root, settings, workers=1).start()
+    try:
+        for _ in range(3):
+            for name in ("one", "two"):
+                status, body = site.get(f"/{name}.php")
+                assert (status, body) == (200, b"bool(true)\nbool(false)\n"), name
+    finally:
+        site.stop()
+    assert minute_total(key, backend, "one.example") == 3
+    assert minute_total(key, backend, "two.example") == 3
 
 
 # ---------------------------------------------------------------- mod_php

@@ -708,16 +708,23 @@ def test_a_reader_never_takes_the_write_lock_and_cannot_write(store: SQLiteStore
     assert store.period("acme", EVENT, 2026, 5)["total"] == 6
 
 
-def test_a_reader_of_a_schema_1_file_does_not_migrate_it(tmp_path: Path) -> None:
+def schema_1_file(tmp_path: Path, *rows: str) -> str:
+    """A file of schema 1 (watermarks without instances, no funnels) with
+    one watermark (minute 100, acme/pageview: 4) and the INSERTs ``rows``."""
     from trafficthreshold.store import sqlite as store_module
     path = str(tmp_path / "old.sqlite3")
     conn = sqlite3.connect(path)
-    for statement in store_module.DDL:
+    for statement in [*store_module.DDL,
+                      "INSERT INTO watermarks VALUES (100, 'acme', 'pageview', 4)", *rows,
+                      "PRAGMA user_version = 1"]:
         conn.execute(statement)
-    conn.execute("INSERT INTO watermarks VALUES (100, 'acme', 'pageview', 4)")
-    conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
+    return path
+
+
+def test_a_reader_of_a_schema_1_file_does_not_migrate_it(tmp_path: Path) -> None:
+    path = schema_1_file(tmp_path)
     with SQLiteStore(path, ZONE, readonly=True) as reader:
         assert reader.watermark_minutes(0) == {("acme", "pageview", 100): 4}
     assert rows(path, "PRAGMA user_version") == [(1,)]
@@ -864,3 +871,113 @@ def test_metrics_reading_of_a_damaged_meta_value_names_the_recovery(path: str) -
         with pytest.raises(StoreError, match="damaged.*late_dropped.*recover"):
             reader.metrics_reading(None, 0, 0)
         assert not reader._conn.in_transaction
+
+
+# --------------------------------------------------------------------------
+# export: what `store migrate` reads (no SQL outside this module)
+
+
+def test_the_export_reads_every_level_funnel_and_watermark(path: str) -> None:
+    """export_periods gives every row of every level in key order (the same
+    counts as plain SQL); export_funnels sums a year's months or gives the
+    months; export_groups counts the (key, period but its last part) groups
+    both yield; export_watermarks gives one instance's; export_pairs lists
+    the keys."""
+    m1, m2 = minute_at(2026, 3, 1, 12, 5), minute_at(2026, 4, 2, 8, 0)
+    with SQLiteStore(path, ZONE) as store:
+        store.roll([("shop", EVENT, m1, 3), ("acme", EVENT, m1, 2), ("acme", EVENT, m2, 7),
+                    ("shop", "order/paid", m1, 4), ("shop", "order/paid", m2, 5),
+                    ("shop", "order/new", m2, 1)], now_of(m2), instance=2**64 - 5)
+    with SQLiteStore(path, ZONE, readonly=True) as old, old.snapshot():
+        periods = list(old.export_periods())
+        levels = [p[0] for p in periods]
+        assert levels == sorted(levels, key=["months", "days", "hours", "minutes"].index)
+        for table in ("months", "days", "hours", "minutes"):
+            got = [p[1:] for p in periods if p[0] == table]
+            assert got == sorted(got)
+            assert sum(p[-1] for p in got) == rows(path, f"SELECT SUM(count) FROM {table}")[0][0]
+        assert ("months", "acme", EVENT, (2026, 4), 7) in periods
+        assert ("minutes", "shop", EVENT, (2026, 3, 1, 12, 5), 3) in periods
+        assert list(old.export_funnels(by_month=False)) == [
+            ("shop", "order", (2026,), "new", 1), ("shop", "order", (2026,), "paid", 9)]
+        assert list(old.export_funnels(by_month=True)) == [
+            ("shop", "order", (2026, 3), "paid", 4), ("shop", "order", (2026, 4), "new", 1),
+            ("shop", "order", (2026, 4), "paid", 5)]
+        # months: (acme, 2026), (shop, 2026); days: 2 + 1 months; hours and
+        # minutes: 2 + 1 days each; funnels: 1 year + 2 months
+        assert old.export_groups() == 2 + 3 + 3 + 3 + 1 + 2
+        assert old.export_pairs() == [("acme", EVENT), ("shop", EVENT)]
+        marks = sorted(old.export_watermarks(2**64 - 5))
+        assert (m2, "acme", EVENT, 7) in marks and (m1, "shop", "order/paid", 4) in marks
+        assert list(old.export_watermarks(9)) == []
+    assert rows(path, "SELECT COUNT(*) FROM months")[0][0] == 3  # nothing written
+
+
+def test_the_export_reads_one_snapshot_while_a_writer_writes(path: str) -> None:
+    """Inside snapshot() a roll committed by another connection is not
+    seen (the periods and the watermarks read agree); after it, it is."""
+    m = minute_at(2026, 3, 1, 12, 5)
+    with SQLiteStore(path, ZONE) as writer:
+        writer.roll([("acme", EVENT, m, 2)], now_of(m))
+        with SQLiteStore(path, ZONE, readonly=True) as old:
+            with old.snapshot():
+                first = list(old.export_periods())
+                writer.roll([("acme", EVENT, m, 9), ("shop", EVENT, m, 1)], now_of(m))
+                assert list(old.export_periods()) == first
+                assert list(old.export_watermarks(0)) == [(m, "acme", EVENT, 2)]
+            assert ("months", "acme", EVENT, (2026, 3), 9) in list(old.export_periods())
+
+
+def test_the_export_of_a_schema_1_file_has_no_instances_and_no_funnels(tmp_path: Path) -> None:
+    path = schema_1_file(tmp_path, "INSERT INTO months VALUES ('a:b', 'pageview', 2026, 1, 4)")
+    with SQLiteStore(path, ZONE, readonly=True) as old:
+        assert list(old.export_watermarks(12345)) == [(100, "acme", EVENT, 4)]
+        assert list(old.export_funnels(by_month=True)) == []
+        assert old.export_groups() == 1
+        assert old.names_with(":") == [("a:b", EVENT)]
+        assert "funnels" not in old.rename_sql(":", "-")
+
+
+@pytest.mark.parametrize("sep", [":", "\\", ".", "'", ".."])
+def test_names_with_a_separator_and_the_sql_that_renames_them(path: str, sep: str) -> None:
+    """names_with finds a separator in accounts, events and funnel
+    statuses; rename_sql, run as given, leaves none (a quote too)."""
+    m = minute_at(2026, 3, 1, 12, 5)
+    with SQLiteStore(path, ZONE) as store:
+        store.roll([(f"a{sep}b", EVENT, m, 1), ("c", f"e{sep}f", m, 2), ("clean", EVENT, m, 3),
+                    ("shop", f"order/pa{sep}id", m, 4)], now_of(m))
+        assert store.names_with(sep) == [(f"a{sep}b", EVENT), ("c", f"e{sep}f"),
+                                         ("shop", f"order/pa{sep}id")]
+        sql = store.rename_sql(sep, "-")
+        with pytest.raises(ValueError, match="would leave"):
+            store.rename_sql(sep, f"-{sep}")  # the names would keep it
+    conn = sqlite3.connect(path)
+    conn.executescript(sql)
+    conn.close()
+    with SQLiteStore(path, ZONE, readonly=True) as old:
+        assert old.names_with(sep) == []
+        assert ("a-b", EVENT) in old.export_pairs()
+        # the keys table too: accounts() lists, and prune() prunes, by it
+        assert old.accounts() == ["a-b", "c", "clean"] and old.events("c") == ["e-f"]
+
+
+def test_the_snapshot_reads_the_schema_of_its_own_state(tmp_path: Path) -> None:
+    """The schema is the snapshot's too: a file of schema 1 opened for the
+    export, then migrated and rolled into by a daemon (of this version)
+    before the snapshot begins, is read as the schema 3 file it now is (one
+    instance's watermarks, its funnels), as main's migrate.py read the
+    columns inside its transaction."""
+    m = minute_at(2026, 3, 1, 12, 5)
+    path = schema_1_file(tmp_path)
+    with SQLiteStore(path, ZONE, readonly=True) as old:
+        with SQLiteStore(path, ZONE) as daemon:  # migrates the file to schema 3
+            daemon.roll([("acme", EVENT, m, 2), ("shop", "order/paid", m, 3)], now_of(m),
+                        instance=7)
+            daemon.roll([("acme", EVENT, m + 1, 5)], now_of(m + 1), instance=8)
+        with old.snapshot():
+            assert sorted(old.export_watermarks(8)) == [
+                (mm, a, e, c) for mm, a, e, c in sorted(rows(
+                    path, "SELECT epoch_minute, account, event, count FROM watermarks "
+                    "WHERE instance = 8"))]
+            assert list(old.export_funnels(by_month=False)) == [
+                ("shop", "order", (2026,), "paid", 3)]

@@ -63,17 +63,13 @@ static PyObject *str_status_sep;  /* "/", names.STATUS_SEP */
 
 /* The default counter used by the module-level hit() and friends. */
 static Counter *default_counter;
-static int64_t next_attach_try = 0;  /* second before which we do not retry */
-/* The place of a default segment that was retired under us (an uninstall),
- * watched until a segment is there again, in either backend (watch_found);
- * -1: none. */
-static int watch_backend = -1;
-static long watch_key;
-/* The second before which the watch does not attach again: a segment that
- * is there but could not be attached (being installed) is tried again at
- * most once a second, so a half install left by a killed installer does
- * not cost every hit an attach. */
-static int64_t watch_after = 0;
+/* When to attach it: the core's policy (tt_attacher, tt_core.c): every
+ * 10 s without a segment, at once after a re-install in either backend, a
+ * half made segment once a second. */
+static tt_attacher attacher = {0, -1, 0, 0};
+/* Threads inside attach_cb now: it is Python code, so another thread may
+ * run (and hit) while one attaches. */
+static int attaching = 0;
 static int strict_mode = 0;
 
 /* Raises the core's last error (c->err, c->error) as the exception of its
@@ -126,10 +122,8 @@ static uint64_t parse_second(PyObject *obj)
 {
     struct timespec ts;
     double t;
-    if (obj == NULL || obj == Py_None) {
-        clock_gettime(CLOCK_REALTIME_COARSE, &ts);  /* see tt_now_seconds() */
-        return (uint64_t)ts.tv_sec;
-    }
+    if (obj == NULL || obj == Py_None)
+        return tt_now_second();  /* the coarse second, one vDSO load (tt_core.c) */
     t = parse_now(obj);
     if (t < 0)
         return 0;
@@ -649,48 +643,41 @@ static inline Counter *get_default(void)
     return attach_default();
 }
 
-/* Whether a segment is at the watched key, in either backend: a re-install
- * may pick the other one (the backend is found, not configured: sysv, else
- * posix, _attach_default).  Two system calls, on the degraded path only. */
-static int watch_found(void)
-{
-    return tt_segment_exists(watch_backend, watch_key)
-        || tt_segment_exists(watch_backend == TT_BACKEND_SYSV ? TT_BACKEND_POSIX
-                             : TT_BACKEND_SYSV, watch_key);
-}
-
 /* get_default() without a live default counter: out of the hot path. */
 __attribute__((noinline)) static Counter *attach_default(void)
 {
     PyObject *r;
     /* The process's clock, not the hit's `now`: the retries are about real
      * time, and a hit replayed with a `now` far ahead would otherwise push
-     * them (next_attach_try, watch_after) that far, every later hit lost. */
+     * them (the attacher's retries) that far, every later hit lost. */
     int64_t t = (int64_t)tt_now_second();
     if (default_counter != NULL) {
         /* Uninstalled under us: let go, and look for a new one at once
-         * (below); until one is there, every hit asks whether it is
-         * (watch_*: one system call per hit, on this degraded path only),
-         * so that every hit after the next install is counted in it. */
-        watch_backend = default_counter->s.backend;
-        watch_key = default_counter->s.key;
-        next_attach_try = 0;
+         * (below); until one is there, every hit asks whether it is (one
+         * or two system calls per hit, on this degraded path only), so
+         * that every hit after the next install is counted in it. */
+        tt_attacher_retired(&attacher, default_counter->s.backend, default_counter->s.key);
         Py_CLEAR(default_counter);
     }
-    if (!strict_mode && t < next_attach_try
-        && (watch_backend < 0 || t < watch_after
-            || !watch_found()))
+    /* While another thread is attaching (its try recorded, so the policy
+     * says "not due"), this thread tries too rather than lose its hit: an
+     * attach is a system call or two, and only while one is under way. */
+    if (!tt_attacher_due(&attacher, t, strict_mode || attaching > 0))
         return NULL;
-    next_attach_try = t + TT_ATTACH_RETRY_S;
+    attaching++;
     r = PyObject_CallNoArgs(attach_cb);
-    if (r == NULL && watch_backend >= 0) {
-        /* Another layout, no permission ...: not a matter of waiting for
-         * the install; back to ATTACH_RETRY_S. */
-        if (!PyErr_ExceptionMatches(SegmentNotFound))
-            watch_backend = -1;
-        else
-            watch_after = watch_found() ? t + 1 : 0;
+    attaching--;
+    if (default_counter != NULL && tt_live(&default_counter->s)) {
+        /* Another thread attached meanwhile: its counter is the default;
+         * ours (if any) is let go of, not leaked. */
+        if (r == NULL)
+            PyErr_Clear();
+        Py_XDECREF(r);
+        return default_counter;
     }
+    if (r == NULL)
+        tt_attacher_tried(&attacher, t, PyErr_ExceptionMatches(SegmentNotFound)
+                                        ? TT_ERR_NOTFOUND : TT_ERR_OS);
     if (r == NULL) {
         if (strict_mode)
             return NULL;
@@ -703,8 +690,8 @@ __attribute__((noinline)) static Counter *attach_default(void)
         if (!strict_mode) warn("trafficthreshold: not counting");
         return NULL;
     }
-    default_counter = (Counter *)r;
-    watch_backend = -1;
+    Py_XSETREF(default_counter, (Counter *)r);  /* a retired one another thread left */
+    tt_attacher_tried(&attacher, t, TT_OK);
     return default_counter;
 }
 
@@ -1234,8 +1221,7 @@ static PyObject *mod_setup(PyObject *self, PyObject *args)
 static PyObject *mod_reset(PyObject *self, PyObject *unused)
 {
     Py_CLEAR(default_counter);
-    next_attach_try = 0;
-    watch_backend = -1;
+    tt_attacher_reset(&attacher);
     Py_RETURN_NONE;
 }
 

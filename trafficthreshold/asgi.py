@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping, Optional
 
+import trafficthreshold
+
 from . import pageviews
 from .pageviews import COUNTED_METHODS, RequestInfo, is_excluded_path, warn_once
 
@@ -48,7 +50,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 CountIf = Callable[[RequestInfo], bool]
 
-_throttle_status = pageviews._throttle_status
+_throttle_status = trafficthreshold.throttle_status
 
 #: The request-state attribute holding the level (``request.state.<this>``).
 STATE_KEY = "trafficthreshold_level"

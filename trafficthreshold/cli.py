@@ -20,7 +20,6 @@ import functools
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from typing import Any, Callable
@@ -100,11 +99,11 @@ def _message(exc: Exception) -> str | None:
         return str(exc)
     if isinstance(exc, (sysv_ipc.PermissionsError, posix_ipc.PermissionsError)):
         return _permission_message(exc)
-    if isinstance(exc, sqlite3.Error):
-        obj = click.get_current_context().obj or {}
-        db = getattr(obj.get("config"), "database", "the store")
-        from .store.sqlite import describe  # names the recovery: .recover, move aside, ...
-        return describe(db, exc)
+    from .store import file_problem  # a sqlite3 error names the recovery: .recover, ...
+    problem = file_problem(exc, lambda: getattr(
+        (click.get_current_context().obj or {}).get("config"), "database", "the store"))
+    if problem is not None:
+        return problem
     if type(exc).__module__.startswith("redis"):  # redis-py's errors, Sentinel's too
         obj = click.get_current_context().obj or {}
         cfg = obj.get("config")
@@ -662,7 +661,7 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     import urllib.parse
     from . import migrate, store as stores
     from .config import url_secrets
-    from .store import SQLiteStore, redact_url
+    from .store import redact_url
     if urllib.parse.urlsplit(url).password or url_secrets(url):
         raise click.ClickException(
             "--to holds a password (it would show in `ps` and the shell history): remove it "
@@ -674,8 +673,7 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
     if not os.path.exists(path):
         raise click.ClickException(f"{path} does not exist: name the SQLite file with --from")
     ring = migrate.refuse_running_daemon(cfg, path)
-    with SQLiteStore(path, cfg.timezone, readonly=True) as old:
-        instance = old.instance() or 0  # its watermarks carry over under it
+    instance = migrate.source_instance(path)  # its watermarks carry over under it
     try:
         with stores.open_writer(cfg) as target:  # records or checks the farm's zone
             if ring:

@@ -13,9 +13,16 @@ nothing twice; two hosts that migrate their own files add up, as their
 live roll-ups do.  (Hashes an older version copied whole are listed in the
 set ``{prefix}~migrated:{host}`` and left as they are.)
 
-The file is read in one read transaction (one snapshot: the periods and
-the watermarks agree, even while another process writes).  Refused, with
-nothing copied (ConfigError naming the fix):
+This module says what goes where; the backends do the reading and the
+writing: the file is read through a read-only
+:class:`~trafficthreshold.store.sqlite.SQLiteStore` (its ``export_*``
+methods), in one read transaction (its ``snapshot()``: the periods and the
+watermarks agree, even while another process writes), and Redis is
+written through :class:`~trafficthreshold.store.redis_migration.RedisMigration`.
+Refused, with nothing copied (ConfigError naming the fix):
+
+* a file with no period tables (missing, empty, or not created by the
+  daemon yet): there is nothing to copy;
 
 * while the supervisor of the configured segment runs and writes the file
   (:func:`refuse_running_daemon`, from the segment header's pid);
@@ -31,7 +38,7 @@ hour, counted from the migration); those already beyond it are left out.
 The funnels table (schema 3: counts per status of an event per year and
 month) becomes Bootic's funnel hashes, ``{funnels_prefix}:{account}:{event}:{Y}``
 and ``...:{Y}:{M}`` with a field per status, the same way
-(the same :data:`COPY_SCRIPT`).
+(the same copy script, :data:`trafficthreshold.store.redis_migration.COPY_SCRIPT`).
 
 So that the host's supervisor, once switched to Redis, carries on where the
 SQLite store stopped (neither re-adding nor skipping what its ring still
@@ -45,68 +52,18 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import sqlite3
+import shlex
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from trafficthreshold.errors import ConfigError, TrafficThresholdError
 from trafficthreshold.store.redis import RedisStore
-from trafficthreshold.store.sqlite import signed
+from trafficthreshold.store.redis_migration import RedisMigration
+from trafficthreshold.store.sqlite import SQLiteStore
 
 log = logging.getLogger("trafficthreshold.migrate")
-
-LEVELS = (("months", ("year", "month")), ("days", ("year", "month", "day")),
-          ("hours", ("year", "month", "day", "hour")),
-          ("minutes", ("year", "month", "day", "hour", "minute")))
-
-# One target hash (a period's or a funnel's), incrementally.  KEYS: the
-# legacy marker set (hashes copied whole by an older version), the shadow
-# hash (per field, the count copied so far), the target hash, the totals
-# hash, a key set (the funnels': KEYS[5] gets ARGV[4]).  ARGV: expire in
-# (seconds from now, as the roll's EXPIRE; 0 = never), the totals field
-# that gets the sum added ("" for none: only a year's hash, whose fields are
-# the months, adds to the key's all-time total), the head of the totals
-# field each field adds to on its own ("" for none: a funnel year's
-# statuses, "{account}\0{event}/"), the key set's member ("" for none), the
-# shadow's expiry when the target is kept (seconds: the host hash's, so an
-# abandoned migration's records go with it), then field, count pairs.
-# Adds what each field grew past its copied count and moves the shadow in
-# the same step; returns the sum added, or -1 for a hash an older version
-# copied.
-COPY_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[1], KEYS[3]) == 1 then return -1 end
-local total = 0
-for i = 6, #ARGV, 2 do
-  local copied = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
-  local delta = tonumber(ARGV[i + 1]) - copied
-  if delta > 0 then
-    redis.call('HINCRBY', KEYS[3], ARGV[i], delta)
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    if ARGV[3] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[3] .. ARGV[i], delta) end
-    total = total + delta
-  end
-end
-if total > 0 and ARGV[2] ~= '' then redis.call('HINCRBY', KEYS[4], ARGV[2], total) end
-if ARGV[4] ~= '' then redis.call('SADD', KEYS[5], ARGV[4]) end
-if ARGV[1] ~= '0' then
-  redis.call('EXPIRE', KEYS[3], ARGV[1], 'NX')
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
-elseif redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-return total
-"""
-
-# A watermark only ever moves up: keep the larger of the two.
-WATERMARK_SCRIPT = """
-local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > seen then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 0
-"""
 
 
 @dataclass
@@ -118,75 +75,61 @@ class Summary:
     watermarks: int = 0
 
 
-def _hashes(conn: sqlite3.Connection, prefix: str
+def _hashes(old: SQLiteStore, prefix: str
             ) -> Iterator[tuple[str, str, dict[str, int], str]]:
     """(table, target hash key, {field: count}, "{account}\\0{event}") for
     every period row, grouped by target hash."""
-    for table, parts in LEVELS:
-        cols = ", ".join(parts)
-        rows = conn.execute(f"SELECT account, event, {cols}, count FROM {table} "
-                            f"ORDER BY account, event, {cols}")
-        current, fields, pair = None, {}, ""
-        for account, event, *values, count in rows:
-            key = ":".join([prefix, account, event, *map(str, values[:-1])])
-            if key != current and current is not None:
-                yield table, current, fields, pair
-                fields = {}
-            current, pair = key, f"{account}\0{event}"
-            fields[str(values[-1])] = fields.get(str(values[-1]), 0) + int(count)
-        if current is not None:
-            yield table, current, fields, pair
+    current, fields, pair, level = None, {}, "", ""
+    for table, account, event, values, count in old.export_periods():
+        key = ":".join([prefix, account, event, *map(str, values[:-1])])
+        if key != current and current is not None:
+            yield level, current, fields, pair
+            fields = {}
+        current, pair, level = key, f"{account}\0{event}", table
+        fields[str(values[-1])] = fields.get(str(values[-1]), 0) + count
+    if current is not None:
+        yield level, current, fields, pair
 
 
-def _has_funnels(conn: sqlite3.Connection) -> bool:
-    """Whether the file has the funnels table (schema 3 on)."""
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'funnels'"
-                        ).fetchone() is not None
-
-
-def _funnel_hashes(conn: sqlite3.Connection, prefix: str
+def _funnel_hashes(old: SQLiteStore, prefix: str
                    ) -> Iterator[tuple[bool, str, dict[str, int], str]]:
     """(a year's hash?, target hash key, {status: count}, "{account}\0{event}")
     of every funnels row, a year's hash summing its months."""
-    if not _has_funnels(conn):
-        return
-    for year_level, parts in ((True, "year"), (False, "year, month")):
-        rows = conn.execute(f"SELECT account, event, {parts}, status, SUM(count) FROM funnels"
-                            f" GROUP BY account, event, {parts}, status"
-                            f" ORDER BY account, event, {parts}, status")
+    for year_level in (True, False):
         current, fields, pair = None, {}, ""
-        for account, event, *values, status, count in rows:
+        for account, event, values, status, count in old.export_funnels(
+                by_month=not year_level):
             key = ":".join([prefix, account, event, *map(str, values)])
             if key != current and current is not None:
                 yield year_level, current, fields, pair
                 fields = {}
             current, pair = key, f"{account}\0{event}"
-            fields[status] = int(count)
+            fields[status] = count
         if current is not None:
             yield year_level, current, fields, pair
 
 
 def count_hashes(path: str) -> int:
     """How many target hashes a migration of ``path`` writes (for a progress bar)."""
-    conn = _open(path)
-    try:
-        total = 0
-        for table, parts in LEVELS:
-            cols = ", ".join(["account", "event", *parts[:-1]])
-            total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} FROM {table})"
-                                  ).fetchone()[0]
-        if _has_funnels(conn):
-            for cols in ("account, event, year", "account, event, year, month"):
-                total += conn.execute(f"SELECT COUNT(*) FROM (SELECT DISTINCT {cols} "
-                                      "FROM funnels)").fetchone()[0]
-        return total
-    finally:
-        conn.close()
+    with _open(path) as old:
+        return old.export_groups()
 
 
-def _open(path: str) -> sqlite3.Connection:
-    # Read-only: a migration never changes the SQLite file.
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def source_instance(path: str) -> int:
+    """The segment instance the file's host rolled last (0 for none): its
+    watermarks carry over under it."""
+    with _open(path) as old:
+        return old.instance() or 0
+
+
+def _open(path: str) -> SQLiteStore:
+    """The file, read-only (a migration never changes it); ConfigError
+    when it has no period tables to copy."""
+    old = SQLiteStore(path, readonly=True)
+    if old.empty is not None:
+        old.close()
+        raise ConfigError(f"nothing to migrate: {old.empty}")
+    return old
 
 
 def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | None = None,
@@ -199,55 +142,38 @@ def migrate(path: str, store: RedisStore, *, instance: int = 0, now: float | Non
     hashes.  ``progress(n)`` is called after each target hash.  Refused
     (ConfigError, nothing copied) once this host rolls into Redis, or when
     the file holds names with ``:``."""
-    client, prefix = store.client, store.prefix
     now = time.time() if now is None else now
     refuse_after_rolls(store, now)
-    marker = f"{prefix}~migrated:{store.host}"
-    copy = client.register_script(COPY_SCRIPT)
-    keep = client.register_script(WATERMARK_SCRIPT)
+    writer = RedisMigration(store)
     summary = Summary()
-    conn = _open(path)
-    try:
-        conn.execute("BEGIN")  # one snapshot: periods and watermarks agree
-        refuse_colons(conn, path)
-        # Until the run is whole (the watermarks come last), this host's
-        # supervisor must not roll into Redis (RedisStore.claim_segment).
-        # The host hash and the shadows expire as a host's do (an abandoned
-        # migration goes with them); the record in {prefix}~migrations
-        # outlives them, so that a rerun after they expired is refused.
-        pipe = client.pipeline(transaction=True)
-        pipe.hset(store.migrations_key, store.host, f"copying {float(now)!r}")
-        pipe.hset(store.host_key, "migrating", repr(float(now)))
-        pipe.expire(store.host_key, store.host_ttl)
-        pipe.execute()
-        for table, key, fields, pair in _hashes(conn, prefix):
+    with _open(path) as old, old.snapshot():  # one snapshot: periods and watermarks agree
+        refuse_colons(old, path)
+        writer.begin(now)
+        for table, key, fields, pair in _hashes(old, store.prefix):
             expire_at = _expire_at(store, key) if table == "minutes" else 0
             if expire_at and expire_at <= now:
                 summary.expired += 1
                 progress(1)
                 continue
-            args: list[object] = [int(expire_at - now) if expire_at else 0,
-                                  pair if table == "months" else "", "", "", store.host_ttl]
-            for field, count in fields.items():
-                args.extend([field, count])
-            added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
-                                   store.funnel_keys_key], args=args))
+            added = writer.copy_hash(key, fields, expire_in=int(expire_at - now) if expire_at else 0,
+                                     total_field=pair if table == "months" else "")
             _count(summary, added, table == "months")
             progress(1)
-        _copy_funnels(conn, store, marker, summary, progress)
-        summary.watermarks = _copy_watermarks(conn, store, instance, keep)
-        pairs = [f"{a}\0{e}" for a, e in conn.execute("SELECT DISTINCT account, event "
-                                                      "FROM months")]
-        if pairs:  # what RedisStore.accounts() and events() list
-            client.sadd(store.keys_key, *pairs)
-        _copy_meta(conn, store)
-        pipe = client.pipeline(transaction=True)
-        pipe.hdel(store.host_key, "migrating")
-        pipe.expire(store.host_key, store.host_ttl)
-        pipe.hset(store.migrations_key, store.host, f"copied {float(now)!r}")
-        pipe.execute()
-    finally:
-        conn.close()
+        for year_level, key, fields, pair in _funnel_hashes(old, store.funnels_prefix):
+            added = writer.copy_hash(key, fields, field_head=f"{pair}/" if year_level else "",
+                                     member=pair)
+            _count(summary, added, year_level)
+            progress(1)
+        summary.watermarks = writer.keep_watermarks(instance, old.export_watermarks(instance))
+        writer.add_pairs(old.export_pairs())
+        # closed_through, and the instance the host last rolled (and the one
+        # uninstall rolled to its end), so that the supervisor's first roll
+        # into Redis sees a segment replaced since as the SQLite store would.
+        closed = old.closed_through()
+        if closed is not None:
+            store.set_closed_through(closed)
+        writer.set_instances(old.instance(), old.instance_ended())
+        writer.finish(now)
     log.info("migrated %s into Redis: %d hashes added to, %d with nothing new, %d minute "
              "hashes beyond retention, %d hits", path, summary.hashes, summary.skipped,
              summary.expired, summary.hits)
@@ -330,76 +256,19 @@ def refuse_after_rolls(store: RedisStore, now: float | None = None) -> None:
             "again, remove this host's keys from Redis first")
 
 
-def refuse_colons(conn: sqlite3.Connection, path: str) -> None:
+def refuse_colons(old: SQLiteStore, path: str) -> None:
     """Names with ``:`` would share Redis hashes with others (Bootic's keys
     split on ``:``: ``shop:order``/``paid`` and ``shop``/``order:paid`` are
     both ``track:shop:order:paid``); refuse, naming them and the fix."""
-    tables = ["months"] + (["funnels"] if _has_funnels(conn) else [])
-    bad = sorted({(a, e) for t in tables for a, e in conn.execute(
-        f"SELECT DISTINCT account, event FROM {t} WHERE instr(account, ':') > 0 "
-        "OR instr(event, ':') > 0")})
-    if "funnels" in tables:
-        bad += sorted({(a, f"{e}/{st}") for a, e, st in conn.execute(
-            "SELECT DISTINCT account, event, status FROM funnels "
-            "WHERE instr(status, ':') > 0")})
+    bad = old.names_with(":")
     if not bad:
         return
     shown = ", ".join(f"({a!r}, {e!r})" for a, e in bad[:10])
     more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-    tables = ["months", "days", "hours", "minutes", "watermarks", *tables[1:]]
-    sql = "; ".join(f"UPDATE OR ABORT {t} SET account = replace(account, ':', '-'), "
-                    f"event = replace(event, ':', '-')"
-                    + (", status = replace(status, ':', '-')" if t == "funnels" else "")
-                    for t in tables)
+    sql = old.rename_sql(":", "-")
     raise ConfigError(
         f"{path} holds names with ':' ({len(bad)} keys: {shown}{more}); in Redis ':' "
         "separates the parts of a key, so two such keys would share one hash.  Rename them "
-        f"first, with the daemon stopped: sqlite3 {path} \"{sql}\" (a rename onto a name "
+        f"first, with the daemon stopped: sqlite3 {shlex.quote(path)} \"{sql}\" "
+        "(a rename onto a name "
         "that already exists aborts: pick another character), then migrate again")
-
-
-def _copy_funnels(conn: sqlite3.Connection, store: RedisStore, marker: str,
-                  summary: Summary, progress: Callable[[int], None]) -> None:
-    """The funnels rows into Bootic's funnel hashes, incrementally."""
-    copy = store.client.register_script(COPY_SCRIPT)
-    for year_level, key, fields, pair in _funnel_hashes(conn, store.funnels_prefix):
-        args: list[object] = [0, "", f"{pair}/" if year_level else "", pair, store.host_ttl]
-        for status, count in fields.items():
-            args.extend([status, count])
-        added = int(copy(keys=[marker, f"{marker}:{key}", key, store.totals_key,
-                               store.funnel_keys_key], args=args))
-        _count(summary, added, year_level)
-        progress(1)
-
-
-def _copy_meta(conn: sqlite3.Connection, store: RedisStore) -> None:
-    """``closed_through``, and the instance the host last rolled (and the
-    one ``uninstall`` rolled to its end), so that the supervisor's first
-    roll into Redis sees a segment replaced since as the SQLite store would."""
-    meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
-                             "('closed_through', 'instance', 'instance_ended')"))
-    if "closed_through" in meta:
-        store.set_closed_through(int(meta["closed_through"]))
-    for name in ("instance", "instance_ended"):
-        if meta.get(name) is not None:
-            store.client.hset(store.host_key, name, int(meta[name]) % 2**64)
-
-
-def _copy_watermarks(conn: sqlite3.Connection, store: RedisStore, instance: int,
-                     keep) -> int:
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(watermarks)")}
-    if "instance" in columns:
-        rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks "
-                            "WHERE instance = ?", (signed(instance),))
-    else:
-        rows = conn.execute("SELECT epoch_minute, account, event, count FROM watermarks")
-    per_minute: dict[int, list[tuple[str, int]]] = defaultdict(list)
-    n = 0
-    for minute, account, event, count in rows:
-        per_minute[minute].append((f"{instance}\0{account}\0{event}", int(count)))
-        n += 1
-    for minute, fields in per_minute.items():
-        key = f"{store.prefix}~wm:{store.host}:{minute}"
-        for field, count in fields:
-            keep(keys=[key], args=[field, count, store.watermark_ttl])
-    return n

@@ -70,7 +70,6 @@ from .alerts.store import AlertStore
 from .config import Config
 from .errors import ConfigError, SegmentNotFound, TrafficThresholdError
 from .alerts.mail import Outbox
-from .store import RedisStore
 from .rollup import Roller
 from .store import StoreError
 
@@ -258,13 +257,9 @@ class Supervisor:
         (:class:`farm.HostClaim`): another live supervisor under the same
         name is a ConfigError naming both and the fix; the farm thread
         refreshes the name every second."""
-        if not isinstance(store, RedisStore):
-            return
-        claim = farm.HostClaim(store.client, self.config.store.host,
-                               self.counter.load(segment.H_INSTANCE, 8), pid=self.pid,
-                               prefix=self.config.store.prefix)
-        claim.take(wait=self._starting)  # the tick never waits for it
-        self.claim = claim
+        # None for one host's SQLite file; the tick never waits for it
+        self.claim = store.claim_host(self.counter.load(segment.H_INSTANCE, 8),
+                                      pid=self.pid, wait=self._starting)
 
     def _open_alerts(self) -> None:
         """The alert engine and its outbox, on the SQLite file."""
@@ -450,7 +445,7 @@ class Supervisor:
         the configured path again: a file recovered or moved aside by the
         admin is picked up without a restart, and the ring still holds what
         was not rolled."""
-        if isinstance(self.store, RedisStore):
+        if self.store.shared:  # the farm's Redis: claimed, rolled on its own thread
             if self.farm is not None and self.farm.claim_lost:
                 self._name_lost = True
                 raise self._name_taken()

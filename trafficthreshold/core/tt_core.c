@@ -143,17 +143,21 @@ static int __attribute__((format(printf, 3, 4))) tt_fail(tt_seg *c, int kind, co
 
 /* ------------------------------------------------------------------ time */
 
-/* Wall-clock seconds, from the coarse clock: served by the vDSO on Linux
- * without reading the TSC (6 ns instead of 36 ns on the benchmark machine,
- * a fifth of a hit()).  Why that is exact enough: it lags the precise clock
- * by at most one timer tick (1..10 ms, see clock_getres), so a hit in the
- * first tick of a second may be counted in the second before; no count is
- * lost, and workers' clocks disagree by as much anyway. */
+/* Wall-clock seconds, from the coarse clock: time(), which is the second of
+ * CLOCK_REALTIME_COARSE (Linux: the vDSO's time() reads the timekeeper's
+ * second that the coarse clock reads too; glibc elsewhere calls
+ * clock_gettime(CLOCK_REALTIME_COARSE)).  Why time() and not
+ * clock_gettime(CLOCK_REALTIME_COARSE): on x86-64 glibc binds time() to the
+ * vDSO's directly (one load), where clock_gettime goes through libc's
+ * wrapper and the vDSO's seqlock loop: 3.5 ns of a 22 ns PHP hit on the
+ * benchmark machine (benchmarks/bench_php.py).  Why the coarse second is
+ * exact enough: it lags the precise clock by at most one timer tick
+ * (1..10 ms, see clock_getres), so a hit in the first tick of a second may
+ * be counted in the second before; no count is lost, and workers' clocks
+ * disagree by as much anyway. */
 static inline uint64_t tt_now_second(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-    return (uint64_t)ts.tv_sec;
+    return (uint64_t)time(NULL);
 }
 
 static TT_UNUSED double tt_now_seconds(void)
@@ -482,6 +486,89 @@ static TT_UNUSED int tt_segment_exists(int backend, long key)
         return errno != ENOENT;
     close(fd);
     return 1;
+}
+
+/* ------------------------------------------------------------- attacher */
+
+/* The attach policy of a worker's writer, one for every binding (the Python
+ * default counter, the PHP extension, libtrafficthreshold): attach at the
+ * first use; without a segment, try again at most every TT_ATTACH_RETRY_S
+ * seconds; once a live segment is retired (uninstalled) under the writer,
+ * watch for the next install at every use (tt_segment_exists, in either
+ * backend: a re-install may pick the other one) and attach to it at once,
+ * so no hit after it is lost; a segment found half made (being installed,
+ * or its installer killed) is tried again after a second, not at every
+ * use.  Every time is the process's clock (tt_now_second), never a hit's
+ * `now`: a hit replayed with a stray time must not move the retries.
+ * Plain data, used under the binding's lock (Python: the GIL; PHP ZTS: its
+ * mutex; the library: one handle per thread). */
+typedef struct {
+    int64_t next_try;     /* no attach is tried before this second (0: now) */
+    int watch_backend;    /* -1: not watching; else the retired one's backend */
+    long watch_key;       /* and its key */
+    int64_t watch_after;  /* the watch tries no attach before this second */
+} tt_attacher;
+
+static TT_UNUSED void tt_attacher_reset(tt_attacher *a)
+{
+    a->next_try = 0;
+    a->watch_backend = -1;
+    a->watch_key = 0;
+    a->watch_after = 0;
+}
+
+/* Whether a segment is at the watched key, in either backend. */
+static int tt_attacher_watch_found(const tt_attacher *a)
+{
+    return tt_segment_exists(a->watch_backend, a->watch_key)
+        || tt_segment_exists(a->watch_backend == TT_BACKEND_SYSV ? TT_BACKEND_POSIX
+                             : TT_BACKEND_SYSV, a->watch_key);
+}
+
+/* The binding lets go of a live segment that was retired (backend, key):
+ * watch for the next install from now on. */
+static TT_UNUSED void tt_attacher_retired(tt_attacher *a, int backend, long key)
+{
+    a->watch_backend = backend;
+    a->watch_key = key;
+    a->watch_after = 0;
+    a->next_try = 0;
+}
+
+/* Whether an attach is to be tried now (`force`: always, e.g. strict mode
+ * or phpinfo()); when it is, the try is recorded (the next one not before
+ * TT_ATTACH_RETRY_S).  t: tt_now_second(). */
+static TT_UNUSED int tt_attacher_due(tt_attacher *a, int64_t t, int force)
+{
+    /* The wall clock stepped back since a try (an NTP step at boot, a
+     * restored VM): its times are in the future, and waiting for the clock
+     * to catch up with them would lose every hit until then (an hour for
+     * an hour's step).  They are forgotten: the try is due now. */
+    if (t < a->next_try - TT_ATTACH_RETRY_S || t + 1 < a->watch_after)
+        a->next_try = a->watch_after = 0;
+    if (!force && t < a->next_try
+        && (a->watch_backend < 0 || t < a->watch_after || !tt_attacher_watch_found(a)))
+        return 0;
+    a->next_try = t + TT_ATTACH_RETRY_S;
+    return 1;
+}
+
+/* The outcome of the try tt_attacher_due allowed at t: err TT_OK
+ * (attached: the watch ends), TT_ERR_NOTFOUND (nothing, or a half made
+ * segment: while one is there, the watch waits a second), or another error
+ * (another layout, no permission ...: not a matter of waiting for the
+ * install, back to every TT_ATTACH_RETRY_S). */
+static TT_UNUSED void tt_attacher_tried(tt_attacher *a, int64_t t, int err)
+{
+    if (err == TT_OK || a->watch_backend < 0) {
+        if (err == TT_OK)
+            a->watch_backend = -1;
+        return;
+    }
+    if (err != TT_ERR_NOTFOUND)
+        a->watch_backend = -1;
+    else
+        a->watch_after = tt_attacher_watch_found(a) ? t + 1 : 0;
 }
 
 static int tt_attach_posix(tt_seg *c)
@@ -1472,6 +1559,11 @@ typedef struct {
 
 typedef struct tt_writer {
     tt_seg s;
+    /* Bumped whenever the cache is forgotten (attach, detach, a reclaimed
+     * key): a binding's memo of refs (tt_hit_memo) made under another
+     * generation is not used. */
+    unsigned long gen;
+    long last_ref;  /* the account's ref of the last tt_writer_hit (-1: none) */
     /* The event of the last hit and its `all` ref: a process mostly counts
      * one event, so its total costs one compare.  last_elen 0: none. */
     uint8_t last_elen;
@@ -1511,6 +1603,8 @@ static void tt_writer_forget(tt_writer *w)
 {
     memset(w->cache, 0, sizeof w->cache);
     w->last_elen = 0;
+    w->last_ref = -1;
+    w->gen++;
 }
 
 /* Attaches the writer (tt_attach); backend -1 = SysV, else POSIX if no
@@ -1541,6 +1635,35 @@ static TT_UNUSED void tt_writer_detach(tt_writer *w)
 {
     tt_detach(&w->s);
     tt_writer_forget(w);
+}
+
+/* Whether the writer is attached to a live segment, attaching it as the
+ * attacher's policy says (`force`: try now): a live segment retired under
+ * it is let go of and watched for.  backend -1: SysV, else POSIX
+ * (tt_writer_attach).  Sets *tried when an attach was tried and failed now
+ * (w->s.error says why).  The PHP extension and libtrafficthreshold use
+ * this; the Python binding the attacher itself (its Counter objects). */
+static TT_UNUSED int tt_writer_ready(tt_writer *w, tt_attacher *a, int backend, long key,
+                                     int force, int *tried)
+{
+    int64_t t;
+    int err;
+    if (tried)
+        *tried = 0;
+    if (tt_live(&w->s))
+        return 1;
+    if (w->s.base != NULL) {
+        tt_attacher_retired(a, w->s.backend, w->s.key);
+        tt_writer_detach(w);
+    }
+    t = (int64_t)tt_now_second();
+    if (!tt_attacher_due(a, t, force))
+        return 0;
+    err = tt_writer_attach(w, backend, key) == 0 ? TT_OK : w->s.err;
+    tt_attacher_tried(a, t, err);
+    if (err != TT_OK && tried)
+        *tried = 1;
+    return err == TT_OK;
 }
 
 /* The ref of (account, event), account NULL = the total: from the cache, or
@@ -1617,19 +1740,19 @@ static inline long tt_writer_all(tt_writer *w, const char *e, size_t elen, uint6
  * n must be 1..TT_MAX_HIT_N and second >= 60 (the binding checks). */
 static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
                                    const char *e, size_t elen, uint64_t ehash, uint64_t n,
-                                   uint64_t second)
+                                   uint64_t second);
+
+/* The additions of tt_writer_hit, its keys resolved: all_ref the event's
+ * total, ref the account's (ignored when a is NULL).  The segment is live
+ * (the caller looked).  A key found reclaimed (TT_ADD_STALE) is resolved
+ * again by its names, once.  Returns as tt_writer_hit. */
+static inline __attribute__((always_inline)) int tt_writer_add(
+    tt_writer *w, long ref, long all_ref, const char *a, size_t alen, uint64_t ahash,
+    const char *e, size_t elen, uint64_t ehash, uint64_t n, uint64_t second)
 {
     tt_seg *c = &w->s;
-    long all_ref, ref = -1;
     int dropped, rc;
     tt_clock clk;
-    if (__builtin_expect(!tt_live(c), 0))
-        return tt_fail(c, TT_ERR_NOTFOUND, "the segment at IPC key 0x%x was uninstalled",
-                       (unsigned int)c->key);
-    if (a != NULL && (ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash, second)) < 0)
-        return -1;
-    if ((all_ref = tt_writer_all(w, e, elen, ehash, second)) < 0)
-        return -1;
     if (second != c->clk.second)
         tt_set_clock(c, second);
     clk = c->clk;
@@ -1656,6 +1779,50 @@ static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uin
     if (dropped)
         __atomic_fetch_add(TT_U64(c->base, TT_H_DROPPED_HITS), n, __ATOMIC_RELAXED);
     return 0;
+}
+
+static TT_UNUSED int tt_writer_hit(tt_writer *w, const char *a, size_t alen, uint64_t ahash,
+                                   const char *e, size_t elen, uint64_t ehash, uint64_t n,
+                                   uint64_t second)
+{
+    tt_seg *c = &w->s;
+    long all_ref, ref = -1;
+    if (__builtin_expect(!tt_live(c), 0))
+        return tt_fail(c, TT_ERR_NOTFOUND, "the segment at IPC key 0x%x was uninstalled",
+                       (unsigned int)c->key);
+    if (a != NULL && (ref = tt_writer_resolve(w, a, alen, ahash, e, elen, ehash, second)) < 0)
+        return -1;
+    if ((all_ref = tt_writer_all(w, e, elen, ehash, second)) < 0)
+        return -1;
+    w->last_ref = ref;
+    return tt_writer_add(w, ref, all_ref, a, alen, ahash, e, elen, ehash, n, second);
+}
+
+/* tt_writer_hit through `m`: a_id and e_id name the strings a and e (NULL
+ * e_id: not memoizable, the plain path). */
+static inline __attribute__((always_inline)) int tt_writer_hit_memo(
+    tt_writer *w, tt_hit_memo *m, const void *a_id, const void *e_id, const char *a,
+    size_t alen, uint64_t ahash, const char *e, size_t elen, uint64_t ehash, uint64_t n,
+    uint64_t second)
+{
+    int rc;
+    if (__builtin_expect(e_id != NULL && e_id == m->e_id && a_id == m->a_id
+                         && m->gen == w->gen && tt_live(&w->s), 1))
+        return tt_writer_add(w, m->ref, m->all_ref, a, alen, ahash, e, elen, ehash, n, second);
+    m->e_id = NULL;
+    rc = tt_writer_hit(w, a, alen, ahash, e, elen, ehash, n, second);
+    /* last_all is e's only when tt_writer_all cached it (not the overflow
+     * slot); last_ref is -1 after a reclaim found during the hit. */
+    if (rc == 0 && e_id != NULL && w->last_elen == elen && tt_eq(w->last_e, e, elen)
+        && w->last_all > (long)TT_OVERFLOW_SLOT
+        && (a == NULL || w->last_ref > (long)TT_OVERFLOW_SLOT)) {
+        m->a_id = a_id;
+        m->e_id = e_id;
+        m->gen = w->gen;
+        m->ref = w->last_ref;
+        m->all_ref = w->last_all;
+    }
+    return rc;
 }
 
 /* The count of (account, event) (account NULL: the total) at time t:

@@ -125,6 +125,20 @@ static volatile unsigned long tt_fork_generation;
 #define TT_BUSY_LEAVE(c) do { if ((c)->busy_gen == tt_fork_generation && (c)->busy > 0) \
         (c)->busy--; } while (0)
 
+/* A binding's memo of the last hit's keys by the identity of its names
+ * (PHP: the pointers of interned zend_strings, whose bytes never change
+ * while they live): a repeated hit of the same names costs two pointer
+ * compares, not the cache's hash and name compares.  Valid while the
+ * writer's gen is `gen` (a reclaimed key, an attach or a detach forgets
+ * it); the binding must clear it (a_id = e_id = NULL) before the names'
+ * storage may be reused for other bytes (PHP: at each request's end).  Only
+ * keys of the table are memoized, never the overflow slot. */
+typedef struct tt_hit_memo {
+    const void *a_id, *e_id;  /* e_id NULL: empty */
+    unsigned long gen;
+    long ref, all_ref;
+} tt_hit_memo;
+
 /* ------------------------------------------------- the hot path, inline */
 
 /* The first bucket (minute bucket 0) of one stripe of one slot. */

@@ -20,10 +20,7 @@ struct tt_handle {
     tt_writer w;
     long key;
     int backend;            /* -1: SysV, else POSIX */
-    int64_t next_try;       /* second before which no attach is tried again */
-    int watch;              /* the segment was retired under us: ask at each
-                               hit whether the next one is there */
-    int watch_backend;      /* where it was (tt_segment_exists) */
+    tt_attacher att;        /* when to attach (the core's policy) */
 };
 
 /* A hash of a name for the writer's cache: 8 bytes at a time. */
@@ -54,29 +51,13 @@ static long tt_env_key(void)
     return tt_parse_key(v, &k) == 0 ? k : -1;
 }
 
-/* Attached to a live segment, attaching if due (every 10 s at most). */
+/* Attached to a live segment, attaching if due (tt_writer_ready: every
+ * 10 s at most, at once after a re-install in either backend). */
 static int tt_ready(tt_handle *h)
 {
-    int64_t now;
-    if (tt_live(&h->w.s))
-        return 1;
-    if (h->w.s.base != NULL) {
-        /* Uninstalled under us: let go, and attach to the next install as
-         * soon as it is there (one system call per hit until then), so no
-         * hit after it is lost. */
-        h->watch = 1;
-        h->watch_backend = h->w.s.backend;
-        h->next_try = 0;
-        tt_writer_detach(&h->w);
-    }
-    now = (int64_t)tt_now_second();
-    if (now < h->next_try && !(h->watch && tt_segment_exists(h->watch_backend, h->key)))
-        return 0;
-    h->next_try = now + TT_ATTACH_RETRY_S;
-    if (tt_writer_attach(&h->w, h->backend, h->key) != 0)
-        return 0;
-    h->watch = 0;
-    return 1;
+    if (h->key < 0)
+        return 0;  /* nothing to attach to (tt_open says why) */
+    return tt_writer_ready(&h->w, &h->att, h->backend, h->key, 0, NULL);
 }
 
 TT_EXPORT const char *tt_version(void) { return TT_VERSION; }
@@ -93,7 +74,7 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
     if (h->key < 0) {
         tt_fail(&h->w.s, TT_ERR_NAME, "$TRAFFICTHRESHOLD_KEY = '%.40s' is not a segment key; "
                 "use decimal or 0x hex, e.g. 0x54546831", getenv("TRAFFICTHRESHOLD_KEY"));
-        h->next_try = INT64_MAX;  /* nothing to attach to */
+        tt_attacher_reset(&h->att);
         return h;
     }
     if (backend == NULL || *backend == '\0')
@@ -101,6 +82,7 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
     h->backend = backend == NULL || *backend == '\0' ? -1
         : strcmp(backend, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
     h->w.s.semid = -1;
+    tt_attacher_reset(&h->att);
     tt_ready(h);
     return h;
 }

@@ -40,6 +40,22 @@ static const tt_str tt_static_extensions[] = {
 /* The longest health path: longer paths need no look at the table. */
 #define TT_HEALTH_MAX 12
 
+/* ASCII lower case of a byte, inline (tolower() is a call, and follows
+ * the process's locale, which PHP may set).  Enough for comparing with the
+ * tables' ASCII names: no Latin-1 letter outside ASCII lower-cases (in
+ * Python's str.lower(), which pageviews.py uses) to an ASCII one. */
+static inline unsigned char tt_ascii_lower(unsigned char ch)
+{
+    return ch >= 'A' && ch <= 'Z' ? (unsigned char)(ch | 0x20) : ch;
+}
+
+/* Whether a C string is "GET", inline. */
+static inline int tt_is_get(const char *method)
+{
+    return method != NULL && method[0] == 'G' && method[1] == 'E' && method[2] == 'T'
+        && method[3] == '\0';
+}
+
 /* What str.strip() removes from a Latin-1 string. */
 static inline int tt_is_space(unsigned char ch)
 {
@@ -62,7 +78,7 @@ static int tt_is_html_type(const char *s, size_t start, size_t end)
         size_t n = types[t].n, i = 0;
         if (end - start != n)
             continue;
-        while (i < n && tolower((unsigned char)s[start + i]) == types[t].s[i]) i++;
+        while (i < n && tt_ascii_lower((unsigned char)s[start + i]) == (unsigned char)types[t].s[i]) i++;
         if (i == n)
             return 1;
     }
@@ -183,7 +199,7 @@ static int tt_excluded_path(const char *path, size_t len)
     if (n > sizeof ext)
         return 0;
     for (size_t i = 0; i < n; i++)
-        ext[i] = (char)tolower((unsigned char)dot[i]);
+        ext[i] = (char)tt_ascii_lower((unsigned char)dot[i]);
     for (size_t i = 0; i < TT_COUNT(tt_static_extensions); i++)
         if (tt_static_extensions[i].n == n && memcmp(tt_static_extensions[i].s, ext, n) == 0)
             return 1;
@@ -195,7 +211,7 @@ static TT_UNUSED int tt_is_page_view(const char *method, const char *path, size_
                                      int status, const char *ct, size_t ct_len,
                                      const char *accept, size_t accept_len)
 {
-    return method != NULL && strcmp(method, "GET") == 0
+    return tt_is_get(method)
         && tt_is_page_response(status, ct, ct_len, accept, accept_len)
         && !tt_excluded_path(path, path_len);
 }

@@ -31,6 +31,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from trafficthreshold.errors import ConfigError
@@ -38,7 +39,7 @@ from trafficthreshold.periods import resolve_timezone
 
 from .base import MAX_MINUTE_COUNT, KeyMinute, PeriodStore, RollItem, StoreError
 from .redis import SOCKET_TIMEOUT, RedisStore, connect, redact_url
-from .sqlite import WATERMARK_KEEP_MINUTES, SQLiteStore, reader_problem
+from .sqlite import WATERMARK_KEEP_MINUTES, SQLiteStore, describe, reader_problem
 
 if TYPE_CHECKING:  # a reader of the store (another user's `stats`) needs no config
     from trafficthreshold.config import Config, StoreConfig
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # a reader of the store (another user's `stats`) needs no con
 __all__ = ["PeriodStore", "SQLiteStore", "RedisStore", "StoreError", "RollItem", "KeyMinute",
            "MAX_MINUTE_COUNT", "open_writer", "open_reader", "ping", "location",
            "redis_client", "password", "zone_name", "PING_TIMEOUT", "farm_host",
-           "unavailable", "unreachable", "WATERMARK_KEEP_MINUTES"]
+           "unavailable", "unreachable", "file_problem", "WATERMARK_KEEP_MINUTES"]
 
 log = logging.getLogger("trafficthreshold.store")
 
@@ -143,6 +144,15 @@ def unavailable(exc: BaseException, database: str) -> str | None:
     if unreachable(exc):
         return (f"the Redis store did not answer ({exc}); try again; "
                 "`trafficthreshold config check` says whether Redis answers")
+    return None
+
+
+def file_problem(exc: BaseException, database: Callable[[], str]) -> str | None:
+    """What a command says for ``exc`` when it is an error of the SQLite
+    file ``database()`` (asked only then): the problem and its recovery
+    (.recover, move aside, ...); None when ``exc`` is not one."""
+    if isinstance(exc, sqlite3.Error):
+        return describe(database(), exc)
     return None
 
 

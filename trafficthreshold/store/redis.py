@@ -816,6 +816,24 @@ class RedisStore:
         """Let go of the client's connections."""
         self.client.close()
 
+    # -- the farm's host name (the supervisor's claim; issue 23: no backend
+    # test outside store/).  Kept apart from the reading methods above.
+
+    #: Shared by the hosts of a farm over the network: the supervisor claims
+    #: ``[store] host`` (:meth:`claim_host`) and rolls on its own thread.
+    shared = True
+
+    def claim_host(self, instance: int, *, pid: int, wait: bool) -> Any:
+        """Take ``[store] host`` for this supervisor (:class:`farm.HostClaim`
+        over this store's client and prefix) and return the claim; another
+        live supervisor under the name is a ConfigError naming both and the
+        fix.  ``wait``: watch another holder up to its TTL (at the start)."""
+        from trafficthreshold.farm import HostClaim
+
+        claim = HostClaim(self.client, self.host, instance, pid=pid, prefix=self.prefix)
+        claim.take(wait=wait)
+        return claim
+
     def __enter__(self) -> RedisStore:
         return self
 

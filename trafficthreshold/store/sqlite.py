@@ -489,6 +489,13 @@ class SQLiteStore:
         """Close the connection; the SQLiteStore cannot be used afterwards."""
         self._conn.close()
 
+    #: One host's own file: no host name to claim, rolled on the tick.
+    shared = False
+
+    def claim_host(self, instance: int, *, pid: int, wait: bool) -> None:
+        """Nothing to claim: the file is this host's alone (None)."""
+        return None
+
     def __enter__(self) -> SQLiteStore:
         return self
 
@@ -1077,6 +1084,141 @@ class SQLiteStore:
         ]
         self._conn.executemany("DELETE FROM keys WHERE account = ? AND event = ?", empty)
         return len(empty)
+
+    # ------------------------------------------------------------------
+    # export: what ``store migrate`` (trafficthreshold.migrate) reads to
+    # copy the file into the farm's Redis, read inside one :meth:`snapshot`
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[SQLiteStore]:
+        """One read transaction: everything read inside it is one state of
+        the file (the periods and the watermarks agree), even while another
+        process writes.  Nothing is written.  The schema is read again
+        inside it (its first read, which fixes the snapshot): a daemon may
+        have migrated the file since it was opened, and which columns and
+        tables the export reads must be the snapshot's."""
+        try:
+            self._conn.execute("BEGIN")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            raise StoreError(describe(self.path, exc)) from exc
+        if self.empty is None:  # not the in-memory stand-in of a missing file
+            if version > SCHEMA_VERSION:
+                self._conn.execute("ROLLBACK")
+                raise StoreError(_too_new(self.path, version))
+            self._version = version
+        try:
+            yield self
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _export(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``sql``, its sqlite3 errors raised as StoreError."""
+        try:
+            yield from self._conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(describe(self.path, exc)) from exc
+
+    def _has_funnels(self) -> bool:
+        return self._version >= MIGRATIONS.index(FUNNELS) + 1
+
+    def export_periods(self) -> Iterator[tuple[str, str, str, tuple[int, ...], int]]:
+        """``(level, account, event, parts, count)`` of every period row:
+        level "months", "days", "hours" then "minutes" (LEVELS), ``parts``
+        the row's (year, month[, day[, hour[, minute]]]); each level ordered
+        by account, event and parts."""
+        for table, width in LEVELS:
+            cols = ", ".join(PARTS[:width])
+            for account, event, *values, count in self._export(
+                    f"SELECT account, event, {cols}, count FROM {table} "
+                    f"ORDER BY account, event, {cols}"):
+                yield table, account, event, tuple(values), int(count)
+
+    def export_funnels(self, *, by_month: bool
+                       ) -> Iterator[tuple[str, str, tuple[int, ...], str, int]]:
+        """``(account, event, parts, status, count)`` of the funnels, summed
+        per year (``parts`` = (year,)) or per month (``by_month``: (year,
+        month)); ordered by account, event, parts and status.  Nothing for a
+        file older than the funnels (schema 3)."""
+        if not self._has_funnels():
+            return
+        parts = "year, month" if by_month else "year"
+        for account, event, *values, status, count in self._export(
+                f"SELECT account, event, {parts}, status, SUM(count) FROM funnels"
+                f" GROUP BY account, event, {parts}, status"
+                f" ORDER BY account, event, {parts}, status"):
+            yield account, event, tuple(values), status, int(count)
+
+    def export_groups(self) -> int:
+        """How many groups :meth:`export_periods` and :meth:`export_funnels`
+        yield, a group being the rows of one (account, event) and one period
+        but their last part (a Redis hash each; a progress bar's length)."""
+        selects = [f"SELECT DISTINCT account, event, {', '.join(PARTS[:width - 1])} FROM {table}"
+                   for table, width in LEVELS]
+        if self._has_funnels():
+            selects += ["SELECT DISTINCT account, event, year FROM funnels",
+                        "SELECT DISTINCT account, event, year, month FROM funnels"]
+        return sum(next(self._export(f"SELECT COUNT(*) FROM ({select})"))[0]
+                   for select in selects)
+
+    def export_pairs(self) -> list[tuple[str, str]]:
+        """Every (account, event) with period rows (its months)."""
+        return list(self._export("SELECT DISTINCT account, event FROM months"))
+
+    def export_watermarks(self, instance: int) -> Iterator[tuple[int, str, str, int]]:
+        """``(epoch_minute, account, event, count)`` of the watermarks of
+        segment ``instance`` (every watermark of a file older than schema 2,
+        which has no instances)."""
+        if self._version >= MIGRATIONS.index(WATERMARKS_BY_INSTANCE) + 1:
+            rows = self._export("SELECT epoch_minute, account, event, count FROM watermarks "
+                                "WHERE instance = ?", (signed(instance),))
+        else:
+            rows = self._export("SELECT epoch_minute, account, event, count FROM watermarks")
+        for minute, account, event, count in rows:
+            yield int(minute), account, event, int(count)
+
+    def names_with(self, sep: str) -> list[tuple[str, str]]:
+        """The sorted (account, event) pairs of the periods and funnels
+        whose names hold ``sep``, then the funnels' (account,
+        "event/status") whose status holds it."""
+        tables = ["months"] + (["funnels"] if self._has_funnels() else [])
+        bad = sorted({(a, e) for t in tables for a, e in self._export(
+            f"SELECT DISTINCT account, event FROM {t} WHERE instr(account, ?) > 0 "
+            "OR instr(event, ?) > 0", (sep, sep))})
+        if self._has_funnels():
+            bad += sorted({(a, f"{e}/{st}") for a, e, st in self._export(
+                "SELECT DISTINCT account, event, status FROM funnels "
+                "WHERE instr(status, ?) > 0", (sep,))})
+        return bad
+
+    def rename_sql(self, sep: str, replacement: str) -> str:
+        """The SQL (for the sqlite3 shell, the daemon stopped) that replaces
+        ``sep`` by ``replacement`` in every name of the file (the keys
+        table's too), in one
+        transaction: a rename onto a name that already exists aborts and
+        leaves the file as it was (the shell stops at the failed statement,
+        before the COMMIT; the transaction rolls back as it exits)."""
+        if not sep or sep in replacement:
+            raise ValueError(f"renaming {sep!r} to {replacement!r} would leave {sep!r}")
+        tables = ["months", "days", "hours", "minutes", "watermarks",
+                  *(["funnels"] if self._has_funnels() else [])]
+        sep, replacement = (s.replace("'", "''") for s in (sep, replacement))  # SQL literals
+        updates = [f"UPDATE OR ABORT {t} SET account = replace(account, '{sep}', "
+                   f"'{replacement}'), event = replace(event, '{sep}', '{replacement}')"
+                   + (f", status = replace(status, '{sep}', '{replacement}')"
+                      if t == "funnels" else "")
+                   for t in tables]
+        # keys lists what accounts() shows and prune() prunes: a renamed key
+        # joins the new name's entry if it has one (no abort: their rows
+        # may well be of other periods; the tables above abort on a clash)
+        keys = [f"UPDATE OR IGNORE keys SET account = replace(account, '{sep}', "
+                f"'{replacement}'), event = replace(event, '{sep}', '{replacement}')",
+                f"DELETE FROM keys WHERE instr(account, '{sep}') > 0 "
+                f"OR instr(event, '{sep}') > 0"]
+        return "; ".join(["BEGIN", *updates, *keys, "COMMIT"])
 
 
 def _too_new(path: str, version: int) -> str:
