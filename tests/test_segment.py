@@ -1618,20 +1618,28 @@ def test_the_repaired_limit_covers_an_insert_killed_half_way(key):
 
 
 def test_a_split_name_is_reported_in_both_slots(key):
-    """A name a writer inserted a second time (past a too-small limit)
-    counts in two slots: header_problems names both, and a repair of the
-    limit does not hide it."""
+    """A name inserted a second time (by a core before this fix, past a
+    too-small limit: made here by hand, a copy of its entry in the next
+    empty entry of its probe sequence, with an unused slot) counts in two
+    slots: header_problems names both, and a repair of the limit does not
+    hide it."""
     segment.install(key, "sysv", geometry=segment.Geometry(keys=128), now=NOW)
     counter = segment.attach(key, "sysv")
     try:
         name, slot, _length = far_key(counter)
-        counter.store(segment.H_PROBE_LIMIT, 4, 1)
-        fresh = segment.attach(key, "sysv")
-        fresh.hit(name, now=NOW)          # today's C core inserts it again
-        fresh.detach()
-        slots = sorted(s for s, a, _e in counter.keys() if a == name)
-        if len(slots) == 1:
-            pytest.skip("the C core no longer splits the name (the fix below landed)")
+        head = segment.header(counter)
+        size, base = head["index_size"], segment.HEADER_SIZE
+        with raw_view(key, "sysv") as view:
+            entry = lambda i: base + i * segment.INDEX_ENTRY_SIZE  # noqa: E731
+            at = next(i for i in range(size) if struct.unpack_from(
+                "=II", view, entry(i) + segment.E_STATE) == (segment.ENTRY_READY, slot))
+            copy = next(j for j in ((at + n) % size for n in range(size)) if struct.unpack_from(
+                "=I", view, entry(j) + segment.E_STATE)[0] == segment.ENTRY_EMPTY)
+            view[entry(copy):entry(copy + 1)] = view[entry(at):entry(at + 1)]
+            struct.pack_into("=II", view, entry(copy) + segment.E_STATE, segment.ENTRY_READY,
+                             head["keys_used"])
+        slots = sorted([slot, head["keys_used"]])
+        assert sorted(s for s, a, _e in counter.keys() if a == name) == slots
         segment.repair_header(counter, key=key, backend="sysv")
         problems = segment.header_problems(counter, key, "sysv")
         assert problems == [f"the key ({name.encode()!r}, b'pageview') is in slots "
@@ -1640,21 +1648,23 @@ def test_a_split_name_is_reported_in_both_slots(key):
         counter.detach()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "C core change needed (trafficthreshold/core/tt_core.c, tt_insert_key): the re-probe "
-    "under the lock must read past probe_limit up to an empty entry (window = index_size), "
-    "and a key found there must raise probe_limit to its distance + 1 and be returned, "
-    "not inserted again"))
 def test_a_writer_never_splits_a_name_over_a_too_small_limit(key, backend):
     """Between a scribble and the next repair, a writer whose lock-free
-    probe stops short of its key must not give the name a second slot."""
+    probe stops short of its key does not give the name a second slot: its
+    insert's probe under the lock reads up to an empty entry, finds the
+    key, and raises probe_limit to the key's distance + 1, so the next
+    lock-free probes find it."""
     segment.install(key, backend, geometry=segment.Geometry(keys=128), now=NOW)
     counter = segment.attach(key, backend)
     try:
-        name, slot, _length = far_key(counter)
+        name, slot, length = far_key(counter)
         counter.store(segment.H_PROBE_LIMIT, 4, 1)
         fresh = segment.attach(key, backend)
         fresh.hit(name, n=2, now=NOW)
+        assert counter.load(segment.H_PROBE_LIMIT, 4) == length
+        other = segment.attach(key, backend)                    # lock-free, no cache
+        assert other.find(name, "pageview") == slot
+        other.detach()
         fresh.detach()
         assert [s for s, a, _e in counter.keys() if a == name] == [slot]
         assert counter.count(slot, 1, NOW) == 3
