@@ -473,3 +473,26 @@ def test_a_state_directory_the_daemon_cannot_read_is_said(key: int) -> None:
         assert f"CANNOT READ {base}/subscribers (Permission denied)" in log_path.read_text()
     finally:
         shutil.rmtree(base)
+
+
+def test_a_file_name_that_is_not_utf8_does_not_break_the_page(
+        db: str, serve: Callable[..., webserver.Server]) -> None:
+    """A junk file in subscribers/ whose name is not UTF-8 (os.listdir gives
+    it with surrogate escapes): the page is still served and parsed, the
+    name shown with its bytes escaped, never a 500 that blinds every metric."""
+    directory = Path(db).parent / "subscribers"
+    _stats(directory, "good")
+    with open(os.fsencode(directory) + b"/caf\xe9\n.json", "wb") as f:
+        f.write(b"{not json")
+    os.symlink(b"/nonexistent", os.fsencode(directory) + b"/gone\xe9.json")  # an OSError
+    _stats(directory, "shop")               # a good file under a name that is not UTF-8
+    os.rename(directory / "shop.json", os.fsencode(directory) + b"/sh\xf6p.json")
+    server = serve(config_for(db))
+    with urllib.request.urlopen(server.url + "metrics", timeout=10) as response:
+        text = response.read().decode("utf-8")
+    _, samples = parse(text)
+    assert value(samples, "trafficthreshold_subscriber_up", subscriber="good") == 1
+    assert value(samples, "trafficthreshold_subscribers_unreadable") == 3
+    assert f"# ERROR trafficthreshold_subscribers_unreadable {directory}/caf\\\\xe9\\n.json" in text
+    assert f"{directory}/sh\\\\xf6p.json is not a subscriber's stats file" in text
+    assert f"{directory}/gone\\\\xe9.json is not a subscriber's stats file" in text

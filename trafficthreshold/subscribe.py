@@ -932,7 +932,7 @@ def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
             problems.append(f"CANNOT READ {path} ({exc.strerror}): {UNREADABLE_FIX}")
             continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.debug("skipping subscriber stats %s: %s", entry, exc)
+            log.debug("skipping subscriber stats %r: %s", entry, exc)
             problems.append(f"{path} is not a subscriber's stats file ({exc}): remove it")
             continue
         # The age by CLOCK_MONOTONIC when the file is of this boot: the
@@ -950,7 +950,11 @@ def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
                          else "not running")
         del info["monotonic"], info["boot_id"]
         found.append(info)
-    return found, problems
+    # The sentences go to UTF-8 pages (/metrics) and logs: a file name that
+    # is not UTF-8 (check_name refuses it), in the path or in an OSError's
+    # text, is shown with its bytes escaped, never with the surrogates
+    # os.listdir gives (they cannot be encoded: the page would be a 500).
+    return found, [os.fsencode(p).decode("utf-8", "backslashreplace") for p in problems]
 
 
 def _read_small(path: str) -> bytes:
