@@ -1460,6 +1460,9 @@ def test_a_holder_that_loses_redis_stops_counting_before_its_lease_lapses(redis_
                             ttl_s=2.0, clock=lambda: now[0])
     a.renew(force=True)
     b.renew(force=True)
+    for _ in range(2):                                  # a fresh lease: counted after a TTL
+        now[0] += 1.0
+        a.renew(force=True)
     assert a.status() == {"tcp://bus:6000": "counting", "ipc:///run/a b.sock": "counting"}
     assert b.status() == {"tcp://bus:6000": "standby"}
     assert client.get("track~subscribe~tcp://bus:6000~leader").startswith(b"h1/x/boot ")
@@ -1471,3 +1474,62 @@ def test_a_holder_that_loses_redis_stops_counting_before_its_lease_lapses(redis_
     now[0] += 0.5
     assert not a.holds("tcp://bus:6000")                # the deadline: before Redis' expiry
     assert caplog.text.count("cannot renew the lease of bus") == 1
+
+
+def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, caplog):
+    """Redis restarted empty (no persistence, a failover to a replica that
+    missed the lease, a flush) loses the holder's lease while the holder
+    still counts until its deadline (it renews once a second; cut off from
+    Redis, it goes on until the deadline).  A host that takes a lease whose
+    end it did not see (no consecutive token, under the same redis-server)
+    counts only from the reply plus the TTL, when every earlier holder's
+    deadline has passed: never two hosts at once.  A take that follows a
+    token seen ending on the same server (a lease that lapsed or was
+    released while this host stood by) counts at once, as does a restarted
+    subscriber that takes its predecessor's lease."""
+    import shutil
+
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    client = redis_server.client()
+    no_retries(client)
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    a, b = leases("h1/x/boot"), leases("h2/x/boot")
+    a.renew(force=True)
+    b.renew(force=True)
+    assert not a.holds(bus) and not b.holds(bus)        # nothing seen before: a TTL first
+    while not a.holds(bus):
+        now[0] += 0.25
+        a.renew()
+        b.renew()
+    assert now[0] == 1002.0 and not b.holds(bus)
+    redis_server.kill()                                 # restarted with its data lost
+    shutil.rmtree(redis_server.dir / "appendonlydir")
+    redis_server.start()
+    client.connection_pool.disconnect()
+    now[0] += 0.3
+    b.renew(force=True)                                 # b takes it: Redis holds none
+    assert client.get(f"track~subscribe~{bus}~leader").startswith(b"h2/x/boot ")
+    both = []
+    while now[0] < 1005.0:                              # a cut off from Redis: no renewal
+        both += [now[0]] if a.holds(bus) and b.holds(bus) else []
+        now[0] += 0.05
+        b.renew()
+    assert both == []
+    assert b.holds(bus) and not a.holds(bus)            # b counts once a's deadline passed
+    # b stops cleanly; a, standing by, saw b's token end: it counts at once.
+    a.renew(force=True)
+    assert not a.holds(bus)
+    b.release()
+    a.renew(force=True)
+    assert a.holds(bus)
+    # a SIGKILLed and restarted (same identity: its predecessor is dead):
+    # the new one takes the lease at once and counts at once.
+    again = leases("h1/x/boot")
+    again.renew(force=True)
+    assert again.holds(bus)

@@ -344,6 +344,11 @@ def lease_prefix(prefix: str, endpoint: str) -> str:
     return f"{prefix}~subscribe~{endpoint}"
 
 
+#: The key, next to a bus's lease, that says its holder of a token stopped
+#: cleanly: "<redis run_id> <token>" (BusLeases.release), for the lease_ttl.
+STOPPED_SUFFIX = "~stopped"
+
+
 class BusLeases:
     """One farm-wide lease per bus endpoint (farm.Lease, the alert leader's
     lease under another prefix), so that on a farm only one host's
@@ -367,16 +372,66 @@ class BusLeases:
         from trafficthreshold import farm
         self.client, self.ttl_s, self.clock = client, ttl_s, clock
         identity = identity.replace(" ", "_")  # farm.Lease's value is "identity token"
+        self.identity = identity
         self.leases = {e: farm.Lease(client, identity, prefix=lease_prefix(prefix, e),
                                      ttl_ms=int(ttl_s * 1000)) for e in endpoints}
         self.deadline = {e: -math.inf for e in self.leases}
+        #: when a lease just taken may be counted (see :meth:`_taken`)
+        self.since = {e: math.inf for e in self.leases}
+        #: the token of the lease we hold (None: none)
+        self._token: dict[str, int | None] = {e: None for e in self.leases}
+        #: the last lease seen in Redis: (the redis-server's run_id, its token)
+        self._seen: dict[str, tuple[str, int] | None] = {e: None for e in self.leases}
         self._next = -math.inf
         self._error_logged = -math.inf
         self._held: set[str] = set()
 
     def holds(self, endpoint: str) -> bool:
         """Whether ``endpoint``'s events may be counted now."""
-        return self.clock() < self.deadline[endpoint]
+        return self.since[endpoint] <= self.clock() < self.deadline[endpoint]
+
+    def _run_id(self) -> str:
+        """The redis-server's run id: another after a restart or a failover."""
+        return str(self.client.info("server")["run_id"])
+
+    def _observe(self, endpoint: str) -> None:
+        """Note the last lease of ``endpoint`` Redis knows: the token of the
+        lease it holds now (another host's, or our dead predecessor's at
+        the start), with the server's run id when the token is new to us;
+        else the stop mark of a holder that stopped cleanly (its server's
+        run id and token, :meth:`release`).  One MGET a second while we
+        stand by; INFO only when the token moves."""
+        lease = self.leases[endpoint]
+        value, stopped = (v.decode() if isinstance(v, bytes) else v
+                          for v in self.client.mget(lease.key, lease.key + STOPPED_SUFFIX))
+        if value is not None:
+            token = int(value.rsplit(" ", 1)[-1])
+            seen = self._seen[endpoint]
+            if seen is None or seen[1] != token:
+                self._seen[endpoint] = (self._run_id(), token)
+        elif stopped is not None:
+            run_id, token = stopped.rsplit(" ", 1)
+            self._seen[endpoint] = (run_id, int(token))
+
+    def _taken(self, endpoint: str, token: int, got: float) -> None:
+        """A lease just taken (a new token), at ``got`` (the reply): when
+        may it be counted?  At once if the lease before it is known to have
+        ended: its token, ``token - 1``, was seen held (by another host that
+        released it or whose lease lapsed, or by our dead predecessor) under
+        the same redis-server, so no other take came in between.  Otherwise
+        (Redis restarted empty or failed over and lost the last lease, we
+        never saw it) an earlier holder may still count until its deadline,
+        at most a TTL after this reply: we count from then."""
+        run_id = self._run_id()
+        seen = self._seen[endpoint]
+        known = seen is not None and seen == (run_id, token - 1)
+        self.since[endpoint] = got if known else got + self.ttl_s
+        self._token[endpoint] = token
+        self._seen[endpoint] = (run_id, token)
+        if not known:
+            log.warning("bus %s: took a lease whose predecessor's end was not seen (Redis "
+                        "restarted or failed over?): counting it in %.1f s, once any "
+                        "earlier holder has stopped", endpoint, self.ttl_s)
 
     def renew(self, force: bool = False) -> None:
         """Take or renew every endpoint's lease, once a LEASE_RENEW_S (or at
@@ -389,7 +444,13 @@ class BusLeases:
         for endpoint, lease in self.leases.items():
             sent = self.clock()
             try:
+                if self._token[endpoint] is None and lease.value is None:
+                    self._observe(endpoint)  # whose lease we may take
                 held = lease.renew()
+                if held and lease.token != self._token[endpoint]:
+                    self._taken(endpoint, lease.token, self.clock())
+                elif not held:
+                    self._token[endpoint] = None
             except Exception as exc:  # noqa: BLE001 - no Redis: no new deadline
                 if sent - self._error_logged >= LOG_EVERY_S:
                     self._error_logged = sent
@@ -413,7 +474,13 @@ class BusLeases:
         next renewal instead of after the TTL."""
         for endpoint, lease in self.leases.items():
             self.deadline[endpoint] = -math.inf
+            token, self._token[endpoint] = self._token[endpoint], None
             try:
+                if token is not None:
+                    # We count no more: a stop mark says so (until the
+                    # TTL), so that the next holder counts at once.
+                    self.client.set(lease.key + STOPPED_SUFFIX, f"{self._run_id()} {token}",
+                                    px=int(self.ttl_s * 1000))
                 lease.release()
             except Exception as exc:  # noqa: BLE001 - it runs out by itself
                 log.warning("cannot release the lease of bus %s (%s): another host takes "
