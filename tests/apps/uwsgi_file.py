@@ -55,9 +55,36 @@ def _fails(start_response):  # noqa: ANN001, ANN202
     yield b""  # pragma: no cover - a generator
 
 
+class ReadOnly:
+    """A file-like object with read() and close() only (no fileno, not
+    iterable): what PEP 3333 lets an application hand to
+    wsgi.file_wrapper; uWSGI's returns it and reads it with read()."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def read(self, *args):  # noqa: ANN001, ANN201
+        return self._f.read(*args)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _other_file_like(environ, start_response, path: str):  # noqa: ANN001, ANN202
+    """/readonly: a ReadOnly; /bytesio: an io.BytesIO (its fileno raises)."""
+    with open(os.environ["TT_FILE"], "rb") as f:
+        data = f.read()
+    start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
+                              ("Content-Length", str(len(data)))])
+    body = ReadOnly(data) if path == "/readonly" else io.BytesIO(data)
+    return environ["wsgi.file_wrapper"](body, 65536)
+
+
 def raw_app(environ, start_response):  # noqa: ANN001, ANN201
     if environ.get("PATH_INFO") == "/fails":
         return _fails(start_response)
+    if environ.get("PATH_INFO") in ("/readonly", "/bytesio"):
+        return _other_file_like(environ, start_response, environ["PATH_INFO"])
     page = Page(os.environ["TT_FILE"], next(_requests))
     start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                               ("Content-Length", str(os.fstat(page.fileno()).st_size))])
