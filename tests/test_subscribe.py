@@ -1533,3 +1533,34 @@ def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, cap
     again = leases("h1/x/boot")
     again.renew(force=True)
     assert again.holds(bus)
+
+
+def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_server):
+    """Endpoints that end in what the key layout appends ('~leader',
+    ':token', '~stopped'), hold spaces, or are very long: each has its own
+    lease, token and stop mark (a collision would make one endpoint's key
+    another's, held or counted wrongly); a clean stop hands all of them
+    over, the standby counting each at once."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    client = redis_server.client()
+    no_retries(client)
+    buses = ["e", "e~leader", "e~leader:token", "e~leader~stopped", "e:token", "ipc:///a b~c",
+             "tcp://h:1/" + "x" * 5000]
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, buses, identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    a, b = leases("h1/x/boot"), leases("h2/x/boot")
+    for _ in range(3):
+        a.renew(force=True)
+        b.renew(force=True)
+        now[0] += 1.0
+    assert set(a.status().values()) == {"counting"} and set(b.status().values()) == {"standby"}
+    tokens = {bus: a.leases[bus].token for bus in buses}
+    assert set(tokens.values()) == {1}, tokens          # a counter of its own each
+    a.release()
+    b.renew(force=True)
+    assert set(b.status().values()) == {"counting"}, b.status()
+    assert {bus: b.leases[bus].token for bus in buses} == dict.fromkeys(buses, 2)
