@@ -54,10 +54,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, frozenset(labels.items())]
 
 
-def scrape(server: webserver.Server) -> tuple[dict[str, str], Samples]:
+def scrape_text(server: webserver.Server) -> tuple[str, Samples]:
+    """The page's text and its samples, as a scraper parses them."""
     with urllib.request.urlopen(server.url + "metrics", timeout=10) as response:
         assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-        return parse(response.read().decode("utf-8"))
+        text = response.read().decode("utf-8")
+    return text, parse(text)[1]
+
+
+def scrape(server: webserver.Server) -> tuple[dict[str, str], Samples]:
+    return parse(scrape_text(server)[0])
 
 
 @pytest.fixture
@@ -399,9 +405,7 @@ def test_a_damaged_stats_file_is_said_not_silently_left_out(
     _stats(directory, "good")
     (directory / "bad.json").write_bytes(b"\x00{not json")
     server = serve(config_for(db))
-    with urllib.request.urlopen(server.url + "metrics", timeout=10) as response:
-        text = response.read().decode("utf-8")
-    _, samples = parse(text)
+    text, samples = scrape_text(server)
     assert value(samples, "trafficthreshold_subscriber_up", subscriber="good") == 1
     assert value(samples, "trafficthreshold_subscribers_unreadable") == 1
     assert f"# ERROR trafficthreshold_subscribers_unreadable {directory}/bad.json is not" in text
@@ -487,10 +491,7 @@ def test_a_file_name_that_is_not_utf8_does_not_break_the_page(
     os.symlink(b"/nonexistent", os.fsencode(directory) + b"/gone\xe9.json")  # an OSError
     _stats(directory, "shop")               # a good file under a name that is not UTF-8
     os.rename(directory / "shop.json", os.fsencode(directory) + b"/sh\xf6p.json")
-    server = serve(config_for(db))
-    with urllib.request.urlopen(server.url + "metrics", timeout=10) as response:
-        text = response.read().decode("utf-8")
-    _, samples = parse(text)
+    text, samples = scrape_text(serve(config_for(db)))
     assert value(samples, "trafficthreshold_subscriber_up", subscriber="good") == 1
     assert value(samples, "trafficthreshold_subscribers_unreadable") == 3
     assert f"# ERROR trafficthreshold_subscribers_unreadable {directory}/caf\\\\xe9\\n.json" in text

@@ -1377,17 +1377,23 @@ def test_a_farm_counts_each_bus_event_on_one_host_and_a_standby_takes_over(farm)
     assert farm_total(bus, "after") == {holder: 0, standby: 3000}
 
 
-def test_a_clean_stop_hands_the_bus_over_at_once(farm):
-    """SIGTERM releases the lease: the standby counts from its next renewal
-    (a second), not after the TTL; the stopped host counts nothing more."""
-    bus = farm
+def farm_holder(bus: Any) -> tuple[Any, dict[str, Any], str, str]:
+    """A publisher and the subscribers "bus" of h1 and h2 on it, connected
+    and probed: (publisher, processes by host, the holder, the standby)."""
     pub = bus.publisher()
     procs = {h: bus.start(h, pub.address, "--name", "bus") for h in ("h1", "h2")}
     farm_connected(bus, procs, "bus")
     farm_probe(bus, pub, list(procs.values()))
     counts = farm_total(bus, "probe")
     holder = max(counts, key=counts.get)
-    standby = "h2" if holder == "h1" else "h1"
+    return pub, procs, holder, "h2" if holder == "h1" else "h1"
+
+
+def test_a_clean_stop_hands_the_bus_over_at_once(farm):
+    """SIGTERM releases the lease: the standby counts from its next renewal
+    (a second), not after the TTL; the stopped host counts nothing more."""
+    bus = farm
+    pub, procs, holder, standby = farm_holder(bus)
     assert procs[holder].stop() == 0
     stopped_at = time.monotonic()
     farm_probe(bus, pub, [procs[standby]], account="second")
@@ -1411,13 +1417,7 @@ def test_a_stalled_holder_stops_counting_before_a_standby_takes_over(farm):
     it reads what it queued meanwhile, so no event is counted by both
     (each event its own account), and the standby goes on counting."""
     bus = farm
-    pub = bus.publisher()
-    procs = {h: bus.start(h, pub.address, "--name", "bus") for h in ("h1", "h2")}
-    farm_connected(bus, procs, "bus")
-    farm_probe(bus, pub, list(procs.values()))
-    counts = farm_total(bus, "probe")
-    holder = max(counts, key=counts.get)
-    standby = "h2" if holder == "h1" else "h1"
+    pub, procs, holder, standby = farm_holder(bus)
     os.kill(procs[holder].proc.pid, signal.SIGSTOP)
     try:
         sent = 0

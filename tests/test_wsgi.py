@@ -1067,8 +1067,10 @@ def test_the_real_servers_file_wrappers_are_passed_as_they_are(worker_api, tmp_p
 # ------------------------------------------ uWSGI's function-style file_wrapper
 
 
-def start_uwsgi(key: int, backend: str, tmp_path, page, marks):  # noqa: ANN001, ANN201
-    """A real uWSGI (one worker) serving tests/apps/uwsgi_file.py."""
+def start_uwsgi(worker_api, tmp_path, size: int):  # noqa: ANN001, ANN201
+    """A real uWSGI (one worker) serving tests/apps/uwsgi_file.py, its page
+    ``size`` random bytes: (the server, the page's bytes, the marks'
+    directory)."""
     import os
     import re
     import shutil
@@ -1078,12 +1080,18 @@ def start_uwsgi(key: int, backend: str, tmp_path, page, marks):  # noqa: ANN001,
     binary = shutil.which("uwsgi") or str(Path(sys.executable).parent / "uwsgi")
     if not os.path.exists(binary):
         pytest.skip("uWSGI is not installed (pip install uwsgi: the test extra)")
+    key, backend = worker_api
+    page = tmp_path / "page.html"
+    data = os.urandom(size)
+    page.write_bytes(data)
+    marks = tmp_path / "marks"
+    marks.mkdir()
     return Server([binary, "--http-socket", "127.0.0.1:0", "--module", "apps.uwsgi_file:app",
                    "--master", "--processes", "1", "--need-app", "--die-on-term",
                    "--disable-logging"],
                   server_env(key, backend, TT_FILE=str(page), TT_MARKS=str(marks)),
                   tmp_path / "uwsgi.log",
-                  port_pattern=re.compile(r"bound to TCP address 127\.0\.0\.1:(\d+)"))
+                  port_pattern=re.compile(r"bound to TCP address 127\.0\.0\.1:(\d+)")), data, marks
 
 
 def test_uwsgis_file_wrapper_of_a_file_like_without_a_file_is_served_and_counted(
@@ -1095,15 +1103,8 @@ def test_uwsgis_file_wrapper_of_a_file_like_without_a_file_is_served_and_counted
     (whose fileno() raises) are served intact and counted once each, as
     without the middleware (before: the read()-only one was wrapped, the
     wrapper iterated it, and the page failed)."""
-    import os
     import urllib.request
-    key, backend = worker_api
-    page = tmp_path / "page.html"
-    data = os.urandom(100_000)
-    page.write_bytes(data)
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    server = start_uwsgi(key, backend, tmp_path, page, marks)
+    server, data, _marks = start_uwsgi(worker_api, tmp_path, 100_000)
     try:
         url = f"http://127.0.0.1:{server.wait_port()}/"
         bodies = {}
@@ -1129,16 +1130,9 @@ def test_uwsgis_function_file_wrapper_is_sent_as_a_file_counted_once(worker_api,
     uWSGI read the file chunk by chunk).  A generator that raises before
     its first byte is not counted."""
     import http.client
-    import os
     import urllib.error
     import urllib.request
-    key, backend = worker_api
-    page = tmp_path / "page.html"
-    data = os.urandom(300_000)
-    page.write_bytes(data)
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    server = start_uwsgi(key, backend, tmp_path, page, marks)
+    server, data, marks = start_uwsgi(worker_api, tmp_path, 300_000)
     try:
         url = f"http://127.0.0.1:{server.wait_port()}/"
         bodies = [urllib.request.urlopen(url + f"page/{i}", timeout=10).read()
@@ -1162,15 +1156,9 @@ def test_a_uwsgi_file_body_is_counted_once_when_the_client_leaves_early(worker_a
     sent by uWSGI's sendfile() and hangs up: the page view is counted once
     (decided when the application returned the file, not by how much was
     sent), and the file is still closed."""
-    import os
     import socket
     import time
-    key, backend = worker_api
-    page = tmp_path / "page.html"
-    page.write_bytes(os.urandom(8_000_000))
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    server = start_uwsgi(key, backend, tmp_path, page, marks)
+    server, _data, marks = start_uwsgi(worker_api, tmp_path, 8_000_000)
     try:
         port = server.wait_port()
         for i in range(3):
