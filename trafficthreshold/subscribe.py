@@ -345,7 +345,7 @@ def lease_prefix(prefix: str, endpoint: str) -> str:
 
 
 #: The key, next to a bus's lease, that says its holder of a token stopped
-#: cleanly: "<redis run_id> <token>" (BusLeases.release), for the lease_ttl.
+#: cleanly: "<Redis' epoch> <token>" (BusLeases.release), for the lease_ttl.
 STOPPED_SUFFIX = "~stopped"
 
 
@@ -373,6 +373,7 @@ class BusLeases:
         self.client, self.ttl_s, self.clock = client, ttl_s, clock
         identity = identity.replace(" ", "_")  # farm.Lease's value is "identity token"
         self.identity = identity
+        self.epoch_key = f"{prefix}~subscribe~epoch"
         self.leases = {e: farm.Lease(client, identity, prefix=lease_prefix(prefix, e),
                                      ttl_ms=int(ttl_s * 1000)) for e in endpoints}
         self.deadline = {e: -math.inf for e in self.leases}
@@ -380,7 +381,7 @@ class BusLeases:
         self.since = {e: math.inf for e in self.leases}
         #: the token of the lease we hold (None: none)
         self._token: dict[str, int | None] = {e: None for e in self.leases}
-        #: the last lease seen in Redis: (the redis-server's run_id, its token)
+        #: the last lease seen in Redis: (Redis' epoch, its token)
         self._seen: dict[str, tuple[str, int] | None] = {e: None for e in self.leases}
         self._next = -math.inf
         self._error_logged = -math.inf
@@ -390,17 +391,25 @@ class BusLeases:
         """Whether ``endpoint``'s events may be counted now."""
         return self.since[endpoint] <= self.clock() < self.deadline[endpoint]
 
-    def _run_id(self) -> str:
-        """The redis-server's run id: another after a restart or a failover."""
-        return str(self.client.info("server")["run_id"])
+    def _epoch(self) -> str:
+        """What names this Redis' data: a random value the first subscriber
+        stored under ``<prefix>~subscribe~epoch`` (no TTL), another once
+        Redis lost its data (restarted empty, a failover to a replica
+        without it, a flush).  Not INFO's run_id: an ACL may refuse INFO,
+        and a restart that kept the data keeps the epoch."""
+        value = self.client.get(self.epoch_key)
+        if value is None:
+            self.client.set(self.epoch_key, os.urandom(8).hex(), nx=True)
+            value = self.client.get(self.epoch_key)
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     def _observe(self, endpoint: str) -> None:
         """Note the last lease of ``endpoint`` Redis knows: the token of the
         lease it holds now (another host's, or our dead predecessor's at
-        the start), with the server's run id when the token is new to us;
-        else the stop mark of a holder that stopped cleanly (its server's
-        run id and token, :meth:`release`).  One MGET a second while we
-        stand by; INFO only when the token moves."""
+        the start), with Redis' epoch when the token is new to us;
+        else the stop mark of a holder that stopped cleanly (Redis' epoch
+        and its token, :meth:`release`).  One MGET a second while we stand
+        by; the epoch read only when the token moves."""
         lease = self.leases[endpoint]
         value, stopped = (v.decode() if isinstance(v, bytes) else v
                           for v in self.client.mget(lease.key, lease.key + STOPPED_SUFFIX))
@@ -408,26 +417,26 @@ class BusLeases:
             token = int(value.rsplit(" ", 1)[-1])
             seen = self._seen[endpoint]
             if seen is None or seen[1] != token:
-                self._seen[endpoint] = (self._run_id(), token)
+                self._seen[endpoint] = (self._epoch(), token)
         elif stopped is not None:
-            run_id, token = stopped.rsplit(" ", 1)
-            self._seen[endpoint] = (run_id, int(token))
+            epoch, token = stopped.rsplit(" ", 1)
+            self._seen[endpoint] = (epoch, int(token))
 
     def _taken(self, endpoint: str, token: int, got: float) -> None:
         """A lease just taken (a new token), at ``got`` (the reply): when
         may it be counted?  At once if the lease before it is known to have
         ended: its token, ``token - 1``, was seen held (by another host that
-        released it or whose lease lapsed, or by our dead predecessor) under
-        the same redis-server, so no other take came in between.  Otherwise
-        (Redis restarted empty or failed over and lost the last lease, we
-        never saw it) an earlier holder may still count until its deadline,
-        at most a TTL after this reply: we count from then."""
-        run_id = self._run_id()
+        released it or whose lease lapsed, or by our dead predecessor) in
+        the same Redis data (its epoch), so no other take came in between.
+        Otherwise (Redis lost its data and the last lease, or we never saw
+        it) an earlier holder may still count until its deadline, at most a
+        TTL after this reply: we count from then."""
+        epoch = self._epoch()
         seen = self._seen[endpoint]
-        known = seen is not None and seen == (run_id, token - 1)
+        known = seen is not None and seen == (epoch, token - 1)
         self.since[endpoint] = got if known else got + self.ttl_s
         self._token[endpoint] = token
-        self._seen[endpoint] = (run_id, token)
+        self._seen[endpoint] = (epoch, token)
         if not known:
             log.warning("bus %s: took a lease whose predecessor's end was not seen (Redis "
                         "restarted or failed over?): counting it in %.1f s, once any "
@@ -479,7 +488,7 @@ class BusLeases:
                 if token is not None:
                     # We count no more: a stop mark says so (until the
                     # TTL), so that the next holder counts at once.
-                    self.client.set(lease.key + STOPPED_SUFFIX, f"{self._run_id()} {token}",
+                    self.client.set(lease.key + STOPPED_SUFFIX, f"{self._epoch()} {token}",
                                     px=int(self.ttl_s * 1000))
                 lease.release()
             except Exception as exc:  # noqa: BLE001 - it runs out by itself
