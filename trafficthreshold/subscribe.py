@@ -471,8 +471,9 @@ class BusLeases:
             self.deadline[endpoint] = sent + self.ttl_s - self.MARGIN_S if held else -math.inf
             if held and endpoint not in self._held:
                 self._held.add(endpoint)
-                log.info("counting bus %s (this host holds its lease, token %s)", endpoint,
-                         lease.token)
+                log.info("this host holds the lease of bus %s (token %s): counting it%s",
+                         endpoint, lease.token, "" if self.holds(endpoint)
+                         else f" in {self.since[endpoint] - self.clock():.1f} s")
             elif not held and endpoint in self._held:
                 self._held.discard(endpoint)
                 log.warning("bus %s is counted by another host now (its lease is theirs): "
