@@ -9,6 +9,7 @@ hit twice, nor lose one, when the supervisor rolls the ring in between).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import urllib.error
@@ -53,10 +54,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, frozenset(labels.items())]
 
 
-def scrape(server: webserver.Server) -> tuple[dict[str, str], Samples]:
+def scrape_text(server: webserver.Server) -> tuple[str, Samples]:
+    """The page's text and its samples, as a scraper parses them."""
     with urllib.request.urlopen(server.url + "metrics", timeout=10) as response:
         assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-        return parse(response.read().decode("utf-8"))
+        text = response.read().decode("utf-8")
+    return text, parse(text)[1]
+
+
+def scrape(server: webserver.Server) -> tuple[dict[str, str], Samples]:
+    return parse(scrape_text(server)[0])
 
 
 @pytest.fixture
@@ -371,3 +378,122 @@ def test_reclaimed_and_free_slots_are_exported(installed: tuple[int, str], db: s
     assert value(samples, "trafficthreshold_segment_slots_free") == 1
     assert value(samples, "trafficthreshold_segment_keys_used") == 3  # ~overflow, all, kept
     counter.detach()
+
+
+# ------------------------------------------- subscribers that cannot be read
+
+
+def _stats(directory: Path, name: str) -> None:
+    """A stats file written at NOW (the app's clock), as a running
+    subscriber writes it."""
+    import json
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps({
+        "name": name, "addresses": ["tcp://127.0.0.1:6000"], "topics": [""], "types": [],
+        "hwm": 1000, "max_size": 65536, "pid": 1, "started_at": NOW,
+        "updated_at": NOW, "monotonic": None, "boot_id": None, "last_heard": None,
+        "connected": 1, "disconnects": 0, "stopped": False, "received": 5, "counted": 5,
+        "uncounted": 0, "rejected": {}}))
+
+
+def test_a_damaged_stats_file_is_said_not_silently_left_out(
+        db: str, serve: Callable[..., webserver.Server], caplog: pytest.LogCaptureFixture) -> None:
+    """A file in subscribers/ that is not a stats file: the good one is
+    shown, the bad one counted in trafficthreshold_subscribers_unreadable,
+    named in a comment line and logged once (not at every scrape)."""
+    directory = Path(db).parent / "subscribers"
+    _stats(directory, "good")
+    (directory / "bad.json").write_bytes(b"\x00{not json")
+    server = serve(config_for(db))
+    text, samples = scrape_text(server)
+    assert value(samples, "trafficthreshold_subscriber_up", subscriber="good") == 1
+    assert value(samples, "trafficthreshold_subscribers_unreadable") == 1
+    assert f"# ERROR trafficthreshold_subscribers_unreadable {directory}/bad.json is not" in text
+    scrape(server)
+    assert caplog.text.count(f"{directory}/bad.json is not a subscriber's stats file") == 1
+    (directory / "bad.json").unlink()
+    _, samples = scrape(server)
+    assert value(samples, "trafficthreshold_subscribers_unreadable") == 0
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to become nobody")
+def test_a_state_directory_the_daemon_cannot_read_is_said(key: int) -> None:
+    """/metrics served by a real server running as nobody, who may not
+    enter the subscribers' directory (root's, 0700): the scrape says so
+    (trafficthreshold_subscribers_unreadable 1, a comment line naming the
+    directory and the fix, the log) instead of showing no subscribers."""
+    import pwd
+    import shutil
+    import signal
+    import tempfile
+    from tt_nobody import readable_package, use_readable_package
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="tt-metrics-"))
+    try:
+        base.chmod(0o777)
+        with SQLiteStore(str(base / "stats.sqlite3"), ZONE):
+            pass
+        for name in ("stats.sqlite3", "stats.sqlite3-wal", "stats.sqlite3-shm"):
+            if (base / name).exists():
+                os.chown(base / name, nobody.pw_uid, nobody.pw_gid)
+        _stats(base / "subscribers", "shop")
+        (base / "subscribers").chmod(0o700)              # root's: nobody may not enter
+        cfg = config_for(str(base / "stats.sqlite3"), key=key)
+        readable_package()
+        read, write = os.pipe()
+        log_path = base / "child.log"
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(read)
+                use_readable_package()
+                import logging
+                logging.basicConfig(filename=str(log_path), level=logging.INFO, force=True)
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                server = webserver.start(api.make_app(cfg, now=lambda: NOW), "127.0.0.1:0")
+                os.write(write, server.url.encode())
+                os.close(write)
+                signal.pause()
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            url = pipe.read().decode()
+        try:
+            assert url, "the child did not start its server"
+            with urllib.request.urlopen(url + "metrics", timeout=10) as response:
+                text = response.read().decode("utf-8")
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        _, samples = parse(text)
+        assert value(samples, "trafficthreshold_subscribers_unreadable") == 1
+        assert "trafficthreshold_subscriber_up" not in text.replace(
+            "trafficthreshold_subscribers_unreadable", "")
+        assert (f"# ERROR trafficthreshold_subscribers_unreadable CANNOT READ "
+                f"{base}/subscribers (Permission denied)") in text
+        assert f"CANNOT READ {base}/subscribers (Permission denied)" in log_path.read_text()
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_file_name_that_is_not_utf8_does_not_break_the_page(
+        db: str, serve: Callable[..., webserver.Server]) -> None:
+    """A junk file in subscribers/ whose name is not UTF-8 (os.listdir gives
+    it with surrogate escapes): the page is still served and parsed, the
+    name shown with its bytes escaped, never a 500 that blinds every metric."""
+    directory = Path(db).parent / "subscribers"
+    _stats(directory, "good")
+    with open(os.fsencode(directory) + b"/caf\xe9\n.json", "wb") as f:
+        f.write(b"{not json")
+    os.symlink(b"/nonexistent", os.fsencode(directory) + b"/gone\xe9.json")  # an OSError
+    _stats(directory, "shop")               # a good file under a name that is not UTF-8
+    os.rename(directory / "shop.json", os.fsencode(directory) + b"/sh\xf6p.json")
+    text, samples = scrape_text(serve(config_for(db)))
+    assert value(samples, "trafficthreshold_subscriber_up", subscriber="good") == 1
+    assert value(samples, "trafficthreshold_subscribers_unreadable") == 3
+    assert f"# ERROR trafficthreshold_subscribers_unreadable {directory}/caf\\\\xe9\\n.json" in text
+    assert f"{directory}/sh\\\\xf6p.json is not a subscriber's stats file" in text
+    assert f"{directory}/gone\\\\xe9.json is not a subscriber's stats file" in text

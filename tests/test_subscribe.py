@@ -192,6 +192,14 @@ class SubscriberProcess:
             return self.proc.wait(10)
 
 
+def kill_all(procs: list[SubscriberProcess]) -> None:
+    """SIGKILL every subscriber process still running, and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
+
+
 @pytest.fixture
 def bus(key: int, tmp_path: Path) -> Any:
     """An installed SysV segment, a config pointing at it (database in
@@ -223,10 +231,7 @@ def bus(key: int, tmp_path: Path) -> Any:
 
     b.publisher, b.subscriber = publisher, subscriber
     yield b
-    for proc in b.procs:
-        if proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait(10)
+    kill_all(b.procs)
     for pub in b.pubs:
         pub.close()
     context.term()
@@ -1236,3 +1241,330 @@ def test_a_long_lived_subscriber_does_not_grow_with_names_that_come_and_go(key):
         admin.detach()
         trafficthreshold._settings.clear()
         trafficthreshold.configure()
+
+
+# ------------------------------------------- a farm: one host counts a bus
+
+FARM_TTL = 2.0
+
+
+def farm_host(bus: Any, redis_server: Any, host: str, key: int) -> Path:
+    """A config of one farm host: its own segment and state directory, the
+    Redis store shared with the others (lease_ttl 2 s)."""
+    home = bus.tmp / host
+    home.mkdir()
+    config = home / "config.toml"
+    config.write_text(f'key = {key}\ndatabase = "{home}/stats.sqlite3"\ntimezone = "UTC"\n'
+                      f'[http]\nenabled = false\n[store]\nbackend = "redis"\n'
+                      f'url = "redis://127.0.0.1:{redis_server.port}/0"\nhost = "{host}"\n'
+                      f'lease_ttl = {FARM_TTL}\n')
+    return config
+
+
+@pytest.fixture
+def farm(bus: Any, redis_server: Any) -> Any:
+    """Two farm hosts (h1 on the bus's segment, h2 on a second one) whose
+    subscribers both connect to the same publisher."""
+    other = segment.unused_key()
+    segment.install(other, "sysv")
+    counters = {"h1": bus.counter, "h2": segment.attach(other, "sysv")}
+    configs = {"h1": farm_host(bus, redis_server, "h1", bus.key),
+               "h2": farm_host(bus, redis_server, "h2", other)}
+
+    def start(host: str, *args: str) -> SubscriberProcess:
+        proc = SubscriberProcess(configs[host], *args)
+        bus.procs.append(proc)
+        return proc
+
+    bus.farm_counters, bus.start = counters, start
+    yield bus
+    kill_all(bus.procs)  # before the second segment goes
+    counters["h2"].detach()
+    segment.uninstall(other, "sysv", force=True)
+
+
+def farm_total(bus: Any, account: str) -> dict[str, int]:
+    return {h: ring_count(c, account, "pageview") for h, c in bus.farm_counters.items()}
+
+
+def farm_connected(bus: Any, procs: dict[str, Any], name: str) -> None:
+    """Wait until each host's subscriber is connected to the bus (its stats
+    file says so): a standby that is not up yet would prove nothing."""
+    def up(host: str) -> bool:
+        try:
+            info = json.loads((bus.tmp / host / "subscribers" / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return info["connected"] == 1 and info["leases"] is not None
+
+    for host, proc in procs.items():
+        wait_for(f"{host}'s subscriber", lambda: up(host), proc=proc)
+
+
+def farm_probe(bus: Any, pub: Any, procs: list[Any], account: str = "probe") -> None:
+    """The slow joiner, on whichever host counts."""
+    deadline = time.monotonic() + 30
+    while not sum(farm_total(bus, account).values()):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            "\n".join(p.log() for p in procs)
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"%s"}}' % account.encode())
+        time.sleep(0.01)
+
+
+def test_a_farm_counts_each_bus_event_on_one_host_and_a_standby_takes_over(farm):
+    """With the Redis store, a subscriber on every host counts the bus once:
+    one host's subscriber holds the bus's lease and counts, the other reads
+    and counts nothing; SIGKILLed, the holder is replaced by the standby
+    within the lease TTL, and no event of the handover stream is counted by
+    both (each has its own account), what was published meanwhile being
+    the only loss (PUB/SUB)."""
+    bus = farm
+    pub = bus.publisher()
+    procs = {h: bus.start(h, pub.address, "--name", "shop-bus") for h in ("h1", "h2")}
+    farm_connected(bus, procs, "shop-bus")
+    farm_probe(bus, pub, list(procs.values()))
+    time.sleep(0.2)  # the standby's slow joiner too: it must be hearing the bus
+    frame = b'pageview {"type":"pageview","data":{"account":"acme"}}'
+    for _ in range(3000):
+        pub.sock.send(frame)
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-a"}}')
+    wait_for("phase A", lambda: sum(farm_total(bus, "end-a").values()))
+    counts = farm_total(bus, "acme")
+    holder = max(counts, key=counts.get)
+    standby = "h2" if holder == "h1" else "h1"
+    assert counts == {holder: 3000, standby: 0}
+    standby_file = bus.tmp / standby / "subscribers" / "shop-bus.json"
+    wait_for("the standby's stats", lambda: json.loads(
+        standby_file.read_text())["standby_skipped"] >= 3000, proc=procs[standby])
+    info = json.loads(standby_file.read_text())
+    assert info["leases"] == {pub.address: "standby"}
+    assert info["counted"] < 100                        # at most probes before the lease
+
+    stop = threading.Event()
+    sent = [0]
+
+    def stream() -> None:
+        while not stop.is_set():
+            pub.sock.send(b'pageview {"type":"pageview","data":{"account":"m%d"}}' % sent[0])
+            sent[0] += 1
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        wait_for("the stream", lambda: sent[0] > 100)
+        os.kill(procs[holder].proc.pid, signal.SIGKILL)
+        procs[holder].proc.wait(10)
+        killed_at = time.monotonic()
+        wait_for("the standby takes over", lambda: ring_count(
+            bus.farm_counters[standby], f"m{sent[0] - 1}", "pageview")
+            or ring_count(bus.farm_counters[standby], f"m{sent[0] - 2}", "pageview"),
+            timeout=FARM_TTL + 10, proc=procs[standby])
+        took = time.monotonic() - killed_at
+    finally:
+        stop.set()
+        thread.join(30)
+    assert took < FARM_TTL + 2, took
+    time.sleep(0.3)
+    doubled = [i for i in range(sent[0])
+               if all(ring_count(c, f"m{i}", "pageview") for c in bus.farm_counters.values())]
+    assert doubled == []
+    # After the handover the standby counts everything, once.
+    for _ in range(3000):
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"after"}}')
+    pub.sock.send(b'pageview {"type":"pageview","data":{"account":"end-c"}}')
+    wait_for("phase C", lambda: farm_total(bus, "end-c")[standby], proc=procs[standby])
+    assert farm_total(bus, "after") == {holder: 0, standby: 3000}
+
+
+def farm_holder(bus: Any) -> tuple[Any, dict[str, Any], str, str]:
+    """A publisher and the subscribers "bus" of h1 and h2 on it, connected
+    and probed: (publisher, processes by host, the holder, the standby)."""
+    pub = bus.publisher()
+    procs = {h: bus.start(h, pub.address, "--name", "bus") for h in ("h1", "h2")}
+    farm_connected(bus, procs, "bus")
+    farm_probe(bus, pub, list(procs.values()))
+    counts = farm_total(bus, "probe")
+    holder = max(counts, key=counts.get)
+    return pub, procs, holder, "h2" if holder == "h1" else "h1"
+
+
+def test_a_clean_stop_hands_the_bus_over_at_once(farm):
+    """SIGTERM releases the lease: the standby counts from its next renewal
+    (a second), not after the TTL; the stopped host counts nothing more."""
+    bus = farm
+    pub, procs, holder, standby = farm_holder(bus)
+    assert procs[holder].stop() == 0
+    stopped_at = time.monotonic()
+    farm_probe(bus, pub, [procs[standby]], account="second")
+    assert time.monotonic() - stopped_at < FARM_TTL
+    assert farm_total(bus, "second")[holder] == 0
+
+
+def test_one_host_without_redis_counts_as_before(bus):
+    """The SQLite store (one host): no lease, every event counted."""
+    pub = bus.publisher()
+    proc = bus.subscriber(pub.address, "--name", "solo")
+    pub.probe(bus.counter, "probe", proc)
+    wait_for("a stats file", lambda: (bus.tmp / "subscribers" / "solo.json").exists())
+    wait_for("the stats", lambda: stats_file(bus.tmp, "solo")["counted"] >= 1)
+    assert stats_file(bus.tmp, "solo")["leases"] is None
+
+
+def test_a_stalled_holder_stops_counting_before_a_standby_takes_over(farm):
+    """The holder stopped (SIGSTOP) for longer than the TTL: the standby
+    takes the lease; the holder, continued, finds its lease run out before
+    it reads what it queued meanwhile, so no event is counted by both
+    (each event its own account), and the standby goes on counting."""
+    bus = farm
+    pub, procs, holder, standby = farm_holder(bus)
+    os.kill(procs[holder].proc.pid, signal.SIGSTOP)
+    try:
+        sent = 0
+        deadline = time.monotonic() + FARM_TTL + 10
+        while not ring_count(bus.farm_counters[standby], f"s{max(sent - 1, 0)}", "pageview"):
+            assert time.monotonic() < deadline, procs[standby].log()
+            pub.sock.send(b'pageview {"type":"pageview","data":{"account":"s%d"}}' % sent)
+            sent += 1
+            time.sleep(0.01)
+    finally:
+        os.kill(procs[holder].proc.pid, signal.SIGCONT)
+    for i in range(sent, sent + 200):
+        pub.sock.send(b'pageview {"type":"pageview","data":{"account":"s%d"}}' % i)
+        time.sleep(0.002)
+    sent += 200
+    wait_for("the standby counts on", lambda: ring_count(
+        bus.farm_counters[standby], f"s{sent - 1}", "pageview"), proc=procs[standby])
+    time.sleep(1.0)  # the continued holder has read its queue by now
+    doubled = [i for i in range(sent)
+               if all(ring_count(c, f"s{i}", "pageview") for c in bus.farm_counters.values())]
+    assert doubled == []
+    assert procs[holder].poll() is None  # it stands by, it did not die
+
+
+def test_a_holder_that_loses_redis_stops_counting_before_its_lease_lapses(redis_server,
+                                                                           caplog):
+    """BusLeases on a real redis-server, its clock a parameter: the holder
+    counts until the moment its last good renewal was sent plus the TTL
+    minus the margin, which is before Redis lets the lease lapse; Redis
+    killed, renewals fail (logged once) and leave that deadline; nobody
+    counts after it.  A second identity stands by meanwhile; a lease held
+    by a bus's endpoint is not another endpoint's (names with ':' '/')."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    client = redis_server.client()
+    no_retries(client)                                  # as the subscriber's own client
+    a = subscribe.BusLeases(client, ["tcp://bus:6000", "ipc:///run/a b.sock"], "h1/x/boot",
+                            prefix="track", ttl_s=2.0, clock=lambda: now[0])
+    b = subscribe.BusLeases(client, ["tcp://bus:6000"], "h2/x/boot", prefix="track",
+                            ttl_s=2.0, clock=lambda: now[0])
+    a.renew(force=True)
+    b.renew(force=True)
+    for _ in range(2):                                  # a fresh lease: counted after a TTL
+        now[0] += 1.0
+        a.renew(force=True)
+    assert a.status() == {"tcp://bus:6000": "counting", "ipc:///run/a b.sock": "counting"}
+    assert b.status() == {"tcp://bus:6000": "standby"}
+    assert client.get("track~subscribe~tcp://bus:6000~leader").startswith(b"h1/x/boot ")
+    redis_server.kill()
+    now[0] += 1.0
+    a.renew()
+    a.renew(force=True)
+    assert a.holds("tcp://bus:6000")                    # 1.0 < 2.0 - 0.5
+    now[0] += 0.5
+    assert not a.holds("tcp://bus:6000")                # the deadline: before Redis' expiry
+    assert caplog.text.count("cannot renew the lease of bus") == 1
+
+
+@pytest.mark.parametrize("lost", ["restarted empty", "flushed"])
+def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, lost):
+    """Redis restarted empty (no persistence, a failover to a replica that
+    missed the lease, a flush) loses the holder's lease while the holder
+    still counts until its deadline (it renews once a second; cut off from
+    Redis, it goes on until the deadline).  A host that takes a lease whose
+    end it did not see (no consecutive token, under the same redis-server)
+    counts only from the reply plus the TTL, when every earlier holder's
+    deadline has passed: never two hosts at once.  A take that follows a
+    token seen ending on the same server (a lease that lapsed or was
+    released while this host stood by) counts at once, as does a restarted
+    subscriber that takes its predecessor's lease."""
+    import shutil
+
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    client = redis_server.client()
+    no_retries(client)
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    a, b = leases("h1/x/boot"), leases("h2/x/boot")
+    a.renew(force=True)
+    b.renew(force=True)
+    assert not a.holds(bus) and not b.holds(bus)        # nothing seen before: a TTL first
+    while not a.holds(bus):
+        now[0] += 0.25
+        a.renew()
+        b.renew()
+    assert now[0] == 1002.0 and not b.holds(bus)
+    if lost == "flushed":
+        client.flushall()
+    else:
+        redis_server.kill()                             # restarted with its data lost
+        shutil.rmtree(redis_server.dir / "appendonlydir")
+        redis_server.start()
+        client.connection_pool.disconnect()
+    now[0] += 0.3
+    b.renew(force=True)                                 # b takes it: Redis holds none
+    assert client.get(f"track~subscribe~{bus}~leader").startswith(b"h2/x/boot ")
+    both = []
+    while now[0] < 1005.0:                              # a cut off from Redis: no renewal
+        both += [now[0]] if a.holds(bus) and b.holds(bus) else []
+        now[0] += 0.05
+        b.renew()
+    assert both == []
+    assert b.holds(bus) and not a.holds(bus)            # b counts once a's deadline passed
+    # b stops cleanly; a, standing by, saw b's token end: it counts at once.
+    a.renew(force=True)
+    assert not a.holds(bus)
+    b.release()
+    a.renew(force=True)
+    assert a.holds(bus)
+    # a SIGKILLed and restarted (same identity: its predecessor is dead):
+    # the new one takes the lease at once and counts at once.
+    again = leases("h1/x/boot")
+    again.renew(force=True)
+    assert again.holds(bus)
+
+
+def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_server):
+    """Endpoints that end in what the key layout appends ('~leader',
+    ':token', '~stopped'), hold spaces, or are very long: each has its own
+    lease, token and stop mark (a collision would make one endpoint's key
+    another's, held or counted wrongly); a clean stop hands all of them
+    over, the standby counting each at once."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    client = redis_server.client()
+    no_retries(client)
+    buses = ["e", "e~leader", "e~leader:token", "e~leader~stopped", "e:token", "ipc:///a b~c",
+             "tcp://h:1/" + "x" * 5000]
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, buses, identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    a, b = leases("h1/x/boot"), leases("h2/x/boot")
+    for _ in range(3):
+        a.renew(force=True)
+        b.renew(force=True)
+        now[0] += 1.0
+    assert set(a.status().values()) == {"counting"} and set(b.status().values()) == {"standby"}
+    tokens = {bus: a.leases[bus].token for bus in buses}
+    assert set(tokens.values()) == {1}, tokens          # a counter of its own each
+    a.release()
+    b.renew(force=True)
+    assert set(b.status().values()) == {"counting"}, b.status()
+    assert {bus: b.leases[bus].token for bus in buses} == dict.fromkeys(buses, 2)

@@ -454,6 +454,34 @@ def test_a_corrupt_header_field_is_repaired_and_the_daemon_goes_on(
     assert sup.store.period("all", "pageview", 2027)["total"] == 10   # rolled at T0+60
 
 
+def test_a_probe_limit_too_small_is_repaired_at_the_next_minute(sup, caplog):
+    """A scribbled probe_limit hides keys from every lock-free probe (a
+    reader misses them): the supervisor checks the limit against the key
+    index at initialize and at each new minute (one read of the index, not
+    every second), stores it anew under the lock, and logs it once."""
+    from test_segment import far_key
+    sup.initialize(T0)
+    name, slot, length = far_key(sup.counter, keys=300)
+    good = sup.counter.load(segment.H_PROBE_LIMIT, 4)
+    sup.counter.store(segment.H_PROBE_LIMIT, 4, 1)
+    sup.tick(T0 + 1)                                  # the same minute: not read yet
+    reader = segment.attach(sup.config.key, sup.config.backend)
+    try:
+        assert reader.find(name, "pageview") is None
+        for t in range(T0 + 2, T0 + 62):
+            sup.tick(t)
+        assert sup.counter.load(segment.H_PROBE_LIMIT, 4) == good
+        assert reader.find(name, "pageview") == slot
+    finally:
+        reader.detach()
+    assert caplog.text.count(f"probe_limit is 1: the key ({name.encode()!r}") == 1
+    sup.counter.store(segment.H_PROBE_LIMIT, 4, 0)    # a value no writer stores
+    for t in range(T0 + 62, T0 + 122):
+        sup.tick(t)
+    assert sup.counter.load(segment.H_PROBE_LIMIT, 4) == good
+    assert caplog.text.count("probe_limit is 0, not 1..") == 1
+
+
 def test_an_index_entry_that_is_not_utf8_does_not_stop_initialize(sup, tmp_path):
     from test_segment import RawReader, raw_view
     sup.initialize(T0)

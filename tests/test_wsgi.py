@@ -1062,3 +1062,116 @@ def test_the_real_servers_file_wrappers_are_passed_as_they_are(worker_api, tmp_p
             env, Server().start_response)
         assert result is wrapped
     assert total() == 1
+
+
+# ------------------------------------------ uWSGI's function-style file_wrapper
+
+
+def start_uwsgi(worker_api, tmp_path, size: int):  # noqa: ANN001, ANN201
+    """A real uWSGI (one worker) serving tests/apps/uwsgi_file.py, its page
+    ``size`` random bytes: (the server, the page's bytes, the marks'
+    directory)."""
+    import os
+    import re
+    import shutil
+    from pathlib import Path
+
+    from apps.harness import Server, server_env
+    binary = shutil.which("uwsgi") or str(Path(sys.executable).parent / "uwsgi")
+    if not os.path.exists(binary):
+        pytest.skip("uWSGI is not installed (pip install uwsgi: the test extra)")
+    key, backend = worker_api
+    page = tmp_path / "page.html"
+    data = os.urandom(size)
+    page.write_bytes(data)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    return Server([binary, "--http-socket", "127.0.0.1:0", "--module", "apps.uwsgi_file:app",
+                   "--master", "--processes", "1", "--need-app", "--die-on-term",
+                   "--disable-logging"],
+                  server_env(key, backend, TT_FILE=str(page), TT_MARKS=str(marks)),
+                  tmp_path / "uwsgi.log",
+                  port_pattern=re.compile(r"bound to TCP address 127\.0\.0\.1:(\d+)")), data, marks
+
+
+def test_uwsgis_file_wrapper_of_a_file_like_without_a_file_is_served_and_counted(
+        worker_api, tmp_path):
+    """PEP 3333 lets an application hand wsgi.file_wrapper any object with
+    read(); uWSGI's returns it and, when the application returns that very
+    object, reads it with read().  Behind the middleware: an object with
+    read() and close() only (not iterable, no fileno) and an io.BytesIO
+    (whose fileno() raises) are served intact and counted once each, as
+    without the middleware (before: the read()-only one was wrapped, the
+    wrapper iterated it, and the page failed)."""
+    import urllib.request
+    server, data, _marks = start_uwsgi(worker_api, tmp_path, 100_000)
+    try:
+        url = f"http://127.0.0.1:{server.wait_port()}/"
+        bodies = {}
+        for path in ("readonly", "bytesio"):
+            try:
+                bodies[path] = urllib.request.urlopen(url + path, timeout=10).read()
+            except Exception as exc:  # noqa: BLE001 - the page failed: said below
+                bodies[path] = repr(exc)
+    finally:
+        server.stop()
+    assert {p: b == data for p, b in bodies.items()} == {"readonly": True, "bytesio": True}, {
+        p: b[:200] for p, b in bodies.items() if b != data}
+    assert total() == 2
+
+
+def test_uwsgis_function_file_wrapper_is_sent_as_a_file_counted_once(worker_api, tmp_path):
+    """A real uWSGI serves a page through its wsgi.file_wrapper, which is a
+    function (it returns the very file it was given, and sends it with
+    sendfile() only when the application returns that object): behind the
+    middleware each request is counted exactly once, the file arrives
+    intact, close() is called on it, and it is sent as a file, never read
+    through Python (before: the middleware wrapped it in its Body, and
+    uWSGI read the file chunk by chunk).  A generator that raises before
+    its first byte is not counted."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    server, data, marks = start_uwsgi(worker_api, tmp_path, 300_000)
+    try:
+        url = f"http://127.0.0.1:{server.wait_port()}/"
+        bodies = [urllib.request.urlopen(url + f"page/{i}", timeout=10).read()
+                  for i in range(5)]
+        try:  # uWSGI answers 500, or an empty 200 (the headers it sent already)
+            urllib.request.urlopen(url + "fails", timeout=10).read()
+        except (urllib.error.HTTPError, ConnectionError, http.client.HTTPException):
+            pass
+    finally:
+        server.stop()
+    assert all(body == data for body in bodies)
+    assert total() == 5
+    made = sorted(p.name for p in marks.iterdir())
+    closed = [m for m in made if m.startswith("close-")]
+    assert len(closed) == 5, made
+    assert not [m for m in made if m.startswith("read-")], f"read through Python: {made}"
+
+
+def test_a_uwsgi_file_body_is_counted_once_when_the_client_leaves_early(worker_api, tmp_path):
+    """A client that reads the headers and a few bytes of a large file
+    sent by uWSGI's sendfile() and hangs up: the page view is counted once
+    (decided when the application returned the file, not by how much was
+    sent), and the file is still closed."""
+    import socket
+    import time
+    server, _data, marks = start_uwsgi(worker_api, tmp_path, 8_000_000)
+    try:
+        port = server.wait_port()
+        for i in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(f"GET /page/{i} HTTP/1.1\r\nHost: site-a.example\r\n\r\n".encode())
+                assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
+                                b"\x00\x00\x00\x00")               # a reset, not a clean close
+        deadline = time.monotonic() + 10
+        while len(list(marks.iterdir())) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert total() == 3
+    made = sorted(p.name for p in marks.iterdir())
+    assert [m for m in made if m.startswith("close-")] == made and len(made) == 3, made

@@ -77,7 +77,7 @@ static PyObject *throttle_status_cb; /* trafficthreshold.throttle_status */
 
 /* Interned at module init. */
 static PyObject *str_request_method, *str_path_info, *str_http_accept, *str_failed;
-static PyObject *str_count_if, *str_close, *str_file_wrapper;
+static PyObject *str_count_if, *str_close, *str_file_wrapper, *str_read;
 static PyObject *str_level, *str_hit, *str_decide;
 static PyObject *str_http_cookie, *str_url_scheme, *str_https, *str_at, *str_unique;
 static PyObject *str_set_cookie;
@@ -774,22 +774,44 @@ static PyObject *wrap_body(StartResponse *sr, PyObject *result)
  * fail), an iterable with a length (the server may read len() to set
  * Content-Length: a Body would hide it), and the server's wsgi.file_wrapper
  * (the server recognizes it by its type, to send the file its own way).
+ * A server whose file_wrapper is a function, not a class (uWSGI: it returns
+ * the very file it was given, and sends it with sendfile() only when the
+ * application returns that object), cannot be checked by type: there a
+ * body with a read attribute (a file-like object, what PEP 3333 lets an
+ * application hand to file_wrapper) goes as it is: uWSGI sendfile()s a
+ * real file, and read()s any other file-like object it returned (an
+ * io.BytesIO, an object with read() and close() only, not iterable: a
+ * Body around it would fail, and the page would go uncounted).
  * Anything else (a generator, an iterator) may still raise before its first
  * byte, and the server then answers 500: not a page view.  Never fails: a
  * check that raises means "as it is". */
 static int sent_as_is(PyObject *result, PyObject *environ)
 {
     PyTypeObject *type = Py_TYPE(result);
-    PyObject *wrapper;
+    PyObject *wrapper, *attr;
     int rc;
     if (PyList_CheckExact(result) || PyTuple_CheckExact(result)
         || (type->tp_as_sequence != NULL && type->tp_as_sequence->sq_length != NULL)
         || (type->tp_as_mapping != NULL && type->tp_as_mapping->mp_length != NULL))
         return 1;
     wrapper = PyDict_GetItemWithError(environ, str_file_wrapper);  /* borrowed */
-    if (wrapper == NULL || !PyType_Check(wrapper)) {
+    if (wrapper == NULL) {
         PyErr_Clear();
         return 0;
+    }
+    if (!PyType_Check(wrapper)) {
+        /* Only for a function-style file_wrapper: a lookup per wrapped
+         * body, never on the other servers' path. */
+        if (!PyCallable_Check(wrapper))
+            return 0;
+        attr = PyObject_GetAttr(result, str_read);
+        if (attr != NULL) {
+            Py_DECREF(attr);
+            return 1;
+        }
+        rc = !PyErr_ExceptionMatches(PyExc_AttributeError);  /* another error: as it is */
+        PyErr_Clear();
+        return rc;
     }
     if ((rc = PyObject_IsInstance(result, wrapper)) < 0) {
         PyErr_Clear();
@@ -1074,6 +1096,7 @@ PyMODINIT_FUNC PyInit__middleware(void)
     INTERN(str_path_info, "PATH_INFO");
     INTERN(str_http_accept, "HTTP_ACCEPT");
     INTERN(str_close, "close");
+    INTERN(str_read, "read");
     INTERN(str_file_wrapper, "wsgi.file_wrapper");
     INTERN(str_failed, "_failed");
     INTERN(str_count_if, "_count_if");

@@ -407,7 +407,7 @@ def hit(ctx: click.Context, account: str | None, event: str, n: int,
 def subscribe(ctx: click.Context, addresses: tuple[str, ...], topics: tuple[str, ...],
               types: tuple[str, ...], hwm: int, max_size: int, name: str | None) -> None:
     """Count Bootic's pageview and order events from the ZMQ PUB socket at
-    each ADDRESS (one SUB socket connects to them all), or from JSON lines
+    each ADDRESS (a SUB socket connects to each), or from JSON lines
     on standard input with ADDRESS "-".  Runs until stopped (SIGTERM), or
     the end of the input.
 
@@ -424,7 +424,7 @@ def subscribe(ctx: click.Context, addresses: tuple[str, ...], topics: tuple[str,
     cfg = _load(ctx)
     sys.exit(Subscriber(addresses, key=cfg.key, backend=cfg.backend, database=cfg.database,
                         topics=topics, types=types, hwm=hwm, max_size=max_size, name=name,
-                        env=_env(ctx)).run())
+                        env=_env(ctx), config=cfg).run())
 
 
 def _need_zmq() -> None:

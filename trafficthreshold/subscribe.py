@@ -333,6 +333,174 @@ def connect(sock: Any, address: str) -> None:
     sock.connect(address)
 
 
+#: How often a subscriber of a farm renews (or tries to take) its buses'
+#: leases, in seconds: well inside the lease's TTL (``[store] lease_ttl``).
+LEASE_RENEW_S = 1.0
+
+
+def lease_prefix(prefix: str, endpoint: str) -> str:
+    """The Redis prefix of a bus's lease: ``<prefix>~subscribe~<endpoint>``
+    (farm.Lease adds ``~leader``), one per endpoint as written."""
+    return f"{prefix}~subscribe~{endpoint}"
+
+
+#: The key, next to a bus's lease, that says its holder of a token stopped
+#: cleanly: "<Redis' epoch> <token>" (BusLeases.release), for the lease_ttl.
+STOPPED_SUFFIX = "~stopped"
+
+
+class BusLeases:
+    """One farm-wide lease per bus endpoint (farm.Lease, the alert leader's
+    lease under another prefix), so that on a farm only one host's
+    subscriber counts a given bus: the others stay connected and read it
+    (no slow joiner at a takeover) but count nothing (hot standbys), and
+    take the lease over within its TTL when the holder dies.  An endpoint
+    is counted only before its *deadline*: the monotonic time at which a
+    renewal that succeeded was *sent*, plus the TTL, minus a margin.  Redis
+    expires the lease at least that late (it set the TTL on receiving the
+    call), so a holder that stalled, lost Redis or was replaced stops
+    counting before any other host can take over: never two hosts at once.
+    The identity is ``host/name/boot id``: a subscriber restarted on the
+    same boot (its predecessor is dead: the name's flock) takes its
+    predecessor's lease at once (farm.Lease's "succeed"), a cloned host
+    with the same host name (another boot) does not.  Not thread-safe."""
+
+    MARGIN_S = 0.5
+
+    def __init__(self, client: Any, endpoints: Iterable[str], identity: str, *,
+                 prefix: str, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        from trafficthreshold import farm
+        self.client, self.ttl_s, self.clock = client, ttl_s, clock
+        identity = identity.replace(" ", "_")  # farm.Lease's value is "identity token"
+        self.identity = identity
+        self.epoch_key = f"{prefix}~subscribe~epoch"
+        self.leases = {e: farm.Lease(client, identity, prefix=lease_prefix(prefix, e),
+                                     ttl_ms=int(ttl_s * 1000)) for e in endpoints}
+        self.deadline = {e: -math.inf for e in self.leases}
+        #: when a lease just taken may be counted (see :meth:`_taken`)
+        self.since = {e: math.inf for e in self.leases}
+        #: the token of the lease we hold (None: none)
+        self._token: dict[str, int | None] = {e: None for e in self.leases}
+        #: the last lease seen in Redis: (Redis' epoch, its token)
+        self._seen: dict[str, tuple[str, int] | None] = {e: None for e in self.leases}
+        self._next = -math.inf
+        self._error_logged = -math.inf
+        self._held: set[str] = set()
+
+    def holds(self, endpoint: str) -> bool:
+        """Whether ``endpoint``'s events may be counted now."""
+        return self.since[endpoint] <= self.clock() < self.deadline[endpoint]
+
+    def _epoch(self) -> str:
+        """What names this Redis' data: a random value the first subscriber
+        stored under ``<prefix>~subscribe~epoch`` (no TTL), another once
+        Redis lost its data (restarted empty, a failover to a replica
+        without it, a flush).  Not INFO's run_id: an ACL may refuse INFO,
+        and a restart that kept the data keeps the epoch."""
+        value = self.client.get(self.epoch_key)
+        if value is None:
+            self.client.set(self.epoch_key, os.urandom(8).hex(), nx=True)
+            value = self.client.get(self.epoch_key)
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def _observe(self, endpoint: str) -> None:
+        """Note the last lease of ``endpoint`` Redis knows: the token of the
+        lease it holds now (another host's, or our dead predecessor's at
+        the start), with Redis' epoch when the token is new to us;
+        else the stop mark of a holder that stopped cleanly (Redis' epoch
+        and its token, :meth:`release`).  One MGET a second while we stand
+        by; the epoch read only when the token moves."""
+        lease = self.leases[endpoint]
+        value, stopped = (v.decode() if isinstance(v, bytes) else v
+                          for v in self.client.mget(lease.key, lease.key + STOPPED_SUFFIX))
+        if value is not None:
+            token = int(value.rsplit(" ", 1)[-1])
+            seen = self._seen[endpoint]
+            if seen is None or seen[1] != token:
+                self._seen[endpoint] = (self._epoch(), token)
+        elif stopped is not None:
+            epoch, token = stopped.rsplit(" ", 1)
+            self._seen[endpoint] = (epoch, int(token))
+
+    def _taken(self, endpoint: str, token: int, got: float) -> None:
+        """A lease just taken (a new token), at ``got`` (the reply): when
+        may it be counted?  At once if the lease before it is known to have
+        ended: its token, ``token - 1``, was seen held (by another host that
+        released it or whose lease lapsed, or by our dead predecessor) in
+        the same Redis data (its epoch), so no other take came in between.
+        Otherwise (Redis lost its data and the last lease, or we never saw
+        it) an earlier holder may still count until its deadline, at most a
+        TTL after this reply: we count from then."""
+        epoch = self._epoch()
+        seen = self._seen[endpoint]
+        known = seen is not None and seen == (epoch, token - 1)
+        self.since[endpoint] = got if known else got + self.ttl_s
+        self._token[endpoint] = token
+        self._seen[endpoint] = (epoch, token)
+        if not known:
+            log.warning("bus %s: took a lease whose predecessor's end was not seen (Redis "
+                        "restarted or failed over?): counting it in %.1f s, once any "
+                        "earlier holder has stopped", endpoint, self.ttl_s)
+
+    def renew(self, force: bool = False) -> None:
+        """Take or renew every endpoint's lease, once a LEASE_RENEW_S (or at
+        once with ``force``).  A Redis error leaves the deadlines as they
+        are (the leases run out by themselves) and is logged once a minute."""
+        now = self.clock()
+        if not force and now < self._next:
+            return
+        self._next = now + LEASE_RENEW_S
+        for endpoint, lease in self.leases.items():
+            sent = self.clock()
+            try:
+                if self._token[endpoint] is None and lease.value is None:
+                    self._observe(endpoint)  # whose lease we may take
+                held = lease.renew()
+                if held and lease.token != self._token[endpoint]:
+                    self._taken(endpoint, lease.token, self.clock())
+                elif not held:
+                    self._token[endpoint] = None
+            except Exception as exc:  # noqa: BLE001 - no Redis: no new deadline
+                if sent - self._error_logged >= LOG_EVERY_S:
+                    self._error_logged = sent
+                    log.warning("cannot renew the lease of bus %s in Redis (%s): it is counted "
+                                "until the lease runs out (%.1f s), then by no host until "
+                                "Redis answers (logged once a minute)", endpoint, exc,
+                                self.ttl_s)
+                continue
+            self.deadline[endpoint] = sent + self.ttl_s - self.MARGIN_S if held else -math.inf
+            if held and endpoint not in self._held:
+                self._held.add(endpoint)
+                log.info("this host holds the lease of bus %s (token %s): counting it%s",
+                         endpoint, lease.token, "" if self.holds(endpoint)
+                         else f" in {self.since[endpoint] - self.clock():.1f} s")
+            elif not held and endpoint in self._held:
+                self._held.discard(endpoint)
+                log.warning("bus %s is counted by another host now (its lease is theirs): "
+                            "standing by", endpoint)
+
+    def release(self) -> None:
+        """Give every lease up (a clean stop): a standby takes over at its
+        next renewal instead of after the TTL."""
+        for endpoint, lease in self.leases.items():
+            self.deadline[endpoint] = -math.inf
+            token, self._token[endpoint] = self._token[endpoint], None
+            try:
+                if token is not None:
+                    # We count no more: a stop mark says so (until the
+                    # TTL), so that the next holder counts at once.
+                    self.client.set(lease.key + STOPPED_SUFFIX, f"{self._epoch()} {token}",
+                                    px=int(self.ttl_s * 1000))
+                lease.release()
+            except Exception as exc:  # noqa: BLE001 - it runs out by itself
+                log.warning("cannot release the lease of bus %s (%s): another host takes "
+                            "over when it runs out", endpoint, exc)
+
+    def status(self) -> dict[str, str]:
+        """endpoint -> "counting" or "standby", for the stats file."""
+        return {e: "counting" if self.holds(e) else "standby" for e in self.leases}
+
+
 class Subscriber:
     """The ``subscribe`` process: initialize / run / shutdown, like the
     supervisor.  SIGTERM and SIGINT set a flag; the loop then ends, writes
@@ -341,7 +509,8 @@ class Subscriber:
     def __init__(self, addresses: Iterable[str], *, key: int, backend: str, database: str,
                  topics: Iterable[str] = (), types: Iterable[str] = (), hwm: int = DEFAULT_HWM,
                  max_size: int = DEFAULT_MAX_SIZE, name: str | None = None,
-                 env: Mapping[str, str] = os.environ, stdin: IO[bytes] | int | None = None) -> None:
+                 env: Mapping[str, str] = os.environ, stdin: IO[bytes] | int | None = None,
+                 config: Any = None) -> None:
         self.addresses = list(addresses)
         self.key, self.backend = key, backend
         self.topics = list(topics) or [""]
@@ -361,6 +530,8 @@ class Subscriber:
         self._disconnect_logged = -math.inf
         #: endpoint -> when to connect it again by hand (unless libzmq retries)
         self._reconnect_due: dict[str, float] = {}
+        #: endpoint (as the monitor names it) -> its socket
+        self._socket_of: dict[str, Any] = {}
         self.stopping = False
         #: it ended cleanly (SIGTERM, the end of the input): the stats say so
         self.stopped = False
@@ -372,6 +543,12 @@ class Subscriber:
         #: stats writes failed since the last warning (-1: the last one worked)
         self._write_failures = -1
         self._write_logged = -math.inf
+        #: the configuration (its [store]): with the Redis store, the buses'
+        #: farm-wide leases (:class:`BusLeases`, made by initialize)
+        self.config = config
+        self.leases: BusLeases | None = None
+        #: events read while another host held the bus's lease (not counted)
+        self.standby_skipped = 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -409,7 +586,27 @@ class Subscriber:
         forget_stale(self.dir, time.time())
         # Attach now: with no segment, hit()'s own warning (once), fail open.
         _counter._ensure()
+        self.leases = self._farm_leases()
         self.write_stats()
+
+    def _farm_leases(self) -> BusLeases | None:
+        """With ``[store] backend = "redis"`` (a farm: every host's counts
+        are summed), one lease per bus endpoint; None for one host, or for
+        ``-`` (lines read on this host are this host's)."""
+        cfg = self.config
+        if cfg is None or cfg.store.backend != "redis" or self.addresses == ["-"]:
+            return None
+        from trafficthreshold.farmsync import no_retries
+        from trafficthreshold.store import redis_client
+        # One try within the timeout: the next renewal is the retry, and the
+        # loop (its stats file, the watchdog) never waits on Redis' backoff.
+        client = redis_client(cfg, timeout=min(1.0, cfg.store.lease_ttl / 4))
+        no_retries(client)
+        leases = BusLeases(client, self.addresses,
+                           f"{cfg.store.host}/{self.name}/{self._boot_id or os.getpid()}",
+                           prefix=cfg.store.prefix, ttl_s=cfg.store.lease_ttl)
+        leases.renew(force=True)
+        return leases
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)
@@ -435,6 +632,8 @@ class Subscriber:
         notify.stopping(self.env)
         self.stopping = True
         self.stopped = clean
+        if self.leases is not None:
+            self.leases.release()
         self.write_stats()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -479,7 +678,10 @@ class Subscriber:
             if self.stopping:
                 break
 
-    def _socket(self, context: Any) -> tuple[Any, Any]:
+    def _socket(self, context: Any, address: str) -> tuple[Any, Any]:
+        """A SUB socket connected to ``address`` and its monitor: one per
+        endpoint, so that what is read is known to come from it (a bus's
+        lease gates its own events)."""
         import zmq
         sock = context.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, self.hwm)
@@ -490,26 +692,43 @@ class Subscriber:
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                           | zmq.EVENT_CONNECT_RETRIED
                                           | zmq.EVENT_CONNECT_DELAYED)
-        for address in self.addresses:
+        try:
             connect(sock, address)
+        except zmq.ZMQError:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise
         return sock, monitor
 
     def _run_zmq(self) -> None:
         import zmq
         from zmq.utils.monitor import recv_monitor_message
         context = zmq.Context()
+        sockets: list[tuple[str, Any, Any]] = []
         try:
-            sock, monitor = self._socket(context)
+            for address in self.addresses:
+                sockets.append((address, *self._socket(context, address)))
         except zmq.ZMQError as exc:
+            for _address, sock, monitor in sockets:
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)
             context.destroy(linger=0)
             raise ValueError(f"cannot connect a SUB socket to {' '.join(self.addresses)} "
                              f"({exc}): give addresses such as tcp://127.0.0.1:6000 or "
                              "ipc:///run/bus.sock") from None
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
+        of_socket = {}
+        for address, sock, monitor in sockets:
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            of_socket[sock] = address
+        monitors = {monitor: sock for _address, sock, monitor in sockets}
         notify.ready(self.env)
-        recv, again, noblock = sock.recv, zmq.Again, zmq.NOBLOCK
+        again, noblock = zmq.Again, zmq.NOBLOCK
+        leases = self.leases
+        counting: set[str] = set()  # endpoints whose lease we held at the last read
         try:
             while not self.stopping:
                 wait = STATS_INTERVAL / 2
@@ -517,27 +736,65 @@ class Subscriber:
                     wait = max(0.0, min(wait, min(self._reconnect_due.values())
                                         - time.monotonic()))
                 ready = dict(poller.poll(int(wait * 1000)))
-                if sock in ready:
+                if leases is not None:
+                    leases.renew()
+                    self._take_over(leases, of_socket, counting)
+                for sock, address in of_socket.items():
+                    if sock not in ready:
+                        continue
                     frames: list[bytes] = []
-                    append = frames.append
+                    append, recv = frames.append, sock.recv
                     try:
                         for _ in range(BATCH):
                             append(recv(noblock))
                     except again:
                         pass
                     self.last_heard = time.time()
-                    self.counter.frames(frames)
-                if monitor in ready:
-                    while monitor.poll(0):
-                        self._connection_event(sock, recv_monitor_message(monitor))
+                    # Checked after the read: a lease that ran out while
+                    # the batch was read counts none of it.
+                    if leases is None or (address in counting and leases.holds(address)):
+                        self.counter.frames(frames)
+                    else:
+                        self.standby_skipped += len(frames)
+                for monitor, sock in monitors.items():
+                    if monitor in ready:
+                        while monitor.poll(0):
+                            self._connection_event(sock, recv_monitor_message(monitor))
                 if self._reconnect_due:
-                    self._reconnect(sock)
+                    self._reconnect()
                 self.housekeeping()
         finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
+            for _address, sock, monitor in sockets:
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)
             context.term()
+
+    def _take_over(self, leases: BusLeases, of_socket: dict[Any, str],
+                   counting: set[str]) -> None:
+        """Follow the leases: an endpoint whose lease was just taken has
+        what its socket queued while it was not ours dropped first (it was
+        delivered while the previous holder may still have counted it:
+        dropped, never counted twice, docs/subscribe.rst); one whose lease
+        ran out stops counting."""
+        for sock, address in of_socket.items():
+            if not leases.holds(address):
+                counting.discard(address)
+            elif address not in counting:
+                self.standby_skipped += self._drain(sock)
+                counting.add(address)
+
+    @staticmethod
+    def _drain(sock: Any) -> int:
+        """Read and drop what ``sock`` holds now; returns how many."""
+        import zmq
+        n = 0
+        try:
+            while True:
+                sock.recv(zmq.NOBLOCK)
+                n += 1
+        except zmq.Again:
+            return n
 
     def _connection_event(self, sock: Any, event: dict[str, Any]) -> None:
         """Follow the connections (ZMQ's socket monitor).  libzmq reconnects
@@ -557,6 +814,7 @@ class Subscriber:
         if kind in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED):
             self._reconnect_due.pop(endpoint, None)  # libzmq is on it
             return
+        self._socket_of[endpoint] = sock
         if kind == zmq.EVENT_CONNECTED:
             self._reconnect_due.pop(endpoint, None)
             self.connected.add(endpoint)
@@ -574,13 +832,14 @@ class Subscriber:
                         "is lost (%d disconnects so far; logged once a minute)", endpoint,
                         self.max_size, self.disconnects)
 
-    def _reconnect(self, sock: Any) -> None:
+    def _reconnect(self) -> None:
         """Connect again by hand each endpoint whose disconnect libzmq did
-        not follow with a retry in time (see :meth:`_connection_event`)."""
+        not follow with a retry in time (see :meth:`_connection_event`), on
+        its own socket."""
         now = time.monotonic()
         for endpoint in [e for e, due in self._reconnect_due.items() if due <= now]:
             del self._reconnect_due[endpoint]
-            self._connect_again(sock, endpoint)
+            self._connect_again(self._socket_of[endpoint], endpoint)
 
     def _connect_again(self, sock: Any, endpoint: str) -> None:
         import zmq
@@ -603,6 +862,8 @@ class Subscriber:
                 "last_heard": self.last_heard,
                 "connected": None if self.addresses == ["-"] else len(self.connected),
                 "disconnects": self.disconnects, "stopped": self.stopped,
+                "leases": None if self.leases is None else self.leases.status(),
+                "standby_skipped": self.standby_skipped,
                 **self.counter.tally()}
 
     def write_stats(self) -> None:
@@ -689,13 +950,40 @@ UNREADABLE_FIX = ("the subscribers are not shown: run this as the daemon's user 
                   "the state directory's group")
 
 
-def read_all(database: str, now: float) -> list[dict[str, Any]]:
+class Found(list):
+    """:func:`read_all`'s subscribers (a list), with ``problems``: what
+    could not be read (:func:`scan`'s sentences), so that a reader that
+    shows the list (``/metrics``) can also say what is missing from it."""
+
+    def __init__(self, found: Iterable[dict[str, Any]] = (), problems: Iterable[str] = ()):
+        super().__init__(found)
+        self.problems = list(problems)
+
+
+#: The problems :func:`read_all` logged already in this process (each once:
+#: /metrics and the dashboard read every few seconds).  Bounded: emptied
+#: when it reaches LOGGED_PROBLEMS_MAX, so a problem that stays is logged
+#: again now and then rather than the set growing with file names for ever.
+_logged_problems: set[str] = set()
+LOGGED_PROBLEMS_MAX = 256
+
+
+def read_all(database: str, now: float) -> Found:
     """Every subscriber's stats file (sorted by name), each with ``age``
     (seconds since written) and ``state``: ``running``, ``stopped`` (it
     exited cleanly) or ``not running`` (not replaced for STALE_S: killed,
-    hung or crashed).  Files older than FORGET_S and unreadable ones are
-    left out (:func:`scan` says why)."""
-    return scan(database, now)[0]
+    hung or crashed).  Files older than FORGET_S are left out; what cannot
+    be read (the directory or a file this user may not read, a file that is
+    not a stats file) is left out too, put in the result's ``problems`` and
+    logged, each problem once per process (:func:`scan` says why)."""
+    found, problems = scan(database, now)
+    for problem in problems:
+        if problem not in _logged_problems:
+            if len(_logged_problems) >= LOGGED_PROBLEMS_MAX:
+                _logged_problems.clear()
+            _logged_problems.add(problem)
+            log.error("subscribers: %s", problem)
+    return Found(found, problems)
 
 
 def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
@@ -721,7 +1009,7 @@ def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
             problems.append(f"CANNOT READ {path} ({exc.strerror}): {UNREADABLE_FIX}")
             continue
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.debug("skipping subscriber stats %s: %s", entry, exc)
+            log.debug("skipping subscriber stats %r: %s", entry, exc)
             problems.append(f"{path} is not a subscriber's stats file ({exc}): remove it")
             continue
         # The age by CLOCK_MONOTONIC when the file is of this boot: the
@@ -739,7 +1027,11 @@ def scan(database: str, now: float) -> tuple[list[dict[str, Any]], list[str]]:
                          else "not running")
         del info["monotonic"], info["boot_id"]
         found.append(info)
-    return found, problems
+    # The sentences go to UTF-8 pages (/metrics) and logs: a file name that
+    # is not UTF-8 (check_name refuses it), in the path or in an OSError's
+    # text, is shown with its bytes escaped, never with the surrogates
+    # os.listdir gives (they cannot be encoded: the page would be a 500).
+    return found, [os.fsencode(p).decode("utf-8", "backslashreplace") for p in problems]
 
 
 def _read_small(path: str) -> bytes:

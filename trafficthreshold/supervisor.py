@@ -190,7 +190,7 @@ class Supervisor:
         self._write_settings()
         level = self.counter.load(segment.H_THROTTLE_LEVEL, 4)
         self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
-        self._guard("header check", self._check_header)
+        self._guard("header check", self._check_header, True, True)
         self.last_minute = int(now // 60)
         self._starting = True  # a name held by another supervisor is watched (5 s) only now
         try:
@@ -413,7 +413,7 @@ class Supervisor:
         if not self._segment_live() and not self._guard("re-attach", self._reattach):
             return
         self._guard("heartbeat", self._heartbeat, now)
-        self._guard("header check", self._check_header)
+        self._guard("header check", self._check_header, minute != self.last_minute)
         hits = self._guard("throttle", self._throttle, now)
         if self.farm is not None:  # to Redis on the farm thread, never from here
             self._guard("farm offer", self.farm.offer, self.counter, now,
@@ -633,13 +633,20 @@ class Supervisor:
     def _heartbeat(self, now: float) -> None:
         self.counter.store(segment.H_HEARTBEAT_MS, 8, int(now * 1000))
 
-    def _check_header(self) -> None:
+    def _check_header(self, index: bool = False, names: bool = False) -> None:
         """Rewrite the header fields the supervisor owns when shared memory
         holds something else (a stray write, a corrupt segment): the
         throttle slot (the slot of ("all", "pageview")), the window, the
         multiplier, the level and the supervisor's pid.  Each repair is
         logged once per field.  Lock-free: single atomic stores of fields
-        only the supervisor writes."""
+        only the supervisor writes.  With ``index`` (at initialize and at
+        each new minute: it reads the whole key index), also the writers'
+        ``probe_limit``, checked against the index and stored anew under
+        the lock when wrong (:func:`segment.repair_probe_limit`); with
+        ``names`` (at initialize: it reads every key's name), names split
+        into two slots are looked for too."""
+        if index:
+            self._check_probe_limit(names)
         t = self.config.throttle
         slot = self.counter.find(None, "pageview")
         expected = [
@@ -659,6 +666,22 @@ class Supervisor:
                 self._repaired.add(name)
                 log.error("the segment header held %s = %d, expected %d: rewritten "
                           "(a stray write into shared memory?)", name, found, value)
+
+    def _check_probe_limit(self, names: bool) -> None:
+        """A probe_limit of 0, above index_size, or too small for the keys
+        the index holds (a reader misses them) is stored anew from the
+        index; a name split into two slots (by a writer of an older core)
+        is reported.  Each problem is logged once."""
+        problems = segment.probe_limit_problems(self.counter, self.config.key,
+                                                self.config.backend, names=names)
+        if any(p.startswith("probe_limit") for p in problems):
+            segment.repair_probe_limit(self.counter, self.config.key, self.config.backend)
+        for problem in problems:
+            if problem not in self._repaired:
+                self._repaired.add(problem)
+                log.error("the segment's key index: %s%s (a stray write into shared "
+                          "memory?)", problem, ": probe_limit stored anew from the index"
+                          if problem.startswith("probe_limit") else "")
 
     def _throttle(self, now: float) -> int:
         """Step the level; return the window count."""

@@ -30,7 +30,10 @@ What it does per request:
   the first byte, is not counted (the server answers 500).  (A body with a
   length, or the server's ``wsgi.file_wrapper``, is handed over as it is
   and decided at the application's return: a restart while it is iterated
-  comes after the decision.)
+  comes after the decision.  A function-style file_wrapper, uWSGI's,
+  cannot be checked by type: there a body with a ``read``, a file-like
+  object, is handed over as it is, so that uWSGI sends a file with
+  sendfile() and reads any other file-like object itself.)
 
 With ``uniques=True`` it also counts a ``unique`` event at a visitor's
 first page view of the day, by a day cookie (docs/webapps.rst, "Unique

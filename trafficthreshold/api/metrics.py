@@ -33,6 +33,7 @@ The metrics (``/metrics``; docs/api.rst explains each)::
   trafficthreshold_subscriber_last_heard_timestamp_seconds{subscriber}  gauge
   trafficthreshold_subscriber_connections{subscriber}    gauge
   trafficthreshold_subscriber_disconnects_total{subscriber}  counter
+  trafficthreshold_subscribers_unreadable                gauge
 
 With ``[store] backend = "redis"`` every series but ``hits_total`` also has
 a ``host`` label (``[store] host``): see :func:`label_host`.
@@ -75,6 +76,9 @@ class Family:
     type: str
     help: str
     samples: list[tuple[Labels, float]] = dataclasses.field(default_factory=list)
+    #: What kept samples out, one ``# ERROR`` comment line each (a line
+    #: starting with "#" that is not HELP or TYPE: parsers skip it).
+    errors: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, value: float, **labels: str) -> Family:
         self.samples.append((labels, value))
@@ -111,11 +115,13 @@ def format_value(value: float) -> str:
 
 
 def render(families: Iterable[Family]) -> str:
-    """The exposition text of ``families``: HELP, TYPE, then the samples."""
+    """The exposition text of ``families``: HELP, TYPE, a ``# ERROR`` comment
+    per problem that kept samples out, then the samples."""
     lines: list[str] = []
     for family in families:
         lines.append(f"# HELP {family.name} {escape_help(family.help)}")
         lines.append(f"# TYPE {family.name} {family.type}")
+        lines.extend(f"# ERROR {family.name} {escape_help(error)}" for error in family.errors)
         for labels, value in family.samples:
             if labels:
                 pairs = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
@@ -205,6 +211,7 @@ def collect(
     bad_keys: int = 0,
     host: str | None = None,
     subscribers: Sequence[Mapping[str, Any]] = (),
+    subscriber_problems: Sequence[str] | None = None,
 ) -> list[Family]:
     """The metric families from plain numbers (see the module docstring).
 
@@ -216,7 +223,13 @@ def collect(
     found (None: no segment); ``host``: with the farm's Redis store, this
     host's ``[store] host``, added as a ``host`` label to every series but
     ``hits_total`` (see :func:`label_host`); ``subscribers``: the stats
-    files of ``trafficthreshold subscribe`` (:func:`subscribe.read_all`).
+    files of ``trafficthreshold subscribe`` (:func:`subscribe.read_all`);
+    ``subscriber_problems``: what of them could not be read (default: the
+    ``problems`` that :func:`subscribe.read_all`'s list carries), exported
+    as ``trafficthreshold_subscribers_unreadable`` (the number, 0 when all
+    was read) and as a comment line each (``# ERROR ...``, which parsers
+    skip), so that a scrape never shows "no subscribers" when it could not
+    look.
     """
     fams: list[Family] = []
     hits = Family("trafficthreshold_hits_total", "counter",
@@ -266,6 +279,13 @@ def collect(
                 .add(bad_keys))
     if subscribers:
         fams += subscriber_families(subscribers)
+    if subscriber_problems is None:
+        subscriber_problems = getattr(subscribers, "problems", ())
+    fams.append(Family("trafficthreshold_subscribers_unreadable", "gauge",
+                       "Subscribers' stats that could not be read (the state directory's "
+                       "subscribers/ or a file in it: no permission, not a stats file); "
+                       "the comment lines and the log name each. 0 when all were read.",
+                       errors=list(subscriber_problems)).add(len(subscriber_problems)))
     return fams if host is None else label_host(fams, host)
 
 

@@ -956,17 +956,42 @@ static long tt_probe(tt_seg *c, const char *a, size_t alen, const char *e, size_
     return -1;
 }
 
-/* The entry a new key goes into when the probe window held neither a
- * tombstone nor an empty entry: the first one past it that is not ready
- * (UINT32_MAX: the index is full).  Caller holds the lock. */
-static uint32_t tt_entry_past_window(tt_seg *c, uint32_t hash)
+/* The insert's probe, under the lock (nothing moves: no retry): reads the
+ * key's whole probe sequence, up to an empty entry (no key's sequence
+ * passes one) or the whole index, not only tt_probe_window() entries: a
+ * probe_limit too small (scribbled) hides a key past it from the lock-free
+ * probe, and inserting the name again would split its hits between two
+ * slots.  A key found past the window raises probe_limit to its distance
+ * + 1 (the lock-free probes find it again) and is returned.  Else -1, and
+ * `*pos` gets the entry a new key goes into: the first that is not ready
+ * (a tombstone or the empty entry), UINT32_MAX when the index is full.
+ * Caller holds the lock. */
+static long tt_probe_locked(tt_seg *c, const char *a, size_t alen, const char *e, size_t elen,
+                            uint32_t hash, uint32_t *pos)
 {
-    uint32_t mask = c->index_size - 1, i = hash & mask;
-    for (uint32_t n = 0; n < c->index_size; n++, i = (i + 1) & mask)
-        if (__atomic_load_n(TT_U32(tt_index_entry(c, i), TT_E_STATE), __ATOMIC_ACQUIRE)
-            != TT_ENTRY_READY)
-            return i;
-    return UINT32_MAX;
+    uint32_t mask = c->index_size - 1, i = hash & mask, state, slot;
+    *pos = UINT32_MAX;
+    for (uint32_t n = 0; n < c->index_size; n++, i = (i + 1) & mask) {
+        char *ent = tt_index_entry(c, i);
+        state = __atomic_load_n(TT_U32(ent, TT_E_STATE), __ATOMIC_ACQUIRE);
+        if (state != TT_ENTRY_READY && *pos == UINT32_MAX)
+            *pos = i;
+        if (state == TT_ENTRY_EMPTY)
+            return -1;
+        if (state != TT_ENTRY_READY || *TT_U32(ent, TT_E_HASH) != hash
+            || *(uint8_t *)(ent + TT_E_ACCOUNT_LEN) != alen
+            || *(uint8_t *)(ent + TT_E_EVENT_LEN) != elen
+            || memcmp(ent + TT_E_ACCOUNT, a, alen) != 0 || memcmp(ent + TT_E_EVENT, e, elen) != 0)
+            continue;
+        if (n + 1 > tt_probe_window(c))
+            __atomic_store_n(TT_U32(c->base, TT_H_PROBE_LIMIT), n + 1, __ATOMIC_RELEASE);
+        slot = *TT_U32(ent, TT_E_SLOT);
+        if (slot >= c->key_capacity)
+            return (long)TT_OVERFLOW_SLOT;
+        return TT_MAKE_REF(slot, c->slot_table == NULL ? 0
+                           : *TT_U32(ent, TT_E_GENERATION) & TT_GEN_MASK);
+    }
+    return -1;
 }
 
 /* Resets bucket `b` to count `tag` from 0 (tag 0, a release fence, count 0,
@@ -1009,8 +1034,9 @@ static long tt_insert_key(tt_seg *c, const char *a, size_t alen, const char *e, 
         return -1;
     }
     tt_recover(c);
-    /* Re-probe under the lock: another process may have added it. */
-    ref = tt_probe(c, a, alen, e, elen, hash, &pos, NULL);
+    /* Re-probe under the lock: another process may have added it, or a
+     * probe_limit too small hid it from our lock-free probe. */
+    ref = tt_probe_locked(c, a, alen, e, elen, hash, &pos);
     if (ref < 0) {
         used = __atomic_load_n(TT_U32(c->base, TT_H_KEYS_USED), __ATOMIC_ACQUIRE);
         free_word = c->slot_table == NULL ? 0
@@ -1021,8 +1047,6 @@ static long tt_insert_key(tt_seg *c, const char *a, size_t alen, const char *e, 
         from_free = head != 0 && head - 1 < c->key_capacity
                     && head - 1 > TT_THROTTLE_RESERVED_SLOT;
         slot = from_free ? head - 1 : used;
-        if (pos == UINT32_MAX)
-            pos = tt_entry_past_window(c, hash);
         if (used - (from_free && nfree <= used ? nfree : 0) >= limit || pos == UINT32_MAX
             || slot >= c->key_capacity) {
             ref = TT_OVERFLOW_SLOT;
