@@ -1672,10 +1672,6 @@ def test_a_writer_never_splits_a_name_over_a_too_small_limit(key, backend):
         counter.detach()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trafficthreshold/status.py (issue 25's file) must call the check: in collect(), after "
-    "`damage = _header_damage(head)`, add "
-    "`damage.extend(segment.probe_limit_problems(counter, cfg.key, cfg.backend))`"))
 def test_status_reports_a_probe_limit_too_small(key, backend):
     """`trafficthreshold status` lists a key hidden past probe_limit under
     damage, with the fix."""

@@ -59,6 +59,8 @@ def collect(cfg: Config, now: float) -> dict[str, Any]:
     try:
         head = segment.header(counter)
         damage = _header_damage(head)
+        damage.extend(_guarded(damage, "probe_limit", segment.probe_limit_problems,
+                               counter, cfg.key, cfg.backend) or [])
         keys = _read_keys(counter, now, damage)
         keys.sort(key=lambda k: (k["event"], k["account"]))
         level = _guarded(damage, "throttle level", counter.level, now)
