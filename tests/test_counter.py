@@ -225,6 +225,31 @@ def test_exact_counts_across_roll_overs_on_a_driven_clock(key, backend, stripes)
         counter.detach()
 
 
+
+def test_a_minute_roll_over_past_its_wait_is_short_by_the_hit_and_reports_it(key, backend):
+    """What the exactness tests allow on a loaded machine, made to happen:
+    a hit whose minute and second roll-overs all wait past 50 ms (the lock
+    held) is missing from both keys' minutes, once each, is one dropped
+    hit, and four waits; the next hit rolls both minutes over and counts."""
+    segment.install(key, backend, now=NOW)
+    counter = segment.attach(key, backend, stripe=0)
+    holder = segment.attach(key, backend, stripe=1)
+    try:
+        counter.hit("a.example", now=NOW)
+        holder.lock(1000)
+        try:
+            counter.hit("a.example", now=NOW + 60)
+        finally:
+            holder.unlock()
+        counter.hit("a.example", now=NOW + 61)
+        slots = (counter.find("a.example", "pageview"), all_slot(counter))
+        assert [minute_total(counter, s, MINUTE + 1, MINUTE + 1) for s in slots] == [1, 1]
+        head = segment.header(counter)
+        assert (head["dropped_hits"], head["lock_timeouts"]) == (1, 4)
+    finally:
+        counter.detach()
+        holder.detach()
+
 def _lockstep_writer(key, backend, rounds, step, barrier):
     counter = segment.attach(key, backend, stripe=0)
     for r in range(rounds):
