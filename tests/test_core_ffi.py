@@ -77,10 +77,22 @@ def test_a_c_program_counts_exactly_from_several_processes(program, installed):
     trafficthreshold.configure(key=key, backend=backend)
     try:
         window = "60s"
-        assert trafficthreshold.count("shop0.example", window=window) == 60_000
-        assert trafficthreshold.count("shop1.example", window=window) == 60_000
-        assert trafficthreshold.count(None, window=window) == 120_000
-        assert trafficthreshold.count(None, "order", window=window, status="paid") == 4
+        got = [trafficthreshold.count("shop0.example", window=window),
+               trafficthreshold.count("shop1.example", window=window),
+               trafficthreshold.count(None, window=window),
+               trafficthreshold.count(None, "order", window=window, status="paid")]
+        sent = [60_000, 60_000, 120_000, 4]
+        counter = segment.attach(key, backend)
+        head = segment.header(counter)
+        counter.detach()
+        if head["lock_timeouts"] == 0:
+            assert got == sent, head
+        else:
+            # A loaded machine: a roll-over's wait for the lock passed 50 ms
+            # and its addition was dropped (fail open, docs/segment.rst):
+            # nothing counted twice, every hit missing reported dropped.
+            assert all(0 <= s - g <= head["dropped_hits"] for g, s in zip(got, sent)), \
+                (got, head)
     finally:
         trafficthreshold.configure(key=segment.DEFAULT_KEY)
 
