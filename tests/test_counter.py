@@ -1375,8 +1375,13 @@ def test_hits_racing_the_reclaim_of_their_own_key_are_counted_exactly(key, backe
         # A loaded machine: a wait for the lock passed 50 ms (fail open).
         # Every hit not counted is reported dropped.
         assert max(short_all, sum(short.values())) <= header["dropped_hits"], (short, facts)
-    # With 15, how many reclaims win their race against the hits varies.
-    assert reclaimed == header["reclaimed"] > (pool if pool == 40 else 0)
+    # With 40 every round's idle keys are reclaimed; with 15 how many
+    # reclaims win their race against the hits varies, and on a loaded
+    # machine none may (the writers' hits first every time): that run
+    # still checks exactness, and the 40 case checks that reclaims ran.
+    assert reclaimed == header["reclaimed"]
+    if pool == 40:
+        assert reclaimed > pool
     counter.detach()
 
 
