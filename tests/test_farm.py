@@ -76,6 +76,59 @@ def test_a_redis_error_ends_the_lead_and_renewal_continues_the_same_lease(
     assert a.renew() and a.token == token
 
 
+def test_the_token_key_expires_and_lives_as_long_as_a_lease_is_held(
+        redis_server: RedisServer) -> None:
+    """One token key per lease prefix (per bus endpoint ever configured):
+    it expires, but only ``token_keep_ms`` after the last take or renewal,
+    far beyond the lease's TTL; tokens stay consecutive while it lives."""
+    r = redis_server.client()
+    a = Lease(r, "web1", ttl_ms=200)
+    assert a.renew()
+    keep = r.pttl(a.counter)
+    assert farm.TOKEN_KEEP_MS - 5_000 < keep <= farm.TOKEN_KEEP_MS
+    r.pexpire(a.counter, 60_000)
+    assert a.renew() and r.pttl(a.counter) > 60_000  # a renewal keeps it alive
+    first = a.token
+    a.release()
+    b = Lease(r, "web2", ttl_ms=200)
+    assert b.renew() and b.token == first + 1  # consecutive (subscribe's BusLeases)
+    b.release()
+    c = Lease(r, "web3", ttl_ms=30, token_keep_ms=300)
+    assert c.renew()
+    c.release()
+    time.sleep(0.5)
+    assert not r.exists(c.counter) and not r.exists(c.key)  # nothing left behind
+
+
+@pytest.mark.parametrize("how", ["expired", "lost"])
+def test_a_holder_paused_past_the_token_keys_expiry_is_still_refused(
+        redis_server: RedisServer, how: str) -> None:
+    """A reset token key must not hand out a token again: the paused
+    holder's value ("web1 <token>") would match the new lease of a
+    restarted supervisor of the same name, and its fenced writes would
+    pass.  A token taken without the key starts from Redis' clock in ms,
+    above every token handed out before."""
+    from trafficthreshold.alerts import AlertState
+    from trafficthreshold.alerts.farm import FarmAlertStore, FencedOut
+
+    r = redis_server.client()
+    old = Lease(r, "web1", ttl_ms=40, token_keep_ms=400)
+    assert old.renew()
+    paused = old.value
+    time.sleep(0.1)  # paused past its lease...
+    if how == "expired":
+        time.sleep(0.4)  # ... and past the token key's expiry
+    else:
+        r.delete(old.counter)  # ... and Redis lost the key (a flush, a failover)
+    assert not r.exists(old.counter)
+    new = Lease(r, "web1", ttl_ms=10_000)  # the same name restarted
+    assert new.renew() and new.value != paused and new.token > old.token
+    assert not old.renew() and old.value is None  # refused, its lease is gone
+    with pytest.raises(FencedOut):  # its fenced writes too
+        FarmAlertStore(r).save(paused, AlertState(), now=NOW)
+    assert r.get(new.key) == new.value.encode()
+
+
 # ------------------------------------------- the live channel at scale (#25)
 
 from trafficthreshold import farm, farmsync  # noqa: E402
