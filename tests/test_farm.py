@@ -129,6 +129,20 @@ def test_a_holder_paused_past_the_token_keys_expiry_is_still_refused(
     assert r.get(new.key) == new.value.encode()
 
 
+def test_a_lease_succeeded_without_its_token_key_gets_a_larger_token(
+        redis_server: RedisServer) -> None:
+    """A restarted supervisor succeeds its SIGKILLed predecessor's lease
+    (farm.Lease's "succeed") after the token key was lost: its token is
+    above the predecessor's even when Redis' clock reads below it (a clock
+    stepped back), so the predecessor's fence no longer holds."""
+    r = redis_server.client()
+    ahead = 10**13 + 5  # ms beyond Redis' clock (year 2286)
+    r.set("track~leader", f"web1 {ahead}", px=10_000)
+    new = Lease(r, "web1")
+    assert new.renew() and new.token == ahead + 1
+    assert r.get(new.counter) == str(ahead + 1).encode()
+
+
 # ------------------------------------------- the live channel at scale (#25)
 
 from trafficthreshold import farm, farmsync  # noqa: E402

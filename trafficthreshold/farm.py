@@ -1099,7 +1099,12 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   token = redis.call('INCR', KEYS[2])
 else
   local t = redis.call('TIME')
-  token = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  token = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- above the lease it succeeds too (our predecessor's, taken before a
+  -- clock step back)
+  local held = cur and tonumber(string.match(cur, ' (%d+)$'))
+  if held and held >= token then token = held + 1 end
+  token = string.format('%d', token)
   redis.call('SET', KEYS[2], token)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
