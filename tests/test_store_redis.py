@@ -671,6 +671,48 @@ def test_a_renamed_hosts_old_name_back_on_a_new_segment_records_no_false_gap(
         counter.detach()
 
 
+@pytest.mark.parametrize("new_name", ["stopped", "still rolls it"])
+def test_a_renamed_hosts_old_name_back_before_it_was_forgotten_records_no_false_gap(
+        redis_server, key, new_name):
+    """Renamed (its segment rolled on under the new name), then the old
+    name back on a new segment while its host hash still lives: the new
+    name rolled the old segment on, so the old name's gap runs only from
+    the segment's own last closed minute (what it counted after its last
+    roll by anyone is unknown: the same machine renamed back after a
+    reboot), and there is none while the new name's supervisor still rolls
+    it (another machine under the old name)."""
+    from conftest import remove_everything
+    from trafficthreshold import farm
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    client = redis_server.client()
+    counter = _segment_with_hits(key, t0)
+    try:
+        Roller(counter, RedisStore(client, zone, "web1")).roll(t0 + 65)
+        renamed = RedisStore(client, zone, "web1-new")
+        Roller(counter, renamed).roll(t0 + 3600)
+        old_instance = renamed.instance()
+        if new_name == "still rolls it":
+            farm.HostClaim(client, "web1-new", old_instance, pid=1).take()
+    finally:
+        counter.detach()
+    closed = renamed.closed_through()
+    remove_everything(key)
+    counter = _segment_with_hits(key, t0 + 7200, n=1)
+    try:
+        back = RedisStore(client, zone, "web1")
+        assert back.instance() == old_instance  # not forgotten
+        assert Roller(counter, back).roll(t0 + 7200 + 65) == 1
+        if new_name == "stopped":
+            [gap] = back.gaps()
+            assert (gap["first_minute"], gap["last_minute"]) == (closed + 1, (t0 + 7200) // 60 - 1)
+        else:
+            assert back.gaps() == []
+    finally:
+        counter.detach()
+
+
 def test_a_host_back_after_it_was_forgotten_records_an_honest_gap(redis_server, key):
     """A host whose bookkeeping was forgotten (``[store] forget_hosts_days``
     after its last roll) comes back with the same segment: its gap runs

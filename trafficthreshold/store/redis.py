@@ -411,6 +411,8 @@ class RedisStore:
         if old is None:
             if cur is None and last is not None:
                 self._back_on_a_new_segment(instance, _text(last))
+            elif cur is not None and _text(cur) != str(instance):
+                self._left_to_another_name(instance, int(_text(cur)))
             return
         if old == self.host:
             # Our segment, but the name rolled another one since (a clone
@@ -484,6 +486,35 @@ class RedisStore:
                 writer.delete(f"{self.prefix}~last:{old}")
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
+
+    def _left_to_another_name(self, instance: int, previous: int) -> None:
+        """This name comes to segment ``instance``, its hash naming segment
+        ``previous``, which another name rolled since (a rename, then the
+        old name back): that name rolled it on, so this one did not lose
+        what it counted after this name's last closed minute.  Only what
+        it counted after its own last roll (``{prefix}~segment:{previous}``
+        says through which minute) is unknown, unless its supervisor is
+        still rolling it (nothing lost: this is another machine under the
+        old name)."""
+        from trafficthreshold import farm
+
+        value = self.client.get(self._segment_key(previous))
+        if value is None:
+            return
+        owner, _, closed = _text(value).partition("\n")
+        if owner == self.host:
+            return  # ours: a segment replaced, as the Roller records it
+        holder = farm.HostClaim.holder(self.client, owner, prefix=self.prefix)
+        rolled_on = holder is not None and holder.get("instance") == previous \
+            and not farm.HostClaim.gone(holder)
+        log.warning("host %r comes to segment %#x; its last segment %#x is rolled by host %r "
+                    "since (closed through minute %s)%s", self.host, instance, previous, owner,
+                    closed or "-", ": nothing of it is lost" if rolled_on else "")
+        with self.transaction():
+            if rolled_on or not closed:
+                self._writer().hset(self.host_key, "instance_ended", str(previous))
+            else:
+                self.set_closed_through(int(closed))
 
     def _back_on_a_new_segment(self, instance: int, last: str) -> None:
         """This name was forgotten (no roll for forget_hosts_days: its hash
