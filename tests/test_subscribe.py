@@ -1539,6 +1539,37 @@ def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, los
     assert again.holds(bus)
 
 
+def test_a_bus_lease_taken_after_its_token_key_expired_waits_a_ttl(redis_server):
+    """The token key expires a day after the endpoint's lease was last held
+    (farm.TOKEN_KEEP_MS); a token taken after that is Redis' clock in ms,
+    not one above the last: even a standby that saw the last holder stop
+    cannot tell that no other take came in between, so it counts only a
+    lease_ttl after its take (as after Redis lost its data), never at once."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    client = redis_server.client()
+    no_retries(client)
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    a, b = leases("h1/x/boot"), leases("h2/x/boot")
+    a.renew(force=True)
+    b.renew(force=True)
+    token = a.leases[bus].token
+    a.release()                                  # b saw a's token end (its stop mark)
+    client.delete(a.leases[bus].counter)         # as a day without a holder does
+    now[0] += 0.3
+    b.renew(force=True)
+    assert b.leases[bus].token not in (None, token + 1)
+    assert b.leases[bus].token > token and not b.holds(bus)
+    now[0] += 2.0
+    b.renew(force=True)
+    assert b.holds(bus)
+
+
 def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_server):
     """Endpoints that end in what the key layout appends ('~leader',
     ':token', '~stopped'), hold spaces, or are very long: each has its own
