@@ -642,45 +642,18 @@ def test_a_host_back_after_it_was_forgotten_with_a_new_segment_records_its_gap(
         counter.detach()
 
 
+@pytest.mark.parametrize("how", ["forgotten", "not forgotten, the new name stopped",
+                                 "not forgotten, the new name still rolls it"])
 def test_a_renamed_hosts_old_name_back_on_a_new_segment_records_no_false_gap(
-        redis_server, key):
+        redis_server, key, how):
     """The segment moved to the new name (a rename): the old name lost
-    nothing of it, so its record of its last segment goes with the carry
-    over; the old name back later, forgotten, on a new segment, is new."""
-    from conftest import remove_everything
-    from trafficthreshold.rollup import Roller
-    t0 = 1_800_000_000
-    zone = resolve_timezone("UTC")
-    client = redis_server.client()
-    counter = _segment_with_hits(key, t0)
-    try:
-        Roller(counter, RedisStore(client, zone, "web1")).roll(t0 + 65)
-        assert client.exists("track~last:web1")
-        Roller(counter, RedisStore(client, zone, "web1-new")).roll(t0 + 125)
-        assert not client.exists("track~last:web1") and client.exists("track~last:web1-new")
-    finally:
-        counter.detach()
-    remove_everything(key)
-    client.delete("track~host:web1", "track~gaps:web1")  # forgotten
-    counter = _segment_with_hits(key, t0 + 86400, n=1)
-    try:
-        back = RedisStore(client, zone, "web1")
-        assert Roller(counter, back).roll(t0 + 86400 + 65) == 1
-        assert back.gaps() == []
-    finally:
-        counter.detach()
-
-
-@pytest.mark.parametrize("new_name", ["stopped", "still rolls it"])
-def test_a_renamed_hosts_old_name_back_before_it_was_forgotten_records_no_false_gap(
-        redis_server, key, new_name):
-    """Renamed (its segment rolled on under the new name), then the old
-    name back on a new segment while its host hash still lives: the new
-    name rolled the old segment on, so the old name's gap runs only from
-    the segment's own last closed minute (what it counted after its last
-    roll by anyone is unknown: the same machine renamed back after a
-    reboot), and there is none while the new name's supervisor still rolls
-    it (another machine under the old name)."""
+    nothing of what the new name rolled.  Forgotten, its record of its last
+    segment went with the carry over: back on a new segment, it is new.
+    Not forgotten (its host hash still names that segment), its gap runs
+    only from the segment's own last closed minute (what it counted after
+    its last roll by any name is unknown: the same machine renamed back
+    after a reboot), and there is none while the new name's supervisor
+    still rolls it (another machine under the old name)."""
     from conftest import remove_everything
     from trafficthreshold import farm
     from trafficthreshold.rollup import Roller
@@ -690,21 +663,25 @@ def test_a_renamed_hosts_old_name_back_before_it_was_forgotten_records_no_false_
     counter = _segment_with_hits(key, t0)
     try:
         Roller(counter, RedisStore(client, zone, "web1")).roll(t0 + 65)
+        assert client.exists("track~last:web1")
         renamed = RedisStore(client, zone, "web1-new")
         Roller(counter, renamed).roll(t0 + 3600)
+        assert not client.exists("track~last:web1") and client.exists("track~last:web1-new")
         old_instance = renamed.instance()
-        if new_name == "still rolls it":
+        if how.endswith("still rolls it"):
             farm.HostClaim(client, "web1-new", old_instance, pid=1).take()
     finally:
         counter.detach()
     closed = renamed.closed_through()
     remove_everything(key)
+    if how == "forgotten":
+        client.delete("track~host:web1", "track~gaps:web1")
     counter = _segment_with_hits(key, t0 + 7200, n=1)
     try:
         back = RedisStore(client, zone, "web1")
-        assert back.instance() == old_instance  # not forgotten
+        assert back.instance() == (None if how == "forgotten" else old_instance)
         assert Roller(counter, back).roll(t0 + 7200 + 65) == 1
-        if new_name == "stopped":
+        if how.endswith("stopped"):
             [gap] = back.gaps()
             assert (gap["first_minute"], gap["last_minute"]) == (closed + 1, (t0 + 7200) // 60 - 1)
         else:

@@ -1476,6 +1476,22 @@ def test_a_holder_that_loses_redis_stops_counting_before_its_lease_lapses(redis_
     assert caplog.text.count("cannot renew the lease of bus") == 1
 
 
+def _bus_leases(redis_server):
+    """A clock to move by hand, one bus, a client without retries, and a
+    maker of that bus's BusLeases (ttl 2 s) for an identity."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    client = redis_server.client()
+    no_retries(client)
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    return now, bus, client, leases
+
+
 @pytest.mark.parametrize("lost", ["restarted empty", "flushed"])
 def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, lost):
     """Redis restarted empty (no persistence, a failover to a replica that
@@ -1490,16 +1506,7 @@ def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, los
     subscriber that takes its predecessor's lease."""
     import shutil
 
-    from trafficthreshold.farmsync import no_retries
-    now = [1000.0]
-    bus = "tcp://bus:6000"
-    client = redis_server.client()
-    no_retries(client)
-
-    def leases(identity: str) -> subscribe.BusLeases:
-        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
-                                   clock=lambda: now[0])
-
+    now, bus, client, leases = _bus_leases(redis_server)
     a, b = leases("h1/x/boot"), leases("h2/x/boot")
     a.renew(force=True)
     b.renew(force=True)
@@ -1545,16 +1552,7 @@ def test_a_bus_lease_taken_after_its_token_key_expired_waits_a_ttl(redis_server)
     not one above the last: even a standby that saw the last holder stop
     cannot tell that no other take came in between, so it counts only a
     lease_ttl after its take (as after Redis lost its data), never at once."""
-    from trafficthreshold.farmsync import no_retries
-    now = [1000.0]
-    bus = "tcp://bus:6000"
-    client = redis_server.client()
-    no_retries(client)
-
-    def leases(identity: str) -> subscribe.BusLeases:
-        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
-                                   clock=lambda: now[0])
-
+    now, bus, client, leases = _bus_leases(redis_server)
     a, b = leases("h1/x/boot"), leases("h2/x/boot")
     a.renew(force=True)
     b.renew(force=True)
