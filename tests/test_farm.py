@@ -287,6 +287,45 @@ def test_a_host_paused_past_its_ttl_publishes_whole_again(redis_server: RedisSer
     assert level_total(r) == 6
 
 
+def test_lost_replies_of_a_take_and_a_renewal_keep_one_lease_and_its_token_key(
+        redis_server: RedisServer) -> None:
+    """The lease script's replies lost (tests/tt_proxy.py drop_replies): a
+    take that ran without its token key (a token from Redis' clock) is
+    succeeded at the start with the next token, one later is adopted as it
+    is (no token skipped), and a renewal that ran pushed the token key's
+    expiry back: one lease, its key never left without an expiry."""
+    import redis
+
+    r = redis_server.client()
+    r.script_load(farm.LEASE_SCRIPT)  # a lost EVALSHA runs it, not NOSCRIPT
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        lease = Lease(c, "web1", ttl_ms=10_000)
+        c.ping()  # connected: what is lost is the script's reply
+
+        def lost() -> None:
+            proxy.drop_replies()
+            with pytest.raises(redis.RedisError):
+                lease.renew()
+            proxy.pass_replies()
+            c.connection_pool.disconnect()
+
+        lost()  # a take without the key: it ran
+        taken = int(r.get(lease.counter))
+        assert r.get(lease.key) == f"web1 {taken}".encode() and r.pttl(lease.counter) > 0
+        assert lease.renew() and lease.token == taken + 1  # succeeded at the start
+        r.pexpire(lease.counter, 60_000)
+        lost()  # a renewal: it ran
+        assert r.pttl(lease.counter) > 60_000 and r.pttl(lease.key) > 0
+        assert lease.renew() and lease.token == taken + 1  # the same lease
+        r.delete(lease.key)  # lapsed (a stall)
+        lost()  # a take with the key: it ran
+        assert lease.renew() and lease.token == taken + 2  # adopted, not taken again
+        assert r.get(lease.counter) == str(taken + 2).encode()
+        assert farm.TOKEN_KEEP_MS - 5_000 < r.pttl(lease.counter)
+
+
 def test_a_lost_reply_never_doubles_a_count(redis_server: RedisServer) -> None:
     """Publications whose replies are lost (tests/tt_proxy.py drop_replies):
     the next publication is full, never a diff on top of a state it was not
