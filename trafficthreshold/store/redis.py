@@ -87,27 +87,15 @@ return 0
 FORGET_HOSTS_AFTER = 30 * 86_400
 
 # Drop the ``store migrate`` records of forgotten hosts.  KEYS: the
-# migrations hash.  ARGV: the prefix, how long (s) a record outlives its
-# write, then host, record pairs: each field is deleted only if it still
-# holds that record (not rewritten by a run of that host meanwhile), the
-# host's hash is gone (the farm forgot it) and the record is older than
-# ARGV[2] on Redis' clock: "{state} {host's time} {Redis' time}" (an older
-# record, "{state} {host's time}", is judged by the host's time).  Never
-# one host's clock against another's: a host far off would drop the
-# records of hosts whose reruns must still be refused.
+# migrations hash.  ARGV: the prefix, then host, record pairs: each field is
+# deleted only if it still holds that record (not rewritten by a run of
+# that host meanwhile) and the host's hash is gone (the farm forgot it).
 FORGET_MIGRATIONS_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1])
 local n = 0
-for i = 3, #ARGV, 2 do
-  local rec = redis.call('HGET', KEYS[1], ARGV[i])
-  if rec == ARGV[i + 1]
+for i = 2, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1]
       and redis.call('EXISTS', ARGV[1] .. '~host:' .. ARGV[i]) == 0 then
-    local at = tonumber(string.match(rec, '^%S+ %S+ (%S+)$')
-                        or string.match(rec, '^%S+ (%S+)$') or '')
-    if at and at + tonumber(ARGV[2]) < now then
-      n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-    end
+    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
   end
 end
 return n
@@ -540,40 +528,37 @@ class RedisStore:
 
     def migration(self) -> tuple[str, float] | None:
         """This host's ``store migrate`` record: ("copying" | "copied" |
-        "switched", when: this host's clock), or None."""
+        "switched", when), or None."""
         value = self.client.hget(self.migrations_key, self.host)
         if value is None:
             return None
         state, _, at = _text(value).partition(" ")
-        return state, float(at.split(" ", 1)[0] or 0)
+        return state, float(at or 0)
 
-    def migration_record(self, state: str, at: float) -> str:
-        """This host's record in ``{prefix}~migrations``: "{state} {at}
-        {Redis' time}" (``at``: this host's clock, which its reruns compare
-        with; Redis' time: what :meth:`forget_migrations` judges its age by,
-        across hosts)."""
-        return f"{state} {float(at)!r} {int(self.client.time()[0])}"
-
-    def forget_migrations(self) -> int:
+    def forget_migrations(self, now: float) -> int:
         """Drop the ``store migrate`` records (``{prefix}~migrations``) of
         the hosts the farm forgot: the host's hash is gone (``[store]
         forget_hosts_days`` without a roll or a run) and its record is older
-        than :attr:`segment_ttl` (twice that) on Redis' clock, so a rerun
-        whose records expired is refused for at least forget_hosts_days
-        more, whatever the hosts' clocks say.  A run cut short ("copying")
-        is kept: its host's supervisor must not roll until it is run again
-        whole.  Run at each migration and switch (the only writes of the
-        hash): it holds the hosts that roll, and those migrated lately.
-        How many went."""
+        than :attr:`segment_ttl` (twice that), so a rerun whose records
+        expired is refused for at least forget_hosts_days more.  A run cut
+        short ("copying") is kept: its host's supervisor must not roll
+        until it is run again whole.  Run at
+        each migration and switch (the only writes of the hash): it holds
+        the hosts that roll, and those migrated lately.  How many went."""
         records = {_text(h): _text(v)
                    for h, v in self.client.hgetall(self.migrations_key).items()}
-        args: list[Any] = [self.prefix, self.segment_ttl]
+        args: list[Any] = [self.prefix]
         for host, record in records.items():
+            try:
+                at = float(record.partition(" ")[2] or 0)
+            except ValueError:
+                continue  # not ours to judge: left alone
             # "copying" (a run cut short) stays: it keeps that host's
             # supervisor from rolling over half a migration, however late.
-            if host != self.host and not record.startswith("copying"):
+            if host != self.host and at + self.segment_ttl < now \
+                    and not record.startswith("copying"):
                 args += [host, record]
-        if len(args) == 2:
+        if len(args) == 1:
             return 0
         gone = int(self._forget_migrations(keys=[self.migrations_key], args=args))
         if gone:
@@ -589,9 +574,8 @@ class RedisStore:
 
         # "switched" first: a SIGKILL while dropping leaves shadows that
         # expire on their own, never a rerun allowed over shadows half gone.
-        self.client.hset(self.migrations_key, self.host,
-                         self.migration_record("switched", time.time()))
-        self.forget_migrations()
+        self.client.hset(self.migrations_key, self.host, f"switched {time.time()!r}")
+        self.forget_migrations(time.time())
         marker = f"{self.prefix}~migrated:{self.host}"
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{marker}:") + "*"
         batch: list[Any] = [marker]

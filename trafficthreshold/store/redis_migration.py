@@ -81,10 +81,9 @@ class RedisMigration:
         records of hosts the farm forgot are dropped first:
         RedisStore.forget_migrations)."""
         store = self.store
-        store.forget_migrations()
-        record = store.migration_record("copying", now)
+        store.forget_migrations(now)
         pipe = store.client.pipeline(transaction=True)
-        pipe.hset(store.migrations_key, store.host, record)
+        pipe.hset(store.migrations_key, store.host, f"copying {float(now)!r}")
         pipe.hset(store.host_key, "migrating", repr(float(now)))
         pipe.expire(store.host_key, store.host_ttl)
         pipe.execute()
@@ -134,9 +133,8 @@ class RedisMigration:
     def finish(self, now: float) -> None:
         """The run is whole: the supervisor may roll into Redis."""
         store = self.store
-        record = store.migration_record("copied", now)
         pipe = store.client.pipeline(transaction=True)
         pipe.hdel(store.host_key, "migrating")
         pipe.expire(store.host_key, store.host_ttl)
-        pipe.hset(store.migrations_key, store.host, record)
+        pipe.hset(store.migrations_key, store.host, f"copied {float(now)!r}")
         pipe.execute()
