@@ -308,13 +308,6 @@ def test_the_records_of_forgotten_hosts_leave_the_migrations_hash(
     stores["web1"].claim_segment(1)
     stores["web1"].forget_migrations(now + 3600 + 1)
     assert {k.decode() for k in r.hkeys("track~migrations")} == {"rolls", "web1"}
-    # A run cut short is kept however old: its supervisor must not roll
-    # over half a migration.
-    r.hset("track~migrations", "cut", f"copying {now - 3 * span!r}")
-    stores["web1"].forget_migrations(now)
-    assert r.hexists("track~migrations", "cut")
-    with pytest.raises(ConfigError, match="cut short"):
-        store_on(redis_server, "cut").claim_segment(7)
 
 
 def test_a_switch_killed_while_dropping_the_records_never_allows_a_rerun(

@@ -540,9 +540,7 @@ class RedisStore:
         the hosts the farm forgot: the host's hash is gone (``[store]
         forget_hosts_days`` without a roll or a run) and its record is older
         than :attr:`segment_ttl` (twice that), so a rerun whose records
-        expired is refused for at least forget_hosts_days more.  A run cut
-        short ("copying") is kept: its host's supervisor must not roll
-        until it is run again whole.  Run at
+        expired is refused for at least forget_hosts_days more.  Run at
         each migration and switch (the only writes of the hash): it holds
         the hosts that roll, and those migrated lately.  How many went."""
         records = {_text(h): _text(v)
@@ -553,10 +551,7 @@ class RedisStore:
                 at = float(record.partition(" ")[2] or 0)
             except ValueError:
                 continue  # not ours to judge: left alone
-            # "copying" (a run cut short) stays: it keeps that host's
-            # supervisor from rolling over half a migration, however late.
-            if host != self.host and at + self.segment_ttl < now \
-                    and not record.startswith("copying"):
+            if host != self.host and at + self.segment_ttl < now:
                 args += [host, record]
         if len(args) == 1:
             return 0
