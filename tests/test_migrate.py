@@ -275,41 +275,6 @@ def test_the_migration_records_are_bounded_and_dropped_at_the_switch(
     assert store.period("shop", "signup", 2026)["total"] == 2 * once  # web1's and web2's
 
 
-def test_the_records_of_forgotten_hosts_leave_the_migrations_hash(
-        redis_server: RedisServer, history: tuple[str, list]) -> None:
-    """``track~migrations`` held a field per host ever migrated.  A host's
-    record is dropped (at the next migration or switch of any host) once
-    the farm forgot the host (its hash expired: forget_hosts_days without a
-    roll or a run) and the record is older than twice forget_hosts_days
-    (the segment key's life); a host that still rolls, or whose records
-    merely expired (its rerun refused), keeps it."""
-    from trafficthreshold.errors import ConfigError
-    path, _ = history
-    now = 1_800_000_000
-    r = redis_server.client()
-    stores = {h: store_on(redis_server, h, forget_after=30 * 86400)
-              for h in ("gone", "rolls", "recent", "web1")}
-    span = stores["web1"].segment_ttl
-    for host, at in (("gone", now - span - 60), ("rolls", now - span - 60),
-                     ("recent", now - span + 3600)):
-        migrate(path, stores[host], now=at)
-    stores["rolls"].claim_segment(1)  # switched: it rolls into Redis
-    r.hset("track~migrations", "rolls", f"switched {now - span - 60!r}")
-    for host in ("gone", "recent"):
-        r.delete(stores[host].host_key)  # forgotten, as its expiry does
-    migrate(path, stores["web1"], now=now)
-    fields = {k.decode() for k in r.hkeys("track~migrations")}
-    assert fields == {"rolls", "recent", "web1"}
-    with pytest.raises(ConfigError, match="expired"):  # still refused within the span
-        migrate(path, stores["recent"], now=now)
-    with pytest.raises(ConfigError, match="already rolls"):
-        migrate(path, stores["rolls"], now=now)
-    # Past the span, the forgotten host's record goes too (a switch, then a later run).
-    stores["web1"].claim_segment(1)
-    stores["web1"].forget_migrations(now + 3600 + 1)
-    assert {k.decode() for k in r.hkeys("track~migrations")} == {"rolls", "web1"}
-
-
 def test_a_switch_killed_while_dropping_the_records_never_allows_a_rerun(
         redis_server: RedisServer, history: tuple[str, list]) -> None:
     """The first roll into Redis drops the shadows: killed half-way (after

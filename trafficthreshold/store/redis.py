@@ -86,21 +86,6 @@ return 0
 #: :func:`trafficthreshold.farm.publish_live` drops it from ``{prefix}~hosts``.
 FORGET_HOSTS_AFTER = 30 * 86_400
 
-# Drop the ``store migrate`` records of forgotten hosts.  KEYS: the
-# migrations hash.  ARGV: the prefix, then host, record pairs: each field is
-# deleted only if it still holds that record (not rewritten by a run of
-# that host meanwhile) and the host's hash is gone (the farm forgot it).
-FORGET_MIGRATIONS_SCRIPT = """
-local n = 0
-for i = 2, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1]
-      and redis.call('EXISTS', ARGV[1] .. '~host:' .. ARGV[i]) == 0 then
-    n = n + redis.call('HDEL', KEYS[1], ARGV[i])
-  end
-end
-return n
-"""
-
 #: The gaps kept per host (the newest): a host that loses minutes every
 #: minute for a year does not grow its list for ever.
 GAPS_KEPT = 1_000
@@ -274,7 +259,6 @@ class RedisStore:
         self._close = client.register_script(CLOSE_SCRIPT)
         self._late = client.register_script(LATE_SCRIPT)
         self._merge = client.register_script(MERGE_WATERMARKS_SCRIPT)
-        self._forget_migrations = client.register_script(FORGET_MIGRATIONS_SCRIPT)
         #: Seconds a watermark is kept after its last move (cover_ring).
         self.watermark_ttl = WATERMARK_TTL
         #: Seconds after its last roll that this host's hash and gaps are
@@ -535,31 +519,6 @@ class RedisStore:
         state, _, at = _text(value).partition(" ")
         return state, float(at or 0)
 
-    def forget_migrations(self, now: float) -> int:
-        """Drop the ``store migrate`` records (``{prefix}~migrations``) of
-        the hosts the farm forgot: the host's hash is gone (``[store]
-        forget_hosts_days`` without a roll or a run) and its record is older
-        than :attr:`segment_ttl` (twice that), so a rerun whose records
-        expired is refused for at least forget_hosts_days more.  Run at
-        each migration and switch (the only writes of the hash): it holds
-        the hosts that roll, and those migrated lately.  How many went."""
-        records = {_text(h): _text(v)
-                   for h, v in self.client.hgetall(self.migrations_key).items()}
-        args: list[Any] = [self.prefix]
-        for host, record in records.items():
-            try:
-                at = float(record.partition(" ")[2] or 0)
-            except ValueError:
-                continue  # not ours to judge: left alone
-            if host != self.host and at + self.segment_ttl < now:
-                args += [host, record]
-        if len(args) == 1:
-            return 0
-        gone = int(self._forget_migrations(keys=[self.migrations_key], args=args))
-        if gone:
-            log.info("dropped the migration records of %d hosts forgotten by the farm", gone)
-        return gone
-
     def _switched(self) -> None:
         """This host's first roll into Redis after its migration: a rerun is
         refused from now on, so the shadow hashes (what each run copied,
@@ -570,7 +529,6 @@ class RedisStore:
         # "switched" first: a SIGKILL while dropping leaves shadows that
         # expire on their own, never a rerun allowed over shadows half gone.
         self.client.hset(self.migrations_key, self.host, f"switched {time.time()!r}")
-        self.forget_migrations(time.time())
         marker = f"{self.prefix}~migrated:{self.host}"
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{marker}:") + "*"
         batch: list[Any] = [marker]

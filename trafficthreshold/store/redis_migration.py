@@ -77,11 +77,8 @@ class RedisMigration:
         supervisor must not roll into Redis (RedisStore.claim_segment).
         The host hash and the shadows expire as a host's do (an abandoned
         migration goes with them); the record in {prefix}~migrations
-        outlives them, so that a rerun after they expired is refused (the
-        records of hosts the farm forgot are dropped first:
-        RedisStore.forget_migrations)."""
+        outlives them, so that a rerun after they expired is refused."""
         store = self.store
-        store.forget_migrations(now)
         pipe = store.client.pipeline(transaction=True)
         pipe.hset(store.migrations_key, store.host, f"copying {float(now)!r}")
         pipe.hset(store.host_key, "migrating", repr(float(now)))
