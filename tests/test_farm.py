@@ -76,6 +76,73 @@ def test_a_redis_error_ends_the_lead_and_renewal_continues_the_same_lease(
     assert a.renew() and a.token == token
 
 
+def test_the_token_key_expires_and_lives_as_long_as_a_lease_is_held(
+        redis_server: RedisServer) -> None:
+    """One token key per lease prefix (per bus endpoint ever configured):
+    it expires, but only ``token_keep_ms`` after the last take or renewal,
+    far beyond the lease's TTL; tokens stay consecutive while it lives."""
+    r = redis_server.client()
+    a = Lease(r, "web1", ttl_ms=200)
+    assert a.renew()
+    keep = r.pttl(a.counter)
+    assert farm.TOKEN_KEEP_MS - 5_000 < keep <= farm.TOKEN_KEEP_MS
+    r.pexpire(a.counter, 60_000)
+    assert a.renew() and r.pttl(a.counter) > 60_000  # a renewal keeps it alive
+    first = a.token
+    a.release()
+    b = Lease(r, "web2", ttl_ms=200)
+    assert b.renew() and b.token == first + 1  # consecutive (subscribe's BusLeases)
+    b.release()
+    c = Lease(r, "web3", ttl_ms=30, token_keep_ms=300)
+    assert c.renew()
+    c.release()
+    time.sleep(0.5)
+    assert not r.exists(c.counter) and not r.exists(c.key)  # nothing left behind
+
+
+@pytest.mark.parametrize("how", ["expired", "lost"])
+def test_a_holder_paused_past_the_token_keys_expiry_is_still_refused(
+        redis_server: RedisServer, how: str) -> None:
+    """A reset token key must not hand out a token again: the paused
+    holder's value ("web1 <token>") would match the new lease of a
+    restarted supervisor of the same name, and its fenced writes would
+    pass.  A token taken without the key starts from Redis' clock in ms,
+    above every token handed out before."""
+    from trafficthreshold.alerts import AlertState
+    from trafficthreshold.alerts.farm import FarmAlertStore, FencedOut
+
+    r = redis_server.client()
+    old = Lease(r, "web1", ttl_ms=40, token_keep_ms=400)
+    assert old.renew()
+    paused = old.value
+    time.sleep(0.1)  # paused past its lease...
+    if how == "expired":
+        time.sleep(0.4)  # ... and past the token key's expiry
+    else:
+        r.delete(old.counter)  # ... and Redis lost the key (a flush, a failover)
+    assert not r.exists(old.counter)
+    new = Lease(r, "web1", ttl_ms=10_000)  # the same name restarted
+    assert new.renew() and new.value != paused and new.token > old.token
+    assert not old.renew() and old.value is None  # refused, its lease is gone
+    with pytest.raises(FencedOut):  # its fenced writes too
+        FarmAlertStore(r).save(paused, AlertState(), now=NOW)
+    assert r.get(new.key) == new.value.encode()
+
+
+def test_a_lease_succeeded_without_its_token_key_gets_a_larger_token(
+        redis_server: RedisServer) -> None:
+    """A restarted supervisor succeeds its SIGKILLed predecessor's lease
+    (farm.Lease's "succeed") after the token key was lost: its token is
+    above the predecessor's even when Redis' clock reads below it (a clock
+    stepped back), so the predecessor's fence no longer holds."""
+    r = redis_server.client()
+    ahead = 10**13 + 5  # ms beyond Redis' clock (year 2286)
+    r.set("track~leader", f"web1 {ahead}", px=10_000)
+    new = Lease(r, "web1")
+    assert new.renew() and new.token == ahead + 1
+    assert r.get(new.counter) == str(ahead + 1).encode()
+
+
 # ------------------------------------------- the live channel at scale (#25)
 
 from trafficthreshold import farm, farmsync  # noqa: E402
@@ -218,6 +285,45 @@ def test_a_host_paused_past_its_ttl_publishes_whole_again(redis_server: RedisSer
     assert pub.full == 2
     assert farm_live(r, now=NOW).hosts[0].counts == counts
     assert level_total(r) == 6
+
+
+def test_lost_replies_of_a_take_and_a_renewal_keep_one_lease_and_its_token_key(
+        redis_server: RedisServer) -> None:
+    """The lease script's replies lost (tests/tt_proxy.py drop_replies): a
+    take that ran without its token key (a token from Redis' clock) is
+    succeeded at the start with the next token, one later is adopted as it
+    is (no token skipped), and a renewal that ran pushed the token key's
+    expiry back: one lease, its key never left without an expiry."""
+    import redis
+
+    r = redis_server.client()
+    r.script_load(farm.LEASE_SCRIPT)  # a lost EVALSHA runs it, not NOSCRIPT
+    with TcpProxy(redis_server.port) as proxy:
+        c = redis.Redis(port=proxy.port, socket_timeout=0.3)
+        farmsync.no_retries(c)
+        lease = Lease(c, "web1", ttl_ms=10_000)
+        c.ping()  # connected: what is lost is the script's reply
+
+        def lost() -> None:
+            proxy.drop_replies()
+            with pytest.raises(redis.RedisError):
+                lease.renew()
+            proxy.pass_replies()
+            c.connection_pool.disconnect()
+
+        lost()  # a take without the key: it ran
+        taken = int(r.get(lease.counter))
+        assert r.get(lease.key) == f"web1 {taken}".encode() and r.pttl(lease.counter) > 0
+        assert lease.renew() and lease.token == taken + 1  # succeeded at the start
+        r.pexpire(lease.counter, 60_000)
+        lost()  # a renewal: it ran
+        assert r.pttl(lease.counter) > 60_000 and r.pttl(lease.key) > 0
+        assert lease.renew() and lease.token == taken + 1  # the same lease
+        r.delete(lease.key)  # lapsed (a stall)
+        lost()  # a take with the key: it ran
+        assert lease.renew() and lease.token == taken + 2  # adopted, not taken again
+        assert r.get(lease.counter) == str(taken + 2).encode()
+        assert farm.TOKEN_KEEP_MS - 5_000 < r.pttl(lease.counter)
 
 
 def test_a_lost_reply_never_doubles_a_count(redis_server: RedisServer) -> None:

@@ -561,7 +561,7 @@ def test_redis_memory_stays_flat_over_a_thousand_host_names_that_come_and_go(
                               ttl_ms=500, forget_after=1)
 
     def settled_memory() -> int:
-        time.sleep(1.2)
+        time.sleep(2.2)  # past the longest life here: segment keys and track~last, 2 s
         for _ in client.scan_iter(count=1000):  # a SCAN expires what it meets
             pass
         # The live log keeps the last farm.LOG_KEEP_MS (30 s) of entries, a
@@ -583,6 +583,113 @@ def test_redis_memory_stays_flat_over_a_thousand_host_names_that_come_and_go(
     assert store_on(redis_server).period("acme", "pageview", 2027)["total"] == 3000
 
 
+@pytest.mark.parametrize("retired", [False, True])
+def test_a_host_back_after_it_was_forgotten_with_a_new_segment_records_its_gap(
+        redis_server, key, retired):
+    """A host forgotten (``[store] forget_hosts_days`` after its last roll)
+    comes back with a new segment (a reboot meanwhile, ipcrm): what its old
+    segment counted after its last closed minute is unknown, as for any
+    segment replaced without `uninstall` rolling it to its end, and is
+    recorded from that minute (kept in ``track~last:{host}``, which
+    outlives the host hash) to the minute before the new segment's
+    creation.  One retired and rolled to its end leaves no gap.  Once that
+    record is gone too, the name is a new host: no gap."""
+    from conftest import remove_everything
+    from trafficthreshold import segment
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    client = redis_server.client()
+    store = RedisStore(client, zone, "web1", forget_after=30 * 86400)
+    counter = _segment_with_hits(key, t0 - 3 * 3600, n=5)
+    try:
+        for t in range(t0 - 3 * 3600 + 65, t0 + 1, 600):
+            Roller(counter, store).roll(t)
+    finally:
+        counter.detach()
+    old_instance = store.instance()
+    if retired:  # `uninstall`'s final roll of the retired segment, to its end
+        store.roll_deltas([], t0 + 30, instance=old_instance, closed_through=t0 // 60,
+                          ended=True)
+        assert store.instance_ended() == old_instance
+    closed = store.closed_through()
+    remove_everything(key)  # a reboot
+    for k in [f"track~host:web1", f"track~gaps:web1", *client.scan_iter("track~wm:web1:*")]:
+        client.delete(k)  # forgotten, as their expiry does
+    later = t0 + 40 * 86400
+    counter = _segment_with_hits(key, later - 600, n=2)
+    try:
+        assert counter.load(segment.H_INSTANCE, 8) != old_instance
+        assert Roller(counter, store).roll(later) == 2
+        if retired:
+            assert store.gaps() == []
+        else:
+            [gap] = store.gaps()
+            assert (gap["first_minute"], gap["last_minute"]) == (closed + 1, (later - 600) // 60 - 1)
+            assert "replaced" in gap["reason"], gap
+    finally:
+        counter.detach()
+    # Away for longer than the record lives: a new host to the farm.
+    remove_everything(key)
+    for k in [f"track~host:web1", f"track~gaps:web1", "track~last:web1"]:
+        client.delete(k)
+    much_later = later + 80 * 86400
+    counter = _segment_with_hits(key, much_later - 600, n=2)
+    try:
+        assert Roller(counter, store).roll(much_later) == 2
+        assert store.gaps() == []
+    finally:
+        counter.detach()
+
+
+@pytest.mark.parametrize("how", ["forgotten", "not forgotten, the new name stopped",
+                                 "not forgotten, the new name still rolls it"])
+def test_a_renamed_hosts_old_name_back_on_a_new_segment_records_no_false_gap(
+        redis_server, key, how):
+    """The segment moved to the new name (a rename): the old name lost
+    nothing of what the new name rolled.  Forgotten, its record of its last
+    segment went with the carry over: back on a new segment, it is new.
+    Not forgotten (its host hash still names that segment), its gap runs
+    only from the segment's own last closed minute (what it counted after
+    its last roll by any name is unknown: the same machine renamed back
+    after a reboot), and there is none while the new name's supervisor
+    still rolls it (another machine under the old name)."""
+    from conftest import remove_everything
+    from trafficthreshold import farm
+    from trafficthreshold.rollup import Roller
+    t0 = 1_800_000_000
+    zone = resolve_timezone("UTC")
+    client = redis_server.client()
+    counter = _segment_with_hits(key, t0)
+    try:
+        Roller(counter, RedisStore(client, zone, "web1")).roll(t0 + 65)
+        assert client.exists("track~last:web1")
+        renamed = RedisStore(client, zone, "web1-new")
+        Roller(counter, renamed).roll(t0 + 3600)
+        assert not client.exists("track~last:web1") and client.exists("track~last:web1-new")
+        old_instance = renamed.instance()
+        if how.endswith("still rolls it"):
+            farm.HostClaim(client, "web1-new", old_instance, pid=1).take()
+    finally:
+        counter.detach()
+    closed = renamed.closed_through()
+    remove_everything(key)
+    if how == "forgotten":
+        client.delete("track~host:web1", "track~gaps:web1")
+    counter = _segment_with_hits(key, t0 + 7200, n=1)
+    try:
+        back = RedisStore(client, zone, "web1")
+        assert back.instance() == (None if how == "forgotten" else old_instance)
+        assert Roller(counter, back).roll(t0 + 7200 + 65) == 1
+        if how.endswith("stopped"):
+            [gap] = back.gaps()
+            assert (gap["first_minute"], gap["last_minute"]) == (closed + 1, (t0 + 7200) // 60 - 1)
+        else:
+            assert back.gaps() == []
+    finally:
+        counter.detach()
+
+
 def test_a_host_back_after_it_was_forgotten_records_an_honest_gap(redis_server, key):
     """A host whose bookkeeping was forgotten (``[store] forget_hosts_days``
     after its last roll) comes back with the same segment: its gap runs
@@ -601,8 +708,8 @@ def test_a_host_back_after_it_was_forgotten_records_an_honest_gap(redis_server, 
         # what their expiry does, forget_hosts_days after the last roll
         keys = [f"track~host:{host}", f"track~gaps:{host}",
                 *client.scan_iter(f"track~wm:{host}:*")]
-        if segment_too:
-            keys.append(f"track~segment:{instance}")
+        if segment_too:  # and the host's last segment, which lives as long
+            keys += [f"track~segment:{instance}", f"track~last:{host}"]
         client.delete(*keys)
 
     try:

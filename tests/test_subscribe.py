@@ -1476,6 +1476,22 @@ def test_a_holder_that_loses_redis_stops_counting_before_its_lease_lapses(redis_
     assert caplog.text.count("cannot renew the lease of bus") == 1
 
 
+def _bus_leases(redis_server):
+    """A clock to move by hand, one bus, a client without retries, and a
+    maker of that bus's BusLeases (ttl 2 s) for an identity."""
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    client = redis_server.client()
+    no_retries(client)
+
+    def leases(identity: str) -> subscribe.BusLeases:
+        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
+                                   clock=lambda: now[0])
+
+    return now, bus, client, leases
+
+
 @pytest.mark.parametrize("lost", ["restarted empty", "flushed"])
 def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, lost):
     """Redis restarted empty (no persistence, a failover to a replica that
@@ -1490,16 +1506,7 @@ def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, los
     subscriber that takes its predecessor's lease."""
     import shutil
 
-    from trafficthreshold.farmsync import no_retries
-    now = [1000.0]
-    bus = "tcp://bus:6000"
-    client = redis_server.client()
-    no_retries(client)
-
-    def leases(identity: str) -> subscribe.BusLeases:
-        return subscribe.BusLeases(client, [bus], identity, prefix="track", ttl_s=2.0,
-                                   clock=lambda: now[0])
-
+    now, bus, client, leases = _bus_leases(redis_server)
     a, b = leases("h1/x/boot"), leases("h2/x/boot")
     a.renew(force=True)
     b.renew(force=True)
@@ -1539,6 +1546,28 @@ def test_a_lease_lost_with_redis_is_never_counted_by_two_hosts(redis_server, los
     assert again.holds(bus)
 
 
+def test_a_bus_lease_taken_after_its_token_key_expired_waits_a_ttl(redis_server):
+    """The token key expires a day after the endpoint's lease was last held
+    (farm.TOKEN_KEEP_MS); a token taken after that is Redis' clock in ms,
+    not one above the last: even a standby that saw the last holder stop
+    cannot tell that no other take came in between, so it counts only a
+    lease_ttl after its take (as after Redis lost its data), never at once."""
+    now, bus, client, leases = _bus_leases(redis_server)
+    a, b = leases("h1/x/boot"), leases("h2/x/boot")
+    a.renew(force=True)
+    b.renew(force=True)
+    token = a.leases[bus].token
+    a.release()                                  # b saw a's token end (its stop mark)
+    client.delete(a.leases[bus].counter)         # as a day without a holder does
+    now[0] += 0.3
+    b.renew(force=True)
+    assert b.leases[bus].token not in (None, token + 1)
+    assert b.leases[bus].token > token and not b.holds(bus)
+    now[0] += 2.0
+    b.renew(force=True)
+    assert b.holds(bus)
+
+
 def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_server):
     """Endpoints that end in what the key layout appends ('~leader',
     ':token', '~stopped'), hold spaces, or are very long: each has its own
@@ -1563,8 +1592,10 @@ def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_serve
         now[0] += 1.0
     assert set(a.status().values()) == {"counting"} and set(b.status().values()) == {"standby"}
     tokens = {bus: a.leases[bus].token for bus in buses}
-    assert set(tokens.values()) == {1}, tokens          # a counter of its own each
+    counters = {a.leases[bus].counter for bus in buses}
+    assert len(counters) == len(buses) and all(client.exists(c) for c in counters)
     a.release()
     b.renew(force=True)
     assert set(b.status().values()) == {"counting"}, b.status()
-    assert {bus: b.leases[bus].token for bus in buses} == dict.fromkeys(buses, 2)
+    # a counter of its own each: one take on each since a's
+    assert {bus: b.leases[bus].token for bus in buses} == {bus: t + 1 for bus, t in tokens.items()}

@@ -55,7 +55,12 @@ The leader lease
 Farm-wide alert rules are evaluated by one supervisor at a time: the holder
 of the lease ``{prefix}~leader`` (``SET NX PX``), renewed every second.  Each
 new lease gets a fencing token from ``{prefix}~leader:token`` (``INCR``); the
-lease's value is ``"{host} {token}"``.  Every write of farm alert state
+lease's value is ``"{host} {token}"``.  The token key expires
+:data:`TOKEN_KEEP_MS` after the last take or renewal (one key per bus
+endpoint ever configured does not stay for ever); a token taken without it
+(expired, or lost by Redis) starts from Redis' clock in milliseconds, above
+every token handed out before, so that a holder paused past both its lease
+and the key's expiry never finds its value ("host token") reissued.  Every write of farm alert state
 (:mod:`trafficthreshold.alerts.farm`) is a script that applies it only while
 the lease still holds that exact value, so a leader that was paused past its
 lease (and replaced) can no longer write or send.
@@ -91,6 +96,13 @@ SKEW_SHOWN = 2.0
 #: The leader's lease by default (``[store] lease_ttl``): another host takes
 #: over at most this long after the leader stops renewing (every second).
 LEASE_TTL_MS = 10_000
+#: A lease's token key expires this long (ms) after the last take or
+#: renewal of the lease (at least ten TTLs).  While it lives, tokens are
+#: consecutive (subscribe.BusLeases counts at once after the lease whose
+#: token is one less); taken without it, a token is Redis' TIME in ms: above
+#: every earlier token unless Redis' clock stepped back by more than this
+#: (or more than a thousand leases a second were taken on average).
+TOKEN_KEEP_MS = 86_400_000
 
 LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
@@ -1066,18 +1078,36 @@ def farm_live(client: Any, *, now: float, prefix: str = "track",
 # (one supervisor per name, farm.HostClaim, so it was ours): "adopt" it as
 # it is (a call of ours whose reply was lost took it), "succeed" it with a
 # new token (our predecessor's, SIGKILLed: its fence must no longer hold),
-# or "" leave it.  Renews our own lease, or takes a free one with a new
-# token; returns the lease's value ("host token") if we hold it now, else
-# false.
+# or "" leave it; then how long (ms) the token counter lives after this
+# call.  Renews our own lease, or takes a free one with a new token;
+# returns the lease's value ("host token") if we hold it now, else false.
+# The counter's expiry is pushed back by every take and renewal, so it
+# outlives every lease by ARGV[5]; a counter gone (expired, or lost by
+# Redis) restarts from Redis' clock in ms, never below a token handed out
+# before (a paused holder's value is never reissued).
 LEASE_SCRIPT = """
 local cur = redis.call('GET', KEYS[1])
 local mine = cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. ' '
 if cur and (cur == ARGV[3] or (mine and ARGV[4] == 'adopt')) then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
   return cur
 end
 if cur and not (mine and ARGV[4] == 'succeed') then return false end
-local token = redis.call('INCR', KEYS[2])
+local token
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  token = redis.call('INCR', KEYS[2])
+else
+  local t = redis.call('TIME')
+  token = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- above the lease it succeeds too (our predecessor's, taken before a
+  -- clock step back)
+  local held = cur and tonumber(string.match(cur, ' (%d+)$'))
+  if held and held >= token then token = held + 1 end
+  token = string.format('%d', token)
+  redis.call('SET', KEYS[2], token)
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 local value = ARGV[1] .. ' ' .. token
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
@@ -1093,8 +1123,10 @@ class Lease:
     """One host's view of the farm's leader lease.  Not thread-safe."""
 
     def __init__(self, client: Any, host: str, *, prefix: str = "track",
-                 ttl_ms: int = LEASE_TTL_MS) -> None:
+                 ttl_ms: int = LEASE_TTL_MS, token_keep_ms: int = TOKEN_KEEP_MS) -> None:
         self.client, self.host, self.ttl_ms = client, host, ttl_ms
+        #: how long the token key outlives the last take or renewal
+        self.token_keep_ms = max(int(token_keep_ms), 10 * int(ttl_ms))
         self.key, self.counter = f"{prefix}~leader", f"{prefix}~leader:token"
         self.value: str | None = None
         #: The value we last held: after a Redis error, renewing with it
@@ -1112,7 +1144,8 @@ class Lease:
 
     @property
     def token(self) -> int | None:
-        """The fencing token of the lease we hold (it only ever grows)."""
+        """The fencing token of the lease we hold (it only ever grows: see
+        :data:`TOKEN_KEEP_MS`)."""
         return None if self.value is None else int(self.value.split(" ")[1])
 
     def renew(self) -> bool:
@@ -1125,7 +1158,7 @@ class Lease:
         try:
             value = self._lease(keys=[self.key, self.counter],
                                 args=[self.host, self.ttl_ms, self.value or self._last or "",
-                                      self._mode])
+                                      self._mode, self.token_keep_ms])
         except Exception:  # noqa: BLE001 - no Redis, no lease
             # The script may have run (a reply lost): the next call adopts
             # a lease that holds our name rather than wait for it to lapse.

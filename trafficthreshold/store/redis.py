@@ -95,9 +95,12 @@ GAPS_KEPT = 1_000
 MAX_COUNT = 2**53 - 1
 
 # KEYS: per item, 1 watermark hash + 4 hashes to add to, then the totals
-# hash, the key set, the funnels' key set, the host hash and the segment's
+# hash, the key set, the funnels' key set, the host hash, the segment's
 # key ({prefix}~segment:{instance}: "{host}\n{closed_through}", which host
-# rolls it and through which minute it is closed).  ARGV: watermark
+# rolls it and through which minute it is closed) and the host's last
+# segment ({prefix}~last:{host}: "{instance}\n{closed_through}\n
+# {instance_ended}", living as long as the segment's key: a host back
+# after it was forgotten, on a new segment, finds where it stopped).  ARGV: watermark
 # TTL, minute-hash TTL (0 = keep), now, closed_through ('' = unchanged),
 # instance, ended ('' = not ended), host, the host hash's TTL (it is
 # forgotten that long after its last roll; the segment's key lives twice
@@ -112,10 +115,10 @@ MAX_COUNT = 2**53 - 1
 ROLL_SCRIPT = """
 local wm_ttl = tonumber(ARGV[1])
 local minute_ttl = tonumber(ARGV[2])
-local n = (#KEYS - 5) / 5
-local totals = KEYS[#KEYS - 4]
-local keys_set = KEYS[#KEYS - 3]
-local funnel_set = KEYS[#KEYS - 2]
+local n = (#KEYS - 6) / 5
+local totals = KEYS[#KEYS - 5]
+local keys_set = KEYS[#KEYS - 4]
+local funnel_set = KEYS[#KEYS - 3]
 local added = {}
 for i = 0, n - 1 do
   local k = i * 5
@@ -143,7 +146,7 @@ for i = 0, n - 1 do
   end
   added[i + 1] = delta
 end
-local host_key = KEYS[#KEYS - 1]
+local host_key = KEYS[#KEYS - 2]
 redis.call('HSET', host_key, 'last_roll_at', ARGV[3], 'instance', ARGV[5])
 redis.call('EXPIRE', host_key, ARGV[8])
 if ARGV[4] ~= '' then
@@ -151,9 +154,10 @@ if ARGV[4] ~= '' then
   if tonumber(ARGV[4]) > closed then redis.call('HSET', host_key, 'closed_through', ARGV[4]) end
 end
 if ARGV[6] ~= '' then redis.call('HSET', host_key, 'instance_ended', ARGV[6]) end
-redis.call('SET', KEYS[#KEYS],
-           ARGV[7] .. '\\n' .. (redis.call('HGET', host_key, 'closed_through') or ''),
-           'EX', 2 * tonumber(ARGV[8]))
+local closed_now = redis.call('HGET', host_key, 'closed_through') or ''
+redis.call('SET', KEYS[#KEYS - 1], ARGV[7] .. '\\n' .. closed_now, 'EX', 2 * tonumber(ARGV[8]))
+redis.call('SET', KEYS[#KEYS], ARGV[5] .. '\\n' .. closed_now .. '\\n'
+           .. (redis.call('HGET', host_key, 'instance_ended') or ''), 'EX', 2 * tonumber(ARGV[8]))
 return added
 """
 
@@ -269,6 +273,9 @@ class RedisStore:
         #: same script as the periods and the watermarks (for /metrics).
         self.totals_key = f"{prefix}~totals"
         self.gaps_key = f"{prefix}~gaps:{host}"
+        #: "{instance}\n{closed_through}\n{instance_ended}" of this host's
+        #: last roll, kept :attr:`segment_ttl` (twice the host hash's life).
+        self.last_key = f"{prefix}~last:{host}"
         #: Per host, its ``store migrate``: "copying {t}", "copied {t}" or
         #: "switched {t}" (its first roll into Redis; the shadows dropped).
         self.migrations_key = f"{prefix}~migrations"
@@ -360,7 +367,9 @@ class RedisStore:
         pipe.get(self._segment_key(instance))
         pipe.hget(self.host_key, "migrating")
         pipe.hget(self.migrations_key, self.host)
-        old, migrating, record = pipe.execute()
+        pipe.hget(self.host_key, "instance")
+        pipe.get(self.last_key)
+        old, migrating, record, cur, last = pipe.execute()
         if migrating is not None or (record is not None and _text(record).startswith("copying")):
             raise ConfigError(
                 f"a `store migrate` of host {self.host!r} into this Redis was cut short: "
@@ -372,6 +381,10 @@ class RedisStore:
         # "{host}\n{closed_through}" (an older value: the host alone)
         old, _, seg_closed = (None, "", "") if old is None else _text(old).partition("\n")
         if old is None:
+            if cur is None and last is not None:
+                self._back_on_a_new_segment(instance, _text(last))
+            elif cur is not None and _text(cur) != str(instance):
+                self._left_to_another_name(instance, int(_text(cur)))
             return
         if old == self.host:
             # Our segment, but the name rolled another one since (a clone
@@ -379,7 +392,6 @@ class RedisStore:
             # closed_through is that one's; take this segment's back.  Or
             # the name was forgotten (no roll for forget_hosts_days): its
             # hash is gone, the segment's key still says where it stopped.
-            cur = self.client.hget(self.host_key, "instance")
             if seg_closed and (cur is None or _text(cur) != str(instance)):
                 if cur is None:
                     log.warning("host %r was forgotten ([store] forget_hosts_days without a "
@@ -420,6 +432,7 @@ class RedisStore:
                 moved += len(fields)
         before = {_text(k): _text(v) for k, v in
                   self.client.hgetall(f"{self.prefix}~host:{old}").items()}
+        old_last = _text(self.client.get(f"{self.prefix}~last:{old}") or "")
         if not seg_closed and before.get("instance") == str(instance):
             seg_closed = before.get("closed_through", "")  # an older segment key
         with self.transaction():
@@ -439,8 +452,63 @@ class RedisStore:
                 writer.hset(self.host_key, "instance_ended", before["instance_ended"])
             writer.set(self._segment_key(instance), f"{self.host}\n{seg_closed}",
                        ex=self.segment_ttl)
+            if old_last.split("\n", 1)[0] == str(instance):
+                # This segment is this name's now: the old name, forgotten
+                # and back on another segment, lost nothing of it.
+                writer.delete(f"{self.prefix}~last:{old}")
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
+
+    def _left_to_another_name(self, instance: int, previous: int) -> None:
+        """This name comes to segment ``instance``, its hash naming segment
+        ``previous``, which another name rolled since (a rename, then the
+        old name back): that name rolled it on, so this one did not lose
+        what it counted after this name's last closed minute.  Only what
+        it counted after its own last roll (``{prefix}~segment:{previous}``
+        says through which minute) is unknown, unless its supervisor is
+        still rolling it (nothing lost: this is another machine under the
+        old name)."""
+        from trafficthreshold import farm
+
+        value = self.client.get(self._segment_key(previous))
+        if value is None:
+            return
+        owner, _, closed = _text(value).partition("\n")
+        if owner == self.host:
+            return  # ours: a segment replaced, as the Roller records it
+        holder = farm.HostClaim.holder(self.client, owner, prefix=self.prefix)
+        rolled_on = holder is not None and holder.get("instance") == previous \
+            and not farm.HostClaim.gone(holder)
+        log.warning("host %r comes to segment %#x; its last segment %#x is rolled by host %r "
+                    "since (closed through minute %s)%s", self.host, instance, previous, owner,
+                    closed or "-", ": nothing of it is lost" if rolled_on else "")
+        with self.transaction():
+            if rolled_on or not closed:
+                self._writer().hset(self.host_key, "instance_ended", str(previous))
+            else:
+                self.set_closed_through(int(closed))
+
+    def _back_on_a_new_segment(self, instance: int, last: str) -> None:
+        """This name was forgotten (no roll for forget_hosts_days: its hash
+        expired) and comes back on segment ``instance`` that never rolled
+        into Redis, with its last roll still in :attr:`last_key`: its
+        instance, closed_through and instance_ended go back into the host
+        hash, so that the Roller sees a segment replaced and records what is
+        unknown (from the closed minute + 1 to the new segment's creation),
+        or nothing when ``uninstall`` rolled the old one to its end."""
+        before, closed, ended = (last.split("\n") + ["", ""])[:3]
+        if not before or not closed:
+            return
+        log.warning("host %r was forgotten ([store] forget_hosts_days without a roll) and "
+                    "comes back on segment %#x; its last segment %#x was closed through minute "
+                    "%s", self.host, instance, int(before), closed)
+        fields = {"closed_through": closed, "instance": before}
+        if ended:
+            fields["instance_ended"] = ended
+        with self.transaction():
+            writer = self._writer()
+            writer.hset(self.host_key, mapping=fields)
+            writer.expire(self.host_key, self.host_ttl)
 
     def migration(self) -> tuple[str, float] | None:
         """This host's ``store migrate`` record: ("copying" | "copied" |
@@ -518,7 +586,7 @@ class RedisStore:
                     keys.extend([year, month, month, month])  # the last two unused
                     args.extend([status, status, "", "", f"{account}\0{plain}", "f"])
             keys.extend([self.totals_key, self.keys_key, self.funnel_keys_key, self.host_key,
-                         self._segment_key(instance)])
+                         self._segment_key(instance), self.last_key])
             deltas = self._roll(keys=keys, args=args)
             for ((account, event, minute), _), delta in zip(batch, deltas, strict=True):
                 if delta:
