@@ -676,7 +676,8 @@ class StatsApp:
         totals = stored.totals
         if snap is not None and stored.watermarks is not None:
             slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
-            first, minute = metrics.pending_window(now, snap.header["minute_buckets"])
+            # first..minute as above: the ring's length is the segment's
+            # geometry, fixed when it was made.
             for key, n in metrics.pending_from(stored.watermarks, counter, slots,
                                                first, minute, version).items():
                 totals[key] = totals.get(key, 0) + n
