@@ -720,17 +720,17 @@ class StatsApp:
         now = self.now()
         counter = self._attach()
         snap = None if counter is None else snapshot(counter, now)
+        state = self.alert_state()
         store_down = None
         try:
-            context = dashboard_context(self.config, store, snap, self.alert_state(), event,
-                                        now)
+            context = dashboard_context(self.config, store, snap, state, event, now)
         except Exception as exc:
             if not stores.unreachable(exc):
                 raise
             # The farm's Redis is down: show this host's live counts, and say so.
             store_down = str(exc)
-            context = dashboard_context(self.config, _NoPeriods(store.tz), snap,
-                                        self.alert_state(), event, now)
+            context = dashboard_context(self.config, _NoPeriods(store.tz), snap, state, event,
+                                        now)
         nonce = secrets.token_urlsafe(16)
         html = self._dashboard.render(**context, nonce=nonce, store_down=store_down,
                                       farm=self._farm_section(event, now),
