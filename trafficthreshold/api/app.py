@@ -255,8 +255,9 @@ class StatsApp:
     ) -> None:
         self.config = config
         self.store_path = store_path or config.database
-        self.timezone = config.timezone  # like the database: fixed until a restart
-        self._store_config = config  # the store it reads, fixed until a restart
+        # The store it reads (its backend, database and time zone): fixed
+        # until a restart.
+        self._store_config = config
         self.now = now
         self._token = config.http.token.encode("ascii")
         self._links = _links_base(config)
