@@ -1599,3 +1599,41 @@ def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_serve
     assert set(b.status().values()) == {"counting"}, b.status()
     # a counter of its own each: one take on each since a's
     assert {bus: b.leases[bus].token for bus in buses} == {bus: t + 1 for bus, t in tokens.items()}
+
+
+def test_a_bus_lease_take_whose_reply_was_lost_counts_at_once(redis_server):
+    """A standby saw the holder's token end (its stop mark), then its take
+    ran in Redis but the reply was lost (the client timed out): the next
+    renewal adopts that lease (it holds our identity).  The take followed
+    the token seen ending, so it counts at once, as an answered take does:
+    reading our own unanswered take back as "the last lease seen" must not
+    make it look like a lease whose predecessor's end was not seen (the
+    whole farm would count nothing of that bus for a lease_ttl)."""
+    import redis as redis_lib
+    from tt_proxy import TcpProxy
+
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    direct = redis_server.client()
+    no_retries(direct)
+    with TcpProxy(redis_server.port) as proxy:
+        via = redis_lib.Redis(port=proxy.port, socket_timeout=0.5)
+        no_retries(via)
+        a = subscribe.BusLeases(direct, [bus], "h1/x/boot", prefix="track", ttl_s=2.0,
+                                clock=lambda: now[0])
+        b = subscribe.BusLeases(via, [bus], "h2/x/boot", prefix="track", ttl_s=2.0,
+                                clock=lambda: now[0])
+        a.renew(force=True)
+        b.renew(force=True)                          # b stands by, sees a's token
+        token = a.leases[bus].token
+        a.release()
+        proxy.drop_replies(after=1)                  # the MGET answered (a's stop mark)
+        b.renew(force=True)                          # the take runs, its reply is lost
+        proxy.pass_replies()
+        assert direct.get(f"track~subscribe~{bus}~leader") == f"h2/x/boot {token + 1}".encode()
+        via.connection_pool.disconnect()
+        now[0] += 0.3
+        b.renew(force=True)                          # adopts it
+        assert b.leases[bus].token == token + 1
+        assert b.holds(bus)

@@ -414,6 +414,10 @@ class BusLeases:
         value, stopped = (v.decode() if isinstance(v, bytes) else v
                           for v in self.client.mget(lease.key, lease.key + STOPPED_SUFFIX))
         if value is not None:
+            if lease._mode == "adopt" and value.rsplit(" ", 1)[0] == self.identity:
+                # Our own take, its reply lost: not the lease before ours
+                # (seen already), which _taken compares the take with.
+                return
             token = int(value.rsplit(" ", 1)[-1])
             seen = self._seen[endpoint]
             if seen is None or seen[1] != token:
