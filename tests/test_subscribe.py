@@ -1637,3 +1637,44 @@ def test_a_bus_lease_take_whose_reply_was_lost_counts_at_once(redis_server):
         b.renew(force=True)                          # adopts it
         assert b.leases[bus].token == token + 1
         assert b.holds(bus)
+
+
+def test_a_clone_with_the_same_host_name_and_boot_does_not_take_a_running_bus_lease(
+        bus, redis_server):
+    """Two containers share the machine's boot id, and may share its host
+    name and the subscriber's name: each has its own state directory (its
+    own flock), so the second is no restart of the first.  It must stand
+    by, not take the running holder's lease as its dead predecessor's (it
+    would count at once while the holder still counts: every event twice
+    for up to a lease_ttl, then the holder would stand by)."""
+    subs = []
+    for home in ("c1", "c2"):
+        (bus.tmp / home).mkdir()
+        config = bus.tmp / home / "config.toml"
+        config.write_text(f'key = {bus.key}\ndatabase = "{bus.tmp / home}/stats.sqlite3"\n'
+                          f'timezone = "UTC"\n[http]\nenabled = false\n[store]\n'
+                          f'backend = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\n'
+                          f'host = "web"\nlease_ttl = {FARM_TTL}\n')
+        cfg = load_config(str(config))
+        subs.append(subscribe.Subscriber(["tcp://bus:6000"], key=bus.key, backend="sysv",
+                                         database=cfg.database, name="shop", config=cfg))
+    try:
+        subs[0].initialize()
+        held = redis_server.client().get("track~subscribe~tcp://bus:6000~leader")
+        subs[1].initialize()
+        subs[1].leases.renew(force=True)
+        assert redis_server.client().get("track~subscribe~tcp://bus:6000~leader") == held
+        assert subs[1].leases.status() == {"tcp://bus:6000": "standby"}
+        # The first SIGKILLed (its flock dies with it, its lease lives on):
+        # restarted on its state directory, it succeeds its lease at once.
+        os.close(subs[0]._lock_fd)
+        subs[0]._lock_fd, subs[0].leases = None, None
+        again = subscribe.Subscriber(["tcp://bus:6000"], key=bus.key, backend="sysv",
+                                     database=subs[0].config.database, name="shop",
+                                     config=subs[0].config)
+        subs.append(again)
+        again.initialize()
+        assert again.leases.status() == {"tcp://bus:6000": "counting"}
+    finally:
+        for sub in subs:
+            sub.shutdown()
