@@ -1678,3 +1678,20 @@ def test_a_clone_with_the_same_host_name_and_boot_does_not_take_a_running_bus_le
     finally:
         for sub in subs:
             sub.shutdown()
+
+
+def test_a_bus_leases_keys_in_redis_expire(redis_server):
+    """What a bus's lease leaves in Redis goes by itself (docs/subscribe.rst):
+    the stop mark after a lease_ttl, the token key a day after the lease
+    was last held; only the one epoch key stays."""
+    from trafficthreshold import farm
+
+    now, bus, client, leases = _bus_leases(redis_server)
+    a = leases("h1/x/boot")
+    a.renew(force=True)
+    a.release()
+    lease = a.leases[bus]
+    assert 0 < client.pttl(lease.key + subscribe.STOPPED_SUFFIX) <= 2000
+    assert farm.TOKEN_KEEP_MS - 5_000 < client.pttl(lease.counter) <= farm.TOKEN_KEEP_MS
+    assert client.pttl(a.epoch_key) == -1
+    assert client.exists(lease.key) == 0
