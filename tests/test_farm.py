@@ -968,3 +968,32 @@ def test_a_clients_readers_go_with_the_client(redis_server: RedisServer) -> None
     del other
     gc.collect()
     assert gone() is None and held() is None
+
+
+def test_a_watched_key_nobody_read_for_a_day_leaves_the_sums(redis_server: RedisServer) -> None:
+    """docs/redis.rst: a key a LevelReader asked for is watched (its sums
+    kept by every publication) until nobody read it for a day (WATCH_FOR):
+    then it leaves the watch set, the sums and the hosts' watched values,
+    so the dashboard's events once asked for are not summed for ever; the
+    level's key, read every second, stays."""
+    from trafficthreshold import farm
+
+    r = redis_server.client()
+    shop, level = ("shop", "pageview"), ("all", "pageview")
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({level: (1, 1), shop: (2, 2)}, level=0, now=NOW)
+    farm.LevelReader(r, "web1", [shop]).read(NOW)
+    pub.publish({level: (3, 3), shop: (3, 3)}, level=0, now=NOW + 1)  # told the watch set
+    pub.publish({level: (3, 3), shop: (4, 4)}, level=0, now=NOW + 1)
+    assert farm.LevelReader(r, "web1", [shop]).read(NOW + 1).total == {shop: (4, 4)}
+    field = "shop\0pageview"
+    secs = int(r.time()[0])
+    r.zadd("track~live~watch", {field: secs - farm.WATCH_FOR - 1})  # as a day unread
+    farm.LevelReader(r, "web1", [level]).read(NOW + 2)               # another key's watch
+    assert r.zscore("track~live~watch", field) is None
+    assert r.zscore("track~live~watch", "all\0pageview") is not None
+    assert not any(field in _f.decode() for _f in r.hkeys("track~live~sum"))
+    assert r.hget("track~live~w:web1", field) is None
+    pub.publish({level: (5, 5), shop: (6, 6)}, level=0, now=NOW + 3)  # not summed again
+    assert r.hget("track~live~w:web1", field) is None
+    assert r.hget("track~live~sum", "minute\0" + field) is None
