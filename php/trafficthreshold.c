@@ -481,7 +481,7 @@ static size_t tt_host_name(const char *host, char *buf, size_t size)
     if (e - s >= size)
         return 0;
     for (i = s; i < e; i++)
-        buf[i - s] = (char)tolower((unsigned char)host[i]);
+        buf[i - s] = (char)tt_ascii_lower((unsigned char)host[i]);
     buf[e - s] = '\0';
     return e - s;
 }
