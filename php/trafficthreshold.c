@@ -74,16 +74,14 @@ static pthread_mutex_t tt_mutex = PTHREAD_MUTEX_INITIALIZER;
 /* ------------------------------------------------------------- settings */
 
 /* The key: trafficthreshold.key, else $TRAFFICTHRESHOLD_KEY, else the
- * default.  -1 when the setting is not a key (logged, and nothing counts). */
+ * default (tt_key_setting: blank is unset).  -1 when the setting is not a
+ * key (logged, and nothing counts). */
 static long tt_key(void)
 {
     const char *v = TT_G(key);
-    long k;
     if (v == NULL || *v == '\0')
         v = getenv("TRAFFICTHRESHOLD_KEY");
-    if (v == NULL || *v == '\0')
-        return TT_DEFAULT_KEY;
-    return tt_parse_key(v, &k) == 0 ? k : -1;
+    return tt_key_setting(v);
 }
 
 static int tt_backend(void)

@@ -1448,6 +1448,17 @@ static TT_UNUSED int tt_parse_key(const char *text, long *key)
     return 0;
 }
 
+/* The key a setting names, as env.env_key reads $TRAFFICTHRESHOLD_KEY:
+ * unset (NULL) or blank, TT_DEFAULT_KEY; else tt_parse_key's key, or -1
+ * (set but not a key: the binding reports it). */
+static TT_UNUSED long tt_key_setting(const char *text)
+{
+    long key;
+    if (text == NULL || text[strspn(text, " \t\n\r\v\f")] == '\0')
+        return TT_DEFAULT_KEY;
+    return tt_parse_key(text, &key) == 0 ? key : -1;
+}
+
 /* ----------------------------------------------------------------- names */
 
 /* The names' rules of names.py (the one source of truth for Python, whose
