@@ -55,7 +55,7 @@ static tt_writer *tt_w = NULL;
  * 10 s without a segment; once the segment was retired under us, at once
  * after the next install in either backend; a half made one once a
  * second. */
-static tt_attacher tt_att = {0, -1, 0, 0};
+static tt_attacher tt_att = TT_ATTACHER_INIT;
 static char tt_last_error[sizeof ((tt_seg *)0)->error] = "";  /* why not attached */
 /* The kinds of problem already logged by this process (one line each). */
 enum { W_ATTACH = 1, W_NAME = 2, W_BUSY = 4, W_HOST = 8, W_NO_HOSTS = 16, W_ACCOUNT = 32,
@@ -86,10 +86,7 @@ static long tt_key(void)
 
 static int tt_backend(void)
 {
-    const char *v = TT_G(backend);
-    if (v == NULL || *v == '\0')
-        return -1;
-    return strcmp(v, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
+    return tt_backend_setting(TT_G(backend));
 }
 
 /* ------------------------------------------------------------- failures */

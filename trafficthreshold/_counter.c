@@ -66,7 +66,7 @@ static Counter *default_counter;
 /* When to attach it: the core's policy (tt_attacher, tt_core.c): every
  * 10 s without a segment, at once after a re-install in either backend, a
  * half made segment once a second. */
-static tt_attacher attacher = {0, -1, 0, 0};
+static tt_attacher attacher = TT_ATTACHER_INIT;
 /* Threads inside attach_cb now: it is Python code, so another thread may
  * run (and hit) while one attaches. */
 static int attaching = 0;

@@ -509,6 +509,9 @@ typedef struct {
     int64_t watch_after;  /* the watch tries no attach before this second */
 } tt_attacher;
 
+/* A fresh attacher (what tt_attacher_reset makes), for a static one. */
+#define TT_ATTACHER_INIT {0, -1, 0, 0}
+
 static TT_UNUSED void tt_attacher_reset(tt_attacher *a)
 {
     a->next_try = 0;
@@ -1640,6 +1643,15 @@ static void tt_writer_forget(tt_writer *w)
     w->last_elen = 0;
     w->last_ref = -1;
     w->gen++;
+}
+
+/* The backend a setting names, for tt_writer_attach: unset (NULL) or
+ * empty, -1 (SysV, else POSIX); "posix", POSIX; anything else, SysV. */
+static TT_UNUSED int tt_backend_setting(const char *text)
+{
+    if (text == NULL || *text == '\0')
+        return -1;
+    return strcmp(text, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
 }
 
 /* Attaches the writer (tt_attach); backend -1 = SysV, else POSIX if no

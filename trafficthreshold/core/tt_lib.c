@@ -59,19 +59,17 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
     if (h == NULL)
         return NULL;
     tt_core_init();
+    tt_attacher_reset(&h->att);
     h->key = key < 0 ? tt_key_setting(getenv("TRAFFICTHRESHOLD_KEY")) : key;
     if (h->key < 0) {
         tt_fail(&h->w.s, TT_ERR_NAME, "$TRAFFICTHRESHOLD_KEY = '%.40s' is not a segment key; "
                 "use decimal or 0x hex, e.g. 0x54546831", getenv("TRAFFICTHRESHOLD_KEY"));
-        tt_attacher_reset(&h->att);
         return h;
     }
     if (backend == NULL || *backend == '\0')
         backend = getenv("TRAFFICTHRESHOLD_BACKEND");
-    h->backend = backend == NULL || *backend == '\0' ? -1
-        : strcmp(backend, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
+    h->backend = tt_backend_setting(backend);
     h->w.s.semid = -1;
-    tt_attacher_reset(&h->att);
     tt_ready(h);
     return h;
 }
