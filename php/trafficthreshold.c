@@ -55,7 +55,7 @@ static tt_writer *tt_w = NULL;
  * 10 s without a segment; once the segment was retired under us, at once
  * after the next install in either backend; a half made one once a
  * second. */
-static tt_attacher tt_att = {0, -1, 0, 0};
+static tt_attacher tt_att = TT_ATTACHER_INIT;
 static char tt_last_error[sizeof ((tt_seg *)0)->error] = "";  /* why not attached */
 /* The kinds of problem already logged by this process (one line each). */
 enum { W_ATTACH = 1, W_NAME = 2, W_BUSY = 4, W_HOST = 8, W_NO_HOSTS = 16, W_ACCOUNT = 32,
@@ -74,24 +74,19 @@ static pthread_mutex_t tt_mutex = PTHREAD_MUTEX_INITIALIZER;
 /* ------------------------------------------------------------- settings */
 
 /* The key: trafficthreshold.key, else $TRAFFICTHRESHOLD_KEY, else the
- * default.  -1 when the setting is not a key (logged, and nothing counts). */
+ * default (tt_key_setting: blank is unset).  -1 when the setting is not a
+ * key (logged, and nothing counts). */
 static long tt_key(void)
 {
     const char *v = TT_G(key);
-    long k;
     if (v == NULL || *v == '\0')
         v = getenv("TRAFFICTHRESHOLD_KEY");
-    if (v == NULL || *v == '\0')
-        return TT_DEFAULT_KEY;
-    return tt_parse_key(v, &k) == 0 ? k : -1;
+    return tt_key_setting(v);
 }
 
 static int tt_backend(void)
 {
-    const char *v = TT_G(backend);
-    if (v == NULL || *v == '\0')
-        return -1;
-    return strcmp(v, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
+    return tt_backend_setting(TT_G(backend));
 }
 
 /* ------------------------------------------------------------- failures */
@@ -481,7 +476,7 @@ static size_t tt_host_name(const char *host, char *buf, size_t size)
     if (e - s >= size)
         return 0;
     for (i = s; i < e; i++)
-        buf[i - s] = (char)tolower((unsigned char)host[i]);
+        buf[i - s] = (char)tt_ascii_lower((unsigned char)host[i]);
     buf[e - s] = '\0';
     return e - s;
 }

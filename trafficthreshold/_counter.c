@@ -66,7 +66,7 @@ static Counter *default_counter;
 /* When to attach it: the core's policy (tt_attacher, tt_core.c): every
  * 10 s without a segment, at once after a re-install in either backend, a
  * half made segment once a second. */
-static tt_attacher attacher = {0, -1, 0, 0};
+static tt_attacher attacher = TT_ATTACHER_INIT;
 /* Threads inside attach_cb now: it is Python code, so another thread may
  * run (and hit) while one attaches. */
 static int attaching = 0;
@@ -589,7 +589,7 @@ static PyObject *Counter_hit(Counter *c, PyObject *const *args, Py_ssize_t nargs
     if (parse_hit_args(args, nargs, kwnames, argv) < 0 || (n = parse_n(argv[2])) < 0
         || (second = parse_second(argv[3])) == 0)
         return NULL;
-    if (__atomic_load_n(TT_U32(c->s.base, TT_H_STATE), __ATOMIC_ACQUIRE) != TT_STATE_LIVE) {
+    if (!tt_live(&c->s)) {
         PyErr_SetString(SegmentNotFound, "the segment was uninstalled");
         return NULL;
     }
@@ -636,9 +636,7 @@ static Counter *attach_default(void);
 
 static inline Counter *get_default(void)
 {
-    if (__builtin_expect(default_counter != NULL && default_counter->s.base != NULL
-                         && __atomic_load_n(TT_U32(default_counter->s.base, TT_H_STATE),
-                                            __ATOMIC_ACQUIRE) == TT_STATE_LIVE, 1))
+    if (__builtin_expect(default_counter != NULL && tt_live(&default_counter->s), 1))
         return default_counter;
     return attach_default();
 }

@@ -509,6 +509,9 @@ typedef struct {
     int64_t watch_after;  /* the watch tries no attach before this second */
 } tt_attacher;
 
+/* A fresh attacher (what tt_attacher_reset makes), for a static one. */
+#define TT_ATTACHER_INIT {0, -1, 0, 0}
+
 static TT_UNUSED void tt_attacher_reset(tt_attacher *a)
 {
     a->next_try = 0;
@@ -1448,6 +1451,17 @@ static TT_UNUSED int tt_parse_key(const char *text, long *key)
     return 0;
 }
 
+/* The key a setting names, as env.env_key reads $TRAFFICTHRESHOLD_KEY:
+ * unset (NULL) or blank, TT_DEFAULT_KEY; else tt_parse_key's key, or -1
+ * (set but not a key: the binding reports it). */
+static TT_UNUSED long tt_key_setting(const char *text)
+{
+    long key;
+    if (text == NULL || text[strspn(text, " \t\n\r\v\f")] == '\0')
+        return TT_DEFAULT_KEY;
+    return tt_parse_key(text, &key) == 0 ? key : -1;
+}
+
 /* ----------------------------------------------------------------- names */
 
 /* The names' rules of names.py (the one source of truth for Python, whose
@@ -1629,6 +1643,15 @@ static void tt_writer_forget(tt_writer *w)
     w->last_elen = 0;
     w->last_ref = -1;
     w->gen++;
+}
+
+/* The backend a setting names, for tt_writer_attach: unset (NULL) or
+ * empty, -1 (SysV, else POSIX); "posix", POSIX; anything else, SysV. */
+static TT_UNUSED int tt_backend_setting(const char *text)
+{
+    if (text == NULL || *text == '\0')
+        return -1;
+    return strcmp(text, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
 }
 
 /* Attaches the writer (tt_attach); backend -1 = SysV, else POSIX if no

@@ -40,17 +40,6 @@ static uint64_t tt_name_hash(const char *s, size_t len)
     return h ^ (h >> 29);
 }
 
-/* $TRAFFICTHRESHOLD_KEY (tt_parse_key), else the default; -1 when it is
- * set but not a key (tt_open then reports it). */
-static long tt_env_key(void)
-{
-    const char *v = getenv("TRAFFICTHRESHOLD_KEY");
-    long k;
-    if (v == NULL || v[strspn(v, " \t\n\r\v\f")] == '\0')
-        return TT_DEFAULT_KEY;
-    return tt_parse_key(v, &k) == 0 ? k : -1;
-}
-
 /* Attached to a live segment, attaching if due (tt_writer_ready: every
  * 10 s at most, at once after a re-install in either backend). */
 static int tt_ready(tt_handle *h)
@@ -70,19 +59,17 @@ TT_EXPORT tt_handle *tt_open(long key, const char *backend)
     if (h == NULL)
         return NULL;
     tt_core_init();
-    h->key = key < 0 ? tt_env_key() : key;
+    tt_attacher_reset(&h->att);
+    h->key = key < 0 ? tt_key_setting(getenv("TRAFFICTHRESHOLD_KEY")) : key;
     if (h->key < 0) {
         tt_fail(&h->w.s, TT_ERR_NAME, "$TRAFFICTHRESHOLD_KEY = '%.40s' is not a segment key; "
                 "use decimal or 0x hex, e.g. 0x54546831", getenv("TRAFFICTHRESHOLD_KEY"));
-        tt_attacher_reset(&h->att);
         return h;
     }
     if (backend == NULL || *backend == '\0')
         backend = getenv("TRAFFICTHRESHOLD_BACKEND");
-    h->backend = backend == NULL || *backend == '\0' ? -1
-        : strcmp(backend, "posix") == 0 ? TT_BACKEND_POSIX : TT_BACKEND_SYSV;
+    h->backend = tt_backend_setting(backend);
     h->w.s.semid = -1;
-    tt_attacher_reset(&h->att);
     tt_ready(h);
     return h;
 }
