@@ -207,6 +207,21 @@ def test_percent_encoded_slashes_are_refused(no_segment: webserver.Server, targe
     assert "slash" in json.loads(body)["message"]
 
 
+@pytest.mark.parametrize("raw_key", ["REQUEST_URI", "RAW_URI"])
+def test_percent_encoded_slashes_are_refused_from_the_raw_uri_of_other_servers(
+        db: str, raw_key: str) -> None:
+    """waitress, uWSGI and mod_wsgi pass the raw target as REQUEST_URI,
+    gunicorn as RAW_URI; PATH_INFO has the slash decoded already."""
+    import io
+    app = api.make_app(make_config(db), now=lambda: NOW)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/acme/pageview/2026",
+               "QUERY_STRING": "", "wsgi.input": io.BytesIO(), "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "8787", raw_key: "/api/stats/track/acme%2Fpageview/2026"}
+    answer: list[str] = []
+    body = b"".join(app(environ, lambda status, headers: answer.append(status)))
+    assert answer == ["404 Not Found"] and b"slash" in body
+
+
 def test_trailing_slash_is_accepted(no_segment: webserver.Server) -> None:
     status, body = fetch_json(no_segment.url + "api/stats/track/acme/pageview/2026/")
     assert status == 200 and body["total"] == 10
