@@ -619,6 +619,29 @@ def test_prefix_under_a_mount_point_and_public_url(db: str) -> None:
         assert started == ["200 OK"] and json.loads(body)["links"] == [expected]
 
 
+def test_a_request_during_a_reload_that_drops_the_token_is_not_refused(db: str) -> None:
+    """The token read once per request: a reload (on loopback) from a token
+    to none, landing while a request carrying the old token is checked, is
+    the old setting (the token matches) or the new (none needed), never a
+    401 that neither gives."""
+    app = api.make_app(make_config(db, http=HttpConfig(token=TOKEN)),
+                       counter_factory=lambda: None, now=lambda: NOW)
+    no_token = make_config(db)
+
+    class Environ(dict):  # the reload lands as the request reads its header
+        def get(self, name: str, default: Any = None) -> Any:
+            if name == "HTTP_AUTHORIZATION" and app.requires_token:
+                app.reload(no_token)
+            return super().get(name, default)
+
+    environ = Environ({"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/acme/pageview/2026",
+                       "QUERY_STRING": "", "SERVER_NAME": "x", "SERVER_PORT": "80",
+                       "wsgi.url_scheme": "http", "HTTP_AUTHORIZATION": f"Bearer {TOKEN}"})
+    started: list[str] = []
+    b"".join(app(environ, lambda status, headers: started.append(status)))
+    assert not app.requires_token and started == ["200 OK"]
+
+
 def test_a_request_during_a_reload_sees_the_old_or_the_new_links_never_a_mix(
         db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request served on another thread while a reload runs (here, from
