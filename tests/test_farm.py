@@ -803,7 +803,7 @@ def test_a_reading_of_a_few_keys_keeps_only_those_keys_in_memory(
     assert late.read(NOW + 3).total == {rule: (21, 21)}
     for event in range(20):  # the dashboard's events: a few readers kept, not one per event
         farm_live(r, now=NOW + 3, only=[("all", f"e{event}")])
-    assert len(farm._READERS[r]) <= farm.READERS_KEPT + 1
+    assert len(farm._readers_of(r)) <= farm.READERS_KEPT + 1
 
 
 def test_a_blobs_lines_of_a_few_keys_are_those_of_the_whole_blob() -> None:
@@ -945,3 +945,55 @@ def test_a_withdrawal_whose_reply_was_lost_does_not_keep_the_host_out(
         for t in range(1, 3):
             pub.publish({LEVEL: (t + 4, t + 4)}, level=0, now=NOW + t)
             assert level_total(r) == t + 4 == per_host_total(r)
+
+
+def test_a_clients_readers_go_with_the_client(redis_server: RedisServer) -> None:
+    """farm.reader keeps one LiveReader per client and key set "as long as
+    the client": a client let go of (a store closed, a thread's store
+    opened again) takes its readers, and the farm they hold, with it.  A
+    reader refers to its client, so a table that held the readers beside
+    a weak reference to the client kept both for ever."""
+    import gc
+    import weakref
+
+    from trafficthreshold import farm
+
+    LEVEL = ("all", "pageview")
+    r = redis_server.client()
+    publish_live(r, "web1", {LEVEL: (1, 1)}, level=0, now=NOW)
+    other = redis_server.client()
+    farm_live(other, now=NOW)
+    farm_live(other, now=NOW, only=[LEVEL])
+    gone, held = weakref.ref(other), weakref.ref(farm.reader(other))
+    del other
+    gc.collect()
+    assert gone() is None and held() is None
+
+
+def test_a_watched_key_nobody_read_for_a_day_leaves_the_sums(redis_server: RedisServer) -> None:
+    """docs/redis.rst: a key a LevelReader asked for is watched (its sums
+    kept by every publication) until nobody read it for a day (WATCH_FOR):
+    then it leaves the watch set, the sums and the hosts' watched values,
+    so the dashboard's events once asked for are not summed for ever; the
+    level's key, read every second, stays."""
+    from trafficthreshold import farm
+
+    r = redis_server.client()
+    shop, level = ("shop", "pageview"), ("all", "pageview")
+    pub = farm.LivePublisher(r, "web1")
+    pub.publish({level: (1, 1), shop: (2, 2)}, level=0, now=NOW)
+    farm.LevelReader(r, "web1", [shop]).read(NOW)
+    pub.publish({level: (3, 3), shop: (3, 3)}, level=0, now=NOW + 1)  # told the watch set
+    pub.publish({level: (3, 3), shop: (4, 4)}, level=0, now=NOW + 1)
+    assert farm.LevelReader(r, "web1", [shop]).read(NOW + 1).total == {shop: (4, 4)}
+    field = "shop\0pageview"
+    secs = int(r.time()[0])
+    r.zadd("track~live~watch", {field: secs - farm.WATCH_FOR - 1})  # as a day unread
+    farm.LevelReader(r, "web1", [level]).read(NOW + 2)               # another key's watch
+    assert r.zscore("track~live~watch", field) is None
+    assert r.zscore("track~live~watch", "all\0pageview") is not None
+    assert not any(field in _f.decode() for _f in r.hkeys("track~live~sum"))
+    assert r.hget("track~live~w:web1", field) is None
+    pub.publish({level: (5, 5), shop: (6, 6)}, level=0, now=NOW + 3)  # not summed again
+    assert r.hget("track~live~w:web1", field) is None
+    assert r.hget("track~live~sum", "minute\0" + field) is None

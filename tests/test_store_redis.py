@@ -719,6 +719,8 @@ def test_a_host_back_after_it_was_forgotten_records_an_honest_gap(redis_server, 
         closed = store.closed_through()
         assert closed is not None and closed > (t0 - 3 * 3600) // 60 + 120
         assert client.ttl(f"track~segment:{instance}") > client.ttl("track~host:web1") > 0
+        # track~last lives as long as the segment's key (docs/redis.rst)
+        assert abs(client.ttl("track~last:web1") - client.ttl(f"track~segment:{instance}")) <= 2
         forget("web1")
         later = t0 + 40 * 86400
         counter.hit("acme", "pageview", 2, later - 30)

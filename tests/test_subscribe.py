@@ -1599,3 +1599,99 @@ def test_endpoints_spelled_like_the_key_layout_keep_their_own_leases(redis_serve
     assert set(b.status().values()) == {"counting"}, b.status()
     # a counter of its own each: one take on each since a's
     assert {bus: b.leases[bus].token for bus in buses} == {bus: t + 1 for bus, t in tokens.items()}
+
+
+def test_a_bus_lease_take_whose_reply_was_lost_counts_at_once(redis_server):
+    """A standby saw the holder's token end (its stop mark), then its take
+    ran in Redis but the reply was lost (the client timed out): the next
+    renewal adopts that lease (it holds our identity).  The take followed
+    the token seen ending, so it counts at once, as an answered take does:
+    reading our own unanswered take back as "the last lease seen" must not
+    make it look like a lease whose predecessor's end was not seen (the
+    whole farm would count nothing of that bus for a lease_ttl)."""
+    import redis as redis_lib
+    from tt_proxy import TcpProxy
+
+    from trafficthreshold.farmsync import no_retries
+    now = [1000.0]
+    bus = "tcp://bus:6000"
+    direct = redis_server.client()
+    no_retries(direct)
+    with TcpProxy(redis_server.port) as proxy:
+        via = redis_lib.Redis(port=proxy.port, socket_timeout=0.5)
+        no_retries(via)
+        a = subscribe.BusLeases(direct, [bus], "h1/x/boot", prefix="track", ttl_s=2.0,
+                                clock=lambda: now[0])
+        b = subscribe.BusLeases(via, [bus], "h2/x/boot", prefix="track", ttl_s=2.0,
+                                clock=lambda: now[0])
+        a.renew(force=True)
+        b.renew(force=True)                          # b stands by, sees a's token
+        token = a.leases[bus].token
+        a.release()
+        proxy.drop_replies(after=1)                  # the MGET answered (a's stop mark)
+        b.renew(force=True)                          # the take runs, its reply is lost
+        proxy.pass_replies()
+        assert direct.get(f"track~subscribe~{bus}~leader") == f"h2/x/boot {token + 1}".encode()
+        via.connection_pool.disconnect()
+        now[0] += 0.3
+        b.renew(force=True)                          # adopts it
+        assert b.leases[bus].token == token + 1
+        assert b.holds(bus)
+
+
+def test_a_clone_with_the_same_host_name_and_boot_does_not_take_a_running_bus_lease(
+        bus, redis_server):
+    """Two containers share the machine's boot id, and may share its host
+    name and the subscriber's name: each has its own state directory (its
+    own flock), so the second is no restart of the first.  It must stand
+    by, not take the running holder's lease as its dead predecessor's (it
+    would count at once while the holder still counts: every event twice
+    for up to a lease_ttl, then the holder would stand by)."""
+    subs = []
+    for home in ("c1", "c2"):
+        (bus.tmp / home).mkdir()
+        config = bus.tmp / home / "config.toml"
+        config.write_text(f'key = {bus.key}\ndatabase = "{bus.tmp / home}/stats.sqlite3"\n'
+                          f'timezone = "UTC"\n[http]\nenabled = false\n[store]\n'
+                          f'backend = "redis"\nurl = "redis://127.0.0.1:{redis_server.port}/0"\n'
+                          f'host = "web"\nlease_ttl = {FARM_TTL}\n')
+        cfg = load_config(str(config))
+        subs.append(subscribe.Subscriber(["tcp://bus:6000"], key=bus.key, backend="sysv",
+                                         database=cfg.database, name="shop", config=cfg))
+    try:
+        subs[0].initialize()
+        held = redis_server.client().get("track~subscribe~tcp://bus:6000~leader")
+        subs[1].initialize()
+        subs[1].leases.renew(force=True)
+        assert redis_server.client().get("track~subscribe~tcp://bus:6000~leader") == held
+        assert subs[1].leases.status() == {"tcp://bus:6000": "standby"}
+        # The first SIGKILLed (its flock dies with it, its lease lives on):
+        # restarted on its state directory, it succeeds its lease at once.
+        os.close(subs[0]._lock_fd)
+        subs[0]._lock_fd, subs[0].leases = None, None
+        again = subscribe.Subscriber(["tcp://bus:6000"], key=bus.key, backend="sysv",
+                                     database=subs[0].config.database, name="shop",
+                                     config=subs[0].config)
+        subs.append(again)
+        again.initialize()
+        assert again.leases.status() == {"tcp://bus:6000": "counting"}
+    finally:
+        for sub in subs:
+            sub.shutdown()
+
+
+def test_a_bus_leases_keys_in_redis_expire(redis_server):
+    """What a bus's lease leaves in Redis goes by itself (docs/subscribe.rst):
+    the stop mark after a lease_ttl, the token key a day after the lease
+    was last held; only the one epoch key stays."""
+    from trafficthreshold import farm
+
+    now, bus, client, leases = _bus_leases(redis_server)
+    a = leases("h1/x/boot")
+    a.renew(force=True)
+    a.release()
+    lease = a.leases[bus]
+    assert 0 < client.pttl(lease.key + subscribe.STOPPED_SUFFIX) <= 2000
+    assert farm.TOKEN_KEEP_MS - 5_000 < client.pttl(lease.counter) <= farm.TOKEN_KEEP_MS
+    assert client.pttl(a.epoch_key) == -1
+    assert client.exists(lease.key) == 0

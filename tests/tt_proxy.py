@@ -43,6 +43,7 @@ class TcpProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._dropping = False
+        self._pass_first = 0
         self.dropped = 0  # replies thrown away (chunks of them)
         self.accepted = 0
         self.start()
@@ -93,8 +94,11 @@ class TcpProxy:
     def release(self) -> None:
         self._flowing.set()
 
-    def drop_replies(self) -> None:
-        """Forward requests, throw the replies away until pass_replies()."""
+    def drop_replies(self, after: int = 0) -> None:
+        """Forward requests, throw the replies away until pass_replies();
+        with ``after``, first pass that many more replies (chunks of them:
+        one per call for a client that waits for each reply)."""
+        self._pass_first = after
         self._dropping = True
 
     def pass_replies(self) -> None:
@@ -145,8 +149,10 @@ class TcpProxy:
                 break
             self._flowing.wait()
             if replies and self._dropping:
-                self.dropped += 1
-                continue
+                if self._pass_first <= 0:
+                    self.dropped += 1
+                    continue
+                self._pass_first -= 1
             try:
                 dst.sendall(data)
             except OSError:

@@ -99,15 +99,15 @@ def _message(exc: Exception) -> str | None:
         return str(exc)
     if isinstance(exc, (sysv_ipc.PermissionsError, posix_ipc.PermissionsError)):
         return _permission_message(exc)
-    from .store import file_problem  # a sqlite3 error names the recovery: .recover, ...
+    from .store import file_problem, location, unreachable
+    # A sqlite3 error names the recovery: .recover, ...
     problem = file_problem(exc, lambda: getattr(
         (click.get_current_context().obj or {}).get("config"), "database", "the store"))
     if problem is not None:
         return problem
-    if type(exc).__module__.startswith("redis"):  # redis-py's errors, Sentinel's too
+    if unreachable(exc):  # redis-py's errors, Sentinel's too
         obj = click.get_current_context().obj or {}
         cfg = obj.get("config")
-        from .store import location
         where = location(cfg) if cfg is not None else "the Redis store"
         return (f"{where} did not answer ({type(exc).__name__}: {exc}): check that Redis "
                 "runs and [store] url, sentinels, service and the password")
@@ -683,7 +683,7 @@ def store_migrate(ctx: click.Context, url: str, source: str | None) -> None:
                 summary = migrate.migrate(path, target, instance=instance,
                                           progress=bar.update)
     except Exception as exc:
-        if not type(exc).__module__.startswith("redis"):
+        if not stores.unreachable(exc):
             raise
         # The Redis of --to, not the config's store (_message would name that).
         raise click.ClickException(

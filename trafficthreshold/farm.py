@@ -1014,7 +1014,6 @@ def farm_level(client: Any, host: str, *, now: float, prefix: str = "track",
     return LevelReader(client, host, keys, prefix=prefix).read(now)
 
 
-_READERS: "weakref.WeakKeyDictionary[Any, dict[Any, LiveReader]]"
 #: The readers of a few keys (``only``) kept per client, the least recently
 #: used dropped first (the dashboard's event is the visitor's choice: not
 #: one reader per event ever asked for); one dropped and asked for again
@@ -1030,7 +1029,7 @@ def reader(client: Any, prefix: str = "track",
     :data:`READERS_KEPT` key sets per client)."""
     ident = (prefix, None if only is None else frozenset(only))
     with _READERS_LOCK:
-        per = _READERS.setdefault(client, {})
+        per = _readers_of(client)
         got = per.pop(ident, None)  # re-inserted: the most recently used last
         if got is None:
             got = LiveReader(client, prefix=prefix, keys=only)
@@ -1045,10 +1044,19 @@ def reader(client: Any, prefix: str = "track",
 
 
 import threading as _threading  # noqa: E402
-import weakref  # noqa: E402
 
-_READERS = weakref.WeakKeyDictionary()
 _READERS_LOCK = _threading.Lock()
+
+
+def _readers_of(client: Any) -> dict[Any, LiveReader]:
+    """``client``'s readers (``_READERS_LOCK`` held): kept on the client
+    itself, so that they go with it (a reader refers to its client: in a
+    table beside a weak reference to the client, neither would ever go)."""
+    per = getattr(client, "_trafficthreshold_readers", None)
+    if per is None:
+        per = {}
+        client._trafficthreshold_readers = per
+    return per
 
 
 def farm_live(client: Any, *, now: float, prefix: str = "track",

@@ -349,6 +349,23 @@ def lease_prefix(prefix: str, endpoint: str) -> str:
 STOPPED_SUFFIX = "~stopped"
 
 
+def _lock_nonce(fd: int) -> str:
+    """A random id kept in the name's lock file (held: flock), written by
+    its first holder: in the bus leases' identity, so that a restart on
+    this state directory succeeds its dead predecessor's lease at once,
+    and a container on another one (same host name, same boot id: the
+    kernel's) does not take a running holder's lease for its own."""
+    value = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    if not re.fullmatch(r"[0-9a-f]{16}", value):
+        value = os.urandom(8).hex()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, value.encode() + b"\n", 0)
+        except OSError:
+            pass  # kept in memory: a restart waits a lease_ttl, no more
+    return value
+
+
 class BusLeases:
     """One farm-wide lease per bus endpoint (farm.Lease, the alert leader's
     lease under another prefix), so that on a farm only one host's
@@ -360,10 +377,11 @@ class BusLeases:
     expires the lease at least that late (it set the TTL on receiving the
     call), so a holder that stalled, lost Redis or was replaced stops
     counting before any other host can take over: never two hosts at once.
-    The identity is ``host/name/boot id``: a subscriber restarted on the
-    same boot (its predecessor is dead: the name's flock) takes its
-    predecessor's lease at once (farm.Lease's "succeed"), a cloned host
-    with the same host name (another boot) does not.  Not thread-safe."""
+    The identity is ``host/name/boot id/lock id``: a subscriber restarted
+    on the same boot and state directory (its predecessor is dead: the
+    name's flock) takes its predecessor's lease at once (farm.Lease's
+    "succeed"), a cloned host or a container with the same host name
+    (another boot, or another lock file: :func:`_lock_nonce`) does not.  Not thread-safe."""
 
     MARGIN_S = 0.5
 
@@ -414,6 +432,10 @@ class BusLeases:
         value, stopped = (v.decode() if isinstance(v, bytes) else v
                           for v in self.client.mget(lease.key, lease.key + STOPPED_SUFFIX))
         if value is not None:
+            if lease._mode == "adopt" and value.rsplit(" ", 1)[0] == self.identity:
+                # Our own take, its reply lost: not the lease before ours
+                # (seen already), which _taken compares the take with.
+                return
             token = int(value.rsplit(" ", 1)[-1])
             seen = self._seen[endpoint]
             if seen is None or seen[1] != token:
@@ -536,6 +558,8 @@ class Subscriber:
         #: it ended cleanly (SIGTERM, the end of the input): the stats say so
         self.stopped = False
         self._lock_fd: int | None = None
+        #: the name's lock file's random id (:func:`_lock_nonce`)
+        self._nonce = ""
         self._next_stats = 0.0
         self._next_dog = 0.0
         self._dog = notify.watchdog_interval(env)
@@ -574,6 +598,7 @@ class Subscriber:
                              f"{self.dir}/{self.name}.lock): stop it, or give this one "
                              "another --name") from None
         self._lock_fd = fd
+        self._nonce = _lock_nonce(fd)
         # What a SIGKILL between the write and the rename left (other pids);
         # not another name's ("x.json.1" writes x.json.1.json.<pid>.tmp).
         leftover = re.compile(re.escape(self.name) + r"\.json\.[0-9]+\.tmp")
@@ -603,7 +628,8 @@ class Subscriber:
         client = redis_client(cfg, timeout=min(1.0, cfg.store.lease_ttl / 4))
         no_retries(client)
         leases = BusLeases(client, self.addresses,
-                           f"{cfg.store.host}/{self.name}/{self._boot_id or os.getpid()}",
+                           f"{cfg.store.host}/{self.name}/{self._boot_id or os.getpid()}"
+                           f"/{self._nonce}",
                            prefix=cfg.store.prefix, ttl_s=cfg.store.lease_ttl)
         leases.renew(force=True)
         return leases

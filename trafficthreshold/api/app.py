@@ -255,8 +255,9 @@ class StatsApp:
     ) -> None:
         self.config = config
         self.store_path = store_path or config.database
-        self.timezone = config.timezone  # like the database: fixed until a restart
-        self._store_config = config  # the store it reads, fixed until a restart
+        # The store it reads (its backend, database and time zone): fixed
+        # until a restart.
+        self._store_config = config
         self.now = now
         self._token = config.http.token.encode("ascii")
         self._links = _links_base(config)
@@ -677,7 +678,8 @@ class StatsApp:
         totals = stored.totals
         if snap is not None and stored.watermarks is not None:
             slots = {e["slot"]: (e["account"], e["event"]) for e in snap.keys}
-            first, minute = metrics.pending_window(now, snap.header["minute_buckets"])
+            # first..minute as above: the ring's length is the segment's
+            # geometry, fixed when it was made.
             for key, n in metrics.pending_from(stored.watermarks, counter, slots,
                                                first, minute, version).items():
                 totals[key] = totals.get(key, 0) + n
@@ -720,17 +722,17 @@ class StatsApp:
         now = self.now()
         counter = self._attach()
         snap = None if counter is None else snapshot(counter, now)
+        state = self.alert_state()
         store_down = None
         try:
-            context = dashboard_context(self.config, store, snap, self.alert_state(), event,
-                                        now)
+            context = dashboard_context(self.config, store, snap, state, event, now)
         except Exception as exc:
             if not stores.unreachable(exc):
                 raise
             # The farm's Redis is down: show this host's live counts, and say so.
             store_down = str(exc)
-            context = dashboard_context(self.config, _NoPeriods(store.tz), snap,
-                                        self.alert_state(), event, now)
+            context = dashboard_context(self.config, _NoPeriods(store.tz), snap, state, event,
+                                        now)
         nonce = secrets.token_urlsafe(16)
         html = self._dashboard.render(**context, nonce=nonce, store_down=store_down,
                                       farm=self._farm_section(event, now),

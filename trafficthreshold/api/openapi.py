@@ -34,28 +34,42 @@ def _int_param(name: str, low: int, high: int) -> dict[str, Any]:
             "schema": {"type": "integer", "minimum": low, "maximum": high}}
 
 
-def _track_operation(depth: int) -> dict[str, Any]:
+#: The 503 of every route that reads the period store.
+_STORE_DOWN = ("the database does not exist yet, is locked or is damaged "
+               "(the message says what to do)")
+
+
+def _period_operation(depth: int, example_event: str, summary: str, op_id: str,
+                      description: str, schema: str, bad_date: str) -> dict[str, Any]:
+    """A route of one period's counts (track or funnel): the key's names
+    and the date's first ``1 + depth`` parts as path parameters."""
     params = [
         _name_param("account", names.ACCOUNT_MAX, "an account, or `all` for the total"),
-        _name_param("event", names.EVENT_MAX, "an event such as `pageview`"),
+        _name_param("event", names.EVENT_MAX, f"an event such as `{example_event}`"),
         _int_param("year", 1, 9999),
         _int_param("month", 1, 12), _int_param("day", 1, 31), _int_param("hour", 0, 23),
     ][: 3 + depth]
-    children = ("months", "days", "hours", "minutes")[depth]
     return {"get": {
-        "summary": f"Counts of one period by its {children}",
-        "operationId": "track" + ("Year", "Month", "Day", "Hour")[depth],
+        "summary": summary,
+        "operationId": op_id,
         "parameters": params,
         "responses": {
-            "200": {"description": f"the period's {children}, zero-filled",
-                    "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Track"}}}},
-            "400": _error_ref("the date does not exist (February 30, month 13)"),
+            "200": {"description": description,
+                    "content": {JSON_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+            "400": _error_ref(f"the date does not exist ({bad_date})"),
             "404": _error_ref("the account or event name is not valid"),
-            "503": _error_ref("the database does not exist yet, is locked or is damaged "
-                              "(the message says what to do)"),
+            "503": _error_ref(_STORE_DOWN),
             "default": _error_ref("an error"),
         },
     }}
+
+
+def _track_operation(depth: int) -> dict[str, Any]:
+    children = ("months", "days", "hours", "minutes")[depth]
+    return _period_operation(
+        depth, "pageview", f"Counts of one period by its {children}",
+        "track" + ("Year", "Month", "Day", "Hour")[depth],
+        f"the period's {children}, zero-filled", "Track", "February 30, month 13")
 
 
 def _plain_operation(summary: str, op_id: str, content_type: str, schema: dict[str, Any],
@@ -69,26 +83,11 @@ def _plain_operation(summary: str, op_id: str, content_type: str, schema: dict[s
 
 def _funnel_operation(depth: int) -> dict[str, Any]:
     """A funnel: the counts per status of an event in a year or a month."""
-    params = [
-        _name_param("account", names.ACCOUNT_MAX, "an account, or `all` for the total"),
-        _name_param("event", names.EVENT_MAX, "an event such as `order`"),
-        _int_param("year", 1, 9999), _int_param("month", 1, 12),
-    ][: 3 + depth]
     period = ("year", "month")[depth]
-    return {"get": {
-        "summary": f"Counts per status of an event in one {period} (Bootic's order funnels)",
-        "operationId": "funnel" + period.capitalize(),
-        "parameters": params,
-        "responses": {
-            "200": {"description": f"the {period}'s count of each status counted in it",
-                    "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Funnel"}}}},
-            "400": _error_ref("the date does not exist (month 13, year 0)"),
-            "404": _error_ref("the account or event name is not valid"),
-            "503": _error_ref("the database does not exist yet, is locked or is damaged "
-                              "(the message says what to do)"),
-            "default": _error_ref("an error"),
-        },
-    }}
+    return _period_operation(
+        depth, "order", f"Counts per status of an event in one {period} (Bootic's order funnels)",
+        "funnel" + period.capitalize(), f"the {period}'s count of each status counted in it",
+        "Funnel", "month 13, year 0")
 
 
 def _keys_operation(depth: int, chart: str = "track") -> dict[str, Any]:
@@ -104,8 +103,7 @@ def _keys_operation(depth: int, chart: str = "track") -> dict[str, Any]:
     return _plain_operation(
         f"Links to the {children} that have {chart} counts", op_id,
         JSON_TYPE, {"$ref": "#/components/schemas/Links"}, params,
-        {**extra, "503": _error_ref("the database does not exist yet, is locked or is damaged "
-                                    "(the message says what to do)")})
+        {**extra, "503": _error_ref(_STORE_DOWN)})
 
 
 def openapi_document(prefix: str = "/api/stats", farm: bool = True) -> dict[str, Any]:
@@ -224,8 +222,7 @@ def openapi_document(prefix: str = "/api/stats", farm: bool = True) -> dict[str,
                            "the farm's Redis did not answer")})
     paths["/metrics"] = _plain_operation(
         "Prometheus metrics (text format 0.0.4)", "metrics", "text/plain", {"type": "string"},
-        extra={"503": _error_ref("the database does not exist yet, is locked or is damaged "
-                                 "(the message says what to do)")})
+        extra={"503": _error_ref(_STORE_DOWN)})
     paths["/api/openapi.json"] = _plain_operation("This document", "openapi", JSON_TYPE,
                                                   {"type": "object"})
     paths["/"] = _plain_operation(
