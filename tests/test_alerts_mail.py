@@ -724,6 +724,57 @@ def test_smtp_connection_refused_is_retried_and_the_engine_keeps_evaluating(
     outbox.close()
 
 
+@pytest.mark.parametrize("goodbye", [b"421 4.4.2 closing: timeout\r\n", b""])
+def test_smtp_a_failing_quit_after_the_data_was_taken_is_no_resend(
+        db: str, goodbye: bytes) -> None:
+    """The server takes the mail (250 after DATA), then answers QUIT with a
+    421, or not at all (a time-out): the mail is delivered, so it is
+    recorded sent; retrying it would deliver it twice (delivery is at most
+    once, docs/alerts.rst)."""
+    import threading
+    listener = socket.create_server(("127.0.0.1", 0))
+    taken: list[bytes] = []
+
+    def serve() -> None:  # a real TCP peer speaking just enough SMTP, for two sessions
+        for _ in range(2):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b"220 tt ESMTP\r\n")
+                for line in lines:
+                    verb = line[:4].upper()
+                    if verb == b"DATA":
+                        conn.sendall(b"354 go on\r\n")
+                        taken.append(b"".join(iter(lines.readline, b".\r\n")))
+                        conn.sendall(b"250 2.0.0 queued\r\n")
+                    elif verb == b"QUIT":
+                        if goodbye:
+                            conn.sendall(goodbye)
+                        else:
+                            time.sleep(1.5)  # past the client's time-out
+                        break
+                    else:
+                        conn.sendall(b"250 ok\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    config = smtp_config(listener.getsockname()[1], timeout=1)
+    outbox = Outbox(db, config)
+    try:
+        with AlertStore(db) as store:
+            engine = AlertEngine(store, [make_rule()], config, host="h")
+            assert engine.tick(T0, {KEY: 12})
+            (first,) = outbox.deliver_due(T0)
+            outbox.deliver_due(T0 + 4000)  # any retry would be due by now
+            assert len(taken) == 1
+            assert first.ok and [i.status for i in store.list()] == ["sent"]
+    finally:
+        listener.close()
+        outbox.close()
+
+
 # --------------------------------------------------------------------------
 # A real local Postfix: end to end into a Maildir
 # --------------------------------------------------------------------------

@@ -207,6 +207,21 @@ def test_percent_encoded_slashes_are_refused(no_segment: webserver.Server, targe
     assert "slash" in json.loads(body)["message"]
 
 
+@pytest.mark.parametrize("raw_key", ["REQUEST_URI", "RAW_URI"])
+def test_percent_encoded_slashes_are_refused_from_the_raw_uri_of_other_servers(
+        db: str, raw_key: str) -> None:
+    """waitress, uWSGI and mod_wsgi pass the raw target as REQUEST_URI,
+    gunicorn as RAW_URI; PATH_INFO has the slash decoded already."""
+    import io
+    app = api.make_app(make_config(db), now=lambda: NOW)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/acme/pageview/2026",
+               "QUERY_STRING": "", "wsgi.input": io.BytesIO(), "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "8787", raw_key: "/api/stats/track/acme%2Fpageview/2026"}
+    answer: list[str] = []
+    body = b"".join(app(environ, lambda status, headers: answer.append(status)))
+    assert answer == ["404 Not Found"] and b"slash" in body
+
+
 def test_trailing_slash_is_accepted(no_segment: webserver.Server) -> None:
     status, body = fetch_json(no_segment.url + "api/stats/track/acme/pageview/2026/")
     assert status == 200 and body["total"] == 10
@@ -602,6 +617,29 @@ def test_prefix_under_a_mount_point_and_public_url(db: str) -> None:
         started: list[str] = []
         body = b"".join(app(dict(environ), lambda status, headers: started.append(status)))
         assert started == ["200 OK"] and json.loads(body)["links"] == [expected]
+
+
+def test_a_request_during_a_reload_that_drops_the_token_is_not_refused(db: str) -> None:
+    """The token read once per request: a reload (on loopback) from a token
+    to none, landing while a request carrying the old token is checked, is
+    the old setting (the token matches) or the new (none needed), never a
+    401 that neither gives."""
+    app = api.make_app(make_config(db, http=HttpConfig(token=TOKEN)),
+                       counter_factory=lambda: None, now=lambda: NOW)
+    no_token = make_config(db)
+
+    class Environ(dict):  # the reload lands as the request reads its header
+        def get(self, name: str, default: Any = None) -> Any:
+            if name == "HTTP_AUTHORIZATION" and app.requires_token:
+                app.reload(no_token)
+            return super().get(name, default)
+
+    environ = Environ({"REQUEST_METHOD": "GET", "PATH_INFO": "/api/stats/track/acme/pageview/2026",
+                       "QUERY_STRING": "", "SERVER_NAME": "x", "SERVER_PORT": "80",
+                       "wsgi.url_scheme": "http", "HTTP_AUTHORIZATION": f"Bearer {TOKEN}"})
+    started: list[str] = []
+    b"".join(app(environ, lambda status, headers: started.append(status)))
+    assert not app.requires_token and started == ["200 OK"]
 
 
 def test_a_request_during_a_reload_sees_the_old_or_the_new_links_never_a_mix(

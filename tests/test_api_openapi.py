@@ -70,3 +70,25 @@ def test_schemathesis_finds_no_500s_and_responses_conform(
             case.call_and_validate(base_url=server.url.rstrip("/"))
 
         check()
+
+
+def test_the_name_rules_say_every_character_a_path_name_is_refused_for(
+        no_segment: webserver.Server) -> None:
+    """Each name the API answers 404 for, whatever the store holds, is
+    named in the OpenAPI document's name rules and in docs/api.rst's 404 row."""
+    import json
+    import urllib.parse
+    from pathlib import Path
+
+    from apps.harness import fetch
+    docs = " ".join((Path(__file__).parent.parent / "docs" / "api.rst").read_text().split())
+    row = docs[docs.index("404 an unknown path"):docs.index("405 any method")]
+    _, _, document = fetch(no_segment.url + "api/openapi.json")
+    text = json.loads(document)["paths"]["/api/stats/track/{account}/{event}/{year}"]["get"]
+    rules = " ".join(p["description"] for p in text["parameters"] if p["name"] == "account")
+    for name, said in [("a:b", "':'"), ("a\\b", "'\\'"), ("..", "'..'"), ("~x", "'~'")]:
+        status, _, _ = fetch(no_segment.url + "api/stats/track/" + urllib.parse.quote(name, safe="")
+                             + "/pageview/2026")
+        assert status == 404, name
+        assert said in rules, (name, rules)
+        assert f"``{said.strip(chr(39))}``" in row, (name, row)

@@ -206,3 +206,16 @@ def test_a_reclaim_left_under_way_is_left_out_and_reported(installed: tuple[int,
     assert snap.damaged == [] and ("new", 1) in {(k["account"], k["current_minute"])
                                                  for k in snap.keys}
     counter.detach()
+
+
+def test_the_log_once_set_of_damage_stays_bounded(counter: Any) -> None:
+    """A daemon up for months meets ever new damage texts (another slot,
+    other bad names): each is logged once, but what is remembered for that
+    must not grow for ever (the dashboard reads the segment every few
+    seconds)."""
+    counter.hit("acme", "pageview", 3, NOW)
+    live._reported.clear()
+    for value in range(1_200):  # each value a new text: "throttle_slot is N, past ..."
+        counter.store(segment.H_THROTTLE_SLOT, 4, 0xFFFF0000 + value)
+        assert any("throttle_slot is" in text for text in live.snapshot(counter, NOW).damaged)
+    assert len(live._reported) <= 1_000

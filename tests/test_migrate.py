@@ -394,3 +394,22 @@ def test_a_damaged_table_is_a_store_error_naming_the_file_and_the_recovery(
     with pytest.raises(StoreError) as err:
         migrate(path, store_on(redis_server))
     assert path in str(err.value) and ".recover" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a\\\\b", "it's", 'say "hi"', "50%", "a b", "~x", "a/b", "é"])
+def test_names_with_separators_and_quotes_migrate_to_their_own_hashes(
+        redis_server: RedisServer, tmp_path: Path, name: str) -> None:
+    """An account or event name with any character but ':' (which is
+    refused) copies to its own hashes, once; '/' in an event names a
+    funnel status, so the event side uses the name without it."""
+    path = str(tmp_path / "odd.sqlite3")
+    event = name.replace("/", "-")
+    with SQLiteStore(path, "UTC") as sqlite:
+        sqlite.roll([(name, "pageview", MINUTE, 5), ("all", "pageview", MINUTE, 5),
+                     ("acme", event, MINUTE, 3)], now=1)
+        expected = [sqlite.period(name, "pageview", 2026, 2), sqlite.period("acme", event, 2026, 2)]
+    store = store_on(redis_server)
+    migrate(path, store)
+    assert [store.period(name, "pageview", 2026, 2), store.period("acme", event, 2026, 2)] == expected
+    assert expected[0]["total"] == 5 and expected[1]["total"] == 3
+    assert migrate(path, store).hits == 0

@@ -940,3 +940,25 @@ def test_redis_roll_thread_reclaims_after_its_roll(redis_sup, redis_server, key)
     assert segment.header(sup.counter)["reclaimed"] == 1
     assert sup.store.period("acme", "pageview", 2027)["total"] == 7
     assert _redis_total(redis_server) == {"1": 7}
+
+
+def test_the_hourly_prune_deletes_old_sent_and_failed_mails(sup, tmp_path):
+    """The mail outbox keeps a row per mail; without a prune it grows for
+    the life of the database (every alert, reminder and resolution)."""
+    import sqlite3
+
+    from trafficthreshold.supervisor import MAIL_KEEP_DAYS, PRUNE_EVERY
+
+    sup.initialize(T0)
+    old, recent = T0 - (MAIL_KEEP_DAYS + 1) * 86400, T0 - 86400
+    db = sqlite3.connect(str(tmp_path / "stats.sqlite3"))
+    with db:
+        for created, status in [(old, "sent"), (old, "failed"), (recent, "sent")]:
+            db.execute("INSERT INTO alert_outbox (created, kind, rules, sender, recipients, "
+                       "message_id, payload, status, next_attempt) "
+                       "VALUES (?, 'alert', 'r', 's@x', '[]', '<m@x>', '{}', ?, ?)",
+                       (created, status, created))
+    sup.tick(T0 + PRUNE_EVERY + 1)
+    left = db.execute("SELECT created, status FROM alert_outbox ORDER BY id").fetchall()
+    db.close()
+    assert left == [(recent, "sent")]

@@ -93,6 +93,10 @@ def snapshot(counter: Any, now: float) -> Snapshot:
 
 
 _reported: set[str] = set()
+#: Texts remembered as logged; past this many the set starts afresh (a text
+#: may then be logged once more), so months of new damage texts (another
+#: slot, other bad names) cannot grow it for ever.
+MAX_REPORTED = 256
 
 
 def _log_damage(damaged: list[str]) -> None:
@@ -100,6 +104,8 @@ def _log_damage(damaged: list[str]) -> None:
     segment every few seconds; the responses report it every time)."""
     for text in damaged:
         if text not in _reported:
+            if len(_reported) >= MAX_REPORTED:
+                _reported.clear()
             _reported.add(text)
             log.warning("the segment is damaged: %s", text)
 

@@ -76,6 +76,9 @@ from .store import StoreError
 log = logging.getLogger("trafficthreshold.supervisor")
 
 PRUNE_EVERY = 3600.0
+#: Sent and failed alert mails stay in ``alert_outbox`` this many days (the
+#: last ones are in ``trafficthreshold status``), then the hourly prune deletes them.
+MAIL_KEEP_DAYS = 90
 #: Seconds the final mail delivery may take at shutdown: half the unit's
 #: TimeoutStopSec (30), leaving time for the final roll-up.
 MAIL_FLUSH_BUDGET = 15.0
@@ -429,6 +432,8 @@ class Supervisor:
             self._guard("alerts", self._alerts, now)
         if now - self.last_prune >= PRUNE_EVERY and self.store is not None:
             self._guard("prune", self._prune, now)
+            if self.engine is not None:
+                self._guard("mail prune", self.engine.queue.prune, now - MAIL_KEEP_DAYS * 86400)
             self.last_prune = now
         notify.status(f"level {self.throttle_state.level}, {hits or 0} hits in the window",
                       self.env, watchdog=True)  # one datagram a second

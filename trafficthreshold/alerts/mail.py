@@ -396,7 +396,11 @@ class SMTPTransport:
                                 f"mail.smtp_port", temporary=True) from None
 
     def _session(self, prepared: Prepared) -> None:
-        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+        # Not ``with smtplib.SMTP(...)``: its exit sends QUIT and raises for
+        # a reply other than 221 (or a time-out), which would fail a mail the
+        # server has already taken and have it sent again.
+        smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
             smtp.ehlo()
             if self.starttls:
                 smtp.starttls(context=self.ssl_context or ssl.create_default_context())
@@ -405,6 +409,13 @@ class SMTPTransport:
                 smtp.login(self.username, self.password())
             refused = smtp.send_message(prepared.message, from_addr=prepared.envelope_from,
                                         to_addrs=list(prepared.envelope_to))
+            try:  # the mail is taken: how the goodbye goes changes nothing
+                smtp.quit()
+            except (smtplib.SMTPException, OSError) as exc:
+                log.debug("smtp %s:%s: QUIT after the mail was taken failed: %s",
+                          self.host, self.port, exc)
+        finally:
+            smtp.close()
         if refused:  # some recipients got it, these did not: retrying would duplicate
             log.error("smtp %s:%s refused some recipients: %s", self.host, self.port, refused)
 

@@ -413,12 +413,13 @@ class StatsApp:
 
     def _authorize(self, environ: Mapping[str, Any]) -> None:
         """Raise 401 unless the bearer token matches (when one is set)."""
-        if not self._token:
+        token = self._token  # one read: see reload
+        if not token:
             return
         scheme, _, credentials = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         given = credentials.strip().encode("latin-1", "replace")
         # compare_digest: the time taken does not tell how much matched.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, token):
             raise HttpError(401, "send the token of http.token as 'Authorization: Bearer <token>'",
                             [("WWW-Authenticate", 'Bearer realm="trafficthreshold"')])
 

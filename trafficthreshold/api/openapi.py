@@ -16,7 +16,8 @@ def _error_ref(description: str) -> dict[str, Any]:
             "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-NAME_RULES = ("at most {0} UTF-8 bytes, no control characters, no '/', no leading '~' "
+NAME_RULES = ("at most {0} UTF-8 bytes, no control characters, no '/', ':' or '\\', "
+              "not '.' or '..', no leading '~' "
               "(except the overflow key ~overflow/~any); other names are 404")
 
 
