@@ -453,7 +453,6 @@ class Supervisor:
         was not rolled."""
         if self.store.shared:  # the farm's Redis: claimed, rolled on its own thread
             if self.farm is not None and self.farm.claim_lost:
-                self._name_lost = True
                 raise self._name_taken()
             if self._name_lost:  # the name is ours again: a new Roller checks the
                 self._name_lost = False  # segment against what the other rolled meanwhile
@@ -471,6 +470,9 @@ class Supervisor:
             raise
 
     def _name_taken(self) -> TrafficThresholdError:
+        """The error of a roll refused under a name another supervisor
+        holds; the next roll with the name ours again uses a new Roller."""
+        self._name_lost = True
         return TrafficThresholdError(
             f"[store] host = {self.config.store.host!r} was taken by another "
             "supervisor while this one did not refresh it (paused): rolling under "
@@ -487,7 +489,6 @@ class Supervisor:
         claim = self.claim
         if claim is not None:
             if claim.refresh(roller.instance) is not None:
-                self._name_lost = True
                 raise self._name_taken()
             if claim.lapsed():
                 log.warning("the farm host name %r lapsed (this supervisor stalled past its "
