@@ -108,13 +108,9 @@ def publish_live_before(client: Any, host: str, counts: farm.LiveCounts, *, leve
 
 def mapping_before(counts: farm.LiveCounts, *, level: int, now: float,
                    last_roll: float | None = None, previous: dict | None = None) -> dict:
-    """BASELINE: publish_live_before's first half (no Redis)."""
-    previous = previous or {}
-    mapping: dict[str, str] = {}
-    for name in counts.keys() | previous.keys():
-        m, s = counts.get(name, (0, 0))
-        p = previous.get(name, 0)
-        mapping[f"{name[0]}\0{name[1]}"] = f"{m} {s} {p}" if p else f"{m} {s}"
+    """BASELINE: publish_live_before's first half (no Redis); its fields
+    are today's (farm.live_fields is that loop unchanged)."""
+    mapping = farm.live_fields(counts, previous)
     mapping.update({"~level": str(level), "~at": repr(float(now)),
                     "~last_roll": "" if last_roll is None else repr(float(last_roll))})
     return mapping

@@ -7,6 +7,7 @@ benchmark measures the designs side by side.
 from __future__ import annotations
 
 # The data classes and helpers it shares with today's farm.py.
+from trafficthreshold import farm as _farm
 from trafficthreshold.farm import (  # noqa: F401
     FarmLive, HostLive, Publication, _text, live_fields)
 
@@ -25,22 +26,11 @@ LIVE_KEEP_MS = 3_600_000
 #: A watched key (:func:`farm_level`) nobody asked for this long (seconds)
 #: leaves the watch set and the sums.
 WATCH_FOR = 86_400
-#: Fields per HSET/HDEL inside the publication script (Lua's unpack limit).
-CHUNK = 1_000
 #: A host not heard from for this long is no longer listed at all.
 FORGET_AFTER = 3_600
 #: A host not heard from for this long (seconds) leaves ``{prefix}~hosts``
 #: (``[store] forget_hosts_days``; the store forgets its hash too).
 FORGET_HOSTS_AFTER = 30 * 86_400
-#: A host's clock this far (seconds) from the reader's is taken into
-#: account when comparing minutes (farmalerts.farm_count); smaller skews
-#: are below what one reading a second can measure.
-SKEW_IGNORED = 5.0
-#: ``status`` shows a host's clock this far (seconds) from Redis' TIME.
-SKEW_SHOWN = 2.0
-#: The leader's lease by default (``[store] lease_ttl``): another host takes
-#: over at most this long after the leader stops renewing (every second).
-LEASE_TTL_MS = 10_000
 
 LiveCounts = dict[tuple[str, str], tuple[int, int]]
 
@@ -263,27 +253,10 @@ class LivePublisher:
     def _seq(self, n: int) -> str:
         return f"{self._nonce}:{n}"
 
-    def publish(self, counts: LiveCounts, *, level: int, now: float,
-                last_roll: float | None = None,
-                previous: dict[tuple[str, str], int] | None = None) -> None:
-        """Publish this second's live numbers (see the class docstring);
-        raises on a Redis error (and the next publication is full: this
-        one may have run)."""
-        self.send(self.prepare(counts, level=level, now=now, last_roll=last_roll,
-                               previous=previous))
-
-    def prepare(self, counts: LiveCounts, *, level: int, now: float,
-                last_roll: float | None = None,
-                previous: dict[tuple[str, str], int] | None = None) -> "Publication":
-        """The publication of these numbers, its diff computed against the
-        last acknowledged one (no Redis yet: :meth:`send` sends it)."""
-        fields = live_fields(counts, previous)
-        meta = [level, repr(float(now)), "" if last_roll is None else repr(float(last_roll))]
-        sent, changed, gone = self._sent, None, None
-        if sent is not None:
-            changed = {f: v for f, v in fields.items() if sent.get(f) != v}
-            gone = [f for f in sent if f not in fields]
-        return Publication(now, meta, fields, changed, gone, sent)
+    # publish() and prepare() are today's, unchanged since (the fields and
+    # the diff against the last acknowledged ones; send() is this design's).
+    publish = _farm.LivePublisher.publish
+    prepare = _farm.LivePublisher.prepare
 
     def send(self, pub: "Publication") -> None:
         """Send a publication made by :meth:`prepare`: its diff if it was

@@ -88,7 +88,7 @@ FORGET_AFTER = 3_600
 #: (``[store] forget_hosts_days``; the store forgets its hash too).
 FORGET_HOSTS_AFTER = 30 * 86_400
 #: A host's clock this far (seconds) from the reader's is taken into
-#: account when comparing minutes (farmalerts.farm_count); smaller skews
+#: account when comparing minutes (alerts.farm.farm_count); smaller skews
 #: are below what one reading a second can measure.
 SKEW_IGNORED = 5.0
 #: ``status`` shows a host's clock this far (seconds) from Redis' TIME.

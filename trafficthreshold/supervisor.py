@@ -161,6 +161,7 @@ class Supervisor:
         self.app: Any = None
         self.throttle_state = throttle.ThrottleState()
         self.last_minute: int | None = None
+        self._checked_minute: int | None = None  # of the once-a-minute checks (tick)
         self.last_prune = 0.0
         self.closed_cache: tuple[int, dict] | None = None
         self.stop_requested = False
@@ -194,7 +195,7 @@ class Supervisor:
         level = self.counter.load(segment.H_THROTTLE_LEVEL, 4)
         self.throttle_state = throttle.ThrottleState(level=level if level <= MAX_LEVEL else 0)
         self._guard("header check", self._check_header, True, True)
-        self.last_minute = int(now // 60)
+        self.last_minute = self._checked_minute = int(now // 60)
         self._starting = True  # a name held by another supervisor is watched (5 s) only now
         try:
             self._open_store(now)
@@ -411,12 +412,17 @@ class Supervisor:
         """One second of work; see the module docstring.  Never raises for a
         passing problem: it is logged and retried on the next tick."""
         minute = int(now // 60)
-        if minute != self.last_minute and self._segment_live():
+        # The once-a-minute checks follow their own minute, not the roll's:
+        # last_minute stays behind while there is no Roller (the store is
+        # down), and they must not then run at every tick.
+        checks = minute != self._checked_minute
+        if checks and self._segment_live():
             self._guard("segment check", self._check_identity, now)
         if not self._segment_live() and not self._guard("re-attach", self._reattach):
             return
         self._guard("heartbeat", self._heartbeat, now)
-        self._guard("header check", self._check_header, minute != self.last_minute)
+        self._guard("header check", self._check_header, checks)
+        self._checked_minute = minute
         hits = self._guard("throttle", self._throttle, now)
         if self.farm is not None:  # to Redis on the farm thread, never from here
             self._guard("farm offer", self.farm.offer, self.counter, now,
@@ -452,7 +458,6 @@ class Supervisor:
         was not rolled."""
         if self.store.shared:  # the farm's Redis: claimed, rolled on its own thread
             if self.farm is not None and self.farm.claim_lost:
-                self._name_lost = True
                 raise self._name_taken()
             if self._name_lost:  # the name is ours again: a new Roller checks the
                 self._name_lost = False  # segment against what the other rolled meanwhile
@@ -470,6 +475,9 @@ class Supervisor:
             raise
 
     def _name_taken(self) -> TrafficThresholdError:
+        """The error of a roll refused under a name another supervisor
+        holds; the next roll with the name ours again uses a new Roller."""
+        self._name_lost = True
         return TrafficThresholdError(
             f"[store] host = {self.config.store.host!r} was taken by another "
             "supervisor while this one did not refresh it (paused): rolling under "
@@ -486,7 +494,6 @@ class Supervisor:
         claim = self.claim
         if claim is not None:
             if claim.refresh(roller.instance) is not None:
-                self._name_lost = True
                 raise self._name_taken()
             if claim.lapsed():
                 log.warning("the farm host name %r lapsed (this supervisor stalled past its "

@@ -8,14 +8,14 @@ queue its mails in one write, then wake the delivery worker.  That
 sequence is :class:`AlertEngine`; where the state and the mails are kept is
 a :class:`MailQueue`:
 
-* :class:`~.alertstore.AlertStore`: host rules, the ``alert_*`` tables of
+* :class:`~.store.AlertStore`: host rules, the ``alert_*`` tables of
   this host's SQLite file (one transaction per save);
-* :class:`~.farmalerts.FencedQueue`: farm rules, the farm's Redis, every
+* :class:`~.farm.FencedQueue`: farm rules, the farm's Redis, every
   write fenced with the lease the host leads under
-  (:class:`~.farmalerts.FarmAlertStore`; the lease and the takeover rule
-  live in :class:`~.farmalerts.FarmAlerts`).
+  (:class:`~.farm.FarmAlertStore`; the lease and the takeover rule
+  live in :class:`~.farm.FarmAlerts`).
 
-The delivery worker (:class:`~.mailer.Outbox`) uses the same interface:
+The delivery worker (:class:`~.mail.Outbox`) uses the same interface:
 claim a mail before the MTA gets it, record its answer, and never send
 again a mail found claimed when a new worker (or a new leader) starts.
 """
@@ -80,7 +80,7 @@ class AlertEngine:
     The supervisor makes one at start-up for the host rules (it loads the
     saved state, so a restart continues open episodes), calls :meth:`tick`
     every second and :meth:`reload` on SIGHUP.  The farm's
-    :class:`~.farmalerts.FarmAlerts` makes one for the farm rules with
+    :class:`~.farm.FarmAlerts` makes one for the farm rules with
     ``load=False``: it sets :attr:`queue` to the fenced queue of the lease
     it leads under and :attr:`state` to None when it stops leading (the
     state is read again from the queue at the next tick).  Delivery is not

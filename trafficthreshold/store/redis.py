@@ -83,7 +83,8 @@ return 0
 
 #: A host that has not rolled for this long (seconds; ``[store]
 #: forget_hosts_days``) is forgotten: its host hash and gaps expire, and
-#: :func:`trafficthreshold.farm.publish_live` drops it from ``{prefix}~hosts``.
+#: each live publication (:class:`trafficthreshold.farm.LivePublisher`)
+#: drops it from ``{prefix}~hosts``.
 FORGET_HOSTS_AFTER = 30 * 86_400
 
 #: The gaps kept per host (the newest): a host that loses minutes every
