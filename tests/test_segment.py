@@ -1361,6 +1361,36 @@ def test_an_insert_killed_at_any_store_is_redone_by_the_next_holder(key, backend
         counter.detach()
 
 
+def test_an_insert_into_a_fresh_slot_killed_at_any_store_is_redone(key, backend):
+    """With no reclaimed slot waiting (the free list empty), a new key
+    grows keys_used; an insert killed at each of its stores in turn leaves
+    keys_used one past every owned slot (no slot lost, none owned twice),
+    the dead insert's key published whole or not at all, and the next
+    holder's key counting in a slot of its own."""
+    segment.install(key, backend, geometry=SMALL, now=NOW)
+    counter = segment.attach(key, backend)
+    try:
+        point = 1
+        while True:
+            status, result = _insert_dying_at(key, backend, point, f"dead{point}.example")
+            if not os.WIFSIGNALED(status):
+                assert result == ("returned", "no such point") and point > 3
+                break
+            counter.hit(f"next{point}.example", n=2, now=NOW + 6 * 60)
+            _, owned, free = check_consistent(key, backend)
+            header = segment.header(counter)
+            assert free == [] and header["keys_used"] == max(owned) + 1 == len(owned), \
+                (point, owned, header["keys_used"])
+            slot = counter.find(f"next{point}.example", "pageview")
+            assert counter.count(slot, 1, NOW + 6 * 60) == 2
+            dead = counter.find(f"dead{point}.example", "pageview")
+            assert dead is None or dead not in (slot, 0), (point, dead)
+            point += 1
+    finally:
+        _counter._crash_at(0)
+        counter.detach()
+
+
 def test_a_key_made_for_a_hit_is_not_reclaimed_before_the_hit_lands(key, backend):
     """A reclaim that runs between a new key's insert and the addition of
     the hit it was made for (here: the writer stopped for good right after
