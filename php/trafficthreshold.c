@@ -627,21 +627,25 @@ static zend_string *tt_page_account(void)
         buf[len] = '\0';
     } else if ((len = tt_host_name(raw, buf, sizeof buf)) == 0) {
         return NULL;
-    } else if (!tt_host_allowed(buf, len)) {
-        char message[400];
-        snprintf(message, sizeof message, "Host '%s' is not in "
-                 "trafficthreshold.allowed_hosts; its page views (and those of every other "
-                 "host outside the list) are counted in the total only", buf);
-        tt_problem(W_HOST, 0, message);
-        return NULL;
     }
-    /* A name that fails the rules counts in the total only (logged). */
+    /* A name that fails the rules counts in the total only (logged).
+     * Checked before the allowed_hosts message quotes a Host: the Host is
+     * the visitor's, and bytes that are no UTF-8 must not reach the log
+     * (the core's messages quote only checked text). */
     {
         tt_seg scratch;  /* for the message only */
         if (tt_check_names(&scratch, buf, len, "pageview", 8) < 0) {
             tt_problem(W_ACCOUNT, 0, scratch.error);
             return NULL;
         }
+    }
+    if (is_host && !tt_host_allowed(buf, len)) {
+        char message[400];
+        snprintf(message, sizeof message, "Host '%s' is not in "
+                 "trafficthreshold.allowed_hosts; its page views (and those of every other "
+                 "host outside the list) are counted in the total only", buf);
+        tt_problem(W_HOST, 0, message);
+        return NULL;
     }
     tt_memo.account = zend_string_init(buf, len, 1);
     zend_string_hash_val(tt_memo.account);

@@ -133,6 +133,21 @@ def test_the_cores_names_rules_are_names_py(lib, name):
     assert c_names_ok(lib, None, name) is python_names_ok(None, name), name
 
 
+@pytest.mark.parametrize("raw", [b"a/\x1b[31mred", b"a:\r\nforged log line", b"a\\\xff\xfe",
+                                 b"a/\xc3", b"\xc3\xa9" * 40, b".\x00" * 40,
+                                 b"a/b/\x1b[2J", b"\x1b[2J/b/c", b"a/b/" + b"\xc3\xa9" * 40])
+def test_the_cores_name_messages_carry_only_checked_text(lib, raw):
+    """The core's message names the bad name, and PHP logs it: it must not
+    echo control characters (a forged log line, a terminal escape) nor
+    invalid or cut UTF-8 from a name fed from the network."""
+    error = ctypes.create_string_buffer(400)
+    for account, event in ((raw, b"pageview"), (None, raw)):
+        assert lib.tt_check_names_error(account, len(account or b""), event, len(event),
+                                        error, 400) == -1
+        text = error.value.decode("utf-8")  # valid UTF-8, whole characters
+        assert not any(ord(ch) < 0x20 or 0x7f <= ord(ch) <= 0x9f for ch in text), text
+
+
 @settings(max_examples=400, deadline=None)
 @given(account=st.one_of(st.none(), st.text(max_size=70)), event=st.text(max_size=40))
 def test_the_cores_names_rules_agree_on_any_name(lib, account, event):

@@ -12,6 +12,7 @@ import http.client
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -174,6 +175,41 @@ def test_3000_gets_from_8_connections_are_3000_page_views(tmp_path, site_root, e
                                          [("GET", "/gone.php", 404)])
         log = (site.dir / "fpm.log").read_text(errors="replace")
         assert log.count("Host 'other.example' is not in trafficthreshold.allowed_hosts") <= 4
+    finally:
+        site.stop()
+
+
+def raw_get(site: PhpSite, host: bytes) -> bytes:
+    """A GET of / with the Host header's raw bytes (no client library
+    would send them), answered by nginx and the pool."""
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_hosts_broken_utf8_never_reaches_the_log(tmp_path, site_root, extension,
+                                                          installed):
+    """A Host outside allowed_hosts, or one that is no account name, is
+    logged, and the Host is the visitor's: bytes that are no UTF-8 (or
+    control characters, which nginx refuses before PHP) must not reach the
+    log.  The page views count in the total only."""
+    key, backend = installed
+    site = start_site(tmp_path, site_root, extension, key, **{"trafficthreshold.backend": backend})
+    try:
+        # nginx answers 400 to control characters in a Host, not to bytes
+        # that are no UTF-8: those reach PHP's HTTP_HOST.
+        for host in (b"evil\xc3.example", b"\xff\xfe.example"):
+            for _ in range(8):  # every worker of the pool meets it
+                assert raw_get(site, host).startswith(b"HTTP/1.1 200"), host
+        assert minute_total(key, backend, None) == 16
+        deadline = time.monotonic() + 10  # the master writes the workers' lines
+        while b"trafficthreshold: " not in (log := (site.dir / "fpm.log").read_bytes()):
+            assert time.monotonic() < deadline, log[-3000:]
+            time.sleep(0.05)
+        log.decode("utf-8")  # no broken UTF-8 from the visitor's Host
     finally:
         site.stop()
 

@@ -1327,38 +1327,66 @@ def _insert_dying_at(key, backend, point, host):
     return in_child(child)
 
 
-def test_an_insert_killed_at_any_store_is_redone_by_the_next_holder(key, backend):
-    """Three reclaimed slots wait on the free list; an insert is killed at
-    each of its stores in turn.  The next lock holder finds the free list
-    whole (free_slots is its length), no slot both free and owned, no slot
-    lost, and every key counts in a slot of its own."""
+def _kill_an_insert_at_each_store(key, backend, before=lambda counter, point: None):
+    """Kills an insert at each of its stores in turn (`before` sets the
+    segment up first); after each, the next holder inserts a key of its
+    own.  Yields (counter, point, owned, free, header) after each
+    (check_consistent's view), the next key checked counting in its own
+    slot."""
     segment.install(key, backend, geometry=SMALL, now=NOW)
     counter = segment.attach(key, backend)
     try:
         point = 1
         while True:
-            for i in range(3):
-                counter.hit(f"old{point}-{i}.example", now=NOW)
-            counter.reclaim(MINUTE + 6)  # every key but the reserved ones is idle
-            counter.hit("x.example", now=NOW)  # forget nothing: a fresh key each round
-            counter.reclaim(MINUTE + 6)
-            used_before = segment.header(counter)["keys_used"]
+            before(counter, point)
             status, result = _insert_dying_at(key, backend, point, f"dead{point}.example")
             if not os.WIFSIGNALED(status):
                 assert result == ("returned", "no such point") and point > 3
                 break
             # The next holder: a new key's insert.
             counter.hit(f"next{point}.example", n=2, now=NOW + 6 * 60)
-            reclaim_slot, owned, free = check_consistent(key, backend)
-            header = segment.header(counter)
-            assert header["keys_used"] == used_before, point
-            assert header["keys_used"] == len(owned) + len(free), (point, owned, free)
+            _, owned, free = check_consistent(key, backend)
             slot = counter.find(f"next{point}.example", "pageview")
             assert counter.count(slot, 1, NOW + 6 * 60) == 2
+            yield counter, point, owned, free, segment.header(counter)
             point += 1
     finally:
         _counter._crash_at(0)
         counter.detach()
+
+
+def test_an_insert_killed_at_any_store_is_redone_by_the_next_holder(key, backend):
+    """Three reclaimed slots wait on the free list; an insert is killed at
+    each of its stores in turn.  The next lock holder finds the free list
+    whole (free_slots is its length), no slot both free and owned, no slot
+    lost, and every key counts in a slot of its own."""
+    used_before = []
+
+    def three_reclaimed(counter, point):
+        for i in range(3):
+            counter.hit(f"old{point}-{i}.example", now=NOW)
+        counter.reclaim(MINUTE + 6)  # every key but the reserved ones is idle
+        counter.hit("x.example", now=NOW)  # forget nothing: a fresh key each round
+        counter.reclaim(MINUTE + 6)
+        used_before.append(segment.header(counter)["keys_used"])
+
+    for _, point, owned, free, header in _kill_an_insert_at_each_store(key, backend,
+                                                                       three_reclaimed):
+        assert header["keys_used"] == used_before[-1], point
+        assert header["keys_used"] == len(owned) + len(free), (point, owned, free)
+
+
+def test_an_insert_into_a_fresh_slot_killed_at_any_store_is_redone(key, backend):
+    """With no reclaimed slot waiting (the free list empty), a new key
+    grows keys_used; an insert killed at each of its stores in turn leaves
+    keys_used one past every owned slot (no slot lost, none owned twice),
+    the dead insert's key published whole or not at all, and the next
+    holder's key counting in a slot of its own."""
+    for counter, point, owned, free, header in _kill_an_insert_at_each_store(key, backend):
+        assert free == [] and header["keys_used"] == max(owned) + 1 == len(owned), \
+            (point, owned, header["keys_used"])
+        dead = counter.find(f"dead{point}.example", "pageview")
+        assert dead is None or dead not in (counter.find(f"next{point}.example", "pageview"), 0)
 
 
 def test_a_key_made_for_a_hit_is_not_reclaimed_before_the_hit_lands(key, backend):

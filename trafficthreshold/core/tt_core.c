@@ -1464,33 +1464,19 @@ static TT_UNUSED long tt_key_setting(const char *text)
 
 /* ----------------------------------------------------------------- names */
 
-/* The names' rules of names.py (the one source of truth for Python, whose
- * messages the Python binding keeps), in C for the bindings that have no
- * Python: an account is 1..64 UTF-8 bytes, an event 1..32; valid UTF-8;
- * no control character (C0, DEL, C1, U+2028, U+2029), no '/', '\' or ':';
- * not "." or ".."; no leading '~'.  `kind` names the name in the message
- * ("account", "event", "status").  Returns 0, or -1 with TT_ERR_NAME and
- * a message.  tests/test_core_ffi.py checks it against names.validate. */
-static int tt_check_name(tt_seg *c, const char *kind, const char *v, size_t len, size_t max)
+/* The text rules of tt_check_name over v's first `upto` bytes (of len):
+ * valid UTF-8, no control character.  Returns 0, or -1 with TT_ERR_NAME.
+ * Why apart: every character is checked before any message quotes a name:
+ * the messages are logged (PHP), and a name fed from the network must not
+ * bring control characters (a forged log line, a terminal escape) or
+ * invalid UTF-8 into them. */
+static int tt_check_text(tt_seg *c, const char *kind, const char *v, size_t len, size_t upto)
 {
     const unsigned char *p = (const unsigned char *)v;
     size_t i = 0;
     uint32_t cp;
     int more;
-    if (len == 0)
-        return tt_fail(c, TT_ERR_NAME, "%s name is empty; give a name such as '%s'", kind,
-                       kind[0] == 'a' ? "example.com" : kind[0] == 'e' ? "pageview" : "paid");
-    if (len > max)
-        return tt_fail(c, TT_ERR_NAME, "%s name '%.20s'... is %zu bytes long; the limit is %zu "
-                       "UTF-8 bytes: shorten it or hash it", kind, v, len, max);
-    if ((len == 1 && v[0] == '.') || (len == 2 && v[0] == '.' && v[1] == '.'))
-        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' is '.' or '..', which a stats URL "
-                       "cannot carry (URLs resolve it away); replace it with a name of other "
-                       "characters too", kind, (int)len, v);
-    if (v[0] == '~')
-        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' starts with '~', which is reserved",
-                       kind, (int)len, v);
-    while (i < len) {
+    while (i < upto) {
         unsigned char b = p[i];
         if (b < 0x80) {
             cp = b;
@@ -1521,24 +1507,61 @@ static int tt_check_name(tt_seg *c, const char *kind, const char *v, size_t len,
         if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029)
             return tt_fail(c, TT_ERR_NAME, "%s name contains the control character U+%04X; "
                            "strip control characters before counting", kind, cp);
-        if (cp == '/')
-            return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' contains '/', which cannot appear "
-                           "in a stats URL; replace it (for example with '-')", kind,
-                           (int)len, v);
-        if (cp == ':')
-            return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' contains ':', which separates the "
-                           "parts of the farm's Redis keys (two names would share one hash); "
-                           "replace it (for example with '-')", kind, (int)len, v);
-        if (cp == '\\')
-            return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' contains '\\', which browsers read "
-                           "as '/' in a stats URL; replace it (for example with '-')", kind,
-                           (int)len, v);
         i += 1 + more;
     }
     return 0;
 bad_utf8:
     return tt_fail(c, TT_ERR_NAME, "%s name is not valid UTF-8 (byte %zu); names are UTF-8 "
                    "text", kind, i);
+}
+
+/* The names' rules of names.py (the one source of truth for Python, whose
+ * messages the Python binding keeps), in C for the bindings that have no
+ * Python: an account is 1..64 UTF-8 bytes, an event 1..32; valid UTF-8;
+ * no control character (C0, DEL, C1, U+2028, U+2029), no '/', '\' or ':';
+ * not "." or ".."; no leading '~'.  `kind` names the name in the message
+ * ("account", "event", "status").  Returns 0, or -1 with TT_ERR_NAME and
+ * a message.  tests/test_core_ffi.py checks it against names.validate. */
+static int tt_check_name(tt_seg *c, const char *kind, const char *v, size_t len, size_t max)
+{
+    const unsigned char *p = (const unsigned char *)v;
+    size_t cut = len > 20 ? 20 : len;
+    if (len == 0)
+        return tt_fail(c, TT_ERR_NAME, "%s name is empty; give a name such as '%s'", kind,
+                       kind[0] == 'a' ? "example.com" : kind[0] == 'e' ? "pageview" : "paid");
+    /* The text first (tt_check_text).  The verdict is names.py's; only
+     * which of two faults a message names may differ.  A name past `max`
+     * is read only to `max` (its message quotes 20 bytes): a huge name
+     * costs no more than a long one. */
+    if (tt_check_text(c, kind, v, len, len > max ? max : len) < 0)
+        return -1;
+    if (len > max) {
+        while (cut > 0 && (p[cut] & 0xC0) == 0x80)
+            cut--;  /* whole characters only */
+        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s'... is %zu bytes long; the limit is %zu "
+                       "UTF-8 bytes: shorten it or hash it", kind, (int)cut, v, len, max);
+    }
+    /* ASCII bytes never occur inside a multi-byte UTF-8 sequence. */
+    if (memchr(v, '/', len) != NULL)
+        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' contains '/', which cannot appear "
+                       "in a stats URL; replace it (for example with '-')", kind,
+                       (int)len, v);
+    if (memchr(v, ':', len) != NULL)
+        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' contains ':', which separates the "
+                       "parts of the farm's Redis keys (two names would share one hash); "
+                       "replace it (for example with '-')", kind, (int)len, v);
+    if ((len == 1 && v[0] == '.') || (len == 2 && v[0] == '.' && v[1] == '.'))
+        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' is '.' or '..', which a stats URL "
+                       "cannot carry (URLs resolve it away); replace it with a name of other "
+                       "characters too", kind, (int)len, v);
+    if (memchr(v, '\\', len) != NULL)
+        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' contains '\\', which browsers read "
+                       "as '/' in a stats URL; replace it (for example with '-')", kind,
+                       (int)len, v);
+    if (v[0] == '~')
+        return tt_fail(c, TT_ERR_NAME, "%s name '%.*s' starts with '~', which is reserved",
+                       kind, (int)len, v);
+    return 0;
 }
 
 /* names.validate(account, event) in C: account NULL = the total.  An event
@@ -1558,10 +1581,18 @@ static int tt_check_names(tt_seg *c, const char *a, size_t alen, const char *e, 
     sep = elen > 0 ? memchr(e, '/', elen) : NULL;
     if (sep == NULL)
         return tt_check_name(c, "event", e, elen, TT_EVENT_MAX);
-    if (memchr(sep + 1, '/', elen - (size_t)(sep + 1 - e)) != NULL)
+    /* The message quotes the event (64 bytes at most, whole characters)
+     * only once its text is checked. */
+    if (memchr(sep + 1, '/', elen - (size_t)(sep + 1 - e)) != NULL) {
+        size_t q = elen > 64 ? 64 : elen;
+        if (tt_check_text(c, "event", e, elen, q) < 0)
+            return -1;
+        while (q < elen && (((const unsigned char *)e)[q] & 0xC0) == 0x80)
+            q--;
         return tt_fail(c, TT_ERR_NAME, "event name '%.*s' has more than one '/': a '/' "
                        "separates an event from its funnel status, and neither may contain "
-                       "'/'; replace the others (for example with '-')", (int)elen, e);
+                       "'/'; replace the others (for example with '-')", (int)q, e);
+    }
     if (tt_check_name(c, "event", e, (size_t)(sep - e), TT_EVENT_MAX) < 0
         || tt_check_name(c, "status", sep + 1, elen - (size_t)(sep + 1 - e), TT_EVENT_MAX) < 0)
         return -1;
