@@ -157,7 +157,7 @@ class Roller:
         and rolled it to its end, what it counted after the last closed
         minute is unknown (workers may have counted into it after any roll
         of it, even a final one); record that span as a gap."""
-        self.store.claim_segment(self.instance)  # a renamed host carries its marks over
+        self.store.claim_segment(self.instance, created)  # a renamed host carries its marks over
         previous = self.store.instance()
         if previous is None or previous == self.instance:
             return
