@@ -533,6 +533,31 @@ def test_a_second_supervisor_under_one_name_that_started_without_redis_stays_off
             first.shutdown(NOW + 63)
 
 
+def clone_rolls_under_web1_then_stops(sup, keys, redis_server, reader) -> None:
+    """The clone (web2's segment) holding the name web1 rolls 3 hits under
+    it for 5 minutes while ``sup`` ticks, refused; then it stops (the name
+    is free) and ``sup`` ticks on into minute 7: its farm thread takes the
+    name back, its roll runs."""
+    from zoneinfo import ZoneInfo
+    from trafficthreshold.rollup import Roller
+    from trafficthreshold.store.redis import RedisStore
+    clone = Roller(segment.attach(keys["web2"], "sysv"),
+                   RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1"))
+    clone.counter.hit("shop", "pageview", 3, NOW + 62)
+    for t in range(int(NOW) + 61, int(NOW) + 6 * 60, 60):
+        sup.tick(t)
+        assert sup.farm.drain(10)
+        sup._wait_rolling()
+        clone.roll(t + 1)
+    assert reader.period("shop", "pageview", 2027)["total"] == 3
+    clone.counter.detach()
+    redis_server.client().delete("track~owner:web1")  # the clone stopped
+    sup.tick(NOW + 6 * 60 + 2)
+    assert sup.farm.drain(10)
+    sup.tick(NOW + 7 * 60 + 1)
+    sup._wait_rolling()
+
+
 def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_back(
         tmp_path, redis_server):
     """This supervisor was paused past its name's 5 s and another one (a
@@ -541,7 +566,6 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
     under one name; once the name is free again (the clone stopped) the
     farm thread takes it back and the next roll catches up: every hit once."""
     from zoneinfo import ZoneInfo
-    from trafficthreshold.rollup import Roller
     from trafficthreshold.store.redis import RedisStore
     with three_hosts(redis_server.port, NOW) as (keys, proxies):
         a, _ = clone_configs(tmp_path, keys, proxies)
@@ -557,21 +581,7 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
             sup.tick(NOW + 2)
             assert sup.farm.drain(10)
             # the clone rolls its own segment under web1 for 5 minutes
-            clone = Roller(segment.attach(keys["web2"], "sysv"),
-                           RedisStore(redis_server.client(), ZoneInfo("UTC"), "web1"))
-            clone.counter.hit("shop", "pageview", 3, NOW + 62)
-            for t in range(int(NOW) + 61, int(NOW) + 6 * 60, 60):
-                sup.tick(t)
-                assert sup.farm.drain(10)
-                sup._wait_rolling()
-                clone.roll(t + 1)
-            assert reader.period("shop", "pageview", 2027)["total"] == 3
-            clone.counter.detach()
-            client.delete("track~owner:web1")  # the clone stopped
-            sup.tick(NOW + 6 * 60 + 2)
-            assert sup.farm.drain(10)
-            sup.tick(NOW + 7 * 60 + 1)
-            sup._wait_rolling()
+            clone_rolls_under_web1_then_stops(sup, keys, redis_server, reader)
             assert reader.period("shop", "pageview", 2027)["total"] == 10
             client.set("track~owner:web1", "abc 0 777 0", px=60_000)  # taken again
             sup.counter.hit("shop", "pageview", 5, NOW + 7 * 60 + 2)
@@ -580,6 +590,42 @@ def test_a_supervisor_whose_name_was_taken_meanwhile_stops_rolling_until_it_is_b
         finally:
             sup.shutdown(NOW + 7 * 60 + 3)  # no final roll under the other's name
         assert reader.period("shop", "pageview", 2027)["total"] == 10
+
+
+def test_a_supervisor_paused_before_its_first_roll_loses_no_count_to_the_name_taken(
+        tmp_path, redis_server):
+    """The name taken while this supervisor is paused before its start's
+    catch-up roll reached Redis (its segment never rolled under the name):
+    the clone rolls under the name and moves its closed_through past this
+    segment's minutes; once the name is back, this segment rolls from its
+    own start, not from the clone's closed_through: every hit once."""
+    import concurrent.futures
+    import threading
+    from zoneinfo import ZoneInfo
+    from trafficthreshold.store.redis import RedisStore
+    from trafficthreshold.supervisor import Supervisor
+    with three_hosts(redis_server.port, NOW) as (keys, proxies):
+        a, _ = clone_configs(tmp_path, keys, proxies)
+        sup = Supervisor(configuration.load(a, env={}), config_path=a, env={}, pid=4450)
+        gate = threading.Event()  # the roll thread is paused: the catch-up waits
+        sup._roll_pool = concurrent.futures.ThreadPoolExecutor(1)
+        sup._roll_pool.submit(gate.wait, 10)
+        client = redis_server.client()
+        reader = RedisStore(client, ZoneInfo("UTC"), "reader")
+        try:
+            sup.initialize(NOW)
+            sup.counter.hit("shop", "pageview", 7, NOW + 2)
+            client.set("track~owner:web1", "abc 0 777 0", px=60_000)  # the clone took it
+            gate.set()
+            sup.tick(NOW + 2)
+            assert sup.farm.drain(10)
+            sup._wait_rolling()
+            assert sup.farm.claim_lost
+            clone_rolls_under_web1_then_stops(sup, keys, redis_server, reader)
+            assert reader.period("shop", "pageview", 2027)["total"] == 10
+        finally:
+            gate.set()
+            sup.shutdown(NOW + 7 * 60 + 3)
 
 
 def test_the_host_name_is_kept_while_the_daemon_has_no_live_segment(tmp_path, redis_server):

@@ -157,7 +157,9 @@ class Roller:
         and rolled it to its end, what it counted after the last closed
         minute is unknown (workers may have counted into it after any roll
         of it, even a final one); record that span as a gap."""
-        self.store.claim_segment(self.instance)  # a renamed host carries its marks over
+        ring = self.counter.load(segment.H_MINUTE_BUCKETS, 4)
+        first = max(created, int(now // 60) - ring + 1)  # its first minute the ring holds
+        self.store.claim_segment(self.instance, first)  # a renamed host carries its marks over
         previous = self.store.instance()
         if previous is None or previous == self.instance:
             return

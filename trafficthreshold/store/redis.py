@@ -346,7 +346,7 @@ class RedisStore:
         read once more for late hits, would read as all late)."""
         self.watermark_ttl = max(WATERMARK_TTL, int(minutes) * 60 + WATERMARK_TTL)
 
-    def claim_segment(self, instance: int) -> None:
+    def claim_segment(self, instance: int, first: int | None = None) -> None:
         """The segment ``instance`` rolls under this host's name from now
         on.  The roll script records which host rolls a segment and its
         ``closed_through`` (``{prefix}~segment:{instance}``); when that is
@@ -360,6 +360,12 @@ class RedisStore:
         instance: a cloned machine) is refused, naming both; one SIGKILLed on
         this boot (its pid dead) is not.  Idempotent: a
         carry-over cut short is done again whole at the next start.  A
+        segment that never rolled into this Redis (no record; ``first``:
+        its first minute the ring still holds, its creation or later) while
+        the name's ``closed_through`` reaches ``first`` (another segment
+        rolled under the name meanwhile: a clone took it while this
+        supervisor was paused before its first roll) carries on from
+        ``first``, not from that one's mark.  A
         ``store migrate`` of this host cut short (``migrating`` in the host
         hash) is a ConfigError until it is run again whole."""
         from trafficthreshold import farm
@@ -386,6 +392,7 @@ class RedisStore:
                 self._back_on_a_new_segment(instance, _text(last))
             elif cur is not None and _text(cur) != str(instance):
                 self._left_to_another_name(instance, int(_text(cur)))
+                self._never_rolled(instance, int(_text(cur)), first)
             return
         if old == self.host:
             # Our segment, but the name rolled another one since (a clone
@@ -459,6 +466,22 @@ class RedisStore:
                 writer.delete(f"{self.prefix}~last:{old}")
         log.warning("carried %d watermarks of segment %#x over from host %r to %r", moved,
                     instance, old, self.host)
+
+    def _never_rolled(self, instance: int, previous: int, first: int | None) -> None:
+        """Segment ``instance`` never rolled into this Redis, yet the name's
+        ``closed_through`` (segment ``previous``'s) reaches ``first`` (its
+        first minute the ring still holds): none of its minutes was rolled
+        (its watermarks are its own), so it carries on from ``first``, as a
+        segment back on its name carries on from its own closed minute."""
+        closed = self.closed_through()
+        if first is None or closed is None or closed < first:
+            return  # a segment replaced after the last roll: the Roller records it
+        log.warning("host %r rolled segment %#x through minute %d meanwhile; segment %#x, "
+                    "never rolled into this Redis, carries on from minute %d",
+                    self.host, previous, closed, instance, first)
+        with self.transaction():
+            self._writer().hset(self.host_key, mapping={
+                "closed_through": str(first - 1), "instance": str(instance)})
 
     def _left_to_another_name(self, instance: int, previous: int) -> None:
         """This name comes to segment ``instance``, its hash naming segment

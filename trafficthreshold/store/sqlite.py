@@ -577,7 +577,7 @@ class SQLiteStore:
         value = self._get_meta("instance")
         return None if value is None else parsed(value, int, "meta instance") % 2**64
 
-    def claim_segment(self, instance: int) -> None:
+    def claim_segment(self, instance: int, first: int | None = None) -> None:
         """Nothing to do: the file is this host's own, whatever its name
         (the Redis store carries a renamed host's watermarks over)."""
 
